@@ -1,0 +1,78 @@
+"""`engine-builder`: validate | build | serve | run."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from engine_builder.config import ConfigError, load_config
+
+EXIT_INVALID = 2
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for index, path in enumerate(args.configs):
+        try:
+            loaded = load_config(path)
+        except ConfigError as error:
+            failed = True
+            for issue in error.issues:
+                print(f"error: {issue}", file=sys.stderr)
+            continue
+        for warning in loaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if len(args.configs) > 1:
+            print(f"{'---' if index else ''}\n# {path}" if index else f"# {path}")
+        print(loaded.resolved_yaml(), end="")
+    return EXIT_INVALID if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine-builder", description="Build and serve LLM and embedding engines"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check configs and print them resolved, as YAML")
+    validate.add_argument(
+        "configs", nargs="+", help="config.yaml files (a Truss config or a bare trt_llm document)"
+    )
+    validate.set_defaults(handler=cmd_validate)
+
+    from engine_builder import stages
+
+    stages.add_stage_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        for issue in error.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The base of every config class: unknown keys are kept (Truss's behaviour), assignments are validated."""
+
+from typing import Any
+
+import pydantic
+
+
+class FieldError(ValueError):
+    """A validation failure that knows which sub-field it is about (used to point at the right YAML line)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ConfigModel(pydantic.BaseModel):
+    """Truss's ConfigModel semantics: extra keys allowed and kept, assignment re-validated.
+
+    `validate_forbid_extra()` re-validates with the context Truss's CLI uses on push, which rejects unknown keys.
+    """
+
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow", arbitrary_types_allowed=False)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _maybe_forbid_extra(cls, data: Any, info: pydantic.ValidationInfo) -> Any:
+        if info.context and info.context.get("forbid_extra") and isinstance(data, dict):
+            extra = set(data) - set(cls.model_fields) - _aliases(cls)
+            if extra:
+                raise ValueError(
+                    f"Extra fields not allowed: [{', '.join(sorted(extra))}]. Possibly "
+                    "this field is only supported by newer truss versions, check for updates."
+                )
+        return data
+
+    def validate_forbid_extra(self) -> None:
+        type(self).model_validate(self.model_dump(mode="json", by_alias=True), context={"forbid_extra": True})
+
+    def unknown_keys(self, prefix: str = "") -> list[str]:
+        """Dotted paths of every kept unknown key, in this model and the models below it."""
+        found = [f"{prefix}{key}" for key in (self.model_extra or {})]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, pydantic.RootModel):
+                value = value.root
+            children = value.values() if isinstance(value, dict) else [value]
+            for index, child in enumerate(children):
+                if isinstance(child, ConfigModel):
+                    key = list(value)[index] if isinstance(value, dict) else None
+                    path = f"{prefix}{name}." if key is None else f"{prefix}{name}.{key}."
+                    found.extend(child.unknown_keys(path))
+        return found
+
+
+def _aliases(cls: type[pydantic.BaseModel]) -> set[str]:
+    names: set[str] = set()
+    for field in cls.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, pydantic.AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names

@@ -1,0 +1,43 @@
+"""`engine_builder:` (our section, beside `trt_llm:`): how this project's backends run the engine.
+
+Truss keeps unknown top-level keys, so a config with this section still validates under Truss.
+Every field here is also a CLI flag of `engine-builder serve/run` (derived in cli.py).
+"""
+
+from typing import Literal
+
+import pydantic
+
+from engine_builder.config.base import ConfigModel
+
+GIB = 1024**3
+
+
+class EngineOptions(ConfigModel):
+    backend: Literal["auto", "torch", "trtllm"] = pydantic.Field(
+        default="auto", description="auto = trtllm when it imports and a GPU is present, else torch"
+    )
+    device: str = pydantic.Field(default="auto", description="auto, cpu, cuda or cuda:N (torch backend)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = pydantic.Field(
+        default="auto",
+        description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16",
+    )
+    num_threads: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads (unset: ENGINE_BUILDER_NUM_THREADS or torch's default)",
+    )
+    kv_cache_memory_bytes: int = pydantic.Field(
+        default=2 * GIB,
+        ge=1 << 20,
+        description="On CPU: the memory budget of which kv_cache_free_gpu_mem_fraction goes to the KV cache",
+    )
+    kv_block_size: int = pydantic.Field(default=16, ge=1, le=1024, description="Tokens per KV cache block")
+    max_queue_size: int = pydantic.Field(
+        default=2048, ge=1, description="Requests waiting for admission before the server answers 429"
+    )
+    lookahead_max_batch_size: int = pydantic.Field(
+        default=8,
+        ge=0,
+        description="Lookahead decoding turns itself off while more requests than this are running",
+    )

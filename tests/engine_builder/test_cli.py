@@ -1,0 +1,56 @@
+"""`engine-builder validate`: exit codes, resolved YAML on stdout, every error on stderr."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import CONFIGS_DIR, REPO_ROOT
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine_builder.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+
+
+def test_validate_prints_resolved_yaml() -> None:
+    result = _cli("validate", str(CONFIGS_DIR / "smollm2.yaml"))
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["trt_llm"]["build"]["max_num_tokens"] == 2048
+    assert resolved["trt_llm"]["runtime"]["batch_scheduler_policy"] == "guaranteed_no_evict"
+    assert resolved["trt_llm"]["build"]["quantization_config"]["calib_size"] == 1024
+
+
+def test_validate_all_shipped_configs() -> None:
+    result = _cli("validate", *sorted(str(p) for p in CONFIGS_DIR.glob("*.yaml")))
+    assert result.returncode == 0, result.stderr
+    assert "error:" not in result.stderr
+
+
+def test_validate_invalid_exits_2_with_every_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "resources:\n  accelerator: H100\n"
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n"
+        '    max_num_tokens: 10\n    max_batch_size: "8"\n  runtime:\n    webserver_default_route: /nope\n'
+    )
+    result = _cli("validate", str(config))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"error: {config}:6: trt_llm.build.max_num_tokens: Input should be greater than 64" in errors
+    assert f"error: {config}:7: trt_llm.build.max_batch_size: Input should be a valid integer" in errors
+    assert any(f"{config}:9: trt_llm.runtime.webserver_default_route:" in line for line in errors)
+    assert result.stdout == ""
+
+
+def test_validate_missing_file() -> None:
+    result = _cli("validate", "does-not-exist.yaml")
+    assert result.returncode == 2
+    assert "cannot read config" in result.stderr
