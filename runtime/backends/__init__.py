@@ -1,0 +1,1 @@
+"""The seam between the server and a backend: the EngineClient protocol and its data types."""

@@ -1,0 +1,118 @@
+"""Typed contracts that cross the server <-> backend seam. No web framework, no pydantic."""
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_seq_len reached
+    ABORT = "abort"  # the client went away or the server is shutting down
+    ERROR = "error"  # this request failed inside the engine; others continue
+    TOOL_CALLS = "tool_calls"  # set by the server's tool parser, never by a backend
+
+
+class GuideKind(str, enum.Enum):
+    """What constrains the output (structured outputs)."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    GRAMMAR = "grammar"  # EBNF
+    STRUCTURAL_TAG = "structural_tag"
+
+
+@dataclass(frozen=True)
+class Guide:
+    kind: GuideKind
+    spec: str  # schema / regex / EBNF / structural-tag JSON, as text (also the grammar cache key)
+    any_whitespace: bool = True
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that decides which tokens come out. Defaults mean "off"."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-k alternatives per token; 0 = only the chosen token's logprob
+    prompt_logprobs: int | None = None  # for echo with logprobs (completions)
+    skip_special_tokens: bool = True
+    n: int = 1
+    guide: Guide | None = None
+    use_lookahead: bool = True  # the engine may still turn it off (batch too large, sampling)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass
+class GenerationDelta:
+    """What one engine step produced for one choice of one request (only what is new)."""
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the choice
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative, this choice
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    lookahead_accepted_per_step: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server needs to know about the served model."""
+
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    architecture: str
+    kind: str  # "decoder", "encoder", "encoder_bert"
+    tool_parser: str | None = None
