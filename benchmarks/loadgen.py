@@ -1,0 +1,213 @@
+"""The load generator: warm-up, then a bounded run at fixed concurrency or a Poisson request rate.
+
+Closed loop (`concurrency=N`): N workers each send the next request as soon as their last one
+returns. Open loop (`request_rate=R`): sends start at seeded exponential gaps (Poisson arrivals),
+optionally gated by `max_concurrency` (a gated request waits for a slot; there is no catch-up).
+Both stop launching after `num_requests` or `max_seconds`; requests still running
+`grace_seconds` later are cancelled and reported as incomplete, not as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from benchmarks.client import BenchClient, LengthControl
+from benchmarks.records import RequestRecord
+from benchmarks.workloads import WorkItem
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    concurrency: int = 1
+    request_rate: float | None = None
+    max_concurrency: int | None = None
+    num_requests: int = 64
+    max_seconds: float = 60.0
+    warmup_requests: int = 2
+    grace_seconds: float = 60.0
+    seed: int = 0
+
+    def label(self) -> str:
+        if self.request_rate is None:
+            return f"c={self.concurrency}"
+        cap = f" cap {self.max_concurrency}" if self.max_concurrency else ""
+        return f"rate={self.request_rate:g}/s{cap}"
+
+
+@dataclass
+class LoadResult:
+    records: list[RequestRecord]
+    num_incomplete: int
+    warmup_records: list[RequestRecord]
+    notes: list[str] = field(default_factory=list)
+
+
+def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
+    """Send offsets (seconds from the start) of `count` Poisson arrivals at `rate` per second."""
+    rng = random.Random(seed)
+    offsets, now = [], 0.0
+    for _ in range(count):
+        now += rng.expovariate(rate)
+        offsets.append(now)
+    return offsets
+
+
+async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
+    """Send one request and relax what the server rejects (stream_options, ignore_eos extras).
+
+    Returns human-readable notes on what was changed, which go into the result JSON.
+    """
+    notes: list[str] = []
+    for _ in range(3):
+        record = await client.send(item, -1)
+        rejected = record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
+        if not rejected:
+            if (
+                record.error is None
+                and record.output_tokens != item.max_tokens
+                and client.options.endpoint.is_generative
+            ):
+                if client.options.length_control is not LengthControl.NONE:
+                    notes.append(
+                        f"length control {client.options.length_control.value} did not force the length: "
+                        f"asked {item.max_tokens}, got {record.output_tokens}"
+                    )
+            return notes
+        options = client.options
+        if options.length_control is LengthControl.IGNORE_EOS:
+            fallback = LengthControl.LOGIT_BIAS if options.eos_token_ids else LengthControl.NONE
+            notes.append(f"server rejected ignore_eos/min_tokens ({record.error}); using {fallback.value}")
+            client.with_options(length_control=fallback)
+        elif options.include_usage:
+            notes.append(f"server rejected stream_options ({record.error}); counting chunks")
+            client.with_options(include_usage=False)
+        else:
+            break
+    return notes
+
+
+async def _closed_loop(
+    client: BenchClient,
+    items: Sequence[WorkItem],
+    plan: LoadPlan,
+    deadline: float,
+    records: list[RequestRecord],
+    bar: tqdm,
+) -> int:
+    """Run N workers; returns how many requests were still in flight at the grace limit."""
+    queue = iter(enumerate(items))
+    in_flight = 0
+
+    async def worker() -> None:
+        nonlocal in_flight
+        for index, item in queue:
+            if time.perf_counter() >= deadline:
+                return
+            in_flight += 1
+            record = await client.send(item, index)
+            in_flight -= 1
+            records.append(record)
+            bar.update(1)
+
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, plan.concurrency))]
+    _, pending = await asyncio.wait(workers, timeout=plan.max_seconds + plan.grace_seconds)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return in_flight
+
+
+async def _open_loop(
+    client: BenchClient,
+    items: Sequence[WorkItem],
+    plan: LoadPlan,
+    start: float,
+    records: list[RequestRecord],
+    bar: tqdm,
+) -> int:
+    """Poisson arrivals; returns how many requests were still running at the grace limit."""
+    assert plan.request_rate is not None
+    gate = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
+
+    async def one(item: WorkItem, index: int) -> None:
+        if gate is None:
+            record = await client.send(item, index)
+        else:
+            async with gate:
+                record = await client.send(item, index)
+        records.append(record)
+        bar.update(1)
+
+    tasks = []
+    for index, offset in enumerate(poisson_arrivals(plan.request_rate, len(items), plan.seed)):
+        if offset >= plan.max_seconds:
+            break
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(items[index], index)))
+    if not tasks:
+        return 0
+    remaining = max(0.0, start + plan.max_seconds + plan.grace_seconds - time.perf_counter())
+    _, pending = await asyncio.wait(tasks, timeout=remaining)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return len(pending)
+
+
+async def warm_up(
+    client: BenchClient, warmup_items: Sequence[WorkItem], width: int
+) -> tuple[list[str], list[RequestRecord]]:
+    """One request alone (negotiating what the server accepts), then the rest `width` at a time."""
+    if not warmup_items:
+        return [], []
+    notes = await negotiate(client, warmup_items[0])
+    records: list[RequestRecord] = []
+    rest = list(warmup_items[1:])
+    for i in range(0, len(rest), max(1, width)):
+        batch = rest[i : i + max(1, width)]
+        records.extend(await asyncio.gather(*(client.send(item, -1) for item in batch)))
+    return notes, records
+
+
+async def run_load(
+    client: BenchClient,
+    items: Sequence[WorkItem],
+    warmup_items: Sequence[WorkItem],
+    plan: LoadPlan,
+    label: str = "",
+) -> LoadResult:
+    """Warm up, then run `plan` over `items`; see the module docstring for the bounds."""
+    width = plan.concurrency if plan.request_rate is None else (plan.max_concurrency or len(warmup_items))
+    notes, warmup_records = await warm_up(client, warmup_items, width)
+    items = items[: plan.num_requests]
+    records: list[RequestRecord] = []
+    bar = tqdm(
+        total=len(items),
+        desc=label or plan.label(),
+        unit="req",
+        file=sys.stderr,
+        mininterval=0.5,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )
+    start = time.perf_counter()
+    try:
+        if plan.request_rate is None:
+            incomplete = await _closed_loop(client, items, plan, start + plan.max_seconds, records, bar)
+        else:
+            incomplete = await _open_loop(client, items, plan, start, records, bar)
+    finally:
+        bar.close()
+    if incomplete:
+        notes.append(
+            f"{incomplete} request(s) still running {plan.grace_seconds:g} s after the duration bound were cancelled"
+        )
+    records.sort(key=lambda record: record.index)
+    return LoadResult(records, incomplete, warmup_records, notes)

@@ -1,0 +1,78 @@
+"""What one benchmark request left behind: timestamps, token counts, errors (the input to metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Endpoint(str, Enum):
+    """The OpenAI-compatible (or TEI) route a workload drives."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RERANK = "rerank"
+
+    @property
+    def is_generative(self) -> bool:
+        return self in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+
+
+class TokenSource(str, Enum):
+    """Where a request's output token count came from."""
+
+    USAGE = "usage"  # the server's usage.completion_tokens (stream_options.include_usage)
+    CHUNKS = "chunks"  # fallback: one token per non-empty streamed chunk
+    NONE = "none"  # not a generative request
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it. Times are seconds on the client's monotonic clock.
+
+    `chunk_times` are arrival times of the streamed chunks that carried output text (the empty
+    role-only first chunk and the usage-only last chunk are not output). `chunk_chars` is the text
+    length of each, used to split a multi-token chunk's tokens when the server sent fewer chunks
+    than tokens.
+    """
+
+    index: int
+    start: float
+    end: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_chars: list[int] = field(default_factory=list)
+    output_tokens: int = 0
+    token_source: TokenSource = TokenSource.NONE
+    prompt_tokens: int | None = None
+    expected_output_tokens: int | None = None
+    items: int = 0
+    error: str | None = None
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        """(e2e - ttft) / (output_tokens - 1); None with fewer than 2 output tokens."""
+        ttft = self.ttft
+        if ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - ttft) / (self.output_tokens - 1)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["token_source"] = self.token_source.value
+        data.pop("text")
+        return data

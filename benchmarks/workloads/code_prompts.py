@@ -1,0 +1,15 @@
+"""Self-written Python code-completion prompts (benchmarks/data/code_prompts.txt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROMPTS_PATH = Path(__file__).resolve().parent.parent / "data" / "code_prompts.txt"
+SEPARATOR = "# ---"
+CHAT_INSTRUCTION = "Complete the following Python code. Reply with code only.\n\n"
+
+
+def load_prompts(path: Path = PROMPTS_PATH) -> list[str]:
+    """The snippets, in file order; the header block before the first separator is skipped."""
+    blocks = path.read_text().split(f"\n{SEPARATOR}\n")
+    return [block.rstrip() + "\n" for block in blocks[1:] if block.strip()]

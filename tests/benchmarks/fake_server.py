@@ -1,0 +1,149 @@
+"""A tiny scripted OpenAI-compatible server (raw asyncio HTTP/1.1) with known delays, for harness tests.
+
+Streams `num_tokens` tokens as chunks of `tokens_per_chunk`, the first after `ttft_s` and the
+rest `gap_s` apart, optionally followed by a usage chunk. Also answers /v1/embeddings, /rerank,
+/v1/models and /health. It records every request body it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Script:
+    ttft_s: float = 0.05
+    gap_s: float = 0.02
+    tokens_per_chunk: int = 1
+    send_usage: bool = True
+    reject_fields: tuple[str, ...] = ()
+    prompt_tokens: int = 7
+    encode_delay_s: float = 0.01
+
+
+@dataclass
+class FakeServer:
+    script: Script = field(default_factory=Script)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+        # Cancel open connection handlers inside the loop so their transports close cleanly.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {
+                    k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                }
+                length = int(headers.get("content-length", "0"))
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                await self._route(method, path, body, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _route(
+        self, method: str, path: str, body: dict[str, Any], writer: asyncio.StreamWriter
+    ) -> None:
+        if method == "GET":
+            await _send_json(writer, 200, {"data": [{"id": "fake-model"}]} if path == "/v1/models" else {})
+            return
+        self.bodies.append(body)
+        script = self.script
+        rejected = [name for name in script.reject_fields if name in body]
+        if rejected:
+            await _send_json(writer, 400, {"error": {"message": f"unsupported field {rejected[0]}"}})
+            return
+        if path == "/v1/embeddings":
+            await asyncio.sleep(script.encode_delay_s)
+            data = [{"index": i, "embedding": [0.0, 1.0]} for i in range(len(body["input"]))]
+            await _send_json(writer, 200, {"data": data, "usage": {"prompt_tokens": 3 * len(data)}})
+        elif path == "/rerank":
+            await asyncio.sleep(script.encode_delay_s)
+            await _send_json(writer, 200, [{"index": i, "score": 0.5} for i in range(len(body["texts"]))])
+        else:
+            await self._stream(path, body, writer)
+
+    async def _stream(self, path: str, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        script = self.script
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        is_chat = path.endswith("chat/completions")
+        if is_chat:
+            await _send_event(
+                writer, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            )
+        num_tokens = int(body["max_tokens"])
+        sent = 0
+        await asyncio.sleep(script.ttft_s)
+        while sent < num_tokens:
+            count = min(script.tokens_per_chunk, num_tokens - sent)
+            text = "ab" * count
+            choice = {"index": 0, "delta": {"content": text}} if is_chat else {"index": 0, "text": text}
+            await _send_event(writer, {"choices": [choice], "usage": None})
+            sent += count
+            if sent < num_tokens:
+                await asyncio.sleep(script.gap_s)
+        if script.send_usage and (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": script.prompt_tokens, "completion_tokens": num_tokens}
+            await _send_event(writer, {"choices": [], "usage": usage})
+        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def _send_event(writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
+    writer.write(_chunk(f"data: {json.dumps(payload)}\n\n".encode()))
+    await writer.drain()
+
+
+async def _send_json(writer: asyncio.StreamWriter, status: int, payload: Any) -> None:
+    data = json.dumps(payload).encode()
+    reason = "OK" if status == 200 else "Bad Request"
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    await writer.drain()

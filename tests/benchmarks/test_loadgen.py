@@ -1,0 +1,152 @@
+"""The client and load generator against a scripted fake server: timing, usage accounting, bounds."""
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.client import BenchClient, ClientOptions, LengthControl
+from benchmarks.loadgen import LoadPlan, poisson_arrivals, run_load
+from benchmarks.metrics import itl_samples, summarize_encoder, summarize_generative
+from benchmarks.records import Endpoint, TokenSource
+from benchmarks.workloads import WorkItem
+from tests.benchmarks.fake_server import FakeServer, Script
+
+# Scheduling on a shared 2-core machine adds jitter; never less than the scripted delay, rarely much more.
+SLACK_S = 0.06
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer().start()
+    yield fake
+    fake.stop()
+
+
+def run(
+    server: FakeServer,
+    plan: LoadPlan,
+    items: list[WorkItem],
+    endpoint: Endpoint = Endpoint.CHAT,
+    warmup: int = 1,
+    **options: object,
+):
+    async def main():
+        client = BenchClient(ClientOptions(server.base_url, endpoint, "fake-model", **options))
+        try:
+            return await run_load(client, items, items[:warmup], plan), client.options
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def chat_items(count: int, max_tokens: int) -> list[WorkItem]:
+    return [WorkItem(f"prompt {i}", max_tokens, 2) for i in range(count)]
+
+
+def test_ttft_itl_and_usage_from_a_known_stream(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.08, gap_s=0.03, tokens_per_chunk=1)
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=3), chat_items(3, 6))
+    assert len(result.records) == 3 and result.num_incomplete == 0
+    for record in result.records:
+        assert record.ok, record.error
+        assert record.token_source is TokenSource.USAGE
+        assert (record.output_tokens, record.prompt_tokens) == (6, 7)
+        assert 0.08 <= record.ttft < 0.08 + SLACK_S
+        gaps = itl_samples(record)
+        assert len(gaps) == 5
+        assert all(0.03 - 0.002 <= gap < 0.03 + SLACK_S for gap in gaps)
+        assert 0.03 - 0.002 <= record.tpot < 0.03 + SLACK_S
+    body = server.bodies[-1]
+    assert body["stream_options"] == {"include_usage": True}
+    assert (body["ignore_eos"], body["min_tokens"], body["max_tokens"]) == (True, 6, 6)
+    summary = summarize_generative(result.records)
+    assert summary.total_output_tokens == 18 and summary.num_wrong_length == 0
+
+
+def test_multi_token_chunks_split_tpot_and_itl(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.02, gap_s=0.04, tokens_per_chunk=4)
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=1), chat_items(1, 16), warmup=0)
+    record = result.records[0]
+    assert record.output_tokens == 16 and len(record.chunk_times) == 4
+    gaps = itl_samples(record)
+    assert len(gaps) == 12  # tokens after the first chunk
+    assert all(0.01 - 0.001 <= gap < 0.01 + SLACK_S / 4 for gap in gaps)
+    assert record.tpot == pytest.approx((record.e2e - record.ttft) / 15)
+
+
+def test_without_usage_chunks_are_counted(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.01, gap_s=0.005, send_usage=False)
+    result, _ = run(
+        server, LoadPlan(concurrency=2, num_requests=4), chat_items(4, 5), endpoint=Endpoint.COMPLETIONS
+    )
+    assert all(r.token_source is TokenSource.CHUNKS and r.output_tokens == 5 for r in result.records)
+    assert summarize_generative(result.records).token_sources == {"chunks": 4}
+    assert "prompt" in server.bodies[-1] and "messages" not in server.bodies[-1]
+
+
+def test_rejected_extras_fall_back_to_logit_bias_then_no_usage(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.0, gap_s=0.0, reject_fields=("ignore_eos", "stream_options"))
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 3), eos_token_ids=(0, 2)
+    )
+    assert options.length_control is LengthControl.LOGIT_BIAS and not options.include_usage
+    assert len(result.notes) == 2
+    assert server.bodies[-1]["logit_bias"] == {"0": -100, "2": -100}
+    assert all(r.ok and r.token_source is TokenSource.CHUNKS for r in result.records)
+
+
+def test_concurrency_is_capped(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.05, gap_s=0.0)
+    result, _ = run(server, LoadPlan(concurrency=3, num_requests=9), chat_items(9, 1), warmup=0)
+    events = sorted(
+        [(r.start, 1) for r in result.records] + [(r.end, -1) for r in result.records],
+        key=lambda e: (e[0], e[1]),
+    )
+    in_flight = peak = 0
+    for _, delta in events:
+        in_flight += delta
+        peak = max(peak, in_flight)
+    assert peak == 3
+    assert [r.index for r in result.records] == list(range(9))
+
+
+def test_duration_bound_stops_launching_and_grace_cancels(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.15, gap_s=0.0)
+    result, _ = run(
+        server, LoadPlan(concurrency=1, num_requests=50, max_seconds=0.4), chat_items(50, 1), warmup=0
+    )
+    assert 2 <= len(result.records) <= 4
+    server.script = Script(ttft_s=2.0, gap_s=0.0)
+    result, _ = run(
+        server,
+        LoadPlan(concurrency=1, num_requests=5, max_seconds=0.1, grace_seconds=0.2),
+        chat_items(5, 1),
+        warmup=0,
+    )
+    assert result.records == [] and result.num_incomplete == 1 and result.notes
+
+
+def test_poisson_arrivals_are_seeded_and_follow_the_rate(server: FakeServer) -> None:
+    offsets = poisson_arrivals(20.0, 2000, seed=3)
+    assert offsets == poisson_arrivals(20.0, 2000, seed=3)
+    assert offsets != poisson_arrivals(20.0, 2000, seed=4)
+    assert offsets[-1] / len(offsets) == pytest.approx(1 / 20.0, rel=0.08)
+    server.script = Script(ttft_s=0.0, gap_s=0.0)
+    plan = LoadPlan(request_rate=50.0, num_requests=10, seed=1)
+    result, _ = run(server, plan, chat_items(10, 1), warmup=0)
+    starts = [r.start - result.records[0].start for r in result.records]
+    expected = [o - poisson_arrivals(50.0, 10, 1)[0] for o in poisson_arrivals(50.0, 10, 1)]
+    assert starts == pytest.approx(expected, abs=0.03)
+
+
+def test_embeddings_and_rerank_items(server: FakeServer) -> None:
+    items = [WorkItem("query", texts=("a", "b", "c", "d")) for _ in range(4)]
+    result, _ = run(server, LoadPlan(concurrency=2, num_requests=4), items, endpoint=Endpoint.EMBEDDINGS)
+    summary = summarize_encoder(result.records)
+    assert summary.num_completed == 4 and all(r.items == 4 and r.prompt_tokens == 12 for r in result.records)
+    assert server.bodies[-1] == {"model": "fake-model", "input": ["a", "b", "c", "d"]}
+    result, _ = run(server, LoadPlan(concurrency=2, num_requests=4), items, endpoint=Endpoint.RERANK)
+    assert summarize_encoder(result.records).items_per_s > 0
+    assert server.bodies[-1] == {"query": "query", "texts": ["a", "b", "c", "d"]}
