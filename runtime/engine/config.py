@@ -1,0 +1,48 @@
+"""EngineConfig: the resolved settings the torch engine runs with (built from the trt_llm config)."""
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SchedulerPolicy(str, enum.Enum):
+    MAX_UTILIZATION = "max_utilization"
+    GUARANTEED_NO_EVICT = "guaranteed_no_evict"
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    window_size: int  # W
+    ngram_size: int  # N
+    verification_set_size: int  # G
+    max_batch_size: int  # above this many running requests, plain decoding
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Extra token rows one sequence may add to a step (lookahead branch + verification branch)."""
+        return self.window_size * (self.ngram_size - 1) + self.verification_set_size * (self.ngram_size - 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    max_batch_size: int = 64
+    max_num_tokens: int = 2048
+    max_seq_len: int = 4096
+    total_token_limit: int = 500000
+    enable_chunked_prefill: bool = True
+    scheduler_policy: SchedulerPolicy = SchedulerPolicy.GUARANTEED_NO_EVICT
+    kv_cache_fraction: float = 0.9
+    kv_cache_memory_bytes: int = 1 << 30  # CPU budget the fraction applies to
+    kv_cache_dtype: str = "auto"  # "auto" = compute dtype; "fp8" for the _kv quantization types
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    lookahead: LookaheadConfig | None = None
+    seed: int = 0
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.lookahead.max_draft_tokens if self.lookahead else 0

@@ -1,0 +1,246 @@
+"""LLMEngine: add requests, step (schedule -> run -> sample -> finish), abort. Synchronous; one thread owns it."""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from runtime.backends.types import EngineStats, FinishReason, GenerationRequest, TokenLogprob
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.config import EngineConfig
+from runtime.engine.model_runner import ModelRunner
+from runtime.engine.sampler import Sampler, SamplingRow
+from runtime.engine.scheduler import ScheduledSequence, Scheduler
+from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejectedError(ValueError):
+    """The request cannot run on this engine (too long, bad token ids); nothing was scheduled."""
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one choice after one step."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: FinishReason | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.runner = ModelRunner(config)
+        spec = self.runner.model.spec
+        self.vocab_size = spec.vocab_size
+        self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.sampler = Sampler(spec.vocab_size, self.runner.device)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest) -> None:
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        if not prompt:
+            raise RequestRejectedError("the prompt is empty")
+        if request.request_id in self.groups:
+            raise RequestRejectedError(f"request id {request.request_id} is already running")
+        if len(prompt) >= self.max_model_len:
+            raise RequestRejectedError(
+                f"the prompt has {len(prompt)} tokens; this engine's max_seq_len is {self.max_model_len}"
+            )
+        if not self.config.enable_chunked_prefill and len(prompt) > self.config.max_num_tokens:
+            raise RequestRejectedError(
+                f"the prompt has {len(prompt)} tokens, more than max_num_tokens {self.config.max_num_tokens} "
+                "(chunked context is off)"
+            )
+        if max(prompt) >= self.vocab_size or min(prompt) < 0:
+            raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
+        arrival = request.arrival_time or time.monotonic()
+        sequences = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request.request_id,
+                index=index,
+                prompt_token_ids=prompt,
+                sampling=params,
+                arrival_time=arrival,
+                generator=self._generator(params.seed, index),
+            )
+            for index in range(params.n)
+        ]
+        group = SequenceGroup(request.request_id, sequences, arrival)
+        self.groups[request.request_id] = group
+        self.scheduler.add(group)
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed + index)
+        return generator
+
+    def abort(
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
+    ) -> list[StepOutput]:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return []
+        self.scheduler.remove(request_id)
+        outputs = []
+        for seq in group.sequences:
+            if seq.is_finished:
+                continue
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            seq.error = error
+            outputs.append(self._output(seq, [], None))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        self.num_steps += 1
+        scheduled = schedule.scheduled
+        to_sample = [i for i, item in enumerate(scheduled) if item.sample]
+        inputs = self.runner.prepare(scheduled, [(i, scheduled[i].num_new_tokens - 1) for i in to_sample])
+        try:
+            logits = self.runner.execute(inputs)
+        except Exception as error:  # a failed forward fails the requests in it, not the server
+            logger.exception(
+                "forward pass failed; failing %d requests", len({s.seq.request_id for s in scheduled})
+            )
+            outputs: list[StepOutput] = []
+            for request_id in {item.seq.request_id for item in scheduled}:
+                outputs.extend(self.abort(request_id, FinishReason.ERROR, f"engine error: {error}"))
+            return outputs
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.commit_full_blocks(item.seq)
+        rows, owners = self._sampling_rows([scheduled[i] for i in to_sample])
+        if not rows:
+            return []
+        row_logits = logits[torch.tensor([position for position, _ in owners])]
+        sampled = self.sampler(row_logits, rows)
+        outputs = []
+        finished_groups: set[str] = set()
+        for (_, seq), token_id, logprob in zip(owners, sampled.token_ids, sampled.logprobs, strict=True):
+            self._append(seq, token_id)
+            outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
+            if seq.is_finished:
+                finished_groups.add(seq.request_id)
+        for request_id in finished_groups:
+            group = self.groups[request_id]
+            for seq in group.sequences:
+                if seq.is_finished and seq.block_table:
+                    self.blocks.free(seq)
+            if group.is_finished:
+                self.scheduler.finish(group)
+                del self.groups[request_id]
+        self.num_generated_tokens += len(outputs)
+        return outputs
+
+    def _sampling_rows(
+        self, items: list[ScheduledSequence]
+    ) -> tuple[list[SamplingRow], list[tuple[int, Sequence]]]:
+        """One row per sampled sequence; a parent finishing its prefill also samples for its forked choices."""
+        rows: list[SamplingRow] = []
+        owners: list[tuple[int, Sequence]] = []
+        for position, item in enumerate(items):
+            seq = item.seq
+            targets = [seq]
+            group = self.groups[seq.request_id]
+            if seq is group.parent and not seq.output_token_ids and len(group.sequences) > 1:
+                targets += self._fork_children(group)
+            for target in targets:
+                rows.append(
+                    SamplingRow(
+                        params=target.sampling,
+                        generator=target.generator,
+                        prompt_token_ids=target.prompt_token_ids,
+                        output_token_ids=target.output_token_ids,
+                        eos_token_ids=self.eos_token_ids,
+                    )
+                )
+                owners.append((position, target))
+        return rows, owners
+
+    def _fork_children(self, group: SequenceGroup) -> list[Sequence]:
+        forked = []
+        for child in group.children:
+            if child.is_finished or child.output_token_ids:
+                continue
+            copy = self.blocks.fork(group.parent, child)
+            if copy is not None:
+                self.runner.kv_cache.copy_block(*copy)
+            child.status = SequenceStatus.RUNNING
+            child.num_cached_prompt_tokens = group.parent.num_cached_prompt_tokens
+            forked.append(child)
+        return forked
+
+    def _append(self, seq: Sequence, token_id: int) -> None:
+        seq.output_token_ids.append(token_id)
+        params = seq.sampling
+        num_output = seq.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                self._finish(seq, FinishReason.STOP, None)
+                return
+            if token_id in params.stop_token_ids:
+                self._finish(seq, FinishReason.STOP, token_id)
+                return
+        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
+        return StepOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            error=seq.error,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.blocks.usage,
+            num_kv_blocks=self.blocks.num_usable_blocks,
+            num_free_kv_blocks=self.blocks.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.blocks.hit_rate(),
+        )

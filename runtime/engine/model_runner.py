@@ -1,0 +1,189 @@
+"""Run one scheduled step through the model: flatten token rows, build attention metadata, return logits."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.block_manager import RESERVED_BLOCK
+from runtime.engine.config import EngineConfig
+from runtime.engine.models.loader import load_decoder
+from runtime.engine.scheduler import ScheduledSequence
+from runtime.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logit_rows: torch.Tensor  # rows whose logits are needed, in the order the caller asked
+    row_of: dict[int, int]  # index in the scheduled list -> first row of that sequence
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(num_threads: int | None) -> None:
+    threads = num_threads or int(os.environ.get("ENGINE_BUILDER_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        configure_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.model = load_decoder(config.model_dir, self.dtype, self.device)
+        spec = self.model.spec
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        self.kv_cache = PagedKVCache(
+            spec.num_layers,
+            self.num_blocks,
+            self.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            kv_dtype,
+            self.device,
+        )
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.0f MiB, %s)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self._bytes_per_block(kv_dtype) / 2**20,
+            kv_dtype,
+        )
+
+    def _bytes_per_block(self, dtype: torch.dtype) -> int:
+        spec = self.model.spec
+        return PagedKVCache.bytes_per_block(
+            spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim, dtype
+        )
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * config.kv_cache_fraction)
+        else:
+            budget = int(config.kv_cache_memory_bytes * config.kv_cache_fraction)
+        blocks = budget // self._bytes_per_block(kv_dtype)
+        # Never more than the scheduler could ever fill: every sequence at full length.
+        cap = (
+            -(-min(config.total_token_limit, config.max_batch_size * config.max_seq_len) // self.block_size)
+            + 1
+        )
+        blocks = min(blocks, cap + 1)
+        if blocks < 2 or (blocks - 1) * self.block_size < config.max_seq_len:
+            raise ValueError(
+                f"the KV cache budget holds {max(blocks - 1, 0) * self.block_size} tokens, fewer than max_seq_len "
+                f"{config.max_seq_len}: raise kv_cache_memory_bytes / kv_cache_free_gpu_mem_fraction or lower max_seq_len"
+            )
+        return int(blocks)
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def prepare(
+        self, scheduled: list[ScheduledSequence], logit_requests: list[tuple[int, int]]
+    ) -> StepInputs:
+        """`logit_requests` lists (scheduled index, row offset within that sequence's rows) to project."""
+        block_size = self.block_size
+        decodes = [i for i, item in enumerate(scheduled) if _is_plain_decode(item)]
+        extends = [i for i, item in enumerate(scheduled) if not _is_plain_decode(item)]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        row_of: dict[int, int] = {}
+        for index in decodes:
+            seq = scheduled[index].seq
+            position = seq.num_computed_tokens
+            row_of[index] = len(input_ids)
+            input_ids.append(seq.token_at(position))
+            positions.append(position)
+            slot_mapping.append(seq.block_table[position // block_size] * block_size + position % block_size)
+        spans: list[ExtendSpan] = []
+        for index in extends:
+            item = scheduled[index]
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            row_of[index] = len(input_ids)
+            input_ids.extend(seq.token_slice(start, end))
+            if item.num_draft_tokens:
+                raise NotImplementedError("draft rows are prepared by the lookahead proposer")
+            positions.extend(range(start, end))
+            context = self._slots(seq, end)
+            slot_mapping.extend(context[start:end].tolist())
+            spans.append(
+                ExtendSpan(row_start=row_of[index], num_new_tokens=end - start, context_slots=context)
+            )
+        device = self.device
+        decode_rows = torch.arange(len(decodes), dtype=torch.long)
+        if decodes:
+            lengths = [scheduled[i].seq.num_computed_tokens + 1 for i in decodes]
+            decode_slots, decode_mask = self._padded_slots([scheduled[i].seq for i in decodes], lengths)
+        else:
+            decode_slots = torch.empty(0, 0, dtype=torch.long)
+            decode_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            decode_rows=decode_rows.to(device),
+            decode_slots=decode_slots.to(device),
+            decode_mask=decode_mask.to(device),
+            extends=[
+                ExtendSpan(s.row_start, s.num_new_tokens, s.context_slots.to(device), s.custom_mask)
+                for s in spans
+            ],
+        )
+        logit_rows = torch.tensor(
+            [row_of[i] + offset for i, offset in logit_requests], dtype=torch.long, device=device
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            metadata=metadata,
+            logit_rows=logit_rows,
+            row_of=row_of,
+        )
+
+    def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
+        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        return (blocks.unsqueeze(1) * self.block_size + offsets).flatten()[:length]
+
+    def _padded_slots(self, seqs: list[Sequence], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        max_length = max(lengths)
+        max_blocks = -(-max_length // self.block_size)
+        table = torch.full((len(seqs), max_blocks), RESERVED_BLOCK, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            blocks = seq.block_table[:max_blocks]
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        slots = (table.unsqueeze(2) * self.block_size + offsets).view(len(seqs), -1)[:, :max_length]
+        mask = torch.arange(max_length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        return slots, mask.view(len(seqs), 1, 1, max_length)
+
+    # -- execution ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
+        if inputs.logit_rows.numel() == 0:
+            return torch.empty(0, self.model.spec.vocab_size)
+        return self.model.logits(hidden[inputs.logit_rows]).to("cpu")
+
+
+def _is_plain_decode(item: ScheduledSequence) -> bool:
+    return item.num_new_tokens == 1 and item.num_draft_tokens == 0 and item.seq.num_computed_tokens > 0
