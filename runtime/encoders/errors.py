@@ -1,0 +1,67 @@
+"""Typed encoder errors. Each one knows its HTTP status, its TEI `error_type` and the field it names.
+
+This is the one place where encoder failures are mapped to HTTP statuses; routes only render them.
+"""
+
+
+class EncoderError(Exception):
+    """A request the encoder engine will not or cannot serve."""
+
+    status_code: int = 400
+    error_type: str = "validation"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EncoderError):
+    """A field with a value we cannot honour (400, names the field)."""
+
+
+class EmptyInputError(EncoderError):
+    """An empty list or an input with no tokens (TEI: 400, `empty`)."""
+
+    error_type = "empty"
+
+
+class BatchSizeError(EncoderError):
+    """More inputs in one request than `max_client_batch_size` (422 `validation`, as the issue and BEI docs state)."""
+
+    status_code = 422
+
+
+class InputTooLongError(EncoderError):
+    """An input longer than the model's limit while truncation is off (TEI: 413 `validation`)."""
+
+    status_code = 413
+
+
+class UnsupportedTaskError(EncoderError):
+    """The route needs a model of another kind (embeddings on a classifier, classification on a bi-encoder)."""
+
+
+class OverloadedError(EncoderError):
+    """Too many requests in flight (TEI: 429 `overloaded`)."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+
+class BackendError(EncoderError):
+    """The model failed or produced non-finite scores (TEI: 424 `backend`)."""
+
+    status_code = 424
+    error_type = "backend"
+
+
+class UnhealthyError(EncoderError):
+    """The engine is not started or is shutting down (TEI: 503 `unhealthy`)."""
+
+    status_code = 503
+    error_type = "unhealthy"
+
+
+class ModelLoadError(Exception):
+    """The checkpoint directory cannot be served as an encoder; the message says why and what to change."""
