@@ -1,0 +1,184 @@
+"""`fetch_checkpoint`: list the source, pick the needed files, reuse a cached snapshot or download (small
+files first, layout checks, then the weights) into a staging folder that becomes visible only when complete.
+Every error that leaves here has passed through `Secrets.redact`."""
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from engine_builder.checkpoints.cache import CheckpointCache, Snapshot, content_revision
+from engine_builder.checkpoints.download import Downloader, DownloadSettings
+from engine_builder.checkpoints.errors import CheckpointDownloadError, CheckpointError, CheckpointLayoutError
+from engine_builder.checkpoints.http_range import safe_url
+from engine_builder.checkpoints.layout import CONFIG_FILE, check_repository_layout
+from engine_builder.checkpoints.registry import source_class
+from engine_builder.checkpoints.secrets import Secrets
+from engine_builder.checkpoints.selection import is_needed, is_weight_file, unusable_weight_files
+from engine_builder.checkpoints.source import CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.config import BaseModelKind, CheckpointRepository
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FetchedCheckpoint:
+    path: Path  # local folder with the HF layout (treat as read-only)
+    files: dict[str, str]  # relative path -> sha256
+    revision: str | None  # HF commit sha, else "sha256:<digest of the files>"
+
+
+def fetch_checkpoint(
+    repository: CheckpointRepository,
+    *,
+    cache_dir: Path,
+    secrets: Secrets | None = None,
+    base_dir: Path | None = None,
+    progress: bool = True,
+    base_model: BaseModelKind | None = None,
+    allow_prequantized: bool = False,
+    settings: DownloadSettings | None = None,
+) -> FetchedCheckpoint:
+    """Fetch (or reuse) the checkpoint. With `base_model`, the layout checks run on the small files before
+    the weights download and again on the complete folder before it is committed to the cache."""
+    secrets = secrets or Secrets.from_env()
+    try:
+        source = source_class(repository.source)(repository, secrets, base_dir)
+        fetch = _Fetch(source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress)
+        return fetch.run(base_model, allow_prequantized)
+    except CheckpointError as error:
+        error.args = (secrets.redact(str(error)),)
+        error.__cause__ = None
+        error.__suppress_context__ = True
+        raise
+    except Exception as error:  # an SDK failure we did not map: keep its text, never its (unredacted) chain
+        raise CheckpointError(
+            f"{repository.source.value} checkpoint: {type(error).__name__}: {secrets.redact(str(error))}"
+        ) from None
+
+
+class _Fetch:
+    def __init__(
+        self, source: CheckpointSourceBase, cache: CheckpointCache, settings: DownloadSettings, progress: bool
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.settings = settings
+        self.progress = progress
+        # The repo as it keys the cache: a URL without its (possibly presigned) query string.
+        repo = source.repository.repo
+        self.location = safe_url(repo) if repo.startswith(("http://", "https://")) else repo
+
+    def run(self, base_model: BaseModelKind | None, allow_prequantized: bool) -> FetchedCheckpoint:
+        local = self.source.local_path()
+        if local is not None:
+            return self._use_local(local, base_model, allow_prequantized)
+        listing = self._retry(self.source.list_files)
+        files = self._needed(listing)
+        key = self.cache.snapshot_key(self.source.name, self.location, listing.revision, files)
+        with self.cache.lock(key):
+            snapshot = self.cache.load_snapshot(key)
+            if snapshot is not None:
+                logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
+            else:
+                snapshot = self._download(key, listing, files, base_model, allow_prequantized)
+        return FetchedCheckpoint(path=snapshot.path, files=snapshot.files, revision=snapshot.revision)
+
+    def _needed(self, listing: Listing) -> list[RemoteFile]:
+        if not self.source.lists_checkpoint_files:
+            return list(listing.files)
+        paths = [file.path for file in listing.files]
+        files = [file for file in listing.files if is_needed(file.path)]
+        if CONFIG_FILE not in paths:
+            shown = ", ".join(sorted(paths)[:8])
+            raise CheckpointLayoutError(
+                f"{self.source.describe()}: {CONFIG_FILE} is missing at the root of the repository "
+                f"(found: {shown}); point repo at the folder that holds config.json"
+            )
+        if not any(is_weight_file(file.path) for file in files):
+            others = unusable_weight_files(paths)
+            found = f" (found only {', '.join(others)})" if others else ""
+            raise CheckpointLayoutError(
+                f"{self.source.describe()}: no safetensors weights{found}; convert the checkpoint with "
+                "save_pretrained(safe_serialization=True) and upload model.safetensors"
+            )
+        return files
+
+    def _download(
+        self,
+        key: str,
+        listing: Listing,
+        files: list[RemoteFile],
+        base_model: BaseModelKind | None,
+        allow_prequantized: bool,
+    ) -> Snapshot:
+        started = time.monotonic()
+        total = sum(file.size or 0 for file in files)
+        logger.info("%s: fetching %d files (%.1f MB)", self.source.describe(), len(files), total / 1e6)
+        downloader = Downloader(self.source, self.cache, self.location, self.settings, progress=self.progress)
+        staging = self.cache.new_staging(key)
+        try:
+            small = [file for file in files if not is_weight_file(file.path)]
+            heavy = [file for file in files if is_weight_file(file.path)]
+            blobs = downloader.fetch(small, "checkpoint files")
+            if base_model is not None and self.source.lists_checkpoint_files:
+                self.source.materialize(_paths(blobs), staging)
+                present = {file.path for file in files}
+                check_repository_layout(
+                    staging, base_model, allow_prequantized=allow_prequantized, present_files=present
+                )
+                heavy_blobs = downloader.fetch(heavy, "weights")
+                self.source.materialize(_paths(heavy_blobs), staging)
+                blobs.update(heavy_blobs)
+                hashes = None
+            else:
+                blobs.update(downloader.fetch(heavy, "weights"))
+                hashes = self.source.materialize(_paths(blobs), staging)
+            files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
+            if base_model is not None:
+                check_repository_layout(staging, base_model, allow_prequantized=allow_prequantized)
+            revision = listing.revision or content_revision(files_sha)
+            snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not self.source.lists_checkpoint_files:
+            for blob, _ in blobs.values():
+                blob.unlink(
+                    missing_ok=True
+                )  # the unpacked files are the cache; the archive is not needed again
+        logger.info(
+            "%s: fetched in %.1fs into %s", self.source.describe(), time.monotonic() - started, snapshot.path
+        )
+        return snapshot
+
+    def _use_local(
+        self, path: Path, base_model: BaseModelKind | None, allow_prequantized: bool
+    ) -> FetchedCheckpoint:
+        files = self._needed(self.source.list_files())
+        if base_model is not None:
+            check_repository_layout(path, base_model, allow_prequantized=allow_prequantized)
+        hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
+        return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes))
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                return call()
+            except CheckpointDownloadError as error:
+                if attempt == self.settings.attempts:
+                    raise
+                delay = self.settings.delay(attempt)
+                logger.warning(
+                    "%s (retry %d in %.1fs)", self.source.secrets.redact(str(error)), attempt, delay
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _paths(blobs: dict[str, tuple[Path, str]]) -> dict[str, Path]:
+    return {path: blob for path, (blob, _) in blobs.items()}

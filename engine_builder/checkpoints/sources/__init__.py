@@ -1,0 +1,1 @@
+"""One module per checkpoint source; the registry imports them lazily by name."""
