@@ -102,6 +102,9 @@ class TokenBudgetBatcher(Generic[OutputT]):
     async def start(self) -> None:
         if self.is_running:
             return
+        self._wakeup = (
+            asyncio.Event()
+        )  # bound to the running loop, so a restarted batcher works on a new loop
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-compute")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="encoder-batcher")
 

@@ -265,7 +265,7 @@ class EncoderEngine:
         with self._request_slot():
             started = time.perf_counter()
             encoded = await asyncio.to_thread(
-                self._encode_mixed,
+                self.tokenizer.encode_inputs,
                 inputs,
                 self._resolve_truncate(truncate),
                 truncation_direction,
@@ -406,33 +406,6 @@ class EncoderEngine:
 
     def _compute(self, items: list[EncodedInput]) -> list[torch.Tensor]:
         return list(self.model.forward(items).unbind(0))
-
-    def _encode_mixed(
-        self,
-        inputs: Sequence[str | Sequence[int]],
-        truncate: bool,
-        direction: TruncationDirection,
-        field: str,
-        truncate_field: str | None,
-    ) -> list[EncodedInput]:
-        texts = [(index, item) for index, item in enumerate(inputs) if isinstance(item, str)]
-        id_lists = [(index, item) for index, item in enumerate(inputs) if not isinstance(item, str)]
-        encoded: list[EncodedInput | None] = [None] * len(inputs)
-        kwargs = {
-            "truncate": truncate,
-            "direction": direction,
-            "field": field,
-            "truncate_field": truncate_field,
-        }
-        for (index, _), item in zip(
-            texts, self.tokenizer.encode([text for _, text in texts], **kwargs), strict=True
-        ):
-            encoded[index] = item
-        for (index, _), item in zip(
-            id_lists, self.tokenizer.from_token_ids([ids for _, ids in id_lists], **kwargs), strict=True
-        ):
-            encoded[index] = item
-        return [item for item in encoded if item is not None]
 
     def _resolve_truncate(self, truncate: bool | None) -> bool:
         return self.info.auto_truncate if truncate is None else truncate

@@ -176,6 +176,8 @@ class EncoderModel:
         self._score_head = (
             self._causal_score_head(module) if config.task is EncoderTask.CLASSIFICATION else None
         )
+        base_prefix = str(getattr(module, "base_model_prefix", ""))
+        self._base_module: torch.nn.Module = getattr(module, base_prefix, module)
         forward_params = inspect.signature(module.forward).parameters
         self._takes_token_types = "token_type_ids" in forward_params
 
@@ -243,7 +245,6 @@ class EncoderModel:
     def _classify(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         if self._score_head is None:
             return self.module(**inputs).logits
-        base = getattr(self.module, self.module.base_model_prefix)
-        hidden = base(**inputs).last_hidden_state
+        hidden = self._base_module(**inputs).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self._score_head(hidden[rows, last_token_index(mask)])

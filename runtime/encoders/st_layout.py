@@ -146,10 +146,13 @@ def read_layout(model_dir: Path) -> SentenceTransformerLayout | None:
 
 
 def _read_max_seq_length(model_dir: Path) -> int | None:
-    path = model_dir / "sentence_bert_config.json"
-    if not path.exists():
-        return None
-    value = _read_json(path).get("max_seq_length")
+    """sentence_bert_config.json's max_seq_length; sentence-transformers >= 5 keeps it in the tokenizer
+    config as model_max_length instead (huge sentinel values there mean "unset")."""
+    config_path = model_dir / "sentence_bert_config.json"
+    value = _read_json(config_path).get("max_seq_length") if config_path.exists() else None
+    if not value and (model_dir / "tokenizer_config.json").exists():
+        value = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
+        value = value if isinstance(value, int) and value < 1_000_000 else None
     return int(value) if value else None
 
 

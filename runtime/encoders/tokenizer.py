@@ -111,6 +111,38 @@ class EncoderTokenizer:
             results.append(EncodedInput(ids, None, 0))
         return results
 
+    def encode_inputs(
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        truncate: bool,
+        direction: TruncationDirection,
+        field: str,
+        truncate_field: str | None = "truncate",
+    ) -> list[EncodedInput]:
+        """Texts and token-id lists mixed in one request, encoded in their original order."""
+        text_positions = [index for index, item in enumerate(inputs) if isinstance(item, str)]
+        id_positions = [index for index, item in enumerate(inputs) if not isinstance(item, str)]
+        encoded: dict[int, EncodedInput] = {}
+        texts = [str(inputs[index]) for index in text_positions]
+        for index, item in zip(
+            text_positions,
+            self.encode(
+                texts, truncate=truncate, direction=direction, field=field, truncate_field=truncate_field
+            ),
+            strict=True,
+        ):
+            encoded[index] = item
+        id_lists = [[int(token_id) for token_id in inputs[index]] for index in id_positions]
+        for index, item in zip(
+            id_positions,
+            self.from_token_ids(
+                id_lists, truncate=truncate, direction=direction, field=field, truncate_field=truncate_field
+            ),
+            strict=True,
+        ):
+            encoded[index] = item
+        return [encoded[index] for index in range(len(inputs))]
+
     def _check_length(self, num_tokens: int, label: str, field: str, truncate_field: str | None) -> None:
         if num_tokens == 0:
             raise EmptyInputError(f"{label} has no tokens: send non-empty input", param=field)

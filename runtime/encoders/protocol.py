@@ -1,0 +1,155 @@
+"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, plus both error bodies.
+
+Requests forbid unknown fields: a field we do not know is one we cannot honour.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from runtime.encoders.tokenizer import TextInput, TruncationDirection
+
+# TEI accepts both spellings; the performance client sends "Right".
+TruncationDirectionName = Literal["right", "left", "Right", "Left"]
+TokenIds = list[StrictInt]
+EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+
+
+def _flatten_embedding_input(value: EmbeddingInput) -> list[str | list[int]]:
+    """One text, a list of texts, one token-id list or a list of token-id lists -> a list of inputs."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [list(value)]
+    return list(value)  # type: ignore[arg-type]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Truncating(_Request):
+    truncate: bool | None = None  # None: the server's auto-truncate setting
+    truncation_direction: TruncationDirectionName = "right"
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection(self.truncation_direction.lower())
+
+
+# OpenAI /v1/embeddings
+
+
+class OpenAIEmbeddingsRequest(_Request):
+    input: EmbeddingInput
+    model: str | None = None  # ignored: one model per server
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None  # ignored
+
+    def inputs(self) -> list[str | list[int]]:
+        return _flatten_embedding_input(self.input)
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+    index: int
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# TEI /embed
+
+
+class EmbedRequest(_Truncating):
+    inputs: EmbeddingInput
+    normalize: bool = True
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    prompt_name: str | None = None  # refused when set: prompts are not applied by this server
+    model: str | None = None
+
+    def input_list(self) -> list[str | list[int]]:
+        return _flatten_embedding_input(self.inputs)
+
+
+# TEI /rerank
+
+
+class RerankRequest(_Truncating):
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: bool = False
+    return_text: bool = False
+    model: str | None = None  # ignored
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None  # only with return_text
+
+
+# TEI /predict
+
+PredictInput = StrictStr | list[StrictStr] | list[list[StrictStr]]
+
+
+class PredictRequest(_Truncating):
+    inputs: PredictInput
+    raw_scores: bool = False
+    model: str | None = None  # ignored
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.inputs, list) and bool(self.inputs) and isinstance(self.inputs[0], list)
+
+    def sequences(self) -> list[TextInput]:
+        """A string, a [text] / [text, text_pair] list, or a batch of such lists -> texts and pairs.
+
+        Raises ValueError naming the offending entry when a list has other than 1 or 2 strings.
+        """
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        if not self.is_batch:
+            return [_sequence(self.inputs, "inputs")]  # type: ignore[arg-type]
+        return [_sequence(entry, f"inputs[{index}]") for index, entry in enumerate(self.inputs)]  # type: ignore[arg-type]
+
+
+def _sequence(entry: list[str], label: str) -> TextInput:
+    if len(entry) == 1:
+        return entry[0]
+    if len(entry) == 2:
+        return (entry[0], entry[1])
+    raise ValueError(f"{label} must hold one text or a pair of texts, got {len(entry)} strings")
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class TEIErrorResponse(BaseModel):
+    error: str
+    error_type: str
