@@ -115,6 +115,20 @@ class LLMEngine:
             outputs.append(self._output(seq, [], None))
         return outputs
 
+    def abort_choice(self, request_id: str, index: int) -> list[StepOutput]:
+        """End one choice (a stop string matched in the frontend); the request ends with its last choice."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return []
+        seq = group.sequences[index]
+        if not seq.is_finished:
+            self._finish(seq, FinishReason.STOP, None)
+            self.blocks.free(seq)
+        if group.is_finished:
+            self.scheduler.finish(group)
+            del self.groups[request_id]
+        return []
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

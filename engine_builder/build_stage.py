@@ -1,0 +1,209 @@
+"""`engine-builder build`: config -> checkpoint -> layout checks -> (quantize) -> compile -> engine directory.
+
+The engine directory appears in one rename when everything succeeded; a failed or killed build leaves
+the previous engine (or nothing) in place.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from engine_builder.artifact import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    EngineDir,
+    Manifest,
+    SourceInfo,
+    atomic_engine_dir,
+    is_engine_dir,
+    load_engine_dir,
+)
+from engine_builder.backend_choice import choose_backend
+from engine_builder.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
+from engine_builder.config import (
+    BaseModelKind,
+    EngineOptions,
+    LoadedConfig,
+    QuantizationType,
+    TrtLlmConfigV1,
+    load_config,
+)
+from engine_builder.tool_parsers import detect_tool_parser
+
+logger = logging.getLogger(__name__)
+
+
+class BuildError(Exception):
+    """The build cannot proceed; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    engine_dir: EngineDir
+    reused: bool
+    seconds: float
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ENGINE_BUILDER_CACHE", Path.home() / ".cache" / "engine-builder"))
+
+
+def build_engine(
+    loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool = False
+) -> BuildResult:
+    started = time.monotonic()
+    config_hash = loaded.build_hash()
+    if not force and is_engine_dir(output):
+        try:
+            existing = load_engine_dir(output)
+            if existing.manifest.config_hash == config_hash:
+                logger.info("engine at %s matches the config hash; reusing it", output)
+                return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
+        except Exception as error:  # an unreadable or old engine is simply rebuilt
+            logger.info("rebuilding %s: %s", output, error)
+    stack = loaded.trt_llm
+    build = stack.build
+    backend = choose_backend(options.backend)
+    if build.checkpoint_repository is None:
+        raise BuildError(
+            "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
+        )
+    _check_supported(loaded, backend)
+    logger.info(
+        "fetching checkpoint %s %s",
+        build.checkpoint_repository.source.value,
+        build.checkpoint_repository.repo,
+    )
+    fetched = fetch_checkpoint(
+        build.checkpoint_repository,
+        cache_dir=default_cache_dir() / "checkpoints",
+        secrets=Secrets.from_env(),
+        base_dir=loaded.base_dir,
+        base_model=build.base_model,
+    )
+    from engine_builder.checkpoints import check_repository_layout
+
+    info = check_repository_layout(fetched.path, build.base_model, require_chat_template=False)
+    if isinstance(stack, TrtLlmConfigV1):
+        stack.apply_architecture(info.architecture)
+    with atomic_engine_dir(output) as staging:
+        model_dir = staging / MODEL_DIR
+        if build.quantization_type == QuantizationType.NO_QUANT:
+            _link_model_files(fetched, model_dir)
+            quantization_summary = {"quantization": "no_quant", "kv_cache_dtype": "auto"}
+        else:
+            from calibration.pipeline import quantize_checkpoint
+
+            quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend)
+        if backend == "trtllm":
+            from engine_builder.compile.trtllm import compile_trtllm
+
+            compile_trtllm(loaded, staging, info)
+        manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
+        (staging / CONFIG_FILE).write_text(loaded.resolved_yaml())
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+    engine = load_engine_dir(output)
+    seconds = time.monotonic() - started
+    logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
+    return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def _check_supported(loaded: LoadedConfig, backend: str) -> None:
+    build = loaded.trt_llm.build
+    if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
+        raise BuildError(
+            f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
+            f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
+        )
+    if build.lora_adapters:
+        raise BuildError(
+            "lora_adapters are not supported by the torch backend; remove them or build with --backend trtllm"
+        )
+
+
+_TORCH_QUANTIZATION = frozenset({QuantizationType.NO_QUANT})
+
+
+def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
+    """Hard-link the checkpoint's files into the engine (copy across file systems)."""
+    for relative in sorted(fetched.files):
+        source = fetched.path / relative
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+
+def _manifest(
+    loaded: LoadedConfig,
+    info: RepositoryInfo,
+    fetched: FetchedCheckpoint,
+    backend: str,
+    config_hash: str,
+    quantization: dict[str, str],
+) -> Manifest:
+    stack = loaded.trt_llm
+    build = stack.build
+    runtime = stack.runtime
+    max_position = info.max_position_embeddings or 4096
+    max_seq_len = getattr(runtime, "max_seq_len", None) or build.max_seq_len or max_position
+    max_batch_size = getattr(runtime, "max_batch_size", None) or build.max_batch_size
+    max_num_tokens = getattr(runtime, "max_num_tokens", None) or build.max_num_tokens
+    repository = build.checkpoint_repository
+    assert repository is not None
+    tool_parser = None
+    if build.base_model == BaseModelKind.DECODER:
+        tool_parser = detect_tool_parser(fetched.path, info.architecture)
+    return Manifest(
+        backend=backend,
+        config_hash=config_hash,
+        base_model=build.base_model.value,
+        architecture=info.architecture,
+        model_type=info.model_type,
+        dtype=loaded.truss.engine_builder.dtype,
+        quantization=quantization["quantization"],
+        kv_cache_dtype=quantization["kv_cache_dtype"],
+        max_seq_len=int(min(max_seq_len, max_position)),
+        max_batch_size=int(max_batch_size),
+        max_num_tokens=int(max_num_tokens),
+        source=SourceInfo(repository.source.value, repository.repo, fetched.revision, dict(fetched.files)),
+        tool_parser=tool_parser,
+        served_model_name=runtime.served_model_name or loaded.truss.model_name,
+        inference_stack=stack.inference_stack.value,
+        extra={
+            "pooling_mode": info.pooling_mode,
+            "default_route": getattr(runtime, "webserver_default_route", None),
+        },
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from engine_builder.stages import engine_options_from
+
+    loaded = load_config(args.config)
+    for warning in loaded.warnings:
+        logger.warning("%s", warning)
+    options = engine_options_from(args, loaded)
+    try:
+        result = build_engine(loaded, Path(args.output), options, force=args.force)
+    except BuildError as error:
+        logger.error("%s", error)
+        return 1
+    state = "reused" if result.reused else "built"
+    print(
+        f"{state} {result.engine_dir.path} ({result.engine_dir.manifest.architecture}, {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def resolved_config_of(engine: EngineDir) -> dict:
+    return yaml.safe_load(engine.config_file.read_text())

@@ -1,0 +1,72 @@
+"""Incremental detokenization that never splits a multi-byte character and keeps word-boundary spaces right.
+
+Each step decodes a short window of recent tokens twice (with and without the newest ones) and emits
+the difference. Text ending in U+FFFD means a UTF-8 sequence is still incomplete, so nothing is emitted
+until the next token completes it. The window starts inside the prompt so the first output token gets
+the same leading-space treatment it gets mid-sentence.
+"""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT = 5
+
+
+class TextDecoder:
+    """Shared, stateless: the tokenizer used for decoding."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "TextDecoder":
+        return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of a single token as OpenAI's logprobs report it."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def start(
+        self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool
+    ) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, list(prompt_token_ids), skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Per-choice state."""
+
+    def __init__(self, decoder: TextDecoder, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+        self.decoder = decoder
+        self.skip_special_tokens = skip_special_tokens
+        context = prompt_token_ids[-PROMPT_CONTEXT:]
+        self.token_ids = list(context)
+        self.prefix_offset = 0
+        self.read_offset = len(context)
+
+    def add(self, new_token_ids: list[int]) -> str:
+        """Append tokens, return the newly completed text (possibly empty)."""
+        self.token_ids.extend(new_token_ids)
+        decode = self.decoder.decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full_text = decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return new_text
+
+    def flush(self) -> str:
+        """Text held back at the end of generation (an incomplete character is emitted as U+FFFD)."""
+        if self.read_offset >= len(self.token_ids):
+            return ""
+        decode = self.decoder.decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full_text = decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
+        self.read_offset = len(self.token_ids)
+        return full_text[len(prefix_text) :]

@@ -1,0 +1,99 @@
+"""The FastAPI application: lifespan, auth, body limits, error envelope, and the route modules."""
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime.server import routes_health, routes_openai
+from runtime.server.app_helpers import validation_to_api_error
+from runtime.server.auth import check_authorization
+from runtime.server.errors import APIError, from_status
+from runtime.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
+
+
+def create_app(state: ServerState, extra_routers: list[Any] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await state.engine.start()
+        except Exception as error:
+            state.startup_error = str(error)
+            logger.exception("engine failed to start")
+            raise
+        state.ready = True
+        logger.info("ready: serving %s", state.settings.served_model_name)
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            await state.engine.shutdown(state.settings.drain_timeout_s)
+
+    app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > state.settings.max_body_bytes:
+            return _error_response(
+                APIError(
+                    f"Request body of {length} bytes exceeds the {state.settings.max_body_bytes}-byte limit.",
+                    status=413,
+                    type="request_too_large",
+                )
+            )
+        path = request.url.path
+        if not (state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))):
+            try:
+                check_authorization(request.headers.get("authorization"), state.settings.api_keys)
+            except APIError as error:
+                return _error_response(error)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        if error.status >= 500:
+            state.metrics.request_errors.labels(state.metrics.model_name, str(error.status)).inc()
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(validation_to_api_error(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(from_status(error.status_code, str(error.detail) if error.detail else None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        state.metrics.request_errors.labels(state.metrics.model_name, "500").inc()
+        return _error_response(APIError("Internal server error.", status=500, type="server_error"))
+
+    app.include_router(routes_health.router)
+    app.include_router(routes_openai.router)
+    for router in extra_routers or []:
+        app.include_router(router)
+    return app
+
+
+def _is_readiness(path: str) -> bool:
+    return path.startswith("/v1/models/") and not path.endswith(":predict") or path == "/v1/models"
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

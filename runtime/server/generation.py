@@ -1,0 +1,133 @@
+"""One request's run through the engine: admission, disconnect watching, metrics, and SSE framing."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from runtime.backends.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
+from runtime.server.errors import APIError
+from runtime.server.state import ServerState
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class Run:
+    """Drives `engine.generate` for one HTTP request and records its metrics."""
+
+    def __init__(
+        self, state: ServerState, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        self.state = state
+        self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic())
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+        self.num_output_tokens = 0
+        self.admitted = False
+
+    def admit(self) -> None:
+        self.state.admit()
+        self.admitted = True
+
+    async def deltas(self) -> AsyncIterator[GenerationDelta]:
+        """Deltas as the engine produces them; closing this iterator aborts the request."""
+        assert self.admitted
+        metrics = self.state.metrics
+        name = metrics.model_name
+        finished: list[GenerationDelta] = []
+        try:
+            async for delta in self.state.engine.generate(self.request):
+                if delta.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                    metrics.ttft.labels(name).observe(self.first_token_at - self.start)
+                self.num_output_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    finished.append(delta)
+                if delta.finish_reason == FinishReason.ERROR:
+                    raise APIError(
+                        delta.error or "The engine failed this request.", status=500, type="server_error"
+                    )
+                yield delta
+        finally:
+            self.state.release()
+            self._record(finished)
+
+    def _record(self, finished: list[GenerationDelta]) -> None:
+        metrics = self.state.metrics
+        name = metrics.model_name
+        end = time.monotonic()
+        metrics.e2e.labels(name).observe(end - self.start)
+        if finished:
+            metrics.prompt_tokens.labels(name).inc(finished[0].num_prompt_tokens)
+        metrics.generation_tokens.labels(name).inc(self.num_output_tokens)
+        if self.first_token_at is not None and self.num_output_tokens > 1:
+            metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))
+        for delta in finished:
+            metrics.request_success.labels(
+                name, delta.finish_reason.value if delta.finish_reason else "none"
+            ).inc()
+
+
+async def collect_until_disconnect(http_request: Request, work: "asyncio.Future[Any] | Any") -> Any:
+    """Run `work` (a coroutine) unless the client goes away first; then cancel it (which aborts the request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise APIError("Client disconnected.", status=499, type="client_closed_request")
+    finally:
+        watcher.cancel()
+
+
+async def _wait_disconnect(http_request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """Forward SSE frames, sending a comment line whenever nothing was sent for `interval_s`."""
+    iterator = source.__aiter__()
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            task, pending = pending, None
+            try:
+                frame = task.result()
+            except StopAsyncIteration:
+                return
+            yield frame
+    finally:
+        if pending is not None:
+            pending.cancel()
+        closer = getattr(iterator, "aclose", None)
+        if closer is not None:
+            await closer()

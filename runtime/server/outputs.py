@@ -1,0 +1,54 @@
+"""Per-choice output handling: plain text now; tool-call and reasoning parsers plug in here.
+
+`output_processor_for_chat` decides, from the request, what the template sees (tools), what constrains
+decoding (a Guide) and how each choice's text becomes the response (content, tool_calls).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.backends.types import FinishReason, Guide
+from runtime.server.errors import unsupported
+from runtime.server.protocol import ChatCompletionRequest, ResponseToolCall
+from runtime.server.state import ServerState
+
+
+@dataclass
+class FinalOutput:
+    content: str | None
+    finish_reason: str
+    stop_reason: int | str | None
+    tool_calls: list[ResponseToolCall] = field(default_factory=list)
+    reasoning: str | None = None
+
+
+class ChoiceOutput:
+    """Streaming state of one choice: turns text deltas into delta payloads."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        if not text:
+            return []
+        self.parts.append(text)
+        return [{"content": text}]
+
+    def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
+        reason = finish_reason.value if finish_reason is not None else "stop"
+        return FinalOutput(content="".join(self.parts), finish_reason=reason, stop_reason=stop_reason)
+
+
+class OutputProcessor:
+    def start(self, index: int) -> ChoiceOutput:
+        return ChoiceOutput()
+
+
+def output_processor_for_chat(
+    state: ServerState, body: ChatCompletionRequest
+) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
+    if body.response_format is not None and body.response_format.type != "text":
+        raise unsupported("response_format", f"type {body.response_format.type!r} needs structured outputs.")
+    if body.tools and body.tool_choice != "none":
+        raise unsupported("tools", "Tool calling is not enabled for this engine.")
+    return OutputProcessor(), None, None, {}

@@ -1,0 +1,250 @@
+"""/v1/chat/completions: render the conversation, run it, answer as JSON or as OpenAI's SSE stream."""
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from runtime.backends.types import GenerationDelta
+from runtime.server.errors import APIError
+from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.logprobs import TokenTexts
+from runtime.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
+from runtime.server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    PromptTokensDetails,
+    ResponseMessage,
+    Usage,
+)
+from runtime.server.sampling import build_sampling_params, check_unsupported_chat, resolve_max_tokens
+from runtime.server.state import ServerState
+
+
+@dataclass
+class ChatPlan:
+    """What the request turned into before any generation: prompt tokens, sampling, output handling."""
+
+    prompt_token_ids: list[int]
+    run: Run
+    processor: OutputProcessor
+    echo_text: str = ""
+    logprobs: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def serve_chat(state: ServerState, body: ChatCompletionRequest, http_request: Request) -> Response:
+    plan = plan_chat(state, body)
+    plan.run.admit()
+    request_id = plan.run.request.request_id
+    created = int(time.time())
+    if body.stream:
+        frames = stream_chat(state, body, plan, request_id, created)
+        return StreamingResponse(
+            with_keepalive(frames, state.settings.keepalive_interval_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    response = await collect_until_disconnect(
+        http_request, complete_chat(state, body, plan, request_id, created)
+    )
+    return JSONResponse(response.model_dump(mode="json", exclude_none=False))
+
+
+def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+    check_unsupported_chat(body)
+    if state.renderer is None:
+        raise APIError("This engine serves no chat template.", status=400, param="messages")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise APIError(
+            "Set max_completion_tokens or max_tokens, not both with different values.", param="max_tokens"
+        )
+    processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
+    template_kwargs = {
+        **(body.chat_template_args or {}),
+        **(body.chat_template_kwargs or {}),
+        **template_kwargs,
+    }
+    prompt_text = state.renderer.render(
+        body.messages,
+        tools=tools_for_template,
+        documents=body.documents,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template=body.chat_template,
+        template_kwargs=template_kwargs,
+    )
+    prompt_ids = state.renderer.encode(prompt_text, add_special_tokens=bool(body.add_special_tokens))
+    if body.truncate_prompt_tokens is not None and len(prompt_ids) > body.truncate_prompt_tokens:
+        prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
+    limits = state.limits()
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = build_sampling_params(body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide)
+    echo_text = ""
+    if body.echo and body.messages[-1].role == "assistant":
+        from runtime.server.chat_template import message_text
+
+        echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
+    run = Run(state, new_id("chatcmpl"), prompt_ids, params)
+    return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
+
+
+async def complete_chat(
+    state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
+) -> ChatCompletionResponse:
+    texts = TokenTexts(state.engine_decoder()) if plan.logprobs else None
+    choices = [plan.processor.start(index) for index in range(body.n)]
+    last: dict[int, GenerationDelta] = {}
+    logprob_entries: dict[int, list] = {index: [] for index in range(body.n)}
+    async for delta in plan.run.deltas():
+        choices[delta.index].feed(delta.text, final=delta.finish_reason is not None)
+        if delta.logprobs:
+            logprob_entries[delta.index].extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            last[delta.index] = delta
+    result = []
+    for index, choice in enumerate(choices):
+        final = last[index]
+        output = choice.result(final.finish_reason, final.stop_reason)
+        message = ResponseMessage(
+            content=(plan.echo_text + output.content) if output.content is not None else None,
+            tool_calls=output.tool_calls,
+            reasoning_content=output.reasoning,
+        )
+        logprobs = ChatLogprobs(content=texts.chat(logprob_entries[index])) if texts is not None else None
+        result.append(
+            ChatChoice(
+                index=index,
+                message=message,
+                logprobs=logprobs,
+                finish_reason=output.finish_reason,
+                stop_reason=output.stop_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=state.settings.served_model_name,
+        choices=result,
+        usage=_usage(last, len(plan.prompt_token_ids)),
+    )
+
+
+def _usage(last: dict[int, GenerationDelta], prompt_tokens: int) -> Usage:
+    completion = sum(delta.num_output_tokens for delta in last.values())
+    cached = max((delta.num_cached_tokens for delta in last.values()), default=0)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+async def stream_chat(
+    state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
+) -> AsyncIterator[bytes]:
+    model = state.settings.served_model_name
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    texts = TokenTexts(state.engine_decoder()) if plan.logprobs else None
+    prompt_tokens = len(plan.prompt_token_ids)
+    choices = [plan.processor.start(index) for index in range(body.n)]
+    num_output = [0] * body.n
+    cached = 0
+
+    def chunk(choice_payloads: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        data: dict[str, Any] = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choice_payloads,
+        }
+        if include_usage or continuous:
+            data["usage"] = usage.model_dump() if usage is not None else None
+        return sse(data)
+
+    def running_usage() -> Usage | None:
+        if not continuous:
+            return None
+        completion = sum(num_output)
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+        )
+
+    try:
+        for index in range(body.n):
+            delta: dict[str, Any] = {"role": "assistant", "content": plan.echo_text}
+            yield chunk(
+                [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], running_usage()
+            )
+        async for generated in plan.run.deltas():
+            index = generated.index
+            num_output[index] = generated.num_output_tokens
+            cached = max(cached, generated.num_cached_tokens)
+            choice = choices[index]
+            is_final = generated.finish_reason is not None
+            pieces = choice.feed(generated.text, final=is_final)
+            logprobs = (
+                {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
+                if texts and generated.logprobs
+                else None
+            )
+            for piece in pieces:
+                yield chunk(
+                    [{"index": index, "delta": piece, "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+                logprobs = None
+            if logprobs is not None:
+                yield chunk(
+                    [{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+            if is_final:
+                output = choice.result(generated.finish_reason, generated.stop_reason)
+                final = {
+                    "index": index,
+                    "delta": {},
+                    "logprobs": None,
+                    "finish_reason": output.finish_reason,
+                    "stop_reason": output.stop_reason,
+                }
+                yield chunk([final], running_usage())
+        if include_usage:
+            completion = sum(num_output)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion,
+                total_tokens=prompt_tokens + completion,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            )
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage.model_dump(),
+                }
+            )
+    except APIError as error:
+        yield sse(error.body())
+    yield sse("[DONE]")
+
+
+__all__ = ["ChoiceOutput", "serve_chat"]

@@ -1,0 +1,250 @@
+"""/v1/completions: prompts as text or token ids (one or many), echo, logprobs, SSE streaming."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from runtime.backends.types import GenerationDelta
+from runtime.server.errors import APIError, bad_request, unsupported
+from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.logprobs import TokenTexts
+from runtime.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
+)
+from runtime.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
+from runtime.server.state import ServerState
+
+
+def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    decoder = state.engine_decoder()
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            if state.renderer is None:
+                raise bad_request("text prompts need a tokenizer.", param="prompt")
+            ids = state.renderer.encode(item, add_special_tokens=add_special)
+            text = item
+        else:
+            ids = list(item)
+            vocab = state.limits().vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
+            text = decoder.decode(ids, skip_special_tokens=False)
+        if not ids:
+            raise bad_request("prompt must contain at least one token.", param="prompt")
+        if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
+            ids = ids[-body.truncate_prompt_tokens :]
+        result.append((text, ids))
+    return result
+
+
+async def serve_completion(state: ServerState, body: CompletionRequest, http_request: Request) -> Response:
+    check_unsupported(body)
+    if body.suffix:
+        raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
+    if body.echo and body.logprobs is not None:
+        raise unsupported(
+            "echo", "echo together with logprobs needs prompt logprobs, which are not computed."
+        )
+    if body.response_format is not None and body.response_format.type != "text":
+        raise unsupported("response_format", f"type {body.response_format.type!r} needs structured outputs.")
+    prompts = _prompts(state, body)
+    limits = state.limits()
+    runs: list[tuple[str, Run]] = []
+    for text, ids in prompts:
+        max_tokens = resolve_max_tokens(
+            body.max_tokens if body.max_tokens is not None else 16, len(ids), limits
+        )
+        params = build_sampling_params(
+            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=None
+        )
+        runs.append((text, Run(state, new_id("cmpl"), ids, params)))
+    admitted: list[Run] = []
+    try:
+        for _, run in runs:
+            run.admit()
+            admitted.append(run)
+    except APIError:
+        for run in admitted:
+            state.release()
+        raise
+    request_id = new_id("cmpl")
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(
+            with_keepalive(
+                _stream(state, body, runs, request_id, created), state.settings.keepalive_interval_s
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    response = await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
+    """Deltas of every prompt's run, as they come, tagged with the prompt index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(position: int, run: Run) -> None:
+        try:
+            async for delta in run.deltas():
+                await queue.put((position, delta))
+        except BaseException as error:  # forwarded to the consumer
+            await queue.put(error)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(position, run)) for position, (_, run) in enumerate(runs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _complete(
+    state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
+) -> CompletionResponse:
+    texts = TokenTexts(state.engine_decoder()) if body.logprobs is not None else None
+    n = body.n
+    parts: dict[int, list[str]] = {}
+    logprobs: dict[int, CompletionLogprobs] = {}
+    offsets: dict[int, int] = {}
+    last: dict[int, GenerationDelta] = {}
+    for position, delta in [item async for item in _merged(runs)]:
+        choice = position * n + delta.index
+        parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
+        if texts is not None and delta.logprobs:
+            entry = logprobs.setdefault(choice, CompletionLogprobs())
+            offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
+        if delta.finish_reason is not None:
+            last[choice] = delta
+    choices = []
+    for choice in sorted(last):
+        delta = last[choice]
+        choices.append(
+            CompletionChoice(
+                index=choice,
+                text="".join(parts.get(choice, [])),
+                logprobs=logprobs.get(choice, CompletionLogprobs()) if texts is not None else None,
+                finish_reason=delta.finish_reason.value if delta.finish_reason else None,
+                stop_reason=delta.stop_reason,
+            )
+        )
+    prompt_tokens = sum(len(run.request.prompt_token_ids) for _, run in runs)
+    completion = sum(delta.num_output_tokens for delta in last.values())
+    cached = sum(delta.num_cached_tokens for choice, delta in last.items() if choice % n == 0)
+    return CompletionResponse(
+        id=request_id,
+        created=created,
+        model=state.settings.served_model_name,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        ),
+    )
+
+
+async def _stream(
+    state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
+) -> AsyncIterator[bytes]:
+    model = state.settings.served_model_name
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    texts = TokenTexts(state.engine_decoder()) if body.logprobs is not None else None
+    n = body.n
+    prompt_tokens = sum(len(run.request.prompt_token_ids) for _, run in runs)
+    num_output: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    echoed: set[int] = set()
+
+    def usage_now() -> dict[str, Any]:
+        completion = sum(num_output.values())
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+        ).model_dump()
+
+    def frame(choice: dict[str, Any]) -> bytes:
+        data: dict[str, Any] = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+        if include_usage or continuous:
+            data["usage"] = usage_now() if continuous else None
+        return sse(data)
+
+    try:
+        async for position, delta in _merged(runs):
+            choice = position * n + delta.index
+            num_output[choice] = delta.num_output_tokens
+            text = delta.text
+            if body.echo and choice not in echoed:
+                echoed.add(choice)
+                text = runs[position][0] + text
+            logprobs = None
+            if texts is not None and delta.logprobs:
+                entry = CompletionLogprobs()
+                offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
+                logprobs = entry.model_dump()
+            finish = delta.finish_reason.value if delta.finish_reason else None
+            if text or logprobs or finish:
+                yield frame(
+                    {
+                        "index": choice,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                        "stop_reason": delta.stop_reason,
+                    }
+                )
+        if include_usage:
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage_now(),
+                }
+            )
+    except APIError as error:
+        yield sse(error.body())
+    yield sse("[DONE]")

@@ -1,0 +1,70 @@
+"""Everything a request handler needs, built once at startup."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+from runtime.backends.base import EngineClient
+from runtime.decoding.detokenizer import TextDecoder
+from runtime.server.chat_template import PromptRenderer
+from runtime.server.errors import APIError
+from runtime.server.metrics import ServerMetrics
+from runtime.server.sampling import Limits
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    open_health_and_metrics: bool = True  # /health, /metrics and readiness need no key
+    max_inflight: int = 2048  # requests accepted and unfinished; beyond this the server answers 429
+    max_body_bytes: int = 32 * 1024 * 1024
+    request_default_max_tokens: int | None = None
+    keepalive_interval_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    retry_after_s: int = 1
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: EngineClient
+    renderer: PromptRenderer | None
+    decoder: TextDecoder | None = None
+    metrics: ServerMetrics = field(init=False)
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    startup_error: str | None = None
+    engine_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(
+            self.settings.served_model_name, self.engine.stats, lambda: self.inflight
+        )
+
+    def engine_decoder(self) -> TextDecoder:
+        assert self.decoder is not None, "decoder models need a TextDecoder"
+        return self.decoder
+
+    def limits(self) -> Limits:
+        info = self.engine.model_info
+        return Limits(info.max_model_len, info.vocab_size, self.settings.request_default_max_tokens)
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it when the server is full or shutting down."""
+        if self.draining:
+            raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
+        if not self.ready:
+            raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
+        if self.inflight >= self.settings.max_inflight:
+            raise APIError(
+                f"The server is at capacity ({self.settings.max_inflight} requests in flight); retry shortly.",
+                status=429,
+                type="rate_limit_error",
+                code="server_overloaded",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1
