@@ -109,8 +109,13 @@ def tiny_llama_reranker_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_di
 def tiny_st_dense_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A sentence-transformers folder saved by sentence-transformers itself:
     BertModel -> Pooling(cls) -> Dense(32 -> 16, tanh) -> Normalize, with a Matryoshka model card hint."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import BertModel
+
+    try:  # sentence-transformers >= 6 moved the module classes
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:
+        from sentence_transformers import models  # type: ignore[no-redef]
 
     torch.manual_seed(4)
     base = tmp_path_factory.mktemp("tiny-bert-base")
