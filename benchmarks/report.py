@@ -1,0 +1,152 @@
+"""Result documents: the JSON written to benchmarks/results/ and the markdown table for the README."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.compare import Ratio, metric_value, ratios_json
+from benchmarks.machine import load_average
+from benchmarks.runner import PointResult, Target
+
+SCHEMA = "engine-builder-bench/1"
+
+
+def build_document(
+    *,
+    title: str,
+    command: str,
+    machine: dict[str, Any],
+    workload: dict[str, Any],
+    targets: Sequence[Target],
+    points: Sequence[PointResult],
+    ratios: Sequence[Ratio] = (),
+    skipped: Sequence[str] = (),
+    slo: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    machine = {**machine, "load_average_after": load_average()}
+    return {
+        "schema": SCHEMA,
+        "title": title,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "machine": machine,
+        "workload": workload,
+        "slo": slo,
+        "engines": {
+            target.name: {"base_url": target.base_url, "model": target.model, **target.info}
+            for target in targets
+        },
+        "skipped": list(skipped),
+        "points": [point.to_json() for point in points],
+        "ratios": ratios_json(ratios),
+    }
+
+
+def write_json(document: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(_clean(document), indent=1, default=_default, allow_nan=False) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf (a metric with no samples) become null so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def _median(points: Sequence[dict[str, Any]], path: str) -> float:
+    values = [v for p in points if not math.isnan(v := metric_value(p["summary"], path))]
+    return statistics.median(values) if values else math.nan
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(document: dict[str, Any]) -> str:
+    """One row per (load point, engine): medians over repeats; ratio columns against the subject."""
+    points = document["points"]
+    if not points:
+        return "(no points measured)\n"
+    generative = "output_throughput" in points[0]["summary"]
+    ratio_index = {(r["point"], r["peer"], r["metric"]): r for r in document.get("ratios", [])}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for point in points:
+        plan = point["plan"]
+        label = (
+            f"c={plan['concurrency']}" if plan["request_rate"] is None else f"rate={plan['request_rate']:g}/s"
+        )
+        groups.setdefault((label, point["engine"]), []).append(point)
+    if generative:
+        header = "| load | engine | repeats | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | goodput req/s | tok/s ratio (subject/this) |"
+        lines = [header, "|" + "---|" * (header.count("|") - 1)]
+        for (label, engine), group in groups.items():
+            ratio = ratio_index.get((label, engine, "output_tok_per_s"))
+            ratio_text = (
+                f"{_fmt(ratio['ratio'], 2)} [{_fmt(ratio['min'], 2)}-{_fmt(ratio['max'], 2)}]"
+                if ratio
+                else "-"
+            )
+            lines.append(
+                f"| {label} | {engine} | {len(group)} | {_fmt(_median(group, 'output_throughput'))} | "
+                f"{_fmt(_median(group, 'request_throughput'), 2)} | "
+                f"{_fmt(_median(group, 'ttft_ms.p50'), 0)} / {_fmt(_median(group, 'ttft_ms.p99'), 0)} | "
+                f"{_fmt(_median(group, 'tpot_ms.p50'))} / {_fmt(_median(group, 'tpot_ms.p99'))} | "
+                f"{_fmt(_median(group, 'itl_ms.p50'))} | "
+                f"{_fmt(_median(group, 'e2e_ms.p50'), 0)} / {_fmt(_median(group, 'e2e_ms.p99'), 0)} | "
+                f"{_fmt(_median(group, 'goodput'), 2)} | {ratio_text} |"
+            )
+    else:
+        header = "| load | engine | repeats | items/s | req/s | latency p50 / p99 ms | items/s ratio (subject/this) |"
+        lines = [header, "|" + "---|" * (header.count("|") - 1)]
+        for (label, engine), group in groups.items():
+            ratio = ratio_index.get((label, engine, "items_per_s"))
+            ratio_text = (
+                f"{_fmt(ratio['ratio'], 2)} [{_fmt(ratio['min'], 2)}-{_fmt(ratio['max'], 2)}]"
+                if ratio
+                else "-"
+            )
+            lines.append(
+                f"| {label} | {engine} | {len(group)} | {_fmt(_median(group, 'items_per_s'))} | "
+                f"{_fmt(_median(group, 'request_throughput'), 2)} | "
+                f"{_fmt(_median(group, 'latency_ms.p50'), 0)} / {_fmt(_median(group, 'latency_ms.p99'), 0)} | "
+                f"{ratio_text} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def ratio_table(document: dict[str, Any]) -> str:
+    """Every ratio with its spread: median-of-repeats ratio, [min-max per repeat], bootstrap 95% CI."""
+    rows = document.get("ratios", [])
+    if not rows:
+        return ""
+    lines = [
+        "| load | metric | subject/peer | ratio | per-repeat min-max | bootstrap 95% CI | better when |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['point']} | {r['metric']} | {r['subject']}/{r['peer']} | {_fmt(r['ratio'], 2)} | "
+            f"{_fmt(r['min'], 2)}-{_fmt(r['max'], 2)} | {_fmt(r['ci95_low'], 2)}-{_fmt(r['ci95_high'], 2)} | "
+            f"{'higher' if r['higher_is_better'] else 'lower'} |"
+        )
+    return "\n".join(lines) + "\n"
