@@ -18,8 +18,15 @@ from engine_builder.checkpoints.errors import CheckpointAuthError
 SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"
 DEFAULT_SECRETS_DIR = Path("/secrets")
 REDACTED = "***"
-# Short strings ("us-east-1", "true") would redact ordinary words; real keys are longer.
+# Short strings ("true", "s3") would redact ordinary words; real keys are longer.
 _MIN_REDACT_LENGTH = 6
+# Fields of the JSON secrets that identify rather than authenticate; kept readable in messages.
+_PUBLIC_FIELDS = frozenset(
+    {
+        "region", "aws_region", "region_name", "type", "project_id", "client_email", "client_id", "token_uri",
+        "auth_uri", "auth_provider_x509_cert_url", "client_x509_cert_url", "universe_domain", "use_emulator",
+    }
+)  # fmt: skip
 
 
 class Secrets:
@@ -98,6 +105,7 @@ def _read_secret_file(secrets_dir: Path, name: str) -> str | None:
 
 
 def _json_strings(value: str) -> list[str]:
+    """Every string inside a JSON secret except the fields that are public by nature (region, e-mail...)."""
     try:
         parsed = json.loads(value)
     except ValueError:
@@ -107,7 +115,7 @@ def _json_strings(value: str) -> list[str]:
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.values())
+            stack.extend(field_value for key, field_value in item.items() if key not in _PUBLIC_FIELDS)
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, str):

@@ -1,0 +1,106 @@
+"""Tiny synthetic checkpoints (config, fast tokenizer, safetensors) in the layouts the checks accept or refuse,
+and tar.gz builders for the archive tests."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def write_tokenizer(folder: Path) -> None:
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def make_checkpoint(
+    folder: Path,
+    kind: str = "decoder",
+    *,
+    config: dict[str, Any] | None = None,
+    chat_template: bool = True,
+    shards: int = 1,
+    tensor_elements: int = 64,
+) -> Path:
+    """A checkpoint `check_repository_layout` accepts for `kind`: decoder, embedding or classifier."""
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = {"decoder": "LlamaForCausalLM", "embedding": "BertModel", "classifier": "BertForSequenceClassification"}[kind]
+    base: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": "llama" if kind == "decoder" else "bert",
+        "max_position_embeddings": 128,
+        "torch_dtype": "bfloat16" if kind == "decoder" else "float32",
+        "vocab_size": 3,
+    }
+    if kind == "classifier":
+        base["id2label"] = {"0": "negative", "1": "positive"}
+    write_json(folder / "config.json", {**base, **(config or {})})
+    write_tokenizer(folder)
+    tokenizer_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template and kind == "decoder":
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    write_json(folder / "tokenizer_config.json", tokenizer_config)
+    if kind == "embedding":
+        write_json(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ])  # fmt: skip
+        write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True})
+    rng = np.random.default_rng(0)
+    if shards == 1:
+        save_file({"weight": rng.standard_normal(tensor_elements).astype(np.float32)}, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for index in range(shards):
+            name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({f"layer{index}": rng.standard_normal(tensor_elements).astype(np.float32)}, str(folder / name))
+            weight_map[f"layer{index}"] = name
+        write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    return folder
+
+
+def tar_gz(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    """An archive from explicit members, for the malicious cases the tarfile CLI would never write."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def tar_folder(folder: Path, *, top: str | None = None, compresslevel: int = 1) -> bytes:
+    """The folder as a .tar.gz, its files under `top/` when given (as `tar czf x.tgz top/` writes it)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=compresslevel) as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                relative = path.relative_to(folder).as_posix()
+                tar.add(path, arcname=f"{top}/{relative}" if top else relative)
+    return buffer.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o644
+    return info
