@@ -4,12 +4,13 @@ They borrow the tokenizers of the prepared default models: MiniLM's WordPiece fo
 SmolLM2's BPE for the Llama family.
 """
 
-import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import BertConfig, LlamaConfig
 
 BERT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 LLAMA_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -26,9 +27,7 @@ def _copy_tokenizer(source: Path, target: Path, names: tuple[str, ...]) -> None:
             shutil.copy(source / name, target / name)
 
 
-def _tiny_bert_config(**overrides: object) -> "object":
-    from transformers import BertConfig
-
+def _tiny_bert_config(**overrides: Any) -> BertConfig:
     return BertConfig(
         vocab_size=30522,
         hidden_size=32,
@@ -40,9 +39,7 @@ def _tiny_bert_config(**overrides: object) -> "object":
     )
 
 
-def _tiny_llama_config(**overrides: object) -> "object":
-    from transformers import LlamaConfig
-
+def _tiny_llama_config(**overrides: Any) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=49152,
         hidden_size=32,
@@ -115,7 +112,7 @@ def tiny_st_dense_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
     try:  # sentence-transformers >= 6 moved the module classes
         from sentence_transformers.sentence_transformer import modules as models
     except ImportError:
-        from sentence_transformers import models  # type: ignore[no-redef]
+        from sentence_transformers import models  # type: ignore[no-redef,attr-defined]
 
     torch.manual_seed(4)
     base = tmp_path_factory.mktemp("tiny-bert-base")
@@ -133,6 +130,3 @@ def tiny_st_dense_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
     )
     return path
 
-
-def read_json(path: Path) -> dict[str, object]:
-    return dict(json.loads(path.read_text()))

@@ -128,7 +128,7 @@ def test_bert_classifier_matches_transformers(tiny_bert_classifier_dir: Path) ->
     )
     assert engine.info.id2label == ("negative", "neutral", "positive")
     assert engine.info.default_route == "/predict"
-    inputs = [SENTENCES[0], (SENTENCES[1], SENTENCES[2]), SENTENCES[4]]
+    inputs: list[str | tuple[str, str]] = [SENTENCES[0], (SENTENCES[1], SENTENCES[2]), SENTENCES[4]]
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_classifier_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_classifier_dir)).eval()
     with torch.inference_mode():
