@@ -1,0 +1,106 @@
+"""Each supported architecture's prefill logits equal transformers' (tiny random checkpoints, float32)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.models.loader import load_decoder
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _tiny(kind: str, path: Path) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, sliding_window=8))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=32))
+    elif kind == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            **TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]
+        )
+        model = transformers.Gemma3ForCausalLM(config)
+    else:
+        raise AssertionError(kind)
+    with torch.no_grad():  # random biases too, so a missing bias would show
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    model = load_decoder(model_dir, torch.float32, torch.device("cpu"))
+    spec = model.spec
+    cache = PagedKVCache(spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu"))
+    slots = torch.arange(16, 16 + len(ids))
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        decode_rows=torch.empty(0, dtype=torch.long),
+        decode_slots=torch.empty(0, 0, dtype=torch.long),
+        decode_mask=torch.empty(0, 1, 1, 0, dtype=torch.bool),
+        extends=[ExtendSpan(0, len(ids), slots)],
+    )
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_prefill_logits_match_transformers(kind: str, tmp_path: Path) -> None:
+    import transformers
+
+    model_dir = _tiny(kind, tmp_path / kind)
+    ids = [(7 * i + 3) % 250 + 1 for i in range(20)]  # longer than the sliding windows
+    ours = _prefill(model_dir, ids)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    from runtime.engine.models import UnsupportedArchitectureError, decoder_spec
+
+    with pytest.raises(UnsupportedArchitectureError, match="PhiForCausalLM"):
+        decoder_spec({"architectures": ["PhiForCausalLM"]})
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3", "qwen3"])
+def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tmp_path: Path) -> None:
+    import transformers
+
+    from runtime.backends.types import GenerationRequest, SamplingParams
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.engine import LLMEngine
+
+    model_dir = _tiny(kind, tmp_path / kind)
+    prompt = [(5 * i + 11) % 250 + 1 for i in range(6)]
+    engine = LLMEngine(
+        EngineConfig(model_dir=model_dir, dtype="float32", max_seq_len=64, max_num_tokens=64, block_size=4,
+                     kv_cache_memory_bytes=8 * 2**20),
+        eos_token_ids=(),
+    )
+    engine.add_request(GenerationRequest("r", tuple(prompt), SamplingParams(max_tokens=20, temperature=0.0)))
+    ours: list[int] = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            ours.extend(output.token_ids)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt):].tolist()
+    assert ours == expected
