@@ -2,6 +2,7 @@
 a GET from a byte offset with `Range`, status codes mapped onto the typed errors, URLs logged without their
 query string (presigned signatures live there)."""
 
+import logging
 import re
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +17,20 @@ from engine_builder.checkpoints.source import ByteSink
 
 CHUNK_BYTES = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+_QUERY = re.compile(r"\?[^\s\"'<>]*")
+
+
+class _StripQueryStrings(logging.Filter):
+    """httpx logs every request URL at INFO; presigned URLs carry their signature in the query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = _QUERY.sub("?<query hidden>", message), None
+        return True
+
+
+logging.getLogger("httpx").addFilter(_StripQueryStrings())
 
 
 def safe_url(url: str) -> str:
@@ -70,5 +85,6 @@ def read_url_into(
                     raise CheckpointDownloadError(f"{what}: server answered a different byte range")
             else:
                 sink.restart()
-        for chunk in response.iter_bytes(CHUNK_BYTES):
+        # No chunk_size: httpx would hold back a partial chunk, losing it when the connection drops.
+        for chunk in response.iter_bytes():
             sink.write(chunk)

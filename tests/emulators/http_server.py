@@ -85,7 +85,9 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            recorded = Recorded(self.command, parts.path, parse_qs(parts.query), dict(self.headers.items()), body)
+            # Header names in Title-Case: clients differ in the case they send.
+            headers = {name.title(): value for name, value in self.headers.items()}
+            recorded = Recorded(self.command, parts.path, parse_qs(parts.query), headers, body)
             with owner._lock:
                 owner.requests.append(recorded)
             return recorded

@@ -57,7 +57,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _spawn(name: str, command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(
+    name: str, command: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -71,11 +73,15 @@ def _spawn(name: str, command: list[str], env: dict[str, str] | None = None) -> 
     return process, log_path
 
 
-def _wait_for(name: str, process: subprocess.Popen[bytes], log_path: Path, pattern: str | None, port: int | None) -> int:
+def _wait_for(
+    name: str, process: subprocess.Popen[bytes], log_path: Path, pattern: str | None, port: int | None
+) -> int:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+            raise RuntimeError(
+                f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')}"
+            )
         if pattern is not None and port is None:
             match = re.search(pattern, log_path.read_text(errors="replace"))
             if match:
@@ -87,13 +93,17 @@ def _wait_for(name: str, process: subprocess.Popen[bytes], log_path: Path, patte
             except OSError:
                 pass
         time.sleep(0.05)
-    raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S}s:\n{log_path.read_text(errors='replace')}")
+    raise RuntimeError(
+        f"{name} did not start within {START_TIMEOUT_S}s:\n{log_path.read_text(errors='replace')}"
+    )
 
 
 def start_moto(initial_no_auth_actions: int) -> Emulator:
     """moto's S3 server; after `initial_no_auth_actions` requests every call must be signed by an IAM key."""
     env = {"INITIAL_NO_AUTH_ACTION_COUNT": str(initial_no_auth_actions)}
-    process, log_path = _spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], env)
+    process, log_path = _spawn(
+        "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], env
+    )
     port = _wait_for("moto", process, log_path, r"Running on http://127\.0\.0\.1:(\d+)", None)
     return Emulator("moto", process, port, log_path)
 
@@ -101,7 +111,17 @@ def start_moto(initial_no_auth_actions: int) -> Emulator:
 def start_gcs() -> Emulator:
     for _ in range(3):  # the port is picked before the emulator binds it: retry if someone took it
         port = free_port()
-        command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
+        command = [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+        ]
         process, log_path = _spawn("gcs", command)
         try:
             _wait_for("gcs", process, log_path, None, port)
@@ -116,7 +136,9 @@ def install_azurite() -> None:
     if result.returncode == 3:
         raise EmulatorUnavailable(result.stderr.strip())
     if result.returncode != 0 or not AZURITE_BIN.exists():
-        raise EmulatorUnavailable(f"tests/emulators/install.sh failed ({result.returncode}): {result.stderr[-2000:]}")
+        raise EmulatorUnavailable(
+            f"tests/emulators/install.sh failed ({result.returncode}): {result.stderr[-2000:]}"
+        )
 
 
 def start_azurite() -> Emulator:

@@ -13,8 +13,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers
 
+from engine_builder import __version__
 from engine_builder.checkpoints.errors import (
     CheckpointAuthError,
     CheckpointDownloadError,
@@ -67,8 +67,11 @@ class HuggingFaceSource(CheckpointSourceBase):
     def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
         assert self._commit is not None, "list_files resolves the commit first"
         url = hf_hub_url(self.repository.repo, file.locator, revision=self._commit, endpoint=self.endpoint)
-        # httpx drops the Authorization header when the hub redirects to its CDN on another host.
-        headers = build_hf_headers(token=self._token, library_name="engine-builder")
+        # Plain headers: huggingface_hub's builder may call huggingface.co to detect the user agent, even
+        # when HF_ENDPOINT names a mirror. httpx drops Authorization on the redirect to the CDN's host.
+        headers = {"User-Agent": f"engine-builder/{__version__}"}
+        if isinstance(self._token, str):
+            headers["Authorization"] = f"Bearer {self._token}"
         read_url_into(self._client, url, start, sink, headers=headers, auth_hint=self._auth_hint())
 
     def _translate(self, error: Exception) -> CheckpointError:

@@ -75,23 +75,37 @@ def moto_s3(minilm_dir: Path) -> Iterator[dict[str, Any]]:
     emulator = start_moto(initial_no_auth_actions=3)
     try:
         bootstrap = {"endpoint_url": emulator.url, "region_name": "us-east-1"}
-        iam = boto3.client("iam", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", **bootstrap)
+        iam = boto3.client(
+            "iam", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", **bootstrap
+        )
         iam.create_user(UserName="engine-builder")
         key = iam.create_access_key(UserName="engine-builder")["AccessKey"]
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
         iam.put_user_policy(UserName="engine-builder", PolicyName="s3", PolicyDocument=json.dumps(policy))
         client = boto3.client(
-            "s3", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"], **bootstrap
+            "s3",
+            aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"],
+            **bootstrap,
         )
         client.create_bucket(Bucket="checkpoints")
         for file in sorted(minilm_dir.rglob("*")):
             if file.is_file():
-                client.upload_file(str(file), "checkpoints", f"{MINILM_PREFIX}/{file.relative_to(minilm_dir).as_posix()}")
+                client.upload_file(
+                    str(file), "checkpoints", f"{MINILM_PREFIX}/{file.relative_to(minilm_dir).as_posix()}"
+                )
         yield {
             "endpoint": emulator.url,
             "client": client,
             "secret": json.dumps(
-                {"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"], "region": "us-east-1"}
+                {
+                    "access_key_id": key["AccessKeyId"],
+                    "secret_access_key": key["SecretAccessKey"],
+                    "region": "us-east-1",
+                }
             ),
             "secret_access_key": key["SecretAccessKey"],
             "emulator": emulator,
@@ -134,7 +148,9 @@ def azurite(minilm_dir: Path) -> Iterator[Emulator]:
         for file in sorted(minilm_dir.rglob("*")):
             if file.is_file():
                 with file.open("rb") as data:
-                    container.upload_blob(f"{MINILM_PREFIX}/{file.relative_to(minilm_dir).as_posix()}", data, max_concurrency=4)
+                    container.upload_blob(
+                        f"{MINILM_PREFIX}/{file.relative_to(minilm_dir).as_posix()}", data, max_concurrency=4
+                    )
         yield emulator
     finally:
         emulator.stop()

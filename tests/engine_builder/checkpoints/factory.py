@@ -39,7 +39,11 @@ def make_checkpoint(
 ) -> Path:
     """A checkpoint `check_repository_layout` accepts for `kind`: decoder, embedding or classifier."""
     folder.mkdir(parents=True, exist_ok=True)
-    architecture = {"decoder": "LlamaForCausalLM", "embedding": "BertModel", "classifier": "BertForSequenceClassification"}[kind]
+    architecture = {
+        "decoder": "LlamaForCausalLM",
+        "embedding": "BertModel",
+        "classifier": "BertForSequenceClassification",
+    }[kind]
     base: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": "llama" if kind == "decoder" else "bert",
@@ -60,15 +64,23 @@ def make_checkpoint(
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ])  # fmt: skip
-        write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True})
+        write_json(
+            folder / "1_Pooling" / "config.json",
+            {"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True},
+        )
     rng = np.random.default_rng(0)
     if shards == 1:
-        save_file({"weight": rng.standard_normal(tensor_elements).astype(np.float32)}, str(folder / "model.safetensors"))
+        save_file(
+            {"weight": rng.standard_normal(tensor_elements).astype(np.float32)},
+            str(folder / "model.safetensors"),
+        )
     else:
         weight_map = {}
         for index in range(shards):
             name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({f"layer{index}": rng.standard_normal(tensor_elements).astype(np.float32)}, str(folder / name))
+            save_file(
+                {f"layer{index}": rng.standard_normal(tensor_elements).astype(np.float32)}, str(folder / name)
+            )
             weight_map[f"layer{index}"] = name
         write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     return folder
@@ -87,7 +99,7 @@ def tar_gz(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return buffer.getvalue()
 
 
-def tar_folder(folder: Path, *, top: str | None = None, compresslevel: int = 1) -> bytes:
+def tar_folder(folder: Path, *, top: str | None = None, compresslevel: int = 0) -> bytes:
     """The folder as a .tar.gz, its files under `top/` when given (as `tar czf x.tgz top/` writes it)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=compresslevel) as tar:

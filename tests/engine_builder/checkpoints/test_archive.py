@@ -18,7 +18,9 @@ def extract(tmp_path: Path, archive: bytes, limits: ArchiveLimits = LIMITS) -> t
     source.write_bytes(archive)
     destination = tmp_path / "out"
     destination.mkdir()
-    return destination, extract_checkpoint_archive(source, destination, keep=is_needed, limits=limits, what="test")
+    return destination, extract_checkpoint_archive(
+        source, destination, keep=is_needed, limits=limits, what="test"
+    )
 
 
 MALICIOUS = {

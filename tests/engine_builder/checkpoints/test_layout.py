@@ -117,14 +117,19 @@ def test_hf_quant_config_file_marks_prequantized(tmp_path: Path) -> None:
 def test_custom_code_is_refused(tmp_path: Path) -> None:
     folder = make_checkpoint(
         tmp_path / "m",
-        config={"model_type": "my_secret_arch", "auto_map": {"AutoModelForCausalLM": "modeling_mine.MyModel"}},
+        config={
+            "model_type": "my_secret_arch",
+            "auto_map": {"AutoModelForCausalLM": "modeling_mine.MyModel"},
+        },
     )
     with pytest.raises(CheckpointLayoutError, match=r"modeling_mine\.MyModel.*trust_remote_code"):
         check_repository_layout(folder, DECODER)
 
 
 def test_auto_map_on_a_native_model_type_is_ignored(tmp_path: Path) -> None:
-    folder = make_checkpoint(tmp_path / "m", config={"auto_map": {"AutoConfig": "configuration_llama.LlamaConfig"}})
+    folder = make_checkpoint(
+        tmp_path / "m", config={"auto_map": {"AutoConfig": "configuration_llama.LlamaConfig"}}
+    )
     assert check_repository_layout(folder, DECODER).model_type == "llama"
 
 

@@ -31,17 +31,22 @@ def s3(moto_s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, An
 
 
 def repository(prefix: str, secret_name: str = "aws_secret_json") -> CheckpointRepository:
-    return CheckpointRepository(source="S3", repo=f"s3://checkpoints/{prefix}", runtime_secret_name=secret_name)
+    return CheckpointRepository(
+        source="S3", repo=f"s3://checkpoints/{prefix}", runtime_secret_name=secret_name
+    )
 
 
 def upload(s3: dict[str, Any], folder: Path, prefix: str) -> None:
     for file in folder.rglob("*"):
         if file.is_file():
-            s3["client"].upload_file(str(file), "checkpoints", f"{prefix}/{file.relative_to(folder).as_posix()}")
+            s3["client"].upload_file(
+                str(file), "checkpoints", f"{prefix}/{file.relative_to(folder).as_posix()}"
+            )
 
 
-def test_minilm_end_to_end_then_reused(s3: dict[str, Any], minilm_dir: Path, cache_dir: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_minilm_end_to_end_then_reused(
+    s3: dict[str, Any], minilm_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secrets = Secrets({"aws_secret_json": s3["secret"]})
     fetched = fetch_checkpoint(
         repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False,
@@ -49,7 +54,9 @@ def test_minilm_end_to_end_then_reused(s3: dict[str, Any], minilm_dir: Path, cac
     )  # fmt: skip
     weights = minilm_dir / "model.safetensors"
     assert fetched.files["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert (fetched.path / "1_Pooling" / "config.json").read_bytes() == (minilm_dir / "1_Pooling" / "config.json").read_bytes()
+    assert (fetched.path / "1_Pooling" / "config.json").read_bytes() == (
+        minilm_dir / "1_Pooling" / "config.json"
+    ).read_bytes()
     assert "README.md" not in fetched.files  # only what a model needs
     assert fetched.revision and fetched.revision.startswith("sha256:")
 
@@ -61,8 +68,9 @@ def test_minilm_end_to_end_then_reused(s3: dict[str, Any], minilm_dir: Path, cac
     assert again == fetched
 
 
-def test_wrong_key_is_an_auth_error_and_never_leaks(s3: dict[str, Any], cache_dir: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_key_is_an_auth_error_and_never_leaks(
+    s3: dict[str, Any], cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     wrong = json.loads(s3["secret"]) | {"secret_access_key": "wrong-but-secret-0123456789"}
     secrets = Secrets({"aws_secret_json": json.dumps(wrong)})
     caplog.set_level(logging.DEBUG)
@@ -87,8 +95,9 @@ def test_missing_prefix_or_bucket(s3: dict[str, Any], cache_dir: Path, repo: str
         fetch_checkpoint(target, cache_dir=cache_dir, secrets=secrets, progress=False)
 
 
-def test_bad_layout_is_refused_before_the_weights(s3: dict[str, Any], tmp_path: Path, cache_dir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_layout_is_refused_before_the_weights(
+    s3: dict[str, Any], tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = make_checkpoint(tmp_path / "decoder", chat_template=False)
     upload(s3, folder, "bad/no-template")
     downloaded: list[str] = []
@@ -131,8 +140,9 @@ def test_ranged_read_resumes_mid_object(s3: dict[str, Any], minilm_dir: Path) ->
     assert bytes(sink.data) == (minilm_dir / "tokenizer.json").read_bytes()[1000:]
 
 
-def test_interrupted_fetch_resumes_from_the_partial_file(s3: dict[str, Any], minilm_dir: Path, cache_dir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_fetch_resumes_from_the_partial_file(
+    s3: dict[str, Any], minilm_dir: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "1")
     secrets = Secrets({"aws_secret_json": s3["secret"]})
     original = S3Source.read_into
@@ -168,7 +178,9 @@ def test_interrupted_fetch_resumes_from_the_partial_file(s3: dict[str, Any], min
         original(self, file, start, sink)
 
     monkeypatch.setattr(S3Source, "read_into", recording)
-    fetched = fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False)
+    fetched = fetch_checkpoint(
+        repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False
+    )
     assert starts == [4 << 20]  # only the weights were missing, and they resumed where they stopped
     expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
     assert fetched.files["model.safetensors"] == expected

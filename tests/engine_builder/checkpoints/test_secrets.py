@@ -27,7 +27,9 @@ def test_empty_secret_counts_as_unset(tmp_path: Path) -> None:
 
 
 def test_redact_scrubs_values_and_json_fields(tmp_path: Path) -> None:
-    value = json.dumps({"access_key_id": "AKIAEXAMPLE0001", "secret_access_key": SECRET_MARKER, "region": "us-east-1"})
+    value = json.dumps(
+        {"access_key_id": "AKIAEXAMPLE0001", "secret_access_key": SECRET_MARKER, "region": "us-east-1"}
+    )
     secrets = Secrets({"aws": value})
     assert secrets.get("aws") == value
     text = f"failed with key {SECRET_MARKER} for AKIAEXAMPLE0001 in us-east-1; raw={value!r}"
@@ -39,13 +41,19 @@ def test_redact_scrubs_values_and_json_fields(tmp_path: Path) -> None:
 
 def test_redact_catches_escaped_private_keys() -> None:
     key = f"-----BEGIN PRIVATE KEY-----\n{SECRET_MARKER}\nMIIEv\n-----END PRIVATE KEY-----\n"
-    secrets = Secrets({"gcs": json.dumps({"private_key": key, "client_email": "a@b.iam.gserviceaccount.com"})})
+    secrets = Secrets(
+        {"gcs": json.dumps({"private_key": key, "client_email": "a@b.iam.gserviceaccount.com"})}
+    )
     secrets.get("gcs")
-    assert SECRET_MARKER not in secrets.redact(repr(key)) and SECRET_MARKER not in secrets.redact(json.dumps(key))
+    assert SECRET_MARKER not in secrets.redact(repr(key)) and SECRET_MARKER not in secrets.redact(
+        json.dumps(key)
+    )
 
 
 def test_s3_credentials_accept_aws_spellings() -> None:
-    value = json.dumps({"aws_access_key_id": "AKIA1", "aws_secret_access_key": SECRET_MARKER, "aws_region": "eu-west-1"})
+    value = json.dumps(
+        {"aws_access_key_id": "AKIA1", "aws_secret_access_key": SECRET_MARKER, "aws_region": "eu-west-1"}
+    )
     credentials = S3Credentials.from_secret("aws", value)
     assert (credentials.access_key_id, credentials.region) == ("AKIA1", "eu-west-1")
     assert SECRET_MARKER not in repr(credentials)
@@ -60,7 +68,10 @@ def test_bad_s3_secret_names_the_shape_not_the_value(value: str) -> None:
 
 
 def test_azure_secret_shapes() -> None:
-    assert AzureCredentials.from_secret("az", json.dumps({"account_key": SECRET_MARKER})).account_key == SECRET_MARKER
+    assert (
+        AzureCredentials.from_secret("az", json.dumps({"account_key": SECRET_MARKER})).account_key
+        == SECRET_MARKER
+    )
     connection = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={SECRET_MARKER};"
     assert AzureCredentials.from_secret("az", connection).connection_string == connection
     with pytest.raises(CheckpointAuthError, match="account_key"):
@@ -70,5 +81,7 @@ def test_azure_secret_shapes() -> None:
 def test_gcs_service_account_needs_key_and_email() -> None:
     with pytest.raises(CheckpointAuthError, match="private_key"):
         parse_gcs_service_account("gcs", json.dumps({"client_email": "a@b", "private_key_id": SECRET_MARKER}))
-    parsed = parse_gcs_service_account("gcs", json.dumps({"client_email": "a@b", "private_key": SECRET_MARKER}))
+    parsed = parse_gcs_service_account(
+        "gcs", json.dumps({"client_email": "a@b", "private_key": SECRET_MARKER})
+    )
     assert parsed["token_uri"].startswith("https://")
