@@ -1,0 +1,118 @@
+"""Start a real `engine-builder serve` process on 127.0.0.1 for end-to-end tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(path: Path, model_dir: Path, **runtime: object) -> Path:
+    import yaml
+
+    build = {
+        "base_model": "decoder",
+        "checkpoint_repository": {"source": "LOCAL", "repo": str(model_dir)},
+        "max_seq_len": int(runtime.pop("max_seq_len", 512)),
+        "max_batch_size": int(runtime.pop("max_batch_size", 64)),
+        "max_num_tokens": int(runtime.pop("max_num_tokens", 512)),
+    }
+    speculator = runtime.pop("speculator", None)
+    if speculator:
+        build["speculator"] = speculator
+    engine_options = runtime.pop(
+        "engine_builder", {"dtype": "bfloat16", "kv_cache_memory_bytes": 256 * 2**20}
+    )
+    document = {
+        "model_name": "test-model",
+        "model_metadata": {"tags": ["openai-compatible"]},
+        "trt_llm": {"build": build, "runtime": {"served_model_name": "test-model", **runtime}},
+        "engine_builder": engine_options,
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        config: Path,
+        engine_dir: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = engine_dir.parent / f"server-{self.port}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "engine_builder.cli",
+            "run",
+            str(config),
+            "--engine-dir",
+            str(engine_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(extra_args or []),
+        ]
+        environment = {
+            **os.environ,
+            "ENGINE_BUILDER_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "ENGINE_BUILDER_CACHE": str(engine_dir.parent / "cache"),
+            **(env or {}),
+        }
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready in {timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
