@@ -8,127 +8,33 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from runtime.encoders.batcher import BatchLimits, SubmitResult, TokenBudgetBatcher
+from runtime.encoders.batcher import BatchLimits, TokenBudgetBatcher
 from runtime.encoders.errors import (
-    BackendError,
     BatchSizeError,
     EmptyInputError,
     InvalidRequestError,
-    ModelLoadError,
     OverloadedError,
     UnsupportedTaskError,
 )
-from runtime.encoders.models import CheckpointConfig, EncoderModel, EncoderTask, read_checkpoint_config
-from runtime.encoders.st_layout import SentenceTransformerLayout, mentions_matryoshka, read_layout
+from runtime.encoders.info import BEI_MAX_CLIENT_BATCH_SIZE, BEI_MAX_CONCURRENT_REQUESTS, EncoderInfo
+from runtime.encoders.loader import load_encoder
+from runtime.encoders.models import EncoderModel, EncoderTask
+from runtime.encoders.results import (
+    ClassifyResult,
+    EmbedResult,
+    RerankResult,
+    check_finite,
+    l2_normalize,
+    request_timing,
+    sigmoid,
+    softmax,
+)
 from runtime.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput, TruncationDirection
-
-BEI_MAX_CLIENT_BATCH_SIZE = 128  # TEI --max-client-batch-size on BEI and BEI-Bert
-BEI_MAX_CONCURRENT_REQUESTS = 2048  # TEI --max-concurrent-requests on BEI and BEI-Bert
-ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT = "/v1/embeddings", "/rerank", "/predict"
-
-
-def effective_batch_limits(kind: str, max_num_tokens: int, max_batch_size: int) -> BatchLimits:
-    """The limits BEI's router runs with (idempotent, so already-effective values pass through unchanged).
-
-    encoder: at most 32 requests and at least 16384 tokens per batch; encoder_bert: at most 1024 requests
-    and at least 1024 tokens.
-    """
-    if kind == "encoder":
-        return BatchLimits(max_num_tokens=max(max_num_tokens, 16384), max_batch_size=min(max_batch_size, 32))
-    return BatchLimits(max_num_tokens=max(max_num_tokens, 1024), max_batch_size=min(max_batch_size, 1024))
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What the server needs to know about the served encoder."""
-
-    kind: str  # "encoder" | "encoder_bert"
-    architecture: str
-    model_type: str
-    task: EncoderTask
-    is_causal: bool
-    pooling: str | None  # None for classifiers
-    max_input_length: int  # tokens per input, special tokens included
-    hidden_size: int  # embedding width served (after Dense layers); 0 for classifiers
-    id2label: tuple[str, ...]  # label by class index; empty for embedding models
-    supports_matryoshka: bool  # whether `dimensions` is accepted
-    default_route: str
-    max_num_tokens: int
-    max_batch_size: int
-    max_client_batch_size: int
-    auto_truncate: bool
-    device: str
-    dtype: str
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @property
-    def is_cross_encoder(self) -> bool:
-        return self.task is EncoderTask.CLASSIFICATION and self.num_labels == 1
-
-
-@dataclass(frozen=True)
-class RequestTiming:
-    tokenization_s: float
-    queue_s: float
-    inference_s: float
-    total_s: float
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    embeddings: np.ndarray  # [num_inputs, dims] float32
-    num_prompt_tokens: int
-    num_chars: int
-    timing: RequestTiming
-
-
-@dataclass(frozen=True)
-class RerankResult:
-    scores: np.ndarray  # [num_texts] float32, in the order of `texts`
-    num_prompt_tokens: int
-    num_chars: int
-    timing: RequestTiming
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    scores: np.ndarray  # [num_inputs, num_labels] float32: probabilities, or logits when raw
-    labels: tuple[str, ...]
-    num_prompt_tokens: int
-    num_chars: int
-    timing: RequestTiming
-
-
-def _resolve_pooling(
-    config: CheckpointConfig, layout: SentenceTransformerLayout | None, override: str | None
-) -> str:
-    if override:
-        return override
-    if layout is not None and layout.pooling_mode:
-        return layout.pooling_mode
-    if config.is_causal and not config.has_generation_head:
-        return "lasttoken"
-    raise ModelLoadError(
-        f"{config.architecture} has no sentence-transformers pooling config (modules.json + 1_Pooling/config.json); "
-        "add one, or set the pooling mode explicitly"
-    )
-
-
-def _default_dtype(kind: str, config: CheckpointConfig, device: str) -> torch.dtype:
-    if not device.startswith("cuda"):
-        return torch.float32
-    if kind == "encoder" and config.torch_dtype == "bfloat16":
-        return torch.bfloat16
-    return torch.float16
 
 
 class EncoderEngine:
@@ -172,48 +78,17 @@ class EncoderEngine:
         auto_truncate None = the BEI default for the kind (BEI-Bert runs with --auto-truncate, BEI without);
         matryoshka None = accept `dimensions` only if the model card mentions Matryoshka training.
         """
-        config = read_checkpoint_config(model_dir, kind)
-        layout = read_layout(model_dir)
-        limits = effective_batch_limits(kind, max_num_tokens, max_batch_size)
-        is_classifier = config.task is EncoderTask.CLASSIFICATION
-        pooling_mode = None if is_classifier else _resolve_pooling(config, layout, pooling)
-        model_limit = (layout.max_seq_length if layout else None) or (
-            config.max_position_embeddings - config.position_offset
-            if config.max_position_embeddings
-            else None
-        )
-        max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
-        dtype = dtype or _default_dtype(kind, config, device)
-        model = EncoderModel.load(
+        model, tokenizer, info = load_encoder(
             model_dir,
-            config,
-            pooling_mode=pooling_mode,
-            dense_layers=layout.dense_layers if layout and not is_classifier else (),
+            kind=kind,
+            max_num_tokens=max_num_tokens,
+            max_batch_size=max_batch_size,
             device=device,
             dtype=dtype,
-        )
-        tokenizer = EncoderTokenizer.from_model_dir(
-            model_dir, max_input_length=max_input_length, vocab_size=config.vocab_size
-        )
-        info = EncoderInfo(
-            kind=kind,
-            architecture=config.architecture,
-            model_type=config.model_type,
-            task=config.task,
-            is_causal=config.is_causal,
-            pooling=pooling_mode,
-            max_input_length=max_input_length,
-            hidden_size=0 if is_classifier else model.output_size,
-            id2label=config.id2label,
-            supports_matryoshka=(not is_classifier)
-            and (matryoshka if matryoshka is not None else mentions_matryoshka(model_dir)),
-            default_route=ROUTE_PREDICT if is_classifier else ROUTE_EMBEDDINGS,
-            max_num_tokens=limits.max_num_tokens,
-            max_batch_size=limits.max_batch_size,
+            auto_truncate=auto_truncate,
+            pooling=pooling,
+            matryoshka=matryoshka,
             max_client_batch_size=max_client_batch_size,
-            auto_truncate=auto_truncate if auto_truncate is not None else kind == "encoder_bert",
-            device=device,
-            dtype=str(dtype).removeprefix("torch."),
         )
         return cls(model, tokenizer, info, max_concurrent_requests=max_concurrent_requests)
 
@@ -278,12 +153,12 @@ class EncoderEngine:
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if normalize:
-            vectors = _l2_normalize(vectors)
+            vectors = l2_normalize(vectors)
         return EmbedResult(
             vectors.astype(np.float32, copy=False),
             sum(item.num_tokens for item in encoded),
             sum(item.num_chars for item in encoded),
-            _timing(started, tokenized, result),
+            request_timing(started, tokenized, result),
         )
 
     async def rerank(
@@ -343,17 +218,16 @@ class EncoderEngine:
         outputs = torch.stack(result.outputs).numpy()
         if self.info.is_cross_encoder:
             logits = outputs[:, 0]
-            scores = logits if raw_scores else _sigmoid(logits)
+            scores = logits if raw_scores else sigmoid(logits)
         else:
-            vectors = _l2_normalize(outputs)
+            vectors = l2_normalize(outputs)
             scores = vectors[1:] @ vectors[0]
-        _check_finite(scores)
+        check_finite(scores)
         return RerankResult(
             scores.astype(np.float32, copy=False),
             sum(item.num_tokens for item in encoded),
-            len(query) * (1 if not self.info.is_cross_encoder else len(texts))
-            + sum(len(text) for text in texts),
-            _timing(started, tokenized, result),
+            sum(item.num_chars for item in encoded),
+            request_timing(started, tokenized, result),
         )
 
     async def classify(
@@ -390,16 +264,16 @@ class EncoderEngine:
         if raw_scores:
             scores = logits
         elif logits.shape[1] == 1:
-            scores = _sigmoid(logits)
+            scores = sigmoid(logits)
         else:
-            scores = _softmax(logits)
-        _check_finite(scores)
+            scores = softmax(logits)
+        check_finite(scores)
         return ClassifyResult(
             scores.astype(np.float32, copy=False),
             self.info.id2label,
             sum(item.num_tokens for item in encoded),
             sum(item.num_chars for item in encoded),
-            _timing(started, tokenized, result),
+            request_timing(started, tokenized, result),
         )
 
     # helpers
@@ -450,31 +324,3 @@ class EncoderEngine:
             yield
         finally:
             self._num_running_requests -= 1
-
-
-def _timing(started: float, tokenized: float, result: SubmitResult[torch.Tensor]) -> RequestTiming:
-    return RequestTiming(
-        tokenization_s=tokenized - started,
-        queue_s=result.queue_s,
-        inference_s=result.inference_s,
-        total_s=time.perf_counter() - started,
-    )
-
-
-def _l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
-def _sigmoid(values: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-values))
-
-
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _check_finite(scores: np.ndarray) -> None:
-    if not np.all(np.isfinite(scores)):
-        raise BackendError("score is NaN")

@@ -18,14 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 
-from runtime.encoders.engine import (
-    ROUTE_EMBEDDINGS,
-    ROUTE_PREDICT,
-    ROUTE_RERANK,
-    EncoderEngine,
-    RequestTiming,
-)
+from runtime.encoders.engine import EncoderEngine
 from runtime.encoders.errors import EncoderError, InvalidRequestError
+from runtime.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
 from runtime.encoders.protocol import (
     EmbedRequest,
     OpenAIEmbedding,
@@ -40,6 +35,7 @@ from runtime.encoders.protocol import (
     RerankRequest,
     TEIErrorResponse,
 )
+from runtime.encoders.results import RequestTiming
 
 logger = logging.getLogger(__name__)
 

@@ -129,4 +129,3 @@ def tiny_st_dense_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
         readme.read_text() + "\nTrained with MatryoshkaLoss.\n" if readme.exists() else "MatryoshkaLoss\n"
     )
     return path
-

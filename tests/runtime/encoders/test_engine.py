@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.encoders.engine import EncoderEngine, effective_batch_limits
+from runtime.encoders.engine import EncoderEngine
 from runtime.encoders.errors import (
     BatchSizeError,
     EmptyInputError,
@@ -15,6 +15,7 @@ from runtime.encoders.errors import (
     OverloadedError,
     UnsupportedTaskError,
 )
+from runtime.encoders.info import effective_batch_limits
 from runtime.encoders.tokenizer import TruncationDirection
 from tests.runtime.encoders.helpers import run_with
 
