@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -119,48 +119,45 @@ class Downloader:
         self._bar_lock = threading.Lock()
 
     def fetch(self, files: Sequence[RemoteFile], description: str) -> dict[str, tuple[Path, str]]:
-        """Every file as (blob path, sha256), keyed by relative path; raises the first permanent error."""
+        """Every file as (blob path, sha256), keyed by relative path. Files already in the blob store are not
+        downloaded again. The first file that fails for good cancels the others and its error is raised."""
         results: dict[str, tuple[Path, str]] = {}
         pending = []
         for file in files:
             known = self.cache.known_blob(self.cache.file_key(self.source.name, self.location, file))
+            if known is None and file.sha256 and self.cache.blob_path(file.sha256).is_file():
+                known = (self.cache.blob_path(file.sha256), file.sha256)
             if known is not None:
                 results[file.path] = known
             else:
                 pending.append(file)
-        if not pending:
-            return results
-        total = sum(file.size or 0 for file in pending)
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=description,
-            disable=not self.show_progress,
-            leave=False,
-        ) as bar:
-
-            def advance(count: int) -> None:
-                with self._bar_lock:
-                    bar.update(count)
-
-            workers = min(self.settings.workers, len(pending))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download") as pool:
-                futures: dict[Future[tuple[Path, str]], RemoteFile] = {
-                    pool.submit(self._fetch_with_retries, file, advance): file for file in pending
-                }
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [future for future in done if future.exception() is not None]
-                if failed:
-                    self._cancelled.set()
-                    wait(futures)
-                    error = failed[0].exception()
-                    assert error is not None
-                    raise error
-                for future, file in futures.items():
-                    results[file.path] = future.result()
+        if pending:
+            results.update(self._download_all(pending, description))
         return results
+
+    def _download_all(self, files: list[RemoteFile], description: str) -> dict[str, tuple[Path, str]]:
+        total = sum(file.size or 0 for file in files)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
+                   disable=not self.show_progress, leave=False)  # fmt: skip
+
+        def advance(count: int) -> None:
+            with self._bar_lock:
+                bar.update(count)
+
+        workers = min(self.settings.workers, len(files))
+        with bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download") as pool:
+            futures = {pool.submit(self._fetch_with_retries, file, advance): file for file in files}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((future for future in done if future.exception() is not None), None)
+            if failed is not None:
+                self._cancelled.set()
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                error = failed.exception()
+                assert error is not None
+                raise error
+            return {futures[future].path: future.result() for future in futures}
 
     def _fetch_with_retries(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
         for attempt in range(1, self.settings.attempts + 1):

@@ -17,7 +17,7 @@ def parse_bucket_url(url: str, scheme: str, source: str) -> tuple[str, str]:
     parts = urlsplit(url)
     if parts.scheme != scheme or not parts.netloc:
         raise CheckpointNotFoundError(
-            f"{source} repo {url!r} is not a {scheme}://bucket/path URL; write it as {scheme}://my-bucket/path/to/model"
+            f"{source} repo {url!r} is not of the form {scheme}://bucket/path; write it as {scheme}://my-bucket/path/to/model"
         )
     return parts.netloc, folder_prefix(parts.path)
 

@@ -1,6 +1,7 @@
 """Fixtures of the checkpoint tests: isolated credentials, fast retries, and the emulators (started once per
 session on 127.0.0.1, stopped at the end). The real all-MiniLM-L6-v2 folder is uploaded to each store once."""
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,10 @@ def gcs_emulator(minilm_dir: Path) -> Iterator[Emulator]:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
+    if importlib.util.find_spec("gcp_storage_emulator") is None:
+        pytest.skip(
+            "gcp-storage-emulator is not installed: pip install gcp-storage-emulator (a dev dependency)"
+        )
     emulator = start_gcs()
     try:
         with pytest.MonkeyPatch.context() as patch:

@@ -124,3 +124,15 @@ def test_unknown_job_and_checkpoint(api: LocalHttpServer, cache_dir: Path) -> No
         fetch_checkpoint(repository("checkpoint-999"), cache_dir=cache_dir, secrets=secrets, progress=False)
     with pytest.raises(CheckpointNotFoundError, match="revision"):
         fetch_checkpoint(repository(None), cache_dir=cache_dir, secrets=secrets, progress=False)
+
+
+def test_a_missing_presigned_file_fails_the_fetch(api: LocalHttpServer, cache_dir: Path) -> None:
+    api.files.pop("/presigned/checkpoint-100/tokenizer.json")
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"checkpoint-100/tokenizer.json: not found \(HTTP 404\)"
+    ):
+        fetch_checkpoint(
+            repository(), cache_dir=cache_dir, secrets=Secrets({"BASETEN_API_KEY": API_KEY}), progress=False
+        )
+    assert snapshot_dirs(cache_dir) == []
+    assert len(api.requests_for("/presigned/checkpoint-100/tokenizer.json")) == 1
