@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class PointResult:
     length_control: str | None
     include_usage: bool | None
     samples: dict[str, list[float]]
+    load_average_1m: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class PointResult:
             "notes": self.notes,
             "length_control": self.length_control,
             "include_usage": self.include_usage,
+            "load_average_1m_at_start": self.load_average_1m,
             "samples": self.samples,
         }
 
@@ -91,6 +94,7 @@ def run_point(
 ) -> PointResult:
     """Measure one point. Prompts depend on (spec.seed + repeat) only, so every engine gets the
     same prompts within a repeat, and a repeat never re-sends a prompt a prefix cache has seen."""
+    load_average_1m = round(os.getloadavg()[0], 2)
     spec = replace(spec, seed=spec.seed + repeat)
     items = build_items(spec, plan.num_requests)
     warmup_items = build_items(replace(spec, seed=spec.seed + WARMUP_SEED_OFFSET), plan.warmup_requests)
@@ -143,4 +147,5 @@ def run_point(
         length_control=controls[0],
         include_usage=controls[1],
         samples=samples,
+        load_average_1m=load_average_1m,
     )

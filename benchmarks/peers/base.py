@@ -143,7 +143,8 @@ def launch(
         version=version,
         settings=settings or {},
     )
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     while time.monotonic() < deadline:
         if not handle.is_alive():
             raise PeerUnavailable(
@@ -151,6 +152,7 @@ def launch(
                 f"log {log_path}:\n{log_tail(log_path)}"
             )
         if all(http_ok(handle.base_url + path) for path in ready_paths):
+            handle.settings["startup_s"] = round(time.monotonic() - started, 1)
             return handle
         time.sleep(1.0)
     handle.stop()
