@@ -1,0 +1,1 @@
+"""Pieces of the TensorRT-LLM client: sampling translation, stream-to-delta conversion, model facts."""

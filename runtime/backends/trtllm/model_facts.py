@@ -1,0 +1,34 @@
+"""What the server needs from the HF folder beside a TensorRT-LLM engine: vocabulary size and EOS ids."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def read_model_facts(model_dir: Path) -> ModelFacts:
+    config = _read_json(model_dir / "config.json")
+    text_config = config.get("text_config") or {}
+    vocab_size = config.get("vocab_size") or text_config.get("vocab_size")
+    if not isinstance(vocab_size, int):
+        raise ValueError(f"{model_dir / 'config.json'} has no vocab_size; the engine directory is incomplete")
+    eos: Any = None
+    for source in (_read_json(model_dir / "generation_config.json"), config, text_config):
+        eos = source.get("eos_token_id")
+        if eos is not None:
+            break
+    eos_ids = tuple(int(t) for t in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return ModelFacts(vocab_size=vocab_size, eos_token_ids=eos_ids)

@@ -1,0 +1,1 @@
+"""Test doubles at external seams; `tensorrt_llm/` here is the one fake of this project (see fixture.py)."""

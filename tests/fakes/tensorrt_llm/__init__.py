@@ -1,0 +1,14 @@
+"""FAKE `tensorrt_llm` for CPU tests. It is not TensorRT-LLM and runs no model.
+
+It mirrors the names, import paths and keyword signatures of TensorRT-LLM 1.2's LLM API as documented in
+shared/reference/tensorrt-llm-api.md (and checked against the TensorRT-LLM sources), refuses unknown
+arguments the way the real pydantic/dataclass objects do, and records every call in `tensorrt_llm._fake`.
+"""
+
+from tensorrt_llm import llmapi
+from tensorrt_llm.llmapi import LLM, SamplingParams
+from tensorrt_llm.sampling_params import GuidedDecodingParams
+
+__version__ = "1.2.1+fake"
+
+__all__ = ["LLM", "GuidedDecodingParams", "SamplingParams", "llmapi"]

@@ -1,0 +1,84 @@
+"""Shared helpers for tests against the fake `tensorrt_llm`: a tiny HF folder, an engine directory, call summaries."""
+
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from engine_builder.artifact import CONFIG_FILE, MANIFEST_FILE, MODEL_DIR, Manifest, SourceInfo
+from engine_builder.checkpoints import RepositoryInfo
+from engine_builder.config import LoadedConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write_model_dir(
+    path: Path, *, vocab_size: int = 1000, eos: Any = (2, 3), max_position: int = 4096
+) -> Path:
+    """A config-only HF folder: enough for the mapping and the client, no weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position,
+        "eos_token_id": list(eos),
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def repository_info(max_position: int | None = 4096) -> RepositoryInfo:
+    return RepositoryInfo(
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        max_position_embeddings=max_position,
+        torch_dtype="bfloat16",
+        has_chat_template=True,
+        is_sentence_transformers=False,
+        id2label=None,
+    )
+
+
+def finish_engine_dir(root: Path, loaded: LoadedConfig, summary: dict[str, str]) -> None:
+    """What build_stage writes beside the compile step's output: config.yaml and manifest.json."""
+    build = loaded.trt_llm.build
+    runtime = loaded.trt_llm.runtime
+    manifest = Manifest(
+        backend="trtllm",
+        config_hash="test",
+        base_model=build.base_model.value,
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        dtype="auto",
+        quantization=summary["quantization"],
+        kv_cache_dtype=summary["kv_cache_dtype"],
+        max_seq_len=4096,
+        max_batch_size=getattr(runtime, "max_batch_size", None) or build.max_batch_size,
+        max_num_tokens=8192,
+        source=SourceInfo("HF", "test/model", "main"),
+        served_model_name=runtime.served_model_name,
+        inference_stack=loaded.trt_llm.inference_stack.value,
+    )
+    (root / CONFIG_FILE).write_text(loaded.resolved_yaml())
+    (root / MANIFEST_FILE).write_text(manifest.to_json())
+    assert (root / MODEL_DIR).is_dir()
+
+
+def _render(value: Any, root: Path) -> Any:
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, str) and str(root) in value:
+        return value.replace(str(root), "<root>")
+    if isinstance(value, dict):
+        return {key: _render(item, root) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_render(item, root) for item in value]
+    if hasattr(value, "FIELDS") or type(value).__module__.startswith("tensorrt_llm"):
+        return f"<{type(value).__name__}>"
+    return value
+
+
+def summarize(calls: list[Any], root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, kwargs) per recorded call; config objects shown as <ClassName>, enums as Enum.MEMBER, paths under <root>."""
+    return [(call.name, _render(call.kwargs, root)) for call in calls]
