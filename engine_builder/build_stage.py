@@ -95,7 +95,8 @@ def build_engine(
         stack.apply_architecture(info.architecture)
     with atomic_engine_dir(output) as staging:
         model_dir = staging / MODEL_DIR
-        if build.quantization_type == QuantizationType.NO_QUANT:
+        trtllm_quantizes = backend == "trtllm" and isinstance(stack, TrtLlmConfigV1)  # QuantConfig in the build
+        if build.quantization_type == QuantizationType.NO_QUANT or trtllm_quantizes:
             _link_model_files(fetched, model_dir)
             quantization_summary = {"quantization": "no_quant", "kv_cache_dtype": "auto"}
         else:
@@ -105,7 +106,9 @@ def build_engine(
         if backend == "trtllm":
             from engine_builder.compile.trtllm import compile_trtllm
 
-            compile_trtllm(loaded, staging, info)
+            trtllm_summary = compile_trtllm(loaded, staging, info)
+            if trtllm_quantizes:
+                quantization_summary = trtllm_summary
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
         (staging / CONFIG_FILE).write_text(loaded.resolved_yaml())
         (staging / MANIFEST_FILE).write_text(manifest.to_json())

@@ -82,3 +82,29 @@ def _render(value: Any, root: Path) -> Any:
 def summarize(calls: list[Any], root: Path) -> list[tuple[str, dict[str, Any]]]:
     """(name, kwargs) per recorded call; config objects shown as <ClassName>, enums as Enum.MEMBER, paths under <root>."""
     return [(call.name, _render(call.kwargs, root)) for call in calls]
+
+
+def smollm2_config(tmp_path: Path, models_dir: Path, quantization: str = "fp8_kv") -> Path:
+    """A v1 config over the offline SmolLM2 folder, for build/serve wiring tests through the fake."""
+    config = {
+        "model_name": "smollm2-trtllm",
+        "model_metadata": {"tags": ["openai-compatible"]},
+        "trt_llm": {
+            "build": {
+                "base_model": "decoder",
+                "checkpoint_repository": {
+                    "source": "LOCAL",
+                    "repo": str(models_dir / "smollm2-135m-instruct"),
+                },
+                "max_seq_len": 2048,
+                "max_batch_size": 8,
+                "max_num_tokens": 1024,
+                "quantization_type": quantization,
+            },
+            "runtime": {"served_model_name": "smollm2-trtllm", "kv_cache_free_gpu_mem_fraction": 0.5},
+        },
+        "engine_builder": {"backend": "trtllm"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path

@@ -53,8 +53,9 @@ class SchedulerConfig(FakeConfig):
     }
 
     def validate(self) -> None:
-        if not isinstance(self.capacity_scheduler_policy, CapacitySchedulerPolicy):
-            self.capacity_scheduler_policy = CapacitySchedulerPolicy(self.capacity_scheduler_policy)
+        policy = getattr(self, "capacity_scheduler_policy")  # noqa: B009 (set by FakeConfig)
+        if not isinstance(policy, CapacitySchedulerPolicy):
+            setattr(self, "capacity_scheduler_policy", CapacitySchedulerPolicy(policy))  # noqa: B010
 
 
 class CalibConfig(FakeConfig):
