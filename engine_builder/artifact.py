@@ -6,6 +6,7 @@ Layout:
     model/                   HF-style folder the torch backend loads (config.json, tokenizer, safetensors)
     trtllm/                  TensorRT-LLM engine or checkpoint files (trtllm backend only)
     calibration_report.json  accuracy report when quantized
+    user_model/              the config's Truss `model/` folder, when it has a model.py
 """
 
 import json
@@ -26,6 +27,7 @@ CONFIG_FILE = "config.yaml"
 MODEL_DIR = "model"
 TRTLLM_DIR = "trtllm"
 CALIBRATION_REPORT = "calibration_report.json"
+USER_MODEL_DIR = "user_model"  # a Truss model/ folder with model.py (engine control in Python)
 
 
 class IncompatibleEngineError(Exception):

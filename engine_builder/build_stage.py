@@ -18,6 +18,7 @@ from engine_builder.artifact import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
+    USER_MODEL_DIR,
     EngineDir,
     Manifest,
     SourceInfo,
@@ -59,7 +60,7 @@ def build_engine(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool = False
 ) -> BuildResult:
     started = time.monotonic()
-    config_hash = loaded.build_hash()
+    config_hash = build_identity(loaded)
     if not force and is_engine_dir(output):
         try:
             existing = load_engine_dir(output)
@@ -109,6 +110,9 @@ def build_engine(
             trtllm_summary = compile_trtllm(loaded, staging, info)
             if trtllm_quantizes:
                 quantization_summary = trtllm_summary
+        user_model = loaded.base_dir / "model" / "model.py"
+        if user_model.is_file():
+            shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
         (staging / CONFIG_FILE).write_text(loaded.resolved_yaml())
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
@@ -116,6 +120,19 @@ def build_engine(
     seconds = time.monotonic() - started
     logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
     return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def build_identity(loaded: LoadedConfig) -> str:
+    """The config hash, extended with the user model folder so editing model.py triggers a rebuild."""
+    import hashlib
+
+    digest = hashlib.sha256(loaded.build_hash().encode())
+    user_dir = loaded.base_dir / "model"
+    if (user_dir / "model.py").is_file():
+        for path in sorted(p for p in user_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(user_dir)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _check_supported(loaded: LoadedConfig, backend: str) -> None:

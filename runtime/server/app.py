@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
 
 
-def create_app(state: ServerState, extra_routers: list[Any] | None = None) -> FastAPI:
+def create_app(state: ServerState, extra_routers: list[Any] | None = None, user_model: Any = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -30,6 +30,10 @@ def create_app(state: ServerState, extra_routers: list[Any] | None = None) -> Fa
             state.startup_error = str(error)
             logger.exception("engine failed to start")
             raise
+        if user_model is not None:
+            from runtime.server.custom_model import call_load
+
+            await call_load(user_model)
         state.ready = True
         logger.info("ready: serving %s", state.settings.served_model_name)
         try:
@@ -84,6 +88,10 @@ def create_app(state: ServerState, extra_routers: list[Any] | None = None) -> Fa
         state.metrics.request_errors.labels(state.metrics.model_name, "500").inc()
         return _error_response(APIError("Internal server error.", status=500, type="server_error"))
 
+    if user_model is not None:  # registered first, so its routes win over the built-in ones
+        from runtime.server.custom_model import user_model_router
+
+        app.include_router(user_model_router(user_model))
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
     for router in extra_routers or []:

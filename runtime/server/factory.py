@@ -1,11 +1,12 @@
 """Assemble the server for an engine directory: the backend client, tokenizer, routes and settings."""
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
 
-from engine_builder.artifact import EngineDir
+from engine_builder.artifact import USER_MODEL_DIR, EngineDir
 from engine_builder.backend_choice import choose_backend
 from engine_builder.config import EngineOptions, parse_config
 from runtime.decoding.detokenizer import TextDecoder
@@ -42,7 +43,35 @@ def build_server(
         renderer=PromptRenderer(engine.model_dir),
         decoder=TextDecoder.from_model_dir(engine.model_dir),
     )
-    return create_app(state), state
+    user_model = None
+    user_model_file = engine.path / USER_MODEL_DIR / "model.py"
+    if user_model_file.exists():
+        from runtime.server.custom_model import load_user_model
+
+        logger.info("loading user model %s", user_model_file)
+        user_model = load_user_model(user_model_file, state, SecretsView(), loaded.resolved())
+    return create_app(state, user_model=user_model), state
+
+
+class SecretsView(Mapping[str, str]):
+    """`secrets["name"]` for user code, resolved like checkpoint secrets (environment, then secret files)."""
+
+    def __init__(self) -> None:
+        from engine_builder.checkpoints import Secrets
+
+        self._secrets = Secrets.from_env()
+
+    def __getitem__(self, name: str) -> str:
+        value = self._secrets.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def decoder_client(engine: EngineDir, loaded: Any, options: EngineOptions, served_name: str) -> Any:

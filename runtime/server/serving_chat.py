@@ -39,6 +39,16 @@ class ChatPlan:
 
 
 async def serve_chat(state: ServerState, body: ChatCompletionRequest, http_request: Request) -> Response:
+    result = await run_chat(state, body, http_request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(result.model_dump(mode="json", exclude_none=False))
+
+
+async def run_chat(
+    state: ServerState, body: ChatCompletionRequest, http_request: Request
+) -> ChatCompletionResponse | StreamingResponse:
+    """The chat completion as a response object (non-streaming) or an SSE StreamingResponse."""
     plan = plan_chat(state, body)
     plan.run.admit()
     request_id = plan.run.request.request_id
@@ -50,10 +60,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, http_reque
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    response = await collect_until_disconnect(
-        http_request, complete_chat(state, body, plan, request_id, created)
-    )
-    return JSONResponse(response.model_dump(mode="json", exclude_none=False))
+    return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
 
 
 def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:

@@ -59,6 +59,15 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, lis
 
 
 async def serve_completion(state: ServerState, body: CompletionRequest, http_request: Request) -> Response:
+    result = await run_completion(state, body, http_request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+async def run_completion(
+    state: ServerState, body: CompletionRequest, http_request: Request
+) -> CompletionResponse | StreamingResponse:
     check_unsupported(body)
     if body.suffix:
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
@@ -85,7 +94,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, http_req
             run.admit()
             admitted.append(run)
     except APIError:
-        for run in admitted:
+        for _ in admitted:
             state.release()
         raise
     request_id = new_id("cmpl")
@@ -98,8 +107,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, http_req
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    response = await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
-    return JSONResponse(response.model_dump(mode="json"))
+    return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
 
 
 async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
