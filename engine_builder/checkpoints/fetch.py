@@ -84,6 +84,8 @@ class _Fetch:
             snapshot = self.cache.load_snapshot(key)
             if snapshot is not None:
                 logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
+                if base_model is not None:  # the snapshot may have been fetched without the checks
+                    check_repository_layout(snapshot.path, base_model, allow_prequantized=allow_prequantized)
             else:
                 snapshot = self._download(key, listing, files, base_model, allow_prequantized)
         return FetchedCheckpoint(path=snapshot.path, files=snapshot.files, revision=snapshot.revision)
@@ -147,10 +149,9 @@ class _Fetch:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         if not self.source.lists_checkpoint_files:
+            # The unpacked files are the cache; the archive is not needed again.
             for blob, _ in blobs.values():
-                blob.unlink(
-                    missing_ok=True
-                )  # the unpacked files are the cache; the archive is not needed again
+                blob.unlink(missing_ok=True)
         logger.info(
             "%s: fetched in %.1fs into %s", self.source.describe(), time.monotonic() - started, snapshot.path
         )

@@ -11,6 +11,7 @@ import pytest
 from engine_builder.checkpoints import (
     CheckpointAuthError,
     CheckpointDownloadError,
+    CheckpointLayoutError,
     CheckpointNotFoundError,
     UnsafeArchiveError,
     fetch_checkpoint,
@@ -55,6 +56,10 @@ def test_minilm_archive_end_to_end(
         fetch_checkpoint(repository(http, "/minilm.tar.gz"), cache_dir=cache_dir, progress=False) == fetched
     )
     assert len(http.requests_for("/minilm.tar.gz")) == gets + 1  # only the one-byte probe
+    # A cached snapshot is still checked against the base model the build asks for.
+    with pytest.raises(CheckpointLayoutError, match="BertModel is not a causal language model"):
+        fetch_checkpoint(repository(http, "/minilm.tar.gz"), cache_dir=cache_dir, progress=False,
+                         base_model=BaseModelKind.DECODER)  # fmt: skip
 
 
 def test_dropped_connection_resumes_with_a_range(
