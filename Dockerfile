@@ -1,19 +1,49 @@
-# GPU image: the torch backend on CUDA, and the TensorRT-LLM backend where its wheel is available.
-# Build: docker build -t engine-builder .   Run: docker run --gpus all -p 8000:8000 engine-builder
-# tensorrt_llm ships from NVIDIA's index (pypi.nvidia.com) for Python 3.12; the base image provides it.
-FROM nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+# GPU image: build and serve in one container. TensorRT-LLM comes from NVIDIA's release image (Python 3.12,
+# CUDA, MPI); the torch backend runs in the same image for encoders and as the fallback.
+#
+#   docker build -t engine-builder .
+#   docker run --gpus all -p 8000:8000 -v $PWD/configs/llama-3.2-3b-l4.yaml:/config/config.yaml:ro \
+#     -e ENGINE_BUILDER_API_KEYS=change-me -e hf_access_token=hf_... engine-builder
+#
+# Nothing in this image has been built or run on a GPU by this project yet (see docs/gpu-backend.md).
+ARG TRTLLM_IMAGE=nvcr.io/nvidia/tensorrt-llm/release:1.2.1
+FROM ${TRTLLM_IMAGE}
 
+ARG APP_UID=10001
 WORKDIR /opt/engine-builder
+
+# Keep the base image's TensorRT-LLM pins (torch, transformers, xgrammar, fastapi, pydantic, numpy):
+# installing the project must not upgrade what tensorrt_llm was built against. (The check below only finds
+# tensorrt_llm: importing it loads CUDA libraries a `docker build` host may not have.)
 COPY pyproject.toml README.md ./
 COPY engine_builder ./engine_builder
 COPY runtime ./runtime
 COPY calibration ./calibration
 COPY configs ./configs
-RUN pip install --no-cache-dir -e '.[storage]' && pip install --no-cache-dir --no-deps 'xgrammar==0.2.8'
+RUN python3 -m pip freeze | grep -iE '^(torch|transformers|tokenizers|xgrammar|fastapi|pydantic|numpy|safetensors)==' \
+        > /tmp/base-pins.txt \
+    && python3 -m pip install --no-cache-dir -c /tmp/base-pins.txt '.[storage]' \
+    && python3 -c "import importlib.util as u, engine_builder, runtime; assert u.find_spec('tensorrt_llm')" \
+    && rm /tmp/base-pins.txt
 
-ENV HF_HUB_OFFLINE=0 \
-    ENGINE_BUILDER_ENGINE_DIR=/engines/current
+# A non-root user owns the writable paths: engines, download cache, secrets mount point.
+RUN useradd --uid ${APP_UID} --user-group --create-home --shell /usr/sbin/nologin engine \
+    && mkdir -p /engines /cache /config /secrets \
+    && chown -R engine:engine /engines /cache /secrets
+USER engine
+
+ENV ENGINE_BUILDER_ENGINES=/engines \
+    ENGINE_BUILDER_CACHE=/cache/engine-builder \
+    HF_HOME=/cache/huggingface \
+    PYTHONUNBUFFERED=1
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=600s CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+
+# Liveness only: /health answers 200 while the engine loads and 503 once its loop died. Readiness is /ready
+# (503 until the engine is warm, and while draining); orchestrators probe it (see deploy/k8s).
+# `run` builds the engine before the server starts, so the start period covers a long build.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=4 \
+    CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
+
+# Binding 0.0.0.0 requires an API key: set ENGINE_BUILDER_API_KEYS (comma-separated).
 ENTRYPOINT ["engine-builder"]
-CMD ["run", "/config/config.yaml", "--host", "0.0.0.0", "--port", "8000", "--backend", "auto"]
+CMD ["run", "/config/config.yaml", "--engine-dir", "/engines/current", "--host", "0.0.0.0", "--port", "8000", "--backend", "auto"]
