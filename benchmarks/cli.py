@@ -22,7 +22,7 @@ from benchmarks.compare import ratios, run_interleaved
 from benchmarks.loadgen import LoadPlan
 from benchmarks.metrics import Slo
 from benchmarks.peers import PEERS
-from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable
+from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
 from benchmarks.plots import plot_document
 from benchmarks.records import Endpoint
 from benchmarks.report import build_document, markdown_table, ratio_table, write_json
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     name = args.peer or args.name if args.command == "run" else "compare"
     default_name = f"{args.command}-{name}-{args.endpoint}-{args.dataset}"
     return execute(args, args.repeats, default_name)

@@ -136,12 +136,13 @@ def run_interleaved(
     deadline: float | None = None,
     **point_options: Any,
 ) -> list[PointResult]:
-    """For each plan, for each repeat, every target in turn (A, B, A, B ...)."""
+    """For each repeat, for each plan, every target in turn (A, B, A, B ...); skips past `deadline`."""
     total = len(plans) * repeats * len(targets)
     done = 0
     results: list[PointResult] = []
-    for plan in plans:
-        for repeat in range(repeats):
+    # Repeat-major: when the time budget runs out it costs the last repeat, not the highest load.
+    for repeat in range(repeats):
+        for plan in plans:
             for target in targets:
                 if deadline is not None and time.monotonic() > deadline:
                     print(

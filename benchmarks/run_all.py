@@ -22,7 +22,7 @@ from benchmarks.compare import ratios, run_interleaved
 from benchmarks.loadgen import LoadPlan
 from benchmarks.metrics import Slo
 from benchmarks.peers import peer_module
-from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable
+from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
 from benchmarks.plots import plot_document
 from benchmarks.records import Endpoint
 from benchmarks.report import build_document, markdown_table, write_json
@@ -45,6 +45,7 @@ class Suite:
     spec: WorkloadSpec
     plans: tuple[LoadPlan, ...]
     slo: Slo | None
+    reserve_s: float = 0.0  # budget left untouched for the suites after this one
 
 
 def standard_suites(quick: bool) -> list[Suite]:
@@ -54,9 +55,9 @@ def standard_suites(quick: bool) -> list[Suite]:
         return LoadPlan(
             concurrency=concurrency,
             num_requests=max(concurrency, int(requests * scale)),
-            max_seconds=60.0,
-            grace_seconds=90.0,
-            warmup_requests=2,
+            max_seconds=45.0,
+            grace_seconds=60.0,
+            warmup_requests=1,
         )
 
     llm = Suite(
@@ -66,11 +67,12 @@ def standard_suites(quick: bool) -> list[Suite]:
             endpoint=Endpoint.CHAT,
             dataset="random",
             input_len=128,
-            output_len=64,
+            output_len=32,
             tokenizer_dir=default_tokenizer_dir(Endpoint.CHAT),
         ),
-        plans=(plan(1, 4), plan(4, 8), plan(16, 32)),
+        plans=(plan(1, 3), plan(4, 8), plan(16, 16)),
         slo=LLM_SLO,
+        reserve_s=180.0,
     )
     embeddings = Suite(
         name="embeddings",
@@ -81,14 +83,15 @@ def standard_suites(quick: bool) -> list[Suite]:
             batch_size=32,
             tokenizer_dir=default_tokenizer_dir(Endpoint.EMBEDDINGS),
         ),
-        plans=(plan(1, 8), plan(4, 16)),
+        plans=(plan(1, 6), plan(4, 12)),
         slo=None,
     )
     return [llm, embeddings]
 
 
-def _start_all(names: tuple[str, ...], endpoint: Endpoint, install: bool) -> tuple[list[Target], list[str]]:
-    targets, skipped = [], []
+def _start_all(names: tuple[str, ...], endpoint: Endpoint, install: bool, targets: list[Target]) -> list[str]:
+    """Start every engine it can into `targets` (the caller stops them); returns the skip reasons."""
+    skipped = []
     for name in names:
         if not install and not peer_module(name).is_installed():
             skipped.append(f"{name}: not installed (run `python -m benchmarks.peers install {name}`)")
@@ -100,15 +103,16 @@ def _start_all(names: tuple[str, ...], endpoint: Endpoint, install: bool) -> tup
             reason = f"{name}: {str(error).splitlines()[0]}"
             print(f"[bench] skipping {reason}", file=sys.stderr)
             skipped.append(reason)
-    return targets, skipped
+    return skipped
 
 
 def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, description: dict) -> dict | None:
-    targets, skipped = _start_all(suite.engines, suite.spec.endpoint, install)
-    if not targets:
-        print(f"[bench] {suite.name}: no engine could start; skipped", file=sys.stderr)
-        return None
+    targets: list[Target] = []
     try:
+        skipped = _start_all(suite.engines, suite.spec.endpoint, install, targets)
+        if not targets:
+            print(f"[bench] {suite.name}: no engine could start; skipped", file=sys.stderr)
+            return None
         points = run_interleaved(
             targets,
             suite.spec,
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-readme", action="store_true", help="do not rewrite the table in benchmarks/README.md"
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     started = time.monotonic()
     deadline = started + args.budget_minutes * 60
     description = machine.describe()
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     for suite in standard_suites(args.quick):
         if args.only and suite.name != args.only:
             continue
-        document = run_suite(suite, args.repeats, not args.no_install, deadline, description)
+        suite_deadline = deadline - (0.0 if args.only else suite.reserve_s)
+        document = run_suite(suite, args.repeats, not args.no_install, suite_deadline, description)
         if document is not None:
             document["png"] = f"results/{suite.name}.png"
             documents.append(document)

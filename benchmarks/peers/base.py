@@ -84,6 +84,18 @@ class PeerHandle:
         self.stop()
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the peers we started.
+
+    Needed because a background job (`cmd &`) ignores SIGINT, so SIGTERM is how it gets stopped.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def log_tail(path: Path, num_lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
@@ -145,16 +157,20 @@ def launch(
     )
     started = time.monotonic()
     deadline = started + timeout_s
-    while time.monotonic() < deadline:
-        if not handle.is_alive():
-            raise PeerUnavailable(
-                f"{name} exited with code {process.returncode} before it was ready; "
-                f"log {log_path}:\n{log_tail(log_path)}"
-            )
-        if all(http_ok(handle.base_url + path) for path in ready_paths):
-            handle.settings["startup_s"] = round(time.monotonic() - started, 1)
-            return handle
-        time.sleep(1.0)
+    try:
+        while time.monotonic() < deadline:
+            if not handle.is_alive():
+                raise PeerUnavailable(
+                    f"{name} exited with code {process.returncode} before it was ready; "
+                    f"log {log_path}:\n{log_tail(log_path)}"
+                )
+            if all(http_ok(handle.base_url + path) for path in ready_paths):
+                handle.settings["startup_s"] = round(time.monotonic() - started, 1)
+                return handle
+            time.sleep(1.0)
+    except BaseException:
+        handle.stop()  # interrupted while waiting: leave no orphan server behind
+        raise
     handle.stop()
     raise PeerUnavailable(
         f"{name} was not ready after {timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}"
