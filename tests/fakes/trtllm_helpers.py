@@ -84,25 +84,30 @@ def summarize(calls: list[Any], root: Path) -> list[tuple[str, dict[str, Any]]]:
     return [(call.name, _render(call.kwargs, root)) for call in calls]
 
 
-def smollm2_config(tmp_path: Path, models_dir: Path, quantization: str = "fp8_kv") -> Path:
-    """A v1 config over the offline SmolLM2 folder, for build/serve wiring tests through the fake."""
-    config = {
-        "model_name": "smollm2-trtllm",
-        "model_metadata": {"tags": ["openai-compatible"]},
-        "trt_llm": {
+def smollm2_config(tmp_path: Path, models_dir: Path, quantization: str = "fp8_kv", stack: str = "v1") -> Path:
+    """A config over the offline SmolLM2 folder, for build/serve wiring tests (and the GPU smoke test)."""
+    repository = {"source": "LOCAL", "repo": str(models_dir / "smollm2-135m-instruct")}
+    limits = {"max_seq_len": 2048, "max_batch_size": 8, "max_num_tokens": 1024}
+    if stack == "v2":
+        trt_llm: dict[str, Any] = {
+            "inference_stack": "v2",
+            "build": {"checkpoint_repository": repository, "quantization_type": quantization},
+            "runtime": {**limits, "served_model_name": "smollm2-trtllm"},
+        }
+    else:
+        trt_llm = {
             "build": {
                 "base_model": "decoder",
-                "checkpoint_repository": {
-                    "source": "LOCAL",
-                    "repo": str(models_dir / "smollm2-135m-instruct"),
-                },
-                "max_seq_len": 2048,
-                "max_batch_size": 8,
-                "max_num_tokens": 1024,
+                "checkpoint_repository": repository,
+                **limits,
                 "quantization_type": quantization,
             },
             "runtime": {"served_model_name": "smollm2-trtllm", "kv_cache_free_gpu_mem_fraction": 0.5},
-        },
+        }
+    config = {
+        "model_name": "smollm2-trtllm",
+        "model_metadata": {"tags": ["openai-compatible"]},
+        "trt_llm": trt_llm,
         "engine_builder": {"backend": "trtllm"},
     }
     path = tmp_path / "config.yaml"

@@ -35,3 +35,17 @@ def test_build_writes_a_trtllm_engine_directory(
     described = json.loads((engine.path / "trtllm" / "llm_args.json").read_text())
     assert described["serve"]["model"] == "<engine_dir>/trtllm/engine"
     assert fake_trtllm.names()[-2:] == ["_TrtLLM.save", "_TrtLLM.shutdown"]
+
+
+def test_v2_build_links_the_checkpoint_and_builds_no_engine(
+    tmp_path: Path, smollm2_dir: Path, fake_trtllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    loaded = load_config(smollm2_config(tmp_path, MODELS_DIR, quantization="no_quant", stack="v2"))
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    assert engine.manifest.backend == "trtllm" and engine.manifest.inference_stack == "v2"
+    assert fake_trtllm.CALLS == []
+    assert not (engine.path / "trtllm" / "engine").exists()
+    described = json.loads((engine.path / "trtllm" / "llm_args.json").read_text())
+    assert described["serve"]["class"] == "tensorrt_llm.LLM"
+    assert described["serve"]["model"] == "<engine_dir>/model"
