@@ -129,7 +129,9 @@ class TrtLlmEngineClient:
         sampling = to_trtllm(request.sampling, self._traits)
         try:
             params = adapter.sampling_params(sampling.kwargs, sampling.guide)
-        except (TypeError, ValueError) as error:
+        except (
+            ValueError
+        ) as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
             raise UnsupportedRequestError(
                 f"TensorRT-LLM refused the sampling parameters: {error}", param="sampling"
             ) from error
@@ -137,6 +139,10 @@ class TrtLlmEngineClient:
             result = llm.generate_async(
                 list(request.prompt_token_ids), sampling_params=params, streaming=True
             )
+        except ValueError as error:
+            raise UnsupportedRequestError(
+                f"TensorRT-LLM refused the request: {error}", param="request"
+            ) from error
         except RuntimeError as error:  # "LLM is shutting down", or the executor died
             self._dead = error
             raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error

@@ -303,3 +303,18 @@ def test_a_torch_built_v1_engine_is_refused_with_rebuild_advice(
     finish_engine_dir(tmp_path, loaded, {"quantization": "no_quant", "kv_cache_dtype": "auto"})
     with pytest.raises(FileNotFoundError, match="rebuild it with --backend trtllm"):
         TrtLlmEngineClient.from_engine_dir(load_engine_dir(tmp_path), loaded, EngineOptions())
+
+
+def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    client = _client(tmp_path)  # no guided_decoding_backend: the fake refuses guided requests
+
+    async def main() -> None:
+        await client.start()
+        with pytest.raises(UnsupportedRequestError, match="refused the request") as refused:
+            await _collect(client, _request(guide=Guide(GuideKind.REGEX, "a+")))
+        assert refused.value.param == "request" and client.is_healthy()
+        await client.shutdown(0)
+
+    asyncio.run(main())
