@@ -3,7 +3,7 @@
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from runtime.backends.types import EngineStats, GenerationDelta, GenerationRequest, ModelInfo
+from runtime.backends.types import EngineStats, GenerationDelta, GenerationRequest, Guide, ModelInfo
 
 
 class EngineClient(Protocol):
@@ -20,6 +20,10 @@ class EngineClient(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def check_guide(self, guide: Guide) -> None:
+        """Raise GuideError if the guide cannot be enforced; called before a request is admitted."""
+        ...
 
     def is_healthy(self) -> bool: ...
 

@@ -19,10 +19,12 @@ from runtime.backends.types import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    Guide,
     ModelInfo,
 )
 from runtime.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
 from runtime.decoding.stop_strings import StopStringMatcher
+from runtime.decoding.structured.compiler import GrammarCompiler, GuideMatcher
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine, StepOutput
 
@@ -73,6 +75,7 @@ class TorchEngineClient:
         self._dead: BaseException | None = None
         self._model_info: ModelInfo | None = None
         self._stats = EngineStats(0, 0, 0.0, 0, 0)
+        self._compiler: GrammarCompiler | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,8 +140,9 @@ class TorchEngineClient:
             )
             for _ in range(params.n)
         ]
+        matchers = await self._guide_matchers(request)
         self._streams[request.request_id] = stream
-        self._commands.put(("add", request))
+        self._commands.put(("add", (request, matchers)))
         remaining = params.n
         try:
             while remaining:
@@ -153,6 +157,25 @@ class TorchEngineClient:
             self._streams.pop(request.request_id, None)
             if remaining:
                 self._commands.put(("abort", request.request_id))
+
+    async def check_guide(self, guide: Guide) -> None:
+        """Compile (and cache) the guide now, so a bad one is refused before any streaming starts."""
+        compiler = await self._grammar_compiler()
+        await asyncio.to_thread(compiler.compile, guide)
+
+    async def _grammar_compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            assert self.engine is not None
+            self._compiler = await asyncio.to_thread(GrammarCompiler, self.config.model_dir, self.engine.vocab_size)
+        return self._compiler
+
+    async def _guide_matchers(self, request: GenerationRequest) -> list[GuideMatcher] | None:
+        guide = request.sampling.guide
+        if guide is None:
+            return None
+        compiler = await self._grammar_compiler()
+        compiled = await asyncio.to_thread(compiler.compile, guide)
+        return [compiler.matcher(compiled, self._eos_token_ids) for _ in range(request.sampling.n)]
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -234,10 +257,11 @@ class TorchEngineClient:
         while True:
             kind, payload = command
             if kind == "add":
+                request, matchers = payload
                 try:
-                    self.engine.add_request(payload)
+                    self.engine.add_request(request, matchers)
                 except ValueError as error:
-                    self._deliver_error(payload.request_id, error)
+                    self._deliver_error(request.request_id, error)
             elif kind == "abort":
                 self._publish(self.engine.abort(payload))
             elif kind == "abort_choice":

@@ -4,6 +4,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,7 +56,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
 
     # -- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request: GenerationRequest) -> None:
+    def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
+        """Queue a request. `guide_matchers` (one per choice) constrain decoding to a grammar."""
         prompt = list(request.prompt_token_ids)
         params = request.sampling
         if not prompt:
@@ -86,6 +88,11 @@ class LLMEngine:
             )
             for index in range(params.n)
         ]
+        if guide_matchers is not None:
+            if len(guide_matchers) != params.n:
+                raise RequestRejectedError("one grammar matcher per choice is required")
+            for seq, matcher in zip(sequences, guide_matchers, strict=True):
+                seq.guide_state = matcher
         group = SequenceGroup(request.request_id, sequences, arrival)
         self.groups[request.request_id] = group
         self.scheduler.add(group)
@@ -197,6 +204,7 @@ class LLMEngine:
                         prompt_token_ids=target.prompt_token_ids,
                         output_token_ids=target.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
+                        allowed_tokens=target.guide_state.allowed_tokens() if target.guide_state is not None else None,
                     )
                 )
                 owners.append((position, target))
@@ -218,6 +226,11 @@ class LLMEngine:
     def _append(self, seq: Sequence, token_id: int) -> None:
         seq.output_token_ids.append(token_id)
         params = seq.sampling
+        if seq.guide_state is not None and not seq.guide_state.accept(token_id):
+            # The mask only offers tokens the grammar accepts, so this means the matcher and the mask disagree.
+            self._finish(seq, FinishReason.ERROR, None)
+            seq.error = f"token {token_id} was rejected by the grammar"
+            return
         num_output = seq.num_output_tokens
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:

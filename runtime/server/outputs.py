@@ -9,6 +9,7 @@ from typing import Any
 
 from runtime.backends.types import FinishReason, Guide
 from runtime.server.errors import unsupported
+from runtime.server.guides import check_guide_compatible, guide_from_response_format
 from runtime.server.protocol import ChatCompletionRequest, ResponseToolCall
 from runtime.server.state import ServerState
 
@@ -47,8 +48,8 @@ class OutputProcessor:
 def output_processor_for_chat(
     state: ServerState, body: ChatCompletionRequest
 ) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise unsupported("response_format", f"type {body.response_format.type!r} needs structured outputs.")
+    guide = guide_from_response_format(body.response_format)
+    check_guide_compatible(body, guide)
     if body.tools and body.tool_choice != "none":
         raise unsupported("tools", "Tool calling is not enabled for this engine.")
-    return OutputProcessor(), None, None, {}
+    return OutputProcessor(), None, guide, {}

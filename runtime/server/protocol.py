@@ -89,8 +89,9 @@ class ResponseFormat(StrictModel):
     json_schema: JsonSchemaFormat | None = None
     grammar: str | None = None
     regex: str | None = None
-    # structural_tag: xgrammar's format object ({"type": "structural_tag", "format": {...}}) or the
+    # structural_tag: Baseten's `structural_tag` (JSON text or object), xgrammar's `format` object, or the
     # older {"structures": [...], "triggers": [...]} shape
+    structural_tag: str | dict[str, Any] | None = None
     format: dict[str, Any] | None = None
     structures: list[dict[str, Any]] | None = None
     triggers: list[str] | None = None

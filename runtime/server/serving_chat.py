@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.guides import verify_guide
 from runtime.server.logprobs import TokenTexts
 from runtime.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
 from runtime.server.protocol import (
@@ -50,6 +51,7 @@ async def run_chat(
 ) -> ChatCompletionResponse | StreamingResponse:
     """The chat completion as a response object (non-streaming) or an SSE StreamingResponse."""
     plan = plan_chat(state, body)
+    await verify_guide(state, plan.run.request.sampling.guide)
     plan.run.admit()
     request_id = plan.run.request.request_id
     created = int(time.time())

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
 from runtime.server.logprobs import TokenTexts
 from runtime.server.protocol import (
     CompletionChoice,
@@ -75,8 +76,9 @@ async def run_completion(
         raise unsupported(
             "echo", "echo together with logprobs needs prompt logprobs, which are not computed."
         )
-    if body.response_format is not None and body.response_format.type != "text":
-        raise unsupported("response_format", f"type {body.response_format.type!r} needs structured outputs.")
+    guide = guide_from_response_format(body.response_format)
+    check_guide_compatible(body, guide)
+    await verify_guide(state, guide)
     prompts = _prompts(state, body)
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
@@ -85,7 +87,7 @@ async def run_completion(
             body.max_tokens if body.max_tokens is not None else 16, len(ids), limits
         )
         params = build_sampling_params(
-            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=None
+            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide
         )
         runs.append((text, Run(state, new_id("cmpl"), ids, params)))
     admitted: list[Run] = []

@@ -29,7 +29,10 @@ def fanout_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -
 def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:
     body = {
         "model": "x",
-        "messages": [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Pick a color."}],
+        "messages": [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Pick a color."},
+        ],
         "suffix_messages": [
             [{"role": "user", "content": "Now a fruit."}],
             [{"role": "user", "content": "Now an animal."}],
@@ -45,7 +48,10 @@ def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:
     assert data["usage"]["completion_tokens"] >= 3
     single = httpx.post(
         f"{fanout_server.base_url}/v1/chat/completions",
-        json={**{k: v for k, v in body.items() if k != "suffix_messages"}, "messages": body["messages"] + body["suffix_messages"][1]},
+        json={
+            **{k: v for k, v in body.items() if k != "suffix_messages"},
+            "messages": body["messages"] + body["suffix_messages"][1],
+        },
         timeout=120,
     ).json()
     assert data["choices"][1]["message"]["content"] == single["choices"][0]["message"]["content"]
@@ -54,7 +60,11 @@ def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:
 def test_user_errors_and_streaming_postprocessing(fanout_server: ServerProcess) -> None:
     bad = httpx.post(
         f"{fanout_server.base_url}/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "x"}], "suffix_messages": [[{"role": "user", "content": "y"}]], "stream": True},
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "suffix_messages": [[{"role": "user", "content": "y"}]],
+            "stream": True,
+        },
         timeout=60,
     )
     assert bad.status_code == 400 and "stream=true" in bad.json()["error"]["message"]

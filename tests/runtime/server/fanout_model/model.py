@@ -54,7 +54,7 @@ class Model:
             async for chunk in response.body_iterator:
                 text = chunk.decode() if isinstance(chunk, bytes) else chunk
                 if text.startswith("data: {"):
-                    payload = json.loads(text[len("data: "):])
+                    payload = json.loads(text[len("data: ") :])
                     payload["loaded"] = self.loaded
                     yield f"data: {json.dumps(payload)}\n\n"
                 else:
