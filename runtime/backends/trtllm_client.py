@@ -18,11 +18,12 @@ from engine_builder.compile.trtllm.specs import LlmBackend, LlmSpec
 from engine_builder.config import EngineOptions, LoadedConfig, TrtLlmConfigV2
 from runtime.backends.trtllm.model_facts import read_model_facts
 from runtime.backends.trtllm.outputs import RequestStream
-from runtime.backends.trtllm.sampling import EngineTraits, UnsupportedRequestError, to_trtllm
+from runtime.backends.trtllm.sampling import EngineTraits, UnsupportedRequestError, guide_kwargs, to_trtllm
 from runtime.backends.types import (
     EngineStats,
     GenerationDelta,
     GenerationRequest,
+    Guide,
     ModelInfo,
     SamplingParams,
 )
@@ -165,6 +166,15 @@ class TrtLlmEngineClient:
             self._results.pop(request.request_id, None)
             if not stream.is_finished:
                 result.abort()
+
+    async def check_guide(self, guide: Guide) -> None:
+        """Refuse, before admission, a guide this backend cannot map; TensorRT-LLM compiles it at generation."""
+        from runtime.decoding.structured.errors import GuideError
+
+        try:
+            guide_kwargs(guide, self._traits)
+        except UnsupportedRequestError as error:
+            raise GuideError(str(error), param=error.param) from None
 
     async def abort(self, request_id: str) -> None:
         result = self._results.get(request_id)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.backends.types import GuideKind, SamplingParams
+from runtime.backends.types import Guide, GuideKind, SamplingParams
 
 
 class UnsupportedRequestError(ValueError):
@@ -154,10 +154,8 @@ def _prompt_logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampl
         )
 
 
-def _guide(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
-    guide = params.guide
-    if guide is None:
-        return
+def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
+    """`GuidedDecodingParams` keyword arguments for one guide, or UnsupportedRequestError."""
     if not guide.any_whitespace:
         raise UnsupportedRequestError(
             "TensorRT-LLM's GuidedDecodingParams has no whitespace setting; compact-whitespace guides are "
@@ -170,7 +168,12 @@ def _guide(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> No
             param="response_format",
         )
     key = GUIDE_KEYS[guide.kind]
-    out.guide = {key: True} if guide.kind == GuideKind.JSON_OBJECT else {key: guide.spec}
+    return {key: True} if guide.kind == GuideKind.JSON_OBJECT else {key: guide.spec}
+
+
+def _guide(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.guide is not None:
+        out.guide = guide_kwargs(params.guide, traits)
 
 
 def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:

@@ -318,3 +318,16 @@ def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(
         await client.shutdown(0)
 
     asyncio.run(main())
+
+
+def test_check_guide_refuses_what_the_backend_cannot_map(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    errors = pytest.importorskip("runtime.decoding.structured.errors")
+    client = _client(tmp_path, backend=LlmBackend.TENSORRT)
+
+    async def main() -> None:
+        await client.check_guide(Guide(GuideKind.JSON_SCHEMA, "{}"))
+        with pytest.raises(errors.GuideError, match="PyTorch backend") as refused:
+            await client.check_guide(Guide(GuideKind.STRUCTURAL_TAG, "{}"))
+        assert refused.value.param == "response_format"
+
+    asyncio.run(main())
