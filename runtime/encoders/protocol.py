@@ -132,6 +132,8 @@ class PredictRequest(_Truncating):
         """
         if isinstance(self.inputs, str):
             return [self.inputs]
+        if not self.inputs:
+            return []  # refused by the engine as empty
         if not self.is_batch:
             return [_sequence(self.inputs, "inputs")]  # type: ignore[arg-type]
         return [_sequence(entry, f"inputs[{index}]") for index, entry in enumerate(self.inputs)]  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ def make_sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))) + "." for _ in range(count)]
 
 
-def serve(port: int, threads: int) -> None:
+def serve(port: int, threads: int, dtype: str) -> None:
     import torch
     import uvicorn
 
@@ -71,10 +71,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="server dtype")
+    parser.add_argument("--encodings", default="float,base64", help="response encodings to measure, in order")
+    parser.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers reference")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.threads)
+        serve(args.serve, args.threads, args.dtype)
         return
     sentences = make_sentences(args.sentences)
     with socket.socket() as sock:
@@ -104,12 +107,14 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.5)
-        for encoding in ("float", "base64"):
+        for encoding in args.encodings.split(","):
             seconds = asyncio.run(run_http(base_url, sentences, args.batch, args.concurrency, encoding))
-            report("server over HTTP", len(sentences), seconds, args, encoding=encoding)
+            report("server over HTTP", len(sentences), seconds, args, encoding=encoding, dtype=args.dtype)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if args.skip_st:
+        return
 
     import torch
     from sentence_transformers import SentenceTransformer
