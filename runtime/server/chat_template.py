@@ -18,7 +18,9 @@ class PromptRenderer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.has_chat_template = bool(template)
+        self.template_supports_tools = isinstance(template, str) and "tools" in template
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -46,6 +48,8 @@ class PromptRenderer:
             )
         conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
         kwargs = dict(template_kwargs or {})
+        extra_system = kwargs.pop("_extra_system_messages", [])
+        conversation = extra_system + conversation
         try:
             rendered = self.tokenizer.apply_chat_template(
                 conversation,

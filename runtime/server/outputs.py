@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.backends.types import FinishReason, Guide
-from runtime.server.errors import unsupported
+from runtime.server.errors import bad_request
 from runtime.server.guides import check_guide_compatible, guide_from_response_format
 from runtime.server.protocol import ChatCompletionRequest, ResponseToolCall
 from runtime.server.state import ServerState
@@ -48,8 +48,15 @@ class OutputProcessor:
 def output_processor_for_chat(
     state: ServerState, body: ChatCompletionRequest
 ) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
+    from runtime.server.tools import plan_tools
+
     guide = guide_from_response_format(body.response_format)
+    renderer = state.renderer
+    supports_tools = renderer is not None and renderer.template_supports_tools
+    processor, template_tools, tool_guide, hints = plan_tools(body, state.engine.model_info.tool_parser, supports_tools)
+    if tool_guide is not None:
+        if guide is not None:
+            raise bad_request("response_format cannot be combined with a forced tool_choice.", param="response_format")
+        guide = tool_guide
     check_guide_compatible(body, guide)
-    if body.tools and body.tool_choice != "none":
-        raise unsupported("tools", "Tool calling is not enabled for this engine.")
-    return OutputProcessor(), None, guide, {}
+    return processor or OutputProcessor(), template_tools, guide, {"_extra_system_messages": hints} if hints else {}

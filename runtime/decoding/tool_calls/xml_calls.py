@@ -1,0 +1,53 @@
+"""Qwen3-Coder's XML calls: `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`.
+
+Parameter values are text; they are converted with the tool's parameter schema (numbers, booleans,
+objects) and the arguments are rebuilt as a JSON object one completed parameter at a time.
+"""
+
+import json
+import re
+from typing import Any
+
+from runtime.decoding.tool_calls.base import ParsedCall, ParseResult, ToolParser, held_back
+
+_FUNCTION = re.compile(r"<function=([^>\s]+)>")
+_PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
+
+
+class Qwen3CoderParser(ToolParser):
+    name = "qwen3_coder"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        first = text.find(self.OPEN)
+        if first < 0:
+            keep = len(text) if final else len(text) - held_back(text, (self.OPEN,))
+            return ParseResult(text[:keep])
+        content = text[:first]
+        calls: list[ParsedCall] = []
+        for block in text[first:].split(self.OPEN)[1:]:
+            closed = self.CLOSE in block
+            inner = block.split(self.CLOSE)[0]
+            match = _FUNCTION.search(inner)
+            if match is None or not self.is_offered(match.group(1)):
+                if closed or final:
+                    content += self.OPEN + block
+                continue
+            name = match.group(1)
+            function_closed = "</function>" in inner
+            values = [self._convert(name, key, raw) for key, raw in _PARAMETER.findall(inner)]
+            arguments = "{" + ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in values)
+            if function_closed:
+                arguments += "}"
+            calls.append(ParsedCall(name, arguments, closed or (final and function_closed)))
+        return ParseResult(content, calls)
+
+    def _convert(self, tool: str, key: str, raw: str) -> tuple[str, Any]:
+        value = raw.strip("\n")
+        kind = ((self.tools.get(tool) or {}).get("properties", {}).get(key) or {}).get("type")
+        if kind in ("integer", "number", "boolean", "object", "array", "null"):
+            try:
+                return key, json.loads(value)
+            except json.JSONDecodeError:
+                return key, value
+        return key, value
