@@ -71,7 +71,8 @@ def build_engine(
             logger.info("rebuilding %s: %s", output, error)
     stack = loaded.trt_llm
     build = stack.build
-    backend = choose_backend(options.backend)
+    # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
+    backend = "torch" if build.base_model.is_encoder and options.backend == "auto" else choose_backend(options.backend)
     if build.checkpoint_repository is None:
         raise BuildError(
             "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
@@ -82,16 +83,21 @@ def build_engine(
         build.checkpoint_repository.source.value,
         build.checkpoint_repository.repo,
     )
+    # BIS-LLM (v2) on TensorRT-LLM serves modelopt-quantized checkpoints as they are (no_quant + NVFP4 repo).
+    prequantized_ok = backend == "trtllm" and stack.inference_stack.value == "v2"
     fetched = fetch_checkpoint(
         build.checkpoint_repository,
         cache_dir=default_cache_dir() / "checkpoints",
         secrets=Secrets.from_env(),
         base_dir=loaded.base_dir,
         base_model=build.base_model,
+        allow_prequantized=prequantized_ok,
     )
     from engine_builder.checkpoints import check_repository_layout
 
-    info = check_repository_layout(fetched.path, build.base_model, require_chat_template=False)
+    info = check_repository_layout(
+        fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok
+    )
     if isinstance(stack, TrtLlmConfigV1):
         stack.apply_architecture(info.architecture)
     with atomic_engine_dir(output) as staging:

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
 
 
-def create_app(state: ServerState, extra_routers: list[Any] | None = None, user_model: Any = None) -> FastAPI:
+def create_app(
+    state: ServerState, extra_routers: list[Any] | None = None, user_model: Any = None, decoder_routes: bool = True
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -93,9 +95,10 @@ def create_app(state: ServerState, extra_routers: list[Any] | None = None, user_
 
         app.include_router(user_model_router(user_model))
     app.include_router(routes_health.router)
-    app.include_router(routes_openai.router)
-    for router in extra_routers or []:
+    for router in extra_routers or []:  # before the decoder routes, so an encoder's /predict wins
         app.include_router(router)
+    if decoder_routes:
+        app.include_router(routes_openai.router)
     return app
 
 

@@ -50,7 +50,7 @@ class Run:
         name = metrics.model_name
         finished: list[GenerationDelta] = []
         try:
-            async for delta in self.state.engine.generate(self.request):
+            async for delta in self._engine_deltas():
                 if delta.token_ids and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                     metrics.ttft.labels(name).observe(self.first_token_at - self.start)
@@ -65,6 +65,14 @@ class Run:
         finally:
             self.state.release()
             self._record(finished)
+
+    async def _engine_deltas(self) -> AsyncIterator[GenerationDelta]:
+        """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
+        try:
+            async for delta in self.state.engine.generate(self.request):
+                yield delta
+        except ValueError as error:
+            raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
 
     def _record(self, finished: list[GenerationDelta]) -> None:
         metrics = self.state.metrics

@@ -1,0 +1,92 @@
+"""Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from engine_builder.artifact import EngineDir
+from engine_builder.config import EngineOptions, LoadedConfig
+from runtime.backends.types import EngineStats, GenerationDelta, GenerationRequest, Guide, ModelInfo
+from runtime.server.app import create_app
+from runtime.server.errors import APIError
+from runtime.server.state import ServerSettings, ServerState
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class EncoderEngineAdapter:
+    """Presents an EncoderEngine through the lifecycle half of the EngineClient protocol."""
+
+    def __init__(self, engine: Any, served_model_name: str, architecture: str, kind: str) -> None:
+        self.engine = engine
+        self._info = ModelInfo(
+            served_model_name=served_model_name,
+            max_model_len=engine.info.max_input_length,
+            vocab_size=0,
+            eos_token_ids=(),
+            architecture=architecture,
+            kind=kind,
+        )
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        await self.engine.shutdown()
+
+    def is_healthy(self) -> bool:
+        return bool(self.engine.is_healthy())
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        return EngineStats(
+            num_running=int(stats.get("num_running_requests", 0)),
+            num_waiting=int(stats.get("num_waiting_inputs", 0)),
+            kv_cache_usage=0.0,
+            num_kv_blocks=0,
+            num_free_kv_blocks=0,
+        )
+
+    async def check_guide(self, guide: Guide) -> None:
+        raise APIError("This engine serves an encoder; structured outputs apply to decoders.", status=400, param="response_format")
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        raise APIError("This engine serves an encoder: use /v1/embeddings, /rerank or /predict.", status=404)
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+
+def build_encoder_server(
+    engine_dir: EngineDir, loaded: LoadedConfig, options: EngineOptions, settings: ServerSettings
+) -> tuple[FastAPI, ServerState]:
+    import torch
+
+    from runtime.encoders.engine import EncoderEngine
+    from runtime.encoders.routes import build_encoder_router
+    from runtime.engine.model_runner import configure_threads, resolve_device
+
+    configure_threads(options.num_threads)
+    manifest = engine_dir.manifest
+    dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+    engine = EncoderEngine.from_model_dir(
+        engine_dir.model_dir,
+        kind=manifest.base_model,
+        max_num_tokens=manifest.max_num_tokens,
+        max_batch_size=manifest.max_batch_size,
+        device=str(resolve_device(options.device)),
+        dtype=dtype,
+    )
+    default_route = manifest.extra.get("default_route") or getattr(loaded.trt_llm.runtime, "webserver_default_route", None)
+    if default_route in ("/v1/systemone", "/predict_tokens"):
+        raise ValueError(f"webserver_default_route {default_route} is not served by this engine (use /v1/embeddings, /rerank or /predict)")
+    router = build_encoder_router(engine, served_model_name=settings.served_model_name, default_route=default_route)
+    adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
+    settings.max_inflight = max(settings.max_inflight, 2048)
+    state = ServerState(settings=settings, engine=adapter, renderer=None)
+    return create_app(state, extra_routers=[router], decoder_routes=False), state
