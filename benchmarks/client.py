@@ -142,7 +142,9 @@ class BenchClient:
         except HttpError as error:
             record.error = str(error)
         except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            record.error = f"{type(error).__name__}: {error}"[:300]
+            cause = error.__cause__ or error.__context__
+            detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+            record.error = f"{type(error).__name__}: {error}{detail}"[:300]
         record.end = record.end or time.perf_counter()
         return record
 

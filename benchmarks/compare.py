@@ -45,6 +45,10 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def metric_value(summary: dict[str, Any], path: str) -> float:
+    """A summary figure by dotted path; NaN when missing or when the point completed nothing
+    (a point where every request failed says nothing about speed, and is reported as failed)."""
+    if not summary.get("num_completed"):
+        return math.nan
     value: Any = summary
     for key in path.split("."):
         value = value.get(key) if isinstance(value, dict) else None

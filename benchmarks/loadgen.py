@@ -69,16 +69,17 @@ async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
         record = await client.send(item, -1)
         rejected = record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
         if not rejected:
-            if (
-                record.error is None
+            if record.error is not None:
+                notes.append(f"warm-up request failed: {record.error}")
+            elif (
+                client.options.endpoint.is_generative
+                and client.options.length_control is not LengthControl.NONE
                 and record.output_tokens != item.max_tokens
-                and client.options.endpoint.is_generative
             ):
-                if client.options.length_control is not LengthControl.NONE:
-                    notes.append(
-                        f"length control {client.options.length_control.value} did not force the length: "
-                        f"asked {item.max_tokens}, got {record.output_tokens}"
-                    )
+                notes.append(
+                    f"length control {client.options.length_control.value} did not force the length: "
+                    f"asked {item.max_tokens}, got {record.output_tokens}"
+                )
             return notes
         options = client.options
         if options.length_control is LengthControl.IGNORE_EOS:
@@ -186,6 +187,7 @@ async def run_load(
     """Warm up, then run `plan` over `items`; see the module docstring for the bounds."""
     width = plan.concurrency if plan.request_rate is None else (plan.max_concurrency or len(warmup_items))
     notes, warmup_records = await warm_up(client, warmup_items, width)
+    notes.extend(f"warm-up request failed: {r.error}" for r in warmup_records if r.error is not None)
     items = items[: plan.num_requests]
     records: list[RequestRecord] = []
     bar = tqdm(

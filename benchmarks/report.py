@@ -85,12 +85,19 @@ def _median(points: Sequence[dict[str, Any]], path: str) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _counts(group: Sequence[dict[str, Any]]) -> str:
+    completed = sum(p["summary"]["num_completed"] for p in group)
+    failed = sum(p["summary"]["num_failed"] + p.get("num_incomplete", 0) for p in group)
+    return f"{len(group)} ({completed}/{failed})"
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def markdown_table(document: dict[str, Any]) -> str:
-    """One row per (load point, engine): medians over repeats; ratio columns against the subject."""
+    """One row per (load point, engine): medians over the repeats that completed anything;
+    ratio columns against the subject. Failed requests are counted, never averaged in."""
     points = document["points"]
     if not points:
         return "(no points measured)\n"
@@ -104,7 +111,7 @@ def markdown_table(document: dict[str, Any]) -> str:
         )
         groups.setdefault((label, point["engine"]), []).append(point)
     if generative:
-        header = "| load | engine | repeats | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | goodput req/s | tok/s ratio (subject/this) |"
+        header = "| load | engine | repeats (ok/failed req) | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | goodput req/s | tok/s ratio (subject/this) |"
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
         for (label, engine), group in groups.items():
             ratio = ratio_index.get((label, engine, "output_tok_per_s"))
@@ -114,7 +121,7 @@ def markdown_table(document: dict[str, Any]) -> str:
                 else "-"
             )
             lines.append(
-                f"| {label} | {engine} | {len(group)} | {_fmt(_median(group, 'output_throughput'))} | "
+                f"| {label} | {engine} | {_counts(group)} | {_fmt(_median(group, 'output_throughput'))} | "
                 f"{_fmt(_median(group, 'request_throughput'), 2)} | "
                 f"{_fmt(_median(group, 'ttft_ms.p50'), 0)} / {_fmt(_median(group, 'ttft_ms.p99'), 0)} | "
                 f"{_fmt(_median(group, 'tpot_ms.p50'))} / {_fmt(_median(group, 'tpot_ms.p99'))} | "
@@ -123,7 +130,7 @@ def markdown_table(document: dict[str, Any]) -> str:
                 f"{_fmt(_median(group, 'goodput'), 2)} | {ratio_text} |"
             )
     else:
-        header = "| load | engine | repeats | items/s | req/s | latency p50 / p99 ms | items/s ratio (subject/this) |"
+        header = "| load | engine | repeats (ok/failed req) | items/s | req/s | latency p50 / p99 ms | items/s ratio (subject/this) |"
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
         for (label, engine), group in groups.items():
             ratio = ratio_index.get((label, engine, "items_per_s"))
@@ -133,7 +140,7 @@ def markdown_table(document: dict[str, Any]) -> str:
                 else "-"
             )
             lines.append(
-                f"| {label} | {engine} | {len(group)} | {_fmt(_median(group, 'items_per_s'))} | "
+                f"| {label} | {engine} | {_counts(group)} | {_fmt(_median(group, 'items_per_s'))} | "
                 f"{_fmt(_median(group, 'request_throughput'), 2)} | "
                 f"{_fmt(_median(group, 'latency_ms.p50'), 0)} / {_fmt(_median(group, 'latency_ms.p99'), 0)} | "
                 f"{ratio_text} |"

@@ -70,7 +70,7 @@ def standard_suites(quick: bool) -> list[Suite]:
             output_len=32,
             tokenizer_dir=default_tokenizer_dir(Endpoint.CHAT),
         ),
-        plans=(plan(1, 3), plan(4, 8), plan(16, 16)),
+        plans=(plan(1, 3), plan(4, 8), plan(16, 32)),
         slo=LLM_SLO,
         reserve_s=180.0,
     )
@@ -106,7 +106,8 @@ def _start_all(names: tuple[str, ...], endpoint: Endpoint, install: bool, target
     return skipped
 
 
-def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, description: dict) -> dict | None:
+def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dict | None:
+    description = machine.describe()
     targets: list[Target] = []
     try:
         skipped = _start_all(suite.engines, suite.spec.endpoint, install, targets)
@@ -189,7 +190,7 @@ def update_readme(summary: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats per load point")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per load point")
     parser.add_argument("--budget-minutes", type=float, default=14.0, help="skip remaining points after this")
     parser.add_argument("--quick", action="store_true", help="half the requests per point (a smoke run)")
     parser.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
@@ -201,13 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     started = time.monotonic()
     deadline = started + args.budget_minutes * 60
-    description = machine.describe()
     documents = []
     for suite in standard_suites(args.quick):
         if args.only and suite.name != args.only:
             continue
         suite_deadline = deadline - (0.0 if args.only else suite.reserve_s)
-        document = run_suite(suite, args.repeats, not args.no_install, suite_deadline, description)
+        document = run_suite(suite, args.repeats, not args.no_install, suite_deadline)
         if document is not None:
             document["png"] = f"results/{suite.name}.png"
             documents.append(document)

@@ -88,7 +88,7 @@ class StreamRows(StoppingCriteria):
                         job.done = True
                         job.emit("finish", "length")
             finished.append(job.done)
-        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class StaticBatcher:

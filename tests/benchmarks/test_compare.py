@@ -76,7 +76,7 @@ def test_interleaved_run_orders_engines_and_reports_ratios(server: FakeServer, t
     assert loaded["points"][0]["summary"]["token_sources"] == {"usage": 2}
     table = markdown_table(loaded)
     assert table.count("\n") == 2 + 4  # header, rule, one row per (load, engine)
-    assert "| c=2 | b | 2 |" in table
+    assert "| c=2 | b | 2 (8/0) |" in table
     assert "output_tok_per_s" in ratio_table(loaded)
     png = plot_document(loaded, tmp_path / "r.png")
     assert png is not None and png.stat().st_size > 1000
