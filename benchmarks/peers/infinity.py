@@ -8,6 +8,7 @@ is required on CPU with current torch. Ready in ~8 s. Routes are served under `/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from benchmarks.peers.base import (
@@ -42,6 +43,7 @@ def start(
 ) -> PeerHandle:
     python = install()
     port = port or free_port()
+    threads = os.environ.get("ENGINE_BUILDER_NUM_THREADS", "1")
     command = [
         str(python.parent / "infinity_emb"),
         "v2",
@@ -69,8 +71,21 @@ def start(
         port=port,
         model=served_name,
         ready_paths=("/health", "/v1/models"),
-        env={"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+            "DO_NOT_TRACK": "1",
+            # One compute thread, like every engine in the suite (torch reads these at import).
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        },
         timeout_s=timeout_s,
         version=installed_version(python, "infinity-emb"),
-        settings={"engine": "torch", "device": "cpu", "batch_size": batch_size, "bettertransformer": False},
+        settings={
+            "engine": "torch",
+            "device": "cpu",
+            "batch_size": batch_size,
+            "bettertransformer": False,
+            "threads": int(threads),
+        },
     )
