@@ -30,12 +30,13 @@ class BlockManager:
         self._blocks = [_Block() for _ in range(num_blocks)]
         self._free: deque[int] = deque(range(1, num_blocks))
         self._by_hash: dict[int, int] = {}
+        self.num_blocks_reserved = 0
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
 
     @property
     def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks - 1 - self.num_blocks_reserved
 
     @property
     def num_free_blocks(self) -> int:
@@ -152,6 +153,14 @@ class BlockManager:
             block.token_ids = ()
         block.ref_count = 1
         return block_id
+
+    def reserve(self, num_blocks: int) -> list[int]:
+        """Take blocks out of the pool for good (lookahead's scratch area)."""
+        if num_blocks > self.num_free_blocks - 1:
+            raise ValueError(f"cannot reserve {num_blocks} KV blocks; {self.num_free_blocks} are free")
+        reserved = [self._take_free() for _ in range(num_blocks)]
+        self.num_blocks_reserved += num_blocks
+        return reserved
 
     def hit_rate(self) -> float:
         return self.num_prefix_hits / self.num_prefix_queries if self.num_prefix_queries else 0.0

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from runtime.backends.types import EngineStats, FinishReason, GenerationRequest, TokenLogprob
+from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig
 from runtime.engine.model_runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingRow
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from runtime.engine.speculation import LookaheadRunner
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.sampler = Sampler(spec.vocab_size, self.runner.device)
+        self.lookahead = (
+            LookaheadRunner(config.lookahead, self.blocks, self.runner.kv_cache) if config.lookahead is not None else None
+        )
         self.groups: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
@@ -141,48 +146,94 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        schedule = self.scheduler.schedule()
+        drafts = self._plan_drafts()
+        extra_slots = max(self.config.lookahead.ngram_size - 1, 0) if self.config.lookahead else 0
+        schedule = self.scheduler.schedule({seq_id: (plan.num_rows, extra_slots) for seq_id, plan in drafts.items()})
         if schedule.is_empty:
             return []
         self.num_steps += 1
         scheduled = schedule.scheduled
-        to_sample = [i for i, item in enumerate(scheduled) if item.sample]
-        inputs = self.runner.prepare(scheduled, [(i, scheduled[i].num_new_tokens - 1) for i in to_sample])
+        requests: list[tuple[int, int]] = []  # (scheduled index, row offset) for each logits row computed
+        for index, item in enumerate(scheduled):
+            if item.num_draft_tokens:
+                item.draft = drafts[item.seq.seq_id]
+                requests.extend((index, offset) for offset in self.lookahead.logit_offsets(item.draft))  # type: ignore[union-attr]
+            elif item.sample:
+                requests.append((index, item.num_new_tokens - 1))
+        inputs = self.runner.prepare(scheduled, requests)
         try:
             logits = self.runner.execute(inputs)
         except Exception as error:  # a failed forward fails the requests in it, not the server
-            logger.exception(
-                "forward pass failed; failing %d requests", len({s.seq.request_id for s in scheduled})
-            )
+            logger.exception("forward pass failed; failing %d requests", len({s.seq.request_id for s in scheduled}))
             outputs: list[StepOutput] = []
             for request_id in {item.seq.request_id for item in scheduled}:
                 outputs.extend(self.abort(request_id, FinishReason.ERROR, f"engine error: {error}"))
             return outputs
+        rows_of: dict[int, list[int]] = {}
+        for row, (index, _) in enumerate(requests):
+            rows_of.setdefault(index, []).append(row)
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.blocks.commit_full_blocks(item.seq)
-        rows, owners = self._sampling_rows([scheduled[i] for i in to_sample])
+            if not item.num_draft_tokens:
+                self.blocks.commit_full_blocks(item.seq)
+        outputs = self._sample(scheduled, rows_of, logits)
+        outputs += self._finish_drafts(scheduled, rows_of, logits)
+        self._release_finished(outputs)
+        self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
+        return outputs
+
+    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], logits: torch.Tensor) -> list[StepOutput]:
+        sampled_items = [(index, item) for index, item in enumerate(scheduled) if item.sample and not item.num_draft_tokens]
+        rows, owners = self._sampling_rows([item for _, item in sampled_items])
         if not rows:
             return []
-        row_logits = logits[torch.tensor([position for position, _ in owners])]
-        sampled = self.sampler(row_logits, rows)
+        logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
+        sampled = self.sampler(logits[torch.tensor(logit_rows)], rows)
         outputs = []
-        finished_groups: set[str] = set()
         for (_, seq), token_id, logprob in zip(owners, sampled.token_ids, sampled.logprobs, strict=True):
             self._append(seq, token_id)
             outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
-            if seq.is_finished:
-                finished_groups.add(seq.request_id)
-        for request_id in finished_groups:
-            group = self.groups[request_id]
+        return outputs
+
+    def _plan_drafts(self) -> dict[int, DraftPlan]:
+        if self.lookahead is None:
+            return {}
+        running = [seq for group in self.scheduler.running for seq in group.sequences if seq.status == SequenceStatus.RUNNING and not seq.is_finished]
+        return self.lookahead.plan(running, len(running))
+
+    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], logits: torch.Tensor) -> list[StepOutput]:
+        outputs = []
+        for index, item in enumerate(scheduled):
+            if not item.num_draft_tokens:
+                continue
+            assert self.lookahead is not None
+            seq = item.seq
+            result = self.lookahead.finish(seq, item.draft, logits[torch.tensor(rows_of[index])])
+            appended: list[int] = []
+            for token in result.tokens:
+                self._append(seq, token)
+                appended.append(token)
+                if seq.is_finished:
+                    break
+            reused = min(result.num_reused, len(appended) - 1)
+            if not seq.is_finished:
+                self.lookahead.copy_accepted(seq, result, item.draft, reused)
+                seq.num_computed_tokens += reused
+                self.blocks.commit_full_blocks(seq)
+            outputs.append(self._output(seq, appended, None))
+        return outputs
+
+    def _release_finished(self, outputs: list[StepOutput]) -> None:
+        for request_id in {output.request_id for output in outputs if output.finish_reason is not None}:
+            group = self.groups.get(request_id)
+            if group is None:
+                continue
             for seq in group.sequences:
                 if seq.is_finished and seq.block_table:
                     self.blocks.free(seq)
             if group.is_finished:
                 self.scheduler.finish(group)
                 del self.groups[request_id]
-        self.num_generated_tokens += len(outputs)
-        return outputs
 
     def _sampling_rows(
         self, items: list[ScheduledSequence]
@@ -270,4 +321,5 @@ class LLMEngine:
             num_free_kv_blocks=self.blocks.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=self.blocks.hit_rate(),
+            lookahead_accepted_per_step=self.lookahead.accepted_per_step if self.lookahead else 0.0,
         )

@@ -3,6 +3,7 @@
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -122,11 +123,12 @@ class ModelRunner:
             end = start + item.num_new_tokens
             row_of[index] = len(input_ids)
             input_ids.extend(seq.token_slice(start, end))
-            if item.num_draft_tokens:
-                raise NotImplementedError("draft rows are prepared by the lookahead proposer")
             positions.extend(range(start, end))
             context = self._slots(seq, end)
             slot_mapping.extend(context[start:end].tolist())
+            if item.draft is not None:
+                spans.append(self._draft_span(row_of[index], start, context, item.draft, input_ids, positions, slot_mapping))
+                continue
             spans.append(
                 ExtendSpan(row_start=row_of[index], num_new_tokens=end - start, context_slots=context)
             )
@@ -158,6 +160,25 @@ class ModelRunner:
             logit_rows=logit_rows,
             row_of=row_of,
         )
+
+    @staticmethod
+    def _draft_span(
+        row_start: int, position: int, context: torch.Tensor, draft: Any, input_ids: list[int], positions: list[int],
+        slot_mapping: list[int],
+    ) -> ExtendSpan:
+        """x (already added) plus the lookahead draft rows, whose K/V go to scratch slots, under the tree mask."""
+        input_ids.extend(draft.tokens)
+        positions.extend(draft.positions)
+        slot_mapping.extend(draft.scratch_slots)
+        num_drafts = draft.num_rows
+        context_len = position + 1
+        mask = torch.zeros(1 + num_drafts, context_len + num_drafts, dtype=torch.bool)
+        mask[:, :context_len] = True  # every row sees the whole context and x
+        mask[1:, context_len:] = draft.local_mask
+        for row in range(num_drafts):
+            mask[1 + row, context_len + row] = True  # and itself
+        scratch = torch.tensor(draft.scratch_slots, dtype=torch.long)
+        return ExtendSpan(row_start, 1 + num_drafts, torch.cat([context, scratch]), mask)
 
     def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
         blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long)

@@ -10,6 +10,7 @@ newest running request (its KV is dropped and recomputed later).
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
@@ -23,7 +24,8 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
     sample: bool  # the step computes up to the sequence's last token, so a new token is sampled
-    num_draft_tokens: int = 0  # lookahead: extra candidate tokens verified in this step
+    num_draft_tokens: int = 0  # lookahead: extra draft rows computed in this step
+    draft: Any = None  # the DraftPlan behind those rows
 
 
 @dataclass
@@ -74,8 +76,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- scheduling --------------------------------------------------------------------------------------
-    def schedule(self, draft_tokens: dict[int, int] | None = None) -> SchedulerOutput:
-        """Pick the next step's work. `draft_tokens` asks for extra verify slots per seq_id (lookahead)."""
+    def schedule(self, draft_tokens: dict[int, tuple[int, int]] | None = None) -> SchedulerOutput:
+        """Pick the next step's work.
+
+        `draft_tokens` maps seq_id -> (draft rows, KV slots to reserve for accepted drafts) (lookahead).
+        Drafts are optional extras: they are dropped when the token budget or the block pool is short.
+        """
         output = SchedulerOutput()
         token_budget = self.config.max_num_tokens
         for group in list(self.running):
@@ -87,7 +93,7 @@ class Scheduler:
                 num_new = seq.num_uncomputed_tokens
                 if num_new <= 0:
                     continue
-                drafts = (draft_tokens or {}).get(seq.seq_id, 0) if num_new == 1 else 0
+                drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if num_new == 1 else (0, 0)
                 if num_new > token_budget:
                     # Recomputing a preempted sequence may always be chunked: it could exceed max_num_tokens.
                     can_chunk = self.config.enable_chunked_prefill or bool(seq.output_token_ids)
@@ -96,7 +102,7 @@ class Scheduler:
                     num_new = token_budget
                 if drafts and num_new + drafts > token_budget:
                     drafts = 0
-                if not self._reserve_slots(seq, num_new + drafts, output):
+                if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output):
                     if group not in self.running:
                         break
                     if drafts and self._reserve_slots(seq, num_new, output):
@@ -215,7 +221,7 @@ class Scheduler:
         """Blocks the running sequences may still claim before they finish."""
         reserved = 0
         for group in self.running:
-            for index, seq in enumerate(group.sequences):
+            for seq in group.sequences:
                 if seq.is_finished:
                     continue
                 worst = self.blocks.blocks_for(self._max_total_tokens(seq) + self.config.max_draft_tokens)

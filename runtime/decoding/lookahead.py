@@ -1,0 +1,178 @@
+"""Lookahead decoding (Fu et al., 2024): Jacobi guesses, an n-gram pool, and verification in one forward pass.
+
+Per sequence, a window of N-1 levels x W columns holds Jacobi guesses: level l, column i guesses the
+token at position p+1+i+l (p is the position of the last sampled token x). Each step the model sees x,
+the whole window (the lookahead branch) and up to G candidate n-grams whose first token follows x in
+the pool (the verification branch). Attention inside the step:
+- window token (l, i) sees the context, x, column i below it ((l', i) for l' < l) and level 0 left of
+  it ((0, j) for j < i): a chain of consecutive positions ending right before its own;
+- candidate token k of n-gram g sees the context, x and tokens 0..k-1 of the same n-gram.
+The outputs at the top level form a new level (the oldest is dropped), and each column's chain of N
+consecutive guesses becomes an n-gram in the pool. The pool also indexes every n-gram of the prompt and
+the output (prompt lookup), which is where code and repeated text gain most.
+
+Verification is greedy: the longest candidate whose tokens equal the model's own argmax predictions
+is accepted, plus the model's next token, so greedy output is token-identical with lookahead off.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime.engine.config import LookaheadConfig
+
+MAX_NGRAMS_PER_KEY = 8
+
+
+@dataclass
+class DraftPlan:
+    """The draft rows one sequence adds to a step, after its last sampled token x."""
+
+    tokens: list[int]
+    positions: list[int]
+    local_mask: torch.Tensor  # [D, D] bool: draft row r may attend to draft row c
+    num_window_rows: int
+    candidates: list[list[int]]
+    scratch_slots: list[int] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
+
+    def logit_offsets(self, window_size: int, ngram_size: int) -> list[int]:
+        """Rows (relative to x at 0) whose logits verification and the window update need."""
+        top_level = (ngram_size - 2) * window_size
+        window = [1 + top_level + column for column in range(window_size)] if self.num_window_rows else []
+        candidates = [1 + self.num_window_rows + row for row in range(self.num_rows - self.num_window_rows)]
+        return [0, *window, *candidates]
+
+
+@dataclass
+class LookaheadState:
+    """Per-sequence: the Jacobi window and the n-gram pool."""
+
+    window: list[list[int]]
+    pool: dict[int, OrderedDict[tuple[int, ...], None]] = field(default_factory=dict)
+    num_indexed: int = 0  # tokens of the sequence already indexed into the pool
+    num_steps: int = 0
+    num_accepted: int = 0
+
+
+class LookaheadProposer:
+    """Shared and stateless per request: builds drafts, verifies, updates the per-sequence state."""
+
+    def __init__(self, config: LookaheadConfig) -> None:
+        self.config = config
+        self.window_size = config.window_size
+        self.ngram_size = config.ngram_size
+        self.levels = max(config.ngram_size - 1, 1)
+        self._window_mask = self._build_window_mask()
+
+    @property
+    def max_rows(self) -> int:
+        return self.window_size * self.levels + self.config.verification_set_size * (self.ngram_size - 1)
+
+    def new_state(self, tokens: list[int]) -> LookaheadState:
+        """Seed the window with context tokens (a Jacobi start needs any tokens; these are plausible ones)."""
+        recent = tokens[-self.window_size * self.levels :] or [0]
+        window = [[recent[(level * self.window_size + column) % len(recent)] for column in range(self.window_size)]
+                  for level in range(self.levels)]
+        return LookaheadState(window=window)
+
+    def index(self, state: LookaheadState, tokens: list[int]) -> None:
+        """Add every complete n-gram of the sequence not indexed yet (prompt lookup)."""
+        n = self.ngram_size
+        for start in range(max(state.num_indexed, 0), len(tokens) - n + 1):
+            self._remember(state, tokens[start], tuple(tokens[start + 1 : start + n]))
+        state.num_indexed = max(state.num_indexed, len(tokens) - n + 1)
+
+    def _remember(self, state: LookaheadState, key: int, ngram: tuple[int, ...]) -> None:
+        entries = state.pool.setdefault(key, OrderedDict())
+        entries.pop(ngram, None)
+        entries[ngram] = None
+        while len(entries) > MAX_NGRAMS_PER_KEY:
+            entries.popitem(last=False)
+
+    def propose(self, state: LookaheadState, last_token: int, position: int) -> DraftPlan:
+        window_tokens = [token for level in state.window for token in level] if self.ngram_size > 1 else []
+        window_positions = [position + 1 + column + level for level in range(self.levels) for column in range(self.window_size)]
+        if self.ngram_size <= 1:
+            window_positions = []
+        candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))][: self.config.verification_set_size]
+        tokens = list(window_tokens)
+        positions = list(window_positions)
+        for candidate in candidates:
+            tokens.extend(candidate)
+            positions.extend(position + 1 + k for k in range(len(candidate)))
+        size = len(tokens)
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        num_window = len(window_tokens)
+        if num_window:
+            mask[:num_window, :num_window] = self._window_mask
+        offset = num_window
+        for candidate in candidates:
+            length = len(candidate)
+            mask[offset : offset + length, offset : offset + length] = torch.ones(length, length, dtype=torch.bool).tril(-1)
+            offset += length
+        return DraftPlan(tokens, positions, mask, num_window, candidates)
+
+    def _build_window_mask(self) -> torch.Tensor:
+        size = self.window_size * self.levels
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        for level in range(self.levels):
+            for column in range(self.window_size):
+                row = level * self.window_size + column
+                for below in range(level):
+                    mask[row, below * self.window_size + column] = True
+                for left in range(column):
+                    mask[row, left] = True
+        return mask
+
+    def verify(self, plan: DraftPlan, x_logits: torch.Tensor, candidate_logits: list[torch.Tensor], guide: Any) -> tuple[list[int], int]:
+        """Greedy acceptance: (accepted tokens, number of them that were candidate tokens with computed KV).
+
+        `candidate_logits[g]` holds the logits rows of candidate g. With a grammar (`guide`), every
+        prediction is the argmax over grammar-valid tokens in the state after the tokens before it.
+        """
+        first = _argmax(x_logits, guide)
+        best: list[int] = [first]
+        best_matched = 0
+        for candidate, rows in zip(plan.candidates, candidate_logits, strict=True):
+            accepted = [first]
+            accepted_by_guide = 0
+            for k, token in enumerate(candidate):
+                if token != accepted[-1]:
+                    break
+                if guide is not None:
+                    if not guide.accept(token):
+                        break
+                    accepted_by_guide += 1
+                accepted.append(_argmax(rows[k], guide))
+            if guide is not None:
+                guide.rollback(accepted_by_guide)
+            if len(accepted) > len(best):
+                best, best_matched = accepted, len(accepted) - 1
+        return best, best_matched
+
+    def update_window(self, state: LookaheadState, top_level_logits: torch.Tensor | None) -> None:
+        """Append the new Jacobi level, drop the oldest, and pool each column's chain of N guesses."""
+        if top_level_logits is None or self.ngram_size <= 1:
+            return
+        new_level = top_level_logits.argmax(dim=-1).tolist()
+        for column in range(self.window_size):
+            chain = [state.window[level][column] for level in range(self.levels)] + [new_level[column]]
+            self._remember(state, chain[0], tuple(chain[1:]))
+        state.window = state.window[1:] + [new_level]
+
+
+def _argmax(logits: torch.Tensor, guide: Any) -> int:
+    if guide is None:
+        return int(logits.argmax())
+    allowed = guide.allowed_tokens()
+    masked = logits.clone()
+    masked[: allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+    if masked.shape[0] > allowed.shape[0]:
+        masked[allowed.shape[0] :] = float("-inf")
+    return int(masked.argmax())
