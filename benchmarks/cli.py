@@ -151,6 +151,10 @@ def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
     if not targets:
         print("[bench] no engine to measure: " + "; ".join(skipped), file=sys.stderr)
         return 1
+    subject = getattr(args, "subject", None)
+    if subject and subject in [t.name for t in targets]:
+        # The subject runs first in each round and is the numerator of every ratio.
+        targets.sort(key=lambda target: target.name != subject)
     try:
         points = run_interleaved(
             targets,
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines", default="", help=f"comma list of peers to start, subject first: {', '.join(PEERS)}"
     )
     compare.add_argument("--target", action="append", help="NAME=URL of a running server (before --engines)")
+    compare.add_argument(
+        "--subject", default=None, help="numerator of the ratios (default: the first engine)"
+    )
     compare.add_argument("--model", default=None)
     compare.add_argument("--repeats", type=int, default=3)
     add_workload_flags(compare)
