@@ -1,0 +1,1 @@
+"""Calibration and quantization: datasets, recipes per quantization_type, exporters, accuracy report and gate."""

@@ -57,6 +57,17 @@ class PagedKVCache:
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.scales: torch.Tensor | None = None  # [2, num_layers] K and V scales of an FP8 cache
+
+    def set_scales(self, scales: torch.Tensor) -> None:
+        """Per-layer K/V scales: the cache stores k / k_scale and reads back k_fp8 * k_scale."""
+        if self.key.dtype == torch.float8_e4m3fn:
+            self.scales = scales.float().to(self.key.device)
+
+    def scales_of(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.scales is None:
+            return None
+        return self.scales[0, layer_index], self.scales[1, layer_index]
 
     @staticmethod
     def bytes_per_block(
@@ -83,23 +94,53 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend every token row to its context."""
-    key_cache.index_copy_(0, metadata.slot_mapping, key.to(key_cache.dtype))
-    value_cache.index_copy_(0, metadata.slot_mapping, value.to(value_cache.dtype))
+    """Write this step's K/V into the cache, then attend every token row to its context.
+
+    With `kv_scales` (an FP8 cache) K and V are divided by their scales before the cast and multiplied
+    back after every read.
+    """
+    if kv_scales is not None:
+        key = key.float() / kv_scales[0]
+        value = value.float() / kv_scales[1]
+    _write(key_cache, metadata.slot_mapping, key)
+    _write(value_cache, metadata.slot_mapping, value)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     output = torch.empty_like(query)
     if metadata.num_decodes:
         output[metadata.decode_rows] = _decode_attention(
-            query[metadata.decode_rows], key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window
+            query[metadata.decode_rows], key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window,
+            kv_scales,
         )
     for span in metadata.extends:
         rows = slice(span.row_start, span.row_start + span.num_new_tokens)
         output[rows] = _extend_attention(
-            query[rows], key_cache, value_cache, span, scale, num_kv_heads, sliding_window
+            query[rows], key_cache, value_cache, span, scale, num_kv_heads, sliding_window, kv_scales
         )
     return output
+
+
+def _write(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel on CPU: copy the bytes
+        cache.view(torch.uint8).index_copy_(0, slots, rows.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, rows.to(cache.dtype))
+
+
+def _read(
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    dtype: torch.dtype,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+    which: int,
+) -> torch.Tensor:
+    """Gather cache rows in the compute dtype, undoing the FP8 scale when there is one."""
+    rows = cache[slots]
+    if kv_scales is None:
+        return rows.to(dtype)
+    return (rows.float() * kv_scales[which]).to(dtype)
 
 
 def _decode_attention(
@@ -110,12 +151,13 @@ def _decode_attention(
     scale: float,
     num_kv_heads: int,
     sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     # Hand-written batched attention: on CPU, SDPA in bf16 is ~10x slower than two matmuls for one query row.
     num_decodes, num_heads, head_dim = query.shape
     group = num_heads // num_kv_heads
-    keys = key_cache[metadata.decode_slots].to(query.dtype)  # [B, L, Hkv, D]
-    values = value_cache[metadata.decode_slots].to(query.dtype)
+    keys = _read(key_cache, metadata.decode_slots, query.dtype, kv_scales, 0)  # [B, L, Hkv, D]
+    values = _read(value_cache, metadata.decode_slots, query.dtype, kv_scales, 1)
     q = query.view(num_decodes, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G, L]
     mask = metadata.decode_mask.view(num_decodes, 1, 1, -1)
@@ -137,11 +179,13 @@ def _extend_attention(
     scale: float,
     num_kv_heads: int,
     sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     num_new = query.shape[0]
     context_len = int(span.context_slots.numel())
-    keys = key_cache[span.context_slots].to(query.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-    values = value_cache[span.context_slots].to(query.dtype).transpose(0, 1).unsqueeze(0)
+    slots = span.context_slots
+    keys = _read(key_cache, slots, query.dtype, kv_scales, 0).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    values = _read(value_cache, slots, query.dtype, kv_scales, 1).transpose(0, 1).unsqueeze(0)
     q = query.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
     mask = span.custom_mask
     if mask is None and (

@@ -60,6 +60,9 @@ class ModelRunner:
             kv_dtype,
             self.device,
         )
+        kv_scales = getattr(self.model, "kv_cache_scales", None)
+        if kv_scales is not None:
+            self.kv_cache.set_scales(kv_scales)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB, %s)",
             self.num_blocks,

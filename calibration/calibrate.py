@@ -1,0 +1,68 @@
+"""Max calibration: the largest |value| seen at the input of every decoder linear layer and in K/V.
+
+The reference model (our `DecoderModel` in float32) runs the calibration samples; forward pre-hooks record
+input amax per layer, and K/V amax are read from what the batch wrote into its KV cache (after rotary,
+exactly what an FP8 cache stores).
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from calibration.forward import batches, run_batch
+from runtime.engine.models.decoder import DecoderModel
+from runtime.engine.models.layers import Linear
+
+logger = logging.getLogger(__name__)
+
+LINEAR_NAMES = ("qkv", "o_proj", "mlp.gate_up", "mlp.down")
+
+
+@dataclass
+class CalibrationStats:
+    input_amax: dict[str, float]  # our module name ("layers.3.qkv") -> amax of its input
+    kv_amax: torch.Tensor  # [2, num_layers]: K and V amax per layer
+    num_samples: int
+    num_tokens: int
+    seconds: float = 0.0
+    source: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def calibrate(model: DecoderModel, samples: list[list[int]]) -> CalibrationStats:
+    if not samples:
+        raise ValueError("no calibration samples")
+    started = time.monotonic()
+    input_amax: dict[str, float] = {}
+    hooks = []
+    for index, layer in enumerate(model.layers):
+        for name in LINEAR_NAMES:
+            module = layer.get_submodule(name)
+            assert isinstance(module, Linear), f"calibration needs an unquantized model, got {type(module)}"
+            hooks.append(module.register_forward_pre_hook(_recorder(input_amax, f"layers.{index}.{name}")))
+    kv_amax = torch.zeros(2, len(model.layers))
+    num_tokens = 0
+    try:
+        for batch_sequences in batches(samples):
+            batch = run_batch(model, batch_sequences)
+            used = slice(1, batch.num_tokens + 1)
+            for which, cache in enumerate((batch.kv_cache.key, batch.kv_cache.value)):
+                amax = cache[:, used].abs().flatten(1).amax(1).float().cpu()
+                kv_amax[which] = torch.maximum(kv_amax[which], amax)
+            num_tokens += batch.num_tokens
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seconds = time.monotonic() - started
+    logger.info("calibrated on %d samples (%d tokens) in %.1f s", len(samples), num_tokens, seconds)
+    return CalibrationStats(input_amax, kv_amax, len(samples), num_tokens, seconds)
+
+
+def _recorder(store: dict[str, float], name: str):  # noqa: ANN202 - a torch hook
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        amax = float(args[0].detach().abs().max())
+        store[name] = max(store.get(name, 0.0), amax)
+
+    return hook
