@@ -83,14 +83,14 @@ class GuideMatcher:
     """Per-request parse state: which tokens may come next; accept, roll back, terminate."""
 
     def __init__(
-        self, xgr: Any, compiled: Any, vocab_size: int, stop_token_ids: tuple[int, ...], max_rollback: int = 64
+        self, xgr: Any, compiled: Any, vocab_size: int, stop_token_ids: tuple[int, ...]
     ) -> None:
         import torch
 
         self._xgr = xgr
         # The engine's EOS ids (generation_config) end the grammar, not only the tokenizer's eos token.
         self._matcher = xgr.GrammarMatcher(
-            compiled, override_stop_tokens=list(stop_token_ids) or None, max_rollback_tokens=max_rollback
+            compiled, override_stop_tokens=list(stop_token_ids) or None
         )
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self._shifts = torch.arange(32, dtype=torch.int32)

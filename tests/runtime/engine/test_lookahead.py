@@ -1,0 +1,117 @@
+"""Lookahead decoding: greedy output identical to plain decoding, grammar-safe, exact limits, fallbacks."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.backends.types import GenerationRequest, Guide, GuideKind, SamplingParams
+from runtime.decoding.lookahead import LookaheadProposer
+from runtime.engine.config import EngineConfig, LookaheadConfig, SchedulerPolicy
+from runtime.engine.engine import LLMEngine
+
+pytestmark = pytest.mark.slow
+EOS = (2,)
+LOOKAHEAD = LookaheadConfig(window_size=3, ngram_size=4, verification_set_size=3, max_batch_size=8)
+
+
+def _engine(model_dir: Path, lookahead: LookaheadConfig | None, **overrides: object) -> LLMEngine:
+    values: dict = dict(model_dir=model_dir, dtype="float32", max_seq_len=512, max_num_tokens=512, lookahead=lookahead,
+                        kv_cache_memory_bytes=256 * 2**20)
+    values.update(overrides)
+    return LLMEngine(EngineConfig(**values), eos_token_ids=EOS)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, matchers: list | None = None) -> list[list[int]]:
+    outputs: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{index}", tuple(prompt), params), [matchers[index]] if matchers else None)
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.token_ids)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+    return [outputs[f"r{index}"] for index in range(len(prompts))]
+
+
+def _trim(tokens: list[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in EOS:
+            return tokens[: index + 1]
+    return tokens
+
+
+def test_greedy_identical_with_lookahead_on_and_off(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = [_run(engine, [prompt], params)[0] for prompt in prompts]
+    assert alone == [_trim(e) for e in expected]
+    assert engine.lookahead is not None and engine.lookahead.num_steps > 0
+    assert engine.stats().lookahead_accepted_per_step > 1.0  # some drafts were accepted
+    batched = _run(_engine(smollm2_dir, LOOKAHEAD), prompts, params)
+    assert batched == [_trim(e) for e in expected]
+
+
+def test_batch_above_threshold_falls_back_to_plain_decoding(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, LookaheadConfig(3, 4, 3, max_batch_size=2))
+    assert _run(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0)) == [_trim(e) for e in expected]
+    # ten requests run together, above the threshold of two: lookahead waits until only two remain
+    assert engine.lookahead is not None
+    assert engine.lookahead.num_steps < engine.num_steps
+
+
+def test_max_tokens_and_stop_tokens_are_exact(smollm2_dir: Path) -> None:
+    prompt = list(range(200, 240)) * 3  # repetitive, so the pool proposes long runs
+    plain = _run(_engine(smollm2_dir, None), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
+    looked = _run(_engine(smollm2_dir, LOOKAHEAD), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
+    assert len(looked) == 37 and looked == plain
+    stop_token = plain[10]
+    params = SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_token,))
+    expected = plain[: plain.index(stop_token) + 1]
+    assert _run(_engine(smollm2_dir, LOOKAHEAD), [prompt], params)[0] == expected
+
+
+def test_sampling_requests_and_grammars(smollm2_dir: Path) -> None:
+    from runtime.decoding.structured.compiler import GrammarCompiler
+
+    prompt = [1, 4093, 28, 253, 5248, 30, 2]
+    sampled = _engine(smollm2_dir, LOOKAHEAD)
+    _run(sampled, [prompt], SamplingParams(max_tokens=12, temperature=0.8, seed=1))
+    assert sampled.lookahead is not None and sampled.lookahead.num_steps == 0  # sampling decodes plainly
+
+    compiler = GrammarCompiler(smollm2_dir, 49152)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}, "required": ["name", "tags"]}
+    compiled = compiler.compile(Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False))
+    params = SamplingParams(max_tokens=60, temperature=0.0)
+    plain = _run(_engine(smollm2_dir, None), [prompt], params, [compiler.matcher(compiled, EOS)])[0]
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    looked = _run(engine, [prompt], params, [compiler.matcher(compiled, EOS)])[0]
+    assert looked == plain
+    from tokenizers import Tokenizer
+
+    text = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).decode(looked, skip_special_tokens=True)
+    assert set(json.loads(text)) == {"name", "tags"}
+
+
+def test_preemption_with_lookahead(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(
+        smollm2_dir, LOOKAHEAD, block_size=4, max_seq_len=64, max_num_tokens=128,
+        kv_cache_memory_bytes=80 * 4 * 30 * 2 * 3 * 64 * 4, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION,
+    )
+    assert _run(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0)) == [_trim(e) for e in expected]
+
+
+def test_window_mask_and_ngram_collection() -> None:
+    proposer = LookaheadProposer(LookaheadConfig(window_size=3, ngram_size=3, verification_set_size=2, max_batch_size=4))
+    mask = proposer._window_mask
+    # row (level 1, column 2) sees (level 0, column 2) below it and level 0 columns 0 and 1 to its left
+    assert mask[1 * 3 + 2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert mask[0].sum() == 0
+    state = proposer.new_state([5, 6, 7, 8, 9, 10])
+    proposer.index(state, [1, 2, 3, 1, 2, 4])
+    assert list(state.pool[1]) == [(2, 3), (2, 4)]
+    plan = proposer.propose(state, last_token=1, position=6)
+    assert plan.candidates == [[2, 4], [2, 3]]  # most recent first
+    assert plan.positions[-2:] == [7, 8]
