@@ -133,7 +133,10 @@ def _local_path(name: str, base_dir: Path | None) -> Path | None:
 
 def _hub_texts(name: str, limit: int) -> list[str]:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise CalibrationDataError(f"calib_dataset {name}: HF_HUB_OFFLINE is set")
+        raise CalibrationDataError(
+            f"calib_dataset {name} is a Hugging Face dataset, but HF_HUB_OFFLINE is set: "
+            "point calib_dataset at a local .jsonl/.txt file or use 'builtin'"
+        )
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:

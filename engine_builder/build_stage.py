@@ -154,7 +154,17 @@ def _check_supported(loaded: LoadedConfig, backend: str) -> None:
         )
 
 
-_TORCH_QUANTIZATION = frozenset({QuantizationType.NO_QUANT})
+_TORCH_QUANTIZATION = frozenset(
+    {
+        QuantizationType.NO_QUANT,
+        QuantizationType.FP8,
+        QuantizationType.FP8_KV,
+        QuantizationType.FP8_MLP_ONLY,
+        QuantizationType.FP4,
+        QuantizationType.FP4_KV,
+        QuantizationType.FP4_MLP_ONLY,
+    }
+)
 
 
 def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
