@@ -144,11 +144,14 @@ def run_interleaved(
     total = len(plans) * repeats * len(targets)
     done = 0
     results: list[PointResult] = []
+    # How long each (engine, load) took last time: a point that would not finish in time is skipped.
+    last_duration: dict[tuple[str, str], float] = {}
     # Repeat-major: when the time budget runs out it costs the last repeat, not the highest load.
     for repeat in range(repeats):
         for plan in plans:
             for target in targets:
-                if deadline is not None and time.monotonic() > deadline:
+                expected = last_duration.get((target.name, plan.label()), 0.0)
+                if deadline is not None and time.monotonic() + expected > deadline:
                     print(
                         f"[bench] time budget spent; skipping {target.name} {plan.label()} r{repeat}",
                         file=sys.stderr,
@@ -160,6 +163,7 @@ def run_interleaved(
                 started = time.monotonic()
                 point = run_point(target, spec, plan, slo, repeat, label=label, **point_options)
                 results.append(point)
+                last_duration[(target.name, plan.label())] = time.monotonic() - started
                 print(
                     f"{label}: {_one_line(point)} ({time.monotonic() - started:.0f} s)",
                     file=sys.stderr,

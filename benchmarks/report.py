@@ -103,6 +103,7 @@ def markdown_table(document: dict[str, Any]) -> str:
         return "(no points measured)\n"
     generative = "output_throughput" in points[0]["summary"]
     ratio_index = {(r["point"], r["peer"], r["metric"]): r for r in document.get("ratios", [])}
+    subject = next((r["subject"] for r in document.get("ratios", [])), "subject")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for point in points:
         plan = point["plan"]
@@ -111,7 +112,11 @@ def markdown_table(document: dict[str, Any]) -> str:
         )
         groups.setdefault((label, point["engine"]), []).append(point)
     if generative:
-        header = "| load | engine | repeats (ok/failed req) | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | goodput req/s | tok/s ratio (subject/this) |"
+        header = (
+            "| load | engine | repeats (ok/failed req) | output tok/s | req/s | TTFT p50 / p99 ms "
+            "| TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | goodput req/s "
+            f"| tok/s ratio {subject}/row [min-max] |"
+        )
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
         for (label, engine), group in groups.items():
             ratio = ratio_index.get((label, engine, "output_tok_per_s"))
@@ -130,7 +135,10 @@ def markdown_table(document: dict[str, Any]) -> str:
                 f"{_fmt(_median(group, 'goodput'), 2)} | {ratio_text} |"
             )
     else:
-        header = "| load | engine | repeats (ok/failed req) | items/s | req/s | latency p50 / p99 ms | items/s ratio (subject/this) |"
+        header = (
+            "| load | engine | repeats (ok/failed req) | items/s | req/s | latency p50 / p99 ms "
+            f"| items/s ratio {subject}/row [min-max] |"
+        )
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
         for (label, engine), group in groups.items():
             ratio = ratio_index.get((label, engine, "items_per_s"))

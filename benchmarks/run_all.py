@@ -132,7 +132,7 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dic
         skipped.append(f"ratios are {subject}/others because ours did not run")
     document = build_document(
         title=f"{suite.name}: {suite.spec.label()}, {' vs '.join(t.name for t in targets)}",
-        command="make bench  # python -m benchmarks.run_all " + shlex.join(sys.argv[1:]),
+        command=("make bench  # python -m benchmarks.run_all " + shlex.join(sys.argv[1:])).rstrip(),
         machine=description,
         workload={
             **asdict(suite.spec),
@@ -150,7 +150,7 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dic
     return document
 
 
-def summary_markdown(documents: list[dict]) -> str:
+def summary_markdown(documents: list[dict], image_prefix: str = "results/") -> str:
     parts = []
     for document in documents:
         machine_info = document["machine"]
@@ -169,11 +169,8 @@ def summary_markdown(documents: list[dict]) -> str:
         if document["skipped"]:
             parts.append("Skipped / notes: " + "; ".join(document["skipped"]) + "\n")
         parts.append(markdown_table(document))
-        parts.append(
-            f"\n![{document['title']}](results/{Path(document.get('png', '')).name})\n"
-            if document.get("png")
-            else ""
-        )
+        if document.get("png"):
+            parts.append(f"\n![{document['title']}]({image_prefix}{Path(document['png']).name})\n")
     return "\n".join(parts)
 
 
@@ -191,7 +188,12 @@ def update_readme(summary: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per load point")
-    parser.add_argument("--budget-minutes", type=float, default=14.0, help="skip remaining points after this")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=13.5,
+        help="skip points that would end after this (peer installs and starts included)",
+    )
     parser.add_argument("--quick", action="store_true", help="half the requests per point (a smoke run)")
     parser.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
     parser.add_argument("--only", choices=["llm", "embeddings"], default=None)
@@ -214,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if not documents:
         print("[bench] nothing was measured", file=sys.stderr)
         return 1
+    (RESULTS_DIR / "SUMMARY.md").write_text(summary_markdown(documents, image_prefix=""))
     summary = summary_markdown(documents)
-    (RESULTS_DIR / "SUMMARY.md").write_text(summary)
     if not args.no_readme:
         update_readme(summary)
     print(summary)
