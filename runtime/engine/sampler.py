@@ -58,6 +58,8 @@ class Sampler:
         return result
 
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if not any(_needs_processing(row) for row in rows):
+            return logits  # plain rows (the common case): nothing to change, nothing to copy
         logits = logits.clone()
         neg_inf = float("-inf")
         for index, row in enumerate(rows):
@@ -112,6 +114,18 @@ class Sampler:
         for position, index in enumerate(sampled):
             chosen[index] = picks[position]
         return chosen
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    params = row.params
+    return bool(
+        params.logit_bias
+        or len(row.output_token_ids) < params.min_tokens
+        or row.allowed_tokens is not None
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty
+        or params.frequency_penalty
+    )
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int | None]) -> torch.Tensor:

@@ -30,7 +30,10 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             generated = model.generate(
-                ids, max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                attention_mask=torch.ones_like(ids),
                 pad_token_id=tokenizer.eos_token_id,
             )
             outputs.append(generated[0, ids.shape[1] :].tolist())

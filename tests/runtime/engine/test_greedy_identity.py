@@ -15,7 +15,9 @@ from runtime.engine.engine import LLMEngine
 pytestmark = pytest.mark.slow
 
 
-def _generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, together: bool) -> list[list[int]]:
+def _generate(
+    engine: LLMEngine, prompts: list[list[int]], max_tokens: int, together: bool
+) -> list[list[int]]:
     outputs: dict[str, list[int]] = {}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
@@ -34,8 +36,14 @@ def _generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, toge
 
 
 def _engine(model_dir: Path, eos: tuple[int, ...], **overrides: object) -> LLMEngine:
-    values: dict = dict(model_dir=model_dir, dtype="float32", max_seq_len=512, max_num_tokens=512, max_batch_size=16,
-                        kv_cache_memory_bytes=256 * 2**20)
+    values: dict = dict(
+        model_dir=model_dir,
+        dtype="float32",
+        max_seq_len=512,
+        max_num_tokens=512,
+        max_batch_size=16,
+        kv_cache_memory_bytes=256 * 2**20,
+    )
     values.update(overrides)
     return LLMEngine(EngineConfig(**values), eos_token_ids=eos)
 
@@ -60,19 +68,28 @@ SMOLLM2_EOS = (2,)
         ("no-prefix-cache", {"enable_prefix_caching": False}, True),
     ],
 )
-def test_smollm2_matches_transformers(smollm2_dir: Path, smollm2_reference, mode: str, overrides: dict, together: bool) -> None:
+def test_smollm2_matches_transformers(
+    smollm2_dir: Path, smollm2_reference, mode: str, overrides: dict, together: bool
+) -> None:
     prompts, expected = smollm2_reference
     engine = _engine(smollm2_dir, SMOLLM2_EOS, **overrides)
     got = _generate(engine, prompts, 24, together)
     assert got == [_trim_at_eos(e, SMOLLM2_EOS) for e in expected]
 
 
-def test_preemption_under_a_tiny_block_pool_gives_identical_text(smollm2_dir: Path, smollm2_reference) -> None:
+def test_preemption_under_a_tiny_block_pool_gives_identical_text(
+    smollm2_dir: Path, smollm2_reference
+) -> None:
     prompts, expected = smollm2_reference
     # 40 blocks of 4 tokens: the ten sequences (~10-20 prompt + 24 new tokens) cannot all stay resident.
     engine = _engine(
-        smollm2_dir, SMOLLM2_EOS, block_size=4, max_seq_len=64, max_num_tokens=128,
-        kv_cache_memory_bytes=41 * 4 * 30 * 2 * 3 * 64 * 4, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION,
+        smollm2_dir,
+        SMOLLM2_EOS,
+        block_size=4,
+        max_seq_len=64,
+        max_num_tokens=128,
+        kv_cache_memory_bytes=41 * 4 * 30 * 2 * 3 * 64 * 4,
+        scheduler_policy=SchedulerPolicy.MAX_UTILIZATION,
     )
     got = _generate(engine, prompts, 24, together=True)
     assert engine.scheduler.num_preemptions > 0

@@ -8,8 +8,15 @@ import torch
 from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
 from runtime.engine.models.loader import load_decoder
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _tiny(kind: str, path: Path) -> Path:
@@ -17,8 +24,16 @@ def _tiny(kind: str, path: Path) -> Path:
 
     torch.manual_seed(0)
     if kind == "llama":
-        config = transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        config = transformers.LlamaConfig(
+            **TINY,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, sliding_window=8))
@@ -28,7 +43,11 @@ def _tiny(kind: str, path: Path) -> Path:
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=32))
     elif kind == "gemma3":
         config = transformers.Gemma3TextConfig(
-            **TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]
+            **TINY,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
         )
         model = transformers.Gemma3ForCausalLM(config)
     else:
@@ -44,7 +63,9 @@ def _tiny(kind: str, path: Path) -> Path:
 def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
     model = load_decoder(model_dir, torch.float32, torch.device("cpu"))
     spec = model.spec
-    cache = PagedKVCache(spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(
+        spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")
+    )
     slots = torch.arange(16, 16 + len(ids))
     metadata = AttentionMetadata(
         slot_mapping=slots,
@@ -88,8 +109,14 @@ def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tm
     model_dir = _tiny(kind, tmp_path / kind)
     prompt = [(5 * i + 11) % 250 + 1 for i in range(6)]
     engine = LLMEngine(
-        EngineConfig(model_dir=model_dir, dtype="float32", max_seq_len=64, max_num_tokens=64, block_size=4,
-                     kv_cache_memory_bytes=8 * 2**20),
+        EngineConfig(
+            model_dir=model_dir,
+            dtype="float32",
+            max_seq_len=64,
+            max_num_tokens=64,
+            block_size=4,
+            kv_cache_memory_bytes=8 * 2**20,
+        ),
         eos_token_ids=(),
     )
     engine.add_request(GenerationRequest("r", tuple(prompt), SamplingParams(max_tokens=20, temperature=0.0)))
@@ -100,7 +127,11 @@ def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tm
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.inference_mode():
         expected = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     assert ours == expected

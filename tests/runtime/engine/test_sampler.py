@@ -69,8 +69,12 @@ def test_logit_bias_min_tokens_and_penalties() -> None:
     greedy = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={5: 100.0})
     assert sampler(LOGITS.unsqueeze(0), [_row(greedy)]).token_ids == [5]
     eos_first = torch.tensor([5.0, 1.0, 0.0, 0.0, 0.0, 0.0])
-    assert sampler(eos_first.unsqueeze(0), [_row(SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2))]).token_ids == [1]
-    assert sampler(eos_first.unsqueeze(0), [_row(SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2), [3, 3])]).token_ids == [0]
+    assert sampler(
+        eos_first.unsqueeze(0), [_row(SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2))]
+    ).token_ids == [1]
+    assert sampler(
+        eos_first.unsqueeze(0), [_row(SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2), [3, 3])]
+    ).token_ids == [0]
     repeated = SamplingParams(max_tokens=4, temperature=0.0, frequency_penalty=1.0)
     assert sampler(LOGITS.unsqueeze(0), [_row(repeated, [1])]).token_ids == [2]  # 2.0 - 1.0 < 1.5
     presence = SamplingParams(max_tokens=4, temperature=0.0, presence_penalty=0.6)

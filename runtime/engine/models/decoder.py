@@ -1,0 +1,135 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Gemma3 through flags) over the paged KV cache."""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.engine.attention import AttentionMetadata, PagedKVCache, paged_attention
+from runtime.engine.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The architecture facts the decoder needs, read from config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    activation: str
+    sliding_window: int | None
+    # Gemma3 differences
+    norm_offset: float = 0.0
+    embedding_scale: float | None = None
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP
+    sliding_layers: tuple[bool, ...] | None = None  # per layer; None = every layer slides when sliding_window is set
+    rope_local_theta: float | None = None
+    query_scale: float | None = None
+    final_logit_softcap: float | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer_index = layer_index
+        q_size = spec.num_heads * spec.head_dim
+        kv_size = spec.num_kv_heads * spec.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.qkv = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None
+        self.post_attention_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
+        if spec.sandwich_norms:
+            self.pre_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+            self.post_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.is_sliding = spec.sliding_window is not None and (
+            spec.sliding_layers is None or spec.sliding_layers[layer_index]
+        )
+        self.scale = spec.query_scale ** -0.5 if spec.query_scale else 1.0 / math.sqrt(spec.head_dim)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        spec = self.spec
+        num_tokens = hidden.shape[0]
+        residual = hidden
+        x = self.input_norm(hidden)
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, spec.num_heads, spec.head_dim)
+        k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.view(num_tokens, spec.num_kv_heads, spec.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, k, cos_sin)
+        attn = paged_attention(
+            q, k, v,
+            kv_cache.key[self.layer_index], kv_cache.value[self.layer_index],
+            metadata, self.scale,
+            sliding_window=spec.sliding_window if self.is_sliding else None,
+            kv_scales=kv_cache.scales_of(self.layer_index),
+        )
+        x = self.o_proj(attn.reshape(num_tokens, -1))
+        if spec.sandwich_norms:
+            hidden = residual + self.post_attention_norm(x)
+            return hidden + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(hidden)))
+        hidden = residual + x
+        return hidden + self.mlp(self.post_attention_norm(hidden))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, layers, final norm and LM head. `forward` returns hidden states; `logits` projects rows."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, index) for index in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
+        self.local_rotary = (
+            RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
+            if spec.rope_local_theta
+            else None
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens[input_ids]
+        if self.spec.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
+        cos_sin = self.rotary.lookup(positions, hidden.dtype)
+        local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
+        for layer in self.layers:
+            hidden = layer(hidden, local_cos_sin if layer.is_sliding else cos_sin, metadata, kv_cache)
+        return self.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        cap = self.spec.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,177 @@
+"""Load HF safetensors checkpoints into `DecoderModel`, fusing q/k/v and gate/up as they stream in."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from runtime.engine import quantized_checkpoint as quantized
+from runtime.engine.models import DecoderModel, decoder_spec
+
+logger = logging.getLogger(__name__)
+
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "language_model.")
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_NORMS = {
+    "input_layernorm.weight": "input_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "pre_mlp_norm.weight",
+    "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
+    "self_attn.q_norm.weight": "q_norm.weight",
+    "self_attn.k_norm.weight": "k_norm.weight",
+    "self_attn.o_proj.weight": "o_proj.weight",
+    "mlp.down_proj.weight": "mlp.down.weight",
+}
+_FUSED = {  # checkpoint suffix -> (our parameter, part index)
+    "self_attn.q_proj.weight": ("qkv.weight", 0),
+    "self_attn.k_proj.weight": ("qkv.weight", 1),
+    "self_attn.v_proj.weight": ("qkv.weight", 2),
+    "self_attn.q_proj.bias": ("qkv.bias", 0),
+    "self_attn.k_proj.bias": ("qkv.bias", 1),
+    "self_attn.v_proj.bias": ("qkv.bias", 2),
+    "mlp.gate_proj.weight": ("mlp.gate_up.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up.weight", 1),
+}
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+    config = json.loads((model_dir / "config.json").read_text())
+    spec = decoder_spec(config)
+    with torch.device("meta"):
+        model = DecoderModel(spec)
+    model.to_empty(device=device)
+    model.to(dtype)
+    files = safetensors_files(model_dir)
+    quantization = quantized.read_quantization(model_dir, config)
+    if quantization is not None:
+        with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
+            prefix = quantized.checkpoint_prefix(list(handle.keys()))
+        quantized.install_quantized_linears(model, quantization, prefix)
+    # Rotary tables are computed, not loaded: rebuild them on the real device in float32.
+    model.rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)  # type: ignore[misc]
+    if model.local_rotary is not None:
+        model.local_rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)  # type: ignore[misc]
+    model.rotary.to(device)
+    if model.local_rotary is not None:
+        model.local_rotary.to(device)
+    parameters = dict(model.named_parameters())
+    loaded: set[str] = set()
+    q_size = spec.num_heads * spec.head_dim
+    kv_size = spec.num_kv_heads * spec.head_dim
+    fused_offsets = {
+        "qkv": [0, q_size, q_size + kv_size, q_size + 2 * kv_size],
+        "mlp.gate_up": [0, spec.intermediate_size, 2 * spec.intermediate_size],
+    }
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                scale = quantized.split_scale_name(name) if quantization is not None else None
+                if scale is not None:
+                    _load_scale(model, name, scale, handle.get_tensor(name), fused_offsets)
+                    continue
+                target = _target(name)
+                if target is None:
+                    logger.debug("ignoring checkpoint tensor %s", name)
+                    continue
+                our_name, part = target
+                if our_name not in parameters:
+                    raise CheckpointMismatchError(f"{path.name}: tensor {name} has no place in {spec.architecture}")
+                tensor = handle.get_tensor(name)
+                parameter = parameters[our_name]
+                if part is None:
+                    if tuple(tensor.shape) != tuple(parameter.shape):
+                        raise CheckpointMismatchError(
+                            f"{name}: shape {tuple(tensor.shape)} does not match {tuple(parameter.shape)}"
+                        )
+                    parameter.data.copy_(tensor)
+                    loaded.add(our_name)
+                else:
+                    family = "qkv" if ".qkv." in our_name else "mlp.gate_up"
+                    start = fused_offsets[family][part]
+                    rows = tensor.shape[0]
+                    parameter.data[start : start + rows].copy_(tensor)
+                    loaded.add(f"{our_name}#{part}")
+    if spec.tie_word_embeddings or "lm_head.weight" not in loaded:
+        if "lm_head.weight" not in loaded and not spec.tie_word_embeddings:
+            logger.warning("%s has no lm_head.weight; tying it to the embeddings", model_dir)
+        model.lm_head.weight = model.embed_tokens
+        loaded.add("lm_head.weight")
+    _check_complete(model, loaded)
+    if quantization is not None and (missing := quantized.missing_scales(model)):
+        raise CheckpointMismatchError(f"quantized checkpoint is missing {len(missing)} scales, e.g. {missing[:5]}")
+    model.eval()
+    return model
+
+
+def _load_scale(
+    model: DecoderModel, name: str, scale: tuple[str, str], tensor: torch.Tensor, fused_offsets: dict[str, list[int]]
+) -> None:
+    weight_name, scale_name = scale
+    target = _target(weight_name)
+    if target is None:
+        raise CheckpointMismatchError(f"scale tensor {name} belongs to no layer of the torch engine")
+    our_name, part = target
+    module_name = our_name.removesuffix(".weight")
+    rows = slice(None)
+    if part is not None:
+        offsets = fused_offsets["qkv" if module_name.endswith("qkv") else "mlp.gate_up"]
+        rows = slice(offsets[part], offsets[part + 1])
+    quantized.load_scale(model, module_name, scale_name, rows, tensor)
+
+
+def _target(name: str) -> tuple[str, int | None] | None:
+    if name == "lm_head.weight":
+        return "lm_head.weight", None
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    if name == "embed_tokens.weight":
+        return "embed_tokens", None
+    if name == "norm.weight":
+        return "norm.weight", None
+    match = _LAYER.fullmatch(name)
+    if not match:
+        return None
+    index, suffix = match.groups()
+    if suffix in _NORMS:
+        return f"layers.{index}.{_NORMS[suffix]}", None
+    if suffix in _FUSED:
+        our, part = _FUSED[suffix]
+        return f"layers.{index}.{our}", part
+    return None
+
+
+def _check_complete(model: DecoderModel, loaded: set[str]) -> None:
+    missing = []
+    for name, _ in model.named_parameters():
+        if name in loaded:
+            continue
+        if name.endswith(("qkv.weight", "qkv.bias")):
+            if not all(f"{name}#{part}" in loaded for part in range(3)):
+                missing.append(name)
+        elif name.endswith("gate_up.weight"):
+            if not all(f"{name}#{part}" in loaded for part in range(2)):
+                missing.append(name)
+        else:
+            missing.append(name)
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
