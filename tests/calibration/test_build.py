@@ -4,12 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from calibration import pipeline
 from engine_builder.artifact import CALIBRATION_REPORT, load_engine_dir
 from engine_builder.cli import main
+from engine_builder.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,14 @@ def test_gate_fails_the_build_with_the_numbers(
     assert "< 1.01 (ENGINE_BUILDER_QUANT_MIN_TOP1)" in errors
 
 
-def test_unsupported_base_model_is_refused(tmp_path: Path) -> None:
+def test_recipes_and_encoder_refusal(tmp_path: Path) -> None:
     assert pipeline.recipe_for("fp4_kv").kv_cache_dtype == "fp8"
     with pytest.raises(ValueError, match="supported: fp8, fp8_kv"):
         pipeline.recipe_for("weights_int8")
-    assert torch.float8_e4m3fn  # the engine's FP8 KV cache dtype exists in this torch
+    config = tmp_path / "encoder.yaml"
+    config.write_text(
+        "trt_llm:\n  build:\n    base_model: encoder\n    quantization_type: fp8\n"
+        "    checkpoint_repository: {source: LOCAL, repo: .}\n"
+    )
+    with pytest.raises(pipeline.QuantizationError, match="only supported for decoders"):
+        pipeline.quantize_checkpoint(load_config(config), tmp_path, tmp_path, backend="torch")
