@@ -36,6 +36,11 @@ class EngineOptions(ConfigModel):
     max_queue_size: int = pydantic.Field(
         default=2048, ge=1, description="Requests waiting for admission before the server answers 429"
     )
+    cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
+        default="auto",
+        description="CPU linear kernels for 16-bit models: fbgemm_fp16 (packed fp16 weights, float32 activations; "
+        "auto picks it when available) or native (PyTorch's bf16 F.linear)",
+    )
     lookahead_max_batch_size: int = pydantic.Field(
         default=8,
         ge=0,

@@ -41,6 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     lookahead: LookaheadConfig | None = None
+    cpu_gemm: str = "auto"  # "fbgemm_fp16": pack 16-bit linears for FBGEMM on CPU; "native": F.linear; auto = fbgemm when it helps
     seed: int = 0
 
     @property

@@ -52,4 +52,5 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
         block_size=options.kv_block_size,
         num_threads=options.num_threads,
         lookahead=lookahead,
+        cpu_gemm=options.cpu_gemm,
     )

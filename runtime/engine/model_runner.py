@@ -47,6 +47,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.model = load_decoder(config.model_dir, self.dtype, self.device)
+        self._maybe_pack_linears()
         spec = self.model.spec
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -70,6 +71,21 @@ class ModelRunner:
             self.num_blocks * self._bytes_per_block(kv_dtype) / 2**20,
             kv_dtype,
         )
+
+    def _maybe_pack_linears(self) -> None:
+        from runtime.engine.models.cpu_kernels import fbgemm_available, pack_linears
+
+        wanted = self.config.cpu_gemm
+        if wanted == "native" or self.device.type != "cpu" or self.dtype == torch.float32:
+            return
+        if not fbgemm_available():
+            if wanted == "fbgemm_fp16":
+                raise ValueError("cpu_gemm fbgemm_fp16: this PyTorch build or CPU has no FBGEMM fp16 kernels")
+            return
+        packed = pack_linears(self.model)
+        if packed:
+            self.model.activation_dtype = torch.float32
+            logger.info("CPU linears: %d packed as FBGEMM fp16 (float32 activations)", packed)
 
     def _bytes_per_block(self, dtype: torch.dtype) -> int:
         spec = self.model.spec
