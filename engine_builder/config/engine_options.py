@@ -41,6 +41,11 @@ class EngineOptions(ConfigModel):
         description="CPU linear kernels for 16-bit models: fbgemm_fp16 (packed fp16 weights, float32 activations; "
         "auto picks it when available) or native (PyTorch's bf16 F.linear)",
     )
+    lookahead_adaptive: bool = pydantic.Field(
+        default=True,
+        description="Lookahead drafts only where it pays (Jacobi window when the n-gram pool has nothing, "
+        "back-off after misses); false = the full window and verification set every step",
+    )
     lookahead_max_batch_size: int = pydantic.Field(
         default=8,
         ge=0,

@@ -56,8 +56,8 @@ class LookaheadState:
     window: list[list[int]]
     pool: dict[int, OrderedDict[tuple[int, ...], None]] = field(default_factory=dict)
     num_indexed: int = 0  # tokens of the sequence already indexed into the pool
-    num_steps: int = 0
-    num_accepted: int = 0
+    num_failures: int = 0  # consecutive drafted steps that accepted nothing extra
+    num_skip: int = 0  # plain steps left before drafting again (adaptive back-off)
 
 
 class LookaheadProposer:
@@ -96,11 +96,34 @@ class LookaheadProposer:
             entries.popitem(last=False)
 
     def propose(self, state: LookaheadState, last_token: int, position: int) -> DraftPlan:
-        window_tokens = [token for level in state.window for token in level] if self.ngram_size > 1 else []
-        window_positions = [position + 1 + column + level for level in range(self.levels) for column in range(self.window_size)]
-        if self.ngram_size <= 1:
-            window_positions = []
+        """The draft rows for this step (possibly none).
+
+        Adaptive mode (the default) spends rows only where they pay on a compute-bound device: the Jacobi
+        window runs when the pool has no candidate to verify, and after drafted steps that accepted nothing
+        the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G every step.
+        """
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))][: self.config.verification_set_size]
+        if self.config.adaptive:
+            if state.num_skip > 0:
+                state.num_skip -= 1
+                return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
+            use_window = not candidates
+        else:
+            use_window = True
+        return self._plan(state, candidates, position, use_window and self.ngram_size > 1)
+
+    def record(self, state: LookaheadState, plan: DraftPlan, num_extra_accepted: int) -> None:
+        if num_extra_accepted > 0 or not plan.candidates:
+            state.num_failures = 0
+            return
+        state.num_failures += 1
+        state.num_skip = min(2 ** (state.num_failures - 1), 16) if self.config.adaptive else 0
+
+    def _plan(self, state: LookaheadState, candidates: list[list[int]], position: int, use_window: bool) -> DraftPlan:
+        window_tokens = [token for level in state.window for token in level] if use_window else []
+        window_positions = [position + 1 + column + level for level in range(self.levels) for column in range(self.window_size)]
+        if not use_window:
+            window_positions = []
         tokens = list(window_tokens)
         positions = list(window_positions)
         for candidate in candidates:
@@ -130,7 +153,9 @@ class LookaheadProposer:
                     mask[row, left] = True
         return mask
 
-    def verify(self, plan: DraftPlan, x_logits: torch.Tensor, candidate_logits: list[torch.Tensor], guide: Any) -> tuple[list[int], int]:
+    def verify(
+        self, plan: DraftPlan, x_logits: torch.Tensor, candidate_logits: list[torch.Tensor | None], guide: Any
+    ) -> tuple[list[int], int]:
         """Greedy acceptance: (accepted tokens, number of them that were candidate tokens with computed KV).
 
         `candidate_logits[g]` holds the logits rows of candidate g. With a grammar (`guide`), every
@@ -140,6 +165,8 @@ class LookaheadProposer:
         best: list[int] = [first]
         best_matched = 0
         for candidate, rows in zip(plan.candidates, candidate_logits, strict=True):
+            if rows is None:  # its first token disagrees with the model; nothing to verify
+                continue
             accepted = [first]
             accepted_by_guide = 0
             for k, token in enumerate(candidate):

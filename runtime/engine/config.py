@@ -16,6 +16,7 @@ class LookaheadConfig:
     ngram_size: int  # N
     verification_set_size: int  # G
     max_batch_size: int  # above this many running requests, plain decoding
+    adaptive: bool = True  # spend draft rows only where they pay (see runtime/decoding/lookahead.py)
 
     @property
     def max_draft_tokens(self) -> int:

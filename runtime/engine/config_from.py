@@ -30,6 +30,7 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
             ngram_size=speculator.lookahead_ngram_size or 1,
             verification_set_size=speculator.lookahead_verification_set_size or 1,
             max_batch_size=options.lookahead_max_batch_size,
+            adaptive=options.lookahead_adaptive,
         )
     dtype = (
         options.dtype

@@ -162,7 +162,7 @@ class LLMEngine:
                 requests.append((index, item.num_new_tokens - 1))
         inputs = self.runner.prepare(scheduled, requests)
         try:
-            logits = self.runner.execute(inputs)
+            hidden = self.runner.execute(inputs)
         except Exception as error:  # a failed forward fails the requests in it, not the server
             logger.exception("forward pass failed; failing %d requests", len({s.seq.request_id for s in scheduled}))
             outputs: list[StepOutput] = []
@@ -176,19 +176,22 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_new_tokens
             if not item.num_draft_tokens:
                 self.blocks.commit_full_blocks(item.seq)
-        outputs = self._sample(scheduled, rows_of, logits)
-        outputs += self._finish_drafts(scheduled, rows_of, logits)
+        outputs = self._sample(scheduled, rows_of, hidden)
+        outputs += self._finish_drafts(scheduled, rows_of, hidden)
         self._release_finished(outputs)
         self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
         return outputs
 
-    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[StepOutput]:
         sampled_items = [(index, item) for index, item in enumerate(scheduled) if item.sample and not item.num_draft_tokens]
         rows, owners = self._sampling_rows([item for _, item in sampled_items])
         if not rows:
             return []
         logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
-        sampled = self.sampler(logits[torch.tensor(logit_rows)], rows)
+        # one projection per distinct row (forked choices share their parent's row)
+        distinct = sorted(set(logit_rows))
+        projected = self.runner.logits(hidden[torch.tensor(distinct)])
+        sampled = self.sampler(projected[torch.tensor([distinct.index(row) for row in logit_rows])], rows)
         outputs = []
         for (_, seq), token_id, logprob in zip(owners, sampled.token_ids, sampled.logprobs, strict=True):
             self._append(seq, token_id)
@@ -201,14 +204,14 @@ class LLMEngine:
         running = [seq for group in self.scheduler.running for seq in group.sequences if seq.status == SequenceStatus.RUNNING and not seq.is_finished]
         return self.lookahead.plan(running, len(running))
 
-    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], logits: torch.Tensor) -> list[StepOutput]:
+    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[StepOutput]:
         outputs = []
         for index, item in enumerate(scheduled):
             if not item.num_draft_tokens:
                 continue
             assert self.lookahead is not None
             seq = item.seq
-            result = self.lookahead.finish(seq, item.draft, logits[torch.tensor(rows_of[index])])
+            result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.logits)
             appended: list[int] = []
             for token in result.tokens:
                 self._append(seq, token)

@@ -219,10 +219,15 @@ class ModelRunner:
     # -- execution ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Final hidden states of the requested rows (project them with `logits`, all or only some)."""
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
-        if inputs.logit_rows.numel() == 0:
+        return hidden[inputs.logit_rows]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 0:
             return torch.empty(0, self.model.spec.vocab_size)
-        return self.model.logits(hidden[inputs.logit_rows]).to("cpu")
+        return self.model.logits(hidden).to("cpu")
 
 
 def _is_plain_decode(item: ScheduledSequence) -> bool:

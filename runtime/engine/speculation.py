@@ -5,6 +5,7 @@ sequence's own slots). Candidate tokens that verification accepts have their K/V
 into the sequence's slots, so they are not recomputed.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,21 +75,31 @@ class LookaheadRunner:
     def logit_offsets(self, plan: DraftPlan) -> list[int]:
         return plan.logit_offsets(self.config.window_size, self.config.ngram_size)
 
-    def finish(self, seq: Sequence, plan: DraftPlan, logits: torch.Tensor) -> DraftResult:
-        """`logits` holds this sequence's rows in `logit_offsets` order: x, the top window level, candidates."""
+    def finish(
+        self, seq: Sequence, plan: DraftPlan, hidden: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]
+    ) -> DraftResult:
+        """`hidden` holds this sequence's rows in `logit_offsets` order: x, the top window level, candidates.
+
+        Rows are projected to logits lazily: on one CPU core the LM head is a large share of a step, and a
+        candidate whose first token already disagrees needs none of its rows.
+        """
         width = self.config.window_size if plan.num_window_rows else 0
-        x_logits = logits[0]
-        top_level = logits[1 : 1 + width] if width else None
-        candidate_rows = logits[1 + width :]
-        per_candidate = []
+        x_logits = project(hidden[:1])[0]
+        first = x_logits.argmax()
+        candidate_hidden = hidden[1 + width :]
+        per_candidate: list[torch.Tensor | None] = []
         start = 0
         for candidate in plan.candidates:
-            per_candidate.append(candidate_rows[start : start + len(candidate)])
+            rows = candidate_hidden[start : start + len(candidate)]
+            # Without a grammar the first token is the plain argmax; with one, verify decides (project all).
+            wanted = seq.guide_state is not None or candidate[0] == int(first)
+            per_candidate.append(project(rows) if wanted else None)
             start += len(candidate)
         tokens, num_reused = self.proposer.verify(plan, x_logits, per_candidate, seq.guide_state)
         state = seq.lookahead_state
         assert isinstance(state, LookaheadState)
-        self.proposer.update_window(state, top_level)
+        self.proposer.update_window(state, project(hidden[1 : 1 + width]) if width else None)
+        self.proposer.record(state, plan, len(tokens) - 1)
         self.num_steps += 1
         self.num_accepted += len(tokens)
         return DraftResult(tokens, num_reused)
