@@ -7,7 +7,7 @@ import sys
 import time
 
 from benchmarks.peers import PEERS, peer_module
-from benchmarks.peers.base import PeerUnavailable
+from benchmarks.peers.base import PeerUnavailable, exit_on_sigterm
 
 
 def main() -> int:
@@ -16,6 +16,7 @@ def main() -> int:
     parser.add_argument("name", nargs="?", choices=list(PEERS))
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
+    exit_on_sigterm()
     if args.action == "list":
         for name, (_, kind) in PEERS.items():
             print(f"{name:10} {kind:15} installed={peer_module(name).is_installed()}")
