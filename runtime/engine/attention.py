@@ -137,7 +137,7 @@ def _read(
     which: int,
 ) -> torch.Tensor:
     """Gather cache rows in the compute dtype, undoing the FP8 scale when there is one."""
-    rows = cache[slots]
+    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
     if kv_scales is None:
         return rows.to(dtype)
     return (rows.float() * kv_scales[which]).to(dtype)
@@ -153,22 +153,31 @@ def _decode_attention(
     sliding_window: int | None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    # Hand-written batched attention: on CPU, SDPA in bf16 is ~10x slower than two matmuls for one query row.
+    """One query row per sequence against its gathered context, batched over sequences.
+
+    Contexts are gathered with one `index_select` over flattened slots (2-3x faster on CPU than
+    advanced indexing) and attended with float32 SDPA (PyTorch's bf16 SDPA on CPU is ~10x slower).
+    """
     num_decodes, num_heads, head_dim = query.shape
-    group = num_heads // num_kv_heads
-    keys = _read(key_cache, metadata.decode_slots, query.dtype, kv_scales, 0)  # [B, L, Hkv, D]
-    values = _read(value_cache, metadata.decode_slots, query.dtype, kv_scales, 1)
-    q = query.view(num_decodes, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G, L]
-    mask = metadata.decode_mask.view(num_decodes, 1, 1, -1)
+    max_context = metadata.decode_slots.shape[1]
+    flat = metadata.decode_slots.reshape(-1)
+    compute = torch.float32 if query.dtype in (torch.bfloat16, torch.float16) or kv_scales is not None else query.dtype
+    keys = _read(key_cache, flat, compute, kv_scales, 0).view(num_decodes, max_context, num_kv_heads, head_dim)
+    values = _read(value_cache, flat, compute, kv_scales, 1).view(num_decodes, max_context, num_kv_heads, head_dim)
+    mask = metadata.decode_mask.view(num_decodes, 1, 1, max_context)
     if sliding_window is not None:
         lengths = metadata.decode_mask.view(num_decodes, -1).sum(-1, keepdim=True)
-        positions = torch.arange(mask.shape[-1], device=mask.device).unsqueeze(0)
+        positions = torch.arange(max_context, device=mask.device).unsqueeze(0)
         mask = mask & (positions >= lengths - sliding_window).view(num_decodes, 1, 1, -1)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, Hkv, G, D]
-    return out.reshape(num_decodes, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        query.to(compute).view(num_decodes, num_heads, 1, head_dim),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.view(num_decodes, num_heads, head_dim).to(query.dtype)
 
 
 def _extend_attention(
