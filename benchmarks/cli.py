@@ -23,9 +23,8 @@ from benchmarks.loadgen import LoadPlan
 from benchmarks.metrics import Slo
 from benchmarks.peers import PEERS
 from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
-from benchmarks.plots import plot_document
 from benchmarks.records import Endpoint
-from benchmarks.report import build_document, markdown_table, ratio_table, write_json
+from benchmarks.report import build_document, markdown_table, ratio_table, try_plot, write_json
 from benchmarks.runner import Target, default_tokenizer_dir, start_target
 from benchmarks.workloads import DATASETS, WorkloadSpec
 
@@ -186,7 +185,7 @@ def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
     print(markdown_table(document))
     print(ratio_table(document))
     if not args.no_plot:
-        plot_document(document, out.with_suffix(".png"))
+        try_plot(document, out.with_suffix(".png"))
     print(
         f"[bench] wrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"), file=sys.stderr
     )

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,3 +173,13 @@ def ratio_table(document: dict[str, Any]) -> str:
             f"{'higher' if r['higher_is_better'] else 'lower'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def try_plot(document: dict[str, Any], path: Path) -> Path | None:
+    """The PNG for `document`, or None with a message when matplotlib is not installed."""
+    try:
+        from benchmarks.plots import plot_document
+    except ImportError as error:
+        print(f"[bench] no plot ({error}); `pip install matplotlib` for PNGs", file=sys.stderr)
+        return None
+    return plot_document(document, path)

@@ -23,9 +23,8 @@ from benchmarks.loadgen import LoadPlan
 from benchmarks.metrics import Slo
 from benchmarks.peers import peer_module
 from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
-from benchmarks.plots import plot_document
 from benchmarks.records import Endpoint
-from benchmarks.report import build_document, markdown_table, write_json
+from benchmarks.report import build_document, markdown_table, try_plot, write_json
 from benchmarks.runner import Target, default_tokenizer_dir, start_target
 from benchmarks.workloads import WorkloadSpec
 
@@ -146,7 +145,7 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dic
         slo=asdict(suite.slo) if suite.slo else None,
     )
     write_json(document, RESULTS_DIR / f"{suite.name}.json")
-    plot_document(document, RESULTS_DIR / f"{suite.name}.png")
+    try_plot(document, RESULTS_DIR / f"{suite.name}.png")
     return document
 
 
