@@ -7,12 +7,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.server import routes_health, routes_openai
 from runtime.server.app_helpers import validation_to_api_error
 from runtime.server.auth import check_authorization
+from runtime.server.body_limit import BodyLimitMiddleware
 from runtime.server.errors import APIError, from_status
 from runtime.server.state import ServerState
 
@@ -50,18 +52,6 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            length = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
-        if length > state.settings.max_body_bytes:
-            return _error_response(
-                APIError(
-                    f"Request body of {length} bytes exceeds the {state.settings.max_body_bytes}-byte limit.",
-                    status=413,
-                    type="request_too_large",
-                )
-            )
         path = request.url.path
         if not (state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))):
             try:
@@ -69,6 +59,9 @@ def create_app(
             except APIError as error:
                 return _error_response(error)
         return await call_next(request)
+
+    # Added last, so it runs first: an oversized body is refused before auth and before any parsing.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=_error_response)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
@@ -99,6 +92,18 @@ def create_app(
         app.include_router(router)
     if decoder_routes:
         app.include_router(routes_openai.router)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request schemas the decoder routes declare in `openapi_extra`."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            if decoder_routes:
+                components = document.setdefault("components", {}).setdefault("schemas", {})
+                components.update(routes_openai.request_schemas())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -7,7 +7,6 @@ Its own `predict`, `chat_completions` and `completions` then answer the matching
 
 import importlib.util
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from runtime.server.app_helpers import validation_to_api_error
-from runtime.server.errors import APIError
+from runtime.server.app_helpers import parse_json, validation_to_api_error
 from runtime.server.protocol import ChatCompletionRequest, CompletionRequest
 from runtime.server.serving_chat import run_chat
 from runtime.server.serving_completions import run_completion
@@ -107,10 +105,7 @@ def _endpoint(method: Any) -> Any:
     wants_request = len(inspect.signature(method).parameters) >= 2
 
     async def endpoint(request: Request) -> Response:
-        try:
-            model_input = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise APIError("Invalid JSON body.", status=400, code="invalid_json") from None
+        model_input = parse_json(await request.body() or b"{}")
         result = method(model_input, request) if wants_request else method(model_input)
         if inspect.isawaitable(result):
             result = await result

@@ -30,6 +30,7 @@ def build_server(
         served_model_name=served_name,
         api_keys=api_keys,
         max_inflight=manifest.max_batch_size + options.max_queue_size,
+        max_batch_size=manifest.max_batch_size,
         request_default_max_tokens=getattr(runtime, "request_default_max_tokens", None),
     )
     if manifest.base_model != "decoder":

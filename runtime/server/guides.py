@@ -5,6 +5,7 @@ import json
 from runtime.backends.types import Guide, GuideKind
 from runtime.decoding.structured.errors import GuideError
 from runtime.server.errors import APIError, bad_request
+from runtime.server.limits import check_schema_size
 from runtime.server.protocol import ResponseFormat, SamplingFields
 from runtime.server.state import ServerState
 
@@ -19,6 +20,7 @@ def guide_from_response_format(response_format: ResponseFormat | None) -> Guide 
         spec = response_format.json_schema
         if spec is None or spec.schema_ is None:
             raise bad_request("response_format.json_schema.schema is required for type json_schema.", param="response_format.json_schema")
+        check_schema_size(spec.schema_, "response_format.json_schema.schema")
         return Guide(GuideKind.JSON_SCHEMA, json.dumps(spec.schema_), any_whitespace=False)
     if kind == "regex":
         if not response_format.regex:

@@ -12,6 +12,7 @@ from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import verify_guide
+from runtime.server.limits import check_chat_limits
 from runtime.server.logprobs import TokenTexts
 from runtime.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
 from runtime.server.protocol import (
@@ -66,6 +67,7 @@ async def run_chat(
 
 
 def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+    check_chat_limits(body, state.settings.max_batch_size)
     check_unsupported_chat(body)
     if state.renderer is None:
         raise APIError("This engine serves no chat template.", status=400, param="messages")

@@ -12,6 +12,7 @@ from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
+from runtime.server.limits import check_completion_limits
 from runtime.server.logprobs import TokenTexts
 from runtime.server.protocol import (
     CompletionChoice,
@@ -69,13 +70,10 @@ async def serve_completion(state: ServerState, body: CompletionRequest, http_req
 async def run_completion(
     state: ServerState, body: CompletionRequest, http_request: Request
 ) -> CompletionResponse | StreamingResponse:
+    check_completion_limits(body, state.settings.max_batch_size)
     check_unsupported(body)
     if body.suffix:
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
-    if body.echo and body.logprobs is not None:
-        raise unsupported(
-            "echo", "echo together with logprobs needs prompt logprobs, which are not computed."
-        )
     guide = guide_from_response_format(body.response_format)
     check_guide_compatible(body, guide)
     await verify_guide(state, guide)
@@ -89,6 +87,8 @@ async def run_completion(
         params = build_sampling_params(
             body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide
         )
+        if body.echo and body.logprobs is not None:  # echoed prompt tokens carry their logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         runs.append((text, Run(state, new_id("cmpl"), ids, params)))
     admitted: list[Run] = []
     try:
@@ -154,6 +154,9 @@ async def _complete(
     for position, delta in [item async for item in _merged(runs)]:
         choice = position * n + delta.index
         parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
+        if texts is not None and delta.prompt_logprobs is not None:
+            entry = logprobs.setdefault(choice, CompletionLogprobs())
+            offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
         if texts is not None and delta.logprobs:
             entry = logprobs.setdefault(choice, CompletionLogprobs())
             offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)

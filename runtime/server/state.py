@@ -17,6 +17,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     open_health_and_metrics: bool = True  # /health, /metrics and readiness need no key
     max_inflight: int = 2048  # requests accepted and unfinished; beyond this the server answers 429
+    max_batch_size: int | None = None  # the engine's running-batch size: the most choices (`n`) one request gets
     max_body_bytes: int = 32 * 1024 * 1024
     request_default_max_tokens: int | None = None
     keepalive_interval_s: float = 10.0

@@ -16,6 +16,7 @@ from typing import Any
 from runtime.backends.types import FinishReason, Guide, GuideKind
 from runtime.decoding.tool_calls import ParseResult, ToolParser, tool_parser
 from runtime.server.errors import bad_request
+from runtime.server.limits import check_schema_size
 from runtime.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
 from runtime.server.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ResponseToolCall
 
@@ -122,6 +123,7 @@ def plan_tools(
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         if parallel:
             schema = {"type": "array", "items": schema, "minItems": 1}
+    check_schema_size(schema, "tools")
     guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False)
     hints = [] if template_supports_tools else [_tool_hint(template_tools)]
     return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
