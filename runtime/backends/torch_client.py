@@ -228,6 +228,7 @@ class TorchEngineClient:
                     num_output_tokens=output.num_output_tokens,
                     num_cached_tokens=output.num_cached_tokens,
                     error=output.error,
+                    prompt_logprobs=output.prompt_logprobs,
                 )
             )
         return deltas

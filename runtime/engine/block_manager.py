@@ -54,8 +54,8 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of the sequence (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt row computed
         tokens = seq.all_token_ids()
         matched: list[int] = []
         parent_hash: int | None = None

@@ -39,6 +39,17 @@ class StepOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first token, when asked for
+
+
+def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
+    seq = item.seq
+    already = len(seq.prompt_logprobs) if seq.prompt_logprobs is not None else 0  # recompute after preemption
+    return (
+        seq.sampling.prompt_logprobs is not None
+        and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+        and already < seq.num_prompt_tokens
+    )
 
 
 class LLMEngine:
@@ -154,12 +165,17 @@ class LLMEngine:
         self.num_steps += 1
         scheduled = schedule.scheduled
         requests: list[tuple[int, int]] = []  # (scheduled index, row offset) for each logits row computed
+        prompt_rows: dict[int, list[int]] = {}  # scheduled index -> rows of prompt positions (prompt logprobs)
         for index, item in enumerate(scheduled):
             if item.num_draft_tokens:
                 item.draft = drafts[item.seq.seq_id]
                 requests.extend((index, offset) for offset in self.lookahead.logit_offsets(item.draft))  # type: ignore[union-attr]
-            elif item.sample:
+                continue
+            if item.sample:
                 requests.append((index, item.num_new_tokens - 1))
+            if _wants_prompt_logprobs(item):
+                prompt_rows[index] = list(range(len(requests), len(requests) + item.num_new_tokens))
+                requests.extend((index, offset) for offset in range(item.num_new_tokens))
         inputs = self.runner.prepare(scheduled, requests)
         try:
             hidden = self.runner.execute(inputs)
@@ -172,6 +188,8 @@ class LLMEngine:
         rows_of: dict[int, list[int]] = {}
         for row, (index, _) in enumerate(requests):
             rows_of.setdefault(index, []).append(row)
+        for index, rows in prompt_rows.items():
+            self._record_prompt_logprobs(scheduled[index], hidden[torch.tensor(rows)])
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             if not item.num_draft_tokens:
@@ -197,6 +215,26 @@ class LLMEngine:
             self._append(seq, token_id)
             outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
         return outputs
+
+    def _record_prompt_logprobs(self, item: ScheduledSequence, hidden: torch.Tensor) -> None:
+        """Logprobs of the prompt's own tokens (echo with logprobs): row k predicts the token after it."""
+        seq = item.seq
+        top = seq.sampling.prompt_logprobs or 0
+        logprobs = torch.log_softmax(self.runner.logits(hidden), dim=-1)
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        start = seq.num_computed_tokens
+        for offset in range(item.num_new_tokens):
+            target = start + offset + 1
+            if target >= seq.num_prompt_tokens:
+                break
+            token = seq.prompt_token_ids[target]
+            row = logprobs[offset]
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if top:
+                values, ids = row.topk(top)
+                alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            seq.prompt_logprobs.append(TokenLogprob(token, float(row[token]), alternatives))
 
     def _plan_drafts(self) -> dict[int, DraftPlan]:
         if self.lookahead is None:
@@ -302,7 +340,9 @@ class LLMEngine:
         seq.stop_reason = stop_reason
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
+        first = token_ids and seq.num_output_tokens == len(token_ids)
         return StepOutput(
+            prompt_logprobs=seq.prompt_logprobs if first else None,
             request_id=seq.request_id,
             index=seq.index,
             token_ids=token_ids,

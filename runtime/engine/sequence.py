@@ -37,6 +37,7 @@ class Sequence:
     guide_state: Any = None  # per-request grammar matcher (structured outputs)
     lookahead_state: Any = None  # per-request lookahead pool and window
     error: str | None = None
+    prompt_logprobs: list[Any] | None = None  # TokenLogprob per prompt position (None for the first)
 
     @property
     def num_prompt_tokens(self) -> int:

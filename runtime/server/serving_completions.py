@@ -1,6 +1,7 @@
 """/v1/completions: prompts as text or token ids (one or many), echo, logprobs, SSE streaming."""
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,6 @@ from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
-from runtime.server.limits import check_completion_limits
 from runtime.server.logprobs import TokenTexts
 from runtime.server.protocol import (
     CompletionChoice,
@@ -60,6 +60,19 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, lis
     return result
 
 
+def _prompt_entries(texts: TokenTexts, run: Run, entries: list, logprobs: CompletionLogprobs) -> int:
+    """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends)."""
+    offset = 0
+    for token_id, entry in zip(run.request.prompt_token_ids, entries, strict=False):
+        text = texts.text(token_id)
+        logprobs.tokens.append(text)
+        logprobs.text_offset.append(offset)
+        logprobs.token_logprobs.append(entry.logprob if entry is not None else None)
+        logprobs.top_logprobs.append({texts.text(t): lp for t, lp in entry.top} if entry is not None and entry.top else None)
+        offset += len(text)
+    return offset
+
+
 async def serve_completion(state: ServerState, body: CompletionRequest, http_request: Request) -> Response:
     result = await run_completion(state, body, http_request)
     if isinstance(result, Response):
@@ -70,7 +83,6 @@ async def serve_completion(state: ServerState, body: CompletionRequest, http_req
 async def run_completion(
     state: ServerState, body: CompletionRequest, http_request: Request
 ) -> CompletionResponse | StreamingResponse:
-    check_completion_limits(body, state.settings.max_batch_size)
     check_unsupported(body)
     if body.suffix:
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
@@ -232,9 +244,11 @@ async def _stream(
                 echoed.add(choice)
                 text = runs[position][0] + text
             logprobs = None
-            if texts is not None and delta.logprobs:
+            if texts is not None and (delta.logprobs or delta.prompt_logprobs is not None):
                 entry = CompletionLogprobs()
-                offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
+                if delta.prompt_logprobs is not None:
+                    offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+                offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
                 logprobs = entry.model_dump()
             finish = delta.finish_reason.value if delta.finish_reason else None
             if text or logprobs or finish:

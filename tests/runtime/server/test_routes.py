@@ -127,3 +127,19 @@ def test_non_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=1.5)
     _wait_idle(server)
+
+
+def test_completions_echo_with_logprobs(client: OpenAI) -> None:
+    response = client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert "".join(logprobs.tokens) == response.choices[0].text
+    assert logprobs.tokens[:5] == ["The", " capital", " of", " France", " is"]
+    assert logprobs.token_logprobs[0] is None and all(value is not None and value <= 0 for value in logprobs.token_logprobs[1:])
+    assert logprobs.top_logprobs[0] is None and len(logprobs.top_logprobs[1]) == 2
+    streamed = [
+        token
+        for chunk in client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.tokens
+    ]
+    assert streamed == logprobs.tokens
