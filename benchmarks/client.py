@@ -142,8 +142,10 @@ class BenchClient:
         except HttpError as error:
             record.error = str(error)
         except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            cause = error.__cause__ or error.__context__
-            detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+            root: BaseException = error
+            while (deeper := root.__cause__ or root.__context__) is not None and deeper is not root:
+                root = deeper
+            detail = f" ({type(root).__name__}: {root})" if root is not error else ""
             record.error = f"{type(error).__name__}: {error}{detail}"[:300]
         record.end = record.end or time.perf_counter()
         return record

@@ -105,7 +105,7 @@ def _start_all(names: tuple[str, ...], endpoint: Endpoint, install: bool, target
     return skipped
 
 
-def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dict | None:
+def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, out_dir: Path) -> dict | None:
     description = machine.describe()
     targets: list[Target] = []
     try:
@@ -144,8 +144,8 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float) -> dic
         skipped=skipped,
         slo=asdict(suite.slo) if suite.slo else None,
     )
-    write_json(document, RESULTS_DIR / f"{suite.name}.json")
-    try_plot(document, RESULTS_DIR / f"{suite.name}.png")
+    write_json(document, out_dir / f"{suite.name}.json")
+    try_plot(document, out_dir / f"{suite.name}.png")
     return document
 
 
@@ -197,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
     parser.add_argument("--only", choices=["llm", "embeddings"], default=None)
     parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where results go (the README table is only rewritten for the default)",
+    )
+    parser.add_argument(
         "--no-readme", action="store_true", help="do not rewrite the table in benchmarks/README.md"
     )
     args = parser.parse_args(argv)
@@ -208,20 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and suite.name != args.only:
             continue
         suite_deadline = deadline - (0.0 if args.only else suite.reserve_s)
-        document = run_suite(suite, args.repeats, not args.no_install, suite_deadline)
+        document = run_suite(suite, args.repeats, not args.no_install, suite_deadline, args.out_dir)
         if document is not None:
             document["png"] = f"results/{suite.name}.png"
             documents.append(document)
     if not documents:
         print("[bench] nothing was measured", file=sys.stderr)
         return 1
-    (RESULTS_DIR / "SUMMARY.md").write_text(summary_markdown(documents, image_prefix=""))
+    (args.out_dir / "SUMMARY.md").write_text(summary_markdown(documents, image_prefix=""))
     summary = summary_markdown(documents)
-    if not args.no_readme:
+    if not args.no_readme and args.out_dir.resolve() == RESULTS_DIR.resolve():
         update_readme(summary)
     print(summary)
     print(
-        f"[bench] done in {(time.monotonic() - started) / 60:.1f} min; results in {RESULTS_DIR}",
+        f"[bench] done in {(time.monotonic() - started) / 60:.1f} min; results in {args.out_dir}",
         file=sys.stderr,
     )
     return 0
