@@ -128,6 +128,7 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        _pause_for_tests()
         _fsync_tree(staging)
         if final.exists():
             retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
@@ -139,6 +140,17 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# Test-only hook: with this set, a build waits (seconds) with a complete staging folder before the rename, so
+# tests/reliability can kill -9 it at a known point. Nothing else reads it.
+TEST_PAUSE_ENV = "ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S"
+
+
+def _pause_for_tests() -> None:
+    seconds = os.environ.get(TEST_PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
