@@ -13,6 +13,7 @@ from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
+from runtime.server.limits import check_completion_limits
 from runtime.server.logprobs import TokenTexts
 from runtime.server.protocol import (
     CompletionChoice,
@@ -83,6 +84,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, http_req
 async def run_completion(
     state: ServerState, body: CompletionRequest, http_request: Request
 ) -> CompletionResponse | StreamingResponse:
+    check_completion_limits(body, state.settings.max_batch_size)
     check_unsupported(body)
     if body.suffix:
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
