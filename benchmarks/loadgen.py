@@ -25,6 +25,8 @@ from benchmarks.workloads import WorkItem
 
 @dataclass(frozen=True)
 class LoadPlan:
+    """How one point is driven: closed loop at `concurrency`, or Poisson at `request_rate`."""
+
     concurrency: int = 1
     request_rate: float | None = None
     max_concurrency: int | None = None
@@ -43,6 +45,8 @@ class LoadPlan:
 
 @dataclass
 class LoadResult:
+    """Measured records (in request order), how many were cancelled, and what warm-up changed."""
+
     records: list[RequestRecord]
     num_incomplete: int
     warmup_records: list[RequestRecord]
