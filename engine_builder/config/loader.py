@@ -15,6 +15,8 @@ from engine_builder.config.truss import TrussConfig, cross_section_errors
 
 PathKey = tuple[str | int, ...]
 _STACK_TAGS = {"v1", "v2"}
+MAX_VALUES = 100_000  # YAML nodes in a config once aliases are expanded; real configs have a few hundred
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,17 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise ConfigError([ConfigIssue(source, line, "", f"invalid YAML: {error}")]) from None
+    except RecursionError:
+        raise ConfigError([ConfigIssue(source, None, "", "invalid YAML: nested too deeply")]) from None
+    except ValueError as error:  # a scalar PyYAML cannot convert, e.g. an integer of thousands of digits
+        raise ConfigError([ConfigIssue(source, None, "", f"invalid YAML: {error}")]) from None
     lines: dict[PathKey, int] = {}
     duplicates: list[ConfigIssue] = []
     if node is not None:
-        _index_lines(node, (), lines, duplicates, source)
+        try:
+            _index_lines(node, (), lines, duplicates, source, [MAX_VALUES])
+        except _TooLarge as error:
+            raise ConfigError([ConfigIssue(source, None, "", str(error))]) from None
     if duplicates:
         raise ConfigError(duplicates)
     if not isinstance(data, dict) or "trt_llm" not in data:
@@ -125,14 +134,29 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
     return LoadedConfig(source=source, base_dir=base_dir, truss=config, warnings=warnings)
 
 
+class _TooLarge(Exception):
+    """The YAML graph is larger or deeper than any config; validating it would not end in reasonable time."""
+
+
 def _index_lines(
-    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], duplicates: list[ConfigIssue], source: str
+    node: yaml.Node,
+    path: PathKey,
+    lines: dict[PathKey, int],
+    duplicates: list[ConfigIssue],
+    source: str,
+    budget: list[int],
 ) -> None:
+    # Aliases make YAML a graph: a few lines can name billions of values, which validation would then walk.
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(f"the config expands to more than {MAX_VALUES} values (YAML aliases repeating a node?)")
+    if len(path) > MAX_DEPTH:
+        raise _TooLarge(f"the config nests deeper than {MAX_DEPTH} levels (a recursive YAML alias?)")
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
             line = key_node.start_mark.line + 1
             if key in seen:
                 dotted = ".".join(str(p) for p in (*path, key))
@@ -142,11 +166,11 @@ def _index_lines(
                 continue
             seen[key] = line
             lines[(*path, key)] = line
-            _index_lines(value_node, (*path, key), lines, duplicates, source)
+            _index_lines(value_node, (*path, key), lines, duplicates, source, budget)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[(*path, index)] = item.start_mark.line + 1
-            _index_lines(item, (*path, index), lines, duplicates, source)
+            _index_lines(item, (*path, index), lines, duplicates, source, budget)
 
 
 def _issue_from_pydantic(item: Any, lines: dict[PathKey, int], source: str) -> ConfigIssue:

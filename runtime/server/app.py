@@ -1,19 +1,19 @@
 """The FastAPI application: lifespan, auth, body limits, error envelope, and the route modules."""
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.server import routes_health, routes_openai
 from runtime.server.app_helpers import validation_to_api_error
-from runtime.server.auth import check_authorization
+from runtime.server.auth import AuthMiddleware
 from runtime.server.body_limit import BodyLimitMiddleware
 from runtime.server.errors import APIError, from_status
 from runtime.server.state import ServerState
@@ -50,17 +50,12 @@ def create_app(
     app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)
     app.state.server = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        if not (state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))):
-            try:
-                check_authorization(request.headers.get("authorization"), state.settings.api_keys)
-            except APIError as error:
-                return _error_response(error)
-        return await call_next(request)
+    # Plain ASGI middlewares (no BaseHTTPMiddleware, whose task groups can cancel a live SSE stream).
+    # The last added runs first: an oversized body is refused before auth and before any parsing.
+    def is_open(path: str) -> bool:
+        return state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))
 
-    # Added last, so it runs first: an oversized body is refused before auth and before any parsing.
+    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=_error_response)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=_error_response)
 
     @app.exception_handler(APIError)

@@ -136,6 +136,9 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
     finally:
         if pending is not None:
             pending.cancel()
+            # The generator is still running inside `pending` until the cancellation lands; closing it
+            # before then raises "aclose(): asynchronous generator is already running".
+            await asyncio.gather(pending, return_exceptions=True)
         closer = getattr(iterator, "aclose", None)
         if closer is not None:
             await closer()

@@ -1,0 +1,184 @@
+"""Property-based fuzzing of the two parsers that read untrusted text.
+
+- The config loader: any text, any YAML document, any mutation of a shipped config either loads or raises
+  ConfigError, never anything else, and never takes long.
+- The tool-call parsers: any model output, cut into any pieces, never raises, and the streamed deltas add
+  up to exactly the final (non-streamed) answer: same content, same call ids, names and arguments.
+"""
+
+import copy
+import time
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine_builder.config import ConfigError, parse_config
+from runtime.decoding.tool_calls import known_parsers, tool_parser
+from runtime.server.tools import ToolCallOutput
+from tests.conftest import CONFIGS_DIR
+
+FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+# -- config loader -----------------------------------------------------------------------------------------
+def _load(text: str) -> None:
+    started = time.monotonic()
+    try:
+        parse_config(text, source="fuzz.yaml", base_dir=CONFIGS_DIR)
+    except ConfigError as error:
+        assert error.issues and all(str(issue) for issue in error.issues)
+    assert time.monotonic() - started < 5
+
+
+KEYS = [
+    "trt_llm", "build", "runtime", "checkpoint_repository", "source", "repo", "revision", "base_model",
+    "max_seq_len", "max_batch_size", "max_num_tokens", "quantization_type", "tensor_parallel_count",
+    "speculator", "lookahead_windows_size", "served_model_name", "kv_cache_free_gpu_mem_fraction",
+    "inference_stack", "engine_builder", "dtype", "resources", "accelerator", "model_name", "num_builder_gpus",
+    "runtime_secret_name", "enable_chunked_context", "batch_scheduler_policy", "webserver_default_route",
+]  # fmt: skip
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["HF", "LOCAL", "S3", "decoder", "encoder", "fp8", "no_quant", "v1", "v2", "H100", "auto"]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_config_any_text(text: str) -> None:
+    _load(text)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6))
+def test_config_any_document(document: dict) -> None:
+    _load(yaml.safe_dump(document, allow_unicode=True))
+
+
+SHIPPED = [yaml.safe_load(path.read_text()) for path in sorted(CONFIGS_DIR.glob("*.yaml"))]
+
+
+def _leaf_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(node, dict):
+        return [prefix] + [p for key, value in node.items() for p in _leaf_paths(value, (*prefix, key))]
+    if isinstance(node, list):
+        return [prefix] + [p for index, value in enumerate(node) for p in _leaf_paths(value, (*prefix, index))]
+    return [prefix]
+
+
+@FUZZ
+@given(st.sampled_from(range(len(SHIPPED))), st.data())
+def test_config_mutated_shipped_configs(index: int, data: st.DataObject) -> None:
+    document = copy.deepcopy(SHIPPED[index])
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_leaf_paths(document)))
+        if not path:
+            continue
+        parent = document
+        for part in path[:-1]:
+            parent = parent[part]
+        if data.draw(st.booleans()):
+            parent[path[-1]] = data.draw(VALUES)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+    _load(yaml.safe_dump(document, allow_unicode=True))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n".join(
+            ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+            + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+            + ["trt_llm: {build: {checkpoint_repository: {source: HF, repo: a/b}, extra: *a8}}"]
+        ),
+        "a: &a [*a]\ntrt_llm: *a",
+        "? [a, b]\n: 1\ntrt_llm: {}",
+        "? {a: 1}\n: 1\n? {a: 1}\n: 2\n",
+        "trt_llm: !!python/object/apply:os.system ['true']",
+        "trt_llm:\n  build: " + "[" * 5000 + "]" * 5000,
+        "\x00\x01trt_llm: {}",
+        "trt_llm: {build: {max_seq_len: 1e999}}",
+        "trt_llm: {build: {max_seq_len: " + "9" * 5000 + "}}",
+    ],
+    ids=["billion-laughs", "recursive-alias", "sequence-key", "mapping-keys", "python-tag", "deep", "control", "inf", "huge-int"],
+)
+def test_config_hostile_yaml(text: str) -> None:
+    _load(text)
+
+
+# -- tool-call parsers -------------------------------------------------------------------------------------
+TOOLS = {
+    "get_weather": {"type": "object", "properties": {"city": {"type": "string"}}},
+    "add": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+}
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<tool_call>\n", "<|python_tag|>", "[TOOL_CALLS]", "<function=", "</function>",
+    "<parameter=", "</parameter>", "<function=add>", "<parameter=a>", "get_weather", "add", "noop",
+    '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+    '{"name": ', '"arguments": ', '"parameters": ', "{", "}", "[", "]", '"', "\\", ":", ",", ";", " ", "\n",
+    ">", "<", "1", "true", "null", "é", "😀", "<think>", "</think>",
+]  # fmt: skip
+MODEL_OUTPUT = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40).map("".join)
+
+
+def _stream(family: str, text: str, sizes: list[int]) -> None:
+    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+    content, calls = "", {}
+    position, turn = 0, 0
+    while True:
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        piece = text[position : position + size]
+        position += size
+        final = position >= len(text)
+        for delta in output.feed(piece, final=final):
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                entry = calls.setdefault(call["index"], {"arguments": ""})
+                if "id" in call:
+                    assert "id" not in entry, "a call's id was sent twice"
+                    entry.update(id=call["id"], name=call["function"]["name"])
+                else:
+                    assert "id" in entry, "arguments streamed before the call was announced"
+                entry["arguments"] += call["function"]["arguments"]
+        if final:
+            break
+    result = output.result(None, None)
+    assert (result.content or "") == content, "streamed content differs from the final content"
+    assert sorted(calls) == list(range(len(calls)))
+    assert [(c.id, c.function.name, c.function.arguments) for c in result.tool_calls] == [
+        (calls[i]["id"], calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)
+    ], "streamed tool calls differ from the final ones"
+
+
+@FUZZ
+@given(
+    st.sampled_from(known_parsers()),
+    MODEL_OUTPUT,
+    st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8),
+)
+def test_tool_parsers_stream_adds_up(family: str, text: str, sizes: list[int]) -> None:
+    _stream(family, text, sizes)
+
+
+@FUZZ
+@given(st.sampled_from(known_parsers()), st.text(max_size=200), st.booleans())
+def test_tool_parsers_any_text(family: str, text: str, final: bool) -> None:
+    result = tool_parser(family, TOOLS).parse(text, final)
+    assert isinstance(result.content, str)
+    for call in result.calls:
+        assert isinstance(call.name, str) and isinstance(call.arguments, str)
