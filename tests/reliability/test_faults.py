@@ -340,11 +340,6 @@ def test_count_limits_name_the_field(small_server: ServerProcess) -> None:
 FAULT_TOKEN, FAULT_BIAS = 7, -13.25  # a logit_bias entry no one sends by chance marks the request to fail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.step() lets a sampler exception escape, which stops the engine loop and fails every request "
-    "(runtime/engine/engine.py, the lead's area: reported with a proposed fix); remove this mark with the fix",
-)
 def test_exception_in_one_requests_step_fails_only_that_request(
     small_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,12 +46,16 @@ SCALARS = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.sampled_from(["HF", "LOCAL", "S3", "decoder", "encoder", "fp8", "no_quant", "v1", "v2", "H100", "auto"]),
+    st.sampled_from(
+        ["HF", "LOCAL", "S3", "decoder", "encoder", "fp8", "no_quant", "v1", "v2", "H100", "auto"]
+    ),
 )
 VALUES = st.recursive(
     SCALARS,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -75,7 +79,9 @@ def _leaf_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     if isinstance(node, dict):
         return [prefix] + [p for key, value in node.items() for p in _leaf_paths(value, (*prefix, key))]
     if isinstance(node, list):
-        return [prefix] + [p for index, value in enumerate(node) for p in _leaf_paths(value, (*prefix, index))]
+        return [prefix] + [
+            p for index, value in enumerate(node) for p in _leaf_paths(value, (*prefix, index))
+        ]
     return [prefix]
 
 
@@ -114,7 +120,17 @@ def test_config_mutated_shipped_configs(index: int, data: st.DataObject) -> None
         "trt_llm: {build: {max_seq_len: 1e999}}",
         "trt_llm: {build: {max_seq_len: " + "9" * 5000 + "}}",
     ],
-    ids=["billion-laughs", "recursive-alias", "sequence-key", "mapping-keys", "python-tag", "deep", "control", "inf", "huge-int"],
+    ids=[
+        "billion-laughs",
+        "recursive-alias",
+        "sequence-key",
+        "mapping-keys",
+        "python-tag",
+        "deep",
+        "control",
+        "inf",
+        "huge-int",
+    ],
 )
 def test_config_hostile_yaml(text: str) -> None:
     _load(text)
