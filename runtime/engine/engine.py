@@ -176,15 +176,21 @@ class LLMEngine:
             if _wants_prompt_logprobs(item):
                 prompt_rows[index] = list(range(len(requests), len(requests) + item.num_new_tokens))
                 requests.extend((index, offset) for offset in range(item.num_new_tokens))
-        inputs = self.runner.prepare(scheduled, requests)
+        failures: list[StepOutput] = []
         try:
-            hidden = self.runner.execute(inputs)
-        except Exception as error:  # a failed forward fails the requests in it, not the server
-            logger.exception("forward pass failed; failing %d requests", len({s.seq.request_id for s in scheduled}))
-            outputs: list[StepOutput] = []
-            for request_id in {item.seq.request_id for item in scheduled}:
-                outputs.extend(self.abort(request_id, FinishReason.ERROR, f"engine error: {error}"))
-            return outputs
+            hidden = self.runner.execute(self.runner.prepare(scheduled, requests))
+        except Exception:  # find the request(s) at fault; the others go on
+            logger.exception("forward pass failed; retrying its %d sequences one by one", len(scheduled))
+            hidden, failed = self._execute_one_by_one(scheduled, requests)
+            for request_id in failed:
+                failures.extend(self.abort(request_id, FinishReason.ERROR, failed[request_id]))
+            keep = [i for i, item in enumerate(scheduled) if item.seq.request_id not in failed]
+            rows = [row for row, (index, _) in enumerate(requests) if index in keep]
+            hidden = hidden[torch.tensor(rows, dtype=torch.long)] if rows else hidden[:0]
+            renumber = {old_index: new_index for new_index, old_index in enumerate(keep)}
+            requests = [(renumber[index], offset) for index, offset in requests if index in renumber]
+            prompt_rows = {renumber[i]: [rows.index(r) for r in v] for i, v in prompt_rows.items() if i in renumber}
+            scheduled = [scheduled[i] for i in keep]
         rows_of: dict[int, list[int]] = {}
         for row, (index, _) in enumerate(requests):
             rows_of.setdefault(index, []).append(row)
@@ -194,7 +200,7 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_new_tokens
             if not item.num_draft_tokens:
                 self.blocks.commit_full_blocks(item.seq)
-        outputs = self._sample(scheduled, rows_of, hidden)
+        outputs = failures + self._sample(scheduled, rows_of, hidden)
         outputs += self._finish_drafts(scheduled, rows_of, hidden)
         self._release_finished(outputs)
         self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
@@ -209,12 +215,51 @@ class LLMEngine:
         # one projection per distinct row (forked choices share their parent's row)
         distinct = sorted(set(logit_rows))
         projected = self.runner.logits(hidden[torch.tensor(distinct)])
-        sampled = self.sampler(projected[torch.tensor([distinct.index(row) for row in logit_rows])], rows)
-        outputs = []
-        for (_, seq), token_id, logprob in zip(owners, sampled.token_ids, sampled.logprobs, strict=True):
+        row_logits = projected[torch.tensor([distinct.index(row) for row in logit_rows])]
+        outputs: list[StepOutput] = []
+        try:
+            sampled = self.sampler(row_logits, rows)
+            picks = list(zip(owners, sampled.token_ids, sampled.logprobs, strict=True))
+        except Exception:  # one request's sampling (its grammar, its parameters) must not fail the batch
+            logger.exception("sampling failed; retrying its %d rows one by one", len(rows))
+            picks = []
+            for position, (row, owner) in enumerate(zip(rows, owners, strict=True)):
+                try:
+                    one = self.sampler(row_logits[position : position + 1], [row])
+                except Exception as error:
+                    outputs.extend(self.abort(owner[1].request_id, FinishReason.ERROR, f"sampling failed: {error}"))
+                    continue
+                picks.append((owner, one.token_ids[0], one.logprobs[0]))
+        for (_, seq), token_id, logprob in picks:
+            if seq.request_id not in self.groups:
+                continue  # aborted above
             self._append(seq, token_id)
             outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
         return outputs
+
+    def _execute_one_by_one(
+        self, scheduled: list[ScheduledSequence], requests: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        """Hidden rows in `requests` order, from one forward pass per sequence; and the requests that failed."""
+        pieces: list[torch.Tensor] = []
+        failed: dict[str, str] = {}
+        width, dtype = None, torch.float32
+        for index, item in enumerate(scheduled):
+            own = [(0, offset) for i, offset in requests if i == index]
+            try:
+                piece = self.runner.execute(self.runner.prepare([item], own))
+                width, dtype = piece.shape[-1], piece.dtype
+            except Exception as error:
+                failed[item.seq.request_id] = f"engine error: {error}"
+                piece = None
+            pieces.append(piece if piece is not None else torch.empty(0))
+        if width is None:
+            return torch.empty(0, 0), failed
+        filled = [
+            piece if piece.numel() else torch.zeros(sum(1 for i, _ in requests if i == index), width, dtype=dtype)
+            for index, piece in enumerate(pieces)
+        ]
+        return torch.cat(filled), failed
 
     def _record_prompt_logprobs(self, item: ScheduledSequence, hidden: torch.Tensor) -> None:
         """Logprobs of the prompt's own tokens (echo with logprobs): row k predicts the token after it."""
