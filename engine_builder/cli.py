@@ -5,6 +5,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from engine_builder.build_stage import BuildError
+from engine_builder.checkpoints.errors import CheckpointError
 from engine_builder.config import ConfigError, load_config
 
 EXIT_INVALID = 2
@@ -70,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in error.issues:
             print(f"error: {issue}", file=sys.stderr)
         return EXIT_INVALID
+    except (CheckpointError, BuildError) as error:  # messages name the fix (and carry no secret values)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
