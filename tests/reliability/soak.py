@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -321,7 +322,12 @@ def start_servers(root: Path, embeddings: bool) -> tuple[ServerProcess, ServerPr
         max_num_tokens=512,
     )
     decoder = ServerProcess(config, root / "decoder-engine")
-    encoder = ServerProcess(CONFIGS_DIR / "embeddings.yaml", root / "encoder-engine") if embeddings else None
+    encoder = None
+    if embeddings:  # the shipped config's LOCAL path is ../models/all-MiniLM-L6-v2, wherever the models are
+        (root / "configs").mkdir()
+        shutil.copy(CONFIGS_DIR / "embeddings.yaml", root / "configs" / "embeddings.yaml")
+        (root / "models").symlink_to(MODELS_DIR.resolve())
+        encoder = ServerProcess(root / "configs" / "embeddings.yaml", root / "encoder-engine")
     try:
         decoder.wait_ready()
         if encoder is not None:
