@@ -84,7 +84,10 @@ class ModelRunner:
             return
         packed = pack_linears(self.model)
         if packed:
+            from runtime.engine.models.cpu_kernels import SMALL_BATCH_ROWS
+
             self.model.activation_dtype = torch.float32
+            self.model.small_batch_rows = SMALL_BATCH_ROWS
             logger.info("CPU linears: %d packed as FBGEMM fp16 (float32 activations)", packed)
 
     def _bytes_per_block(self, dtype: torch.dtype) -> int:

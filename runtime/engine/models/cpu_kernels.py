@@ -46,10 +46,12 @@ class PackedFp16Linear(nn.Module):
         self.out_features = weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > SMALL_BATCH_ROWS:
+        if x.shape[0] > SMALL_BATCH_ROWS:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
             if self.blocked is not None:
-                return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.blocked, self.bias, "none", [], "").float()
-            return F.linear(x.to(self.dtype), self.weight, self.bias).float()
+                y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.blocked, self.bias, "none", [], "")
+            else:
+                y = F.linear(x.to(self.dtype), self.weight, self.bias)
+            return y.to(x.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.fbgemm_linear_fp16_weight(x.float(), self.packed, self.bias32)

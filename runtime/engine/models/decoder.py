@@ -110,6 +110,7 @@ class DecoderModel(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.activation_dtype: torch.dtype | None = None  # float32 when the linears are packed for the CPU
+        self.small_batch_rows = 0  # steps with at most this many rows run float32 activations
         self.local_rotary = (
             RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
             if spec.rope_local_theta
@@ -120,8 +121,8 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         hidden = self.embed_tokens[input_ids]
-        if self.activation_dtype is not None:
-            hidden = hidden.to(self.activation_dtype)
+        if self.activation_dtype is not None and input_ids.numel() <= self.small_batch_rows:
+            hidden = hidden.to(self.activation_dtype)  # few rows: float32 for the FBGEMM GEMV path
         if self.spec.embedding_scale is not None:
             hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
         cos_sin = self.rotary.lookup(positions, hidden.dtype)

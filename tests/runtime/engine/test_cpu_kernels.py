@@ -30,6 +30,7 @@ def test_packed_linears_match_float32(smollm2_dir: Path) -> None:
     packed_model = load_decoder(smollm2_dir, torch.bfloat16, torch.device("cpu"))
     assert pack_linears(packed_model) == 30 * 4 + 1
     packed_model.activation_dtype = torch.float32
+    packed_model.small_batch_rows = 8
     assert isinstance(packed_model.lm_head, PackedFp16Linear)
     packed = _logits(packed_model, ids)  # 19 rows: the oneDNN bf16 path
     few_rows = _logits(packed_model, ids[:6])  # 6 rows: the FBGEMM fp16 path
