@@ -23,7 +23,7 @@ def test_validate_prints_resolved_yaml() -> None:
     result = _cli("validate", str(CONFIGS_DIR / "smollm2.yaml"))
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["trt_llm"]["build"]["max_num_tokens"] == 2048
+    assert resolved["trt_llm"]["build"]["max_num_tokens"] == 256
     assert resolved["trt_llm"]["runtime"]["batch_scheduler_policy"] == "guaranteed_no_evict"
     assert resolved["trt_llm"]["build"]["quantization_config"]["calib_size"] == 1024
 
