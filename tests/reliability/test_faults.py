@@ -471,3 +471,27 @@ def test_request_larger_than_the_kv_pool_is_refused_not_queued_forever(
         assert httpx.post(url, json={"messages": MESSAGES, "max_tokens": 4}, timeout=15).status_code == 200
     finally:
         process.stop()
+
+
+# -- request-supplied chat templates -------------------------------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    raises=httpx.ReadTimeout,
+    reason="a request's `chat_template` is rendered on the event loop with no budget: nested loops stall every "
+    "other request (vLLM refuses request templates unless --trust-request-chat-template; reported)",
+)
+def test_request_chat_template_cannot_stall_the_server(small_server: ServerProcess) -> None:
+    template = "{% for i in range(100000) %}{% for j in range(1500) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    body = {"messages": MESSAGES, "max_tokens": 2, "chat_template": template}
+    outcome: dict[str, object] = {}
+
+    def render() -> None:
+        outcome["response"] = httpx.post(f"{small_server.base_url}{CHAT}", json=body, timeout=120)
+
+    worker = threading.Thread(target=render)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert httpx.get(f"{small_server.base_url}/health", timeout=2).status_code == 200
+    finally:
+        worker.join(timeout=120)
