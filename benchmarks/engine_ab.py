@@ -42,17 +42,27 @@ PERSON_SCHEMA = {
 
 
 def _engine(**overrides: Any) -> LLMEngine:
-    values: dict[str, Any] = dict(model_dir=MODEL, dtype="bfloat16", max_seq_len=2048, max_num_tokens=2048, max_batch_size=64)
+    values: dict[str, Any] = dict(
+        model_dir=MODEL, dtype="bfloat16", max_seq_len=2048, max_num_tokens=2048, max_batch_size=64
+    )
     values.update(overrides)
     return LLMEngine(EngineConfig(**values), eos_token_ids=EOS)
 
 
-def _decode(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, matchers: Callable[[], Any] | None = None) -> dict[str, float]:
-    """Run all prompts together; tokens/s of the whole batch and per-request outputs."""
+def _decode(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    matchers: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Run all prompts together; tokens/s of the whole batch and per-request outputs (in prompt order)."""
+    per_request = params if isinstance(params, list) else [params] * len(prompts)
     started = time.perf_counter()
     tag = f"{started}"
     for index, prompt in enumerate(prompts):
-        engine.add_request(GenerationRequest(f"{tag}-{index}", tuple(prompt), params), [matchers()] if matchers else None)
+        engine.add_request(
+            GenerationRequest(f"{tag}-{index:03d}", tuple(prompt), per_request[index]), [matchers()] if matchers else None
+        )
     tokens = 0
     outputs: dict[str, list[int]] = {}
     while engine.has_unfinished():
@@ -73,8 +83,13 @@ def structured(repeats: int) -> dict[str, Any]:
     from runtime.decoding.structured.compiler import GrammarCompiler
 
     tokenizer = _tokenizer()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Describe person #{i} as JSON."}], tokenize=True, add_generation_prompt=True) for i in range(16)]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Describe person #{i} as JSON."}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(16)
+    ]
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     compiler = GrammarCompiler(MODEL, 49152)
     guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(PERSON_SCHEMA), any_whitespace=False)
     started = time.perf_counter()
@@ -94,15 +109,24 @@ def structured(repeats: int) -> dict[str, Any]:
         result = _decode(engine, prompts, constrained_params, lambda: compiler.matcher(compiled, EOS))
         rows["json_schema"].append(result["tokens_per_s"])
         lengths = [len(o) for o in result["outputs"]]
-        plain = SamplingParams(max_tokens=max(1, int(statistics.mean(lengths))), temperature=0.0, ignore_eos=True)
+        # The same batch shape over time: each plain request generates exactly as many tokens as its twin.
+        plain = [SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True) for length in lengths]
         rows["unconstrained"].append(_decode(engine, prompts, plain)["tokens_per_s"])
     ratios = [a / b for a, b in zip(rows["json_schema"], rows["unconstrained"], strict=True)]
     return {
         "benchmark": "structured",
         "concurrency": 16,
         "tokens_per_s": rows,
-        "overhead_percent": {"median": 100 * (1 - statistics.median(ratios)), "min": 100 * (1 - max(ratios)), "max": 100 * (1 - min(ratios))},
-        "compile_ms": {"cold": cold_ms, "cached_median": statistics.median(cached), "cached_max": max(cached)},
+        "overhead_percent": {
+            "median": 100 * (1 - statistics.median(ratios)),
+            "min": 100 * (1 - max(ratios)),
+            "max": 100 * (1 - min(ratios)),
+        },
+        "compile_ms": {
+            "cold": cold_ms,
+            "cached_median": statistics.median(cached),
+            "cached_max": max(cached),
+        },
         "constrained_lengths": lengths,
     }
 
@@ -113,7 +137,12 @@ def lookahead(repeats: int) -> dict[str, Any]:
 
     # Code completion: the model continues each self-written snippet (the prompt-lookup pool sees the snippet).
     prompts = [tokenizer(snippet).input_ids for snippet in load_prompts()[:6]]
-    engines = {"off": _engine(), "on": _engine(lookahead=LookaheadConfig(window_size=3, ngram_size=4, verification_set_size=3, max_batch_size=8))}
+    engines = {
+        "off": _engine(),
+        "on": _engine(
+            lookahead=LookaheadConfig(window_size=3, ngram_size=4, verification_set_size=3, max_batch_size=8)
+        ),
+    }
     params = SamplingParams(max_tokens=128, temperature=0.0)
     rows: dict[str, list[float]] = {"off": [], "on": []}
     identical = True
@@ -144,7 +173,9 @@ def cpu_gemm(repeats: int) -> dict[str, Any]:
         for concurrency in (1, 4, 16, 64):
             for name, engine in engines.items():
                 params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-                rows[name].setdefault(concurrency, []).append(_decode(engine, [prompt] * concurrency, params)["tokens_per_s"])
+                rows[name].setdefault(concurrency, []).append(
+                    _decode(engine, [prompt] * concurrency, params)["tokens_per_s"]
+                )
     return {"benchmark": "cpu-gemm", "tokens_per_s": rows}
 
 
@@ -176,23 +207,31 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("benchmark", choices=["structured", "lookahead", "cpu-gemm"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     before = describe()
-    result = {"structured": structured, "lookahead": lookahead, "cpu-gemm": cpu_gemm}[args.benchmark](args.repeats)
+    result = {"structured": structured, "lookahead": lookahead, "cpu-gemm": cpu_gemm}[args.benchmark](
+        args.repeats
+    )
     result["machine"] = before
     result["load_average_after"] = describe().get("load_average")
     result["threads"] = args.threads
-    result["command"] = f"python -m benchmarks.engine_ab {args.benchmark} --repeats {args.repeats} --threads {args.threads}"
+    result["command"] = (
+        f"python -m benchmarks.engine_ab {args.benchmark} --repeats {args.repeats} --threads {args.threads}"
+    )
     RESULTS.mkdir(exist_ok=True)
     name = args.benchmark.replace("-", "_")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     _plot(result, RESULTS / f"{name}.png")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2, default=str)[:3000])
+    print(
+        json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2, default=str)[:3000]
+    )
 
 
 if __name__ == "__main__":

@@ -341,7 +341,7 @@ class LLMEngine:
                         prompt_token_ids=target.prompt_token_ids,
                         output_token_ids=target.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
-                        allowed_tokens=target.guide_state.allowed_tokens() if target.guide_state is not None else None,
+                        token_bitmask=target.guide_state.token_bitmask() if target.guide_state is not None else None,
                     )
                 )
                 owners.append((position, target))

@@ -22,6 +22,7 @@ class SamplingRow:
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]
     allowed_tokens: torch.Tensor | None = None  # bool [vocab]; None = no grammar constraint
+    token_bitmask: torch.Tensor | None = None  # the same as a packed int32 bitmask [ceil(vocab / 32)], bit set = allowed
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Sampler:
             return logits  # plain rows (the common case): nothing to change, nothing to copy
         logits = logits.clone()
         neg_inf = float("-inf")
+        _apply_bitmasks(logits, rows)
         for index, row in enumerate(rows):
             params = row.params
             if params.logit_bias:
@@ -116,12 +118,30 @@ class Sampler:
         return chosen
 
 
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def _apply_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Grammar masks of every constrained row, unpacked and applied in one vectorized pass."""
+    indices = [index for index, row in enumerate(rows) if row.token_bitmask is not None]
+    if not indices:
+        return
+    packed = torch.stack([rows[index].token_bitmask for index in indices])  # type: ignore[misc]
+    allowed = ((packed.unsqueeze(-1) >> _SHIFTS) & 1).view(len(indices), -1).bool()
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    selected = torch.tensor(indices, dtype=torch.long)
+    logits[selected] = logits[selected].masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
     return bool(
         params.logit_bias
         or len(row.output_token_ids) < params.min_tokens
         or row.allowed_tokens is not None
+        or row.token_bitmask is not None
         or params.repetition_penalty != 1.0
         or params.presence_penalty
         or params.frequency_penalty

@@ -103,6 +103,11 @@ class GuideMatcher:
         bits = (words.unsqueeze(1) >> self._shifts) & 1
         return bits.flatten()[: self.vocab_size].bool()
 
+    def token_bitmask(self) -> Any:
+        """int32 [ceil(vocab / 32)], bit set where the grammar allows the token next (valid until the next fill)."""
+        self._matcher.fill_next_token_bitmask(self._bitmask, 0)
+        return self._bitmask[0]
+
     def accept(self, token_id: int) -> bool:
         return bool(self._matcher.accept_token(token_id))
 
