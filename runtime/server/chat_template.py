@@ -22,6 +22,25 @@ class PromptRenderer:
         self.has_chat_template = bool(template)
         self.template_supports_tools = isinstance(template, str) and "tools" in template
 
+    async def render_async(self, messages: list[ChatMessage], **options: Any) -> str:
+        """`render`, except that a template supplied by the request renders in a separate process with a time
+        limit: the model's own template is trusted, a request's Jinja could loop for hours."""
+        if options.get("chat_template") is None:
+            return self.render(messages, **options)
+        conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
+        kwargs = dict(options.get("template_kwargs") or {})
+        conversation = kwargs.pop("_extra_system_messages", []) + conversation
+        special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        return await REQUEST_TEMPLATES.render(
+            conversation,
+            tools=options.get("tools"),
+            documents=options.get("documents"),
+            chat_template=options["chat_template"],
+            add_generation_prompt=options.get("add_generation_prompt", True),
+            continue_final_message=options.get("continue_final_message", False),
+            kwargs={**special, **kwargs},
+        )
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -114,3 +133,67 @@ def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
             )
         rendered["tool_calls"] = calls
     return rendered
+
+
+REQUEST_TEMPLATE_TIMEOUT_S = 5.0
+
+
+class RequestTemplateSandbox:
+    """One worker process for request-supplied templates; a template over the time limit kills the worker."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pool: Any = None
+
+    def _executor(self) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    async def render(self, conversation: list[dict[str, Any]], **arguments: Any) -> str:
+        import asyncio
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._executor()
+        future = asyncio.get_running_loop().run_in_executor(pool, _render_template, conversation, arguments)
+        try:
+            result = await asyncio.wait_for(future, timeout=self.timeout_s)
+        except BrokenProcessPool:
+            self._kill()
+            raise bad_request("chat_template crashed its rendering process.", param="chat_template") from None
+        except TimeoutError:
+            self._kill()
+            raise bad_request(
+                f"chat_template did not render within {self.timeout_s:.0f} s; simplify the template.", param="chat_template"
+            ) from None
+        if isinstance(result, Exception):
+            raise bad_request(f"The chat template could not render these messages: {result}", param="chat_template")
+        return result
+
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str | Exception:
+    """Runs in the sandbox process."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kwargs = arguments.pop("kwargs", {})
+    try:
+        rendered = render_jinja_template(conversations=[conversation], **arguments, **kwargs)
+    except Exception as error:  # returned, not raised: the message reaches the client as a 400
+        return ValueError(str(error))
+    while isinstance(rendered, list | tuple):  # (rendered conversations, generation indices) -> the one string
+        rendered = rendered[0]
+    return str(rendered)
+
+
+REQUEST_TEMPLATES = RequestTemplateSandbox(REQUEST_TEMPLATE_TIMEOUT_S)

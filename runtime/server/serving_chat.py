@@ -51,7 +51,7 @@ async def run_chat(
     state: ServerState, body: ChatCompletionRequest, http_request: Request
 ) -> ChatCompletionResponse | StreamingResponse:
     """The chat completion as a response object (non-streaming) or an SSE StreamingResponse."""
-    plan = plan_chat(state, body)
+    plan = await plan_chat(state, body)
     await verify_guide(state, plan.run.request.sampling.guide)
     plan.run.admit()
     request_id = plan.run.request.request_id
@@ -66,7 +66,7 @@ async def run_chat(
     return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
 
 
-def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     check_chat_limits(body, state.settings.max_batch_size)
     check_unsupported_chat(body)
     if state.renderer is None:
@@ -85,7 +85,7 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
         **(body.chat_template_kwargs or {}),
         **template_kwargs,
     }
-    prompt_text = state.renderer.render(
+    prompt_text = await state.renderer.render_async(
         body.messages,
         tools=tools_for_template,
         documents=body.documents,

