@@ -2,7 +2,6 @@
 
 import json
 import math
-import re
 from typing import Any
 
 from fastapi import Request
@@ -68,34 +67,7 @@ def parse_json(raw: bytes) -> Any:
         raise APIError(
             f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", status=400, code="invalid_json"
         )
-    # A `\\udXXX` escape can decode to half a UTF-16 pair, which no tokenizer or encoder accepts.
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
-        raise APIError(
-            "The request body has a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
-            status=400,
-            code="invalid_encoding",
-        )
     return data
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _reject_constant(name: str) -> Any:

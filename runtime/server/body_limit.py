@@ -1,9 +1,14 @@
-"""The request-body byte limit, counted on the bytes received rather than on what Content-Length claims.
+"""Checks on the raw request body that every route shares, before any parsing or auth.
 
-A chunked body has no Content-Length and a client can understate it, so the body is read here (up to the
-limit), then replayed to the application; past the limit the answer is a 413 in OpenAI's envelope.
+- The byte limit, counted on the bytes received rather than on what Content-Length claims: a chunked body
+  has none and a client can understate it, so the body is read here (up to the limit), then replayed to
+  the application. Past the limit the answer is a 413.
+- Unpaired UTF-16 surrogate escapes (`"\\ud800"`): valid JSON, but the strings they make cannot be encoded
+  by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
 """
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +48,14 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        if first.get("body") and _has_unpaired_surrogate(first["body"]):
+            error = APIError(
+                "The request body has a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
+                status=400,
+                code="invalid_encoding",
+            )
+            await self.render(error)(scope, receive, send)
+            return
         await self.app(scope, _replay(first, receive), send)
 
     async def _too_large(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,6 +66,32 @@ class BodyLimitMiddleware:
             code="request_too_large",
         )
         await self.render(error)(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _has_unpaired_surrogate(body: bytes) -> bool:
+    """Only bodies with a surrogate escape are parsed here (pairs such as emoji escapes are fine)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        stack = [json.loads(body)]
+    except (ValueError, RecursionError):
+        return False  # not JSON: the route answers that
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,11 +1,13 @@
-"""A small SmolLM2 server shared by the fault and fuzz tests: max_seq_len 256 and 4 tokens by default,
-so that what the tests generate stays cheap on two cores."""
+"""Servers shared by the fault and fuzz tests: a small SmolLM2 (max_seq_len 256, 4 tokens by default, so
+that what the tests generate stays cheap on two cores) and the all-MiniLM-L6-v2 embeddings server."""
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import CONFIGS_DIR
 from tests.runtime.server.harness import ServerProcess, write_config
 
 
@@ -21,6 +23,20 @@ def small_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) ->
         request_default_max_tokens=4,
     )
     process = ServerProcess(config, root / "engine")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def encoder_server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("reliability-encoder")
+    (root / "configs").mkdir()
+    shutil.copy(CONFIGS_DIR / "embeddings.yaml", root / "configs" / "embeddings.yaml")
+    (root / "models").symlink_to(minilm_dir.parent)  # the config's LOCAL path is ../models/all-MiniLM-L6-v2
+    process = ServerProcess(root / "configs" / "embeddings.yaml", root / "engine")
     try:
         process.wait_ready()
         yield process

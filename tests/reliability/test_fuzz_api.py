@@ -1,5 +1,6 @@
-"""Schemathesis against the live server's /openapi.json: positive and negative cases for every operation,
-at least 1,000 requests, no 5xx, every 4xx in OpenAI's error envelope, every 200 well-formed.
+"""Schemathesis against the live servers' /openapi.json: positive and negative cases for every operation,
+at least 1,000 requests to the decoder, no 5xx, every 4xx in the route's error envelope (OpenAI's; TEI's
+{"error", "error_type"} on the encoder's TEI routes), every 200 well-formed.
 
 Generated bodies keep their shape but have their generation budget clamped (max_tokens, n) so a case costs
 milliseconds on two cores; everything else is sent as generated.
@@ -33,7 +34,7 @@ def _cheapen(body: Any) -> None:
             body[field] = cap
 
 
-def _check(case: Any, response: Any, failures: list[str]) -> None:
+def _check(case: Any, response: Any, failures: list[str], envelope_ok: Any) -> None:
     status = response.status_code
     label = f"{case.method} {case.formatted_path} {json.dumps(case.body, default=repr)[:1000]} -> {status}"
     if status >= 500:
@@ -44,12 +45,11 @@ def _check(case: Any, response: Any, failures: list[str]) -> None:
         content_type = content_type[0] if content_type else ""
     if status >= 400:
         try:
-            error = response.json()["error"]
-            ok = isinstance(error, dict) and set(error) == ENVELOPE_FIELDS and bool(error["message"])
-        except (ValueError, KeyError, TypeError):
+            ok = envelope_ok(case.formatted_path, response.json())
+        except ValueError:
             ok = False
         if not ok:
-            failures.append(f"{label}: not OpenAI's error envelope: {response.text[:300]}")
+            failures.append(f"{label}: not the route's error envelope: {response.text[:300]}")
         return
     try:
         if content_type.startswith("text/event-stream"):
@@ -58,6 +58,55 @@ def _check(case: Any, response: Any, failures: list[str]) -> None:
             json.loads(response.text)
     except (AssertionError, ValueError) as error:
         failures.append(f"{label}: malformed success body ({error}): {response.text[:300]}")
+
+
+def _fuzz(base_url: str, examples: dict[str, int], envelope_ok: Any) -> int:
+    """Run every operation of the server's OpenAPI document in both generation modes; returns the calls made."""
+    document = httpx.get(f"{base_url}/openapi.json", timeout=30).json()
+    schema = schemathesis.openapi.from_dict(document)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    calls = {"count": 0}
+    failures: list[str] = []
+    session = requests.Session()
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=examples.get(operation.method.upper(), 25),
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def run(case: Any) -> None:
+                _cheapen(case.body)
+                response = case.call(base_url=base_url, session=session, timeout=60)
+                calls["count"] += 1
+                _check(case, response, failures, envelope_ok)
+
+            try:
+                run()
+            except Exception as error:  # a mode this operation cannot generate (a GET has no negative body)
+                if "Unsatisfiable" not in type(error).__name__ and "negative" not in str(error).lower():
+                    raise
+            assert not failures, "\n".join(failures[:20])
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    return calls["count"]
+
+
+def _openai_envelope(path: str, body: Any) -> bool:
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and set(error) == ENVELOPE_FIELDS and bool(error["message"])
+
+
+def _encoder_envelope(path: str, body: Any) -> bool:
+    """OpenAI's envelope on the embeddings routes and our own (auth, 404, 413); TEI's on /embed, /rerank, /predict."""
+    if _openai_envelope(path, body):
+        return True
+    tei = path in ("/embed", "/rerank", "/predict") or path.endswith(":predict")
+    return tei and isinstance(body, dict) and set(body) == {"error", "error_type"} and bool(body["error"])
 
 
 def test_openapi_fuzz(small_server: ServerProcess) -> None:
@@ -69,34 +118,8 @@ def test_openapi_fuzz(small_server: ServerProcess) -> None:
         if "requestBody" in operation
     ]
     assert {"/v1/chat/completions", "/v1/completions", "/predict"} <= set(bodies), bodies
-    schema = schemathesis.openapi.from_dict(document)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    calls = {"count": 0}
-    failures: list[str] = []
-    session = requests.Session()
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+    assert _fuzz(small_server.base_url, EXAMPLES, _openai_envelope) >= MIN_CASES
 
-            @settings(
-                max_examples=EXAMPLES.get(operation.method.upper(), 25),
-                deadline=None,
-                database=None,
-                derandomize=True,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case: Any) -> None:
-                _cheapen(case.body)
-                response = case.call(base_url=small_server.base_url, session=session, timeout=60)
-                calls["count"] += 1
-                _check(case, response, failures)
 
-            try:
-                run()
-            except Exception as error:  # a mode this operation cannot generate (a GET has no negative body)
-                if "Unsatisfiable" not in type(error).__name__ and "negative" not in str(error).lower():
-                    raise
-            assert not failures, "\n".join(failures[:20])
-    assert calls["count"] >= MIN_CASES, calls
-    assert httpx.get(f"{small_server.base_url}/health", timeout=10).status_code == 200
+def test_openapi_fuzz_encoder(encoder_server: ServerProcess) -> None:
+    assert _fuzz(encoder_server.base_url, {"POST": 60, "GET": 10}, _encoder_envelope) >= 300
