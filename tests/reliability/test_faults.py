@@ -51,12 +51,13 @@ async def _storm(base_url: str, count: int) -> list[int]:
                 statuses.append(response.status_code)
                 if index % 3 == 0:
                     return  # dropped before reading a byte of the body
+                keep = 1 if index % 3 == 1 else 3 + index % 4  # after the first frame, or a few frames in
+                seen = 0
                 async for _ in response.aiter_bytes():
-                    if index % 3 == 1:
-                        return  # dropped after the first frame
-                    await asyncio.sleep(0.2)  # dropped after a few frames, mid-generation
-                    if index % 2 == 0:
+                    seen += 1
+                    if seen >= keep:
                         return
+                    await asyncio.sleep(0.05)
 
         async def plain() -> None:
             try:

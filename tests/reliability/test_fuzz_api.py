@@ -93,6 +93,7 @@ def _fuzz(base_url: str, examples: dict[str, int], envelope_ok: Any) -> int:
                     raise
             assert not failures, "\n".join(failures[:20])
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    print(f"schemathesis: {calls['count']} requests to {len(operations)} operations at {base_url}")
     return calls["count"]
 
 
