@@ -158,6 +158,11 @@ class TorchEngineClient:
             if remaining:
                 self._commands.put(("abort", request.request_id))
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse, before anything streams, a request this engine could never run (raises ValueError)."""
+        assert self.engine is not None
+        self.engine.check_capacity(request)
+
     async def check_guide(self, guide: Guide) -> None:
         """Compile (and cache) the guide now, so a bad one is refused before any streaming starts."""
         compiler = await self._grammar_compiler()

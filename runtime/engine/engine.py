@@ -11,7 +11,7 @@ import torch
 from runtime.backends.types import EngineStats, FinishReason, GenerationRequest, TokenLogprob
 from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
-from runtime.engine.config import EngineConfig
+from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.model_runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingRow
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 class RequestRejectedError(ValueError):
     """The request cannot run on this engine (too long, bad token ids); nothing was scheduled."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -91,6 +95,7 @@ class LLMEngine:
             )
         if max(prompt) >= self.vocab_size or min(prompt) < 0:
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
+        self.check_capacity(request)
         arrival = request.arrival_time or time.monotonic()
         sequences = [
             Sequence(
@@ -112,6 +117,26 @@ class LLMEngine:
         group = SequenceGroup(request.request_id, sequences, arrival)
         self.groups[request.request_id] = group
         self.scheduler.add(group)
+
+    def check_capacity(self, request: GenerationRequest) -> None:
+        """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it."""
+        params = request.sampling
+        block_size = self.blocks.block_size
+        longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len) + self.config.max_draft_tokens
+        per_choice = -(-longest // block_size)
+        shared = len(request.prompt_token_ids) // block_size  # choices share the prompt's full blocks
+        if self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
+            needed = per_choice + (params.n - 1) * max(per_choice - shared, 0)
+        else:  # max_utilization preempts, but one choice must still fit on its own
+            needed = per_choice
+        available = self.blocks.num_usable_blocks
+        if needed > available:
+            capacity = available * block_size
+            raise RequestRejectedError(
+                f"The KV cache holds {capacity} tokens; this request needs up to {needed * block_size} "
+                f"({params.n} choice(s) of up to {longest} tokens). Lower n or max_tokens.",
+                param="n" if params.n > 1 else "max_tokens",
+            )
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator:
         generator = torch.Generator(device="cpu")

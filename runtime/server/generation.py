@@ -40,6 +40,12 @@ class Run:
         self.admitted = False
 
     def admit(self) -> None:
+        check = getattr(self.state.engine, "check_request", None)
+        if check is not None:
+            try:
+                check(self.request)
+            except ValueError as error:
+                raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
         self.state.admit()
         self.admitted = True
 

@@ -505,13 +505,6 @@ def test_request_chat_template_cannot_stall_the_server(small_server: ServerProce
 
 
 # -- a request that can never be scheduled ------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.ReadTimeout,
-    reason="under guaranteed_no_evict the scheduler waits forever for a group whose worst case exceeds the "
-    "whole KV pool, and everything queued behind it waits too (runtime/engine/scheduler.py / engine.py "
-    "add_request, the lead's area: reported); remove this mark with the fix",
-)
 def test_request_larger_than_the_kv_pool_is_refused_not_queued_forever(
     tmp_path: Path, smollm2_dir: Path
 ) -> None:
