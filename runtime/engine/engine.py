@@ -3,6 +3,7 @@
 import itertools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self._mask_future: Future | None = None
+        self._masks: dict[int, torch.Tensor] = {}
 
     # -- requests ----------------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
@@ -202,6 +206,7 @@ class LLMEngine:
                 prompt_rows[index] = list(range(len(requests), len(requests) + item.num_new_tokens))
                 requests.extend((index, offset) for offset in range(item.num_new_tokens))
         failures: list[StepOutput] = []
+        self._start_mask_fill(scheduled)
         try:
             hidden = self.runner.execute(self.runner.prepare(scheduled, requests))
         except Exception:  # find the request(s) at fault; the others go on
@@ -366,11 +371,44 @@ class LLMEngine:
                         prompt_token_ids=target.prompt_token_ids,
                         output_token_ids=target.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
-                        token_bitmask=target.guide_state.token_bitmask() if target.guide_state is not None else None,
+                        token_bitmask=self._bitmask_of(target),
                     )
                 )
                 owners.append((position, target))
         return rows, owners
+
+    def _start_mask_fill(self, scheduled: list[ScheduledSequence]) -> None:
+        """Fill the grammar masks of this step's sampled rows on a helper thread while the forward runs.
+
+        The matchers already hold the state after the last accepted token, and the forward releases the GIL
+        inside its kernels, so on a machine with a spare core the masks cost (almost) nothing.
+        """
+        guided = [
+            seq
+            for item in scheduled
+            if item.sample and not item.num_draft_tokens
+            for seq in ([item.seq] + self._unforked_children(item.seq))
+            if seq.guide_state is not None
+        ]
+        self._masks = {}
+        if guided:
+            self._mask_future = self._mask_pool.submit(lambda: {seq.seq_id: seq.guide_state.token_bitmask().clone() for seq in guided})
+        else:
+            self._mask_future = None
+
+    def _bitmask_of(self, seq: Sequence) -> torch.Tensor | None:
+        if seq.guide_state is None:
+            return None
+        if self._mask_future is not None:
+            self._masks, self._mask_future = self._mask_future.result(), None
+        mask = self._masks.get(seq.seq_id)
+        return mask if mask is not None else seq.guide_state.token_bitmask()
+
+    def _unforked_children(self, seq: Sequence) -> list[Sequence]:
+        group = self.groups.get(seq.request_id)
+        if group is None or seq is not group.parent or seq.output_token_ids:
+            return []
+        return [child for child in group.children if not child.is_finished and not child.output_token_ids]
 
     def _fork_children(self, group: SequenceGroup) -> list[Sequence]:
         forked = []
