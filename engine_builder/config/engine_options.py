@@ -46,6 +46,9 @@ class EngineOptions(ConfigModel):
         description="Lookahead drafts only where it pays (Jacobi window when the n-gram pool has nothing, "
         "back-off after misses); false = the full window and verification set every step",
     )
+    lookahead_max_draft_rows: int = pydantic.Field(
+        default=0, ge=0, description="Adaptive lookahead: draft rows per step (0 = auto: 3 on CPU, all that W/N/G allow on GPU)"
+    )
     lookahead_max_batch_size: int = pydantic.Field(
         default=8,
         ge=0,

@@ -15,6 +15,7 @@ Verification is greedy: the longest candidate whose tokens equal the model's own
 is accepted, plus the model's next token, so greedy output is token-identical with lookahead off.
 """
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class DraftPlan:
     local_mask: torch.Tensor  # [D, D] bool: draft row r may attend to draft row c
     num_window_rows: int
     candidates: list[list[int]]
+    window_columns: int = 0  # how many window columns (of W) this step runs
     scratch_slots: list[int] = field(default_factory=list)
 
     @property
@@ -43,8 +45,9 @@ class DraftPlan:
 
     def logit_offsets(self, window_size: int, ngram_size: int) -> list[int]:
         """Rows (relative to x at 0) whose logits verification and the window update need."""
-        top_level = (ngram_size - 2) * window_size
-        window = [1 + top_level + column for column in range(window_size)] if self.num_window_rows else []
+        columns = self.window_columns
+        top_level = (ngram_size - 2) * columns
+        window = [1 + top_level + column for column in range(columns)] if self.num_window_rows else []
         candidates = [1 + self.num_window_rows + row for row in range(self.num_rows - self.num_window_rows)]
         return [0, *window, *candidates]
 
@@ -68,7 +71,6 @@ class LookaheadProposer:
         self.window_size = config.window_size
         self.ngram_size = config.ngram_size
         self.levels = max(config.ngram_size - 1, 1)
-        self._window_mask = self._build_window_mask()
 
     @property
     def max_rows(self) -> int:
@@ -103,14 +105,18 @@ class LookaheadProposer:
         the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G every step.
         """
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))][: self.config.verification_set_size]
-        if self.config.adaptive:
-            if state.num_skip > 0:
-                state.num_skip -= 1
-                return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
-            use_window = not candidates
-        else:
-            use_window = True
-        return self._plan(state, candidates, position, use_window and self.ngram_size > 1)
+        if not self.config.adaptive:
+            return self._plan(state, candidates, position, self.window_size if self.ngram_size > 1 else 0)
+        if state.num_skip > 0:
+            state.num_skip -= 1
+            return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
+        budget = self.config.max_draft_rows or self.max_rows
+        if candidates:
+            per_candidate = max(self.ngram_size - 1, 1)
+            fitting = max(budget // per_candidate, 1)
+            return self._plan(state, [c[:budget] for c in candidates[:fitting]], position, 0)
+        columns = min(self.window_size, budget // self.levels) if self.ngram_size > 1 else 0
+        return self._plan(state, [], position, columns)
 
     def record(self, state: LookaheadState, plan: DraftPlan, num_extra_accepted: int) -> None:
         if num_extra_accepted > 0 or not plan.candidates:
@@ -119,11 +125,10 @@ class LookaheadProposer:
         state.num_failures += 1
         state.num_skip = min(2 ** (state.num_failures - 1), 16) if self.config.adaptive else 0
 
-    def _plan(self, state: LookaheadState, candidates: list[list[int]], position: int, use_window: bool) -> DraftPlan:
-        window_tokens = [token for level in state.window for token in level] if use_window else []
-        window_positions = [position + 1 + column + level for level in range(self.levels) for column in range(self.window_size)]
-        if not use_window:
-            window_positions = []
+    def _plan(self, state: LookaheadState, candidates: list[list[int]], position: int, columns: int) -> DraftPlan:
+        """Draft rows: the first `columns` columns of every window level (level-major), then the candidates."""
+        window_tokens = [state.window[level][column] for level in range(self.levels) for column in range(columns)]
+        window_positions = [position + 1 + column + level for level in range(self.levels) for column in range(columns)]
         tokens = list(window_tokens)
         positions = list(window_positions)
         for candidate in candidates:
@@ -133,22 +138,23 @@ class LookaheadProposer:
         mask = torch.zeros(size, size, dtype=torch.bool)
         num_window = len(window_tokens)
         if num_window:
-            mask[:num_window, :num_window] = self._window_mask
+            mask[:num_window, :num_window] = self._window_mask(columns)
         offset = num_window
         for candidate in candidates:
             length = len(candidate)
             mask[offset : offset + length, offset : offset + length] = torch.ones(length, length, dtype=torch.bool).tril(-1)
             offset += length
-        return DraftPlan(tokens, positions, mask, num_window, candidates)
+        return DraftPlan(tokens, positions, mask, num_window, candidates, window_columns=columns)
 
-    def _build_window_mask(self) -> torch.Tensor:
-        size = self.window_size * self.levels
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of widths per proposer
+    def _window_mask(self, columns: int) -> torch.Tensor:
+        size = columns * self.levels
         mask = torch.zeros(size, size, dtype=torch.bool)
         for level in range(self.levels):
-            for column in range(self.window_size):
-                row = level * self.window_size + column
+            for column in range(columns):
+                row = level * columns + column
                 for below in range(level):
-                    mask[row, below * self.window_size + column] = True
+                    mask[row, below * columns + column] = True
                 for left in range(column):
                     mask[row, left] = True
         return mask
@@ -184,14 +190,16 @@ class LookaheadProposer:
         return best, best_matched
 
     def update_window(self, state: LookaheadState, top_level_logits: torch.Tensor | None) -> None:
-        """Append the new Jacobi level, drop the oldest, and pool each column's chain of N guesses."""
+        """For each column that ran: pool its chain of N guesses, then shift it up one level (a Jacobi step)."""
         if top_level_logits is None or self.ngram_size <= 1:
             return
-        new_level = top_level_logits.argmax(dim=-1).tolist()
-        for column in range(self.window_size):
-            chain = [state.window[level][column] for level in range(self.levels)] + [new_level[column]]
+        new_tokens = top_level_logits.argmax(dim=-1).tolist()
+        for column, new_token in enumerate(new_tokens):
+            chain = [state.window[level][column] for level in range(self.levels)] + [new_token]
             self._remember(state, chain[0], tuple(chain[1:]))
-        state.window = state.window[1:] + [new_level]
+            for level in range(self.levels - 1):
+                state.window[level][column] = state.window[level + 1][column]
+            state.window[self.levels - 1][column] = new_token
 
 
 def _argmax(logits: torch.Tensor, guide: Any) -> int:

@@ -17,6 +17,7 @@ class LookaheadConfig:
     verification_set_size: int  # G
     max_batch_size: int  # above this many running requests, plain decoding
     adaptive: bool = True  # spend draft rows only where they pay (see runtime/decoding/lookahead.py)
+    max_draft_rows: int = 0  # adaptive mode: draft rows per step; 0 = every row W, N, G allow
 
     @property
     def max_draft_tokens(self) -> int:

@@ -31,6 +31,7 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
             verification_set_size=speculator.lookahead_verification_set_size or 1,
             max_batch_size=options.lookahead_max_batch_size,
             adaptive=options.lookahead_adaptive,
+            max_draft_rows=options.lookahead_max_draft_rows,
         )
     dtype = (
         options.dtype

@@ -5,6 +5,7 @@ sequence's own slots). Candidate tokens that verification accepts have their K/V
 into the sequence's slots, so they are not recomputed.
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import LookaheadConfig
 from runtime.engine.sequence import Sequence
 
+CPU_DRAFT_ROWS = 3
+
 
 @dataclass
 class DraftResult:
@@ -25,6 +28,10 @@ class DraftResult:
 
 class LookaheadRunner:
     def __init__(self, config: LookaheadConfig, blocks: BlockManager, kv_cache: PagedKVCache) -> None:
+        if config.adaptive and config.max_draft_rows == 0 and kv_cache.key.device.type == "cpu":
+            # On one CPU core a step with 4 rows costs ~1.2x a plain step and one with 16 rows ~2x
+            # (benchmarks/README.md), so drafts stay short there.
+            config = dataclasses.replace(config, max_draft_rows=CPU_DRAFT_ROWS)
         self.config = config
         self.proposer = LookaheadProposer(config)
         self.kv_cache = kv_cache
@@ -83,7 +90,7 @@ class LookaheadRunner:
         Rows are projected to logits lazily: on one CPU core the LM head is a large share of a step, and a
         candidate whose first token already disagrees needs none of its rows.
         """
-        width = self.config.window_size if plan.num_window_rows else 0
+        width = plan.window_columns if plan.num_window_rows else 0
         x_logits = project(hidden[:1])[0]
         first = x_logits.argmax()
         candidate_hidden = hidden[1 + width :]

@@ -105,7 +105,7 @@ def test_preemption_with_lookahead(smollm2_dir: Path, smollm2_reference) -> None
 
 def test_window_mask_and_ngram_collection() -> None:
     proposer = LookaheadProposer(LookaheadConfig(window_size=3, ngram_size=3, verification_set_size=2, max_batch_size=4))
-    mask = proposer._window_mask
+    mask = proposer._window_mask(3)
     # row (level 1, column 2) sees (level 0, column 2) below it and level 0 columns 0 and 1 to its left
     assert mask[1 * 3 + 2].nonzero().flatten().tolist() == [0, 1, 2]
     assert mask[0].sum() == 0
