@@ -30,6 +30,7 @@ from engine_builder.backend_choice import choose_backend
 from engine_builder.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
 from engine_builder.config import (
     BaseModelKind,
+    CheckpointRepository,
     EngineOptions,
     LoadedConfig,
     QuantizationType,
@@ -81,7 +82,7 @@ def build_engine(
     logger.info(
         "fetching checkpoint %s %s",
         build.checkpoint_repository.source.value,
-        build.checkpoint_repository.repo,
+        public_repo(build.checkpoint_repository),
     )
     # BIS-LLM (v2) on TensorRT-LLM serves modelopt-quantized checkpoints as they are (no_quant + NVFP4 repo).
     prequantized_ok = backend == "trtllm" and stack.inference_stack.value == "v2"
@@ -120,12 +121,28 @@ def build_engine(
         if user_model.is_file():
             shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
-        (staging / CONFIG_FILE).write_text(loaded.resolved_yaml())
+        (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
     engine = load_engine_dir(output)
     seconds = time.monotonic() - started
     logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
     return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def public_repo(repository: CheckpointRepository) -> str:
+    """The repo as logs and manifests may show it: URLs lose query strings (presigned signatures) and user info."""
+    from engine_builder.checkpoints.http_range import safe_url
+
+    return safe_url(repository.repo) if "://" in repository.repo else repository.repo
+
+
+def _public_config_yaml(loaded: LoadedConfig) -> str:
+    """The resolved config for the engine directory, with credential-bearing URLs cut to their public part."""
+    resolved = loaded.resolved()
+    repository = loaded.trt_llm.build.checkpoint_repository
+    if repository is not None:
+        resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(repository)
+    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 
 
 def build_identity(loaded: LoadedConfig) -> str:
@@ -211,7 +228,7 @@ def _manifest(
         max_seq_len=int(min(max_seq_len, max_position)),
         max_batch_size=int(max_batch_size),
         max_num_tokens=int(max_num_tokens),
-        source=SourceInfo(repository.source.value, repository.repo, fetched.revision, dict(fetched.files)),
+        source=SourceInfo(repository.source.value, public_repo(repository), fetched.revision, dict(fetched.files)),
         tool_parser=tool_parser,
         served_model_name=runtime.served_model_name or loaded.truss.model_name,
         inference_stack=stack.inference_stack.value,
