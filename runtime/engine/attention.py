@@ -6,10 +6,13 @@ prefill chunk, or several verified tokens) is attended on its own with a causal 
 cached context, or with the custom mask it brings (lookahead's tree mask).
 """
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from runtime.engine import kernels
 
 
 @dataclass
@@ -29,6 +32,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor  # [num_decodes, max_context] context slots, padded with a valid slot
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_context] True where the slot is real
     extends: list[ExtendSpan]
+    decode_lengths: torch.Tensor | None = None  # [num_decodes] int64 context lengths (the mask's row sums)
 
     @property
     def num_decodes(self) -> int:
@@ -108,6 +112,10 @@ def paged_attention(
     _write(value_cache, metadata.slot_mapping, value)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
+    if metadata.num_decodes == num_tokens and not metadata.extends:  # every row is a decode row, in order
+        return _decode_attention(
+            query, key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window, kv_scales
+        )
     output = torch.empty_like(query)
     if metadata.num_decodes:
         output[metadata.decode_rows] = _decode_attention(
@@ -159,6 +167,10 @@ def _decode_attention(
     advanced indexing) and attended with float32 SDPA (PyTorch's bf16 SDPA on CPU is ~10x slower).
     """
     num_decodes, num_heads, head_dim = query.shape
+    if kv_scales is None and _native_decode_supported(key_cache):
+        native = _native_decode_attention(query, key_cache, value_cache, metadata, scale, sliding_window)
+        if native is not None:
+            return native
     max_context = metadata.decode_slots.shape[1]
     flat = metadata.decode_slots.reshape(-1)
     compute = torch.float32 if query.dtype in (torch.bfloat16, torch.float16) or kv_scales is not None else query.dtype
@@ -178,6 +190,66 @@ def _decode_attention(
         enable_gqa=True,
     )
     return out.view(num_decodes, num_heads, head_dim).to(query.dtype)
+
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_native_function: list = []  # [the configured ctypes function, or None], resolved on first use
+
+
+def _native_decode_supported(cache: torch.Tensor) -> bool:
+    return cache.device.type == "cpu" and cache.dtype in _NATIVE_DTYPES and cache.is_contiguous()
+
+
+def native_decode_available() -> bool:
+    """Build (or load the cached) CPU decode-attention kernel now rather than on the first request."""
+    return _native_decode_function() is not None
+
+
+def _native_decode_function():  # noqa: ANN202 (a ctypes function pointer)
+    if not _native_function:
+        library = kernels.load("cpu_attention")
+        function = None
+        if library is not None:
+            function = library.paged_decode_attention
+            pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+            function.argtypes = [pointer, pointer, i32, pointer, pointer, i32, pointer, i64, pointer,
+                                 i32, i32, i32, i32, ctypes.c_float, i64]
+            function.restype = i32
+        _native_function.append(function)
+    return _native_function[0]
+
+
+def _native_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """runtime/engine/kernels/cpu_attention.c: one fused pass per sequence and KV head; None if unavailable."""
+    function = _native_decode_function()
+    if function is None or query.dtype not in _NATIVE_DTYPES:
+        return None
+    num_decodes, num_heads, head_dim = query.shape
+    lengths = metadata.decode_lengths
+    if lengths is None:
+        lengths = metadata.decode_mask.view(num_decodes, -1).sum(-1)
+    lengths = lengths.to(torch.int64).contiguous()
+    slots = metadata.decode_slots.to(torch.int64).contiguous()
+    query = query.contiguous()
+    out = torch.empty_like(query)
+    status = function(
+        query.data_ptr(), out.data_ptr(), _NATIVE_DTYPES[query.dtype],
+        key_cache.data_ptr(), value_cache.data_ptr(), _NATIVE_DTYPES[key_cache.dtype],
+        slots.data_ptr(), slots.shape[1], lengths.data_ptr(),
+        num_decodes, num_heads, key_cache.shape[1], head_dim, scale, sliding_window or 0,
+    )
+    if status == -2:
+        return None  # a head grouping the kernel does not handle
+    if status != 0:
+        raise MemoryError("paged_decode_attention: scratch allocation failed")
+    return out
 
 
 def _extend_attention(

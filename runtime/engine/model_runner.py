@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache, native_decode_available
 from runtime.engine.block_manager import RESERVED_BLOCK
 from runtime.engine.config import EngineConfig
 from runtime.engine.models.loader import load_decoder
@@ -61,6 +61,11 @@ class ModelRunner:
             kv_dtype,
             self.device,
         )
+        if self.device.type == "cpu":
+            logger.info(
+                "CPU decode attention: %s",
+                "native kernel" if native_decode_available() else "PyTorch SDPA (native kernel unavailable)",
+            )
         kv_scales = getattr(self.model, "kv_cache_scales", None)
         if kv_scales is not None:
             self.kv_cache.set_scales(kv_scales)
@@ -159,7 +164,9 @@ class ModelRunner:
         if decodes:
             lengths = [scheduled[i].seq.num_computed_tokens + 1 for i in decodes]
             decode_slots, decode_mask = self._padded_slots([scheduled[i].seq for i in decodes], lengths)
+            decode_lengths = torch.tensor(lengths, dtype=torch.long)
         else:
+            decode_lengths = torch.empty(0, dtype=torch.long)
             decode_slots = torch.empty(0, 0, dtype=torch.long)
             decode_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool)
         metadata = AttentionMetadata(
@@ -167,6 +174,7 @@ class ModelRunner:
             decode_rows=decode_rows.to(device),
             decode_slots=decode_slots.to(device),
             decode_mask=decode_mask.to(device),
+            decode_lengths=decode_lengths.to(device),
             extends=[
                 ExtendSpan(s.row_start, s.num_new_tokens, s.context_slots.to(device), s.custom_mask)
                 for s in spans
