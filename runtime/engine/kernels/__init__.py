@@ -21,7 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11")
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 

@@ -94,8 +94,8 @@ class DecoderLayer(nn.Module):
         if spec.sandwich_norms:
             hidden = residual + self.post_attention_norm(x)
             return hidden + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(hidden)))
-        hidden = residual + x
-        return hidden + self.mlp(self.post_attention_norm(hidden))
+        normed, hidden = self.post_attention_norm.add_and_norm(x, residual)
+        return hidden + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):

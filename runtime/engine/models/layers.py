@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.engine.models import native_ops
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, as the reference implementations do."""
@@ -18,6 +20,22 @@ class RMSNorm(nn.Module):
         self.offset = offset  # Gemma scales by (1 + weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            fused = native_ops.rms_norm(x, self.weight, self.eps, self.offset)
+            if fused is not None:
+                return fused[0]
+        return self._reference(x)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), in one pass on the CPU."""
+        if x.device.type == "cpu":
+            fused = native_ops.rms_norm(x, self.weight, self.eps, self.offset, residual=residual)
+            if fused is not None and fused[1] is not None:
+                return fused[0], fused[1]
+        total = residual + x
+        return self._reference(total), total
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -77,6 +95,8 @@ def apply_rotary(
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and native_ops.rotary_(x, cos, sin):
+        return x  # rotated in place (x is a fresh projection output)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -102,6 +122,7 @@ class GatedMLP(nn.Module):
         self.gate_up = Linear(hidden_size, 2 * intermediate_size)
         self.down = Linear(intermediate_size, hidden_size)
         self.intermediate_size = intermediate_size
+        self.fused_silu = activation == "silu"
         if activation == "silu":
             self.act = F.silu
         elif activation in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -112,5 +133,10 @@ class GatedMLP(nn.Module):
             raise ValueError(f"activation {activation!r} is not supported by the torch engine")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.fused_silu and gate_up.device.type == "cpu":
+            fused = native_ops.silu_mul(gate_up)
+            if fused is not None:
+                return self.down(fused)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down(self.act(gate) * up)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="no FBGEMM fp16 k
 
 def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     spec = model.spec
-    cache = PagedKVCache(spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.bfloat16, torch.device("cpu"))
+    dtype = model.embed_tokens.dtype  # the float32 reference keeps a float32 cache
+    cache = PagedKVCache(spec.num_layers, 16, 16, spec.num_kv_heads, spec.head_dim, dtype, torch.device("cpu"))
     slots = torch.arange(16, 16 + len(ids))
     metadata = AttentionMetadata(
         slots, torch.empty(0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long),
@@ -24,26 +25,39 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
 
 
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean KL(reference || logits) per token."""
+    return float(
+        torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
+    )
+
+
 def test_packed_linears_match_float32(smollm2_dir: Path) -> None:
-    ids = [1, 504, 3458, 282, 4649, 314, 18, 216, 1345, 253, 1536, 30, 2, 198, 3146, 28, 750, 1249, 314]
+    """16-bit weights (oneDNN bf16 for many rows, FBGEMM fp16 for few) and the fused CPU ops against float32.
+
+    The oracle for "the same model within 16-bit rounding" is transformers' own bf16 forward: ours may not
+    drift from float32 much more than it does. 120 tokens, because over a handful of tokens both sides'
+    rounding noise decides (on 19 tokens either one can look twice as far off as the other).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = (Path(__file__).resolve().parents[3] / "benchmarks" / "data" / "code_prompts.txt").read_text()
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(text).input_ids[:120]
     reference = _logits(load_decoder(smollm2_dir, torch.float32, torch.device("cpu")), ids)
     packed_model = load_decoder(smollm2_dir, torch.bfloat16, torch.device("cpu"))
     assert pack_linears(packed_model) == 30 * 4 + 1
     packed_model.activation_dtype = torch.float32
     packed_model.small_batch_rows = 8
     assert isinstance(packed_model.lm_head, PackedFp16Linear)
-    packed = _logits(packed_model, ids)  # 19 rows: the oneDNN bf16 path
-    few_rows = _logits(packed_model, ids[:6])  # 6 rows: the FBGEMM fp16 path
-    for ours, expected in ((packed, reference), (few_rows, reference[:6])):
-        cosine = torch.nn.functional.cosine_similarity(ours, expected, dim=-1)
-        assert cosine.min() > 0.999
-    # Oracle for "same model within 16-bit rounding": transformers' own bf16 forward against float32.
-    from transformers import AutoModelForCausalLM
-
+    packed = _logits(packed_model, ids)  # 120 rows: the oneDNN bf16 path
+    few_rows = _logits(packed_model, ids[:6])  # 6 rows: the FBGEMM fp16 path (float32 activations)
     hf_bf16 = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     with torch.inference_mode():
         hf_logits = hf_bf16(torch.tensor([ids])).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(packed, reference, dim=-1).mean() > 0.9995
+    assert _kl(packed, reference) <= 1.5 * _kl(hf_logits, reference), (_kl(packed, reference), _kl(hf_logits, reference))
     baseline = (hf_logits.argmax(-1) == reference.argmax(-1)).float().mean()
     ours = (packed.argmax(-1) == reference.argmax(-1)).float().mean()
-    assert ours >= baseline - 0.1, (ours, baseline)
+    assert ours >= baseline - 0.02, (ours, baseline)
+    assert torch.nn.functional.cosine_similarity(few_rows, reference[:6], dim=-1).min() > 0.999
     assert (few_rows.argmax(-1) == reference[:6].argmax(-1)).all()

@@ -1,0 +1,155 @@
+/*
+ * Fused element-wise parts of a decoder layer for the CPU: residual add + RMSNorm, rotary embedding in place,
+ * and SiLU(gate) * up. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
+ * most of a decode step's non-GEMM time at small batch sizes.
+ *
+ * Activations are float32 (io_dtype 0) or bfloat16 (io_dtype 1), row-major with a row stride in elements.
+ * Arithmetic is float32; bf16 results are rounded to nearest even where the PyTorch path rounds:
+ *   rms_norm:  out = round(round(x * rsqrt(mean(x^2) + eps)) * w)       (offset == 0, as in Llama)
+ *              out = round(x * rsqrt(mean(x^2) + eps) * (offset + w))    (offset != 0, as in Gemma)
+ * The loops are written so the compiler vectorizes them (built with -O3 -march=native).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof(value));
+    return value;
+}
+
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+static inline float round_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+static inline void load(const void *src, int dtype, int64_t offset, int64_t n, float *restrict dst) {
+    if (dtype == 1) {
+        const uint16_t *s = (const uint16_t *)src + offset;
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, (const float *)src + offset, sizeof(float) * (size_t)n);
+    }
+}
+
+static inline void store(void *dst, int dtype, int64_t offset, int64_t n, const float *restrict src) {
+    if (dtype == 1) {
+        uint16_t *d = (uint16_t *)dst + offset;
+        for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + offset, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* exp(x) for x in [-87, 88]: 2^n * p(r) with |r| <= ln2 / 2, relative error ~2e-7; plain arithmetic. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+#define MAX_DIM 16384
+#define MAX_HEAD_DIM 1024
+
+/* With residual != NULL the input is x + residual (rounded to io_dtype), also written to sum_out.
+ * x rows are x_stride elements apart; every other array is contiguous [rows, dim].
+ * Returns 0, or -1 when dim exceeds MAX_DIM. */
+int rms_norm(const void *x, const void *residual, void *sum_out, void *out, const void *weight, int io_dtype,
+             int weight_dtype, int64_t rows, int64_t dim, int64_t x_stride, float eps, float offset)
+{
+    if (dim > MAX_DIM) return -1;
+    float values[MAX_DIM], w[MAX_DIM], extra[MAX_DIM];
+    load(weight, weight_dtype, 0, dim, w);
+    for (int64_t r = 0; r < rows; ++r) {
+        load(x, io_dtype, r * x_stride, dim, values);
+        if (residual != NULL) {
+            load(residual, io_dtype, r * dim, dim, extra);
+            for (int64_t i = 0; i < dim; ++i) values[i] += extra[i];
+            if (io_dtype == 1)
+                for (int64_t i = 0; i < dim; ++i) values[i] = round_bf16(values[i]);
+            store(sum_out, io_dtype, r * dim, dim, values);
+        }
+        float lanes[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= dim; i += LANES)
+            for (int j = 0; j < LANES; ++j) lanes[j] += values[i + j] * values[i + j];
+        float total = 0.0f;
+        for (int j = 0; j < LANES; ++j) total += lanes[j];
+        for (; i < dim; ++i) total += values[i] * values[i];
+        const float inverse = 1.0f / __builtin_sqrtf(total / (float)dim + eps);
+        if (offset != 0.0f) {
+            for (i = 0; i < dim; ++i) values[i] = values[i] * inverse * (offset + w[i]);
+        } else if (io_dtype == 1) {
+            for (i = 0; i < dim; ++i) values[i] = round_bf16(values[i] * inverse) * w[i];
+        } else {
+            for (i = 0; i < dim; ++i) values[i] = values[i] * inverse * w[i];
+        }
+        store(out, io_dtype, r * dim, dim, values);
+    }
+    return 0;
+}
+
+/* In place, rotate-half (GPT-NeoX) layout: x[i] * cos[i] + rotate_half(x)[i] * sin[i] for each head.
+ * x: rows of `heads` heads of head_dim values, row stride in elements; cos, sin: [rows, head_dim] of io_dtype
+ * (the PyTorch path rounds the tables to the activation dtype too). */
+int rotary(void *x, int io_dtype, const void *cos, const void *sin, int64_t rows, int64_t heads,
+           int64_t head_dim, int64_t row_stride)
+{
+    if (head_dim > MAX_HEAD_DIM || (head_dim & 1)) return -1;
+    const int64_t half = head_dim / 2;
+    float values[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM], c[MAX_HEAD_DIM], s[MAX_HEAD_DIM];
+    for (int64_t r = 0; r < rows; ++r) {
+        load(cos, io_dtype, r * head_dim, head_dim, c);
+        load(sin, io_dtype, r * head_dim, head_dim, s);
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t offset = r * row_stride + h * head_dim;
+            load(x, io_dtype, offset, head_dim, values);
+            for (int64_t i = 0; i < half; ++i) {
+                rotated[i] = values[i] * c[i] - values[i + half] * s[i];
+                rotated[i + half] = values[i + half] * c[i + half] + values[i] * s[i + half];
+            }
+            store(x, io_dtype, offset, head_dim, rotated);
+        }
+    }
+    return 0;
+}
+
+static void silu_times(float *restrict gate, const float *restrict up, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + exp_approx(-g)) * up[i];
+    }
+}
+
+/* out[r] = silu(gate_up[r, :inter]) * gate_up[r, inter:]; out is [rows, inter]. */
+int silu_mul(const void *gate_up, void *out, int io_dtype, int64_t rows, int64_t inter)
+{
+    if (inter > MAX_DIM) return -1;
+    float gate[MAX_DIM], up[MAX_DIM];
+    for (int64_t r = 0; r < rows; ++r) {
+        load(gate_up, io_dtype, r * 2 * inter, inter, gate);
+        load(gate_up, io_dtype, r * 2 * inter + inter, inter, up);
+        silu_times(gate, up, inter);
+        store(out, io_dtype, r * inter, inter, gate);
+    }
+    return 0;
+}

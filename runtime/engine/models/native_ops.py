@@ -1,0 +1,97 @@
+"""Fused CPU element-wise ops (runtime/engine/kernels/cpu_layers.c): RMSNorm with the residual add, rotary
+embedding in place, SiLU(gate) * up. Each function returns None when the inputs are not ones the kernel takes
+(another device or dtype, an unusual layout) or the kernel is unavailable; callers then run the PyTorch ops.
+"""
+
+import ctypes
+from typing import Any
+
+import torch
+
+from runtime.engine import kernels
+
+_IO_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_functions: list[dict[str, Any] | None] = []
+
+
+def _library() -> dict[str, Any] | None:
+    if not _functions:
+        library = kernels.load("cpu_layers")
+        table = None
+        if library is not None:
+            pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+            table = {
+                "rms_norm": (library.rms_norm, [pointer] * 5 + [i32, i32, i64, i64, i64, f32, f32]),
+                "rotary": (library.rotary, [pointer, i32, pointer, pointer, i64, i64, i64, i64]),
+                "silu_mul": (library.silu_mul, [pointer, pointer, i32, i64, i64]),
+            }
+            for function, argtypes in table.values():
+                function.argtypes = argtypes
+                function.restype = i32
+            table = {name: function for name, (function, _) in table.items()}
+        _functions.append(table)
+    return _functions[0]
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def _eligible(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in _IO_DTYPES
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(norm(x [+ residual]) * weight, x + residual or None); x is [..., dim] with unit stride in the last dim."""
+    table = _library()
+    if table is None or not _eligible(x, *(() if residual is None else (residual,))):
+        return None
+    if weight.device.type != "cpu" or weight.dtype not in _IO_DTYPES or not weight.is_contiguous():
+        return None
+    if offset == 0 and torch.promote_types(weight.dtype, x.dtype) != x.dtype:
+        return None  # PyTorch would return the wider dtype
+    dim = x.shape[-1]
+    if x.dim() == 2 and x.stride(1) == 1:
+        rows, stride = x.shape[0], x.stride(0)
+    elif x.is_contiguous():
+        rows, stride = x.numel() // max(dim, 1), dim
+    else:
+        return None
+    if residual is not None and (not residual.is_contiguous() or residual.shape != x.shape):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    total = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
+    status = table["rms_norm"](
+        x.data_ptr(), None if residual is None else residual.data_ptr(), None if total is None else total.data_ptr(),
+        out.data_ptr(), weight.data_ptr(), _IO_DTYPES[x.dtype], _IO_DTYPES[weight.dtype],
+        rows, dim, stride, eps, offset,
+    )
+    return None if status != 0 else (out, total)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate x [rows, heads, head_dim] in place with cos/sin [rows, 1, head_dim]; False if not applicable."""
+    table = _library()
+    if table is None or x.dim() != 3 or not _eligible(x, cos, sin):
+        return False
+    rows, heads, head_dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != head_dim or not (cos.is_contiguous() and sin.is_contiguous()):
+        return False
+    if cos.numel() != rows * head_dim or sin.numel() != rows * head_dim:
+        return False
+    status = table["rotary"](x.data_ptr(), _IO_DTYPES[x.dtype], cos.data_ptr(), sin.data_ptr(), rows, heads, head_dim, x.stride(0))
+    return status == 0
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up [rows, 2 * inter] (gate first), or None."""
+    table = _library()
+    if table is None or gate_up.dim() != 2 or not _eligible(gate_up) or not gate_up.is_contiguous():
+        return None
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+    status = table["silu_mul"](gate_up.data_ptr(), out.data_ptr(), _IO_DTYPES[gate_up.dtype], rows, width // 2)
+    return out if status == 0 else None
