@@ -1,12 +1,15 @@
-"""CPU fast path for 16-bit models: float32 activations, and per call the faster of two 16-bit GEMMs.
+"""CPU fast path for 16-bit models: float32 activations for small steps, and per call the fastest 16-bit GEMM.
 
-Decode of a few sequences is bandwidth-bound, and there FBGEMM's packed fp16 GEMV moves the weights about
-twice as fast as PyTorch's bf16 `F.linear`; with many rows (larger batches, prefill) oneDNN's bf16 GEMM
-with AVX512-BF16 dot products is faster. Each layer keeps both forms (the fp16 copy is extra memory).
-bf16 values are exact in fp16 unless tiny or huge; layers with values outside fp16's range stay unpacked.
-Norms and attention run in float32, which is more precise than bf16 compute.
+One or two rows are bandwidth-bound, and there FBGEMM's packed fp16 GEMV moves the weights fastest. From
+three rows on, our AVX512-BF16 kernel (runtime/engine/kernels/cpu_gemm.c, one thread) wins: measured on this
+CPU at 16 rows it is 1.1-1.5x oneDNN's bf16 GEMM per decoder layer shape and level with it at 128-512 rows.
+Without that kernel (no AVX512-BF16, no compiler, or several torch threads, which oneDNN uses and the kernel
+does not) oneDNN's bf16 GEMM with pre-reordered weights takes the many-row calls. Each layer keeps two forms
+(the fp16 copy is extra memory). bf16 values are exact in fp16 unless tiny or huge; layers with values
+outside fp16's range stay unpacked.
 """
 
+import ctypes
 import logging
 import warnings
 
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.engine import kernels
 from runtime.engine.models.layers import Linear
 
 logger = logging.getLogger(__name__)
@@ -24,9 +28,51 @@ def fbgemm_available() -> bool:
     return hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
-# Rows per call up to which FBGEMM's fp16 GEMV wins; above it oneDNN's bf16 GEMM (AVX512-BF16) is faster
-# (measured on this CPU: 45 vs 22 GFLOP/s at 1 row, 98 vs 145 at 16 rows, 91 vs 182 at 256 rows).
+# Steps with at most this many rows run float32 activations (FBGEMM's and our kernel's float32 output path).
 SMALL_BATCH_ROWS = 8
+# Rows per call up to which FBGEMM's fp16 GEMV wins over the bf16 kernel (measured: at 1 row FBGEMM 125 us vs
+# 153 us for a 576x3072 layer; at 4 rows 189 vs 196; at 8 rows 328 vs 227).
+FBGEMM_ROWS = 2
+# Without our kernel, FBGEMM up to this many rows and oneDNN above (45 vs 22 GFLOP/s at 1 row, 98 vs 145 at 16).
+FBGEMM_ROWS_WITHOUT_KERNEL = 8
+_gemm_function: list = []
+
+
+def _bf16_gemm():  # noqa: ANN202 (a ctypes function, or None)
+    if not _gemm_function:
+        library = kernels.load("cpu_gemm")
+        function = None
+        if library is not None and library.gemm_bf16_available():
+            function = library.gemm_bf16
+            pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+            function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64, i64]
+            function.restype = ctypes.c_int
+        _gemm_function.append(function)
+    return _gemm_function[0]
+
+
+def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K/2, 16, 2] bf16: each (k, k+1) pair of 16 output columns in 64 bytes."""
+    out_features, in_features = weight.shape
+    padded = -(-out_features // 16) * 16
+    full = torch.zeros(padded, in_features, dtype=torch.bfloat16)
+    full[:out_features] = weight
+    return full.view(padded // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [M, K] (float32 or bf16) times packed panels; the result has x's dtype."""
+    function = _bf16_gemm()
+    assert function is not None
+    inputs = x.to(torch.bfloat16).contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    status = function(
+        inputs.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        0 if x.dtype == torch.float32 else 1, x.shape[0], out_features, x.shape[1],
+    )
+    if status != 0:
+        raise RuntimeError(f"gemm_bf16 failed with status {status}")
+    return out
 
 
 class PackedFp16Linear(nn.Module):
@@ -38,15 +84,26 @@ class PackedFp16Linear(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # the fp16 FBGEMM ops are marked deprecated
             self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float())
         self.dtype = weight.dtype
-        # oneDNN's blocked layout, reordered once (plain F.linear would reorder the weight on every call)
-        self.blocked = _onednn_blocked(weight)
-        self.weight = weight if self.blocked is None else None
         self.bias = bias
         self.bias32 = bias.float() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float32)
         self.out_features = weight.shape[0]
+        # Our bf16 kernel runs on one thread; with more, oneDNN (which uses them all) is the many-row GEMM.
+        use_kernel = (
+            weight.dtype == torch.bfloat16
+            and weight.shape[1] % 2 == 0
+            and torch.get_num_threads() == 1
+            and _bf16_gemm() is not None
+        )
+        self.panels = pack_bf16_panels(weight) if use_kernel else None
+        self.fbgemm_rows = FBGEMM_ROWS if use_kernel else FBGEMM_ROWS_WITHOUT_KERNEL
+        # oneDNN's blocked layout, reordered once (plain F.linear would reorder the weight on every call)
+        self.blocked = None if use_kernel else _onednn_blocked(weight)
+        self.weight = weight if self.blocked is None and self.panels is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > SMALL_BATCH_ROWS:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
+        if self.panels is not None and x.shape[0] > self.fbgemm_rows:
+            return bf16_gemm(x, self.panels, self.bias32 if self.bias is not None else None, self.out_features)
+        if x.shape[0] > self.fbgemm_rows:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
             if self.blocked is not None:
                 y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.blocked, self.bias, "none", [], "")
             else:

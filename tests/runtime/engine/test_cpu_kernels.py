@@ -49,8 +49,9 @@ def test_packed_linears_match_float32(smollm2_dir: Path) -> None:
     packed_model.activation_dtype = torch.float32
     packed_model.small_batch_rows = 8
     assert isinstance(packed_model.lm_head, PackedFp16Linear)
-    packed = _logits(packed_model, ids)  # 120 rows: the oneDNN bf16 path
-    few_rows = _logits(packed_model, ids[:6])  # 6 rows: the FBGEMM fp16 path (float32 activations)
+    packed = _logits(packed_model, ids)  # 120 rows: bf16 activations, the bf16 kernel (or oneDNN without it)
+    few_rows = _logits(packed_model, ids[:6])  # 6 rows: float32 activations, the bf16 kernel (or FBGEMM)
+    two_rows = _logits(packed_model, ids[:2])  # 2 rows: float32 activations, FBGEMM fp16
     hf_bf16 = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     with torch.inference_mode():
         hf_logits = hf_bf16(torch.tensor([ids])).logits[0].float()
@@ -61,3 +62,4 @@ def test_packed_linears_match_float32(smollm2_dir: Path) -> None:
     assert ours >= baseline - 0.02, (ours, baseline)
     assert torch.nn.functional.cosine_similarity(few_rows, reference[:6], dim=-1).min() > 0.999
     assert (few_rows.argmax(-1) == reference[:6].argmax(-1)).all()
+    assert torch.nn.functional.cosine_similarity(two_rows, reference[:2], dim=-1).min() > 0.999
