@@ -160,11 +160,32 @@ class ModelRunner:
                 ExtendSpan(row_start=row_of[index], num_new_tokens=end - start, context_slots=context)
             )
         device = self.device
-        decode_rows = torch.arange(len(decodes), dtype=torch.long)
-        if decodes:
-            lengths = [scheduled[i].seq.num_computed_tokens + 1 for i in decodes]
-            decode_slots, decode_mask = self._padded_slots([scheduled[i].seq for i in decodes], lengths)
+        # Rows under a custom mask (lookahead drafts) attend like decode rows, each to its own slot list: the
+        # context plus the draft rows the mask allows. One batched decode call then covers them all.
+        row_slots = [
+            (span.row_start + row, span.context_slots[span.custom_mask[row]])
+            for span in spans
+            if span.custom_mask is not None
+            for row in range(span.num_new_tokens)
+        ]
+        spans = [span for span in spans if span.custom_mask is None]
+        decode_rows = torch.tensor(
+            list(range(len(decodes))) + [row for row, _ in row_slots], dtype=torch.long
+        )
+        if decodes or row_slots:
+            lengths = [scheduled[i].seq.num_computed_tokens + 1 for i in decodes] + [
+                int(slots.numel()) for _, slots in row_slots
+            ]
+            decode_slots = self._padded_slots([scheduled[i].seq for i in decodes], lengths[: len(decodes)], max(lengths))
+            if row_slots:
+                extra = torch.zeros(len(row_slots), decode_slots.shape[1], dtype=torch.long)
+                for index, (_, slots) in enumerate(row_slots):
+                    extra[index, : slots.numel()] = slots
+                decode_slots = torch.cat([decode_slots, extra])
             decode_lengths = torch.tensor(lengths, dtype=torch.long)
+            decode_mask = (torch.arange(decode_slots.shape[1]).unsqueeze(0) < decode_lengths.unsqueeze(1)).view(
+                len(lengths), 1, 1, -1
+            )
         else:
             decode_lengths = torch.empty(0, dtype=torch.long)
             decode_slots = torch.empty(0, 0, dtype=torch.long)
@@ -215,17 +236,17 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, dtype=torch.long)
         return (blocks.unsqueeze(1) * self.block_size + offsets).flatten()[:length]
 
-    def _padded_slots(self, seqs: list[Sequence], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        max_length = max(lengths)
-        max_blocks = -(-max_length // self.block_size)
+    def _padded_slots(self, seqs: list[Sequence], lengths: list[int], width: int) -> torch.Tensor:
+        """[len(seqs), width] context slots of each sequence, padded with slots of the reserved block."""
+        if not seqs:
+            return torch.zeros(0, width, dtype=torch.long)
+        max_blocks = -(-width // self.block_size)
         table = torch.full((len(seqs), max_blocks), RESERVED_BLOCK, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            blocks = seq.block_table[:max_blocks]
+        for row, (seq, length) in enumerate(zip(seqs, lengths, strict=True)):
+            blocks = seq.block_table[: -(-length // self.block_size)]
             table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         offsets = torch.arange(self.block_size, dtype=torch.long)
-        slots = (table.unsqueeze(2) * self.block_size + offsets).view(len(seqs), -1)[:, :max_length]
-        mask = torch.arange(max_length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-        return slots, mask.view(len(seqs), 1, 1, max_length)
+        return (table.unsqueeze(2) * self.block_size + offsets).view(len(seqs), -1)[:, :width]
 
     # -- execution ---------------------------------------------------------------------------------------
     @torch.inference_mode()
