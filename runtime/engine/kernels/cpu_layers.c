@@ -1,6 +1,6 @@
 /*
  * Fused element-wise parts of a decoder layer for the CPU: residual add + RMSNorm, rotary embedding in place,
- * and SiLU(gate) * up. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
+ * and SiLU(gate) * up; and grammar bitmasks applied to logits. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
  * most of a decode step's non-GEMM time at small batch sizes.
  *
  * Activations are float32 (io_dtype 0) or bfloat16 (io_dtype 1), row-major with a row stride in elements.
@@ -11,6 +11,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 
@@ -150,6 +153,33 @@ int silu_mul(const void *gate_up, void *out, int io_dtype, int64_t rows, int64_t
         load(gate_up, io_dtype, r * 2 * inter + inter, inter, up);
         silu_times(gate, up, inter);
         store(out, io_dtype, r * inter, inter, gate);
+    }
+    return 0;
+}
+
+/* Grammar masks: logits[rows[i]][t] = -inf wherever bit t of masks[i] (packed int32 words, bit set = allowed)
+ * is clear; tokens past the mask's last word are disallowed too. */
+int apply_token_bitmask(float *logits, int64_t vocab, const int32_t *masks, int64_t words, const int64_t *rows,
+                        int64_t num_rows)
+{
+    const float negative_infinity = -__builtin_inff();
+    const int64_t limit = vocab < words * 32 ? vocab : words * 32;
+    for (int64_t i = 0; i < num_rows; ++i) {
+        float *row = logits + rows[i] * vocab;
+        const uint32_t *mask = (const uint32_t *)masks + i * words;
+        int64_t t = 0;
+#if defined(__AVX512F__)
+        const __m512 fill = _mm512_set1_ps(negative_infinity);
+        for (; t + 32 <= limit; t += 32) {
+            const uint32_t word = mask[t >> 5];
+            if (word == 0xffffffffu) continue;
+            _mm512_mask_storeu_ps(row + t, (__mmask16)~(word & 0xffffu), fill);
+            _mm512_mask_storeu_ps(row + t + 16, (__mmask16)~(word >> 16), fill);
+        }
+#endif
+        for (; t < limit; ++t)
+            if (!((mask[t >> 5] >> (t & 31)) & 1u)) row[t] = negative_infinity;
+        for (; t < vocab; ++t) row[t] = negative_infinity;
     }
     return 0;
 }

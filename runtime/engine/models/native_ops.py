@@ -24,6 +24,7 @@ def _library() -> dict[str, Any] | None:
                 "rms_norm": (library.rms_norm, [pointer] * 5 + [i32, i32, i64, i64, i64, f32, f32]),
                 "rotary": (library.rotary, [pointer, i32, pointer, pointer, i64, i64, i64, i64]),
                 "silu_mul": (library.silu_mul, [pointer, pointer, i32, i64, i64]),
+                "apply_token_bitmask": (library.apply_token_bitmask, [pointer, i64, pointer, i64, pointer, i64]),
             }
             for function, argtypes in table.values():
                 function.argtypes = argtypes
@@ -95,3 +96,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
     status = table["silu_mul"](gate_up.data_ptr(), out.data_ptr(), _IO_DTYPES[gate_up.dtype], rows, width // 2)
     return out if status == 0 else None
+
+
+def apply_token_bitmask_(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> bool:
+    """logits [R, vocab] float32: -inf where the packed int32 mask of each listed row disallows; False if n/a."""
+    table = _library()
+    if table is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous():
+        return False
+    if masks.dtype != torch.int32 or masks.dim() != 2 or masks.shape[0] != len(rows):
+        return False
+    masks = masks.contiguous()
+    index = torch.tensor(rows, dtype=torch.int64)
+    table["apply_token_bitmask"](logits.data_ptr(), logits.shape[1], masks.data_ptr(), masks.shape[1], index.data_ptr(), len(rows))
+    return True

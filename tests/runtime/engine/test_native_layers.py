@@ -88,3 +88,20 @@ def test_other_devices_and_dtypes_are_refused() -> None:
     assert not native_ops.rotary_(x16.view(2, 1, 8), x16.view(2, 1, 8), x16.view(2, 1, 8))
     transposed = torch.randn(8, 2).t()
     assert native_ops.rms_norm(transposed.t().t(), torch.ones(2), 1e-6, 0.0) is None  # column-major rows
+
+
+@pytest.mark.parametrize("vocab", [49152, 100, 70])
+def test_token_bitmask_matches_unpacked_bits(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    words = -(-min(vocab, 64) // 32) if vocab == 70 else -(-vocab // 32)  # vocab 70: the mask covers 64 tokens
+    logits = torch.randn(5, vocab, generator=generator)
+    masks = torch.randint(-(2**31), 2**31 - 1, (2, words), generator=generator, dtype=torch.int64).to(torch.int32)
+    masks[0, 0] = -1  # a word allowing everything
+    expected = logits.clone()
+    bits = ((masks.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(2, -1).bool()
+    allowed = torch.zeros(2, vocab, dtype=torch.bool)
+    allowed[:, : min(vocab, bits.shape[1])] = bits[:, :vocab]
+    for mask_row, logit_row in enumerate((1, 3)):
+        expected[logit_row] = expected[logit_row].masked_fill(~allowed[mask_row], float("-inf"))
+    assert native_ops.apply_token_bitmask_(logits, masks, [1, 3])
+    assert torch.equal(logits, expected)
