@@ -52,12 +52,12 @@ def _bf16_gemm():  # noqa: ANN202 (a ctypes function, or None)
 
 
 def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N/16), K/2, 16, 2] bf16: each (k, k+1) pair of 16 output columns in 64 bytes."""
+    """[N, K] -> [ceil(N/48), K/2, 48, 2] bf16: per group of 48 output columns, the (k, k+1) pairs in order."""
     out_features, in_features = weight.shape
-    padded = -(-out_features // 16) * 16
+    padded = -(-out_features // 48) * 48
     full = torch.zeros(padded, in_features, dtype=torch.bfloat16)
     full[:out_features] = weight
-    return full.view(padded // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return full.view(padded // 48, 48, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def bf16_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 37])
-@pytest.mark.parametrize(("in_features", "out_features"), [(64, 16), (576, 960), (96, 50), (2, 33)])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 16), (576, 960), (96, 50), (2, 33), (64, 100)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_float32_matmul(rows: int, in_features: int, out_features: int, out_dtype: torch.dtype, with_bias: bool) -> None:
@@ -29,11 +29,12 @@ def test_matches_float32_matmul(rows: int, in_features: int, out_features: int, 
 
 
 def test_packed_layout() -> None:
-    weight = torch.arange(40 * 6, dtype=torch.float32).view(40, 6).bfloat16()  # exact small integers
+    weight = torch.arange(60 * 6, dtype=torch.float32).view(60, 6).bfloat16()  # exact small integers
     panels = cpu_kernels.pack_bf16_panels(weight)
-    assert panels.shape == (3, 3, 16, 2)  # 40 columns -> 3 panels of 16, 6 inputs -> 3 pairs
-    assert panels[1, 2, 5].tolist() == [weight[21, 4].item(), weight[21, 5].item()]
-    assert (panels[2, :, 8:] == 0).all()  # columns 40..47 are padding
+    assert panels.shape == (2, 3, 48, 2)  # 60 columns -> 2 groups of 48, 6 inputs -> 3 pairs
+    assert panels[1, 2, 5].tolist() == [weight[53, 4].item(), weight[53, 5].item()]
+    assert panels[0, 0, 21].tolist() == [weight[21, 0].item(), weight[21, 1].item()]
+    assert (panels[1, :, 12:] == 0).all()  # columns 60..95 are padding
 
 
 def test_linear_uses_fbgemm_for_one_or_two_rows_and_the_kernel_above() -> None:
