@@ -29,7 +29,7 @@ class DraftResult:
 class LookaheadRunner:
     def __init__(self, config: LookaheadConfig, blocks: BlockManager, kv_cache: PagedKVCache) -> None:
         if config.adaptive and config.max_draft_rows == 0 and kv_cache.key.device.type == "cpu":
-            # On one CPU core a step with 4 rows costs ~1.35x a plain step and one with 16 rows ~2.3x
+            # On one CPU core a step with 4 rows costs ~1.15x a plain step and one with 16 rows ~2.1x
             # (benchmarks/README.md), so drafts stay short there.
             config = dataclasses.replace(config, max_draft_rows=CPU_DRAFT_ROWS)
         self.config = config
