@@ -1,13 +1,11 @@
-"""CPU fast path for 16-bit models: float32 activations for small steps, and the fastest 16-bit GEMM we have.
+"""CPU fast path for 16-bit models: float32 activations for small steps, and per call the fastest 16-bit GEMM.
 
-With AVX512-BF16 and one torch thread every call goes to our kernel (runtime/engine/kernels/cpu_gemm.c):
-at 16 rows it is 1.2-1.4x oneDNN's bf16 GEMM per decoder layer shape, level with it at 128-512 rows, and
-within ~4% of FBGEMM's fp16 GEMV at one row (a whole decode step). One kernel for every row count also makes
-each row's arithmetic independent of how many rows share the call, so lookahead's draft steps compute what a
-plain step would (greedy output identical with lookahead on and off), and no fp16 copy of the weights is kept.
-Otherwise (no AVX512-BF16, no compiler, or several torch threads, which oneDNN uses and the kernel does not)
-FBGEMM's packed fp16 GEMV takes up to 8 rows and oneDNN's bf16 GEMM with pre-reordered weights the rest; that
-path keeps two copies of the weights. bf16 values are exact in fp16 unless tiny or huge; layers with values
+One or two rows are bandwidth-bound, and there FBGEMM's packed fp16 GEMV moves the weights fastest. From
+three rows on, our AVX512-BF16 kernel (runtime/engine/kernels/cpu_gemm.c, one thread) wins: measured on this
+CPU at 16 rows it is 1.1-1.5x oneDNN's bf16 GEMM per decoder layer shape and level with it at 128-512 rows.
+Without that kernel (no AVX512-BF16, no compiler, or several torch threads, which oneDNN uses and the kernel
+does not) oneDNN's bf16 GEMM with pre-reordered weights takes the many-row calls. Each layer keeps two forms
+(the fp16 copy is extra memory). bf16 values are exact in fp16 unless tiny or huge; layers with values
 outside fp16's range stay unpacked.
 """
 
@@ -32,6 +30,9 @@ def fbgemm_available() -> bool:
 
 # Steps with at most this many rows run float32 activations (FBGEMM's and our kernel's float32 output path).
 SMALL_BATCH_ROWS = 8
+# Rows per call up to which FBGEMM's fp16 GEMV wins over the bf16 kernel (measured: at 1 row FBGEMM 125 us vs
+# 153 us for a 576x3072 layer; at 4 rows 189 vs 196; at 8 rows 328 vs 227).
+FBGEMM_ROWS = 2
 # Without our kernel, FBGEMM up to this many rows and oneDNN above (45 vs 22 GFLOP/s at 1 row, 98 vs 145 at 16).
 FBGEMM_ROWS_WITHOUT_KERNEL = 8
 _gemm_function: list = []
@@ -75,11 +76,13 @@ def bf16_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, 
 
 
 class PackedFp16Linear(nn.Module):
-    """A `Linear` for 16-bit weights and float32 or bf16 activations: our bf16 kernel for every row count, or
-    FBGEMM fp16 GEMV for a few rows and oneDNN for many (see the module docstring)."""
+    """A `Linear` for float32 activations: FBGEMM fp16 GEMV for a few rows, the bf16 weights for many."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the fp16 FBGEMM ops are marked deprecated
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float())
         self.dtype = weight.dtype
         self.bias = bias
         self.bias32 = bias.float() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float32)
@@ -92,18 +95,13 @@ class PackedFp16Linear(nn.Module):
             and _bf16_gemm() is not None
         )
         self.panels = pack_bf16_panels(weight) if use_kernel else None
-        self.fbgemm_rows = 0 if use_kernel else FBGEMM_ROWS_WITHOUT_KERNEL
-        self.packed = None
-        if not use_kernel:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the fp16 FBGEMM ops are marked deprecated
-                self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight.float())
+        self.fbgemm_rows = FBGEMM_ROWS if use_kernel else FBGEMM_ROWS_WITHOUT_KERNEL
         # oneDNN's blocked layout, reordered once (plain F.linear would reorder the weight on every call)
         self.blocked = None if use_kernel else _onednn_blocked(weight)
         self.weight = weight if self.blocked is None and self.panels is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None:
+        if self.panels is not None and x.shape[0] > self.fbgemm_rows:
             return bf16_gemm(x, self.panels, self.bias32 if self.bias is not None else None, self.out_features)
         if x.shape[0] > self.fbgemm_rows:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
             if self.blocked is not None:

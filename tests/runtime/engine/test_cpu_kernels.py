@@ -51,7 +51,7 @@ def test_packed_linears_match_float32(smollm2_dir: Path) -> None:
     assert isinstance(packed_model.lm_head, PackedFp16Linear)
     packed = _logits(packed_model, ids)  # 120 rows: bf16 activations, the bf16 kernel (or oneDNN without it)
     few_rows = _logits(packed_model, ids[:6])  # 6 rows: float32 activations, the bf16 kernel (or FBGEMM)
-    two_rows = _logits(packed_model, ids[:2])  # 2 rows: the same, with the other row count
+    two_rows = _logits(packed_model, ids[:2])  # 2 rows: float32 activations, FBGEMM fp16
     hf_bf16 = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
     with torch.inference_mode():
         hf_logits = hf_bf16(torch.tensor([ids])).logits[0].float()
