@@ -38,9 +38,9 @@ class EngineOptions(ConfigModel):
     )
     cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
         default="auto",
-        description="CPU linear kernels for 16-bit models: fbgemm_fp16 (our AVX512-BF16 kernel for every call "
-        "on one thread; otherwise FBGEMM's packed fp16 GEMV for up to 8 rows and oneDNN above; float32 activations "
-        "for small steps; auto picks it when available) or native (PyTorch's bf16 F.linear)",
+        description="CPU linear kernels for 16-bit models: fbgemm_fp16 (FBGEMM's packed fp16 GEMV for 1-2 rows, "
+        "our AVX512-BF16 kernel for more on one thread, else FBGEMM up to 8 rows and oneDNN above; float32 "
+        "activations for small steps; auto picks it when available) or native (PyTorch's bf16 F.linear)",
     )
     lookahead_adaptive: bool = pydantic.Field(
         default=True,
