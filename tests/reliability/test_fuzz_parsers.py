@@ -20,7 +20,8 @@ from runtime.decoding.tool_calls import known_parsers, tool_parser
 from runtime.server.tools import ToolCallOutput
 from tests.conftest import CONFIGS_DIR
 
-FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# derandomize: CI sees the same 300 cases every run (a random draw found the two streaming bugs below)
+FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 # -- config loader -----------------------------------------------------------------------------------------
@@ -198,3 +199,13 @@ def test_tool_parsers_any_text(family: str, text: str, final: bool) -> None:
     assert isinstance(result.content, str)
     for call in result.calls:
         assert isinstance(call.name, str) and isinstance(call.arguments, str)
+
+
+def test_no_call_is_announced_that_the_final_parse_drops() -> None:
+    """Found by the fuzzer: '{{...}}' streamed a call whose final parse was plain content."""
+    _stream("forced", '{{"name": "add", "arguments": {"a": 1, "b": 2}}}', [1])
+
+
+@pytest.mark.xfail(strict=True, reason="known bug, open: Llama 3 JSON streams a call that a trailing <|python_tag|> turns back into content")
+def test_llama3_trailing_python_tag_keeps_the_streamed_call() -> None:
+    _stream("llama3_json", '{"name": "add", "arguments": {"a": 1, "b": 2}}<|python_tag|>', [1])

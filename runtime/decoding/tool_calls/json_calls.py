@@ -21,7 +21,8 @@ def _bare_objects(parser: ToolParser, text: str, final: bool, keys: tuple[str, .
             position += 1
         if position >= len(text):
             return ParseResult("", calls) if calls or not final else None
-        if text[position] != "{":
+        following = text[position + 1 :].lstrip()
+        if text[position] != "{" or (following and following[0] not in '"}'):  # not a JSON object ("{{" is not)
             if calls:  # text after the calls: keep it as trailing content
                 return ParseResult(text[position:] if final else "", calls)
             return None
