@@ -63,6 +63,8 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
 
 def _build_key(compiler: str, source: Path) -> str:
     digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(SOURCE_DIR.glob("*.h")):  # the shared helpers the sources include
+        digest.update(header.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
     digest.update(version.stdout.encode())

@@ -23,21 +23,9 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_common.h"
+
 #define MAX_GROUP 16
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof(value));
-    return value;
-}
-
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 /* One cache row (head_dim values) as float32. */
 static inline void load_row(const void *restrict base, int dtype, int64_t offset, int head_dim, float *restrict row) {
@@ -77,32 +65,11 @@ static inline void axpy(float *restrict y, float w, const float *restrict x, int
     for (int i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-/* exp(x) for x <= 0 (softmax arguments after subtracting the maximum): 2^n * p(r), relative error ~2e-7.
- * Plain arithmetic, so the loop over a score row vectorizes. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float log2e = 1.44269504088896341f;
-    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float n = __builtin_floorf(x * log2e + 0.5f);
-    float r = x - n * ln2_hi - n * ln2_lo;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
 /* In place: p <- softmax(p) over n values. */
 static void softmax(float *restrict p, int64_t n) {
     float top = p[0];
     for (int64_t t = 1; t < n; ++t) top = p[t] > top ? p[t] : top;
-    for (int64_t t = 0; t < n; ++t) p[t] = exp_nonpositive(p[t] - top);
+    for (int64_t t = 0; t < n; ++t) p[t] = exp_approx(p[t] - top);
     float total = 0.0f;
     for (int64_t t = 0; t < n; ++t) total += p[t];
     const float inverse = 1.0f / total;
@@ -150,7 +117,7 @@ static void softmax16(float *restrict p, int64_t n) {
     }
     float total = _mm512_reduce_add_ps(sum);
     for (; t < n; ++t) {
-        p[t] = exp_nonpositive(p[t] - maximum);
+        p[t] = exp_approx(p[t] - maximum);
         total += p[t];
     }
     const __m512 inverse = _mm512_set1_ps(1.0f / total);
