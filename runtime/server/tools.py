@@ -49,9 +49,10 @@ class ToolCallOutput(ChoiceOutput):
         self.text += text
         result = self._parse(final)
         deltas: list[dict[str, Any]] = []
-        if len(result.content) > self.sent_content:
-            deltas.append({"content": result.content[self.sent_content :]})
-            self.sent_content = len(result.content)
+        content = _shown_content(result, final)
+        if len(content) > self.sent_content:
+            deltas.append({"content": content[self.sent_content :]})
+            self.sent_content = len(content)
         for index, call in enumerate(result.calls):
             if index >= len(self.sent_calls):
                 call_id = new_call_id(self.parser.id_length)
@@ -75,8 +76,16 @@ class ToolCallOutput(ChoiceOutput):
         reason = finish_reason.value if finish_reason is not None else "stop"
         if calls and reason == "stop":
             reason = FinishReason.TOOL_CALLS.value
-        content = parsed.content if (parsed.content.strip() or not calls) else None
-        return FinalOutput(content=content, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
+        content = _shown_content(parsed, final=True)
+        return FinalOutput(content=content if (content or not calls) else None, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
+
+
+def _shown_content(result: ParseResult, final: bool) -> str:
+    """The content to show: whitespace alone may still precede a call, so it waits for text after it, or
+    for the end of a reply without calls; whitespace around calls is not content."""
+    if result.content.strip() or (final and not result.calls):
+        return result.content
+    return ""
 
 
 class ToolCallProcessor(OutputProcessor):

@@ -146,7 +146,7 @@ FRAGMENTS = [
     "<tool_call>", "</tool_call>", "<tool_call>\n", "<|python_tag|>", "[TOOL_CALLS]", "<function=", "</function>",
     "<parameter=", "</parameter>", "<function=add>", "<parameter=a>", "get_weather", "add", "noop",
     '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
-    '{"name": ', '"arguments": ', '"parameters": ', "{", "}", "[", "]", '"', "\\", ":", ",", ";", " ", "\n",
+    '{"name": ', '"arguments": ', '"parameters": ', '"name": "add"', '{"arguments": {"a": 1}, "name": "add"}', "{", "}", "[", "]", '"', "\\", ":", ",", ";", " ", "\n",
     ">", "<", "1", "true", "null", "é", "😀", "<think>", "</think>",
 ]  # fmt: skip
 MODEL_OUTPUT = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40).map("".join)
@@ -206,6 +206,25 @@ def test_no_call_is_announced_that_the_final_parse_drops() -> None:
     _stream("forced", '{{"name": "add", "arguments": {"a": 1, "b": 2}}}', [1])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open: Llama 3 JSON streams a call that a trailing <|python_tag|> turns back into content")
-def test_llama3_trailing_python_tag_keeps_the_streamed_call() -> None:
-    _stream("llama3_json", '{"name": "add", "arguments": {"a": 1, "b": 2}}<|python_tag|>', [1])
+CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+
+
+@pytest.mark.parametrize(
+    "family, text",
+    [
+        ("llama3_json", CALL + "<|python_tag|>"),  # the tag after a call turned everything into content
+        ("hermes", CALL + "<tool_call>"),  # likewise with Hermes tags after a bare call
+        ("hermes", "\r" + CALL),  # leading whitespace was sent as content before the call showed up
+        ("hermes", "\n<tool_call>" + CALL + "</tool_call>"),
+        ("forced", CALL + '{"name": {"name": "add", "arguments": {}}'),  # a nested "name" was read as the name
+        ("hermes", '{"arguments": {"name": "get_weather"}, "name": "add"}'),  # only top-level keys name a call
+        ("hermes", '{"name": "add", "parameters": {"a": 1}, "arguments": {"b": 2}}'),  # first arguments key wins
+        ("hermes", CALL + '{"name": "noop", "arguments": {}}'),  # an unoffered second call made all content
+        ("hermes", '{"name": "add", "arguments": {"a": 1}, oops}'),  # a malformed tail keeps the announced call
+        ("qwen3_coder", "<tool_call><tool_call></tool_call><tool_call>"),  # an unclosed block ends at the next tag
+    ],
+)
+def test_fuzzer_finds_stay_fixed(family: str, text: str) -> None:
+    """Cases the parser fuzzer found where the stream and the final message disagreed, at every cut size."""
+    for size in (1, 2, 3, 5, 8):
+        _stream(family, text, [size])

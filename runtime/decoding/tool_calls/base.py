@@ -104,68 +104,69 @@ def scan_json_value(text: str, start: int) -> tuple[int, bool]:
 
 
 def parse_json_call(text: str, arguments_keys: tuple[str, ...] = ("arguments", "parameters")) -> tuple[str | None, str, bool, int]:
-    """Read `{"name": ..., "arguments": {...}}` from the start of `text` as far as it goes.
+    """Read `{"name": ..., "arguments": {...}}` from the first `{` of `text` as far as it goes.
 
     Returns (name or None, raw arguments text so far, whether the object is complete, end index).
+    Only top-level members count, the first of each key wins and the arguments are the first member
+    named in `arguments_keys`, so every answer on a prefix of the text holds for the whole text: a
+    stream never has to take back a call it announced. A name is a complete JSON string value.
     """
     start = text.find("{")
     if start < 0:
         return None, "", False, 0
     end, complete = scan_json_value(text, start)
-    body = text[start:end]
-    name = None
-    if complete:
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError:
-            return None, "", True, end
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            return None, "", True, end
-        name = data["name"]
-    else:
-        name = _partial_string_field(body, "name")
+    name: str | None = None
     arguments = ""
-    for key in arguments_keys:
-        marker = f'"{key}"'
-        at = body.find(marker)
-        if at < 0:
-            continue
-        colon = body.find(":", at + len(marker))
-        if colon < 0:
-            break
-        value_start = colon + 1
-        while value_start < len(body) and body[value_start] in " \t\r\n":
-            value_start += 1
-        value_end, _ = scan_json_value(body, value_start)
-        arguments = body[value_start:value_end]
-        break
+    for key, value_start, value_end in _object_members(text, start, end):
+        if key == "name" and name is None and text[value_start : value_start + 1] == '"':
+            name = _json_string(text[value_start:value_end])
+        elif key in arguments_keys and not arguments:
+            arguments = text[value_start:value_end]
     return name, arguments, complete, end
 
 
-def _partial_string_field(body: str, key: str) -> str | None:
-    marker = f'"{key}"'
-    at = body.find(marker)
-    if at < 0:
-        return None
-    colon = body.find(":", at + len(marker))
-    if colon < 0:
-        return None
-    quote = body.find('"', colon)
-    if quote < 0:
-        return None
-    end, complete = scan_json_value(body, quote)
-    if not complete:
-        return None
+def _object_members(text: str, start: int, end: int) -> list[tuple[str, int, int]]:
+    """(key, value start, value end) of the object's top-level members in text[start:end], in order.
+
+    The last member's value may be incomplete (it then ends at `end`); scanning stops at the first
+    thing that is not JSON, keeping the members before it.
+    """
+    members: list[tuple[str, int, int]] = []
+    position = start + 1
+    while True:
+        position = _skip_spaces(text, position, end)
+        if position >= end or text[position] != '"':
+            return members
+        key_end, key_complete = scan_json_value(text, position)
+        key = _json_string(text[position:key_end]) if key_complete and key_end <= end else None
+        if key is None:
+            return members
+        position = _skip_spaces(text, key_end, end)
+        if position >= end or text[position] != ":":
+            return members
+        value_start = _skip_spaces(text, position + 1, end)
+        if value_start >= end:
+            return members
+        value_end, value_complete = scan_json_value(text, value_start)
+        value_end = min(value_end, end)
+        members.append((key, value_start, value_end))
+        if not value_complete:
+            return members
+        position = _skip_spaces(text, value_end, end)
+        if position >= end or text[position] != ",":
+            return members
+        position += 1
+
+
+def _skip_spaces(text: str, position: int, end: int) -> int:
+    while position < end and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _json_string(token: str) -> str | None:
     try:
-        value = json.loads(body[quote:end])
+        value = json.loads(token)
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, str) else None
-
-
-def valid_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True

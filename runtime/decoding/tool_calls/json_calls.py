@@ -31,8 +31,8 @@ def _bare_objects(parser: ToolParser, text: str, final: bool, keys: tuple[str, .
             if complete or final:
                 return None if not calls else ParseResult(text[position:], calls)
             return ParseResult("", calls)  # the name is not known yet: hold everything back
-        if not parser.is_offered(name):
-            return None
+        if not parser.is_offered(name):  # plain text; after calls, trailing content
+            return ParseResult(text[position:] if final else "", calls) if calls else None
         calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), complete))
         if not complete:
             return ParseResult("", calls)
@@ -46,12 +46,12 @@ class HermesParser(ToolParser):
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        if self.tools and text.lstrip().startswith("{"):  # bare calls; tags after them are trailing content
+            bare = _bare_objects(self, text, final, ("arguments", "parameters"), "")
+            if bare is not None:
+                return bare
         first = text.find(self.OPEN)
         if first < 0:
-            if self.tools and text.lstrip().startswith("{"):
-                bare = _bare_objects(self, text, final, ("arguments", "parameters"), "")
-                if bare is not None:
-                    return bare
             keep = len(text) if final else len(text) - held_back(text, (self.OPEN,))
             return ParseResult(text[:keep])
         content = text[:first]
@@ -89,6 +89,10 @@ class Llama3JsonParser(ToolParser):
     TAG = "<|python_tag|>"
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        if text.lstrip().startswith("{"):  # calls without the tag; a tag after them is trailing content
+            parsed = _bare_objects(self, text, final, ("parameters", "arguments"), ";")
+            if parsed is not None:
+                return parsed
         body = text
         at = text.find(self.TAG)
         prefix = ""

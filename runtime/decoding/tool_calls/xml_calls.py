@@ -25,12 +25,13 @@ class Qwen3CoderParser(ToolParser):
             return ParseResult(text[:keep])
         content = text[:first]
         calls: list[ParsedCall] = []
-        for block in text[first:].split(self.OPEN)[1:]:
+        blocks = text[first:].split(self.OPEN)[1:]
+        for number, block in enumerate(blocks):
             closed = self.CLOSE in block
             inner = block.split(self.CLOSE)[0]
             match = _FUNCTION.search(inner)
             if match is None or not self.is_offered(match.group(1)):
-                if closed or final:
+                if closed or final or number < len(blocks) - 1:  # a later <tool_call> ends this block too
                     content += self.OPEN + block
                 continue
             name = match.group(1)
