@@ -41,12 +41,12 @@ PERSON_SCHEMA = {
 }
 
 
-def _engine(**overrides: Any) -> LLMEngine:
+def _engine(eos: tuple[int, ...] = EOS, **overrides: Any) -> LLMEngine:
     values: dict[str, Any] = dict(
         model_dir=MODEL, dtype="bfloat16", max_seq_len=2048, max_num_tokens=2048, max_batch_size=64
     )
     values.update(overrides)
-    return LLMEngine(EngineConfig(**values), eos_token_ids=EOS)
+    return LLMEngine(EngineConfig(**values), eos_token_ids=eos)
 
 
 def _decode(
@@ -131,44 +131,82 @@ def structured(repeats: int) -> dict[str, Any]:
     }
 
 
-def lookahead(repeats: int, workload: str = "completion") -> dict[str, Any]:
-    tokenizer = _tokenizer()
-    from benchmarks.workloads.code_prompts import load_prompts
+LOOKAHEAD_MODELS = {"smollm2": "smollm2-135m-instruct", "qwen-coder": "qwen2.5-coder-0.5b-instruct"}
+EDIT_REQUESTS = [
+    "Rename every local variable in this code to a longer, more descriptive name. Reply with the whole code.",
+    "Add a short comment above every line of this code. Reply with the whole code.",
+    "Convert this code to use double quotes everywhere. Reply with the whole code.",
+]
 
+
+PRESETS = ((3, 8, 3), (1, 8, 3), (7, 5, 7), (1, 32, 1))  # (W, N, G): general, coding agents, code generation, predictable
+
+
+def lookahead(
+    repeats: int, workload: str = "completion", model: str = "smollm2", presets: tuple[tuple[int, int, int], ...] = PRESETS
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.workloads.code_prompts import load_prompts
+    from runtime.backends.torch_client import eos_token_ids_of
+
+    model_dir = MODEL.parent / LOOKAHEAD_MODELS[model]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = eos_token_ids_of(model_dir)
     snippets = load_prompts()[:6]
     if workload == "edit":
-        # Code editing (the use case Baseten cites for lookahead): the answer restates code from the prompt.
-        texts = [f"{snippet}\n# The same code again, with the docstring removed:\n{snippet.splitlines()[0]}\n" for snippet in snippets]
+        # Code editing (the use case Baseten cites for lookahead): a chat request to change code, whose
+        # answer restates most of the prompt's code.
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{EDIT_REQUESTS[i % len(EDIT_REQUESTS)]}\n\n```python\n{snippet}\n```"}],
+                tokenize=True, add_generation_prompt=True, return_dict=True,
+            )["input_ids"]
+            for i, snippet in enumerate(snippets)
+        ]
     else:
         # Code completion: the model continues each self-written snippet (the prompt-lookup pool sees the snippet).
-        texts = snippets
-    prompts = [tokenizer(text).input_ids for text in texts]
-    engines = {
-        "off": _engine(),
-        "on": _engine(
-            lookahead=LookaheadConfig(window_size=3, ngram_size=4, verification_set_size=3, max_batch_size=8)
-        ),
-    }
+        prompts = [tokenizer(snippet).input_ids for snippet in snippets]
+    names = [",".join(map(str, sizes)) for sizes in presets]
+    off = _engine(eos, model_dir=model_dir)
     params = SamplingParams(max_tokens=128, temperature=0.0)
-    rows: dict[str, list[float]] = {"off": [], "on": []}
-    identical = True
-    for _ in range(repeats):
-        for prompt in prompts:
-            results = {name: _decode(engine, [prompt], params) for name, engine in engines.items()}
-            identical &= results["on"]["outputs"] == results["off"]["outputs"]
-            for name in rows:
-                rows[name].append(results[name]["tokens_per_s"])
-    ratios = [a / b for a, b in zip(rows["on"], rows["off"], strict=True)]
-    stats = engines["on"].stats()
+    rows: dict[str, dict[str, list[float]]] = {}
+    presets_out: dict[str, Any] = {}
+    lengths: list[int] = []
+    for name, (window, ngram, verification) in zip(names, presets, strict=True):
+        # One lookahead engine at a time (a 0.5B model's engine holds a few GB); each of its runs is
+        # paired with a plain run of the same prompt right before it.
+        on = _engine(
+            eos, model_dir=model_dir,
+            lookahead=LookaheadConfig(window_size=window, ngram_size=ngram, verification_set_size=verification, max_batch_size=8),
+        )
+        rows[name] = {"off": [], "on": []}
+        identical = True
+        for _ in range(repeats):
+            for prompt in prompts:
+                plain, drafted = _decode(off, [list(prompt)], params), _decode(on, [list(prompt)], params)
+                rows[name]["off"].append(plain["tokens_per_s"])
+                rows[name]["on"].append(drafted["tokens_per_s"])
+                identical &= drafted["outputs"] == plain["outputs"]
+                if name == names[0]:
+                    lengths.append(len(plain["outputs"][0]))
+        ratios = [a / b for a, b in zip(rows[name]["on"], rows[name]["off"], strict=True)]
+        presets_out[name] = {
+            "tokens_per_s_off_on": [statistics.median(rows[name]["off"]), statistics.median(rows[name]["on"])],
+            "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "speedup_of_totals": sum(rows[name]["on"]) / sum(rows[name]["off"]),
+            "accepted_tokens_per_drafted_step": on.stats().lookahead_accepted_per_step,
+            "greedy_identical": identical,
+        }
+        del on
     return {
         "benchmark": "lookahead",
+        "model": LOOKAHEAD_MODELS[model],
         "workload": workload,
         "concurrency": 1,
-        "sizes": {"window": 3, "ngram": 4, "verification_set": 3},
+        "presets (window, ngram, verification)": presets_out,
         "tokens_per_s": rows,
-        "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-        "accepted_tokens_per_step": stats.lookahead_accepted_per_step,
-        "greedy_identical": identical,
+        "output_lengths": lengths,
     }
 
 
@@ -200,14 +238,22 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(xs, [statistics.median(by_concurrency[x]) for x in xs], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
+    elif result["benchmark"] == "lookahead":  # per preset: plain and lookahead, each run a dot
+        for index, (preset, pair) in enumerate(series.items()):
+            for offset, side in ((-0.2, "off"), (0.2, "on")):
+                ax.bar(index + offset, statistics.median(pair[side]), width=0.38, color="tab:gray" if side == "off" else "tab:blue",
+                       label=("plain" if side == "off" else "lookahead") if index == 0 else None)
+                ax.scatter([index + offset] * len(pair[side]), pair[side], color="black", s=8, zorder=3)
+        ax.set_xticks(range(len(series)), [f"W,N,G={p}" for p in series])
+        ax.legend()
     else:
         names = list(series)
         ax.bar(names, [statistics.median(series[n]) for n in names])
         for index, name in enumerate(names):
             ax.scatter([index] * len(series[name]), series[name], color="black", s=10, zorder=3)
     ax.set_ylabel("output tokens/s (engine, 1 thread)")
-    ax.set_title(f"{result['benchmark']} (SmolLM2-135M, bf16 weights)")
-    ax.legend() if result["benchmark"] == "cpu-gemm" else None
+    ax.set_title(f"{result['benchmark']} {result.get('workload', '')} ({result.get('model', 'smollm2-135m-instruct')}, bf16)")
+    ax.legend() if result["benchmark"] in ("cpu-gemm", "lookahead") else None
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -221,27 +267,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workload", choices=["completion", "edit"], default="completion", help="lookahead prompts")
+    parser.add_argument("--model", choices=sorted(LOOKAHEAD_MODELS), default="smollm2", help="lookahead model")
+    parser.add_argument(
+        "--presets", default=" ".join(",".join(map(str, p)) for p in PRESETS),
+        help="lookahead (W,N,G) sizes, space-separated (default: the four recommended presets)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     before = describe()
     if args.benchmark == "lookahead":
-        result = lookahead(args.repeats, args.workload)
+        presets = tuple(tuple(int(v) for v in preset.split(",")) for preset in args.presets.split())
+        result = lookahead(args.repeats, args.workload, args.model, presets)  # type: ignore[arg-type]
     else:
         result = {"structured": structured, "cpu-gemm": cpu_gemm}[args.benchmark](args.repeats)
     result["machine"] = before
     result["load_average_after"] = describe().get("load_average")
     result["threads"] = args.threads
-    suffix = f" --workload {args.workload}" if args.benchmark == "lookahead" else ""
+    suffix = f" --workload {args.workload} --model {args.model} --presets '{args.presets}'" if args.benchmark == "lookahead" else ""
     result["command"] = (
         f"python -m benchmarks.engine_ab {args.benchmark} --repeats {args.repeats} --threads {args.threads}{suffix}"
     )
     RESULTS.mkdir(exist_ok=True)
-    name = args.benchmark.replace("-", "_") + (f"_{args.workload}" if args.benchmark == "lookahead" else "")
+    name = args.benchmark.replace("-", "_") + (
+        f"_{args.workload}" + ("" if args.model == "smollm2" else f"_{args.model.replace('-', '_')}")
+        if args.benchmark == "lookahead" else ""
+    )
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     _plot(result, RESULTS / f"{name}.png")
-    print(
-        json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2, default=str)[:3000]
-    )
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "tokens_per_s")}, indent=2, default=str)[:4000])
 
 
 if __name__ == "__main__":

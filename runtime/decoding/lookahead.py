@@ -25,6 +25,8 @@ import torch
 from runtime.engine.config import LookaheadConfig
 
 MAX_NGRAMS_PER_KEY = 8
+CONTEXT_SIZES = (3, 2)  # longest first: a longer matching context predicts the continuation better
+MAX_GROWN_ROWS = 8  # adaptive: a sequence whose drafts keep being accepted whole may grow its draft to this
 
 
 @dataclass
@@ -59,8 +61,12 @@ class LookaheadState:
     window: list[list[int]]
     pool: dict[int, OrderedDict[tuple[int, ...], None]] = field(default_factory=dict)
     num_indexed: int = 0  # tokens of the sequence already indexed into the pool
+    # the last position where each 2- and 3-token context occurred (with at least one token after it)
+    contexts: dict[tuple[int, ...], int] = field(default_factory=dict)
+    num_context_indexed: int = 0
     num_failures: int = 0  # consecutive drafted steps that accepted nothing extra
     num_skip: int = 0  # plain steps left before drafting again (adaptive back-off)
+    draft_rows: int = 0  # adaptive: rows for the next drafted step (0 = the configured budget)
 
 
 class LookaheadProposer:
@@ -89,6 +95,27 @@ class LookaheadProposer:
         for start in range(max(state.num_indexed, 0), len(tokens) - n + 1):
             self._remember(state, tokens[start], tuple(tokens[start + 1 : start + n]))
         state.num_indexed = max(state.num_indexed, len(tokens) - n + 1)
+        for end in range(state.num_context_indexed, len(tokens) - 1):
+            for size in CONTEXT_SIZES:
+                if end + 1 >= size:
+                    state.contexts[tuple(tokens[end + 1 - size : end + 1])] = end
+        state.num_context_indexed = max(state.num_context_indexed, len(tokens) - 1)
+
+    def _context_candidate(self, state: LookaheadState, tokens: list[int], length: int) -> list[int] | None:
+        """What followed the latest earlier occurrence of the sequence's last 3 (else 2) tokens."""
+        for size in CONTEXT_SIZES:
+            end = state.contexts.get(tuple(tokens[-size:])) if len(tokens) >= size else None
+            if end is not None:
+                return tokens[end + 1 : end + 1 + length] or None
+        return None
+
+    @property
+    def _base_rows(self) -> int:
+        return self.config.max_draft_rows or self.max_rows
+
+    @property
+    def _max_rows(self) -> int:
+        return max(self._base_rows, min(self.max_rows, MAX_GROWN_ROWS))
 
     def _remember(self, state: LookaheadState, key: int, ngram: tuple[int, ...]) -> None:
         entries = state.pool.setdefault(key, OrderedDict())
@@ -97,28 +124,48 @@ class LookaheadProposer:
         while len(entries) > MAX_NGRAMS_PER_KEY:
             entries.popitem(last=False)
 
-    def propose(self, state: LookaheadState, last_token: int, position: int) -> DraftPlan:
+    def propose(self, state: LookaheadState, last_token: int, position: int, tokens: list[int] | None = None) -> DraftPlan:
         """The draft rows for this step (possibly none).
 
         Adaptive mode (the default) spends rows only where they pay on a compute-bound device: the Jacobi
         window runs when the pool has no candidate to verify, and after drafted steps that accepted nothing
         the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G every step.
         """
-        candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))][: self.config.verification_set_size]
+        candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))]
+        budget = (state.draft_rows or self._base_rows) if self.config.adaptive else self.ngram_size - 1
+        matched = self._context_candidate(state, tokens, max(budget, self.ngram_size - 1)) if tokens else None
+        if matched is not None:  # first: the continuation of the longest matching context (prompt lookup)
+            candidates = [matched] + [c for c in candidates if c != matched[: len(c)]]
+        candidates = candidates[: self.config.verification_set_size]
         if not self.config.adaptive:
+            candidates = [c[: self.ngram_size - 1] for c in candidates]
             return self._plan(state, candidates, position, self.window_size if self.ngram_size > 1 else 0)
         if state.num_skip > 0:
             state.num_skip -= 1
             return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
-        budget = self.config.max_draft_rows or self.max_rows
         if candidates:
-            per_candidate = max(self.ngram_size - 1, 1)
-            fitting = max(budget // per_candidate, 1)
-            return self._plan(state, [c[:budget] for c in candidates[:fitting]], position, 0)
+            # The first candidate takes up to the whole budget; the others share what is left.
+            first = candidates[0][:budget]
+            chosen, left = [first], budget - len(first)
+            for candidate in candidates[1:]:
+                if left <= 0:
+                    break
+                chosen.append(candidate[: min(left, self.ngram_size - 1)])
+                left -= len(chosen[-1])
+            return self._plan(state, chosen, position, 0)
+        budget = self._base_rows
         columns = min(self.window_size, budget // self.levels) if self.ngram_size > 1 else 0
         return self._plan(state, [], position, columns)
 
     def record(self, state: LookaheadState, plan: DraftPlan, num_extra_accepted: int) -> None:
+        """Adaptive sizing: a candidate accepted whole doubles the next draft (up to MAX_GROWN_ROWS rows),
+        a partly accepted one sets it to what was accepted plus one, a miss backs off as `propose` says."""
+        if plan.candidates and self.config.adaptive:
+            base, longest = self._base_rows, max(len(c) for c in plan.candidates)
+            if num_extra_accepted >= longest:
+                state.draft_rows = min(2 * max(state.draft_rows, base), self._max_rows)
+            else:
+                state.draft_rows = max(base, num_extra_accepted + 1)
         if num_extra_accepted > 0 or not plan.candidates:
             state.num_failures = 0
             return

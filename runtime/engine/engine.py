@@ -187,8 +187,10 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         drafts = self._plan_drafts()
-        extra_slots = max(self.config.lookahead.ngram_size - 1, 0) if self.config.lookahead else 0
-        schedule = self.scheduler.schedule({seq_id: (plan.num_rows, extra_slots) for seq_id, plan in drafts.items()})
+        # KV slots for the accepted candidate tokens: as many as the longest candidate
+        schedule = self.scheduler.schedule(
+            {seq_id: (plan.num_rows, max(map(len, plan.candidates), default=0)) for seq_id, plan in drafts.items()}
+        )
         if schedule.is_empty:
             return []
         self.num_steps += 1

@@ -73,7 +73,7 @@ class LookaheadRunner:
             if not isinstance(state, LookaheadState):
                 state = seq.lookahead_state = self.proposer.new_state(tokens)
             self.proposer.index(state, tokens)
-            plan = self.proposer.propose(state, tokens[-1], seq.num_computed_tokens)
+            plan = self.proposer.propose(state, tokens[-1], seq.num_computed_tokens, tokens)
             if plan.num_rows:
                 plan.scratch_slots = self._lanes[len(plans)][: plan.num_rows]
                 plans[seq.seq_id] = plan
@@ -91,21 +91,25 @@ class LookaheadRunner:
         candidate whose first token already disagrees needs none of its rows.
         """
         width = plan.window_columns if plan.num_window_rows else 0
-        x_logits = project(hidden[:1])[0]
+        # With candidates, every row is projected in one call: candidates now mostly come from a matching
+        # context and their first token usually holds, and one call of k rows costs far less than two
+        # calls (at Qwen2.5-0.5B's 152k vocabulary, 4 rows ~14 ms against 11 + 12 ms).
+        eager = project(hidden) if plan.candidates else None
+        x_logits = eager[0] if eager is not None else project(hidden[:1])[0]
         first = x_logits.argmax()
-        candidate_hidden = hidden[1 + width :]
         per_candidate: list[torch.Tensor | None] = []
-        start = 0
+        start = 1 + width
         for candidate in plan.candidates:
-            rows = candidate_hidden[start : start + len(candidate)]
-            # Without a grammar the first token is the plain argmax; with one, verify decides (project all).
+            # Without a grammar the first token is the plain argmax; with one, verify decides.
             wanted = seq.guide_state is not None or candidate[0] == int(first)
-            per_candidate.append(project(rows) if wanted else None)
+            assert eager is not None
+            per_candidate.append(eager[start : start + len(candidate)] if wanted else None)
             start += len(candidate)
         tokens, num_reused = self.proposer.verify(plan, x_logits, per_candidate, seq.guide_state)
         state = seq.lookahead_state
         assert isinstance(state, LookaheadState)
-        self.proposer.update_window(state, project(hidden[1 : 1 + width]) if width else None)
+        top_level = (eager[1 : 1 + width] if eager is not None else project(hidden[1 : 1 + width])) if width else None
+        self.proposer.update_window(state, top_level)
         self.proposer.record(state, plan, len(tokens) - 1)
         self.num_steps += 1
         self.num_accepted += len(tokens)

@@ -115,3 +115,51 @@ def test_window_mask_and_ngram_collection() -> None:
     plan = proposer.propose(state, last_token=1, position=6)
     assert plan.candidates == [[2, 4], [2, 3]]  # most recent first
     assert plan.positions[-2:] == [7, 8]
+
+
+def _adaptive(ngram_size: int = 4, max_draft_rows: int = 3) -> LookaheadProposer:
+    return LookaheadProposer(
+        LookaheadConfig(window_size=3, ngram_size=ngram_size, verification_set_size=3, max_batch_size=4, max_draft_rows=max_draft_rows)
+    )
+
+
+def test_the_longest_matching_context_proposes_first() -> None:
+    proposer = _adaptive()
+    #          0   1   2   3   4   5   6   7   8   9  10  11  12
+    tokens = [50, 11, 12, 13, 14, 15, 60, 12, 13, 70, 71, 11, 12]
+    state = proposer.new_state(tokens)
+    proposer.index(state, tokens)
+    plan = proposer.propose(state, tokens[-1], len(tokens) - 1, tokens)
+    # (11, 12) last occurred at 1-2, followed by 13 14 15; the pool's latest n-gram after 12 is (13, 70, 71)
+    assert plan.candidates[0] == [13, 14, 15]
+    tokens = [*tokens, 13]  # now (11, 12, 13) matches 1-3 and beats the later (12, 13) at 7-8
+    proposer.index(state, tokens)
+    assert proposer.propose(state, 13, len(tokens) - 1, tokens).candidates[0] == [14, 15, 60]
+
+
+def test_drafts_grow_while_accepted_whole_and_shrink_on_a_partial_match() -> None:
+    proposer = _adaptive()
+    tokens = list(range(100, 140)) * 2  # the second copy repeats the first: every context matches
+    state = proposer.new_state(tokens[:45])
+    lengths = []
+    position = 45
+    for _ in range(4):
+        proposer.index(state, tokens[:position])
+        plan = proposer.propose(state, tokens[position - 1], position - 1, tokens[:position])
+        lengths.append(len(plan.candidates[0]))
+        proposer.record(state, plan, num_extra_accepted=len(plan.candidates[0]))  # accepted whole
+        position += len(plan.candidates[0]) + 1
+    assert lengths == [3, 6, 8, 8]  # the CPU budget of 3 rows, doubled up to MAX_GROWN_ROWS
+    proposer.record(state, plan, num_extra_accepted=2)
+    assert state.draft_rows == 3  # back to the budget (2 accepted + 1 is below it)
+    proposer.record(state, plan, num_extra_accepted=0)
+    assert state.draft_rows == 3 and state.num_skip == 1  # a miss also backs off one plain step
+
+
+def test_fixed_mode_keeps_ngram_sized_candidates() -> None:
+    proposer = LookaheadProposer(LookaheadConfig(3, 4, 3, max_batch_size=4, adaptive=False))
+    tokens = list(range(100, 120)) * 2
+    state = proposer.new_state(tokens)
+    proposer.index(state, tokens)
+    plan = proposer.propose(state, tokens[-1], len(tokens) - 1, tokens)
+    assert all(len(candidate) <= 3 for candidate in plan.candidates) and plan.num_window_rows == 3 * 3
