@@ -143,7 +143,11 @@ PRESETS = ((3, 8, 3), (1, 8, 3), (7, 5, 7), (1, 32, 1))  # (W, N, G): general, c
 
 
 def lookahead(
-    repeats: int, workload: str = "completion", model: str = "smollm2", presets: tuple[tuple[int, int, int], ...] = PRESETS
+    repeats: int,
+    workload: str = "completion",
+    model: str = "smollm2",
+    presets: tuple[tuple[int, int, int], ...] = PRESETS,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -183,13 +187,14 @@ def lookahead(
         rows[name] = {"off": [], "on": []}
         identical = True
         for _ in range(repeats):
-            for prompt in prompts:
-                plain, drafted = _decode(off, [list(prompt)], params), _decode(on, [list(prompt)], params)
+            for start in range(0, len(prompts), concurrency):  # `concurrency` prompts at a time, wrapping around
+                group = [list(prompts[(start + j) % len(prompts)]) for j in range(concurrency)]
+                plain, drafted = _decode(off, group, params), _decode(on, group, params)
                 rows[name]["off"].append(plain["tokens_per_s"])
                 rows[name]["on"].append(drafted["tokens_per_s"])
                 identical &= drafted["outputs"] == plain["outputs"]
                 if name == names[0]:
-                    lengths.append(len(plain["outputs"][0]))
+                    lengths.extend(len(output) for output in plain["outputs"])
         ratios = [a / b for a, b in zip(rows[name]["on"], rows[name]["off"], strict=True)]
         presets_out[name] = {
             "tokens_per_s_off_on": [statistics.median(rows[name]["off"]), statistics.median(rows[name]["on"])],
@@ -203,7 +208,7 @@ def lookahead(
         "benchmark": "lookahead",
         "model": LOOKAHEAD_MODELS[model],
         "workload": workload,
-        "concurrency": 1,
+        "concurrency": concurrency,
         "presets (window, ngram, verification)": presets_out,
         "tokens_per_s": rows,
         "output_lengths": lengths,
@@ -268,6 +273,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workload", choices=["completion", "edit"], default="completion", help="lookahead prompts")
     parser.add_argument("--model", choices=sorted(LOOKAHEAD_MODELS), default="smollm2", help="lookahead model")
+    parser.add_argument("--concurrency", type=int, default=1, help="lookahead: requests decoded together")
     parser.add_argument(
         "--presets", default=" ".join(",".join(map(str, p)) for p in PRESETS),
         help="lookahead (W,N,G) sizes, space-separated (default: the four recommended presets)",
@@ -277,19 +283,23 @@ def main() -> None:
     before = describe()
     if args.benchmark == "lookahead":
         presets = tuple(tuple(int(v) for v in preset.split(",")) for preset in args.presets.split())
-        result = lookahead(args.repeats, args.workload, args.model, presets)  # type: ignore[arg-type]
+        result = lookahead(args.repeats, args.workload, args.model, presets, args.concurrency)  # type: ignore[arg-type]
     else:
         result = {"structured": structured, "cpu-gemm": cpu_gemm}[args.benchmark](args.repeats)
     result["machine"] = before
     result["load_average_after"] = describe().get("load_average")
     result["threads"] = args.threads
-    suffix = f" --workload {args.workload} --model {args.model} --presets '{args.presets}'" if args.benchmark == "lookahead" else ""
+    suffix = (
+        f" --workload {args.workload} --model {args.model} --concurrency {args.concurrency} --presets '{args.presets}'"
+        if args.benchmark == "lookahead" else ""
+    )
     result["command"] = (
         f"python -m benchmarks.engine_ab {args.benchmark} --repeats {args.repeats} --threads {args.threads}{suffix}"
     )
     RESULTS.mkdir(exist_ok=True)
     name = args.benchmark.replace("-", "_") + (
         f"_{args.workload}" + ("" if args.model == "smollm2" else f"_{args.model.replace('-', '_')}")
+        + ("" if args.concurrency == 1 else f"_c{args.concurrency}")
         if args.benchmark == "lookahead" else ""
     )
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

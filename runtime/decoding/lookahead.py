@@ -127,9 +127,14 @@ class LookaheadProposer:
     def propose(self, state: LookaheadState, last_token: int, position: int, tokens: list[int] | None = None) -> DraftPlan:
         """The draft rows for this step (possibly none).
 
+        Candidates: first what followed the latest earlier occurrence of the last 3 (else 2) tokens, then
+        the pool's n-grams that start with the last token, most recent first.
+
         Adaptive mode (the default) spends rows only where they pay on a compute-bound device: the Jacobi
-        window runs when the pool has no candidate to verify, and after drafted steps that accepted nothing
-        the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G every step.
+        window runs when there is no candidate to verify, a candidate accepted whole doubles the next draft
+        (up to MAX_GROWN_ROWS rows; a partial match shrinks it back), and after drafted steps that accepted
+        nothing the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G
+        (candidates of N-1 tokens) every step.
         """
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))]
         budget = (state.draft_rows or self._base_rows) if self.config.adaptive else self.ngram_size - 1
