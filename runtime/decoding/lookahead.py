@@ -110,8 +110,8 @@ class LookaheadProposer:
         return None
 
     @property
-    def _base_rows(self) -> int:
-        return self.config.max_draft_rows or self.max_rows
+    def _base_rows(self) -> int:  # never more than a sequence's scratch lane (max_rows) holds
+        return min(self.config.max_draft_rows or self.max_rows, self.max_rows)
 
     @property
     def _max_rows(self) -> int:
@@ -137,7 +137,7 @@ class LookaheadProposer:
         (candidates of N-1 tokens) every step.
         """
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))]
-        budget = (state.draft_rows or self._base_rows) if self.config.adaptive else self.ngram_size - 1
+        budget = min(state.draft_rows or self._base_rows, self.max_rows) if self.config.adaptive else self.ngram_size - 1
         matched = self._context_candidate(state, tokens, max(budget, self.ngram_size - 1)) if tokens else None
         if matched is not None:  # first: the continuation of the longest matching context (prompt lookup)
             candidates = [matched] + [c for c in candidates if c != matched[: len(c)]]

@@ -317,7 +317,7 @@ class LLMEngine:
         if self.lookahead is None:
             return {}
         running = [seq for group in self.scheduler.running for seq in group.sequences if seq.status == SequenceStatus.RUNNING and not seq.is_finished]
-        return self.lookahead.plan(running, len(running))
+        return self.lookahead.plan(running, len(running), self.max_model_len)
 
     def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[StepOutput]:
         outputs = []

@@ -63,7 +63,8 @@ class LookaheadRunner:
             and seq.num_computed_tokens > 0
         )
 
-    def plan(self, seqs: list[Sequence], num_running: int) -> dict[int, DraftPlan]:
+    def plan(self, seqs: list[Sequence], num_running: int, max_model_len: int) -> dict[int, DraftPlan]:
+        """Draft rows per eligible sequence; none whose positions would pass the model's length (RoPE table)."""
         plans: dict[int, DraftPlan] = {}
         for seq in seqs:
             if len(plans) >= len(self._lanes) or not self.eligible(seq, num_running):
@@ -74,6 +75,8 @@ class LookaheadRunner:
                 state = seq.lookahead_state = self.proposer.new_state(tokens)
             self.proposer.index(state, tokens)
             plan = self.proposer.propose(state, tokens[-1], seq.num_computed_tokens, tokens)
+            if plan.num_rows and max(plan.positions) >= max_model_len:
+                continue  # the last few positions of the context decode plainly
             if plan.num_rows:
                 plan.scratch_slots = self._lanes[len(plans)][: plan.num_rows]
                 plans[seq.seq_id] = plan

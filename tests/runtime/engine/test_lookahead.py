@@ -163,3 +163,32 @@ def test_fixed_mode_keeps_ngram_sized_candidates() -> None:
     proposer.index(state, tokens)
     plan = proposer.propose(state, tokens[-1], len(tokens) - 1, tokens)
     assert all(len(candidate) <= 3 for candidate in plan.candidates) and plan.num_window_rows == 3 * 3
+
+
+def test_a_draft_never_outgrows_its_scratch_lane(smollm2_dir: Path) -> None:
+    """(1, 2, 1) gives each sequence 2 scratch rows, fewer than the CPU draft budget of 3 (found in review)."""
+    prompt = [100, 200, 300, 400, 500, 600] * 8
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    plain = _run(_engine(smollm2_dir, None), [prompt], params)[0]
+    engine = _engine(smollm2_dir, LookaheadConfig(1, 2, 1, max_batch_size=8))
+    assert engine.lookahead is not None and engine.lookahead.proposer.max_rows == 2
+    assert _run(engine, [prompt], params)[0] == plain
+    assert engine.lookahead.num_steps > 0
+
+
+def test_drafts_stop_at_the_end_of_the_context(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Draft positions past max_position_embeddings would index beyond the rotary table (found in review)."""
+    model = tmp_path / "short-context"
+    model.mkdir()
+    for item in smollm2_dir.iterdir():
+        if item.name != "config.json":
+            (model / item.name).symlink_to(item)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 96
+    (model / "config.json").write_text(json.dumps(config))
+    params = SamplingParams(max_tokens=200, temperature=0.0)
+    for length in (41, 44, 47):
+        prompt = ([100, 200, 300, 400, 500, 600] * 8)[:length]
+        plain = _run(_engine(model, None, max_seq_len=96), [prompt], params)[0]
+        assert len(plain) == 96 - length
+        assert _run(_engine(model, LOOKAHEAD, max_seq_len=96), [prompt], params)[0] == plain
