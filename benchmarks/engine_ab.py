@@ -244,7 +244,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
     elif result["benchmark"] == "lookahead":  # per preset: plain and lookahead, each run a dot
-        for index, (preset, pair) in enumerate(series.items()):
+        for index, pair in enumerate(series.values()):
             for offset, side in ((-0.2, "off"), (0.2, "on")):
                 ax.bar(index + offset, statistics.median(pair[side]), width=0.38, color="tab:gray" if side == "off" else "tab:blue",
                        label=("plain" if side == "off" else "lookahead") if index == 0 else None)

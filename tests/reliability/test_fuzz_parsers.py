@@ -150,6 +150,8 @@ FRAGMENTS = [
     ">", "<", "1", "true", "null", "é", "😀", "<think>", "</think>",
 ]  # fmt: skip
 MODEL_OUTPUT = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40).map("".join)
+CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
 
 def _stream(family: str, text: str, sizes: list[int]) -> None:
@@ -201,12 +203,28 @@ def test_tool_parsers_any_text(family: str, text: str, final: bool) -> None:
         assert isinstance(call.name, str) and isinstance(call.arguments, str)
 
 
+@pytest.mark.parametrize(
+    "family, text",
+    [
+        ("hermes", CALL + "\n<tool_call>\n" + WEATHER + "\n</tool_call>"),
+        ("llama3_json", CALL + "<|python_tag|>" + WEATHER),
+    ],
+)
+def test_tagged_calls_after_a_bare_call_are_calls(family: str, text: str) -> None:
+    result = tool_parser(family, TOOLS).parse(text, final=True)
+    assert [call.name for call in result.calls] == ["add", "get_weather"] and not result.content.strip()
+    _stream(family, text, [1])
+
+
+def test_text_after_a_qwen3_coder_call_is_content() -> None:
+    text = "<tool_call><function=add><parameter=a>1</parameter></function></tool_call>\nDone."
+    result = tool_parser("qwen3_coder", TOOLS).parse(text, final=True)
+    assert result.content == "\nDone." and result.calls[0].arguments == '{"a": 1}'
+
+
 def test_no_call_is_announced_that_the_final_parse_drops() -> None:
     """Found by the fuzzer: '{{...}}' streamed a call whose final parse was plain content."""
     _stream("forced", '{{"name": "add", "arguments": {"a": 1, "b": 2}}}', [1])
-
-
-CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
 
 
 @pytest.mark.parametrize(
@@ -222,9 +240,14 @@ CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
         ("hermes", CALL + '{"name": "noop", "arguments": {}}'),  # an unoffered second call made all content
         ("hermes", '{"name": "add", "arguments": {"a": 1}, oops}'),  # a malformed tail keeps the announced call
         ("qwen3_coder", "<tool_call><tool_call></tool_call><tool_call>"),  # an unclosed block ends at the next tag
+        # found in review
+        ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>'),  # a partial close tag in arguments
+        ("mistral", '[{"name": "add", "arguments": {"a": "[TOOL_CALLS]"}}]'),  # the tag inside a string of the array
+        ("qwen3_coder", "<tool_call>x</tool_call><tool_call><function=add>"),  # '<' of the next tag sent as content
+        ("qwen3_coder", "<tool_call><function=add><parameter=a>1</parameter></function></tool_call>\nDone."),
     ],
 )
 def test_fuzzer_finds_stay_fixed(family: str, text: str) -> None:
-    """Cases the parser fuzzer found where the stream and the final message disagreed, at every cut size."""
+    """Cases the parser fuzzer (or a review) found where the stream and the final message disagreed."""
     for size in (1, 2, 3, 5, 8):
         _stream(family, text, [size])

@@ -2,6 +2,8 @@
 emits), Llama 3 (`<|python_tag|>`, `parameters`), Mistral (`[TOOL_CALLS]` array), and the forced form
 that `tool_choice: required/named` grammars produce."""
 
+from collections.abc import Callable
+
 from runtime.decoding.tool_calls.base import (
     ParsedCall,
     ParseResult,
@@ -11,9 +13,17 @@ from runtime.decoding.tool_calls.base import (
     scan_json_value,
 )
 
+Rest = Callable[[str, bool], ParseResult]
 
-def _bare_objects(parser: ToolParser, text: str, final: bool, keys: tuple[str, ...], separators: str) -> ParseResult | None:
-    """Consecutive JSON call objects from the start of `text`; None when the text is not a call."""
+
+def _bare_objects(
+    parser: ToolParser, text: str, final: bool, keys: tuple[str, ...], separators: str, rest: Rest | None = None
+) -> ParseResult | None:
+    """Consecutive JSON call objects from the start of `text`; None when the text is not a call.
+
+    What follows the calls goes to `rest` (the family's parser for text after a call, which may hold more
+    calls), or else becomes content at the end of the reply.
+    """
     calls: list[ParsedCall] = []
     position = 0
     while True:
@@ -23,20 +33,25 @@ def _bare_objects(parser: ToolParser, text: str, final: bool, keys: tuple[str, .
             return ParseResult("", calls) if calls or not final else None
         following = text[position + 1 :].lstrip()
         if text[position] != "{" or (following and following[0] not in '"}'):  # not a JSON object ("{{" is not)
-            if calls:  # text after the calls: keep it as trailing content
-                return ParseResult(text[position:] if final else "", calls)
-            return None
+            return _after(calls, text[position:], final, rest) if calls else None
         name, arguments, complete, end = parse_json_call(text[position:], keys)
         if name is None:
             if complete or final:
-                return None if not calls else ParseResult(text[position:], calls)
+                return _after(calls, text[position:], final, rest) if calls else None
             return ParseResult("", calls)  # the name is not known yet: hold everything back
-        if not parser.is_offered(name):  # plain text; after calls, trailing content
-            return ParseResult(text[position:] if final else "", calls) if calls else None
+        if not parser.is_offered(name):  # plain text
+            return _after(calls, text[position:], final, rest) if calls else None
         calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), complete))
         if not complete:
             return ParseResult("", calls)
         position += end
+
+
+def _after(calls: list[ParsedCall], tail: str, final: bool, rest: Rest | None) -> ParseResult:
+    if rest is None:
+        return ParseResult(tail if final else "", calls)
+    parsed = rest(tail, final)
+    return ParseResult(parsed.content, calls + parsed.calls)
 
 
 class HermesParser(ToolParser):
@@ -46,10 +61,13 @@ class HermesParser(ToolParser):
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        if self.tools and text.lstrip().startswith("{"):  # bare calls; tags after them are trailing content
-            bare = _bare_objects(self, text, final, ("arguments", "parameters"), "")
+        if self.tools and text.lstrip().startswith("{"):  # bare calls, then possibly tagged ones
+            bare = _bare_objects(self, text, final, ("arguments", "parameters"), "", rest=self._tagged)
             if bare is not None:
                 return bare
+        return self._tagged(text, final)
+
+    def _tagged(self, text: str, final: bool) -> ParseResult:
         first = text.find(self.OPEN)
         if first < 0:
             keep = len(text) if final else len(text) - held_back(text, (self.OPEN,))
@@ -69,9 +87,11 @@ class HermesParser(ToolParser):
                 content += text[position:start]
             inner_start = start + len(self.OPEN)
             close = text.find(self.CLOSE, inner_start)
-            inner = text[inner_start : close if close >= 0 else len(text)]
-            name, arguments, complete, _ = parse_json_call(inner)
             closed = close >= 0
+            # an unclosed block may end in the first characters of its closing tag: not arguments (yet)
+            inner_end = close if closed else len(text) - (0 if final else held_back(text, (self.CLOSE,)))
+            inner = text[inner_start:inner_end]
+            name, arguments, complete, _ = parse_json_call(inner)
             if name is not None and self.is_offered(name):
                 calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), closed or (final and complete)))
             elif closed or final:
@@ -87,10 +107,11 @@ class Llama3JsonParser(ToolParser):
 
     name = "llama3_json"
     TAG = "<|python_tag|>"
+    KEYS = ("parameters", "arguments")
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        if text.lstrip().startswith("{"):  # calls without the tag; a tag after them is trailing content
-            parsed = _bare_objects(self, text, final, ("parameters", "arguments"), ";")
+        if text.lstrip().startswith("{"):  # calls without the tag; a tag after them may start more
+            parsed = _bare_objects(self, text, final, self.KEYS, ";", rest=self._after_calls)
             if parsed is not None:
                 return parsed
         body = text
@@ -99,13 +120,21 @@ class Llama3JsonParser(ToolParser):
         if at >= 0:
             prefix, body = text[:at], text[at + len(self.TAG) :]
         if body.lstrip().startswith("{"):
-            parsed = _bare_objects(self, body, final, ("parameters", "arguments"), ";")
+            parsed = _bare_objects(self, body, final, self.KEYS, ";")
             if parsed is not None:
                 return ParseResult(prefix + parsed.content, parsed.calls)
         if at >= 0 and not final and not body.strip():
             return ParseResult(prefix)  # the tag arrived; its call has not started yet
         keep = len(text) if final else len(text) - held_back(text, (self.TAG, "{"))
         return ParseResult(text[:keep])
+
+    def _after_calls(self, text: str, final: bool) -> ParseResult:
+        """After calls: `<|python_tag|>` and more calls, or trailing content (shown at the end)."""
+        if text.startswith(self.TAG):
+            parsed = _bare_objects(self, text[len(self.TAG) :], final, self.KEYS, ";")
+            if parsed is not None:
+                return parsed
+        return ParseResult(text if final else "")
 
 
 class MistralParser(ToolParser):
@@ -117,6 +146,8 @@ class MistralParser(ToolParser):
 
     def parse(self, text: str, final: bool) -> ParseResult:
         at = text.find(self.TAG)
+        if text.lstrip()[1:].lstrip().startswith("{") and text.lstrip().startswith("["):
+            at = -1  # an array of calls without the tag: a tag inside its strings is text
         prefix, body = (text[:at], text[at + len(self.TAG) :]) if at >= 0 else ("", text)
         stripped = body.lstrip()
         if stripped.startswith("["):

@@ -27,13 +27,18 @@ class Qwen3CoderParser(ToolParser):
         calls: list[ParsedCall] = []
         blocks = text[first:].split(self.OPEN)[1:]
         for number, block in enumerate(blocks):
+            last = number == len(blocks) - 1
+            if last and not final:  # the block may end in the first characters of the next <tool_call>
+                block = block[: len(block) - held_back(block, (self.OPEN,))]
             closed = self.CLOSE in block
-            inner = block.split(self.CLOSE)[0]
+            inner, _, after = block.partition(self.CLOSE)
             match = _FUNCTION.search(inner)
             if match is None or not self.is_offered(match.group(1)):
-                if closed or final or number < len(blocks) - 1:  # a later <tool_call> ends this block too
+                if closed or final or not last:  # a later <tool_call> ends this block too
                     content += self.OPEN + block
                 continue
+            if after.strip():  # text after the call's </tool_call>
+                content += after
             name = match.group(1)
             function_closed = "</function>" in inner
             values = [self._convert(name, key, raw) for key, raw in _PARAMETER.findall(inner)]
