@@ -136,8 +136,12 @@ class LookaheadProposer:
         nothing the sequence decodes plainly for 1, 2, 4 ... 16 steps. Fixed mode drafts the full W/N/G
         (candidates of N-1 tokens) every step.
         """
+        if self.config.adaptive and state.num_skip > 0:
+            state.num_skip -= 1
+            return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
+        # draft_rows never exceeds _max_rows, which stays within the scratch lane (max_rows)
+        budget = (state.draft_rows or self._base_rows) if self.config.adaptive else self.ngram_size - 1
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))]
-        budget = min(state.draft_rows or self._base_rows, self.max_rows) if self.config.adaptive else self.ngram_size - 1
         matched = self._context_candidate(state, tokens, max(budget, self.ngram_size - 1)) if tokens else None
         if matched is not None:  # first: the continuation of the longest matching context (prompt lookup)
             candidates = [matched] + [c for c in candidates if c != matched[: len(c)]]
@@ -145,9 +149,6 @@ class LookaheadProposer:
         if not self.config.adaptive:
             candidates = [c[: self.ngram_size - 1] for c in candidates]
             return self._plan(state, candidates, position, self.window_size if self.ngram_size > 1 else 0)
-        if state.num_skip > 0:
-            state.num_skip -= 1
-            return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
         if candidates:
             # The first candidate takes up to the whole budget; the others share what is left.
             first = candidates[0][:budget]

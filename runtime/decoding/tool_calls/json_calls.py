@@ -145,9 +145,9 @@ class MistralParser(ToolParser):
     id_length = 9
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        at = text.find(self.TAG)
-        if text.lstrip()[1:].lstrip().startswith("{") and text.lstrip().startswith("["):
-            at = -1  # an array of calls without the tag: a tag inside its strings is text
+        stripped_text = text.lstrip()
+        untagged_array = stripped_text.startswith("[") and stripped_text[1:].lstrip().startswith("{")
+        at = -1 if untagged_array else text.find(self.TAG)  # then a tag inside its strings is text
         prefix, body = (text[:at], text[at + len(self.TAG) :]) if at >= 0 else ("", text)
         stripped = body.lstrip()
         if stripped.startswith("["):
