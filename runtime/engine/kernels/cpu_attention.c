@@ -1,5 +1,6 @@
 /*
- * Decode attention over the paged KV cache for the CPU, in one pass per (sequence, KV head).
+ * Decode attention over the paged KV cache for the CPU: one pass per sequence for bf16 queries on a bf16
+ * cache with head_dim 64 or 128 (below), otherwise one pass per (sequence, KV head).
  *
  * PyTorch needs three passes for this (gather the context rows, convert them to float32, run SDPA on the
  * padded batch), each a separate kernel launch per layer. Here each query group reads its K/V rows
@@ -11,8 +12,8 @@
  *   slots       int64 [num_seqs, slots_stride]: cache slot of each context position
  *   lengths     int64 [num_seqs]: context length including the new token
  * Query head h reads KV head h / (num_heads / num_kv_heads), as in grouped-query attention.
- * With window > 0 only the last `window` positions are attended. Arithmetic is float32 throughout; bf16
- * outputs are rounded to nearest even.
+ * With window > 0 only the last `window` positions are attended. Arithmetic is float32 throughout (the bf16
+ * path multiplies bf16 pairs, exactly, into float32 sums); bf16 outputs are rounded to nearest even.
  *
  * Built by runtime/engine/kernels/__init__.py with the system C compiler; no Python or PyTorch headers.
  */
@@ -158,6 +159,138 @@ static inline __attribute__((always_inline)) void attend_avx512(
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* bf16 queries on a bf16 cache (the 9+-row steps of a bf16 model), head_dim 64 or 128: one pass per sequence
+ * over its slots, every head at once.
+ *
+ * q.k: 16 positions at a time, every head over the same 16 K rows (L1-resident while they are used), on
+ * VDPBF16PS straight from the cache: the product of two bf16 values is exact in float32, so this is the
+ * float32 dot product up to summation order. The 16 sums per head come out of one transpose-and-add tree.
+ * p.V: each V row is widened with two bit operations (a 32-bit lane holds the pair (2i, 2i+1): shifted left
+ * it is value 2i, masked it is value 2i+1); even and odd dimensions accumulate apart, up to 3 heads (head_dim
+ * 64) or 1 head (128) per pass over a 16-row chunk, the accumulators parked in `o` between chunks.
+ * Prefetch: the cache rows are scattered over blocks, which the hardware prefetchers do not follow, so each
+ * chunk asks for the next chunk's rows into L2 (then the first V rows, then the next sequence's first K rows).
+ * Measured on this machine's EPYC, 16 sequences x 121 positions x 30 layers of SmolLM2 shapes: 3.5 ms against
+ * 7.2 ms for the float32 path below. */
+static inline __m512 sum16x16(__m512 v[16]) {  /* lane i: the sum of v[i]'s 16 lanes */
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; ++i)  /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  /* per 128-bit lane: that lane's partial sums of v[4i..4i+3] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; ++i)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
+/* always_inline: GCC sees prefetches as free of side effects, so a separate call to this would be deleted */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *base, const int64_t *rows, int64_t from, int64_t to, int64_t row_stride) {
+    const int64_t row_bytes = row_stride * 2;
+    for (int64_t i = from; i < to; ++i) {
+        const char *row = (const char *)(base + rows[i] * row_stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+    }
+}
+
+/* GB heads' p.V over n rows; acc holds [head][chunk][16 even | 16 odd] float32 sums in and out. */
+static inline __attribute__((always_inline)) void values_chunk_bf16(
+    const int CHUNKS, const int GB, const float *restrict p, int64_t p_stride, const uint16_t *value,
+    const int64_t *restrict rows, int n, int64_t row_stride, int64_t head_offset, float *restrict acc)
+{
+    __m512 even[3][4], odd[3][4];
+    for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < CHUNKS; ++c) {
+            even[g][c] = _mm512_loadu_ps(acc + (g * CHUNKS + c) * 32);
+            odd[g][c] = _mm512_loadu_ps(acc + (g * CHUNKS + c) * 32 + 16);
+        }
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int t = 0; t < n; ++t) {
+        const uint16_t *v = value + rows[t] * row_stride + head_offset;
+        __m512 ve[4], vo[4];
+        for (int c = 0; c < CHUNKS; ++c) {
+            const __m512i pairs = _mm512_loadu_si512((const void *)(v + 32 * c));
+            ve[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            vo[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+        }
+        for (int g = 0; g < GB; ++g) {
+            const __m512 weight = _mm512_set1_ps(p[g * p_stride + t]);
+            for (int c = 0; c < CHUNKS; ++c) {
+                even[g][c] = _mm512_fmadd_ps(weight, ve[c], even[g][c]);
+                odd[g][c] = _mm512_fmadd_ps(weight, vo[c], odd[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < CHUNKS; ++c) {
+            _mm512_storeu_ps(acc + (g * CHUNKS + c) * 32, even[g][c]);
+            _mm512_storeu_ps(acc + (g * CHUNKS + c) * 32 + 16, odd[g][c]);
+        }
+}
+
+/* q [num_heads][CHUNKS*32] bf16 (unscaled); o [num_heads][CHUNKS*32] float32; scores [num_heads][count]. */
+static inline __attribute__((always_inline)) void attend_sequence_bf16(
+    const int CHUNKS, const uint16_t *restrict q, float *restrict o, const uint16_t *key, const uint16_t *value,
+    const int64_t *restrict rows, int64_t count, int num_heads, int num_kv_heads, float scale,
+    float *restrict scores, const int64_t *next_rows, int64_t next_count)
+{
+    const int head_dim = CHUNKS * 32, group = num_heads / num_kv_heads;
+    const int64_t row_stride = (int64_t)num_kv_heads * head_dim;
+    const __m512 scaled = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < count; t += 16) {
+        const int n = count - t < 16 ? (int)(count - t) : 16;
+        if (t + 16 < count) {
+            prefetch_rows(key, rows, t + 16, t + 32 < count ? t + 32 : count, row_stride);
+        } else {
+            prefetch_rows(value, rows, 0, count < 16 ? count : 16, row_stride);
+            if (next_rows != NULL) prefetch_rows(key, next_rows, 0, next_count < 16 ? next_count : 16, row_stride);
+        }
+        for (int h = 0; h < num_heads; ++h) {
+            const uint16_t *k0 = key + (int64_t)(h / group) * head_dim;
+            __m512bh qv[4];
+            for (int c = 0; c < CHUNKS; ++c) qv[c] = (__m512bh)_mm512_loadu_si512((const void *)(q + h * head_dim + 32 * c));
+            __m512 v[16];
+            for (int i = 0; i < 16; ++i) {
+                if (i >= n) {
+                    v[i] = _mm512_setzero_ps();
+                    continue;
+                }
+                const uint16_t *k = k0 + rows[t + i] * row_stride;
+                __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512((const void *)k));
+                for (int c = 1; c < CHUNKS; ++c)
+                    acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512((const void *)(k + 32 * c)));
+                v[i] = acc;
+            }
+            _mm512_mask_storeu_ps(scores + h * count + t, (__mmask16)((1u << n) - 1u), _mm512_mul_ps(sum16x16(v), scaled));
+        }
+    }
+    for (int h = 0; h < num_heads; ++h) softmax16(scores + h * count, count);
+    memset(o, 0, sizeof(float) * (size_t)(num_heads * head_dim));
+    const int most = CHUNKS == 2 ? 3 : 1;  /* 4 * CHUNKS * heads accumulators + 2 * CHUNKS widened rows <= 32 */
+    for (int64_t t = 0; t < count; t += 16) {
+        const int n = count - t < 16 ? (int)(count - t) : 16;
+        if (t + 16 < count) prefetch_rows(value, rows, t + 16, t + 32 < count ? t + 32 : count, row_stride);
+        for (int kv = 0; kv < num_kv_heads; ++kv)
+            for (int g = 0; g < group; g += most) {
+                const int gb = group - g < most ? group - g : most, h = kv * group + g;
+                const float *p = scores + h * count + t;
+                const int64_t head_offset = (int64_t)kv * head_dim;
+                float *acc = o + h * head_dim;
+                if (gb == 3) values_chunk_bf16(CHUNKS, 3, p, count, value, rows + t, n, row_stride, head_offset, acc);
+                else if (gb == 2) values_chunk_bf16(CHUNKS, 2, p, count, value, rows + t, n, row_stride, head_offset, acc);
+                else values_chunk_bf16(CHUNKS, 1, p, count, value, rows + t, n, row_stride, head_offset, acc);
+            }
+    }
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t i = 0; i < (int64_t)num_heads * head_dim; i += 32) {  /* back to dimension order */
+        const __m512 even = _mm512_loadu_ps(o + i), odd = _mm512_loadu_ps(o + i + 16);
+        _mm512_storeu_ps(o + i, _mm512_permutex2var_ps(even, first, odd));
+        _mm512_storeu_ps(o + i + 16, _mm512_permutex2var_ps(even, second, odd));
+    }
+}
+#endif
+
 /* Any head_dim, any instruction set. */
 static void attend_portable(
     const float *restrict q, float *restrict o, const void *key, const void *value, int dtype,
@@ -191,6 +324,13 @@ int paged_decode_attention(
     float *scratch = (float *)malloc(
         sizeof(float) * (size_t)(group * max_len + (1 + 2 * group) * head_dim + max_len * head_dim + 16));
     if (scratch == NULL) return -1;
+    /* the bf16 path's scores [num_heads][max_len] and output [num_heads][head_dim] */
+    float *seq_scores = (float *)malloc(sizeof(float) * (size_t)(num_heads * (max_len + head_dim) + 16));
+    if (seq_scores == NULL) {
+        free(scratch);
+        return -1;
+    }
+    float *seq_out = seq_scores + (int64_t)num_heads * max_len;
     float *scores = scratch;
     float *row = scores + group * max_len;
     float *q = row + head_dim;
@@ -203,6 +343,27 @@ int paged_decode_attention(
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t count = length - start;
         const int64_t *seq_slots = slots + s * slots_stride + start;
+#if defined(__AVX512BF16__)
+        if (io_dtype == 1 && dtype == 1 && (head_dim == 64 || head_dim == 128) && count > 0) {
+            const int64_t *next_rows = NULL, first = (int64_t)s * num_heads * head_dim;
+            int64_t next_count = 0;
+            if (s + 1 < num_seqs) {
+                const int64_t next_start = (window > 0 && lengths[s + 1] > window) ? lengths[s + 1] - window : 0;
+                next_rows = slots + (s + 1) * slots_stride + next_start;
+                next_count = lengths[s + 1] - next_start;
+            }
+            const uint16_t *seq_query = (const uint16_t *)query + first;
+            if (head_dim == 64)
+                attend_sequence_bf16(2, seq_query, seq_out, (const uint16_t *)key, (const uint16_t *)value, seq_slots,
+                                     count, num_heads, num_kv_heads, scale, seq_scores, next_rows, next_count);
+            else
+                attend_sequence_bf16(4, seq_query, seq_out, (const uint16_t *)key, (const uint16_t *)value, seq_slots,
+                                     count, num_heads, num_kv_heads, scale, seq_scores, next_rows, next_count);
+            for (int64_t i = 0; i < (int64_t)num_heads * head_dim; ++i)
+                ((uint16_t *)out)[first + i] = float_to_bf16(seq_out[i]);
+            continue;
+        }
+#endif
         for (int kv = 0; kv < num_kv_heads; ++kv) {
             const int64_t first = ((int64_t)s * num_heads + (int64_t)kv * group) * head_dim;
             if (io_dtype == 1)
@@ -228,5 +389,6 @@ int paged_decode_attention(
         }
     }
     free(scratch);
+    free(seq_scores);
     return 0;
 }

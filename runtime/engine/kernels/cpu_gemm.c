@@ -6,7 +6,9 @@
  * separate 16-column streams measured ~25% slower at 1-4 rows, where the call is bandwidth-bound). Each step
  * of the inner loop broadcasts a (k, k+1) pair of one activation row and multiply-accumulates it into 16
  * float32 columns. A register tile is up to 8 rows x 48 columns (24 accumulators); a group streams from
- * memory once per 8 rows and stays in cache for the next 8.
+ * memory once per 8 rows and stays in cache for the next 8. There is no software prefetch: the hardware
+ * prefetchers follow the one stream better alone (measured: prefetching 8 pairs ahead into L1 made a
+ * 16-row step's linears + LM head 28.3 ms instead of 24.6; prefetching the next group into L2, no gain).
  *
  * Layouts: x bf16 [M, K] contiguous (K even); y [M, N] float32 (out_dtype 0) or bf16 (1, rounded to nearest
  * even); bias float32 [N] or NULL. N is padded to a multiple of 48 in the packed weight only.
@@ -52,9 +54,6 @@ static inline __attribute__((always_inline)) void tile(
     const uint32_t *rows = x + m0 * pairs;
     for (int64_t p = 0; p < pairs; ++p) {
         const uint16_t *at = stream + p * 96;
-        _mm_prefetch((const char *)(at + 8 * 96), _MM_HINT_T0);
-        _mm_prefetch((const char *)(at + 8 * 96 + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(at + 8 * 96 + 128), _MM_HINT_T0);
         __m512bh w[3];
         for (int b = 0; b < 3; ++b) w[b] = (__m512bh)_mm512_loadu_si512((const void *)(at + 32 * b));
         for (int r = 0; r < ROWS; ++r) {
