@@ -99,7 +99,9 @@ class Sampler:
         return logits
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        chosen = logits.argmax(dim=-1).tolist()
+        chosen = native_ops.argmax_rows(logits)
+        if chosen is None:
+            chosen = logits.argmax(dim=-1).tolist()
         sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
         if not sampled:
             return chosen

@@ -1,6 +1,6 @@
 /*
  * Fused element-wise parts of a decoder layer for the CPU: residual add + RMSNorm, rotary embedding in place,
- * and SiLU(gate) * up; and grammar bitmasks applied to logits. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
+ * and SiLU(gate) * up; grammar bitmasks applied to logits, and the greedy argmax. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
  * most of a decode step's non-GEMM time at small batch sizes.
  *
  * Activations are float32 (io_dtype 0) or bfloat16 (io_dtype 1), row-major with a row stride in elements.
@@ -151,4 +151,60 @@ int apply_token_bitmask(float *logits, int64_t vocab, const int32_t *masks, int6
         for (; t < vocab; ++t) row[t] = negative_infinity;
     }
     return 0;
+}
+
+/* out[r] = the first index of the largest value of row r of x [rows, cols] (float32, contiguous), as
+ * torch.argmax picks it. Returns 0, or -1 when a row holds a NaN (torch.argmax points at the NaN; the caller
+ * keeps PyTorch for such rows). PyTorch's CPU argmax reads ~1 G values/s on this machine; this streams. */
+int argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t *out)
+{
+    int status = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * cols;
+        int64_t best_index = 0;
+        float best = row[0];
+        int64_t t = 0;
+        int has_nan = 0;
+#if defined(__AVX512F__)
+        if (cols >= 16) {
+            __m512 top = _mm512_set1_ps(-__builtin_inff());
+            __m512i at = _mm512_setzero_si512(), index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            const __m512i step = _mm512_set1_epi32(16);
+            __mmask16 nan = 0;
+            at = index;
+            for (; t + 16 <= cols; t += 16) {
+                const __m512 v = _mm512_loadu_ps(row + t);
+                const __mmask16 greater = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                top = _mm512_mask_mov_ps(top, greater, v);
+                at = _mm512_mask_mov_epi32(at, greater, index);
+                index = _mm512_add_epi32(index, step);
+            }
+            has_nan = nan != 0;
+            float lanes[16];
+            int32_t where[16];
+            _mm512_storeu_ps(lanes, top);
+            _mm512_storeu_si512((void *)where, at);
+            best = lanes[0];
+            best_index = where[0];
+            for (int i = 1; i < 16; ++i)
+                if (lanes[i] > best || (lanes[i] == best && where[i] < best_index)) {
+                    best = lanes[i];
+                    best_index = where[i];
+                }
+        }
+#endif
+        for (; t < cols; ++t) {
+            const float v = row[t];
+            if (v != v) has_nan = 1;
+            else if (v > best) {
+                best = v;
+                best_index = t;
+            }
+        }
+        if (best != best) has_nan = 1;  /* row[0] itself was NaN (scalar path) */
+        if (has_nan) status = -1;
+        out[r] = best_index;
+    }
+    return status;
 }

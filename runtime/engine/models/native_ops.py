@@ -25,6 +25,7 @@ def _library() -> dict[str, Any] | None:
                 "rotary": (library.rotary, [pointer, i32, pointer, pointer, i64, i64, i64, i64]),
                 "silu_mul": (library.silu_mul, [pointer, pointer, i32, i64, i64]),
                 "apply_token_bitmask": (library.apply_token_bitmask, [pointer, i64, pointer, i64, pointer, i64]),
+                "argmax_rows": (library.argmax_rows, [pointer, i64, i64, pointer]),
             }
             for function, argtypes in table.values():
                 function.argtypes = argtypes
@@ -109,3 +110,17 @@ def apply_token_bitmask_(logits: torch.Tensor, masks: torch.Tensor, rows: list[i
     index = torch.tensor(rows, dtype=torch.int64)
     table["apply_token_bitmask"](logits.data_ptr(), logits.shape[1], masks.data_ptr(), masks.shape[1], index.data_ptr(), len(rows))
     return True
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int] | None:
+    """torch.argmax(logits, dim=-1).tolist() for float32 CPU logits [R, vocab]; None if n/a or a row has a NaN."""
+    table = _library()
+    if table is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return None
+    if logits.shape[1] == 0:
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if table["argmax_rows"](logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr()) != 0:
+        return None
+    return out.tolist()

@@ -105,3 +105,25 @@ def test_token_bitmask_matches_unpacked_bits(vocab: int) -> None:
         expected[logit_row] = expected[logit_row].masked_fill(~allowed[mask_row], float("-inf"))
     assert native_ops.apply_token_bitmask_(logits, masks, [1, 3])
     assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 37, 16, 1])
+def test_argmax_matches_torch_including_ties_and_infinities(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=generator)
+    if vocab > 40:
+        logits[1, 5] = logits[1, vocab - 3] = 50.0  # a tie: the first index wins, as in torch
+        logits[2, vocab - 1] = 1e9  # the maximum in the scalar tail
+        logits[3, 17] = float("inf")
+    logits[4] = float("-inf")  # every token masked: index 0, as torch
+    logits[5] = torch.round(logits[5])  # many ties
+    expected = logits.argmax(dim=-1).tolist()
+    assert native_ops.argmax_rows(logits) == expected
+
+
+def test_argmax_leaves_nan_rows_and_other_dtypes_to_torch() -> None:
+    logits = torch.randn(3, 100)
+    logits[1, 40] = float("nan")
+    assert native_ops.argmax_rows(logits) is None
+    assert native_ops.argmax_rows(torch.randn(2, 100).bfloat16()) is None
+    assert native_ops.argmax_rows(torch.randn(100)) is None
