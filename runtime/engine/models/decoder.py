@@ -2,13 +2,16 @@
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from runtime.engine.attention import AttentionMetadata, PagedKVCache, paged_attention
 from runtime.engine.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from runtime.engine.models.fused_decode import FusedDecodeStack
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.activation_dtype: torch.dtype | None = None  # float32 when the linears are packed for the CPU
         self.small_batch_rows = 0  # steps with at most this many rows run float32 activations
+        self._fused: FusedDecodeStack | None | bool = False  # False: not built yet
         self.local_rotary = (
             RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
             if spec.rope_local_theta
@@ -127,9 +131,23 @@ class DecoderModel(nn.Module):
             hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
         cos_sin = self.rotary.lookup(positions, hidden.dtype)
         local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
+        fused = self._fused_stack() if hidden.device.type == "cpu" else None
+        if fused is not None and fused.applies(hidden, metadata, kv_cache):
+            result = fused.run(hidden, cos_sin, metadata, kv_cache)
+            if result is not None:
+                return self.norm(result)
         for layer in self.layers:
             hidden = layer(hidden, local_cos_sin if layer.is_sliding else cos_sin, metadata, kv_cache)
         return self.norm(hidden)
+
+    def _fused_stack(self) -> "FusedDecodeStack | None":
+        """Every layer of a decode-only CPU step in one native call, when this model allows it (built on first use,
+        after the runner has packed the linears)."""
+        if self._fused is False:
+            from runtime.engine.models.fused_decode import FusedDecodeStack, enabled
+
+            self._fused = FusedDecodeStack.build(self) if enabled() else None
+        return self._fused  # type: ignore[return-value]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

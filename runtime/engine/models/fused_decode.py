@@ -1,0 +1,224 @@
+"""All decoder layers of a decode-only CPU step in one native call (runtime/engine/kernels/cpu_decoder.c).
+
+The per-op path of `DecoderLayer.forward` makes ~10 Python-level calls per layer (each a ctypes call or a
+PyTorch op, with its tensor allocations); at 16 rows that is ~0.15 ms per layer, a sixth of the step. The
+fused call runs the same kernels in the same order with the same roundings, so its output is bit-identical
+(tests/runtime/engine/test_fused_decode.py checks this), and it is taken only where every op of the per-op
+path would itself have run a native kernel:
+
+- CPU, bf16 weights all packed for our GEMM (`PackedFp16Linear.panels`), a bf16 KV cache without FP8 scales;
+- a Llama-shaped layer: no q/k norms, no sandwich norms, no separate local rotary (Qwen3 and Gemma3 keep the
+  per-op path), SiLU MLP;
+- a step whose rows are all plain decodes, more rows than FBGEMM's GEMV takes (`fbgemm_rows`).
+"""
+
+import ctypes
+import logging
+import os
+from typing import Any
+
+import torch
+
+from runtime.engine import kernels
+from runtime.engine.attention import AttentionMetadata, PagedKVCache, native_decode_available
+from runtime.engine.models import cpu_kernels, native_ops
+
+logger = logging.getLogger(__name__)
+
+_IO = {torch.float32: 0, torch.bfloat16: 1}
+_NORM = {torch.float32: 0, torch.bfloat16: 1}
+MAX_DIM = 16384  # cpu_layers.c's MAX_DIM: rms_norm and silu_mul rows
+MAX_HEAD_DIM = 1024
+MAX_GROUP = 16  # cpu_attention.c
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm", "rms_norm", "rotary", "silu_mul", "attention")]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in (
+            "input_norm", "post_norm", "qkv", "o_proj", "gate_up", "down",
+            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "key_cache", "value_cache",
+        )),
+        ("window", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in (
+            "rows", "hidden", "q_size", "kv_size", "inter", "num_heads", "num_kv_heads", "head_dim", "io_dtype",
+            "norm_dtype",
+        )),
+        ("eps", ctypes.c_float),
+        ("norm_offset", ctypes.c_float),
+    ]
+
+
+class _Scratch(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("normed", "qkv", "query", "attn", "proj", "mid", "gate_up", "act", "staging")]
+
+
+def enabled() -> bool:
+    """On unless ENGINE_BUILDER_FUSED_DECODE is 0/false/no/off (the per-op path then runs every step)."""
+    return os.environ.get("ENGINE_BUILDER_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _address(library: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0
+
+
+class FusedDecodeStack:
+    """Built once per model (`build` returns None where the fused call does not apply); `run` per step."""
+
+    def __init__(self, model: Any, function: Any, kernel_table: _Kernels) -> None:
+        self.model = model
+        self.spec = model.spec
+        self._function = function
+        self._kernels = kernel_table
+        self._keep: list[torch.Tensor] = []  # tensors whose addresses the layer table holds
+        self._layers: ctypes.Array | None = None
+        self._cache_address: int | None = None
+        first = model.layers[0]
+        self.fbgemm_rows = first.qkv.fbgemm_rows
+        self.norm_dtype = first.input_norm.weight.dtype
+
+    @classmethod
+    def build(cls, model: Any) -> "FusedDecodeStack | None":
+        reason = _unsupported(model)
+        if reason is not None:
+            logger.info("fused CPU decode layers off: %s", reason)
+            return None
+        libraries = [kernels.load(name) for name in ("cpu_decoder", "cpu_gemm", "cpu_layers", "cpu_attention")]
+        decoder, gemm, layers, attention = libraries
+        if decoder is None or gemm is None or layers is None or attention is None:
+            logger.info("fused CPU decode layers off: a native kernel library is unavailable")
+            return None
+        table = _Kernels(
+            _address(gemm, "gemm_bf16"), _address(layers, "rms_norm"), _address(layers, "rotary"),
+            _address(layers, "silu_mul"), _address(attention, "paged_decode_attention"),
+        )
+        function = decoder.decode_layers
+        pointer = ctypes.c_void_p
+        function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, pointer, pointer, pointer, pointer,
+                             pointer, ctypes.c_int64, pointer]
+        function.restype = ctypes.c_int
+        return cls(model, function, table)
+
+    def applies(self, hidden: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache) -> bool:
+        rows = hidden.shape[0]
+        return bool(
+            hidden.dtype in _IO
+            and rows > self.fbgemm_rows
+            and metadata.num_decodes == rows
+            and not metadata.extends
+            and kv_cache.scales is None
+            and kv_cache.key.dtype == torch.bfloat16
+            and kv_cache.key.is_contiguous()
+            and kv_cache.value.is_contiguous()
+            # the per-op norm keeps PyTorch where the weight would widen the activations
+            and torch.promote_types(self.norm_dtype, hidden.dtype) == hidden.dtype
+        )
+
+    def run(
+        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor | None:
+        """The hidden states after every layer, or None (the caller runs the per-op path on its input)."""
+        spec = self.spec
+        rows, dtype = hidden.shape[0], hidden.dtype
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        layers = self._layer_table(kv_cache)
+        out = hidden.contiguous().clone()
+        cos, sin = (t.contiguous() for t in cos_sin)
+        if cos.dtype != dtype or cos.numel() != rows * spec.head_dim:
+            return None
+
+        def buffer(width: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.empty(rows, width, dtype=kind)
+
+        scratch_tensors = [
+            buffer(spec.hidden_size), buffer(q_size + 2 * kv_size), buffer(q_size), buffer(q_size),
+            buffer(spec.hidden_size), buffer(spec.hidden_size), buffer(2 * spec.intermediate_size),
+            buffer(spec.intermediate_size),
+            buffer(max(spec.hidden_size, q_size, spec.intermediate_size), torch.bfloat16),
+        ]
+        scratch = _Scratch(*(t.data_ptr() for t in scratch_tensors))
+        shape = _Shape(
+            rows, spec.hidden_size, q_size, kv_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
+            spec.head_dim, _IO[dtype], _NORM[self.norm_dtype], spec.rms_norm_eps, spec.norm_offset,
+        )
+        lengths = metadata.decode_lengths
+        if lengths is None:
+            lengths = metadata.decode_mask.view(rows, -1).sum(-1)
+        lengths = lengths.to(torch.int64).contiguous()
+        slots = metadata.decode_slots.to(torch.int64).contiguous()
+        slot_mapping = metadata.slot_mapping.to(torch.int64).contiguous()
+        status = self._function(
+            ctypes.byref(self._kernels), layers, len(self.model.layers), ctypes.byref(shape), ctypes.byref(scratch),
+            out.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), slots.data_ptr(),
+            slots.shape[1], lengths.data_ptr(),
+        )
+        if status != 0:
+            logger.warning("fused CPU decode layers failed with status %d; this step runs per op", status)
+            return None
+        return out
+
+    def _layer_table(self, kv_cache: PagedKVCache) -> ctypes.Array:
+        address = kv_cache.key.data_ptr()
+        if self._layers is not None and self._cache_address == address:
+            return self._layers
+        spec = self.spec
+        entries = []
+        keep: list[torch.Tensor] = []
+
+        def ptr(tensor: torch.Tensor | None) -> int | None:
+            if tensor is None:
+                return None
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        for index, layer in enumerate(self.model.layers):
+            linears = (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)
+            biases = [linear.bias32 if linear.bias is not None else None for linear in linears]
+            window = spec.sliding_window if layer.is_sliding and spec.sliding_window else 0
+            entries.append(_Layer(
+                ptr(layer.input_norm.weight), ptr(layer.post_attention_norm.weight),
+                *(ptr(linear.panels) for linear in linears), *(ptr(bias) for bias in biases),
+                ptr(kv_cache.key[index]), ptr(kv_cache.value[index]), window, layer.scale,
+            ))
+        self._layers = (_Layer * len(entries))(*entries)
+        self._keep = keep
+        self._cache_address = address
+        return self._layers
+
+
+def _unsupported(model: Any) -> str | None:
+    """Why the fused call cannot stand in for this model's per-op path, or None."""
+    spec = model.spec
+    if spec.qk_norm or spec.sandwich_norms or model.local_rotary is not None:
+        return "q/k norms, sandwich norms or a local rotary table (Qwen3, Gemma3)"
+    if spec.activation != "silu":
+        return f"activation {spec.activation}"
+    if max(spec.hidden_size, spec.intermediate_size) > MAX_DIM or spec.head_dim > MAX_HEAD_DIM or spec.head_dim % 2:
+        return "dimensions beyond the native kernels' limits"
+    group = spec.num_heads // spec.num_kv_heads
+    if group * spec.num_kv_heads != spec.num_heads or group > MAX_GROUP:
+        return "a head grouping the attention kernel does not take"
+    if not native_ops.available() or not native_decode_available():
+        return "the native element-wise or attention kernels are unavailable"
+    for layer in model.layers:
+        for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down):
+            if not isinstance(linear, cpu_kernels.PackedFp16Linear) or linear.panels is None:
+                return "linears not packed for the bf16 GEMM kernel (another dtype, quantized, or several threads)"
+        for norm in (layer.input_norm, layer.post_attention_norm):
+            weight = norm.weight
+            if weight.dtype != model.layers[0].input_norm.weight.dtype or weight.dtype not in _NORM:
+                return "norm weights of mixed or unsupported dtypes"
+            if not weight.is_contiguous() or weight.device.type != "cpu":
+                return "norm weights not contiguous on the CPU"
+    return None
