@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from benchmarks.records import Endpoint
 from benchmarks.workloads import WorkloadSpec, build_items
 
 WARMUP_SEED_OFFSET = 1_000_003
+POINT_SEED_STRIDE = 10_007  # more than any repeat count; points never share a seed
 # Per-request samples kept in the JSON for CDF plots: enough for a smooth curve, small files.
 MAX_SAMPLES = 400
 
@@ -82,6 +84,12 @@ def default_tokenizer_dir(endpoint: Endpoint) -> Path | None:
     return path if (path / "tokenizer.json").exists() else None
 
 
+def point_seed(seed: int, plan: LoadPlan, repeat: int) -> int:
+    """The prompt seed of one (load point, repeat): distinct across points, so a concurrency sweep does not
+    hand later points the prompts (and prefix-cache hits) of earlier ones."""
+    return seed + repeat + POINT_SEED_STRIDE * (zlib.crc32(plan.label().encode()) % 100_000 + 1)
+
+
 def run_point(
     target: Target,
     spec: WorkloadSpec,
@@ -92,10 +100,11 @@ def run_point(
     rerank_style: RerankStyle = RerankStyle.TEI,
     label: str = "",
 ) -> PointResult:
-    """Measure one point. Prompts depend on (spec.seed + repeat) only, so every engine gets the
-    same prompts within a repeat, and a repeat never re-sends a prompt a prefix cache has seen."""
+    """Measure one point. Prompts depend on (spec.seed, the load point, repeat) only, so every engine gets
+    the same prompts at a point within a repeat, and no point or repeat re-sends a prompt a prefix cache has
+    seen (the warm-up prompts excepted)."""
     load_average_1m = round(os.getloadavg()[0], 2)
-    spec = replace(spec, seed=spec.seed + repeat)
+    spec = replace(spec, seed=point_seed(spec.seed, plan, repeat))
     items = build_items(spec, plan.num_requests)
     warmup_items = build_items(replace(spec, seed=spec.seed + WARMUP_SEED_OFFSET), plan.warmup_requests)
     options = ClientOptions(

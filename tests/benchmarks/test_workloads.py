@@ -55,3 +55,14 @@ def test_encoder_items(minilm_dir: Path) -> None:
     assert all(len(item.texts) == 5 and all(counter.count(t) == 24 for t in item.texts) for item in items)
     rerank = build_items(WorkloadSpec(endpoint=Endpoint.RERANK, batch_size=4, tokenizer_dir=minilm_dir), 2)
     assert all(item.prompt and len(item.texts) == 4 for item in rerank)
+
+
+def test_each_load_point_and_repeat_gets_its_own_prompts() -> None:
+    from benchmarks.loadgen import LoadPlan
+    from benchmarks.runner import WARMUP_SEED_OFFSET, point_seed
+
+    plans = [LoadPlan(concurrency=c, num_requests=8) for c in (1, 4, 16, 64)]
+    plans.append(LoadPlan(request_rate=2.0, num_requests=8))
+    seeds = {point_seed(0, plan, repeat) for plan in plans for repeat in range(5)}
+    assert len(seeds) == 25 and WARMUP_SEED_OFFSET not in seeds
+    assert point_seed(0, plans[2], 1) == point_seed(0, LoadPlan(concurrency=16, num_requests=99), 1)  # same point
