@@ -3,10 +3,11 @@
 One or two rows are bandwidth-bound, and there FBGEMM's packed fp16 GEMV moves the weights fastest. From
 three rows on, our AVX512-BF16 kernel (runtime/engine/kernels/cpu_gemm.c, one thread) wins: measured on this
 CPU at 16 rows it is 1.1-1.5x oneDNN's bf16 GEMM per decoder layer shape and level with it at 128-512 rows.
-Without that kernel (no AVX512-BF16, no compiler, or several torch threads, which oneDNN uses and the kernel
-does not) oneDNN's bf16 GEMM with pre-reordered weights takes the many-row calls. Each layer keeps two forms
-(the fp16 copy is extra memory). bf16 values are exact in fp16 unless tiny or huge; layers with values
-outside fp16's range stay unpacked.
+Without that kernel (no AVX512-BF16, no compiler) oneDNN's bf16 GEMM with pre-reordered weights takes the
+many-row calls; with several torch threads it takes the calls above KERNEL_ROWS_WITH_THREADS rows (prefill),
+which it spreads over the threads, and the one-thread kernel keeps the decode-sized ones. Each layer keeps
+two forms, three with several threads (the copies beyond the bf16 panels are extra memory). bf16 values
+are exact in fp16 unless tiny or huge; layers with values outside fp16's range stay unpacked.
 """
 
 import ctypes
@@ -35,6 +36,10 @@ SMALL_BATCH_ROWS = 8
 FBGEMM_ROWS = 2
 # Without our kernel, FBGEMM up to this many rows and oneDNN above (45 vs 22 GFLOP/s at 1 row, 98 vs 145 at 16).
 FBGEMM_ROWS_WITHOUT_KERNEL = 8
+# With several torch threads, calls with more rows go to oneDNN on all threads. Measured over SmolLM2's 30
+# layers on this machine's 2 cores, our kernel on one thread vs oneDNN on two: 16 rows 19.5 vs 24.2 ms,
+# 64 rows 66.5 vs 70.7, 128 rows 133.7 vs 131.5, 256 rows 282.6 vs 142.2.
+KERNEL_ROWS_WITH_THREADS = 128
 _gemm_function: list = []
 
 
@@ -87,21 +92,28 @@ class PackedFp16Linear(nn.Module):
         self.bias = bias
         self.bias32 = bias.float() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float32)
         self.out_features = weight.shape[0]
-        # Our bf16 kernel runs on one thread; with more, oneDNN (which uses them all) is the many-row GEMM.
-        use_kernel = (
-            weight.dtype == torch.bfloat16
-            and weight.shape[1] % 2 == 0
-            and torch.get_num_threads() == 1
-            and _bf16_gemm() is not None
-        )
+        use_kernel = weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and _bf16_gemm() is not None
+        several_threads = torch.get_num_threads() > 1
         self.panels = pack_bf16_panels(weight) if use_kernel else None
         self.fbgemm_rows = FBGEMM_ROWS if use_kernel else FBGEMM_ROWS_WITHOUT_KERNEL
+        # Our kernel runs on one thread: with several, oneDNN (which uses them all) takes the calls above
+        # KERNEL_ROWS_WITH_THREADS (prefill), the kernel the decode-sized ones.
+        self.kernel_max_rows = KERNEL_ROWS_WITH_THREADS if use_kernel and several_threads else None
         # oneDNN's blocked layout, reordered once (plain F.linear would reorder the weight on every call)
-        self.blocked = None if use_kernel else _onednn_blocked(weight)
-        self.weight = weight if self.blocked is None and self.panels is None else None
+        self.blocked = _onednn_blocked(weight) if not use_kernel or several_threads else None
+        needs_plain = self.panels is None or self.kernel_max_rows is not None
+        self.weight = weight if self.blocked is None and needs_plain else None
+
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether a call with this many rows runs our bf16 kernel."""
+        return (
+            self.panels is not None
+            and rows > self.fbgemm_rows
+            and (self.kernel_max_rows is None or rows <= self.kernel_max_rows)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None and x.shape[0] > self.fbgemm_rows:
+        if self.uses_kernel(x.shape[0]):
             return bf16_gemm(x, self.panels, self.bias32 if self.bias is not None else None, self.out_features)
         if x.shape[0] > self.fbgemm_rows:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
             if self.blocked is not None:

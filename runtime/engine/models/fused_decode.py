@@ -9,7 +9,8 @@ path would itself have run a native kernel:
 - CPU, bf16 weights all packed for our GEMM (`PackedFp16Linear.panels`), a bf16 KV cache without FP8 scales;
 - a Llama-shaped layer: no q/k norms, no sandwich norms, no separate local rotary (Qwen3 and Gemma3 keep the
   per-op path), SiLU MLP;
-- a step whose rows are all plain decodes, more rows than FBGEMM's GEMV takes (`fbgemm_rows`).
+- a step whose rows are all plain decodes, as many as our GEMM kernel takes (`PackedFp16Linear.uses_kernel`:
+  more than FBGEMM's GEMV, and with several threads no more than oneDNN leaves to the kernel).
 """
 
 import ctypes
@@ -84,7 +85,7 @@ class FusedDecodeStack:
         self._layers: ctypes.Array | None = None
         self._cache_address: int | None = None
         first = model.layers[0]
-        self.fbgemm_rows = first.qkv.fbgemm_rows
+        self.first_linear = first.qkv
         self.norm_dtype = first.input_norm.weight.dtype
 
     @classmethod
@@ -113,7 +114,7 @@ class FusedDecodeStack:
         rows = hidden.shape[0]
         return bool(
             hidden.dtype in _IO
-            and rows > self.fbgemm_rows
+            and self.first_linear.uses_kernel(rows)  # every linear has the same row limits
             and metadata.num_decodes == rows
             and not metadata.extends
             and kv_cache.scales is None

@@ -60,11 +60,24 @@ def test_linear_uses_fbgemm_for_one_or_two_rows_and_the_kernel_above() -> None:
     assert calls == [3, 12]
 
 
-def test_several_threads_keep_onednn() -> None:
+def test_several_threads_give_the_big_calls_to_onednn() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        layer = cpu_kernels.PackedFp16Linear(torch.randn(32, 64).bfloat16(), None)
+        weight = torch.randn(32, 64).bfloat16()
+        layer = cpu_kernels.PackedFp16Linear(weight, None)
+        limit = cpu_kernels.KERNEL_ROWS_WITH_THREADS
+        assert layer.panels is not None and layer.blocked is not None and layer.kernel_max_rows == limit
+        assert [layer.uses_kernel(rows) for rows in (2, 3, limit, limit + 1)] == [False, True, True, False]
+        calls = []
+        original = cpu_kernels.bf16_gemm
+        cpu_kernels.bf16_gemm = lambda *args: calls.append(args[0].shape[0]) or original(*args)
+        try:
+            for rows in (16, limit + 1):
+                x = torch.randn(rows, 64).bfloat16()
+                torch.testing.assert_close(layer(x).float(), x.float() @ weight.float().t(), atol=0.05, rtol=0.02)
+        finally:
+            cpu_kernels.bf16_gemm = original
+        assert calls == [16]
     finally:
         torch.set_num_threads(threads)
-    assert layer.panels is None and layer.fbgemm_rows == cpu_kernels.FBGEMM_ROWS_WITHOUT_KERNEL
