@@ -3,6 +3,7 @@
     python -m benchmarks.engine_ab structured   # json_schema vs unconstrained at concurrency 16, compile cost
     python -m benchmarks.engine_ab lookahead    # lookahead on vs off on code prompts at concurrency 1
     python -m benchmarks.engine_ab cpu-gemm     # FBGEMM fp16 linears vs PyTorch bf16 at concurrency 1, 4, 16, 64
+    python -m benchmarks.engine_ab fused-decode # decode layers in one native call vs per op, concurrency 4, 16, 64
 
 Each writes benchmarks/results/<name>.json and .png. Decode runs in the engine directly (no HTTP), so
 the ratio isolates the feature; the HTTP-level numbers are in the standard suite (`make bench`).
@@ -229,6 +230,41 @@ def cpu_gemm(repeats: int) -> dict[str, Any]:
     return {"benchmark": "cpu-gemm", "tokens_per_s": rows}
 
 
+def fused_decode(repeats: int) -> dict[str, Any]:
+    """Whole waves (prefill + 128 decode steps) with the fused decode layers on and off, interleaved, on fresh
+    random 57-token prompts (no prefix-cache hits): tokens/s of the wave and the median decode step."""
+    import random
+
+    engine = _engine()
+    model = engine.runner.model
+    stack = model._fused_stack()
+    if stack is None:
+        raise SystemExit("the fused decode layers do not apply here (no AVX512-BF16 kernel, or disabled)")
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    rows: dict[str, dict[int, list[float]]] = {"per-op": {}, "fused": {}}
+    steps: dict[str, dict[int, list[float]]] = {"per-op": {}, "fused": {}}
+    for repeat in range(repeats):
+        for concurrency in (4, 16, 64):
+            for name in ("per-op", "fused"):
+                model._fused = stack if name == "fused" else None
+                for index in range(concurrency):
+                    prompt = tuple(rng.randrange(100, 40000) for _ in range(57))
+                    engine.add_request(GenerationRequest(f"{name}-{repeat}-{concurrency}-{index}", prompt, params))
+                durations = []
+                started = time.perf_counter()
+                while engine.has_unfinished():
+                    step_started = time.perf_counter()
+                    engine.step()
+                    durations.append(time.perf_counter() - step_started)
+                seconds = time.perf_counter() - started
+                rows[name].setdefault(concurrency, []).append(concurrency * 128 / seconds)
+                decode_steps = durations[-100:]  # the last 100 steps are pure decode at every concurrency here
+                steps[name].setdefault(concurrency, []).append(1000 * statistics.median(decode_steps))
+    model._fused = stack
+    return {"benchmark": "fused-decode", "tokens_per_s": rows, "decode_step_ms": steps}
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -237,7 +273,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     figure, ax = plt.subplots(figsize=(6, 4))
     series = result["tokens_per_s"]
-    if result["benchmark"] == "cpu-gemm":
+    if result["benchmark"] in ("cpu-gemm", "fused-decode"):
         for name, by_concurrency in series.items():
             xs = sorted(int(c) for c in by_concurrency)
             ax.plot(xs, [statistics.median(by_concurrency[x]) for x in xs], marker="o", label=name)
@@ -258,7 +294,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             ax.scatter([index] * len(series[name]), series[name], color="black", s=10, zorder=3)
     ax.set_ylabel("output tokens/s (engine, 1 thread)")
     ax.set_title(f"{result['benchmark']} {result.get('workload', '')} ({result.get('model', 'smollm2-135m-instruct')}, bf16)")
-    ax.legend() if result["benchmark"] in ("cpu-gemm", "lookahead") else None
+    ax.legend() if result["benchmark"] in ("cpu-gemm", "lookahead", "fused-decode") else None
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -268,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("benchmark", choices=["structured", "lookahead", "cpu-gemm"])
+    parser.add_argument("benchmark", choices=["structured", "lookahead", "cpu-gemm", "fused-decode"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workload", choices=["completion", "edit"], default="completion", help="lookahead prompts")
@@ -285,7 +321,8 @@ def main() -> None:
         presets = tuple(tuple(int(v) for v in preset.split(",")) for preset in args.presets.split())
         result = lookahead(args.repeats, args.workload, args.model, presets, args.concurrency)  # type: ignore[arg-type]
     else:
-        result = {"structured": structured, "cpu-gemm": cpu_gemm}[args.benchmark](args.repeats)
+        runs = {"structured": structured, "cpu-gemm": cpu_gemm, "fused-decode": fused_decode}
+        result = runs[args.benchmark](args.repeats)
     result["machine"] = before
     result["load_average_after"] = describe().get("load_average")
     result["threads"] = args.threads
