@@ -9,7 +9,8 @@ path would itself have run a native kernel:
 - CPU, bf16 weights all packed for our GEMM (`PackedFp16Linear.panels`), a bf16 KV cache without FP8 scales;
 - a Llama-shaped layer: no q/k norms, no sandwich norms, no separate local rotary (Qwen3 and Gemma3 keep the
   per-op path), SiLU MLP;
-- a step whose rows are all plain decodes, as many as our GEMM kernel takes (`PackedFp16Linear.uses_kernel`:
+- a step whose rows all go to the decode-attention kernel (no prefill spans; lookahead draft rows can qualify,
+  and take the same kernels either way), as many as our GEMM kernel takes (`PackedFp16Linear.uses_kernel`:
   more than FBGEMM's GEMV, and with several threads no more than oneDNN leaves to the kernel).
 """
 
@@ -215,7 +216,7 @@ def _unsupported(model: Any) -> str | None:
     for layer in model.layers:
         for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down):
             if not isinstance(linear, cpu_kernels.PackedFp16Linear) or linear.panels is None:
-                return "linears not packed for the bf16 GEMM kernel (another dtype, quantized, or several threads)"
+                return "linears not packed for the bf16 GEMM kernel (another dtype, quantized, or no AVX512-BF16)"
         for norm in (layer.input_norm, layer.post_attention_norm):
             weight = norm.weight
             if weight.dtype != model.layers[0].input_norm.weight.dtype or weight.dtype not in _NORM:

@@ -46,10 +46,13 @@ def _compare_every_step(engine: LLMEngine, num_requests: int, max_tokens: int) -
 
     def both_ways(input_ids, positions, metadata, kv_cache):  # noqa: ANN001, ANN202
         ran_before = counts["fused"]
+        keys_before, values_before = kv_cache.key.clone(), kv_cache.value.clone()
         first = forward(input_ids, positions, metadata, kv_cache)
         if counts["fused"] == ran_before:
             return first  # a step the fused call does not take (prefill, or few rows): nothing to compare
         keys, values = kv_cache.key.clone(), kv_cache.value.clone()
+        kv_cache.key.copy_(keys_before)  # the per-op path starts from the same cache: a stray write would show
+        kv_cache.value.copy_(values_before)
         model._fused = None
         try:
             second = forward(input_ids, positions, metadata, kv_cache)
@@ -57,6 +60,7 @@ def _compare_every_step(engine: LLMEngine, num_requests: int, max_tokens: int) -
             model._fused = fused
         assert torch.equal(first, second)
         assert torch.equal(kv_cache.key, keys) and torch.equal(kv_cache.value, values)
+        assert not torch.equal(keys, keys_before)  # the step did write its new K rows
         counts["compared"] += 1
         return first
 

@@ -59,7 +59,7 @@ def test_kernel_builds_and_loads() -> None:
 @needs_compiler
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim"),
-    [(9, 3, 64), (8, 8, 64), (14, 2, 64), (16, 4, 128), (6, 2, 48), (4, 1, 80)],
+    [(9, 3, 64), (8, 8, 64), (14, 2, 64), (4, 2, 64), (10, 2, 64), (16, 4, 128), (6, 2, 48), (4, 1, 80)],
 )
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float32])
