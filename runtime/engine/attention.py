@@ -219,6 +219,14 @@ def _native_decode_function():  # noqa: ANN202 (a ctypes function pointer)
     return _native_function[0]
 
 
+def native_decode_slots(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native decode kernel's context inputs: int64 slots [num_decodes, width] and lengths [num_decodes]."""
+    lengths = metadata.decode_lengths
+    if lengths is None:
+        lengths = metadata.decode_mask.view(metadata.num_decodes, -1).sum(-1)
+    return metadata.decode_slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
+
+
 def _native_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -227,16 +235,13 @@ def _native_decode_attention(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor | None:
-    """runtime/engine/kernels/cpu_attention.c: one fused pass per sequence and KV head; None if unavailable."""
+    """runtime/engine/kernels/cpu_attention.c: one fused pass per sequence (bf16) or per sequence and KV head;
+    None if unavailable."""
     function = _native_decode_function()
     if function is None or query.dtype not in _NATIVE_DTYPES:
         return None
     num_decodes, num_heads, head_dim = query.shape
-    lengths = metadata.decode_lengths
-    if lengths is None:
-        lengths = metadata.decode_mask.view(num_decodes, -1).sum(-1)
-    lengths = lengths.to(torch.int64).contiguous()
-    slots = metadata.decode_slots.to(torch.int64).contiguous()
+    slots, lengths = native_decode_slots(metadata)
     query = query.contiguous()
     out = torch.empty_like(query)
     status = function(

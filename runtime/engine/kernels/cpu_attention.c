@@ -325,12 +325,20 @@ int paged_decode_attention(
         sizeof(float) * (size_t)(group * max_len + (1 + 2 * group) * head_dim + max_len * head_dim + 16));
     if (scratch == NULL) return -1;
     /* the bf16 path's scores [num_heads][max_len] and output [num_heads][head_dim] */
-    float *seq_scores = (float *)malloc(sizeof(float) * (size_t)(num_heads * (max_len + head_dim) + 16));
-    if (seq_scores == NULL) {
-        free(scratch);
-        return -1;
+#if defined(__AVX512BF16__)
+    const int bf16_path = io_dtype == 1 && dtype == 1 && (head_dim == 64 || head_dim == 128);
+#else
+    const int bf16_path = 0;
+#endif
+    float *seq_scores = NULL, *seq_out = NULL;
+    if (bf16_path) {
+        seq_scores = (float *)malloc(sizeof(float) * (size_t)(num_heads * (max_len + head_dim) + 16));
+        if (seq_scores == NULL) {
+            free(scratch);
+            return -1;
+        }
+        seq_out = seq_scores + (int64_t)num_heads * max_len;
     }
-    float *seq_out = seq_scores + (int64_t)num_heads * max_len;
     float *scores = scratch;
     float *row = scores + group * max_len;
     float *q = row + head_dim;
@@ -338,13 +346,14 @@ int paged_decode_attention(
     float *vrows = o + group * head_dim;
     const int64_t group_size = (int64_t)group * head_dim;
     (void)vrows; /* used by the AVX-512 path only */
+    (void)seq_out; /* and this by the AVX512-BF16 path */
     for (int s = 0; s < num_seqs; ++s) {
         const int64_t length = lengths[s];
         const int64_t start = (window > 0 && length > window) ? length - window : 0;
         const int64_t count = length - start;
         const int64_t *seq_slots = slots + s * slots_stride + start;
 #if defined(__AVX512BF16__)
-        if (io_dtype == 1 && dtype == 1 && (head_dim == 64 || head_dim == 128) && count > 0) {
+        if (bf16_path && count > 0) {
             const int64_t *next_rows = NULL, first = (int64_t)s * num_heads * head_dim;
             int64_t next_count = 0;
             if (s + 1 < num_seqs) {

@@ -1,7 +1,8 @@
 /*
  * Fused element-wise parts of a decoder layer for the CPU: residual add + RMSNorm, rotary embedding in place,
- * and SiLU(gate) * up; grammar bitmasks applied to logits, and the greedy argmax. In PyTorch each of these is four to seven small kernels per call, whose launch cost is
- * most of a decode step's non-GEMM time at small batch sizes.
+ * and SiLU(gate) * up; grammar bitmasks applied to logits, and the greedy argmax. In PyTorch each of these is
+ * four to seven small kernels per call, whose launch cost is most of a decode step's non-GEMM time at small
+ * batch sizes.
  *
  * Activations are float32 (io_dtype 0) or bfloat16 (io_dtype 1), row-major with a row stride in elements.
  * Arithmetic is float32; bf16 results are rounded to nearest even where the PyTorch path rounds:
@@ -168,10 +169,9 @@ int argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t *out)
 #if defined(__AVX512F__)
         if (cols >= 16) {
             __m512 top = _mm512_set1_ps(-__builtin_inff());
-            __m512i at = _mm512_setzero_si512(), index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), at = index;
             const __m512i step = _mm512_set1_epi32(16);
             __mmask16 nan = 0;
-            at = index;
             for (; t + 16 <= cols; t += 16) {
                 const __m512 v = _mm512_loadu_ps(row + t);
                 const __mmask16 greater = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from runtime.engine import kernels
-from runtime.engine.attention import AttentionMetadata, PagedKVCache, native_decode_available
+from runtime.engine.attention import (
+    AttentionMetadata,
+    PagedKVCache,
+    native_decode_available,
+    native_decode_slots,
+)
 from runtime.engine.models import cpu_kernels, native_ops
 
 logger = logging.getLogger(__name__)
@@ -154,11 +159,7 @@ class FusedDecodeStack:
             rows, spec.hidden_size, q_size, kv_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
             spec.head_dim, _IO[dtype], _NORM[self.norm_dtype], spec.rms_norm_eps, spec.norm_offset,
         )
-        lengths = metadata.decode_lengths
-        if lengths is None:
-            lengths = metadata.decode_mask.view(rows, -1).sum(-1)
-        lengths = lengths.to(torch.int64).contiguous()
-        slots = metadata.decode_slots.to(torch.int64).contiguous()
+        slots, lengths = native_decode_slots(metadata)
         slot_mapping = metadata.slot_mapping.to(torch.int64).contiguous()
         status = self._function(
             ctypes.byref(self._kernels), layers, len(self.model.layers), ctypes.byref(shape), ctypes.byref(scratch),
