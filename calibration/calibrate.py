@@ -13,7 +13,7 @@ import torch
 
 from calibration.forward import batches, run_batch
 from runtime.engine.models.decoder import DecoderModel
-from runtime.engine.models.layers import Linear
+from runtime.engine.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 

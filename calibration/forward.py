@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan
 from runtime.engine.models.decoder import DecoderModel
 
 MAX_BATCH_TOKENS = 2048
@@ -75,7 +76,7 @@ def run_batch(
         positions.extend(range(len(sequence)))
         slots = torch.arange(start + 1, start + 1 + len(sequence), device=device)  # slot 0 stays unused
         spans.append(ExtendSpan(row_start=start, num_new_tokens=len(sequence), context_slots=slots))
-    metadata = AttentionMetadata(
+    metadata = CpuAttentionMetadata(
         slot_mapping=torch.arange(1, num_tokens + 1, device=device),
         decode_rows=torch.empty(0, dtype=torch.long, device=device),
         decode_slots=torch.empty(0, 0, dtype=torch.long, device=device),

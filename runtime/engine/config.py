@@ -44,6 +44,9 @@ class EngineConfig:
     num_threads: int | None = None
     lookahead: LookaheadConfig | None = None
     cpu_gemm: str = "auto"  # "fbgemm_fp16": pack 16-bit linears for FBGEMM on CPU; "native": F.linear; auto = fbgemm when it helps
+    kernels: str = "auto"  # auto | native | triton | torch (runtime/engine/layers/__init__.py)
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (Triton kernels on CUDA only)
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarking)
     seed: int = 0
 
     @property

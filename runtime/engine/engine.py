@@ -14,7 +14,7 @@ from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.model_runner import ModelRunner
-from runtime.engine.sampler import Sampler, SamplingRow
+from runtime.engine.layers.sampler import SamplingRow, make_sampler
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from runtime.engine.speculation import LookaheadRunner
@@ -67,7 +67,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.sampler = Sampler(spec.vocab_size, self.runner.device)
+        self.sampler = make_sampler(spec.vocab_size, self.runner.device)
         self.lookahead = (
             LookaheadRunner(config.lookahead, self.blocks, self.runner.kv_cache) if config.lookahead is not None else None
         )
@@ -142,8 +142,13 @@ class LLMEngine:
                 param="n" if params.n > 1 else "max_tokens",
             )
 
-    def _generator(self, seed: int | None, index: int) -> torch.Generator:
-        generator = torch.Generator(device="cpu")
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        """The choice's own random stream: always on the CPU; on a GPU only for seeded requests (the others share
+        the device's default generator, so the sampler draws their noise in one batched call)."""
+        device = self.runner.device
+        if device.type != "cpu" and seed is None:
+            return None
+        generator = torch.Generator(device=device)
         if seed is None:
             generator.seed()
         else:
@@ -288,7 +293,9 @@ class LLMEngine:
         if width is None:
             return torch.empty(0, 0), failed
         filled = [
-            piece if piece.numel() else torch.zeros(sum(1 for i, _ in requests if i == index), width, dtype=dtype)
+            piece
+            if piece.numel()
+            else torch.zeros(sum(1 for i, _ in requests if i == index), width, dtype=dtype, device=self.runner.device)
             for index, piece in enumerate(pieces)
         ]
         return torch.cat(filled), failed
@@ -297,7 +304,7 @@ class LLMEngine:
         """Logprobs of the prompt's own tokens (echo with logprobs): row k predicts the token after it."""
         seq = item.seq
         top = seq.sampling.prompt_logprobs or 0
-        logprobs = torch.log_softmax(self.runner.logits(hidden), dim=-1)
+        logprobs = torch.log_softmax(self.runner.host_logits(hidden), dim=-1)
         if seq.prompt_logprobs is None:
             seq.prompt_logprobs = [None]
         start = seq.num_computed_tokens
@@ -326,7 +333,7 @@ class LLMEngine:
                 continue
             assert self.lookahead is not None
             seq = item.seq
-            result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.logits)
+            result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.host_logits)
             appended: list[int] = []
             for token in result.tokens:
                 self._append(seq, token)

@@ -1,18 +1,27 @@
-"""Run one scheduled step through the model: flatten token rows, build attention metadata, return logits."""
+"""Run one scheduled step through the model: flatten token rows, build attention metadata, return hidden rows.
+
+The kernel set decides the attention backend: the CPU path (native kernels, PyTorch elsewhere) builds
+`CpuAttentionMetadata` per step; the Triton path keeps the step's inputs in persistent buffers and, on CUDA,
+replays decode-only steps from CUDA graphs (graph_runner.py).
+"""
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache, native_decode_available
-from runtime.engine.block_manager import RESERVED_BLOCK
 from runtime.engine.config import EngineConfig
+from runtime.engine.graph_runner import CudaGraphRunner
+from runtime.engine.kernels import triton as triton_kernels
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers import KernelSet
+from runtime.engine.layers.attention import AttentionMetadata
+from runtime.engine.layers.attention.cpu import build_cpu_metadata, native_decode_available
+from runtime.engine.layers.attention.triton import TritonStepBuffers
 from runtime.engine.models.loader import load_decoder
 from runtime.engine.scheduler import ScheduledSequence
-from runtime.engine.sequence import Sequence
+from runtime.engine.step_rows import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +35,8 @@ class StepInputs:
     metadata: AttentionMetadata
     logit_rows: torch.Tensor  # rows whose logits are needed, in the order the caller asked
     row_of: dict[int, int]  # index in the scheduled list -> first row of that sequence
+    num_rows: int = 0
+    graph_bucket: int | None = None  # replay the CUDA graph of this batch size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,14 +51,34 @@ def configure_threads(num_threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def resolve_kernels(name: str, device: torch.device) -> KernelSet:
+    """auto: the native CPU kernels on the CPU, Triton on CUDA (PyTorch there when triton is missing)."""
+    if name == "auto":
+        if device.type == "cpu":
+            return KernelSet.NATIVE
+        return KernelSet.TRITON if triton_kernels.available(device) else KernelSet.TORCH
+    kernels = KernelSet(name)
+    if kernels == KernelSet.TRITON and not triton_kernels.available(device):
+        raise ValueError(
+            f"kernels: triton needs the triton package and a CUDA device (on the CPU only under TRITON_INTERPRET=1); "
+            f"device is {device}"
+        )
+    if kernels == KernelSet.NATIVE and device.type != "cpu":
+        raise ValueError(f"kernels: native are CPU kernels; device is {device} (use auto, triton or torch)")
+    return kernels
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         configure_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
-        self.model = load_decoder(config.model_dir, self.dtype, self.device)
-        self._maybe_pack_linears()
+        self.kernels = resolve_kernels(config.kernels, self.device)
+        self.model = load_decoder(config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy")
+        self.model.use_kernels(self.kernels)
+        if self.kernels == KernelSet.NATIVE:
+            self._maybe_pack_linears()
         spec = self.model.spec
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -61,7 +92,7 @@ class ModelRunner:
             kv_dtype,
             self.device,
         )
-        if self.device.type == "cpu":
+        if self.kernels == KernelSet.NATIVE:
             logger.info(
                 "CPU decode attention: %s",
                 "native kernel" if native_decode_available() else "PyTorch SDPA (native kernel unavailable)",
@@ -70,11 +101,37 @@ class ModelRunner:
         if kv_scales is not None:
             self.kv_cache.set_scales(kv_scales)
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.0f MiB, %s)",
+            "KV cache: %d blocks x %d tokens (%.0f MiB, %s); kernels: %s",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self._bytes_per_block(kv_dtype) / 2**20,
             kv_dtype,
+            self.kernels.value,
+        )
+        self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
+        self.step_buffers = self._step_buffers() if self.kernels == KernelSet.TRITON else None
+        self.graphs: CudaGraphRunner | None = None
+        if self.step_buffers is not None and config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = CudaGraphRunner(
+                self.model, self.kv_cache, self.step_buffers, config.max_batch_size, self.max_model_len
+            )
+            self.graphs.capture_all()
+
+    def _step_buffers(self) -> TritonStepBuffers:
+        config = self.config
+        spec = self.model.spec
+        if self.device.type == "cuda":
+            split_programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            split_programs = 16
+        return TritonStepBuffers(
+            max_tokens=max(config.max_num_tokens, config.max_batch_size) + config.max_draft_tokens + 1,
+            max_seqs=config.max_batch_size + 1,
+            max_pages=-(-(self.max_model_len + config.max_draft_tokens) // self.block_size) + 1,
+            page_size=self.block_size,
+            device=self.device,
+            split_programs=split_programs,
+            num_kv_heads=spec.num_kv_heads,
         )
 
     def _maybe_pack_linears(self) -> None:
@@ -128,139 +185,47 @@ class ModelRunner:
         self, scheduled: list[ScheduledSequence], logit_requests: list[tuple[int, int]]
     ) -> StepInputs:
         """`logit_requests` lists (scheduled index, row offset within that sequence's rows) to project."""
-        block_size = self.block_size
-        decodes = [i for i, item in enumerate(scheduled) if _is_plain_decode(item)]
-        extends = [i for i, item in enumerate(scheduled) if not _is_plain_decode(item)]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        row_of: dict[int, int] = {}
-        for index in decodes:
-            seq = scheduled[index].seq
-            position = seq.num_computed_tokens
-            row_of[index] = len(input_ids)
-            input_ids.append(seq.token_at(position))
-            positions.append(position)
-            slot_mapping.append(seq.block_table[position // block_size] * block_size + position % block_size)
-        spans: list[ExtendSpan] = []
-        for index in extends:
-            item = scheduled[index]
-            seq = item.seq
-            start = seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            row_of[index] = len(input_ids)
-            input_ids.extend(seq.token_slice(start, end))
-            positions.extend(range(start, end))
-            context = self._slots(seq, end)
-            slot_mapping.extend(context[start:end].tolist())
-            if item.draft is not None:
-                spans.append(self._draft_span(row_of[index], start, context, item.draft, input_ids, positions, slot_mapping))
-                continue
-            spans.append(
-                ExtendSpan(row_start=row_of[index], num_new_tokens=end - start, context_slots=context)
-            )
-        device = self.device
-        # Rows under a custom mask (lookahead drafts) attend like decode rows, each to its own slot list: the
-        # context plus the draft rows the mask allows. One batched decode call then covers them all.
-        row_slots = [
-            (span.row_start + row, span.context_slots[span.custom_mask[row]])
-            for span in spans
-            if span.custom_mask is not None
-            for row in range(span.num_new_tokens)
-        ]
-        spans = [span for span in spans if span.custom_mask is None]
-        decode_rows = torch.tensor(
-            list(range(len(decodes))) + [row for row, _ in row_slots], dtype=torch.long
-        )
-        if decodes or row_slots:
-            lengths = [scheduled[i].seq.num_computed_tokens + 1 for i in decodes] + [
-                int(slots.numel()) for _, slots in row_slots
-            ]
-            decode_slots = self._padded_slots([scheduled[i].seq for i in decodes], lengths[: len(decodes)], max(lengths))
-            if row_slots:
-                extra = torch.zeros(len(row_slots), decode_slots.shape[1], dtype=torch.long)
-                for index, (_, slots) in enumerate(row_slots):
-                    extra[index, : slots.numel()] = slots
-                decode_slots = torch.cat([decode_slots, extra])
-            decode_lengths = torch.tensor(lengths, dtype=torch.long)
-            decode_mask = (torch.arange(decode_slots.shape[1]).unsqueeze(0) < decode_lengths.unsqueeze(1)).view(
-                len(lengths), 1, 1, -1
-            )
+        rows = flatten(scheduled, self.block_size)
+        graph_bucket = None
+        if self.step_buffers is not None:
+            if self.graphs is not None and rows.is_decode_only:
+                graph_bucket = self.graphs.bucket_for(rows.num_rows)
+            num_splits = self.graphs.num_splits(graph_bucket) if self.graphs is not None and graph_bucket else None
+            input_ids, positions, metadata = self.step_buffers.build(rows, scheduled, graph_bucket, num_splits)
         else:
-            decode_lengths = torch.empty(0, dtype=torch.long)
-            decode_slots = torch.empty(0, 0, dtype=torch.long)
-            decode_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            decode_rows=decode_rows.to(device),
-            decode_slots=decode_slots.to(device),
-            decode_mask=decode_mask.to(device),
-            decode_lengths=decode_lengths.to(device),
-            extends=[
-                ExtendSpan(s.row_start, s.num_new_tokens, s.context_slots.to(device), s.custom_mask)
-                for s in spans
-            ],
-        )
+            metadata = build_cpu_metadata(rows, scheduled, self.block_size, self.device)
+            input_ids = torch.tensor(rows.input_ids, dtype=torch.long, device=self.device)
+            positions = torch.tensor(rows.positions, dtype=torch.long, device=self.device)
         logit_rows = torch.tensor(
-            [row_of[i] + offset for i, offset in logit_requests], dtype=torch.long, device=device
+            [rows.row_of[i] + offset for i, offset in logit_requests], dtype=torch.long, device=self.device
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            input_ids=input_ids,
+            positions=positions,
             metadata=metadata,
             logit_rows=logit_rows,
-            row_of=row_of,
+            row_of=rows.row_of,
+            num_rows=rows.num_rows,
+            graph_bucket=graph_bucket,
         )
-
-    @staticmethod
-    def _draft_span(
-        row_start: int, position: int, context: torch.Tensor, draft: Any, input_ids: list[int], positions: list[int],
-        slot_mapping: list[int],
-    ) -> ExtendSpan:
-        """x (already added) plus the lookahead draft rows, whose K/V go to scratch slots, under the tree mask."""
-        input_ids.extend(draft.tokens)
-        positions.extend(draft.positions)
-        slot_mapping.extend(draft.scratch_slots)
-        num_drafts = draft.num_rows
-        context_len = position + 1
-        mask = torch.zeros(1 + num_drafts, context_len + num_drafts, dtype=torch.bool)
-        mask[:, :context_len] = True  # every row sees the whole context and x
-        mask[1:, context_len:] = draft.local_mask
-        for row in range(num_drafts):
-            mask[1 + row, context_len + row] = True  # and itself
-        scratch = torch.tensor(draft.scratch_slots, dtype=torch.long)
-        return ExtendSpan(row_start, 1 + num_drafts, torch.cat([context, scratch]), mask)
-
-    def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
-        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        return (blocks.unsqueeze(1) * self.block_size + offsets).flatten()[:length]
-
-    def _padded_slots(self, seqs: list[Sequence], lengths: list[int], width: int) -> torch.Tensor:
-        """[len(seqs), width] context slots of each sequence, padded with slots of the reserved block."""
-        if not seqs:
-            return torch.zeros(0, width, dtype=torch.long)
-        max_blocks = -(-width // self.block_size)
-        table = torch.full((len(seqs), max_blocks), RESERVED_BLOCK, dtype=torch.long)
-        for row, (seq, length) in enumerate(zip(seqs, lengths, strict=True)):
-            blocks = seq.block_table[: -(-length // self.block_size)]
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        return (table.unsqueeze(2) * self.block_size + offsets).view(len(seqs), -1)[:, :width]
 
     # -- execution ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Final hidden states of the requested rows (project them with `logits`, all or only some)."""
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
+        if inputs.graph_bucket is not None and self.graphs is not None:
+            hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
         return hidden[inputs.logit_rows]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [rows, vocab], on the model's device (the sampler runs there)."""
         if hidden.shape[0] == 0:
-            return torch.empty(0, self.model.spec.vocab_size)
-        return self.model.logits(hidden).to("cpu")
+            return torch.empty(0, self.model.spec.vocab_size, device=self.device)
+        return self.model.logits(hidden)
 
-
-def _is_plain_decode(item: ScheduledSequence) -> bool:
-    return item.num_new_tokens == 1 and item.num_draft_tokens == 0 and item.seq.num_computed_tokens > 0
+    def host_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The same on the host, for the rare consumers that read logits in Python (lookahead, prompt logprobs)."""
+        return self.logits(hidden).cpu()

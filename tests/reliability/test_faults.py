@@ -389,7 +389,7 @@ def test_exception_in_one_requests_step_fails_only_that_request(
 
     from engine_builder.artifact import load_engine_dir
     from engine_builder.config import EngineOptions, parse_config
-    from runtime.engine.sampler import Sampler
+    from runtime.engine.layers.sampler.cpu import CpuSampler as Sampler
     from runtime.server.factory import build_server
 
     original = Sampler._process

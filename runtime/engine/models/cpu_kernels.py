@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.engine import kernels
-from runtime.engine.models.layers import Linear
+from runtime.engine.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 FP16_MAX = 65000.0

@@ -7,8 +7,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from runtime.engine.attention import AttentionMetadata, PagedKVCache, paged_attention
-from runtime.engine.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers import KernelSet
+from runtime.engine.layers.attention import Attention, AttentionMetadata
+from runtime.engine.layers.linear import Linear
+from runtime.engine.layers.mlp import GatedMLP
+from runtime.engine.layers.norm import RMSNorm
+from runtime.engine.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
     from runtime.engine.models.fused_decode import FusedDecodeStack
@@ -46,59 +51,55 @@ class DecoderSpec:
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP over a residual stream: `forward(hidden, residual)` returns the pair for the next
+    layer, whose input norm adds them (one fused pass where a kernel set has one)."""
+
     def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
         super().__init__()
         self.spec = spec
         self.layer_index = layer_index
         q_size = spec.num_heads * spec.head_dim
         kv_size = spec.num_kv_heads * spec.head_dim
-        self.split_sizes = (q_size, kv_size, kv_size)
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.qkv = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias)
         self.o_proj = Linear(q_size, spec.hidden_size)
-        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None
-        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None
+        self.is_sliding = spec.sliding_window is not None and (
+            spec.sliding_layers is None or spec.sliding_layers[layer_index]
+        )
+        self.attention = Attention(
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            layer_index,
+            spec.query_scale ** -0.5 if spec.query_scale else 1.0 / math.sqrt(spec.head_dim),
+            spec.sliding_window if self.is_sliding else None,
+            qk_norm=(spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None,
+        )
         self.post_attention_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
         if spec.sandwich_norms:
             self.pre_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
             self.post_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
-        self.is_sliding = spec.sliding_window is not None and (
-            spec.sliding_layers is None or spec.sliding_layers[layer_index]
-        )
-        self.scale = spec.query_scale ** -0.5 if spec.query_scale else 1.0 / math.sqrt(spec.head_dim)
 
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         kv_cache: PagedKVCache,
-    ) -> torch.Tensor:
-        spec = self.spec
-        num_tokens = hidden.shape[0]
-        residual = hidden
-        x = self.input_norm(hidden)
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, spec.num_heads, spec.head_dim)
-        k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
-        v = v.view(num_tokens, spec.num_kv_heads, spec.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
-        attn = paged_attention(
-            q, k, v,
-            kv_cache.key[self.layer_index], kv_cache.value[self.layer_index],
-            metadata, self.scale,
-            sliding_window=spec.sliding_window if self.is_sliding else None,
-            kv_scales=kv_cache.scales_of(self.layer_index),
-        )
-        x = self.o_proj(attn.reshape(num_tokens, -1))
-        if spec.sandwich_norms:
-            hidden = residual + self.post_attention_norm(x)
-            return hidden + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(hidden)))
-        normed, hidden = self.post_attention_norm.add_and_norm(x, residual)
-        return hidden + self.mlp(normed)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            x = self.input_norm(hidden)
+        else:
+            x, residual = self.input_norm.add_and_norm(hidden, residual)
+        x = self.o_proj(self.attention(self.qkv(x), cos_sin, metadata, kv_cache))
+        if self.spec.sandwich_norms:
+            x, residual = self.pre_mlp_norm.add_and_norm(self.post_attention_norm(x), residual)
+            return self.post_mlp_norm(self.mlp(x)), residual
+        x, residual = self.post_attention_norm.add_and_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -114,12 +115,20 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.activation_dtype: torch.dtype | None = None  # float32 when the linears are packed for the CPU
         self.small_batch_rows = 0  # steps with at most this many rows run float32 activations
+        self.kernels = KernelSet.NATIVE
         self._fused: FusedDecodeStack | None | bool = False  # False: not built yet
         self.local_rotary = (
             RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
             if spec.rope_local_theta
             else None
         )
+
+    def use_kernels(self, kernels: KernelSet) -> None:
+        """Run every layer with this kernel set (see runtime/engine/layers/__init__.py)."""
+        self.kernels = kernels
+        for module in self.modules():
+            if hasattr(type(module), "kernels") and module is not self:
+                module.kernels = kernels  # type: ignore[assignment]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache
@@ -131,14 +140,15 @@ class DecoderModel(nn.Module):
             hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
         cos_sin = self.rotary.lookup(positions, hidden.dtype)
         local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
-        fused = self._fused_stack() if hidden.device.type == "cpu" else None
+        fused = self._fused_stack() if self.kernels == KernelSet.NATIVE and hidden.device.type == "cpu" else None
         if fused is not None and fused.applies(hidden, metadata, kv_cache):
             result = fused.run(hidden, cos_sin, metadata, kv_cache)
             if result is not None:
                 return self.norm(result)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, local_cos_sin if layer.is_sliding else cos_sin, metadata, kv_cache)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, local_cos_sin if layer.is_sliding else cos_sin, metadata, kv_cache)
+        return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
 
     def _fused_stack(self) -> "FusedDecodeStack | None":
         """Every layer of a decode-only CPU step in one native call, when this model allows it (built on first use,

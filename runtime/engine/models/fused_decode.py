@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from runtime.engine import kernels
-from runtime.engine.attention import (
-    AttentionMetadata,
-    PagedKVCache,
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import (
+    CpuAttentionMetadata,
     native_decode_available,
     native_decode_slots,
 )
-from runtime.engine.models import cpu_kernels, native_ops
+from runtime.engine.kernels import native_ops
+from runtime.engine.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,11 @@ class FusedDecodeStack:
         function.restype = ctypes.c_int
         return cls(model, function, table)
 
-    def applies(self, hidden: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache) -> bool:
+    def applies(self, hidden: torch.Tensor, metadata: CpuAttentionMetadata, kv_cache: PagedKVCache) -> bool:
         rows = hidden.shape[0]
         return bool(
-            hidden.dtype in _IO
+            isinstance(metadata, CpuAttentionMetadata)
+            and hidden.dtype in _IO
             and self.first_linear.uses_kernel(rows)  # every linear has the same row limits
             and metadata.num_decodes == rows
             and not metadata.extends
@@ -132,7 +134,7 @@ class FusedDecodeStack:
         )
 
     def run(
-        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata,
+        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], metadata: CpuAttentionMetadata,
         kv_cache: PagedKVCache,
     ) -> torch.Tensor | None:
         """The hidden states after every layer, or None (the caller runs the per-op path on its input)."""
@@ -188,11 +190,11 @@ class FusedDecodeStack:
         for index, layer in enumerate(self.model.layers):
             linears = (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)
             biases = [linear.bias32 if linear.bias is not None else None for linear in linears]
-            window = spec.sliding_window if layer.is_sliding and spec.sliding_window else 0
+            window = layer.attention.sliding_window or 0
             entries.append(_Layer(
                 ptr(layer.input_norm.weight), ptr(layer.post_attention_norm.weight),
                 *(ptr(linear.panels) for linear in linears), *(ptr(bias) for bias in biases),
-                ptr(kv_cache.key[index]), ptr(kv_cache.value[index]), window, layer.scale,
+                ptr(kv_cache.key[index]), ptr(kv_cache.value[index]), window, layer.attention.scale,
             ))
         self._layers = (_Layer * len(entries))(*entries)
         self._keep = keep

@@ -20,8 +20,8 @@ _NORMS = {
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "pre_mlp_norm.weight",
     "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
-    "self_attn.q_norm.weight": "q_norm.weight",
-    "self_attn.k_norm.weight": "k_norm.weight",
+    "self_attn.q_norm.weight": "attention.q_norm.weight",
+    "self_attn.k_norm.weight": "attention.k_norm.weight",
     "self_attn.o_proj.weight": "o_proj.weight",
     "mlp.down_proj.weight": "mlp.down.weight",
 }
@@ -52,26 +52,23 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dummy: bool = False) -> DecoderModel:
+    """The model of `model_dir` on `device`; with `dummy`, random weights from config.json alone (benchmarks)."""
     config = json.loads((model_dir / "config.json").read_text())
     spec = decoder_spec(config)
     with torch.device("meta"):
         model = DecoderModel(spec)
     model.to_empty(device=device)
     model.to(dtype)
+    if dummy:
+        return _dummy_weights(model, config, device)
     files = safetensors_files(model_dir)
     quantization = quantized.read_quantization(model_dir, config)
     if quantization is not None:
         with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
             prefix = quantized.checkpoint_prefix(list(handle.keys()))
         quantized.install_quantized_linears(model, quantization, prefix)
-    # Rotary tables are computed, not loaded: rebuild them on the real device in float32.
-    model.rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)  # type: ignore[misc]
-    if model.local_rotary is not None:
-        model.local_rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)  # type: ignore[misc]
-    model.rotary.to(device)
-    if model.local_rotary is not None:
-        model.local_rotary.to(device)
+    _build_rotary_tables(model, device)
     parameters = dict(model.named_parameters())
     loaded: set[str] = set()
     q_size = spec.num_heads * spec.head_dim
@@ -119,6 +116,36 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device) -> D
         raise CheckpointMismatchError(f"quantized checkpoint is missing {len(missing)} scales, e.g. {missing[:5]}")
     model.eval()
     return model
+
+
+def _build_rotary_tables(model: DecoderModel, device: torch.device) -> None:
+    """Rotary tables are computed, not loaded: rebuild them on the real device in float32."""
+    spec = model.spec
+    model.rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)  # type: ignore[misc]
+    model.rotary.to(device)
+    if model.local_rotary is not None:
+        model.local_rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)  # type: ignore[misc]
+        model.local_rotary.to(device)
+
+
+def _dummy_weights(model: DecoderModel, config: dict, device: torch.device) -> DecoderModel:
+    """vLLM's `--load-format dummy`: normal(0, initializer_range) matrices, unit norms, zero biases, drawn on the
+    device from a fixed seed; the LM head tied as the config says. Only speed is meaningful with these."""
+    _build_rotary_tables(model, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    std = float(config.get("initializer_range", 0.02))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0 - model.spec.norm_offset)
+            elif name.endswith(".bias"):
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, std, generator=generator)
+    if model.spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens
+    logger.info("dummy weights: %s drawn at random (load_format dummy)", model.spec.architecture)
+    return model.eval()
 
 
 def _load_scale(

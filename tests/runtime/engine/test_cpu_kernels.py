@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan
 from runtime.engine.models.cpu_kernels import PackedFp16Linear, fbgemm_available, pack_linears
 from runtime.engine.models.loader import load_decoder
 
@@ -17,7 +18,7 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     dtype = model.embed_tokens.dtype  # the float32 reference keeps a float32 cache
     cache = PagedKVCache(spec.num_layers, 16, 16, spec.num_kv_heads, spec.head_dim, dtype, torch.device("cpu"))
     slots = torch.arange(16, 16 + len(ids))
-    metadata = AttentionMetadata(
+    metadata = CpuAttentionMetadata(
         slots, torch.empty(0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long),
         torch.empty(0, 1, 1, 0, dtype=torch.bool), [ExtendSpan(0, len(ids), slots)],
     )

@@ -12,10 +12,14 @@ import torch
 from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
+from runtime.engine.models import cpu_kernels
 from runtime.engine.models.fused_decode import FusedDecodeStack
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
+)
+needs_bf16_gemm = pytest.mark.skipif(
+    cpu_kernels._bf16_gemm() is None, reason="the fused call needs the AVX512-BF16 GEMM kernel, absent on this CPU"
 )
 
 
@@ -76,17 +80,20 @@ def _compare_every_step(engine: LLMEngine, num_requests: int, max_tokens: int) -
     return counts["fused"], counts["compared"]
 
 
+@needs_bf16_gemm
 @pytest.mark.parametrize("num_requests", [12, 5])  # bf16 activations (9+ rows), float32 (3-8 rows)
 def test_smollm2_fused_steps_are_bit_identical(smollm2_dir: Path, num_requests: int) -> None:
     fused, compared = _compare_every_step(_engine(smollm2_dir), num_requests, 20)
     assert fused >= 15 and compared == fused
 
 
+@needs_bf16_gemm
 def test_qwen_fused_steps_with_qkv_bias_and_seven_heads_per_kv_head_are_bit_identical(qwen_dir: Path) -> None:
     fused, compared = _compare_every_step(_engine(qwen_dir), 10, 6)
     assert fused >= 4 and compared == fused
 
 
+@needs_bf16_gemm
 def test_steps_the_fused_call_does_not_take(smollm2_dir: Path) -> None:
     engine = _engine(smollm2_dir)
     model = engine.runner.model

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan
 from runtime.engine.models.loader import load_decoder
 
 TINY = dict(
@@ -67,7 +68,7 @@ def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
         spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")
     )
     slots = torch.arange(16, 16 + len(ids))
-    metadata = AttentionMetadata(
+    metadata = CpuAttentionMetadata(
         slot_mapping=slots,
         decode_rows=torch.empty(0, dtype=torch.long),
         decode_slots=torch.empty(0, 0, dtype=torch.long),

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.engine import attention, kernels
-from runtime.engine.attention import AttentionMetadata
+from runtime.engine import kernels
+from runtime.engine.layers.attention import cpu as attention
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
@@ -19,7 +20,7 @@ needs_compiler = pytest.mark.skipif(
 
 def _case(
     num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+) -> tuple[torch.Tensor, torch.Tensor, CpuAttentionMetadata]:
     """Random caches and contexts of uneven lengths (1 to 150 tokens) scattered over shuffled blocks."""
     generator = torch.Generator().manual_seed(seed)
     block_size, num_blocks = 16, 128
@@ -34,7 +35,7 @@ def _case(
     table = order.view(num_seqs, blocks_each)
     slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).view(num_seqs, -1)[:, :max_length]
     mask = (torch.arange(max_length).unsqueeze(0) < lengths.unsqueeze(1)).view(num_seqs, 1, 1, max_length)
-    metadata = AttentionMetadata(
+    metadata = CpuAttentionMetadata(
         torch.empty(0, dtype=torch.long), torch.arange(num_seqs), slots.contiguous(), mask, [], lengths
     )
     return key_cache, value_cache, metadata

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.engine.models import native_ops
-from runtime.engine.models.layers import GatedMLP, RMSNorm, _apply
+from runtime.engine.kernels import native_ops
+from runtime.engine.layers.mlp import GatedMLP
+from runtime.engine.layers.norm import RMSNorm
+from runtime.engine.layers.rotary import _apply
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
@@ -78,7 +80,7 @@ def test_silu_mul(dtype: torch.dtype) -> None:
     assert fused is not None
     gate, up = gate_up.split(40, dim=-1)
     _close(fused, F.silu(gate) * up)
-    assert mlp.fused_silu and not GatedMLP(16, 40, "gelu_pytorch_tanh").fused_silu
+    assert mlp.activation == "silu" and GatedMLP(16, 40, "gelu_pytorch_tanh").activation == "gelu_tanh"
 
 
 def test_other_devices_and_dtypes_are_refused() -> None:

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.backends.types import GenerationRequest, SamplingParams
-from runtime.engine.attention import AttentionMetadata, ExtendSpan, PagedKVCache, paged_attention
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan, paged_attention
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
-from runtime.engine.models.layers import Linear
+from runtime.engine.layers.linear import Linear
 from runtime.engine.models.loader import CheckpointMismatchError, load_decoder
 from runtime.engine.quantized import Fp8Linear, Nvfp4Linear, QuantizedLinear, fp8_fake_quantize
 from runtime.engine.quantized_checkpoint import UnsupportedQuantizationError, weight_bytes
@@ -144,7 +145,7 @@ def test_fp8_kv_cache_scales_round_trip_large_values() -> None:
     query = torch.randn(tokens, heads, dim)
     key = torch.randn(tokens, heads, dim) * 600  # beyond E4M3's 448
     value = torch.randn(tokens, heads, dim) * 0.01
-    metadata = AttentionMetadata(
+    metadata = CpuAttentionMetadata(
         slot_mapping=torch.arange(1, tokens + 1),
         decode_rows=torch.empty(0, dtype=torch.long),
         decode_slots=torch.empty(0, 0, dtype=torch.long),

@@ -5,7 +5,8 @@ import math
 import torch
 
 from runtime.backends.types import SamplingParams
-from runtime.engine.sampler import Sampler, SamplingRow
+from runtime.engine.layers.sampler import SamplingRow
+from runtime.engine.layers.sampler.cpu import CpuSampler as Sampler
 
 
 def _row(params: SamplingParams, outputs: list[int] | None = None, seed: int | None = 0) -> SamplingRow:

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from runtime.engine.kernels.triton.elementwise import gated_activation, rms_norm, rotary_and_cache
-from runtime.engine.models.layers import RMSNorm, RotaryEmbedding
+from runtime.engine.layers.norm import RMSNorm
+from runtime.engine.layers.rotary import RotaryEmbedding
 
 DTYPES = [torch.float32, torch.float16]
 

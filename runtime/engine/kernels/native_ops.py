@@ -1,4 +1,4 @@
-"""Fused CPU element-wise ops (runtime/engine/kernels/cpu_layers.c): RMSNorm with the residual add, rotary
+"""Fused CPU element-wise ops (cpu_layers.c, beside this module): RMSNorm with the residual add, rotary
 embedding in place, SiLU(gate) * up. Each function returns None when the inputs are not ones the kernel takes
 (another device or dtype, an unusual layout) or the kernel is unavailable; callers then run the PyTorch ops.
 """

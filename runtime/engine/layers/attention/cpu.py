@@ -1,18 +1,27 @@
-"""Paged attention over the block-pool KV cache, and the per-step metadata that drives it.
+"""Attention on the CPU (and the PyTorch reference on any device): metadata built per step, paged attention.
 
 Token rows of one step are flattened ([num_tokens, ...]). Decode rows (one new token, no custom mask)
-are attended together against a padded gather of their contexts; every other sequence ("extend": a
-prefill chunk, or several verified tokens) is attended on its own with a causal mask offset by its
-cached context, or with the custom mask it brings (lookahead's tree mask).
+are attended together against a padded gather of their contexts (or the native CPU kernel, which reads the
+slots in place); every other sequence ("extend": a prefill chunk, or several verified tokens) is attended on
+its own with a causal mask offset by its cached context. Lookahead rows, under a tree mask, are attended like
+decode rows, each to its own slot list: the context plus the draft rows the mask allows.
 """
 
 import ctypes
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from runtime.engine import kernels
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.rotary import apply_rotary
+from runtime.engine.step_rows import StepRows, context_slots, draft_mask
+
+if TYPE_CHECKING:
+    from runtime.engine.layers.attention import Attention
+    from runtime.engine.scheduler import ScheduledSequence
 
 
 @dataclass
@@ -26,7 +35,7 @@ class ExtendSpan:
 
 
 @dataclass
-class AttentionMetadata:
+class CpuAttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     decode_rows: torch.Tensor  # [num_decodes] row index of each decode token
     decode_slots: torch.Tensor  # [num_decodes, max_context] context slots, padded with a valid slot
@@ -38,55 +47,90 @@ class AttentionMetadata:
     def num_decodes(self) -> int:
         return int(self.decode_rows.numel())
 
+    def attend(
+        self, layer: "Attention", qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: PagedKVCache
+    ) -> torch.Tensor:
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split(layer.split_sizes, dim=-1)
+        q = q.view(num_tokens, layer.num_heads, layer.head_dim)
+        k = k.view(num_tokens, layer.num_kv_heads, layer.head_dim)
+        v = v.view(num_tokens, layer.num_kv_heads, layer.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = apply_rotary(q, k, cos_sin)
+        out = paged_attention(
+            q, k, v,
+            kv_cache.key[layer.layer_index], kv_cache.value[layer.layer_index],
+            self, layer.scale,
+            sliding_window=layer.sliding_window,
+            kv_scales=layer.kv_scales(kv_cache),
+        )
+        return out.reshape(num_tokens, -1)
 
-class PagedKVCache:
-    """K and V for every layer in one tensor each: [num_layers, num_slots, num_kv_heads, head_dim].
 
-    A slot is `block_id * block_size + offset`. Slot 0 of block 0 is never handed out, so padded
-    gathers can point at it safely.
-    """
+def build_cpu_metadata(
+    rows: StepRows, scheduled: "list[ScheduledSequence]", block_size: int, device: torch.device
+) -> CpuAttentionMetadata:
+    decode_seqs = [scheduled[i].seq for i in rows.decodes]
+    spans = [
+        ExtendSpan(
+            rows.row_of[index],
+            scheduled[index].num_new_tokens,
+            context_slots(scheduled[index].seq, scheduled[index].seq.num_computed_tokens + scheduled[index].num_new_tokens, block_size),
+        )
+        for index in rows.extends
+    ]
+    # Rows under a custom mask (lookahead drafts) attend like decode rows, each to its own slot list: the
+    # context plus the draft rows the mask allows. One batched decode call then covers them all.
+    row_slots: list[tuple[int, torch.Tensor]] = []
+    for index in rows.drafts:
+        item = scheduled[index]
+        context_len = item.seq.num_computed_tokens + 1
+        slots = torch.cat([
+            context_slots(item.seq, context_len, block_size),
+            torch.tensor(item.draft.scratch_slots, dtype=torch.long),
+        ])
+        mask = draft_mask(context_len, item.draft.local_mask)
+        row_slots.extend((rows.row_of[index] + row, slots[mask[row]]) for row in range(mask.shape[0]))
+    num_decodes = len(decode_seqs)
+    decode_rows = torch.tensor(list(range(num_decodes)) + [row for row, _ in row_slots], dtype=torch.long)
+    if decode_seqs or row_slots:
+        lengths = [seq.num_computed_tokens + 1 for seq in decode_seqs] + [int(slots.numel()) for _, slots in row_slots]
+        decode_slots = _padded_slots(decode_seqs, lengths[:num_decodes], max(lengths), block_size)
+        if row_slots:
+            extra = torch.zeros(len(row_slots), decode_slots.shape[1], dtype=torch.long)
+            for index, (_, slots) in enumerate(row_slots):
+                extra[index, : slots.numel()] = slots
+            decode_slots = torch.cat([decode_slots, extra])
+        decode_lengths = torch.tensor(lengths, dtype=torch.long)
+        decode_mask = (torch.arange(decode_slots.shape[1]).unsqueeze(0) < decode_lengths.unsqueeze(1)).view(
+            len(lengths), 1, 1, -1
+        )
+    else:
+        decode_lengths = torch.empty(0, dtype=torch.long)
+        decode_slots = torch.empty(0, 0, dtype=torch.long)
+        decode_mask = torch.empty(0, 1, 1, 0, dtype=torch.bool)
+    return CpuAttentionMetadata(
+        slot_mapping=torch.tensor(rows.slot_mapping, dtype=torch.long, device=device),
+        decode_rows=decode_rows.to(device),
+        decode_slots=decode_slots.to(device),
+        decode_mask=decode_mask.to(device),
+        decode_lengths=decode_lengths.to(device),
+        extends=[ExtendSpan(s.row_start, s.num_new_tokens, s.context_slots.to(device)) for s in spans],
+    )
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.key = torch.zeros(shape, dtype=dtype, device=device)
-        self.value = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.scales: torch.Tensor | None = None  # [2, num_layers] K and V scales of an FP8 cache
 
-    def set_scales(self, scales: torch.Tensor) -> None:
-        """Per-layer K/V scales: the cache stores k / k_scale and reads back k_fp8 * k_scale."""
-        if self.key.dtype == torch.float8_e4m3fn:
-            self.scales = scales.float().to(self.key.device)
-
-    def scales_of(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.scales is None:
-            return None
-        return self.scales[0, layer_index], self.scales[1, layer_index]
-
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
-
-    def copy_block(self, source: int, target: int) -> None:
-        """Copy-on-write for forked sequences (n > 1): duplicate one block in every layer."""
-        size = self.block_size
-        src = slice(source * size, (source + 1) * size)
-        dst = slice(target * size, (target + 1) * size)
-        self.key[:, dst] = self.key[:, src]
-        self.value[:, dst] = self.value[:, src]
+def _padded_slots(seqs: list, lengths: list[int], width: int, block_size: int) -> torch.Tensor:
+    """[len(seqs), width] context slots of each sequence, padded with slots of the reserved block 0."""
+    if not seqs:
+        return torch.zeros(0, width, dtype=torch.long)
+    max_blocks = -(-width // block_size)
+    table = torch.zeros((len(seqs), max_blocks), dtype=torch.long)
+    for row, (seq, length) in enumerate(zip(seqs, lengths, strict=True)):
+        blocks = seq.block_table[: -(-length // block_size)]
+        table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+    offsets = torch.arange(block_size, dtype=torch.long)
+    return (table.unsqueeze(2) * block_size + offsets).view(len(seqs), -1)[:, :width]
 
 
 def paged_attention(
@@ -95,7 +139,7 @@ def paged_attention(
     value: torch.Tensor,
     key_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim] (this layer)
     value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
+    metadata: CpuAttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -155,7 +199,7 @@ def _decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
+    metadata: CpuAttentionMetadata,
     scale: float,
     num_kv_heads: int,
     sliding_window: int | None,
@@ -219,7 +263,7 @@ def _native_decode_function():  # noqa: ANN202 (a ctypes function pointer)
     return _native_function[0]
 
 
-def native_decode_slots(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def native_decode_slots(metadata: CpuAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """The native decode kernel's context inputs: int64 slots [num_decodes, width] and lengths [num_decodes]."""
     lengths = metadata.decode_lengths
     if lengths is None:
@@ -231,7 +275,7 @@ def _native_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
+    metadata: CpuAttentionMetadata,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor | None:

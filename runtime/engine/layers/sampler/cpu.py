@@ -1,4 +1,4 @@
-"""Turn logits into tokens: bias, min_tokens, grammar masks, penalties, temperature, top-k/p, min-p, seeds.
+"""Turn logits into tokens on the CPU: bias, min_tokens, grammar masks, penalties, temperature, top-k/p, min-p, seeds.
 
 Row order of processing (each step only touches the rows that ask for it):
 raw logprobs -> logit_bias -> min_tokens (EOS and stop ids masked) -> grammar mask -> repetition /
@@ -7,32 +7,14 @@ Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws exa
 each seeded request use its own generator.
 """
 
-from dataclasses import dataclass
-
 import torch
 
-from runtime.backends.types import SamplingParams, TokenLogprob
-from runtime.engine.models import native_ops
+from runtime.backends.types import TokenLogprob
+from runtime.engine.layers.sampler import SamplerOutput, SamplingRow
+from runtime.engine.kernels import native_ops
 
 
-@dataclass
-class SamplingRow:
-    params: SamplingParams
-    generator: torch.Generator | None
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_ids: tuple[int, ...]
-    allowed_tokens: torch.Tensor | None = None  # bool [vocab]; None = no grammar constraint
-    token_bitmask: torch.Tensor | None = None  # the same as a packed int32 bitmask [ceil(vocab / 32)], bit set = allowed
-
-
-@dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
-
-
-class Sampler:
+class CpuSampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
