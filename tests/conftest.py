@@ -8,6 +8,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _interpret_triton_without_a_gpu() -> None:
+    """The GPU path's Triton kernels run on CPU tensors under the interpreter, which triton reads when a kernel is
+    defined: set it before any test imports one."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 MODELS_DIR = Path(os.environ.get("ENGINE_BUILDER_MODELS_DIR", REPO_ROOT / "models"))

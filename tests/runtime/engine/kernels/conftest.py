@@ -1,12 +1,7 @@
-"""Triton kernel tests: on a machine without CUDA they run under the interpreter (set before any kernel import)."""
-
-import os
+"""Triton kernel tests: on a machine without CUDA they run under the interpreter (tests/conftest.py sets it)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 
