@@ -78,7 +78,8 @@ def build_engine(
         raise BuildError(
             "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
         )
-    _check_supported(loaded, backend)
+    _check_supported(loaded, backend, options)
+    dummy = options.load_format == "dummy"
     logger.info(
         "fetching checkpoint %s %s",
         build.checkpoint_repository.source.value,
@@ -93,11 +94,13 @@ def build_engine(
         base_dir=loaded.base_dir,
         base_model=build.base_model,
         allow_prequantized=prequantized_ok,
+        require_weights=not dummy,
     )
     from engine_builder.checkpoints import check_repository_layout
 
     info = check_repository_layout(
-        fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok
+        fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok,
+        require_weights=not dummy,
     )
     if isinstance(stack, TrtLlmConfigV1):
         stack.apply_architecture(info.architecture)
@@ -121,6 +124,9 @@ def build_engine(
         if user_model.is_file():
             shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
+        if dummy:
+            manifest.extra["load_format"] = "dummy"
+            logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
         (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
     engine = load_engine_dir(output)
@@ -158,8 +164,16 @@ def build_identity(loaded: LoadedConfig) -> str:
     return digest.hexdigest()
 
 
-def _check_supported(loaded: LoadedConfig, backend: str) -> None:
+def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:
     build = loaded.trt_llm.build
+    if options.load_format == "dummy" and (
+        backend != "torch" or build.base_model.is_encoder or build.quantization_type != QuantizationType.NO_QUANT
+    ):
+        raise BuildError(
+            "load_format dummy builds torch-backend decoders without quantization only "
+            f"(got backend {backend}, base_model {build.base_model.value}, "
+            f"quantization_type {build.quantization_type.value})"
+        )
     if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
         raise BuildError(
             f"quantization_type {build.quantization_type.value} is not supported by the torch backend "

@@ -42,13 +42,17 @@ def fetch_checkpoint(
     base_model: BaseModelKind | None = None,
     allow_prequantized: bool = False,
     settings: DownloadSettings | None = None,
+    require_weights: bool = True,
 ) -> FetchedCheckpoint:
     """Fetch (or reuse) the checkpoint. With `base_model`, the layout checks run on the small files before
-    the weights download and again on the complete folder before it is committed to the cache."""
+    the weights download and again on the complete folder before it is committed to the cache. Without
+    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough."""
     secrets = secrets or Secrets.from_env()
     try:
         source = source_class(repository.source)(repository, secrets, base_dir)
-        fetch = _Fetch(source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress)
+        fetch = _Fetch(
+            source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress, require_weights
+        )
         return fetch.run(base_model, allow_prequantized)
     except CheckpointError as error:
         error.args = (secrets.redact(str(error)),)
@@ -63,9 +67,15 @@ def fetch_checkpoint(
 
 class _Fetch:
     def __init__(
-        self, source: CheckpointSourceBase, cache: CheckpointCache, settings: DownloadSettings, progress: bool
+        self,
+        source: CheckpointSourceBase,
+        cache: CheckpointCache,
+        settings: DownloadSettings,
+        progress: bool,
+        require_weights: bool = True,
     ) -> None:
         self.source = source
+        self.require_weights = require_weights
         self.cache = cache
         self.settings = settings
         self.progress = progress
@@ -85,7 +95,10 @@ class _Fetch:
             if snapshot is not None:
                 logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
                 if base_model is not None:  # the snapshot may have been fetched without the checks
-                    check_repository_layout(snapshot.path, base_model, allow_prequantized=allow_prequantized)
+                    check_repository_layout(
+                        snapshot.path, base_model, allow_prequantized=allow_prequantized,
+                        require_weights=self.require_weights,
+                    )
             else:
                 snapshot = self._download(key, listing, files, base_model, allow_prequantized)
         return FetchedCheckpoint(path=snapshot.path, files=snapshot.files, revision=snapshot.revision)
@@ -101,7 +114,7 @@ class _Fetch:
                 f"{self.source.describe()}: {CONFIG_FILE} is missing at the root of the repository "
                 f"(found: {shown}); point repo at the folder that holds config.json"
             )
-        if not any(is_weight_file(file.path) for file in files):
+        if self.require_weights and not any(is_weight_file(file.path) for file in files):
             others = unusable_weight_files(paths)
             found = f" (found only {', '.join(others)})" if others else ""
             raise CheckpointLayoutError(
@@ -131,7 +144,8 @@ class _Fetch:
                 self.source.materialize(_paths(blobs), staging)
                 present = {file.path for file in files}
                 check_repository_layout(
-                    staging, base_model, allow_prequantized=allow_prequantized, present_files=present
+                    staging, base_model, allow_prequantized=allow_prequantized, present_files=present,
+                    require_weights=self.require_weights,
                 )
                 heavy_blobs = downloader.fetch(heavy, "weights")
                 self.source.materialize(_paths(heavy_blobs), staging)
@@ -142,7 +156,9 @@ class _Fetch:
                 hashes = self.source.materialize(_paths(blobs), staging)
             files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
             if base_model is not None:
-                check_repository_layout(staging, base_model, allow_prequantized=allow_prequantized)
+                check_repository_layout(
+                    staging, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+                )
             revision = listing.revision or content_revision(files_sha)
             snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
         except BaseException:
@@ -162,7 +178,9 @@ class _Fetch:
     ) -> FetchedCheckpoint:
         files = self._needed(self.source.list_files())
         if base_model is not None:
-            check_repository_layout(path, base_model, allow_prequantized=allow_prequantized)
+            check_repository_layout(
+                path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+            )
         hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
         return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes))
 

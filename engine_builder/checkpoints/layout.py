@@ -57,9 +57,11 @@ def check_repository_layout(
     allow_prequantized: bool = False,
     require_chat_template: bool = True,
     present_files: Collection[str] | None = None,
+    require_weights: bool = True,
 ) -> RepositoryInfo:
     """Check `path` for `base_model`. `present_files` lists weights not yet downloaded: their existence is
-    taken from it and their headers are not read (the pre-download check)."""
+    taken from it and their headers are not read (the pre-download check). Without `require_weights`
+    (dummy weights) a folder with no weights passes; weights that are there are still checked."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointLayoutError(f"checkpoint folder {folder} does not exist or is not a folder")
@@ -67,7 +69,7 @@ def check_repository_layout(
     architecture, model_type = _check_architecture(config, folder, base_model)
     torch_dtype = _check_dtype(config)
     quantization = _check_quantization(config, folder, base_model, allow_prequantized)
-    weight_files = _check_weights(folder, present_files)
+    weight_files = _check_weights(folder, present_files) if require_weights or _has_weights(folder, present_files) else ()
     _check_tokenizer(folder)
     has_chat_template = _has_chat_template(folder)
     if not base_model.is_encoder and require_chat_template and not has_chat_template:
@@ -202,6 +204,11 @@ def _max_positions(config: dict[str, Any]) -> int | None:
                 raise CheckpointLayoutError(f"{CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
             return value
     return None
+
+
+def _has_weights(folder: Path, present_files: Collection[str] | None) -> bool:
+    names = present_files if present_files is not None else _top_level_names(folder)
+    return WEIGHTS_INDEX in names or SINGLE_WEIGHTS in names
 
 
 def _check_weights(folder: Path, present_files: Collection[str] | None) -> tuple[str, ...]:

@@ -42,6 +42,21 @@ class EngineOptions(ConfigModel):
         "our AVX512-BF16 kernel for more on one thread, else FBGEMM up to 8 rows and oneDNN above; float32 "
         "activations for small steps; auto picks it when available) or native (PyTorch's bf16 F.linear)",
     )
+    kernels: Literal["auto", "native", "triton", "torch"] = pydantic.Field(
+        default="auto",
+        description="Kernel set of the torch backend: auto = native CPU kernels on the CPU, Triton on CUDA; "
+        "torch = plain PyTorch ops (the reference); triton on the CPU needs TRITON_INTERPRET=1 (tests only)",
+    )
+    cuda_graphs: bool = pydantic.Field(
+        default=True,
+        description="Replay decode steps from CUDA graphs captured at startup (Triton kernels on CUDA); "
+        "false = every step eager, like vLLM's enforce_eager",
+    )
+    load_format: Literal["auto", "dummy"] = pydantic.Field(
+        default="auto",
+        description="dummy = random weights from config.json alone, nothing downloaded beyond config and "
+        "tokenizer (benchmarking aid, like vLLM's --load-format dummy); the outputs are meaningless",
+    )
     lookahead_adaptive: bool = pydantic.Field(
         default=True,
         description="Lookahead drafts only where it pays (Jacobi window when the n-gram pool has nothing, "

@@ -70,6 +70,7 @@ class LoadedConfig:
             "trt_llm": resolved["trt_llm"],
             "backend": engine.get("backend"),
             "dtype": engine.get("dtype"),
+            "load_format": engine.get("load_format"),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

@@ -55,4 +55,7 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
         num_threads=options.num_threads,
         lookahead=lookahead,
         cpu_gemm=options.cpu_gemm,
+        kernels=options.kernels,
+        cuda_graphs=options.cuda_graphs,
+        load_format="dummy" if "dummy" in (manifest.extra.get("load_format"), options.load_format) else "auto",
     )
