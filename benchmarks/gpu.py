@@ -1,0 +1,368 @@
+"""`python -m benchmarks.gpu` (`make bench-gpu`): the torch engine on a CUDA GPU, with nothing downloaded.
+
+Three phases, each in its own process so each starts with the whole GPU:
+1. parity: a SmolLM2-shaped random checkpoint in float32 (written with transformers); 32 greedy tokens for 4
+   prompts one at a time and 16 requests at once from our engine in-process, against transformers `generate()`;
+2. serve: a Llama-3.1-8B-shaped engine with dummy weights (`load_format: dummy`) in bf16, served by
+   `engine-builder run`, driven over HTTP by the project's load generator at concurrency 1, 16 and 64 with
+   128 prompt and 128 output tokens;
+3. hf: transformers `generate()` at batch 1, 16 and 64 on a model of the same shape and dtype (random weights of
+   its own: only speed is compared).
+It writes benchmarks/results/gpu-llama8b.json and, where matplotlib is installed, a PNG beside it
+(`--plot FILE.json` draws one later on another machine). The tokenizer is SmolLM2's from `make models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.peers.base import REPO_ROOT, SMOLLM2_DIR, free_port, launch
+from benchmarks.report import write_json
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "gpu-llama8b.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
+)
+SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "small": {}}  # small = the tokenizer's own (SmolLM2) shape
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+CONCURRENCY = (1, 16, 64)
+INPUT_LEN = OUTPUT_LEN = 128
+REQUESTS_PER_CONCURRENCY = 2  # measured requests per in-flight slot (at least 8)
+
+
+def log(*parts: object) -> None:
+    print("[bench-gpu]", *parts, file=sys.stderr, flush=True)
+
+
+def model_folder(tokenizer: Path, out: Path, shape: dict[str, Any], dtype: str) -> Path:
+    """config.json in the given shape plus the tokenizer files: enough for dummy weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).exists():
+            (out / name).write_bytes((tokenizer / name).read_bytes())
+    config = json.loads((tokenizer / "config.json").read_text())
+    config.update(shape)
+    config.update(torch_dtype=dtype, dtype=dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+# -- phase 1: parity ---------------------------------------------------------------------------------------------
+def phase_parity(tokenizer: Path, work: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from runtime.backends.types import GenerationRequest, SamplingParams
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.engine import LLMEngine
+
+    folder = model_folder(tokenizer, work / "small", {}, "float32")
+    torch.manual_seed(0)
+    reference_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    reference_model.save_pretrained(folder)
+    reference_model = reference_model.cuda().eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = [tok(text).input_ids for text in PROMPTS]
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            tensor = torch.tensor([ids], device="cuda")
+            out = reference_model.generate(
+                tensor, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
+                attention_mask=torch.ones_like(tensor),
+            )
+            expected.append(out[0, len(ids):].tolist())
+    del reference_model
+    torch.cuda.empty_cache()
+    engine = LLMEngine(
+        EngineConfig(
+            model_dir=folder, dtype="float32", device="cuda", max_seq_len=512, max_num_tokens=2048, max_batch_size=16,
+            kv_cache_fraction=0.2,
+        ),
+        eos_token_ids=(),
+    )
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+    def generate(batch: list[list[int]]) -> list[list[int]]:
+        for index, ids in enumerate(batch):
+            engine.add_request(GenerationRequest(f"p{time.monotonic_ns()}-{index}", tuple(ids), params))
+        order = list(engine.groups)
+        tokens: dict[str, list[int]] = {request_id: [] for request_id in order}
+        while engine.has_unfinished():
+            for output in engine.step():
+                tokens[output.request_id].extend(output.token_ids)
+        return [tokens[request_id] for request_id in order]
+
+    alone = [generate([ids])[0] for ids in prompts]
+    batched = generate([prompts[i % 4] for i in range(16)])
+    runner = engine.runner
+    return {
+        "kernels": runner.kernels.value,
+        "cuda_graphs": runner.graphs is not None,
+        "alone_equal": sum(a == b for a, b in zip(alone, expected, strict=True)),
+        "alone_total": len(prompts),
+        "batched_equal": sum(b == expected[i % 4] for i, b in enumerate(batched)),
+        "batched_total": len(batched),
+        "first_mismatch": next(
+            ({"ours": a, "transformers": b} for a, b in zip(alone, expected, strict=True) if a != b), None
+        ),
+    }
+
+
+# -- phase 2: serve and load --------------------------------------------------------------------------------------
+def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from benchmarks.client import LengthControl, RerankStyle
+    from benchmarks.compare import run_interleaved
+    from benchmarks.loadgen import LoadPlan
+    from benchmarks.records import Endpoint
+    from benchmarks.runner import Target
+    from benchmarks.workloads import WorkloadSpec
+
+    folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
+    config = work / "serve.yaml"
+    config.write_text(
+        "model_name: llama8b-dummy\n"
+        "trt_llm:\n  build:\n    base_model: decoder\n"
+        f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
+        "    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n"
+        "  runtime:\n    served_model_name: llama8b-dummy\n"
+        f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n  load_format: dummy\n"
+    )
+    port = free_port()
+    command = [
+        sys.executable, "-m", "engine_builder.cli", "run", str(config), "--host", "127.0.0.1", "--port", str(port),
+        "--engine-dir", str(work / "engine"),
+    ]
+    started = time.monotonic()
+    handle = launch("ours-gpu", command, port=port, model="llama8b-dummy", timeout_s=420, cwd=REPO_ROOT)
+    startup_s = time.monotonic() - started
+    log(f"server ready in {startup_s:.1f} s")
+    try:
+        target = Target("ours", handle.base_url, "llama8b-dummy", {"engine": "torch engine, Triton kernels"}, handle)
+        spec = WorkloadSpec(
+            endpoint=Endpoint.CHAT, dataset="random", input_len=args.input_len, output_len=args.output_len,
+            tokenizer_dir=folder,
+        )
+        plans = [
+            LoadPlan(
+                concurrency=c, num_requests=max(8, REQUESTS_PER_CONCURRENCY * c), max_seconds=args.max_seconds,
+                warmup_requests=2, seed=c,
+            )
+            for c in args.concurrency
+        ]
+        points = run_interleaved(
+            [target], spec, plans, 1, None, length_control=LengthControl.IGNORE_EOS, rerank_style=RerankStyle.TEI
+        )
+        log_text = handle.log_path.read_text(errors="replace")
+    finally:
+        handle.stop()
+    return {
+        "startup_s": round(startup_s, 1),
+        "server_log_tail": "\n".join(line for line in log_text.splitlines() if "CUDA graphs" in line or "KV cache" in line),
+        "points": [
+            {"concurrency": point.plan.concurrency, "summary": point.summary.to_json(), "notes": point.notes}
+            for point in points
+        ],
+    }
+
+
+# -- phase 3: transformers generate() ------------------------------------------------------------------------------
+def phase_hf(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).eval()
+    cuda = args.device.startswith("cuda")
+    results = {}
+    for batch in args.concurrency:
+        ids = torch.randint(100, 40000, (batch, args.input_len), device=args.device)
+        options = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+        with torch.inference_mode():
+            model.generate(ids[:, :16], max_new_tokens=4, **options | {"attention_mask": torch.ones_like(ids[:, :16])})
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, **options)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+        results[str(batch)] = {
+            "output_tokens_per_s": round(batch * args.output_len / seconds, 1), "seconds": round(seconds, 2)
+        }
+        log(f"transformers generate batch {batch}: {results[str(batch)]['output_tokens_per_s']} tok/s")
+    return results
+
+
+# -- driver ---------------------------------------------------------------------------------------------------------
+def gpu_description() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": None}
+    properties = torch.cuda.get_device_properties(0)
+    return {
+        "device": properties.name,
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "multiprocessors": properties.multi_processor_count,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+    }
+
+
+def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run one phase in a child process (a fresh CUDA context); its result comes back as JSON."""
+    result_file = work / f"{phase}.json"
+    command = [
+        sys.executable, "-m", "benchmarks.gpu", "--phase", phase, "--work", str(work), "--tokenizer", str(args.tokenizer),
+        "--max-seconds", str(args.max_seconds), "--device", args.device, "--shape", args.shape,
+        "--concurrency", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
+        "--output-len", str(args.output_len),
+    ]
+    started = time.monotonic()
+    completed = subprocess.run(command, cwd=REPO_ROOT, timeout=args.phase_timeout)
+    seconds = round(time.monotonic() - started, 1)
+    if completed.returncode != 0 or not result_file.exists():
+        return {"error": f"phase {phase} exited with {completed.returncode}", "seconds": seconds}
+    return {**json.loads(result_file.read_text()), "seconds": seconds}
+
+
+def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    hf = document.get("transformers_generate", {})
+    rows = []
+    for point in document.get("serve", {}).get("points", []):
+        summary = point["summary"]
+        concurrency = point["concurrency"]
+        rows.append({
+            "concurrency": concurrency,
+            "output_tokens_per_s": round(summary["output_throughput"], 1),
+            "tpot_ms_p50": round(summary["tpot_ms"]["p50"], 2),
+            "ttft_ms_p50": round(summary["ttft_ms"]["p50"], 1),
+            "transformers_tokens_per_s": hf.get(str(concurrency), {}).get("output_tokens_per_s"),
+        })
+    return rows
+
+
+def plot(document: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        log(f"no plot ({error}); run `python -m benchmarks.gpu --plot {path.with_suffix('.json')}` where it is installed")
+        return None
+    rows = document["summary"]
+    if not rows:
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = [str(row["concurrency"]) for row in rows]
+    positions = range(len(rows))
+    left.bar([p - 0.2 for p in positions], [row["output_tokens_per_s"] for row in rows], width=0.4, label="ours")
+    left.bar(
+        [p + 0.2 for p in positions], [row["transformers_tokens_per_s"] or 0 for row in rows], width=0.4,
+        label="transformers generate()",
+    )
+    left.set_xticks(list(positions), labels)
+    left.set_xlabel("concurrency (batch size for generate())")
+    left.set_ylabel("output tokens/s")
+    left.legend()
+    right.plot(labels, [row["tpot_ms_p50"] for row in rows], marker="o", label="TPOT p50")
+    right.plot(labels, [row["ttft_ms_p50"] for row in rows], marker="s", label="TTFT p50")
+    right.set_yscale("log")
+    right.set_xlabel("concurrency")
+    right.set_ylabel("ms")
+    right.legend()
+    device = document["machine"].get("gpu", {}).get("device") or "no GPU"
+    workload = document["workload"]
+    figure.suptitle(
+        f"{workload['shape']} shape, bf16, {workload['input_len']} -> {workload['output_len']} tokens, {device}"
+    )
+    figure.tight_layout()
+    png = path.with_suffix(".png")
+    figure.savefig(png, dpi=110)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", type=Path, default=SMOLLM2_DIR, help="HF folder with config.json + tokenizer")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--phases", default="parity,serve,hf", help="comma list of parity, serve, hf")
+    parser.add_argument("--max-seconds", type=float, default=25.0, help="load time per concurrency point")
+    parser.add_argument("--phase-timeout", type=float, default=540.0)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of the pipeline
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama8b", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help=argparse.SUPPRESS)
+    parser.add_argument("--input-len", type=int, default=INPUT_LEN, help=argparse.SUPPRESS)
+    parser.add_argument("--output-len", type=int, default=OUTPUT_LEN, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, default=None, help="draw the PNG of an existing result JSON and exit")
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    if args.plot is not None:
+        document = json.loads(args.plot.read_text())
+        return 0 if plot(document, args.plot) is not None else 1
+    if args.phase is not None:
+        work = args.work
+        if args.phase == "parity":
+            result = phase_parity(args.tokenizer, work)
+        elif args.phase == "serve":
+            result = phase_serve(args, work)
+        else:
+            result = phase_hf(args, work)
+        (work / f"{args.phase}.json").write_text(json.dumps(result, default=str))
+        return 0
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        log("no CUDA device: this benchmark measures the GPU path (the CPU suite is `make bench`)")
+        return 1
+    if not (args.tokenizer / "tokenizer.json").exists():
+        log(f"no tokenizer at {args.tokenizer}: run `make models` or pass --tokenizer")
+        return 1
+    from benchmarks import machine
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    document: dict[str, Any] = {
+        "title": f"torch engine on {args.device}: {args.shape} shape, bf16, dummy weights",
+        "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {**machine.describe(), "gpu": gpu_description()},
+        "workload": {
+            "shape": {"llama8b": "Llama-3.1-8B", "small": "SmolLM2-135M"}[args.shape], "input_len": args.input_len,
+            "output_len": args.output_len, "concurrency": args.concurrency,
+        },
+    }
+    phases = [phase for phase in args.phases.split(",") if phase]
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=os.environ.get("BENCH_GPU_WORK")) as work_dir:
+        work = Path(work_dir)
+        for phase in phases:
+            log(f"phase {phase} ...")
+            key = {"parity": "parity", "serve": "serve", "hf": "transformers_generate"}[phase]
+            document[key] = run_phase(phase, args, work)
+            log(f"phase {phase}: {json.dumps(document[key], default=str)[:600]}")
+    document["summary"] = summary_rows(document)
+    document["seconds"] = round(time.monotonic() - started, 1)
+    write_json(document, args.out)
+    print(json.dumps(document["summary"], indent=1))
+    png = plot(document, args.out)
+    log(f"wrote {args.out}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
