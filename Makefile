@@ -13,14 +13,14 @@ export ENGINE_BUILDER_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv models test test-fast run lint bench soak clean
+.PHONY: venv models test test-fast run lint bench bench-gpu soak clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e '.[dev,storage,models]'
-	# xgrammar declares triton (GPU-only, 1 GB) as a dependency; it runs fine on CPU without it.
+	# xgrammar declares triton as a dependency (the dev extras pin it); xgrammar itself needs no GPU.
 	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.8'
 	$(BIN)/pip install -q 'apache-tvm-ffi'
 	touch $@
@@ -48,6 +48,10 @@ lint: venv
 
 bench: venv models
 	$(BIN)/python -m benchmarks.run_all
+
+# On a CUDA machine: parity, the Llama-3.1-8B shape (dummy weights) at concurrency 1/16/64, transformers generate().
+bench-gpu: venv models
+	$(BIN)/python -m benchmarks.gpu
 
 soak: venv models
 	$(BIN)/python -m tests.reliability.soak --minutes 30 --report benchmarks/results/soak.json

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from calibration.forward import batches, run_batch
-from runtime.engine.models.decoder import DecoderModel
 from runtime.engine.layers.linear import Linear
+from runtime.engine.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from runtime.backends.types import EngineStats, FinishReason, GenerationRequest,
 from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
-from runtime.engine.model_runner import ModelRunner
 from runtime.engine.layers.sampler import SamplingRow, make_sampler
+from runtime.engine.model_runner import ModelRunner
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from runtime.engine.speculation import LookaheadRunner
@@ -249,10 +249,7 @@ class LLMEngine:
         if not rows:
             return []
         logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
-        # one projection per distinct row (forked choices share their parent's row)
-        distinct = sorted(set(logit_rows))
-        projected = self.runner.logits(hidden[torch.tensor(distinct)])
-        row_logits = projected[torch.tensor([distinct.index(row) for row in logit_rows])]
+        row_logits = self._project_rows(hidden, logit_rows)
         outputs: list[StepOutput] = []
         try:
             sampled = self.sampler(row_logits, rows)
@@ -274,6 +271,20 @@ class LLMEngine:
             outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
         return outputs
 
+    def _project_rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Logits of hidden rows `rows`, one projection per distinct row (forked choices share their parent's).
+
+        The usual decode step asks for every row once, in order: then nothing is gathered, so no index tensor
+        has to reach the device (a synchronous copy that would wait for the forward pass)."""
+        if rows == list(range(hidden.shape[0])):
+            return self.runner.logits(hidden)
+        distinct = sorted(set(rows))
+        position = {row: index for index, row in enumerate(distinct)}
+        projected = self.runner.logits(hidden[torch.tensor(distinct, device=hidden.device)])
+        if len(distinct) == len(rows) and rows == distinct:
+            return projected
+        return projected[torch.tensor([position[row] for row in rows], device=hidden.device)]
+
     def _execute_one_by_one(
         self, scheduled: list[ScheduledSequence], requests: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, dict[str, str]]:
@@ -284,7 +295,7 @@ class LLMEngine:
         for index, item in enumerate(scheduled):
             own = [(0, offset) for i, offset in requests if i == index]
             try:
-                piece = self.runner.execute(self.runner.prepare([item], own))
+                piece = self.runner.execute(self.runner.prepare([item], own)).clone()  # graph outputs are reused
                 width, dtype = piece.shape[-1], piece.dtype
             except Exception as error:
                 failed[item.seq.request_id] = f"engine error: {error}"

@@ -33,7 +33,7 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     metadata: AttentionMetadata
-    logit_rows: torch.Tensor  # rows whose logits are needed, in the order the caller asked
+    logit_rows: torch.Tensor | None  # rows whose logits are needed, in the order asked; None = every row, in order
     row_of: dict[int, int]  # index in the scheduled list -> first row of that sequence
     num_rows: int = 0
     graph_bucket: int | None = None  # replay the CUDA graph of this batch size
@@ -187,6 +187,7 @@ class ModelRunner:
         """`logit_requests` lists (scheduled index, row offset within that sequence's rows) to project."""
         rows = flatten(scheduled, self.block_size)
         graph_bucket = None
+        metadata: AttentionMetadata
         if self.step_buffers is not None:
             if self.graphs is not None and rows.is_decode_only:
                 graph_bucket = self.graphs.bucket_for(rows.num_rows)
@@ -196,8 +197,9 @@ class ModelRunner:
             metadata = build_cpu_metadata(rows, scheduled, self.block_size, self.device)
             input_ids = torch.tensor(rows.input_ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(rows.positions, dtype=torch.long, device=self.device)
-        logit_rows = torch.tensor(
-            [rows.row_of[i] + offset for i, offset in logit_requests], dtype=torch.long, device=self.device
+        wanted = [rows.row_of[i] + offset for i, offset in logit_requests]
+        logit_rows = (
+            None if wanted == list(range(rows.num_rows)) else torch.tensor(wanted, dtype=torch.long, device=self.device)
         )
         return StepInputs(
             input_ids=input_ids,
@@ -217,7 +219,7 @@ class ModelRunner:
             hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
-        return hidden[inputs.logit_rows]
+        return hidden if inputs.logit_rows is None else hidden[inputs.logit_rows]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

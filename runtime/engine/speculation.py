@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from runtime.decoding.lookahead import DraftPlan, LookaheadProposer, LookaheadState
-from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import LookaheadConfig
+from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.sequence import Sequence
 
 CPU_DRAFT_ROWS = 3

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.engine.kernels import native_ops
 from runtime.engine.layers import KernelSet
 from runtime.engine.layers.linear import Linear
-from runtime.engine.kernels import native_ops
 
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
 

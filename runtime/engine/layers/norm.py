@@ -4,8 +4,8 @@ set allows it."""
 import torch
 from torch import nn
 
-from runtime.engine.layers import KernelSet
 from runtime.engine.kernels import native_ops
+from runtime.engine.layers import KernelSet
 
 
 class RMSNorm(nn.Module):

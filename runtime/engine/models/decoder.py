@@ -10,6 +10,7 @@ from torch import nn
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers import KernelSet
 from runtime.engine.layers.attention import Attention, AttentionMetadata
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata
 from runtime.engine.layers.linear import Linear
 from runtime.engine.layers.mlp import GatedMLP
 from runtime.engine.layers.norm import RMSNorm
@@ -141,7 +142,7 @@ class DecoderModel(nn.Module):
         cos_sin = self.rotary.lookup(positions, hidden.dtype)
         local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
         fused = self._fused_stack() if self.kernels == KernelSet.NATIVE and hidden.device.type == "cpu" else None
-        if fused is not None and fused.applies(hidden, metadata, kv_cache):
+        if fused is not None and isinstance(metadata, CpuAttentionMetadata) and fused.applies(hidden, metadata, kv_cache):
             result = fused.run(hidden, cos_sin, metadata, kv_cache)
             if result is not None:
                 return self.norm(result)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from runtime.engine import kernels
+from runtime.engine.kernels import native_ops
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers.attention.cpu import (
     CpuAttentionMetadata,
     native_decode_available,
     native_decode_slots,
 )
-from runtime.engine.kernels import native_ops
 from runtime.engine.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ class FusedDecodeStack:
     def applies(self, hidden: torch.Tensor, metadata: CpuAttentionMetadata, kv_cache: PagedKVCache) -> bool:
         rows = hidden.shape[0]
         return bool(
-            isinstance(metadata, CpuAttentionMetadata)
-            and hidden.dtype in _IO
+            hidden.dtype in _IO
             and self.first_linear.uses_kernel(rows)  # every linear has the same row limits
             and metadata.num_decodes == rows
             and not metadata.extends
@@ -177,7 +176,6 @@ class FusedDecodeStack:
         address = kv_cache.key.data_ptr()
         if self._layers is not None and self._cache_address == address:
             return self._layers
-        spec = self.spec
         entries = []
         keep: list[torch.Tensor] = []
 

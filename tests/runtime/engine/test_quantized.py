@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.backends.types import GenerationRequest, SamplingParams
-from runtime.engine.kv_cache import PagedKVCache
-from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan, paged_attention
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
+from runtime.engine.kv_cache import PagedKVCache
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan, paged_attention
 from runtime.engine.layers.linear import Linear
 from runtime.engine.models.loader import CheckpointMismatchError, load_decoder
 from runtime.engine.quantized import Fp8Linear, Nvfp4Linear, QuantizedLinear, fp8_fake_quantize

@@ -13,7 +13,14 @@ COMMON = dict(
 
 def write_tiny_model(root: Path, family: str) -> Path:
     """`family`: llama, qwen3 (per-head q/k norms) or mistral (sliding window of 8 tokens)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     path = root / f"tiny-{family}"
     if (path / "config.json").exists():

@@ -10,8 +10,8 @@ each seeded request use its own generator.
 import torch
 
 from runtime.backends.types import TokenLogprob
-from runtime.engine.layers.sampler import SamplerOutput, SamplingRow
 from runtime.engine.kernels import native_ops
+from runtime.engine.layers.sampler import SamplerOutput, SamplingRow
 
 
 class CpuSampler:

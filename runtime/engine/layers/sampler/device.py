@@ -156,8 +156,8 @@ class DeviceSampler:
             results.append(chosen)
             num_top = max(rows[i].params.logprobs or 0 for i in wanted)
             if num_top:
-                top = raw_logprobs.topk(num_top, dim=-1)
-                results.extend([top.values, top.indices])
+                best = raw_logprobs.topk(num_top, dim=-1)
+                results.extend([best.values, best.indices])
         host = [self._host_copy(tensor) for tensor in results]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -169,10 +169,12 @@ class DeviceSampler:
             top_ids = host[3].tolist() if num_top else None
             for position, index in enumerate(wanted):
                 count = rows[index].params.logprobs or 0
-                top: tuple[tuple[int, float], ...] = ()
+                alternatives: tuple[tuple[int, float], ...] = ()
                 if count and top_values is not None and top_ids is not None:
-                    top = tuple(zip(top_ids[position][:count], top_values[position][:count], strict=True))
-                logprobs[index] = TokenLogprob(token_id=ids[index], logprob=float(chosen_values[position]), top=top)
+                    alternatives = tuple(zip(top_ids[position][:count], top_values[position][:count], strict=True))
+                logprobs[index] = TokenLogprob(
+                    token_id=ids[index], logprob=float(chosen_values[position]), top=alternatives
+                )
         return SamplerOutput(ids, logprobs)
 
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:

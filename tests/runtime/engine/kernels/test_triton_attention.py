@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from runtime.engine.kernels.triton.attention import decode_splits, paged_decode_attention, paged_extend_attention
+from runtime.engine.kernels.triton.attention import (
+    decode_splits,
+    paged_decode_attention,
+    paged_extend_attention,
+)
 
 PAGE = 4
 
