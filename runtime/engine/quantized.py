@@ -198,9 +198,10 @@ class Fp8Linear(QuantizedLinear):
         if name != "weight_scale":
             raise KeyError(f"FP8 linear has no scale {name!r}")
         self.weight_scale[rows] = tensor.float().reshape(-1).to(self.weight_scale.device)
+        self._uniform_scale: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _has_fp8_matmul(x) and bool((self.weight_scale == self.weight_scale[0]).all()):
+        if _has_fp8_matmul(x) and self._one_weight_scale():
             return self._finish(self._scaled_mm(x))
         # Emulation: both operands as exact float16 images (each / 256, so products stay far from float16's
         # limits), a float16 matmul, and the scales applied to the float32 result.
@@ -208,6 +209,14 @@ class Fp8Linear(QuantizedLinear):
         y = F.linear(fp8_as_float16(x_fp8).to(_matmul_dtype(x)), fp8_as_float16(self.weight).to(_matmul_dtype(x)))
         scale = self.weight_scale * (self.input_scale * _FP16_IMAGE_SCALE)
         return self._finish((y.float() * scale).to(x.dtype))
+
+    def _one_weight_scale(self) -> bool:
+        """Whether every row shares one weight scale (what torch._scaled_mm takes). Read once, on the first forward
+        (a warm-up step, before any CUDA graph is captured: the read waits for the device)."""
+        uniform = getattr(self, "_uniform_scale", None)
+        if uniform is None:
+            uniform = self._uniform_scale = bool((self.weight_scale == self.weight_scale[0]).all())
+        return uniform
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

@@ -13,6 +13,7 @@ from runtime.engine.graph_runner import CudaGraphRunner, EagerCapture
 from tests.runtime.engine.tiny_models import write_tiny_model
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels run for real
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _engine(model_dir: Path, kernels: str, **overrides: object) -> LLMEngine:
     values: dict = dict(
         model_dir=model_dir, dtype="float32", max_seq_len=128, max_num_tokens=24, max_batch_size=8,
-        kv_cache_memory_bytes=4 << 20, block_size=4, kernels=kernels,
+        kv_cache_memory_bytes=4 << 20, block_size=4, kernels=kernels, device=DEVICE, kv_cache_fraction=0.05 if DEVICE == "cuda" else 0.9,
+        cuda_graphs=False,
     )
     values.update(overrides)
     return LLMEngine(EngineConfig(**values), eos_token_ids=())
@@ -79,7 +81,7 @@ def test_graph_runner_replays_padded_decode_steps(tiny_root: Path) -> None:
     reference = _run(_engine(model, "torch"), PROMPTS[:3], 5)
     engine = _engine(model, "triton", max_batch_size=4)
     runner = engine.runner
-    assert runner.step_buffers is not None and runner.graphs is None  # no CUDA here: graphs are not captured
+    assert runner.step_buffers is not None and runner.graphs is None  # cuda_graphs off: nothing captured
     runner.graphs = CudaGraphRunner(
         runner.model, runner.kv_cache, runner.step_buffers, 4, runner.max_model_len, capture=EagerCapture()
     )
@@ -96,3 +98,13 @@ def test_graph_runner_replays_padded_decode_steps(tiny_root: Path) -> None:
     assert _run(engine, PROMPTS[:3], 5)["tokens"] == reference["tokens"]
     assert (4, 3) in replays  # three decode rows padded to the bucket of four
     assert all(bucket >= rows for bucket, rows in replays)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_replay_equals_eager(tiny_root: Path) -> None:
+    model = write_tiny_model(tiny_root, "llama")
+    reference = _run(_engine(model, "triton"), PROMPTS, 8, logprobs=1)
+    engine = _engine(model, "triton", cuda_graphs=True)
+    assert engine.runner.graphs is not None and engine.runner.graphs.bucket_for(3) == 4
+    _assert_same(reference, _run(engine, PROMPTS, 8, logprobs=1))

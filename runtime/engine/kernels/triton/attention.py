@@ -34,7 +34,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" only matters for float32 inputs
 
 
-@triton.jit
+# Lengths and windows change from step to step: no specialization on their values (each would recompile).
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
@@ -115,7 +116,7 @@ def _decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, num_splits, stride_out_row, stride_out_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -192,7 +193,7 @@ def paged_decode_attention(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _extend_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr, query_start_ptr,
     out_ptr, k_scale_ptr, v_scale_ptr,
