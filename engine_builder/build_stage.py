@@ -270,7 +270,3 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{state} {result.engine_dir.path} ({result.engine_dir.manifest.architecture}, {result.seconds:.1f} s)"
     )
     return 0
-
-
-def resolved_config_of(engine: EngineDir) -> dict:
-    return yaml.safe_load(engine.config_file.read_text())

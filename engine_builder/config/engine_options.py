@@ -47,6 +47,11 @@ class EngineOptions(ConfigModel):
         description="Kernel set of the torch backend: auto = native CPU kernels on the CPU, Triton on CUDA; "
         "torch = plain PyTorch ops (the reference); triton on the CPU needs TRITON_INTERPRET=1 (tests only)",
     )
+    cpu_fused_decode: bool = pydantic.Field(
+        default=True,
+        description="On the CPU, run every layer of a decode-only step of a Llama-shaped bf16 model in one native "
+        "call (bit-identical to the per-op path); ENGINE_BUILDER_FUSED_DECODE=0 also turns it off",
+    )
     cuda_graphs: bool = pydantic.Field(
         default=True,
         description="Replay decode steps from CUDA graphs captured at startup (Triton kernels on CUDA); "

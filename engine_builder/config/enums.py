@@ -56,14 +56,6 @@ class QuantizationType(str, Enum):
     def has_kv_quantization(self) -> bool:
         return "_kv" in self.value
 
-    @property
-    def is_fp8_family(self) -> bool:
-        return self in FP8_OR_FP4_TYPES
-
-    @property
-    def is_fp4(self) -> bool:
-        return self in FP4_TYPES
-
 
 FP4_TYPES = frozenset({QuantizationType.FP4, QuantizationType.FP4_KV, QuantizationType.FP4_MLP_ONLY})
 FP8_OR_FP4_TYPES = frozenset(

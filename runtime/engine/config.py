@@ -45,6 +45,7 @@ class EngineConfig:
     lookahead: LookaheadConfig | None = None
     cpu_gemm: str = "auto"  # "fbgemm_fp16": pack 16-bit linears for FBGEMM on CPU; "native": F.linear; auto = fbgemm when it helps
     kernels: str = "auto"  # auto | native | triton | torch (runtime/engine/layers/__init__.py)
+    fused_decode: bool = True  # CPU: decode-only steps of Llama-shaped bf16 models in one native call
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (Triton kernels on CUDA only)
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarking)
     seed: int = 0

@@ -57,5 +57,6 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
         cpu_gemm=options.cpu_gemm,
         kernels=options.kernels,
         cuda_graphs=options.cuda_graphs,
+        fused_decode=options.cpu_fused_decode,
         load_format="dummy" if "dummy" in (manifest.extra.get("load_format"), options.load_format) else "auto",
     )

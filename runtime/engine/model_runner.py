@@ -77,6 +77,7 @@ class ModelRunner:
         self.kernels = resolve_kernels(config.kernels, self.device)
         self.model = load_decoder(config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy")
         self.model.use_kernels(self.kernels)
+        self.model.fused_decode = config.fused_decode
         if self.kernels == KernelSet.NATIVE:
             self._maybe_pack_linears()
         spec = self.model.spec

@@ -1,11 +1,9 @@
 """`engine-builder serve` and `engine-builder run`: load (or build) an engine, start uvicorn, drain on SIGTERM."""
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +100,3 @@ class DrainingServer(uvicorn.Server):
             )
             self.state.draining = True
         super().handle_exit(sig, frame)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(asyncio.sleep(0))
-    sys.exit(0)

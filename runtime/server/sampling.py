@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from runtime.backends.types import Guide, SamplingParams
 from runtime.server.errors import APIError, bad_request, unsupported
-from runtime.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from runtime.server.protocol import ChatCompletionRequest, SamplingFields
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,3 @@ def build_sampling_params(
         n=request.n,
         guide=guide,
     )
-
-
-def completion_logprobs(request: CompletionRequest) -> int | None:
-    return request.logprobs

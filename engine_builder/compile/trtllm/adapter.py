@@ -76,9 +76,3 @@ def sampling_params(kwargs: dict[str, Any], guide: dict[str, Any] | None) -> Any
     llmapi = _llmapi()
     guided = llmapi.GuidedDecodingParams(**guide) if guide is not None else None
     return llmapi.SamplingParams(**kwargs, guided_decoding=guided)
-
-
-def request_error_type() -> type[BaseException]:
-    """The exception a streaming result raises when TensorRT-LLM fails one request."""
-    error_type: type[BaseException] = _llmapi().RequestError
-    return error_type

@@ -27,6 +27,8 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 def enabled() -> bool:
+    """ENGINE_BUILDER_NATIVE_KERNELS=0 is the documented override that keeps every native kernel unloaded (the
+    option for the same is `kernels: torch`)."""
     return os.environ.get("ENGINE_BUILDER_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

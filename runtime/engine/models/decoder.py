@@ -117,6 +117,7 @@ class DecoderModel(nn.Module):
         self.activation_dtype: torch.dtype | None = None  # float32 when the linears are packed for the CPU
         self.small_batch_rows = 0  # steps with at most this many rows run float32 activations
         self.kernels = KernelSet.NATIVE
+        self.fused_decode = True  # the CPU's one-call decode stack, where it applies (EngineConfig.fused_decode)
         self._fused: FusedDecodeStack | None | bool = False  # False: not built yet
         self.local_rotary = (
             RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
@@ -157,7 +158,7 @@ class DecoderModel(nn.Module):
         if self._fused is False:
             from runtime.engine.models.fused_decode import FusedDecodeStack, enabled
 
-            self._fused = FusedDecodeStack.build(self) if enabled() else None
+            self._fused = FusedDecodeStack.build(self) if self.fused_decode and enabled() else None
         return self._fused  # type: ignore[return-value]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ class _Scratch(ctypes.Structure):
 
 
 def enabled() -> bool:
-    """On unless ENGINE_BUILDER_FUSED_DECODE is 0/false/no/off (the per-op path then runs every step)."""
+    """The documented override of the `cpu_fused_decode` option: ENGINE_BUILDER_FUSED_DECODE=0/false/no/off turns the
+    fused call off whatever the option says (the per-op path then runs every step)."""
     return os.environ.get("ENGINE_BUILDER_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

@@ -121,6 +121,12 @@ def test_models_the_fused_call_does_not_cover(smollm2_dir: Path) -> None:
     assert model._fused_stack() is None
 
 
+@needs_bf16_gemm
+def test_disabled_by_option(smollm2_dir: Path) -> None:
+    assert isinstance(_engine(smollm2_dir).runner.model._fused_stack(), FusedDecodeStack)
+    assert _engine(smollm2_dir, fused_decode=False).runner.model._fused_stack() is None
+
+
 def test_disabled_by_environment(smollm2_dir: Path) -> None:
     script = (
         "from pathlib import Path\n"
