@@ -153,11 +153,11 @@ def lookahead(
     from transformers import AutoTokenizer
 
     from benchmarks.workloads.code_prompts import load_prompts
-    from runtime.backends.torch_client import eos_token_ids_of
+    from runtime.model_facts import read_model_facts
 
     model_dir = MODEL.parent / LOOKAHEAD_MODELS[model]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    eos = eos_token_ids_of(model_dir)
+    eos = read_model_facts(model_dir).eos_token_ids
     snippets = load_prompts()[:6]
     if workload == "edit":
         # Code editing (the use case Baseten cites for lookahead): a chat request to change code, whose

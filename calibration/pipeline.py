@@ -20,9 +20,9 @@ from calibration.evaluate import evaluate
 from calibration.export_hf import export_hf_checkpoint
 from calibration.quantize import quantize_tensors
 from calibration.recipes import Recipe, recipe_for
-from engine_builder.artifact import CALIBRATION_REPORT, MODEL_DIR, write_atomic
 from engine_builder.build_stage import BuildError
 from engine_builder.config import BaseModelKind, LoadedConfig
+from runtime.artifact import CALIBRATION_REPORT, MODEL_DIR, write_atomic
 from runtime.engine.models.loader import load_decoder, safetensors_files
 from runtime.engine.quantized_checkpoint import weight_bytes
 

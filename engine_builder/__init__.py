@@ -1,3 +1,5 @@
-"""Build stage of the engine builder: config schema, checkpoint sources, compile steps, engine artifacts."""
+"""Build stage of the engine builder: config schema, checkpoint sources, compile steps; writes engine directories."""
 
-__version__ = "0.1.0"
+from runtime import __version__
+
+__all__ = ["__version__"]

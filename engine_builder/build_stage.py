@@ -14,7 +14,19 @@ from pathlib import Path
 
 import yaml
 
-from engine_builder.artifact import (
+from engine_builder.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
+from engine_builder.config import (
+    BaseModelKind,
+    CheckpointRepository,
+    EngineOptions,
+    LoadedConfig,
+    QuantizationType,
+    TrtLlmConfigV1,
+    load_config,
+)
+from engine_builder.runtime_spec import runtime_spec
+from engine_builder.tool_parsers import detect_tool_parser
+from runtime.artifact import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
@@ -26,18 +38,7 @@ from engine_builder.artifact import (
     is_engine_dir,
     load_engine_dir,
 )
-from engine_builder.backend_choice import choose_backend
-from engine_builder.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
-from engine_builder.config import (
-    BaseModelKind,
-    CheckpointRepository,
-    EngineOptions,
-    LoadedConfig,
-    QuantizationType,
-    TrtLlmConfigV1,
-    load_config,
-)
-from engine_builder.tool_parsers import detect_tool_parser
+from runtime.backends.choice import choose_backend
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +115,19 @@ def build_engine(
             from calibration.pipeline import quantize_checkpoint
 
             quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend)
+        trtllm_serve = None
         if backend == "trtllm":
             from engine_builder.compile.trtllm import compile_trtllm
 
-            trtllm_summary = compile_trtllm(loaded, staging, info)
+            compiled = compile_trtllm(loaded, staging, info)
+            trtllm_serve = compiled.serve
             if trtllm_quantizes:
-                quantization_summary = trtllm_summary
+                quantization_summary = compiled.quantization
         user_model = loaded.base_dir / "model" / "model.py"
         if user_model.is_file():
             shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
+        manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve)
         if dummy:
             manifest.extra["load_format"] = "dummy"
             logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
@@ -246,10 +250,7 @@ def _manifest(
         tool_parser=tool_parser,
         served_model_name=runtime.served_model_name or loaded.truss.model_name,
         inference_stack=stack.inference_stack.value,
-        extra={
-            "pooling_mode": info.pooling_mode,
-            "default_route": getattr(runtime, "webserver_default_route", None),
-        },
+        extra={"pooling_mode": info.pooling_mode},
     )
 
 

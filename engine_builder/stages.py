@@ -1,10 +1,20 @@
-"""CLI wiring of the build and serve stages; serving flags are derived from `EngineOptions`, the one source of truth."""
+"""CLI wiring of the build and serve stages; serving flags are derived from `EngineOptions`, the one source of truth.
+
+`serve ENGINE_DIR` starts from the options the build recorded in the engine directory, `run CONFIG` and
+`serve CONFIG` from the config's `engine_builder:` section (building first); flags override either.
+"""
 
 import argparse
+import logging
+import os
 import typing
+from pathlib import Path
 from typing import Any
 
-from engine_builder.config import EngineOptions, LoadedConfig
+from engine_builder.config import EngineOptions, LoadedConfig, load_config
+from runtime.artifact import EngineDir, is_engine_dir, load_engine_dir
+
+logger = logging.getLogger(__name__)
 
 
 def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +33,12 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def engine_options_from(args: argparse.Namespace, loaded: LoadedConfig | None) -> EngineOptions:
-    base = loaded.truss.engine_builder.model_dump() if loaded else {}
+def engine_options_from(
+    args: argparse.Namespace, loaded: LoadedConfig | None, base: dict[str, Any] | None = None
+) -> EngineOptions:
+    """The config's (or `base`'s) options with every flag that was given applied on top."""
+    if base is None:
+        base = loaded.truss.engine_builder.model_dump() if loaded else {}
     overrides = {
         name: getattr(args, f"engine_{name}")
         for name in EngineOptions.model_fields
@@ -48,7 +62,7 @@ def add_stage_commands(commands: Any) -> None:
     serve = commands.add_parser("serve", help="serve an engine directory (or a config, building it first)")
     serve.add_argument("target", help="ENGINE_DIR or CONFIG")
     _add_server_flags(serve)
-    serve.set_defaults(handler=_run("runtime.server.main", "cmd_serve"))
+    serve.set_defaults(handler=cmd_serve)
 
     run = commands.add_parser(
         "run", help="build (unless the cached engine matches the config hash), then serve"
@@ -58,7 +72,7 @@ def add_stage_commands(commands: Any) -> None:
         "--engine-dir", default=None, help="where the engine is cached (default: engines/<hash>)"
     )
     _add_server_flags(run)
-    run.set_defaults(handler=_run("runtime.server.main", "cmd_run"))
+    run.set_defaults(handler=cmd_run)
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -80,3 +94,46 @@ def _run(module: str, function: str) -> Any:
         return int(getattr(importlib.import_module(module), function)(args))
 
     return handler
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Build (unless the cached engine matches the config hash), then serve."""
+    options = engine_options_from(args, load_config(args.config))
+    engine = build_or_reuse(args.config, args.engine_dir, options)
+    return _serve(engine, args, options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if is_engine_dir(target):
+        engine = load_engine_dir(target)
+        options = engine_options_from(args, None, base=engine.manifest.runtime.options)
+    else:
+        options = engine_options_from(args, load_config(target))
+        engine = build_or_reuse(str(target), None, options)
+    return _serve(engine, args, options)
+
+
+def build_or_reuse(config_path: str, engine_dir: str | None, options: EngineOptions) -> EngineDir:
+    from engine_builder.build_stage import build_engine
+
+    loaded = load_config(config_path)
+    for warning in loaded.warnings:
+        logger.warning("%s", warning)
+    name = loaded.truss.model_name or Path(config_path).stem
+    target = Path(engine_dir) if engine_dir else _engines_root() / _safe(name)
+    return build_engine(loaded, target, options).engine_dir
+
+
+def _engines_root() -> Path:
+    return Path(os.environ.get("ENGINE_BUILDER_ENGINES", "engines"))
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _serve(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:
+    from runtime.server.main import serve_engine
+
+    return serve_engine(engine, args, options)

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_builder.artifact import write_atomic
 from engine_builder.checkpoints.source import RemoteFile
+from runtime.artifact import write_atomic
 
 CACHE_LAYOUT_VERSION = 1
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH

@@ -10,7 +10,6 @@ from engine_builder.config.build import (
     lookahead_max_draft_len,
 )
 from engine_builder.config.checkpoint import CheckpointRepository
-from engine_builder.config.engine_options import EngineOptions
 from engine_builder.config.enums import (
     Accelerator,
     BaseModelKind,
@@ -24,6 +23,7 @@ from engine_builder.config.loader import ConfigError, ConfigIssue, LoadedConfig,
 from engine_builder.config.runtime import RuntimeConfigV1, RuntimeConfigV2
 from engine_builder.config.stack import TrtLlmConfig, TrtLlmConfigV1, TrtLlmConfigV2, VersionsOverrides
 from engine_builder.config.truss import AcceleratorSpec, Resources, TrussConfig, cross_section_errors
+from runtime.options import EngineOptions
 
 __all__ = [
     "Accelerator",

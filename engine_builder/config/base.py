@@ -45,10 +45,13 @@ class ConfigModel(pydantic.BaseModel):
                 value = value.root
             children = value.values() if isinstance(value, dict) else [value]
             for index, child in enumerate(children):
-                if isinstance(child, ConfigModel):
+                if isinstance(child, pydantic.BaseModel):
                     key = list(value)[index] if isinstance(value, dict) else None
                     path = f"{prefix}{name}." if key is None else f"{prefix}{name}.{key}."
-                    found.extend(child.unknown_keys(path))
+                    if isinstance(child, ConfigModel):
+                        found.extend(child.unknown_keys(path))
+                    else:  # a plain pydantic section (EngineOptions) keeps its unknown keys the same way
+                        found.extend(f"{path}{key}" for key in (child.model_extra or {}))
         return found
 
 

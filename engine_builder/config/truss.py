@@ -7,7 +7,6 @@ from typing import Any
 import pydantic
 
 from engine_builder.config.base import ConfigModel, FieldError
-from engine_builder.config.engine_options import EngineOptions
 from engine_builder.config.enums import (
     FP4_TYPES,
     FP8_OR_FP4_TYPES,
@@ -17,6 +16,7 @@ from engine_builder.config.enums import (
     QuantizationType,
 )
 from engine_builder.config.stack import TrtLlmConfig, TrtLlmConfigV1
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from runtime.backends.types import (
     EngineStats,
@@ -302,16 +301,3 @@ class TorchEngineClient:
                 stream.outputs.put_nowait(error)
 
         self._loop.call_soon_threadsafe(deliver)
-
-
-def eos_token_ids_of(model_dir: Path) -> tuple[int, ...]:
-    """EOS ids from generation_config.json, falling back to config.json."""
-    import json
-
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.exists():
-            value = json.loads(path.read_text()).get("eos_token_id")
-            if value is not None:
-                return tuple(value) if isinstance(value, list) else (int(value),)
-    return ()

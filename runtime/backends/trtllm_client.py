@@ -9,16 +9,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from engine_builder.artifact import EngineDir
-from engine_builder.compile.trtllm import adapter, engine_path
-from engine_builder.compile.trtllm.mapping import v1_serve_spec, v2_serve_spec
-from engine_builder.compile.trtllm.specs import LlmBackend, LlmSpec
-from engine_builder.config import EngineOptions, LoadedConfig, TrtLlmConfigV2
-from runtime.backends.trtllm.model_facts import read_model_facts
+from runtime.artifact import EngineDir
+from runtime.backends.trtllm import adapter
 from runtime.backends.trtllm.outputs import RequestStream
 from runtime.backends.trtllm.sampling import EngineTraits, UnsupportedRequestError, guide_kwargs, to_trtllm
+from runtime.backends.trtllm.specs import LlmBackend, LlmSpec
 from runtime.backends.types import (
     EngineStats,
     GenerationDelta,
@@ -27,6 +25,7 @@ from runtime.backends.types import (
     ModelInfo,
     SamplingParams,
 )
+from runtime.model_facts import read_model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +53,20 @@ class TrtLlmEngineClient:
         self._stopping = False
 
     @classmethod
-    def from_engine_dir(
-        cls, engine: EngineDir, loaded: LoadedConfig, options: EngineOptions
-    ) -> "TrtLlmEngineClient":
-        stack = loaded.trt_llm
-        if isinstance(stack, TrtLlmConfigV2):
-            spec = v2_serve_spec(stack, engine.model_dir)
-        else:
-            engine_dir = engine_path(engine.path)
-            if not (engine_dir / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{engine.path} has no TensorRT engine under {engine_dir.relative_to(engine.path)} "
-                    f"(it was built for the {engine.manifest.backend} backend): rebuild it with --backend trtllm"
-                )
-            spec = v1_serve_spec(stack, engine_dir, engine.model_dir)
+    def from_engine_dir(cls, engine: EngineDir) -> "TrtLlmEngineClient":
+        """The LLM(...) the build recorded in the manifest's runtime section, its paths inside `engine`."""
+        recorded = engine.manifest.runtime.trtllm
+        if recorded is None:
+            raise FileNotFoundError(
+                f"{engine.path} has no TensorRT-LLM launch recorded (it was built for the {engine.manifest.backend} "
+                "backend): rebuild it with --backend trtllm"
+            )
+        spec = LlmSpec.from_dict(recorded, root=engine.path)
+        if spec.backend == LlmBackend.TENSORRT and not (Path(spec.model) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{engine.path} has no TensorRT engine under {Path(spec.model).relative_to(engine.path)}: "
+                "rebuild it with --backend trtllm"
+            )
         facts = read_model_facts(engine.model_dir)
         manifest = engine.manifest
         model_info = ModelInfo(

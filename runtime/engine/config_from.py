@@ -1,34 +1,20 @@
-"""EngineConfig from an engine directory, its resolved config and the serving options."""
+"""EngineConfig from an engine directory's runtime section and the serving options."""
 
-from typing import Any
-
-from engine_builder.artifact import EngineDir
-from engine_builder.config import EngineOptions, LoadedConfig, TrtLlmConfigV1
+from runtime.artifact import EngineDir
 from runtime.engine.config import EngineConfig, LookaheadConfig, SchedulerPolicy
+from runtime.options import EngineOptions
 
 
-def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineOptions) -> EngineConfig:
+def engine_config_from(engine: EngineDir, options: EngineOptions) -> EngineConfig:
     manifest = engine.manifest
-    stack = loaded.trt_llm
-    runtime: Any = stack.runtime
-    build = stack.build
-    if isinstance(stack, TrtLlmConfigV1):
-        policy = SchedulerPolicy(runtime.batch_scheduler_policy.value)
-        chunked = runtime.enable_chunked_context
-        fraction = runtime.kv_cache_free_gpu_mem_fraction
-        total_token_limit = runtime.total_token_limit
-    else:
-        policy = SchedulerPolicy.GUARANTEED_NO_EVICT
-        chunked = runtime.enable_chunked_prefill
-        fraction = 0.9
-        total_token_limit = 500000
+    spec = manifest.runtime
+    scheduling = spec.scheduling
     lookahead = None
-    speculator = build.speculator
-    if build.uses_lookahead_decoding and speculator is not None:
+    if spec.lookahead is not None:
         lookahead = LookaheadConfig(
-            window_size=speculator.lookahead_windows_size or 1,
-            ngram_size=speculator.lookahead_ngram_size or 1,
-            verification_set_size=speculator.lookahead_verification_set_size or 1,
+            window_size=spec.lookahead.window_size,
+            ngram_size=spec.lookahead.ngram_size,
+            verification_set_size=spec.lookahead.verification_set_size,
             max_batch_size=options.lookahead_max_batch_size,
             adaptive=options.lookahead_adaptive,
             max_draft_rows=options.lookahead_max_draft_rows,
@@ -45,10 +31,10 @@ def engine_config_from(engine: EngineDir, loaded: LoadedConfig, options: EngineO
         max_batch_size=manifest.max_batch_size,
         max_num_tokens=manifest.max_num_tokens,
         max_seq_len=manifest.max_seq_len,
-        total_token_limit=total_token_limit,
-        enable_chunked_prefill=chunked,
-        scheduler_policy=policy,
-        kv_cache_fraction=fraction,
+        total_token_limit=scheduling.total_token_limit,
+        enable_chunked_prefill=scheduling.enable_chunked_prefill,
+        scheduler_policy=SchedulerPolicy(scheduling.policy),
+        kv_cache_fraction=scheduling.kv_cache_fraction,
         kv_cache_memory_bytes=options.kv_cache_memory_bytes,
         kv_cache_dtype="fp8" if manifest.kv_cache_dtype == "fp8" else "auto",
         block_size=options.kv_block_size,

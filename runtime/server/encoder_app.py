@@ -5,9 +5,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from engine_builder.artifact import EngineDir
-from engine_builder.config import EngineOptions, LoadedConfig
+from runtime.artifact import EngineDir
 from runtime.backends.types import EngineStats, GenerationDelta, GenerationRequest, Guide, ModelInfo
+from runtime.options import EngineOptions
 from runtime.server.app import create_app
 from runtime.server.errors import APIError
 from runtime.server.state import ServerSettings, ServerState
@@ -63,7 +63,7 @@ class EncoderEngineAdapter:
 
 
 def build_encoder_server(
-    engine_dir: EngineDir, loaded: LoadedConfig, options: EngineOptions, settings: ServerSettings
+    engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
 ) -> tuple[FastAPI, ServerState]:
     import torch
 
@@ -82,7 +82,7 @@ def build_encoder_server(
         device=str(resolve_device(options.device)),
         dtype=dtype,
     )
-    default_route = manifest.extra.get("default_route") or getattr(loaded.trt_llm.runtime, "webserver_default_route", None)
+    default_route = manifest.runtime.default_route
     if default_route in ("/v1/systemone", "/predict_tokens"):
         raise ValueError(f"webserver_default_route {default_route} is not served by this engine (use /v1/embeddings, /rerank or /predict)")
     router = build_encoder_router(engine, served_model_name=settings.served_model_name, default_route=default_route)

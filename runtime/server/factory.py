@@ -1,43 +1,45 @@
 """Assemble the server for an engine directory: the backend client, tokenizer, routes and settings."""
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import FastAPI
 
-from engine_builder.artifact import USER_MODEL_DIR, EngineDir
-from engine_builder.backend_choice import choose_backend
-from engine_builder.config import EngineOptions, parse_config
+from runtime.artifact import USER_MODEL_DIR, EngineDir
+from runtime.backends.choice import choose_backend
 from runtime.decoding.detokenizer import TextDecoder
+from runtime.options import EngineOptions
 from runtime.server.app import create_app
 from runtime.server.chat_template import PromptRenderer
 from runtime.server.state import ServerSettings, ServerState
 
 logger = logging.getLogger(__name__)
 
+SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
+
 
 def build_server(
     engine: EngineDir, options: EngineOptions, api_keys: tuple[str, ...]
 ) -> tuple[FastAPI, ServerState]:
     manifest = engine.manifest
-    loaded = parse_config(
-        engine.config_file.read_text(), source=str(engine.config_file), base_dir=engine.path
-    )
-    runtime = loaded.trt_llm.runtime
+    spec = manifest.runtime
     served_name = manifest.served_model_name or manifest.architecture
     settings = ServerSettings(
         served_model_name=served_name,
         api_keys=api_keys,
         max_inflight=manifest.max_batch_size + options.max_queue_size,
         max_batch_size=manifest.max_batch_size,
-        request_default_max_tokens=getattr(runtime, "request_default_max_tokens", None),
+        request_default_max_tokens=spec.request_default_max_tokens,
     )
     if manifest.base_model != "decoder":
         from runtime.server.encoder_app import build_encoder_server
 
-        return build_encoder_server(engine, loaded, options, settings)
-    client = decoder_client(engine, loaded, options, served_name)
+        return build_encoder_server(engine, options, settings)
+    client = decoder_client(engine, options, served_name)
     state = ServerState(
         settings=settings,
         engine=client,
@@ -50,23 +52,30 @@ def build_server(
         from runtime.server.custom_model import load_user_model
 
         logger.info("loading user model %s", user_model_file)
-        user_model = load_user_model(user_model_file, state, SecretsView(), loaded.resolved())
+        config = yaml.safe_load(engine.config_file.read_text()) or {}
+        user_model = load_user_model(user_model_file, state, SecretsView(), config)
     return create_app(state, user_model=user_model), state
 
 
 class SecretsView(Mapping[str, str]):
-    """`secrets["name"]` for user code, resolved like checkpoint secrets (environment, then secret files)."""
+    """`secrets["name"]` for user code: an environment variable of that name, else the file of that name in
+    $ENGINE_BUILDER_SECRETS_DIR (default /secrets, where Truss mounts secrets), stripped; unset or empty is
+    missing. Nothing is listed."""
 
-    def __init__(self) -> None:
-        from engine_builder.checkpoints import Secrets
-
-        self._secrets = Secrets.from_env()
+    def __init__(self, environ: Mapping[str, str] | None = None, secrets_dir: Path | None = None) -> None:
+        self._environ = environ if environ is not None else os.environ
+        self._secrets_dir = secrets_dir or Path(self._environ.get(SECRETS_DIR_ENV) or "/secrets")
 
     def __getitem__(self, name: str) -> str:
-        value = self._secrets.get(name)
-        if value is None:
+        value = self._environ.get(name)
+        if value is None and name and not any(sep in name for sep in "/\\") and name not in (".", ".."):
+            try:
+                value = (self._secrets_dir / name).read_text(encoding="utf-8")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+                value = None
+        if value is None or not value.strip():
             raise KeyError(name)
-        return value
+        return value.strip()
 
     def __iter__(self) -> Iterator[str]:
         return iter(())
@@ -75,7 +84,7 @@ class SecretsView(Mapping[str, str]):
         return 0
 
 
-def decoder_client(engine: EngineDir, loaded: Any, options: EngineOptions, served_name: str) -> Any:
+def decoder_client(engine: EngineDir, options: EngineOptions, served_name: str) -> Any:
     backend = (
         choose_backend(options.backend)
         if options.backend != "auto"
@@ -84,15 +93,14 @@ def decoder_client(engine: EngineDir, loaded: Any, options: EngineOptions, serve
     if backend == "trtllm":
         from runtime.backends.trtllm_client import TrtLlmEngineClient
 
-        return TrtLlmEngineClient.from_engine_dir(engine, loaded, options)
-    from runtime.backends.torch_client import TorchEngineClient, eos_token_ids_of
+        return TrtLlmEngineClient.from_engine_dir(engine)
+    from runtime.backends.torch_client import TorchEngineClient
     from runtime.engine.config_from import engine_config_from
 
-    config = engine_config_from(engine, loaded, options)
     return TorchEngineClient(
-        config,
+        engine_config_from(engine, options),
         served_model_name=served_name,
-        eos_token_ids=eos_token_ids_of(engine.model_dir),
+        eos_token_ids=tuple(engine.manifest.runtime.eos_token_ids),
         architecture=engine.manifest.architecture,
         tool_parser=engine.manifest.tool_parser,
     )

@@ -1,62 +1,21 @@
-"""`engine-builder serve` and `engine-builder run`: load (or build) an engine, start uvicorn, drain on SIGTERM."""
+"""Serve an engine directory: start uvicorn over the app `factory.py` assembles, drain on SIGTERM.
+
+The CLI (engine_builder/stages.py) resolves the engine directory and the options, building first for `run`.
+"""
 
 import argparse
 import logging
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from engine_builder.artifact import EngineDir, is_engine_dir, load_engine_dir
-from engine_builder.config import EngineOptions, load_config
+from runtime.artifact import EngineDir
+from runtime.options import EngineOptions
 from runtime.server.auth import parse_api_keys
 
 logger = logging.getLogger(__name__)
-
-
-def _engines_root() -> Path:
-    return Path(os.environ.get("ENGINE_BUILDER_ENGINES", "engines"))
-
-
-def build_or_reuse(config_path: str, engine_dir: str | None, options: EngineOptions) -> EngineDir:
-    from engine_builder.build_stage import build_engine
-
-    loaded = load_config(config_path)
-    for warning in loaded.warnings:
-        logger.warning("%s", warning)
-    name = loaded.truss.model_name or Path(config_path).stem
-    target = Path(engine_dir) if engine_dir else _engines_root() / _safe(name)
-    return build_engine(loaded, target, options).engine_dir
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from engine_builder.stages import engine_options_from
-
-    options = engine_options_from(args, load_config(args.config))
-    engine = build_or_reuse(args.config, args.engine_dir, options)
-    return serve_engine(engine, args, options)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from engine_builder.stages import engine_options_from
-
-    target = Path(args.target)
-    if is_engine_dir(target):
-        engine = load_engine_dir(target)
-        from engine_builder.config import parse_config
-
-        loaded = parse_config(engine.config_file.read_text(), source=str(engine.config_file), base_dir=target)
-        options = engine_options_from(args, loaded)
-    else:
-        options = engine_options_from(args, load_config(target))
-        engine = build_or_reuse(str(target), None, options)
-    return serve_engine(engine, args, options)
 
 
 def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:

@@ -7,9 +7,9 @@ import pytest
 from safetensors import safe_open
 
 from calibration import pipeline
-from engine_builder.artifact import CALIBRATION_REPORT, load_engine_dir
 from engine_builder.cli import main
 from engine_builder.config import load_config
+from runtime.artifact import CALIBRATION_REPORT, load_engine_dir
 
 pytestmark = pytest.mark.slow
 

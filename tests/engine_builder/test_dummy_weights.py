@@ -40,7 +40,7 @@ def test_builds_and_serves_random_weights(tmp_path: Path, smollm2_dir: Path) -> 
     engine_dir = result.engine_dir
     assert engine_dir.manifest.extra["load_format"] == "dummy"
     assert not list(engine_dir.model_dir.glob("*.safetensors"))
-    engine = LLMEngine(engine_config_from(engine_dir, loaded, options), eos_token_ids=())
+    engine = LLMEngine(engine_config_from(engine_dir, options), eos_token_ids=())
     assert engine.runner.model.spec.num_layers == 2
     engine.add_request(
         GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))

@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine_builder.artifact import CONFIG_FILE, MANIFEST_FILE, MODEL_DIR, Manifest, SourceInfo
 from engine_builder.checkpoints import RepositoryInfo
 from engine_builder.config import LoadedConfig
+from engine_builder.runtime_spec import runtime_spec
+from runtime.artifact import CONFIG_FILE, MANIFEST_FILE, MODEL_DIR, Manifest, SourceInfo
+from runtime.backends.trtllm.specs import LlmSpec
+from runtime.options import EngineOptions
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -40,8 +43,11 @@ def repository_info(max_position: int | None = 4096) -> RepositoryInfo:
     )
 
 
-def finish_engine_dir(root: Path, loaded: LoadedConfig, summary: dict[str, str]) -> None:
-    """What build_stage writes beside the compile step's output: config.yaml and manifest.json."""
+def finish_engine_dir(
+    root: Path, loaded: LoadedConfig, summary: dict[str, str], serve: LlmSpec | None = None
+) -> None:
+    """What build_stage writes beside the compile step's output: config.yaml and manifest.json (whose runtime
+    section records `serve`, the launch the compile step planned)."""
     build = loaded.trt_llm.build
     runtime = loaded.trt_llm.runtime
     manifest = Manifest(
@@ -60,6 +66,7 @@ def finish_engine_dir(root: Path, loaded: LoadedConfig, summary: dict[str, str])
         served_model_name=runtime.served_model_name,
         inference_stack=loaded.trt_llm.inference_stack.value,
     )
+    manifest.runtime = runtime_spec(loaded, EngineOptions(), root / MODEL_DIR, serve)
     (root / CONFIG_FILE).write_text(loaded.resolved_yaml())
     (root / MANIFEST_FILE).write_text(manifest.to_json())
     assert (root / MODEL_DIR).is_dir()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_builder.artifact import TEST_PAUSE_ENV, load_engine_dir
+from runtime.artifact import TEST_PAUSE_ENV, load_engine_dir
 from tests.conftest import REPO_ROOT
 from tests.runtime.server.harness import write_config
 

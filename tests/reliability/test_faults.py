@@ -387,9 +387,9 @@ def test_exception_in_one_requests_step_fails_only_that_request(
     request batched with it finishes, and the server stays healthy."""
     import uvicorn
 
-    from engine_builder.artifact import load_engine_dir
-    from engine_builder.config import EngineOptions, parse_config
+    from runtime.artifact import load_engine_dir
     from runtime.engine.layers.sampler.cpu import CpuSampler as Sampler
+    from runtime.options import EngineOptions
     from runtime.server.factory import build_server
 
     original = Sampler._process
@@ -401,8 +401,7 @@ def test_exception_in_one_requests_step_fails_only_that_request(
 
     monkeypatch.setattr(Sampler, "_process", faulty)
     engine = load_engine_dir(small_server.log_path.parent / "engine")
-    loaded = parse_config(engine.config_file.read_text(), source="config.yaml", base_dir=engine.path)
-    options = EngineOptions.model_validate(loaded.truss.engine_builder.model_dump())
+    options = EngineOptions.model_validate(engine.manifest.runtime.options)
     app, _ = build_server(engine, options, ())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

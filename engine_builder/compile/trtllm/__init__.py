@@ -1,6 +1,12 @@
-"""TensorRT-LLM compile step: config mapping (pure), the lazy `tensorrt_llm` adapter, and the build entry point."""
+"""TensorRT-LLM compile step: config mapping (pure) and the build entry point (the lazy `tensorrt_llm` adapter lives
+beside the serving client, runtime/backends/trtllm/adapter.py)."""
 
-from engine_builder.compile.trtllm.compile import TrtLlmBuildError, compile_trtllm, engine_path
+from engine_builder.compile.trtllm.compile import (
+    TrtLlmBuildError,
+    TrtLlmCompiled,
+    compile_trtllm,
+    engine_path,
+)
 from engine_builder.compile.trtllm.mapping import TrtLlmMappingError
 
-__all__ = ["TrtLlmBuildError", "TrtLlmMappingError", "compile_trtllm", "engine_path"]
+__all__ = ["TrtLlmBuildError", "TrtLlmCompiled", "TrtLlmMappingError", "compile_trtllm", "engine_path"]

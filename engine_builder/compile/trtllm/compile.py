@@ -1,23 +1,24 @@
 """The trtllm compile step: build and save a TensorRT engine (v1), or record the PyTorch-backend launch (v2).
 
 Writes under `<engine>/trtllm/`: `engine/` (v1: TensorRT-LLM's saved engine, `config.json` plus one
-`rank{N}.engine` per GPU) and `llm_args.json` (what we pass to TensorRT-LLM, for people to read; the
-server recomputes it from config.yaml). v1 quantizes inside TensorRT-LLM (QuantConfig + CalibConfig on the
+`rank{N}.engine` per GPU) and `llm_args.json` (what we pass to TensorRT-LLM, for people to read); the spec to
+serve goes into the manifest's runtime section. v1 quantizes inside TensorRT-LLM (QuantConfig + CalibConfig on the
 HF folder); v2 serves `<engine>/model`, the ModelOpt export the calibration stage wrote (or the checkpoint
 as given for no_quant).
 """
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine_builder.artifact import MODEL_DIR, TRTLLM_DIR
 from engine_builder.checkpoints import RepositoryInfo
-from engine_builder.compile.trtllm import adapter
 from engine_builder.compile.trtllm.mapping import v1_build_spec, v1_serve_spec, v2_serve_spec
-from engine_builder.compile.trtllm.specs import LlmSpec
 from engine_builder.config import LoadedConfig, TrtLlmConfigV2
+from runtime.artifact import MODEL_DIR, TRTLLM_DIR
+from runtime.backends.trtllm import adapter
+from runtime.backends.trtllm.specs import LlmSpec
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +30,18 @@ class TrtLlmBuildError(RuntimeError):
     """TensorRT-LLM is missing or did not produce an engine; the message says what happened."""
 
 
+@dataclass(frozen=True)
+class TrtLlmCompiled:
+    quantization: dict[str, str]  # the manifest's quantization summary
+    serve: LlmSpec  # the LLM(...) the server constructs (paths inside the staging folder)
+
+
 def engine_path(engine_root: Path) -> Path:
     return engine_root / TRTLLM_DIR / ENGINE_SUBDIR
 
 
-def compile_trtllm(
-    loaded: LoadedConfig, staging_dir: Path, repository_info: RepositoryInfo
-) -> dict[str, str]:
-    """Run the trtllm compile step into `staging_dir`; returns the manifest's quantization summary."""
+def compile_trtllm(loaded: LoadedConfig, staging_dir: Path, repository_info: RepositoryInfo) -> TrtLlmCompiled:
+    """Run the trtllm compile step into `staging_dir`."""
     stack = loaded.trt_llm
     build = stack.build
     out_dir = staging_dir / TRTLLM_DIR
@@ -50,7 +55,7 @@ def compile_trtllm(
         serve = v2_serve_spec(stack, model_dir)
         _write_llm_args(out_dir, staging_dir, {"serve": serve})
         logger.info("v2 (PyTorch backend): no engine build; the server loads %s", MODEL_DIR)
-        return summary
+        return TrtLlmCompiled(summary, serve)
     engine_dir = engine_path(staging_dir)
     build_spec = v1_build_spec(stack, model_dir, repository_info.max_position_embeddings)
     serve = v1_serve_spec(stack, engine_dir, model_dir)  # refuses an unservable config before the long build
@@ -72,7 +77,7 @@ def compile_trtllm(
         llm.shutdown()
     if not (engine_dir / "config.json").is_file():
         raise TrtLlmBuildError(f"TensorRT-LLM saved no engine config.json under {engine_dir}")
-    return summary
+    return TrtLlmCompiled(summary, serve)
 
 
 def _write_llm_args(out_dir: Path, staging_dir: Path, specs: dict[str, LlmSpec]) -> None:

@@ -9,7 +9,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engine_builder.compile.trtllm.specs import (
+from engine_builder.config import (
+    BatchSchedulerPolicy,
+    BuildConfig,
+    QuantizationType,
+    RuntimeConfigV1,
+    RuntimeConfigV2,
+    TrtLlmConfigV1,
+    TrtLlmConfigV2,
+)
+from runtime.backends.trtllm.specs import (
     BuildSpec,
     CalibSpec,
     KvCacheSpec,
@@ -19,15 +28,6 @@ from engine_builder.compile.trtllm.specs import (
     PluginSpec,
     QuantSpec,
     SchedulerSpec,
-)
-from engine_builder.config import (
-    BatchSchedulerPolicy,
-    BuildConfig,
-    QuantizationType,
-    RuntimeConfigV1,
-    RuntimeConfigV2,
-    TrtLlmConfigV1,
-    TrtLlmConfigV2,
 )
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_builder.artifact import MODEL_DIR, load_engine_dir
-from engine_builder.compile.trtllm import TrtLlmMappingError, compile_trtllm
-from engine_builder.config import EngineOptions, load_config, parse_config
+from engine_builder.compile.trtllm import TrtLlmCompiled, TrtLlmMappingError, compile_trtllm
+from engine_builder.config import load_config
+from runtime.artifact import MODEL_DIR, load_engine_dir
 from runtime.backends.trtllm_client import TrtLlmEngineClient
 from tests.fakes.trtllm_helpers import (
     CONFIGS_DIR,
@@ -211,19 +211,18 @@ ENCODER_CONFIGS = (
 )
 
 
-def _compile(config_name: str, root: Path) -> tuple[Any, dict[str, str]]:
+def _compile(config_name: str, root: Path) -> tuple[Any, TrtLlmCompiled]:
     loaded = load_config(CONFIGS_DIR / config_name)
     write_model_dir(root / MODEL_DIR)
-    summary = compile_trtllm(loaded, root, repository_info(max_position=131072))
-    return loaded, summary
+    compiled = compile_trtllm(loaded, root, repository_info(max_position=131072))
+    return loaded, compiled
 
 
-def _serve_calls(root: Path, loaded: Any, summary: dict[str, str], recorder: ModuleType) -> Calls:
-    finish_engine_dir(root, loaded, summary)
+def _serve_calls(root: Path, loaded: Any, compiled: TrtLlmCompiled, recorder: ModuleType) -> Calls:
+    finish_engine_dir(root, loaded, compiled.quantization, compiled.serve)
     engine = load_engine_dir(root)
-    reparsed = parse_config(engine.config_file.read_text(), base_dir=engine.path)
     recorder.reset()
-    client = TrtLlmEngineClient.from_engine_dir(engine, reparsed, EngineOptions(backend="trtllm"))
+    client = TrtLlmEngineClient.from_engine_dir(engine)
     asyncio.run(client.start())
     calls = summarize(recorder.CALLS, root)
     asyncio.run(client.shutdown(0))
@@ -245,24 +244,24 @@ def test_v1_config_builds_and_serves_with_exact_calls(
     config_name: str, tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
     expected_build, expected_serve = V1_EXPECTED[config_name]
-    loaded, summary = _compile(config_name, tmp_path)
+    loaded, compiled = _compile(config_name, tmp_path)
     assert summarize(fake_trtllm.CALLS, tmp_path) == expected_build
     engine_files = sorted(p.name for p in (tmp_path / "trtllm" / "engine").iterdir())
     tp = loaded.trt_llm.build.tensor_parallel_count
     assert engine_files == ["config.json", *(f"rank{rank}.engine" for rank in range(tp))]
-    assert _serve_calls(tmp_path, loaded, summary, fake_trtllm) == expected_serve
+    assert _serve_calls(tmp_path, loaded, compiled, fake_trtllm) == expected_serve
 
 
 @pytest.mark.parametrize("config_name", sorted(V2_EXPECTED))
 def test_v2_config_builds_nothing_and_serves_with_exact_calls(
     config_name: str, tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
-    loaded, summary = _compile(config_name, tmp_path)
+    loaded, compiled = _compile(config_name, tmp_path)
     assert fake_trtllm.CALLS == [], (
         "v2 builds no engine: the PyTorch backend loads the checkpoint at serve time"
     )
     assert not (tmp_path / "trtllm" / "engine").exists()
-    assert _serve_calls(tmp_path, loaded, summary, fake_trtllm) == V2_EXPECTED[config_name]
+    assert _serve_calls(tmp_path, loaded, compiled, fake_trtllm) == V2_EXPECTED[config_name]
 
 
 @pytest.mark.parametrize("config_name", ENCODER_CONFIGS)
@@ -289,5 +288,5 @@ def test_llm_args_json_records_both_calls_with_engine_relative_paths(
 
 
 def test_quantization_summary_for_the_manifest(tmp_path: Path, fake_trtllm: ModuleType) -> None:
-    _, summary = _compile("qwen2.5-32b-b200-fp4.yaml", tmp_path)
-    assert summary == {"quantization": "fp4_kv", "kv_cache_dtype": "fp8"}
+    _, compiled = _compile("qwen2.5-32b-b200-fp4.yaml", tmp_path)
+    assert compiled.quantization == {"quantization": "fp4_kv", "kv_cache_dtype": "fp8"}

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from engine_builder import backend_choice
-from engine_builder.artifact import MODEL_DIR
 from engine_builder.compile.trtllm import TrtLlmBuildError, TrtLlmMappingError, compile_trtllm
 from engine_builder.compile.trtllm.mapping import v1_build_spec, v2_serve_spec
 from engine_builder.config import parse_config
+from runtime.artifact import MODEL_DIR
 from tests.fakes.trtllm_helpers import repository_info, write_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -108,7 +108,7 @@ def test_v2_patch_kwargs_config_objects_must_be_mappings() -> None:
 
 
 def test_v2_llm_builds_with_tensorrt_llm_names(tmp_path: Path, fake_trtllm: ModuleType) -> None:
-    from engine_builder.compile.trtllm import adapter
+    from runtime.backends.trtllm import adapter
 
     patch = {"enable_attention_dp": True, "kv_cache_config": {"enable_block_reuse": False}}
     spec = v2_serve_spec(_v2({"quantization_type": "fp4_kv"}, {"patch_kwargs": patch}), tmp_path)
@@ -122,7 +122,7 @@ def test_v2_llm_builds_with_tensorrt_llm_names(tmp_path: Path, fake_trtllm: Modu
 
 
 def test_a_patch_key_tensorrt_llm_does_not_know_fails_there(tmp_path: Path, fake_trtllm: ModuleType) -> None:
-    from engine_builder.compile.trtllm import adapter
+    from runtime.backends.trtllm import adapter
 
     spec = v2_serve_spec(_v2(runtime={"patch_kwargs": {"no_such_option": 1}}), tmp_path)
     with pytest.raises(ValueError, match="no_such_option"):
@@ -132,7 +132,7 @@ def test_a_patch_key_tensorrt_llm_does_not_know_fails_there(tmp_path: Path, fake
 def test_compile_without_tensorrt_llm_says_where_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine_builder.compile.trtllm import adapter
+    from runtime.backends.trtllm import adapter
 
     monkeypatch.setattr(adapter, "is_importable", lambda: False)
     write_model_dir(tmp_path / MODEL_DIR)
@@ -156,7 +156,7 @@ def test_only_the_adapter_imports_tensorrt_llm() -> None:
         for path in (REPO_ROOT / package).rglob("*.py")
         if pattern.search(path.read_text(errors="replace"))
     )
-    assert importers == ["engine_builder/compile/trtllm/adapter.py"]
+    assert importers == ["runtime/backends/trtllm/adapter.py"]
 
 
 def test_auto_backend_picks_trtllm_only_with_the_package_and_a_gpu(

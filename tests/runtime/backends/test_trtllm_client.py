@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from engine_builder.compile.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
 from runtime.backends.trtllm.sampling import UnsupportedRequestError
+from runtime.backends.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
 from runtime.backends.trtllm_client import TrtLlmEngineClient, TrtLlmEngineDeadError
 from runtime.backends.types import (
     FinishReason,
@@ -294,15 +294,15 @@ def test_an_executor_that_stopped_marks_the_engine_dead(tmp_path: Path, fake_trt
 def test_a_torch_built_v1_engine_is_refused_with_rebuild_advice(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
-    from engine_builder.artifact import MODEL_DIR, load_engine_dir
-    from engine_builder.config import EngineOptions, load_config
+    from engine_builder.config import load_config
+    from runtime.artifact import MODEL_DIR, load_engine_dir
     from tests.fakes.trtllm_helpers import CONFIGS_DIR, finish_engine_dir, write_model_dir
 
     loaded = load_config(CONFIGS_DIR / "llama-3.2-3b-l4.yaml")
     write_model_dir(tmp_path / MODEL_DIR)
     finish_engine_dir(tmp_path, loaded, {"quantization": "no_quant", "kv_cache_dtype": "auto"})
     with pytest.raises(FileNotFoundError, match="rebuild it with --backend trtllm"):
-        TrtLlmEngineClient.from_engine_dir(load_engine_dir(tmp_path), loaded, EngineOptions())
+        TrtLlmEngineClient.from_engine_dir(load_engine_dir(tmp_path))
 
 
 def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine_builder.build_stage import build_engine
-from engine_builder.config import load_config, parse_config
+from engine_builder.config import load_config
 from runtime.backends.trtllm_client import TrtLlmEngineClient
 from runtime.backends.types import FinishReason, GenerationRequest, SamplingParams
 from tests.conftest import MODELS_DIR
@@ -52,7 +52,6 @@ def test_build_and_generate_on_a_gpu(stack: str, tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
     loaded = load_config(smollm2_config(tmp_path, MODELS_DIR, quantization="no_quant", stack=stack))
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
-    reparsed = parse_config(engine.config_file.read_text(), base_dir=engine.path)
-    client = TrtLlmEngineClient.from_engine_dir(engine, reparsed, loaded.truss.engine_builder)
+    client = TrtLlmEngineClient.from_engine_dir(engine)
     text, finish = asyncio.run(_generate(client))
     assert finish in (FinishReason.LENGTH, FinishReason.STOP) and text

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from engine_builder.compile.trtllm import adapter
+from runtime.backends.trtllm import adapter
 from runtime.backends.trtllm.sampling import (
     FIELD_MAPPINGS,
     EngineTraits,

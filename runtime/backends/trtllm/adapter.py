@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from engine_builder.compile.trtllm.specs import LlmBackend, LlmSpec
+from runtime.backends.trtllm.specs import LlmBackend, LlmSpec
 
 
 def is_importable() -> bool:

@@ -1,12 +1,14 @@
 """Plain descriptions of the TensorRT-LLM objects we construct, with TensorRT-LLM's own argument names.
 
-Nothing here imports `tensorrt_llm`: the mapping from our config produces these specs, tests read them, and
-`adapter.py` (the one module that imports `tensorrt_llm`) turns each into the real object. Every field is
+Nothing here imports `tensorrt_llm`: the build's mapping from our config (engine_builder/compile/trtllm/mapping.py)
+produces these specs and records the one to serve in the engine directory, tests read them, and `adapter.py` (the
+one module that imports `tensorrt_llm`) turns each into the real object. Every field is
 keyword-for-keyword the argument it becomes; `None` means "not passed" (TensorRT-LLM's default applies).
 """
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -201,3 +203,25 @@ class LlmSpec:
                 }
             }
         return described
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path | None = None) -> "LlmSpec":
+        """The spec `dataclasses.asdict` wrote; `root` resolves relative model and tokenizer paths."""
+        values = dict(data)
+        values["backend"] = LlmBackend(values["backend"])
+        nested: dict[str, type] = {
+            "quant": QuantSpec, "calib": CalibSpec, "lookahead": LookaheadSpec, "kv_cache": KvCacheSpec,
+            "scheduler": SchedulerSpec,
+        }
+        for name, kind in nested.items():
+            if values.get(name) is not None:
+                values[name] = kind(**values[name])
+        if values.get("build") is not None:
+            build = dict(values["build"])
+            build["plugin"] = PluginSpec(**build["plugin"])
+            values["build"] = BuildSpec(**build)
+        if root is not None:
+            for name in ("model", "tokenizer"):
+                if isinstance(values.get(name), str) and not Path(values[name]).is_absolute():
+                    values[name] = str(root / values[name])
+        return cls(**values)

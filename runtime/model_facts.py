@@ -1,4 +1,4 @@
-"""What the server needs from the HF folder beside a TensorRT-LLM engine: vocabulary size and EOS ids."""
+"""Facts read from a Hugging Face model folder that more than one part needs: vocabulary size and EOS ids."""
 
 import json
 from dataclasses import dataclass

@@ -1,19 +1,24 @@
 """`engine_builder:` (our section, beside `trt_llm:`): how this project's backends run the engine.
 
 Truss keeps unknown top-level keys, so a config with this section still validates under Truss.
-Every field here is also a CLI flag of `engine-builder serve/run` (derived in cli.py).
+Every field here is also a CLI flag of `engine-builder build/serve/run` (derived in engine_builder/stages.py).
+The section lives on the serve side because both stages read it: the build records the values it resolved in the
+engine directory, and serving starts from those (runtime/artifact.py).
 """
 
 from typing import Literal
 
 import pydantic
 
-from engine_builder.config.base import ConfigModel
-
 GIB = 1024**3
 
 
-class EngineOptions(ConfigModel):
+class EngineOptions(pydantic.BaseModel):
+    """Unknown keys are kept (and warned about by the config loader), assignments re-validated: the semantics of
+    the Truss schema classes around it."""
+
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow")
+
     backend: Literal["auto", "torch", "trtllm"] = pydantic.Field(
         default="auto", description="auto = trtllm when it imports and a GPU is present, else torch"
     )

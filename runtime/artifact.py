@@ -1,8 +1,11 @@
 """The engine directory: manifest, resolved config, model files; written atomically, loaded with a version check.
 
+The directory describes itself: the manifest's `runtime` section (`RuntimeSpec`) holds every setting serving
+needs, resolved at build time, so the serve side never parses the Truss config nor imports the build side.
+
 Layout:
-    manifest.json            what was built and from what (see `Manifest`)
-    config.yaml              the resolved config the build used
+    manifest.json            what was built and from what, and how to serve it (see `Manifest`, `RuntimeSpec`)
+    config.yaml              the resolved config the build used (for people, and for a user model.py)
     model/                   HF-style folder the torch backend loads (config.json, tokenizer, safetensors)
     trtllm/                  TensorRT-LLM engine or checkpoint files (trtllm backend only)
     calibration_report.json  accuracy report when quantized
@@ -19,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine_builder import __version__
+from runtime import __version__
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: the runtime section
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
 MODEL_DIR = "model"
@@ -42,6 +45,44 @@ class SourceInfo:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
 
 
+@dataclass(frozen=True)
+class SchedulingSpec:
+    """In-flight batching settings of the torch engine (from the trt_llm runtime section, or its v1 defaults)."""
+
+    policy: str = "guaranteed_no_evict"  # or "max_utilization"
+    enable_chunked_prefill: bool = True
+    kv_cache_fraction: float = 0.9  # of free GPU memory, or of kv_cache_memory_bytes on the CPU
+    total_token_limit: int = 500000
+
+
+@dataclass(frozen=True)
+class LookaheadSettings:
+    window_size: int  # W
+    ngram_size: int  # N
+    verification_set_size: int  # G
+
+
+@dataclass
+class RuntimeSpec:
+    """Everything serving reads besides the model files, resolved by the build."""
+
+    eos_token_ids: list[int]
+    scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
+    lookahead: LookaheadSettings | None = None
+    request_default_max_tokens: int | None = None
+    default_route: str | None = None  # encoders: the route /predict maps to
+    options: dict[str, Any] = field(default_factory=dict)  # the engine_builder: section the build resolved
+    trtllm: dict[str, Any] | None = None  # the TensorRT-LLM LLM(...) to serve (paths relative to the engine)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":
+        values = dict(data)
+        values["scheduling"] = SchedulingSpec(**values.get("scheduling", {}))
+        if values.get("lookahead") is not None:
+            values["lookahead"] = LookaheadSettings(**values["lookahead"])
+        return cls(**values)
+
+
 @dataclass
 class Manifest:
     backend: str  # "torch" or "trtllm"
@@ -59,6 +100,7 @@ class Manifest:
     tool_parser: str | None = None
     served_model_name: str | None = None
     inference_stack: str = "v1"
+    runtime: RuntimeSpec = field(default_factory=lambda: RuntimeSpec(eos_token_ids=[]))
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     builder_version: str = __version__
@@ -78,6 +120,7 @@ class Manifest:
                 "rebuild the engine with `engine-builder build`"
             )
         data["source"] = SourceInfo(**data["source"])
+        data["runtime"] = RuntimeSpec.from_dict(data.get("runtime") or {"eos_token_ids": []})
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
