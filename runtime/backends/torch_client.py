@@ -241,6 +241,7 @@ class TorchEngineClient:
     def _run(self) -> None:
         assert self.engine is not None and self._loop is not None
         engine = self.engine
+        engine.runner.bind_thread()
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not engine.has_unfinished())

@@ -14,7 +14,7 @@ from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.layers.sampler import SamplingRow, make_sampler
-from runtime.engine.model_runner import ModelRunner
+from runtime.engine.model_runner import ModelRunner, index_tensor
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from runtime.engine.speculation import LookaheadRunner
@@ -280,10 +280,10 @@ class LLMEngine:
             return self.runner.logits(hidden)
         distinct = sorted(set(rows))
         position = {row: index for index, row in enumerate(distinct)}
-        projected = self.runner.logits(hidden[torch.tensor(distinct, device=hidden.device)])
+        projected = self.runner.logits(hidden[index_tensor(distinct, hidden.device)])
         if len(distinct) == len(rows) and rows == distinct:
             return projected
-        return projected[torch.tensor([position[row] for row in rows], device=hidden.device)]
+        return projected[index_tensor([position[row] for row in rows], hidden.device)]
 
     def _execute_one_by_one(
         self, scheduled: list[ScheduledSequence], requests: list[tuple[int, int]]

@@ -20,6 +20,7 @@ from runtime.engine.layers.attention import AttentionMetadata
 from runtime.engine.layers.attention.cpu import build_cpu_metadata, native_decode_available
 from runtime.engine.layers.attention.triton import TritonStepBuffers
 from runtime.engine.models.loader import load_decoder
+from runtime.engine.quantized import Fp8Linear
 from runtime.engine.scheduler import ScheduledSequence
 from runtime.engine.step_rows import flatten
 
@@ -51,6 +52,14 @@ def configure_threads(num_threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices on `device`; on a GPU through pinned memory without waiting (a plain copy from pageable
+    memory would first wait for everything queued on the device)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.long)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 def resolve_kernels(name: str, device: torch.device) -> KernelSet:
     """auto: the native CPU kernels on the CPU, Triton on CUDA (PyTorch there when triton is missing)."""
     if name == "auto":
@@ -75,8 +84,14 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.kernels = resolve_kernels(config.kernels, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
         self.model = load_decoder(config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy")
         self.model.use_kernels(self.kernels)
+        if self.device.type == "cuda":
+            for module in self.model.modules():
+                if isinstance(module, Fp8Linear):
+                    module.requantize_to_one_scale()
         self.model.fused_decode = config.fused_decode
         if self.kernels == KernelSet.NATIVE:
             self._maybe_pack_linears()
@@ -117,6 +132,11 @@ class ModelRunner:
                 self.model, self.kv_cache, self.step_buffers, config.max_batch_size, self.max_model_len
             )
             self.graphs.capture_all()
+
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the current one of the calling thread (the engine loop runs on its own)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def _step_buffers(self) -> TritonStepBuffers:
         config = self.config
@@ -163,6 +183,7 @@ class ModelRunner:
         config = self.config
         kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what loading freed is still cached by PyTorch, not free to mem_get_info
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * config.kv_cache_fraction)
         else:
@@ -199,9 +220,7 @@ class ModelRunner:
             input_ids = torch.tensor(rows.input_ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(rows.positions, dtype=torch.long, device=self.device)
         wanted = [rows.row_of[i] + offset for i, offset in logit_requests]
-        logit_rows = (
-            None if wanted == list(range(rows.num_rows)) else torch.tensor(wanted, dtype=torch.long, device=self.device)
-        )
+        logit_rows = None if wanted == list(range(rows.num_rows)) else index_tensor(wanted, self.device)
         return StepInputs(
             input_ids=input_ids,
             positions=positions,

@@ -43,9 +43,21 @@ def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (fp8_quantize(x, scale).to(torch.float32) * scale.float()).to(x.dtype)
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small table as a tensor on `device`, made once: a forward must not copy from the host (CUDA graphs)."""
+    key = (values, dtype, device)
+    table = _CONSTANTS.get(key)
+    if table is None:
+        table = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return table
+
+
 def fp4_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to E2M1 codes (uint8 0..15), nearest with ties to the even code."""
-    midpoints = torch.tensor(_E2M1_MIDPOINTS, device=x.device)
+    midpoints = _constant(_E2M1_MIDPOINTS, torch.float32, x.device)
     magnitude = x.abs().clamp(max=FP4_MAX).contiguous()
     code = torch.bucketize(magnitude, midpoints)  # ties land on the lower code
     tie_up = torch.zeros_like(magnitude, dtype=torch.bool)
@@ -57,9 +69,7 @@ def fp4_codes(x: torch.Tensor) -> torch.Tensor:
 
 def fp4_values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """E2M1 codes (uint8) back to numbers."""
-    table = torch.tensor(
-        _E2M1_MAGNITUDES + tuple(-m for m in _E2M1_MAGNITUDES), dtype=dtype, device=codes.device
-    )
+    table = _constant(_E2M1_MAGNITUDES + tuple(-m for m in _E2M1_MAGNITUDES), dtype, codes.device)
     return table[codes.long()]
 
 
@@ -209,6 +219,18 @@ class Fp8Linear(QuantizedLinear):
         y = F.linear(fp8_as_float16(x_fp8).to(_matmul_dtype(x)), fp8_as_float16(self.weight).to(_matmul_dtype(x)))
         scale = self.weight_scale * (self.input_scale * _FP16_IMAGE_SCALE)
         return self._finish((y.float() * scale).to(x.dtype))
+
+    def requantize_to_one_scale(self) -> None:
+        """Re-express every row under the largest row scale, so torch._scaled_mm (one weight scale) takes the layer:
+        a fused q/k/v or gate/up layer of a per-tensor checkpoint has one scale per part. Each value is rounded to
+        FP8 once more (exact for the rows already at that scale), as vLLM does for the same layers."""
+        top = self.weight_scale.max()
+        if bool((self.weight_scale == top).all()):
+            return
+        rescaled = self.weight.float() * (self.weight_scale / top).unsqueeze(1)
+        self.weight.data = fp8_quantize(rescaled, torch.ones((), device=rescaled.device))
+        self.weight_scale.fill_(top)
+        self._uniform_scale = True
 
     def _one_weight_scale(self) -> bool:
         """Whether every row shares one weight scale (what torch._scaled_mm takes). Read once, on the first forward

@@ -58,8 +58,8 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
     spec = decoder_spec(config)
     with torch.device("meta"):
         model = DecoderModel(spec)
+    model.to(dtype)  # still on meta: the weights are allocated once, in their own dtype
     model.to_empty(device=device)
-    model.to(dtype)
     if dummy:
         return _dummy_weights(model, config, device)
     files = safetensors_files(model_dir)

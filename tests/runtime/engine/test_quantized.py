@@ -198,3 +198,21 @@ def test_loader_refuses_missing_scales_and_unknown_methods(smollm2_dir: Path, tm
     shutil.copy(smollm2_dir / "model.safetensors", other / "model.safetensors")
     with pytest.raises(UnsupportedQuantizationError, match="quant_method 'gptq' is not supported"):
         load_decoder(other, torch.bfloat16, torch.device("cpu"))
+
+
+def test_fp8_rows_requantized_to_one_scale() -> None:
+    """A fused layer with one scale per part, re-expressed under the largest scale (what torch._scaled_mm takes on
+    a GPU): the rows already at that scale are unchanged, the others move by at most one FP8 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Fp8Linear(32, 6)
+    weight = torch.randn(6, 32, generator=generator)
+    scales = torch.tensor([0.01, 0.01, 0.04, 0.04, 0.02, 0.02])
+    layer.weight.data = (weight / scales.unsqueeze(1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    layer.set_part_scales("weight_scale", slice(None), scales)
+    before = layer.weight.float() * layer.weight_scale.unsqueeze(1)
+    layer.requantize_to_one_scale()
+    after = layer.weight.float() * layer.weight_scale.unsqueeze(1)
+    assert torch.equal(layer.weight_scale, torch.full((6,), 0.04))
+    assert torch.equal(after[2:4], before[2:4])
+    torch.testing.assert_close(after, before, atol=0.04 * 2**-9, rtol=2**-3)
+    assert layer._one_weight_scale()

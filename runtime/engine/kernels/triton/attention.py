@@ -34,8 +34,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" only matters for float32 inputs
 
 
-# Lengths and windows change from step to step: no specialization on their values (each would recompile).
-@triton.jit(do_not_specialize=["window", "num_splits"])
+# Lengths and windows change from step to step, and the metadata tensors are views at varying offsets into the
+# step buffers: no specialization on those values or alignments (each new one would compile a kernel mid-serving).
+@triton.jit(do_not_specialize=["window", "num_splits", "block_table_ptr", "seq_len_ptr", "k_scale_ptr", "v_scale_ptr"])
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
@@ -64,13 +65,12 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_offsets = row * stride_q_row + heads[:, None] * stride_q_head + dims[None, :]
     query = tl.load(query_ptr + q_offsets, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)
-    cache_dtype = key_cache_ptr.dtype.element_ty
-    if FP8:
-        query = query.to(tl.float32)
-        k_scale = tl.load(k_scale_ptr)
+    qk_scale = scale
+    if FP8:  # FP8 K/V are widened to the query's dtype (exactly) and their scales applied to scores and output
+        qk_scale = scale * tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
     else:
-        query = query.to(cache_dtype)
+        query = query.to(key_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -85,9 +85,9 @@ def _decode_kernel(
         keys = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         values = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         if FP8:
-            keys = keys.to(tl.float32) * k_scale
-            values = values.to(tl.float32) * v_scale
-        scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scale
+            keys = keys.to(query.dtype)
+            values = values.to(query.dtype)
+        scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
@@ -98,6 +98,8 @@ def _decode_kernel(
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     result = acc / safe_l[:, None]
+    if FP8:
+        result = result * v_scale
     if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
         partial_rows = (row * tl.num_programs(1) * GROUP + heads) * num_splits + split
@@ -181,19 +183,21 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         PAGE=page_size, BLOCK_N=64 if head_dim <= 128 else 32, SPLIT=split, FP8=fp8,
-        PRECISION=_precision(key_cache.dtype if not fp8 else torch.float32),
+        PRECISION=_precision(query.dtype if fp8 else key_cache.dtype),
         num_warps=4,
     )
     if split:
         _combine_kernel[(rows, num_heads)](
             partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=max(2, next_power_of_2(num_splits)),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS,  # one compiled variant
             num_warps=4,
         )
     return out
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(
+    do_not_specialize=["window", "block_table_ptr", "seq_len_ptr", "query_start_ptr", "k_scale_ptr", "v_scale_ptr"]
+)
 def _extend_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr, query_start_ptr,
     out_ptr, k_scale_ptr, v_scale_ptr,
@@ -221,13 +225,12 @@ def _extend_kernel(
     dim_mask = dims < HEAD_DIM
     q_offsets = (query_start + rows)[:, None].to(tl.int64) * stride_q_row + head * stride_q_head + dims[None, :]
     query = tl.load(query_ptr + q_offsets, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    cache_dtype = key_cache_ptr.dtype.element_ty
-    if FP8:
-        query = query.to(tl.float32)
-        k_scale = tl.load(k_scale_ptr)
+    qk_scale = scale
+    if FP8:  # FP8 K/V are widened to the query's dtype (exactly) and their scales applied to scores and output
+        qk_scale = scale * tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
     else:
-        query = query.to(cache_dtype)
+        query = query.to(key_cache_ptr.dtype.element_ty)
 
     high = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
     low = 0
@@ -247,9 +250,9 @@ def _extend_kernel(
         keys = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         values = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
         if FP8:
-            keys = keys.to(tl.float32) * k_scale
-            values = values.to(tl.float32) * v_scale
-        scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scale
+            keys = keys.to(query.dtype)
+            values = values.to(query.dtype)
+        scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * qk_scale
         allowed = valid[None, :] & (positions[None, :] <= query_positions[:, None])
         if window > 0:
             allowed = allowed & (positions[None, :] > query_positions[:, None] - window)
@@ -264,6 +267,8 @@ def _extend_kernel(
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     result = acc / safe_l[:, None]
+    if FP8:
+        result = result * v_scale
     out_offsets = (query_start + rows)[:, None].to(tl.int64) * stride_out_row + head * stride_out_head + dims[None, :]
     tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -292,8 +297,7 @@ def paged_extend_attention(
         return out
     fp8 = kv_scales is not None
     k_scale, v_scale = kv_scales if kv_scales is not None else (seq_lens, seq_lens)
-    block_m = 64 if head_dim <= 128 else 32
-    block_m = min(block_m, max(16, next_power_of_2(max_query_len)))
+    block_m = 64 if head_dim <= 128 else 32  # fixed, so one compiled variant serves every chunk length
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _extend_kernel[grid](
         query, key_cache, value_cache, block_tables, seq_lens, query_start,
@@ -303,7 +307,7 @@ def paged_extend_attention(
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, next_power_of_2(head_dim)), GROUP=num_heads // num_kv_heads,
         PAGE=page_size, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32, FP8=fp8,
-        PRECISION=_precision(key_cache.dtype if not fp8 else torch.float32),
-        num_warps=4,
+        PRECISION=_precision(query.dtype if fp8 else key_cache.dtype),
+        num_warps=8 if block_m == 64 else 4,
     )
     return out

@@ -122,6 +122,9 @@ class TritonStepBuffers:
         self.seq_lens, self._seq_lens, self.device_seq_lens = pair((max_seqs,), torch.int32)
         self.block_tables, self._block_tables, self.device_block_tables = pair((max_seqs, max_pages), torch.int32)
         self.query_start, self._query_start, self.device_query_start = pair((max_seqs + 1,), torch.int32)
+        # Set after each step's copies: the next step waits on it before writing the pinned buffers again, so
+        # a copy still queued behind a forward pass never reads the following step's values.
+        self._copied = torch.cuda.Event() if pin else None
 
     def num_splits(self, num_rows: int, max_context: int) -> int:
         from runtime.engine.kernels.triton.attention import decode_splits
@@ -140,6 +143,8 @@ class TritonStepBuffers:
         `pad_to` (decode-only steps under a CUDA graph) adds padding rows up to that many: token 0 at position 0,
         writing its K/V to the padding slot and attending to it alone.
         """
+        if self._copied is not None:
+            self._copied.synchronize()
         num_rows = rows.num_rows
         num_decodes = len(rows.decodes)
         num_tokens = max(num_rows, pad_to or 0)
@@ -214,6 +219,8 @@ class TritonStepBuffers:
             (self.query_start, self.device_query_start, num_seqs + 1),
         ):
             device[:count].copy_(host[:count], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def _masked_rows(self, rows: StepRows, scheduled: "list[ScheduledSequence]") -> MaskedRows:
         """Each lookahead row's slot list: the context (x included) plus the draft rows its mask allows."""

@@ -89,8 +89,10 @@ def test_decode_matches_reference(device, num_heads, num_kv_heads, head_dim, num
         torch.testing.assert_close(out[row : row + 1].double(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_decode_slot_lists_and_fp8_scales(device):
-    """A page size of 1 reads per-row slot lists (lookahead draft rows); FP8 values are scaled back."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_slot_lists_and_fp8_scales(device, dtype):
+    """A page size of 1 reads per-row slot lists (lookahead draft rows); FP8 values are scaled back (widened to
+    the query's dtype, so 16-bit queries keep 16-bit dot products)."""
     num_heads, num_kv_heads, head_dim = 4, 2, 32
     key_cache, value_cache = _cache(16, num_kv_heads, head_dim, torch.float32, device)
     scales = (torch.tensor(0.5), torch.tensor(2.0))
@@ -98,7 +100,7 @@ def test_decode_slot_lists_and_fp8_scales(device):
     value8 = (value_cache.cpu() / scales[1]).to(torch.float8_e4m3fn)
     slot_lists = torch.tensor([[5, 9, 2, 0, 0], [40, 41, 3, 7, 11]], dtype=torch.int32)
     lengths = [3, 5]
-    query = torch.randn(2, num_heads, head_dim, generator=torch.Generator().manual_seed(3))
+    query = torch.randn(2, num_heads, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
     out = paged_decode_attention(
         query.to(device), key8.to(device), value8.to(device), slot_lists.to(device),
         torch.tensor(lengths, dtype=torch.int32).to(device), 0.2, 1, num_splits=2,
@@ -109,7 +111,33 @@ def test_decode_slot_lists_and_fp8_scales(device):
             query[row : row + 1], key8.float(), value8.float(), slot_lists[row, :length].long(),
             torch.tensor([length - 1]), 0.2, kv_scales=scales,
         )
-        torch.testing.assert_close(out[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(out[row : row + 1].double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_extend_reads_an_fp8_cache(device):
+    num_heads, num_kv_heads, head_dim = 4, 2, 32
+    key_cache, value_cache = _cache(12, num_kv_heads, head_dim, torch.float32, device)
+    scales = (torch.tensor(0.25), torch.tensor(3.0))
+    key8 = (key_cache.cpu() / scales[0]).to(torch.float8_e4m3fn)
+    value8 = (value_cache.cpu() / scales[1]).to(torch.float8_e4m3fn)
+    spans = [(5, 9), (0, 20)]
+    seq_lens = [prefix + new for prefix, new in spans]
+    table = _tables(seq_lens, 12)
+    query = torch.randn(29, num_heads, head_dim, generator=torch.Generator().manual_seed(6)).half()
+    out = paged_extend_attention(
+        query.to(device), key8.to(device), value8.to(device), table.to(device),
+        torch.tensor(seq_lens, dtype=torch.int32).to(device), torch.tensor([0, 9, 29], dtype=torch.int32).to(device),
+        20, 0.2, PAGE, kv_scales=(scales[0].to(device), scales[1].to(device)),
+    ).cpu()
+    start = 0
+    for index, (prefix, new) in enumerate(spans):
+        expected = _reference(
+            query[start : start + new], key8.float(), value8.float(), _slots(table[index], prefix + new),
+            torch.arange(prefix, prefix + new), 0.2, kv_scales=scales,
+        )
+        torch.testing.assert_close(out[start : start + new].double(), expected, atol=2e-3, rtol=2e-3)
+        start += new
 
 
 @pytest.mark.parametrize(
