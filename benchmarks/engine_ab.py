@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from benchmarks.machine import describe
-from runtime.backends.types import GenerationRequest, Guide, GuideKind, SamplingParams
 from runtime.engine.config import EngineConfig, LookaheadConfig
 from runtime.engine.engine import LLMEngine
+from runtime.types import GenerationRequest, Guide, GuideKind, SamplingParams
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT.parent / "models" / "smollm2-135m-instruct"

@@ -62,9 +62,9 @@ def phase_parity(tokenizer: Path, work: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.backends.types import GenerationRequest, SamplingParams
     from runtime.engine.config import EngineConfig
     from runtime.engine.engine import LLMEngine
+    from runtime.types import GenerationRequest, SamplingParams
 
     folder = model_folder(tokenizer, work / "small", {}, "float32")
     torch.manual_seed(0)

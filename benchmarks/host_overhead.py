@@ -18,12 +18,12 @@ import torch
 
 from benchmarks import machine
 from benchmarks.peers.base import REPO_ROOT
-from runtime.backends.types import SamplingParams
 from runtime.engine.layers.attention.cpu import build_cpu_metadata
 from runtime.engine.layers.attention.triton import TritonStepBuffers
 from runtime.engine.scheduler import ScheduledSequence
 from runtime.engine.sequence import Sequence, SequenceStatus
 from runtime.engine.step_rows import flatten
+from runtime.types import SamplingParams
 
 BLOCK_SIZE = 16
 

@@ -13,7 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from runtime.backends.types import (
+from runtime.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
+from runtime.decoding.stop_strings import StopStringMatcher
+from runtime.decoding.structured.compiler import GrammarCompiler, GuideMatcher
+from runtime.engine.config import EngineConfig
+from runtime.engine.engine import LLMEngine
+from runtime.types import (
     EngineStats,
     FinishReason,
     GenerationDelta,
@@ -21,11 +26,6 @@ from runtime.backends.types import (
     Guide,
     ModelInfo,
 )
-from runtime.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
-from runtime.decoding.stop_strings import StopStringMatcher
-from runtime.decoding.structured.compiler import GrammarCompiler, GuideMatcher
-from runtime.engine.config import EngineConfig
-from runtime.engine.engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class TorchEngineClient:
         await self._warmup()
 
     async def _warmup(self) -> None:
-        from runtime.backends.types import SamplingParams
+        from runtime.types import SamplingParams
 
         request = GenerationRequest(
             "warmup", (1, 2, 3, 4), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -184,7 +184,7 @@ class TorchEngineClient:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def _deltas(self, stream: _Stream, outputs: list[StepOutput]) -> list[GenerationDelta]:
+    def _deltas(self, stream: _Stream, outputs: list[GenerationDelta]) -> list[GenerationDelta]:
         params = stream.request.sampling
         deltas = []
         for output in outputs:
@@ -219,22 +219,8 @@ class TorchEngineClient:
                 result.text += choice.stops.flush()
             if finish is not None:
                 choice.finished = True
-            deltas.append(
-                GenerationDelta(
-                    request_id=output.request_id,
-                    index=output.index,
-                    token_ids=token_ids,
-                    text=result.text,
-                    logprobs=output.logprobs,
-                    finish_reason=finish,
-                    stop_reason=stop_reason,
-                    num_prompt_tokens=output.num_prompt_tokens,
-                    num_output_tokens=output.num_output_tokens,
-                    num_cached_tokens=output.num_cached_tokens,
-                    error=output.error,
-                    prompt_logprobs=output.prompt_logprobs,
-                )
-            )
+            output.text, output.finish_reason, output.stop_reason = result.text, finish, stop_reason
+            deltas.append(output)  # the engine handed this output over: completed here, not copied
         return deltas
 
     # -- engine thread -----------------------------------------------------------------------------------
@@ -278,16 +264,16 @@ class TorchEngineClient:
             except queue.Empty:
                 return
 
-    def _publish(self, outputs: list[StepOutput]) -> None:
+    def _publish(self, outputs: list[GenerationDelta]) -> None:
         if not outputs:
             return
-        by_request: dict[str, list[StepOutput]] = {}
+        by_request: dict[str, list[GenerationDelta]] = {}
         for output in outputs:
             by_request.setdefault(output.request_id, []).append(output)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._dispatch, by_request)
 
-    def _dispatch(self, by_request: dict[str, list[StepOutput]]) -> None:
+    def _dispatch(self, by_request: dict[str, list[GenerationDelta]]) -> None:
         for request_id, outputs in by_request.items():
             stream = self._streams.get(request_id)
             if stream is not None:

@@ -17,7 +17,8 @@ from runtime.backends.trtllm import adapter
 from runtime.backends.trtllm.outputs import RequestStream
 from runtime.backends.trtllm.sampling import EngineTraits, UnsupportedRequestError, guide_kwargs, to_trtllm
 from runtime.backends.trtllm.specs import LlmBackend, LlmSpec
-from runtime.backends.types import (
+from runtime.model_facts import read_model_facts
+from runtime.types import (
     EngineStats,
     GenerationDelta,
     GenerationRequest,
@@ -25,7 +26,6 @@ from runtime.backends.types import (
     ModelInfo,
     SamplingParams,
 )
-from runtime.model_facts import read_model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,10 @@ class TrtLlmEngineClient:
         )
 
     # -- requests ----------------------------------------------------------------------------------------
+    def check_request(self, request: GenerationRequest) -> None:
+        """Nothing to check here: TensorRT-LLM sizes its own KV cache and refuses what cannot fit at submission
+        (a per-request error, see `generate`)."""
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         llm = self._running_llm()
         sampling = to_trtllm(request.sampling, self._traits)

@@ -4,12 +4,10 @@ import itertools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from runtime.backends.types import EngineStats, FinishReason, GenerationRequest, TokenLogprob
 from runtime.decoding.lookahead import DraftPlan
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
@@ -18,6 +16,7 @@ from runtime.engine.model_runner import ModelRunner, index_tensor
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from runtime.engine.speculation import LookaheadRunner
+from runtime.types import EngineStats, FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -28,23 +27,6 @@ class RequestRejectedError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-@dataclass
-class StepOutput:
-    """New tokens of one choice after one step."""
-
-    request_id: str
-    index: int
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: FinishReason | None
-    stop_reason: int | str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    error: str | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first token, when asked for
 
 
 def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
@@ -157,7 +139,7 @@ class LLMEngine:
 
     def abort(
         self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
-    ) -> list[StepOutput]:
+    ) -> list[GenerationDelta]:
         group = self.groups.pop(request_id, None)
         if group is None:
             return []
@@ -172,7 +154,7 @@ class LLMEngine:
             outputs.append(self._output(seq, [], None))
         return outputs
 
-    def abort_choice(self, request_id: str, index: int) -> list[StepOutput]:
+    def abort_choice(self, request_id: str, index: int) -> list[GenerationDelta]:
         """End one choice (a stop string matched in the frontend); the request ends with its last choice."""
         group = self.groups.get(request_id)
         if group is None:
@@ -190,7 +172,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step ----------------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
+    def step(self) -> list[GenerationDelta]:
         drafts = self._plan_drafts()
         # KV slots for the accepted candidate tokens: as many as the longest candidate
         schedule = self.scheduler.schedule(
@@ -212,7 +194,7 @@ class LLMEngine:
             if _wants_prompt_logprobs(item):
                 prompt_rows[index] = list(range(len(requests), len(requests) + item.num_new_tokens))
                 requests.extend((index, offset) for offset in range(item.num_new_tokens))
-        failures: list[StepOutput] = []
+        failures: list[GenerationDelta] = []
         self._start_mask_fill(scheduled)
         try:
             hidden = self.runner.execute(self.runner.prepare(scheduled, requests))
@@ -243,14 +225,14 @@ class LLMEngine:
         self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
         return outputs
 
-    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
         sampled_items = [(index, item) for index, item in enumerate(scheduled) if item.sample and not item.num_draft_tokens]
         rows, owners = self._sampling_rows([item for _, item in sampled_items])
         if not rows:
             return []
         logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
         row_logits = self._project_rows(hidden, logit_rows)
-        outputs: list[StepOutput] = []
+        outputs: list[GenerationDelta] = []
         try:
             sampled = self.sampler(row_logits, rows)
             picks = list(zip(owners, sampled.token_ids, sampled.logprobs, strict=True))
@@ -337,7 +319,7 @@ class LLMEngine:
         running = [seq for group in self.scheduler.running for seq in group.sequences if seq.status == SequenceStatus.RUNNING and not seq.is_finished]
         return self.lookahead.plan(running, len(running), self.max_model_len)
 
-    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[StepOutput]:
+    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
         outputs = []
         for index, item in enumerate(scheduled):
             if not item.num_draft_tokens:
@@ -359,7 +341,7 @@ class LLMEngine:
             outputs.append(self._output(seq, appended, None))
         return outputs
 
-    def _release_finished(self, outputs: list[StepOutput]) -> None:
+    def _release_finished(self, outputs: list[GenerationDelta]) -> None:
         for request_id in {output.request_id for output in outputs if output.finish_reason is not None}:
             group = self.groups.get(request_id)
             if group is None:
@@ -467,13 +449,14 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
-    def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> StepOutput:
+    def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> GenerationDelta:
         first = token_ids and seq.num_output_tokens == len(token_ids)
-        return StepOutput(
+        return GenerationDelta(
             prompt_logprobs=seq.prompt_logprobs if first else None,
             request_id=seq.request_id,
             index=seq.index,
             token_ids=token_ids,
+            text="",  # the client detokenizes
             logprobs=logprobs,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,

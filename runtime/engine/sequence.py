@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from runtime.backends.types import FinishReason, SamplingParams
+from runtime.types import FinishReason, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

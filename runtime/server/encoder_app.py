@@ -1,22 +1,20 @@
 """Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 
 from runtime.artifact import EngineDir
-from runtime.backends.types import EngineStats, GenerationDelta, GenerationRequest, Guide, ModelInfo
 from runtime.options import EngineOptions
 from runtime.server.app import create_app
-from runtime.server.errors import APIError
 from runtime.server.state import ServerSettings, ServerState
+from runtime.types import EngineStats, ModelInfo
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class EncoderEngineAdapter:
-    """Presents an EncoderEngine through the lifecycle half of the EngineClient protocol."""
+    """Presents an EncoderEngine as an EngineLifecycle (encoders generate nothing: no EngineClient half)."""
 
     def __init__(self, engine: Any, served_model_name: str, architecture: str, kind: str) -> None:
         self.engine = engine
@@ -51,15 +49,6 @@ class EncoderEngineAdapter:
             num_kv_blocks=0,
             num_free_kv_blocks=0,
         )
-
-    async def check_guide(self, guide: Guide) -> None:
-        raise APIError("This engine serves an encoder; structured outputs apply to decoders.", status=400, param="response_format")
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        raise APIError("This engine serves an encoder: use /v1/embeddings, /rerank or /predict.", status=404)
-
-    async def abort(self, request_id: str) -> None:
-        return None
 
 
 def build_encoder_server(

@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi import Request
 
-from runtime.backends.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 from runtime.server.errors import APIError
 from runtime.server.state import ServerState
+from runtime.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 
 
 def new_id(prefix: str) -> str:
@@ -40,12 +40,10 @@ class Run:
         self.admitted = False
 
     def admit(self) -> None:
-        check = getattr(self.state.engine, "check_request", None)
-        if check is not None:
-            try:
-                check(self.request)
-            except ValueError as error:
-                raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
+        try:
+            self.state.generation().check_request(self.request)
+        except ValueError as error:
+            raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
         self.state.admit()
         self.admitted = True
 
@@ -75,7 +73,7 @@ class Run:
     async def _engine_deltas(self) -> AsyncIterator[GenerationDelta]:
         """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
         try:
-            async for delta in self.state.engine.generate(self.request):
+            async for delta in self.state.generation().generate(self.request):
                 yield delta
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None

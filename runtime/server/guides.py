@@ -2,12 +2,12 @@
 
 import json
 
-from runtime.backends.types import Guide, GuideKind
 from runtime.decoding.structured.errors import GuideError
 from runtime.server.errors import APIError, bad_request
 from runtime.server.limits import check_schema_size
 from runtime.server.protocol import ResponseFormat, SamplingFields
 from runtime.server.state import ServerState
+from runtime.types import Guide, GuideKind
 
 
 def guide_from_response_format(response_format: ResponseFormat | None) -> Guide | None:
@@ -71,6 +71,6 @@ async def verify_guide(state: ServerState, guide: Guide | None, param: str = "re
     if guide is None:
         return
     try:
-        await state.engine.check_guide(guide)
+        await state.generation().check_guide(guide)
     except GuideError as error:
         raise APIError(str(error), status=400, param=error.param if error.param != "response_format" else param, code="invalid_response_format") from None

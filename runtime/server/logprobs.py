@@ -2,9 +2,9 @@
 
 from functools import lru_cache
 
-from runtime.backends.types import TokenLogprob
 from runtime.decoding.detokenizer import TextDecoder
 from runtime.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from runtime.types import TokenLogprob
 
 
 class TokenTexts:

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from runtime.backends.types import EngineStats
+from runtime.types import EngineStats
 
 PREFIX = "engine_builder:"
 LATENCY_BUCKETS = (

@@ -7,11 +7,11 @@ decoding (a Guide) and how each choice's text becomes the response (content, too
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.backends.types import FinishReason, Guide
 from runtime.server.errors import bad_request
 from runtime.server.guides import check_guide_compatible, guide_from_response_format
 from runtime.server.protocol import ChatCompletionRequest, ResponseToolCall
 from runtime.server.state import ServerState
+from runtime.types import FinishReason, Guide
 
 
 @dataclass

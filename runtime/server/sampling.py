@@ -3,9 +3,9 @@
 import math
 from dataclasses import dataclass
 
-from runtime.backends.types import Guide, SamplingParams
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.protocol import ChatCompletionRequest, SamplingFields
+from runtime.types import Guide, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import verify_guide
@@ -26,6 +25,7 @@ from runtime.server.protocol import (
 )
 from runtime.server.sampling import build_sampling_params, check_unsupported_chat, resolve_max_tokens
 from runtime.server.state import ServerState
+from runtime.types import GenerationDelta
 
 
 @dataclass

@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from runtime.backends.types import GenerationDelta
 from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
@@ -25,6 +24,7 @@ from runtime.server.protocol import (
 )
 from runtime.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
 from runtime.server.state import ServerState
+from runtime.types import GenerationDelta
 
 
 def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:

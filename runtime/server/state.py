@@ -3,7 +3,7 @@
 import asyncio
 from dataclasses import dataclass, field
 
-from runtime.backends.base import EngineClient
+from runtime.backends.base import EngineClient, EngineLifecycle
 from runtime.decoding.detokenizer import TextDecoder
 from runtime.server.chat_template import PromptRenderer
 from runtime.server.errors import APIError
@@ -28,7 +28,7 @@ class ServerSettings:
 @dataclass
 class ServerState:
     settings: ServerSettings
-    engine: EngineClient
+    engine: EngineLifecycle
     renderer: PromptRenderer | None
     decoder: TextDecoder | None = None
     metrics: ServerMetrics = field(init=False)
@@ -42,6 +42,12 @@ class ServerState:
         self.metrics = ServerMetrics(
             self.settings.served_model_name, self.engine.stats, lambda: self.inflight
         )
+
+    def generation(self) -> EngineClient:
+        """The engine as a generation client; an encoder engine has none (its routes are the encoder ones)."""
+        if not callable(getattr(self.engine, "generate", None)):
+            raise APIError("This engine serves an encoder: use /v1/embeddings, /rerank or /predict.", status=404)
+        return self.engine  # type: ignore[return-value]
 
     def engine_decoder(self) -> TextDecoder:
         assert self.decoder is not None, "decoder models need a TextDecoder"

@@ -13,12 +13,12 @@ import secrets
 import string
 from typing import Any
 
-from runtime.backends.types import FinishReason, Guide, GuideKind
 from runtime.decoding.tool_calls import ParseResult, ToolParser, tool_parser
 from runtime.server.errors import bad_request
 from runtime.server.limits import check_schema_size
 from runtime.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
 from runtime.server.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ResponseToolCall
+from runtime.types import FinishReason, Guide, GuideKind
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 

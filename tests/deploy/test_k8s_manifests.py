@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from engine_builder.config import parse_config
-from runtime.backends.types import EngineStats
 from runtime.server.metrics import ServerMetrics
 from runtime.server.state import ServerSettings
+from runtime.types import EngineStats
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 METRIC = "engine_builder:num_requests_inflight"

@@ -8,9 +8,9 @@ import pytest
 
 from engine_builder.build_stage import BuildError, build_engine
 from engine_builder.config import EngineOptions, load_config
-from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config_from import engine_config_from
 from runtime.engine.engine import LLMEngine
+from runtime.types import GenerationRequest, SamplingParams
 from tests.runtime.server.harness import write_config
 
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")

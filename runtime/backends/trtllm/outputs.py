@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.backends.trtllm.sampling import TrtSampling
-from runtime.backends.types import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from runtime.types import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": FinishReason.STOP,

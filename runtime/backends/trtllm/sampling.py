@@ -1,6 +1,6 @@
 """Our SamplingParams -> TensorRT-LLM `SamplingParams` keyword arguments, field by field, failing closed.
 
-Every field of `runtime.backends.types.SamplingParams` has an entry in `FIELD_MAPPINGS`; a field without
+Every field of `runtime.types.SamplingParams` has an entry in `FIELD_MAPPINGS`; a field without
 one (say, added later) makes every request fail with its name, so nothing is ignored silently. A value
 TensorRT-LLM cannot honour raises `UnsupportedRequestError` naming the field. Verified only against the
 fake `tensorrt_llm` in tests/fakes.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.backends.types import Guide, GuideKind, SamplingParams
+from runtime.types import Guide, GuideKind, SamplingParams
 
 
 class UnsupportedRequestError(ValueError):

@@ -8,9 +8,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from runtime.backends.types import Guide, GuideKind
 from runtime.decoding.structured.errors import GuideError
 from runtime.decoding.structured.schema_audit import audit_json_schema
+from runtime.types import Guide, GuideKind
 
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256

@@ -12,7 +12,7 @@ import pytest
 from runtime.backends.trtllm.sampling import UnsupportedRequestError
 from runtime.backends.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
 from runtime.backends.trtllm_client import TrtLlmEngineClient, TrtLlmEngineDeadError
-from runtime.backends.types import (
+from runtime.types import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,

@@ -17,7 +17,7 @@ from runtime.backends.trtllm.sampling import (
     UnsupportedRequestError,
     to_trtllm,
 )
-from runtime.backends.types import Guide, GuideKind, SamplingParams
+from runtime.types import Guide, GuideKind, SamplingParams
 
 PYTORCH = EngineTraits(is_pytorch_backend=True, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
 TENSORRT_LOOKAHEAD = EngineTraits(

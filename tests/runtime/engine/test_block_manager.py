@@ -1,8 +1,8 @@
 """Block pool: allocation, reference counts, prefix reuse, fork copy-on-write."""
 
-from runtime.backends.types import SamplingParams
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.sequence import Sequence
+from runtime.types import SamplingParams
 
 
 def _seq(seq_id: int, tokens: list[int]) -> Sequence:

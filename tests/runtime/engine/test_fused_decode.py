@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
 from runtime.engine.models import cpu_kernels
 from runtime.engine.models.fused_decode import FusedDecodeStack
+from runtime.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"

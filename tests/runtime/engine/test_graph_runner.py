@@ -2,12 +2,12 @@
 
 import torch
 
-from runtime.backends.types import SamplingParams
 from runtime.engine.graph_runner import CudaGraphRunner, EagerCapture, graph_buckets
 from runtime.engine.layers.attention.triton import PADDING_SLOT, TritonStepBuffers
 from runtime.engine.scheduler import ScheduledSequence
 from runtime.engine.sequence import Sequence, SequenceStatus
 from runtime.engine.step_rows import flatten
+from runtime.types import SamplingParams
 
 
 def test_buckets():

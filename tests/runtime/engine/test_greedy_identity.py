@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.engine import LLMEngine
+from runtime.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.backends.types import FinishReason, GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
+from runtime.types import FinishReason, GenerationRequest, SamplingParams
 
 POISON = 4242  # a prompt token that makes the patched forward raise
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.types import GenerationRequest, Guide, GuideKind, SamplingParams
 from runtime.decoding.lookahead import LookaheadProposer
 from runtime.engine.config import EngineConfig, LookaheadConfig, SchedulerPolicy
 from runtime.engine.engine import LLMEngine
+from runtime.types import GenerationRequest, Guide, GuideKind, SamplingParams
 
 pytestmark = pytest.mark.slow
 EOS = (2,)

@@ -103,9 +103,9 @@ def test_unknown_architecture_is_refused_by_name(tmp_path: Path) -> None:
 def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tmp_path: Path) -> None:
     import transformers
 
-    from runtime.backends.types import GenerationRequest, SamplingParams
     from runtime.engine.config import EngineConfig
     from runtime.engine.engine import LLMEngine
+    from runtime.types import GenerationRequest, SamplingParams
 
     model_dir = _tiny(kind, tmp_path / kind)
     prompt = [(5 * i + 11) % 250 + 1 for i in range(6)]

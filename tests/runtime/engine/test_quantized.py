@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
 from runtime.engine.kv_cache import PagedKVCache
@@ -22,6 +21,7 @@ from runtime.engine.layers.linear import Linear
 from runtime.engine.models.loader import CheckpointMismatchError, load_decoder
 from runtime.engine.quantized import Fp8Linear, Nvfp4Linear, QuantizedLinear, fp8_fake_quantize
 from runtime.engine.quantized_checkpoint import UnsupportedQuantizationError, weight_bytes
+from runtime.types import GenerationRequest, SamplingParams
 from tests.calibration.helpers import quantized_checkpoint
 from tests.runtime.engine.conftest import PROMPTS
 

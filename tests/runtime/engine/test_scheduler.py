@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from runtime.backends.types import SamplingParams
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.scheduler import Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from runtime.types import SamplingParams
 
 
 def _scheduler(num_blocks: int = 64, block_size: int = 4, **overrides: object) -> Scheduler:

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.backends.types import GenerationRequest, SamplingParams
 from runtime.engine.config import EngineConfig, LookaheadConfig
 from runtime.engine.engine import LLMEngine
 from runtime.engine.graph_runner import CudaGraphRunner, EagerCapture
+from runtime.types import GenerationRequest, SamplingParams
 from tests.runtime.engine.tiny_models import write_tiny_model
 
 pytest.importorskip("triton")

@@ -27,9 +27,9 @@ import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from runtime.backends.types import EngineStats, ModelInfo
 from runtime.server.app import create_app
 from runtime.server.state import ServerSettings, ServerState
+from runtime.types import EngineStats, ModelInfo
 from tests.conftest import REPO_ROOT
 from tests.runtime.server.harness import ServerProcess
 

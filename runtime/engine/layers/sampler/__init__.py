@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from runtime.backends.types import SamplingParams, TokenLogprob
+from runtime.types import SamplingParams, TokenLogprob
 
 
 @dataclass

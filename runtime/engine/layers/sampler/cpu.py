@@ -9,9 +9,9 @@ each seeded request use its own generator.
 
 import torch
 
-from runtime.backends.types import TokenLogprob
 from runtime.engine.kernels import native_ops
 from runtime.engine.layers.sampler import SamplerOutput, SamplingRow
+from runtime.types import TokenLogprob
 
 
 class CpuSampler:

@@ -10,8 +10,8 @@ batch); the others share one batched draw. Results come back through pinned host
 
 import torch
 
-from runtime.backends.types import TokenLogprob
 from runtime.engine.layers.sampler import SamplerOutput, SamplingRow
+from runtime.types import TokenLogprob
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 NEG_INF = float("-inf")

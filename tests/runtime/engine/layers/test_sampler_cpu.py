@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from runtime.backends.types import SamplingParams
 from runtime.engine.layers.sampler import SamplingRow
 from runtime.engine.layers.sampler.cpu import CpuSampler as Sampler
+from runtime.types import SamplingParams
 
 
 def _row(params: SamplingParams, outputs: list[int] | None = None, seed: int | None = 0) -> SamplingRow:

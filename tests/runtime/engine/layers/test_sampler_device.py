@@ -2,10 +2,10 @@
 
 import torch
 
-from runtime.backends.types import SamplingParams
 from runtime.engine.layers.sampler import SamplingRow
 from runtime.engine.layers.sampler.cpu import CpuSampler, _apply_min_p, _apply_top_k, _apply_top_p
 from runtime.engine.layers.sampler.device import DeviceSampler
+from runtime.types import SamplingParams
 
 VOCAB = 70
 CPU = torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Typed contracts that cross the server <-> backend seam. No web framework, no pydantic."""
+"""Typed contracts shared by the engine core, the backends and the server (below all three). No web framework, no
+pydantic."""
 
 import enum
 from dataclasses import dataclass, field
