@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_builder import backend_choice
 from engine_builder.compile.trtllm import TrtLlmBuildError, TrtLlmMappingError, compile_trtllm
 from engine_builder.compile.trtllm.mapping import v1_build_spec, v2_serve_spec
 from engine_builder.config import parse_config
 from runtime.artifact import MODEL_DIR
+from runtime.backends import choice as backend_choice
 from tests.fakes.trtllm_helpers import repository_info, write_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
