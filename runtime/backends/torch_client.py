@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
 from runtime.decoding.stop_strings import StopStringMatcher
@@ -58,13 +59,17 @@ class TorchEngineClient:
         eos_token_ids: tuple[int, ...],
         architecture: str,
         tool_parser: str | None = None,
+        decoder: TextDecoder | None = None,
+        hf_tokenizer: Any = None,
     ) -> None:
+        """`decoder` and `hf_tokenizer`: the server's own (one tokenizer per server); loaded here when absent."""
         self.config = config
         self._served_model_name = served_model_name
         self._eos_token_ids = eos_token_ids
         self._architecture = architecture
         self._tool_parser = tool_parser
-        self.decoder = TextDecoder.from_model_dir(config.model_dir)
+        self.decoder = decoder or TextDecoder.from_model_dir(config.model_dir)
+        self._hf_tokenizer = hf_tokenizer
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -170,7 +175,9 @@ class TorchEngineClient:
     async def _grammar_compiler(self) -> GrammarCompiler:
         if self._compiler is None:
             assert self.engine is not None
-            self._compiler = await asyncio.to_thread(GrammarCompiler, self.config.model_dir, self.engine.vocab_size)
+            self._compiler = await asyncio.to_thread(
+                GrammarCompiler, self.config.model_dir, self.engine.vocab_size, self._hf_tokenizer
+            )
         return self._compiler
 
     async def _guide_matchers(self, request: GenerationRequest) -> list[GuideMatcher] | None:

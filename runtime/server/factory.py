@@ -39,13 +39,10 @@ def build_server(
         from runtime.server.encoder_app import build_encoder_server
 
         return build_encoder_server(engine, options, settings)
-    client = decoder_client(engine, options, served_name)
-    state = ServerState(
-        settings=settings,
-        engine=client,
-        renderer=PromptRenderer(engine.model_dir),
-        decoder=TextDecoder.from_model_dir(engine.model_dir),
-    )
+    renderer = PromptRenderer(engine.model_dir)  # the server's one Hugging Face tokenizer
+    decoder = TextDecoder.from_model_dir(engine.model_dir)
+    client = decoder_client(engine, options, served_name, decoder, renderer.tokenizer)
+    state = ServerState(settings=settings, engine=client, renderer=renderer, decoder=decoder)
     user_model = None
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"
     if user_model_file.exists():
@@ -84,7 +81,9 @@ class SecretsView(Mapping[str, str]):
         return 0
 
 
-def decoder_client(engine: EngineDir, options: EngineOptions, served_name: str) -> Any:
+def decoder_client(
+    engine: EngineDir, options: EngineOptions, served_name: str, decoder: TextDecoder, hf_tokenizer: Any
+) -> Any:
     backend = (
         choose_backend(options.backend)
         if options.backend != "auto"
@@ -103,4 +102,6 @@ def decoder_client(engine: EngineDir, options: EngineOptions, served_name: str) 
         eos_token_ids=tuple(engine.manifest.runtime.eos_token_ids),
         architecture=engine.manifest.architecture,
         tool_parser=engine.manifest.tool_parser,
+        decoder=decoder,
+        hf_tokenizer=hf_tokenizer,
     )

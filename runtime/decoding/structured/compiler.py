@@ -17,12 +17,15 @@ CACHE_SIZE = 256
 
 
 class GrammarCompiler:
-    def __init__(self, model_dir: Path, vocab_size: int) -> None:
+    def __init__(self, model_dir: Path, vocab_size: int, tokenizer: Any = None) -> None:
+        """`tokenizer`: the server's Hugging Face tokenizer of `model_dir`, when it has one (else loaded here)."""
         import xgrammar
-        from transformers import AutoTokenizer
 
         self._xgr = xgrammar
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
