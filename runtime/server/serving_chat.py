@@ -19,7 +19,6 @@ from runtime.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    PromptTokensDetails,
     ResponseMessage,
     Usage,
 )
@@ -155,12 +154,7 @@ async def complete_chat(
 def _usage(last: dict[int, GenerationDelta], prompt_tokens: int) -> Usage:
     completion = sum(delta.num_output_tokens for delta in last.values())
     cached = max((delta.num_cached_tokens for delta in last.values()), default=0)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=prompt_tokens + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
+    return Usage.of(prompt_tokens, completion, cached)
 
 
 async def stream_chat(
@@ -191,10 +185,7 @@ async def stream_chat(
     def running_usage() -> Usage | None:
         if not continuous:
             return None
-        completion = sum(num_output)
-        return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
-        )
+        return Usage.of(prompt_tokens, sum(num_output))
 
     try:
         for index in range(body.n):
@@ -236,13 +227,7 @@ async def stream_chat(
                 }
                 yield chunk([final], running_usage())
         if include_usage:
-            completion = sum(num_output)
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion,
-                total_tokens=prompt_tokens + completion,
-                prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-            )
+            usage = Usage.of(prompt_tokens, sum(num_output), cached)
             yield sse(
                 {
                     "id": request_id,

@@ -19,7 +19,6 @@ from runtime.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptTokensDetails,
     Usage,
 )
 from runtime.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
@@ -196,12 +195,7 @@ async def _complete(
         created=created,
         model=state.settings.served_model_name,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=prompt_tokens + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-        ),
+        usage=Usage.of(prompt_tokens, completion, cached),
     )
 
 
@@ -220,10 +214,7 @@ async def _stream(
     echoed: set[int] = set()
 
     def usage_now() -> dict[str, Any]:
-        completion = sum(num_output.values())
-        return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
-        ).model_dump()
+        return Usage.of(prompt_tokens, sum(num_output.values())).model_dump()
 
     def frame(choice: dict[str, Any]) -> bytes:
         data: dict[str, Any] = {
