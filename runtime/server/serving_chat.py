@@ -187,12 +187,18 @@ async def stream_chat(
             return None
         return Usage.of(prompt_tokens, sum(num_output))
 
+    announced = [False] * body.n
+
+    def with_role(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        """A choice's first data event carries its role (and echoed text): it leaves with the first token, so a
+        client's time to first event is the time to first token, as with vLLM."""
+        if announced[index]:
+            return delta
+        announced[index] = True
+        first: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + (delta.get("content") or "")}
+        return {**first, **{key: value for key, value in delta.items() if key != "content"}}
+
     try:
-        for index in range(body.n):
-            delta: dict[str, Any] = {"role": "assistant", "content": plan.echo_text}
-            yield chunk(
-                [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], running_usage()
-            )
         async for generated in plan.run.deltas():
             index = generated.index
             num_output[index] = generated.num_output_tokens
@@ -207,20 +213,20 @@ async def stream_chat(
             )
             for piece in pieces:
                 yield chunk(
-                    [{"index": index, "delta": piece, "logprobs": logprobs, "finish_reason": None}],
+                    [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
                     running_usage(),
                 )
                 logprobs = None
             if logprobs is not None:
                 yield chunk(
-                    [{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": None}],
+                    [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
                     running_usage(),
                 )
             if is_final:
                 output = choice.result(generated.finish_reason, generated.stop_reason)
                 final = {
                     "index": index,
-                    "delta": {},
+                    "delta": with_role(index, {}),
                     "logprobs": None,
                     "finish_reason": output.finish_reason,
                     "stop_reason": output.stop_reason,

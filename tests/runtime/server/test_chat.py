@@ -52,6 +52,25 @@ def test_raw_sse_framing(server: ServerProcess) -> None:
     assert sum(1 for p in payloads for c in p["choices"] if c["finish_reason"]) == 1
 
 
+def test_the_first_event_leaves_with_the_first_token(server: ServerProcess) -> None:
+    """No data event before prefill ends: the role rides on the first chunk that carries text, so a client's time to
+    first event is its time to first token (what `vllm bench serve` measures)."""
+    long_prompt = [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps over the lazy dog " * 40}]
+    body = {"model": "x", "messages": long_prompt, "max_tokens": 4, "temperature": 0, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    firsts: dict[int, dict] = {}
+    for event in events:
+        for choice in event["choices"]:
+            firsts.setdefault(choice["index"], choice["delta"])
+    assert sorted(firsts) == [0, 1]
+    for delta in firsts.values():
+        assert delta["role"] == "assistant"
+        assert delta.get("content") or delta.get("tool_calls")
+    roles = [c["delta"].get("role") for e in events for c in e["choices"] if c["delta"].get("role")]
+    assert len(roles) == 2  # once per choice
+
+
 def test_continuous_usage_stats(client: OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
