@@ -1,13 +1,15 @@
 """`python -m benchmarks.gpu` (`make bench-gpu`): the torch engine on a CUDA GPU, with nothing downloaded.
 
-Three phases, each in its own process so each starts with the whole GPU:
+Four phases, each in its own process so each starts with the whole GPU:
 1. parity: a SmolLM2-shaped random checkpoint in float32 (written with transformers); 32 greedy tokens for 4
    prompts one at a time and 16 requests at once from our engine in-process, against transformers `generate()`;
 2. serve: a Llama-3.1-8B-shaped engine with dummy weights (`load_format: dummy`) in bf16, served by
    `engine-builder run`, driven over HTTP by the project's load generator at concurrency 1, 16 and 64 with
    128 prompt and 128 output tokens;
 3. hf: transformers `generate()` at batch 1, 16 and 64 on a model of the same shape and dtype (random weights of
-   its own: only speed is compared).
+   its own: only speed is compared);
+4. profile: in-process decode step times at batch 1, 16 and 64 for the Triton kernels with and without CUDA graphs
+   and for the PyTorch kernels, with torch.profiler tables of graph-replayed steps (no HTTP in the numbers).
 It writes benchmarks/results/gpu-llama8b.json and, where matplotlib is installed, a PNG beside it
 (`--plot FILE.json` draws one later on another machine). The tokenizer is SmolLM2's from `make models`.
 """
@@ -206,6 +208,91 @@ def phase_hf(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return results
 
 
+# -- phase 4: in-process decode steps and where their time goes ----------------------------------------------------
+PROFILE_VARIANTS = (  # (label, engine kernels, CUDA graphs, batch sizes)
+    ("triton+graphs", "triton", True, (1, 16, 64)),
+    ("triton eager", "triton", False, (1, 64)),
+    ("torch kernels eager", "torch", False, (1, 64)),
+)
+
+
+def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Median wall time of a decode step (host + device, synchronized) per kernel set and batch size, and a
+    torch.profiler table of ten graph-replayed steps at batch 1 and 64: what a request's TPOT is made of without
+    HTTP. Each engine is built, measured and freed in turn on the same dummy weights' shape."""
+    import gc
+
+    import torch
+
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.engine import LLMEngine
+    from runtime.types import GenerationRequest, SamplingParams
+
+    folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, Any] = {}
+    for label, kernels, graphs, batches in PROFILE_VARIANTS:
+        started = time.perf_counter()
+        try:
+            engine = LLMEngine(
+                EngineConfig(
+                    model_dir=folder, dtype="bfloat16", device=args.device, max_seq_len=1024, max_num_tokens=8192,
+                    max_batch_size=128, kv_cache_fraction=0.3, kernels=kernels, cuda_graphs=graphs,
+                    load_format="dummy",
+                ),
+                eos_token_ids=(),
+            )
+        except Exception as error:  # a variant that cannot start is reported, the others still run
+            results[label] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"profile {label}: {results[label]['error']}")
+            continue
+        entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "kernels": engine.runner.kernels.value}
+        for batch in [batch for batch in batches if batch in args.concurrency]:
+            params = SamplingParams(max_tokens=args.profile_steps + 1, temperature=0.0, ignore_eos=True)
+            for index in range(batch):
+                prompt = tuple(torch.randint(100, 40000, (args.input_len,), generator=generator).tolist())
+                engine.add_request(GenerationRequest(f"{label}-{batch}-{index}", prompt, params))
+            engine.step()  # the whole batch's prefill fits one step (64 x 128 <= max_num_tokens)
+            profiled = label == "triton+graphs" and batch in (1, 64)
+            times, profiler, step = [], None, 0
+            while engine.has_unfinished():
+                if profiled and step == 8:
+                    profiler = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    )
+                    profiler.__enter__()
+                sync()
+                tick = time.perf_counter()
+                engine.step()
+                sync()
+                times.append(time.perf_counter() - tick)
+                step += 1
+                if profiler is not None and step == 18:
+                    profiler.__exit__(None, None, None)
+                    averages = profiler.key_averages()
+                    table = averages.table(sort_by="self_device_time_total", row_limit=18)
+                    (work / f"profile_c{batch}.txt").write_text(
+                        table + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=18)
+                    )
+                    entry[f"profiled_device_ms_per_step_c{batch}"] = round(
+                        sum(event.self_device_time_total for event in averages) / 1e3 / 10, 3
+                    )
+                    entry[f"profile_table_c{batch}"] = table
+                    profiler = None
+            times.sort()
+            median = times[len(times) // 2]
+            entry[f"c{batch}"] = {"step_ms_p50": round(median * 1e3, 3), "tokens_per_s": round(batch / median, 1)}
+            log(f"profile {label} c={batch}: step {median * 1e3:.2f} ms, {batch / median:.0f} tok/s")
+        results[label] = entry
+        del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
 # -- driver ---------------------------------------------------------------------------------------------------------
 def gpu_description() -> dict[str, Any]:
     import torch
@@ -229,7 +316,7 @@ def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         sys.executable, "-m", "benchmarks.gpu", "--phase", phase, "--work", str(work), "--tokenizer", str(args.tokenizer),
         "--max-seconds", str(args.max_seconds), "--device", args.device, "--shape", args.shape,
         "--concurrency", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
-        "--output-len", str(args.output_len),
+        "--output-len", str(args.output_len), "--profile-steps", str(args.profile_steps),
     ]
     started = time.monotonic()
     completed = subprocess.run(command, cwd=REPO_ROOT, timeout=args.phase_timeout)
@@ -300,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", type=Path, default=SMOLLM2_DIR, help="HF folder with config.json + tokenizer")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--phases", default="parity,serve,hf", help="comma list of parity, serve, hf")
+    parser.add_argument("--phases", default="parity,serve,hf,profile", help="comma list of parity, serve, hf, profile")
+    parser.add_argument("--profile-steps", type=int, default=24, help=argparse.SUPPRESS)
     parser.add_argument("--max-seconds", type=float, default=25.0, help="load time per concurrency point")
     parser.add_argument("--phase-timeout", type=float, default=540.0)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of the pipeline
@@ -322,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             result = phase_parity(args.tokenizer, work)
         elif args.phase == "serve":
             result = phase_serve(args, work)
+        elif args.phase == "profile":
+            result = phase_profile(args, work)
         else:
             result = phase_hf(args, work)
         (work / f"{args.phase}.json").write_text(json.dumps(result, default=str))
@@ -352,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work_dir)
         for phase in phases:
             log(f"phase {phase} ...")
-            key = {"parity": "parity", "serve": "serve", "hf": "transformers_generate"}[phase]
+            key = {"parity": "parity", "serve": "serve", "hf": "transformers_generate", "profile": "profile"}[phase]
             document[key] = run_phase(phase, args, work)
             log(f"phase {phase}: {json.dumps(document[key], default=str)[:600]}")
     document["summary"] = summary_rows(document)

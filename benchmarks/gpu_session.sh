@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One lent-GPU call, run from the repository root on the device machine (docs/torch-engine-gpu.md says how to
+# prepare .gpu/ here first): install the carried wheels, run the GPU-relevant tests with real Triton and CUDA
+# graphs, then `python -m benchmarks.gpu` (parity, serve over HTTP, profile, transformers generate()).
+# Everything lands in $OUT: pytest.txt, bench.txt, gpu-llama8b.json. Limits per stage via TEST_S / BENCH_S.
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider --timeout 100 -o addopts="" -rs \
+  tests/runtime/engine/kernels tests/runtime/engine/test_triton_path.py \
+  tests/runtime/engine/layers/test_sampler_device.py tests/runtime/engine/test_graph_runner.py \
+  >"$OUT/pytest.txt" 2>&1
+echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/pytest.txt" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -20
+
+timeout "${BENCH_S:-330}" python3 -m benchmarks.gpu --tokenizer .gpu/tok --out "$OUT/gpu-llama8b.json" \
+  --phases "${PHASES:-parity,serve,profile,hf}" --phase-timeout "${PHASE_S:-200}" --max-seconds "${LOAD_S:-15}" \
+  >"$OUT/bench.txt" 2>&1
+echo "bench exit $?"
+grep -v -E "USDT|profiler_st" "$OUT/bench.txt" | cut -c1-700 | tail -40
