@@ -41,9 +41,12 @@ class StepInputs:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The engine's device, with its index on CUDA ("cuda" is the current device, as PyTorch means it): the
+    index is what `torch.cuda.set_device` needs and what tensors' `.device` compares equal to."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def configure_threads(num_threads: int | None) -> None:
