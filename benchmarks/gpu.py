@@ -39,7 +39,7 @@ SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "small": {}}  # small 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 CONCURRENCY = (1, 16, 64)
 INPUT_LEN = OUTPUT_LEN = 128
-REQUESTS_PER_CONCURRENCY = 2  # measured requests per in-flight slot (at least 8)
+REQUESTS_PER_CONCURRENCY = 4  # measured requests per in-flight slot (at least 8)
 
 
 def log(*parts: object) -> None:
@@ -122,7 +122,16 @@ def phase_parity(tokenizer: Path, work: Path) -> dict[str, Any]:
 
 
 # -- phase 2: serve and load --------------------------------------------------------------------------------------
+SERVE_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {  # name -> (engine_builder YAML lines, environment)
+    "default": ("", {}),
+    "no-piecewise": ("  cuda_graph_max_tokens: 0\n", {}),
+    "gil-5ms": ("", {"ENGINE_BUILDER_SWITCH_INTERVAL_MS": "5"}),  # Python's default switch interval
+}
+
+
 def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Each server variant started in turn (all stay up, each with a third of the free memory for its KV cache),
+    then the load interleaved across them point by point (A, B, A, B), so they see the same machine state."""
     from benchmarks.client import LengthControl, RerankStyle
     from benchmarks.compare import run_interleaved
     from benchmarks.loadgen import LoadPlan
@@ -131,26 +140,33 @@ def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from benchmarks.workloads import WorkloadSpec
 
     folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
-    config = work / "serve.yaml"
-    config.write_text(
-        "model_name: llama8b-dummy\n"
-        "trt_llm:\n  build:\n    base_model: decoder\n"
-        f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
-        "    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n"
-        "  runtime:\n    served_model_name: llama8b-dummy\n"
-        f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n  load_format: dummy\n"
-    )
-    port = free_port()
-    command = [
-        sys.executable, "-m", "engine_builder.cli", "run", str(config), "--host", "127.0.0.1", "--port", str(port),
-        "--engine-dir", str(work / "engine"),
-    ]
-    started = time.monotonic()
-    handle = launch("ours-gpu", command, port=port, model="llama8b-dummy", timeout_s=420, cwd=REPO_ROOT)
-    startup_s = time.monotonic() - started
-    log(f"server ready in {startup_s:.1f} s")
+    targets, handles, startup, log_lines = [], [], {}, {}
     try:
-        target = Target("ours", handle.base_url, "llama8b-dummy", {"engine": "torch engine, Triton kernels"}, handle)
+        for name in args.serve_variants:
+            yaml_extra, env = SERVE_VARIANTS[name]
+            config = work / f"serve-{name}.yaml"
+            config.write_text(
+                "model_name: llama8b-dummy\n"
+                "trt_llm:\n  build:\n    base_model: decoder\n"
+                f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
+                "    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n"
+                "  runtime:\n    served_model_name: llama8b-dummy\n    kv_cache_free_gpu_mem_fraction: 0.3\n"
+                f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n  load_format: dummy\n{yaml_extra}"
+            )
+            port = free_port()
+            command = [
+                sys.executable, "-m", "engine_builder.cli", "run", str(config), "--host", "127.0.0.1", "--port",
+                str(port), "--engine-dir", str(work / f"engine-{name}"),
+            ]
+            started = time.monotonic()
+            handle = launch(
+                f"ours-{name}", command, port=port, model="llama8b-dummy", timeout_s=420, cwd=REPO_ROOT,
+                env=env,
+            )
+            handles.append(handle)
+            startup[name] = round(time.monotonic() - started, 1)
+            log(f"server {name} ready in {startup[name]:.1f} s")
+            targets.append(Target(name, handle.base_url, "llama8b-dummy", {"engine": f"torch engine, {name}"}, handle))
         spec = WorkloadSpec(
             endpoint=Endpoint.CHAT, dataset="random", input_len=args.input_len, output_len=args.output_len,
             tokenizer_dir=folder,
@@ -163,16 +179,22 @@ def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for c in args.concurrency
         ]
         points = run_interleaved(
-            [target], spec, plans, 1, None, length_control=LengthControl.IGNORE_EOS, rerank_style=RerankStyle.TEI
+            targets, spec, plans, 1, None, length_control=LengthControl.IGNORE_EOS, rerank_style=RerankStyle.TEI
         )
-        log_text = handle.log_path.read_text(errors="replace")
+        for name, handle in zip(args.serve_variants, handles, strict=True):
+            text = handle.log_path.read_text(errors="replace")
+            log_lines[name] = "\n".join(line for line in text.splitlines() if "CUDA graphs" in line or "KV cache" in line)
     finally:
-        handle.stop()
+        for handle in handles:
+            handle.stop()
     return {
-        "startup_s": round(startup_s, 1),
-        "server_log_tail": "\n".join(line for line in log_text.splitlines() if "CUDA graphs" in line or "KV cache" in line),
+        "startup_s": startup,
+        "server_log_tail": log_lines,
         "points": [
-            {"concurrency": point.plan.concurrency, "summary": point.summary.to_json(), "notes": point.notes}
+            {
+                "variant": point.engine, "concurrency": point.plan.concurrency, "summary": point.summary.to_json(),
+                "notes": point.notes,
+            }
             for point in points
         ],
     }
@@ -209,17 +231,57 @@ def phase_hf(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # -- phase 4: in-process decode steps and where their time goes ----------------------------------------------------
-PROFILE_VARIANTS = (  # (label, engine kernels, CUDA graphs, batch sizes)
-    ("triton+graphs", "triton", True, (1, 16, 64)),
-    ("triton eager", "triton", False, (1, 64)),
-    ("torch kernels eager", "torch", False, (1, 64)),
+PROFILE_VARIANTS = (  # (label, engine kernels, CUDA graphs, piecewise graphs up to this many tokens, batch sizes)
+    ("triton+graphs", "triton", True, 512, (1, 16, 64)),
+    ("triton, decode graphs only", "triton", True, 0, (1, 64)),
+    ("triton eager", "triton", False, 0, (1, 64)),
+    ("torch kernels eager", "torch", False, 0, (1, 64)),
 )
 
 
+def host_profile(engine: Any, sync: Any, steps: int) -> str:
+    """cProfile of `steps` synchronized engine steps: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    for _ in range(steps):
+        if not engine.has_unfinished():
+            break
+        profile.enable()
+        engine.step()
+        sync()
+        profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()[-6000:]
+
+
+def warm_up(engine: Any, input_len: int, generator: Any) -> None:
+    """Prefills, mixed and decode steps at a few batch sizes, unmeasured: Triton compiles a kernel per new
+    specialization (a row count of 1, a multiple of 16, another) on first use, which single-shot timings would
+    otherwise include."""
+    import torch
+
+    from runtime.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for batch in (1, 3, 16):
+        for index in range(batch):
+            prompt = tuple(torch.randint(100, 40000, (input_len + index,), generator=generator).tolist())
+            engine.add_request(GenerationRequest(f"warm-{batch}-{index}", prompt, params))
+        engine.step()
+        engine.add_request(GenerationRequest(f"warm-{batch}-join", prompt, params))
+        while engine.has_unfinished():
+            engine.step()
+
+
 def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Median wall time of a decode step (host + device, synchronized) per kernel set and batch size, and a
-    torch.profiler table of ten graph-replayed steps at batch 1 and 64: what a request's TPOT is made of without
-    HTTP. Each engine is built, measured and freed in turn on the same dummy weights' shape."""
+    """Median wall time of a decode step (host + device, synchronized) per kernel set and batch size, the time of
+    the batch's prefill step and of one mixed step (a new prompt joining the running batch), and a torch.profiler
+    table of ten graph-replayed steps at batch 1 and 64: what a request's TPOT and TTFT are made of without HTTP.
+    Each engine is built, measured and freed in turn on the same dummy weights' shape."""
     import gc
 
     import torch
@@ -233,14 +295,14 @@ def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     generator = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {}
-    for label, kernels, graphs, batches in PROFILE_VARIANTS:
+    for label, kernels, graphs, piece_tokens, batches in PROFILE_VARIANTS:
         started = time.perf_counter()
         try:
             engine = LLMEngine(
                 EngineConfig(
                     model_dir=folder, dtype="bfloat16", device=args.device, max_seq_len=1024, max_num_tokens=8192,
                     max_batch_size=128, kv_cache_fraction=0.3, kernels=kernels, cuda_graphs=graphs,
-                    load_format="dummy",
+                    cuda_graph_max_tokens=piece_tokens, load_format="dummy",
                 ),
                 eos_token_ids=(),
             )
@@ -249,15 +311,30 @@ def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             log(f"profile {label}: {results[label]['error']}")
             continue
         entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "kernels": engine.runner.kernels.value}
+        warm_up(engine, args.input_len, generator)
         for batch in [batch for batch in batches if batch in args.concurrency]:
-            params = SamplingParams(max_tokens=args.profile_steps + 1, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=args.profile_steps + 21, temperature=0.0, ignore_eos=True)
             for index in range(batch):
                 prompt = tuple(torch.randint(100, 40000, (args.input_len,), generator=generator).tolist())
                 engine.add_request(GenerationRequest(f"{label}-{batch}-{index}", prompt, params))
+            sync()
+            tick = time.perf_counter()
             engine.step()  # the whole batch's prefill fits one step (64 x 128 <= max_num_tokens)
+            sync()
+            prefill_ms = (time.perf_counter() - tick) * 1e3
             profiled = label == "triton+graphs" and batch in (1, 64)
-            times, profiler, step = [], None, 0
+            times, profiler, step, mixed_ms = [], None, 0, None
             while engine.has_unfinished():
+                if step == 4 and mixed_ms is None:  # one prompt joins the running batch: a mixed step
+                    prompt = tuple(torch.randint(100, 40000, (args.input_len,), generator=generator).tolist())
+                    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+                    engine.add_request(GenerationRequest(f"{label}-{batch}-mixed", prompt, short))
+                    sync()
+                    tick = time.perf_counter()
+                    engine.step()
+                    sync()
+                    mixed_ms = (time.perf_counter() - tick) * 1e3
+                    continue
                 if profiled and step == 8:
                     profiler = torch.profiler.profile(
                         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -267,7 +344,8 @@ def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 tick = time.perf_counter()
                 engine.step()
                 sync()
-                times.append(time.perf_counter() - tick)
+                if profiler is None:  # steps under torch.profiler run slower: not in the medians
+                    times.append(time.perf_counter() - tick)
                 step += 1
                 if profiler is not None and step == 18:
                     profiler.__exit__(None, None, None)
@@ -281,10 +359,18 @@ def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     )
                     entry[f"profile_table_c{batch}"] = table
                     profiler = None
+                    if batch == 1:  # where the host's share of a step goes, by Python function
+                        entry["host_profile_c1"] = host_profile(engine, sync, steps=20)
             times.sort()
             median = times[len(times) // 2]
-            entry[f"c{batch}"] = {"step_ms_p50": round(median * 1e3, 3), "tokens_per_s": round(batch / median, 1)}
-            log(f"profile {label} c={batch}: step {median * 1e3:.2f} ms, {batch / median:.0f} tok/s")
+            entry[f"c{batch}"] = {
+                "step_ms_p50": round(median * 1e3, 3), "tokens_per_s": round(batch / median, 1),
+                "prefill_step_ms": round(prefill_ms, 2), "mixed_step_ms": round(mixed_ms or 0.0, 2),
+            }
+            log(
+                f"profile {label} c={batch}: step {median * 1e3:.2f} ms, {batch / median:.0f} tok/s; prefill of "
+                f"{batch}x{args.input_len} {prefill_ms:.1f} ms; one prompt joining: {mixed_ms or 0.0:.1f} ms"
+            )
         results[label] = entry
         del engine
         gc.collect()
@@ -317,6 +403,7 @@ def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "--max-seconds", str(args.max_seconds), "--device", args.device, "--shape", args.shape,
         "--concurrency", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
         "--output-len", str(args.output_len), "--profile-steps", str(args.profile_steps),
+        "--serve-variants", ",".join(args.serve_variants),
     ]
     started = time.monotonic()
     completed = subprocess.run(command, cwd=REPO_ROOT, timeout=args.phase_timeout)
@@ -333,6 +420,7 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
         summary = point["summary"]
         concurrency = point["concurrency"]
         rows.append({
+            "variant": point.get("variant", "default"),
             "concurrency": concurrency,
             "output_tokens_per_s": round(summary["output_throughput"], 1),
             "tpot_ms_p50": round(summary["tpot_ms"]["p50"], 2),
@@ -354,20 +442,29 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
     rows = document["summary"]
     if not rows:
         return None
+    variants = list(dict.fromkeys(row.setdefault("variant", "default") for row in rows))
+    main = [row for row in rows if row["variant"] == variants[0]]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [str(row["concurrency"]) for row in rows]
-    positions = range(len(rows))
-    left.bar([p - 0.2 for p in positions], [row["output_tokens_per_s"] for row in rows], width=0.4, label="ours")
+    labels = [str(row["concurrency"]) for row in main]
+    positions = range(len(main))
+    width = 0.8 / (len(variants) + 1)
+    for offset, variant in enumerate(variants):
+        values = {row["concurrency"]: row["output_tokens_per_s"] for row in rows if row["variant"] == variant}
+        left.bar(
+            [p - 0.4 + (offset + 0.5) * width for p in positions],
+            [values.get(row["concurrency"], 0) for row in main], width=width,
+            label="ours" if len(variants) == 1 else f"ours, {variant}",
+        )
     left.bar(
-        [p + 0.2 for p in positions], [row["transformers_tokens_per_s"] or 0 for row in rows], width=0.4,
-        label="transformers generate()",
+        [p - 0.4 + (len(variants) + 0.5) * width for p in positions],
+        [row["transformers_tokens_per_s"] or 0 for row in main], width=width, label="transformers generate()",
     )
     left.set_xticks(list(positions), labels)
     left.set_xlabel("concurrency (batch size for generate())")
     left.set_ylabel("output tokens/s")
-    left.legend()
-    right.plot(labels, [row["tpot_ms_p50"] for row in rows], marker="o", label="TPOT p50")
-    right.plot(labels, [row["ttft_ms_p50"] for row in rows], marker="s", label="TTFT p50")
+    left.legend(fontsize="small")
+    right.plot(labels, [row["tpot_ms_p50"] for row in main], marker="o", label=f"TPOT p50 ({variants[0]})")
+    right.plot(labels, [row["ttft_ms_p50"] for row in main], marker="s", label=f"TTFT p50 ({variants[0]})")
     right.set_yscale("log")
     right.set_xlabel("concurrency")
     right.set_ylabel("ms")
@@ -389,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--phases", default="parity,serve,hf,profile", help="comma list of parity, serve, hf, profile")
     parser.add_argument("--profile-steps", type=int, default=24, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-variants", default="default", help=f"comma list of server variants: {', '.join(SERVE_VARIANTS)}"
+    )
     parser.add_argument("--max-seconds", type=float, default=25.0, help="load time per concurrency point")
     parser.add_argument("--phase-timeout", type=float, default=540.0)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of the pipeline
@@ -401,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="draw the PNG of an existing result JSON and exit")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    args.serve_variants = [name for name in str(args.serve_variants).split(",") if name]
     if args.plot is not None:
         document = json.loads(args.plot.read_text())
         return 0 if plot(document, args.plot) is not None else 1

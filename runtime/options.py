@@ -62,6 +62,12 @@ class EngineOptions(pydantic.BaseModel):
         description="Replay decode steps from CUDA graphs captured at startup (Triton kernels on CUDA); "
         "false = every step eager, like vLLM's enforce_eager",
     )
+    cuda_graph_max_tokens: int = pydantic.Field(
+        default=512,
+        ge=0,
+        description="Prefill, mixed and lookahead steps of up to this many tokens replay CUDA graphs between "
+        "eager attentions (piecewise, one set per power-of-two bucket); larger steps run eagerly; 0 = off",
+    )
     load_format: Literal["auto", "dummy"] = pydantic.Field(
         default="auto",
         description="dummy = random weights from config.json alone, nothing downloaded beyond config and "

@@ -7,7 +7,9 @@ detokenized incrementally and checked for stop strings (a match aborts the reque
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +31,15 @@ from runtime.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def gil_switch_interval_s() -> float:
+    """The engine thread and the HTTP event loop share one GIL, which Python hands between threads only every
+    switch interval (5 ms by default). A GPU step whose host part is waiting for the GIL while the loop formats
+    responses leaves the GPU idle that long, once per step; a short interval bounds the wait. Measured on the
+    GPU suite (benchmarks/gpu.py, serve variants); ENGINE_BUILDER_SWITCH_INTERVAL_MS overrides it."""
+    return float(os.environ.get("ENGINE_BUILDER_SWITCH_INTERVAL_MS", "0.5")) / 1e3
+
 
 _IDLE_WAIT_S = 0.05
 
@@ -96,6 +107,8 @@ class TorchEngineClient:
             tool_parser=self._tool_parser,
         )
         self._stats = engine.stats()
+        if engine.runner.device.type == "cuda":
+            sys.setswitchinterval(gil_switch_interval_s())
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
         await self._warmup()

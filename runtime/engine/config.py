@@ -47,6 +47,7 @@ class EngineConfig:
     kernels: str = "auto"  # auto | native | triton | torch (runtime/engine/layers/__init__.py)
     fused_decode: bool = True  # CPU: decode-only steps of Llama-shaped bf16 models in one native call
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (Triton kernels on CUDA only)
+    cuda_graph_max_tokens: int = 512  # other steps up to this many rows: piecewise graphs (0 = off)
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarking)
     seed: int = 0
 

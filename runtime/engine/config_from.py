@@ -43,6 +43,7 @@ def engine_config_from(engine: EngineDir, options: EngineOptions) -> EngineConfi
         cpu_gemm=options.cpu_gemm,
         kernels=options.kernels,
         cuda_graphs=options.cuda_graphs,
+        cuda_graph_max_tokens=options.cuda_graph_max_tokens,
         fused_decode=options.cpu_fused_decode,
         load_format="dummy" if "dummy" in (manifest.extra.get("load_format"), options.load_format) else "auto",
     )

@@ -1,16 +1,25 @@
-"""Decode steps under CUDA graphs: one graph per batch-size bucket, captured at startup; a decode-only step is
-padded to its bucket and replayed, so a whole forward pass costs one launch on the host instead of hundreds.
+"""Steps under CUDA graphs, captured at startup, so a forward pass costs a few launches on the host instead of hundreds.
+
+- Decode-only steps (`CudaGraphRunner`): one graph of the whole forward per batch-size bucket; a step is padded to
+  its bucket and replayed. The split count of the decode-attention kernel is fixed per bucket (sized for the longest
+  context the engine allows), so the grid never changes under a graph.
+- Prefill, mixed and lookahead steps of up to a few hundred rows (`PiecewiseGraphRunner`): what runs between two
+  attentions depends on nothing but the number of rows, so it is captured per token-count bucket (embedding and
+  the first QKV projection; each layer's output projection, MLP and the next layer's QKV; the last MLP and the
+  final norm), and attention, whose work depends on the step's sequences, runs eagerly between the replays with
+  the step's own metadata, writing into the static buffer the next piece reads. Rows past the step's own in a
+  bucket compute on stale inputs and are never read.
 
 Every graph reads the step buffers (`TritonStepBuffers`) through views taken at capture, and the model runner
-writes each step's inputs into those same buffers before a replay. The split count of the decode-attention kernel
-is fixed per bucket (sized for the longest context the engine allows), so the grid never changes under a graph.
-Prefill, mixed and lookahead steps run eagerly.
+writes each step's inputs into those same buffers before a replay. Larger steps run eagerly: their launches
+are a small part of their time.
 """
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -18,6 +27,12 @@ from torch import nn
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers.attention.triton import TritonStepBuffers
 from runtime.engine.step_rows import StepRows
+
+if TYPE_CHECKING:
+    from runtime.engine.layers.attention import AttentionMetadata
+    from runtime.engine.models.decoder import DecoderLayer, DecoderModel
+
+GraphOutput = torch.Tensor | tuple[torch.Tensor, ...]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +49,19 @@ def graph_buckets(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def token_buckets(max_tokens: int) -> list[int]:
+    """Row counts of the piecewise graphs: powers of two from 16 up to max_tokens (and max_tokens itself)."""
+    sizes = []
+    size = 16
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_tokens] if max_tokens > 0 else []
+
+
 class GraphCapture(Protocol):
-    def capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        """Record `forward`; return (replay, its static output)."""
+    def capture(self, forward: Callable[[], GraphOutput]) -> tuple[Callable[[], None], GraphOutput]:
+        """Record `forward`; return (replay, its static output: a tensor or a tuple of them)."""
         ...
 
 
@@ -46,7 +71,7 @@ class CudaGraphCapture:
     def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
 
-    def capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    def capture(self, forward: Callable[[], GraphOutput]) -> tuple[Callable[[], None], GraphOutput]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             output = forward()
@@ -57,11 +82,14 @@ class EagerCapture:
     """Stands in for CUDA graphs where there are none (CPU tests): a replay runs the forward again over the same
     buffers and copies its result into the static output, so the runner's padding and buffer logic is exercised."""
 
-    def capture(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    def capture(self, forward: Callable[[], GraphOutput]) -> tuple[Callable[[], None], GraphOutput]:
         output = forward()
+        statics = (output,) if isinstance(output, torch.Tensor) else output
 
         def replay() -> None:
-            output.copy_(forward())
+            fresh = forward()
+            for static, value in zip(statics, (fresh,) if isinstance(fresh, torch.Tensor) else fresh, strict=True):
+                static.copy_(value)
 
         return replay, output
 
@@ -118,7 +146,8 @@ class CudaGraphRunner:
                 forward()
             if cuda:
                 torch.cuda.synchronize(self.buffers.device)
-            self._graphs[bucket] = capture.capture(forward)
+            replay, output = capture.capture(forward)
+            self._graphs[bucket] = replay, cast(torch.Tensor, output)
         if cuda:
             torch.cuda.synchronize(self.buffers.device)
         used = free_before - torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
@@ -132,3 +161,116 @@ class CudaGraphRunner:
         replay, output = self._graphs[bucket]
         replay()
         return output[:num_rows]
+
+
+@dataclass
+class _Pieces:
+    """One token bucket's graphs: replays[0] (embedding + first QKV), then one after each layer's attention."""
+
+    replays: list[Callable[[], None]]
+    qkv: list[torch.Tensor]  # per layer: the static QKV projection its attention reads
+    attended: list[torch.Tensor]  # per layer: the static buffer its attention writes and the next piece reads
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    local_cos_sin: tuple[torch.Tensor, torch.Tensor]
+    hidden: torch.Tensor  # the final norm's output
+
+
+class PiecewiseGraphRunner:
+    """Prefill, mixed and lookahead steps of up to `max_tokens` rows: graphs between attentions (module docstring)."""
+
+    def __init__(
+        self,
+        model: "DecoderModel",
+        kv_cache: PagedKVCache,
+        buffers: TritonStepBuffers,
+        max_tokens: int,
+        dtype: torch.dtype,
+        capture: GraphCapture | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buffers = buffers
+        self.buckets = token_buckets(min(max_tokens, buffers.max_tokens))
+        self.dtype = dtype
+        self._capture = capture
+        self._pieces: dict[int, _Pieces] = {}
+
+    def bucket_for(self, num_rows: int) -> int | None:
+        for bucket in self.buckets:
+            if bucket >= num_rows and bucket in self._pieces:
+                return bucket
+        return None
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        capture = self._capture or CudaGraphCapture()
+        cuda = self.buffers.device.type == "cuda"
+        free_before = torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
+        started = time.perf_counter()
+        for bucket in reversed(self.buckets):
+            self._pieces[bucket] = self._capture_bucket(bucket, capture)
+        if cuda:
+            torch.cuda.synchronize(self.buffers.device)
+        used = free_before - torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
+        logger.info(
+            "CUDA graphs: prefill/mixed steps of up to %d rows (%s) in %d pieces each, captured in %.1f s, %.0f MiB",
+            self.buckets[-1] if self.buckets else 0, ",".join(map(str, self.buckets)), len(self.model.layers) + 1,
+            time.perf_counter() - started, used / 2**20,
+        )
+
+    def _capture_bucket(self, bucket: int, capture: GraphCapture) -> _Pieces:
+        model = self.model
+        layers = cast("list[DecoderLayer]", list(model.layers))
+        spec = model.spec
+        device = self.buffers.device
+        input_ids = self.buffers.device_input_ids[:bucket]
+        positions = self.buffers.device_positions[:bucket]
+        attended = [
+            torch.zeros(bucket, spec.num_heads * spec.head_dim, dtype=self.dtype, device=device) for _ in layers
+        ]
+
+        def record(forward: Callable[[], GraphOutput]) -> tuple[Callable[[], None], Sequence[torch.Tensor]]:
+            for _ in range(2):  # compile the kernels and settle the allocator before recording
+                forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            replay, output = capture.capture(forward)
+            return replay, (output,) if isinstance(output, torch.Tensor) else output
+
+        def first() -> GraphOutput:
+            hidden, cos_sin, local_cos_sin = model.embed(input_ids, positions)
+            qkv, residual = layers[0].attention_input(hidden, None)
+            return (qkv, residual, *cos_sin, *local_cos_sin)
+
+        replay, (qkv, residual, cos, sin, local_cos, local_sin) = record(first)
+        replays, qkvs = [replay], [qkv]
+        for index in range(1, len(layers)):
+
+            def between(index: int = index, residual: torch.Tensor = residual) -> GraphOutput:
+                hidden, residual = layers[index - 1].attention_output(attended[index - 1], residual)
+                return layers[index].attention_input(hidden, residual)
+
+            replay, (qkv, residual) = record(between)
+            replays.append(replay)
+            qkvs.append(qkv)
+
+        def last(residual: torch.Tensor = residual) -> GraphOutput:
+            hidden, residual = layers[-1].attention_output(attended[-1], residual)
+            return model.final_norm(hidden, residual)
+
+        replay, (hidden,) = record(last)
+        replays.append(replay)
+        return _Pieces(replays, qkvs, attended, (cos, sin), (local_cos, local_sin), hidden)
+
+    def run(self, bucket: int, metadata: "AttentionMetadata", num_rows: int) -> torch.Tensor:
+        """Hidden states [num_rows, hidden] of the step whose inputs the buffers hold and `metadata` describes."""
+        pieces = self._pieces[bucket]
+        rows = slice(0, num_rows)
+        pieces.replays[0]()
+        for index, layer in enumerate(cast("list[DecoderLayer]", list(self.model.layers))):
+            cos, sin = pieces.local_cos_sin if layer.is_sliding else pieces.cos_sin
+            layer.attention(
+                pieces.qkv[index][rows], (cos[rows], sin[rows]), metadata, self.kv_cache, out=pieces.attended[index][rows]
+            )
+            pieces.replays[index + 1]()
+        return pieces.hidden[rows]

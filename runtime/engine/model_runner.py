@@ -2,7 +2,7 @@
 
 The kernel set decides the attention backend: the CPU path (native kernels, PyTorch elsewhere) builds
 `CpuAttentionMetadata` per step; the Triton path keeps the step's inputs in persistent buffers and, on CUDA,
-replays decode-only steps from CUDA graphs (graph_runner.py).
+replays steps from CUDA graphs (graph_runner.py: whole decode steps, piecewise prefill and mixed ones).
 """
 
 import logging
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.engine.config import EngineConfig
-from runtime.engine.graph_runner import CudaGraphRunner
+from runtime.engine.graph_runner import CudaGraphRunner, PiecewiseGraphRunner
 from runtime.engine.kernels import triton as triton_kernels
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers import KernelSet
@@ -38,6 +38,7 @@ class StepInputs:
     row_of: dict[int, int]  # index in the scheduled list -> first row of that sequence
     num_rows: int = 0
     graph_bucket: int | None = None  # replay the CUDA graph of this batch size
+    piece_bucket: int | None = None  # replay the piecewise graphs of this token count
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,6 +136,12 @@ class ModelRunner:
                 self.model, self.kv_cache, self.step_buffers, config.max_batch_size, self.max_model_len
             )
             self.graphs.capture_all()
+        self.pieces: PiecewiseGraphRunner | None = None
+        if self.graphs is not None and self.step_buffers is not None and config.cuda_graph_max_tokens > 0:
+            self.pieces = PiecewiseGraphRunner(
+                self.model, self.kv_cache, self.step_buffers, config.cuda_graph_max_tokens, self.dtype
+            )
+            self.pieces.capture_all()
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the current one of the calling thread (the engine loop runs on its own)."""
@@ -211,12 +218,14 @@ class ModelRunner:
     ) -> StepInputs:
         """`logit_requests` lists (scheduled index, row offset within that sequence's rows) to project."""
         rows = flatten(scheduled, self.block_size)
-        graph_bucket = None
+        graph_bucket = piece_bucket = None
         metadata: AttentionMetadata
         if self.step_buffers is not None:
             if self.graphs is not None and rows.is_decode_only:
                 graph_bucket = self.graphs.bucket_for(rows.num_rows)
             num_splits = self.graphs.num_splits(graph_bucket) if self.graphs is not None and graph_bucket else None
+            if graph_bucket is None and self.pieces is not None:
+                piece_bucket = self.pieces.bucket_for(rows.num_rows)
             input_ids, positions, metadata = self.step_buffers.build(rows, scheduled, graph_bucket, num_splits)
         else:
             metadata = build_cpu_metadata(rows, scheduled, self.block_size, self.device)
@@ -232,6 +241,7 @@ class ModelRunner:
             row_of=rows.row_of,
             num_rows=rows.num_rows,
             graph_bucket=graph_bucket,
+            piece_bucket=piece_bucket,
         )
 
     # -- execution ---------------------------------------------------------------------------------------
@@ -240,6 +250,8 @@ class ModelRunner:
         """Final hidden states of the requested rows (project them with `logits`, all or only some)."""
         if inputs.graph_bucket is not None and self.graphs is not None:
             hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
+        elif inputs.piece_bucket is not None and self.pieces is not None:
+            hidden = self.pieces.run(inputs.piece_bucket, inputs.metadata, inputs.num_rows)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)
         return hidden if inputs.logit_rows is None else hidden[inputs.logit_rows]

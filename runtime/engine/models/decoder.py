@@ -19,6 +19,8 @@ from runtime.engine.layers.rotary import RotaryEmbedding
 if TYPE_CHECKING:
     from runtime.engine.models.fused_decode import FusedDecodeStack
 
+RotaryRows = tuple[torch.Tensor, torch.Tensor]  # cos and sin rows of a step's positions
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -90,12 +92,25 @@ class DecoderLayer(nn.Module):
         metadata: AttentionMetadata,
         kv_cache: PagedKVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, residual = self.attention_input(hidden, residual)
+        return self.attention_output(self.attention(qkv, cos_sin, metadata, kv_cache), residual)
+
+    # The layer's halves on either side of attention: what runs between two attentions depends on nothing but the
+    # rows, so the piecewise graph runner captures it as one graph (runtime/engine/graph_runner.py).
+    def attention_input(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm (adding the residual stream) and the fused QKV projection: (qkv, residual)."""
         if residual is None:
             residual = hidden
             x = self.input_norm(hidden)
         else:
             x, residual = self.input_norm.add_and_norm(hidden, residual)
-        x = self.o_proj(self.attention(self.qkv(x), cos_sin, metadata, kv_cache))
+        return self.qkv(x), residual
+
+    def attention_output(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection, post-attention norm(s) and the MLP: (hidden, residual) for the next layer."""
+        x = self.o_proj(attended)
         if self.spec.sandwich_norms:
             x, residual = self.pre_mlp_norm.add_and_norm(self.post_attention_norm(x), residual)
             return self.post_mlp_norm(self.mlp(x)), residual
@@ -135,13 +150,7 @@ class DecoderModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, kv_cache: PagedKVCache
     ) -> torch.Tensor:
-        hidden = self.embed_tokens[input_ids]
-        if self.activation_dtype is not None and input_ids.numel() <= self.small_batch_rows:
-            hidden = hidden.to(self.activation_dtype)  # few rows: float32 for the FBGEMM GEMV path
-        if self.spec.embedding_scale is not None:
-            hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
-        cos_sin = self.rotary.lookup(positions, hidden.dtype)
-        local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
+        hidden, cos_sin, local_cos_sin = self.embed(input_ids, positions)
         fused = self._fused_stack() if self.kernels == KernelSet.NATIVE and hidden.device.type == "cpu" else None
         if fused is not None and isinstance(metadata, CpuAttentionMetadata) and fused.applies(hidden, metadata, kv_cache):
             result = fused.run(hidden, cos_sin, metadata, kv_cache)
@@ -150,6 +159,20 @@ class DecoderModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, local_cos_sin if layer.is_sliding else cos_sin, metadata, kv_cache)
+        return self.final_norm(hidden, residual)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RotaryRows, RotaryRows]:
+        """Token embeddings and the rotary rows of the step's positions: (hidden, global, local (sliding) layers')."""
+        hidden = self.embed_tokens[input_ids]
+        if self.activation_dtype is not None and input_ids.numel() <= self.small_batch_rows:
+            hidden = hidden.to(self.activation_dtype)  # few rows: float32 for the FBGEMM GEMV path
+        if self.spec.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.spec.embedding_scale, dtype=hidden.dtype)
+        cos_sin = self.rotary.lookup(positions, hidden.dtype)
+        local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
+        return hidden, cos_sin, local_cos_sin
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
 
     def _fused_stack(self) -> "FusedDecodeStack | None":

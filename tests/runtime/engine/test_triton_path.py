@@ -8,7 +8,7 @@ import torch
 
 from runtime.engine.config import EngineConfig, LookaheadConfig
 from runtime.engine.engine import LLMEngine
-from runtime.engine.graph_runner import CudaGraphRunner, EagerCapture
+from runtime.engine.graph_runner import CudaGraphRunner, EagerCapture, PiecewiseGraphRunner, token_buckets
 from runtime.types import GenerationRequest, SamplingParams
 from tests.runtime.engine.tiny_models import write_tiny_model
 
@@ -100,6 +100,59 @@ def test_graph_runner_replays_padded_decode_steps(tiny_root: Path) -> None:
     assert all(bucket >= rows for bucket, rows in replays)
 
 
+def _with_pieces(engine: LLMEngine, max_tokens: int) -> list[tuple[int, int]]:
+    """Attach a piecewise runner recorded with EagerCapture (CUDA graphs' stand-in on CPU); returns the log of
+    (bucket, rows) it ran."""
+    runner = engine.runner
+    assert runner.step_buffers is not None and runner.pieces is None
+    runner.pieces = PiecewiseGraphRunner(
+        runner.model, runner.kv_cache, runner.step_buffers, max_tokens, runner.dtype, capture=EagerCapture()
+    )
+    runner.pieces.capture_all()
+    runs: list[tuple[int, int]] = []
+    run = runner.pieces.run
+
+    def counting(bucket: int, metadata: object, num_rows: int) -> torch.Tensor:
+        runs.append((bucket, num_rows))
+        return run(bucket, metadata, num_rows)  # type: ignore[arg-type]
+
+    runner.pieces.run = counting  # type: ignore[method-assign]
+    return runs
+
+
+def test_token_buckets() -> None:
+    assert token_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert token_buckets(25) == [16, 25]
+    assert token_buckets(16) == [16]
+    assert token_buckets(0) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_piecewise_graphs_keep_tokens_and_logprobs(tiny_root: Path, family: str) -> None:
+    """Prefill chunks, mixed and decode steps through the pieces (stale rows past the step's own in each bucket),
+    attention eager between them, against the PyTorch path."""
+    model = write_tiny_model(tiny_root, family)
+    reference = _run(_engine(model, "torch"), PROMPTS, 6, logprobs=2)
+    engine = _engine(model, "triton")
+    runs = _with_pieces(engine, 32)
+    assert engine.runner.pieces is not None and engine.runner.pieces.buckets == [16, 25]
+    _assert_same(reference, _run(engine, PROMPTS, 6, logprobs=2))
+    assert (25, 24) in runs  # a full prefill chunk
+    assert any(bucket == 16 and rows < 16 for bucket, rows in runs)  # padded steps
+    assert engine.blocks.hit_rate() > 0
+
+
+def test_piecewise_graphs_run_lookahead_steps(tiny_root: Path) -> None:
+    model = write_tiny_model(tiny_root, "llama")
+    prompts = [tuple([3, 4, 5, 6] * 6), (7, 8, 9)]
+    reference = _run(_engine(model, "torch"), prompts, 10)
+    lookahead = LookaheadConfig(window_size=2, ngram_size=3, verification_set_size=2, max_batch_size=4)
+    engine = _engine(model, "triton", lookahead=lookahead)
+    runs = _with_pieces(engine, 64)
+    assert _run(engine, prompts, 10)["tokens"] == reference["tokens"]
+    assert engine.lookahead is not None and engine.lookahead.num_steps > 0 and runs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_replay_equals_eager(tiny_root: Path) -> None:
@@ -107,4 +160,5 @@ def test_cuda_graphs_replay_equals_eager(tiny_root: Path) -> None:
     reference = _run(_engine(model, "triton"), PROMPTS, 8, logprobs=1)
     engine = _engine(model, "triton", cuda_graphs=True)
     assert engine.runner.graphs is not None and engine.runner.graphs.bucket_for(3) == 4
+    assert engine.runner.pieces is not None and engine.runner.pieces.bucket_for(24) == 25
     _assert_same(reference, _run(engine, PROMPTS, 8, logprobs=1))

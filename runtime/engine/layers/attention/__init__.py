@@ -18,9 +18,15 @@ class AttentionMetadata(Protocol):
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
 
     def attend(
-        self, layer: "Attention", qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: PagedKVCache
+        self,
+        layer: "Attention",
+        qkv: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: PagedKVCache,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention output [num_tokens, num_heads * head_dim] for the fused projection `qkv`."""
+        """Attention output [num_tokens, num_heads * head_dim] for the fused projection `qkv`, written into `out`
+        when given (a graph's static input) and returned."""
         ...
 
 
@@ -54,8 +60,9 @@ class Attention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         kv_cache: PagedKVCache,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return metadata.attend(self, qkv, cos_sin, kv_cache)
+        return metadata.attend(self, qkv, cos_sin, kv_cache, out)
 
     def kv_scales(self, kv_cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
         return kv_cache.scales_of(self.layer_index)

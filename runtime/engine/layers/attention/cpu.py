@@ -48,7 +48,12 @@ class CpuAttentionMetadata:
         return int(self.decode_rows.numel())
 
     def attend(
-        self, layer: "Attention", qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: PagedKVCache
+        self,
+        layer: "Attention",
+        qkv: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: PagedKVCache,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split(layer.split_sizes, dim=-1)
@@ -58,14 +63,14 @@ class CpuAttentionMetadata:
         if layer.q_norm is not None and layer.k_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = apply_rotary(q, k, cos_sin)
-        out = paged_attention(
+        result = paged_attention(
             q, k, v,
             kv_cache.key[layer.layer_index], kv_cache.value[layer.layer_index],
             self, layer.scale,
             sliding_window=layer.sliding_window,
             kv_scales=layer.kv_scales(kv_cache),
-        )
-        return out.reshape(num_tokens, -1)
+        ).reshape(num_tokens, -1)
+        return result if out is None else out.copy_(result)
 
 
 def build_cpu_metadata(

@@ -50,7 +50,12 @@ class TritonAttentionMetadata:
     masked: MaskedRows | None = None
 
     def attend(
-        self, layer: "Attention", qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: PagedKVCache
+        self,
+        layer: "Attention",
+        qkv: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: PagedKVCache,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from runtime.engine.kernels.triton.attention import paged_decode_attention, paged_extend_attention
         from runtime.engine.kernels.triton.elementwise import rotary_and_cache
@@ -67,7 +72,7 @@ class TritonAttentionMetadata:
             norm_offset=q_norm.offset if q_norm is not None else 0.0,
             kv_scales=kv_scales,
         )
-        out = torch.empty_like(query)
+        out = torch.empty_like(query) if out is None else out.view_as(query)
         decodes = self.num_decodes
         if decodes:
             paged_decode_attention(
