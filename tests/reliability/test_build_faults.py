@@ -1,7 +1,7 @@
 """kill -9 during `engine-builder build`: never a half-written engine directory, and the rerun completes.
 
 The build writes into `.<name>.building-<pid>` and renames it into place once complete
-(engine_builder/artifact.py). ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S holds a build at its last moment
+(runtime/artifact.py). ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S holds a build at its last moment
 before the rename, so the kill lands at a known point; a second kill lands as soon as staging begins.
 """
 
