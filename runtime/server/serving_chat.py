@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.server.errors import APIError
-from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import verify_guide
 from runtime.server.limits import check_chat_limits
 from runtime.server.logprobs import TokenTexts
@@ -170,17 +170,10 @@ async def stream_chat(
     num_output = [0] * body.n
     cached = 0
 
+    frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
+
     def chunk(choice_payloads: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        data: dict[str, Any] = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": choice_payloads,
-        }
-        if include_usage or continuous:
-            data["usage"] = usage.model_dump() if usage is not None else None
-        return sse(data)
+        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage or continuous)
 
     def running_usage() -> Usage | None:
         if not continuous:

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runtime.server.errors import APIError, bad_request, unsupported
-from runtime.server.generation import Run, collect_until_disconnect, new_id, sse, with_keepalive
+from runtime.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import check_guide_compatible, guide_from_response_format, verify_guide
 from runtime.server.limits import check_completion_limits
 from runtime.server.logprobs import TokenTexts
@@ -216,17 +216,10 @@ async def _stream(
     def usage_now() -> dict[str, Any]:
         return Usage.of(prompt_tokens, sum(num_output.values())).model_dump()
 
+    framer = chunk_framer(request_id, "text_completion", created, model)
+
     def frame(choice: dict[str, Any]) -> bytes:
-        data: dict[str, Any] = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
-        if include_usage or continuous:
-            data["usage"] = usage_now() if continuous else None
-        return sse(data)
+        return framer([choice], usage_now() if continuous else None, include_usage or continuous)
 
     try:
         async for position, delta in _merged(runs):
