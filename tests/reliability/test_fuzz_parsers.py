@@ -147,7 +147,8 @@ FRAGMENTS = [
     "<parameter=", "</parameter>", "<function=add>", "<parameter=a>", "get_weather", "add", "noop",
     '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
     '{"name": ', '"arguments": ', '"parameters": ', '"name": "add"', '{"arguments": {"a": 1}, "name": "add"}', "{", "}", "[", "]", '"', "\\", ":", ",", ";", " ", "\n",
-    ">", "<", "1", "true", "null", "é", "😀", "<think>", "</think>",
+    ">", "<", "1", "true", "null", "é", "😀", "<think>", "</think>", "```", "```json\n", "\n```", "`", "json",
+    '[{"name": "add", "arguments": {"a": 1}}]', "```python\n",
 ]  # fmt: skip
 MODEL_OUTPUT = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40).map("".join)
 CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'

@@ -1,6 +1,7 @@
-"""Formats whose calls are JSON objects: Hermes/Qwen `<tool_call>` tags (and the bare object Qwen 0.5B
-emits), Llama 3 (`<|python_tag|>`, `parameters`), Mistral (`[TOOL_CALLS]` array), and the forced form
-that `tool_choice: required/named` grammars produce."""
+"""Formats whose calls are JSON objects: Hermes/Qwen `<tool_call>` tags (and what small Qwen models emit
+instead: a bare object, a list of them, or either inside a Markdown code fence), Llama 3 (`<|python_tag|>`,
+`parameters`), Mistral (`[TOOL_CALLS]` array), and the forced form that `tool_choice: required/named` grammars
+produce."""
 
 from collections.abc import Callable
 
@@ -54,23 +55,110 @@ def _after(calls: list[ParsedCall], tail: str, final: bool, rest: Rest | None) -
     return ParseResult(parsed.content, calls + parsed.calls)
 
 
+FENCE = "```"
+FENCE_LANGUAGES = ("", "json", "tool_call", "tool_calls")  # what a code fence holding calls may be labelled
+
+
+def _list_of_objects(text: str, final: bool) -> tuple[str, bool] | None:
+    """(the text after a leading `[`, whether it is still undecided) when `text` starts a JSON list whose first
+    element is an object (or may still be one); None otherwise."""
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        return None
+    inner = stripped[1:]
+    if not inner.strip():
+        return None if final else (inner, True)
+    return (inner, False) if inner.lstrip().startswith("{") else None
+
+
+def _fenced_calls(
+    parser: ToolParser, text: str, final: bool, keys: tuple[str, ...], rest: Rest, before: int
+) -> ParseResult | None:
+    """Calls inside a Markdown code fence ("```json\n{...}\n```", or a list of calls), the way small models
+    often answer. Fenced blocks that are not calls (code) stay content; so does text around a call, what
+    follows the closing fence going to `rest`. Only fences starting before `before` count (once the family's
+    own call markup appears, it decides what follows). None when no fence holds (or may still become) a call."""
+    position = 0
+    while True:
+        start = text.find(FENCE, position)
+        if start < 0 or start >= before:
+            return None
+        after = text[start + len(FENCE) :]
+        newline = after.find("\n")
+        if newline < 0:  # the fence's language line is still arriving
+            label = after.strip().lower()
+            if final or not any(option.startswith(label) for option in FENCE_LANGUAGES):
+                return None
+            return ParseResult(text[:start])
+        body_start = start + len(FENCE) + newline + 1
+        if after[:newline].strip().lower() in FENCE_LANGUAGES:
+            body = text[body_start:]
+            listed = _list_of_objects(body, final)
+            if listed is not None and listed[1]:
+                return ParseResult(text[:start])  # "[" so far: a list of calls may follow
+            if not body.strip():
+                if final:
+                    return None
+                return ParseResult(text[:start])
+            inner, separators = (listed[0], ",]") if listed is not None else (body, "")
+            if inner.lstrip().startswith("{"):
+                parsed = _bare_objects(
+                    parser, inner, final, keys, separators, rest=lambda tail, end: _close_fence(tail, end, rest)
+                )
+                if parsed is not None:
+                    return ParseResult(text[:start] + parsed.content, parsed.calls)
+        close = text.find(FENCE, body_start)  # a block that is not a call: look past it
+        if close < 0:
+            return None
+        position = close + len(FENCE)
+
+
+def _close_fence(tail: str, final: bool, rest: Rest) -> ParseResult:
+    """After a fenced call: the closing fence is dropped and what follows goes to `rest`."""
+    stripped = tail.lstrip()
+    if stripped.startswith(FENCE):
+        return rest(stripped[len(FENCE) :], final)
+    if not final and stripped and FENCE.startswith(stripped):
+        return ParseResult("")  # the closing fence is arriving
+    return rest(tail, final)
+
+
 class HermesParser(ToolParser):
-    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or the same object without tags."""
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or, as small Qwen models often answer,
+    the same object without tags, a JSON list of such objects, or either inside a ```json code fence."""
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    KEYS = ("arguments", "parameters")
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        if self.tools and text.lstrip().startswith("{"):  # bare calls, then possibly tagged ones
-            bare = _bare_objects(self, text, final, ("arguments", "parameters"), "", rest=self._tagged)
-            if bare is not None:
-                return bare
+        if self.tools:
+            stripped = text.lstrip()
+            if stripped.startswith("{"):  # bare calls, then possibly tagged ones
+                bare = _bare_objects(self, text, final, self.KEYS, "", rest=self._tagged)
+                if bare is not None:
+                    return bare
+            listed = _list_of_objects(text, final)
+            if listed is not None:
+                inner, undecided = listed
+                if undecided:
+                    return ParseResult("")
+                parsed = _bare_objects(self, inner, final, self.KEYS, ",]", rest=self.parse)
+                if parsed is not None:
+                    return parsed
+            opened = text.find(self.OPEN)
+            fenced = _fenced_calls(
+                self, text, final, self.KEYS, rest=self.parse, before=opened if opened >= 0 else len(text)
+            )
+            if fenced is not None:
+                return fenced
         return self._tagged(text, final)
 
     def _tagged(self, text: str, final: bool) -> ParseResult:
         first = text.find(self.OPEN)
         if first < 0:
-            keep = len(text) if final else len(text) - held_back(text, (self.OPEN,))
+            markers = (self.OPEN, FENCE) if self.tools else (self.OPEN,)  # a fence may hold a call
+            keep = len(text) if final else len(text) - held_back(text, markers)
             return ParseResult(text[:keep])
         content = text[:first]
         calls: list[ParsedCall] = []

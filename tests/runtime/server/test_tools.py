@@ -113,6 +113,51 @@ def test_streamed_tool_calls_match_non_streamed(qwen_server: ServerProcess, tool
     assert json.loads(expected[0].function.arguments) == {"city": "Paris"}
 
 
+# OpenAI's own function-calling example tool
+CURRENT_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["location"],
+        },
+    },
+}
+
+
+def test_auto_reads_the_fenced_call_the_default_model_writes(qwen_server: ServerProcess) -> None:
+    """Qwen2.5-Coder-0.5B answers this at temperature 0 with a ```json fenced call (checked in-process: the
+    text is "```json\\n{\\n  \"name\": \"get_current_weather\", ...}\\n```"); auto mode must read it as a call,
+    streamed and not."""
+    client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    request = dict(
+        model="x", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[CURRENT_WEATHER],
+        tool_choice="auto", temperature=0, max_tokens=80,
+    )
+    plain = client.chat.completions.create(**request)  # type: ignore[call-overload]
+    choice = plain.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_current_weather"
+    assert json.loads(call.function.arguments)["location"].startswith("Paris")
+    arguments, names, content = "", [], ""
+    for chunk in client.chat.completions.create(**request, stream=True):  # type: ignore[call-overload]
+        for delta_choice in chunk.choices:
+            content += delta_choice.delta.content or ""
+            for delta_call in delta_choice.delta.tool_calls or []:
+                if delta_call.id:
+                    names.append(delta_call.function.name)
+                arguments += delta_call.function.arguments or ""
+    assert names == ["get_current_weather"] and arguments == call.function.arguments and not content
+
+
 def test_tool_choice_none_required_named_and_parallel(qwen_server: ServerProcess, tools: list[dict]) -> None:
     client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
     messages = [{"role": "user", "content": "What's the weather in Rome and in Oslo?"}]
