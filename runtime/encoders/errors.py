@@ -9,6 +9,7 @@ class EncoderError(Exception):
 
     status_code: int = 400
     error_type: str = "validation"
+    code: str = "invalid_value"  # the OpenAI envelope's `code`: a string on every server and route
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -23,28 +24,34 @@ class InvalidRequestError(EncoderError):
 class EmptyInputError(EncoderError):
     """An empty list or an input with no tokens (TEI: 400, `empty`)."""
 
+    code = "empty_input"
     error_type = "empty"
 
 
 class BatchSizeError(EncoderError):
     """More inputs in one request than `max_client_batch_size` (422 `validation`, as the issue and BEI docs state)."""
 
+    code = "too_many_inputs"
     status_code = 422
 
 
 class InputTooLongError(EncoderError):
     """An input longer than the model's limit while truncation is off (TEI: 413 `validation`)."""
 
+    code = "context_length_exceeded"
     status_code = 413
 
 
 class UnsupportedTaskError(EncoderError):
     """The route needs a model of another kind (embeddings on a classifier, classification on a bi-encoder)."""
 
+    code = "unsupported_task"
+
 
 class OverloadedError(EncoderError):
     """Too many requests in flight (TEI: 429 `overloaded`)."""
 
+    code = "rate_limit_exceeded"
     status_code = 429
     error_type = "overloaded"
 
@@ -52,6 +59,7 @@ class OverloadedError(EncoderError):
 class BackendError(EncoderError):
     """The model failed or produced non-finite scores (TEI: 424 `backend`)."""
 
+    code = "backend_error"
     status_code = 424
     error_type = "backend"
 
@@ -59,6 +67,7 @@ class BackendError(EncoderError):
 class UnhealthyError(EncoderError):
     """The engine is not started or is shutting down (TEI: 503 `unhealthy`)."""
 
+    code = "engine_unavailable"
     status_code = 503
     error_type = "unhealthy"
 

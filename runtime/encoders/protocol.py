@@ -73,7 +73,7 @@ class OpenAIErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: int | None = None
+    code: str
 
 
 class OpenAIErrorResponse(BaseModel):

@@ -54,7 +54,7 @@ def render_error(error: EncoderError, style: ErrorStyle) -> Response:
             message=error.message,
             type="invalid_request_error" if client_error else error.error_type,
             param=error.param,
-            code=error.status_code,
+            code=error.code,
         )
         body = OpenAIErrorResponse(error=detail).model_dump_json()
     else:

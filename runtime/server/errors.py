@@ -26,7 +26,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        code = self.code or code_for(self.status)
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -56,6 +57,18 @@ def error_type_for(status: int) -> str:
     if status >= 500:
         return "server_error"
     return "invalid_request_error"
+
+
+_CODES = {
+    400: "invalid_request", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+    429: "rate_limit_exceeded", 499: "client_closed_request", 503: "engine_unavailable",
+}
+
+
+def code_for(status: int) -> str:
+    """The envelope's `code` when an error names none: always a string, as clients that switch on it expect."""
+    return _CODES.get(status, "server_error" if status >= 500 else "invalid_request")
 
 
 def from_status(status: int, message: str | None = None) -> APIError:

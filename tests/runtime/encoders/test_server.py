@@ -206,7 +206,7 @@ def test_openai_error_envelope(base_url: str) -> None:
             "message": "batch size 129 > maximum allowed batch size 128",
             "type": "invalid_request_error",
             "param": "input",
-            "code": 422,
+            "code": "too_many_inputs",
         }
     }
     bad_format = httpx.post(f"{base_url}/embeddings", json={"input": "x", "encoding_format": "int8"})
@@ -215,6 +215,15 @@ def test_openai_error_envelope(base_url: str) -> None:
         f"{base_url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    long_text = " ".join(f"w{index}" for index in range(400))
+    too_long = httpx.post(f"{base_url}/v1/embeddings", json={"input": [long_text], "truncate_prompt_tokens": None})
+    empty = httpx.post(f"{base_url}/v1/embeddings", json={"input": []})
+    # every 4xx of the OpenAI-style routes: the envelope's `code` is a string (issue 24), as on the chat server
+    for response in (bad_format, broken, empty, too_long):
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert isinstance(error["code"], str) and error["code"], error
 
 
 def test_predict_shapes(base_url: str) -> None:

@@ -21,6 +21,7 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
+    assert isinstance(error["code"], str) and error["code"], error  # a string on every route (issue 24)
     if param is not None:
         assert error["param"] == param
     return error
