@@ -169,6 +169,7 @@ class EncoderEngine:
         truncate: bool | None = None,
         truncation_direction: TruncationDirection = TruncationDirection.RIGHT,
         raw_scores: bool = False,
+        field: str = "texts",
     ) -> RerankResult:
         """Score each text against the query.
 
@@ -177,13 +178,13 @@ class EncoderEngine:
         because the cosine is already the model's raw similarity (no calibrated probability exists).
         """
         if not texts:
-            raise EmptyInputError("`texts` cannot be empty", param="texts")
-        self._check_batch(len(texts), "texts")
+            raise EmptyInputError(f"`{field}` cannot be empty", param=field)
+        self._check_batch(len(texts), field)
         if self.info.task is EncoderTask.CLASSIFICATION and not self.info.is_cross_encoder:
             raise UnsupportedTaskError(
                 f"rerank needs a re-ranker (one-label classifier) or an embedding model; this classifier has "
                 f"{self.info.num_labels} labels: use /predict",
-                param="texts",
+                param=field,
             )
         do_truncate = self._resolve_truncate(truncate)
         with self._request_slot():
@@ -195,7 +196,7 @@ class EncoderEngine:
                     pairs,
                     truncate=do_truncate,
                     direction=truncation_direction,
-                    field="texts",
+                    field=field,
                 )
             else:
                 query_encoded = await asyncio.to_thread(
@@ -210,7 +211,7 @@ class EncoderEngine:
                     list(texts),
                     truncate=do_truncate,
                     direction=truncation_direction,
-                    field="texts",
+                    field=field,
                 )
                 encoded = query_encoded + texts_encoded
             tokenized = time.perf_counter()

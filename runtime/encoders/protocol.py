@@ -5,7 +5,7 @@ Requests forbid unknown fields: a field we do not know is one we cannot honour.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from runtime.encoders.tokenizer import TextInput, TruncationDirection
 
@@ -97,12 +97,42 @@ class EmbedRequest(_Truncating):
 # TEI /rerank
 
 
+class RerankDocument(_Request):
+    text: StrictStr
+
+
 class RerankRequest(_Truncating):
+    """TEI's shape (`texts`, `return_text`: answered as a best-first list of {index, score, text}) or Cohere's and
+    Jina's, which vLLM and Infinity also serve (`documents`, `return_documents`: answered as {id, model, results:
+    [{index, relevance_score, document}], usage}); `top_n` keeps the best n in either."""
+
     query: StrictStr
-    texts: list[StrictStr]
+    texts: list[StrictStr] | None = None
+    documents: list[StrictStr | RerankDocument] | None = None
+    top_n: Annotated[int, Field(ge=1)] | None = None
     raw_scores: bool = False
     return_text: bool = False
+    return_documents: bool | None = None  # documents shape only; default true, as vLLM and Jina answer
     model: str | None = None  # ignored
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "RerankRequest":
+        if (self.texts is None) == (self.documents is None):
+            raise ValueError("give either `texts` (TEI's rerank) or `documents` (Cohere's and Jina's), not both")
+        if self.texts is not None and self.return_documents is not None:
+            raise ValueError("`return_documents` goes with `documents`; with `texts` use `return_text`")
+        if self.documents is not None and self.return_text:
+            raise ValueError("`return_text` goes with `texts`; with `documents` use `return_documents`")
+        return self
+
+    @property
+    def is_documents_shape(self) -> bool:
+        return self.documents is not None
+
+    def candidates(self) -> list[str]:
+        if self.texts is not None:
+            return list(self.texts)
+        return [item if isinstance(item, str) else item.text for item in self.documents or []]
 
 
 class Rank(BaseModel):

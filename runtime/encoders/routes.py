@@ -8,6 +8,7 @@ Errors are rendered per route family: the OpenAI envelope on the embeddings rout
 import base64
 import enum
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -188,24 +189,45 @@ class _Handlers:
         )
 
     async def rerank(self, body: RerankRequest) -> Response:
+        candidates = body.candidates()
+        field = "documents" if body.is_documents_shape else "texts"
         result = await self.engine.rerank(
             body.query,
-            body.texts,
+            candidates,
             truncate=body.truncate,
             truncation_direction=body.direction,
             raw_scores=body.raw_scores,
+            field=field,
         )
-        # TEI's order: best first; `index` points into `texts`.
-        order = np.argsort(-result.scores, kind="stable")
+        # Best first; `index` points into the request's list.
+        order = np.argsort(-result.scores, kind="stable")[: body.top_n]
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        if body.is_documents_shape:
+            with_documents = body.return_documents is not False
+            results = [
+                {
+                    "index": int(index),
+                    "relevance_score": float(result.scores[index]),
+                    **({"document": {"text": candidates[index]}} if with_documents else {}),
+                }
+                for index in order
+            ]
+            payload = {
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "model": self.served_model_name,
+                "results": results,
+                "usage": {"total_tokens": result.num_prompt_tokens},
+            }
+            return _json(payload, headers)
         ranks = [
             Rank.model_construct(
                 index=int(index),
                 score=float(result.scores[index]),
-                text=body.texts[index] if body.return_text else None,
+                text=candidates[index] if body.return_text else None,
             )
             for index in order
         ]
-        return _json(ranks, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))
+        return _json(ranks, headers)
 
     async def predict(self, body: PredictRequest) -> Response:
         try:
@@ -244,6 +266,8 @@ def build_encoder_router(
     router.add_api_route(
         ROUTE_RERANK, handlers.rerank, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
     )
+    for path in ("/v1/rerank", "/v2/rerank"):  # where vLLM and Infinity serve Cohere's shape; OpenAI-style errors
+        router.add_api_route(path, handlers.rerank, methods=["POST"], route_class_override=OpenAIRoute, tags=["encoders"])
     router.add_api_route(
         ROUTE_PREDICT, handlers.predict, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
     )

@@ -160,6 +160,37 @@ def test_rerank_wire_format_is_sorted_best_first(base_url: str) -> None:
     assert [rank["text"] for rank in with_text] == [texts[1], texts[2], texts[0]]
 
 
+def test_rerank_in_cohere_and_jina_shape(base_url: str) -> None:
+    """`documents` / `top_n` / `return_documents`, answered as {id, model, results, usage} on /rerank, /v1/rerank
+    and /v2/rerank (where vLLM and Infinity serve it), with the same scores as TEI's shape (issue 24)."""
+    query = "How many people live in Berlin?"
+    texts = ["The cat sat on the mat.", "Berlin has 3.5 million inhabitants.", "Berlin is known for museums."]
+    documents = [texts[0], {"text": texts[1]}, texts[2]]  # plain strings and Cohere's {"text": ...} objects
+    tei = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts}).json()
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        response = httpx.post(f"{base_url}{path}", json={"model": "x", "query": query, "documents": documents, "top_n": 2})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "all-MiniLM-L6-v2" and body["id"].startswith("rerank-")
+        assert body["usage"]["total_tokens"] > 0
+        assert [(item["index"], item["document"]["text"]) for item in body["results"]] == [
+            (rank["index"], texts[rank["index"]]) for rank in tei[:2]
+        ]
+        assert [item["relevance_score"] for item in body["results"]] == pytest.approx([rank["score"] for rank in tei[:2]])
+    bare = httpx.post(
+        f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "return_documents": False}
+    ).json()
+    assert [set(item) for item in bare["results"]] == [{"index", "relevance_score"}] * 3
+    assert [rank["index"] for rank in httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts, "top_n": 1}).json()] == [1]
+    both = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts, "documents": texts})
+    assert both.status_code == 400 and "either `texts`" in both.json()["error"]  # TEI's error body on /rerank
+    mixed = httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "return_text": True})
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "invalid_value"  # OpenAI's on /v1/rerank
+    empty = httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "documents"
+    assert httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "top_n": 0}).status_code == 400
+
+
 def test_cross_encoder_rerank_over_http_uses_the_sigmoid(base_url: str) -> None:
     body = {"query": "q", "texts": ["a", "b c"]}
     scores = {
@@ -192,8 +223,8 @@ def test_tei_errors(base_url: str) -> None:
     assert (
         httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": [long_text]}).status_code == 200
     )  # auto-truncate
-    unknown = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": ["a"], "top_n": 1})
-    assert unknown.status_code == 400 and "`top_n`" in unknown.json()["error"]
+    unknown = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": ["a"], "top_k": 1})
+    assert unknown.status_code == 400 and "`top_k`" in unknown.json()["error"]
     not_a_classifier = httpx.post(f"{base_url}/predict", json={"inputs": "hello"})
     assert not_a_classifier.status_code == 400 and "/v1/embeddings" in not_a_classifier.json()["error"]
 
