@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.05
 
 
+def _is_request_error(error: BaseException) -> bool:
+    """TensorRT-LLM's `RequestError` (a RuntimeError subclass, exported by `tensorrt_llm.executor`) fails one
+    request, not the engine; matched by name along the class hierarchy so no import of the package is needed."""
+    return any(cls.__name__ == "RequestError" for cls in type(error).__mro__)
+
+
 class TrtLlmEngineDeadError(RuntimeError):
     """TensorRT-LLM's executor stopped; the server reports unhealthy and should be restarted."""
 
@@ -147,8 +153,12 @@ class TrtLlmEngineClient:
             raise UnsupportedRequestError(
                 f"TensorRT-LLM refused the request: {error}", param="request"
             ) from error
-        except RuntimeError as error:  # "LLM is shutting down", or the executor died
-            self._dead = error
+        except RuntimeError as error:
+            if _is_request_error(error):  # one request refused (e.g. a prompt over max_num_tokens): a 400
+                raise UnsupportedRequestError(
+                    f"TensorRT-LLM refused the request: {error}", param="request"
+                ) from error
+            self._dead = error  # "LLM is shutting down", or the executor died
             raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error
         stream = RequestStream(request, sampling)
         self._results[request.request_id] = result

@@ -331,3 +331,27 @@ def test_check_guide_refuses_what_the_backend_cannot_map(tmp_path: Path, fake_tr
         assert refused.value.param == "response_format"
 
     asyncio.run(main())
+
+
+def test_a_request_error_at_submission_fails_that_request_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM's RequestError is a RuntimeError: it must not mark the engine dead (issue 27, point 2)."""
+    from tensorrt_llm.executor import RequestError
+
+    client = _client(tmp_path)
+
+    async def main() -> None:
+        await client.start()
+        submit = client._llm.generate_async
+
+        def refuse(*args: object, **kwargs: object) -> object:
+            raise RequestError("the prompt is longer than max_num_tokens with chunked prefill off")
+
+        client._llm.generate_async = refuse
+        with pytest.raises(UnsupportedRequestError, match="longer than max_num_tokens") as refused:
+            await _collect(client, _request())
+        assert refused.value.param == "request" and client.is_healthy()
+        client._llm.generate_async = submit  # the next request is served
+        assert await _collect(client, _request())
+        await client.shutdown(0)
+
+    asyncio.run(main())
