@@ -182,14 +182,23 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
         return None
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for variant in dict.fromkeys(row["variant"] for row in document["rows"]):
-        rows = [row for row in document["rows"] if row["variant"] == variant]
-        axis.plot(
-            [row["concurrency"] for row in rows], [row["overhead_ms_per_step"] for row in rows], marker="o",
-            label=variant if variant == "baseline" else f"GIL switch interval {variant.removeprefix('gil-')}",
+        by_concurrency: dict[int, list[float]] = {}
+        for row in document["rows"]:
+            if row["variant"] == variant:
+                by_concurrency.setdefault(row["concurrency"], []).append(row["overhead_ms_per_step"])
+        levels = sorted(by_concurrency)
+        means = [sum(by_concurrency[c]) / len(by_concurrency[c]) for c in levels]
+        spread = [
+            [mean - min(by_concurrency[c]) for c, mean in zip(levels, means, strict=True)],
+            [max(by_concurrency[c]) - mean for c, mean in zip(levels, means, strict=True)],
+        ]
+        axis.errorbar(
+            levels, means, yerr=spread, marker="o", capsize=3,
+            label="baseline checkout" if variant == "baseline" else f"GIL switch interval {variant.removeprefix('gil-')}",
         )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("concurrency (streaming chat requests)")
-    axis.set_ylabel("TPOT p50 above the step time (ms)")
+    axis.set_ylabel("TPOT p50 above the step time (ms; mean, min-max)")
     axis.set_title(f"serving layer over a {document['step_ms']} ms null engine step")
     axis.legend()
     figure.tight_layout()
@@ -214,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--engine-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, default=None, help="redraw the PNG of an existing result JSON and exit")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        return 0 if plot(json.loads(args.plot.read_text()), args.plot) is not None else 1
     if args.serve is not None:
         return serve(args.serve, args.port, args.engine_dir, args.step_ms)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
