@@ -4,11 +4,12 @@
   its bucket and replayed. The split count of the decode-attention kernel is fixed per bucket (sized for the longest
   context the engine allows), so the grid never changes under a graph.
 - Prefill, mixed and lookahead steps of up to a few hundred rows (`PiecewiseGraphRunner`): what runs between two
-  attentions depends on nothing but the number of rows, so it is captured per token-count bucket (embedding and
-  the first QKV projection; each layer's output projection, MLP and the next layer's QKV; the last MLP and the
-  final norm), and attention, whose work depends on the step's sequences, runs eagerly between the replays with
-  the step's own metadata, writing into the static buffer the next piece reads. Rows past the step's own in a
-  bucket compute on stale inputs and are never read.
+  attentions depends on nothing but the number of rows, so it is captured per token-count bucket (embedding, the
+  first QKV projection, rotary and K/V write; each layer's output projection, MLP, and the next layer's QKV,
+  rotary and K/V write; the last MLP and the final norm), and paged attention, whose work depends on the step's
+  sequences, runs eagerly between the replays with the step's own metadata, writing into the static buffer the
+  next piece reads. Rows past the step's own in a bucket compute on stale inputs and are never read; their K/V
+  go to the padding slot.
 
 Every graph reads the step buffers (`TritonStepBuffers`) through views taken at capture, and the model runner
 writes each step's inputs into those same buffers before a replay. Larger steps run eagerly: their launches
@@ -25,11 +26,10 @@ import torch
 from torch import nn
 
 from runtime.engine.kv_cache import PagedKVCache
-from runtime.engine.layers.attention.triton import TritonStepBuffers
+from runtime.engine.layers.attention.triton import TritonAttentionMetadata, TritonStepBuffers, write_kv
 from runtime.engine.step_rows import StepRows
 
 if TYPE_CHECKING:
-    from runtime.engine.layers.attention import AttentionMetadata
     from runtime.engine.models.decoder import DecoderLayer, DecoderModel
 
 GraphOutput = torch.Tensor | tuple[torch.Tensor, ...]
@@ -168,7 +168,7 @@ class _Pieces:
     """One token bucket's graphs: replays[0] (embedding + first QKV), then one after each layer's attention."""
 
     replays: list[Callable[[], None]]
-    qkv: list[torch.Tensor]  # per layer: the static QKV projection its attention reads
+    query: list[torch.Tensor]  # per layer: the static query its attention reads (K/V already in the cache)
     attended: list[torch.Tensor]  # per layer: the static buffer its attention writes and the next piece reads
     cos_sin: tuple[torch.Tensor, torch.Tensor]
     local_cos_sin: tuple[torch.Tensor, torch.Tensor]
@@ -237,22 +237,29 @@ class PiecewiseGraphRunner:
             replay, output = capture.capture(forward)
             return replay, (output,) if isinstance(output, torch.Tensor) else output
 
+        slots = self.buffers.device_slot_mapping[:bucket]  # rows past the step's own point at the padding slot
+        kv_cache = self.kv_cache
+
         def first() -> GraphOutput:
             hidden, cos_sin, local_cos_sin = model.embed(input_ids, positions)
             qkv, residual = layers[0].attention_input(hidden, None)
-            return (qkv, residual, *cos_sin, *local_cos_sin)
+            rotary = local_cos_sin if layers[0].is_sliding else cos_sin
+            query = write_kv(layers[0].attention, qkv, rotary, slots, kv_cache)
+            return (query, residual, *cos_sin, *local_cos_sin)
 
-        replay, (qkv, residual, cos, sin, local_cos, local_sin) = record(first)
-        replays, qkvs = [replay], [qkv]
+        replay, (query, residual, cos, sin, local_cos, local_sin) = record(first)
+        replays, queries = [replay], [query]
         for index in range(1, len(layers)):
 
             def between(index: int = index, residual: torch.Tensor = residual) -> GraphOutput:
                 hidden, residual = layers[index - 1].attention_output(attended[index - 1], residual)
-                return layers[index].attention_input(hidden, residual)
+                qkv, residual = layers[index].attention_input(hidden, residual)
+                rotary = (local_cos, local_sin) if layers[index].is_sliding else (cos, sin)
+                return write_kv(layers[index].attention, qkv, rotary, slots, kv_cache), residual
 
-            replay, (qkv, residual) = record(between)
+            replay, (query, residual) = record(between)
             replays.append(replay)
-            qkvs.append(qkv)
+            queries.append(query)
 
         def last(residual: torch.Tensor = residual) -> GraphOutput:
             hidden, residual = layers[-1].attention_output(attended[-1], residual)
@@ -260,17 +267,15 @@ class PiecewiseGraphRunner:
 
         replay, (hidden,) = record(last)
         replays.append(replay)
-        return _Pieces(replays, qkvs, attended, (cos, sin), (local_cos, local_sin), hidden)
+        return _Pieces(replays, queries, attended, (cos, sin), (local_cos, local_sin), hidden)
 
-    def run(self, bucket: int, metadata: "AttentionMetadata", num_rows: int) -> torch.Tensor:
-        """Hidden states [num_rows, hidden] of the step whose inputs the buffers hold and `metadata` describes."""
+    def run(self, bucket: int, metadata: TritonAttentionMetadata, num_rows: int) -> torch.Tensor:
+        """Hidden states [num_rows, hidden] of the step whose inputs the buffers hold and `metadata` describes
+        (built with its slots padded to `bucket`: `TritonStepBuffers.build(pad_slots_to=...)`)."""
         pieces = self._pieces[bucket]
         rows = slice(0, num_rows)
         pieces.replays[0]()
         for index, layer in enumerate(cast("list[DecoderLayer]", list(self.model.layers))):
-            cos, sin = pieces.local_cos_sin if layer.is_sliding else pieces.cos_sin
-            layer.attention(
-                pieces.qkv[index][rows], (cos[rows], sin[rows]), metadata, self.kv_cache, out=pieces.attended[index][rows]
-            )
+            metadata.attend_query(layer.attention, pieces.query[index][rows], self.kv_cache, out=pieces.attended[index][rows])
             pieces.replays[index + 1]()
         return pieces.hidden[rows]

@@ -18,7 +18,7 @@ from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers import KernelSet
 from runtime.engine.layers.attention import AttentionMetadata
 from runtime.engine.layers.attention.cpu import build_cpu_metadata, native_decode_available
-from runtime.engine.layers.attention.triton import TritonStepBuffers
+from runtime.engine.layers.attention.triton import TritonAttentionMetadata, TritonStepBuffers
 from runtime.engine.models.loader import load_decoder
 from runtime.engine.quantized import Fp8Linear
 from runtime.engine.scheduler import ScheduledSequence
@@ -226,7 +226,9 @@ class ModelRunner:
             num_splits = self.graphs.num_splits(graph_bucket) if self.graphs is not None and graph_bucket else None
             if graph_bucket is None and self.pieces is not None:
                 piece_bucket = self.pieces.bucket_for(rows.num_rows)
-            input_ids, positions, metadata = self.step_buffers.build(rows, scheduled, graph_bucket, num_splits)
+            input_ids, positions, metadata = self.step_buffers.build(
+                rows, scheduled, graph_bucket, num_splits, pad_slots_to=piece_bucket
+            )
         else:
             metadata = build_cpu_metadata(rows, scheduled, self.block_size, self.device)
             input_ids = torch.tensor(rows.input_ids, dtype=torch.long, device=self.device)
@@ -251,6 +253,7 @@ class ModelRunner:
         if inputs.graph_bucket is not None and self.graphs is not None:
             hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
         elif inputs.piece_bucket is not None and self.pieces is not None:
+            assert isinstance(inputs.metadata, TritonAttentionMetadata)
             hidden = self.pieces.run(inputs.piece_bucket, inputs.metadata, inputs.num_rows)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata, self.kv_cache)

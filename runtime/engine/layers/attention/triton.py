@@ -57,21 +57,18 @@ class TritonAttentionMetadata:
         kv_cache: PagedKVCache,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        query = write_kv(layer, qkv, cos_sin, self.slot_mapping, kv_cache)
+        return self.attend_query(layer, query, kv_cache, out)
+
+    def attend_query(
+        self, layer: "Attention", query: torch.Tensor, kv_cache: PagedKVCache, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Paged attention of `query` [num_tokens, heads, head_dim], its K/V already in the cache (`write_kv`)."""
         from runtime.engine.kernels.triton.attention import paged_decode_attention, paged_extend_attention
-        from runtime.engine.kernels.triton.elementwise import rotary_and_cache
 
         key_cache = kv_cache.key[layer.layer_index]
         value_cache = kv_cache.value[layer.layer_index]
         kv_scales = layer.kv_scales(kv_cache)
-        q_norm, k_norm = layer.q_norm, layer.k_norm
-        query = rotary_and_cache(
-            qkv, cos_sin[0], cos_sin[1], self.slot_mapping, key_cache, value_cache, layer.num_heads,
-            eps=q_norm.eps if q_norm is not None else 0.0,
-            q_norm=q_norm.weight if q_norm is not None else None,
-            k_norm=k_norm.weight if k_norm is not None else None,
-            norm_offset=q_norm.offset if q_norm is not None else 0.0,
-            kv_scales=kv_scales,
-        )
         out = torch.empty_like(query) if out is None else out.view_as(query)
         decodes = self.num_decodes
         if decodes:
@@ -93,6 +90,29 @@ class TritonAttentionMetadata:
                 layer.sliding_window, kv_scales,
             )
         return out.view(query.shape[0], -1)
+
+
+def write_kv(
+    layer: "Attention",
+    qkv: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+    kv_cache: PagedKVCache,
+) -> torch.Tensor:
+    """One fused launch: q/k norms, rotary, and the new K/V written to their cache slots; returns the query
+    [num_tokens, heads, head_dim]. Depends on nothing but the rows, so the piecewise graphs capture it."""
+    from runtime.engine.kernels.triton.elementwise import rotary_and_cache
+
+    q_norm, k_norm = layer.q_norm, layer.k_norm
+    return rotary_and_cache(
+        qkv, cos_sin[0], cos_sin[1], slot_mapping, kv_cache.key[layer.layer_index], kv_cache.value[layer.layer_index],
+        layer.num_heads,
+        eps=q_norm.eps if q_norm is not None else 0.0,
+        q_norm=q_norm.weight if q_norm is not None else None,
+        k_norm=k_norm.weight if k_norm is not None else None,
+        norm_offset=q_norm.offset if q_norm is not None else 0.0,
+        kv_scales=layer.kv_scales(kv_cache),
+    )
 
 
 class TritonStepBuffers:
@@ -142,11 +162,14 @@ class TritonStepBuffers:
         scheduled: "list[ScheduledSequence]",
         pad_to: int | None = None,
         num_splits: int | None = None,
+        pad_slots_to: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, TritonAttentionMetadata]:
         """Fill the buffers for this step and return (input_ids, positions, metadata) as device views.
 
         `pad_to` (decode-only steps under a CUDA graph) adds padding rows up to that many: token 0 at position 0,
-        writing its K/V to the padding slot and attending to it alone.
+        writing its K/V to the padding slot and attending to it alone. `pad_slots_to` (piecewise graphs) points
+        the KV slots of the rows past this step's own, up to that many, at the padding slot: the graphs write
+        K/V for every row of their bucket, and a stale slot would overwrite a live sequence's cache.
         """
         if self._copied is not None:
             self._copied.synchronize()
@@ -196,7 +219,13 @@ class TritonStepBuffers:
         total_seqs = num_seqs + num_extends
         if total_seqs > self.max_seqs:
             raise ValueError(f"a step of {total_seqs} sequences exceeds the {self.max_seqs} the step buffers hold")
-        self._copy(num_tokens, total_seqs)
+        copied = num_tokens
+        if pad_slots_to is not None and pad_slots_to > num_tokens:
+            if pad_slots_to > self.max_tokens:
+                raise ValueError(f"{pad_slots_to} padded rows exceed the {self.max_tokens} the step buffers hold")
+            self._slot_mapping[num_tokens:pad_slots_to] = PADDING_SLOT
+            copied = pad_slots_to
+        self._copy(copied, total_seqs)
         decode_count = num_seqs
         metadata = TritonAttentionMetadata(
             slot_mapping=self.device_slot_mapping[:num_tokens],
