@@ -141,6 +141,15 @@ def _stop_token_ids(params: SamplingParams, traits: EngineTraits, out: TrtSampli
 def _logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
     if params.logprobs is None:
         return
+    if not traits.is_pytorch_backend:
+        # TensorRT-LLM's LLM._check_arguments refuses logprobs on the TensorRT engine backend unless the LLM was
+        # created with gather_generation_logits (and the engine built to gather them), which this project's v1
+        # engines are not: refuse here, by name, before the call.
+        raise UnsupportedRequestError(
+            "logprobs are not available on this TensorRT engine (v1): TensorRT-LLM needs the engine built and "
+            "loaded with gather_generation_logits; serve with the PyTorch backend (v2) for logprobs",
+            param="logprobs",
+        )
     # TensorRT-LLM reads logprobs=0 as "off"; 1 returns the chosen token's logprob (plus the top one).
     out.kwargs["logprobs"] = max(params.logprobs, 1)
     out.report_logprobs = params.logprobs

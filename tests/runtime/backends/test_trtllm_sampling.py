@@ -178,3 +178,13 @@ def test_translated_kwargs_are_accepted_by_tensorrt_llm_sampling_params(fake_trt
     recorded = fake_trtllm.calls("SamplingParams")[0].kwargs
     assert set(recorded) == set(translated.kwargs) | {"guided_decoding"}
     assert built.guided_decoding.regex == "a+" and built.logprobs == 2 and built.bad_token_ids == [2]
+
+
+def test_logprobs_are_refused_by_name_on_a_tensorrt_engine() -> None:
+    """The real LLM refuses logprobs on the TensorRT engine backend without gather_generation_logits (issue 27,
+    point 1): refused here before the call, with the field named."""
+    tensorrt = EngineTraits(is_pytorch_backend=False, has_lookahead=False, vocab_size=8, eos_token_ids=(2,))
+    with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, logprobs=0, seed=0), tensorrt)
+    assert refused.value.param == "logprobs"
+    assert "logprobs" not in to_trtllm(SamplingParams(max_tokens=1, seed=0), tensorrt).kwargs
