@@ -131,8 +131,10 @@ class TrtLlmEngineClient:
 
     # -- requests ----------------------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
-        """Nothing to check here: TensorRT-LLM sizes its own KV cache and refuses what cannot fit at submission
-        (a per-request error, see `generate`)."""
+        """Refuse, before anything streams, sampling fields this engine cannot map (the same translation
+        `generate` runs; a ValueError naming the field). Capacity is TensorRT-LLM's own: it sizes its KV cache
+        and refuses what cannot fit at submission (a per-request error, see `generate`)."""
+        to_trtllm(request.sampling, self._traits)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         llm = self._running_llm()

@@ -355,3 +355,17 @@ def test_a_request_error_at_submission_fails_that_request_only(tmp_path: Path, f
         await client.shutdown(0)
 
     asyncio.run(main())
+
+
+def test_fields_a_tensorrt_engine_cannot_honour_are_refused_at_admission(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """check_request (called before any SSE starts) refuses logprobs on v1 and prompt_logprobs on both, by name."""
+    v1 = _client(tmp_path, backend=LlmBackend.TENSORRT)
+    with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
+        v1.check_request(_request(logprobs=1))
+    assert refused.value.param == "logprobs"
+    v1.check_request(_request())  # a plain request passes
+    v2 = _client(tmp_path)
+    v2.check_request(_request(logprobs=1))
+    with pytest.raises(UnsupportedRequestError) as refused:
+        v2.check_request(_request(prompt_logprobs=1))
+    assert refused.value.param == "prompt_logprobs"
