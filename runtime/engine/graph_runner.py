@@ -18,7 +18,7 @@ are a small part of their time.
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -94,6 +94,35 @@ class EagerCapture:
         return replay, output
 
 
+def record(
+    capture: GraphCapture, forward: Callable[[], GraphOutput], device: torch.device
+) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
+    """Run `forward` twice (compiles the kernels and settles the allocator), then capture it; (replay, outputs)."""
+    for _ in range(2):
+        forward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    replay, output = capture.capture(forward)
+    return replay, (output,) if isinstance(output, torch.Tensor) else output
+
+
+def capture_measured(device: torch.device, capture_buckets: Callable[[], None]) -> tuple[float, float]:
+    """Run `capture_buckets`; (seconds, MiB of device memory it took) for the startup log."""
+    cuda = device.type == "cuda"
+    free_before = torch.cuda.mem_get_info(device)[0] if cuda else 0
+    started = time.perf_counter()
+    capture_buckets()
+    if cuda:
+        torch.cuda.synchronize(device)
+    used = free_before - torch.cuda.mem_get_info(device)[0] if cuda else 0
+    return time.perf_counter() - started, used / 2**20
+
+
+def smallest_bucket(buckets: list[int], captured: Container[int], num_rows: int) -> int | None:
+    """The smallest captured bucket holding `num_rows` rows, or None (run eagerly)."""
+    return next((bucket for bucket in buckets if bucket >= num_rows and bucket in captured), None)
+
+
 class CudaGraphRunner:
     def __init__(
         self,
@@ -118,10 +147,7 @@ class CudaGraphRunner:
 
     def bucket_for(self, num_rows: int) -> int | None:
         """The smallest captured bucket holding `num_rows` decode rows, or None (run eagerly)."""
-        for bucket in self.buckets:
-            if bucket >= num_rows and bucket in self._graphs:
-                return bucket
-        return None
+        return smallest_bucket(self.buckets, self._graphs, num_rows)
 
     def num_splits(self, bucket: int) -> int:
         return self.buffers.num_splits(bucket, self.max_context)
@@ -129,31 +155,25 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture_all(self) -> None:
         capture = self._capture or CudaGraphCapture()
-        cuda = self.buffers.device.type == "cuda"
-        free_before = torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
-        started = time.perf_counter()
-        for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
-            input_ids, positions, metadata = self.buffers.build(
-                StepRows(), [], pad_to=bucket, num_splits=self.num_splits(bucket)
-            )
 
-            def forward(
-                input_ids: torch.Tensor = input_ids, positions: torch.Tensor = positions, metadata: object = metadata
-            ) -> torch.Tensor:
-                return self.model(input_ids, positions, metadata, self.kv_cache)
+        def capture_buckets() -> None:
+            for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
+                input_ids, positions, metadata = self.buffers.build(
+                    StepRows(), [], pad_to=bucket, num_splits=self.num_splits(bucket)
+                )
 
-            for _ in range(2):  # compile the kernels and settle the allocator before recording
-                forward()
-            if cuda:
-                torch.cuda.synchronize(self.buffers.device)
-            replay, output = capture.capture(forward)
-            self._graphs[bucket] = replay, cast(torch.Tensor, output)
-        if cuda:
-            torch.cuda.synchronize(self.buffers.device)
-        used = free_before - torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
+                def forward(
+                    input_ids: torch.Tensor = input_ids, positions: torch.Tensor = positions, metadata: object = metadata
+                ) -> torch.Tensor:
+                    return self.model(input_ids, positions, metadata, self.kv_cache)
+
+                replay, (output,) = record(capture, forward, self.buffers.device)
+                self._graphs[bucket] = replay, output
+
+        seconds, mib = capture_measured(self.buffers.device, capture_buckets)
         logger.info(
             "CUDA graphs: %d decode batch sizes (%s) captured in %.1f s, %.0f MiB",
-            len(self._graphs), ",".join(map(str, self.buckets)), time.perf_counter() - started, used / 2**20,
+            len(self._graphs), ",".join(map(str, self.buckets)), seconds, mib,
         )
 
     def replay(self, bucket: int, num_rows: int) -> torch.Tensor:
@@ -196,26 +216,21 @@ class PiecewiseGraphRunner:
         self._pieces: dict[int, _Pieces] = {}
 
     def bucket_for(self, num_rows: int) -> int | None:
-        for bucket in self.buckets:
-            if bucket >= num_rows and bucket in self._pieces:
-                return bucket
-        return None
+        return smallest_bucket(self.buckets, self._pieces, num_rows)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
         capture = self._capture or CudaGraphCapture()
-        cuda = self.buffers.device.type == "cuda"
-        free_before = torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
-        started = time.perf_counter()
-        for bucket in reversed(self.buckets):
-            self._pieces[bucket] = self._capture_bucket(bucket, capture)
-        if cuda:
-            torch.cuda.synchronize(self.buffers.device)
-        used = free_before - torch.cuda.mem_get_info(self.buffers.device)[0] if cuda else 0
+
+        def capture_buckets() -> None:
+            for bucket in reversed(self.buckets):
+                self._pieces[bucket] = self._capture_bucket(bucket, capture)
+
+        seconds, mib = capture_measured(self.buffers.device, capture_buckets)
         logger.info(
             "CUDA graphs: prefill/mixed steps of up to %d rows (%s) in %d pieces each, captured in %.1f s, %.0f MiB",
             self.buckets[-1] if self.buckets else 0, ",".join(map(str, self.buckets)), len(self.model.layers) + 1,
-            time.perf_counter() - started, used / 2**20,
+            seconds, mib,
         )
 
     def _capture_bucket(self, bucket: int, capture: GraphCapture) -> _Pieces:
@@ -229,14 +244,6 @@ class PiecewiseGraphRunner:
             torch.zeros(bucket, spec.num_heads * spec.head_dim, dtype=self.dtype, device=device) for _ in layers
         ]
 
-        def record(forward: Callable[[], GraphOutput]) -> tuple[Callable[[], None], Sequence[torch.Tensor]]:
-            for _ in range(2):  # compile the kernels and settle the allocator before recording
-                forward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            replay, output = capture.capture(forward)
-            return replay, (output,) if isinstance(output, torch.Tensor) else output
-
         slots = self.buffers.device_slot_mapping[:bucket]  # rows past the step's own point at the padding slot
         kv_cache = self.kv_cache
 
@@ -247,7 +254,7 @@ class PiecewiseGraphRunner:
             query = write_kv(layers[0].attention, qkv, rotary, slots, kv_cache)
             return (query, residual, *cos_sin, *local_cos_sin)
 
-        replay, (query, residual, cos, sin, local_cos, local_sin) = record(first)
+        replay, (query, residual, cos, sin, local_cos, local_sin) = record(capture, first, device)
         replays, queries = [replay], [query]
         for index in range(1, len(layers)):
 
@@ -257,7 +264,7 @@ class PiecewiseGraphRunner:
                 rotary = (local_cos, local_sin) if layers[index].is_sliding else (cos, sin)
                 return write_kv(layers[index].attention, qkv, rotary, slots, kv_cache), residual
 
-            replay, (query, residual) = record(between)
+            replay, (query, residual) = record(capture, between, device)
             replays.append(replay)
             queries.append(query)
 
@@ -265,7 +272,7 @@ class PiecewiseGraphRunner:
             hidden, residual = layers[-1].attention_output(attended[-1], residual)
             return model.final_norm(hidden, residual)
 
-        replay, (hidden,) = record(last)
+        replay, (hidden,) = record(capture, last, device)
         replays.append(replay)
         return _Pieces(replays, queries, attended, (cos, sin), (local_cos, local_sin), hidden)
 
