@@ -35,7 +35,15 @@ LLAMA_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
     head_dim=128, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
 )
-SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "small": {}}  # small = the tokenizer's own (SmolLM2) shape
+QWEN3_30B_A3B = dict(  # 128 experts, top 8, every layer sparse; ~61 GB of bf16 weights, 3.3B active per token
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+    moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, rope_theta=1000000.0,
+    max_position_embeddings=8192, decoder_sparse_step=1, mlp_only_layers=[],
+)
+# small = the tokenizer's own (SmolLM2) shape
+SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "qwen3-30b-a3b": QWEN3_30B_A3B, "small": {}}
+SHAPE_NAMES = {"llama8b": "Llama-3.1-8B", "qwen3-30b-a3b": "Qwen3-30B-A3B", "small": "SmolLM2-135M"}
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 CONCURRENCY = (1, 16, 64)
 INPUT_LEN = OUTPUT_LEN = 128
@@ -492,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=25.0, help="load time per concurrency point")
     parser.add_argument("--phase-timeout", type=float, default=540.0)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of the pipeline
-    parser.add_argument("--shape", choices=list(SHAPES), default="llama8b", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama8b", help="model shape (dummy weights)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help=argparse.SUPPRESS)
     parser.add_argument("--input-len", type=int, default=INPUT_LEN, help=argparse.SUPPRESS)
     parser.add_argument("--output-len", type=int, default=OUTPUT_LEN, help=argparse.SUPPRESS)
@@ -534,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**machine.describe(), "gpu": gpu_description()},
         "workload": {
-            "shape": {"llama8b": "Llama-3.1-8B", "small": "SmolLM2-135M"}[args.shape], "input_len": args.input_len,
+            "shape": SHAPE_NAMES[args.shape], "input_len": args.input_len,
             "output_len": args.output_len, "concurrency": args.concurrency,
         },
     }

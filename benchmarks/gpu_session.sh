@@ -2,7 +2,7 @@
 # One lent-GPU call, run from the repository root on the device machine (docs/torch-engine-gpu.md says how to
 # prepare .gpu/ here first): install the carried wheels, run the GPU-relevant tests with real Triton and CUDA
 # graphs, then `python -m benchmarks.gpu` (parity, serve over HTTP, profile, transformers generate()).
-# Everything lands in $OUT: pytest.txt, bench.txt, gpu-llama8b.json. Limits per stage via TEST_S / BENCH_S;
+# Everything lands in $OUT: pytest.txt, bench.txt, gpu-$SHAPE.json (SHAPE=llama8b by default). Limits per stage via TEST_S / BENCH_S;
 # SERVE_VARIANTS=default,no-piecewise,gil-5ms compares server variants side by side (benchmarks/gpu.py).
 set -u
 OUT=${OUT:-/tmp/gpu-session}
@@ -19,7 +19,8 @@ timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider --timeout 100 
 echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/pytest.txt" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -20
 
-timeout "${BENCH_S:-330}" python3 -m benchmarks.gpu --tokenizer .gpu/tok --out "$OUT/gpu-llama8b.json" \
+SHAPE=${SHAPE:-llama8b}  # or qwen3-30b-a3b (the MoE shape; ~61 GB of dummy weights)
+timeout "${BENCH_S:-330}" python3 -m benchmarks.gpu --tokenizer .gpu/tok --out "$OUT/gpu-$SHAPE.json" --shape "$SHAPE" \
   --phases "${PHASES:-parity,serve,profile,hf}" --phase-timeout "${PHASE_S:-200}" --max-seconds "${LOAD_S:-15}" \
   --serve-variants "${SERVE_VARIANTS:-default}" \
   >"$OUT/bench.txt" 2>&1

@@ -5,6 +5,7 @@ the previous engine (or nothing) in place.
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -103,6 +104,8 @@ def build_engine(
         fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok,
         require_weights=not dummy,
     )
+    if backend == "torch" and not build.base_model.is_encoder:
+        _check_torch_decoder(fetched.path, build.quantization_type)
     if isinstance(stack, TrtLlmConfigV1):
         stack.apply_architecture(info.architecture)
     with atomic_engine_dir(output) as staging:
@@ -186,6 +189,23 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
     if build.lora_adapters:
         raise BuildError(
             "lora_adapters are not supported by the torch backend; remove them or build with --backend trtllm"
+        )
+
+
+def _check_torch_decoder(model_dir: Path, quantization: QuantizationType) -> None:
+    """Refuse, before anything is written, a checkpoint the torch engine cannot serve: its architecture (named,
+    with the supported list) or a quantization it has no layers for."""
+    from runtime.engine.models import UnsupportedArchitectureError, decoder_spec
+
+    try:
+        spec = decoder_spec(json.loads((model_dir / "config.json").read_text()))
+    except (UnsupportedArchitectureError, KeyError) as error:
+        reason = error if isinstance(error, UnsupportedArchitectureError) else f"config.json lacks {error}"
+        raise BuildError(f"{reason} (backend torch; the trtllm backend covers more architectures)") from None
+    if spec.moe is not None and quantization != QuantizationType.NO_QUANT:
+        raise BuildError(
+            f"quantization_type {quantization.value} of a mixture-of-experts model ({spec.architecture}) is not "
+            "supported by the torch backend: its FP8/NVFP4 layers cover dense linears, not experts; use no_quant"
         )
 
 

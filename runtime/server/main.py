@@ -42,7 +42,13 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
     )
     server = DrainingServer(config, state)
     server.run()
+    if not server.started:  # the app's startup (engine load) failed, or the port could not be bound
+        logger.error("the server did not start; exiting with status %d", STARTUP_FAILURE)
+        return STARTUP_FAILURE
     return 0
+
+
+STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup
 
 
 class DrainingServer(uvicorn.Server):

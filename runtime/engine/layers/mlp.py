@@ -11,33 +11,40 @@ from runtime.engine.layers.linear import Linear
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
+def activation_name(hf_name: str) -> str:
+    """Our name of a config's `hidden_act`; refuses one the gated activation does not implement."""
+    if hf_name not in _ACTIVATIONS:
+        raise ValueError(f"activation {hf_name!r} is not supported by the torch engine")
+    return _ACTIVATIONS[hf_name]
+
+
+def act_and_mul(gate_up: torch.Tensor, activation: str, kernels: KernelSet) -> torch.Tensor:
+    """act(gate) * up for gate_up [..., 2 * width], gate first, with the kernel set's implementation."""
+    if kernels == KernelSet.TRITON and activation != "gelu" and gate_up.dim() == 2:
+        from runtime.engine.kernels.triton.elementwise import gated_activation
+
+        return gated_activation(gate_up, activation)
+    if kernels == KernelSet.NATIVE and activation == "silu" and gate_up.device.type == "cpu":
+        fused = native_ops.silu_mul(gate_up)
+        if fused is not None:
+            return fused
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    return F.gelu(gate) * up
+
+
 class GatedMLP(nn.Module):
     kernels = KernelSet.NATIVE
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not supported by the torch engine")
+        self.activation = activation_name(activation)
         self.gate_up = Linear(hidden_size, 2 * intermediate_size)
         self.down = Linear(intermediate_size, hidden_size)
         self.intermediate_size = intermediate_size
-        self.activation = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act_and_mul(self.gate_up(x)))
-
-    def act_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.kernels == KernelSet.TRITON and self.activation != "gelu" and gate_up.dim() == 2:
-            from runtime.engine.kernels.triton.elementwise import gated_activation
-
-            return gated_activation(gate_up, self.activation)
-        if self.kernels == KernelSet.NATIVE and self.activation == "silu" and gate_up.device.type == "cpu":
-            fused = native_ops.silu_mul(gate_up)
-            if fused is not None:
-                return fused
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        if self.activation == "silu":
-            return F.silu(gate) * up
-        if self.activation == "gelu_tanh":
-            return F.gelu(gate, approximate="tanh") * up
-        return F.gelu(gate) * up
+        return self.down(act_and_mul(self.gate_up(x), self.activation, self.kernels))

@@ -2,8 +2,10 @@
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from runtime.engine.layers.moe import MoESpec
 from runtime.engine.models.decoder import DecoderModel, DecoderSpec
 
 SpecBuilder = Callable[[str, dict[str, Any]], DecoderSpec]
@@ -103,12 +105,47 @@ def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     )
 
 
+def _num_experts(config: dict[str, Any]) -> int:
+    """`num_experts` (Qwen checkpoints) or `num_local_experts` (Mixtral, and Qwen3-MoE saved by transformers 5)."""
+    value = config.get("num_experts") or config.get("num_local_experts")
+    if not isinstance(value, int) or value < 1:
+        raise UnsupportedArchitectureError("a mixture-of-experts config without num_experts / num_local_experts")
+    return value
+
+
+def _qwen3_moe(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    num_layers = config["num_hidden_layers"]
+    dense = set(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["moe_intermediate_size"],
+        normalize_top_k=bool(config.get("norm_topk_prob", False)),
+        sparse_layers=tuple(index not in dense and (index + 1) % step == 0 for index in range(num_layers)),
+    )
+    return replace(_qwen3(architecture, config), moe=moe)
+
+
+def _mixtral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        normalize_top_k=True,
+        sparse_layers=(True,) * config["num_hidden_layers"],
+    )
+    return replace(_mistral(architecture, config), moe=moe)
+
+
 ARCHITECTURES: dict[str, SpecBuilder] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _mistral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
     "Gemma3ForCausalLM": _gemma3,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "MixtralForCausalLM": _mixtral,
 }
 
 

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Gemma3 through flags) over the paged KV cache."""
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Gemma3 through flags; Qwen3-MoE and Mixtral with sparse
+expert layers in place of the MLP) over the paged KV cache."""
 
 import math
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from runtime.engine.layers.attention import Attention, AttentionMetadata
 from runtime.engine.layers.attention.cpu import CpuAttentionMetadata
 from runtime.engine.layers.linear import Linear
 from runtime.engine.layers.mlp import GatedMLP
+from runtime.engine.layers.moe import MoESpec, SparseMoE
 from runtime.engine.layers.norm import RMSNorm
 from runtime.engine.layers.rotary import RotaryEmbedding
 
@@ -51,6 +53,8 @@ class DecoderSpec:
     rope_local_theta: float | None = None
     query_scale: float | None = None
     final_logit_softcap: float | None = None
+    # mixture-of-experts layers (Qwen3-MoE, Mixtral); None = every layer has the dense MLP
+    moe: MoESpec | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -79,7 +83,11 @@ class DecoderLayer(nn.Module):
             qk_norm=(spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None,
         )
         self.post_attention_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
-        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
+        self.mlp: GatedMLP | SparseMoE
+        if spec.moe is not None and spec.moe.sparse_layers[layer_index]:
+            self.mlp = SparseMoE(spec.hidden_size, spec.moe, spec.activation)
+        else:
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
         if spec.sandwich_norms:
             self.pre_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
             self.post_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)

@@ -204,6 +204,8 @@ class FusedDecodeStack:
 def _unsupported(model: Any) -> str | None:
     """Why the fused call cannot stand in for this model's per-op path, or None."""
     spec = model.spec
+    if spec.moe is not None:
+        return "mixture-of-experts layers"
     if spec.qk_norm or spec.sandwich_norms or model.local_rotary is not None:
         return "q/k norms, sandwich norms or a local rotary table (Qwen3, Gemma3)"
     if spec.activation != "silu":

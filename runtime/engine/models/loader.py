@@ -9,12 +9,26 @@ import torch
 from safetensors import safe_open
 
 from runtime.engine import quantized_checkpoint as quantized
-from runtime.engine.models import DecoderModel, decoder_spec
+from runtime.engine.models import DecoderModel, UnsupportedArchitectureError, decoder_spec
 
 logger = logging.getLogger(__name__)
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.", "language_model.")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+# Expert tensors: per expert as Qwen3-MoE (`mlp.experts.E.gate_proj`) and Mixtral (`block_sparse_moe.experts.E.w1`)
+# publish them, or stacked as transformers 5 keeps them in memory (`mlp.experts.gate_up_proj` [E, 2I, H]).
+_EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PARTS = {  # checkpoint name -> (our parameter, part: 0 gate, 1 up, None the whole expert)
+    "gate_proj": ("mlp.w_gate_up", 0), "w1": ("mlp.w_gate_up", 0),
+    "up_proj": ("mlp.w_gate_up", 1), "w3": ("mlp.w_gate_up", 1),
+    "down_proj": ("mlp.w_down", None), "w2": ("mlp.w_down", None),
+}
+_STACKED_EXPERTS = {
+    "mlp.experts.gate_up_proj": "mlp.w_gate_up", "block_sparse_moe.experts.gate_up_proj": "mlp.w_gate_up",
+    "mlp.experts.down_proj": "mlp.w_down", "block_sparse_moe.experts.down_proj": "mlp.w_down",
+    "mlp.gate.weight": "mlp.router.weight", "block_sparse_moe.gate.weight": "mlp.router.weight",
+}
+Part = int | tuple[int, int | None] | None  # a fused matrix's part, or (expert, part of the expert), or the whole
 _NORMS = {
     "input_layernorm.weight": "input_norm.weight",
     "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -64,6 +78,11 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
         return _dummy_weights(model, config, device)
     files = safetensors_files(model_dir)
     quantization = quantized.read_quantization(model_dir, config)
+    if quantization is not None and spec.moe is not None:
+        raise UnsupportedArchitectureError(
+            f"{spec.architecture}: quantized mixture-of-experts checkpoints are not supported by the torch engine "
+            "(its FP8/NVFP4 layers cover dense linears only); serve the 16-bit checkpoint"
+        )
     if quantization is not None:
         with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
             prefix = quantized.checkpoint_prefix(list(handle.keys()))
@@ -91,21 +110,8 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
                 our_name, part = target
                 if our_name not in parameters:
                     raise CheckpointMismatchError(f"{path.name}: tensor {name} has no place in {spec.architecture}")
-                tensor = handle.get_tensor(name)
-                parameter = parameters[our_name]
-                if part is None:
-                    if tuple(tensor.shape) != tuple(parameter.shape):
-                        raise CheckpointMismatchError(
-                            f"{name}: shape {tuple(tensor.shape)} does not match {tuple(parameter.shape)}"
-                        )
-                    parameter.data.copy_(tensor)
-                    loaded.add(our_name)
-                else:
-                    family = "qkv" if ".qkv." in our_name else "mlp.gate_up"
-                    start = fused_offsets[family][part]
-                    rows = tensor.shape[0]
-                    parameter.data[start : start + rows].copy_(tensor)
-                    loaded.add(f"{our_name}#{part}")
+                _place(parameters[our_name], our_name, part, handle.get_tensor(name), fused_offsets, name)
+                loaded.add(our_name if part is None else f"{our_name}#{part}")
     if spec.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "lm_head.weight" not in loaded and not spec.tie_word_embeddings:
             logger.warning("%s has no lm_head.weight; tying it to the embeddings", model_dir)
@@ -156,6 +162,8 @@ def _load_scale(
     if target is None:
         raise CheckpointMismatchError(f"scale tensor {name} belongs to no layer of the torch engine")
     our_name, part = target
+    if isinstance(part, tuple):  # quantized MoE checkpoints are refused before their tensors are read
+        raise CheckpointMismatchError(f"scale tensor {name} belongs to an expert; quantized experts are not supported")
     module_name = our_name.removesuffix(".weight")
     rows = slice(None)
     if part is not None:
@@ -164,7 +172,31 @@ def _load_scale(
     quantized.load_scale(model, module_name, scale_name, rows, tensor)
 
 
-def _target(name: str) -> tuple[str, int | None] | None:
+def _place(
+    parameter: torch.Tensor,
+    our_name: str,
+    part: Part,
+    tensor: torch.Tensor,
+    fused_offsets: dict[str, list[int]],
+    name: str,
+) -> None:
+    """Copy a checkpoint tensor into its parameter: whole, as rows of a fused matrix, or into one expert."""
+    target = parameter.data
+    if isinstance(part, tuple):
+        expert, sub = part
+        target = target[expert]
+        if sub is not None:
+            rows = target.shape[0] // 2
+            target = target[sub * rows : (sub + 1) * rows]
+    elif part is not None:
+        start = fused_offsets["qkv" if ".qkv." in our_name else "mlp.gate_up"][part]
+        target = target[start : start + tensor.shape[0]]
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointMismatchError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
+    target.copy_(tensor)
+
+
+def _target(name: str) -> tuple[str, Part] | None:
     if name == "lm_head.weight":
         return "lm_head.weight", None
     for prefix in _PREFIXES:
@@ -179,6 +211,12 @@ def _target(name: str) -> tuple[str, int | None] | None:
     if not match:
         return None
     index, suffix = match.groups()
+    expert = _EXPERT.fullmatch(suffix)
+    if expert is not None:
+        our, sub = _EXPERT_PARTS[expert.group(2)]
+        return f"layers.{index}.{our}", (int(expert.group(1)), sub)
+    if suffix in _STACKED_EXPERTS:
+        return f"layers.{index}.{_STACKED_EXPERTS[suffix]}", None
     if suffix in _NORMS:
         return f"layers.{index}.{_NORMS[suffix]}", None
     if suffix in _FUSED:
@@ -197,6 +235,11 @@ def _check_complete(model: DecoderModel, loaded: set[str]) -> None:
                 missing.append(name)
         elif name.endswith("gate_up.weight"):
             if not all(f"{name}#{part}" in loaded for part in range(2)):
+                missing.append(name)
+        elif name.endswith(("mlp.w_gate_up", "mlp.w_down")):
+            subs: tuple[int | None, ...] = (0, 1) if name.endswith("w_gate_up") else (None,)
+            experts = range(model.get_parameter(name).shape[0])
+            if not all(f"{name}#{(expert, sub)}" in loaded for expert in experts for sub in subs):
                 missing.append(name)
         else:
             missing.append(name)

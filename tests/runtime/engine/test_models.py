@@ -51,6 +51,16 @@ def _tiny(kind: str, path: Path) -> Path:
             layer_types=["sliding_attention", "full_attention"],
         )
         model = transformers.Gemma3ForCausalLM(config)
+    elif kind == "qwen3_moe":  # plain top-k weights; layer 1 dense (mlp_only_layers), layer 2 by the sparse step
+        config = transformers.Qwen3MoeConfig(
+            **{**TINY, "num_hidden_layers": 3}, head_dim=16, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1,
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(**{**TINY, "intermediate_size": 48}, num_local_experts=4,
+                                            num_experts_per_tok=2, sliding_window=None)
+        model = transformers.MixtralForCausalLM(config)
     else:
         raise AssertionError(kind)
     with torch.no_grad():  # random biases too, so a missing bias would show
@@ -79,7 +89,7 @@ def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
         return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral"])
 def test_prefill_logits_match_transformers(kind: str, tmp_path: Path) -> None:
     import transformers
 
@@ -99,7 +109,7 @@ def test_unknown_architecture_is_refused_by_name(tmp_path: Path) -> None:
         decoder_spec({"architectures": ["PhiForCausalLM"]})
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma3", "qwen3"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma3", "qwen3", "qwen3_moe", "mixtral"])
 def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tmp_path: Path) -> None:
     import transformers
 
@@ -136,3 +146,50 @@ def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tm
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
     assert ours == expected
+
+
+def _generate(model: object, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = model.generate(  # type: ignore[attr-defined]
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_moe_batch_with_chunked_prefill_and_prefix_cache_matches_transformers(kind: str, tmp_path: Path) -> None:
+    """Four requests in one batch: prompts longer than a step's token budget (chunked prefill), two sharing a
+    16-token prefix (the second reuses cached blocks); each equals transformers' greedy output alone."""
+    import transformers
+
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.engine import LLMEngine
+    from runtime.types import GenerationRequest, SamplingParams
+
+    model_dir = _tiny(kind, tmp_path / kind)
+    shared = [(3 * i + 7) % 250 + 1 for i in range(16)]
+    prompts = [shared + [11, 12, 13], shared + [200, 9], [5, 6, 7], [(11 * i + 2) % 250 + 1 for i in range(30)]]
+    engine = LLMEngine(
+        EngineConfig(model_dir=model_dir, dtype="float32", max_seq_len=64, max_num_tokens=12, block_size=4,
+                     kv_cache_memory_bytes=8 * 2**20),
+        eos_token_ids=(),
+    )
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request(GenerationRequest("r0", tuple(prompts[0]), sampling))
+    while engine.has_unfinished():  # the first request fills the cache with the shared prefix
+        engine.step()
+    ours: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"b{index}", tuple(prompt), sampling))
+    while engine.has_unfinished():
+        for output in engine.step():
+            ours.setdefault(output.request_id, []).extend(output.token_ids)
+    assert engine.blocks.hit_rate() > 0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for index, prompt in enumerate(prompts):
+        assert ours[f"b{index}"] == _generate(reference, prompt, 8), index

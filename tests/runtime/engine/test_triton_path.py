@@ -54,7 +54,7 @@ def _assert_same(reference: dict, candidate: dict) -> None:
         assert candidate["logprobs"][request_id] == pytest.approx(values, abs=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen3_moe", "mixtral"])
 def test_greedy_tokens_and_logprobs_match_the_reference(tiny_root: Path, family: str) -> None:
     model = write_tiny_model(tiny_root, family)
     reference = _run(_engine(model, "torch"), PROMPTS, 6, logprobs=2)
@@ -127,7 +127,7 @@ def test_token_buckets() -> None:
     assert token_buckets(0) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen3_moe"])
 def test_piecewise_graphs_keep_tokens_and_logprobs(tiny_root: Path, family: str) -> None:
     """Prefill chunks, mixed and decode steps through the pieces (stale rows past the step's own in each bucket),
     attention eager between them, against the PyTorch path."""

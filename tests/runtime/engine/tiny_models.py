@@ -12,14 +12,19 @@ COMMON = dict(
 
 
 def write_tiny_model(root: Path, family: str) -> Path:
-    """`family`: llama, qwen3 (per-head q/k norms) or mistral (sliding window of 8 tokens)."""
+    """`family`: llama, qwen3 (per-head q/k norms), mistral (sliding window of 8 tokens), qwen3_moe (8 experts,
+    top 2 renormalized, the middle of three layers dense) or mixtral (4 experts, top 2)."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     path = root / f"tiny-{family}"
@@ -32,6 +37,15 @@ def write_tiny_model(root: Path, family: str) -> Path:
         model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=8))
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            **{**COMMON, "num_hidden_layers": 3}, head_dim=16, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        )
+        model = Qwen3MoeForCausalLM(config)
+    elif family == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**{**COMMON, "intermediate_size": 48}, num_local_experts=4,
+                                                 num_experts_per_tok=2))
     else:
         raise ValueError(family)
     model.save_pretrained(path, safe_serialization=True)
