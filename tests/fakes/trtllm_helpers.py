@@ -31,6 +31,28 @@ def write_model_dir(
     return path
 
 
+def write_engine_config(path: Path, *, tp: int = 1, **build_config: Any) -> Path:
+    """A saved-engine config.json as the fake's `_TrtLLM.save` writes it (what the TensorRT backend loads)."""
+    path.mkdir(parents=True, exist_ok=True)
+    limits = {
+        "max_seq_len": 4096,
+        "max_input_len": 4096,
+        "max_batch_size": 8,
+        "max_num_tokens": 1024,
+        "max_beam_width": 1,
+        "gather_context_logits": False,
+        "gather_generation_logits": False,
+        **build_config,
+    }
+    config = {
+        "version": "fake",
+        "pretrained_config": {"mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
+        "build_config": limits,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def repository_info(max_position: int | None = 4096) -> RepositoryInfo:
     return RepositoryInfo(
         architecture="LlamaForCausalLM",

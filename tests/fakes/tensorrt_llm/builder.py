@@ -1,8 +1,14 @@
-"""Fake `tensorrt_llm.builder`: BuildConfig (pydantic in 1.1+; `plugin_config` is a nested PluginConfig)."""
+"""Fake `tensorrt_llm.builder`: BuildConfig (pydantic in 1.1+; `plugin_config` is a nested PluginConfig).
+
+Like the real one, the constructor checks field names only: it does not compare max_input_len with
+max_seq_len. The engine build does (`build_time_limits`, what `builder.build` applies before compiling):
+max_input_len above max_seq_len is clipped with a warning, and speculative decoding adds max_draft_len to
+max_seq_len and raises max_num_tokens to max_batch_size * (max_draft_len + 1).
+"""
 
 from typing import Any
 
-from tensorrt_llm._fake_config import FakeConfig, FakeValidationError
+from tensorrt_llm._fake_config import FakeConfig
 from tensorrt_llm.plugin import PluginConfig
 
 
@@ -43,12 +49,23 @@ class BuildConfig(FakeConfig):
     def validate(self) -> None:
         if self.plugin_config is None:
             object.__setattr__(self, "plugin_config", PluginConfig())
-        if self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
-            raise FakeValidationError(
-                f"max_input_len ({self.max_input_len}) must not exceed max_seq_len ({self.max_seq_len})"
-            )
+        self.check_choice("profiling_verbosity", ("layer_names_only", "detailed", "none"))
 
     def to_dict(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in self.FIELDS if name != "plugin_config"}
-        values["plugin_config"] = dict(vars(self.plugin_config))
+        values["plugin_config"] = self.plugin_config.model_dump()
         return values
+
+
+def build_time_limits(build_config: BuildConfig, max_position_embeddings: int | None) -> dict[str, Any]:
+    """The BuildConfig values an engine is saved with, after the build's own adjustments."""
+    values = build_config.to_dict()
+    if values["max_seq_len"] is None:
+        values["max_seq_len"] = max_position_embeddings or 2048
+    values["max_input_len"] = min(values["max_input_len"], values["max_seq_len"])
+    if values["speculative_decoding_mode"] != "NONE":
+        values["max_seq_len"] += values["max_draft_len"]
+        values["max_num_tokens"] = max(
+            values["max_num_tokens"], values["max_batch_size"] * (values["max_draft_len"] + 1)
+        )
+    return values

@@ -1,9 +1,12 @@
 """Fake `tensorrt_llm.sampling_params`: SamplingParams and GuidedDecodingParams with the 1.2 field names.
 
 Both are `@dataclass(slots=True, kw_only=True)` like the real ones, so an unknown keyword is a TypeError.
-The validation mirrors the real `_validate` (best_of >= n, one greedy return, one guide).
+The validation mirrors the real `_validate` of 1.2: top_p in [0, 1], top_k >= 0, temperature >= 0, best_of >= n,
+a single return under greedy decoding (greedy: nothing set, or top_k == 1, top_p == 0 or temperature == 0;
+the environment variable TLLM_ALLOW_N_GREEDY_DECODING lifts it), truncate_prompt_tokens >= 1, one guide.
 """
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -81,27 +84,37 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"require 0 <= top_p <= 1, got top_p={self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"require top_k >= 0, got top_k={self.top_k}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"require temperature >= 0, got temperature={self.temperature}")
         assert self.best_of is not None
         if self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
-        if self.best_of > 1 and self._greedy_decoding:
+        if self.best_of > 1 and self._greedy_decoding and not os.environ.get("TLLM_ALLOW_N_GREEDY_DECODING"):
             raise ValueError(
                 f"Greedy decoding in the LLM API does not allow multiple returns. Please set to best_of=1, "
-                f"got best_of={self.best_of}."
+                f"got best_of={self.best_of}. Please set to best_of=1 or set an environment variable "
+                "TLLM_ALLOW_N_GREEDY_DECODING=1 to allow best_of > 1 under the greedy decoding."
             )
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise ValueError(f"truncate_prompt_tokens must be >= 1, got {self.truncate_prompt_tokens}")
         if self.guided_decoding is not None:
             self.guided_decoding._validate()
         self.logprobs = self.logprobs and int(self.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs and int(self.prompt_logprobs)
 
     @property
     def _greedy_decoding(self) -> bool:
-        return (
-            not self.use_beam_search
-            and (self.top_k is None or self.top_k == 1)
-            and (self.top_p is None or self.top_p == 0.0)
+        implied = (
+            (self.temperature is None and self.top_p is None and self.top_k is None)
+            or self.top_k == 1
+            or self.top_p == 0.0
+            or self.temperature == 0
         )
+        return not self.use_beam_search and implied
 
 
 def _recording_init(cls: Any) -> None:

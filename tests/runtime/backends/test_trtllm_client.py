@@ -22,6 +22,7 @@ from runtime.types import (
     SamplingParams,
     TokenLogprob,
 )
+from tests.fakes.trtllm_helpers import write_engine_config
 
 MODEL_INFO = ModelInfo(
     served_model_name="fake",
@@ -233,6 +234,7 @@ def test_odd_endings_become_error_deltas(
 def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
+    write_engine_config(tmp_path)  # the TensorRT backend loads a saved engine
     client = _client(tmp_path, backend=LlmBackend.TENSORRT, lookahead=LookaheadSpec(4, 3, 4))
 
     async def main() -> None:

@@ -1,8 +1,9 @@
 """Fake `tensorrt_llm.llmapi.llm`: the PyTorch-backend `LLM`, the TensorRT-engine `_TrtLLM`, `RequestOutput`.
 
 Constructor signature and argument sets follow TensorRT-LLM 1.2 (`LLM(model, tokenizer=None, ...,
-**kwargs)`, kwargs validated into TorchLlmArgs / TrtLlmArgs with extra="forbid"). No model runs: a
-streaming request replays the steps of `tensorrt_llm._fake.SCRIPT`.
+**kwargs)`, kwargs validated into TorchLlmArgs / TrtLlmArgs with extra="forbid"), and so do the checks at
+construction (engine loading, limits synced with the engine) and at submission (_request_checks.py). No model
+runs: a streaming request replays the steps of `tensorrt_llm._fake.SCRIPT`.
 """
 
 import asyncio
@@ -12,10 +13,29 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tensorrt_llm import _fake
-from tensorrt_llm._fake_config import FakeValidationError
-from tensorrt_llm.executor import CompletionOutput
-from tensorrt_llm.llmapi.llm_args import GUIDED_DECODING_BACKENDS, TORCH_LLM_ARGS, TRT_LLM_ARGS
+from tensorrt_llm._fake_config import FakeConfig, FakeValidationError
+from tensorrt_llm.builder import BuildConfig, build_time_limits
+from tensorrt_llm.executor import CompletionOutput, RequestError
+from tensorrt_llm.llmapi._request_checks import (
+    check_pytorch_arguments,
+    check_tensorrt_arguments,
+    deduce_max_tokens,
+)
+from tensorrt_llm.llmapi.llm_args import (
+    ALLREDUCE_STRATEGIES,
+    GUIDED_DECODING_BACKENDS,
+    TORCH_LLM_ARGS,
+    TORCH_NESTED_ARGS,
+    TRT_LLM_ARGS,
+    TRT_NESTED_ARGS,
+    TRT_ONLY_LLM_ARGS,
+)
 from tensorrt_llm.sampling_params import SamplingParams
+
+# BaseLlmArgs defaults that an explicit None falls back to (normalize_optional_fields_to_defaults).
+LIMIT_DEFAULTS = {"max_batch_size": 2048, "max_input_len": 1024, "max_beam_width": 1, "max_num_tokens": 8192}
+# The LLM arguments TrtLlmArgs.init_build_config copies into a default BuildConfig.
+BUILD_LIMIT_ARGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "max_beam_width", "max_input_len")
 
 
 def _llm_signature(
@@ -100,31 +120,42 @@ class RequestOutput:
 
 
 class _BaseLLM:
-    BACKEND: ClassVar[str]
+    BACKEND: ClassVar[str | None]
     ARGS: ClassVar[frozenset[str]]
+    ARGS_CLASS: ClassVar[str]
+    NESTED: ClassVar[dict[str, type[FakeConfig]]]
     RECORD_NAME: ClassVar[str]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = _SIGNATURE.bind(*args, **kwargs)
         passed = {name: value for name, value in bound.arguments.items() if name != "kwargs"}
         passed.update(bound.arguments.get("kwargs", {}))
-        unknown = sorted(set(passed) - self.ARGS)
-        if unknown:
-            raise FakeValidationError(
-                f"{self.RECORD_NAME} ({self.BACKEND}): extra fields not permitted: {unknown}"
-            )
+        self._check_names(passed)
         bound.apply_defaults()
         self.args: dict[str, Any] = {
             name: value for name, value in bound.arguments.items() if name != "kwargs"
         }
         self.args.update(bound.arguments["kwargs"])
+        for name, kind in self.NESTED.items():
+            if isinstance(self.args.get(name), dict):
+                self.args[name] = kind(_record=False, **self.args[name])
+        for name, default in LIMIT_DEFAULTS.items():  # None means "the default" for these four
+            if self.args.get(name) is None:
+                self.args[name] = default
         backend = self.args.get("guided_decoding_backend")
         if backend is not None and backend not in GUIDED_DECODING_BACKENDS:
-            raise FakeValidationError(f"guided_decoding_backend must be one of {GUIDED_DECODING_BACKENDS}")
+            raise FakeValidationError(
+                self.ARGS_CLASS, "guided_decoding_backend", "Input should be 'xgrammar' or 'llguidance'"
+            )
         self._validate()
         _fake.record(self.RECORD_NAME, passed, self)
         self._is_shutdown = False
         self._next_request_id = 0
+
+    def _check_names(self, passed: dict[str, Any]) -> None:
+        for name in passed:
+            if name not in self.ARGS:
+                raise FakeValidationError(self.ARGS_CLASS, name, "Extra inputs are not permitted")
 
     def _validate(self) -> None:
         speculative = self.args.get("speculative_config")
@@ -132,6 +163,10 @@ class _BaseLLM:
             raise ValueError(
                 f"Speculation type {speculative.decoding_type} does not support backend {self.BACKEND}"
             )
+
+    def _check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """`_check_arguments` and the worker's max_tokens deduction for one request."""
+        raise NotImplementedError
 
     @property
     def tokenizer(self) -> Any:
@@ -151,8 +186,10 @@ class _BaseLLM:
             raise RuntimeError("LLM is shutting down")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if params.guided_decoding is not None and self.args.get("guided_decoding_backend") is None:
-            raise ValueError("guided decoding needs the LLM's guided_decoding_backend (fake's wording)")
+            # Not read from TensorRT-LLM's source (see README): the fake refuses rather than ignore the guide.
+            raise RequestError("guided decoding is not enabled on this LLM (guided_decoding_backend is None)")
         prompt_token_ids = list(inputs) if isinstance(inputs, list) else []
+        self._check_request(len(prompt_token_ids), params)
         _fake.record(
             f"{self.RECORD_NAME}.generate_async",
             {"inputs": inputs, "sampling_params": params, "streaming": streaming},
@@ -177,48 +214,115 @@ class LLM(_BaseLLM):
 
     BACKEND = "pytorch"
     ARGS = TORCH_LLM_ARGS
+    ARGS_CLASS = "TorchLlmArgs"
+    NESTED = TORCH_NESTED_ARGS
     RECORD_NAME = "LLM"
+
+    def _check_names(self, passed: dict[str, Any]) -> None:
+        passed.pop("backend", None)  # _TorchLLM pops it before validation
+        trt_only = [name for name in passed if name in TRT_ONLY_LLM_ARGS]
+        if trt_only:
+            raise ValueError(
+                "The following arguments are specific to TensorRT backend and cannot be used with PyTorch "
+                f"backend: {trt_only}.\nPlease use 'from tensorrt_llm._tensorrt_engine import LLM' instead to "
+                "use the TensorRT backend."
+            )
+        super()._check_names(passed)
+
+    def _validate(self) -> None:
+        super()._validate()
+        strategy = self.args.get("allreduce_strategy", "AUTO")
+        if strategy is not None and strategy not in ALLREDUCE_STRATEGIES:
+            raise FakeValidationError(self.ARGS_CLASS, "allreduce_strategy", "Input should be a known strategy")
+
+    def _max_seq_len(self) -> int | None:
+        """The worker's max_seq_len: the argument, else the checkpoint's max_position_embeddings."""
+        if self.args.get("max_seq_len"):
+            return int(self.args["max_seq_len"])
+        config = Path(str(self.args["model"])) / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text()).get("max_position_embeddings")
+        return None
+
+    def _check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        check_pytorch_arguments(self.args, prompt_len)
+        deduce_max_tokens(self._max_seq_len(), prompt_len, params.max_tokens)
 
 
 class _TrtLLM(_BaseLLM):
     """`tensorrt_llm._tensorrt_engine.LLM`: the TensorRT-engine backend (TrtLlmArgs)."""
 
-    BACKEND = "tensorrt"
+    BACKEND = None  # TrtLlmArgs.backend defaults to None
     ARGS = TRT_LLM_ARGS
+    ARGS_CLASS = "TrtLlmArgs"
+    NESTED = TRT_NESTED_ARGS
     RECORD_NAME = "_TrtLLM"
 
     def _validate(self) -> None:
         super()._validate()
+        if self.args.get("build_config") is None:  # init_build_config: the limits passed to the LLM
+            limits = {name: self.args[name] for name in BUILD_LIMIT_ARGS if self.args.get(name)}
+            self.args["build_config"] = BuildConfig(_record=False, **limits)
+        self._apply_speculative_config()
+        self._engine_config = self._load_engine_config()
+        if self._engine_config is not None:
+            self._sync_limits_with_engine(self._engine_config["build_config"])
         kv_cache_config = self.args.get("kv_cache_config")
         if kv_cache_config is not None:
             assert kv_cache_config.dtype == "auto", (
                 "KvCacheConfig.dtype is not supported by the TensorRT backend."
             )
-        if self.args.get("guided_decoding_backend") == "llguidance":
-            raise ValueError("llguidance is supported in PyTorch backend only")
-        engine_config = Path(str(self.args["model"])) / "config.json"
-        self._engine_config: dict[str, Any] | None = None
-        if engine_config.is_file():
-            loaded = json.loads(engine_config.read_text())
-            if "build_config" in loaded:
-                self._engine_config = loaded
-        if self._engine_config is not None:
-            engine_tp = self._engine_config["pretrained_config"]["mapping"]["tp_size"]
-            tp = self.args["tensor_parallel_size"]
-            if tp not in (1, engine_tp):
-                raise ValueError(f"tp_size {tp} is not consistent with the engine's tp_size {engine_tp}")
-            return
-        self._apply_speculative_config()
+        backend = self.args.get("guided_decoding_backend")
+        if backend not in (None, "xgrammar"):
+            raise ValueError(f"Unsupported guided decoding backend {backend}")
+
+    def _load_engine_config(self) -> dict[str, Any] | None:
+        """get_model_format: a local folder needs a config.json; an engine's carries its BuildConfig."""
+        model_dir = Path(str(self.args["model"]))
+        if not model_dir.is_dir():
+            return None
+        config = model_dir / "config.json"
+        if not config.is_file():
+            raise ValueError(f"Failed to infer model format because no config.json exists in {model_dir}")
+        loaded = json.loads(config.read_text())
+        if "pretrained_config" not in loaded or "build_config" not in loaded:
+            return None
+        mapping = loaded["pretrained_config"]["mapping"]
+        tp = self.args["tensor_parallel_size"]
+        if tp not in (1, mapping["tp_size"]):
+            raise ValueError(f"tp_size {tp} is not consistent with the engine's tp_size {mapping['tp_size']}")
+        return loaded
+
+    def _sync_limits_with_engine(self, build: dict[str, Any]) -> None:
+        """validate_build_config_with_runtime_params: batch and token limits clamp to the engine's, the rest
+        are overridden by it (with a warning in the real package)."""
+        for name in ("max_batch_size", "max_num_tokens"):
+            if self.args.get(name) is not None and self.args[name] > build[name]:
+                self.args[name] = build[name]
+        for name in ("max_seq_len", "max_beam_width", "max_input_len"):
+            if self.args.get(name) is not None:
+                self.args[name] = build[name]
 
     def _apply_speculative_config(self) -> None:
         speculative = self.args.get("speculative_config")
-        build_config = self.args.get("build_config")
-        if speculative is None or build_config is None:
+        if speculative is None:
             return
         max_draft_len = speculative.calculate_speculative_resource()[2]
         assert max_draft_len > 0
-        build_config.speculative_decoding_mode = "LOOKAHEAD_DECODING"
-        build_config.max_draft_len = max(build_config.max_draft_len, max_draft_len)
+        build_config = self.args["build_config"]
+        object.__setattr__(build_config, "speculative_decoding_mode", "LOOKAHEAD_DECODING")
+        object.__setattr__(build_config, "max_draft_len", max(build_config.max_draft_len, max_draft_len))
+
+    def _check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        if self._engine_config is None:
+            raise RuntimeError("The engine is not built yet.")  # the fake serves saved engines only
+        build = self._engine_config["build_config"]
+        check_tensorrt_arguments(self.args, build, prompt_len, params)
+        if prompt_len > build["max_seq_len"]:  # the worker's assertion, wrapped like every enqueue error
+            raise RequestError(
+                f"`prompt_token_ids` length ({prompt_len}) is greater than `max_seq_len` ({build['max_seq_len']})"
+            )
+        deduce_max_tokens(build["max_seq_len"], prompt_len, params.max_tokens)
 
     def save(self, engine_dir: str) -> None:
         _fake.record("_TrtLLM.save", {"engine_dir": engine_dir})
@@ -227,7 +331,6 @@ class _TrtLLM(_BaseLLM):
         target = Path(engine_dir)
         target.mkdir(parents=True, exist_ok=True)
         tp = self.args["tensor_parallel_size"]
-        build_config = self.args.get("build_config")
         quant_config = self.args.get("quant_config")
         config = {
             "version": "fake",
@@ -238,8 +341,12 @@ class _TrtLLM(_BaseLLM):
                     "kv_cache_quant_algo": getattr(quant_config, "kv_cache_quant_algo", None),
                 },
             },
-            "build_config": build_config.to_dict() if build_config is not None else {},
+            "build_config": build_time_limits(self.args["build_config"], self._max_position_embeddings()),
         }
         (target / "config.json").write_text(json.dumps(config, default=str))
         for rank in range(tp):
             (target / f"rank{rank}.engine").write_bytes(b"fake engine")
+
+    def _max_position_embeddings(self) -> int | None:
+        config = Path(str(self.args["model"])) / "config.json"
+        return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
