@@ -1,8 +1,9 @@
 """FAKE `tensorrt_llm` for CPU tests. It is not TensorRT-LLM and runs no model.
 
 It mirrors the names, import paths and keyword signatures of TensorRT-LLM 1.2's LLM API as documented in
-shared/reference/tensorrt-llm-api.md (and checked against the TensorRT-LLM sources), refuses unknown
-arguments the way the real pydantic/dataclass objects do, and records every call in `tensorrt_llm._fake`.
+shared/reference/tensorrt-llm-api.md, refuses what the real package refuses for the calls this project makes
+(each rule and the TensorRT-LLM source it was read from are listed in README.md here), and records every call
+in `tensorrt_llm._fake`.
 """
 
 from tensorrt_llm import llmapi

@@ -34,11 +34,20 @@ class FakeConfig:
         for name, value in kwargs.items():
             nested = self.NESTED.get(name)
             if nested is not None and isinstance(value, dict):
-                value = nested(_record=False, **value)
+                value = nested.nested_in(type(self).__name__, name, value)
             object.__setattr__(self, name, value)
         self.validate()
         if _record:
             record(type(self).__name__, kwargs, self)
+
+    @classmethod
+    def nested_in(cls, owner: str, field: str, values: dict[str, Any]) -> "FakeConfig":
+        """A dict given for a config-typed field: pydantic validates it in place and reports the error
+        against the owner, with a dotted field path."""
+        try:
+            return cls(_record=False, **values)
+        except FakeValidationError as error:
+            raise FakeValidationError(owner, f"{field}.{error.field}", str(error).rsplit("\n", 1)[-1].strip()) from None
 
     def validate(self) -> None:
         """Per-class checks mirroring the real validators."""

@@ -138,7 +138,7 @@ class _BaseLLM:
         self.args.update(bound.arguments["kwargs"])
         for name, kind in self.NESTED.items():
             if isinstance(self.args.get(name), dict):
-                self.args[name] = kind(_record=False, **self.args[name])
+                self.args[name] = kind.nested_in(self.ARGS_CLASS, name, self.args[name])
         for name, default in LIMIT_DEFAULTS.items():  # None means "the default" for these four
             if self.args.get(name) is None:
                 self.args[name] = default

@@ -1,0 +1,94 @@
+"""The fake `tensorrt_llm` refuses what TensorRT-LLM 1.2 refuses, in its words (sources in
+tests/fakes/tensorrt_llm/README.md). If one of these starts passing the wrong way, the fake went lax and the
+other trtllm tests prove less."""
+
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.fakes.trtllm_helpers import write_engine_config
+
+
+def test_config_models_forbid_unknown_fields_and_accept_the_real_ones(fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm.llmapi import KvCacheConfig, SchedulerConfig
+
+    KvCacheConfig(max_util_for_resume=0.9, attention_dp_events_gather_period_ms=10)
+    SchedulerConfig(waiting_queue_policy="fcfs", dynamic_batch_config={"enable_batch_size_tuning": False})
+    with pytest.raises(ValueError, match=r"KvCacheConfig\nfree_gpu_memory_ratio\n  Extra inputs"):
+        KvCacheConfig(free_gpu_memory_ratio=0.5)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        KvCacheConfig(free_gpu_memory_fraction=1.5)
+
+
+def test_plugin_config_takes_real_plugin_names_only(fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm.llmapi import BuildConfig
+
+    build_config = BuildConfig(max_input_len=8192, max_seq_len=4096)  # the build clips it; no error here
+    build_config.plugin_config.fuse_fp4_quant = True
+    with pytest.raises(ValueError, match='no field "use_fp8_fmha"'):
+        build_config.plugin_config.use_fp8_fmha = True
+
+
+def test_pytorch_llm_refuses_tensorrt_only_arguments(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm import LLM
+
+    with pytest.raises(ValueError, match=r"specific to TensorRT backend .*\['build_config'\]"):
+        LLM(model=str(tmp_path), build_config=None)
+    with pytest.raises(ValueError, match=r"TorchLlmArgs\ncuda_graph_config.padding\n  Extra inputs"):
+        LLM(model=str(tmp_path), cuda_graph_config={"max_batch_size": 8, "padding": True})
+    LLM(model=str(tmp_path), cuda_graph_config={"enable_padding": True}, moe_config={"backend": "CUTLASS"})
+
+
+def test_sampling_params_ranges_and_the_greedy_rule(fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm.llmapi import SamplingParams
+
+    with pytest.raises(ValueError, match="require 0 <= top_p <= 1"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="require temperature >= 0"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="Greedy decoding in the LLM API does not allow multiple returns"):
+        SamplingParams(n=2, temperature=0.0)  # temperature 0 alone is greedy in 1.2
+    assert SamplingParams(n=2, temperature=0.7).best_of == 2
+
+
+def test_tensorrt_engine_checks_at_submission(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm._tensorrt_engine import LLM
+    from tensorrt_llm.llmapi import SamplingParams
+
+    engine = write_engine_config(tmp_path / "engine", max_seq_len=64, max_batch_size=4)
+    llm = LLM(model=str(engine), max_batch_size=16)  # clamped to the engine's 4
+    with pytest.raises(ValueError, match=r"logprobs=1` requires `gather_generation_logits=True"):
+        llm.generate_async([1, 2], SamplingParams(max_tokens=4, logprobs=1))
+    with pytest.raises(ValueError, match=r"sampling_params.n \(8\) cannot exceed max_batch_size \(4\)"):
+        llm.generate_async([1, 2], SamplingParams(max_tokens=4, n=8, temperature=1.0))
+    with pytest.raises(ValueError, match=r"should not exceed max_seq_len \(64\)"):
+        llm.generate_async(list(range(60)), SamplingParams(max_tokens=8))
+    chunked = LLM(model=str(engine), enable_chunked_prefill=True)
+    chunked.generate_async(list(range(60)), SamplingParams(max_tokens=8))  # max_tokens is capped, not refused
+
+
+def test_tensorrt_llm_needs_a_config_json_and_a_matching_tp(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm._tensorrt_engine import LLM
+
+    with pytest.raises(ValueError, match="no config.json exists in"):
+        LLM(model=str(tmp_path))
+    engine = write_engine_config(tmp_path / "engine", tp=2)
+    with pytest.raises(ValueError, match="tp_size 4 is not consistent with the engine's tp_size 2"):
+        LLM(model=str(engine), tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="Unsupported guided decoding backend llguidance"):
+        LLM(model=str(engine), guided_decoding_backend="llguidance")
+
+
+def test_pytorch_prompt_over_max_num_tokens_is_a_request_error(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm import LLM
+    from tensorrt_llm.executor import RequestError
+    from tensorrt_llm.llmapi import SamplingParams
+
+    llm = LLM(model=str(tmp_path), max_num_tokens=16, max_seq_len=64)
+    with pytest.raises(RequestError, match=r"should not exceed max_num_tokens \(16\)"):
+        llm.generate_async(list(range(20)), SamplingParams(max_tokens=4))
+    with pytest.raises(RequestError, match="must be greater than 0"):
+        LLM(model=str(tmp_path), max_seq_len=8, enable_chunked_prefill=True).generate_async(
+            list(range(8)), SamplingParams(max_tokens=4)
+        )
