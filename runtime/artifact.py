@@ -63,6 +63,23 @@ class LookaheadSettings:
 
 
 @dataclass
+class LoraAdapter:
+    """One PEFT LoRA adapter stored in the engine directory (`adapters/<name>/`), checked against the base model
+    by the build. `name` is the OpenAI `model` value that selects it."""
+
+    name: str
+    path: str  # relative to the engine directory: adapter_config.json + adapter_model.safetensors
+    rank: int
+    alpha: float
+    target_modules: list[str]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    source: SourceInfo  # where it came from, with the sha256 of every stored file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraAdapter":
+        return cls(**{**data, "source": SourceInfo(**data["source"])})
+
+
+@dataclass
 class RuntimeSpec:
     """Everything serving reads besides the model files, resolved by the build."""
 
@@ -73,11 +90,14 @@ class RuntimeSpec:
     default_route: str | None = None  # encoders: the route /predict maps to
     options: dict[str, Any] = field(default_factory=dict)  # the engine_builder: section the build resolved
     trtllm: dict[str, Any] | None = None  # the TensorRT-LLM LLM(...) to serve (paths relative to the engine)
+    lora_adapters: list[LoraAdapter] = field(default_factory=list)
+    max_lora_rank: int = 0  # the adapter pool's rank (lora_configuration.max_lora_rank); 0 without adapters
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":
         values = dict(data)
         values["scheduling"] = SchedulingSpec(**values.get("scheduling", {}))
+        values["lora_adapters"] = [LoraAdapter.from_dict(item) for item in values.get("lora_adapters", [])]
         if values.get("lookahead") is not None:
             values["lookahead"] = LookaheadSettings(**values["lookahead"])
         return cls(**values)
