@@ -67,6 +67,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     arrival_time: float = 0.0
+    adapter: str | None = None  # a LoRA adapter the engine serves (EngineConfig.lora_adapters); None = the base
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class BlockManager:
             return []  # prompt logprobs need every prompt row computed
         tokens = seq.all_token_ids()
         matched: list[int] = []
-        parent_hash: int | None = None
+        parent_hash: int | None = seq.prefix_salt
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start : start + self.block_size])
             block_hash = hash((parent_hash, chunk))
@@ -84,7 +84,7 @@ class BlockManager:
         seq.block_table = list(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
         seq.num_hashed_blocks = len(matched)
-        seq.last_block_hash = self._blocks[matched[-1]].hash if matched else None
+        seq.last_block_hash = self._blocks[matched[-1]].hash if matched else seq.prefix_salt
         self.num_prefix_queries += seq.num_tokens
         self.num_prefix_hits += seq.num_computed_tokens
 
@@ -125,7 +125,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
-        seq.last_block_hash = None
+        seq.last_block_hash = seq.prefix_salt
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Share the parent's blocks with a new choice; a partly filled last block is copied (returned as src, dst)."""

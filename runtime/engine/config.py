@@ -26,6 +26,16 @@ class LookaheadConfig:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter the engine serves by name: a PEFT folder (adapter_model.safetensors) and its scaling."""
+
+    name: str
+    path: Path
+    rank: int
+    alpha: float  # scaling = alpha / rank
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_dir: Path
     dtype: str = "bfloat16"
@@ -49,6 +59,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (Triton kernels on CUDA only)
     cuda_graph_max_tokens: int = 512  # other steps up to this many rows: piecewise graphs (0 = off)
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarking)
+    lora_adapters: tuple[AdapterSpec, ...] = ()  # served by name (GenerationRequest.adapter), runtime/engine/lora.py
+    max_lora_rank: int = 0  # the adapter pool's rank
     seed: int = 0
 
     @property

@@ -1,7 +1,7 @@
 """EngineConfig from an engine directory's runtime section and the serving options."""
 
 from runtime.artifact import EngineDir
-from runtime.engine.config import EngineConfig, LookaheadConfig, SchedulerPolicy
+from runtime.engine.config import AdapterSpec, EngineConfig, LookaheadConfig, SchedulerPolicy
 from runtime.options import EngineOptions
 
 
@@ -46,4 +46,9 @@ def engine_config_from(engine: EngineDir, options: EngineOptions) -> EngineConfi
         cuda_graph_max_tokens=options.cuda_graph_max_tokens,
         fused_decode=options.cpu_fused_decode,
         load_format="dummy" if "dummy" in (manifest.extra.get("load_format"), options.load_format) else "auto",
+        lora_adapters=tuple(
+            AdapterSpec(adapter.name, engine.path / adapter.path, adapter.rank, adapter.alpha)
+            for adapter in spec.lora_adapters
+        ),
+        max_lora_rank=spec.max_lora_rank,
     )

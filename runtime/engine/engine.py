@@ -54,6 +54,8 @@ class LLMEngine:
             LookaheadRunner(config.lookahead, self.blocks, self.runner.kv_cache) if config.lookahead is not None else None
         )
         self.groups: dict[str, SequenceGroup] = {}
+        # pool slot of each LoRA adapter, in the config's order (slot 0 is the base model)
+        self.lora_slots = {adapter.name: slot for slot, adapter in enumerate(config.lora_adapters, start=1)}
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -81,6 +83,9 @@ class LLMEngine:
             )
         if max(prompt) >= self.vocab_size or min(prompt) < 0:
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.adapter is not None and request.adapter not in self.lora_slots:
+            raise RequestRejectedError(f"this engine serves no LoRA adapter named {request.adapter!r}")
+        lora_slot = self.lora_slots.get(request.adapter, 0) if request.adapter is not None else 0
         self.check_capacity(request)
         arrival = request.arrival_time or time.monotonic()
         sequences = [
@@ -92,6 +97,7 @@ class LLMEngine:
                 sampling=params,
                 arrival_time=arrival,
                 generator=self._generator(params.seed, index),
+                lora_slot=lora_slot,
             )
             for index in range(params.n)
         ]

@@ -19,6 +19,7 @@ from runtime.engine.layers import KernelSet
 from runtime.engine.layers.attention import AttentionMetadata
 from runtime.engine.layers.attention.cpu import build_cpu_metadata, native_decode_available
 from runtime.engine.layers.attention.triton import TritonAttentionMetadata, TritonStepBuffers
+from runtime.engine.lora import LoraContext, install_adapters
 from runtime.engine.models.loader import load_decoder
 from runtime.engine.quantized import Fp8Linear
 from runtime.engine.scheduler import ScheduledSequence
@@ -39,6 +40,16 @@ class StepInputs:
     num_rows: int = 0
     graph_bucket: int | None = None  # replay the CUDA graph of this batch size
     piece_bucket: int | None = None  # replay the piecewise graphs of this token count
+
+
+def row_slots(row_of: dict[int, int], num_rows: int, scheduled: list[ScheduledSequence]) -> list[int]:
+    """The LoRA pool slot of every row of a step (a sequence's rows are contiguous from `row_of[index]`)."""
+    starts = sorted((first, index) for index, first in row_of.items())
+    slots = [0] * num_rows
+    for position, (first, index) in enumerate(starts):
+        end = starts[position + 1][0] if position + 1 < len(starts) else num_rows
+        slots[first:end] = [scheduled[index].seq.lora_slot] * (end - first)
+    return slots
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,9 +107,14 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Fp8Linear):
                     module.requantize_to_one_scale()
-        self.model.fused_decode = config.fused_decode
+        self.model.fused_decode = config.fused_decode and not config.lora_adapters
         if self.kernels == KernelSet.NATIVE:
             self._maybe_pack_linears()
+        self.lora: LoraContext | None = None
+        if config.lora_adapters:
+            self.lora = install_adapters(
+                self.model, list(config.lora_adapters), config.max_lora_rank, self.dtype, self.device
+            )
         spec = self.model.spec
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -131,7 +147,10 @@ class ModelRunner:
         self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
         self.step_buffers = self._step_buffers() if self.kernels == KernelSet.TRITON else None
         self.graphs: CudaGraphRunner | None = None
-        if self.step_buffers is not None and config.cuda_graphs and self.device.type == "cuda":
+        if self.lora is not None and config.cuda_graphs and self.device.type == "cuda":
+            logger.warning("CUDA graphs off: the LoRA path gathers each row's adapter outside a graph's buffers")
+        use_graphs = config.cuda_graphs and self.lora is None
+        if self.step_buffers is not None and use_graphs and self.device.type == "cuda":
             self.graphs = CudaGraphRunner(
                 self.model, self.kv_cache, self.step_buffers, config.max_batch_size, self.max_model_len
             )
@@ -233,6 +252,8 @@ class ModelRunner:
             metadata = build_cpu_metadata(rows, scheduled, self.block_size, self.device)
             input_ids = torch.tensor(rows.input_ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(rows.positions, dtype=torch.long, device=self.device)
+        if self.lora is not None:
+            self.lora.set_rows(row_slots(rows.row_of, rows.num_rows, scheduled), self.device)
         wanted = [rows.row_of[i] + offset for i, offset in logit_requests]
         logit_rows = None if wanted == list(range(rows.num_rows)) else index_tensor(wanted, self.device)
         return StepInputs(

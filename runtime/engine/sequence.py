@@ -38,6 +38,16 @@ class Sequence:
     lookahead_state: Any = None  # per-request lookahead pool and window
     error: str | None = None
     prompt_logprobs: list[Any] | None = None  # TokenLogprob per prompt position (None for the first)
+    lora_slot: int = 0  # the adapter pool slot of the request's LoRA adapter; 0 = the base model
+
+    def __post_init__(self) -> None:
+        self.last_block_hash = self.prefix_salt
+
+    @property
+    def prefix_salt(self) -> int | None:
+        """Where the sequence's prefix-block hash chain starts: blocks computed under different adapters hold
+        different K/V, so each adapter has its own chain (the base model's starts from None)."""
+        return None if self.lora_slot == 0 else hash(("lora", self.lora_slot))
 
     @property
     def num_prompt_tokens(self) -> int:

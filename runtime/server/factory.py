@@ -34,6 +34,8 @@ def build_server(
         max_inflight=manifest.max_batch_size + options.max_queue_size,
         max_batch_size=manifest.max_batch_size,
         request_default_max_tokens=spec.request_default_max_tokens,
+        # the torch engine serves the adapters; the TensorRT-LLM client selects none (docs/gpu-backend.md)
+        lora_adapters=tuple(adapter.name for adapter in spec.lora_adapters) if manifest.backend == "torch" else (),
     )
     if manifest.base_model != "decoder":
         from runtime.server.encoder_app import build_encoder_server

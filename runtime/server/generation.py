@@ -53,10 +53,19 @@ class Run:
     """Drives `engine.generate` for one HTTP request and records its metrics."""
 
     def __init__(
-        self, state: ServerState, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        state: ServerState,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
     ) -> None:
+        """`model` is the request's OpenAI `model` field: a LoRA adapter's name selects that adapter."""
         self.state = state
-        self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic())
+        adapter = state.settings.adapter_for(model)
+        self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic(), adapter)
+        # what the response's `model` says served the request: the adapter, or the base model's served name
+        self.model_name = adapter or state.settings.served_model_name
         self.start = time.monotonic()
         self.first_token_at: float | None = None
         self.num_output_tokens = 0

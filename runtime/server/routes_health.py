@@ -55,12 +55,18 @@ def _model_card(state: ServerState) -> dict:
     }
 
 
+def _adapter_card(state: ServerState, name: str) -> dict:
+    """A LoRA adapter, as vLLM lists them: its own id, `parent` the base model it runs on."""
+    return {**_model_card(state), "id": name, "root": name, "parent": state.settings.served_model_name}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     state = _state(request)
     if not state.ready:
         raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
-    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+    adapters = [_adapter_card(state, name) for name in state.settings.lora_adapters]
+    return JSONResponse({"object": "list", "data": [_model_card(state), *adapters]})
 
 
 @router.get("/v1/models/{name}")
@@ -69,4 +75,6 @@ async def model_readiness(name: str, request: Request) -> Response:
     state = _state(request)
     if not state.ready or state.draining:
         raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
+    if name in state.settings.lora_adapters:
+        return JSONResponse(_adapter_card(state, name))
     return JSONResponse(_model_card(state))

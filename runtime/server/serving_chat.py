@@ -106,7 +106,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         from runtime.server.chat_template import message_text
 
         echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
-    run = Run(state, new_id("chatcmpl"), prompt_ids, params)
+    run = Run(state, new_id("chatcmpl"), prompt_ids, params, model=body.model)
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
 
 
@@ -145,7 +145,7 @@ async def complete_chat(
     return ChatCompletionResponse(
         id=request_id,
         created=created,
-        model=state.settings.served_model_name,
+        model=plan.run.model_name,
         choices=result,
         usage=_usage(last, len(plan.prompt_token_ids)),
     )
@@ -160,7 +160,7 @@ def _usage(last: dict[int, GenerationDelta], prompt_tokens: int) -> Usage:
 async def stream_chat(
     state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
-    model = state.settings.served_model_name
+    model = plan.run.model_name
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)

@@ -102,7 +102,7 @@ async def run_completion(
         )
         if body.echo and body.logprobs is not None:  # echoed prompt tokens carry their logprobs too
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-        runs.append((text, Run(state, new_id("cmpl"), ids, params)))
+        runs.append((text, Run(state, new_id("cmpl"), ids, params, model=body.model)))
     admitted: list[Run] = []
     try:
         for _, run in runs:
@@ -193,7 +193,7 @@ async def _complete(
     return CompletionResponse(
         id=request_id,
         created=created,
-        model=state.settings.served_model_name,
+        model=runs[0][1].model_name,
         choices=choices,
         usage=Usage.of(prompt_tokens, completion, cached),
     )
@@ -202,7 +202,7 @@ async def _complete(
 async def _stream(
     state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
 ) -> AsyncIterator[bytes]:
-    model = state.settings.served_model_name
+    model = runs[0][1].model_name
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)

@@ -23,6 +23,12 @@ class ServerSettings:
     keepalive_interval_s: float = 10.0
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
+    lora_adapters: tuple[str, ...] = ()  # adapter names a request's `model` selects (any other name: the base)
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names, or None for the base model (whatever else it says, as
+        Baseten's examples send `model="not-required"`)."""
+        return model if model is not None and model in self.lora_adapters else None
 
 
 @dataclass
