@@ -86,3 +86,9 @@ class EngineOptions(pydantic.BaseModel):
         ge=0,
         description="Lookahead decoding turns itself off while more requests than this are running",
     )
+    auto_truncate: bool | None = pydantic.Field(
+        default=None,
+        description="Encoders: cut inputs longer than the model's limit when the request does not ask (true) or "
+        "refuse them (false); unset = /v1/embeddings and the rerank routes refuse (400, as OpenAI does) and TEI's "
+        "/embed and /predict follow BEI (encoder_bert truncates, encoder refuses)",
+    )

@@ -34,7 +34,8 @@ from runtime.encoders.results import (
     sigmoid,
     softmax,
 )
-from runtime.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput, TruncationDirection
+from runtime.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput
+from runtime.encoders.truncation import REFUSE_OVER_LENGTH, Truncation
 
 
 class EncoderEngine:
@@ -75,7 +76,7 @@ class EncoderEngine:
     ) -> "EncoderEngine":
         """Load a checkpoint directory (blocking).
 
-        auto_truncate None = the BEI default for the kind (BEI-Bert runs with --auto-truncate, BEI without);
+        auto_truncate None = each route family's own convention (`truncation.TruncationDefaults`);
         matryoshka None = accept `dimensions` only if the model card mentions Matryoshka training.
         """
         model, tokenizer, info = load_encoder(
@@ -126,27 +127,20 @@ class EncoderEngine:
         self,
         inputs: Sequence[str | Sequence[int]],
         *,
-        truncate: bool | None = None,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
         dimensions: int | None = None,
         normalize: bool = True,
-        truncation_direction: TruncationDirection = TruncationDirection.RIGHT,
         field: str = "input",
-        truncate_field: str | None = "truncate",
     ) -> EmbedResult:
-        """Embed texts or token-id lists; `dimensions` truncates (Matryoshka) before normalizing."""
+        """Embed texts or token-id lists; `dimensions` truncates (Matryoshka) before normalizing.
+
+        `truncation` cuts over-length inputs; by default they are refused."""
         self._require_embedding_model("embeddings", "/predict")
         self._check_batch(len(inputs), field)
         self._check_dimensions(dimensions)
         with self._request_slot():
             started = time.perf_counter()
-            encoded = await asyncio.to_thread(
-                self.tokenizer.encode_inputs,
-                inputs,
-                self._resolve_truncate(truncate),
-                truncation_direction,
-                field,
-                truncate_field,
-            )
+            encoded = await asyncio.to_thread(self.tokenizer.encode_inputs, inputs, truncation, field)
             tokenized = time.perf_counter()
             result = await self._batcher.submit(encoded)
         vectors = torch.stack(result.outputs).numpy()
@@ -166,12 +160,12 @@ class EncoderEngine:
         query: str,
         texts: Sequence[str],
         *,
-        truncate: bool | None = None,
-        truncation_direction: TruncationDirection = TruncationDirection.RIGHT,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
         raw_scores: bool = False,
         field: str = "texts",
     ) -> RerankResult:
-        """Score each text against the query.
+        """Score each text against the query; `truncation` applies to each (query, text) pair, or to the query and
+        each text alone for a bi-encoder.
 
         Cross-encoder (one-label classifier): the classifier score, sigmoid unless `raw_scores`.
         Bi-encoder (embedding model): cosine of the query and text embeddings; `raw_scores` changes nothing,
@@ -186,32 +180,19 @@ class EncoderEngine:
                 f"{self.info.num_labels} labels: use /predict",
                 param=field,
             )
-        do_truncate = self._resolve_truncate(truncate)
         with self._request_slot():
             started = time.perf_counter()
             if self.info.is_cross_encoder:
                 pairs: list[TextInput] = [(query, text) for text in texts]
                 encoded = await asyncio.to_thread(
-                    self.tokenizer.encode,
-                    pairs,
-                    truncate=do_truncate,
-                    direction=truncation_direction,
-                    field=field,
+                    self.tokenizer.encode, pairs, truncation=truncation, field=field
                 )
             else:
                 query_encoded = await asyncio.to_thread(
-                    self.tokenizer.encode,
-                    [query],
-                    truncate=do_truncate,
-                    direction=truncation_direction,
-                    field="query",
+                    self.tokenizer.encode, [query], truncation=truncation, field="query"
                 )
                 texts_encoded = await asyncio.to_thread(
-                    self.tokenizer.encode,
-                    list(texts),
-                    truncate=do_truncate,
-                    direction=truncation_direction,
-                    field=field,
+                    self.tokenizer.encode, list(texts), truncation=truncation, field=field
                 )
                 encoded = query_encoded + texts_encoded
             tokenized = time.perf_counter()
@@ -235,8 +216,7 @@ class EncoderEngine:
         self,
         inputs: Sequence[TextInput],
         *,
-        truncate: bool | None = None,
-        truncation_direction: TruncationDirection = TruncationDirection.RIGHT,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
         raw_scores: bool = False,
         field: str = "inputs",
     ) -> ClassifyResult:
@@ -253,11 +233,7 @@ class EncoderEngine:
         with self._request_slot():
             started = time.perf_counter()
             encoded = await asyncio.to_thread(
-                self.tokenizer.encode,
-                list(inputs),
-                truncate=self._resolve_truncate(truncate),
-                direction=truncation_direction,
-                field=field,
+                self.tokenizer.encode, list(inputs), truncation=truncation, field=field
             )
             tokenized = time.perf_counter()
             result = await self._batcher.submit(encoded)
@@ -281,9 +257,6 @@ class EncoderEngine:
 
     def _compute(self, items: list[EncodedInput]) -> list[torch.Tensor]:
         return list(self.model.forward(items).unbind(0))
-
-    def _resolve_truncate(self, truncate: bool | None) -> bool:
-        return self.info.auto_truncate if truncate is None else truncate
 
     def _require_embedding_model(self, what: str, alternative: str) -> None:
         if self.info.task is not EncoderTask.EMBEDDING:

@@ -8,6 +8,7 @@ class EncoderError(Exception):
     """A request the encoder engine will not or cannot serve."""
 
     status_code: int = 400
+    openai_status_code: int | None = None  # where the OpenAI-style routes answer with another status than TEI's
     error_type: str = "validation"
     code: str = "invalid_value"  # the OpenAI envelope's `code`: a string on every server and route
 
@@ -36,10 +37,11 @@ class BatchSizeError(EncoderError):
 
 
 class InputTooLongError(EncoderError):
-    """An input longer than the model's limit while truncation is off (TEI: 413 `validation`)."""
+    """An input longer than the model's limit while truncation is off (TEI: 413 `validation`; OpenAI: 400)."""
 
     code = "context_length_exceeded"
     status_code = 413
+    openai_status_code = 400
 
 
 class UnsupportedTaskError(EncoderError):

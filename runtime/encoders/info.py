@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from runtime.encoders.batcher import BatchLimits
 from runtime.encoders.models import EncoderTask
+from runtime.encoders.truncation import TruncationDefaults
 
 BEI_MAX_CLIENT_BATCH_SIZE = 128  # TEI --max-client-batch-size on BEI and BEI-Bert
 BEI_MAX_CONCURRENT_REQUESTS = 2048  # TEI --max-concurrent-requests on BEI and BEI-Bert
@@ -39,7 +40,7 @@ class EncoderInfo:
     max_num_tokens: int
     max_batch_size: int
     max_client_batch_size: int
-    auto_truncate: bool
+    truncation_defaults: TruncationDefaults  # whether over-length input is cut when the request does not say
     device: str
     dtype: str
 

@@ -20,6 +20,7 @@ from runtime.encoders.info import (
 from runtime.encoders.models import CheckpointConfig, EncoderModel, EncoderTask, read_checkpoint_config
 from runtime.encoders.st_layout import SentenceTransformerLayout, mentions_matryoshka, read_layout
 from runtime.encoders.tokenizer import EncoderTokenizer
+from runtime.encoders.truncation import TruncationDefaults
 
 
 def _resolve_pooling(
@@ -96,7 +97,7 @@ def load_encoder(
         max_num_tokens=limits.max_num_tokens,
         max_batch_size=limits.max_batch_size,
         max_client_batch_size=max_client_batch_size,
-        auto_truncate=auto_truncate if auto_truncate is not None else kind == "encoder_bert",
+        truncation_defaults=TruncationDefaults.resolve(auto_truncate, kind),
         device=device,
         dtype=str(dtype).removeprefix("torch."),
     )

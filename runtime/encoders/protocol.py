@@ -7,10 +7,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from runtime.encoders.tokenizer import TextInput, TruncationDirection
+from runtime.encoders.tokenizer import TextInput
+from runtime.encoders.truncation import TRUNCATE_TO_LIMIT, TruncationDirection
 
 # TEI accepts both spellings; the performance client sends "Right".
 TruncationDirectionName = Literal["right", "left", "Right", "Left"]
+# vLLM's `truncate_prompt_tokens`: keep k tokens of each input (special tokens included), -1 for the model's maximum.
+TruncatePromptTokens = Annotated[int, Field(ge=TRUNCATE_TO_LIMIT)]
 TokenIds = list[StrictInt]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
@@ -30,11 +33,11 @@ class _Request(BaseModel):
 
 class _Truncating(_Request):
     truncate: bool | None = None  # None: the server's auto-truncate setting
-    truncation_direction: TruncationDirectionName = "right"
+    truncation_direction: TruncationDirectionName | None = None  # None: right
 
     @property
     def direction(self) -> TruncationDirection:
-        return TruncationDirection(self.truncation_direction.lower())
+        return TruncationDirection((self.truncation_direction or "right").lower())
 
 
 # OpenAI /v1/embeddings
@@ -46,9 +49,15 @@ class OpenAIEmbeddingsRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None  # ignored
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # None: refuse over-length input (or the config's)
+    truncation_side: Literal["right", "left"] | None = None  # vLLM's: right keeps the first tokens (the default)
 
     def inputs(self) -> list[str | list[int]]:
         return _flatten_embedding_input(self.input)
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection(self.truncation_side or "right")
 
 
 class OpenAIEmbedding(BaseModel):
@@ -113,6 +122,8 @@ class RerankRequest(_Truncating):
     raw_scores: bool = False
     return_text: bool = False
     return_documents: bool | None = None  # documents shape only; default true, as vLLM and Jina answer
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's, in either shape; or TEI's `truncate`
+    truncation_side: Literal["right", "left"] | None = None  # vLLM's name for `truncation_direction`
     model: str | None = None  # ignored
 
     @model_validator(mode="after")
@@ -123,7 +134,13 @@ class RerankRequest(_Truncating):
             raise ValueError("`return_documents` goes with `documents`; with `texts` use `return_text`")
         if self.documents is not None and self.return_text:
             raise ValueError("`return_text` goes with `texts`; with `documents` use `return_documents`")
+        if self.truncation_side is not None and self.truncation_direction is not None:
+            raise ValueError("give either `truncation_side` (vLLM's) or `truncation_direction` (TEI's), not both")
         return self
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection(self.truncation_side or (self.truncation_direction or "right").lower())
 
     @property
     def is_documents_shape(self) -> bool:

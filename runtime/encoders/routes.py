@@ -37,6 +37,7 @@ from runtime.encoders.protocol import (
     TEIErrorResponse,
 )
 from runtime.encoders.results import RequestTiming
+from runtime.encoders.truncation import Truncation, TruncationDirection, resolve_truncation
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def render_error(error: EncoderError, style: ErrorStyle) -> Response:
             code=error.code,
         )
         body = OpenAIErrorResponse(error=detail).model_dump_json()
+        status_code = error.openai_status_code or error.status_code
     else:
         body = TEIErrorResponse(error=error.message, error_type=error.error_type).model_dump_json()
-    return Response(body, status_code=error.status_code, media_type="application/json")
+        status_code = error.status_code
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
@@ -147,6 +150,26 @@ class _Handlers:
         self.engine = engine
         self.served_model_name = served_model_name
 
+    def _truncation(
+        self,
+        *,
+        embeddings_or_rerank: bool,
+        how_to_ask: str,
+        truncate_prompt_tokens: int | None = None,
+        truncate: bool | None = None,
+        direction: TruncationDirection = TruncationDirection.RIGHT,
+    ) -> Truncation:
+        info = self.engine.info
+        defaults = info.truncation_defaults
+        return resolve_truncation(
+            max_input_length=info.max_input_length,
+            default=defaults.embeddings_and_rerank if embeddings_or_rerank else defaults.embed_and_predict,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            truncate=truncate,
+            direction=direction,
+            how_to_ask=how_to_ask,
+        )
+
     def _headers(self, timing: RequestTiming, num_chars: int, num_tokens: int) -> dict[str, str]:
         return _metadata_headers(
             timing, num_chars=num_chars, num_tokens=num_tokens, device=self.engine.info.device
@@ -155,9 +178,14 @@ class _Handlers:
     async def openai_embeddings(self, body: OpenAIEmbeddingsRequest) -> Response:
         if body.model and body.model != self.served_model_name:
             logger.debug("embeddings request names model %r; serving %r", body.model, self.served_model_name)
-        # OpenAI's route has no `truncate`: the server's auto-truncate applies, always from the right.
+        truncation = self._truncation(
+            embeddings_or_rerank=True,
+            how_to_ask="set `truncate_prompt_tokens` (-1: the model's maximum)",
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
+            direction=body.direction,
+        )
         result = await self.engine.embed(
-            body.inputs(), truncate=None, dimensions=body.dimensions, field="input", truncate_field=None
+            body.inputs(), truncation=truncation, dimensions=body.dimensions, field="input"
         )
         data = [
             OpenAIEmbedding.model_construct(embedding=_encode_vector(row, body.encoding_format), index=index)
@@ -175,12 +203,17 @@ class _Handlers:
                 "`prompt_name` is not supported: this server applies no prompts; prepend the prompt to each input",
                 param="prompt_name",
             )
+        truncation = self._truncation(
+            embeddings_or_rerank=False,
+            how_to_ask="set `truncate: true`",
+            truncate=body.truncate,
+            direction=body.direction,
+        )
         result = await self.engine.embed(
             body.input_list(),
-            truncate=body.truncate,
+            truncation=truncation,
             dimensions=body.dimensions,
             normalize=body.normalize,
-            truncation_direction=body.direction,
             field="inputs",
         )
         return _json(
@@ -191,13 +224,17 @@ class _Handlers:
     async def rerank(self, body: RerankRequest) -> Response:
         candidates = body.candidates()
         field = "documents" if body.is_documents_shape else "texts"
-        result = await self.engine.rerank(
-            body.query,
-            candidates,
+        truncation = self._truncation(
+            embeddings_or_rerank=True,
+            how_to_ask="set `truncate_prompt_tokens` (-1: the model's maximum)"
+            if body.is_documents_shape
+            else "set `truncate: true` or `truncate_prompt_tokens` (-1: the model's maximum)",
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
             truncate=body.truncate,
-            truncation_direction=body.direction,
-            raw_scores=body.raw_scores,
-            field=field,
+            direction=body.direction,
+        )
+        result = await self.engine.rerank(
+            body.query, candidates, truncation=truncation, raw_scores=body.raw_scores, field=field
         )
         # Best first; `index` points into the request's list.
         order = np.argsort(-result.scores, kind="stable")[: body.top_n]
@@ -234,9 +271,10 @@ class _Handlers:
             sequences = body.sequences()
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="inputs") from exc
-        result = await self.engine.classify(
-            sequences, truncate=body.truncate, truncation_direction=body.direction, raw_scores=body.raw_scores
+        truncation = self._truncation(
+            embeddings_or_rerank=False, how_to_ask="set `truncate: true`", truncate=body.truncate, direction=body.direction
         )
+        result = await self.engine.classify(sequences, truncation=truncation, raw_scores=body.raw_scores)
         predictions = [_predictions(row, result.labels) for row in result.scores]
         payload: Any = predictions if body.is_batch else predictions[0]
         return _json(payload, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))

@@ -1,10 +1,11 @@
 """Text (or token ids) -> `EncodedInput`s: the fast tokenizer, truncation by direction, length checks.
 
 The tokenizer.json of a checkpoint may carry its own padding/truncation settings; both are cleared so
-that batching (padding) and the request's `truncate` flag (truncation) are ours alone.
+that batching (padding) and the request's truncation (`truncation.py`) are ours alone.
 """
 
-import enum
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 from tokenizers import Encoding, Tokenizer
 
 from runtime.encoders.errors import EmptyInputError, InputTooLongError, InvalidRequestError, ModelLoadError
+from runtime.encoders.truncation import Truncation, TruncationDirection
 
+__all__ = ["EncodedInput", "EncoderTokenizer", "TextInput", "Truncation", "TruncationDirection"]
 
-class TruncationDirection(str, enum.Enum):
-    RIGHT = "right"
-    LEFT = "left"
+# Truncating copies kept for lengths below the model's limit (`truncate_prompt_tokens: k`): building one takes tens
+# of milliseconds, and each holds a whole vocabulary.
+MAX_CACHED_TRUNCATING_TOKENIZERS = 4
 
 
 @dataclass(slots=True)
@@ -41,9 +44,11 @@ class EncoderTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer
-        self._truncating = {
+        self._at_limit = {
             direction: self._with_truncation(direction, max_input_length) for direction in TruncationDirection
         }
+        self._below_limit: OrderedDict[tuple[TruncationDirection, int], Tokenizer] = OrderedDict()
+        self._below_limit_lock = threading.Lock()
         self.max_input_length = max_input_length
         self.vocab_size = vocab_size
 
@@ -59,24 +64,47 @@ class EncoderTokenizer:
         copy.enable_truncation(max_length, strategy="longest_first", direction=direction.value)
         return copy
 
+    def _truncating(self, truncation: Truncation) -> Tokenizer:
+        """The plain tokenizer when nothing is cut, else one truncating to `truncation.max_tokens`."""
+        if truncation.max_tokens is None:
+            return self._plain
+        if truncation.max_tokens >= self.max_input_length:
+            return self._at_limit[truncation.direction]
+        key = (truncation.direction, truncation.max_tokens)
+        with self._below_limit_lock:
+            cached = self._below_limit.get(key)
+            if cached is not None:
+                self._below_limit.move_to_end(key)
+                return cached
+        built = self._with_truncation(truncation.direction, truncation.max_tokens)
+        with self._below_limit_lock:
+            self._below_limit[key] = built
+            while len(self._below_limit) > MAX_CACHED_TRUNCATING_TOKENIZERS:
+                self._below_limit.popitem(last=False)
+        return built
+
     def encode(
         self,
         inputs: Sequence[TextInput],
         *,
-        truncate: bool,
-        direction: TruncationDirection,
+        truncation: Truncation,
         field: str,
-        truncate_field: str | None = "truncate",
     ) -> list[EncodedInput]:
         """Tokenize texts or pairs; over-long inputs are truncated, or refused naming `field[i]`."""
         if not inputs:
             return []
-        tokenizer = self._truncating[direction] if truncate else self._plain
+        tokenizer = self._truncating(truncation)
         encodings: list[Encoding] = tokenizer.encode_batch(list(inputs), add_special_tokens=True)
         results = []
         for index, (text, encoding) in enumerate(zip(inputs, encodings, strict=True)):
             label = f"{field}[{index}]" if len(inputs) > 1 else field
-            self._check_length(len(encoding.ids), label, field, truncate_field)
+            if truncation.max_tokens is not None and len(encoding.ids) > truncation.max_tokens:
+                raise InvalidRequestError(
+                    f"`truncate_prompt_tokens` {truncation.max_tokens} is too few for {label}: this model's own "
+                    "special tokens do not fit in it; ask for more tokens",
+                    param="truncate_prompt_tokens",
+                )
+            self._check_length(len(encoding.ids), label, field, truncation)
             num_chars = len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
             results.append(EncodedInput(list(encoding.ids), list(encoding.type_ids), num_chars))
         return results
@@ -85,10 +113,8 @@ class EncoderTokenizer:
         self,
         inputs: Sequence[Sequence[int]],
         *,
-        truncate: bool,
-        direction: TruncationDirection,
+        truncation: Truncation,
         field: str,
-        truncate_field: str | None = "truncate",
     ) -> list[EncodedInput]:
         """Pre-tokenized inputs are taken as they are (no special tokens added), checked and truncated."""
         results = []
@@ -101,23 +127,18 @@ class EncoderTokenizer:
                     param=field,
                 )
             ids = list(ids)
-            if truncate and len(ids) > self.max_input_length:
-                ids = (
-                    ids[: self.max_input_length]
-                    if direction is TruncationDirection.RIGHT
-                    else ids[-self.max_input_length :]
-                )
-            self._check_length(len(ids), label, field, truncate_field)
+            limit = truncation.max_tokens
+            if limit is not None and len(ids) > limit:
+                ids = ids[:limit] if truncation.direction is TruncationDirection.RIGHT else ids[-limit:]
+            self._check_length(len(ids), label, field, truncation)
             results.append(EncodedInput(ids, None, 0))
         return results
 
     def encode_inputs(
         self,
         inputs: Sequence[str | Sequence[int]],
-        truncate: bool,
-        direction: TruncationDirection,
+        truncation: Truncation,
         field: str,
-        truncate_field: str | None = "truncate",
     ) -> list[EncodedInput]:
         """Texts and token-id lists mixed in one request, encoded in their original order."""
         text_positions = [index for index, item in enumerate(inputs) if isinstance(item, str)]
@@ -126,34 +147,25 @@ class EncoderTokenizer:
         texts = [str(inputs[index]) for index in text_positions]
         for index, item in zip(
             text_positions,
-            self.encode(
-                texts, truncate=truncate, direction=direction, field=field, truncate_field=truncate_field
-            ),
+            self.encode(texts, truncation=truncation, field=field),
             strict=True,
         ):
             encoded[index] = item
         id_lists = [[int(token_id) for token_id in inputs[index]] for index in id_positions]
         for index, item in zip(
             id_positions,
-            self.from_token_ids(
-                id_lists, truncate=truncate, direction=direction, field=field, truncate_field=truncate_field
-            ),
+            self.from_token_ids(id_lists, truncation=truncation, field=field),
             strict=True,
         ):
             encoded[index] = item
         return [encoded[index] for index in range(len(inputs))]
 
-    def _check_length(self, num_tokens: int, label: str, field: str, truncate_field: str | None) -> None:
+    def _check_length(self, num_tokens: int, label: str, field: str, truncation: Truncation) -> None:
         if num_tokens == 0:
             raise EmptyInputError(f"{label} has no tokens: send non-empty input", param=field)
         if num_tokens > self.max_input_length:
-            fix = (
-                f"set `{truncate_field}: true`"
-                if truncate_field
-                else "the server truncates only with auto-truncate on"
-            )
             raise InputTooLongError(
                 f"Input validation error: {label} has {num_tokens} tokens, more than this model's maximum of "
-                f"{self.max_input_length}; send shorter input or {fix}",
+                f"{self.max_input_length}; send shorter input or {truncation.how_to_ask}",
                 param=field,
             )

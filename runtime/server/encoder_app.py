@@ -70,6 +70,7 @@ def build_encoder_server(
         max_batch_size=manifest.max_batch_size,
         device=str(resolve_device(options.device)),
         dtype=dtype,
+        auto_truncate=options.auto_truncate,
     )
     default_route = manifest.runtime.default_route
     if default_route in ("/v1/systemone", "/predict_tokens"):

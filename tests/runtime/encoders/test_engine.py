@@ -2,6 +2,7 @@
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,13 @@ from runtime.encoders.errors import (
     UnsupportedTaskError,
 )
 from runtime.encoders.info import effective_batch_limits
-from runtime.encoders.tokenizer import TruncationDirection
+from runtime.encoders.truncation import (
+    REFUSE_OVER_LENGTH,
+    Truncation,
+    TruncationDefaults,
+    TruncationDirection,
+    resolve_truncation,
+)
 from tests.runtime.encoders.helpers import run_with
 
 LONG_TEXT = " ".join(f"word{index}" for index in range(400))
@@ -24,7 +31,7 @@ LONG_TEXT = " ".join(f"word{index}" for index in range(400))
 
 @pytest.fixture(scope="module")
 def engine(minilm_dir: Path) -> EncoderEngine:
-    """MiniLM as BEI-Bert, but without auto-truncate and with `dimensions` allowed."""
+    """MiniLM as BEI-Bert, but refusing over-length input on every route and with `dimensions` allowed."""
     return EncoderEngine.from_model_dir(
         minilm_dir,
         kind="encoder_bert",
@@ -47,7 +54,8 @@ def test_default_engine_refuses_dimensions_without_a_matryoshka_hint(minilm_dir:
     default = EncoderEngine.from_model_dir(
         minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=8
     )
-    assert not default.info.supports_matryoshka and default.info.auto_truncate
+    assert not default.info.supports_matryoshka
+    assert default.info.truncation_defaults == TruncationDefaults(embeddings_and_rerank=False, embed_and_predict=True)
     with pytest.raises(InvalidRequestError, match="Matryoshka") as caught:
         run_with(default, lambda: default.embed(["hello"], dimensions=64))
     assert caught.value.param == "dimensions"
@@ -90,8 +98,8 @@ def test_too_long_input_is_refused_or_truncated(engine: EncoderEngine) -> None:
         run_with(engine, lambda: engine.embed(["short", LONG_TEXT]))
 
     async def scenario() -> tuple[int, np.ndarray, np.ndarray]:
-        right = await engine.embed([LONG_TEXT], truncate=True)
-        left = await engine.embed([LONG_TEXT], truncate=True, truncation_direction=TruncationDirection.LEFT)
+        right = await engine.embed([LONG_TEXT], truncation=Truncation(256))
+        left = await engine.embed([LONG_TEXT], truncation=Truncation(256, TruncationDirection.LEFT))
         return right.num_prompt_tokens, right.embeddings, left.embeddings
 
     num_tokens, right, left = run_with(engine, scenario)
@@ -99,10 +107,65 @@ def test_too_long_input_is_refused_or_truncated(engine: EncoderEngine) -> None:
     assert float(right[0] @ left[0]) < 0.99  # different halves of the text
 
 
-def test_token_id_inputs_equal_their_text(engine: EncoderEngine) -> None:
-    ids = engine.tokenizer.encode(
-        ["A man is eating food."], truncate=False, direction=TruncationDirection.RIGHT, field="input"
+def test_truncate_to_a_token_count_keeps_the_first_or_the_last_tokens(engine: EncoderEngine) -> None:
+    """vLLM's `truncate_prompt_tokens: k`: k tokens with the special ones, the first by default, the last on the left;
+    token-id inputs are cut the same way."""
+    (full,) = engine.tokenizer.encode([LONG_TEXT], truncation=Truncation(256), field="input")
+    (right,) = engine.tokenizer.encode([LONG_TEXT], truncation=Truncation(10), field="input")
+    (left,) = engine.tokenizer.encode(
+        [LONG_TEXT], truncation=Truncation(10, TruncationDirection.LEFT), field="input"
     )
+    (plain,) = engine.tokenizer.encode(["word396 word397 word398 word399"], truncation=REFUSE_OVER_LENGTH, field="x")
+    assert right.token_ids[:-1] == full.token_ids[:9] and right.token_ids[-1] == 102
+    assert left.token_ids[0] == 101 and left.token_ids[-5:] == plain.token_ids[-5:]
+    assert right.num_tokens == left.num_tokens == 10
+    result = run_with(engine, lambda: engine.embed([LONG_TEXT, list(range(1000, 1300))], truncation=Truncation(10)))
+    assert result.num_prompt_tokens == 20 and result.embeddings.shape == (2, 384)
+    with pytest.raises(InvalidRequestError, match="`truncate_prompt_tokens` 1 is too few for input"):
+        run_with(engine, lambda: engine.embed(["two words"], truncation=Truncation(1)))
+
+
+def test_truncating_tokenizers_below_the_limit_are_cached_and_bounded(minilm_dir: Path) -> None:
+    from runtime.encoders.tokenizer import MAX_CACHED_TRUNCATING_TOKENIZERS, EncoderTokenizer
+
+    tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=64, vocab_size=30522)
+    lengths = [4, 5, 6, 7, 8, 4, 4]
+    counts = [tokenizer.encode([LONG_TEXT], truncation=Truncation(k), field="input")[0].num_tokens for k in lengths]
+    assert counts == lengths
+    assert len(tokenizer._below_limit) == MAX_CACHED_TRUNCATING_TOKENIZERS
+    at_limit = tokenizer.encode([LONG_TEXT], truncation=Truncation(64), field="input")[0]
+    assert at_limit.num_tokens == 64 and len(tokenizer._below_limit) == MAX_CACHED_TRUNCATING_TOKENIZERS
+
+
+def test_request_truncation_resolves_vllm_and_tei_fields() -> None:
+    def resolve(default: bool = False, **fields: Any) -> Truncation:
+        return resolve_truncation(max_input_length=256, default=default, how_to_ask="ask", **fields)
+
+    assert resolve().max_tokens is None  # refuse over-length input unless asked
+    assert resolve(default=True).max_tokens == 256  # the deployment's auto_truncate
+    assert resolve(truncate_prompt_tokens=-1).max_tokens == 256
+    assert resolve(truncate_prompt_tokens=32, direction=TruncationDirection.LEFT) == Truncation(
+        32, TruncationDirection.LEFT, "ask"
+    )
+    assert resolve(default=True, truncate=False).max_tokens is None  # TEI's explicit false wins
+    assert resolve(truncate=True).max_tokens == 256
+    for bad in (0, 257):
+        with pytest.raises(InvalidRequestError, match=f"is {bad}; this model takes at most 256 tokens") as caught:
+            resolve(truncate_prompt_tokens=bad)
+        assert caught.value.param == "truncate_prompt_tokens"
+    with pytest.raises(InvalidRequestError, match="not both"):
+        resolve(truncate_prompt_tokens=8, truncate=True)
+
+
+def test_truncation_defaults_follow_the_config_else_each_route_familys_convention() -> None:
+    assert TruncationDefaults.resolve(None, "encoder_bert") == TruncationDefaults(False, True)
+    assert TruncationDefaults.resolve(None, "encoder") == TruncationDefaults(False, False)
+    assert TruncationDefaults.resolve(True, "encoder") == TruncationDefaults(True, True)
+    assert TruncationDefaults.resolve(False, "encoder_bert") == TruncationDefaults(False, False)
+
+
+def test_token_id_inputs_equal_their_text(engine: EncoderEngine) -> None:
+    ids = engine.tokenizer.encode(["A man is eating food."], truncation=REFUSE_OVER_LENGTH, field="input")
 
     async def scenario() -> tuple[np.ndarray, np.ndarray, int]:
         from_text = await engine.embed(["A man is eating food."])

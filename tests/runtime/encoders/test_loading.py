@@ -12,7 +12,8 @@ from runtime.encoders.engine import EncoderEngine
 from runtime.encoders.errors import ModelLoadError
 from runtime.encoders.models import EncoderTask, read_checkpoint_config
 from runtime.encoders.st_layout import read_layout, read_pooling_mode
-from runtime.encoders.tokenizer import EncoderTokenizer, TruncationDirection
+from runtime.encoders.tokenizer import EncoderTokenizer
+from runtime.encoders.truncation import REFUSE_OVER_LENGTH, Truncation, TruncationDirection
 from tests.runtime.encoders.helpers import run_with
 
 
@@ -113,17 +114,15 @@ def test_minilm_layout_and_matryoshka_hint(minilm_dir: Path, tiny_st_dense_dir: 
 
 def test_tokenizer_ignores_the_padding_baked_into_tokenizer_json(minilm_dir: Path) -> None:
     tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=8, vocab_size=30522)
-    (hello,) = tokenizer.encode(["hello"], truncate=False, direction=TruncationDirection.RIGHT, field="input")
+    (hello,) = tokenizer.encode(["hello"], truncation=REFUSE_OVER_LENGTH, field="input")
     assert hello.token_ids == [101, 7592, 102]
     text = "one two three four five six seven eight nine ten"
     right, left = (
-        tokenizer.encode([text], truncate=True, direction=direction, field="input")[0]
+        tokenizer.encode([text], truncation=Truncation(8, direction), field="input")[0]
         for direction in (TruncationDirection.RIGHT, TruncationDirection.LEFT)
     )
     assert right.num_tokens == left.num_tokens == 8
     assert right.token_ids[0] == left.token_ids[0] == 101 and right.token_ids[-1] == left.token_ids[-1] == 102
     assert right.token_ids[1:-1] != left.token_ids[1:-1]
-    (pair,) = tokenizer.encode(
-        [("a b", "c")], truncate=False, direction=TruncationDirection.RIGHT, field="texts"
-    )
+    (pair,) = tokenizer.encode([("a b", "c")], truncation=REFUSE_OVER_LENGTH, field="texts")
     assert pair.token_type_ids == [0, 0, 0, 0, 1, 1]

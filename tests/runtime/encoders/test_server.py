@@ -2,7 +2,8 @@
 `baseten-performance-client`, and raw HTTP for the exact TEI wire formats, errors and headers.
 
 Mounts: "" = MiniLM as BEI-Bert (defaults), "/mrl" = MiniLM with `dimensions` allowed,
-"/xenc" = a one-label BERT cross-encoder, "/cls" = a three-label BERT classifier.
+"/trunc" = MiniLM deployed with `auto_truncate: true`, "/xenc" = a one-label BERT cross-encoder,
+"/cls" = a three-label BERT classifier.
 """
 
 import asyncio
@@ -30,6 +31,7 @@ TEI_HEADERS = (
     "x-queue-time",
     "x-inference-time",
 )
+LONG_TEXT = " ".join(f"w{index}" for index in range(400))  # 1,130 tokens; MiniLM takes 256
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def engines(
     return {
         "": load(minilm_dir),
         "/mrl": load(minilm_dir, matryoshka=True),
+        "/trunc": load(minilm_dir, auto_truncate=True),
         "/xenc": load(tiny_cross_encoder_dir),
         "/cls": load(tiny_bert_classifier_dir),
     }
@@ -54,6 +57,7 @@ def base_url(engines: dict[str, EncoderEngine]) -> Iterator[str]:
     names = {
         "": "all-MiniLM-L6-v2",
         "/mrl": "minilm-mrl",
+        "/trunc": "minilm-truncating",
         "/xenc": "tiny-cross-encoder",
         "/cls": "tiny-classifier",
     }
@@ -216,13 +220,9 @@ def test_tei_errors(base_url: str) -> None:
         "error": "batch size 129 > maximum allowed batch size 128",
         "error_type": "validation",
     }
-    long_text = " ".join(f"w{index}" for index in range(400))
-    too_long = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": [long_text], "truncate": False})
+    too_long = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": [LONG_TEXT], "truncate": False})
     assert too_long.status_code == 413 and too_long.json()["error_type"] == "validation"
     assert "more than this model's maximum of 256" in too_long.json()["error"]
-    assert (
-        httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": [long_text]}).status_code == 200
-    )  # auto-truncate
     unknown = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": ["a"], "top_k": 1})
     assert unknown.status_code == 400 and "`top_k`" in unknown.json()["error"]
     not_a_classifier = httpx.post(f"{base_url}/predict", json={"inputs": "hello"})
@@ -246,15 +246,17 @@ def test_openai_error_envelope(base_url: str) -> None:
         f"{base_url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
-    long_text = " ".join(f"w{index}" for index in range(400))
-    too_long = httpx.post(f"{base_url}/v1/embeddings", json={"input": [long_text], "truncate_prompt_tokens": None})
+    too_long = httpx.post(f"{base_url}/v1/embeddings", json={"input": [LONG_TEXT], "truncate_prompt_tokens": None})
+    too_many_tokens = httpx.post(f"{base_url}/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 257})
+    too_long_document = httpx.post(f"{base_url}/v2/rerank", json={"query": "q", "documents": [LONG_TEXT]})
     empty = httpx.post(f"{base_url}/v1/embeddings", json={"input": []})
     # every 4xx of the OpenAI-style routes: the envelope's `code` is a string (issue 24), as on the chat server
-    for response in (bad_format, broken, empty, too_long):
-        if response.status_code >= 400:
-            error = response.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"}
-            assert isinstance(error["code"], str) and error["code"], error
+    responses = (bad_format, broken, empty, too_long, too_many_tokens, too_long_document)
+    assert [response.status_code for response in responses] == [400] * len(responses)
+    for response in responses:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert isinstance(error["code"], str) and error["code"], error
 
 
 def test_predict_shapes(base_url: str) -> None:
@@ -308,3 +310,89 @@ def test_concurrent_http_requests_are_batched_together(
     after = engine.stats()
     assert after["num_inputs"] - before["num_inputs"] == 96
     assert after["num_batches"] - before["num_batches"] < 24  # requests shared forward passes
+
+
+# Over-length input (issue 24): refused unless the request or the deployment asks for truncation
+
+
+def test_openai_embeddings_refuse_over_length_input_naming_the_limit(client: openai.OpenAI) -> None:
+    """OpenAI answers 400 for an input past the model's context; so do we, unless truncation is asked for."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(input=["short", LONG_TEXT], model="m")
+    error = caught.value
+    assert error.status_code == 400 and error.code == "context_length_exceeded" and error.param == "input"
+    assert "input[1] has 1130 tokens, more than this model's maximum of 256" in error.message
+    assert "`truncate_prompt_tokens`" in error.message  # the fix
+
+
+def test_openai_embeddings_truncate_prompt_tokens_as_vllm(client: openai.OpenAI) -> None:
+    """k keeps k tokens of each input (special tokens included; the first ones unless `truncation_side: left`),
+    -1 the model's maximum, and a k past the maximum is a 400 naming it."""
+
+    def embed(**extra: Any) -> Any:
+        return client.embeddings.create(input=LONG_TEXT, model="m", encoding_format="float", extra_body=extra)
+
+    first = embed(truncate_prompt_tokens=10)
+    last = embed(truncate_prompt_tokens=10, truncation_side="left")
+    assert first.usage.prompt_tokens == last.usage.prompt_tokens == 10
+    assert float(np.dot(first.data[0].embedding, last.data[0].embedding)) < 0.99  # different ends of the text
+    prefix = client.embeddings.create(input=" ".join(f"w{index}" for index in range(4)), model="m", encoding_format="float")
+    assert prefix.usage.prompt_tokens == 10  # "w0 w1 w2 w3" is 8 word pieces plus [CLS] and [SEP]
+    np.testing.assert_allclose(first.data[0].embedding, prefix.data[0].embedding, atol=1e-6)
+    assert embed(truncate_prompt_tokens=-1).usage.prompt_tokens == 256
+    ids = client.embeddings.create(input=[list(range(1000, 1400))], model="m", extra_body={"truncate_prompt_tokens": 32})
+    assert ids.usage.prompt_tokens == 32
+    with pytest.raises(openai.BadRequestError) as caught:
+        embed(truncate_prompt_tokens=300)
+    assert caught.value.param == "truncate_prompt_tokens" and "at most 256 tokens" in caught.value.message
+
+
+def test_the_deployments_auto_truncate_applies_when_the_request_is_silent(base_url: str) -> None:
+    truncating = openai.OpenAI(base_url=f"{base_url}/trunc/v1", api_key="x", max_retries=0)
+    assert truncating.embeddings.create(input=LONG_TEXT, model="m").usage.prompt_tokens == 256
+    asked = truncating.embeddings.create(input=LONG_TEXT, model="m", extra_body={"truncate_prompt_tokens": 16})
+    assert asked.usage.prompt_tokens == 16
+    reranked = httpx.post(f"{base_url}/trunc/v1/rerank", json={"query": "q", "documents": [LONG_TEXT, "w1"]})
+    assert reranked.status_code == 200 and reranked.json()["usage"]["total_tokens"] == 3 + 256 + 4
+    refused = httpx.post(f"{base_url}/trunc/rerank", json={"query": "q", "texts": [LONG_TEXT], "truncate": False})
+    assert refused.status_code == 413  # TEI's explicit `truncate: false` still refuses
+
+
+def test_rerank_refuses_over_length_documents_unless_asked(base_url: str) -> None:
+    """Cohere's shape on /v1/rerank and /v2/rerank: a 400 in OpenAI's envelope; TEI's shape on /rerank: TEI's 413.
+    `truncate_prompt_tokens` (either shape) or TEI's `truncate: true` cuts instead."""
+    documents = ["Berlin has 3.5 million inhabitants.", LONG_TEXT]
+    for path in ("/v1/rerank", "/v2/rerank"):
+        refused = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents})
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "documents"
+        assert "documents[1] has 1130 tokens, more than this model's maximum of 256" in error["message"]
+        cut = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents, "truncate_prompt_tokens": -1})
+        assert cut.status_code == 200 and len(cut.json()["results"]) == 2
+    tei = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents})
+    assert tei.status_code == 413 and "texts[1] has 1130 tokens" in tei.json()["error"]
+    assert "`truncate: true`" in tei.json()["error"]
+    by_flag = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True})
+    by_count = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate_prompt_tokens": 8})
+    assert by_flag.status_code == by_count.status_code == 200
+    both = httpx.post(
+        f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True, "truncate_prompt_tokens": 8}
+    )
+    assert both.status_code == 400 and "not both" in both.json()["error"]
+    pairs = httpx.post(
+        f"{base_url}/xenc/v1/rerank", json={"query": "q", "documents": documents, "truncate_prompt_tokens": 16}
+    )
+    assert pairs.status_code == 200 and pairs.json()["usage"]["total_tokens"] == 12 + 16  # (query, document) pairs
+
+
+def test_tei_embed_keeps_its_truncate_semantics(base_url: str) -> None:
+    """/embed: `truncate: false` refuses (TEI's 413), `true` cuts, absent follows BEI-Bert's --auto-truncate."""
+    refused = httpx.post(f"{base_url}/embed", json={"inputs": LONG_TEXT, "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "validation"
+    assert "more than this model's maximum of 256; send shorter input or set `truncate: true`" in refused.json()["error"]
+    for body in ({"inputs": LONG_TEXT, "truncate": True}, {"inputs": LONG_TEXT}):
+        response = httpx.post(f"{base_url}/embed", json=body)
+        assert response.status_code == 200 and response.headers["x-compute-tokens"] == "256"
+    unknown = httpx.post(f"{base_url}/embed", json={"inputs": LONG_TEXT, "truncate_prompt_tokens": 8})
+    assert unknown.status_code == 400  # vLLM's field is not TEI's /embed
