@@ -37,7 +37,15 @@ from runtime.encoders.protocol import (
     TEIErrorResponse,
 )
 from runtime.encoders.results import RequestTiming
-from runtime.encoders.truncation import Truncation, TruncationDirection, resolve_truncation
+from runtime.encoders.truncation import (
+    ASK_BY_FLAG,
+    ASK_BY_FLAG_OR_TOKEN_COUNT,
+    ASK_BY_TOKEN_COUNT,
+    Truncation,
+    TruncationDefaults,
+    TruncationDirection,
+    resolve_truncation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +158,22 @@ class _Handlers:
         self.engine = engine
         self.served_model_name = served_model_name
 
+    @property
+    def _defaults(self) -> TruncationDefaults:
+        return self.engine.info.truncation_defaults
+
     def _truncation(
         self,
         *,
-        embeddings_or_rerank: bool,
+        default: bool,
         how_to_ask: str,
         truncate_prompt_tokens: int | None = None,
         truncate: bool | None = None,
         direction: TruncationDirection = TruncationDirection.RIGHT,
     ) -> Truncation:
-        info = self.engine.info
-        defaults = info.truncation_defaults
         return resolve_truncation(
-            max_input_length=info.max_input_length,
-            default=defaults.embeddings_and_rerank if embeddings_or_rerank else defaults.embed_and_predict,
+            max_input_length=self.engine.info.max_input_length,
+            default=default,
             truncate_prompt_tokens=truncate_prompt_tokens,
             truncate=truncate,
             direction=direction,
@@ -179,8 +189,8 @@ class _Handlers:
         if body.model and body.model != self.served_model_name:
             logger.debug("embeddings request names model %r; serving %r", body.model, self.served_model_name)
         truncation = self._truncation(
-            embeddings_or_rerank=True,
-            how_to_ask="set `truncate_prompt_tokens` (-1: the model's maximum)",
+            default=self._defaults.embeddings_and_rerank,
+            how_to_ask=ASK_BY_TOKEN_COUNT,
             truncate_prompt_tokens=body.truncate_prompt_tokens,
             direction=body.direction,
         )
@@ -204,8 +214,8 @@ class _Handlers:
                 param="prompt_name",
             )
         truncation = self._truncation(
-            embeddings_or_rerank=False,
-            how_to_ask="set `truncate: true`",
+            default=self._defaults.embed_and_predict,
+            how_to_ask=ASK_BY_FLAG,
             truncate=body.truncate,
             direction=body.direction,
         )
@@ -225,10 +235,8 @@ class _Handlers:
         candidates = body.candidates()
         field = "documents" if body.is_documents_shape else "texts"
         truncation = self._truncation(
-            embeddings_or_rerank=True,
-            how_to_ask="set `truncate_prompt_tokens` (-1: the model's maximum)"
-            if body.is_documents_shape
-            else "set `truncate: true` or `truncate_prompt_tokens` (-1: the model's maximum)",
+            default=self._defaults.embeddings_and_rerank,
+            how_to_ask=ASK_BY_TOKEN_COUNT if body.is_documents_shape else ASK_BY_FLAG_OR_TOKEN_COUNT,
             truncate_prompt_tokens=body.truncate_prompt_tokens,
             truncate=body.truncate,
             direction=body.direction,
@@ -272,7 +280,10 @@ class _Handlers:
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="inputs") from exc
         truncation = self._truncation(
-            embeddings_or_rerank=False, how_to_ask="set `truncate: true`", truncate=body.truncate, direction=body.direction
+            default=self._defaults.embed_and_predict,
+            how_to_ask=ASK_BY_FLAG,
+            truncate=body.truncate,
+            direction=body.direction,
         )
         result = await self.engine.classify(sequences, truncation=truncation, raw_scores=body.raw_scores)
         predictions = [_predictions(row, result.labels) for row in result.scores]

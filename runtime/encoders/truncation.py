@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from runtime.encoders.errors import InvalidRequestError
 
 TRUNCATE_TO_LIMIT = -1  # `truncate_prompt_tokens: -1` (vLLM): truncate to the model's maximum
+# The fix an over-length refusal names: the request field that would have asked for truncation.
+ASK_BY_TOKEN_COUNT = "set `truncate_prompt_tokens` (-1: the model's maximum)"
+ASK_BY_FLAG = "set `truncate: true`"
+ASK_BY_FLAG_OR_TOKEN_COUNT = "set `truncate: true` or `truncate_prompt_tokens` (-1: the model's maximum)"
 
 
 class TruncationDirection(str, enum.Enum):
@@ -26,7 +30,7 @@ class Truncation:
 
     max_tokens: int | None = None
     direction: TruncationDirection = TruncationDirection.RIGHT
-    how_to_ask: str = "set `truncate_prompt_tokens` (-1: the model's maximum)"
+    how_to_ask: str = ASK_BY_TOKEN_COUNT
 
 
 REFUSE_OVER_LENGTH = Truncation()  # the engine's default: cut nothing, refuse past the limit
