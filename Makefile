@@ -23,6 +23,8 @@ $(BIN)/.installed: pyproject.toml
 	# xgrammar declares triton as a dependency (the dev extras pin it); xgrammar itself needs no GPU.
 	$(BIN)/pip install -q --no-deps 'xgrammar==0.2.8'
 	$(BIN)/pip install -q 'apache-tvm-ffi'
+	# instructor caps jiter below what openai needs (pyproject.toml, dev extras); it runs on openai's jiter.
+	$(BIN)/pip install -q --no-deps 'instructor==1.17.0'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -1,4 +1,5 @@
-"""One shared SmolLM2 server for the end-to-end tests (started once per session)."""
+"""Shared servers for the end-to-end tests, each started once per session: SmolLM2, and Qwen2.5-Coder-0.5B (the
+default model, which the tool-calling and third-party client tests drive)."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,18 @@ from tests.runtime.server.harness import ServerProcess, write_config
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("server")
     config = write_config(root / "config.yaml", smollm2_dir, max_seq_len=512)
+    process = ServerProcess(config, root / "engine")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("qwen")
+    config = write_config(root / "config.yaml", qwen_dir, max_seq_len=2048, max_num_tokens=1024)
     process = ServerProcess(config, root / "engine")
     try:
         process.wait_ready()

@@ -1,14 +1,12 @@
 """Tool calling against Qwen2.5-Coder-0.5B (the default model), including Baseten's function-calling loop."""
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.runtime.server.harness import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +41,6 @@ def get_weather(city: str):
 
 
 FUNCTIONS = {"multiply": multiply, "add": add, "get_weather": get_weather}
-
-
-@pytest.fixture(scope="module")
-def qwen_server(tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("qwen")
-    config = write_config(root / "config.yaml", qwen_dir, max_seq_len=2048, max_num_tokens=1024)
-    process = ServerProcess(config, root / "engine")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
