@@ -106,6 +106,13 @@ def build_engine(
     )
     if backend == "torch" and not build.base_model.is_encoder:
         _check_torch_decoder(fetched.path, build.quantization_type)
+    adapters = []
+    if build.lora_adapters:
+        from engine_builder.lora_adapters import fetch_lora_adapters
+
+        adapters = fetch_lora_adapters(
+            loaded, fetched.path, cache_dir=default_cache_dir() / "checkpoints", secrets=Secrets.from_env()
+        )
     if isinstance(stack, TrtLlmConfigV1):
         stack.apply_architecture(info.architecture)
     with atomic_engine_dir(output) as staging:
@@ -129,8 +136,13 @@ def build_engine(
         user_model = loaded.base_dir / "model" / "model.py"
         if user_model.is_file():
             shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
+        stored_adapters = []
+        if adapters:
+            from engine_builder.lora_adapters import store_lora_adapters
+
+            stored_adapters = store_lora_adapters(adapters, staging)
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
-        manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve)
+        manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve, stored_adapters)
         if dummy:
             manifest.extra["load_format"] = "dummy"
             logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
@@ -152,9 +164,11 @@ def public_repo(repository: CheckpointRepository) -> str:
 def _public_config_yaml(loaded: LoadedConfig) -> str:
     """The resolved config for the engine directory, with credential-bearing URLs cut to their public part."""
     resolved = loaded.resolved()
-    repository = loaded.trt_llm.build.checkpoint_repository
-    if repository is not None:
-        resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(repository)
+    build = loaded.trt_llm.build
+    if build.checkpoint_repository is not None:
+        resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(build.checkpoint_repository)
+    for name, adapter in (build.lora_adapters or {}).items():
+        resolved["trt_llm"]["build"]["lora_adapters"][name]["repo"] = public_repo(adapter)
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 
 
@@ -186,9 +200,14 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
             f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
             f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
         )
-    if build.lora_adapters:
+    if build.lora_adapters and backend != "torch":
         raise BuildError(
-            "lora_adapters are not supported by the torch backend; remove them or build with --backend trtllm"
+            f"trt_llm.build.lora_adapters are not supported by the {backend} backend yet; build with "
+            "--backend torch, or remove them"
+        )
+    if build.lora_adapters and build.base_model.is_encoder:
+        raise BuildError(
+            f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
         )
 
 

@@ -6,15 +6,20 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.config import LoadedConfig, TrtLlmConfigV1
-from runtime.artifact import LookaheadSettings, RuntimeSpec, SchedulingSpec
+from runtime.artifact import LookaheadSettings, LoraAdapter, RuntimeSpec, SchedulingSpec
 from runtime.backends.trtllm.specs import LlmSpec
 from runtime.model_facts import read_model_facts
 from runtime.options import EngineOptions
 
 
 def runtime_spec(
-    loaded: LoadedConfig, options: EngineOptions, model_dir: Path, trtllm_serve: LlmSpec | None = None
+    loaded: LoadedConfig,
+    options: EngineOptions,
+    model_dir: Path,
+    trtllm_serve: LlmSpec | None = None,
+    lora_adapters: list[LoraAdapter] | None = None,
 ) -> RuntimeSpec:
+    """`lora_adapters`: the adapters the build stored (engine_builder/lora_adapters.py), if any."""
     stack = loaded.trt_llm
     runtime: Any = stack.runtime
     build = stack.build
@@ -43,6 +48,8 @@ def runtime_spec(
         default_route=getattr(runtime, "webserver_default_route", None),
         options=options.model_dump(mode="json"),
         trtllm=_relative_spec(trtllm_serve, model_dir.parent) if trtllm_serve is not None else None,
+        lora_adapters=list(lora_adapters or []),
+        max_lora_rank=build.lora_pool_rank if lora_adapters else 0,
     )
 
 

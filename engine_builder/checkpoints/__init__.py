@@ -18,8 +18,11 @@ from engine_builder.checkpoints.fetch import FetchedCheckpoint, fetch_checkpoint
 from engine_builder.checkpoints.layout import RepositoryInfo, check_repository_layout
 from engine_builder.checkpoints.registry import known_sources, source_class
 from engine_builder.checkpoints.secrets import Secrets
+from engine_builder.checkpoints.selection import ADAPTER_FILES, MODEL_FILES, FileSelection
 
 __all__ = [
+    "ADAPTER_FILES",
+    "MODEL_FILES",
     "CheckpointAuthError",
     "CheckpointDownloadError",
     "CheckpointError",
@@ -27,6 +30,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "DownloadSettings",
     "FetchedCheckpoint",
+    "FileSelection",
     "RepositoryInfo",
     "Secrets",
     "UnsafeArchiveError",

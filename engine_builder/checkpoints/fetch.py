@@ -14,10 +14,10 @@ from engine_builder.checkpoints.cache import CheckpointCache, Snapshot, content_
 from engine_builder.checkpoints.download import Downloader, DownloadSettings
 from engine_builder.checkpoints.errors import CheckpointDownloadError, CheckpointError, CheckpointLayoutError
 from engine_builder.checkpoints.http_range import safe_url
-from engine_builder.checkpoints.layout import CONFIG_FILE, check_repository_layout
+from engine_builder.checkpoints.layout import check_repository_layout
 from engine_builder.checkpoints.registry import source_class
 from engine_builder.checkpoints.secrets import Secrets
-from engine_builder.checkpoints.selection import is_needed, is_weight_file, unusable_weight_files
+from engine_builder.checkpoints.selection import MODEL_FILES, FileSelection
 from engine_builder.checkpoints.source import CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.config import BaseModelKind, CheckpointRepository
 
@@ -43,13 +43,16 @@ def fetch_checkpoint(
     allow_prequantized: bool = False,
     settings: DownloadSettings | None = None,
     require_weights: bool = True,
+    selection: FileSelection = MODEL_FILES,
 ) -> FetchedCheckpoint:
     """Fetch (or reuse) the checkpoint. With `base_model`, the layout checks run on the small files before
     the weights download and again on the complete folder before it is committed to the cache. Without
-    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough."""
+    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough. `selection`
+    says which files to take: a model's (the default) or a LoRA adapter's (`ADAPTER_FILES`, with no
+    `base_model`: the caller checks the adapter itself)."""
     secrets = secrets or Secrets.from_env()
     try:
-        source = source_class(repository.source)(repository, secrets, base_dir)
+        source = source_class(repository.source)(repository, secrets, base_dir, selection=selection)
         fetch = _Fetch(
             source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress, require_weights
         )
@@ -89,7 +92,9 @@ class _Fetch:
             return self._use_local(local, base_model, allow_prequantized)
         listing = self._retry(self.source.list_files)
         files = self._needed(listing)
-        key = self.cache.snapshot_key(self.source.name, self.location, listing.revision, files)
+        kind = self.source.selection.kind
+        namespace = f"{self.source.name}:{kind}" if kind else self.source.name
+        key = self.cache.snapshot_key(namespace, self.location, listing.revision, files)
         with self.cache.lock(key):
             snapshot = self.cache.load_snapshot(key)
             if snapshot is not None:
@@ -106,21 +111,17 @@ class _Fetch:
     def _needed(self, listing: Listing) -> list[RemoteFile]:
         if not self.source.lists_checkpoint_files:
             return list(listing.files)
+        selection = self.source.selection
         paths = [file.path for file in listing.files]
-        files = [file for file in listing.files if is_needed(file.path)]
-        if CONFIG_FILE not in paths:
+        files = [file for file in listing.files if selection.is_needed(file.path)]
+        if selection.root_file not in paths:
             shown = ", ".join(sorted(paths)[:8])
             raise CheckpointLayoutError(
-                f"{self.source.describe()}: {CONFIG_FILE} is missing at the root of the repository "
-                f"(found: {shown}); point repo at the folder that holds config.json"
+                f"{self.source.describe()}: {selection.root_file} is missing at the root of the repository "
+                f"(found: {shown}); point repo at the folder that holds {selection.root_file}"
             )
-        if self.require_weights and not any(is_weight_file(file.path) for file in files):
-            others = unusable_weight_files(paths)
-            found = f" (found only {', '.join(others)})" if others else ""
-            raise CheckpointLayoutError(
-                f"{self.source.describe()}: no safetensors weights{found}; convert the checkpoint with "
-                "save_pretrained(safe_serialization=True) and upload model.safetensors"
-            )
+        if self.require_weights and not any(selection.is_weight_file(file.path) for file in files):
+            raise CheckpointLayoutError(f"{self.source.describe()}: {selection.missing_weights(paths)}")
         return files
 
     def _download(
@@ -137,6 +138,7 @@ class _Fetch:
         downloader = Downloader(self.source, self.cache, self.location, self.settings, progress=self.progress)
         staging = self.cache.new_staging(key)
         try:
+            is_weight_file = self.source.selection.is_weight_file
             small = [file for file in files if not is_weight_file(file.path)]
             heavy = [file for file in files if is_weight_file(file.path)]
             blobs = downloader.fetch(small, "checkpoint files")

@@ -1,8 +1,10 @@
-"""Which files of a repository a build needs: configs, tokenizer files, chat templates, sentence-transformers
-module folders and safetensors weights. Other weight formats (.bin, .pt, .onnx, .msgpack, .h5...), exports
-in side folders, custom code and trainer bookkeeping are never fetched."""
+"""Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
+sentence-transformers module folders and safetensors weights; other weight formats (.bin, .pt, .onnx,
+.msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
+adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 WEIGHT_SUFFIX = ".safetensors"
@@ -45,3 +47,51 @@ def unusable_weight_files(paths: Iterable[str]) -> list[str]:
     return sorted(
         path for path in paths if "/" not in path and PurePosixPath(path).suffix in OTHER_WEIGHT_SUFFIXES
     )
+
+
+def missing_model_weights(paths: Iterable[str]) -> str:
+    others = unusable_weight_files(paths)
+    found = f" (found only {', '.join(others)})" if others else ""
+    return (
+        f"no safetensors weights{found}; convert the checkpoint with save_pretrained(safe_serialization=True) "
+        "and upload model.safetensors"
+    )
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_SAFETENSORS_FILE = "adapter_model.safetensors"
+ADAPTER_PICKLE_FILE = "adapter_model.bin"  # older PEFT; the build converts it to safetensors
+_ADAPTER_WEIGHT_FILES = frozenset({ADAPTER_SAFETENSORS_FILE, ADAPTER_PICKLE_FILE})
+
+
+def is_adapter_file(path: str) -> bool:
+    return path in _ADAPTER_WEIGHT_FILES or path == ADAPTER_CONFIG_FILE
+
+
+def is_adapter_weight_file(path: str) -> bool:
+    return path in _ADAPTER_WEIGHT_FILES
+
+
+def missing_adapter_weights(paths: Iterable[str]) -> str:
+    return (
+        f"no {ADAPTER_SAFETENSORS_FILE} (or {ADAPTER_PICKLE_FILE}) next to {ADAPTER_CONFIG_FILE}; save the adapter "
+        "with PEFT's save_pretrained and keep both files together"
+    )
+
+
+@dataclass(frozen=True)
+class FileSelection:
+    """What one kind of fetch takes from a repository: the file that marks its root, the files it needs, and
+    which of those are the heavy weights (downloaded after the small files)."""
+
+    kind: str  # "" for models (their cache keys predate the kinds), else a tag that keeps cache keys apart
+    root_file: str
+    is_needed: Callable[[str], bool]
+    is_weight_file: Callable[[str], bool]
+    missing_weights: Callable[[Iterable[str]], str]  # the message's tail (what is wrong, the fix) from the listing
+
+
+MODEL_FILES = FileSelection("", "config.json", is_needed, is_weight_file, missing_model_weights)
+ADAPTER_FILES = FileSelection(
+    "lora-adapter", ADAPTER_CONFIG_FILE, is_adapter_file, is_adapter_weight_file, missing_adapter_weights
+)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from engine_builder.checkpoints.secrets import Secrets
+from engine_builder.checkpoints.selection import MODEL_FILES, FileSelection
 from engine_builder.config import CheckpointRepository
 
 
@@ -49,10 +50,18 @@ class CheckpointSourceBase(ABC):
     # False for sources whose single listed file is an archive that `materialize` unpacks and filters.
     lists_checkpoint_files: ClassVar[bool] = True
 
-    def __init__(self, repository: CheckpointRepository, secrets: Secrets, base_dir: Path | None) -> None:
+    def __init__(
+        self,
+        repository: CheckpointRepository,
+        secrets: Secrets,
+        base_dir: Path | None,
+        *,
+        selection: FileSelection = MODEL_FILES,
+    ) -> None:
         self.repository = repository
         self.secrets = secrets
         self.base_dir = base_dir
+        self.selection = selection  # which files a fetch takes; archives are filtered with it when unpacked
 
     def describe(self) -> str:
         """`SOURCE repo` for messages; sources whose repo may carry credentials override it."""

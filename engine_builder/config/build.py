@@ -297,6 +297,14 @@ class BuildConfig(ConfigModel):
         return self.speculator.num_draft_tokens if self.speculator else None
 
     @property
+    def lora_pool_rank(self) -> int:
+        """The rank of the engine's adapter pool: lora_configuration.max_lora_rank (its default when the section is
+        absent) when there are lora_adapters, else 0."""
+        if not self.lora_adapters:
+            return 0
+        return (self.lora_configuration or LoraConfiguration()).max_lora_rank
+
+    @property
     def uses_lookahead_decoding(self) -> bool:
         return (
             self.speculator is not None

@@ -15,7 +15,6 @@ from engine_builder.checkpoints.errors import (
     UnsafeArchiveError,
 )
 from engine_builder.checkpoints.http_range import new_client, raise_for_status, read_url_into, safe_url
-from engine_builder.checkpoints.selection import is_needed
 from engine_builder.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 
 ARCHIVE_NAME = "checkpoint.tar.gz"
@@ -60,7 +59,7 @@ class RemoteUrlSource(CheckpointSourceBase):
 
     def materialize(self, blobs: Mapping[str, Path], staging: Path) -> dict[str, str]:
         return extract_checkpoint_archive(
-            blobs[ARCHIVE_NAME], staging, keep=is_needed, limits=self.limits, what=self.describe()
+            blobs[ARCHIVE_NAME], staging, keep=self.selection.is_needed, limits=self.limits, what=self.describe()
         )
 
 
