@@ -1,5 +1,5 @@
 """LoRA adapters in a torch build: random PEFT adapters for SmolLM2 made here (no peft package), fetched from a
-LOCAL folder and from S3 (moto), checked against the base model, stored as adapters/<name>/ with their hashes
+LOCAL folder, S3 (moto) and a REMOTE_URL archive, checked against the base model, stored as adapters/<name>/ with their hashes
 in the manifest; and every refusal raised before the engine directory exists."""
 
 import hashlib
@@ -16,11 +16,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from engine_builder.build_stage import BuildError, BuildResult, build_engine
-from engine_builder.config import EngineOptions, load_config
+from engine_builder.build_stage import BuildError, BuildResult, build_engine, default_cache_dir
+from engine_builder.checkpoints import fetch_checkpoint
+from engine_builder.config import CheckpointRepository, EngineOptions, load_config
 from runtime.artifact import LoraAdapter, load_engine_dir
 from tests.conftest import REPO_ROOT
+from tests.emulators.http_server import LocalHttpServer
 from tests.emulators.processes import Emulator, start_moto
+from tests.engine_builder.checkpoints.factory import tar_folder
 from tests.runtime.server.harness import write_config
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, intermediate 1536, 30 layers.
@@ -218,6 +221,35 @@ def test_adapter_from_s3(
         assert entry.source.files[name] == sha256(folder / name)
     key = json.loads(secret)["secret_access_key"]
     assert key not in (engine.path / "manifest.json").read_text() + (engine.path / "config.yaml").read_text()
+
+
+# --- REMOTE_URL: a presigned tar.gz --------------------------------------------------------------------------
+
+
+def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> None:
+    tensors = lora_tensors(8, ("k_proj", "up_proj"), seed=4)
+    folder = write_adapter(tmp_path / "archive", tensors, rank=8, modules=("k_proj", "up_proj"), pickled=True)
+    (folder / "README.md").write_text("a model card the build does not keep")
+    server = LocalHttpServer()
+    try:
+        server.add_file("/adapter.tar.gz", tar_folder(folder))
+        url = f"{server.url}/adapter.tar.gz?X-Amz-Signature=presigned-secret"
+        repository = {"source": "REMOTE_URL", "repo": url}
+        # The same URL fetched as a model first: a model's selection drops adapter_model.bin, and the adapter
+        # fetch must not reuse that snapshot.
+        cache_dir = default_cache_dir() / "checkpoints"  # where the build looks
+        as_model = fetch_checkpoint(CheckpointRepository(**repository), cache_dir=cache_dir, progress=False)
+        assert sorted(as_model.files) == ["adapter_config.json"]
+        config = lora_config(tmp_path, smollm2_dir, {"archived": repository})
+        engine = build(config, tmp_path / "engine").engine_dir
+    finally:
+        server.stop()
+    (entry,) = engine.manifest.runtime.lora_adapters
+    assert entry.source.repo == f"{server.url}/adapter.tar.gz"
+    assert entry.target_modules == ["k_proj", "up_proj"]
+    assert_stored(engine.path, entry, tensors)  # converted from adapter_model.bin
+    assert "presigned-secret" not in (engine.path / "config.yaml").read_text()
+    assert "presigned-secret" not in (engine.path / "manifest.json").read_text()
 
 
 # --- refusals ----------------------------------------------------------------------------------------------
