@@ -30,7 +30,7 @@ TARGETS = {
     "q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o_proj", 0),
     "gate_proj": ("mlp.gate_up", 0), "up_proj": ("mlp.gate_up", 1), "down_proj": ("mlp.down", 0),
 }
-_TENSOR = re.compile(r".*layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
+_TENSOR = re.compile(r".*layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
 class LoraError(ValueError):
@@ -119,13 +119,18 @@ def read_adapter(spec: AdapterSpec) -> dict[tuple[int, str], tuple[torch.Tensor,
 def install_adapters(
     model: DecoderModel, adapters: list[AdapterSpec], max_rank: int, dtype: torch.dtype, device: torch.device
 ) -> LoraContext:
-    """Wrap every targeted linear of the model with the adapter pool; returns the context the runner sets."""
+    """Wrap every targeted linear of the model with the adapter pool; returns the context the runner sets.
+    `max_rank` is the configured limit; the pool's rank is the largest adapter's. On the CPU the pool is
+    float32 (small, and the CPU's float32 GEMMs are its fastest small ones), elsewhere the model's dtype."""
     context = LoraContext()
     slots = 1 + len(adapters)
     weights = [read_adapter(adapter) for adapter in adapters]
     for adapter in adapters:
         if adapter.rank > max_rank:
-            raise LoraError(f"adapter {adapter.name} has rank {adapter.rank}, more than the pool's {max_rank}")
+            raise LoraError(f"adapter {adapter.name} has rank {adapter.rank}, more than max_lora_rank {max_rank}")
+    max_rank = max(adapter.rank for adapter in adapters)
+    if device.type == "cpu":
+        dtype = torch.float32
     for layer_index in {key[0] for pairs in weights for key in pairs}:
         if layer_index >= len(model.layers):
             raise LoraError(f"an adapter targets layer {layer_index}; the base model has {len(model.layers)}")
@@ -148,7 +153,7 @@ def install_adapters(
                     if target != linear_name or (layer_index, module) not in pairs:
                         continue
                     lora_a, lora_b = pairs[(layer_index, module)]
-                    rank = lora_a.shape[0]
+                    rank = adapter.rank
                     rows = slice(sum(sizes[:part]), sum(sizes[: part + 1]))
                     expected_a, expected_b = (rank, in_features), (sizes[part], rank)
                     if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
