@@ -131,3 +131,19 @@ def test_lookahead_keeps_each_adapters_greedy_output(setup) -> None:
     engine = _engine(base, adapters, lookahead=lookahead, max_num_tokens=64)
     assert _run(engine, prompts, max_tokens=12) == plain
     assert engine.lookahead is not None and engine.lookahead.num_steps > 0
+
+
+def test_every_choice_of_an_n_request_runs_under_its_adapter(setup) -> None:
+    """n = 3 forks the choices from the first (the KV blocks are shared): each must decode under the adapter."""
+    base, adapters = setup
+    engine = _engine(base, adapters)
+    expected = greedy(merged_reference(base, adapters[0].path), PROMPTS[0], 6)
+    engine.add_request(
+        GenerationRequest("n", tuple(PROMPTS[0]), SamplingParams(n=3, max_tokens=6, temperature=0.0, ignore_eos=True),
+                          adapter="first")
+    )
+    choices: dict[int, list[int]] = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            choices.setdefault(output.index, []).extend(output.token_ids)
+    assert choices == {0: expected, 1: expected, 2: expected}
