@@ -195,6 +195,12 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
             f"(got backend {backend}, base_model {build.base_model.value}, "
             f"quantization_type {build.quantization_type.value})"
         )
+    if backend == "torch":
+        from engine_builder.torch_fields import torch_refusals
+
+        refusals = torch_refusals(loaded.trt_llm)
+        if refusals:
+            raise BuildError("the torch backend cannot honour what this config asks for: " + "; ".join(refusals))
     if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
         raise BuildError(
             f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
