@@ -195,6 +195,19 @@ def test_rerank_in_cohere_and_jina_shape(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "top_n": 0}).status_code == 400
 
 
+def test_cohere_sdk_reranks_against_our_base_url(base_url: str) -> None:
+    """The official `cohere` client (v2 rerank, which posts to {base_url}/v2/rerank) reads our answer."""
+    import cohere
+
+    query = "How many people live in Berlin?"
+    texts = ["The cat sat on the mat.", "Berlin has 3.5 million inhabitants.", "Berlin is known for museums."]
+    tei = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts}).json()
+    client = cohere.ClientV2(api_key="unused", base_url=base_url)
+    response = client.rerank(model="all-MiniLM-L6-v2", query=query, documents=texts, top_n=2)
+    assert [item.index for item in response.results] == [rank["index"] for rank in tei[:2]]
+    assert [item.relevance_score for item in response.results] == pytest.approx([rank["score"] for rank in tei[:2]])
+
+
 def test_cross_encoder_rerank_over_http_uses_the_sigmoid(base_url: str) -> None:
     body = {"query": "q", "texts": ["a", "b c"]}
     scores = {
