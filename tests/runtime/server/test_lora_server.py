@@ -22,7 +22,7 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path):  #
         "support": write_adapter(root / "support", smollm2_dir, rank=4, alpha=4.0, targets=MLP, seed=2, scale=0.2),
     }
     config = write_config(
-        root / "config.yaml", smollm2_dir, max_seq_len=128,
+        root / "config.yaml", smollm2_dir, max_seq_len=512,
         engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 64 * 2**20},
     )
     document = yaml.safe_load(config.read_text())
@@ -87,3 +87,35 @@ def test_a_streamed_chat_names_the_adapter(lora_server) -> None:
     )
     models = {chunk.model for chunk in stream}
     assert models == {"sql"}
+
+
+def test_structured_output_and_a_forced_tool_call_under_an_adapter(lora_server) -> None:
+    import json
+
+    import openai
+
+    server, _ = lora_server
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    schema = {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False,
+    }
+    structured = client.chat.completions.create(
+        model="support", messages=[{"role": "user", "content": "Name a city."}], max_tokens=40, temperature=0.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    assert structured.model == "support"
+    assert set(json.loads(structured.choices[0].message.content or "")) == {"city"}
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        }},
+    }
+    forced = client.chat.completions.create(
+        model="sql", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=40, temperature=0.0,
+        tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    calls = forced.choices[0].message.tool_calls or []
+    assert forced.model == "sql" and len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert "city" in json.loads(calls[0].function.arguments)
