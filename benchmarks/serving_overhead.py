@@ -97,7 +97,7 @@ def serve(config: Path, port: int, engine_dir: Path, step_ms: float) -> int:
     """The real `engine-builder run`, with the torch client's LLMEngine replaced by the null engine."""
     from tokenizers import Tokenizer
 
-    import runtime.backends.torch_client as torch_client
+    import runtime.backends.torch.client as torch_client
     from engine_builder.cli import main as cli_main
 
     NullEngine.step_s = step_ms / 1e3

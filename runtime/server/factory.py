@@ -92,10 +92,10 @@ def decoder_client(
         else ("trtllm" if engine.manifest.backend == "trtllm" else "torch")
     )
     if backend == "trtllm":
-        from runtime.backends.trtllm_client import TrtLlmEngineClient
+        from runtime.backends.trtllm.client import TrtLlmEngineClient
 
         return TrtLlmEngineClient.from_engine_dir(engine)
-    from runtime.backends.torch_client import TorchEngineClient
+    from runtime.backends.torch.client import TorchEngineClient
     from runtime.engine.config_from import engine_config_from
 
     return TorchEngineClient(

@@ -1,1 +1,2 @@
-"""Pieces of the TensorRT-LLM client: sampling translation, stream-to-delta conversion, model facts."""
+"""The TensorRT-LLM backend behind the seam: `client.TrtLlmEngineClient`, and its pieces (sampling translation,
+stream-to-delta conversion, model facts, the one module importing tensorrt_llm)."""

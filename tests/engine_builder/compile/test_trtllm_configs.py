@@ -16,7 +16,7 @@ import yaml
 from engine_builder.compile.trtllm import TrtLlmCompiled, TrtLlmMappingError, compile_trtllm
 from engine_builder.config import load_config
 from runtime.artifact import MODEL_DIR, load_engine_dir
-from runtime.backends.trtllm_client import TrtLlmEngineClient
+from runtime.backends.trtllm.client import TrtLlmEngineClient
 from tests.fakes.trtllm_helpers import (
     CONFIGS_DIR,
     finish_engine_dir,

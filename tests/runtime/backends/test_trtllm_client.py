@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from runtime.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
 from runtime.backends.trtllm.sampling import UnsupportedRequestError
 from runtime.backends.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
-from runtime.backends.trtllm_client import TrtLlmEngineClient, TrtLlmEngineDeadError
 from runtime.types import (
     FinishReason,
     GenerationDelta,

@@ -12,7 +12,7 @@ import pytest
 
 from engine_builder.build_stage import build_engine
 from engine_builder.config import load_config
-from runtime.backends.trtllm_client import TrtLlmEngineClient
+from runtime.backends.trtllm.client import TrtLlmEngineClient
 from runtime.types import FinishReason, GenerationRequest, SamplingParams
 from tests.conftest import MODELS_DIR
 from tests.fakes.trtllm_helpers import smollm2_config
