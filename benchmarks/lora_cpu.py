@@ -13,7 +13,6 @@ benchmarks/results/lora-cpu.json (+ PNG).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT, SMOLLM2_DIR
-from benchmarks.report import write_json
+from benchmarks.report import add_output_arguments, redraw, save_result
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "lora-cpu.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,11 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--plot", type=Path, default=None, help="redraw the PNG of an existing result JSON and exit")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.plot is not None:
-        return 0 if plot(json.loads(args.plot.read_text()), args.plot) is not None else 1
+        return redraw(args.plot, plot)
     import torch
 
     from benchmarks import machine
@@ -139,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency, "rank": args.rank, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "targets": list(TARGETS), "rows": rows,
     }
-    write_json(document, args.out)
-    plot(document, args.out)
-    print(args.out)
-    return 0
+    return save_result(document, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ mean more than the absolute times. Writes benchmarks/results/moe-cpu.json (+ PNG
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT
-from benchmarks.report import write_json
+from benchmarks.report import add_output_arguments, redraw, save_result
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "moe-cpu.json"
 BLOCK_SHAPE = dict(hidden_size=1024, moe_intermediate_size=384, num_experts=64, num_experts_per_tok=8)
@@ -178,11 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--plot", type=Path, default=None, help="redraw the PNG of an existing result JSON and exit")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.plot is not None:
-        return 0 if plot(json.loads(args.plot.read_text()), args.plot) is not None else 1
+        return redraw(args.plot, plot)
     import torch
 
     from benchmarks import machine
@@ -198,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "block": phase_block([int(t) for t in args.tokens.split(",")], args.repeats),
             "decode": phase_decode([int(b) for b in args.batches.split(",")], args.new_tokens, Path(work)),
         }
-    write_json(document, args.out)
-    plot(document, args.out)
-    print(args.out)
-    return 0
+    return save_result(document, args.out, plot)
 
 
 if __name__ == "__main__":

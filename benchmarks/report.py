@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,27 @@ def write_json(document: dict[str, Any], path: Path) -> Path:
     temporary.write_text(text + "\n")
     temporary.replace(path)
     return path
+
+
+Plotter = Callable[[dict[str, Any], Path], "Path | None"]
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
+    """--out (the result JSON; the PNG goes beside it) and --plot (redraw an existing result and exit)."""
+    parser.add_argument("--out", type=Path, default=default)
+    parser.add_argument("--plot", type=Path, default=None, help="redraw the PNG of an existing result JSON and exit")
+
+
+def redraw(path: Path, plot: Plotter) -> int:
+    return 0 if plot(json.loads(path.read_text()), path) is not None else 1
+
+
+def save_result(document: dict[str, Any], out: Path, plot: Plotter) -> int:
+    """The result JSON (atomically) and its PNG; prints the JSON's path."""
+    write_json(document, out)
+    plot(document, out)
+    print(out)
+    return 0
 
 
 def _clean(value: Any) -> Any:

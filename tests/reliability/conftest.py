@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS_DIR
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.runtime.server.harness import ServerProcess, started, write_config
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +22,8 @@ def small_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) ->
         max_batch_size=32,
         request_default_max_tokens=4,
     )
-    process = ServerProcess(config, root / "engine")
-    try:
-        process.wait_ready()
+    with started(config, root / "engine") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +32,5 @@ def encoder_server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     (root / "configs").mkdir()
     shutil.copy(CONFIGS_DIR / "embeddings.yaml", root / "configs" / "embeddings.yaml")
     (root / "models").symlink_to(minilm_dir.parent)  # the config's LOCAL path is ../models/all-MiniLM-L6-v2
-    process = ServerProcess(root / "configs" / "embeddings.yaml", root / "engine")
-    try:
-        process.wait_ready()
+    with started(root / "configs" / "embeddings.yaml", root / "engine") as process:
         yield process
-    finally:
-        process.stop()

@@ -7,31 +7,23 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.runtime.server.harness import ServerProcess, started, write_config
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("server")
     config = write_config(root / "config.yaml", smollm2_dir, max_seq_len=512)
-    process = ServerProcess(config, root / "engine")
-    try:
-        process.wait_ready()
+    with started(config, root / "engine") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
 def qwen_server(tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("qwen")
     config = write_config(root / "config.yaml", qwen_dir, max_seq_len=2048, max_num_tokens=1024)
-    process = ServerProcess(config, root / "engine")
-    try:
-        process.wait_ready()
+    with started(config, root / "engine") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")

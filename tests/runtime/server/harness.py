@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -116,3 +118,21 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         self.log.close()
+
+
+@contextmanager
+def started(
+    config: Path,
+    engine_dir: Path,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    ready_timeout_s: float = 180.0,
+) -> Iterator[ServerProcess]:
+    """A server that is ready when the block starts and stopped (its process group) when it ends."""
+    process = ServerProcess(config, engine_dir, extra_args, env)
+    try:
+        process.wait_ready(ready_timeout_s)
+        yield process
+    finally:
+        process.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.runtime.server.harness import ServerProcess, started, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +18,8 @@ def fanout_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -
     root = tmp_path_factory.mktemp("fanout")
     config = write_config(root / "config.yaml", smollm2_dir, max_seq_len=512)
     shutil.copytree(Path(__file__).parent / "fanout_model", root / "model")
-    process = ServerProcess(config, root / "engine")
-    try:
-        process.wait_ready()
+    with started(config, root / "engine") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:

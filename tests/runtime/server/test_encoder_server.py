@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import CONFIGS_DIR
-from tests.runtime.server.harness import ServerProcess
+from tests.runtime.server.harness import ServerProcess, started
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,8 @@ def encoder_server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     config.parent.mkdir()
     shutil.copy(CONFIGS_DIR / "embeddings.yaml", config)
     (root / "models").symlink_to(minilm_dir.parent)  # the config's LOCAL path is ../models/all-MiniLM-L6-v2
-    process = ServerProcess(config, root / "engine", ["--api-key", "secret", "--auto-truncate", "true"])
-    try:
-        process.wait_ready()
+    with started(config, root / "engine", ["--api-key", "secret", "--auto-truncate", "true"]) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_embeddings_rerank_predict_and_metrics(encoder_server: ServerProcess) -> None:

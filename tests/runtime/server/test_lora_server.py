@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.runtime.engine.lora_adapters import ATTENTION, MLP, greedy, merged_reference, write_adapter
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.runtime.server.harness import started, write_config
 
 PROMPT = [(97 * j) % 40000 + 100 for j in range(12)]
 
@@ -31,12 +31,8 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path):  #
     }
     document["trt_llm"]["build"]["lora_configuration"] = {"max_lora_rank": 16}
     config.write_text(yaml.safe_dump(document))
-    server = ServerProcess(config, root / "engine")
-    try:
-        server.wait_ready()
+    with started(config, root / "engine") as server:
         yield server, adapters
-    finally:
-        server.stop()
 
 
 def test_models_lists_the_adapters_with_their_parent(lora_server) -> None:
