@@ -186,6 +186,8 @@ def _check_quantization(
     method = quant_config.get("quant_method", "unknown") if isinstance(quant_config, dict) else "unknown"
     if allow_prequantized:
         return str(method)
+    if method == "mxfp4" and "GptOssForCausalLM" in (config.get("architectures") or []):
+        return "mxfp4"  # gpt-oss as published: its MXFP4 experts are dequantized when the engine loads them
     where = f"{CONFIG_FILE} has quantization_config" if quant_config else f"{marker_files[0]} is present"
     raise CheckpointLayoutError(
         f"{where} (quant_method={method}): pre-quantized checkpoints are not accepted for base_model "

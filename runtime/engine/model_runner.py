@@ -102,6 +102,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Triton launches on the current device
         self.model = load_decoder(config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy")
+        if self.model.spec.attention_sinks and self.kernels == KernelSet.TRITON:
+            if config.kernels != "auto":
+                raise ValueError("kernels: triton has no attention-sink kernels yet (gpt-oss); use kernels: torch")
+            logger.warning("attention sinks (gpt-oss): the PyTorch kernel set, the Triton kernels have no sinks yet")
+            self.kernels = KernelSet.TORCH
         self.model.use_kernels(self.kernels)
         if self.device.type == "cuda":
             for module in self.model.modules():

@@ -32,6 +32,11 @@ def _tiny_moe(root: Path, smollm2_dir: Path, kind: str) -> Path:
             **common, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
             num_experts_per_tok=2, norm_topk_prob=True,
         )
+    elif kind == "gpt_oss":
+        config = transformers.GptOssConfig(
+            **common, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     else:
         config = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -52,7 +57,7 @@ def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_moe_checkpoint_served_over_http_matches_transformers_greedy(
     tmp_path: Path, smollm2_dir: Path, kind: str
 ) -> None:

@@ -138,6 +138,37 @@ def _mixtral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     return replace(_mistral(architecture, config), moe=moe)
 
 
+def _gpt_oss(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    """gpt-oss: attention with biases and per-head sinks, sliding-window and full layers alternating, YaRN
+    rotary, and experts on every layer (softmax over the 4 best logits, biases, clamped SwiGLU)."""
+    num_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if index % 2 == 0 else "full_attention" for index in range(num_layers)
+    ]
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        normalize_top_k=False,
+        sparse_layers=(True,) * num_layers,
+        softmax_after_top_k=True,
+        biases=True,
+        swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
+        checkpoint_layout="gpt_oss",
+    )
+    return _common(
+        architecture,
+        config,
+        qkv_bias=bool(config.get("attention_bias", True)),
+        o_bias=bool(config.get("attention_bias", True)),
+        attention_sinks=True,
+        sliding_window=config.get("sliding_window"),
+        sliding_layers=tuple(kind == "sliding_attention" for kind in layer_types),
+        moe=moe,
+    )
+
+
 ARCHITECTURES: dict[str, SpecBuilder] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _mistral,
@@ -146,6 +177,7 @@ ARCHITECTURES: dict[str, SpecBuilder] = {
     "Gemma3ForCausalLM": _gemma3,
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "MixtralForCausalLM": _mixtral,
+    "GptOssForCausalLM": _gpt_oss,
 }
 
 

@@ -53,6 +53,9 @@ class DecoderSpec:
     rope_local_theta: float | None = None
     query_scale: float | None = None
     final_logit_softcap: float | None = None
+    # gpt-oss differences
+    o_bias: bool = False  # a bias on the attention output projection
+    attention_sinks: bool = False
     # mixture-of-experts layers (Qwen3-MoE, Mixtral); None = every layer has the dense MLP
     moe: MoESpec | None = None
 
@@ -69,7 +72,7 @@ class DecoderLayer(nn.Module):
         kv_size = spec.num_kv_heads * spec.head_dim
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.qkv = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
         self.is_sliding = spec.sliding_window is not None and (
             spec.sliding_layers is None or spec.sliding_layers[layer_index]
         )
@@ -81,6 +84,7 @@ class DecoderLayer(nn.Module):
             spec.query_scale ** -0.5 if spec.query_scale else 1.0 / math.sqrt(spec.head_dim),
             spec.sliding_window if self.is_sliding else None,
             qk_norm=(spec.rms_norm_eps, spec.norm_offset) if spec.qk_norm else None,
+            sinks=spec.attention_sinks,
         )
         self.post_attention_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.mlp: GatedMLP | SparseMoE

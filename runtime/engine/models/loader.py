@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from safetensors import safe_open
 
 from runtime.engine import quantized_checkpoint as quantized
 from runtime.engine.models import DecoderModel, UnsupportedArchitectureError, decoder_spec
+from runtime.engine.models.gpt_oss_weights import dequantize_mxfp4, to_engine_layout
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,11 @@ _STACKED_EXPERTS = {
     "mlp.experts.gate_up_proj": "mlp.w_gate_up", "block_sparse_moe.experts.gate_up_proj": "mlp.w_gate_up",
     "mlp.experts.down_proj": "mlp.w_down", "block_sparse_moe.experts.down_proj": "mlp.w_down",
     "mlp.gate.weight": "mlp.router.weight", "block_sparse_moe.gate.weight": "mlp.router.weight",
+    # gpt-oss
+    "mlp.router.weight": "mlp.router.weight", "mlp.router.bias": "mlp.router.bias",
+    "mlp.experts.gate_up_proj_bias": "mlp.w_gate_up_bias", "mlp.experts.down_proj_bias": "mlp.w_down_bias",
 }
+_MXFP4 = re.compile(r"(.*mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 Part = int | tuple[int, int | None] | None  # a fused matrix's part, or (expert, part of the expert), or the whole
 _NORMS = {
     "input_layernorm.weight": "input_norm.weight",
@@ -38,6 +44,8 @@ _NORMS = {
     "self_attn.k_norm.weight": "attention.k_norm.weight",
     "self_attn.o_proj.weight": "o_proj.weight",
     "mlp.down_proj.weight": "mlp.down.weight",
+    "self_attn.o_proj.bias": "o_proj.bias",
+    "self_attn.sinks": "attention.sinks",
 }
 _FUSED = {  # checkpoint suffix -> (our parameter, part index)
     "self_attn.q_proj.weight": ("qkv.weight", 0),
@@ -77,7 +85,11 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
     if dummy:
         return _dummy_weights(model, config, device)
     files = safetensors_files(model_dir)
-    quantization = quantized.read_quantization(model_dir, config)
+    gpt_oss_layout = spec.moe is not None and spec.moe.checkpoint_layout == "gpt_oss"
+    mxfp4 = (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    if mxfp4 and not gpt_oss_layout:
+        raise UnsupportedArchitectureError(f"{spec.architecture}: MXFP4 checkpoints are read for gpt-oss only")
+    quantization = None if mxfp4 else quantized.read_quantization(model_dir, config)
     if quantization is not None and spec.moe is not None:
         raise UnsupportedArchitectureError(
             f"{spec.architecture}: quantized mixture-of-experts checkpoints are not supported by the torch engine "
@@ -96,9 +108,21 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
         "qkv": [0, q_size, q_size + kv_size, q_size + 2 * kv_size],
         "mlp.gate_up": [0, spec.intermediate_size, 2 * spec.intermediate_size],
     }
+    pending_mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a packed tensor's blocks or scales, until both are read
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                packed = _MXFP4.fullmatch(name) if gpt_oss_layout else None
+                if packed is not None:
+                    halves = pending_mxfp4.setdefault(packed.group(1), {})
+                    halves[packed.group(2)] = handle.get_tensor(name)
+                    if len(halves) == 2:
+                        base_name = packed.group(1)
+                        tensor = dequantize_mxfp4(halves["blocks"], halves["scales"])
+                        del pending_mxfp4[base_name]
+                        our_name = _load_whole(parameters, base_name, tensor, spec, rows_first=True, path=path)
+                        loaded.add(our_name)
+                    continue
                 scale = quantized.split_scale_name(name) if quantization is not None else None
                 if scale is not None:
                     _load_scale(model, name, scale, handle.get_tensor(name), fused_offsets)
@@ -110,8 +134,13 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
                 our_name, part = target
                 if our_name not in parameters:
                     raise CheckpointMismatchError(f"{path.name}: tensor {name} has no place in {spec.architecture}")
-                _place(parameters[our_name], our_name, part, handle.get_tensor(name), fused_offsets, name)
+                tensor = handle.get_tensor(name)
+                if gpt_oss_layout and part is None:
+                    tensor = to_engine_layout(our_name, tensor, rows_first=False)
+                _place(parameters[our_name], our_name, part, tensor, fused_offsets, name)
                 loaded.add(our_name if part is None else f"{our_name}#{part}")
+    if pending_mxfp4:
+        raise CheckpointMismatchError(f"MXFP4 tensors without their blocks or scales: {sorted(pending_mxfp4)[:5]}")
     if spec.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "lm_head.weight" not in loaded and not spec.tie_word_embeddings:
             logger.warning("%s has no lm_head.weight; tying it to the embeddings", model_dir)
@@ -170,6 +199,19 @@ def _load_scale(
         offsets = fused_offsets["qkv" if module_name.endswith("qkv") else "mlp.gate_up"]
         rows = slice(offsets[part], offsets[part + 1])
     quantized.load_scale(model, module_name, scale_name, rows, tensor)
+
+
+def _load_whole(
+    parameters: Mapping[str, torch.Tensor], base_name: str, tensor: torch.Tensor, spec: object, rows_first: bool,
+    path: Path,
+) -> str:
+    """A dequantized gpt-oss expert tensor into its parameter; returns the parameter's name."""
+    target = _target(base_name)
+    if target is None or target[0] not in parameters:
+        raise CheckpointMismatchError(f"{path.name}: tensor {base_name} has no place in {spec}")
+    our_name = target[0]
+    _place(parameters[our_name], our_name, None, to_engine_layout(our_name, tensor, rows_first), {}, base_name)
+    return our_name
 
 
 def _place(

@@ -61,6 +61,16 @@ def _tiny(kind: str, path: Path) -> Path:
         config = transformers.MixtralConfig(**{**TINY, "intermediate_size": 48}, num_local_experts=4,
                                             num_experts_per_tok=2, sliding_window=None)
         model = transformers.MixtralForCausalLM(config)
+    elif kind == "gpt_oss":  # sinks, biases, alternating sliding/full layers, YaRN, clamped SwiGLU experts
+        config = transformers.GptOssConfig(
+            **{**TINY, "intermediate_size": 32}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        )
+        model = transformers.GptOssForCausalLM(config)
+        with torch.no_grad():  # sinks and expert weights large enough to matter
+            for name, parameter in model.named_parameters():
+                if name.endswith(("sinks", "experts.gate_up_proj", "experts.down_proj")):
+                    parameter.normal_(0, 0.5 if name.endswith("sinks") else 0.2)
     else:
         raise AssertionError(kind)
     with torch.no_grad():  # random biases too, so a missing bias would show
@@ -89,7 +99,7 @@ def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
         return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "gpt_oss"])
 def test_prefill_logits_match_transformers(kind: str, tmp_path: Path) -> None:
     import transformers
 
@@ -109,7 +119,7 @@ def test_unknown_architecture_is_refused_by_name(tmp_path: Path) -> None:
         decoder_spec({"architectures": ["PhiForCausalLM"]})
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma3", "qwen3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma3", "qwen3", "qwen3_moe", "mixtral", "gpt_oss"])
 def test_paged_decode_matches_transformers_past_the_sliding_window(kind: str, tmp_path: Path) -> None:
     import transformers
 
@@ -161,7 +171,7 @@ def _generate(model: object, prompt: list[int], max_new_tokens: int) -> list[int
     return output[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_moe_batch_with_chunked_prefill_and_prefix_cache_matches_transformers(kind: str, tmp_path: Path) -> None:
     """Four requests in one batch: prompts longer than a step's token budget (chunked prefill), two sharing a
     16-token prefix (the second reuses cached blocks); each equals transformers' greedy output alone."""
@@ -193,3 +203,14 @@ def test_moe_batch_with_chunked_prefill_and_prefix_cache_matches_transformers(ki
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for index, prompt in enumerate(prompts):
         assert ours[f"b{index}"] == _generate(reference, prompt, 8), index
+
+
+def test_attention_sinks_are_refused_by_the_triton_kernels_when_asked_for(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.engine import LLMEngine
+
+    model_dir = _tiny("gpt_oss", tmp_path / "gpt_oss")
+    with pytest.raises(ValueError, match="no attention-sink kernels"):
+        LLMEngine(EngineConfig(model_dir=model_dir, dtype="float32", kernels="triton", max_seq_len=64,
+                               kv_cache_memory_bytes=8 << 20, block_size=4), eos_token_ids=())

@@ -42,6 +42,7 @@ class Attention(nn.Module):
         scale: float,
         sliding_window: int | None,
         qk_norm: tuple[float, float] | None = None,  # (eps, offset) when the layer normalizes q and k per head
+        sinks: bool = False,  # gpt-oss: a learned logit per head that joins every softmax with a zero value
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -53,6 +54,7 @@ class Attention(nn.Module):
         self.split_sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
         self.q_norm = RMSNorm(head_dim, *qk_norm) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, *qk_norm) if qk_norm else None
+        self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False) if sinks else None
 
     def forward(
         self,

@@ -69,6 +69,7 @@ class CpuAttentionMetadata:
             self, layer.scale,
             sliding_window=layer.sliding_window,
             kv_scales=layer.kv_scales(kv_cache),
+            sinks=layer.sinks,
         ).reshape(num_tokens, -1)
         return result if out is None else out.copy_(result)
 
@@ -148,11 +149,12 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every token row to its context.
 
     With `kv_scales` (an FP8 cache) K and V are divided by their scales before the cast and multiplied
-    back after every read.
+    back after every read. `sinks` [num_heads] (gpt-oss) join each softmax as one more logit per head.
     """
     if kv_scales is not None:
         key = key.float() / kv_scales[0]
@@ -163,18 +165,18 @@ def paged_attention(
     num_kv_heads = key.shape[1]
     if metadata.num_decodes == num_tokens and not metadata.extends:  # every row is a decode row, in order
         return _decode_attention(
-            query, key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window, kv_scales
+            query, key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window, kv_scales, sinks
         )
     output = torch.empty_like(query)
     if metadata.num_decodes:
         output[metadata.decode_rows] = _decode_attention(
             query[metadata.decode_rows], key_cache, value_cache, metadata, scale, num_kv_heads, sliding_window,
-            kv_scales,
+            kv_scales, sinks,
         )
     for span in metadata.extends:
         rows = slice(span.row_start, span.row_start + span.num_new_tokens)
         output[rows] = _extend_attention(
-            query[rows], key_cache, value_cache, span, scale, num_kv_heads, sliding_window, kv_scales
+            query[rows], key_cache, value_cache, span, scale, num_kv_heads, sliding_window, kv_scales, sinks
         )
     return output
 
@@ -209,6 +211,7 @@ def _decode_attention(
     num_kv_heads: int,
     sliding_window: int | None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query row per sequence against its gathered context, batched over sequences.
 
@@ -216,7 +219,7 @@ def _decode_attention(
     advanced indexing) and attended with float32 SDPA (PyTorch's bf16 SDPA on CPU is ~10x slower).
     """
     num_decodes, num_heads, head_dim = query.shape
-    if kv_scales is None and _native_decode_supported(key_cache):
+    if kv_scales is None and sinks is None and _native_decode_supported(key_cache):
         native = _native_decode_attention(query, key_cache, value_cache, metadata, scale, sliding_window)
         if native is not None:
             return native
@@ -230,15 +233,40 @@ def _decode_attention(
         lengths = metadata.decode_mask.view(num_decodes, -1).sum(-1, keepdim=True)
         positions = torch.arange(max_context, device=mask.device).unsqueeze(0)
         mask = mask & (positions >= lengths - sliding_window).view(num_decodes, 1, 1, -1)
-    out = F.scaled_dot_product_attention(
-        query.to(compute).view(num_decodes, num_heads, 1, head_dim),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=True,
+    out = _sdpa(
+        query.to(compute).view(num_decodes, num_heads, 1, head_dim), keys.transpose(1, 2), values.transpose(1, 2),
+        mask, scale, sinks,
     )
     return out.view(num_decodes, num_heads, head_dim).to(query.dtype)
+
+
+def _sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    sinks: torch.Tensor | None, is_causal: bool = False,
+) -> torch.Tensor:
+    """PyTorch SDPA over [B, H, T, D] queries and [B, Hkv, L, D] keys/values (boolean mask, True = attend). With
+    `sinks`, one more key of zeros whose value is zero joins every row, its logit the head's sink: the softmax
+    then spreads part of its mass on nothing, as gpt-oss defines it."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=True
+        )
+    batch, heads, rows, _ = q.shape
+    length = keys.shape[2]
+    if mask is None:
+        mask = torch.ones(rows, length, dtype=torch.bool, device=q.device)
+        if is_causal:
+            mask = mask.tril(length - rows)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    if bias.dim() == 2:  # one sequence's [rows, length]
+        bias = bias.view(1, 1, rows, length)
+    bias = bias.expand(batch, heads, rows, length)
+    sink_column = sinks.to(q.dtype).view(1, heads, 1, 1).expand(batch, heads, rows, 1)
+    zeros = keys.new_zeros(keys.shape[0], keys.shape[1], 1, keys.shape[3])
+    return F.scaled_dot_product_attention(
+        q, torch.cat([keys, zeros], dim=2), torch.cat([values, zeros], dim=2),
+        attn_mask=torch.cat([bias, sink_column], dim=-1), scale=scale, enable_gqa=True,
+    )
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -315,6 +343,7 @@ def _extend_attention(
     num_kv_heads: int,
     sliding_window: int | None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_new = query.shape[0]
     context_len = int(span.context_slots.numel())
@@ -331,8 +360,5 @@ def _extend_attention(
         mask = cols <= rows
         if sliding_window is not None:
             mask = mask & (cols > rows - sliding_window)
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = _sdpa(q, keys, values, mask, scale, sinks, is_causal=True)
     return out.squeeze(0).transpose(0, 1)

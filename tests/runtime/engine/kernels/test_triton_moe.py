@@ -67,8 +67,10 @@ def test_grouped_gemm_matches_per_expert_matmuls(device, dtype: torch.dtype, tok
     torch.testing.assert_close(second.cpu().float(), expected_second, **tolerance)
 
 
-def _block(normalize: bool, seed: int = 0) -> SparseMoE:
+def _block(normalize: bool, seed: int = 0, gpt_oss: bool = False) -> SparseMoE:
     spec = MoESpec(num_experts=6, top_k=2, intermediate_size=24, normalize_top_k=normalize, sparse_layers=(True,))
+    if gpt_oss:
+        spec = MoESpec(6, 2, 24, False, (True,), softmax_after_top_k=True, biases=True, swiglu_limit=0.5)
     block = SparseMoE(32, spec, "silu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -79,24 +81,40 @@ def _block(normalize: bool, seed: int = 0) -> SparseMoE:
 
 def _loop_reference(block: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     """A token at a time, an expert at a time: the definition the grouped paths must equal."""
-    weights, experts = route(block.router(x), block.spec.top_k, block.spec.normalize_top_k)
+    spec = block.spec
+    logits = block.router(x)
+    if spec.softmax_after_top_k:
+        best, experts = torch.topk(logits, spec.top_k, dim=-1)
+        weights = torch.softmax(best, dim=-1)
+    else:
+        weights, experts = route(logits, spec.top_k, spec.normalize_top_k)
     out = torch.zeros_like(x)
-    size = block.spec.intermediate_size
+    size = spec.intermediate_size
     for token in range(x.shape[0]):
-        for slot in range(block.spec.top_k):
+        for slot in range(spec.top_k):
             expert = int(experts[token, slot])
             gate_up = block.w_gate_up[expert] @ x[token]
-            hidden = torch.nn.functional.silu(gate_up[:size]) * gate_up[size:]
-            out[token] += weights[token, slot] * (block.w_down[expert] @ hidden)
+            if block.w_gate_up_bias is not None:
+                gate_up = gate_up + block.w_gate_up_bias[expert]
+            gate, up = gate_up[:size], gate_up[size:]
+            if spec.swiglu_limit is not None:  # gpt-oss's clamped SwiGLU, written out
+                gate, up = gate.clamp(max=spec.swiglu_limit), up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+                hidden = (up + 1) * gate * torch.sigmoid(spec.swiglu_alpha * gate)
+            else:
+                hidden = torch.nn.functional.silu(gate) * up
+            expert_out = block.w_down[expert] @ hidden
+            if block.w_down_bias is not None:
+                expert_out = expert_out + block.w_down_bias[expert]
+            out[token] += weights[token, slot] * expert_out
     return out
 
 
 @pytest.mark.parametrize("kernels", [KernelSet.TORCH, KernelSet.NATIVE, KernelSet.TRITON])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_moe_block_matches_the_loop_over_experts(device, kernels: KernelSet, normalize: bool) -> None:
+@pytest.mark.parametrize("variant", ["plain", "normalized", "gpt_oss"])
+def test_moe_block_matches_the_loop_over_experts(device, kernels: KernelSet, variant: str) -> None:
     if kernels == KernelSet.NATIVE and device.type != "cpu":
         pytest.skip("native kernels are CPU kernels")
-    block = _block(normalize)
+    block = _block(variant == "normalized", gpt_oss=variant == "gpt_oss")
     x = torch.randn(11, 32, generator=torch.Generator().manual_seed(3))
     expected = _loop_reference(block, x)
     block.to(device).kernels = kernels
