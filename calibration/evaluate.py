@@ -1,17 +1,19 @@
 """Accuracy of a quantized decoder against its unquantized reference on held-out text (teacher forcing).
 
 Both models run the same token sequences through the serving code (the quantized one with its FP8 KV
-cache when it has one). Per position: does the argmax agree (top-1 agreement), cosine of the logit
-vectors, KL(reference || quantized); per model: perplexity of the held-out text.
+cache when it has one), one after the other so only one is in memory: `record_reference` stores the reference's
+logits, `compare` runs the quantized model against them. Per position: does the argmax agree (top-1 agreement),
+cosine of the logit vectors, KL(reference || quantized); per model: perplexity of the held-out text.
 """
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from calibration.forward import batches, run_batch
+from calibration.forward import batches, logits, run_batch
 from runtime.engine.models.decoder import DecoderModel
 
 
@@ -35,13 +37,51 @@ class AccuracyMetrics:
         return {**asdict(self), "perplexity_change": self.perplexity_change}
 
 
+class ReferenceLogits:
+    """The reference model's float32 logits of each held-out sequence, in order, one file each under `folder`: the
+    reference is freed before the quantized model is loaded, and full distributions (for cosine and KL) of a large
+    vocabulary would otherwise rival the checkpoint in host memory."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+
+    def append(self, logits: torch.Tensor) -> None:
+        torch.save(logits.detach().float().cpu(), self._path(self.count))
+        self.count += 1
+
+    def read(self, index: int, device: torch.device) -> torch.Tensor:
+        return torch.load(self._path(index), weights_only=True).to(device)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"reference-logits-{index:06d}.pt"
+
+
 @torch.inference_mode()
-def evaluate(
+def record_reference(
     reference: DecoderModel,
+    sequences: list[list[int]],
+    store: ReferenceLogits,
+    compute_dtype: torch.dtype | None = None,
+) -> None:
+    """Phase one: the reference's logits of every sequence into `store`."""
+    for batch_sequences in batches(sequences):
+        batch = run_batch(reference, batch_sequences, compute_dtype=compute_dtype)
+        for index in range(len(batch_sequences)):
+            store.append(logits(reference, batch.hidden[batch.rows(index)], compute_dtype))
+
+
+@torch.inference_mode()
+def compare(
     quantized: DecoderModel,
     sequences: list[list[int]],
+    store: ReferenceLogits,
     kv_cache_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> AccuracyMetrics:
+    """Phase two: the quantized model over the same sequences, measured against the stored reference logits."""
+    if store.count != len(sequences):
+        raise ValueError(f"{store.count} reference sequences recorded for {len(sequences)} to compare")
     agree = 0
     positions = 0
     cosine_sum = 0.0
@@ -49,13 +89,13 @@ def evaluate(
     kl_sum = 0.0
     nll = [0.0, 0.0]
     targets_total = 0
+    number = 0
     for batch_sequences in batches(sequences):
-        ref_batch = run_batch(reference, batch_sequences)
-        quant_batch = run_batch(quantized, batch_sequences, kv_cache_dtype)
+        quant_batch = run_batch(quantized, batch_sequences, kv_cache_dtype, compute_dtype)
         for index, sequence in enumerate(batch_sequences):
-            rows = ref_batch.rows(index)
-            ref_logits = reference.logits(ref_batch.hidden[rows]).float()
-            quant_logits = quantized.logits(quant_batch.hidden[rows]).float()
+            quant_logits = logits(quantized, quant_batch.hidden[quant_batch.rows(index)], compute_dtype)
+            ref_logits = store.read(number, quant_logits.device)
+            number += 1
             agree += int((ref_logits.argmax(-1) == quant_logits.argmax(-1)).sum())
             positions += len(sequence)
             cosine = F.cosine_similarity(ref_logits, quant_logits, dim=-1)

@@ -5,8 +5,10 @@ to `<engine>/calibration_report.json`; a breached threshold raises `Quantization
 after the report is written, naming the numbers.
 """
 
+import gc
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,17 @@ import torch
 from calibration import gate
 from calibration.calibrate import calibrate
 from calibration.datasets import heldout_texts, load_calibration_texts, token_samples
-from calibration.evaluate import evaluate
+from calibration.device import ComputePlan, check_fits, plan_for, resolve_device
+from calibration.evaluate import ReferenceLogits, compare, record_reference
 from calibration.export_hf import export_hf_checkpoint
 from calibration.quantize import quantize_tensors
 from calibration.recipes import Recipe, recipe_for
 from engine_builder.build_stage import BuildError
 from engine_builder.config import BaseModelKind, LoadedConfig
 from runtime.artifact import CALIBRATION_REPORT, MODEL_DIR, write_atomic
+from runtime.engine.models.decoder import DecoderModel
 from runtime.engine.models.loader import load_decoder, safetensors_files
+from runtime.engine.quantized import Fp8Linear
 from runtime.engine.quantized_checkpoint import weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -42,7 +47,12 @@ class QuantizationGateError(BuildError):
 
 
 def quantize_checkpoint(
-    loaded: LoadedConfig, checkpoint_path: Path, staging_engine_dir: Path, *, backend: str = "torch"
+    loaded: LoadedConfig,
+    checkpoint_path: Path,
+    staging_engine_dir: Path,
+    *,
+    backend: str = "torch",
+    calibration_device: str = "auto",
 ) -> dict[str, str]:
     build = loaded.trt_llm.build
     recipe = recipe_for(build.quantization_type)
@@ -66,17 +76,34 @@ def quantize_checkpoint(
             settings.calib_size,
             texts.source,
         )
-    reference = load_decoder(checkpoint_path, torch.float32, torch.device("cpu"))
-    stats = calibrate(reference, samples)
-    started = time.monotonic()
-    quantized = quantize_tensors(checkpoint_path, reference.spec.num_layers, recipe, stats)
-    model_dir = staging_engine_dir / MODEL_DIR
-    export_hf_checkpoint(quantized, recipe, checkpoint_path, model_dir)
-    export_seconds = time.monotonic() - started
-    quantized_model = load_decoder(model_dir, torch.float32, torch.device("cpu"))
+    plan = plan_for(checkpoint_path, resolve_device(calibration_device))
+    check_fits(_tensor_bytes(checkpoint_path), plan.device)
+    logger.info("calibration and evaluation on %s", ", ".join(f"{k} {v}" for k, v in plan.describe().items()))
     heldout = token_samples(tokenizer, heldout_texts(), EVAL_MAX_TOKENS)
+    model_dir = staging_engine_dir / MODEL_DIR
     kv_dtype = torch.float8_e4m3fn if recipe.kv_cache_fp8 else None
-    metrics = evaluate(reference, quantized_model, heldout, kv_dtype)
+    # One model in memory at a time: the reference calibrates and records its held-out logits, then is freed
+    # before the quantized checkpoint is made, written, loaded and compared.
+    with tempfile.TemporaryDirectory(prefix=".reference-logits-", dir=staging_engine_dir) as scratch:
+        reference_logits = ReferenceLogits(Path(scratch))
+        reference = load_for_calibration(checkpoint_path, plan)
+        num_layers = reference.spec.num_layers
+        stats = calibrate(reference, samples, plan.compute_dtype)
+        record_reference(reference, heldout, reference_logits, plan.compute_dtype)
+        del reference
+        _release(plan)
+        started = time.monotonic()
+        checkpoint = quantize_tensors(checkpoint_path, num_layers, recipe, stats)
+        export_hf_checkpoint(checkpoint, recipe, checkpoint_path, model_dir)
+        export_seconds = time.monotonic() - started
+        linear_bytes = checkpoint.linear_bytes()
+        quantized_modules, exclude_modules = checkpoint.quantized_modules, checkpoint.exclude_modules
+        del checkpoint
+        _release(plan)
+        quantized_model = load_for_calibration(model_dir, plan)
+        metrics = compare(quantized_model, heldout, reference_logits, kv_dtype, plan.compute_dtype)
+        del quantized_model
+        _release(plan)
     thresholds = gate.thresholds_for(recipe.quant_algo)
     breached = gate.failures(metrics, thresholds)
     report = {
@@ -94,12 +121,15 @@ def quantize_checkpoint(
             "seconds": round(stats.seconds, 2),
             "export_seconds": round(export_seconds, 2),
         },
-        "evaluation": {"text": "builtin:heldout.jsonl", "compute_dtype": "float32", **metrics.to_dict()},
-        "weights": _weight_sizes(
-            checkpoint_path, model_dir, quantized.linear_bytes(), quantized.quantized_modules
-        ),
-        "quantized_modules": len(quantized.quantized_modules),
-        "exclude_modules": quantized.exclude_modules,
+        "compute": plan.describe(),
+        "evaluation": {
+            "text": "builtin:heldout.jsonl",
+            "compute_dtype": plan.describe()["compute_dtype"],
+            **metrics.to_dict(),
+        },
+        "weights": _weight_sizes(checkpoint_path, model_dir, linear_bytes, quantized_modules),
+        "quantized_modules": len(quantized_modules),
+        "exclude_modules": exclude_modules,
         "gate": {
             "thresholds": thresholds.to_dict(),
             "passed": not breached,
@@ -125,6 +155,24 @@ def quantize_checkpoint(
     if breached:
         logger.warning("accuracy gate is off; breached: %s", "; ".join(breached))
     return {"quantization": recipe.name, "kv_cache_dtype": recipe.kv_cache_dtype}
+
+
+def load_for_calibration(model_dir: Path, plan: ComputePlan) -> DecoderModel:
+    """A checkpoint (16-bit or quantized) as `plan` runs it; on CUDA, FP8 layers as the model runner serves them."""
+    model = load_decoder(model_dir, plan.weight_dtype, plan.device)
+    model.use_kernels(plan.kernels)
+    if plan.device.type == "cuda":
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.requantize_to_one_scale()
+    return model
+
+
+def _release(plan: ComputePlan) -> None:
+    """Return a freed model's memory now (its device memory to the CUDA allocator's pool of free blocks)."""
+    gc.collect()
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def check_gpu_capability(recipe: Recipe) -> None:

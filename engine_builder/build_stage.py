@@ -124,7 +124,9 @@ def build_engine(
         else:
             from calibration.pipeline import quantize_checkpoint
 
-            quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend)
+            quantization_summary = quantize_checkpoint(
+                loaded, fetched.path, staging, backend=backend, calibration_device=options.calibration_device
+            )
         trtllm_serve = None
         if backend == "trtllm":
             from engine_builder.compile.trtllm import compile_trtllm

@@ -23,6 +23,11 @@ class EngineOptions(pydantic.BaseModel):
         default="auto", description="auto = trtllm when it imports and a GPU is present, else torch"
     )
     device: str = pydantic.Field(default="auto", description="auto, cpu, cuda or cuda:N (torch backend)")
+    calibration_device: Literal["auto", "cpu", "cuda"] = pydantic.Field(
+        default="auto",
+        description="Where a quantizing build calibrates and measures accuracy: auto = the CUDA device when one is "
+        "visible (in the checkpoint's dtype), else the CPU (float32 compute, weights kept in their own dtype)",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = pydantic.Field(
         default="auto",
         description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16",
