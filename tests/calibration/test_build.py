@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from calibration import pipeline
@@ -38,12 +39,12 @@ engine_builder:
 
 
 def _build(
-    tmp_path: Path, model_dir: Path, quantization: str, dataset: str = "abisee/cnn_dailymail"
+    tmp_path: Path, model_dir: Path, quantization: str, dataset: str = "abisee/cnn_dailymail", *flags: str
 ) -> tuple[int, Path]:
     config = tmp_path / f"{quantization}.yaml"
     config.write_text(CONFIG.format(quantization=quantization, model_dir=model_dir, dataset=dataset))
     output = tmp_path / f"engine-{quantization}"
-    return main(["build", str(config), "-o", str(output)]), output
+    return main(["build", str(config), "-o", str(output), *flags]), output
 
 
 def _bytes(folder: Path) -> int:
@@ -65,6 +66,10 @@ def test_build_quantized_engine(smollm2_dir: Path, tmp_path: Path, quantization:
     print(f"{quantization}: {json.dumps(evaluation)} weights {json.dumps(report['weights'])}")
     assert report["calibration"]["source"] == "builtin:default.jsonl"  # no hub here: the offline set
     assert report["calibration"]["num_samples"] == 64
+    if not torch.cuda.is_available():
+        assert report["compute"] == {
+            "device": "cpu", "weight_dtype": "bfloat16", "compute_dtype": "float32", "kernels": "native"
+        }
     assert report["gate"]["passed"] and report["gate"]["failures"] == []
     assert evaluation["num_tokens"] > 500
     assert evaluation["top1_agreement"] >= 0.8
@@ -75,6 +80,20 @@ def test_build_quantized_engine(smollm2_dir: Path, tmp_path: Path, quantization:
     assert weights["ratio"] <= 0.62  # embeddings (tied LM head) stay bf16: 57 MB of 269 MB
     assert weights["quantized_bytes"] == _bytes(engine.model_dir)
     assert weights["reference_bytes"] == _bytes(smollm2_dir)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibration_on_cuda_passes_the_gate(smollm2_dir: Path, tmp_path: Path) -> None:
+    """On a GPU the build calibrates and evaluates there, in the checkpoint's bf16, through the served kernels."""
+    code, output = _build(tmp_path, smollm2_dir, "fp8_kv", "builtin", "--calibration-device", "cuda")
+    assert code == 0
+    report = json.loads((output / CALIBRATION_REPORT).read_text())
+    assert report["compute"]["device"].startswith("cuda")
+    assert report["compute"]["weight_dtype"] == report["compute"]["compute_dtype"] == "bfloat16"
+    assert report["compute"]["kernels"] in ("triton", "torch")
+    assert report["gate"]["passed"], report["gate"]["failures"]
+    assert report["evaluation"]["top1_agreement"] >= 0.8
 
 
 def test_gate_fails_the_build_with_the_numbers(
