@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from runtime.encoders.engine import EncoderEngine
+from runtime.encoders.truncation import Truncation
 from tests.runtime.encoders.helpers import run_with
 
 SENTENCES = [
@@ -41,9 +42,10 @@ def minilm_engine(minilm_dir: Path) -> EncoderEngine:
 def test_minilm_matches_sentence_transformers(minilm_engine: EncoderEngine, minilm_dir: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    texts = SENTENCES + [LONG_TEXT]
+    texts = SENTENCES + [LONG_TEXT]  # longer than the model's 256 tokens: cut as sentence-transformers cuts it
     reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, normalize_embeddings=True)
-    result = run_with(minilm_engine, lambda: minilm_engine.embed(texts))
+    to_limit = Truncation(max_tokens=minilm_engine.info.max_input_length)
+    result = run_with(minilm_engine, lambda: minilm_engine.embed(texts, truncation=to_limit))
     assert result.embeddings.shape == (len(texts), 384)
     assert np.all(_cosines(result.embeddings, reference) > 0.9999)
     np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
