@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from runtime.server.errors import bad_request, unsupported
+from runtime.server.errors import APIError, bad_request, unsupported
 from runtime.server.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0
+WORKER_START_TIMEOUT_S = 120.0  # spawning the worker and importing what a render needs, before any render is timed
 
 
 class RequestTemplateSandbox:
@@ -144,6 +145,7 @@ class RequestTemplateSandbox:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._pool: Any = None
+        self._started = False
 
     def _executor(self) -> Any:
         import multiprocessing
@@ -158,7 +160,18 @@ class RequestTemplateSandbox:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._executor()
-        future = asyncio.get_running_loop().run_in_executor(pool, _render_template, conversation, arguments)
+        loop = asyncio.get_running_loop()
+        if not self._started:  # the worker's start-up (a new interpreter, transformers' import) is not the template's time
+            try:
+                await asyncio.wait_for(loop.run_in_executor(pool, _start_worker), timeout=WORKER_START_TIMEOUT_S)
+            except (TimeoutError, BrokenProcessPool):
+                self._kill()
+                raise APIError(
+                    "The chat template worker did not start; retry.", status=503, type="server_error",
+                    code="template_worker_unavailable",
+                ) from None
+            self._started = True
+        future = loop.run_in_executor(pool, _render_template, conversation, arguments)
         try:
             result = await asyncio.wait_for(future, timeout=self.timeout_s)
         except BrokenProcessPool:
@@ -175,11 +188,19 @@ class RequestTemplateSandbox:
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None
+        self._started = False
         if pool is None:
             return
         for process in list(getattr(pool, "_processes", {}).values()):
             process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker() -> bool:
+    """Runs in the sandbox process, once: the imports every render needs."""
+    import transformers.utils.chat_template_utils  # noqa: F401
+
+    return True
 
 
 def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str | Exception:

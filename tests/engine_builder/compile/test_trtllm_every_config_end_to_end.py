@@ -52,7 +52,7 @@ def _offline_copy(config_name: str, tmp_path: Path) -> Path:
 def _link_instead_of_calibrating(monkeypatch: pytest.MonkeyPatch) -> None:
     import calibration.pipeline
 
-    def link_checkpoint(loaded: Any, checkpoint: Path, staging: Path, *, backend: str) -> dict[str, str]:
+    def link_checkpoint(loaded: Any, checkpoint: Path, staging: Path, *, backend: str, **_: Any) -> dict[str, str]:
         model_dir = staging / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         for source in checkpoint.iterdir():
