@@ -15,7 +15,8 @@
  * With window > 0 only the last `window` positions are attended. Arithmetic is float32 throughout (the bf16
  * path multiplies bf16 pairs, exactly, into float32 sums); bf16 outputs are rounded to nearest even.
  *
- * Built by runtime/engine/kernels/__init__.py with the system C compiler; no Python or PyTorch headers.
+ * Built into the kernel library by runtime/engine/kernels/build.py with the system C compiler; no Python or
+ * PyTorch headers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,8 +26,9 @@
 #endif
 
 #include "cpu_common.h"
+#include "engine_kernels.h"
 
-#define MAX_GROUP 16
+#define MAX_GROUP ENGINE_KERNELS_MAX_GROUP
 
 /* One cache row (head_dim values) as float32. */
 static inline void load_row(const void *restrict base, int dtype, int64_t offset, int head_dim, float *restrict row) {

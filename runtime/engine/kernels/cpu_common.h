@@ -1,4 +1,5 @@
-/* Scalar helpers shared by the CPU kernels: bf16 <-> float32 and a polynomial exp. */
+/* Scalar helpers shared by the CPU kernels: bf16 <-> float32 and a polynomial exp. Internal to the library;
+ * what Python calls is declared in engine_kernels.h. */
 #ifndef ENGINE_BUILDER_CPU_COMMON_H
 #define ENGINE_BUILDER_CPU_COMMON_H
 #include <stdint.h>

@@ -3,8 +3,8 @@
  * same roundings as the per-op path of runtime/engine/models/decoder.py, minus ~10 Python-level calls and
  * their tensor allocations per layer (~0.15 ms per layer on this machine, a sixth of a 16-row step).
  *
- * The kernels themselves live in cpu_gemm.c, cpu_layers.c and cpu_attention.c; the caller passes their
- * addresses (from the libraries it already loaded), so this file repeats none of them.
+ * The kernels themselves live in cpu_gemm.c, cpu_layers.c and cpu_attention.c, built into the same library;
+ * this file calls them directly and repeats none of them.
  *
  * Per layer, for `rows` decode rows (one new token per sequence):
  *   x = rms_norm(hidden);  qkv = x Wqkv^T (+ b);  rotary on q and k in place;  k, v -> cache slots;
@@ -17,40 +17,9 @@
 #include <string.h>
 
 #include "cpu_common.h"
+#include "engine_kernels.h"
 
-typedef int (*gemm_fn)(const uint16_t *, const uint16_t *, const float *, void *, int, int64_t, int64_t, int64_t);
-typedef int (*rms_norm_fn)(const void *, const void *, void *, void *, const void *, int, int, int64_t, int64_t,
-                           int64_t, float, float);
-typedef int (*rotary_fn)(void *, int, const void *, const void *, int64_t, int64_t, int64_t, int64_t);
-typedef int (*silu_mul_fn)(const void *, void *, int, int64_t, int64_t);
-typedef int (*attention_fn)(const void *, void *, int, const void *, const void *, int, const int64_t *, int64_t,
-                            const int64_t *, int, int, int, int, float, int64_t);
-
-typedef struct {
-    void *gemm, *rms_norm, *rotary, *silu_mul, *attention;
-} Kernels;
-
-typedef struct {
-    const void *input_norm, *post_norm;  /* [hidden] of norm_dtype */
-    const uint16_t *qkv, *o_proj, *gate_up, *down;  /* packed bf16 panels (cpu_gemm.c layout) */
-    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;  /* float32 or NULL */
-    uint16_t *key_cache, *value_cache;  /* this layer's [slots, num_kv_heads, head_dim] bf16 */
-    int64_t window;  /* sliding window, 0 = none */
-    float scale;
-} Layer;
-
-typedef struct {
-    int64_t rows, hidden, q_size, kv_size, inter, num_heads, num_kv_heads, head_dim;
-    int64_t io_dtype, norm_dtype;
-    float eps, norm_offset;
-} Shape;
-
-typedef struct {  /* caller-owned buffers for `rows` rows, of io_dtype unless said */
-    void *normed, *qkv, *query, *attn, *proj, *mid, *gate_up, *act;
-    uint16_t *staging;  /* bf16 [rows, max(hidden, q_size, inter)]: GEMM inputs when io is float32 */
-} Scratch;
-
-static int linear(const Kernels *k, const Shape *shape, const Scratch *s, const void *x, int64_t in_features,
+static int linear(const DecodeShape *shape, const DecodeScratch *s, const void *x, int64_t in_features,
                   const uint16_t *panels, const float *bias, void *y, int64_t out_features)
 {
     const uint16_t *input = (const uint16_t *)x;
@@ -59,7 +28,7 @@ static int linear(const Kernels *k, const Shape *shape, const Scratch *s, const 
         for (int64_t i = 0; i < shape->rows * in_features; ++i) s->staging[i] = float_to_bf16(source[i]);
         input = s->staging;
     }
-    return ((gemm_fn)k->gemm)(input, panels, bias, y, (int)shape->io_dtype, shape->rows, out_features, in_features);
+    return gemm_bf16(input, panels, bias, y, (int)shape->io_dtype, shape->rows, out_features, in_features);
 }
 
 /* One row of n values from a (possibly strided) io_dtype buffer into the bf16 cache. */
@@ -75,7 +44,7 @@ static void to_cache(uint16_t *restrict dst, const void *src, int io_dtype, int6
 /* hidden [rows, hidden] in and out. cos, sin [rows, head_dim] of io_dtype; slot_mapping [rows] (where each
  * row's K/V go); context_slots [rows, slots_stride]; lengths [rows] (context length with the new token).
  * Returns 0, or the first failing kernel's status (the step must then be redone by the per-op path). */
-int decode_layers(const Kernels *k, const Layer *layers, int64_t num_layers, const Shape *shape, const Scratch *s,
+int decode_layers(const DecodeLayer *layers, int64_t num_layers, const DecodeShape *shape, const DecodeScratch *s,
                   void *hidden, const void *cos, const void *sin, const int64_t *slot_mapping,
                   const int64_t *context_slots, int64_t slots_stride, const int64_t *lengths)
 {
@@ -84,16 +53,16 @@ int decode_layers(const Kernels *k, const Layer *layers, int64_t num_layers, con
     const int64_t rows = shape->rows, width = shape->q_size + 2 * shape->kv_size;
     int status = 0;
     for (int64_t l = 0; l < num_layers && status == 0; ++l) {
-        const Layer *layer = &layers[l];
-        status = ((rms_norm_fn)k->rms_norm)(hidden, NULL, NULL, s->normed, layer->input_norm, io, (int)shape->norm_dtype,
-                                            rows, shape->hidden, shape->hidden, shape->eps, shape->norm_offset);
+        const DecodeLayer *layer = &layers[l];
+        status = rms_norm(hidden, NULL, NULL, s->normed, layer->input_norm, io, (int)shape->norm_dtype, rows,
+                          shape->hidden, shape->hidden, shape->eps, shape->norm_offset);
         if (status == 0)
-            status = linear(k, shape, s, s->normed, shape->hidden, layer->qkv, layer->qkv_bias, s->qkv, width);
+            status = linear(shape, s, s->normed, shape->hidden, layer->qkv, layer->qkv_bias, s->qkv, width);
         if (status == 0)
-            status = ((rotary_fn)k->rotary)(s->qkv, io, cos, sin, rows, shape->num_heads, shape->head_dim, width);
+            status = rotary(s->qkv, io, cos, sin, rows, shape->num_heads, shape->head_dim, width);
         if (status == 0)
-            status = ((rotary_fn)k->rotary)((char *)s->qkv + element * (size_t)shape->q_size, io, cos, sin, rows,
-                                            shape->num_kv_heads, shape->head_dim, width);
+            status = rotary((char *)s->qkv + element * (size_t)shape->q_size, io, cos, sin, rows,
+                            shape->num_kv_heads, shape->head_dim, width);
         if (status != 0) break;
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t row = r * width;
@@ -103,21 +72,20 @@ int decode_layers(const Kernels *k, const Layer *layers, int64_t num_layers, con
             to_cache(layer->value_cache + slot_mapping[r] * shape->kv_size, s->qkv, io, row + shape->q_size + shape->kv_size,
                      shape->kv_size);
         }
-        status = ((attention_fn)k->attention)(s->query, s->attn, io, layer->key_cache, layer->value_cache, 1, context_slots,
-                                              slots_stride, lengths, (int)rows, (int)shape->num_heads,
-                                              (int)shape->num_kv_heads, (int)shape->head_dim, layer->scale, layer->window);
+        status = paged_decode_attention(s->query, s->attn, io, layer->key_cache, layer->value_cache, 1, context_slots,
+                                        slots_stride, lengths, (int)rows, (int)shape->num_heads,
+                                        (int)shape->num_kv_heads, (int)shape->head_dim, layer->scale, layer->window);
         if (status == 0)
-            status = linear(k, shape, s, s->attn, shape->q_size, layer->o_proj, layer->o_bias, s->proj, shape->hidden);
+            status = linear(shape, s, s->attn, shape->q_size, layer->o_proj, layer->o_bias, s->proj, shape->hidden);
         if (status == 0)
-            status = ((rms_norm_fn)k->rms_norm)(s->proj, hidden, s->mid, s->normed, layer->post_norm, io,
-                                                (int)shape->norm_dtype, rows, shape->hidden, shape->hidden, shape->eps,
-                                                shape->norm_offset);
+            status = rms_norm(s->proj, hidden, s->mid, s->normed, layer->post_norm, io, (int)shape->norm_dtype, rows,
+                              shape->hidden, shape->hidden, shape->eps, shape->norm_offset);
         if (status == 0)
-            status = linear(k, shape, s, s->normed, shape->hidden, layer->gate_up, layer->gate_up_bias, s->gate_up,
+            status = linear(shape, s, s->normed, shape->hidden, layer->gate_up, layer->gate_up_bias, s->gate_up,
                             2 * shape->inter);
-        if (status == 0) status = ((silu_mul_fn)k->silu_mul)(s->gate_up, s->act, io, rows, shape->inter);
+        if (status == 0) status = silu_mul(s->gate_up, s->act, io, rows, shape->inter);
         if (status == 0)
-            status = linear(k, shape, s, s->act, shape->inter, layer->down, layer->down_bias, s->proj, shape->hidden);
+            status = linear(shape, s, s->act, shape->inter, layer->down, layer->down_bias, s->proj, shape->hidden);
         if (status != 0) break;
         const int64_t n = rows * shape->hidden;
         if (io == 1) {

@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #endif
 
+#include "engine_kernels.h"
+
 int gemm_bf16_available(void) {
 #if defined(__AVX512BF16__)
     return 1;

@@ -17,6 +17,7 @@
 #endif
 
 #include "cpu_common.h"
+#include "engine_kernels.h"
 
 #define LANES 16
 
@@ -40,8 +41,8 @@ static inline void store(void *dst, int dtype, int64_t offset, int64_t n, const 
     }
 }
 
-#define MAX_DIM 16384
-#define MAX_HEAD_DIM 1024
+#define MAX_DIM ENGINE_KERNELS_MAX_DIM
+#define MAX_HEAD_DIM ENGINE_KERNELS_MAX_HEAD_DIM
 
 /* With residual != NULL the input is x + residual (rounded to io_dtype), also written to sum_out.
  * x rows are x_stride elements apart; every other array is contiguous [rows, dim].

@@ -1,42 +1,18 @@
-"""Fused CPU element-wise ops (cpu_layers.c, beside this module): RMSNorm with the residual add, rotary
-embedding in place, SiLU(gate) * up. Each function returns None when the inputs are not ones the kernel takes
-(another device or dtype, an unusual layout) or the kernel is unavailable; callers then run the PyTorch ops.
+"""Fused CPU element-wise ops (cpu_layers.c, called through bindings.py): RMSNorm with the residual add, rotary
+embedding in place, SiLU(gate) * up, grammar bitmasks, the greedy argmax. Each function returns None when the
+inputs are not ones the kernel takes (another device or dtype, an unusual layout) or the kernel is unavailable;
+callers then run the PyTorch ops.
 """
-
-import ctypes
-from typing import Any
 
 import torch
 
-from runtime.engine import kernels
+from runtime.engine.kernels import bindings
 
 _IO_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_functions: list[dict[str, Any] | None] = []
-
-
-def _library() -> dict[str, Any] | None:
-    if not _functions:
-        library = kernels.load("cpu_layers")
-        table = None
-        if library is not None:
-            pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-            table = {
-                "rms_norm": (library.rms_norm, [pointer] * 5 + [i32, i32, i64, i64, i64, f32, f32]),
-                "rotary": (library.rotary, [pointer, i32, pointer, pointer, i64, i64, i64, i64]),
-                "silu_mul": (library.silu_mul, [pointer, pointer, i32, i64, i64]),
-                "apply_token_bitmask": (library.apply_token_bitmask, [pointer, i64, pointer, i64, pointer, i64]),
-                "argmax_rows": (library.argmax_rows, [pointer, i64, i64, pointer]),
-            }
-            for function, argtypes in table.values():
-                function.argtypes = argtypes
-                function.restype = i32
-            table = {name: function for name, (function, _) in table.items()}
-        _functions.append(table)
-    return _functions[0]
 
 
 def available() -> bool:
-    return _library() is not None
+    return bindings.available()
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:
@@ -48,8 +24,8 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(norm(x [+ residual]) * weight, x + residual or None); x is [..., dim] with unit stride in the last dim."""
-    table = _library()
-    if table is None or not _eligible(x, *(() if residual is None else (residual,))):
+    library = bindings.library()
+    if library is None or not _eligible(x, *(() if residual is None else (residual,))):
         return None
     if weight.device.type != "cpu" or weight.dtype not in _IO_DTYPES or not weight.is_contiguous():
         return None
@@ -66,7 +42,7 @@ def rms_norm(
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
     total = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
-    status = table["rms_norm"](
+    status = library.rms_norm(
         x.data_ptr(), None if residual is None else residual.data_ptr(), None if total is None else total.data_ptr(),
         out.data_ptr(), weight.data_ptr(), _IO_DTYPES[x.dtype], _IO_DTYPES[weight.dtype],
         rows, dim, stride, eps, offset,
@@ -76,51 +52,51 @@ def rms_norm(
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotate x [rows, heads, head_dim] in place with cos/sin [rows, 1, head_dim]; False if not applicable."""
-    table = _library()
-    if table is None or x.dim() != 3 or not _eligible(x, cos, sin):
+    library = bindings.library()
+    if library is None or x.dim() != 3 or not _eligible(x, cos, sin):
         return False
     rows, heads, head_dim = x.shape
     if x.stride(2) != 1 or x.stride(1) != head_dim or not (cos.is_contiguous() and sin.is_contiguous()):
         return False
     if cos.numel() != rows * head_dim or sin.numel() != rows * head_dim:
         return False
-    status = table["rotary"](x.data_ptr(), _IO_DTYPES[x.dtype], cos.data_ptr(), sin.data_ptr(), rows, heads, head_dim, x.stride(0))
+    status = library.rotary(x.data_ptr(), _IO_DTYPES[x.dtype], cos.data_ptr(), sin.data_ptr(), rows, heads, head_dim, x.stride(0))
     return status == 0
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for gate_up [rows, 2 * inter] (gate first), or None."""
-    table = _library()
-    if table is None or gate_up.dim() != 2 or not _eligible(gate_up) or not gate_up.is_contiguous():
+    library = bindings.library()
+    if library is None or gate_up.dim() != 2 or not _eligible(gate_up) or not gate_up.is_contiguous():
         return None
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
-    status = table["silu_mul"](gate_up.data_ptr(), out.data_ptr(), _IO_DTYPES[gate_up.dtype], rows, width // 2)
+    status = library.silu_mul(gate_up.data_ptr(), out.data_ptr(), _IO_DTYPES[gate_up.dtype], rows, width // 2)
     return out if status == 0 else None
 
 
 def apply_token_bitmask_(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> bool:
     """logits [R, vocab] float32: -inf where the packed int32 mask of each listed row disallows; False if n/a."""
-    table = _library()
-    if table is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous():
+    library = bindings.library()
+    if library is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous():
         return False
     if masks.dtype != torch.int32 or masks.dim() != 2 or masks.shape[0] != len(rows):
         return False
     masks = masks.contiguous()
     index = torch.tensor(rows, dtype=torch.int64)
-    table["apply_token_bitmask"](logits.data_ptr(), logits.shape[1], masks.data_ptr(), masks.shape[1], index.data_ptr(), len(rows))
+    library.apply_token_bitmask(logits.data_ptr(), logits.shape[1], masks.data_ptr(), masks.shape[1], index.data_ptr(), len(rows))
     return True
 
 
 def argmax_rows(logits: torch.Tensor) -> list[int] | None:
     """torch.argmax(logits, dim=-1).tolist() for float32 CPU logits [R, vocab]; None if n/a or a row has a NaN."""
-    table = _library()
-    if table is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+    library = bindings.library()
+    if library is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
         return None
     if logits.shape[1] == 0:
         return None
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    if table["argmax_rows"](logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr()) != 0:
+    if library.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr()) != 0:
         return None
     return out.tolist()

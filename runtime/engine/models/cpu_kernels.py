@@ -10,7 +10,6 @@ two forms, three with several threads (the copies beyond the bf16 panels are ext
 are exact in fp16 unless tiny or huge; layers with values outside fp16's range stay unpacked.
 """
 
-import ctypes
 import logging
 import warnings
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.engine import kernels
+from runtime.engine.kernels import bindings
 from runtime.engine.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -40,20 +39,6 @@ FBGEMM_ROWS_WITHOUT_KERNEL = 8
 # layers on this machine's 2 cores, our kernel on one thread vs oneDNN on two: 16 rows 19.5 vs 24.2 ms,
 # 64 rows 66.5 vs 70.7, 128 rows 133.7 vs 131.5, 256 rows 282.6 vs 142.2.
 KERNEL_ROWS_WITH_THREADS = 128
-_gemm_function: list = []
-
-
-def _bf16_gemm():  # noqa: ANN202 (a ctypes function, or None)
-    if not _gemm_function:
-        library = kernels.load("cpu_gemm")
-        function = None
-        if library is not None and library.gemm_bf16_available():
-            function = library.gemm_bf16
-            pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-            function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, i64, i64, i64]
-            function.restype = ctypes.c_int
-        _gemm_function.append(function)
-    return _gemm_function[0]
 
 
 def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -67,11 +52,11 @@ def pack_bf16_panels(weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [M, K] (float32 or bf16) times packed panels; the result has x's dtype."""
-    function = _bf16_gemm()
-    assert function is not None
+    library = bindings.library()
+    assert library is not None
     inputs = x.to(torch.bfloat16).contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-    status = function(
+    status = library.gemm_bf16(
         inputs.data_ptr(), panels.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
         0 if x.dtype == torch.float32 else 1, x.shape[0], out_features, x.shape[1],
     )
@@ -92,7 +77,7 @@ class PackedFp16Linear(nn.Module):
         self.bias = bias
         self.bias32 = bias.float() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float32)
         self.out_features = weight.shape[0]
-        use_kernel = weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and _bf16_gemm() is not None
+        use_kernel = weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and bindings.has_bf16_gemm()
         several_threads = torch.get_num_threads() > 1
         self.panels = pack_bf16_panels(weight) if use_kernel else None
         self.fbgemm_rows = FBGEMM_ROWS if use_kernel else FBGEMM_ROWS_WITHOUT_KERNEL

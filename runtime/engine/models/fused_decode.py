@@ -1,4 +1,5 @@
-"""All decoder layers of a decode-only CPU step in one native call (runtime/engine/kernels/cpu_decoder.c).
+"""All decoder layers of a decode-only CPU step in one native call (runtime/engine/kernels/cpu_decoder.c, bound in
+runtime/engine/kernels/bindings.py).
 
 The per-op path of `DecoderLayer.forward` makes ~10 Python-level calls per layer (each a ctypes call or a
 PyTorch op, with its tensor allocations); at 16 rows that is ~0.15 ms per layer, a sixth of the step. The
@@ -21,55 +22,15 @@ from typing import Any
 
 import torch
 
-from runtime.engine import kernels
-from runtime.engine.kernels import native_ops
+from runtime.engine.kernels import bindings
 from runtime.engine.kv_cache import PagedKVCache
-from runtime.engine.layers.attention.cpu import (
-    CpuAttentionMetadata,
-    native_decode_available,
-    native_decode_slots,
-)
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, native_decode_slots
 from runtime.engine.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
 _IO = {torch.float32: 0, torch.bfloat16: 1}
 _NORM = {torch.float32: 0, torch.bfloat16: 1}
-MAX_DIM = 16384  # cpu_layers.c's MAX_DIM: rms_norm and silu_mul rows
-MAX_HEAD_DIM = 1024
-MAX_GROUP = 16  # cpu_attention.c
-
-
-class _Kernels(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm", "rms_norm", "rotary", "silu_mul", "attention")]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_void_p) for name in (
-            "input_norm", "post_norm", "qkv", "o_proj", "gate_up", "down",
-            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "key_cache", "value_cache",
-        )),
-        ("window", ctypes.c_int64),
-        ("scale", ctypes.c_float),
-    ]
-
-
-class _Shape(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in (
-            "rows", "hidden", "q_size", "kv_size", "inter", "num_heads", "num_kv_heads", "head_dim", "io_dtype",
-            "norm_dtype",
-        )),
-        ("eps", ctypes.c_float),
-        ("norm_offset", ctypes.c_float),
-    ]
-
-
-class _Scratch(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("normed", "qkv", "query", "attn", "proj", "mid", "gate_up", "act", "staging")]
-
 
 def enabled() -> bool:
     """The documented override of the `cpu_fused_decode` option: ENGINE_BUILDER_FUSED_DECODE=0/false/no/off turns the
@@ -77,18 +38,13 @@ def enabled() -> bool:
     return os.environ.get("ENGINE_BUILDER_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _address(library: ctypes.CDLL, name: str) -> int:
-    return ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0
-
-
 class FusedDecodeStack:
     """Built once per model (`build` returns None where the fused call does not apply); `run` per step."""
 
-    def __init__(self, model: Any, function: Any, kernel_table: _Kernels) -> None:
+    def __init__(self, model: Any, library: ctypes.CDLL) -> None:
         self.model = model
         self.spec = model.spec
-        self._function = function
-        self._kernels = kernel_table
+        self._library = library
         self._keep: list[torch.Tensor] = []  # tensors whose addresses the layer table holds
         self._layers: ctypes.Array | None = None
         self._cache_address: int | None = None
@@ -102,21 +58,11 @@ class FusedDecodeStack:
         if reason is not None:
             logger.info("fused CPU decode layers off: %s", reason)
             return None
-        libraries = [kernels.load(name) for name in ("cpu_decoder", "cpu_gemm", "cpu_layers", "cpu_attention")]
-        decoder, gemm, layers, attention = libraries
-        if decoder is None or gemm is None or layers is None or attention is None:
-            logger.info("fused CPU decode layers off: a native kernel library is unavailable")
+        library = bindings.library()
+        if library is None:
+            logger.info("fused CPU decode layers off: the native kernel library is unavailable")
             return None
-        table = _Kernels(
-            _address(gemm, "gemm_bf16"), _address(layers, "rms_norm"), _address(layers, "rotary"),
-            _address(layers, "silu_mul"), _address(attention, "paged_decode_attention"),
-        )
-        function = decoder.decode_layers
-        pointer = ctypes.c_void_p
-        function.argtypes = [pointer, pointer, ctypes.c_int64, pointer, pointer, pointer, pointer, pointer, pointer,
-                             pointer, ctypes.c_int64, pointer]
-        function.restype = ctypes.c_int
-        return cls(model, function, table)
+        return cls(model, library)
 
     def applies(self, hidden: torch.Tensor, metadata: CpuAttentionMetadata, kv_cache: PagedKVCache) -> bool:
         rows = hidden.shape[0]
@@ -156,15 +102,15 @@ class FusedDecodeStack:
             buffer(spec.intermediate_size),
             buffer(max(spec.hidden_size, q_size, spec.intermediate_size), torch.bfloat16),
         ]
-        scratch = _Scratch(*(t.data_ptr() for t in scratch_tensors))
-        shape = _Shape(
+        scratch = bindings.DecodeScratch(*(t.data_ptr() for t in scratch_tensors))
+        shape = bindings.DecodeShape(
             rows, spec.hidden_size, q_size, kv_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
             spec.head_dim, _IO[dtype], _NORM[self.norm_dtype], spec.rms_norm_eps, spec.norm_offset,
         )
         slots, lengths = native_decode_slots(metadata)
         slot_mapping = metadata.slot_mapping.to(torch.int64).contiguous()
-        status = self._function(
-            ctypes.byref(self._kernels), layers, len(self.model.layers), ctypes.byref(shape), ctypes.byref(scratch),
+        status = self._library.decode_layers(
+            layers, len(self.model.layers), ctypes.byref(shape), ctypes.byref(scratch),
             out.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), slots.data_ptr(),
             slots.shape[1], lengths.data_ptr(),
         )
@@ -190,12 +136,12 @@ class FusedDecodeStack:
             linears = (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)
             biases = [linear.bias32 if linear.bias is not None else None for linear in linears]
             window = layer.attention.sliding_window or 0
-            entries.append(_Layer(
+            entries.append(bindings.DecodeLayer(
                 ptr(layer.input_norm.weight), ptr(layer.post_attention_norm.weight),
                 *(ptr(linear.panels) for linear in linears), *(ptr(bias) for bias in biases),
                 ptr(kv_cache.key[index]), ptr(kv_cache.value[index]), window, layer.attention.scale,
             ))
-        self._layers = (_Layer * len(entries))(*entries)
+        self._layers = (bindings.DecodeLayer * len(entries))(*entries)
         self._keep = keep
         self._cache_address = address
         return self._layers
@@ -210,13 +156,14 @@ def _unsupported(model: Any) -> str | None:
         return "q/k norms, sandwich norms or a local rotary table (Qwen3, Gemma3)"
     if spec.activation != "silu":
         return f"activation {spec.activation}"
-    if max(spec.hidden_size, spec.intermediate_size) > MAX_DIM or spec.head_dim > MAX_HEAD_DIM or spec.head_dim % 2:
+    too_wide = max(spec.hidden_size, spec.intermediate_size) > bindings.MAX_DIM
+    if too_wide or spec.head_dim > bindings.MAX_HEAD_DIM or spec.head_dim % 2:
         return "dimensions beyond the native kernels' limits"
     group = spec.num_heads // spec.num_kv_heads
-    if group * spec.num_kv_heads != spec.num_heads or group > MAX_GROUP:
+    if group * spec.num_kv_heads != spec.num_heads or group > bindings.MAX_GROUP:
         return "a head grouping the attention kernel does not take"
-    if not native_ops.available() or not native_decode_available():
-        return "the native element-wise or attention kernels are unavailable"
+    if not bindings.has_bf16_gemm():
+        return "the native kernel library is unavailable or has no AVX512-BF16 GEMM"
     for layer in model.layers:
         for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down):
             if not isinstance(linear, cpu_kernels.PackedFp16Linear) or linear.panels is None:

@@ -11,7 +11,7 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.engine import LLMEngine
-from runtime.engine.models import cpu_kernels
+from runtime.engine.kernels import bindings
 from runtime.engine.models.fused_decode import FusedDecodeStack
 from runtime.types import GenerationRequest, SamplingParams
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
 )
 needs_bf16_gemm = pytest.mark.skipif(
-    cpu_kernels._bf16_gemm() is None, reason="the fused call needs the AVX512-BF16 GEMM kernel, absent on this CPU"
+    not bindings.has_bf16_gemm(), reason="the fused call needs the AVX512-BF16 GEMM kernel, absent on this CPU"
 )
 
 

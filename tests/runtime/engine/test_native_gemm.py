@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from runtime.engine.kernels import bindings
 from runtime.engine.models import cpu_kernels
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernels._bf16_gemm() is None, reason="no AVX512-BF16 kernel on this CPU (or no C compiler)"
+    not bindings.has_bf16_gemm(), reason="no AVX512-BF16 kernel on this CPU (or no C compiler)"
 )
 
 

@@ -7,14 +7,13 @@ its own with a causal mask offset by its cached context. Lookahead rows, under a
 decode rows, each to its own slot list: the context plus the draft rows the mask allows.
 """
 
-import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from runtime.engine import kernels
+from runtime.engine.kernels import bindings
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers.rotary import apply_rotary
 from runtime.engine.step_rows import StepRows, context_slots, draft_mask
@@ -270,7 +269,6 @@ def _sdpa(
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_native_function: list = []  # [the configured ctypes function, or None], resolved on first use
 
 
 def _native_decode_supported(cache: torch.Tensor) -> bool:
@@ -278,22 +276,8 @@ def _native_decode_supported(cache: torch.Tensor) -> bool:
 
 
 def native_decode_available() -> bool:
-    """Build (or load the cached) CPU decode-attention kernel now rather than on the first request."""
-    return _native_decode_function() is not None
-
-
-def _native_decode_function():  # noqa: ANN202 (a ctypes function pointer)
-    if not _native_function:
-        library = kernels.load("cpu_attention")
-        function = None
-        if library is not None:
-            function = library.paged_decode_attention
-            pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-            function.argtypes = [pointer, pointer, i32, pointer, pointer, i32, pointer, i64, pointer,
-                                 i32, i32, i32, i32, ctypes.c_float, i64]
-            function.restype = i32
-        _native_function.append(function)
-    return _native_function[0]
+    """Build (or load the cached) CPU kernel library now rather than on the first request."""
+    return bindings.available()
 
 
 def native_decode_slots(metadata: CpuAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,14 +298,14 @@ def _native_decode_attention(
 ) -> torch.Tensor | None:
     """runtime/engine/kernels/cpu_attention.c: one fused pass per sequence (bf16) or per sequence and KV head;
     None if unavailable."""
-    function = _native_decode_function()
-    if function is None or query.dtype not in _NATIVE_DTYPES:
+    library = bindings.library()
+    if library is None or query.dtype not in _NATIVE_DTYPES:
         return None
     num_decodes, num_heads, head_dim = query.shape
     slots, lengths = native_decode_slots(metadata)
     query = query.contiguous()
     out = torch.empty_like(query)
-    status = function(
+    status = library.paged_decode_attention(
         query.data_ptr(), out.data_ptr(), _NATIVE_DTYPES[query.dtype],
         key_cache.data_ptr(), value_cache.data_ptr(), _NATIVE_DTYPES[key_cache.dtype],
         slots.data_ptr(), slots.shape[1], lengths.data_ptr(),
