@@ -13,7 +13,7 @@ import secrets
 import string
 from typing import Any
 
-from runtime.decoding.tool_calls import ParseResult, ToolParser, tool_parser
+from runtime.decoding.tool_calls import ParsedCall, ToolCallStream, ToolParser, tool_parser
 from runtime.server.errors import bad_request
 from runtime.server.limits import check_schema_size
 from runtime.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
@@ -29,31 +29,36 @@ def new_call_id(length: int) -> str:
 
 
 class ToolCallOutput(ChoiceOutput):
-    """One choice's text re-parsed on every delta; what changed since the last delta is streamed."""
+    """One choice's text parsed as it grows (`ToolCallStream`: settled calls and content are not parsed again);
+    what changed since the last delta is streamed."""
 
     def __init__(self, parser: ToolParser, parallel: bool) -> None:
         super().__init__()
         self.parser = parser
         self.parallel = parallel
-        self.text = ""
+        self.stream = parser.stream()
+        self.is_final = False
         self.sent_content = 0
         self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
+        self.num_done = 0  # calls settled and sent in full: never looked at again
 
-    def _parse(self, final: bool) -> ParseResult:
-        result = self.parser.parse(self.text, final)
-        if not self.parallel:
-            result.calls = result.calls[:1]
-        return result
+    def _calls(self) -> list[ParsedCall]:
+        calls = self.stream.calls
+        return calls if self.parallel else calls[:1]
 
     def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
-        self.text += text
-        result = self._parse(final)
+        if self.is_final:
+            return []
+        self.stream.feed(text, final)
+        self.is_final = final
         deltas: list[dict[str, Any]] = []
-        content = _shown_content(result, final)
-        if len(content) > self.sent_content:
-            deltas.append({"content": content[self.sent_content :]})
-            self.sent_content = len(content)
-        for index, call in enumerate(result.calls):
+        if _shows_content(self.stream, final) and self.stream.content_length > self.sent_content:
+            deltas.append({"content": self.stream.content_from(self.sent_content)})
+            self.sent_content = self.stream.content_length
+        calls = self._calls()
+        num_settled = len(self.stream.settled_calls)
+        for index in range(self.num_done, len(calls)):
+            call = calls[index]
             if index >= len(self.sent_calls):
                 call_id = new_call_id(self.parser.id_length)
                 self.sent_calls.append((call_id, 0))
@@ -64,28 +69,29 @@ class ToolCallOutput(ChoiceOutput):
             if len(call.arguments) > sent:
                 deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments[sent:]}}]})
                 self.sent_calls[index] = (call_id, len(call.arguments))
+            if index < num_settled and index == self.num_done:
+                self.num_done += 1
         return deltas
 
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
-        parsed = self._parse(final=True)
+        if not self.is_final:
+            self.feed("", final=True)
         calls = [
             ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.parser.id_length),
                              function=FunctionCall(name=call.name, arguments=call.arguments))
-            for i, call in enumerate(parsed.calls)
+            for i, call in enumerate(self._calls())
         ]
         reason = finish_reason.value if finish_reason is not None else "stop"
         if calls and reason == "stop":
             reason = FinishReason.TOOL_CALLS.value
-        content = _shown_content(parsed, final=True)
+        content = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
         return FinalOutput(content=content if (content or not calls) else None, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
 
 
-def _shown_content(result: ParseResult, final: bool) -> str:
-    """The content to show: whitespace alone may still precede a call, so it waits for text after it, or
-    for the end of a reply without calls; whitespace around calls is not content."""
-    if result.content.strip() or (final and not result.calls):
-        return result.content
-    return ""
+def _shows_content(stream: ToolCallStream, final: bool) -> bool:
+    """Whitespace alone may still precede a call, so it waits for text after it, or for the end of a reply
+    without calls; whitespace around calls is not content."""
+    return stream.has_text or (final and not stream.calls)
 
 
 class ToolCallProcessor(OutputProcessor):

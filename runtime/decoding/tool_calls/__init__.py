@@ -3,7 +3,7 @@
 import importlib
 from typing import Any
 
-from runtime.decoding.tool_calls.base import ParsedCall, ParseResult, ToolParser
+from runtime.decoding.tool_calls.base import ParsedCall, ParseResult, Resume, ToolCallStream, ToolParser
 
 _REGISTRY = {
     "hermes": "runtime.decoding.tool_calls.json_calls:HermesParser",
@@ -25,4 +25,4 @@ def tool_parser(name: str, tools: dict[str, dict[str, Any]]) -> ToolParser:
     return getattr(importlib.import_module(module), attribute)(tools)
 
 
-__all__ = ["ParseResult", "ParsedCall", "ToolParser", "known_parsers", "tool_parser"]
+__all__ = ["ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "known_parsers", "tool_parser"]

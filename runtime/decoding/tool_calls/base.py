@@ -1,13 +1,17 @@
-"""What a tool-call parser produces, and the JSON scanning the parsers share.
+"""What a tool-call parser produces, the incremental stream over a parser, and the JSON scanning they share.
 
-Parsers are stateless: `parse(text, final)` looks at the whole text generated so far and returns the
-content that is certainly plain text plus the calls seen so far (arguments as raw JSON text, possibly
-still growing). Streaming deltas are the differences between successive results, so a stream always
-adds up to exactly the non-streaming answer.
+Parsers are stateless: `parse(text, final)` looks at the text generated so far and returns the content that
+is certainly plain text plus the calls seen so far (arguments as raw JSON text, possibly still growing). A
+result may also name a `Resume` point: the text before it is settled, and what follows is parsed by a given
+function alone. `ToolCallStream` keeps what is settled and hands only the text after the last resume point
+back to the parser, so streaming costs work in proportion to the new text and the open call, not the whole
+reply. Streaming deltas are the differences between successive results, so a stream always adds up to
+exactly the non-streaming answer.
 """
 
 import abc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +23,32 @@ class ParsedCall:
     complete: bool = False
 
 
+ParseFunction = Callable[[str, bool], "ParseResult"]
+
+
+@dataclass
+class Resume:
+    """`text[:offset]` gave exactly `content[:num_content]` and `calls[:num_calls]`, whatever text follows;
+    `then(rest, final)` parses the text after `offset` to the rest of the answer."""
+
+    offset: int
+    num_content: int
+    num_calls: int
+    then: ParseFunction
+
+
 @dataclass
 class ParseResult:
     content: str
     calls: list[ParsedCall] = field(default_factory=list)
+    resume: Resume | None = None
+
+    def after(self, offset: int, content: str, calls: list[ParsedCall]) -> "ParseResult":
+        """This result (of `text[offset:]`, to the end of the text) behind `content` and `calls` of what precedes it."""
+        resume = self.resume
+        if resume is not None:
+            resume = Resume(offset + resume.offset, len(content) + resume.num_content, len(calls) + resume.num_calls, resume.then)
+        return ParseResult(content + self.content, calls + self.calls, resume)
 
 
 class ToolParser(abc.ABC):
@@ -40,6 +66,68 @@ class ToolParser(abc.ABC):
 
     def is_offered(self, name: str | None) -> bool:
         return name is not None and name in self.tools
+
+    def stream(self) -> "ToolCallStream":
+        return ToolCallStream(self.parse)
+
+
+class ToolCallStream:
+    """One reply parsed as it grows: settled content and calls are kept, only the text after the last resume
+    point is parsed again on each `feed`."""
+
+    def __init__(self, parse: ParseFunction) -> None:
+        self._parse = parse
+        self._tail = ""  # the text after the last resume point
+        self._settled_content: list[str] = []
+        self._settled_length = 0
+        self._settled_has_text = False
+        self.settled_calls: list[ParsedCall] = []
+        self.latest = ParseResult("")  # the tail's latest result
+        self.num_scanned = 0  # characters handed to the parser so far (its work, up to a constant)
+
+    def feed(self, text: str, final: bool) -> None:
+        self._tail += text
+        self.num_scanned += len(self._tail)
+        result = self._parse(self._tail, final)
+        resume = result.resume
+        if resume is not None and not final:
+            piece = result.content[: resume.num_content]
+            self._settled_content.append(piece)
+            self._settled_length += len(piece)
+            self._settled_has_text = self._settled_has_text or bool(piece.strip())
+            self.settled_calls.extend(result.calls[: resume.num_calls])
+            result = ParseResult(result.content[resume.num_content :], result.calls[resume.num_calls :])
+            self._tail = self._tail[resume.offset :]
+            self._parse = resume.then
+        self.latest = result
+
+    @property
+    def content_length(self) -> int:
+        return self._settled_length + len(self.latest.content)
+
+    def content_from(self, start: int) -> str:
+        """The content after its first `start` characters."""
+        if start >= self._settled_length:
+            return self.latest.content[start - self._settled_length :]
+        parts = [self.latest.content]
+        end = self._settled_length
+        for piece in reversed(self._settled_content):  # only the pieces settled after `start`
+            begin = end - len(piece)
+            if begin <= start:
+                parts.append(piece[start - begin :])
+                break
+            parts.append(piece)
+            end = begin
+        return "".join(reversed(parts))
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the content so far is more than whitespace."""
+        return self._settled_has_text or bool(self.latest.content.strip())
+
+    @property
+    def calls(self) -> list[ParsedCall]:
+        return self.settled_calls + self.latest.calls
 
 
 def held_back(text: str, markers: tuple[str, ...]) -> int:

@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from runtime.decoding.tool_calls.base import ParsedCall, ParseResult, ToolParser, held_back
+from runtime.decoding.tool_calls.base import ParsedCall, ParseResult, Resume, ToolParser, held_back
 
 _FUNCTION = re.compile(r"<function=([^>\s]+)>")
 _PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
@@ -22,12 +22,15 @@ class Qwen3CoderParser(ToolParser):
         first = text.find(self.OPEN)
         if first < 0:
             keep = len(text) if final else len(text) - held_back(text, (self.OPEN,))
-            return ParseResult(text[:keep])
+            return ParseResult(text[:keep], [], Resume(keep, keep, 0, self.parse) if keep else None)
         content = text[:first]
         calls: list[ParsedCall] = []
+        resume: Resume | None = None
         blocks = text[first:].split(self.OPEN)[1:]
         for number, block in enumerate(blocks):
             last = number == len(blocks) - 1
+            if last and text.rfind(self.OPEN) > 0:  # what precedes the last block is settled: resume there
+                resume = Resume(text.rfind(self.OPEN), len(content), len(calls), self.parse)
             if last and not final:  # the block may end in the first characters of the next <tool_call>
                 block = block[: len(block) - held_back(block, (self.OPEN,))]
             closed = self.CLOSE in block
@@ -46,7 +49,7 @@ class Qwen3CoderParser(ToolParser):
             if function_closed:
                 arguments += "}"
             calls.append(ParsedCall(name, arguments, closed or (final and function_closed)))
-        return ParseResult(content, calls)
+        return ParseResult(content, calls, resume)
 
     def _convert(self, tool: str, key: str, raw: str) -> tuple[str, Any]:
         value = raw.strip("\n")

@@ -1,6 +1,8 @@
 """Golden tests per tool-call family: parsed whole, and streamed in awkward pieces, give the same answer."""
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +103,110 @@ def test_parallel_false_keeps_the_first_call() -> None:
 def test_unknown_parser_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="hermes"):
         tool_parser("nope", TOOLS)
+
+
+# -- incremental parsing: a stream re-reads only the text after the last settled point ---------------------
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<function=add>", "</function>", "<parameter=a>",
+    "</parameter>", '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "noop", "parameters": {}}',
+    '{"name": ', '"add"', "{", "}", "[", "]", ",", ";", '"', " ", "\n", "x", "Hi.", "```", "```json\n", "\n```",
+    "```python\n", "<", "é",
+]  # fmt: skip
+
+
+def _agrees_piece_by_piece(family: str, text: str, sizes: list[int]) -> None:
+    """After every piece, settled + latest equals the stateless parse of the whole text so far."""
+    parser = tool_parser(family, TOOLS)
+    stream = parser.stream()
+    position, turn = 0, 0
+    while True:
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        position += size
+        final = position >= len(text)
+        stream.feed(text[position - size : position], final)
+        expected = parser.parse(text[:position], final)
+        assert stream.content_from(0) == expected.content, (family, text[:position])
+        assert [(c.name, c.arguments) for c in stream.calls] == [(c.name, c.arguments) for c in expected.calls]
+        if final:
+            return
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3_json", "mistral", "forced", "qwen3_coder"])
+def test_stream_equals_whole_parse_on_every_prefix(family: str) -> None:
+    for text in [case[1] for case in CASES] + [
+        "Intro.\n```python\nprint(1)\n```\nthen " + '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call> after\n  ',
+        '{"name": "add", "arguments": {"a": 1}}{"name": "noop", "arguments": {}}  tail',
+        'text <|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "noop", "parameters": {}}',
+        'So [1, 2] [TOOL_CALLS] [{"name": "add", "arguments": {"a": 1}}, {"name": "noop", "arguments": {}}]',
+        "a<tool_call><function=add><parameter=a>1</parameter></function></tool_call> b <tool_call><function=noop></function></tool_call>",
+    ]:
+        for sizes in ([1], [3, 1, 7], [len(text)]):
+            _agrees_piece_by_piece(family, text, sizes)
+
+
+def test_stream_equals_whole_parse_fuzzed() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(["hermes", "llama3_json", "mistral", "forced", "qwen3_coder"]),
+        st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30).map("".join),
+        st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=6),
+    )
+    def check(family: str, text: str, sizes: list[int]) -> None:
+        _agrees_piece_by_piece(family, text, sizes)
+
+    check()
+
+
+def _work(family: str, text: str) -> int:
+    """Characters handed to the parsers' functions (the `text` each one is called with) while `text` streams in
+    4-character deltas: what they may scan."""
+    import sys
+
+    folder = str(Path(tool_parser.__code__.co_filename).parent)
+    handed = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        nonlocal handed
+        if event == "call" and frame.f_code.co_filename.startswith(folder):
+            value = frame.f_locals.get("text")
+            handed += len(value) if isinstance(value, str) else 0
+
+    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+    sys.setprofile(tracer)
+    try:
+        for position in range(0, len(text), 4):
+            output.feed(text[position : position + 4], final=position + 4 >= len(text))
+        result = output.result(None, None)
+    finally:
+        sys.setprofile(None)
+    assert result.tool_calls or result.content
+    return handed
+
+
+@pytest.mark.parametrize(
+    ("family", "unit"),
+    [
+        ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'),
+        ("hermes", "Some plain prose, sentence after sentence, with no call in it at all. "),
+        ("hermes", "Text with `code` and a fence:\n```python\nprint(1)\n```\n"),
+        ("hermes", '{"name": "add", "arguments": {"a": 1, "b": 2}}\n'),
+        ("llama3_json", '{"name": "add", "parameters": {"a": 1, "b": 2}}; '),
+        ("llama3_json", "Plain prose that never calls a tool, on and on. "),
+        ("mistral", "Plain prose that never calls a tool, on and on. "),
+        ("forced", '{"name": "add", "arguments": {"a": 1, "b": 2}}, '),
+        ("qwen3_coder", "<tool_call><function=add><parameter=a>1</parameter></function></tool_call>"),
+        ("qwen3_coder", "Plain prose that never calls a tool, on and on. "),
+    ],
+)
+def test_streaming_work_grows_linearly(family: str, unit: str) -> None:
+    """Twice the reply costs about twice the work: settled calls and text are never parsed again (re-parsing
+    the whole text on every delta made it four times)."""
+    prefix = "[TOOL_CALLS][" if family == "mistral" and unit.startswith("{") else ("[" if family == "forced" else "")
+    short, long = prefix + unit * 100, prefix + unit * 200
+    work_short, work_long = _work(family, short), _work(family, long)
+    assert work_long < 2.3 * work_short, (work_short, work_long)
+    assert work_long < 200 * len(long), (work_long, len(long))  # the open call is re-read on each delta
