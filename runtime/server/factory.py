@@ -41,8 +41,8 @@ def build_server(
         from runtime.server.encoder_app import build_encoder_server
 
         return build_encoder_server(engine, options, settings)
-    renderer = PromptRenderer(engine.model_dir)  # the server's one Hugging Face tokenizer
-    decoder = TextDecoder.from_model_dir(engine.model_dir)
+    renderer = PromptRenderer(engine.model_dir)  # the server's one tokenizer: templates, encoding, decoding
+    decoder = TextDecoder(renderer.tokenizer.backend_tokenizer)
     client = decoder_client(engine, options, served_name, decoder, renderer.tokenizer)
     state = ServerState(settings=settings, engine=client, renderer=renderer, decoder=decoder)
     user_model = None

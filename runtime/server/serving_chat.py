@@ -12,7 +12,6 @@ from runtime.server.errors import APIError
 from runtime.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
 from runtime.server.guides import verify_guide
 from runtime.server.limits import check_chat_limits
-from runtime.server.logprobs import TokenTexts
 from runtime.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
 from runtime.server.protocol import (
     ChatChoice,
@@ -24,6 +23,7 @@ from runtime.server.protocol import (
 )
 from runtime.server.sampling import build_sampling_params, check_unsupported_chat, resolve_max_tokens
 from runtime.server.state import ServerState
+from runtime.server.usage import UsageCounter
 from runtime.types import GenerationDelta
 
 
@@ -113,11 +113,13 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
 async def complete_chat(
     state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
 ) -> ChatCompletionResponse:
-    texts = TokenTexts(state.engine_decoder()) if plan.logprobs else None
+    texts = state.token_texts() if plan.logprobs else None
     choices = [plan.processor.start(index) for index in range(body.n)]
     last: dict[int, GenerationDelta] = {}
     logprob_entries: dict[int, list] = {index: [] for index in range(body.n)}
+    counts = UsageCounter(len(plan.prompt_token_ids))
     async for delta in plan.run.deltas():
+        counts.add(delta.index, delta)
         choices[delta.index].feed(delta.text, final=delta.finish_reason is not None)
         if delta.logprobs:
             logprob_entries[delta.index].extend(delta.logprobs)
@@ -147,14 +149,8 @@ async def complete_chat(
         created=created,
         model=plan.run.model_name,
         choices=result,
-        usage=_usage(last, len(plan.prompt_token_ids)),
+        usage=counts.final(),
     )
-
-
-def _usage(last: dict[int, GenerationDelta], prompt_tokens: int) -> Usage:
-    completion = sum(delta.num_output_tokens for delta in last.values())
-    cached = max((delta.num_cached_tokens for delta in last.values()), default=0)
-    return Usage.of(prompt_tokens, completion, cached)
 
 
 async def stream_chat(
@@ -164,11 +160,9 @@ async def stream_chat(
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
-    texts = TokenTexts(state.engine_decoder()) if plan.logprobs else None
-    prompt_tokens = len(plan.prompt_token_ids)
+    texts = state.token_texts() if plan.logprobs else None
     choices = [plan.processor.start(index) for index in range(body.n)]
-    num_output = [0] * body.n
-    cached = 0
+    counts = UsageCounter(len(plan.prompt_token_ids))
 
     frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
 
@@ -176,9 +170,7 @@ async def stream_chat(
         return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage or continuous)
 
     def running_usage() -> Usage | None:
-        if not continuous:
-            return None
-        return Usage.of(prompt_tokens, sum(num_output))
+        return counts.running() if continuous else None
 
     announced = [False] * body.n
 
@@ -194,8 +186,7 @@ async def stream_chat(
     try:
         async for generated in plan.run.deltas():
             index = generated.index
-            num_output[index] = generated.num_output_tokens
-            cached = max(cached, generated.num_cached_tokens)
+            counts.add(index, generated)
             choice = choices[index]
             is_final = generated.finish_reason is not None
             pieces = choice.feed(generated.text, final=is_final)
@@ -226,7 +217,6 @@ async def stream_chat(
                 }
                 yield chunk([final], running_usage())
         if include_usage:
-            usage = Usage.of(prompt_tokens, sum(num_output), cached)
             yield sse(
                 {
                     "id": request_id,
@@ -234,7 +224,7 @@ async def stream_chat(
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage.model_dump(),
+                    "usage": counts.final().model_dump(),
                 }
             )
     except APIError as error:

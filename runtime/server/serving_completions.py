@@ -19,10 +19,10 @@ from runtime.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Usage,
 )
 from runtime.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
 from runtime.server.state import ServerState
+from runtime.server.usage import UsageCounter
 from runtime.types import GenerationDelta
 
 
@@ -158,14 +158,16 @@ async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, Gener
 async def _complete(
     state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
 ) -> CompletionResponse:
-    texts = TokenTexts(state.engine_decoder()) if body.logprobs is not None else None
+    texts = state.token_texts() if body.logprobs is not None else None
     n = body.n
+    usage = UsageCounter(sum(len(run.request.prompt_token_ids) for _, run in runs), n)
     parts: dict[int, list[str]] = {}
     logprobs: dict[int, CompletionLogprobs] = {}
     offsets: dict[int, int] = {}
     last: dict[int, GenerationDelta] = {}
     for position, delta in [item async for item in _merged(runs)]:
         choice = position * n + delta.index
+        usage.add(choice, delta)
         parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
         if texts is not None and delta.prompt_logprobs is not None:
             entry = logprobs.setdefault(choice, CompletionLogprobs())
@@ -187,15 +189,12 @@ async def _complete(
                 stop_reason=delta.stop_reason,
             )
         )
-    prompt_tokens = sum(len(run.request.prompt_token_ids) for _, run in runs)
-    completion = sum(delta.num_output_tokens for delta in last.values())
-    cached = sum(delta.num_cached_tokens for choice, delta in last.items() if choice % n == 0)
     return CompletionResponse(
         id=request_id,
         created=created,
         model=runs[0][1].model_name,
         choices=choices,
-        usage=Usage.of(prompt_tokens, completion, cached),
+        usage=usage.final(),
     )
 
 
@@ -206,25 +205,21 @@ async def _stream(
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = bool(options and options.continuous_usage_stats)
-    texts = TokenTexts(state.engine_decoder()) if body.logprobs is not None else None
+    texts = state.token_texts() if body.logprobs is not None else None
     n = body.n
-    prompt_tokens = sum(len(run.request.prompt_token_ids) for _, run in runs)
-    num_output: dict[int, int] = {}
+    usage = UsageCounter(sum(len(run.request.prompt_token_ids) for _, run in runs), n)
     offsets: dict[int, int] = {}
     echoed: set[int] = set()
-
-    def usage_now() -> dict[str, Any]:
-        return Usage.of(prompt_tokens, sum(num_output.values())).model_dump()
 
     framer = chunk_framer(request_id, "text_completion", created, model)
 
     def frame(choice: dict[str, Any]) -> bytes:
-        return framer([choice], usage_now() if continuous else None, include_usage or continuous)
+        return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
 
     try:
         async for position, delta in _merged(runs):
             choice = position * n + delta.index
-            num_output[choice] = delta.num_output_tokens
+            usage.add(choice, delta)
             text = delta.text
             if body.echo and choice not in echoed:
                 echoed.add(choice)
@@ -255,7 +250,7 @@ async def _stream(
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage_now(),
+                    "usage": usage.final().model_dump(),
                 }
             )
     except APIError as error:

@@ -7,6 +7,7 @@ from runtime.backends.base import EngineClient, EngineLifecycle
 from runtime.decoding.detokenizer import TextDecoder
 from runtime.server.chat_template import PromptRenderer
 from runtime.server.errors import APIError
+from runtime.server.logprobs import TokenTexts
 from runtime.server.metrics import ServerMetrics
 from runtime.server.sampling import Limits
 
@@ -43,6 +44,7 @@ class ServerState:
     inflight: int = 0
     startup_error: str | None = None
     engine_started: asyncio.Event = field(default_factory=asyncio.Event)
+    _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(
@@ -58,6 +60,12 @@ class ServerState:
     def engine_decoder(self) -> TextDecoder:
         assert self.decoder is not None, "decoder models need a TextDecoder"
         return self.decoder
+
+    def token_texts(self) -> TokenTexts:
+        """Logprobs' token texts and bytes, cached across requests (one per server, like the tokenizer)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine_decoder())
+        return self._token_texts
 
     def limits(self) -> Limits:
         info = self.engine.model_info

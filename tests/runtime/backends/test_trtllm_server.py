@@ -78,3 +78,43 @@ def test_readiness_and_the_autoscaling_metric(server: TestClient) -> None:
     assert server.get("/ready").status_code == 200
     assert server.get("/health").status_code == 200
     assert "engine_builder:num_requests_inflight" in server.get("/metrics").text
+
+
+def test_one_tokenizer_per_server(
+    tmp_path: Path, smollm2_dir: Path, fake_trtllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat template, prompt encoding, detokenization and logprob texts share one loaded tokenizer."""
+    import tokenizers
+    import transformers
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    loaded = load_config(smollm2_config(tmp_path, MODELS_DIR, quantization="no_quant"))
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    loads: list[str] = []  # loads by this project's code (Hugging Face's own reading of tokenizer.json is its part)
+    from_pretrained, from_file = transformers.AutoTokenizer.from_pretrained, tokenizers.Tokenizer.from_file
+    inside = []
+
+    def counting_pretrained(*args: object, **kwargs: object) -> object:
+        loads.append("AutoTokenizer.from_pretrained")
+        inside.append(True)
+        try:
+            return from_pretrained(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def counting_file(*args: object, **kwargs: object) -> object:
+        if not inside:
+            loads.append("Tokenizer.from_file")
+        return from_file(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting_pretrained)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", counting_file)
+    app, state = build_server(engine, loaded.truss.engine_builder, ())
+    with TestClient(app) as client:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert loads == ["AutoTokenizer.from_pretrained"]
+    assert state.renderer is not None and state.engine_decoder().tokenizer is state.renderer.tokenizer.backend_tokenizer
+    assert state.token_texts() is state.token_texts()
