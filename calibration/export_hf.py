@@ -72,13 +72,7 @@ def export_hf_checkpoint(
 ) -> dict[str, Any]:
     """Write `target_dir` (which must not exist yet); returns the hf_quant_config written."""
     target_dir.mkdir(parents=True)
-    for path in sorted(source_dir.iterdir()):
-        if (
-            path.is_file()
-            and path.name not in _NOT_COPIED_NAMES
-            and not path.name.endswith(_NOT_COPIED_SUFFIXES)
-        ):
-            shutil.copy2(path, target_dir / path.name)
+    copy_side_files(source_dir, target_dir)
     hf_quant = quant_config(recipe, quantized.exclude_modules)
     config = json.loads((source_dir / "config.json").read_text())
     config["quantization_config"] = config_quantization(hf_quant)
@@ -86,6 +80,17 @@ def export_hf_checkpoint(
     (target_dir / QUANT_CONFIG_FILE).write_text(json.dumps(hf_quant, indent=2) + "\n")
     _save_shards(quantized.tensors, target_dir)
     return hf_quant
+
+
+def copy_side_files(source_dir: Path, target_dir: Path) -> None:
+    """Tokenizer, generation config and other non-weight files of the source checkpoint, as they are."""
+    for path in sorted(source_dir.iterdir()):
+        if (
+            path.is_file()
+            and path.name not in _NOT_COPIED_NAMES
+            and not path.name.endswith(_NOT_COPIED_SUFFIXES)
+        ):
+            shutil.copy2(path, target_dir / path.name)
 
 
 def _save_shards(tensors: dict[str, torch.Tensor], target_dir: Path) -> None:

@@ -1,31 +1,38 @@
 """The build stage's quantization step: calibrate, quantize, export, measure, write the report, gate.
 
-`quantize_checkpoint` writes the quantized Hugging Face folder to `<engine>/model` and the accuracy report
-to `<engine>/calibration_report.json`; a breached threshold raises `QuantizationGateError` (a BuildError)
-after the report is written, naming the numbers.
+The quantizer (calibration/quantizers.py: nvidia-modelopt by default) writes the quantized folder; the accuracy is
+measured here, the same way whoever quantized, on the folder as the torch engine loads it. `quantize_checkpoint`
+writes the quantized Hugging Face folder to `<engine>/model` and the accuracy report to
+`<engine>/calibration_report.json`; a breached threshold raises `QuantizationGateError` (a BuildError) after the
+report is written, naming the numbers.
 """
 
 import ctypes
 import gc
 import json
 import logging
+import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from calibration import gate
-from calibration.calibrate import calibrate
 from calibration.datasets import heldout_texts, load_calibration_texts, token_samples
 from calibration.device import ComputePlan, check_fits, plan_for, resolve_device
 from calibration.evaluate import ReferenceLogits, compare, record_reference
-from calibration.export_hf import export_hf_checkpoint
-from calibration.quantize import quantize_tensors
+from calibration.export_hf import QUANT_CONFIG_FILE
+from calibration.quantizers import (
+    ENGINE_BUILDER,
+    ModeloptUnavailableError,
+    QuantizerRun,
+    quantizer_function,
+    resolve_quantizer,
+)
 from calibration.recipes import Recipe, recipe_for
 from engine_builder.build_stage import BuildError
-from engine_builder.config import BaseModelKind, LoadedConfig
+from engine_builder.config import BaseModelKind, EngineOptions, LoadedConfig
 from runtime.artifact import CALIBRATION_REPORT, MODEL_DIR, write_atomic
 from runtime.engine.models.decoder import DecoderModel
 from runtime.engine.models.loader import load_decoder, safetensors_files
@@ -53,8 +60,9 @@ def quantize_checkpoint(
     staging_engine_dir: Path,
     *,
     backend: str = "torch",
-    calibration_device: str = "auto",
+    options: EngineOptions | None = None,
 ) -> dict[str, str]:
+    options = options or loaded.truss.engine_builder
     build = loaded.trt_llm.build
     recipe = recipe_for(build.quantization_type)
     if build.base_model != BaseModelKind.DECODER:
@@ -64,6 +72,8 @@ def quantize_checkpoint(
         )
     if backend == "trtllm":
         check_gpu_capability(recipe)
+    thresholds = gate.thresholds_for(recipe.quant_algo, options)
+    gate.log_overrides(thresholds)
     settings = build.quantization_config
     tokenizer = _tokenizer(checkpoint_path)
     texts = load_calibration_texts(settings.calib_dataset, settings.calib_size, loaded.base_dir)
@@ -77,51 +87,44 @@ def quantize_checkpoint(
             settings.calib_size,
             texts.source,
         )
-    plan = plan_for(checkpoint_path, resolve_device(calibration_device))
+    plan = plan_for(checkpoint_path, resolve_device(options.calibration_device))
     check_fits(_tensor_bytes(checkpoint_path), plan.device)
     logger.info("calibration and evaluation on %s", ", ".join(f"{k} {v}" for k, v in plan.describe().items()))
     heldout = token_samples(tokenizer, heldout_texts(), EVAL_MAX_TOKENS)
     model_dir = staging_engine_dir / MODEL_DIR
     kv_dtype = torch.float8_e4m3fn if recipe.kv_cache_fp8 else None
-    # One model in memory at a time: the reference calibrates and records its held-out logits, then is freed
-    # before the quantized checkpoint is made, written, loaded and compared.
+    # One model in memory at a time: the reference records its held-out logits and is freed, the quantizer
+    # calibrates and writes the quantized folder, then that folder is loaded as the engine serves it and compared.
     with tempfile.TemporaryDirectory(prefix=".reference-logits-", dir=staging_engine_dir) as scratch:
         reference_logits = ReferenceLogits(Path(scratch))
         reference = load_for_calibration(checkpoint_path, plan)
-        num_layers = reference.spec.num_layers
-        stats = calibrate(reference, samples, plan.compute_dtype)
-        _release(plan)
         record_reference(reference, heldout, reference_logits, plan.compute_dtype)
         del reference
-        _release(plan)
-        started = time.monotonic()
-        checkpoint = quantize_tensors(checkpoint_path, num_layers, recipe, stats)
-        export_hf_checkpoint(checkpoint, recipe, checkpoint_path, model_dir)
-        export_seconds = time.monotonic() - started
-        linear_bytes = checkpoint.linear_bytes()
-        quantized_modules, exclude_modules = checkpoint.quantized_modules, checkpoint.exclude_modules
-        del checkpoint
-        _release(plan)
+        release(plan)
+        run = _quantize(options.quantizer, checkpoint_path, samples, recipe, plan, model_dir)
+        release(plan)
         quantized_model = load_for_calibration(model_dir, plan)
         metrics = compare(quantized_model, heldout, reference_logits, kv_dtype, plan.compute_dtype)
         del quantized_model
-        _release(plan)
-    thresholds = gate.thresholds_for(recipe.quant_algo)
+        release(plan)
     breached = gate.failures(metrics, thresholds)
+    quantized_modules = _quantized_modules(model_dir)
+    exclude_modules = _exclude_modules(model_dir)
     report = {
         "report_version": REPORT_VERSION,
         "quantization_type": recipe.name,
         "quant_algo": recipe.quant_algo,
         "kv_cache_quant_algo": recipe.kv_cache_quant_algo,
+        "quantizer": {"name": run.quantizer, **run.details},
         "calibration": {
             "calib_dataset": settings.calib_dataset,
             "source": texts.source,
             "calib_size": settings.calib_size,
             "calib_max_seq_length": settings.calib_max_seq_length,
-            "num_samples": stats.num_samples,
-            "num_tokens": stats.num_tokens,
-            "seconds": round(stats.seconds, 2),
-            "export_seconds": round(export_seconds, 2),
+            "num_samples": run.num_samples,
+            "num_tokens": run.num_tokens,
+            "seconds": round(run.calibration_seconds, 2),
+            "export_seconds": round(run.export_seconds, 2),
         },
         "compute": plan.describe(),
         "evaluation": {
@@ -129,19 +132,21 @@ def quantize_checkpoint(
             "compute_dtype": plan.describe()["compute_dtype"],
             **metrics.to_dict(),
         },
-        "weights": _weight_sizes(checkpoint_path, model_dir, linear_bytes, quantized_modules),
+        "weights": _weight_sizes(checkpoint_path, model_dir, quantized_modules),
         "quantized_modules": len(quantized_modules),
         "exclude_modules": exclude_modules,
         "gate": {
             "thresholds": thresholds.to_dict(),
+            "sources": dict(thresholds.sources),
             "passed": not breached,
             "failures": breached,
         },
     }
     write_atomic(staging_engine_dir / CALIBRATION_REPORT, json.dumps(report, indent=2) + "\n")
     logger.info(
-        "%s: top-1 agreement %.4f, perplexity %.3f -> %.3f (%+.2f%%), weights %d -> %d bytes",
+        "%s (%s): top-1 agreement %.4f, perplexity %.3f -> %.3f (%+.2f%%), weights %d -> %d bytes",
         recipe.name,
+        run.quantizer,
         metrics.top1_agreement,
         metrics.perplexity_reference,
         metrics.perplexity_quantized,
@@ -152,11 +157,32 @@ def quantize_checkpoint(
     if breached and thresholds.enabled:
         raise QuantizationGateError(
             f"quantization {recipe.name} failed the accuracy gate: {'; '.join(breached)}. "
-            f"Set the named variables (or {gate.ENV_GATE}=off) to accept it; see {CALIBRATION_REPORT}"
+            f"Loosen the named settings (or set engine_builder.quantization_gate: false) to accept it; "
+            f"see {CALIBRATION_REPORT}"
         )
     if breached:
         logger.warning("accuracy gate is off; breached: %s", "; ".join(breached))
     return {"quantization": recipe.name, "kv_cache_dtype": recipe.kv_cache_dtype}
+
+
+def _quantize(
+    requested: str, checkpoint_path: Path, samples: list[list[int]], recipe: Recipe, plan: ComputePlan, target: Path
+) -> QuantizerRun:
+    """The chosen quantizer; `auto` falls back to ours (logged, and named in the report) where modelopt cannot run."""
+    name = resolve_quantizer(requested)
+    if name == ENGINE_BUILDER and requested == "auto":
+        logger.warning("nvidia-modelopt is not installed: quantizing with engine-builder's own quantizer")
+    try:
+        return quantizer_function(name)(checkpoint_path, samples, recipe, plan, target)
+    except ModeloptUnavailableError as error:
+        if requested != "auto":
+            raise QuantizationError(
+                f"engine_builder.quantizer is modelopt but {error}; install nvidia-modelopt or set quantizer: auto"
+            ) from error
+        logger.warning("%s: quantizing with engine-builder's own quantizer instead", error)
+        shutil.rmtree(target, ignore_errors=True)
+        run = quantizer_function(ENGINE_BUILDER)(checkpoint_path, samples, recipe, plan, target)
+        return QuantizerRun(**{**run.__dict__, "details": {**run.details, "fallback_reason": str(error)}})
 
 
 def load_for_calibration(model_dir: Path, plan: ComputePlan) -> DecoderModel:
@@ -170,7 +196,7 @@ def load_for_calibration(model_dir: Path, plan: ComputePlan) -> DecoderModel:
     return model
 
 
-def _release(plan: ComputePlan) -> None:
+def release(plan: ComputePlan) -> None:
     """Hand a finished phase's freed memory back now, so the next phase's peak is its own: device memory from the
     CUDA allocator's cache, host pages from glibc's heap (which keeps freed blocks under 32 MiB, most of a model's
     tensors and activations, mapped until told otherwise)."""
@@ -205,12 +231,12 @@ def check_gpu_capability(recipe: Recipe) -> None:
         )
 
 
-def _weight_sizes(
-    checkpoint_path: Path, model_dir: Path, linear_bytes: int, quantized_modules: list[str]
-) -> dict[str, Any]:
+def _weight_sizes(checkpoint_path: Path, model_dir: Path, quantized_modules: list[str]) -> dict[str, Any]:
     reference_bytes = _tensor_bytes(checkpoint_path)
     quantized_bytes = _tensor_bytes(model_dir)
-    reference_linear = _tensor_bytes(checkpoint_path, tuple(f"{m}." for m in quantized_modules))
+    prefixes = tuple(f"{m}." for m in quantized_modules)
+    reference_linear = _tensor_bytes(checkpoint_path, prefixes)
+    linear_bytes = _tensor_bytes(model_dir, prefixes)
     return {
         "reference_bytes": reference_bytes,
         "quantized_bytes": quantized_bytes,
@@ -219,6 +245,22 @@ def _weight_sizes(
         "quantized_linear_bytes": linear_bytes,
         "linear_ratio": round(linear_bytes / reference_linear, 4) if reference_linear else None,
     }
+
+
+def _quantized_modules(model_dir: Path) -> list[str]:
+    """The modules of the written folder that carry a weight scale, i.e. were quantized (whoever wrote it)."""
+    from safetensors import safe_open
+
+    found = []
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            found += [name.removesuffix(".weight_scale") for name in handle.keys() if name.endswith(".weight_scale")]  # noqa: SIM118
+    return sorted(found)
+
+
+def _exclude_modules(model_dir: Path) -> list[str]:
+    quant_config = json.loads((model_dir / QUANT_CONFIG_FILE).read_text())
+    return list(quant_config["quantization"].get("exclude_modules") or [])
 
 
 def _tensor_bytes(model_dir: Path, prefixes: tuple[str, ...] | None = None) -> int:

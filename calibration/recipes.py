@@ -2,7 +2,9 @@
 
 A recipe says which weight format the decoder's linear layers get (FP8 or NVFP4), whether attention
 layers are left in 16-bit (`*_mlp_only`) and whether the KV cache is FP8 (`*_kv`). `fp4_kv` pairs NVFP4
-weights with an FP8 KV cache (TensorRT-LLM's `kv_cache_quant_algo: FP8`).
+weights with an FP8 KV cache (TensorRT-LLM's `kv_cache_quant_algo: FP8`). `modelopt_config` names the config of
+`modelopt.torch.quantization` the recipe calibrates with (calibration/modelopt_quantizer.py adds FP8_KV_CFG for
+an FP8 KV cache, and switches the attention quantizers off for fp8_mlp_only: modelopt ships no FP8 MLP-only config).
 """
 
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ class Recipe:
     quant_algo: str  # "FP8" or "NVFP4": modelopt / TensorRT-LLM names
     kv_cache_fp8: bool
     mlp_only: bool
+    modelopt_config: str  # a config of modelopt.torch.quantization, by name
 
     @property
     def kv_cache_quant_algo(self) -> str | None:
@@ -39,15 +42,22 @@ class Recipe:
         return module_kind == "mlp" or not self.mlp_only
 
 
+_FP8, _NVFP4 = "FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG"
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
-        Recipe(QuantizationType.FP8.value, "FP8", kv_cache_fp8=False, mlp_only=False),
-        Recipe(QuantizationType.FP8_KV.value, "FP8", kv_cache_fp8=True, mlp_only=False),
-        Recipe(QuantizationType.FP8_MLP_ONLY.value, "FP8", kv_cache_fp8=False, mlp_only=True),
-        Recipe(QuantizationType.FP4.value, "NVFP4", kv_cache_fp8=False, mlp_only=False),
-        Recipe(QuantizationType.FP4_KV.value, "NVFP4", kv_cache_fp8=True, mlp_only=False),
-        Recipe(QuantizationType.FP4_MLP_ONLY.value, "NVFP4", kv_cache_fp8=False, mlp_only=True),
+        Recipe(QuantizationType.FP8.value, "FP8", kv_cache_fp8=False, mlp_only=False, modelopt_config=_FP8),
+        Recipe(QuantizationType.FP8_KV.value, "FP8", kv_cache_fp8=True, mlp_only=False, modelopt_config=_FP8),
+        Recipe(QuantizationType.FP8_MLP_ONLY.value, "FP8", kv_cache_fp8=False, mlp_only=True, modelopt_config=_FP8),
+        Recipe(QuantizationType.FP4.value, "NVFP4", kv_cache_fp8=False, mlp_only=False, modelopt_config=_NVFP4),
+        Recipe(QuantizationType.FP4_KV.value, "NVFP4", kv_cache_fp8=True, mlp_only=False, modelopt_config=_NVFP4),
+        Recipe(
+            QuantizationType.FP4_MLP_ONLY.value,
+            "NVFP4",
+            kv_cache_fp8=False,
+            mlp_only=True,
+            modelopt_config="NVFP4_MLP_ONLY_CFG",
+        ),
     )
 }
 

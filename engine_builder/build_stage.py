@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -63,7 +64,7 @@ def build_engine(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool = False
 ) -> BuildResult:
     started = time.monotonic()
-    config_hash = build_identity(loaded)
+    config_hash = build_identity(loaded, options)
     if not force and is_engine_dir(output):
         try:
             existing = load_engine_dir(output)
@@ -124,9 +125,7 @@ def build_engine(
         else:
             from calibration.pipeline import quantize_checkpoint
 
-            quantization_summary = quantize_checkpoint(
-                loaded, fetched.path, staging, backend=backend, calibration_device=options.calibration_device
-            )
+            quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
         trtllm_serve = None
         if backend == "trtllm":
             from engine_builder.compile.trtllm import compile_trtllm
@@ -145,6 +144,9 @@ def build_engine(
             stored_adapters = store_lora_adapters(adapters, staging)
         manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
         manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve, stored_adapters)
+        quantization_build = quantization_identity(loaded, options)
+        if quantization_build:
+            manifest.extra["quantization_build"] = quantization_build
         if dummy:
             manifest.extra["load_format"] = "dummy"
             logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
@@ -174,17 +176,42 @@ def _public_config_yaml(loaded: LoadedConfig) -> str:
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 
 
-def build_identity(loaded: LoadedConfig) -> str:
-    """The config hash, extended with the user model folder so editing model.py triggers a rebuild."""
+def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
+    """The config hash, extended with what else decides the engine: for a quantizing build the quantizer and the
+    accuracy gate in force (config fields, flags and environment overrides: a different gate is a different
+    engine), and the user model folder, so editing model.py triggers a rebuild."""
     import hashlib
 
     digest = hashlib.sha256(loaded.build_hash().encode())
+    quantization = quantization_identity(loaded, options)
+    if quantization:  # the values decide the engine, not where they were set
+        decisive = {key: value for key, value in quantization.items() if key != "gate_sources"}
+        digest.update(json.dumps(decisive, sort_keys=True).encode())
     user_dir = loaded.base_dir / "model"
     if (user_dir / "model.py").is_file():
         for path in sorted(p for p in user_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             digest.update(str(path.relative_to(user_dir)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:
+    """For a build our calibration quantizes: the quantizer that will run and the gate's thresholds with where each
+    came from (recorded in the manifest too); empty otherwise."""
+    from calibration.recipes import RECIPES
+
+    quantization = loaded.trt_llm.build.quantization_type.value
+    if quantization not in RECIPES:
+        return {}
+    from calibration import gate
+    from calibration.quantizers import resolve_quantizer
+
+    thresholds = gate.thresholds_for(RECIPES[quantization].quant_algo, options)
+    return {
+        "quantizer": resolve_quantizer(options.quantizer),
+        "gate": thresholds.to_dict(),
+        "gate_sources": dict(thresholds.sources),
+    }
 
 
 def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:

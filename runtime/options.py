@@ -28,6 +28,36 @@ class EngineOptions(pydantic.BaseModel):
         description="Where a quantizing build calibrates and measures accuracy: auto = the CUDA device when one is "
         "visible (in the checkpoint's dtype), else the CPU (float32 compute, weights kept in their own dtype)",
     )
+    quantizer: Literal["auto", "modelopt", "engine_builder"] = pydantic.Field(
+        default="auto",
+        description="Who calibrates and exports a quantizing build: modelopt (nvidia-modelopt's mtq.quantize and "
+        "HF export), engine_builder (this project's own quantizer), auto = modelopt when it is installed",
+    )
+    quantization_gate: bool = pydantic.Field(
+        default=True,
+        description="Fail a quantizing build whose accuracy report breaches a threshold below; false = report only "
+        "(ENGINE_BUILDER_QUANT_GATE=on/off overrides, recorded in the report and the manifest)",
+    )
+    quantization_min_top1_agreement: float | None = pydantic.Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Accuracy gate: least share of held-out tokens whose top-1 matches the unquantized model; "
+        "unset = the format's default (FP8 0.80, NVFP4 0.55); ENGINE_BUILDER_QUANT_MIN_TOP1 overrides",
+    )
+    quantization_max_perplexity_increase: float | None = pydantic.Field(
+        default=None,
+        ge=0.0,
+        description="Accuracy gate: largest relative held-out perplexity increase (0.1 = +10 %); unset = the "
+        "format's default (FP8 0.10, NVFP4 0.60); ENGINE_BUILDER_QUANT_MAX_PPL_INCREASE overrides",
+    )
+    quantization_min_logit_cosine: float | None = pydantic.Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Accuracy gate: least mean cosine between quantized and unquantized logits; unset = the "
+        "format's default (FP8 0.95, NVFP4 0.85); ENGINE_BUILDER_QUANT_MIN_COSINE overrides",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = pydantic.Field(
         default="auto",
         description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16",
