@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from runtime.engine.models import decoder_spec
 from runtime.engine.models.loader import safetensors_files
+from runtime.engine.quantized import FP8_DTYPE, fp8_quantize
 from runtime.engine.quantized_checkpoint import QUANT_CONFIG_FILE, checkpoint_prefix
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -76,7 +77,10 @@ def export_trtllm_checkpoint(hf_dir: Path, output_dir: Path) -> dict[str, Any]:
             weights[theirs + "post_layernorm.weight"] = get(ours + "post_attention_layernorm.weight")
             for target, parts in _LINEARS.items():
                 modules = [ours + part for part in parts]
-                weights[f"{theirs}{target}.weight"] = torch.cat([get(f"{m}.weight") for m in modules])
+                weights[f"{theirs}{target}.weight"] = _fused_weight(
+                    [get(f"{m}.weight") for m in modules],
+                    [get(f"{m}.weight_scale") if f"{m}.weight_scale" in where else None for m in modules],
+                )
                 if f"{modules[0]}.bias" in where:
                     weights[f"{theirs}{target}.bias"] = torch.cat([get(f"{m}.bias") for m in modules])
                 if f"{modules[0]}.weight_scale" not in where:
@@ -86,7 +90,7 @@ def export_trtllm_checkpoint(hf_dir: Path, output_dir: Path) -> dict[str, Any]:
                     if f"{modules[0]}.{scale}" not in where:
                         continue
                     values = [get(f"{m}.{scale}") for m in modules]
-                    if values[0].dim() == 0:  # per-tensor: fused parts share one value by construction
+                    if values[0].dim() == 0:  # per-tensor: one value for the fused layer (see _fused_weight)
                         weights[f"{theirs}{target}.{name}"] = torch.stack(values).amax().reshape(1)
                     else:
                         weights[f"{theirs}{target}.{name}"] = torch.cat(values)
@@ -98,6 +102,20 @@ def export_trtllm_checkpoint(hf_dir: Path, output_dir: Path) -> dict[str, Any]:
     save_file({k: v.contiguous() for k, v in weights.items()}, str(output_dir / "rank0.safetensors"))
     (output_dir / "config.json").write_text(json.dumps(trt_config, indent=2) + "\n")
     return trt_config
+
+
+def _fused_weight(parts: list[torch.Tensor], scales: list[torch.Tensor | None]) -> torch.Tensor:
+    """The fused layer's weight. FP8 parts with their own per-tensor scales (modelopt's export keeps q/k/v and
+    gate/up apart) are re-expressed under the largest, the one scale TensorRT-LLM's fused layer takes; each value is
+    rounded to FP8 once more (exact for the part already at that scale)."""
+    if parts[0].dtype != FP8_DTYPE or any(s is None or s.dim() for s in scales):
+        return torch.cat(parts)
+    values = [float(s) for s in scales if s is not None]
+    top = max(values)
+    if all(value == top for value in values):
+        return torch.cat(parts)
+    one = torch.ones(())
+    return torch.cat([fp8_quantize(part.float() * (value / top), one) for part, value in zip(parts, values, strict=True)])
 
 
 def _config(

@@ -67,7 +67,7 @@ def register_cpu_nvfp4() -> bool:
         return False
     library = torch.library.Library(OP_NAMESPACE, "IMPL")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Overriding a previously registered kernel")  # that is the point
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")  # that is the point
         library.impl(OP_NAME, _cpu_kernel, "CPU")
     _registration = library  # the kernel stays registered while the Library object lives
     return True

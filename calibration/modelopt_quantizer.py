@@ -3,18 +3,19 @@
 The model is transformers' AutoModelForCausalLM of the checkpoint folder (what modelopt's plugins know how to
 quantize, attention's K/V included), on the plan's device: on the CPU in float32, as our own calibration computed,
 on CUDA in the checkpoint's dtype. Calibration is modelopt's `max` algorithm over our calibration samples, packed
-into batches of whole sequences that attend only within themselves. Before export the weights go back to the
-checkpoint's dtype (exact: they were read from it), so the unquantized tensors are stored as the checkpoint had
-them. modelopt's unified export writes config.json, hf_quant_config.json and the safetensors; the tokenizer and
+into batches of whole sequences that attend only within themselves. The export is made from float32 and its unquantized
+tensors are then stored in the checkpoint's dtype (see `store_in_checkpoint_dtype`). modelopt's unified export writes config.json, hf_quant_config.json and the safetensors; the tokenizer and
 generation files are copied from the source, as calibration/export_hf.py does.
 """
 
 import contextlib
 import copy
 import io
+import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from calibration.export_hf import copy_side_files
 from calibration.forward import batches
 from calibration.quantizers import MODELOPT, ModeloptUnavailableError, QuantizerRun
 from calibration.recipes import Recipe
+from runtime.engine.models.loader import safetensors_files
+from runtime.engine.quantized_checkpoint import split_scale_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,16 @@ def modelopt_config(recipe: Recipe) -> tuple[dict[str, Any], str]:
 
 
 def quantize_with_modelopt(
-    checkpoint_dir: Path, samples: list[list[int]], recipe: Recipe, plan: ComputePlan, target_dir: Path
+    checkpoint_dir: Path,
+    samples: list[list[int]],
+    recipe: Recipe,
+    plan: ComputePlan,
+    target_dir: Path,
+    *,
+    before_export: Callable[[torch.nn.Module], None] | None = None,
 ) -> QuantizerRun:
+    """`before_export` sees the calibrated model while its fake quantizers still run (tests compare its logits with
+    our engine serving the export; export replaces the weights)."""
     mtq, export_hf_checkpoint, version = _modelopt()
     if plan.device.type == "cpu":
         from calibration.modelopt_nvfp4_cpu import register_cpu_nvfp4
@@ -66,15 +77,16 @@ def quantize_with_modelopt(
     calibration_seconds = time.monotonic() - started
     _log_lines(output.getvalue())
     logger.info("modelopt calibrated on %d samples (%d tokens) in %.1f s", len(samples), num_tokens, calibration_seconds)
+    if before_export is not None:
+        before_export(model)
     started = time.monotonic()
-    for parameter in model.parameters():
-        parameter.data = parameter.data.to(plan.weight_dtype)
-    model.config.dtype = plan.weight_dtype
+    model.float()  # exported from float32, then stored in the checkpoint's dtype: see store_in_checkpoint_dtype
     output = io.StringIO()
     with contextlib.redirect_stdout(output), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # dtype notices about the float32 calibration copy
-        export_hf_checkpoint(model, dtype=plan.weight_dtype, export_dir=target_dir)
+        export_hf_checkpoint(model, dtype=torch.float32, export_dir=target_dir)
     _log_lines(output.getvalue())
+    store_in_checkpoint_dtype(target_dir, plan.weight_dtype)
     copy_side_files(checkpoint_dir, target_dir)
     export_seconds = time.monotonic() - started
     import transformers
@@ -94,6 +106,46 @@ def quantize_with_modelopt(
             "export": "modelopt.torch.export.export_hf_checkpoint",
         },
     )
+
+
+def store_in_checkpoint_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Unquantized tensors of the export back in the checkpoint's dtype (exact: they were read from it); scales stay
+    float32. The model is exported in float32 because modelopt's exporter casts a weight to the export dtype and
+    divides it by its scale in that dtype: exported in bfloat16, each value would be rounded twice (to bfloat16,
+    then to FP8/FP4), which put 4.6 % of one SmolLM2 layer's FP8 weights a step away from the nearest value and from
+    what the fake-quantized model calibrated and computed with. From float32 it is rounded once."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        for name, tensor in tensors.items():
+            if tensor.dtype == torch.float32 and split_scale_name(name) is None:
+                tensors[name] = tensor.to(dtype)
+        save_file(tensors, str(path), metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = _tensor_bytes(folder)
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _tensor_bytes(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118
+                tensor = handle.get_tensor(name)
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def load_hf_model(checkpoint_dir: Path, plan: ComputePlan) -> torch.nn.Module:

@@ -3,6 +3,7 @@
 import atexit
 import shutil
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -54,3 +55,38 @@ def quantized_checkpoint(model_dir: Path, quantization_type: str) -> Path:
     target = _workdir() / quantization_type
     export_hf_checkpoint(quantized, recipe, model_dir, target)
     return target
+
+
+MODELOPT_CALIB_SIZE = 16
+FAKE_QUANT_LAYER = 3  # whose linears' fake-quantized weights are kept before export
+
+
+@dataclass(frozen=True)
+class ModeloptExport:
+    folder: Path
+    fake_quant_weights: dict[str, torch.Tensor]  # module name -> weight_quantizer(weight), as modelopt computes with
+
+
+@cache
+def modelopt_checkpoint(model_dir: Path, quantization_type: str) -> ModeloptExport:
+    """`model_dir` quantized by nvidia-modelopt (calibration/modelopt_quantizer.py) on the CPU, with the fake-quantized
+    weights of one layer's linears taken from modelopt's model before export (read-only: shared by tests)."""
+    from calibration.device import plan_for
+    from calibration.modelopt_quantizer import quantize_with_modelopt
+
+    samples = token_samples(tokenizer(model_dir), builtin_texts(MODELOPT_CALIB_SIZE).texts, CALIB_MAX_SEQ_LENGTH)
+    weights: dict[str, torch.Tensor] = {}
+
+    def keep_fake_quant_weights(model: torch.nn.Module) -> None:
+        prefix = f"model.layers.{FAKE_QUANT_LAYER}."
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                quantizer = getattr(module, "weight_quantizer", None)
+                if name.startswith(prefix) and quantizer is not None and quantizer.is_enabled:
+                    weights[name] = quantizer(module.weight).float()
+
+    target = _workdir() / f"modelopt-{quantization_type}"
+    plan = plan_for(model_dir, torch.device("cpu"))
+    recipe = recipe_for(quantization_type)
+    quantize_with_modelopt(model_dir, samples, recipe, plan, target, before_export=keep_fake_quant_weights)
+    return ModeloptExport(target, weights)
