@@ -158,7 +158,8 @@ def load_hf_model(checkpoint_dir: Path, plan: ComputePlan) -> torch.nn.Module:
         raise ModeloptUnavailableError(
             f"transformers cannot build {checkpoint_dir} as AutoModelForCausalLM for modelopt: {error}"
         ) from error
-    return model.to(plan.device).eval()
+    module: torch.nn.Module = model
+    return module.to(plan.device).eval()
 
 
 @torch.no_grad()
