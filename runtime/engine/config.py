@@ -61,6 +61,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarking)
     lora_adapters: tuple[AdapterSpec, ...] = ()  # served by name (GenerationRequest.adapter), runtime/engine/lora.py
     max_lora_rank: int = 0  # the adapter pool's rank
+    tensor_parallel_size: int = 1  # ranks the model is split over (runtime/engine/parallel.py)
     seed: int = 0
 
     @property

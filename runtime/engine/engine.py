@@ -63,6 +63,10 @@ class LLMEngine:
         self._mask_future: Future | None = None
         self._masks: dict[int, torch.Tensor] = {}
 
+    def close(self) -> None:
+        """Release what outlives the object: the other tensor-parallel ranks (on the thread that steps)."""
+        self.runner.close()
+
     # -- requests ----------------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
         """Queue a request. `guide_matchers` (one per choice) constrain decoding to a grammar."""

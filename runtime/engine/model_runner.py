@@ -8,6 +8,7 @@ replays steps from CUDA graphs (graph_runner.py: whole decode steps, piecewise p
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,10 +18,17 @@ from runtime.engine.kernels import triton as triton_kernels
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers import KernelSet
 from runtime.engine.layers.attention import AttentionMetadata
-from runtime.engine.layers.attention.cpu import build_cpu_metadata, native_decode_available
+from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, build_cpu_metadata, native_decode_available
 from runtime.engine.layers.attention.triton import TritonAttentionMetadata, TritonStepBuffers
 from runtime.engine.lora import LoraContext, install_adapters
 from runtime.engine.models.loader import load_decoder
+from runtime.engine.parallel import (
+    Driver,
+    TensorParallel,
+    TensorParallelError,
+    WorkerGroup,
+    init_group,
+)
 from runtime.engine.quantized import Fp8Linear
 from runtime.engine.scheduler import ScheduledSequence
 from runtime.engine.step_rows import flatten
@@ -52,10 +60,18 @@ def row_slots(row_of: dict[int, int], num_rows: int, scheduled: list[ScheduledSe
     return slots
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, tp: TensorParallel | None = None) -> torch.device:
     """The engine's device, with its index on CUDA ("cuda" is the current device, as PyTorch means it): the
-    index is what `torch.cuda.set_device` needs and what tensors' `.device` compares equal to."""
+    index is what `torch.cuda.set_device` needs and what tensors' `.device` compares equal to. Under tensor
+    parallelism rank r runs on GPU r."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if device.type == "cuda" and tp is not None:
+        visible = torch.cuda.device_count()
+        if tp.world_size > visible:
+            raise TensorParallelError(
+                f"trt_llm.build.tensor_parallel_count {tp.world_size}: only {visible} GPU(s) are visible"
+            )
+        return torch.device("cuda", tp.rank)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -93,15 +109,52 @@ def resolve_kernels(name: str, device: torch.device) -> KernelSet:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """One rank's model, KV cache and step inputs. Under tensor parallelism (`tensor_parallel_size` > 1) the runner
+    built by the engine is rank 0: it spawns the other ranks (runtime/engine/parallel.py), whose runners are built
+    with `tp` and driven through the command channel; every call below that runs the model is repeated there."""
+
+    def __init__(self, config: EngineConfig, tp: TensorParallel | None = None, store_path: Path | None = None) -> None:
         self.config = config
+        self.workers: WorkerGroup | None = None
+        self.driver: Driver | None = None
+        if config.tensor_parallel_size > 1 and tp is None:
+            if config.lora_adapters:
+                raise TensorParallelError(
+                    f"trt_llm.build.tensor_parallel_count {config.tensor_parallel_size}: LoRA adapters are not served "
+                    "under tensor parallelism by the torch engine"
+                )
+            self.workers = WorkerGroup(config)
+            tp, store_path = TensorParallel(0, config.tensor_parallel_size), self.workers.store_path
+        self.tp = tp
+        try:
+            self._build(config, store_path)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.kill()
+            raise
+
+    def _build(self, config: EngineConfig, store_path: Path | None) -> None:
+        tp = self.tp
         configure_threads(config.num_threads)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, tp)
         self.dtype = DTYPES[config.dtype]
         self.kernels = resolve_kernels(config.kernels, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Triton launches on the current device
-        self.model = load_decoder(config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy")
+        if tp is not None:
+            assert store_path is not None
+            init_group(store_path, tp.rank, tp.world_size, self.device)
+            if self.kernels == KernelSet.TRITON:
+                if config.kernels != "auto":
+                    raise TensorParallelError(
+                        "kernels: triton is not run under tensor parallelism yet (its step buffers are not sent to the "
+                        "other ranks); use kernels: auto or torch"
+                    )
+                logger.warning("tensor parallelism: the PyTorch kernel set (Triton steps are not sharded yet)")
+                self.kernels = KernelSet.TORCH
+        self.model = load_decoder(
+            config.model_dir, self.dtype, self.device, dummy=config.load_format == "dummy", tp=tp
+        )
         if self.model.spec.attention_sinks and self.kernels == KernelSet.TRITON:
             if config.kernels != "auto":
                 raise ValueError("kernels: triton has no attention-sink kernels yet (gpt-oss); use kernels: torch")
@@ -112,7 +165,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Fp8Linear):
                     module.requantize_to_one_scale()
-        self.model.fused_decode = config.fused_decode and not config.lora_adapters
+        self.model.fused_decode = config.fused_decode and not config.lora_adapters and tp is None
         if self.kernels == KernelSet.NATIVE:
             self._maybe_pack_linears()
         self.lora: LoraContext | None = None
@@ -122,17 +175,21 @@ class ModelRunner:
             )
         spec = self.model.spec
         self.block_size = config.block_size
+        self.num_kv_heads = self.model.layers[0].attention.num_kv_heads if self.model.layers else spec.num_kv_heads
         self.num_blocks = self._num_kv_blocks()
         kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.kv_cache = PagedKVCache(
             spec.num_layers,
             self.num_blocks,
             self.block_size,
-            spec.num_kv_heads,
+            self.num_kv_heads,
             spec.head_dim,
             kv_dtype,
             self.device,
         )
+        if tp is not None and tp.is_driver:
+            self.driver = Driver(self.device)
+            self.kv_cache.mirror = self.driver
         if self.kernels == KernelSet.NATIVE:
             logger.info(
                 "CPU decode attention: %s",
@@ -150,6 +207,8 @@ class ModelRunner:
             self.kernels.value,
         )
         self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
+        if tp is not None:
+            logger.info("tensor parallelism: rank %d of %d on %s", tp.rank, tp.world_size, self.device)
         self.step_buffers = self._step_buffers() if self.kernels == KernelSet.TRITON else None
         self.graphs: CudaGraphRunner | None = None
         if self.lora is not None and config.cuda_graphs and self.device.type == "cuda":
@@ -186,7 +245,7 @@ class ModelRunner:
             page_size=self.block_size,
             device=self.device,
             split_programs=split_programs,
-            num_kv_heads=spec.num_kv_heads,
+            num_kv_heads=self.num_kv_heads,
         )
 
     def _maybe_pack_linears(self) -> None:
@@ -210,7 +269,7 @@ class ModelRunner:
     def _bytes_per_block(self, dtype: torch.dtype) -> int:
         spec = self.model.spec
         return PagedKVCache.bytes_per_block(
-            spec.num_layers, self.block_size, spec.num_kv_heads, spec.head_dim, dtype
+            spec.num_layers, self.block_size, self.num_kv_heads, spec.head_dim, dtype
         )
 
     def _num_kv_blocks(self) -> int:
@@ -229,6 +288,10 @@ class ModelRunner:
             + 1
         )
         blocks = min(blocks, cap + 1)
+        if self.tp is not None:  # every rank's pool has the same blocks: the smallest budget decides
+            agreed = torch.tensor([blocks], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(agreed.item())
         if blocks < 2 or (blocks - 1) * self.block_size < config.max_seq_len:
             raise ValueError(
                 f"the KV cache budget holds {max(blocks - 1, 0) * self.block_size} tokens, fewer than max_seq_len "
@@ -273,9 +336,34 @@ class ModelRunner:
         )
 
     # -- execution ---------------------------------------------------------------------------------------
+    def check_ranks(self) -> None:
+        """Raise RankFailedError when a tensor-parallel rank has died (the engine cannot step any more)."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one rank)."""
+        if self.driver is None or self.workers is None:
+            return
+        try:
+            if self.workers.failure is None:
+                self.driver.stop()
+            self.workers.join()
+        except Exception:  # a broken group: the ranks are killed, not waited for
+            logger.exception("tensor parallelism: stopping the ranks failed; killing them")
+            self.workers.kill()
+        finally:
+            self.driver = None
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Final hidden states of the requested rows (project them with `logits`, all or only some)."""
+        if self.driver is not None:
+            assert isinstance(inputs.metadata, CpuAttentionMetadata)
+            self.check_ranks()
+            self.driver.step(inputs.input_ids, inputs.positions, inputs.metadata)
         if inputs.graph_bucket is not None and self.graphs is not None:
             hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
         elif inputs.piece_bucket is not None and self.pieces is not None:
@@ -290,6 +378,8 @@ class ModelRunner:
         """float32 logits [rows, vocab], on the model's device (the sampler runs there)."""
         if hidden.shape[0] == 0:
             return torch.empty(0, self.model.spec.vocab_size, device=self.device)
+        if self.driver is not None:
+            self.driver.logits(hidden)
         return self.model.logits(hidden)
 
     def host_logits(self, hidden: torch.Tensor) -> torch.Tensor:

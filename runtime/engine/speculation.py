@@ -126,5 +126,4 @@ class LookaheadRunner:
         targets = [seq.block_table[(first + k) // block_size] * block_size + (first + k) % block_size for k in range(count)]
         source_index = torch.tensor(sources, dtype=torch.long, device=self.kv_cache.key.device)
         target_index = torch.tensor(targets, dtype=torch.long, device=self.kv_cache.key.device)
-        self.kv_cache.key[:, target_index] = self.kv_cache.key[:, source_index]
-        self.kv_cache.value[:, target_index] = self.kv_cache.value[:, source_index]
+        self.kv_cache.copy_slots(source_index, target_index)

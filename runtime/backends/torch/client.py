@@ -250,6 +250,7 @@ class TorchEngineClient:
         engine.runner.bind_thread()
         try:
             while not self._stopping.is_set():
+                engine.runner.check_ranks()
                 self._drain_commands(block=not engine.has_unfinished())
                 if engine.has_unfinished():
                     self._publish(engine.step())
@@ -259,6 +260,8 @@ class TorchEngineClient:
             self._dead = error
             for request_id in list(self._streams):
                 self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {error}"))
+        finally:
+            engine.close()
 
     def _drain_commands(self, block: bool) -> None:
         assert self.engine is not None

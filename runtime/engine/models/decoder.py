@@ -20,6 +20,7 @@ from runtime.engine.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
     from runtime.engine.models.fused_decode import FusedDecodeStack
+    from runtime.engine.parallel import TensorParallel
 
 RotaryRows = tuple[torch.Tensor, torch.Tensor]  # cos and sin rows of a step's positions
 
@@ -60,16 +61,28 @@ class DecoderSpec:
     moe: MoESpec | None = None
 
 
+def local_sizes(spec: DecoderSpec, tp: "TensorParallel | None") -> tuple[int, int, int]:
+    """(query heads, KV heads, MLP width) one rank holds: all of them without tensor parallelism."""
+    if tp is None:
+        return spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    q_start, q_stop = tp.query_heads(spec.num_heads, spec.num_kv_heads)
+    kv_start, kv_stop = tp.kv_heads(spec.num_kv_heads)
+    mlp_start, mlp_stop = tp.part(spec.intermediate_size)
+    return q_stop - q_start, kv_stop - kv_start, mlp_stop - mlp_start
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP over a residual stream: `forward(hidden, residual)` returns the pair for the next
     layer, whose input norm adds them (one fused pass where a kernel set has one)."""
 
-    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+    def __init__(self, spec: DecoderSpec, layer_index: int, tp: "TensorParallel | None" = None) -> None:
         super().__init__()
         self.spec = spec
         self.layer_index = layer_index
-        q_size = spec.num_heads * spec.head_dim
-        kv_size = spec.num_kv_heads * spec.head_dim
+        self.tp = tp  # under tensor parallelism: this rank's heads and MLP columns, an all-reduce after each half
+        num_heads, num_kv_heads, intermediate_size = local_sizes(spec, tp)
+        q_size = num_heads * spec.head_dim
+        kv_size = num_kv_heads * spec.head_dim
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.qkv = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias)
         self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
@@ -77,8 +90,8 @@ class DecoderLayer(nn.Module):
             spec.sliding_layers is None or spec.sliding_layers[layer_index]
         )
         self.attention = Attention(
-            spec.num_heads,
-            spec.num_kv_heads,
+            num_heads,
+            num_kv_heads,
             spec.head_dim,
             layer_index,
             spec.query_scale ** -0.5 if spec.query_scale else 1.0 / math.sqrt(spec.head_dim),
@@ -91,7 +104,7 @@ class DecoderLayer(nn.Module):
         if spec.moe is not None and spec.moe.sparse_layers[layer_index]:
             self.mlp = SparseMoE(spec.hidden_size, spec.moe, spec.activation)
         else:
-            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.activation)
+            self.mlp = GatedMLP(spec.hidden_size, intermediate_size, spec.activation)
         if spec.sandwich_norms:
             self.pre_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
             self.post_mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
@@ -122,24 +135,32 @@ class DecoderLayer(nn.Module):
 
     def attention_output(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output projection, post-attention norm(s) and the MLP: (hidden, residual) for the next layer."""
-        x = self.o_proj(attended)
+        x = self._reduce(self.o_proj(attended))
         if self.spec.sandwich_norms:
             x, residual = self.pre_mlp_norm.add_and_norm(self.post_attention_norm(x), residual)
-            return self.post_mlp_norm(self.mlp(x)), residual
+            return self.post_mlp_norm(self._reduce(self.mlp(x))), residual
         x, residual = self.post_attention_norm.add_and_norm(x, residual)
-        return self.mlp(x), residual
+        return self._reduce(self.mlp(x)), residual
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's partial sums, added over the ranks (nothing to do on one rank)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
 
 class DecoderModel(nn.Module):
     """Embeddings, layers, final norm and LM head. `forward` returns hidden states; `logits` projects rows."""
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, tp: "TensorParallel | None" = None) -> None:
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(spec, index) for index in range(spec.num_layers))
+        self.tp = tp
+        # Under tensor parallelism the embedding and the LM head hold this rank's rows of the vocabulary.
+        self.vocab_start, vocab_stop = tp.part(spec.vocab_size) if tp is not None else (0, spec.vocab_size)
+        vocab_rows = vocab_stop - self.vocab_start
+        self.embed_tokens = nn.Parameter(torch.empty(vocab_rows, spec.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, index, tp) for index in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        self.lm_head = Linear(spec.hidden_size, vocab_rows)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.activation_dtype: torch.dtype | None = None  # float32 when the linears are packed for the CPU
         self.small_batch_rows = 0  # steps with at most this many rows run float32 activations
@@ -175,7 +196,7 @@ class DecoderModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, RotaryRows, RotaryRows]:
         """Token embeddings and the rotary rows of the step's positions: (hidden, global, local (sliding) layers')."""
-        hidden = self.embed_tokens[input_ids]
+        hidden = self._lookup(input_ids)
         if self.activation_dtype is not None and input_ids.numel() <= self.small_batch_rows:
             hidden = hidden.to(self.activation_dtype)  # few rows: float32 for the FBGEMM GEMV path
         if self.spec.embedding_scale is not None:
@@ -183,6 +204,14 @@ class DecoderModel(nn.Module):
         cos_sin = self.rotary.lookup(positions, hidden.dtype)
         local_cos_sin = self.local_rotary.lookup(positions, hidden.dtype) if self.local_rotary is not None else cos_sin
         return hidden, cos_sin, local_cos_sin
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens[input_ids]
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed_tokens.shape[0])
+        rows = self.embed_tokens[torch.where(mine, local, 0)]
+        return self.tp.all_reduce(rows * mine.unsqueeze(1).to(rows.dtype))  # one rank holds each id: an exact sum
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.norm.add_and_norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
@@ -197,7 +226,14 @@ class DecoderModel(nn.Module):
         return self._fused  # type: ignore[return-value]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of `hidden`'s rows; under tensor parallelism the vocabulary shards gathered on rank 0
+        (the other ranks return their own shard, which nobody reads)."""
         logits = self.lm_head(hidden).float()
+        if self.tp is not None:
+            gathered = self.tp.gather_last_dim(logits, self.spec.vocab_size)
+            if gathered is None:
+                return logits
+            logits = gathered
         cap = self.spec.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -5,13 +5,16 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from runtime.engine import quantized_checkpoint as quantized
 from runtime.engine.models import DecoderModel, UnsupportedArchitectureError, decoder_spec
+from runtime.engine.models.decoder import DecoderSpec, local_sizes
 from runtime.engine.models.gpt_oss_weights import dequantize_mxfp4, to_engine_layout
+from runtime.engine.parallel import TensorParallel, TensorParallelError, check_shardable
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +77,17 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dummy: bool = False) -> DecoderModel:
-    """The model of `model_dir` on `device`; with `dummy`, random weights from config.json alone (benchmarks)."""
+def load_decoder(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, dummy: bool = False, tp: TensorParallel | None = None
+) -> DecoderModel:
+    """The model of `model_dir` on `device`; with `dummy`, random weights from config.json alone (benchmarks).
+    With `tp`, this rank's shard, reading only its slices of the checkpoint."""
     config = json.loads((model_dir / "config.json").read_text())
     spec = decoder_spec(config)
+    if tp is not None:
+        check_shardable(spec, tp.world_size)
     with torch.device("meta"):
-        model = DecoderModel(spec)
+        model = DecoderModel(spec, tp)
     model.to(dtype)  # still on meta: the weights are allocated once, in their own dtype
     model.to_empty(device=device)
     if dummy:
@@ -95,6 +103,11 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
             f"{spec.architecture}: quantized mixture-of-experts checkpoints are not supported by the torch engine "
             "(its FP8/NVFP4 layers cover dense linears only); serve the 16-bit checkpoint"
         )
+    if quantization is not None and tp is not None and quantization.quant_algo not in ("", "FP8"):
+        raise TensorParallelError(
+            f"trt_llm.build.tensor_parallel_count {tp.world_size}: {quantization.quant_algo} checkpoints are not split "
+            "over ranks by the torch engine (FP8 and 16-bit are)"
+        )
     if quantization is not None:
         with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
             prefix = quantized.checkpoint_prefix(list(handle.keys()))
@@ -102,11 +115,12 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
     _build_rotary_tables(model, device)
     parameters = dict(model.named_parameters())
     loaded: set[str] = set()
-    q_size = spec.num_heads * spec.head_dim
-    kv_size = spec.num_kv_heads * spec.head_dim
+    num_heads, num_kv_heads, intermediate_size = local_sizes(spec, tp)
+    q_size = num_heads * spec.head_dim
+    kv_size = num_kv_heads * spec.head_dim
     fused_offsets = {
         "qkv": [0, q_size, q_size + kv_size, q_size + 2 * kv_size],
-        "mlp.gate_up": [0, spec.intermediate_size, 2 * spec.intermediate_size],
+        "mlp.gate_up": [0, intermediate_size, 2 * intermediate_size],
     }
     pending_mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a packed tensor's blocks or scales, until both are read
     for path in files:
@@ -134,7 +148,7 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
                 our_name, part = target
                 if our_name not in parameters:
                     raise CheckpointMismatchError(f"{path.name}: tensor {name} has no place in {spec.architecture}")
-                tensor = handle.get_tensor(name)
+                tensor = handle.get_tensor(name) if tp is None else _read_shard(handle, name, our_name, part, spec, tp)
                 if gpt_oss_layout and part is None:
                     tensor = to_engine_layout(our_name, tensor, rows_first=False)
                 _place(parameters[our_name], our_name, part, tensor, fused_offsets, name)
@@ -151,6 +165,39 @@ def load_decoder(model_dir: Path, dtype: torch.dtype, device: torch.device, dumm
         raise CheckpointMismatchError(f"quantized checkpoint is missing {len(missing)} scales, e.g. {missing[:5]}")
     model.eval()
     return model
+
+
+def _read_shard(handle: Any, name: str, our_name: str, part: Part, spec: DecoderSpec, tp: TensorParallel) -> torch.Tensor:
+    """This rank's slice of a checkpoint tensor, read alone (Megatron layout: column-parallel QKV and gate/up split
+    their rows, row-parallel o_proj and down their columns, the embedding and LM head the vocabulary)."""
+    whole = handle.get_slice(name)
+    head_dim = spec.head_dim
+    leaf = our_name.split(".", 2)[-1] if our_name.startswith("layers.") else our_name
+    query_heads = tp.query_heads(spec.num_heads, spec.num_kv_heads)
+    rows: tuple[int, int] | None = None
+    columns: tuple[int, int] | None = None
+    if leaf in ("embed_tokens", "lm_head.weight"):
+        rows = tp.part(spec.vocab_size)
+    elif leaf in ("qkv.weight", "qkv.bias"):
+        start, stop = query_heads if part == 0 else tp.kv_heads(spec.num_kv_heads)
+        rows = (start * head_dim, stop * head_dim)
+    elif leaf == "attention.sinks":
+        rows = query_heads
+    elif leaf == "mlp.gate_up.weight":
+        rows = tp.part(spec.intermediate_size)
+    elif leaf == "o_proj.weight":
+        start, stop = query_heads
+        columns = (start * head_dim, stop * head_dim)
+    elif leaf == "mlp.down.weight":
+        columns = tp.part(spec.intermediate_size)
+    elif leaf == "o_proj.bias":  # added once, after the all-reduce: rank 0 holds it, the others zeros
+        tensor = whole[:]
+        return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+    if rows is not None:
+        return whole[rows[0] : rows[1]]
+    if columns is not None:
+        return whole[:, columns[0] : columns[1]]
+    return whole[:]
 
 
 def _build_rotary_tables(model: DecoderModel, device: torch.device) -> None:
