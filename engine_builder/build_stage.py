@@ -28,6 +28,7 @@ from engine_builder.config import (
 )
 from engine_builder.runtime_spec import runtime_spec
 from engine_builder.tool_parsers import detect_tool_parser
+from engine_builder.torch_fields import tensor_parallel_size
 from runtime.artifact import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -106,7 +107,7 @@ def build_engine(
         require_weights=not dummy,
     )
     if backend == "torch" and not build.base_model.is_encoder:
-        _check_torch_decoder(fetched.path, build.quantization_type)
+        _check_torch_decoder(fetched.path, build.quantization_type, tensor_parallel_size(stack))
     adapters = []
     if build.lora_adapters:
         from engine_builder.lora_adapters import fetch_lora_adapters
@@ -246,10 +247,11 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
         )
 
 
-def _check_torch_decoder(model_dir: Path, quantization: QuantizationType) -> None:
+def _check_torch_decoder(model_dir: Path, quantization: QuantizationType, tensor_parallel: int = 1) -> None:
     """Refuse, before anything is written, a checkpoint the torch engine cannot serve: its architecture (named,
-    with the supported list) or a quantization it has no layers for."""
+    with the supported list), a quantization it has no layers for, or a tensor-parallel split it cannot make."""
     from runtime.engine.models import UnsupportedArchitectureError, decoder_spec
+    from runtime.engine.parallel import TensorParallelError, check_shardable
 
     try:
         spec = decoder_spec(json.loads((model_dir / "config.json").read_text()))
@@ -261,6 +263,23 @@ def _check_torch_decoder(model_dir: Path, quantization: QuantizationType) -> Non
             f"quantization_type {quantization.value} of a mixture-of-experts model ({spec.architecture}) is not "
             "supported by the torch backend: its FP8/NVFP4 layers cover dense linears, not experts; use no_quant"
         )
+    if tensor_parallel > 1:
+        try:
+            check_shardable(spec, tensor_parallel)
+        except TensorParallelError as error:
+            raise BuildError(str(error)) from None
+        if quantization.value.startswith("fp4"):
+            raise BuildError(
+                f"trt_llm.build.tensor_parallel_count {tensor_parallel}: quantization_type {quantization.value} is not "
+                "split over ranks by the torch backend (16-bit and fp8 types are)"
+            )
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() < tensor_parallel:
+            raise BuildError(
+                f"trt_llm.build.tensor_parallel_count {tensor_parallel}: only {torch.cuda.device_count()} GPU(s) are "
+                "visible to the build"
+            )
 
 
 _TORCH_QUANTIZATION = frozenset(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.config import LoadedConfig, TrtLlmConfigV1
+from engine_builder.torch_fields import tensor_parallel_size
 from runtime.artifact import LookaheadSettings, LoraAdapter, RuntimeSpec, SchedulingSpec
 from runtime.backends.trtllm.specs import LlmSpec
 from runtime.model_facts import read_model_facts
@@ -50,6 +51,7 @@ def runtime_spec(
         trtllm=_relative_spec(trtllm_serve, model_dir.parent) if trtllm_serve is not None else None,
         lora_adapters=list(lora_adapters or []),
         max_lora_rank=build.lora_pool_rank if lora_adapters else 0,
+        tensor_parallel_size=tensor_parallel_size(stack),
     )
 
 

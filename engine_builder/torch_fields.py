@@ -34,6 +34,21 @@ def _decoder(stack: Stack) -> bool:
     return not stack.build.base_model.is_encoder
 
 
+def tensor_parallel_size(stack: Stack) -> int:
+    """The ranks the torch engine splits the model over: build.tensor_parallel_count, or v2's
+    runtime.tensor_parallel_size when it asks for more."""
+    return max(_build(stack, "tensor_parallel_count"), _runtime(stack, "tensor_parallel_size", 1))
+
+
+def _tensor_parallel_refused(stack: Stack, size: int) -> bool:
+    """What a config alone shows tensor parallelism cannot serve (the model's shapes are checked after the fetch)."""
+    return size > 1 and (not _decoder(stack) or bool(_build(stack, "lora_adapters")))
+
+
+def _tensor_parallel_count_refused(stack: Stack) -> bool:
+    return _tensor_parallel_refused(stack, tensor_parallel_size(stack))
+
+
 HONOURED = "honoured"
 LIMIT = "honoured (a serving limit)"
 IMAGE_VERSION = "no effect: it picks a Baseten server image version, which this project does not ship"
@@ -59,8 +74,10 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("build.quantization_config.calib_size", "honoured (calibration)", "honoured (calibration)"),
     Field("build.quantization_config.calib_dataset", "honoured (calibration)", "honoured (calibration)"),
     Field("build.quantization_config.calib_max_seq_length", "honoured (calibration)", "honoured (calibration)"),
-    Field("build.tensor_parallel_count", "refused above 1: tensor parallelism is not implemented yet (issue 21)",
-          "LLM tensor_parallel_size", lambda s: _build(s, "tensor_parallel_count") > 1),
+    Field("build.tensor_parallel_count",
+          "honoured: that many ranks over torch.distributed (NCCL on GPUs, gloo on CPU), dense decoders in 16 bits "
+          "or FP8; refused with LoRA adapters, for encoders, mixture-of-experts models, NVFP4 and head counts it "
+          "cannot split", "LLM tensor_parallel_size", _tensor_parallel_count_refused),
     Field("build.pipeline_parallel_count", "refused above 1", "refused above 1",
           lambda s: _build(s, "pipeline_parallel_count") != 1),
     Field("build.moe_expert_parallel_option", "refused unless -1 (experts are not sharded)", "LLM moe_expert_parallel_size",
@@ -120,8 +137,8 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("runtime.max_seq_len", LIMIT, "LLM max_seq_len"),
     Field("runtime.max_batch_size", LIMIT, "LLM max_batch_size"),
     Field("runtime.max_num_tokens", LIMIT, "LLM max_num_tokens"),
-    Field("runtime.tensor_parallel_size", "refused above 1 (as build.tensor_parallel_count)", "LLM tensor_parallel_size",
-          lambda s: _runtime(s, "tensor_parallel_size", 1) > 1),
+    Field("runtime.tensor_parallel_size", "honoured as build.tensor_parallel_count (the larger of the two)",
+          "LLM tensor_parallel_size"),
     Field("runtime.enable_chunked_prefill", HONOURED, "LLM enable_chunked_prefill"),
     Field("runtime.patch_kwargs", "refused when set: TensorRT-LLM LLM-API arguments", "merged into the LLM arguments",
           lambda s: bool(_runtime(s, "patch_kwargs"))),

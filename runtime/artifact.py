@@ -92,6 +92,7 @@ class RuntimeSpec:
     trtllm: dict[str, Any] | None = None  # the TensorRT-LLM LLM(...) to serve (paths relative to the engine)
     lora_adapters: list[LoraAdapter] = field(default_factory=list)
     max_lora_rank: int = 0  # the adapter pool's rank (lora_configuration.max_lora_rank); 0 without adapters
+    tensor_parallel_size: int = 1  # ranks the torch engine splits the model over (runtime/engine/parallel.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":

@@ -51,4 +51,5 @@ def engine_config_from(engine: EngineDir, options: EngineOptions) -> EngineConfi
             for adapter in spec.lora_adapters
         ),
         max_lora_rank=spec.max_lora_rank,
+        tensor_parallel_size=spec.tensor_parallel_size,
     )

@@ -75,10 +75,12 @@ def _config(tmp_path: Path, smollm2_dir: Path, build: dict[str, Any], runtime: d
     return path
 
 
+LOCAL_ADAPTER = {"support": {"source": "LOCAL", "repo": "/nonexistent/adapter"}}  # refused before any fetch
+
 REFUSED = [  # (path, build fields, runtime fields, v2)
     ("build.max_prompt_embedding_table_size", {"max_prompt_embedding_table_size": 16}, {}, False),
     ("build.strongly_typed", {"strongly_typed": True}, {}, False),
-    ("build.tensor_parallel_count", {"tensor_parallel_count": 2}, {}, False),
+    ("build.tensor_parallel_count", {"tensor_parallel_count": 2, "lora_adapters": LOCAL_ADAPTER}, {}, False),
     ("build.pipeline_parallel_count", {"pipeline_parallel_count": 2}, {}, False),
     ("build.moe_expert_parallel_option", {"tensor_parallel_count": 2, "moe_expert_parallel_option": 2}, {}, False),
     ("build.sequence_parallel_count", {"sequence_parallel_count": 2}, {}, False),
@@ -95,7 +97,6 @@ REFUSED = [  # (path, build fields, runtime fields, v2)
     ("runtime.lora_cache_optimal_adapter_size", {}, {"lora_cache_optimal_adapter_size": 8}, False),
     ("runtime.lora_cache_gpu_memory_fraction", {}, {"lora_cache_gpu_memory_fraction": 0.1}, False),
     ("runtime.lora_cache_host_memory_bytes", {}, {"lora_cache_host_memory_bytes": 1 << 20}, False),
-    ("runtime.tensor_parallel_size", {}, {"tensor_parallel_size": 2}, True),
     ("runtime.patch_kwargs", {}, {"patch_kwargs": {"enable_attention_dp": True}}, True),
 ]
 

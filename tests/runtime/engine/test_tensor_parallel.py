@@ -1,0 +1,243 @@
+"""Tensor parallelism on CPU (gloo): two ranks give the greedy output of one, in float32, with every engine feature.
+
+References are transformers' greedy `generate()` (float32, the same lists the one-rank engine is checked against
+in test_greedy_identity.py) and a one-rank engine where numbers are compared. A rank that dies fails the engine
+and leaves no process behind.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.engine.config import EngineConfig, LookaheadConfig
+from runtime.engine.engine import LLMEngine
+from runtime.engine.parallel import RankFailedError, TensorParallel, TensorParallelError, check_shardable
+from runtime.engine.models import decoder_spec
+from runtime.types import GenerationRequest, SamplingParams
+from tests.calibration.helpers import quantized_checkpoint
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+SMOLLM2_EOS = (2,)
+QWEN_EOS = (151643, 151645)
+
+
+def _engine(model_dir: Path, tp: int, eos: tuple[int, ...] = SMOLLM2_EOS, **overrides: object) -> LLMEngine:
+    values: dict = dict(
+        model_dir=model_dir,
+        dtype="float32",
+        max_seq_len=512,
+        max_num_tokens=64,  # prompts batched together are prefilled in chunks
+        max_batch_size=16,
+        kv_cache_memory_bytes=96 * 2**20,
+        tensor_parallel_size=tp,
+    )
+    values.update(overrides)
+    return LLMEngine(EngineConfig(**values), eos_token_ids=eos)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, list]:
+    """Every delta of each request, by request id (all requests in flight together)."""
+    deltas: dict[str, list] = {}
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{index}", tuple(prompt), params))
+    while engine.has_unfinished():
+        for delta in engine.step():
+            deltas.setdefault(delta.request_id, []).append(delta)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+    return deltas
+
+
+def _tokens(deltas: dict[str, list], count: int, index: int = 0) -> list[list[int]]:
+    return [[t for d in deltas[f"r{i}"] if d.index == index for t in d.token_ids] for i in range(count)]
+
+
+def _trim(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2_tp2(smollm2_dir: Path) -> Iterator[LLMEngine]:
+    engine = _engine(smollm2_dir, 2)
+    yield engine
+    engine.close()
+
+
+def test_shares_split_by_gqa_group_and_vocabulary() -> None:
+    # SmolLM2-135M: 9 query heads in 3 KV groups, 1,536 MLP columns, 49,152 tokens: uneven head shares.
+    first, second = TensorParallel(0, 2), TensorParallel(1, 2)
+    assert (first.kv_heads(3), second.kv_heads(3)) == ((0, 2), (2, 3))
+    assert (first.query_heads(9, 3), second.query_heads(9, 3)) == ((0, 6), (6, 9))
+    assert (first.part(7), second.part(7)) == ((0, 4), (4, 7))
+    # Qwen2.5-0.5B on 4 ranks: 2 KV heads replicated, 14 query heads cannot be split in 4
+    four = [TensorParallel(rank, 4) for rank in range(4)]
+    assert [tp.kv_heads(2) for tp in four] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert [tp.query_heads(16, 2) for tp in four] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+
+
+def test_unsplittable_models_are_refused_by_field(smollm2_dir: Path, qwen_dir: Path) -> None:
+    import json
+
+    qwen = decoder_spec(json.loads((qwen_dir / "config.json").read_text()))
+    check_shardable(qwen, 2)
+    with pytest.raises(TensorParallelError, match=r"tensor_parallel_count 4: .*num_key_value_heads 2.*14"):
+        check_shardable(qwen, 4)
+    smollm2 = decoder_spec(json.loads((smollm2_dir / "config.json").read_text()))
+    check_shardable(smollm2, 3)
+    with pytest.raises(TensorParallelError, match="LoRA"):
+        check_shardable(smollm2, 2, lora=True)
+
+
+def test_two_ranks_greedy_equals_transformers_batched_and_chunked(
+    smollm2_tp2: LLMEngine, smollm2_reference: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    prompts, expected = smollm2_reference
+    model = smollm2_tp2.runner.model
+    assert model.layers[0].attention.num_heads == 6 and model.layers[0].attention.num_kv_heads == 2  # rank 0's share
+    assert model.embed_tokens.shape[0] == 49152 // 2 and smollm2_tp2.runner.kv_cache.key.shape[2] == 2
+    deltas = _run(smollm2_tp2, prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    assert _tokens(deltas, len(prompts)) == [_trim(e, SMOLLM2_EOS) for e in expected]
+    # the same prompts again come from the prefix cache on every rank, and give the same tokens
+    hits = smollm2_tp2.blocks.num_prefix_hits
+    again = _run(smollm2_tp2, prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    assert smollm2_tp2.blocks.num_prefix_hits > hits
+    assert _tokens(again, len(prompts)) == [_trim(e, SMOLLM2_EOS) for e in expected]
+
+
+def test_two_ranks_fork_choices_and_logprobs_like_one_rank(
+    smollm2_tp2: LLMEngine, smollm2_dir: Path, smollm2_reference: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    prompts, expected = smollm2_reference
+    prompts = prompts[:3]
+    # n = 2 forks each prompt's blocks: the copy-on-write of the shared last block runs on both ranks
+    params = SamplingParams(max_tokens=20, temperature=0.0, n=2, logprobs=3, prompt_logprobs=2)
+    got = _run(smollm2_tp2, prompts, params)
+    for choice in (0, 1):
+        assert _tokens(got, len(prompts), choice) == [_trim(e[:20], SMOLLM2_EOS) for e in expected[:3]]
+    one_rank = _engine(smollm2_dir, 1)
+    reference = _run(one_rank, prompts, params)
+    for request_id, deltas in reference.items():
+        ours = [lp for d in got[request_id] for lp in (d.logprobs or [])]
+        theirs = [lp for d in deltas for lp in (d.logprobs or [])]
+        assert [lp.token_id for lp in ours] == [lp.token_id for lp in theirs]
+        assert [[t for t, _ in lp.top] for lp in ours] == [[t for t, _ in lp.top] for lp in theirs]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ours, theirs, strict=True)) < 1e-4
+        prompt_ours = next(d.prompt_logprobs for d in got[request_id] if d.prompt_logprobs)
+        prompt_theirs = next(d.prompt_logprobs for d in deltas if d.prompt_logprobs)
+        assert [p.token_id if p else None for p in prompt_ours] == [p.token_id if p else None for p in prompt_theirs]
+        pairs = [(a.logprob, b.logprob) for a, b in zip(prompt_ours[1:], prompt_theirs[1:], strict=True)]
+        assert max(abs(a - b) for a, b in pairs) < 1e-4
+
+
+def test_two_ranks_with_lookahead(smollm2_dir: Path, smollm2_reference: tuple[list[list[int]], list[list[int]]]) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, 2, lookahead=LookaheadConfig(3, 4, 3, max_batch_size=8))
+    try:
+        params = SamplingParams(max_tokens=24, temperature=0.0)
+        alone = [_tokens(_run(engine, [prompt], params), 1)[0] for prompt in prompts]
+        assert alone == [_trim(e, SMOLLM2_EOS) for e in expected]
+        # accepted drafts had their K/V moved from scratch slots on both ranks (a wrong copy changes later tokens)
+        assert engine.stats().lookahead_accepted_per_step > 1.0
+    finally:
+        engine.close()
+
+
+def test_two_ranks_qwen_greedy_equals_transformers(
+    qwen_dir: Path, qwen_reference: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    # Qwen2.5-0.5B: 14 query heads over 2 KV heads (one each), biases on q/k/v, a 151,936-token tied vocabulary
+    prompts, expected = qwen_reference
+    engine = _engine(qwen_dir, 2, QWEN_EOS, kv_cache_memory_bytes=64 * 2**20)
+    try:
+        got = _tokens(_run(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0)), len(prompts))
+        assert got == [_trim(e, QWEN_EOS) for e in expected]
+    finally:
+        engine.close()
+
+
+def test_two_ranks_serve_fp8_weights_and_kv_like_one_rank(smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.runtime.engine.conftest import PROMPTS
+
+    checkpoint = quantized_checkpoint(smollm2_dir, "fp8_kv")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    one = _tokens(_run(_engine(checkpoint, 1, kv_cache_dtype="fp8"), prompts, params), len(prompts))
+    engine = _engine(checkpoint, 2, kv_cache_dtype="fp8")
+    try:
+        assert engine.runner.kv_cache.key.dtype == torch.float8_e4m3fn
+        assert engine.runner.model.layers[0].qkv.weight.dtype == torch.float8_e4m3fn
+        assert _tokens(_run(engine, prompts, params), len(prompts)) == one
+    finally:
+        engine.close()
+
+
+def test_a_dead_rank_fails_the_engine_and_close_returns(smollm2_dir: Path) -> None:
+    engine = _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
+    workers = engine.runner.workers
+    assert workers is not None
+    (process,) = workers.processes
+    os.kill(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while workers.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers.failure is not None and "rank1" in workers.failure
+    engine.add_request(GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0.0)))
+    with pytest.raises(RankFailedError, match="rank1 exited"):
+        engine.step()
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 15 and not process.is_alive()
+
+
+def test_ranks_die_with_the_process_that_started_them(smollm2_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from runtime.engine.config import EngineConfig
+        from runtime.engine.engine import LLMEngine
+
+        if __name__ == "__main__":
+            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
+                                  max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
+                                  tensor_parallel_size=2)
+            engine = LLMEngine(config, eos_token_ids=(2,))
+            print(engine.runner.workers.processes[0].pid, flush=True)
+            time.sleep(600)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert owner.stdout is not None
+        worker = int(owner.stdout.readline())
+        owner.send_signal(signal.SIGKILL)  # no clean-up code runs in the owner
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        owner.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
