@@ -13,6 +13,7 @@ from runtime.engine.block_manager import BlockManager
 from runtime.engine.config import EngineConfig, SchedulerPolicy
 from runtime.engine.layers.sampler import SamplingRow, make_sampler
 from runtime.engine.model_runner import ModelRunner, index_tensor
+from runtime.engine.parallel import RankFailedError
 from runtime.engine.scheduler import ScheduledSequence, Scheduler
 from runtime.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from runtime.engine.speculation import LookaheadRunner
@@ -208,6 +209,8 @@ class LLMEngine:
         self._start_mask_fill(scheduled)
         try:
             hidden = self.runner.execute(self.runner.prepare(scheduled, requests))
+        except RankFailedError:  # the tensor-parallel group is broken: nothing can run any more
+            raise
         except Exception:  # find the request(s) at fault; the others go on
             logger.exception("forward pass failed; retrying its %d sequences one by one", len(scheduled))
             hidden, failed = self._execute_one_by_one(scheduled, requests)

@@ -5,8 +5,10 @@ The kernel set decides the attention backend: the CPU path (native kernels, PyTo
 replays steps from CUDA graphs (graph_runner.py: whole decode steps, piecewise prefill and mixed ones).
 """
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from runtime.engine.lora import LoraContext, install_adapters
 from runtime.engine.models.loader import load_decoder
 from runtime.engine.parallel import (
     Driver,
+    RankFailedError,
     TensorParallel,
     TensorParallelError,
     WorkerGroup,
@@ -360,10 +363,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Final hidden states of the requested rows (project them with `logits`, all or only some)."""
-        if self.driver is not None:
-            assert isinstance(inputs.metadata, CpuAttentionMetadata)
-            self.check_ranks()
+        if self.driver is None:
+            return self._execute(inputs)
+        assert isinstance(inputs.metadata, CpuAttentionMetadata)
+        self.check_ranks()
+        with self._group_failure():
             self.driver.step(inputs.input_ids, inputs.positions, inputs.metadata)
+            return self._execute(inputs)
+
+    def _execute(self, inputs: StepInputs) -> torch.Tensor:
         if inputs.graph_bucket is not None and self.graphs is not None:
             hidden = self.graphs.replay(inputs.graph_bucket, inputs.num_rows)
         elif inputs.piece_bucket is not None and self.pieces is not None:
@@ -378,9 +386,22 @@ class ModelRunner:
         """float32 logits [rows, vocab], on the model's device (the sampler runs there)."""
         if hidden.shape[0] == 0:
             return torch.empty(0, self.model.spec.vocab_size, device=self.device)
-        if self.driver is not None:
+        if self.driver is None:
+            return self.model.logits(hidden)
+        with self._group_failure():
             self.driver.logits(hidden)
-        return self.model.logits(hidden)
+            return self.model.logits(hidden)
+
+    @contextlib.contextmanager
+    def _group_failure(self) -> Iterator[None]:
+        """Under tensor parallelism a failure while the ranks run one step together leaves them out of step: it
+        fails the engine (RankFailedError), never just the requests of that step."""
+        try:
+            yield
+        except RankFailedError:
+            raise
+        except Exception as error:
+            raise RankFailedError(f"tensor-parallel step failed: {error}") from error
 
     def host_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The same on the host, for the rare consumers that read logits in Python (lookahead, prompt logprobs)."""
