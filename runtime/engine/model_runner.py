@@ -20,9 +20,14 @@ from runtime.engine.kernels import triton as triton_kernels
 from runtime.engine.kv_cache import PagedKVCache
 from runtime.engine.layers import KernelSet
 from runtime.engine.layers.attention import AttentionMetadata
-from runtime.engine.layers.attention.cpu import CpuAttentionMetadata, build_cpu_metadata, native_decode_available
+from runtime.engine.layers.attention.cpu import (
+    CpuAttentionMetadata,
+    build_cpu_metadata,
+    native_decode_available,
+)
 from runtime.engine.layers.attention.triton import TritonAttentionMetadata, TritonStepBuffers
 from runtime.engine.lora import LoraContext, install_adapters
+from runtime.engine.models.decoder import local_sizes
 from runtime.engine.models.loader import load_decoder
 from runtime.engine.parallel import (
     Driver,
@@ -178,7 +183,7 @@ class ModelRunner:
             )
         spec = self.model.spec
         self.block_size = config.block_size
-        self.num_kv_heads = self.model.layers[0].attention.num_kv_heads if self.model.layers else spec.num_kv_heads
+        self.num_kv_heads = local_sizes(spec, tp)[1]  # this rank's KV heads
         self.num_blocks = self._num_kv_blocks()
         kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.kv_cache = PagedKVCache(
@@ -236,7 +241,6 @@ class ModelRunner:
 
     def _step_buffers(self) -> TritonStepBuffers:
         config = self.config
-        spec = self.model.spec
         if self.device.type == "cuda":
             split_programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
         else:

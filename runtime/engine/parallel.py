@@ -23,7 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -311,7 +311,7 @@ class WorkerGroup:
         sentinels = {process.sentinel: process for process in self.processes}
         while sentinels and not self._stopping.is_set():
             for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
-                process = sentinels.pop(sentinel)  # type: ignore[call-overload]
+                process = sentinels.pop(cast(int, sentinel))
                 process.join(1)  # the exit code is set once the process is reaped
                 if not self._stopping.is_set():
                     self.failure = f"tensor-parallel {process.name} exited with code {process.exitcode}"

@@ -39,7 +39,7 @@ def _ranks(server: ServerProcess) -> list[psutil.Process]:
 
 
 def test_default_config_on_two_ranks(
-    tmp_path: Path, qwen_dir: Path, qwen_reference: tuple[list[list[int]], list[list[int]]]
+    tmp_path: Path, qwen_dir: Path, qwen_reference: tuple[list[list[int]], list[list[int]]]  # noqa: F811
 ) -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer

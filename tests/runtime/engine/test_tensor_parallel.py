@@ -19,8 +19,8 @@ import torch
 
 from runtime.engine.config import EngineConfig, LookaheadConfig
 from runtime.engine.engine import LLMEngine
-from runtime.engine.parallel import RankFailedError, TensorParallel, TensorParallelError, check_shardable
 from runtime.engine.models import decoder_spec
+from runtime.engine.parallel import RankFailedError, TensorParallel, TensorParallelError, check_shardable
 from runtime.types import GenerationRequest, SamplingParams
 from tests.calibration.helpers import quantized_checkpoint
 from tests.conftest import REPO_ROOT
