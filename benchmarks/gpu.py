@@ -153,10 +153,12 @@ def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for name in args.serve_variants:
             yaml_extra, env = SERVE_VARIANTS[name]
             config = work / f"serve-{name}.yaml"
+            resources = f"resources:\n  accelerator: H100:{args.tp}\n  use_gpu: true\n" if args.tp > 1 else ""
             config.write_text(
-                "model_name: llama8b-dummy\n"
+                f"model_name: llama8b-dummy\n{resources}"
                 "trt_llm:\n  build:\n    base_model: decoder\n"
                 f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
+                f"    tensor_parallel_count: {args.tp}\n"
                 "    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n"
                 "  runtime:\n    served_model_name: llama8b-dummy\n    kv_cache_free_gpu_mem_fraction: 0.3\n"
                 f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n  load_format: dummy\n{yaml_extra}"
@@ -411,7 +413,7 @@ def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "--max-seconds", str(args.max_seconds), "--device", args.device, "--shape", args.shape,
         "--concurrency", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
         "--output-len", str(args.output_len), "--profile-steps", str(args.profile_steps),
-        "--serve-variants", ",".join(args.serve_variants),
+        "--serve-variants", ",".join(args.serve_variants), "--tp", str(args.tp),
     ]
     started = time.monotonic()
     completed = subprocess.run(command, cwd=REPO_ROOT, timeout=args.phase_timeout)
@@ -501,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-timeout", type=float, default=540.0)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of the pipeline
     parser.add_argument("--shape", choices=list(SHAPES), default="llama8b", help="model shape (dummy weights)")
+    parser.add_argument(
+        "--tp", type=int, default=1,
+        help="serve phase: tensor_parallel_count (that many GPUs; ranks over NCCL, the PyTorch kernel set)",
+    )
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help=argparse.SUPPRESS)
     parser.add_argument("--input-len", type=int, default=INPUT_LEN, help=argparse.SUPPRESS)
     parser.add_argument("--output-len", type=int, default=OUTPUT_LEN, help=argparse.SUPPRESS)
@@ -543,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine.describe(), "gpu": gpu_description()},
         "workload": {
             "shape": SHAPE_NAMES[args.shape], "input_len": args.input_len,
-            "output_len": args.output_len, "concurrency": args.concurrency,
+            "output_len": args.output_len, "concurrency": args.concurrency, "tensor_parallel": args.tp,
         },
     }
     phases = [phase for phase in args.phases.split(",") if phase]

@@ -6,6 +6,7 @@ replays steps from CUDA graphs (graph_runner.py: whole decode steps, piecewise p
 """
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -151,7 +152,11 @@ class ModelRunner:
             torch.cuda.set_device(self.device)  # Triton launches on the current device
         if tp is not None:
             assert store_path is not None
-            init_group(store_path, tp.rank, tp.world_size, self.device)
+            join = functools.partial(init_group, store_path, tp.rank, tp.world_size, self.device)
+            if self.workers is not None:
+                self.workers.while_watching(join)
+            else:
+                join()
             if self.kernels == KernelSet.TRITON:
                 if config.kernels != "auto":
                     raise TensorParallelError(

@@ -22,6 +22,7 @@ import signal
 import tempfile
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -320,6 +321,26 @@ class WorkerGroup:
     def check(self) -> None:
         if self.failure is not None:
             raise RankFailedError(self.failure)
+
+    def while_watching(self, action: Callable[[], None]) -> None:
+        """Run `action` (joining the group: it waits for every rank) unless a rank dies first, which raises
+        RankFailedError instead of waiting for the rendezvous' half-hour timeout."""
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                action()
+            except BaseException as error:  # handed to the caller's thread
+                errors.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="engine-tp-join", daemon=True).start()
+        while not done.wait(0.2):
+            self.check()
+        if errors:
+            raise errors[0]
 
     def join(self, timeout_s: float = 10.0) -> None:
         """After the stop command: wait for the ranks, kill what does not exit."""

@@ -251,6 +251,20 @@ def test_a_dead_rank_fails_the_engine_and_close_returns(smollm2_dir: Path) -> No
     assert time.monotonic() - started < 15 and not process.is_alive()
 
 
+def _exit_before_joining(*args: object) -> None:
+    os._exit(7)
+
+
+def test_a_rank_dying_before_the_rendezvous_fails_the_start(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.engine.parallel as parallel
+
+    monkeypatch.setattr(parallel, "worker_main", _exit_before_joining)  # what the spawned rank runs
+    started = time.monotonic()
+    with pytest.raises(RankFailedError, match="rank1 exited with code 7"):
+        _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
+    assert time.monotonic() - started < 60
+
+
 def test_ranks_die_with_the_process_that_started_them(smollm2_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / "owner.py"
     script.write_text(textwrap.dedent(f"""
