@@ -28,7 +28,10 @@ RESULTS = REPO_ROOT / "benchmarks" / "results" / "tp-cpu.json"
 QWEN_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
 
 
-def run_variant(model_dir: Path, ranks: int, threads: int, concurrency: int, prompt_len: int, new_tokens: int) -> float:
+def run_variant(
+    model_dir: Path, ranks: int, threads: int, concurrency: int, prompt_len: int, new_tokens: int,
+    kv_cache_dtype: str = "auto",
+) -> float:
     """Decode tokens/s of `concurrency` requests generating together."""
     from runtime.engine.config import EngineConfig
     from runtime.engine.engine import LLMEngine
@@ -36,7 +39,8 @@ def run_variant(model_dir: Path, ranks: int, threads: int, concurrency: int, pro
 
     engine = LLMEngine(
         EngineConfig(model_dir=model_dir, dtype="bfloat16", max_seq_len=512, max_num_tokens=2048, max_batch_size=64,
-                     kv_cache_memory_bytes=128 << 20, num_threads=threads, tensor_parallel_size=ranks),
+                     kv_cache_memory_bytes=128 << 20, num_threads=threads, tensor_parallel_size=ranks,
+                     kv_cache_dtype=kv_cache_dtype),
         eos_token_ids=(),
     )
     try:
