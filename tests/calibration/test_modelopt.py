@@ -118,6 +118,8 @@ def test_both_layouts_load_the_same_in_our_engine(smollm2_dir: Path, quantizatio
     expected = Fp8Linear if quantization_type.startswith("fp8") else Nvfp4Linear
     assert kinds["layers.3.qkv"] is expected and kinds["layers.3.mlp.down"] is expected
     assert (getattr(theirs, "kv_cache_scales", None) is None) == (quantization_type != "fp8_kv")
+    if quantization_type == "fp8_kv":  # floored at 1 as modelopt's TensorRT-LLM path does (SmolLM2's amax/448 < 1)
+        assert torch.equal(theirs.kv_cache_scales, torch.ones_like(theirs.kv_cache_scales))
 
 
 @pytest.mark.parametrize("quantization_type", ["fp8_kv", "fp4"])
