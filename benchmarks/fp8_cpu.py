@@ -12,7 +12,6 @@ benchmarks/results/fp8-cpu.json (+ PNG).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT, SMOLLM2_DIR
-from benchmarks.report import add_output_arguments, redraw, save_result
+from benchmarks.report import add_output_arguments, redraw, save_result, variant_bars, variant_rows
 from benchmarks.tp_cpu import run_variant
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fp8-cpu.json"
@@ -57,29 +56,7 @@ def build_fp8(model: Path, quantization: str, work: Path) -> Path:
 
 
 def plot(document: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = document["rows"]
-    concurrencies = sorted({row["concurrency"] for row in rows})
-    figure, axes = plt.subplots(1, len(concurrencies), figsize=(4 * len(concurrencies), 4), squeeze=False)
-    for axis, concurrency in zip(axes[0], concurrencies, strict=True):
-        chosen = [row for row in rows if row["concurrency"] == concurrency]
-        axis.bar([row["variant"] for row in chosen], [row["tokens_per_s_median"] for row in chosen],
-                 color=["#777", "#3b7dd8"])
-        for index, row in enumerate(chosen):
-            axis.annotate(f"{row['ratio_median']:.2f}x", (index, row["tokens_per_s_median"]), ha="center", va="bottom")
-        axis.set_title(f"concurrency {concurrency}")
-        axis.set_ylabel("decode tokens/s (median of rounds)")
-    figure.suptitle(f"{document['model']} on CPU: FP8 (emulated) vs bf16, one thread")
-    figure.tight_layout()
-    png = path.with_suffix(".png")
-    figure.savefig(png, dpi=110)
-    return png
+    return variant_bars(document, path, f"{document['model']} on CPU: FP8 (emulated) vs bf16, one thread")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     samples[(name, concurrency)].append(rate)
                     ratios[(name, concurrency)].append(rate / base)
                     print(f"round {round_index}: c={concurrency} {name}: {rate:.1f} tok/s", file=sys.stderr)
-    rows = [
-        {
-            "variant": name, "concurrency": concurrency,
-            "tokens_per_s": [round(v, 2) for v in samples[(name, concurrency)]],
-            "tokens_per_s_median": round(statistics.median(samples[(name, concurrency)]), 2),
-            "ratio": [round(v, 3) for v in ratios[(name, concurrency)]],
-            "ratio_median": round(statistics.median(ratios[(name, concurrency)]), 3),
-        }
-        for concurrency in concurrencies
-        for name in variants
-    ]
+    rows = variant_rows(samples, ratios)
     document = {
         "title": f"FP8 engine ({args.quantization}, modelopt) vs bf16 on the CPU: decode tokens/s, one thread",
         "command": "python -m benchmarks.fp8_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -205,3 +205,49 @@ def try_plot(document: dict[str, Any], path: Path) -> Path | None:
         print(f"[bench] no plot ({error}); `pip install matplotlib` for PNGs", file=sys.stderr)
         return None
     return plot_document(document, path)
+
+
+def variant_rows(
+    samples: dict[tuple[str, int], list[float]], ratios: dict[tuple[str, int], list[float]]
+) -> list[dict[str, Any]]:
+    """Rows of an interleaved in-process comparison: per (variant, concurrency), its tokens/s over the rounds and
+    its ratio to the round's first variant, with medians."""
+    return [
+        {
+            "variant": name, "concurrency": concurrency,
+            "tokens_per_s": [round(v, 2) for v in values],
+            "tokens_per_s_median": round(statistics.median(values), 2),
+            "ratio": [round(v, 3) for v in ratios[(name, concurrency)]],
+            "ratio_median": round(statistics.median(ratios[(name, concurrency)]), 3),
+        }
+        for (name, concurrency), values in samples.items()
+    ]
+
+
+def variant_bars(document: dict[str, Any], path: Path, title: str) -> Path | None:
+    """One bar panel per concurrency of `variant_rows`, each bar labelled with its ratio; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = document["rows"]
+    concurrencies = sorted({row["concurrency"] for row in rows})
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    figure, axes = plt.subplots(1, len(concurrencies), figsize=(4.2 * len(concurrencies), 4), squeeze=False)
+    for axis, concurrency in zip(axes[0], concurrencies, strict=True):
+        chosen = [next(r for r in rows if r["variant"] == v and r["concurrency"] == concurrency) for v in variants]
+        colors = ["#777"] * (len(chosen) - 1) + ["#3b7dd8"]
+        axis.bar(range(len(chosen)), [r["tokens_per_s_median"] for r in chosen], color=colors)
+        axis.set_xticks(range(len(chosen)), [v.replace(" x ", "\nx ") for v in variants], fontsize=8)
+        for index, row in enumerate(chosen):
+            axis.annotate(f"{row['ratio_median']:.2f}x", (index, row["tokens_per_s_median"]), ha="center", va="bottom")
+        axis.set_title(f"concurrency {concurrency}")
+        axis.set_ylabel("decode tokens/s (median of rounds)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    png = path.with_suffix(".png")
+    figure.savefig(png, dpi=110)
+    return png

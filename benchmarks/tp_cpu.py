@@ -15,14 +15,13 @@ benchmarks/results/tp-cpu.json (+ PNG).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT
-from benchmarks.report import add_output_arguments, redraw, save_result
+from benchmarks.report import add_output_arguments, redraw, save_result, variant_bars, variant_rows
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "tp-cpu.json"
 QWEN_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
@@ -59,30 +58,7 @@ def run_variant(
 
 
 def plot(document: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = document["rows"]
-    concurrencies = sorted({row["concurrency"] for row in rows})
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
-    figure, axes = plt.subplots(1, len(concurrencies), figsize=(4.2 * len(concurrencies), 4), squeeze=False)
-    for axis, concurrency in zip(axes[0], concurrencies, strict=True):
-        chosen = [next(r for r in rows if r["variant"] == v and r["concurrency"] == concurrency) for v in variants]
-        axis.bar(range(len(chosen)), [r["tokens_per_s_median"] for r in chosen], color=["#777", "#999", "#3b7dd8"])
-        axis.set_xticks(range(len(chosen)), [v.replace(" x ", "\nx ") for v in variants], fontsize=8)
-        for index, row in enumerate(chosen):
-            axis.annotate(f"{row['ratio_median']:.2f}x", (index, row["tokens_per_s_median"]), ha="center", va="bottom")
-        axis.set_title(f"concurrency {concurrency}")
-        axis.set_ylabel("decode tokens/s (median of rounds)")
-    figure.suptitle("Qwen2.5-0.5B bf16 on CPU: two tensor-parallel ranks vs one")
-    figure.tight_layout()
-    png = path.with_suffix(".png")
-    figure.savefig(png, dpi=110)
-    return png
+    return variant_bars(document, path, "Qwen2.5-0.5B bf16 on CPU: two tensor-parallel ranks vs one")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,16 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[(name, concurrency)].append(rate)
                 ratios[(name, concurrency)].append(rate / base)
                 print(f"round {round_index}: c={concurrency} {name}: {rate:.1f} tok/s", file=sys.stderr)
-    rows = [
-        {
-            "variant": name, "concurrency": concurrency, "tokens_per_s": [round(v, 2) for v in samples[(name, concurrency)]],
-            "tokens_per_s_median": round(statistics.median(samples[(name, concurrency)]), 2),
-            "ratio": [round(v, 3) for v in ratios[(name, concurrency)]],
-            "ratio_median": round(statistics.median(ratios[(name, concurrency)]), 3),
-        }
-        for concurrency in concurrencies
-        for name in variants
-    ]
+    rows = variant_rows(samples, ratios)
     document = {
         "title": "Tensor parallelism on the CPU: decode tokens/s of 2 ranks (gloo) vs 1 (Qwen2.5-0.5B bf16)",
         "command": "python -m benchmarks.tp_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
