@@ -68,8 +68,9 @@ def _trim(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     return tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def smollm2_tp2(smollm2_dir: Path) -> Iterator[LLMEngine]:
+    """Closed after each test: torch.distributed's default group allows one tensor-parallel engine a process."""
     engine = _engine(smollm2_dir, 2)
     yield engine
     engine.close()
