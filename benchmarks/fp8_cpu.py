@@ -12,6 +12,7 @@ benchmarks/results/fp8-cpu.json (+ PNG).
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT, SMOLLM2_DIR
-from benchmarks.report import add_output_arguments, redraw, save_result, variant_bars, variant_rows
+from benchmarks.report import (
+    add_output_arguments,
+    interleaved_variant_rows,
+    redraw,
+    save_result,
+    variant_bars,
+)
 from benchmarks.tp_cpu import run_variant
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fp8-cpu.json"
@@ -77,19 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fp8-bench-") as work:
         fp8_model = build_fp8(args.model, args.quantization, Path(work))
         variants = {"bf16": args.model, args.quantization: fp8_model}
-        samples: dict[tuple[str, int], list[float]] = {(name, c): [] for name in variants for c in concurrencies}
-        ratios: dict[tuple[str, int], list[float]] = {key: [] for key in samples}
-        for round_index in range(args.rounds):
-            for concurrency in concurrencies:
-                base = 0.0
-                for name, folder in variants.items():
-                    kv = "fp8" if name == "fp8_kv" else "auto"
-                    rate = run_variant(folder, 1, 1, concurrency, args.prompt_len, args.new_tokens, kv_cache_dtype=kv)
-                    base = base or rate
-                    samples[(name, concurrency)].append(rate)
-                    ratios[(name, concurrency)].append(rate / base)
-                    print(f"round {round_index}: c={concurrency} {name}: {rate:.1f} tok/s", file=sys.stderr)
-    rows = variant_rows(samples, ratios)
+        runs = {
+            name: functools.partial(run_variant, folder, 1, 1, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                    kv_cache_dtype="fp8" if name == "fp8_kv" else "auto")
+            for name, folder in variants.items()
+        }
+        rows = interleaved_variant_rows(runs, concurrencies, args.rounds)
     document = {
         "title": f"FP8 engine ({args.quantization}, modelopt) vs bf16 on the CPU: decode tokens/s, one thread",
         "command": "python -m benchmarks.fp8_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),

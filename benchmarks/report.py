@@ -207,11 +207,23 @@ def try_plot(document: dict[str, Any], path: Path) -> Path | None:
     return plot_document(document, path)
 
 
-def variant_rows(
-    samples: dict[tuple[str, int], list[float]], ratios: dict[tuple[str, int], list[float]]
+def interleaved_variant_rows(
+    variants: dict[str, Callable[[int], float]], concurrencies: Sequence[int], rounds: int
 ) -> list[dict[str, Any]]:
-    """Rows of an interleaved in-process comparison: per (variant, concurrency), its tokens/s over the rounds and
+    """Run `variants` (name -> tokens/s at a concurrency) interleaved: every round, every concurrency, each variant in
+    turn, so machine noise falls on all alike. One row per (variant, concurrency): its tokens/s over the rounds and
     its ratio to the round's first variant, with medians."""
+    samples: dict[tuple[str, int], list[float]] = {(name, c): [] for name in variants for c in concurrencies}
+    ratios: dict[tuple[str, int], list[float]] = {key: [] for key in samples}
+    for round_index in range(rounds):
+        for concurrency in concurrencies:
+            base = 0.0
+            for name, run in variants.items():
+                rate = run(concurrency)
+                base = base or rate
+                samples[(name, concurrency)].append(rate)
+                ratios[(name, concurrency)].append(rate / base)
+                print(f"round {round_index}: c={concurrency} {name}: {rate:.1f} tok/s", file=sys.stderr)
     return [
         {
             "variant": name, "concurrency": concurrency,
@@ -225,7 +237,7 @@ def variant_rows(
 
 
 def variant_bars(document: dict[str, Any], path: Path, title: str) -> Path | None:
-    """One bar panel per concurrency of `variant_rows`, each bar labelled with its ratio; None without matplotlib."""
+    """One bar panel per concurrency of `interleaved_variant_rows`, each bar labelled with its ratio; None without matplotlib."""
     try:
         import matplotlib
 

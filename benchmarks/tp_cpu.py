@@ -15,13 +15,20 @@ benchmarks/results/tp-cpu.json (+ PNG).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.peers.base import REPO_ROOT
-from benchmarks.report import add_output_arguments, redraw, save_result, variant_bars, variant_rows
+from benchmarks.report import (
+    add_output_arguments,
+    interleaved_variant_rows,
+    redraw,
+    save_result,
+    variant_bars,
+)
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "tp-cpu.json"
 QWEN_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
@@ -81,18 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         f"2 ranks x {max(args.threads // 2, 1)} thread(s)": (2, max(args.threads // 2, 1)),
     }
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
-    samples: dict[tuple[str, int], list[float]] = {(name, c): [] for name in variants for c in concurrencies}
-    ratios: dict[tuple[str, int], list[float]] = {key: [] for key in samples}
-    for round_index in range(args.rounds):
-        for concurrency in concurrencies:
-            base = 0.0
-            for name, (ranks, threads) in variants.items():
-                rate = run_variant(args.model, ranks, threads, concurrency, args.prompt_len, args.new_tokens)
-                base = base or rate
-                samples[(name, concurrency)].append(rate)
-                ratios[(name, concurrency)].append(rate / base)
-                print(f"round {round_index}: c={concurrency} {name}: {rate:.1f} tok/s", file=sys.stderr)
-    rows = variant_rows(samples, ratios)
+    runs = {
+        name: functools.partial(run_variant, args.model, ranks, threads, prompt_len=args.prompt_len,
+                                new_tokens=args.new_tokens)
+        for name, (ranks, threads) in variants.items()
+    }
+    rows = interleaved_variant_rows(runs, concurrencies, args.rounds)
     document = {
         "title": "Tensor parallelism on the CPU: decode tokens/s of 2 ranks (gloo) vs 1 (Qwen2.5-0.5B bf16)",
         "command": "python -m benchmarks.tp_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
