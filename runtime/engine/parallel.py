@@ -156,8 +156,6 @@ class Driver:
 
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: "CpuAttentionMetadata") -> None:
         spans = metadata.extends
-        if any(span.custom_mask is not None for span in spans):
-            raise NotImplementedError("extend spans with a custom mask are not sent to tensor-parallel ranks")
         decode_slots = metadata.decode_slots
         lengths = metadata.decode_lengths
         assert lengths is not None

@@ -30,7 +30,6 @@ class ExtendSpan:
     row_start: int
     num_new_tokens: int
     context_slots: torch.Tensor  # [context_len] cache slots of the full context (cached prefix + new tokens)
-    custom_mask: torch.Tensor | None = None  # [num_new_tokens, context_len] bool, True = may attend
 
 
 @dataclass
@@ -335,10 +334,8 @@ def _extend_attention(
     keys = _read(key_cache, slots, query.dtype, kv_scales, 0).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     values = _read(value_cache, slots, query.dtype, kv_scales, 1).transpose(0, 1).unsqueeze(0)
     q = query.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-    mask = span.custom_mask
-    if mask is None and (
-        sliding_window is not None and context_len > sliding_window or context_len != num_new
-    ):
+    mask = None
+    if sliding_window is not None and context_len > sliding_window or context_len != num_new:
         rows = torch.arange(num_new, device=query.device).unsqueeze(1) + (context_len - num_new)
         cols = torch.arange(context_len, device=query.device).unsqueeze(0)
         mask = cols <= rows
