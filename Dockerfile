@@ -17,13 +17,11 @@ WORKDIR /opt/engine-builder
 # tensorrt_llm: importing it loads CUDA libraries a `docker build` host may not have.)
 COPY pyproject.toml README.md ./
 COPY engine_builder ./engine_builder
-COPY runtime ./runtime
-COPY calibration ./calibration
 COPY configs ./configs
 RUN python3 -m pip freeze | grep -iE '^(torch|transformers|tokenizers|xgrammar|fastapi|pydantic|numpy|safetensors)==' \
         > /tmp/base-pins.txt \
     && python3 -m pip install --no-cache-dir -c /tmp/base-pins.txt '.[storage]' \
-    && python3 -c "import importlib.util as u, engine_builder, runtime; assert u.find_spec('tensorrt_llm')" \
+    && python3 -c "import importlib.util as u, engine_builder.serve.server.main; assert u.find_spec('tensorrt_llm')" \
     && rm /tmp/base-pins.txt
 
 # A non-root user owns the writable paths: engines, download cache, secrets mount point.

@@ -29,8 +29,8 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-$(MODELS_DIR)/.all-ready: $(BIN)/.installed engine_builder/default_models.py
-	$(BIN)/python -m engine_builder.default_models --out $(MODELS_DIR)
+$(MODELS_DIR)/.all-ready: $(BIN)/.installed engine_builder/build/default_models.py
+	$(BIN)/python -m engine_builder.build.default_models --out $(MODELS_DIR)
 	touch $@
 
 models: $(MODELS_DIR)/.all-ready
@@ -45,7 +45,7 @@ run: venv models
 	$(BIN)/engine-builder run $(CONFIG) --host $(HOST) --port $(PORT)
 
 lint: venv
-	$(BIN)/ruff check engine_builder runtime calibration tests benchmarks
+	$(BIN)/ruff check engine_builder tests benchmarks
 	$(BIN)/mypy
 
 bench: venv models

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from benchmarks.machine import describe
-from runtime.engine.config import EngineConfig, LookaheadConfig
-from runtime.engine.engine import LLMEngine
-from runtime.types import GenerationRequest, Guide, GuideKind, SamplingParams
+from engine_builder.common.types import GenerationRequest, Guide, GuideKind, SamplingParams
+from engine_builder.engine.config import EngineConfig, LookaheadConfig
+from engine_builder.engine.engine import LLMEngine
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT.parent / "models" / "smollm2-135m-instruct"
@@ -81,7 +81,7 @@ def _tokenizer() -> Any:
 
 
 def structured(repeats: int) -> dict[str, Any]:
-    from runtime.decoding.structured.compiler import GrammarCompiler
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 
     tokenizer = _tokenizer()
     texts = [
@@ -153,7 +153,7 @@ def lookahead(
     from transformers import AutoTokenizer
 
     from benchmarks.workloads.code_prompts import load_prompts
-    from runtime.model_facts import read_model_facts
+    from engine_builder.common.model_facts import read_model_facts
 
     model_dir = MODEL.parent / LOOKAHEAD_MODELS[model]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -72,9 +72,9 @@ def phase_parity(tokenizer: Path, work: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.engine import LLMEngine
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
+    from engine_builder.engine.config import EngineConfig
+    from engine_builder.engine.engine import LLMEngine
 
     folder = model_folder(tokenizer, work / "small", {}, "float32")
     torch.manual_seed(0)
@@ -274,7 +274,7 @@ def warm_up(engine: Any, input_len: int, generator: Any) -> None:
     otherwise include."""
     import torch
 
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for batch in (1, 3, 16):
@@ -296,9 +296,9 @@ def phase_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     import torch
 
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.engine import LLMEngine
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
+    from engine_builder.engine.config import EngineConfig
+    from engine_builder.engine.engine import LLMEngine
 
     folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
     cuda = args.device.startswith("cuda")

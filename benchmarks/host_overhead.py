@@ -18,12 +18,12 @@ import torch
 
 from benchmarks import machine
 from benchmarks.peers.base import REPO_ROOT
-from runtime.engine.layers.attention.cpu import build_cpu_metadata
-from runtime.engine.layers.attention.triton import TritonStepBuffers
-from runtime.engine.scheduler import ScheduledSequence
-from runtime.engine.sequence import Sequence, SequenceStatus
-from runtime.engine.step_rows import flatten
-from runtime.types import SamplingParams
+from engine_builder.common.types import SamplingParams
+from engine_builder.engine.layers.attention.cpu import build_cpu_metadata
+from engine_builder.engine.layers.attention.triton import TritonStepBuffers
+from engine_builder.engine.scheduler import ScheduledSequence
+from engine_builder.engine.sequence import Sequence, SequenceStatus
+from engine_builder.engine.step_rows import flatten
 
 BLOCK_SIZE = 16
 

@@ -28,9 +28,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def write_adapters(base: Path, work: Path, count: int, rank: int) -> list[Any]:
-    """`count` random PEFT adapters for `base` (tests/runtime/engine/lora_adapters.py writes them)."""
-    from runtime.engine.config import AdapterSpec
-    from tests.runtime.engine.lora_adapters import write_adapter
+    """`count` random PEFT adapters for `base` (tests/engine/lora_adapters.py writes them)."""
+    from engine_builder.engine.config import AdapterSpec
+    from tests.engine.lora_adapters import write_adapter
 
     specs = []
     for index in range(count):
@@ -42,9 +42,9 @@ def write_adapters(base: Path, work: Path, count: int, rank: int) -> list[Any]:
 
 def run_variant(base: Path, adapters: list[Any], concurrency: int, prompt_len: int, new_tokens: int) -> float:
     """Output tokens/s of `concurrency` requests decoding together (prefill excluded from the clock)."""
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.engine import LLMEngine
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
+    from engine_builder.engine.config import EngineConfig
+    from engine_builder.engine.engine import LLMEngine
 
     engine = LLMEngine(
         EngineConfig(model_dir=base, dtype="bfloat16", max_seq_len=512, max_num_tokens=2048, max_batch_size=64,

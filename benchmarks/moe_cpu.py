@@ -45,8 +45,8 @@ def phase_block(tokens_list: list[int], repeats: int) -> list[dict[str, Any]]:
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    from runtime.engine.layers import KernelSet
-    from runtime.engine.layers.moe import MoESpec, SparseMoE
+    from engine_builder.engine.layers import KernelSet
+    from engine_builder.engine.layers.moe import MoESpec, SparseMoE
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(**BLOCK_SHAPE, norm_topk_prob=True)
@@ -83,9 +83,9 @@ def phase_decode(batches: list[int], new_tokens: int, work: Path) -> list[dict[s
     import torch
     import transformers
 
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.engine import LLMEngine
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
+    from engine_builder.engine.config import EngineConfig
+    from engine_builder.engine.engine import LLMEngine
 
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MODEL_SHAPE)).eval()

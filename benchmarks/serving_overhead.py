@@ -67,12 +67,12 @@ class NullEngine:
         return self.abort(request_id)
 
     def stats(self) -> Any:
-        from runtime.types import EngineStats
+        from engine_builder.common.types import EngineStats
 
         return EngineStats(len(self.requests), 0, 0.0, 1, 1)
 
     def step(self) -> list[Any]:
-        from runtime.types import FinishReason, GenerationDelta
+        from engine_builder.common.types import FinishReason, GenerationDelta
 
         time.sleep(self.step_s)  # the GPU's share of a step: no GIL held
         outputs = []
@@ -97,7 +97,7 @@ def serve(config: Path, port: int, engine_dir: Path, step_ms: float) -> int:
     """The real `engine-builder run`, with the torch client's LLMEngine replaced by the null engine."""
     from tokenizers import Tokenizer
 
-    import runtime.backends.torch.client as torch_client
+    import engine_builder.serve.backends.torch.client as torch_client
     from engine_builder.cli import main as cli_main
 
     NullEngine.step_s = step_ms / 1e3

@@ -39,9 +39,9 @@ def run_variant(
     kv_cache_dtype: str = "auto",
 ) -> float:
     """Decode tokens/s of `concurrency` requests generating together."""
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.engine import LLMEngine
-    from runtime.types import GenerationRequest, SamplingParams
+    from engine_builder.common.types import GenerationRequest, SamplingParams
+    from engine_builder.engine.config import EngineConfig
+    from engine_builder.engine.engine import LLMEngine
 
     engine = LLMEngine(
         EngineConfig(model_dir=model_dir, dtype="bfloat16", max_seq_len=512, max_num_tokens=2048, max_batch_size=64,

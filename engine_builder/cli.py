@@ -5,9 +5,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from engine_builder.build_stage import BuildError
-from engine_builder.checkpoints.errors import CheckpointError
-from engine_builder.config import ConfigError, load_config
+from engine_builder.build.checkpoints.errors import CheckpointError
+from engine_builder.build.config import ConfigError, load_config
+from engine_builder.build.errors import BuildError
 
 EXIT_INVALID = 2
 

@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from engine_builder.config import EngineOptions, LoadedConfig, load_config
-from runtime.artifact import EngineDir, is_engine_dir, load_engine_dir
+from engine_builder.build.config import EngineOptions, LoadedConfig, load_config
+from engine_builder.common.artifact import EngineDir, is_engine_dir, load_engine_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def add_stage_commands(commands: Any) -> None:
         "--force", action="store_true", help="rebuild even when the output matches the config hash"
     )
     add_engine_option_flags(build)
-    build.set_defaults(handler=_run("engine_builder.build_stage", "cmd_build"))
+    build.set_defaults(handler=cmd_build)
 
     serve = commands.add_parser("serve", help="serve an engine directory (or a config, building it first)")
     serve.add_argument("target", help="ENGINE_DIR or CONFIG")
@@ -87,13 +87,24 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     add_engine_option_flags(parser)
 
 
-def _run(module: str, function: str) -> Any:
-    def handler(args: argparse.Namespace) -> int:
-        import importlib
+def cmd_build(args: argparse.Namespace) -> int:
+    from engine_builder.build.build_stage import BuildError, build_engine
 
-        return int(getattr(importlib.import_module(module), function)(args))
+    loaded = load_config(args.config)
+    for warning in loaded.warnings:
+        logger.warning("%s", warning)
+    options = engine_options_from(args, loaded)
+    try:
+        result = build_engine(loaded, Path(args.output), options, force=args.force)
+    except BuildError as error:
+        logger.error("%s", error)
+        return 1
+    state = "reused" if result.reused else "built"
+    print(
+        f"{state} {result.engine_dir.path} ({result.engine_dir.manifest.architecture}, {result.seconds:.1f} s)"
+    )
+    return 0
 
-    return handler
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -115,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_or_reuse(config_path: str, engine_dir: str | None, options: EngineOptions) -> EngineDir:
-    from engine_builder.build_stage import build_engine
+    from engine_builder.build.build_stage import build_engine
 
     loaded = load_config(config_path)
     for warning in loaded.warnings:
@@ -134,6 +145,6 @@ def _safe(name: str) -> str:
 
 
 def _serve(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:
-    from runtime.server.main import serve_engine
+    from engine_builder.serve.server.main import serve_engine
 
     return serve_engine(engine, args, options)

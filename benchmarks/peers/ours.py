@@ -15,13 +15,13 @@ EMBEDDINGS_CONFIG = REPO_ROOT / "configs" / "embeddings.yaml"
 
 
 def is_installed() -> bool:
-    return ENGINE_BUILDER.exists() and importlib.util.find_spec("runtime.server.main") is not None
+    return ENGINE_BUILDER.exists() and importlib.util.find_spec("engine_builder.serve.server.main") is not None
 
 
 def install() -> Path:
     if not is_installed():
         raise PeerUnavailable(
-            "our server is not available yet (no runtime/server/main.py or no .venv/bin/engine-builder); "
+            "our server is not available yet (no engine_builder/serve/server/main.py or no .venv/bin/engine-builder); "
             "run `make venv` once the server lands"
         )
     return ENGINE_BUILDER

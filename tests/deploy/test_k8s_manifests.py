@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_builder.config import parse_config
-from runtime.server.metrics import ServerMetrics
-from runtime.server.state import ServerSettings
-from runtime.types import EngineStats
+from engine_builder.build.config import parse_config
+from engine_builder.common.types import EngineStats
+from engine_builder.serve.server.metrics import ServerMetrics
+from engine_builder.serve.server.state import ServerSettings
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 METRIC = "engine_builder:num_requests_inflight"
@@ -64,7 +64,7 @@ def test_probes_use_the_server_routes(deployment: dict[str, Any], container: dic
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600, "an engine build takes long"
-    from runtime.server.routes_health import router
+    from engine_builder.serve.server.routes_health import router
 
     paths = {route.path for route in router.routes}  # type: ignore[attr-defined]
     assert {"/ready", "/health"} <= paths

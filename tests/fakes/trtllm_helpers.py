@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine_builder.checkpoints import RepositoryInfo
-from engine_builder.config import LoadedConfig
-from engine_builder.runtime_spec import runtime_spec
-from runtime.artifact import CONFIG_FILE, MANIFEST_FILE, MODEL_DIR, Manifest, SourceInfo
-from runtime.backends.trtllm.specs import LlmSpec
-from runtime.options import EngineOptions
+from engine_builder.build.checkpoints import RepositoryInfo
+from engine_builder.build.config import LoadedConfig
+from engine_builder.build.runtime_spec import runtime_spec
+from engine_builder.common.artifact import CONFIG_FILE, MANIFEST_FILE, MODEL_DIR, Manifest, SourceInfo
+from engine_builder.common.options import EngineOptions
+from engine_builder.common.trtllm.specs import LlmSpec
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.runtime.server.harness import ServerProcess
+from tests.serve.server.harness import ServerProcess
 
 ENVELOPE_FIELDS = {"message", "type", "param", "code"}
 

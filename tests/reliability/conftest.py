@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS_DIR
-from tests.runtime.server.harness import ServerProcess, started, write_config
+from tests.serve.server.harness import ServerProcess, started, write_config
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ import jsonschema
 
 from tests.conftest import CONFIGS_DIR, MODELS_DIR
 from tests.reliability.checks import rss_bytes, stream_chunks, wait_until_idle
-from tests.runtime.server.harness import ServerProcess, write_config
+from tests.serve.server.harness import ServerProcess, write_config
 
 MAX_RSS_GROWTH = 0.05
 CHAT = "/v1/chat/completions"

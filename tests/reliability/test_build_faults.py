@@ -1,7 +1,7 @@
 """kill -9 during `engine-builder build`: never a half-written engine directory, and the rerun completes.
 
 The build writes into `.<name>.building-<pid>` and renames it into place once complete
-(runtime/artifact.py). ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S holds a build at its last moment
+(engine_builder/common/artifact.py). ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S holds a build at its last moment
 before the rename, so the kill lands at a known point; a second kill lands as soon as staging begins.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.artifact import TEST_PAUSE_ENV, load_engine_dir
+from engine_builder.common.artifact import TEST_PAUSE_ENV, load_engine_dir
 from tests.conftest import REPO_ROOT
-from tests.runtime.server.harness import write_config
+from tests.serve.server.harness import write_config
 
 pytestmark = pytest.mark.slow
 

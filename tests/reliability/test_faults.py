@@ -19,7 +19,7 @@ import pytest
 
 from tests.reliability import rawhttp
 from tests.reliability.checks import assert_envelope, stream_chunks, wait_until_idle
-from tests.runtime.server.harness import ServerProcess, free_port, write_config
+from tests.serve.server.harness import ServerProcess, free_port, write_config
 
 pytestmark = pytest.mark.slow
 CHAT = "/v1/chat/completions"
@@ -387,10 +387,10 @@ def test_exception_in_one_requests_step_fails_only_that_request(
     request batched with it finishes, and the server stays healthy."""
     import uvicorn
 
-    from runtime.artifact import load_engine_dir
-    from runtime.engine.layers.sampler.cpu import CpuSampler as Sampler
-    from runtime.options import EngineOptions
-    from runtime.server.factory import build_server
+    from engine_builder.common.artifact import load_engine_dir
+    from engine_builder.common.options import EngineOptions
+    from engine_builder.engine.layers.sampler.cpu import CpuSampler as Sampler
+    from engine_builder.serve.server.factory import build_server
 
     original = Sampler._process
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 
 from tests.reliability.checks import ENVELOPE_FIELDS, stream_chunks
-from tests.runtime.server.harness import ServerProcess
+from tests.serve.server.harness import ServerProcess
 
 pytestmark = pytest.mark.slow
 MIN_CASES = 1000

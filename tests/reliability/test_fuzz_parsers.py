@@ -15,9 +15,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_builder.config import ConfigError, parse_config
-from runtime.decoding.tool_calls import known_parsers, tool_parser
-from runtime.server.tools import ToolCallOutput
+from engine_builder.build.config import ConfigError, parse_config
+from engine_builder.serve.decoding.tool_calls import known_parsers, tool_parser
+from engine_builder.serve.server.tools import ToolCallOutput
 from tests.conftest import CONFIGS_DIR
 
 # derandomize: CI sees the same 300 cases every run (a random draw found the two streaming bugs below)

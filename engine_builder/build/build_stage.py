@@ -1,0 +1,342 @@
+"""`engine-builder build`: config -> checkpoint -> layout checks -> (quantize) -> compile -> engine directory.
+
+The engine directory appears in one rename when everything succeeded; a failed or killed build leaves
+the previous engine (or nothing) in place.
+"""
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine_builder.build.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
+from engine_builder.build.config import (
+    BaseModelKind,
+    CheckpointRepository,
+    EngineOptions,
+    LoadedConfig,
+    QuantizationType,
+    TrtLlmConfigV1,
+)
+from engine_builder.build.errors import BuildError
+from engine_builder.build.runtime_spec import runtime_spec
+from engine_builder.build.tool_parsers import detect_tool_parser
+from engine_builder.build.torch_fields import tensor_parallel_size
+from engine_builder.common.artifact import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    USER_MODEL_DIR,
+    EngineDir,
+    Manifest,
+    SourceInfo,
+    atomic_engine_dir,
+    is_engine_dir,
+    load_engine_dir,
+)
+from engine_builder.common.backend_choice import choose_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    engine_dir: EngineDir
+    reused: bool
+    seconds: float
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ENGINE_BUILDER_CACHE", Path.home() / ".cache" / "engine-builder"))
+
+
+def build_engine(
+    loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool = False
+) -> BuildResult:
+    started = time.monotonic()
+    config_hash = build_identity(loaded, options)
+    if not force and is_engine_dir(output):
+        try:
+            existing = load_engine_dir(output)
+            if existing.manifest.config_hash == config_hash:
+                logger.info("engine at %s matches the config hash; reusing it", output)
+                return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
+        except Exception as error:  # an unreadable or old engine is simply rebuilt
+            logger.info("rebuilding %s: %s", output, error)
+    stack = loaded.trt_llm
+    build = stack.build
+    # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
+    backend = "torch" if build.base_model.is_encoder and options.backend == "auto" else choose_backend(options.backend)
+    if build.checkpoint_repository is None:
+        raise BuildError(
+            "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
+        )
+    _check_supported(loaded, backend, options)
+    dummy = options.load_format == "dummy"
+    logger.info(
+        "fetching checkpoint %s %s",
+        build.checkpoint_repository.source.value,
+        public_repo(build.checkpoint_repository),
+    )
+    # BIS-LLM (v2) on TensorRT-LLM serves modelopt-quantized checkpoints as they are (no_quant + NVFP4 repo).
+    prequantized_ok = backend == "trtllm" and stack.inference_stack.value == "v2"
+    fetched = fetch_checkpoint(
+        build.checkpoint_repository,
+        cache_dir=default_cache_dir() / "checkpoints",
+        secrets=Secrets.from_env(),
+        base_dir=loaded.base_dir,
+        base_model=build.base_model,
+        allow_prequantized=prequantized_ok,
+        require_weights=not dummy,
+    )
+    from engine_builder.build.checkpoints import check_repository_layout
+
+    info = check_repository_layout(
+        fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok,
+        require_weights=not dummy,
+    )
+    if backend == "torch" and not build.base_model.is_encoder:
+        _check_torch_decoder(fetched.path, build.quantization_type, tensor_parallel_size(stack))
+    adapters = []
+    if build.lora_adapters:
+        from engine_builder.build.lora_adapters import fetch_lora_adapters
+
+        adapters = fetch_lora_adapters(
+            loaded, fetched.path, cache_dir=default_cache_dir() / "checkpoints", secrets=Secrets.from_env()
+        )
+    if isinstance(stack, TrtLlmConfigV1):
+        stack.apply_architecture(info.architecture)
+    with atomic_engine_dir(output) as staging:
+        model_dir = staging / MODEL_DIR
+        trtllm_quantizes = backend == "trtllm" and isinstance(stack, TrtLlmConfigV1)  # QuantConfig in the build
+        if build.quantization_type == QuantizationType.NO_QUANT or trtllm_quantizes:
+            _link_model_files(fetched, model_dir)
+            quantization_summary = {"quantization": "no_quant", "kv_cache_dtype": "auto"}
+        else:
+            from engine_builder.build.calibration.pipeline import quantize_checkpoint
+
+            quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
+        trtllm_serve = None
+        if backend == "trtllm":
+            from engine_builder.build.compile.trtllm import compile_trtllm
+
+            compiled = compile_trtllm(loaded, staging, info)
+            trtllm_serve = compiled.serve
+            if trtllm_quantizes:
+                quantization_summary = compiled.quantization
+        user_model = loaded.base_dir / "model" / "model.py"
+        if user_model.is_file():
+            shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
+        stored_adapters = []
+        if adapters:
+            from engine_builder.build.lora_adapters import store_lora_adapters
+
+            stored_adapters = store_lora_adapters(adapters, staging)
+        manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
+        manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve, stored_adapters)
+        quantization_build = quantization_identity(loaded, options)
+        if quantization_build:
+            manifest.extra["quantization_build"] = quantization_build
+        if dummy:
+            manifest.extra["load_format"] = "dummy"
+            logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
+        (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+    engine = load_engine_dir(output)
+    seconds = time.monotonic() - started
+    logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
+    return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def public_repo(repository: CheckpointRepository) -> str:
+    """The repo as logs and manifests may show it: URLs lose query strings (presigned signatures) and user info."""
+    from engine_builder.build.checkpoints.http_range import safe_url
+
+    return safe_url(repository.repo) if "://" in repository.repo else repository.repo
+
+
+def _public_config_yaml(loaded: LoadedConfig) -> str:
+    """The resolved config for the engine directory, with credential-bearing URLs cut to their public part."""
+    resolved = loaded.resolved()
+    build = loaded.trt_llm.build
+    if build.checkpoint_repository is not None:
+        resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(build.checkpoint_repository)
+    for name, adapter in (build.lora_adapters or {}).items():
+        resolved["trt_llm"]["build"]["lora_adapters"][name]["repo"] = public_repo(adapter)
+    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
+
+
+def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
+    """The config hash, extended with what else decides the engine: for a quantizing build the quantizer and the
+    accuracy gate in force (config fields, flags and environment overrides: a different gate is a different
+    engine), and the user model folder, so editing model.py triggers a rebuild."""
+    import hashlib
+
+    digest = hashlib.sha256(loaded.build_hash().encode())
+    quantization = quantization_identity(loaded, options)
+    if quantization:  # the values decide the engine, not where they were set
+        decisive = {key: value for key, value in quantization.items() if key != "gate_sources"}
+        digest.update(json.dumps(decisive, sort_keys=True).encode())
+    user_dir = loaded.base_dir / "model"
+    if (user_dir / "model.py").is_file():
+        for path in sorted(p for p in user_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(user_dir)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:
+    """For a build our calibration quantizes: the quantizer that will run and the gate's thresholds with where each
+    came from (recorded in the manifest too); empty otherwise."""
+    from engine_builder.build.calibration.recipes import RECIPES
+
+    quantization = loaded.trt_llm.build.quantization_type.value
+    if quantization not in RECIPES:
+        return {}
+    from engine_builder.build.calibration import gate
+    from engine_builder.build.calibration.quantizers import resolve_quantizer
+
+    thresholds = gate.thresholds_for(RECIPES[quantization].quant_algo, options)
+    return {
+        "quantizer": resolve_quantizer(options.quantizer),
+        "gate": thresholds.to_dict(),
+        "gate_sources": dict(thresholds.sources),
+    }
+
+
+def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:
+    build = loaded.trt_llm.build
+    if options.load_format == "dummy" and (
+        backend != "torch" or build.base_model.is_encoder or build.quantization_type != QuantizationType.NO_QUANT
+    ):
+        raise BuildError(
+            "load_format dummy builds torch-backend decoders without quantization only "
+            f"(got backend {backend}, base_model {build.base_model.value}, "
+            f"quantization_type {build.quantization_type.value})"
+        )
+    if backend == "torch":
+        from engine_builder.build.torch_fields import torch_refusals
+
+        refusals = torch_refusals(loaded.trt_llm)
+        if refusals:
+            raise BuildError("the torch backend cannot honour what this config asks for: " + "; ".join(refusals))
+    if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
+        raise BuildError(
+            f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
+            f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
+        )
+    if build.lora_adapters and backend != "torch":
+        raise BuildError(
+            f"trt_llm.build.lora_adapters are not supported by the {backend} backend yet; build with "
+            "--backend torch, or remove them"
+        )
+    if build.lora_adapters and build.base_model.is_encoder:
+        raise BuildError(
+            f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
+        )
+
+
+def _check_torch_decoder(model_dir: Path, quantization: QuantizationType, tensor_parallel: int = 1) -> None:
+    """Refuse, before anything is written, a checkpoint the torch engine cannot serve: its architecture (named,
+    with the supported list), a quantization it has no layers for, or a tensor-parallel split it cannot make."""
+    from engine_builder.engine.models import UnsupportedArchitectureError, decoder_spec
+    from engine_builder.engine.parallel import TensorParallelError, check_shardable
+
+    try:
+        spec = decoder_spec(json.loads((model_dir / "config.json").read_text()))
+    except (UnsupportedArchitectureError, KeyError) as error:
+        reason = error if isinstance(error, UnsupportedArchitectureError) else f"config.json lacks {error}"
+        raise BuildError(f"{reason} (backend torch; the trtllm backend covers more architectures)") from None
+    if spec.moe is not None and quantization != QuantizationType.NO_QUANT:
+        raise BuildError(
+            f"quantization_type {quantization.value} of a mixture-of-experts model ({spec.architecture}) is not "
+            "supported by the torch backend: its FP8/NVFP4 layers cover dense linears, not experts; use no_quant"
+        )
+    if tensor_parallel > 1:
+        try:
+            check_shardable(spec, tensor_parallel)
+        except TensorParallelError as error:
+            raise BuildError(str(error)) from None
+        if quantization.value.startswith("fp4"):
+            raise BuildError(
+                f"trt_llm.build.tensor_parallel_count {tensor_parallel}: quantization_type {quantization.value} is not "
+                "split over ranks by the torch backend (16-bit and fp8 types are)"
+            )
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() < tensor_parallel:
+            raise BuildError(
+                f"trt_llm.build.tensor_parallel_count {tensor_parallel}: only {torch.cuda.device_count()} GPU(s) are "
+                "visible to the build"
+            )
+
+
+_TORCH_QUANTIZATION = frozenset(
+    {
+        QuantizationType.NO_QUANT,
+        QuantizationType.FP8,
+        QuantizationType.FP8_KV,
+        QuantizationType.FP8_MLP_ONLY,
+        QuantizationType.FP4,
+        QuantizationType.FP4_KV,
+        QuantizationType.FP4_MLP_ONLY,
+    }
+)
+
+
+def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
+    """Hard-link the checkpoint's files into the engine (copy across file systems)."""
+    for relative in sorted(fetched.files):
+        source = fetched.path / relative
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+
+def _manifest(
+    loaded: LoadedConfig,
+    info: RepositoryInfo,
+    fetched: FetchedCheckpoint,
+    backend: str,
+    config_hash: str,
+    quantization: dict[str, str],
+) -> Manifest:
+    stack = loaded.trt_llm
+    build = stack.build
+    runtime = stack.runtime
+    max_position = info.max_position_embeddings or 4096
+    max_seq_len = getattr(runtime, "max_seq_len", None) or build.max_seq_len or max_position
+    max_batch_size = getattr(runtime, "max_batch_size", None) or build.max_batch_size
+    max_num_tokens = getattr(runtime, "max_num_tokens", None) or build.max_num_tokens
+    repository = build.checkpoint_repository
+    assert repository is not None
+    tool_parser = None
+    if build.base_model == BaseModelKind.DECODER:
+        tool_parser = detect_tool_parser(fetched.path, info.architecture)
+    return Manifest(
+        backend=backend,
+        config_hash=config_hash,
+        base_model=build.base_model.value,
+        architecture=info.architecture,
+        model_type=info.model_type,
+        dtype=loaded.truss.engine_builder.dtype,
+        quantization=quantization["quantization"],
+        kv_cache_dtype=quantization["kv_cache_dtype"],
+        max_seq_len=int(min(max_seq_len, max_position)),
+        max_batch_size=int(max_batch_size),
+        max_num_tokens=int(max_num_tokens),
+        source=SourceInfo(repository.source.value, public_repo(repository), fetched.revision, dict(fetched.files)),
+        tool_parser=tool_parser,
+        served_model_name=runtime.served_model_name or loaded.truss.model_name,
+        inference_stack=stack.inference_stack.value,
+        extra={"pooling_mode": info.pooling_mode},
+    )

@@ -1,0 +1,165 @@
+"""The download cache: content-addressed blobs, resumable partial files, and snapshot folders that count
+only once their marker is written, so an interrupted fetch never leaves a half checkpoint that looks whole.
+
+    <cache_dir>/checkpoints/
+      blobs/<sha256>                finished files, read-only, shared by every snapshot that holds them
+      partial/<file key>.part       bytes received so far; the next attempt resumes with a byte range
+      known/<file key>              the sha256 a (source, repo, path, fingerprint) downloaded to
+      snapshots/<key>/              a checkpoint folder: hard links into blobs/
+      snapshots/<key>.json          the commit marker with file hashes; a folder without it is incomplete
+      locks/<key>.lock              one fetch per snapshot at a time, across processes
+      local-hashes.json             sha256 memo of LOCAL files keyed by path, size and mtime
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets as random_tokens
+import shutil
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine_builder.build.checkpoints.source import RemoteFile
+from engine_builder.common.artifact import write_atomic
+
+CACHE_LAYOUT_VERSION = 1
+_READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    files: dict[str, str]  # relative path -> sha256
+    revision: str | None
+
+
+def digest(*parts: str) -> str:
+    """A stable key from strings; the separator cannot occur inside a part."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def content_revision(files: dict[str, str]) -> str:
+    """A revision for stores without one: the digest of every (path, sha256) pair."""
+    return "sha256:" + digest(*(f"{path}:{sha}" for path, sha in sorted(files.items())))
+
+
+class CheckpointCache:
+    """The on-disk store under `<cache_dir>/checkpoints`; safe for threads and concurrent processes."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.root = Path(cache_dir) / "checkpoints"
+        for folder in ("blobs", "partial", "known", "snapshots", "locks"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self._memo_lock = threading.Lock()
+
+    @staticmethod
+    def snapshot_key(source: str, location: str, revision: str | None, files: Iterable[RemoteFile]) -> str:
+        listing = sorted(f"{file.path}\x01{file.fingerprint}" for file in files)
+        return digest(f"v{CACHE_LAYOUT_VERSION}", source, location, revision or "", *listing)[:40]
+
+    @staticmethod
+    def file_key(source: str, location: str, file: RemoteFile) -> str:
+        return digest(f"v{CACHE_LAYOUT_VERSION}", source, location, file.path, file.fingerprint)[:40]
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        with (self.root / "locks" / f"{key}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                self._remove_stale_staging(key)
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def load_snapshot(self, key: str) -> Snapshot | None:
+        folder = self.root / "snapshots" / key
+        try:
+            record = json.loads((self.root / "snapshots" / f"{key}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not folder.is_dir() or any(not (folder / path).is_file() for path in record["files"]):
+            return None
+        return Snapshot(path=folder, files=dict(record["files"]), revision=record.get("revision"))
+
+    def new_staging(self, key: str) -> Path:
+        staging = self.root / "snapshots" / f".staging-{key}-{os.getpid()}-{random_tokens.token_hex(4)}"
+        staging.mkdir()
+        return staging
+
+    def commit_snapshot(
+        self, key: str, staging: Path, files: dict[str, str], revision: str | None
+    ) -> Snapshot:
+        """Rename the finished staging folder into place, then write the marker that makes it count."""
+        final = self.root / "snapshots" / key
+        marker = self.root / "snapshots" / f"{key}.json"
+        marker.unlink(missing_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        write_atomic(marker, json.dumps({"files": files, "revision": revision}, indent=1, sort_keys=True))
+        return Snapshot(path=final, files=files, revision=revision)
+
+    def _remove_stale_staging(self, key: str) -> None:
+        # Only called under the snapshot's lock: any staging folder of this key is a crashed fetch's.
+        for leftover in (self.root / "snapshots").glob(f".staging-{key}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def partial_path(self, file_key: str) -> Path:
+        return self.root / "partial" / f"{file_key}.part"
+
+    def known_blob(self, file_key: str) -> tuple[Path, str] | None:
+        """The finished blob a file resolved to on an earlier fetch, if it is still there."""
+        try:
+            sha256 = (self.root / "known" / file_key).read_text().strip()
+        except FileNotFoundError:
+            return None
+        blob = self.blob_path(sha256)
+        return (blob, sha256) if blob.is_file() else None
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256
+
+    def commit_blob(self, part: Path, sha256: str, file_key: str) -> Path:
+        """Move a verified partial file into the blob store (a rename: never half-visible)."""
+        blob = self.blob_path(sha256)
+        if blob.is_file():
+            part.unlink(missing_ok=True)
+        else:
+            os.chmod(part, _READ_ONLY)
+            os.replace(part, blob)
+        write_atomic(self.root / "known" / file_key, sha256)
+        return blob
+
+    def hash_local_file(self, path: Path) -> str:
+        """sha256 of a LOCAL file, remembered by (path, size, mtime) so rebuilds do not re-read the weights."""
+        info = path.stat()
+        memo_key = f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}"
+        memo_file = self.root / "local-hashes.json"
+        with self._memo_lock:
+            memo = _read_memo(memo_file)
+            if memo_key in memo:
+                return memo[memo_key]
+        sha256 = sha256_file(path)
+        with self._memo_lock:
+            memo = _read_memo(memo_file)
+            memo[memo_key] = sha256
+            write_atomic(memo_file, json.dumps(memo, indent=0, sort_keys=True))
+        return sha256
+
+
+def _read_memo(memo_file: Path) -> dict[str, str]:
+    try:
+        data = json.loads(memo_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,226 @@
+"""The download engine: parallel transfers into resumable partial files, retries with exponential backoff,
+size and sha256 verification, one tqdm progress bar. Sources only write bytes; this module owns the files.
+"""
+
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from engine_builder.build.checkpoints.cache import CheckpointCache
+from engine_builder.build.checkpoints.errors import (
+    CheckpointAuthError,
+    CheckpointDownloadError,
+    CheckpointLayoutError,
+    CheckpointNotFoundError,
+    UnsafeArchiveError,
+)
+from engine_builder.build.checkpoints.source import CheckpointSourceBase, RemoteFile
+
+logger = logging.getLogger(__name__)
+
+# Retrying cannot fix these: the user has to change the config or the credentials.
+PERMANENT_ERRORS = (CheckpointAuthError, CheckpointNotFoundError, CheckpointLayoutError, UnsafeArchiveError)
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """How hard to try; each setting has an ENGINE_BUILDER_DOWNLOAD_* environment override."""
+
+    workers: int = 8  # files transferred at once
+    attempts: int = 5  # tries per file before the fetch fails
+    backoff_s: float = 1.0  # first retry delay; doubles per attempt, with jitter
+    max_backoff_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> "DownloadSettings":
+        env = os.environ
+        defaults = cls()
+        return cls(
+            workers=max(1, int(env.get("ENGINE_BUILDER_DOWNLOAD_WORKERS", defaults.workers))),
+            attempts=max(1, int(env.get("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", defaults.attempts))),
+            backoff_s=float(env.get("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", defaults.backoff_s)),
+            max_backoff_s=float(env.get("ENGINE_BUILDER_DOWNLOAD_MAX_BACKOFF_S", defaults.max_backoff_s)),
+        )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        base: float = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+class _Cancelled(Exception):
+    """Another file failed for good; stop this transfer at the next chunk."""
+
+
+class _PartialFile:
+    """The ByteSink a source writes into: appends to the partial file, hashes, reports progress."""
+
+    def __init__(
+        self,
+        handle: BinaryIO,
+        start: int,
+        hasher: "hashlib._Hash",
+        progress: Callable[[int], None],
+        cancelled: threading.Event,
+    ) -> None:
+        self._handle = handle
+        self._hasher = hasher
+        self._progress = progress
+        self._cancelled = cancelled
+        self.written = start
+
+    def write(self, data: bytes) -> None:
+        if self._cancelled.is_set():
+            raise _Cancelled()
+        self._handle.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+        self._progress(len(data))
+
+    def restart(self) -> None:
+        self._progress(-self.written)
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._hasher = hashlib.sha256()
+        self.written = 0
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+
+class Downloader:
+    """Fetches files of one source into the cache's blob store."""
+
+    def __init__(
+        self,
+        source: CheckpointSourceBase,
+        cache: CheckpointCache,
+        location: str,
+        settings: DownloadSettings,
+        *,
+        progress: bool,
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.location = location  # the repo as it keys the cache (credential-free)
+        self.settings = settings
+        self.show_progress = progress
+        self._cancelled = threading.Event()
+        self._bar_lock = threading.Lock()
+
+    def fetch(self, files: Sequence[RemoteFile], description: str) -> dict[str, tuple[Path, str]]:
+        """Every file as (blob path, sha256), keyed by relative path. Files already in the blob store are not
+        downloaded again. The first file that fails for good cancels the others and its error is raised."""
+        results: dict[str, tuple[Path, str]] = {}
+        pending = []
+        for file in files:
+            known = self.cache.known_blob(self.cache.file_key(self.source.name, self.location, file))
+            if known is None and file.sha256 and self.cache.blob_path(file.sha256).is_file():
+                known = (self.cache.blob_path(file.sha256), file.sha256)
+            if known is not None:
+                results[file.path] = known
+            else:
+                pending.append(file)
+        if pending:
+            results.update(self._download_all(pending, description))
+        return results
+
+    def _download_all(self, files: list[RemoteFile], description: str) -> dict[str, tuple[Path, str]]:
+        total = sum(file.size or 0 for file in files)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
+                   disable=not self.show_progress, leave=False)  # fmt: skip
+
+        def advance(count: int) -> None:
+            with self._bar_lock:
+                bar.update(count)
+
+        workers = min(self.settings.workers, len(files))
+        with bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download") as pool:
+            futures = {pool.submit(self._fetch_with_retries, file, advance): file for file in files}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((future for future in done if future.exception() is not None), None)
+            if failed is not None:
+                self._cancelled.set()
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                error = failed.exception()
+                assert error is not None
+                raise error
+            return {futures[future].path: future.result() for future in futures}
+
+    def _fetch_with_retries(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                return self._fetch_once(file, advance)
+            except _Cancelled:
+                raise CheckpointDownloadError(f"{file.path}: cancelled after another file failed") from None
+            except PERMANENT_ERRORS:
+                raise
+            except Exception as error:  # network, protocol and SDK errors are all worth another try
+                message = self.source.secrets.redact(f"{type(error).__name__}: {error}")
+                if attempt == self.settings.attempts:
+                    raise CheckpointDownloadError(
+                        f"{self.source.describe()}: downloading {file.path} failed after {attempt} attempts: "
+                        f"{message}; check the network or the store, then rerun: completed files and the "
+                        "partial download are kept and resumed"
+                    ) from None
+                delay = self.settings.delay(attempt)
+                logger.warning(
+                    "downloading %s failed (%s); retry %d in %.1fs", file.path, message, attempt, delay
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _fetch_once(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
+        file_key = self.cache.file_key(self.source.name, self.location, file)
+        part = self.cache.partial_path(file_key)
+        with part.open("a+b") as handle:
+            handle.seek(0)
+            hasher = hashlib.sha256()
+            # Resuming: the bytes already on disk must feed the hash before the new ones.
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+            start = handle.tell()
+            if file.size is not None and start > file.size:
+                handle.truncate(0)
+                hasher, start = hashlib.sha256(), 0
+            advance(start)
+            sink = _PartialFile(handle, start, hasher, advance, self._cancelled)
+            try:
+                if file.size is None or start < file.size:
+                    self.source.read_into(file, start, sink)
+                handle.flush()
+                os.fsync(handle.fileno())
+                sha256 = sink.hexdigest()
+                self._verify(file, sink.written, sha256, part)
+            except BaseException:
+                advance(-sink.written)  # the retry counts the kept bytes again
+                raise
+        return self.cache.commit_blob(part, sha256, file_key), sha256
+
+    @staticmethod
+    def _verify(file: RemoteFile, written: int, sha256: str, part: Path) -> None:
+        if file.size is not None and written < file.size:
+            # Short: keep the bytes, the retry resumes after them.
+            raise CheckpointDownloadError(
+                f"{file.path}: connection ended after {written} of {file.size} bytes"
+            )
+        problem = None
+        if file.size is not None and written != file.size:
+            problem = f"expected {file.size} bytes, got {written}"
+        elif file.sha256 is not None and sha256 != file.sha256:
+            problem = f"sha256 {sha256} does not match the store's {file.sha256}"
+        if problem:
+            part.unlink(missing_ok=True)  # corrupt, not just short: the retry starts over
+            raise CheckpointDownloadError(f"{file.path}: {problem}")

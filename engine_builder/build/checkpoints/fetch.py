@@ -1,0 +1,209 @@
+"""`fetch_checkpoint`: list the source, pick the needed files, reuse a cached snapshot or download (small
+files first, layout checks, then the weights) into a staging folder that becomes visible only when complete.
+Every error that leaves here has passed through `Secrets.redact`."""
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from engine_builder.build.checkpoints.cache import CheckpointCache, Snapshot, content_revision
+from engine_builder.build.checkpoints.download import Downloader, DownloadSettings
+from engine_builder.build.checkpoints.errors import (
+    CheckpointDownloadError,
+    CheckpointError,
+    CheckpointLayoutError,
+)
+from engine_builder.build.checkpoints.http_range import safe_url
+from engine_builder.build.checkpoints.layout import check_repository_layout
+from engine_builder.build.checkpoints.registry import source_class
+from engine_builder.build.checkpoints.secrets import Secrets
+from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection
+from engine_builder.build.checkpoints.source import CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.build.config import BaseModelKind, CheckpointRepository
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FetchedCheckpoint:
+    path: Path  # local folder with the HF layout (treat as read-only)
+    files: dict[str, str]  # relative path -> sha256
+    revision: str | None  # HF commit sha, else "sha256:<digest of the files>"
+
+
+def fetch_checkpoint(
+    repository: CheckpointRepository,
+    *,
+    cache_dir: Path,
+    secrets: Secrets | None = None,
+    base_dir: Path | None = None,
+    progress: bool = True,
+    base_model: BaseModelKind | None = None,
+    allow_prequantized: bool = False,
+    settings: DownloadSettings | None = None,
+    require_weights: bool = True,
+    selection: FileSelection = MODEL_FILES,
+) -> FetchedCheckpoint:
+    """Fetch (or reuse) the checkpoint. With `base_model`, the layout checks run on the small files before
+    the weights download and again on the complete folder before it is committed to the cache. Without
+    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough. `selection`
+    says which files to take: a model's (the default) or a LoRA adapter's (`ADAPTER_FILES`, with no
+    `base_model`: the caller checks the adapter itself)."""
+    secrets = secrets or Secrets.from_env()
+    try:
+        source = source_class(repository.source)(repository, secrets, base_dir, selection=selection)
+        fetch = _Fetch(
+            source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress, require_weights
+        )
+        return fetch.run(base_model, allow_prequantized)
+    except CheckpointError as error:
+        error.args = (secrets.redact(str(error)),)
+        error.__cause__ = None
+        error.__suppress_context__ = True
+        raise
+    except Exception as error:  # an SDK failure we did not map: keep its text, never its (unredacted) chain
+        raise CheckpointError(
+            f"{repository.source.value} checkpoint: {type(error).__name__}: {secrets.redact(str(error))}"
+        ) from None
+
+
+class _Fetch:
+    def __init__(
+        self,
+        source: CheckpointSourceBase,
+        cache: CheckpointCache,
+        settings: DownloadSettings,
+        progress: bool,
+        require_weights: bool = True,
+    ) -> None:
+        self.source = source
+        self.require_weights = require_weights
+        self.cache = cache
+        self.settings = settings
+        self.progress = progress
+        # The repo as it keys the cache: a URL without its (possibly presigned) query string.
+        repo = source.repository.repo
+        self.location = safe_url(repo) if repo.startswith(("http://", "https://")) else repo
+
+    def run(self, base_model: BaseModelKind | None, allow_prequantized: bool) -> FetchedCheckpoint:
+        local = self.source.local_path()
+        if local is not None:
+            return self._use_local(local, base_model, allow_prequantized)
+        listing = self._retry(self.source.list_files)
+        files = self._needed(listing)
+        kind = self.source.selection.kind
+        namespace = f"{self.source.name}:{kind}" if kind else self.source.name
+        key = self.cache.snapshot_key(namespace, self.location, listing.revision, files)
+        with self.cache.lock(key):
+            snapshot = self.cache.load_snapshot(key)
+            if snapshot is not None:
+                logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
+                if base_model is not None:  # the snapshot may have been fetched without the checks
+                    check_repository_layout(
+                        snapshot.path, base_model, allow_prequantized=allow_prequantized,
+                        require_weights=self.require_weights,
+                    )
+            else:
+                snapshot = self._download(key, listing, files, base_model, allow_prequantized)
+        return FetchedCheckpoint(path=snapshot.path, files=snapshot.files, revision=snapshot.revision)
+
+    def _needed(self, listing: Listing) -> list[RemoteFile]:
+        if not self.source.lists_checkpoint_files:
+            return list(listing.files)
+        selection = self.source.selection
+        paths = [file.path for file in listing.files]
+        files = [file for file in listing.files if selection.is_needed(file.path)]
+        if selection.root_file not in paths:
+            shown = ", ".join(sorted(paths)[:8])
+            raise CheckpointLayoutError(
+                f"{self.source.describe()}: {selection.root_file} is missing at the root of the repository "
+                f"(found: {shown}); point repo at the folder that holds {selection.root_file}"
+            )
+        if self.require_weights and not any(selection.is_weight_file(file.path) for file in files):
+            raise CheckpointLayoutError(f"{self.source.describe()}: {selection.missing_weights(paths)}")
+        return files
+
+    def _download(
+        self,
+        key: str,
+        listing: Listing,
+        files: list[RemoteFile],
+        base_model: BaseModelKind | None,
+        allow_prequantized: bool,
+    ) -> Snapshot:
+        started = time.monotonic()
+        total = sum(file.size or 0 for file in files)
+        logger.info("%s: fetching %d files (%.1f MB)", self.source.describe(), len(files), total / 1e6)
+        downloader = Downloader(self.source, self.cache, self.location, self.settings, progress=self.progress)
+        staging = self.cache.new_staging(key)
+        try:
+            is_weight_file = self.source.selection.is_weight_file
+            small = [file for file in files if not is_weight_file(file.path)]
+            heavy = [file for file in files if is_weight_file(file.path)]
+            blobs = downloader.fetch(small, "checkpoint files")
+            if base_model is not None and self.source.lists_checkpoint_files:
+                self.source.materialize(_paths(blobs), staging)
+                present = {file.path for file in files}
+                check_repository_layout(
+                    staging, base_model, allow_prequantized=allow_prequantized, present_files=present,
+                    require_weights=self.require_weights,
+                )
+                heavy_blobs = downloader.fetch(heavy, "weights")
+                self.source.materialize(_paths(heavy_blobs), staging)
+                blobs.update(heavy_blobs)
+                hashes = None
+            else:
+                blobs.update(downloader.fetch(heavy, "weights"))
+                hashes = self.source.materialize(_paths(blobs), staging)
+            files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
+            if base_model is not None:
+                check_repository_layout(
+                    staging, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+                )
+            revision = listing.revision or content_revision(files_sha)
+            snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not self.source.lists_checkpoint_files:
+            # The unpacked files are the cache; the archive is not needed again.
+            for blob, _ in blobs.values():
+                blob.unlink(missing_ok=True)
+        logger.info(
+            "%s: fetched in %.1fs into %s", self.source.describe(), time.monotonic() - started, snapshot.path
+        )
+        return snapshot
+
+    def _use_local(
+        self, path: Path, base_model: BaseModelKind | None, allow_prequantized: bool
+    ) -> FetchedCheckpoint:
+        files = self._needed(self.source.list_files())
+        if base_model is not None:
+            check_repository_layout(
+                path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+            )
+        hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
+        return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes))
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                return call()
+            except CheckpointDownloadError as error:
+                if attempt == self.settings.attempts:
+                    raise
+                delay = self.settings.delay(attempt)
+                logger.warning(
+                    "%s (retry %d in %.1fs)", self.source.secrets.redact(str(error)), attempt, delay
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _paths(blobs: dict[str, tuple[Path, str]]) -> dict[str, Path]:
+    return {path: blob for path, (blob, _) in blobs.items()}

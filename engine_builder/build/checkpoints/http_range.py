@@ -1,0 +1,90 @@
+"""HTTP(S) transfers shared by the URL-based sources (HF files, REMOTE_URL archives, Baseten presigned URLs):
+a GET from a byte offset with `Range`, status codes mapped onto the typed errors, URLs logged without their
+query string (presigned signatures live there)."""
+
+import logging
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from engine_builder.build.checkpoints.errors import (
+    CheckpointAuthError,
+    CheckpointDownloadError,
+    CheckpointNotFoundError,
+)
+from engine_builder.build.checkpoints.source import ByteSink
+
+CHUNK_BYTES = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+_QUERY = re.compile(r"\?[^\s\"'<>]*")
+
+
+class _StripQueryStrings(logging.Filter):
+    """httpx logs every request URL at INFO; presigned URLs carry their signature in the query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = _QUERY.sub("?<query hidden>", message), None
+        return True
+
+
+logging.getLogger("httpx").addFilter(_StripQueryStrings())
+
+
+def safe_url(url: str) -> str:
+    """The URL without query, fragment or user info: what may appear in logs and messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def new_client() -> httpx.Client:
+    # Long read timeout: object stores may pause between chunks of a multi-GB body under load.
+    return httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0))
+
+
+def raise_for_status(response: httpx.Response, what: str, *, auth_hint: str) -> None:
+    """Map an HTTP failure onto the typed errors; 5xx and 429 stay retryable."""
+    status = response.status_code
+    if status < 400:
+        return
+    if status in (401, 403):
+        raise CheckpointAuthError(f"{what}: access refused (HTTP {status}); {auth_hint}")
+    if status in (404, 410):
+        raise CheckpointNotFoundError(f"{what}: not found (HTTP {status})")
+    raise CheckpointDownloadError(f"{what}: HTTP {status}")
+
+
+def read_url_into(
+    client: httpx.Client,
+    url: str,
+    start: int,
+    sink: ByteSink,
+    *,
+    headers: dict[str, str] | None = None,
+    auth_hint: str = "check the credentials",
+) -> None:
+    """GET `url` from byte `start` into `sink`; a server that ignores the range restarts the sink at 0."""
+    request_headers = dict(headers or {})
+    if start > 0:
+        request_headers["Range"] = f"bytes={start}-"
+    what = safe_url(url)
+    with client.stream("GET", url, headers=request_headers) as response:
+        if response.status_code == 416 and start > 0:
+            sink.restart()  # the partial file is longer than the object: it changed, start over
+            raise CheckpointDownloadError(f"{what}: the partial download no longer matches the object")
+        raise_for_status(response, what, auth_hint=auth_hint)
+        if start > 0:
+            if response.status_code == 206:
+                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+                if match is None or int(match.group(1)) != start:
+                    raise CheckpointDownloadError(f"{what}: server answered a different byte range")
+            else:
+                sink.restart()
+        # No chunk_size: httpx would hold back a partial chunk, losing it when the connection drops.
+        for chunk in response.iter_bytes():
+            sink.write(chunk)

@@ -1,0 +1,219 @@
+"""Secrets by name (`runtime_secret_name`): an environment variable of that name, else a file in the secrets
+folder (Truss mounts each secret as `/secrets/<name>`); plus the credential shapes each storage service takes.
+
+Values never leave this module in readable form except to the SDK that needs them: `repr` lists names only,
+and `redact` scrubs every value (and every string inside a JSON secret) from text bound for logs or errors.
+"""
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from engine_builder.build.checkpoints.errors import CheckpointAuthError
+
+SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"
+DEFAULT_SECRETS_DIR = Path("/secrets")
+REDACTED = "***"
+# Short strings ("true", "s3") would redact ordinary words; real keys are longer.
+_MIN_REDACT_LENGTH = 6
+# Fields of the JSON secrets that identify rather than authenticate; kept readable in messages.
+_PUBLIC_FIELDS = frozenset(
+    {
+        "region", "aws_region", "region_name", "type", "project_id", "client_email", "client_id", "token_uri",
+        "auth_uri", "auth_provider_x509_cert_url", "client_x509_cert_url", "universe_domain", "use_emulator",
+    }
+)  # fmt: skip
+
+
+class Secrets:
+    """Resolves secrets lazily and remembers every value it handed out, so that `redact` can scrub them.
+
+    Lookup order: `values` given here, then `environ` (default: the process environment), then the file
+    `<secrets_dir>/<name>` when a secrets folder is set.
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, str] | None = None,
+        *,
+        secrets_dir: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._explicit = dict(values or {})
+        self._secrets_dir = secrets_dir
+        self._environ = environ if environ is not None else os.environ
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        for value in self._explicit.values():
+            self._remember(value)
+
+    @classmethod
+    def from_env(cls) -> "Secrets":
+        """Environment variables first, then files under $ENGINE_BUILDER_SECRETS_DIR (default /secrets)."""
+        return cls(secrets_dir=Path(os.environ.get(SECRETS_DIR_ENV) or DEFAULT_SECRETS_DIR))
+
+    def get(self, name: str) -> str | None:
+        """The secret's value with surrounding whitespace stripped, or None when it is unset or empty."""
+        value = self._explicit.get(name)
+        if value is None:
+            value = self._environ.get(name)
+        if value is None and self._secrets_dir is not None:
+            value = _read_secret_file(self._secrets_dir, name)
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        self._remember(value)
+        return value
+
+    def where(self, name: str) -> str:
+        """Where `get(name)` looks, for error messages that tell the user how to provide the secret."""
+        places = [f"environment variable {name}"]
+        if self._secrets_dir is not None:
+            places.append(f"file {self._secrets_dir / name}")
+        return " or ".join(places)
+
+    def redact(self, text: str) -> str:
+        with self._lock:
+            values = sorted(self._seen, key=len, reverse=True)
+        for value in values:
+            text = text.replace(value, REDACTED)
+        return text
+
+    def _remember(self, value: str) -> None:
+        fragments = {value.strip()} | set(_json_strings(value))
+        # JSON secrets (a service-account private key) also show up escaped inside reprs and dumps.
+        fragments |= {json.dumps(fragment)[1:-1] for fragment in list(fragments)}
+        with self._lock:
+            self._seen |= {fragment for fragment in fragments if len(fragment) >= _MIN_REDACT_LENGTH}
+
+    def __repr__(self) -> str:
+        return f"Secrets(explicit={sorted(self._explicit)}, secrets_dir={self._secrets_dir})"
+
+
+def _read_secret_file(secrets_dir: Path, name: str) -> str | None:
+    # A name with a separator could read files outside the secrets folder.
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        return None
+    try:
+        return (secrets_dir / name).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        return None
+
+
+def _json_strings(value: str) -> list[str]:
+    """Every string inside a JSON secret except the fields that are public by nature (region, e-mail...)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return []
+    found: list[str] = []
+    stack: list[Any] = [parsed]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(field_value for key, field_value in item.items() if key not in _PUBLIC_FIELDS)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            found.append(item)
+    return found
+
+
+def parse_json_secret(secret_name: str, value: str, *, expected: str) -> dict[str, Any]:
+    """A JSON object secret, or CheckpointAuthError naming the secret and the shape it should have."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise CheckpointAuthError(
+            f"secret {secret_name!r} is not a JSON object; it should look like {expected}"
+        ) from None
+    return parsed
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """`{access_key_id, secret_access_key, region}`; the `aws_*` spellings and a session token are accepted."""
+
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    region: str | None = None
+    session_token: str | None = field(default=None, repr=False)
+
+    EXPECTED: ClassVar[str] = '{"access_key_id": "...", "secret_access_key": "...", "region": "us-west-2"}'
+
+    @classmethod
+    def from_secret(cls, secret_name: str, value: str) -> "S3Credentials":
+        data = parse_json_secret(secret_name, value, expected=cls.EXPECTED)
+        access_key_id = _first_string(data, "access_key_id", "aws_access_key_id")
+        secret_access_key = _first_string(data, "secret_access_key", "aws_secret_access_key")
+        if not access_key_id or not secret_access_key:
+            raise CheckpointAuthError(
+                f"secret {secret_name!r} lacks access_key_id or secret_access_key; it should look like {cls.EXPECTED}"
+            )
+        return cls(
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            region=_first_string(data, "region", "aws_region", "region_name"),
+            session_token=_first_string(data, "session_token", "aws_session_token"),
+        )
+
+
+@dataclass(frozen=True)
+class AzureCredentials:
+    """`{account_key}` (Baseten's shape), or a `connection_string`, or a `sas_token`."""
+
+    account_key: str | None = field(default=None, repr=False)
+    connection_string: str | None = field(default=None, repr=False)
+    sas_token: str | None = field(default=None, repr=False)
+
+    EXPECTED: ClassVar[str] = '{"account_key": "..."}'
+
+    @classmethod
+    def from_secret(cls, secret_name: str, value: str) -> "AzureCredentials":
+        if not value.lstrip().startswith("{"):
+            # A bare connection string is what `az storage account show-connection-string` prints.
+            if "AccountKey=" in value or "SharedAccessSignature=" in value:
+                return cls(connection_string=value)
+        data = parse_json_secret(secret_name, value, expected=cls.EXPECTED)
+        credentials = cls(
+            account_key=_first_string(data, "account_key", "azure_storage_key"),
+            connection_string=_first_string(data, "connection_string"),
+            sas_token=_first_string(data, "sas_token"),
+        )
+        if not (credentials.account_key or credentials.connection_string or credentials.sas_token):
+            raise CheckpointAuthError(
+                f"secret {secret_name!r} lacks account_key; it should look like {cls.EXPECTED}"
+            )
+        return credentials
+
+
+GCS_EXPECTED = '{"type": "service_account", "private_key": "...", "client_email": "...", ...}'
+
+
+def parse_gcs_service_account(secret_name: str, value: str) -> dict[str, Any]:
+    """The service-account JSON Google issues; checked for the fields google-auth needs to sign a token."""
+    data = parse_json_secret(secret_name, value, expected=GCS_EXPECTED)
+    missing = [key for key in ("private_key", "client_email") if not isinstance(data.get(key), str)]
+    if missing:
+        raise CheckpointAuthError(
+            f"secret {secret_name!r} is not a GCS service-account key: missing {', '.join(missing)}; "
+            f"download a JSON key for the service account, it looks like {GCS_EXPECTED}"
+        )
+    # Baseten's documented example omits these; google-auth needs them to fetch an access token.
+    data.setdefault("type", "service_account")
+    data.setdefault("token_uri", "https://oauth2.googleapis.com/token")
+    return data
+
+
+def _first_string(data: Mapping[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None

@@ -1,0 +1,142 @@
+"""AZURE: `https://ACCOUNT.blob.core.windows.net/CONTAINER/prefix` (or `azure://ACCOUNT/CONTAINER/prefix`)
+through azure-storage-blob. The secret is `{account_key}` (Baseten's shape), a connection string or a SAS
+token; `AZURE_STORAGE_CONNECTION_STRING` overrides the endpoint (Azurite, sovereign clouds) and supplies a
+key when the secret has none."""
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+from azure.storage.blob import ContainerClient
+
+from engine_builder.build.checkpoints.errors import (
+    CheckpointAuthError,
+    CheckpointDownloadError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
+from engine_builder.build.checkpoints.secrets import AzureCredentials
+from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.build.checkpoints.sources.object_store import folder_prefix, relative_key
+
+logger = logging.getLogger(__name__)
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+PUBLIC_HOST_SUFFIX = ".blob.core.windows.net"
+
+
+def parse_azure_url(url: str) -> tuple[str, str, str]:
+    """(account, container, prefix) from either accepted spelling of an Azure blob folder."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "azure":
+        account, _, path = f"{parts.netloc}{parts.path}".partition("/")
+    elif parts.scheme == "https" and host.endswith(PUBLIC_HOST_SUFFIX):
+        account, path = host.split(".", 1)[0], parts.path
+    else:
+        account, path = "", ""
+    container, _, prefix = path.strip("/").partition("/")
+    if not account or not container:
+        raise CheckpointNotFoundError(
+            f"AZURE repo {url!r} is not an Azure blob folder; write it as "
+            "https://ACCOUNT.blob.core.windows.net/CONTAINER/path/to/model"
+        )
+    return account, container, folder_prefix(prefix)
+
+
+def parse_connection_string(value: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for item in value.split(";"):
+        key, sep, field_value = item.strip().partition("=")
+        if sep:
+            fields[key] = field_value
+    return fields
+
+
+class AzureSource(CheckpointSourceBase):
+    name = "AZURE"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.account, self.container_name, self.prefix = parse_azure_url(self.repository.repo)
+        self._container = self._make_client()
+
+    def _make_client(self) -> ContainerClient:
+        secret_name = self.repository.runtime_secret_name
+        value = self.secrets.get(secret_name)
+        secret = AzureCredentials.from_secret(secret_name, value) if value is not None else AzureCredentials()
+        env_string = self.secrets.get(CONNECTION_STRING_ENV)
+        override = parse_connection_string(env_string) if env_string else {}
+        from_secret = parse_connection_string(secret.connection_string) if secret.connection_string else {}
+        endpoint = (
+            override.get("BlobEndpoint")
+            or from_secret.get("BlobEndpoint")
+            or f"https://{self.account}{PUBLIC_HOST_SUFFIX}"
+        ).rstrip("/")
+        credential: Any = None
+        if secret.account_key:
+            credential = {"account_name": self.account, "account_key": secret.account_key}
+        elif secret.sas_token:
+            credential = secret.sas_token.lstrip("?")
+        elif from_secret.get("AccountKey") or override.get("AccountKey"):
+            fields = from_secret if from_secret.get("AccountKey") else override
+            credential = {
+                "account_name": fields.get("AccountName", self.account),
+                "account_key": fields["AccountKey"],
+            }
+        elif from_secret.get("SharedAccessSignature"):
+            credential = from_secret["SharedAccessSignature"]
+        else:
+            logger.info("AZURE: no secret %r; reading anonymously", secret_name)
+        return ContainerClient(
+            endpoint, self.container_name, credential=credential, max_single_get_size=8 << 20
+        )
+
+    def list_files(self) -> Listing:
+        files: list[RemoteFile] = []
+        try:
+            for blob in self._container.list_blobs(name_starts_with=self.prefix or None):
+                path = relative_key(blob.name, self.prefix)
+                if path:
+                    files.append(RemoteFile(path, int(blob.size), f"etag:{blob.etag}", locator=blob.name))
+        except AzureError as error:
+            raise self._translate(error, f"{self.container_name}/{self.prefix}") from None
+        if not files:
+            raise CheckpointNotFoundError(
+                f"AZURE {self.repository.repo}: no blobs under prefix {self.prefix!r} in container {self.container_name}"
+            )
+        return Listing(files=tuple(files))
+
+    def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
+        try:
+            downloader = self._container.download_blob(
+                file.locator,
+                offset=start if start > 0 else None,
+                etag=file.fingerprint.removeprefix("etag:"),
+                match_condition=MatchConditions.IfNotModified,
+            )
+            for chunk in downloader.chunks():
+                sink.write(chunk)
+        except AzureError as error:
+            raise self._translate(error, f"{self.container_name}/{file.locator}") from None
+
+    def _translate(self, error: AzureError, what: str) -> CheckpointError:
+        message = self.secrets.redact(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        status = getattr(error, "status_code", None)
+        if isinstance(error, ClientAuthenticationError) or status in (401, 403):
+            name = self.repository.runtime_secret_name
+            return CheckpointAuthError(
+                f"AZURE {what}: access refused ({message}); put {AzureCredentials.EXPECTED} for account "
+                f"{self.account} in secret {name!r} ({self.secrets.where(name)})"
+            )
+        if isinstance(error, ResourceNotFoundError) or status == 404:
+            return CheckpointNotFoundError(f"AZURE {what}: not found; check the container and path in repo")
+        if isinstance(error, HttpResponseError) and status == 412:
+            return CheckpointDownloadError(f"AZURE {what}: the blob changed during the download")
+        return CheckpointDownloadError(f"AZURE {what}: {message}")

@@ -1,0 +1,110 @@
+"""GCS: `gs://bucket/prefix` through google-cloud-storage. Credentials come from the service-account JSON
+secret, else Application Default Credentials, else anonymous (public buckets). `STORAGE_EMULATOR_HOST`
+(honoured by the client library) points it at an emulator."""
+
+import logging
+import os
+from typing import Any
+
+from google.api_core import exceptions as google_errors
+from google.auth import exceptions as auth_errors
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.oauth2 import service_account
+
+from engine_builder.build.checkpoints.errors import (
+    CheckpointAuthError,
+    CheckpointDownloadError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
+from engine_builder.build.checkpoints.secrets import GCS_EXPECTED, parse_gcs_service_account
+from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.build.checkpoints.sources.object_store import parse_bucket_url, relative_key
+
+logger = logging.getLogger(__name__)
+READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+
+
+class GcsSource(CheckpointSourceBase):
+    name = "GCS"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bucket_name, self.prefix = parse_bucket_url(self.repository.repo, "gs", self.name)
+        self._client = self._make_client()
+
+    def _make_client(self) -> storage.Client:
+        secret_name = self.repository.runtime_secret_name
+        value = self.secrets.get(secret_name)
+        if value is not None:
+            info = parse_gcs_service_account(secret_name, value)
+            try:
+                credentials = service_account.Credentials.from_service_account_info(
+                    info, scopes=[READ_ONLY_SCOPE]
+                )
+            except (ValueError, auth_errors.GoogleAuthError) as error:
+                raise CheckpointAuthError(
+                    f"GCS: secret {secret_name!r} is not a usable service-account key "
+                    f"({self.secrets.redact(str(error))}); it should look like {GCS_EXPECTED}"
+                ) from None
+            return storage.Client(project=info.get("project_id") or "_", credentials=credentials)
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            return storage.Client(project="_", credentials=AnonymousCredentials())
+        try:
+            return storage.Client()
+        except auth_errors.DefaultCredentialsError:
+            logger.info("GCS: no secret %r and no default credentials; reading anonymously", secret_name)
+            return storage.Client.create_anonymous_client()
+
+    def list_files(self) -> Listing:
+        files: list[RemoteFile] = []
+        try:
+            for blob in self._client.list_blobs(self.bucket_name, prefix=self.prefix):
+                path = relative_key(blob.name, self.prefix)
+                if path:
+                    # The generation changes on every overwrite, so it pins the exact content.
+                    files.append(
+                        RemoteFile(
+                            path, int(blob.size or 0), f"generation:{blob.generation}", locator=blob.name
+                        )
+                    )
+        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError) as error:
+            raise self._translate(error, f"gs://{self.bucket_name}/{self.prefix}") from None
+        if not files:
+            raise CheckpointNotFoundError(
+                f"GCS {self.repository.repo}: no objects under prefix {self.prefix!r} in bucket {self.bucket_name}"
+            )
+        return Listing(files=tuple(files))
+
+    def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
+        generation = int(file.fingerprint.removeprefix("generation:"))
+        blob = self._client.bucket(self.bucket_name).blob(file.locator, generation=generation)
+        try:
+            # Checksums are verified by the download engine (sha256 + size); a ranged read cannot check md5.
+            blob.download_to_file(_SinkWriter(sink), start=start if start > 0 else None, checksum=None)
+        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError) as error:
+            raise self._translate(error, f"gs://{self.bucket_name}/{file.locator}") from None
+
+    def _translate(self, error: Exception, what: str) -> CheckpointError:
+        message = self.secrets.redact(str(error))
+        name = self.repository.runtime_secret_name
+        hint = f"put the service-account JSON key in secret {name!r} ({self.secrets.where(name)})"
+        if isinstance(
+            error, (google_errors.Unauthorized, google_errors.Forbidden, auth_errors.GoogleAuthError)
+        ):
+            return CheckpointAuthError(f"GCS {what}: access refused ({message}); {hint}")
+        if isinstance(error, google_errors.NotFound):
+            return CheckpointNotFoundError(f"GCS {what}: not found; check the bucket and prefix in repo")
+        return CheckpointDownloadError(f"GCS {what}: {message}")
+
+
+class _SinkWriter:
+    """The file-like object google-cloud-storage writes into."""
+
+    def __init__(self, sink: ByteSink) -> None:
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self._sink.write(bytes(data))
+        return len(data)

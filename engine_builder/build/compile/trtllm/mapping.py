@@ -1,0 +1,275 @@
+"""Our trt_llm config -> the TensorRT-LLM calls that build (v1) and serve (v1, v2) it, as `LlmSpec`s.
+
+Each config field either maps to a named TensorRT-LLM argument here or is refused with `TrtLlmMappingError`
+naming the field, the value and the fix. Fields that only Baseten's own servers read are listed in
+`NOT_FORWARDED` (and in docs/gpu-backend.md) so nothing is dropped silently.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine_builder.build.config import (
+    BatchSchedulerPolicy,
+    BuildConfig,
+    QuantizationType,
+    RuntimeConfigV1,
+    RuntimeConfigV2,
+    TrtLlmConfigV1,
+    TrtLlmConfigV2,
+)
+from engine_builder.common.trtllm.specs import (
+    BuildSpec,
+    CalibSpec,
+    KvCacheSpec,
+    LlmBackend,
+    LlmSpec,
+    LookaheadSpec,
+    PluginSpec,
+    QuantSpec,
+    SchedulerSpec,
+)
+
+logger = logging.getLogger(__name__)
+
+GUIDED_DECODING_BACKEND = "xgrammar"
+
+# quantization_type -> (QuantAlgo for weights, QuantAlgo for the KV cache). Baseten documents fp4_kv as FP4
+# weights with an FP8 KV cache.
+QUANT_ALGOS: dict[QuantizationType, tuple[str, str | None]] = {
+    QuantizationType.FP8: ("FP8", None),
+    QuantizationType.FP8_KV: ("FP8", "FP8"),
+    QuantizationType.FP4: ("NVFP4", None),
+    QuantizationType.FP4_KV: ("NVFP4", "FP8"),
+}
+
+# What BIS-LLM documents for v2; the ModelOpt export itself is the calibration stage's job.
+V2_QUANTIZATION = (
+    QuantizationType.NO_QUANT,
+    QuantizationType.FP8,
+    QuantizationType.FP8_KV,
+    QuantizationType.FP4,
+    QuantizationType.FP4_KV,
+    QuantizationType.FP4_MLP_ONLY,
+)
+
+CAPACITY_POLICIES: dict[BatchSchedulerPolicy, str] = {
+    BatchSchedulerPolicy.GUARANTEED_NO_EVICT: "GUARANTEED_NO_EVICT",
+    BatchSchedulerPolicy.MAX_UTILIZATION: "MAX_UTILIZATION",
+}
+
+# Config fields read by Baseten's servers (Briton, BEI) that have no TensorRT-LLM LLM-API argument.
+NOT_FORWARDED = (
+    "build.strongly_typed (TensorRT-LLM's BuildConfig default applies)",
+    "build.num_builder_gpus (a resource hint for the build machine)",
+    "build.speculator.enable_b10_lookahead (Baseten's variant; standard TensorRT-LLM lookahead is used)",
+    "runtime.total_token_limit (v1; TensorRT-LLM schedules by KV-cache capacity)",
+)
+
+# patch_kwargs keys merged into the config objects we build instead of replacing them.
+MERGED_PATCH_KEYS = ("kv_cache_config", "scheduler_config")
+REFUSED_PATCH_KEYS = ("build_config", "model", "tokenizer")
+
+
+class TrtLlmMappingError(ValueError):
+    """The config asks for something the TensorRT-LLM mapping does not do; the message says what to change."""
+
+
+def check_decoder(build: BuildConfig) -> None:
+    if build.base_model.is_encoder:
+        raise TrtLlmMappingError(
+            f"trt_llm.build.base_model: {build.base_model.value} is not served by the TensorRT-LLM backend here: "
+            "TensorRT-LLM's LLM API generates text, and Baseten's encoder engine (BEI) is not part of it. "
+            "Build encoders with --backend torch (the encoder engine of this project)."
+        )
+
+
+def quant_spec(build: BuildConfig) -> QuantSpec | None:
+    quantization = build.quantization_type
+    if quantization == QuantizationType.NO_QUANT:
+        return None
+    if quantization not in QUANT_ALGOS:
+        raise TrtLlmMappingError(
+            f"trt_llm.build.quantization_type: {quantization.value} has no TensorRT-LLM QuantConfig mapping for "
+            "an engine build (mapped: no_quant, "
+            f"{', '.join(q.value for q in QUANT_ALGOS)}). For fp4_mlp_only use inference_stack: v2, which "
+            "serves a ModelOpt export."
+        )
+    weights, kv_cache = QUANT_ALGOS[quantization]
+    return QuantSpec(quant_algo=weights, kv_cache_quant_algo=kv_cache)
+
+
+def calib_spec(build: BuildConfig) -> CalibSpec:
+    config = build.quantization_config
+    # CalibConfig counts batches of calib_batch_size (default 1) samples, so batches = samples.
+    return CalibSpec(
+        calib_dataset=config.calib_dataset,
+        calib_batches=config.calib_size,
+        calib_max_seq_length=config.calib_max_seq_length,
+    )
+
+
+def lookahead_spec(build: BuildConfig) -> LookaheadSpec | None:
+    speculator = build.speculator
+    if speculator is None:
+        return None
+    if not build.uses_lookahead_decoding:
+        raise TrtLlmMappingError(
+            f"trt_llm.build.speculator.speculative_decoding_mode: {speculator.speculative_decoding_mode.value} "
+            "is not mapped; use LOOKAHEAD_DECODING"
+        )
+    window, ngram, verification = speculator.lookahead_sizes_or_none()
+    assert window and ngram and verification, "the config validator requires all three lookahead sizes"
+    if speculator.enable_b10_lookahead:
+        logger.warning(
+            "speculator.enable_b10_lookahead is Baseten's own variant; TensorRT-LLM's lookahead decoding is used"
+        )
+    return LookaheadSpec(window, ngram, verification)
+
+
+def _check_v1_build(build: BuildConfig) -> None:
+    check_decoder(build)
+    if build.lora_adapters or build.lora_configuration:
+        raise TrtLlmMappingError(
+            "trt_llm.build.lora_adapters: LoRA is not mapped to TensorRT-LLM yet; remove the adapters"
+        )
+    for name in ("pipeline_parallel_count", "sequence_parallel_count"):
+        if getattr(build, name) != 1:
+            raise TrtLlmMappingError(
+                f"trt_llm.build.{name}: {getattr(build, name)} is not supported (Truss allows only 1); "
+                "use tensor_parallel_count"
+            )
+    if not build.plugin_configuration.paged_kv_cache:
+        raise TrtLlmMappingError(
+            "trt_llm.build.plugin_configuration.paged_kv_cache: false is not mapped for decoders; TensorRT-LLM "
+            "engines are built with a paged KV cache here (set it to true)"
+        )
+
+
+def _resolved_max_seq_len(build: BuildConfig, max_position_embeddings: int | None) -> int | None:
+    return build.max_seq_len or max_position_embeddings
+
+
+def _moe_kwargs(build: BuildConfig) -> dict[str, Any]:
+    if build.moe_expert_parallel_option == -1:
+        return {}
+    return {"moe_expert_parallel_size": build.moe_expert_parallel_option}
+
+
+def v1_build_spec(stack: TrtLlmConfigV1, model_dir: Path, max_position_embeddings: int | None) -> LlmSpec:
+    """The engine build: `_tensorrt_engine.LLM(model=<HF folder>, build_config=..., quant_config=...)`."""
+    build = stack.build
+    _check_v1_build(build)
+    quant = quant_spec(build)
+    max_seq_len = _resolved_max_seq_len(build, max_position_embeddings)
+    plugins = build.plugin_configuration
+    build_spec = BuildSpec(
+        max_batch_size=build.max_batch_size,
+        max_num_tokens=build.max_num_tokens,
+        max_seq_len=max_seq_len,
+        max_input_len=max_seq_len,  # a prompt may fill the context; chunked context bounds each step
+        max_beam_width=build.max_beam_width,
+        plugin=PluginSpec(
+            use_paged_context_fmha=plugins.use_paged_context_fmha,
+            use_fp8_context_fmha=plugins.use_fp8_context_fmha,
+        ),
+        max_prompt_embedding_table_size=build.max_prompt_embedding_table_size or None,
+        gather_context_logits=True if build.gather_all_token_logits else None,
+        gather_generation_logits=True if build.gather_all_token_logits else None,
+        max_draft_len=build.max_draft_len,
+    )
+    return LlmSpec(
+        backend=LlmBackend.TENSORRT,
+        model=str(model_dir),
+        tensor_parallel_size=build.tensor_parallel_count,
+        build=build_spec,
+        quant=quant,
+        calib=calib_spec(build) if quant is not None else None,
+        lookahead=lookahead_spec(build),
+        extra=_moe_kwargs(build),
+    )
+
+
+def v1_serve_spec(stack: TrtLlmConfigV1, engine_dir: Path, tokenizer_dir: Path) -> LlmSpec:
+    """Serving a saved engine: KV-cache quantization is baked in through QuantConfig at build time."""
+    build = stack.build
+    runtime = stack.runtime
+    _check_v1_build(build)
+    return LlmSpec(
+        backend=LlmBackend.TENSORRT,
+        model=str(engine_dir),
+        tokenizer=str(tokenizer_dir),
+        tensor_parallel_size=build.tensor_parallel_count,
+        lookahead=lookahead_spec(build),
+        kv_cache=KvCacheSpec(
+            free_gpu_memory_fraction=runtime.kv_cache_free_gpu_mem_fraction,
+            host_cache_size=runtime.kv_cache_host_memory_bytes,
+        ),
+        scheduler=SchedulerSpec(CAPACITY_POLICIES[runtime.batch_scheduler_policy]),
+        max_batch_size=build.max_batch_size,
+        max_num_tokens=build.max_num_tokens,
+        enable_chunked_prefill=runtime.enable_chunked_context,
+        guided_decoding_backend=GUIDED_DECODING_BACKEND,
+        extra=_moe_kwargs(build),
+    )
+
+
+def _split_patch_kwargs(patch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    own_fields = set(RuntimeConfigV2.model_fields)
+    passed: dict[str, Any] = {}
+    merged: dict[str, dict[str, Any]] = {key: {} for key in MERGED_PATCH_KEYS}
+    for key, value in patch.items():
+        if key in own_fields or key in REFUSED_PATCH_KEYS:
+            raise TrtLlmMappingError(
+                f"trt_llm.runtime.patch_kwargs.{key}: this is set by the config itself"
+                + (f" (use trt_llm.runtime.{key})" if key in own_fields else "")
+                + "; remove it from patch_kwargs"
+            )
+        if key in MERGED_PATCH_KEYS:
+            if not isinstance(value, dict):
+                raise TrtLlmMappingError(
+                    f"trt_llm.runtime.patch_kwargs.{key} must be a mapping of {key} fields, got {value!r}"
+                )
+            merged[key] = dict(value)
+        else:
+            passed[key] = value
+    return passed, merged
+
+
+def v2_serve_spec(stack: TrtLlmConfigV2, model_dir: Path) -> LlmSpec:
+    """BIS-LLM: the PyTorch backend on the (ModelOpt-exported or as-given) HF checkpoint; no engine build.
+
+    The v2 runtime has no KV-fraction or scheduler-policy field: the v1 defaults apply, and
+    patch_kwargs.kv_cache_config / scheduler_config override them key by key.
+    """
+    build = stack.build
+    runtime = stack.runtime
+    check_decoder(build)
+    if build.quantization_type not in V2_QUANTIZATION:
+        raise TrtLlmMappingError(
+            f"trt_llm.build.quantization_type: {build.quantization_type.value} is not served by BIS-LLM (v2); "
+            f"use one of {', '.join(q.value for q in V2_QUANTIZATION)}"
+        )
+    passed, merged = _split_patch_kwargs(runtime.patch_kwargs)
+    v1_defaults = RuntimeConfigV1()
+    scheduler_overrides = dict(merged["scheduler_config"])
+    policy = scheduler_overrides.pop(
+        "capacity_scheduler_policy", CAPACITY_POLICIES[v1_defaults.batch_scheduler_policy]
+    )
+    return LlmSpec(
+        backend=LlmBackend.PYTORCH,
+        model=str(model_dir),
+        tensor_parallel_size=runtime.tensor_parallel_size,
+        kv_cache=KvCacheSpec(
+            free_gpu_memory_fraction=v1_defaults.kv_cache_free_gpu_mem_fraction,
+            dtype="fp8" if build.quantization_type.has_kv_quantization else None,
+            overrides=merged["kv_cache_config"],
+        ),
+        scheduler=SchedulerSpec(str(policy), overrides=scheduler_overrides),
+        max_batch_size=runtime.max_batch_size,
+        max_num_tokens=runtime.max_num_tokens,
+        max_seq_len=runtime.max_seq_len,
+        enable_chunked_prefill=runtime.enable_chunked_prefill,
+        guided_decoding_backend=GUIDED_DECODING_BACKEND,
+        extra=passed,
+    )

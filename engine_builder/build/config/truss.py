@@ -1,0 +1,206 @@
+"""A Truss `config.yaml` (or a bare document with `trt_llm:`), and the checks Truss runs across its sections."""
+
+import logging
+import os
+from typing import Any
+
+import pydantic
+
+from engine_builder.build.config.base import ConfigModel, FieldError
+from engine_builder.build.config.enums import (
+    FP4_TYPES,
+    FP8_OR_FP4_TYPES,
+    LEGACY_BASE_MODELS,
+    Accelerator,
+    BaseModelKind,
+    QuantizationType,
+)
+from engine_builder.build.config.stack import TrtLlmConfig, TrtLlmConfigV1
+from engine_builder.common.options import EngineOptions
+
+logger = logging.getLogger(__name__)
+
+OPENAI_COMPATIBLE_TAG = "openai-compatible"
+OPENAI_NON_COMPATIBLE_TAG = "force-legacy-api-non-openai-compatible"
+PRE_FP8_ACCELERATORS = frozenset(
+    {Accelerator.A10G, Accelerator.A100, Accelerator.A100_40GB, Accelerator.T4, Accelerator.V100}
+)
+PRE_FP4_ACCELERATORS = frozenset(
+    {
+        Accelerator.H100,
+        Accelerator.H100_40GB,
+        Accelerator.H200,
+        Accelerator.L4,
+        Accelerator.L40S,
+        Accelerator.A100_40GB,
+    }
+)
+USUAL_WORLD_SIZES = frozenset({1, 2, 4, 8, 16, 32, 64, 128})
+
+
+class AcceleratorSpec(ConfigModel):
+    """`resources.accelerator`: written `H100:4` in YAML."""
+
+    accelerator: Accelerator | None = None
+    count: int = pydantic.Field(default=1, ge=0)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _parse_spec(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, AcceleratorSpec):
+            return value.model_dump()
+        if isinstance(value, dict):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"Expected string, dict or None; got {type(value).__name__}")
+        parts = value.strip().split(":")
+        if not parts[0]:
+            raise ValueError("Accelerator type cannot be empty.")
+        try:
+            accelerator = Accelerator(parts[0])
+        except ValueError:
+            available = ", ".join(a.value for a in Accelerator)
+            raise ValueError(
+                f"Unsupported accelerator type: `{parts[0]}`. Available types: {available}."
+            ) from None
+        count = 1
+        if len(parts) == 2:
+            if not parts[1].isdigit() or int(parts[1]) <= 0:
+                raise ValueError(f"Invalid count: '{parts[1]}'. Must be positive integer.")
+            count = int(parts[1])
+        return {"accelerator": accelerator, "count": count}
+
+    @pydantic.model_serializer(mode="plain")
+    def _as_spec(self) -> str | None:
+        if self.accelerator is None or self.count <= 0:
+            return None
+        return f"{self.accelerator.value}:{self.count}" if self.count > 1 else self.accelerator.value
+
+
+class Resources(ConfigModel):
+    cpu: str = "1"
+    memory: str = "2Gi"
+    accelerator: AcceleratorSpec = pydantic.Field(default_factory=AcceleratorSpec)
+    use_gpu: bool | None = None
+
+
+class TrussConfig(ConfigModel):
+    """The parts of a Truss config.yaml this project reads; everything else is kept as given."""
+
+    model_name: str | None = None
+    resources: Resources = pydantic.Field(default_factory=Resources)
+    secrets: dict[str, str | None] = pydantic.Field(default_factory=dict)
+    model_metadata: dict[str, Any] = pydantic.Field(default_factory=dict)
+    trt_llm: TrtLlmConfig | None = None
+    engine_builder: EngineOptions = pydantic.Field(default_factory=EngineOptions)
+
+    @pydantic.model_validator(mode="after")
+    def _cross_checks(self, info: pydantic.ValidationInfo) -> "TrussConfig":
+        if not (info.context or {}).get("defer_cross_checks"):
+            errors = cross_section_errors(self)
+            if errors:
+                raise errors[0]
+        return self
+
+
+def cross_section_errors(config: TrussConfig) -> list[FieldError]:
+    """Truss's `trt_llm_validation`: base model names, accelerator vs quantization, tags, world size.
+
+    Returns every failure (Truss stops at the first); each error's `field` is a dotted path from the top.
+    """
+    if config.trt_llm is None:
+        return []
+    stack = config.trt_llm.root
+    build = stack.build
+    accelerator = config.resources.accelerator.accelerator
+    errors: list[FieldError] = []
+    if build.quantization_type == QuantizationType.WEIGHTS_ONLY_INT8 and accelerator == Accelerator.A100:
+        logger.warning("Weight only int8 quantization on A100 accelerators is not recommended.")
+    if build.base_model in LEGACY_BASE_MODELS:
+        errors.append(
+            FieldError(
+                f"{build.base_model.value} has been renamed to `decoder` in trt_llm.build.base_model. "
+                " The decoder base_model now automatically detects the model architecture (e.g. Qwen, Llama, "
+                "Mistral, etc.) from the checkpoint repository. "
+                " The functionality remains the same, only the name has changed to better reflect the usage of "
+                "the base_model field.",
+                field="trt_llm.build.base_model",
+            )
+        )
+    if build.base_model == BaseModelKind.WHISPER:
+        errors.append(
+            FieldError(
+                "Whisper models has been refactored to a Chain's version. "
+                " Please send us a message on Slack or Support if you want to deploy a Whisper model with truss.",
+                field="trt_llm.build.base_model",
+            )
+        )
+    if accelerator in (Accelerator.T4, Accelerator.V100):
+        if build.base_model != BaseModelKind.ENCODER_BERT:
+            errors.append(
+                FieldError(
+                    "TRT-LLM is not supported on CUDA_COMPUTE_75 (T4) and CUDA_COMPUTE_70 (V100) GPUs. \n"
+                    "the lowest supported CUDA compute capability is CUDA_COMPUTE_80 (A100) or A10G (CUDA_COMPUTE_86)",
+                    field="resources.accelerator",
+                )
+            )
+    elif build.quantization_type in FP8_OR_FP4_TYPES and accelerator in PRE_FP8_ACCELERATORS:
+        errors.append(
+            FieldError(
+                "FP8 quantization is only supported on L4, H100, H200, B200 accelerators or newer (CUDA_COMPUTE>=89)",
+                field="trt_llm.build.quantization_type",
+            )
+        )
+    elif build.quantization_type in FP4_TYPES and accelerator in PRE_FP4_ACCELERATORS:
+        errors.append(
+            FieldError(
+                "FP4 quantization is only supported on B200 / Blackwell accelerators or newer (CUDA_COMPUTE>=100)",
+                field="trt_llm.build.quantization_type",
+            )
+        )
+    if isinstance(stack, TrtLlmConfigV1):
+        errors.extend(_v1_errors(config, stack))
+    return errors
+
+
+def _v1_errors(config: TrussConfig, stack: TrtLlmConfigV1) -> list[FieldError]:
+    errors: list[FieldError] = []
+    build = stack.build
+    if not build.base_model.is_encoder:
+        tags = list(config.model_metadata.get("tags") or [])
+        if OPENAI_COMPATIBLE_TAG in tags and OPENAI_NON_COMPATIBLE_TAG in tags:
+            errors.append(
+                FieldError(
+                    f"TRT-LLM models should have either model_metadata['tags'] = ['{OPENAI_COMPATIBLE_TAG}'] or "
+                    f"['{OPENAI_NON_COMPATIBLE_TAG}']. Your current tags are both {tags}, which is invalid. "
+                    "Please remove one of the tags.",
+                    field="model_metadata.tags",
+                )
+            )
+        elif OPENAI_COMPATIBLE_TAG not in tags and OPENAI_NON_COMPATIBLE_TAG not in tags:
+            message = (
+                f"TRT-LLM models should have model_metadata['tags'] = ['{OPENAI_COMPATIBLE_TAG}'] "
+                f"(or ['{OPENAI_NON_COMPATIBLE_TAG}']). Your current tags are {tags}, which is has neither option."
+            )
+            if os.environ.get("ENGINE_BUILDER_TRUSS_RUNTIME_MIGRATION", "False") == "True":
+                errors.append(FieldError(message, field="model_metadata.tags"))
+            else:
+                logger.warning(message)
+    world_size = build.tensor_parallel_count * build.pipeline_parallel_count * build.sequence_parallel_count
+    gpu_count = config.resources.accelerator.count
+    if build.base_model == BaseModelKind.DECODER and world_size != gpu_count:
+        errors.append(
+            FieldError(
+                "Tensor parallelism and GPU count must be the same for TRT-LLM"
+                f"You have set tensor_parallel_count={build.tensor_parallel_count}, "
+                f"pipeline_parallel_count={build.pipeline_parallel_count}, "
+                f"sequence_parallel_count={build.sequence_parallel_count} "
+                f"== world_size->{world_size} and accelerator.count={gpu_count}. ",
+                field="trt_llm.build.tensor_parallel_count",
+            )
+        )
+    if world_size not in USUAL_WORLD_SIZES:
+        logger.warning(f"TRT-LLM world size {world_size} is unusual; typical world sizes are powers of two.")
+    return errors

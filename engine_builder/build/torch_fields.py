@@ -1,0 +1,181 @@
+"""What the torch backend does with every `trt_llm` field: honour it, or refuse the build naming it.
+
+A field the torch engine would otherwise ignore while the config asks for something (more GPUs, host KV
+offload, TensorRT build switches) is refused before anything is fetched or written. Every field of the schema is
+listed once in `FIELD_TABLE` with what each backend does with it; docs/config-fields.md is generated from the
+same table (`python -m engine_builder.build.torch_fields > docs/config-fields.md`), and the tests check both that every
+schema field is in the table and that every refusal fires.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Stack = Any  # TrtLlmConfigV1 | TrtLlmConfigV2
+
+
+@dataclass(frozen=True)
+class Field:
+    path: str  # below trt_llm, e.g. "build.tensor_parallel_count"
+    torch: str  # what the torch backend does with it
+    trtllm: str  # what the TensorRT-LLM backend does with it
+    refuse: Callable[[Stack], bool] | None = None  # torch: True when this config sets what it cannot honour
+
+
+def _build(stack: Stack, name: str) -> Any:
+    return getattr(stack.build, name)
+
+
+def _runtime(stack: Stack, name: str, default: Any = None) -> Any:
+    return getattr(stack.runtime, name, default)
+
+
+def _decoder(stack: Stack) -> bool:
+    return not stack.build.base_model.is_encoder
+
+
+def tensor_parallel_size(stack: Stack) -> int:
+    """The ranks the torch engine splits the model over: build.tensor_parallel_count, or v2's
+    runtime.tensor_parallel_size when it asks for more."""
+    return max(_build(stack, "tensor_parallel_count"), _runtime(stack, "tensor_parallel_size", 1))
+
+
+def _tensor_parallel_refused(stack: Stack, size: int) -> bool:
+    """What a config alone shows tensor parallelism cannot serve (the model's shapes are checked after the fetch)."""
+    return size > 1 and (not _decoder(stack) or bool(_build(stack, "lora_adapters")))
+
+
+def _tensor_parallel_count_refused(stack: Stack) -> bool:
+    return _tensor_parallel_refused(stack, tensor_parallel_size(stack))
+
+
+HONOURED = "honoured"
+LIMIT = "honoured (a serving limit)"
+IMAGE_VERSION = "no effect: it picks a Baseten server image version, which this project does not ship"
+
+FIELD_TABLE: tuple[Field, ...] = (
+    Field("inference_stack", "v1 and v2 both build; v2's runtime limits are read", "v1: engine build; v2: PyTorch LLM"),
+    # build
+    Field("build.base_model", HONOURED, "decoders only (encoders stay on torch)"),
+    Field("build.checkpoint_repository", HONOURED, HONOURED),
+    Field("build.max_seq_len", LIMIT, "BuildConfig / LLM max_seq_len"),
+    Field("build.max_batch_size", LIMIT, "BuildConfig / LLM max_batch_size"),
+    Field("build.max_num_tokens", LIMIT, "BuildConfig / LLM max_num_tokens"),
+    Field("build.max_beam_width", "only 1 (the schema allows only 1)", "only 1"),
+    Field("build.max_prompt_embedding_table_size", "refused above 0: no prompt-tuning tables",
+          "BuildConfig max_prompt_embedding_table_size",
+          lambda s: bool(_build(s, "max_prompt_embedding_table_size"))),
+    Field("build.gather_all_token_logits", "honoured: prompt logprobs are always available per request",
+          "gather_context_logits + gather_generation_logits"),
+    Field("build.strongly_typed", "refused when true: a TensorRT build switch", "not forwarded (BuildConfig default)",
+          lambda s: bool(_build(s, "strongly_typed"))),
+    Field("build.quantization_type", "fp8, fp8_kv, fp8_mlp_only, fp4, fp4_kv, fp4_mlp_only (others refused)",
+          "QuantConfig (v1) / prequantized checkpoints (v2)"),
+    Field("build.quantization_config.calib_size", "honoured (calibration)", "honoured (calibration)"),
+    Field("build.quantization_config.calib_dataset", "honoured (calibration)", "honoured (calibration)"),
+    Field("build.quantization_config.calib_max_seq_length", "honoured (calibration)", "honoured (calibration)"),
+    Field("build.tensor_parallel_count",
+          "honoured: that many ranks over torch.distributed (NCCL on GPUs, gloo on CPU), dense decoders in 16 bits "
+          "or FP8; refused with LoRA adapters, for encoders, mixture-of-experts models, NVFP4 and head counts it "
+          "cannot split", "LLM tensor_parallel_size", _tensor_parallel_count_refused),
+    Field("build.pipeline_parallel_count", "refused above 1", "refused above 1",
+          lambda s: _build(s, "pipeline_parallel_count") != 1),
+    Field("build.moe_expert_parallel_option", "refused unless -1 (experts are not sharded)", "LLM moe_expert_parallel_size",
+          lambda s: _build(s, "moe_expert_parallel_option") != -1),
+    Field("build.sequence_parallel_count", "refused above 1", "refused above 1",
+          lambda s: _build(s, "sequence_parallel_count") != 1),
+    Field("build.plugin_configuration.paged_kv_cache", "always on for decoders: false is refused",
+          "always on for decoders: false is refused", lambda s: _decoder(s) and not s.build.plugin_configuration.paged_kv_cache),
+    Field("build.plugin_configuration.use_paged_context_fmha", "always on for decoders: false is refused",
+          "BuildConfig plugin_config",
+          lambda s: _decoder(s) and not s.build.plugin_configuration.use_paged_context_fmha),
+    Field("build.plugin_configuration.use_fp8_context_fmha",
+          "no effect: attention computes in the activation dtype (Baseten documents the field as auto-enabled, "
+          "no effect)", "BuildConfig plugin_config"),
+    Field("build.num_builder_gpus", "refused above 1: builds use one device", "not forwarded (a resource hint)",
+          lambda s: (_build(s, "num_builder_gpus") or 1) > 1),
+    Field("build.speculator.speculative_decoding_mode",
+          "LOOKAHEAD_DECODING honoured (the schema refuses draft-model speculation as discontinued)",
+          "LookaheadDecodingConfig"),
+    Field("build.speculator.num_draft_tokens", "honoured through the lookahead sizes it is computed from",
+          "max_draft_len"),
+    Field("build.speculator.checkpoint_repository", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
+    Field("build.speculator.runtime", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
+    Field("build.speculator.build", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
+    Field("build.speculator.lookahead_windows_size", "honoured (W)", "LookaheadDecodingConfig"),
+    Field("build.speculator.lookahead_ngram_size", "honoured (N)", "LookaheadDecodingConfig"),
+    Field("build.speculator.lookahead_verification_set_size", "honoured (G)", "LookaheadDecodingConfig"),
+    Field("build.speculator.enable_b10_lookahead",
+          "honoured as lookahead (the torch engine's own adaptive draft length stands in for Baseten's variant)",
+          "not forwarded (standard lookahead)"),
+    Field("build.lora_adapters", "honoured (served by name)", "refused (not mapped yet)"),
+    Field("build.lora_configuration.max_lora_rank", "honoured (the largest rank admitted)", "refused (not mapped yet)"),
+    Field("build.lora_configuration.lora_target_modules",
+          "refused when set: each adapter's own target modules apply", "refused (not mapped yet)",
+          lambda s: bool(s.build.lora_configuration and s.build.lora_configuration.lora_target_modules)),
+    Field("build.skip_build_result", "refused (nothing to build)", "refused (nothing to build)"),
+    # runtime (v1)
+    Field("runtime.kv_cache_free_gpu_mem_fraction", "honoured (on CPU: of the KV memory budget)",
+          "KvCacheConfig free_gpu_memory_fraction"),
+    Field("runtime.kv_cache_host_memory_bytes", "refused when set: no host offload of KV blocks",
+          "KvCacheConfig host_cache_size", lambda s: _runtime(s, "kv_cache_host_memory_bytes") is not None),
+    Field("runtime.lora_cache_max_adapter_size", "refused when set: the pool holds every adapter from the start",
+          "not forwarded (no adapters on this backend)", lambda s: _runtime(s, "lora_cache_max_adapter_size") is not None),
+    Field("runtime.lora_cache_optimal_adapter_size", "refused when set (as above)", "not forwarded (no adapters on this backend)",
+          lambda s: _runtime(s, "lora_cache_optimal_adapter_size") is not None),
+    Field("runtime.lora_cache_gpu_memory_fraction", "refused when set (as above)", "not forwarded (no adapters on this backend)",
+          lambda s: _runtime(s, "lora_cache_gpu_memory_fraction") is not None),
+    Field("runtime.lora_cache_host_memory_bytes", "refused when set (as above)", "not forwarded (no adapters on this backend)",
+          lambda s: _runtime(s, "lora_cache_host_memory_bytes") is not None),
+    Field("runtime.enable_chunked_context", HONOURED, "LLM enable_chunked_prefill"),
+    Field("runtime.batch_scheduler_policy", HONOURED, "SchedulerConfig capacity_scheduler_policy"),
+    Field("runtime.request_default_max_tokens", HONOURED, "honoured by the server"),
+    Field("runtime.served_model_name", HONOURED, HONOURED),
+    Field("runtime.total_token_limit", HONOURED, "not forwarded (TensorRT-LLM schedules by KV capacity)"),
+    Field("runtime.webserver_default_route", "honoured (encoders)", "encoders stay on torch"),
+    # runtime (v2)
+    Field("runtime.max_seq_len", LIMIT, "LLM max_seq_len"),
+    Field("runtime.max_batch_size", LIMIT, "LLM max_batch_size"),
+    Field("runtime.max_num_tokens", LIMIT, "LLM max_num_tokens"),
+    Field("runtime.tensor_parallel_size", "honoured as build.tensor_parallel_count (the larger of the two)",
+          "LLM tensor_parallel_size"),
+    Field("runtime.enable_chunked_prefill", HONOURED, "LLM enable_chunked_prefill"),
+    Field("runtime.patch_kwargs", "refused when set: TensorRT-LLM LLM-API arguments", "merged into the LLM arguments",
+          lambda s: bool(_runtime(s, "patch_kwargs"))),
+    # version overrides: Baseten image versions
+    Field("version_overrides.engine_builder_version", IMAGE_VERSION, IMAGE_VERSION),
+    Field("version_overrides.briton_version", IMAGE_VERSION, IMAGE_VERSION),
+    Field("version_overrides.bei_version", IMAGE_VERSION, IMAGE_VERSION),
+    Field("version_overrides.bei_bert_version", IMAGE_VERSION, IMAGE_VERSION),
+    Field("version_overrides.v2_llm_version", IMAGE_VERSION, IMAGE_VERSION),
+)
+
+
+def torch_refusals(stack: Stack) -> list[str]:
+    """One message per field this config sets that the torch backend cannot honour (empty: it can build it)."""
+    messages = []
+    for field in FIELD_TABLE:
+        if field.refuse is not None and field.refuse(stack):
+            messages.append(f"trt_llm.{field.path}: {field.torch}")
+    return messages
+
+
+def markdown() -> str:
+    """docs/config-fields.md."""
+    lines = [
+        "# Every `trt_llm` field, per backend",
+        "",
+        "Generated from `engine_builder/build/torch_fields.py`: `python -m engine_builder.build.torch_fields > docs/config-fields.md`",
+        "(a test fails when this file and the table differ). The torch backend refuses a build, naming the field,",
+        "when a config sets a field it cannot honour. The TensorRT-LLM column says what the mapping",
+        "(`engine_builder/build/compile/trtllm/`) does with the field, verified only against the fake package.",
+        "",
+        "| field | torch backend | TensorRT-LLM backend |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{field.path}` | {field.torch} | {field.trtllm} |" for field in FIELD_TABLE]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

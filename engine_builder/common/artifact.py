@@ -1,0 +1,234 @@
+"""The engine directory: manifest, resolved config, model files; written atomically, loaded with a version check.
+
+The directory describes itself: the manifest's `runtime` section (`RuntimeSpec`) holds every setting serving
+needs, resolved at build time, so the serve side never parses the Truss config nor imports the build side.
+
+Layout:
+    manifest.json            what was built and from what, and how to serve it (see `Manifest`, `RuntimeSpec`)
+    config.yaml              the resolved config the build used (for people, and for a user model.py)
+    model/                   HF-style folder the torch backend loads (config.json, tokenizer, safetensors)
+    trtllm/                  TensorRT-LLM engine or checkpoint files (trtllm backend only)
+    calibration_report.json  accuracy report when quantized
+    user_model/              the config's Truss `model/` folder, when it has a model.py
+"""
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine_builder import __version__
+
+MANIFEST_SCHEMA_VERSION = 2  # 2: the runtime section
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.yaml"
+MODEL_DIR = "model"
+TRTLLM_DIR = "trtllm"
+CALIBRATION_REPORT = "calibration_report.json"
+USER_MODEL_DIR = "user_model"  # a Truss model/ folder with model.py (engine control in Python)
+
+
+class IncompatibleEngineError(Exception):
+    """The engine directory was written by a builder this server cannot read; the message says rebuild."""
+
+
+@dataclass
+class SourceInfo:
+    source: str
+    repo: str
+    revision: str | None
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+
+@dataclass(frozen=True)
+class SchedulingSpec:
+    """In-flight batching settings of the torch engine (from the trt_llm runtime section, or its v1 defaults)."""
+
+    policy: str = "guaranteed_no_evict"  # or "max_utilization"
+    enable_chunked_prefill: bool = True
+    kv_cache_fraction: float = 0.9  # of free GPU memory, or of kv_cache_memory_bytes on the CPU
+    total_token_limit: int = 500000
+
+
+@dataclass(frozen=True)
+class LookaheadSettings:
+    window_size: int  # W
+    ngram_size: int  # N
+    verification_set_size: int  # G
+
+
+@dataclass
+class LoraAdapter:
+    """One PEFT LoRA adapter stored in the engine directory (`adapters/<name>/`), checked against the base model
+    by the build. `name` is the OpenAI `model` value that selects it."""
+
+    name: str
+    path: str  # relative to the engine directory: adapter_config.json + adapter_model.safetensors
+    rank: int
+    alpha: float
+    target_modules: list[str]  # HF module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    source: SourceInfo  # where it came from, with the sha256 of every stored file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraAdapter":
+        return cls(**{**data, "source": SourceInfo(**data["source"])})
+
+
+@dataclass
+class RuntimeSpec:
+    """Everything serving reads besides the model files, resolved by the build."""
+
+    eos_token_ids: list[int]
+    scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
+    lookahead: LookaheadSettings | None = None
+    request_default_max_tokens: int | None = None
+    default_route: str | None = None  # encoders: the route /predict maps to
+    options: dict[str, Any] = field(default_factory=dict)  # the engine_builder: section the build resolved
+    trtllm: dict[str, Any] | None = None  # the TensorRT-LLM LLM(...) to serve (paths relative to the engine)
+    lora_adapters: list[LoraAdapter] = field(default_factory=list)
+    max_lora_rank: int = 0  # the adapter pool's rank (lora_configuration.max_lora_rank); 0 without adapters
+    tensor_parallel_size: int = 1  # ranks the torch engine splits the model over (engine_builder/engine/parallel.py)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":
+        values = dict(data)
+        values["scheduling"] = SchedulingSpec(**values.get("scheduling", {}))
+        values["lora_adapters"] = [LoraAdapter.from_dict(item) for item in values.get("lora_adapters", [])]
+        if values.get("lookahead") is not None:
+            values["lookahead"] = LookaheadSettings(**values["lookahead"])
+        return cls(**values)
+
+
+@dataclass
+class Manifest:
+    backend: str  # "torch" or "trtllm"
+    config_hash: str
+    base_model: str  # decoder / encoder / encoder_bert
+    architecture: str
+    model_type: str
+    dtype: str
+    quantization: str
+    kv_cache_dtype: str
+    max_seq_len: int
+    max_batch_size: int
+    max_num_tokens: int
+    source: SourceInfo
+    tool_parser: str | None = None
+    served_model_name: str | None = None
+    inference_stack: str = "v1"
+    runtime: RuntimeSpec = field(default_factory=lambda: RuntimeSpec(eos_token_ids=[]))
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    builder_version: str = __version__
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        version = data.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
+            raise IncompatibleEngineError(
+                f"engine manifest schema version {version} (builder {data.get('builder_version')}) is not "
+                f"readable by this server (schema {MANIFEST_SCHEMA_VERSION}, builder {__version__}): "
+                "rebuild the engine with `engine-builder build`"
+            )
+        data["source"] = SourceInfo(**data["source"])
+        data["runtime"] = RuntimeSpec.from_dict(data.get("runtime") or {"eos_token_ids": []})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise IncompatibleEngineError(
+                f"engine manifest has fields this server does not know ({sorted(unknown)}): rebuild the engine"
+            )
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EngineDir:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+
+def is_engine_dir(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file()
+
+
+def load_engine_dir(path: str | Path) -> EngineDir:
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{path} is not an engine directory (no {MANIFEST_FILE}); build it first")
+    return EngineDir(path=path, manifest=Manifest.from_json(manifest_file.read_text()))
+
+
+@contextmanager
+def atomic_engine_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final` in one rename, on failure it is removed.
+
+    A kill -9 at any point leaves either the old engine or the new one under `final`, never a mix; stray
+    temp folders (`.<name>.building-*`) are cleaned by the next build.
+    """
+    final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = final.parent / f".{final.name}.building-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        _pause_for_tests()
+        _fsync_tree(staging)
+        if final.exists():
+            retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# Test-only hook: with this set, a build waits (seconds) with a complete staging folder before the rename, so
+# tests/reliability can kill -9 it at a known point. Nothing else reads it.
+TEST_PAUSE_ENV = "ENGINE_BUILDER_TEST_PAUSE_BEFORE_RENAME_S"
+
+
+def _pause_for_tests() -> None:
+    seconds = os.environ.get(TEST_PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file through a temp name and a rename, so readers never see half of it."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,129 @@
+"""`engine_builder:` (our section, beside `trt_llm:`): how this project's backends run the engine.
+
+Truss keeps unknown top-level keys, so a config with this section still validates under Truss.
+Every field here is also a CLI flag of `engine-builder build/serve/run` (derived in engine_builder/stages.py).
+The section lives on the serve side because both stages read it: the build records the values it resolved in the
+engine directory, and serving starts from those (engine_builder/common/artifact.py).
+"""
+
+from typing import Literal
+
+import pydantic
+
+GIB = 1024**3
+
+
+class EngineOptions(pydantic.BaseModel):
+    """Unknown keys are kept (and warned about by the config loader), assignments re-validated: the semantics of
+    the Truss schema classes around it."""
+
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow")
+
+    backend: Literal["auto", "torch", "trtllm"] = pydantic.Field(
+        default="auto", description="auto = trtllm when it imports and a GPU is present, else torch"
+    )
+    device: str = pydantic.Field(default="auto", description="auto, cpu, cuda or cuda:N (torch backend)")
+    calibration_device: Literal["auto", "cpu", "cuda"] = pydantic.Field(
+        default="auto",
+        description="Where a quantizing build calibrates and measures accuracy: auto = the CUDA device when one is "
+        "visible (in the checkpoint's dtype), else the CPU (float32 compute, weights kept in their own dtype)",
+    )
+    quantizer: Literal["auto", "modelopt", "engine_builder"] = pydantic.Field(
+        default="auto",
+        description="Who calibrates and exports a quantizing build: modelopt (nvidia-modelopt's mtq.quantize and "
+        "HF export), engine_builder (this project's own quantizer), auto = modelopt when it is installed",
+    )
+    quantization_gate: bool = pydantic.Field(
+        default=True,
+        description="Fail a quantizing build whose accuracy report breaches a threshold below; false = report only "
+        "(ENGINE_BUILDER_QUANT_GATE=on/off overrides, recorded in the report and the manifest)",
+    )
+    quantization_min_top1_agreement: float | None = pydantic.Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Accuracy gate: least share of held-out tokens whose top-1 matches the unquantized model; "
+        "unset = the format's default (FP8 0.80, NVFP4 0.55); ENGINE_BUILDER_QUANT_MIN_TOP1 overrides",
+    )
+    quantization_max_perplexity_increase: float | None = pydantic.Field(
+        default=None,
+        ge=0.0,
+        description="Accuracy gate: largest relative held-out perplexity increase (0.1 = +10 %); unset = the "
+        "format's default (FP8 0.10, NVFP4 0.60); ENGINE_BUILDER_QUANT_MAX_PPL_INCREASE overrides",
+    )
+    quantization_min_logit_cosine: float | None = pydantic.Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Accuracy gate: least mean cosine between quantized and unquantized logits; unset = the "
+        "format's default (FP8 0.95, NVFP4 0.85); ENGINE_BUILDER_QUANT_MIN_COSINE overrides",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = pydantic.Field(
+        default="auto",
+        description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16",
+    )
+    num_threads: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads (unset: ENGINE_BUILDER_NUM_THREADS or torch's default)",
+    )
+    kv_cache_memory_bytes: int = pydantic.Field(
+        default=2 * GIB,
+        ge=1 << 20,
+        description="On CPU: the memory budget of which kv_cache_free_gpu_mem_fraction goes to the KV cache",
+    )
+    kv_block_size: int = pydantic.Field(default=16, ge=1, le=1024, description="Tokens per KV cache block")
+    max_queue_size: int = pydantic.Field(
+        default=2048, ge=1, description="Requests waiting for admission before the server answers 429"
+    )
+    cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
+        default="auto",
+        description="CPU linear kernels for 16-bit models: fbgemm_fp16 (FBGEMM's packed fp16 GEMV for 1-2 rows, "
+        "our AVX512-BF16 kernel for more on one thread, else FBGEMM up to 8 rows and oneDNN above; float32 "
+        "activations for small steps; auto picks it when available) or native (PyTorch's bf16 F.linear)",
+    )
+    kernels: Literal["auto", "native", "triton", "torch"] = pydantic.Field(
+        default="auto",
+        description="Kernel set of the torch backend: auto = native CPU kernels on the CPU, Triton on CUDA; "
+        "torch = plain PyTorch ops (the reference); triton on the CPU needs TRITON_INTERPRET=1 (tests only)",
+    )
+    cpu_fused_decode: bool = pydantic.Field(
+        default=True,
+        description="On the CPU, run every layer of a decode-only step of a Llama-shaped bf16 model in one native "
+        "call (bit-identical to the per-op path); ENGINE_BUILDER_FUSED_DECODE=0 also turns it off",
+    )
+    cuda_graphs: bool = pydantic.Field(
+        default=True,
+        description="Replay decode steps from CUDA graphs captured at startup (Triton kernels on CUDA); "
+        "false = every step eager, like vLLM's enforce_eager",
+    )
+    cuda_graph_max_tokens: int = pydantic.Field(
+        default=512,
+        ge=0,
+        description="Prefill, mixed and lookahead steps of up to this many tokens replay CUDA graphs between "
+        "eager attentions (piecewise, one set per power-of-two bucket); larger steps run eagerly; 0 = off",
+    )
+    load_format: Literal["auto", "dummy"] = pydantic.Field(
+        default="auto",
+        description="dummy = random weights from config.json alone, nothing downloaded beyond config and "
+        "tokenizer (benchmarking aid, like vLLM's --load-format dummy); the outputs are meaningless",
+    )
+    lookahead_adaptive: bool = pydantic.Field(
+        default=True,
+        description="Lookahead drafts only where it pays (Jacobi window when the n-gram pool has nothing, "
+        "back-off after misses); false = the full window and verification set every step",
+    )
+    lookahead_max_draft_rows: int = pydantic.Field(
+        default=0, ge=0, description="Adaptive lookahead: draft rows per step (0 = auto: 3 on CPU, all that W/N/G allow on GPU)"
+    )
+    lookahead_max_batch_size: int = pydantic.Field(
+        default=8,
+        ge=0,
+        description="Lookahead decoding turns itself off while more requests than this are running",
+    )
+    auto_truncate: bool | None = pydantic.Field(
+        default=None,
+        description="Encoders: cut inputs longer than the model's limit when the request does not ask (true) or "
+        "refuse them (false); unset = /v1/embeddings and the rerank routes refuse (400, as OpenAI does) and TEI's "
+        "/embed and /predict follow BEI (encoder_bert truncates, encoder refuses)",
+    )

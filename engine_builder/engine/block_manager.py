@@ -1,0 +1,166 @@
+"""KV block pool: allocation, reference counts, and hash-chained prefix-block reuse.
+
+A full block is identified by the hash of (previous block's hash, its token ids). Freed blocks keep
+their hash and stay findable until the pool hands them out again (least recently freed first), so a
+prompt that shares a prefix with an earlier one reuses those blocks instead of recomputing them.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine_builder.engine.sequence import Sequence
+
+RESERVED_BLOCK = 0  # never handed out: padded attention gathers point at its first slot
+
+
+@dataclass
+class _Block:
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache holds {num_blocks} blocks; at least 2 are needed")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free: deque[int] = deque(range(1, num_blocks))
+        self._by_hash: dict[int, int] = {}
+        self.num_blocks_reserved = 0
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1 - self.num_blocks_reserved
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_new_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        return max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of the sequence (at least one token is always left to compute)."""
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt row computed
+        tokens = seq.all_token_ids()
+        matched: list[int] = []
+        parent_hash: int | None = seq.prefix_salt
+        for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
+            chunk = tuple(tokens[start : start + self.block_size])
+            block_hash = hash((parent_hash, chunk))
+            block_id = self._by_hash.get(block_hash)
+            if block_id is None or self._blocks[block_id].token_ids != chunk:
+                break
+            matched.append(block_id)
+            parent_hash = block_hash
+        return matched
+
+    def num_free_after_match(self, matched: list[int]) -> int:
+        """Free blocks left once `matched` cached blocks are claimed (claiming a free cached block uses it up)."""
+        return self.num_free_blocks - sum(1 for block_id in matched if self._blocks[block_id].ref_count == 0)
+
+    def allocate_prompt(self, seq: Sequence, matched: list[int]) -> None:
+        """Attach the matched prefix blocks to a sequence being admitted."""
+        assert not seq.block_table
+        for block_id in matched:
+            block = self._blocks[block_id]
+            if block.ref_count == 0:
+                self._free.remove(block_id)
+            block.ref_count += 1
+        seq.block_table = list(matched)
+        seq.num_computed_tokens = len(matched) * self.block_size
+        seq.num_hashed_blocks = len(matched)
+        seq.last_block_hash = self._blocks[matched[-1]].hash if matched else seq.prefix_salt
+        self.num_prefix_queries += seq.num_tokens
+        self.num_prefix_hits += seq.num_computed_tokens
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.num_new_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self.num_new_blocks_needed(seq, num_new_tokens)):
+            seq.block_table.append(self._take_free())
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that became full (and computed) so later prompts can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        for index in range(seq.num_hashed_blocks, num_full):
+            block_id = seq.block_table[index]
+            block = self._blocks[block_id]
+            chunk = tuple(seq.token_slice(index * self.block_size, (index + 1) * self.block_size))
+            block_hash = hash((seq.last_block_hash, chunk))
+            if block.hash is None:
+                block.hash = block_hash
+                block.token_ids = chunk
+                self._by_hash.setdefault(block_hash, block_id)
+            seq.last_block_hash = block_hash
+            seq.num_hashed_blocks = index + 1
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self._free.appendleft(block_id)  # nothing to reuse: hand it out first
+                else:
+                    self._free.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+        seq.last_block_hash = seq.prefix_salt
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Share the parent's blocks with a new choice; a partly filled last block is copied (returned as src, dst)."""
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_hashed_blocks = parent.num_hashed_blocks
+        child.last_block_hash = parent.last_block_hash
+        for block_id in child.block_table:
+            self._blocks[block_id].ref_count += 1
+        if parent.num_computed_tokens % self.block_size == 0 or not child.block_table:
+            return None
+        shared_last = child.block_table[-1]
+        self._blocks[shared_last].ref_count -= 1
+        copy = self._take_free()
+        child.block_table[-1] = copy
+        return shared_last, copy
+
+    def _take_free(self) -> int:
+        block_id = self._free.popleft()
+        block = self._blocks[block_id]
+        if block.hash is not None:
+            if self._by_hash.get(block.hash) == block_id:
+                del self._by_hash[block.hash]
+            block.hash = None
+            block.token_ids = ()
+        block.ref_count = 1
+        return block_id
+
+    def reserve(self, num_blocks: int) -> list[int]:
+        """Take blocks out of the pool for good (lookahead's scratch area)."""
+        if num_blocks > self.num_free_blocks - 1:
+            raise ValueError(f"cannot reserve {num_blocks} KV blocks; {self.num_free_blocks} are free")
+        reserved = [self._take_free() for _ in range(num_blocks)]
+        self.num_blocks_reserved += num_blocks
+        return reserved
+
+    def hit_rate(self) -> float:
+        return self.num_prefix_hits / self.num_prefix_queries if self.num_prefix_queries else 0.0

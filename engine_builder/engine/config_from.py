@@ -1,0 +1,55 @@
+"""EngineConfig from an engine directory's runtime section and the serving options."""
+
+from engine_builder.common.artifact import EngineDir
+from engine_builder.common.options import EngineOptions
+from engine_builder.engine.config import AdapterSpec, EngineConfig, LookaheadConfig, SchedulerPolicy
+
+
+def engine_config_from(engine: EngineDir, options: EngineOptions) -> EngineConfig:
+    manifest = engine.manifest
+    spec = manifest.runtime
+    scheduling = spec.scheduling
+    lookahead = None
+    if spec.lookahead is not None:
+        lookahead = LookaheadConfig(
+            window_size=spec.lookahead.window_size,
+            ngram_size=spec.lookahead.ngram_size,
+            verification_set_size=spec.lookahead.verification_set_size,
+            max_batch_size=options.lookahead_max_batch_size,
+            adaptive=options.lookahead_adaptive,
+            max_draft_rows=options.lookahead_max_draft_rows,
+        )
+    dtype = (
+        options.dtype
+        if options.dtype != "auto"
+        else ("float16" if manifest.dtype == "float16" else "bfloat16")
+    )
+    return EngineConfig(
+        model_dir=engine.model_dir,
+        dtype=dtype,
+        device=options.device,
+        max_batch_size=manifest.max_batch_size,
+        max_num_tokens=manifest.max_num_tokens,
+        max_seq_len=manifest.max_seq_len,
+        total_token_limit=scheduling.total_token_limit,
+        enable_chunked_prefill=scheduling.enable_chunked_prefill,
+        scheduler_policy=SchedulerPolicy(scheduling.policy),
+        kv_cache_fraction=scheduling.kv_cache_fraction,
+        kv_cache_memory_bytes=options.kv_cache_memory_bytes,
+        kv_cache_dtype="fp8" if manifest.kv_cache_dtype == "fp8" else "auto",
+        block_size=options.kv_block_size,
+        num_threads=options.num_threads,
+        lookahead=lookahead,
+        cpu_gemm=options.cpu_gemm,
+        kernels=options.kernels,
+        cuda_graphs=options.cuda_graphs,
+        cuda_graph_max_tokens=options.cuda_graph_max_tokens,
+        fused_decode=options.cpu_fused_decode,
+        load_format="dummy" if "dummy" in (manifest.extra.get("load_format"), options.load_format) else "auto",
+        lora_adapters=tuple(
+            AdapterSpec(adapter.name, engine.path / adapter.path, adapter.rank, adapter.alpha)
+            for adapter in spec.lora_adapters
+        ),
+        max_lora_rank=spec.max_lora_rank,
+        tensor_parallel_size=spec.tensor_parallel_size,
+    )

@@ -1,0 +1,498 @@
+"""LLMEngine: add requests, step (schedule -> run -> sample -> finish), abort. Synchronous; one thread owns it."""
+
+import itertools
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from engine_builder.common.types import (
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    TokenLogprob,
+)
+from engine_builder.engine.block_manager import BlockManager
+from engine_builder.engine.config import EngineConfig, SchedulerPolicy
+from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
+from engine_builder.engine.lookahead import DraftPlan
+from engine_builder.engine.model_runner import ModelRunner, index_tensor
+from engine_builder.engine.parallel import RankFailedError
+from engine_builder.engine.scheduler import ScheduledSequence, Scheduler
+from engine_builder.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from engine_builder.engine.speculation import LookaheadRunner
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejectedError(ValueError):
+    """The request cannot run on this engine (too long, bad token ids); nothing was scheduled."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
+    seq = item.seq
+    already = len(seq.prompt_logprobs) if seq.prompt_logprobs is not None else 0  # recompute after preemption
+    return (
+        seq.sampling.prompt_logprobs is not None
+        and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+        and already < seq.num_prompt_tokens
+    )
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.runner = ModelRunner(config)
+        spec = self.runner.model.spec
+        self.vocab_size = spec.vocab_size
+        self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.sampler = make_sampler(spec.vocab_size, self.runner.device)
+        self.lookahead = (
+            LookaheadRunner(config.lookahead, self.blocks, self.runner.kv_cache) if config.lookahead is not None else None
+        )
+        self.groups: dict[str, SequenceGroup] = {}
+        # pool slot of each LoRA adapter, in the config's order (slot 0 is the base model)
+        self.lora_slots = {adapter.name: slot for slot, adapter in enumerate(config.lora_adapters, start=1)}
+        self._seq_ids = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        self._mask_future: Future | None = None
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def close(self) -> None:
+        """Release what outlives the object: the other tensor-parallel ranks (on the thread that steps)."""
+        self.runner.close()
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
+        """Queue a request. `guide_matchers` (one per choice) constrain decoding to a grammar."""
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        if not prompt:
+            raise RequestRejectedError("the prompt is empty")
+        if request.request_id in self.groups:
+            raise RequestRejectedError(f"request id {request.request_id} is already running")
+        if len(prompt) >= self.max_model_len:
+            raise RequestRejectedError(
+                f"the prompt has {len(prompt)} tokens; this engine's max_seq_len is {self.max_model_len}"
+            )
+        if not self.config.enable_chunked_prefill and len(prompt) > self.config.max_num_tokens:
+            raise RequestRejectedError(
+                f"the prompt has {len(prompt)} tokens, more than max_num_tokens {self.config.max_num_tokens} "
+                "(chunked context is off)"
+            )
+        if max(prompt) >= self.vocab_size or min(prompt) < 0:
+            raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.adapter is not None and request.adapter not in self.lora_slots:
+            raise RequestRejectedError(f"this engine serves no LoRA adapter named {request.adapter!r}")
+        lora_slot = self.lora_slots.get(request.adapter, 0) if request.adapter is not None else 0
+        self.check_capacity(request)
+        arrival = request.arrival_time or time.monotonic()
+        sequences = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request.request_id,
+                index=index,
+                prompt_token_ids=prompt,
+                sampling=params,
+                arrival_time=arrival,
+                generator=self._generator(params.seed, index),
+                lora_slot=lora_slot,
+            )
+            for index in range(params.n)
+        ]
+        if guide_matchers is not None:
+            if len(guide_matchers) != params.n:
+                raise RequestRejectedError("one grammar matcher per choice is required")
+            for seq, matcher in zip(sequences, guide_matchers, strict=True):
+                seq.guide_state = matcher
+        group = SequenceGroup(request.request_id, sequences, arrival)
+        self.groups[request.request_id] = group
+        self.scheduler.add(group)
+
+    def check_capacity(self, request: GenerationRequest) -> None:
+        """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it."""
+        params = request.sampling
+        block_size = self.blocks.block_size
+        longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len) + self.config.max_draft_tokens
+        per_choice = -(-longest // block_size)
+        shared = len(request.prompt_token_ids) // block_size  # choices share the prompt's full blocks
+        if self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
+            needed = per_choice + (params.n - 1) * max(per_choice - shared, 0)
+        else:  # max_utilization preempts, but one choice must still fit on its own
+            needed = per_choice
+        available = self.blocks.num_usable_blocks
+        if needed > available:
+            capacity = available * block_size
+            raise RequestRejectedError(
+                f"The KV cache holds {capacity} tokens; this request needs up to {needed * block_size} "
+                f"({params.n} choice(s) of up to {longest} tokens). Lower n or max_tokens.",
+                param="n" if params.n > 1 else "max_tokens",
+            )
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        """The choice's own random stream: always on the CPU; on a GPU only for seeded requests (the others share
+        the device's default generator, so the sampler draws their noise in one batched call)."""
+        device = self.runner.device
+        if device.type != "cpu" and seed is None:
+            return None
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed + index)
+        return generator
+
+    def abort(
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
+    ) -> list[GenerationDelta]:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return []
+        self.scheduler.remove(request_id)
+        outputs = []
+        for seq in group.sequences:
+            if seq.is_finished:
+                continue
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            seq.error = error
+            outputs.append(self._output(seq, [], None))
+        return outputs
+
+    def abort_choice(self, request_id: str, index: int) -> list[GenerationDelta]:
+        """End one choice (a stop string matched in the frontend); the request ends with its last choice."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return []
+        seq = group.sequences[index]
+        if not seq.is_finished:
+            self._finish(seq, FinishReason.STOP, None)
+            self.blocks.free(seq)
+        if group.is_finished:
+            self.scheduler.finish(group)
+            del self.groups[request_id]
+        return []
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[GenerationDelta]:
+        drafts = self._plan_drafts()
+        # KV slots for the accepted candidate tokens: as many as the longest candidate
+        schedule = self.scheduler.schedule(
+            {seq_id: (plan.num_rows, max(map(len, plan.candidates), default=0)) for seq_id, plan in drafts.items()}
+        )
+        if schedule.is_empty:
+            return []
+        self.num_steps += 1
+        scheduled = schedule.scheduled
+        requests: list[tuple[int, int]] = []  # (scheduled index, row offset) for each logits row computed
+        prompt_rows: dict[int, list[int]] = {}  # scheduled index -> rows of prompt positions (prompt logprobs)
+        for index, item in enumerate(scheduled):
+            if item.num_draft_tokens:
+                item.draft = drafts[item.seq.seq_id]
+                requests.extend((index, offset) for offset in self.lookahead.logit_offsets(item.draft))  # type: ignore[union-attr]
+                continue
+            if item.sample:
+                requests.append((index, item.num_new_tokens - 1))
+            if _wants_prompt_logprobs(item):
+                prompt_rows[index] = list(range(len(requests), len(requests) + item.num_new_tokens))
+                requests.extend((index, offset) for offset in range(item.num_new_tokens))
+        failures: list[GenerationDelta] = []
+        self._start_mask_fill(scheduled)
+        try:
+            hidden = self.runner.execute(self.runner.prepare(scheduled, requests))
+        except RankFailedError:  # the tensor-parallel group is broken: nothing can run any more
+            raise
+        except Exception:  # find the request(s) at fault; the others go on
+            logger.exception("forward pass failed; retrying its %d sequences one by one", len(scheduled))
+            hidden, failed = self._execute_one_by_one(scheduled, requests)
+            for request_id in failed:
+                failures.extend(self.abort(request_id, FinishReason.ERROR, failed[request_id]))
+            keep = [i for i, item in enumerate(scheduled) if item.seq.request_id not in failed]
+            rows = [row for row, (index, _) in enumerate(requests) if index in keep]
+            hidden = hidden[torch.tensor(rows, dtype=torch.long)] if rows else hidden[:0]
+            renumber = {old_index: new_index for new_index, old_index in enumerate(keep)}
+            requests = [(renumber[index], offset) for index, offset in requests if index in renumber]
+            prompt_rows = {renumber[i]: [rows.index(r) for r in v] for i, v in prompt_rows.items() if i in renumber}
+            scheduled = [scheduled[i] for i in keep]
+        rows_of: dict[int, list[int]] = {}
+        for row, (index, _) in enumerate(requests):
+            rows_of.setdefault(index, []).append(row)
+        for index, rows in prompt_rows.items():
+            self._record_prompt_logprobs(scheduled[index], hidden[torch.tensor(rows)])
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if not item.num_draft_tokens:
+                self.blocks.commit_full_blocks(item.seq)
+        outputs = failures + self._sample(scheduled, rows_of, hidden)
+        outputs += self._finish_drafts(scheduled, rows_of, hidden)
+        self._release_finished(outputs)
+        self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
+        return outputs
+
+    def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
+        sampled_items = [(index, item) for index, item in enumerate(scheduled) if item.sample and not item.num_draft_tokens]
+        rows, owners = self._sampling_rows([item for _, item in sampled_items])
+        if not rows:
+            return []
+        logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
+        row_logits = self._project_rows(hidden, logit_rows)
+        outputs: list[GenerationDelta] = []
+        try:
+            sampled = self.sampler(row_logits, rows)
+            picks = list(zip(owners, sampled.token_ids, sampled.logprobs, strict=True))
+        except Exception:  # one request's sampling (its grammar, its parameters) must not fail the batch
+            logger.exception("sampling failed; retrying its %d rows one by one", len(rows))
+            picks = []
+            for position, (row, owner) in enumerate(zip(rows, owners, strict=True)):
+                try:
+                    one = self.sampler(row_logits[position : position + 1], [row])
+                except Exception as error:
+                    outputs.extend(self.abort(owner[1].request_id, FinishReason.ERROR, f"sampling failed: {error}"))
+                    continue
+                picks.append((owner, one.token_ids[0], one.logprobs[0]))
+        for (_, seq), token_id, logprob in picks:
+            if seq.request_id not in self.groups:
+                continue  # aborted above
+            self._append(seq, token_id)
+            outputs.append(self._output(seq, [token_id], [logprob] if logprob is not None else None))
+        return outputs
+
+    def _project_rows(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Logits of hidden rows `rows`, one projection per distinct row (forked choices share their parent's).
+
+        The usual decode step asks for every row once, in order: then nothing is gathered, so no index tensor
+        has to reach the device (a synchronous copy that would wait for the forward pass)."""
+        if rows == list(range(hidden.shape[0])):
+            return self.runner.logits(hidden)
+        distinct = sorted(set(rows))
+        position = {row: index for index, row in enumerate(distinct)}
+        projected = self.runner.logits(hidden[index_tensor(distinct, hidden.device)])
+        if len(distinct) == len(rows) and rows == distinct:
+            return projected
+        return projected[index_tensor([position[row] for row in rows], hidden.device)]
+
+    def _execute_one_by_one(
+        self, scheduled: list[ScheduledSequence], requests: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        """Hidden rows in `requests` order, from one forward pass per sequence; and the requests that failed."""
+        pieces: list[torch.Tensor] = []
+        failed: dict[str, str] = {}
+        width, dtype = None, torch.float32
+        for index, item in enumerate(scheduled):
+            own = [(0, offset) for i, offset in requests if i == index]
+            try:
+                piece = self.runner.execute(self.runner.prepare([item], own)).clone()  # graph outputs are reused
+                width, dtype = piece.shape[-1], piece.dtype
+            except Exception as error:
+                failed[item.seq.request_id] = f"engine error: {error}"
+                piece = None
+            pieces.append(piece if piece is not None else torch.empty(0))
+        if width is None:
+            return torch.empty(0, 0), failed
+        filled = [
+            piece
+            if piece.numel()
+            else torch.zeros(sum(1 for i, _ in requests if i == index), width, dtype=dtype, device=self.runner.device)
+            for index, piece in enumerate(pieces)
+        ]
+        return torch.cat(filled), failed
+
+    def _record_prompt_logprobs(self, item: ScheduledSequence, hidden: torch.Tensor) -> None:
+        """Logprobs of the prompt's own tokens (echo with logprobs): row k predicts the token after it."""
+        seq = item.seq
+        top = seq.sampling.prompt_logprobs or 0
+        logprobs = torch.log_softmax(self.runner.host_logits(hidden), dim=-1)
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        start = seq.num_computed_tokens
+        for offset in range(item.num_new_tokens):
+            target = start + offset + 1
+            if target >= seq.num_prompt_tokens:
+                break
+            token = seq.prompt_token_ids[target]
+            row = logprobs[offset]
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if top:
+                values, ids = row.topk(top)
+                alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            seq.prompt_logprobs.append(TokenLogprob(token, float(row[token]), alternatives))
+
+    def _plan_drafts(self) -> dict[int, DraftPlan]:
+        if self.lookahead is None:
+            return {}
+        running = [seq for group in self.scheduler.running for seq in group.sequences if seq.status == SequenceStatus.RUNNING and not seq.is_finished]
+        return self.lookahead.plan(running, len(running), self.max_model_len)
+
+    def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
+        outputs = []
+        for index, item in enumerate(scheduled):
+            if not item.num_draft_tokens:
+                continue
+            assert self.lookahead is not None
+            seq = item.seq
+            result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.host_logits)
+            appended: list[int] = []
+            for token in result.tokens:
+                self._append(seq, token)
+                appended.append(token)
+                if seq.is_finished:
+                    break
+            reused = min(result.num_reused, len(appended) - 1)
+            if not seq.is_finished:
+                self.lookahead.copy_accepted(seq, result, item.draft, reused)
+                seq.num_computed_tokens += reused
+                self.blocks.commit_full_blocks(seq)
+            outputs.append(self._output(seq, appended, None))
+        return outputs
+
+    def _release_finished(self, outputs: list[GenerationDelta]) -> None:
+        for request_id in {output.request_id for output in outputs if output.finish_reason is not None}:
+            group = self.groups.get(request_id)
+            if group is None:
+                continue
+            for seq in group.sequences:
+                if seq.is_finished and seq.block_table:
+                    self.blocks.free(seq)
+            if group.is_finished:
+                self.scheduler.finish(group)
+                del self.groups[request_id]
+
+    def _sampling_rows(
+        self, items: list[ScheduledSequence]
+    ) -> tuple[list[SamplingRow], list[tuple[int, Sequence]]]:
+        """One row per sampled sequence; a parent finishing its prefill also samples for its forked choices."""
+        rows: list[SamplingRow] = []
+        owners: list[tuple[int, Sequence]] = []
+        for position, item in enumerate(items):
+            seq = item.seq
+            targets = [seq]
+            group = self.groups[seq.request_id]
+            if seq is group.parent and not seq.output_token_ids and len(group.sequences) > 1:
+                targets += self._fork_children(group)
+            for target in targets:
+                rows.append(
+                    SamplingRow(
+                        params=target.sampling,
+                        generator=target.generator,
+                        prompt_token_ids=target.prompt_token_ids,
+                        output_token_ids=target.output_token_ids,
+                        eos_token_ids=self.eos_token_ids,
+                        token_bitmask=self._bitmask_of(target),
+                    )
+                )
+                owners.append((position, target))
+        return rows, owners
+
+    def _start_mask_fill(self, scheduled: list[ScheduledSequence]) -> None:
+        """Fill the grammar masks of this step's sampled rows on a helper thread while the forward runs.
+
+        The matchers already hold the state after the last accepted token, and the forward releases the GIL
+        inside its kernels, so on a machine with a spare core the masks cost (almost) nothing.
+        """
+        guided = [
+            seq
+            for item in scheduled
+            if item.sample and not item.num_draft_tokens
+            for seq in ([item.seq] + self._unforked_children(item.seq))
+            if seq.guide_state is not None
+        ]
+        self._masks = {}
+        if guided:
+            self._mask_future = self._mask_pool.submit(lambda: {seq.seq_id: seq.guide_state.token_bitmask().clone() for seq in guided})
+        else:
+            self._mask_future = None
+
+    def _bitmask_of(self, seq: Sequence) -> torch.Tensor | None:
+        if seq.guide_state is None:
+            return None
+        if self._mask_future is not None:
+            self._masks, self._mask_future = self._mask_future.result(), None
+        mask = self._masks.get(seq.seq_id)
+        return mask if mask is not None else seq.guide_state.token_bitmask()
+
+    def _unforked_children(self, seq: Sequence) -> list[Sequence]:
+        group = self.groups.get(seq.request_id)
+        if group is None or seq is not group.parent or seq.output_token_ids:
+            return []
+        return [child for child in group.children if not child.is_finished and not child.output_token_ids]
+
+    def _fork_children(self, group: SequenceGroup) -> list[Sequence]:
+        forked = []
+        for child in group.children:
+            if child.is_finished or child.output_token_ids:
+                continue
+            copy = self.blocks.fork(group.parent, child)
+            if copy is not None:
+                self.runner.kv_cache.copy_block(*copy)
+            child.status = SequenceStatus.RUNNING
+            child.num_cached_prompt_tokens = group.parent.num_cached_prompt_tokens
+            forked.append(child)
+        return forked
+
+    def _append(self, seq: Sequence, token_id: int) -> None:
+        seq.output_token_ids.append(token_id)
+        params = seq.sampling
+        if seq.guide_state is not None and not seq.guide_state.accept(token_id):
+            # The mask only offers tokens the grammar accepts, so this means the matcher and the mask disagree.
+            self._finish(seq, FinishReason.ERROR, None)
+            seq.error = f"token {token_id} was rejected by the grammar"
+            return
+        num_output = seq.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                self._finish(seq, FinishReason.STOP, None)
+                return
+            if token_id in params.stop_token_ids:
+                self._finish(seq, FinishReason.STOP, token_id)
+                return
+        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> GenerationDelta:
+        first = token_ids and seq.num_output_tokens == len(token_ids)
+        return GenerationDelta(
+            prompt_logprobs=seq.prompt_logprobs if first else None,
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=token_ids,
+            text="",  # the client detokenizes
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            error=seq.error,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.blocks.usage,
+            num_kv_blocks=self.blocks.num_usable_blocks,
+            num_free_kv_blocks=self.blocks.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.blocks.hit_rate(),
+            lookahead_accepted_per_step=self.lookahead.accepted_per_step if self.lookahead else 0.0,
+        )

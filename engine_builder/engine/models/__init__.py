@@ -1,0 +1,194 @@
+"""Decoder architectures the torch engine runs: a registry from HF `architectures` names to specs."""
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from engine_builder.engine.layers.moe import MoESpec
+from engine_builder.engine.models.decoder import DecoderModel, DecoderSpec
+
+SpecBuilder = Callable[[str, dict[str, Any]], DecoderSpec]
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def _rope(config: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:
+    """rope theta and scaling, from transformers 4.x keys or 5.x `rope_parameters` (possibly per layer type)."""
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict) and layer_type and layer_type in parameters:
+        parameters = parameters[layer_type]
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        scaling = dict(parameters) if parameters.get("rope_type", "default") != "default" else None
+        return float(parameters["rope_theta"]), scaling
+    return float(config.get("rope_theta", 10000.0)), config.get("rope_scaling")
+
+
+def _common(architecture: str, config: dict[str, Any], **overrides: Any) -> DecoderSpec:
+    num_heads = config["num_attention_heads"]
+    theta, scaling = _rope(config)
+    values: dict[str, Any] = dict(
+        architecture=architecture,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=bool(config.get("attention_bias", False)),
+        qk_norm=False,
+        activation=config.get("hidden_act", "silu"),
+        sliding_window=None,
+    )
+    values.update(overrides)
+    if config.get("mlp_bias"):
+        raise UnsupportedArchitectureError(f"{architecture} with mlp_bias is not supported by the torch engine")
+    return DecoderSpec(**values)
+
+
+def _llama(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    return _common(architecture, config)
+
+
+def _mistral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    return _common(architecture, config, sliding_window=config.get("sliding_window"))
+
+
+def _qwen2(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
+    return _common(architecture, config, qkv_bias=True, sliding_window=window)
+
+
+def _qwen3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
+    return _common(architecture, config, qk_norm=True, sliding_window=window)
+
+
+def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    if "text_config" in config:
+        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+    num_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types")
+    if layer_types:
+        sliding = tuple(kind == "sliding_attention" for kind in layer_types)
+    else:
+        pattern = config.get("sliding_window_pattern", 6)
+        sliding = tuple((index + 1) % pattern != 0 for index in range(num_layers))
+    theta, scaling = _rope(config, "full_attention")
+    local_theta, _ = _rope(config, "sliding_attention")
+    if "rope_local_base_freq" in config:
+        local_theta = float(config["rope_local_base_freq"])
+    return _common(
+        architecture,
+        config,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=local_theta,
+        qk_norm=True,
+        activation=config.get("hidden_activation") or config.get("hidden_act", "gelu_pytorch_tanh"),
+        norm_offset=1.0,
+        embedding_scale=math.sqrt(config["hidden_size"]),
+        sandwich_norms=True,
+        sliding_window=config.get("sliding_window"),
+        sliding_layers=sliding,
+        query_scale=float(config.get("query_pre_attn_scalar") or config.get("head_dim", 256)),
+        final_logit_softcap=config.get("final_logit_softcapping"),
+    )
+
+
+def _num_experts(config: dict[str, Any]) -> int:
+    """`num_experts` (Qwen checkpoints) or `num_local_experts` (Mixtral, and Qwen3-MoE saved by transformers 5)."""
+    value = config.get("num_experts") or config.get("num_local_experts")
+    if not isinstance(value, int) or value < 1:
+        raise UnsupportedArchitectureError("a mixture-of-experts config without num_experts / num_local_experts")
+    return value
+
+
+def _qwen3_moe(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    num_layers = config["num_hidden_layers"]
+    dense = set(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["moe_intermediate_size"],
+        normalize_top_k=bool(config.get("norm_topk_prob", False)),
+        sparse_layers=tuple(index not in dense and (index + 1) % step == 0 for index in range(num_layers)),
+    )
+    return replace(_qwen3(architecture, config), moe=moe)
+
+
+def _mixtral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        normalize_top_k=True,
+        sparse_layers=(True,) * config["num_hidden_layers"],
+    )
+    return replace(_mistral(architecture, config), moe=moe)
+
+
+def _gpt_oss(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    """gpt-oss: attention with biases and per-head sinks, sliding-window and full layers alternating, YaRN
+    rotary, and experts on every layer (softmax over the 4 best logits, biases, clamped SwiGLU)."""
+    num_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if index % 2 == 0 else "full_attention" for index in range(num_layers)
+    ]
+    moe = MoESpec(
+        num_experts=_num_experts(config),
+        top_k=config["num_experts_per_tok"],
+        intermediate_size=config["intermediate_size"],
+        normalize_top_k=False,
+        sparse_layers=(True,) * num_layers,
+        softmax_after_top_k=True,
+        biases=True,
+        swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
+        checkpoint_layout="gpt_oss",
+    )
+    return _common(
+        architecture,
+        config,
+        qkv_bias=bool(config.get("attention_bias", True)),
+        o_bias=bool(config.get("attention_bias", True)),
+        attention_sinks=True,
+        sliding_window=config.get("sliding_window"),
+        sliding_layers=tuple(kind == "sliding_attention" for kind in layer_types),
+        moe=moe,
+    )
+
+
+ARCHITECTURES: dict[str, SpecBuilder] = {
+    "LlamaForCausalLM": _llama,
+    "MistralForCausalLM": _mistral,
+    "Qwen2ForCausalLM": _qwen2,
+    "Qwen3ForCausalLM": _qwen3,
+    "Gemma3ForCausalLM": _gemma3,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "MixtralForCausalLM": _mixtral,
+    "GptOssForCausalLM": _gpt_oss,
+}
+
+
+def decoder_spec(config: dict[str, Any]) -> DecoderSpec:
+    architectures = config.get("architectures") or []
+    for architecture in architectures:
+        if architecture in ARCHITECTURES:
+            return ARCHITECTURES[architecture](architecture, config)
+    raise UnsupportedArchitectureError(
+        f"architecture {architectures} is not supported by the torch engine; supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+__all__ = ["ARCHITECTURES", "DecoderModel", "DecoderSpec", "UnsupportedArchitectureError", "decoder_spec"]

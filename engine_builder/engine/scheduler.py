@@ -1,0 +1,235 @@
+"""In-flight batching: which sequences run in the next step, and with how many tokens each.
+
+Order of a step: running sequences first (decodes and unfinished prefill chunks, in arrival order),
+then new requests from the waiting queue, first come first served. `guaranteed_no_evict` admits a
+request only when its worst case (prompt + max_tokens, every choice) fits beside the worst cases of
+everything running; `max_utilization` admits what fits now and, when blocks run out, preempts the
+newest running request (its KV is dropped and recomputed later).
+"""
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_builder.engine.block_manager import BlockManager
+from engine_builder.engine.config import EngineConfig, SchedulerPolicy
+from engine_builder.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+    sample: bool  # the step computes up to the sequence's last token, so a new token is sampled
+    num_draft_tokens: int = 0  # lookahead: extra draft rows computed in this step
+    draft: Any = None  # the DraftPlan behind those rows
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions = 0
+
+    # -- queue -------------------------------------------------------------------------------------------
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def remove(self, request_id: str) -> SequenceGroup | None:
+        for queue in (self.running, self.waiting):
+            for group in queue:
+                if group.request_id == request_id:
+                    queue.remove(group)
+                    for seq in group.sequences:
+                        self.blocks.free(seq)
+                    return group
+        return None
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for group in self.running for seq in group.sequences if not seq.is_finished)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling --------------------------------------------------------------------------------------
+    def schedule(self, draft_tokens: dict[int, tuple[int, int]] | None = None) -> SchedulerOutput:
+        """Pick the next step's work.
+
+        `draft_tokens` maps seq_id -> (draft rows, KV slots to reserve for accepted drafts) (lookahead).
+        Drafts are optional extras: they are dropped when the token budget or the block pool is short.
+        """
+        output = SchedulerOutput()
+        token_budget = self.config.max_num_tokens
+        for group in list(self.running):
+            for seq in group.sequences:
+                if seq.is_finished or seq.status != SequenceStatus.RUNNING:
+                    continue
+                if group not in self.running:
+                    break
+                num_new = seq.num_uncomputed_tokens
+                if num_new <= 0:
+                    continue
+                drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if num_new == 1 else (0, 0)
+                if num_new > token_budget:
+                    # Recomputing a preempted sequence may always be chunked: it could exceed max_num_tokens.
+                    can_chunk = self.config.enable_chunked_prefill or bool(seq.output_token_ids)
+                    if not can_chunk or token_budget == 0:
+                        continue
+                    num_new = token_budget
+                if drafts and num_new + drafts > token_budget:
+                    drafts = 0
+                if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output):
+                    if group not in self.running:
+                        break
+                    if drafts and self._reserve_slots(seq, num_new, output):
+                        drafts = 0
+                    else:
+                        continue
+                token_budget -= num_new + drafts
+                sample = seq.num_computed_tokens + num_new == seq.num_tokens
+                output.scheduled.append(ScheduledSequence(seq, num_new, sample, drafts))
+        if not output.preempted:
+            self._admit(output, token_budget)
+        return output
+
+    def _reserve_slots(self, seq: Sequence, num_tokens: int, output: SchedulerOutput) -> bool:
+        """Make room in the block pool for `num_tokens` more tokens of `seq`, preempting when the policy allows."""
+        while not self.blocks.can_append(seq, num_tokens):
+            victim = self._newest_running_group()
+            if victim is None or self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
+                # Admission control reserves every worst case, so this only happens for optional extras
+                # (lookahead drafts beyond the reservation): skip them rather than evict anyone.
+                logger.debug("no free KV block for seq %s under %s", seq.seq_id, self.config.scheduler_policy)
+                return False
+            self._preempt(victim, output)
+            if seq in victim.sequences:
+                return False
+        self.blocks.append_slots(seq, num_tokens)
+        return True
+
+    def _newest_running_group(self) -> SequenceGroup | None:
+        return self.running[-1] if self.running else None
+
+    def _preempt(self, group: SequenceGroup, output: SchedulerOutput) -> None:
+        """Recompute preemption: drop the group's KV, put it back at the head of the queue."""
+        self.running.remove(group)
+        for seq in group.sequences:
+            if seq.is_finished:
+                continue
+            self.blocks.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+            output.preempted.append(seq)
+        output.scheduled = [item for item in output.scheduled if item.seq not in group.sequences]
+        self.waiting.appendleft(group)
+        self.num_preemptions += 1
+
+    def _admit(self, output: SchedulerOutput, token_budget: int) -> None:
+        config = self.config
+        num_running = self.num_running
+        while self.waiting and token_budget > 0:
+            group = self.waiting[0]
+            live = [seq for seq in group.sequences if not seq.is_finished]
+            if num_running + len(live) > config.max_batch_size:
+                break
+            if (
+                self.running
+                and self._reserved_tokens() + self._worst_case_tokens(group) > config.total_token_limit
+            ):
+                break
+            # A fresh group prefills its first choice only (the others fork from it); a group that was
+            # preempted after sampling recomputes every live choice, sharing the prompt through the prefix cache.
+            to_prefill = live if group.parent.output_token_ids else [group.parent]
+            matched = self.blocks.match_prefix(to_prefill[0])
+            first_new = to_prefill[0].num_tokens - len(matched) * self.blocks.block_size
+            if first_new > token_budget and not config.enable_chunked_prefill:
+                break
+            first_new = min(first_new, token_budget)
+            free_after = self.blocks.num_free_after_match(matched)
+            if config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
+                if self._worst_case_new_blocks(group, len(matched)) + self._reserved_blocks() > free_after:
+                    break
+            else:
+                needed = self.blocks.blocks_for(len(matched) * self.blocks.block_size + first_new) - len(
+                    matched
+                )
+                if needed > free_after:
+                    break
+            self.waiting.popleft()
+            self.running.append(group)
+            num_running += len(live)
+            for position, seq in enumerate(to_prefill):
+                seq_matched = matched if position == 0 else self.blocks.match_prefix(seq)
+                self.blocks.allocate_prompt(seq, seq_matched)
+                if not seq.output_token_ids:
+                    seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+                seq.status = SequenceStatus.RUNNING
+                num_new = min(seq.num_uncomputed_tokens, token_budget)
+                if num_new <= 0 or not self.blocks.can_append(seq, num_new):
+                    continue  # picked up by the running loop in a later step
+                self.blocks.append_slots(seq, num_new)
+                token_budget -= num_new
+                sample = seq.num_computed_tokens + num_new == seq.num_tokens
+                output.scheduled.append(ScheduledSequence(seq, num_new, sample))
+
+    # -- accounting for guaranteed_no_evict ---------------------------------------------------------------
+    def _max_total_tokens(self, seq: Sequence) -> int:
+        return min(seq.num_prompt_tokens + seq.sampling.max_tokens, self.config.max_seq_len)
+
+    def _worst_case_tokens(self, group: SequenceGroup) -> int:
+        return sum(self._max_total_tokens(seq) for seq in group.sequences if not seq.is_finished)
+
+    def _reserved_tokens(self) -> int:
+        return sum(self._worst_case_tokens(group) for group in self.running)
+
+    def _worst_case_new_blocks(self, group: SequenceGroup, num_matched: int) -> int:
+        total = 0
+        for index, seq in enumerate(group.sequences):
+            if seq.is_finished:
+                continue
+            blocks = self.blocks.blocks_for(self._max_total_tokens(seq) + self.config.max_draft_tokens)
+            # Choices share the prompt's full blocks; the parent may also reuse cached prefix blocks.
+            shared = num_matched if index == 0 else group.num_prompt_tokens // self.blocks.block_size
+            total += max(0, blocks - shared)
+        return total
+
+    def _reserved_blocks(self) -> int:
+        """Blocks the running sequences may still claim before they finish."""
+        reserved = 0
+        for group in self.running:
+            for seq in group.sequences:
+                if seq.is_finished:
+                    continue
+                worst = self.blocks.blocks_for(self._max_total_tokens(seq) + self.config.max_draft_tokens)
+                if seq.status == SequenceStatus.RUNNING:
+                    reserved += max(0, worst - len(seq.block_table))
+                else:  # a child not forked yet
+                    shared = group.num_prompt_tokens // self.blocks.block_size
+                    reserved += max(0, worst - shared)
+        return reserved
+
+    def finish(self, group: SequenceGroup) -> None:
+        if group in self.running:
+            self.running.remove(group)
+        for seq in group.sequences:
+            self.blocks.free(seq)

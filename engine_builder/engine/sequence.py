@@ -1,0 +1,118 @@
+"""Per-request state inside the engine: one `Sequence` per choice, grouped per request for n > 1."""
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine_builder.common.types import FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # choice index within the request
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    last_block_hash: int | None = None  # hash of the last registered block (the chain continues from it)
+    generator: torch.Generator | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    guide_state: Any = None  # per-request grammar matcher (structured outputs)
+    lookahead_state: Any = None  # per-request lookahead pool and window
+    error: str | None = None
+    prompt_logprobs: list[Any] | None = None  # TokenLogprob per prompt position (None for the first)
+    lora_slot: int = 0  # the adapter pool slot of the request's LoRA adapter; 0 = the base model
+
+    def __post_init__(self) -> None:
+        self.last_block_hash = self.prefix_salt
+
+    @property
+    def prefix_salt(self) -> int | None:
+        """Where the sequence's prefix-block hash chain starts: blocks computed under different adapters hold
+        different K/V, so each adapter has its own chain (the base model's starts from None)."""
+        return None if self.lora_slot == 0 else hash(("lora", self.lora_slot))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def token_at(self, position: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        return (
+            self.prompt_token_ids[position]
+            if position < prompt_len
+            else self.output_token_ids[position - prompt_len]
+        )
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """The choices of one request. The first sequence prefills; the rest fork from it when it first samples."""
+
+    request_id: str
+    sequences: list[Sequence]
+    arrival_time: float
+
+    @property
+    def parent(self) -> Sequence:
+        return self.sequences[0]
+
+    @property
+    def children(self) -> list[Sequence]:
+        return self.sequences[1:]
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.sequences[0].sampling
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.sequences[0].num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)

@@ -1,0 +1,211 @@
+"""The TensorRT-LLM backend behind the EngineClient seam: one `LLM` object, one async stream per request.
+
+TensorRT-LLM runs its own executor (and MPI workers for tensor parallelism); `generate_async(...,
+streaming=True)` yields a `RequestOutput` per step, which `RequestStream` turns into our deltas.
+Everything about TensorRT-LLM here is verified only against the fake package in tests/fakes: no GPU run yet.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from engine_builder.common.artifact import EngineDir
+from engine_builder.common.model_facts import read_model_facts
+from engine_builder.common.trtllm import adapter
+from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec
+from engine_builder.common.types import (
+    EngineStats,
+    GenerationDelta,
+    GenerationRequest,
+    Guide,
+    ModelInfo,
+    SamplingParams,
+)
+from engine_builder.serve.backends.trtllm.outputs import RequestStream
+from engine_builder.serve.backends.trtllm.sampling import (
+    EngineTraits,
+    UnsupportedRequestError,
+    guide_kwargs,
+    to_trtllm,
+)
+
+logger = logging.getLogger(__name__)
+
+_DRAIN_POLL_S = 0.05
+
+
+def _is_request_error(error: BaseException) -> bool:
+    """TensorRT-LLM's `RequestError` (a RuntimeError subclass, exported by `tensorrt_llm.executor`) fails one
+    request, not the engine; matched by name along the class hierarchy so no import of the package is needed."""
+    return any(cls.__name__ == "RequestError" for cls in type(error).__mro__)
+
+
+class TrtLlmEngineDeadError(RuntimeError):
+    """TensorRT-LLM's executor stopped; the server reports unhealthy and should be restarted."""
+
+
+class TrtLlmEngineClient:
+    def __init__(self, spec: LlmSpec, model_info: ModelInfo, *, warmup: bool = True) -> None:
+        self.spec = spec
+        self._model_info = model_info
+        self._traits = EngineTraits(
+            is_pytorch_backend=spec.backend == LlmBackend.PYTORCH,
+            has_lookahead=spec.lookahead is not None,
+            vocab_size=model_info.vocab_size,
+            eos_token_ids=model_info.eos_token_ids,
+        )
+        self._warmup = warmup
+        self._llm: Any = None
+        self._results: dict[str, Any] = {}
+        self._dead: BaseException | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_engine_dir(cls, engine: EngineDir) -> "TrtLlmEngineClient":
+        """The LLM(...) the build recorded in the manifest's runtime section, its paths inside `engine`."""
+        recorded = engine.manifest.runtime.trtllm
+        if recorded is None:
+            raise FileNotFoundError(
+                f"{engine.path} has no TensorRT-LLM launch recorded (it was built for the {engine.manifest.backend} "
+                "backend): rebuild it with --backend trtllm"
+            )
+        spec = LlmSpec.from_dict(recorded, root=engine.path)
+        if spec.backend == LlmBackend.TENSORRT and not (Path(spec.model) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{engine.path} has no TensorRT engine under {Path(spec.model).relative_to(engine.path)}: "
+                "rebuild it with --backend trtllm"
+            )
+        facts = read_model_facts(engine.model_dir)
+        manifest = engine.manifest
+        model_info = ModelInfo(
+            served_model_name=manifest.served_model_name or manifest.architecture,
+            max_model_len=manifest.max_seq_len,
+            vocab_size=facts.vocab_size,
+            eos_token_ids=facts.eos_token_ids,
+            architecture=manifest.architecture,
+            kind="decoder",
+            tool_parser=manifest.tool_parser,
+        )
+        return cls(spec, model_info)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not adapter.is_importable():
+            raise TrtLlmEngineDeadError(
+                "tensorrt_llm is not installed: serve this engine on an NVIDIA GPU host with TensorRT-LLM"
+            )
+        logger.info("loading TensorRT-LLM (%s) from %s", self.spec.class_path, self.spec.model)
+        self._llm = await asyncio.to_thread(adapter.create_llm, self.spec)
+        if self._warmup:
+            request = GenerationRequest(
+                "warmup", (1, 2, 3, 4), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            )
+            async for _ in self.generate(request):
+                pass
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        self._stopping = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._results and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        for request_id in list(self._results):
+            await self.abort(request_id)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    def is_healthy(self) -> bool:
+        return self._llm is not None and self._dead is None
+
+    def stats(self) -> EngineStats:
+        # TensorRT-LLM's iteration stats are not read yet: only what this client knows.
+        return EngineStats(
+            num_running=len(self._results),
+            num_waiting=0,
+            kv_cache_usage=0.0,
+            num_kv_blocks=0,
+            num_free_kv_blocks=0,
+        )
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse, before anything streams, sampling fields this engine cannot map (the same translation
+        `generate` runs; a ValueError naming the field). Capacity is TensorRT-LLM's own: it sizes its KV cache
+        and refuses what cannot fit at submission (a per-request error, see `generate`)."""
+        to_trtllm(request.sampling, self._traits)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        llm = self._running_llm()
+        sampling = to_trtllm(request.sampling, self._traits)
+        try:
+            params = adapter.sampling_params(sampling.kwargs, sampling.guide)
+        except (
+            ValueError
+        ) as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
+            raise UnsupportedRequestError(
+                f"TensorRT-LLM refused the sampling parameters: {error}", param="sampling"
+            ) from error
+        try:
+            result = llm.generate_async(
+                list(request.prompt_token_ids), sampling_params=params, streaming=True
+            )
+        except ValueError as error:
+            raise UnsupportedRequestError(
+                f"TensorRT-LLM refused the request: {error}", param="request"
+            ) from error
+        except RuntimeError as error:
+            if _is_request_error(error):  # one request refused (e.g. a prompt over max_num_tokens): a 400
+                raise UnsupportedRequestError(
+                    f"TensorRT-LLM refused the request: {error}", param="request"
+                ) from error
+            self._dead = error  # "LLM is shutting down", or the executor died
+            raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error
+        stream = RequestStream(request, sampling)
+        self._results[request.request_id] = result
+        try:
+            try:
+                async for output in result:
+                    for delta in stream.update(output):
+                        yield delta
+                    if stream.is_finished:
+                        break
+            except Exception as error:  # one request failed inside TensorRT-LLM; the others continue
+                logger.warning("request %s failed in TensorRT-LLM: %s", request.request_id, error)
+                for delta in stream.fail(f"TensorRT-LLM failed the request: {error}"):
+                    yield delta
+            for delta in stream.fail("TensorRT-LLM ended the stream without a finish reason"):
+                yield delta
+        finally:
+            self._results.pop(request.request_id, None)
+            if not stream.is_finished:
+                result.abort()
+
+    async def check_guide(self, guide: Guide) -> None:
+        """Refuse, before admission, a guide this backend cannot map; TensorRT-LLM compiles it at generation."""
+        from engine_builder.serve.decoding.structured.errors import GuideError
+
+        try:
+            guide_kwargs(guide, self._traits)
+        except UnsupportedRequestError as error:
+            raise GuideError(str(error), param=error.param) from None
+
+    async def abort(self, request_id: str) -> None:
+        result = self._results.get(request_id)
+        if result is not None:
+            result.abort()
+
+    def _running_llm(self) -> Any:
+        if self._dead is not None:
+            raise TrtLlmEngineDeadError(f"TensorRT-LLM stopped: {self._dead}")
+        if self._llm is None or self._stopping:
+            raise TrtLlmEngineDeadError(
+                "the TensorRT-LLM engine is not running (not started, or shutting down)"
+            )
+        return self._llm

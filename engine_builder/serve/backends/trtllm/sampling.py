@@ -1,0 +1,223 @@
+"""Our SamplingParams -> TensorRT-LLM `SamplingParams` keyword arguments, field by field, failing closed.
+
+Every field of `engine_builder.common.types.SamplingParams` has an entry in `FIELD_MAPPINGS`; a field without
+one (say, added later) makes every request fail with its name, so nothing is ignored silently. A value
+TensorRT-LLM cannot honour raises `UnsupportedRequestError` naming the field. Verified only against the
+fake `tensorrt_llm` in tests/fakes.
+"""
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_builder.common.types import Guide, GuideKind, SamplingParams
+
+
+class UnsupportedRequestError(ValueError):
+    """The request asks for something the TensorRT-LLM backend cannot do; the server answers 400."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What the mapping needs to know about the loaded engine."""
+
+    is_pytorch_backend: bool
+    has_lookahead: bool
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class TrtSampling:
+    """The translated request: SamplingParams kwargs, the guide, and what to report back."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    guide: dict[str, Any] | None = None
+    report_logprobs: int | None = None  # top alternatives per token to report; 0 = only the chosen token
+    added_stop_token_ids: frozenset[int] = frozenset()  # EOS ids we added; a stop on them is a plain EOS
+
+
+Mapper = Callable[[SamplingParams, EngineTraits, TrtSampling], None]
+
+# Same name and meaning on both sides.
+SAME_NAME_FIELDS = (
+    "max_tokens",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+)
+
+GUIDE_KEYS: dict[GuideKind, str] = {
+    GuideKind.JSON_SCHEMA: "json",
+    GuideKind.JSON_OBJECT: "json_object",
+    GuideKind.REGEX: "regex",
+    GuideKind.GRAMMAR: "grammar",
+    GuideKind.STRUCTURAL_TAG: "structural_tag",
+}
+
+
+def _same_name(name: str) -> Mapper:
+    def mapper(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+        out.kwargs[name] = getattr(params, name)
+
+    return mapper
+
+
+def _temperature(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    # TensorRT-LLM's greedy decoding is top_k=1 (its temperature must be > 0); 0 means greedy for us.
+    if params.temperature == 0.0:
+        out.kwargs["top_k"] = 1
+    else:
+        out.kwargs["temperature"] = params.temperature
+
+
+def _top_k(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.temperature != 0.0 and params.top_k is not None:
+        out.kwargs["top_k"] = params.top_k
+
+
+def _top_p(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.temperature != 0.0:
+        out.kwargs["top_p"] = params.top_p
+
+
+def _n(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.n > 1 and params.temperature == 0.0:
+        raise UnsupportedRequestError(
+            "n > 1 with temperature 0: TensorRT-LLM's LLM API returns a single greedy sequence; "
+            "set n to 1 or sample with temperature > 0",
+            param="n",
+        )
+    out.kwargs["n"] = params.n
+
+
+def _logit_bias(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    bans = sorted(token_id for token_id, bias in params.logit_bias.items() if bias == -math.inf)
+    finite = {token_id: bias for token_id, bias in params.logit_bias.items() if math.isfinite(bias)}
+    if len(bans) + len(finite) != len(params.logit_bias):
+        raise UnsupportedRequestError("logit_bias values must be finite (or -inf for a ban)", "logit_bias")
+    if bans:
+        out.kwargs["bad_token_ids"] = bans
+    if finite:
+        import torch
+
+        bias = torch.zeros(traits.vocab_size, dtype=torch.float32)
+        for token_id, value in finite.items():
+            bias[token_id] = value
+        out.kwargs["embedding_bias"] = bias
+
+
+def _seed(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    # TensorRT-LLM uses seed 0 for every request that sets none; unset means random for us.
+    out.kwargs["seed"] = params.seed if params.seed is not None else random.getrandbits(63)
+
+
+def _stop(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.stop:
+        out.kwargs["stop"] = list(params.stop)
+
+
+def _stop_token_ids(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    # TensorRT-LLM ends on the tokenizer's single eos_token_id; the model's other EOS ids stop it too.
+    requested = list(params.stop_token_ids)
+    added = [] if params.ignore_eos else [t for t in traits.eos_token_ids if t not in requested]
+    if requested or added:
+        out.kwargs["stop_token_ids"] = requested + added
+    out.added_stop_token_ids = frozenset(added)
+
+
+def _logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.logprobs is None:
+        return
+    if not traits.is_pytorch_backend:
+        # TensorRT-LLM's LLM._check_arguments refuses logprobs on the TensorRT engine backend unless the LLM was
+        # created with gather_generation_logits (and the engine built to gather them), which this project's v1
+        # engines are not: refuse here, by name, before the call.
+        raise UnsupportedRequestError(
+            "logprobs are not available on this TensorRT engine (v1): TensorRT-LLM needs the engine built and "
+            "loaded with gather_generation_logits; serve with the PyTorch backend (v2) for logprobs",
+            param="logprobs",
+        )
+    # TensorRT-LLM reads logprobs=0 as "off"; 1 returns the chosen token's logprob (plus the top one).
+    out.kwargs["logprobs"] = max(params.logprobs, 1)
+    out.report_logprobs = params.logprobs
+
+
+def _prompt_logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.prompt_logprobs is not None:
+        raise UnsupportedRequestError(
+            "prompt logprobs (echo with logprobs) are not mapped on the TensorRT-LLM backend yet",
+            param="prompt_logprobs",
+        )
+
+
+def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
+    """`GuidedDecodingParams` keyword arguments for one guide, or UnsupportedRequestError."""
+    if not guide.any_whitespace:
+        raise UnsupportedRequestError(
+            "TensorRT-LLM's GuidedDecodingParams has no whitespace setting; compact-whitespace guides are "
+            "not mapped",
+            param="response_format",
+        )
+    if guide.kind == GuideKind.STRUCTURAL_TAG and not traits.is_pytorch_backend:
+        raise UnsupportedRequestError(
+            "structural_tag guides need TensorRT-LLM's PyTorch backend (inference_stack: v2)",
+            param="response_format",
+        )
+    key = GUIDE_KEYS[guide.kind]
+    return {key: True} if guide.kind == GuideKind.JSON_OBJECT else {key: guide.spec}
+
+
+def _guide(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.guide is not None:
+        out.guide = guide_kwargs(params.guide, traits)
+
+
+def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if not params.use_lookahead and traits.has_lookahead:
+        raise UnsupportedRequestError(
+            "this TensorRT engine decodes every request with lookahead; it cannot be turned off per request",
+            param="use_lookahead",
+        )
+
+
+FIELD_MAPPINGS: dict[str, Mapper] = {
+    **{name: _same_name(name) for name in SAME_NAME_FIELDS},
+    "temperature": _temperature,
+    "top_p": _top_p,
+    "top_k": _top_k,
+    "n": _n,
+    "logit_bias": _logit_bias,
+    "seed": _seed,
+    "stop": _stop,
+    "stop_token_ids": _stop_token_ids,
+    "logprobs": _logprobs,
+    "prompt_logprobs": _prompt_logprobs,
+    "guide": _guide,
+    "use_lookahead": _use_lookahead,
+}
+
+
+def to_trtllm(params: SamplingParams, traits: EngineTraits) -> TrtSampling:
+    out = TrtSampling()
+    for item in dataclasses.fields(params):
+        mapper = FIELD_MAPPINGS.get(item.name)
+        if mapper is None:
+            raise UnsupportedRequestError(
+                f"sampling field {item.name!r} has no TensorRT-LLM mapping; the request is refused",
+                param=item.name,
+            )
+        mapper(params, traits, out)
+    return out

@@ -1,0 +1,123 @@
+"""Engine-level grammar compilation: tokenizer info built once, compiled grammars cached by their text."""
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from engine_builder.common.types import Guide, GuideKind
+from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
+
+logger = logging.getLogger(__name__)
+CACHE_SIZE = 256
+
+
+class GrammarCompiler:
+    def __init__(self, model_dir: Path, vocab_size: int, tokenizer: Any = None) -> None:
+        """`tokenizer`: the server's Hugging Face tokenizer of `model_dir`, when it has one (else loaded here)."""
+        import xgrammar
+
+        self._xgr = xgrammar
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
+        self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.vocab_size = vocab_size
+        self.num_compiles = 0
+        self.last_compile_seconds = 0.0
+
+    def compile(self, guide: Guide) -> Any:
+        """The CompiledGrammar for a guide; raises GuideError when it cannot be built or enforced."""
+        key = (guide.kind.value, guide.spec, guide.any_whitespace)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        started = time.perf_counter()
+        compiled = self._compile(guide)
+        self.last_compile_seconds = time.perf_counter() - started
+        self.num_compiles += 1
+        logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, self.last_compile_seconds * 1000)
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, guide: Guide) -> Any:
+        compiler = self._compiler
+        try:
+            if guide.kind == GuideKind.JSON_OBJECT:
+                # OpenAI's json_object promises an object (the builtin JSON grammar would also allow arrays).
+                return compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=guide.any_whitespace, strict_mode=False
+                )
+            if guide.kind == GuideKind.JSON_SCHEMA:
+                schema = json.loads(guide.spec)
+                audit_json_schema(schema)
+                return compiler.compile_json_schema(guide.spec, any_whitespace=guide.any_whitespace, strict_mode=True)
+            if guide.kind == GuideKind.REGEX:
+                return compiler.compile_regex(guide.spec)
+            if guide.kind == GuideKind.GRAMMAR:
+                return compiler.compile_grammar(guide.spec)
+            if guide.kind == GuideKind.STRUCTURAL_TAG:
+                return compiler.compile_structural_tag(guide.spec)
+        except GuideError:
+            raise
+        except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
+            message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}") from None
+        raise GuideError(f"Unknown guide kind {guide.kind}")
+
+    def matcher(self, compiled: Any, stop_token_ids: tuple[int, ...]) -> "GuideMatcher":
+        return GuideMatcher(self._xgr, compiled, self.vocab_size, stop_token_ids)
+
+
+class GuideMatcher:
+    """Per-request parse state: which tokens may come next; accept, roll back, terminate."""
+
+    def __init__(
+        self, xgr: Any, compiled: Any, vocab_size: int, stop_token_ids: tuple[int, ...]
+    ) -> None:
+        import torch
+
+        self._xgr = xgr
+        # The engine's EOS ids (generation_config) end the grammar, not only the tokenizer's eos token.
+        self._matcher = xgr.GrammarMatcher(
+            compiled, override_stop_tokens=list(stop_token_ids) or None
+        )
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        self.vocab_size = vocab_size
+
+    def allowed_tokens(self) -> Any:
+        """Bool tensor [vocab]: True where the grammar allows the token next."""
+        self._matcher.fill_next_token_bitmask(self._bitmask, 0)
+        words = self._bitmask[0]
+        bits = (words.unsqueeze(1) >> self._shifts) & 1
+        return bits.flatten()[: self.vocab_size].bool()
+
+    def token_bitmask(self) -> Any:
+        """int32 [ceil(vocab / 32)], bit set where the grammar allows the token next (valid until the next fill)."""
+        self._matcher.fill_next_token_bitmask(self._bitmask, 0)
+        return self._bitmask[0]
+
+    def accept(self, token_id: int) -> bool:
+        return bool(self._matcher.accept_token(token_id))
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+
+    @property
+    def is_terminated(self) -> bool:
+        return bool(self._matcher.is_terminated())

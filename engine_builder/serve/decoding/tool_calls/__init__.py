@@ -1,0 +1,34 @@
+"""Tool-call parsers keyed by model family (the name recorded in the engine manifest)."""
+
+import importlib
+from typing import Any
+
+from engine_builder.serve.decoding.tool_calls.base import (
+    ParsedCall,
+    ParseResult,
+    Resume,
+    ToolCallStream,
+    ToolParser,
+)
+
+_REGISTRY = {
+    "hermes": "engine_builder.serve.decoding.tool_calls.json_calls:HermesParser",
+    "llama3_json": "engine_builder.serve.decoding.tool_calls.json_calls:Llama3JsonParser",
+    "mistral": "engine_builder.serve.decoding.tool_calls.json_calls:MistralParser",
+    "forced": "engine_builder.serve.decoding.tool_calls.json_calls:ForcedParser",
+    "qwen3_coder": "engine_builder.serve.decoding.tool_calls.xml_calls:Qwen3CoderParser",
+}
+
+
+def known_parsers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def tool_parser(name: str, tools: dict[str, dict[str, Any]]) -> ToolParser:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown tool parser {name!r}; known: {', '.join(known_parsers())}")
+    module, _, attribute = _REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)(tools)
+
+
+__all__ = ["ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "known_parsers", "tool_parser"]

@@ -1,0 +1,383 @@
+"""Formats whose calls are JSON objects: Hermes/Qwen `<tool_call>` tags (and what small Qwen models emit
+instead: a bare object, a list of them, or either inside a Markdown code fence), Llama 3 (`<|python_tag|>`,
+`parameters`), Mistral (`[TOOL_CALLS]` array), and the forced form that `tool_choice: required/named` grammars
+produce."""
+
+from functools import partial
+
+from engine_builder.serve.decoding.tool_calls.base import (
+    ParsedCall,
+    ParseFunction,
+    ParseResult,
+    Resume,
+    ToolParser,
+    held_back,
+    parse_json_call,
+)
+
+
+def _bare_objects(
+    parser: ToolParser,
+    text: str,
+    final: bool,
+    keys: tuple[str, ...],
+    separators: str,
+    rest: ParseFunction | None = None,
+    *,
+    has_calls: bool = False,
+    closer: str | None = None,
+) -> ParseResult | None:
+    """Consecutive JSON call objects from the start of `text`; None when the text is not a call.
+
+    What follows the calls goes to `rest` (the family's parser for text after a call, which may hold more
+    calls), or else becomes content at the end of the reply. `has_calls`: calls came before `text` (this
+    parses the rest of a list); `closer`: a separator that ends the list. After each complete call the
+    result can resume there, with the rest of the list.
+    """
+    calls: list[ParsedCall] = []
+    resume: Resume | None = None
+    position = 0
+    while True:
+        while position < len(text) and (text[position].isspace() or text[position] in separators):
+            if text[position] == closer:
+                position = len(text)
+                break
+            position += 1
+        found = has_calls or bool(calls)
+        if position >= len(text):
+            return ParseResult("", calls, resume) if found or not final else None
+        following = _next_visible(text, position + 1)
+        if text[position] != "{" or (following and following not in '"}'):  # not a JSON object ("{{" is not)
+            return _after(calls, text, position, final, rest, resume) if found else None
+        name, arguments, complete, end = parse_json_call(text[position:], keys)
+        if name is None:
+            if complete or final:
+                return _after(calls, text, position, final, rest, resume) if found else None
+            return ParseResult("", calls, resume)  # the name is not known yet: hold everything back
+        if not parser.is_offered(name):  # plain text
+            return _after(calls, text, position, final, rest, resume) if found else None
+        calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), complete))
+        if not complete:
+            return ParseResult("", calls, resume)
+        position += end
+        more = partial(_more_objects, parser=parser, keys=keys, separators=separators, rest=rest, closer=closer)
+        resume = Resume(position, 0, len(calls), more)
+
+
+def _more_objects(
+    text: str,
+    final: bool,
+    *,
+    parser: ToolParser,
+    keys: tuple[str, ...],
+    separators: str,
+    rest: ParseFunction | None,
+    closer: str | None,
+) -> ParseResult:
+    """The rest of a list of calls after a complete one."""
+    parsed = _bare_objects(parser, text, final, keys, separators, rest, has_calls=True, closer=closer)
+    assert parsed is not None  # with calls before it, the list never turns out to be text
+    return parsed
+
+
+def _next_visible(text: str, position: int) -> str:
+    """The first character at or after `position` that is not whitespace ("" at the end)."""
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return text[position : position + 1]
+
+
+def _after(
+    calls: list[ParsedCall], text: str, position: int, final: bool, rest: ParseFunction | None, resume: Resume | None
+) -> ParseResult:
+    tail = text[position:]
+    if rest is None:
+        return ParseResult(tail if final else "", calls, resume)
+    parsed = rest(tail, final).after(position, "", calls)
+    if parsed.resume is None:
+        parsed.resume = resume
+    return parsed
+
+
+FENCE = "```"
+FENCE_LANGUAGES = ("", "json", "tool_call", "tool_calls")  # what a code fence holding calls may be labelled
+
+
+def _list_of_objects(text: str, final: bool) -> tuple[str, bool] | None:
+    """(the text after a leading `[`, whether it is still undecided) when `text` starts a JSON list whose first
+    element is an object (or may still be one); None otherwise."""
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        return None
+    inner = stripped[1:]
+    if not inner.strip():
+        return None if final else (inner, True)
+    return (inner, False) if inner.lstrip().startswith("{") else None
+
+
+def _fenced_calls(
+    parser: ToolParser, text: str, final: bool, keys: tuple[str, ...], rest: ParseFunction, before: int
+) -> ParseResult | None:
+    """Calls inside a Markdown code fence ("```json\n{...}\n```", or a list of calls), the way small models
+    often answer. Fenced blocks that are not calls (code) stay content; so does text around a call, what
+    follows the closing fence going to `rest`. Only fences starting before `before` count (once the family's
+    own call markup appears, it decides what follows). None when no fence holds (or may still become) a call."""
+    position = 0
+    while True:
+        start = text.find(FENCE, position)
+        if start < 0 or start >= before:
+            return None
+        after = text[start + len(FENCE) :]
+        newline = after.find("\n")
+        if newline < 0:  # the fence's language line is still arriving
+            label = after.strip().lower()
+            if final or not any(option.startswith(label) for option in FENCE_LANGUAGES):
+                return None
+            return ParseResult(text[:start])
+        body_start = start + len(FENCE) + newline + 1
+        if after[:newline].strip().lower() in FENCE_LANGUAGES:
+            body = text[body_start:]
+            listed = _list_of_objects(body, final)
+            if listed is not None and listed[1]:
+                return ParseResult(text[:start])  # "[" so far: a list of calls may follow
+            if not body.strip():
+                if final:
+                    return None
+                return ParseResult(text[:start])
+            inner, separators = (listed[0], ",]") if listed is not None else (body, "")
+            if inner.lstrip().startswith("{"):
+                parsed = _bare_objects(
+                    parser, inner, final, keys, separators, rest=partial(_close_fence, rest=rest)
+                )
+                if parsed is not None:
+                    return parsed.after(len(text) - len(inner), text[:start], [])
+        close = text.find(FENCE, body_start)  # a block that is not a call: look past it
+        if close < 0:
+            return None
+        position = close + len(FENCE)
+
+
+def _first_open_fence(text: str) -> int:
+    """Where the first code fence that is not closed yet starts (len(text) when every fence is closed): text
+    before it can be settled, the way `_fenced_calls` reads fences."""
+    position = 0
+    while True:
+        start = text.find(FENCE, position)
+        if start < 0:
+            return len(text)
+        newline = text.find("\n", start + len(FENCE))
+        close = text.find(FENCE, newline + 1) if newline >= 0 else -1
+        if close < 0:
+            return start
+        position = close + len(FENCE)
+
+
+def _close_fence(tail: str, final: bool, rest: ParseFunction) -> ParseResult:
+    """After a fenced call: the closing fence is dropped and what follows goes to `rest`."""
+    stripped = tail.lstrip()
+    if stripped.startswith(FENCE):
+        offset = len(tail) - len(stripped) + len(FENCE)
+        return rest(stripped[len(FENCE) :], final).after(offset, "", [])
+    if not final and stripped and FENCE.startswith(stripped):
+        return ParseResult("")  # the closing fence is arriving
+    return rest(tail, final)
+
+
+class HermesParser(ToolParser):
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or, as small Qwen models often answer,
+    the same object without tags, a JSON list of such objects, or either inside a ```json code fence."""
+
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    KEYS = ("arguments", "parameters")
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        if not self.tools:
+            return self._tagged(text, final)
+        stripped = text.lstrip()
+        if stripped.startswith("{"):  # bare calls, then possibly tagged ones
+            bare = _bare_objects(self, text, final, self.KEYS, "", rest=self._tagged)
+            if bare is not None:
+                return bare
+        listed = _list_of_objects(text, final)
+        if listed is not None:
+            inner, undecided = listed
+            if undecided:
+                return ParseResult("")
+            parsed = _bare_objects(self, inner, final, self.KEYS, ",]", rest=self.parse)
+            if parsed is not None:
+                return parsed.after(len(text) - len(inner), "", [])
+        result = self._prose(text, final)
+        if not stripped:  # how the reply starts (a call or text) is not known yet
+            result.resume = None
+        return result
+
+    def _prose(self, text: str, final: bool) -> ParseResult:
+        """Text that did not start with a call: fenced calls before the first tag, then tagged calls."""
+        opened = text.find(self.OPEN)
+        fenced = _fenced_calls(
+            self, text, final, self.KEYS, rest=self.parse, before=opened if opened >= 0 else len(text)
+        )
+        if fenced is not None:
+            return fenced
+        result = self._tagged(text, final)
+        if opened < 0:  # plain text so far: settled up to the first fence still open
+            settled = min(len(result.content), _first_open_fence(text))
+            result.resume = Resume(settled, settled, 0, self._prose) if settled else None
+        return result
+
+    def _tagged(self, text: str, final: bool) -> ParseResult:
+        first = text.find(self.OPEN)
+        if first < 0:
+            markers = (self.OPEN, FENCE) if self.tools else (self.OPEN,)  # a fence may hold a call
+            keep = len(text) if final else len(text) - held_back(text, markers)
+            return ParseResult(text[:keep], [], Resume(keep, keep, 0, self._tagged) if keep else None)
+        return self._blocks(text[first:], final).after(first, text[:first], [])
+
+    def _blocks(self, text: str, final: bool, shown_gap: bool = False) -> ParseResult:
+        """Tagged calls and the text between them (shown when it is more than whitespace; `shown_gap`: the
+        text before `text` was). The result resumes after each closed block and after shown text."""
+        content = ""
+        calls: list[ParsedCall] = []
+        resume: Resume | None = None
+        position = 0
+        while position < len(text):
+            start = text.find(self.OPEN, position)
+            if start < 0:
+                tail = text[position:]
+                kept = tail if final else tail[: len(tail) - held_back(tail, (self.OPEN,))]
+                if kept and (shown_gap or kept.strip()):
+                    content += kept
+                    resume = Resume(position + len(kept), len(content), len(calls), partial(self._blocks, shown_gap=True))
+                break
+            if start > position and (shown_gap or text[position:start].strip()):
+                content += text[position:start]
+            shown_gap = False
+            inner_start = start + len(self.OPEN)
+            close = text.find(self.CLOSE, inner_start)
+            closed = close >= 0
+            # an unclosed block may end in the first characters of its closing tag: not arguments (yet)
+            inner_end = close if closed else len(text) - (0 if final else held_back(text, (self.CLOSE,)))
+            inner = text[inner_start:inner_end]
+            name, arguments, complete, _ = parse_json_call(inner)
+            if name is not None and self.is_offered(name):
+                calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), closed or (final and complete)))
+            elif closed or final:
+                content += text[start : (close + len(self.CLOSE)) if closed else len(text)]
+            if not closed:
+                break
+            position = close + len(self.CLOSE)
+            resume = Resume(position, len(content), len(calls), self._blocks)
+        return ParseResult(content, calls, resume)
+
+
+class Llama3JsonParser(ToolParser):
+    """Llama 3.x: an optional `<|python_tag|>` then `{"name": ..., "parameters": {...}}` objects (`;`-separated)."""
+
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+    KEYS = ("parameters", "arguments")
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        if text.lstrip().startswith("{"):  # calls without the tag; a tag after them may start more
+            parsed = _bare_objects(self, text, final, self.KEYS, ";", rest=self._after_calls)
+            if parsed is not None:
+                return parsed
+        result = self._tagged(text, final)
+        if not text.strip():  # how the reply starts (a call or text) is not known yet
+            result.resume = None
+        return result
+
+    def _tagged(self, text: str, final: bool) -> ParseResult:
+        """Text that did not start with a call: content, or the tag and the calls after it."""
+        at = text.find(self.TAG)
+        if at >= 0:
+            prefix, body = text[:at], text[at + len(self.TAG) :]
+            if body.lstrip().startswith("{"):
+                parsed = _bare_objects(self, body, final, self.KEYS, ";")
+                if parsed is not None:
+                    return parsed.after(at + len(self.TAG), prefix, [])
+            if not final and not body.strip():
+                return ParseResult(prefix)  # the tag arrived; its call has not started yet
+        keep = len(text) if final else len(text) - held_back(text, (self.TAG, "{"))
+        return ParseResult(text[:keep], [], Resume(keep, keep, 0, self._tagged) if at < 0 and keep else None)
+
+    def _after_calls(self, text: str, final: bool) -> ParseResult:
+        """After calls: `<|python_tag|>` and more calls, or trailing content (shown at the end)."""
+        if text.startswith(self.TAG):
+            parsed = _bare_objects(self, text[len(self.TAG) :], final, self.KEYS, ";")
+            if parsed is not None:
+                return parsed.after(len(self.TAG), "", [])
+        return ParseResult(text if final else "")
+
+
+class MistralParser(ToolParser):
+    """Mistral: `[TOOL_CALLS]` followed by a JSON array of `{"name", "arguments"}`; call ids are 9 characters."""
+
+    name = "mistral"
+    TAG = "[TOOL_CALLS]"
+    KEYS = ("arguments", "parameters")
+    id_length = 9
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        stripped = text.lstrip()
+        if stripped.startswith("[") and stripped[1:].lstrip().startswith("{"):  # a tag inside its strings is text
+            parsed = self._array(text, 0, final)
+            if parsed is not None:
+                return parsed
+            return ParseResult(self._kept(text, final))
+        at = text.find(self.TAG)
+        if at >= 0:
+            return self._tagged(text, at, final)
+        if stripped.startswith("["):
+            parsed = self._array(text, 0, final)
+            if parsed is not None:
+                return parsed
+        result = self._text(text, final)
+        if not stripped or stripped == "[":  # how the reply starts (calls or text) is not known yet
+            result.resume = None
+        return result
+
+    def _text(self, text: str, final: bool) -> ParseResult:
+        """Text that did not start with calls: content, until the tag and its array."""
+        at = text.find(self.TAG)
+        if at >= 0:
+            return self._tagged(text, at, final)
+        kept = self._kept(text, final)
+        return ParseResult(kept, [], Resume(len(kept), len(kept), 0, self._text) if kept else None)
+
+    def _tagged(self, text: str, at: int, final: bool) -> ParseResult:
+        body_start = at + len(self.TAG)
+        if text[body_start:].lstrip().startswith("["):
+            parsed = self._array(text[body_start:], body_start, final, text[:at])
+            if parsed is not None:
+                return parsed
+        if not final and not text[body_start:].strip():
+            return ParseResult(text[:at])
+        return ParseResult(self._kept(text, final))
+
+    def _array(self, text: str, offset: int, final: bool, prefix: str = "") -> ParseResult | None:
+        """The calls of the array that `text` (at `offset` of the reply) starts with, behind `prefix`."""
+        inner = text.lstrip()[1:]
+        parsed = _bare_objects(self, inner, final, self.KEYS, ",]")
+        return None if parsed is None else parsed.after(offset + len(text) - len(inner), prefix, [])
+
+    def _kept(self, text: str, final: bool) -> str:
+        return text if final else text[: len(text) - held_back(text, (self.TAG, "[{"))]
+
+
+class ForcedParser(ToolParser):
+    """Output of the `tool_choice: required/named` grammar: one call object, or an array of them."""
+
+    name = "forced"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        stripped = text.lstrip()
+        offset = len(text) - len(stripped)
+        if stripped.startswith("["):  # the array ends at its first top-level "]"
+            parsed = _bare_objects(self, text[offset + 1 :], final, ("arguments",), ",]", closer="]")
+            if parsed is not None:
+                parsed = parsed.after(offset + 1, "", [])
+        else:
+            parsed = _bare_objects(self, text, final, ("arguments",), "")
+        return parsed if parsed is not None else ParseResult(text if final else "")

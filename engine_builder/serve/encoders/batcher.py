@@ -1,0 +1,190 @@
+"""Token-budget dynamic batching: requests queue their inputs, a batcher task forms batches bounded by
+padded tokens and batch size (sorted by length to limit padding) and runs them in one worker thread.
+
+Rounds keep it fair: the batcher takes everything waiting, runs all of its batches, then takes the next
+round, so a long input never waits behind an endless stream of short ones.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from engine_builder.serve.encoders.errors import BackendError, UnhealthyError
+from engine_builder.serve.encoders.tokenizer import EncodedInput
+
+logger = logging.getLogger(__name__)
+
+OutputT = TypeVar("OutputT")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_num_tokens: int  # padded tokens (rows x longest row) per forward pass
+    max_batch_size: int  # rows per forward pass
+
+    def __post_init__(self) -> None:
+        if self.max_num_tokens < 1 or self.max_batch_size < 1:
+            raise ValueError(f"batch limits must be positive, got {self}")
+
+
+def plan_batches(lengths: Sequence[int], limits: BatchLimits) -> list[list[int]]:
+    """Group input indices into batches, shortest first, so that rows x longest <= max_num_tokens.
+
+    An input longer than the whole token budget still gets a batch of its own (callers cap lengths).
+    """
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted ascending: the newcomer is the longest row of the batch it joins.
+        grown = len(current) + 1
+        if current and (grown > limits.max_batch_size or grown * lengths[index] > limits.max_num_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass(frozen=True)
+class SubmitResult(Generic[OutputT]):
+    outputs: list[OutputT]  # one per submitted item, in order
+    queue_s: float  # enqueue -> the first of its batches started
+    inference_s: float  # first of its batches started -> last one finished
+
+
+@dataclass
+class _Pending(Generic[OutputT]):
+    item: EncodedInput
+    future: "asyncio.Future[tuple[OutputT, float, float]]"  # (output, batch start, batch end)
+
+
+@dataclass
+class BatcherStats:
+    num_waiting_items: int = 0
+    num_batches: int = 0
+    num_items: int = 0
+    num_tokens: int = 0
+    num_padded_tokens: int = 0
+    num_failed_batches: int = 0
+    busy_s: float = 0.0
+
+
+class TokenBudgetBatcher(Generic[OutputT]):
+    """Runs `compute(items) -> one output per item` on batches formed under `limits`.
+
+    `compute` runs in a dedicated thread (the event loop stays free) and must not touch asyncio.
+    """
+
+    def __init__(self, compute: Callable[[list[EncodedInput]], list[OutputT]], limits: BatchLimits) -> None:
+        self._compute = compute
+        self.limits = limits
+        self._waiting: list[_Pending[OutputT]] = []
+        self._round: list[_Pending[OutputT]] = []  # taken by the batcher, not yet answered
+        self._wakeup = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stats = BatcherStats()
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stats(self) -> BatcherStats:
+        self._stats.num_waiting_items = len(self._waiting)
+        return BatcherStats(**vars(self._stats))
+
+    async def start(self) -> None:
+        if self.is_running:
+            return
+        self._wakeup = (
+            asyncio.Event()
+        )  # bound to the running loop, so a restarted batcher works on a new loop
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-compute")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="encoder-batcher")
+
+    async def shutdown(self) -> None:
+        """Stop batching; inputs still waiting fail with 503."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for pending in self._round + self._waiting:
+            if not pending.future.done():
+                pending.future.set_exception(UnhealthyError("the encoder engine is shutting down"))
+        self._waiting, self._round = [], []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def submit(self, items: Sequence[EncodedInput]) -> SubmitResult[OutputT]:
+        """Queue the items and wait for all of their outputs."""
+        if not self.is_running:
+            raise UnhealthyError("the encoder engine is not running")
+        loop = asyncio.get_running_loop()
+        enqueued_at = time.perf_counter()
+        pendings = [_Pending[OutputT](item, loop.create_future()) for item in items]
+        self._waiting.extend(pendings)
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(pending.future for pending in pendings))
+        except BaseException:
+            for pending in pendings:
+                pending.future.cancel()
+            raise
+        first_start = min(start for _, start, _ in results)
+        last_end = max(end for _, _, end in results)
+        return SubmitResult(
+            [output for output, _, _ in results], first_start - enqueued_at, last_end - first_start
+        )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._waiting:
+                self._round = [pending for pending in self._waiting if not pending.future.done()]
+                self._waiting = []
+                plan = plan_batches([pending.item.num_tokens for pending in self._round], self.limits)
+                for indices in plan:
+                    batch = [self._round[index] for index in indices if not self._round[index].future.done()]
+                    if batch:
+                        await self._run_batch(loop, batch)
+                self._round = []
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[OutputT]]) -> None:
+        assert self._executor is not None
+        items = [pending.item for pending in batch]
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._compute, items)
+            if len(outputs) != len(items):
+                raise RuntimeError(f"compute returned {len(outputs)} outputs for {len(items)} inputs")
+        except Exception as exc:
+            logger.exception("encoder batch of %d inputs failed", len(items))
+            self._stats.num_failed_batches += 1
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(BackendError(f"inference failed: {exc}"))
+            return
+        finished = time.perf_counter()
+        self._record(items, finished - started)
+        for pending, output in zip(batch, outputs, strict=True):
+            if not pending.future.done():
+                pending.future.set_result((output, started, finished))
+
+    def _record(self, items: list[EncodedInput], busy_s: float) -> None:
+        self._stats.num_batches += 1
+        self._stats.num_items += len(items)
+        self._stats.num_tokens += sum(item.num_tokens for item in items)
+        self._stats.num_padded_tokens += len(items) * max(item.num_tokens for item in items)
+        self._stats.busy_s += busy_s

@@ -1,0 +1,304 @@
+"""EncoderEngine: validate -> tokenize -> token-budget batcher -> model in a worker thread -> per-request
+post-processing (Matryoshka truncation, normalization, rerank and classification scores).
+
+It knows nothing of HTTP; failures are typed `EncoderError`s that routes render.
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine_builder.serve.encoders.batcher import BatchLimits, TokenBudgetBatcher
+from engine_builder.serve.encoders.errors import (
+    BatchSizeError,
+    EmptyInputError,
+    InvalidRequestError,
+    OverloadedError,
+    UnsupportedTaskError,
+)
+from engine_builder.serve.encoders.info import (
+    BEI_MAX_CLIENT_BATCH_SIZE,
+    BEI_MAX_CONCURRENT_REQUESTS,
+    EncoderInfo,
+)
+from engine_builder.serve.encoders.loader import load_encoder
+from engine_builder.serve.encoders.models import EncoderModel, EncoderTask
+from engine_builder.serve.encoders.results import (
+    ClassifyResult,
+    EmbedResult,
+    RerankResult,
+    check_finite,
+    l2_normalize,
+    request_timing,
+    sigmoid,
+    softmax,
+)
+from engine_builder.serve.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput
+from engine_builder.serve.encoders.truncation import REFUSE_OVER_LENGTH, Truncation
+
+
+class EncoderEngine:
+    """Owns the model, the tokenizer, the pooling and the batcher with its worker thread."""
+
+    def __init__(
+        self,
+        model: EncoderModel,
+        tokenizer: EncoderTokenizer,
+        info: EncoderInfo,
+        *,
+        max_concurrent_requests: int = BEI_MAX_CONCURRENT_REQUESTS,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.max_concurrent_requests = max_concurrent_requests
+        self._batcher: TokenBudgetBatcher[torch.Tensor] = TokenBudgetBatcher(
+            self._compute, BatchLimits(info.max_num_tokens, info.max_batch_size)
+        )
+        self._num_running_requests = 0
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: Path,
+        *,
+        kind: str,
+        max_num_tokens: int,
+        max_batch_size: int,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        auto_truncate: bool | None = None,
+        pooling: str | None = None,
+        matryoshka: bool | None = None,
+        max_client_batch_size: int = BEI_MAX_CLIENT_BATCH_SIZE,
+        max_concurrent_requests: int = BEI_MAX_CONCURRENT_REQUESTS,
+    ) -> "EncoderEngine":
+        """Load a checkpoint directory (blocking).
+
+        auto_truncate None = each route family's own convention (`truncation.TruncationDefaults`);
+        matryoshka None = accept `dimensions` only if the model card mentions Matryoshka training.
+        """
+        model, tokenizer, info = load_encoder(
+            model_dir,
+            kind=kind,
+            max_num_tokens=max_num_tokens,
+            max_batch_size=max_batch_size,
+            device=device,
+            dtype=dtype,
+            auto_truncate=auto_truncate,
+            pooling=pooling,
+            matryoshka=matryoshka,
+            max_client_batch_size=max_client_batch_size,
+        )
+        return cls(model, tokenizer, info, max_concurrent_requests=max_concurrent_requests)
+
+    # lifecycle
+
+    async def start(self) -> None:
+        """Start the batcher and run one warm-up batch; ready when this returns."""
+        await self._batcher.start()
+        warmup = EncodedInput([0, 0], [0, 0] if self.info.task is EncoderTask.CLASSIFICATION else None)
+        await self._batcher.submit([warmup])
+
+    async def shutdown(self) -> None:
+        await self._batcher.shutdown()
+
+    def is_healthy(self) -> bool:
+        return self._batcher.is_running
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for /metrics (totals since start)."""
+        batcher = self._batcher.stats()
+        return {
+            "num_waiting_inputs": batcher.num_waiting_items,
+            "num_running_requests": self._num_running_requests,
+            "num_batches": batcher.num_batches,
+            "num_inputs": batcher.num_items,
+            "num_tokens": batcher.num_tokens,
+            "num_padded_tokens": batcher.num_padded_tokens,
+            "num_failed_batches": batcher.num_failed_batches,
+            "busy_seconds": batcher.busy_s,
+        }
+
+    # requests
+
+    async def embed(
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
+        dimensions: int | None = None,
+        normalize: bool = True,
+        field: str = "input",
+    ) -> EmbedResult:
+        """Embed texts or token-id lists; `dimensions` truncates (Matryoshka) before normalizing.
+
+        `truncation` cuts over-length inputs; by default they are refused."""
+        self._require_embedding_model("embeddings", "/predict")
+        self._check_batch(len(inputs), field)
+        self._check_dimensions(dimensions)
+        with self._request_slot():
+            started = time.perf_counter()
+            encoded = await asyncio.to_thread(self.tokenizer.encode_inputs, inputs, truncation, field)
+            tokenized = time.perf_counter()
+            result = await self._batcher.submit(encoded)
+        vectors = torch.stack(result.outputs).numpy()
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+        if normalize:
+            vectors = l2_normalize(vectors)
+        return EmbedResult(
+            vectors.astype(np.float32, copy=False),
+            sum(item.num_tokens for item in encoded),
+            sum(item.num_chars for item in encoded),
+            request_timing(started, tokenized, result),
+        )
+
+    async def rerank(
+        self,
+        query: str,
+        texts: Sequence[str],
+        *,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
+        raw_scores: bool = False,
+        field: str = "texts",
+    ) -> RerankResult:
+        """Score each text against the query; `truncation` applies to each (query, text) pair, or to the query and
+        each text alone for a bi-encoder.
+
+        Cross-encoder (one-label classifier): the classifier score, sigmoid unless `raw_scores`.
+        Bi-encoder (embedding model): cosine of the query and text embeddings; `raw_scores` changes nothing,
+        because the cosine is already the model's raw similarity (no calibrated probability exists).
+        """
+        if not texts:
+            raise EmptyInputError(f"`{field}` cannot be empty", param=field)
+        self._check_batch(len(texts), field)
+        if self.info.task is EncoderTask.CLASSIFICATION and not self.info.is_cross_encoder:
+            raise UnsupportedTaskError(
+                f"rerank needs a re-ranker (one-label classifier) or an embedding model; this classifier has "
+                f"{self.info.num_labels} labels: use /predict",
+                param=field,
+            )
+        with self._request_slot():
+            started = time.perf_counter()
+            if self.info.is_cross_encoder:
+                pairs: list[TextInput] = [(query, text) for text in texts]
+                encoded = await asyncio.to_thread(
+                    self.tokenizer.encode, pairs, truncation=truncation, field=field
+                )
+            else:
+                query_encoded = await asyncio.to_thread(
+                    self.tokenizer.encode, [query], truncation=truncation, field="query"
+                )
+                texts_encoded = await asyncio.to_thread(
+                    self.tokenizer.encode, list(texts), truncation=truncation, field=field
+                )
+                encoded = query_encoded + texts_encoded
+            tokenized = time.perf_counter()
+            result = await self._batcher.submit(encoded)
+        outputs = torch.stack(result.outputs).numpy()
+        if self.info.is_cross_encoder:
+            logits = outputs[:, 0]
+            scores = logits if raw_scores else sigmoid(logits)
+        else:
+            vectors = l2_normalize(outputs)
+            scores = vectors[1:] @ vectors[0]
+        check_finite(scores)
+        return RerankResult(
+            scores.astype(np.float32, copy=False),
+            sum(item.num_tokens for item in encoded),
+            sum(item.num_chars for item in encoded),
+            request_timing(started, tokenized, result),
+        )
+
+    async def classify(
+        self,
+        inputs: Sequence[TextInput],
+        *,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
+        raw_scores: bool = False,
+        field: str = "inputs",
+    ) -> ClassifyResult:
+        """Classify texts or (text, text) pairs: softmax over labels (sigmoid for one label) unless raw."""
+        if self.info.task is not EncoderTask.CLASSIFICATION:
+            raise UnsupportedTaskError(
+                f"classification needs a `...ForSequenceClassification` checkpoint; {self.info.architecture} is an "
+                "embedding model: use /v1/embeddings or /rerank",
+                param=field,
+            )
+        if not inputs:
+            raise EmptyInputError(f"`{field}` cannot be empty", param=field)
+        self._check_batch(len(inputs), field)
+        with self._request_slot():
+            started = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                self.tokenizer.encode, list(inputs), truncation=truncation, field=field
+            )
+            tokenized = time.perf_counter()
+            result = await self._batcher.submit(encoded)
+        logits = torch.stack(result.outputs).numpy()
+        if raw_scores:
+            scores = logits
+        elif logits.shape[1] == 1:
+            scores = sigmoid(logits)
+        else:
+            scores = softmax(logits)
+        check_finite(scores)
+        return ClassifyResult(
+            scores.astype(np.float32, copy=False),
+            self.info.id2label,
+            sum(item.num_tokens for item in encoded),
+            sum(item.num_chars for item in encoded),
+            request_timing(started, tokenized, result),
+        )
+
+    # helpers
+
+    def _compute(self, items: list[EncodedInput]) -> list[torch.Tensor]:
+        return list(self.model.forward(items).unbind(0))
+
+    def _require_embedding_model(self, what: str, alternative: str) -> None:
+        if self.info.task is not EncoderTask.EMBEDDING:
+            raise UnsupportedTaskError(
+                f"{what} need an embedding model; {self.info.architecture} is a classifier: use {alternative}"
+            )
+
+    def _check_batch(self, num_inputs: int, field: str) -> None:
+        if num_inputs == 0:
+            raise EmptyInputError(f"`{field}` cannot be empty", param=field)
+        if num_inputs > self.info.max_client_batch_size:
+            raise BatchSizeError(
+                f"batch size {num_inputs} > maximum allowed batch size {self.info.max_client_batch_size}",
+                param=field,
+            )
+
+    def _check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is None:
+            return
+        if not self.info.supports_matryoshka:
+            raise InvalidRequestError(
+                "`dimensions` is not supported: this model was not trained for Matryoshka truncation "
+                "(its model card does not say so); omit `dimensions`, or enable it in the server config",
+                param="dimensions",
+            )
+        if not 1 <= dimensions <= self.info.hidden_size:
+            raise InvalidRequestError(
+                f"`dimensions` must be between 1 and {self.info.hidden_size} for this model, got {dimensions}",
+                param="dimensions",
+            )
+
+    @contextlib.contextmanager
+    def _request_slot(self) -> Iterator[None]:
+        """Count a request in flight; refuse past `max_concurrent_requests` (TEI: 429 overloaded)."""
+        if self._num_running_requests >= self.max_concurrent_requests:
+            raise OverloadedError("Model is overloaded")
+        self._num_running_requests += 1
+        try:
+            yield
+        finally:
+            self._num_running_requests -= 1

@@ -1,0 +1,113 @@
+"""Loading a checkpoint directory into the three things an engine needs: model, tokenizer and info.
+
+Pooling comes from an explicit override, else the sentence-transformers layout, else last-token for
+causal base models; the input limit from sentence-transformers' max_seq_length, else the position
+embeddings, never above the batch token budget.
+"""
+
+from pathlib import Path
+
+import torch
+
+from engine_builder.serve.encoders.errors import ModelLoadError
+from engine_builder.serve.encoders.info import (
+    BEI_MAX_CLIENT_BATCH_SIZE,
+    ROUTE_EMBEDDINGS,
+    ROUTE_PREDICT,
+    EncoderInfo,
+    effective_batch_limits,
+)
+from engine_builder.serve.encoders.models import (
+    CheckpointConfig,
+    EncoderModel,
+    EncoderTask,
+    read_checkpoint_config,
+)
+from engine_builder.serve.encoders.st_layout import (
+    SentenceTransformerLayout,
+    mentions_matryoshka,
+    read_layout,
+)
+from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
+from engine_builder.serve.encoders.truncation import TruncationDefaults
+
+
+def _resolve_pooling(
+    config: CheckpointConfig, layout: SentenceTransformerLayout | None, override: str | None
+) -> str:
+    if override:
+        return override
+    if layout is not None and layout.pooling_mode:
+        return layout.pooling_mode
+    if config.is_causal and not config.has_generation_head:
+        return "lasttoken"
+    raise ModelLoadError(
+        f"{config.architecture} has no sentence-transformers pooling config (modules.json + 1_Pooling/config.json); "
+        "add one, or set the pooling mode explicitly"
+    )
+
+
+def _default_dtype(kind: str, config: CheckpointConfig, device: str) -> torch.dtype:
+    if not device.startswith("cuda"):
+        return torch.float32
+    if kind == "encoder" and config.torch_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float16
+
+
+def load_encoder(
+    model_dir: Path,
+    *,
+    kind: str,
+    max_num_tokens: int,
+    max_batch_size: int,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    auto_truncate: bool | None = None,
+    pooling: str | None = None,
+    matryoshka: bool | None = None,
+    max_client_batch_size: int = BEI_MAX_CLIENT_BATCH_SIZE,
+) -> tuple[EncoderModel, EncoderTokenizer, EncoderInfo]:
+    """Read, check and load `model_dir` (blocking); see `EncoderEngine.from_model_dir` for the options."""
+    config = read_checkpoint_config(model_dir, kind)
+    layout = read_layout(model_dir)
+    limits = effective_batch_limits(kind, max_num_tokens, max_batch_size)
+    is_classifier = config.task is EncoderTask.CLASSIFICATION
+    pooling_mode = None if is_classifier else _resolve_pooling(config, layout, pooling)
+    model_limit = (layout.max_seq_length if layout else None) or (
+        config.max_position_embeddings - config.position_offset if config.max_position_embeddings else None
+    )
+    max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
+    dtype = dtype or _default_dtype(kind, config, device)
+    model = EncoderModel.load(
+        model_dir,
+        config,
+        pooling_mode=pooling_mode,
+        dense_layers=layout.dense_layers if layout and not is_classifier else (),
+        device=device,
+        dtype=dtype,
+    )
+    tokenizer = EncoderTokenizer.from_model_dir(
+        model_dir, max_input_length=max_input_length, vocab_size=config.vocab_size
+    )
+    info = EncoderInfo(
+        kind=kind,
+        architecture=config.architecture,
+        model_type=config.model_type,
+        task=config.task,
+        is_causal=config.is_causal,
+        pooling=pooling_mode,
+        max_input_length=max_input_length,
+        hidden_size=0 if is_classifier else model.output_size,
+        id2label=config.id2label,
+        supports_matryoshka=(not is_classifier)
+        and (matryoshka if matryoshka is not None else mentions_matryoshka(model_dir)),
+        default_route=ROUTE_PREDICT if is_classifier else ROUTE_EMBEDDINGS,
+        max_num_tokens=limits.max_num_tokens,
+        max_batch_size=limits.max_batch_size,
+        max_client_batch_size=max_client_batch_size,
+        truncation_defaults=TruncationDefaults.resolve(auto_truncate, kind),
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return model, tokenizer, info

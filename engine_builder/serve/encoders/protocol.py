@@ -1,0 +1,204 @@
+"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, plus both error bodies.
+
+Requests forbid unknown fields: a field we do not know is one we cannot honour.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from engine_builder.serve.encoders.tokenizer import TextInput
+from engine_builder.serve.encoders.truncation import TRUNCATE_TO_LIMIT, TruncationDirection
+
+# TEI accepts both spellings; the performance client sends "Right".
+TruncationDirectionName = Literal["right", "left", "Right", "Left"]
+# vLLM's `truncate_prompt_tokens`: keep k tokens of each input (special tokens included), -1 for the model's maximum.
+TruncatePromptTokens = Annotated[int, Field(ge=TRUNCATE_TO_LIMIT)]
+TokenIds = list[StrictInt]
+EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+
+
+def _flatten_embedding_input(value: EmbeddingInput) -> list[str | list[int]]:
+    """One text, a list of texts, one token-id list or a list of token-id lists -> a list of inputs."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [list(value)]
+    return list(value)  # type: ignore[arg-type]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Truncating(_Request):
+    truncate: bool | None = None  # None: the server's auto-truncate setting
+    truncation_direction: TruncationDirectionName | None = None  # None: right
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection((self.truncation_direction or "right").lower())
+
+
+# OpenAI /v1/embeddings
+
+
+class OpenAIEmbeddingsRequest(_Request):
+    input: EmbeddingInput
+    model: str | None = None  # ignored: one model per server
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None  # ignored
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # None: refuse over-length input (or the config's)
+    truncation_side: Literal["right", "left"] | None = None  # vLLM's: right keeps the first tokens (the default)
+
+    def inputs(self) -> list[str | list[int]]:
+        return _flatten_embedding_input(self.input)
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection(self.truncation_side or "right")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+    index: int
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# TEI /embed
+
+
+class EmbedRequest(_Truncating):
+    inputs: EmbeddingInput
+    normalize: bool = True
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    prompt_name: str | None = None  # refused when set: prompts are not applied by this server
+    model: str | None = None
+
+    def input_list(self) -> list[str | list[int]]:
+        return _flatten_embedding_input(self.inputs)
+
+
+# TEI /rerank
+
+
+class RerankDocument(_Request):
+    text: StrictStr
+
+
+class RerankRequest(_Truncating):
+    """TEI's shape (`texts`, `return_text`: answered as a best-first list of {index, score, text}) or Cohere's and
+    Jina's, which vLLM and Infinity also serve (`documents`, `return_documents`: answered as {id, model, results:
+    [{index, relevance_score, document}], usage}); `top_n` keeps the best n in either."""
+
+    query: StrictStr
+    texts: list[StrictStr] | None = None
+    documents: list[StrictStr | RerankDocument] | None = None
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    raw_scores: bool = False
+    return_text: bool = False
+    return_documents: bool | None = None  # documents shape only; default true, as vLLM and Jina answer
+    truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's, in either shape; or TEI's `truncate`
+    truncation_side: Literal["right", "left"] | None = None  # vLLM's name for `truncation_direction`
+    model: str | None = None  # ignored
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "RerankRequest":
+        if (self.texts is None) == (self.documents is None):
+            raise ValueError("give either `texts` (TEI's rerank) or `documents` (Cohere's and Jina's), not both")
+        if self.texts is not None and self.return_documents is not None:
+            raise ValueError("`return_documents` goes with `documents`; with `texts` use `return_text`")
+        if self.documents is not None and self.return_text:
+            raise ValueError("`return_text` goes with `texts`; with `documents` use `return_documents`")
+        if self.truncation_side is not None and self.truncation_direction is not None:
+            raise ValueError("give either `truncation_side` (vLLM's) or `truncation_direction` (TEI's), not both")
+        return self
+
+    @property
+    def direction(self) -> TruncationDirection:
+        return TruncationDirection(self.truncation_side or (self.truncation_direction or "right").lower())
+
+    @property
+    def is_documents_shape(self) -> bool:
+        return self.documents is not None
+
+    def candidates(self) -> list[str]:
+        if self.texts is not None:
+            return list(self.texts)
+        return [item if isinstance(item, str) else item.text for item in self.documents or []]
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None  # only with return_text
+
+
+# TEI /predict
+
+PredictInput = StrictStr | list[StrictStr] | list[list[StrictStr]]
+
+
+class PredictRequest(_Truncating):
+    inputs: PredictInput
+    raw_scores: bool = False
+    model: str | None = None  # ignored
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.inputs, list) and bool(self.inputs) and isinstance(self.inputs[0], list)
+
+    def sequences(self) -> list[TextInput]:
+        """A string, a [text] / [text, text_pair] list, or a batch of such lists -> texts and pairs.
+
+        Raises ValueError naming the offending entry when a list has other than 1 or 2 strings.
+        """
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        if not self.inputs:
+            return []  # refused by the engine as empty
+        if not self.is_batch:
+            return [_sequence(self.inputs, "inputs")]  # type: ignore[arg-type]
+        return [_sequence(entry, f"inputs[{index}]") for index, entry in enumerate(self.inputs)]  # type: ignore[arg-type]
+
+
+def _sequence(entry: list[str], label: str) -> TextInput:
+    if len(entry) == 1:
+        return entry[0]
+    if len(entry) == 2:
+        return (entry[0], entry[1])
+    raise ValueError(f"{label} must hold one text or a pair of texts, got {len(entry)} strings")
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class TEIErrorResponse(BaseModel):
+    error: str
+    error_type: str

@@ -1,0 +1,351 @@
+"""HTTP routes of an encoder server: /v1/embeddings (+ /embeddings), /embed, /rerank, /predict and the
+Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success.
+
+Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
+{"error", "error_type"} elsewhere; statuses come from `errors.py`.
+"""
+
+import base64
+import enum
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+import pydantic_core
+from fastapi import APIRouter, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+
+from engine_builder.serve.encoders.engine import EncoderEngine
+from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError
+from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
+from engine_builder.serve.encoders.protocol import (
+    EmbedRequest,
+    OpenAIEmbedding,
+    OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
+    OpenAIErrorDetail,
+    OpenAIErrorResponse,
+    OpenAIUsage,
+    Prediction,
+    PredictRequest,
+    Rank,
+    RerankRequest,
+    TEIErrorResponse,
+)
+from engine_builder.serve.encoders.results import RequestTiming
+from engine_builder.serve.encoders.truncation import (
+    ASK_BY_FLAG,
+    ASK_BY_FLAG_OR_TOKEN_COUNT,
+    ASK_BY_TOKEN_COUNT,
+    Truncation,
+    TruncationDefaults,
+    TruncationDirection,
+    resolve_truncation,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROUTES = (ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT)
+
+
+class ErrorStyle(str, enum.Enum):
+    OPENAI = "openai"
+    TEI = "tei"
+
+
+def render_error(error: EncoderError, style: ErrorStyle) -> Response:
+    if style is ErrorStyle.OPENAI:
+        client_error = error.status_code < 500 and error.status_code != 429
+        detail = OpenAIErrorDetail(
+            message=error.message,
+            type="invalid_request_error" if client_error else error.error_type,
+            param=error.param,
+            code=error.code,
+        )
+        body = OpenAIErrorResponse(error=detail).model_dump_json()
+        status_code = error.openai_status_code or error.status_code
+    else:
+        body = TEIErrorResponse(error=error.message, error_type=error.error_type).model_dump_json()
+        status_code = error.status_code
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
+    """The first schema error as a 400 naming its field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = location[0] if location else None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg', '')}")
+    if field is None:
+        return InvalidRequestError(f"invalid request body: {first.get('msg', 'expected a JSON object')}")
+    if kind == "extra_forbidden":
+        return InvalidRequestError(f"unknown field `{field}`: this server does not support it", param=field)
+    if kind == "missing":
+        return InvalidRequestError(f"`{field}` is required", param=field)
+    return InvalidRequestError(f"invalid `{field}`: {first.get('msg', 'bad value')}", param=field)
+
+
+def _guarded_route_class(style: ErrorStyle) -> type[APIRoute]:
+    class GuardedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError as exc:
+                    return render_error(_from_validation(exc), style)
+                except EncoderError as exc:
+                    return render_error(exc, style)
+
+            return guarded
+
+    GuardedRoute.__name__ = f"{style.value.title()}GuardedRoute"
+    return GuardedRoute
+
+
+OpenAIRoute = _guarded_route_class(ErrorStyle.OPENAI)
+TEIRoute = _guarded_route_class(ErrorStyle.TEI)
+
+
+def _metadata_headers(
+    timing: RequestTiming, *, num_chars: int, num_tokens: int, device: str
+) -> dict[str, str]:
+    """TEI's response headers; times in whole milliseconds."""
+
+    def ms(seconds: float) -> str:
+        return str(int(seconds * 1000))
+
+    return {
+        "x-compute-type": "gpu" if device.startswith("cuda") else "cpu",
+        "x-compute-time": ms(timing.total_s),
+        "x-compute-characters": str(num_chars),
+        "x-compute-tokens": str(num_tokens),
+        "x-total-time": ms(timing.total_s),
+        "x-tokenization-time": ms(timing.tokenization_s),
+        "x-queue-time": ms(timing.queue_s),
+        "x-inference-time": ms(timing.inference_s),
+    }
+
+
+def _json(value: Any, headers: dict[str, str]) -> Response:
+    return Response(
+        pydantic_core.to_json(value, exclude_none=True), media_type="application/json", headers=headers
+    )
+
+
+def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return list(vector.tolist())
+
+
+def _predictions(scores: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+    order = np.argsort(-scores, kind="stable")
+    return [Prediction.model_construct(score=float(scores[index]), label=labels[index]) for index in order]
+
+
+class _Handlers:
+    """The route bodies; one instance per router, bound to one engine."""
+
+    def __init__(self, engine: EncoderEngine, served_model_name: str) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+
+    @property
+    def _defaults(self) -> TruncationDefaults:
+        return self.engine.info.truncation_defaults
+
+    def _truncation(
+        self,
+        *,
+        default: bool,
+        how_to_ask: str,
+        truncate_prompt_tokens: int | None = None,
+        truncate: bool | None = None,
+        direction: TruncationDirection = TruncationDirection.RIGHT,
+    ) -> Truncation:
+        return resolve_truncation(
+            max_input_length=self.engine.info.max_input_length,
+            default=default,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            truncate=truncate,
+            direction=direction,
+            how_to_ask=how_to_ask,
+        )
+
+    def _headers(self, timing: RequestTiming, num_chars: int, num_tokens: int) -> dict[str, str]:
+        return _metadata_headers(
+            timing, num_chars=num_chars, num_tokens=num_tokens, device=self.engine.info.device
+        )
+
+    async def openai_embeddings(self, body: OpenAIEmbeddingsRequest) -> Response:
+        if body.model and body.model != self.served_model_name:
+            logger.debug("embeddings request names model %r; serving %r", body.model, self.served_model_name)
+        truncation = self._truncation(
+            default=self._defaults.embeddings_and_rerank,
+            how_to_ask=ASK_BY_TOKEN_COUNT,
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
+            direction=body.direction,
+        )
+        result = await self.engine.embed(
+            body.inputs(), truncation=truncation, dimensions=body.dimensions, field="input"
+        )
+        data = [
+            OpenAIEmbedding.model_construct(embedding=_encode_vector(row, body.encoding_format), index=index)
+            for index, row in enumerate(result.embeddings)
+        ]
+        usage = OpenAIUsage(prompt_tokens=result.num_prompt_tokens, total_tokens=result.num_prompt_tokens)
+        response = OpenAIEmbeddingsResponse.model_construct(
+            data=data, model=self.served_model_name, usage=usage
+        )
+        return _json(response, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))
+
+    async def embed(self, body: EmbedRequest) -> Response:
+        if body.prompt_name is not None:
+            raise InvalidRequestError(
+                "`prompt_name` is not supported: this server applies no prompts; prepend the prompt to each input",
+                param="prompt_name",
+            )
+        truncation = self._truncation(
+            default=self._defaults.embed_and_predict,
+            how_to_ask=ASK_BY_FLAG,
+            truncate=body.truncate,
+            direction=body.direction,
+        )
+        result = await self.engine.embed(
+            body.input_list(),
+            truncation=truncation,
+            dimensions=body.dimensions,
+            normalize=body.normalize,
+            field="inputs",
+        )
+        return _json(
+            result.embeddings.tolist(),
+            self._headers(result.timing, result.num_chars, result.num_prompt_tokens),
+        )
+
+    async def rerank(self, body: RerankRequest) -> Response:
+        candidates = body.candidates()
+        field = "documents" if body.is_documents_shape else "texts"
+        truncation = self._truncation(
+            default=self._defaults.embeddings_and_rerank,
+            how_to_ask=ASK_BY_TOKEN_COUNT if body.is_documents_shape else ASK_BY_FLAG_OR_TOKEN_COUNT,
+            truncate_prompt_tokens=body.truncate_prompt_tokens,
+            truncate=body.truncate,
+            direction=body.direction,
+        )
+        result = await self.engine.rerank(
+            body.query, candidates, truncation=truncation, raw_scores=body.raw_scores, field=field
+        )
+        # Best first; `index` points into the request's list.
+        order = np.argsort(-result.scores, kind="stable")[: body.top_n]
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        if body.is_documents_shape:
+            with_documents = body.return_documents is not False
+            results = [
+                {
+                    "index": int(index),
+                    "relevance_score": float(result.scores[index]),
+                    **({"document": {"text": candidates[index]}} if with_documents else {}),
+                }
+                for index in order
+            ]
+            payload = {
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "model": self.served_model_name,
+                "results": results,
+                "usage": {"total_tokens": result.num_prompt_tokens},
+            }
+            return _json(payload, headers)
+        ranks = [
+            Rank.model_construct(
+                index=int(index),
+                score=float(result.scores[index]),
+                text=candidates[index] if body.return_text else None,
+            )
+            for index in order
+        ]
+        return _json(ranks, headers)
+
+    async def predict(self, body: PredictRequest) -> Response:
+        try:
+            sequences = body.sequences()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="inputs") from exc
+        truncation = self._truncation(
+            default=self._defaults.embed_and_predict,
+            how_to_ask=ASK_BY_FLAG,
+            truncate=body.truncate,
+            direction=body.direction,
+        )
+        result = await self.engine.classify(sequences, truncation=truncation, raw_scores=body.raw_scores)
+        predictions = [_predictions(row, result.labels) for row in result.scores]
+        payload: Any = predictions if body.is_batch else predictions[0]
+        return _json(payload, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))
+
+
+def build_encoder_router(
+    engine: EncoderEngine, *, served_model_name: str, default_route: str | None = None
+) -> APIRouter:
+    """All encoder routes for one engine. `default_route` None = chosen from the architecture
+    (classifiers: /predict, embedding models: /v1/embeddings); it also answers /v1/models/{name}:predict."""
+    default = default_route or engine.info.default_route
+    if default not in DEFAULT_ROUTES:
+        raise ValueError(f"webserver_default_route {default!r} is not one of {', '.join(DEFAULT_ROUTES)}")
+    handlers = _Handlers(engine, served_model_name)
+    router = APIRouter()
+    for path in (ROUTE_EMBEDDINGS, "/embeddings"):
+        router.add_api_route(
+            path,
+            handlers.openai_embeddings,
+            methods=["POST"],
+            route_class_override=OpenAIRoute,
+            tags=["encoders"],
+        )
+    router.add_api_route(
+        "/embed", handlers.embed, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+    )
+    router.add_api_route(
+        ROUTE_RERANK, handlers.rerank, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+    )
+    for path in ("/v1/rerank", "/v2/rerank"):  # where vLLM and Infinity serve Cohere's shape; OpenAI-style errors
+        router.add_api_route(path, handlers.rerank, methods=["POST"], route_class_override=OpenAIRoute, tags=["encoders"])
+    router.add_api_route(
+        ROUTE_PREDICT, handlers.predict, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+    )
+    _add_truss_predict_route(router, handlers, default)
+    return router
+
+
+def _add_truss_predict_route(router: APIRouter, handlers: _Handlers, default: str) -> None:
+    """Truss' `/v1/models/{name}:predict` forwards to the default route with that route's body and errors."""
+
+    async def truss_embeddings(model_name: str, body: OpenAIEmbeddingsRequest) -> Response:
+        return await handlers.openai_embeddings(body)
+
+    async def truss_rerank(model_name: str, body: RerankRequest) -> Response:
+        return await handlers.rerank(body)
+
+    async def truss_predict(model_name: str, body: PredictRequest) -> Response:
+        return await handlers.predict(body)
+
+    choices: dict[str, tuple[Callable[..., Awaitable[Response]], type[APIRoute]]] = {
+        ROUTE_EMBEDDINGS: (truss_embeddings, OpenAIRoute),
+        ROUTE_RERANK: (truss_rerank, TEIRoute),
+        ROUTE_PREDICT: (truss_predict, TEIRoute),
+    }
+    endpoint, route_class = choices[default]
+    router.add_api_route(
+        "/v1/models/{model_name}:predict",
+        endpoint,
+        methods=["POST"],
+        route_class_override=route_class,
+        tags=["encoders"],
+    )

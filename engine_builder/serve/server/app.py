@@ -1,0 +1,110 @@
+"""The FastAPI application: lifespan, auth, body limits, error envelope, and the route modules."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine_builder.serve.server import routes_health, routes_openai
+from engine_builder.serve.server.app_helpers import validation_to_api_error
+from engine_builder.serve.server.auth import AuthMiddleware
+from engine_builder.serve.server.body_limit import BodyLimitMiddleware
+from engine_builder.serve.server.errors import APIError, from_status
+from engine_builder.serve.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
+
+
+def create_app(
+    state: ServerState, extra_routers: list[Any] | None = None, user_model: Any = None, decoder_routes: bool = True
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await state.engine.start()
+        except Exception as error:
+            state.startup_error = str(error)
+            logger.exception("engine failed to start")
+            raise
+        if user_model is not None:
+            from engine_builder.serve.server.custom_model import call_load
+
+            await call_load(user_model)
+        state.ready = True
+        logger.info("ready: serving %s", state.settings.served_model_name)
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            await state.engine.shutdown(state.settings.drain_timeout_s)
+
+    app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+
+    # Plain ASGI middlewares (no BaseHTTPMiddleware, whose task groups can cancel a live SSE stream).
+    # The last added runs first: an oversized body is refused before auth and before any parsing.
+    def is_open(path: str) -> bool:
+        return state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))
+
+    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=_error_response)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=_error_response)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        if error.status >= 500:
+            state.metrics.request_errors.labels(state.metrics.model_name, str(error.status)).inc()
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(validation_to_api_error(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(from_status(error.status_code, str(error.detail) if error.detail else None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        state.metrics.request_errors.labels(state.metrics.model_name, "500").inc()
+        return _error_response(APIError("Internal server error.", status=500, type="server_error"))
+
+    if user_model is not None:  # registered first, so its routes win over the built-in ones
+        from engine_builder.serve.server.custom_model import user_model_router
+
+        app.include_router(user_model_router(user_model))
+    app.include_router(routes_health.router)
+    for router in extra_routers or []:  # before the decoder routes, so an encoder's /predict wins
+        app.include_router(router)
+    if decoder_routes:
+        app.include_router(routes_openai.router)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request schemas the decoder routes declare in `openapi_extra`."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            if decoder_routes:
+                components = document.setdefault("components", {}).setdefault("schemas", {})
+                components.update(routes_openai.request_schemas())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _is_readiness(path: str) -> bool:
+    return path.startswith("/v1/models/") and not path.endswith(":predict") or path == "/v1/models"
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

@@ -1,0 +1,116 @@
+"""Checks on the raw request body that every route shares, before any parsing or auth.
+
+- The byte limit, counted on the bytes received rather than on what Content-Length claims: a chunked body
+  has none and a client can understate it, so the body is read here (up to the limit), then replayed to
+  the application. Past the limit the answer is a 413.
+- Unpaired UTF-16 surrogate escapes (`"\\ud800"`): valid JSON, but the strings they make cannot be encoded
+  by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
+"""
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine_builder.serve.server.errors import APIError
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, render: Callable[[APIError], Response]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._too_large(declared, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        first: Message | None = None
+        while first is None:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending the whole body
+                first = message
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(size, scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        if first.get("body") and _has_unpaired_surrogate(first["body"]):
+            error = APIError(
+                "The request body has a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
+                status=400,
+                code="invalid_encoding",
+            )
+            await self.render(error)(scope, receive, send)
+            return
+        await self.app(scope, _replay(first, receive), send)
+
+    async def _too_large(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            f"Request body of {size} bytes exceeds the {self.max_body_bytes}-byte limit.",
+            status=413,
+            type="request_too_large",
+            code="request_too_large",
+        )
+        await self.render(error)(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _has_unpaired_surrogate(body: bytes) -> bool:
+    """Only bodies with a surrogate escape are parsed here (pairs such as emoji escapes are fine)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        stack = [json.loads(body)]
+    except (ValueError, RecursionError):
+        return False  # not JSON: the route answers that
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive that answers the buffered body once, then the real channel (so disconnects still arrive)."""
+    pending: list[Message] = [first]
+
+    async def replayed() -> Any:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed

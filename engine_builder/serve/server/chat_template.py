@@ -1,0 +1,220 @@
+"""Prompt rendering: OpenAI messages -> the model's chat template -> token ids."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine_builder.serve.server.errors import APIError, bad_request, unsupported
+from engine_builder.serve.server.protocol import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+
+class PromptRenderer:
+    """Owns the Hugging Face tokenizer used for templates and encoding (never for model code)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.has_chat_template = bool(template)
+        self.template_supports_tools = isinstance(template, str) and "tools" in template
+
+    async def render_async(self, messages: list[ChatMessage], **options: Any) -> str:
+        """`render`, except that a template supplied by the request renders in a separate process with a time
+        limit: the model's own template is trusted, a request's Jinja could loop for hours."""
+        if options.get("chat_template") is None:
+            return self.render(messages, **options)
+        conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
+        kwargs = dict(options.get("template_kwargs") or {})
+        conversation = kwargs.pop("_extra_system_messages", []) + conversation
+        special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        return await REQUEST_TEMPLATES.render(
+            conversation,
+            tools=options.get("tools"),
+            documents=options.get("documents"),
+            chat_template=options["chat_template"],
+            add_generation_prompt=options.get("add_generation_prompt", True),
+            continue_final_message=options.get("continue_final_message", False),
+            kwargs={**special, **kwargs},
+        )
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        if not self.has_chat_template and chat_template is None:
+            raise bad_request(
+                "The served model has no chat template; pass `chat_template` or use /v1/completions.",
+                param="messages",
+            )
+        if continue_final_message and add_generation_prompt:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt cannot both be true.",
+                param="continue_final_message",
+            )
+        conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
+        kwargs = dict(template_kwargs or {})
+        extra_system = kwargs.pop("_extra_system_messages", [])
+        conversation = extra_system + conversation
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                conversation,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template=chat_template,
+                tokenize=False,
+                **kwargs,
+            )
+        except Exception as error:  # template errors (raise_exception, bad Jinja) are the caller's to fix
+            raise bad_request(
+                f"The chat template could not render these messages: {error}", param="messages"
+            ) from None
+        assert isinstance(rendered, str)
+        return rendered
+
+
+def message_text(message: ChatMessage, index: int) -> str | None:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise unsupported(
+                f"messages[{index}].content", f"Content parts of type {part.type!r} need a multimodal model."
+            )
+        texts.append(part.text)  # type: ignore[union-attr]
+    return "".join(texts)
+
+
+def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    role = "system" if message.role == "developer" else message.role
+    rendered: dict[str, Any] = {"role": role, "content": message_text(message, index)}
+    if rendered["content"] is None:
+        rendered["content"] = ""
+    if message.name is not None:
+        rendered["name"] = message.name
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            arguments = call.function.arguments
+            if isinstance(arguments, str):
+                # Templates serialise arguments themselves; a JSON string would come out encoded twice.
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except json.JSONDecodeError:
+                    raise bad_request(
+                        f"messages[{index}].tool_calls: function.arguments is not valid JSON.",
+                        param="messages",
+                    ) from None
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": arguments},
+                }
+            )
+        rendered["tool_calls"] = calls
+    return rendered
+
+
+REQUEST_TEMPLATE_TIMEOUT_S = 5.0
+WORKER_START_TIMEOUT_S = 120.0  # spawning the worker and importing what a render needs, before any render is timed
+
+
+class RequestTemplateSandbox:
+    """One worker process for request-supplied templates; a template over the time limit kills the worker."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pool: Any = None
+        self._started = False
+
+    def _executor(self) -> Any:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    async def render(self, conversation: list[dict[str, Any]], **arguments: Any) -> str:
+        import asyncio
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._executor()
+        loop = asyncio.get_running_loop()
+        if not self._started:  # the worker's start-up (a new interpreter, transformers' import) is not the template's time
+            try:
+                await asyncio.wait_for(loop.run_in_executor(pool, _start_worker), timeout=WORKER_START_TIMEOUT_S)
+            except (TimeoutError, BrokenProcessPool):
+                self._kill()
+                raise APIError(
+                    "The chat template worker did not start; retry.", status=503, type="server_error",
+                    code="template_worker_unavailable",
+                ) from None
+            self._started = True
+        future = loop.run_in_executor(pool, _render_template, conversation, arguments)
+        try:
+            result = await asyncio.wait_for(future, timeout=self.timeout_s)
+        except BrokenProcessPool:
+            self._kill()
+            raise bad_request("chat_template crashed its rendering process.", param="chat_template") from None
+        except TimeoutError:
+            self._kill()
+            raise bad_request(
+                f"chat_template did not render within {self.timeout_s:.0f} s; simplify the template.", param="chat_template"
+            ) from None
+        if isinstance(result, Exception):
+            raise bad_request(f"The chat template could not render these messages: {result}", param="chat_template")
+        return result
+
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        self._started = False
+        if pool is None:
+            return
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker() -> bool:
+    """Runs in the sandbox process, once: the imports every render needs."""
+    import transformers.utils.chat_template_utils  # noqa: F401
+
+    return True
+
+
+def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str | Exception:
+    """Runs in the sandbox process."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kwargs = arguments.pop("kwargs", {})
+    try:
+        rendered = render_jinja_template(conversations=[conversation], **arguments, **kwargs)
+    except Exception as error:  # returned, not raised: the message reaches the client as a 400
+        return ValueError(str(error))
+    while isinstance(rendered, list | tuple):  # (rendered conversations, generation indices) -> the one string
+        rendered = rendered[0]
+    return str(rendered)
+
+
+REQUEST_TEMPLATES = RequestTemplateSandbox(REQUEST_TEMPLATE_TIMEOUT_S)

@@ -1,0 +1,82 @@
+"""Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics."""
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from engine_builder.common.artifact import EngineDir
+from engine_builder.common.options import EngineOptions
+from engine_builder.common.types import EngineStats, ModelInfo
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.state import ServerSettings, ServerState
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class EncoderEngineAdapter:
+    """Presents an EncoderEngine as an EngineLifecycle (encoders generate nothing: no EngineClient half)."""
+
+    def __init__(self, engine: Any, served_model_name: str, architecture: str, kind: str) -> None:
+        self.engine = engine
+        self._info = ModelInfo(
+            served_model_name=served_model_name,
+            max_model_len=engine.info.max_input_length,
+            vocab_size=0,
+            eos_token_ids=(),
+            architecture=architecture,
+            kind=kind,
+        )
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        await self.engine.shutdown()
+
+    def is_healthy(self) -> bool:
+        return bool(self.engine.is_healthy())
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        return EngineStats(
+            num_running=int(stats.get("num_running_requests", 0)),
+            num_waiting=int(stats.get("num_waiting_inputs", 0)),
+            kv_cache_usage=0.0,
+            num_kv_blocks=0,
+            num_free_kv_blocks=0,
+        )
+
+
+def build_encoder_server(
+    engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
+) -> tuple[FastAPI, ServerState]:
+    import torch
+
+    from engine_builder.engine.model_runner import configure_threads, resolve_device
+    from engine_builder.serve.encoders.engine import EncoderEngine
+    from engine_builder.serve.encoders.routes import build_encoder_router
+
+    configure_threads(options.num_threads)
+    manifest = engine_dir.manifest
+    dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+    engine = EncoderEngine.from_model_dir(
+        engine_dir.model_dir,
+        kind=manifest.base_model,
+        max_num_tokens=manifest.max_num_tokens,
+        max_batch_size=manifest.max_batch_size,
+        device=str(resolve_device(options.device)),
+        dtype=dtype,
+        auto_truncate=options.auto_truncate,
+    )
+    default_route = manifest.runtime.default_route
+    if default_route in ("/v1/systemone", "/predict_tokens"):
+        raise ValueError(f"webserver_default_route {default_route} is not served by this engine (use /v1/embeddings, /rerank or /predict)")
+    router = build_encoder_router(engine, served_model_name=settings.served_model_name, default_route=default_route)
+    adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
+    settings.max_inflight = max(settings.max_inflight, 2048)
+    state = ServerState(settings=settings, engine=adapter, renderer=None)
+    return create_app(state, extra_routers=[router], decoder_routes=False), state

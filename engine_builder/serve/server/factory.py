@@ -1,0 +1,109 @@
+"""Assemble the server for an engine directory: the backend client, tokenizer, routes and settings."""
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI
+
+from engine_builder.common.artifact import USER_MODEL_DIR, EngineDir
+from engine_builder.common.backend_choice import choose_backend
+from engine_builder.common.options import EngineOptions
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.chat_template import PromptRenderer
+from engine_builder.serve.server.state import ServerSettings, ServerState
+
+logger = logging.getLogger(__name__)
+
+SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
+
+
+def build_server(
+    engine: EngineDir, options: EngineOptions, api_keys: tuple[str, ...]
+) -> tuple[FastAPI, ServerState]:
+    manifest = engine.manifest
+    spec = manifest.runtime
+    served_name = manifest.served_model_name or manifest.architecture
+    settings = ServerSettings(
+        served_model_name=served_name,
+        api_keys=api_keys,
+        max_inflight=manifest.max_batch_size + options.max_queue_size,
+        max_batch_size=manifest.max_batch_size,
+        request_default_max_tokens=spec.request_default_max_tokens,
+        # the torch engine serves the adapters; the TensorRT-LLM client selects none (docs/gpu-backend.md)
+        lora_adapters=tuple(adapter.name for adapter in spec.lora_adapters) if manifest.backend == "torch" else (),
+    )
+    if manifest.base_model != "decoder":
+        from engine_builder.serve.server.encoder_app import build_encoder_server
+
+        return build_encoder_server(engine, options, settings)
+    renderer = PromptRenderer(engine.model_dir)  # the server's one tokenizer: templates, encoding, decoding
+    decoder = TextDecoder(renderer.tokenizer.backend_tokenizer)
+    client = decoder_client(engine, options, served_name, decoder, renderer.tokenizer)
+    state = ServerState(settings=settings, engine=client, renderer=renderer, decoder=decoder)
+    user_model = None
+    user_model_file = engine.path / USER_MODEL_DIR / "model.py"
+    if user_model_file.exists():
+        from engine_builder.serve.server.custom_model import load_user_model
+
+        logger.info("loading user model %s", user_model_file)
+        config = yaml.safe_load(engine.config_file.read_text()) or {}
+        user_model = load_user_model(user_model_file, state, SecretsView(), config)
+    return create_app(state, user_model=user_model), state
+
+
+class SecretsView(Mapping[str, str]):
+    """`secrets["name"]` for user code: an environment variable of that name, else the file of that name in
+    $ENGINE_BUILDER_SECRETS_DIR (default /secrets, where Truss mounts secrets), stripped; unset or empty is
+    missing. Nothing is listed."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None, secrets_dir: Path | None = None) -> None:
+        self._environ = environ if environ is not None else os.environ
+        self._secrets_dir = secrets_dir or Path(self._environ.get(SECRETS_DIR_ENV) or "/secrets")
+
+    def __getitem__(self, name: str) -> str:
+        value = self._environ.get(name)
+        if value is None and name and not any(sep in name for sep in "/\\") and name not in (".", ".."):
+            try:
+                value = (self._secrets_dir / name).read_text(encoding="utf-8")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+                value = None
+        if value is None or not value.strip():
+            raise KeyError(name)
+        return value.strip()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def decoder_client(
+    engine: EngineDir, options: EngineOptions, served_name: str, decoder: TextDecoder, hf_tokenizer: Any
+) -> Any:
+    backend = (
+        choose_backend(options.backend)
+        if options.backend != "auto"
+        else ("trtllm" if engine.manifest.backend == "trtllm" else "torch")
+    )
+    if backend == "trtllm":
+        from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient
+
+        return TrtLlmEngineClient.from_engine_dir(engine)
+    from engine_builder.engine.config_from import engine_config_from
+    from engine_builder.serve.backends.torch.client import TorchEngineClient
+
+    return TorchEngineClient(
+        engine_config_from(engine, options),
+        served_model_name=served_name,
+        eos_token_ids=tuple(engine.manifest.runtime.eos_token_ids),
+        architecture=engine.manifest.architecture,
+        tool_parser=engine.manifest.tool_parser,
+        decoder=decoder,
+        hf_tokenizer=hf_tokenizer,
+    )

@@ -1,0 +1,201 @@
+"""One request's run through the engine: admission, disconnect watching, metrics, and SSE framing."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.state import ServerState
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per frame
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else _JSON.encode(data)
+    return f"data: {payload}\n\n".encode()
+
+
+ChunkFrame = Callable[[list[dict[str, Any]], "dict[str, Any] | None", bool], bytes]
+
+
+def chunk_framer(request_id: str, kind: str, created: int, model: str) -> ChunkFrame:
+    """SSE frames of one streamed response, `frame(choices, usage, with_usage)`: the fields every chunk repeats
+    (id, object, created, model) are encoded once per response instead of once per token."""
+    head = (
+        f'data: {{"id":{_JSON.encode(request_id)},"object":{_JSON.encode(kind)},"created":{int(created)},'
+        f'"model":{_JSON.encode(model)},"choices":'
+    )
+
+    def frame(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None, with_usage: bool = False) -> bytes:
+        body = head + _JSON.encode(choices)
+        if with_usage:
+            body += ',"usage":' + _JSON.encode(usage)
+        return (body + "}\n\n").encode()
+
+    return frame
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class Run:
+    """Drives `engine.generate` for one HTTP request and records its metrics."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str | None = None,
+    ) -> None:
+        """`model` is the request's OpenAI `model` field: a LoRA adapter's name selects that adapter."""
+        self.state = state
+        adapter = state.settings.adapter_for(model)
+        self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic(), adapter)
+        # what the response's `model` says served the request: the adapter, or the base model's served name
+        self.model_name = adapter or state.settings.served_model_name
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+        self.num_output_tokens = 0
+        self.admitted = False
+
+    def admit(self) -> None:
+        try:
+            self.state.generation().check_request(self.request)
+        except ValueError as error:
+            raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
+        self.state.admit()
+        self.admitted = True
+
+    async def deltas(self) -> AsyncIterator[GenerationDelta]:
+        """Deltas as the engine produces them; closing this iterator aborts the request."""
+        assert self.admitted
+        metrics = self.state.metrics
+        name = metrics.model_name
+        finished: list[GenerationDelta] = []
+        try:
+            async for delta in self._engine_deltas():
+                if delta.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                    metrics.ttft.labels(name).observe(self.first_token_at - self.start)
+                self.num_output_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    finished.append(delta)
+                if delta.finish_reason == FinishReason.ERROR:
+                    raise APIError(
+                        delta.error or "The engine failed this request.", status=500, type="server_error"
+                    )
+                yield delta
+        finally:
+            self.state.release()
+            self._record(finished)
+
+    async def _engine_deltas(self) -> AsyncIterator[GenerationDelta]:
+        """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
+        try:
+            async for delta in self.state.generation().generate(self.request):
+                yield delta
+        except ValueError as error:
+            raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
+
+    def _record(self, finished: list[GenerationDelta]) -> None:
+        metrics = self.state.metrics
+        name = metrics.model_name
+        end = time.monotonic()
+        metrics.e2e.labels(name).observe(end - self.start)
+        if finished:
+            metrics.prompt_tokens.labels(name).inc(finished[0].num_prompt_tokens)
+        metrics.generation_tokens.labels(name).inc(self.num_output_tokens)
+        if self.first_token_at is not None and self.num_output_tokens > 1:
+            metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))
+        for delta in finished:
+            metrics.request_success.labels(
+                name, delta.finish_reason.value if delta.finish_reason else "none"
+            ).inc()
+
+
+async def collect_until_disconnect(http_request: Request, work: "asyncio.Future[Any] | Any") -> Any:
+    """Run `work` (a coroutine) unless the client goes away first; then cancel it (which aborts the request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise APIError("Client disconnected.", status=499, type="client_closed_request")
+    finally:
+        watcher.cancel()
+
+
+async def _wait_disconnect(http_request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """Forward SSE frames, sending a comment line whenever nothing was sent for `interval_s`.
+
+    One task pumps `source` into a queue, and one timer, re-armed only when it fires, queues a keep-alive when the
+    stream has been quiet that long: a frame costs a queue put and get, not a task and a timed wait (at 64 streams
+    those were a sixth of the event loop's time). Errors from `source` surface here; closing this iterator
+    cancels the pump, which closes `source` (aborting the request)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # None: source exhausted
+    last_sent = loop.time()
+    timer: asyncio.TimerHandle
+
+    async def pump() -> None:
+        try:
+            async for frame in source:
+                queue.put_nowait(frame)
+        except Exception as error:
+            queue.put_nowait(error)
+            return
+        queue.put_nowait(None)
+
+    def tick() -> None:
+        nonlocal timer
+        quiet = loop.time() - last_sent
+        if quiet >= interval_s:
+            queue.put_nowait(KEEPALIVE)
+            quiet = 0.0
+        timer = loop.call_later(interval_s - quiet, tick)
+
+    task = asyncio.ensure_future(pump())
+    timer = loop.call_later(interval_s, tick)
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            last_sent = loop.time()
+            yield item
+    finally:
+        timer.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        closer = getattr(source, "aclose", None)
+        if closer is not None:
+            await closer()

@@ -1,0 +1,76 @@
+"""response_format -> Guide, and the pre-admission check that refuses guides we cannot enforce."""
+
+import json
+
+from engine_builder.common.types import Guide, GuideKind
+from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.server.errors import APIError, bad_request
+from engine_builder.serve.server.limits import check_schema_size
+from engine_builder.serve.server.protocol import ResponseFormat, SamplingFields
+from engine_builder.serve.server.state import ServerState
+
+
+def guide_from_response_format(response_format: ResponseFormat | None) -> Guide | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    kind = response_format.type
+    if kind == "json_object":
+        return Guide(GuideKind.JSON_OBJECT, "", any_whitespace=False)
+    if kind == "json_schema":
+        spec = response_format.json_schema
+        if spec is None or spec.schema_ is None:
+            raise bad_request("response_format.json_schema.schema is required for type json_schema.", param="response_format.json_schema")
+        check_schema_size(spec.schema_, "response_format.json_schema.schema")
+        return Guide(GuideKind.JSON_SCHEMA, json.dumps(spec.schema_), any_whitespace=False)
+    if kind == "regex":
+        if not response_format.regex:
+            raise bad_request("response_format.regex is required for type regex.", param="response_format.regex")
+        return Guide(GuideKind.REGEX, response_format.regex)
+    if kind == "grammar":
+        if not response_format.grammar:
+            raise bad_request("response_format.grammar is required for type grammar.", param="response_format.grammar")
+        return Guide(GuideKind.GRAMMAR, response_format.grammar)
+    if kind == "structural_tag":
+        return Guide(GuideKind.STRUCTURAL_TAG, _structural_tag_spec(response_format))
+    raise bad_request(f"Unknown response_format type {kind!r}.", param="response_format.type")
+
+
+def _structural_tag_spec(response_format: ResponseFormat) -> str:
+    """Accept Baseten's string form, xgrammar's `format` object, or the older structures/triggers pair."""
+    tag = response_format.structural_tag
+    if isinstance(tag, str):
+        try:
+            tag = json.loads(tag)
+        except json.JSONDecodeError:
+            raise bad_request("response_format.structural_tag is not valid JSON.", param="response_format.structural_tag") from None
+    if isinstance(tag, dict):
+        return json.dumps(tag if tag.get("type") == "structural_tag" else {"type": "structural_tag", **tag})
+    if response_format.format is not None:
+        return json.dumps({"type": "structural_tag", "format": response_format.format})
+    if response_format.structures is not None and response_format.triggers is not None:
+        tags = [
+            {"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s.get("schema", {})}, "end": s["end"]}
+            for s in response_format.structures
+        ]
+        return json.dumps(
+            {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": response_format.triggers, "tags": tags}}
+        )
+    raise bad_request("response_format.structural_tag needs `structural_tag`, `format`, or `structures` and `triggers`.", param="response_format")
+
+
+def check_guide_compatible(request: SamplingFields, guide: Guide | None) -> None:
+    if guide is None:
+        return
+    if request.ignore_eos:
+        raise bad_request("ignore_eos cannot be combined with a structured response_format (the grammar ends the output).", param="ignore_eos")
+    if request.min_tokens:
+        raise bad_request("min_tokens cannot be combined with a structured response_format.", param="min_tokens")
+
+
+async def verify_guide(state: ServerState, guide: Guide | None, param: str = "response_format") -> None:
+    if guide is None:
+        return
+    try:
+        await state.generation().check_guide(guide)
+    except GuideError as error:
+        raise APIError(str(error), status=400, param=error.param if error.param != "response_format" else param, code="invalid_response_format") from None

@@ -1,0 +1,87 @@
+"""Token logprobs in OpenAI's two formats (chat: per-token objects with bytes; completions: parallel lists)."""
+
+from functools import lru_cache
+
+from engine_builder.common.types import TokenLogprob
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+
+class TokenTexts:
+    """Text and raw bytes of single tokens, cached per token id."""
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        self.decoder = decoder
+        self._byte_decoder = _byte_level_table() if _is_byte_level(decoder) else None
+        self.text = lru_cache(maxsize=65536)(self._text)
+        self.raw_bytes = lru_cache(maxsize=65536)(self._raw_bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self.decoder.token_text(token_id)
+
+    def _raw_bytes(self, token_id: int) -> list[int]:
+        piece = self.decoder.tokenizer.id_to_token(token_id)
+        if (
+            self._byte_decoder is not None
+            and piece is not None
+            and all(ch in self._byte_decoder for ch in piece)
+        ):
+            return [self._byte_decoder[ch] for ch in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+    def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
+        return [
+            ChatTokenLogprob(
+                token=self.text(entry.token_id),
+                logprob=entry.logprob,
+                bytes=self.raw_bytes(entry.token_id),
+                top_logprobs=[
+                    TopLogprob(token=self.text(token_id), logprob=logprob, bytes=self.raw_bytes(token_id))
+                    for token_id, logprob in entry.top
+                ],
+            )
+            for entry in entries
+        ]
+
+    def completion(
+        self, entries: list[TokenLogprob | None], start_offset: int, logprobs: CompletionLogprobs
+    ) -> int:
+        """Append entries to `logprobs`; returns the text offset after them."""
+        offset = start_offset
+        for entry in entries:
+            if entry is None:
+                continue
+            text = self.text(entry.token_id)
+            logprobs.tokens.append(text)
+            logprobs.token_logprobs.append(entry.logprob)
+            logprobs.text_offset.append(offset)
+            logprobs.top_logprobs.append({self.text(t): lp for t, lp in entry.top} if entry.top else None)
+            offset += len(text)
+        return offset
+
+
+def _is_byte_level(decoder: TextDecoder) -> bool:
+    import json
+
+    try:
+        spec = json.loads(decoder.tokenizer.to_str())
+    except Exception:
+        return False
+    return (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _byte_level_table() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable-character map used by byte-level BPE vocabularies."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}

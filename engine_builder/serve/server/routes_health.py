@@ -1,0 +1,80 @@
+"""Liveness, readiness, metrics and model listing (OpenAI's /v1/models and the Truss readiness routes)."""
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.state import ServerState
+
+router = APIRouter()
+STARTED = int(time.time())
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/health")
+@router.get("/ping")
+@router.get("/")
+async def health(request: Request) -> Response:
+    """Liveness: the process answers and the engine loop is alive (or still loading)."""
+    state = _state(request)
+    if state.ready and not state.engine.is_healthy():
+        return JSONResponse({"status": "unhealthy", "error": "engine loop stopped"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+@router.get("/health_file")
+async def ready(request: Request) -> Response:
+    """Readiness: 503 until the engine is loaded and warmed up, and again while draining."""
+    state = _state(request)
+    if state.ready and not state.draining and state.engine.is_healthy():
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if state.draining else (state.startup_error or "loading")
+    return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(state: ServerState) -> dict:
+    info = state.engine.model_info
+    return {
+        "id": state.settings.served_model_name,
+        "object": "model",
+        "created": STARTED,
+        "owned_by": "engine-builder",
+        "root": state.settings.served_model_name,
+        "max_model_len": info.max_model_len,
+    }
+
+
+def _adapter_card(state: ServerState, name: str) -> dict:
+    """A LoRA adapter, as vLLM lists them: its own id, `parent` the base model it runs on."""
+    return {**_model_card(state), "id": name, "root": name, "parent": state.settings.served_model_name}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    if not state.ready:
+        raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
+    adapters = [_adapter_card(state, name) for name in state.settings.lora_adapters]
+    return JSONResponse({"object": "list", "data": [_model_card(state), *adapters]})
+
+
+@router.get("/v1/models/{name}")
+async def model_readiness(name: str, request: Request) -> Response:
+    """OpenAI's model lookup, and Truss's readiness route (`/v1/models/model`): 503 until ready."""
+    state = _state(request)
+    if not state.ready or state.draining:
+        raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
+    if name in state.settings.lora_adapters:
+        return JSONResponse(_adapter_card(state, name))
+    return JSONResponse(_model_card(state))

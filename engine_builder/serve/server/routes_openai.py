@@ -1,0 +1,73 @@
+"""OpenAI routes for decoders, and the Truss predict route that forwards to them.
+
+Handlers parse their bodies themselves (strict JSON, OpenAI's error envelope), so FastAPI sees no typed
+body; `openapi_extra` declares each request schema so /openapi.json describes what the routes accept.
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from engine_builder.serve.server.app_helpers import parse_body, parse_json
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from engine_builder.serve.server.serving_chat import serve_chat
+from engine_builder.serve.server.serving_completions import serve_completion
+from engine_builder.serve.server.state import ServerState
+
+router = APIRouter()
+REQUEST_MODELS: tuple[Any, ...] = (ChatCompletionRequest, CompletionRequest)
+_REF = "#/components/schemas/{model}"
+
+
+def request_schemas() -> dict[str, Any]:
+    """JSON schemas of the request models (and the models they use), for the OpenAPI components section."""
+    schemas: dict[str, Any] = {}
+    for model in REQUEST_MODELS:
+        schema = model.model_json_schema(ref_template=_REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _body(*models: Any) -> dict[str, Any]:
+    refs = [{"$ref": _REF.format(model=model.__name__)} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    return await serve_chat(_state(request), body, request)
+
+
+@router.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    return await serve_completion(_state(request), body, request)
+
+
+@router.post(
+    "/v1/models/{name}:predict",
+    openapi_extra={
+        **_body(ChatCompletionRequest, CompletionRequest),
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+    },
+)
+@router.post("/predict", openapi_extra=_body(ChatCompletionRequest, CompletionRequest))
+async def predict(request: Request) -> Response:
+    """Truss's predict route: a chat body (`messages`) or a completions body (`prompt`)."""
+    data = parse_json(await request.body() or b"{}")
+    if isinstance(data, dict) and "messages" in data:
+        return await chat_completions(request)
+    if isinstance(data, dict) and "prompt" in data:
+        return await completions(request)
+    raise APIError(
+        "A predict body needs `messages` (chat) or `prompt` (completion).", status=400, param="messages"
+    )

@@ -1,0 +1,157 @@
+"""Request fields -> SamplingParams. Every accepted field is honoured; the rest are refused here, by name."""
+
+import math
+from dataclasses import dataclass
+
+from engine_builder.common.types import Guide, SamplingParams
+from engine_builder.serve.server.errors import APIError, bad_request, unsupported
+from engine_builder.serve.server.protocol import ChatCompletionRequest, SamplingFields
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    vocab_size: int
+    request_default_max_tokens: int | None
+
+
+def context_length_error(limit: int, prompt_tokens: int, max_tokens: int | None) -> APIError:
+    if max_tokens is None:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+    return APIError(message, status=400, param="messages", code="context_length_exceeded")
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, limits: Limits) -> int:
+    """An explicit max_tokens that does not fit is an error; a default is clamped to what fits."""
+    room = limits.max_model_len - prompt_tokens
+    if room < 1:
+        raise context_length_error(limits.max_model_len, prompt_tokens, requested)
+    if requested is not None:
+        if requested > room:
+            raise context_length_error(limits.max_model_len, prompt_tokens, requested)
+        return requested
+    default = limits.request_default_max_tokens
+    return min(default, room) if default is not None else room
+
+
+def check_unsupported(request: SamplingFields) -> None:
+    if request.best_of is not None and request.best_of != request.n and request.best_of != 1:
+        raise unsupported("best_of", "Only best_of equal to n is supported (no beam search).")
+    if request.top_p_min:
+        raise unsupported("top_p_min", "Dynamic top_p is not implemented.")
+    if request.length_penalty is not None and request.length_penalty != 1.0:
+        raise unsupported("length_penalty", "It applies to beam search, and max_beam_width is 1.")
+    if request.early_stopping:
+        raise unsupported("early_stopping", "It applies to beam search, and max_beam_width is 1.")
+    if request.bad:
+        raise unsupported("bad", "Use bad_token_ids or logit_bias to ban tokens.")
+    if not request.spaces_between_special_tokens:
+        raise unsupported(
+            "spaces_between_special_tokens", "Fast tokenizers decode special tokens without it."
+        )
+    if request.disaggregated_params:
+        raise unsupported("disaggregated_params", "This server does not run disaggregated prefill.")
+    if request.service_tier not in (None, "auto", "default"):
+        raise unsupported("service_tier")
+    if request.store:
+        raise unsupported("store", "Completions are not stored.")
+    if request.prediction:
+        raise unsupported("prediction", "Predicted outputs are not implemented.")
+    if request.top_k is not None and request.top_k < -1:
+        raise bad_request("top_k must be -1 (off), 0 (off) or a positive integer.", param="top_k")
+
+
+def check_unsupported_chat(request: ChatCompletionRequest) -> None:
+    check_unsupported(request)
+    if request.functions or request.function_call is not None:
+        raise unsupported(
+            "functions", "Use `tools` and `tool_choice` instead of the deprecated functions API."
+        )
+    if request.audio or (request.modalities and request.modalities != ["text"]):
+        raise unsupported("modalities", "Only text output is available.")
+    if request.web_search_options:
+        raise unsupported("web_search_options")
+    if request.reasoning_effort is not None:
+        raise unsupported("reasoning_effort", "The served model has no reasoning mode.")
+    if request.top_logprobs and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
+
+
+def logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(
+                f"logit_bias keys must be token ids; got {key!r}.", param="logit_bias"
+            ) from None
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(
+                f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size}).",
+                param="logit_bias",
+            )
+        if not -100.0 <= value <= 100.0 or math.isnan(value):
+            raise bad_request(
+                f"logit_bias values must be within [-100, 100]; got {value}.", param="logit_bias"
+            )
+        bias[token_id] = value
+    for token_id in request.bad_token_ids or []:
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(
+                f"bad_token_ids entry {token_id} is outside the vocabulary.", param="bad_token_ids"
+            )
+        bias[token_id] = float("-inf")
+    return bias
+
+
+def build_sampling_params(
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    limits: Limits,
+    logprobs: int | None,
+    guide: Guide | None,
+    extra_stop_token_ids: tuple[int, ...] = (),
+) -> SamplingParams:
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    for token_id in request.stop_token_ids or []:
+        if not 0 <= token_id < limits.vocab_size:
+            raise bad_request(
+                f"stop_token_ids entry {token_id} is outside the vocabulary.", param="stop_token_ids"
+            )
+    if request.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({request.min_tokens}) is larger than max_tokens ({max_tokens}).", param="min_tokens"
+        )
+    top_k = request.top_k if request.top_k and request.top_k > 0 else None
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=top_k,
+        min_p=request.min_p or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=logit_bias(request, limits.vocab_size),
+        seed=request.seed,
+        stop=tuple(s for s in stop if s),
+        stop_token_ids=tuple(request.stop_token_ids or ()) + extra_stop_token_ids,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
+        logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+        n=request.n,
+        guide=guide,
+    )

@@ -1,0 +1,246 @@
+"""/v1/chat/completions: render the conversation, run it, answer as JSON or as OpenAI's SSE stream."""
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine_builder.common.types import GenerationDelta
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.generation import (
+    Run,
+    chunk_framer,
+    collect_until_disconnect,
+    new_id,
+    sse,
+    with_keepalive,
+)
+from engine_builder.serve.server.guides import verify_guide
+from engine_builder.serve.server.limits import check_chat_limits
+from engine_builder.serve.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
+from engine_builder.serve.server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ResponseMessage,
+    Usage,
+)
+from engine_builder.serve.server.sampling import (
+    build_sampling_params,
+    check_unsupported_chat,
+    resolve_max_tokens,
+)
+from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.usage import UsageCounter
+
+
+@dataclass
+class ChatPlan:
+    """What the request turned into before any generation: prompt tokens, sampling, output handling."""
+
+    prompt_token_ids: list[int]
+    run: Run
+    processor: OutputProcessor
+    echo_text: str = ""
+    logprobs: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def serve_chat(state: ServerState, body: ChatCompletionRequest, http_request: Request) -> Response:
+    result = await run_chat(state, body, http_request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(result.model_dump(mode="json", exclude_none=False))
+
+
+async def run_chat(
+    state: ServerState, body: ChatCompletionRequest, http_request: Request
+) -> ChatCompletionResponse | StreamingResponse:
+    """The chat completion as a response object (non-streaming) or an SSE StreamingResponse."""
+    plan = await plan_chat(state, body)
+    await verify_guide(state, plan.run.request.sampling.guide)
+    plan.run.admit()
+    request_id = plan.run.request.request_id
+    created = int(time.time())
+    if body.stream:
+        frames = stream_chat(state, body, plan, request_id, created)
+        return StreamingResponse(
+            with_keepalive(frames, state.settings.keepalive_interval_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
+
+
+async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+    check_chat_limits(body, state.settings.max_batch_size)
+    check_unsupported_chat(body)
+    if state.renderer is None:
+        raise APIError("This engine serves no chat template.", status=400, param="messages")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise APIError(
+            "Set max_completion_tokens or max_tokens, not both with different values.", param="max_tokens"
+        )
+    processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
+    template_kwargs = {
+        **(body.chat_template_args or {}),
+        **(body.chat_template_kwargs or {}),
+        **template_kwargs,
+    }
+    prompt_text = await state.renderer.render_async(
+        body.messages,
+        tools=tools_for_template,
+        documents=body.documents,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template=body.chat_template,
+        template_kwargs=template_kwargs,
+    )
+    prompt_ids = state.renderer.encode(prompt_text, add_special_tokens=bool(body.add_special_tokens))
+    if body.truncate_prompt_tokens is not None and len(prompt_ids) > body.truncate_prompt_tokens:
+        prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
+    limits = state.limits()
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = build_sampling_params(body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide)
+    echo_text = ""
+    if body.echo and body.messages[-1].role == "assistant":
+        from engine_builder.serve.server.chat_template import message_text
+
+        echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
+    run = Run(state, new_id("chatcmpl"), prompt_ids, params, model=body.model)
+    return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
+
+
+async def complete_chat(
+    state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
+) -> ChatCompletionResponse:
+    texts = state.token_texts() if plan.logprobs else None
+    choices = [plan.processor.start(index) for index in range(body.n)]
+    last: dict[int, GenerationDelta] = {}
+    logprob_entries: dict[int, list] = {index: [] for index in range(body.n)}
+    counts = UsageCounter(len(plan.prompt_token_ids))
+    async for delta in plan.run.deltas():
+        counts.add(delta.index, delta)
+        choices[delta.index].feed(delta.text, final=delta.finish_reason is not None)
+        if delta.logprobs:
+            logprob_entries[delta.index].extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            last[delta.index] = delta
+    result = []
+    for index, choice in enumerate(choices):
+        final = last[index]
+        output = choice.result(final.finish_reason, final.stop_reason)
+        message = ResponseMessage(
+            content=(plan.echo_text + output.content) if output.content is not None else None,
+            tool_calls=output.tool_calls,
+            reasoning_content=output.reasoning,
+        )
+        logprobs = ChatLogprobs(content=texts.chat(logprob_entries[index])) if texts is not None else None
+        result.append(
+            ChatChoice(
+                index=index,
+                message=message,
+                logprobs=logprobs,
+                finish_reason=output.finish_reason,
+                stop_reason=output.stop_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=plan.run.model_name,
+        choices=result,
+        usage=counts.final(),
+    )
+
+
+async def stream_chat(
+    state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
+) -> AsyncIterator[bytes]:
+    model = plan.run.model_name
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    texts = state.token_texts() if plan.logprobs else None
+    choices = [plan.processor.start(index) for index in range(body.n)]
+    counts = UsageCounter(len(plan.prompt_token_ids))
+
+    frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
+
+    def chunk(choice_payloads: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage or continuous)
+
+    def running_usage() -> Usage | None:
+        return counts.running() if continuous else None
+
+    announced = [False] * body.n
+
+    def with_role(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        """A choice's first data event carries its role (and echoed text): it leaves with the first token, so a
+        client's time to first event is the time to first token, as with vLLM."""
+        if announced[index]:
+            return delta
+        announced[index] = True
+        first: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + (delta.get("content") or "")}
+        return {**first, **{key: value for key, value in delta.items() if key != "content"}}
+
+    try:
+        async for generated in plan.run.deltas():
+            index = generated.index
+            counts.add(index, generated)
+            choice = choices[index]
+            is_final = generated.finish_reason is not None
+            pieces = choice.feed(generated.text, final=is_final)
+            logprobs = (
+                {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
+                if texts and generated.logprobs
+                else None
+            )
+            for piece in pieces:
+                yield chunk(
+                    [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+                logprobs = None
+            if logprobs is not None:
+                yield chunk(
+                    [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+            if is_final:
+                output = choice.result(generated.finish_reason, generated.stop_reason)
+                final = {
+                    "index": index,
+                    "delta": with_role(index, {}),
+                    "logprobs": None,
+                    "finish_reason": output.finish_reason,
+                    "stop_reason": output.stop_reason,
+                }
+                yield chunk([final], running_usage())
+        if include_usage:
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": counts.final().model_dump(),
+                }
+            )
+    except APIError as error:
+        yield sse(error.body())
+    yield sse("[DONE]")
+
+
+__all__ = ["ChoiceOutput", "serve_chat"]

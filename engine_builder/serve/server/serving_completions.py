@@ -1,0 +1,269 @@
+"""/v1/completions: prompts as text or token ids (one or many), echo, logprobs, SSE streaming."""
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine_builder.common.types import GenerationDelta
+from engine_builder.serve.server.errors import APIError, bad_request, unsupported
+from engine_builder.serve.server.generation import (
+    Run,
+    chunk_framer,
+    collect_until_disconnect,
+    new_id,
+    sse,
+    with_keepalive,
+)
+from engine_builder.serve.server.guides import (
+    check_guide_compatible,
+    guide_from_response_format,
+    verify_guide,
+)
+from engine_builder.serve.server.limits import check_completion_limits
+from engine_builder.serve.server.logprobs import TokenTexts
+from engine_builder.serve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
+from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.usage import UsageCounter
+
+
+def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    decoder = state.engine_decoder()
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            if state.renderer is None:
+                raise bad_request("text prompts need a tokenizer.", param="prompt")
+            ids = state.renderer.encode(item, add_special_tokens=add_special)
+            text = item
+        else:
+            ids = list(item)
+            vocab = state.limits().vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
+            text = decoder.decode(ids, skip_special_tokens=False)
+        if not ids:
+            raise bad_request("prompt must contain at least one token.", param="prompt")
+        if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
+            ids = ids[-body.truncate_prompt_tokens :]
+        result.append((text, ids))
+    return result
+
+
+def _prompt_entries(texts: TokenTexts, run: Run, entries: list, logprobs: CompletionLogprobs) -> int:
+    """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends)."""
+    offset = 0
+    for token_id, entry in zip(run.request.prompt_token_ids, entries, strict=False):
+        text = texts.text(token_id)
+        logprobs.tokens.append(text)
+        logprobs.text_offset.append(offset)
+        logprobs.token_logprobs.append(entry.logprob if entry is not None else None)
+        logprobs.top_logprobs.append({texts.text(t): lp for t, lp in entry.top} if entry is not None and entry.top else None)
+        offset += len(text)
+    return offset
+
+
+async def serve_completion(state: ServerState, body: CompletionRequest, http_request: Request) -> Response:
+    result = await run_completion(state, body, http_request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+async def run_completion(
+    state: ServerState, body: CompletionRequest, http_request: Request
+) -> CompletionResponse | StreamingResponse:
+    check_completion_limits(body, state.settings.max_batch_size)
+    check_unsupported(body)
+    if body.suffix:
+        raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
+    guide = guide_from_response_format(body.response_format)
+    check_guide_compatible(body, guide)
+    await verify_guide(state, guide)
+    prompts = _prompts(state, body)
+    limits = state.limits()
+    runs: list[tuple[str, Run]] = []
+    for text, ids in prompts:
+        max_tokens = resolve_max_tokens(
+            body.max_tokens if body.max_tokens is not None else 16, len(ids), limits
+        )
+        params = build_sampling_params(
+            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide
+        )
+        if body.echo and body.logprobs is not None:  # echoed prompt tokens carry their logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        runs.append((text, Run(state, new_id("cmpl"), ids, params, model=body.model)))
+    admitted: list[Run] = []
+    try:
+        for _, run in runs:
+            run.admit()
+            admitted.append(run)
+    except APIError:
+        for _ in admitted:
+            state.release()
+        raise
+    request_id = new_id("cmpl")
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(
+            with_keepalive(
+                _stream(state, body, runs, request_id, created), state.settings.keepalive_interval_s
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
+
+
+async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
+    """Deltas of every prompt's run, as they come, tagged with the prompt index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(position: int, run: Run) -> None:
+        try:
+            async for delta in run.deltas():
+                await queue.put((position, delta))
+        except BaseException as error:  # forwarded to the consumer
+            await queue.put(error)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(position, run)) for position, (_, run) in enumerate(runs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _complete(
+    state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
+) -> CompletionResponse:
+    texts = state.token_texts() if body.logprobs is not None else None
+    n = body.n
+    usage = UsageCounter(sum(len(run.request.prompt_token_ids) for _, run in runs), n)
+    parts: dict[int, list[str]] = {}
+    logprobs: dict[int, CompletionLogprobs] = {}
+    offsets: dict[int, int] = {}
+    last: dict[int, GenerationDelta] = {}
+    for position, delta in [item async for item in _merged(runs)]:
+        choice = position * n + delta.index
+        usage.add(choice, delta)
+        parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
+        if texts is not None and delta.prompt_logprobs is not None:
+            entry = logprobs.setdefault(choice, CompletionLogprobs())
+            offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+        if texts is not None and delta.logprobs:
+            entry = logprobs.setdefault(choice, CompletionLogprobs())
+            offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
+        if delta.finish_reason is not None:
+            last[choice] = delta
+    choices = []
+    for choice in sorted(last):
+        delta = last[choice]
+        choices.append(
+            CompletionChoice(
+                index=choice,
+                text="".join(parts.get(choice, [])),
+                logprobs=logprobs.get(choice, CompletionLogprobs()) if texts is not None else None,
+                finish_reason=delta.finish_reason.value if delta.finish_reason else None,
+                stop_reason=delta.stop_reason,
+            )
+        )
+    return CompletionResponse(
+        id=request_id,
+        created=created,
+        model=runs[0][1].model_name,
+        choices=choices,
+        usage=usage.final(),
+    )
+
+
+async def _stream(
+    state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
+) -> AsyncIterator[bytes]:
+    model = runs[0][1].model_name
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    texts = state.token_texts() if body.logprobs is not None else None
+    n = body.n
+    usage = UsageCounter(sum(len(run.request.prompt_token_ids) for _, run in runs), n)
+    offsets: dict[int, int] = {}
+    echoed: set[int] = set()
+
+    framer = chunk_framer(request_id, "text_completion", created, model)
+
+    def frame(choice: dict[str, Any]) -> bytes:
+        return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
+
+    try:
+        async for position, delta in _merged(runs):
+            choice = position * n + delta.index
+            usage.add(choice, delta)
+            text = delta.text
+            if body.echo and choice not in echoed:
+                echoed.add(choice)
+                text = runs[position][0] + text
+            logprobs = None
+            if texts is not None and (delta.logprobs or delta.prompt_logprobs is not None):
+                entry = CompletionLogprobs()
+                if delta.prompt_logprobs is not None:
+                    offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+                offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
+                logprobs = entry.model_dump()
+            finish = delta.finish_reason.value if delta.finish_reason else None
+            if text or logprobs or finish:
+                yield frame(
+                    {
+                        "index": choice,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                        "stop_reason": delta.stop_reason,
+                    }
+                )
+        if include_usage:
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage.final().model_dump(),
+                }
+            )
+    except APIError as error:
+        yield sse(error.body())
+    yield sse("[DONE]")

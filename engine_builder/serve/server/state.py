@@ -1,0 +1,91 @@
+"""Everything a request handler needs, built once at startup."""
+
+import asyncio
+from dataclasses import dataclass, field
+
+from engine_builder.serve.backends.base import EngineClient, EngineLifecycle
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.chat_template import PromptRenderer
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.logprobs import TokenTexts
+from engine_builder.serve.server.metrics import ServerMetrics
+from engine_builder.serve.server.sampling import Limits
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    open_health_and_metrics: bool = True  # /health, /metrics and readiness need no key
+    max_inflight: int = 2048  # requests accepted and unfinished; beyond this the server answers 429
+    max_batch_size: int | None = None  # the engine's running-batch size: the most choices (`n`) one request gets
+    max_body_bytes: int = 32 * 1024 * 1024
+    request_default_max_tokens: int | None = None
+    keepalive_interval_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    lora_adapters: tuple[str, ...] = ()  # adapter names a request's `model` selects (any other name: the base)
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names, or None for the base model (whatever else it says, as
+        Baseten's examples send `model="not-required"`)."""
+        return model if model is not None and model in self.lora_adapters else None
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: EngineLifecycle
+    renderer: PromptRenderer | None
+    decoder: TextDecoder | None = None
+    metrics: ServerMetrics = field(init=False)
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    startup_error: str | None = None
+    engine_started: asyncio.Event = field(default_factory=asyncio.Event)
+    _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(
+            self.settings.served_model_name, self.engine.stats, lambda: self.inflight
+        )
+
+    def generation(self) -> EngineClient:
+        """The engine as a generation client; an encoder engine has none (its routes are the encoder ones)."""
+        if not callable(getattr(self.engine, "generate", None)):
+            raise APIError("This engine serves an encoder: use /v1/embeddings, /rerank or /predict.", status=404)
+        return self.engine  # type: ignore[return-value]
+
+    def engine_decoder(self) -> TextDecoder:
+        assert self.decoder is not None, "decoder models need a TextDecoder"
+        return self.decoder
+
+    def token_texts(self) -> TokenTexts:
+        """Logprobs' token texts and bytes, cached across requests (one per server, like the tokenizer)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine_decoder())
+        return self._token_texts
+
+    def limits(self) -> Limits:
+        info = self.engine.model_info
+        return Limits(info.max_model_len, info.vocab_size, self.settings.request_default_max_tokens)
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it when the server is full or shutting down."""
+        if self.draining:
+            raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
+        if not self.ready:
+            raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
+        if self.inflight >= self.settings.max_inflight:
+            raise APIError(
+                f"The server is at capacity ({self.settings.max_inflight} requests in flight); retry shortly.",
+                status=429,
+                type="rate_limit_error",
+                code="server_overloaded",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1

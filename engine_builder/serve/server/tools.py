@@ -1,0 +1,166 @@
+"""Tool calling: tools through the chat template, per-family parsing, grammar-forced `required`/named choices.
+
+`tool_choice`:
+- none: tools are not rendered and nothing is parsed;
+- auto: the model's own format is parsed with the family parser recorded in the engine manifest;
+- required / a named function: a JSON-schema grammar forces `{"name": ..., "arguments": ...}` objects
+  whose arguments validate against the tool's parameters (an array when parallel_tool_calls allows).
+A call naming a tool that was not offered stays plain text.
+"""
+
+import json
+import secrets
+import string
+from typing import Any
+
+from engine_builder.common.types import FinishReason, Guide, GuideKind
+from engine_builder.serve.decoding.tool_calls import ParsedCall, ToolCallStream, ToolParser, tool_parser
+from engine_builder.serve.server.errors import bad_request
+from engine_builder.serve.server.limits import check_schema_size
+from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
+from engine_builder.serve.server.protocol import (
+    ChatCompletionRequest,
+    FunctionCall,
+    NamedToolChoice,
+    ResponseToolCall,
+)
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_call_id(length: int) -> str:
+    suffix = "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    return suffix if length == 9 else f"call_{suffix}"
+
+
+class ToolCallOutput(ChoiceOutput):
+    """One choice's text parsed as it grows (`ToolCallStream`: settled calls and content are not parsed again);
+    what changed since the last delta is streamed."""
+
+    def __init__(self, parser: ToolParser, parallel: bool) -> None:
+        super().__init__()
+        self.parser = parser
+        self.parallel = parallel
+        self.stream = parser.stream()
+        self.is_final = False
+        self.sent_content = 0
+        self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
+        self.num_done = 0  # calls settled and sent in full: never looked at again
+
+    def _calls(self) -> list[ParsedCall]:
+        calls = self.stream.calls
+        return calls if self.parallel else calls[:1]
+
+    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+        if self.is_final:
+            return []
+        self.stream.feed(text, final)
+        self.is_final = final
+        deltas: list[dict[str, Any]] = []
+        if _shows_content(self.stream, final) and self.stream.content_length > self.sent_content:
+            deltas.append({"content": self.stream.content_from(self.sent_content)})
+            self.sent_content = self.stream.content_length
+        calls = self._calls()
+        num_settled = len(self.stream.settled_calls)
+        for index in range(self.num_done, len(calls)):
+            call = calls[index]
+            if index >= len(self.sent_calls):
+                call_id = new_call_id(self.parser.id_length)
+                self.sent_calls.append((call_id, 0))
+                deltas.append(
+                    {"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}
+                )
+            call_id, sent = self.sent_calls[index]
+            if len(call.arguments) > sent:
+                deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments[sent:]}}]})
+                self.sent_calls[index] = (call_id, len(call.arguments))
+            if index < num_settled and index == self.num_done:
+                self.num_done += 1
+        return deltas
+
+    def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
+        if not self.is_final:
+            self.feed("", final=True)
+        calls = [
+            ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.parser.id_length),
+                             function=FunctionCall(name=call.name, arguments=call.arguments))
+            for i, call in enumerate(self._calls())
+        ]
+        reason = finish_reason.value if finish_reason is not None else "stop"
+        if calls and reason == "stop":
+            reason = FinishReason.TOOL_CALLS.value
+        content = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
+        return FinalOutput(content=content if (content or not calls) else None, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
+
+
+def _shows_content(stream: ToolCallStream, final: bool) -> bool:
+    """Whitespace alone may still precede a call, so it waits for text after it, or for the end of a reply
+    without calls; whitespace around calls is not content."""
+    return stream.has_text or (final and not stream.calls)
+
+
+class ToolCallProcessor(OutputProcessor):
+    def __init__(self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool) -> None:
+        self.parser_name = parser_name
+        self.tools = tools
+        self.parallel = parallel
+
+    def start(self, index: int) -> ChoiceOutput:
+        return ToolCallOutput(tool_parser(self.parser_name, self.tools), self.parallel)
+
+
+def plan_tools(
+    body: ChatCompletionRequest, family_parser: str | None, template_supports_tools: bool
+) -> tuple[OutputProcessor | None, list[dict[str, Any]] | None, Guide | None, list[dict[str, str]]]:
+    """(processor, tools for the template, forcing guide, extra system messages) for the request's tools."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice needs `tools`.", param="tool_choice")
+        return None, None, None, []
+    if choice == "none":
+        return None, None, None, []
+    names = [tool.function.name for tool in body.tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tools must have unique function names.", param="tools")
+    schemas = {tool.function.name: tool.function.parameters or {"type": "object", "properties": {}} for tool in body.tools}
+    template_tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    parallel = body.parallel_tool_calls is not False
+    if choice is None or choice == "auto":
+        if family_parser is None:
+            raise bad_request(
+                "This model's chat template has no tool-calling format; use tool_choice `required` or a named function.",
+                param="tools",
+            )
+        return ToolCallProcessor(family_parser, schemas, parallel), template_tools, None, []
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in schemas:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in `tools`.", param="tool_choice")
+        schema = _call_schema(choice.function.name, schemas[choice.function.name])
+        parallel = False
+    else:
+        options = [_call_schema(name, parameters) for name, parameters in schemas.items()]
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        if parallel:
+            schema = {"type": "array", "items": schema, "minItems": 1}
+    check_schema_size(schema, "tools")
+    guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False)
+    hints = [] if template_supports_tools else [_tool_hint(template_tools)]
+    return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _tool_hint(tools: list[dict[str, Any]]) -> dict[str, str]:
+    return {
+        "role": "system",
+        "content": "You can call these tools. Answer with a JSON tool call {\"name\": ..., \"arguments\": {...}}.\n"
+        + json.dumps(tools),
+    }

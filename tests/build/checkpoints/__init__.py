@@ -1,0 +1,1 @@
+"""Tests of the checkpoint sources (engine_builder/build/checkpoints)."""

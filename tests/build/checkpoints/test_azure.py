@@ -1,0 +1,97 @@
+"""AZURE against Azurite (installed from npm by tests/emulators/install.sh). The repo is the public-cloud URL;
+AZURE_STORAGE_CONNECTION_STRING redirects the endpoint to the emulator, as it would to a sovereign cloud."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine_builder.build.checkpoints import (
+    CheckpointAuthError,
+    CheckpointNotFoundError,
+    Secrets,
+    fetch_checkpoint,
+)
+from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url
+from engine_builder.build.config import BaseModelKind, CheckpointRepository
+from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.emulators.processes import AZURITE_ACCOUNT, AZURITE_KEY, Emulator
+
+pytestmark = pytest.mark.emulator
+ENDPOINT_ONLY = (
+    "DefaultEndpointsProtocol=http;AccountName={account};BlobEndpoint=http://127.0.0.1:{port}/{account};"
+)
+
+
+@pytest.fixture
+def azure(azurite: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    # Endpoint only: the key must come from the secret.
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", ENDPOINT_ONLY.format(account=AZURITE_ACCOUNT, port=azurite.port)
+    )
+    return azurite
+
+
+def repository(prefix: str, container: str = "checkpoints") -> CheckpointRepository:
+    url = f"https://{AZURITE_ACCOUNT}.blob.core.windows.net/{container}/{prefix}"
+    return CheckpointRepository(source="AZURE", repo=url, runtime_secret_name="azure_secret")
+
+
+def test_url_spellings() -> None:
+    expected = ("acct", "models", "llama/8b/")
+    assert parse_azure_url("https://acct.blob.core.windows.net/models/llama/8b") == expected
+    assert parse_azure_url("azure://acct/models/llama/8b/") == expected
+    with pytest.raises(CheckpointNotFoundError, match="ACCOUNT.blob.core.windows.net"):
+        parse_azure_url("https://example.com/models/llama")
+
+
+def test_minilm_with_account_key(azure: Emulator, minilm_dir: Path, cache_dir: Path) -> None:
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    fetched = fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False,
+                               base_model=BaseModelKind.ENCODER_BERT)  # fmt: skip
+    expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+    assert (fetched.path / "modules.json").read_bytes() == (minilm_dir / "modules.json").read_bytes()
+
+
+def test_wrong_key_is_an_auth_error_and_never_leaks(
+    azure: Emulator, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong_key = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk="
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(CheckpointAuthError, match=r"access refused.*azure_secret") as raised:
+        fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir,
+                         secrets=Secrets({"azure_secret": json.dumps({"account_key": wrong_key})}), progress=False)  # fmt: skip
+    assert_secret_absent(wrong_key, str(raised.value), caplog.text)
+    assert snapshot_dirs(cache_dir) == []
+
+
+def test_missing_container_or_prefix(azure: Emulator, cache_dir: Path) -> None:
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    for target in (repository("no/such/model"), repository("model", container="absent")):
+        with pytest.raises(CheckpointNotFoundError):
+            fetch_checkpoint(target, cache_dir=cache_dir, secrets=secrets, progress=False)
+
+
+def test_connection_string_secret(azurite: Emulator, minilm_dir: Path) -> None:
+    """A full connection string in the secret carries both the endpoint and the key."""
+    source = AzureSource(
+        repository(MINILM_PREFIX), Secrets({"azure_secret": azurite.extra["connection_string"]}), None
+    )
+    listed = {file.path: file.size for file in source.list_files().files}
+    assert listed["model.safetensors"] == (minilm_dir / "model.safetensors").stat().st_size
+
+    received = bytearray()
+
+    class Collect:
+        def write(self, chunk: bytes) -> None:
+            received.extend(chunk)
+
+        def restart(self) -> None:
+            raise AssertionError("Azure honours ranges")
+
+    vocab = next(file for file in source.list_files().files if file.path == "vocab.txt")
+    source.read_into(vocab, 777, Collect())
+    assert bytes(received) == (minilm_dir / "vocab.txt").read_bytes()[777:]

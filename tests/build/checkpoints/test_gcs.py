@@ -1,0 +1,127 @@
+"""GCS against gcp-storage-emulator. The emulator checks no credentials, so the service-account path is
+exercised for real up to the token exchange: google-auth signs a JWT with the secret's private key and posts
+it to the key's token_uri, here a local token endpoint that accepts or refuses it."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from engine_builder.build.checkpoints import (
+    CheckpointAuthError,
+    CheckpointNotFoundError,
+    Secrets,
+    fetch_checkpoint,
+)
+from engine_builder.build.checkpoints.sources.gcs import GcsSource
+from engine_builder.build.config import BaseModelKind, CheckpointRepository
+from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.emulators.http_server import LocalHttpServer, Recorded
+from tests.emulators.processes import Emulator
+
+pytestmark = pytest.mark.emulator
+
+
+@pytest.fixture
+def gcs(gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    return gcs_emulator
+
+
+@pytest.fixture(scope="module")
+def private_key_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem.decode()
+
+
+def service_account(private_key_pem: str, token_uri: str) -> str:
+    return json.dumps({
+        "type": "service_account", "project_id": "test", "private_key_id": "0123456789abcdef",
+        "private_key": private_key_pem, "client_email": "builder@test.iam.gserviceaccount.com",
+        "token_uri": token_uri,
+    })  # fmt: skip
+
+
+def repository(prefix: str) -> CheckpointRepository:
+    return CheckpointRepository(
+        source="GCS", repo=f"gs://checkpoints/{prefix}", runtime_secret_name="gcs_key"
+    )
+
+
+def test_minilm_with_a_service_account(
+    gcs: Emulator, http: LocalHttpServer, private_key_pem: str, minilm_dir: Path, cache_dir: Path
+) -> None:
+    http.add_json("POST", "/token", lambda request: (200, {"access_token": "ya29.test", "expires_in": 3600,
+                                                            "token_type": "Bearer"}, {}))  # fmt: skip
+    secrets = Secrets({"gcs_key": service_account(private_key_pem, f"{http.url}/token")})
+    fetched = fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False,
+                               base_model=BaseModelKind.ENCODER_BERT)  # fmt: skip
+    expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+    assert sorted(fetched.files) == sorted(
+        path.relative_to(minilm_dir).as_posix() for path in minilm_dir.rglob("*")
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt") and not path.name.startswith(".")
+    )  # fmt: skip
+    # The JWT grant was really signed and sent: the secret took part in the fetch.
+    grants = http.requests_for("/token")
+    assert grants and b"grant_type=urn" in grants[0].body
+
+
+def test_refused_token_is_an_auth_error_without_the_key(
+    gcs: Emulator,
+    http: LocalHttpServer,
+    private_key_pem: str,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refuse(request: Recorded) -> tuple[int, Any, dict[str, str]]:
+        return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {}
+
+    http.add_json("POST", "/token", refuse)
+    caplog.set_level(logging.DEBUG)
+    secrets = Secrets({"gcs_key": service_account(private_key_pem, f"{http.url}/token")})
+    with pytest.raises(CheckpointAuthError, match=r"invalid_grant.*gcs_key") as raised:
+        fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=secrets, progress=False)
+    key_body = private_key_pem.splitlines()[5]
+    assert_secret_absent(key_body, str(raised.value), caplog.text)
+    assert snapshot_dirs(cache_dir) == []
+
+
+def test_malformed_key_is_an_auth_error(gcs: Emulator, cache_dir: Path) -> None:
+    broken = json.dumps(
+        {"client_email": "a@b.iam.gserviceaccount.com", "private_key": "-----BEGIN PRIVATE KEY-----\nnope"}
+    )
+    with pytest.raises(CheckpointAuthError, match="not a usable service-account key"):
+        fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=Secrets({"gcs_key": broken}),
+                         progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("repo", ["gs://checkpoints/no/such/model", "gs://no-such-bucket/model"])
+def test_missing_prefix_or_bucket(gcs: Emulator, cache_dir: Path, repo: str) -> None:
+    target = CheckpointRepository(source="GCS", repo=repo, runtime_secret_name="gcs_key")
+    with pytest.raises(CheckpointNotFoundError):
+        fetch_checkpoint(target, cache_dir=cache_dir, secrets=Secrets(), progress=False)
+
+
+def test_ranged_read(gcs: Emulator, minilm_dir: Path) -> None:
+    source = GcsSource(repository(MINILM_PREFIX), Secrets(), None)
+    vocab = next(file for file in source.list_files().files if file.path == "vocab.txt")
+    received = bytearray()
+
+    class Collect:
+        def write(self, chunk: bytes) -> None:
+            received.extend(chunk)
+
+        def restart(self) -> None:
+            raise AssertionError("GCS honours ranges")
+
+    source.read_into(vocab, 12345, Collect())
+    assert bytes(received) == (minilm_dir / "vocab.txt").read_bytes()[12345:]

@@ -1,0 +1,100 @@
+"""LOCAL paths, the source registry, file selection and the download settings."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_builder.build.checkpoints import (
+    CheckpointError,
+    CheckpointLayoutError,
+    CheckpointNotFoundError,
+    DownloadSettings,
+    fetch_checkpoint,
+    known_sources,
+    source_class,
+)
+from engine_builder.build.checkpoints.selection import needed_paths
+from engine_builder.build.config import BaseModelKind, CheckpointRepository, CheckpointSource
+from tests.build.checkpoints.factory import make_checkpoint
+
+
+def test_registry_knows_every_schema_source_and_names_them_on_a_typo() -> None:
+    assert known_sources() == sorted(source.value for source in CheckpointSource)
+    assert source_class(CheckpointSource.LOCAL).name == "LOCAL"
+    with pytest.raises(
+        CheckpointError, match="unknown checkpoint source 'FTP'; known sources: AZURE, BASETEN_TRAINING"
+    ):
+        source_class("FTP")
+
+
+def test_registry_imports_sdks_lazily() -> None:
+    probe = (
+        "import sys; from engine_builder.build.checkpoints import source_class; source_class('S3'); "
+        "print(sorted(m for m in ('boto3', 'azure.storage.blob', 'google.cloud.storage') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['boto3']"
+
+
+def test_selection_keeps_model_files_only() -> None:
+    listing = [
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "merges.txt", "chat_template.jinja",
+        "modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors", "pytorch_model.bin", "model.onnx",
+        "onnx/model.onnx", "onnx/config.json", "flax_model.msgpack", "tf_model.h5", "README.md", ".gitattributes",
+        "optimizer.pt", "trainer_state.json", "modeling_custom.py", "rng_state_0.pth", "images/logo.png",
+    ]  # fmt: skip
+    assert needed_paths(listing) == sorted([
+        "1_Pooling/config.json", "2_Dense/model.safetensors", "chat_template.jinja", "config.json",
+        "generation_config.json", "merges.txt", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "modules.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt",
+    ])  # fmt: skip
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    settings = DownloadSettings(backoff_s=1.0, max_backoff_s=5.0)
+    delays = [settings.delay(attempt) for attempt in (1, 2, 3, 4, 5)]
+    assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0 and 2.0 <= delays[2] <= 4.0
+    assert all(2.5 <= delay <= 5.0 for delay in delays[3:])
+
+
+def test_local_relative_to_the_config_folder(tmp_path: Path, cache_dir: Path) -> None:
+    make_checkpoint(tmp_path / "configs" / "weights" / "tiny")
+    repository = CheckpointRepository(source="LOCAL", repo="weights/tiny")
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, base_dir=tmp_path / "configs", progress=False,
+                               base_model=BaseModelKind.DECODER)  # fmt: skip
+    assert fetched.path == (tmp_path / "configs" / "weights" / "tiny").resolve()
+    assert sorted(fetched.files) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert fetched.revision and fetched.revision.startswith("sha256:")
+    (fetched.path / "model.safetensors").write_bytes(
+        (fetched.path / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"
+    )
+    changed = fetch_checkpoint(repository, cache_dir=cache_dir, base_dir=tmp_path / "configs", progress=False)
+    assert (
+        changed.files["model.safetensors"] != fetched.files["model.safetensors"]
+    )  # the hash memo notices edits
+
+
+def test_local_missing_folder(tmp_path: Path, cache_dir: Path) -> None:
+    repository = CheckpointRepository(source="LOCAL", repo="nowhere")
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"is not a folder \(relative paths are resolved against"
+    ):
+        fetch_checkpoint(repository, cache_dir=cache_dir, base_dir=tmp_path, progress=False)
+
+
+def test_local_layout_failure(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_checkpoint(tmp_path / "m")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    repository = CheckpointRepository(source="LOCAL", repo=str(folder))
+    with pytest.raises(
+        CheckpointLayoutError, match=r"no safetensors weights \(found only pytorch_model.bin\)"
+    ):
+        fetch_checkpoint(repository, cache_dir=cache_dir, progress=False)

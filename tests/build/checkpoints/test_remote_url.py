@@ -1,0 +1,146 @@
+"""REMOTE_URL against a local HTTP server: the real MiniLM as a tar.gz, resumed transfers, malicious archives,
+HTTP failures, and presigned query strings kept out of messages."""
+
+import hashlib
+import logging
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engine_builder.build.checkpoints import (
+    CheckpointAuthError,
+    CheckpointDownloadError,
+    CheckpointLayoutError,
+    CheckpointNotFoundError,
+    UnsafeArchiveError,
+    fetch_checkpoint,
+)
+from engine_builder.build.config import BaseModelKind, CheckpointRepository
+from tests.build.checkpoints.conftest import assert_secret_absent, snapshot_dirs
+from tests.build.checkpoints.factory import make_checkpoint, member, tar_folder, tar_gz
+from tests.emulators.http_server import LocalHttpServer
+
+SIGNATURE = "X-Amz-Signature=deadbeefcafe0123456789-presigned-secret"
+
+
+@pytest.fixture(scope="module")
+def minilm_archive(minilm_dir: Path) -> bytes:
+    return tar_folder(minilm_dir, top="all-MiniLM-L6-v2")
+
+
+def repository(http: LocalHttpServer, path: str) -> CheckpointRepository:
+    return CheckpointRepository(source="REMOTE_URL", repo=f"{http.url}{path}?{SIGNATURE}")
+
+
+def test_minilm_archive_end_to_end(
+    http: LocalHttpServer,
+    minilm_archive: bytes,
+    minilm_dir: Path,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    http.add_file("/minilm.tar.gz", minilm_archive)
+    caplog.set_level(logging.INFO)
+    fetched = fetch_checkpoint(repository(http, "/minilm.tar.gz"), cache_dir=cache_dir, progress=False,
+                               base_model=BaseModelKind.ENCODER_BERT)  # fmt: skip
+    expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+    assert (fetched.path / "1_Pooling" / "config.json").is_file()
+    assert "README.md" not in fetched.files
+    assert_secret_absent("presigned-secret", caplog.text)
+    # The archive is not kept once unpacked; a rebuild reuses the snapshot without downloading.
+    assert sorted(p.name for p in (cache_dir / "checkpoints" / "blobs").iterdir()) == []
+    gets = len(http.requests_for("/minilm.tar.gz"))
+    assert (
+        fetch_checkpoint(repository(http, "/minilm.tar.gz"), cache_dir=cache_dir, progress=False) == fetched
+    )
+    assert len(http.requests_for("/minilm.tar.gz")) == gets + 1  # only the one-byte probe
+    # A cached snapshot is still checked against the base model the build asks for.
+    with pytest.raises(CheckpointLayoutError, match="BertModel is not a causal language model"):
+        fetch_checkpoint(repository(http, "/minilm.tar.gz"), cache_dir=cache_dir, progress=False,
+                         base_model=BaseModelKind.DECODER)  # fmt: skip
+
+
+def test_dropped_connection_resumes_with_a_range(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path
+) -> None:
+    archive = tar_folder(make_checkpoint(tmp_path / "m", tensor_elements=200_000))
+    http.add_file("/m.tar.gz", archive, cut_after=len(archive) // 2, cut_times=1)
+    fetched = fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    ranges = [request.headers.get("Range") for request in http.requests_for("/m.tar.gz")]
+    assert ranges == ["bytes=0-0", None, f"bytes={len(archive) // 2}-"]
+    expected = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+
+
+def test_failed_fetch_leaves_nothing_visible_and_the_rerun_resumes(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tar_folder(make_checkpoint(tmp_path / "m", tensor_elements=200_000))
+    http.add_file("/m.tar.gz", archive, cut_after=100_000, cut_times=2)
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "2")
+    with pytest.raises(CheckpointDownloadError, match=r"failed after 2 attempts.*resumed") as raised:
+        fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert "presigned-secret" not in str(raised.value)
+    assert snapshot_dirs(cache_dir) == []
+    fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert http.requests_for("/m.tar.gz")[-1].headers.get("Range") == "bytes=200000-"
+
+
+def test_server_ignoring_ranges_restarts_cleanly(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path
+) -> None:
+    archive = tar_folder(make_checkpoint(tmp_path / "m", tensor_elements=200_000))
+    http.add_file("/m.tar.gz", archive, cut_after=300_000, cut_times=1, ignore_range=True)
+    fetched = fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    expected = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+
+
+MALICIOUS = {
+    "absolute": [(member("/tmp/evil.json"), b"{}")],
+    "dotdot": [(member("../evil.json"), b"{}")],
+    "symlink": [(member("tokenizer.json", tarfile.SYMTYPE, "../../../../etc/passwd"), None)],
+    "device": [(member("config.json", tarfile.CHRTYPE), None)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALICIOUS))
+def test_malicious_archive_is_refused(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path, case: str
+) -> None:
+    folder = make_checkpoint(tmp_path / "m")
+    good = [(member(p.name), p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()]
+    http.add_file("/evil.tar.gz", tar_gz([*good, *MALICIOUS[case]]))
+    with pytest.raises(UnsafeArchiveError, match="refusing to unpack"):
+        fetch_checkpoint(repository(http, "/evil.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert snapshot_dirs(cache_dir) == []
+    assert not (cache_dir / "evil.json").exists() and not Path("/tmp/evil.json").exists()
+
+
+def test_oversized_archive_is_refused_before_download(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tar_folder(make_checkpoint(tmp_path / "m", tensor_elements=50_000))
+    http.add_file("/big.tar.gz", archive)
+    monkeypatch.setenv("ENGINE_BUILDER_ARCHIVE_MAX_BYTES", "1000")
+    with pytest.raises(UnsafeArchiveError, match="over the 1000 byte limit"):
+        fetch_checkpoint(repository(http, "/big.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert [request.headers.get("Range") for request in http.requests_for("/big.tar.gz")] == ["bytes=0-0"]
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, CheckpointNotFoundError), (403, CheckpointAuthError)])
+def test_http_errors(http: LocalHttpServer, cache_dir: Path, status: int, error: type[Exception]) -> None:
+    http.add_file("/gone.tar.gz", b"", status=status)
+    with pytest.raises(error) as raised:
+        fetch_checkpoint(repository(http, "/gone.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert "/gone.tar.gz" in str(raised.value) and "presigned-secret" not in str(raised.value)
+    assert len(http.requests_for("/gone.tar.gz")) == 1  # a refusal is final: no retry
+
+
+def test_server_errors_are_retried_then_reported(http: LocalHttpServer, cache_dir: Path) -> None:
+    http.add_file("/flaky.tar.gz", b"", status=503)
+    with pytest.raises(CheckpointDownloadError, match="HTTP 503"):
+        fetch_checkpoint(repository(http, "/flaky.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert len(http.requests_for("/flaky.tar.gz")) == 3  # ENGINE_BUILDER_DOWNLOAD_ATTEMPTS in the tests

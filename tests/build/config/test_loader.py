@@ -1,0 +1,265 @@
+"""YAML loading: errors name file, line and field; every error is reported; resolved configs round-trip."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_builder.build.config import (
+    BaseModelKind,
+    ConfigError,
+    RuntimeConfigV1,
+    TrtLlmConfigV1,
+    TrtLlmConfigV2,
+    load_config,
+    parse_config,
+)
+from tests.conftest import CONFIGS_DIR
+
+
+def _errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(textwrap.dedent(text), source="config.yaml")
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_error_names_file_line_and_field() -> None:
+    errors = _errors(
+        """\
+        model_metadata:
+          tags: [openai-compatible]
+        trt_llm:
+          build:
+            checkpoint_repository:
+              source: HF
+              repo: org/model
+            max_num_tokens: 32
+        """
+    )
+    assert errors == ["config.yaml:8: trt_llm.build.max_num_tokens: Input should be greater than 64"]
+
+
+def test_every_error_is_reported() -> None:
+    errors = _errors(
+        """\
+        resources:
+          accelerator: A100:2
+        trt_llm:
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+            quantization_type: fp8
+          runtime:
+            batch_scheduler_policy: fifo
+            request_default_max_tokens: "10"
+        """
+    )
+    assert any(e.startswith("config.yaml:8: trt_llm.runtime.batch_scheduler_policy:") for e in errors)
+    assert any(e.startswith("config.yaml:9: trt_llm.runtime.request_default_max_tokens:") for e in errors)
+    assert len(errors) == 2  # cross-section checks run only once the sections themselves are valid
+
+
+def test_cross_section_errors_are_all_reported_with_lines() -> None:
+    errors = _errors(
+        """\
+        resources:
+          accelerator: A100:2
+        trt_llm:
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+            quantization_type: fp8
+        """
+    )
+    assert errors[0].startswith(
+        "config.yaml:6: trt_llm.build.quantization_type: FP8 quantization is only supported"
+    )
+    assert "Tensor parallelism and GPU count must be the same" in errors[1]
+
+
+def test_model_level_error_points_at_the_sub_field() -> None:
+    errors = _errors(
+        """\
+        trt_llm:
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+            quantization_config:
+              calib_size: 100
+        """
+    )
+    assert errors == [
+        "config.yaml:5: trt_llm.build.quantization_config.calib_size: calib_size must be a multiple of 64, but got 100"
+    ]
+
+
+def test_v2_forbidden_field_points_at_its_line() -> None:
+    errors = _errors(
+        """\
+        trt_llm:
+          inference_stack: v2
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+            max_seq_len: 4096
+          runtime: {}
+        """
+    )
+    assert errors[0].startswith(
+        "config.yaml:5: trt_llm.build.max_seq_len: Field trt_llm.build.max_seq_len is not allowed"
+    )
+
+
+def test_duplicate_keys_and_bad_yaml_are_errors() -> None:
+    errors = _errors("trt_llm:\n  build: {}\n  build: {}\n")
+    assert errors == ["config.yaml:3: trt_llm.build: duplicate key (first given on line 2)"]
+    errors = _errors("trt_llm:\n  build: [\n")
+    assert errors[0].startswith("config.yaml:") and "invalid YAML" in errors[0]
+    assert _errors("model_name: x\n") == ["config.yaml:1: trt_llm: a `trt_llm:` section is required"]
+
+
+def test_unknown_keys_are_kept_and_warned_with_their_line() -> None:
+    loaded = parse_config(
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n    max_input_len: 100\n",
+        source="c.yaml",
+    )
+    assert loaded.trt_llm.build.model_extra == {"max_input_len": 100}
+    assert [str(w) for w in loaded.warnings] == [
+        "c.yaml:4: trt_llm.build.max_input_len: unknown key kept as given (not used by this version)"
+    ]
+
+
+def test_bare_and_full_documents_give_the_same_trt_llm() -> None:
+    bare = parse_config("trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n")
+    full = parse_config(
+        "model_name: m\nresources:\n  accelerator: H100\nsecrets: {hf_access_token: null}\n"
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n"
+    )
+    assert bare.resolved()["trt_llm"] == full.resolved()["trt_llm"]
+    assert full.truss.resources.accelerator.accelerator is not None
+    assert full.resolved()["resources"]["accelerator"] == "H100"
+
+
+def test_defaults_and_computed_values() -> None:
+    loaded = parse_config(
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n"
+        "    speculator: {speculative_decoding_mode: LOOKAHEAD_DECODING, lookahead_windows_size: 3,"
+        " lookahead_ngram_size: 8, lookahead_verification_set_size: 3}\n"
+    )
+    stack = loaded.trt_llm
+    assert isinstance(stack, TrtLlmConfigV1)
+    assert stack.build.max_draft_len == 41
+    assert stack.build.max_num_tokens == 8192 and stack.build.max_batch_size == 256
+    assert stack.build.quantization_config.calib_dataset == "abisee/cnn_dailymail"
+    assert stack.build.quantization_config.calib_max_seq_length == 1536
+    assert stack.runtime == RuntimeConfigV1()
+    assert stack.runtime.total_token_limit == 500000
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        ((3, 8, 3), 41),
+        ((1, 8, 3), 27),
+        ((1, 8, 1), 13),
+        ((1, 32, 1), 61),
+        ((7, 5, 7), 55),
+        ((10, 10, 10), 179),
+    ],
+)
+def test_lookahead_max_draft_len_formula(sizes: tuple[int, int, int], expected: int) -> None:
+    from engine_builder.build.config import lookahead_max_draft_len
+
+    assert lookahead_max_draft_len(*sizes) == expected
+
+
+def test_encoder_adjustments() -> None:
+    loaded = parse_config(
+        "resources: {accelerator: H100}\ntrt_llm:\n  build:\n    base_model: encoder\n"
+        "    tensor_parallel_count: 2\n    checkpoint_repository: {source: HF, repo: org/m}\n"
+    )
+    build = loaded.trt_llm.build
+    assert build.max_num_tokens == 16384
+    assert build.tensor_parallel_count == 1
+    assert not build.plugin_configuration.paged_kv_cache
+    kept = parse_config(
+        "trt_llm:\n  build:\n    base_model: encoder\n    max_num_tokens: 4096\n"
+        "    checkpoint_repository: {source: HF, repo: org/m}\n"
+    )
+    assert kept.trt_llm.build.max_num_tokens == 4096
+    bert = parse_config(
+        "trt_llm:\n  build:\n    base_model: encoder_bert\n    checkpoint_repository: {source: HF, repo: org/m}\n"
+    )
+    assert bert.trt_llm.build.max_num_tokens == 8192
+    assert bert.trt_llm.build.plugin_configuration.paged_kv_cache
+
+
+def test_default_route_from_local_architecture(tmp_path: Path) -> None:
+    for architecture, route in [
+        ("BertModel", "/v1/embeddings"),
+        ("XLMRobertaForSequenceClassification", "/predict"),
+    ]:
+        checkpoint = tmp_path / architecture
+        checkpoint.mkdir()
+        (checkpoint / "config.json").write_text(f'{{"architectures": ["{architecture}"]}}')
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"trt_llm:\n  build:\n    base_model: encoder_bert\n"
+            f"    checkpoint_repository: {{source: LOCAL, repo: {architecture}}}\n"
+        )
+        assert load_config(config).trt_llm.runtime.webserver_default_route == route
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(
+        "trt_llm:\n  build:\n    base_model: encoder_bert\n    checkpoint_repository: {source: LOCAL, repo: BertModel}\n"
+        "  runtime: {webserver_default_route: /rerank}\n"
+    )
+    assert load_config(explicit).trt_llm.runtime.webserver_default_route == "/rerank"
+
+
+SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_config_validates_and_round_trips(path: Path, tmp_path: Path) -> None:
+    loaded = load_config(path)
+    assert not loaded.warnings, loaded.warnings
+    resolved = loaded.resolved()
+    # Round trip: the resolved YAML, loaded again from the same folder, resolves to the same thing.
+    again = tmp_path / path.name
+    again.write_text(loaded.resolved_yaml())
+    reloaded = (
+        load_config(again)
+        if _is_portable(loaded)
+        else parse_config(loaded.resolved_yaml(), base_dir=path.parent)
+    )
+    assert reloaded.resolved() == resolved
+    assert reloaded.build_hash() == loaded.build_hash()
+
+
+def _is_portable(loaded: object) -> bool:
+    repository = loaded.trt_llm.build.checkpoint_repository  # type: ignore[attr-defined]
+    return repository is None or repository.source.value != "LOCAL"
+
+
+def test_shipped_configs_cover_the_documented_examples() -> None:
+    stacks = {path.name: load_config(path).trt_llm for path in SHIPPED}
+    assert sum(isinstance(s, TrtLlmConfigV2) for s in stacks.values()) >= 3
+    kinds = {s.build.base_model for s in stacks.values()}
+    assert {BaseModelKind.DECODER, BaseModelKind.ENCODER, BaseModelKind.ENCODER_BERT} <= kinds
+    assert any(s.build.uses_lookahead_decoding for s in stacks.values())
+    quantizations = {s.build.quantization_type.value for s in stacks.values()}
+    assert {"fp8", "fp8_kv", "fp4", "fp4_kv", "no_quant"} <= quantizations
+    default = stacks["default.yaml"]
+    assert default.build.checkpoint_repository is not None
+    assert default.build.checkpoint_repository.source.value == "LOCAL"
+
+
+def test_truss_accepts_every_shipped_config() -> None:
+    truss_config = pytest.importorskip("truss.base.truss_config")
+    for path in SHIPPED:
+        truss_config.TrussConfig.model_validate(yaml.safe_load(path.read_text()))
+
+
+def test_forbid_extra_matches_truss_push_check() -> None:
+    loaded = parse_config(
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n  foo: 1\n"
+    )
+    with pytest.raises(Exception, match=r"Extra fields not allowed: \[foo\]"):
+        loaded.trt_llm.validate_forbid_extra()

@@ -1,0 +1,124 @@
+"""Every `trt_llm` field is in the per-backend table, the generated docs match it, and each field the torch
+backend cannot honour is refused by name before the build writes anything."""
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from engine_builder.build.build_stage import BuildError, build_engine
+from engine_builder.build.config import (
+    BuildConfig,
+    EngineOptions,
+    RuntimeConfigV1,
+    RuntimeConfigV2,
+    TrtLlmConfigV1,
+    TrtLlmConfigV2,
+    load_config,
+)
+from engine_builder.build.torch_fields import FIELD_TABLE, markdown, torch_refusals
+from tests.conftest import REPO_ROOT
+from tests.serve.server.harness import write_config
+
+NESTED = {"quantization_config", "plugin_configuration", "lora_configuration", "speculator"}
+
+
+def _paths(model: type[pydantic.BaseModel], prefix: str) -> set[str]:
+    paths = set()
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = info.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)]
+        if name in NESTED and nested:
+            # a speculator's own build/runtime/checkpoint are one entry each, not walked again
+            paths |= {f"{path}.{child}" for child in nested[0].model_fields}
+        else:
+            paths.add(path)
+    return paths
+
+
+def test_every_schema_field_is_in_the_table_once() -> None:
+    schema = {"inference_stack"}
+    schema |= _paths(BuildConfig, "build.")
+    schema |= _paths(RuntimeConfigV1, "runtime.") | _paths(RuntimeConfigV2, "runtime.")
+    schema |= {f"version_overrides.{name}" for name in TrtLlmConfigV1.model_fields["version_overrides"].annotation.model_fields}  # type: ignore[union-attr]
+    assert set(TrtLlmConfigV1.model_fields) | set(TrtLlmConfigV2.model_fields) == {
+        "build", "runtime", "inference_stack", "version_overrides"
+    }
+    table = [field.path for field in FIELD_TABLE]
+    assert len(table) == len(set(table))
+    assert set(table) == schema
+
+
+def test_the_docs_are_generated_from_the_table() -> None:
+    assert (REPO_ROOT / "docs" / "config-fields.md").read_text() == markdown()
+
+
+def _config(tmp_path: Path, smollm2_dir: Path, build: dict[str, Any], runtime: dict[str, Any], v2: bool) -> Path:
+    path = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256)
+    document = yaml.safe_load(path.read_text())
+    document["trt_llm"]["build"].update(build)
+    if v2:
+        document["trt_llm"]["inference_stack"] = "v2"
+        limits = {key: document["trt_llm"]["build"].pop(key) for key in ("max_seq_len", "max_batch_size", "max_num_tokens")}
+        document["trt_llm"]["runtime"] = {**limits, "served_model_name": "test-model", **runtime}
+    else:
+        document["trt_llm"]["runtime"].update(runtime)
+    world = max(build.get(key, 1) for key in ("tensor_parallel_count", "pipeline_parallel_count", "sequence_parallel_count"))
+    world = max(world, runtime.get("tensor_parallel_size", 1))
+    if world > 1:  # the schema checks the GPU count against the parallelism
+        document["resources"] = {"accelerator": f"H100:{world}", "use_gpu": True}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+LOCAL_ADAPTER = {"support": {"source": "LOCAL", "repo": "/nonexistent/adapter"}}  # refused before any fetch
+
+REFUSED = [  # (path, build fields, runtime fields, v2)
+    ("build.max_prompt_embedding_table_size", {"max_prompt_embedding_table_size": 16}, {}, False),
+    ("build.strongly_typed", {"strongly_typed": True}, {}, False),
+    ("build.tensor_parallel_count", {"tensor_parallel_count": 2, "lora_adapters": LOCAL_ADAPTER}, {}, False),
+    ("build.pipeline_parallel_count", {"pipeline_parallel_count": 2}, {}, False),
+    ("build.moe_expert_parallel_option", {"tensor_parallel_count": 2, "moe_expert_parallel_option": 2}, {}, False),
+    ("build.sequence_parallel_count", {"sequence_parallel_count": 2}, {}, False),
+    ("build.plugin_configuration.paged_kv_cache",
+     {"plugin_configuration": {"paged_kv_cache": False, "use_paged_context_fmha": False}},
+     {"enable_chunked_context": False}, False),
+    ("build.plugin_configuration.use_paged_context_fmha",
+     {"plugin_configuration": {"use_paged_context_fmha": False}}, {"enable_chunked_context": False}, False),
+    ("build.num_builder_gpus", {"num_builder_gpus": 2}, {}, False),
+    ("build.lora_configuration.lora_target_modules",
+     {"lora_configuration": {"lora_target_modules": ["attn_q"]}}, {}, False),
+    ("runtime.kv_cache_host_memory_bytes", {}, {"kv_cache_host_memory_bytes": 1 << 30}, False),
+    ("runtime.lora_cache_max_adapter_size", {}, {"lora_cache_max_adapter_size": 8}, False),
+    ("runtime.lora_cache_optimal_adapter_size", {}, {"lora_cache_optimal_adapter_size": 8}, False),
+    ("runtime.lora_cache_gpu_memory_fraction", {}, {"lora_cache_gpu_memory_fraction": 0.1}, False),
+    ("runtime.lora_cache_host_memory_bytes", {}, {"lora_cache_host_memory_bytes": 1 << 20}, False),
+    ("runtime.patch_kwargs", {}, {"patch_kwargs": {"enable_attention_dp": True}}, True),
+]
+
+
+def test_every_refusing_field_has_a_case() -> None:
+    assert {path for path, *_ in REFUSED} == {field.path for field in FIELD_TABLE if field.refuse is not None}
+
+
+@pytest.mark.parametrize(("path", "build", "runtime", "v2"), REFUSED, ids=[case[0] for case in REFUSED])
+def test_the_torch_backend_refuses_by_name(
+    tmp_path: Path, smollm2_dir: Path, path: str, build: dict, runtime: dict, v2: bool
+) -> None:
+    loaded = load_config(_config(tmp_path, smollm2_dir, build, runtime, v2))
+    options = EngineOptions.model_validate({**loaded.truss.engine_builder.model_dump(), "backend": "torch"})
+    with pytest.raises(BuildError, match=f"trt_llm\\.{path.replace('.', '[.]')}: "):
+        build_engine(loaded, tmp_path / "engine", options)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_a_plain_config_has_nothing_refused(tmp_path: Path, smollm2_dir: Path) -> None:
+    for build, v2 in (({"gather_all_token_logits": True, "num_builder_gpus": 1}, False), ({}, True)):
+        loaded = load_config(_config(tmp_path, smollm2_dir, build, {}, v2))
+        assert torch_refusals(loaded.trt_llm) == []
+    for name in ("default.yaml", "smollm2.yaml", "smollm2-lookahead.yaml", "embeddings.yaml", "bei-bert-minilm.yaml"):
+        assert torch_refusals(load_config(REPO_ROOT / "configs" / name).trt_llm) == [], name

@@ -1,0 +1,194 @@
+"""Lookahead decoding: greedy output identical to plain decoding, grammar-safe, exact limits, fallbacks."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine_builder.common.types import GenerationRequest, Guide, GuideKind, SamplingParams
+from engine_builder.engine.config import EngineConfig, LookaheadConfig, SchedulerPolicy
+from engine_builder.engine.engine import LLMEngine
+from engine_builder.engine.lookahead import LookaheadProposer
+
+pytestmark = pytest.mark.slow
+EOS = (2,)
+LOOKAHEAD = LookaheadConfig(window_size=3, ngram_size=4, verification_set_size=3, max_batch_size=8)
+
+
+def _engine(model_dir: Path, lookahead: LookaheadConfig | None, **overrides: object) -> LLMEngine:
+    values: dict = dict(model_dir=model_dir, dtype="float32", max_seq_len=512, max_num_tokens=512, lookahead=lookahead,
+                        kv_cache_memory_bytes=256 * 2**20)
+    values.update(overrides)
+    return LLMEngine(EngineConfig(**values), eos_token_ids=EOS)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, matchers: list | None = None) -> list[list[int]]:
+    outputs: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{index}", tuple(prompt), params), [matchers[index]] if matchers else None)
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.token_ids)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+    return [outputs[f"r{index}"] for index in range(len(prompts))]
+
+
+def _trim(tokens: list[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in EOS:
+            return tokens[: index + 1]
+    return tokens
+
+
+def test_greedy_identical_with_lookahead_on_and_off(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = [_run(engine, [prompt], params)[0] for prompt in prompts]
+    assert alone == [_trim(e) for e in expected]
+    assert engine.lookahead is not None and engine.lookahead.num_steps > 0
+    assert engine.stats().lookahead_accepted_per_step > 1.0  # some drafts were accepted
+    batched = _run(_engine(smollm2_dir, LOOKAHEAD), prompts, params)
+    assert batched == [_trim(e) for e in expected]
+
+
+def test_batch_above_threshold_falls_back_to_plain_decoding(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, LookaheadConfig(3, 4, 3, max_batch_size=2))
+    assert _run(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0)) == [_trim(e) for e in expected]
+    # ten requests run together, above the threshold of two: lookahead waits until only two remain
+    assert engine.lookahead is not None
+    assert engine.lookahead.num_steps < engine.num_steps
+
+
+def test_max_tokens_and_stop_tokens_are_exact(smollm2_dir: Path) -> None:
+    prompt = list(range(200, 240)) * 3  # repetitive, so the pool proposes long runs
+    plain = _run(_engine(smollm2_dir, None), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
+    looked = _run(_engine(smollm2_dir, LOOKAHEAD), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
+    assert len(looked) == 37 and looked == plain
+    stop_token = plain[10]
+    params = SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_token,))
+    expected = plain[: plain.index(stop_token) + 1]
+    assert _run(_engine(smollm2_dir, LOOKAHEAD), [prompt], params)[0] == expected
+
+
+def test_sampling_requests_and_grammars(smollm2_dir: Path) -> None:
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+
+    prompt = [1, 4093, 28, 253, 5248, 30, 2]
+    sampled = _engine(smollm2_dir, LOOKAHEAD)
+    _run(sampled, [prompt], SamplingParams(max_tokens=12, temperature=0.8, seed=1))
+    assert sampled.lookahead is not None and sampled.lookahead.num_steps == 0  # sampling decodes plainly
+
+    compiler = GrammarCompiler(smollm2_dir, 49152)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}, "required": ["name", "tags"]}
+    compiled = compiler.compile(Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False))
+    params = SamplingParams(max_tokens=60, temperature=0.0)
+    plain = _run(_engine(smollm2_dir, None), [prompt], params, [compiler.matcher(compiled, EOS)])[0]
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    looked = _run(engine, [prompt], params, [compiler.matcher(compiled, EOS)])[0]
+    assert looked == plain
+    from tokenizers import Tokenizer
+
+    text = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).decode(looked, skip_special_tokens=True)
+    assert set(json.loads(text)) == {"name", "tags"}
+
+
+def test_preemption_with_lookahead(smollm2_dir: Path, smollm2_reference) -> None:
+    prompts, expected = smollm2_reference
+    engine = _engine(
+        smollm2_dir, LOOKAHEAD, block_size=4, max_seq_len=64, max_num_tokens=128,
+        kv_cache_memory_bytes=80 * 4 * 30 * 2 * 3 * 64 * 4, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION,
+    )
+    assert _run(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0)) == [_trim(e) for e in expected]
+
+
+def test_window_mask_and_ngram_collection() -> None:
+    proposer = LookaheadProposer(LookaheadConfig(window_size=3, ngram_size=3, verification_set_size=2, max_batch_size=4))
+    mask = proposer._window_mask(3)
+    # row (level 1, column 2) sees (level 0, column 2) below it and level 0 columns 0 and 1 to its left
+    assert mask[1 * 3 + 2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert mask[0].sum() == 0
+    state = proposer.new_state([5, 6, 7, 8, 9, 10])
+    proposer.index(state, [1, 2, 3, 1, 2, 4])
+    assert list(state.pool[1]) == [(2, 3), (2, 4)]
+    plan = proposer.propose(state, last_token=1, position=6)
+    assert plan.candidates == [[2, 4], [2, 3]]  # most recent first
+    assert plan.positions[-2:] == [7, 8]
+
+
+def _adaptive(ngram_size: int = 4, max_draft_rows: int = 3) -> LookaheadProposer:
+    return LookaheadProposer(
+        LookaheadConfig(window_size=3, ngram_size=ngram_size, verification_set_size=3, max_batch_size=4, max_draft_rows=max_draft_rows)
+    )
+
+
+def test_the_longest_matching_context_proposes_first() -> None:
+    proposer = _adaptive()
+    #          0   1   2   3   4   5   6   7   8   9  10  11  12
+    tokens = [50, 11, 12, 13, 14, 15, 60, 12, 13, 70, 71, 11, 12]
+    state = proposer.new_state(tokens)
+    proposer.index(state, tokens)
+    plan = proposer.propose(state, tokens[-1], len(tokens) - 1, tokens)
+    # (11, 12) last occurred at 1-2, followed by 13 14 15; the pool's latest n-gram after 12 is (13, 70, 71)
+    assert plan.candidates[0] == [13, 14, 15]
+    tokens = [*tokens, 13]  # now (11, 12, 13) matches 1-3 and beats the later (12, 13) at 7-8
+    proposer.index(state, tokens)
+    assert proposer.propose(state, 13, len(tokens) - 1, tokens).candidates[0] == [14, 15, 60]
+
+
+def test_drafts_grow_while_accepted_whole_and_shrink_on_a_partial_match() -> None:
+    proposer = _adaptive()
+    tokens = list(range(100, 140)) * 2  # the second copy repeats the first: every context matches
+    state = proposer.new_state(tokens[:45])
+    lengths = []
+    position = 45
+    for _ in range(4):
+        proposer.index(state, tokens[:position])
+        plan = proposer.propose(state, tokens[position - 1], position - 1, tokens[:position])
+        lengths.append(len(plan.candidates[0]))
+        proposer.record(state, plan, num_extra_accepted=len(plan.candidates[0]))  # accepted whole
+        position += len(plan.candidates[0]) + 1
+    assert lengths == [3, 6, 8, 8]  # the CPU budget of 3 rows, doubled up to MAX_GROWN_ROWS
+    proposer.record(state, plan, num_extra_accepted=2)
+    assert state.draft_rows == 3  # back to the budget (2 accepted + 1 is below it)
+    proposer.record(state, plan, num_extra_accepted=0)
+    assert state.draft_rows == 3 and state.num_skip == 1  # a miss also backs off one plain step
+
+
+def test_fixed_mode_keeps_ngram_sized_candidates() -> None:
+    proposer = LookaheadProposer(LookaheadConfig(3, 4, 3, max_batch_size=4, adaptive=False))
+    tokens = list(range(100, 120)) * 2
+    state = proposer.new_state(tokens)
+    proposer.index(state, tokens)
+    plan = proposer.propose(state, tokens[-1], len(tokens) - 1, tokens)
+    assert all(len(candidate) <= 3 for candidate in plan.candidates) and plan.num_window_rows == 3 * 3
+
+
+def test_a_draft_never_outgrows_its_scratch_lane(smollm2_dir: Path) -> None:
+    """(1, 2, 1) gives each sequence 2 scratch rows, fewer than the CPU draft budget of 3 (found in review)."""
+    prompt = [100, 200, 300, 400, 500, 600] * 8
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    plain = _run(_engine(smollm2_dir, None), [prompt], params)[0]
+    engine = _engine(smollm2_dir, LookaheadConfig(1, 2, 1, max_batch_size=8))
+    assert engine.lookahead is not None and engine.lookahead.proposer.max_rows == 2
+    assert _run(engine, [prompt], params)[0] == plain
+    assert engine.lookahead.num_steps > 0
+
+
+def test_drafts_stop_at_the_end_of_the_context(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Draft positions past max_position_embeddings would index beyond the rotary table (found in review)."""
+    model = tmp_path / "short-context"
+    model.mkdir()
+    for item in smollm2_dir.iterdir():
+        if item.name != "config.json":
+            (model / item.name).symlink_to(item)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 96
+    (model / "config.json").write_text(json.dumps(config))
+    params = SamplingParams(max_tokens=200, temperature=0.0)
+    for length in (41, 44, 47):
+        prompt = ([100, 200, 300, 400, 500, 600] * 8)[:length]
+        plain = _run(_engine(model, None, max_seq_len=96), [prompt], params)[0]
+        assert len(plain) == 96 - length
+        assert _run(_engine(model, LOOKAHEAD, max_seq_len=96), [prompt], params)[0] == plain

@@ -1,0 +1,118 @@
+"""Scheduler policies without a model: budgets, admission, chunking, preemption order."""
+
+from pathlib import Path
+
+from engine_builder.common.types import SamplingParams
+from engine_builder.engine.block_manager import BlockManager
+from engine_builder.engine.config import EngineConfig, SchedulerPolicy
+from engine_builder.engine.scheduler import Scheduler
+from engine_builder.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+def _scheduler(num_blocks: int = 64, block_size: int = 4, **overrides: object) -> Scheduler:
+    values = dict(model_dir=Path("."), max_batch_size=8, max_num_tokens=64, max_seq_len=256)
+    values.update(overrides)
+    config = EngineConfig(**values)  # type: ignore[arg-type]
+    return Scheduler(config, BlockManager(num_blocks, block_size))
+
+
+def _group(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1) -> SequenceGroup:
+    params = SamplingParams(max_tokens=max_tokens, n=n)
+    prompt = [hash((request_id, i)) % 1000 + 10 for i in range(prompt_len)]
+    seqs = [Sequence(i, request_id, i, prompt, params, 0.0) for i in range(n)]
+    return SequenceGroup(request_id, seqs, 0.0)
+
+
+def _run_step(scheduler: Scheduler, sampled_token: int = 5) -> list[tuple[str, int]]:
+    """Schedule, pretend the model ran, append a token where sampled. Returns (request, num_new_tokens)."""
+    output = scheduler.schedule()
+    result = []
+    for item in output.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        scheduler.blocks.commit_full_blocks(item.seq)
+        if item.sample:
+            item.seq.output_token_ids.append(sampled_token)
+        result.append((item.seq.request_id, item.num_new_tokens))
+    return result
+
+
+def test_fcfs_and_token_budget_with_chunked_prefill() -> None:
+    scheduler = _scheduler(max_num_tokens=64)
+    scheduler.add(_group("a", 50))
+    scheduler.add(_group("b", 50))
+    assert _run_step(scheduler) == [("a", 50), ("b", 14)]  # b's prompt is chunked into the remaining budget
+    assert _run_step(scheduler) == [("a", 1), ("b", 36)]  # decode first, then the rest of b's prompt
+    assert _run_step(scheduler) == [("a", 1), ("b", 1)]
+
+
+def test_without_chunking_a_prompt_waits_for_a_step_with_room() -> None:
+    scheduler = _scheduler(max_num_tokens=64, enable_chunked_prefill=False)
+    scheduler.add(_group("a", 50))
+    scheduler.add(_group("b", 50))
+    assert _run_step(scheduler) == [("a", 50)]
+    assert _run_step(scheduler) == [("a", 1), ("b", 50)]
+
+
+def test_max_batch_size_limits_running_requests() -> None:
+    scheduler = _scheduler(max_batch_size=2)
+    for name in "abc":
+        scheduler.add(_group(name, 4))
+    assert [r for r, _ in _run_step(scheduler)] == ["a", "b"]
+    assert scheduler.num_waiting == 1
+
+
+def test_guaranteed_no_evict_reserves_the_worst_case() -> None:
+    # 16 usable blocks of 4 tokens; each request may grow to 8 + 24 = 32 tokens = 8 blocks.
+    scheduler = _scheduler(num_blocks=17)
+    for name in "abc":
+        scheduler.add(_group(name, 8, max_tokens=24))
+    assert [r for r, _ in _run_step(scheduler)] == ["a", "b"]
+    assert scheduler.num_waiting == 1
+    for _ in range(30):
+        _run_step(scheduler)
+    assert scheduler.num_preemptions == 0
+
+
+def test_max_utilization_admits_greedily_and_preempts_the_newest() -> None:
+    scheduler = _scheduler(num_blocks=9, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
+    scheduler.add(_group("a", 8, max_tokens=24))
+    scheduler.add(_group("b", 8, max_tokens=24))
+    assert [r for r, _ in _run_step(scheduler)] == ["a", "b"]
+    preempted_names = set()
+    for _ in range(20):
+        output = scheduler.schedule()
+        preempted_names |= {seq.request_id for seq in output.preempted}
+        for item in output.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.sample:
+                item.seq.output_token_ids.append(1)
+    assert scheduler.num_preemptions >= 1
+    assert preempted_names == {"b"}  # the newest request pays, the oldest keeps running
+
+
+def test_total_token_limit_bounds_admission() -> None:
+    scheduler = _scheduler(total_token_limit=40)
+    scheduler.add(_group("a", 8, max_tokens=24))  # worst case 32 tokens
+    scheduler.add(_group("b", 8, max_tokens=24))
+    assert [r for r, _ in _run_step(scheduler)] == ["a"]
+
+
+def test_removed_request_frees_its_blocks() -> None:
+    scheduler = _scheduler()
+    scheduler.add(_group("a", 20))
+    _run_step(scheduler)
+    free_before = scheduler.blocks.num_free_blocks
+    group = scheduler.remove("a")
+    assert group is not None
+    assert scheduler.blocks.num_free_blocks > free_before
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
+
+
+def test_n_choices_are_admitted_together_and_children_wait_for_the_fork() -> None:
+    scheduler = _scheduler(max_batch_size=3)
+    scheduler.add(_group("a", 6, n=3))
+    scheduler.add(_group("b", 6))
+    scheduled = _run_step(scheduler)
+    assert scheduled == [("a", 6)]  # only the parent prefills; the batch is full with a's 3 choices
+    group = scheduler.running[0]
+    assert all(child.status == SequenceStatus.WAITING for child in group.children)

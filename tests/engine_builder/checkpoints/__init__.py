@@ -1,1 +1,0 @@
-"""Tests of the checkpoint sources (engine_builder/checkpoints)."""

@@ -1,0 +1,373 @@
+"""TrtLlmEngineClient against the fake's scripted streams: text deltas, finish reasons, n > 1, logprobs,
+abort, errors and lifecycle. Verified against the fake `tensorrt_llm` only (no GPU, no TensorRT-LLM).
+"""
+
+import asyncio
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
+from engine_builder.common.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    Guide,
+    GuideKind,
+    ModelInfo,
+    SamplingParams,
+    TokenLogprob,
+)
+from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
+from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
+from tests.fakes.trtllm_helpers import write_engine_config
+
+MODEL_INFO = ModelInfo(
+    served_model_name="fake",
+    max_model_len=4096,
+    vocab_size=1000,
+    eos_token_ids=(2, 3),
+    architecture="LlamaForCausalLM",
+    kind="decoder",
+)
+
+
+def _client(tmp_path: Path, backend: LlmBackend = LlmBackend.PYTORCH, **spec: Any) -> TrtLlmEngineClient:
+    return TrtLlmEngineClient(LlmSpec(backend=backend, model=str(tmp_path), **spec), MODEL_INFO, warmup=False)
+
+
+def _request(request_id: str = "r1", **sampling: Any) -> GenerationRequest:
+    sampling.setdefault("max_tokens", 8)
+    sampling.setdefault("seed", 0)
+    return GenerationRequest(request_id, (11, 12, 13), SamplingParams(**sampling))
+
+
+async def _collect(client: TrtLlmEngineClient, request: GenerationRequest) -> list[GenerationDelta]:
+    return [delta async for delta in client.generate(request)]
+
+
+def _run(client: TrtLlmEngineClient, request: GenerationRequest) -> list[GenerationDelta]:
+    async def main() -> list[GenerationDelta]:
+        await client.start()
+        try:
+            return await _collect(client, request)
+        finally:
+            await client.shutdown(0)
+
+    return asyncio.run(main())
+
+
+def _script(recorder: ModuleType, steps: list[Any]) -> None:
+    recorder.SCRIPT = lambda prompt_token_ids, sampling_params: steps
+
+
+def test_streams_the_per_step_text_delta_and_new_tokens(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    update = fake_trtllm.Update
+    _script(
+        fake_trtllm,
+        [
+            [update(text="Hel", token_ids=[5])],
+            [update(text="", token_ids=[6])],  # a token whose text is still incomplete
+            [update(text="lo", token_ids=[7])],
+            [update(text="!", token_ids=[8], finish_reason="length")],
+        ],
+    )
+    deltas = _run(_client(tmp_path), _request())
+    assert [(d.text, d.token_ids, d.finish_reason) for d in deltas] == [
+        ("Hel", [5], None),
+        ("", [6], None),
+        ("lo", [7], None),
+        ("!", [8], FinishReason.LENGTH),
+    ]
+    assert [d.num_output_tokens for d in deltas] == [1, 2, 3, 4]
+    assert all(d.num_prompt_tokens == 3 and d.request_id == "r1" for d in deltas)
+    generate = fake_trtllm.calls("LLM.generate_async")[0].kwargs
+    assert generate["inputs"] == [11, 12, 13] and generate["streaming"] is True
+
+
+def test_stop_string_and_eos_finish_reasons(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    update = fake_trtllm.Update
+    _script(
+        fake_trtllm,
+        [
+            [update(text="a", token_ids=[5])],
+            [update(text="", token_ids=[9, 10], finish_reason="stop", stop_reason="###", trim_token_ids=2)],
+        ],
+    )
+    deltas = _run(_client(tmp_path), _request(stop=("###",)))
+    last = deltas[-1]
+    assert (last.finish_reason, last.stop_reason, last.num_output_tokens) == (FinishReason.STOP, "###", 1)
+
+    _script(
+        fake_trtllm,
+        [[update(text="b", token_ids=[3], finish_reason="stop", stop_reason=3, trim_token_ids=1)]],
+    )
+    deltas = _run(_client(tmp_path), _request())
+    assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == (FinishReason.STOP, None)  # EOS we added
+
+    _script(fake_trtllm, [[update(text="c", token_ids=[7], finish_reason="stop", stop_reason=7)]])
+    deltas = _run(_client(tmp_path), _request(stop_token_ids=(7,)))
+    assert deltas[-1].stop_reason == 7  # a stop token the request asked for
+
+
+def test_n_choices_stream_independently_without_repeating_tokens(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    update = fake_trtllm.Update
+    _script(
+        fake_trtllm,
+        [
+            [update(index=0, text="x", token_ids=[5])],
+            [update(index=1, text="y", token_ids=[6])],
+            [update(index=0, text="z", token_ids=[7], finish_reason="length")],
+            [update(index=1, text="w", token_ids=[8], finish_reason="length")],
+        ],
+    )
+    deltas = _run(_client(tmp_path), _request(n=2, temperature=1.0))
+    by_choice = {index: [(d.text, d.token_ids) for d in deltas if d.index == index] for index in (0, 1)}
+    assert by_choice == {0: [("x", [5]), ("z", [7])], 1: [("y", [6]), ("w", [8])]}
+    assert [d.finish_reason for d in deltas if d.finish_reason] == [FinishReason.LENGTH] * 2
+
+
+def test_logprobs_are_converted_from_tensorrt_llm_entries(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm.executor import Logprob
+
+    update = fake_trtllm.Update
+    entries = [{5: Logprob(-0.1, 1), 9: Logprob(-2.0, 2)}, {6: Logprob(-0.5, 2), 4: Logprob(-0.3, 1)}]
+    _script(fake_trtllm, [[update(text="ab", token_ids=[5, 6], logprobs=entries, finish_reason="length")]])
+    deltas = _run(_client(tmp_path), _request(logprobs=1))
+    assert deltas[0].logprobs == [
+        TokenLogprob(5, -0.1, ((5, -0.1),)),
+        TokenLogprob(6, -0.5, ((4, -0.3),)),
+    ]
+    _script(fake_trtllm, [[update(text="ab", token_ids=[5, 6], logprobs=entries, finish_reason="length")]])
+    deltas = _run(_client(tmp_path), _request(logprobs=0))
+    assert deltas[0].logprobs == [TokenLogprob(5, -0.1), TokenLogprob(6, -0.5)]
+    assert fake_trtllm.calls("SamplingParams")[-1].kwargs["logprobs"] == 1
+
+
+def test_abort_mid_stream_ends_with_abort(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(text=f"t{i}", token_ids=[i])] for i in range(5, 50)])
+    client = _client(tmp_path)
+
+    async def main() -> list[GenerationDelta]:
+        await client.start()
+        deltas = []
+        async for delta in client.generate(_request("r9")):
+            deltas.append(delta)
+            if len(deltas) == 2:
+                await client.abort("r9")
+        assert client.stats().num_running == 0
+        await client.shutdown(0)
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert len(deltas) == 3 and deltas[-1].finish_reason == FinishReason.ABORT
+    assert len(fake_trtllm.calls("RequestOutput.abort")) == 1
+
+
+def test_abandoning_the_stream_aborts_the_request(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(text=f"t{i}", token_ids=[i])] for i in range(5, 50)])
+    client = _client(tmp_path)
+
+    async def main() -> int:
+        await client.start()
+        stream = client.generate(_request("r2"))
+        await stream.__anext__()
+        running = client.stats().num_running
+        await stream.aclose()  # what the server does when the client disconnects
+        assert client.stats().num_running == 0
+        await client.shutdown(0)
+        return running
+
+    assert asyncio.run(main()) == 1
+    assert len(fake_trtllm.calls("RequestOutput.abort")) == 1
+
+
+def test_a_request_error_fails_only_that_request(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    from tensorrt_llm.llmapi import RequestError
+
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(text="a", token_ids=[5])], RequestError("out of KV blocks")])
+    client = _client(tmp_path)
+
+    async def main() -> tuple[list[GenerationDelta], list[GenerationDelta]]:
+        await client.start()
+        failed = await _collect(client, _request("bad"))
+        fake_trtllm.SCRIPT = fake_trtllm.default_script
+        ok = await _collect(client, _request("good"))
+        assert client.is_healthy()
+        await client.shutdown(0)
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].finish_reason == FinishReason.ERROR
+    assert failed[-1].error == "TensorRT-LLM failed the request: out of KV blocks"
+    assert ok[-1].finish_reason == FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([], "ended the stream without a finish reason"),
+        ([["timeout"]], "timed the request out"),
+        ([["exploded"]], "unknown reason 'exploded'"),
+    ],
+)
+def test_odd_endings_become_error_deltas(
+    tmp_path: Path, fake_trtllm: ModuleType, steps: list[Any], message: str
+) -> None:
+    update = fake_trtllm.Update
+    _script(
+        fake_trtllm,
+        [[update(text="", token_ids=[], finish_reason=reason) for reason in step] for step in steps],
+    )
+    deltas = _run(_client(tmp_path), _request())
+    assert deltas[-1].finish_reason == FinishReason.ERROR
+    assert message in (deltas[-1].error or "")
+
+
+def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    write_engine_config(tmp_path)  # the TensorRT backend loads a saved engine
+    client = _client(tmp_path, backend=LlmBackend.TENSORRT, lookahead=LookaheadSpec(4, 3, 4))
+
+    async def main() -> None:
+        await client.start()
+        with pytest.raises(UnsupportedRequestError, match="structural_tag"):
+            await _collect(client, _request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
+        with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters"):
+            await _collect(
+                client, _request(n=2, temperature=1.0, top_k=1, top_p=0.0)
+            )  # TensorRT-LLM's own check
+        await client.shutdown(0)
+
+    asyncio.run(main())
+    assert fake_trtllm.calls("_TrtLLM.generate_async") == []
+
+
+def test_guided_request_reaches_tensorrt_llm_as_guided_decoding_params(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    client = _client(tmp_path, guided_decoding_backend="xgrammar")
+    _run(client, _request(guide=Guide(GuideKind.JSON_SCHEMA, '{"type": "object"}')))
+    params = fake_trtllm.calls("LLM.generate_async")[0].kwargs["sampling_params"]
+    assert params.guided_decoding.json == '{"type": "object"}'
+
+
+def test_lifecycle_warmup_health_and_shutdown(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    client = TrtLlmEngineClient(LlmSpec(backend=LlmBackend.PYTORCH, model=str(tmp_path)), MODEL_INFO)
+    assert not client.is_healthy()
+
+    async def main() -> None:
+        await client.start()
+        assert client.is_healthy()
+        assert client.model_info is MODEL_INFO
+        await client.shutdown(0)
+        assert not client.is_healthy()
+        with pytest.raises(TrtLlmEngineDeadError, match="not running"):
+            await _collect(client, _request())
+
+    asyncio.run(main())
+    names = fake_trtllm.names()
+    assert names[0] == "LLM" and names[-1] == "LLM.shutdown"
+    warmup = fake_trtllm.calls("SamplingParams")[0].kwargs
+    assert warmup["max_tokens"] == 2 and warmup["top_k"] == 1 and warmup["ignore_eos"] is True
+
+
+def test_an_executor_that_stopped_marks_the_engine_dead(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    client = _client(tmp_path)
+
+    async def main() -> None:
+        await client.start()
+        client._llm._is_shutdown = True  # the executor went away under us
+        with pytest.raises(TrtLlmEngineDeadError, match="LLM is shutting down"):
+            await _collect(client, _request())
+        assert not client.is_healthy()
+
+    asyncio.run(main())
+
+
+def test_a_torch_built_v1_engine_is_refused_with_rebuild_advice(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    from engine_builder.build.config import load_config
+    from engine_builder.common.artifact import MODEL_DIR, load_engine_dir
+    from tests.fakes.trtllm_helpers import CONFIGS_DIR, finish_engine_dir, write_model_dir
+
+    loaded = load_config(CONFIGS_DIR / "llama-3.2-3b-l4.yaml")
+    write_model_dir(tmp_path / MODEL_DIR)
+    finish_engine_dir(tmp_path, loaded, {"quantization": "no_quant", "kv_cache_dtype": "auto"})
+    with pytest.raises(FileNotFoundError, match="rebuild it with --backend trtllm"):
+        TrtLlmEngineClient.from_engine_dir(load_engine_dir(tmp_path))
+
+
+def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    client = _client(tmp_path)  # no guided_decoding_backend: the fake refuses guided requests
+
+    async def main() -> None:
+        await client.start()
+        with pytest.raises(UnsupportedRequestError, match="refused the request") as refused:
+            await _collect(client, _request(guide=Guide(GuideKind.REGEX, "a+")))
+        assert refused.value.param == "request" and client.is_healthy()
+        await client.shutdown(0)
+
+    asyncio.run(main())
+
+
+def test_check_guide_refuses_what_the_backend_cannot_map(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    errors = pytest.importorskip("engine_builder.serve.decoding.structured.errors")
+    client = _client(tmp_path, backend=LlmBackend.TENSORRT)
+
+    async def main() -> None:
+        await client.check_guide(Guide(GuideKind.JSON_SCHEMA, "{}"))
+        with pytest.raises(errors.GuideError, match="PyTorch backend") as refused:
+            await client.check_guide(Guide(GuideKind.STRUCTURAL_TAG, "{}"))
+        assert refused.value.param == "response_format"
+
+    asyncio.run(main())
+
+
+def test_a_request_error_at_submission_fails_that_request_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM's RequestError is a RuntimeError: it must not mark the engine dead (issue 27, point 2)."""
+    from tensorrt_llm.executor import RequestError
+
+    client = _client(tmp_path)
+
+    async def main() -> None:
+        await client.start()
+        submit = client._llm.generate_async
+
+        def refuse(*args: object, **kwargs: object) -> object:
+            raise RequestError("the prompt is longer than max_num_tokens with chunked prefill off")
+
+        client._llm.generate_async = refuse
+        with pytest.raises(UnsupportedRequestError, match="longer than max_num_tokens") as refused:
+            await _collect(client, _request())
+        assert refused.value.param == "request" and client.is_healthy()
+        client._llm.generate_async = submit  # the next request is served
+        assert await _collect(client, _request())
+        await client.shutdown(0)
+
+    asyncio.run(main())
+
+
+def test_fields_a_tensorrt_engine_cannot_honour_are_refused_at_admission(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """check_request (called before any SSE starts) refuses logprobs on v1 and prompt_logprobs on both, by name."""
+    v1 = _client(tmp_path, backend=LlmBackend.TENSORRT)
+    with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
+        v1.check_request(_request(logprobs=1))
+    assert refused.value.param == "logprobs"
+    v1.check_request(_request())  # a plain request passes
+    v2 = _client(tmp_path)
+    v2.check_request(_request(logprobs=1))
+    with pytest.raises(UnsupportedRequestError) as refused:
+        v2.check_request(_request(prompt_logprobs=1))
+    assert refused.value.param == "prompt_logprobs"

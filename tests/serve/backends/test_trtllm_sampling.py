@@ -1,0 +1,190 @@
+"""Our SamplingParams -> TensorRT-LLM SamplingParams kwargs: every field mapped or refused by name.
+
+The kwargs are also fed to the fake's SamplingParams, whose field names are TensorRT-LLM 1.2's; this
+checks names, not TensorRT-LLM's sampling behaviour (verified against the fake only).
+"""
+
+import dataclasses
+import math
+from types import ModuleType
+
+import pytest
+
+from engine_builder.common.trtllm import adapter
+from engine_builder.common.types import Guide, GuideKind, SamplingParams
+from engine_builder.serve.backends.trtllm.sampling import (
+    FIELD_MAPPINGS,
+    EngineTraits,
+    UnsupportedRequestError,
+    to_trtllm,
+)
+
+PYTORCH = EngineTraits(is_pytorch_backend=True, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
+TENSORRT_LOOKAHEAD = EngineTraits(
+    is_pytorch_backend=False, has_lookahead=True, vocab_size=8, eos_token_ids=(2,)
+)
+
+
+def test_every_sampling_field_has_a_mapping() -> None:
+    assert set(FIELD_MAPPINGS) == {item.name for item in dataclasses.fields(SamplingParams)}
+
+
+def test_a_field_without_mapping_refuses_the_request() -> None:
+    Extended = dataclasses.make_dataclass(
+        "Extended", [("typical_p", float, 1.0)], bases=(SamplingParams,), frozen=True
+    )
+    with pytest.raises(UnsupportedRequestError, match="typical_p") as refused:
+        to_trtllm(Extended(max_tokens=4), PYTORCH)
+    assert refused.value.param == "typical_p"
+
+
+def test_sampling_request_maps_field_for_field() -> None:
+    params = SamplingParams(
+        max_tokens=16,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.2,
+        frequency_penalty=0.3,
+        seed=7,
+        stop=("###",),
+        stop_token_ids=(5,),
+        include_stop_str_in_output=True,
+        min_tokens=2,
+        skip_special_tokens=False,
+        n=2,
+    )
+    translated = to_trtllm(params, PYTORCH)
+    assert translated.kwargs == {
+        "max_tokens": 16,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.2,
+        "frequency_penalty": 0.3,
+        "seed": 7,
+        "stop": ["###"],
+        "stop_token_ids": [5, 2, 3],
+        "include_stop_str_in_output": True,
+        "ignore_eos": False,
+        "min_tokens": 2,
+        "skip_special_tokens": False,
+        "n": 2,
+    }
+    assert translated.guide is None
+    assert translated.added_stop_token_ids == frozenset({2, 3})
+
+
+def test_temperature_zero_is_tensorrt_llm_greedy() -> None:
+    translated = to_trtllm(
+        SamplingParams(max_tokens=4, temperature=0.0, top_p=0.5, top_k=50, seed=1), PYTORCH
+    )
+    assert translated.kwargs["top_k"] == 1
+    assert "temperature" not in translated.kwargs and "top_p" not in translated.kwargs
+
+
+def test_greedy_with_n_above_one_is_refused_by_name() -> None:
+    with pytest.raises(UnsupportedRequestError, match="n > 1") as refused:
+        to_trtllm(SamplingParams(max_tokens=4, temperature=0.0, n=2), PYTORCH)
+    assert refused.value.param == "n"
+
+
+def test_unset_seed_draws_a_fresh_seed_per_request() -> None:
+    seeds = {to_trtllm(SamplingParams(max_tokens=1), PYTORCH).kwargs["seed"] for _ in range(5)}
+    assert len(seeds) == 5
+
+
+def test_logit_bias_becomes_embedding_bias_and_bans_become_bad_token_ids() -> None:
+    params = SamplingParams(max_tokens=1, logit_bias={1: 2.5, 4: -1.0, 6: -math.inf}, seed=0)
+    translated = to_trtllm(params, PYTORCH)
+    assert translated.kwargs["bad_token_ids"] == [6]
+    bias = translated.kwargs["embedding_bias"]
+    assert str(bias.dtype) == "torch.float32" and tuple(bias.shape) == (8,)
+    assert bias.tolist() == [0.0, 2.5, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0]
+
+
+def test_ignore_eos_adds_no_eos_stop_ids() -> None:
+    translated = to_trtllm(SamplingParams(max_tokens=1, ignore_eos=True, seed=0), PYTORCH)
+    assert "stop_token_ids" not in translated.kwargs
+    assert translated.kwargs["ignore_eos"] is True
+
+
+def test_logprobs_zero_asks_for_one_and_reports_only_the_chosen_token() -> None:
+    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=0, seed=0), PYTORCH)
+    assert translated.kwargs["logprobs"] == 1 and translated.report_logprobs == 0
+    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=3, seed=0), PYTORCH)
+    assert translated.kwargs["logprobs"] == 3 and translated.report_logprobs == 3
+
+
+def test_prompt_logprobs_are_refused_by_name() -> None:
+    with pytest.raises(UnsupportedRequestError) as refused:
+        to_trtllm(SamplingParams(max_tokens=1, prompt_logprobs=1), PYTORCH)
+    assert refused.value.param == "prompt_logprobs"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "expected"),
+    [
+        (GuideKind.JSON_SCHEMA, '{"type": "object"}', {"json": '{"type": "object"}'}),
+        (GuideKind.JSON_OBJECT, "", {"json_object": True}),
+        (GuideKind.REGEX, "[a-z]+", {"regex": "[a-z]+"}),
+        (GuideKind.GRAMMAR, 'root ::= "a"', {"grammar": 'root ::= "a"'}),
+        (GuideKind.STRUCTURAL_TAG, '{"type": "tag"}', {"structural_tag": '{"type": "tag"}'}),
+    ],
+)
+def test_guides_map_to_guided_decoding_params(kind: GuideKind, spec: str, expected: dict) -> None:
+    translated = to_trtllm(SamplingParams(max_tokens=1, guide=Guide(kind, spec), seed=0), PYTORCH)
+    assert translated.guide == expected
+
+
+def test_structural_tag_needs_the_pytorch_backend() -> None:
+    guide = Guide(GuideKind.STRUCTURAL_TAG, "{}")
+    with pytest.raises(UnsupportedRequestError, match="PyTorch backend") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, guide=guide, use_lookahead=True), TENSORRT_LOOKAHEAD)
+    assert refused.value.param == "response_format"
+
+
+def test_compact_whitespace_guides_are_refused() -> None:
+    guide = Guide(GuideKind.JSON_SCHEMA, "{}", any_whitespace=False)
+    with pytest.raises(UnsupportedRequestError, match="whitespace"):
+        to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
+
+
+def test_lookahead_cannot_be_turned_off_per_request_on_a_lookahead_engine() -> None:
+    with pytest.raises(UnsupportedRequestError) as refused:
+        to_trtllm(SamplingParams(max_tokens=1, use_lookahead=False), TENSORRT_LOOKAHEAD)
+    assert refused.value.param == "use_lookahead"
+    assert "use_lookahead" not in to_trtllm(SamplingParams(max_tokens=1, use_lookahead=False), PYTORCH).kwargs
+
+
+def test_translated_kwargs_are_accepted_by_tensorrt_llm_sampling_params(fake_trtllm: ModuleType) -> None:
+    params = SamplingParams(
+        max_tokens=8,
+        temperature=0.5,
+        top_k=3,
+        logit_bias={1: 1.0, 2: -math.inf},
+        stop=("x",),
+        logprobs=2,
+        guide=Guide(GuideKind.REGEX, "a+"),
+    )
+    translated = to_trtllm(params, PYTORCH)
+    built = adapter.sampling_params(translated.kwargs, translated.guide)
+    assert [call.name for call in fake_trtllm.CALLS] == ["GuidedDecodingParams", "SamplingParams"]
+    assert fake_trtllm.calls("GuidedDecodingParams")[0].kwargs == {"regex": "a+"}
+    recorded = fake_trtllm.calls("SamplingParams")[0].kwargs
+    assert set(recorded) == set(translated.kwargs) | {"guided_decoding"}
+    assert built.guided_decoding.regex == "a+" and built.logprobs == 2 and built.bad_token_ids == [2]
+
+
+def test_logprobs_are_refused_by_name_on_a_tensorrt_engine() -> None:
+    """The real LLM refuses logprobs on the TensorRT engine backend without gather_generation_logits (issue 27,
+    point 1): refused here before the call, with the field named."""
+    tensorrt = EngineTraits(is_pytorch_backend=False, has_lookahead=False, vocab_size=8, eos_token_ids=(2,))
+    with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, logprobs=0, seed=0), tensorrt)
+    assert refused.value.param == "logprobs"
+    assert "logprobs" not in to_trtllm(SamplingParams(max_tokens=1, seed=0), tensorrt).kwargs

@@ -1,0 +1,212 @@
+"""Golden tests per tool-call family: parsed whole, and streamed in awkward pieces, give the same answer."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_builder.serve.decoding.tool_calls import tool_parser
+from engine_builder.serve.server.tools import ToolCallOutput
+
+TOOLS = {
+    "get_weather": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+    "add": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    "noop": {"type": "object", "properties": {}},
+}
+
+CASES = [
+    # (family, text, expected content, expected calls [(name, arguments dict)])
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "Let me check.\n", [("get_weather", {"city": "Paris"})]),
+    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}</tool_call>',
+     "", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Rome", "days": 3})]),
+    ("hermes", '{"name": "add", "arguments": {"a": 17, "b": 25}}', "", [("add", {"a": 17, "b": 25})]),
+    ("hermes", '{"name": "say_hello", "arguments": {"text": "bonjour"}}', '{"name": "say_hello", "arguments": {"text": "bonjour"}}', []),
+    ("hermes", '<tool_call>{"name": "noop", "arguments": {}}</tool_call>', "", [("noop", {})]),
+    ("hermes", '<tool_call>{"name": "noop"}</tool_call>', "", [("noop", {})]),
+    ("hermes", 'Plain answer with a { brace and <tool but no call.', 'Plain answer with a { brace and <tool but no call.', []),
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "a \\"quoted\\" } brace"}}</tool_call>',
+     "", [("get_weather", {"city": 'a "quoted" } brace'})]),
+    # what Qwen2.5-Coder-0.5B answers at temperature 0 (issue 24): a fenced call, lists, text around them
+    ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', "", [("get_weather", {"city": "Paris"})]),
+    ("hermes", 'Sure.\n```\n{"name": "add", "parameters": {"a": 1, "b": 2}}\n```\nDone.', "Sure.\n\nDone.", [("add", {"a": 1, "b": 2})]),
+    ("hermes", '```json\n[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]\n```',
+     "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
+    ("hermes", '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]', "", [("get_weather", {"city": "Oslo"})]),
+    ("hermes", '```python\nprint({"name": "add"})\n```\nthen\n```json\n{"name": "noop", "arguments": {}}\n```',
+     '```python\nprint({"name": "add"})\n```\nthen\n', [("noop", {})]),
+    ("hermes", '```json\n{"name": "say_hello", "arguments": {}}\n```', '```json\n{"name": "say_hello", "arguments": {}}\n```', []),
+    ("hermes", '```json\n{"a": 1}\n```', '```json\n{"a": 1}\n```', []),
+    ("hermes", "Use `x` and ``y`` here, or [1, 2].", "Use `x` and ``y`` here, or [1, 2].", []),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 2, "b": 3}}', "", [("add", {"a": 2, "b": 3})]),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "add", "parameters": {"a": 1, "b": 1}}',
+     "", [("get_weather", {"city": "Oslo"}), ("add", {"a": 1, "b": 1})]),
+    ("llama3_json", "The answer is 4.", "The answer is 4.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}, {"name": "noop", "arguments": {}}]',
+     "", [("add", {"a": 5, "b": 6}), ("noop", {})]),
+    ("qwen3_coder", 'Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>',
+     "Checking.\n", [("get_weather", {"city": "San Francisco", "days": 2})]),
+    ("forced", '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]', "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
+]
+
+
+def _stream(family: str, text: str, piece_sizes: list[int]) -> tuple[str, dict[int, dict]]:
+    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+    content, calls = "", {}
+    position, size_index = 0, 0
+    while position < len(text):
+        size = piece_sizes[size_index % len(piece_sizes)]
+        size_index += 1
+        piece = text[position : position + size]
+        position += size
+        for delta in output.feed(piece, final=position >= len(text)):
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                entry = calls.setdefault(call["index"], {"arguments": ""})
+                if "id" in call:
+                    assert "id" not in entry, "id sent twice"
+                    entry.update(id=call["id"], name=call["function"]["name"], type=call["type"])
+                entry["arguments"] += call["function"]["arguments"]
+    final = output.result(None, None)
+    assert (final.content or "") == content
+    assert [(c.id, c.function.name, c.function.arguments) for c in final.tool_calls] == [
+        (calls[i]["id"], calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)
+    ]
+    return content, calls
+
+
+@pytest.mark.parametrize(("family", "text", "content", "expected"), CASES)
+@pytest.mark.parametrize("pieces", [[len("x") * 10**6], [1], [3, 1, 7], [2, 5]])
+def test_parse_and_stream_agree(family: str, text: str, content: str, expected: list, pieces: list[int]) -> None:
+    streamed_content, calls = _stream(family, text, pieces)
+    assert streamed_content == content
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)] == expected
+    assert all(calls[i]["type"] == "function" for i in calls)
+
+
+def test_mistral_ids_are_nine_characters_and_others_prefixed() -> None:
+    _, calls = _stream("mistral", CASES[11][1], [4])
+    assert all(len(call["id"]) == 9 and call["id"].isalnum() for call in calls.values())
+    _, calls = _stream("hermes", CASES[0][1], [4])
+    assert all(call["id"].startswith("call_") for call in calls.values())
+
+
+def test_parallel_false_keeps_the_first_call() -> None:
+    output = ToolCallOutput(tool_parser("hermes", TOOLS), parallel=False)
+    output.feed(CASES[1][1], final=True)
+    result = output.result(None, None)
+    assert [c.function.name for c in result.tool_calls] == ["add"]
+    assert result.finish_reason == "tool_calls"
+
+
+def test_unknown_parser_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="hermes"):
+        tool_parser("nope", TOOLS)
+
+
+# -- incremental parsing: a stream re-reads only the text after the last settled point ---------------------
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<function=add>", "</function>", "<parameter=a>",
+    "</parameter>", '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "noop", "parameters": {}}',
+    '{"name": ', '"add"', "{", "}", "[", "]", ",", ";", '"', " ", "\n", "x", "Hi.", "```", "```json\n", "\n```",
+    "```python\n", "<", "é",
+]  # fmt: skip
+
+
+def _agrees_piece_by_piece(family: str, text: str, sizes: list[int]) -> None:
+    """After every piece, settled + latest equals the stateless parse of the whole text so far."""
+    parser = tool_parser(family, TOOLS)
+    stream = parser.stream()
+    position, turn = 0, 0
+    while True:
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        position += size
+        final = position >= len(text)
+        stream.feed(text[position - size : position], final)
+        expected = parser.parse(text[:position], final)
+        assert stream.content_from(0) == expected.content, (family, text[:position])
+        assert [(c.name, c.arguments) for c in stream.calls] == [(c.name, c.arguments) for c in expected.calls]
+        if final:
+            return
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3_json", "mistral", "forced", "qwen3_coder"])
+def test_stream_equals_whole_parse_on_every_prefix(family: str) -> None:
+    for text in [case[1] for case in CASES] + [
+        "Intro.\n```python\nprint(1)\n```\nthen " + '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call> after\n  ',
+        '{"name": "add", "arguments": {"a": 1}}{"name": "noop", "arguments": {}}  tail',
+        'text <|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "noop", "parameters": {}}',
+        'So [1, 2] [TOOL_CALLS] [{"name": "add", "arguments": {"a": 1}}, {"name": "noop", "arguments": {}}]',
+        "a<tool_call><function=add><parameter=a>1</parameter></function></tool_call> b <tool_call><function=noop></function></tool_call>",
+    ]:
+        for sizes in ([1], [3, 1, 7], [len(text)]):
+            _agrees_piece_by_piece(family, text, sizes)
+
+
+def test_stream_equals_whole_parse_fuzzed() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(["hermes", "llama3_json", "mistral", "forced", "qwen3_coder"]),
+        st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30).map("".join),
+        st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=6),
+    )
+    def check(family: str, text: str, sizes: list[int]) -> None:
+        _agrees_piece_by_piece(family, text, sizes)
+
+    check()
+
+
+def _work(family: str, text: str) -> int:
+    """Characters handed to the parsers' functions (the `text` each one is called with) while `text` streams in
+    4-character deltas: what they may scan."""
+    import sys
+
+    folder = str(Path(tool_parser.__code__.co_filename).parent)
+    handed = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        nonlocal handed
+        if event == "call" and frame.f_code.co_filename.startswith(folder):
+            value = frame.f_locals.get("text")
+            handed += len(value) if isinstance(value, str) else 0
+
+    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+    sys.setprofile(tracer)
+    try:
+        for position in range(0, len(text), 4):
+            output.feed(text[position : position + 4], final=position + 4 >= len(text))
+        result = output.result(None, None)
+    finally:
+        sys.setprofile(None)
+    assert result.tool_calls or result.content
+    return handed
+
+
+@pytest.mark.parametrize(
+    ("family", "unit"),
+    [
+        ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'),
+        ("hermes", "Some plain prose, sentence after sentence, with no call in it at all. "),
+        ("hermes", "Text with `code` and a fence:\n```python\nprint(1)\n```\n"),
+        ("hermes", '{"name": "add", "arguments": {"a": 1, "b": 2}}\n'),
+        ("llama3_json", '{"name": "add", "parameters": {"a": 1, "b": 2}}; '),
+        ("llama3_json", "Plain prose that never calls a tool, on and on. "),
+        ("mistral", "Plain prose that never calls a tool, on and on. "),
+        ("forced", '{"name": "add", "arguments": {"a": 1, "b": 2}}, '),
+        ("qwen3_coder", "<tool_call><function=add><parameter=a>1</parameter></function></tool_call>"),
+        ("qwen3_coder", "Plain prose that never calls a tool, on and on. "),
+    ],
+)
+def test_streaming_work_grows_linearly(family: str, unit: str) -> None:
+    """Twice the reply costs about twice the work: settled calls and text are never parsed again (re-parsing
+    the whole text on every delta made it four times)."""
+    prefix = "[TOOL_CALLS][" if family == "mistral" and unit.startswith("{") else ("[" if family == "forced" else "")
+    short, long = prefix + unit * 100, prefix + unit * 200
+    work_short, work_long = _work(family, short), _work(family, long)
+    assert work_long < 2.3 * work_short, (work_short, work_long)
+    assert work_long < 200 * len(long), (work_long, len(long))  # the open call is re-read on each delta

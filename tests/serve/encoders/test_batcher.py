@@ -1,0 +1,130 @@
+"""Token-budget batching: the plan respects both limits, and the async batcher routes results back."""
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+from engine_builder.serve.encoders.batcher import BatchLimits, TokenBudgetBatcher, plan_batches
+from engine_builder.serve.encoders.errors import BackendError, UnhealthyError
+from engine_builder.serve.encoders.tokenizer import EncodedInput
+
+
+def test_plan_respects_token_budget_and_batch_size() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(500)]
+    limits = BatchLimits(max_num_tokens=256, max_batch_size=16)
+    batches = plan_batches(lengths, limits)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= limits.max_batch_size
+        assert len(batch) * max(lengths[index] for index in batch) <= limits.max_num_tokens
+
+
+def test_plan_sorts_by_length_to_limit_padding() -> None:
+    lengths = [10, 1, 10, 1, 10, 1]
+    batches = plan_batches(lengths, BatchLimits(max_num_tokens=30, max_batch_size=3))
+    assert [sorted(lengths[index] for index in batch) for batch in batches] == [[1, 1, 1], [10, 10, 10]]
+
+
+def test_plan_gives_an_oversized_input_its_own_batch() -> None:
+    assert plan_batches([5, 100, 5], BatchLimits(max_num_tokens=50, max_batch_size=8)) == [[0, 2], [1]]
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        BatchLimits(max_num_tokens=0, max_batch_size=4)
+
+
+def _item(num_tokens: int, tag: int) -> EncodedInput:
+    return EncodedInput([tag] * num_tokens)
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_batches_and_get_their_own_outputs() -> None:
+    batch_sizes: list[int] = []
+    compute_threads: set[str] = set()
+    release = threading.Event()
+
+    def compute(items: list[EncodedInput]) -> list[tuple[int, int]]:
+        compute_threads.add(threading.current_thread().name)
+        release.wait(timeout=5)
+        batch_sizes.append(len(items))
+        return [(item.token_ids[0], item.num_tokens) for item in items]
+
+    batcher: TokenBudgetBatcher[tuple[int, int]] = TokenBudgetBatcher(compute, BatchLimits(4096, 64))
+    await batcher.start()
+    try:
+        # The first request occupies the worker; the next 20 queue up and must be batched together.
+        first = asyncio.create_task(batcher.submit([_item(3, 999)]))
+        await asyncio.sleep(0.05)
+        requests = [batcher.submit([_item(1 + n % 5, n * 10 + k) for k in range(3)]) for n in range(20)]
+        gathered = asyncio.gather(*requests)
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await gathered
+        await first
+    finally:
+        await batcher.shutdown()
+    for n, result in enumerate(results):
+        assert result.outputs == [(n * 10 + k, 1 + n % 5) for k in range(3)]
+        assert result.queue_s >= 0 and result.inference_s >= 0
+    assert batch_sizes[0] == 1 and sum(batch_sizes[1:]) == 60 and len(batch_sizes) <= 3
+    assert compute_threads and all(name.startswith("encoder-compute") for name in compute_threads)
+    stats = batcher.stats()
+    assert stats.num_items == 61 and stats.num_batches == len(batch_sizes)
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_fails_its_requests_and_the_batcher_keeps_going() -> None:
+    def compute(items: list[EncodedInput]) -> list[int]:
+        if any(item.token_ids[0] == 13 for item in items):
+            raise RuntimeError("boom")
+        return [item.num_tokens for item in items]
+
+    batcher: TokenBudgetBatcher[int] = TokenBudgetBatcher(compute, BatchLimits(4096, 64))
+    await batcher.start()
+    try:
+        with pytest.raises(BackendError, match="boom"):
+            await batcher.submit([_item(2, 13)])
+        assert (await batcher.submit([_item(2, 1), _item(5, 1)])).outputs == [2, 5]
+        assert batcher.stats().num_failed_batches == 1
+    finally:
+        await batcher.shutdown()
+
+
+@pytest.mark.anyio
+async def test_cancelled_request_does_not_disturb_others() -> None:
+    gate = threading.Event()
+
+    def compute(items: list[EncodedInput]) -> list[int]:
+        gate.wait(timeout=5)
+        return [item.token_ids[0] for item in items]
+
+    batcher: TokenBudgetBatcher[int] = TokenBudgetBatcher(compute, BatchLimits(4096, 64))
+    await batcher.start()
+    try:
+        busy = asyncio.create_task(batcher.submit([_item(1, 1)]))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.create_task(batcher.submit([_item(1, 2)]))
+        kept = asyncio.create_task(batcher.submit([_item(1, 3)]))
+        await asyncio.sleep(0.02)
+        doomed.cancel()
+        gate.set()
+        assert (await busy).outputs == [1]
+        assert (await kept).outputs == [3]
+        assert doomed.cancelled()
+    finally:
+        await batcher.shutdown()
+
+
+@pytest.mark.anyio
+async def test_submit_before_start_and_after_shutdown_is_unhealthy() -> None:
+    batcher: TokenBudgetBatcher[int] = TokenBudgetBatcher(lambda items: [0] * len(items), BatchLimits(64, 4))
+    with pytest.raises(UnhealthyError):
+        await batcher.submit([_item(1, 0)])
+    await batcher.start()
+    await batcher.shutdown()
+    with pytest.raises(UnhealthyError):
+        await batcher.submit([_item(1, 0)])

@@ -1,0 +1,209 @@
+"""EncoderEngine behaviour on MiniLM: limits, truncation, Matryoshka dimensions, token-id inputs, errors."""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine_builder.serve.encoders.engine import EncoderEngine
+from engine_builder.serve.encoders.errors import (
+    BatchSizeError,
+    EmptyInputError,
+    InputTooLongError,
+    InvalidRequestError,
+    OverloadedError,
+    UnsupportedTaskError,
+)
+from engine_builder.serve.encoders.info import effective_batch_limits
+from engine_builder.serve.encoders.truncation import (
+    REFUSE_OVER_LENGTH,
+    Truncation,
+    TruncationDefaults,
+    TruncationDirection,
+    resolve_truncation,
+)
+from tests.serve.encoders.helpers import run_with
+
+LONG_TEXT = " ".join(f"word{index}" for index in range(400))
+
+
+@pytest.fixture(scope="module")
+def engine(minilm_dir: Path) -> EncoderEngine:
+    """MiniLM as BEI-Bert, but refusing over-length input on every route and with `dimensions` allowed."""
+    return EncoderEngine.from_model_dir(
+        minilm_dir,
+        kind="encoder_bert",
+        max_num_tokens=8192,
+        max_batch_size=128,
+        auto_truncate=False,
+        matryoshka=True,
+    )
+
+
+def test_bei_batch_limits_follow_the_router_flags() -> None:
+    assert effective_batch_limits("encoder", 8192, 256) == effective_batch_limits("encoder", 16384, 32)
+    assert effective_batch_limits("encoder", 8192, 256).max_num_tokens == 16384
+    assert effective_batch_limits("encoder", 8192, 256).max_batch_size == 32
+    bert = effective_batch_limits("encoder_bert", 512, 4096)
+    assert (bert.max_num_tokens, bert.max_batch_size) == (1024, 1024)
+
+
+def test_default_engine_refuses_dimensions_without_a_matryoshka_hint(minilm_dir: Path) -> None:
+    default = EncoderEngine.from_model_dir(
+        minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=8
+    )
+    assert not default.info.supports_matryoshka
+    assert default.info.truncation_defaults == TruncationDefaults(embeddings_and_rerank=False, embed_and_predict=True)
+    with pytest.raises(InvalidRequestError, match="Matryoshka") as caught:
+        run_with(default, lambda: default.embed(["hello"], dimensions=64))
+    assert caught.value.param == "dimensions"
+
+
+def test_dimensions_truncate_then_renormalize(engine: EncoderEngine) -> None:
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        full = await engine.embed(["A man is eating food.", "Short."])
+        short = await engine.embed(["A man is eating food.", "Short."], dimensions=64)
+        return full.embeddings, short.embeddings
+
+    full, short = run_with(engine, scenario)
+    assert short.shape == (2, 64)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-6)
+    with pytest.raises(InvalidRequestError, match="between 1 and 384"):
+        run_with(engine, lambda: engine.embed(["x"], dimensions=385))
+
+
+def test_normalize_false_returns_the_raw_pooled_vector(engine: EncoderEngine) -> None:
+    raw = run_with(engine, lambda: engine.embed(["A man is eating food."], normalize=False)).embeddings
+    assert not np.isclose(np.linalg.norm(raw), 1.0)
+
+
+def test_batch_size_and_empty_limits(engine: EncoderEngine) -> None:
+    with pytest.raises(BatchSizeError, match=r"^batch size 129 > maximum allowed batch size 128$"):
+        run_with(engine, lambda: engine.embed(["x"] * 129))
+    with pytest.raises(EmptyInputError):
+        run_with(engine, lambda: engine.embed([]))
+    with pytest.raises(EmptyInputError, match="`texts` cannot be empty"):
+        run_with(engine, lambda: engine.rerank("q", []))
+    with pytest.raises(EmptyInputError, match="no tokens"):
+        run_with(engine, lambda: engine.embed([[]]))
+
+
+def test_too_long_input_is_refused_or_truncated(engine: EncoderEngine) -> None:
+    with pytest.raises(
+        InputTooLongError, match=r"input\[1\] has \d+ tokens, more than this model's maximum of 256"
+    ):
+        run_with(engine, lambda: engine.embed(["short", LONG_TEXT]))
+
+    async def scenario() -> tuple[int, np.ndarray, np.ndarray]:
+        right = await engine.embed([LONG_TEXT], truncation=Truncation(256))
+        left = await engine.embed([LONG_TEXT], truncation=Truncation(256, TruncationDirection.LEFT))
+        return right.num_prompt_tokens, right.embeddings, left.embeddings
+
+    num_tokens, right, left = run_with(engine, scenario)
+    assert num_tokens == 256
+    assert float(right[0] @ left[0]) < 0.99  # different halves of the text
+
+
+def test_truncate_to_a_token_count_keeps_the_first_or_the_last_tokens(engine: EncoderEngine) -> None:
+    """vLLM's `truncate_prompt_tokens: k`: k tokens with the special ones, the first by default, the last on the left;
+    token-id inputs are cut the same way."""
+    (full,) = engine.tokenizer.encode([LONG_TEXT], truncation=Truncation(256), field="input")
+    (right,) = engine.tokenizer.encode([LONG_TEXT], truncation=Truncation(10), field="input")
+    (left,) = engine.tokenizer.encode(
+        [LONG_TEXT], truncation=Truncation(10, TruncationDirection.LEFT), field="input"
+    )
+    (plain,) = engine.tokenizer.encode(["word396 word397 word398 word399"], truncation=REFUSE_OVER_LENGTH, field="x")
+    assert right.token_ids[:-1] == full.token_ids[:9] and right.token_ids[-1] == 102
+    assert left.token_ids[0] == 101 and left.token_ids[-5:] == plain.token_ids[-5:]
+    assert right.num_tokens == left.num_tokens == 10
+    result = run_with(engine, lambda: engine.embed([LONG_TEXT, list(range(1000, 1300))], truncation=Truncation(10)))
+    assert result.num_prompt_tokens == 20 and result.embeddings.shape == (2, 384)
+    with pytest.raises(InvalidRequestError, match="`truncate_prompt_tokens` 1 is too few for input"):
+        run_with(engine, lambda: engine.embed(["two words"], truncation=Truncation(1)))
+
+
+def test_truncating_tokenizers_below_the_limit_are_cached_and_bounded(minilm_dir: Path) -> None:
+    from engine_builder.serve.encoders.tokenizer import MAX_CACHED_TRUNCATING_TOKENIZERS, EncoderTokenizer
+
+    tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=64, vocab_size=30522)
+    lengths = [4, 5, 6, 7, 8, 4, 4]
+    counts = [tokenizer.encode([LONG_TEXT], truncation=Truncation(k), field="input")[0].num_tokens for k in lengths]
+    assert counts == lengths
+    assert len(tokenizer._below_limit) == MAX_CACHED_TRUNCATING_TOKENIZERS
+    at_limit = tokenizer.encode([LONG_TEXT], truncation=Truncation(64), field="input")[0]
+    assert at_limit.num_tokens == 64 and len(tokenizer._below_limit) == MAX_CACHED_TRUNCATING_TOKENIZERS
+
+
+def test_request_truncation_resolves_vllm_and_tei_fields() -> None:
+    def resolve(default: bool = False, **fields: Any) -> Truncation:
+        return resolve_truncation(max_input_length=256, default=default, how_to_ask="ask", **fields)
+
+    assert resolve().max_tokens is None  # refuse over-length input unless asked
+    assert resolve(default=True).max_tokens == 256  # the deployment's auto_truncate
+    assert resolve(truncate_prompt_tokens=-1).max_tokens == 256
+    assert resolve(truncate_prompt_tokens=32, direction=TruncationDirection.LEFT) == Truncation(
+        32, TruncationDirection.LEFT, "ask"
+    )
+    assert resolve(default=True, truncate=False).max_tokens is None  # TEI's explicit false wins
+    assert resolve(truncate=True).max_tokens == 256
+    for bad in (0, 257):
+        with pytest.raises(InvalidRequestError, match=f"is {bad}; this model takes at most 256 tokens") as caught:
+            resolve(truncate_prompt_tokens=bad)
+        assert caught.value.param == "truncate_prompt_tokens"
+    with pytest.raises(InvalidRequestError, match="not both"):
+        resolve(truncate_prompt_tokens=8, truncate=True)
+
+
+def test_truncation_defaults_follow_the_config_else_each_route_familys_convention() -> None:
+    assert TruncationDefaults.resolve(None, "encoder_bert") == TruncationDefaults(False, True)
+    assert TruncationDefaults.resolve(None, "encoder") == TruncationDefaults(False, False)
+    assert TruncationDefaults.resolve(True, "encoder") == TruncationDefaults(True, True)
+    assert TruncationDefaults.resolve(False, "encoder_bert") == TruncationDefaults(False, False)
+
+
+def test_token_id_inputs_equal_their_text(engine: EncoderEngine) -> None:
+    ids = engine.tokenizer.encode(["A man is eating food."], truncation=REFUSE_OVER_LENGTH, field="input")
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, int]:
+        from_text = await engine.embed(["A man is eating food."])
+        mixed = await engine.embed([ids[0].token_ids, "Short."])
+        return from_text.embeddings, mixed.embeddings, mixed.num_prompt_tokens
+
+    from_text, mixed, num_tokens = run_with(engine, scenario)
+    np.testing.assert_allclose(mixed[0], from_text[0], atol=1e-6)
+    assert num_tokens == ids[0].num_tokens + 4  # [CLS] short . [SEP]
+    with pytest.raises(InvalidRequestError, match="token id 30522"):
+        run_with(engine, lambda: engine.embed([[101, 30522, 102]]))
+
+
+def test_classification_needs_a_classifier(engine: EncoderEngine) -> None:
+    with pytest.raises(UnsupportedTaskError, match="embedding model"):
+        run_with(engine, lambda: engine.classify(["hello"]))
+
+
+def test_requests_past_the_concurrency_limit_are_overloaded(engine: EncoderEngine) -> None:
+    engine.max_concurrent_requests = 1
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(engine.embed([f"text {n}"]) for n in range(3)), return_exceptions=True)
+
+    try:
+        outcomes = run_with(engine, scenario)
+    finally:
+        engine.max_concurrent_requests = 2048
+    assert any(isinstance(outcome, OverloadedError) for outcome in outcomes)
+    assert not all(isinstance(outcome, OverloadedError) for outcome in outcomes)
+
+
+def test_stats_count_batches_and_tokens(engine: EncoderEngine) -> None:
+    async def scenario() -> dict[str, float]:
+        await asyncio.gather(*(engine.embed([f"sentence number {n}"] * 4) for n in range(8)))
+        return engine.stats()
+
+    stats = run_with(engine, scenario)
+    assert stats["num_inputs"] >= 32 and stats["num_tokens"] >= 32 * 5
+    assert stats["num_padded_tokens"] >= stats["num_tokens"]
+    assert stats["num_waiting_inputs"] == 0 and stats["num_running_requests"] == 0

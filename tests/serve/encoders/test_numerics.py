@@ -1,0 +1,197 @@
+"""Numerics against references: sentence-transformers on MiniLM and on an ST folder with Dense layers,
+and plain transformers forwards for causal embedders, classifiers and cross-encoders.
+
+Tolerances (float32 on CPU): cosine > 0.9999 per embedding, and |difference| < 1e-4 for scores/logits.
+Batches mix lengths, so padding and the token-budget batcher are part of what is checked.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_builder.serve.encoders.engine import EncoderEngine
+from engine_builder.serve.encoders.truncation import Truncation
+from tests.serve.encoders.helpers import run_with
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The stock market crashed today.",
+    "Short.",
+    "A considerably longer sentence that talks about several unrelated things, such as trains, "
+    "the weather in Berlin during the winter and the price of coffee, so that it needs many more tokens.",
+]
+LONG_TEXT = " ".join(["embedding servers batch requests by their token budget"] * 60)  # > 256 tokens
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def minilm_engine(minilm_dir: Path) -> EncoderEngine:
+    return EncoderEngine.from_model_dir(
+        minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=128
+    )
+
+
+def test_minilm_matches_sentence_transformers(minilm_engine: EncoderEngine, minilm_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = SENTENCES + [LONG_TEXT]  # longer than the model's 256 tokens: cut as sentence-transformers cuts it
+    reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, normalize_embeddings=True)
+    to_limit = Truncation(max_tokens=minilm_engine.info.max_input_length)
+    result = run_with(minilm_engine, lambda: minilm_engine.embed(texts, truncation=to_limit))
+    assert result.embeddings.shape == (len(texts), 384)
+    assert np.all(_cosines(result.embeddings, reference) > 0.9999)
+    np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
+    assert (
+        minilm_engine.info.max_input_length == 256
+    )  # sentence_bert_config.json, as sentence-transformers uses
+
+
+def test_minilm_reproduces_the_model_card_similarity(minilm_engine: EncoderEngine) -> None:
+    result = run_with(minilm_engine, lambda: minilm_engine.embed(SENTENCES[:3]))
+    similarity = result.embeddings @ result.embeddings.T
+    assert similarity[0, 1] == pytest.approx(0.7553, abs=5e-5)
+    assert similarity[0, 2] == pytest.approx(0.0088, abs=5e-5)
+    assert similarity[1, 2] == pytest.approx(0.0070, abs=5e-5)
+
+
+def test_bi_encoder_rerank_is_the_cosine_and_orders_the_berlin_example(minilm_engine: EncoderEngine) -> None:
+    query = "How many people live in Berlin?"
+    texts = [
+        "Berlin has a population of 3,520,031 registered inhabitants in an area of 891.82 square kilometers.",
+        "Berlin is well known for its museums.",
+        "The cat sat on the mat.",
+        "New York City is famous for the Metropolitan Museum of Art.",
+    ]
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ranked = await minilm_engine.rerank(query, texts)
+        raw = await minilm_engine.rerank(query, texts, raw_scores=True)
+        vectors = (await minilm_engine.embed([query, *texts])).embeddings
+        return ranked.scores, raw.scores, vectors[1:] @ vectors[0]
+
+    scores, raw_scores, cosines = run_with(minilm_engine, scenario)
+    np.testing.assert_allclose(scores, cosines, atol=1e-6)
+    np.testing.assert_allclose(raw_scores, cosines, atol=1e-6)  # documented: raw_scores changes nothing here
+    np.testing.assert_allclose(scores, [0.767, 0.539, -0.048, 0.153], atol=2e-3)  # models.md section 6
+
+
+def test_sentence_transformers_dense_and_cls_layout(tiny_st_dense_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_st_dense_dir, kind="encoder_bert", max_num_tokens=1024, max_batch_size=8
+    )
+    assert (
+        engine.info.pooling == "cls" and engine.info.hidden_size == 16 and engine.info.max_input_length == 64
+    )
+    reference = SentenceTransformer(str(tiny_st_dense_dir), device="cpu").encode(
+        SENTENCES, normalize_embeddings=True
+    )
+    result = run_with(engine, lambda: engine.embed(SENTENCES))
+    assert np.all(_cosines(result.embeddings, reference) > 0.9999)
+
+
+def test_causal_embedder_uses_the_last_real_token(tiny_llama_embedder_dir: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_llama_embedder_dir, kind="encoder", max_num_tokens=1024, max_batch_size=8
+    )
+    assert engine.info.pooling == "lasttoken" and engine.info.is_causal
+    assert engine.info.max_input_length == 256  # max_position_embeddings, under the token budget
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_embedder_dir))
+    model = AutoModel.from_pretrained(str(tiny_llama_embedder_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = np.stack(
+            [
+                model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0, -1].numpy()
+                for text in SENTENCES
+            ]
+        )
+    result = run_with(engine, lambda: engine.embed(SENTENCES))  # one padded batch of mixed lengths
+    assert np.all(_cosines(result.embeddings, reference) > 0.9999)
+    reference_unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    np.testing.assert_allclose(result.embeddings, reference_unit, atol=1e-5)
+
+
+def test_bert_classifier_matches_transformers(tiny_bert_classifier_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_bert_classifier_dir, kind="encoder_bert", max_num_tokens=1024, max_batch_size=8
+    )
+    assert engine.info.id2label == ("negative", "neutral", "positive")
+    assert engine.info.default_route == "/predict"
+    inputs: list[str | tuple[str, str]] = [SENTENCES[0], (SENTENCES[1], SENTENCES[2]), SENTENCES[4]]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_classifier_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_classifier_dir)).eval()
+    with torch.inference_mode():
+        reference = np.concatenate(
+            [
+                model(
+                    **tokenizer(*((item,) if isinstance(item, str) else item), return_tensors="pt")
+                ).logits.numpy()
+                for item in inputs
+            ]
+        )
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        raw = await engine.classify(inputs, raw_scores=True)
+        probabilities = await engine.classify(inputs)
+        return raw.scores, probabilities.scores
+
+    logits, probabilities = run_with(engine, scenario)
+    np.testing.assert_allclose(logits, reference, atol=1e-4)
+    np.testing.assert_allclose(
+        probabilities, torch.softmax(torch.from_numpy(reference), dim=-1).numpy(), atol=1e-5
+    )
+
+
+def test_bert_cross_encoder_rerank_is_the_sigmoid_of_the_pair_logit(tiny_cross_encoder_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_cross_encoder_dir, kind="encoder_bert", max_num_tokens=1024, max_batch_size=8
+    )
+    assert engine.info.is_cross_encoder
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_cross_encoder_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_cross_encoder_dir)).eval()
+    query, texts = SENTENCES[0], SENTENCES[1:]
+    with torch.inference_mode():
+        batch = tokenizer([query] * len(texts), texts, padding=True, return_tensors="pt")
+        reference = model(**batch).logits[:, 0].numpy()
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        return (await engine.rerank(query, texts, raw_scores=True)).scores, (
+            await engine.rerank(query, texts)
+        ).scores
+
+    raw, scores = run_with(engine, scenario)
+    np.testing.assert_allclose(raw, reference, atol=1e-4)
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-reference)), atol=1e-5)
+
+
+def test_causal_reranker_without_pad_token_matches_transformers(tiny_llama_reranker_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_llama_reranker_dir, kind="encoder", max_num_tokens=1024, max_batch_size=8
+    )
+    assert engine.info.is_cross_encoder
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_reranker_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_reranker_dir)).eval()
+    query, texts = SENTENCES[0], SENTENCES[1:]
+    with torch.inference_mode():  # one pair at a time: transformers needs a pad token to batch this model
+        reference = np.array(
+            [model(**tokenizer(query, text, return_tensors="pt")).logits[0, 0].item() for text in texts]
+        )
+    raw = run_with(engine, lambda: engine.rerank(query, texts, raw_scores=True)).scores
+    np.testing.assert_allclose(raw, reference, atol=1e-4)

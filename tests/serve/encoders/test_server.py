@@ -1,0 +1,411 @@
+"""End to end through a real uvicorn server: the official `openai` client, Baseten's
+`baseten-performance-client`, and raw HTTP for the exact TEI wire formats, errors and headers.
+
+Mounts: "" = MiniLM as BEI-Bert (defaults), "/mrl" = MiniLM with `dimensions` allowed,
+"/trunc" = MiniLM deployed with `auto_truncate: true`, "/xenc" = a one-label BERT cross-encoder,
+"/cls" = a three-label BERT classifier.
+"""
+
+import asyncio
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from engine_builder.serve.encoders.engine import EncoderEngine
+from tests.serve.encoders.server import build_app, serve
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market crashed today."]
+TEI_HEADERS = (
+    "x-compute-type",
+    "x-compute-time",
+    "x-compute-characters",
+    "x-compute-tokens",
+    "x-total-time",
+    "x-tokenization-time",
+    "x-queue-time",
+    "x-inference-time",
+)
+LONG_TEXT = " ".join(f"w{index}" for index in range(400))  # 1,130 tokens; MiniLM takes 256
+
+
+@pytest.fixture(scope="module")
+def engines(
+    minilm_dir: Path, tiny_cross_encoder_dir: Path, tiny_bert_classifier_dir: Path
+) -> dict[str, EncoderEngine]:
+    def load(path: Path, **options: Any) -> EncoderEngine:
+        return EncoderEngine.from_model_dir(
+            path, kind="encoder_bert", max_num_tokens=8192, max_batch_size=128, **options
+        )
+
+    return {
+        "": load(minilm_dir),
+        "/mrl": load(minilm_dir, matryoshka=True),
+        "/trunc": load(minilm_dir, auto_truncate=True),
+        "/xenc": load(tiny_cross_encoder_dir),
+        "/cls": load(tiny_bert_classifier_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def base_url(engines: dict[str, EncoderEngine]) -> Iterator[str]:
+    names = {
+        "": "all-MiniLM-L6-v2",
+        "/mrl": "minilm-mrl",
+        "/trunc": "minilm-truncating",
+        "/xenc": "tiny-cross-encoder",
+        "/cls": "tiny-classifier",
+    }
+    app = build_app({prefix: (engine, names[prefix]) for prefix, engine in engines.items()})
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-required", max_retries=0)
+
+
+# OpenAI client
+
+
+def test_openai_float_embeddings_reproduce_the_model_card(client: openai.OpenAI) -> None:
+    response = client.embeddings.create(input=SENTENCES, model="not-required", encoding_format="float")
+    vectors = np.array([item.embedding for item in response.data])
+    assert [item.index for item in response.data] == [0, 1, 2]
+    assert response.model == "all-MiniLM-L6-v2"  # the served name, whatever the request said
+    assert response.usage.prompt_tokens == response.usage.total_tokens == 27
+    assert vectors.shape == (3, 384)
+    assert float(vectors[0] @ vectors[1]) == pytest.approx(0.7553, abs=5e-5)
+
+
+def test_openai_base64_equals_float(client: openai.OpenAI) -> None:
+    as_float = client.embeddings.create(input=SENTENCES, model="m", encoding_format="float")
+    as_base64 = client.embeddings.create(input=SENTENCES, model="m", encoding_format="base64")
+    by_default = client.embeddings.create(input=SENTENCES, model="m")  # the SDK asks for base64 and decodes
+    for a, b, c in zip(as_float.data, as_base64.data, by_default.data, strict=True):
+        assert isinstance(b.embedding, str)  # asked for explicitly, the SDK hands the string through
+        decoded = np.frombuffer(base64.b64decode(b.embedding), dtype="<f4")
+        np.testing.assert_array_equal(np.float32(a.embedding), decoded)
+        np.testing.assert_array_equal(np.float32(a.embedding), np.float32(c.embedding))
+
+
+def test_openai_single_string_and_token_ids(client: openai.OpenAI) -> None:
+    single = client.embeddings.create(input="hello", model="m", encoding_format="float")
+    ids = client.embeddings.create(input=[[101, 7592, 102]], model="m", encoding_format="float")
+    np.testing.assert_allclose(single.data[0].embedding, ids.data[0].embedding, atol=1e-6)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_openai_dimensions_refused_without_matryoshka(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(input="hello", model="m", dimensions=64)
+    assert caught.value.status_code == 400
+    assert caught.value.param == "dimensions" and "Matryoshka" in caught.value.message
+
+
+def test_openai_dimensions_with_matryoshka_enabled(base_url: str) -> None:
+    mrl = openai.OpenAI(base_url=f"{base_url}/mrl/v1", api_key="x", max_retries=0)
+    response = mrl.embeddings.create(input=SENTENCES, model="m", dimensions=64)
+    vectors = np.array([item.embedding for item in response.data])
+    assert vectors.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+# Baseten performance client
+
+
+def test_performance_client_embed_rerank_classify(base_url: str, client: openai.OpenAI) -> None:
+    from baseten_performance_client import PerformanceClient
+
+    texts = [f"sentence {index} about topic {index % 7}" for index in range(300)]
+    embedded = PerformanceClient(base_url=base_url, api_key="x").embed(input=texts, model="m")
+    vectors = np.asarray(embedded.numpy())
+    assert vectors.shape == (300, 384)
+    reference = client.embeddings.create(input=texts[:5], model="m")
+    np.testing.assert_allclose(vectors[:5], [item.embedding for item in reference.data], atol=1e-6)
+
+    reranked = PerformanceClient(base_url=base_url, api_key="x").rerank(
+        query="How many people live in Berlin?",
+        texts=["The cat sat on the mat.", "Berlin has 3.5 million inhabitants."],
+        return_text=True,
+    )
+    best = max(reranked.data, key=lambda result: result.score)
+    assert best.index == 1 and best.text == "Berlin has 3.5 million inhabitants."
+
+    classified = PerformanceClient(base_url=f"{base_url}/cls", api_key="x").classify(
+        inputs=["good", "bad", "meh"]
+    )
+    assert len(classified.data) == 3
+    for group in classified.data:
+        assert sorted(result.label for result in group) == ["negative", "neutral", "positive"]
+        scores = [result.score for result in group]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+
+
+# Raw HTTP: TEI wire formats, errors and headers
+
+
+def test_rerank_wire_format_is_sorted_best_first(base_url: str) -> None:
+    texts = ["The cat sat on the mat.", "Berlin has 3.5 million inhabitants.", "Berlin is known for museums."]
+    body = {"query": "How many people live in Berlin?", "texts": texts, "truncation_direction": "Right"}
+    response = httpx.post(f"{base_url}/rerank", json=body)
+    assert response.status_code == 200
+    ranks = response.json()
+    assert [rank["index"] for rank in ranks] == [1, 2, 0]
+    assert all(set(rank) == {"index", "score"} for rank in ranks)
+    assert all(name in response.headers for name in TEI_HEADERS)
+    with_text = httpx.post(f"{base_url}/rerank", json={**body, "return_text": True}).json()
+    assert [rank["text"] for rank in with_text] == [texts[1], texts[2], texts[0]]
+
+
+def test_rerank_in_cohere_and_jina_shape(base_url: str) -> None:
+    """`documents` / `top_n` / `return_documents`, answered as {id, model, results, usage} on /rerank, /v1/rerank
+    and /v2/rerank (where vLLM and Infinity serve it), with the same scores as TEI's shape (issue 24)."""
+    query = "How many people live in Berlin?"
+    texts = ["The cat sat on the mat.", "Berlin has 3.5 million inhabitants.", "Berlin is known for museums."]
+    documents = [texts[0], {"text": texts[1]}, texts[2]]  # plain strings and Cohere's {"text": ...} objects
+    tei = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts}).json()
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        response = httpx.post(f"{base_url}{path}", json={"model": "x", "query": query, "documents": documents, "top_n": 2})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "all-MiniLM-L6-v2" and body["id"].startswith("rerank-")
+        assert body["usage"]["total_tokens"] > 0
+        assert [(item["index"], item["document"]["text"]) for item in body["results"]] == [
+            (rank["index"], texts[rank["index"]]) for rank in tei[:2]
+        ]
+        assert [item["relevance_score"] for item in body["results"]] == pytest.approx([rank["score"] for rank in tei[:2]])
+    bare = httpx.post(
+        f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "return_documents": False}
+    ).json()
+    assert [set(item) for item in bare["results"]] == [{"index", "relevance_score"}] * 3
+    assert [rank["index"] for rank in httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts, "top_n": 1}).json()] == [1]
+    both = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts, "documents": texts})
+    assert both.status_code == 400 and "either `texts`" in both.json()["error"]  # TEI's error body on /rerank
+    mixed = httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "return_text": True})
+    assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "invalid_value"  # OpenAI's on /v1/rerank
+    empty = httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "documents"
+    assert httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "top_n": 0}).status_code == 400
+
+
+def test_cohere_sdk_reranks_against_our_base_url(base_url: str) -> None:
+    """The official `cohere` client (v2 rerank, which posts to {base_url}/v2/rerank) reads our answer."""
+    import cohere
+
+    query = "How many people live in Berlin?"
+    texts = ["The cat sat on the mat.", "Berlin has 3.5 million inhabitants.", "Berlin is known for museums."]
+    tei = httpx.post(f"{base_url}/rerank", json={"query": query, "texts": texts}).json()
+    client = cohere.ClientV2(api_key="unused", base_url=base_url)
+    response = client.rerank(model="all-MiniLM-L6-v2", query=query, documents=texts, top_n=2)
+    assert [item.index for item in response.results] == [rank["index"] for rank in tei[:2]]
+    assert [item.relevance_score for item in response.results] == pytest.approx([rank["score"] for rank in tei[:2]])
+
+
+def test_cross_encoder_rerank_over_http_uses_the_sigmoid(base_url: str) -> None:
+    body = {"query": "q", "texts": ["a", "b c"]}
+    scores = {
+        rank["index"]: rank["score"] for rank in httpx.post(f"{base_url}/xenc/rerank", json=body).json()
+    }
+    raw = {
+        rank["index"]: rank["score"]
+        for rank in httpx.post(f"{base_url}/xenc/rerank", json={**body, "raw_scores": True}).json()
+    }
+    for index in (0, 1):
+        assert scores[index] == pytest.approx(1 / (1 + np.exp(-raw[index])), abs=1e-6)
+
+
+def test_tei_errors(base_url: str) -> None:
+    empty = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": []})
+    assert (empty.status_code, empty.json()) == (
+        400,
+        {"error": "`texts` cannot be empty", "error_type": "empty"},
+    )
+    too_many = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": ["t"] * 129})
+    assert too_many.status_code == 422
+    assert too_many.json() == {
+        "error": "batch size 129 > maximum allowed batch size 128",
+        "error_type": "validation",
+    }
+    too_long = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": [LONG_TEXT], "truncate": False})
+    assert too_long.status_code == 413 and too_long.json()["error_type"] == "validation"
+    assert "more than this model's maximum of 256" in too_long.json()["error"]
+    unknown = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": ["a"], "top_k": 1})
+    assert unknown.status_code == 400 and "`top_k`" in unknown.json()["error"]
+    not_a_classifier = httpx.post(f"{base_url}/predict", json={"inputs": "hello"})
+    assert not_a_classifier.status_code == 400 and "/v1/embeddings" in not_a_classifier.json()["error"]
+
+
+def test_openai_error_envelope(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/v1/embeddings", json={"input": ["x"] * 129, "model": "m"})
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": {
+            "message": "batch size 129 > maximum allowed batch size 128",
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": "too_many_inputs",
+        }
+    }
+    bad_format = httpx.post(f"{base_url}/embeddings", json={"input": "x", "encoding_format": "int8"})
+    assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "encoding_format"
+    broken = httpx.post(
+        f"{base_url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    too_long = httpx.post(f"{base_url}/v1/embeddings", json={"input": [LONG_TEXT], "truncate_prompt_tokens": None})
+    too_many_tokens = httpx.post(f"{base_url}/v1/embeddings", json={"input": "x", "truncate_prompt_tokens": 257})
+    too_long_document = httpx.post(f"{base_url}/v2/rerank", json={"query": "q", "documents": [LONG_TEXT]})
+    empty = httpx.post(f"{base_url}/v1/embeddings", json={"input": []})
+    # every 4xx of the OpenAI-style routes: the envelope's `code` is a string (issue 24), as on the chat server
+    responses = (bad_format, broken, empty, too_long, too_many_tokens, too_long_document)
+    assert [response.status_code for response in responses] == [400] * len(responses)
+    for response in responses:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert isinstance(error["code"], str) and error["code"], error
+
+
+def test_predict_shapes(base_url: str) -> None:
+    single = httpx.post(f"{base_url}/cls/predict", json={"inputs": "I love it"}).json()
+    pair = httpx.post(f"{base_url}/cls/predict", json={"inputs": ["I love it", "me too"]}).json()
+    batch = httpx.post(
+        f"{base_url}/cls/predict", json={"inputs": [["I love it"], ["I love it", "me too"]]}
+    ).json()
+    assert [len(single), len(pair), len(batch)] == [3, 3, 2]
+    assert {entry["label"] for entry in single} == {"negative", "neutral", "positive"}
+    assert batch[0] == single and batch[1] == pair
+    raw = httpx.post(f"{base_url}/cls/predict", json={"inputs": "I love it", "raw_scores": True}).json()
+    assert sum(entry["score"] for entry in raw) != pytest.approx(1.0)
+    empty = httpx.post(f"{base_url}/cls/predict", json={"inputs": []})
+    assert (empty.status_code, empty.json()["error_type"]) == (400, "empty")
+    three = httpx.post(f"{base_url}/cls/predict", json={"inputs": ["a", "b", "c"]})
+    assert three.status_code == 400 and "one text or a pair" in three.json()["error"]
+
+
+def test_truss_predict_route_follows_the_default_route(base_url: str) -> None:
+    embedded = httpx.post(f"{base_url}/v1/models/model:predict", json={"input": "hello"})
+    assert embedded.status_code == 200 and embedded.json()["object"] == "list"
+    classified = httpx.post(f"{base_url}/cls/v1/models/anything:predict", json={"inputs": "hello"})
+    assert classified.status_code == 200 and len(classified.json()) == 3  # a classifier defaults to /predict
+
+
+def test_tei_embed_route(base_url: str) -> None:
+    vectors = httpx.post(f"{base_url}/embed", json={"inputs": SENTENCES[:2]}).json()
+    assert np.asarray(vectors).shape == (2, 384)
+    refused = httpx.post(f"{base_url}/embed", json={"inputs": "x", "prompt_name": "query"})
+    assert refused.status_code == 400 and "prompt_name" in refused.json()["error"]
+
+
+def test_concurrent_http_requests_are_batched_together(
+    base_url: str, engines: dict[str, EncoderEngine]
+) -> None:
+    engine = engines[""]
+    before = engine.stats()
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/embeddings", json={"input": [f"request {n} text {k}" for k in range(4)]})
+                    for n in range(24)
+                )
+            )
+
+    responses = asyncio.run(burst())
+    assert all(response.status_code == 200 for response in responses)
+    after = engine.stats()
+    assert after["num_inputs"] - before["num_inputs"] == 96
+    assert after["num_batches"] - before["num_batches"] < 24  # requests shared forward passes
+
+
+# Over-length input (issue 24): refused unless the request or the deployment asks for truncation
+
+
+def test_openai_embeddings_refuse_over_length_input_naming_the_limit(client: openai.OpenAI) -> None:
+    """OpenAI answers 400 for an input past the model's context; so do we, unless truncation is asked for."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(input=["short", LONG_TEXT], model="m")
+    error = caught.value
+    assert error.status_code == 400 and error.code == "context_length_exceeded" and error.param == "input"
+    assert "input[1] has 1130 tokens, more than this model's maximum of 256" in error.message
+    assert "`truncate_prompt_tokens`" in error.message  # the fix
+
+
+def test_openai_embeddings_truncate_prompt_tokens_as_vllm(client: openai.OpenAI) -> None:
+    """k keeps k tokens of each input (special tokens included; the first ones unless `truncation_side: left`),
+    -1 the model's maximum, and a k past the maximum is a 400 naming it."""
+
+    def embed(**extra: Any) -> Any:
+        return client.embeddings.create(input=LONG_TEXT, model="m", encoding_format="float", extra_body=extra)
+
+    first = embed(truncate_prompt_tokens=10)
+    last = embed(truncate_prompt_tokens=10, truncation_side="left")
+    assert first.usage.prompt_tokens == last.usage.prompt_tokens == 10
+    assert float(np.dot(first.data[0].embedding, last.data[0].embedding)) < 0.99  # different ends of the text
+    prefix = client.embeddings.create(input=" ".join(f"w{index}" for index in range(4)), model="m", encoding_format="float")
+    assert prefix.usage.prompt_tokens == 10  # "w0 w1 w2 w3" is 8 word pieces plus [CLS] and [SEP]
+    np.testing.assert_allclose(first.data[0].embedding, prefix.data[0].embedding, atol=1e-6)
+    assert embed(truncate_prompt_tokens=-1).usage.prompt_tokens == 256
+    ids = client.embeddings.create(input=[list(range(1000, 1400))], model="m", extra_body={"truncate_prompt_tokens": 32})
+    assert ids.usage.prompt_tokens == 32
+    with pytest.raises(openai.BadRequestError) as caught:
+        embed(truncate_prompt_tokens=300)
+    assert caught.value.param == "truncate_prompt_tokens" and "at most 256 tokens" in caught.value.message
+
+
+def test_the_deployments_auto_truncate_applies_when_the_request_is_silent(base_url: str) -> None:
+    truncating = openai.OpenAI(base_url=f"{base_url}/trunc/v1", api_key="x", max_retries=0)
+    assert truncating.embeddings.create(input=LONG_TEXT, model="m").usage.prompt_tokens == 256
+    asked = truncating.embeddings.create(input=LONG_TEXT, model="m", extra_body={"truncate_prompt_tokens": 16})
+    assert asked.usage.prompt_tokens == 16
+    reranked = httpx.post(f"{base_url}/trunc/v1/rerank", json={"query": "q", "documents": [LONG_TEXT, "w1"]})
+    assert reranked.status_code == 200 and reranked.json()["usage"]["total_tokens"] == 3 + 256 + 4
+    refused = httpx.post(f"{base_url}/trunc/rerank", json={"query": "q", "texts": [LONG_TEXT], "truncate": False})
+    assert refused.status_code == 413  # TEI's explicit `truncate: false` still refuses
+
+
+def test_rerank_refuses_over_length_documents_unless_asked(base_url: str) -> None:
+    """Cohere's shape on /v1/rerank and /v2/rerank: a 400 in OpenAI's envelope; TEI's shape on /rerank: TEI's 413.
+    `truncate_prompt_tokens` (either shape) or TEI's `truncate: true` cuts instead."""
+    documents = ["Berlin has 3.5 million inhabitants.", LONG_TEXT]
+    for path in ("/v1/rerank", "/v2/rerank"):
+        refused = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents})
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "documents"
+        assert "documents[1] has 1130 tokens, more than this model's maximum of 256" in error["message"]
+        cut = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents, "truncate_prompt_tokens": -1})
+        assert cut.status_code == 200 and len(cut.json()["results"]) == 2
+    tei = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents})
+    assert tei.status_code == 413 and "texts[1] has 1130 tokens" in tei.json()["error"]
+    assert "`truncate: true`" in tei.json()["error"]
+    by_flag = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True})
+    by_count = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate_prompt_tokens": 8})
+    assert by_flag.status_code == by_count.status_code == 200
+    both = httpx.post(
+        f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True, "truncate_prompt_tokens": 8}
+    )
+    assert both.status_code == 400 and "not both" in both.json()["error"]
+    pairs = httpx.post(
+        f"{base_url}/xenc/v1/rerank", json={"query": "q", "documents": documents, "truncate_prompt_tokens": 16}
+    )
+    assert pairs.status_code == 200 and pairs.json()["usage"]["total_tokens"] == 12 + 16  # (query, document) pairs
+
+
+def test_tei_embed_keeps_its_truncate_semantics(base_url: str) -> None:
+    """/embed: `truncate: false` refuses (TEI's 413), `true` cuts, absent follows BEI-Bert's --auto-truncate."""
+    refused = httpx.post(f"{base_url}/embed", json={"inputs": LONG_TEXT, "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "validation"
+    assert "more than this model's maximum of 256; send shorter input or set `truncate: true`" in refused.json()["error"]
+    for body in ({"inputs": LONG_TEXT, "truncate": True}, {"inputs": LONG_TEXT}):
+        response = httpx.post(f"{base_url}/embed", json=body)
+        assert response.status_code == 200 and response.headers["x-compute-tokens"] == "256"
+    unknown = httpx.post(f"{base_url}/embed", json={"inputs": LONG_TEXT, "truncate_prompt_tokens": 8})
+    assert unknown.status_code == 400  # vLLM's field is not TEI's /embed

@@ -1,0 +1,281 @@
+"""/v1/chat/completions through a real server with the official openai client."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.serve.server.harness import ServerProcess
+
+pytestmark = pytest.mark.slow
+MESSAGES = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+def test_streaming_equals_non_streaming(client: OpenAI) -> None:
+    plain = client.chat.completions.create(
+        model="not-required", messages=MESSAGES, max_tokens=40, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="not-required",
+            messages=MESSAGES,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    assert usage_chunks[0].usage.completion_tokens == plain.usage.completion_tokens
+    assert usage_chunks[0].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert plain.model == "test-model"
+
+
+def test_raw_sse_framing(server: ServerProcess) -> None:
+    body = {"model": "x", "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") or line.startswith(":") for line in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(line[6:]) for line in events[:-1] if line.startswith("data: ")]
+    assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+    assert "usage" not in payloads[0]  # only present when include_usage asks for it
+    assert sum(1 for p in payloads for c in p["choices"] if c["finish_reason"]) == 1
+
+
+def test_the_first_event_leaves_with_the_first_token(server: ServerProcess) -> None:
+    """No data event before prefill ends: the role rides on the first chunk that carries text, so a client's time to
+    first event is its time to first token (what `vllm bench serve` measures)."""
+    long_prompt = [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps over the lazy dog " * 40}]
+    body = {"model": "x", "messages": long_prompt, "max_tokens": 4, "temperature": 0, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    firsts: dict[int, dict] = {}
+    for event in events:
+        for choice in event["choices"]:
+            firsts.setdefault(choice["index"], choice["delta"])
+    assert sorted(firsts) == [0, 1]
+    for delta in firsts.values():
+        assert delta["role"] == "assistant"
+        assert delta.get("content") or delta.get("tool_calls")
+    roles = [c["delta"].get("role") for e in events for c in e["choices"] if c["delta"].get("role")]
+    assert len(roles) == 2  # once per choice
+
+
+def test_continuous_usage_stats(client: OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="x",
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+
+
+def test_stop_string_and_max_completion_tokens(client: OpenAI) -> None:
+    free = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=40, temperature=0)
+    text = free.choices[0].message.content
+    assert text and len(text) > 10
+    stop = text[5:9]
+    stopped = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=40, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == stop
+    kept = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert kept.choices[0].message.content == text[: text.index(stop) + len(stop)]
+    short = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_completion_tokens=3, temperature=0
+    )
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_n_choices_and_seed(client: OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=12, temperature=1.0, n=3, seed=11
+    )
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert len({c.message.content for c in response.choices}) > 1
+    again = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=12, temperature=1.0, n=3, seed=11
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in response.choices]
+    other = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=12, temperature=1.0, n=3, seed=12
+    )
+    assert [c.message.content for c in other.choices] != [c.message.content for c in response.choices]
+    total = sum(1 for _ in response.choices)
+    assert response.usage.completion_tokens <= 12 * total
+
+
+def test_streaming_n_choices(client: OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="x", messages=MESSAGES, max_tokens=6, temperature=1.0, n=2, seed=3, stream=True
+        )
+    )
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert set(finishes) == {0, 1}
+    plain = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=6, temperature=1.0, n=2, seed=3
+    )
+    assert [texts[0], texts[1]] == [c.message.content for c in plain.choices]
+
+
+def test_logprobs(client: OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == pytest.approx(
+            entry.logprob, abs=1e-4
+        )  # greedy picks the best
+        assert entry.bytes is not None
+    text = response.choices[0].message.content
+    assert (
+        bytes(b for entry in content for b in entry.bytes)
+        .decode("utf-8", errors="replace")
+        .startswith(text[:3])
+    )
+
+
+def test_baseten_extras(client: OpenAI) -> None:
+    long = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"min_tokens": 20, "ignore_eos": True},
+    )
+    assert long.usage.completion_tokens == 20
+    plain = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=20, temperature=0)
+    first_token = (
+        client.chat.completions.create(
+            model="x", messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True
+        )
+        .choices[0]
+        .logprobs.content[0]
+    )
+    banned = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(_token_id(client, first_token.token)): -100},
+    )
+    assert banned.choices[0].logprobs.content[0].token != first_token.token
+    truncated = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=4, temperature=0, extra_body={"truncate_prompt_tokens": 5}
+    )
+    assert truncated.usage.prompt_tokens == 5
+    parts = client.chat.completions.create(
+        model="x",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Name three colors "},
+                    {"type": "text", "text": "of the rainbow."},
+                ],
+            }
+        ],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    template = client.chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        extra_body={
+            "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+            "add_generation_prompt": False,
+        },
+    )
+    assert template.usage.prompt_tokens < plain.usage.prompt_tokens
+    echo = client.chat.completions.create(
+        model="x",
+        messages=[*MESSAGES, {"role": "assistant", "content": "Red,"}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"echo": True, "add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert echo.choices[0].message.content.startswith("Red,")
+
+
+def _token_id(client: OpenAI, token_text: str) -> int:
+    from tokenizers import Tokenizer
+
+    from tests.conftest import MODELS_DIR
+
+    tokenizer = Tokenizer.from_file(str(MODELS_DIR / "smollm2-135m-instruct" / "tokenizer.json"))
+    ids = tokenizer.encode(token_text, add_special_tokens=False).ids
+    assert len(ids) == 1
+    return ids[0]
+
+
+def test_sixty_four_concurrent_streams(server: ServerProcess) -> None:
+    async def one(client: AsyncOpenAI, index: int) -> tuple[str, int, str | None]:
+        stream = await client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": f"Count to {index % 7 + 2}."}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage, finish = "", 0, None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return text, usage, finish
+
+    async def main() -> list[tuple[str, int, str | None]]:
+        client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for text, usage, finish in results:
+        assert finish in ("stop", "length")
+        assert 0 < usage <= 16
+        assert text
+    assert server.metric("engine_builder:num_requests_running") == 0

@@ -1,0 +1,95 @@
+"""`engine-builder run configs/embeddings.yaml --auto-truncate true`: the encoder routes behind our auth, health and
+metrics, and LangChain's OpenAIEmbeddings against them."""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+
+from tests.conftest import CONFIGS_DIR
+from tests.serve.server.harness import ServerProcess, started
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoder_server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("encoder")
+    config = root / "configs" / "embeddings.yaml"
+    config.parent.mkdir()
+    shutil.copy(CONFIGS_DIR / "embeddings.yaml", config)
+    (root / "models").symlink_to(minilm_dir.parent)  # the config's LOCAL path is ../models/all-MiniLM-L6-v2
+    with started(config, root / "engine", ["--api-key", "secret", "--auto-truncate", "true"]) as process:
+        yield process
+
+
+def test_embeddings_rerank_predict_and_metrics(encoder_server: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{encoder_server.base_url}/v1", api_key="secret", max_retries=0)
+    response = client.embeddings.create(model="not-required", input=["A man is eating food.", "A man is eating a piece of bread."])
+    first, second = (np.array(item.embedding) for item in response.data)
+    assert first.shape == (384,)
+    assert float(first @ second) == pytest.approx(0.7553, abs=1e-3)
+    assert response.model == "all-MiniLM-L6-v2" and response.usage.prompt_tokens > 0
+    headers = {"Authorization": "Api-Key secret"}
+    rerank = httpx.post(
+        f"{encoder_server.base_url}/rerank", headers=headers,
+        json={"query": "How many people live in Berlin?", "texts": ["Berlin has 3.7 million inhabitants.", "Cats purr."], "return_text": True},
+    ).json()
+    assert rerank[0]["index"] == 0 and rerank[0]["score"] > rerank[1]["score"] and "text" in rerank[0]
+    default = httpx.post(f"{encoder_server.base_url}/v1/models/model:predict", headers=headers, json={"input": "hello"})
+    assert default.status_code == 200 and default.json()["object"] == "list"
+    assert httpx.post(f"{encoder_server.base_url}/v1/embeddings", json={"input": "x"}).status_code == 401
+    assert httpx.post(f"{encoder_server.base_url}/v1/chat/completions", headers=headers, json={"messages": []}).status_code == 404
+    assert httpx.get(f"{encoder_server.base_url}/health").status_code == 200
+    assert "engine_builder:num_requests_running" in httpx.get(f"{encoder_server.base_url}/metrics").text
+
+
+def test_performance_client(encoder_server: ServerProcess) -> None:
+    performance_client = pytest.importorskip("baseten_performance_client")
+    client = performance_client.PerformanceClient(base_url=encoder_server.base_url, api_key="secret")
+    texts = [f"sentence number {i}" for i in range(40)]
+    result = client.embed(input=texts, model="not-required")
+    assert np.asarray(result.numpy()).shape == (40, 384)
+
+
+def test_the_auto_truncate_option_reaches_the_engine(encoder_server: ServerProcess) -> None:
+    """Over-length input is refused by default (tests/serve/encoders/test_server.py); this deployment asked for
+    truncation with the option, so every route cuts to MiniLM's 256 tokens unless the request says otherwise."""
+    client = OpenAI(base_url=f"{encoder_server.base_url}/v1", api_key="secret", max_retries=0)
+    long_text = " ".join(f"w{index}" for index in range(400))
+    assert client.embeddings.create(model="m", input=long_text).usage.prompt_tokens == 256
+    refused = httpx.post(
+        f"{encoder_server.base_url}/embed",
+        headers={"Authorization": "Api-Key secret"},
+        json={"inputs": long_text, "truncate": False},
+    )
+    assert refused.status_code == 413
+
+
+@pytest.mark.usefixtures("offline")
+def test_langchain_openai_embeddings(encoder_server: ServerProcess) -> None:
+    """LangChain's OpenAIEmbeddings, offline: `check_embedding_ctx_length=False` sends the texts as they are (its
+    default would fetch a tiktoken vocabulary from the network to pre-split them)."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        base_url=f"{encoder_server.base_url}/v1",
+        api_key="secret",
+        model="not-required",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market crashed today."]
+    documents = np.array(embeddings.embed_documents(texts))
+    query = np.array(embeddings.embed_query(texts[0]))
+    assert documents.shape == (3, 384)
+    np.testing.assert_allclose(query, documents[0], atol=1e-6)
+    assert float(documents[0] @ documents[1]) == pytest.approx(0.7553, abs=1e-3)
+    assert float(documents[0] @ documents[1]) > float(documents[0] @ documents[2])
+    official = OpenAI(base_url=f"{encoder_server.base_url}/v1", api_key="secret", max_retries=0)
+    reference = official.embeddings.create(model="m", input=texts)
+    np.testing.assert_allclose(documents, [item.embedding for item in reference.data], atol=1e-6)

@@ -1,0 +1,140 @@
+"""Fail closed: every bad or unsupported request gets a 4xx in OpenAI's envelope, named, before any stream."""
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+
+from tests.serve.server.harness import ServerProcess
+
+pytestmark = pytest.mark.slow
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def _post(
+    server: ServerProcess, body: object, path: str = "/v1/chat/completions", **kwargs: object
+) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, timeout=60, **kwargs)
+
+
+def _assert_envelope(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert isinstance(error["code"], str) and error["code"], error  # a string on every route (issue 24)
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("best_of", 3, "best_of"),
+        ("top_p_min", 0.5, "top_p_min"),
+        ("length_penalty", 1.5, "length_penalty"),
+        ("early_stopping", True, "early_stopping"),
+        ("bad", ["foo"], "bad"),
+        ("spaces_between_special_tokens", False, "spaces_between_special_tokens"),
+        ("store", True, "store"),
+        ("reasoning_effort", "high", "reasoning_effort"),
+        ("functions", [{"name": "f"}], "functions"),
+        ("prediction", {"type": "content", "content": "x"}, "prediction"),
+        ("modalities", ["text", "audio"], "modalities"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(
+    server: ServerProcess, field: str, value: object, param: str
+) -> None:
+    _assert_envelope(_post(server, {"messages": MESSAGES, field: value}), 400, param)
+
+
+def test_unknown_field_is_refused(server: ServerProcess) -> None:
+    error = _assert_envelope(_post(server, {"messages": MESSAGES, "frobnicate": 1}), 400, "frobnicate")
+    assert "Unrecognized request argument supplied: frobnicate" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": MESSAGES, "temperature": 5}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "n": 0}, "n"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"messages": MESSAGES, "logit_bias": {"10": 500}}, "logit_bias"),
+        ({"messages": MESSAGES, "logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": MESSAGES, "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"messages": MESSAGES, "min_tokens": 50, "max_tokens": 10}, "min_tokens"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+                ]
+            },
+            "messages[0].content",
+        ),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ],
+)
+def test_invalid_values(server: ServerProcess, body: dict, param: str) -> None:
+    _assert_envelope(_post(server, body), 400, param)
+
+
+def test_context_length(server: ServerProcess, client: OpenAI) -> None:
+    long_prompt = "word " * 600  # beyond max_seq_len 512
+    error = _assert_envelope(_post(server, {"messages": [{"role": "user", "content": long_prompt}]}), 400)
+    assert error["code"] == "context_length_exceeded"
+    error = _assert_envelope(_post(server, {"messages": MESSAGES, "max_tokens": 600}), 400)
+    assert error["code"] == "context_length_exceeded"
+    # With max_tokens unset the budget is clamped to what fits, not refused.
+    response = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "word " * 480}], temperature=0
+    )
+    assert response.usage.prompt_tokens + response.usage.completion_tokens <= 512
+    with pytest.raises(BadRequestError) as caught:
+        client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=100000)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_stream_errors_come_before_the_stream(server: ServerProcess) -> None:
+    response = _post(server, {"messages": MESSAGES, "stream": True, "best_of": 2})
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+
+
+def test_malformed_bodies(server: ServerProcess) -> None:
+    url = f"{server.base_url}/v1/chat/completions"
+    headers = {"content-type": "application/json"}
+    _assert_envelope(httpx.post(url, content=b"{not json", headers=headers), 400)
+    _assert_envelope(httpx.post(url, content=b'{"messages": [], "temperature": NaN}', headers=headers), 400)
+    _assert_envelope(
+        httpx.post(url, content=b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', headers=headers),
+        400,
+    )
+    _assert_envelope(httpx.post(url, content=b"[1, 2]", headers=headers), 400)
+    _assert_envelope(
+        httpx.post(
+            url,
+            content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+            headers=headers,
+        ),
+        400,
+    )
+
+
+def test_oversized_body_is_413(server: ServerProcess) -> None:
+    content = b'{"messages": [{"role": "user", "content": "' + b"a" * (33 * 1024 * 1024) + b'"}]}'
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    _assert_envelope(response, 413)
+
+
+def test_unknown_route_is_404_in_the_envelope(server: ServerProcess) -> None:
+    _assert_envelope(httpx.get(f"{server.base_url}/v1/nope"), 404)

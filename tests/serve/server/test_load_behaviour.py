@@ -1,0 +1,129 @@
+"""Auth, the bounded queue (429 + Retry-After), and SIGTERM draining, on a dedicated small server."""
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AuthenticationError, OpenAI
+
+from tests.serve.server.harness import ServerProcess, write_config
+
+pytestmark = pytest.mark.slow
+KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("small")
+    config = write_config(root / "config.yaml", smollm2_dir, max_seq_len=512, max_batch_size=2)
+    process = ServerProcess(
+        config,
+        root / "engine",
+        ["--api-key", KEYS[0], "--max-queue-size", "1"],
+        env={"ENGINE_BUILDER_API_KEYS": KEYS[1]},
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_api_keys(small_server: ServerProcess) -> None:
+    url = f"{small_server.base_url}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEYS[0]}x"}).status_code == 401
+    assert (
+        httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=60).status_code
+        == 200
+    )
+    assert (
+        httpx.post(url, json=body, headers={"Authorization": f"Api-Key {KEYS[1]}"}, timeout=60).status_code
+        == 200
+    )
+    assert (
+        httpx.get(f"{small_server.base_url}/v1/models").status_code == 200
+    )  # model listing is readiness, left open
+    assert httpx.get(f"{small_server.base_url}/health").status_code == 200
+    assert httpx.get(f"{small_server.base_url}/metrics").status_code == 200
+    assert httpx.post(f"{small_server.base_url}/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(f"{small_server.base_url}/v1/models/m:predict", json={"prompt": "x"}).status_code == 401
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{small_server.base_url}/v1", api_key="nope", max_retries=0).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "hi"}]
+        )
+    good = OpenAI(base_url=f"{small_server.base_url}/v1", api_key=KEYS[0], max_retries=0)
+    assert good.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    ).choices
+
+
+def test_full_queue_answers_429_with_retry_after(small_server: ServerProcess) -> None:
+    url = f"{small_server.base_url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    body = {
+        "messages": [{"role": "user", "content": "story"}],
+        "max_tokens": 60,
+        "min_tokens": 60,
+        "ignore_eos": True,
+    }
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+
+    def send() -> None:
+        response = httpx.post(url, json=body, headers=headers, timeout=120)
+        statuses.append(response.status_code)
+        retry_after.append(response.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses.count(200) >= 3  # max_batch_size 2 + queue 1 are admitted
+    assert statuses.count(429) >= 1
+    assert all(value == "1" for status, value in zip(statuses, retry_after, strict=True) if status == 429)
+    assert set(statuses) <= {200, 429}
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=512)
+    process = ServerProcess(config, tmp_path / "engine")
+    try:
+        process.wait_ready()
+        result: dict[str, object] = {}
+
+        def long_request() -> None:
+            body = {
+                "messages": [{"role": "user", "content": "story"}],
+                "max_tokens": 80,
+                "min_tokens": 80,
+                "ignore_eos": True,
+            }
+            response = httpx.post(f"{process.base_url}/v1/chat/completions", json=body, timeout=120)
+            result["status"] = response.status_code
+            result["tokens"] = response.json()["usage"]["completion_tokens"]
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.5)
+        os.killpg(process.process.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            ready = httpx.get(f"{process.base_url}/ready", timeout=2).status_code
+        except httpx.HTTPError:
+            ready = None  # the listener already closed: also "not ready"
+        assert ready in (503, None)
+        worker.join(timeout=120)
+        assert result == {"status": 200, "tokens": 80}
+        # uvicorn re-raises the signal once drained, so the exit status is "terminated by SIGTERM"
+        assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        process.stop()

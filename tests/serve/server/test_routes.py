@@ -1,0 +1,145 @@
+"""Completions, models, health, readiness, metrics, the Truss predict route, and disconnects."""
+
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.serve.server.harness import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def test_completions_prompt_forms(client: OpenAI) -> None:
+    single = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert single.choices[0].text and single.object == "text_completion"
+    batch = client.completions.create(
+        model="x", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=8, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == single.choices[0].text
+    from tokenizers import Tokenizer
+
+    from tests.conftest import MODELS_DIR
+
+    tokenizer = Tokenizer.from_file(str(MODELS_DIR / "smollm2-135m-instruct" / "tokenizer.json"))
+    ids = tokenizer.encode("The capital of France is", add_special_tokens=False).ids
+    by_ids = client.completions.create(model="x", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == single.choices[0].text
+    echo = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=8, temperature=0, echo=True
+    )
+    assert echo.choices[0].text == "The capital of France is" + single.choices[0].text
+    two = client.completions.create(model="x", prompt=["a", "b"], max_tokens=4, temperature=1.0, n=2, seed=1)
+    assert sorted(c.index for c in two.choices) == [0, 1, 2, 3]
+
+
+def test_completions_logprobs_and_stream(client: OpenAI) -> None:
+    response = client.completions.create(model="x", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert (
+        len(logprobs.tokens)
+        == len(logprobs.token_logprobs)
+        == len(logprobs.top_logprobs)
+        == response.usage.completion_tokens
+    )
+    assert "".join(logprobs.tokens) == response.choices[0].text
+    assert logprobs.text_offset[0] == 0
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="x", prompt="Hello", max_tokens=5, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == response.choices[0].text
+
+
+def test_models_health_ready_metrics(server: ServerProcess, client: OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["test-model"]
+    assert models.data[0].model_extra["max_model_len"] == 512
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert httpx.get(f"{server.base_url}/ready").status_code == 200
+    assert httpx.get(f"{server.base_url}/v1/models/model").status_code == 200
+    client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in [
+        "engine_builder:time_to_first_token_seconds_bucket",
+        "engine_builder:time_per_output_token_seconds_bucket",
+        "engine_builder:e2e_request_latency_seconds_count",
+        "engine_builder:prompt_tokens_total",
+        "engine_builder:generation_tokens_total",
+        "engine_builder:num_requests_running",
+        "engine_builder:num_requests_waiting",
+        "engine_builder:kv_cache_usage_perc",
+        'engine_builder:request_success_total{finished_reason="length",model_name="test-model"}',
+    ]:
+        assert name in text, name
+
+
+def test_truss_predict_route(server: ServerProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    response = httpx.post(f"{server.base_url}/v1/models/model:predict", json=body, timeout=60)
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+    response = httpx.post(f"{server.base_url}/predict", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    assert response.json()["object"] == "text_completion"
+
+
+def _wait_idle(server: ServerProcess, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (
+            server.metric("engine_builder:num_requests_running") == 0
+            and server.metric("engine_builder:kv_cache_usage_perc") == 0
+        ):
+            return
+        time.sleep(0.2)
+    raise AssertionError("blocks were not freed")
+
+
+def test_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "min_tokens": 400,
+    }
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert server.metric("engine_builder:num_requests_running") == 1
+    _wait_idle(server)
+
+
+def test_non_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "min_tokens": 400,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=1.5)
+    _wait_idle(server)
+
+
+def test_completions_echo_with_logprobs(client: OpenAI) -> None:
+    response = client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert "".join(logprobs.tokens) == response.choices[0].text
+    assert logprobs.tokens[:5] == ["The", " capital", " of", " France", " is"]
+    assert logprobs.token_logprobs[0] is None and all(value is not None and value <= 0 for value in logprobs.token_logprobs[1:])
+    assert logprobs.top_logprobs[0] is None and len(logprobs.top_logprobs[1]) == 2
+    streamed = [
+        token
+        for chunk in client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.tokens
+    ]
+    assert streamed == logprobs.tokens

@@ -1,0 +1,288 @@
+"""Security properties of the server and the build.
+
+- Auth guards every route in the app's route table except liveness, readiness and metrics; the routes
+  are enumerated from `app.routes` (decoder, encoder and user-model apps), so a new route is covered the
+  day it is added.
+- The server binds 127.0.0.1 by default and refuses a non-loopback host without an API key.
+- Secrets (a checkpoint token, the API keys) never reach the server log, the engine directory, the
+  checkpoint cache or an error body.
+- No remote code: `trust_remote_code` is never passed true, and a checkpoint whose `auto_map` points at
+  its own modelling code is refused without importing it.
+Also covered elsewhere: safe archive extraction (tests/build/checkpoints/test_archive.py and
+test_remote_url.py), request size and count limits (tests/reliability/test_faults.py).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from engine_builder.common.types import EngineStats, ModelInfo
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.conftest import REPO_ROOT
+from tests.serve.server.harness import ServerProcess
+
+KEY = "sk-test-key-0123456789"
+# The only paths a caller reaches without a key: liveness, readiness (incl. model listing) and metrics.
+OPEN_PATHS = {
+    "/",
+    "/health",
+    "/ping",
+    "/ready",
+    "/health_file",
+    "/metrics",
+    "/v1/models",
+    "/v1/models/{name}",
+}
+
+
+class _StubEngine:
+    """Enough of an EngineClient for an app that is never started (auth answers before any handler)."""
+
+    model_info = ModelInfo("m", 128, 100, (0,), "LlamaForCausalLM", "decoder")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0)
+
+    def is_healthy(self) -> bool:
+        return True
+
+
+class _UserModel:
+    def predict(self, model_input: Any) -> Any:
+        return {"ok": True}
+
+    def chat_completions(self, model_input: Any) -> Any:
+        return {"ok": True}
+
+
+def _apps() -> dict[str, Any]:
+    from engine_builder.serve.encoders.routes import build_encoder_router
+
+    def state() -> ServerState:
+        return ServerState(settings=ServerSettings("m", api_keys=(KEY,)), engine=_StubEngine(), renderer=None)
+
+    encoder_router = build_encoder_router(
+        SimpleNamespace(info=SimpleNamespace(default_route="/v1/embeddings")),  # type: ignore[arg-type]
+        served_model_name="m",
+        default_route="/v1/embeddings",
+    )
+    return {
+        "decoder": create_app(state()),
+        "encoder": create_app(state(), extra_routers=[encoder_router], decoder_routes=False),
+        "user model": create_app(state(), user_model=_UserModel()),
+    }
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "model", path)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder", "user model"])
+def test_every_route_but_probes_needs_a_key(kind: str) -> None:
+    app = _apps()[kind]
+    client = TestClient(app, raise_server_exceptions=False)
+    checked = 0
+    for route in app.routes:
+        if not isinstance(route, Route):
+            continue
+        for method in sorted((route.methods or {"GET"}) - {"HEAD"}):
+            path = _concrete(route.path)
+            anonymous = client.request(method, path, json={})
+            wrong = client.request(method, path, json={}, headers={"Authorization": f"Bearer {KEY}x"})
+            if route.path in OPEN_PATHS:
+                assert anonymous.status_code != 401, (method, route.path)
+                continue
+            checked += 1
+            for response in (anonymous, wrong):
+                assert response.status_code == 401, (kind, method, route.path, response.status_code)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+            with_key = client.request(method, path, json={}, headers={"Authorization": f"Api-Key {KEY}"})
+            assert with_key.status_code != 401, (method, route.path)
+    assert checked >= 3, "the route table looks empty: is the app still built from its routers?"
+
+
+def test_default_host_is_loopback() -> None:
+    from engine_builder.cli import build_parser
+
+    for command in (["serve", "engine"], ["run", "config.yaml"]):
+        assert build_parser().parse_args(command).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", ""])
+def test_non_loopback_host_without_a_key_is_refused(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_builder.serve.server import main
+
+    monkeypatch.delenv("ENGINE_BUILDER_API_KEYS", raising=False)
+
+    def must_not_build(*_: object) -> None:
+        raise AssertionError("the server was built although it should have been refused")
+
+    monkeypatch.setattr("engine_builder.serve.server.factory.build_server", must_not_build)
+    args = argparse.Namespace(host=host, port=0, api_key=None)
+    assert main.serve_engine(None, args, None) == 2  # type: ignore[arg-type]
+
+
+# -- secrets -----------------------------------------------------------------------------------------------
+HF_REPO = "acme/private-minilm"
+
+
+@pytest.mark.slow
+def test_secrets_stay_out_of_logs_engine_files_and_errors(tmp_path: Path, minilm_dir: Path) -> None:
+    from tests.build.checkpoints.test_huggingface import TOKEN, serve_hub
+    from tests.emulators.http_server import LocalHttpServer
+
+    hub = LocalHttpServer()
+    try:
+        serve_hub(hub, minilm_dir)
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "model_name: private-minilm\n"
+            "trt_llm:\n"
+            "  build:\n"
+            "    base_model: encoder_bert\n"
+            f"    checkpoint_repository: {{source: HF, repo: {HF_REPO}, revision: main, runtime_secret_name: hf_access_token}}\n"
+            "    max_num_tokens: 1024\n"
+            "  runtime: {webserver_default_route: /v1/embeddings}\n"
+            "engine_builder: {dtype: float32}\n"
+        )
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "hf_access_token": TOKEN,
+            "ENGINE_BUILDER_API_KEYS": KEY,
+            "ENGINE_BUILDER_SECRETS_DIR": str(tmp_path / "no-secrets"),
+        }
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            env[name] = ""
+        server = ServerProcess(config, tmp_path / "engine", env=env)
+        bodies: list[str] = []
+        try:
+            server.wait_ready()
+            url = f"{server.base_url}/v1/embeddings"
+            good = httpx.post(
+                url, json={"input": ["hello"]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+            )
+            assert good.status_code == 200
+            for headers, body in [
+                ({}, {"input": ["hello"]}),
+                ({"Authorization": f"Bearer {KEY[:-1]}"}, {"input": ["hello"]}),
+                ({"Authorization": f"Bearer {KEY}"}, {"input": []}),
+                ({"Authorization": f"Bearer {KEY}"}, {"input": ["x"], "dimensions": 7}),
+                ({"Authorization": f"Bearer {KEY}"}, {"inputs": ["x"]}),
+            ]:
+                response = httpx.post(url, json=body, headers=headers, timeout=60)
+                assert 400 <= response.status_code < 500
+                bodies.append(response.text)
+            bodies.append(httpx.get(f"{server.base_url}/metrics", timeout=10).text)
+            bodies.append(httpx.get(f"{server.base_url}/v1/models", timeout=10).text)
+        finally:
+            server.stop()
+        # A wrong token fails the build; the message must not carry the token either.
+        wrong = f"hf_wrong_{TOKEN}"
+        build = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine_builder.cli",
+                "build",
+                str(config),
+                "-o",
+                str(tmp_path / "engine2"),
+            ],
+            cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                **env,
+                "hf_access_token": wrong,
+                "ENGINE_BUILDER_CACHE": str(tmp_path / "cache2"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert build.returncode == 1
+        assert "error: " in build.stderr and "Traceback" not in build.stderr, build.stderr[-2000:]
+        bodies.append(build.stdout + build.stderr)
+    finally:
+        hub.stop()
+    places = {
+        "server log": server.log_path.read_bytes(),
+        **{f"response/output {i}": b.encode() for i, b in enumerate(bodies)},
+    }
+    for root in (tmp_path / "engine", tmp_path / "cache", tmp_path / "cache2", tmp_path / "hf-home"):
+        for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []:
+            places[str(file.relative_to(tmp_path))] = file.read_bytes()
+    assert "engine/manifest.json" in places and "engine/config.yaml" in places
+    assert json.loads(places["engine/manifest.json"])["source"]["repo"] == HF_REPO
+    for secret in (TOKEN, wrong, KEY, TOKEN.removeprefix("hf_")):
+        leaks = [where for where, content in places.items() if secret.encode() in content]
+        assert not leaks, f"a secret leaked into {leaks}"
+
+
+# -- no remote code ----------------------------------------------------------------------------------------
+def test_trust_remote_code_is_never_true() -> None:
+    """Every `trust_remote_code=` in the shipped code is the literal False (no variable, no True)."""
+    pattern = re.compile(r"trust_remote_code\s*[=:]\s*(?P<value>[^,)\s]+)")
+    offenders = []
+    for package in ("engine_builder", "benchmarks"):
+        for file in sorted((REPO_ROOT / package).rglob("*.py")):
+            if any(part.startswith(".") for part in file.relative_to(REPO_ROOT).parts):
+                continue  # benchmarks/.peers holds other projects' virtual environments
+            for match in pattern.finditer(file.read_text(errors="replace")):
+                if match.group("value") not in ("False", "bool"):
+                    offenders.append(f"{file.relative_to(REPO_ROOT)}: {match.group(0)}")
+    assert not offenders, offenders
+
+
+@pytest.mark.slow
+def test_checkpoint_with_custom_code_is_refused_without_running_it(tmp_path: Path, smollm2_dir: Path) -> None:
+    model = tmp_path / "remote-code-model"
+    model.mkdir()
+    for file in smollm2_dir.iterdir():
+        if file.is_file() and file.name != "config.json":
+            (model / file.name).symlink_to(file)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config.update(model_type="evil_llama", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config["architectures"] = ["EvilForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote-code-ran"
+    (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "config.yaml").write_text(
+        "trt_llm:\n  build:\n    base_model: decoder\n"
+        f"    checkpoint_repository: {{source: LOCAL, repo: {model}}}\n"
+        "    max_seq_len: 256\n"
+    )
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine_builder.cli",
+            "build",
+            str(tmp_path / "config.yaml"),
+            "-o",
+            str(tmp_path / "engine"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "ENGINE_BUILDER_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode != 0
+    assert "trust_remote_code" in build.stderr and "modeling_evil" in build.stderr, build.stderr[-2000:]
+    assert not marker.exists(), "the checkpoint's own modelling code was executed"
+    assert not (tmp_path / "engine").exists()

@@ -1,0 +1,194 @@
+"""Tool calling against Qwen2.5-Coder-0.5B (the default model), including Baseten's function-calling loop."""
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.serve.server.harness import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def multiply(a: float, b: float):
+    """Multiply two numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a * b
+
+
+def add(a: float, b: float):
+    """Add two numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def get_weather(city: str):
+    """Get the current weather for a city.
+
+    Args:
+        city: The city name.
+    """
+    return {"city": city, "temperature_c": 21}
+
+
+FUNCTIONS = {"multiply": multiply, "add": add, "get_weather": get_weather}
+
+
+@pytest.fixture(scope="module")
+def tools() -> list[dict]:
+    from transformers.utils import get_json_schema
+
+    return [get_json_schema(function) for function in FUNCTIONS.values()]
+
+
+def test_function_calling_loop_from_the_docs(qwen_server: ServerProcess, tools: list[dict]) -> None:
+    payload = {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is 3.14 + 3.14?"},
+        ],
+        "tools": tools,
+        "tool_choice": "auto",
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    response = httpx.post(f"{qwen_server.base_url}/predict", json=payload, timeout=300)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    message = data["choices"][0]["message"]
+    assert data["choices"][0]["finish_reason"] == "tool_calls"
+    tool_calls = message.get("tool_calls") or []
+    assert tool_calls and tool_calls[0]["function"]["name"] == "add"
+    arguments = json.loads(tool_calls[0]["function"]["arguments"])
+    result = FUNCTIONS["add"](**arguments)
+    assert result == pytest.approx(6.28)
+    messages = payload["messages"] + [message, {"role": "tool", "tool_call_id": tool_calls[0]["id"], "content": json.dumps({"result": result})}]
+    final = httpx.post(f"{qwen_server.base_url}/predict", json={**payload, "messages": messages}, timeout=300)
+    assert final.status_code == 200, final.text
+    assert final.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_streamed_tool_calls_match_non_streamed(qwen_server: ServerProcess, tools: list[dict]) -> None:
+    client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+    plain = client.chat.completions.create(model="x", messages=messages, tools=tools, temperature=0, max_tokens=60)
+    chunks = list(client.chat.completions.create(model="x", messages=messages, tools=tools, temperature=0, max_tokens=60, stream=True))
+    calls: dict[int, dict] = {}
+    finishes = []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"arguments": ""})
+                if call.id:
+                    entry["id"], entry["name"] = call.id, call.function.name
+                entry["arguments"] += call.function.arguments or ""
+    expected = plain.choices[0].message.tool_calls
+    assert finishes == ["tool_calls"] == [plain.choices[0].finish_reason]
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.function.name, c.function.arguments) for c in expected]
+    assert json.loads(expected[0].function.arguments) == {"city": "Paris"}
+
+
+# OpenAI's own function-calling example tool
+CURRENT_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["location"],
+        },
+    },
+}
+
+
+def test_auto_reads_the_fenced_call_the_default_model_writes(qwen_server: ServerProcess) -> None:
+    """Qwen2.5-Coder-0.5B answers this at temperature 0 with a ```json fenced call (checked in-process: the
+    text is "```json\\n{\\n  \"name\": \"get_current_weather\", ...}\\n```"); auto mode must read it as a call,
+    streamed and not."""
+    client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    request = dict(
+        model="x", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[CURRENT_WEATHER],
+        tool_choice="auto", temperature=0, max_tokens=80,
+    )
+    plain = client.chat.completions.create(**request)  # type: ignore[call-overload]
+    choice = plain.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_current_weather"
+    assert json.loads(call.function.arguments)["location"].startswith("Paris")
+    arguments, names, content = "", [], ""
+    for chunk in client.chat.completions.create(**request, stream=True):  # type: ignore[call-overload]
+        for delta_choice in chunk.choices:
+            content += delta_choice.delta.content or ""
+            for delta_call in delta_choice.delta.tool_calls or []:
+                if delta_call.id:
+                    names.append(delta_call.function.name)
+                arguments += delta_call.function.arguments or ""
+    assert names == ["get_current_weather"] and arguments == call.function.arguments and not content
+
+
+def test_tool_choice_none_required_named_and_parallel(qwen_server: ServerProcess, tools: list[dict]) -> None:
+    client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "What's the weather in Rome and in Oslo?"}]
+    with_tools = client.chat.completions.create(model="x", messages=messages, tools=tools, temperature=0, max_tokens=60)
+    none = client.chat.completions.create(model="x", messages=messages, tools=tools, tool_choice="none", temperature=0, max_tokens=20)
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason in ("stop", "length")
+    assert none.usage.prompt_tokens < with_tools.usage.prompt_tokens  # tools were not rendered
+    required = client.chat.completions.create(model="x", messages=messages, tools=tools, tool_choice="required", temperature=0, max_tokens=120)
+    calls = required.choices[0].message.tool_calls
+    assert calls and required.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        assert call.function.name in FUNCTIONS
+        FUNCTIONS[call.function.name](**json.loads(call.function.arguments))  # arguments fit the signature
+    named = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Hello"}], tools=tools, temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "multiply"}},
+    )
+    named_calls = named.choices[0].message.tool_calls
+    assert [c.function.name for c in named_calls] == ["multiply"]
+    assert set(json.loads(named_calls[0].function.arguments)) == {"a", "b"}
+    single = client.chat.completions.create(
+        model="x", messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=120
+    )
+    assert len(single.choices[0].message.tool_calls) == 1
+
+
+def test_tool_request_errors(qwen_server: ServerProcess, tools: list[dict]) -> None:
+    url = f"{qwen_server.base_url}/v1/chat/completions"
+    base = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+    unknown = httpx.post(url, json={**base, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
+    missing = httpx.post(url, json={**base, "tool_choice": "required"})
+    assert missing.status_code == 400
+    nulls = httpx.post(url, json={**base, "tools": None, "tool_choice": None}, timeout=120)
+    assert nulls.status_code == 200
+    assistant_with_string_arguments = {
+        "messages": [
+            {"role": "user", "content": "add 1 and 2"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        ],
+        "tools": tools,
+        "max_tokens": 5,
+    }
+    assert httpx.post(url, json=assistant_with_string_arguments, timeout=120).status_code == 200
+    bad_arguments = json.loads(json.dumps(assistant_with_string_arguments))
+    bad_arguments["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    assert httpx.post(url, json=bad_arguments).status_code == 400
