@@ -47,10 +47,13 @@ def _resolve_pooling(
     )
 
 
-def _default_dtype(kind: str, config: CheckpointConfig, device: str) -> torch.dtype:
+def default_dtype(config: CheckpointConfig, device: str) -> torch.dtype:
+    """The compute dtype when none is asked for: float32 on the CPU; on CUDA the checkpoint's 16-bit dtype, and
+    float16 for a float32 (or unstated) one, as sentence-transformers users run BERTs there. `dtype: float32`
+    keeps float32 on CUDA."""
     if not device.startswith("cuda"):
         return torch.float32
-    if kind == "encoder" and config.torch_dtype == "bfloat16":
+    if config.torch_dtype == "bfloat16":
         return torch.bfloat16
     return torch.float16
 
@@ -78,7 +81,7 @@ def load_encoder(
         config.max_position_embeddings - config.position_offset if config.max_position_embeddings else None
     )
     max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
-    dtype = dtype or _default_dtype(kind, config, device)
+    dtype = dtype or default_dtype(config, device)
     model = EncoderModel.load(
         model_dir,
         config,

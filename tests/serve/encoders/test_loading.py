@@ -1,5 +1,6 @@
 """Loading checks: which checkpoints each `base_model` kind serves, pooling resolution, ST layouts."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.errors import ModelLoadError
+from engine_builder.serve.encoders.loader import default_dtype
 from engine_builder.serve.encoders.models import EncoderTask, read_checkpoint_config
 from engine_builder.serve.encoders.st_layout import read_layout, read_pooling_mode
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
@@ -73,6 +75,15 @@ def test_causal_lm_checkpoint_with_st_pooling_embeds_with_its_base_model(
         reference = base(**tokenizer("hello there", return_tensors="pt")).last_hidden_state[0, -1].numpy()
     result = run_with(engine, lambda: engine.embed(["hello there", "a second, longer input"]))
     np.testing.assert_allclose(result.embeddings[0], reference / np.linalg.norm(reference), atol=1e-5)
+
+
+def test_default_dtype_is_the_checkpoints_16_bit_one_on_cuda(minilm_dir: Path) -> None:
+    config = read_checkpoint_config(minilm_dir, "encoder_bert")  # MiniLM's config states no dtype
+    assert default_dtype(config, "cpu") is torch.float32
+    assert default_dtype(config, "cuda:0") is torch.float16
+    for stated, expected in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float16)):
+        assert default_dtype(dataclasses.replace(config, torch_dtype=stated), "cuda") is expected
+        assert default_dtype(dataclasses.replace(config, torch_dtype=stated), "cpu") is torch.float32
 
 
 def test_pooling_config_formats(tmp_path: Path) -> None:
