@@ -1,6 +1,6 @@
 """`python -m benchmarks.gpu` (`make bench-gpu`): the torch engine on a CUDA GPU, with nothing downloaded.
 
-Four phases, each in its own process so each starts with the whole GPU:
+Phases, each in its own process so each starts with the whole GPU (`--phases`, in the order given):
 1. parity: a SmolLM2-shaped random checkpoint in float32 (written with transformers); 32 greedy tokens for 4
    prompts one at a time and 16 requests at once from our engine in-process, against transformers `generate()`;
 2. serve: a Llama-3.1-8B-shaped engine with dummy weights (`load_format: dummy`) in bf16, served by
@@ -9,9 +9,16 @@ Four phases, each in its own process so each starts with the whole GPU:
 3. hf: transformers `generate()` at batch 1, 16 and 64 on a model of the same shape and dtype (random weights of
    its own: only speed is compared);
 4. profile: in-process decode step times at batch 1, 16 and 64 for the Triton kernels with and without CUDA graphs
-   and for the PyTorch kernels, with torch.profiler tables of graph-replayed steps (no HTTP in the numbers).
-It writes benchmarks/results/gpu-llama8b.json and, where matplotlib is installed, a PNG beside it
-(`--plot FILE.json` draws one later on another machine). The tokenizer is SmolLM2's from `make models`.
+   and for the PyTorch kernels, with torch.profiler tables of graph-replayed steps (no HTTP in the numbers);
+5. fp8 (benchmarks/gpu_fp8.py): the same shape built with `quantization_type: fp8` by `engine-builder build`
+   (calibration and evaluation on the GPU), the build timed, then served like `serve` at concurrency 1 and 64 and
+   set against serve's bf16 numbers (run `serve` first);
+6. embeddings (benchmarks/gpu_embeddings.py): MiniLM- and BGE-large-shaped BERTs with random weights served over
+   HTTP (32 texts a request, concurrency 4 and 16) against sentence-transformers `encode` in-process.
+It writes benchmarks/results/gpu-llama8b.json (after every phase) and, where matplotlib is installed, a PNG beside
+it (benchmarks/gpu_plot.py; `--plot FILE.json` draws one later on another machine). The tokenizers are SmolLM2's
+and MiniLM's from `make models`. `--device cpu` (hidden) smoke-runs the pipeline on tiny shapes (`--shape tiny`,
+`--encoders tiny-bert`): tests/benchmarks/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -19,14 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peers.base import REPO_ROOT, SMOLLM2_DIR, free_port, launch
+from benchmarks.gpu_plot import plot
+from benchmarks.peers.base import MINILM_DIR, REPO_ROOT, SMOLLM2_DIR, free_port, launch
 from benchmarks.report import write_json
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "gpu-llama8b.json"
@@ -41,9 +52,14 @@ QWEN3_30B_A3B = dict(  # 128 experts, top 8, every layer sparse; ~61 GB of bf16 
     num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, rope_theta=1000000.0,
     max_position_embeddings=8192, decoder_sparse_step=1, mlp_only_layers=[],
 )
+TINY = dict(  # the CPU smoke runs of this pipeline (tests/benchmarks/test_gpu.py)
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16,
+)
 # small = the tokenizer's own (SmolLM2) shape
-SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "qwen3-30b-a3b": QWEN3_30B_A3B, "small": {}}
-SHAPE_NAMES = {"llama8b": "Llama-3.1-8B", "qwen3-30b-a3b": "Qwen3-30B-A3B", "small": "SmolLM2-135M"}
+SHAPES: dict[str, dict[str, Any]] = {"llama8b": LLAMA_8B, "qwen3-30b-a3b": QWEN3_30B_A3B, "small": {}, "tiny": TINY}
+SHAPE_NAMES = {"llama8b": "Llama-3.1-8B", "qwen3-30b-a3b": "Qwen3-30B-A3B", "small": "SmolLM2-135M", "tiny": "tiny"}
+SERVED_MODEL = "llama8b-dummy"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 CONCURRENCY = (1, 16, 64)
 INPUT_LEN = OUTPUT_LEN = 128
@@ -137,9 +153,41 @@ SERVE_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {  # name -> (engine_bui
 }
 
 
-def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Each server variant started in turn (all stay up, each with a third of the free memory for its KV cache),
-    then the load interleaved across them point by point (A, B, A, B), so they see the same machine state."""
+@dataclass(frozen=True)
+class ServedEngine:
+    """One `engine-builder run` to start: its config, where its engine directory is, extra environment."""
+
+    name: str
+    config: Path
+    engine_dir: Path
+    model: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def decoder_config(
+    args: argparse.Namespace, folder: Path, model: str, *, dummy: bool = True, build_extra: str = "",
+    engine_extra: str = "",
+) -> str:
+    """The YAML every decoder leg serves from: the same limits and KV share, dummy weights unless told otherwise."""
+    resources = f"resources:\n  accelerator: H100:{args.tp}\n  use_gpu: true\n" if args.tp > 1 else ""
+    return (
+        f"model_name: {model}\n{resources}"
+        "trt_llm:\n  build:\n    base_model: decoder\n"
+        f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
+        f"    tensor_parallel_count: {args.tp}\n"
+        f"    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n{build_extra}"
+        f"  runtime:\n    served_model_name: {model}\n    kv_cache_free_gpu_mem_fraction: 0.3\n"
+        f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n"
+        + ("  load_format: dummy\n" if dummy else "")
+        + engine_extra
+    )
+
+
+def serve_and_load(
+    args: argparse.Namespace, engines: list[ServedEngine], concurrency: list[int], tokenizer_dir: Path
+) -> dict[str, Any]:
+    """Each engine started in turn (all stay up, each with a third of the free memory for its KV cache), then the
+    load interleaved across them point by point (A, B, A, B), so they see the same machine state."""
     from benchmarks.client import LengthControl, RerankStyle
     from benchmarks.compare import run_interleaved
     from benchmarks.loadgen import LoadPlan
@@ -147,53 +195,44 @@ def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from benchmarks.runner import Target
     from benchmarks.workloads import WorkloadSpec
 
-    folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
     targets, handles, startup, log_lines = [], [], {}, {}
     try:
-        for name in args.serve_variants:
-            yaml_extra, env = SERVE_VARIANTS[name]
-            config = work / f"serve-{name}.yaml"
-            resources = f"resources:\n  accelerator: H100:{args.tp}\n  use_gpu: true\n" if args.tp > 1 else ""
-            config.write_text(
-                f"model_name: llama8b-dummy\n{resources}"
-                "trt_llm:\n  build:\n    base_model: decoder\n"
-                f"    checkpoint_repository: {{source: LOCAL, repo: {folder}}}\n"
-                f"    tensor_parallel_count: {args.tp}\n"
-                "    max_seq_len: 4096\n    max_batch_size: 128\n    max_num_tokens: 8192\n"
-                "  runtime:\n    served_model_name: llama8b-dummy\n    kv_cache_free_gpu_mem_fraction: 0.3\n"
-                f"engine_builder:\n  device: {args.device}\n  dtype: bfloat16\n  load_format: dummy\n{yaml_extra}"
-            )
+        for served in engines:
             port = free_port()
             command = [
-                sys.executable, "-m", "engine_builder.cli", "run", str(config), "--host", "127.0.0.1", "--port",
-                str(port), "--engine-dir", str(work / f"engine-{name}"),
+                sys.executable, "-m", "engine_builder.cli", "run", str(served.config), "--host", "127.0.0.1", "--port",
+                str(port), "--engine-dir", str(served.engine_dir),
             ]
             started = time.monotonic()
             handle = launch(
-                f"ours-{name}", command, port=port, model="llama8b-dummy", timeout_s=420, cwd=REPO_ROOT,
-                env=env,
+                f"ours-{served.name}", command, port=port, model=served.model, timeout_s=420, cwd=REPO_ROOT,
+                env=served.env,
             )
             handles.append(handle)
-            startup[name] = round(time.monotonic() - started, 1)
-            log(f"server {name} ready in {startup[name]:.1f} s")
-            targets.append(Target(name, handle.base_url, "llama8b-dummy", {"engine": f"torch engine, {name}"}, handle))
+            startup[served.name] = round(time.monotonic() - started, 1)
+            log(f"server {served.name} ready in {startup[served.name]:.1f} s")
+            targets.append(
+                Target(served.name, handle.base_url, served.model, {"engine": f"torch engine, {served.name}"}, handle)
+            )
         spec = WorkloadSpec(
             endpoint=Endpoint.CHAT, dataset="random", input_len=args.input_len, output_len=args.output_len,
-            tokenizer_dir=folder,
+            tokenizer_dir=tokenizer_dir,
         )
         plans = [
             LoadPlan(
                 concurrency=c, num_requests=max(8, REQUESTS_PER_CONCURRENCY * c), max_seconds=args.max_seconds,
                 warmup_requests=2, seed=c,
             )
-            for c in args.concurrency
+            for c in concurrency
         ]
         points = run_interleaved(
             targets, spec, plans, 1, None, length_control=LengthControl.IGNORE_EOS, rerank_style=RerankStyle.TEI
         )
-        for name, handle in zip(args.serve_variants, handles, strict=True):
+        for served, handle in zip(engines, handles, strict=True):
             text = handle.log_path.read_text(errors="replace")
-            log_lines[name] = "\n".join(line for line in text.splitlines() if "CUDA graphs" in line or "KV cache" in line)
+            log_lines[served.name] = "\n".join(
+                line for line in text.splitlines() if "CUDA graphs" in line or "KV cache" in line
+            )
     finally:
         for handle in handles:
             handle.stop()
@@ -208,6 +247,18 @@ def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for point in points
         ],
     }
+
+
+def phase_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The bf16 dummy engine, one server per variant, at every concurrency."""
+    folder = model_folder(args.tokenizer, work / args.shape, SHAPES[args.shape], "bfloat16")
+    engines = []
+    for name in args.serve_variants:
+        yaml_extra, env = SERVE_VARIANTS[name]
+        config = work / f"serve-{name}.yaml"
+        config.write_text(decoder_config(args, folder, SERVED_MODEL, engine_extra=yaml_extra))
+        engines.append(ServedEngine(name, config, work / f"engine-{name}", SERVED_MODEL, env))
+    return serve_and_load(args, engines, args.concurrency, folder)
 
 
 # -- phase 3: transformers generate() ------------------------------------------------------------------------------
@@ -406,27 +457,36 @@ def gpu_description() -> dict[str, Any]:
 
 
 def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run one phase in a child process (a fresh CUDA context); its result comes back as JSON."""
+    """Run one phase in a child process (a fresh CUDA context) with this run's own arguments; its result comes back
+    as JSON. Past --phase-timeout the child is asked to stop (SIGTERM: it stops the servers it started) and the
+    phase is recorded as timed out, so the phases after it still run."""
     result_file = work / f"{phase}.json"
-    command = [
-        sys.executable, "-m", "benchmarks.gpu", "--phase", phase, "--work", str(work), "--tokenizer", str(args.tokenizer),
-        "--max-seconds", str(args.max_seconds), "--device", args.device, "--shape", args.shape,
-        "--concurrency", ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
-        "--output-len", str(args.output_len), "--profile-steps", str(args.profile_steps),
-        "--serve-variants", ",".join(args.serve_variants), "--tp", str(args.tp),
-    ]
+    command = [sys.executable, "-m", "benchmarks.gpu", *args.forwarded, "--phase", phase, "--work", str(work)]
     started = time.monotonic()
-    completed = subprocess.run(command, cwd=REPO_ROOT, timeout=args.phase_timeout)
+    child = subprocess.Popen(command, cwd=REPO_ROOT)
+    try:
+        returncode = child.wait(timeout=args.phase_timeout)
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return {"error": f"phase {phase} ran past {args.phase_timeout:g} s", "seconds": round(time.monotonic() - started, 1)}
     seconds = round(time.monotonic() - started, 1)
-    if completed.returncode != 0 or not result_file.exists():
-        return {"error": f"phase {phase} exited with {completed.returncode}", "seconds": seconds}
+    if returncode != 0 or not result_file.exists():
+        return {"error": f"phase {phase} exited with {returncode}", "seconds": seconds}
     return {**json.loads(result_file.read_text()), "seconds": seconds}
 
 
 def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per served decoder point (the serve phase's variants, then the fp8 engine's, set against the
+    default bf16 variant at the same concurrency), with transformers generate() beside it."""
     hf = document.get("transformers_generate", {})
     rows = []
-    for point in document.get("serve", {}).get("points", []):
+    points = [*document.get("serve", {}).get("points", []), *document.get("fp8", {}).get("points", [])]
+    for point in points:
         summary = point["summary"]
         concurrency = point["concurrency"]
         rows.append({
@@ -437,64 +497,54 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
             "ttft_ms_p50": round(summary["ttft_ms"]["p50"], 1),
             "transformers_tokens_per_s": hf.get(str(concurrency), {}).get("output_tokens_per_s"),
         })
+    bf16 = {row["concurrency"]: row["output_tokens_per_s"] for row in rows if row["variant"] == "default"}
+    for row in rows:
+        if row["variant"] == "fp8" and bf16.get(row["concurrency"]):
+            row["vs_bf16"] = round(row["output_tokens_per_s"] / bf16[row["concurrency"]], 3)
     return rows
 
 
-def plot(document: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def phase_fp8(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from benchmarks.gpu_fp8 import phase_fp8 as run
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        log(f"no plot ({error}); run `python -m benchmarks.gpu --plot {path.with_suffix('.json')}` where it is installed")
-        return None
-    rows = document["summary"]
-    if not rows:
-        return None
-    variants = list(dict.fromkeys(row.setdefault("variant", "default") for row in rows))
-    main = [row for row in rows if row["variant"] == variants[0]]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [str(row["concurrency"]) for row in main]
-    positions = range(len(main))
-    width = 0.8 / (len(variants) + 1)
-    for offset, variant in enumerate(variants):
-        values = {row["concurrency"]: row["output_tokens_per_s"] for row in rows if row["variant"] == variant}
-        left.bar(
-            [p - 0.4 + (offset + 0.5) * width for p in positions],
-            [values.get(row["concurrency"], 0) for row in main], width=width,
-            label="ours" if len(variants) == 1 else f"ours, {variant}",
-        )
-    left.bar(
-        [p - 0.4 + (len(variants) + 0.5) * width for p in positions],
-        [row["transformers_tokens_per_s"] or 0 for row in main], width=width, label="transformers generate()",
-    )
-    left.set_xticks(list(positions), labels)
-    left.set_xlabel("concurrency (batch size for generate())")
-    left.set_ylabel("output tokens/s")
-    left.legend(fontsize="small")
-    right.plot(labels, [row["tpot_ms_p50"] for row in main], marker="o", label=f"TPOT p50 ({variants[0]})")
-    right.plot(labels, [row["ttft_ms_p50"] for row in main], marker="s", label=f"TTFT p50 ({variants[0]})")
-    right.set_yscale("log")
-    right.set_xlabel("concurrency")
-    right.set_ylabel("ms")
-    right.legend()
-    device = document["machine"].get("gpu", {}).get("device") or "no GPU"
-    workload = document["workload"]
-    figure.suptitle(
-        f"{workload['shape']} shape, bf16, {workload['input_len']} -> {workload['output_len']} tokens, {device}"
-    )
-    figure.tight_layout()
-    png = path.with_suffix(".png")
-    figure.savefig(png, dpi=110)
-    return png
+    return run(args, work)
+
+
+def phase_embeddings(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from benchmarks.gpu_embeddings import phase_embeddings as run
+
+    return run(args, work)
+
+
+def summarize(document: dict[str, Any]) -> None:
+    """The document's summary tables from the phases it holds so far."""
+    from benchmarks.gpu_embeddings import summary_rows as embedding_rows
+
+    document["summary"] = summary_rows(document)
+    if "embeddings" in document:
+        document["embeddings_summary"] = embedding_rows(document)
+
+
+PHASES: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
+    "parity": lambda args, work: phase_parity(args.tokenizer, work),
+    "serve": phase_serve,
+    "hf": phase_hf,
+    "profile": phase_profile,
+    "fp8": phase_fp8,
+    "embeddings": phase_embeddings,
+}
+RESULT_KEYS = {"hf": "transformers_generate"}  # the document's key per phase, where it is not the phase's name
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.gpu_embeddings import ENCODER_SHAPES
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", type=Path, default=SMOLLM2_DIR, help="HF folder with config.json + tokenizer")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--phases", default="parity,serve,hf,profile", help="comma list of parity, serve, hf, profile")
+    parser.add_argument(
+        "--phases", default="parity,serve,hf,profile", help=f"comma list of {', '.join(PHASES)} (run in that order)"
+    )
     parser.add_argument("--profile-steps", type=int, default=24, help=argparse.SUPPRESS)
     parser.add_argument(
         "--serve-variants", default="default", help=f"comma list of server variants: {', '.join(SERVE_VARIANTS)}"
@@ -510,26 +560,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help=argparse.SUPPRESS)
     parser.add_argument("--input-len", type=int, default=INPUT_LEN, help=argparse.SUPPRESS)
     parser.add_argument("--output-len", type=int, default=OUTPUT_LEN, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quantizer", default="auto", help="fp8 phase: engine_builder.quantizer (auto: modelopt when installed)"
+    )
+    parser.add_argument(
+        "--encoders", default="minilm,bge-large", help="embeddings phase: comma list of " + ", ".join(ENCODER_SHAPES)
+    )
+    parser.add_argument("--encoder-tokenizer", type=Path, default=MINILM_DIR, help="embeddings phase: tokenizer + ST layout")
+    parser.add_argument(
+        "--encoder-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+        help="embeddings phase: engine_builder.dtype of the server (sentence-transformers runs in the same)",
+    )
+    parser.add_argument("--embed-concurrency", default="4,16", help=argparse.SUPPRESS)
+    parser.add_argument("--embed-batch", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--embed-input-len", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--embed-texts", type=int, default=4096, help=argparse.SUPPRESS)  # sentence-transformers' share
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plot", type=Path, default=None, help="draw the PNG of an existing result JSON and exit")
     args = parser.parse_args(argv)
+    args.forwarded = list(argv if argv is not None else sys.argv[1:])  # what each phase's child process is given
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
-    args.serve_variants = [name for name in str(args.serve_variants).split(",") if name]
+    args.embed_concurrency = [int(c) for c in str(args.embed_concurrency).split(",") if c]
+    lists = {"--phases": (PHASES, "phases"), "--serve-variants": (SERVE_VARIANTS, "serve_variants"),
+             "--encoders": (ENCODER_SHAPES, "encoders")}
+    for flag, (known, attribute) in lists.items():
+        names = [name for name in str(getattr(args, attribute)).split(",") if name]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        setattr(args, attribute, names)
     if args.plot is not None:
         document = json.loads(args.plot.read_text())
         return 0 if plot(document, args.plot) is not None else 1
     if args.phase is not None:
-        work = args.work
-        if args.phase == "parity":
-            result = phase_parity(args.tokenizer, work)
-        elif args.phase == "serve":
-            result = phase_serve(args, work)
-        elif args.phase == "profile":
-            result = phase_profile(args, work)
-        else:
-            result = phase_hf(args, work)
-        (work / f"{args.phase}.json").write_text(json.dumps(result, default=str))
+        # the parent stops a phase past its timeout with SIGTERM: exit through the finally blocks (servers stop)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        result = PHASES[args.phase](args, args.work)
+        (args.work / f"{args.phase}.json").write_text(json.dumps(result, default=str))
         return 0
     import torch
 
@@ -544,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
     document: dict[str, Any] = {
-        "title": f"torch engine on {args.device}: {args.shape} shape, bf16, dummy weights",
+        "title": f"torch engine on {args.device}: {args.shape} shape, dummy or random weights; phases "
+        + ", ".join(args.phases),
         "command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**machine.describe(), "gpu": gpu_description()},
         "workload": {
@@ -552,18 +621,17 @@ def main(argv: list[str] | None = None) -> int:
             "output_len": args.output_len, "concurrency": args.concurrency, "tensor_parallel": args.tp,
         },
     }
-    phases = [phase for phase in args.phases.split(",") if phase]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=os.environ.get("BENCH_GPU_WORK")) as work_dir:
         work = Path(work_dir)
-        for phase in phases:
+        for phase in args.phases:
             log(f"phase {phase} ...")
-            key = {"parity": "parity", "serve": "serve", "hf": "transformers_generate", "profile": "profile"}[phase]
+            key = RESULT_KEYS.get(phase, phase)
             document[key] = run_phase(phase, args, work)
             log(f"phase {phase}: {json.dumps(document[key], default=str)[:600]}")
-    document["summary"] = summary_rows(document)
-    document["seconds"] = round(time.monotonic() - started, 1)
-    write_json(document, args.out)
-    print(json.dumps(document["summary"], indent=1))
+            summarize(document)
+            document["seconds"] = round(time.monotonic() - started, 1)
+            write_json(document, args.out)  # after every phase: a run cut short keeps what it measured
+    print(json.dumps({key: document[key] for key in ("summary", "embeddings_summary") if key in document}, indent=1))
     png = plot(document, args.out)
     log(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
