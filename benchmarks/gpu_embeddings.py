@@ -4,10 +4,10 @@ weights served by `engine-builder run` over HTTP against sentence-transformers `
 Per encoder shape (MiniLM-L6 and BGE-large by default): a folder with MiniLM's tokenizer and sentence-transformers
 layout (`make models`), config.json in the shape and random float32 weights (seeded); sentence-transformers loads
 it on the benchmark's device in the dtype the server computes in (`engine_builder.dtype`, auto by default: see
-runtime/encoders/loader.py), encodes the workload's texts at batch 32 and 256, then the server starts and
-answers a probe of the same texts (min cosine against sentence-transformers in that dtype and in float32), and
-the project's load generator drives it at each concurrency with 32 texts a request. sentence-transformers runs
-first and is freed before the server starts, so each has the device alone.
+engine_builder/serve/encoders/loader.py) and encodes the workload's texts at batch 32 and 256 (at least 2 s each); then the
+server starts, answers a probe of the same texts (min cosine against sentence-transformers in that dtype and in
+float32), and the project's load generator drives it at each concurrency with 32 texts a request.
+sentence-transformers runs first and is freed before the server starts, so each has the device alone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from benchmarks.gpu import log
 from benchmarks.peers.base import REPO_ROOT, free_port, launch
 
 ST_BATCH_SIZES = (32, 256)
+ST_MIN_SECONDS = 2.0  # each batch size encodes the texts again until this long has passed
 REQUESTS_PER_CONCURRENCY = 24  # measured requests per in-flight slot, cut short by --max-seconds
 LAYOUT_FILES = (
     "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "special_tokens_map.json",
@@ -99,8 +100,8 @@ def compute_dtype(folder: Path, device: str, requested: str) -> Any:
     """The torch dtype the server computes in for `requested` (auto: the encoders' own default)."""
     import torch
 
-    from runtime.encoders.loader import default_dtype
-    from runtime.encoders.models import read_checkpoint_config
+    from engine_builder.serve.encoders.loader import default_dtype
+    from engine_builder.serve.encoders.models import read_checkpoint_config
 
     if requested != "auto":
         return getattr(torch, requested)
@@ -121,9 +122,11 @@ def sentence_transformers_side(
     rates = {}
     for batch_size in ST_BATCH_SIZES:
         model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up: kernels for this batch shape
-        started = time.perf_counter()
-        model.encode(texts, batch_size=batch_size)  # numpy on the host, as a caller gets them
-        rates[str(batch_size)] = round(len(texts) / (time.perf_counter() - started), 1)
+        started, encoded = time.perf_counter(), 0
+        while encoded == 0 or time.perf_counter() - started < ST_MIN_SECONDS:
+            model.encode(texts, batch_size=batch_size)  # numpy on the host, as a caller gets them
+            encoded += len(texts)
+        rates[str(batch_size)] = round(encoded / (time.perf_counter() - started), 1)
         log(f"sentence-transformers batch {batch_size}: {rates[str(batch_size)]} items/s")
     del model
     gc.collect()
