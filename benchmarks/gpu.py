@@ -582,8 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     args.forwarded = list(argv if argv is not None else sys.argv[1:])  # what each phase's child process is given
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     args.embed_concurrency = [int(c) for c in str(args.embed_concurrency).split(",") if c]
-    lists = {"--phases": (PHASES, "phases"), "--serve-variants": (SERVE_VARIANTS, "serve_variants"),
-             "--encoders": (ENCODER_SHAPES, "encoders")}
+    lists: dict[str, tuple[list[str], str]] = {
+        "--phases": (list(PHASES), "phases"), "--serve-variants": (list(SERVE_VARIANTS), "serve_variants"),
+        "--encoders": (list(ENCODER_SHAPES), "encoders"),
+    }
     for flag, (known, attribute) in lists.items():
         names = [name for name in str(getattr(args, attribute)).split(",") if name]
         unknown = [name for name in names if name not in known]
@@ -591,8 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
         setattr(args, attribute, names)
     if args.plot is not None:
-        document = json.loads(args.plot.read_text())
-        return 0 if plot(document, args.plot) is not None else 1
+        return 0 if plot(json.loads(args.plot.read_text()), args.plot) is not None else 1
     if args.phase is not None:
         # the parent stops a phase past its timeout with SIGTERM: exit through the finally blocks (servers stop)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

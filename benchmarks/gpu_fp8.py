@@ -45,7 +45,9 @@ def write_random_checkpoint(folder: Path, device: str) -> dict[str, Any]:
         shapes.pop("lm_head.weight", None)
     generator = torch.Generator(device=device).manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes, total_bytes, files, weight_map = 0, 0, [], {}
+    shard_bytes, total_bytes = 0, 0
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
 
     def flush() -> None:
         nonlocal shard, shard_bytes

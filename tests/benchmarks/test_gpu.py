@@ -76,7 +76,8 @@ def test_random_checkpoint_loads_in_transformers(tmp_path: Path, smollm2_dir: Pa
     folder = gpu.model_folder(smollm2_dir, tmp_path / "tiny", gpu.SHAPES["tiny"], "bfloat16")
     written = write_random_checkpoint(folder, "cpu")
     assert written["shards"] == 1 and written["bytes"] > 0
-    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    model, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"]
     layer = model.model.layers[0]
     assert float(layer.input_layernorm.weight.detach().float().mean()) == 1.0
@@ -101,3 +102,11 @@ def test_serve_fp8_and_embeddings_phases_end_to_end_on_cpu(tmp_path: Path) -> No
     assert all(row["items_per_s"] > 0 and row["vs_st_best"] > 0 for row in rows)
     if plot(document, out) is not None:
         assert out.with_suffix(".png").exists()
+
+
+def test_a_phase_past_its_timeout_is_recorded_and_the_json_written(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    assert gpu.main([*SMOKE, "--phases", "embeddings", "--phase-timeout", "2", "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["embeddings"]["error"] == "phase embeddings ran past 2 s"
+    assert document["embeddings_summary"] == []
