@@ -456,10 +456,17 @@ def gpu_description() -> dict[str, Any]:
     }
 
 
+def save_partial(work: Path, phase: str, result: dict[str, Any]) -> None:
+    """What a long phase has measured so far: kept (with the error) if the phase then fails or runs out of time."""
+    partial = work / f"{phase}.json.partial"
+    partial.write_text(json.dumps(result, default=str))
+    partial.replace(work / f"{phase}.json")  # whole or absent when the phase is stopped mid-write
+
+
 def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run one phase in a child process (a fresh CUDA context) with this run's own arguments; its result comes back
     as JSON. Past --phase-timeout the child is asked to stop (SIGTERM: it stops the servers it started) and the
-    phase is recorded as timed out, so the phases after it still run."""
+    phase is recorded as timed out, so the phases after it still run; a failed phase keeps its partial result."""
     result_file = work / f"{phase}.json"
     command = [sys.executable, "-m", "benchmarks.gpu", *args.forwarded, "--phase", phase, "--work", str(work)]
     started = time.monotonic()
@@ -473,11 +480,11 @@ def run_phase(phase: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        return {"error": f"phase {phase} ran past {args.phase_timeout:g} s", "seconds": round(time.monotonic() - started, 1)}
-    seconds = round(time.monotonic() - started, 1)
-    if returncode != 0 or not result_file.exists():
-        return {"error": f"phase {phase} exited with {returncode}", "seconds": seconds}
-    return {**json.loads(result_file.read_text()), "seconds": seconds}
+        error = f"phase {phase} ran past {args.phase_timeout:g} s"
+    else:
+        error = None if returncode == 0 and result_file.exists() else f"phase {phase} exited with {returncode}"
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    return {**result, **({"error": error} if error else {}), "seconds": round(time.monotonic() - started, 1)}
 
 
 def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -519,8 +526,12 @@ def phase_embeddings(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def summarize(document: dict[str, Any]) -> None:
     """The document's summary tables from the phases it holds so far."""
     from benchmarks.gpu_embeddings import summary_rows as embedding_rows
+    from benchmarks.gpu_fp8 import build_summary
 
     document["summary"] = summary_rows(document)
+    fp8_build = build_summary(document)
+    if fp8_build is not None:
+        document["fp8_build_summary"] = fp8_build
     if "embeddings" in document:
         document["embeddings_summary"] = embedding_rows(document)
 
@@ -533,6 +544,7 @@ PHASES: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "fp8": phase_fp8,
     "embeddings": phase_embeddings,
 }
+SUMMARY_KEYS = ("summary", "fp8_build_summary", "embeddings_summary")  # what a run prints at the end
 RESULT_KEYS = {"hf": "transformers_generate"}  # the document's key per phase, where it is not the phase's name
 
 
@@ -597,8 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase is not None:
         # the parent stops a phase past its timeout with SIGTERM: exit through the finally blocks (servers stop)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-        result = PHASES[args.phase](args, args.work)
-        (args.work / f"{args.phase}.json").write_text(json.dumps(result, default=str))
+        save_partial(args.work, args.phase, PHASES[args.phase](args, args.work))
         return 0
     import torch
 
@@ -632,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             summarize(document)
             document["seconds"] = round(time.monotonic() - started, 1)
             write_json(document, args.out)  # after every phase: a run cut short keeps what it measured
-    print(json.dumps({key: document[key] for key in ("summary", "embeddings_summary") if key in document}, indent=1))
+    print(json.dumps({key: document[key] for key in SUMMARY_KEYS if key in document}, indent=1))
     png = plot(document, args.out)
     log(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0

@@ -206,11 +206,15 @@ def measure_shape(args: argparse.Namespace, work: Path, name: str) -> dict[str, 
 
 
 def phase_embeddings(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    return {
-        "input_len": args.embed_input_len,
-        "texts_per_request": args.embed_batch,
-        "models": {name: measure_shape(args, work, name) for name in args.encoders},
+    from benchmarks.gpu import save_partial
+
+    result: dict[str, Any] = {
+        "input_len": args.embed_input_len, "texts_per_request": args.embed_batch, "models": {}
     }
+    for name in args.encoders:
+        result["models"][name] = measure_shape(args, work, name)
+        save_partial(work, "embeddings", result)
+    return result
 
 
 def summary_rows(document: dict[str, Any]) -> list[dict[str, Any]]:

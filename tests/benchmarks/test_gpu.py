@@ -30,7 +30,8 @@ def fp8_and_embeddings(document: dict[str, Any]) -> dict[str, Any]:
         if point["concurrency"] in (1, 64):
             faster = {**point["summary"], "output_throughput": 1.5 * point["summary"]["output_throughput"]}
             fp8_points.append({**point, "variant": "fp8", "summary": faster})
-    document["fp8"] = {"build_s": 80.0, "points": fp8_points}
+    build = {"calibration_s": 20.0, "compute": {"device": "cuda:0"}, "quantizer": "engine_builder"}
+    document["fp8"] = {"build_s": 80.0, "build": build, "checkpoint": {"seconds": 30.0}, "points": fp8_points}
     summary = {"items_per_s": 3000.0, "latency_ms": {"p50": 30.0, "p99": 60.0}}
     document["embeddings"] = {
         "input_len": 32, "texts_per_request": 32,
@@ -51,6 +52,10 @@ def test_summaries_and_plot_from_a_results_json(tmp_path: Path) -> None:
     fp8_rows = [row for row in document["summary"] if row["variant"] == "fp8"]
     assert [row["concurrency"] for row in fp8_rows] == [1, 64]
     assert all(row["vs_bf16"] == pytest.approx(1.5, abs=1e-3) for row in fp8_rows)
+    assert document["fp8_build_summary"] == {
+        "build_s": 80.0, "target_s": 90, "calibration_s": 20.0, "device": "cuda:0", "quantizer": "engine_builder",
+        "checkpoint_write_s": 30.0,
+    }
     rows = document["embeddings_summary"]
     assert [(row["encoder"], row["concurrency"]) for row in rows] == [
         ("minilm", 4), ("minilm", 16), ("bge-large", 4), ("bge-large", 16)
@@ -93,6 +98,7 @@ def test_serve_fp8_and_embeddings_phases_end_to_end_on_cpu(tmp_path: Path) -> No
     build = document["fp8"]["build"]
     assert document["fp8"]["build_s"] > 0 and build["compute"]["device"] == "cpu"
     assert build["quantizer"] == "engine_builder" and build["weights"]["linear_ratio"] < 0.6
+    assert document["fp8_build_summary"]["device"] == "cpu" and document["fp8_build_summary"]["target_s"] == 90
     fp8_rows = [row for row in document["summary"] if row["variant"] == "fp8"]
     assert [row["concurrency"] for row in fp8_rows] == [1, 2] and all(row["vs_bf16"] > 0 for row in fp8_rows)
     (encoder,) = document["embeddings"]["models"].values()
