@@ -4,7 +4,7 @@
 A quantizing build calibrates on real weights (`load_format: dummy` builds no quantization), so this phase first
 writes a random checkpoint of the shape in bf16 (generated on the benchmark's device, saved as safetensors shards;
 its time is reported apart from the build's). The build calibrates and evaluates on the CUDA device when there is
-one (calibration/device.py) on the builtin calibration text, with the accuracy gate reporting only (random weights
+one (engine_builder/build/calibration/device.py) on the builtin calibration text, with the accuracy gate reporting only (random weights
 say nothing about accuracy). The fp8 engine is then served at the lowest and highest concurrency of the run
 through the same path as the `serve` phase; `benchmarks.gpu` sets its points against the bf16 ones of that phase.
 """
@@ -99,7 +99,7 @@ def build(config: Path, engine_dir: Path, log_path: Path) -> float:
 
 def report_summary(engine_dir: Path) -> dict[str, Any]:
     """What calibration_report.json says about where and how long the build's quantization ran."""
-    from runtime.artifact import CALIBRATION_REPORT
+    from engine_builder.common.artifact import CALIBRATION_REPORT
 
     report = json.loads((engine_dir / CALIBRATION_REPORT).read_text())
     calibration = report["calibration"]

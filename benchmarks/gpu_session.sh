@@ -18,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-TESTS=${TESTS:-tests/runtime/engine/kernels tests/engine/test_triton_path.py tests/engine/layers/test_sampler_device.py tests/engine/test_graph_runner.py}
+TESTS=${TESTS:-tests/engine/kernels tests/engine/test_triton_path.py tests/engine/layers/test_sampler_device.py tests/engine/test_graph_runner.py}
 if [ "$TESTS" = none ]; then
   echo "tests skipped (TESTS=none)"
 else
