@@ -11,8 +11,8 @@ import yaml
 from engine_builder.build.compile.trtllm import TrtLlmBuildError, TrtLlmMappingError, compile_trtllm
 from engine_builder.build.compile.trtllm.mapping import v1_build_spec, v2_serve_spec
 from engine_builder.build.config import parse_config
-from engine_builder.common.artifact import MODEL_DIR
 from engine_builder.common import backend_choice
+from engine_builder.common.artifact import MODEL_DIR
 from tests.fakes.trtllm_helpers import repository_info, write_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
