@@ -5,7 +5,6 @@ Errors are rendered per route family: the OpenAI envelope on the embeddings rout
 {"error", "error_type"} elsewhere; statuses come from `errors.py`.
 """
 
-import base64
 import enum
 import logging
 import uuid
@@ -24,12 +23,9 @@ from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestErr
 from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
 from engine_builder.serve.encoders.protocol import (
     EmbedRequest,
-    OpenAIEmbedding,
     OpenAIEmbeddingsRequest,
-    OpenAIEmbeddingsResponse,
     OpenAIErrorDetail,
     OpenAIErrorResponse,
-    OpenAIUsage,
     Prediction,
     PredictRequest,
     Rank,
@@ -37,6 +33,7 @@ from engine_builder.serve.encoders.protocol import (
     TEIErrorResponse,
 )
 from engine_builder.serve.encoders.results import RequestTiming
+from engine_builder.serve.encoders.serialize import matrix_body, openai_embeddings_body
 from engine_builder.serve.encoders.truncation import (
     ASK_BY_FLAG,
     ASK_BY_FLAG_OR_TOKEN_COUNT,
@@ -140,12 +137,6 @@ def _json(value: Any, headers: dict[str, str]) -> Response:
     )
 
 
-def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return list(vector.tolist())
-
-
 def _predictions(scores: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
     order = np.argsort(-scores, kind="stable")
     return [Prediction.model_construct(score=float(scores[index]), label=labels[index]) for index in order]
@@ -197,15 +188,14 @@ class _Handlers:
         result = await self.engine.embed(
             body.inputs(), truncation=truncation, dimensions=body.dimensions, field="input"
         )
-        data = [
-            OpenAIEmbedding.model_construct(embedding=_encode_vector(row, body.encoding_format), index=index)
-            for index, row in enumerate(result.embeddings)
-        ]
-        usage = OpenAIUsage(prompt_tokens=result.num_prompt_tokens, total_tokens=result.num_prompt_tokens)
-        response = OpenAIEmbeddingsResponse.model_construct(
-            data=data, model=self.served_model_name, usage=usage
+        content = openai_embeddings_body(
+            result.embeddings,
+            encoding_format=body.encoding_format,
+            model=self.served_model_name,
+            num_prompt_tokens=result.num_prompt_tokens,
         )
-        return _json(response, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        return Response(content, media_type="application/json", headers=headers)
 
     async def embed(self, body: EmbedRequest) -> Response:
         if body.prompt_name is not None:
@@ -226,10 +216,8 @@ class _Handlers:
             normalize=body.normalize,
             field="inputs",
         )
-        return _json(
-            result.embeddings.tolist(),
-            self._headers(result.timing, result.num_chars, result.num_prompt_tokens),
-        )
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        return Response(matrix_body(result.embeddings), media_type="application/json", headers=headers)
 
     async def rerank(self, body: RerankRequest) -> Response:
         candidates = body.candidates()
