@@ -6,9 +6,9 @@ from fastapi import FastAPI
 
 from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
+from engine_builder.common.types import EngineStats, ModelInfo
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
-from engine_builder.common.types import EngineStats, ModelInfo
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -56,10 +56,10 @@ def build_encoder_server(
 ) -> tuple[FastAPI, ServerState]:
     import torch
 
+    from engine_builder.engine.model_runner import configure_threads, resolve_device
     from engine_builder.serve.encoders.allocator import retain_freed_memory
     from engine_builder.serve.encoders.engine import EncoderEngine
     from engine_builder.serve.encoders.routes import build_encoder_router
-    from engine_builder.engine.model_runner import configure_threads, resolve_device
 
     configure_threads(options.num_threads)
     device = resolve_device(options.device)
