@@ -1,9 +1,9 @@
 """`python -m benchmarks.serving_overhead`: what the HTTP serving layer adds to every decode step, model taken out.
 
-The real server (`engine-builder run` with SmolLM2's tokenizer and chat template: the torch client, incremental
-detokenization, stop strings, the chat output processor, SSE) runs over a null engine whose step sleeps a fixed
-step time, with the GIL released as a GPU step's synchronization releases it, and then returns one token per
-running sequence. The ideal TPOT is that step time; what the load generator measures above it is the serving
+The real server (`engine-builder run` with SmolLM2's tokenizer and chat template: the torch client, the output
+side's incremental detokenization and stop strings, the chat output processor, SSE) runs over a null engine whose
+step sleeps a fixed step time, with the GIL released as a GPU step's synchronization releases it, and then returns
+one token per running sequence. The ideal TPOT is that step time; what the load generator measures above it is the serving
 layer: the event loop's work per token and per request, and the handoffs of the one GIL the loop shares with the
 engine thread. The default step time is the H200's in-process decode step for the Llama-3.1-8B shape at
 concurrency 64 (5.8 ms, benchmarks/results/gpu-llama8b.json).
@@ -53,7 +53,7 @@ class NullEngine:
     def add_request(self, request: Any, guide_matchers: Any = None) -> None:
         self.requests[request.request_id] = [request, 0]
 
-    def check_capacity(self, request: Any) -> None:
+    def check_request(self, request: Any) -> None:
         return None
 
     def has_unfinished(self) -> bool:

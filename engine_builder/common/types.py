@@ -3,6 +3,7 @@ pydantic."""
 
 import enum
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 
 class FinishReason(str, enum.Enum):
@@ -70,6 +71,20 @@ class GenerationRequest:
     adapter: str | None = None  # a LoRA adapter the engine serves (EngineConfig.lora_adapters); None = the base
 
 
+Compiled = TypeVar("Compiled")
+
+
+@dataclass(frozen=True)
+class PreparedRequest(Generic[Compiled]):
+    """A request its backend checked and compiled once (`EngineClient.prepare`); `generate` runs it as is.
+
+    `compiled` is what the backend built for it (the torch engine's compiled grammar, TensorRT-LLM's sampling
+    arguments); the server hands it through without looking inside."""
+
+    request: GenerationRequest
+    compiled: Compiled
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
@@ -79,7 +94,10 @@ class TokenLogprob:
 
 @dataclass
 class GenerationDelta:
-    """What one engine step produced for one choice of one request (only what is new)."""
+    """What one engine step produced for one choice of one request (only what is new).
+
+    Backends fill in token ids only (`text` empty, every generated token, the one that stopped the choice
+    included); the server's output side turns them into text and applies stop strings."""
 
     request_id: str
     index: int  # choice index, 0..n-1

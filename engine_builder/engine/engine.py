@@ -75,14 +75,12 @@ class LLMEngine:
         self.runner.close()
 
     # -- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
-        """Queue a request. `guide_matchers` (one per choice) constrain decoding to a grammar."""
-        prompt = list(request.prompt_token_ids)
-        params = request.sampling
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse (RequestRejectedError) a request this engine could never run: a prompt it cannot take, an adapter
+        it does not serve, or more KV than the pool holds. The input side calls this once, before `add_request`."""
+        prompt = request.prompt_token_ids
         if not prompt:
             raise RequestRejectedError("the prompt is empty")
-        if request.request_id in self.groups:
-            raise RequestRejectedError(f"request id {request.request_id} is already running")
         if len(prompt) >= self.max_model_len:
             raise RequestRejectedError(
                 f"the prompt has {len(prompt)} tokens; this engine's max_seq_len is {self.max_model_len}"
@@ -96,8 +94,21 @@ class LLMEngine:
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
         if request.adapter is not None and request.adapter not in self.lora_slots:
             raise RequestRejectedError(f"this engine serves no LoRA adapter named {request.adapter!r}")
-        lora_slot = self.lora_slots.get(request.adapter, 0) if request.adapter is not None else 0
-        self.check_capacity(request)
+        self._check_capacity(request)
+
+    def add_request(self, request: GenerationRequest, guide_matchers: list[Any] | None = None) -> None:
+        """Queue a request `check_request` accepted. `guide_matchers` (one per choice) constrain decoding to a
+        grammar. Only what depends on the engine's state now (a request id already running) is checked here."""
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        assert prompt, "check_request first"
+        if request.request_id in self.groups:
+            raise RequestRejectedError(f"request id {request.request_id} is already running")
+        lora_slot = 0
+        if request.adapter is not None:
+            lora_slot = self.lora_slots.get(request.adapter, 0)
+            if not lora_slot:
+                raise RequestRejectedError(f"this engine serves no LoRA adapter named {request.adapter!r}")
         arrival = request.arrival_time or time.monotonic()
         sequences = [
             Sequence(
@@ -121,7 +132,7 @@ class LLMEngine:
         self.groups[request.request_id] = group
         self.scheduler.add(group)
 
-    def check_capacity(self, request: GenerationRequest) -> None:
+    def _check_capacity(self, request: GenerationRequest) -> None:
         """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it."""
         params = request.sampling
         block_size = self.blocks.block_size
@@ -172,7 +183,8 @@ class LLMEngine:
         return outputs
 
     def abort_choice(self, request_id: str, index: int) -> list[GenerationDelta]:
-        """End one choice (a stop string matched in the frontend); the request ends with its last choice."""
+        """End one choice (a stop string matched in the server's output side); the request ends with its last
+        choice. Nothing is output for it: the server already ended the choice."""
         group = self.groups.get(request_id)
         if group is None:
             return []

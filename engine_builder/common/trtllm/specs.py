@@ -143,6 +143,7 @@ class LlmSpec:
     backend: LlmBackend
     model: str
     tokenizer: str | None = None
+    skip_tokenizer_init: bool | None = None  # set by the serving client when TensorRT-LLM needs no tokenizer
     tensor_parallel_size: int = 1
     build: BuildSpec | None = None
     quant: QuantSpec | None = None
@@ -169,6 +170,7 @@ class LlmSpec:
             {
                 "model": self.model,
                 "tokenizer": self.tokenizer,
+                "skip_tokenizer_init": self.skip_tokenizer_init,
                 "tensor_parallel_size": self.tensor_parallel_size,
                 "max_batch_size": self.max_batch_size,
                 "max_num_tokens": self.max_num_tokens,

@@ -1,13 +1,13 @@
 """The seam between the server and a backend: two protocols, and the only things the server calls on one.
 
 `EngineLifecycle` is what every engine implements (encoders too): start, shutdown, health, stats, model facts.
-`EngineClient` adds generation, for decoders: admission checks, the delta stream, abort.
+`EngineClient` adds generation, for decoders: one preparation step, the token stream, ending choices, abort.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from engine_builder.common.types import EngineStats, GenerationDelta, GenerationRequest, Guide, ModelInfo
+from engine_builder.common.types import EngineStats, GenerationDelta, GenerationRequest, ModelInfo, PreparedRequest
 
 
 class EngineLifecycle(Protocol):
@@ -30,20 +30,25 @@ class EngineLifecycle(Protocol):
 class EngineClient(EngineLifecycle, Protocol):
     """A running decoder engine.
 
-    `generate` yields deltas as steps complete; the last delta of each choice has `finish_reason` set.
-    Abandoning the iterator (or calling `abort`) frees the request's KV blocks at the next step.
-    Request validation (lengths, fields) happens in the server, then `check_guide` and `check_request`, before
-    `generate` is called.
+    The server validates a request's fields, then calls `prepare` once (the engine's own checks and the guide's
+    compilation), then `generate` with what `prepare` returned. `generate` yields token ids as steps complete
+    (no text: the server's output side detokenizes and matches stop strings for every backend); the last delta
+    of each choice has `finish_reason` set, unless `finish_choice` ended that choice first. Abandoning the
+    iterator (or calling `abort`) frees the request's KV blocks at the next step.
     """
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Raise ValueError (optionally with a `param` attribute) for a request this engine could never run."""
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check and compile `request` for this engine, once, before anything streams. Raise GuideError for a guide
+        this engine cannot enforce, ValueError (optionally with a `param` attribute) for a request it could
+        never run."""
         ...
 
-    async def check_guide(self, guide: Guide) -> None:
-        """Raise GuideError if the guide cannot be enforced; called before a request is admitted."""
-        ...
+    def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]: ...
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        """End one choice now (a stop string matched in the server): compute no more tokens for it where the
+        engine can. No finish delta is owed for it; deltas already under way are dropped by the server, and the
+        stream ends once every choice has finished or been ended."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...

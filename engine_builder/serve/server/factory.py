@@ -43,7 +43,7 @@ def build_server(
         return build_encoder_server(engine, options, settings)
     renderer = PromptRenderer(engine.model_dir)  # the server's one tokenizer: templates, encoding, decoding
     decoder = TextDecoder(renderer.tokenizer.backend_tokenizer)
-    client = decoder_client(engine, options, served_name, decoder, renderer.tokenizer)
+    client = decoder_client(engine, options, served_name, renderer.tokenizer)
     state = ServerState(settings=settings, engine=client, renderer=renderer, decoder=decoder)
     user_model = None
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"
@@ -83,9 +83,8 @@ class SecretsView(Mapping[str, str]):
         return 0
 
 
-def decoder_client(
-    engine: EngineDir, options: EngineOptions, served_name: str, decoder: TextDecoder, hf_tokenizer: Any
-) -> Any:
+def decoder_client(engine: EngineDir, options: EngineOptions, served_name: str, hf_tokenizer: Any) -> Any:
+    """The backend client: it streams token ids, which the server's output side decodes with the same tokenizer."""
     backend = (
         choose_backend(options.backend)
         if options.backend != "auto"
@@ -104,6 +103,5 @@ def decoder_client(
         eos_token_ids=tuple(engine.manifest.runtime.eos_token_ids),
         architecture=engine.manifest.architecture,
         tool_parser=engine.manifest.tool_parser,
-        decoder=decoder,
         hf_tokenizer=hf_tokenizer,
     )

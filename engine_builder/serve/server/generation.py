@@ -1,17 +1,21 @@
-"""One request's run through the engine: admission, disconnect watching, metrics, and SSE framing."""
+"""One request's run through the engine: admission, text from token ids, disconnect watching, metrics, SSE framing."""
 
 import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
 
-from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
+from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.guides import guide_refused
 from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.text import RequestText
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, PreparedRequest, SamplingParams
 
 
 def new_id(prefix: str) -> str:
@@ -50,7 +54,8 @@ KEEPALIVE = b": keep-alive\n\n"
 
 
 class Run:
-    """Drives `engine.generate` for one HTTP request and records its metrics."""
+    """One request's way through the engine: `admit` (the backend's one preparation step, then the server's
+    admission), `deltas` (the engine's token ids turned into text, stop strings ended in the engine too), metrics."""
 
     def __init__(
         self,
@@ -69,44 +74,59 @@ class Run:
         self.start = time.monotonic()
         self.first_token_at: float | None = None
         self.num_output_tokens = 0
-        self.admitted = False
+        self.prepared: PreparedRequest | None = None
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
+        """Check and compile the request in the backend (once: a guide is compiled here, capacity checked here),
+        then count it in; every refusal is an APIError before anything streams."""
         try:
-            self.state.generation().check_request(self.request)
+            self.prepared = await self.state.generation().prepare(self.request)
+        except GuideError as error:
+            raise guide_refused(error) from None
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
         self.state.admit()
-        self.admitted = True
 
     async def deltas(self) -> AsyncIterator[GenerationDelta]:
-        """Deltas as the engine produces them; closing this iterator aborts the request."""
-        assert self.admitted
+        """Deltas with their text, as the engine produces them; closing this iterator aborts the request."""
+        assert self.prepared is not None, "admit() first"
         metrics = self.state.metrics
         name = metrics.model_name
+        engine = self.state.generation()
+        text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids)
         finished: list[GenerationDelta] = []
         try:
-            async for delta in self._engine_deltas():
-                if delta.token_ids and self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                    metrics.ttft.labels(name).observe(self.first_token_at - self.start)
-                self.num_output_tokens += len(delta.token_ids)
-                if delta.finish_reason is not None:
-                    finished.append(delta)
-                if delta.finish_reason == FinishReason.ERROR:
-                    raise APIError(
-                        delta.error or "The engine failed this request.", status=500, type="server_error"
-                    )
-                yield delta
+            async with aclosing(self._engine_deltas(self.prepared)) as engine_deltas:
+                async for engine_delta in engine_deltas:
+                    completed = text.complete(engine_delta)
+                    if completed is None:
+                        continue  # a choice a stop string already ended
+                    if completed.stops_engine:
+                        await engine.finish_choice(self.request.request_id, engine_delta.index)
+                    delta = completed.delta
+                    if delta.token_ids and self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                        metrics.ttft.labels(name).observe(self.first_token_at - self.start)
+                    self.num_output_tokens += len(delta.token_ids)
+                    if delta.finish_reason is not None:
+                        finished.append(delta)
+                    if delta.finish_reason == FinishReason.ERROR:
+                        raise APIError(
+                            delta.error or "The engine failed this request.", status=500, type="server_error"
+                        )
+                    yield delta
+                    if text.is_finished:
+                        break  # leaving the engine's stream ends what a stop string left running
         finally:
             self.state.release()
             self._record(finished)
 
-    async def _engine_deltas(self) -> AsyncIterator[GenerationDelta]:
+    async def _engine_deltas(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
         """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
         try:
-            async for delta in self.state.generation().generate(self.request):
-                yield delta
+            async with aclosing(self.state.generation().generate(prepared)) as stream:
+                async for delta in stream:
+                    yield delta
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
 

@@ -1,13 +1,12 @@
-"""response_format -> Guide, and the pre-admission check that refuses guides we cannot enforce."""
+"""response_format -> Guide, and the 400 for a guide the backend refuses when it prepares the request."""
 
 import json
 
-from engine_builder.common.types import Guide, GuideKind
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.protocol import ResponseFormat, SamplingFields
-from engine_builder.serve.server.state import ServerState
+from engine_builder.common.types import Guide, GuideKind
 
 
 def guide_from_response_format(response_format: ResponseFormat | None) -> Guide | None:
@@ -67,10 +66,6 @@ def check_guide_compatible(request: SamplingFields, guide: Guide | None) -> None
         raise bad_request("min_tokens cannot be combined with a structured response_format.", param="min_tokens")
 
 
-async def verify_guide(state: ServerState, guide: Guide | None, param: str = "response_format") -> None:
-    if guide is None:
-        return
-    try:
-        await state.generation().check_guide(guide)
-    except GuideError as error:
-        raise APIError(str(error), status=400, param=error.param if error.param != "response_format" else param, code="invalid_response_format") from None
+def guide_refused(error: GuideError) -> APIError:
+    """The 400 for a guide the backend cannot compile or enforce (raised by its `prepare`)."""
+    return APIError(str(error), status=400, param=error.param, code="invalid_response_format")

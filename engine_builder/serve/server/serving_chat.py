@@ -8,17 +8,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine_builder.common.types import GenerationDelta
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.generation import (
-    Run,
-    chunk_framer,
-    collect_until_disconnect,
-    new_id,
-    sse,
-    with_keepalive,
-)
-from engine_builder.serve.server.guides import verify_guide
+from engine_builder.serve.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
 from engine_builder.serve.server.limits import check_chat_limits
 from engine_builder.serve.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
 from engine_builder.serve.server.protocol import (
@@ -29,13 +20,10 @@ from engine_builder.serve.server.protocol import (
     ResponseMessage,
     Usage,
 )
-from engine_builder.serve.server.sampling import (
-    build_sampling_params,
-    check_unsupported_chat,
-    resolve_max_tokens,
-)
+from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported_chat, resolve_max_tokens
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
+from engine_builder.common.types import GenerationDelta
 
 
 @dataclass
@@ -62,8 +50,7 @@ async def run_chat(
 ) -> ChatCompletionResponse | StreamingResponse:
     """The chat completion as a response object (non-streaming) or an SSE StreamingResponse."""
     plan = await plan_chat(state, body)
-    await verify_guide(state, plan.run.request.sampling.guide)
-    plan.run.admit()
+    await plan.run.admit()
     request_id = plan.run.request.request_id
     created = int(time.time())
     if body.stream:

@@ -7,7 +7,7 @@ the environment variable TLLM_ALLOW_N_GREEDY_DECODING lifts it), truncate_prompt
 """
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tensorrt_llm._fake import record
@@ -76,6 +76,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    _stop_word_ids: list[list[int]] | None = field(default=None, init=False, repr=False)  # set by `_setup`
 
     def __post_init__(self) -> None:
         if self.pad_id is None:

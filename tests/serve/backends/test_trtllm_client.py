@@ -1,5 +1,6 @@
-"""TrtLlmEngineClient against the fake's scripted streams: text deltas, finish reasons, n > 1, logprobs,
-abort, errors and lifecycle. Verified against the fake `tensorrt_llm` only (no GPU, no TensorRT-LLM).
+"""TrtLlmEngineClient against the fake's scripted streams: token ids only (the text is the server's), finish
+reasons, n > 1, logprobs, ending a choice, abort, errors and lifecycle. Verified against the fake
+`tensorrt_llm` only (no GPU, no TensorRT-LLM).
 """
 
 import asyncio
@@ -9,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
+from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
 from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
+from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.common.types import (
     FinishReason,
     GenerationDelta,
@@ -20,8 +24,6 @@ from engine_builder.common.types import (
     SamplingParams,
     TokenLogprob,
 )
-from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
-from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
 from tests.fakes.trtllm_helpers import write_engine_config
 
 MODEL_INFO = ModelInfo(
@@ -45,7 +47,7 @@ def _request(request_id: str = "r1", **sampling: Any) -> GenerationRequest:
 
 
 async def _collect(client: TrtLlmEngineClient, request: GenerationRequest) -> list[GenerationDelta]:
-    return [delta async for delta in client.generate(request)]
+    return [delta async for delta in client.generate(await client.prepare(request))]
 
 
 def _run(client: TrtLlmEngineClient, request: GenerationRequest) -> list[GenerationDelta]:
@@ -63,49 +65,56 @@ def _script(recorder: ModuleType, steps: list[Any]) -> None:
     recorder.SCRIPT = lambda prompt_token_ids, sampling_params: steps
 
 
-def test_streams_the_per_step_text_delta_and_new_tokens(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+def test_streams_new_token_ids_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM is asked for ids only (no detokenization, an explicit end id, no stop strings): the text is
+    made by the server's output side, never by a second tokenizer inside TensorRT-LLM."""
     update = fake_trtllm.Update
     _script(
         fake_trtllm,
         [
             [update(text="Hel", token_ids=[5])],
-            [update(text="", token_ids=[6])],  # a token whose text is still incomplete
+            [update(text="", token_ids=[6])],
             [update(text="lo", token_ids=[7])],
             [update(text="!", token_ids=[8], finish_reason="length")],
         ],
     )
-    deltas = _run(_client(tmp_path), _request())
+    deltas = _run(_client(tmp_path), _request(stop=("lo",), skip_special_tokens=False))
     assert [(d.text, d.token_ids, d.finish_reason) for d in deltas] == [
-        ("Hel", [5], None),
+        ("", [5], None),
         ("", [6], None),
-        ("lo", [7], None),
-        ("!", [8], FinishReason.LENGTH),
+        ("", [7], None),
+        ("", [8], FinishReason.LENGTH),
     ]
     assert [d.num_output_tokens for d in deltas] == [1, 2, 3, 4]
     assert all(d.num_prompt_tokens == 3 and d.request_id == "r1" for d in deltas)
-    generate = fake_trtllm.calls("LLM.generate_async")[0].kwargs
-    assert generate["inputs"] == [11, 12, 13] and generate["streaming"] is True
+    generate = fake_trtllm.calls("LLM.generate_async")[0]
+    assert generate.kwargs["inputs"] == [11, 12, 13] and generate.kwargs["streaming"] is True
+    params = fake_trtllm.calls("SamplingParams")[0].kwargs
+    assert params["detokenize"] is False and params["end_id"] == 2
+    assert "stop" not in params and "skip_special_tokens" not in params
+    assert fake_trtllm.calls("LLM")[0].kwargs["skip_tokenizer_init"] is True  # no guided decoding: no tokenizer
 
 
-def test_stop_string_and_eos_finish_reasons(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+def test_tensorrt_llm_keeps_its_tokenizer_only_for_xgrammar(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """Its xgrammar backend builds the grammar vocabulary from the tokenizer (LLM._build_model): with guided
+    decoding on, TensorRT-LLM loads it, but still makes no text (detokenize=False)."""
     update = fake_trtllm.Update
-    _script(
-        fake_trtllm,
-        [
-            [update(text="a", token_ids=[5])],
-            [update(text="", token_ids=[9, 10], finish_reason="stop", stop_reason="###", trim_token_ids=2)],
-        ],
-    )
-    deltas = _run(_client(tmp_path), _request(stop=("###",)))
-    last = deltas[-1]
-    assert (last.finish_reason, last.stop_reason, last.num_output_tokens) == (FinishReason.STOP, "###", 1)
+    _script(fake_trtllm, [[update(text="ignored", token_ids=[5], finish_reason="length")]])
+    deltas = _run(_client(tmp_path, guided_decoding_backend="xgrammar"), _request())
+    assert "skip_tokenizer_init" not in fake_trtllm.calls("LLM")[0].kwargs
+    assert deltas[0].text == "" and fake_trtllm.calls("SamplingParams")[0].kwargs["detokenize"] is False
 
+
+def test_eos_and_stop_token_finish_reasons(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    update = fake_trtllm.Update
     _script(
         fake_trtllm,
         [[update(text="b", token_ids=[3], finish_reason="stop", stop_reason=3, trim_token_ids=1)]],
     )
     deltas = _run(_client(tmp_path), _request())
     assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == (FinishReason.STOP, None)  # EOS we added
+    # the stop token stays in the ids (include_stop_str_in_output=True), as the torch engine returns it
+    assert (deltas[-1].token_ids, deltas[-1].num_output_tokens) == ([3], 1)
 
     _script(fake_trtllm, [[update(text="c", token_ids=[7], finish_reason="stop", stop_reason=7)]])
     deltas = _run(_client(tmp_path), _request(stop_token_ids=(7,)))
@@ -126,8 +135,8 @@ def test_n_choices_stream_independently_without_repeating_tokens(
         ],
     )
     deltas = _run(_client(tmp_path), _request(n=2, temperature=1.0))
-    by_choice = {index: [(d.text, d.token_ids) for d in deltas if d.index == index] for index in (0, 1)}
-    assert by_choice == {0: [("x", [5]), ("z", [7])], 1: [("y", [6]), ("w", [8])]}
+    by_choice = {index: [d.token_ids for d in deltas if d.index == index] for index in (0, 1)}
+    assert by_choice == {0: [[5], [7]], 1: [[6], [8]]}
     assert [d.finish_reason for d in deltas if d.finish_reason] == [FinishReason.LENGTH] * 2
 
 
@@ -156,7 +165,7 @@ def test_abort_mid_stream_ends_with_abort(tmp_path: Path, fake_trtllm: ModuleTyp
     async def main() -> list[GenerationDelta]:
         await client.start()
         deltas = []
-        async for delta in client.generate(_request("r9")):
+        async for delta in client.generate(await client.prepare(_request("r9"))):
             deltas.append(delta)
             if len(deltas) == 2:
                 await client.abort("r9")
@@ -176,7 +185,7 @@ def test_abandoning_the_stream_aborts_the_request(tmp_path: Path, fake_trtllm: M
 
     async def main() -> int:
         await client.start()
-        stream = client.generate(_request("r2"))
+        stream = client.generate(await client.prepare(_request("r2")))
         await stream.__anext__()
         running = client.stats().num_running
         await stream.aclose()  # what the server does when the client disconnects
@@ -239,8 +248,8 @@ def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
 
     async def main() -> None:
         await client.start()
-        with pytest.raises(UnsupportedRequestError, match="structural_tag"):
-            await _collect(client, _request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
+        with pytest.raises(GuideError, match="structural_tag"):
+            await client.prepare(_request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
         with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters"):
             await _collect(
                 client, _request(n=2, temperature=1.0, top_k=1, top_p=0.0)
@@ -322,14 +331,14 @@ def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(
     asyncio.run(main())
 
 
-def test_check_guide_refuses_what_the_backend_cannot_map(tmp_path: Path, fake_trtllm: ModuleType) -> None:
-    errors = pytest.importorskip("engine_builder.serve.decoding.structured.errors")
+def test_prepare_refuses_a_guide_the_backend_cannot_map(tmp_path: Path, fake_trtllm: ModuleType) -> None:
     client = _client(tmp_path, backend=LlmBackend.TENSORRT)
 
     async def main() -> None:
-        await client.check_guide(Guide(GuideKind.JSON_SCHEMA, "{}"))
-        with pytest.raises(errors.GuideError, match="PyTorch backend") as refused:
-            await client.check_guide(Guide(GuideKind.STRUCTURAL_TAG, "{}"))
+        prepared = await client.prepare(_request(guide=Guide(GuideKind.JSON_SCHEMA, "{}")))
+        assert prepared.compiled.guide == {"json": "{}"}  # translated once, handed to generate as is
+        with pytest.raises(GuideError, match="PyTorch backend") as refused:
+            await client.prepare(_request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
         assert refused.value.param == "response_format"
 
     asyncio.run(main())
@@ -360,14 +369,61 @@ def test_a_request_error_at_submission_fails_that_request_only(tmp_path: Path, f
 
 
 def test_fields_a_tensorrt_engine_cannot_honour_are_refused_at_admission(tmp_path: Path, fake_trtllm: ModuleType) -> None:
-    """check_request (called before any SSE starts) refuses logprobs on v1 and prompt_logprobs on both, by name."""
+    """prepare (called before any SSE starts) refuses logprobs on v1 and prompt_logprobs on both, by name."""
     v1 = _client(tmp_path, backend=LlmBackend.TENSORRT)
     with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
-        v1.check_request(_request(logprobs=1))
+        asyncio.run(v1.prepare(_request(logprobs=1)))
     assert refused.value.param == "logprobs"
-    v1.check_request(_request())  # a plain request passes
+    asyncio.run(v1.prepare(_request()))  # a plain request passes
     v2 = _client(tmp_path)
-    v2.check_request(_request(logprobs=1))
+    asyncio.run(v2.prepare(_request(logprobs=1)))
     with pytest.raises(UnsupportedRequestError) as refused:
-        v2.check_request(_request(prompt_logprobs=1))
+        asyncio.run(v2.prepare(_request(prompt_logprobs=1)))
     assert refused.value.param == "prompt_logprobs"
+
+
+def test_finish_choice_drops_the_choice_and_aborts_once_none_is_running(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """A stop string matched in the server ends the choice: n = 1 aborts the request at once; with n = 2 the
+    other choice goes on (TensorRT-LLM cancels whole requests only) and the ended one's tokens are dropped."""
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(token_ids=[i])] for i in range(5, 50)])
+    client = _client(tmp_path)
+
+    async def one_choice() -> list[GenerationDelta]:
+        deltas = []
+        async for delta in client.generate(await client.prepare(_request("one"))):
+            deltas.append(delta)
+            if len(deltas) == 2:
+                await client.finish_choice("one", 0)
+        return deltas
+
+    async def two_choices() -> list[GenerationDelta]:
+        _script(
+            fake_trtllm,
+            [[update(index=0, token_ids=[i]), update(index=1, token_ids=[i + 100])] for i in range(5, 10)]
+            + [[update(index=1, token_ids=[200], finish_reason="length")]],
+        )
+        deltas = []
+        async for delta in client.generate(await client.prepare(_request("two", n=2, temperature=1.0))):
+            deltas.append(delta)
+            if delta.index == 0:
+                await client.finish_choice("two", 0)
+        return deltas
+
+    async def main() -> tuple[list[GenerationDelta], int, list[GenerationDelta]]:
+        await client.start()
+        first = await one_choice()
+        aborts = len(fake_trtllm.calls("RequestOutput.abort"))
+        second = await two_choices()
+        await client.shutdown(0)
+        return first, aborts, second
+
+    first, aborts, second = asyncio.run(main())
+    assert [d.token_ids for d in first] == [[5], [6]] and aborts == 1
+    assert [d.token_ids for d in second if d.index == 0] == [[5]]  # nothing after the choice was ended
+    assert [d.token_ids for d in second if d.index == 1][-1] == [200]
+    assert second[-1].finish_reason == FinishReason.LENGTH
+    # choice 0 was still running in TensorRT-LLM when choice 1 finished: leaving the stream aborted it
+    assert len(fake_trtllm.calls("RequestOutput.abort")) == 2

@@ -12,8 +12,9 @@ import pytest
 
 from engine_builder.build.build_stage import build_engine
 from engine_builder.build.config import load_config
-from engine_builder.common.types import FinishReason, GenerationRequest, SamplingParams
 from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.common.types import FinishReason, GenerationRequest, SamplingParams
 from tests.conftest import MODELS_DIR
 from tests.fakes.trtllm_helpers import smollm2_config
 
@@ -34,15 +35,17 @@ pytestmark = [
 ]
 
 
-async def _generate(client: TrtLlmEngineClient) -> tuple[str, FinishReason | None]:
+async def _generate(client: TrtLlmEngineClient) -> tuple[list[int], FinishReason | None]:
+    """Token ids only: TensorRT-LLM makes no text (the server's output side does)."""
     await client.start()
     try:
         request = GenerationRequest("smoke", (1, 2, 3, 4), SamplingParams(max_tokens=8, temperature=0.0))
-        text, finish = "", None
-        async for delta in client.generate(request):
-            text += delta.text
+        token_ids: list[int] = []
+        finish = None
+        async for delta in client.generate(await client.prepare(request)):
+            token_ids += delta.token_ids
             finish = delta.finish_reason or finish
-        return text, finish
+        return token_ids, finish
     finally:
         await client.shutdown(10)
 
@@ -53,5 +56,6 @@ def test_build_and_generate_on_a_gpu(stack: str, tmp_path: Path, monkeypatch: py
     loaded = load_config(smollm2_config(tmp_path, MODELS_DIR, quantization="no_quant", stack=stack))
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     client = TrtLlmEngineClient.from_engine_dir(engine)
-    text, finish = asyncio.run(_generate(client))
+    token_ids, finish = asyncio.run(_generate(client))
+    text = TextDecoder.from_model_dir(engine.model_dir).decode(token_ids, skip_special_tokens=True)
     assert finish in (FinishReason.LENGTH, FinishReason.STOP) and text

@@ -51,13 +51,15 @@ def test_sampling_request_maps_field_for_field() -> None:
         seed=7,
         stop=("###",),
         stop_token_ids=(5,),
-        include_stop_str_in_output=True,
+        include_stop_str_in_output=False,
         min_tokens=2,
         skip_special_tokens=False,
         n=2,
     )
     translated = to_trtllm(params, PYTORCH)
     assert translated.kwargs == {
+        "detokenize": False,  # token ids only: the server detokenizes and matches `stop` (not passed)
+        "end_id": 2,
         "max_tokens": 16,
         "temperature": 0.7,
         "top_p": 0.9,
@@ -67,16 +69,20 @@ def test_sampling_request_maps_field_for_field() -> None:
         "presence_penalty": 0.2,
         "frequency_penalty": 0.3,
         "seed": 7,
-        "stop": ["###"],
         "stop_token_ids": [5, 2, 3],
-        "include_stop_str_in_output": True,
+        "include_stop_str_in_output": True,  # stop tokens stay in the ids; the server keeps them out of the text
         "ignore_eos": False,
         "min_tokens": 2,
-        "skip_special_tokens": False,
         "n": 2,
     }
     assert translated.guide is None
     assert translated.added_stop_token_ids == frozenset({2, 3})
+
+
+def test_without_a_known_eos_id_tensorrt_llm_picks_its_own_end_id() -> None:
+    traits = dataclasses.replace(PYTORCH, eos_token_ids=())
+    translated = to_trtllm(SamplingParams(max_tokens=1, seed=0), traits)
+    assert "end_id" not in translated.kwargs and translated.kwargs["detokenize"] is False
 
 
 def test_temperature_zero_is_tensorrt_llm_greedy() -> None:

@@ -1,8 +1,9 @@
 """The torch backend behind the EngineClient seam: LLMEngine on its own thread, asyncio on the outside.
 
 The engine thread owns the engine and steps it while there is work; requests and aborts reach it
-through a queue. Each step's outputs are handed to the event loop in one call; there, every choice is
-detokenized incrementally and checked for stop strings (a match aborts the request in the engine).
+through a queue. Each step's outputs (token ids) are handed to the event loop in one call and go to the server
+as they are: the server's output side detokenizes them and matches stop strings (a match ends the choice here
+through `finish_choice`). `prepare` checks a request and compiles its guide once; `generate` runs the result.
 """
 
 import asyncio
@@ -12,23 +13,20 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_builder.common.types import (
-    EngineStats,
-    FinishReason,
-    GenerationDelta,
-    GenerationRequest,
-    Guide,
-    ModelInfo,
-)
+from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine
-from engine_builder.serve.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
-from engine_builder.serve.decoding.stop_strings import StopStringMatcher
-from engine_builder.serve.decoding.structured.compiler import GrammarCompiler, GuideMatcher
+from engine_builder.common.types import (
+    EngineStats,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    PreparedRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +47,10 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass
-class _Choice:
-    detokenizer: IncrementalDetokenizer
-    stops: StopStringMatcher
-    finished: bool = False
-
-
-@dataclass
 class _Stream:
     request: GenerationRequest
     outputs: asyncio.Queue
-    choices: list[_Choice] = field(default_factory=list)
+    ended: set[int] = field(default_factory=set)  # choices finished by the engine or by `finish_choice`
 
 
 class TorchEngineClient:
@@ -70,16 +61,15 @@ class TorchEngineClient:
         eos_token_ids: tuple[int, ...],
         architecture: str,
         tool_parser: str | None = None,
-        decoder: TextDecoder | None = None,
         hf_tokenizer: Any = None,
     ) -> None:
-        """`decoder` and `hf_tokenizer`: the server's own (one tokenizer per server); loaded here when absent."""
+        """`hf_tokenizer`: the server's own (one tokenizer per server), for the grammar compiler; loaded there
+        when absent."""
         self.config = config
         self._served_model_name = served_model_name
         self._eos_token_ids = eos_token_ids
         self._architecture = architecture
         self._tool_parser = tool_parser
-        self.decoder = decoder or TextDecoder.from_model_dir(config.model_dir)
         self._hf_tokenizer = hf_tokenizer
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -119,7 +109,7 @@ class TorchEngineClient:
         request = GenerationRequest(
             "warmup", (1, 2, 3, 4), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         )
-        async for _ in self.generate(request):
+        async for _ in self.generate(await self.prepare(request)):
             pass
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
@@ -145,45 +135,51 @@ class TorchEngineClient:
         return self._stats
 
     # -- requests ----------------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest[Any]:
+        """The engine's checks (prompt, adapter, KV capacity) and the guide's compilation, once per request;
+        raises GuideError or RequestRejectedError (a ValueError naming its `param`)."""
+        assert self.engine is not None, "start() first"
+        compiled = None
+        guide = request.sampling.guide
+        if guide is not None:
+            compiler = await self._grammar_compiler()
+            compiled = await asyncio.to_thread(compiler.compile, guide)
+        self.engine.check_request(request)
+        return PreparedRequest(request, compiled)
+
+    async def generate(self, prepared: PreparedRequest[Any]) -> AsyncGenerator[GenerationDelta, None]:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
-        params = request.sampling
+        request = prepared.request
+        num_choices = request.sampling.n
+        matchers = None
+        if prepared.compiled is not None:
+            assert self._compiler is not None
+            matchers = [self._compiler.matcher(prepared.compiled, self._eos_token_ids) for _ in range(num_choices)]
         stream = _Stream(request, asyncio.Queue())
-        stream.choices = [
-            _Choice(
-                self.decoder.start(request.prompt_token_ids, params.skip_special_tokens),
-                StopStringMatcher(params.stop, params.include_stop_str_in_output),
-            )
-            for _ in range(params.n)
-        ]
-        matchers = await self._guide_matchers(request)
         self._streams[request.request_id] = stream
         self._commands.put(("add", (request, matchers)))
-        remaining = params.n
         try:
-            while remaining:
+            while len(stream.ended) < num_choices:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                for delta in self._deltas(stream, item):
-                    if delta.finish_reason is not None:
-                        remaining -= 1
-                    yield delta
+                for output in item:
+                    if output.index in stream.ended:
+                        continue
+                    if output.finish_reason is not None:
+                        stream.ended.add(output.index)
+                    yield output  # the engine handed this output over: passed on, not copied
         finally:
             self._streams.pop(request.request_id, None)
-            if remaining:
+            if len(stream.ended) < num_choices:
                 self._commands.put(("abort", request.request_id))
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Refuse, before anything streams, a request this engine could never run (raises ValueError)."""
-        assert self.engine is not None
-        self.engine.check_capacity(request)
-
-    async def check_guide(self, guide: Guide) -> None:
-        """Compile (and cache) the guide now, so a bad one is refused before any streaming starts."""
-        compiler = await self._grammar_compiler()
-        await asyncio.to_thread(compiler.compile, guide)
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None and index not in stream.ended:
+            stream.ended.add(index)
+            self._commands.put(("abort_choice", (request_id, index)))
 
     async def _grammar_compiler(self) -> GrammarCompiler:
         if self._compiler is None:
@@ -193,55 +189,8 @@ class TorchEngineClient:
             )
         return self._compiler
 
-    async def _guide_matchers(self, request: GenerationRequest) -> list[GuideMatcher] | None:
-        guide = request.sampling.guide
-        if guide is None:
-            return None
-        compiler = await self._grammar_compiler()
-        compiled = await asyncio.to_thread(compiler.compile, guide)
-        return [compiler.matcher(compiled, self._eos_token_ids) for _ in range(request.sampling.n)]
-
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
-
-    def _deltas(self, stream: _Stream, outputs: list[GenerationDelta]) -> list[GenerationDelta]:
-        params = stream.request.sampling
-        deltas = []
-        for output in outputs:
-            choice = stream.choices[output.index]
-            if choice.finished:
-                continue
-            token_ids = output.token_ids
-            finish = output.finish_reason
-            decode_ids = token_ids
-            if (
-                finish == FinishReason.STOP
-                and isinstance(output.stop_reason, int)
-                or (
-                    finish == FinishReason.STOP
-                    and output.stop_reason is None
-                    and token_ids
-                    and token_ids[-1] in self._eos_token_ids
-                )
-            ):
-                if not params.include_stop_str_in_output:
-                    decode_ids = token_ids[:-1]
-            text = choice.detokenizer.add(decode_ids) if decode_ids else ""
-            if finish is not None:
-                text += choice.detokenizer.flush()
-            result = choice.stops.feed(text)
-            stop_reason = output.stop_reason
-            if result.matched is not None:
-                finish, stop_reason = FinishReason.STOP, result.matched
-                if output.finish_reason is None:
-                    self._commands.put(("abort_choice", (stream.request.request_id, output.index)))
-            elif finish is not None:
-                result.text += choice.stops.flush()
-            if finish is not None:
-                choice.finished = True
-            output.text, output.finish_reason, output.stop_reason = result.text, finish, stop_reason
-            deltas.append(output)  # the engine handed this output over: completed here, not copied
-        return deltas
 
     # -- engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:

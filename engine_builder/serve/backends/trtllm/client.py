@@ -1,35 +1,39 @@
 """The TensorRT-LLM backend behind the EngineClient seam: one `LLM` object, one async stream per request.
 
 TensorRT-LLM runs its own executor (and MPI workers for tensor parallelism); `generate_async(...,
-streaming=True)` yields a `RequestOutput` per step, which `RequestStream` turns into our deltas.
-Everything about TensorRT-LLM here is verified only against the fake package in tests/fakes: no GPU run yet.
+streaming=True)` yields a `RequestOutput` per step, which `RequestStream` turns into our deltas: token ids only,
+the server's output side makes the text (TensorRT-LLM's tokenizer is not loaded unless its xgrammar backend needs
+it for the grammar vocabulary). Everything about TensorRT-LLM here is verified only against the fake package in
+tests/fakes: no GPU run yet.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from engine_builder.common.artifact import EngineDir
-from engine_builder.common.model_facts import read_model_facts
 from engine_builder.common.trtllm import adapter
+from engine_builder.serve.backends.trtllm.outputs import RequestStream
+from engine_builder.serve.backends.trtllm.sampling import (
+    EngineTraits,
+    TrtSampling,
+    UnsupportedRequestError,
+    guide_kwargs,
+    to_trtllm,
+)
 from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec
+from engine_builder.common.model_facts import read_model_facts
 from engine_builder.common.types import (
     EngineStats,
     GenerationDelta,
     GenerationRequest,
-    Guide,
     ModelInfo,
+    PreparedRequest,
     SamplingParams,
-)
-from engine_builder.serve.backends.trtllm.outputs import RequestStream
-from engine_builder.serve.backends.trtllm.sampling import (
-    EngineTraits,
-    UnsupportedRequestError,
-    guide_kwargs,
-    to_trtllm,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,11 @@ class TrtLlmEngineDeadError(RuntimeError):
 
 class TrtLlmEngineClient:
     def __init__(self, spec: LlmSpec, model_info: ModelInfo, *, warmup: bool = True) -> None:
-        self.spec = spec
+        # TensorRT-LLM's tokenizer makes no text here; only its xgrammar backend needs it (for the grammar's
+        # vocabulary, `_xgrammar_tokenizer_info(self.tokenizer)` in its LLM._build_model), and without a known
+        # EOS id it supplies the end id.
+        needs_tokenizer = spec.guided_decoding_backend is not None or not model_info.eos_token_ids
+        self.spec = spec if needs_tokenizer else dataclasses.replace(spec, skip_tokenizer_init=True)
         self._model_info = model_info
         self._traits = EngineTraits(
             is_pytorch_backend=spec.backend == LlmBackend.PYTORCH,
@@ -60,6 +68,7 @@ class TrtLlmEngineClient:
         self._warmup = warmup
         self._llm: Any = None
         self._results: dict[str, Any] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
 
@@ -103,7 +112,7 @@ class TrtLlmEngineClient:
             request = GenerationRequest(
                 "warmup", (1, 2, 3, 4), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
             )
-            async for _ in self.generate(request):
+            async for _ in self.generate(await self.prepare(request)):
                 pass
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
@@ -135,20 +144,26 @@ class TrtLlmEngineClient:
         )
 
     # -- requests ----------------------------------------------------------------------------------------
-    def check_request(self, request: GenerationRequest) -> None:
-        """Refuse, before anything streams, sampling fields this engine cannot map (the same translation
-        `generate` runs; a ValueError naming the field). Capacity is TensorRT-LLM's own: it sizes its KV cache
-        and refuses what cannot fit at submission (a per-request error, see `generate`)."""
-        to_trtllm(request.sampling, self._traits)
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest[TrtSampling]:
+        """Translate the request once (a guide this backend cannot map is a GuideError, any other field an
+        UnsupportedRequestError naming it); TensorRT-LLM compiles the guide itself at generation. Capacity is
+        TensorRT-LLM's own: it sizes its KV cache and refuses what cannot fit at submission (see `generate`)."""
+        guide = request.sampling.guide
+        if guide is not None:
+            from engine_builder.serve.decoding.structured.errors import GuideError
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+            try:
+                guide_kwargs(guide, self._traits)
+            except UnsupportedRequestError as error:
+                raise GuideError(str(error), param=error.param) from None
+        return PreparedRequest(request, to_trtllm(request.sampling, self._traits))
+
+    async def generate(self, prepared: PreparedRequest[TrtSampling]) -> AsyncGenerator[GenerationDelta, None]:
         llm = self._running_llm()
-        sampling = to_trtllm(request.sampling, self._traits)
+        request, sampling = prepared.request, prepared.compiled
         try:
             params = adapter.sampling_params(sampling.kwargs, sampling.guide)
-        except (
-            ValueError
-        ) as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
+        except ValueError as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
             raise UnsupportedRequestError(
                 f"TensorRT-LLM refused the sampling parameters: {error}", param="sampling"
             ) from error
@@ -169,6 +184,7 @@ class TrtLlmEngineClient:
             raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error
         stream = RequestStream(request, sampling)
         self._results[request.request_id] = result
+        self._streams[request.request_id] = stream
         try:
             try:
                 async for output in result:
@@ -184,17 +200,17 @@ class TrtLlmEngineClient:
                 yield delta
         finally:
             self._results.pop(request.request_id, None)
-            if not stream.is_finished:
+            self._streams.pop(request.request_id, None)
+            if stream.is_running:
                 result.abort()
 
-    async def check_guide(self, guide: Guide) -> None:
-        """Refuse, before admission, a guide this backend cannot map; TensorRT-LLM compiles it at generation."""
-        from engine_builder.serve.decoding.structured.errors import GuideError
-
-        try:
-            guide_kwargs(guide, self._traits)
-        except UnsupportedRequestError as error:
-            raise GuideError(str(error), param=error.param) from None
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        """TensorRT-LLM's LLM API cancels whole requests only: the choice's further tokens are dropped, and the
+        stream, left once no choice is open (at once for n = 1), aborts the request if TensorRT-LLM is still
+        generating any of it."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.end_choice(index)
 
     async def abort(self, request_id: str) -> None:
         result = self._results.get(request_id)

@@ -1,8 +1,8 @@
-"""One request's TensorRT-LLM stream -> our GenerationDeltas (text delta, new token ids, finish, logprobs).
+"""One request's TensorRT-LLM stream -> our GenerationDeltas (new token ids, finish, logprobs; no text).
 
-Text comes from `CompletionOutput.text_diff`, the per-step delta TensorRT-LLM detokenized. New token ids
-are counted here from the cumulative `token_ids`, because TensorRT-LLM refreshes `token_ids_diff` only for
-the sequence a response touched (n > 1 would repeat the others). Verified only against the fake.
+TensorRT-LLM is asked for token ids only (`detokenize=False`): the server's output side makes the text. New
+token ids are counted here from the cumulative `token_ids`, because TensorRT-LLM refreshes `token_ids_diff` only
+for the sequence a response touched (n > 1 would repeat the others). Verified only against the fake.
 """
 
 from dataclasses import dataclass
@@ -23,7 +23,8 @@ FINISH_ERRORS: dict[str, str] = {"timeout": "TensorRT-LLM timed the request out"
 @dataclass
 class _Choice:
     num_tokens: int = 0
-    is_finished: bool = False
+    is_finished: bool = False  # TensorRT-LLM finished it (or failed it)
+    is_ended: bool = False  # the server ended it first (a stop string): TensorRT-LLM may still be generating it
 
 
 class RequestStream:
@@ -36,7 +37,17 @@ class RequestStream:
 
     @property
     def is_finished(self) -> bool:
-        return all(choice.is_finished for choice in self.choices)
+        """Every choice finished or ended: nothing more to read."""
+        return all(choice.is_finished or choice.is_ended for choice in self.choices)
+
+    @property
+    def is_running(self) -> bool:
+        """TensorRT-LLM is still generating some choice: leaving the stream must abort the request."""
+        return not all(choice.is_finished for choice in self.choices)
+
+    def end_choice(self, index: int) -> None:
+        """The server ended this choice (`finish_choice`): what TensorRT-LLM still sends for it is dropped."""
+        self.choices[index].is_ended = True
 
     def update(self, output: Any) -> list[GenerationDelta]:
         deltas = []
@@ -52,20 +63,19 @@ class RequestStream:
         """ERROR deltas for every choice still open (TensorRT-LLM failed the request or ended the stream)."""
         deltas = []
         for index, choice in enumerate(self.choices):
-            if not choice.is_finished:
+            if not choice.is_finished and not choice.is_ended:
                 choice.is_finished = True
-                deltas.append(self._delta(index, [], "", FinishReason.ERROR, error=message))
+                deltas.append(self._delta(index, [], FinishReason.ERROR, error=message))
         return deltas
 
     def _update_choice(self, completion: Any) -> GenerationDelta | None:
         index = completion.index
         choice = self.choices[index]
-        if choice.is_finished:
+        if choice.is_finished or choice.is_ended:
             return None
         token_ids = list(completion.token_ids or [])
         start = choice.num_tokens
         new_ids = token_ids[start:]
-        text = completion.text_diff
         raw_finish = completion.finish_reason
         finish = None
         error = None
@@ -74,7 +84,7 @@ class RequestStream:
             error = FINISH_ERRORS.get(raw_finish)
             if raw_finish not in FINISH_REASONS:
                 error = f"TensorRT-LLM finished the request with an unknown reason {raw_finish!r}"
-        if finish is None and not new_ids and not text:
+        if finish is None and not new_ids:
             return None
         logprobs = None
         if self.sampling.report_logprobs is not None and new_ids:
@@ -91,7 +101,6 @@ class RequestStream:
         return self._delta(
             index,
             new_ids,
-            text,
             finish,
             stop_reason=stop_reason,
             logprobs=logprobs,
@@ -103,7 +112,6 @@ class RequestStream:
         self,
         index: int,
         token_ids: list[int],
-        text: str,
         finish: FinishReason | None,
         *,
         stop_reason: str | int | None = None,
@@ -115,7 +123,7 @@ class RequestStream:
             request_id=self.request.request_id,
             index=index,
             token_ids=token_ids,
-            text=text,
+            text="",  # the server's output side detokenizes
             logprobs=logprobs,
             finish_reason=finish,
             stop_reason=stop_reason,

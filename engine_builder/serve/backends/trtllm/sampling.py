@@ -2,7 +2,10 @@
 
 Every field of `engine_builder.common.types.SamplingParams` has an entry in `FIELD_MAPPINGS`; a field without
 one (say, added later) makes every request fail with its name, so nothing is ignored silently. A value
-TensorRT-LLM cannot honour raises `UnsupportedRequestError` naming the field. Verified only against the
+TensorRT-LLM cannot honour raises `UnsupportedRequestError` naming the field. TensorRT-LLM returns token ids
+only (`detokenize=False`, `end_id` given, so it never needs its tokenizer per request): the server detokenizes
+and matches stop strings itself, so `stop` and `skip_special_tokens` are not passed, and stop tokens stay in
+the returned ids (`include_stop_str_in_output=True`) as the torch engine returns them. Verified only against the
 fake `tensorrt_llm` in tests/fakes.
 """
 
@@ -53,11 +56,11 @@ SAME_NAME_FIELDS = (
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",
-    "include_stop_str_in_output",
     "ignore_eos",
     "min_tokens",
-    "skip_special_tokens",
 )
+# Text-side fields: the server's output side applies them to the token ids (engine_builder/serve/server/text.py).
+TEXT_FIELDS = ("stop", "skip_special_tokens")
 
 GUIDE_KEYS: dict[GuideKind, str] = {
     GuideKind.JSON_SCHEMA: "json",
@@ -124,9 +127,14 @@ def _seed(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> Non
     out.kwargs["seed"] = params.seed if params.seed is not None else random.getrandbits(63)
 
 
-def _stop(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
-    if params.stop:
-        out.kwargs["stop"] = list(params.stop)
+def _text_side(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    """Not passed: TensorRT-LLM would need its tokenizer for it, and the server applies it to the ids."""
+
+
+def _include_stop_str_in_output(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    # TensorRT-LLM cuts a matched stop token off `token_ids` unless this is set; the server keeps it out of the
+    # text (or in, as the request asks) and counts it, as with the torch engine.
+    out.kwargs["include_stop_str_in_output"] = True
 
 
 def _stop_token_ids(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
@@ -195,13 +203,14 @@ def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSamplin
 
 FIELD_MAPPINGS: dict[str, Mapper] = {
     **{name: _same_name(name) for name in SAME_NAME_FIELDS},
+    **{name: _text_side for name in TEXT_FIELDS},
+    "include_stop_str_in_output": _include_stop_str_in_output,
     "temperature": _temperature,
     "top_p": _top_p,
     "top_k": _top_k,
     "n": _n,
     "logit_bias": _logit_bias,
     "seed": _seed,
-    "stop": _stop,
     "stop_token_ids": _stop_token_ids,
     "logprobs": _logprobs,
     "prompt_logprobs": _prompt_logprobs,
@@ -211,7 +220,11 @@ FIELD_MAPPINGS: dict[str, Mapper] = {
 
 
 def to_trtllm(params: SamplingParams, traits: EngineTraits) -> TrtSampling:
-    out = TrtSampling()
+    # Token ids only: no detokenization, and an explicit end id, without which TensorRT-LLM calls its tokenizer
+    # (`SamplingParams._setup`) for every request. Without a known EOS id its own tokenizer's is used.
+    out = TrtSampling(kwargs={"detokenize": False})
+    if traits.eos_token_ids:
+        out.kwargs["end_id"] = traits.eos_token_ids[0]
     for item in dataclasses.fields(params):
         mapper = FIELD_MAPPINGS.get(item.name)
         if mapper is None:

@@ -60,9 +60,18 @@ class RequestOutput:
     """One request's result; async-iterating it yields itself once per engine step (streaming)."""
 
     def __init__(
-        self, request_id: int, prompt_token_ids: list[int], sampling_params: Any, steps: list[Any]
+        self,
+        request_id: int,
+        prompt_token_ids: list[int],
+        sampling_params: Any,
+        steps: list[Any],
+        detokenized: bool = True,
     ) -> None:
+        """`detokenized`: text is produced only with `detokenize` and a tokenizer (DetokenizedGenerationResultBase);
+        otherwise `text` stays empty and the scripted text is ignored."""
         self.request_id = request_id
+        self._sampling_params = sampling_params
+        self._detokenized = detokenized
         self.prompt: str | None = None
         self.prompt_token_ids = prompt_token_ids
         self.outputs = [CompletionOutput(index) for index in range(sampling_params.best_of)]
@@ -104,9 +113,10 @@ class RequestOutput:
         output._last_token_ids_len = len(output.token_ids)
         output._last_logprobs_len = len(output.logprobs)
         output.token_ids.extend(update.token_ids)
-        if update.trim_token_ids:
-            del output.token_ids[-update.trim_token_ids :]
-        output.text += update.text
+        if update.trim_token_ids and not self._sampling_params.include_stop_str_in_output:
+            del output.token_ids[-update.trim_token_ids :]  # _handle_sequence cuts a matched stop word unless kept
+        if self._detokenized:
+            output.text += update.text
         if update.logprobs is not None:
             output.logprobs.extend(update.logprobs)
         if update.finish_reason is not None:
@@ -147,6 +157,9 @@ class _BaseLLM:
             raise FakeValidationError(
                 self.ARGS_CLASS, "guided_decoding_backend", "Input should be 'xgrammar' or 'llguidance'"
             )
+        if self.args.get("skip_tokenizer_init") and backend is not None:
+            # _build_model passes self.tokenizer to _xgrammar_tokenizer_info (the source); the words are the fake's.
+            raise ValueError(f"guided_decoding_backend={backend!r} needs the tokenizer (skip_tokenizer_init is set)")
         self._validate()
         _fake.record(self.RECORD_NAME, passed, self)
         self._is_shutdown = False
@@ -172,6 +185,28 @@ class _BaseLLM:
     def tokenizer(self) -> Any:
         return None
 
+    @property
+    def _has_tokenizer(self) -> bool:
+        """The real LLM loads one unless skip_tokenizer_init (_try_load_tokenizer); the fake only remembers that."""
+        return not self.args.get("skip_tokenizer_init")
+
+    def _prepare_sampling_params(self, params: SamplingParams) -> None:
+        """`_prepare_sampling_params`: an unset end_id is taken from the tokenizer (`SamplingParams._setup`, which
+        also encodes `stop` strings); without a tokenizer that is refused. Stop strings that `_setup` never saw
+        fail when the worker reads the stop words (`_get_stop_words`), wrapped in a RequestError."""
+        if params.end_id is None:
+            if not self._has_tokenizer:
+                raise ValueError(
+                    "tokenizer is required to reset end_id if it is None, or you can explicitly specify the end_id "
+                    "for sampling_params"
+                )
+            stops = [params.stop] if isinstance(params.stop, str) else params.stop
+            params._stop_word_ids = [[] for _ in stops or ()]  # the fake cannot encode: the shape only
+        if params.stop is not None and params._stop_word_ids is None:
+            raise RequestError(
+                f"SamplingParams.stop ({params.stop}) is not processed by tokenizer, please call the setup method."
+            )
+
     def generate_async(
         self,
         inputs: Any,
@@ -188,6 +223,7 @@ class _BaseLLM:
         if params.guided_decoding is not None and self.args.get("guided_decoding_backend") is None:
             # Not read from TensorRT-LLM's source (see README): the fake refuses rather than ignore the guide.
             raise RequestError("guided decoding is not enabled on this LLM (guided_decoding_backend is None)")
+        self._prepare_sampling_params(params)
         prompt_token_ids = list(inputs) if isinstance(inputs, list) else []
         self._check_request(len(prompt_token_ids), params)
         _fake.record(
@@ -196,7 +232,8 @@ class _BaseLLM:
         )
         self._next_request_id += 1
         steps = _fake.SCRIPT(prompt_token_ids, params)
-        return RequestOutput(self._next_request_id, prompt_token_ids, params, steps)
+        detokenized = params.detokenize and self._has_tokenizer
+        return RequestOutput(self._next_request_id, prompt_token_ids, params, steps, detokenized)
 
     def shutdown(self) -> None:
         _fake.record(f"{self.RECORD_NAME}.shutdown", {})

@@ -1,0 +1,78 @@
+"""Token ids -> text, for every backend: incremental detokenization and stop strings, per choice of one request.
+
+Backends stream token ids only (the one that stopped a choice included); the server's one tokenizer decodes them
+here. A stop string can end a choice before the engine does: `Completed.stops_engine` then tells the caller to
+end that choice in the engine, and whatever the engine still sends for it is dropped.
+"""
+
+from dataclasses import dataclass
+
+from engine_builder.serve.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
+from engine_builder.serve.decoding.stop_strings import StopStringMatcher
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest
+
+
+@dataclass
+class _Choice:
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    is_finished: bool = False
+
+
+@dataclass
+class Completed:
+    delta: GenerationDelta  # the engine's delta, its text (and a stop string's finish) filled in
+    stops_engine: bool = False  # a stop string ended the choice while the engine was still generating it
+
+
+class RequestText:
+    """Per-request state: one detokenizer and one stop-string matcher per choice."""
+
+    def __init__(self, decoder: TextDecoder, request: GenerationRequest, eos_token_ids: tuple[int, ...]) -> None:
+        params = request.sampling
+        self.include_stop_str_in_output = params.include_stop_str_in_output
+        self.eos_token_ids = eos_token_ids
+        self.choices = [
+            _Choice(
+                decoder.start(request.prompt_token_ids, params.skip_special_tokens),
+                StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            )
+            for _ in range(params.n)
+        ]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(choice.is_finished for choice in self.choices)
+
+    def complete(self, delta: GenerationDelta) -> Completed | None:
+        """Fill in the text of one engine delta (in place: the engine handed it over); None for a choice that
+        has already ended here."""
+        choice = self.choices[delta.index]
+        if choice.is_finished:
+            return None
+        finish = delta.finish_reason
+        decode_ids = delta.token_ids
+        if self._ends_on_stop_token(delta) and not self.include_stop_str_in_output:
+            decode_ids = decode_ids[:-1]  # EOS or a stop token id: not part of the text
+        text = choice.detokenizer.add(decode_ids) if decode_ids else ""
+        if finish is not None:
+            text += choice.detokenizer.flush()
+        result = choice.stops.feed(text)
+        stop_reason = delta.stop_reason
+        stops_engine = False
+        if result.matched is not None:
+            stops_engine = finish is None
+            finish, stop_reason = FinishReason.STOP, result.matched
+        elif finish is not None:
+            result.text += choice.stops.flush()
+        if finish is not None:
+            choice.is_finished = True
+        delta.text, delta.finish_reason, delta.stop_reason = result.text, finish, stop_reason
+        return Completed(delta, stops_engine)
+
+    def _ends_on_stop_token(self, delta: GenerationDelta) -> bool:
+        if delta.finish_reason != FinishReason.STOP or not delta.token_ids:
+            return False
+        if isinstance(delta.stop_reason, int):
+            return True
+        return delta.stop_reason is None and delta.token_ids[-1] in self.eos_token_ids
