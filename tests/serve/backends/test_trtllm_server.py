@@ -118,3 +118,30 @@ def test_one_tokenizer_per_server(
     assert loads == ["AutoTokenizer.from_pretrained"]
     assert state.renderer is not None and state.engine_decoder().tokenizer is state.renderer.tokenizer.backend_tokenizer
     assert state.token_texts() is state.token_texts()
+
+
+def test_text_and_stop_strings_come_from_the_server_over_tensorrt_llm_ids(
+    server: TestClient, fake_trtllm: ModuleType
+) -> None:
+    """TensorRT-LLM streams ids only (the fake would return its scripted text, "WRONG", had it been asked to
+    detokenize); our detokenizer makes "Hello!" of them, and a stop string across the two tokens ends the request
+    in TensorRT-LLM (an abort) with OpenAI's finish_reason and vLLM's stop_reason."""
+    update = fake_trtllm.Update
+
+    def script(prompt_token_ids: list[int], sampling_params: object) -> list[object]:
+        steps = [[update(text="WRONG", token_ids=[19556])], [update(text="WRONG", token_ids=[17])]]
+        return steps + [[update(text="WRONG", token_ids=[17])] for _ in range(5)] + [[update(finish_reason="length")]]
+
+    fake_trtllm.SCRIPT = script
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stop": ["lo!"]}
+    response = server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    choice = answer["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"], choice["stop_reason"]) == ("Hel", "stop", "lo!")
+    assert answer["usage"]["completion_tokens"] == 2  # the tokens generated up to the match, as on torch
+    params = fake_trtllm.calls("_TrtLLM.generate_async")[-1].kwargs["sampling_params"]
+    assert params.stop is None and params.detokenize is False
+    assert len(fake_trtllm.calls("RequestOutput.abort")) == 1  # no more tokens computed for it
+    plain = server.post("/v1/chat/completions", json={**body, "stop": None})
+    assert plain.json()["choices"][0]["message"]["content"] == "Hello!!!!!!"

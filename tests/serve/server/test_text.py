@@ -1,0 +1,79 @@
+"""RequestText: the output side's token ids -> text for every backend (SmolLM2's tokenizer, no engine)."""
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.text import RequestText
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def decoder(smollm2_dir: Path) -> TextDecoder:
+    return TextDecoder(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")))
+
+
+def _request(**sampling: object) -> GenerationRequest:
+    return GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=64, **sampling))  # type: ignore[arg-type]
+
+
+def _delta(token_ids: list[int], index: int = 0, finish: FinishReason | None = None, **fields: object) -> GenerationDelta:
+    return GenerationDelta("r", index, token_ids, "", finish_reason=finish, **fields)  # type: ignore[arg-type]
+
+
+def _split_stop(decoder: TextDecoder, ids: list[int]) -> tuple[str, int]:
+    """A stop string made of the end of one token and the start of the next, and the index of that next token."""
+    texts = [decoder.token_text(token) for token in ids]
+    for position in range(1, len(ids)):
+        if len(texts[position - 1].strip()) >= 2 and len(texts[position].strip()) >= 2:
+            return texts[position - 1][-2:] + texts[position][:2], position
+    raise AssertionError("no two neighbouring tokens of two characters or more")
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_across_token_boundaries_ends_the_choice_in_the_engine(decoder: TextDecoder, include: bool) -> None:
+    ids = decoder.tokenizer.encode("The storyteller finished the chapter and closed the book.", add_special_tokens=False).ids
+    stop, ending = _split_stop(decoder, ids)
+    text = RequestText(decoder, _request(stop=(stop,), include_stop_str_in_output=include), (EOS,))
+    completed = [text.complete(_delta([token])) for token in ids]
+    emitted = [c for c in completed if c is not None]
+    assert len(emitted) == ending + 1  # the delta that completed the stop string is the last one passed on
+    last = emitted[-1]
+    assert (last.delta.finish_reason, last.delta.stop_reason, last.stops_engine) == (FinishReason.STOP, stop, True)
+    full = decoder.decode(ids, skip_special_tokens=True)
+    cut = full.index(stop) + (len(stop) if include else 0)
+    assert "".join(c.delta.text for c in emitted) == full[:cut]
+    assert not any(c.stops_engine for c in emitted[:-1]) and text.is_finished
+
+
+def test_eos_and_stop_token_ids_are_kept_out_of_the_text(decoder: TextDecoder) -> None:
+    hello = decoder.tokenizer.encode("Hello", add_special_tokens=False).ids
+    text = RequestText(decoder, _request(skip_special_tokens=False), (EOS,))
+    completed = text.complete(_delta([*hello, EOS], finish=FinishReason.STOP))
+    assert completed is not None and completed.delta.text == "Hello" and not completed.stops_engine
+
+    text = RequestText(decoder, _request(skip_special_tokens=False, stop_token_ids=(EOS,)), (0,))
+    completed = text.complete(_delta([*hello, EOS], finish=FinishReason.STOP, stop_reason=EOS))
+    assert completed is not None and completed.delta.text == "Hello" and completed.delta.stop_reason == EOS
+
+    text = RequestText(decoder, _request(skip_special_tokens=False, include_stop_str_in_output=True), (EOS,))
+    completed = text.complete(_delta([*hello, EOS], finish=FinishReason.STOP))
+    assert completed is not None and completed.delta.text == "Hello" + decoder.token_text(EOS)
+
+
+def test_choices_are_independent_and_a_stopped_one_drops_what_follows(decoder: TextDecoder) -> None:
+    ids = decoder.tokenizer.encode(" one two three", add_special_tokens=False).ids
+    text = RequestText(decoder, _request(n=2, stop=("two",), temperature=1.0), (EOS,))
+    seen: dict[int, str] = {0: "", 1: ""}
+    for token in ids:
+        for index in (0, 1):
+            completed = text.complete(_delta([token], index=index))
+            if completed is not None:
+                seen[index] += completed.delta.text
+    assert seen == {0: " one ", 1: " one "}
+    assert text.complete(_delta([ids[0]], index=0, finish=FinishReason.ABORT)) is None  # ended here already
+    assert text.is_finished
