@@ -1,0 +1,55 @@
+"""LLMEngine.check_request refuses what the engine could never run, by name; add_request, given a checked
+request, does not check it again (one input step per request)."""
+
+from pathlib import Path
+
+import pytest
+
+from engine_builder.engine.config import EngineConfig
+from engine_builder.engine.engine import LLMEngine, RequestRejectedError
+from engine_builder.common.types import GenerationRequest, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir: Path) -> LLMEngine:
+    config = EngineConfig(
+        model_dir=smollm2_dir, dtype="float32", max_seq_len=128, max_num_tokens=64, enable_chunked_prefill=False,
+        kv_cache_memory_bytes=8 * 2**20,
+    )
+    return LLMEngine(config, (2,))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "sampling", "adapter", "message", "param"),
+    [
+        ((), {}, None, "the prompt is empty", None),
+        (tuple(range(1, 200)), {}, None, "max_seq_len is 128", None),
+        (tuple(range(1, 100)), {}, None, "more than max_num_tokens 64", None),
+        ((1, 10**6), {}, None, "prompt token ids must be in", None),
+        ((1, 2), {}, "sql", "no LoRA adapter named 'sql'", None),
+        ((1, 2), {"n": 64, "temperature": 1.0, "max_tokens": 120}, None, "The KV cache holds", "n"),
+    ],
+)
+def test_check_request_refuses_by_name(
+    engine: LLMEngine, prompt: tuple[int, ...], sampling: dict, adapter: str | None, message: str, param: str | None
+) -> None:
+    request = GenerationRequest("r", prompt, SamplingParams(**{"max_tokens": 4, **sampling}), adapter=adapter)
+    with pytest.raises(RequestRejectedError, match=message) as refused:
+        engine.check_request(request)
+    assert refused.value.param == param
+
+
+def test_add_request_does_not_repeat_the_check(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = GenerationRequest("once", (1, 504, 3458), SamplingParams(max_tokens=2, temperature=0.0))
+    engine.check_request(request)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("checked twice")
+
+    monkeypatch.setattr(engine, "check_request", refuse)
+    monkeypatch.setattr(engine, "_check_capacity", refuse)
+    engine.add_request(request)
+    with pytest.raises(RequestRejectedError, match="already running"):  # engine state at add time is still checked
+        engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
