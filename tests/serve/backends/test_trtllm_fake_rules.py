@@ -92,3 +92,37 @@ def test_pytorch_prompt_over_max_num_tokens_is_a_request_error(tmp_path: Path, f
         LLM(model=str(tmp_path), max_seq_len=8, enable_chunked_prefill=True).generate_async(
             list(range(8)), SamplingParams(max_tokens=4)
         )
+
+
+def test_without_a_tokenizer_requests_need_an_end_id_and_get_no_text(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """skip_tokenizer_init: no end_id is refused, `stop` strings are never encoded (refused when the worker reads
+    them), guided decoding cannot be configured; with detokenize=False there is no text either way."""
+    import asyncio
+
+    from tensorrt_llm import LLM
+    from tensorrt_llm.executor import RequestError
+    from tensorrt_llm.llmapi import SamplingParams
+
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, guided_decoding_backend="xgrammar")
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="tokenizer is required to reset end_id"):
+        llm.generate_async([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match="is not processed by tokenizer"):
+        llm.generate_async([1, 2], SamplingParams(max_tokens=2, end_id=2, stop=["x"]))
+    update = fake_trtllm.Update
+    step = update(text="x", token_ids=[5, 2], finish_reason="stop", stop_reason=2, trim_token_ids=1)
+    fake_trtllm.SCRIPT = lambda prompt, params: [[step]]
+
+    async def final(llm: LLM, params: SamplingParams) -> tuple[str, list[int]]:
+        output = (await llm.generate_async([1, 2], params, streaming=True).aresult()).outputs[0]
+        return output.text, output.token_ids
+
+    ids_only = SamplingParams(max_tokens=2, end_id=2, detokenize=False, stop_token_ids=[2])
+    assert asyncio.run(final(llm, ids_only)) == ("", [5])  # the stop token cut off: include_stop_str_in_output off
+    kept = SamplingParams(max_tokens=2, end_id=2, stop_token_ids=[2], include_stop_str_in_output=True)
+    assert asyncio.run(final(llm, kept)) == ("", [5, 2])  # no tokenizer: no text even with detokenize
+    with_tokenizer = LLM(model=str(tmp_path))
+    assert asyncio.run(final(with_tokenizer, SamplingParams(max_tokens=2, stop_token_ids=[2]))) == ("x", [5])
