@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from engine_builder.common.types import GenerationRequest, SamplingParams
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine, RequestRejectedError
-from engine_builder.common.types import GenerationRequest, SamplingParams
 
 
 @pytest.fixture(scope="module")

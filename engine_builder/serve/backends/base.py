@@ -7,7 +7,13 @@
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from engine_builder.common.types import EngineStats, GenerationDelta, GenerationRequest, ModelInfo, PreparedRequest
+from engine_builder.common.types import (
+    EngineStats,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    PreparedRequest,
+)
 
 
 class EngineLifecycle(Protocol):

@@ -10,12 +10,18 @@ from typing import Any
 
 from fastapi import Request
 
+from engine_builder.common.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    PreparedRequest,
+    SamplingParams,
+)
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.guides import guide_refused
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.text import RequestText
-from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, PreparedRequest, SamplingParams
 
 
 def new_id(prefix: str) -> str:

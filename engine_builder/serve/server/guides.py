@@ -2,11 +2,11 @@
 
 import json
 
+from engine_builder.common.types import Guide, GuideKind
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.protocol import ResponseFormat, SamplingFields
-from engine_builder.common.types import Guide, GuideKind
 
 
 def guide_from_response_format(response_format: ResponseFormat | None) -> Guide | None:

@@ -8,8 +8,16 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine_builder.common.types import GenerationDelta
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
+from engine_builder.serve.server.generation import (
+    Run,
+    chunk_framer,
+    collect_until_disconnect,
+    new_id,
+    sse,
+    with_keepalive,
+)
 from engine_builder.serve.server.limits import check_chat_limits
 from engine_builder.serve.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
 from engine_builder.serve.server.protocol import (
@@ -20,10 +28,13 @@ from engine_builder.serve.server.protocol import (
     ResponseMessage,
     Usage,
 )
-from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported_chat, resolve_max_tokens
+from engine_builder.serve.server.sampling import (
+    build_sampling_params,
+    check_unsupported_chat,
+    resolve_max_tokens,
+)
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
-from engine_builder.common.types import GenerationDelta
 
 
 @dataclass

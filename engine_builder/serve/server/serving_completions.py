@@ -9,8 +9,16 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine_builder.common.types import GenerationDelta
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
-from engine_builder.serve.server.generation import Run, chunk_framer, collect_until_disconnect, new_id, sse, with_keepalive
+from engine_builder.serve.server.generation import (
+    Run,
+    chunk_framer,
+    collect_until_disconnect,
+    new_id,
+    sse,
+    with_keepalive,
+)
 from engine_builder.serve.server.guides import check_guide_compatible, guide_from_response_format
 from engine_builder.serve.server.limits import check_completion_limits
 from engine_builder.serve.server.logprobs import TokenTexts
@@ -23,7 +31,6 @@ from engine_builder.serve.server.protocol import (
 from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
-from engine_builder.common.types import GenerationDelta
 
 
 def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:

@@ -7,9 +7,9 @@ end that choice in the engine, and whatever the engine still sends for it is dro
 
 from dataclasses import dataclass
 
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest
 from engine_builder.serve.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
 from engine_builder.serve.decoding.stop_strings import StopStringMatcher
-from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest
 
 
 @dataclass

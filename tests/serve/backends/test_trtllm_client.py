@@ -10,10 +10,7 @@ from typing import Any
 
 import pytest
 
-from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
-from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
 from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec, LookaheadSpec
-from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.common.types import (
     FinishReason,
     GenerationDelta,
@@ -24,6 +21,9 @@ from engine_builder.common.types import (
     SamplingParams,
     TokenLogprob,
 )
+from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient, TrtLlmEngineDeadError
+from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
+from engine_builder.serve.decoding.structured.errors import GuideError
 from tests.fakes.trtllm_helpers import write_engine_config
 
 MODEL_INFO = ModelInfo(

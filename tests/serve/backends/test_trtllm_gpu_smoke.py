@@ -12,9 +12,9 @@ import pytest
 
 from engine_builder.build.build_stage import build_engine
 from engine_builder.build.config import load_config
+from engine_builder.common.types import FinishReason, GenerationRequest, SamplingParams
 from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient
 from engine_builder.serve.decoding.detokenizer import TextDecoder
-from engine_builder.common.types import FinishReason, GenerationRequest, SamplingParams
 from tests.conftest import MODELS_DIR
 from tests.fakes.trtllm_helpers import smollm2_config
 

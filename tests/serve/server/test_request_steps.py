@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from engine_builder.build.build_stage import build_engine
 from engine_builder.build.config import load_config
-from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 from engine_builder.engine.engine import LLMEngine
+from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 from engine_builder.serve.server.factory import build_server
 from engine_builder.serve.server.state import ServerState
 from tests.serve.server.harness import write_config

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 from engine_builder.serve.decoding.detokenizer import TextDecoder
 from engine_builder.serve.server.text import RequestText
-from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 
 EOS = 2
 

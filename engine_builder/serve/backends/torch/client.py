@@ -17,9 +17,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
-from engine_builder.engine.config import EngineConfig
-from engine_builder.engine.engine import LLMEngine
 from engine_builder.common.types import (
     EngineStats,
     GenerationDelta,
@@ -27,6 +24,9 @@ from engine_builder.common.types import (
     ModelInfo,
     PreparedRequest,
 )
+from engine_builder.engine.config import EngineConfig
+from engine_builder.engine.engine import LLMEngine
+from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.common.artifact import EngineDir
-from engine_builder.common.trtllm import adapter
-from engine_builder.serve.backends.trtllm.outputs import RequestStream
-from engine_builder.serve.backends.trtllm.sampling import (
-    EngineTraits,
-    TrtSampling,
-    UnsupportedRequestError,
-    guide_kwargs,
-    to_trtllm,
-)
-from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec
 from engine_builder.common.model_facts import read_model_facts
+from engine_builder.common.trtllm import adapter
+from engine_builder.common.trtllm.specs import LlmBackend, LlmSpec
 from engine_builder.common.types import (
     EngineStats,
     GenerationDelta,
@@ -34,6 +26,14 @@ from engine_builder.common.types import (
     ModelInfo,
     PreparedRequest,
     SamplingParams,
+)
+from engine_builder.serve.backends.trtllm.outputs import RequestStream
+from engine_builder.serve.backends.trtllm.sampling import (
+    EngineTraits,
+    TrtSampling,
+    UnsupportedRequestError,
+    guide_kwargs,
+    to_trtllm,
 )
 
 logger = logging.getLogger(__name__)
