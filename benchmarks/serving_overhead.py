@@ -47,7 +47,7 @@ class NullEngine:
         self.max_model_len = config.max_seq_len
         self.vocab_size = 49152
         # the client lowers the GIL switch interval for CUDA engines: this one stands in for one
-        self.runner = SimpleNamespace(device=torch.device("cuda"), bind_thread=lambda: None)
+        self.runner = SimpleNamespace(device=torch.device("cuda"), bind_thread=lambda: None, check_ranks=lambda: None)
         self.requests: dict[str, list[Any]] = {}
 
     def add_request(self, request: Any, guide_matchers: Any = None) -> None:
