@@ -33,11 +33,11 @@ def retain_freed_memory(retained_bytes: int = DEFAULT_RETAINED_BYTES) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     retained = min(retained_bytes, 2**31 - 1)
     applied = all(
-        mallopt(parameter, value)
+        # int mallopt(int, int): ctypes' default return type, both arguments passed as c_int explicitly (the
+        # kernel library's binding is the one module that declares ctypes signatures)
+        mallopt(ctypes.c_int(parameter), ctypes.c_int(value))
         for parameter, value in ((_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, retained), (_M_MMAP_MAX, 0))
     )
     if not applied:
