@@ -1,4 +1,4 @@
-"""Response bodies: float32 values read back bit-identical in both formats, with and without orjson."""
+"""Response bodies: float32 values read back bit-identical in both formats."""
 
 import base64
 import json
@@ -9,16 +9,6 @@ import pytest
 from engine_builder.serve.encoders import serialize
 
 
-@pytest.fixture(params=["orjson", "pydantic-core"])
-def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "orjson":
-        if not serialize.has_fast_floats():
-            pytest.skip("orjson is not installed")
-    else:
-        monkeypatch.setattr(serialize, "orjson", None)
-    return str(request.param)
-
-
 def _vectors() -> np.ndarray:
     rng = np.random.default_rng(0)
     vectors = (rng.standard_normal((5, 384)) / 20).astype(np.float32)
@@ -26,7 +16,7 @@ def _vectors() -> np.ndarray:
     return vectors
 
 
-def test_float_rows_read_back_as_the_same_float32(writer: str) -> None:
+def test_float_rows_read_back_as_the_same_float32() -> None:
     vectors = _vectors()
     body = json.loads(
         serialize.openai_embeddings_body(vectors, encoding_format="float", model="m", num_prompt_tokens=7)
@@ -39,7 +29,7 @@ def test_float_rows_read_back_as_the_same_float32(writer: str) -> None:
     np.testing.assert_array_equal(read_back, vectors)
 
 
-def test_base64_rows_are_little_endian_float32(writer: str) -> None:
+def test_base64_rows_are_little_endian_float32() -> None:
     vectors = _vectors()[:, :64]  # a non-contiguous view, as `dimensions` makes
     body = json.loads(
         serialize.openai_embeddings_body(vectors, encoding_format="base64", model="m", num_prompt_tokens=1)
@@ -48,7 +38,7 @@ def test_base64_rows_are_little_endian_float32(writer: str) -> None:
         np.testing.assert_array_equal(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4"), row)
 
 
-def test_matrix_body_and_non_finite_values(writer: str) -> None:
+def test_matrix_body_and_non_finite_values() -> None:
     vectors = _vectors()[:2, :8].copy()
     vectors[1, 3] = np.nan
     read_back = json.loads(serialize.matrix_body(vectors))
@@ -58,8 +48,6 @@ def test_matrix_body_and_non_finite_values(writer: str) -> None:
 
 
 def test_orjson_writes_fewer_bytes_than_python_floats() -> None:
-    if not serialize.has_fast_floats():
-        pytest.skip("orjson is not installed")
     vectors = _vectors()
     fast = serialize.openai_embeddings_body(vectors, encoding_format="float", model="m", num_prompt_tokens=1)
     plain = json.dumps([row.tolist() for row in vectors]).encode()
