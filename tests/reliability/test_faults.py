@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -118,6 +119,47 @@ def test_slow_reader_does_not_stall_others(small_server: ServerProcess) -> None:
     assert len(response.body) > 100_000
     assert chunks[-1]["usage"]["completion_tokens"] == LONG["max_tokens"]
     wait_until_idle(small_server)
+
+
+# -- connections ------------------------------------------------------------------------------------------
+def _get_keep_alive(sock: socket.socket, path: str) -> bytes:
+    """One GET on an open keep-alive connection; returns its body (read by Content-Length, the socket stays open)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, f"the server closed the connection instead of answering: {data!r}"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return body
+
+
+def test_idle_keep_alive_connection_outlives_a_pooled_clients_idle_time(small_server: ServerProcess) -> None:
+    """A connection idle for longer than uvicorn's default (5 s) is still open: a pooled client reusing it does
+    not race the server's close (the race surfaces as "server disconnected without sending a response")."""
+    sock = rawhttp.connect(small_server.port, timeout_s=30)
+    try:
+        assert b"data" in _get_keep_alive(sock, "/v1/models")
+        time.sleep(7)
+        sock.setblocking(False)
+        try:
+            closed = sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            closed = False  # nothing to read and no FIN: the connection is open
+        sock.setblocking(True)
+        sock.settimeout(30)
+        assert not closed, "the server closed an idle keep-alive connection after 7 s"
+        assert b"data" in _get_keep_alive(sock, "/v1/models")
+    finally:
+        sock.close()
 
 
 # -- bodies -----------------------------------------------------------------------------------------------
@@ -391,6 +433,7 @@ def test_exception_in_one_requests_step_fails_only_that_request(
     from engine_builder.common.options import EngineOptions
     from engine_builder.engine.layers.sampler.cpu import CpuSampler as Sampler
     from engine_builder.serve.server.factory import build_server
+    from engine_builder.serve.server.main import KEEP_ALIVE_S
 
     original = Sampler._process
 
@@ -403,7 +446,11 @@ def test_exception_in_one_requests_step_fails_only_that_request(
     engine = load_engine_dir(small_server.log_path.parent / "engine")
     options = EngineOptions.model_validate(engine.manifest.runtime.options)
     app, _ = build_server(engine, options, ())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=free_port(), log_level="warning", timeout_keep_alive=KEEP_ALIVE_S
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{server.config.port}"

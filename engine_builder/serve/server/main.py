@@ -37,7 +37,7 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=int(state.settings.drain_timeout_s),
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=None,
     )
     server = DrainingServer(config, state)
@@ -49,6 +49,12 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
 
 
 STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup
+
+# How long an idle keep-alive connection stays open. A pooled client (or a load balancer) that sends on a
+# connection at the moment the server closes it gets "server disconnected without a response": the server must
+# be the side that waits longer. 75 s outlasts the common proxy idle timeouts (AWS ALB 60 s, nginx 60 s upstream
+# keepalive) and pooled clients such as httpx (5 s); uvicorn's own default is 5 s.
+KEEP_ALIVE_S = 75
 
 
 class DrainingServer(uvicorn.Server):

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.routes import build_encoder_router
+from engine_builder.serve.server.main import KEEP_ALIVE_S
 
 
 def build_app(mounts: dict[str, tuple[EncoderEngine, str]]) -> FastAPI:
@@ -36,7 +37,9 @@ def serve(app: FastAPI) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
