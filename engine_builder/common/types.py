@@ -25,10 +25,21 @@ class GuideKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ReasoningPrefix:
+    """A reasoning block the guide waits for: tokens up to `end_id` are free. `opened`: the prompt opened the
+    block; otherwise the first token may open it (`start_id`) or begin the constrained answer."""
+
+    start_id: int
+    end_id: int
+    opened: bool
+
+
+@dataclass(frozen=True)
 class Guide:
     kind: GuideKind
     spec: str  # schema / regex / EBNF / structural-tag JSON, as text (also the grammar cache key)
     any_whitespace: bool = True
+    after_reasoning: ReasoningPrefix | None = None  # constrain only the answer after the model's reasoning
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from engine_builder.common.artifact import USER_MODEL_DIR, EngineDir
 from engine_builder.common.backend_choice import choose_backend
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.decoding.reasoning import detect_reasoning_format
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.chat_template import PromptRenderer
 from engine_builder.serve.server.state import ServerSettings, ServerState
@@ -44,7 +45,14 @@ def build_server(
     renderer = PromptRenderer(engine.model_dir)  # the server's one tokenizer: templates, encoding, decoding
     decoder = TextDecoder(renderer.tokenizer.backend_tokenizer)
     client = decoder_client(engine, options, served_name, renderer.tokenizer)
-    state = ServerState(settings=settings, engine=client, renderer=renderer, decoder=decoder)
+    reasoning = detect_reasoning_format(
+        renderer.tokenizer, getattr(renderer.tokenizer, "chat_template", None)
+    )
+    if reasoning is not None:
+        logger.info("reasoning blocks %s ... %s go to `reasoning_content`", reasoning.start, reasoning.end)
+    state = ServerState(
+        settings=settings, engine=client, renderer=renderer, decoder=decoder, reasoning=reasoning
+    )
     user_model = None
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"
     if user_model_file.exists():

@@ -1,13 +1,23 @@
-"""Per-choice output handling: plain text now; tool-call and reasoning parsers plug in here.
+"""Per-choice output handling: plain text, tool calls (`tools.py`) and reasoning blocks around either.
 
 `output_processor_for_chat` decides, from the request, what the template sees (tools), what constrains
-decoding (a Guide) and how each choice's text becomes the response (content, tool_calls).
+decoding (a Guide) and how each choice's text becomes the response (content, tool_calls); once the prompt is
+rendered, `with_reasoning` splits the model's reasoning off and lets the guide wait for the answer.
 """
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_builder.common.types import FinishReason, Guide
+from engine_builder.common.types import FinishReason, Guide, ReasoningPrefix
+from engine_builder.serve.decoding.reasoning import (
+    Phase,
+    ReasoningFormat,
+    ReasoningSplitter,
+    ReasoningTokenCounter,
+    prompt_phase,
+)
 from engine_builder.serve.server.errors import bad_request
 from engine_builder.serve.server.guides import check_guide_compatible, guide_from_response_format
 from engine_builder.serve.server.protocol import ChatCompletionRequest, ResponseToolCall
@@ -21,6 +31,7 @@ class FinalOutput:
     stop_reason: int | str | None
     tool_calls: list[ResponseToolCall] = field(default_factory=list)
     reasoning: str | None = None
+    reasoning_tokens: int | None = None  # set for models with reasoning blocks
 
 
 class ChoiceOutput:
@@ -29,7 +40,8 @@ class ChoiceOutput:
     def __init__(self) -> None:
         self.parts: list[str] = []
 
-    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+    def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Delta payloads for the next piece of text (`token_ids`: the tokens it came from)."""
         if not text:
             return []
         self.parts.append(text)
@@ -43,6 +55,56 @@ class ChoiceOutput:
 class OutputProcessor:
     def start(self, index: int) -> ChoiceOutput:
         return ChoiceOutput()
+
+
+class ReasoningOutput(ChoiceOutput):
+    """Reasoning goes out as `reasoning_content`; the answer goes to the inner output (plain or tool calls)."""
+
+    def __init__(self, fmt: ReasoningFormat, phase: Phase, inner: ChoiceOutput) -> None:
+        super().__init__()
+        self.splitter = ReasoningSplitter(fmt, phase)
+        self.counter = ReasoningTokenCounter(fmt, phase)
+        self.inner = inner
+
+    def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+        self.counter.feed(list(token_ids))
+        reasoning, answer = self.splitter.feed(text, final)
+        deltas: list[dict[str, Any]] = []
+        if reasoning:
+            self.parts.append(reasoning)
+            deltas.append({"reasoning_content": reasoning})
+        return deltas + self.inner.feed(answer, final, token_ids)
+
+    def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
+        output = self.inner.result(finish_reason, stop_reason)
+        reasoning = "".join(self.parts)
+        if reasoning and not output.content:
+            output.content = None  # the reply ended while reasoning (as OpenAI: no answer is null, not "")
+        return dataclasses.replace(output, reasoning=reasoning or None, reasoning_tokens=self.counter.count)
+
+
+class ReasoningProcessor(OutputProcessor):
+    def __init__(self, fmt: ReasoningFormat, phase: Phase, inner: OutputProcessor) -> None:
+        self.fmt = fmt
+        self.phase = phase
+        self.inner = inner
+
+    def start(self, index: int) -> ChoiceOutput:
+        return ReasoningOutput(self.fmt, self.phase, self.inner.start(index))
+
+
+def with_reasoning(
+    fmt: ReasoningFormat | None, prompt: str, processor: OutputProcessor, guide: Guide | None
+) -> tuple[OutputProcessor, Guide | None]:
+    """For a model with reasoning blocks: split them off the reply, and apply the guide only after one (a
+    prompt that already ended the block, thinking switched off, leaves the guide as it is)."""
+    if fmt is None:
+        return processor, guide
+    phase = prompt_phase(fmt, prompt)
+    if guide is not None and phase is not Phase.ANSWER:
+        prefix = ReasoningPrefix(fmt.start_id, fmt.end_id, opened=phase is Phase.REASONING)
+        guide = dataclasses.replace(guide, after_reasoning=prefix)
+    return ReasoningProcessor(fmt, phase, processor), guide
 
 
 def output_processor_for_chat(

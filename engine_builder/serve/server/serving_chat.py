@@ -19,7 +19,12 @@ from engine_builder.serve.server.generation import (
     with_keepalive,
 )
 from engine_builder.serve.server.limits import check_chat_limits
-from engine_builder.serve.server.outputs import ChoiceOutput, OutputProcessor, output_processor_for_chat
+from engine_builder.serve.server.outputs import (
+    ChoiceOutput,
+    OutputProcessor,
+    output_processor_for_chat,
+    with_reasoning,
+)
 from engine_builder.serve.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -102,6 +107,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         chat_template=body.chat_template,
         template_kwargs=template_kwargs,
     )
+    processor, guide = with_reasoning(state.reasoning, prompt_text, processor, guide)
     prompt_ids = state.renderer.encode(prompt_text, add_special_tokens=bool(body.add_special_tokens))
     if body.truncate_prompt_tokens is not None and len(prompt_ids) > body.truncate_prompt_tokens:
         prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
@@ -129,15 +135,18 @@ async def complete_chat(
     counts = UsageCounter(len(plan.prompt_token_ids))
     async for delta in plan.run.deltas():
         counts.add(delta.index, delta)
-        choices[delta.index].feed(delta.text, final=delta.finish_reason is not None)
+        choices[delta.index].feed(delta.text, delta.finish_reason is not None, delta.token_ids)
         if delta.logprobs:
             logprob_entries[delta.index].extend(delta.logprobs)
         if delta.finish_reason is not None:
             last[delta.index] = delta
     result = []
+    reasoning_tokens: int | None = None
     for index, choice in enumerate(choices):
         final = last[index]
         output = choice.result(final.finish_reason, final.stop_reason)
+        if output.reasoning_tokens is not None:
+            reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
         message = ResponseMessage(
             content=(plan.echo_text + output.content) if output.content is not None else None,
             tool_calls=output.tool_calls,
@@ -158,7 +167,7 @@ async def complete_chat(
         created=created,
         model=plan.run.model_name,
         choices=result,
-        usage=counts.final(),
+        usage=counts.final(reasoning_tokens),
     )
 
 
@@ -182,6 +191,7 @@ async def stream_chat(
         return counts.running() if continuous else None
 
     announced = [False] * body.n
+    reasoning_tokens: int | None = None
 
     def with_role(index: int, delta: dict[str, Any]) -> dict[str, Any]:
         """A choice's first data event carries its role (and echoed text): it leaves with the first token, so a
@@ -198,7 +208,7 @@ async def stream_chat(
             counts.add(index, generated)
             choice = choices[index]
             is_final = generated.finish_reason is not None
-            pieces = choice.feed(generated.text, final=is_final)
+            pieces = choice.feed(generated.text, is_final, generated.token_ids)
             logprobs = (
                 {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
                 if texts and generated.logprobs
@@ -217,6 +227,8 @@ async def stream_chat(
                 )
             if is_final:
                 output = choice.result(generated.finish_reason, generated.stop_reason)
+                if output.reasoning_tokens is not None:
+                    reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
                 final = {
                     "index": index,
                     "delta": with_role(index, {}),
@@ -233,7 +245,7 @@ async def stream_chat(
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": counts.final().model_dump(),
+                    "usage": counts.final(reasoning_tokens).model_dump(),
                 }
             )
     except APIError as error:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from engine_builder.serve.backends.base import EngineClient, EngineLifecycle
 from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.decoding.reasoning import ReasoningFormat
 from engine_builder.serve.server.chat_template import PromptRenderer
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.logprobs import TokenTexts
@@ -38,6 +39,7 @@ class ServerState:
     engine: EngineLifecycle
     renderer: PromptRenderer | None
     decoder: TextDecoder | None = None
+    reasoning: ReasoningFormat | None = None  # the model's reasoning blocks, when it writes them
     metrics: ServerMetrics = field(init=False)
     ready: bool = False
     draining: bool = False

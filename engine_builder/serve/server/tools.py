@@ -11,6 +11,7 @@ A call naming a tool that was not offered stays plain text.
 import json
 import secrets
 import string
+from collections.abc import Sequence
 from typing import Any
 
 from engine_builder.common.types import FinishReason, Guide, GuideKind
@@ -51,7 +52,7 @@ class ToolCallOutput(ChoiceOutput):
         calls = self.stream.calls
         return calls if self.parallel else calls[:1]
 
-    def feed(self, text: str, final: bool) -> list[dict[str, Any]]:
+    def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         if self.is_final:
             return []
         self.stream.feed(text, final)

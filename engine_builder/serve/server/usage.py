@@ -26,5 +26,10 @@ class UsageCounter:
         """So far, for `continuous_usage_stats` (cache hits are reported at the end)."""
         return Usage.of(self.num_prompt_tokens, sum(self._num_output.values()))
 
-    def final(self) -> Usage:
-        return Usage.of(self.num_prompt_tokens, sum(self._num_output.values()), sum(self._num_cached.values()))
+    def final(self, reasoning_tokens: int | None = None) -> Usage:
+        return Usage.of(
+            self.num_prompt_tokens,
+            sum(self._num_output.values()),
+            sum(self._num_cached.values()),
+            reasoning_tokens,
+        )

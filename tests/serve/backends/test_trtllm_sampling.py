@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 
 from engine_builder.common.trtllm import adapter
-from engine_builder.common.types import Guide, GuideKind, SamplingParams
+from engine_builder.common.types import Guide, GuideKind, ReasoningPrefix, SamplingParams
 from engine_builder.serve.backends.trtllm.sampling import (
     FIELD_MAPPINGS,
     EngineTraits,
@@ -158,6 +158,14 @@ def test_compact_whitespace_guides_are_refused() -> None:
     guide = Guide(GuideKind.JSON_SCHEMA, "{}", any_whitespace=False)
     with pytest.raises(UnsupportedRequestError, match="whitespace"):
         to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
+
+
+def test_a_guide_that_waits_for_the_reasoning_block_is_refused_naming_the_fix() -> None:
+    """TensorRT-LLM constrains from the first token: it would forbid the block (or constrain the thinking)."""
+    guide = Guide(GuideKind.JSON_SCHEMA, "{}", after_reasoning=ReasoningPrefix(start_id=14, end_id=15, opened=True))
+    with pytest.raises(UnsupportedRequestError, match="enable_thinking") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
+    assert refused.value.param == "response_format"
 
 
 def test_lookahead_cannot_be_turned_off_per_request_on_a_lookahead_engine() -> None:

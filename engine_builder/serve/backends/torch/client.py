@@ -155,7 +155,12 @@ class TorchEngineClient:
         matchers = None
         if prepared.compiled is not None:
             assert self._compiler is not None
-            matchers = [self._compiler.matcher(prepared.compiled, self._eos_token_ids) for _ in range(num_choices)]
+            guide = request.sampling.guide
+            assert guide is not None
+            matchers = [
+                self._compiler.matcher(prepared.compiled, self._eos_token_ids, guide.after_reasoning)
+                for _ in range(num_choices)
+            ]
         stream = _Stream(request, asyncio.Queue())
         self._streams[request.request_id] = stream
         self._commands.put(("add", (request, matchers)))

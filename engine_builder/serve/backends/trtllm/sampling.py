@@ -179,6 +179,12 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
             "not mapped",
             param="response_format",
         )
+    if guide.after_reasoning is not None:
+        raise UnsupportedRequestError(
+            "TensorRT-LLM applies a guide from the first token, which would constrain this model's reasoning "
+            'block; switch thinking off for this request (Qwen3: chat_template_kwargs {"enable_thinking": false})',
+            param="response_format",
+        )
     if guide.kind == GuideKind.STRUCTURAL_TAG and not traits.is_pytorch_backend:
         raise UnsupportedRequestError(
             "structural_tag guides need TensorRT-LLM's PyTorch backend (inference_stack: v2)",

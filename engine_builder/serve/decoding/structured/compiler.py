@@ -8,7 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from engine_builder.common.types import Guide, GuideKind
+from engine_builder.common.types import Guide, GuideKind, ReasoningPrefix
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 
@@ -78,8 +78,16 @@ class GrammarCompiler:
             raise GuideError(f"The {guide.kind.value} could not be compiled: {message}") from None
         raise GuideError(f"Unknown guide kind {guide.kind}")
 
-    def matcher(self, compiled: Any, stop_token_ids: tuple[int, ...]) -> "GuideMatcher":
-        return GuideMatcher(self._xgr, compiled, self.vocab_size, stop_token_ids)
+    def matcher(
+        self, compiled: Any, stop_token_ids: tuple[int, ...], after_reasoning: ReasoningPrefix | None = None
+    ) -> Any:
+        """A GuideMatcher, behind a ReasoningGate when the grammar applies after a reasoning block."""
+        matcher = GuideMatcher(self._xgr, compiled, self.vocab_size, stop_token_ids)
+        if after_reasoning is None:
+            return matcher
+        from engine_builder.serve.decoding.structured.gate import ReasoningGate
+
+        return ReasoningGate(matcher, after_reasoning, stop_token_ids)
 
 
 class GuideMatcher:

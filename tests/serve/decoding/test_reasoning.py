@@ -1,0 +1,228 @@
+"""Reasoning blocks: detection, the prompt's phase, the streamed split (every way of cutting the reply into
+deltas gives the whole reply's answer), token counting, and the grammar gate over a real xgrammar matcher."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_builder.common.types import Guide, GuideKind, ReasoningPrefix
+from engine_builder.serve.decoding.reasoning import (
+    Phase,
+    ReasoningFormat,
+    ReasoningSplitter,
+    ReasoningTokenCounter,
+    detect_reasoning_format,
+    prompt_phase,
+)
+from engine_builder.serve.decoding.structured.gate import ReasoningGate, _set_bit
+
+FMT = ReasoningFormat("<think>", "</think>", 14, 15)
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% elif open_think is defined and open_think %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+
+
+def thinking_tokenizer_dir(smollm2_dir: Path, target: Path) -> Path:
+    """SmolLM2 whose ids 14 and 15 are the plain (non-special) tokens `<think>` and `</think>`, with a
+    Qwen3-style template (`enable_thinking`, and `open_think` for DeepSeek-R1's always-open block)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, target / name)
+    (target / "model.safetensors").symlink_to(smollm2_dir / "model.safetensors")
+    tokenizer = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    for token_id, content in ((14, "<think>"), (15, "</think>")):
+        entry = tokenizer["added_tokens"][token_id]
+        assert entry["id"] == token_id
+        del vocab[entry["content"]]
+        vocab[content] = token_id
+        entry.update(content=content, special=False)
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = QWEN3_TEMPLATE
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return thinking_tokenizer_dir(smollm2_dir, tmp_path_factory.mktemp("thinking") / "model")
+
+
+# -- detection and the prompt's phase -------------------------------------------------------------------------
+def test_detection_needs_single_kept_tokens_and_a_template_that_names_them(thinking_dir: Path, smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    thinking = AutoTokenizer.from_pretrained(str(thinking_dir))
+    assert detect_reasoning_format(thinking, thinking.chat_template) == FMT
+    assert detect_reasoning_format(thinking, "{{ messages }}") is None  # the template never names the block
+    assert detect_reasoning_format(thinking, None) is None
+    plain = AutoTokenizer.from_pretrained(str(smollm2_dir))  # "<think>" is several tokens there
+    assert detect_reasoning_format(plain, QWEN3_TEMPLATE) is None
+    thinking.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})  # decoding would drop them
+    assert detect_reasoning_format(thinking, QWEN3_TEMPLATE) is None
+
+
+def test_prompt_phase_follows_the_templates_ending(thinking_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    messages = [{"role": "user", "content": "2+2?"}]
+
+    def render(**kwargs: object) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    assert prompt_phase(FMT, render()) is Phase.BEFORE  # Qwen3 thinking on: the model opens the block
+    assert prompt_phase(FMT, render(enable_thinking=False)) is Phase.ANSWER
+    assert prompt_phase(FMT, render(open_think=True)) is Phase.REASONING  # DeepSeek-R1
+    # An earlier turn's closed block does not count; the tail decides.
+    history = "<|im_start|>assistant\n<think>x</think>\n\nok<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt_phase(FMT, history) is Phase.BEFORE
+
+
+# -- the split --------------------------------------------------------------------------------------------------
+def split_whole(phase: Phase, text: str) -> tuple[str, str]:
+    return ReasoningSplitter(FMT, phase).feed(text, final=True)
+
+
+def split_in_pieces(phase: Phase, text: str, cuts: list[int]) -> tuple[str, str]:
+    splitter = ReasoningSplitter(FMT, phase)
+    reasoning, answer = "", ""
+    bounds = [0, *sorted(cuts), len(text)]
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        r, a = splitter.feed(text[start:end], final=index == len(bounds) - 2)
+        reasoning, answer = reasoning + r, answer + a
+    return reasoning, answer
+
+
+CASES = [
+    (Phase.BEFORE, "<think>\nI add 2 and 2.\n\n</think>\n\nIt is 4.", ("I add 2 and 2.", "It is 4.")),
+    (Phase.BEFORE, "  <think>a < b\n</think>x", ("a < b", "x")),
+    (Phase.BEFORE, "It is 4.", ("", "It is 4.")),
+    (Phase.BEFORE, "<thinking> is not the tag", ("", "<thinking> is not the tag")),
+    (Phase.BEFORE, "<think>cut off while thinking ", ("cut off while thinking ", "")),
+    (Phase.REASONING, "\nSo 4.\n</think>\n\n{\"a\": 4}", ("So 4.", '{"a": 4}')),
+    (Phase.REASONING, "no end </thin", ("no end </thin", "")),
+    (Phase.ANSWER, "\n  4 </think> stays", ("", "\n  4 </think> stays")),
+    (Phase.BEFORE, "<think></think>", ("", "")),
+]
+
+
+@pytest.mark.parametrize(("phase", "text", "expected"), CASES)
+def test_every_cut_into_deltas_gives_the_whole_replys_split(phase: Phase, text: str, expected: tuple[str, str]) -> None:
+    assert split_whole(phase, text) == expected
+    for cut in range(len(text) + 1):  # every single cut, the tags' insides included
+        assert split_in_pieces(phase, text, [cut]) == expected, cut
+    assert split_in_pieces(phase, text, list(range(1, len(text)))) == expected  # a character at a time
+    rng = random.Random(len(text))
+    for _ in range(20):
+        cuts = rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 5))) if len(text) > 1 else []
+        assert split_in_pieces(phase, text, cuts) == expected, cuts
+
+
+def test_a_cut_tag_is_held_back_then_released() -> None:
+    splitter = ReasoningSplitter(FMT, Phase.REASONING)
+    assert splitter.feed("thinking</th", final=False) == ("thinking", "")
+    assert splitter.feed("ink>answer", final=False) == ("", "answer")
+    before = ReasoningSplitter(FMT, Phase.BEFORE)
+    assert before.feed("<thi", final=False) == ("", "")  # could still be the start tag
+    assert before.feed("s is text", final=False) == ("", "<this is text")
+
+
+def test_token_counter_counts_the_block_and_its_tags() -> None:
+    counter = ReasoningTokenCounter(FMT, Phase.BEFORE)
+    counter.feed([14, 100, 101])
+    counter.feed([102, 15, 200, 14, 15, 201])
+    assert counter.count == 5
+    opened = ReasoningTokenCounter(FMT, Phase.REASONING)
+    opened.feed([100, 15, 300])
+    assert opened.count == 2
+    answered = ReasoningTokenCounter(FMT, Phase.BEFORE)
+    answered.feed([100, 14, 15])  # the block must open the reply
+    assert answered.count == 0
+
+
+# -- the grammar gate -------------------------------------------------------------------------------------------
+EOS = (2,)
+SCHEMA = Guide(GuideKind.JSON_SCHEMA, json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+
+
+@pytest.fixture(scope="module")
+def compiler(thinking_dir: Path) -> object:
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+
+    return GrammarCompiler(thinking_dir, 49152)
+
+
+@pytest.fixture(scope="module")
+def tokens(thinking_dir: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    return {text: tokenizer.encode(text, add_special_tokens=False)[0] for text in ("{", "hello", " x")}
+
+
+def allowed_of(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    bits = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten()[:vocab].bool()
+
+
+def gate(compiler: object, opened: bool) -> ReasoningGate:
+    compiled = compiler.compile(SCHEMA)  # type: ignore[attr-defined]
+    matcher = compiler.matcher(compiled, EOS, ReasoningPrefix(14, 15, opened))  # type: ignore[attr-defined]
+    assert isinstance(matcher, ReasoningGate)
+    return matcher
+
+
+def test_an_opened_block_is_free_but_for_stop_tokens_then_the_grammar_applies(compiler: object, tokens: dict[str, int]) -> None:
+    matcher = gate(compiler, opened=True)
+    free = allowed_of(matcher.token_bitmask(), 49152)
+    assert free.sum() == 49152 - 1 and not free[2]
+    assert torch.equal(matcher.allowed_tokens(), free)
+    assert matcher.accept(tokens["hello"]) and matcher.accept(tokens[" x"]) and matcher.accept(14)
+    assert not matcher.accept(2)  # the reply may not end inside the block
+    assert matcher.accept(15)
+    grammar = allowed_of(matcher.token_bitmask(), 49152)
+    assert grammar[tokens["{"]] and not grammar[tokens["hello"]] and not grammar[15]
+    assert not matcher.accept(tokens["hello"])
+    assert matcher.accept(tokens["{"]) and not matcher.is_terminated
+
+
+def test_before_the_block_the_first_token_opens_it_or_answers(compiler: object, tokens: dict[str, int]) -> None:
+    matcher = gate(compiler, opened=False)
+    first = allowed_of(matcher.token_bitmask(), 49152)
+    plain = compiler.matcher(compiler.compile(SCHEMA), EOS)  # type: ignore[attr-defined]
+    expected = allowed_of(plain.token_bitmask(), 49152).clone()
+    expected[14] = True
+    assert torch.equal(first, expected) and torch.equal(matcher.allowed_tokens(), expected)
+    assert matcher.accept(tokens["{"])  # answered at once: the grammar from here on
+    assert not matcher.accept(14) and not matcher.accept(15)
+    opened = gate(compiler, opened=False)
+    assert opened.accept(14) and opened.accept(tokens["hello"]) and opened.accept(15) and opened.accept(tokens["{"])
+
+
+def test_rollback_restores_the_phase_and_the_grammars_state(compiler: object, tokens: dict[str, int]) -> None:
+    matcher = gate(compiler, opened=False)
+    for token in (14, tokens["hello"], 15, tokens["{"]):
+        assert matcher.accept(token)
+    matcher.rollback(2)  # back inside the block: the end tag and the "{" are undone
+    assert not matcher.in_answer
+    assert allowed_of(matcher.token_bitmask(), 49152)[tokens["hello"]]
+    assert matcher.accept(15) and matcher.accept(tokens["{"])  # the grammar is at its start again
+    matcher.rollback(4)
+    assert torch.equal(allowed_of(matcher.token_bitmask(), 49152)[14:15], torch.tensor([True]))
+
+
+@pytest.mark.parametrize("token", [0, 31, 32, 63, 49151])
+def test_set_bit_handles_the_sign_bit_of_int32_words(token: int) -> None:
+    words = torch.zeros(49152 // 32, dtype=torch.int32)
+    _set_bit(words, token)
+    allowed = allowed_of(words, 49152)
+    assert allowed.sum() == 1 and allowed[token]
