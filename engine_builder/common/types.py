@@ -26,11 +26,12 @@ class GuideKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ReasoningPrefix:
-    """A reasoning block the guide waits for: tokens up to `end_id` are free. `opened`: the prompt opened the
-    block; otherwise the first token may open it (`start_id`) or begin the constrained answer."""
+    """The reasoning the guide waits for: tokens are free until the reply has produced `end_ids` (`</think>`, or
+    harmony's `<|channel|>final<|message|>`). `opened`: the prompt opened the block; otherwise the first token may
+    open it (`start_id`) or begin the constrained answer."""
 
     start_id: int
-    end_id: int
+    end_ids: tuple[int, ...]
     opened: bool
 
 

@@ -13,6 +13,7 @@ from engine_builder.common.artifact import USER_MODEL_DIR, EngineDir
 from engine_builder.common.backend_choice import choose_backend
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.decoding.harmony import detect_harmony
 from engine_builder.serve.decoding.reasoning import detect_reasoning_format
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.chat_template import PromptRenderer
@@ -45,13 +46,15 @@ def build_server(
     renderer = PromptRenderer(engine.model_dir)  # the server's one tokenizer: templates, encoding, decoding
     decoder = TextDecoder(renderer.tokenizer.backend_tokenizer)
     client = decoder_client(engine, options, served_name, renderer.tokenizer)
-    reasoning = detect_reasoning_format(
-        renderer.tokenizer, getattr(renderer.tokenizer, "chat_template", None)
-    )
+    template = getattr(renderer.tokenizer, "chat_template", None)
+    harmony = detect_harmony(renderer.tokenizer, template)
+    reasoning = None if harmony is not None else detect_reasoning_format(renderer.tokenizer, template)
+    if harmony is not None:
+        logger.info("harmony channels: analysis goes to `reasoning_content`, function calls to `tool_calls`")
     if reasoning is not None:
         logger.info("reasoning blocks %s ... %s go to `reasoning_content`", reasoning.start, reasoning.end)
     state = ServerState(
-        settings=settings, engine=client, renderer=renderer, decoder=decoder, reasoning=reasoning
+        settings=settings, engine=client, renderer=renderer, decoder=decoder, reasoning=reasoning, harmony=harmony
     )
     user_model = None
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"

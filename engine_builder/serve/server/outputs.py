@@ -102,7 +102,7 @@ def with_reasoning(
         return processor, guide
     phase = prompt_phase(fmt, prompt)
     if guide is not None and phase is not Phase.ANSWER:
-        prefix = ReasoningPrefix(fmt.start_id, fmt.end_id, opened=phase is Phase.REASONING)
+        prefix = ReasoningPrefix(fmt.start_id, (fmt.end_id,), opened=phase is Phase.REASONING)
         guide = dataclasses.replace(guide, after_reasoning=prefix)
     return ReasoningProcessor(fmt, phase, processor), guide
 
@@ -110,15 +110,28 @@ def with_reasoning(
 def output_processor_for_chat(
     state: ServerState, body: ChatCompletionRequest
 ) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
-    from engine_builder.serve.server.tools import plan_tools
+    from engine_builder.serve.server.tools import HARMONY, ToolCallProcessor, plan_tools
 
     guide = guide_from_response_format(body.response_format)
     renderer = state.renderer
     supports_tools = renderer is not None and renderer.template_supports_tools
-    processor, template_tools, tool_guide, hints = plan_tools(body, state.engine.model_info.tool_parser, supports_tools)
+    family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
+    planned, template_tools, tool_guide, hints = plan_tools(body, family, supports_tools)
     if tool_guide is not None:
         if guide is not None:
             raise bad_request("response_format cannot be combined with a forced tool_choice.", param="response_format")
         guide = tool_guide
     check_guide_compatible(body, guide)
-    return processor or OutputProcessor(), template_tools, guide, {"_extra_system_messages": hints} if hints else {}
+    processor = planned or OutputProcessor()
+    if state.harmony is not None:
+        from engine_builder.serve.server.harmony import HarmonyProcessor
+
+        # Harmony calls (`to=functions.NAME`) are read by the harmony output; a forced call is the final answer.
+        offered: frozenset[str] = frozenset()
+        if isinstance(processor, ToolCallProcessor) and processor.parser_name == HARMONY:
+            offered, processor = frozenset(processor.tools), OutputProcessor()
+        processor = HarmonyProcessor(processor, offered, body.parallel_tool_calls is not False)
+        if guide is not None:  # constrain the final channel only, after the analysis
+            prefix = ReasoningPrefix(state.harmony.channel_id, state.harmony.final_header_ids, opened=True)
+            guide = dataclasses.replace(guide, after_reasoning=prefix)
+    return processor, template_tools, guide, {"_extra_system_messages": hints} if hints else {}

@@ -80,12 +80,6 @@ def check_unsupported_chat(request: ChatCompletionRequest) -> None:
         raise unsupported("modalities", "Only text output is available.")
     if request.web_search_options:
         raise unsupported("web_search_options")
-    if request.reasoning_effort is not None:
-        raise unsupported(
-            "reasoning_effort",
-            "Reasoning cannot be graded here; a model's thinking is switched with its template's arguments "
-            "(Qwen3: chat_template_kwargs {\"enable_thinking\": false}).",
-        )
     if request.top_logprobs and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
 

@@ -1,5 +1,6 @@
 """/v1/chat/completions: render the conversation, run it, answer as JSON or as OpenAI's SSE stream."""
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine_builder.common.types import GenerationDelta
-from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.generation import (
     Run,
     chunk_framer,
@@ -97,6 +98,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         **(body.chat_template_args or {}),
         **(body.chat_template_kwargs or {}),
         **template_kwargs,
+        **reasoning_effort(state, body),
     }
     prompt_text = await state.renderer.render_async(
         body.messages,
@@ -116,6 +118,8 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide)
+    if state.harmony is not None:  # the harmony output reads the channel markers, special tokens all
+        params = dataclasses.replace(params, skip_special_tokens=False)
     echo_text = ""
     if body.echo and body.messages[-1].role == "assistant":
         from engine_builder.serve.server.chat_template import message_text
@@ -123,6 +127,26 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
     run = Run(state, new_id("chatcmpl"), prompt_ids, params, model=body.model)
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
+
+
+HARMONY_EFFORTS = ("low", "medium", "high")
+
+
+def reasoning_effort(state: ServerState, body: ChatCompletionRequest) -> dict[str, str]:
+    """gpt-oss's template takes the effort as an argument (its system message says `Reasoning: high`); other
+    models have no such dial."""
+    effort = body.reasoning_effort
+    if effort is None:
+        return {}
+    if state.harmony is None:
+        raise unsupported(
+            "reasoning_effort",
+            "This model's reasoning has no effort setting; thinking is switched with its template's arguments "
+            '(Qwen3: chat_template_kwargs {"enable_thinking": false}).',
+        )
+    if effort not in HARMONY_EFFORTS:
+        raise bad_request(f"reasoning_effort must be one of {', '.join(HARMONY_EFFORTS)}.", param="reasoning_effort")
+    return {"reasoning_effort": effort}
 
 
 async def complete_chat(

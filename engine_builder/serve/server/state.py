@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from engine_builder.serve.backends.base import EngineClient, EngineLifecycle
 from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.decoding.harmony import HarmonyFormat
 from engine_builder.serve.decoding.reasoning import ReasoningFormat
 from engine_builder.serve.server.chat_template import PromptRenderer
 from engine_builder.serve.server.errors import APIError
@@ -40,6 +41,7 @@ class ServerState:
     renderer: PromptRenderer | None
     decoder: TextDecoder | None = None
     reasoning: ReasoningFormat | None = None  # the model's reasoning blocks, when it writes them
+    harmony: HarmonyFormat | None = None  # gpt-oss's channels, when the model writes them
     metrics: ServerMetrics = field(init=False)
     ready: bool = False
     draining: bool = False

@@ -27,6 +27,7 @@ from engine_builder.serve.server.protocol import (
 )
 
 _ID_ALPHABET = string.ascii_letters + string.digits
+HARMONY = "harmony"  # gpt-oss: its calls are read by `harmony.HarmonyOutput`, not by a text parser
 
 
 def new_call_id(length: int) -> str:

@@ -162,7 +162,7 @@ def test_compact_whitespace_guides_are_refused() -> None:
 
 def test_a_guide_that_waits_for_the_reasoning_block_is_refused_naming_the_fix() -> None:
     """TensorRT-LLM constrains from the first token: it would forbid the block (or constrain the thinking)."""
-    guide = Guide(GuideKind.JSON_SCHEMA, "{}", after_reasoning=ReasoningPrefix(start_id=14, end_id=15, opened=True))
+    guide = Guide(GuideKind.JSON_SCHEMA, "{}", after_reasoning=ReasoningPrefix(start_id=14, end_ids=(15,), opened=True))
     with pytest.raises(UnsupportedRequestError, match="enable_thinking") as refused:
         to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
     assert refused.value.param == "response_format"

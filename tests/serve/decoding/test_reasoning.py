@@ -176,7 +176,7 @@ def allowed_of(words: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def gate(compiler: object, opened: bool) -> ReasoningGate:
     compiled = compiler.compile(SCHEMA)  # type: ignore[attr-defined]
-    matcher = compiler.matcher(compiled, EOS, ReasoningPrefix(14, 15, opened))  # type: ignore[attr-defined]
+    matcher = compiler.matcher(compiled, EOS, ReasoningPrefix(14, (15,), opened))  # type: ignore[attr-defined]
     assert isinstance(matcher, ReasoningGate)
     return matcher
 

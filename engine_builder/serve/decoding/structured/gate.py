@@ -1,14 +1,15 @@
-"""A grammar that applies after the model's reasoning block (`Guide.after_reasoning`).
+"""A grammar that applies after the model's reasoning (`Guide.after_reasoning`).
 
 Constraining from the first token would stop a reasoning model from thinking (the grammar has no `<think>`), or,
 where the prompt already opened the block, put the constrained answer inside the reasoning. The gate leaves
-the block free, except that the reply may not end in it, and hands every token after the end tag to the grammar:
+the block free, except that the reply may not end in it, and hands every token after the end (`</think>`, or
+harmony's `<|channel|>final<|message|>`, a sequence) to the grammar:
 
 - before: the first token is the start tag (the block opens) or one the grammar allows (no block);
-- reasoning: any token but a stop token, until the end tag;
+- reasoning: any token but a stop token, until the reply has produced the end sequence;
 - answer: the grammar's.
 
-Accepted tokens are remembered with the phase they left, so a rollback (speculative decoding) restores both.
+Accepted tokens are remembered with the state they left, so a rollback (speculative decoding) restores it.
 """
 
 from typing import Any
@@ -20,9 +21,13 @@ from engine_builder.common.types import ReasoningPrefix
 _BEFORE, _REASONING, _ANSWER = 0, 1, 2
 
 
-def _set_bit(words: torch.Tensor, token: int) -> None:
+def _bit(token: int) -> int:
     bit = token & 31
-    words[token >> 5] |= (1 << bit) if bit < 31 else -(1 << 31)  # int32 words: bit 31 is the sign
+    return (1 << bit) if bit < 31 else -(1 << 31)  # int32 words: bit 31 is the sign
+
+
+def _set_bit(words: torch.Tensor, token: int) -> None:
+    words[token >> 5] |= _bit(token)
 
 
 class ReasoningGate:
@@ -34,18 +39,18 @@ class ReasoningGate:
         self.stop_token_ids = frozenset(stop_token_ids)
         self.vocab_size = inner.vocab_size
         self._phase = _REASONING if prefix.opened else _BEFORE
-        self._history: list[
-            tuple[int, bool]
-        ] = []  # per accepted token: the phase before it, whether the grammar took it
+        self._matched = 0  # tokens of the end sequence the reply has just produced
+        # per accepted token: the phase and match before it, whether the grammar took it
+        self._history: list[tuple[int, int, bool]] = []
         num_words = (self.vocab_size + 31) // 32
         self._free_words = torch.full((num_words,), -1, dtype=torch.int32)
-        self._free_words[-1] = -1 if self.vocab_size % 32 == 0 else (1 << (self.vocab_size % 32)) - 1
+        if self.vocab_size % 32:
+            self._free_words[-1] = (1 << (self.vocab_size % 32)) - 1
         free = torch.ones(self.vocab_size, dtype=torch.bool)
         for token in self.stop_token_ids:
             if 0 <= token < self.vocab_size:
                 free[token] = False
-                bit = token & 31
-                self._free_words[token >> 5] &= ~((1 << bit) if bit < 31 else -(1 << 31))
+                self._free_words[token >> 5] &= ~_bit(token)
         self._free = free
 
     @property
@@ -71,22 +76,25 @@ class ReasoningGate:
         return allowed
 
     def accept(self, token_id: int) -> bool:
-        phase = self._phase
+        phase, matched = self._phase, self._matched
         if phase == _REASONING:
             if token_id in self.stop_token_ids:
                 return False
-            if token_id == self.prefix.end_id:
-                self._phase = _ANSWER
-            self._history.append((phase, False))
+            end = self.prefix.end_ids
+            # The end sequence's first token is a marker found nowhere else in it: a mismatch restarts the match.
+            self._matched = matched + 1 if token_id == end[matched] else int(token_id == end[0])
+            if self._matched == len(end):
+                self._phase, self._matched = _ANSWER, 0
+            self._history.append((phase, matched, False))
             return True
         if phase == _BEFORE and token_id == self.prefix.start_id:
             self._phase = _REASONING
-            self._history.append((phase, False))
+            self._history.append((phase, matched, False))
             return True
         if not self.inner.accept(token_id):
             return False
         self._phase = _ANSWER
-        self._history.append((phase, True))
+        self._history.append((phase, matched, True))
         return True
 
     def rollback(self, num_tokens: int) -> None:
@@ -94,8 +102,8 @@ class ReasoningGate:
             return
         undone = self._history[-num_tokens:]
         del self._history[-num_tokens:]
-        self.inner.rollback(sum(1 for _, by_grammar in undone if by_grammar))
-        self._phase = undone[0][0]
+        self.inner.rollback(sum(1 for _, _, by_grammar in undone if by_grammar))
+        self._phase, self._matched = undone[0][0], undone[0][1]
 
     @property
     def is_terminated(self) -> bool:
