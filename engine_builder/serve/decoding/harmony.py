@@ -54,12 +54,12 @@ class HarmonyEvent:
 
 
 def _held_suffix(text: str) -> int:
-    """Length of the end of `text` that may be the beginning of a marker."""
-    start = text.rfind("<|")
-    if start < 0:
-        return 1 if text.endswith("<") else 0
-    tail = text[start:]
-    return len(tail) if any(marker.startswith(tail) for marker in MARKERS) else 0
+    """Length of the longest end of `text` that is a proper beginning of a marker."""
+    for length in range(min(len(text), max(map(len, MARKERS)) - 1), 0, -1):
+        tail = text[-length:]
+        if any(marker.startswith(tail) for marker in MARKERS):
+            return length
+    return 0
 
 
 def classify_header(header: str) -> tuple[Literal["reasoning", "content", "call"], str]:
@@ -79,6 +79,11 @@ class HarmonyParser:
         self._pending = ""
         self._body: Literal["reasoning", "content", "call"] | None = None  # None: reading a header
         self._opened_any = False
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Inside a message whose body is reasoning (or a built-in tool's call)."""
+        return self._body == "reasoning"
 
     def feed(self, text: str, final: bool) -> list[HarmonyEvent]:
         pending = self._pending + text

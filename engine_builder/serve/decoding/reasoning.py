@@ -50,9 +50,11 @@ def detect_reasoning_format(tokenizer: Any, template: str | None) -> ReasoningFo
 
 
 def prompt_phase(fmt: ReasoningFormat, prompt: str) -> Phase:
-    if prompt.rstrip().endswith(fmt.end):
+    """Only the prompt's ending counts: a tag quoted in a message (or a closed block of an earlier turn) does not."""
+    tail = prompt.rstrip()
+    if tail.endswith(fmt.end):
         return Phase.ANSWER
-    if prompt.rfind(fmt.start) > prompt.rfind(fmt.end):
+    if tail.endswith(fmt.start):
         return Phase.REASONING
     return Phase.BEFORE
 

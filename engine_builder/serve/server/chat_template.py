@@ -112,7 +112,9 @@ def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
     if message.tool_call_id is not None:
         rendered["tool_call_id"] = message.tool_call_id
     if message.reasoning_content is not None:  # an earlier reply's reasoning, as Qwen3's and gpt-oss's templates name it
-        rendered["reasoning_content"] = rendered["thinking"] = message.reasoning_content
+        rendered["reasoning_content"] = message.reasoning_content
+        if not (message.tool_calls and rendered["content"]):  # gpt-oss's template refuses both beside tool calls
+            rendered["thinking"] = message.reasoning_content
     if message.tool_calls:
         calls = []
         for call in message.tool_calls:

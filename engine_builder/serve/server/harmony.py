@@ -1,6 +1,8 @@
 """Chat replies of harmony models (gpt-oss): analysis -> `reasoning_content`, calls to offered functions ->
 `tool_calls`, the final channel (and commentary preambles) -> the inner output: plain text, or the forced
-tool-call parser when `tool_choice` forces one. A call to a function that was not offered stays text."""
+tool-call parser when `tool_choice` forces one. A call that does not become a tool call (a function that was not
+offered, a second call without `parallel_tool_calls`, any call when `tool_choice` forces the answer) stays in
+`reasoning_content`: it is the model's working, never the answer."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -23,10 +25,13 @@ class HarmonyOutput(ChoiceOutput):
         self.parallel = parallel
         self.calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument pieces)
         self._receiving: int | None = None  # the call the current message's arguments belong to
+        self.reasoning_tokens = 0
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
-        for event in self.parser.feed(text, final):
+        events = self.parser.feed(text, final)
+        before = len(self.parts)
+        for event in events:
             if event.kind == "reasoning":
                 self.parts.append(event.text)
                 deltas.append({"reasoning_content": event.text})
@@ -41,10 +46,15 @@ class HarmonyOutput(ChoiceOutput):
             elif event.kind == "arguments" and self._receiving is not None:
                 self.calls[self._receiving][2].append(event.text)
                 deltas.append({"tool_calls": [{"index": self._receiving, "function": {"arguments": event.text}}]})
-            else:  # the answer, a preamble, or the arguments of a call that stays text
+            elif event.kind == "arguments":  # a call that stays the model's working
+                self.parts.append(event.text)
+                deltas.append({"reasoning_content": event.text})
+            else:  # the answer, or a preamble
                 deltas += self.inner.feed(event.text, False)
         if final:
             deltas += self.inner.feed("", True)
+        if len(self.parts) > before or self.parser.in_reasoning:  # the tokens of reasoning bodies
+            self.reasoning_tokens += len(token_ids)
         return deltas
 
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
@@ -60,6 +70,7 @@ class HarmonyOutput(ChoiceOutput):
             output.content = None
         output.tool_calls = calls + output.tool_calls
         output.reasoning = reasoning
+        output.reasoning_tokens = self.reasoning_tokens
         return output
 
 

@@ -122,6 +122,7 @@ CASES = [
         "<|channel|>analysis to=browser.search<|message|>{\"q\": 1}<|end|><|start|>assistant<|channel|>final<|message|>ok",
         {"reasoning": '{"q": 1}', "content": "ok", "calls": []},
     ),
+    ("<|channel|>final<|message|>a<|b <|end|>", {"reasoning": "", "content": "a<|b ", "calls": []}),
     ("A model that ignored the format <| says this.", {"reasoning": "", "content": "A model that ignored the format <| says this.", "calls": []}),
     ("<|channel|>analysis<|message|>cut off while thinking <|", {"reasoning": "cut off while thinking <|", "content": "", "calls": []}),
 ]
@@ -177,12 +178,13 @@ def test_offered_calls_become_tool_calls_streamed_as_openai_deltas() -> None:
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "Two lookups."
 
 
-def test_one_call_without_parallel_calls_and_unoffered_calls_stay_text() -> None:
+def test_calls_that_do_not_become_tool_calls_stay_reasoning_never_the_answer() -> None:
     _, single = run_output(CALL_REPLY, frozenset({"w"}), parallel=False)
     assert [json.loads(call.function.arguments)["city"] for call in single.tool_calls] == ["Oslo"]
-    _, unoffered = run_output(CALL_REPLY, frozenset())
-    assert unoffered.tool_calls == [] and unoffered.finish_reason == "stop"
-    assert unoffered.content == '{"city": "Oslo"}{"city": "Rome"}'
+    assert single.content is None and single.reasoning == 'Two lookups.{"city": "Rome"}'
+    _, unoffered = run_output(CALL_REPLY, frozenset())  # not offered, or tool_choice forcing the answer
+    assert unoffered.tool_calls == [] and unoffered.finish_reason == "stop" and unoffered.content is None
+    assert unoffered.reasoning == 'Two lookups.{"city": "Oslo"}{"city": "Rome"}'
 
 
 def test_real_token_ids_through_the_detokenizer_keep_the_markers(tokenizer: Any) -> None:
@@ -198,6 +200,8 @@ def test_real_token_ids_through_the_detokenizer_keep_the_markers(tokenizer: Any)
     output.feed(detokenizer.flush(), final=True)
     final = output.result(FinishReason.STOP, None)
     assert (final.reasoning, final.content) == ("User asks 2+2. Easy.", "It is 4.")
+    # reasoning tokens: the analysis body and the <|message|> that opened it
+    assert final.reasoning_tokens == 1 + len(tokenizer.encode("User asks 2+2. Easy.", add_special_tokens=False))
 
 
 # -- the gate: free until the final channel's header --------------------------------------------------------------

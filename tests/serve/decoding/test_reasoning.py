@@ -85,6 +85,8 @@ def test_prompt_phase_follows_the_templates_ending(thinking_dir: Path) -> None:
     # An earlier turn's closed block does not count; the tail decides.
     history = "<|im_start|>assistant\n<think>x</think>\n\nok<|im_end|>\n<|im_start|>assistant\n"
     assert prompt_phase(FMT, history) is Phase.BEFORE
+    quoted = "<|im_start|>user\nWhat does the <think> tag do?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt_phase(FMT, quoted) is Phase.BEFORE  # a tag quoted in a message opens nothing
 
 
 # -- the split --------------------------------------------------------------------------------------------------

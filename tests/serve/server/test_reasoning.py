@@ -149,3 +149,6 @@ def test_an_earlier_replys_reasoning_reaches_the_template() -> None:
     rendered = to_template_message(message, 1)
     assert rendered["reasoning_content"] == rendered["thinking"] == "2 and 2 make 4."  # Qwen3, gpt-oss
     assert "reasoning_content" not in to_template_message(ChatMessage(role="assistant", content="4"), 1)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with_call = ChatMessage(role="assistant", content="Checking.", reasoning_content="r", tool_calls=[call])
+    assert "thinking" not in to_template_message(with_call, 1)  # gpt-oss's template refuses both beside calls

@@ -181,8 +181,9 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
         )
     if guide.after_reasoning is not None:
         raise UnsupportedRequestError(
-            "TensorRT-LLM applies a guide from the first token, which would constrain this model's reasoning "
-            'block; switch thinking off for this request (Qwen3: chat_template_kwargs {"enable_thinking": false})',
+            "TensorRT-LLM applies a guide from the first token, which would constrain this model's reasoning; "
+            'a guide needs thinking switched off for the request (Qwen3: chat_template_kwargs {"enable_thinking": '
+            'false}), or the torch backend for models that always reason (DeepSeek-R1, gpt-oss)',
             param="response_format",
         )
     if guide.kind == GuideKind.STRUCTURAL_TAG and not traits.is_pytorch_backend:
