@@ -160,6 +160,7 @@ class QuantizedLinear(nn.Module):
     """
 
     format_name = ""
+    input_scale: torch.Tensor  # buffers, registered in __init__
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -196,6 +197,7 @@ class Fp8Linear(QuantizedLinear):
     """FP8 weights [out, in] with a per-row scale (per tensor, or per part of a fused layer), FP8 inputs."""
 
     format_name = "FP8"
+    weight_scale: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
@@ -256,6 +258,8 @@ class Nvfp4Linear(QuantizedLinear):
     """NVFP4 weights (packed [out, in/2], FP8 block scales [out, in/16], per-row global scale), emulated."""
 
     format_name = "NVFP4"
+    weight_scale: torch.Tensor
+    weight_scale_2: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias)

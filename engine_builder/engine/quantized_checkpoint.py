@@ -171,7 +171,7 @@ def weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for module in model.modules():
-        tensors = [*module._parameters.values()]
+        tensors: list[torch.Tensor | None] = [*module._parameters.values()]
         tensors += [
             b for name, b in module._buffers.items() if name not in module._non_persistent_buffers_set
         ]

@@ -138,7 +138,7 @@ def _hub_texts(name: str, limit: int) -> list[str]:
             "point calib_dataset at a local .jsonl/.txt file or use 'builtin'"
         )
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise CalibrationDataError(
             f"calib_dataset {name} is a Hugging Face dataset, but the `datasets` package is not installed: "

@@ -110,7 +110,7 @@ def quantize_checkpoint(
     breached = gate.failures(metrics, thresholds)
     quantized_modules = _quantized_modules(model_dir)
     exclude_modules = _exclude_modules(model_dir)
-    report = {
+    report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "quantization_type": recipe.name,
         "quant_algo": recipe.quant_algo,

@@ -84,6 +84,9 @@ def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to `max_positions`, looked up by position ids."""
 
+    cos: torch.Tensor  # buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)

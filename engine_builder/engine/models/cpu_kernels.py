@@ -99,11 +99,13 @@ class PackedFp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernel(x.shape[0]):
+            assert self.panels is not None  # uses_kernel checked it
             return bf16_gemm(x, self.panels, self.bias32 if self.bias is not None else None, self.out_features)
         if x.shape[0] > self.fbgemm_rows:  # many rows: 16-bit in and out (the model keeps 16-bit activations)
             if self.blocked is not None:
                 y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.blocked, self.bias, "none", [], "")
             else:
+                assert self.weight is not None  # kept unless the blocked form or the kernel takes these rows
                 y = F.linear(x.to(self.dtype), self.weight, self.bias)
             return y.to(x.dtype)
         with warnings.catch_warnings():

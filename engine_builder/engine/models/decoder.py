@@ -21,6 +21,7 @@ from engine_builder.engine.layers.rotary import RotaryEmbedding
 if TYPE_CHECKING:
     from engine_builder.engine.models.fused_decode import FusedDecodeStack
     from engine_builder.engine.parallel import TensorParallel
+    from engine_builder.engine.quantized_checkpoint import Quantization
 
 RotaryRows = tuple[torch.Tensor, torch.Tensor]  # cos and sin rows of a step's positions
 
@@ -149,6 +150,10 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
     """Embeddings, layers, final norm and LM head. `forward` returns hidden states; `logits` projects rows."""
+
+    # set for quantized checkpoints only, by install_quantized_linears (engine_builder/engine/quantized_checkpoint.py)
+    quantization: "Quantization"
+    kv_cache_scales: torch.Tensor  # [2 (k, v), layers], a buffer registered for an FP8 KV cache
 
     def __init__(self, spec: DecoderSpec, tp: "TensorParallel | None" = None) -> None:
         super().__init__()

@@ -2,8 +2,9 @@
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatMessage
@@ -72,7 +73,8 @@ class PromptRenderer:
         try:
             rendered = self.tokenizer.apply_chat_template(
                 conversation,
-                tools=tools,
+                # transformers wants list[dict | Callable] (a list is invariant): ours is a list of JSON schemas
+                tools=cast("list[dict[Any, Any] | Callable[..., Any]] | None", tools),
                 documents=documents,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -98,7 +100,7 @@ def message_text(message: ChatMessage, index: int) -> str | None:
             raise unsupported(
                 f"messages[{index}].content", f"Content parts of type {part.type!r} need a multimodal model."
             )
-        texts.append(part.text)  # type: ignore[union-attr]
+        texts.append(part.text)
     return "".join(texts)
 
 

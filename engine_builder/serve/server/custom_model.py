@@ -8,6 +8,7 @@ Its own `predict`, `chat_completions` and `completions` then answer the matching
 import importlib.util
 import inspect
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_to_api_error(error.errors()) from None
 
 
-def load_user_model(path: Path, state: ServerState, secrets: dict[str, str], config: dict[str, Any]) -> Any:
+def load_user_model(path: Path, state: ServerState, secrets: Mapping[str, str], config: dict[str, Any]) -> Any:
     spec = importlib.util.spec_from_file_location("user_model", path)
     if spec is None or spec.loader is None:
         raise RuntimeError(f"cannot import {path}")

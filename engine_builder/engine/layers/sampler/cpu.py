@@ -7,6 +7,8 @@ Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws exa
 each seeded request use its own generator.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from engine_builder.common.types import TokenLogprob
@@ -25,10 +27,10 @@ class CpuSampler:
         logits = self._process(logits, rows)
         token_ids = self._choose(logits, rows)
         logprobs = [
-            _token_logprob(raw_logprobs[index], token_ids[index], row.params.logprobs)
-            if raw_logprobs[index] is not None and row.params.logprobs is not None
+            _token_logprob(raw, token_id, row.params.logprobs)
+            if raw is not None and row.params.logprobs is not None
             else None
-            for index, row in enumerate(rows)
+            for raw, token_id, row in zip(raw_logprobs, token_ids, rows, strict=True)
         ]
         return SamplerOutput(token_ids, logprobs)
 
@@ -104,6 +106,7 @@ class CpuSampler:
 
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+_xgrammar_apply: Callable[..., None] | None
 try:  # grammar masks come from xgrammar; its CPU kernel applies them (the torch unpacking below is the fallback)
     from xgrammar import apply_token_bitmask_inplace as _xgrammar_apply
 except ImportError:  # pragma: no cover - xgrammar is installed with the project
