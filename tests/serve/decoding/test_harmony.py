@@ -4,7 +4,6 @@ tokens kept, and the grammar gate waiting for the final channel (a multi-token e
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from engine_builder.serve.decoding.detokenizer import TextDecoder
 from engine_builder.serve.decoding.harmony import HarmonyEvent, HarmonyParser, detect_harmony
 from engine_builder.serve.server.harmony import HarmonyOutput
 from engine_builder.serve.server.outputs import ChoiceOutput
+from tests.serve.decoding.renamed_tokens import smollm2_with_renamed_tokens
 
 # SmolLM2's special tokens 3..9 renamed to harmony's markers (special, as in gpt-oss's tokenizer).
 MARKER_IDS = {"<|start|>": 3, "<|channel|>": 4, "<|message|>": 5, "<|end|>": 6, "<|call|>": 7, "<|return|>": 8, "<|constrain|>": 9}
@@ -31,24 +31,9 @@ HARMONY_TEMPLATE = (
 
 def harmony_model_dir(smollm2_dir: Path, target: Path) -> Path:
     """SmolLM2's weights with a harmony tokenizer and template; <|call|> and <|return|> end a reply."""
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(smollm2_dir / "config.json", target / "config.json")
-    generation = json.loads((smollm2_dir / "generation_config.json").read_text())
-    generation["eos_token_id"] = [2, MARKER_IDS["<|call|>"], MARKER_IDS["<|return|>"]]
-    (target / "generation_config.json").write_text(json.dumps(generation))
-    (target / "model.safetensors").symlink_to(smollm2_dir / "model.safetensors")
-    tokenizer = json.loads((smollm2_dir / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    for marker, token_id in MARKER_IDS.items():
-        entry = tokenizer["added_tokens"][token_id]
-        del vocab[entry["content"]]
-        vocab[marker] = token_id
-        entry["content"] = marker
-    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
-    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = HARMONY_TEMPLATE
-    (target / "tokenizer_config.json").write_text(json.dumps(config))
-    return target
+    eos = [2, MARKER_IDS["<|call|>"], MARKER_IDS["<|return|>"]]
+    renames = {token_id: marker for marker, token_id in MARKER_IDS.items()}
+    return smollm2_with_renamed_tokens(smollm2_dir, target, renames, HARMONY_TEMPLATE, special=True, eos_token_ids=eos)
 
 
 @pytest.fixture(scope="module")

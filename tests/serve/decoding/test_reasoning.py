@@ -3,7 +3,6 @@ deltas gives the whole reply's answer), token counting, and the grammar gate ove
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from engine_builder.serve.decoding.reasoning import (
     prompt_phase,
 )
 from engine_builder.serve.decoding.structured.gate import ReasoningGate, _set_bit
+from tests.serve.decoding.renamed_tokens import smollm2_with_renamed_tokens
 
 FMT = ReasoningFormat("<think>", "</think>", 14, 15)
 QWEN3_TEMPLATE = (
@@ -32,23 +32,9 @@ QWEN3_TEMPLATE = (
 def thinking_tokenizer_dir(smollm2_dir: Path, target: Path) -> Path:
     """SmolLM2 whose ids 14 and 15 are the plain (non-special) tokens `<think>` and `</think>`, with a
     Qwen3-style template (`enable_thinking`, and `open_think` for DeepSeek-R1's always-open block)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / name, target / name)
-    (target / "model.safetensors").symlink_to(smollm2_dir / "model.safetensors")
-    tokenizer = json.loads((smollm2_dir / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    for token_id, content in ((14, "<think>"), (15, "</think>")):
-        entry = tokenizer["added_tokens"][token_id]
-        assert entry["id"] == token_id
-        del vocab[entry["content"]]
-        vocab[content] = token_id
-        entry.update(content=content, special=False)
-    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
-    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = QWEN3_TEMPLATE
-    (target / "tokenizer_config.json").write_text(json.dumps(config))
-    return target
+    return smollm2_with_renamed_tokens(
+        smollm2_dir, target, {14: "<think>", 15: "</think>"}, QWEN3_TEMPLATE, special=False
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -136,3 +137,27 @@ def started(
         yield process
     finally:
         process.stop()
+
+
+@contextmanager
+def in_process_server(root: Path, model_dir: Path) -> Iterator[tuple[Any, Any]]:
+    """Build a small float32 torch engine of `model_dir` under `root` and serve it in this process: yields a
+    FastAPI TestClient and the server's state (for tests that look inside a request's steps)."""
+    import pytest
+    from fastapi.testclient import TestClient
+
+    from engine_builder.build.build_stage import build_engine
+    from engine_builder.build.config import load_config
+    from engine_builder.serve.server.factory import build_server
+
+    config = write_config(
+        root / "config.yaml", model_dir, max_seq_len=256,
+        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENGINE_BUILDER_CACHE", str(root / "cache"))
+        loaded = load_config(config)
+        engine = build_engine(loaded, root / "engine", loaded.truss.engine_builder).engine_dir
+        app, state = build_server(engine, loaded.truss.engine_builder, ())
+        with TestClient(app) as client:
+            yield client, state

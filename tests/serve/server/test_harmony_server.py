@@ -12,15 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from openai.types.chat import ChatCompletion
 
-from engine_builder.build.build_stage import build_engine
-from engine_builder.build.config import load_config
-from engine_builder.serve.server.factory import build_server
 from engine_builder.serve.server.harmony import HarmonyProcessor
 from engine_builder.serve.server.protocol import ChatCompletionRequest
 from engine_builder.serve.server.serving_chat import plan_chat
 from engine_builder.serve.server.state import ServerState
 from tests.serve.decoding.test_harmony import harmony_model_dir
-from tests.serve.server.harness import write_config
+from tests.serve.server.harness import in_process_server
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -30,17 +27,8 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"ty
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[tuple[TestClient, ServerState]]:
     root = tmp_path_factory.mktemp("harmony-server")
     model = harmony_model_dir(smollm2_dir, root / "model")
-    config = write_config(
-        root / "config.yaml", model, max_seq_len=256,
-        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ENGINE_BUILDER_CACHE", str(root / "cache"))
-        loaded = load_config(config)
-        engine = build_engine(loaded, root / "engine", loaded.truss.engine_builder).engine_dir
-        app, state = build_server(engine, loaded.truss.engine_builder, ())
-        with TestClient(app) as client:
-            yield client, state
+    with in_process_server(root, model) as served:
+        yield served
 
 
 def plan(state: ServerState, **body: Any) -> Any:

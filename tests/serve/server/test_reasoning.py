@@ -14,12 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from openai.types.chat import ChatCompletion
 
-from engine_builder.build.build_stage import build_engine
-from engine_builder.build.config import load_config
-from engine_builder.serve.server.factory import build_server
 from engine_builder.serve.server.state import ServerState
 from tests.serve.decoding.test_reasoning import FMT, thinking_tokenizer_dir
-from tests.serve.server.harness import write_config
+from tests.serve.server.harness import in_process_server
 
 MESSAGES = [{"role": "user", "content": "What is 2+2? Answer in JSON."}]
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
@@ -32,17 +29,8 @@ END_FIRST = {"logit_bias": {str(FMT.end_id): 100}}
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[tuple[TestClient, ServerState]]:
     root = tmp_path_factory.mktemp("reasoning")
     model = thinking_tokenizer_dir(smollm2_dir, root / "model")
-    config = write_config(
-        root / "config.yaml", model, max_seq_len=256,
-        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ENGINE_BUILDER_CACHE", str(root / "cache"))
-        loaded = load_config(config)
-        engine = build_engine(loaded, root / "engine", loaded.truss.engine_builder).engine_dir
-        app, state = build_server(engine, loaded.truss.engine_builder, ())
-        with TestClient(app) as client:
-            yield client, state
+    with in_process_server(root, model) as served:
+        yield served
 
 
 def chat(client: TestClient, **body: Any) -> dict[str, Any]:

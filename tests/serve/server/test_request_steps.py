@@ -11,13 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from engine_builder.build.build_stage import build_engine
-from engine_builder.build.config import load_config
 from engine_builder.engine.engine import LLMEngine
 from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
-from engine_builder.serve.server.factory import build_server
 from engine_builder.serve.server.state import ServerState
-from tests.serve.server.harness import write_config
+from tests.serve.server.harness import in_process_server
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 
@@ -25,17 +22,8 @@ MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 @pytest.fixture(scope="module")
 def torch_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[tuple[TestClient, ServerState]]:
     root = tmp_path_factory.mktemp("request-steps")
-    config = write_config(
-        root / "config.yaml", smollm2_dir, max_seq_len=256,
-        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ENGINE_BUILDER_CACHE", str(root / "cache"))
-        loaded = load_config(config)
-        engine = build_engine(loaded, root / "engine", loaded.truss.engine_builder).engine_dir
-        app, state = build_server(engine, loaded.truss.engine_builder, ())
-        with TestClient(app) as client:
-            yield client, state
+    with in_process_server(root, smollm2_dir) as served:
+        yield served
 
 
 def _count(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[Any]:
