@@ -22,7 +22,9 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (override the config's engine_builder: section)")
     for name, field in EngineOptions.model_fields.items():
         annotation = field.annotation
-        kwargs: dict[str, Any] = {"default": None, "help": f"{field.description} (default: {field.default})"}
+        # argparse %-formats help strings: a literal "%" in a description must reach it doubled.
+        help_text = f"{field.description} (default: {field.default})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"default": None, "help": help_text}
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(args)

@@ -1,5 +1,6 @@
 """`engine-builder validate`: exit codes, resolved YAML on stdout, every error on stderr."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,16 @@ def test_validate_missing_file() -> None:
     result = _cli("validate", "does-not-exist.yaml")
     assert result.returncode == 2
     assert "cannot read config" in result.stderr
+
+
+def test_help_of_every_command_prints_and_exits_0() -> None:
+    """argparse %-formats help text: one stray "%" in an option's description made `run --help` a traceback."""
+    from engine_builder.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("", *commands.choices):
+        result = _cli(*([name] if name else []), "--help")
+        assert result.returncode == 0, (name, result.stderr[-500:])
+        assert result.stdout.startswith("usage: "), name
+        assert "Traceback" not in result.stderr
