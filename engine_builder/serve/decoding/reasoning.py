@@ -28,9 +28,22 @@ class ReasoningFormat:
     end: str
     start_id: int
     end_id: int
+    # Tokens that are only whitespace: a reply may open with them before its start tag (the splitter drops
+    # them), so they leave the counter undecided too.
+    blank_ids: frozenset[int] = frozenset()
 
 
 _TAGS = (("<think>", "</think>"),)
+_BLANKS = (" ", "  ", "\n", "\n\n", " \n", "\n\n\n", "\t", "\r\n")
+
+
+def _blank_token_ids(tokenizer: Any, special: set[int]) -> frozenset[int]:
+    ids = set()
+    for blank in _BLANKS:
+        encoded = tokenizer.encode(blank, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in special:
+            ids.add(encoded[0])
+    return frozenset(ids)
 
 
 def detect_reasoning_format(tokenizer: Any, template: str | None) -> ReasoningFormat | None:
@@ -45,7 +58,9 @@ def detect_reasoning_format(tokenizer: Any, template: str | None) -> ReasoningFo
         start_ids = tokenizer.encode(start, add_special_tokens=False)
         end_ids = tokenizer.encode(end, add_special_tokens=False)
         if len(start_ids) == 1 and len(end_ids) == 1 and not {start_ids[0], end_ids[0]} & special:
-            return ReasoningFormat(start, end, start_ids[0], end_ids[0])
+            return ReasoningFormat(
+                start, end, start_ids[0], end_ids[0], _blank_token_ids(tokenizer, special)
+            )
     return None
 
 
@@ -117,22 +132,28 @@ class ReasoningSplitter:
 
 
 class ReasoningTokenCounter:
-    """Tokens of the reasoning block: the tags and what lies between them."""
+    """Tokens of the reasoning block: the tags, what lies between them, and whitespace tokens before the start
+    tag (the splitter puts a block opened after whitespace in `reasoning_content`, so the count follows)."""
 
     def __init__(self, fmt: ReasoningFormat, phase: Phase) -> None:
         self.fmt = fmt
         self.phase = phase
         self.count = 0
+        self._leading_blanks = 0
 
     def feed(self, token_ids: list[int]) -> None:
         for token in token_ids:
             if self.phase is Phase.ANSWER:
                 return
             if self.phase is Phase.BEFORE:
+                if token in self.fmt.blank_ids:
+                    self._leading_blanks += 1
+                    continue
                 if token != self.fmt.start_id:
                     self.phase = Phase.ANSWER
                     return
                 self.phase = Phase.REASONING
+                self.count += self._leading_blanks
             elif token == self.fmt.end_id:
                 self.phase = Phase.ANSWER
             self.count += 1

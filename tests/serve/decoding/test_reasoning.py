@@ -21,6 +21,12 @@ from engine_builder.serve.decoding.structured.gate import ReasoningGate, _set_bi
 from tests.serve.decoding.renamed_tokens import smollm2_with_renamed_tokens
 
 FMT = ReasoningFormat("<think>", "</think>", 14, 15)
+
+
+def tags(fmt: ReasoningFormat | None) -> tuple[str, str, int, int] | None:
+    return None if fmt is None else (fmt.start, fmt.end, fmt.start_id, fmt.end_id)
+
+
 QWEN3_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -47,7 +53,7 @@ def test_detection_needs_single_kept_tokens_and_a_template_that_names_them(think
     from transformers import AutoTokenizer
 
     thinking = AutoTokenizer.from_pretrained(str(thinking_dir))
-    assert detect_reasoning_format(thinking, thinking.chat_template) == FMT
+    assert tags(detect_reasoning_format(thinking, thinking.chat_template)) == tags(FMT)
     assert detect_reasoning_format(thinking, "{{ messages }}") is None  # the template never names the block
     assert detect_reasoning_format(thinking, None) is None
     plain = AutoTokenizer.from_pretrained(str(smollm2_dir))  # "<think>" is several tokens there
@@ -135,6 +141,31 @@ def test_token_counter_counts_the_block_and_its_tags() -> None:
     answered = ReasoningTokenCounter(FMT, Phase.BEFORE)
     answered.feed([100, 14, 15])  # the block must open the reply
     assert answered.count == 0
+
+
+def test_token_counter_and_splitter_agree_on_whitespace_before_the_start_tag(thinking_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
+    assert fmt is not None
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and newline[0] in fmt.blank_ids
+    # (reply, its reasoning text, its answer text, tokens counted as reasoning: all up to </think> or none)
+    for reply, want_reasoning, want_answer, counts_block in (
+        ("\n<think>plan</think>answer", "plan", "answer", True),
+        ("\nanswer <think>x</think>", "", "\nanswer <think>x</think>", False),  # no block: the text as is
+    ):
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        counter = ReasoningTokenCounter(fmt, Phase.BEFORE)
+        splitter = ReasoningSplitter(fmt, Phase.BEFORE)
+        reasoning, answer = "", ""
+        for i, token in enumerate(ids):
+            counter.feed([token])
+            r, a = splitter.feed(tokenizer.decode([token]), final=i == len(ids) - 1)
+            reasoning, answer = reasoning + r, answer + a
+        assert (reasoning, answer) == (want_reasoning, want_answer)
+        assert counter.count == (ids.index(fmt.end_id) + 1 if counts_block else 0)
 
 
 # -- the grammar gate -------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ where the prompt already opened the block, put the constrained answer inside the
 the block free, except that the reply may not end in it, and hands every token after the end (`</think>`, or
 harmony's `<|channel|>final<|message|>`, a sequence) to the grammar:
 
-- before: the first token is the start tag (the block opens) or one the grammar allows (no block);
+- before: the first token is the start tag (the block opens) or one the grammar allows (no block; so under a
+  guide a block opens only with the reply's first token, never after whitespace);
 - reasoning: any token but a stop token, until the reply has produced the end sequence;
 - answer: the grammar's.
 
