@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, BuildError) as error:  # messages name the fix (and carry no secret values)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the file system refused (permissions, a missing folder, a full disk): say what
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

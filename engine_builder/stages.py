@@ -11,7 +11,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from engine_builder.build.config import EngineOptions, LoadedConfig, load_config
+import pydantic
+
+from engine_builder.build.config import ConfigError, ConfigIssue, EngineOptions, LoadedConfig, load_config
 from engine_builder.common.artifact import EngineDir, is_engine_dir, load_engine_dir
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,16 @@ def engine_options_from(
         for name in EngineOptions.model_fields
         if getattr(args, f"engine_{name}", None) is not None
     }
-    return EngineOptions.model_validate({**base, **overrides})
+    try:
+        return EngineOptions.model_validate({**base, **overrides})
+    except pydantic.ValidationError as error:  # a bad flag value: say which flag, as a config error does
+        issues = []
+        for problem in error.errors():
+            name = str(problem["loc"][0]) if problem["loc"] else ""
+            where = f"--{name.replace('_', '-')}" if name in overrides else f"engine_builder.{name}"
+            issues.append(ConfigIssue("command line" if name in overrides else "engine options", None, where,
+                                      problem["msg"]))
+        raise ConfigError(issues) from error
 
 
 def add_stage_commands(commands: Any) -> None:
@@ -77,9 +88,16 @@ def add_stage_commands(commands: Any) -> None:
     run.set_defaults(handler=cmd_run)
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (default 8000)")
     parser.add_argument(
         "--api-key",
         action="append",

@@ -68,3 +68,24 @@ def test_help_of_every_command_prints_and_exits_0() -> None:
         assert result.returncode == 0, (name, result.stderr[-500:])
         assert result.stdout.startswith("usage: "), name
         assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_values_are_errors_not_tracebacks() -> None:
+    result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--num-threads", "-3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--num-threads: Input should be greater than or equal to 1" in result.stderr
+    result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--port", "99999")
+    assert result.returncode == 2 and "99999 is not a TCP port" in result.stderr
+
+
+def test_a_busy_port_is_found_before_the_model_loads() -> None:
+    import socket
+
+    from engine_builder.serve.server.main import _port_refusal
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert _port_refusal("127.0.0.1", port) == "Address already in use"
+    assert _port_refusal("127.0.0.1", port) is None

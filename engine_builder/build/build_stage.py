@@ -19,6 +19,7 @@ from engine_builder.build.checkpoints import FetchedCheckpoint, RepositoryInfo, 
 from engine_builder.build.config import (
     BaseModelKind,
     CheckpointRepository,
+    CheckpointSource,
     EngineOptions,
     LoadedConfig,
     QuantizationType,
@@ -32,13 +33,17 @@ from engine_builder.common.artifact import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
+    MODEL_FILE_STATS,
     USER_MODEL_DIR,
     EngineDir,
     Manifest,
     SourceInfo,
     atomic_engine_dir,
+    changed_model_files,
+    engine_dir_lock,
     is_engine_dir,
     load_engine_dir,
+    model_file_stats,
 )
 from engine_builder.common.backend_choice import choose_backend
 
@@ -60,15 +65,61 @@ def build_engine(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool = False
 ) -> BuildResult:
     started = time.monotonic()
+    check_output_path(output, loaded, force=force)
+    with engine_dir_lock(output):
+        return _build_engine_locked(loaded, output, options, force=force, started=started)
+
+
+def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> None:
+    """Refuse an output the build would destroy (a build replaces the output folder whole): the working folder,
+    the config's folder, the home folder or any folder above them, a file, and, unless `force`, a folder with
+    files in it that is not an engine."""
+    target = output.resolve()
+    for kept, what in ((Path.cwd(), "the working folder"), (loaded.base_dir, "the config's folder"),
+                       (Path.home(), "the home folder")):
+        kept = kept.resolve()
+        if target == kept or target in kept.parents:
+            raise BuildError(
+                f"refusing to build into {output}: the build replaces that folder whole and it holds {what} "
+                f"({kept}); choose a new or empty folder, or an existing engine folder"
+            )
+    if target.exists() and not target.is_dir():
+        raise BuildError(f"refusing to build into {output}: it is a file, not a folder")
+    if not force and target.is_dir() and not is_engine_dir(target) and any(target.iterdir()):
+        raise BuildError(
+            f"refusing to build into {output}: it is a folder with files in it and no {MANIFEST_FILE} (not an "
+            "engine), which the build would replace whole; choose a new or empty folder, or pass --force to "
+            "replace it"
+        )
+
+
+def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
+    if not is_engine_dir(output):
+        return None
+    try:
+        existing = load_engine_dir(output)
+    except Exception as error:  # an unreadable or old engine is simply rebuilt
+        logger.info("rebuilding %s: %s", output, error)
+        return None
+    if existing.manifest.config_hash != config_hash:
+        return None
+    changed = changed_model_files(existing)
+    if changed:
+        logger.info("rebuilding %s: its model files changed since the build (%s)", output, ", ".join(changed[:3]))
+        return None
+    return existing
+
+
+def _build_engine_locked(
+    loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float
+) -> BuildResult:
     config_hash = build_identity(loaded, options)
-    if not force and is_engine_dir(output):
-        try:
-            existing = load_engine_dir(output)
-            if existing.manifest.config_hash == config_hash:
-                logger.info("engine at %s matches the config hash; reusing it", output)
-                return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
-        except Exception as error:  # an unreadable or old engine is simply rebuilt
-            logger.info("rebuilding %s: %s", output, error)
+    existing = None if force else _engine_with_hash(output, config_hash)
+    repository = loaded.trt_llm.build.checkpoint_repository
+    in_place = repository is not None and repository.source is CheckpointSource.LOCAL
+    if existing is not None and not in_place:
+        logger.info("engine at %s matches the config hash; reusing it", output)
+        return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
     stack = loaded.trt_llm
     build = stack.build
     # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
@@ -95,6 +146,16 @@ def build_engine(
         allow_prequantized=prequantized_ok,
         require_weights=not dummy,
     )
+    if existing is not None:  # a LOCAL folder can change under the same config: its content decides
+        if existing.manifest.source.revision == fetched.revision:
+            logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
+            return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
+        logger.info("rebuilding %s: the LOCAL checkpoint %s changed since it was built", output, fetched.path)
+    if fetched.in_place and (output.resolve() == fetched.path or output.resolve() in fetched.path.parents):
+        raise BuildError(
+            f"refusing to build into {output}: the build replaces that folder whole and it holds the LOCAL "
+            f"checkpoint ({fetched.path}); choose another output folder"
+        )
     from engine_builder.build.checkpoints import check_repository_layout
 
     info = check_repository_layout(
@@ -146,6 +207,7 @@ def build_engine(
         if dummy:
             manifest.extra["load_format"] = "dummy"
             logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
+        manifest.extra[MODEL_FILE_STATS] = model_file_stats(model_dir)
         (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
     engine = load_engine_dir(output)
@@ -291,7 +353,9 @@ _TORCH_QUANTIZATION = frozenset(
 
 
 def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
-    """Hard-link the checkpoint's files into the engine (copy across file systems)."""
+    """Hard-link the checkpoint's files into the engine (copy across file systems). A LOCAL folder's files are
+    linked too (a 140 GB checkpoint is not doubled on disk); overwriting one in place would change the engine's,
+    which the manifest's file fingerprints catch (`changed_model_files`)."""
     for relative in sorted(fetched.files):
         source = fetched.path / relative
         destination = target / relative

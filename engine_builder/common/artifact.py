@@ -12,7 +12,9 @@ Layout:
     user_model/              the config's Truss `model/` folder, when it has a model.py
 """
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder import __version__
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA_VERSION = 2  # 2: the runtime section
 MANIFEST_FILE = "manifest.json"
@@ -165,6 +169,35 @@ class EngineDir:
         return self.path / CONFIG_FILE
 
 
+MODEL_FILE_STATS = "model_files"  # manifest.extra: relative path -> [size, mtime_ns] of model/ when built
+
+
+def model_file_stats(model_dir: Path) -> dict[str, list[int]]:
+    stats = {}
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file():
+            info = path.stat()
+            stats[path.relative_to(model_dir).as_posix()] = [info.st_size, info.st_mtime_ns]
+    return stats
+
+
+def changed_model_files(engine: "EngineDir") -> list[str]:
+    """Files of the engine's model/ that changed since the build (size or modification time): model files are
+    hard-linked from a LOCAL checkpoint, so a checkpoint overwritten in place changes them. Engines built before
+    the fingerprints existed report nothing."""
+    recorded = engine.manifest.extra.get(MODEL_FILE_STATS) or {}
+    changed = []
+    for relative, (size, mtime_ns) in recorded.items():
+        try:
+            info = (engine.model_dir / relative).stat()
+        except FileNotFoundError:
+            changed.append(relative)
+            continue
+        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+            changed.append(relative)
+    return changed
+
+
 def is_engine_dir(path: Path) -> bool:
     return (path / MANIFEST_FILE).is_file()
 
@@ -178,11 +211,31 @@ def load_engine_dir(path: str | Path) -> EngineDir:
 
 
 @contextmanager
+def engine_dir_lock(final: Path) -> Iterator[None]:
+    """Hold the output's build lock (`.<name>.lock` beside it): one build of an output at a time, across
+    processes (two `run` replicas sharing an engines volume); a second build waits, then finds the first's
+    engine and reuses it when the config matches."""
+    final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with (final.parent / f".{final.name}.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another build of %s to finish", final)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_engine_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename, on failure it is removed.
 
     A kill -9 at any point leaves either the old engine or the new one under `final`, never a mix; stray
-    temp folders (`.<name>.building-*`) are cleaned by the next build.
+    temp folders (`.<name>.building-*`) are cleaned by the next build. Call it under `engine_dir_lock`: the
+    clean-up would otherwise remove a concurrent build's folder.
     """
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +250,11 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
         if final.exists():
             retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
             final.rename(retired)
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except BaseException:
+                retired.rename(final)  # put the old engine back: the output never ends up missing
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(final)

@@ -34,6 +34,7 @@ class FetchedCheckpoint:
     path: Path  # local folder with the HF layout (treat as read-only)
     files: dict[str, str]  # relative path -> sha256
     revision: str | None  # HF commit sha, else "sha256:<digest of the files>"
+    in_place: bool = False  # a LOCAL folder used as it is (the user's files, which may change between builds)
 
 
 def fetch_checkpoint(
@@ -188,7 +189,7 @@ class _Fetch:
                 path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
             )
         hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
-        return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes))
+        return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes), in_place=True)
 
     def _retry(self, call: Callable[[], T]) -> T:
         for attempt in range(1, self.settings.attempts + 1):

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from engine_builder.common.artifact import EngineDir
+from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server.auth import parse_api_keys
 
@@ -30,6 +30,20 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         return 2
     if not api_keys:
         logger.warning("no API key set: the server accepts any caller on %s", args.host)
+    changed = changed_model_files(engine)
+    if changed:
+        logger.error(
+            "the engine's model files changed since it was built (%s): they are hard-linked from a LOCAL "
+            "checkpoint that was overwritten in place; rebuild the engine (engine-builder build <config> -o %s "
+            "--force, or engine-builder run <config>)",
+            ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
+            engine.path,
+        )
+        return 2
+    refusal = _port_refusal(args.host, args.port)
+    if refusal:  # before the model loads, not after minutes of it
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, refusal)
+        return 2
     app, state = build_server(engine, options, api_keys)
     config = uvicorn.Config(
         app,
@@ -46,6 +60,24 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         logger.error("the server did not start; exiting with status %d", STARTUP_FAILURE)
         return STARTUP_FAILURE
     return 0
+
+
+def _port_refusal(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound now (in use, not allowed), or None; the socket is closed at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return str(error)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup

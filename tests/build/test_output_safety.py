@@ -1,0 +1,131 @@
+"""The build's output folder: it is replaced whole, so a build refuses folders it would destroy; builds of one
+output take turns; an engine whose hard-linked LOCAL files changed is rebuilt, and refused by `serve`."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_builder.build.build_stage import build_engine
+from engine_builder.build.config import load_config
+from engine_builder.build.errors import BuildError
+from engine_builder.common.artifact import TEST_PAUSE_ENV, changed_model_files, load_engine_dir
+from tests.conftest import REPO_ROOT
+from tests.serve.server.harness import write_config
+
+
+def _private_checkpoint(smollm2_dir: Path, target: Path) -> Path:
+    """SmolLM2 whose small files are this test's own copies (safe to overwrite) and whose weights are a hard link
+    (never written)."""
+    target.mkdir(parents=True)
+    for path in smollm2_dir.iterdir():
+        if path.name == "model.safetensors":
+            os.link(path, target / path.name)
+        elif path.is_file():
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def _cli_build(config: Path, output: Path, *args: str, cwd: Path, pause_s: float | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ENGINE_BUILDER_CACHE": str(config.parent / "cache"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    env.pop(TEST_PAUSE_ENV, None)
+    if pause_s is not None:
+        env[TEST_PAUSE_ENV] = str(pause_s)
+    command = [sys.executable, "-m", "engine_builder.cli", "build", str(config), "-o", str(output), *args]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=300)
+    return process.returncode, out
+
+
+def test_refuses_outputs_it_would_destroy(tmp_path: Path, smollm2_dir: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    config = write_config(project / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("precious")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("data")
+    cases = {
+        notes: "no manifest.json",
+        project: "the config's folder",
+        tmp_path: "refusing to build into",  # above the config and the working folder
+        a_file: "is a file",
+    }
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for output, reason in cases.items():
+        code, out = _finish(_cli_build(config, output, cwd=elsewhere))
+        assert code == 1 and reason in out and "Traceback" not in out, (output, out[-1500:])
+    assert (notes / "keep.txt").read_text() == "precious" and (project / "config.yaml").is_file()
+    assert a_file.read_text() == "data"
+    code, out = _finish(_cli_build(config, Path("."), cwd=project))
+    assert code == 1 and "the working folder" in out and (project / "config.yaml").is_file()
+    # --force replaces a folder that is not an engine, never the config's folder
+    code, out = _finish(_cli_build(config, project, "--force", cwd=elsewhere))
+    assert code == 1 and "the config's folder" in out
+    code, out = _finish(_cli_build(config, notes, "--force", cwd=project))
+    assert code == 0, out[-1500:]
+    assert load_engine_dir(notes).manifest.architecture and not (notes / "keep.txt").exists()
+
+
+def test_refuses_to_build_over_its_local_checkpoint(tmp_path: Path, smollm2_dir: Path) -> None:
+    checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "models" / "checkpoint")
+    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    for output in (checkpoint, tmp_path / "models"):
+        with pytest.raises(BuildError, match="refusing to build into"):
+            build_engine(loaded, output, loaded.truss.engine_builder, force=True)
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in smollm2_dir.iterdir())
+
+
+def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "checkpoint")
+    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    output = tmp_path / "engine"
+    first = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert not first.reused and changed_model_files(first.engine_dir) == []
+    assert build_engine(loaded, output, loaded.truss.engine_builder).reused
+    # the checkpoint is retrained in place: the engine's hard-linked file changes with it
+    time.sleep(0.01)
+    with open(checkpoint / "tokenizer_config.json", "a") as handle:
+        handle.write("\n")
+    assert changed_model_files(load_engine_dir(output)) == ["tokenizer_config.json"]
+    from engine_builder.serve.server.main import serve_engine
+
+    args = type("Args", (), {"api_key": None, "host": "127.0.0.1", "port": 0})()
+    assert serve_engine(load_engine_dir(output), args, loaded.truss.engine_builder) == 2  # refused before loading
+    second = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert not second.reused and changed_model_files(second.engine_dir) == []
+    assert second.engine_dir.manifest.source.revision != first.engine_dir.manifest.source.revision
+
+
+def test_two_builds_of_one_output_take_turns(tmp_path: Path, smollm2_dir: Path) -> None:
+    first_config = write_config(tmp_path / "a.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    second_config = write_config(tmp_path / "b.yaml", smollm2_dir, max_seq_len=512, max_num_tokens=256)
+    output = tmp_path / "engine"
+    first = _cli_build(first_config, output, cwd=tmp_path, pause_s=6)
+    staging = tmp_path / f".engine.building-{first.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "manifest.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first build never reached its pause"
+        time.sleep(0.05)
+    second = _cli_build(second_config, output, cwd=tmp_path)
+    (first_code, first_out), (second_code, second_out) = _finish(first), _finish(second)
+    assert first_code == 0 and second_code == 0, (first_out[-1500:], second_out[-1500:])
+    assert "waiting for another build" in second_out
+    engine = load_engine_dir(output)
+    assert engine.manifest.max_seq_len == 512  # the second build ran after the first, over its engine
+    assert not list(tmp_path.glob(".engine.building-*"))
