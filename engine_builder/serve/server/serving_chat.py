@@ -156,7 +156,7 @@ async def complete_chat(
     choices = [plan.processor.start(index) for index in range(body.n)]
     last: dict[int, GenerationDelta] = {}
     logprob_entries: dict[int, list] = {index: [] for index in range(body.n)}
-    counts = UsageCounter(len(plan.prompt_token_ids))
+    counts = UsageCounter(len(plan.prompt_token_ids), body.n)
     async for delta in plan.run.deltas():
         counts.add(delta.index, delta)
         choices[delta.index].feed(delta.text, delta.finish_reason is not None, delta.token_ids)
@@ -204,7 +204,7 @@ async def stream_chat(
     continuous = bool(options and options.continuous_usage_stats)
     texts = state.token_texts() if plan.logprobs else None
     choices = [plan.processor.start(index) for index in range(body.n)]
-    counts = UsageCounter(len(plan.prompt_token_ids))
+    counts = UsageCounter(len(plan.prompt_token_ids), body.n)
 
     frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
 

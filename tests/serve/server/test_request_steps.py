@@ -106,3 +106,23 @@ def test_a_stop_string_across_token_boundaries_ends_the_choice_in_the_engine(
         time.sleep(0.01)  # the engine thread takes the command at its next pass
     assert len(ended) == 2  # each time the engine was told to stop the choice
     assert state.engine.stats().num_running == 0
+
+
+def test_cached_prompt_tokens_count_once_for_n_choices(torch_server: tuple[TestClient, ServerState]) -> None:
+    """The n choices of one chat prompt share its cached prefix: hits count once, never above prompt_tokens."""
+    client, _ = torch_server
+    body = {"model": "m", "messages": [{"role": "user", "content": "Name three colors of the rainbow."}],
+            "max_tokens": 2, "temperature": 1.0, "seed": 3}
+    client.post("/v1/chat/completions", json=body)  # warms the prefix cache
+    whole = client.post("/v1/chat/completions", json={**body, "n": 3}).json()["usage"]
+    assert 0 < whole["prompt_tokens_details"]["cached_tokens"] <= whole["prompt_tokens"]
+    streamed = [
+        json.loads(line.removeprefix("data: "))
+        for line in client.post(
+            "/v1/chat/completions",
+            json={**body, "n": 3, "stream": True, "stream_options": {"include_usage": True}},
+        ).text.splitlines()
+        if line.startswith("data: {")
+    ]
+    usage = streamed[-1]["usage"]
+    assert 0 < usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
