@@ -123,6 +123,7 @@ class GenerationDelta:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
     error: str | None = None
+    queue_time_s: float | None = None  # first delta only: arrival to first scheduled step, where the backend knows
 
 
 @dataclass(frozen=True)

@@ -495,6 +495,11 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             error=seq.error,
+            queue_time_s=(
+                seq.first_scheduled_time - seq.arrival_time
+                if first and seq.first_scheduled_time is not None
+                else None
+            ),
         )
 
     def stats(self) -> EngineStats:

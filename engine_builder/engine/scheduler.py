@@ -8,6 +8,7 @@ newest running request (its KV is dropped and recomputed later).
 """
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,10 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(group)
             num_running += len(live)
+            now = time.monotonic()
+            for seq in live:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
             for position, seq in enumerate(to_prefill):
                 seq_matched = matched if position == 0 else self.blocks.match_prefix(seq)
                 self.blocks.allocate_prompt(seq, seq_matched)

@@ -39,6 +39,7 @@ class Sequence:
     error: str | None = None
     prompt_logprobs: list[Any] | None = None  # TokenLogprob per prompt position (None for the first)
     lora_slot: int = 0  # the adapter pool slot of the request's LoRA adapter; 0 = the base model
+    first_scheduled_time: float | None = None  # monotonic time the scheduler first admitted it
 
     def __post_init__(self) -> None:
         self.last_block_hash = self.prefix_salt

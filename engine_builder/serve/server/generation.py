@@ -79,6 +79,7 @@ class Run:
         self.model_name = adapter or state.settings.served_model_name
         self.start = time.monotonic()
         self.first_token_at: float | None = None
+        self.queue_time_recorded = False
         self.num_output_tokens = 0
         self.prepared: PreparedRequest | None = None
 
@@ -110,6 +111,9 @@ class Run:
                     if completed.stops_engine:
                         await engine.finish_choice(self.request.request_id, engine_delta.index)
                     delta = completed.delta
+                    if engine_delta.queue_time_s is not None and not self.queue_time_recorded:
+                        self.queue_time_recorded = True
+                        metrics.queue_time.labels(name).observe(engine_delta.queue_time_s)
                     if delta.token_ids and self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                         metrics.ttft.labels(name).observe(self.first_token_at - self.start)

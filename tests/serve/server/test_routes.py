@@ -79,6 +79,9 @@ def test_models_health_ready_metrics(server: ServerProcess, client: OpenAI) -> N
         'engine_builder:request_success_total{finished_reason="length",model_name="test-model"}',
     ]:
         assert name in text, name
+    # the engine reports when it first scheduled the request: the queue-time histogram has samples
+    queued = [line for line in text.splitlines() if line.startswith("engine_builder:request_queue_time_seconds_count")]
+    assert queued and float(queued[0].split()[-1]) >= 1, queued
 
 
 def test_truss_predict_route(server: ServerProcess) -> None:
