@@ -15,29 +15,34 @@ class Limits:
     request_default_max_tokens: int | None
 
 
-def context_length_error(limit: int, prompt_tokens: int, max_tokens: int | None) -> APIError:
+def context_length_error(
+    limit: int, prompt_tokens: int, max_tokens: int | None, prompt_field: str = "messages"
+) -> APIError:
+    """OpenAI's wording; `prompt_field` is the request field that holds the input (`messages` or `prompt`)."""
     if max_tokens is None:
         message = (
-            f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
-            f"{prompt_tokens} tokens. Please reduce the length of the messages."
+            f"This model's maximum context length is {limit} tokens. However, your {prompt_field} resulted in "
+            f"{prompt_tokens} tokens. Please reduce the length of the {prompt_field}."
         )
     else:
         message = (
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion."
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_field}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {prompt_field} or completion."
         )
-    return APIError(message, status=400, param="messages", code="context_length_exceeded")
+    return APIError(message, status=400, param=prompt_field, code="context_length_exceeded")
 
 
-def resolve_max_tokens(requested: int | None, prompt_tokens: int, limits: Limits) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_tokens: int, limits: Limits, prompt_field: str = "messages"
+) -> int:
     """An explicit max_tokens that does not fit is an error; a default is clamped to what fits."""
     room = limits.max_model_len - prompt_tokens
     if room < 1:
-        raise context_length_error(limits.max_model_len, prompt_tokens, requested)
+        raise context_length_error(limits.max_model_len, prompt_tokens, requested, prompt_field)
     if requested is not None:
         if requested > room:
-            raise context_length_error(limits.max_model_len, prompt_tokens, requested)
+            raise context_length_error(limits.max_model_len, prompt_tokens, requested, prompt_field)
         return requested
     default = limits.request_default_max_tokens
     return min(default, room) if default is not None else room

@@ -101,7 +101,7 @@ async def run_completion(
     runs: list[tuple[str, Run]] = []
     for text, ids in prompts:
         max_tokens = resolve_max_tokens(
-            body.max_tokens if body.max_tokens is not None else 16, len(ids), limits
+            body.max_tokens if body.max_tokens is not None else 16, len(ids), limits, prompt_field="prompt"
         )
         params = build_sampling_params(
             body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide

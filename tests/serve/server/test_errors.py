@@ -138,3 +138,10 @@ def test_oversized_body_is_413(server: ServerProcess) -> None:
 
 def test_unknown_route_is_404_in_the_envelope(server: ServerProcess) -> None:
     _assert_envelope(httpx.get(f"{server.base_url}/v1/nope"), 404)
+
+
+def test_context_length_on_completions_names_the_prompt(server: ServerProcess, client: OpenAI) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        client.completions.create(model="x", prompt="hi", max_tokens=100000)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"
+    assert "in the prompt" in caught.value.message and "messages" not in caught.value.message
