@@ -381,6 +381,11 @@ def _manifest(
     max_seq_len = getattr(runtime, "max_seq_len", None) or build.max_seq_len or max_position
     max_batch_size = getattr(runtime, "max_batch_size", None) or build.max_batch_size
     max_num_tokens = getattr(runtime, "max_num_tokens", None) or build.max_num_tokens
+    if max_seq_len > max_position:
+        logger.warning(
+            "max_seq_len %d is longer than the checkpoint's max_position_embeddings (%d): the engine serves %d",
+            max_seq_len, max_position, max_position,
+        )
     repository = build.checkpoint_repository
     assert repository is not None
     tool_parser = None

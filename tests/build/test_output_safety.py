@@ -1,5 +1,6 @@
 """The build's output folder: it is replaced whole, so a build refuses folders it would destroy; builds of one
-output take turns; an engine whose hard-linked LOCAL files changed is rebuilt, and refused by `serve`."""
+output take turns; an engine whose hard-linked LOCAL files changed is rebuilt, and refused by `serve`; a max_seq_len past the
+checkpoint is clamped with a warning."""
 
 import os
 import shutil
@@ -129,3 +130,15 @@ def test_two_builds_of_one_output_take_turns(tmp_path: Path, smollm2_dir: Path) 
     engine = load_engine_dir(output)
     assert engine.manifest.max_seq_len == 512  # the second build ran after the first, over its engine
     assert not list(tmp_path.glob(".engine.building-*"))
+
+
+def test_a_max_seq_len_beyond_the_checkpoint_is_clamped_with_a_warning(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=100000, max_num_tokens=256)
+    loaded = load_config(config)
+    with caplog.at_level("WARNING"):
+        engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    assert engine.manifest.max_seq_len == 8192
+    assert "max_seq_len 100000 is longer than the checkpoint's max_position_embeddings (8192)" in caplog.text
