@@ -145,6 +145,8 @@ def test_streaming_n_and_stop_with_a_schema(client: OpenAI) -> None:
         ({"type": "string", "format": "idn-email"}, "format"),
         ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "$ref"),
         ({"type": "number", "multipleOf": 0.5}, "multipleOf"),
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}}, "maxLength"),
+        ({"type": "string", "format": "email", "maxLength": 8}, "maxLength"),
     ],
 )
 def test_unenforceable_schema_features_get_400(server: ServerProcess, schema: dict, keyword: str) -> None:
@@ -198,3 +200,23 @@ def test_schema_audit_walks_nested_definitions() -> None:
                 "properties": {f"p{i}": {"type": "object", "properties": {}} for i in range(30000)},
             }
         )
+
+
+def test_string_length_bounds_beside_pattern_or_format_are_refused() -> None:
+    """xgrammar 0.2.8 drops minLength/maxLength next to pattern or format (it logs a warning): refuse, not ignore."""
+    for bounded in (
+        {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
+        {"type": "string", "pattern": "^[a-z]+$", "minLength": 2},
+        {"type": "string", "format": "email", "maxLength": 8},
+        {"type": "string", "format": "date", "minLength": 12},
+    ):
+        key = "maxLength" if "maxLength" in bounded else "minLength"
+        with pytest.raises(GuideError) as caught:
+            audit_json_schema({"type": "object", "properties": {"a": bounded}})
+        assert caught.value.param == f"response_format.json_schema.schema.properties.a.{key}"
+        assert key in str(caught.value) and ("pattern" in str(caught.value) or "format" in str(caught.value))
+    # what xgrammar does enforce stays allowed
+    audit_json_schema({"type": "string", "maxLength": 3, "minLength": 1})
+    audit_json_schema({"type": "string", "pattern": "^[a-z]{1,3}$"})
+    audit_json_schema({"type": "string", "format": "email", "minLength": 0})
+

@@ -72,6 +72,12 @@ def _walk(node: Any, path: str, depth: int, counter: list[int]) -> None:
             raise GuideError(
                 f"JSON schema format `{value}` cannot be enforced; supported formats: {', '.join(sorted(ENFORCED_FORMATS))}.", where
             )
+        if key in ("minLength", "maxLength") and value != 0 and ("pattern" in node or "format" in node):
+            beside = "pattern" if "pattern" in node else "format"
+            raise GuideError(
+                f"JSON schema `{key}` together with `{beside}` cannot be enforced (the length bound would be ignored); "
+                f"put the length into a `pattern` (e.g. `^[a-z]{{1,8}}$`) or remove `{key}`.", where
+            )
         if key == "multipleOf" and (node.get("type") != "integer" or not float(value).is_integer()):
             raise GuideError("JSON schema `multipleOf` is enforced only for integers with an integer divisor.", where)
         if key == "$ref" and isinstance(value, str) and not (value == "#" or value.startswith("#/")):
