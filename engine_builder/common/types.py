@@ -22,6 +22,9 @@ class GuideKind(str, enum.Enum):
     REGEX = "regex"
     GRAMMAR = "grammar"  # EBNF
     STRUCTURAL_TAG = "structural_tag"
+    # free text, and each tool call the model starts with its family's marker constrained to a valid call of an
+    # offered tool (`strict` tools in tool_choice auto); the spec is structural-tag JSON
+    TOOL_CALLS = "tool_calls"
 
 
 @dataclass(frozen=True)

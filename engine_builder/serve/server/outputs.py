@@ -119,7 +119,9 @@ def output_processor_for_chat(
     planned, template_tools, tool_guide, hints = plan_tools(body, family, supports_tools)
     if tool_guide is not None:
         if guide is not None:
-            raise bad_request("response_format cannot be combined with a forced tool_choice.", param="response_format")
+            raise bad_request(
+                "response_format cannot be combined with a forced tool_choice or with `strict` tools.", param="response_format"
+            )
         guide = tool_guide
     check_guide_compatible(body, guide)
     processor = planned or OutputProcessor()

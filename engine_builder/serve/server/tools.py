@@ -2,7 +2,9 @@
 
 `tool_choice`:
 - none: tools are not rendered and nothing is parsed;
-- auto: the model's own format is parsed with the family parser recorded in the engine manifest;
+- auto: the model's own format is parsed with the family parser recorded in the engine manifest; when a tool
+  is `strict`, the reply stays free text but every call the model starts with its family's marker is constrained
+  to a valid call (a strict tool's arguments to its parameters), and only such marked calls are read;
 - required / a named function: a JSON-schema grammar forces `{"name": ..., "arguments": ...}` objects
   whose arguments validate against the tool's parameters (an array when parallel_tool_calls allows).
 A call naming a tool that was not offered stays plain text.
@@ -15,7 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine_builder.common.types import FinishReason, Guide, GuideKind
-from engine_builder.serve.decoding.tool_calls import ParsedCall, ToolCallStream, ToolParser, tool_parser
+from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
+from engine_builder.serve.decoding.tool_calls import (
+    ParsedCall,
+    ToolCallStream,
+    ToolParser,
+    call_schema,
+    tool_parser,
+)
 from engine_builder.serve.server.errors import bad_request
 from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
@@ -24,6 +34,7 @@ from engine_builder.serve.server.protocol import (
     FunctionCall,
     NamedToolChoice,
     ResponseToolCall,
+    Tool,
 )
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -102,13 +113,14 @@ def _shows_content(stream: ToolCallStream, final: bool) -> bool:
 
 
 class ToolCallProcessor(OutputProcessor):
-    def __init__(self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool) -> None:
+    def __init__(self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool, only_marked: bool = False) -> None:
         self.parser_name = parser_name
         self.tools = tools
         self.parallel = parallel
+        self.only_marked = only_marked
 
     def start(self, index: int) -> ChoiceOutput:
-        return ToolCallOutput(tool_parser(self.parser_name, self.tools), self.parallel)
+        return ToolCallOutput(tool_parser(self.parser_name, self.tools, self.only_marked), self.parallel)
 
 
 def plan_tools(
@@ -134,14 +146,19 @@ def plan_tools(
                 "This model's chat template has no tool-calling format; use tool_choice `required` or a named function.",
                 param="tools",
             )
-        return ToolCallProcessor(family_parser, schemas, parallel), template_tools, None, []
+        if not any(tool.function.strict for tool in body.tools):
+            return ToolCallProcessor(family_parser, schemas, parallel), template_tools, None, []
+        guide = _strict_calls_guide(body.tools, schemas, family_parser, parallel)
+        return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in schemas:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in `tools`.", param="tool_choice")
-        schema = _call_schema(choice.function.name, schemas[choice.function.name])
+        _audit_parameters(body.tools, {choice.function.name})
+        schema = call_schema(choice.function.name, schemas[choice.function.name])
         parallel = False
     else:
-        options = [_call_schema(name, parameters) for name, parameters in schemas.items()]
+        _audit_parameters(body.tools, set(schemas))
+        options = [call_schema(name, parameters) for name, parameters in schemas.items()]
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         if parallel:
             schema = {"type": "array", "items": schema, "minItems": 1}
@@ -151,13 +168,34 @@ def plan_tools(
     return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
 
 
-def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], family: str, parallel: bool) -> Guide:
+    """tool_choice auto with a strict tool: free text, and each call the model marks constrained to a valid call
+    (a strict tool's arguments to its parameters, another tool's to any object)."""
+    strict = {tool.function.name for tool in tools if tool.function.strict}
+    first = next(index for index, tool in enumerate(tools) if tool.function.strict)
+    parser = tool_parser(family, schemas) if family != HARMONY else None
+    arguments = {name: schema if name in strict else {"type": "object"} for name, schema in schemas.items()}
+    tag = parser.marked_calls(arguments, parallel) if parser is not None else None
+    if tag is None:
+        raise bad_request(
+            f"`strict: true` cannot be enforced with tool_choice auto for this model's tool-call format ({family}): "
+            "its calls have no single start marker for the grammar to wait for. Use tool_choice `required` or a "
+            "named function (constrained to the schema), or remove `strict`.",
+            param=f"tools[{first}].function.strict",
+        )
+    _audit_parameters(tools, strict)
+    check_schema_size(tag, "tools")
+    return Guide(GuideKind.TOOL_CALLS, json.dumps(tag))
+
+
+def _audit_parameters(tools: list[Tool], names: set[str]) -> None:
+    """A 400 naming the first keyword of a grammar-enforced tool's parameters that the grammar cannot enforce."""
+    for index, tool in enumerate(tools):
+        if tool.function.name in names and tool.function.parameters is not None:
+            try:
+                audit_json_schema(tool.function.parameters, f"tools[{index}].function.parameters")
+            except GuideError as error:
+                raise bad_request(str(error), param=error.param) from None
 
 
 def _tool_hint(tools: list[dict[str, Any]]) -> dict[str, str]:

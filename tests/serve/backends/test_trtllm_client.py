@@ -340,6 +340,9 @@ def test_prepare_refuses_a_guide_the_backend_cannot_map(tmp_path: Path, fake_trt
         with pytest.raises(GuideError, match="PyTorch backend") as refused:
             await client.prepare(_request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
         assert refused.value.param == "response_format"
+        with pytest.raises(GuideError, match="strict") as refused:  # strict tools in auto mode: not mapped
+            await client.prepare(_request(guide=Guide(GuideKind.TOOL_CALLS, "{}")))
+        assert refused.value.param == "tools"
 
     asyncio.run(main())
 

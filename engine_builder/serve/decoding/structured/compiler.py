@@ -69,7 +69,7 @@ class GrammarCompiler:
                 return compiler.compile_regex(guide.spec)
             if guide.kind == GuideKind.GRAMMAR:
                 return compiler.compile_grammar(guide.spec)
-            if guide.kind == GuideKind.STRUCTURAL_TAG:
+            if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
                 return compiler.compile_structural_tag(guide.spec)
         except GuideError:
             raise

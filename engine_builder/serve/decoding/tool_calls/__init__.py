@@ -9,6 +9,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     Resume,
     ToolCallStream,
     ToolParser,
+    call_schema,
 )
 
 _REGISTRY = {
@@ -24,11 +25,14 @@ def known_parsers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def tool_parser(name: str, tools: dict[str, dict[str, Any]]) -> ToolParser:
+def tool_parser(name: str, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> ToolParser:
     if name not in _REGISTRY:
         raise ValueError(f"unknown tool parser {name!r}; known: {', '.join(known_parsers())}")
     module, _, attribute = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)(tools)
+    parser: ToolParser = getattr(importlib.import_module(module), attribute)(tools, only_marked)
+    return parser
 
 
-__all__ = ["ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "known_parsers", "tool_parser"]
+__all__ = [
+    "ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "call_schema", "known_parsers", "tool_parser"
+]

@@ -52,13 +52,22 @@ class ParseResult:
 
 
 class ToolParser(abc.ABC):
-    """Base class: a family's output format. `tools` maps offered tool names to their parameter schemas."""
+    """Base class: a family's output format. `tools` maps offered tool names to their parameter schemas;
+    `only_marked`: read only the calls that start with the family's marker (the ones `marked_calls` constrains),
+    not the unmarked forms some parsers also accept."""
 
     name = "base"
     id_length = 24
 
-    def __init__(self, tools: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> None:
         self.tools = tools
+        self.only_marked = only_marked
+
+    def marked_calls(self, arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any] | None:
+        """An xgrammar structural tag (JSON object) that leaves the reply free until this family's call marker,
+        then allows only a call of a tool in `arguments` (name -> schema of its arguments) up to the end marker;
+        one call when not `parallel`. None where the family's calls have no single start marker."""
+        return None
 
     @abc.abstractmethod
     def parse(self, text: str, final: bool) -> ParseResult:
@@ -139,6 +148,16 @@ def held_back(text: str, markers: tuple[str, ...]) -> int:
                 longest = size
                 break
     return longest
+
+
+def call_schema(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of one `{"name": ..., "arguments": ...}` call object."""
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def scan_json_value(text: str, start: int) -> tuple[int, bool]:

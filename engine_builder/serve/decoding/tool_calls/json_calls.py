@@ -4,6 +4,7 @@ instead: a bare object, a list of them, or either inside a Markdown code fence),
 produce."""
 
 from functools import partial
+from typing import Any
 
 from engine_builder.serve.decoding.tool_calls.base import (
     ParsedCall,
@@ -11,6 +12,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     ParseResult,
     Resume,
     ToolParser,
+    call_schema,
     held_back,
     parse_json_call,
 )
@@ -190,9 +192,18 @@ class HermesParser(ToolParser):
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     KEYS = ("arguments", "parameters")
+    SPACES = {"type": "regex", "pattern": "[ \\n]{0,2}"}  # Qwen's template puts a newline inside each tag
+
+    def marked_calls(self, arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any] | None:
+        options = [call_schema(name, schema) for name, schema in arguments.items()]
+        call = {"type": "json_schema", "json_schema": options[0] if len(options) == 1 else {"anyOf": options}}
+        tag = {"type": "tag", "begin": self.OPEN, "content": {"type": "sequence", "elements": [self.SPACES, call, self.SPACES]},
+               "end": self.CLOSE}
+        tags = {"type": "triggered_tags", "triggers": [self.OPEN], "tags": [tag], "stop_after_first": not parallel}
+        return {"type": "structural_tag", "format": tags}
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        if not self.tools:
+        if not self.tools or self.only_marked:
             return self._tagged(text, final)
         stripped = text.lstrip()
         if stripped.startswith("{"):  # bare calls, then possibly tagged ones
@@ -229,7 +240,7 @@ class HermesParser(ToolParser):
     def _tagged(self, text: str, final: bool) -> ParseResult:
         first = text.find(self.OPEN)
         if first < 0:
-            markers = (self.OPEN, FENCE) if self.tools else (self.OPEN,)  # a fence may hold a call
+            markers = (self.OPEN, FENCE) if self.tools and not self.only_marked else (self.OPEN,)  # a fence may hold a call
             keep = len(text) if final else len(text) - held_back(text, markers)
             return ParseResult(text[:keep], [], Resume(keep, keep, 0, self._tagged) if keep else None)
         return self._blocks(text[first:], final).after(first, text[:first], [])

@@ -1,0 +1,115 @@
+"""`strict` tools and grammar-enforced tool schemas: which requests get a guide or a 400 (plan_tools), and over
+HTTP (torch backend in process, SmolLM2 with Hermes `<tool_call>` tags as single tokens) a strict tool's call
+obeys its schema in tool_choice auto while a non-strict tool stays unconstrained.
+
+SmolLM2 never learnt the tags, so `logit_bias` on `<tool_call>` makes the model open a call; under the strict
+grammar the biased marker is refused inside the call, without it the model repeats the marker."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine_builder.common.types import GuideKind
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.protocol import ChatCompletionRequest
+from engine_builder.serve.server.tools import HARMONY, plan_tools
+from tests.serve.decoding.test_strict_tool_calls import OPEN_ID, SET_N, hermes_tokenizer_dir
+from tests.serve.server.harness import in_process_server
+
+
+def tool(name: str, parameters: dict[str, Any], strict: bool | None = None) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name, "parameters": parameters}
+    if strict is not None:
+        function["strict"] = strict
+    return {"type": "function", "function": function}
+
+
+def request(tools: list[dict[str, Any]], **fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools, **fields})
+
+
+def test_a_strict_tool_in_auto_mode_gets_the_familys_triggered_guide() -> None:
+    processor, _, guide, _ = plan_tools(request([tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)]), "hermes", True)
+    assert guide is not None and guide.kind == GuideKind.TOOL_CALLS and '"<tool_call>"' in guide.spec
+    assert getattr(processor, "only_marked", False)
+    _, _, unguided, _ = plan_tools(request([tool("set_n", SET_N, strict=False)]), "hermes", True)
+    assert unguided is None  # not strict: free as before
+
+
+@pytest.mark.parametrize("family", ["llama3_json", "mistral", "qwen3_coder", HARMONY])
+def test_strict_in_auto_mode_is_refused_where_the_family_has_no_call_marker(family: str) -> None:
+    tools = [tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)]
+    with pytest.raises(APIError) as refused:
+        plan_tools(request(tools), family, True)
+    assert refused.value.param == "tools[1].function.strict" and "required" in str(refused.value)
+    _, _, guide, _ = plan_tools(request(tools, tool_choice="required"), family, True)
+    assert guide is not None and guide.kind == GuideKind.JSON_SCHEMA
+
+
+BOUNDED = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tool_choice": "required"},
+        {"tool_choice": {"type": "function", "function": {"name": "bounded"}}},
+        {},  # auto, the tool strict
+    ],
+)
+def test_an_unenforceable_keyword_in_a_grammar_enforced_tool_is_refused(fields: dict[str, Any]) -> None:
+    tools = [tool("bounded", BOUNDED, strict=not fields)]
+    with pytest.raises(APIError) as refused:
+        plan_tools(request(tools, **fields), "hermes", True)
+    assert refused.value.param == "tools[0].function.parameters.properties.a.maxLength"
+    assert "maxLength" in str(refused.value) and "pattern" in str(refused.value)
+
+
+def test_an_unenforced_tool_schema_is_not_audited() -> None:
+    _, _, guide, _ = plan_tools(request([tool("bounded", BOUNDED)]), "hermes", True)  # auto, not strict
+    assert guide is None
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[TestClient]:
+    root = tmp_path_factory.mktemp("strict_tools")
+    with in_process_server(root, hermes_tokenizer_dir(smollm2_dir, root / "model")) as (served, state):
+        assert state.engine.model_info.tool_parser == "hermes"
+        yield served
+
+
+def chat(client: TestClient, strict: bool) -> dict[str, Any]:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Set n to 42"}],
+        "tools": [tool("set_n", SET_N, strict=strict)],
+        "temperature": 0,
+        "max_tokens": 60,
+        "parallel_tool_calls": False,
+        "logit_bias": {str(OPEN_ID): 100},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+@pytest.mark.slow
+def test_auto_mode_call_of_a_strict_tool_obeys_its_schema(client: TestClient) -> None:
+    import json
+
+    import jsonschema
+
+    choice = chat(client, strict=True)
+    calls = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and [c["function"]["name"] for c in calls] == ["set_n"]
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SET_N)
+
+
+@pytest.mark.slow
+def test_auto_mode_with_a_non_strict_tool_is_unconstrained(client: TestClient) -> None:
+    choice = chat(client, strict=False)
+    assert not choice["message"]["tool_calls"]
+    assert choice["message"]["content"].startswith("<tool_call><tool_call>")  # the grammar would refuse this
