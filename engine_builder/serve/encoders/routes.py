@@ -2,7 +2,8 @@
 Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success.
 
 Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
-{"error", "error_type"} elsewhere; statuses come from `errors.py`.
+{"error", "error_type"} elsewhere; statuses come from `errors.py`. Every request runs inside the server's
+`RequestTracker` (admission, in-flight count, metrics), whose refusals the app renders.
 """
 
 import enum
@@ -34,6 +35,7 @@ from engine_builder.serve.encoders.protocol import (
 )
 from engine_builder.serve.encoders.results import RequestTiming
 from engine_builder.serve.encoders.serialize import matrix_body, openai_embeddings_body
+from engine_builder.serve.encoders.tracking import RequestOutcome, RequestTracker, Untracked
 from engine_builder.serve.encoders.truncation import (
     ASK_BY_FLAG,
     ASK_BY_FLAG_OR_TOKEN_COUNT,
@@ -47,6 +49,7 @@ from engine_builder.serve.encoders.truncation import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROUTES = (ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT)
+COMPUTE_TOKENS_HEADER = "x-compute-tokens"  # TEI's count of the request's tokens, on every success
 
 
 class ErrorStyle(str, enum.Enum):
@@ -88,12 +91,18 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"invalid `{field}`: {first.get('msg', 'bad value')}", param=field)
 
 
-def _guarded_route_class(style: ErrorStyle) -> type[APIRoute]:
+def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[APIRoute]:
     class GuardedRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
+                with tracker.track() as outcome:
+                    response = await answer(request)
+                    _report(response, outcome)
+                    return response
+
+            async def answer(request: Request) -> Response:
                 try:
                     return await handler(request)
                 except RequestValidationError as exc:
@@ -107,8 +116,10 @@ def _guarded_route_class(style: ErrorStyle) -> type[APIRoute]:
     return GuardedRoute
 
 
-OpenAIRoute = _guarded_route_class(ErrorStyle.OPENAI)
-TEIRoute = _guarded_route_class(ErrorStyle.TEI)
+def _report(response: Response, outcome: RequestOutcome) -> None:
+    """The status answered and, on a success, the tokens its TEI header counts (every route sets it)."""
+    outcome.status = response.status_code
+    outcome.num_prompt_tokens = int(response.headers.get(COMPUTE_TOKENS_HEADER, 0))
 
 
 def _metadata_headers(
@@ -123,7 +134,7 @@ def _metadata_headers(
         "x-compute-type": "gpu" if device.startswith("cuda") else "cpu",
         "x-compute-time": ms(timing.total_s),
         "x-compute-characters": str(num_chars),
-        "x-compute-tokens": str(num_tokens),
+        COMPUTE_TOKENS_HEADER: str(num_tokens),
         "x-total-time": ms(timing.total_s),
         "x-tokenization-time": ms(timing.tokenization_s),
         "x-queue-time": ms(timing.queue_s),
@@ -280,39 +291,55 @@ class _Handlers:
 
 
 def build_encoder_router(
-    engine: EncoderEngine, *, served_model_name: str, default_route: str | None = None
+    engine: EncoderEngine,
+    *,
+    served_model_name: str,
+    default_route: str | None = None,
+    tracker: RequestTracker | None = None,
 ) -> APIRouter:
     """All encoder routes for one engine. `default_route` None = chosen from the architecture
-    (classifiers: /predict, embedding models: /v1/embeddings); it also answers /v1/models/{name}:predict."""
+    (classifiers: /predict, embedding models: /v1/embeddings); it also answers /v1/models/{name}:predict.
+    `tracker` None = no admission and no metrics (the routes alone)."""
     default = default_route or engine.info.default_route
     if default not in DEFAULT_ROUTES:
         raise ValueError(f"webserver_default_route {default!r} is not one of {', '.join(DEFAULT_ROUTES)}")
     handlers = _Handlers(engine, served_model_name)
+    tracker = tracker or Untracked()
+    openai_route = _guarded_route_class(ErrorStyle.OPENAI, tracker)
+    tei_route = _guarded_route_class(ErrorStyle.TEI, tracker)
     router = APIRouter()
     for path in (ROUTE_EMBEDDINGS, "/embeddings"):
         router.add_api_route(
             path,
             handlers.openai_embeddings,
             methods=["POST"],
-            route_class_override=OpenAIRoute,
+            route_class_override=openai_route,
             tags=["encoders"],
         )
     router.add_api_route(
-        "/embed", handlers.embed, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+        "/embed", handlers.embed, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
     )
     router.add_api_route(
-        ROUTE_RERANK, handlers.rerank, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+        ROUTE_RERANK, handlers.rerank, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
     )
     for path in ("/v1/rerank", "/v2/rerank"):  # where vLLM and Infinity serve Cohere's shape; OpenAI-style errors
-        router.add_api_route(path, handlers.rerank, methods=["POST"], route_class_override=OpenAIRoute, tags=["encoders"])
+        router.add_api_route(
+            path, handlers.rerank, methods=["POST"], route_class_override=openai_route, tags=["encoders"]
+        )
     router.add_api_route(
-        ROUTE_PREDICT, handlers.predict, methods=["POST"], route_class_override=TEIRoute, tags=["encoders"]
+        ROUTE_PREDICT, handlers.predict, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
     )
-    _add_truss_predict_route(router, handlers, default)
+    _add_truss_predict_route(router, handlers, default, openai_route, tei_route)
     return router
 
 
-def _add_truss_predict_route(router: APIRouter, handlers: _Handlers, default: str) -> None:
+def _add_truss_predict_route(
+    router: APIRouter,
+    handlers: _Handlers,
+    default: str,
+    openai_route: type[APIRoute],
+    tei_route: type[APIRoute],
+) -> None:
     """Truss' `/v1/models/{name}:predict` forwards to the default route with that route's body and errors."""
 
     async def truss_embeddings(model_name: str, body: OpenAIEmbeddingsRequest) -> Response:
@@ -325,9 +352,9 @@ def _add_truss_predict_route(router: APIRouter, handlers: _Handlers, default: st
         return await handlers.predict(body)
 
     choices: dict[str, tuple[Callable[..., Awaitable[Response]], type[APIRoute]]] = {
-        ROUTE_EMBEDDINGS: (truss_embeddings, OpenAIRoute),
-        ROUTE_RERANK: (truss_rerank, TEIRoute),
-        ROUTE_PREDICT: (truss_predict, TEIRoute),
+        ROUTE_EMBEDDINGS: (truss_embeddings, openai_route),
+        ROUTE_RERANK: (truss_rerank, tei_route),
+        ROUTE_PREDICT: (truss_predict, tei_route),
     }
     endpoint, route_class = choices[default]
     router.add_api_route(

@@ -60,8 +60,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
-        if error.status >= 500:
-            state.metrics.request_errors.labels(state.metrics.model_name, str(error.status)).inc()
+        state.metrics.record_error(error.status)
         return _error_response(error)
 
     @app.exception_handler(RequestValidationError)
@@ -69,13 +68,16 @@ def create_app(
         return _error_response(validation_to_api_error(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        other_engine = state.other_engine_route(request.url.path) if error.status_code == 404 else None
+        if other_engine is not None:
+            return _error_response(other_engine)
         return _error_response(from_status(error.status_code, str(error.detail) if error.detail else None))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        state.metrics.request_errors.labels(state.metrics.model_name, "500").inc()
+        state.metrics.record_error(500)
         return _error_response(APIError("Internal server error.", status=500, type="server_error"))
 
     if user_model is not None:  # registered first, so its routes win over the built-in ones

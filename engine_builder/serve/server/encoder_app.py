@@ -1,12 +1,17 @@
-"""Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics."""
+"""Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics,
+with the generation routes' admission and request metrics around every encoder request."""
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
 from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
-from engine_builder.common.types import EngineStats, ModelInfo
+from engine_builder.common.types import EngineStats, FinishReason, ModelInfo
+from engine_builder.serve.encoders.tracking import RequestOutcome
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
 
@@ -51,6 +56,31 @@ class EncoderEngineAdapter:
         )
 
 
+class AdmittedRequests:
+    """The encoder routes' RequestTracker: ServerState's admission and in-flight count, ServerMetrics' request
+    series. A success counts with finished_reason "stop" (as vLLM counts pooling requests), its latency and
+    its prompt tokens; an error answered counts as the generation routes' errors do."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    @contextmanager
+    def track(self) -> Iterator[RequestOutcome]:
+        self.state.admit()
+        started = time.monotonic()
+        outcome = RequestOutcome()
+        try:
+            yield outcome
+        finally:
+            self.state.release()
+            metrics, status = self.state.metrics, outcome.status
+            if status is not None and status < 400:
+                latency_s = time.monotonic() - started
+                metrics.record_finished(latency_s, outcome.num_prompt_tokens, [FinishReason.STOP.value])
+            elif status is not None:  # None: the route raised, and the app answers and counts that error
+                metrics.record_error(status)
+
+
 def build_encoder_server(
     engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
 ) -> tuple[FastAPI, ServerState]:
@@ -79,8 +109,13 @@ def build_encoder_server(
     default_route = manifest.runtime.default_route
     if default_route in ("/v1/systemone", "/predict_tokens"):
         raise ValueError(f"webserver_default_route {default_route} is not served by this engine (use /v1/embeddings, /rerank or /predict)")
-    router = build_encoder_router(engine, served_model_name=settings.served_model_name, default_route=default_route)
     adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
     settings.max_inflight = max(settings.max_inflight, 2048)
     state = ServerState(settings=settings, engine=adapter, renderer=None)
+    router = build_encoder_router(
+        engine,
+        served_model_name=settings.served_model_name,
+        default_route=default_route,
+        tracker=AdmittedRequests(state),
+    )
     return create_app(state, extra_routers=[router], decoder_routes=False), state

@@ -144,16 +144,14 @@ class Run:
         metrics = self.state.metrics
         name = metrics.model_name
         end = time.monotonic()
-        metrics.e2e.labels(name).observe(end - self.start)
-        if finished:
-            metrics.prompt_tokens.labels(name).inc(finished[0].num_prompt_tokens)
+        metrics.record_finished(
+            end - self.start,
+            finished[0].num_prompt_tokens if finished else 0,
+            [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished],
+        )
         metrics.generation_tokens.labels(name).inc(self.num_output_tokens)
         if self.first_token_at is not None and self.num_output_tokens > 1:
             metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))
-        for delta in finished:
-            metrics.request_success.labels(
-                name, delta.finish_reason.value if delta.finish_reason else "none"
-            ).inc()
 
 
 async def collect_until_disconnect(http_request: Request, work: "asyncio.Future[Any] | Any") -> Any:

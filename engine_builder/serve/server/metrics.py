@@ -1,6 +1,7 @@
 """Prometheus metrics with vLLM's metric names under the `engine_builder:` prefix."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -51,19 +52,40 @@ TOKEN_LATENCY_BUCKETS = (
 
 class _EngineGauges(Collector):
     def __init__(
-        self, stats: Callable[[], EngineStats], labels: dict[str, str], inflight: Callable[[], int]
+        self,
+        stats: Callable[[], EngineStats],
+        labels: dict[str, str],
+        inflight: Callable[[], int],
+        generates: bool,
     ) -> None:
         self._stats = stats
         self._labels = labels
         self._inflight = inflight
+        self._generates = generates
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self._stats()
         names = list(self._labels)
         values = list(self._labels.values())
-        for name, documentation, value in [
+        gauges: list[tuple[str, str, float]] = [
             ("num_requests_running", "Requests in the running batch.", stats.num_running),
             ("num_requests_waiting", "Requests waiting for admission.", stats.num_waiting),
+            (
+                "num_requests_inflight",
+                "Requests accepted by the HTTP server and not finished (the autoscaling signal).",
+                self._inflight(),
+            ),
+        ]
+        if self._generates:  # an encoder has no KV cache, prefix cache, preemption or lookahead to report
+            gauges += self._generation_gauges(stats)
+        for name, documentation, value in gauges:
+            family = GaugeMetricFamily(f"{PREFIX}{name}", documentation, labels=names)
+            family.add_metric(values, float(value))
+            yield family
+
+    @staticmethod
+    def _generation_gauges(stats: EngineStats) -> list[tuple[str, str, float]]:
+        return [
             ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", stats.kv_cache_usage),
             ("num_kv_cache_blocks", "KV cache blocks in the pool.", stats.num_kv_blocks),
             (
@@ -77,21 +99,19 @@ class _EngineGauges(Collector):
                 "Mean tokens accepted per lookahead step.",
                 stats.lookahead_accepted_per_step,
             ),
-            (
-                "num_requests_inflight",
-                "Requests accepted by the HTTP server and not finished (the autoscaling signal).",
-                self._inflight(),
-            ),
-        ]:
-            family = GaugeMetricFamily(f"{PREFIX}{name}", documentation, labels=names)
-            family.add_metric(values, float(value))
-            yield family
+        ]
 
 
 class ServerMetrics:
     def __init__(
-        self, model_name: str, stats: Callable[[], EngineStats], inflight: Callable[[], int]
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        inflight: Callable[[], int],
+        generates: bool = True,
     ) -> None:
+        """`generates` False (an encoder): no KV cache gauges; the token-latency series stay declared, without
+        samples."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.model_name = model_name
@@ -142,7 +162,23 @@ class ServerMetrics:
             [*labels, "status"],
             registry=registry,
         )
-        registry.register(_EngineGauges(stats, {"model_name": model_name}, inflight))
+        registry.register(_EngineGauges(stats, {"model_name": model_name}, inflight, generates))
+
+    def record_finished(
+        self, latency_s: float, num_prompt_tokens: int, finished_reasons: Iterable[str]
+    ) -> None:
+        """The end of an admitted request: its latency and prompt tokens, and one success per finished choice
+        (none when it failed)."""
+        self.e2e.labels(self.model_name).observe(latency_s)
+        self.prompt_tokens.labels(self.model_name).inc(num_prompt_tokens)
+        for reason in finished_reasons:
+            self.request_success.labels(self.model_name, reason).inc()
+
+    def record_error(self, status: int) -> None:
+        """An error answered to a client: the server's own failures count (5xx, and 424, TEI's answer when the
+        encoder model failed), refused client input does not."""
+        if status >= 500 or status == HTTPStatus.FAILED_DEPENDENCY:
+            self.request_errors.labels(self.model_name, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

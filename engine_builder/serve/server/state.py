@@ -13,6 +13,12 @@ from engine_builder.serve.server.logprobs import TokenTexts
 from engine_builder.serve.server.metrics import ServerMetrics
 from engine_builder.serve.server.sampling import Limits
 
+# Routes only one kind of engine serves: asked of the other kind, a 404 names the routes this engine serves.
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+ENCODER_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/v2/rerank"})
+GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
+ENCODER_ROUTES = "/v1/embeddings, /embed, /rerank (also /v1/rerank and /v2/rerank) and /predict"
+
 
 @dataclass
 class ServerSettings:
@@ -52,14 +58,31 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(
-            self.settings.served_model_name, self.engine.stats, lambda: self.inflight
+            self.settings.served_model_name,
+            self.engine.stats,
+            lambda: self.inflight,
+            generates=self.generates,
         )
+
+    @property
+    def generates(self) -> bool:
+        """Whether the engine generates text (a decoder); an encoder embeds, reranks and classifies."""
+        return callable(getattr(self.engine, "generate", None))
 
     def generation(self) -> EngineClient:
         """The engine as a generation client; an encoder engine has none (its routes are the encoder ones)."""
-        if not callable(getattr(self.engine, "generate", None)):
-            raise APIError("This engine serves an encoder: use /v1/embeddings, /rerank or /predict.", status=404)
+        if not self.generates:
+            raise _not_served_by_an_encoder("Text generation")
         return self.engine  # type: ignore[return-value]
+
+    def other_engine_route(self, path: str) -> APIError | None:
+        """The answer to a route only the other kind of engine serves (chat on an encoder, embeddings on a
+        decoder), or None for any other path."""
+        if not self.generates and path in GENERATION_PATHS:
+            return _not_served_by_an_encoder(path)
+        if self.generates and path in ENCODER_PATHS:
+            return _not_served_by_a_decoder(path)
+        return None
 
     def engine_decoder(self) -> TextDecoder:
         assert self.decoder is not None, "decoder models need a TextDecoder"
@@ -93,3 +116,22 @@ class ServerState:
 
     def release(self) -> None:
         self.inflight -= 1
+
+
+def _not_served_by_an_encoder(what: str) -> APIError:
+    return APIError(
+        f"{what} is not served: this engine serves an encoder (embeddings, rerank, classification) and "
+        f"generates no text; its routes are {ENCODER_ROUTES}.",
+        status=404,
+        type="not_found_error",
+    )
+
+
+def _not_served_by_a_decoder(what: str) -> APIError:
+    return APIError(
+        f"{what} is not served: this engine generates text and computes no embeddings or rerank scores; "
+        f"its routes are {GENERATION_ROUTES}. Embeddings and rerank need an engine built with "
+        "`base_model: encoder` or `encoder_bert`.",
+        status=404,
+        type="not_found_error",
+    )

@@ -26,7 +26,7 @@ def write_config(path: Path, model_dir: Path, **runtime: object) -> Path:
     import yaml
 
     build = {
-        "base_model": "decoder",
+        "base_model": runtime.pop("base_model", "decoder"),
         "checkpoint_repository": {"source": "LOCAL", "repo": str(model_dir)},
         "max_seq_len": int(runtime.pop("max_seq_len", 512)),
         "max_batch_size": int(runtime.pop("max_batch_size", 64)),
@@ -140,9 +140,9 @@ def started(
 
 
 @contextmanager
-def in_process_server(root: Path, model_dir: Path) -> Iterator[tuple[Any, Any]]:
+def in_process_server(root: Path, model_dir: Path, base_model: str = "decoder") -> Iterator[tuple[Any, Any]]:
     """Build a small float32 torch engine of `model_dir` under `root` and serve it in this process: yields a
-    FastAPI TestClient and the server's state (for tests that look inside a request's steps)."""
+    FastAPI TestClient and the server's state (for tests that look inside a request's steps or its counters)."""
     import pytest
     from fastapi.testclient import TestClient
 
@@ -151,7 +151,7 @@ def in_process_server(root: Path, model_dir: Path) -> Iterator[tuple[Any, Any]]:
     from engine_builder.serve.server.factory import build_server
 
     config = write_config(
-        root / "config.yaml", model_dir, max_seq_len=256,
+        root / "config.yaml", model_dir, max_seq_len=256, base_model=base_model,
         engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
     )
     with pytest.MonkeyPatch.context() as patch:

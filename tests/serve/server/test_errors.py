@@ -145,3 +145,14 @@ def test_context_length_on_completions_names_the_prompt(server: ServerProcess, c
         client.completions.create(model="x", prompt="hi", max_tokens=100000)
     assert caught.value.code == "context_length_exceeded" and caught.value.param == "prompt"
     assert "in the prompt" in caught.value.message and "messages" not in caught.value.message
+
+
+ENCODER_PATHS = ["/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/v2/rerank"]
+
+
+@pytest.mark.parametrize("path", ENCODER_PATHS)
+def test_an_encoder_route_names_the_generation_routes(server: ServerProcess, path: str) -> None:
+    """An encoder server answers the reverse: tests/serve/server/test_encoder_requests.py."""
+    error = _assert_envelope(_post(server, {"input": "x", "query": "q", "texts": ["x"]}, path), 404)
+    assert path in error["message"] and "generates text" in error["message"]
+    assert "/v1/chat/completions" in error["message"] and "/v1/completions" in error["message"]

@@ -1,0 +1,181 @@
+"""Encoder requests go through the generation routes' admission and metrics: in flight while they run, refused
+while the server loads, drains or is full, counted in the request series; and a generation route asked of an
+encoder answers which routes it serves. An in-process MiniLM server, its model held by a test hook."""
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine_builder.serve.encoders.errors import BackendError
+from engine_builder.serve.server.encoder_app import EncoderEngineAdapter
+from engine_builder.serve.server.state import ServerState
+from tests.serve.server.harness import in_process_server
+
+PREFIX = "engine_builder:"
+# every encoder inference route, with a body it serves (MiniLM embeds; /predict needs a classifier: a 400)
+ROUTES = {
+    "/v1/embeddings": {"input": ["a man is eating", "a dog"]},
+    "/embeddings": {"input": "a man is eating"},
+    "/embed": {"inputs": "a man is eating"},
+    "/rerank": {"query": "food", "texts": ["a man is eating", "a dog"]},
+    "/v1/rerank": {"query": "food", "documents": ["a man is eating", "a dog"]},
+    "/v2/rerank": {"query": "food", "documents": ["a man is eating"]},
+    "/predict": {"inputs": "a man is eating"},
+    "/v1/models/model:predict": {"input": "a man is eating"},
+}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[tuple[Any, ServerState]]:
+    root = tmp_path_factory.mktemp("encoder")
+    with in_process_server(root, minilm_dir, base_model="encoder_bert") as served:
+        yield served
+
+
+def _model(state: ServerState) -> Any:
+    return cast(EncoderEngineAdapter, state.engine).engine.model
+
+
+def _sample(client: Any, name: str, **labels: str) -> float:
+    """A sample of /metrics (0 when the series has none yet)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == PREFIX + name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return 0.0
+
+
+@dataclass
+class Hold:
+    entered: threading.Event = field(default_factory=threading.Event)  # a batch reached the model
+    release: threading.Event = field(default_factory=threading.Event)  # the model may run it
+
+
+@pytest.fixture
+def held_model(encoder: tuple[Any, ServerState], monkeypatch: pytest.MonkeyPatch) -> Iterator[Hold]:
+    """The model's forward waits for `release` (a slow model, as long as the test wants)."""
+    model = _model(encoder[1])
+    forward = model.forward
+    hold = Hold()
+
+    def held(items: Any) -> Any:
+        hold.entered.set()
+        hold.release.wait(timeout=30)
+        return forward(items)
+
+    monkeypatch.setattr(model, "forward", held)
+    try:
+        yield hold
+    finally:
+        hold.release.set()
+
+
+def test_a_running_request_is_in_flight(encoder: tuple[Any, ServerState], held_model: Hold) -> None:
+    client, _ = encoder
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/v1/embeddings", json={"input": "held"})
+        assert held_model.entered.wait(timeout=30)
+        assert _sample(client, "num_requests_inflight") == 1
+        held_model.release.set()
+        assert pending.result(timeout=30).status_code == 200
+    assert _sample(client, "num_requests_inflight") == 0
+
+
+def test_requests_are_counted_in_the_request_series(encoder: tuple[Any, ServerState]) -> None:
+    client, _ = encoder
+    before = {
+        "success": _sample(client, "request_success_total", finished_reason="stop"),
+        "latency": _sample(client, "e2e_request_latency_seconds_count"),
+        "tokens": _sample(client, "prompt_tokens_total"),
+        "400": _sample(client, "request_errors_total", status="400"),
+    }
+    responses = {path: client.post(path, json=body) for path, body in ROUTES.items()}
+    served = [response for response in responses.values() if response.status_code == 200]
+    assert responses["/predict"].status_code == 400 and len(served) == len(ROUTES) - 1, responses
+    assert _sample(client, "request_success_total", finished_reason="stop") == before["success"] + len(served)
+    assert _sample(client, "e2e_request_latency_seconds_count") == before["latency"] + len(served)
+    tokens = sum(int(response.headers["x-compute-tokens"]) for response in served)
+    assert tokens > 0 and _sample(client, "prompt_tokens_total") == before["tokens"] + tokens
+    assert _sample(client, "request_errors_total", status="400") == before["400"] == 0  # client input
+    assert _sample(client, "num_requests_inflight") == 0
+
+
+def test_a_failed_model_counts_as_an_error(
+    encoder: tuple[Any, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, state = encoder
+
+    def failing(items: Any) -> Any:
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(_model(state), "forward", failing)
+    before = _sample(client, "request_errors_total", status=str(BackendError.status_code))
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == BackendError.status_code
+    assert _sample(client, "request_errors_total", status=str(BackendError.status_code)) == before + 1
+    assert _sample(client, "num_requests_inflight") == 0
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "code"),
+    [("draining", 503, "draining"), ("loading", 503, "not_ready"), ("full", 429, "server_overloaded")],
+)
+def test_encoder_requests_are_refused_as_generation_requests_are(
+    encoder: tuple[Any, ServerState], monkeypatch: pytest.MonkeyPatch, refusal: str, status: int, code: str
+) -> None:
+    client, state = encoder
+    if refusal == "draining":
+        monkeypatch.setattr(state, "draining", True)
+    elif refusal == "loading":
+        monkeypatch.setattr(state, "ready", False)
+    else:
+        monkeypatch.setattr(state.settings, "max_inflight", 0)
+    errors_before = _sample(client, "request_errors_total", status=str(status))
+    for path, body in ROUTES.items():
+        response = client.post(path, json=body)
+        assert response.status_code == status, (path, response.text)
+        assert response.json()["error"]["code"] == code, path
+        if status == 429:
+            assert response.headers["retry-after"] == str(state.settings.retry_after_s)
+    assert state.inflight == 0
+    expected = errors_before + (len(ROUTES) if status >= 500 else 0)  # as the generation routes count them
+    assert _sample(client, "request_errors_total", status=str(status)) == expected
+
+
+def test_no_decoder_series_have_samples(encoder: tuple[Any, ServerState]) -> None:
+    client, _ = encoder
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+    names = {
+        sample.name
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+    for decoder_only in (
+        "time_to_first_token_seconds_count",
+        "time_per_output_token_seconds_count",
+        "generation_tokens_total",
+        "kv_cache_usage_perc",
+        "num_kv_cache_blocks",
+        "prefix_cache_hit_rate",
+        "num_preemptions",
+        "lookahead_accepted_tokens_per_step",
+    ):
+        assert PREFIX + decoder_only not in names, decoder_only
+    assert PREFIX + "num_requests_inflight" in names
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_generation_route_names_the_encoder_routes(encoder: tuple[Any, ServerState], path: str) -> None:
+    client, _ = encoder
+    response = client.post(path, json={"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "not_found"
+    assert path in error["message"] and "encoder" in error["message"]
+    for route in ("/v1/embeddings", "/rerank", "/predict"):
+        assert route in error["message"]
