@@ -158,7 +158,7 @@ class ServerMetrics:
         )
         self.request_errors = Counter(
             f"{PREFIX}request_errors",
-            "Requests answered with an error.",
+            "Requests the server failed (5xx, and 424 when an encoder model fails), by status; client errors (4xx) are not counted.",
             [*labels, "status"],
             registry=registry,
         )
