@@ -128,7 +128,9 @@ class RerankRequest(_Truncating):
 
     @model_validator(mode="after")
     def _one_shape(self) -> "RerankRequest":
-        if (self.texts is None) == (self.documents is None):
+        if self.texts is None and self.documents is None:
+            raise ValueError("give the candidates: `texts` (TEI's rerank) or `documents` (Cohere's and Jina's)")
+        if self.texts is not None and self.documents is not None:
             raise ValueError("give either `texts` (TEI's rerank) or `documents` (Cohere's and Jina's), not both")
         if self.texts is not None and self.return_documents is not None:
             raise ValueError("`return_documents` goes with `documents`; with `texts` use `return_text`")

@@ -82,8 +82,9 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg', '')}")
-    if field is None:
-        return InvalidRequestError(f"invalid request body: {first.get('msg', 'expected a JSON object')}")
+    if field is None:  # a model validator's ValueError: pydantic prefixes its message with "Value error, "
+        message = str(first.get("msg", "expected a JSON object")).removeprefix("Value error, ")
+        return InvalidRequestError(f"invalid request body: {message}")
     if kind == "extra_forbidden":
         return InvalidRequestError(f"unknown field `{field}`: this server does not support it", param=field)
     if kind == "missing":

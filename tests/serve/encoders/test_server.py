@@ -195,6 +195,12 @@ def test_rerank_in_cohere_and_jina_shape(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v1/rerank", json={"query": query, "documents": texts, "top_n": 0}).status_code == 400
 
 
+def test_rerank_without_candidates_says_what_is_missing(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/rerank", json={"query": "q"})
+    message = response.json()["error"]
+    assert response.status_code == 400 and "give the candidates" in message and "Value error" not in message
+
+
 def test_cohere_sdk_reranks_against_our_base_url(base_url: str) -> None:
     """The official `cohere` client (v2 rerank, which posts to {base_url}/v2/rerank) reads our answer."""
     import cohere
