@@ -140,6 +140,12 @@ def test_a_server_that_fails_to_start_exits_non_zero(tmp_path: Path, smollm2_dir
     text = model_config.read_text()
     model_config.unlink()  # the build links the checkpoint's files: replace the link, not its target
     model_config.write_text(text.replace("LlamaForCausalLM", "PhiForCausalLM"))
+    # record the swapped file as built (serve otherwise refuses an engine whose files changed since the build)
+    manifest_file = engine_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    stat = model_config.stat()
+    manifest["extra"]["model_files"]["config.json"] = [stat.st_size, stat.st_mtime_ns]
+    manifest_file.write_text(json.dumps(manifest))
     result = _cli("serve", str(engine_dir), "--host", "127.0.0.1", "--port", "0", cache=tmp_path / "cache")
     assert result.returncode != 0
     assert "PhiForCausalLM" in result.stderr + result.stdout
