@@ -1,5 +1,6 @@
 """EncoderEngine: validate -> tokenize -> token-budget batcher -> model in a worker thread -> per-request
-post-processing (Matryoshka truncation, normalization, rerank and classification scores).
+post-processing (Matryoshka truncation, normalization, rerank and classification scores). TEI's /tokenize and
+/decode use the tokenizer alone: no model, no request slot.
 
 It knows nothing of HTTP; failures are typed `EncoderError`s that routes render.
 """
@@ -38,7 +39,7 @@ from engine_builder.serve.encoders.results import (
     sigmoid,
     softmax,
 )
-from engine_builder.serve.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput
+from engine_builder.serve.encoders.tokenizer import EncodedInput, EncoderTokenizer, TextInput, TokenSpan
 from engine_builder.serve.encoders.truncation import REFUSE_OVER_LENGTH, Truncation
 
 
@@ -255,6 +256,22 @@ class EncoderEngine:
             sum(item.num_tokens for item in encoded),
             sum(item.num_chars for item in encoded),
             request_timing(started, tokenized, result),
+        )
+
+    async def tokenize(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True, field: str = "inputs"
+    ) -> list[list[TokenSpan]]:
+        """Each text's tokens, untruncated. Served while the model is busy, as TEI serves it: no request slot."""
+        self._check_batch(len(texts), field)
+        return await asyncio.to_thread(self.tokenizer.tokenize, texts, add_special_tokens=add_special_tokens)
+
+    async def decode(
+        self, id_lists: Sequence[Sequence[int]], *, skip_special_tokens: bool = True, field: str = "ids"
+    ) -> list[str]:
+        """Token ids back to text, one string per list; no request slot."""
+        self._check_batch(len(id_lists), field)
+        return await asyncio.to_thread(
+            self.tokenizer.decode, id_lists, skip_special_tokens=skip_special_tokens, field=field
         )
 
     # helpers

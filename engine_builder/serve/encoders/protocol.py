@@ -1,4 +1,5 @@
-"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, plus both error bodies.
+"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, /tokenize, /decode, /info,
+plus both error bodies.
 
 Requests forbid unknown fields: a field we do not know is one we cannot honour.
 """
@@ -199,6 +200,69 @@ def _sequence(entry: list[str], label: str) -> TextInput:
 class Prediction(BaseModel):
     score: float
     label: str
+
+
+# TEI /tokenize and /decode
+
+
+class TokenizeRequest(_Request):
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None  # refused when set, as on /embed
+
+    def input_list(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class SimpleToken(BaseModel):
+    """TEI's token: `start`/`stop` are UTF-8 byte offsets into the input, null for a special token."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class DecodeRequest(_Request):
+    ids: TokenIds | list[TokenIds]
+    skip_special_tokens: bool = True
+
+    def id_lists(self) -> list[list[int]]:
+        if self.ids and isinstance(self.ids[0], list):
+            return [list(ids) for ids in self.ids]
+        return [list(self.ids)]  # type: ignore[arg-type]
+
+
+# TEI /info
+
+
+TEIModelKind = Literal["embedding", "classifier", "reranker"]  # a reranker is a one-label classifier
+
+
+class EmbeddingModelType(BaseModel):
+    pooling: str
+
+
+class ClassifierModelType(BaseModel):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class Info(BaseModel):
+    """TEI's /info, less what this server cannot state truthfully (`sha`, `docker_label`, `tokenization_workers`)."""
+
+    model_id: str
+    model_sha: str | None = None  # the checkpoint's commit is not known to the server
+    model_dtype: str
+    model_type: dict[TEIModelKind, EmbeddingModelType | ClassifierModelType]  # one entry, as TEI's enum serializes
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    version: str
 
 
 class TEIErrorResponse(BaseModel):

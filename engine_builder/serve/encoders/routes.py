@@ -1,9 +1,11 @@
 """HTTP routes of an encoder server: /v1/embeddings (+ /embeddings), /embed, /rerank, /predict and the
-Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success.
+Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success; and TEI's /info,
+/tokenize and /decode.
 
 Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
-{"error", "error_type"} elsewhere; statuses come from `errors.py`. Every request runs inside the server's
-`RequestTracker` (admission, in-flight count, metrics), whose refusals the app renders.
+{"error", "error_type"} elsewhere; statuses come from `errors.py`. Every inference request runs inside the
+server's `RequestTracker` (admission, in-flight count, metrics), whose refusals the app renders; /info, /tokenize
+and /decode run no model and stay outside it, answered while the server is busy as TEI answers them.
 """
 
 import enum
@@ -19,11 +21,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 
+from engine_builder import __version__
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError
 from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
 from engine_builder.serve.encoders.protocol import (
+    ClassifierModelType,
+    DecodeRequest,
+    EmbeddingModelType,
     EmbedRequest,
+    Info,
     OpenAIEmbeddingsRequest,
     OpenAIErrorDetail,
     OpenAIErrorResponse,
@@ -31,7 +38,10 @@ from engine_builder.serve.encoders.protocol import (
     PredictRequest,
     Rank,
     RerankRequest,
+    SimpleToken,
     TEIErrorResponse,
+    TEIModelKind,
+    TokenizeRequest,
 )
 from engine_builder.serve.encoders.results import RequestTiming
 from engine_builder.serve.encoders.serialize import matrix_body, openai_embeddings_body
@@ -50,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROUTES = (ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT)
 COMPUTE_TOKENS_HEADER = "x-compute-tokens"  # TEI's count of the request's tokens, on every success
+TEI_POOLING_NAMES = {"lasttoken": "last_token"}  # TEI's spelling where sentence-transformers' differs
 
 
 class ErrorStyle(str, enum.Enum):
@@ -149,6 +160,41 @@ def _json(value: Any, headers: dict[str, str]) -> Response:
     )
 
 
+def _refuse_prompt_name(prompt_name: str | None) -> None:
+    if prompt_name is not None:
+        raise InvalidRequestError(
+            "`prompt_name` is not supported: this server applies no prompts; prepend the prompt to each input",
+            param="prompt_name",
+        )
+
+
+def _tei_info(engine: EncoderEngine, served_model_name: str) -> Info:
+    """TEI's /info from what the engine runs with. `auto_truncate` is what TEI's own /embed and /predict do with
+    a request that does not say (the OpenAI-style routes refuse unless the deployment's `auto_truncate` is set)."""
+    info = engine.info
+    model_type: dict[TEIModelKind, EmbeddingModelType | ClassifierModelType]
+    if info.pooling is not None:
+        model_type = {"embedding": EmbeddingModelType(pooling=TEI_POOLING_NAMES.get(info.pooling, info.pooling))}
+    else:
+        labels = ClassifierModelType(
+            id2label={str(index): label for index, label in enumerate(info.id2label)},
+            label2id={label: index for index, label in enumerate(info.id2label)},
+        )
+        model_type = {"reranker" if info.is_cross_encoder else "classifier": labels}
+    return Info(
+        model_id=served_model_name,
+        model_dtype=info.dtype,
+        model_type=model_type,
+        max_concurrent_requests=engine.max_concurrent_requests,
+        max_input_length=info.max_input_length,
+        max_batch_tokens=info.max_num_tokens,
+        max_batch_requests=info.max_batch_size,
+        max_client_batch_size=info.max_client_batch_size,
+        auto_truncate=info.truncation_defaults.embed_and_predict,
+        version=__version__,
+    )
+
+
 def _predictions(scores: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
     order = np.argsort(-scores, kind="stable")
     return [Prediction.model_construct(score=float(scores[index]), label=labels[index]) for index in order]
@@ -210,11 +256,7 @@ class _Handlers:
         return Response(content, media_type="application/json", headers=headers)
 
     async def embed(self, body: EmbedRequest) -> Response:
-        if body.prompt_name is not None:
-            raise InvalidRequestError(
-                "`prompt_name` is not supported: this server applies no prompts; prepend the prompt to each input",
-                param="prompt_name",
-            )
+        _refuse_prompt_name(body.prompt_name)
         truncation = self._truncation(
             default=self._defaults.embed_and_predict,
             how_to_ask=ASK_BY_FLAG,
@@ -290,6 +332,28 @@ class _Handlers:
         payload: Any = predictions if body.is_batch else predictions[0]
         return _json(payload, self._headers(result.timing, result.num_chars, result.num_prompt_tokens))
 
+    async def info(self) -> Response:
+        body = _tei_info(self.engine, self.served_model_name).model_dump_json()
+        return Response(body, media_type="application/json")
+
+    async def tokenize(self, body: TokenizeRequest) -> Response:
+        _refuse_prompt_name(body.prompt_name)
+        spans = await self.engine.tokenize(body.input_list(), add_special_tokens=body.add_special_tokens)
+        tokens = [
+            [
+                SimpleToken.model_construct(
+                    id=span.id, text=span.text, special=span.is_special, start=span.start, stop=span.stop
+                )
+                for span in row
+            ]
+            for row in spans
+        ]
+        return Response(pydantic_core.to_json(tokens), media_type="application/json")  # a list per input, as TEI
+
+    async def decode(self, body: DecodeRequest) -> Response:
+        texts = await self.engine.decode(body.id_lists(), skip_special_tokens=body.skip_special_tokens)
+        return Response(pydantic_core.to_json(texts), media_type="application/json")  # a list, even for one
+
 
 def build_encoder_router(
     engine: EncoderEngine,
@@ -331,6 +395,15 @@ def build_encoder_router(
         ROUTE_PREDICT, handlers.predict, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
     )
     _add_truss_predict_route(router, handlers, default, openai_route, tei_route)
+    # No model runs behind these: outside admission and the request metrics, as TEI serves them while busy.
+    untracked_route = _guarded_route_class(ErrorStyle.TEI, Untracked())
+    router.add_api_route(
+        "/info", handlers.info, methods=["GET"], route_class_override=untracked_route, tags=["encoders"]
+    )
+    for path, endpoint in (("/tokenize", handlers.tokenize), ("/decode", handlers.decode)):
+        router.add_api_route(
+            path, endpoint, methods=["POST"], route_class_override=untracked_route, tags=["encoders"]
+        )
     return router
 
 

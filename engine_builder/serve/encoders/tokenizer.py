@@ -1,4 +1,5 @@
-"""Text (or token ids) -> `EncodedInput`s: the fast tokenizer, truncation by direction, length checks.
+"""Text (or token ids) -> `EncodedInput`s: the fast tokenizer, truncation by direction, length checks; and the
+tokenizer on its own for TEI's /tokenize and /decode (`TokenSpan`s with byte offsets, ids back to text).
 
 The tokenizer.json of a checkpoint may carry its own padding/truncation settings; both are cleared so
 that batching (padding) and the request's truncation (`truncation.py`) are ours alone.
@@ -20,7 +21,7 @@ from engine_builder.serve.encoders.errors import (
 )
 from engine_builder.serve.encoders.truncation import Truncation, TruncationDirection
 
-__all__ = ["EncodedInput", "EncoderTokenizer", "TextInput", "Truncation", "TruncationDirection"]
+__all__ = ["EncodedInput", "EncoderTokenizer", "TextInput", "TokenSpan", "Truncation", "TruncationDirection"]
 
 # Truncating copies kept for lengths below the model's limit (`truncate_prompt_tokens: k`): building one takes tens
 # of milliseconds, and each holds a whole vocabulary.
@@ -38,6 +39,19 @@ class EncodedInput:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpan:
+    """One token of a text as TEI's /tokenize shows it. `start`/`stop` are UTF-8 byte offsets into the text (the
+    Rust tokenizer's, which TEI returns) and `text` the input they cover; a special token has neither offset and
+    its own spelling as `text`."""
+
+    id: int
+    text: str
+    is_special: bool
+    start: int | None
+    stop: int | None
 
 
 # A text to encode alone, or a (first, second) pair for cross-encoders.
@@ -165,6 +179,25 @@ class EncoderTokenizer:
             encoded[index] = item
         return [encoded[index] for index in range(len(inputs))]
 
+    def tokenize(self, texts: Sequence[str], *, add_special_tokens: bool) -> list[list[TokenSpan]]:
+        """Each text's tokens with their offsets, untruncated (TEI's /tokenize cuts nothing)."""
+        encodings: list[Encoding] = self._plain.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [_spans(text, encoding) for text, encoding in zip(texts, encodings, strict=True)]
+
+    def decode(self, id_lists: Sequence[Sequence[int]], *, skip_special_tokens: bool, field: str) -> list[str]:
+        """Token ids back to text; an id outside the vocabulary is refused naming `field[i]` (the Rust tokenizer
+        would drop it silently)."""
+        vocab_size = self._plain.get_vocab_size(with_added_tokens=True)
+        for index, ids in enumerate(id_lists):
+            bad = next((token_id for token_id in ids if not 0 <= token_id < vocab_size), None)
+            if bad is not None:
+                label = f"{field}[{index}]" if len(id_lists) > 1 else field
+                raise InvalidRequestError(
+                    f"{label} contains token id {bad}, outside this tokenizer's vocabulary [0, {vocab_size})",
+                    param=field,
+                )
+        return self._plain.decode_batch([list(ids) for ids in id_lists], skip_special_tokens=skip_special_tokens)
+
     def _check_length(self, num_tokens: int, label: str, field: str, truncation: Truncation) -> None:
         if num_tokens == 0:
             raise EmptyInputError(f"{label} has no tokens: send non-empty input", param=field)
@@ -174,3 +207,19 @@ class EncoderTokenizer:
                 f"{self.max_input_length}; send shorter input or {truncation.how_to_ask}",
                 param=field,
             )
+
+
+def _spans(text: str, encoding: Encoding) -> list[TokenSpan]:
+    """Python's `Encoding.offsets` count characters; TEI answers the Rust tokenizer's byte offsets."""
+    byte_offsets = [0]
+    for character in text:
+        byte_offsets.append(byte_offsets[-1] + len(character.encode("utf-8")))
+    spans = []
+    for token_id, token, (start, stop), special in zip(
+        encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
+    ):
+        if special:
+            spans.append(TokenSpan(token_id, token, True, None, None))
+        else:
+            spans.append(TokenSpan(token_id, text[start:stop], False, byte_offsets[start], byte_offsets[stop]))
+    return spans

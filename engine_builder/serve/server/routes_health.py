@@ -16,9 +16,13 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+# Probes answer HEAD too, as load balancers and Kubernetes send it: the GET answer, its body left out by the server.
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 @router.get("/ping")
+@router.head("/ping", include_in_schema=False)
 @router.get("/")
+@router.head("/", include_in_schema=False)
 async def health(request: Request) -> Response:
     """Liveness: the process answers and the engine loop is alive (or still loading)."""
     state = _state(request)
@@ -28,7 +32,9 @@ async def health(request: Request) -> Response:
 
 
 @router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 @router.get("/health_file")
+@router.head("/health_file", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Readiness: 503 until the engine is loaded and warmed up, and again while draining."""
     state = _state(request)

@@ -16,7 +16,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from tokenizers import Tokenizer
 
+import engine_builder
 from engine_builder.serve.encoders.engine import EncoderEngine
 from tests.serve.encoders.server import build_app, serve
 
@@ -415,3 +417,106 @@ def test_tei_embed_keeps_its_truncate_semantics(base_url: str) -> None:
         assert response.status_code == 200 and response.headers["x-compute-tokens"] == "256"
     unknown = httpx.post(f"{base_url}/embed", json={"inputs": LONG_TEXT, "truncate_prompt_tokens": 8})
     assert unknown.status_code == 400  # vLLM's field is not TEI's /embed
+
+
+# TEI /info, /tokenize, /decode
+
+
+def _minilm_tokenizer(minilm_dir: Path) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    tokenizer.no_padding()  # MiniLM's tokenizer.json pads to 128
+    return tokenizer
+
+
+def test_info_states_what_the_engine_runs_with(base_url: str, engines: dict[str, EncoderEngine]) -> None:
+    engine = engines[""]
+    assert httpx.get(f"{base_url}/info").json() == {
+        "model_id": "all-MiniLM-L6-v2",
+        "model_sha": None,
+        "model_dtype": "float32",
+        "model_type": {"embedding": {"pooling": "mean"}},
+        "max_concurrent_requests": engine.max_concurrent_requests,
+        "max_input_length": 256,
+        "max_batch_tokens": 8192,
+        "max_batch_requests": 128,
+        "max_client_batch_size": 128,
+        "auto_truncate": True,  # BEI-Bert's TEI routes truncate when the request is silent
+        "version": engine_builder.__version__,
+    }
+    info = engine.info
+    assert (info.max_input_length, info.max_num_tokens, info.max_batch_size) == (256, 8192, 128)
+    assert info.truncation_defaults.embed_and_predict is True
+    reranker = httpx.get(f"{base_url}/xenc/info").json()["model_type"]
+    assert reranker == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    classifier = httpx.get(f"{base_url}/cls/info").json()["model_type"]
+    labels = engines["/cls"].info.id2label
+    assert classifier == {
+        "classifier": {
+            "id2label": {str(index): label for index, label in enumerate(labels)},
+            "label2id": {label: index for index, label in enumerate(labels)},
+        }
+    }
+    assert set(labels) == {"negative", "neutral", "positive"}
+
+
+def test_tokenize_answers_the_tokenizers_ids_with_tei_byte_offsets(base_url: str, minilm_dir: Path) -> None:
+    text = "Héllo wörld, 東京 🙂!"
+    reference = _minilm_tokenizer(minilm_dir)
+    answers = {}
+    for add_special_tokens in (True, False):
+        response = httpx.post(f"{base_url}/tokenize", json={"inputs": text, "add_special_tokens": add_special_tokens})
+        assert response.status_code == 200, response.text
+        [tokens] = response.json()  # one list per input, as TEI answers a single string
+        assert [token["id"] for token in tokens] == reference.encode(text, add_special_tokens=add_special_tokens).ids
+        answers[add_special_tokens] = tokens
+    assert httpx.post(f"{base_url}/tokenize", json={"inputs": text}).json() == [answers[True]]  # the default
+    first, *middle, last = answers[True]
+    assert first == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+    assert last == {"id": 102, "text": "[SEP]", "special": True, "start": None, "stop": None}
+    assert middle == answers[False]
+    encoded = text.encode("utf-8")
+    for token in middle:
+        assert token["special"] is False
+        assert encoded[token["start"] : token["stop"]].decode("utf-8") == token["text"], token
+    # the text is the input's (accented), not the lower-cased token; offsets count UTF-8 bytes as TEI's do
+    assert middle[0] == {"id": 7592, "text": "Héllo", "special": False, "start": 0, "stop": 6}
+    assert {"id": 1879, "text": "東", "special": False, "start": 15, "stop": 18} in middle
+
+
+def test_tokenize_and_decode_lists_round_trip(base_url: str, minilm_dir: Path) -> None:
+    reference = _minilm_tokenizer(minilm_dir)
+    rows = httpx.post(f"{base_url}/tokenize", json={"inputs": SENTENCES}).json()
+    ids = [[token["id"] for token in row] for row in rows]
+    assert ids == [encoding.ids for encoding in reference.encode_batch(SENTENCES)]
+    decoded = httpx.post(f"{base_url}/decode", json={"ids": ids}).json()
+    assert decoded == [sentence.lower() for sentence in SENTENCES]  # MiniLM's tokenizer lower-cases
+    one = httpx.post(f"{base_url}/decode", json={"ids": ids[0]}).json()
+    assert one == [SENTENCES[0].lower()]  # TEI answers a list for one id list too
+    with_special = httpx.post(f"{base_url}/decode", json={"ids": ids[0], "skip_special_tokens": False}).json()
+    assert with_special == [reference.decode(ids[0], skip_special_tokens=False)]
+    assert with_special[0].startswith("[CLS] ") and with_special[0].endswith(" [SEP]")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error_type", "says"),
+    [
+        ("/tokenize", {}, 400, "validation", "`inputs` is required"),
+        ("/tokenize", {"inputs": 3}, 400, "validation", "`inputs`"),
+        ("/tokenize", {"inputs": []}, 400, "empty", "`inputs` cannot be empty"),
+        ("/tokenize", {"inputs": ["x"] * 129}, 422, "validation", "batch size 129 > maximum allowed batch size 128"),
+        ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 400, "validation", "`prompt_name` is not supported"),
+        ("/tokenize", {"inputs": "x", "truncate": True}, 400, "validation", "unknown field `truncate`"),
+        ("/decode", {"ids": "hello"}, 400, "validation", "`ids`"),
+        ("/decode", {"ids": [101, 30522]}, 400, "validation", "ids contains token id 30522"),
+        ("/decode", {"ids": [[101], [-1]]}, 400, "validation", "ids[1] contains token id -1"),
+        ("/decode", {"ids": [[101]] * 129}, 422, "validation", "batch size 129"),
+    ],
+)
+def test_tokenize_and_decode_refuse_bad_input_naming_the_field(
+    base_url: str, path: str, body: dict[str, Any], status: int, error_type: str, says: str
+) -> None:
+    response = httpx.post(f"{base_url}{path}", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert set(error) == {"error", "error_type"} and error["error_type"] == error_type
+    assert says in error["error"], error

@@ -1,6 +1,8 @@
 """Encoder requests go through the generation routes' admission and metrics: in flight while they run, refused
 while the server loads, drains or is full, counted in the request series; and a generation route asked of an
-encoder answers which routes it serves. An in-process MiniLM server, its model held by a test hook."""
+encoder answers which routes it serves. TEI's /info, /tokenize and /decode run no model: answered while the model is
+busy and left out of the request series. The probes answer HEAD. An in-process MiniLM server, its model held by a
+test hook."""
 
 import threading
 from collections.abc import Iterator
@@ -85,6 +87,43 @@ def test_a_running_request_is_in_flight(encoder: tuple[Any, ServerState], held_m
         held_model.release.set()
         assert pending.result(timeout=30).status_code == 200
     assert _sample(client, "num_requests_inflight") == 0
+
+
+def test_tei_tokenizer_routes_answer_while_busy_and_are_not_counted(
+    encoder: tuple[Any, ServerState], held_model: Hold
+) -> None:
+    client, _ = encoder
+    before = {
+        "success": _sample(client, "request_success_total", finished_reason="stop"),
+        "latency": _sample(client, "e2e_request_latency_seconds_count"),
+        "tokens": _sample(client, "prompt_tokens_total"),
+        "400": _sample(client, "request_errors_total", status="400"),
+    }
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/v1/embeddings", json={"input": "held"})
+        assert held_model.entered.wait(timeout=30)
+        assert client.get("/info").json()["model_type"] == {"embedding": {"pooling": "mean"}}
+        assert [token["id"] for token in client.post("/tokenize", json={"inputs": "hello"}).json()[0]] == [101, 7592, 102]
+        assert client.post("/decode", json={"ids": [101, 7592, 102]}).json() == ["hello"]
+        assert client.post("/decode", json={"ids": [-1]}).status_code == 400
+        assert _sample(client, "num_requests_inflight") == 1  # the held embeddings request alone
+        assert not pending.done()
+        held_model.release.set()
+        assert pending.result(timeout=30).status_code == 200
+    one_request = pending.result().headers["x-compute-tokens"]
+    assert _sample(client, "request_success_total", finished_reason="stop") == before["success"] + 1
+    assert _sample(client, "e2e_request_latency_seconds_count") == before["latency"] + 1
+    assert _sample(client, "prompt_tokens_total") == before["tokens"] + int(one_request)
+    assert _sample(client, "request_errors_total", status="400") == before["400"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/ping", "/", "/ready", "/health_file"])
+def test_probes_answer_head_as_get_without_a_body(encoder: tuple[Any, ServerState], path: str) -> None:
+    client, _ = encoder
+    get, head = client.get(path), client.head(path)
+    assert get.status_code == head.status_code == 200 and get.content
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_requests_are_counted_in_the_request_series(encoder: tuple[Any, ServerState]) -> None:

@@ -113,6 +113,15 @@ def test_every_route_but_probes_needs_a_key(kind: str) -> None:
     assert checked >= 3, "the route table looks empty: is the app still built from its routers?"
 
 
+def test_head_on_a_probe_is_as_open_as_its_get() -> None:
+    client = TestClient(_apps()["encoder"], raise_server_exceptions=False)
+    for path in ("/health", "/ping", "/ready", "/health_file", "/"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code != 401, path  # 200, or 503 while loading
+    for path in ("/info", "/v1/embeddings"):
+        assert client.head(path).status_code == 401, path  # HEAD on a guarded route is guarded like its GET
+
+
 def test_default_host_is_loopback() -> None:
     from engine_builder.cli import build_parser
 
