@@ -156,22 +156,25 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
     kernels = document["kernels"]
     shapes = list(kernels)
     names = list(next(iter(kernels.values())))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         xs = [i + k * width for i in range(len(shapes))]
         left.bar(xs, [kernels[s][name] for s in shapes], width, label=name)
-    left.set_xticks(
-        [i + 0.4 - width / 2 for i in range(len(shapes))], [f"{s} x {BATCH * SEQ} rows" for s in shapes]
-    )
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
+    left.set_xlabel(f"Linear (in x out), {BATCH * SEQ} rows")
     left.set_ylabel("GFLOP/s (1 thread)")
     left.set_title("one Linear layer, by kernel")
     left.legend(fontsize=8)
     share = document["forward"]["share"]
-    right.barh(list(share), [100 * v for v in share.values()])
+    names = [
+        name.removeprefix("aten::").replace("_scaled_dot_product_flash_attention_for_cpu", "attention (SDPA)")
+        for name in share
+    ]
+    right.barh(names, [100 * v for v in share.values()])
     right.invert_yaxis()
     right.set_xlabel("% of the forward pass")
-    right.set_title(f"forward {document['forward']['seconds'] * 1e3:.0f} ms, {BATCH}x{SEQ} tokens")
+    right.set_title(f"forward {document['forward']['seconds'] * 1e3:.0f} ms ({BATCH}x{SEQ} tokens)")
     figure.suptitle(document["title"], fontsize=10)
     figure.tight_layout()
     out = path.with_suffix(".png")
