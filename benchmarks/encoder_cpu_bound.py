@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.machine import describe
+from benchmarks.moe_cpu import best_of
 from benchmarks.peers.base import REPO_ROOT
 from benchmarks.report import add_output_arguments, redraw, save_result
 
@@ -35,13 +36,8 @@ BATCH, SEQ = 32, 64
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    fn()  # warm-up
+    return best_of(repeats, fn)
 
 
 def linear_flops(model: torch.nn.Module, tokens: int) -> tuple[int, list[tuple[int, int]]]:

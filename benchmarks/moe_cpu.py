@@ -31,7 +31,8 @@ MODEL_SHAPE = dict(
 )
 
 
-def _best_of(repeats: int, function: Any) -> float:
+def best_of(repeats: int, function: Any) -> float:
+    """The fastest of `repeats` calls, in seconds."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -68,8 +69,8 @@ def phase_block(tokens_list: list[int], repeats: int) -> list[dict[str, Any]]:
         with torch.inference_mode():
             expected = reference(x)[0]
             got = ours(x[0])
-            ours_s = _best_of(repeats, lambda x=x: ours(x[0]))
-            theirs_s = _best_of(repeats, lambda x=x: reference(x))
+            ours_s = best_of(repeats, lambda x=x: ours(x[0]))
+            theirs_s = best_of(repeats, lambda x=x: reference(x))
         rows.append({
             "tokens": tokens, "ours_ms": round(ours_s * 1e3, 3), "transformers_ms": round(theirs_s * 1e3, 3),
             "speedup": round(theirs_s / ours_s, 2), "max_abs_diff": float((got - expected).abs().max()),

@@ -89,16 +89,20 @@ def test_a_running_request_is_in_flight(encoder: tuple[Any, ServerState], held_m
     assert _sample(client, "num_requests_inflight") == 0
 
 
-def test_tei_tokenizer_routes_answer_while_busy_and_are_not_counted(
-    encoder: tuple[Any, ServerState], held_model: Hold
-) -> None:
-    client, _ = encoder
-    before = {
+def _request_counters(client: Any) -> dict[str, float]:
+    return {
         "success": _sample(client, "request_success_total", finished_reason="stop"),
         "latency": _sample(client, "e2e_request_latency_seconds_count"),
         "tokens": _sample(client, "prompt_tokens_total"),
         "400": _sample(client, "request_errors_total", status="400"),
     }
+
+
+def test_tei_tokenizer_routes_answer_while_busy_and_are_not_counted(
+    encoder: tuple[Any, ServerState], held_model: Hold
+) -> None:
+    client, _ = encoder
+    before = _request_counters(client)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/v1/embeddings", json={"input": "held"})
         assert held_model.entered.wait(timeout=30)
@@ -128,12 +132,7 @@ def test_probes_answer_head_as_get_without_a_body(encoder: tuple[Any, ServerStat
 
 def test_requests_are_counted_in_the_request_series(encoder: tuple[Any, ServerState]) -> None:
     client, _ = encoder
-    before = {
-        "success": _sample(client, "request_success_total", finished_reason="stop"),
-        "latency": _sample(client, "e2e_request_latency_seconds_count"),
-        "tokens": _sample(client, "prompt_tokens_total"),
-        "400": _sample(client, "request_errors_total", status="400"),
-    }
+    before = _request_counters(client)
     responses = {path: client.post(path, json=body) for path, body in ROUTES.items()}
     served = [response for response in responses.values() if response.status_code == 200]
     assert responses["/predict"].status_code == 400 and len(served) == len(ROUTES) - 1, responses
