@@ -104,10 +104,10 @@ def _openai_envelope(path: str, body: Any) -> bool:
 
 
 def _encoder_envelope(path: str, body: Any) -> bool:
-    """OpenAI's envelope on the embeddings routes and our own (auth, 404, 413); TEI's on /embed, /rerank, /predict."""
+    """OpenAI's envelope on the embeddings routes and our own (auth, 404, 413); TEI's on TEI's routes."""
     if _openai_envelope(path, body):
         return True
-    tei = path in ("/embed", "/rerank", "/predict") or path.endswith(":predict")
+    tei = path in ("/embed", "/rerank", "/predict", "/tokenize", "/decode") or path.endswith(":predict")
     return tei and isinstance(body, dict) and set(body) == {"error", "error_type"} and bool(body["error"])
 
 
