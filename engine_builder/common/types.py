@@ -44,6 +44,7 @@ class Guide:
     spec: str  # schema / regex / EBNF / structural-tag JSON, as text (also the grammar cache key)
     any_whitespace: bool = True
     after_reasoning: ReasoningPrefix | None = None  # constrain only the answer after the model's reasoning
+    param: str = "response_format"  # the request field it came from: what a refusal to compile it names
 
 
 @dataclass(frozen=True)

@@ -482,8 +482,11 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> GenerationDelta:
         first = token_ids and seq.num_output_tokens == len(token_ids)
+        prompt_logprobs = seq.prompt_logprobs
+        if first and prompt_logprobs is None and seq.sampling.prompt_logprobs is not None:
+            prompt_logprobs = [None]  # a one-token prompt: no forward row predicts it, its entry is still null
         return GenerationDelta(
-            prompt_logprobs=seq.prompt_logprobs if first else None,
+            prompt_logprobs=prompt_logprobs if first else None,
             request_id=seq.request_id,
             index=seq.index,
             token_ids=token_ids,

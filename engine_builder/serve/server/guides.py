@@ -8,11 +8,31 @@ from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.protocol import ResponseFormat, SamplingFields
 
+# The fields each response_format type reads; another type's field set beside them would be ignored.
+_FIELDS_OF_TYPE = {
+    "text": set(),
+    "json_object": set(),
+    "json_schema": {"json_schema"},
+    "regex": {"regex"},
+    "grammar": {"grammar"},
+    "structural_tag": {"structural_tag", "format", "structures", "triggers"},
+}
+
 
 def guide_from_response_format(response_format: ResponseFormat | None) -> Guide | None:
-    if response_format is None or response_format.type == "text":
+    if response_format is None:
         return None
     kind = response_format.type
+    foreign = sorted(response_format.model_fields_set - {"type"} - _FIELDS_OF_TYPE.get(kind, set()))
+    foreign = [name for name in foreign if getattr(response_format, name) is not None]
+    if foreign:
+        raise bad_request(
+            f"response_format.{foreign[0]} does not apply to type {kind!r} (it would be ignored); "
+            f"remove it or set the matching type.",
+            param=f"response_format.{foreign[0]}",
+        )
+    if kind == "text":
+        return None
     if kind == "json_object":
         return Guide(GuideKind.JSON_OBJECT, "", any_whitespace=False)
     if kind == "json_schema":

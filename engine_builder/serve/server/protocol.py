@@ -5,7 +5,7 @@ Request models forbid unknown fields: a field we do not know is a field we would
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -104,6 +104,20 @@ class StreamOptions(StrictModel):
 
 class SamplingFields(StrictModel):
     """Fields shared by chat and completions requests."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit `null` for a field with a default (`"n": null`, `"stream": null`) means that default, as
+        in OpenAI's API, where these fields are nullable; clients and SDK wrappers send nulls for unset fields."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and key in fields and not fields[key].is_required() and fields[key].default is not None)
+        }
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -238,6 +252,7 @@ class ResponseToolCall(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None  # OpenAI sends the key (null) on every message; no model here refuses by channel
     tool_calls: list[ResponseToolCall] = Field(default_factory=list)
     reasoning_content: str | None = None
 

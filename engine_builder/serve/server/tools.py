@@ -154,16 +154,16 @@ def plan_tools(
         if choice.function.name not in schemas:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in `tools`.", param="tool_choice")
         _audit_parameters(body.tools, {choice.function.name})
-        schema = call_schema(choice.function.name, schemas[choice.function.name])
+        schema = call_schema({choice.function.name: schemas[choice.function.name]})
         parallel = False
     else:
         _audit_parameters(body.tools, set(schemas))
-        options = [call_schema(name, parameters) for name, parameters in schemas.items()]
-        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        schema = call_schema(schemas)
         if parallel:
-            schema = {"type": "array", "items": schema, "minItems": 1}
+            definitions = schema.pop("$defs", None)
+            schema = {"type": "array", "items": schema, "minItems": 1} | ({"$defs": definitions} if definitions else {})
     check_schema_size(schema, "tools")
-    guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False)
+    guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False, param="tools")
     hints = [] if template_supports_tools else [_tool_hint(template_tools)]
     return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
 
@@ -185,7 +185,7 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
         )
     _audit_parameters(tools, strict)
     check_schema_size(tag, "tools")
-    return Guide(GuideKind.TOOL_CALLS, json.dumps(tag))
+    return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools")
 
 
 def _audit_parameters(tools: list[Tool], names: set[str]) -> None:

@@ -114,3 +114,13 @@ def test_only_marked_calls_are_read_when_the_grammar_constrains_them() -> None:
 @pytest.mark.parametrize("family", ["llama3_json", "mistral", "qwen3_coder"])
 def test_families_without_a_constrained_marker_offer_no_grammar(family: str) -> None:
     assert tool_parser(family, {"set_n": SET_N}).marked_calls({"set_n": SET_N}, parallel=True) is None
+
+
+def test_a_tool_guide_that_cannot_compile_names_tools_without_xgrammar_source_lines(compiler: Any) -> None:
+    from engine_builder.serve.decoding.structured.errors import GuideError
+
+    impossible = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["n"]}
+    with pytest.raises(GuideError) as refused:
+        compiler.compile(Guide(GuideKind.JSON_SCHEMA, json.dumps(impossible), any_whitespace=False, param="tools"))
+    assert refused.value.param == "tools"
+    assert "minimum greater than maximum" in str(refused.value) and ".cc:" not in str(refused.value)

@@ -52,6 +52,13 @@ def test_raw_sse_framing(server: ServerProcess) -> None:
     assert sum(1 for p in payloads for c in p["choices"] if c["finish_reason"]) == 1
 
 
+def test_the_message_has_openais_keys(server: ServerProcess) -> None:
+    body = {"model": "x", "messages": MESSAGES, "max_tokens": 3, "temperature": 0}
+    message = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"]
+    assert "refusal" in message and message["refusal"] is None  # OpenAI always sends the key
+
+
 def test_the_first_event_leaves_with_the_first_token(server: ServerProcess) -> None:
     """No data event before prefill ends: the role rides on the first chunk that carries text, so a client's time to
     first event is its time to first token (what `vllm bench serve` measures)."""

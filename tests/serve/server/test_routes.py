@@ -146,3 +146,19 @@ def test_completions_echo_with_logprobs(client: OpenAI) -> None:
         for token in chunk.choices[0].logprobs.tokens
     ]
     assert streamed == logprobs.tokens
+
+
+def test_echo_with_logprobs_of_a_one_token_prompt(client: OpenAI) -> None:
+    """No forward row predicts a lone prompt token, yet it is echoed: its entry is there, with a null logprob."""
+    response = client.completions.create(model="x", prompt="Hello", max_tokens=2, temperature=0, echo=True, logprobs=1)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens[0] == "Hello" and "".join(logprobs.tokens) == response.choices[0].text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.text_offset[:2] == [0, 5]
+    streamed = [
+        token
+        for chunk in client.completions.create(model="x", prompt="Hello", max_tokens=2, temperature=0, echo=True, logprobs=1, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.tokens
+    ]
+    assert streamed == logprobs.tokens

@@ -68,6 +68,12 @@ def test_an_unenforceable_keyword_in_a_grammar_enforced_tool_is_refused(fields: 
     assert "maxLength" in str(refused.value) and "pattern" in str(refused.value)
 
 
+@pytest.mark.parametrize("fields", [{"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {"name": "set_n"}}}, {}])
+def test_tool_guides_name_tools_when_they_cannot_compile(fields: dict[str, Any]) -> None:
+    _, _, guide, _ = plan_tools(request([tool("set_n", SET_N, strict=not fields)], **fields), "hermes", True)
+    assert guide is not None and guide.param == "tools"
+
+
 def test_an_unenforced_tool_schema_is_not_audited() -> None:
     _, _, guide, _ = plan_tools(request([tool("bounded", BOUNDED)]), "hermes", True)  # auto, not strict
     assert guide is None

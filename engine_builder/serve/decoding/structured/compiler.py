@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -14,6 +15,7 @@ from engine_builder.serve.decoding.structured.schema_audit import audit_json_sch
 
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256
+_XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
 
 
 class GrammarCompiler:
@@ -63,7 +65,10 @@ class GrammarCompiler:
                 )
             if guide.kind == GuideKind.JSON_SCHEMA:
                 schema = json.loads(guide.spec)
-                audit_json_schema(schema)
+                if guide.param == "response_format":
+                    audit_json_schema(schema)
+                else:
+                    audit_json_schema(schema, guide.param)
                 return compiler.compile_json_schema(guide.spec, any_whitespace=guide.any_whitespace, strict_mode=True)
             if guide.kind == GuideKind.REGEX:
                 return compiler.compile_regex(guide.spec)
@@ -75,7 +80,8 @@ class GrammarCompiler:
             raise
         except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}") from None
+            message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
+            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", guide.param) from None
         raise GuideError(f"Unknown guide kind {guide.kind}")
 
     def matcher(

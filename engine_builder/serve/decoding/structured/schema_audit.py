@@ -6,6 +6,7 @@ unconstrained (or unsatisfiable) grammar would break "fail closed", so the reque
 names the keyword and where it sits in the schema.
 """
 
+import json
 from typing import Any
 
 from engine_builder.serve.decoding.structured.errors import GuideError
@@ -39,16 +40,41 @@ ENFORCED_FORMATS = frozenset(
 MAX_DEPTH = 64
 MAX_NODES = 20000
 
+# Keywords that only describe; anything else constrains.
+ANNOTATIONS = frozenset(
+    {
+        "title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+        "$schema", "$id", "$anchor", "discriminator", "nullable", "$defs", "definitions",
+    }
+)  # fmt: skip
+# xgrammar builds a node with one of these from that keyword alone: every other constraint beside it is dropped
+# (`{"$ref": ..., "enum": [...]}`, `{"anyOf": [...], "minimum": 3}`, `{"type": "integer", "enum": [1], "minimum": 3}`).
+EXCLUSIVE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+# Keywords xgrammar enforces only when the node states its type.
+NEEDS_TYPE = (
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern",
+    "format",
+)  # fmt: skip
+JSON_TYPES: dict[str, Any] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer(),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
 
 def audit_json_schema(schema: Any, param: str = "response_format.json_schema.schema") -> None:
     """Raise GuideError naming the first feature of `schema` we cannot enforce."""
     if not isinstance(schema, dict):
         raise GuideError("The JSON schema must be an object.", param)
     counter = [0]
-    _walk(schema, param, 0, counter)
+    _walk(schema, param, 0, counter, schema)
 
 
-def _walk(node: Any, path: str, depth: int, counter: list[int]) -> None:
+def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, Any]) -> None:
     counter[0] += 1
     if counter[0] > MAX_NODES:
         raise GuideError(f"The JSON schema is too large (more than {MAX_NODES} nodes).", path)
@@ -56,10 +82,11 @@ def _walk(node: Any, path: str, depth: int, counter: list[int]) -> None:
         raise GuideError(f"The JSON schema nests deeper than {MAX_DEPTH} levels.", path)
     if isinstance(node, list):
         for index, item in enumerate(node):
-            _walk(item, f"{path}[{index}]", depth + 1, counter)
+            _walk(item, f"{path}[{index}]", depth + 1, counter, root)
         return
     if not isinstance(node, dict):
         return
+    _check_node(node, path, root)
     for key, value in node.items():
         where = f"{path}.{key}"
         if key in UNENFORCED:
@@ -68,7 +95,7 @@ def _walk(node: Any, path: str, depth: int, counter: list[int]) -> None:
             raise GuideError("JSON schema keyword `uniqueItems: true` cannot be enforced by this server; remove it.", where)
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise GuideError("JSON schema `allOf` with more than one subschema cannot be enforced; merge the subschemas.", where)
-        if key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS and node.get("type") == "string":
+        if key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS and "string" in _types(node):
             raise GuideError(
                 f"JSON schema format `{value}` cannot be enforced; supported formats: {', '.join(sorted(ENFORCED_FORMATS))}.", where
             )
@@ -86,6 +113,158 @@ def _walk(node: Any, path: str, depth: int, counter: list[int]) -> None:
             raise GuideError(f"JSON schema `{key}` needs `additionalProperties` (or explicit properties) to be enforceable.", where)
         if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
             for name, child in value.items():
-                _walk(child, f"{where}.{name}", depth + 1, counter)
+                _walk(child, f"{where}.{name}", depth + 1, counter, root)
         elif isinstance(value, dict | list) and key not in ("enum", "const", "examples", "default", "required"):
-            _walk(value, where, depth + 1, counter)
+            _walk(value, where, depth + 1, counter, root)
+
+
+def _types(node: dict[str, Any]) -> set[str]:
+    declared = node.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    return {t for t in declared if isinstance(t, str)} if isinstance(declared, list) else set()
+
+
+def _check_node(node: dict[str, Any], path: str, root: dict[str, Any]) -> None:
+    """The rules about how a node's keywords combine (the per-keyword rules are in `_walk`)."""
+    exclusive = [key for key in EXCLUSIVE if key in node]
+    if exclusive:
+        first = exclusive[0]
+        allowed = ANNOTATIONS | {first} | ({"type"} if first in ("enum", "const") else set())
+        beside = [key for key in node if key not in allowed and not key.startswith("x-")]
+        if beside:
+            raise GuideError(
+                f"JSON schema `{beside[0]}` beside `{first}` cannot be enforced (the grammar follows `{first}` alone); "
+                f"move it into the referenced or listed subschemas, or remove it.",
+                f"{path}.{beside[0]}",
+            )
+        if first in ("enum", "const") and "type" in node:
+            _check_values_match_type(node, path)
+        if first == "oneOf" and isinstance(node["oneOf"], list):
+            _check_disjoint(node["oneOf"], f"{path}.oneOf", root)
+        return
+    if "type" not in node:
+        untyped = next((key for key in NEEDS_TYPE if key in node), None)
+        if untyped is None and ("minItems" in node or "maxItems" in node) and "items" not in node and "prefixItems" not in node:
+            untyped = "minItems" if "minItems" in node else "maxItems"
+        if untyped is not None:
+            raise GuideError(
+                f"JSON schema `{untyped}` without a `type` cannot be enforced; add the `type` it applies to.",
+                f"{path}.{untyped}",
+            )
+    required = node.get("required")
+    if isinstance(required, list):
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        missing = next((name for name in required if name not in properties), None)
+        if missing is not None:
+            raise GuideError(
+                f"JSON schema `required` names {missing!r}, which `properties` does not declare; the grammar can "
+                f"only produce declared properties. Add it to `properties`.",
+                f"{path}.required",
+            )
+
+
+def _check_values_match_type(node: dict[str, Any], path: str) -> None:
+    types = _types(node)
+    values = node["enum"] if "enum" in node else [node["const"]]
+    if not isinstance(values, list):
+        return
+    for value in values:
+        if not any(JSON_TYPES[t](value) for t in types if t in JSON_TYPES):
+            key = "enum" if "enum" in node else "const"
+            raise GuideError(
+                f"JSON schema `{key}` value {value!r} is not of the node's type {node['type']!r}; "
+                f"the grammar would produce it anyway. Remove the value or fix the type.",
+                f"{path}.{key}",
+            )
+
+
+def _resolve(node: Any, root: dict[str, Any]) -> Any:
+    """Follow local `$ref`s (a few hops) to the subschema they name; None where one does not resolve."""
+    for _ in range(8):
+        if not isinstance(node, dict) or "$ref" not in node:
+            return node
+        reference = node["$ref"]
+        if not isinstance(reference, str) or not (reference == "#" or reference.startswith("#/")):
+            return None
+        target: Any = root
+        for part in reference[2:].split("/") if reference != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                return None
+        node = target
+    return None
+
+
+def _admitted_types(node: dict[str, Any]) -> set[str] | None:
+    """The JSON types a branch can produce, where the branch says so (`type`, or an `enum`/`const`); None if any."""
+    types = _types(node)
+    if types:
+        return {"number", "integer"} if "number" in types else types  # an integer is also a number
+    values = node["enum"] if "enum" in node else [node["const"]] if "const" in node else None
+    if isinstance(values, list):
+        found = set()
+        for value in values:
+            found |= {t for t, test in JSON_TYPES.items() if test(value)}
+        return found
+    return None
+
+
+def _discriminator_values(node: dict[str, Any], name: str, root: dict[str, Any]) -> list[Any] | None:
+    """The values a required property `name` of an object branch may take, where it is a const or an enum."""
+    properties = node.get("properties")
+    if not isinstance(properties, dict) or name not in (node.get("required") or []):
+        return None
+    prop = _resolve(properties.get(name), root)
+    if not isinstance(prop, dict):
+        return None
+    if "const" in prop:
+        return [prop["const"]]
+    return prop["enum"] if isinstance(prop.get("enum"), list) else None
+
+
+def _check_disjoint(branches: list[Any], path: str, root: dict[str, Any]) -> None:
+    """xgrammar enforces `oneOf` as `anyOf`: a value matching two branches would pass although `oneOf` forbids it.
+    So `oneOf` is accepted where no value can match two branches: distinct types, distinct constants, or objects
+    told apart by a required property whose constant values differ (Pydantic's discriminated unions)."""
+    resolved = [_resolve(branch, root) for branch in branches]
+    if len(resolved) < 2:
+        return
+    if all(isinstance(branch, dict) for branch in resolved):
+        kinds = [_admitted_types(branch) for branch in resolved]
+        if all(kind is not None for kind in kinds) and _pairwise_disjoint([k for k in kinds if k is not None]):
+            return
+        constants = [
+            branch["enum"] if isinstance(branch.get("enum"), list) else [branch["const"]] if "const" in branch else None
+            for branch in resolved
+        ]
+        if all(values is not None for values in constants) and _pairwise_disjoint(
+            [{json.dumps(v, sort_keys=True) for v in values} for values in constants if values is not None]
+        ):
+            return
+        first_properties = resolved[0].get("properties")
+        for name in first_properties if isinstance(first_properties, dict) else {}:
+            values = [_discriminator_values(branch, name, root) for branch in resolved]
+            if all(v is not None for v in values) and _pairwise_disjoint(
+                [{json.dumps(x, sort_keys=True) for x in v} for v in values if v is not None]
+            ):
+                return
+    raise GuideError(
+        "JSON schema `oneOf` whose branches may overlap cannot be enforced (the grammar would accept a value that "
+        "matches two branches); use `anyOf`, or make the branches exclusive (different types, different `const` "
+        "values, or a required property with a different `const` in each branch).",
+        path,
+    )
+
+
+def _pairwise_disjoint(sets: list[set[Any]]) -> bool:
+    seen: set[Any] = set()
+    for each in sets:
+        if seen & each:
+            return False
+        seen |= each
+    return True

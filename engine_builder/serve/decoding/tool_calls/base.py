@@ -150,14 +150,66 @@ def held_back(text: str, markers: tuple[str, ...]) -> int:
     return longest
 
 
-def call_schema(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """The JSON schema of one `{"name": ..., "arguments": ...}` call object."""
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": arguments},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+def call_schema(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One JSON-schema document for a `{"name": ..., "arguments": ...}` call of any tool in `arguments` (name ->
+    parameters schema; `anyOf` over several tools).
+
+    Parameters with local `$ref`s move under the document's `$defs`, their references re-rooted there, so `#`
+    and `#/$defs/...` inside a tool's parameters (Pydantic's nested models, recursive trees) keep meaning that
+    tool's own schema, not the call wrapper around it. The others stay inline: xgrammar reads a referenced
+    `{"type": "object"}` as the empty object only, an inline one as any object."""
+    definitions: dict[str, Any] = {}
+    options = []
+    for index, (name, parameters) in enumerate(arguments.items()):
+        schema: dict[str, Any] = parameters
+        if _has_local_ref(parameters):
+            key = f"tool_{index}_arguments"
+            definitions[key] = _rerooted(parameters, f"#/$defs/{key}")
+            schema = {"$ref": f"#/$defs/{key}"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": schema},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    document = options[0] if len(options) == 1 else {"anyOf": options}
+    return {"$defs": definitions, **document} if definitions else document
+
+
+# Keywords whose values are data, not subschemas: a `$ref` key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})
+
+
+def _has_local_ref(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return any(_has_local_ref(item) for item in schema)
+    if not isinstance(schema, dict):
+        return False
+    return any(
+        isinstance(value, str) and value.startswith("#") if key == "$ref" else key not in _DATA_KEYWORDS and _has_local_ref(value)
+        for key, value in schema.items()
+    )
+
+
+def _rerooted(schema: Any, root: str) -> Any:
+    """`schema` with every local `$ref` (`#`, `#/...`) resolved against `root` instead of the document's top."""
+    if isinstance(schema, list):
+        return [_rerooted(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            moved[key] = root + value[1:]
+        elif key in _DATA_KEYWORDS:
+            moved[key] = value
+        elif key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            moved[key] = {name: _rerooted(child, root) for name, child in value.items()}
+        else:
+            moved[key] = _rerooted(value, root)
+    return moved
 
 
 def scan_json_value(text: str, start: int) -> tuple[int, bool]:

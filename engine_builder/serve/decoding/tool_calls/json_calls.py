@@ -195,8 +195,7 @@ class HermesParser(ToolParser):
     SPACES = {"type": "regex", "pattern": "[ \\n]{0,2}"}  # Qwen's template puts a newline inside each tag
 
     def marked_calls(self, arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any] | None:
-        options = [call_schema(name, schema) for name, schema in arguments.items()]
-        call = {"type": "json_schema", "json_schema": options[0] if len(options) == 1 else {"anyOf": options}}
+        call = {"type": "json_schema", "json_schema": call_schema(arguments)}
         tag = {"type": "tag", "begin": self.OPEN, "content": {"type": "sequence", "elements": [self.SPACES, call, self.SPACES]},
                "end": self.CLOSE}
         tags = {"type": "triggered_tags", "triggers": [self.OPEN], "tags": [tag], "stop_after_first": not parallel}

@@ -1,0 +1,162 @@
+"""The JSON-schema audit against xgrammar itself: each refused combination is one xgrammar 0.2.8 compiles into a
+grammar that accepts a value the schema forbids (shown here, so a fixed xgrammar makes the rule visible as
+obsolete); each accepted form compiles to a grammar that agrees with `jsonschema` on the values tried.
+
+Also the tool-call wrapper: tool parameters with local `$ref`s keep their meaning inside the call object."""
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import xgrammar
+from xgrammar.testing import _is_grammar_accept_string
+
+from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
+from engine_builder.serve.decoding.tool_calls import call_schema
+
+
+def accepts(schema: dict[str, Any], value: Any) -> bool:
+    """Whether xgrammar's grammar for `schema` (as the server compiles it) accepts `value` as serialized JSON."""
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    return bool(_is_grammar_accept_string(grammar, json.dumps(value)))
+
+
+def valid(schema: dict[str, Any], value: Any) -> bool:
+    validator = jsonschema.Draft202012Validator
+    return validator(schema, format_checker=validator.FORMAT_CHECKER).is_valid(value)
+
+
+OVERLAPPING = {"oneOf": [{"type": "integer"}, {"type": "number"}]}
+REFUSED = [
+    # (schema, the keyword the 400 names, a value the schema forbids that xgrammar's grammar accepts)
+    (OVERLAPPING, "oneOf", 5),
+    ({"$defs": {"c": {"type": "string"}}, "$ref": "#/$defs/c", "enum": ["red", "blue"]}, "enum", "green"),
+    ({"anyOf": [{"type": "integer"}], "minimum": 3}, "minimum", 1),
+    ({"type": "integer", "enum": [1, 5], "minimum": 3}, "minimum", 1),
+    ({"type": "string", "enum": ["a", 1]}, "enum", 1),
+    ({"type": "string", "const": 1}, "const", 1),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}},
+            "required": ["a", "z"],
+            "additionalProperties": True,
+        },
+        "required",
+        {"a": 1},
+    ),
+    ({"type": "object", "required": ["a"], "additionalProperties": True}, "required", {}),
+    ({"minimum": 5}, "minimum", 1),
+    ({"maxLength": 2}, "maxLength", "abc"),
+    ({"format": "ipv4"}, "format", "x"),
+    ({"minItems": 2}, "minItems", [1]),
+]
+
+
+@pytest.mark.parametrize(("schema", "keyword", "forbidden"), REFUSED)
+def test_a_combination_xgrammar_would_not_enforce_is_refused_by_name(
+    schema: dict, keyword: str, forbidden: Any
+) -> None:
+    assert not valid(schema, forbidden) and accepts(schema, forbidden)  # why the rule exists
+    with pytest.raises(GuideError) as refused:
+        audit_json_schema({"type": "object", "properties": {"field": schema}, "required": ["field"]})
+    assert keyword in str(refused.value)
+    assert refused.value.param.startswith("response_format.json_schema.schema.properties.field")
+
+
+def test_an_unsupported_format_is_refused_when_the_type_is_a_list() -> None:
+    with pytest.raises(GuideError) as refused:
+        audit_json_schema({"type": ["string", "null"], "format": "regex"})
+    assert refused.value.param.endswith(".format") and "regex" in str(refused.value)
+
+
+PET = {
+    "$defs": {
+        "Cat": {
+            "type": "object",
+            "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+            "required": ["kind", "lives"],
+        },
+        "Dog": {
+            "type": "object",
+            "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}},
+            "required": ["kind", "good"],
+        },
+    },
+    "type": "object",
+    "properties": {
+        "pet": {
+            "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+            "discriminator": {"propertyName": "kind"},
+        },
+        "nick": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Nick"},
+        "size": {"type": "string", "enum": ["s", "m"], "description": "Pydantic's Literal"},
+        "id": {"oneOf": [{"type": "integer"}, {"type": "string", "format": "uuid"}]},
+        "mode": {"oneOf": [{"const": "fast"}, {"enum": ["slow", "safe"]}]},
+    },
+    "required": ["pet", "nick", "size", "id", "mode"],
+    "additionalProperties": False,
+}
+PET_VALUES = [
+    {"pet": {"kind": "cat", "lives": 9}, "nick": None, "size": "s", "id": 3, "mode": "fast"},
+    {
+        "pet": {"kind": "dog", "good": True},
+        "nick": "Rex",
+        "size": "m",
+        "id": "123e4567-e89b-12d3-a456-426614174000",
+        "mode": "safe",
+    },
+    {"pet": {"kind": "dog", "lives": 9}, "nick": None, "size": "s", "id": 3, "mode": "fast"},
+    {"pet": {"kind": "cat", "lives": 9}, "nick": None, "size": "l", "id": 3, "mode": "fast"},
+    {"pet": {"kind": "cat", "lives": 9}, "nick": None, "size": "s", "id": 3.5, "mode": "fast"},
+    {"pet": {"kind": "cat", "lives": 9}, "nick": None, "size": "s", "id": 3, "mode": "quick"},
+]
+
+
+def test_exclusive_unions_and_annotations_pass_and_are_enforced() -> None:
+    # a discriminated union, Optional with a default, Literal, disjoint types, constants
+    audit_json_schema(PET)
+    for value in PET_VALUES:
+        assert accepts(PET, value) == valid(PET, value), value
+
+
+def tool_call(name: str, arguments: Any) -> dict[str, Any]:
+    return {"name": name, "arguments": arguments}
+
+
+ADD_PERSON = {
+    "$defs": {
+        "Address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    },
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/Address"}},
+    "required": ["name", "address"],
+}
+TREE = {
+    "type": "object",
+    "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["v", "kids"],
+}
+
+
+def test_tool_parameters_with_refs_keep_their_meaning_inside_the_call() -> None:
+    schema = call_schema({"add_person": ADD_PERSON, "tree": TREE, "note": {"type": "object"}})
+    audit_json_schema(schema, "tools")
+    assert accepts(schema, tool_call("add_person", {"name": "Ann", "address": {"city": "Oslo"}}))
+    assert not accepts(schema, tool_call("add_person", {"name": "Ann", "address": {"town": "Oslo"}}))
+    assert accepts(schema, tool_call("tree", {"v": 1, "kids": [{"v": 2, "kids": []}]}))
+    # `#` is the tool's parameters, not the {"name", "arguments"} wrapper
+    assert not accepts(schema, tool_call("tree", {"v": 1, "kids": [tool_call("tree", {"v": 2, "kids": []})]}))
+    # parameters without refs stay inline: any object
+    assert accepts(schema, tool_call("note", {"any": [1, "x"]}))
+
+
+def test_parameters_without_refs_stay_inline() -> None:
+    assert call_schema({"note": {"type": "object"}}) == {
+        "type": "object",
+        "properties": {"name": {"const": "note"}, "arguments": {"type": "object"}},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
