@@ -77,6 +77,12 @@ class EngineOptions(pydantic.BaseModel):
     max_queue_size: int = pydantic.Field(
         default=2048, ge=1, description="Requests waiting for admission before the server answers 429"
     )
+    drain_timeout_s: float = pydantic.Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM: seconds running requests get to finish; then each still running is ended with a "
+        "503 (a stream with an error event) and the process exits. Keep it below the platform's grace period",
+    )
     cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
         default="auto",
         description="CPU linear kernels for 16-bit models: fbgemm_fp16 (FBGEMM's packed fp16 GEMV for 1-2 rows, "

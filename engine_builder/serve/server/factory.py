@@ -34,6 +34,7 @@ def build_server(
         served_model_name=served_name,
         api_keys=api_keys,
         max_inflight=manifest.max_batch_size + options.max_queue_size,
+        drain_timeout_s=options.drain_timeout_s,
         max_batch_size=manifest.max_batch_size,
         request_default_max_tokens=spec.request_default_max_tokens,
         # the torch engine serves the adapters; the TensorRT-LLM client selects none (docs/gpu-backend.md)

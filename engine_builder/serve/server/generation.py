@@ -102,6 +102,7 @@ class Run:
         engine = self.state.generation()
         text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids)
         finished: list[GenerationDelta] = []
+        self.state.generating.add(self.request.request_id)
         try:
             async with aclosing(self._engine_deltas(self.prepared)) as engine_deltas:
                 async for engine_delta in engine_deltas:
@@ -124,10 +125,20 @@ class Run:
                         raise APIError(
                             delta.error or "The engine failed this request.", status=500, type="server_error"
                         )
+                    if delta.finish_reason == FinishReason.ABORT and self.state.drain_expired:
+                        raise APIError(
+                            f"The server is shutting down: its drain timeout "
+                            f"({self.state.settings.drain_timeout_s:.0f} s) ended this request before it finished; "
+                            "retry it.",
+                            status=503,
+                            type="server_error",
+                            code="draining",
+                        )
                     yield delta
                     if text.is_finished:
                         break  # leaving the engine's stream ends what a stop string left running
         finally:
+            self.state.generating.discard(self.request.request_id)
             self.state.release()
             self._record(finished)
 

@@ -4,6 +4,7 @@ The CLI (engine_builder/stages.py) resolves the engine directory and the options
 """
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -50,7 +51,8 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         host=args.host,
         port=args.port,
         log_level="info",
-        timeout_graceful_shutdown=int(state.settings.drain_timeout_s),
+        # past the drain timeout the state ends what still runs with 503s; the handlers get time to send them
+        timeout_graceful_shutdown=int(state.settings.drain_timeout_s) + ANSWER_GRACE_S,
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=None,
     )
@@ -80,6 +82,7 @@ def _port_refusal(host: str, port: int) -> str | None:
     return None
 
 
+ANSWER_GRACE_S = 5
 STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup
 
 # How long an idle keep-alive connection stays open. A pooled client (or a load balancer) that sends on a
@@ -95,6 +98,11 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any) -> None:
         super().__init__(config)
         self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.state.draining:
@@ -102,4 +110,12 @@ class DrainingServer(uvicorn.Server):
                 "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight
             )
             self.state.draining = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._arm_drain_deadline)
         super().handle_exit(sig, frame)
+
+    def _arm_drain_deadline(self) -> None:
+        assert self._loop is not None
+        self._loop.call_later(
+            self.state.settings.drain_timeout_s, lambda: self._loop.create_task(self.state.expire_drain())  # type: ignore[union-attr]
+        )

@@ -1,6 +1,7 @@
 """Everything a request handler needs, built once at startup."""
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from engine_builder.serve.backends.base import EngineClient, EngineLifecycle
@@ -18,6 +19,8 @@ GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/re
 ENCODER_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/v2/rerank"})
 GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
 ENCODER_ROUTES = "/v1/embeddings, /embed, /rerank (also /v1/rerank and /v2/rerank) and /predict"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +54,9 @@ class ServerState:
     metrics: ServerMetrics = field(init=False)
     ready: bool = False
     draining: bool = False
+    drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
     inflight: int = 0
+    generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
     startup_error: str | None = None
     engine_started: asyncio.Event = field(default_factory=asyncio.Event)
     _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
@@ -116,6 +121,20 @@ class ServerState:
 
     def release(self) -> None:
         self.inflight -= 1
+
+    async def expire_drain(self) -> None:
+        """The drain timeout passed with requests still running: end each in the engine, so its handler answers
+        a 503 (or a stream's error event) before the server stops, rather than being cut off."""
+        self.drain_expired = True
+        if not self.generating or not self.generates:
+            return
+        logger.warning(
+            "drain timeout (%.0f s) passed: ending %d unfinished requests with 503",
+            self.settings.drain_timeout_s,
+            len(self.generating),
+        )
+        for request_id in list(self.generating):
+            await self.generation().abort(request_id)
 
 
 def _not_served_by_an_encoder(what: str) -> APIError:

@@ -127,3 +127,40 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) ->
         assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         process.stop()
+
+
+def test_requests_outlasting_the_drain_timeout_end_with_503s(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Past --drain-timeout-s, a running request is answered, not cut: a 503 envelope, or a stream's error event
+    and [DONE]; then the process exits (uvicorn re-raises SIGTERM once it has stopped)."""
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=1024)
+    process = ServerProcess(config, tmp_path / "engine", ["--drain-timeout-s", "1"])
+    body = {"messages": [{"role": "user", "content": "story"}], "max_tokens": 900, "min_tokens": 900, "ignore_eos": True}
+    results: dict[str, object] = {}
+
+    def whole() -> None:
+        response = httpx.post(f"{process.base_url}/v1/chat/completions", json=body, timeout=120)
+        results["whole"] = (response.status_code, response.json())
+
+    def streamed() -> None:
+        with httpx.stream("POST", f"{process.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+            results["streamed"] = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    try:
+        process.wait_ready()
+        workers = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for worker in workers:
+            worker.start()
+        time.sleep(2.0)
+        started = time.monotonic()
+        os.killpg(process.process.pid, signal.SIGTERM)
+        for worker in workers:
+            worker.join(timeout=60)
+        assert time.monotonic() - started < 30
+        status, envelope = results["whole"]  # type: ignore[misc]
+        assert status == 503 and envelope["error"]["code"] == "draining", envelope
+        assert "drain timeout (1 s)" in envelope["error"]["message"]
+        events = results["streamed"]
+        assert events[-1] == "data: [DONE]" and '"draining"' in events[-2], events[-3:]
+        assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        process.stop()
