@@ -154,7 +154,8 @@ def _check_node(node: dict[str, Any], path: str, root: dict[str, Any]) -> None:
             )
     required = node.get("required")
     if isinstance(required, list):
-        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        declared = node.get("properties")
+        properties: dict[str, Any] = declared if isinstance(declared, dict) else {}
         missing = next((name for name in required if name not in properties), None)
         if missing is not None:
             raise GuideError(
