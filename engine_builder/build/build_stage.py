@@ -44,6 +44,7 @@ from engine_builder.common.artifact import (
     is_engine_dir,
     load_engine_dir,
     model_file_stats,
+    write_atomic,
 )
 from engine_builder.common.backend_choice import choose_backend
 
@@ -110,6 +111,17 @@ def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
     return existing
 
 
+def _record_options(engine: EngineDir, options: EngineOptions) -> EngineDir:
+    """A reused engine takes this build's serving options (they do not change the engine itself), so that
+    `serve ENGINE_DIR` starts from what the latest build was given."""
+    recorded = options.model_dump(mode="json")
+    if engine.manifest.runtime.options == recorded:
+        return engine
+    engine.manifest.runtime.options = recorded
+    write_atomic(engine.path / MANIFEST_FILE, engine.manifest.to_json())
+    return load_engine_dir(engine.path)
+
+
 def _build_engine_locked(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float
 ) -> BuildResult:
@@ -119,7 +131,7 @@ def _build_engine_locked(
     in_place = repository is not None and repository.source is CheckpointSource.LOCAL
     if existing is not None and not in_place:
         logger.info("engine at %s matches the config hash; reusing it", output)
-        return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
+        return BuildResult(_record_options(existing, options), reused=True, seconds=time.monotonic() - started)
     stack = loaded.trt_llm
     build = stack.build
     # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
@@ -149,7 +161,7 @@ def _build_engine_locked(
     if existing is not None:  # a LOCAL folder can change under the same config: its content decides
         if existing.manifest.source.revision == fetched.revision:
             logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
-            return BuildResult(existing, reused=True, seconds=time.monotonic() - started)
+            return BuildResult(_record_options(existing, options), reused=True, seconds=time.monotonic() - started)
         logger.info("rebuilding %s: the LOCAL checkpoint %s changed since it was built", output, fetched.path)
     if fetched.in_place and (output.resolve() == fetched.path or output.resolve() in fetched.path.parents):
         raise BuildError(
@@ -199,7 +211,7 @@ def _build_engine_locked(
             from engine_builder.build.lora_adapters import store_lora_adapters
 
             stored_adapters = store_lora_adapters(adapters, staging)
-        manifest = _manifest(loaded, info, fetched, backend, config_hash, quantization_summary)
+        manifest = _manifest(loaded, options, info, fetched, backend, config_hash, quantization_summary)
         manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve, stored_adapters)
         quantization_build = quantization_identity(loaded, options)
         if quantization_build:
@@ -234,13 +246,23 @@ def _public_config_yaml(loaded: LoadedConfig) -> str:
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 
 
+# Engine options whose effective value (config or flag) decides what the build writes: the backend picks the compile,
+# load_format dummy leaves the weights out, and dtype is recorded in the manifest as the engine's dtype. The other
+# options only steer serving (recorded for `serve ENGINE_DIR`, updated on reuse) or are covered by
+# `quantization_identity`.
+ENGINE_DECIDING_OPTIONS = ("backend", "dtype", "load_format")
+
+
 def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
-    """The config hash, extended with what else decides the engine: for a quantizing build the quantizer and the
-    accuracy gate in force (config fields, flags and environment overrides: a different gate is a different
-    engine), and the user model folder, so editing model.py triggers a rebuild."""
+    """The config hash, extended with what else decides the engine: the engine options in ENGINE_DECIDING_OPTIONS
+    as in force (config or flag), for a quantizing build the quantizer and the accuracy gate in force (config
+    fields, flags and environment overrides: a different gate is a different engine), and the user model folder,
+    so editing model.py triggers a rebuild."""
     import hashlib
 
     digest = hashlib.sha256(loaded.build_hash().encode())
+    deciding = {name: getattr(options, name) for name in ENGINE_DECIDING_OPTIONS}
+    digest.update(json.dumps(deciding, sort_keys=True).encode())
     quantization = quantization_identity(loaded, options)
     if quantization:  # the values decide the engine, not where they were set
         decisive = {key: value for key, value in quantization.items() if key != "gate_sources"}
@@ -368,6 +390,7 @@ def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
 
 def _manifest(
     loaded: LoadedConfig,
+    options: EngineOptions,
     info: RepositoryInfo,
     fetched: FetchedCheckpoint,
     backend: str,
@@ -397,7 +420,7 @@ def _manifest(
         base_model=build.base_model.value,
         architecture=info.architecture,
         model_type=info.model_type,
-        dtype=loaded.truss.engine_builder.dtype,
+        dtype=options.dtype,
         quantization=quantization["quantization"],
         kv_cache_dtype=quantization["kv_cache_dtype"],
         max_seq_len=int(min(max_seq_len, max_position)),

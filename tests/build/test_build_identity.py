@@ -1,5 +1,6 @@
 """The build hash covers the accuracy gate and the quantizer of a quantizing build: a different gate is a different
-engine; the gate does not touch an unquantized build's hash."""
+engine; the gate does not touch an unquantized build's hash. It covers the engine options that decide the engine
+(backend, dtype, load_format) as in force, flags included, and leaves serving-only options out."""
 
 from pathlib import Path
 
@@ -52,3 +53,44 @@ def test_the_gate_leaves_unquantized_builds_alone(tmp_path: Path) -> None:
     gated = _loaded(tmp_path, "no_quant", "  quantization_min_top1_agreement: 0.9\n")
     assert quantization_identity(plain, plain.truss.engine_builder) == {}
     assert build_identity(plain, plain.truss.engine_builder) == build_identity(gated, gated.truss.engine_builder)
+
+
+def _with(options: EngineOptions, **changes: object) -> EngineOptions:
+    return EngineOptions.model_validate({**options.model_dump(), **changes})
+
+
+def test_engine_options_that_decide_the_engine_are_part_of_the_build_hash(tmp_path: Path) -> None:
+    loaded = _loaded(tmp_path, "no_quant")
+    options = loaded.truss.engine_builder
+    base = build_identity(loaded, options)
+    for name, value in (("load_format", "dummy"), ("dtype", "float32"), ("backend", "trtllm")):
+        assert build_identity(loaded, _with(options, **{name: value})) != base, name  # a flag's value counts
+    assert build_identity(loaded, _with(options, kv_block_size=32, cuda_graphs=False)) == base  # serving only
+    # the value decides, not where it was set: the config's dtype equals the same --dtype flag
+    in_config = _loaded(tmp_path, "no_quant", "  dtype: float32\n")
+    assert build_identity(in_config, in_config.truss.engine_builder) == build_identity(
+        loaded, _with(options, dtype="float32")
+    )
+
+
+def test_a_build_flag_change_rebuilds_and_the_same_flags_reuse(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine_builder.build.build_stage import build_engine
+    from engine_builder.common.artifact import load_engine_dir
+    from tests.serve.server.harness import write_config
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    loaded = load_config(write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256))
+    options = loaded.truss.engine_builder
+    output = tmp_path / "engine"
+    dummy = build_engine(loaded, output, _with(options, load_format="dummy"))
+    assert not dummy.reused and dummy.engine_dir.manifest.extra["load_format"] == "dummy"
+    assert build_engine(loaded, output, _with(options, load_format="dummy")).reused
+    real = build_engine(loaded, output, options)  # the flag dropped: the real weights, not the dummy engine
+    assert not real.reused and "load_format" not in real.engine_dir.manifest.extra
+    wide = build_engine(loaded, output, _with(options, dtype="float32"))
+    assert not wide.reused and wide.engine_dir.manifest.dtype == "float32"
+    # a serving option reuses the engine and is recorded for `serve ENGINE_DIR`
+    reused = build_engine(loaded, output, _with(options, dtype="float32", kv_block_size=32))
+    assert reused.reused and load_engine_dir(output).manifest.runtime.options["kv_block_size"] == 32

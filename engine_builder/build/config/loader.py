@@ -63,16 +63,9 @@ class LoadedConfig:
         return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=False)
 
     def build_hash(self) -> str:
-        """Identity of what a build produces: the resolved trt_llm section plus the build-relevant engine options."""
-        resolved = self.resolved()
-        engine = resolved.get("engine_builder", {})
-        relevant = {
-            "trt_llm": resolved["trt_llm"],
-            "backend": engine.get("backend"),
-            "dtype": engine.get("dtype"),
-            "load_format": engine.get("load_format"),
-        }
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+        """Identity of the resolved trt_llm section. The engine options that decide the engine are added by the
+        build stage from their effective values, flags included (engine_builder/build/build_stage.py)."""
+        return hashlib.sha256(json.dumps(self.resolved()["trt_llm"], sort_keys=True).encode()).hexdigest()
 
 
 def load_config(path: str | Path) -> LoadedConfig:
