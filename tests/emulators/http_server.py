@@ -1,10 +1,12 @@
 """A threaded HTTP server on 127.0.0.1 for the URL-based sources: files with byte ranges and ETags, JSON
 routes (the Baseten training API, a Hugging Face hub API), a log of every request, and injected faults
-(a body cut off after N bytes, a server that ignores Range, a fixed error status)."""
+(a body cut off after N bytes, a slow body, a server that ignores Range or sends no ETag, a fixed error
+status)."""
 
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,8 +33,11 @@ class FileRoute:
     status: int | None = None  # answer this error status instead of the file
     required_headers: dict[str, str] = field(default_factory=dict)  # else 401
     extra_headers: dict[str, str] = field(default_factory=dict)
+    chunk_delay_s: float = 0.0  # a slow server: the body goes out in 64 KiB chunks this far apart
+    validators: bool = True  # False: no ETag, as from a server that sends no validator at all
 
 
+_SLOW_CHUNK_BYTES = 64 * 1024
 JsonHandler = Callable[[Recorded], tuple[int, Any, dict[str, str]]]
 
 
@@ -146,7 +151,8 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
                 body = data
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", route.etag)
+            if route.validators:
+                self.send_header("ETag", route.etag)
             self.send_header("Accept-Ranges", "bytes")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
@@ -162,6 +168,15 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self.wfile.write(body)
+            if not route.chunk_delay_s:
+                self.wfile.write(body)
+                return
+            for offset in range(0, len(body), _SLOW_CHUNK_BYTES):
+                try:
+                    self.wfile.write(body[offset : offset + _SLOW_CHUNK_BYTES])
+                    self.wfile.flush()
+                except OSError:  # the client went away
+                    return
+                time.sleep(route.chunk_delay_s)
 
     return Handler

@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ class DownloadSettings:
 
 
 class _Cancelled(Exception):
-    """Another file failed for good; stop this transfer at the next chunk."""
+    """Another file failed for good, or the user interrupted the fetch; stop this transfer at the next chunk."""
 
 
 class _PartialFile:
@@ -147,7 +146,15 @@ class Downloader:
         workers = min(self.settings.workers, len(files))
         with bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download") as pool:
             futures = {pool.submit(self._fetch_with_retries, file, advance): file for file in files}
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                # Ctrl-C lands in this thread: the workers stop at their next chunk (their partial files are kept
+                # for the rerun to resume) before the pool's exit joins them.
+                self._cancelled.set()
+                for future in futures:
+                    future.cancel()
+                raise
             failed = next((future for future in done if future.exception() is not None), None)
             if failed is not None:
                 self._cancelled.set()
@@ -162,9 +169,11 @@ class Downloader:
     def _fetch_with_retries(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
         for attempt in range(1, self.settings.attempts + 1):
             try:
+                if self._cancelled.is_set():
+                    raise _Cancelled()
                 return self._fetch_once(file, advance)
             except _Cancelled:
-                raise CheckpointDownloadError(f"{file.path}: cancelled after another file failed") from None
+                raise CheckpointDownloadError(f"{file.path}: cancelled (another file failed, or interrupted)") from None
             except PERMANENT_ERRORS:
                 raise
             except Exception as error:  # network, protocol and SDK errors are all worth another try
@@ -179,7 +188,7 @@ class Downloader:
                 logger.warning(
                     "downloading %s failed (%s); retry %d in %.1fs", file.path, message, attempt, delay
                 )
-                time.sleep(delay)
+                self._cancelled.wait(delay)  # a cancel cuts the backoff short; the next attempt then stops
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _fetch_once(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:

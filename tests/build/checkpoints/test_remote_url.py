@@ -144,3 +144,32 @@ def test_server_errors_are_retried_then_reported(http: LocalHttpServer, cache_di
     with pytest.raises(CheckpointDownloadError, match="HTTP 503"):
         fetch_checkpoint(repository(http, "/flaky.tar.gz"), cache_dir=cache_dir, progress=False)
     assert len(http.requests_for("/flaky.tar.gz")) == 3  # ENGINE_BUILDER_DOWNLOAD_ATTEMPTS in the tests
+
+
+def test_ctrl_c_stops_the_download_promptly_and_keeps_the_partial_file(
+    http: LocalHttpServer, cache_dir: Path
+) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    weights = os.urandom(4 << 20)  # incompressible: 64 slow chunks, about 6 s to send
+    http.add_file("/slow.tar.gz", tar_gz([(member("model.safetensors"), weights)]), chunk_delay_s=0.1)
+    ctrl_c = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    started = time.monotonic()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fetch_checkpoint(repository(http, "/slow.tar.gz"), cache_dir=cache_dir, progress=False)
+    finally:
+        ctrl_c.cancel()
+    assert time.monotonic() - started < 3.0  # not the whole transfer
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("checkpoint-download")]
+    (partial,) = (cache_dir / "checkpoints" / "partial").glob("*.part")
+    kept = partial.stat().st_size
+    assert 0 < kept < len(weights)  # kept for the rerun to resume
+    assert snapshot_dirs(cache_dir) == []
+    http.files["/slow.tar.gz"].chunk_delay_s = 0
+    fetch_checkpoint(repository(http, "/slow.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert http.requests_for("/slow.tar.gz")[-1].headers.get("Range") == f"bytes={kept}-"
