@@ -140,6 +140,11 @@ class CheckpointCache:
         write_atomic(self.root / "known" / file_key, sha256)
         return blob
 
+    def forget_blob(self, file_key: str, sha256: str) -> None:
+        """Remove a finished blob and the known/ entry that points at it (an archive unpacked or refused)."""
+        self.blob_path(sha256).unlink(missing_ok=True)
+        (self.root / "known" / file_key).unlink(missing_ok=True)
+
     def hash_local_file(self, path: Path) -> str:
         """sha256 of a LOCAL file, remembered by (path, size, mtime) so rebuilds do not re-read the weights."""
         info = path.stat()

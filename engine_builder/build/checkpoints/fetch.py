@@ -16,6 +16,7 @@ from engine_builder.build.checkpoints.errors import (
     CheckpointDownloadError,
     CheckpointError,
     CheckpointLayoutError,
+    UnsafeArchiveError,
 )
 from engine_builder.build.checkpoints.http_range import safe_url
 from engine_builder.build.checkpoints.layout import check_repository_layout
@@ -142,6 +143,7 @@ class _Fetch:
         logger.info("%s: fetching %d files (%.1f MB)", self.source.describe(), len(files), total / 1e6)
         downloader = Downloader(self.source, self.cache, self.location, self.settings, progress=self.progress)
         staging = self.cache.new_staging(key)
+        blobs: dict[str, tuple[Path, str]] = {}
         try:
             is_weight_file = self.source.selection.is_weight_file
             small = [file for file in files if not is_weight_file(file.path)]
@@ -168,17 +170,28 @@ class _Fetch:
                 )
             revision = listing.revision or content_revision(files_sha)
             snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
+        except (CheckpointLayoutError, UnsafeArchiveError):
+            shutil.rmtree(staging, ignore_errors=True)
+            if not self.source.lists_checkpoint_files:
+                # A complete archive whose content was refused: kept, it would only be refused again.
+                self._forget_blobs(files, blobs)
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         if not self.source.lists_checkpoint_files:
             # The unpacked files are the cache; the archive is not needed again.
-            for blob, _ in blobs.values():
-                blob.unlink(missing_ok=True)
+            self._forget_blobs(files, blobs)
         logger.info(
             "%s: fetched in %.1fs into %s", self.source.describe(), time.monotonic() - started, snapshot.path
         )
         return snapshot
+
+    def _forget_blobs(self, files: list[RemoteFile], blobs: dict[str, tuple[Path, str]]) -> None:
+        for file in files:
+            if file.path in blobs:
+                file_key = self.cache.file_key(self.source.name, self.location, file)
+                self.cache.forget_blob(file_key, blobs[file.path][1])
 
     def _use_local(
         self, path: Path, base_model: BaseModelKind | None, allow_prequantized: bool

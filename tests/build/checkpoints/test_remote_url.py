@@ -117,6 +117,28 @@ def test_malicious_archive_is_refused(
         fetch_checkpoint(repository(http, "/evil.tar.gz"), cache_dir=cache_dir, progress=False)
     assert snapshot_dirs(cache_dir) == []
     assert not (cache_dir / "evil.json").exists() and not Path("/tmp/evil.json").exists()
+    assert_archive_forgotten(cache_dir)
+
+
+def assert_archive_forgotten(cache_dir: Path) -> None:
+    """A complete archive that was refused leaves no blob and no known/ entry: the rerun downloads it again."""
+    for folder in ("blobs", "known", "partial"):
+        assert list((cache_dir / "checkpoints" / folder).iterdir()) == [], folder
+
+
+def test_refused_archive_content_is_not_kept(http: LocalHttpServer, tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_checkpoint(tmp_path / "m")
+    http.add_file("/garbage.tar.gz", b"not an archive at all" * 50)
+    with pytest.raises(CheckpointLayoutError, match="not a readable tar archive"):
+        fetch_checkpoint(repository(http, "/garbage.tar.gz"), cache_dir=cache_dir, progress=False)
+    assert_archive_forgotten(cache_dir)
+    two_tops = [(member(f"{top}/{p.name}"), p.read_bytes()) for top in ("a", "b") for p in sorted(folder.iterdir())]
+    http.add_file("/two.tar.gz", tar_gz(two_tops))
+    with pytest.raises(CheckpointLayoutError):
+        fetch_checkpoint(repository(http, "/two.tar.gz"), cache_dir=cache_dir, progress=False,
+                         base_model=BaseModelKind.DECODER)  # fmt: skip
+    assert_archive_forgotten(cache_dir)
+    assert snapshot_dirs(cache_dir) == []
 
 
 def test_oversized_archive_is_refused_before_download(
