@@ -230,6 +230,7 @@ def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> 
     tensors = lora_tensors(8, ("k_proj", "up_proj"), seed=4)
     folder = write_adapter(tmp_path / "archive", tensors, rank=8, modules=("k_proj", "up_proj"), pickled=True)
     (folder / "README.md").write_text("a model card the build does not keep")
+    (folder / "config.json").write_text("{}")  # the root file a model fetch looks for; no adapter file
     server = LocalHttpServer()
     try:
         server.add_file("/adapter.tar.gz", tar_folder(folder))
@@ -239,7 +240,7 @@ def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> 
         # fetch must not reuse that snapshot.
         cache_dir = default_cache_dir() / "checkpoints"  # where the build looks
         as_model = fetch_checkpoint(CheckpointRepository(**repository), cache_dir=cache_dir, progress=False)
-        assert sorted(as_model.files) == ["adapter_config.json"]
+        assert sorted(as_model.files) == ["adapter_config.json", "config.json"]
         config = lora_config(tmp_path, smollm2_dir, {"archived": repository})
         engine = build(config, tmp_path / "engine").engine_dir
     finally:

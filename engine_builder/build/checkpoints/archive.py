@@ -36,12 +36,19 @@ class ArchiveLimits:
 
 
 def extract_checkpoint_archive(
-    archive: Path, destination: Path, *, keep: Callable[[str], bool], limits: ArchiveLimits, what: str
+    archive: Path,
+    destination: Path,
+    *,
+    keep: Callable[[str], bool],
+    limits: ArchiveLimits,
+    what: str,
+    root_file: str | None = None,
 ) -> dict[str, str]:
     """Unpack the members `keep` selects into the empty folder `destination`; returns relative path -> sha256.
 
-    A single top-level folder around the files (`tar czf model.tar.gz model/`) is stripped. On any failure
-    `destination` is emptied again."""
+    A single top-level folder around the files (`tar czf model.tar.gz model/`) is stripped. With `root_file`, an
+    archive without it at its root (after that stripping) is refused, naming what its top level holds. On any
+    failure `destination` is emptied again."""
     raw = destination / f".unpacking-{secrets.token_hex(4)}"
     raw.mkdir()
     try:
@@ -68,6 +75,12 @@ def extract_checkpoint_archive(
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(raw / name, final)
                 hashes[relative] = sha256
+        if root_file is not None and root_file not in hashes:
+            raise CheckpointLayoutError(
+                f"{what}: {root_file} is not at the root of the archive, nor in a single top-level folder "
+                f"(the archive holds at its top: {_top_level(names)}); publish a .tar.gz of the folder that "
+                f"holds {root_file}"
+            )
         return hashes
     except BaseException:
         for child in destination.iterdir():
@@ -176,6 +189,14 @@ def _common_root(names: list[str]) -> str:
     if len(tops) == 1 and all("/" in name for name in names):
         return f"{tops.pop()}/"
     return ""
+
+
+def _top_level(names: list[str], shown: int = 8) -> str:
+    tops = sorted({name.split("/", 1)[0] + ("/" if "/" in name else "") for name in names})
+    if not tops:
+        return "no files"
+    more = f" and {len(tops) - shown} more" if len(tops) > shown else ""
+    return ", ".join(tops[:shown]) + more
 
 
 def _strip_root(name: str, root: str) -> str:

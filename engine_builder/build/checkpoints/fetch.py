@@ -108,7 +108,7 @@ class _Fetch:
                 if base_model is not None:  # the snapshot may have been fetched without the checks
                     check_repository_layout(
                         snapshot.path, base_model, allow_prequantized=allow_prequantized,
-                        require_weights=self.require_weights,
+                        require_weights=self.require_weights, where=self.source.describe(),
                     )
             else:
                 snapshot = self._download(key, listing, files, base_model, allow_prequantized)
@@ -154,7 +154,7 @@ class _Fetch:
                 present = {file.path for file in files}
                 check_repository_layout(
                     staging, base_model, allow_prequantized=allow_prequantized, present_files=present,
-                    require_weights=self.require_weights,
+                    require_weights=self.require_weights, where=self.source.describe(),
                 )
                 heavy_blobs = downloader.fetch(heavy, "weights")
                 self.source.materialize(_paths(heavy_blobs), staging)
@@ -166,7 +166,8 @@ class _Fetch:
             files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
             if base_model is not None:
                 check_repository_layout(
-                    staging, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+                    staging, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights,
+                    where=self.source.describe(),
                 )
             revision = listing.revision or content_revision(files_sha)
             snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
@@ -199,7 +200,8 @@ class _Fetch:
         files = self._needed(self.source.list_files())
         if base_model is not None:
             check_repository_layout(
-                path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights
+                path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights,
+                where=f"{self.source.describe()} ({path})",
             )
         hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
         return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes), in_place=True)

@@ -58,13 +58,31 @@ def check_repository_layout(
     require_chat_template: bool = True,
     present_files: Collection[str] | None = None,
     require_weights: bool = True,
+    where: str | None = None,
 ) -> RepositoryInfo:
     """Check `path` for `base_model`. `present_files` lists weights not yet downloaded: their existence is
     taken from it and their headers are not read (the pre-download check). Without `require_weights`
-    (dummy weights) a folder with no weights passes; weights that are there are still checked."""
+    (dummy weights) a folder with no weights passes; weights that are there are still checked. Every refusal
+    starts with `where` (the source, where `path` is a temporary folder), else the folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointLayoutError(f"checkpoint folder {folder} does not exist or is not a folder")
+    try:
+        return _check_layout(
+            folder, base_model, allow_prequantized, require_chat_template, present_files, require_weights
+        )
+    except CheckpointLayoutError as error:
+        raise CheckpointLayoutError(f"{where or folder}: {error}") from None
+
+
+def _check_layout(
+    folder: Path,
+    base_model: BaseModelKind,
+    allow_prequantized: bool,
+    require_chat_template: bool,
+    present_files: Collection[str] | None,
+    require_weights: bool,
+) -> RepositoryInfo:
     config = _read_json_object(folder, CONFIG_FILE, fix="every checkpoint needs the Hugging Face config.json")
     architecture, model_type = _check_architecture(config, folder, base_model)
     torch_dtype = _check_dtype(config)
@@ -74,7 +92,7 @@ def check_repository_layout(
     has_chat_template = _has_chat_template(folder)
     if not base_model.is_encoder and require_chat_template and not has_chat_template:
         raise CheckpointLayoutError(
-            f"{folder}: no chat template: add `chat_template` to {TOKENIZER_CONFIG} or a chat_template.jinja "
+            f"no chat template: add `chat_template` to {TOKENIZER_CONFIG} or a chat_template.jinja "
             "file; /v1/chat/completions renders prompts with it"
         )
     id2label = _check_labels(config) if architecture.endswith(CLASSIFIER_SUFFIXES) else None
@@ -82,7 +100,7 @@ def check_repository_layout(
     pooling_mode = _check_sentence_transformers(folder) if is_sentence_transformers else None
     if base_model.is_encoder and id2label is None and not is_sentence_transformers:
         raise CheckpointLayoutError(
-            f"{folder}: {MODULES_FILE} is missing: embedding models need the sentence-transformers files "
+            f"{MODULES_FILE} is missing: embedding models need the sentence-transformers files "
             f"{MODULES_FILE} and 1_Pooling/config.json (classifiers need `id2label` and a "
             "*ForSequenceClassification architecture instead)"
         )
@@ -105,17 +123,17 @@ def check_repository_layout(
 def _read_json(folder: Path, name: str, *, fix: str) -> Any:
     file = folder / name
     if not file.is_file():
-        raise CheckpointLayoutError(f"{name} is missing from {folder}: {fix}")
+        raise CheckpointLayoutError(f"{name} is missing: {fix}")
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointLayoutError(f"{name} in {folder} is not valid JSON ({error}): {fix}") from None
+        raise CheckpointLayoutError(f"{name} is not valid JSON ({error}): {fix}") from None
 
 
 def _read_json_object(folder: Path, name: str, *, fix: str) -> dict[str, Any]:
     data = _read_json(folder, name, fix=fix)
     if not isinstance(data, dict):
-        raise CheckpointLayoutError(f"{name} in {folder} is not a JSON object: {fix}")
+        raise CheckpointLayoutError(f"{name} is not a JSON object: {fix}")
     return data
 
 
@@ -237,7 +255,7 @@ def _check_weights(folder: Path, present_files: Collection[str] | None) -> tuple
         )
         found = f" (found only {', '.join(others)})" if others else ""
         raise CheckpointLayoutError(
-            f"no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX} in {folder}{found}: the weights must be safetensors; "
+            f"no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}{found}: the weights must be safetensors; "
             "convert them with transformers' save_pretrained(safe_serialization=True)"
         )
     if present_files is None:

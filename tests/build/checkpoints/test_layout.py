@@ -46,7 +46,7 @@ def test_classifier_labels(tmp_path: Path) -> None:
     ("mutate", "expected"),
     [
         (lambda m: (m / "config.json").unlink(), "config.json is missing"),
-        (lambda m: (m / "config.json").write_text("{not json"), "config.json in"),
+        (lambda m: (m / "config.json").write_text("{not json"), "config.json is not valid JSON"),
         (lambda m: edit_json(m / "config.json", architectures=None), "`architectures`"),
         (lambda m: edit_json(m / "config.json", torch_dtype="int8"), "torch_dtype 'int8'"),
         (lambda m: edit_json(m / "config.json", max_position_embeddings="long"), "max_position_embeddings"),

@@ -98,3 +98,19 @@ def test_local_layout_failure(tmp_path: Path, cache_dir: Path) -> None:
         CheckpointLayoutError, match=r"no safetensors weights \(found only pytorch_model.bin\)"
     ):
         fetch_checkpoint(repository, cache_dir=cache_dir, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [(lambda data: data[:-10], "model.safetensors is truncated or padded"),
+     (lambda data: b"\xff" * 8 + data[8:], "model.safetensors is not a safetensors file")],
+    ids=["truncated", "bad-header"],
+)  # fmt: skip
+def test_local_layout_refusals_name_the_source(tmp_path: Path, cache_dir: Path, damage, expected: str) -> None:  # type: ignore[no-untyped-def]
+    folder = make_checkpoint(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    repository = CheckpointRepository(source="LOCAL", repo="m")
+    with pytest.raises(CheckpointLayoutError, match=rf"^LOCAL m \({folder}\): {expected}"):
+        fetch_checkpoint(repository, cache_dir=cache_dir, base_dir=tmp_path, progress=False,
+                         base_model=BaseModelKind.DECODER)  # fmt: skip

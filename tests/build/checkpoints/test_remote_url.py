@@ -134,11 +134,25 @@ def test_refused_archive_content_is_not_kept(http: LocalHttpServer, tmp_path: Pa
     assert_archive_forgotten(cache_dir)
     two_tops = [(member(f"{top}/{p.name}"), p.read_bytes()) for top in ("a", "b") for p in sorted(folder.iterdir())]
     http.add_file("/two.tar.gz", tar_gz(two_tops))
-    with pytest.raises(CheckpointLayoutError):
+    with pytest.raises(CheckpointLayoutError, match=r"^REMOTE_URL http://127\.0\.0\.1:\d+/two\.tar\.gz: config\.json is "
+                       r"not at the root .*\(the archive holds at its top: a/, b/\)"):  # fmt: skip
         fetch_checkpoint(repository(http, "/two.tar.gz"), cache_dir=cache_dir, progress=False,
                          base_model=BaseModelKind.DECODER)  # fmt: skip
     assert_archive_forgotten(cache_dir)
     assert snapshot_dirs(cache_dir) == []
+
+
+def test_layout_refusals_name_the_url_not_the_staging_folder(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path
+) -> None:
+    folder = make_checkpoint(tmp_path / "m")
+    (folder / "tokenizer.json").unlink()
+    http.add_file("/m.tar.gz", tar_folder(folder, top="m"))
+    with pytest.raises(CheckpointLayoutError) as raised:
+        fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False,
+                         base_model=BaseModelKind.DECODER)  # fmt: skip
+    assert str(raised.value).startswith(f"REMOTE_URL {http.url}/m.tar.gz: tokenizer.json is missing")
+    assert ".staging" not in str(raised.value) and "presigned-secret" not in str(raised.value)
 
 
 def test_oversized_archive_is_refused_before_download(
@@ -177,7 +191,8 @@ def test_ctrl_c_stops_the_download_promptly_and_keeps_the_partial_file(
     import time
 
     weights = os.urandom(4 << 20)  # incompressible: 64 slow chunks, about 6 s to send
-    http.add_file("/slow.tar.gz", tar_gz([(member("model.safetensors"), weights)]), chunk_delay_s=0.1)
+    archive = tar_gz([(member("config.json"), b"{}"), (member("model.safetensors"), weights)])
+    http.add_file("/slow.tar.gz", archive, chunk_delay_s=0.1)
     ctrl_c = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     started = time.monotonic()
     ctrl_c.start()

@@ -59,7 +59,8 @@ class RemoteUrlSource(CheckpointSourceBase):
 
     def materialize(self, blobs: Mapping[str, Path], staging: Path) -> dict[str, str]:
         return extract_checkpoint_archive(
-            blobs[ARCHIVE_NAME], staging, keep=self.selection.is_needed, limits=self.limits, what=self.describe()
+            blobs[ARCHIVE_NAME], staging, keep=self.selection.is_needed, limits=self.limits, what=self.describe(),
+            root_file=self.selection.root_file,
         )
 
 
