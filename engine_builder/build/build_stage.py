@@ -151,7 +151,7 @@ def _build_engine_locked(
     prequantized_ok = backend == "trtllm" and stack.inference_stack.value == "v2"
     fetched = fetch_checkpoint(
         build.checkpoint_repository,
-        cache_dir=default_cache_dir() / "checkpoints",
+        cache_dir=default_cache_dir(),
         secrets=Secrets.from_env(),
         base_dir=loaded.base_dir,
         base_model=build.base_model,
@@ -181,7 +181,7 @@ def _build_engine_locked(
         from engine_builder.build.lora_adapters import fetch_lora_adapters
 
         adapters = fetch_lora_adapters(
-            loaded, fetched.path, cache_dir=default_cache_dir() / "checkpoints", secrets=Secrets.from_env()
+            loaded, fetched.path, cache_dir=default_cache_dir(), secrets=Secrets.from_env()
         )
     if isinstance(stack, TrtLlmConfigV1):
         stack.apply_architecture(info.architecture)

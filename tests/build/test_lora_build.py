@@ -238,7 +238,7 @@ def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> 
         repository = {"source": "REMOTE_URL", "repo": url}
         # The same URL fetched as a model first: a model's selection drops adapter_model.bin, and the adapter
         # fetch must not reuse that snapshot.
-        cache_dir = default_cache_dir() / "checkpoints"  # where the build looks
+        cache_dir = default_cache_dir()  # where the build looks
         as_model = fetch_checkpoint(CheckpointRepository(**repository), cache_dir=cache_dir, progress=False)
         assert sorted(as_model.files) == ["adapter_config.json", "config.json"]
         config = lora_config(tmp_path, smollm2_dir, {"archived": repository})

@@ -99,6 +99,8 @@ def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
     first = build_engine(loaded, output, loaded.truss.engine_builder)
     assert not first.reused and changed_model_files(first.engine_dir) == []
     assert build_engine(loaded, output, loaded.truss.engine_builder).reused
+    cache = tmp_path / "cache" / "checkpoints"  # one level, as CheckpointCache documents it
+    assert (cache / "local-hashes.json").is_file() and not (cache / "checkpoints").exists()
     # the checkpoint is retrained in place: the engine's hard-linked file changes with it
     time.sleep(0.01)
     with open(checkpoint / "tokenizer_config.json", "a") as handle:
