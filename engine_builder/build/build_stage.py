@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from engine_builder.build.checkpoints import FetchedCheckpoint, RepositoryInfo, Secrets, fetch_checkpoint
+from engine_builder.build.checkpoints import (
+    CheckpointError,
+    FetchedCheckpoint,
+    RepositoryInfo,
+    Secrets,
+    fetch_checkpoint,
+    source_class,
+)
 from engine_builder.build.config import (
     BaseModelKind,
     CheckpointRepository,
@@ -73,8 +80,8 @@ def build_engine(
 
 def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> None:
     """Refuse an output the build would destroy (a build replaces the output folder whole): the working folder,
-    the config's folder, the home folder or any folder above them, a file, and, unless `force`, a folder with
-    files in it that is not an engine."""
+    the config's folder, the home folder or any folder above them, the LOCAL checkpoint, a folder above or inside
+    it, a file, and, unless `force`, a folder with files in it that is not an engine."""
     target = output.resolve()
     for kept, what in ((Path.cwd(), "the working folder"), (loaded.base_dir, "the config's folder"),
                        (Path.home(), "the home folder")):
@@ -84,6 +91,9 @@ def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> Non
                 f"refusing to build into {output}: the build replaces that folder whole and it holds {what} "
                 f"({kept}); choose a new or empty folder, or an existing engine folder"
             )
+    checkpoint = _local_checkpoint(loaded)
+    if checkpoint is not None:
+        _check_output_outside(output, checkpoint)
     if target.exists() and not target.is_dir():
         raise BuildError(f"refusing to build into {output}: it is a file, not a folder")
     if not force and target.is_dir() and not is_engine_dir(target) and any(target.iterdir()):
@@ -91,6 +101,34 @@ def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> Non
             f"refusing to build into {output}: it is a folder with files in it and no {MANIFEST_FILE} (not an "
             "engine), which the build would replace whole; choose a new or empty folder, or pass --force to "
             "replace it"
+        )
+
+
+def _local_checkpoint(loaded: LoadedConfig) -> Path | None:
+    """The LOCAL checkpoint folder the build reads in place; None for other sources (and for a missing folder,
+    which the fetch reports)."""
+    repository = loaded.trt_llm.build.checkpoint_repository
+    if repository is None or repository.source is not CheckpointSource.LOCAL:
+        return None
+    try:
+        return source_class(repository.source)(repository, Secrets(), loaded.base_dir).local_path()
+    except CheckpointError:
+        return None
+
+
+def _check_output_outside(output: Path, checkpoint: Path) -> None:
+    """Refuse an output on, above or inside the LOCAL checkpoint folder the build reads in place."""
+    target = output.resolve()
+    if target == checkpoint or target in checkpoint.parents:
+        raise BuildError(
+            f"refusing to build into {output}: the build replaces that folder whole and it holds the LOCAL "
+            f"checkpoint ({checkpoint}); choose another output folder"
+        )
+    if checkpoint in target.parents:
+        raise BuildError(
+            f"refusing to build into {output}: it is inside the LOCAL checkpoint ({checkpoint}), whose every file "
+            "counts as checkpoint content (the engine's own files would change it, so every build would rebuild); "
+            "choose an output folder outside it"
         )
 
 
@@ -163,11 +201,6 @@ def _build_engine_locked(
             logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
             return BuildResult(_record_options(existing, options), reused=True, seconds=time.monotonic() - started)
         logger.info("rebuilding %s: the LOCAL checkpoint %s changed since it was built", output, fetched.path)
-    if fetched.in_place and (output.resolve() == fetched.path or output.resolve() in fetched.path.parents):
-        raise BuildError(
-            f"refusing to build into {output}: the build replaces that folder whole and it holds the LOCAL "
-            f"checkpoint ({fetched.path}); choose another output folder"
-        )
     from engine_builder.build.checkpoints import check_repository_layout
 
     info = check_repository_layout(

@@ -78,13 +78,16 @@ def test_refuses_outputs_it_would_destroy(tmp_path: Path, smollm2_dir: Path) -> 
     assert load_engine_dir(notes).manifest.architecture and not (notes / "keep.txt").exists()
 
 
-def test_refuses_to_build_over_its_local_checkpoint(tmp_path: Path, smollm2_dir: Path) -> None:
+def test_refuses_to_build_over_or_inside_its_local_checkpoint(tmp_path: Path, smollm2_dir: Path) -> None:
     checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "models" / "checkpoint")
     config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
     loaded = load_config(config)
     for output in (checkpoint, tmp_path / "models"):
         with pytest.raises(BuildError, match="refusing to build into"):
             build_engine(loaded, output, loaded.truss.engine_builder, force=True)
+    with pytest.raises(BuildError, match=r"refusing to build into .*engine: it is inside the LOCAL checkpoint"):
+        build_engine(loaded, checkpoint / "engine", loaded.truss.engine_builder)
+    assert not (checkpoint / "engine").exists()
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in smollm2_dir.iterdir())
 
 
