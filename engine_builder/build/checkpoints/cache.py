@@ -140,6 +140,11 @@ class CheckpointCache:
         write_atomic(self.root / "known" / file_key, sha256)
         return blob
 
+    def forget_file(self, file_key: str) -> None:
+        """Forget what earlier fetches kept of a file (its partial bytes and known/ entry): the next one starts over."""
+        self.partial_path(file_key).unlink(missing_ok=True)
+        (self.root / "known" / file_key).unlink(missing_ok=True)
+
     def forget_blob(self, file_key: str, sha256: str) -> None:
         """Remove a finished blob and the known/ entry that points at it (an archive unpacked or refused)."""
         self.blob_path(sha256).unlink(missing_ok=True)

@@ -103,6 +103,15 @@ class _Fetch:
         key = self.cache.snapshot_key(namespace, self.location, listing.revision, files)
         with self.cache.lock(key):
             snapshot = self.cache.load_snapshot(key)
+            if listing.is_unversioned:
+                if snapshot is not None:
+                    logger.info(
+                        "%s: the store gives no version (no ETag or Last-Modified), so the cached snapshot cannot "
+                        "be proven current; downloading again", self.source.describe(),
+                    )
+                    snapshot = None
+                for file in files:  # bytes kept by an earlier fetch may be of other content
+                    self.cache.forget_file(self.cache.file_key(self.source.name, self.location, file))
             if snapshot is not None:
                 logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
                 if base_model is not None:  # the snapshot may have been fetched without the checks

@@ -31,6 +31,9 @@ class RemoteFile:
 class Listing:
     files: tuple[RemoteFile, ...]
     revision: str | None = None  # the store's own immutable revision (HF commit sha) when it has one
+    # The store gave nothing that changes with the content (no ETag, Last-Modified or revision): a cached copy
+    # cannot be proven current, so every fetch downloads again.
+    is_unversioned: bool = False
 
 
 class ByteSink(Protocol):

@@ -210,3 +210,28 @@ def test_ctrl_c_stops_the_download_promptly_and_keeps_the_partial_file(
     http.files["/slow.tar.gz"].chunk_delay_s = 0
     fetch_checkpoint(repository(http, "/slow.tar.gz"), cache_dir=cache_dir, progress=False)
     assert http.requests_for("/slow.tar.gz")[-1].headers.get("Range") == f"bytes={kept}-"
+
+
+def test_without_etag_or_last_modified_the_archive_is_downloaded_again(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    archives = []
+    for name in ("old", "new"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(os.urandom(1000))
+        archives.append(tar_folder(folder))  # stored, not compressed: the same size for the same file sizes
+    assert len(archives[0]) == len(archives[1])
+    http.add_file("/plain.tar.gz", archives[0], validators=False)
+    first = fetch_checkpoint(repository(http, "/plain.tar.gz"), cache_dir=cache_dir, progress=False)
+    http.add_file("/plain.tar.gz", archives[1], validators=False)  # replaced in place, same size
+    caplog.set_level(logging.INFO)
+    second = fetch_checkpoint(repository(http, "/plain.tar.gz"), cache_dir=cache_dir, progress=False)
+    expected = hashlib.sha256((tmp_path / "new" / "model.safetensors").read_bytes()).hexdigest()
+    assert second.files["model.safetensors"] == expected != first.files["model.safetensors"]
+    assert "no ETag or Last-Modified" in caplog.text
+    # downloaded again into the same snapshot, not one more per build
+    assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 1

@@ -52,7 +52,8 @@ class RemoteUrlSource(CheckpointSourceBase):
                 f"{self.describe()}: the archive is {size} bytes, over the {self.limits.max_total_bytes} byte limit"
             )
         fingerprint = f"http:{validator}|{size}"
-        return Listing(files=(RemoteFile(ARCHIVE_NAME, size, fingerprint, locator=self.url),))
+        files = (RemoteFile(ARCHIVE_NAME, size, fingerprint, locator=self.url),)
+        return Listing(files=files, is_unversioned=not validator)
 
     def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
         read_url_into(self._client, file.locator, start, sink, auth_hint=AUTH_HINT)
