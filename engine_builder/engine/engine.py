@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 class RequestRejectedError(ValueError):
     """The request cannot run on this engine (too long, bad token ids); nothing was scheduled."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code  # the error code the server's 400 carries
 
 
 def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
@@ -80,15 +81,17 @@ class LLMEngine:
         it does not serve, or more KV than the pool holds. The input side calls this once, before `add_request`."""
         prompt = request.prompt_token_ids
         if not prompt:
-            raise RequestRejectedError("the prompt is empty")
+            raise RequestRejectedError("the prompt is empty", code="empty_prompt")
         if len(prompt) >= self.max_model_len:
             raise RequestRejectedError(
-                f"the prompt has {len(prompt)} tokens; this engine's max_seq_len is {self.max_model_len}"
+                f"the prompt has {len(prompt)} tokens; this engine's max_seq_len is {self.max_model_len}",
+                code="context_length_exceeded",
             )
         if not self.config.enable_chunked_prefill and len(prompt) > self.config.max_num_tokens:
             raise RequestRejectedError(
                 f"the prompt has {len(prompt)} tokens, more than max_num_tokens {self.config.max_num_tokens} "
-                "(chunked context is off)"
+                "(chunked context is off)",
+                code="request_too_large",
             )
         if max(prompt) >= self.vocab_size or min(prompt) < 0:
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
@@ -150,6 +153,7 @@ class LLMEngine:
                 f"The KV cache holds {capacity} tokens; this request needs up to {needed * block_size} "
                 f"({params.n} choice(s) of up to {longest} tokens). Lower n or max_tokens.",
                 param="n" if params.n > 1 else "max_tokens",
+                code="request_too_large",
             )
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:

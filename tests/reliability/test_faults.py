@@ -554,6 +554,49 @@ def test_request_chat_template_cannot_stall_the_server(small_server: ServerProce
     assert httpx.post(f"{small_server.base_url}{CHAT}", json=simple, timeout=60).status_code == 200
 
 
+def test_request_templates_follow_the_model_templates_rules(small_server: ServerProcess, smollm2_dir: Path) -> None:
+    """A request's `chat_template` goes through the same checks as the model's own; an empty one means the
+    model's; chat_template_kwargs cannot set what the request's own fields set; an empty render is named so."""
+    own = json.loads((smollm2_dir / "tokenizer_config.json").read_text())["chat_template"]
+    url = f"{small_server.base_url}{CHAT}"
+    continuing = {"messages": [*MESSAGES, {"role": "assistant", "content": "Once"}], "continue_final_message": True, "max_tokens": 2}
+    for template in ({}, {"chat_template": own}):
+        error = assert_envelope(httpx.post(url, json={**continuing, **template}, timeout=60), 400)
+        assert error["param"] == "continue_final_message", error
+        kwargs = {"messages": MESSAGES, "max_tokens": 2, "chat_template_kwargs": {"add_generation_prompt": False}}
+        error = assert_envelope(httpx.post(url, json={**kwargs, **template}, timeout=60), 400)
+        assert error["param"] == "chat_template_kwargs.add_generation_prompt", error
+        assert "add_generation_prompt" in error["message"] and "got multiple values" not in error["message"]
+    plain = httpx.post(url, json={"messages": MESSAGES, "max_tokens": 2}, timeout=60).json()
+    empty = httpx.post(url, json={"messages": MESSAGES, "max_tokens": 2, "chat_template": ""}, timeout=60).json()
+    assert empty["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    nothing = {"messages": MESSAGES, "max_tokens": 2, "chat_template": "{% if false %}x{% endif %}"}
+    error = assert_envelope(httpx.post(url, json=nothing, timeout=60), 400)
+    assert error["code"] == "empty_prompt", error
+
+
+def _counter(server: ServerProcess, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name) and all(label in line for label in wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_disconnected_request_counts_its_prompt_and_an_abort(small_server: ServerProcess) -> None:
+    wait_until_idle(small_server)
+    prompt_tokens = httpx.post(f"{small_server.base_url}{CHAT}", json={**LONG, "max_tokens": 1, "min_tokens": 1}, timeout=60).json()["usage"]["prompt_tokens"]
+    before = (_counter(small_server, "engine_builder:prompt_tokens_total"), _counter(small_server, "engine_builder:request_success_total", finished_reason="abort"))
+    with httpx.stream("POST", f"{small_server.base_url}{CHAT}", json={**LONG, "stream": True}, timeout=60) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index >= 2:
+                break
+    wait_until_idle(small_server, timeout_s=30)
+    after = (_counter(small_server, "engine_builder:prompt_tokens_total"), _counter(small_server, "engine_builder:request_success_total", finished_reason="abort"))
+    assert after == (before[0] + prompt_tokens, before[1] + 1), (before, after, prompt_tokens)
+
+
 # -- a request that can never be scheduled ------------------------------------------------------------------
 def test_request_larger_than_the_kv_pool_is_refused_not_queued_forever(
     tmp_path: Path, smollm2_dir: Path

@@ -15,6 +15,7 @@ from engine_builder.serve.server import routes_health, routes_openai
 from engine_builder.serve.server.app_helpers import validation_to_api_error
 from engine_builder.serve.server.auth import AuthMiddleware
 from engine_builder.serve.server.body_limit import BodyLimitMiddleware
+from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 from engine_builder.serve.server.errors import APIError, from_status
 from engine_builder.serve.server.state import ServerState
 
@@ -46,6 +47,7 @@ def create_app(
             state.draining = True
             state.ready = False
             await state.engine.shutdown(state.settings.drain_timeout_s)
+            REQUEST_TEMPLATES.close()
 
     app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)
     app.state.server = state
@@ -72,7 +74,10 @@ def create_app(
         other_engine = state.other_engine_route(request.url.path) if error.status_code == 404 else None
         if other_engine is not None:
             return _error_response(other_engine)
-        return _error_response(from_status(error.status_code, str(error.detail) if error.detail else None))
+        refusal = from_status(error.status_code, str(error.detail) if error.detail else None)
+        if error.headers:  # a 405's Allow
+            refusal.headers = {**(refusal.headers or {}), **error.headers}
+        return _error_response(refusal)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:

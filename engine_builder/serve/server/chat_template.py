@@ -25,9 +25,13 @@ class PromptRenderer:
 
     async def render_async(self, messages: list[ChatMessage], **options: Any) -> str:
         """`render`, except that a template supplied by the request renders in a separate process with a time
-        limit: the model's own template is trusted, a request's Jinja could loop for hours."""
-        if options.get("chat_template") is None:
-            return self.render(messages, **options)
+        limit: the model's own template is trusted, a request's Jinja could loop for hours. An empty
+        `chat_template` means the model's own, as in vLLM."""
+        if not options.get("chat_template"):
+            return self.render(messages, **{**options, "chat_template": None})
+        _check_render_options(
+            options.get("add_generation_prompt", True), options.get("continue_final_message", False), options.get("template_kwargs")
+        )
         conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
         kwargs = dict(options.get("template_kwargs") or {})
         conversation = kwargs.pop("_extra_system_messages", []) + conversation
@@ -61,11 +65,7 @@ class PromptRenderer:
                 "The served model has no chat template; pass `chat_template` or use /v1/completions.",
                 param="messages",
             )
-        if continue_final_message and add_generation_prompt:
-            raise bad_request(
-                "continue_final_message and add_generation_prompt cannot both be true.",
-                param="continue_final_message",
-            )
+        _check_render_options(add_generation_prompt, continue_final_message, template_kwargs)
         conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
         kwargs = dict(template_kwargs or {})
         extra_system = kwargs.pop("_extra_system_messages", [])
@@ -88,6 +88,32 @@ class PromptRenderer:
             ) from None
         assert isinstance(rendered, str)
         return rendered
+
+
+# Arguments the renderer sets itself (from the request's own fields): chat_template_kwargs cannot pass them again.
+RESERVED_TEMPLATE_ARGUMENTS = {
+    "conversation": "messages", "messages": "messages", "tools": "tools", "documents": "documents",
+    "add_generation_prompt": "add_generation_prompt", "continue_final_message": "continue_final_message",
+    "chat_template": "chat_template", "tokenize": None, "return_dict": None, "return_assistant_tokens_mask": None,
+    "padding": None, "truncation": None, "max_length": None, "return_tensors": None, "tokenizer_kwargs": None,
+}  # fmt: skip
+
+
+def _check_render_options(
+    add_generation_prompt: bool, continue_final_message: bool, template_kwargs: dict[str, Any] | None
+) -> None:
+    if continue_final_message and add_generation_prompt:
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true.",
+            param="continue_final_message",
+        )
+    for key in template_kwargs or {}:
+        if key in RESERVED_TEMPLATE_ARGUMENTS:
+            field = RESERVED_TEMPLATE_ARGUMENTS[key]
+            how = f"set the request's `{field}` field instead" if field else "the server renders text itself"
+            raise bad_request(
+                f"chat_template_kwargs cannot set {key!r}: {how}.", param=f"chat_template_kwargs.{key}"
+            )
 
 
 def message_text(message: ChatMessage, index: int) -> str | None:
@@ -191,6 +217,10 @@ class RequestTemplateSandbox:
         if isinstance(result, Exception):
             raise bad_request(f"The chat template could not render these messages: {result}", param="chat_template")
         return result
+
+    def close(self) -> None:
+        """Stop the worker (server shutdown): a spawned process outlives its parent unless told to go."""
+        self._kill()
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None

@@ -91,7 +91,8 @@ class Run:
         except GuideError as error:
             raise guide_refused(error) from None
         except ValueError as error:
-            raise APIError(str(error), status=400, param=getattr(error, "param", None), code="request_too_large") from None
+            code = getattr(error, "code", "invalid_request")
+            raise APIError(str(error), status=400, param=getattr(error, "param", None), code=code) from None
         self.state.admit()
 
     async def deltas(self) -> AsyncIterator[GenerationDelta]:
@@ -155,11 +156,13 @@ class Run:
         metrics = self.state.metrics
         name = metrics.model_name
         end = time.monotonic()
-        metrics.record_finished(
-            end - self.start,
-            finished[0].num_prompt_tokens if finished else 0,
-            [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished],
-        )
+        if finished:
+            num_prompt_tokens = finished[0].num_prompt_tokens
+            reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
+        else:  # the client went away (or the stream was abandoned): an abort, whose prefill ran if a token came
+            num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
+            reasons = [FinishReason.ABORT.value]
+        metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
         metrics.generation_tokens.labels(name).inc(self.num_output_tokens)
         if self.first_token_at is not None and self.num_output_tokens > 1:
             metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))

@@ -140,6 +140,12 @@ def test_unknown_route_is_404_in_the_envelope(server: ServerProcess) -> None:
     _assert_envelope(httpx.get(f"{server.base_url}/v1/nope"), 404)
 
 
+def test_a_wrong_method_is_405_with_allow(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.base_url}/v1/chat/completions")
+    _assert_envelope(response, 405)
+    assert "POST" in response.headers["allow"]
+
+
 def test_context_length_on_completions_names_the_prompt(server: ServerProcess, client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as caught:
         client.completions.create(model="x", prompt="hi", max_tokens=100000)

@@ -147,12 +147,14 @@ def test_requests_outlasting_the_drain_timeout_end_with_503s(tmp_path: Path, smo
 
     try:
         process.wait_ready()
+        templated = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template": "{{ messages[0]['content'] }}"}
+        assert httpx.post(f"{process.base_url}/v1/chat/completions", json=templated, timeout=120).status_code == 200
         workers = [threading.Thread(target=whole), threading.Thread(target=streamed)]
         for worker in workers:
             worker.start()
         time.sleep(2.0)
         started = time.monotonic()
-        os.killpg(process.process.pid, signal.SIGTERM)
+        os.kill(process.process.pid, signal.SIGTERM)  # the server alone, as a process manager signals it
         for worker in workers:
             worker.join(timeout=60)
         assert time.monotonic() - started < 30
@@ -162,5 +164,18 @@ def test_requests_outlasting_the_drain_timeout_end_with_503s(tmp_path: Path, smo
         events = results["streamed"]
         assert events[-1] == "data: [DONE]" and '"draining"' in events[-2], events[-3:]
         assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        # nothing it started outlives it (the request-template worker is a spawned process of the same group)
+        deadline = time.monotonic() + 10
+        while _group_alive(process.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(process.process.pid)
     finally:
         process.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
