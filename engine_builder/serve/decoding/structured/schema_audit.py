@@ -37,6 +37,8 @@ ENFORCED_FORMATS = frozenset(
         "uuid", "uri-template", "json-pointer", "relative-json-pointer",
     }
 )  # fmt: skip
+# Keywords whose values are data, not subschemas (a `$ref` key inside one is not a reference).
+DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default", "required"})
 MAX_DEPTH = 64
 MAX_NODES = 20000
 
@@ -114,7 +116,7 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
         if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
             for name, child in value.items():
                 _walk(child, f"{where}.{name}", depth + 1, counter, root)
-        elif isinstance(value, dict | list) and key not in ("enum", "const", "examples", "default", "required"):
+        elif isinstance(value, dict | list) and key not in DATA_KEYWORDS:
             _walk(value, where, depth + 1, counter, root)
 
 

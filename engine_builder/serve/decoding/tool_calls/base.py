@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_builder.serve.decoding.structured.schema_audit import DATA_KEYWORDS
+
 
 @dataclass
 class ParsedCall:
@@ -178,17 +180,13 @@ def call_schema(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"$defs": definitions, **document} if definitions else document
 
 
-# Keywords whose values are data, not subschemas: a `$ref` key inside them is not a reference.
-_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required"})
-
-
 def _has_local_ref(schema: Any) -> bool:
     if isinstance(schema, list):
         return any(_has_local_ref(item) for item in schema)
     if not isinstance(schema, dict):
         return False
     return any(
-        isinstance(value, str) and value.startswith("#") if key == "$ref" else key not in _DATA_KEYWORDS and _has_local_ref(value)
+        isinstance(value, str) and value.startswith("#") if key == "$ref" else key not in DATA_KEYWORDS and _has_local_ref(value)
         for key, value in schema.items()
     )
 
@@ -203,7 +201,7 @@ def _rerooted(schema: Any, root: str) -> Any:
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
             moved[key] = root + value[1:]
-        elif key in _DATA_KEYWORDS:
+        elif key in DATA_KEYWORDS:
             moved[key] = value
         elif key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
             moved[key] = {name: _rerooted(child, root) for name, child in value.items()}
