@@ -139,13 +139,7 @@ def test_completions_echo_with_logprobs(client: OpenAI) -> None:
     assert logprobs.tokens[:5] == ["The", " capital", " of", " France", " is"]
     assert logprobs.token_logprobs[0] is None and all(value is not None and value <= 0 for value in logprobs.token_logprobs[1:])
     assert logprobs.top_logprobs[0] is None and len(logprobs.top_logprobs[1]) == 2
-    streamed = [
-        token
-        for chunk in client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True, logprobs=2, stream=True)
-        if chunk.choices and chunk.choices[0].logprobs
-        for token in chunk.choices[0].logprobs.tokens
-    ]
-    assert streamed == logprobs.tokens
+    assert _streamed_echo_tokens(client, "The capital of France is", max_tokens=3, logprobs=2) == logprobs.tokens
 
 
 def test_echo_with_logprobs_of_a_one_token_prompt(client: OpenAI) -> None:
@@ -155,10 +149,12 @@ def test_echo_with_logprobs_of_a_one_token_prompt(client: OpenAI) -> None:
     assert logprobs.tokens[0] == "Hello" and "".join(logprobs.tokens) == response.choices[0].text
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert logprobs.text_offset[:2] == [0, 5]
-    streamed = [
-        token
-        for chunk in client.completions.create(model="x", prompt="Hello", max_tokens=2, temperature=0, echo=True, logprobs=1, stream=True)
-        if chunk.choices and chunk.choices[0].logprobs
-        for token in chunk.choices[0].logprobs.tokens
-    ]
-    assert streamed == logprobs.tokens
+    assert _streamed_echo_tokens(client, "Hello", max_tokens=2, logprobs=1) == logprobs.tokens
+
+
+def _streamed_echo_tokens(client: OpenAI, prompt: str, max_tokens: int, logprobs: int) -> list[str]:
+    """The logprob tokens of a streamed echo completion, in order."""
+    stream = client.completions.create(
+        model="x", prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True, logprobs=logprobs, stream=True
+    )
+    return [token for chunk in stream if chunk.choices and chunk.choices[0].logprobs for token in chunk.choices[0].logprobs.tokens]
