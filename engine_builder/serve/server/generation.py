@@ -103,6 +103,7 @@ class Run:
         engine = self.state.generation()
         text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids)
         finished: list[GenerationDelta] = []
+        abandoned = False
         self.state.generating.add(self.request.request_id)
         try:
             async with aclosing(self._engine_deltas(self.prepared)) as engine_deltas:
@@ -138,10 +139,13 @@ class Run:
                     yield delta
                     if text.is_finished:
                         break  # leaving the engine's stream ends what a stop string left running
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away
+            abandoned = True
+            raise
         finally:
             self.state.generating.discard(self.request.request_id)
             self.state.release()
-            self._record(finished)
+            self._record(finished, abandoned)
 
     async def _engine_deltas(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
         """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
@@ -152,14 +156,13 @@ class Run:
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
 
-    def _record(self, finished: list[GenerationDelta]) -> None:
+    def _record(self, finished: list[GenerationDelta], abandoned: bool) -> None:
         metrics = self.state.metrics
         name = metrics.model_name
         end = time.monotonic()
-        if finished:
-            num_prompt_tokens = finished[0].num_prompt_tokens
-            reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
-        else:  # the client went away (or the stream was abandoned): an abort, whose prefill ran if a token came
+        num_prompt_tokens = finished[0].num_prompt_tokens if finished else 0
+        reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
+        if not finished and abandoned:  # an abort, whose prefill ran if a token came; a failure counts none
             num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
             reasons = [FinishReason.ABORT.value]
         metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
