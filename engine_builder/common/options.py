@@ -80,8 +80,9 @@ class EngineOptions(pydantic.BaseModel):
     drain_timeout_s: float = pydantic.Field(
         default=30.0,
         ge=0,
-        description="On SIGTERM: seconds running requests get to finish; then each still running is ended with a "
-        "503 (a stream with an error event) and the process exits. Keep it below the platform's grace period",
+        description="On SIGTERM: seconds running requests get to finish; then each generation still running is "
+        "ended with a 503 (a stream with an error event; encoder requests are cut 5 s later) and the process exits. "
+        "Keep it below the platform's grace period",
     )
     cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
         default="auto",
