@@ -2,6 +2,7 @@
 
 Run in child processes, since the settings are process-wide and permanent."""
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,15 +27,18 @@ def batches(count):
         del intermediate, hidden
 def faults():
     batches(6)  # the heap grows to its steady size
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    batches(5)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    counts = []
+    for _ in range(9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        batches(1)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counts
 with ThreadPoolExecutor(1) as pool:
-    print(pool.submit(faults).result())
+    print(" ".join(map(str, pool.submit(faults).result())))
 """
 
 
-def _minor_faults(mode: str) -> int:
+def _faults_per_batch(mode: str) -> list[int]:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, mode],
         cwd=REPO_ROOT,
@@ -43,13 +47,15 @@ def _minor_faults(mode: str) -> int:
         check=True,
         timeout=120,
     )
-    return int(result.stdout.strip().splitlines()[-1])
+    return [int(count) for count in result.stdout.strip().splitlines()[-1].split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_retained_heap_stops_refaulting_large_activations() -> None:
-    # Five 52 + 13 MiB layers: ~80,000 page faults when each buffer is a fresh mmap; with the heap keeping them,
-    # none once it has reached its size (it can still creep by one buffer now and then: glibc's best fit).
-    default = _minor_faults("default")
-    assert default > 50_000
-    assert _minor_faults("retain") < default / 4
+    # One 52 + 13 MiB layer: ~16,000 page faults when each buffer is a fresh mmap; with the heap keeping them, none
+    # once it has reached its size. glibc's best fit can still grow the heap by one buffer now and then (CI saw two
+    # such batches in five), so the claim is about the typical batch: the median, over nine.
+    default = statistics.median(_faults_per_batch("default"))
+    assert default > 10_000
+    retained = _faults_per_batch("retain")
+    assert statistics.median(retained) < default / 10, retained
