@@ -36,6 +36,8 @@ PRE_FP4_ACCELERATORS = frozenset(
     }
 )
 USUAL_WORLD_SIZES = frozenset({1, 2, 4, 8, 16, 32, 64, 128})
+# Truss 0.18's `python_version` values (constants.SUPPORTED_PYTHON_VERSIONS, written without the dot).
+PYTHON_VERSIONS = ("py39", "py310", "py311", "py312", "py313", "py314")
 
 
 class AcceleratorSpec(ConfigModel):
@@ -87,14 +89,53 @@ class Resources(ConfigModel):
 
 
 class TrussConfig(ConfigModel):
-    """The parts of a Truss config.yaml this project reads; everything else is kept as given."""
+    """A Truss config.yaml: the sections this project reads, and Truss's plain top-level fields typed as Truss types
+    them (so a config Truss would refuse on push is refused here too); nested sections we do not read (`runtime`,
+    `build`, `docker_server`, `model_cache`, ...) are kept as given."""
 
     model_name: str | None = None
+    description: str | None = None
+    python_version: str = "py313"
+    requirements_file: str | None = None
+    requirements: list[str] = pydantic.Field(default_factory=list)
+    system_packages: list[str] = pydantic.Field(default_factory=list)
+    environment_variables: dict[str, str] = pydantic.Field(default_factory=dict)
+    build_commands: list[str] = pydantic.Field(default_factory=list)
+    external_package_dirs: list[str] = pydantic.Field(default_factory=list)
+    examples_filename: str = "examples.yaml"
+    data_dir: str = "data"
+    input_type: str = "Any"
+    model_framework: str = "custom"
+    model_type: str = "Model"
+    model_module_dir: str = "model"
+    model_class_filename: str = "model.py"
+    model_class_name: str = "Model"
+    bundled_packages_dir: str = "packages"
+    spec_version: str = "2.0"
+    use_local_src: bool = False
+    live_reload: bool = False
+    apply_library_patches: bool = True
     resources: Resources = pydantic.Field(default_factory=Resources)
     secrets: dict[str, str | None] = pydantic.Field(default_factory=dict)
     model_metadata: dict[str, Any] = pydantic.Field(default_factory=dict)
     trt_llm: TrtLlmConfig | None = None
     engine_builder: EngineOptions = pydantic.Field(default_factory=EngineOptions)
+
+    @pydantic.field_validator("python_version")
+    @classmethod
+    def _known_python(cls, value: str) -> str:
+        if value not in PYTHON_VERSIONS:
+            listed = ", ".join(repr(version) for version in PYTHON_VERSIONS)
+            raise ValueError(f"Please ensure that `python_version` is one of {{{listed}}}")
+        return value
+
+    @pydantic.field_validator("environment_variables", mode="before")
+    @classmethod
+    def _variables_as_text(cls, value: Any) -> Any:
+        # Truss writes every value as text, booleans lower-case (`true`, as a shell would read them).
+        if not isinstance(value, dict):
+            return value
+        return {key: str(item).lower() if isinstance(item, bool) else str(item) for key, item in value.items()}
 
     @pydantic.model_validator(mode="after")
     def _cross_checks(self, info: pydantic.ValidationInfo) -> "TrussConfig":

@@ -348,3 +348,30 @@ CASES += [
     ("encoder fp8_kv warns only", with_build(base_model="encoder", quantization_type="fp8_kv"), None),
     ("both openai tags", both_tags(), "Your current tags are both"),
 ]
+
+
+def top_level(**fields: Any) -> dict[str, Any]:
+    """Truss's own top-level fields beside a valid trt_llm section."""
+    config = with_build()
+    config.update(fields)
+    return config
+
+
+CASES += [
+    ("python_version known", top_level(python_version="py311"), None),
+    (
+        "python_version unknown",
+        top_level(python_version="py3"),
+        "Please ensure that `python_version` is one of",
+    ),
+    ("python_version a number", top_level(python_version=3.11), "Input should be a valid string"),
+    ("requirements a list", top_level(requirements=["numpy==2.1"], system_packages=["curl"]), None),
+    ("requirements a string", top_level(requirements="numpy"), "Input should be a valid list"),
+    ("requirements null", top_level(requirements=None), "Input should be a valid list"),
+    ("build_commands of numbers", top_level(build_commands=[1]), "Input should be a valid string"),
+    ("environment_variables of text", top_level(environment_variables={"HF_HUB_OFFLINE": "1"}), None),
+    ("description null", top_level(description=None), None),
+    ("model_class_name null", top_level(model_class_name=None), "Input should be a valid string"),
+    ("use_local_src not a boolean", top_level(use_local_src="maybe"), "Input should be a valid boolean"),
+    ("live_reload yes", top_level(live_reload="true"), None),
+]

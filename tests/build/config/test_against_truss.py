@@ -14,6 +14,12 @@ truss_config = pytest.importorskip("truss.base.truss_config")
 def _normalize(text: str) -> str:
     # Truss formats the enum member into one message ("TrussTRTLLMModel.LLAMA has been renamed"); we print the value.
     text = re.sub(r"TrussTRTLLMModel\.([A-Z_]+)", lambda match: match.group(1).lower(), text)
+    # Truss prints a set (python_version's choices) in hash order; compare the members sorted.
+    text = re.sub(
+        r"\{('[^']*'(?:, '[^']*')*)\}",
+        lambda match: "{" + ", ".join(sorted(match.group(1).split(", "))) + "}",
+        text,
+    )
     return re.sub(r"\s+", " ", text).strip()
 
 

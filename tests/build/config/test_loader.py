@@ -263,3 +263,23 @@ def test_forbid_extra_matches_truss_push_check() -> None:
     )
     with pytest.raises(Exception, match=r"Extra fields not allowed: \[foo\]"):
         loaded.trt_llm.validate_forbid_extra()
+
+
+def test_truss_top_level_fields_are_typed_as_truss_types_them() -> None:
+    trt_llm = """\
+        model_metadata:
+          tags: [openai-compatible]
+        trt_llm:
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+        """
+    # Truss itself crashes on this one (`'list' object has no attribute 'keys'`); we name the field and its line.
+    assert _errors(trt_llm + "environment_variables: [HF_TOKEN]\n") == [
+        "config.yaml:6: environment_variables: Input should be a valid dictionary"
+    ]
+    assert _errors(trt_llm + "python_version: py27\n")[0].startswith(
+        "config.yaml:6: python_version: Please ensure that `python_version` is one of {'py39', 'py310'"
+    )
+    # Values are kept as text, as Truss writes them into the image (booleans lower-case).
+    loaded = parse_config(textwrap.dedent(trt_llm) + "environment_variables: {A: true, B: 2}\n")
+    assert loaded.truss.environment_variables == {"A": "true", "B": "2"}
