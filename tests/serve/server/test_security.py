@@ -115,7 +115,7 @@ def test_every_route_but_probes_needs_a_key(kind: str) -> None:
 
 def test_head_on_a_probe_is_as_open_as_its_get() -> None:
     client = TestClient(_apps()["encoder"], raise_server_exceptions=False)
-    for path in ("/health", "/ping", "/ready", "/health_file", "/"):
+    for path in ("/health", "/ping", "/ready", "/health_file", "/", "/metrics"):
         head, get = client.head(path), client.get(path)
         assert head.status_code == get.status_code != 401, path  # 200, or 503 while loading
     for path in ("/info", "/v1/embeddings"):
