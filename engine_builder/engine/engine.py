@@ -457,6 +457,8 @@ class LLMEngine:
                 self.runner.kv_cache.copy_block(*copy)
             child.status = SequenceStatus.RUNNING
             child.num_cached_prompt_tokens = group.parent.num_cached_prompt_tokens
+            if group.parent.prompt_logprobs is not None:  # the prompt is the parent's: so are its logprobs (echo)
+                child.prompt_logprobs = list(group.parent.prompt_logprobs)
             forked.append(child)
         return forked
 

@@ -55,9 +55,29 @@ class TokenTexts:
             logprobs.tokens.append(text)
             logprobs.token_logprobs.append(entry.logprob)
             logprobs.text_offset.append(offset)
-            logprobs.top_logprobs.append({self.text(t): lp for t, lp in entry.top} if entry.top else None)
+            logprobs.top_logprobs.append(self.completion_top(entry))
             offset += len(text)
         return offset
+
+    def completion_top(self, entry: TokenLogprob) -> dict[str, float] | None:
+        """Completions' `top_logprobs` entry: the k best tokens and the chosen one (OpenAI: up to logprobs + 1), keyed
+        by text, best first. The chosen token's key is its text, as in `tokens`; another token whose text is already
+        a key (byte fragments all decode to U+FFFD) is keyed by its bytes, `bytes:\\xf0\\x9f`, so none overwrites
+        another."""
+        if not entry.top:
+            return None
+        chosen = self.text(entry.token_id)
+        ranked = list(entry.top)
+        if all(token_id != entry.token_id for token_id, _ in ranked):
+            ranked.append((entry.token_id, entry.logprob))
+            ranked.sort(key=lambda pair: -pair[1])
+        top: dict[str, float] = {}
+        for token_id, logprob in ranked:
+            key = chosen if token_id == entry.token_id else self.text(token_id)
+            if token_id != entry.token_id and (key == chosen or key in top):
+                key = "bytes:" + "".join(f"\\x{byte:02x}" for byte in self.raw_bytes(token_id))
+            top.setdefault(key, logprob)
+        return top
 
 
 def _is_byte_level(decoder: TextDecoder) -> bool:

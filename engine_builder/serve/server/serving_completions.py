@@ -75,7 +75,7 @@ def _prompt_entries(texts: TokenTexts, run: Run, entries: list, logprobs: Comple
         logprobs.tokens.append(text)
         logprobs.text_offset.append(offset)
         logprobs.token_logprobs.append(entry.logprob if entry is not None else None)
-        logprobs.top_logprobs.append({texts.text(t): lp for t, lp in entry.top} if entry is not None and entry.top else None)
+        logprobs.top_logprobs.append(texts.completion_top(entry) if entry is not None else None)
         offset += len(text)
     return offset
 

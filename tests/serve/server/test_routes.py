@@ -138,7 +138,8 @@ def test_completions_echo_with_logprobs(client: OpenAI) -> None:
     assert "".join(logprobs.tokens) == response.choices[0].text
     assert logprobs.tokens[:5] == ["The", " capital", " of", " France", " is"]
     assert logprobs.token_logprobs[0] is None and all(value is not None and value <= 0 for value in logprobs.token_logprobs[1:])
-    assert logprobs.top_logprobs[0] is None and len(logprobs.top_logprobs[1]) == 2
+    assert logprobs.top_logprobs[0] is None and len(logprobs.top_logprobs[1]) in (2, 3)  # k best, and the token
+    assert logprobs.top_logprobs[1][" capital"] == logprobs.token_logprobs[1]
     assert _streamed_echo_tokens(client, "The capital of France is", max_tokens=3, logprobs=2) == logprobs.tokens
 
 
@@ -150,6 +151,20 @@ def test_echo_with_logprobs_of_a_one_token_prompt(client: OpenAI) -> None:
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
     assert logprobs.text_offset[:2] == [0, 5]
     assert _streamed_echo_tokens(client, "Hello", max_tokens=2, logprobs=1) == logprobs.tokens
+
+
+def test_echo_with_logprobs_for_every_choice(client: OpenAI) -> None:
+    """Choices forked from the first share its prompt: each echoes it with the same prompt logprobs."""
+    response = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=3, temperature=1.0, seed=3, n=3, echo=True, logprobs=1
+    )
+    assert len(response.choices) == 3
+    for choice in response.choices:
+        logprobs = choice.logprobs
+        assert logprobs.tokens[:5] == ["The", " capital", " of", " France", " is"], choice.index
+        assert "".join(logprobs.tokens) == choice.text
+        assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+        assert logprobs.token_logprobs[:5] == response.choices[0].logprobs.token_logprobs[:5]
 
 
 def _streamed_echo_tokens(client: OpenAI, prompt: str, max_tokens: int, logprobs: int) -> list[str]:
