@@ -39,6 +39,11 @@ class StopStringMatcher:
         emitted, self.pending = self.pending[:safe], self.pending[safe:]
         return StopResult(emitted)
 
+    def pass_through(self, text: str) -> str:
+        """Text no stop string may end (the first `min_tokens` tokens): emitted as it comes, nothing held back."""
+        text, self.pending = self.pending + text, ""
+        return text
+
     def _partial_suffix(self) -> int:
         """Length of the longest suffix of pending text that is a proper prefix of some stop string."""
         longest = 0

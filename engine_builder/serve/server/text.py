@@ -2,7 +2,9 @@
 
 Backends stream token ids only (the one that stopped a choice included); the server's one tokenizer decodes them
 here. A stop string can end a choice before the engine does: `Completed.stops_engine` then tells the caller to
-end that choice in the engine, and whatever the engine still sends for it is dropped.
+end that choice in the engine, and whatever the engine still sends for it is dropped. As EOS and stop token ids
+(masked by the sampler), stop strings cannot end a choice within its first `min_tokens` tokens: they are looked for
+from the next token's text on (vLLM's rule; a stop string begun inside those tokens is not matched).
 """
 
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     is_finished: bool = False
+    num_tokens: int = 0  # generated so far
 
 
 @dataclass
@@ -31,6 +34,7 @@ class RequestText:
     def __init__(self, decoder: TextDecoder, request: GenerationRequest, eos_token_ids: tuple[int, ...]) -> None:
         params = request.sampling
         self.include_stop_str_in_output = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
         self.eos_token_ids = eos_token_ids
         self.choices = [
             _Choice(
@@ -54,10 +58,14 @@ class RequestText:
         decode_ids = delta.token_ids
         if self._ends_on_stop_token(delta) and not self.include_stop_str_in_output:
             decode_ids = decode_ids[:-1]  # EOS or a stop token id: not part of the text
-        text = choice.detokenizer.add(decode_ids) if decode_ids else ""
+        protected = min(len(decode_ids), max(self.min_tokens - choice.num_tokens, 0))
+        choice.num_tokens += len(delta.token_ids)
+        free_text = choice.stops.pass_through(choice.detokenizer.add(decode_ids[:protected])) if protected else ""
+        text = choice.detokenizer.add(decode_ids[protected:]) if len(decode_ids) > protected else ""
         if finish is not None:
             text += choice.detokenizer.flush()
         result = choice.stops.feed(text)
+        result.text = free_text + result.text
         stop_reason = delta.stop_reason
         stops_engine = False
         if result.matched is not None:

@@ -77,3 +77,19 @@ def test_choices_are_independent_and_a_stopped_one_drops_what_follows(decoder: T
     assert seen == {0: " one ", 1: " one "}
     assert text.complete(_delta([ids[0]], index=0, finish=FinishReason.ABORT)) is None  # ended here already
     assert text.is_finished
+
+
+@pytest.mark.parametrize("one_delta", [False, True])
+def test_stop_strings_wait_for_min_tokens(decoder: TextDecoder, one_delta: bool) -> None:
+    """As EOS and stop token ids, a stop string cannot end a choice within its first min_tokens tokens (vLLM's rule)."""
+    ids = decoder.tokenizer.encode(" Paris. It is big. Yes.", add_special_tokens=False).ids
+    assert [decoder.token_text(token) for token in ids[:3]] == [" Paris", ".", " It"]
+    text = RequestText(decoder, _request(stop=(".",), min_tokens=3), (EOS,))
+    deltas = [_delta(ids)] if one_delta else [_delta([token]) for token in ids]
+    emitted = [c for c in (text.complete(delta) for delta in deltas) if c is not None]
+    assert "".join(c.delta.text for c in emitted) == " Paris. It is big"
+    assert emitted[-1].delta.finish_reason == FinishReason.STOP and emitted[-1].delta.stop_reason == "."
+    # Without min_tokens, the first "." ends it.
+    text = RequestText(decoder, _request(stop=(".",)), (EOS,))
+    emitted = [c for c in (text.complete(delta) for delta in deltas) if c is not None]
+    assert "".join(c.delta.text for c in emitted) == " Paris"
