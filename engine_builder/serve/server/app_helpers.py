@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from typing import Any
 
 from fastapi import Request
@@ -9,12 +10,46 @@ from fastapi import Request
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.limits import MAX_JSON_DEPTH, json_depth
 
+# The names pydantic gives a union's branches in an error's location (`str`, `list[tagged-union[...]]`, ...): they
+# are not fields, and a param naming them would send the client looking for a field that does not exist.
+_BRANCH_NAME = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\])$")
+
+
+def _model_names() -> frozenset[str]:
+    """Class names of the request models: a plain union's branches are named by them in an error's location."""
+    from pydantic import BaseModel
+
+    names, todo = set(), [BaseModel]
+    while todo:
+        for subclass in todo.pop().__subclasses__():
+            if subclass.__module__.startswith("engine_builder."):
+                names.add(subclass.__name__)
+            todo.append(subclass)
+    return frozenset(names)
+
+
+def _param(item: dict) -> str | None:
+    loc: list[str] = []
+    tag_follows = False  # a tagged union's location names the chosen tag (`text`) next: not a field either
+    for part in item.get("loc", ()):
+        text = str(part)
+        if text == "body":
+            continue
+        if _BRANCH_NAME.match(text) or text in _model_names():
+            tag_follows = tag_follows or "tagged-union[" in text
+            continue
+        if tag_follows and not isinstance(part, int):
+            tag_follows = False
+            continue
+        loc.append(text)
+    return ".".join(loc) or None
+
 
 def validation_to_api_error(errors: Any) -> APIError:
-    """pydantic errors -> one 400 naming the first bad field (unknown fields get OpenAI's wording)."""
+    """pydantic errors -> one 400 naming the bad field (unknown fields get OpenAI's wording); of a union's failed
+    branches, the one that got furthest into the value."""
     for item in errors:
-        loc = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
-        param = ".".join(loc) or None
+        param = _param(item)
         if item.get("type") == "extra_forbidden":
             return APIError(
                 f"Unrecognized request argument supplied: {param}",
@@ -22,9 +57,8 @@ def validation_to_api_error(errors: Any) -> APIError:
                 param=param,
                 code="unrecognized_argument",
             )
-    item = errors[0] if errors else {}
-    loc = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
+    item = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
+    param = _param(item)
     message = item.get("msg", "Invalid request")
     if item.get("type") == "json_invalid":
         return APIError(

@@ -122,11 +122,19 @@ def message_text(message: ChatMessage, index: int) -> str | None:
         return content
     texts = []
     for part in content:
-        if part.type != "text":
+        if part.type == "text":
+            texts.append(part.text)
+        elif part.type == "refusal" and message.role == "assistant":
+            texts.append(part.refusal)
+        elif part.type == "refusal":
+            raise bad_request(
+                f"Content parts of type 'refusal' belong to assistant messages, not {message.role!r} ones.",
+                param=f"messages[{index}].content",
+            )
+        else:
             raise unsupported(
                 f"messages[{index}].content", f"Content parts of type {part.type!r} need a multimodal model."
             )
-        texts.append(part.text)
     return "".join(texts)
 
 

@@ -16,6 +16,16 @@ class StrictModel(BaseModel):
 class TextPart(StrictModel):
     type: Literal["text"]
     text: str
+    # Anthropic's cache breakpoint, which LiteLLM and OpenRouter pass through: prefix caching here is automatic, so
+    # whatever it marks is cached anyway.
+    cache_control: dict[str, Any] | None = None
+
+
+class RefusalPart(StrictModel):
+    """An earlier assistant reply's refusal (OpenAI lets assistant content hold these beside text parts)."""
+
+    type: Literal["refusal"]
+    refusal: str
 
 
 class ImagePart(StrictModel):
@@ -28,7 +38,13 @@ class AudioPart(StrictModel):
     input_audio: dict[str, Any]
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+class FilePart(StrictModel):
+    type: Literal["file"]
+    file: dict[str, Any]
+
+
+ContentPart = Annotated[TextPart | RefusalPart | ImagePart | AudioPart | FilePart, Field(discriminator="type")]
+CONTENT_PART_TYPES = ("text", "refusal", "image_url", "input_audio", "file")
 
 
 class FunctionCall(StrictModel):
@@ -51,6 +67,19 @@ class ChatMessage(StrictModel):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     refusal: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_part_types(cls, data: Any) -> Any:
+        # Without this, a part of an unknown type fails both branches of `str | list[...]` and the first error is
+        # "content: Input should be a valid string".
+        content = data.get("content") if isinstance(data, dict) else None
+        for index, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in CONTENT_PART_TYPES:
+                allowed = ", ".join(CONTENT_PART_TYPES)
+                raise ValueError(f"content[{index}] has type {kind!r}; a content part's type is one of {allowed}")
+        return data
 
 
 # -- tools and formats --------------------------------------------------------------------------------------
@@ -150,6 +179,8 @@ class SamplingFields(StrictModel):
     add_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's successor to `user`; neither is used here
+    prompt_cache_key: str | None = None  # a routing hint for OpenAI's cache; prefix caching here needs none
     disaggregated_params: dict[str, Any] | None = None
     # OpenAI fields without a meaning here; accepted only at their neutral values (checked in sampling.py)
     service_tier: str | None = None

@@ -49,8 +49,12 @@ def resolve_max_tokens(
 
 
 def check_unsupported(request: SamplingFields) -> None:
-    if request.best_of is not None and request.best_of != request.n and request.best_of != 1:
+    if request.best_of is not None and request.best_of < request.n:
+        raise bad_request(f"best_of must be greater than or equal to n ({request.n}).", param="best_of")
+    if request.best_of is not None and request.best_of > request.n:
         raise unsupported("best_of", "Only best_of equal to n is supported (no beam search).")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     if request.top_p_min:
         raise unsupported("top_p_min", "Dynamic top_p is not implemented.")
     if request.length_penalty is not None and request.length_penalty != 1.0:

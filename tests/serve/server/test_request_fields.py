@@ -66,3 +66,78 @@ def test_matching_fields_and_explicit_nulls_of_other_types_pass() -> None:
         ResponseFormat.model_validate({"type": "json_schema", "json_schema": SCHEMA})
     )
     assert guide is not None and guide.param == "response_format"
+
+
+def _api_error(body: dict[str, Any]) -> APIError:
+    from pydantic import ValidationError
+
+    from engine_builder.serve.server.app_helpers import validation_to_api_error
+
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate(body)
+    return validation_to_api_error(caught.value.errors())
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "words"),
+    [
+        ([{"type": "video", "video": {}}], "messages.0", "a content part's type is one of"),
+        ([{"type": "text", "text": "x", "bogus": 1}], "messages.0.content.0.bogus", "Unrecognized request argument"),
+        ([{"type": "text", "text": 5}], "messages.0.content.0.text", "valid string"),
+        (5, "messages.0.content", "valid string"),
+    ],
+)
+def test_content_errors_name_the_field_not_pydantics_union_branches(content: Any, param: str, words: str) -> None:
+    error = _api_error({"messages": [{"role": "user", "content": content}]})
+    assert (error.status, error.param) == (400, param) and words in str(error)
+
+
+def test_a_plain_union_branch_is_not_named_either() -> None:
+    error = _api_error({"messages": MESSAGES, "tool_choice": {"type": "function", "function": {"nam": "f"}}})
+    assert error.param == "tool_choice.function.nam"
+
+
+def test_openai_shapes_a_text_model_can_honour_are_accepted() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                {"role": "user", "content": "Why?"},
+            ],
+            "safety_identifier": "user-1",
+            "prompt_cache_key": "conversation-7",
+        }
+    )
+    from engine_builder.serve.server.chat_template import message_text
+
+    assert [message_text(message, index) for index, message in enumerate(request.messages)] == ["Hi", "I can't.", "Why?"]
+
+
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, 400),
+        ({"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}, 400),
+    ],
+)
+def test_parts_a_text_model_cannot_take_are_refused_by_name(message: dict[str, Any], status: int) -> None:
+    from engine_builder.serve.server.chat_template import message_text
+
+    request = ChatCompletionRequest.model_validate({"messages": [message]})
+    with pytest.raises(APIError) as caught:
+        message_text(request.messages[0], 0)
+    assert (caught.value.status, caught.value.param) == (status, "messages[0].content")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"best_of": 1, "n": 2}, "best_of"), ({"best_of": 3, "n": 2}, "best_of"), ({"stream_options": {"include_usage": True}}, "stream_options")],
+)
+def test_fields_that_contradict_another_are_refused(fields: dict[str, Any], param: str) -> None:
+    from engine_builder.serve.server.sampling import check_unsupported
+
+    with pytest.raises(APIError) as caught:
+        check_unsupported(ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields}))
+    assert (caught.value.status, caught.value.param) == (400, param)
+    check_unsupported(ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields, "stream": True, "best_of": 2, "n": 2}))
