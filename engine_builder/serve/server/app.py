@@ -17,6 +17,7 @@ from engine_builder.serve.server.auth import AuthMiddleware
 from engine_builder.serve.server.body_limit import BodyLimitMiddleware
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 from engine_builder.serve.server.errors import APIError, from_status
+from engine_builder.serve.server.request_id import RequestIdMiddleware
 from engine_builder.serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def create_app(
 
     app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=_error_response)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=_error_response)
+    app.add_middleware(RequestIdMiddleware)  # outermost: refusals by the two above carry the id too
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:

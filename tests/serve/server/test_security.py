@@ -122,6 +122,17 @@ def test_head_on_a_probe_is_as_open_as_its_get() -> None:
         assert client.head(path).status_code == 401, path  # HEAD on a guarded route is guarded like its GET
 
 
+def test_every_answer_carries_a_request_id() -> None:
+    client = TestClient(_apps()["decoder"], raise_server_exceptions=False)
+    fresh = {client.get("/health").headers["x-request-id"] for _ in range(3)}
+    assert len(fresh) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", value) for value in fresh)
+    assert client.get("/health", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    refused = client.post("/v1/chat/completions", json={}, headers={"X-Request-Id": "trace-43"})
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "trace-43"  # auth's refusal too
+    replaced = client.get("/health", headers={"X-Request-Id": "x" * 129}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced)  # an unusable id is replaced, not echoed
+
+
 def test_default_host_is_loopback() -> None:
     from engine_builder.cli import build_parser
 

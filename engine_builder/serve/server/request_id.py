@@ -1,0 +1,34 @@
+"""`x-request-id` on every response: the client's own id when it sent a usable one, else a fresh one.
+
+OpenAI's API answers with one (the SDK exposes it as `_request_id`), and proxies and logs join on it. A client
+id is kept when it is 1-128 visible ASCII characters; anything else is replaced, never echoed (header injection).
+"""
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+_USABLE = re.compile(rb"^[\x21-\x7e]{1,128}$")
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == HEADER), None)
+        request_id = given if given is not None and _USABLE.match(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(name, value) for name, value in message.get("headers", []) if name != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
