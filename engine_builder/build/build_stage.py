@@ -165,6 +165,13 @@ def _build_engine_locked(
 ) -> BuildResult:
     config_hash = build_identity(loaded, options)
     existing = None if force else _engine_with_hash(output, config_hash)
+    if existing is not None and loaded.trt_llm.build.lora_adapters:
+        from engine_builder.build.lora_adapters import local_adapters_changed
+
+        retrained = local_adapters_changed(loaded, existing)
+        if retrained:
+            logger.info("rebuilding %s: LOCAL LoRA adapter(s) %s changed since it was built", output, retrained)
+            existing = None
     repository = loaded.trt_llm.build.checkpoint_repository
     in_place = repository is not None and repository.source is CheckpointSource.LOCAL
     if existing is not None and not in_place:

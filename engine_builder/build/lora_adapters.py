@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_builder.build.build_stage import public_repo
+from engine_builder.build.build_stage import default_cache_dir, public_repo
 from engine_builder.build.checkpoints import (
     ADAPTER_FILES,
     CheckpointError,
@@ -19,8 +19,7 @@ from engine_builder.build.checkpoints import (
 )
 from engine_builder.build.checkpoints.cache import sha256_file
 from engine_builder.build.checkpoints.selection import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE
-from engine_builder.build.checkpoints.source import link_or_copy
-from engine_builder.build.config import CheckpointRepository, LoadedConfig
+from engine_builder.build.config import CheckpointRepository, CheckpointSource, LoadedConfig
 from engine_builder.build.errors import BuildError
 from engine_builder.build.peft_lora import (
     AdapterCheckError,
@@ -29,7 +28,7 @@ from engine_builder.build.peft_lora import (
     read_peft_lora,
     read_tensors,
 )
-from engine_builder.common.artifact import LoraAdapter, SourceInfo
+from engine_builder.common.artifact import EngineDir, LoraAdapter, SourceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,12 @@ def fetch_lora_adapters(
     build = loaded.trt_llm.build
     base = _base_shapes(model_dir)
     max_rank = build.lora_pool_rank
-    served_name = getattr(loaded.trt_llm.runtime, "served_model_name", None) or loaded.truss.model_name
+    # As the server names the base (engine_builder/serve/server/factory.py): the architecture when nothing else does.
+    served_name = (
+        getattr(loaded.trt_llm.runtime, "served_model_name", None)
+        or loaded.truss.model_name
+        or _architecture(model_dir)
+    )
     adapters = []
     for name, repository in sorted((build.lora_adapters or {}).items()):
         field = f"trt_llm.build.lora_adapters.{name}"
@@ -97,8 +101,8 @@ def store_lora_adapters(adapters: list[FetchedAdapter], engine_root: Path) -> li
 
             tensors = read_tensors(adapter.lora.weights_file)
             save_file({key: value.contiguous().clone() for key, value in tensors.items()}, weights, {"format": "pt"})
-        else:
-            link_or_copy(adapter.lora.weights_file, weights)
+        else:  # copied, not linked: retraining into the adapter's folder must not change a built engine
+            shutil.copyfile(adapter.lora.weights_file, weights)
         files = {path.name: sha256_file(path) for path in (folder / ADAPTER_CONFIG_FILE, weights)}
         repository = adapter.repository
         source = SourceInfo(repository.source.value, public_repo(repository), adapter.fetched.revision, files)
@@ -113,6 +117,35 @@ def store_lora_adapters(adapters: list[FetchedAdapter], engine_root: Path) -> li
             )
         )
     return entries
+
+
+def _architecture(model_dir: Path) -> str | None:
+    try:
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or [None]
+    except (OSError, ValueError):
+        return None
+    return architectures[0]
+
+
+def local_adapters_changed(loaded: LoadedConfig, engine: EngineDir) -> list[str]:
+    """Names of the config's LOCAL adapters whose files differ from what `engine` was built from (a LOCAL folder
+    can be retrained in place under the same config). Remote adapters are pinned by the config itself."""
+    recorded = {adapter.name: adapter.source.revision for adapter in engine.manifest.runtime.lora_adapters}
+    changed = []
+    for name, repository in sorted((loaded.trt_llm.build.lora_adapters or {}).items()):
+        if repository.source is not CheckpointSource.LOCAL:
+            continue
+        try:
+            fetched = fetch_checkpoint(
+                repository, cache_dir=default_cache_dir(), base_dir=loaded.base_dir, selection=ADAPTER_FILES,
+                progress=False,
+            )
+        except CheckpointError:  # gone or unreadable: the rebuild reports it
+            changed.append(name)
+            continue
+        if recorded.get(name) != fetched.revision:
+            changed.append(name)
+    return changed
 
 
 def _base_shapes(model_dir: Path) -> BaseModelShapes:

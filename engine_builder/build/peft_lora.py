@@ -155,6 +155,8 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
         "layer_replication": "layer replication is not supported",
         "target_parameters": "LoRA on raw parameters (such as stacked experts) is not supported",
         "trainable_token_indices": "trainable token embeddings are not supported",
+        "alora_invocation_tokens": "activated LoRA (applied only after its invocation tokens) is not supported; "
+        "train a plain LoRA",
     }
     for field, reason in refused.items():
         if config.get(field):

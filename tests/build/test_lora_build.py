@@ -318,6 +318,10 @@ REFUSALS = {
         r"rank_pattern gives v_proj 4, not the adapter's r 8",
     ),
     "not LoRA": (lambda folder: simple_adapter(folder, peft_type="IA3"), r"peft_type is 'IA3'"),
+    "activated LoRA": (
+        lambda folder: simple_adapter(folder, alora_invocation_tokens=[1, 2, 3]),
+        r"sets alora_invocation_tokens \(\[1, 2, 3\]\): activated LoRA .* is not supported",
+    ),
     "missing lora_B": (
         lambda folder: write_adapter(
             folder,
@@ -351,6 +355,43 @@ def test_refusals_of_names(tmp_path: Path, smollm2_dir: Path) -> None:
         with pytest.raises(BuildError, match=message):
             build(config, tmp_path / "engine")
         assert not (tmp_path / "engine").exists()
+
+
+def test_without_a_served_name_an_adapter_may_not_take_the_architectures(tmp_path: Path, smollm2_dir: Path) -> None:
+    """With no model_name or served_model_name the server names the base by its architecture: an adapter of that
+    name would hide it."""
+    config = lora_config(tmp_path, smollm2_dir, {"LlamaForCausalLM": local(simple_adapter(tmp_path / "adapter"))})
+    document = yaml.safe_load(config.read_text())
+    document.pop("model_name", None)
+    document["trt_llm"].get("runtime", {}).pop("served_model_name", None)
+    config.write_text(yaml.safe_dump(document))
+    with pytest.raises(BuildError, match=r"has the served model name 'LlamaForCausalLM'"):
+        build(config, tmp_path / "engine")
+
+
+def test_an_adapter_retrained_in_place_is_rebuilt_and_never_changes_a_built_engine(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
+    folder = write_adapter(tmp_path / "adapter", lora_tensors(8, ("q_proj",), seed=1), rank=8, modules=("q_proj",))
+    config = lora_config(tmp_path, smollm2_dir, {"tuned": local(folder)})
+    first = build(config, tmp_path / "engine")
+    stored = tmp_path / "engine" / "adapters" / "tuned" / "adapter_model.safetensors"
+    before = sha256(stored)
+    assert build(config, tmp_path / "engine").reused
+    # Retrain into the same folder, writing the same file in place (same inode), as safetensors' save_file does.
+    retrained = tmp_path / "retrained.safetensors"
+    save_file(lora_tensors(8, ("q_proj",), seed=2), retrained, metadata={"format": "pt"})
+    with (folder / "adapter_model.safetensors").open("r+b") as handle:
+        handle.truncate(0)
+        handle.write(retrained.read_bytes())
+    assert sha256(stored) == before  # the engine holds its own copy
+    second = build(config, tmp_path / "engine")
+    assert not second.reused
+    assert sha256(stored) == sha256(retrained) != before
+    assert second.engine_dir.manifest.runtime.lora_adapters[0].source.revision != (
+        first.engine_dir.manifest.runtime.lora_adapters[0].source.revision
+    )
+    assert build(config, tmp_path / "engine").reused
 
 
 def test_cli_exits_1_with_the_reason(tmp_path: Path, smollm2_dir: Path) -> None:
