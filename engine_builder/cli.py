@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from engine_builder.build.checkpoints.errors import CheckpointError
 from engine_builder.build.config import ConfigError, load_config
 from engine_builder.build.errors import BuildError
+from engine_builder.common.artifact import IncompatibleEngineError
 
 EXIT_INVALID = 2
 
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in error.issues:
             print(f"error: {issue}", file=sys.stderr)
         return EXIT_INVALID
-    except (CheckpointError, BuildError) as error:  # messages name the fix (and carry no secret values)
+    except (CheckpointError, BuildError, IncompatibleEngineError) as error:  # messages name the fix, no secrets
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the file system refused (permissions, a missing folder, a full disk): say what

@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 
 from engine_builder.build.config import ConfigError, ConfigIssue, EngineOptions, LoadedConfig, load_config
-from engine_builder.common.artifact import EngineDir, is_engine_dir, load_engine_dir
+from engine_builder.common.artifact import MANIFEST_FILE, EngineDir, is_engine_dir, load_engine_dir
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     target = Path(args.target)
+    if target.is_dir() and not is_engine_dir(target):
+        message = (
+            f"a folder without {MANIFEST_FILE}, so not an engine directory: build one with "
+            f"`engine-builder build CONFIG -o {target}`, or pass a config file"
+        )
+        raise ConfigError([ConfigIssue(str(target), None, "", message)])
     if is_engine_dir(target):
         engine = load_engine_dir(target)
         options = engine_options_from(args, None, base=engine.manifest.runtime.options)

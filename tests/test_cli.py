@@ -89,3 +89,20 @@ def test_a_busy_port_is_found_before_the_model_loads() -> None:
         port = busy.getsockname()[1]
         assert _port_refusal("127.0.0.1", port) == "Address already in use"
     assert _port_refusal("127.0.0.1", port) is None
+
+
+def test_serve_on_what_is_not_a_readable_engine_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "not-an-engine"
+    folder.mkdir()
+    result = _cli("serve", str(folder))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "a folder without manifest.json, so not an engine directory" in result.stderr
+    # A manifest from another schema, and one that is not JSON: the reason and the fix, no traceback.
+    (folder / "manifest.json").write_text('{"schema_version": 1, "builder_version": "0.0.1"}')
+    result = _cli("serve", str(folder))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "engine manifest schema version 1" in result.stderr and "rebuild the engine" in result.stderr
+    (folder / "manifest.json").write_text('{"schema_version": ')
+    result = _cli("serve", str(folder))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is not a readable engine manifest (JSONDecodeError" in result.stderr

@@ -17,7 +17,6 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
-from engine_builder.build.checkpoints.cache import sha256_file
 from engine_builder.build.checkpoints.selection import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE
 from engine_builder.build.config import CheckpointRepository, CheckpointSource, LoadedConfig
 from engine_builder.build.errors import BuildError
@@ -28,7 +27,7 @@ from engine_builder.build.peft_lora import (
     read_peft_lora,
     read_tensors,
 )
-from engine_builder.common.artifact import EngineDir, LoraAdapter, SourceInfo
+from engine_builder.common.artifact import EngineDir, LoraAdapter, SourceInfo, sha256_file
 
 logger = logging.getLogger(__name__)
 

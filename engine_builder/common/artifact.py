@@ -13,6 +13,7 @@ Layout:
 """
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -169,31 +170,51 @@ class EngineDir:
         return self.path / CONFIG_FILE
 
 
-MODEL_FILE_STATS = "model_files"  # manifest.extra: relative path -> [size, mtime_ns] of model/ when built
+MODEL_FILE_STATS = "model_files"  # manifest.extra: relative path -> [size, mtime_ns(, sha256)] of model/ when built
 
 
-def model_file_stats(model_dir: Path) -> dict[str, list[int]]:
-    stats = {}
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def model_file_stats(model_dir: Path, linked_hashes: dict[str, str] | None = None) -> dict[str, list[Any]]:
+    """Size and modification time of every file of model/, and the sha256 of those hard-linked from the checkpoint
+    (`linked_hashes`: the fetched files' digests, known without reading them again)."""
+    stats: dict[str, list[Any]] = {}
     for path in sorted(model_dir.rglob("*")):
         if path.is_file():
             info = path.stat()
-            stats[path.relative_to(model_dir).as_posix()] = [info.st_size, info.st_mtime_ns]
+            relative = path.relative_to(model_dir).as_posix()
+            stats[relative] = [info.st_size, info.st_mtime_ns]
+            digest = (linked_hashes or {}).get(relative)
+            if digest is not None and info.st_nlink > 1:
+                stats[relative].append(digest)
     return stats
 
 
 def changed_model_files(engine: "EngineDir") -> list[str]:
-    """Files of the engine's model/ that changed since the build (size or modification time): model files are
-    hard-linked from a LOCAL checkpoint, so a checkpoint overwritten in place changes them. Engines built before
-    the fingerprints existed report nothing."""
+    """Files of the engine's model/ whose content may differ from the build's. Model files are hard-linked from
+    the checkpoint, so a LOCAL checkpoint overwritten in place changes them: a file whose size or modification
+    time moved is changed when it is still a hard link without a recorded digest, or when its digest differs.
+    A copied engine (`cp -r`, `kubectl cp`: new times, one link each) is read by content where a digest was
+    recorded, and a copied file the build wrote itself (quantized weights) cannot have been changed by a
+    checkpoint. Engines built before the fingerprints existed report nothing."""
     recorded = engine.manifest.extra.get(MODEL_FILE_STATS) or {}
     changed = []
-    for relative, (size, mtime_ns) in recorded.items():
+    for relative, (size, mtime_ns, *digest) in recorded.items():
+        path = engine.model_dir / relative
         try:
-            info = (engine.model_dir / relative).stat()
+            info = path.stat()
         except FileNotFoundError:
             changed.append(relative)
             continue
-        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+        if (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
+            continue
+        if digest:
+            if info.st_size != size or sha256_file(path) != digest[0]:
+                changed.append(relative)
+        elif info.st_nlink > 1 or info.st_size != size:
             changed.append(relative)
     return changed
 
@@ -207,7 +228,16 @@ def load_engine_dir(path: str | Path) -> EngineDir:
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{path} is not an engine directory (no {MANIFEST_FILE}); build it first")
-    return EngineDir(path=path, manifest=Manifest.from_json(manifest_file.read_text()))
+    try:
+        manifest = Manifest.from_json(manifest_file.read_text())
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not a manifest's fields (edited, truncated)
+        if isinstance(error, IncompatibleEngineError):
+            raise
+        raise IncompatibleEngineError(
+            f"{manifest_file} is not a readable engine manifest ({type(error).__name__}: {error}): rebuild the "
+            "engine with `engine-builder build`"
+        ) from None
+    return EngineDir(path=path, manifest=manifest)
 
 
 @contextmanager

@@ -118,6 +118,28 @@ def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
     assert second.engine_dir.manifest.source.revision != first.engine_dir.manifest.source.revision
 
 
+def test_a_copied_engine_serves_and_a_copy_of_a_stale_one_does_not(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cp -r` gives every file new times and one link: the digests recorded for linked files decide."""
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "checkpoint")
+    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    time.sleep(0.01)
+    copy = tmp_path / "copy"
+    shutil.copytree(engine.path, copy, copy_function=shutil.copyfile)  # content only, as `cp -r`
+    assert (copy / "model" / "config.json").stat().st_mtime_ns != (engine.model_dir / "config.json").stat().st_mtime_ns
+    assert changed_model_files(load_engine_dir(copy)) == []
+    # the checkpoint is overwritten in place after the build; a copy taken then carries the change
+    with open(checkpoint / "tokenizer_config.json", "a") as handle:
+        handle.write("\n")
+    shutil.rmtree(copy)
+    shutil.copytree(engine.path, copy, copy_function=shutil.copyfile)
+    assert changed_model_files(load_engine_dir(copy)) == ["tokenizer_config.json"]
+
+
 def test_two_builds_of_one_output_take_turns(tmp_path: Path, smollm2_dir: Path) -> None:
     first_config = write_config(tmp_path / "a.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
     second_config = write_config(tmp_path / "b.yaml", smollm2_dir, max_seq_len=512, max_num_tokens=256)

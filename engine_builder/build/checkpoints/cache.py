@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine_builder.build.checkpoints.source import RemoteFile
-from engine_builder.common.artifact import write_atomic
+from engine_builder.common.artifact import sha256_file, write_atomic
 
 CACHE_LAYOUT_VERSION = 1
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -41,11 +41,6 @@ class Snapshot:
 def digest(*parts: str) -> str:
     """A stable key from strings; the separator cannot occur inside a part."""
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_revision(files: dict[str, str]) -> str:

@@ -34,9 +34,9 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
     changed = changed_model_files(engine)
     if changed:
         logger.error(
-            "the engine's model files changed since it was built (%s): they are hard-linked from a LOCAL "
-            "checkpoint that was overwritten in place; rebuild the engine (engine-builder build <config> -o %s "
-            "--force, or engine-builder run <config>)",
+            "the engine's model files differ from what the build recorded (%s): a checkpoint they are hard-linked "
+            "from was overwritten in place, or they were edited; rebuild the engine (engine-builder build <config> "
+            "-o %s --force, or engine-builder run <config>)",
             ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
             engine.path,
         )
