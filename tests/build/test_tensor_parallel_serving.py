@@ -119,16 +119,26 @@ def test_a_dead_rank_turns_readiness_false(tmp_path: Path, smollm2_dir: Path) ->
     with started(config, tmp_path / "engine") as server:
         (rank,) = _ranks(server)
         assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
-        rank.kill()
+        long_stream = {"model": "test-model", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=long_stream, timeout=60) as streamed:
+            lines = streamed.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")  # it runs
+            rank.kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        # The stream a dead rank ends says so (an error event, then [DONE]), rather than stopping mid-text.
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "engine_unavailable" and "restart" in error["message"]
         deadline = time.monotonic() + 20
         while httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
             assert time.monotonic() < deadline, "/health stayed 200 after a rank died"
             time.sleep(0.2)
         assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
+        assert httpx.get(f"{server.base_url}/v1/models/test-model", timeout=5).status_code == 503  # Truss readiness
         response = httpx.post(
             f"{server.base_url}/v1/completions",
             json={"model": "test-model", "prompt": "Hello", "max_tokens": 4},
             timeout=30,
         )
-        assert response.status_code >= 500
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
         assert "rank1" in server.log_path.read_text()

@@ -420,6 +420,7 @@ def test_count_limits_name_the_field(small_server: ServerProcess) -> None:
 
 # -- one request's failure stays its own -------------------------------------------------------------------
 FAULT_TOKEN, FAULT_BIAS = 7, -13.25  # a logit_bias entry no one sends by chance marks the request to fail
+FAULT_MIN_TOKENS = 77  # marks a request whose output side fails after its first tokens
 
 
 def test_exception_in_one_requests_step_fails_only_that_request(
@@ -443,6 +444,16 @@ def test_exception_in_one_requests_step_fails_only_that_request(
         return original(self, logits, rows)
 
     monkeypatch.setattr(Sampler, "_process", faulty)
+    from engine_builder.serve.server.text import RequestText
+
+    original_complete = RequestText.complete
+
+    def failing_text(self: RequestText, delta: object) -> object:  # a bug of ours mid-stream, after some text
+        if self.min_tokens == FAULT_MIN_TOKENS and self.choices[0].num_tokens >= 2:
+            raise RuntimeError("injected output fault")
+        return original_complete(self, delta)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RequestText, "complete", failing_text)
     engine = load_engine_dir(small_server.log_path.parent / "engine")
     options = EngineOptions.model_validate(engine.manifest.runtime.options)
     app, _ = build_server(engine, options, ())
@@ -478,6 +489,15 @@ def test_exception_in_one_requests_step_fails_only_that_request(
         assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
         again = httpx.post(f"{base_url}{CHAT}", json={"messages": MESSAGES, "max_tokens": 4}, timeout=60)
         assert again.status_code == 200
+        # An unexpected error after a stream started still ends it cleanly: an error event, then [DONE].
+        for path in (CHAT, "/v1/completions"):
+            body = {"messages": MESSAGES} if path == CHAT else {"prompt": "Once upon a time"}
+            body |= {"max_tokens": FAULT_MIN_TOKENS + 4, "min_tokens": FAULT_MIN_TOKENS, "stream": True}
+            with httpx.stream("POST", f"{base_url}{path}", json=body, timeout=60) as streamed:
+                events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and len(events) >= 3, (path, events[-3:])
+            assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "server_error", path
+        assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
     finally:
         server.should_exit = True
         thread.join(timeout=60)

@@ -16,6 +16,11 @@ from engine_builder.common.types import (
 )
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine can no longer run requests (its loop stopped, a tensor-parallel rank died): the server answers
+    503, and its health turns red so that the orchestrator restarts it."""
+
+
 class EngineLifecycle(Protocol):
     @property
     def model_info(self) -> ModelInfo: ...

@@ -17,6 +17,7 @@ from engine_builder.common.types import (
     PreparedRequest,
     SamplingParams,
 )
+from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.guides import guide_refused
@@ -155,6 +156,13 @@ class Run:
                     yield delta
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
+        except EngineUnavailableError as error:
+            raise APIError(
+                f"The engine stopped and cannot finish this request ({error}); the server needs a restart.",
+                status=503,
+                type="server_error",
+                code="engine_unavailable",
+            ) from None
 
     def _record(self, finished: list[GenerationDelta], abandoned: bool) -> None:
         metrics = self.state.metrics

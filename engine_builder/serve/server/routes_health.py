@@ -80,7 +80,7 @@ async def list_models(request: Request) -> Response:
 async def model_readiness(name: str, request: Request) -> Response:
     """OpenAI's model lookup, and Truss's readiness route (`/v1/models/model`): 503 until ready."""
     state = _state(request)
-    if not state.ready or state.draining:
+    if not state.ready or state.draining or not state.engine.is_healthy():
         raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
     if name in state.settings.lora_adapters:
         return JSONResponse(_adapter_card(state, name))

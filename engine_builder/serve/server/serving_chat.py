@@ -1,6 +1,7 @@
 """/v1/chat/completions: render the conversation, run it, answer as JSON or as OpenAI's SSE stream."""
 
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from engine_builder.serve.server.sampling import (
 )
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -274,6 +277,9 @@ async def stream_chat(
             )
     except APIError as error:
         yield sse(error.body())
+    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
+        logger.exception("stream failed")
+        yield sse(APIError("Internal server error.", status=500, type="server_error").body())
     yield sse("[DONE]")
 
 

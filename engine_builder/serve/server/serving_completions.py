@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,8 @@ from engine_builder.serve.server.protocol import (
 from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
+
+logger = logging.getLogger(__name__)
 
 
 def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -261,4 +264,7 @@ async def _stream(
             )
     except APIError as error:
         yield sse(error.body())
+    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
+        logger.exception("stream failed")
+        yield sse(APIError("Internal server error.", status=500, type="server_error").body())
     yield sse("[DONE]")

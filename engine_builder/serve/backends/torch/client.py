@@ -26,6 +26,7 @@ from engine_builder.common.types import (
 )
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine
+from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def gil_switch_interval_s() -> float:
 _IDLE_WAIT_S = 0.05
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(EngineUnavailableError):
     pass
 
 

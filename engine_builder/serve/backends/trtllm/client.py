@@ -27,6 +27,7 @@ from engine_builder.common.types import (
     PreparedRequest,
     SamplingParams,
 )
+from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.backends.trtllm.outputs import RequestStream
 from engine_builder.serve.backends.trtllm.sampling import (
     EngineTraits,
@@ -47,7 +48,7 @@ def _is_request_error(error: BaseException) -> bool:
     return any(cls.__name__ == "RequestError" for cls in type(error).__mro__)
 
 
-class TrtLlmEngineDeadError(RuntimeError):
+class TrtLlmEngineDeadError(EngineUnavailableError):
     """TensorRT-LLM's executor stopped; the server reports unhealthy and should be restarted."""
 
 
