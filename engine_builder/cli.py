@@ -5,10 +5,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from engine_builder import __version__
 from engine_builder.build.checkpoints.errors import CheckpointError
 from engine_builder.build.config import ConfigError, load_config
 from engine_builder.build.errors import BuildError
-from engine_builder.common.artifact import IncompatibleEngineError
+from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, IncompatibleEngineError
 
 EXIT_INVALID = 2
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="engine-builder", description="Build and serve LLM and embedding engines"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__} (engine manifest schema {MANIFEST_SCHEMA_VERSION})"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     validate = commands.add_parser("validate", help="check configs and print them resolved, as YAML")

@@ -106,3 +106,10 @@ def test_serve_on_what_is_not_a_readable_engine_says_so(tmp_path: Path) -> None:
     result = _cli("serve", str(folder))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "is not a readable engine manifest (JSONDecodeError" in result.stderr
+
+
+def test_version() -> None:
+    from engine_builder import __version__
+
+    result = _cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith(f"engine-builder {__version__} (engine manifest schema ")

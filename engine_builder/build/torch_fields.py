@@ -19,7 +19,9 @@ class Field:
     path: str  # below trt_llm, e.g. "build.tensor_parallel_count"
     torch: str  # what the torch backend does with it
     trtllm: str  # what the TensorRT-LLM backend does with it
-    refuse: Callable[[Stack], bool] | None = None  # torch: True when this config sets what it cannot honour
+    # torch: true when this config sets what it cannot honour; a string says why in this config's terms (else the
+    # refusal quotes the `torch` cell)
+    refuse: Callable[[Stack], bool | str] | None = None
 
 
 def _build(stack: Stack, name: str) -> Any:
@@ -40,12 +42,18 @@ def tensor_parallel_size(stack: Stack) -> int:
     return max(_build(stack, "tensor_parallel_count"), _runtime(stack, "tensor_parallel_size", 1))
 
 
-def _tensor_parallel_refused(stack: Stack, size: int) -> bool:
+def _tensor_parallel_refused(stack: Stack, size: int) -> str:
     """What a config alone shows tensor parallelism cannot serve (the model's shapes are checked after the fetch)."""
-    return size > 1 and (not _decoder(stack) or bool(_build(stack, "lora_adapters")))
+    if size <= 1:
+        return ""
+    if not _decoder(stack):
+        return f"{size} ranks cannot serve an encoder ({stack.build.base_model.value}): set it to 1"
+    if _build(stack, "lora_adapters"):
+        return f"LoRA adapters cannot be served on {size} ranks: set it to 1, or remove build.lora_adapters"
+    return ""
 
 
-def _tensor_parallel_count_refused(stack: Stack) -> bool:
+def _tensor_parallel_count_refused(stack: Stack) -> str:
     return _tensor_parallel_refused(stack, tensor_parallel_size(stack))
 
 
@@ -155,8 +163,9 @@ def torch_refusals(stack: Stack) -> list[str]:
     """One message per field this config sets that the torch backend cannot honour (empty: it can build it)."""
     messages = []
     for field in FIELD_TABLE:
-        if field.refuse is not None and field.refuse(stack):
-            messages.append(f"trt_llm.{field.path}: {field.torch}")
+        verdict = field.refuse(stack) if field.refuse is not None else False
+        if verdict:
+            messages.append(f"trt_llm.{field.path}: {verdict if isinstance(verdict, str) else field.torch}")
     return messages
 
 

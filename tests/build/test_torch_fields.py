@@ -122,3 +122,13 @@ def test_a_plain_config_has_nothing_refused(tmp_path: Path, smollm2_dir: Path) -
         assert torch_refusals(loaded.trt_llm) == []
     for name in ("default.yaml", "smollm2.yaml", "smollm2-lookahead.yaml", "embeddings.yaml", "bei-bert-minilm.yaml"):
         assert torch_refusals(load_config(REPO_ROOT / "configs" / name).trt_llm) == [], name
+
+
+def test_a_refusal_says_why_in_the_configs_terms(tmp_path: Path, smollm2_dir: Path) -> None:
+    loaded = load_config(
+        _config(tmp_path, smollm2_dir, {"tensor_parallel_count": 2, "lora_adapters": LOCAL_ADAPTER}, {}, False)
+    )
+    assert torch_refusals(loaded.trt_llm) == [
+        "trt_llm.build.tensor_parallel_count: LoRA adapters cannot be served on 2 ranks: set it to 1, or remove "
+        "build.lora_adapters"
+    ]
