@@ -20,7 +20,7 @@ import pytest
 
 from tests.reliability import rawhttp
 from tests.reliability.checks import assert_envelope, stream_chunks, wait_until_idle
-from tests.serve.server.harness import ServerProcess, free_port, write_config
+from tests.serve.server.harness import ServerProcess, free_port, started, write_config
 
 pytestmark = pytest.mark.slow
 CHAT = "/v1/chat/completions"
@@ -543,6 +543,26 @@ def test_sigterm_finishes_open_streams(tmp_path: Path, smollm2_dir: Path) -> Non
             chunks = stream_chunks(text)
             assert chunks[-1]["usage"]["completion_tokens"] == 60
         assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        process.stop()
+
+
+def test_a_signal_while_loading_stops_at_once(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Ctrl-C (or a pod deleted) during the model load exits now, without finishing the load or serving."""
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    with started(config, tmp_path / "engine"):
+        pass  # built once: the next start only loads
+    process = ServerProcess(config, tmp_path / "engine")
+    try:
+        deadline = time.monotonic() + 60
+        while "Waiting for application startup" not in process.log_path.read_text():
+            assert process.process.poll() is None and time.monotonic() < deadline, process.log_path.read_text()[-2000:]
+            time.sleep(0.02)
+        os.killpg(process.process.pid, signal.SIGINT)
+        assert process.process.wait(timeout=10) == 128 + signal.SIGINT
+        log = process.log_path.read_text()
+        assert "while loading: stopping without serving" in log
+        assert "ready: serving" not in log and "Traceback" not in log
     finally:
         process.stop()
 

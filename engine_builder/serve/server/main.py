@@ -15,6 +15,7 @@ import uvicorn
 from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server.auth import parse_api_keys
+from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,14 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.started and not self.state.ready:
+            # Still loading: nothing to drain, and the load (minutes for a large model) cannot be interrupted in
+            # its thread; stop now rather than finish it, announce readiness, and exit. Rank processes watch this
+            # one and stop with it.
+            logger.warning("signal %s while loading: stopping without serving", signal.Signals(sig).name)
+            REQUEST_TEMPLATES.close()
+            logging.shutdown()
+            os._exit(128 + sig)
         if not self.state.draining:
             logger.info(
                 "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight
