@@ -2,21 +2,29 @@
 
 The user class gets `engine.predict`, `engine.chat_completions` and `engine.completions`, which run the
 same code as our routes (non-streaming results are response objects, streaming ones StreamingResponse).
-Its own `predict`, `chat_completions` and `completions` then answer the matching routes.
+Its own `predict`, `chat_completions` and `completions` then answer the matching routes, called as Truss's
+model wrapper calls them: `preprocess` -> `predict` -> `postprocess`, sync methods in a worker thread, and a
+returned generator streamed.
 """
 
+import enum
 import importlib.util
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as StarletteRequest
 
 from engine_builder.serve.server.app_helpers import parse_json, validation_to_api_error
+from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.serving_chat import run_chat
 from engine_builder.serve.server.serving_completions import run_completion
@@ -24,6 +32,7 @@ from engine_builder.serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 USER_METHODS = ("predict", "chat_completions", "completions")
+PREDICT_STEPS = ("preprocess", "predict", "postprocess")
 
 
 class EngineHandle:
@@ -85,6 +94,76 @@ async def call_load(user_model: Any) -> None:
         await result
 
 
+class ArgumentStyle(enum.Enum):
+    """What a user method takes, read from its signature as Truss reads it."""
+
+    NOTHING = "nothing"
+    INPUTS = "inputs"
+    REQUEST = "request"  # one parameter annotated as a Request
+    INPUTS_AND_REQUEST = "inputs and request"
+
+
+@dataclass(frozen=True)
+class UserMethod:
+    """One method of the user model: async ones run on the event loop, sync ones in a worker thread."""
+
+    name: str
+    function: Callable[..., Any]
+    arguments: ArgumentStyle
+
+    @classmethod
+    def of(cls, user_model: Any, name: str) -> "UserMethod | None":
+        function = getattr(user_model, name, None)
+        return None if function is None else cls(name, function, _argument_style(function))
+
+    async def __call__(self, inputs: Any, request: Request) -> Any:
+        """The method's result (a generator is returned unstarted); its exceptions become a logged 500."""
+        arguments = {
+            ArgumentStyle.NOTHING: (),
+            ArgumentStyle.INPUTS: (inputs,),
+            ArgumentStyle.REQUEST: (request,),
+            ArgumentStyle.INPUTS_AND_REQUEST: (inputs, request),
+        }[self.arguments]
+        try:
+            if inspect.isgeneratorfunction(self.function) or inspect.isasyncgenfunction(self.function):
+                result = self.function(*arguments)  # runs none of the body: the stream does, chunk by chunk
+            elif inspect.iscoroutinefunction(self.function):
+                result = await self.function(*arguments)
+            else:
+                result = await run_in_threadpool(self.function, *arguments)  # on the loop it would stall every request
+            if inspect.isawaitable(result):  # a plain `def` that hands back a coroutine (say the engine's)
+                result = await result
+        except (APIError, HTTPException):
+            raise
+        except Exception as error:
+            raise _user_error(self.name, error) from error
+        return result
+
+
+def _argument_style(function: Callable[..., Any]) -> ArgumentStyle:
+    try:
+        parameters = list(inspect.signature(function, eval_str=True).parameters.values())
+    except Exception:  # an annotation that does not evaluate: go by the parameter count alone
+        parameters = list(inspect.signature(function).parameters.values())
+    if not parameters:
+        return ArgumentStyle.NOTHING
+    if len(parameters) == 1:
+        annotation = parameters[0].annotation
+        is_request = inspect.isclass(annotation) and issubclass(annotation, StarletteRequest)
+        return ArgumentStyle.REQUEST if is_request else ArgumentStyle.INPUTS
+    return ArgumentStyle.INPUTS_AND_REQUEST
+
+
+def _user_error(method_name: str, error: Exception) -> APIError:
+    logger.error("the user model's `%s` raised", method_name, exc_info=error)
+    return APIError(
+        f"Internal server error in the user model's `{method_name}` ({type(error).__name__}); "
+        "the server log has the traceback.",
+        status=500,
+        type="server_error",
+    )
+
+
 def user_model_router(user_model: Any) -> APIRouter:
     """Routes for the methods the user model defines; they take precedence over the built-in ones."""
     router = APIRouter()
@@ -93,31 +172,108 @@ def user_model_router(user_model: Any) -> APIRouter:
         "chat_completions": ["/v1/chat/completions"],
         "completions": ["/v1/completions"],
     }
+    predict_steps = _predict_steps(user_model)
     for method_name in USER_METHODS:
-        method = getattr(user_model, method_name, None)
+        method = UserMethod.of(user_model, method_name)
         if method is None:
             continue
+        steps = predict_steps if method_name == "predict" else [method]
         for path in paths[method_name]:
-            router.add_api_route(path, _endpoint(method), methods=["POST"])
+            router.add_api_route(path, _endpoint(steps), methods=["POST"])
     return router
 
 
-def _endpoint(method: Any) -> Any:
-    wants_request = len(inspect.signature(method).parameters) >= 2
+def _predict_steps(user_model: Any) -> list[UserMethod]:
+    """preprocess -> predict -> postprocess, the optional ones left out; refuses what Truss refuses."""
+    preprocess, predict, postprocess = (UserMethod.of(user_model, name) for name in PREDICT_STEPS)
+    if predict is None:
+        if preprocess or postprocess:
+            raise RuntimeError("the user model has `preprocess` or `postprocess` but no `predict` to wrap")
+        return []
+    if preprocess and predict.arguments in (ArgumentStyle.NOTHING, ArgumentStyle.REQUEST):
+        raise RuntimeError("the user model's `predict` takes no inputs, so `preprocess`'s result would be lost")
+    if postprocess and postprocess.arguments in (ArgumentStyle.NOTHING, ArgumentStyle.REQUEST):
+        raise RuntimeError("the user model's `postprocess` takes no inputs, so `predict`'s result would be lost")
+    return [step for step in (preprocess, predict, postprocess) if step is not None]
+
+
+def _endpoint(steps: list[UserMethod]) -> Any:
+    """Each step's result is the next one's input; the body is parsed only for a first step that takes inputs."""
+    takes_body = steps[0].arguments in (ArgumentStyle.INPUTS, ArgumentStyle.INPUTS_AND_REQUEST)
 
     async def endpoint(request: Request) -> Response:
-        model_input = parse_json(await request.body() or b"{}")
-        result = method(model_input, request) if wants_request else method(model_input)
-        if inspect.isawaitable(result):
-            result = await result
-        return _to_response(result)
+        result = parse_json(await request.body() or b"{}") if takes_body else None
+        for step in steps:
+            if step.name == "postprocess" and (_is_stream(result) or isinstance(result, Response)):
+                raise APIError(
+                    "The user model's `predict` returned a stream or a Response, which `postprocess` cannot "
+                    "take (Truss's rule): do that processing inside `predict`, or remove `postprocess`.",
+                    status=500,
+                    type="server_error",
+                )
+            result = await step(result, request)
+        return await _to_response(result, request, steps[-1].name)
 
     return endpoint
 
 
-def _to_response(result: Any) -> Response:
+def _is_stream(result: Any) -> bool:
+    return inspect.isgenerator(result) or inspect.isasyncgen(result)
+
+
+async def _to_response(result: Any, request: Request, method_name: str) -> Response:
+    if _is_stream(result):
+        if _wants_whole_body(request):
+            try:
+                chunks = [_as_bytes(chunk) async for chunk in _iterate(result)]
+            except Exception as error:
+                raise _user_error(method_name, error) from error
+            return JSONResponse(b"".join(chunks).decode())
+        return StreamingResponse(_stream(result, method_name), media_type="application/octet-stream")
     if isinstance(result, Response):
         return result
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
     return JSONResponse(result)
+
+
+def _wants_whole_body(request: Request) -> bool:
+    """Truss gathers a stream into one JSON string for `Accept: application/json`, except from OpenAI's SDK."""
+    is_openai_sdk = "openai" in request.headers.get("user-agent", "").lower()
+    return not is_openai_sdk and request.headers.get("accept") == "application/json"
+
+
+async def _stream(generator: Any, method_name: str) -> AsyncIterator[bytes]:
+    """The body of a streamed answer. The status line is already sent, so an error is logged and ends the stream."""
+    try:
+        async for chunk in _iterate(generator):
+            yield _as_bytes(chunk)
+    except Exception:
+        logger.exception("the user model's `%s` failed mid-stream; the stream ends here", method_name)
+
+
+async def _iterate(generator: Any) -> AsyncIterator[Any]:
+    """A user generator's chunks; a sync generator advances in a worker thread, as sync methods run."""
+    try:
+        if inspect.isasyncgen(generator):
+            async for chunk in generator:
+                yield chunk
+            return
+        while (chunk := await run_in_threadpool(next, generator, _END)) is not _END:
+            yield chunk
+    finally:
+        if inspect.isasyncgen(generator):
+            await generator.aclose()
+        else:
+            generator.close()
+
+
+_END = object()
+
+
+def _as_bytes(chunk: Any) -> bytes:
+    if isinstance(chunk, str):
+        return chunk.encode()
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return bytes(chunk)
+    raise TypeError(f"a streamed chunk must be str or bytes, not {type(chunk).__name__}")

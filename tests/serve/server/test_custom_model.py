@@ -1,16 +1,23 @@
 """Engine control in Python: a Truss model/model.py next to the config wraps the engine."""
 
+import asyncio
 import json
 import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, HTTPException, Request
+from starlette.testclient import TestClient
 
+from engine_builder.common.types import EngineStats, ModelInfo
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.serve.server.harness import ServerProcess, started, write_config
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +29,7 @@ def fanout_server(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -
         yield process
 
 
+@pytest.mark.slow
 def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:
     body = {
         "model": "x",
@@ -53,6 +61,7 @@ def test_fanout_runs_each_suffix(fanout_server: ServerProcess) -> None:
     assert data["choices"][1]["message"]["content"] == single["choices"][0]["message"]["content"]
 
 
+@pytest.mark.slow
 def test_user_errors_and_streaming_postprocessing(fanout_server: ServerProcess) -> None:
     bad = httpx.post(
         f"{fanout_server.base_url}/v1/chat/completions",
@@ -68,3 +77,212 @@ def test_user_errors_and_streaming_postprocessing(fanout_server: ServerProcess) 
     with httpx.stream("POST", f"{fanout_server.base_url}/predict", json=body, timeout=60) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: {")]
     assert events and all(json.loads(line[6:])["loaded"] is True for line in events)
+
+
+class _StubEngine:
+    """Enough of an EngineClient for an app whose lifespan never runs: the user model never calls the engine."""
+
+    model_info = ModelInfo("m", 128, 100, (0,), "LlamaForCausalLM", "decoder")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0)
+
+    def is_healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self, timeout_s: float) -> None:
+        return None
+
+
+def _app(user_model: Any) -> FastAPI:
+    state = ServerState(settings=ServerSettings("m"), engine=_StubEngine(), renderer=None)
+    return create_app(state, user_model=user_model)
+
+
+def _client(user_model: Any) -> TestClient:
+    return TestClient(_app(user_model), raise_server_exceptions=False)
+
+
+class _Pipeline:
+    """Sync and async steps mixed: Truss calls each whichever it is."""
+
+    def preprocess(self, model_input: dict[str, Any]) -> dict[str, Any]:
+        return {**model_input, "steps": ["preprocess"]}
+
+    async def predict(self, model_input: dict[str, Any], request: Request) -> dict[str, Any]:
+        return {**model_input, "steps": [*model_input["steps"], "predict"], "path": request.url.path}
+
+    def postprocess(self, result: dict[str, Any], request: Request) -> dict[str, Any]:
+        return {**result, "steps": [*result["steps"], "postprocess"]}
+
+    async def chat_completions(self, model_input: dict[str, Any]) -> dict[str, Any]:
+        return model_input
+
+
+def test_predict_runs_preprocess_then_predict_then_postprocess() -> None:
+    client = _client(_Pipeline())
+    for path in ("/predict", "/v1/models/m:predict"):
+        response = client.post(path, json={"x": 1})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"x": 1, "steps": ["preprocess", "predict", "postprocess"], "path": path}
+    assert client.post("/v1/chat/completions", json={"x": 1}).json() == {"x": 1}  # only predict is wrapped
+
+
+def test_request_only_methods_get_the_request_and_skip_body_parsing() -> None:
+    class RequestOnly:
+        async def predict(self, request: Request) -> dict[str, Any]:
+            return {"body": (await request.body()).decode()}
+
+    response = _client(RequestOnly()).post("/predict", content=b"not json")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"body": "not json"}
+
+
+def test_definitions_truss_refuses_fail_at_startup() -> None:
+    class LostPreprocess:
+        def preprocess(self, model_input: Any) -> Any:
+            return model_input
+
+        def predict(self, request: Request) -> Any:
+            return {}
+
+    with pytest.raises(RuntimeError, match="preprocess"):
+        _app(LostPreprocess())
+
+
+def _sync_chunks(model_input: dict[str, Any]) -> Iterator[str | bytes]:
+    yield "a"
+    yield b"b"
+
+
+async def _async_chunks(model_input: dict[str, Any]) -> AsyncIterator[str | bytes]:
+    yield b"a"
+    await asyncio.sleep(0)
+    yield "b"
+
+
+@pytest.mark.parametrize("chunks", [_sync_chunks, _async_chunks], ids=["sync", "async"])
+def test_generators_stream_as_octet_stream(chunks: Any) -> None:
+    class Streaming:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            return chunks(model_input)
+
+        chat_completions = staticmethod(chunks)
+
+    client = _client(Streaming())
+    for path in ("/predict", "/v1/chat/completions"):
+        with client.stream("POST", path, json={}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/octet-stream"
+            assert b"".join(response.iter_bytes()) == b"ab"
+    gathered = client.post("/predict", json={}, headers={"Accept": "application/json"})
+    assert gathered.json() == "ab"  # Truss gathers a stream for a client that asks for JSON
+
+
+def test_error_mid_stream_ends_the_stream_cleanly_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    class Failing:
+        async def predict(self, model_input: dict[str, Any]) -> AsyncIterator[str]:
+            yield "partial"
+            if model_input.get("fail"):
+                raise ValueError("boom")
+            yield " whole"
+
+    async def scenario() -> list[str]:
+        # ASGITransport re-raises what escapes the app, as a real server would abort the connection
+        transport = httpx.ASGITransport(app=_app(Failing()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            failed = await client.post("/predict", json={"fail": True})
+            assert failed.status_code == 200
+            whole = await client.post("/predict", json={})
+            return [failed.text, whole.text]
+
+    assert asyncio.run(scenario()) == ["partial", "partial whole"]
+    assert "`predict` failed mid-stream" in caplog.text
+
+
+def test_postprocess_refuses_a_streamed_predict() -> None:
+    class StreamThenPostprocess:
+        def predict(self, model_input: Any) -> Iterator[str]:
+            yield "a"
+
+        def postprocess(self, result: Any) -> Any:
+            return result
+
+    response = _client(StreamThenPostprocess()).post("/predict", json={})
+    assert response.status_code == 500
+    assert "`postprocess`" in response.json()["error"]["message"]
+
+
+def test_user_exceptions_are_500s_naming_the_method_and_http_errors_pass_through() -> None:
+    class Raising:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            if model_input.get("http"):
+                raise HTTPException(status_code=422, detail="bad field")
+            raise ValueError("secret detail")
+
+    client = _client(Raising())
+    response = client.post("/predict", json={})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert "`predict`" in error["message"] and "ValueError" in error["message"]
+    assert "secret detail" not in error["message"]  # the log has it, the client does not
+    passed = client.post("/predict", json={"http": True})
+    assert passed.status_code == 422 and passed.json()["error"]["message"] == "bad field"
+    assert client.get("/health").status_code == 200
+
+
+class _Releasable:
+    """Its `block(step)` holds the calling thread until the test releases it, if `step` is the blocking one."""
+
+    def __init__(self, blocking_step: str) -> None:
+        self.blocking_step = blocking_step
+        self.release = threading.Event()
+
+    def block(self, step: str) -> None:
+        if step == self.blocking_step:
+            self.release.wait(timeout=3)
+
+
+class _Blocking(_Releasable):
+    def preprocess(self, model_input: dict[str, Any]) -> dict[str, Any]:
+        self.block("preprocess")
+        return model_input
+
+    def predict(self, model_input: dict[str, Any]) -> Any:
+        self.block("predict")
+        return {"done": True}
+
+    def postprocess(self, result: Any) -> Any:
+        self.block("postprocess")
+        return result
+
+
+class _BlockingStream(_Releasable):
+    def predict(self, model_input: dict[str, Any]) -> Iterator[str]:
+        yield "a"
+        self.block("generator")
+        yield "b"
+
+
+@pytest.mark.parametrize("blocking_step", ["preprocess", "predict", "postprocess", "generator"])
+def test_sync_user_code_runs_off_the_event_loop(blocking_step: str) -> None:
+    user_model = (_BlockingStream if blocking_step == "generator" else _Blocking)(blocking_step)
+    app = _app(user_model)
+
+    async def scenario() -> float:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            started_at = time.monotonic()
+            predict = asyncio.create_task(client.post("/predict", json={}))
+            await asyncio.sleep(0.2)  # the request is now inside the blocking step
+            health = await client.get("/health")
+            answered_s = time.monotonic() - started_at
+            user_model.release.set()
+            assert health.status_code == 200 and (await predict).status_code == 200
+            return answered_s
+
+    assert asyncio.run(scenario()) < 1.5  # with the event loop blocked, /health waits out the 3 s
