@@ -232,9 +232,7 @@ def _build_engine_locked(
             _link_model_files(fetched, model_dir)
             quantization_summary = {"quantization": "no_quant", "kv_cache_dtype": "auto"}
         else:
-            from engine_builder.build.calibration.pipeline import quantize_checkpoint
-
-            quantization_summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
+            quantization_summary = _quantize_keeping_a_failed_report(loaded, fetched, staging, output, backend, options)
         trtllm_serve = None
         if backend == "trtllm":
             from engine_builder.build.compile.trtllm import compile_trtllm
@@ -262,10 +260,41 @@ def _build_engine_locked(
         manifest.extra[MODEL_FILE_STATS] = model_file_stats(model_dir, fetched.files)
         (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
+        _readable_as_umask_allows(staging)
     engine = load_engine_dir(output)
     seconds = time.monotonic() - started
     logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
     return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def _quantize_keeping_a_failed_report(
+    loaded: LoadedConfig, fetched: FetchedCheckpoint, staging: Path, output: Path, backend: str, options: EngineOptions
+) -> dict[str, str]:
+    """Calibrate and quantize into `staging`. A breached accuracy gate leaves no engine, so its report (what the
+    user tunes the thresholds from) is kept beside the output folder, and the error names it."""
+    from engine_builder.build.calibration.pipeline import QuantizationGateError, quantize_checkpoint
+
+    try:
+        return quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
+    except QuantizationGateError as error:
+        kept = output.parent / f"{output.name}.calibration_report.json"
+        write_atomic(kept, error.report)
+        error.args = (f"{error.args[0]}. The full report: {kept}",)
+        raise
+
+
+def _readable_as_umask_allows(root: Path) -> None:
+    """Give the files the build wrote itself the read bits the umask allows: some writers (safetensors' save_file
+    through a temporary file) leave 0600, and an engine built by one user is often served by another. Hard links
+    into the checkpoint are left alone (changing their mode would change the checkpoint's)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o444 & ~mask
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            info = path.stat()
+            if info.st_nlink == 1 and (info.st_mode & wanted) != wanted:
+                path.chmod((info.st_mode | wanted) & 0o7777)
 
 
 def public_repo(repository: CheckpointRepository) -> str:
@@ -316,22 +345,29 @@ def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
 
 
 def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:
-    """For a build our calibration quantizes: the quantizer that will run and the gate's thresholds with where each
-    came from (recorded in the manifest too); empty otherwise."""
+    """For a build our calibration quantizes: the quantizer that will run, the gate's thresholds with where each
+    came from, and a local calibration dataset's content digest (recorded in the manifest too); empty otherwise."""
     from engine_builder.build.calibration.recipes import RECIPES
 
     quantization = loaded.trt_llm.build.quantization_type.value
     if quantization not in RECIPES:
         return {}
     from engine_builder.build.calibration import gate
+    from engine_builder.build.calibration.datasets import local_data_fingerprint
     from engine_builder.build.calibration.quantizers import resolve_quantizer
 
     thresholds = gate.thresholds_for(RECIPES[quantization].quant_algo, options)
-    return {
+    identity: dict[str, Any] = {
         "quantizer": resolve_quantizer(options.quantizer),
         "gate": thresholds.to_dict(),
         "gate_sources": dict(thresholds.sources),
     }
+    # A local calib_dataset counts by content (edited in place, it rebuilds); a missing one is refused here,
+    # before any download.
+    data = local_data_fingerprint(loaded.trt_llm.build.quantization_config.calib_dataset, loaded.base_dir)
+    if data is not None:
+        identity["calib_data"] = data
+    return identity
 
 
 def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:

@@ -94,3 +94,27 @@ def test_a_build_flag_change_rebuilds_and_the_same_flags_reuse(
     # a serving option reuses the engine and is recorded for `serve ENGINE_DIR`
     reused = build_engine(loaded, output, _with(options, dtype="float32", kv_block_size=32))
     assert reused.reused and load_engine_dir(output).manifest.runtime.options["kv_block_size"] == 32
+
+
+def test_a_local_calibration_dataset_counts_by_content(tmp_path: Path) -> None:
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"text": "one"}\n')
+    config = tmp_path / "local-data.yaml"
+    config.write_text(
+        CONFIG.format(quantization="fp8", extra="").replace(
+            "    checkpoint_repository:", "    quantization_config: {calib_dataset: calib.jsonl}\n    checkpoint_repository:"
+        )
+    )
+    loaded = load_config(config)
+    before = build_identity(loaded, loaded.truss.engine_builder)
+    assert quantization_identity(loaded, loaded.truss.engine_builder)["calib_data"].startswith("sha256:")
+    data.write_text('{"text": "two"}\n')  # edited in place under the same config
+    assert build_identity(loaded, loaded.truss.engine_builder) != before
+    from engine_builder.build.calibration.datasets import CalibrationDataError
+
+    data.unlink()  # a missing local dataset is refused before anything is fetched
+    with pytest.raises(CalibrationDataError, match="calib.jsonl does not exist"):
+        build_identity(loaded, loaded.truss.engine_builder)
+    config.write_text(config.read_text().replace("calib_dataset: calib.jsonl", "calib_dataset: ''"))
+    with pytest.raises(CalibrationDataError, match="calib_dataset is empty"):
+        build_identity(load_config(config), loaded.truss.engine_builder)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine_builder.build.errors import BuildError
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -23,7 +25,7 @@ TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".md")
 SAMPLE_SEED = 1234
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(BuildError, ValueError):
     """The calibration dataset cannot be read; the message names the value and the fix."""
 
 
@@ -119,7 +121,29 @@ def _text_of(item: Any, path: Path) -> str:
     )
 
 
+def local_data_fingerprint(name: str, base_dir: Path | None) -> str | None:
+    """The digest of a local calib_dataset's files (None for the builtin set or a hub dataset): part of the build
+    identity, so calibration data edited in place rebuilds the engine as a changed LOCAL checkpoint does. Raises
+    CalibrationDataError for a local path that does not exist, before any download."""
+    path = _local_path(name, base_dir)
+    if path is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else file.name.encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
 def _local_path(name: str, base_dir: Path | None) -> Path | None:
+    if not name.strip():
+        raise CalibrationDataError(
+            "trt_llm.build.quantization_config.calib_dataset is empty: name a local .jsonl/.json/.txt file or "
+            "folder, a Hugging Face dataset, or builtin"
+        )
     candidate = Path(name).expanduser()
     for path in (
         [candidate] if candidate.is_absolute() else [*([base_dir / candidate] if base_dir else []), candidate]

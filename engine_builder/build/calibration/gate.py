@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from engine_builder.build.errors import BuildError
 from engine_builder.common.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ DEFAULTS = {
 }
 
 
-class GateValueError(ValueError):
-    pass
+class GateValueError(BuildError, ValueError):
+    """An environment override of the gate that cannot be used; raised before any calibration runs."""
 
 
 def thresholds_for(
@@ -85,6 +86,7 @@ def thresholds_for(
         raw = environ.get(variable, "").strip()
         if raw:
             value = _float(variable, raw)
+            _check_bounds(option, variable, value)
             sources[name] = f"{variable}={raw}"
         values[name] = getattr(base, name) if value is None else value
     enabled = options.quantization_gate
@@ -132,6 +134,16 @@ def _where(thresholds: GateThresholds, name: str) -> str:
     if source and not source.startswith(FIELD_PREFIX):
         return source.partition("=")[0]
     return FIELD_PREFIX + THRESHOLD_SOURCES[name][0]
+
+
+def _check_bounds(option: str, variable: str, value: float) -> None:
+    """An override obeys the bounds of the config field it overrides (a top-1 agreement above 1 can never pass)."""
+    import pydantic
+
+    try:
+        EngineOptions.model_validate({option: value})
+    except pydantic.ValidationError as error:
+        raise GateValueError(f"{variable}={value}: {error.errors()[0]['msg']}") from None
 
 
 def _float(name: str, value: str) -> float:

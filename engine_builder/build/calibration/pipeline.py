@@ -3,8 +3,8 @@
 The quantizer (engine_builder/build/calibration/quantizers.py: nvidia-modelopt by default) writes the quantized folder; the accuracy is
 measured here, the same way whoever quantized, on the folder as the torch engine loads it. `quantize_checkpoint`
 writes the quantized Hugging Face folder to `<engine>/model` and the accuracy report to
-`<engine>/calibration_report.json`; a breached threshold raises `QuantizationGateError` (a BuildError) after the
-report is written, naming the numbers.
+`<engine>/calibration_report.json`; a breached threshold raises `QuantizationGateError` (a BuildError) carrying the
+report, naming the numbers (no engine is written; the build stage keeps the report beside the output folder).
 """
 
 import ctypes
@@ -51,7 +51,12 @@ class QuantizationError(BuildError):
 
 
 class QuantizationGateError(BuildError):
-    """The quantized model breached an accuracy threshold; the report is in the engine directory."""
+    """The quantized model breached an accuracy threshold. `report` is the calibration report's JSON: the build
+    writes no engine, so the build stage keeps the report beside the output folder."""
+
+    def __init__(self, message: str, report: str) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def quantize_checkpoint(
@@ -81,7 +86,7 @@ def quantize_checkpoint(
     if not samples:
         raise QuantizationError(f"calib_dataset {settings.calib_dataset} gave no usable text")
     if len(samples) < settings.calib_size:
-        logger.info(
+        logger.warning(
             "calibration uses %d samples (calib_size %d): that is all %s holds",
             len(samples),
             settings.calib_size,
@@ -142,7 +147,8 @@ def quantize_checkpoint(
             "failures": breached,
         },
     }
-    write_atomic(staging_engine_dir / CALIBRATION_REPORT, json.dumps(report, indent=2) + "\n")
+    report_text = json.dumps(report, indent=2) + "\n"
+    write_atomic(staging_engine_dir / CALIBRATION_REPORT, report_text)
     logger.info(
         "%s (%s): top-1 agreement %.4f, perplexity %.3f -> %.3f (%+.2f%%), weights %d -> %d bytes",
         recipe.name,
@@ -157,8 +163,8 @@ def quantize_checkpoint(
     if breached and thresholds.enabled:
         raise QuantizationGateError(
             f"quantization {recipe.name} failed the accuracy gate: {'; '.join(breached)}. "
-            f"Loosen the named settings (or set engine_builder.quantization_gate: false) to accept it; "
-            f"see {CALIBRATION_REPORT}"
+            f"Loosen the named settings (or set engine_builder.quantization_gate: false) to accept it",
+            report_text,
         )
     if breached:
         logger.warning("accuracy gate is off; breached: %s", "; ".join(breached))

@@ -80,6 +80,12 @@ def test_build_quantized_engine(smollm2_dir: Path, tmp_path: Path, quantization:
     assert weights["ratio"] <= 0.62  # embeddings (tied LM head) stay bf16: 57 MB of 269 MB
     assert weights["quantized_bytes"] == _bytes(engine.model_dir)
     assert weights["reference_bytes"] == _bytes(smollm2_dir)
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    readable = 0o444 & ~umask  # safetensors writes 0600 through a temporary file: the build opens it up
+    assert (engine.model_dir / "model.safetensors").stat().st_mode & readable == readable
 
 
 @pytest.mark.gpu
@@ -106,13 +112,18 @@ def test_gate_fails_the_build_with_the_numbers(
     monkeypatch.setattr(
         pipeline, "heldout_texts", lambda: ["The quick brown fox jumps over the lazy dog."] * 2
     )
-    monkeypatch.setenv("ENGINE_BUILDER_QUANT_MIN_TOP1", "1.01")
+    monkeypatch.setenv("ENGINE_BUILDER_QUANT_MIN_COSINE", "1.0")  # quantized logits always differ a little
     code, output = _build(tmp_path, smollm2_dir, "fp8", dataset=str(calib))
     errors = capfd.readouterr().err  # the CLI logs to stderr
     assert code == 1
-    assert not output.exists()  # the staged engine (report included) is discarded
-    assert "failed the accuracy gate: top-1 agreement" in errors
-    assert "< 1.01 (ENGINE_BUILDER_QUANT_MIN_TOP1)" in errors
+    assert not output.exists()  # no engine
+    assert "failed the accuracy gate: " in errors and "mean logit cosine" in errors
+    assert "< 1.0 (ENGINE_BUILDER_QUANT_MIN_COSINE)" in errors
+    # the report the user tunes thresholds from is kept beside the output, and the error names it
+    kept = tmp_path / "engine-fp8.calibration_report.json"
+    assert f"The full report: {kept}" in errors and "Traceback" not in errors
+    report = json.loads(kept.read_text())
+    assert not report["gate"]["passed"] and any(f.startswith("mean logit cosine") for f in report["gate"]["failures"])
 
 
 def test_recipes_and_encoder_refusal(tmp_path: Path) -> None:

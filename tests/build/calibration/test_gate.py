@@ -34,6 +34,14 @@ def test_bad_values_are_refused() -> None:
         gate.thresholds_for("FP8", environ={gate.ENV_MIN_COSINE: "high"})
     with pytest.raises(ValueError, match="quantization_min_top1_agreement"):
         EngineOptions(quantization_min_top1_agreement=1.5)
+    # An override keeps the bounds of the field it overrides (checked before any calibration runs).
+    with pytest.raises(gate.GateValueError, match=r"ENGINE_BUILDER_QUANT_MIN_TOP1=1.5: .*less than or equal to 1"):
+        gate.thresholds_for("FP8", environ={gate.ENV_MIN_TOP1: "1.5"})
+    with pytest.raises(gate.GateValueError, match=r"ENGINE_BUILDER_QUANT_MAX_PPL_INCREASE=-0.1: .*greater than"):
+        gate.thresholds_for("FP8", environ={gate.ENV_MAX_PPL_INCREASE: "-0.1"})
+    from engine_builder.build.errors import BuildError
+
+    assert issubclass(gate.GateValueError, BuildError)  # the CLI prints it as one line, not a traceback
 
 
 def test_quantizer_choice(monkeypatch: pytest.MonkeyPatch) -> None:
