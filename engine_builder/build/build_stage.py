@@ -250,7 +250,9 @@ def _build_engine_locked(
 
             stored_adapters = store_lora_adapters(adapters, staging)
         manifest = _manifest(loaded, options, info, fetched, backend, config_hash, quantization_summary)
-        manifest.runtime = runtime_spec(loaded, options, model_dir, trtllm_serve, stored_adapters)
+        manifest.runtime = runtime_spec(
+            loaded, options, model_dir, trtllm_serve, stored_adapters, checkpoint_dir=fetched.path
+        )
         quantization_build = quantization_identity(loaded, options)
         if quantization_build:
             manifest.extra["quantization_build"] = quantization_build

@@ -8,7 +8,7 @@ from typing import Any
 from engine_builder.build.config import LoadedConfig, TrtLlmConfigV1
 from engine_builder.build.torch_fields import tensor_parallel_size
 from engine_builder.common.artifact import LookaheadSettings, LoraAdapter, RuntimeSpec, SchedulingSpec
-from engine_builder.common.model_facts import read_model_facts
+from engine_builder.common.model_facts import mentions_matryoshka, read_model_facts
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.trtllm.specs import LlmSpec
 
@@ -19,8 +19,11 @@ def runtime_spec(
     model_dir: Path,
     trtllm_serve: LlmSpec | None = None,
     lora_adapters: list[LoraAdapter] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> RuntimeSpec:
-    """`lora_adapters`: the adapters the build stored (engine_builder/build/lora_adapters.py), if any."""
+    """`lora_adapters`: the adapters the build stored (engine_builder/build/lora_adapters.py), if any;
+    `checkpoint_dir`: the fetched checkpoint, whose model card says whether an encoder was trained for Matryoshka
+    truncation (default: `model_dir`)."""
     stack = loaded.trt_llm
     runtime: Any = stack.runtime
     build = stack.build
@@ -47,6 +50,7 @@ def runtime_spec(
         lookahead=lookahead,
         request_default_max_tokens=getattr(runtime, "request_default_max_tokens", None),
         default_route=getattr(runtime, "webserver_default_route", None),
+        trained_matryoshka=build.base_model.is_encoder and mentions_matryoshka(checkpoint_dir or model_dir),
         options=options.model_dump(mode="json"),
         trtllm=_relative_spec(trtllm_serve, model_dir.parent) if trtllm_serve is not None else None,
         lora_adapters=list(lora_adapters or []),

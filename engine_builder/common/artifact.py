@@ -93,6 +93,7 @@ class RuntimeSpec:
     lookahead: LookaheadSettings | None = None
     request_default_max_tokens: int | None = None
     default_route: str | None = None  # encoders: the route /predict maps to
+    trained_matryoshka: bool = False  # encoders: the model card says Matryoshka training (`matryoshka: auto`)
     options: dict[str, Any] = field(default_factory=dict)  # the engine_builder: section the build resolved
     trtllm: dict[str, Any] | None = None  # the TensorRT-LLM LLM(...) to serve (paths relative to the engine)
     lora_adapters: list[LoraAdapter] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Facts read from a Hugging Face model folder that more than one part needs: vocabulary size and EOS ids."""
+"""Facts read from a Hugging Face model folder that more than one part needs: vocabulary size, EOS ids and the
+model card's Matryoshka hint."""
 
 import json
 from dataclasses import dataclass
@@ -32,3 +33,17 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
             break
     eos_ids = tuple(int(t) for t in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     return ModelFacts(vocab_size=vocab_size, eos_token_ids=eos_ids)
+
+
+MODEL_CARD = "README.md"
+
+
+def mentions_matryoshka(model_dir: Path) -> bool:
+    """True when the model card says the model was trained for Matryoshka (truncatable) embeddings.
+
+    The card is the only signal a checkpoint carries: sentence-transformers saves no Matryoshka setting in its
+    configs (`truncate_dim` is an argument at load time)."""
+    try:
+        return "matryoshka" in (model_dir / MODEL_CARD).read_text(errors="ignore").lower()
+    except OSError:
+        return False

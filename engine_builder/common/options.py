@@ -135,3 +135,8 @@ class EngineOptions(pydantic.BaseModel):
         "refuse them (false); unset = /v1/embeddings and the rerank routes refuse (400, as OpenAI does) and TEI's "
         "/embed and /predict follow BEI (encoder_bert truncates, encoder refuses)",
     )
+    matryoshka: bool | Literal["auto"] = pydantic.Field(
+        default="auto",
+        description="Encoders: accept `dimensions` (Matryoshka truncation of embeddings): auto = when the model card "
+        "says the model was trained for it (read at build time), true/false = for a model whose card does not say",
+    )

@@ -1,5 +1,6 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
-sentence-transformers module folders and safetensors weights; other weight formats (.bin, .pt, .onnx,
+sentence-transformers module folders, safetensors weights and the model card (README.md at the root: the build
+reads an encoder's Matryoshka training from it); other weight formats (.bin, .pt, .onnx,
 .msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
@@ -20,6 +21,7 @@ SKIPPED_FOLDERS = frozenset(
 )
 SKIPPED_NAMES = frozenset({"LICENSE.txt", "trainer_state.json", "training_args.json"})
 SKIPPED_PREFIXES = ("optimizer", "scheduler", "rng_state", "training_args")
+MODEL_CARD = "README.md"
 
 
 def is_weight_file(path: str) -> bool:
@@ -28,6 +30,8 @@ def is_weight_file(path: str) -> bool:
 
 
 def is_needed(path: str) -> bool:
+    if path == MODEL_CARD:
+        return True
     parts = PurePosixPath(path).parts
     if not parts or any(part in SKIPPED_FOLDERS or part.startswith(".") for part in parts):
         return False

@@ -300,7 +300,8 @@ class EncoderEngine:
         if not self.info.supports_matryoshka:
             raise InvalidRequestError(
                 "`dimensions` is not supported: this model was not trained for Matryoshka truncation "
-                "(its model card does not say so); omit `dimensions`, or enable it in the server config",
+                "(its model card does not say so); omit `dimensions`, or deploy with the engine option "
+                "`matryoshka: true` (flag `--matryoshka true`) if it was",
                 param="dimensions",
             )
         if not 1 <= dimensions <= self.info.hidden_size:

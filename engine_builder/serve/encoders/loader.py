@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine_builder.common.model_facts import mentions_matryoshka
 from engine_builder.serve.encoders.errors import ModelLoadError
 from engine_builder.serve.encoders.info import (
     BEI_MAX_CLIENT_BATCH_SIZE,
@@ -23,11 +24,7 @@ from engine_builder.serve.encoders.models import (
     EncoderTask,
     read_checkpoint_config,
 )
-from engine_builder.serve.encoders.st_layout import (
-    SentenceTransformerLayout,
-    mentions_matryoshka,
-    read_layout,
-)
+from engine_builder.serve.encoders.st_layout import SentenceTransformerLayout, read_layout
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 from engine_builder.serve.encoders.truncation import TruncationDefaults
 

@@ -1,5 +1,5 @@
 """Reads a sentence-transformers layout: modules.json, the Pooling/Dense/Normalize module folders,
-`sentence_bert_config.json` (max_seq_length) and the model card's Matryoshka hint.
+`sentence_bert_config.json` (max_seq_length). The model card's Matryoshka hint is in common/model_facts.py.
 
 Only the module types we can run are accepted; anything else is refused at load time.
 """
@@ -154,12 +154,3 @@ def _read_max_seq_length(model_dir: Path) -> int | None:
         value = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
         value = value if isinstance(value, int) and value < 1_000_000 else None
     return int(value) if value else None
-
-
-def mentions_matryoshka(model_dir: Path) -> bool:
-    """True when the model card says the model was trained for Matryoshka (truncatable) embeddings."""
-    readme = model_dir / "README.md"
-    try:
-        return "matryoshka" in readme.read_text(errors="ignore").lower()
-    except OSError:
-        return False

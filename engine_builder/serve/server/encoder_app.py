@@ -105,6 +105,8 @@ def build_encoder_server(
         device=str(device),
         dtype=dtype,
         auto_truncate=options.auto_truncate,
+        # `dimensions`: the option when it says true or false, else what the build read on the model card
+        matryoshka=options.matryoshka if isinstance(options.matryoshka, bool) else manifest.runtime.trained_matryoshka,
     )
     default_route = manifest.runtime.default_route
     if default_route in ("/v1/systemone", "/predict_tokens"):

@@ -96,7 +96,7 @@ def test_private_repo_end_to_end(
     assert fetched.revision == COMMIT
     expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
     assert fetched.files["model.safetensors"] == expected
-    assert "README.md" not in fetched.files and not any(
+    assert "README.md" in fetched.files and not any(
         p.endswith((".bin", ".onnx", ".ot")) for p in fetched.files
     )
     cdn_requests = [r for r in hub.requests if r.path.startswith("/cdn/")]

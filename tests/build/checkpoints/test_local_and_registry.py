@@ -39,17 +39,18 @@ def test_registry_imports_sdks_lazily() -> None:
 
 
 def test_selection_keeps_model_files_only() -> None:
+    """The model card too (an encoder's Matryoshka training is read from it), but only at the root."""
     listing = [
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
         "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "merges.txt", "chat_template.jinja",
         "modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors", "pytorch_model.bin", "model.onnx",
         "onnx/model.onnx", "onnx/config.json", "flax_model.msgpack", "tf_model.h5", "README.md", ".gitattributes",
-        "optimizer.pt", "trainer_state.json", "modeling_custom.py", "rng_state_0.pth", "images/logo.png",
+        "docs/README.md", "optimizer.pt", "trainer_state.json", "modeling_custom.py", "rng_state_0.pth", "images/logo.png",
     ]  # fmt: skip
     assert needed_paths(listing) == sorted([
         "1_Pooling/config.json", "2_Dense/model.safetensors", "chat_template.jinja", "config.json",
         "generation_config.json", "merges.txt", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-        "modules.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt",
+        "modules.json", "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt",
     ])  # fmt: skip
 
 

@@ -47,7 +47,7 @@ def test_minilm_archive_end_to_end(
     expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
     assert fetched.files["model.safetensors"] == expected
     assert (fetched.path / "1_Pooling" / "config.json").is_file()
-    assert "README.md" not in fetched.files
+    assert "README.md" in fetched.files  # the model card: the build reads Matryoshka training from it
     assert_secret_absent("presigned-secret", caplog.text)
     # The archive is not kept once unpacked; a rebuild reuses the snapshot without downloading.
     assert sorted(p.name for p in (cache_dir / "checkpoints" / "blobs").iterdir()) == []

@@ -140,9 +140,12 @@ def started(
 
 
 @contextmanager
-def in_process_server(root: Path, model_dir: Path, base_model: str = "decoder") -> Iterator[tuple[Any, Any]]:
+def in_process_server(
+    root: Path, model_dir: Path, base_model: str = "decoder", **engine_options: object
+) -> Iterator[tuple[Any, Any]]:
     """Build a small float32 torch engine of `model_dir` under `root` and serve it in this process: yields a
-    FastAPI TestClient and the server's state (for tests that look inside a request's steps or its counters)."""
+    FastAPI TestClient and the server's state (for tests that look inside a request's steps or its counters).
+    `engine_options` go to the config's engine_builder: section."""
     import pytest
     from fastapi.testclient import TestClient
 
@@ -152,7 +155,7 @@ def in_process_server(root: Path, model_dir: Path, base_model: str = "decoder") 
 
     config = write_config(
         root / "config.yaml", model_dir, max_seq_len=256, base_model=base_model,
-        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},
+        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20, **engine_options},
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENGINE_BUILDER_CACHE", str(root / "cache"))
