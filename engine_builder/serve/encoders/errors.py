@@ -74,5 +74,14 @@ class UnhealthyError(EncoderError):
     error_type = "unhealthy"
 
 
+class ClientDisconnectedError(EncoderError):
+    """The client went away before the answer (499, as nginx logs it and the generation routes count it): its
+    waiting inputs were dropped, and nobody reads this answer."""
+
+    code = "client_closed_request"
+    status_code = 499
+    error_type = "client_closed_request"
+
+
 class ModelLoadError(Exception):
     """The checkpoint directory cannot be served as an encoder; the message says why and what to change."""

@@ -5,7 +5,8 @@ Truss default route /v1/models/{name}:predict, with TEI metadata headers on ever
 Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
 {"error", "error_type"} elsewhere; statuses come from `errors.py`. Every inference request runs inside the
 server's `RequestTracker` (admission, in-flight count, metrics), whose refusals the app renders; /info, /tokenize
-and /decode run no model and stay outside it, answered while the server is busy as TEI answers them.
+and /decode run no model and stay outside it, answered while the server is busy as TEI answers them. A client that
+disconnects cancels its request (`disconnect.py`).
 """
 
 import enum
@@ -22,6 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 
 from engine_builder import __version__
+from engine_builder.serve.encoders.disconnect import read_body, until_disconnect
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError
 from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
@@ -116,7 +118,8 @@ def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[API
 
             async def answer(request: Request) -> Response:
                 try:
-                    return await handler(request)
+                    await read_body(request)
+                    return await until_disconnect(request, handler(request))
                 except RequestValidationError as exc:
                     return render_error(_from_validation(exc), style)
                 except EncoderError as exc:

@@ -2,7 +2,9 @@
 metrics, and LangChain's OpenAIEmbeddings against them."""
 
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -93,3 +95,31 @@ def test_langchain_openai_embeddings(encoder_server: ServerProcess) -> None:
     official = OpenAI(base_url=f"{encoder_server.base_url}/v1", api_key="secret", max_retries=0)
     reference = official.embeddings.create(model="m", input=texts)
     np.testing.assert_allclose(documents, [item.embedding for item in reference.data], atol=1e-6)
+
+
+def test_clients_that_time_out_do_not_leave_work_behind(encoder_server: ServerProcess) -> None:
+    """Fifteen clients give up on 128 long inputs each (30 full batches) after 50 ms: their waiting inputs are
+    dropped (a batch already running may finish), so a one-token request right after is answered within a few
+    batches' time, not after all of theirs, and the in-flight gauge returns to 0. Timed against one full batch
+    measured first, so a busy machine does not make it flaky."""
+    url, headers = f"{encoder_server.base_url}/v1/embeddings", {"Authorization": "Api-Key secret"}
+    inputs = [" ".join(f"w{index}" for index in range(400))] * 128  # 256 tokens each once cut: 64 per batch
+    started = time.monotonic()
+    assert httpx.post(url, headers=headers, json={"input": inputs[:64]}, timeout=120).status_code == 200
+    batch_s = time.monotonic() - started
+
+    def give_up(_: int) -> None:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, headers=headers, json={"input": inputs}, timeout=0.05)
+
+    with ThreadPoolExecutor(15) as pool:
+        list(pool.map(give_up, range(15)))
+    started = time.monotonic()
+    answer = httpx.post(url, headers=headers, json={"input": "hi"}, timeout=12 * batch_s)
+    waited_s = time.monotonic() - started
+    assert answer.status_code == 200
+    assert waited_s < 4 * batch_s, f"a one-token request waited {waited_s:.1f} s (one batch: {batch_s:.1f} s)"
+    deadline = time.monotonic() + 5.0
+    while encoder_server.metric("engine_builder:num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert encoder_server.metric("engine_builder:num_requests_running") == 0
