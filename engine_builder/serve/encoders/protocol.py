@@ -1,12 +1,13 @@
 """Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, /tokenize, /decode, /info,
 plus both error bodies.
 
-Requests forbid unknown fields: a field we do not know is one we cannot honour.
+Requests forbid unknown fields: a field we do not know is one we cannot honour. Booleans and integers are strict, as
+TEI's serde and OpenAI read them: `"yes"`, `1` or `"false"` is no boolean, `"5"` or `1e2` no integer.
 """
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from engine_builder.serve.encoders.tokenizer import TextInput
 from engine_builder.serve.encoders.truncation import TRUNCATE_TO_LIMIT, TruncationDirection
@@ -14,8 +15,9 @@ from engine_builder.serve.encoders.truncation import TRUNCATE_TO_LIMIT, Truncati
 # TEI accepts both spellings; the performance client sends "Right".
 TruncationDirectionName = Literal["right", "left", "Right", "Left"]
 # vLLM's `truncate_prompt_tokens`: keep k tokens of each input (special tokens included), -1 for the model's maximum.
-TruncatePromptTokens = Annotated[int, Field(ge=TRUNCATE_TO_LIMIT)]
+TruncatePromptTokens = Annotated[StrictInt, Field(ge=TRUNCATE_TO_LIMIT)]
 TokenIds = list[StrictInt]
+Dimensions = Annotated[StrictInt, Field(ge=1)]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
@@ -33,7 +35,7 @@ class _Request(BaseModel):
 
 
 class _Truncating(_Request):
-    truncate: bool | None = None  # None: the server's auto-truncate setting
+    truncate: StrictBool | None = None  # None: the server's auto-truncate setting
     truncation_direction: TruncationDirectionName | None = None  # None: right
 
     @property
@@ -48,7 +50,7 @@ class OpenAIEmbeddingsRequest(_Request):
     input: EmbeddingInput
     model: str | None = None  # ignored: one model per server
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Dimensions | None = None
     user: str | None = None  # ignored
     truncate_prompt_tokens: TruncatePromptTokens | None = None  # None: refuse over-length input (or the config's)
     truncation_side: Literal["right", "left"] | None = None  # vLLM's: right keeps the first tokens (the default)
@@ -95,8 +97,8 @@ class OpenAIErrorResponse(BaseModel):
 
 class EmbedRequest(_Truncating):
     inputs: EmbeddingInput
-    normalize: bool = True
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    normalize: StrictBool = True
+    dimensions: Dimensions | None = None
     prompt_name: str | None = None  # refused when set: prompts are not applied by this server
     model: str | None = None
 
@@ -119,10 +121,10 @@ class RerankRequest(_Truncating):
     query: StrictStr
     texts: list[StrictStr] | None = None
     documents: list[StrictStr | RerankDocument] | None = None
-    top_n: Annotated[int, Field(ge=1)] | None = None
-    raw_scores: bool = False
-    return_text: bool = False
-    return_documents: bool | None = None  # documents shape only; default true, as vLLM and Jina answer
+    top_n: Annotated[StrictInt, Field(ge=1)] | None = None
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    return_documents: StrictBool | None = None  # documents shape only; default true, as vLLM and Jina answer
     truncate_prompt_tokens: TruncatePromptTokens | None = None  # vLLM's, in either shape; or TEI's `truncate`
     truncation_side: Literal["right", "left"] | None = None  # vLLM's name for `truncation_direction`
     model: str | None = None  # ignored
@@ -168,7 +170,7 @@ PredictInput = StrictStr | list[StrictStr] | list[list[StrictStr]]
 
 class PredictRequest(_Truncating):
     inputs: PredictInput
-    raw_scores: bool = False
+    raw_scores: StrictBool = False
     model: str | None = None  # ignored
 
     @property
@@ -207,7 +209,7 @@ class Prediction(BaseModel):
 
 class TokenizeRequest(_Request):
     inputs: StrictStr | list[StrictStr]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None  # refused when set, as on /embed
 
     def input_list(self) -> list[str]:
@@ -226,7 +228,7 @@ class SimpleToken(BaseModel):
 
 class DecodeRequest(_Request):
     ids: TokenIds | list[TokenIds]
-    skip_special_tokens: bool = True
+    skip_special_tokens: StrictBool = True
 
     def id_lists(self) -> list[list[int]]:
         if self.ids and isinstance(self.ids[0], list):

@@ -1,0 +1,83 @@
+"""Where TEI's router (serde) and OpenAI's API read a request in one way, the encoder routes read it the same way:
+strict booleans and integers. Raw HTTP through a real uvicorn server.
+
+Mounts: "" = MiniLM as BEI-Bert with `dimensions` allowed, "/cls" = a three-label BERT classifier.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine_builder.serve.encoders.engine import EncoderEngine
+from tests.serve.encoders.server import build_app, serve
+
+
+@pytest.fixture(scope="module")
+def base_url(minilm_dir: Path, tiny_bert_classifier_dir: Path) -> Iterator[str]:
+    def load(path: Path, **options: Any) -> EncoderEngine:
+        return EncoderEngine.from_model_dir(
+            path, kind="encoder_bert", max_num_tokens=8192, max_batch_size=128, **options
+        )
+
+    mounts = {
+        "": (load(minilm_dir, matryoshka=True), "all-MiniLM-L6-v2"),
+        "/cls": (load(tiny_bert_classifier_dir), "tiny-classifier"),
+    }
+    with serve(build_app(mounts)) as url:
+        yield url
+
+
+COERCIBLE = [
+    ("/embed", {"inputs": "hi", "truncate": "yes"}, "truncate"),
+    ("/embed", {"inputs": "hi", "truncate": 1}, "truncate"),
+    ("/embed", {"inputs": "hi", "normalize": "false"}, "normalize"),
+    ("/embed", {"inputs": "hi", "normalize": 0}, "normalize"),
+    ("/embed", {"inputs": "hi", "dimensions": 1e2}, "dimensions"),
+    ("/embed", {"inputs": "hi", "dimensions": "100"}, "dimensions"),
+    ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "true"}, "raw_scores"),
+    ("/rerank", {"query": "q", "texts": ["a"], "return_text": 1}, "return_text"),
+    ("/rerank", {"query": "q", "texts": ["a"], "top_n": "1"}, "top_n"),
+    ("/rerank", {"query": "q", "texts": ["a"], "truncate_prompt_tokens": 5.0}, "truncate_prompt_tokens"),
+    ("/cls/predict", {"inputs": "hi", "raw_scores": "no"}, "raw_scores"),
+    ("/tokenize", {"inputs": "hi", "add_special_tokens": 0}, "add_special_tokens"),
+    ("/decode", {"ids": [101], "skip_special_tokens": "true"}, "skip_special_tokens"),
+]
+COERCIBLE_OPENAI = [
+    ("/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": "5"}, "truncate_prompt_tokens"),
+    ("/v1/embeddings", {"input": "hi", "dimensions": 1e2}, "dimensions"),
+    ("/v1/embeddings", {"input": "hi", "dimensions": True}, "dimensions"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "false"}, "return_documents"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), COERCIBLE, ids=[f"{p} {f}" for p, _, f in COERCIBLE])
+def test_tei_routes_refuse_coercible_values(
+    base_url: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    response = httpx.post(f"{base_url}{path}", json=body)
+    assert response.status_code == 400
+    assert response.json()["error_type"] == "validation" and f"`{field}`" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"), COERCIBLE_OPENAI, ids=[f"{p} {f}" for p, _, f in COERCIBLE_OPENAI]
+)
+def test_openai_routes_refuse_coercible_values(
+    base_url: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    response = httpx.post(f"{base_url}{path}", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+
+
+def test_the_real_types_still_work(base_url: str) -> None:
+    embed = httpx.post(
+        f"{base_url}/embed", json={"inputs": "hi", "truncate": True, "normalize": False, "dimensions": 100}
+    )
+    assert embed.status_code == 200 and len(embed.json()[0]) == 100
+    openai = httpx.post(f"{base_url}/v1/embeddings", json={"input": "hi", "truncate_prompt_tokens": 5})
+    assert openai.status_code == 200 and openai.json()["usage"]["prompt_tokens"] == 3
