@@ -175,12 +175,17 @@ class PredictRequest(_Truncating):
 
     @property
     def is_batch(self) -> bool:
-        return isinstance(self.inputs, list) and bool(self.inputs) and isinstance(self.inputs[0], list)
+        """A list of lists, or a flat list of 3+ strings (no pair has three: a batch of single texts, as TEI's
+        pull request 801 reads it); a flat list of 1 or 2 strings is one text or one pair, as TEI reads it."""
+        if not isinstance(self.inputs, list) or not self.inputs:
+            return False
+        return isinstance(self.inputs[0], list) or len(self.inputs) > 2
 
     def sequences(self) -> list[TextInput]:
-        """A string, a [text] / [text, text_pair] list, or a batch of such lists -> texts and pairs.
+        """A string, a [text] / [text, text_pair] list, a flat list of 3+ texts, or a batch of [text] /
+        [text, text_pair] lists -> texts and pairs.
 
-        Raises ValueError naming the offending entry when a list has other than 1 or 2 strings.
+        Raises ValueError naming the offending entry when a nested list has other than 1 or 2 strings.
         """
         if isinstance(self.inputs, str):
             return [self.inputs]
@@ -188,7 +193,9 @@ class PredictRequest(_Truncating):
             return []  # refused by the engine as empty
         if not self.is_batch:
             return [_sequence(self.inputs, "inputs")]  # type: ignore[arg-type]
-        return [_sequence(entry, f"inputs[{index}]") for index, entry in enumerate(self.inputs)]  # type: ignore[arg-type]
+        if isinstance(self.inputs[0], str):
+            return list(self.inputs)
+        return [_sequence(entry, f"inputs[{index}]") for index, entry in enumerate(self.inputs)]
 
 
 def _sequence(entry: list[str], label: str) -> TextInput:

@@ -293,7 +293,7 @@ def test_predict_shapes(base_url: str) -> None:
     assert sum(entry["score"] for entry in raw) != pytest.approx(1.0)
     empty = httpx.post(f"{base_url}/cls/predict", json={"inputs": []})
     assert (empty.status_code, empty.json()["error_type"]) == (400, "empty")
-    three = httpx.post(f"{base_url}/cls/predict", json={"inputs": ["a", "b", "c"]})
+    three = httpx.post(f"{base_url}/cls/predict", json={"inputs": [["a", "b", "c"]]})
     assert three.status_code == 400 and "one text or a pair" in three.json()["error"]
 
 

@@ -1,5 +1,5 @@
 """Where TEI's router (serde) and OpenAI's API read a request in one way, the encoder routes read it the same way:
-strict booleans and integers. Raw HTTP through a real uvicorn server.
+strict booleans and integers; /predict's flat list of 3+ texts as a batch. Raw HTTP through a real uvicorn server.
 
 Mounts: "" = MiniLM as BEI-Bert with `dimensions` allowed, "/cls" = a three-label BERT classifier.
 """
@@ -81,3 +81,13 @@ def test_the_real_types_still_work(base_url: str) -> None:
     assert embed.status_code == 200 and len(embed.json()[0]) == 100
     openai = httpx.post(f"{base_url}/v1/embeddings", json={"input": "hi", "truncate_prompt_tokens": 5})
     assert openai.status_code == 200 and openai.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_predict_reads_a_flat_list_of_three_or_more_texts_as_a_batch(base_url: str) -> None:
+    texts = ["I love it", "me too", "not at all", "fine"]
+    flat = httpx.post(f"{base_url}/cls/predict", json={"inputs": texts})
+    nested = httpx.post(f"{base_url}/cls/predict", json={"inputs": [[text] for text in texts]})
+    assert flat.status_code == 200 and flat.json() == nested.json() and len(flat.json()) == 4
+    pair = httpx.post(f"{base_url}/cls/predict", json={"inputs": texts[:2]}).json()
+    as_pair = httpx.post(f"{base_url}/cls/predict", json={"inputs": [texts[:2]]}).json()
+    assert pair == as_pair[0]  # two texts stay one pair, as TEI reads them
