@@ -33,6 +33,7 @@ from engine_builder.serve.encoders.results import (
     ClassifyResult,
     EmbedResult,
     RerankResult,
+    TokenEmbeddingsResult,
     check_finite,
     l2_normalize,
     request_timing,
@@ -160,6 +161,45 @@ class EncoderEngine:
             request_timing(started, tokenized, result),
         )
 
+    async def embed_all(
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
+        field: str = "inputs",
+    ) -> TokenEmbeddingsResult:
+        """Every token's last hidden state per input (TEI's /embed_all): no pooling, no Dense, no normalization."""
+        self._require_embedding_model("token embeddings", "/predict")
+        self._check_batch(len(inputs), field)
+        with self._request_slot():
+            started = time.perf_counter()
+            encoded = await asyncio.to_thread(self.tokenizer.encode_inputs, inputs, truncation, field)
+            for item in encoded:
+                item.all_tokens = True
+            tokenized = time.perf_counter()
+            result = await self._batcher.submit(encoded)
+        return TokenEmbeddingsResult(
+            [output.numpy().astype(np.float32, copy=False) for output in result.outputs],
+            sum(item.num_tokens for item in encoded),
+            sum(item.num_chars for item in encoded),
+            request_timing(started, tokenized, result),
+        )
+
+    async def similarity(
+        self,
+        source: str,
+        sentences: Sequence[str],
+        *,
+        truncation: Truncation = REFUSE_OVER_LENGTH,
+        field: str = "sentences",
+    ) -> RerankResult:
+        """Cosine similarity of the source sentence's embedding with each sentence's (TEI's /similarity, as
+        sentence-transformers' `similarity`); embedding models only."""
+        self._require_embedding_model("similarities", "/rerank or /predict")
+        return await self.rerank(
+            source, sentences, truncation=truncation, field=field, query_field="source_sentence"
+        )
+
     async def rerank(
         self,
         query: str,
@@ -168,6 +208,7 @@ class EncoderEngine:
         truncation: Truncation = REFUSE_OVER_LENGTH,
         raw_scores: bool = False,
         field: str = "texts",
+        query_field: str = "query",
     ) -> RerankResult:
         """Score each text against the query; `truncation` applies to each (query, text) pair, or to the query and
         each text alone for a bi-encoder.
@@ -194,7 +235,7 @@ class EncoderEngine:
                 )
             else:
                 query_encoded = await asyncio.to_thread(
-                    self.tokenizer.encode, [query], truncation=truncation, field="query"
+                    self.tokenizer.encode, [query], truncation=truncation, field=query_field
                 )
                 texts_encoded = await asyncio.to_thread(
                     self.tokenizer.encode, list(texts), truncation=truncation, field=field
@@ -277,7 +318,7 @@ class EncoderEngine:
     # helpers
 
     def _compute(self, items: list[EncodedInput]) -> list[torch.Tensor]:
-        return list(self.model.forward(items).unbind(0))
+        return self.model.forward_outputs(items)
 
     def _require_embedding_model(self, what: str, alternative: str) -> None:
         if self.info.task is not EncoderTask.EMBEDDING:

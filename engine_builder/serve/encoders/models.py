@@ -226,21 +226,37 @@ class EncoderModel:
             dtype=dtype,
         )
 
+    def _model_inputs(self, batch: PaddedBatch) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if self._takes_token_types and batch.token_type_ids is not None:
+            inputs["token_type_ids"] = batch.token_type_ids
+        return inputs
+
     @torch.inference_mode()
     def forward(self, items: list[EncodedInput]) -> torch.Tensor:
         batch = collate(items, pad_token_id=self._pad_token_id, device=self.device)
-        inputs: dict[str, torch.Tensor] = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-        }
-        if self._takes_token_types and batch.token_type_ids is not None:
-            inputs["token_type_ids"] = batch.token_type_ids
+        inputs = self._model_inputs(batch)
         if self.config.task is EncoderTask.CLASSIFICATION:
             return self._classify(inputs, batch.attention_mask).float().cpu()
         assert self._pool is not None, "embedding models are built with a pooling mode"
         hidden = self.module(**inputs).last_hidden_state
         pooled = self._dense(self._pool(hidden, batch.attention_mask))
         return pooled.float().cpu()
+
+    @torch.inference_mode()
+    def forward_outputs(self, items: list[EncodedInput]) -> list[torch.Tensor]:
+        """One output per item, as `forward` rows; an item with `all_tokens` gets its tokens' last hidden states
+        instead ([num_tokens, hidden], no pooling and no Dense: TEI's /embed_all). One model pass either way."""
+        if not any(item.all_tokens for item in items):
+            return list(self.forward(items).unbind(0))
+        assert self._pool is not None, "token states are served for embedding models only"
+        batch = collate(items, pad_token_id=self._pad_token_id, device=self.device)
+        hidden = self.module(**self._model_inputs(batch)).last_hidden_state
+        pooled = self._dense(self._pool(hidden, batch.attention_mask)).float().cpu()
+        states = hidden.float().cpu()
+        return [
+            states[row, : item.num_tokens] if item.all_tokens else pooled[row] for row, item in enumerate(items)
+        ]
 
     def _classify(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         if self._score_head is None:

@@ -1,5 +1,5 @@
-"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /rerank, /predict, /tokenize, /decode, /info,
-plus both error bodies.
+"""Wire formats (pydantic): OpenAI /v1/embeddings and TEI /embed, /embed_all, /similarity, /rerank, /predict,
+/tokenize, /decode, /info, plus both error bodies.
 
 Requests forbid unknown fields: a field we do not know is one we cannot honour. Booleans and integers are strict, as
 TEI's serde and OpenAI read them: `"yes"`, `1` or `"false"` is no boolean, `"5"` or `1e2` no integer.
@@ -104,6 +104,40 @@ class EmbedRequest(_Truncating):
 
     def input_list(self) -> list[str | list[int]]:
         return _flatten_embedding_input(self.inputs)
+
+
+# TEI /embed_all
+
+
+class EmbedAllRequest(_Truncating):
+    inputs: EmbeddingInput
+    prompt_name: str | None = None  # refused when set, as on /embed
+    model: str | None = None  # ignored
+
+    def input_list(self) -> list[str | list[int]]:
+        return _flatten_embedding_input(self.inputs)
+
+
+# TEI /similarity (the Hugging Face sentence-similarity task's shape)
+
+
+class SimilarityInput(_Request):
+    source_sentence: StrictStr
+    sentences: list[StrictStr]
+
+
+class SimilarityParameters(_Truncating):
+    prompt_name: str | None = None  # refused when set, as on /embed
+
+
+class SimilarityRequest(_Request):
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None  # TEI's place for truncate, truncation_direction, prompt_name
+    model: str | None = None  # ignored
+
+    @property
+    def options(self) -> SimilarityParameters:
+        return self.parameters or SimilarityParameters()
 
 
 # TEI /rerank

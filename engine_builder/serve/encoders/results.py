@@ -27,6 +27,14 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
+class TokenEmbeddingsResult:
+    embeddings: list[np.ndarray]  # per input: [num_tokens, hidden] float32
+    num_prompt_tokens: int
+    num_chars: int
+    timing: RequestTiming
+
+
+@dataclass(frozen=True)
 class RerankResult:
     scores: np.ndarray  # [num_texts] float32, in the order of `texts`
     num_prompt_tokens: int

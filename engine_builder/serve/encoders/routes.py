@@ -1,6 +1,6 @@
-"""HTTP routes of an encoder server: /v1/embeddings (+ /embeddings), /embed, /rerank, /predict and the
-Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success; and TEI's /info,
-/tokenize and /decode.
+"""HTTP routes of an encoder server: /v1/embeddings (+ /embeddings), /embed, /embed_all, /similarity, /rerank,
+/predict and the Truss default route /v1/models/{name}:predict, with TEI metadata headers on every success; and TEI's
+/info, /tokenize and /decode. TEI's /embed_sparse answers that it needs a SPLADE model.
 
 Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
 {"error", "error_type"} elsewhere; statuses come from `errors.py`. Every inference request runs inside the
@@ -25,11 +25,12 @@ from starlette.requests import Request
 from engine_builder import __version__
 from engine_builder.serve.encoders.disconnect import read_body, until_disconnect
 from engine_builder.serve.encoders.engine import EncoderEngine
-from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError
+from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError, UnsupportedTaskError
 from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
 from engine_builder.serve.encoders.protocol import (
     ClassifierModelType,
     DecodeRequest,
+    EmbedAllRequest,
     EmbeddingModelType,
     EmbedRequest,
     Info,
@@ -40,13 +41,14 @@ from engine_builder.serve.encoders.protocol import (
     PredictRequest,
     Rank,
     RerankRequest,
+    SimilarityRequest,
     SimpleToken,
     TEIErrorResponse,
     TEIModelKind,
     TokenizeRequest,
 )
 from engine_builder.serve.encoders.results import RequestTiming
-from engine_builder.serve.encoders.serialize import matrix_body, openai_embeddings_body
+from engine_builder.serve.encoders.serialize import matrices_body, matrix_body, openai_embeddings_body
 from engine_builder.serve.encoders.tracking import RequestOutcome, RequestTracker, Untracked
 from engine_builder.serve.encoders.truncation import (
     ASK_BY_FLAG,
@@ -276,6 +278,40 @@ class _Handlers:
         headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
         return Response(matrix_body(result.embeddings), media_type="application/json", headers=headers)
 
+    async def embed_all(self, body: EmbedAllRequest) -> Response:
+        _refuse_prompt_name(body.prompt_name)
+        truncation = self._truncation(
+            default=self._defaults.embed_and_predict,
+            how_to_ask=ASK_BY_FLAG,
+            truncate=body.truncate,
+            direction=body.direction,
+        )
+        result = await self.engine.embed_all(body.input_list(), truncation=truncation, field="inputs")
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        return Response(matrices_body(result.embeddings), media_type="application/json", headers=headers)
+
+    async def similarity(self, body: SimilarityRequest) -> Response:
+        options = body.options
+        _refuse_prompt_name(options.prompt_name)
+        truncation = self._truncation(
+            default=self._defaults.embed_and_predict,
+            how_to_ask="set `parameters.truncate: true`",
+            truncate=options.truncate,
+            direction=options.direction,
+        )
+        result = await self.engine.similarity(
+            body.inputs.source_sentence, body.inputs.sentences, truncation=truncation, field="sentences"
+        )
+        headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
+        return _json(result.scores.tolist(), headers)
+
+    async def embed_sparse(self) -> Response:
+        raise UnsupportedTaskError(
+            "/embed_sparse needs a SPLADE model (sparse lexical embeddings); this server runs a "
+            f"{'dense embedding model: use /embed' if self.engine.info.pooling else 'classifier: use /predict'}",
+            param="inputs",
+        )
+
     async def rerank(self, body: RerankRequest) -> Response:
         candidates = body.candidates()
         field = "documents" if body.is_documents_shape else "texts"
@@ -384,9 +420,14 @@ def build_encoder_router(
             route_class_override=openai_route,
             tags=["encoders"],
         )
-    router.add_api_route(
-        "/embed", handlers.embed, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
-    )
+    tei_endpoints: dict[str, Callable[..., Awaitable[Response]]] = {
+        "/embed": handlers.embed,
+        "/embed_all": handlers.embed_all,
+        "/similarity": handlers.similarity,
+        "/embed_sparse": handlers.embed_sparse,
+    }
+    for path, tei_endpoint in tei_endpoints.items():
+        router.add_api_route(path, tei_endpoint, methods=["POST"], route_class_override=tei_route, tags=["encoders"])
     router.add_api_route(
         ROUTE_RERANK, handlers.rerank, methods=["POST"], route_class_override=tei_route, tags=["encoders"]
     )

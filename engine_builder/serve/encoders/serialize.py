@@ -53,3 +53,8 @@ def openai_embeddings_body(
 def matrix_body(vectors: np.ndarray) -> bytes:
     """TEI's `/embed` response: a JSON array of float arrays."""
     return _to_json(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def matrices_body(matrices: list[np.ndarray]) -> bytes:
+    """TEI's `/embed_all` response: one matrix (a JSON array of float arrays) per input."""
+    return _to_json([np.ascontiguousarray(matrix, dtype=np.float32) for matrix in matrices])

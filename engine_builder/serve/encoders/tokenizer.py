@@ -35,6 +35,7 @@ class EncodedInput:
     token_ids: list[int]
     token_type_ids: list[int] | None = None
     num_chars: int = 0
+    all_tokens: bool = False  # TEI's /embed_all: every token's hidden state instead of the pooled vector
 
     @property
     def num_tokens(self) -> int:

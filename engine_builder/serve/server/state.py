@@ -16,9 +16,12 @@ from engine_builder.serve.server.sampling import Limits
 
 # Routes only one kind of engine serves: asked of the other kind, a 404 names the routes this engine serves.
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-ENCODER_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/v2/rerank"})
+ENCODER_PATHS = frozenset(
+    {"/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/embed_sparse", "/similarity", "/rerank", "/v1/rerank",
+     "/v2/rerank"}
+)
 GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
-ENCODER_ROUTES = "/v1/embeddings, /embed, /rerank (also /v1/rerank and /v2/rerank) and /predict"
+ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also /v1/rerank and /v2/rerank) and /predict"
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """Where TEI's router (serde) and OpenAI's API read a request in one way, the encoder routes read it the same way:
-strict booleans and integers; /predict's flat list of 3+ texts as a batch. Raw HTTP through a real uvicorn server.
+strict booleans and integers; /predict's flat list of 3+ texts as a batch; TEI's /embed_all, /similarity and
+/embed_sparse. Raw HTTP through a real uvicorn server.
 
-Mounts: "" = MiniLM as BEI-Bert with `dimensions` allowed, "/cls" = a three-label BERT classifier.
+Mounts: "" = MiniLM as BEI-Bert with `dimensions` allowed, "/cls" = a three-label BERT classifier, "/xenc" = a
+one-label BERT cross-encoder.
 """
 
 from collections.abc import Iterator
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from engine_builder.serve.encoders.engine import EncoderEngine
@@ -16,7 +19,7 @@ from tests.serve.encoders.server import build_app, serve
 
 
 @pytest.fixture(scope="module")
-def base_url(minilm_dir: Path, tiny_bert_classifier_dir: Path) -> Iterator[str]:
+def base_url(minilm_dir: Path, tiny_bert_classifier_dir: Path, tiny_cross_encoder_dir: Path) -> Iterator[str]:
     def load(path: Path, **options: Any) -> EncoderEngine:
         return EncoderEngine.from_model_dir(
             path, kind="encoder_bert", max_num_tokens=8192, max_batch_size=128, **options
@@ -25,6 +28,7 @@ def base_url(minilm_dir: Path, tiny_bert_classifier_dir: Path) -> Iterator[str]:
     mounts = {
         "": (load(minilm_dir, matryoshka=True), "all-MiniLM-L6-v2"),
         "/cls": (load(tiny_bert_classifier_dir), "tiny-classifier"),
+        "/xenc": (load(tiny_cross_encoder_dir), "tiny-cross-encoder"),
     }
     with serve(build_app(mounts)) as url:
         yield url
@@ -91,3 +95,61 @@ def test_predict_reads_a_flat_list_of_three_or_more_texts_as_a_batch(base_url: s
     pair = httpx.post(f"{base_url}/cls/predict", json={"inputs": texts[:2]}).json()
     as_pair = httpx.post(f"{base_url}/cls/predict", json={"inputs": [texts[:2]]}).json()
     assert pair == as_pair[0]  # two texts stay one pair, as TEI reads them
+
+
+SENTENCES = ["That is a very happy person", "That is a happy dog", "Today is a sunny day"]
+
+
+def test_similarity_matches_sentence_transformers(base_url: str, minilm_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    body = {"inputs": {"source_sentence": "That is a happy person", "sentences": SENTENCES}}
+    response = httpx.post(f"{base_url}/similarity", json=body)
+    assert response.status_code == 200 and response.headers["x-compute-tokens"]
+    model = SentenceTransformer(str(minilm_dir), device="cpu")
+    source, *sentences = model.encode(["That is a happy person", *SENTENCES])
+    expected = model.similarity(source, np.stack(sentences))[0].numpy()
+    np.testing.assert_allclose(response.json(), expected, atol=1e-5)
+    with_parameters = httpx.post(
+        f"{base_url}/similarity",
+        json={**body, "parameters": {"truncate": True, "truncation_direction": "left"}},
+    )
+    np.testing.assert_allclose(with_parameters.json(), expected, atol=1e-5)
+
+
+def test_embed_all_matches_the_last_hidden_state(base_url: str, minilm_dir: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["A man is eating food.", "Short."]
+    response = httpx.post(f"{base_url}/embed_all", json={"inputs": texts, "truncate": True})
+    assert response.status_code == 200
+    matrices = response.json()
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
+    model = AutoModel.from_pretrained(str(minilm_dir)).eval()
+    assert len(matrices) == 2
+    for text, matrix in zip(texts, matrices, strict=True):
+        with torch.inference_mode():
+            expected = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0].numpy()
+        assert np.array(matrix).shape == expected.shape  # every token, special ones included; 384 wide
+        np.testing.assert_allclose(matrix, expected, atol=1e-4)
+    single = httpx.post(f"{base_url}/embed_all", json={"inputs": "Short."}).json()
+    np.testing.assert_allclose(single[0], matrices[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["/cls", "/xenc"])
+def test_embedding_routes_refuse_other_encoders(base_url: str, prefix: str) -> None:
+    similarity = httpx.post(
+        f"{base_url}{prefix}/similarity", json={"inputs": {"source_sentence": "a", "sentences": ["b"]}}
+    )
+    embed_all = httpx.post(f"{base_url}{prefix}/embed_all", json={"inputs": "a"})
+    for response in (similarity, embed_all):
+        assert response.status_code == 400
+        assert response.json()["error_type"] == "validation" and "embedding model" in response.json()["error"]
+
+
+@pytest.mark.parametrize("prefix", ["", "/cls"])
+def test_embed_sparse_says_it_needs_a_splade_model(base_url: str, prefix: str) -> None:
+    response = httpx.post(f"{base_url}{prefix}/embed_sparse", json={"inputs": "a"})
+    assert response.status_code == 400
+    assert set(response.json()) == {"error", "error_type"} and "SPLADE" in response.json()["error"]

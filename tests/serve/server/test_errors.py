@@ -153,7 +153,10 @@ def test_context_length_on_completions_names_the_prompt(server: ServerProcess, c
     assert "in the prompt" in caught.value.message and "messages" not in caught.value.message
 
 
-ENCODER_PATHS = ["/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/v2/rerank"]
+ENCODER_PATHS = [
+    "/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/embed_sparse", "/similarity", "/rerank", "/v1/rerank",
+    "/v2/rerank",
+]
 
 
 @pytest.mark.parametrize("path", ENCODER_PATHS)
