@@ -121,6 +121,7 @@ def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[API
             async def answer(request: Request) -> Response:
                 try:
                     await read_body(request)
+                    _read_as_json(request)
                     return await until_disconnect(request, handler(request))
                 except RequestValidationError as exc:
                     return render_error(_from_validation(exc), style)
@@ -131,6 +132,17 @@ def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[API
 
     GuardedRoute.__name__ = f"{style.value.title()}GuardedRoute"
     return GuardedRoute
+
+
+def _read_as_json(request: Request) -> None:
+    """Have the body read as JSON whatever its Content-Type says (absent, or curl -d's form encoding), as the OpenAI
+    routes read theirs: a non-JSON Content-Type is dropped from the scope, and the routes parse a body without one
+    (`strict_content_type=False`). Call before the handler first reads the headers."""
+    headers = request.scope["headers"]
+    content_type = next((value for name, value in headers if name == b"content-type"), b"")
+    kind = content_type.split(b";", 1)[0].strip().lower()
+    if content_type and not (kind == b"application/json" or kind.endswith(b"+json")):
+        request.scope["headers"] = [(name, value) for name, value in headers if name != b"content-type"]
 
 
 def _report(response: Response, outcome: RequestOutcome) -> None:
@@ -411,7 +423,7 @@ def build_encoder_router(
     tracker = tracker or Untracked()
     openai_route = _guarded_route_class(ErrorStyle.OPENAI, tracker)
     tei_route = _guarded_route_class(ErrorStyle.TEI, tracker)
-    router = APIRouter()
+    router = APIRouter(strict_content_type=False)  # a body without Content-Type is JSON, as on the OpenAI routes
     for path in (ROUTE_EMBEDDINGS, "/embeddings"):
         router.add_api_route(
             path,

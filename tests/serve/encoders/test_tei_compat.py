@@ -1,11 +1,13 @@
 """Where TEI's router (serde) and OpenAI's API read a request in one way, the encoder routes read it the same way:
 strict booleans and integers; /predict's flat list of 3+ texts as a batch; TEI's /embed_all, /similarity and
-/embed_sparse. Raw HTTP through a real uvicorn server.
+/embed_sparse; and a JSON body whatever its Content-Type, as the OpenAI routes read theirs. Raw HTTP through a
+real uvicorn server.
 
 Mounts: "" = MiniLM as BEI-Bert with `dimensions` allowed, "/cls" = a three-label BERT classifier, "/xenc" = a
 one-label BERT cross-encoder.
 """
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,28 @@ def test_embed_sparse_says_it_needs_a_splade_model(base_url: str, prefix: str) -
     response = httpx.post(f"{base_url}{prefix}/embed_sparse", json={"inputs": "a"})
     assert response.status_code == 400
     assert set(response.json()) == {"error", "error_type"} and "SPLADE" in response.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/embed", {"inputs": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+        ("/similarity", {"inputs": {"source_sentence": "hi", "sentences": ["ho"]}}),
+        ("/rerank", {"query": "hi", "texts": ["ho"]}),
+    ],
+)
+def test_a_json_body_is_read_whatever_its_content_type(
+    base_url: str, path: str, body: dict[str, Any], content_type: str | None
+) -> None:
+    """curl -d sends form encoding; some clients send no Content-Type at all."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{base_url}{path}", content=json.dumps(body).encode(), headers=headers)
+    assert response.request.headers.get("content-type") == content_type
+    assert response.status_code == 200, response.text
+
+
+def test_a_body_that_is_not_json_is_still_refused(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/embed", content=b"inputs=hi")
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
