@@ -229,7 +229,7 @@ def test_adapter_from_s3(
 def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> None:
     tensors = lora_tensors(8, ("k_proj", "up_proj"), seed=4)
     folder = write_adapter(tmp_path / "archive", tensors, rank=8, modules=("k_proj", "up_proj"), pickled=True)
-    (folder / "README.md").write_text("a model card the build does not keep")
+    (folder / "README.md").write_text("a model card an adapter build does not keep")
     (folder / "config.json").write_text("{}")  # the root file a model fetch looks for; no adapter file
     server = LocalHttpServer()
     try:
@@ -240,7 +240,7 @@ def test_adapter_from_a_presigned_archive(tmp_path: Path, smollm2_dir: Path) -> 
         # fetch must not reuse that snapshot.
         cache_dir = default_cache_dir()  # where the build looks
         as_model = fetch_checkpoint(CheckpointRepository(**repository), cache_dir=cache_dir, progress=False)
-        assert sorted(as_model.files) == ["adapter_config.json", "config.json"]
+        assert sorted(as_model.files) == ["README.md", "adapter_config.json", "config.json"]
         config = lora_config(tmp_path, smollm2_dir, {"archived": repository})
         engine = build(config, tmp_path / "engine").engine_dir
     finally:
