@@ -88,6 +88,27 @@ class Resources(ConfigModel):
     use_gpu: bool | None = None
 
 
+class ConfiguredEngineOptions(EngineOptions):
+    """The `engine_builder:` section as a config writes it: unlike Truss's sections (whose unknown keys are kept for
+    newer Truss versions), this one is ours, so a key it does not know is a typo (`dtyp: float32` would silently
+    serve the default dtype) and refused, with the nearest option named."""
+
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="forbid")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _known_options(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            import difflib
+
+            for key in data:
+                if isinstance(key, str) and key not in cls.model_fields:
+                    nearest = difflib.get_close_matches(key, list(cls.model_fields), n=1)
+                    hint = f"; did you mean {nearest[0]}?" if nearest else ""
+                    raise FieldError(f"unknown engine option {key!r}{hint}", field=key)
+        return data
+
+
 class TrussConfig(ConfigModel):
     """A Truss config.yaml: the sections this project reads, and Truss's plain top-level fields typed as Truss types
     them (so a config Truss would refuse on push is refused here too); nested sections we do not read (`runtime`,
@@ -119,7 +140,7 @@ class TrussConfig(ConfigModel):
     secrets: dict[str, str | None] = pydantic.Field(default_factory=dict)
     model_metadata: dict[str, Any] = pydantic.Field(default_factory=dict)
     trt_llm: TrtLlmConfig | None = None
-    engine_builder: EngineOptions = pydantic.Field(default_factory=EngineOptions)
+    engine_builder: "ConfiguredEngineOptions" = pydantic.Field(default_factory=lambda: ConfiguredEngineOptions())
 
     @pydantic.field_validator("python_version")
     @classmethod

@@ -283,3 +283,20 @@ def test_truss_top_level_fields_are_typed_as_truss_types_them() -> None:
     # Values are kept as text, as Truss writes them into the image (booleans lower-case).
     loaded = parse_config(textwrap.dedent(trt_llm) + "environment_variables: {A: true, B: 2}\n")
     assert loaded.truss.environment_variables == {"A": "true", "B": "2"}
+
+
+def test_a_typo_in_our_own_section_is_an_error_naming_the_nearest_option() -> None:
+    # Truss's sections keep unknown keys (newer Truss fields); engine_builder: is ours, so an unknown key is a typo
+    # that would otherwise silently leave the default in force.
+    assert _errors(
+        """\
+        model_metadata:
+          tags: [openai-compatible]
+        trt_llm:
+          build:
+            checkpoint_repository: {source: HF, repo: org/model}
+        engine_builder:
+          backend: torch
+          dtyp: float32
+        """
+    ) == ["config.yaml:8: engine_builder.dtyp: unknown engine option 'dtyp'; did you mean dtype?"]
