@@ -231,7 +231,12 @@ def _v1_errors(config: TrussConfig, stack: TrtLlmConfigV1) -> list[FieldError]:
     errors: list[FieldError] = []
     build = stack.build
     if not build.base_model.is_encoder:
-        tags = list(config.model_metadata.get("tags") or [])
+        raw_tags = config.model_metadata.get("tags") or []
+        if isinstance(raw_tags, str):  # `tags: openai-compatible` without brackets: Truss accepts it too
+            raw_tags = [raw_tags]
+        if not isinstance(raw_tags, list):  # Truss itself fails here with a Python TypeError
+            return [FieldError(f"model_metadata.tags must be a list; got {raw_tags!r}", field="model_metadata.tags")]
+        tags = list(raw_tags)
         if OPENAI_COMPATIBLE_TAG in tags and OPENAI_NON_COMPATIBLE_TAG in tags:
             errors.append(
                 FieldError(

@@ -67,6 +67,13 @@ def _structural_tag_spec(response_format: ResponseFormat) -> str:
     if response_format.format is not None:
         return json.dumps({"type": "structural_tag", "format": response_format.format})
     if response_format.structures is not None and response_format.triggers is not None:
+        for index, structure in enumerate(response_format.structures):
+            for key in ("begin", "end"):
+                if not isinstance(structure.get(key), str):
+                    raise bad_request(
+                        f"response_format.structures[{index}] needs a string `{key}`.",
+                        param=f"response_format.structures[{index}].{key}",
+                    )
         tags = [
             {"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s.get("schema", {})}, "end": s["end"]}
             for s in response_format.structures

@@ -300,3 +300,15 @@ def test_a_typo_in_our_own_section_is_an_error_naming_the_nearest_option() -> No
           dtyp: float32
         """
     ) == ["config.yaml:8: engine_builder.dtyp: unknown engine option 'dtyp'; did you mean dtype?"]
+
+
+def test_tags_that_are_not_a_list_are_a_config_error() -> None:
+    config = """\
+        model_metadata:
+          tags: {tags}
+        trt_llm:
+          build:
+            checkpoint_repository: {{source: HF, repo: org/model}}
+        """
+    assert _errors(config.format(tags="true")) == ["config.yaml:2: model_metadata.tags: model_metadata.tags must be a list; got True"]
+    parse_config(textwrap.dedent(config.format(tags="openai-compatible")))  # one tag without brackets, as Truss reads it

@@ -34,6 +34,9 @@ CASES = [
     ("hermes", '```json\n[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]\n```',
      "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
     ("hermes", '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]', "", [("get_weather", {"city": "Oslo"})]),
+    # a list without its brackets, as Qwen 0.5B writes two calls
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "Paris"}},\n{"name": "add", "arguments": {"a": 1, "b": 2}}',
+     "", [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
     ("hermes", '```python\nprint({"name": "add"})\n```\nthen\n```json\n{"name": "noop", "arguments": {}}\n```',
      '```python\nprint({"name": "add"})\n```\nthen\n', [("noop", {})]),
     ("hermes", '```json\n{"name": "say_hello", "arguments": {}}\n```', '```json\n{"name": "say_hello", "arguments": {}}\n```', []),

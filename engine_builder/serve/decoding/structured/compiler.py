@@ -16,6 +16,7 @@ from engine_builder.serve.decoding.structured.schema_audit import audit_json_sch
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256
 _XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
+_XGRAMMAR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 
 
 class GrammarCompiler:
@@ -75,13 +76,19 @@ class GrammarCompiler:
             if guide.kind == GuideKind.GRAMMAR:
                 return compiler.compile_grammar(guide.spec)
             if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
+                if guide.kind == GuideKind.STRUCTURAL_TAG:
+                    _audit_tag_schemas(json.loads(guide.spec), guide.param)
                 return compiler.compile_structural_tag(guide.spec)
         except GuideError:
             raise
         except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
-            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", guide.param) from None
+            message = _XGRAMMAR_CHECK.sub("", message)  # "Check failed: (std::holds_alternative<...>) is false: "
+            param = guide.param
+            if param == "response_format" and guide.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):
+                param = f"response_format.{guide.kind.value}"
+            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", param) from None
         raise GuideError(f"Unknown guide kind {guide.kind}")
 
     def matcher(
@@ -94,6 +101,20 @@ class GrammarCompiler:
         from engine_builder.serve.decoding.structured.gate import ReasoningGate
 
         return ReasoningGate(matcher, after_reasoning, stop_token_ids)
+
+
+def _audit_tag_schemas(node: Any, path: str) -> None:
+    """Audit every JSON schema a structural tag holds, as a json_schema response_format's is: xgrammar drops the
+    same keywords inside a tag."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _audit_tag_schemas(item, f"{path}[{index}]")
+    elif isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            audit_json_schema(node["json_schema"], f"{path}.json_schema")
+        for key, value in node.items():
+            if key != "json_schema" and isinstance(value, dict | list):
+                _audit_tag_schemas(value, f"{path}.{key}")
 
 
 class GuideMatcher:

@@ -205,8 +205,8 @@ class HermesParser(ToolParser):
         if not self.tools or self.only_marked:
             return self._tagged(text, final)
         stripped = text.lstrip()
-        if stripped.startswith("{"):  # bare calls, then possibly tagged ones
-            bare = _bare_objects(self, text, final, self.KEYS, "", rest=self._tagged)
+        if stripped.startswith("{"):  # bare calls (one per line, or comma-separated as in a list), then tagged ones
+            bare = _bare_objects(self, text, final, self.KEYS, ",", rest=self._tagged)
             if bare is not None:
                 return bare
         listed = _list_of_objects(text, final)
