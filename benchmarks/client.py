@@ -1,8 +1,9 @@
 """HTTP client for one benchmark request: builds the payload per endpoint, times the stream.
 
 Chat and completions always stream (TTFT needs it) and ask for `stream_options.include_usage`
-so output tokens come from the server's usage; without usage, each non-empty chunk counts as one
-token and the record says so. Embeddings and rerank are plain JSON calls.
+so output tokens come from the server's usage; without usage they are counted by re-tokenizing the
+streamed text (`tokenizer_dir`), else taken from the length control, else one per output chunk; the
+record says which (`TokenSource`). Embeddings and rerank are plain JSON calls.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 
 from benchmarks.records import Endpoint, RequestRecord, TokenSource
 from benchmarks.workloads import WorkItem
+from benchmarks.workloads.synthetic import TokenCounter, token_counter
 
 PATHS = {
     Endpoint.CHAT: "/v1/chat/completions",
@@ -55,6 +57,7 @@ class ClientOptions:
     api_key: str | None = None
     timeout_s: float = 600.0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None  # the model's tokenizer.json, to count tokens when usage is absent
 
 
 def eos_token_ids(model_dir: Path | None) -> tuple[int, ...]:
@@ -182,10 +185,27 @@ class BenchClient:
             record.prompt_tokens = usage.get("prompt_tokens")
             record.token_source = TokenSource.USAGE
         else:
-            record.output_tokens = len(record.chunk_times)
-            record.token_source = TokenSource.CHUNKS
+            self._count_without_usage(record)
         if not record.chunk_times:
             raise ValueError("stream ended without output text")
+
+    def _count_without_usage(self, record: RequestRecord) -> None:
+        counter = self._tokenizer()
+        if counter is not None:
+            record.output_tokens = counter.count(record.text)
+            record.token_source = TokenSource.TOKENIZER
+        elif record.expected_output_tokens is not None:
+            record.output_tokens = record.expected_output_tokens
+            record.token_source = TokenSource.FORCED
+        else:
+            record.output_tokens = len(record.chunk_times)
+            record.token_source = TokenSource.CHUNKS
+
+    def _tokenizer(self) -> TokenCounter | None:
+        directory = self.options.tokenizer_dir
+        if directory is None or not (directory / "tokenizer.json").exists():
+            return None
+        return token_counter(directory)
 
     async def _encode(self, item: WorkItem, record: RequestRecord) -> None:
         response = await self.http.post(PATHS[self.options.endpoint], json=self.payload(item))

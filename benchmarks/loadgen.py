@@ -75,14 +75,10 @@ async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
         if not rejected:
             if record.error is not None:
                 notes.append(f"warm-up request failed: {record.error}")
-            elif (
-                client.options.endpoint.is_generative
-                and client.options.length_control is not LengthControl.NONE
-                and record.output_tokens != item.max_tokens
-            ):
+            elif record.is_wrong_length:
                 notes.append(
                     f"length control {client.options.length_control.value} did not force the length: "
-                    f"asked {item.max_tokens}, got {record.output_tokens}"
+                    f"asked {item.max_tokens}, got {record.output_tokens} ({record.token_source.value} count)"
                 )
             return notes
         options = client.options

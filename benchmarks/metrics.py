@@ -207,12 +207,7 @@ def summarize_generative(records: Sequence[RequestRecord], slo: Slo | None = Non
         goodput_fraction=met / len(records) if met is not None and records else None,
         slo=slo,
         token_sources=sources,
-        num_wrong_length=sum(
-            1
-            for record in completed
-            if record.expected_output_tokens is not None
-            and record.output_tokens != record.expected_output_tokens
-        ),
+        num_wrong_length=sum(1 for record in completed if record.is_wrong_length),
         errors=errors,
     )
 

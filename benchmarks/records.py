@@ -24,7 +24,9 @@ class TokenSource(str, Enum):
     """Where a request's output token count came from."""
 
     USAGE = "usage"  # the server's usage.completion_tokens (stream_options.include_usage)
-    CHUNKS = "chunks"  # fallback: one token per non-empty streamed chunk
+    TOKENIZER = "tokenizer"  # no usage: the streamed text re-tokenized with the model's tokenizer
+    FORCED = "forced"  # no usage, no tokenizer: the length the length control forced (unverified)
+    CHUNKS = "chunks"  # last resort (no usage, tokenizer or length control): one per output chunk
     NONE = "none"  # not a generative request
 
 
@@ -70,6 +72,22 @@ class RequestRecord:
         if ttft is None or self.output_tokens < 2:
             return None
         return (self.e2e - ttft) / (self.output_tokens - 1)
+
+    @property
+    def is_wrong_length(self) -> bool:
+        """The output length differs from the forced one, as far as the token source can tell.
+
+        Exact with usage; re-tokenized text may differ from the generated ids by a few tokens
+        (merges across chunk boundaries), so the tokenizer count gets a tolerance; a forced or
+        chunk count cannot be checked."""
+        expected = self.expected_output_tokens
+        if expected is None or not self.ok:
+            return False
+        if self.token_source is TokenSource.USAGE:
+            return self.output_tokens != expected
+        if self.token_source is TokenSource.TOKENIZER:
+            return abs(self.output_tokens - expected) > max(2, expected // 10)
+        return False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

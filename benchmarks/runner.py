@@ -114,6 +114,7 @@ def run_point(
         length_control=length_control,
         eos_token_ids=eos_token_ids(spec.tokenizer_dir),
         rerank_style=rerank_style,
+        tokenizer_dir=spec.tokenizer_dir,
     )
 
     async def measure() -> tuple[Any, ClientOptions]:

@@ -23,6 +23,7 @@ class Script:
     reject_fields: tuple[str, ...] = ()
     prompt_tokens: int = 7
     encode_delay_s: float = 0.01
+    token_text: str = "ab"  # the text of each streamed token
 
 
 @dataclass
@@ -117,7 +118,7 @@ class FakeServer:
         await asyncio.sleep(script.ttft_s)
         while sent < num_tokens:
             count = min(script.tokens_per_chunk, num_tokens - sent)
-            text = "ab" * count
+            text = script.token_text * count
             choice = {"index": 0, "delta": {"content": text}} if is_chat else {"index": 0, "text": text}
             await _send_event(writer, {"choices": [choice], "usage": None})
             sent += count

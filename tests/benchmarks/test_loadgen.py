@@ -3,8 +3,12 @@
 import asyncio
 import statistics
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 
 from benchmarks.client import BenchClient, ClientOptions, LengthControl
 from benchmarks.loadgen import LoadPlan, poisson_arrivals, run_load
@@ -83,14 +87,50 @@ def test_multi_token_chunks_split_tpot_and_itl(server: FakeServer) -> None:
     assert record.tpot == pytest.approx((record.e2e - record.ttft) / 15)
 
 
-def test_without_usage_chunks_are_counted(server: FakeServer) -> None:
+def test_without_usage_or_length_control_chunks_are_counted(server: FakeServer) -> None:
     server.script = Script(ttft_s=0.01, gap_s=0.005, send_usage=False)
     result, _ = run(
-        server, LoadPlan(concurrency=2, num_requests=4), chat_items(4, 5), endpoint=Endpoint.COMPLETIONS
+        server,
+        LoadPlan(concurrency=2, num_requests=4),
+        chat_items(4, 5),
+        endpoint=Endpoint.COMPLETIONS,
+        length_control=LengthControl.NONE,
     )
     assert all(r.token_source is TokenSource.CHUNKS and r.output_tokens == 5 for r in result.records)
     assert summarize_generative(result.records).token_sources == {"chunks": 4}
     assert "prompt" in server.bodies[-1] and "messages" not in server.bodies[-1]
+
+
+def word_tokenizer(directory: Path) -> Path:
+    """A tokenizer.json that makes one token of every whitespace-separated word."""
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "tok": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_without_usage_multi_token_chunks_are_counted_by_tokenizer(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    server.script = Script(ttft_s=0.01, gap_s=0.005, tokens_per_chunk=4, send_usage=False, token_text=" tok")
+    result, _ = run(
+        server,
+        LoadPlan(concurrency=1, num_requests=2),
+        chat_items(2, 16),
+        tokenizer_dir=word_tokenizer(tmp_path),
+    )
+    assert all(r.token_source is TokenSource.TOKENIZER and r.output_tokens == 16 for r in result.records)
+    assert not result.notes  # the length control did force the length
+    summary = summarize_generative(result.records)
+    assert summary.total_output_tokens == 32 and summary.num_wrong_length == 0
+    assert summary.token_sources == {"tokenizer": 2}
+
+
+def test_without_usage_or_tokenizer_the_forced_length_is_used(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.01, gap_s=0.005, tokens_per_chunk=4, send_usage=False)
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 16))
+    assert all(r.token_source is TokenSource.FORCED and r.output_tokens == 16 for r in result.records)
+    assert not result.notes
 
 
 def test_rejected_extras_fall_back_to_logit_bias_then_no_usage(server: FakeServer) -> None:
@@ -101,7 +141,7 @@ def test_rejected_extras_fall_back_to_logit_bias_then_no_usage(server: FakeServe
     assert options.length_control is LengthControl.LOGIT_BIAS and not options.include_usage
     assert len(result.notes) == 2
     assert server.bodies[-1]["logit_bias"] == {"0": -100, "2": -100}
-    assert all(r.ok and r.token_source is TokenSource.CHUNKS for r in result.records)
+    assert all(r.ok and r.token_source is TokenSource.FORCED for r in result.records)
 
 
 def test_concurrency_is_capped(server: FakeServer) -> None:
