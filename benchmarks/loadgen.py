@@ -45,12 +45,20 @@ class LoadPlan:
 
 @dataclass
 class LoadResult:
-    """Measured records (in request order), how many were cancelled, and what warm-up changed."""
+    """Measured records (in request order), how many were cancelled, and what warm-up changed.
+    `started_at`/`ended_at` bound the measured phase (perf_counter), cancellation included."""
 
     records: list[RequestRecord]
     num_incomplete: int
     warmup_records: list[RequestRecord]
     notes: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def cancelled_span(self) -> tuple[float, float] | None:
+        """(start, end) of the point when requests were cancelled at the grace limit, else None."""
+        return (self.started_at, self.ended_at) if self.num_incomplete else None
 
 
 def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
@@ -207,9 +215,10 @@ async def run_load(
             incomplete = await _open_loop(client, items, plan, start, records, bar)
     finally:
         bar.close()
+    ended = time.perf_counter()
     if incomplete:
         notes.append(
             f"{incomplete} request(s) still running {plan.grace_seconds:g} s after the duration bound were cancelled"
         )
     records.sort(key=lambda record: record.index)
-    return LoadResult(records, incomplete, warmup_records, notes)
+    return LoadResult(records, incomplete, warmup_records, notes, start, ended)

@@ -5,8 +5,10 @@ Definitions (also in benchmarks/README.md):
 - TPOT (per request): (E2E - TTFT) / (output_tokens - 1); undefined for 1-token outputs.
 - ITL: gaps between consecutive output chunks, pooled over requests; a chunk holding k tokens
   contributes k samples of gap/k (token-weighted), so bursty servers are not flattered or punished.
-- Throughput: sums over successful requests / duration, duration = first send -> last end.
-- Goodput: successful requests meeting every given SLO, per second (a 1-token output has TPOT 0).
+- Throughput: sums over successful requests / duration, duration = first send -> last end (or, when
+  requests were cancelled at the grace limit, start of the point -> cancellation).
+- Goodput: successful requests meeting every given SLO, per second (a 1-token output has TPOT 0);
+  cancelled requests meet none.
 Percentiles interpolate linearly between closest ranks (numpy's default).
 """
 
@@ -129,11 +131,17 @@ class Slo:
         return self.e2e_ms is None or record.e2e * 1000 <= self.e2e_ms
 
 
-def measured_duration(records: Sequence[RequestRecord]) -> float:
-    """Wall time of the measured phase: first send to last end."""
-    if not records:
+def measured_duration(records: Sequence[RequestRecord], cancelled_span: tuple[float, float] | None = None) -> float:
+    """Wall time of the measured phase: first send to last end. When requests were cancelled at the
+    grace limit, `cancelled_span` is (start of the point, cancellation time): the point lasted that long."""
+    starts = [record.start for record in records]
+    ends = [record.end for record in records]
+    if cancelled_span is not None:
+        starts.append(cancelled_span[0])
+        ends.append(cancelled_span[1])
+    if not starts:
         return 0.0
-    return max(record.end for record in records) - min(record.start for record in records)
+    return max(ends) - min(starts)
 
 
 @dataclass
@@ -154,6 +162,8 @@ class GenerativeSummary:
     itl_ms: Distribution
     e2e_ms: Distribution
     per_user_tokens_per_s_p50: float
+    num_incomplete: int
+    num_slo_met: int | None
     goodput: float | None
     goodput_fraction: float | None
     slo: Slo | None
@@ -165,9 +175,16 @@ class GenerativeSummary:
         return asdict(self)
 
 
-def summarize_generative(records: Sequence[RequestRecord], slo: Slo | None = None) -> GenerativeSummary:
+def summarize_generative(
+    records: Sequence[RequestRecord],
+    slo: Slo | None = None,
+    num_incomplete: int = 0,
+    cancelled_span: tuple[float, float] | None = None,
+) -> GenerativeSummary:
+    """Summary of a point's records; `num_incomplete` requests were cancelled at the grace limit
+    (they miss every SLO), `cancelled_span` is then (point start, cancellation time)."""
     completed = [record for record in records if record.ok]
-    duration = measured_duration(records)
+    duration = measured_duration(records, cancelled_span)
     total_output = sum(record.output_tokens for record in completed)
     prompt_counts = [record.prompt_tokens for record in completed]
     total_input = sum(c for c in prompt_counts if c is not None) if None not in prompt_counts else None
@@ -184,6 +201,7 @@ def summarize_generative(records: Sequence[RequestRecord], slo: Slo | None = Non
             key = record.error[:120]
             errors[key] = errors.get(key, 0) + 1
     met = sum(1 for record in records if slo.is_met(record)) if slo else None
+    num_sent = len(records) + num_incomplete
 
     def rate(amount: float) -> float:
         return amount / duration if duration > 0 else math.nan
@@ -203,8 +221,10 @@ def summarize_generative(records: Sequence[RequestRecord], slo: Slo | None = Non
         itl_ms=Distribution.of(itls, 1000.0),
         e2e_ms=Distribution.of([record.e2e for record in completed], 1000.0),
         per_user_tokens_per_s_p50=1000.0 / tpot_dist.p50 if tpot_dist.count else math.nan,
+        num_incomplete=num_incomplete,
+        num_slo_met=met,
         goodput=rate(met) if met is not None else None,
-        goodput_fraction=met / len(records) if met is not None and records else None,
+        goodput_fraction=met / num_sent if met is not None and num_sent else None,
         slo=slo,
         token_sources=sources,
         num_wrong_length=sum(1 for record in completed if record.is_wrong_length),
@@ -230,9 +250,11 @@ class EncoderSummary:
         return asdict(self)
 
 
-def summarize_encoder(records: Sequence[RequestRecord]) -> EncoderSummary:
+def summarize_encoder(
+    records: Sequence[RequestRecord], cancelled_span: tuple[float, float] | None = None
+) -> EncoderSummary:
     completed = [record for record in records if record.ok]
-    duration = measured_duration(records)
+    duration = measured_duration(records, cancelled_span)
     prompt_counts = [record.prompt_tokens for record in completed]
     has_tokens = bool(completed) and None not in prompt_counts
     errors: dict[str, int] = {}

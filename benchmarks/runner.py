@@ -131,7 +131,9 @@ def run_point(
     result, final_options = asyncio.run(measure())
     records = result.records
     if spec.endpoint.is_generative:
-        summary: GenerativeSummary | EncoderSummary = summarize_generative(records, slo)
+        summary: GenerativeSummary | EncoderSummary = summarize_generative(
+            records, slo, result.num_incomplete, result.cancelled_span
+        )
         ok = [record for record in records if record.ok][:MAX_SAMPLES]
         samples = {
             "ttft_ms": [round(r.ttft * 1000, 2) for r in ok if r.ttft is not None],
@@ -143,7 +145,7 @@ def run_point(
             final_options.include_usage,
         )
     else:
-        summary = summarize_encoder(records)
+        summary = summarize_encoder(records, result.cancelled_span)
         samples = {"latency_ms": [round(r.e2e * 1000, 2) for r in records if r.ok][:MAX_SAMPLES]}
         controls = (None, None)
     return PointResult(

@@ -12,7 +12,7 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from benchmarks.client import BenchClient, ClientOptions, LengthControl
 from benchmarks.loadgen import LoadPlan, poisson_arrivals, run_load
-from benchmarks.metrics import itl_samples, summarize_encoder, summarize_generative
+from benchmarks.metrics import Slo, itl_samples, summarize_encoder, summarize_generative
 from benchmarks.records import Endpoint, TokenSource
 from benchmarks.workloads import WorkItem
 from tests.benchmarks.fake_server import FakeServer, Script
@@ -173,6 +173,11 @@ def test_duration_bound_stops_launching_and_grace_cancels(server: FakeServer) ->
         warmup=0,
     )
     assert result.records == [] and result.num_incomplete == 1 and result.notes
+    # The point lasted until the cancellation, and the cancelled request misses the SLO.
+    assert result.cancelled_span is not None
+    summary = summarize_generative(result.records, Slo(e2e_ms=10_000), 1, result.cancelled_span)
+    assert 0.3 - 0.01 <= summary.duration_s < 0.3 + SLACK_S
+    assert summary.goodput_fraction == 0.0
 
 
 def test_poisson_arrivals_are_seeded_and_follow_the_rate(server: FakeServer) -> None:

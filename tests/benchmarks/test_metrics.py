@@ -128,3 +128,15 @@ def test_encoder_summary_counts_items() -> None:
     assert summary.items_per_s == pytest.approx(16.0)
     assert summary.input_tokens_per_s == pytest.approx(80.0)
     assert summary.latency_ms.p50 == pytest.approx(500.0)
+
+
+def test_cancelled_requests_extend_the_duration_and_miss_every_slo() -> None:
+    fast = make_record(0, 0.0, [0.1, 0.2], 0.2, tokens=2)
+    summary = summarize_generative([fast], Slo(ttft_ms=500), num_incomplete=3, cancelled_span=(0.0, 4.0))
+    assert summary.duration_s == pytest.approx(4.0)
+    assert summary.output_throughput == pytest.approx(0.5)
+    assert (summary.num_slo_met, summary.num_incomplete) == (1, 3)
+    assert summary.goodput == pytest.approx(0.25)
+    assert summary.goodput_fraction == pytest.approx(0.25)
+    nothing_finished = summarize_generative([], Slo(ttft_ms=500), num_incomplete=2, cancelled_span=(1.0, 3.0))
+    assert (nothing_finished.duration_s, nothing_finished.goodput_fraction) == (2.0, 0.0)
