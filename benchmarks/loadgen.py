@@ -71,13 +71,46 @@ def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
     return offsets
 
 
+# The request fields each option adds, as a server's error message would name them.
+LENGTH_CONTROL_FIELDS = {
+    LengthControl.IGNORE_EOS: ("ignore_eos", "min_tokens"),
+    LengthControl.LOGIT_BIAS: ("logit_bias",),
+    LengthControl.NONE: (),
+}
+USAGE_FIELDS = ("stream_options", "include_usage")
+
+
+def _relax(client: BenchClient, error: str) -> str | None:
+    """Drop what the server rejected, judged by the field its error names; returns a note, or None
+    when nothing is left to drop. An error naming no field relaxes length control first
+    (ignore_eos -> logit_bias -> none), then stream_options."""
+    options = client.options
+    names_usage = options.include_usage and any(name in error for name in USAGE_FIELDS)
+    length_fields = LENGTH_CONTROL_FIELDS[options.length_control]
+    if names_usage and not any(name in error for name in length_fields):
+        client.with_options(include_usage=False)
+        return f"server rejected stream_options ({error}); counting tokens without usage"
+    if options.length_control is not LengthControl.NONE:
+        fallback = (
+            LengthControl.LOGIT_BIAS
+            if options.length_control is LengthControl.IGNORE_EOS and options.eos_token_ids
+            else LengthControl.NONE
+        )
+        client.with_options(length_control=fallback)
+        return f"server rejected {'/'.join(length_fields)} ({error}); using {fallback.value}"
+    if options.include_usage:
+        client.with_options(include_usage=False)
+        return f"server rejected the request ({error}); dropped stream_options, counting tokens without usage"
+    return None
+
+
 async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
-    """Send one request and relax what the server rejects (stream_options, ignore_eos extras).
+    """Send one request and relax what the server rejects (length-control extras, stream_options).
 
     Returns human-readable notes on what was changed, which go into the result JSON.
     """
     notes: list[str] = []
-    for _ in range(3):
+    while True:
         record = await client.send(item, -1)
         rejected = record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
         if not rejected:
@@ -89,17 +122,16 @@ async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
                     f"asked {item.max_tokens}, got {record.output_tokens} ({record.token_source.value} count)"
                 )
             return notes
-        options = client.options
-        if options.length_control is LengthControl.IGNORE_EOS:
-            fallback = LengthControl.LOGIT_BIAS if options.eos_token_ids else LengthControl.NONE
-            notes.append(f"server rejected ignore_eos/min_tokens ({record.error}); using {fallback.value}")
-            client.with_options(length_control=fallback)
-        elif options.include_usage:
-            notes.append(f"server rejected stream_options ({record.error}); counting chunks")
-            client.with_options(include_usage=False)
-        else:
-            break
-    return notes
+        assert record.error is not None
+        note = _relax(client, record.error)
+        if note is None:
+            notes.append(
+                f"negotiation failed: the server rejects even a plain request ({record.error}); "
+                "the measured requests will fail"
+            )
+            print(f"[bench] {notes[-1]}", file=sys.stderr)
+            return notes
+        notes.append(note)
 
 
 async def _closed_loop(

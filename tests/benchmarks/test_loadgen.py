@@ -144,6 +144,34 @@ def test_rejected_extras_fall_back_to_logit_bias_then_no_usage(server: FakeServe
     assert all(r.ok and r.token_source is TokenSource.FORCED for r in result.records)
 
 
+def test_rejected_stream_options_keeps_the_length_control(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.0, gap_s=0.0, reject_fields=("stream_options",))
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 3), eos_token_ids=(0, 2)
+    )
+    assert options.length_control is LengthControl.IGNORE_EOS and not options.include_usage
+    assert len(result.notes) == 1 and "stream_options" in result.notes[0]
+    assert all(r.ok for r in result.records)
+
+
+def test_rejected_length_controls_fall_back_to_none_and_keep_usage(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.0, gap_s=0.0, reject_fields=("ignore_eos", "logit_bias"))
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 3), eos_token_ids=(0, 2)
+    )
+    assert options.length_control is LengthControl.NONE and options.include_usage
+    assert len(result.notes) == 2
+    assert all(r.ok and r.token_source is TokenSource.USAGE for r in result.records)
+
+
+def test_failed_negotiation_is_reported(server: FakeServer) -> None:
+    server.script = Script(ttft_s=0.0, gap_s=0.0, reject_fields=("model",))
+    result, options = run(server, LoadPlan(concurrency=1, num_requests=1), chat_items(1, 3))
+    assert options.length_control is LengthControl.NONE and not options.include_usage
+    assert result.notes[-1].startswith("negotiation failed")
+    assert not any(r.ok for r in result.records)
+
+
 def test_concurrency_is_capped(server: FakeServer) -> None:
     server.script = Script(ttft_s=0.05, gap_s=0.0)
     result, _ = run(server, LoadPlan(concurrency=3, num_requests=9), chat_items(9, 1), warmup=0)
