@@ -106,7 +106,9 @@ def run_point(
     load_average_1m = round(os.getloadavg()[0], 2)
     spec = replace(spec, seed=point_seed(spec.seed, plan, repeat))
     items = build_items(spec, plan.num_requests)
-    warmup_items = build_items(replace(spec, seed=spec.seed + WARMUP_SEED_OFFSET), plan.warmup_requests)
+    # At least one discarded request even with --warmup 0: it negotiates what the server accepts.
+    num_warmup = max(1, plan.warmup_requests)
+    warmup_items = build_items(replace(spec, seed=spec.seed + WARMUP_SEED_OFFSET), num_warmup)
     options = ClientOptions(
         base_url=target.base_url,
         endpoint=spec.endpoint,

@@ -1,0 +1,26 @@
+"""One measured point end to end against the scripted fake server."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.loadgen import LoadPlan
+from benchmarks.runner import Target, run_point
+from benchmarks.workloads import WorkloadSpec
+from tests.benchmarks.fake_server import FakeServer, Script
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer(Script(ttft_s=0.0, gap_s=0.0, reject_fields=("ignore_eos",))).start()
+    yield fake
+    fake.stop()
+
+
+def test_warmup_zero_still_negotiates_with_a_discarded_request(server: FakeServer) -> None:
+    spec = WorkloadSpec(input_len=8, output_len=3)
+    plan = LoadPlan(concurrency=1, num_requests=2, warmup_requests=0)
+    point = run_point(Target("fake", server.base_url, "fake-model"), spec, plan)
+    assert point.length_control == "none" and point.notes
+    assert (point.summary.num_completed, point.summary.num_failed) == (2, 0)
+    assert len(server.bodies) == 4  # rejected probe, accepted probe, 2 measured
