@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import httpx
 
 from benchmarks import machine
 from benchmarks.client import LengthControl, RerankStyle, served_model
@@ -31,8 +33,33 @@ from benchmarks.workloads import DATASETS, WorkloadSpec
 RESULTS_DIR = BENCHMARKS_DIR / "results"
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
+class UsageError(Exception):
+    """A command line that cannot run; main prints it as one line and exits 2."""
+
+
+def _comma_list(kind: type[int] | type[float], what: str) -> Callable[[str], list[float]]:
+    """An argparse type: a comma list of positive numbers of `kind`."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}, e.g. 1,4,16") from None
+        if not values or any(value <= 0 for value in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: every {what} must be > 0")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +81,20 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--rerank-style", choices=[s.value for s in RerankStyle], default="tei")
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", default="1", help="comma list: closed-loop concurrency points")
     load.add_argument(
-        "--request-rate", default=None, help="comma list: Poisson rates (req/s); overrides --concurrency"
+        "--concurrency",
+        type=_comma_list(int, "concurrency (whole number)"),
+        default=[1],
+        help="comma list: closed-loop concurrency points",
     )
     load.add_argument(
-        "--max-concurrency", type=int, default=None, help="cap on in-flight requests in rate mode"
+        "--request-rate",
+        type=_comma_list(float, "rate (req/s)"),
+        default=None,
+        help="comma list: Poisson rates (req/s); overrides --concurrency",
+    )
+    load.add_argument(
+        "--max-concurrency", type=_positive_int, default=None, help="cap on in-flight requests in rate mode"
     )
     load.add_argument(
         "--num-requests", type=int, default=32, help="measured requests per point (upper bound)"
@@ -109,9 +144,9 @@ def plans_from(args: argparse.Namespace) -> list[LoadPlan]:
     if args.request_rate:
         return [
             LoadPlan(request_rate=rate, max_concurrency=args.max_concurrency, **common)
-            for rate in _numbers(args.request_rate)
+            for rate in args.request_rate
         ]
-    return [LoadPlan(concurrency=int(c), **common) for c in _numbers(args.concurrency)]
+    return [LoadPlan(concurrency=int(c), **common) for c in args.concurrency]
 
 
 def slo_from(args: argparse.Namespace) -> Slo | None:
@@ -121,19 +156,56 @@ def slo_from(args: argparse.Namespace) -> Slo | None:
 
 
 def _url_target(name: str, url: str, model: str | None) -> Target:
-    return Target(name, url, model or asyncio.run(served_model(url)), {"started_by": "user"})
+    try:
+        served = model or asyncio.run(served_model(url))
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as error:
+        raise UsageError(
+            f"cannot reach {name} at {url} ({type(error).__name__}: {error}); is the server up and the URL right?"
+        ) from None
+    return Target(name, url, served, {"started_by": "user"})
+
+
+def _url_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, url) from --target NAME=URL and --base-url."""
+    entries = []
+    for entry in getattr(args, "target", None) or []:
+        name, separator, url = entry.partition("=")
+        if not separator or not name or not url:
+            raise UsageError(f"--target {entry!r}: expected NAME=URL, e.g. --target ours=http://127.0.0.1:8000")
+        entries.append((name, url))
+    if getattr(args, "base_url", None):
+        entries.append((args.name, args.base_url))
+    return entries
+
+
+def _peer_names(args: argparse.Namespace) -> list[str]:
+    return [n for n in (getattr(args, "engines", None) or getattr(args, "peer", None) or "").split(",") if n]
+
+
+def _check_subject(args: argparse.Namespace) -> None:
+    subject = getattr(args, "subject", None)
+    names = [name for name, _ in _url_entries(args)] + _peer_names(args)
+    if subject and subject not in names:
+        raise UsageError(f"--subject {subject!r} names no target; the targets are: {', '.join(names) or 'none'}")
+
+
+def result_paths(out: Path) -> tuple[Path, Path]:
+    """(JSON, PNG) for --out: the PNG always sits beside the JSON, never on top of it."""
+    if out.suffix.lower() == ".json":
+        json_path = out
+    elif out.suffix.lower() == ".png":
+        json_path = out.with_suffix(".json")
+    else:
+        json_path = out.with_name(out.name + ".json")
+    return json_path, json_path.with_suffix(".png")
 
 
 def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target], list[str]]:
     """Targets from --target NAME=URL and --engines/--peer names; unavailable peers are skipped."""
     targets, skipped = [], []
-    for entry in getattr(args, "target", None) or []:
-        name, _, url = entry.partition("=")
+    for name, url in _url_entries(args):
         targets.append(_url_target(name, url, args.model))
-    if getattr(args, "base_url", None):
-        targets.append(_url_target(args.name, args.base_url, args.model))
-    names = [n for n in (getattr(args, "engines", None) or getattr(args, "peer", None) or "").split(",") if n]
-    for name in names:
+    for name in _peer_names(args):
         try:
             print(f"[bench] starting {name} ...", file=sys.stderr, flush=True)
             targets.append(start_target(name, endpoint))
@@ -145,6 +217,7 @@ def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target]
 
 def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
     spec, plans, slo = spec_from(args), plans_from(args), slo_from(args)
+    _check_subject(args)
     description = machine.describe()
     targets, skipped = _targets(args, spec.endpoint)
     if not targets:
@@ -180,15 +253,16 @@ def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
         skipped=skipped,
         slo=asdict(slo) if slo else None,
     )
-    out = args.out or RESULTS_DIR / f"{default_name}.json"
+    out, png = result_paths(args.out or RESULTS_DIR / f"{default_name}.json")
     write_json(document, out)
     print(markdown_table(document))
     print(ratio_table(document))
     if not args.no_plot:
-        try_plot(document, out.with_suffix(".png"))
-    print(
-        f"[bench] wrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"), file=sys.stderr
-    )
+        try_plot(document, png)
+    print(f"[bench] wrote {out}" + ("" if args.no_plot else f" and {png}"), file=sys.stderr)
+    if not any(point.summary.num_completed for point in points):
+        print("[bench] every measured request failed; see `errors` and `notes` in the JSON", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -222,4 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
     name = args.peer or args.name if args.command == "run" else "compare"
     default_name = f"{args.command}-{name}-{args.endpoint}-{args.dataset}"
-    return execute(args, args.repeats, default_name)
+    try:
+        return execute(args, args.repeats, default_name)
+    except UsageError as error:
+        print(f"python -m benchmarks {args.command}: error: {error}", file=sys.stderr)
+        return 2
