@@ -14,7 +14,8 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from tqdm import tqdm
 
@@ -36,7 +37,14 @@ class LoadPlan:
     grace_seconds: float = 60.0
     seed: int = 0
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadPlan:
+        """The plan of a result JSON's point (keys this version does not know are ignored)."""
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
     def label(self) -> str:
+        """The load point's name in tables, ratios and progress lines (one source for all)."""
         if self.request_rate is None:
             return f"c={self.concurrency}"
         cap = f" cap {self.max_concurrency}" if self.max_concurrency else ""

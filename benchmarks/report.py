@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import Ratio, metric_value, ratios_json
+from benchmarks.loadgen import LoadPlan
 from benchmarks.machine import load_average
 from benchmarks.runner import PointResult, Target
 
@@ -129,10 +130,7 @@ def markdown_table(document: dict[str, Any]) -> str:
     subject = next((r["subject"] for r in document.get("ratios", [])), "subject")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for point in points:
-        plan = point["plan"]
-        label = (
-            f"c={plan['concurrency']}" if plan["request_rate"] is None else f"rate={plan['request_rate']:g}/s"
-        )
+        label = LoadPlan.from_json(point["plan"]).label()
         groups.setdefault((label, point["engine"]), []).append(point)
     if generative:
         header = (

@@ -81,3 +81,16 @@ def test_interleaved_run_orders_engines_and_reports_ratios(server: FakeServer, t
     plots = pytest.importorskip("benchmarks.plots", exc_type=ImportError)
     png = plots.plot_document(loaded, tmp_path / "r.png")
     assert png is not None and png.stat().st_size > 1000
+
+
+def test_table_shows_ratios_of_capped_rate_points(server: FakeServer) -> None:
+    targets = [Target("a", server.base_url, "fake-model"), Target("b", server.base_url, "fake-model")]
+    plans = [LoadPlan(request_rate=50.0, max_concurrency=2, num_requests=2, warmup_requests=1)]
+    points = run_interleaved(targets, WorkloadSpec(output_len=2), plans, repeats=1)
+    found = ratios(points, "a", generative=True)
+    document = build_document(
+        title="t", command="cmd", machine={}, workload={}, targets=targets, points=points, ratios=found
+    )
+    row = next(line for line in markdown_table(document).splitlines() if "| b |" in line)
+    assert row.startswith("| rate=50/s cap 2 | b |")
+    assert not row.rstrip().endswith("| - |")  # the ratio column is filled
