@@ -1,7 +1,7 @@
 """Workloads: what each benchmark request asks for, built deterministically from a seed.
 
 Datasets: `random` (synthetic prose of exact input length), `sharegpt` (lengths from the shipped
-ShareGPT-like table), `code` (self-written Python completion prompts). Every generative item
+ShareGPT-like table), `code` (self-written Python completion prompts, each behind a unique seeded tag). Every generative item
 carries the output length to force, so all engines do the same amount of work.
 """
 
@@ -76,9 +76,8 @@ def build_items(spec: WorkloadSpec, count: int) -> list[WorkItem]:
     rng.shuffle(order)
     items = []
     for i in range(count):
-        prompt = prompts[order[i % len(order)]]
-        if spec.endpoint is Endpoint.CHAT:
-            prompt = code_prompts.CHAT_INSTRUCTION + prompt
+        tag = f"{rng.getrandbits(48):012x}"
+        prompt = code_prompts.tagged(prompts[order[i % len(order)]], tag, spec.endpoint is Endpoint.CHAT)
         items.append(WorkItem(prompt, spec.output_len, counter.count(prompt)))
     return items
 

@@ -44,8 +44,22 @@ def test_code_prompts() -> None:
     assert all(("def " in p or "class " in p) and p.endswith("\n") for p in prompts)
     chat = build_items(WorkloadSpec(dataset="code", output_len=16), 30)
     completions = build_items(WorkloadSpec(endpoint=Endpoint.COMPLETIONS, dataset="code"), 24)
-    assert all(item.prompt.startswith(code_prompts.CHAT_INSTRUCTION) for item in chat)
-    assert sorted(item.prompt for item in completions) == sorted(prompts)
+    assert all(code_prompts.CHAT_INSTRUCTION in item.prompt for item in chat)
+    # Every snippet once, each behind its one-line tag.
+    assert sorted(item.prompt.split("\n", 1)[1] for item in completions) == sorted(prompts)
+
+
+def test_code_prompts_are_unique_across_points_and_repeats() -> None:
+    items = [
+        item
+        for seed in (0, 1, 2)
+        for item in build_items(WorkloadSpec(endpoint=Endpoint.COMPLETIONS, dataset="code", seed=seed), 30)
+    ]
+    # Distinct from the first line on, so no prefix-cache block is shared between requests.
+    assert len({item.prompt.splitlines()[0] for item in items}) == 90
+    assert build_items(WorkloadSpec(dataset="code", seed=4), 30) == build_items(
+        WorkloadSpec(dataset="code", seed=4), 30
+    )
 
 
 def test_encoder_items(minilm_dir: Path) -> None:
