@@ -6,6 +6,7 @@ Generated bodies keep their shape but have their generation budget clamped (max_
 milliseconds on two cores; everything else is sent as generated.
 """
 
+import functools
 import json
 from typing import Any
 
@@ -103,11 +104,28 @@ def _openai_envelope(path: str, body: Any) -> bool:
     return isinstance(error, dict) and set(error) == ENVELOPE_FIELDS and bool(error["message"])
 
 
+@functools.cache
+def _tei_routes() -> frozenset[str]:
+    """The encoder routes whose errors come in TEI's envelope, read off the router (a new TEI route counts itself)."""
+    from types import SimpleNamespace
+
+    from engine_builder.serve.encoders.routes import ErrorStyle, build_encoder_router
+
+    router = build_encoder_router(
+        SimpleNamespace(info=SimpleNamespace(default_route="/v1/embeddings")),  # type: ignore[arg-type]
+        served_model_name="m",
+        default_route="/v1/embeddings",
+    )
+    routes = {route.path for route in router.routes if getattr(route, "error_style", None) is ErrorStyle.TEI}
+    assert {"/embed", "/rerank", "/predict", "/tokenize", "/decode"} <= routes, routes
+    return frozenset(routes)
+
+
 def _encoder_envelope(path: str, body: Any) -> bool:
     """OpenAI's envelope on the embeddings routes and our own (auth, 404, 413); TEI's on TEI's routes."""
     if _openai_envelope(path, body):
         return True
-    tei = path in ("/embed", "/rerank", "/predict", "/tokenize", "/decode") or path.endswith(":predict")
+    tei = path in _tei_routes() or path.endswith(":predict")
     return tei and isinstance(body, dict) and set(body) == {"error", "error_type"} and bool(body["error"])
 
 

@@ -109,6 +109,8 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
 
 def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[APIRoute]:
     class GuardedRoute(APIRoute):
+        error_style = style  # which envelope this route's errors come in (tests read it off the route table)
+
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
