@@ -296,7 +296,10 @@ def _readable_as_umask_allows(root: Path) -> None:
         if path.is_file() and not path.is_symlink():
             info = path.stat()
             if info.st_nlink == 1 and (info.st_mode & wanted) != wanted:
-                path.chmod((info.st_mode | wanted) & 0o7777)
+                try:
+                    path.chmod((info.st_mode | wanted) & 0o7777)
+                except PermissionError:  # a copied file another user owns: it keeps its mode
+                    logger.warning("cannot open %s for reading by others: not its owner", path)
 
 
 def public_repo(repository: CheckpointRepository) -> str:

@@ -1,5 +1,6 @@
 """Request parsing shared by the route modules: JSON we parse ourselves, pydantic errors as OpenAI 400s."""
 
+import functools
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from engine_builder.serve.server.limits import MAX_JSON_DEPTH, json_depth
 _BRANCH_NAME = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\])$")
 
 
+@functools.cache  # the request models are all defined at import; a body with many errors must not walk them each time
 def _model_names() -> frozenset[str]:
     """Class names of the request models: a plain union's branches are named by them in an error's location."""
     from pydantic import BaseModel
@@ -49,8 +51,8 @@ def validation_to_api_error(errors: Any) -> APIError:
     """pydantic errors -> one 400 naming the bad field (unknown fields get OpenAI's wording); of a union's failed
     branches, the one that got furthest into the value."""
     for item in errors:
-        param = _param(item)
         if item.get("type") == "extra_forbidden":
+            param = _param(item)
             return APIError(
                 f"Unrecognized request argument supplied: {param}",
                 status=400,

@@ -112,6 +112,10 @@ class DrainingServer(uvicorn.Server):
             # one and stop with it.
             logger.warning("signal %s while loading: stopping without serving", signal.Signals(sig).name)
             REQUEST_TEMPLATES.close()
+            import multiprocessing
+
+            for child in multiprocessing.active_children():  # os._exit runs no cleanup: stop what this process started
+                child.kill()
             logging.shutdown()
             os._exit(128 + sig)
         if not self.state.draining:

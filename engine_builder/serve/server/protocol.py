@@ -75,7 +75,7 @@ class ChatMessage(StrictModel):
         # "content: Input should be a valid string".
         content = data.get("content") if isinstance(data, dict) else None
         for index, part in enumerate(content if isinstance(content, list) else ()):
-            kind = part.get("type") if isinstance(part, dict) else None
+            kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
             if kind not in CONTENT_PART_TYPES:
                 allowed = ", ".join(CONTENT_PART_TYPES)
                 raise ValueError(f"content[{index}] has type {kind!r}; a content part's type is one of {allowed}")

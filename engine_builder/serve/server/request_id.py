@@ -10,7 +10,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = b"x-request-id"
-_USABLE = re.compile(rb"^[\x21-\x7e]{1,128}$")
+_USABLE = re.compile(rb"[\x21-\x7e]{1,128}")  # fullmatch: `$` would let a trailing newline through
 
 
 class RequestIdMiddleware:
@@ -22,7 +22,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == HEADER), None)
-        request_id = given if given is not None and _USABLE.match(given) else uuid.uuid4().hex.encode()
+        request_id = given if given is not None and _USABLE.fullmatch(given) else uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_id(message: Message) -> None:

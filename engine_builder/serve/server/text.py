@@ -62,7 +62,9 @@ class RequestText:
         choice.num_tokens += len(delta.token_ids)
         free_text = choice.stops.pass_through(choice.detokenizer.add(decode_ids[:protected])) if protected else ""
         text = choice.detokenizer.add(decode_ids[protected:]) if len(decode_ids) > protected else ""
-        if finish is not None:
+        if finish is not None and choice.num_tokens <= self.min_tokens:  # held-back text of protected tokens
+            free_text += choice.stops.pass_through(choice.detokenizer.flush())
+        elif finish is not None:
             text += choice.detokenizer.flush()
         result = choice.stops.feed(text)
         result.text = free_text + result.text

@@ -141,3 +141,10 @@ def test_fields_that_contradict_another_are_refused(fields: dict[str, Any], para
         check_unsupported(ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields}))
     assert (caught.value.status, caught.value.param) == (400, param)
     check_unsupported(ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields, "stream": True, "best_of": 2, "n": 2}))
+
+
+def test_parts_built_in_code_are_accepted_too() -> None:
+    from engine_builder.serve.server.protocol import ChatMessage, TextPart
+
+    message = ChatMessage(role="user", content=[TextPart(type="text", text="x")])
+    assert message.content[0].text == "x"  # type: ignore[index,union-attr]

@@ -131,6 +131,9 @@ def test_every_answer_carries_a_request_id() -> None:
     assert refused.status_code == 401 and refused.headers["x-request-id"] == "trace-43"  # auth's refusal too
     replaced = client.get("/health", headers={"X-Request-Id": "x" * 129}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", replaced)  # an unusable id is replaced, not echoed
+    from engine_builder.serve.server.request_id import _USABLE
+
+    assert _USABLE.fullmatch(b"trace-42") and not _USABLE.fullmatch(b"trace-42\n")  # `$` would have let it through
 
 
 def test_default_host_is_loopback() -> None:

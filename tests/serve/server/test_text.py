@@ -93,3 +93,12 @@ def test_stop_strings_wait_for_min_tokens(decoder: TextDecoder, one_delta: bool)
     text = RequestText(decoder, _request(stop=(".",)), (EOS,))
     emitted = [c for c in (text.complete(delta) for delta in deltas) if c is not None]
     assert "".join(c.delta.text for c in emitted) == " Paris"
+
+
+def test_text_held_back_within_min_tokens_is_not_matched_at_the_finish(decoder: TextDecoder) -> None:
+    """The first byte of an emoji is held back until the finish flushes it; it belongs to a protected token."""
+    first_byte = decoder.tokenizer.encode(" 🍕", add_special_tokens=False).ids[:1]
+    for min_tokens, finish in ((0, FinishReason.STOP), (1, FinishReason.LENGTH)):
+        text = RequestText(decoder, _request(stop=("\ufffd",), min_tokens=min_tokens), (EOS,))
+        completed = text.complete(_delta(first_byte, finish=FinishReason.LENGTH))
+        assert completed is not None and completed.delta.finish_reason == finish, min_tokens
