@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine_builder.build.build_stage import build_engine
-from engine_builder.build.config import load_config
+from engine_builder.build.config import LoadedConfig, load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import TEST_PAUSE_ENV, changed_model_files, load_engine_dir
 from tests.conftest import REPO_ROOT
@@ -91,13 +91,18 @@ def test_refuses_to_build_over_or_inside_its_local_checkpoint(tmp_path: Path, sm
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in smollm2_dir.iterdir())
 
 
-def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
-    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _local_config(tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, LoadedConfig]:
+    """A private copy of SmolLM2 as a LOCAL checkpoint (its files hard-linked into engines), and its config."""
     monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
     checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "checkpoint")
     config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
-    loaded = load_config(config)
+    return checkpoint, load_config(config)
+
+
+def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint, loaded = _local_config(tmp_path, smollm2_dir, monkeypatch)
     output = tmp_path / "engine"
     first = build_engine(loaded, output, loaded.truss.engine_builder)
     assert not first.reused and changed_model_files(first.engine_dir) == []
@@ -122,10 +127,7 @@ def test_a_copied_engine_serves_and_a_copy_of_a_stale_one_does_not(
     tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`cp -r` gives every file new times and one link: the digests recorded for linked files decide."""
-    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
-    checkpoint = _private_checkpoint(smollm2_dir, tmp_path / "checkpoint")
-    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
-    loaded = load_config(config)
+    checkpoint, loaded = _local_config(tmp_path, smollm2_dir, monkeypatch)
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     time.sleep(0.01)
     copy = tmp_path / "copy"

@@ -248,6 +248,19 @@ class _Handlers:
             how_to_ask=how_to_ask,
         )
 
+    def _tei_truncation(
+        self,
+        truncate: bool | None,
+        direction: TruncationDirection,
+        prompt_name: str | None = None,
+        how_to_ask: str = ASK_BY_FLAG,
+    ) -> Truncation:
+        """TEI's routes (/embed, /embed_all, /similarity, /predict): `truncate`, else the server's auto-truncate."""
+        _refuse_prompt_name(prompt_name)
+        return self._truncation(
+            default=self._defaults.embed_and_predict, how_to_ask=how_to_ask, truncate=truncate, direction=direction
+        )
+
     def _headers(self, timing: RequestTiming, num_chars: int, num_tokens: int) -> dict[str, str]:
         return _metadata_headers(
             timing, num_chars=num_chars, num_tokens=num_tokens, device=self.engine.info.device
@@ -275,13 +288,7 @@ class _Handlers:
         return Response(content, media_type="application/json", headers=headers)
 
     async def embed(self, body: EmbedRequest) -> Response:
-        _refuse_prompt_name(body.prompt_name)
-        truncation = self._truncation(
-            default=self._defaults.embed_and_predict,
-            how_to_ask=ASK_BY_FLAG,
-            truncate=body.truncate,
-            direction=body.direction,
-        )
+        truncation = self._tei_truncation(body.truncate, body.direction, body.prompt_name)
         result = await self.engine.embed(
             body.input_list(),
             truncation=truncation,
@@ -293,25 +300,15 @@ class _Handlers:
         return Response(matrix_body(result.embeddings), media_type="application/json", headers=headers)
 
     async def embed_all(self, body: EmbedAllRequest) -> Response:
-        _refuse_prompt_name(body.prompt_name)
-        truncation = self._truncation(
-            default=self._defaults.embed_and_predict,
-            how_to_ask=ASK_BY_FLAG,
-            truncate=body.truncate,
-            direction=body.direction,
-        )
+        truncation = self._tei_truncation(body.truncate, body.direction, body.prompt_name)
         result = await self.engine.embed_all(body.input_list(), truncation=truncation, field="inputs")
         headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
         return Response(matrices_body(result.embeddings), media_type="application/json", headers=headers)
 
     async def similarity(self, body: SimilarityRequest) -> Response:
         options = body.options
-        _refuse_prompt_name(options.prompt_name)
-        truncation = self._truncation(
-            default=self._defaults.embed_and_predict,
-            how_to_ask="set `parameters.truncate: true`",
-            truncate=options.truncate,
-            direction=options.direction,
+        truncation = self._tei_truncation(
+            options.truncate, options.direction, options.prompt_name, how_to_ask="set `parameters.truncate: true`"
         )
         result = await self.engine.similarity(
             body.inputs.source_sentence, body.inputs.sentences, truncation=truncation, field="sentences"
@@ -374,12 +371,7 @@ class _Handlers:
             sequences = body.sequences()
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="inputs") from exc
-        truncation = self._truncation(
-            default=self._defaults.embed_and_predict,
-            how_to_ask=ASK_BY_FLAG,
-            truncate=body.truncate,
-            direction=body.direction,
-        )
+        truncation = self._tei_truncation(body.truncate, body.direction)
         result = await self.engine.classify(sequences, truncation=truncation, raw_scores=body.raw_scores)
         predictions = [_predictions(row, result.labels) for row in result.scores]
         payload: Any = predictions if body.is_batch else predictions[0]

@@ -19,6 +19,7 @@ from engine_builder.common.types import (
 )
 from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.disconnect import unless_disconnected
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.guides import guide_refused
 from engine_builder.serve.server.state import ServerState
@@ -179,29 +180,11 @@ class Run:
             metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))
 
 
-async def collect_until_disconnect(http_request: Request, work: "asyncio.Future[Any] | Any") -> Any:
+async def collect_until_disconnect(http_request: Request, work: Any) -> Any:
     """Run `work` (a coroutine) unless the client goes away first; then cancel it (which aborts the request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
-        raise APIError("Client disconnected.", status=499, type="client_closed_request")
-    finally:
-        watcher.cancel()
-
-
-async def _wait_disconnect(http_request: Request) -> None:
-    while True:
-        message = await http_request.receive()
-        if message["type"] == "http.disconnect":
-            return
+    return await unless_disconnected(
+        http_request, work, lambda: APIError("Client disconnected.", status=499, type="client_closed_request")
+    )
 
 
 async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from engine_builder.common.types import EngineStats, ModelInfo
 from tests.conftest import REPO_ROOT
 
 
@@ -164,3 +165,23 @@ def in_process_server(
         app, state = build_server(engine, loaded.truss.engine_builder, ())
         with TestClient(app) as client:
             yield client, state
+
+
+class StubEngine:
+    """Enough of an EngineClient for an app whose engine is never used: auth answers before any handler, or a user
+    model answers without calling the engine. Its lifespan may run (start and shutdown do nothing)."""
+
+    model_info = ModelInfo("m", 128, 100, (0,), "LlamaForCausalLM", "decoder")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0)
+
+    def is_healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self, timeout_s: float) -> None:
+        return None
+

@@ -14,10 +14,9 @@ import pytest
 from fastapi import FastAPI, HTTPException, Request
 from starlette.testclient import TestClient
 
-from engine_builder.common.types import EngineStats, ModelInfo
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
-from tests.serve.server.harness import ServerProcess, started, write_config
+from tests.serve.server.harness import ServerProcess, StubEngine, started, write_config
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +78,8 @@ def test_user_errors_and_streaming_postprocessing(fanout_server: ServerProcess) 
     assert events and all(json.loads(line[6:])["loaded"] is True for line in events)
 
 
-class _StubEngine:
-    """Enough of an EngineClient for an app whose lifespan never runs: the user model never calls the engine."""
-
-    model_info = ModelInfo("m", 128, 100, (0,), "LlamaForCausalLM", "decoder")
-
-    def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0.0, 0, 0)
-
-    def is_healthy(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        return None
-
-    async def shutdown(self, timeout_s: float) -> None:
-        return None
-
-
 def _app(user_model: Any) -> FastAPI:
-    state = ServerState(settings=ServerSettings("m"), engine=_StubEngine(), renderer=None)
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
     return create_app(state, user_model=user_model)
 
 

@@ -27,11 +27,10 @@ import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from engine_builder.common.types import EngineStats, ModelInfo
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.conftest import REPO_ROOT
-from tests.serve.server.harness import ServerProcess
+from tests.serve.server.harness import ServerProcess, StubEngine
 
 KEY = "sk-test-key-0123456789"
 # The only paths a caller reaches without a key: liveness, readiness (incl. model listing) and metrics.
@@ -47,18 +46,6 @@ OPEN_PATHS = {
 }
 
 
-class _StubEngine:
-    """Enough of an EngineClient for an app that is never started (auth answers before any handler)."""
-
-    model_info = ModelInfo("m", 128, 100, (0,), "LlamaForCausalLM", "decoder")
-
-    def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0.0, 0, 0)
-
-    def is_healthy(self) -> bool:
-        return True
-
-
 class _UserModel:
     def predict(self, model_input: Any) -> Any:
         return {"ok": True}
@@ -71,7 +58,7 @@ def _apps() -> dict[str, Any]:
     from engine_builder.serve.encoders.routes import build_encoder_router
 
     def state() -> ServerState:
-        return ServerState(settings=ServerSettings("m", api_keys=(KEY,)), engine=_StubEngine(), renderer=None)
+        return ServerState(settings=ServerSettings("m", api_keys=(KEY,)), engine=StubEngine(), renderer=None)
 
     encoder_router = build_encoder_router(
         SimpleNamespace(info=SimpleNamespace(default_route="/v1/embeddings")),  # type: ignore[arg-type]

@@ -1,0 +1,36 @@
+"""Run a request's work unless its client goes away first, for every route family (generation and encoders):
+a closed connection or a client timeout cancels the work, so nothing is computed for no one."""
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+T = TypeVar("T")
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T], gone: Callable[[], Exception]) -> T:
+    """`work`'s result; when the client disconnects first, `work` is cancelled (and awaited) and `gone()` raised.
+    The body must have been read already: the watcher and the body share the ASGI receive channel."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise gone()
+    finally:
+        watcher.cancel()
+        if not task.done():  # this request itself was cancelled (server shutdown)
+            task.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
