@@ -11,7 +11,7 @@ import yaml
 
 from engine_builder.build.config.base import FieldError
 from engine_builder.build.config.stack import TrtLlmConfigV1, TrtLlmConfigV2
-from engine_builder.build.config.truss import TrussConfig, cross_section_errors
+from engine_builder.build.config.truss import TRUSS_IMAGE_FIELDS, TrussConfig, cross_section_errors
 
 PathKey = tuple[str | int, ...]
 _STACK_TAGS = {"v1", "v2"}
@@ -124,6 +124,11 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
             tuple(key.split(".")), "unknown key kept as given (not used by this version)", lines, source
         )
         for key in config.unknown_keys()
+    ]
+    warnings += [
+        _issue_at((key,), "a Truss image field this server does not act on (checked and kept as given)", lines, source)
+        for key in TRUSS_IMAGE_FIELDS
+        if key in config.model_fields_set
     ]
     return LoadedConfig(source=source, base_dir=base_dir, truss=config, warnings=warnings)
 

@@ -88,6 +88,16 @@ class Resources(ConfigModel):
     use_gpu: bool | None = None
 
 
+# Truss's top-level fields this project types (so what `truss push` refuses is refused here) but does not act on:
+# they describe the Truss image and server (packages, environment, the model class), not the engine.
+TRUSS_IMAGE_FIELDS = (
+    "description", "python_version", "requirements_file", "requirements", "system_packages", "environment_variables",
+    "build_commands", "external_package_dirs", "examples_filename", "data_dir", "input_type", "model_framework",
+    "model_type", "model_module_dir", "model_class_filename", "model_class_name", "bundled_packages_dir",
+    "spec_version", "use_local_src", "live_reload", "apply_library_patches",
+)  # fmt: skip
+
+
 class ConfiguredEngineOptions(EngineOptions):
     """The `engine_builder:` section as a config writes it: unlike Truss's sections (whose unknown keys are kept for
     newer Truss versions), this one is ours, so a key it does not know is a typo (`dtyp: float32` would silently

@@ -281,8 +281,12 @@ def test_truss_top_level_fields_are_typed_as_truss_types_them() -> None:
         "config.yaml:6: python_version: Please ensure that `python_version` is one of {'py39', 'py310'"
     )
     # Values are kept as text, as Truss writes them into the image (booleans lower-case).
-    loaded = parse_config(textwrap.dedent(trt_llm) + "environment_variables: {A: true, B: 2}\n")
+    loaded = parse_config(textwrap.dedent(trt_llm) + "environment_variables: {A: true, B: 2}\n", source="config.yaml")
     assert loaded.truss.environment_variables == {"A": "true", "B": "2"}
+    # Checked, but not acted on here (they build Truss's image): said so, as unknown keys are.
+    assert [str(warning) for warning in loaded.warnings] == [
+        "config.yaml:6: environment_variables: a Truss image field this server does not act on (checked and kept as given)"
+    ]
 
 
 def test_a_typo_in_our_own_section_is_an_error_naming_the_nearest_option() -> None:
