@@ -41,7 +41,7 @@ class CalibrationTexts:
 
 def load_calibration_texts(name: str, limit: int, base_dir: Path | None = None) -> CalibrationTexts:
     """Up to `limit` texts for `calib_dataset`, shuffled with a fixed seed so every build sees the same sample."""
-    path = _local_path(name, base_dir)
+    path = local_dataset_path(name, base_dir)
     if path is not None:
         return CalibrationTexts(_sample(read_text_files(path), limit), f"local:{path}")
     if name in BUILTIN_NAMES:
@@ -125,7 +125,7 @@ def local_data_fingerprint(name: str, base_dir: Path | None) -> str | None:
     """The digest of a local calib_dataset's files (None for the builtin set or a hub dataset): part of the build
     identity, so calibration data edited in place rebuilds the engine as a changed LOCAL checkpoint does. Raises
     CalibrationDataError for a local path that does not exist, before any download."""
-    path = _local_path(name, base_dir)
+    path = local_dataset_path(name, base_dir)
     if path is None:
         return None
     import hashlib
@@ -138,7 +138,9 @@ def local_data_fingerprint(name: str, base_dir: Path | None) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
-def _local_path(name: str, base_dir: Path | None) -> Path | None:
+def local_dataset_path(name: str, base_dir: Path | None) -> Path | None:
+    """The local file or folder `calib_dataset` names (relative to the config's folder first), or None for a dataset
+    name; a path-like name that does not exist is a CalibrationDataError."""
     if not name.strip():
         raise CalibrationDataError(
             "trt_llm.build.quantization_config.calib_dataset is empty: name a local .jsonl/.json/.txt file or "

@@ -28,13 +28,15 @@ class PluginSpec:
     """Attributes set on `build_config.plugin_config` after construction (the portable way, see the reference)."""
 
     use_paged_context_fmha: bool
-    use_fp8_context_fmha: bool
+    use_fp8_context_fmha: bool | None = None  # None: TensorRT-LLM's default (on with FP8 quantization)
 
     def attributes(self) -> dict[str, Any]:
-        return {
-            "use_paged_context_fmha": self.use_paged_context_fmha,
-            "use_fp8_context_fmha": self.use_fp8_context_fmha,
-        }
+        return _passed(
+            {
+                "use_paged_context_fmha": self.use_paged_context_fmha,
+                "use_fp8_context_fmha": self.use_fp8_context_fmha,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class LlmSpec:
     max_seq_len: int | None = None
     enable_chunked_prefill: bool | None = None
     guided_decoding_backend: str | None = None
+    gather_generation_logits: bool | None = None  # v1 serve: the engine gathers them, so logprobs can be returned
     extra: dict[str, Any] = field(default_factory=dict)  # passed through as given (moe sizes, patch_kwargs)
 
     @property
@@ -177,6 +180,7 @@ class LlmSpec:
                 "max_seq_len": self.max_seq_len,
                 "enable_chunked_prefill": self.enable_chunked_prefill,
                 "guided_decoding_backend": self.guided_decoding_backend,
+                "gather_generation_logits": self.gather_generation_logits,
             }
         )
         return {**values, **self.extra}

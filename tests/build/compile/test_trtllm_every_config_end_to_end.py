@@ -86,11 +86,14 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield
 
 
-def _stream_chat_with_logprobs(client: TestClient, model: str) -> tuple[int, list[dict[str, Any]] | dict[str, Any]]:
+def _stream_chat_with_logprobs(
+    client: TestClient, model: str, temperature: float = 0.0
+) -> tuple[int, list[dict[str, Any]] | dict[str, Any]]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 3,
+        "temperature": temperature,  # v2 (TorchSampler) returns logprobs for greedy requests only
         "stream": True,
         "logprobs": True,
         "top_logprobs": 1,
@@ -129,7 +132,13 @@ def test_decoder_config_builds_and_streams_a_chat_with_logprobs(
     with TestClient(app) as client:
         _logprob_script(fake_trtllm)
         status, answer = _stream_chat_with_logprobs(client, engine.manifest.served_model_name or "")
+        sampled_status, sampled_answer = _stream_chat_with_logprobs(
+            client, engine.manifest.served_model_name or "", temperature=0.7
+        )
         assert client.get("/ready").status_code == 200, "a refused request leaves the server ready"
+    # Sampled logprobs: v1 engines here gather no logits, and v2's TorchSampler may leave the sampled token out.
+    assert sampled_status == 400 and isinstance(sampled_answer, dict), sampled_answer
+    assert sampled_answer["error"]["param"] == "logprobs"
     if loaded.trt_llm.inference_stack.value == "v1":
         # The documented refusal (docs/gpu-backend.md): TensorRT-LLM's LLM refuses logprobs on an engine
         # loaded without gather_generation_logits, so the server answers 400 naming the field first.

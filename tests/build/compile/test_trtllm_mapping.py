@@ -1,5 +1,6 @@
 """Config -> TensorRT-LLM spec rules: refusals that name the field, v2 patch_kwargs, the adapter seam."""
 
+import asyncio
 import re
 from pathlib import Path
 from types import ModuleType
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from engine_builder.build.compile.trtllm import TrtLlmBuildError, TrtLlmMappingError, compile_trtllm
-from engine_builder.build.compile.trtllm.mapping import v1_build_spec, v2_serve_spec
+from engine_builder.build.compile.trtllm.mapping import v1_build_spec, v1_serve_spec, v2_serve_spec
 from engine_builder.build.config import parse_config
 from engine_builder.common import backend_choice
 from engine_builder.common.artifact import MODEL_DIR
@@ -175,3 +176,130 @@ def test_without_the_package_auto_is_torch_and_trtllm_is_refused() -> None:
     assert backend_choice.choose_backend("auto") == "torch"
     with pytest.raises(RuntimeError, match="tensorrt_llm is not installed"):
         backend_choice.choose_backend("trtllm")
+
+
+def test_lookahead_ngram_below_two_is_refused_naming_the_field(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """Truss accepts (W=8, N=1, G=1) with num_draft_tokens; TensorRT-LLM asserts max_draft_len > 0 for N=1."""
+    speculator = {
+        "speculative_decoding_mode": "LOOKAHEAD_DECODING",
+        "lookahead_windows_size": 8,
+        "lookahead_ngram_size": 1,
+        "lookahead_verification_set_size": 1,
+        "num_draft_tokens": 8,
+    }
+    stack = _v1({"max_batch_size": 32, "speculator": speculator})
+    with pytest.raises(
+        TrtLlmMappingError, match=r"trt_llm\.build\.speculator\.lookahead_ngram_size: 1 .*2 or more"
+    ):
+        v1_build_spec(stack, tmp_path, 4096)
+    speculator["lookahead_ngram_size"] = 2
+    assert (
+        v1_build_spec(_v1({"max_batch_size": 32, "speculator": speculator}), tmp_path, 4096).lookahead
+        is not None
+    )
+
+
+@pytest.mark.parametrize("name", ["cnn_dailymail", "abisee/cnn_dailymail", "pileval"])
+def test_v1_calibration_datasets_tensorrt_llm_loads_are_passed_as_named(name: str) -> None:
+    build = {"quantization_type": "fp8", "quantization_config": {"calib_dataset": name}}
+    spec = v1_build_spec(_v1(build), Path("/m"), 4096)
+    assert spec.calib is not None and spec.calib.calib_dataset == name
+
+
+def test_a_local_calibration_folder_is_passed_as_an_absolute_path(tmp_path: Path) -> None:
+    (tmp_path / "calib").mkdir()
+    build = {"quantization_type": "fp8", "quantization_config": {"calib_dataset": "calib"}}
+    spec = v1_build_spec(_v1(build), Path("/m"), 4096, base_dir=tmp_path)
+    assert spec.calib is not None and spec.calib.calib_dataset == str(tmp_path / "calib")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("builtin", "is not a dataset TensorRT-LLM loads"),
+        ("allenai/c4", "is not a dataset TensorRT-LLM loads"),
+        ("derek-thomas/ScienceQA", "multimodal"),
+        ("calib.jsonl", "not a folder"),
+    ],
+)
+def test_v1_calibration_datasets_tensorrt_llm_would_refuse_are_refused_at_mapping(
+    name: str, reason: str, tmp_path: Path
+) -> None:
+    """TensorRT-LLM's get_calib_dataloader raises NotImplementedError for anything else, after the model is loaded."""
+    (tmp_path / "calib.jsonl").write_text('{"text": "hello"}\n')
+    build = {"quantization_type": "fp8_kv", "quantization_config": {"calib_dataset": name}}
+    with pytest.raises(TrtLlmMappingError, match=r"calib_dataset: .*" + reason + r".*pileval.*cnn_dailymail"):
+        v1_build_spec(_v1(build), Path("/m"), 4096, base_dir=tmp_path)
+    assert (
+        v1_build_spec(_v1({"quantization_config": {"calib_dataset": name}}), Path("/m"), 4096).calib is None
+    )
+
+
+def test_fp8_context_fmha_is_passed_only_when_the_config_sets_it(fake_trtllm: ModuleType) -> None:
+    """Truss's default (false, "auto-enabled: has no effect") would switch off TensorRT-LLM's default (on with FP8)."""
+    from engine_builder.common.trtllm import adapter
+
+    default = v1_build_spec(_v1({"quantization_type": "fp8_kv"}), Path("/m"), 4096)
+    assert default.build is not None
+    assert default.build.plugin.attributes() == {"use_paged_context_fmha": True}
+    adapter.llm_kwargs(default)
+    assert "plugin_config.use_fp8_context_fmha" not in fake_trtllm.names()
+    for value in (False, True):
+        build = {"quantization_type": "fp8_kv", "plugin_configuration": {"use_fp8_context_fmha": value}}
+        spec = v1_build_spec(_v1(build), Path("/m"), 4096)
+        assert spec.build is not None and spec.build.plugin.attributes()["use_fp8_context_fmha"] is value
+
+
+def test_gather_all_token_logits_makes_the_served_engine_return_logprobs(tmp_path: Path) -> None:
+    """The engine built to gather logits is loaded with gather_generation_logits, which TensorRT-LLM's LLM needs for
+    logprobs (BaseLLM._check_arguments); the client then accepts logprobs on that engine."""
+    from engine_builder.common.types import GenerationRequest, ModelInfo, SamplingParams
+    from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient
+    from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError
+
+    plain = v1_serve_spec(_v1(), tmp_path / "engine", tmp_path)
+    gathering = v1_serve_spec(_v1({"gather_all_token_logits": True}), tmp_path / "engine", tmp_path)
+    assert "gather_generation_logits" not in plain.plain_kwargs()
+    assert gathering.plain_kwargs()["gather_generation_logits"] is True
+    info = ModelInfo("m", 4096, 1000, (2,), "LlamaForCausalLM", "decoder")
+    request = GenerationRequest("r", (1, 2), SamplingParams(max_tokens=2, temperature=0.7, logprobs=1))
+    prepared = asyncio.run(TrtLlmEngineClient(gathering, info, warmup=False).prepare(request))
+    assert prepared.compiled.kwargs["logprobs"] == 1
+    with pytest.raises(UnsupportedRequestError, match="gather_all_token_logits"):
+        asyncio.run(TrtLlmEngineClient(plain, info, warmup=False).prepare(request))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("max_utilization", "MAX_UTILIZATION"),
+        ("Static_Batch", "STATIC_BATCH"),
+        ("GUARANTEED_NO_EVICT", "GUARANTEED_NO_EVICT"),
+    ],
+)
+def test_v2_scheduler_policy_in_patch_kwargs_is_normalised(given: str, expected: str) -> None:
+    patch = {"scheduler_config": {"capacity_scheduler_policy": given}}
+    spec = v2_serve_spec(_v2(runtime={"patch_kwargs": patch}), Path("/m"))
+    assert spec.scheduler is not None and spec.scheduler.capacity_scheduler_policy == expected
+
+
+@pytest.mark.parametrize("given", ["max_util", 1, ""])
+def test_v2_scheduler_policy_tensorrt_llm_lacks_is_refused_at_build(given: Any) -> None:
+    patch = {"scheduler_config": {"capacity_scheduler_policy": given}}
+    with pytest.raises(
+        TrtLlmMappingError, match=r"capacity_scheduler_policy: .*MAX_UTILIZATION, GUARANTEED_NO_EVICT"
+    ):
+        v2_serve_spec(_v2(runtime={"patch_kwargs": patch}), Path("/m"))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_kv_cache_fraction_outside_zero_to_one_is_refused_at_build(fraction: float, tmp_path: Path) -> None:
+    """Truss puts no range on it; TensorRT-LLM's KvCacheConfig would refuse it only when the server starts."""
+    stack = _v1(runtime={"kv_cache_free_gpu_mem_fraction": fraction})
+    with pytest.raises(
+        TrtLlmMappingError, match=rf"kv_cache_free_gpu_mem_fraction: {fraction} is outside \(0, 1\]"
+    ):
+        v1_serve_spec(stack, tmp_path / "engine", tmp_path)
+    assert v1_serve_spec(_v1(runtime={"kv_cache_free_gpu_mem_fraction": 1.0}), tmp_path, tmp_path).kv_cache

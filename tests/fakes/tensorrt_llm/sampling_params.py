@@ -1,4 +1,5 @@
-"""Fake `tensorrt_llm.sampling_params`: SamplingParams and GuidedDecodingParams with the 1.2 field names.
+"""Fake `tensorrt_llm.sampling_params`: SamplingParams and GuidedDecodingParams with the 1.2 field names
+(`prompt_ignore_length` included: TensorRT-LLM PR #8127, October 2025, in 1.2.0).
 
 Both are `@dataclass(slots=True, kw_only=True)` like the real ones, so an unknown keyword is a TypeError.
 The validation mirrors the real `_validate` of 1.2: top_p in [0, 1], top_k >= 0, temperature >= 0, best_of >= n,
@@ -55,6 +56,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    prompt_ignore_length: int | None = None
     length_penalty: float | None = None
     early_stopping: int | None = None
     no_repeat_ngram_size: int | None = None

@@ -42,7 +42,6 @@ def _client(tmp_path: Path, backend: LlmBackend = LlmBackend.PYTORCH, **spec: An
 
 def _request(request_id: str = "r1", **sampling: Any) -> GenerationRequest:
     sampling.setdefault("max_tokens", 8)
-    sampling.setdefault("seed", 0)
     return GenerationRequest(request_id, (11, 12, 13), SamplingParams(**sampling))
 
 
@@ -144,16 +143,16 @@ def test_logprobs_are_converted_from_tensorrt_llm_entries(tmp_path: Path, fake_t
     from tensorrt_llm.executor import Logprob
 
     update = fake_trtllm.Update
-    entries = [{5: Logprob(-0.1, 1), 9: Logprob(-2.0, 2)}, {6: Logprob(-0.5, 2), 4: Logprob(-0.3, 1)}]
+    entries = [{5: Logprob(-0.1, 1), 9: Logprob(-2.0, 2)}, {6: Logprob(-0.3, 1), 4: Logprob(-0.5, 2)}]
     _script(fake_trtllm, [[update(text="ab", token_ids=[5, 6], logprobs=entries, finish_reason="length")]])
-    deltas = _run(_client(tmp_path), _request(logprobs=1))
+    deltas = _run(_client(tmp_path), _request(logprobs=2, temperature=0.0))
     assert deltas[0].logprobs == [
-        TokenLogprob(5, -0.1, ((5, -0.1),)),
-        TokenLogprob(6, -0.5, ((4, -0.3),)),
+        TokenLogprob(5, -0.1, ((5, -0.1), (9, -2.0))),
+        TokenLogprob(6, -0.3, ((6, -0.3), (4, -0.5))),
     ]
     _script(fake_trtllm, [[update(text="ab", token_ids=[5, 6], logprobs=entries, finish_reason="length")]])
-    deltas = _run(_client(tmp_path), _request(logprobs=0))
-    assert deltas[0].logprobs == [TokenLogprob(5, -0.1), TokenLogprob(6, -0.5)]
+    deltas = _run(_client(tmp_path), _request(logprobs=0, temperature=0.0))
+    assert deltas[0].logprobs == [TokenLogprob(5, -0.1), TokenLogprob(6, -0.3)]
     assert fake_trtllm.calls("SamplingParams")[-1].kwargs["logprobs"] == 1
 
 
@@ -379,7 +378,7 @@ def test_fields_a_tensorrt_engine_cannot_honour_are_refused_at_admission(tmp_pat
     assert refused.value.param == "logprobs"
     asyncio.run(v1.prepare(_request()))  # a plain request passes
     v2 = _client(tmp_path)
-    asyncio.run(v2.prepare(_request(logprobs=1)))
+    asyncio.run(v2.prepare(_request(logprobs=1, temperature=0.0)))
     with pytest.raises(UnsupportedRequestError) as refused:
         asyncio.run(v2.prepare(_request(prompt_logprobs=1)))
     assert refused.value.param == "prompt_logprobs"
@@ -430,3 +429,53 @@ def test_finish_choice_drops_the_choice_and_aborts_once_none_is_running(
     assert second[-1].finish_reason == FinishReason.LENGTH
     # choice 0 was still running in TensorRT-LLM when choice 1 finished: leaving the stream aborted it
     assert len(fake_trtllm.calls("RequestOutput.abort")) == 2
+
+
+def test_presence_and_frequency_penalties_count_the_output_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM counts prompt tokens for these two penalties unless `prompt_ignore_length` skips them; the torch
+    engine (like vLLM) counts only the output, so the client skips the whole prompt."""
+    write_engine_config(tmp_path)
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(presence_penalty=0.5))
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(frequency_penalty=-0.3))
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(repetition_penalty=1.2))
+    sent = [call.kwargs for call in fake_trtllm.calls("SamplingParams")]
+    assert [kwargs.get("prompt_ignore_length") for kwargs in sent] == [3, 3, None]  # the prompt is (11, 12, 13)
+
+
+def test_no_request_the_v2_client_accepts_reaches_torch_sampler_with_a_field_it_ignores(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """Everything the PyTorch-backend client lets through is applied by TorchSampler (the fake records what it would
+    ignore); what it would ignore is refused by name before TensorRT-LLM sees it."""
+    accepted = [
+        _request(),
+        _request(temperature=0.0, seed=7, min_p=0.1, logprobs=2),  # greedy: seed and min_p change nothing
+        _request(logit_bias={5: -float("inf"), 6: 1.5}),  # a ban goes as an embedding_bias entry
+        _request(temperature=0.5, top_p=0.9, top_k=20, stop_token_ids=(9,)),
+    ]
+    refused = {
+        "repetition_penalty": _request(repetition_penalty=1.2),
+        "presence_penalty": _request(presence_penalty=0.5),
+        "frequency_penalty": _request(frequency_penalty=0.5),
+        "min_p": _request(min_p=0.1),
+        "seed": _request(seed=7),
+        "min_tokens": _request(min_tokens=2),
+        "logprobs": _request(logprobs=1),
+    }
+    client = _client(tmp_path)
+
+    async def main() -> None:
+        await client.start()
+        for request in accepted:
+            await _collect(client, request)
+        for field, request in refused.items():
+            with pytest.raises(UnsupportedRequestError) as error:
+                await client.prepare(request)
+            assert error.value.param == field
+        await client.shutdown(0)
+
+    asyncio.run(main())
+    assert len(fake_trtllm.calls("LLM.generate_async")) == len(accepted)
+    assert fake_trtllm.calls("TorchSampler.ignored") == []
+    banned = fake_trtllm.calls("LLM.generate_async")[2].kwargs["sampling_params"]
+    assert banned.bad_token_ids is None and banned.embedding_bias[5] == -float("inf")

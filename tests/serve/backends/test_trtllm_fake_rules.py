@@ -126,3 +126,29 @@ def test_without_a_tokenizer_requests_need_an_end_id_and_get_no_text(
     assert asyncio.run(final(llm, kept)) == ("", [5, 2])  # no tokenizer: no text even with detokenize
     with_tokenizer = LLM(model=str(tmp_path))
     assert asyncio.run(final(with_tokenizer, SamplingParams(max_tokens=2, stop_token_ids=[2]))) == ("x", [5])
+
+
+def test_torch_sampler_records_the_fields_it_would_ignore(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM 1.2's TorchSampler accepts penalties, min_p, a seed and bans and does nothing with them: the fake
+    refuses nothing either, but records them, so tests can prove the server never sends them there."""
+    from tensorrt_llm import LLM
+    from tensorrt_llm.llmapi import SamplingParams
+
+    llm = LLM(model=str(tmp_path), max_seq_len=64)
+    neutral = SamplingParams(max_tokens=2, end_id=2, repetition_penalty=1.0, presence_penalty=0.0, min_p=0.0)
+    llm.generate_async([1, 2], sampling_params=neutral)
+    assert fake_trtllm.calls("TorchSampler.ignored") == []
+    params = SamplingParams(
+        max_tokens=2, end_id=2, presence_penalty=0.5, prompt_ignore_length=2, seed=7, bad_token_ids=[5]
+    )
+    llm.generate_async([1, 2], sampling_params=params)
+    assert fake_trtllm.calls("TorchSampler.ignored")[0].kwargs == {
+        "presence_penalty": 0.5,
+        "prompt_ignore_length": 2,
+        "seed": 7,
+        "bad_token_ids": [5],
+    }
+    LLM(model=str(tmp_path), max_seq_len=64, sampler_type="TRTLLMSampler").generate_async(
+        [1, 2], sampling_params=params
+    )
+    assert len(fake_trtllm.calls("TorchSampler.ignored")) == 1, "the C++ sampler applies them"

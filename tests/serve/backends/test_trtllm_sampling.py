@@ -7,6 +7,7 @@ checks names, not TensorRT-LLM's sampling behaviour (verified against the fake o
 import dataclasses
 import math
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from engine_builder.serve.backends.trtllm.sampling import (
 )
 
 PYTORCH = EngineTraits(is_pytorch_backend=True, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
+TENSORRT = EngineTraits(is_pytorch_backend=False, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
 TENSORRT_LOOKAHEAD = EngineTraits(
     is_pytorch_backend=False, has_lookahead=True, vocab_size=8, eos_token_ids=(2,)
 )
@@ -39,6 +41,7 @@ def test_a_field_without_mapping_refuses_the_request() -> None:
 
 
 def test_sampling_request_maps_field_for_field() -> None:
+    """On the TensorRT engine (v1), whose C++ sampler applies every field."""
     params = SamplingParams(
         max_tokens=16,
         temperature=0.7,
@@ -52,11 +55,10 @@ def test_sampling_request_maps_field_for_field() -> None:
         stop=("###",),
         stop_token_ids=(5,),
         include_stop_str_in_output=False,
-        min_tokens=2,
         skip_special_tokens=False,
         n=2,
     )
-    translated = to_trtllm(params, PYTORCH)
+    translated = to_trtllm(params, TENSORRT)
     assert translated.kwargs == {
         "detokenize": False,  # token ids only: the server detokenizes and matches `stop` (not passed)
         "end_id": 2,
@@ -72,16 +74,90 @@ def test_sampling_request_maps_field_for_field() -> None:
         "stop_token_ids": [5, 2, 3],
         "include_stop_str_in_output": True,  # stop tokens stay in the ids; the server keeps them out of the text
         "ignore_eos": False,
-        "min_tokens": 2,
         "n": 2,
     }
     assert translated.guide is None
     assert translated.added_stop_token_ids == frozenset({2, 3})
 
 
+def test_pytorch_backend_passes_only_what_torch_sampler_applies() -> None:
+    """TensorRT-LLM 1.2's TorchSampler reads temperature, top_p, top_k (plus embedding_bias); neutral penalties,
+    an unset seed and min_p 0 are not passed, and a greedy request may carry a seed or min_p (neither matters)."""
+    translated = to_trtllm(SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=40), PYTORCH)
+    assert translated.kwargs == {
+        "detokenize": False,
+        "end_id": 2,
+        "max_tokens": 4,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop_token_ids": [2, 3],
+        "include_stop_str_in_output": True,
+        "ignore_eos": False,
+        "n": 1,
+    }
+    greedy = to_trtllm(SamplingParams(max_tokens=4, temperature=0.0, seed=7, min_p=0.1), PYTORCH)
+    assert "seed" not in greedy.kwargs and "min_p" not in greedy.kwargs
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("repetition_penalty", 1.1),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -0.5),
+        ("min_p", 0.05),
+        ("seed", 7),
+        ("min_tokens", 2),
+    ],
+)
+def test_fields_torch_sampler_ignores_are_refused_by_name_on_the_pytorch_backend(field: str, value: Any) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0.7, **{field: value})
+    with pytest.raises(UnsupportedRequestError, match=rf"{field}.*PyTorch backend") as refused:
+        to_trtllm(params, PYTORCH)
+    assert refused.value.param == field
+    single_eos = dataclasses.replace(TENSORRT, eos_token_ids=(2,))  # min_tokens needs one (see below)
+    assert to_trtllm(params, single_eos).kwargs[field] == value  # the TensorRT engine's C++ sampler applies it
+
+
+def test_pytorch_backend_sends_bans_as_embedding_bias() -> None:
+    """TorchSampler ignores bad_token_ids but adds embedding_bias to the logits: a ban is a -inf bias there."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, logit_bias={1: 2.5, 6: -math.inf})
+    translated = to_trtllm(params, PYTORCH)
+    assert "bad_token_ids" not in translated.kwargs
+    assert translated.kwargs["embedding_bias"].tolist() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0, -math.inf, 0.0]
+
+
+def test_sampled_logprobs_are_refused_on_the_pytorch_backend() -> None:
+    """TorchSampler's logprobs are the top-K before sampling: a sampled token outside them would end the stream in
+    an error, so logprobs need a greedy request there (whose token is the top one)."""
+    for logprobs in (0, 5):
+        with pytest.raises(UnsupportedRequestError, match="top_logprobs.*temperature") as refused:
+            to_trtllm(SamplingParams(max_tokens=1, temperature=0.8, logprobs=logprobs), PYTORCH)
+        assert refused.value.param == "logprobs"
+    greedy_by_top_k = SamplingParams(max_tokens=1, temperature=0.8, top_k=1, logprobs=5)
+    assert to_trtllm(greedy_by_top_k, PYTORCH).kwargs["logprobs"] == 5
+
+
+def test_min_tokens_is_refused_where_tensorrt_llm_would_not_hold_back_a_stop_id() -> None:
+    """TensorRT-LLM holds back only end_id until min_tokens; the torch engine also every other EOS and stop id."""
+    single_eos = dataclasses.replace(TENSORRT, eos_token_ids=(2,))
+    assert to_trtllm(SamplingParams(max_tokens=8, min_tokens=3), single_eos).kwargs["min_tokens"] == 3
+    for params, traits in (
+        (SamplingParams(max_tokens=8, min_tokens=3), TENSORRT),  # EOS id 3 would still end the reply
+        (SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=(5,)), single_eos),
+    ):
+        with pytest.raises(UnsupportedRequestError, match=r"min_tokens=3.*end id 2 ") as refused:
+            to_trtllm(params, traits)
+        assert refused.value.param == "min_tokens"
+    # With ignore_eos no EOS id stops the reply, so only the requested stop ids count.
+    ignoring = SamplingParams(max_tokens=8, min_tokens=3, ignore_eos=True)
+    assert to_trtllm(ignoring, TENSORRT).kwargs["min_tokens"] == 3
+
+
 def test_without_a_known_eos_id_tensorrt_llm_picks_its_own_end_id() -> None:
     traits = dataclasses.replace(PYTORCH, eos_token_ids=())
-    translated = to_trtllm(SamplingParams(max_tokens=1, seed=0), traits)
+    translated = to_trtllm(SamplingParams(max_tokens=1), traits)
     assert "end_id" not in translated.kwargs and translated.kwargs["detokenize"] is False
 
 
@@ -100,13 +176,13 @@ def test_greedy_with_n_above_one_is_refused_by_name() -> None:
 
 
 def test_unset_seed_draws_a_fresh_seed_per_request() -> None:
-    seeds = {to_trtllm(SamplingParams(max_tokens=1), PYTORCH).kwargs["seed"] for _ in range(5)}
+    seeds = {to_trtllm(SamplingParams(max_tokens=1), TENSORRT).kwargs["seed"] for _ in range(5)}
     assert len(seeds) == 5
 
 
 def test_logit_bias_becomes_embedding_bias_and_bans_become_bad_token_ids() -> None:
     params = SamplingParams(max_tokens=1, logit_bias={1: 2.5, 4: -1.0, 6: -math.inf}, seed=0)
-    translated = to_trtllm(params, PYTORCH)
+    translated = to_trtllm(params, TENSORRT)
     assert translated.kwargs["bad_token_ids"] == [6]
     bias = translated.kwargs["embedding_bias"]
     assert str(bias.dtype) == "torch.float32" and tuple(bias.shape) == (8,)
@@ -114,15 +190,15 @@ def test_logit_bias_becomes_embedding_bias_and_bans_become_bad_token_ids() -> No
 
 
 def test_ignore_eos_adds_no_eos_stop_ids() -> None:
-    translated = to_trtllm(SamplingParams(max_tokens=1, ignore_eos=True, seed=0), PYTORCH)
+    translated = to_trtllm(SamplingParams(max_tokens=1, ignore_eos=True), PYTORCH)
     assert "stop_token_ids" not in translated.kwargs
     assert translated.kwargs["ignore_eos"] is True
 
 
 def test_logprobs_zero_asks_for_one_and_reports_only_the_chosen_token() -> None:
-    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=0, seed=0), PYTORCH)
+    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=0, temperature=0.0), PYTORCH)
     assert translated.kwargs["logprobs"] == 1 and translated.report_logprobs == 0
-    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=3, seed=0), PYTORCH)
+    translated = to_trtllm(SamplingParams(max_tokens=1, logprobs=3, temperature=0.0), PYTORCH)
     assert translated.kwargs["logprobs"] == 3 and translated.report_logprobs == 3
 
 
@@ -143,7 +219,7 @@ def test_prompt_logprobs_are_refused_by_name() -> None:
     ],
 )
 def test_guides_map_to_guided_decoding_params(kind: GuideKind, spec: str, expected: dict) -> None:
-    translated = to_trtllm(SamplingParams(max_tokens=1, guide=Guide(kind, spec), seed=0), PYTORCH)
+    translated = to_trtllm(SamplingParams(max_tokens=1, guide=Guide(kind, spec)), PYTORCH)
     assert translated.guide == expected
 
 
@@ -182,23 +258,30 @@ def test_translated_kwargs_are_accepted_by_tensorrt_llm_sampling_params(fake_trt
         top_k=3,
         logit_bias={1: 1.0, 2: -math.inf},
         stop=("x",),
-        logprobs=2,
+        seed=3,
         guide=Guide(GuideKind.REGEX, "a+"),
     )
-    translated = to_trtllm(params, PYTORCH)
+    translated = to_trtllm(params, TENSORRT)
     built = adapter.sampling_params(translated.kwargs, translated.guide)
     assert [call.name for call in fake_trtllm.CALLS] == ["GuidedDecodingParams", "SamplingParams"]
     assert fake_trtllm.calls("GuidedDecodingParams")[0].kwargs == {"regex": "a+"}
     recorded = fake_trtllm.calls("SamplingParams")[0].kwargs
     assert set(recorded) == set(translated.kwargs) | {"guided_decoding"}
-    assert built.guided_decoding.regex == "a+" and built.logprobs == 2 and built.bad_token_ids == [2]
+    assert built.guided_decoding.regex == "a+" and built.seed == 3 and built.bad_token_ids == [2]
 
 
 def test_logprobs_are_refused_by_name_on_a_tensorrt_engine() -> None:
     """The real LLM refuses logprobs on the TensorRT engine backend without gather_generation_logits (issue 27,
-    point 1): refused here before the call, with the field named."""
+    point 1): refused here before the call, with the field named and the build flag that provides them."""
     tensorrt = EngineTraits(is_pytorch_backend=False, has_lookahead=False, vocab_size=8, eos_token_ids=(2,))
-    with pytest.raises(UnsupportedRequestError, match="gather_generation_logits") as refused:
+    with pytest.raises(UnsupportedRequestError, match="gather_all_token_logits") as refused:
         to_trtllm(SamplingParams(max_tokens=1, logprobs=0, seed=0), tensorrt)
     assert refused.value.param == "logprobs"
     assert "logprobs" not in to_trtllm(SamplingParams(max_tokens=1, seed=0), tensorrt).kwargs
+
+
+def test_a_tensorrt_engine_that_gathers_generation_logits_returns_logprobs_when_sampling() -> None:
+    """TensorRT-LLM's TensorRT path adds the sampled token to the top-K (PR #3388), so sampling needs no refusal."""
+    gathering = dataclasses.replace(TENSORRT, has_generation_logits=True)
+    translated = to_trtllm(SamplingParams(max_tokens=1, temperature=0.8, logprobs=3), gathering)
+    assert translated.kwargs["logprobs"] == 3 and translated.report_logprobs == 3

@@ -57,7 +57,7 @@ def compile_trtllm(loaded: LoadedConfig, staging_dir: Path, repository_info: Rep
         logger.info("v2 (PyTorch backend): no engine build; the server loads %s", MODEL_DIR)
         return TrtLlmCompiled(summary, serve)
     engine_dir = engine_path(staging_dir)
-    build_spec = v1_build_spec(stack, model_dir, repository_info.max_position_embeddings)
+    build_spec = v1_build_spec(stack, model_dir, repository_info.max_position_embeddings, loaded.base_dir)
     serve = v1_serve_spec(stack, engine_dir, model_dir)  # refuses an unservable config before the long build
     _write_llm_args(out_dir, staging_dir, {"build": build_spec, "serve": serve})
     if not adapter.is_importable():

@@ -57,6 +57,16 @@ CAPACITY_POLICIES: dict[BatchSchedulerPolicy, str] = {
     BatchSchedulerPolicy.GUARANTEED_NO_EVICT: "GUARANTEED_NO_EVICT",
     BatchSchedulerPolicy.MAX_UTILIZATION: "MAX_UTILIZATION",
 }
+# TensorRT-LLM's CapacitySchedulerPolicy members (llmapi/llm_args.py), looked up by name when the server starts.
+CAPACITY_POLICY_NAMES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT", "STATIC_BATCH")
+
+# The calibration sets TensorRT-LLM's get_calib_dataloader (quantization/quantize_by_modelopt.py) loads for a text
+# model: "pileval", a name containing "cnn_dailymail", or a local folder (its `train` split's `text` column).
+CALIB_DATASET_HELP = (
+    "TensorRT-LLM's v1 build calibrates on pileval, a Hugging Face name containing cnn_dailymail (such as "
+    "abisee/cnn_dailymail), or a local folder that datasets.load_dataset reads with a `text` column in its "
+    "`train` split"
+)
 
 # Config fields read by Baseten's servers (Briton, BEI) that have no TensorRT-LLM LLM-API argument.
 NOT_FORWARDED = (
@@ -99,11 +109,34 @@ def quant_spec(build: BuildConfig) -> QuantSpec | None:
     return QuantSpec(quant_algo=weights, kv_cache_quant_algo=kv_cache)
 
 
-def calib_spec(build: BuildConfig) -> CalibSpec:
+def _calib_dataset(name: str, base_dir: Path | None) -> str:
+    """The `calib_dataset` as TensorRT-LLM's calibration loader takes it (a local folder as an absolute path), or
+    TrtLlmMappingError for what it would refuse after loading the model on the GPU."""
+    from engine_builder.build.calibration.datasets import local_dataset_path
+
+    field = f"trt_llm.build.quantization_config.calib_dataset: {name}"
+    if name == "pileval" or "cnn_dailymail" in name:
+        return name
+    if "scienceqa" in name.lower() or "science_qa" in name.lower():
+        raise TrtLlmMappingError(
+            f"{field} is a multimodal set that TensorRT-LLM calibrates only through an Mllama processor, not a "
+            f"text decoder's tokenizer. {CALIB_DATASET_HELP}."
+        )
+    path = local_dataset_path(name, base_dir)
+    if path is not None and path.is_dir():
+        return str(path)
+    found = f"is the file {path}, not a folder" if path is not None else "is not a dataset TensorRT-LLM loads"
+    raise TrtLlmMappingError(
+        f"{field} {found}. {CALIB_DATASET_HELP}; or build with --backend torch, whose calibration also reads files "
+        "and any Hugging Face dataset with a text column."
+    )
+
+
+def calib_spec(build: BuildConfig, base_dir: Path | None = None) -> CalibSpec:
     config = build.quantization_config
     # CalibConfig counts batches of calib_batch_size (default 1) samples, so batches = samples.
     return CalibSpec(
-        calib_dataset=config.calib_dataset,
+        calib_dataset=_calib_dataset(config.calib_dataset, base_dir),
         calib_batches=config.calib_size,
         calib_max_seq_length=config.calib_max_seq_length,
     )
@@ -120,11 +153,30 @@ def lookahead_spec(build: BuildConfig) -> LookaheadSpec | None:
         )
     window, ngram, verification = speculator.lookahead_sizes_or_none()
     assert window and ngram and verification, "the config validator requires all three lookahead sizes"
+    if ngram < 2:
+        # TensorRT-LLM derives no draft tokens from N=1 (validate_speculative_config asserts max_draft_len > 0),
+        # and its C++ isLegal allows N=1 only with G=0, which LookaheadDecodingConfig's positive sizes forbid.
+        raise TrtLlmMappingError(
+            f"trt_llm.build.speculator.lookahead_ngram_size: {ngram} is below TensorRT-LLM's lookahead minimum of 2 "
+            "(N=1 gives it no draft tokens); set lookahead_ngram_size to 2 or more. Baseten's enable_b10_lookahead "
+            "shapes with N=1 are its own variant, which TensorRT-LLM's lookahead does not implement."
+        )
     if speculator.enable_b10_lookahead:
         logger.warning(
             "speculator.enable_b10_lookahead is Baseten's own variant; TensorRT-LLM's lookahead decoding is used"
         )
     return LookaheadSpec(window, ngram, verification)
+
+
+def _plugin_spec(build: BuildConfig) -> PluginSpec:
+    plugins = build.plugin_configuration
+    # Truss defaults use_fp8_context_fmha to false and calls it auto-enabled; TensorRT-LLM's default turns it on with
+    # FP8 quantization. Only a value the config sets is passed.
+    explicit_fp8_fmha = "use_fp8_context_fmha" in plugins.model_fields_set
+    return PluginSpec(
+        use_paged_context_fmha=plugins.use_paged_context_fmha,
+        use_fp8_context_fmha=plugins.use_fp8_context_fmha if explicit_fp8_fmha else None,
+    )
 
 
 def _check_v1_build(build: BuildConfig) -> None:
@@ -156,23 +208,22 @@ def _moe_kwargs(build: BuildConfig) -> dict[str, Any]:
     return {"moe_expert_parallel_size": build.moe_expert_parallel_option}
 
 
-def v1_build_spec(stack: TrtLlmConfigV1, model_dir: Path, max_position_embeddings: int | None) -> LlmSpec:
-    """The engine build: `_tensorrt_engine.LLM(model=<HF folder>, build_config=..., quant_config=...)`."""
+def v1_build_spec(
+    stack: TrtLlmConfigV1, model_dir: Path, max_position_embeddings: int | None, base_dir: Path | None = None
+) -> LlmSpec:
+    """The engine build: `_tensorrt_engine.LLM(model=<HF folder>, build_config=..., quant_config=...)`; `base_dir`
+    (the config's folder) resolves a local calibration folder."""
     build = stack.build
     _check_v1_build(build)
     quant = quant_spec(build)
     max_seq_len = _resolved_max_seq_len(build, max_position_embeddings)
-    plugins = build.plugin_configuration
     build_spec = BuildSpec(
         max_batch_size=build.max_batch_size,
         max_num_tokens=build.max_num_tokens,
         max_seq_len=max_seq_len,
         max_input_len=max_seq_len,  # a prompt may fill the context; chunked context bounds each step
         max_beam_width=build.max_beam_width,
-        plugin=PluginSpec(
-            use_paged_context_fmha=plugins.use_paged_context_fmha,
-            use_fp8_context_fmha=plugins.use_fp8_context_fmha,
-        ),
+        plugin=_plugin_spec(build),
         max_prompt_embedding_table_size=build.max_prompt_embedding_table_size or None,
         gather_context_logits=True if build.gather_all_token_logits else None,
         gather_generation_logits=True if build.gather_all_token_logits else None,
@@ -184,7 +235,7 @@ def v1_build_spec(stack: TrtLlmConfigV1, model_dir: Path, max_position_embedding
         tensor_parallel_size=build.tensor_parallel_count,
         build=build_spec,
         quant=quant,
-        calib=calib_spec(build) if quant is not None else None,
+        calib=calib_spec(build, base_dir) if quant is not None else None,
         lookahead=lookahead_spec(build),
         extra=_moe_kwargs(build),
     )
@@ -195,6 +246,12 @@ def v1_serve_spec(stack: TrtLlmConfigV1, engine_dir: Path, tokenizer_dir: Path) 
     build = stack.build
     runtime = stack.runtime
     _check_v1_build(build)
+    fraction = runtime.kv_cache_free_gpu_mem_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise TrtLlmMappingError(
+            f"trt_llm.runtime.kv_cache_free_gpu_mem_fraction: {fraction} is outside (0, 1]: it is the fraction of "
+            "free GPU memory TensorRT-LLM's KvCacheConfig gives the KV cache; set a value such as 0.9"
+        )
     return LlmSpec(
         backend=LlmBackend.TENSORRT,
         model=str(engine_dir),
@@ -210,6 +267,8 @@ def v1_serve_spec(stack: TrtLlmConfigV1, engine_dir: Path, tokenizer_dir: Path) 
         max_num_tokens=build.max_num_tokens,
         enable_chunked_prefill=runtime.enable_chunked_context,
         guided_decoding_backend=GUIDED_DECODING_BACKEND,
+        # An engine built with gather_all_token_logits returns logprobs only if the LLM is told to gather them too.
+        gather_generation_logits=True if build.gather_all_token_logits else None,
         extra=_moe_kwargs(build),
     )
 
@@ -236,6 +295,17 @@ def _split_patch_kwargs(patch: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return passed, merged
 
 
+def _capacity_policy_name(value: Any) -> str:
+    """A CapacitySchedulerPolicy member name from patch_kwargs, in either case (Truss spells max_utilization)."""
+    name = value.upper() if isinstance(value, str) else value
+    if name not in CAPACITY_POLICY_NAMES:
+        raise TrtLlmMappingError(
+            f"trt_llm.runtime.patch_kwargs.scheduler_config.capacity_scheduler_policy: {value!r} is not a "
+            f"TensorRT-LLM CapacitySchedulerPolicy; use one of {', '.join(CAPACITY_POLICY_NAMES)}"
+        )
+    return str(name)
+
+
 def v2_serve_spec(stack: TrtLlmConfigV2, model_dir: Path) -> LlmSpec:
     """BIS-LLM: the PyTorch backend on the (ModelOpt-exported or as-given) HF checkpoint; no engine build.
 
@@ -253,8 +323,10 @@ def v2_serve_spec(stack: TrtLlmConfigV2, model_dir: Path) -> LlmSpec:
     passed, merged = _split_patch_kwargs(runtime.patch_kwargs)
     v1_defaults = RuntimeConfigV1()
     scheduler_overrides = dict(merged["scheduler_config"])
-    policy = scheduler_overrides.pop(
-        "capacity_scheduler_policy", CAPACITY_POLICIES[v1_defaults.batch_scheduler_policy]
+    policy = _capacity_policy_name(
+        scheduler_overrides.pop(
+            "capacity_scheduler_policy", CAPACITY_POLICIES[v1_defaults.batch_scheduler_policy]
+        )
     )
     return LlmSpec(
         backend=LlmBackend.PYTORCH,
@@ -265,7 +337,7 @@ def v2_serve_spec(stack: TrtLlmConfigV2, model_dir: Path) -> LlmSpec:
             dtype="fp8" if build.quantization_type.has_kv_quantization else None,
             overrides=merged["kv_cache_config"],
         ),
-        scheduler=SchedulerSpec(str(policy), overrides=scheduler_overrides),
+        scheduler=SchedulerSpec(policy, overrides=scheduler_overrides),
         max_batch_size=runtime.max_batch_size,
         max_num_tokens=runtime.max_num_tokens,
         max_seq_len=runtime.max_seq_len,

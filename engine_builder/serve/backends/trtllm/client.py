@@ -65,6 +65,7 @@ class TrtLlmEngineClient:
             has_lookahead=spec.lookahead is not None,
             vocab_size=model_info.vocab_size,
             eos_token_ids=model_info.eos_token_ids,
+            has_generation_logits=bool(spec.gather_generation_logits),
         )
         self._warmup = warmup
         self._llm: Any = None
@@ -157,7 +158,12 @@ class TrtLlmEngineClient:
                 guide_kwargs(guide, self._traits)
             except UnsupportedRequestError as error:
                 raise GuideError(str(error), param=error.param) from None
-        return PreparedRequest(request, to_trtllm(request.sampling, self._traits))
+        sampling = to_trtllm(request.sampling, self._traits)
+        if request.sampling.presence_penalty or request.sampling.frequency_penalty:
+            # TensorRT-LLM counts prompt tokens for these two unless told to skip them; the torch engine (as vLLM)
+            # counts the output only.
+            sampling.kwargs["prompt_ignore_length"] = len(request.prompt_token_ids)
+        return PreparedRequest(request, sampling)
 
     async def generate(self, prepared: PreparedRequest[TrtSampling]) -> AsyncGenerator[GenerationDelta, None]:
         llm = self._running_llm()

@@ -5,8 +5,13 @@ one (say, added later) makes every request fail with its name, so nothing is ign
 TensorRT-LLM cannot honour raises `UnsupportedRequestError` naming the field. TensorRT-LLM returns token ids
 only (`detokenize=False`, `end_id` given, so it never needs its tokenizer per request): the server detokenizes
 and matches stop strings itself, so `stop` and `skip_special_tokens` are not passed, and stop tokens stay in
-the returned ids (`include_stop_str_in_output=True`) as the torch engine returns them. Verified only against the
-fake `tensorrt_llm` in tests/fakes.
+the returned ids (`include_stop_str_in_output=True`) as the torch engine returns them.
+
+TensorRT-LLM 1.2's PyTorch backend (v2) samples with TorchSampler, which reads only temperature, top_p and top_k and
+applies only `embedding_bias` and a `min_tokens` that counts the prompt: penalties, min_p, a seed, min_tokens and
+sampled logprobs are refused there by name, and bans go as `-inf` entries of `embedding_bias` instead of
+`bad_token_ids`. Verified only against the fake `tensorrt_llm` in tests/fakes and TensorRT-LLM's source, never
+against a real install.
 """
 
 import dataclasses
@@ -31,10 +36,11 @@ class UnsupportedRequestError(ValueError):
 class EngineTraits:
     """What the mapping needs to know about the loaded engine."""
 
-    is_pytorch_backend: bool
+    is_pytorch_backend: bool  # TorchSampler (TensorRT-LLM 1.2's default there) samples: see the module docstring
     has_lookahead: bool
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    has_generation_logits: bool = False  # a v1 engine built and loaded with gather_generation_logits
 
 
 @dataclass
@@ -50,15 +56,9 @@ class TrtSampling:
 Mapper = Callable[[SamplingParams, EngineTraits, TrtSampling], None]
 
 # Same name and meaning on both sides.
-SAME_NAME_FIELDS = (
-    "max_tokens",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "ignore_eos",
-    "min_tokens",
-)
+SAME_NAME_FIELDS = ("max_tokens", "ignore_eos")
+# Penalties and their neutral values: TorchSampler (v2) ignores them, so anything else is refused there.
+PENALTY_FIELDS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 # Text-side fields: the server's output side applies them to the token ids (engine_builder/serve/server/text.py).
 TEXT_FIELDS = ("stop", "skip_special_tokens")
 
@@ -76,6 +76,61 @@ def _same_name(name: str) -> Mapper:
         out.kwargs[name] = getattr(params, name)
 
     return mapper
+
+
+def _ignored_by_torch_sampler(name: str, value: Any) -> UnsupportedRequestError:
+    return UnsupportedRequestError(
+        f"{name}={value!r} is ignored by TensorRT-LLM's PyTorch backend (inference_stack v2: TensorRT-LLM 1.2's "
+        f"TorchSampler reads only temperature, top_p and top_k): remove {name}, or serve with the torch backend "
+        "or a v1 engine",
+        param=name,
+    )
+
+
+def _penalty(name: str) -> Mapper:
+    def mapper(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+        value = getattr(params, name)
+        if not traits.is_pytorch_backend:
+            out.kwargs[name] = value
+        elif value != PENALTY_FIELDS[name]:
+            raise _ignored_by_torch_sampler(name, value)
+
+    return mapper
+
+
+def _min_p(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if not traits.is_pytorch_backend:
+        out.kwargs["min_p"] = params.min_p
+    elif params.min_p > 0.0 and not params.is_greedy:  # greedy keeps the top token, which min_p never drops
+        raise _ignored_by_torch_sampler("min_p", params.min_p)
+
+
+def _min_tokens(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if params.min_tokens <= 0:
+        return
+    if traits.is_pytorch_backend:
+        # TorchSampler before TensorRT-LLM PRs #12166 and #12358 (March 2026; not known to be in 1.2.x) counts the
+        # prompt toward min_tokens and, with ignore_eos, holds back the wrong token.
+        raise UnsupportedRequestError(
+            f"min_tokens={params.min_tokens} is not reliable on TensorRT-LLM's PyTorch backend (inference_stack v2: "
+            "TensorRT-LLM 1.2's TorchSampler counts the prompt toward it); remove min_tokens, or serve with the "
+            "torch backend or a v1 engine",
+            param="min_tokens",
+        )
+    # TensorRT-LLM holds back only `end_id` until min_tokens, while stop ids still end the request; the torch engine
+    # holds back every EOS and stop id. Refused where the two differ.
+    end_id = traits.eos_token_ids[0] if traits.eos_token_ids else None
+    eos_ids = () if params.ignore_eos else traits.eos_token_ids
+    unmasked = sorted({*params.stop_token_ids, *eos_ids} - {end_id})
+    if unmasked:
+        raise UnsupportedRequestError(
+            f"min_tokens={params.min_tokens}: TensorRT-LLM holds back only its end id "
+            f"{'(its tokenizer EOS)' if end_id is None else end_id} until min_tokens, not the other stop/EOS ids "
+            f"{unmasked} (this model's EOS ids and the request's stop_token_ids), so a reply could end earlier; "
+            "remove min_tokens, or serve with the torch backend",
+            param="min_tokens",
+        )
+    out.kwargs["min_tokens"] = params.min_tokens
 
 
 def _temperature(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
@@ -111,7 +166,9 @@ def _logit_bias(params: SamplingParams, traits: EngineTraits, out: TrtSampling) 
     finite = {token_id: bias for token_id, bias in params.logit_bias.items() if math.isfinite(bias)}
     if len(bans) + len(finite) != len(params.logit_bias):
         raise UnsupportedRequestError("logit_bias values must be finite (or -inf for a ban)", "logit_bias")
-    if bans:
+    if traits.is_pytorch_backend:  # TorchSampler ignores bad_token_ids but adds embedding_bias: a ban is a -inf bias
+        finite.update(dict.fromkeys(bans, -math.inf))
+    elif bans:
         out.kwargs["bad_token_ids"] = bans
     if finite:
         import torch
@@ -123,6 +180,12 @@ def _logit_bias(params: SamplingParams, traits: EngineTraits, out: TrtSampling) 
 
 
 def _seed(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    if traits.is_pytorch_backend:
+        # TorchSampler draws from one generator for all requests: a seed cannot be honoured (nor is it needed
+        # for a greedy request).
+        if params.seed is not None and not params.is_greedy:
+            raise _ignored_by_torch_sampler("seed", params.seed)
+        return
     # TensorRT-LLM uses seed 0 for every request that sets none; unset means random for us.
     out.kwargs["seed"] = params.seed if params.seed is not None else random.getrandbits(63)
 
@@ -149,16 +212,25 @@ def _stop_token_ids(params: SamplingParams, traits: EngineTraits, out: TrtSampli
 def _logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
     if params.logprobs is None:
         return
-    if not traits.is_pytorch_backend:
+    if not traits.is_pytorch_backend and not traits.has_generation_logits:
         # TensorRT-LLM's LLM._check_arguments refuses logprobs on the TensorRT engine backend unless the LLM was
-        # created with gather_generation_logits (and the engine built to gather them), which this project's v1
-        # engines are not: refuse here, by name, before the call.
+        # created with gather_generation_logits (and the engine built to gather them): refuse here, by name.
         raise UnsupportedRequestError(
             "logprobs are not available on this TensorRT engine (v1): TensorRT-LLM needs the engine built and "
-            "loaded with gather_generation_logits; serve with the PyTorch backend (v2) for logprobs",
+            "loaded with gather_generation_logits; rebuild with trt_llm.build.gather_all_token_logits: true",
             param="logprobs",
         )
-    # TensorRT-LLM reads logprobs=0 as "off"; 1 returns the chosen token's logprob (plus the top one).
+    if traits.is_pytorch_backend and not params.is_greedy:
+        # TorchSampler returns the top-K of the distribution before sampling, without the sampled token unless it
+        # ranks there; greedy picks the top one, so it is always included.
+        raise UnsupportedRequestError(
+            "logprobs/top_logprobs need a greedy request (temperature 0) on TensorRT-LLM's PyTorch backend "
+            "(inference_stack v2): TensorRT-LLM 1.2 may leave the sampled token out of them; set temperature to 0, "
+            "remove logprobs, or serve with the torch backend",
+            param="logprobs",
+        )
+    # TensorRT-LLM reads logprobs=0 as "off"; 1 returns the top token, which is the chosen one when greedy (the
+    # TensorRT engine adds the sampled token to its top-K).
     out.kwargs["logprobs"] = max(params.logprobs, 1)
     out.report_logprobs = params.logprobs
 
@@ -216,6 +288,9 @@ def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSamplin
 
 FIELD_MAPPINGS: dict[str, Mapper] = {
     **{name: _same_name(name) for name in SAME_NAME_FIELDS},
+    **{name: _penalty(name) for name in PENALTY_FIELDS},
+    "min_p": _min_p,
+    "min_tokens": _min_tokens,
     **{name: _text_side for name in TEXT_FIELDS},
     "include_stop_str_in_output": _include_stop_str_in_output,
     "temperature": _temperature,

@@ -36,6 +36,19 @@ from tensorrt_llm.sampling_params import SamplingParams
 LIMIT_DEFAULTS = {"max_batch_size": 2048, "max_input_len": 1024, "max_beam_width": 1, "max_num_tokens": 8192}
 # The LLM arguments TrtLlmArgs.init_build_config copies into a default BuildConfig.
 BUILD_LIMIT_ARGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "max_beam_width", "max_input_len")
+# SamplingParams fields TensorRT-LLM 1.2's TorchSampler (the PyTorch backend's default sampler) accepts and ignores,
+# with the value that means "off": _request_get_sampling_params reads only temperature, top_p and top_k, and the
+# logits see only embedding_bias and min_tokens. Sources in tests/fakes/tensorrt_llm/README.md.
+TORCH_SAMPLER_IGNORED: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "prompt_ignore_length": 0,
+    "min_p": 0.0,
+    "seed": None,
+    "bad": None,
+    "bad_token_ids": None,
+}
 
 
 def _llm_signature(
@@ -226,6 +239,7 @@ class _BaseLLM:
         self._prepare_sampling_params(params)
         prompt_token_ids = list(inputs) if isinstance(inputs, list) else []
         self._check_request(len(prompt_token_ids), params)
+        self._note_ignored_fields(params)
         _fake.record(
             f"{self.RECORD_NAME}.generate_async",
             {"inputs": inputs, "sampling_params": params, "streaming": streaming},
@@ -234,6 +248,9 @@ class _BaseLLM:
         steps = _fake.SCRIPT(prompt_token_ids, params)
         detokenized = params.detokenize and self._has_tokenizer
         return RequestOutput(self._next_request_id, prompt_token_ids, params, steps, detokenized)
+
+    def _note_ignored_fields(self, params: SamplingParams) -> None:
+        """Where the real sampler accepts a field and does nothing with it, the fake records that (nothing fails)."""
 
     def shutdown(self) -> None:
         _fake.record(f"{self.RECORD_NAME}.shutdown", {})
@@ -284,6 +301,18 @@ class LLM(_BaseLLM):
     def _check_request(self, prompt_len: int, params: SamplingParams) -> None:
         check_pytorch_arguments(self.args, prompt_len)
         deduce_max_tokens(self._max_seq_len(), prompt_len, params.max_tokens)
+
+    def _note_ignored_fields(self, params: SamplingParams) -> None:
+        """Records `TorchSampler.ignored` with the fields TorchSampler would drop (only when some are set)."""
+        if self.args.get("sampler_type") == "TRTLLMSampler":  # the C++ sampler honours them (not modelled further)
+            return
+        ignored = {
+            name: getattr(params, name)
+            for name, off in TORCH_SAMPLER_IGNORED.items()
+            if getattr(params, name) not in (None, off, [])
+        }
+        if ignored:
+            _fake.record("TorchSampler.ignored", ignored)
 
 
 class _TrtLLM(_BaseLLM):
