@@ -396,6 +396,10 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
             f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
             f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
         )
+    if backend == "trtllm":
+        from engine_builder.build.compile.trtllm.mapping import check_mapping
+
+        check_mapping(loaded.trt_llm, loaded.base_dir)
     if build.lora_adapters and backend != "torch":
         raise BuildError(
             f"trt_llm.build.lora_adapters are not supported by the {backend} backend yet; build with "

@@ -161,11 +161,44 @@ def test_decoder_config_builds_and_streams_a_chat_with_logprobs(
 
 @pytest.mark.parametrize("config_name", ENCODERS)
 def test_encoder_config_is_refused_by_the_trtllm_build_with_the_fix(
-    config_name: str, tmp_path: Path, fake_trtllm: ModuleType, isolated_cache: None
+    config_name: str,
+    tmp_path: Path,
+    fake_trtllm: ModuleType,
+    isolated_cache: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from engine_builder.build.compile.trtllm import TrtLlmMappingError
-
     config = _offline_copy(config_name, tmp_path)
-    with pytest.raises(TrtLlmMappingError, match=r"--backend torch"):
-        engine_builder(["build", str(config), "-o", str(tmp_path / "engine"), "--backend", "trtllm"])
+    status = engine_builder(["build", str(config), "-o", str(tmp_path / "engine"), "--backend", "trtllm"])
+    error = capsys.readouterr().err
+    assert status == 1 and "\nerror: " in f"\n{error}" and "--backend torch" in error and "Traceback" not in error
+    assert fake_trtllm.CALLS == [] and not (tmp_path / "engine").exists()
+
+
+def test_a_config_the_mapping_refuses_is_refused_before_the_download(
+    tmp_path: Path, fake_trtllm: ModuleType, isolated_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lookahead n-gram size TensorRT-LLM cannot run: one line naming the field, and no fetch was tried (the
+    checkpoint is an address nothing answers on)."""
+    speculator = {
+        "speculative_decoding_mode": "LOOKAHEAD_DECODING",
+        "lookahead_windows_size": 8,
+        "lookahead_ngram_size": 1,
+        "lookahead_verification_set_size": 1,
+        "num_draft_tokens": 8,
+    }
+    config = {
+        "trt_llm": {
+            "build": {
+                "checkpoint_repository": {"source": "REMOTE_URL", "repo": "http://127.0.0.1:9/model.tar.gz"},
+                "max_batch_size": 32,
+                "speculator": speculator,
+            }
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status = engine_builder(["build", str(path), "-o", str(tmp_path / "engine"), "--backend", "trtllm"])
+    error = capsys.readouterr().err
+    assert status == 1 and "trt_llm.build.speculator.lookahead_ngram_size: 1" in error, error
+    assert "127.0.0.1:9" not in error and "Traceback" not in error
     assert fake_trtllm.CALLS == [] and not (tmp_path / "engine").exists()

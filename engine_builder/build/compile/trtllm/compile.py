@@ -16,6 +16,7 @@ from typing import Any
 from engine_builder.build.checkpoints import RepositoryInfo
 from engine_builder.build.compile.trtllm.mapping import v1_build_spec, v1_serve_spec, v2_serve_spec
 from engine_builder.build.config import LoadedConfig, TrtLlmConfigV2
+from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MODEL_DIR, TRTLLM_DIR
 from engine_builder.common.trtllm import adapter
 from engine_builder.common.trtllm.specs import LlmSpec
@@ -26,7 +27,7 @@ ENGINE_SUBDIR = "engine"
 LLM_ARGS_FILE = "llm_args.json"
 
 
-class TrtLlmBuildError(RuntimeError):
+class TrtLlmBuildError(BuildError, RuntimeError):
     """TensorRT-LLM is missing or did not produce an engine; the message says what happened."""
 
 

@@ -18,6 +18,7 @@ from engine_builder.build.config import (
     TrtLlmConfigV1,
     TrtLlmConfigV2,
 )
+from engine_builder.build.errors import BuildError
 from engine_builder.common.trtllm.specs import (
     BuildSpec,
     CalibSpec,
@@ -81,8 +82,19 @@ MERGED_PATCH_KEYS = ("kv_cache_config", "scheduler_config")
 REFUSED_PATCH_KEYS = ("build_config", "model", "tokenizer")
 
 
-class TrtLlmMappingError(ValueError):
+class TrtLlmMappingError(BuildError, ValueError):
     """The config asks for something the TensorRT-LLM mapping does not do; the message says what to change."""
+
+
+def check_mapping(stack: TrtLlmConfigV1 | TrtLlmConfigV2, base_dir: Path | None) -> None:
+    """Map the config as the compile step will, with placeholder paths: a config the mapping refuses is refused
+    before the checkpoint is downloaded, not after."""
+    placeholder = Path("checkpoint")
+    if isinstance(stack, TrtLlmConfigV2):
+        v2_serve_spec(stack, placeholder)
+        return
+    v1_build_spec(stack, placeholder, None, base_dir)
+    v1_serve_spec(stack, placeholder, placeholder)
 
 
 def check_decoder(build: BuildConfig) -> None:
