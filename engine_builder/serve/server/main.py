@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import uvicorn
@@ -126,6 +127,15 @@ class DrainingServer(uvicorn.Server):
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._arm_drain_deadline)
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request
+        meanwhile gets the 503 (`draining`) the readiness route promises rather than a refused connection. The
+        state's drain deadline ends what still runs; a second signal (uvicorn's force_exit) stops waiting."""
+        deadline = time.monotonic() + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
+        while self.state.inflight and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await super().shutdown(sockets)
 
     def _arm_drain_deadline(self) -> None:
         assert self._loop is not None

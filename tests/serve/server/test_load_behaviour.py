@@ -116,11 +116,16 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) ->
         time.sleep(1.5)
         os.killpg(process.process.pid, signal.SIGTERM)
         time.sleep(0.3)
-        try:
-            ready = httpx.get(f"{process.base_url}/ready", timeout=2).status_code
-        except httpx.HTTPError:
-            ready = None  # the listener already closed: also "not ready"
-        assert ready in (503, None)
+        # the listener stays open while the request drains: probes read 503, and new work is refused by name
+        ready = httpx.get(f"{process.base_url}/ready", timeout=2)
+        assert ready.status_code == 503 and "draining" in ready.text
+        refused = httpx.post(
+            f"{process.base_url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=10,
+        )
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        assert worker.is_alive()  # all that while, the first request was still running
         worker.join(timeout=120)
         assert result == {"status": 200, "tokens": 80}
         # uvicorn re-raises the signal once drained, so the exit status is "terminated by SIGTERM"
