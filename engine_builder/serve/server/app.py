@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine_builder.serve.server import routes_health, routes_openai
 from engine_builder.serve.server.app_helpers import validation_to_api_error
@@ -22,6 +23,7 @@ from engine_builder.serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
 OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
 
 
@@ -80,6 +82,13 @@ def create_app(
         if error.headers:  # a 405's Allow
             refusal.headers = {**(refusal.headers or {}), **error.headers}
         return _error_response(refusal)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, _: ClientDisconnect) -> Response:
+        """The client went away before its body arrived: nothing failed here (no error counted, no traceback), and
+        nobody reads the answer (nginx's 499 marks it in the access log)."""
+        logger.info("client disconnected before sending its whole request (%s)", request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:

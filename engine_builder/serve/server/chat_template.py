@@ -1,5 +1,7 @@
 """Prompt rendering: OpenAI messages -> the model's chat template -> token ids."""
 
+import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -10,6 +12,17 @@ from engine_builder.serve.server.errors import APIError, bad_request, unsupporte
 from engine_builder.serve.server.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
+
+
+CUT_MARGIN = 32  # tokens a prefix's count may exceed the same text's count in the whole prompt by, at most
+
+
+class PromptTooLong(Exception):
+    """A prompt judged on a prefix: it has more than `max_tokens` tokens."""
+
+    def __init__(self, max_tokens: int) -> None:
+        super().__init__(max_tokens)
+        self.max_tokens = max_tokens
 
 
 class PromptRenderer:
@@ -48,6 +61,25 @@ class PromptRenderer:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def encode_async(self, text: str, add_special_tokens: bool, max_tokens: int | None = None) -> list[int]:
+        """`encode` in a worker thread (fast tokenizers release the GIL, so the event loop keeps serving other
+        requests while a long prompt is tokenized). With `max_tokens`, a text far longer than that many tokens
+        could be is judged on a prefix: a multi-megabyte prompt then costs what one at the limit costs, not
+        seconds and gigabytes, and `PromptTooLong` says it has more than `max_tokens` tokens."""
+        if max_tokens is not None:
+            prefix = (max_tokens + 2 * CUT_MARGIN) * self.longest_token_chars  # more tokens' worth than that
+            if len(text) > prefix:
+                head = await asyncio.to_thread(self.encode, text[:prefix], add_special_tokens)
+                if len(head) > max_tokens + CUT_MARGIN:  # the cut changes how the last word splits, no more
+                    raise PromptTooLong(max_tokens)
+        return await asyncio.to_thread(self.encode, text, add_special_tokens)
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one token covers: a vocabulary entry's spelling is never shorter than
+        the text it stands for (byte-level and SentencePiece spellings are longer; special tokens match verbatim)."""
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1) or 1
 
     def render(
         self,

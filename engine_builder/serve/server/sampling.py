@@ -2,10 +2,15 @@
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine_builder.common.types import Guide, SamplingParams
+from engine_builder.serve.server.chat_template import PromptTooLong
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatCompletionRequest, SamplingFields
+
+if TYPE_CHECKING:
+    from engine_builder.serve.server.chat_template import PromptRenderer
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,32 @@ def context_length_error(
             f"completion). Please reduce the length of the {prompt_field} or completion."
         )
     return APIError(message, status=400, param=prompt_field, code="context_length_exceeded")
+
+
+async def encode_prompt(
+    renderer: "PromptRenderer",
+    text: str,
+    *,
+    add_special_tokens: bool,
+    truncate: int | None,
+    limits: Limits,
+    prompt_field: str,
+) -> list[int]:
+    """A prompt's token ids, cut to its last `truncate` tokens when the request asks; tokenized off the event
+    loop, and one far over the context refused before all of it is tokenized."""
+    try:
+        ids = await renderer.encode_async(
+            text, add_special_tokens, max_tokens=limits.max_model_len if truncate is None else None
+        )
+    except PromptTooLong:
+        message = (
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, your {prompt_field} "
+            f"resulted in more than {limits.max_model_len} tokens. Please reduce the length of the {prompt_field}."
+        )
+        raise APIError(message, status=400, param=prompt_field, code="context_length_exceeded") from None
+    if truncate is not None and len(ids) > truncate:
+        ids = ids[-truncate:]
+    return ids
 
 
 def resolve_max_tokens(

@@ -38,6 +38,7 @@ from engine_builder.serve.server.protocol import (
 from engine_builder.serve.server.sampling import (
     build_sampling_params,
     check_unsupported_chat,
+    encode_prompt,
     resolve_max_tokens,
 )
 from engine_builder.serve.server.state import ServerState
@@ -113,10 +114,15 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         template_kwargs=template_kwargs,
     )
     processor, guide = with_reasoning(state.reasoning, prompt_text, processor, guide)
-    prompt_ids = state.renderer.encode(prompt_text, add_special_tokens=bool(body.add_special_tokens))
-    if body.truncate_prompt_tokens is not None and len(prompt_ids) > body.truncate_prompt_tokens:
-        prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
     limits = state.limits()
+    prompt_ids = await encode_prompt(
+        state.renderer,
+        prompt_text,
+        add_special_tokens=bool(body.add_special_tokens),
+        truncate=body.truncate_prompt_tokens,
+        limits=limits,
+        prompt_field="messages",
+    )
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

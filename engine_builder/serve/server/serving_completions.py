@@ -29,14 +29,19 @@ from engine_builder.serve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from engine_builder.serve.server.sampling import build_sampling_params, check_unsupported, resolve_max_tokens
+from engine_builder.serve.server.sampling import (
+    build_sampling_params,
+    check_unsupported,
+    encode_prompt,
+    resolve_max_tokens,
+)
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
 
 logger = logging.getLogger(__name__)
 
 
-def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
     """(text, token ids) per prompt."""
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -47,25 +52,40 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, lis
         items = list(prompt)
     if not items:
         raise bad_request("prompt must not be empty.", param="prompt")
+    capacity = state.settings.max_inflight  # each prompt is one request; more than fit at once could never run
+    if len(items) > capacity:
+        raise bad_request(
+            f"prompt holds {len(items)} prompts; this server takes at most {capacity} requests at a time.",
+            param="prompt",
+            code="limit_exceeded",
+        )
     add_special = True if body.add_special_tokens is None else body.add_special_tokens
     decoder = state.engine_decoder()
+    limits = state.limits()
     result = []
     for item in items:
         if isinstance(item, str):
             if state.renderer is None:
                 raise bad_request("text prompts need a tokenizer.", param="prompt")
-            ids = state.renderer.encode(item, add_special_tokens=add_special)
+            ids = await encode_prompt(
+                state.renderer,
+                item,
+                add_special_tokens=add_special,
+                truncate=body.truncate_prompt_tokens,
+                limits=limits,
+                prompt_field="prompt",
+            )
             text = item
         else:
             ids = list(item)
-            vocab = state.limits().vocab_size
+            vocab = limits.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
             text = decoder.decode(ids, skip_special_tokens=False)
+            if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
+                ids = ids[-body.truncate_prompt_tokens :]
         if not ids:
             raise bad_request("prompt must contain at least one token.", param="prompt")
-        if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
-            ids = ids[-body.truncate_prompt_tokens :]
         result.append((text, ids))
     return result
 
@@ -99,7 +119,7 @@ async def run_completion(
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
     guide = guide_from_response_format(body.response_format)
     check_guide_compatible(body, guide)
-    prompts = _prompts(state, body)
+    prompts = await _prompts(state, body)
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
     for text, ids in prompts:

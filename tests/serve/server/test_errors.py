@@ -1,5 +1,9 @@
 """Fail closed: every bad or unsupported request gets a 4xx in OpenAI's envelope, named, before any stream."""
 
+import re
+import socket
+import time
+
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
@@ -97,6 +101,44 @@ def test_context_length(server: ServerProcess, client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as caught:
         client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=100000)
     assert caught.value.code == "context_length_exceeded"
+
+
+def test_a_prompt_far_over_the_context_is_refused_on_a_prefix(server: ServerProcess) -> None:
+    """400 KB of text is not tokenized whole to learn it is over 512 tokens (a multi-megabyte prompt used to
+    stall every request for seconds and take gigabytes): the refusal says "more than" the limit."""
+    big = "word " * 80_000
+    for path, body, param in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}, "messages"),
+        ("/v1/completions", {"prompt": ["hi", big]}, "prompt"),
+    ):
+        error = _assert_envelope(_post(server, body, path), 400, param)
+        assert error["code"] == "context_length_exceeded"
+        assert f"your {param} resulted in more than 512 tokens" in error["message"], error
+    # asked to keep only the prompt's tail, the same text is fine
+    kept = _post(server, {"prompt": big, "truncate_prompt_tokens": 8, "max_tokens": 1}, "/v1/completions")
+    assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == 8, kept.text
+
+
+def test_a_client_leaving_before_its_body_arrives_is_not_a_server_error(server: ServerProcess) -> None:
+    def server_errors() -> float:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return sum(float(value) for value in re.findall(r'request_errors_total\{[^}]*status="5\d\d"[^}]*\} (\S+)', text))
+
+    before = server_errors()
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:20])
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    marker = "client disconnected before sending its whole request"
+    while server.log_path.read_text().count(marker) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log_path.read_text()
+    assert log.count(marker) >= 2 and "ClientDisconnect" not in log
+    assert server_errors() == before
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1}).status_code == 200
 
 
 def test_stream_errors_come_before_the_stream(server: ServerProcess) -> None:

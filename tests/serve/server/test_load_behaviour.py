@@ -93,6 +93,19 @@ def test_full_queue_answers_429_with_retry_after(small_server: ServerProcess) ->
     assert set(statuses) <= {200, 429}
 
 
+def test_more_prompts_than_ever_fit_are_a_400_not_a_retryable_429(small_server: ServerProcess) -> None:
+    """max_batch_size 2 + queue 1: four prompts in one request could never all be admitted, so retrying (what
+    clients do on a 429) would never succeed."""
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    url = f"{small_server.base_url}/v1/completions"
+    response = httpx.post(url, json={"prompt": ["hi"] * 4, "max_tokens": 1}, headers=headers, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "limit_exceeded" and "at most 3" in error["message"]
+    response = httpx.post(url, json={"prompt": ["hi"] * 3, "max_tokens": 1}, headers=headers, timeout=60)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 3
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) -> None:
     config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=512)
     process = ServerProcess(config, tmp_path / "engine")
