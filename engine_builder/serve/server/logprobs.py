@@ -1,10 +1,13 @@
 """Token logprobs in OpenAI's two formats (chat: per-token objects with bytes; completions: parallel lists)."""
 
+import re
 from functools import lru_cache
 
 from engine_builder.common.types import TokenLogprob
 from engine_builder.serve.decoding.detokenizer import TextDecoder
 from engine_builder.serve.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TokenTexts:
@@ -27,6 +30,8 @@ class TokenTexts:
             and all(ch in self._byte_decoder for ch in piece)
         ):
             return [self._byte_decoder[ch] for ch in piece]
+        if piece is not None and BYTE_FALLBACK.fullmatch(piece):  # SentencePiece's byte tokens, <0xE6>
+            return [int(piece[3:5], 16)]
         return list(self.text(token_id).encode("utf-8"))
 
     def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
@@ -51,13 +56,24 @@ class TokenTexts:
         for entry in entries:
             if entry is None:
                 continue
-            text = self.text(entry.token_id)
-            logprobs.tokens.append(text)
+            logprobs.tokens.append(self.text(entry.token_id))
             logprobs.token_logprobs.append(entry.logprob)
-            logprobs.text_offset.append(offset)
+            start, offset = self.char_span(entry.token_id, offset)
+            logprobs.text_offset.append(start)
             logprobs.top_logprobs.append(self.completion_top(entry))
-            offset += len(text)
         return offset
+
+    def char_span(self, token_id: int, chars: int) -> tuple[int, int]:
+        """(the character offset a token starts at, the characters begun once it is added), `chars` having begun
+        before it. Offsets count characters of the text, as OpenAI's `text_offset` does, not token texts: a
+        character cut across tokens (each decodes to U+FFFD alone) is one character, and a token that starts
+        inside one starts at that character. Every UTF-8 character has exactly one byte that is not a
+        continuation byte (0b10xxxxxx), so counting those counts characters."""
+        raw = self.raw_bytes(token_id)
+        if not raw:
+            return chars, chars
+        start = chars - 1 if raw[0] & 0xC0 == 0x80 and chars > 0 else chars
+        return start, chars + sum(1 for byte in raw if byte & 0xC0 != 0x80)
 
     def completion_top(self, entry: TokenLogprob) -> dict[str, float] | None:
         """Completions' `top_logprobs` entry: the k best tokens and the chosen one (OpenAI: up to logprobs + 1), keyed

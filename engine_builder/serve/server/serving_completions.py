@@ -75,15 +75,16 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
                 limits=limits,
                 prompt_field="prompt",
             )
-            text = item
+            cut = body.truncate_prompt_tokens is not None  # what echo shows is what the model read
+            text = decoder.decode(ids, skip_special_tokens=False) if cut else item
         else:
             ids = list(item)
             vocab = limits.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
-            text = decoder.decode(ids, skip_special_tokens=False)
             if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
                 ids = ids[-body.truncate_prompt_tokens :]
+            text = decoder.decode(ids, skip_special_tokens=False)
         if not ids:
             raise bad_request("prompt must contain at least one token.", param="prompt")
         result.append((text, ids))
@@ -94,12 +95,11 @@ def _prompt_entries(texts: TokenTexts, run: Run, entries: list, logprobs: Comple
     """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends)."""
     offset = 0
     for token_id, entry in zip(run.request.prompt_token_ids, entries, strict=False):
-        text = texts.text(token_id)
-        logprobs.tokens.append(text)
-        logprobs.text_offset.append(offset)
+        logprobs.tokens.append(texts.text(token_id))
+        start, offset = texts.char_span(token_id, offset)
+        logprobs.text_offset.append(start)
         logprobs.token_logprobs.append(entry.logprob if entry is not None else None)
         logprobs.top_logprobs.append(texts.completion_top(entry) if entry is not None else None)
-        offset += len(text)
     return offset
 
 

@@ -1,6 +1,7 @@
 """Completions, models, health, readiness, metrics, the Truss predict route, and disconnects."""
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -173,3 +174,42 @@ def _streamed_echo_tokens(client: OpenAI, prompt: str, max_tokens: int, logprobs
         model="x", prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True, logprobs=logprobs, stream=True
     )
     return [token for chunk in stream if chunk.choices and chunk.choices[0].logprobs for token in chunk.choices[0].logprobs.tokens]
+
+
+def test_text_offsets_count_characters_when_tokens_cut_them(client: OpenAI, smollm2_dir: Path) -> None:
+    """OpenAI's text_offset indexes the text in characters: a character cut across byte tokens is one character,
+    and a token starts at the character its first byte belongs to (streamed and whole alike). The oracle: the
+    characters completed by the bytes of the tokens before it, from transformers' byte-level table."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    prompt = "日本語のテキスト 🙂 ok"
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    pieces = [bytes(to_byte[char] for char in token) for token in tokenizer.convert_ids_to_tokens(tokenizer.encode(prompt))]
+    expected = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(pieces))]
+    assert any(len(piece.decode("utf-8", errors="ignore")) == 0 for piece in pieces)  # some tokens cut a character
+    response = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    offsets = response.choices[0].logprobs.text_offset
+    assert offsets[: len(pieces)] == expected
+    assert offsets[len(pieces)] == len(prompt)  # the first generated token starts where the prompt ends
+    stream = client.completions.create(
+        model="x", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1, stream=True
+    )
+    streamed = [
+        offset
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for offset in chunk.choices[0].logprobs.text_offset
+    ]
+    assert streamed == offsets
+
+
+def test_echo_of_a_truncated_prompt_shows_what_the_model_read(client: OpenAI) -> None:
+    response = client.completions.create(
+        model="x", prompt="one two three four five", max_tokens=1, temperature=0, echo=True, logprobs=0,
+        extra_body={"truncate_prompt_tokens": 2},
+    )
+    choice = response.choices[0]
+    assert choice.text.startswith(" four five") and response.usage.prompt_tokens == 2
+    assert choice.logprobs.tokens[:2] == [" four", " five"] and choice.logprobs.text_offset[:2] == [0, 5]
