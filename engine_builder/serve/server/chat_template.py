@@ -150,6 +150,20 @@ def _check_render_options(
 
 def message_text(message: ChatMessage, index: int) -> str | None:
     content = message.content
+    if message.audio is not None:
+        raise unsupported(f"messages[{index}].audio", "Audio replies need an audio model.")
+    if message.function_call is not None:
+        raise unsupported(
+            f"messages[{index}].function_call", "The legacy function_call is not supported; send tool_calls."
+        )
+    if message.refusal is not None:
+        if message.role != "assistant":
+            raise bad_request(
+                f"messages[{index}].refusal belongs to assistant messages, not {message.role!r} ones.",
+                param=f"messages[{index}].refusal",
+            )
+        if not content:  # the earlier reply was a refusal: the model sees what it said
+            return message.refusal
     if content is None or isinstance(content, str):
         return content
     texts = []

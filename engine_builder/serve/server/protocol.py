@@ -67,6 +67,12 @@ class ChatMessage(StrictModel):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     refusal: str | None = None
+    # What the openai SDK's `message.model_dump()` carries back in an agent loop: output-only metadata
+    # (annotations: URL citations) is accepted and not shown to the model; audio and the legacy function_call
+    # are accepted as null only (chat_template.py refuses a value by name).
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
 
     @model_validator(mode="before")
     @classmethod

@@ -94,9 +94,15 @@ def check_unsupported(request: SamplingFields) -> None:
         raise unsupported("early_stopping", "It applies to beam search, and max_beam_width is 1.")
     if request.bad:
         raise unsupported("bad", "Use bad_token_ids or logit_bias to ban tokens.")
-    if not request.spaces_between_special_tokens:
+    if (
+        request.spaces_between_special_tokens
+        and "spaces_between_special_tokens" in request.model_fields_set
+        and not request.skip_special_tokens
+    ):  # special tokens kept in the text are joined without spaces (what `false` asks for); true is the default
         raise unsupported(
-            "spaces_between_special_tokens", "Fast tokenizers decode special tokens without it."
+            "spaces_between_special_tokens",
+            "Special tokens kept in the text (skip_special_tokens: false) are decoded without spaces between them, "
+            "as fast tokenizers decode them; send false or leave it out.",
         )
     if request.disaggregated_params:
         raise unsupported("disaggregated_params", "This server does not run disaggregated prefill.")

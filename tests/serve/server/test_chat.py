@@ -286,3 +286,29 @@ def test_sixty_four_concurrent_streams(server: ServerProcess) -> None:
         assert 0 < usage <= 16
         assert text
     assert server.metric("engine_builder:num_requests_running") == 0
+
+
+def test_an_sdk_dumped_reply_goes_back_into_the_history(client: OpenAI, server: ServerProcess) -> None:
+    """Agent loops append `message.model_dump()`: its null audio/function_call and its annotations are accepted; a
+    refusal reaches the template as what the assistant said, as the same refusal sent as a content part does."""
+    question = {"role": "user", "content": "Hi"}
+    reply = client.chat.completions.create(model="x", messages=[question], max_tokens=3, temperature=0).choices[0].message
+    dumped = reply.model_dump()
+    assert {"annotations", "audio", "function_call"} <= set(dumped)
+    follow_up = {"role": "user", "content": "And?"}
+    again = client.chat.completions.create(model="x", messages=[question, dumped, follow_up], max_tokens=2)
+    assert again.choices[0].message is not None
+
+    def prompt_tokens(assistant: dict) -> int:
+        body = {"messages": [question, assistant, follow_up], "max_tokens": 1}
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    as_field = prompt_tokens({"role": "assistant", "content": None, "refusal": "I can't help with that."})
+    as_part = prompt_tokens({"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]})
+    assert as_field == as_part > prompt_tokens({"role": "assistant", "content": ""})
+    for field, value in (("audio", {"id": "audio_1"}), ("function_call", {"name": "f", "arguments": "{}"})):
+        body = {"messages": [question, {"role": "assistant", "content": "x", field: value}, follow_up]}
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == f"messages[1].{field}", response.text

@@ -39,7 +39,6 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
         ("length_penalty", 1.5, "length_penalty"),
         ("early_stopping", True, "early_stopping"),
         ("bad", ["foo"], "bad"),
-        ("spaces_between_special_tokens", False, "spaces_between_special_tokens"),
         ("store", True, "store"),
         ("reasoning_effort", "high", "reasoning_effort"),
         ("functions", [{"name": "f"}], "functions"),
@@ -51,6 +50,14 @@ def test_unsupported_fields_are_refused_by_name(
     server: ServerProcess, field: str, value: object, param: str
 ) -> None:
     _assert_envelope(_post(server, {"messages": MESSAGES, field: value}), 400, param)
+
+
+def test_spaces_between_special_tokens_is_refused_only_where_it_would_change_the_text(server: ServerProcess) -> None:
+    """Kept special tokens are joined without spaces: `false` is what happens, `true` matters only with them kept."""
+    for fields in ({"spaces_between_special_tokens": False}, {"spaces_between_special_tokens": False, "skip_special_tokens": False}, {"spaces_between_special_tokens": True}):
+        assert _post(server, {"messages": MESSAGES, "max_tokens": 1, **fields}).status_code == 200, fields
+    body = {"messages": MESSAGES, "spaces_between_special_tokens": True, "skip_special_tokens": False}
+    _assert_envelope(_post(server, body), 400, "spaces_between_special_tokens")
 
 
 def test_unknown_field_is_refused(server: ServerProcess) -> None:
