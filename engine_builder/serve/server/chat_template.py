@@ -4,6 +4,8 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -238,7 +240,12 @@ class RequestTemplateSandbox:
         from concurrent.futures import ProcessPoolExecutor
 
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         return self._pool
 
     async def render(self, conversation: list[dict[str, Any]], **arguments: Any) -> str:
@@ -284,6 +291,22 @@ class RequestTemplateSandbox:
         for process in list(getattr(pool, "_processes", {}).values()):
             process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Runs in the sandbox process as it starts: once the server is gone (killed outright, so `close` never ran,
+    and this process re-parented), exit too rather than linger as an orphan."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _start_worker() -> bool:

@@ -33,3 +33,59 @@ def test_a_prompt_is_judged_on_a_prefix_only_when_far_over_the_limit(smollm2_dir
     far = "word " * 50_000
     with pytest.raises(PromptTooLong):
         asyncio.run(renderer.encode_async(far, False, max_tokens=100))
+
+
+PARENT = """
+import asyncio, os, sys, time
+from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
+text = asyncio.run(REQUEST_TEMPLATES.render([{"role": "user", "content": "hi"}], chat_template="{{ messages[0]['content'] }}"))
+assert text == "hi", text
+worker = next(iter(REQUEST_TEMPLATES._pool._processes.values()))
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_template_worker_exits_when_the_server_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, say) runs no cleanup: the spawned sandbox must notice and go, not linger."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        os.kill(worker, 0)  # running
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            _reap(worker)
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the template worker outlived its server")
+    finally:
+        parent.kill()
+
+
+def _reap(pid: int) -> None:
+    """An orphan is re-parented to init (or a subreaper); if that is this test process, collect its exit."""
+    import os
+
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
