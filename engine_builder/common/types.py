@@ -28,14 +28,29 @@ class GuideKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class MessageHeaders:
+    """Harmony's messages, for a `ReasoningPrefix`: its `end_ids` (`<|channel|>final`) count only inside a message's
+    header, which runs from the reply's start (or a token of `start_ids`: `<|start|>`, `<|end|>`) to `message_id`
+    (`<|message|>`, after whatever the header carries: `<|constrain|>json`); the answer starts after that token."""
+
+    message_id: int
+    start_ids: tuple[int, ...]
+    in_body: bool = False  # the prompt left the reply inside a message's body (a prefilled analysis)
+    in_final_header: bool = False  # the prompt left the reply inside the final channel's header
+
+
+@dataclass(frozen=True)
 class ReasoningPrefix:
     """The reasoning the guide waits for: tokens are free until the reply has produced `end_ids` (`</think>`, or
-    harmony's `<|channel|>final<|message|>`). `opened`: the prompt opened the block; otherwise the first token may
-    open it (`start_id`) or begin the constrained answer."""
+    harmony's final channel header: `headers`). `opened`: the prompt opened the block; otherwise the first token may
+    open it (`start_id`) or begin the constrained answer. Stop tokens end the reply only after the answer, but
+    `free_stop_ids` (harmony's `<|call|>`, where functions are offered) may end it before."""
 
     start_id: int
     end_ids: tuple[int, ...]
     opened: bool
+    headers: MessageHeaders | None = None
+    free_stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,12 @@ A reply is a run of messages, each a header and a body:
     <|start|>assistant<|channel|>final<|message|>the answer<|return|>
 (the recipient `to=...` may also stand after the role). `HarmonyParser` turns the text, fed as it streams, into
 events: reasoning (analysis), content (final, and commentary preambles), a call to a function (its name, then
-its arguments as they arrive). A marker cut across deltas is held back until it is whole. A reply that never
-opens a message (the model ignored the format) is content, released at the end.
+its arguments as they arrive). A marker cut across deltas is held back until it is whole. As in openai-harmony's
+parser, the text before a `<|message|>` (from the reply's start, or after a message's end) is that message's
+header, never content, so a header cut short and stray text around messages are dropped; only a reply without
+any marker (the model ignored the format) is content, released at the end. `prompt_end` reads where the prompt
+leaves the reply (a header, usually; a message's body when the prompt opened one), which both the parser and the
+grammar gate start from. `forced_call_tag` is the grammar of a forced call in the model's own call format.
 """
 
 import re
@@ -25,15 +29,18 @@ START, CHANNEL, MESSAGE, END, CALL, RETURN, CONSTRAIN = (
 )
 MARKERS = (START, CHANNEL, MESSAGE, END, CALL, RETURN, CONSTRAIN)
 _BODY_ENDS = (END, CALL, RETURN, START)
-FINAL_HEADER = CHANNEL + "final" + MESSAGE  # where a guide's answer starts
 _CHANNEL_NAME = re.compile(re.escape(CHANNEL) + r"\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
+_FUNCTIONS = "to=functions."
 
 
 @dataclass(frozen=True)
 class HarmonyFormat:
     channel_id: int
-    final_header_ids: tuple[int, ...]  # the tokens of `<|channel|>final<|message|>`
+    message_id: int
+    header_start_ids: tuple[int, ...]  # `<|start|>` and `<|end|>`: what a message header follows
+    call_id: int
+    final_ids: tuple[int, ...]  # the tokens of `<|channel|>final`: a header naming the answer's channel
 
 
 def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None:
@@ -43,8 +50,36 @@ def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None
     ids = {marker: tokenizer.encode(marker, add_special_tokens=False) for marker in MARKERS}
     if any(len(found) != 1 for found in ids.values()):
         return None
-    final_header = tuple(tokenizer.encode(FINAL_HEADER, add_special_tokens=False))
-    return HarmonyFormat(ids[CHANNEL][0], final_header)
+    final = tuple(tokenizer.encode(CHANNEL + "final", add_special_tokens=False))
+    return HarmonyFormat(ids[CHANNEL][0], ids[MESSAGE][0], (ids[START][0], ids[END][0]), ids[CALL][0], final)
+
+
+@dataclass(frozen=True)
+class PromptEnd:
+    """Where the prompt leaves the reply: in a message's header (`header`: its text so far, e.g. `<|start|>assistant`),
+    or, `in_body`, in the body after that header (a prefill that opened the analysis or final channel)."""
+
+    header: str = ""
+    in_body: bool = False
+
+    @property
+    def in_final(self) -> bool:
+        """In the final channel's body: the answer has begun."""
+        return self.in_body and is_final_header(self.header)
+
+
+def prompt_end(prompt: str) -> PromptEnd:
+    """The last message of the prompt decides: its header (from `<|start|>`, or from the end of the message before)
+    and whether `<|message|>` already opened its body. A prompt that ends after a message's end (or has no marker)
+    leaves the reply at the start of a header."""
+    bounds = [found + len(marker) for marker in (END, CALL, RETURN) if (found := prompt.rfind(marker)) >= 0]
+    header_start = max(bounds + [prompt.rfind(START)])
+    if header_start < 0:
+        return PromptEnd()
+    message = prompt.rfind(MESSAGE)
+    if message >= header_start:
+        return PromptEnd(prompt[header_start:message], in_body=True)
+    return PromptEnd(prompt[header_start:])
 
 
 @dataclass(frozen=True)
@@ -74,11 +109,22 @@ def classify_header(header: str) -> tuple[Literal["reasoning", "content", "call"
     return "content", ""  # final, and commentary preambles meant for the user
 
 
+def is_final_header(header: str) -> bool:
+    """The header opens the final channel (the answer a guide constrains)."""
+    channel = _CHANNEL_NAME.search(header)
+    return channel is not None and channel.group(1) == "final" and _RECIPIENT.search(header) is None
+
+
 class HarmonyParser:
-    def __init__(self) -> None:
+    def __init__(self, start: PromptEnd = PromptEnd()) -> None:
         self._pending = ""
         self._body: Literal["reasoning", "content", "call"] | None = None  # None: reading a header
-        self._opened_any = False
+        self._header = "" if start.in_body else start.header  # the header's text the prompt already holds
+        self._opened_any = start.in_body
+        self._call: str | None = None  # a call the prompt opened: announced with the first feed
+        if start.in_body:
+            self._body, name = classify_header(start.header)
+            self._call = name if self._body == "call" else None
 
     @property
     def in_reasoning(self) -> bool:
@@ -88,13 +134,16 @@ class HarmonyParser:
     def feed(self, text: str, final: bool) -> list[HarmonyEvent]:
         pending = self._pending + text
         events: list[HarmonyEvent] = []
+        if self._call is not None:
+            events.append(HarmonyEvent("call", self._call))
+            self._call = None
         while pending:
             if self._body is None:
                 at = pending.find(MESSAGE)
                 if at < 0:
                     break  # the header is not complete yet
-                self._body, name = classify_header(pending[:at])
-                self._opened_any = True
+                self._body, name = classify_header(self._header + pending[:at])
+                self._header, self._opened_any = "", True
                 if self._body == "call":
                     events.append(HarmonyEvent("call", name))
                 pending = pending[at + len(MESSAGE) :]
@@ -110,12 +159,8 @@ class HarmonyParser:
             self._emit(events, pending[: len(pending) - held])
             pending = pending[len(pending) - held :]
             break
-        if final and pending and not self._opened_any:
-            text_only = pending
-            for marker in MARKERS:
-                text_only = text_only.replace(marker, "")
-            events.append(HarmonyEvent("content", text_only))
-            pending = ""
+        if final and pending and not self._opened_any and not any(marker in pending for marker in MARKERS):
+            events.append(HarmonyEvent("content", pending))  # the model ignored the format
         self._pending = "" if final else pending
         return events
 
@@ -125,3 +170,25 @@ class HarmonyParser:
         kind = "arguments" if self._body == "call" else self._body
         assert kind is not None
         events.append(HarmonyEvent(kind, text))
+
+
+def forced_call_tag(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An xgrammar structural tag that leaves the reply free (analysis, preambles) until a recipient
+    `to=functions.`, then allows only a call of a function in `arguments` (name -> schema of its arguments), in
+    either place harmony puts the recipient, with JSON arguments; the reply can end only after that call (`<|call|>`,
+    a stop token, is allowed once the grammar has ended)."""
+    header_rest = {  # `<|channel|>commentary to=functions.f <|constrain|>json<|message|>`, or after the role:
+        "type": "regex",  # `<|start|>assistant to=functions.f<|channel|>commentary json<|message|>`
+        "pattern": r"(<\|channel\|>[a-z]+)?( ?<\|constrain\|>json| json)?<\|message\|>",
+    }
+    calls = [
+        {
+            "type": "tag",
+            "begin": f"{_FUNCTIONS}{name}",
+            "content": {"type": "sequence", "elements": [header_rest, {"type": "json_schema", "json_schema": schema}]},
+            "end": "",
+        }
+        for name, schema in arguments.items()
+    ]
+    free = {"type": "any_text", "excludes": [_FUNCTIONS]}
+    return {"type": "structural_tag", "format": {"type": "sequence", "elements": [free, {"type": "or", "elements": calls}]}}

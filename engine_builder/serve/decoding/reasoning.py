@@ -2,12 +2,14 @@
 
 - `detect_reasoning_format`: whether a tokenizer and chat template have such blocks (both tags single tokens
   that decoding keeps in the text, and the template naming them).
-- `prompt_phase`: where the rendered prompt leaves the reply: already answering (thinking switched off, the
-  template closed an empty block), inside an open block (DeepSeek-R1's and Qwen3-Thinking's templates end with
-  `<think>`), or before a block the model may open with its first token.
+- `prompt_phase`: where the rendered prompt leaves the reply, read from the last tag of its final turn: already
+  answering (thinking switched off, the template closed an empty block, a prefill past its block), inside an open
+  block (DeepSeek-R1's and Qwen3-Thinking's templates end with `<think>`, a prefill that left it open), or before
+  a block the model may open with its first token.
 - `ReasoningSplitter`: a reply's text, fed as it streams, split into reasoning and answer; a tag cut across
   deltas is held back until it is whole, whitespace around the reasoning and before the answer is dropped.
-- `ReasoningTokenCounter`: the same phases over token ids, for `usage.completion_tokens_details`.
+- `ReasoningTokenCounter`: the same phases over token ids, for `usage.completion_tokens_details`, following
+  the splitter where text decides (whether the reply opened a block).
 The grammar gate that constrains only the answer is `structured.gate`.
 """
 
@@ -28,22 +30,24 @@ class ReasoningFormat:
     end: str
     start_id: int
     end_id: int
-    # Tokens that are only whitespace: a reply may open with them before its start tag (the splitter drops
-    # them), so they leave the counter undecided too.
-    blank_ids: frozenset[int] = frozenset()
+    # The special tokens the template writes (`<|im_start|>`, `<|im_end|>`, ...): turn markers, so the text after
+    # the last one is the final turn, whose tags decide where the reply starts.
+    turn_markers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptPhase:
+    phase: Phase
+    continued: bool = False  # the final turn already holds text after its last tag (a prefill the reply continues)
 
 
 _TAGS = (("<think>", "</think>"),)
-_BLANKS = (" ", "  ", "\n", "\n\n", " \n", "\n\n\n", "\t", "\r\n")
 
 
-def _blank_token_ids(tokenizer: Any, special: set[int]) -> frozenset[int]:
-    ids = set()
-    for blank in _BLANKS:
-        encoded = tokenizer.encode(blank, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in special:
-            ids.add(encoded[0])
-    return frozenset(ids)
+def _special_tokens(tokenizer: Any) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {token.content for token in added.values() if getattr(token, "special", False)}
+    return special | set(getattr(tokenizer, "all_special_tokens", ()) or ())
 
 
 def detect_reasoning_format(tokenizer: Any, template: str | None) -> ReasoningFormat | None:
@@ -58,20 +62,23 @@ def detect_reasoning_format(tokenizer: Any, template: str | None) -> ReasoningFo
         start_ids = tokenizer.encode(start, add_special_tokens=False)
         end_ids = tokenizer.encode(end, add_special_tokens=False)
         if len(start_ids) == 1 and len(end_ids) == 1 and not {start_ids[0], end_ids[0]} & special:
-            return ReasoningFormat(
-                start, end, start_ids[0], end_ids[0], _blank_token_ids(tokenizer, special)
-            )
+            markers = tuple(sorted(token for token in _special_tokens(tokenizer) - {start, end} if token in template))
+            return ReasoningFormat(start, end, start_ids[0], end_ids[0], markers)
     return None
 
 
-def prompt_phase(fmt: ReasoningFormat, prompt: str) -> Phase:
-    """Only the prompt's ending counts: a tag quoted in a message (or a closed block of an earlier turn) does not."""
-    tail = prompt.rstrip()
-    if tail.endswith(fmt.end):
-        return Phase.ANSWER
-    if tail.endswith(fmt.start):
-        return Phase.REASONING
-    return Phase.BEFORE
+def prompt_phase(fmt: ReasoningFormat, prompt: str) -> PromptPhase:
+    """The last tag of the final turn decides (the text after the last turn marker: the generation prompt, and a
+    prefill with `continue_final_message`); a tag quoted in an earlier message, or a closed block of an earlier
+    turn, does not. Where the template's turn markers are not special tokens, the whole prompt is that turn."""
+    turn_start = max((found + len(marker) for marker in fmt.turn_markers if (found := prompt.rfind(marker)) >= 0), default=0)
+    tail = prompt[turn_start:]
+    start, end = tail.rfind(fmt.start), tail.rfind(fmt.end)
+    if start < 0 and end < 0:
+        return PromptPhase(Phase.BEFORE)
+    if start > end:
+        return PromptPhase(Phase.REASONING, bool(tail[start + len(fmt.start) :].strip()))
+    return PromptPhase(Phase.ANSWER, bool(tail[end + len(fmt.end) :].strip()))
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -83,11 +90,13 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 class ReasoningSplitter:
-    def __init__(self, fmt: ReasoningFormat, phase: Phase) -> None:
+    def __init__(self, fmt: ReasoningFormat, phase: Phase, continued: bool = False) -> None:
+        """`continued`: the prompt already holds text of the block (a prefill), so the reply's whitespace is kept."""
         self.fmt = fmt
         self.phase = phase
+        self.opened_block = phase is Phase.REASONING  # whether a block opened (by the prompt or the reply)
         self._pending = ""
-        self._reasoning_started = False  # leading whitespace of the reasoning is dropped
+        self._reasoning_started = continued  # leading whitespace of the reasoning is dropped
         self._answer_started = phase is Phase.ANSWER  # after a block, leading whitespace is dropped
 
     def feed(self, text: str, final: bool) -> tuple[str, str]:
@@ -99,6 +108,7 @@ class ReasoningSplitter:
                 stripped = pending.lstrip()
                 if stripped.startswith(self.fmt.start):
                     self.phase, pending = Phase.REASONING, stripped[len(self.fmt.start) :]
+                    self.opened_block = True
                     continue
                 if not final and self.fmt.start.startswith(stripped):
                     break  # nothing yet, or the start tag cut short: wait
@@ -132,28 +142,46 @@ class ReasoningSplitter:
 
 
 class ReasoningTokenCounter:
-    """Tokens of the reasoning block: the tags, what lies between them, and whitespace tokens before the start
-    tag (the splitter puts a block opened after whitespace in `reasoning_content`, so the count follows)."""
+    """Tokens of the reasoning block: the tags, what lies between them, and the tokens before a start tag that
+    opens the reply (whitespace, which the splitter drops). Whether text before the tag leaves the reply free to
+    open a block is the splitter's call (so the count follows `reasoning_content` whatever the whitespace), and so
+    is a tag the model spelt in several tokens. The token that stopped the reply (EOS, a stop token id) is not
+    reasoning: `finish` takes it back."""
 
     def __init__(self, fmt: ReasoningFormat, phase: Phase) -> None:
         self.fmt = fmt
         self.phase = phase
         self.count = 0
-        self._leading_blanks = 0
+        self._undecided = 0  # tokens before a possible start tag
+        self._last_counted = False
 
-    def feed(self, token_ids: list[int]) -> None:
+    def feed(self, token_ids: list[int], splitter: ReasoningSplitter) -> None:
+        """Count `token_ids`, once `splitter` has read their text."""
         for token in token_ids:
+            self._last_counted = False
             if self.phase is Phase.ANSWER:
                 return
             if self.phase is Phase.BEFORE:
-                if token in self.fmt.blank_ids:
-                    self._leading_blanks += 1
-                    continue
-                if token != self.fmt.start_id:
-                    self.phase = Phase.ANSWER
+                if splitter.phase is Phase.ANSWER and not splitter.opened_block:
+                    self.phase = Phase.ANSWER  # the reply answered without a block
                     return
-                self.phase = Phase.REASONING
-                self.count += self._leading_blanks
-            elif token == self.fmt.end_id:
-                self.phase = Phase.ANSWER
+                self._undecided += 1
+                if token == self.fmt.start_id:
+                    self.phase, self.count, self._undecided = Phase.REASONING, self.count + self._undecided, 0
+                    self._last_counted = True
+                continue
             self.count += 1
+            self._last_counted = True
+            if token == self.fmt.end_id:
+                self.phase = Phase.ANSWER
+        # A tag written in several tokens: the text moved on where no single token did.
+        if self.phase is Phase.BEFORE and splitter.opened_block:
+            self.phase, self.count, self._undecided = Phase.REASONING, self.count + self._undecided, 0
+        if self.phase is Phase.REASONING and splitter.phase is Phase.ANSWER:
+            self.phase = Phase.ANSWER
+
+    def finish(self, stopped_by_token: bool) -> None:
+        """The reply ended; `stopped_by_token`: its last token was EOS or a stop token id, which has no text."""
+        if stopped_by_token and self._last_counted:
+            self.count -= 1
+        self._last_counted = False

@@ -1,31 +1,51 @@
 """Chat replies of harmony models (gpt-oss): analysis -> `reasoning_content`, calls to offered functions ->
-`tool_calls`, the final channel (and commentary preambles) -> the inner output: plain text, or the forced
-tool-call parser when `tool_choice` forces one. A call that does not become a tool call (a function that was not
-offered, a second call without `parallel_tool_calls`, any call when `tool_choice` forces the answer) stays in
-`reasoning_content`: it is the model's working, never the answer."""
+`tool_calls`, the final channel (and commentary preambles) -> the inner output. A call that does not become a tool
+call (a function that was not offered, a second call without `parallel_tool_calls`) stays in `reasoning_content`:
+it is the model's working, never the answer.
 
+`with_harmony` plans a request once its prompt is rendered: the reply is read from where the prompt leaves it;
+`response_format` constrains the final channel only (a grammar gate waits for its header, unless the prompt opened
+it); a forced `tool_choice` (required, or a named function) forces the model's own call, `commentary
+to=functions.X` with JSON arguments of X's parameters, after free analysis, and the reply can end only after it."""
+
+import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from engine_builder.common.types import FinishReason
-from engine_builder.serve.decoding.harmony import HarmonyParser
-from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
-from engine_builder.serve.server.protocol import FunctionCall, ResponseToolCall
-from engine_builder.serve.server.tools import new_call_id
+from engine_builder.common.types import FinishReason, Guide, GuideKind, MessageHeaders, ReasoningPrefix
+from engine_builder.serve.decoding.harmony import (
+    HarmonyFormat,
+    HarmonyParser,
+    PromptEnd,
+    forced_call_tag,
+    is_final_header,
+    prompt_end,
+)
+from engine_builder.serve.server.limits import check_schema_size
+from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor, stopped_by_token
+from engine_builder.serve.server.protocol import (
+    ChatCompletionRequest,
+    FunctionCall,
+    NamedToolChoice,
+    ResponseToolCall,
+)
+from engine_builder.serve.server.tools import HARMONY, ToolCallProcessor, new_call_id
 
 CALL_ID_LENGTH = 24
 
 
 class HarmonyOutput(ChoiceOutput):
-    def __init__(self, inner: ChoiceOutput, tools: frozenset[str], parallel: bool) -> None:
+    def __init__(self, inner: ChoiceOutput, tools: frozenset[str], parallel: bool, start: PromptEnd = PromptEnd()) -> None:
         super().__init__()
-        self.parser = HarmonyParser()
+        self.parser = HarmonyParser(start)
         self.inner = inner
         self.tools = tools
         self.parallel = parallel
         self.calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument pieces)
         self._receiving: int | None = None  # the call the current message's arguments belong to
         self.reasoning_tokens = 0
+        self._last_counted = False  # whether the last token fed was counted as reasoning
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
@@ -53,8 +73,9 @@ class HarmonyOutput(ChoiceOutput):
                 deltas += self.inner.feed(event.text, False)
         if final:
             deltas += self.inner.feed("", True)
-        if len(self.parts) > before or self.parser.in_reasoning:  # the tokens of reasoning bodies
-            self.reasoning_tokens += len(token_ids)
+        if token_ids:  # the tokens of reasoning bodies
+            self._last_counted = len(self.parts) > before or self.parser.in_reasoning
+            self.reasoning_tokens += len(token_ids) if self._last_counted else 0
         return deltas
 
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
@@ -70,15 +91,45 @@ class HarmonyOutput(ChoiceOutput):
             output.content = None
         output.tool_calls = calls + output.tool_calls
         output.reasoning = reasoning
-        output.reasoning_tokens = self.reasoning_tokens
+        # `<|return|>`, `<|call|>` or EOS ending a reasoning body is no part of it
+        output.reasoning_tokens = self.reasoning_tokens - int(self._last_counted and stopped_by_token(finish_reason, stop_reason))
         return output
 
 
 class HarmonyProcessor(OutputProcessor):
-    def __init__(self, inner: OutputProcessor, tools: frozenset[str], parallel: bool) -> None:
+    def __init__(self, inner: OutputProcessor, tools: frozenset[str], parallel: bool, start: PromptEnd = PromptEnd()) -> None:
         self.inner = inner
         self.tools = tools
         self.parallel = parallel
+        self.prompt_end = start
 
     def start(self, index: int) -> ChoiceOutput:
-        return HarmonyOutput(self.inner.start(index), self.tools, self.parallel)
+        return HarmonyOutput(self.inner.start(index), self.tools, self.parallel, self.prompt_end)
+
+
+def with_harmony(
+    fmt: HarmonyFormat, body: ChatCompletionRequest, prompt: str, processor: OutputProcessor, guide: Guide | None
+) -> tuple[OutputProcessor, Guide | None]:
+    """`processor` and `guide` as planned for any model (`output_processor_for_chat`), made harmony's."""
+    start = prompt_end(prompt)
+    parallel = body.parallel_tool_calls is not False
+    if not isinstance(processor, ToolCallProcessor):
+        offered: frozenset[str] = frozenset()
+    elif processor.parser_name == HARMONY:  # tool_choice auto: the model's calls are read from its messages
+        offered, processor = frozenset(processor.tools), OutputProcessor()
+    else:  # a forced call: made the model's own way, to a forced function
+        choice = body.tool_choice
+        names = [choice.function.name] if isinstance(choice, NamedToolChoice) else list(processor.tools)
+        tag = forced_call_tag({name: processor.tools[name] for name in names})
+        check_schema_size(tag, "tools")
+        forced = HarmonyProcessor(OutputProcessor(), frozenset(names), processor.parallel, start)
+        return forced, Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools")
+    if guide is not None and start.in_final:  # the prompt opened the final channel: the answer has begun
+        guide = dataclasses.replace(guide, after_reasoning=None)
+    elif guide is not None:  # constrain the final channel only, after the analysis; a call may still end the reply
+        in_header = not start.in_body and is_final_header(start.header)
+        headers = MessageHeaders(fmt.message_id, fmt.header_start_ids, start.in_body, in_header)
+        free_stops = (fmt.call_id,) if offered else ()
+        prefix = ReasoningPrefix(fmt.channel_id, fmt.final_ids, True, headers, free_stops)
+        guide = dataclasses.replace(guide, after_reasoning=prefix)
+    return HarmonyProcessor(processor, offered, parallel, start), guide

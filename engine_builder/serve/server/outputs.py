@@ -2,7 +2,8 @@
 
 `output_processor_for_chat` decides, from the request, what the template sees (tools), what constrains
 decoding (a Guide) and how each choice's text becomes the response (content, tool_calls); once the prompt is
-rendered, `with_reasoning` splits the model's reasoning off and lets the guide wait for the answer.
+rendered, `with_reasoning` splits the model's reasoning off (`<think>` blocks here, harmony's channels in
+`harmony.py`), from where the prompt leaves the reply, and lets the guide wait for the answer.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from typing import Any
 from engine_builder.common.types import FinishReason, Guide, ReasoningPrefix
 from engine_builder.serve.decoding.reasoning import (
     Phase,
+    PromptPhase,
     ReasoningFormat,
     ReasoningSplitter,
     ReasoningTokenCounter,
@@ -57,18 +59,23 @@ class OutputProcessor:
         return ChoiceOutput()
 
 
+def stopped_by_token(finish_reason: FinishReason | None, stop_reason: int | str | None) -> bool:
+    """The reply's last token is EOS or a stop token id, which has no text (not a stop string, not the length)."""
+    return finish_reason is FinishReason.STOP and not isinstance(stop_reason, str)
+
+
 class ReasoningOutput(ChoiceOutput):
     """Reasoning goes out as `reasoning_content`; the answer goes to the inner output (plain or tool calls)."""
 
-    def __init__(self, fmt: ReasoningFormat, phase: Phase, inner: ChoiceOutput) -> None:
+    def __init__(self, fmt: ReasoningFormat, start: PromptPhase, inner: ChoiceOutput) -> None:
         super().__init__()
-        self.splitter = ReasoningSplitter(fmt, phase)
-        self.counter = ReasoningTokenCounter(fmt, phase)
+        self.splitter = ReasoningSplitter(fmt, start.phase, start.continued)
+        self.counter = ReasoningTokenCounter(fmt, start.phase)
         self.inner = inner
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
-        self.counter.feed(list(token_ids))
         reasoning, answer = self.splitter.feed(text, final)
+        self.counter.feed(list(token_ids), self.splitter)
         deltas: list[dict[str, Any]] = []
         if reasoning:
             self.parts.append(reasoning)
@@ -80,37 +87,69 @@ class ReasoningOutput(ChoiceOutput):
         reasoning = "".join(self.parts)
         if reasoning and not output.content:
             output.content = None  # the reply ended while reasoning (as OpenAI: no answer is null, not "")
+        self.counter.finish(stopped_by_token(finish_reason, stop_reason))
         return dataclasses.replace(output, reasoning=reasoning or None, reasoning_tokens=self.counter.count)
 
 
 class ReasoningProcessor(OutputProcessor):
-    def __init__(self, fmt: ReasoningFormat, phase: Phase, inner: OutputProcessor) -> None:
+    def __init__(self, fmt: ReasoningFormat, start: PromptPhase, inner: OutputProcessor) -> None:
         self.fmt = fmt
-        self.phase = phase
+        self.start_phase = start
         self.inner = inner
 
     def start(self, index: int) -> ChoiceOutput:
-        return ReasoningOutput(self.fmt, self.phase, self.inner.start(index))
+        return ReasoningOutput(self.fmt, self.start_phase, self.inner.start(index))
+
+
+class ReasoningOmittedOutput(ChoiceOutput):
+    """`include_reasoning: false` (vLLM's field): the reasoning is read and counted, but not sent."""
+
+    def __init__(self, inner: ChoiceOutput) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
+        deltas = self.inner.feed(text, final, token_ids)
+        return [kept for delta in deltas if (kept := {k: v for k, v in delta.items() if k != "reasoning_content"})]
+
+    def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
+        return dataclasses.replace(self.inner.result(finish_reason, stop_reason), reasoning=None)
+
+
+class ReasoningOmitted(OutputProcessor):
+    def __init__(self, inner: OutputProcessor) -> None:
+        self.inner = inner
+
+    def start(self, index: int) -> ChoiceOutput:
+        return ReasoningOmittedOutput(self.inner.start(index))
 
 
 def with_reasoning(
-    fmt: ReasoningFormat | None, prompt: str, processor: OutputProcessor, guide: Guide | None
+    state: ServerState, body: ChatCompletionRequest, prompt: str, processor: OutputProcessor, guide: Guide | None
 ) -> tuple[OutputProcessor, Guide | None]:
-    """For a model with reasoning blocks: split them off the reply, and apply the guide only after one (a
-    prompt that already ended the block, thinking switched off, leaves the guide as it is)."""
-    if fmt is None:
-        return processor, guide
-    phase = prompt_phase(fmt, prompt)
-    if guide is not None and phase is not Phase.ANSWER:
-        prefix = ReasoningPrefix(fmt.start_id, (fmt.end_id,), opened=phase is Phase.REASONING)
-        guide = dataclasses.replace(guide, after_reasoning=prefix)
-    return ReasoningProcessor(fmt, phase, processor), guide
+    """For a model that reasons: split the reasoning off the reply and apply the guide only after it, both from
+    where the rendered prompt leaves the reply (a prompt that already ended the block, thinking switched off,
+    leaves the guide as it is)."""
+    if state.harmony is not None:
+        from engine_builder.serve.server.harmony import with_harmony
+
+        processor, guide = with_harmony(state.harmony, body, prompt, processor, guide)
+    elif state.reasoning is not None:
+        fmt = state.reasoning
+        start = prompt_phase(fmt, prompt)
+        if guide is not None and start.phase is not Phase.ANSWER:
+            prefix = ReasoningPrefix(fmt.start_id, (fmt.end_id,), opened=start.phase is Phase.REASONING)
+            guide = dataclasses.replace(guide, after_reasoning=prefix)
+        processor = ReasoningProcessor(fmt, start, processor)
+    if not body.include_reasoning:
+        processor = ReasoningOmitted(processor)
+    return processor, guide
 
 
 def output_processor_for_chat(
     state: ServerState, body: ChatCompletionRequest
 ) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
-    from engine_builder.serve.server.tools import HARMONY, ToolCallProcessor, plan_tools
+    from engine_builder.serve.server.tools import HARMONY, plan_tools
 
     guide = guide_from_response_format(body.response_format)
     renderer = state.renderer
@@ -125,15 +164,4 @@ def output_processor_for_chat(
         guide = tool_guide
     check_guide_compatible(body, guide)
     processor = planned or OutputProcessor()
-    if state.harmony is not None:
-        from engine_builder.serve.server.harmony import HarmonyProcessor
-
-        # Harmony calls (`to=functions.NAME`) are read by the harmony output; a forced call is the final answer.
-        offered: frozenset[str] = frozenset()
-        if isinstance(processor, ToolCallProcessor) and processor.parser_name == HARMONY:
-            offered, processor = frozenset(processor.tools), OutputProcessor()
-        processor = HarmonyProcessor(processor, offered, body.parallel_tool_calls is not False)
-        if guide is not None:  # constrain the final channel only, after the analysis
-            prefix = ReasoningPrefix(state.harmony.channel_id, state.harmony.final_header_ids, opened=True)
-            guide = dataclasses.replace(guide, after_reasoning=prefix)
     return processor, template_tools, guide, {"_extra_system_messages": hints} if hints else {}

@@ -66,6 +66,7 @@ class ChatMessage(StrictModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for `reasoning_content`: read as it
     refusal: str | None = None
     # What the openai SDK's `message.model_dump()` carries back in an agent loop: output-only metadata
     # (annotations: URL citations) is accepted and not shown to the model; audio and the legacy function_call
@@ -73,6 +74,14 @@ class ChatMessage(StrictModel):
     annotations: list[Any] | None = None
     audio: Any = None
     function_call: Any = None
+
+    @model_validator(mode="after")
+    def _reasoning_alias(self) -> "ChatMessage":
+        if self.reasoning is not None and self.reasoning_content is None:
+            self.reasoning_content = self.reasoning
+        elif self.reasoning is not None and self.reasoning != self.reasoning_content:
+            raise ValueError("reasoning and reasoning_content name the same text; set one of them")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +220,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_args: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    include_reasoning: bool = True  # vLLM's: false leaves `reasoning_content` out of the reply (it is still counted)
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None

@@ -113,7 +113,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         chat_template=body.chat_template,
         template_kwargs=template_kwargs,
     )
-    processor, guide = with_reasoning(state.reasoning, prompt_text, processor, guide)
+    processor, guide = with_reasoning(state, body, prompt_text, processor, guide)
     limits = state.limits()
     prompt_ids = await encode_prompt(
         state.renderer,

@@ -10,9 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from engine_builder.common.types import FinishReason, Guide, GuideKind, ReasoningPrefix
+from engine_builder.common.types import FinishReason, Guide, GuideKind, MessageHeaders, ReasoningPrefix
 from engine_builder.serve.decoding.detokenizer import TextDecoder
-from engine_builder.serve.decoding.harmony import HarmonyEvent, HarmonyParser, detect_harmony
+from engine_builder.serve.decoding.harmony import (
+    HarmonyEvent,
+    HarmonyFormat,
+    HarmonyParser,
+    PromptEnd,
+    detect_harmony,
+    forced_call_tag,
+    prompt_end,
+)
 from engine_builder.serve.server.harmony import HarmonyOutput
 from engine_builder.serve.server.outputs import ChoiceOutput
 from tests.serve.decoding.renamed_tokens import smollm2_with_renamed_tokens
@@ -52,9 +60,9 @@ def test_detection_needs_channels_in_the_template_and_single_token_markers(token
     from transformers import AutoTokenizer
 
     found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
-    assert found is not None and found.channel_id == 4
-    assert found.final_header_ids[0] == 4 and found.final_header_ids[-1] == 5
-    assert tokenizer.decode(list(found.final_header_ids)) == "<|channel|>final<|message|>"
+    assert found is not None and (found.channel_id, found.message_id, found.call_id) == (4, 5, 7)
+    assert found.header_start_ids == (3, 6) and found.final_ids[0] == 4
+    assert tokenizer.decode(list(found.final_ids)) == "<|channel|>final"
     assert detect_harmony(tokenizer, "{{ messages }}") is None
     assert detect_harmony(AutoTokenizer.from_pretrained(str(smollm2_dir)), HARMONY_TEMPLATE) is None
 
@@ -74,8 +82,8 @@ def summarize(events: list[HarmonyEvent]) -> dict[str, Any]:
     return {"reasoning": reasoning, "content": content, "calls": calls}
 
 
-def parse_in_pieces(text: str, cuts: list[int]) -> dict[str, Any]:
-    parser = HarmonyParser()
+def parse_in_pieces(text: str, cuts: list[int], start: PromptEnd = PromptEnd()) -> dict[str, Any]:
+    parser = HarmonyParser(start)
     bounds = [0, *sorted(cuts), len(text)]
     events: list[HarmonyEvent] = []
     for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
@@ -110,6 +118,13 @@ CASES = [
     ("<|channel|>final<|message|>a<|b <|end|>", {"reasoning": "", "content": "a<|b ", "calls": []}),
     ("A model that ignored the format <| says this.", {"reasoning": "", "content": "A model that ignored the format <| says this.", "calls": []}),
     ("<|channel|>analysis<|message|>cut off while thinking <|", {"reasoning": "cut off while thinking <|", "content": "", "calls": []}),
+    # Text before `<|message|>` is a header, never content (as openai-harmony reads it): cut short, it is dropped.
+    ("<|channel|>analysis", {"reasoning": "", "content": "", "calls": []}),
+    ("<|channel|>commentary to=functions.get_weather <|constrain|>json", {"reasoning": "", "content": "", "calls": []}),
+    ("<|channel|>final", {"reasoning": "", "content": "", "calls": []}),
+    ("<|channel|>final<|message|>Hi<|end|>trailing text", {"reasoning": "", "content": "Hi", "calls": []}),
+    ("Preface text<|channel|>final<|message|>x", {"reasoning": "", "content": "x", "calls": []}),
+    ("<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>fin", {"reasoning": "a", "content": "", "calls": []}),
 ]
 
 
@@ -122,6 +137,33 @@ def test_every_cut_into_deltas_gives_the_whole_replys_parse(text: str, expected:
     rng = random.Random(len(text))
     for _ in range(20):
         assert parse_in_pieces(text, rng.sample(range(1, len(text)), k=rng.randint(1, 6))) == expected
+
+
+PROMPT_ENDS = [  # (the prompt's end, where it leaves the reply, the reply, its parse)
+    ("<|start|>user<|message|>hi<|end|><|start|>assistant", PromptEnd("<|start|>assistant"),
+     " to=functions.w<|channel|>commentary json<|message|>{}", {"reasoning": "", "content": "", "calls": [["w", "{}"]]}),
+    ("<|start|>assistant", PromptEnd("<|start|>assistant"), "Plain prose.", {"reasoning": "", "content": "Plain prose.", "calls": []}),
+    ("<|start|>assistant<|channel|>final<|message|>", PromptEnd("<|start|>assistant<|channel|>final", in_body=True),
+     '{"a": 1}<|end|>', {"reasoning": "", "content": '{"a": 1}', "calls": []}),
+    ("<|start|>assistant<|channel|>analysis<|message|>Let me", PromptEnd("<|start|>assistant<|channel|>analysis", in_body=True),
+     " think.<|end|><|start|>assistant<|channel|>final<|message|>4", {"reasoning": " think.", "content": "4", "calls": []}),
+    ("<|start|>assistant<|channel|>final", PromptEnd("<|start|>assistant<|channel|>final"),
+     " <|constrain|>json<|message|>{}", {"reasoning": "", "content": "{}", "calls": []}),
+    ("<|start|>assistant to=functions.w<|channel|>commentary json<|message|>", PromptEnd("<|start|>assistant to=functions.w<|channel|>commentary json", in_body=True),
+     '{"x": 1}', {"reasoning": "", "content": "", "calls": [["w", '{"x": 1}']]}),
+    ("<|start|>user<|message|>hi<|end|>", PromptEnd(), "<|channel|>final<|message|>ok", {"reasoning": "", "content": "ok", "calls": []}),
+    ("no markers", PromptEnd(), "text", {"reasoning": "", "content": "text", "calls": []}),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected_end", "reply", "expected"), PROMPT_ENDS)
+def test_the_reply_is_read_from_where_the_prompt_leaves_it(prompt: str, expected_end: PromptEnd, reply: str, expected: dict[str, Any]) -> None:
+    """A prefill that opened a channel (or a header) is continued: a prompt that opened the final channel makes the
+    reply the answer, one that opened analysis makes it reasoning."""
+    start = prompt_end(prompt)
+    assert start == expected_end
+    for cut in range(len(reply) + 1):
+        assert parse_in_pieces(reply, [cut], start) == expected, cut
 
 
 def test_a_cut_marker_is_held_back() -> None:
@@ -190,28 +232,152 @@ def test_real_token_ids_through_the_detokenizer_keep_the_markers(tokenizer: Any)
 
 
 # -- the gate: free until the final channel's header --------------------------------------------------------------
-def test_the_gate_waits_for_a_multi_token_end_and_rolls_back_inside_it(harmony_dir: Path, tokenizer: Any) -> None:
+def final_channel_gate(compiler: Any, found: HarmonyFormat, guide: Guide, *, calls_offered: bool = False) -> Any:
+    headers = MessageHeaders(found.message_id, found.header_start_ids)
+    prefix = ReasoningPrefix(found.channel_id, found.final_ids, True, headers, (found.call_id,) if calls_offered else ())
+    return compiler.matcher(compiler.compile(guide), (2, 7, 8), prefix)
+
+
+@pytest.fixture(scope="module")
+def compiler(harmony_dir: Path, tokenizer: Any) -> Any:
     from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 
+    return GrammarCompiler(harmony_dir, 49152, tokenizer)
+
+
+def accept_all(matcher: Any, tokenizer: Any, text: str) -> None:
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        assert matcher.accept(token), (text, token)
+
+
+def test_the_gate_waits_for_the_final_header_and_rolls_back_inside_it(compiler: Any, tokenizer: Any) -> None:
     found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
     assert found is not None
-    compiler = GrammarCompiler(harmony_dir, 49152, tokenizer)
-    guide = Guide(GuideKind.JSON_OBJECT, "")
-    gate = compiler.matcher(compiler.compile(guide), (2, 7, 8), ReasoningPrefix(found.channel_id, found.final_header_ids, True))
-    analysis = tokenizer.encode("<|channel|>analysis<|message|>think", add_special_tokens=False)
+    gate = final_channel_gate(compiler, found, Guide(GuideKind.JSON_OBJECT, ""))
     brace = tokenizer.encode("{", add_special_tokens=False)[0]
-    for token in analysis:
-        assert gate.accept(token)
-    assert not gate.in_answer and not gate.accept(7)  # no call or return before the answer
-    header = list(found.final_header_ids)
+    accept_all(gate, tokenizer, "<|channel|>analysis<|message|>think <|channel|>final then")  # a body: no header
+    assert not gate.in_answer and not gate.accept(7) and not gate.accept(8)  # no call or return before the answer
+    header = tokenizer.encode("<|end|><|start|>assistant<|channel|>final<|message|>", add_special_tokens=False)
     for token in header[:-1]:
         assert gate.accept(token)
     assert not gate.in_answer
-    gate.rollback(1)  # back inside the header: one marker short of it again after the next token
-    for token in header[1:]:
+    gate.rollback(2)  # back inside the header, before `final`
+    for token in header[-3:]:
         assert gate.accept(token)
     assert gate.in_answer
     allowed = gate.allowed_tokens()
     assert allowed[brace] and not allowed[tokenizer.encode("think", add_special_tokens=False)[0]]
     assert gate.accept(brace)
     assert torch.equal(gate.allowed_tokens(), gate.inner.allowed_tokens())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "<|channel|>final<|message|>",
+        "<|channel|>final <|constrain|>json<|message|>",  # what gpt-oss writes under structured output
+        "<|channel|>final<|constrain|>JSON<|message|>",
+        "<|channel|>final json<|message|>",
+    ],
+)
+def test_the_final_header_opens_the_answer_whatever_it_carries_and_the_answer_can_end(compiler: Any, tokenizer: Any, header: str) -> None:
+    """As the parser reads it: the channel named `final`, then anything up to `<|message|>`."""
+    from engine_builder.serve.decoding.harmony import classify_header
+
+    assert classify_header(header[: header.index("<|message|>")]) == ("content", "")
+    found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert found is not None
+    gate = final_channel_gate(compiler, found, Guide(GuideKind.JSON_OBJECT, ""))
+    accept_all(gate, tokenizer, "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant" + header)
+    assert gate.in_answer
+    hello = tokenizer.encode("hello", add_special_tokens=False)[0]
+    assert not gate.allowed_tokens()[hello]  # the grammar's now
+    accept_all(gate, tokenizer, '{"a": 1}')
+    assert gate.allowed_tokens()[8]  # <|return|> ends the constrained answer
+    assert gate.accept(8) and gate.is_terminated
+
+
+def test_other_channels_do_not_open_the_answer(compiler: Any, tokenizer: Any) -> None:
+    found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert found is not None
+    gate = final_channel_gate(compiler, found, Guide(GuideKind.JSON_OBJECT, ""))
+    accept_all(gate, tokenizer, "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>analysis<|message|>x")
+    assert not gate.in_answer
+
+
+def test_offered_functions_may_end_the_reply_with_a_call_before_the_answer(compiler: Any, tokenizer: Any) -> None:
+    """tools (auto) and response_format: the format constrains the final answer, a call still ends the reply."""
+    found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert found is not None
+    gate = final_channel_gate(compiler, found, Guide(GuideKind.JSON_OBJECT, ""), calls_offered=True)
+    accept_all(gate, tokenizer, '<|channel|>commentary to=functions.w <|constrain|>json<|message|>{"city": "Oslo"}')
+    assert gate.allowed_tokens()[7] and not gate.allowed_tokens()[8]
+    assert gate.accept(7)
+
+
+def test_a_prompt_that_left_the_reply_in_the_final_header_needs_only_its_message_marker(compiler: Any, tokenizer: Any) -> None:
+    found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert found is not None
+    headers = MessageHeaders(found.message_id, found.header_start_ids, in_final_header=True)
+    gate = compiler.matcher(compiler.compile(Guide(GuideKind.JSON_OBJECT, "")), (2, 7, 8),
+                            ReasoningPrefix(found.channel_id, found.final_ids, True, headers))
+    accept_all(gate, tokenizer, " <|constrain|>json<|message|>")
+    assert gate.in_answer
+
+
+# -- a forced call: the model's own call format ------------------------------------------------------------------
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}',
+        '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Oslo"}',
+        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Oslo"}',  # the recipient after the role
+        ' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}',
+    ],
+)
+def test_a_forced_call_is_the_models_own_and_ends_the_reply(compiler: Any, tokenizer: Any, call: str) -> None:
+    """tool_choice required/named: free analysis, then a call of a forced function with valid arguments, and only
+    then may `<|call|>` end the reply; the call becomes a tool call."""
+    guide = Guide(GuideKind.TOOL_CALLS, json.dumps(forced_call_tag({"get_weather": WEATHER})), param="tools")
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    analysis = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+    first = call.startswith(" ")
+    accept_all(matcher, tokenizer, "" if first else analysis)
+    assert not matcher.allowed_tokens()[7] and not matcher.allowed_tokens()[8]  # no call yet: the reply goes on
+    ids = tokenizer.encode(call, add_special_tokens=False)
+    for token in ids[:-1]:
+        assert matcher.accept(token)
+        assert not matcher.allowed_tokens()[7]
+    assert matcher.accept(ids[-1]) and matcher.allowed_tokens()[7] and matcher.accept(7)
+    output = HarmonyOutput(ChoiceOutput(), frozenset({"get_weather"}), False)
+    output.feed(("" if first else analysis) + call + "<|call|>", True)
+    final = output.result(FinishReason.STOP, None)
+    assert final.finish_reason == "tool_calls" and final.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.tool_calls] == [("get_weather", {"city": "Oslo"})]
+
+
+def test_a_forced_call_refuses_other_functions_and_bad_arguments(compiler: Any, tokenizer: Any) -> None:
+    guide = Guide(GuideKind.TOOL_CALLS, json.dumps(forced_call_tag({"get_weather": WEATHER})), param="tools")
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    accept_all(matcher, tokenizer, "<|channel|>commentary to=functions.")
+    assert not matcher.accept(tokenizer.encode("other", add_special_tokens=False)[0])
+    accept_all(matcher, tokenizer, "get_weather")
+    assert not matcher.accept(tokenizer.encode("json", add_special_tokens=False)[0])  # the content type needs a space
+    accept_all(matcher, tokenizer, " <|constrain|>json<|message|>")
+    assert not matcher.accept(tokenizer.encode("[", add_special_tokens=False)[0])
+
+
+# -- reasoning tokens ------------------------------------------------------------------------------------------------
+def test_the_stop_token_ending_a_reasoning_body_is_not_counted(tokenizer: Any) -> None:
+    ids = tokenizer.encode("<|channel|>analysis<|message|>cut off", add_special_tokens=False)
+    output = HarmonyOutput(ChoiceOutput(), frozenset(), True)
+    detokenizer = TextDecoder(tokenizer.backend_tokenizer).start([], skip_special_tokens=False)
+    for token in ids:
+        output.feed(detokenizer.add([token]), False, [token])
+    output.feed(detokenizer.flush(), True, [MARKER_IDS["<|return|>"]])  # its text is not decoded
+    final = output.result(FinishReason.STOP, None)
+    assert final.reasoning == "cut off"
+    assert final.reasoning_tokens == 1 + len(tokenizer.encode("cut off", add_special_tokens=False))

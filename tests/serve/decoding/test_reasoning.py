@@ -11,6 +11,7 @@ import torch
 from engine_builder.common.types import Guide, GuideKind, ReasoningPrefix
 from engine_builder.serve.decoding.reasoning import (
     Phase,
+    PromptPhase,
     ReasoningFormat,
     ReasoningSplitter,
     ReasoningTokenCounter,
@@ -66,19 +67,45 @@ def test_prompt_phase_follows_the_templates_ending(thinking_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
+    assert fmt is not None and "<|im_start|>" in fmt.turn_markers and "<think>" not in fmt.turn_markers
     messages = [{"role": "user", "content": "2+2?"}]
 
     def render(**kwargs: object) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    assert prompt_phase(FMT, render()) is Phase.BEFORE  # Qwen3 thinking on: the model opens the block
-    assert prompt_phase(FMT, render(enable_thinking=False)) is Phase.ANSWER
-    assert prompt_phase(FMT, render(open_think=True)) is Phase.REASONING  # DeepSeek-R1
-    # An earlier turn's closed block does not count; the tail decides.
+    assert prompt_phase(fmt, render()).phase is Phase.BEFORE  # Qwen3 thinking on: the model opens the block
+    assert prompt_phase(fmt, render(enable_thinking=False)).phase is Phase.ANSWER
+    assert prompt_phase(fmt, render(open_think=True)) == PromptPhase(Phase.REASONING)  # DeepSeek-R1
+    # An earlier turn's closed block does not count; the final turn decides.
     history = "<|im_start|>assistant\n<think>x</think>\n\nok<|im_end|>\n<|im_start|>assistant\n"
-    assert prompt_phase(FMT, history) is Phase.BEFORE
+    assert prompt_phase(fmt, history).phase is Phase.BEFORE
     quoted = "<|im_start|>user\nWhat does the <think> tag do?<|im_end|>\n<|im_start|>assistant\n"
-    assert prompt_phase(FMT, quoted) is Phase.BEFORE  # a tag quoted in a message opens nothing
+    assert prompt_phase(fmt, quoted).phase is Phase.BEFORE  # a tag quoted in a message opens nothing
+
+
+@pytest.mark.parametrize(
+    ("prefill", "expected"),
+    [
+        ("<think>The user asks", PromptPhase(Phase.REASONING, continued=True)),  # budget forcing: "...Wait,"
+        ("<think>\n", PromptPhase(Phase.REASONING)),
+        ("<think>a</think>\n\nThe answer is", PromptPhase(Phase.ANSWER, continued=True)),
+        ("<think>a</think>", PromptPhase(Phase.ANSWER)),
+        ("<think>a</think>b<think>c", PromptPhase(Phase.REASONING, continued=True)),
+        ("The answer is", PromptPhase(Phase.BEFORE)),
+    ],
+)
+def test_a_prefill_continues_the_phase_its_last_tag_leaves(thinking_dir: Path, prefill: str, expected: PromptPhase) -> None:
+    """continue_final_message: the assistant's prefill is the final turn; an open block there is the reasoning."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
+    assert fmt is not None
+    messages = [{"role": "user", "content": "What is <think>?"}, {"role": "assistant", "content": prefill}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert prompt.rstrip().endswith(prefill.rstrip())
+    assert prompt_phase(fmt, prompt) == expected
 
 
 # -- the split --------------------------------------------------------------------------------------------------
@@ -130,42 +157,80 @@ def test_a_cut_tag_is_held_back_then_released() -> None:
     assert before.feed("s is text", final=False) == ("", "<this is text")
 
 
+def count(phase: Phase, tokens: list[tuple[int, str]], *, stopped: bool = False, fmt: ReasoningFormat = FMT) -> tuple[int, str, str]:
+    """(reasoning tokens, reasoning, answer) of a reply fed a token at a time, as `ReasoningOutput` feeds them;
+    `stopped`: its last token is EOS or a stop token (no text)."""
+    splitter, counter = ReasoningSplitter(fmt, phase), ReasoningTokenCounter(fmt, phase)
+    reasoning, answer = "", ""
+    for index, (token, text) in enumerate(tokens):
+        r, a = splitter.feed(text, final=index == len(tokens) - 1)
+        counter.feed([token], splitter)
+        reasoning, answer = reasoning + r, answer + a
+    counter.finish(stopped)
+    return counter.count, reasoning, answer
+
+
 def test_token_counter_counts_the_block_and_its_tags() -> None:
-    counter = ReasoningTokenCounter(FMT, Phase.BEFORE)
-    counter.feed([14, 100, 101])
-    counter.feed([102, 15, 200, 14, 15, 201])
-    assert counter.count == 5
-    opened = ReasoningTokenCounter(FMT, Phase.REASONING)
-    opened.feed([100, 15, 300])
-    assert opened.count == 2
-    answered = ReasoningTokenCounter(FMT, Phase.BEFORE)
-    answered.feed([100, 14, 15])  # the block must open the reply
-    assert answered.count == 0
+    words = {100: "a", 101: "b", 102: "c", 200: "x", 201: "y", 300: "z"}
+    tokens = [(token, {14: "<think>", 15: "</think>"}.get(token) or words[token]) for token in (14, 100, 101, 102, 15, 200, 14, 15, 201)]
+    assert count(Phase.BEFORE, tokens)[0] == 5
+    assert count(Phase.REASONING, [(100, "a"), (15, "</think>"), (300, "z")])[0] == 2
+    assert count(Phase.BEFORE, [(100, "a"), (14, "<think>"), (15, "</think>")])[0] == 0  # the block must open the reply
 
 
-def test_token_counter_and_splitter_agree_on_whitespace_before_the_start_tag(thinking_dir: Path) -> None:
+def test_a_tag_spelt_in_several_tokens_is_counted_as_the_splitter_reads_it() -> None:
+    tokens = [(1, "<th"), (2, "ink>"), (3, "plan"), (4, "</"), (5, "think>"), (6, "ok")]
+    assert count(Phase.BEFORE, tokens) == (5, "plan", "ok")
+
+
+def real_count(tokenizer: object, fmt: ReasoningFormat, phase: Phase, reply: str, stop_id: int | None = None) -> tuple[int, str, str, list[int]]:
+    """What the server does: real ids, their text from the incremental detokenizer, then the reasoning output."""
+    from engine_builder.common.types import FinishReason
+    from engine_builder.serve.decoding.detokenizer import TextDecoder
+    from engine_builder.serve.server.outputs import ChoiceOutput, ReasoningOutput
+
+    ids = tokenizer.encode(reply, add_special_tokens=False)  # type: ignore[attr-defined]
+    prompt = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)  # type: ignore[attr-defined]
+    detokenizer = TextDecoder(tokenizer.backend_tokenizer).start(prompt, skip_special_tokens=True)  # type: ignore[attr-defined]
+    output = ReasoningOutput(fmt, PromptPhase(phase), ChoiceOutput())
+    for token in ids:
+        output.feed(detokenizer.add([token]), False, [token])
+    if stop_id is not None:  # the stop token's text is not decoded (RequestText drops it)
+        ids.append(stop_id)
+    output.feed(detokenizer.flush(), True, [stop_id] if stop_id is not None else [])
+    final = output.result(FinishReason.STOP, None)
+    assert final.reasoning_tokens is not None
+    return final.reasoning_tokens, final.reasoning or "", final.content or "", ids
+
+
+@pytest.mark.parametrize("blank", ["\n", "   ", "\n\n\n\n", " \n\n", "\t\t", "\u00a0", "\u3000"])
+def test_token_counter_and_splitter_agree_on_whitespace_before_the_start_tag(thinking_dir: Path, blank: str) -> None:
+    """Any whitespace the splitter drops before `<think>` (not a fixed list of blank tokens) leaves the block open."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
     fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
     assert fmt is not None
-    newline = tokenizer.encode("\n", add_special_tokens=False)
-    assert len(newline) == 1 and newline[0] in fmt.blank_ids
-    # (reply, its reasoning text, its answer text, tokens counted as reasoning: all up to </think> or none)
-    for reply, want_reasoning, want_answer, counts_block in (
-        ("\n<think>plan</think>answer", "plan", "answer", True),
-        ("\nanswer <think>x</think>", "", "\nanswer <think>x</think>", False),  # no block: the text as is
-    ):
-        ids = tokenizer.encode(reply, add_special_tokens=False)
-        counter = ReasoningTokenCounter(fmt, Phase.BEFORE)
-        splitter = ReasoningSplitter(fmt, Phase.BEFORE)
-        reasoning, answer = "", ""
-        for i, token in enumerate(ids):
-            counter.feed([token])
-            r, a = splitter.feed(tokenizer.decode([token]), final=i == len(ids) - 1)
-            reasoning, answer = reasoning + r, answer + a
-        assert (reasoning, answer) == (want_reasoning, want_answer)
-        assert counter.count == (ids.index(fmt.end_id) + 1 if counts_block else 0)
+    reasoning_tokens, reasoning, answer, ids = real_count(tokenizer, fmt, Phase.BEFORE, blank + "<think>plan</think>answer")
+    assert (reasoning, answer) == ("plan", "answer")
+    assert reasoning_tokens == ids.index(fmt.end_id) + 1
+    reasoning_tokens, reasoning, answer, _ = real_count(tokenizer, fmt, Phase.BEFORE, blank + "answer <think>x</think>")
+    assert (reasoning, reasoning_tokens) == ("", 0) and answer.endswith("answer <think>x</think>")
+
+
+def test_the_stop_token_is_no_reasoning(thinking_dir: Path) -> None:
+    """EOS ending an open block has no text: reasoning_content does not hold it, nor does the count."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
+    assert fmt is not None
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert real_count(tokenizer, fmt, Phase.REASONING, "", stop_id=eos)[:3] == (0, "", "")
+    reasoning_tokens, reasoning, _, ids = real_count(tokenizer, fmt, Phase.REASONING, "still thinking", stop_id=eos)
+    assert reasoning == "still thinking" and reasoning_tokens == len(ids) - 1
+    reasoning_tokens, _, answer, ids = real_count(tokenizer, fmt, Phase.BEFORE, "<think>a</think>b", stop_id=eos)
+    assert answer == "b" and reasoning_tokens == ids.index(fmt.end_id) + 1
 
 
 # -- the grammar gate -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from openai.types.chat import ChatCompletion
 
+from engine_builder.common.types import GuideKind
 from engine_builder.serve.server.harmony import HarmonyProcessor
 from engine_builder.serve.server.protocol import ChatCompletionRequest
 from engine_builder.serve.server.serving_chat import plan_chat
@@ -61,9 +62,48 @@ def test_a_guide_waits_for_the_final_channel(server: tuple[TestClient, ServerSta
     assert state.harmony is not None
     schema = {"type": "object", "properties": {"city": {"type": "string"}}}
     guide = plan(state, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}).run.request.sampling.guide
-    assert guide.after_reasoning.end_ids == state.harmony.final_header_ids and guide.after_reasoning.opened
-    forced = plan(state, tools=TOOLS, tool_choice="required").run.request.sampling.guide
-    assert forced.after_reasoning.end_ids == state.harmony.final_header_ids
+    prefix = guide.after_reasoning
+    assert prefix.end_ids == state.harmony.final_ids and prefix.opened and prefix.headers.message_id == state.harmony.message_id
+    assert prefix.free_stop_ids == ()
+    with_tools = plan(state, tools=TOOLS, response_format={"type": "json_object"})  # a call may still end the reply
+    assert with_tools.run.request.sampling.guide.after_reasoning.free_stop_ids == (state.harmony.call_id,)
+    assert with_tools.processor.tools == {"weather"}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "weather"}}])
+def test_a_forced_tool_choice_forces_the_models_own_call(server: tuple[TestClient, ServerState], choice: Any) -> None:
+    """Not a JSON object in the final channel, which gpt-oss never learnt: its `commentary to=functions.X` call,
+    read as a tool call, constrained from the first token (free until the recipient)."""
+    _, state = server
+    two = [*TOOLS, {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}]
+    planned = plan(state, tools=two, tool_choice=choice)
+    guide = planned.run.request.sampling.guide
+    assert guide.kind == GuideKind.TOOL_CALLS and guide.after_reasoning is None and guide.param == "tools"
+    begins = {tag["begin"] for tag in json.loads(guide.spec)["format"]["elements"][1]["elements"]}
+    names = {"weather", "time"} if choice == "required" else {"weather"}
+    assert begins == {f"to=functions.{name}" for name in names}
+    assert isinstance(planned.processor, HarmonyProcessor) and planned.processor.tools == names
+
+
+RAW = "{% for m in messages %}{{ m.content }}{% endfor %}"
+FINAL_OPENED = "<|start|>user<|message|>Give me a JSON object.<|end|><|start|>assistant<|channel|>final<|message|>"
+
+
+def test_a_prompt_that_opened_the_final_channel_is_answered_at_once(server: tuple[TestClient, ServerState]) -> None:
+    """The guide applies from the first token (no second final header to wait for), and the reply can end."""
+    client, state = server
+    schema = {"type": "object", "properties": {"a": {"enum": [1]}}, "required": ["a"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": FINAL_OPENED}], "chat_template": RAW, "max_tokens": 30,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+    planned = plan(state, **body)
+    assert planned.run.request.sampling.guide.after_reasoning is None
+    reply = client.post("/v1/chat/completions", json={"model": "m", "temperature": 0, **body}).json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and json.loads(choice["message"]["content"]) == {"a": 1}
+    assert choice["message"]["reasoning_content"] is None
+    analysis = plan(state, messages=[{"role": "user", "content": FINAL_OPENED.replace("final", "analysis")}], chat_template=RAW,
+                    response_format={"type": "json_object"})
+    assert analysis.run.request.sampling.guide.after_reasoning.headers.in_body  # the analysis body runs on, free
 
 
 def test_a_reply_that_ignores_the_format_arrives_as_content_streamed_and_whole(server: tuple[TestClient, ServerState]) -> None:

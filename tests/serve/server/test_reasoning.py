@@ -140,3 +140,63 @@ def test_an_earlier_replys_reasoning_reaches_the_template() -> None:
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     with_call = ChatMessage(role="assistant", content="Checking.", reasoning_content="r", tool_calls=[call])
     assert "thinking" not in to_template_message(with_call, 1)  # gpt-oss's template refuses both beside calls
+
+
+PREFILL = {"messages": [*MESSAGES, {"role": "assistant", "content": "<think>The user asks"}],
+           "continue_final_message": True, "add_generation_prompt": False}
+
+
+def test_a_prefill_that_leaves_the_block_open_is_continued_as_reasoning(server: tuple[TestClient, ServerState]) -> None:
+    """continue_final_message with `<think>...` (budget forcing: "...Wait,"): the reply is still reasoning, its
+    whitespace kept (it continues the prefill's text), and a guide waits for the block's end."""
+    client, _ = server
+    reply = chat(client, **PREFILL, max_tokens=8, logprobs=True)
+    choice, usage = reply["choices"][0], reply["usage"]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    assert choice["message"]["reasoning_content"] == "".join(entry["token"] for entry in choice["logprobs"]["content"])
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == usage["completion_tokens"] == 8
+    whole = streamed(client, **PREFILL, max_tokens=8)
+    assert (whole["reasoning"], whole["content"]) == (choice["message"]["reasoning_content"], None)
+    guided = chat(client, **PREFILL, **END_FIRST, response_format=JSON_FORMAT, max_tokens=24, logprobs=True)
+    choice = guided["choices"][0]
+    assert choice["logprobs"]["content"][0]["token"] == FMT.end  # the gate let the block end first
+    assert isinstance(json.loads(choice["message"]["content"])["answer"], int)
+    assert guided["usage"]["completion_tokens_details"]["reasoning_tokens"] == 1
+
+
+def test_include_reasoning_false_leaves_the_reasoning_out(server: tuple[TestClient, ServerState]) -> None:
+    """vLLM's `include_reasoning`: false drops `reasoning_content`, streamed and whole; the tokens still count."""
+    client, _ = server
+    shown = chat(client, **OPEN, max_tokens=6)
+    assert shown["choices"][0]["message"]["reasoning_content"]
+    hidden = chat(client, **OPEN, max_tokens=6, include_reasoning=False)
+    message = hidden["choices"][0]["message"]
+    assert message["reasoning_content"] is None and message["content"] is None
+    assert hidden["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+    whole = streamed(client, **OPEN, max_tokens=6, include_reasoning=False)
+    assert whole["reasoning"] is None and whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+    answered = chat(client, **OPEN, **END_FIRST, response_format=JSON_FORMAT, max_tokens=24, include_reasoning=False)
+    assert isinstance(json.loads(answered["choices"][0]["message"]["content"])["answer"], int)
+    assert chat(client, max_tokens=2, include_reasoning=True)["choices"][0]["finish_reason"] == "length"
+
+
+def test_reasoning_is_accepted_as_the_name_of_an_earlier_replys_reasoning() -> None:
+    """vLLM's newer `reasoning` field on an assistant message in the history is `reasoning_content`."""
+    from pydantic import ValidationError
+
+    from engine_builder.serve.server.chat_template import to_template_message
+    from engine_builder.serve.server.protocol import ChatMessage
+
+    message = ChatMessage.model_validate({"role": "assistant", "content": "4", "reasoning": "2 and 2 make 4."})
+    assert to_template_message(message, 1)["reasoning_content"] == "2 and 2 make 4."
+    same = ChatMessage.model_validate({"role": "assistant", "content": "4", "reasoning": "r", "reasoning_content": "r"})
+    assert same.reasoning_content == "r"
+    with pytest.raises(ValidationError, match="reasoning and reasoning_content"):
+        ChatMessage.model_validate({"role": "assistant", "content": "4", "reasoning": "a", "reasoning_content": "b"})
+
+
+def test_reasoning_in_the_history_reaches_the_template_over_http(server: tuple[TestClient, ServerState]) -> None:
+    client, _ = server
+    history = [*MESSAGES, {"role": "assistant", "content": "4", "reasoning": "2 and 2."}, {"role": "user", "content": "And 3+3?"}]
+    response = client.post("/v1/chat/completions", json={"model": "m", "messages": history, "max_tokens": 2})
+    assert response.status_code == 200, response.text

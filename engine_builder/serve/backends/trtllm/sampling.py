@@ -247,8 +247,9 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
     """`GuidedDecodingParams` keyword arguments for one guide, or UnsupportedRequestError."""
     if guide.kind == GuideKind.TOOL_CALLS:
         raise UnsupportedRequestError(
-            "`strict` tools with tool_choice auto are not enforced on TensorRT-LLM (its guided decoding is not "
-            "mapped to start at the model's tool-call marker); use the torch backend, or remove `strict`",
+            "`strict` tools with tool_choice auto, and gpt-oss's forced tool calls, are not enforced on TensorRT-LLM "
+            "(its guided decoding is not mapped to start at the model's tool-call marker); use the torch backend, "
+            "or remove `strict`",
             param="tools",
         )
     if not guide.any_whitespace:
