@@ -80,9 +80,9 @@ class TokenTexts:
         by text, best first. The chosen token's key is its text, as in `tokens`; another token whose text is already
         a key (byte fragments all decode to U+FFFD) is keyed by its bytes, `bytes:\\xf0\\x9f`, so none overwrites
         another."""
-        if not entry.top:
-            return None
         chosen = self.text(entry.token_id)
+        if not entry.top:  # logprobs: 0 asks for the chosen token alone (OpenAI and vLLM give it, not null)
+            return {chosen: entry.logprob}
         ranked = list(entry.top)
         if all(token_id != entry.token_id for token_id, _ in ranked):
             ranked.append((entry.token_id, entry.logprob))

@@ -180,7 +180,7 @@ class SamplingFields(StrictModel):
     seed: int | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100.0)] | None = None  # beyond: logits overflow float32
     length_penalty: float | None = None
     early_stopping: bool | None = None
     logit_bias: dict[str, float] | None = None

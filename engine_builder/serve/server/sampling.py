@@ -64,6 +64,17 @@ async def encode_prompt(
     return ids
 
 
+MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 (1e-38 sampled token 0 every step)
+
+
+def _temperature(value: float | None) -> float:
+    """The request's temperature; a positive one below MIN_TEMPERATURE is raised to it, as vLLM does: the
+    distribution is already all but greedy there."""
+    if value is None:
+        return 1.0
+    return max(value, MIN_TEMPERATURE) if value > 0.0 else 0.0
+
+
 def resolve_max_tokens(
     requested: int | None, prompt_tokens: int, limits: Limits, prompt_field: str = "messages"
 ) -> int:
@@ -180,7 +191,7 @@ def build_sampling_params(
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
+        temperature=_temperature(request.temperature),
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=top_k,
         min_p=request.min_p or 0.0,

@@ -213,3 +213,24 @@ def test_echo_of_a_truncated_prompt_shows_what_the_model_read(client: OpenAI) ->
     choice = response.choices[0]
     assert choice.text.startswith(" four five") and response.usage.prompt_tokens == 2
     assert choice.logprobs.tokens[:2] == [" four", " five"] and choice.logprobs.text_offset[:2] == [0, 5]
+
+
+def test_a_tiny_temperature_samples_all_but_greedily(client: OpenAI, server: ServerProcess) -> None:
+    """1e-38 used to overflow logits / temperature to inf and sample token 0 every step; it is raised to 0.01."""
+    greedy = client.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0)
+    tiny = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=3, temperature=1e-38, seed=1
+    )
+    assert tiny.choices[0].text == greedy.choices[0].text and "Paris" in tiny.choices[0].text
+    body = {"prompt": "Hi", "max_tokens": 2, "repetition_penalty": 1e-40}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "repetition_penalty"
+
+
+def test_logprobs_zero_gives_the_chosen_token_in_top_logprobs(client: OpenAI) -> None:
+    """OpenAI's rule is up to logprobs + 1 entries, the chosen token always among them: {token: logprob}, not null."""
+    response = client.completions.create(model="x", prompt="Hello", max_tokens=3, temperature=0, logprobs=0)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.top_logprobs == [
+        {token: value} for token, value in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)
+    ]
