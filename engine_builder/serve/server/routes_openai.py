@@ -14,10 +14,24 @@ from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.serving_chat import serve_chat
 from engine_builder.serve.server.serving_completions import serve_completion
+from engine_builder.serve.server.serving_tokenize import (
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    serve_detokenize,
+    serve_tokenize,
+    tokenize_model,
+)
 from engine_builder.serve.server.state import ServerState
 
 router = APIRouter()
-REQUEST_MODELS: tuple[Any, ...] = (ChatCompletionRequest, CompletionRequest)
+REQUEST_MODELS: tuple[Any, ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeCompletionRequest,
+    TokenizeChatRequest,
+    DetokenizeRequest,
+)
 _REF = "#/components/schemas/{model}"
 
 
@@ -51,6 +65,19 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     return await serve_completion(_state(request), body, request)
+
+
+@router.post("/tokenize", openapi_extra=_body(TokenizeCompletionRequest, TokenizeChatRequest))
+async def tokenize(request: Request) -> Response:
+    """vLLM's route: the token ids a completion prompt, or a chat conversation rendered as chat renders it, runs."""
+    data = parse_json(await request.body() or b"{}")
+    body = await parse_body(request, tokenize_model(data))
+    return await serve_tokenize(_state(request), body)
+
+
+@router.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+async def detokenize(request: Request) -> Response:
+    return serve_detokenize(_state(request), await parse_body(request, DetokenizeRequest))
 
 
 @router.post(

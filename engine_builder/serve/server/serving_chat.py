@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine_builder.common.types import GenerationDelta
+from engine_builder.common.types import GenerationDelta, Guide
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.generation import (
     Run,
@@ -97,23 +97,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         raise APIError(
             "Set max_completion_tokens or max_tokens, not both with different values.", param="max_tokens"
         )
-    processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
-    template_kwargs = {
-        **(body.chat_template_args or {}),
-        **(body.chat_template_kwargs or {}),
-        **template_kwargs,
-        **reasoning_effort(state, body),
-    }
-    prompt_text = await state.renderer.render_async(
-        body.messages,
-        tools=tools_for_template,
-        documents=body.documents,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        chat_template=body.chat_template,
-        template_kwargs=template_kwargs,
-    )
-    processor, guide = with_reasoning(state, body, prompt_text, processor, guide)
+    prompt_text, processor, guide = await render_chat(state, body)
     limits = state.limits()
     prompt_ids = await encode_prompt(
         state.renderer,
@@ -136,6 +120,30 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
     run = Run(state, new_id("chatcmpl"), prompt_ids, params, model=body.model)
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
+
+
+async def render_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[str, OutputProcessor, Guide | None]:
+    """The prompt text a chat request renders to, with the output processor and guide its reply gets (what
+    /tokenize counts is what a chat request would run)."""
+    assert state.renderer is not None
+    processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
+    template_kwargs = {
+        **(body.chat_template_args or {}),
+        **(body.chat_template_kwargs or {}),
+        **template_kwargs,
+        **reasoning_effort(state, body),
+    }
+    prompt_text = await state.renderer.render_async(
+        body.messages,
+        tools=tools_for_template,
+        documents=body.documents,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template=body.chat_template,
+        template_kwargs=template_kwargs,
+    )
+    processor, guide = with_reasoning(state, body, prompt_text, processor, guide)
+    return prompt_text, processor, guide
 
 
 HARMONY_EFFORTS = ("low", "medium", "high")

@@ -234,3 +234,29 @@ def test_logprobs_zero_gives_the_chosen_token_in_top_logprobs(client: OpenAI) ->
     assert logprobs.top_logprobs == [
         {token: value} for token, value in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)
     ]
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(server: ServerProcess, smollm2_dir: Path) -> None:
+    """/tokenize counts what a request would run: a prompt as the tokenizer encodes it, a conversation as chat
+    renders it (its usage.prompt_tokens), tools included; /detokenize gives the text back."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    url = server.base_url
+    prompt = "Hello there, 日本語 🙂"
+    answer = httpx.post(f"{url}/tokenize", json={"prompt": prompt, "return_token_strs": True}, timeout=30).json()
+    assert answer["tokens"] == tokenizer.encode(prompt) and answer["count"] == len(answer["tokens"])
+    assert answer["max_model_len"] == 512 and answer["token_strs"] == tokenizer.convert_ids_to_tokens(answer["tokens"])
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What time is it?"}]
+    for extra in ({}, {"tools": tools, "tool_choice": "required"}):
+        counted = httpx.post(f"{url}/tokenize", json={"messages": messages, **extra}, timeout=30).json()
+        chat = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1, **extra}, timeout=60
+        ).json()
+        assert counted["count"] == chat["usage"]["prompt_tokens"] and counted["token_strs"] is None, extra
+    text = httpx.post(f"{url}/detokenize", json={"tokens": answer["tokens"]}, timeout=30).json()
+    assert text == {"prompt": prompt}
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{url}/tokenize", json={"messages": []}, timeout=30).status_code == 400
