@@ -146,15 +146,45 @@ class GenerationDelta:
 
 
 @dataclass(frozen=True)
+class EncoderBatchStats:
+    """An encoder's batching since start: /metrics exports each as a counter."""
+
+    num_batches: int = 0  # forward passes
+    num_inputs: int = 0  # rows across those passes
+    num_tokens: int = 0  # real tokens across those rows
+    num_padded_tokens: int = 0  # rows x longest row per pass: the tokens the model ran, padding included
+    num_failed_batches: int = 0
+    busy_s: float = 0.0  # time spent computing batches
+
+
+@dataclass(frozen=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    """What /metrics reads off an engine: current values first (gauges), then totals since start (counters,
+    so that a dashboard takes rates over its own window and sums them across replicas)."""
+
+    num_running: int  # requests being computed
+    num_waiting: int  # requests queued for their first step (or batch)
     kv_cache_usage: float  # fraction of KV blocks in use, 0..1
     num_kv_blocks: int
     num_free_kv_blocks: int
     num_preemptions: int = 0
-    prefix_cache_hit_rate: float = 0.0
-    lookahead_accepted_per_step: float = 0.0
+    num_prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_cache_hits: int = 0  # of those, the tokens found there
+    num_lookahead_drafts: int = 0  # steps that verified a lookahead draft
+    num_lookahead_accepted_tokens: int = 0  # draft tokens those steps accepted, beyond each step's own token
+    encoder_batches: EncoderBatchStats | None = None  # an encoder's batcher; None for a decoder
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hits / queries since start."""
+        return self.num_prefix_cache_hits / self.num_prefix_cache_queries if self.num_prefix_cache_queries else 0.0
+
+    @property
+    def lookahead_accepted_per_step(self) -> float:
+        """Mean tokens a lookahead step produced since start (its own token and the accepted draft tokens)."""
+        if not self.num_lookahead_drafts:
+            return 0.0
+        return 1.0 + self.num_lookahead_accepted_tokens / self.num_lookahead_drafts
 
 
 @dataclass(frozen=True)

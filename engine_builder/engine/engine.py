@@ -519,6 +519,8 @@ class LLMEngine:
             num_kv_blocks=self.blocks.num_usable_blocks,
             num_free_kv_blocks=self.blocks.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_hit_rate=self.blocks.hit_rate(),
-            lookahead_accepted_per_step=self.lookahead.accepted_per_step if self.lookahead else 0.0,
+            num_prefix_cache_queries=self.blocks.num_prefix_queries,
+            num_prefix_cache_hits=self.blocks.num_prefix_hits,
+            num_lookahead_drafts=self.lookahead.num_steps if self.lookahead else 0,
+            num_lookahead_accepted_tokens=self.lookahead.num_accepted_draft_tokens if self.lookahead else 0,
         )

@@ -44,8 +44,9 @@ class LookaheadRunner:
         self.num_accepted = 0
 
     @property
-    def accepted_per_step(self) -> float:
-        return self.num_accepted / self.num_steps if self.num_steps else 0.0
+    def num_accepted_draft_tokens(self) -> int:
+        """Draft tokens accepted since start: each step's tokens but the first, which the step computes itself."""
+        return self.num_accepted - self.num_steps
 
     def eligible(self, seq: Sequence, num_running: int) -> bool:
         params = seq.sampling

@@ -3,9 +3,13 @@ padded tokens and batch size (sorted by length to limit padding) and runs them i
 
 Rounds keep it fair: the batcher takes everything waiting, runs all of its batches, then takes the next
 round, so a long input never waits behind an endless stream of short ones.
+
+It counts requests (one `submit`), not inputs, as waiting (none of its batches started yet) or running, and keeps
+batching totals since start for /metrics.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from engine_builder.common.types import EncoderBatchStats
 from engine_builder.serve.encoders.errors import BackendError, UnhealthyError
 from engine_builder.serve.encoders.tokenizer import EncodedInput
 
@@ -58,21 +63,30 @@ class SubmitResult(Generic[OutputT]):
     inference_s: float  # first of its batches started -> last one finished
 
 
+QueueTimeObserver = Callable[[float], None]
+
+
+@dataclass
+class _Request:
+    """One `submit`: waiting until the first batch holding one of its inputs starts, running from then on."""
+
+    enqueued_at: float
+    on_started: QueueTimeObserver | None  # told the request's queue time when it starts running
+    is_running: bool = False
+
+
 @dataclass
 class _Pending(Generic[OutputT]):
     item: EncodedInput
     future: "asyncio.Future[tuple[OutputT, float, float]]"  # (output, batch start, batch end)
+    request: _Request
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatcherStats:
-    num_waiting_items: int = 0
-    num_batches: int = 0
-    num_items: int = 0
-    num_tokens: int = 0
-    num_padded_tokens: int = 0
-    num_failed_batches: int = 0
-    busy_s: float = 0.0
+    num_waiting_requests: int  # submitted, none of their batches started
+    num_running_requests: int  # a batch of theirs started, not all of their inputs answered
+    totals: EncoderBatchStats
 
 
 class TokenBudgetBatcher(Generic[OutputT]):
@@ -89,15 +103,16 @@ class TokenBudgetBatcher(Generic[OutputT]):
         self._wakeup = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stats = BatcherStats()
+        self._num_waiting_requests = 0
+        self._num_running_requests = 0
+        self._totals = EncoderBatchStats()
 
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def stats(self) -> BatcherStats:
-        self._stats.num_waiting_items = len(self._waiting)
-        return BatcherStats(**vars(self._stats))
+        return BatcherStats(self._num_waiting_requests, self._num_running_requests, self._totals)
 
     async def start(self) -> None:
         if self.is_running:
@@ -125,21 +140,32 @@ class TokenBudgetBatcher(Generic[OutputT]):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def submit(self, items: Sequence[EncodedInput]) -> SubmitResult[OutputT]:
-        """Queue the items and wait for all of their outputs."""
+    async def submit(
+        self, items: Sequence[EncodedInput], on_started: QueueTimeObserver | None = None
+    ) -> SubmitResult[OutputT]:
+        """Queue the items and wait for all of their outputs; `on_started` is told the request's queue time when
+        its first batch starts. Cancelled, the request stops counting at once and its waiting inputs are dropped."""
         if not self.is_running:
             raise UnhealthyError("the encoder engine is not running")
         loop = asyncio.get_running_loop()
         enqueued_at = time.perf_counter()
-        pendings = [_Pending[OutputT](item, loop.create_future()) for item in items]
+        request = _Request(enqueued_at, on_started)
+        pendings = [_Pending[OutputT](item, loop.create_future(), request) for item in items]
         self._waiting.extend(pendings)
+        self._num_waiting_requests += 1
         self._wakeup.set()
         try:
             results = await asyncio.gather(*(pending.future for pending in pendings))
         except BaseException:
             for pending in pendings:
                 pending.future.cancel()
+            self._waiting = [pending for pending in self._waiting if not pending.future.done()]
             raise
+        finally:
+            if request.is_running:
+                self._num_running_requests -= 1
+            else:
+                self._num_waiting_requests -= 1
         first_start = min(start for _, start, _ in results)
         last_end = max(end for _, _, end in results)
         return SubmitResult(
@@ -165,13 +191,14 @@ class TokenBudgetBatcher(Generic[OutputT]):
         assert self._executor is not None
         items = [pending.item for pending in batch]
         started = time.perf_counter()
+        self._start_requests(batch, started)
         try:
             outputs = await loop.run_in_executor(self._executor, self._compute, items)
             if len(outputs) != len(items):
                 raise RuntimeError(f"compute returned {len(outputs)} outputs for {len(items)} inputs")
         except Exception as exc:
             logger.exception("encoder batch of %d inputs failed", len(items))
-            self._stats.num_failed_batches += 1
+            self._totals = dataclasses.replace(self._totals, num_failed_batches=self._totals.num_failed_batches + 1)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(BackendError(f"inference failed: {exc}"))
@@ -182,9 +209,25 @@ class TokenBudgetBatcher(Generic[OutputT]):
             if not pending.future.done():
                 pending.future.set_result((output, started, finished))
 
+    def _start_requests(self, batch: list[_Pending[OutputT]], started: float) -> None:
+        """The requests this batch starts: waiting -> running, and their queue times told."""
+        for pending in batch:
+            request = pending.request
+            if request.is_running:
+                continue
+            request.is_running = True
+            self._num_waiting_requests -= 1
+            self._num_running_requests += 1
+            if request.on_started is not None:
+                request.on_started(started - request.enqueued_at)
+
     def _record(self, items: list[EncodedInput], busy_s: float) -> None:
-        self._stats.num_batches += 1
-        self._stats.num_items += len(items)
-        self._stats.num_tokens += sum(item.num_tokens for item in items)
-        self._stats.num_padded_tokens += len(items) * max(item.num_tokens for item in items)
-        self._stats.busy_s += busy_s
+        totals = self._totals
+        self._totals = EncoderBatchStats(
+            num_batches=totals.num_batches + 1,
+            num_inputs=totals.num_inputs + len(items),
+            num_tokens=totals.num_tokens + sum(item.num_tokens for item in items),
+            num_padded_tokens=totals.num_padded_tokens + len(items) * max(item.num_tokens for item in items),
+            num_failed_batches=totals.num_failed_batches,
+            busy_s=totals.busy_s + busy_s,
+        )

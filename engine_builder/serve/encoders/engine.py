@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine_builder.serve.encoders.batcher import BatchLimits, TokenBudgetBatcher
+from engine_builder.common.types import EngineStats
+from engine_builder.serve.encoders.batcher import (
+    BatchLimits,
+    QueueTimeObserver,
+    SubmitResult,
+    TokenBudgetBatcher,
+)
 from engine_builder.serve.encoders.errors import (
     BatchSizeError,
     EmptyInputError,
@@ -62,7 +68,8 @@ class EncoderEngine:
         self._batcher: TokenBudgetBatcher[torch.Tensor] = TokenBudgetBatcher(
             self._compute, BatchLimits(info.max_num_tokens, info.max_batch_size)
         )
-        self._num_running_requests = 0
+        self._num_running_requests = 0  # in a request slot: tokenizing, queued or computing
+        self.on_queue_time: QueueTimeObserver | None = None  # told each request's queue time (the server's metrics)
 
     @classmethod
     def from_model_dir(
@@ -113,19 +120,18 @@ class EncoderEngine:
     def is_healthy(self) -> bool:
         return self._batcher.is_running
 
-    def stats(self) -> dict[str, float]:
-        """Counters and gauges for /metrics (totals since start)."""
+    def stats(self) -> EngineStats:
+        """For /metrics: requests waiting for their first batch or running (a request tokenizing is neither), and
+        the batcher's totals since start. No KV cache."""
         batcher = self._batcher.stats()
-        return {
-            "num_waiting_inputs": batcher.num_waiting_items,
-            "num_running_requests": self._num_running_requests,
-            "num_batches": batcher.num_batches,
-            "num_inputs": batcher.num_items,
-            "num_tokens": batcher.num_tokens,
-            "num_padded_tokens": batcher.num_padded_tokens,
-            "num_failed_batches": batcher.num_failed_batches,
-            "busy_seconds": batcher.busy_s,
-        }
+        return EngineStats(
+            num_running=batcher.num_running_requests,
+            num_waiting=batcher.num_waiting_requests,
+            kv_cache_usage=0.0,
+            num_kv_blocks=0,
+            num_free_kv_blocks=0,
+            encoder_batches=batcher.totals,
+        )
 
     # requests
 
@@ -148,7 +154,7 @@ class EncoderEngine:
             started = time.perf_counter()
             encoded = await asyncio.to_thread(self.tokenizer.encode_inputs, inputs, truncation, field)
             tokenized = time.perf_counter()
-            result = await self._batcher.submit(encoded)
+            result = await self._submit(encoded)
         vectors = torch.stack(result.outputs).numpy()
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
@@ -177,7 +183,7 @@ class EncoderEngine:
             for item in encoded:
                 item.all_tokens = True
             tokenized = time.perf_counter()
-            result = await self._batcher.submit(encoded)
+            result = await self._submit(encoded)
         return TokenEmbeddingsResult(
             [output.numpy().astype(np.float32, copy=False) for output in result.outputs],
             sum(item.num_tokens for item in encoded),
@@ -242,7 +248,7 @@ class EncoderEngine:
                 )
                 encoded = query_encoded + texts_encoded
             tokenized = time.perf_counter()
-            result = await self._batcher.submit(encoded)
+            result = await self._submit(encoded)
         outputs = torch.stack(result.outputs).numpy()
         if self.info.is_cross_encoder:
             logits = outputs[:, 0]
@@ -282,7 +288,7 @@ class EncoderEngine:
                 self.tokenizer.encode, list(inputs), truncation=truncation, field=field
             )
             tokenized = time.perf_counter()
-            result = await self._batcher.submit(encoded)
+            result = await self._submit(encoded)
         logits = torch.stack(result.outputs).numpy()
         if raw_scores:
             scores = logits
@@ -316,6 +322,9 @@ class EncoderEngine:
         )
 
     # helpers
+
+    async def _submit(self, encoded: list[EncodedInput]) -> SubmitResult[torch.Tensor]:
+        return await self._batcher.submit(encoded, on_started=self.on_queue_time)
 
     def _compute(self, items: list[EncodedInput]) -> list[torch.Tensor]:
         return self.model.forward_outputs(items)

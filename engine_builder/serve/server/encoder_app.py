@@ -1,6 +1,7 @@
 """Serve an encoder engine (BEI / BEI-Bert): the encoder routes plus our health, readiness, auth and metrics,
 with the generation routes' admission and request metrics around every encoder request."""
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.types import EngineStats, FinishReason, ModelInfo
+from engine_builder.serve.encoders.errors import ClientDisconnectedError
 from engine_builder.serve.encoders.tracking import RequestOutcome
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
@@ -46,20 +48,16 @@ class EncoderEngineAdapter:
         return bool(self.engine.is_healthy())
 
     def stats(self) -> EngineStats:
-        stats = self.engine.stats()
-        return EngineStats(
-            num_running=int(stats.get("num_running_requests", 0)),
-            num_waiting=int(stats.get("num_waiting_inputs", 0)),
-            kv_cache_usage=0.0,
-            num_kv_blocks=0,
-            num_free_kv_blocks=0,
-        )
+        stats: EngineStats = self.engine.stats()
+        return stats
 
 
 class AdmittedRequests:
     """The encoder routes' RequestTracker: ServerState's admission and in-flight count, ServerMetrics' request
     series. A success counts with finished_reason "stop" (as vLLM counts pooling requests), its latency and
-    its prompt tokens; an error answered counts as the generation routes' errors do."""
+    its prompt tokens; a client that went away (disconnected, timed out) counts "abort" and its latency, as on
+    the generation routes, without prompt tokens (what was computed for it is not known here); an error answered
+    counts as the generation routes' errors do."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -71,12 +69,17 @@ class AdmittedRequests:
         outcome = RequestOutcome()
         try:
             yield outcome
+        except asyncio.CancelledError:  # the request's task itself was cancelled: nothing answers it
+            outcome.status = ClientDisconnectedError.status_code
+            raise
         finally:
             self.state.release()
             metrics, status = self.state.metrics, outcome.status
+            latency_s = time.monotonic() - started
             if status is not None and status < 400:
-                latency_s = time.monotonic() - started
                 metrics.record_finished(latency_s, outcome.num_prompt_tokens, [FinishReason.STOP.value])
+            elif status == ClientDisconnectedError.status_code:
+                metrics.record_finished(latency_s, 0, [FinishReason.ABORT.value])
             elif status is not None:  # None: the route raised, and the app answers and counts that error
                 metrics.record_error(status)
 
@@ -114,6 +117,7 @@ def build_encoder_server(
     adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
     settings.max_inflight = max(settings.max_inflight, 2048)
     state = ServerState(settings=settings, engine=adapter, renderer=None)
+    engine.on_queue_time = state.metrics.record_queue_time
     router = build_encoder_router(
         engine,
         served_model_name=settings.served_model_name,

@@ -22,6 +22,7 @@ from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.disconnect import unless_disconnected
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.guides import guide_refused
+from engine_builder.serve.server.metrics import ChoiceTiming
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.text import RequestText
 
@@ -80,9 +81,9 @@ class Run:
         # what the response's `model` says served the request: the adapter, or the base model's served name
         self.model_name = adapter or state.settings.served_model_name
         self.start = time.monotonic()
-        self.first_token_at: float | None = None
+        self.first_token_at: float | None = None  # the request's first token, whichever choice it came in
+        self.choice_timings = [ChoiceTiming() for _ in range(params.n)]
         self.queue_time_recorded = False
-        self.num_output_tokens = 0
         self.prepared: PreparedRequest | None = None
 
     async def admit(self) -> None:
@@ -118,11 +119,13 @@ class Run:
                     delta = completed.delta
                     if engine_delta.queue_time_s is not None and not self.queue_time_recorded:
                         self.queue_time_recorded = True
-                        metrics.queue_time.labels(name).observe(engine_delta.queue_time_s)
-                    if delta.token_ids and self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
-                        metrics.ttft.labels(name).observe(self.first_token_at - self.start)
-                    self.num_output_tokens += len(delta.token_ids)
+                        metrics.record_queue_time(engine_delta.queue_time_s)
+                    if delta.token_ids:
+                        now = time.monotonic()
+                        if self.first_token_at is None:
+                            self.first_token_at = now
+                            metrics.ttft.labels(name).observe(now - self.start)
+                        metrics.record_tokens(self.choice_timings[delta.index], len(delta.token_ids), now)
                     if delta.finish_reason is not None:
                         finished.append(delta)
                     if delta.finish_reason == FinishReason.ERROR:
@@ -166,6 +169,8 @@ class Run:
             ) from None
 
     def _record(self, finished: list[GenerationDelta], abandoned: bool) -> None:
+        """The request's end: e2e and prompt tokens once, a success per finished choice, and each choice's own
+        time per output token (not the request's decode time over all n choices' tokens)."""
         metrics = self.state.metrics
         name = metrics.model_name
         end = time.monotonic()
@@ -175,9 +180,8 @@ class Run:
             num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
             reasons = [FinishReason.ABORT.value]
         metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
-        metrics.generation_tokens.labels(name).inc(self.num_output_tokens)
-        if self.first_token_at is not None and self.num_output_tokens > 1:
-            metrics.tpot.labels(name).observe((end - self.first_token_at) / (self.num_output_tokens - 1))
+        metrics.generation_tokens.labels(name).inc(sum(choice.num_tokens for choice in self.choice_timings))
+        metrics.record_decode(self.choice_timings)
 
 
 async def collect_until_disconnect(http_request: Request, work: Any) -> Any:

@@ -73,7 +73,7 @@ async def test_concurrent_requests_share_batches_and_get_their_own_outputs() -> 
     assert batch_sizes[0] == 1 and sum(batch_sizes[1:]) == 60 and len(batch_sizes) <= 3
     assert compute_threads and all(name.startswith("encoder-compute") for name in compute_threads)
     stats = batcher.stats()
-    assert stats.num_items == 61 and stats.num_batches == len(batch_sizes)
+    assert stats.totals.num_inputs == 61 and stats.totals.num_batches == len(batch_sizes)
 
 
 @pytest.mark.anyio
@@ -89,7 +89,7 @@ async def test_a_failed_batch_fails_its_requests_and_the_batcher_keeps_going() -
         with pytest.raises(BackendError, match="boom"):
             await batcher.submit([_item(2, 13)])
         assert (await batcher.submit([_item(2, 1), _item(5, 1)])).outputs == [2, 5]
-        assert batcher.stats().num_failed_batches == 1
+        assert batcher.stats().totals.num_failed_batches == 1
     finally:
         await batcher.shutdown()
 
@@ -128,3 +128,39 @@ async def test_submit_before_start_and_after_shutdown_is_unhealthy() -> None:
     await batcher.shutdown()
     with pytest.raises(UnhealthyError):
         await batcher.submit([_item(1, 0)])
+
+
+@pytest.mark.anyio
+async def test_requests_not_inputs_count_as_waiting_and_running_and_a_cancelled_one_leaves_at_once() -> None:
+    """Waiting and running count requests (one `submit`) whatever their number of inputs, as the HTTP server's
+    in-flight count does; a cancelled request stops counting when it is cancelled, not when the batcher next
+    looks at its inputs. Each request's queue time is told once, when its first batch starts."""
+    gate = threading.Event()
+
+    def compute(items: list[EncodedInput]) -> list[int]:
+        gate.wait(timeout=5)
+        return [item.token_ids[0] for item in items]
+
+    queue_times: list[float] = []
+    batcher: TokenBudgetBatcher[int] = TokenBudgetBatcher(compute, BatchLimits(64, 64))  # 64 one-token rows a batch
+    await batcher.start()
+    try:
+        busy = asyncio.create_task(batcher.submit([_item(1, 1)], on_started=queue_times.append))
+        await asyncio.sleep(0.02)
+        assert (batcher.stats().num_running_requests, batcher.stats().num_waiting_requests) == (1, 0)
+        doomed = asyncio.create_task(batcher.submit([_item(1, 2)] * 100, on_started=queue_times.append))
+        kept = asyncio.create_task(batcher.submit([_item(1, 3)] * 100, on_started=queue_times.append))
+        await asyncio.sleep(0.02)
+        assert (batcher.stats().num_running_requests, batcher.stats().num_waiting_requests) == (1, 2)
+        doomed.cancel()
+        await asyncio.wait([doomed])  # cancelled, while the batch before it still runs
+        assert (batcher.stats().num_running_requests, batcher.stats().num_waiting_requests) == (1, 1)
+        gate.set()
+        assert (await busy).outputs == [1]
+        assert (await kept).outputs == [3] * 100
+    finally:
+        await batcher.shutdown()
+    stats = batcher.stats()
+    assert (stats.num_running_requests, stats.num_waiting_requests) == (0, 0)
+    assert stats.totals.num_inputs == 101  # the cancelled request's inputs were never computed
+    assert len(queue_times) == 2 and all(queue_s >= 0 for queue_s in queue_times)

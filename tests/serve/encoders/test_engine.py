@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engine_builder.common.types import EngineStats
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.errors import (
     BatchSizeError,
@@ -199,11 +200,12 @@ def test_requests_past_the_concurrency_limit_are_overloaded(engine: EncoderEngin
 
 
 def test_stats_count_batches_and_tokens(engine: EncoderEngine) -> None:
-    async def scenario() -> dict[str, float]:
+    async def scenario() -> EngineStats:
         await asyncio.gather(*(engine.embed([f"sentence number {n}"] * 4) for n in range(8)))
         return engine.stats()
 
     stats = run_with(engine, scenario)
-    assert stats["num_inputs"] >= 32 and stats["num_tokens"] >= 32 * 5
-    assert stats["num_padded_tokens"] >= stats["num_tokens"]
-    assert stats["num_waiting_inputs"] == 0 and stats["num_running_requests"] == 0
+    batches = stats.encoder_batches
+    assert batches is not None and batches.num_inputs >= 32 and batches.num_tokens >= 32 * 5
+    assert batches.num_padded_tokens >= batches.num_tokens
+    assert stats.num_waiting == 0 and stats.num_running == 0

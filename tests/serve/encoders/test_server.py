@@ -329,8 +329,9 @@ def test_concurrent_http_requests_are_batched_together(
     responses = asyncio.run(burst())
     assert all(response.status_code == 200 for response in responses)
     after = engine.stats()
-    assert after["num_inputs"] - before["num_inputs"] == 96
-    assert after["num_batches"] - before["num_batches"] < 24  # requests shared forward passes
+    assert before.encoder_batches is not None and after.encoder_batches is not None
+    assert after.encoder_batches.num_inputs - before.encoder_batches.num_inputs == 96
+    assert after.encoder_batches.num_batches - before.encoder_batches.num_batches < 24  # requests shared passes
 
 
 # Over-length input (issue 24): refused unless the request or the deployment asks for truncation

@@ -4,7 +4,9 @@ encoder answers which routes it serves. TEI's /info, /tokenize and /decode run n
 busy and left out of the request series. The probes answer HEAD. An in-process MiniLM server, its model held by a
 test hook."""
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_builder.serve.encoders.errors import BackendError
-from engine_builder.serve.server.encoder_app import EncoderEngineAdapter
+from engine_builder.serve.server.encoder_app import AdmittedRequests, EncoderEngineAdapter
 from engine_builder.serve.server.state import ServerState
 from tests.serve.server.harness import in_process_server
 
@@ -87,6 +89,66 @@ def test_a_running_request_is_in_flight(encoder: tuple[Any, ServerState], held_m
         held_model.release.set()
         assert pending.result(timeout=30).status_code == 200
     assert _sample(client, "num_requests_inflight") == 0
+
+
+def _wait_for(client: Any, name: str, value: float, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _sample(client, name) != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _sample(client, name) == value, name
+
+
+def test_waiting_and_running_count_requests_not_inputs(encoder: tuple[Any, ServerState], held_model: Hold) -> None:
+    """One request in the model, three of 40 inputs each queued behind it: 1 running and 3 waiting (the queued
+    inputs, 120, were reported as waiting requests), within the 4 in flight."""
+    client, _ = encoder
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(client.post, "/v1/embeddings", json={"input": "held"})
+        assert held_model.entered.wait(timeout=30)
+        queued = [
+            pool.submit(client.post, "/v1/embeddings", json={"input": [f"request {n} input {k}" for k in range(40)]})
+            for n in range(3)
+        ]
+        _wait_for(client, "num_requests_waiting", 3)
+        assert _sample(client, "num_requests_running") == 1
+        assert _sample(client, "num_requests_inflight") == 4
+        held_model.release.set()
+        assert all(future.result(timeout=60).status_code == 200 for future in [running, *queued])
+    assert (_sample(client, "num_requests_waiting"), _sample(client, "num_requests_running")) == (0, 0)
+
+
+def test_batching_totals_and_queue_times_are_exported(encoder: tuple[Any, ServerState]) -> None:
+    client, _ = encoder
+    names = ("encoder_batches_total", "encoder_batch_inputs_total", "encoder_batch_tokens_total")
+    before = {name: _sample(client, name) for name in (*names, "encoder_batch_padded_tokens_total")}
+    queued_before = _sample(client, "request_queue_time_seconds_count")
+    response = client.post("/v1/embeddings", json={"input": ["a man is eating", "a dog", "a cat"]})
+    assert response.status_code == 200
+    grown = {name: _sample(client, name) - value for name, value in before.items()}
+    assert grown["encoder_batches_total"] >= 1 and grown["encoder_batch_inputs_total"] == 3
+    assert grown["encoder_batch_tokens_total"] == int(response.headers["x-compute-tokens"])
+    assert grown["encoder_batch_padded_tokens_total"] >= grown["encoder_batch_tokens_total"]
+    assert _sample(client, "encoder_busy_seconds_total") > 0
+    assert _sample(client, "encoder_failed_batches_total") == 0
+    assert _sample(client, "request_queue_time_seconds_count") == queued_before + 1  # once per request
+
+
+def test_a_client_that_went_away_counts_as_an_abort(encoder: tuple[Any, ServerState]) -> None:
+    """As on the generation routes: a request whose client disconnected (the route's 499) or whose task was
+    cancelled counts finished_reason "abort" and its latency, and no error."""
+    client, state = encoder
+    tracker = AdmittedRequests(state)
+    aborts, latencies = _sample(client, "request_success_total", finished_reason="abort"), _sample(
+        client, "e2e_request_latency_seconds_count"
+    )
+    with tracker.track() as outcome:
+        outcome.status = 499  # what an encoder route answers when its client went away
+    with pytest.raises(asyncio.CancelledError), tracker.track():
+        raise asyncio.CancelledError
+    assert _sample(client, "request_success_total", finished_reason="abort") == aborts + 2
+    assert _sample(client, "e2e_request_latency_seconds_count") == latencies + 2
+    assert _sample(client, "request_errors_total", status="499") == 0
+    assert state.inflight == 0
 
 
 def _request_counters(client: Any) -> dict[str, float]:
@@ -195,13 +257,16 @@ def test_no_decoder_series_have_samples(encoder: tuple[Any, ServerState]) -> Non
     }
     for decoder_only in (
         "time_to_first_token_seconds_count",
-        "time_per_output_token_seconds_count",
+        "inter_token_latency_seconds_count",
+        "request_time_per_output_token_seconds_count",
         "generation_tokens_total",
         "kv_cache_usage_perc",
         "num_kv_cache_blocks",
-        "prefix_cache_hit_rate",
-        "num_preemptions",
-        "lookahead_accepted_tokens_per_step",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "num_preemptions_total",
+        "spec_decode_num_drafts_total",
+        "spec_decode_num_accepted_tokens_total",
     ):
         assert PREFIX + decoder_only not in names, decoder_only
     assert PREFIX + "num_requests_inflight" in names

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CONFIGS_DIR
 from tests.serve.server.harness import ServerProcess, started
@@ -101,8 +102,10 @@ def test_clients_that_time_out_do_not_leave_work_behind(encoder_server: ServerPr
     """Fifteen clients give up on 128 long inputs each (30 full batches) after 50 ms: their waiting inputs are
     dropped (a batch already running may finish), so a one-token request right after is answered within a few
     batches' time, not after all of theirs, and the in-flight gauge returns to 0. Timed against one full batch
-    measured first, so a busy machine does not make it flaky."""
+    measured first, so a busy machine does not make it flaky. Each request that reached the server counts as an
+    abort, as a generation request does."""
     url, headers = f"{encoder_server.base_url}/v1/embeddings", {"Authorization": "Api-Key secret"}
+    aborts_before = _aborts(encoder_server)
     inputs = [" ".join(f"w{index}" for index in range(400))] * 128  # 256 tokens each once cut: 64 per batch
     started = time.monotonic()
     assert httpx.post(url, headers=headers, json={"input": inputs[:64]}, timeout=120).status_code == 200
@@ -123,3 +126,14 @@ def test_clients_that_time_out_do_not_leave_work_behind(encoder_server: ServerPr
     while encoder_server.metric("engine_builder:num_requests_running") != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert encoder_server.metric("engine_builder:num_requests_running") == 0
+    assert encoder_server.metric("engine_builder:num_requests_waiting") == 0
+    assert 1 <= _aborts(encoder_server) - aborts_before <= 15
+
+
+def _aborts(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "engine_builder:request_success_total" and sample.labels["finished_reason"] == "abort":
+                return float(sample.value)
+    return 0.0

@@ -70,7 +70,8 @@ def test_models_health_ready_metrics(server: ServerProcess, client: OpenAI) -> N
     text = httpx.get(f"{server.base_url}/metrics").text
     for name in [
         "engine_builder:time_to_first_token_seconds_bucket",
-        "engine_builder:time_per_output_token_seconds_bucket",
+        "engine_builder:inter_token_latency_seconds_bucket",
+        "engine_builder:request_time_per_output_token_seconds_bucket",
         "engine_builder:e2e_request_latency_seconds_count",
         "engine_builder:prompt_tokens_total",
         "engine_builder:generation_tokens_total",

@@ -1,0 +1,268 @@
+"""/metrics: what a request records (a scripted engine, real delays: token latencies per choice and per token gap),
+what the engine's state exports (gauges for current values, counters for totals), the buckets, and an exposition
+that prometheus_client's parser reads with each family's declared type."""
+
+import asyncio
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer
+
+from engine_builder.common.types import (
+    EncoderBatchStats,
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    PreparedRequest,
+    SamplingParams,
+)
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.generation import Run
+from engine_builder.serve.server.metrics import ServerMetrics
+from engine_builder.serve.server.state import ServerSettings, ServerState
+
+PREFIX = "engine_builder:"
+TOKEN = 1000  # an ordinary SmolLM2 token
+STEP_S = 0.02  # the scripted engine's time per decode step
+
+
+class ScriptedEngine:
+    """An EngineClient whose deltas come from a script of (seconds to wait first, delta)."""
+
+    model_info = ModelInfo("m", 128, 50000, (2,), "LlamaForCausalLM", "decoder")
+
+    def __init__(self, script: list[tuple[float, GenerationDelta]]) -> None:
+        self.script = script
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0)
+
+    def is_healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        return None
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        return PreparedRequest(request, None)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        for wait_s, delta in self.script:
+            await asyncio.sleep(wait_s)
+            yield delta
+
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def decoder(smollm2_dir: Path) -> TextDecoder:
+    return TextDecoder(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")))
+
+
+def _delta(index: int, num_tokens: int, total: int, finished: bool = False) -> GenerationDelta:
+    return GenerationDelta(
+        "r",
+        index,
+        [TOKEN] * num_tokens,
+        "",
+        finish_reason=FinishReason.LENGTH if finished else None,
+        num_prompt_tokens=3,
+        num_output_tokens=total,
+    )
+
+
+def _serve(decoder: TextDecoder, script: list[tuple[float, GenerationDelta]], n: int) -> ServerMetrics:
+    """Run one request of `n` choices through the server's Run against the script; the server's metrics."""
+    state = ServerState(ServerSettings("m"), ScriptedEngine(script), renderer=None, decoder=decoder)
+    state.ready = True
+
+    async def run() -> None:
+        request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=64, n=n))
+        await request.admit()
+        async for _ in request.deltas():
+            pass
+
+    asyncio.run(run())
+    return state.metrics
+
+
+def _samples(metrics: ServerMetrics) -> dict[str, float]:
+    """Every sample by name (and `le` for buckets), parsed as a scraper parses it."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            key = sample.name.removeprefix(PREFIX)
+            if "le" in sample.labels:
+                key += f"{{le={sample.labels['le']}}}"
+            found[key] = float(sample.value)
+    return found
+
+
+def test_time_per_output_token_is_each_choices_own_whatever_n(decoder: TextDecoder) -> None:
+    """n=4 choices decode side by side, one token each per step: each choice's time per output token is the
+    step time, not the request's decode time over the tokens of all four (which made it n times too small)."""
+    n, num_tokens = 4, 10
+    script = [
+        (STEP_S if index == 0 else 0.0, _delta(index, 1, step + 1, finished=step == num_tokens - 1))
+        for step in range(num_tokens)
+        for index in range(n)
+    ]
+    found = _samples(_serve(decoder, script, n))
+    assert found["request_time_per_output_token_seconds_count"] == n  # one per choice
+    mean_s = found["request_time_per_output_token_seconds_sum"] / n
+    assert STEP_S * 0.9 <= mean_s < STEP_S * 10, mean_s  # n times too small before: STEP_S * 9 / 39
+    assert found["generation_tokens_total"] == n * num_tokens
+    assert found["time_to_first_token_seconds_count"] == found["e2e_request_latency_seconds_count"] == 1
+    assert found['request_success_total'] == n
+    # one inter-token gap per token after each choice's first, summing to the choices' decode times
+    assert found["inter_token_latency_seconds_count"] == n * (num_tokens - 1)
+    assert found["inter_token_latency_seconds_sum"] == pytest.approx(found["request_time_per_output_token_seconds_sum"] * (num_tokens - 1))
+
+
+def test_a_delta_of_several_tokens_counts_a_gap_per_token(decoder: TextDecoder) -> None:
+    """A lookahead step hands over k tokens at once: k gaps of its gap / k (vLLM's way with a multi-token step),
+    so the histogram counts one observation per token gap; tokens that come with a choice's first count gaps
+    of 0, as the client receives them."""
+    script = [
+        (0.0, _delta(0, 2, 2)),  # the first token and one more at once
+        (5 * STEP_S, _delta(0, 3, 5)),  # three tokens after 5 steps' time: three gaps of ~5/3 steps
+        (STEP_S, _delta(0, 1, 6, finished=True)),
+    ]
+    found = _samples(_serve(decoder, script, 1))
+    assert found["inter_token_latency_seconds_count"] == 5  # six tokens
+    assert found["inter_token_latency_seconds_bucket{le=0.001}"] == 1  # the one that came with the first
+    assert found["inter_token_latency_seconds_sum"] >= 6 * STEP_S * 0.9
+    assert found["inter_token_latency_seconds_bucket{le=0.01}"] == 1  # no gap of the three is ~0 or 5 steps
+    assert found["request_time_per_output_token_seconds_sum"] == pytest.approx(
+        found["inter_token_latency_seconds_sum"] / 5
+    )
+
+
+def test_latency_buckets_reach_long_requests() -> None:
+    """A 200 s request (a long context on CPU) lands in a bucket of its own, not in +Inf past 80 s."""
+    metrics = ServerMetrics("m", lambda: EngineStats(0, 0, 0.0, 0, 0), lambda: 0)
+    metrics.record_finished(200.0, 10, ["stop"])
+    metrics.ttft.labels("m").observe(200.0)
+    metrics.record_queue_time(200.0)
+    metrics.record_decode([])
+    found = _samples(metrics)
+    for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds"):
+        assert found[f"{name}_bucket{{le=160.0}}"] == 0 and found[f"{name}_bucket{{le=320.0}}"] == 1, name
+        assert found[f"{name}_bucket{{le=7680.0}}"] == 1, name
+    metrics.inter_token_latency.observe(30.0)
+    metrics.request_tpot.labels("m").observe(30.0)
+    found = _samples(metrics)
+    assert found["inter_token_latency_seconds_bucket{le=40.0}"] == 1
+    assert found["request_time_per_output_token_seconds_bucket{le=40.0}"] == 1
+
+
+def _types(metrics: ServerMetrics) -> dict[str, str]:
+    return {
+        family.name.removeprefix(PREFIX): family.type
+        for family in text_string_to_metric_families(metrics.render().decode())
+    }
+
+
+def test_totals_since_start_are_counters_and_only_current_values_gauges() -> None:
+    stats = EngineStats(
+        num_running=2,
+        num_waiting=1,
+        kv_cache_usage=0.25,
+        num_kv_blocks=100,
+        num_free_kv_blocks=75,
+        num_preemptions=3,
+        num_prefix_cache_queries=400,
+        num_prefix_cache_hits=240,
+        num_lookahead_drafts=10,
+        num_lookahead_accepted_tokens=7,
+    )
+    metrics = ServerMetrics("m", lambda: stats, lambda: 3)
+    found, types = _samples(metrics), _types(metrics)
+    for name, value in {
+        "prefix_cache_queries": 400,
+        "prefix_cache_hits": 240,
+        "num_preemptions": 3,
+        "spec_decode_num_drafts": 10,
+        "spec_decode_num_accepted_tokens": 7,
+    }.items():
+        assert types[name] == "counter" and found[f"{name}_total"] == value, name
+    for name, value in {
+        "num_requests_running": 2,
+        "num_requests_waiting": 1,
+        "num_requests_inflight": 3,
+        "kv_cache_usage_perc": 0.25,
+        "num_kv_cache_blocks": 100,
+    }.items():
+        assert types[name] == "gauge" and found[name] == value, name
+    assert types["inter_token_latency_seconds"] == types["request_time_per_output_token_seconds"] == "histogram"
+    for gone in ("prefix_cache_hit_rate", "lookahead_accepted_tokens_per_step", "time_per_output_token_seconds"):
+        assert gone not in types, gone
+    assert stats.prefix_cache_hit_rate == 0.6 and stats.lookahead_accepted_per_step == 1.7
+
+
+def test_an_encoders_batching_totals_are_counters() -> None:
+    batches = EncoderBatchStats(
+        num_batches=4, num_inputs=50, num_tokens=600, num_padded_tokens=800, num_failed_batches=1, busy_s=1.5
+    )
+    stats = EngineStats(1, 2, 0.0, 0, 0, encoder_batches=batches)
+    metrics = ServerMetrics("m", lambda: stats, lambda: 3, generates=False)
+    found, types = _samples(metrics), _types(metrics)
+    for name, value in {
+        "encoder_batches": 4,
+        "encoder_failed_batches": 1,
+        "encoder_batch_inputs": 50,
+        "encoder_batch_tokens": 600,
+        "encoder_batch_padded_tokens": 800,
+        "encoder_busy_seconds": 1.5,
+    }.items():
+        assert types[name] == "counter" and found[f"{name}_total"] == value, name
+    assert (found["num_requests_running"], found["num_requests_waiting"]) == (1, 2)
+    assert "kv_cache_usage_perc" not in types and "prefix_cache_queries_total" not in found
+    assert not any(name.startswith(("inter_token", "request_time_per")) for name in found)
+
+
+def test_the_exposition_parses_and_each_histogram_is_whole(decoder: TextDecoder) -> None:
+    """A busy decoder's exposition, as a scraper reads it: counters named `_total`, buckets cumulative up to
+    +Inf == _count, a _sum for every histogram."""
+    script = [(0.0, _delta(0, 1, 1)), (STEP_S, _delta(0, 2, 3)), (STEP_S, _delta(0, 1, 4, finished=True))]
+    metrics = _serve(decoder, script, 1)
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    assert families
+    for family in families:
+        names = {sample.name for sample in family.samples}
+        if family.type == "counter":
+            assert all(name.endswith(("_total", "_created")) for name in names), family.name
+        if family.type == "histogram" and family.samples:
+            buckets = [sample.value for sample in family.samples if sample.name.endswith("_bucket")]
+            assert buckets == sorted(buckets) and buckets[-1] > 0, family.name
+            count = next(sample.value for sample in family.samples if sample.name.endswith("_count"))
+            assert buckets[-1] == count and f"{family.name}_sum" in names, family.name
+
+
+def test_docs_list_every_exported_family(decoder: TextDecoder) -> None:
+    """docs/metrics.md names each family a decoder or an encoder exports."""
+    script = [(0.0, _delta(0, 1, 1)), (STEP_S, _delta(0, 1, 2, finished=True))]
+    decoder_metrics = _serve(decoder, script, 1)
+    stats = EngineStats(0, 0, 0.0, 0, 0, encoder_batches=EncoderBatchStats())
+    encoder_metrics = ServerMetrics("m", lambda: stats, lambda: 0, generates=False)
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
+    names = {name for metrics in (decoder_metrics, encoder_metrics) for name in _types(metrics)}
+    missing = sorted(
+        name
+        for name in names
+        if not name.endswith("_created")
+        and f"`{PREFIX}{name}`" not in docs
+        and f"`{PREFIX}{name}_total`" not in docs
+    )
+    assert not missing
