@@ -5,8 +5,9 @@ Neither runs the model, and neither is admitted or counted as a request."""
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 
+from engine_builder.serve.server.app_helpers import validation_to_api_error
 from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.protocol import ChatCompletionRequest, ChatMessage, StrictModel, Tool
 from engine_builder.serve.server.serving_chat import render_chat
@@ -51,7 +52,10 @@ async def serve_tokenize(
         raise APIError("This engine serves no tokenizer.", status=400, param="prompt")
     if isinstance(body, TokenizeChatRequest):
         fields = body.model_dump(exclude={"return_token_strs"}, exclude_none=True, by_alias=True)
-        chat = ChatCompletionRequest.model_validate(fields)
+        try:
+            chat = ChatCompletionRequest.model_validate(fields)
+        except ValidationError as error:  # what chat refuses (a tool_choice of the wrong shape): the same 400
+            raise validation_to_api_error(error.errors()) from None
         text, _, _ = await render_chat(state, chat)
     else:
         text = body.prompt

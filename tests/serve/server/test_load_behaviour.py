@@ -116,8 +116,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) ->
         def long_request() -> None:
             body = {
                 "messages": [{"role": "user", "content": "story"}],
-                "max_tokens": 80,
-                "min_tokens": 80,
+                "max_tokens": 400,  # seconds of decoding: still running when the probes below arrive
+                "min_tokens": 400,
                 "ignore_eos": True,
             }
             response = httpx.post(f"{process.base_url}/v1/chat/completions", json=body, timeout=120)
@@ -140,7 +140,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path, smollm2_dir: Path) ->
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
         assert worker.is_alive()  # all that while, the first request was still running
         worker.join(timeout=120)
-        assert result == {"status": 200, "tokens": 80}
+        assert result == {"status": 200, "tokens": 400}
         # uvicorn re-raises the signal once drained, so the exit status is "terminated by SIGTERM"
         assert process.process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:

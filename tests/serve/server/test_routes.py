@@ -261,3 +261,11 @@ def test_tokenize_and_detokenize_as_vllm_has_them(server: ServerProcess, smollm2
     bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.post(f"{url}/tokenize", json={"messages": []}, timeout=30).status_code == 400
+    # what chat refuses, /tokenize refuses the same way (the fuzzer found these answered 500)
+    for bad_body in (
+        {"messages": messages, "tool_choice": False},
+        {"messages": [{"role": "developer", "content": None, "audio": {}}], "add_generation_prompt": False},
+        {"messages": [{"role": "user", "content": "x", "function_call": False}]},
+    ):
+        refused = httpx.post(f"{url}/tokenize", json=bad_body, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"], (bad_body, refused.text)
