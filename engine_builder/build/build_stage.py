@@ -462,9 +462,10 @@ _TORCH_QUANTIZATION = frozenset(
 def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
     """Hard-link the checkpoint's files into the engine (copy across file systems). A LOCAL folder's files are
     linked too (a 140 GB checkpoint is not doubled on disk); overwriting one in place would change the engine's,
-    which the manifest's file fingerprints catch (`changed_model_files`)."""
+    which the manifest's file fingerprints catch (`changed_model_files`). A symlinked file (the Hugging Face cache's
+    snapshots/ point into blobs/) is linked by its target: link(2) would copy the link itself, dangling here."""
     for relative in sorted(fetched.files):
-        source = fetched.path / relative
+        source = (fetched.path / relative).resolve()
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         try:

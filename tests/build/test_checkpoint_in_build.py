@@ -1,0 +1,45 @@
+"""How the build stage treats the fetched checkpoint: a LOCAL folder of symlinks (the Hugging Face cache layout) is
+linked by its targets, `revision` is refused where the source cannot honour it, and the engine's config.yaml keeps no
+secret values."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine_builder.build.build_stage import build_engine
+from engine_builder.build.config import load_config
+from engine_builder.common.artifact import MODEL_FILE_STATS, changed_model_files
+from tests.serve.server.harness import write_config
+
+
+def _hf_cache_snapshot(model_dir: Path, hub: Path) -> Path:
+    """`model_dir` laid out as `huggingface-cli download` leaves it: snapshots/<sha>/* are relative symlinks into
+    blobs/."""
+    blobs, snapshot = hub / "blobs", hub / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, blobs / f"{path.name}.blob")
+            (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"{path.name}.blob"))
+    return snapshot
+
+
+def test_a_local_hf_cache_snapshot_is_linked_by_its_targets(tmp_path: Path, smollm2_dir: Path) -> None:
+    snapshot = _hf_cache_snapshot(smollm2_dir, tmp_path / "hub" / "models--org--smollm2")
+    config = write_config(tmp_path / "config.yaml", snapshot, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    model_files = sorted(path for path in engine.model_dir.iterdir())
+    assert model_files and all(path.is_file() and not path.is_symlink() for path in model_files)
+    assert (engine.model_dir / "config.json").read_bytes() == (smollm2_dir / "config.json").read_bytes()
+    stats = engine.manifest.extra[MODEL_FILE_STATS]
+    assert "model.safetensors" in stats and len(stats["model.safetensors"]) == 3  # size, mtime, digest
+    assert changed_model_files(engine) == []
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
