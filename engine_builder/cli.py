@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -14,16 +15,39 @@ from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, Incompatible
 EXIT_INVALID = 2
 
 
+# Third-party loggers kept at WARNING even under -v: their DEBUG/INFO lines dump request headers, and the storage
+# SDKs' headers carry credentials (botocore prints X-Amz-Security-Token and the access key id).
+_QUIET_LOGGERS = (
+    "httpx", "urllib3", "filelock", "huggingface_hub", "botocore", "boto3", "s3transfer", "azure", "google.auth",
+    "google.cloud", "google.resumable_media", "google.api_core",
+)
+# A second guard for any line that still shows a credential-bearing header or query parameter.
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)(['\"]?\b(?:authorization|proxy-authorization|x-amz-security-token|x-api-key|api-key|x-ms-encryption-key)"
+    r"['\"]?\s*[:=]\s*(?:b?['\"])?)[^'\"\r\n]+"
+)
+_CREDENTIAL_PARAMETER = re.compile(
+    r"(?i)\b(x-amz-security-token|x-amz-credential|x-amz-signature|x-goog-credential|x-goog-signature|sig|signature"
+    r"|credential)=[^&\s'\",]+"
+)
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the values of credential-looking headers and query parameters replaced by ***."""
+    text = _CREDENTIAL_HEADER.sub(r"\1***", text)
+    return _CREDENTIAL_PARAMETER.sub(r"\1=***", text)
+
+
 class _StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        return redact_credentials(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in _QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
