@@ -377,6 +377,11 @@ def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[
 
 def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:
     build = loaded.trt_llm.build
+    repositories = {"checkpoint_repository": build.checkpoint_repository} | {
+        f"lora_adapters.{name}": adapter for name, adapter in (build.lora_adapters or {}).items()
+    }
+    for field, repository in repositories.items():
+        _check_revision_honoured(field, repository)
     if options.load_format == "dummy" and (
         backend != "torch" or build.base_model.is_encoder or build.quantization_type != QuantizationType.NO_QUANT
     ):
@@ -409,6 +414,19 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
         raise BuildError(
             f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
         )
+
+
+def _check_revision_honoured(field: str, repository: CheckpointRepository | None) -> None:
+    """Truss accepts `revision` with any source; only HF and BASETEN_TRAINING read it, so elsewhere it is refused
+    rather than silently ignored."""
+    if repository is None or repository.revision is None or source_class(repository.source).honours_revision:
+        return
+    source = repository.source.value
+    raise BuildError(
+        f"trt_llm.build.{field}.revision {repository.revision!r}: the {source} source has no revisions and would "
+        f"ignore it (only HF and BASETEN_TRAINING read revision); remove revision, and put the version you mean "
+        "into repo (another prefix, URL or folder)"
+    )
 
 
 def _check_torch_decoder(model_dir: Path, quantization: QuantizationType, tensor_parallel: int = 1) -> None:

@@ -65,7 +65,11 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("inference_stack", "v1 and v2 both build; v2's runtime limits are read", "v1: engine build; v2: PyTorch LLM"),
     # build
     Field("build.base_model", HONOURED, "decoders only (encoders stay on torch)"),
-    Field("build.checkpoint_repository", HONOURED, HONOURED),
+    Field(
+        "build.checkpoint_repository",
+        "honoured; revision only for HF and BASETEN_TRAINING (refused elsewhere)",
+        "honoured; revision only for HF and BASETEN_TRAINING (refused elsewhere)",
+    ),
     Field("build.max_seq_len", LIMIT, "BuildConfig / LLM max_seq_len"),
     Field("build.max_batch_size", LIMIT, "BuildConfig / LLM max_batch_size"),
     Field("build.max_num_tokens", LIMIT, "BuildConfig / LLM max_num_tokens"),

@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine_builder.build.build_stage import build_engine
 from engine_builder.build.config import load_config
+from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MODEL_FILE_STATS, changed_model_files
 from tests.serve.server.harness import write_config
 
@@ -37,6 +39,29 @@ def test_a_local_hf_cache_snapshot_is_linked_by_its_targets(tmp_path: Path, smol
     stats = engine.manifest.extra[MODEL_FILE_STATS]
     assert "model.safetensors" in stats and len(stats["model.safetensors"]) == 3  # size, mtime, digest
     assert changed_model_files(engine) == []
+
+
+@pytest.mark.parametrize(
+    ("repository", "field"),
+    [
+        ({"source": "LOCAL", "repo": "{model}", "revision": "checkpoint-100"}, "checkpoint_repository"),
+        ({"source": "S3", "repo": "s3://bucket/models/smollm2", "revision": "v2"}, "checkpoint_repository"),
+        ({"source": "REMOTE_URL", "repo": "https://example.invalid/m.tar.gz", "revision": "v2"}, "checkpoint_repository"),
+    ],
+)
+def test_a_revision_the_source_would_ignore_is_refused_by_name(
+    tmp_path: Path, smollm2_dir: Path, repository: dict[str, str], field: str
+) -> None:
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    document = yaml.safe_load(config.read_text())
+    document["trt_llm"]["build"]["checkpoint_repository"] = {
+        key: value.replace("{model}", str(smollm2_dir)) for key, value in repository.items()
+    }
+    config.write_text(yaml.safe_dump(document))
+    loaded = load_config(config)
+    with pytest.raises(BuildError, match=rf"trt_llm\.build\.{field}\.revision '{repository['revision']}'.*remove revision"):
+        build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
+    assert not (tmp_path / "engine").exists()
 
 
 @pytest.fixture(autouse=True)

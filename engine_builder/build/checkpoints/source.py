@@ -52,6 +52,8 @@ class CheckpointSourceBase(ABC):
     name: ClassVar[str]
     # False for sources whose single listed file is an archive that `materialize` unpacks and filters.
     lists_checkpoint_files: ClassVar[bool] = True
+    # True for sources that read `repository.revision`; the build refuses a revision the others would ignore.
+    honours_revision: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ MAX_PAGES = 1000
 
 
 class BasetenTrainingSource(CheckpointSourceBase):
+    honours_revision = True
     name = "BASETEN_TRAINING"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

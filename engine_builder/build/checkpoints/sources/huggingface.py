@@ -28,6 +28,7 @@ FALLBACK_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class HuggingFaceSource(CheckpointSourceBase):
+    honours_revision = True
     name = "HF"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
