@@ -22,7 +22,7 @@ from engine_builder.build.checkpoints.http_range import safe_url
 from engine_builder.build.checkpoints.layout import check_repository_layout
 from engine_builder.build.checkpoints.registry import source_class
 from engine_builder.build.checkpoints.secrets import Secrets
-from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection
+from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection, unindexed_weight_files
 from engine_builder.build.checkpoints.source import CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 
@@ -148,8 +148,6 @@ class _Fetch:
         allow_prequantized: bool,
     ) -> Snapshot:
         started = time.monotonic()
-        total = sum(file.size or 0 for file in files)
-        logger.info("%s: fetching %d files (%.1f MB)", self.source.describe(), len(files), total / 1e6)
         downloader = Downloader(self.source, self.cache, self.location, self.settings, progress=self.progress)
         staging = self.cache.new_staging(key)
         blobs: dict[str, tuple[Path, str]] = {}
@@ -158,6 +156,15 @@ class _Fetch:
             small = [file for file in files if not is_weight_file(file.path)]
             heavy = [file for file in files if is_weight_file(file.path)]
             blobs = downloader.fetch(small, "checkpoint files")
+            index = self.source.selection.weights_index
+            if index in blobs and self.source.lists_checkpoint_files:
+                unindexed = unindexed_weight_files([file.path for file in heavy], blobs[index][0])
+                heavy = [file for file in heavy if file.path not in unindexed]
+                _log_unindexed(self.source.describe(), index, unindexed)
+            total = sum(file.size or 0 for file in [*small, *heavy])
+            logger.info(
+                "%s: fetching %d files (%.1f MB)", self.source.describe(), len(small) + len(heavy), total / 1e6
+            )
             if base_model is not None and self.source.lists_checkpoint_files:
                 self.source.materialize(_paths(blobs), staging)
                 present = {file.path for file in files}
@@ -207,6 +214,11 @@ class _Fetch:
         self, path: Path, base_model: BaseModelKind | None, allow_prequantized: bool
     ) -> FetchedCheckpoint:
         files = self._needed(self.source.list_files())
+        index = self.source.selection.weights_index
+        if index is not None and any(file.path == index for file in files):
+            unindexed = unindexed_weight_files([file.path for file in files], path / index)
+            files = [file for file in files if file.path not in unindexed]
+            _log_unindexed(self.source.describe(), index, unindexed)
         if base_model is not None:
             check_repository_layout(
                 path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights,
@@ -228,6 +240,11 @@ class _Fetch:
                 )
                 time.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _log_unindexed(where: str, index: str, unindexed: set[str]) -> None:
+    if unindexed:
+        logger.info("%s: skipping %s (not listed in %s)", where, ", ".join(sorted(unindexed)), index)
 
 
 def _paths(blobs: dict[str, tuple[Path, str]]) -> dict[str, Path]:

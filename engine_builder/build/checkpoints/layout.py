@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError
-from engine_builder.build.checkpoints.selection import unusable_weight_files
+from engine_builder.build.checkpoints.selection import WEIGHTS_INDEX, unusable_weight_files
 from engine_builder.build.config import BaseModelKind
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MODULES_FILE = "modules.json"

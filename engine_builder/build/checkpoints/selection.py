@@ -1,14 +1,16 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
-sentence-transformers module folders, safetensors weights and the model card (README.md at the root: the build
+sentence-transformers module folders, safetensors weights (with an index, only the shards it lists) and the model card (README.md at the root: the build
 reads an encoder's Matryoshka training from it); other weight formats (.bin, .pt, .onnx,
 .msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 WEIGHT_SUFFIX = ".safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 # vocab.txt / merges.txt, sentencepiece `.model`, tiktoken files, chat templates and every JSON config.
 NEEDED_SUFFIXES = frozenset({".json", WEIGHT_SUFFIX, ".jinja", ".txt", ".model", ".tiktoken"})
 # Formats the builder cannot load; named in the "convert to safetensors" error when they are all there is.
@@ -39,6 +41,20 @@ def is_needed(path: str) -> bool:
     if name in SKIPPED_NAMES or name.startswith(SKIPPED_PREFIXES):
         return False
     return PurePosixPath(name).suffix in NEEDED_SUFFIXES
+
+
+def unindexed_weight_files(paths: Iterable[str], index_file: Path) -> set[str]:
+    """Top-level safetensors files of `paths` that the sharded checkpoint's index (`index_file`) does not list, such
+    as Mistral's consolidated.safetensors beside the HF shards: only the listed shards are loaded, so the others are
+    not fetched. Empty when the index is unreadable (the layout checks name that)."""
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(weight_map, dict) or not weight_map:
+        return set()
+    shards = {str(shard) for shard in weight_map.values()}
+    return {path for path in paths if "/" not in path and is_weight_file(path) and path not in shards}
 
 
 def needed_paths(paths: Iterable[str]) -> list[str]:
@@ -93,9 +109,10 @@ class FileSelection:
     is_needed: Callable[[str], bool]
     is_weight_file: Callable[[str], bool]
     missing_weights: Callable[[Iterable[str]], str]  # the message's tail (what is wrong, the fix) from the listing
+    weights_index: str | None = None  # the root file listing the weight shards; weights it omits are not fetched
 
 
-MODEL_FILES = FileSelection("", "config.json", is_needed, is_weight_file, missing_model_weights)
+MODEL_FILES = FileSelection("", "config.json", is_needed, is_weight_file, missing_model_weights, WEIGHTS_INDEX)
 ADAPTER_FILES = FileSelection(
     "lora-adapter", ADAPTER_CONFIG_FILE, is_adapter_file, is_adapter_weight_file, missing_adapter_weights
 )
