@@ -1,7 +1,7 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
-sentence-transformers module folders, safetensors weights (with an index, only the shards it lists) and the model card (README.md at the root: the build
-reads an encoder's Matryoshka training from it); other weight formats (.bin, .pt, .onnx,
-.msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
+sentence-transformers module folders, safetensors weights (with an index, only the shards it lists) and the model
+card (README.md at the root: the build reads an encoder's Matryoshka training from it); other weight formats (.bin,
+.pt, .onnx, .msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
 import json
