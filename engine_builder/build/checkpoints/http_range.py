@@ -18,6 +18,9 @@ from engine_builder.build.checkpoints.source import ByteSink
 CHUNK_BYTES = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 _QUERY = re.compile(r"\?[^\s\"'<>]*")
+# A store may label a .tar.gz `Content-Encoding: gzip` (uploaded with that metadata): the file is those bytes, not
+# their decoding, and sizes and byte ranges count stored bytes.
+AS_STORED = {"Accept-Encoding": "identity"}
 
 
 class _StripQueryStrings(logging.Filter):
@@ -68,8 +71,9 @@ def read_url_into(
     headers: dict[str, str] | None = None,
     auth_hint: str = "check the credentials",
 ) -> None:
-    """GET `url` from byte `start` into `sink`; a server that ignores the range restarts the sink at 0."""
-    request_headers = dict(headers or {})
+    """GET `url` from byte `start` into `sink`, byte for byte as stored; a server that ignores the range restarts the
+    sink at 0."""
+    request_headers = {**AS_STORED, **(headers or {})}
     if start > 0:
         request_headers["Range"] = f"bytes={start}-"
     what = safe_url(url)
@@ -86,5 +90,5 @@ def read_url_into(
             else:
                 sink.restart()
         # No chunk_size: httpx would hold back a partial chunk, losing it when the connection drops.
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():
             sink.write(chunk)

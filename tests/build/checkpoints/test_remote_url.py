@@ -88,6 +88,17 @@ def test_failed_fetch_leaves_nothing_visible_and_the_rerun_resumes(
     assert http.requests_for("/m.tar.gz")[-1].headers.get("Range") == "bytes=200000-"
 
 
+def test_an_archive_labelled_content_encoding_gzip_is_saved_as_stored(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path
+) -> None:
+    archive = tar_folder(make_checkpoint(tmp_path / "m"))
+    http.add_file("/m.tar.gz", archive, extra_headers={"Content-Encoding": "gzip"})
+    fetched = fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    expected = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected
+    assert all(request.headers.get("Accept-Encoding") == "identity" for request in http.requests_for("/m.tar.gz"))
+
+
 def test_server_ignoring_ranges_restarts_cleanly(
     http: LocalHttpServer, tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -14,7 +14,13 @@ from engine_builder.build.checkpoints.errors import (
     CheckpointNotFoundError,
     UnsafeArchiveError,
 )
-from engine_builder.build.checkpoints.http_range import new_client, raise_for_status, read_url_into, safe_url
+from engine_builder.build.checkpoints.http_range import (
+    AS_STORED,
+    new_client,
+    raise_for_status,
+    read_url_into,
+    safe_url,
+)
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 
 ARCHIVE_NAME = "checkpoint.tar.gz"
@@ -41,7 +47,7 @@ class RemoteUrlSource(CheckpointSourceBase):
     def list_files(self) -> Listing:
         # A one-byte ranged GET rather than HEAD: presigned URLs are signed for GET only.
         try:
-            with self._client.stream("GET", self.url, headers={"Range": "bytes=0-0"}) as response:
+            with self._client.stream("GET", self.url, headers={**AS_STORED, "Range": "bytes=0-0"}) as response:
                 raise_for_status(response, self.describe(), auth_hint=AUTH_HINT)
                 size = _total_size(response)
                 validator = response.headers.get("etag") or response.headers.get("last-modified") or ""
