@@ -186,6 +186,13 @@ def _build_engine_locked(
             "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
         )
     _check_supported(loaded, backend, options)
+    inline = sorted(name for name, value in loaded.truss.secrets.items() if value)
+    if inline:
+        logger.warning(
+            "secrets %s hold values in config.yaml: the build ignores them (and leaves them out of the engine) and "
+            "reads secrets from the environment or $ENGINE_BUILDER_SECRETS_DIR; write null there instead",
+            ", ".join(inline),
+        )
     dummy = options.load_format == "dummy"
     logger.info(
         "fetching checkpoint %s %s",
@@ -310,8 +317,10 @@ def public_repo(repository: CheckpointRepository) -> str:
 
 
 def _public_config_yaml(loaded: LoadedConfig) -> str:
-    """The resolved config for the engine directory, with credential-bearing URLs cut to their public part."""
+    """The resolved config for the engine directory, with credential-bearing URLs cut to their public part and
+    secret values (Truss wants null placeholders there; some configs hold the value inline) left out."""
     resolved = loaded.resolved()
+    resolved["secrets"] = {name: None for name in resolved.get("secrets") or {}}
     build = loaded.trt_llm.build
     if build.checkpoint_repository is not None:
         resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(build.checkpoint_repository)

@@ -64,6 +64,18 @@ def test_a_revision_the_source_would_ignore_is_refused_by_name(
     assert not (tmp_path / "engine").exists()
 
 
+def test_inline_secret_values_stay_out_of_the_engine(tmp_path: Path, smollm2_dir: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    document = yaml.safe_load(config.read_text())
+    document["secrets"] = {"hf_access_token": "hf_INLINEsecretTOKEN0123456789", "other": None}
+    config.write_text(yaml.safe_dump(document))
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    written = (engine.path / "config.yaml").read_text()
+    assert "INLINEsecret" not in written
+    assert yaml.safe_load(written)["secrets"] == {"hf_access_token": None, "other": None}
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
