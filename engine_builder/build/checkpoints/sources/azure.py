@@ -24,7 +24,12 @@ from engine_builder.build.checkpoints.errors import (
 )
 from engine_builder.build.checkpoints.secrets import AzureCredentials
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
-from engine_builder.build.checkpoints.sources.object_store import folder_prefix, relative_key
+from engine_builder.build.checkpoints.sources.object_store import (
+    folder_prefix,
+    read_storage_secret,
+    relative_key,
+    secret_label,
+)
 
 logger = logging.getLogger(__name__)
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
@@ -69,8 +74,7 @@ class AzureSource(CheckpointSourceBase):
 
     def _make_client(self) -> ContainerClient:
         secret_name = self.repository.runtime_secret_name
-        value = self.secrets.get(secret_name)
-        secret = AzureCredentials.from_secret(secret_name, value) if value is not None else AzureCredentials()
+        secret = read_storage_secret(self, AzureCredentials.from_secret) or AzureCredentials()
         env_string = self.secrets.get(CONNECTION_STRING_ENV)
         override = parse_connection_string(env_string) if env_string else {}
         from_secret = parse_connection_string(secret.connection_string) if secret.connection_string else {}
@@ -133,7 +137,7 @@ class AzureSource(CheckpointSourceBase):
             name = self.repository.runtime_secret_name
             return CheckpointAuthError(
                 f"AZURE {what}: access refused ({message}); put {AzureCredentials.EXPECTED} for account "
-                f"{self.account} in secret {name!r} ({self.secrets.where(name)})"
+                f"{self.account} in secret {secret_label(self.repository)} ({self.secrets.where(name)})"
             )
         if isinstance(error, ResourceNotFoundError) or status == 404:
             return CheckpointNotFoundError(f"AZURE {what}: not found; check the container and path in repo")

@@ -20,7 +20,12 @@ from engine_builder.build.checkpoints.errors import (
 )
 from engine_builder.build.checkpoints.secrets import GCS_EXPECTED, parse_gcs_service_account
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
-from engine_builder.build.checkpoints.sources.object_store import parse_bucket_url, relative_key
+from engine_builder.build.checkpoints.sources.object_store import (
+    parse_bucket_url,
+    read_storage_secret,
+    relative_key,
+    secret_label,
+)
 
 logger = logging.getLogger(__name__)
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
@@ -36,16 +41,15 @@ class GcsSource(CheckpointSourceBase):
 
     def _make_client(self) -> storage.Client:
         secret_name = self.repository.runtime_secret_name
-        value = self.secrets.get(secret_name)
-        if value is not None:
-            info = parse_gcs_service_account(secret_name, value)
+        info = read_storage_secret(self, parse_gcs_service_account)
+        if info is not None:
             try:
                 credentials = service_account.Credentials.from_service_account_info(
                     info, scopes=[READ_ONLY_SCOPE]
                 )
             except (ValueError, auth_errors.GoogleAuthError) as error:
                 raise CheckpointAuthError(
-                    f"GCS: secret {secret_name!r} is not a usable service-account key "
+                    f"GCS: secret {secret_label(self.repository)} is not a usable service-account key "
                     f"({self.secrets.redact(str(error))}); it should look like {GCS_EXPECTED}"
                 ) from None
             return storage.Client(project=info.get("project_id") or "_", credentials=credentials)
@@ -89,7 +93,9 @@ class GcsSource(CheckpointSourceBase):
     def _translate(self, error: Exception, what: str) -> CheckpointError:
         message = self.secrets.redact(str(error))
         name = self.repository.runtime_secret_name
-        hint = f"put the service-account JSON key in secret {name!r} ({self.secrets.where(name)})"
+        hint = (
+            f"put the service-account JSON key in secret {secret_label(self.repository)} ({self.secrets.where(name)})"
+        )
         if isinstance(
             error, (google_errors.Unauthorized, google_errors.Forbidden, auth_errors.GoogleAuthError)
         ):

@@ -1,10 +1,51 @@
-"""Address parsing shared by the bucket stores (S3, GCS, Azure): `scheme://bucket/prefix` into a bucket and a
-folder prefix, and object keys back into checkpoint-relative paths."""
+"""What the bucket stores (S3, GCS, Azure) share: `scheme://bucket/prefix` parsed into a bucket and a folder prefix,
+object keys back into checkpoint-relative paths, and reading the storage secret."""
 
+import logging
+from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from engine_builder.build.checkpoints.errors import CheckpointNotFoundError
+from engine_builder.build.checkpoints.errors import CheckpointAuthError, CheckpointNotFoundError
+from engine_builder.build.checkpoints.source import CheckpointSourceBase
+from engine_builder.build.config import CheckpointRepository
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_NOTE = "the default name: checkpoint_repository.runtime_secret_name is unset"
+
+
+def is_default_secret_name(repository: CheckpointRepository) -> bool:
+    """runtime_secret_name was not written, so it is Truss's default (hf_access_token), named for HF tokens."""
+    return "runtime_secret_name" not in repository.model_fields_set
+
+
+def secret_label(repository: CheckpointRepository) -> str:
+    """The secret's name for messages, saying when it came from the default."""
+    name = repr(repository.runtime_secret_name)
+    return f"{name} ({DEFAULT_NOTE})" if is_default_secret_name(repository) else name
+
+
+def read_storage_secret(source: CheckpointSourceBase, parse: Callable[[str, str], T]) -> T | None:
+    """The parsed storage secret, or None without one. Under the default name (hf_access_token, which Baseten's
+    examples declare for an HF token) a value that is no storage credential is not one: the store is read with the
+    environment's credentials or anonymously, as BASETEN_TRAINING skips that name."""
+    repository = source.repository
+    name = repository.runtime_secret_name
+    value = source.secrets.get(name)
+    if value is None or not is_default_secret_name(repository):
+        return None if value is None else parse(name, value)
+    if not value.lstrip().startswith("{") and "AccountKey=" not in value and "SharedAccessSignature=" not in value:
+        logger.warning(
+            "%s: secret %r (%s) holds no storage credentials (an HF token?); ignoring it. Set runtime_secret_name "
+            "to the secret with the storage JSON for a private bucket", source.name, name, DEFAULT_NOTE,
+        )
+        return None
+    try:
+        return parse(name, value)
+    except CheckpointAuthError as error:
+        raise CheckpointAuthError(f"{error} ({DEFAULT_NOTE})") from None
 
 
 def folder_prefix(path: str) -> str:

@@ -19,7 +19,12 @@ from engine_builder.build.checkpoints.errors import (
 from engine_builder.build.checkpoints.http_range import CHUNK_BYTES
 from engine_builder.build.checkpoints.secrets import S3Credentials
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
-from engine_builder.build.checkpoints.sources.object_store import parse_bucket_url, relative_key
+from engine_builder.build.checkpoints.sources.object_store import (
+    parse_bucket_url,
+    read_storage_secret,
+    relative_key,
+    secret_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +51,10 @@ class S3Source(CheckpointSourceBase):
         self._client = self._make_client()
 
     def _make_client(self) -> Any:
-        secret_name = self.repository.runtime_secret_name
-        value = self.secrets.get(secret_name)
+        credentials = read_storage_secret(self, S3Credentials.from_secret)
         # Pools sized for the parallel downloads; retries are the download engine's job.
         config = Config(max_pool_connections=32, retries={"max_attempts": 2, "mode": "standard"})
-        if value is not None:
-            credentials = S3Credentials.from_secret(secret_name, value)
+        if credentials is not None:
             session = boto3.session.Session(
                 aws_access_key_id=credentials.access_key_id,
                 aws_secret_access_key=credentials.secret_access_key,
@@ -61,7 +64,9 @@ class S3Source(CheckpointSourceBase):
         else:
             session = boto3.session.Session()
             if session.get_credentials() is None:
-                logger.info("S3: no secret %r and no AWS credentials; reading anonymously", secret_name)
+                logger.info(
+                    "S3: no secret %r and no AWS credentials; reading anonymously", self.repository.runtime_secret_name
+                )
                 config = config.merge(Config(signature_version=UNSIGNED))
         region = session.region_name or "us-east-1"
         return session.client("s3", region_name=region, config=config)
@@ -115,6 +120,6 @@ class S3Source(CheckpointSourceBase):
     def _auth_hint(self) -> str:
         name = self.repository.runtime_secret_name
         return (
-            f"put {S3Credentials.EXPECTED} in secret {name!r} ({self.secrets.where(name)}) "
+            f"put {S3Credentials.EXPECTED} in secret {secret_label(self.repository)} ({self.secrets.where(name)}) "
             "and set checkpoint_repository.runtime_secret_name to it"
         )
