@@ -1,6 +1,7 @@
 """A sharded checkpoint's index decides which weights are fetched: a safetensors file beside the shards that
 `model.safetensors.index.json` does not list (Mistral's consolidated.safetensors) is neither downloaded nor linked
-into the engine; without an index every safetensors file is taken, as before."""
+into the engine; without an index every safetensors file is taken, as before. (And the cache key of a bucket prefix
+does not depend on a trailing slash.)"""
 
 from pathlib import Path
 
@@ -21,8 +22,8 @@ class _FolderStore(CheckpointSourceBase):
 
     name = "FOLDER"
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(CheckpointRepository(source="S3", repo="s3://bucket/model"), Secrets(), None)
+    def __init__(self, folder: Path, repo: str = "s3://bucket/model") -> None:
+        super().__init__(CheckpointRepository(source="S3", repo=repo), Secrets(), None)
         self.folder = folder
         self.read: list[str] = []
 
@@ -62,6 +63,15 @@ def test_without_an_index_every_safetensors_file_is_fetched(tmp_path: Path, cach
     store = _FolderStore(tmp_path / "model")
     files = _fetch(store, cache_dir)
     assert {"model.safetensors", "extra.safetensors"} <= set(files) and "extra.safetensors" in store.read
+
+
+def test_a_trailing_slash_names_the_same_cached_snapshot(tmp_path: Path, cache_dir: Path) -> None:
+    make_checkpoint(tmp_path / "model")
+    first = _FolderStore(tmp_path / "model", "s3://bucket/model")
+    _fetch(first, cache_dir)
+    again = _FolderStore(tmp_path / "model", "s3://bucket/model/")
+    _fetch(again, cache_dir)
+    assert first.read and not again.read
 
 
 def test_a_local_folder_keeps_only_the_indexed_shards(tmp_path: Path, cache_dir: Path) -> None:
