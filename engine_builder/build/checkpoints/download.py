@@ -57,6 +57,10 @@ class DownloadSettings:
         return base * random.uniform(0.5, 1.0)
 
 
+class _ContentMismatch(CheckpointDownloadError):
+    """The whole file arrived but is not what the store described (size or sha256): its bytes were discarded."""
+
+
 class _Cancelled(Exception):
     """Another file failed for good, or the user interrupted the fetch; stop this transfer at the next chunk."""
 
@@ -179,10 +183,19 @@ class Downloader:
             except Exception as error:  # network, protocol and SDK errors are all worth another try
                 message = self.source.secrets.redact(f"{type(error).__name__}: {error}")
                 if attempt == self.settings.attempts:
+                    if isinstance(error, _ContentMismatch):
+                        advice = (
+                            "the store serves content that differs from what it publishes for the file; re-upload "
+                            "it, then rerun: completed files are kept, this one's bytes were discarded"
+                        )
+                    else:
+                        advice = (
+                            "check the network or the store, then rerun: completed files and the partial download "
+                            "are kept and resumed"
+                        )
                     raise CheckpointDownloadError(
                         f"{self.source.describe()}: downloading {file.path} failed after {attempt} attempts: "
-                        f"{message}; check the network or the store, then rerun: completed files and the "
-                        "partial download are kept and resumed"
+                        f"{message}; {advice}"
                     ) from None
                 delay = self.settings.delay(attempt)
                 logger.warning(
@@ -232,4 +245,4 @@ class Downloader:
             problem = f"sha256 {sha256} does not match the store's {file.sha256}"
         if problem:
             part.unlink(missing_ok=True)  # corrupt, not just short: the retry starts over
-            raise CheckpointDownloadError(f"{file.path}: {problem}")
+            raise _ContentMismatch(f"{file.path}: {problem}")
