@@ -157,7 +157,14 @@ def _link_target(member: tarfile.TarInfo, name: str, what: str) -> str:
 
 def _wanted(name: str, keep: Callable[[str], bool]) -> bool:
     # The top folder is known only at the end, so a file is kept if it is wanted with or without it.
+    if _is_macos_metadata(name):
+        return False
     return keep(name) or ("/" in name and keep(name.split("/", 1)[1]))
+
+
+def _is_macos_metadata(name: str) -> bool:
+    """What macOS's tar and Finder add beside the files: AppleDouble `._name` entries and a `__MACOSX/` folder."""
+    return name.split("/", 1)[0] == "__MACOSX" or posixpath.basename(name).startswith("._")
 
 
 def _write(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
@@ -183,6 +190,7 @@ def _resolve(name: str, links: dict[str, str], what: str) -> str:
 
 
 def _common_root(names: list[str]) -> str:
+    names = [name for name in names if not _is_macos_metadata(name)]
     if not names or "config.json" in names:
         return ""
     tops = {name.split("/", 1)[0] for name in names}

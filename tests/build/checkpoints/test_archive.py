@@ -65,6 +65,16 @@ def test_top_folder_is_stripped_and_only_needed_files_kept(tmp_path: Path) -> No
     assert (destination / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
 
 
+def test_macos_metadata_beside_the_top_folder_is_ignored(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "m")
+    files = [(member(f"smollm2/{path.name}"), path.read_bytes()) for path in sorted(folder.iterdir()) if path.is_file()]
+    apple_double = [(member("._smollm2"), b"\0\5\26\7"), (member("smollm2/._config.json"), b"\0\5\26\7"),
+                    (member("__MACOSX/smollm2/._config.json"), b"\0\5\26\7")]  # fmt: skip
+    destination, hashes = extract(tmp_path, tar_gz([*apple_double, *files]))
+    assert "config.json" in hashes and not any("._" in name or "MACOSX" in name for name in hashes)
+    assert sorted(path.name for path in destination.iterdir()) == sorted(hashes)
+
+
 def test_links_inside_the_tree_become_copies(tmp_path: Path) -> None:
     archive = tar_gz([
         (member("blobs/abc.json"), b'{"model": {}}'),
