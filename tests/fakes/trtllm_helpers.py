@@ -13,6 +13,14 @@ from engine_builder.common.options import EngineOptions
 from engine_builder.common.trtllm.specs import LlmSpec
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# A lookahead speculator Truss accepts (W=8, N=1, G=1 with num_draft_tokens) and TensorRT-LLM cannot run (N < 2).
+LOOKAHEAD_NGRAM_ONE: dict[str, Any] = {
+    "speculative_decoding_mode": "LOOKAHEAD_DECODING",
+    "lookahead_windows_size": 8,
+    "lookahead_ngram_size": 1,
+    "lookahead_verification_set_size": 1,
+    "num_draft_tokens": 8,
+}
 
 
 def write_model_dir(

@@ -24,7 +24,7 @@ from engine_builder.cli import main as engine_builder
 from engine_builder.common.artifact import load_engine_dir
 from engine_builder.serve.server.factory import build_server
 from tests.conftest import MODELS_DIR
-from tests.fakes.trtllm_helpers import CONFIGS_DIR
+from tests.fakes.trtllm_helpers import CONFIGS_DIR, LOOKAHEAD_NGRAM_ONE
 
 ENCODER_KINDS = ("encoder", "encoder_bert")
 
@@ -179,13 +179,7 @@ def test_a_config_the_mapping_refuses_is_refused_before_the_download(
 ) -> None:
     """A lookahead n-gram size TensorRT-LLM cannot run: one line naming the field, and no fetch was tried (the
     checkpoint is an address nothing answers on)."""
-    speculator = {
-        "speculative_decoding_mode": "LOOKAHEAD_DECODING",
-        "lookahead_windows_size": 8,
-        "lookahead_ngram_size": 1,
-        "lookahead_verification_set_size": 1,
-        "num_draft_tokens": 8,
-    }
+    speculator = dict(LOOKAHEAD_NGRAM_ONE)
     config = {
         "trt_llm": {
             "build": {

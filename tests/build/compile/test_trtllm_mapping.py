@@ -14,7 +14,7 @@ from engine_builder.build.compile.trtllm.mapping import v1_build_spec, v1_serve_
 from engine_builder.build.config import parse_config
 from engine_builder.common import backend_choice
 from engine_builder.common.artifact import MODEL_DIR
-from tests.fakes.trtllm_helpers import repository_info, write_model_dir
+from tests.fakes.trtllm_helpers import LOOKAHEAD_NGRAM_ONE, repository_info, write_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -182,13 +182,7 @@ def test_lookahead_ngram_below_two_is_refused_naming_the_field(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
     """Truss accepts (W=8, N=1, G=1) with num_draft_tokens; TensorRT-LLM asserts max_draft_len > 0 for N=1."""
-    speculator = {
-        "speculative_decoding_mode": "LOOKAHEAD_DECODING",
-        "lookahead_windows_size": 8,
-        "lookahead_ngram_size": 1,
-        "lookahead_verification_set_size": 1,
-        "num_draft_tokens": 8,
-    }
+    speculator = dict(LOOKAHEAD_NGRAM_ONE)
     stack = _v1({"max_batch_size": 32, "speculator": speculator})
     with pytest.raises(
         TrtLlmMappingError, match=r"trt_llm\.build\.speculator\.lookahead_ngram_size: 1 .*2 or more"

@@ -24,31 +24,20 @@ from engine_builder.serve.decoding.detokenizer import TextDecoder
 from engine_builder.serve.server.generation import Run
 from engine_builder.serve.server.metrics import ServerMetrics
 from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import StubEngine
 
 PREFIX = "engine_builder:"
 TOKEN = 1000  # an ordinary SmolLM2 token
 STEP_S = 0.02  # the scripted engine's time per decode step
 
 
-class ScriptedEngine:
+class ScriptedEngine(StubEngine):
     """An EngineClient whose deltas come from a script of (seconds to wait first, delta)."""
 
     model_info = ModelInfo("m", 128, 50000, (2,), "LlamaForCausalLM", "decoder")
 
     def __init__(self, script: list[tuple[float, GenerationDelta]]) -> None:
         self.script = script
-
-    def stats(self) -> EngineStats:
-        return EngineStats(0, 0, 0.0, 0, 0)
-
-    def is_healthy(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        return None
-
-    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-        return None
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return PreparedRequest(request, None)
