@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -52,25 +54,36 @@ def _comma_list(kind: type[int] | type[float], what: str) -> Callable[[str], lis
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
+def _bounded(kind: type[int] | type[float], least: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: one number of `kind`, at least `least` (argparse turns a refusal into exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= least:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {least:g}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded(int, 1, "an integer")
+_count = _bounded(int, 0, "an integer")
+_positive_seconds = _bounded(float, 1e-3, "a number of seconds")
+_seconds = _bounded(float, 0, "a number of seconds")
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
     group.add_argument("--endpoint", choices=[e.value for e in Endpoint], default="chat")
     group.add_argument("--dataset", choices=DATASETS, default="random", help="generative prompt source")
-    group.add_argument("--input-len", type=int, default=128, help="prompt tokens (random) or tokens per text")
-    group.add_argument("--output-len", type=int, default=64, help="output tokens to force (random, code)")
-    group.add_argument("--max-input-len", type=int, default=1024, help="clip sharegpt input lengths")
-    group.add_argument("--max-output-len", type=int, default=512, help="clip sharegpt output lengths")
-    group.add_argument("--batch-size", type=int, default=32, help="texts per embeddings/rerank request")
+    group.add_argument("--input-len", type=_positive_int, default=128, help="prompt tokens (random) or tokens per text")
+    group.add_argument("--output-len", type=_positive_int, default=64, help="output tokens to force (random, code)")
+    group.add_argument("--max-input-len", type=_positive_int, default=1024, help="clip sharegpt input lengths")
+    group.add_argument("--max-output-len", type=_positive_int, default=512, help="clip sharegpt output lengths")
+    group.add_argument("--batch-size", type=_positive_int, default=32, help="texts per embeddings/rerank request")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--tokenizer", type=Path, default=None, help="HF folder for exact token counts")
     group.add_argument(
@@ -97,19 +110,24 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
         "--max-concurrency", type=_positive_int, default=None, help="cap on in-flight requests in rate mode"
     )
     load.add_argument(
-        "--num-requests", type=int, default=32, help="measured requests per point (upper bound)"
+        "--num-requests", type=_positive_int, default=32, help="measured requests per point (upper bound)"
     )
     load.add_argument(
-        "--max-seconds", type=float, default=60.0, help="stop launching after this long per point"
+        "--max-seconds", type=_positive_seconds, default=60.0, help="stop launching after this long per point"
     )
     load.add_argument(
-        "--grace-seconds", type=float, default=60.0, help="then wait this long before cancelling"
+        "--grace-seconds", type=_seconds, default=60.0, help="then wait this long before cancelling"
     )
-    load.add_argument("--warmup", type=int, default=2, help="warm-up requests per point (discarded)")
+    load.add_argument("--warmup", type=_count, default=2, help="warm-up requests per point (discarded)")
     slo = parser.add_argument_group("goodput SLO")
     slo.add_argument("--slo-ttft-ms", type=float, default=None)
     slo.add_argument("--slo-tpot-ms", type=float, default=None)
     slo.add_argument("--slo-e2e-ms", type=float, default=None)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="key sent as `Authorization: Bearer` to --base-url/--target servers (default: $OPENAI_API_KEY)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out", type=Path, default=None, help="result JSON (PNG next to it); default results/<name>.json"
@@ -155,14 +173,14 @@ def slo_from(args: argparse.Namespace) -> Slo | None:
     return Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
 
 
-def _url_target(name: str, url: str, model: str | None) -> Target:
+def _url_target(name: str, url: str, model: str | None, api_key: str | None) -> Target:
     try:
-        served = model or asyncio.run(served_model(url))
+        served = model or asyncio.run(served_model(url, api_key=api_key))
     except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as error:
         raise UsageError(
             f"cannot reach {name} at {url} ({type(error).__name__}: {error}); is the server up and the URL right?"
         ) from None
-    return Target(name, url, served, {"started_by": "user"})
+    return Target(name, url, served, {"started_by": "user"}, api_key=api_key)
 
 
 def _url_entries(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -189,6 +207,20 @@ def _check_subject(args: argparse.Namespace) -> None:
         raise UsageError(f"--subject {subject!r} names no target; the targets are: {', '.join(names) or 'none'}")
 
 
+def redact_api_key(argv: Sequence[str]) -> list[str]:
+    """The command line as the results record it: an --api-key value replaced by `***`."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            redacted.append("***")
+        elif arg.startswith("--api-key="):
+            redacted.append("--api-key=***")
+        else:
+            redacted.append(arg)
+        hide_next = arg == "--api-key"
+    return redacted
+
+
 def result_paths(out: Path) -> tuple[Path, Path]:
     """(JSON, PNG) for --out: the PNG always sits beside the JSON, never on top of it."""
     if out.suffix.lower() == ".json":
@@ -204,7 +236,7 @@ def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target]
     """Targets from --target NAME=URL and --engines/--peer names; unavailable peers are skipped."""
     targets, skipped = [], []
     for name, url in _url_entries(args):
-        targets.append(_url_target(name, url, args.model))
+        targets.append(_url_target(name, url, args.model, args.api_key))
     for name in _peer_names(args):
         try:
             print(f"[bench] starting {name} ...", file=sys.stderr, flush=True)
@@ -244,7 +276,7 @@ def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
     workload = {**asdict(spec), "label": spec.label(), "tokenizer_dir": str(spec.tokenizer_dir)}
     document = build_document(
         title=args.title or f"{spec.label()} on {', '.join(t.name for t in targets)}",
-        command="python -m benchmarks " + shlex.join(sys.argv[1:]),
+        command="python -m benchmarks " + shlex.join(redact_api_key(sys.argv[1:])),
         machine=description,
         workload=workload,
         targets=targets,
@@ -275,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--peer", choices=list(PEERS), help="start this peer, benchmark it, stop it")
     run.add_argument("--name", default="server", help="engine name in the results (with --base-url)")
     run.add_argument("--model", default=None, help="served model name (default: first of /v1/models)")
-    run.add_argument("--repeats", type=int, default=1)
+    run.add_argument("--repeats", type=_positive_int, default=1)
     add_workload_flags(run)
     compare = commands.add_parser("compare", help="several engines interleaved; ratios first/others")
     compare.add_argument(
@@ -286,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--subject", default=None, help="numerator of the ratios (default: the first engine)"
     )
     compare.add_argument("--model", default=None)
-    compare.add_argument("--repeats", type=int, default=3)
+    compare.add_argument("--repeats", type=_positive_int, default=3)
     add_workload_flags(compare)
     return parser
 

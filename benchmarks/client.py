@@ -241,10 +241,12 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
     return text
 
 
-async def served_model(base_url: str, timeout_s: float = 10.0) -> str:
+async def served_model(base_url: str, timeout_s: float = 10.0, api_key: str | None = None) -> str:
     """The first model id a server lists at /v1/models."""
     async with httpx.AsyncClient(
-        base_url=base_url.rstrip("/").removesuffix("/v1"), timeout=timeout_s
+        base_url=base_url.rstrip("/").removesuffix("/v1"),
+        timeout=timeout_s,
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
     ) as http:
         response = await http.get("/v1/models")
         response.raise_for_status()

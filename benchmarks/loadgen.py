@@ -105,7 +105,9 @@ def _relax(client: BenchClient, error: str) -> str | None:
             else LengthControl.NONE
         )
         client.with_options(length_control=fallback)
-        return f"server rejected {'/'.join(length_fields)} ({error}); using {fallback.value}"
+        if any(name in error for name in length_fields):
+            return f"server rejected {'/'.join(length_fields)} ({error}); using {fallback.value}"
+        return f"server rejected the request ({error}); trying length control {fallback.value} instead of {options.length_control.value}"
     if options.include_usage:
         client.with_options(include_usage=False)
         return f"server rejected the request ({error}); dropped stream_options, counting tokens without usage"

@@ -32,6 +32,7 @@ class Target:
     model: str
     info: dict[str, Any] = field(default_factory=dict)
     handle: PeerHandle | None = None
+    api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never written to results
 
     def stop(self) -> None:
         if self.handle is not None:
@@ -117,6 +118,7 @@ def run_point(
         eos_token_ids=eos_token_ids(spec.tokenizer_dir),
         rerank_style=rerank_style,
         tokenizer_dir=spec.tokenizer_dir,
+        api_key=target.api_key,
     )
 
     async def measure() -> tuple[Any, ClientOptions]:

@@ -84,6 +84,13 @@ class EngineOptions(pydantic.BaseModel):
         "ended with a 503 (a stream with an error event; encoder requests are cut 5 s later) and the process exits. "
         "Keep it below the platform's grace period",
     )
+    sse_keepalive_s: float = pydantic.Field(
+        default=0.0,
+        ge=0,
+        description="Streams: send an SSE comment line (`: keep-alive`) after this many seconds without an event, "
+        "so an idle-timeout proxy does not cut a stream waiting in the queue or in a long prefill; 0 = never (the "
+        "default, as OpenAI and vLLM: llmperf's and TensorRT-LLM's benchmark clients fail on a comment line)",
+    )
     cpu_gemm: Literal["auto", "fbgemm_fp16", "native"] = pydantic.Field(
         default="auto",
         description="CPU linear kernels for 16-bit models: fbgemm_fp16 (FBGEMM's packed fp16 GEMV for 1-2 rows, "

@@ -24,6 +24,7 @@ class Script:
     prompt_tokens: int = 7
     encode_delay_s: float = 0.01
     token_text: str = "ab"  # the text of each streamed token
+    api_key: str | None = None  # POSTs without `Authorization: Bearer <api_key>` get a 401
 
 
 @dataclass
@@ -75,20 +76,23 @@ class FakeServer:
                 }
                 length = int(headers.get("content-length", "0"))
                 body = json.loads(await reader.readexactly(length)) if length else {}
-                await self._route(method, path, body, writer)
+                await self._route(method, path, body, writer, headers.get("authorization"))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
     async def _route(
-        self, method: str, path: str, body: dict[str, Any], writer: asyncio.StreamWriter
+        self, method: str, path: str, body: dict[str, Any], writer: asyncio.StreamWriter, authorization: str | None
     ) -> None:
         if method == "GET":
             await _send_json(writer, 200, {"data": [{"id": "fake-model"}]} if path == "/v1/models" else {})
             return
         self.bodies.append(body)
         script = self.script
+        if script.api_key is not None and authorization != f"Bearer {script.api_key}":
+            await _send_json(writer, 401, {"error": {"message": "invalid api key", "code": "invalid_api_key"}})
+            return
         rejected = [name for name in script.reject_fields if name in body]
         if rejected:
             await _send_json(writer, 400, {"error": {"message": f"unsupported field {rejected[0]}"}})

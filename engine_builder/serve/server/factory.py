@@ -35,6 +35,7 @@ def build_server(
         api_keys=api_keys,
         max_inflight=manifest.max_batch_size + options.max_queue_size,
         drain_timeout_s=options.drain_timeout_s,
+        keepalive_interval_s=options.sse_keepalive_s,
         max_batch_size=manifest.max_batch_size,
         request_default_max_tokens=spec.request_default_max_tokens,
         # the torch engine serves the adapters; the TensorRT-LLM client selects none (docs/gpu-backend.md)

@@ -192,7 +192,8 @@ async def collect_until_disconnect(http_request: Request, work: Any) -> Any:
 
 
 async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
-    """Forward SSE frames, sending a comment line whenever nothing was sent for `interval_s`.
+    """Forward SSE frames, sending a comment line whenever nothing was sent for `interval_s` (0: never, the
+    default, as OpenAI and vLLM send none: some benchmark clients parse every line as JSON and fail on a comment).
 
     One task pumps `source` into a queue, and one timer, re-armed only when it fires, queues a keep-alive when the
     stream has been quiet that long: a frame costs a queue put and get, not a task and a timed wait (at 64 streams
@@ -201,7 +202,7 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # None: source exhausted
     last_sent = loop.time()
-    timer: asyncio.TimerHandle
+    timer: asyncio.TimerHandle | None = None
 
     async def pump() -> None:
         try:
@@ -221,7 +222,8 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
         timer = loop.call_later(interval_s - quiet, tick)
 
     task = asyncio.ensure_future(pump())
-    timer = loop.call_later(interval_s, tick)
+    if interval_s > 0:
+        timer = loop.call_later(interval_s, tick)
     try:
         while True:
             item = await queue.get()
@@ -232,7 +234,8 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
             last_sent = loop.time()
             yield item
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -75,6 +75,15 @@ def _temperature(value: float | None) -> float:
     return max(value, MIN_TEMPERATURE) if value > 0.0 else 0.0
 
 
+def requested_max_tokens(request: SamplingFields) -> int | None:
+    """The request's output-length bound: `max_completion_tokens` (OpenAI's newer name) or `max_tokens`; both
+    may be sent (guidellm sends the same value in each), but not with different values."""
+    newer, older = request.max_completion_tokens, request.max_tokens
+    if newer is not None and older is not None and newer != older:
+        raise APIError("Set max_completion_tokens or max_tokens, not both with different values.", param="max_tokens")
+    return newer if newer is not None else older
+
+
 def resolve_max_tokens(
     requested: int | None, prompt_tokens: int, limits: Limits, prompt_field: str = "messages"
 ) -> int:

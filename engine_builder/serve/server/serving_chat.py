@@ -39,6 +39,7 @@ from engine_builder.serve.server.sampling import (
     build_sampling_params,
     check_unsupported_chat,
     encode_prompt,
+    requested_max_tokens,
     resolve_max_tokens,
 )
 from engine_builder.serve.server.state import ServerState
@@ -89,14 +90,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
     check_unsupported_chat(body)
     if state.renderer is None:
         raise APIError("This engine serves no chat template.", status=400, param="messages")
-    if (
-        body.max_tokens is not None
-        and body.max_completion_tokens is not None
-        and body.max_tokens != body.max_completion_tokens
-    ):
-        raise APIError(
-            "Set max_completion_tokens or max_tokens, not both with different values.", param="max_tokens"
-        )
+    requested_max_tokens(body)  # both names with different values: refused before the prompt is rendered
     prompt_text, processor, guide = await render_chat(state, body)
     limits = state.limits()
     prompt_ids = await encode_prompt(
@@ -107,8 +101,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         limits=limits,
         prompt_field="messages",
     )
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
+    max_tokens = resolve_max_tokens(requested_max_tokens(body), len(prompt_ids), limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide)
     if state.harmony is not None:  # the harmony output reads the channel markers, special tokens all

@@ -33,6 +33,7 @@ from engine_builder.serve.server.sampling import (
     build_sampling_params,
     check_unsupported,
     encode_prompt,
+    requested_max_tokens,
     resolve_max_tokens,
 )
 from engine_builder.serve.server.state import ServerState
@@ -119,12 +120,13 @@ async def run_completion(
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
     guide = guide_from_response_format(body.response_format)
     check_guide_compatible(body, guide)
+    requested = requested_max_tokens(body)
     prompts = await _prompts(state, body)
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
     for text, ids in prompts:
         max_tokens = resolve_max_tokens(
-            body.max_tokens if body.max_tokens is not None else 16, len(ids), limits, prompt_field="prompt"
+            requested if requested is not None else 16, len(ids), limits, prompt_field="prompt"
         )
         params = build_sampling_params(
             body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide

@@ -35,7 +35,7 @@ class ServerSettings:
     max_batch_size: int | None = None  # the engine's running-batch size: the most choices (`n`) one request gets
     max_body_bytes: int = 32 * 1024 * 1024
     request_default_max_tokens: int | None = None
-    keepalive_interval_s: float = 10.0
+    keepalive_interval_s: float = 0.0  # SSE comment after this long without an event; 0 = never
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     lora_adapters: tuple[str, ...] = ()  # adapter names a request's `model` selects (any other name: the base)

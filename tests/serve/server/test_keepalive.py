@@ -36,6 +36,25 @@ def test_a_quiet_stream_gets_keepalives_and_then_its_frames() -> None:
     assert set(frames[1:-1]) == {KEEPALIVE}
 
 
+def test_interval_zero_sends_no_comment_however_quiet_the_stream() -> None:
+    async def source() -> AsyncIterator[bytes]:
+        yield b"data: first\n\n"
+        await asyncio.sleep(0.3)
+        yield b"data: second\n\n"
+
+    frames = asyncio.run(_collect(with_keepalive(source(), interval_s=0.0)))
+    assert frames == [b"data: first\n\n", b"data: second\n\n"]
+
+
+def test_servers_send_no_keepalive_unless_the_option_asks() -> None:
+    """OpenAI and vLLM send no comment frames; llmperf and TensorRT-LLM's benchmark client json-parse every line."""
+    from engine_builder.common.options import EngineOptions
+    from engine_builder.serve.server.state import ServerSettings
+
+    assert EngineOptions().sse_keepalive_s == 0
+    assert ServerSettings(served_model_name="m").keepalive_interval_s == 0
+
+
 def test_an_error_in_the_source_surfaces_after_the_frames_before_it() -> None:
     async def source() -> AsyncIterator[bytes]:
         yield b"data: 1\n\n"
@@ -94,3 +113,10 @@ def test_a_cancelled_consumer_closes_the_source() -> None:
         assert closed.is_set()
 
     asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_the_option_reaches_the_server(tmp_path, smollm2_dir) -> None:
+    from tests.serve.server.harness import in_process_server
+
+    with in_process_server(tmp_path, smollm2_dir, sse_keepalive_s=2.5) as (_, state):
+        assert state.settings.keepalive_interval_s == 2.5

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -235,6 +236,23 @@ def test_logprobs_zero_gives_the_chosen_token_in_top_logprobs(client: OpenAI) ->
     assert logprobs.top_logprobs == [
         {token: value} for token, value in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)
     ]
+
+
+def test_completions_take_max_completion_tokens_as_chat_does(client: OpenAI) -> None:
+    """guidellm sends max_completion_tokens beside an equal max_tokens on both routes; different values are a 400."""
+    both = client.completions.create(
+        model="x", prompt="Hello", max_tokens=5, temperature=0, extra_body={"max_completion_tokens": 5, "ignore_eos": True}
+    )
+    assert both.usage.completion_tokens == 5 and both.choices[0].finish_reason == "length"
+    alone = client.completions.create(
+        model="x", prompt="Hello", temperature=0, extra_body={"max_completion_tokens": 3, "ignore_eos": True}
+    )
+    assert alone.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model="x", prompt="Hello", max_tokens=5, temperature=0, extra_body={"max_completion_tokens": 6}
+        )
+    assert refused.value.body["param"] == "max_tokens"
 
 
 def test_tokenize_and_detokenize_as_vllm_has_them(server: ServerProcess, smollm2_dir: Path) -> None:
