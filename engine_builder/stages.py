@@ -82,7 +82,8 @@ def add_stage_commands(commands: Any) -> None:
     )
     run.add_argument("config", help="config.yaml")
     run.add_argument(
-        "--engine-dir", default=None, help="where the engine is cached (default: engines/<hash>)"
+        "--engine-dir", default=None, help="where the engine is cached (default: $ENGINE_BUILDER_ENGINES or ./engines, then /<model_name>: two "
+        "configs with one model_name share it, and running one rebuilds over the other's engine)"
     )
     _add_server_flags(run)
     run.set_defaults(handler=cmd_run)
