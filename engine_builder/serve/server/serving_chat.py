@@ -228,8 +228,8 @@ async def stream_chat(
     reasoning_tokens: int | None = None
 
     def with_role(index: int, delta: dict[str, Any]) -> dict[str, Any]:
-        """A choice's first data event carries its role (and echoed text): it leaves with the first token, so a
-        client's time to first event is the time to first token, as with vLLM."""
+        """A choice's first data event carries its role (and echoed text): it leaves with the first token, text or
+        not, so a client's time to first event is the time to first token, as with vLLM."""
         if announced[index]:
             return delta
         announced[index] = True
@@ -254,7 +254,10 @@ async def stream_chat(
                     running_usage(),
                 )
                 logprobs = None
-            if logprobs is not None:
+            if logprobs is not None or (not pieces and not is_final and generated.token_ids):
+                # A token without text of its own (a special token under ignore_eos, text a stop string or a
+                # tool call holds back) still gets its event, as vLLM sends one per token: a benchmark client's
+                # first event is the first token and it sees one gap per token.
                 yield chunk(
                     [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
                     running_usage(),

@@ -263,7 +263,7 @@ async def _stream(
                 offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
                 logprobs = entry.model_dump()
             finish = delta.finish_reason.value if delta.finish_reason else None
-            if text or logprobs or finish:
+            if text or logprobs or finish or delta.token_ids:  # an event per token, textless ones too, as vLLM
                 yield frame(
                     {
                         "index": choice,

@@ -60,8 +60,8 @@ def test_the_message_has_openais_keys(server: ServerProcess) -> None:
 
 
 def test_the_first_event_leaves_with_the_first_token(server: ServerProcess) -> None:
-    """No data event before prefill ends: the role rides on the first chunk that carries text, so a client's time to
-    first event is its time to first token (what `vllm bench serve` measures)."""
+    """No data event before prefill ends: the role rides on the first token's chunk, so a client's time to first
+    event is its time to first token (what `vllm bench serve` measures)."""
     long_prompt = [{"role": "user", "content": "Summarize: " + "the quick brown fox jumps over the lazy dog " * 40}]
     body = {"model": "x", "messages": long_prompt, "max_tokens": 4, "temperature": 0, "stream": True, "n": 2}
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=120) as response:
@@ -76,6 +76,34 @@ def test_the_first_event_leaves_with_the_first_token(server: ServerProcess) -> N
         assert delta.get("content") or delta.get("tool_calls")
     roles = [c["delta"].get("role") for e in events for c in e["choices"] if c["delta"].get("role")]
     assert len(roles) == 2  # once per choice
+
+
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_every_token_gets_an_event_even_without_text(server: ServerProcess, route: str) -> None:
+    """vLLM sends one event per generated token, a special token's empty text included: a benchmark client counts
+    one inter-token gap per event and takes its first event as the first token."""
+    body: dict = {
+        "model": "x", "max_tokens": 24, "temperature": 0, "stream": True, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if route == "completions":
+        body["prompt"] = "<|im_start|>user\nReply with one word: yes or no. Is water wet?<|im_end|>\n<|im_start|>assistant\n"
+    else:
+        body["messages"] = [{"role": "user", "content": "Reply with one word: yes or no. Is water wet?"}]
+    with httpx.stream("POST", f"{server.base_url}/v1/{route}", json=body, timeout=300) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    counts, textless = [], 0
+    for event in events:
+        if not event["choices"]:
+            continue
+        choice = event["choices"][0]
+        text = choice["text"] if route == "completions" else choice["delta"].get("content")
+        count = event["usage"]["completion_tokens"]
+        if not text and not choice["finish_reason"] and count not in counts:
+            textless += 1
+        counts.append(count)
+    assert sorted(set(counts)) == list(range(1, 25))  # no event carries two tokens
+    assert textless >= 1  # the reply ended (<|im_end|>, no text) and ignore_eos went on
 
 
 def test_continuous_usage_stats(client: OpenAI) -> None:
