@@ -39,8 +39,15 @@ def redact_credentials(text: str) -> str:
 
 
 class _StderrFormatter(logging.Formatter):
+    """`level: message`, then the traceback of a `logger.exception` (or `exc_info=`) record, credentials redacted."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact_credentials(f"{record.levelname.lower()}: {record.getMessage()}")
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return redact_credentials(text)
 
 
 def _setup_logging(verbose: bool) -> None:

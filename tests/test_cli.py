@@ -113,3 +113,22 @@ def test_version() -> None:
 
     result = _cli("--version")
     assert result.returncode == 0 and result.stdout.startswith(f"engine-builder {__version__} (engine manifest schema ")
+
+
+def test_logged_exceptions_keep_their_traceback_with_credentials_redacted() -> None:
+    """`logger.exception` in the server (an engine loop crash, a failed stream) must show its cause in the log."""
+    import logging
+
+    from engine_builder.cli import _StderrFormatter
+
+    def crash() -> None:
+        raise RuntimeError("pair closed; Authorization: Bearer sk-secret-value")
+
+    try:
+        crash()
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "engine loop crashed", None, sys.exc_info())
+    text = _StderrFormatter().format(record)
+    assert text.startswith("error: engine loop crashed\nTraceback (most recent call last):")
+    assert "in crash" in text and "RuntimeError: pair closed" in text
+    assert "sk-secret-value" not in text
