@@ -284,9 +284,11 @@ async def _stream(
                     "usage": usage.final().model_dump(),
                 }
             )
-    except APIError as error:
+    except APIError as error:  # counted as the error handler counts a refusal answered before the stream
+        state.metrics.record_error(error.status)
         yield sse(error.body())
     except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
         logger.exception("stream failed")
+        state.metrics.record_error(500)
         yield sse(APIError("Internal server error.", status=500, type="server_error").body())
     yield sse("[DONE]")

@@ -255,3 +255,23 @@ def test_docs_list_every_exported_family(decoder: TextDecoder) -> None:
         and f"`{PREFIX}{name}_total`" not in docs
     )
     assert not missing
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_engine_fails_counts_as_an_error_streamed_or_not(decoder: TextDecoder, stream: bool) -> None:
+    """A failure after the stream started is answered in an error event, and counted as the same failure answered
+    as a 500 before any byte is."""
+    from fastapi.testclient import TestClient
+
+    from engine_builder.serve.server.app import create_app
+
+    failed = GenerationDelta("r", 0, [], "", finish_reason=FinishReason.ERROR, error="rank 1 exited")
+    state = ServerState(
+        ServerSettings("m"), ScriptedEngine([(0.0, _delta(0, 1, 1)), (0.0, failed)]), renderer=None, decoder=decoder
+    )
+    with TestClient(create_app(state)) as client:
+        body = {"prompt": [1, 2, 3], "max_tokens": 8, "stream": stream}
+        response = client.post("/v1/completions", json=body)
+        assert ("rank 1 exited" in response.text) and (response.status_code == (200 if stream else 500))
+    found = _samples(state.metrics)
+    assert found["request_errors_total"] == 1

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine_builder.common.types import (
@@ -213,6 +213,8 @@ class TorchEngineClient:
         except BaseException as error:  # the loop must never die silently: fail every open stream
             logger.exception("engine loop crashed")
             self._dead = error
+            # nothing runs or waits any more (the counters keep their totals): /metrics must not show the last step
+            self._stats = replace(self._stats, num_running=0, num_waiting=0)
             for request_id in list(self._streams):
                 self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {error}"))
         finally:
