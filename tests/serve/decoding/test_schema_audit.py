@@ -66,6 +66,20 @@ def test_a_combination_xgrammar_would_not_enforce_is_refused_by_name(
     assert refused.value.param.startswith("response_format.json_schema.schema.properties.field")
 
 
+@pytest.mark.parametrize("keyword", ["anyOf", "oneOf", "enum"])
+def test_an_empty_union_or_enum_is_refused(keyword: str) -> None:
+    """JSON Schema requires these lists non-empty; xgrammar compiles an empty `anyOf`/`oneOf` into a grammar that
+    admits no value (the served reply was `{"field": }`, not JSON), so the request must be a 400, not a 200."""
+    schema = {"type": "object", "properties": {"field": {keyword: []}}, "required": ["field"]}
+    if keyword != "enum":  # xgrammar itself refuses an empty enum
+        grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+        assert not any(_is_grammar_accept_string(grammar, json.dumps({"field": v})) for v in (1, "x", None, {}))
+    with pytest.raises(GuideError) as refused:
+        audit_json_schema(schema)
+    assert f"`{keyword}` must be a non-empty list" in str(refused.value)
+    assert refused.value.param.endswith(f"properties.field.{keyword}")
+
+
 def test_an_unsupported_format_is_refused_when_the_type_is_a_list() -> None:
     with pytest.raises(GuideError) as refused:
         audit_json_schema({"type": ["string", "null"], "format": "regex"})

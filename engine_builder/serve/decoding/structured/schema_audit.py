@@ -130,6 +130,15 @@ def _types(node: dict[str, Any]) -> set[str]:
 def _check_node(node: dict[str, Any], path: str, root: dict[str, Any]) -> None:
     """The rules about how a node's keywords combine (the per-keyword rules are in `_walk`)."""
     exclusive = [key for key in EXCLUSIVE if key in node]
+    for key in ("anyOf", "oneOf", "enum"):
+        if key in node and not (isinstance(node[key], list) and node[key]):
+            # JSON Schema requires a non-empty array; xgrammar compiles an empty anyOf/oneOf into a grammar that
+            # admits no value, and the reply it constrains is not JSON (`{"a": }`) instead of a failure
+            raise GuideError(
+                f"JSON schema `{key}` must be a non-empty list (JSON Schema requires one; an empty one admits no value "
+                "the grammar could produce).",
+                f"{path}.{key}",
+            )
     if exclusive:
         first = exclusive[0]
         allowed = ANNOTATIONS | {first} | ({"type"} if first in ("enum", "const") else set())
