@@ -4,6 +4,7 @@ and in one batch that mixes adapters and the base model; adapters never share pr
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from engine_builder.common.types import GenerationRequest, SamplingParams
@@ -119,6 +120,20 @@ def test_gathered_path_equals_the_segment_path(setup, kernels: str) -> None:
     engine.runner.lora.force_gather = True
     assert _run(engine, requests) == segments
     assert engine.runner.lora.gather
+
+
+def test_only_small_steps_off_the_cpu_gather_per_row() -> None:
+    """The gather path copies each row's A and B (rows x out x rank): fine for decode, gigabytes for a prefill, which
+    takes the per-adapter segments whatever the device (`meta` stands in for a GPU here)."""
+    from engine_builder.engine.lora import GATHER_MAX_ROWS, LoraContext
+
+    context = LoraContext()
+    context.set_rows([1, 0, 2] * 4, torch.device("meta"))
+    assert context.gather
+    context.set_rows([1] * (GATHER_MAX_ROWS + 1), torch.device("meta"))
+    assert not context.gather and [slot for slot, _ in context.segments] == [1]
+    context.set_rows([1, 2], torch.device("cpu"))
+    assert not context.gather
 
 
 def test_lookahead_keeps_each_adapters_greedy_output(setup) -> None:
