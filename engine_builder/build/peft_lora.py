@@ -161,6 +161,16 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
     for field, reason in refused.items():
         if config.get(field):
             raise AdapterCheckError(f"{ADAPTER_CONFIG_FILE} sets {field} ({config[field]!r}): {reason}")
+    for field, value in config.items():  # variants PEFT adds later announce themselves as use_* flags or *_config
+        variant = (field.startswith("use_") and field not in PLAIN_LORA_FLAGS) or (
+            field.endswith("_config") and field not in HARMLESS_CONFIGS
+        )
+        if variant and value:
+            name = VARIANT_NAMES.get(field, field.removeprefix("use_").removesuffix("_config"))
+            raise AdapterCheckError(
+                f"{ADAPTER_CONFIG_FILE} sets {field} ({_short(value)}): the {name} variant of LoRA is not supported; "
+                "train a plain LoRA"
+            )
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterCheckError(
@@ -181,6 +191,21 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
             if module not in SUPPORTED_MODULES:
                 raise AdapterCheckError(_unsupported_module(module, f"{ADAPTER_CONFIG_FILE} target_modules"))
     return rank, float(lora_alpha)
+
+
+# use_* flags of a plain LoRA (use_dora and the rest are refused above or below), and *_config fields that only
+# choose how training initialized the matrices or ran (the saved A and B are plain LoRA whatever they say)
+PLAIN_LORA_FLAGS = frozenset({"use_rslora"})
+HARMLESS_CONFIGS = frozenset({"loftq_config", "eva_config", "corda_config", "runtime_config"})
+VARIANT_NAMES = {
+    "use_bdlora": "BD-LoRA", "use_qalora": "QA-LoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA", "arrow_config": "Arrow", "megatron_config": "Megatron-parallel",
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unsupported_module(module: str, where: str) -> str:
@@ -235,6 +260,13 @@ def _check_tensors(
             )
         in_features, out_features = base.features[module]
         expected = (rank, in_features) if matrix == "A" else (out_features, rank)
+        rank_axis = 0 if matrix == "A" else 1
+        if len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis] and shape[rank_axis] != rank:
+            raise AdapterCheckError(  # the base's features fit: the file and its adapter_config.json disagree
+                f"tensor {name} has rank {shape[rank_axis]} (shape {list(shape)}), but {ADAPTER_CONFIG_FILE} says "
+                f"r {rank}: the config does not describe these weights (or they belong to a LoRA variant); save the "
+                "adapter again with PEFT's save_pretrained"
+            )
         if shape != expected:
             trained_for = f" (its adapter_config.json names {base_name})" if base_name else ""
             raise AdapterCheckError(

@@ -322,6 +322,19 @@ REFUSALS = {
         lambda folder: simple_adapter(folder, alora_invocation_tokens=[1, 2, 3]),
         r"sets alora_invocation_tokens \(\[1, 2, 3\]\): activated LoRA .* is not supported",
     ),
+    "BD-LoRA": (
+        lambda folder: simple_adapter(folder, use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2}),
+        r"sets use_bdlora \(\{.*\): the BD-LoRA variant of LoRA is not supported; train a plain LoRA",
+    ),
+    "KaSA": (lambda folder: simple_adapter(folder, kasa_config={"r": 8}), r"sets kasa_config .*the KaSA variant"),
+    "a variant PEFT adds later": (
+        lambda folder: simple_adapter(folder, use_newlora=True),
+        r"sets use_newlora \(True\): the newlora variant of LoRA is not supported",
+    ),
+    "tensors of another rank than the config's": (
+        lambda folder: write_adapter(folder, lora_tensors(4, ("q_proj", "v_proj")), rank=8, modules=("q_proj", "v_proj")),
+        r"q_proj\.lora_A\.weight has rank 4 \(shape \[4, 576\]\), but adapter_config\.json says r 8",
+    ),
     "missing lora_B": (
         lambda folder: write_adapter(
             folder,
@@ -405,3 +418,15 @@ def test_cli_exits_1_with_the_reason(tmp_path: Path, smollm2_dir: Path) -> None:
     assert "error: trt_llm.build.lora_adapters.too-big (LOCAL " in result.stderr
     assert "rank 128 is over the LoRA pool's max_lora_rank 64" in result.stderr
     assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize(
+    "config", [{"loftq_config": {"loftq_bits": 4}}, {"use_rslora": True}, {"eva_config": None}, {"use_dora": False}]
+)
+def test_initialization_choices_and_plain_flags_are_not_variants(tmp_path: Path, config: dict) -> None:
+    """LoftQ/EVA/CorDA only chose the starting matrices: the saved A and B are a plain LoRA, served as one."""
+    from engine_builder.build.peft_lora import BaseModelShapes, read_peft_lora
+
+    base = BaseModelShapes(num_hidden_layers=30, features=SMOLLM2_FEATURES)
+    adapter = read_peft_lora(simple_adapter(tmp_path / "adapter", **config), base, max_rank=16)
+    assert adapter.rank == 8
