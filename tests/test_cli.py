@@ -57,6 +57,27 @@ def test_validate_missing_file() -> None:
     assert "cannot read config" in result.stderr
 
 
+def test_a_config_that_is_not_utf8_is_one_error_and_the_other_files_are_still_checked(tmp_path: Path) -> None:
+    good = (CONFIGS_DIR / "smollm2.yaml").read_text()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(good.encode() + "# café\n".encode("latin-1"))
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(good.encode("utf-16"))
+    result = _cli("validate", str(latin1), str(utf16), str(CONFIGS_DIR / "smollm2.yaml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = good.count("\n") + 1
+    assert result.stderr.splitlines() == [
+        f"error: {latin1}:{line}: cannot read config: not UTF-8: byte 0xe9 at offset {len(good) + 5} is not UTF-8 "
+        "(Latin-1 or cp1252 text?); save the file as UTF-8",
+        f"error: {utf16}:1: cannot read config: not UTF-8: UTF-16 (it starts with a UTF-16 byte-order mark); save "
+        "the file as UTF-8",
+    ]
+    assert yaml.safe_load(result.stdout.split("# ")[-1].split("\n", 1)[1])["trt_llm"]["build"]["max_num_tokens"] == 256
+    result = _cli("build", str(latin1), "-o", str(tmp_path / "engine"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "not UTF-8" in result.stderr
+    assert not (tmp_path / "engine").exists()
+
+
 def test_help_of_every_command_prints_and_exits_0() -> None:
     """argparse %-formats help text: one stray "%" in an option's description made `run --help` a traceback."""
     from engine_builder.cli import build_parser

@@ -71,12 +71,26 @@ class LoadedConfig:
 def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         raise ConfigError(
             [ConfigIssue(str(path), None, "", f"cannot read config: {error.strerror}")]
         ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError([ConfigIssue(str(path), line, "", _not_utf8(data, error))]) from None
     return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def _not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    """Why a config's bytes are not text this loader reads, and the fix (YAML configs are UTF-8, as Truss reads them)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        found = "UTF-16 (it starts with a UTF-16 byte-order mark)"
+    else:
+        found = f"byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8 (Latin-1 or cp1252 text?)"
+    return f"cannot read config: not UTF-8: {found}; save the file as UTF-8"
 
 
 def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None = None) -> LoadedConfig:
