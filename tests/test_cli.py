@@ -1,10 +1,12 @@
 """`engine-builder validate`: exit codes, resolved YAML on stdout, every error on stderr."""
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import CONFIGS_DIR, REPO_ROOT
@@ -153,3 +155,83 @@ def test_logged_exceptions_keep_their_traceback_with_credentials_redacted() -> N
     assert text.startswith("error: engine loop crashed\nTraceback (most recent call last):")
     assert "in crash" in text and "RuntimeError: pair closed" in text
     assert "sk-secret-value" not in text
+
+
+def _sample_manifest() -> dict:
+    from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, Manifest, SourceInfo
+
+    manifest = Manifest(
+        backend="torch", config_hash="0", base_model="decoder", architecture="LlamaForCausalLM", model_type="llama",
+        dtype="bfloat16", quantization="no_quant", kv_cache_dtype="bfloat16", max_seq_len=512, max_batch_size=4,
+        max_num_tokens=128, source=SourceInfo(source="LOCAL", repo="/m", revision=None),
+        extra={"model_files": {"config.json": [844, 1796498029049572612, "818b5b98"]}},
+    )
+    data = json.loads(manifest.to_json())
+    assert data["schema_version"] == MANIFEST_SCHEMA_VERSION
+    return data
+
+
+def _edited(**changes: object) -> str:
+    data = _sample_manifest()
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        target = data
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[]", "(the manifest is a list, not a JSON object)"),
+        ("null", "(the manifest is null, not a JSON object)"),
+        ('"hello"', "(the manifest is a string, not a JSON object)"),
+        (_edited(extra=None), "(extra is null, not a JSON object)"),
+        (_edited(source=[]), "(source is a list, not a JSON object)"),
+        (_edited(runtime=[1]), "(runtime is a list, not a JSON object)"),
+        (_edited(runtime__scheduling="x"), "(runtime.scheduling is a string, not a JSON object)"),
+        (_edited(runtime__lora_adapters={}), "(runtime.lora_adapters is an object, not a list)"),
+        (_edited(runtime__options=None), "(runtime.options is null, not a JSON object)"),
+        (_edited(extra__model_files=[]), "(extra.model_files is a list, not a JSON object)"),
+        (
+            _edited(extra__model_files={"model.safetensors": "x"}),
+            "(extra.model_files['model.safetensors'] is 'x', not [size, mtime_ns] or [size, mtime_ns, sha256])",
+        ),
+        (
+            _edited(extra__model_files={"a": [1, 2, 3]}),
+            "(extra.model_files['a'] is [1, 2, 3], not [size, mtime_ns] or [size, mtime_ns, sha256])",
+        ),
+        (_edited(schema_version="2"), "(schema_version is '2', not an integer)"),
+    ],
+)
+def test_serve_of_a_manifest_of_the_wrong_shape_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, reason: str
+) -> None:
+    from engine_builder.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "manifest.json").write_text(text)
+    assert main(["serve", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'manifest.json'} is not a readable engine manifest {reason}: rebuild the engine with "
+        "`engine-builder build`"
+    ]
+
+
+def test_a_manifest_from_a_newer_builder_says_upgrade_the_server(tmp_path: Path) -> None:
+    from engine_builder.common.artifact import IncompatibleEngineError, load_engine_dir
+
+    (tmp_path / "manifest.json").write_text(_edited(schema_version=99))
+    with pytest.raises(IncompatibleEngineError, match=r"schema version 99 .*: serve it with a newer engine-builder"):
+        load_engine_dir(tmp_path)
+    (tmp_path / "manifest.json").write_text(_edited(schema_version=1))
+    with pytest.raises(IncompatibleEngineError, match=r"schema version 1 .*: rebuild the engine with `engine-builder"):
+        load_engine_dir(tmp_path)
+    (tmp_path / "manifest.json").write_text(_sample_manifest_text())
+    assert load_engine_dir(tmp_path).manifest.extra["model_files"]["config.json"][0] == 844
+
+
+def _sample_manifest_text() -> str:
+    return json.dumps(_sample_manifest())

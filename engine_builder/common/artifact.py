@@ -102,11 +102,17 @@ class RuntimeSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":
-        values = dict(data)
-        values["scheduling"] = SchedulingSpec(**values.get("scheduling", {}))
-        values["lora_adapters"] = [LoraAdapter.from_dict(item) for item in values.get("lora_adapters", [])]
+        values = dict(_json_object(data, "runtime"))
+        values["scheduling"] = SchedulingSpec(**_json_object(values.get("scheduling", {}), "runtime.scheduling"))
+        adapters = values.get("lora_adapters", [])
+        if not isinstance(adapters, list):
+            raise ValueError(f"runtime.lora_adapters is {_json_type(adapters)}, not a list")
+        values["lora_adapters"] = [
+            LoraAdapter.from_dict(_json_object(item, "runtime.lora_adapters[]")) for item in adapters
+        ]
         if values.get("lookahead") is not None:
-            values["lookahead"] = LookaheadSettings(**values["lookahead"])
+            values["lookahead"] = LookaheadSettings(**_json_object(values["lookahead"], "runtime.lookahead"))
+        _json_object(values.get("options", {}), "runtime.options")
         return cls(**values)
 
 
@@ -138,16 +144,26 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
+        """Raises IncompatibleEngineError for another schema version, ValueError (or KeyError, TypeError) for a
+        manifest that is not one: not a JSON object, or a section of the wrong shape."""
+        data = _json_object(json.loads(text), "the manifest")
         version = data.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"schema_version is {version!r}, not an integer")
         if version != MANIFEST_SCHEMA_VERSION:
+            fix = (
+                "serve it with a newer engine-builder, or rebuild it with this one (`engine-builder build`)"
+                if version > MANIFEST_SCHEMA_VERSION
+                else "rebuild the engine with `engine-builder build`"
+            )
             raise IncompatibleEngineError(
                 f"engine manifest schema version {version} (builder {data.get('builder_version')}) is not "
-                f"readable by this server (schema {MANIFEST_SCHEMA_VERSION}, builder {__version__}): "
-                "rebuild the engine with `engine-builder build`"
+                f"readable by this server (schema {MANIFEST_SCHEMA_VERSION}, builder {__version__}): {fix}"
             )
-        data["source"] = SourceInfo(**data["source"])
+        data["source"] = SourceInfo(**_json_object(data["source"], "source"))
         data["runtime"] = RuntimeSpec.from_dict(data.get("runtime") or {"eos_token_ids": []})
+        data["extra"] = _json_object(data.get("extra", {}), "extra")
+        _check_model_file_stats(data["extra"].get(MODEL_FILE_STATS))
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -155,6 +171,35 @@ class Manifest:
                 f"engine manifest has fields this server does not know ({sorted(unknown)}): rebuild the engine"
             )
         return cls(**data)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _json_object(value: Any, name: str) -> dict[str, Any]:
+    """`value` when it is a JSON object; a manifest edited by hand (or not a manifest) says which part is not."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is {_json_type(value)}, not a JSON object")
+    return value
+
+
+def _check_model_file_stats(stats: Any) -> None:
+    """extra.model_files: relative path -> [size, mtime_ns] or [size, mtime_ns, sha256] (see `model_file_stats`)."""
+    if stats is None:
+        return
+    for relative, entry in _json_object(stats, f"extra.{MODEL_FILE_STATS}").items():
+        numbers, digest = (entry[:2], entry[2:]) if isinstance(entry, list) else ([], [])
+        if not (
+            len(numbers) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+            and len(digest) <= 1
+            and all(isinstance(d, str) for d in digest)
+        ):
+            raise ValueError(
+                f"extra.{MODEL_FILE_STATS}[{relative!r}] is {entry!r}, not [size, mtime_ns] or [size, mtime_ns, sha256]"
+            )
 
 
 @dataclass(frozen=True)
@@ -234,9 +279,10 @@ def load_engine_dir(path: str | Path) -> EngineDir:
     except (ValueError, KeyError, TypeError) as error:  # not JSON, or not a manifest's fields (edited, truncated)
         if isinstance(error, IncompatibleEngineError):
             raise
+        reason = error if type(error) is ValueError else f"{type(error).__name__}: {error}"
         raise IncompatibleEngineError(
-            f"{manifest_file} is not a readable engine manifest ({type(error).__name__}: {error}): rebuild the "
-            "engine with `engine-builder build`"
+            f"{manifest_file} is not a readable engine manifest ({reason}): rebuild the engine with "
+            "`engine-builder build`"
         ) from None
     return EngineDir(path=path, manifest=manifest)
 
