@@ -235,3 +235,22 @@ def test_a_manifest_from_a_newer_builder_says_upgrade_the_server(tmp_path: Path)
 
 def _sample_manifest_text() -> str:
     return json.dumps(_sample_manifest())
+
+
+def test_serve_of_an_encoder_whose_default_route_is_not_served_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Engines built before the build refused these routes: the reason and the fix before the model loads."""
+    from engine_builder.cli import main
+
+    data = _sample_manifest()
+    data.update(base_model="encoder_bert", extra={})
+    data["runtime"]["default_route"] = "/predict_tokens"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the engine's webserver_default_route /predict_tokens is not served by this server (served: "
+        "/v1/embeddings, /rerank, /predict): rebuild the engine with one of those"
+    ]

@@ -181,11 +181,9 @@ def _build_engine_locked(
     build = stack.build
     # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
     backend = "torch" if build.base_model.is_encoder and options.backend == "auto" else choose_backend(options.backend)
+    _check_supported(loaded, backend, options)  # refuses skip_build_result, the one way to have no checkpoint
     if build.checkpoint_repository is None:
-        raise BuildError(
-            "trt_llm.build.checkpoint_repository is required to build (skip_build_result builds nothing)"
-        )
-    _check_supported(loaded, backend, options)
+        raise BuildError("trt_llm.build.checkpoint_repository is required to build")
     inline = sorted(name for name, value in loaded.truss.secrets.items() if value)
     if inline:
         logger.warning(
@@ -399,12 +397,11 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
             f"(got backend {backend}, base_model {build.base_model.value}, "
             f"quantization_type {build.quantization_type.value})"
         )
-    if backend == "torch":
-        from engine_builder.build.torch_fields import torch_refusals
+    from engine_builder.build.torch_fields import refusals
 
-        refusals = torch_refusals(loaded.trt_llm)
-        if refusals:
-            raise BuildError("the torch backend cannot honour what this config asks for: " + "; ".join(refusals))
+    refused = refusals(loaded.trt_llm, backend)
+    if refused:
+        raise BuildError(f"the {backend} backend cannot honour what this config asks for: " + "; ".join(refused))
     if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
         raise BuildError(
             f"quantization_type {build.quantization_type.value} is not supported by the torch backend "

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES
+
 Stack = Any  # TrtLlmConfigV1 | TrtLlmConfigV2
 
 
@@ -22,6 +24,8 @@ class Field:
     # torch: true when this config sets what it cannot honour; a string says why in this config's terms (else the
     # refusal quotes the `torch` cell)
     refuse: Callable[[Stack], bool | str] | None = None
+    # the refusal holds on the TensorRT-LLM backend too: the config asks for what no backend of this project does
+    every_backend: bool = False
 
 
 def _build(stack: Stack, name: str) -> Any:
@@ -55,6 +59,55 @@ def _tensor_parallel_refused(stack: Stack, size: int) -> str:
 
 def _tensor_parallel_count_refused(stack: Stack) -> str:
     return _tensor_parallel_refused(stack, tensor_parallel_size(stack))
+
+
+def _kv_cache_fraction_refused(stack: Stack) -> str:
+    fraction = _runtime(stack, "kv_cache_free_gpu_mem_fraction", 0.9)
+    if 0.0 < fraction <= 1.0:  # False for NaN too
+        return ""
+    return (
+        f"{fraction} is outside (0, 1]: it is the share of free accelerator memory (on CPU: of "
+        "engine_builder.kv_cache_memory_bytes) the KV cache takes; set a value such as 0.9"
+    )
+
+
+def _total_token_limit_refused(stack: Stack) -> str:
+    limit = _runtime(stack, "total_token_limit", 1)
+    if limit >= 1:
+        return ""
+    return f"{limit}: the tokens scheduled at once across the batch must be at least 1 (the default is 500000)"
+
+
+def _default_route_refused(stack: Stack) -> str:
+    route = _runtime(stack, "webserver_default_route")
+    if route is None:
+        return ""
+    if _decoder(stack):
+        return (
+            f"{route} picks the route an encoder answers /predict-style calls with; a decoder "
+            f"({stack.build.base_model.value}) serves the OpenAI routes: remove it"
+        )
+    if route not in SERVED_DEFAULT_ROUTES:
+        return f"{route} is not served by this project's encoder server: use one of {', '.join(SERVED_DEFAULT_ROUTES)}"
+    return ""
+
+
+def _speculator_refused(stack: Stack) -> str:
+    if stack.build.speculator is None or _decoder(stack):
+        return ""
+    return (
+        f"a speculator drafts generated tokens, and an encoder ({stack.build.base_model.value}) generates none: "
+        "remove build.speculator"
+    )
+
+
+def _skip_build_result_refused(stack: Stack) -> str:
+    if not _build(stack, "skip_build_result"):
+        return ""
+    return (
+        "true asks to serve an engine provided some other way (Baseten's model_cache) instead of building one; "
+        "this project serves only what it builds: remove it (or set it to false)"
+    )
 
 
 HONOURED = "honoured"
@@ -108,8 +161,8 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("build.num_builder_gpus", "refused above 1: builds use one device", "not forwarded (a resource hint)",
           lambda s: (_build(s, "num_builder_gpus") or 1) > 1),
     Field("build.speculator.speculative_decoding_mode",
-          "LOOKAHEAD_DECODING honoured (the schema refuses draft-model speculation as discontinued)",
-          "LookaheadDecodingConfig"),
+          "LOOKAHEAD_DECODING honoured for decoders (the schema refuses draft-model speculation as discontinued); "
+          "a speculator on an encoder is refused", "LookaheadDecodingConfig", _speculator_refused),
     Field("build.speculator.num_draft_tokens", "honoured through the lookahead sizes it is computed from",
           "max_draft_len"),
     Field("build.speculator.checkpoint_repository", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
@@ -126,10 +179,11 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("build.lora_configuration.lora_target_modules",
           "refused when set: each adapter's own target modules apply", "refused (not mapped yet)",
           lambda s: bool(s.build.lora_configuration and s.build.lora_configuration.lora_target_modules)),
-    Field("build.skip_build_result", "refused (nothing to build)", "refused (nothing to build)"),
+    Field("build.skip_build_result", "refused when true: this project serves only the engine it builds",
+          "refused when true (as torch)", _skip_build_result_refused, every_backend=True),
     # runtime (v1)
-    Field("runtime.kv_cache_free_gpu_mem_fraction", "honoured (on CPU: of the KV memory budget)",
-          "KvCacheConfig free_gpu_memory_fraction (refused outside (0, 1])"),
+    Field("runtime.kv_cache_free_gpu_mem_fraction", "honoured (on CPU: of the KV memory budget); refused outside (0, 1]",
+          "KvCacheConfig free_gpu_memory_fraction (refused outside (0, 1])", _kv_cache_fraction_refused),
     Field("runtime.kv_cache_host_memory_bytes", "refused when set: no host offload of KV blocks",
           "KvCacheConfig host_cache_size", lambda s: _runtime(s, "kv_cache_host_memory_bytes") is not None),
     Field("runtime.lora_cache_max_adapter_size", "refused when set: the pool holds every adapter from the start",
@@ -144,8 +198,12 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("runtime.batch_scheduler_policy", HONOURED, "SchedulerConfig capacity_scheduler_policy"),
     Field("runtime.request_default_max_tokens", HONOURED, "honoured by the server"),
     Field("runtime.served_model_name", HONOURED, HONOURED),
-    Field("runtime.total_token_limit", HONOURED, "not forwarded (TensorRT-LLM schedules by KV capacity)"),
-    Field("runtime.webserver_default_route", "honoured (encoders)", "encoders stay on torch"),
+    Field("runtime.total_token_limit", "honoured; refused below 1", "not forwarded (TensorRT-LLM schedules by KV capacity)",
+          _total_token_limit_refused),
+    Field("runtime.webserver_default_route",
+          f"honoured for encoders ({', '.join(SERVED_DEFAULT_ROUTES)}; Truss's /v1/systemone and /predict_tokens are "
+          "refused); refused on a decoder", "encoders stay on torch; refused on a decoder (as torch)",
+          _default_route_refused, every_backend=True),
     # runtime (v2)
     Field("runtime.max_seq_len", LIMIT, "LLM max_seq_len"),
     Field("runtime.max_batch_size", LIMIT, "LLM max_batch_size"),
@@ -166,9 +224,16 @@ FIELD_TABLE: tuple[Field, ...] = (
 
 def torch_refusals(stack: Stack) -> list[str]:
     """One message per field this config sets that the torch backend cannot honour (empty: it can build it)."""
+    return refusals(stack, "torch")
+
+
+def refusals(stack: Stack, backend: str) -> list[str]:
+    """One message per field this config sets that `backend` cannot honour: the torch backend checks every
+    refusal of the table, the TensorRT-LLM backend those marked `every_backend` (its mapping checks the rest)."""
     messages = []
     for field in FIELD_TABLE:
-        verdict = field.refuse(stack) if field.refuse is not None else False
+        applies = field.refuse is not None and (backend == "torch" or field.every_backend)
+        verdict = field.refuse(stack) if applies and field.refuse is not None else False
         if verdict:
             messages.append(f"trt_llm.{field.path}: {verdict if isinstance(verdict, str) else field.torch}")
     return messages

@@ -38,6 +38,11 @@ CALIBRATION_REPORT = "calibration_report.json"
 USER_MODEL_DIR = "user_model"  # a Truss model/ folder with model.py (engine control in Python)
 
 
+# The encoder routes `RuntimeSpec.default_route` may name: what the encoder server answers /predict-style calls
+# with. Truss's schema also lists /v1/systemone and /predict_tokens; the build refuses those, serving would not start.
+SERVED_DEFAULT_ROUTES = ("/v1/embeddings", "/rerank", "/predict")
+
+
 class IncompatibleEngineError(Exception):
     """The engine directory was written by a builder this server cannot read; the message says rebuild."""
 

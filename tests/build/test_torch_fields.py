@@ -1,6 +1,7 @@
 """Every `trt_llm` field is in the per-backend table, the generated docs match it, and each field the torch
 backend cannot honour is refused by name before the build writes anything."""
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from engine_builder.build.config import (
     TrtLlmConfigV2,
     load_config,
 )
-from engine_builder.build.torch_fields import FIELD_TABLE, markdown, torch_refusals
+from engine_builder.build.torch_fields import FIELD_TABLE, markdown, refusals, torch_refusals
 from tests.conftest import REPO_ROOT
 from tests.serve.server.harness import write_config
 
@@ -98,6 +99,21 @@ REFUSED = [  # (path, build fields, runtime fields, v2)
     ("runtime.lora_cache_gpu_memory_fraction", {}, {"lora_cache_gpu_memory_fraction": 0.1}, False),
     ("runtime.lora_cache_host_memory_bytes", {}, {"lora_cache_host_memory_bytes": 1 << 20}, False),
     ("runtime.patch_kwargs", {}, {"patch_kwargs": {"enable_attention_dp": True}}, True),
+    ("runtime.kv_cache_free_gpu_mem_fraction", {}, {"kv_cache_free_gpu_mem_fraction": 0.0}, False),
+    ("runtime.kv_cache_free_gpu_mem_fraction", {}, {"kv_cache_free_gpu_mem_fraction": -0.5}, False),
+    ("runtime.kv_cache_free_gpu_mem_fraction", {}, {"kv_cache_free_gpu_mem_fraction": float("nan")}, False),
+    ("runtime.kv_cache_free_gpu_mem_fraction", {}, {"kv_cache_free_gpu_mem_fraction": 1.5}, False),
+    ("runtime.total_token_limit", {}, {"total_token_limit": 0}, False),
+    ("runtime.total_token_limit", {}, {"total_token_limit": -5}, False),
+    ("build.skip_build_result", {"skip_build_result": True}, {}, True),
+    ("build.skip_build_result", {"skip_build_result": True}, {}, False),
+    ("runtime.webserver_default_route", {}, {"webserver_default_route": "/rerank"}, False),  # on a decoder
+    ("runtime.webserver_default_route", {"base_model": "encoder_bert"}, {"webserver_default_route": "/predict_tokens"},
+     False),
+    ("runtime.webserver_default_route", {"base_model": "encoder"}, {"webserver_default_route": "/v1/systemone"}, False),
+    ("build.speculator.speculative_decoding_mode",
+     {"base_model": "encoder_bert", "speculator": {"speculative_decoding_mode": "LOOKAHEAD_DECODING",
+      "lookahead_windows_size": 3, "lookahead_ngram_size": 4, "lookahead_verification_set_size": 3}}, {}, False),
 ]
 
 
@@ -105,7 +121,7 @@ def test_every_refusing_field_has_a_case() -> None:
     assert {path for path, *_ in REFUSED} == {field.path for field in FIELD_TABLE if field.refuse is not None}
 
 
-@pytest.mark.parametrize(("path", "build", "runtime", "v2"), REFUSED, ids=[case[0] for case in REFUSED])
+@pytest.mark.parametrize(("path", "build", "runtime", "v2"), REFUSED, ids=[f"{case[0]}-{case[1:]}" for case in REFUSED])
 def test_the_torch_backend_refuses_by_name(
     tmp_path: Path, smollm2_dir: Path, path: str, build: dict, runtime: dict, v2: bool
 ) -> None:
@@ -122,6 +138,34 @@ def test_a_plain_config_has_nothing_refused(tmp_path: Path, smollm2_dir: Path) -
         assert torch_refusals(loaded.trt_llm) == []
     for name in ("default.yaml", "smollm2.yaml", "smollm2-lookahead.yaml", "embeddings.yaml", "bei-bert-minilm.yaml"):
         assert torch_refusals(load_config(REPO_ROOT / "configs" / name).trt_llm) == [], name
+
+
+def test_what_no_backend_serves_is_refused_on_the_trtllm_backend_too(tmp_path: Path, smollm2_dir: Path) -> None:
+    skip = load_config(_config(tmp_path, smollm2_dir, {"skip_build_result": True}, {}, True))
+    assert refusals(skip.trt_llm, "trtllm") == [
+        "trt_llm.build.skip_build_result: true asks to serve an engine provided some other way (Baseten's "
+        "model_cache) instead of building one; this project serves only what it builds: remove it (or set it to false)"
+    ]
+    route = load_config(_config(tmp_path, smollm2_dir, {}, {"webserver_default_route": "/v1/embeddings"}, False))
+    assert refusals(route.trt_llm, "trtllm") == [
+        "trt_llm.runtime.webserver_default_route: /v1/embeddings picks the route an encoder answers /predict-style "
+        "calls with; a decoder (decoder) serves the OpenAI routes: remove it"
+    ]
+    # The TensorRT-LLM mapping refuses the KV fraction itself (tests/build/compile/test_trtllm_mapping.py).
+    fraction = load_config(_config(tmp_path, smollm2_dir, {}, {"kv_cache_free_gpu_mem_fraction": 0.0}, False))
+    assert refusals(fraction.trt_llm, "trtllm") == []
+    assert torch_refusals(fraction.trt_llm) == [
+        "trt_llm.runtime.kv_cache_free_gpu_mem_fraction: 0.0 is outside (0, 1]: it is the share of free accelerator "
+        "memory (on CPU: of engine_builder.kv_cache_memory_bytes) the KV cache takes; set a value such as 0.9"
+    ]
+
+
+def test_the_build_and_serve_sides_agree_on_the_encoder_routes() -> None:
+    from engine_builder.build.config.runtime import DefaultRoute
+    from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES
+    from engine_builder.serve.encoders.routes import DEFAULT_ROUTES
+
+    assert set(DEFAULT_ROUTES) == set(SERVED_DEFAULT_ROUTES) < set(typing.get_args(DefaultRoute))
 
 
 def test_a_refusal_says_why_in_the_configs_terms(tmp_path: Path, smollm2_dir: Path) -> None:

@@ -2,13 +2,14 @@
 
 from dataclasses import dataclass
 
+from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES
 from engine_builder.serve.encoders.batcher import BatchLimits
 from engine_builder.serve.encoders.models import EncoderTask
 from engine_builder.serve.encoders.truncation import TruncationDefaults
 
 BEI_MAX_CLIENT_BATCH_SIZE = 128  # TEI --max-client-batch-size on BEI and BEI-Bert
 BEI_MAX_CONCURRENT_REQUESTS = 2048  # TEI --max-concurrent-requests on BEI and BEI-Bert
-ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT = "/v1/embeddings", "/rerank", "/predict"
+ROUTE_EMBEDDINGS, ROUTE_RERANK, ROUTE_PREDICT = SERVED_DEFAULT_ROUTES  # the build refuses any other default route
 
 
 def effective_batch_limits(kind: str, max_num_tokens: int, max_batch_size: int) -> BatchLimits:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from engine_builder.common.artifact import EngineDir
+from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES, EngineDir, IncompatibleEngineError
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.types import EngineStats, FinishReason, ModelInfo
 from engine_builder.serve.encoders.errors import ClientDisconnectedError
@@ -87,6 +87,12 @@ class AdmittedRequests:
 def build_encoder_server(
     engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
 ) -> tuple[FastAPI, ServerState]:
+    default_route = engine_dir.manifest.runtime.default_route
+    if default_route is not None and default_route not in SERVED_DEFAULT_ROUTES:  # before the model loads
+        raise IncompatibleEngineError(
+            f"the engine's webserver_default_route {default_route} is not served by this server (served: "
+            f"{', '.join(SERVED_DEFAULT_ROUTES)}): rebuild the engine with one of those"
+        )
     import torch
 
     from engine_builder.engine.model_runner import configure_threads, resolve_device
@@ -111,9 +117,6 @@ def build_encoder_server(
         # `dimensions`: the option when it says true or false, else what the build read on the model card
         matryoshka=options.matryoshka if isinstance(options.matryoshka, bool) else manifest.runtime.trained_matryoshka,
     )
-    default_route = manifest.runtime.default_route
-    if default_route in ("/v1/systemone", "/predict_tokens"):
-        raise ValueError(f"webserver_default_route {default_route} is not served by this engine (use /v1/embeddings, /rerank or /predict)")
     adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
     settings.max_inflight = max(settings.max_inflight, 2048)
     state = ServerState(settings=settings, engine=adapter, renderer=None)
