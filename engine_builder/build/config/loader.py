@@ -11,7 +11,12 @@ import yaml
 
 from engine_builder.build.config.base import FieldError
 from engine_builder.build.config.stack import TrtLlmConfigV1, TrtLlmConfigV2
-from engine_builder.build.config.truss import TRUSS_IMAGE_FIELDS, TrussConfig, cross_section_errors
+from engine_builder.build.config.truss import (
+    TRUSS_IMAGE_FIELDS,
+    UNUSED_RESOURCE_FIELDS,
+    TrussConfig,
+    cross_section_errors,
+)
 
 PathKey = tuple[str | int, ...]
 _STACK_TAGS = {"v1", "v2"}
@@ -144,6 +149,23 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
         for key in TRUSS_IMAGE_FIELDS
         if key in config.model_fields_set
     ]
+    warnings += [
+        _issue_at(("resources", key), "a Truss deployment field this server does not act on (checked and kept as "
+                  "given)", lines, source)
+        for key in UNUSED_RESOURCE_FIELDS
+        if key in config.resources.model_fields_set
+    ]
+    given_use_gpu = data.get("resources", {}).get("use_gpu") if isinstance(data.get("resources"), dict) else None
+    if given_use_gpu is not None and given_use_gpu is not config.resources.use_gpu:
+        warnings.append(
+            _issue_at(
+                ("resources", "use_gpu"),
+                f"{given_use_gpu!r} is ignored, as Truss ignores it: use_gpu is computed from resources.accelerator "
+                f"({config.resources.use_gpu!r} here)",
+                lines,
+                source,
+            )
+        )
     return LoadedConfig(source=source, base_dir=base_dir, truss=config, warnings=warnings)
 
 

@@ -2,9 +2,11 @@
 
 import logging
 import os
-from typing import Any
+import re
+from typing import Annotated, Any, ClassVar
 
 import pydantic
+from pydantic_core import core_schema
 
 from engine_builder.build.config.base import ConfigModel, FieldError
 from engine_builder.build.config.enums import (
@@ -81,11 +83,83 @@ class AcceleratorSpec(ConfigModel):
         return f"{self.accelerator.value}:{self.count}" if self.count > 1 else self.accelerator.value
 
 
+class FabricRequirement(ConfigModel):
+    """`resources.fabric`: the network fabric of a multi-node deployment (Truss's; not acted on here)."""
+
+    use_rdma: bool | None = None
+    preferences: list[str] | None = None
+
+    @pydantic.model_serializer(mode="wrap")
+    def _omit_unset(self, handler: core_schema.SerializerFunctionWrapHandler) -> dict[str, Any]:
+        result: dict[str, Any] = handler(self)
+        return {key: value for key, value in result.items() if key not in type(self).model_fields or value is not None}
+
+
+def _is_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# The `resources` fields Truss reads for the deployment's machines, which a server of this project does not act on.
+UNUSED_RESOURCE_FIELDS = ("instance_type", "node_count", "fabric")
+
+
 class Resources(ConfigModel):
+    """Truss's `resources`, checked as Truss checks them. `use_gpu` is computed from the accelerator: a `use_gpu`
+    the config gives is dropped, whatever its value, as Truss drops it."""
+
     cpu: str = "1"
     memory: str = "2Gi"
     accelerator: AcceleratorSpec = pydantic.Field(default_factory=AcceleratorSpec)
-    use_gpu: bool | None = None
+    instance_type: str | None = None
+    node_count: Annotated[int, pydantic.Field(ge=1, strict=True)] | None = None
+    fabric: FabricRequirement | None = None
+
+    _MILLI_CPU: ClassVar[re.Pattern[str]] = re.compile(r"^[0-9.]*m$")
+    _MEMORY: ClassVar[re.Pattern[str]] = re.compile(r"^[0-9.]*([a-zA-Z]+)?$")
+    _MEMORY_UNITS: ClassVar[frozenset[str]] = frozenset({"k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"})
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]  # pydantic documents this pairing
+    @property
+    def use_gpu(self) -> bool:
+        return self.accelerator.accelerator is not None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _drop_use_gpu(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "use_gpu" in data:
+            data = {key: value for key, value in data.items() if key != "use_gpu"}
+        return data
+
+    @pydantic.field_validator("cpu")
+    @classmethod
+    def _check_cpu(cls, value: str) -> str:
+        if not _is_numeric(value) and not cls._MILLI_CPU.fullmatch(value):
+            raise ValueError(f"Invalid cpu specification {value}.")
+        return value
+
+    @pydantic.field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        if _is_numeric(value):
+            return value
+        match = cls._MEMORY.fullmatch(value)
+        if not match:
+            raise ValueError(f"Invalid memory specification {value}")
+        if match.group(1) not in cls._MEMORY_UNITS:
+            raise ValueError(f"Invalid memory unit {match.group(1)} in {value}")
+        return value
+
+    @pydantic.model_serializer(mode="wrap")
+    def _omit_unset(self, handler: core_schema.SerializerFunctionWrapHandler) -> dict[str, Any]:
+        result: dict[str, Any] = handler(self)
+        for name in UNUSED_RESOURCE_FIELDS:
+            if not getattr(self, name):
+                result.pop(name, None)
+        return result
 
 
 # Truss's top-level fields this project types (so what `truss push` refuses is refused here) but does not act on:
@@ -178,16 +252,24 @@ class TrussConfig(ConfigModel):
 
 
 def cross_section_errors(config: TrussConfig) -> list[FieldError]:
-    """Truss's `trt_llm_validation`: base model names, accelerator vs quantization, tags, world size.
+    """Truss's checks across fields: `_validate_config` (requirements) and `trt_llm_validation` (base model
+    names, accelerator vs quantization, tags, world size).
 
     Returns every failure (Truss stops at the first); each error's `field` is a dotted path from the top.
     """
+    errors: list[FieldError] = []
+    if config.requirements and config.requirements_file:
+        errors.append(
+            FieldError(
+                "Please ensure that only one of `requirements` and `requirements_file` is specified",
+                field="requirements_file",
+            )
+        )
     if config.trt_llm is None:
-        return []
+        return errors
     stack = config.trt_llm.root
     build = stack.build
     accelerator = config.resources.accelerator.accelerator
-    errors: list[FieldError] = []
     if build.quantization_type == QuantizationType.WEIGHTS_ONLY_INT8 and accelerator == Accelerator.A100:
         logger.warning("Weight only int8 quantization on A100 accelerators is not recommended.")
     if build.base_model in LEGACY_BASE_MODELS:

@@ -375,3 +375,36 @@ CASES += [
     ("use_local_src not a boolean", top_level(use_local_src="maybe"), "Input should be a valid boolean"),
     ("live_reload yes", top_level(live_reload="true"), None),
 ]
+
+
+def with_resources(**resources: Any) -> dict[str, Any]:
+    config = with_build()
+    config["resources"] = resources
+    return config
+
+
+CASES += [
+    ("requirements_file alone", top_level(requirements_file="requirements.txt"), None),
+    (
+        "requirements and requirements_file",
+        top_level(requirements=["numpy"], requirements_file="requirements.txt"),
+        "Please ensure that only one of `requirements` and `requirements_file` is specified",
+    ),
+    ("requirements empty beside requirements_file", top_level(requirements=[], requirements_file="r.txt"), None),
+    ("cpu in millicpus", with_resources(cpu="500m", memory="512Mi"), None),
+    ("cpu a decimal", with_resources(cpu="1.5", memory="1e9"), None),
+    ("cpu not a quantity", with_resources(cpu="abc"), "Invalid cpu specification abc."),
+    ("cpu an integer", with_resources(cpu=2), "Input should be a valid string"),
+    ("memory unknown unit", with_resources(memory="2Xi"), "Invalid memory unit Xi in 2Xi"),
+    ("memory with a space", with_resources(memory="2 Gi"), "Invalid memory specification 2 Gi"),
+    ("node_count", with_resources(node_count=2), None),
+    ("node_count zero", with_resources(node_count=0), "Input should be greater than or equal to 1"),
+    ("node_count a string", with_resources(node_count="2"), "Input should be a valid integer"),
+    ("node_count a float", with_resources(node_count=2.0), "Input should be a valid integer"),
+    ("instance_type", with_resources(instance_type="L4:4x16"), None),
+    ("instance_type a number", with_resources(instance_type=5), "Input should be a valid string"),
+    ("fabric", with_resources(fabric={"use_rdma": True, "preferences": ["infiniband"]}), None),
+    ("fabric use_rdma not a boolean", with_resources(fabric={"use_rdma": "maybe"}), "Input should be a valid boolean"),
+    ("use_gpu is computed, any value is dropped", with_resources(use_gpu="maybe"), None),
+    ("use_gpu true without an accelerator", with_resources(use_gpu=True), None),
+]

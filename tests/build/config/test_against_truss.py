@@ -46,6 +46,9 @@ def test_same_verdict_as_truss(name: str, config: dict, expected: str | None) ->
     if expected is None:
         assert truss_error is None, f"Truss rejects a case we expect valid: {truss_error}"
         assert ours is None, f"we reject a config Truss accepts: {ours}"
+        # Resolved the same way: `resources` as Truss dumps it (use_gpu computed, unset Truss fields left out).
+        truss_resources = truss_config.TrussConfig.model_validate(config).model_dump(mode="json")["resources"]
+        assert parse_config(yaml.safe_dump(config)).resolved()["resources"] == truss_resources
         return
     assert truss_error is not None, "Truss accepts a case we expect invalid"
     assert ours is not None, f"we accept a config Truss rejects: {truss_error}"

@@ -316,3 +316,30 @@ def test_tags_that_are_not_a_list_are_a_config_error() -> None:
         """
     assert _errors(config.format(tags="true")) == ["config.yaml:2: model_metadata.tags: model_metadata.tags must be a list; got True"]
     parse_config(textwrap.dedent(config.format(tags="openai-compatible")))  # one tag without brackets, as Truss reads it
+
+
+def test_truss_resource_fields_are_checked_and_use_gpu_is_computed_as_truss_computes_it() -> None:
+    trt_llm = "model_metadata: {tags: [openai-compatible]}\ntrt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: o/m}\n"
+    loaded = parse_config(trt_llm + "resources:\n  accelerator: H100\n  node_count: 2\n", source="c.yaml")
+    assert loaded.resolved()["resources"] == {
+        "cpu": "1", "memory": "2Gi", "accelerator": "H100", "node_count": 2, "use_gpu": True
+    }
+    assert [str(w) for w in loaded.warnings] == [
+        "c.yaml:7: resources.node_count: a Truss deployment field this server does not act on (checked and kept as given)"
+    ]
+    # A use_gpu the config gives is dropped, as Truss drops it; one that disagrees with the accelerator is said so.
+    loaded = parse_config(trt_llm + "resources:\n  use_gpu: true\n", source="c.yaml")
+    assert loaded.resolved()["resources"]["use_gpu"] is False
+    assert [str(w) for w in loaded.warnings] == [
+        "c.yaml:6: resources.use_gpu: True is ignored, as Truss ignores it: use_gpu is computed from "
+        "resources.accelerator (False here)"
+    ]
+    assert not parse_config(trt_llm + "resources: {accelerator: H100, use_gpu: true}\n").warnings
+    assert _errors(trt_llm + "resources:\n  cpu: abc\n  memory: 2Xi\nrequirements: [numpy]\n") == [
+        "config.yaml:6: resources.cpu: Invalid cpu specification abc.",
+        "config.yaml:7: resources.memory: Invalid memory unit Xi in 2Xi",
+    ]
+    assert _errors(trt_llm + "requirements: [numpy]\nrequirements_file: requirements.txt\n") == [
+        "config.yaml:6: requirements_file: Please ensure that only one of `requirements` and `requirements_file` is "
+        "specified"
+    ]
