@@ -36,9 +36,10 @@ class ConfigModel(pydantic.BaseModel):
     def validate_forbid_extra(self) -> None:
         type(self).model_validate(self.model_dump(mode="json", by_alias=True), context={"forbid_extra": True})
 
-    def unknown_keys(self, prefix: str = "") -> list[str]:
-        """Dotted paths of every kept unknown key, in this model and the models below it."""
-        found = [f"{prefix}{key}" for key in (self.model_extra or {})]
+    def unknown_keys(self, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        """The path (its keys, in order) of every kept unknown key, in this model and the models below it. Paths,
+        not dotted text: a key may hold a dot (a LoRA adapter named `my.adapter`)."""
+        found = [(*prefix, key) for key in (self.model_extra or {})]
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, pydantic.RootModel):
@@ -46,12 +47,11 @@ class ConfigModel(pydantic.BaseModel):
             children = value.values() if isinstance(value, dict) else [value]
             for index, child in enumerate(children):
                 if isinstance(child, pydantic.BaseModel):
-                    key = list(value)[index] if isinstance(value, dict) else None
-                    path = f"{prefix}{name}." if key is None else f"{prefix}{name}.{key}."
+                    path = (*prefix, name) if not isinstance(value, dict) else (*prefix, name, list(value)[index])
                     if isinstance(child, ConfigModel):
                         found.extend(child.unknown_keys(path))
                     else:  # a plain pydantic section (EngineOptions) keeps its unknown keys the same way
-                        found.extend(f"{path}{key}" for key in (child.model_extra or {}))
+                        found.extend((*path, key) for key in (child.model_extra or {}))
         return found
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def load_config(path: str | Path) -> LoadedConfig:
 
 
 def _not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
-    """Why a config's bytes are not text this loader reads, and the fix (YAML configs are UTF-8, as Truss reads them)."""
+    """Why a config's bytes are not text this loader reads, and the fix (configs are UTF-8, as Truss reads them)."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         found = "UTF-16 (it starts with a UTF-16 byte-order mark)"
     else:
@@ -100,6 +101,7 @@ def _not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
 
 def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None = None) -> LoadedConfig:
     base_dir = base_dir or Path.cwd()
+    node = None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -109,17 +111,22 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
         raise ConfigError([ConfigIssue(source, line, "", f"invalid YAML: {error}")]) from None
     except RecursionError:
         raise ConfigError([ConfigIssue(source, None, "", "invalid YAML: nested too deeply")]) from None
-    except ValueError as error:  # a scalar PyYAML cannot convert, e.g. an integer of thousands of digits
-        raise ConfigError([ConfigIssue(source, None, "", f"invalid YAML: {error}")]) from None
-    lines: dict[PathKey, int] = {}
-    duplicates: list[ConfigIssue] = []
+    except ValueError as error:  # a scalar PyYAML cannot convert: an integer of thousands of digits
+        too_long = _long_integer(node)
+        if too_long is None:
+            raise ConfigError([ConfigIssue(source, None, "", f"invalid YAML: {error}")]) from None
+        digits, line = too_long
+        message = f"invalid YAML: an integer of {digits} digits (at most {sys.get_int_max_str_digits()} are read)"
+        raise ConfigError([ConfigIssue(source, line, "", message)]) from None
+    index = _LineIndex(source)
     if node is not None:
         try:
-            _index_lines(node, (), lines, duplicates, source, [MAX_VALUES])
+            index.walk(node, ())
         except _TooLarge as error:
             raise ConfigError([ConfigIssue(source, None, "", str(error))]) from None
-    if duplicates:
-        raise ConfigError(duplicates)
+    if index.duplicates:  # once per line: a merged anchor is walked where it is defined and where it is merged
+        raise ConfigError(list({issue.line: issue for issue in reversed(index.duplicates)}.values())[::-1])
+    lines = index.lines
     if not isinstance(data, dict) or "trt_llm" not in data:
         raise ConfigError([ConfigIssue(source, 1, "trt_llm", "a `trt_llm:` section is required")])
     if data["trt_llm"] is None:
@@ -130,7 +137,7 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
     try:
         config = TrussConfig.model_validate(data, context=context)
     except pydantic.ValidationError as error:
-        raise ConfigError([_issue_from_pydantic(item, lines, source) for item in error.errors()]) from None
+        raise ConfigError([_issue_from_pydantic(item, index, source) for item in error.errors()]) from None
     except ValueError as error:  # raised outside pydantic's wrapping, e.g. by the stack discriminator
         raise ConfigError([ConfigIssue(source, lines.get(("trt_llm",)), "trt_llm", str(error))]) from None
     errors = cross_section_errors(config)
@@ -139,10 +146,8 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
             [_issue_at(tuple(e.field.split(".")) if e.field else (), str(e), lines, source) for e in errors]
         )
     warnings = [
-        _issue_at(
-            tuple(key.split(".")), "unknown key kept as given (not used by this version)", lines, source
-        )
-        for key in config.unknown_keys()
+        _issue_at(path, "unknown key kept as given (not used by this version)", lines, source)
+        for path in config.unknown_keys()
     ]
     warnings += [
         _issue_at((key,), "a Truss image field this server does not act on (checked and kept as given)", lines, source)
@@ -173,45 +178,101 @@ class _TooLarge(Exception):
     """The YAML graph is larger or deeper than any config; validating it would not end in reasonable time."""
 
 
-def _index_lines(
-    node: yaml.Node,
-    path: PathKey,
-    lines: dict[PathKey, int],
-    duplicates: list[ConfigIssue],
-    source: str,
-    budget: list[int],
-) -> None:
-    # Aliases make YAML a graph: a few lines can name billions of values, which validation would then walk.
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _TooLarge(f"the config expands to more than {MAX_VALUES} values (YAML aliases repeating a node?)")
-    if len(path) > MAX_DEPTH:
-        raise _TooLarge(f"the config nests deeper than {MAX_DEPTH} levels (a recursive YAML alias?)")
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *anchor`; a quoted '<<' is a plain key
+STRING_TAG = "tag:yaml.org,2002:str"
+
+
+class _LineIndex:
+    """The line of every key and item of a composed YAML document, by path; duplicate keys; the keys that are
+    not strings (`yes:`, `1:`, `~:`), as written, with their lines, by the path of their mapping."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: dict[PathKey, int] = {}
+        self.duplicates: list[ConfigIssue] = []
+        self.non_string_keys: dict[PathKey, list[tuple[str, int]]] = {}
+        self._budget = MAX_VALUES
+
+    def walk(self, node: yaml.Node, path: PathKey) -> None:
+        # Aliases make YAML a graph: a few lines can name billions of values, which validation would then walk.
+        self._budget -= 1
+        if self._budget < 0:
+            raise _TooLarge(f"the config expands to more than {MAX_VALUES} values (YAML aliases repeating a node?)")
+        if len(path) > MAX_DEPTH:
+            raise _TooLarge(f"the config nests deeper than {MAX_DEPTH} levels (a recursive YAML alias?)")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            self._walk_mapping(node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines[(*path, index)] = item.start_mark.line + 1
+                self.walk(item, (*path, index))
+
+    def _walk_mapping(self, node: yaml.MappingNode, path: PathKey) -> None:
         seen: dict[str, int] = {}
+        merged: list[tuple[int, yaml.Node]] = []
         for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:  # its keys join this mapping; YAML allows several merge keys
+                merged.append((key_node.start_mark.line + 1, value_node))
+                continue
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
             line = key_node.start_mark.line + 1
             if key in seen:
                 dotted = ".".join(str(p) for p in (*path, key))
-                duplicates.append(
-                    ConfigIssue(source, line, dotted, f"duplicate key (first given on line {seen[key]})")
+                self.duplicates.append(
+                    ConfigIssue(self.source, line, dotted, f"duplicate key (first given on line {seen[key]})")
                 )
                 continue
             seen[key] = line
-            lines[(*path, key)] = line
-            _index_lines(value_node, (*path, key), lines, duplicates, source, budget)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines[(*path, index)] = item.start_mark.line + 1
-            _index_lines(item, (*path, index), lines, duplicates, source, budget)
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != STRING_TAG:
+                self.non_string_keys.setdefault(path, []).append((key, line))
+            self.lines[(*path, key)] = line
+            self.walk(value_node, (*path, key))
+        # A merged key the mapping does not give itself is shown at its `<<:` line (which of several merged
+        # mappings supplies a key is PyYAML's business); the merged mappings are checked as any other.
+        for merge_line, value in merged:
+            for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+                inner = _LineIndex(self.source)
+                inner._budget = self._budget
+                inner.walk(source, path)
+                self._budget = inner._budget
+                self.duplicates += inner.duplicates
+                for key in inner.lines:
+                    if len(key) == len(path) + 1:
+                        self.lines.setdefault(key, merge_line)
+
+    def invalid_key(self, parent: PathKey) -> tuple[str, int] | None:
+        """The next key not a string under `parent`, as written (pydantic reports them in order, shown as 1 for
+        `yes`, 'None' for `~`)."""
+        pending = self.non_string_keys.get(parent)
+        return pending.pop(0) if pending else None
 
 
-def _issue_from_pydantic(item: Any, lines: dict[PathKey, int], source: str) -> ConfigIssue:
+def _long_integer(node: yaml.Node | None) -> tuple[int, int] | None:
+    """(digits, line) of the first integer too long for Python to read, in a composed document."""
+    limit = sys.get_int_max_str_digits()
+    stack = [node] if node is not None else []
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.ScalarNode):
+            digits = sum(ch.isdigit() for ch in current.value)
+            if current.tag == "tag:yaml.org,2002:int" and digits > limit:
+                return digits, current.start_mark.line + 1
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(reversed(current.value))
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(child for pair in reversed(current.value) for child in reversed(pair))
+    return None
+
+
+def _issue_from_pydantic(item: Any, keys: _LineIndex, source: str) -> ConfigIssue:
     loc: list[str | int] = []
-    for index, part in enumerate(item["loc"]):
-        if part in _STACK_TAGS and index > 0 and item["loc"][index - 1] == "trt_llm":
+    for position, part in enumerate(item["loc"]):
+        if part in _STACK_TAGS and position > 0 and item["loc"][position - 1] == "trt_llm":
             continue
         if isinstance(part, str) and ("[" in part or part.startswith("function-")):
             continue
@@ -228,7 +289,18 @@ def _issue_from_pydantic(item: Any, lines: dict[PathKey, int], source: str) -> C
             loc.extend(cause.field.split("."))
     if item["type"] == "missing":
         message = "Field required"
-    return _issue_at(tuple(loc), message, lines, source)
+    is_key = item["type"] == "invalid_key" or item["loc"][-1:] == ("[key]",)  # a model's key, or a dict field's
+    if is_key and loc:
+        written = keys.invalid_key(tuple(loc[:-1]))
+        if written is not None:  # show the key as the file writes it, at its line
+            loc[-1] = written[0]
+            message += f" (YAML reads the key {written[0]} as a {_yaml_kind(written[0])}: quote it)"
+    return _issue_at(tuple(loc), message, keys.lines, source)
+
+
+def _yaml_kind(key: str) -> str:
+    value = yaml.safe_load(key) if key else None
+    return {bool: "boolean", int: "number", float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _issue_at(loc: PathKey, message: str, lines: dict[PathKey, int], source: str) -> ConfigIssue:

@@ -92,11 +92,17 @@ class TrtLlmConfigV1(ConfigModel):
             and not build.base_model.is_encoder
             and not (plugins.use_paged_context_fmha and plugins.paged_kv_cache)
         ):
+            # point at the plugin flag the config turns off (else at enable_chunked_context, which it leaves on)
+            off = [
+                f"build.plugin_configuration.{name}"
+                for name in ("use_paged_context_fmha", "paged_kv_cache")
+                if name in plugins.model_fields_set and not getattr(plugins, name)
+            ]
             raise FieldError(
                 "If trt_llm.runtime.enable_chunked_context is True, then "
                 "trt_llm.build.plugin_configuration.use_paged_context_fmha and "
                 "trt_llm.build.plugin_configuration.paged_kv_cache need to be True. ",
-                field="runtime",
+                field=off[0] if off else "runtime.enable_chunked_context",
             )
         base_dir = (info.context or {}).get("base_dir")
         architecture = read_local_architecture(build.checkpoint_repository, base_dir)

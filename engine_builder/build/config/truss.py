@@ -120,7 +120,9 @@ class Resources(ConfigModel):
 
     _MILLI_CPU: ClassVar[re.Pattern[str]] = re.compile(r"^[0-9.]*m$")
     _MEMORY: ClassVar[re.Pattern[str]] = re.compile(r"^[0-9.]*([a-zA-Z]+)?$")
-    _MEMORY_UNITS: ClassVar[frozenset[str]] = frozenset({"k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"})
+    _MEMORY_UNITS: ClassVar[frozenset[str]] = frozenset(
+        {"k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}
+    )
 
     @pydantic.computed_field  # type: ignore[prop-decorator]  # pydantic documents this pairing
     @property
@@ -319,6 +321,17 @@ def cross_section_errors(config: TrussConfig) -> list[FieldError]:
     return errors
 
 
+def _world_size_field(config: TrussConfig, build: Any) -> str:
+    """The field a world-size mismatch points at: the first parallel count the config sets above 1, else the
+    accelerator it names, else tensor_parallel_count (the usual fix)."""
+    for name in ("tensor_parallel_count", "pipeline_parallel_count", "sequence_parallel_count"):
+        if name in build.model_fields_set and getattr(build, name) != 1:
+            return f"trt_llm.build.{name}"
+    if "accelerator" in config.resources.model_fields_set:
+        return "resources.accelerator"
+    return "trt_llm.build.tensor_parallel_count"
+
+
 def _v1_errors(config: TrussConfig, stack: TrtLlmConfigV1) -> list[FieldError]:
     errors: list[FieldError] = []
     build = stack.build
@@ -357,7 +370,7 @@ def _v1_errors(config: TrussConfig, stack: TrtLlmConfigV1) -> list[FieldError]:
                 f"pipeline_parallel_count={build.pipeline_parallel_count}, "
                 f"sequence_parallel_count={build.sequence_parallel_count} "
                 f"== world_size->{world_size} and accelerator.count={gpu_count}. ",
-                field="trt_llm.build.tensor_parallel_count",
+                field=_world_size_field(config, build),
             )
         )
     if world_size not in USUAL_WORLD_SIZES:

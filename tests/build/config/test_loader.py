@@ -343,3 +343,77 @@ def test_truss_resource_fields_are_checked_and_use_gpu_is_computed_as_truss_comp
         "config.yaml:6: requirements_file: Please ensure that only one of `requirements` and `requirements_file` is "
         "specified"
     ]
+
+
+MINIMAL = "model_metadata: {tags: [openai-compatible]}\ntrt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: o/m}\n"
+
+
+def test_several_merge_keys_in_one_mapping_are_yaml_not_duplicates() -> None:
+    anchors = "a: &a {max_batch_size: 4}\nb: &b {checkpoint_repository: {source: HF, repo: o/m}}\n"
+    loaded = parse_config(anchors + "trt_llm:\n  build:\n    <<: *a\n    <<: *b\n    max_num_tokens: 128\n")
+    assert loaded.trt_llm.build.max_batch_size == 4 and loaded.trt_llm.build.max_num_tokens == 128
+    assert loaded.trt_llm.build.checkpoint_repository is not None
+    # A merged key is shown at its `<<:` line; a key the mapping gives itself overrides the merge, no duplicate.
+    assert _errors(anchors + "trt_llm:\n  build:\n    <<: *a\n    <<: [*b, {max_num_tokens: 32}]\n") == [
+        "config.yaml:6: trt_llm.build.max_num_tokens: Input should be greater than 64"
+    ]
+    assert parse_config(anchors + "trt_llm:\n  build:\n    <<: [*a, *b]\n    max_batch_size: 8\n").trt_llm.build.max_batch_size == 8
+    # Real duplicates stay errors (a deliberate difference from Truss, which warns and keeps the last), in a merged
+    # mapping too, reported once; a quoted '<<' is a plain key.
+    assert _errors(MINIMAL + "    max_batch_size: 4\n    max_batch_size: 8\n") == [
+        "config.yaml:6: trt_llm.build.max_batch_size: duplicate key (first given on line 5)"
+    ]
+    assert _errors("a: &a {max_batch_size: 4, max_batch_size: 8}\n" + MINIMAL + "    <<: *a\n") == [
+        "config.yaml:1: a.max_batch_size: duplicate key (first given on line 1)"
+    ]
+    assert _errors(MINIMAL + "'<<': 1\n'<<': 2\n") == ["config.yaml:6: <<: duplicate key (first given on line 5)"]
+
+
+def test_keys_yaml_reads_as_booleans_numbers_or_null_are_shown_as_written_at_their_line() -> None:
+    assert _errors(MINIMAL + "yes: 1\n") == [
+        "config.yaml:5: yes: Keys should be strings (YAML reads the key yes as a boolean: quote it)"
+    ]
+    assert _errors(MINIMAL + "~: x\n") == [
+        "config.yaml:5: ~: Keys should be strings (YAML reads the key ~ as a null: quote it)"
+    ]
+    assert _errors(MINIMAL + "environment_variables:\n  A: x\n  on: 1\n") == [
+        "config.yaml:7: environment_variables.on: Input should be a valid string (YAML reads the key on as a "
+        "boolean: quote it)"
+    ]
+    assert _errors(MINIMAL + "    lora_adapters:\n      ok: {source: HF, repo: o/a}\n      1: {source: HF, repo: o/b}\n") == [
+        "config.yaml:7: trt_llm.build.lora_adapters.1: Input should be a valid string (YAML reads the key 1 as a "
+        "number: quote it)"
+    ]
+
+
+def test_a_lora_adapter_name_with_a_dot_keeps_its_line() -> None:
+    loaded = parse_config(
+        MINIMAL + "    lora_adapters:\n      ok: {source: HF, repo: o/a}\n      my.adapter:\n        source: HF\n"
+        "        repo: o/b\n        token: abc\n",
+        source="c.yaml",
+    )
+    assert [str(w) for w in loaded.warnings] == [
+        "c.yaml:10: trt_llm.build.lora_adapters.my.adapter.token: unknown key kept as given (not used by this version)"
+    ]
+    assert _errors(MINIMAL + "    lora_adapters:\n      my.adapter:\n        source: FTP\n        repo: o/b\n") == [
+        "config.yaml:7: trt_llm.build.lora_adapters.my.adapter.source: Input should be 'HF', 'GCS', 'S3', 'AZURE', 'LOCAL', "
+        "'REMOTE_URL' or 'BASETEN_TRAINING'"
+    ]
+
+
+def test_cross_field_errors_point_at_the_field_the_config_sets() -> None:
+    errors = _errors(MINIMAL + "    pipeline_parallel_count: 2\n")
+    assert errors[0].startswith("config.yaml:5: trt_llm.build.pipeline_parallel_count: Tensor parallelism and GPU")
+    errors = _errors(MINIMAL + "resources: {accelerator: 'H100:2'}\n")
+    assert errors[0].startswith("config.yaml:5: resources.accelerator: Tensor parallelism and GPU count")
+    errors = _errors(MINIMAL + "    plugin_configuration:\n      use_paged_context_fmha: false\n")
+    assert errors[0].startswith(
+        "config.yaml:6: trt_llm.build.plugin_configuration.use_paged_context_fmha: If trt_llm.runtime."
+        "enable_chunked_context is True"
+    )
+
+
+def test_an_integer_too_long_to_read_names_its_line() -> None:
+    assert _errors(MINIMAL + "    max_batch_size: " + "1" * 5000 + "\n") == [
+        "config.yaml:5: invalid YAML: an integer of 5000 digits (at most 4300 are read)"
+    ]
