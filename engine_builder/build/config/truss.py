@@ -336,22 +336,30 @@ def _v1_errors(config: TrussConfig, stack: TrtLlmConfigV1) -> list[FieldError]:
     errors: list[FieldError] = []
     build = stack.build
     if not build.base_model.is_encoder:
-        raw_tags = config.model_metadata.get("tags") or []
-        if isinstance(raw_tags, str):  # `tags: openai-compatible` without brackets: Truss accepts it too
-            raw_tags = [raw_tags]
-        if not isinstance(raw_tags, list):  # Truss itself fails here with a Python TypeError
-            return [FieldError(f"model_metadata.tags must be a list; got {raw_tags!r}", field="model_metadata.tags")]
-        tags = list(raw_tags)
-        if OPENAI_COMPATIBLE_TAG in tags and OPENAI_NON_COMPATIBLE_TAG in tags:
+        # Truss tests the tags with `in`, whatever they are: a list by item, a mapping by key, text by substring
+        # (and `force-legacy-api-non-openai-compatible` contains `openai-compatible`); null or a number make Truss
+        # fail with a TypeError, refused here with the reason.
+        tags = config.model_metadata.get("tags", [])
+        try:
+            compatible, legacy = OPENAI_COMPATIBLE_TAG in tags, OPENAI_NON_COMPATIBLE_TAG in tags
+        except TypeError:
+            return [FieldError(f"model_metadata.tags must be a list; got {tags!r}", field="model_metadata.tags")]
+        if compatible and legacy:
+            hint = (
+                " (tags is text, in which Truss finds both as substrings: write a list, such as "
+                f"tags: [{OPENAI_COMPATIBLE_TAG}])"
+                if isinstance(tags, str)
+                else ""
+            )
             errors.append(
                 FieldError(
                     f"TRT-LLM models should have either model_metadata['tags'] = ['{OPENAI_COMPATIBLE_TAG}'] or "
                     f"['{OPENAI_NON_COMPATIBLE_TAG}']. Your current tags are both {tags}, which is invalid. "
-                    "Please remove one of the tags.",
+                    f"Please remove one of the tags.{hint}",
                     field="model_metadata.tags",
                 )
             )
-        elif OPENAI_COMPATIBLE_TAG not in tags and OPENAI_NON_COMPATIBLE_TAG not in tags:
+        elif not compatible and not legacy:
             message = (
                 f"TRT-LLM models should have model_metadata['tags'] = ['{OPENAI_COMPATIBLE_TAG}'] "
                 f"(or ['{OPENAI_NON_COMPATIBLE_TAG}']). Your current tags are {tags}, which is has neither option."

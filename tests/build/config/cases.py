@@ -337,7 +337,20 @@ def both_tags() -> dict[str, Any]:
     return config
 
 
+def tagged(tags: Any) -> dict[str, Any]:
+    config = with_build()
+    config["model_metadata"] = {"tags": tags}
+    return config
+
+
 CASES += [
+    # Truss tests tags with `in`: a list by item, a mapping by key, text by substring.
+    ("tags one string", tagged("openai-compatible"), None),
+    ("tags a mapping", tagged({"openai-compatible": 1}), None),
+    ("tags the legacy tag alone", tagged(["force-legacy-api-non-openai-compatible"]), None),
+    ("tags text with both", tagged("openai-compatible force-legacy-api-non-openai-compatible"), "current tags are both"),
+    ("tags the legacy tag as text", tagged("force-legacy-api-non-openai-compatible"), "current tags are both"),
+    ("tags of neither only warn", tagged(["other"]), None),
     ("encoder_bert on T4 is fine", encoder_bert_on_t4(), None),
     ("encoder", with_build(base_model="encoder"), None),
     (

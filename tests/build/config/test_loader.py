@@ -315,7 +315,14 @@ def test_tags_that_are_not_a_list_are_a_config_error() -> None:
             checkpoint_repository: {{source: HF, repo: org/model}}
         """
     assert _errors(config.format(tags="true")) == ["config.yaml:2: model_metadata.tags: model_metadata.tags must be a list; got True"]
+    # Truss fails on null too (`argument of type 'NoneType' is not iterable`)
+    assert _errors(config.format(tags="null")) == ["config.yaml:2: model_metadata.tags: model_metadata.tags must be a list; got None"]
     parse_config(textwrap.dedent(config.format(tags="openai-compatible")))  # one tag without brackets, as Truss reads it
+    # Text is searched by substring, as Truss does: the legacy tag's name contains the other one.
+    assert _errors(config.format(tags="force-legacy-api-non-openai-compatible"))[0].endswith(
+        "Please remove one of the tags. (tags is text, in which Truss finds both as substrings: write a list, such "
+        "as tags: [openai-compatible])"
+    )
 
 
 def test_truss_resource_fields_are_checked_and_use_gpu_is_computed_as_truss_computes_it() -> None:
