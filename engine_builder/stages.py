@@ -15,6 +15,7 @@ import pydantic
 
 from engine_builder.build.config import ConfigError, ConfigIssue, EngineOptions, LoadedConfig, load_config
 from engine_builder.common.artifact import MANIFEST_FILE, EngineDir, is_engine_dir, load_engine_dir
+from engine_builder.common.options import build_only_options
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def add_engine_option_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in EngineOptions.model_fields.items():
         annotation = field.annotation
         # argparse %-formats help strings: a literal "%" in a description must reach it doubled.
-        help_text = f"{field.description} (default: {field.default})".replace("%", "%%")
+        stage = "; build only: refused by serve ENGINE_DIR" if name in build_only_options() else ""
+        help_text = f"{field.description} (default: {field.default}{stage})".replace("%", "%%")
         kwargs: dict[str, Any] = {"default": None, "help": help_text}
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is typing.Literal:
@@ -67,7 +69,10 @@ def add_stage_commands(commands: Any) -> None:
     build.add_argument("config", help="config.yaml")
     build.add_argument("-o", "--output", required=True, help="engine directory to write")
     build.add_argument(
-        "--force", action="store_true", help="rebuild even when the output matches the config hash"
+        "--force",
+        action="store_true",
+        help="rebuild even when the output matches the config hash; also replaces an output folder with files in "
+        "it that is not an engine directory, deleting those files",
     )
     add_engine_option_flags(build)
     build.set_defaults(handler=cmd_build)
@@ -90,7 +95,10 @@ def add_stage_commands(commands: Any) -> None:
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (a number, 0-65535)") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
     return port
@@ -144,12 +152,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         raise ConfigError([ConfigIssue(str(target), None, "", message)])
     if is_engine_dir(target):
+        _refuse_build_flags(args, target)
         engine = load_engine_dir(target)
         options = engine_options_from(args, None, base=engine.manifest.runtime.options)
     else:
         options = engine_options_from(args, load_config(target))
         engine = build_or_reuse(str(target), None, options)
     return _serve(engine, args, options)
+
+
+def _refuse_build_flags(args: argparse.Namespace, engine_dir: Path) -> None:
+    """Serving an engine directory builds nothing: a build-only flag would do nothing, silently."""
+    given = [name for name in build_only_options() if getattr(args, f"engine_{name}", None) is not None]
+    if given:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "command line",
+                    None,
+                    f"--{name.replace('_', '-')}",
+                    f"a build option, and serving the engine directory {engine_dir} builds nothing: pass it to "
+                    "`engine-builder build` (or serve a config, which builds first)",
+                )
+                for name in given
+            ]
+        )
 
 
 def build_or_reuse(config_path: str, engine_dir: str | None, options: EngineOptions) -> EngineDir:

@@ -99,6 +99,32 @@ def test_bad_flag_values_are_errors_not_tracebacks() -> None:
     assert "--num-threads: Input should be greater than or equal to 1" in result.stderr
     result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--port", "99999")
     assert result.returncode == 2 and "99999 is not a TCP port" in result.stderr
+    result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--port", "abc")
+    assert result.returncode == 2 and "argument --port: 'abc' is not a TCP port (a number, 0-65535)" in result.stderr
+    assert "_port" not in result.stderr
+
+
+def test_help_says_what_force_deletes_and_which_flags_only_a_build_reads() -> None:
+    build_help = " ".join(_cli("build", "--help").stdout.split())
+    assert "also replaces an output folder with files in it that is not an engine directory, deleting those files" in (
+        build_help
+    )
+    serve_help = " ".join(_cli("serve", "--help").stdout.split())
+    assert "(default: auto; build only: refused by serve ENGINE_DIR)" in serve_help  # --quantizer
+
+
+def test_build_only_flags_given_to_serve_an_engine_directory_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine_builder.cli import main
+
+    (tmp_path / "manifest.json").write_text(_sample_manifest_text())
+    assert main(["serve", str(tmp_path), "--quantizer", "modelopt", "--quantization-gate", "false"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: command line: {flag}: a build option, and serving the engine directory {tmp_path} builds nothing: "
+        "pass it to `engine-builder build` (or serve a config, which builds first)"
+        for flag in ("--quantizer", "--quantization-gate")
+    ]
 
 
 def test_a_busy_port_is_found_before_the_model_loads() -> None:

@@ -11,6 +11,8 @@ from typing import Literal
 import pydantic
 
 GIB = 1024**3
+# Marks an option only a build reads (quantization): given to `serve ENGINE_DIR`, which builds nothing, it is refused.
+BUILD_ONLY: dict[str, pydantic.JsonValue] = {"stage": "build"}
 
 
 class EngineOptions(pydantic.BaseModel):
@@ -24,21 +26,25 @@ class EngineOptions(pydantic.BaseModel):
     )
     device: str = pydantic.Field(default="auto", description="auto, cpu, cuda or cuda:N (torch backend)")
     calibration_device: Literal["auto", "cpu", "cuda"] = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default="auto",
         description="Where a quantizing build calibrates and measures accuracy: auto = the CUDA device when one is "
         "visible (in the checkpoint's dtype), else the CPU (float32 compute, weights kept in their own dtype)",
     )
     quantizer: Literal["auto", "modelopt", "engine_builder"] = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default="auto",
         description="Who calibrates and exports a quantizing build: modelopt (nvidia-modelopt's mtq.quantize and "
         "HF export), engine_builder (this project's own quantizer), auto = modelopt when it is installed",
     )
     quantization_gate: bool = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default=True,
         description="Fail a quantizing build whose accuracy report breaches a threshold below; false = report only "
         "(ENGINE_BUILDER_QUANT_GATE=on/off overrides, recorded in the report and the manifest)",
     )
     quantization_min_top1_agreement: float | None = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default=None,
         ge=0.0,
         le=1.0,
@@ -46,12 +52,14 @@ class EngineOptions(pydantic.BaseModel):
         "unset = the format's default (FP8 0.80, NVFP4 0.55); ENGINE_BUILDER_QUANT_MIN_TOP1 overrides",
     )
     quantization_max_perplexity_increase: float | None = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default=None,
         ge=0.0,
         description="Accuracy gate: largest relative held-out perplexity increase (0.1 = +10 %); unset = the "
         "format's default (FP8 0.10, NVFP4 0.60); ENGINE_BUILDER_QUANT_MAX_PPL_INCREASE overrides",
     )
     quantization_min_logit_cosine: float | None = pydantic.Field(
+        json_schema_extra=BUILD_ONLY,
         default=None,
         ge=-1.0,
         le=1.0,
@@ -146,4 +154,11 @@ class EngineOptions(pydantic.BaseModel):
         default="auto",
         description="Encoders: accept `dimensions` (Matryoshka truncation of embeddings): auto = when the model card "
         "says the model was trained for it (read at build time), true/false = for a model whose card does not say",
+    )
+
+
+def build_only_options() -> tuple[str, ...]:
+    """The options only a build reads."""
+    return tuple(
+        name for name, field in EngineOptions.model_fields.items() if field.json_schema_extra == BUILD_ONLY
     )

@@ -28,7 +28,7 @@ def _weightless(smollm2_dir: Path, root: Path) -> Path:
     return folder
 
 
-def test_builds_and_serves_random_weights(tmp_path: Path, smollm2_dir: Path) -> None:
+def test_builds_and_serves_random_weights(tmp_path: Path, smollm2_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = _weightless(smollm2_dir, tmp_path)
     config = write_config(
         tmp_path / "config.yaml", folder, max_seq_len=128,
@@ -40,8 +40,11 @@ def test_builds_and_serves_random_weights(tmp_path: Path, smollm2_dir: Path) -> 
     engine_dir = result.engine_dir
     assert engine_dir.manifest.extra["load_format"] == "dummy"
     assert not list(engine_dir.model_dir.glob("*.safetensors"))
+    caplog.clear()
     engine = LLMEngine(engine_config_from(engine_dir, options), eos_token_ids=())
     assert engine.runner.model.spec.num_layers == 2
+    # Serving says so as loudly as the build did (`serve ENGINE_DIR --load-format dummy` swaps real weights too).
+    assert [r.levelname for r in caplog.records if r.getMessage().startswith("dummy weights:")] == ["WARNING"]
     engine.add_request(
         GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     )

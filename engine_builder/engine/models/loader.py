@@ -226,7 +226,9 @@ def _dummy_weights(model: DecoderModel, config: dict, device: torch.device) -> D
                 parameter.normal_(0.0, std, generator=generator)
     if model.spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens
-    logger.info("dummy weights: %s drawn at random (load_format dummy)", model.spec.architecture)
+    logger.warning(
+        "dummy weights: %s drawn at random (load_format dummy): the outputs are meaningless", model.spec.architecture
+    )
     return model.eval()
 
 
