@@ -35,8 +35,10 @@ def create_app(
         try:
             await state.engine.start()
         except Exception as error:
+            # One line says why (a truncated weights file, a KV budget too small); -v adds the traceback.
             state.startup_error = str(error)
-            logger.exception("engine failed to start")
+            logger.error("the engine failed to start: %s: %s", type(error).__name__, error)
+            logger.debug("engine start failure", exc_info=True)
             raise
         if user_model is not None:
             from engine_builder.serve.server.custom_model import call_load

@@ -59,7 +59,13 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         limit_concurrency=None,
     )
     server = DrainingServer(config, state)
-    server.run()
+    quiet = StartupFailureFilter(state)
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    uvicorn_logger.addFilter(quiet)
+    try:
+        server.run()
+    finally:
+        uvicorn_logger.removeFilter(quiet)
     if not server.started:  # the app's startup (engine load) failed, or the port could not be bound
         logger.error("the server did not start; exiting with status %d", STARTUP_FAILURE)
         return STARTUP_FAILURE
@@ -92,6 +98,21 @@ STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup
 # be the side that waits longer. 75 s outlasts the common proxy idle timeouts (AWS ALB 60 s, nginx 60 s upstream
 # keepalive) and pooled clients such as httpx (5 s); uvicorn's own default is 5 s.
 KEEP_ALIVE_S = 75
+
+
+class StartupFailureFilter(logging.Filter):
+    """When the engine failed to start, the app has said why in one line: uvicorn's copy of the lifespan traceback
+    and its own 'Application startup failed' add nothing to it (`-v` logs the traceback at debug)."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self.state = state
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.state.startup_error is None:
+            return True
+        text = record.getMessage()
+        return not (text.startswith("Traceback (most recent call last)") or text.startswith("Application startup failed"))
 
 
 class DrainingServer(uvicorn.Server):
