@@ -2,14 +2,31 @@
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import CONFIGS_DIR, REPO_ROOT
+
+
+@pytest.fixture
+def main() -> Iterator[Callable[[list[str]], int]]:
+    """The CLI in-process (for refusals that come before anything loads); the root logging handler it installs,
+    bound to this test's captured stderr, is taken away after."""
+    from engine_builder.cli import main as cli_main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield cli_main
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,10 +131,8 @@ def test_help_says_what_force_deletes_and_which_flags_only_a_build_reads() -> No
 
 
 def test_build_only_flags_given_to_serve_an_engine_directory_are_refused_by_name(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int]
 ) -> None:
-    from engine_builder.cli import main
-
     (tmp_path / "manifest.json").write_text(_sample_manifest_text())
     assert main(["serve", str(tmp_path), "--quantizer", "modelopt", "--quantization-gate", "false"]) == 2
     assert capsys.readouterr().err.splitlines() == [
@@ -233,10 +248,8 @@ def _edited(**changes: object) -> str:
     ],
 )
 def test_serve_of_a_manifest_of_the_wrong_shape_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, reason: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int], text: str, reason: str
 ) -> None:
-    from engine_builder.cli import main
-
     (tmp_path / "model").mkdir()
     (tmp_path / "manifest.json").write_text(text)
     assert main(["serve", str(tmp_path)]) == 1
@@ -264,11 +277,9 @@ def _sample_manifest_text() -> str:
 
 
 def test_serve_of_an_encoder_whose_default_route_is_not_served_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int]
 ) -> None:
     """Engines built before the build refused these routes: the reason and the fix before the model loads."""
-    from engine_builder.cli import main
-
     data = _sample_manifest()
     data.update(base_model="encoder_bert", extra={})
     data["runtime"]["default_route"] = "/predict_tokens"

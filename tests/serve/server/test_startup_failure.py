@@ -36,6 +36,9 @@ def test_an_engine_that_fails_to_load_is_one_line_not_a_traceback(
     )
     args = argparse.Namespace(api_key=["k"], host="127.0.0.1", port=0)
     caplog.set_level(logging.DEBUG, logger="engine_builder.serve.server")
+    # Only pytest's handlers: a CLI test run in-process before may have left a handler on a closed stream.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h).__module__.startswith("_pytest")])
     assert serve_engine(EngineDir(tmp_path, manifest), args, EngineOptions()) == STARTUP_FAILURE
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [
