@@ -142,8 +142,8 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("build.quantization_config.calib_max_seq_length", "honoured (calibration)", "honoured (calibration)"),
     Field("build.tensor_parallel_count",
           "honoured: that many ranks over torch.distributed (NCCL on GPUs, gloo on CPU), dense decoders in 16 bits "
-          "or FP8; refused with LoRA adapters, for encoders, mixture-of-experts models, NVFP4 and head counts it "
-          "cannot split", "LLM tensor_parallel_size", _tensor_parallel_count_refused),
+          "or FP8; refused with LoRA adapters, mixture-of-experts models, NVFP4 and head counts it cannot split; "
+          "an encoder's is set to 1 with a warning, as Truss's config does", "LLM tensor_parallel_size", _tensor_parallel_count_refused),
     Field("build.pipeline_parallel_count", "refused above 1", "refused above 1",
           lambda s: _build(s, "pipeline_parallel_count") != 1),
     Field("build.moe_expert_parallel_option", "refused unless -1 (experts are not sharded)", "LLM moe_expert_parallel_size",
