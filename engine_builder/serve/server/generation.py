@@ -87,16 +87,27 @@ class Run:
         self.prepared: PreparedRequest | None = None
 
     async def admit(self) -> None:
-        """Check and compile the request in the backend (once: a guide is compiled here, capacity checked here),
-        then count it in; every refusal is an APIError before anything streams."""
+        """Count the request in, then check and compile it in the backend (once: a guide is compiled here, capacity
+        checked here); every refusal is an APIError before anything streams. Counted first, so a request still
+        compiling its grammar is in flight: the server's capacity bounds compiles too, and a drain waits for it."""
+        self.state.admit()
         try:
             self.prepared = await self.state.generation().prepare(self.request)
         except GuideError as error:
+            self.state.release()
             raise guide_refused(error) from None
         except ValueError as error:
+            self.state.release()
             code = getattr(error, "code", "invalid_request")
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code=code) from None
-        self.state.admit()
+        except BaseException:  # the client left mid-compile (cancelled), or a failure of ours
+            self.state.release()
+            raise
+        if self.state.drain_expired:  # the drain ended while this request compiled: it will not start now
+            self.state.release()
+            raise APIError(
+                "The server is shutting down.", status=503, type="server_error", code="draining"
+            )
 
     async def deltas(self) -> AsyncIterator[GenerationDelta]:
         """Deltas with their text, as the engine produces them; closing this iterator aborts the request."""

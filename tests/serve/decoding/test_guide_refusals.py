@@ -59,3 +59,71 @@ def test_regex_and_grammar_errors_name_their_field(compiler: Any, kind: GuideKin
     assert caught.value.param == f"response_format.{kind.value}"
     assert "Check failed" not in str(caught.value) and "/project/" not in str(caught.value)
     json.dumps(str(caught.value))  # plain text
+
+
+def _slow(compiler: Any, monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]:
+    """Make every compile take `seconds` (as a giant enum does); returns the specs compiled, in order."""
+    import time
+
+    compiled: list[str] = []
+    real = compiler._compile
+
+    def slow(guide: Guide) -> Any:
+        time.sleep(seconds)
+        compiled.append(guide.spec)
+        return real(guide)
+
+    monkeypatch.setattr(compiler, "_compile", slow)
+    return compiled
+
+
+def test_requests_for_one_grammar_share_its_compile(compiler: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    compiled = _slow(compiler, monkeypatch, 0.3)
+    guide = Guide(GuideKind.REGEX, "shared-[0-9]+")
+
+    async def four() -> list[Any]:
+        return await asyncio.gather(*(compiler.compile_async(guide) for _ in range(4)))
+
+    results = asyncio.run(four())
+    assert compiled == [guide.spec] and all(result is results[0] for result in results)
+
+
+def test_a_compile_past_the_limit_is_a_400_and_its_result_still_serves_the_retry(
+    compiler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import time
+
+    compiled = _slow(compiler, monkeypatch, 0.6)
+    guide = Guide(GuideKind.REGEX, "slow-[a-z]+", param="response_format")
+    with pytest.raises(GuideError) as refused:
+        asyncio.run(compiler.compile_async(guide, timeout_s=0.1))
+    assert "took longer than 0.1 s to compile" in str(refused.value) and refused.value.param == "response_format"
+    time.sleep(0.8)  # the compile went on in its thread
+    started = time.monotonic()
+    assert asyncio.run(compiler.compile_async(guide, timeout_s=0.1)) is not None
+    assert time.monotonic() - started < 0.1 and compiled == [guide.spec]
+
+
+def test_compiles_do_not_queue_behind_the_default_thread_pool(compiler: Any) -> None:
+    """Prompt tokenization uses asyncio's default pool; a grammar waiting there behind it (or the reverse) froze
+    unrelated requests."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        blocked = loop.run_in_executor(None, release.wait, 10)  # the default pool's one thread is busy
+        try:
+            return await compiler.compile_async(Guide(GuideKind.REGEX, "own-pool-[0-9]"), timeout_s=5)
+        finally:
+            release.set()
+            await blocked
+
+    assert asyncio.run(main()) is not None

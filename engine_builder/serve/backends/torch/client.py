@@ -144,7 +144,7 @@ class TorchEngineClient:
         guide = request.sampling.guide
         if guide is not None:
             compiler = await self._grammar_compiler()
-            compiled = await asyncio.to_thread(compiler.compile, guide)
+            compiled = await compiler.compile_async(guide)
         self.engine.check_request(request)
         return PreparedRequest(request, compiled)
 

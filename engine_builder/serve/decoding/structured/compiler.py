@@ -1,11 +1,13 @@
 """Engine-level grammar compilation: tokenizer info built once, compiled grammars cached by their text."""
 
+import asyncio
 import json
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ from engine_builder.serve.decoding.structured.schema_audit import audit_json_sch
 
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256
+# A request waits this long for its grammar, then gets a 400; the compile goes on in its thread (xgrammar cannot be
+# interrupted) and its result is cached, so a retry of the same schema is answered at once. Everyday schemas compile
+# in milliseconds; what takes longer is a giant enum, a huge maxLength or a nested bounded repeat, which the message
+# names. Below the default drain timeout (30 s), so a compile cannot outlast a SIGTERM's drain.
+COMPILE_TIMEOUT_S = 20.0
+COMPILE_THREADS = 2  # compiles run here, not in asyncio's default pool (prompt tokenization shares that one)
 _XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
 _XGRAMMAR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 
@@ -32,14 +40,45 @@ class GrammarCompiler:
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._compiling: dict[tuple[str, str, bool], Future] = {}  # one compile per key, however many requests wait
+        self._lock = threading.RLock()  # reentrant: a compile done already runs its done-callback at once
+        self._executor = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self.vocab_size = vocab_size
         self.num_compiles = 0
         self.last_compile_seconds = 0.0
 
+    async def compile_async(self, guide: Guide, timeout_s: float | None = None) -> Any:
+        """`compile` off the event loop: a cached grammar at once, else on the compile threads, shared with any
+        request already compiling the same guide; GuideError after `timeout_s` (default COMPILE_TIMEOUT_S)."""
+        key = _key(guide)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+            future = self._compiling.get(key)
+            if future is None:
+                future = self._executor.submit(self.compile, guide)
+                self._compiling[key] = future
+                future.add_done_callback(lambda _: self._forget(key))
+        limit = COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
+        try:  # shielded: a waiter that leaves (timeout, disconnect) never cancels the compile others share
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
+        except TimeoutError:
+            raise GuideError(
+                f"The {guide.kind.value} took longer than {limit:g} s to compile, so it was not enforced. Simplify "
+                "it: very large enums, huge minLength/maxLength or repetition bounds, and deeply nested optional "
+                "parts are what make grammars slow (the compile finishes in the background and is cached).",
+                guide.param,
+            ) from None
+
+    def _forget(self, key: tuple[str, str, bool]) -> None:
+        with self._lock:
+            self._compiling.pop(key, None)
+
     def compile(self, guide: Guide) -> Any:
         """The CompiledGrammar for a guide; raises GuideError when it cannot be built or enforced."""
-        key = (guide.kind.value, guide.spec, guide.any_whitespace)
+        key = _key(guide)
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
@@ -101,6 +140,10 @@ class GrammarCompiler:
         from engine_builder.serve.decoding.structured.gate import ReasoningGate
 
         return ReasoningGate(matcher, after_reasoning, stop_token_ids)
+
+
+def _key(guide: Guide) -> tuple[str, str, bool]:
+    return (guide.kind.value, guide.spec, guide.any_whitespace)
 
 
 def _audit_tag_schemas(node: Any, path: str) -> None:

@@ -1,0 +1,95 @@
+"""Admission: a request counts as in flight from before its grammar compiles, so capacity bounds compiles and a
+drain waits for them; every way out of the compile gives the slot back."""
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from engine_builder.common.types import GenerationDelta, GenerationRequest, PreparedRequest, SamplingParams
+from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.generation import Run
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import StubEngine
+
+
+class CompilingEngine(StubEngine):
+    """`prepare` waits until the test lets it finish, then returns or raises what the test set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.outcome: BaseException | None = None
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        await self.release.wait()
+        if self.outcome is not None:
+            raise self.outcome
+        return PreparedRequest(request, None)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        return
+        yield
+
+
+def _state(engine: CompilingEngine, max_inflight: int = 4) -> ServerState:
+    state = ServerState(ServerSettings("m", max_inflight=max_inflight), engine, renderer=None)
+    state.ready = True
+    return state
+
+
+@pytest.mark.parametrize("outcome", [None, GuideError("bad grammar", "response_format"), ValueError("too long")])
+def test_a_compiling_request_is_in_flight_and_any_refusal_gives_the_slot_back(outcome: Exception | None) -> None:
+    async def main() -> None:
+        engine = CompilingEngine()
+        state = _state(engine)
+        run = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=4))
+        admitting = asyncio.ensure_future(run.admit())
+        await asyncio.sleep(0.01)
+        assert state.inflight == 1  # counted while it compiles
+        engine.outcome = outcome
+        engine.release.set()
+        if outcome is None:
+            await admitting
+            assert state.inflight == 1
+        else:
+            with pytest.raises(APIError) as refused:
+                await admitting
+            assert refused.value.status == 400 and state.inflight == 0
+
+    asyncio.run(main())
+
+
+def test_a_client_leaving_mid_compile_and_a_drain_ending_it_give_the_slot_back() -> None:
+    async def main() -> None:
+        engine = CompilingEngine()
+        state = _state(engine)
+        left = asyncio.ensure_future(Run(state, "a", [1], SamplingParams(max_tokens=4)).admit())
+        drained = asyncio.ensure_future(Run(state, "b", [1], SamplingParams(max_tokens=4)).admit())
+        await asyncio.sleep(0.01)
+        assert state.inflight == 2
+        left.cancel()
+        await asyncio.gather(left, return_exceptions=True)
+        assert state.inflight == 1
+        state.drain_expired = True
+        engine.release.set()
+        with pytest.raises(APIError) as refused:
+            await drained
+        assert refused.value.status == 503 and refused.value.code == "draining" and state.inflight == 0
+
+    asyncio.run(main())
+
+
+def test_capacity_counts_compiling_requests() -> None:
+    async def main() -> None:
+        engine = CompilingEngine()
+        state = _state(engine, max_inflight=1)
+        first = asyncio.ensure_future(Run(state, "a", [1], SamplingParams(max_tokens=4)).admit())
+        await asyncio.sleep(0.01)
+        with pytest.raises(APIError) as refused:
+            await Run(state, "b", [1], SamplingParams(max_tokens=4)).admit()
+        assert refused.value.status == 429
+        engine.release.set()
+        await first
+
+    asyncio.run(main())
