@@ -10,6 +10,7 @@ from engine_builder.serve.server.state import ServerState
 
 router = APIRouter()
 STARTED = int(time.time())
+ENGINE_STOPPED = "engine loop stopped: the server needs a restart (the server log says why)"
 
 
 def _state(request: Request) -> ServerState:
@@ -27,7 +28,7 @@ async def health(request: Request) -> Response:
     """Liveness: the process answers and the engine loop is alive (or still loading)."""
     state = _state(request)
     if state.ready and not state.engine.is_healthy():
-        return JSONResponse({"status": "unhealthy", "error": "engine loop stopped"}, status_code=503)
+        return JSONResponse({"status": "unhealthy", "error": ENGINE_STOPPED}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -36,11 +37,20 @@ async def health(request: Request) -> Response:
 @router.get("/health_file")
 @router.head("/health_file", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    """Readiness: 503 until the engine is loaded and warmed up, and again while draining."""
+    """Readiness: 503 until the engine is loaded and warmed up, again while draining, and for good once the engine
+    has stopped (a loop crash, a lost tensor-parallel rank: the server needs a restart, /health says so too)."""
     state = _state(request)
-    if state.ready and not state.draining and state.engine.is_healthy():
+    healthy = state.engine.is_healthy()
+    if state.ready and not state.draining and healthy:
         return JSONResponse({"status": "ready"})
-    reason = "draining" if state.draining else (state.startup_error or "loading")
+    if state.draining:
+        reason = "draining"
+    elif state.startup_error:
+        reason = state.startup_error
+    elif state.ready and not healthy:
+        reason = ENGINE_STOPPED
+    else:
+        reason = "loading"
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
 

@@ -1,0 +1,36 @@
+"""Liveness and readiness answers through the engine's life: loading, ready, draining, and an engine that stopped."""
+
+from fastapi.testclient import TestClient
+
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import StubEngine
+
+
+class _StoppedEngine(StubEngine):
+    """An engine whose loop has stopped (a crash, a lost tensor-parallel rank): it answers, but runs nothing."""
+
+    def is_healthy(self) -> bool:
+        return False
+
+
+def _probe(engine: StubEngine, ready: bool, draining: bool = False) -> tuple[dict, dict]:
+    state = ServerState(settings=ServerSettings("m"), engine=engine, renderer=None)
+    state.ready, state.draining = ready, draining
+    client = TestClient(create_app(state))
+    health, readiness = client.get("/health"), client.get("/ready")
+    return {"status_code": health.status_code, **health.json()}, {"status_code": readiness.status_code, **readiness.json()}
+
+
+def test_a_stopped_engine_is_not_ready_for_good_not_loading() -> None:
+    health, readiness = _probe(_StoppedEngine(), ready=True)
+    assert health["status_code"] == 503 and "engine loop stopped" in health["error"]
+    assert readiness["status_code"] == 503
+    assert "engine loop stopped" in readiness["reason"] and "restart" in readiness["reason"]
+
+
+def test_readiness_reasons_while_loading_ready_and_draining() -> None:
+    assert _probe(StubEngine(), ready=False)[1] == {"status_code": 503, "status": "not ready", "reason": "loading"}
+    assert _probe(StubEngine(), ready=True)[1] == {"status_code": 200, "status": "ready"}
+    assert _probe(StubEngine(), ready=True, draining=True)[1]["reason"] == "draining"
+    assert _probe(_StoppedEngine(), ready=True, draining=True)[1]["reason"] == "draining"
