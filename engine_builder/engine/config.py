@@ -62,6 +62,7 @@ class EngineConfig:
     lora_adapters: tuple[AdapterSpec, ...] = ()  # served by name (GenerationRequest.adapter), engine_builder/engine/lora.py
     max_lora_rank: int = 0  # the adapter pool's rank
     tensor_parallel_size: int = 1  # ranks the model is split over (engine_builder/engine/parallel.py)
+    tensor_parallel_timeout_s: float = 300.0  # a step's collective no rank answers this long fails the engine
     seed: int = 0
 
     @property

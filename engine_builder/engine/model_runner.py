@@ -9,7 +9,6 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,9 @@ from engine_builder.engine.parallel import (
     TensorParallel,
     TensorParallelError,
     WorkerGroup,
+    bound_steps,
     init_group,
+    leave_group,
 )
 from engine_builder.engine.quantized import Fp8Linear
 from engine_builder.engine.scheduler import ScheduledSequence
@@ -141,6 +142,8 @@ class ModelRunner:
             if self.workers is not None:
                 self.workers.kill()
             raise
+        if self.workers is not None:
+            bound_steps(config.tensor_parallel_timeout_s)
 
     def _build(self, config: EngineConfig, store_path: Path | None) -> None:
         tp = self.tp
@@ -200,8 +203,8 @@ class ModelRunner:
             kv_dtype,
             self.device,
         )
-        if tp is not None and tp.is_driver:
-            self.driver = Driver(self.device)
+        if self.workers is not None:
+            self.driver = Driver(self.device, self.workers)
             self.kv_cache.mirror = self.driver
         if self.kernels == KernelSet.NATIVE:
             logger.info(
@@ -302,7 +305,8 @@ class ModelRunner:
         blocks = min(blocks, cap + 1)
         if self.tp is not None:  # every rank's pool has the same blocks: the smallest budget decides
             agreed = torch.tensor([blocks], dtype=torch.long, device=self.device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            with self._group_failure():
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
             blocks = int(agreed.item())
         if blocks < 2 or (blocks - 1) * self.block_size < config.max_seq_len:
             raise ValueError(
@@ -354,20 +358,22 @@ class ModelRunner:
             self.workers.check()
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do on one rank)."""
+        """Stop the other tensor-parallel ranks (nothing to do on one rank). A failed group (a rank gone or stalled)
+        is not asked to stop: its ranks are killed."""
         if self.driver is None or self.workers is None:
             return
         try:
             if self.workers.failure is None:
                 self.driver.stop()
-            self.workers.join()
-        except Exception:  # a broken group: the ranks are killed, not waited for
-            logger.exception("tensor parallelism: stopping the ranks failed; killing them")
+                self.workers.join()
+            else:
+                self.workers.kill()
+        except RankFailedError as error:  # the group broke while stopping (logged with its cause)
+            logger.error("tensor parallelism: stopping the ranks failed (%s); killing them", error)
             self.workers.kill()
         finally:
             self.driver = None
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            leave_group()
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
@@ -401,16 +407,10 @@ class ModelRunner:
             self.driver.logits(hidden)
             return self.model.logits(hidden)
 
-    @contextlib.contextmanager
-    def _group_failure(self) -> Iterator[None]:
-        """Under tensor parallelism a failure while the ranks run one step together leaves them out of step: it
-        fails the engine (RankFailedError), never just the requests of that step."""
-        try:
-            yield
-        except RankFailedError:
-            raise
-        except Exception as error:
-            raise RankFailedError(f"tensor-parallel step failed: {error}") from error
+    def _group_failure(self) -> contextlib.AbstractContextManager[None]:
+        """Rank 0, under tensor parallelism: a failure while the ranks work together fails the engine
+        (RankFailedError naming the rank that died, or the collective's error), never just that step's requests."""
+        return self.workers.collective() if self.workers is not None else contextlib.nullcontext()
 
     def host_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The same on the host, for the rare consumers that read logits in Python (lookahead, prompt logprobs)."""

@@ -13,18 +13,21 @@ one tensor payload (a step's ids, positions and attention metadata in one int64 
 slots to copy). Nothing is pickled per step.
 """
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -149,10 +152,13 @@ def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Driver:
-    """Rank 0's end of the channel: every call is matched by the workers' loop (`serve_commands`)."""
+    """Rank 0's end of the channel: every call is matched by the workers' loop (`serve_commands`). A step's and a
+    projection's broadcasts run inside the runner's `WorkerGroup.collective` (with rank 0's own forward); the KV
+    copies and the stop command, which the engine calls on their own, enter it here."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, workers: "WorkerGroup") -> None:
         self.device = device
+        self.workers = workers
 
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: "CpuAttentionMetadata") -> None:
         spans = metadata.extends
@@ -179,14 +185,17 @@ class Driver:
         _broadcast(hidden.contiguous())
 
     def copy_block(self, source: int, target: int) -> None:
-        _broadcast_header([_COPY_BLOCK, source, target], self.device)
+        with self.workers.collective():
+            _broadcast_header([_COPY_BLOCK, source, target], self.device)
 
     def copy_slots(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
-        _broadcast_header([_COPY_SLOTS, sources.numel()], self.device)
-        _broadcast(torch.cat([sources, targets]).to(self.device, torch.long))
+        with self.workers.collective():
+            _broadcast_header([_COPY_SLOTS, sources.numel()], self.device)
+            _broadcast(torch.cat([sources, targets]).to(self.device, torch.long))
 
     def stop(self) -> None:
-        _broadcast_header([_STOP], self.device)
+        with self.workers.collective():
+            _broadcast_header([_STOP], self.device)
 
 
 def serve_commands(model: "DecoderModel", kv_cache: "PagedKVCache", device: torch.device) -> None:
@@ -246,13 +255,34 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+# How long a rank waits in a collective before it fails. Rank 0 bounds each step (`bound_steps`, the config's
+# `tensor_parallel_timeout_s`) but not its start, when the other ranks load their shards (a rank dying meanwhile is
+# caught by the watcher); a worker waits for rank 0's next command as long as the server idles, so never gives up:
+# rank 0 is the one that notices a stalled rank, and stops every rank then.
+_STARTUP_TIMEOUT = timedelta(minutes=30)
+_WORKER_TIMEOUT = timedelta(days=3650)
+_EXIT_GRACE_S = 2.0  # after a collective failed: how long rank 0 waits to see which rank exited
+
+
 def init_group(store_path: Path, rank: int, world_size: int, device: torch.device) -> None:
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process: one tensor-parallel engine a process")
     if device.type == "cpu":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks talk over loopback only
     store = dist.FileStore(str(store_path), world_size)
-    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size)
+    timeout = _STARTUP_TIMEOUT if rank == 0 else _WORKER_TIMEOUT
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def bound_steps(timeout_s: float) -> None:
+    """Rank 0, once the engine is built: a collective the other ranks do not join within `timeout_s` fails (gloo
+    raises; NCCL's watchdog aborts the process), instead of waiting for torch's default (30 minutes on gloo)."""
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _die_with_parent() -> None:
@@ -277,15 +307,16 @@ def worker_main(config: "EngineConfig", rank: int, store_path: str, log_level: i
     try:
         serve_commands(runner.model, runner.kv_cache, runner.device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
 
 
 class WorkerGroup:
-    """Rank 0's view of ranks 1..N-1: spawned processes, watched; a rank that exits unasked fails the engine."""
+    """Rank 0's view of ranks 1..N-1: spawned processes, watched. A rank that exits unasked, or a collective that
+    fails, fails the engine: `failure` says why, and every later step raises it as RankFailedError."""
 
     def __init__(self, config: "EngineConfig") -> None:
         self.world_size = config.tensor_parallel_size
+        self.timeout_s = config.tensor_parallel_timeout_s
         self._dir = tempfile.TemporaryDirectory(prefix="engine-tp-")
         self.store_path = Path(self._dir.name) / "store"
         context = multiprocessing.get_context("spawn")
@@ -299,6 +330,7 @@ class WorkerGroup:
             for rank in range(1, self.world_size)
         ]
         self.failure: str | None = None
+        self._lock = threading.Lock()  # one thread reaps a process and records the failure at a time
         self._stopping = threading.Event()
         for process in self.processes:
             process.start()
@@ -307,18 +339,46 @@ class WorkerGroup:
         self._monitor.start()
 
     def _watch(self) -> None:
-        sentinels = {process.sentinel: process for process in self.processes}
-        while sentinels and not self._stopping.is_set():
-            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
-                process = sentinels.pop(cast(int, sentinel))
+        while self.failure is None and not self._stopping.is_set():
+            self._note_exits(0.5)
+
+    def _note_exits(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for a rank to exit; ranks that exited before the stop was asked fail the engine."""
+        ready = multiprocessing.connection.wait([process.sentinel for process in self.processes], timeout=timeout_s)
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            exited = [process for process in self.processes if process.sentinel in ready]
+            for process in exited:
                 process.join(1)  # the exit code is set once the process is reaped
-                if not self._stopping.is_set():
-                    self.failure = f"tensor-parallel {process.name} exited with code {process.exitcode}"
-                    logger.error("%s: the engine cannot run another step", self.failure)
+            if exited:
+                self._fail("; ".join(f"tensor-parallel {p.name} exited with code {p.exitcode}" for p in exited))
+
+    def _fail(self, failure: str) -> None:
+        if self.failure is None:
+            self.failure = failure
+            logger.error("%s: the engine cannot run another step", failure)
 
     def check(self) -> None:
         if self.failure is not None:
             raise RankFailedError(self.failure)
+
+    @contextlib.contextmanager
+    def collective(self) -> Iterator[None]:
+        """Rank 0's part of work every rank does together. A failure there leaves the ranks out of step: it fails
+        the engine (RankFailedError), never only one step's requests. It names the rank that exited when one did
+        (a dead peer is what breaks a collective most often: rank 0 waits a moment to see it go), else says what
+        the collective reported (a timeout: a rank is stalled)."""
+        try:
+            yield
+        except RankFailedError:
+            raise
+        except Exception as error:
+            if self.failure is None:
+                self._note_exits(_EXIT_GRACE_S)
+            with self._lock:
+                self._fail(_collective_failure(error, self.timeout_s))  # unless a rank's exit was recorded
+            raise RankFailedError(self.failure) from error
 
     def while_watching(self, action: Callable[[], None]) -> None:
         """Run `action` (joining the group: it waits for every rank) unless a rank dies first, which raises
@@ -343,20 +403,32 @@ class WorkerGroup:
     def join(self, timeout_s: float = 10.0) -> None:
         """After the stop command: wait for the ranks, kill what does not exit."""
         self._stopping.set()
-        for process in self.processes:
-            process.join(timeout_s)
-            if process.is_alive():
-                logger.warning("%s did not stop; killing it", process.name)
-                process.kill()
-                process.join(5)
+        with self._lock:
+            for process in self.processes:
+                process.join(timeout_s)
+                if process.is_alive():
+                    logger.warning("%s did not stop; killing it", process.name)
+                    process.kill()
+                    process.join(5)
         self._dir.cleanup()
 
     def kill(self) -> None:
         self._stopping.set()
-        for process in self.processes:
-            if process.is_alive():
-                process.kill()
-        for process in self.processes:
-            process.join(5)
+        with self._lock:
+            for process in self.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in self.processes:
+                process.join(5)
         self._dir.cleanup()
 
+
+def _collective_failure(error: Exception, timeout_s: float) -> str:
+    """A failed collective's message for clients and the log: gloo's own, without its source path and sign-off."""
+    text = re.sub(r"\[[^\]]*:\d+\]\s*", "", str(error)).split(". This is typically")[0].strip()
+    if "timed out" in text.lower():
+        return (
+            f"tensor-parallel step failed: the other ranks did not answer within {timeout_s:g} s, a rank is stalled "
+            f"({text})"
+        )
+    return f"tensor-parallel step failed: {text}"

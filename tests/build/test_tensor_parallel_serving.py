@@ -129,16 +129,19 @@ def test_a_dead_rank_turns_readiness_false(tmp_path: Path, smollm2_dir: Path) ->
         assert rest[-1] == "data: [DONE]", rest[-3:]
         error = json.loads(rest[-2].removeprefix("data: "))["error"]
         assert error["code"] == "engine_unavailable" and "restart" in error["message"]
+        assert "engine-tp-rank1 exited with code -9" in error["message"] and "gloo" not in error["message"]
         deadline = time.monotonic() + 20
         while httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
             assert time.monotonic() < deadline, "/health stayed 200 after a rank died"
             time.sleep(0.2)
         assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
         assert httpx.get(f"{server.base_url}/v1/models/test-model", timeout=5).status_code == 503  # Truss readiness
+        readiness = httpx.get(f"{server.base_url}/ready", timeout=5)
+        assert readiness.status_code == 503 and "engine loop stopped" in readiness.json()["reason"]
         response = httpx.post(
             f"{server.base_url}/v1/completions",
             json={"model": "test-model", "prompt": "Hello", "max_tokens": 4},
             timeout=30,
         )
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
-        assert "rank1" in server.log_path.read_text()
+        assert "engine-tp-rank1 exited with code -9" in server.log_path.read_text()

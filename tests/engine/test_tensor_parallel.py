@@ -5,6 +5,7 @@ in test_greedy_identity.py) and a one-rank engine where numbers are compared. A 
 and leaves no process behind.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -255,6 +256,64 @@ def test_a_dead_rank_fails_the_engine_and_close_returns(smollm2_dir: Path) -> No
     started = time.monotonic()
     engine.close()
     assert time.monotonic() - started < 15 and not process.is_alive()
+
+
+def test_a_rank_dying_mid_step_is_named_with_its_exit_code(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step's collective breaks before the watcher has seen the rank go (here: never, it is switched off): the
+    engine still fails with the rank's name and exit code, not gloo's text, and the log says which rank died."""
+    import engine_builder.engine.parallel as parallel
+
+    monkeypatch.setattr(parallel.WorkerGroup, "_watch", lambda self: None)
+    engine = _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
+    workers = engine.runner.workers
+    assert workers is not None
+    (process,) = workers.processes
+    caplog.set_level(logging.ERROR)
+    try:
+        engine.add_request(GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=8, temperature=0.0)))
+        assert engine.step()  # the ranks run
+        os.kill(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(process.pid) and time.monotonic() < deadline:  # dead, not yet reaped by anyone
+            time.sleep(0.05)
+        with pytest.raises(RankFailedError, match=r"^tensor-parallel engine-tp-rank1 exited with code -9$"):
+            engine.step()
+        with pytest.raises(RankFailedError, match="rank1 exited with code -9"):  # and every step after it
+            engine.step()
+    finally:
+        engine.close()
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert any("engine-tp-rank1 exited with code -9" in message for message in errors), errors
+    assert not any("stopping the ranks failed" in message for message in errors), errors
+
+
+def test_a_stalled_rank_fails_the_step_after_the_timeout_not_the_idle_ranks(smollm2_dir: Path) -> None:
+    """Rank 0 bounds how long a step waits for the others (`tensor_parallel_timeout_s`); the other ranks wait for
+    rank 0's next command as long as the server idles."""
+    engine = _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20, tensor_parallel_timeout_s=2.0)
+    workers = engine.runner.workers
+    assert workers is not None
+    (process,) = workers.processes
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    try:
+        time.sleep(3)  # idle past the timeout
+        assert _run(engine, [[1, 2, 3]], params)["r0"][-1].finish_reason is not None
+        os.kill(process.pid, signal.SIGSTOP)  # a rank that stops answering (stopped, deadlocked, swapping)
+        engine.add_request(GenerationRequest("stalled", (1, 2, 3), params))
+        started = time.monotonic()
+        with pytest.raises(RankFailedError, match=r"the other ranks did not answer within 2 s, a rank is stalled"):
+            engine.step()
+        assert time.monotonic() - started < 30
+        with pytest.raises(RankFailedError, match="did not answer"):
+            engine.step()
+    finally:
+        if workers.failure is None and process.is_alive():
+            os.kill(process.pid, signal.SIGCONT)
+        started = time.monotonic()
+        engine.close()
+    assert time.monotonic() - started < 15 and not process.is_alive()  # a failed group is killed, not stopped
 
 
 def _exit_before_joining(*args: object) -> None:
