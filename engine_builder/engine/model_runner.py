@@ -45,6 +45,8 @@ from engine_builder.engine.step_rows import flatten
 
 logger = logging.getLogger(__name__)
 
+_FAILED_START_GRACE_S = 3.0  # a failed start lets the other ranks report their own error before they are killed
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -140,7 +142,8 @@ class ModelRunner:
             self._build(config, store_path)
         except BaseException:
             if self.workers is not None:
-                self.workers.kill()
+                self.workers.kill(grace_s=_FAILED_START_GRACE_S)
+                leave_group()
             raise
         if self.workers is not None:
             bound_steps(config.tensor_parallel_timeout_s)

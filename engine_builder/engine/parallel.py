@@ -21,8 +21,10 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -303,9 +305,12 @@ def worker_main(config: "EngineConfig", rank: int, store_path: str, log_level: i
     from engine_builder.engine.model_runner import ModelRunner
 
     tp = TensorParallel(rank, config.tensor_parallel_size)
-    runner = ModelRunner(config, tp=tp, store_path=Path(store_path))
     try:
+        runner = ModelRunner(config, tp=tp, store_path=Path(store_path))
         serve_commands(runner.model, runner.kv_cache, runner.device)
+    except Exception as error:  # logged whole, in one write: multiprocessing's own report could be cut by a kill
+        logger.error("rank %d stopped: %s", rank, error, exc_info=True)
+        sys.exit(1)
     finally:
         leave_group()
 
@@ -412,9 +417,14 @@ class WorkerGroup:
                     process.join(5)
         self._dir.cleanup()
 
-    def kill(self) -> None:
+    def kill(self, grace_s: float = 0.0) -> None:
+        """Kill the ranks, after `grace_s` for them to exit on their own (one reporting its own error at a failed
+        start, which a kill would cut short)."""
         self._stopping.set()
         with self._lock:
+            deadline = time.monotonic() + grace_s
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
             for process in self.processes:
                 if process.is_alive():
                     process.kill()

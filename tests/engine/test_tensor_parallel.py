@@ -316,6 +316,16 @@ def test_a_stalled_rank_fails_the_step_after_the_timeout_not_the_idle_ranks(smol
     assert time.monotonic() - started < 15 and not process.is_alive()  # a failed group is killed, not stopped
 
 
+def test_a_failed_start_logs_each_ranks_error_whole(smollm2_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Every rank finds the KV budget too small: rank 1 reports its error in one log record before rank 0 kills
+    it, never multiprocessing's bare `Process engine-tp-rank1:` line cut short."""
+    with pytest.raises(ValueError, match="KV cache budget"):
+        _engine(smollm2_dir, 2, max_seq_len=512, kv_cache_memory_bytes=2**20)
+    err = capfd.readouterr().err
+    assert "Process engine-tp-rank1:" not in err
+    assert "rank 1 stopped: the KV cache budget holds" in err, err[-2000:]
+
+
 def _exit_before_joining(*args: object) -> None:
     os._exit(7)
 
