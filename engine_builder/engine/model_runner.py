@@ -209,6 +209,8 @@ class ModelRunner:
         if self.workers is not None:
             self.driver = Driver(self.device, self.workers)
             self.kv_cache.mirror = self.driver
+            if self.device.type == "cpu":  # not on CUDA: NCCL's process group may read its store after the start
+                self.workers.release_store()
         if self.kernels == KernelSet.NATIVE:
             logger.info(
                 "CPU decode attention: %s",

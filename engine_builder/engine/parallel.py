@@ -405,6 +405,11 @@ class WorkerGroup:
         if errors:
             raise errors[0]
 
+    def release_store(self) -> None:
+        """Remove the FileStore's folder once every rank has joined the group and run a collective with it (gloo
+        reads the store only to form the group): a rank 0 killed without clean-up then leaves nothing behind."""
+        self._dir.cleanup()
+
     def join(self, timeout_s: float = 10.0) -> None:
         """After the stop command: wait for the ranks, kill what does not exit."""
         self._stopping.set()

@@ -353,14 +353,16 @@ def test_ranks_die_with_the_process_that_started_them(smollm2_dir: Path, tmp_pat
                                   max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
                                   tensor_parallel_size=2)
             engine = LLMEngine(config, eos_token_ids=(2,))
-            print(engine.runner.workers.processes[0].pid, flush=True)
+            print(engine.runner.workers.processes[0].pid, engine.runner.workers.store_path, flush=True)
             time.sleep(600)
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert owner.stdout is not None
-        worker = int(owner.stdout.readline())
+        pid, store = owner.stdout.readline().split()
+        worker = int(pid)
+        assert not Path(store).parent.exists()  # the FileStore's folder goes once the group is formed
         owner.send_signal(signal.SIGKILL)  # no clean-up code runs in the owner
         owner.wait(10)
         deadline = time.monotonic() + 10
