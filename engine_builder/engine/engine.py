@@ -3,7 +3,6 @@
 import itertools
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -15,8 +14,10 @@ from engine_builder.common.types import (
     GenerationRequest,
     TokenLogprob,
 )
+from engine_builder.engine import grammar_masks
 from engine_builder.engine.block_manager import BlockManager
 from engine_builder.engine.config import EngineConfig, SchedulerPolicy
+from engine_builder.engine.grammar_masks import GrammarMasks
 from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
 from engine_builder.engine.lookahead import DraftPlan
 from engine_builder.engine.model_runner import ModelRunner, index_tensor
@@ -35,6 +36,15 @@ class RequestRejectedError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code  # the error code the server's 400 carries
+
+
+def _too_slow_message(seconds: float) -> str:
+    return (
+        f"the request's grammar (response_format or strict tools) took {seconds:.1f} s to constrain one token, past "
+        f"the {grammar_masks.MASK_FILL_BUDGET_S:g} s limit, and grows slower with every token: simplify it. An ambiguous grammar "
+        "(a rule that matches the same text in more than one way, such as `r ::= r r`) does this; write each "
+        "repetition one way (`r ::= [a-z]+`)"
+    )
 
 
 def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
@@ -67,9 +77,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
-        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
-        self._mask_future: Future | None = None
-        self._masks: dict[int, torch.Tensor] = {}
+        self.masks = GrammarMasks()
 
     def close(self) -> None:
         """Release what outlives the object: the other tensor-parallel ranks (on the thread that steps)."""
@@ -261,13 +269,20 @@ class LLMEngine:
         return outputs
 
     def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
-        sampled_items = [(index, item) for index, item in enumerate(scheduled) if item.sample and not item.num_draft_tokens]
+        outputs: list[GenerationDelta] = []
+        for request_id, seconds in self.masks.collect().items():
+            logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", request_id, seconds)
+            outputs.extend(self.abort(request_id, FinishReason.ERROR, _too_slow_message(seconds)))
+        sampled_items = [
+            (index, item)
+            for index, item in enumerate(scheduled)
+            if item.sample and not item.num_draft_tokens and item.seq.request_id in self.groups
+        ]
         rows, owners = self._sampling_rows([item for _, item in sampled_items])
         if not rows:
-            return []
+            return outputs
         logit_rows = [rows_of[sampled_items[position][0]][0] for position, _ in owners]
         row_logits = self._project_rows(hidden, logit_rows)
-        outputs: list[GenerationDelta] = []
         try:
             sampled = self.sampler(row_logits, rows)
             picks = list(zip(owners, sampled.token_ids, sampled.logprobs, strict=True))
@@ -408,7 +423,7 @@ class LLMEngine:
                         prompt_token_ids=target.prompt_token_ids,
                         output_token_ids=target.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
-                        token_bitmask=self._bitmask_of(target),
+                        token_bitmask=self.masks.mask_of(target),
                     )
                 )
                 owners.append((position, target))
@@ -418,7 +433,8 @@ class LLMEngine:
         """Fill the grammar masks of this step's sampled rows on a helper thread while the forward runs.
 
         The matchers already hold the state after the last accepted token, and the forward releases the GIL
-        inside its kernels, so on a machine with a spare core the masks cost (almost) nothing.
+        inside its kernels, so on a machine with a spare core the masks cost (almost) nothing; `_sample` collects
+        them, ending a request whose fill runs past the budget.
         """
         guided = [
             seq
@@ -427,19 +443,7 @@ class LLMEngine:
             for seq in ([item.seq] + self._unforked_children(item.seq))
             if seq.guide_state is not None
         ]
-        self._masks = {}
-        if guided:
-            self._mask_future = self._mask_pool.submit(lambda: {seq.seq_id: seq.guide_state.token_bitmask().clone() for seq in guided})
-        else:
-            self._mask_future = None
-
-    def _bitmask_of(self, seq: Sequence) -> torch.Tensor | None:
-        if seq.guide_state is None:
-            return None
-        if self._mask_future is not None:
-            self._masks, self._mask_future = self._mask_future.result(), None
-        mask = self._masks.get(seq.seq_id)
-        return mask if mask is not None else seq.guide_state.token_bitmask()
+        self.masks.start(guided)
 
     def _unforked_children(self, seq: Sequence) -> list[Sequence]:
         group = self.groups.get(seq.request_id)

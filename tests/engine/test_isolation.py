@@ -1,11 +1,14 @@
 """A failure inside one request's step (forward or sampling) ends that request only."""
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_builder.common.types import FinishReason, GenerationRequest, SamplingParams
+from engine_builder.common.types import FinishReason, GenerationRequest, Guide, GuideKind, SamplingParams
+from engine_builder.engine import grammar_masks
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine
 
@@ -54,3 +57,57 @@ def test_forward_and_sampling_failures_stay_with_their_request(smollm2_dir: Path
     results = _run(engine)
     assert results["bad2"][1] == FinishReason.ERROR
     assert results["good2"][1] == FinishReason.LENGTH and len(results["good2"][0]) == 6
+
+
+AMBIGUOUS = "root ::= r\nr ::= [a-z] | [a-z] r | r [a-z] | r r"  # each token's mask fill grows with the output
+
+
+class _StuckMatcher:
+    """A matcher whose third mask fill hangs (until `release`), as a pathological grammar's would."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.release = threading.Event()
+        self.num_fills = 0
+        self._words = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+
+    def token_bitmask(self) -> torch.Tensor:
+        self.num_fills += 1
+        if self.num_fills == 3:
+            self.release.wait(60)
+        return self._words
+
+    def accept(self, token_id: int) -> bool:
+        return True
+
+
+def test_a_grammar_too_slow_to_enforce_ends_its_request_only(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+
+    monkeypatch.setattr(grammar_masks, "MASK_FILL_BUDGET_S", 0.05)
+    engine = LLMEngine(EngineConfig(model_dir=smollm2_dir, dtype="float32", max_seq_len=512, kv_cache_memory_bytes=64 * 2**20), (2,))
+    compiler = GrammarCompiler(smollm2_dir, 49152)
+    matcher = compiler.matcher(compiler.compile(Guide(GuideKind.GRAMMAR, AMBIGUOUS)), (2,))
+    engine.add_request(GenerationRequest("plain", (1, 504, 3458, 282), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)))
+    guided = SamplingParams(max_tokens=120, min_tokens=120, temperature=0.0)
+    engine.add_request(GenerationRequest("ambiguous", (1, 504, 3458, 283), guided), [matcher])
+    results = _run(engine)
+    tokens, reason, error = results["ambiguous"]
+    assert reason == FinishReason.ERROR and len(tokens) < 120
+    assert "to constrain one token" in (error or "") and "simplify it" in (error or "")
+    assert results["plain"][1] == FinishReason.LENGTH and len(results["plain"][0]) == 40
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+
+    # A fill that does not return at all holds the batch about the budget, not until it ends.
+    monkeypatch.setattr(grammar_masks, "MASK_FILL_BUDGET_S", 0.5)
+    stuck = _StuckMatcher(engine.vocab_size)
+    engine.add_request(GenerationRequest("plain2", (1, 504, 3458, 282), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
+    engine.add_request(GenerationRequest("stuck", (1, 504, 3458, 283), SamplingParams(max_tokens=6, temperature=0.0)), [stuck])
+    try:
+        started = time.monotonic()
+        results = _run(engine)
+        assert time.monotonic() - started < 20
+    finally:
+        stuck.release.set()
+    assert results["stuck"][1] == FinishReason.ERROR and len(results["stuck"][0]) == 2
+    assert results["plain2"][1] == FinishReason.LENGTH and len(results["plain2"][0]) == 6
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
