@@ -151,6 +151,9 @@ class Scheduler:
         while self.waiting and token_budget > 0:
             group = self.waiting[0]
             live = [seq for seq in group.sequences if not seq.is_finished]
+            if not live:  # ended while it waited: nothing to run
+                self.waiting.popleft()
+                continue
             if num_running + len(live) > config.max_batch_size:
                 break
             if (
@@ -234,7 +237,10 @@ class Scheduler:
         return reserved
 
     def finish(self, group: SequenceGroup) -> None:
-        if group in self.running:
-            self.running.remove(group)
+        """A group whose last choice ended: out of whichever queue holds it (a group preempted back to the waiting
+        queue can end there, when a stop string the server found ends its last choice)."""
+        for queue in (self.running, self.waiting):
+            if group in queue:
+                queue.remove(group)
         for seq in group.sequences:
             self.blocks.free(seq)

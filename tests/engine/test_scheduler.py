@@ -116,3 +116,26 @@ def test_n_choices_are_admitted_together_and_children_wait_for_the_fork() -> Non
     assert scheduled == [("a", 6)]  # only the parent prefills; the batch is full with a's 3 choices
     group = scheduler.running[0]
     assert all(child.status == SequenceStatus.WAITING for child in group.children)
+
+
+def test_a_group_that_ends_while_preempted_leaves_the_waiting_queue() -> None:
+    """max_utilization preempts a request back to the waiting queue; the server's stop string (found in the step
+    before) then ends its last choice: the group must leave the queue, or admission indexes its empty live list
+    and the engine loop dies (IndexError)."""
+    scheduler = _scheduler(num_blocks=9, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
+    a, b = _group("a", 8, max_tokens=24), _group("b", 8, max_tokens=24)
+    scheduler.add(a)
+    scheduler.add(b)
+    _run_step(scheduler)
+    while b not in scheduler.waiting:
+        output = scheduler.schedule()
+        for item in output.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.sample:
+                item.seq.output_token_ids.append(1)
+    b.sequences[0].status = SequenceStatus.FINISHED  # what the engine's abort_choice does
+    scheduler.finish(b)
+    assert b not in scheduler.waiting
+    for _ in range(5):  # admission goes on without it
+        _run_step(scheduler)
+    assert scheduler.has_work() and all(group is a for group in scheduler.running)
