@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from engine_builder.common.types import FinishReason, GenerationDelta, GenerationRequest
 from engine_builder.serve.decoding.detokenizer import IncrementalDetokenizer, TextDecoder
-from engine_builder.serve.decoding.stop_strings import StopStringMatcher
+from engine_builder.serve.decoding.stop_strings import StopResult, StopStringMatcher
 
 
 @dataclass
@@ -61,12 +61,23 @@ class RequestText:
         protected = min(len(decode_ids), max(self.min_tokens - choice.num_tokens, 0))
         choice.num_tokens += len(delta.token_ids)
         free_text = choice.stops.pass_through(choice.detokenizer.add(decode_ids[:protected])) if protected else ""
-        text = choice.detokenizer.add(decode_ids[protected:]) if len(decode_ids) > protected else ""
-        if finish is not None and choice.num_tokens <= self.min_tokens:  # held-back text of protected tokens
-            free_text += choice.stops.pass_through(choice.detokenizer.flush())
-        elif finish is not None:
-            text += choice.detokenizer.flush()
-        result = choice.stops.feed(text)
+        rest = decode_ids[protected:]
+        if len(rest) > 1 and choice.stops.stop:
+            # several tokens at once (a lookahead step): looked for a stop string token by token, as plain decoding
+            # would, so that the tokens after the one that completed it are not output, nor counted in usage
+            result, used = self._feed_tokens(choice, rest)
+            if result.matched is not None:
+                self._drop_after(choice, delta, protected + used)
+        else:
+            result = None
+        if result is None or result.matched is None:
+            text = choice.detokenizer.add(rest) if result is None and rest else ""
+            if finish is not None and choice.num_tokens <= self.min_tokens:  # held-back text of protected tokens
+                free_text += choice.stops.pass_through(choice.detokenizer.flush())
+            elif finish is not None:
+                text += choice.detokenizer.flush()
+            settled = choice.stops.feed(text)
+            result = settled if result is None else StopResult(result.text + settled.text, settled.matched)
         result.text = free_text + result.text
         stop_reason = delta.stop_reason
         stops_engine = False
@@ -79,6 +90,30 @@ class RequestText:
             choice.is_finished = True
         delta.text, delta.finish_reason, delta.stop_reason = result.text, finish, stop_reason
         return Completed(delta, stops_engine)
+
+    @staticmethod
+    def _feed_tokens(choice: _Choice, token_ids: list[int]) -> tuple[StopResult, int]:
+        """Decode and stop-match `token_ids` one at a time, up to the token that completes a stop string: the
+        settled text and how many tokens were read."""
+        emitted = ""
+        for used, token in enumerate(token_ids, start=1):
+            result = choice.stops.feed(choice.detokenizer.add([token]))
+            emitted += result.text
+            if result.matched is not None:
+                return StopResult(emitted, result.matched), used
+        return StopResult(emitted), len(token_ids)
+
+    @staticmethod
+    def _drop_after(choice: _Choice, delta: GenerationDelta, kept: int) -> None:
+        """A stop string ended the choice at token `kept` of this delta: the rest were never part of the reply."""
+        dropped = len(delta.token_ids) - kept
+        if dropped <= 0:
+            return
+        delta.token_ids = delta.token_ids[:kept]
+        if delta.logprobs:
+            delta.logprobs = delta.logprobs[:kept]
+        delta.num_output_tokens -= dropped
+        choice.num_tokens -= dropped
 
     def _ends_on_stop_token(self, delta: GenerationDelta) -> bool:
         if delta.finish_reason != FinishReason.STOP or not delta.token_ids:

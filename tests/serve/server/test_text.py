@@ -102,3 +102,29 @@ def test_text_held_back_within_min_tokens_is_not_matched_at_the_finish(decoder: 
         text = RequestText(decoder, _request(stop=("\ufffd",), min_tokens=min_tokens), (EOS,))
         completed = text.complete(_delta(first_byte, finish=FinishReason.LENGTH))
         assert completed is not None and completed.delta.finish_reason == finish, min_tokens
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_inside_a_multi_token_delta_keeps_only_the_tokens_up_to_it(
+    decoder: TextDecoder, include: bool
+) -> None:
+    """A lookahead step hands over several tokens at once: the reply, its token count (usage) and its logprobs end
+    at the token that completed the stop string, exactly as when the same tokens come one per step."""
+    from engine_builder.common.types import TokenLogprob
+
+    ids = decoder.tokenizer.encode("The storyteller finished the chapter and closed the book.", add_special_tokens=False).ids
+    stop, ending = _split_stop(decoder, ids)
+    one_by_one = RequestText(decoder, _request(stop=(stop,), include_stop_str_in_output=include), (EOS,))
+    singles = [c for c in (one_by_one.complete(_delta([t], num_output_tokens=i + 1)) for i, t in enumerate(ids)) if c]
+    at_once = RequestText(decoder, _request(stop=(stop,), include_stop_str_in_output=include), (EOS,))
+    logprobs = [TokenLogprob(token, -1.0, ()) for token in ids]
+    delta = _delta(ids[:1], num_output_tokens=1)
+    first = at_once.complete(delta)
+    assert first is not None
+    rest = _delta(ids[1:], num_output_tokens=len(ids), logprobs=logprobs[1:])
+    completed = at_once.complete(rest)
+    assert completed is not None and completed.stops_engine
+    assert first.delta.text + completed.delta.text == "".join(c.delta.text for c in singles)
+    assert completed.delta.token_ids == ids[1 : ending + 1] and len(completed.delta.logprobs) == ending
+    assert completed.delta.num_output_tokens == ending + 1 == singles[-1].delta.num_output_tokens
+    assert (completed.delta.finish_reason, completed.delta.stop_reason) == (FinishReason.STOP, stop)
