@@ -515,6 +515,13 @@ class LLMEngine:
             ),
         )
 
+    def reset_counters(self) -> None:
+        """Zero the totals /metrics exports since start (the server's warm-up request is not traffic)."""
+        self.scheduler.num_preemptions = 0
+        self.blocks.num_prefix_queries = self.blocks.num_prefix_hits = 0
+        if self.lookahead is not None:
+            self.lookahead.num_steps = self.lookahead.num_accepted = 0
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=self.scheduler.num_running,

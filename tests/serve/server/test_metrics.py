@@ -275,3 +275,24 @@ def test_a_request_the_engine_fails_counts_as_an_error_streamed_or_not(decoder: 
         assert ("rank 1 exited" in response.text) and (response.status_code == (200 if stream else 500))
     found = _samples(state.metrics)
     assert found["request_errors_total"] == 1
+
+
+def test_a_fresh_server_counts_no_traffic_for_its_warm_up(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The startup warm-up request runs through the engine; the totals since start must not count it."""
+    import time
+
+    from tests.serve.server.harness import in_process_server
+
+    with in_process_server(tmp_path, smollm2_dir) as (client, _):
+        deadline = time.monotonic() + 10
+        while True:
+            found = {
+                sample.name.removeprefix(PREFIX): sample.value
+                for family in text_string_to_metric_families(client.get("/metrics").text)
+                for sample in family.samples
+            }
+            if found["prefix_cache_queries_total"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert found["prefix_cache_queries_total"] == 0 and found["num_preemptions_total"] == 0
+        assert found.get("prompt_tokens_total", 0) == 0 and found.get("generation_tokens_total", 0) == 0

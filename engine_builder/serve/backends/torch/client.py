@@ -112,6 +112,7 @@ class TorchEngineClient:
         )
         async for _ in self.generate(await self.prepare(request)):
             pass
+        self._commands.put(("reset_counters", None))  # /metrics counts traffic, not this request
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + drain_timeout_s
@@ -239,6 +240,9 @@ class TorchEngineClient:
             elif kind == "abort_choice":
                 request_id, index = payload
                 self._publish(self.engine.abort_choice(request_id, index))
+            elif kind == "reset_counters":
+                self.engine.reset_counters()
+                self._stats = self.engine.stats()
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
