@@ -383,6 +383,8 @@ class LLMEngine:
                 appended.append(token)
                 if seq.is_finished:
                     break
+            # the runner counted every accepted token; those past max_tokens or a stop token were never output
+            self.lookahead.num_accepted -= len(result.tokens) - len(appended)
             reused = min(result.num_reused, len(appended) - 1)
             if not seq.is_finished:
                 self.lookahead.copy_accepted(seq, result, item.draft, reused)

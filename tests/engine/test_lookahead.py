@@ -64,8 +64,17 @@ def test_batch_above_threshold_falls_back_to_plain_decoding(smollm2_dir: Path, s
 def test_max_tokens_and_stop_tokens_are_exact(smollm2_dir: Path) -> None:
     prompt = list(range(200, 240)) * 3  # repetitive, so the pool proposes long runs
     plain = _run(_engine(smollm2_dir, None), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
-    looked = _run(_engine(smollm2_dir, LOOKAHEAD), [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    looked = _run(engine, [prompt], SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True))[0]
     assert len(looked) == 37 and looked == plain
+    # the tokens lookahead steps produced, as /metrics counts them, are tokens the request output (not drafts
+    # accepted past max_tokens): all 36 after the prefill's first token, at most
+    stats = engine.stats()
+    assert 0 < stats.num_lookahead_drafts + stats.num_lookahead_accepted_tokens <= 36
+    engine = _engine(smollm2_dir, LOOKAHEAD)
+    _run(engine, [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    stats = engine.stats()  # the last step's draft ran past max_tokens: those tokens were never accepted output
+    assert 0 < stats.num_lookahead_drafts + stats.num_lookahead_accepted_tokens <= 7
     stop_token = plain[10]
     params = SamplingParams(max_tokens=37, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_token,))
     expected = plain[: plain.index(stop_token) + 1]
