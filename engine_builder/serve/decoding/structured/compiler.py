@@ -52,9 +52,8 @@ class GrammarCompiler:
         request already compiling the same guide; GuideError after `timeout_s` (default COMPILE_TIMEOUT_S)."""
         key = _key(guide)
         with self._lock:
-            cached = self._cache.get(key)
+            cached = self._cached(key)
             if cached is not None:
-                self._cache.move_to_end(key)
                 return cached
             future = self._compiling.get(key)
             if future is None:
@@ -72,6 +71,13 @@ class GrammarCompiler:
                 guide.param,
             ) from None
 
+    def _cached(self, key: tuple[str, str, bool]) -> Any:
+        """The compiled grammar of `key`, marked most recently used, or None (the caller holds the lock)."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+        return cached
+
     def _forget(self, key: tuple[str, str, bool]) -> None:
         with self._lock:
             self._compiling.pop(key, None)
@@ -80,9 +86,8 @@ class GrammarCompiler:
         """The CompiledGrammar for a guide; raises GuideError when it cannot be built or enforced."""
         key = _key(guide)
         with self._lock:
-            cached = self._cache.get(key)
+            cached = self._cached(key)
             if cached is not None:
-                self._cache.move_to_end(key)
                 return cached
         started = time.perf_counter()
         compiled = self._compile(guide)
