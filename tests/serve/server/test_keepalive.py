@@ -24,25 +24,22 @@ def test_frames_pass_through_in_order_without_keepalives() -> None:
     assert frames == [f"data: {index}\n\n".encode() for index in range(50)]
 
 
-def test_a_quiet_stream_gets_keepalives_and_then_its_frames() -> None:
-    async def source() -> AsyncIterator[bytes]:
-        yield b"data: first\n\n"
-        await asyncio.sleep(0.35)
-        yield b"data: second\n\n"
+async def _quiet(seconds: float) -> AsyncIterator[bytes]:
+    """Two frames with `seconds` of silence between them."""
+    yield b"data: first\n\n"
+    await asyncio.sleep(seconds)
+    yield b"data: second\n\n"
 
-    frames = asyncio.run(_collect(with_keepalive(source(), interval_s=0.1)))
+
+def test_a_quiet_stream_gets_keepalives_and_then_its_frames() -> None:
+    frames = asyncio.run(_collect(with_keepalive(_quiet(0.35), interval_s=0.1)))
     assert frames[0] == b"data: first\n\n" and frames[-1] == b"data: second\n\n"
     assert 2 <= frames.count(KEEPALIVE) <= 4
     assert set(frames[1:-1]) == {KEEPALIVE}
 
 
 def test_interval_zero_sends_no_comment_however_quiet_the_stream() -> None:
-    async def source() -> AsyncIterator[bytes]:
-        yield b"data: first\n\n"
-        await asyncio.sleep(0.3)
-        yield b"data: second\n\n"
-
-    frames = asyncio.run(_collect(with_keepalive(source(), interval_s=0.0)))
+    frames = asyncio.run(_collect(with_keepalive(_quiet(0.3), interval_s=0.0)))
     assert frames == [b"data: first\n\n", b"data: second\n\n"]
 
 
