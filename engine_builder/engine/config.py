@@ -1,8 +1,12 @@
 """EngineConfig: the resolved settings the torch engine runs with (built from the trt_llm config)."""
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from pathlib import Path
+
+MAX_GROWN_ROWS = 8  # adaptive lookahead: a sequence whose drafts keep being accepted whole may grow its draft to this
+CPU_DRAFT_ROWS = 3  # adaptive lookahead on the CPU: rows a draft starts with
 
 
 class SchedulerPolicy(str, enum.Enum):
@@ -20,9 +24,38 @@ class LookaheadConfig:
     max_draft_rows: int = 0  # adaptive mode: draft rows per step; 0 = every row W, N, G allow
 
     @property
-    def max_draft_tokens(self) -> int:
-        """Extra token rows one sequence may add to a step (lookahead branch + verification branch)."""
-        return self.window_size * (self.ngram_size - 1) + self.verification_set_size * (self.ngram_size - 1)
+    def max_rows(self) -> int:
+        """Draft rows of the full W, N, G: every window level's columns, then G candidates of N-1 tokens."""
+        return self.window_size * max(self.ngram_size - 1, 1) + self.verification_set_size * (self.ngram_size - 1)
+
+    @property
+    def base_rows(self) -> int:
+        """Adaptive mode: the rows a sequence drafts before its drafts are accepted whole."""
+        return min(self.max_draft_rows or self.max_rows, self.max_rows)
+
+    @property
+    def lane_rows(self) -> int:
+        """Draft rows one sequence may add to a step, so the size of its scratch lane: adaptive drafts grow from
+        `base_rows` up to MAX_GROWN_ROWS (never past the full W, N, G); fixed mode drafts all of W, N, G."""
+        if not self.adaptive:
+            return self.max_rows
+        return max(self.base_rows, min(self.max_rows, MAX_GROWN_ROWS))
+
+    @property
+    def max_draft_slots(self) -> int:
+        """KV slots of its own a drafting sequence needs for accepted draft tokens: its longest candidate."""
+        return self.lane_rows if self.adaptive else self.ngram_size - 1
+
+    def num_lanes(self, max_batch_size: int) -> int:
+        """Sequences that draft in one step: never more than run at all."""
+        return min(self.max_batch_size, max_batch_size)
+
+    def on_device(self, device_type: str) -> "LookaheadConfig":
+        """On one CPU core a step with 4 rows costs ~1.15x a plain step and one with 16 rows ~2.1x
+        (benchmarks/README.md), so adaptive drafts start at CPU_DRAFT_ROWS there unless max_draft_rows says."""
+        if self.adaptive and self.max_draft_rows == 0 and device_type == "cpu":
+            return dataclasses.replace(self, max_draft_rows=CPU_DRAFT_ROWS)
+        return self
 
 
 @dataclass(frozen=True)
@@ -67,4 +100,10 @@ class EngineConfig:
 
     @property
     def max_draft_tokens(self) -> int:
-        return self.lookahead.max_draft_tokens if self.lookahead else 0
+        """Extra token rows one sequence may add to a step (lookahead)."""
+        return self.lookahead.lane_rows if self.lookahead else 0
+
+    @property
+    def lookahead_scratch_tokens(self) -> int:
+        """KV slots lookahead takes out of the pool for good: a scratch lane for each sequence that may draft."""
+        return self.lookahead.num_lanes(self.max_batch_size) * self.lookahead.lane_rows if self.lookahead else 0

@@ -59,9 +59,9 @@ def _wants_prompt_logprobs(item: ScheduledSequence) -> bool:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, eos_token_ids: tuple[int, ...]) -> None:
-        self.config = config
         self.eos_token_ids = eos_token_ids
         self.runner = ModelRunner(config)
+        config = self.config = self.runner.config  # as resolved for the device (lookahead's draft sizes)
         spec = self.runner.model.spec
         self.vocab_size = spec.vocab_size
         self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
@@ -69,7 +69,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.blocks)
         self.sampler = make_sampler(spec.vocab_size, self.runner.device)
         self.lookahead = (
-            LookaheadRunner(config.lookahead, self.blocks, self.runner.kv_cache) if config.lookahead is not None else None
+            LookaheadRunner(config.lookahead, config.max_batch_size, self.blocks, self.runner.kv_cache)
+            if config.lookahead is not None
+            else None
         )
         self.groups: dict[str, SequenceGroup] = {}
         # pool slot of each LoRA adapter, in the config's order (slot 0 is the base model)
@@ -144,10 +146,11 @@ class LLMEngine:
         self.scheduler.add(group)
 
     def _check_capacity(self, request: GenerationRequest) -> None:
-        """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it."""
+        """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it.
+        Lookahead drafts are not counted: they only take blocks nothing else has a claim on (Scheduler.schedule)."""
         params = request.sampling
         block_size = self.blocks.block_size
-        longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len) + self.config.max_draft_tokens
+        longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len)
         per_choice = -(-longest // block_size)
         shared = len(request.prompt_token_ids) // block_size  # choices share the prompt's full blocks
         if self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:

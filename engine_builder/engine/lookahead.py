@@ -26,7 +26,6 @@ from engine_builder.engine.config import LookaheadConfig
 
 MAX_NGRAMS_PER_KEY = 8
 CONTEXT_SIZES = (3, 2)  # longest first: a longer matching context predicts the continuation better
-MAX_GROWN_ROWS = 8  # adaptive: a sequence whose drafts keep being accepted whole may grow its draft to this
 
 
 @dataclass
@@ -78,9 +77,6 @@ class LookaheadProposer:
         self.ngram_size = config.ngram_size
         self.levels = max(config.ngram_size - 1, 1)
 
-    @property
-    def max_rows(self) -> int:
-        return self.window_size * self.levels + self.config.verification_set_size * (self.ngram_size - 1)
 
     def new_state(self, tokens: list[int]) -> LookaheadState:
         """Seed the window with context tokens (a Jacobi start needs any tokens; these are plausible ones)."""
@@ -109,14 +105,6 @@ class LookaheadProposer:
                 return tokens[end + 1 : end + 1 + length] or None
         return None
 
-    @property
-    def _base_rows(self) -> int:  # never more than a sequence's scratch lane (max_rows) holds
-        return min(self.config.max_draft_rows or self.max_rows, self.max_rows)
-
-    @property
-    def _max_rows(self) -> int:
-        return max(self._base_rows, min(self.max_rows, MAX_GROWN_ROWS))
-
     def _remember(self, state: LookaheadState, key: int, ngram: tuple[int, ...]) -> None:
         entries = state.pool.setdefault(key, OrderedDict())
         entries.pop(ngram, None)
@@ -139,8 +127,8 @@ class LookaheadProposer:
         if self.config.adaptive and state.num_skip > 0:
             state.num_skip -= 1
             return DraftPlan([], [], torch.zeros(0, 0, dtype=torch.bool), 0, [])
-        # draft_rows never exceeds _max_rows, which stays within the scratch lane (max_rows)
-        budget = (state.draft_rows or self._base_rows) if self.config.adaptive else self.ngram_size - 1
+        # draft_rows never exceeds the scratch lane (config.lane_rows)
+        budget = (state.draft_rows or self.config.base_rows) if self.config.adaptive else self.ngram_size - 1
         candidates = [list(ngram) for ngram in reversed(state.pool.get(last_token, {}))]
         matched = self._context_candidate(state, tokens, max(budget, self.ngram_size - 1)) if tokens else None
         if matched is not None:  # first: the continuation of the longest matching context (prompt lookup)
@@ -159,7 +147,7 @@ class LookaheadProposer:
                 chosen.append(candidate[: min(left, self.ngram_size - 1)])
                 left -= len(chosen[-1])
             return self._plan(state, chosen, position, 0)
-        budget = self._base_rows
+        budget = self.config.base_rows
         columns = min(self.window_size, budget // self.levels) if self.ngram_size > 1 else 0
         return self._plan(state, [], position, columns)
 
@@ -167,9 +155,9 @@ class LookaheadProposer:
         """Adaptive sizing: a candidate accepted whole doubles the next draft (up to MAX_GROWN_ROWS rows),
         a partly accepted one sets it to what was accepted plus one, a miss backs off as `propose` says."""
         if plan.candidates and self.config.adaptive:
-            base, longest = self._base_rows, max(len(c) for c in plan.candidates)
+            base, longest = self.config.base_rows, max(len(c) for c in plan.candidates)
             if num_extra_accepted >= longest:
-                state.draft_rows = min(2 * max(state.draft_rows, base), self._max_rows)
+                state.draft_rows = min(2 * max(state.draft_rows, base), self.config.lane_rows)
             else:
                 state.draft_rows = max(base, num_extra_accepted + 1)
         if num_extra_accepted > 0 or not plan.candidates:

@@ -6,6 +6,7 @@ replays steps from CUDA graphs (graph_runner.py: whole decode steps, piecewise p
 """
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -152,6 +153,8 @@ class ModelRunner:
         tp = self.tp
         configure_threads(config.num_threads)
         self.device = resolve_device(config.device, tp)
+        if config.lookahead is not None:  # the draft sizes the pool and the step buffers below are sized for
+            config = self.config = dataclasses.replace(config, lookahead=config.lookahead.on_device(self.device.type))
         self.dtype = DTYPES[config.dtype]
         self.kernels = resolve_kernels(config.kernels, self.device)
         if self.device.type == "cuda":
@@ -302,21 +305,32 @@ class ModelRunner:
         else:
             budget = int(config.kv_cache_memory_bytes * config.kv_cache_fraction)
         blocks = budget // self._bytes_per_block(kv_dtype)
-        # Never more than the scheduler could ever fill: every sequence at full length.
-        cap = (
-            -(-min(config.total_token_limit, config.max_batch_size * config.max_seq_len) // self.block_size)
-            + 1
-        )
-        blocks = min(blocks, cap + 1)
+        scratch = -(-config.lookahead_scratch_tokens // self.block_size)
+        # Never more than the scheduler could ever fill: every sequence at full length (and its drafts).
+        tokens = min(config.total_token_limit, config.max_batch_size * config.max_seq_len)
+        if config.lookahead is not None:
+            tokens += config.lookahead.num_lanes(config.max_batch_size) * config.lookahead.max_draft_slots
+        blocks = min(blocks, -(-tokens // self.block_size) + 2 + scratch)
         if self.tp is not None:  # every rank's pool has the same blocks: the smallest budget decides
             agreed = torch.tensor([blocks], dtype=torch.long, device=self.device)
             with self._group_failure():
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
             blocks = int(agreed.item())
-        if blocks < 2 or (blocks - 1) * self.block_size < config.max_seq_len:
+        usable = max(blocks - 1 - scratch, 0) * self.block_size
+        if blocks - scratch < 2 or usable < config.max_seq_len:
+            lookahead = config.lookahead
+            taken = (
+                f" after lookahead's scratch of {scratch * self.block_size} tokens (window_size "
+                f"{lookahead.window_size}, ngram_size {lookahead.ngram_size}, verification_set_size "
+                f"{lookahead.verification_set_size}: {lookahead.lane_rows} draft rows for each of "
+                f"{lookahead.num_lanes(config.max_batch_size)} sequences; lookahead_max_batch_size sets how many)"
+                if lookahead is not None and scratch
+                else ""
+            )
             raise ValueError(
-                f"the KV cache budget holds {max(blocks - 1, 0) * self.block_size} tokens, fewer than max_seq_len "
-                f"{config.max_seq_len}: raise kv_cache_memory_bytes / kv_cache_free_gpu_mem_fraction or lower max_seq_len"
+                f"the KV cache budget holds {usable} tokens{taken}, fewer than max_seq_len {config.max_seq_len}: "
+                "raise kv_cache_memory_bytes / kv_cache_free_gpu_mem_fraction or lower max_seq_len"
+                + (", the lookahead sizes or lookahead_max_batch_size" if taken else "")
             )
         return int(blocks)
 

@@ -77,7 +77,9 @@ class Scheduler:
         """Pick the next step's work.
 
         `draft_tokens` maps seq_id -> (draft rows, KV slots to reserve for accepted drafts) (lookahead).
-        Drafts are optional extras: they are dropped when the token budget or the block pool is short.
+        Drafts are optional extras: they are dropped when the token budget is short or their slots would take a
+        block that is not free for nothing: they never preempt, and under guaranteed_no_evict never take a block
+        another sequence's worst case is counting on.
         """
         output = SchedulerOutput()
         token_budget = self.config.max_num_tokens
@@ -97,15 +99,12 @@ class Scheduler:
                     if not can_chunk or token_budget == 0:
                         continue
                     num_new = token_budget
-                if drafts and num_new + drafts > token_budget:
+                if drafts and (num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots)):
                     drafts = 0
                 if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output):
                     if group not in self.running:
                         break
-                    if drafts and self._reserve_slots(seq, num_new, output):
-                        drafts = 0
-                    else:
-                        continue
+                    continue
                 token_budget -= num_new + drafts
                 sample = seq.num_computed_tokens + num_new == seq.num_tokens
                 output.scheduled.append(ScheduledSequence(seq, num_new, sample, drafts))
@@ -113,13 +112,22 @@ class Scheduler:
             self._admit(output, token_budget)
         return output
 
+    def _draft_fits(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `num_tokens` more slots for `seq` (its next token and draft slots) fit in blocks no one needs."""
+        new_blocks = self.blocks.num_new_blocks_needed(seq, num_tokens)
+        if self.config.scheduler_policy != SchedulerPolicy.GUARANTEED_NO_EVICT:
+            return new_blocks <= self.blocks.num_free_blocks
+        own = max(0, self.blocks.blocks_for(self._max_total_tokens(seq)) - len(seq.block_table))
+        slack = self.blocks.num_free_blocks - self._reserved_blocks()
+        return new_blocks - min(new_blocks, own) <= slack
+
     def _reserve_slots(self, seq: Sequence, num_tokens: int, output: SchedulerOutput) -> bool:
         """Make room in the block pool for `num_tokens` more tokens of `seq`, preempting when the policy allows."""
         while not self.blocks.can_append(seq, num_tokens):
             victim = self._newest_running_group()
             if victim is None or self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
-                # Admission control reserves every worst case, so this only happens for optional extras
-                # (lookahead drafts beyond the reservation): skip them rather than evict anyone.
+                # Admission control reserves every worst case and drafts only take what no one needs (_draft_fits),
+                # so under guaranteed_no_evict this should not happen: skip the sequence this step, evict no one.
                 logger.debug("no free KV block for seq %s under %s", seq.seq_id, self.config.scheduler_policy)
                 return False
             self._preempt(victim, output)
@@ -215,7 +223,7 @@ class Scheduler:
         for index, seq in enumerate(group.sequences):
             if seq.is_finished:
                 continue
-            blocks = self.blocks.blocks_for(self._max_total_tokens(seq) + self.config.max_draft_tokens)
+            blocks = self.blocks.blocks_for(self._max_total_tokens(seq))
             # Choices share the prompt's full blocks; the parent may also reuse cached prefix blocks.
             shared = num_matched if index == 0 else group.num_prompt_tokens // self.blocks.block_size
             total += max(0, blocks - shared)
@@ -228,7 +236,7 @@ class Scheduler:
             for seq in group.sequences:
                 if seq.is_finished:
                     continue
-                worst = self.blocks.blocks_for(self._max_total_tokens(seq) + self.config.max_draft_tokens)
+                worst = self.blocks.blocks_for(self._max_total_tokens(seq))
                 if seq.status == SequenceStatus.RUNNING:
                     reserved += max(0, worst - len(seq.block_table))
                 else:  # a child not forked yet

@@ -5,7 +5,6 @@ sequence's own slots). Candidate tokens that verification accepts have their K/V
 into the sequence's slots, so they are not recomputed.
 """
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from engine_builder.engine.kv_cache import PagedKVCache
 from engine_builder.engine.lookahead import DraftPlan, LookaheadProposer, LookaheadState
 from engine_builder.engine.sequence import Sequence
 
-CPU_DRAFT_ROWS = 3
-
 
 @dataclass
 class DraftResult:
@@ -27,19 +24,19 @@ class DraftResult:
 
 
 class LookaheadRunner:
-    def __init__(self, config: LookaheadConfig, blocks: BlockManager, kv_cache: PagedKVCache) -> None:
-        if config.adaptive and config.max_draft_rows == 0 and kv_cache.key.device.type == "cpu":
-            # On one CPU core a step with 4 rows costs ~1.15x a plain step and one with 16 rows ~2.1x
-            # (benchmarks/README.md), so drafts stay short there.
-            config = dataclasses.replace(config, max_draft_rows=CPU_DRAFT_ROWS)
+    def __init__(
+        self, config: LookaheadConfig, max_batch_size: int, blocks: BlockManager, kv_cache: PagedKVCache
+    ) -> None:
+        """`config` as resolved for the device (LookaheadConfig.on_device); the pool was sized with its scratch
+        (EngineConfig.lookahead_scratch_tokens), which is taken here."""
         self.config = config
         self.proposer = LookaheadProposer(config)
         self.kv_cache = kv_cache
         block_size = blocks.block_size
-        rows = self.proposer.max_rows
-        scratch_blocks = blocks.reserve(-(-(config.max_batch_size * rows) // block_size)) if config.max_batch_size else []
+        rows, lanes = config.lane_rows, config.num_lanes(max_batch_size)
+        scratch_blocks = blocks.reserve(blocks.blocks_for(lanes * rows)) if lanes else []
         slots = [block * block_size + offset for block in scratch_blocks for offset in range(block_size)]
-        self._lanes = [slots[i * rows : (i + 1) * rows] for i in range(config.max_batch_size)]
+        self._lanes = [slots[i * rows : (i + 1) * rows] for i in range(lanes)]
         self.num_steps = 0
         self.num_accepted = 0
 

@@ -180,7 +180,7 @@ def test_a_draft_never_outgrows_its_scratch_lane(smollm2_dir: Path) -> None:
     params = SamplingParams(max_tokens=30, temperature=0.0)
     plain = _run(_engine(smollm2_dir, None), [prompt], params)[0]
     engine = _engine(smollm2_dir, LookaheadConfig(1, 2, 1, max_batch_size=8))
-    assert engine.lookahead is not None and engine.lookahead.proposer.max_rows == 2
+    assert engine.lookahead is not None and engine.lookahead.config.lane_rows == 2
     assert _run(engine, [prompt], params)[0] == plain
     assert engine.lookahead.num_steps > 0
 
@@ -201,3 +201,32 @@ def test_drafts_stop_at_the_end_of_the_context(smollm2_dir: Path, tmp_path: Path
         plain = _run(_engine(model, None, max_seq_len=96), [prompt], params)[0]
         assert len(plain) == 96 - length
         assert _run(_engine(model, LOOKAHEAD, max_seq_len=96), [prompt], params)[0] == plain
+
+
+def test_lookahead_scratch_is_sized_for_the_drafts_that_can_run(smollm2_dir: Path) -> None:
+    """Probe I: max_batch_size 1 with 3/4/3 reserved scratch for 8 lanes of the full W/N/G rows out of a pool capped at
+    max_batch_size * max_seq_len, so the pool held 128 tokens and a 5 + 200 token request was refused at
+    max_seq_len 256. Now one lane of the rows an adaptive CPU draft can use, on top of the cap."""
+    engine = _engine(smollm2_dir, LOOKAHEAD, max_batch_size=1, max_seq_len=256)
+    assert engine.config.lookahead is not None and engine.config.lookahead.lane_rows == 8  # CPU: 3 rows, grown to 8
+    assert engine.blocks.num_blocks_reserved == 1  # one lane of 8 slots
+    assert engine.blocks.num_usable_blocks * engine.blocks.block_size >= 256
+    engine.check_request(GenerationRequest("fits", tuple(range(100, 105)), SamplingParams(max_tokens=251)))
+
+
+def test_a_pool_too_small_for_the_lookahead_scratch_says_so_at_startup(smollm2_dir: Path) -> None:
+    """Probe I: 100/10/100 failed at startup with 'cannot reserve 900 KV blocks; 257 are free', naming nothing a user
+    could change."""
+    big = LookaheadConfig(window_size=100, ngram_size=10, verification_set_size=100, max_batch_size=8, adaptive=False)
+    with pytest.raises(ValueError, match=r"lookahead's scratch of 14400 tokens .*lookahead_max_batch_size") as failure:
+        _engine(smollm2_dir, big, max_batch_size=8, kv_cache_memory_bytes=256 * 2**20)
+    assert "window_size 100, ngram_size 10, verification_set_size 100: 1800 draft rows for each of 8" in str(failure.value)
+
+
+def test_under_max_utilization_a_request_that_fits_without_drafts_is_not_refused(smollm2_dir: Path) -> None:
+    """Probe I: the capacity check added the draft margin to every request, so one that fitted the pool was a 400."""
+    engine = _engine(smollm2_dir, LOOKAHEAD, max_batch_size=2, max_seq_len=512,
+                     scheduler_policy=SchedulerPolicy.MAX_UTILIZATION, total_token_limit=480)
+    usable = engine.blocks.num_usable_blocks * engine.blocks.block_size
+    assert usable >= 480
+    engine.check_request(GenerationRequest("fits", tuple(range(100, 108)), SamplingParams(max_tokens=usable - 8)))

@@ -16,10 +16,10 @@ def _scheduler(num_blocks: int = 64, block_size: int = 4, **overrides: object) -
     return Scheduler(config, BlockManager(num_blocks, block_size))
 
 
-def _group(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1) -> SequenceGroup:
+def _group(request_id: str, prompt_len: int, max_tokens: int = 8, n: int = 1, first_seq_id: int = 0) -> SequenceGroup:
     params = SamplingParams(max_tokens=max_tokens, n=n)
     prompt = [hash((request_id, i)) % 1000 + 10 for i in range(prompt_len)]
-    seqs = [Sequence(i, request_id, i, prompt, params, 0.0) for i in range(n)]
+    seqs = [Sequence(first_seq_id + i, request_id, i, prompt, params, 0.0) for i in range(n)]
     return SequenceGroup(request_id, seqs, 0.0)
 
 
@@ -123,7 +123,7 @@ def test_a_group_that_ends_while_preempted_leaves_the_waiting_queue() -> None:
     before) then ends its last choice: the group must leave the queue, or admission indexes its empty live list
     and the engine loop dies (IndexError)."""
     scheduler = _scheduler(num_blocks=9, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
-    a, b = _group("a", 8, max_tokens=24), _group("b", 8, max_tokens=24)
+    a, b = _group("a", 8, max_tokens=24), _group("b", 8, max_tokens=24, first_seq_id=1)
     scheduler.add(a)
     scheduler.add(b)
     _run_step(scheduler)
@@ -139,3 +139,58 @@ def test_a_group_that_ends_while_preempted_leaves_the_waiting_queue() -> None:
     for _ in range(5):  # admission goes on without it
         _run_step(scheduler)
     assert scheduler.has_work() and all(group is a for group in scheduler.running)
+
+
+def _decode_both(scheduler: Scheduler) -> tuple[SequenceGroup, SequenceGroup]:
+    """Two 7-token prompts admitted and prefilled (2 blocks of 4 each), each with its first token sampled: its
+    K/V, the 8th slot, still fits in the second block."""
+    a, b = _group("a", 7, max_tokens=24), _group("b", 7, max_tokens=24, first_seq_id=1)
+    scheduler.add(a)
+    scheduler.add(b)
+    _run_step(scheduler)
+    return a, b
+
+
+def test_a_draft_that_needs_a_taken_block_is_dropped_not_paid_for_by_preemption() -> None:
+    """Probe I: under max_utilization a draft's slots preempted the newest request (often the drafting one itself),
+    though its next token fitted. Now the draft is dropped and nobody is evicted."""
+    scheduler = _scheduler(num_blocks=5, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
+    a, b = _decode_both(scheduler)  # all 4 usable blocks taken
+    assert scheduler.blocks.num_free_blocks == 0
+    seq = b.sequences[0]
+    output = scheduler.schedule({seq.seq_id: (6, 4)})  # b drafts 6 rows, 4 slots for accepted tokens
+    assert not output.preempted and scheduler.num_preemptions == 0
+    assert [(item.seq.request_id, item.num_new_tokens, item.num_draft_tokens) for item in output.scheduled] == [
+        ("a", 1, 0),
+        ("b", 1, 0),
+    ]
+
+
+def test_a_draft_takes_free_blocks_under_max_utilization() -> None:
+    scheduler = _scheduler(num_blocks=9, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
+    _, b = _decode_both(scheduler)
+    seq = b.sequences[0]
+    output = scheduler.schedule({seq.seq_id: (6, 4)})
+    assert [item.num_draft_tokens for item in output.scheduled] == [0, 6]
+    assert len(seq.block_table) == 3  # 7 computed + 1 + 4 slots = 12 tokens
+
+
+def test_under_guaranteed_no_evict_a_draft_only_takes_blocks_no_worst_case_counts_on() -> None:
+    # Each request may grow to 7 + 24 = 31 tokens = 8 blocks; 16 usable blocks hold both worst cases and nothing more.
+    tight = _scheduler(num_blocks=17)
+    _, b = _decode_both(tight)
+    assert tight.num_running == 2
+    seq = b.sequences[0]
+    # b's own reservation covers its draft slots: 7 tokens + 1 + 4 = 12 of its 31.
+    assert [item.num_draft_tokens for item in tight.schedule({seq.seq_id: (6, 4)}).scheduled] == [0, 6]
+    # Near its end, b's draft slots would run past its own worst case into a's reservation: dropped.
+    near_end = _scheduler(num_blocks=17)
+    _, b = _decode_both(near_end)
+    seq = b.sequences[0]
+    seq.output_token_ids.extend([5] * 22)  # 7 + 23 tokens, 29 computed (8 blocks): its next token is its 30th of 31
+    near_end.blocks.append_slots(seq, seq.num_tokens - seq.num_computed_tokens - 1)
+    seq.num_computed_tokens = seq.num_tokens - 1
+    assert near_end.blocks.num_free_blocks == 16 - 2 - 8
+    output = near_end.schedule({seq.seq_id: (6, 6)})
+    assert [item.num_draft_tokens for item in output.scheduled] == [0, 0]
+    assert near_end.blocks.num_free_blocks >= near_end._reserved_blocks()
