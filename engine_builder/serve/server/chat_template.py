@@ -62,6 +62,19 @@ class PromptRenderer:
             kwargs={**special, **kwargs},
         )
 
+    def unread_arguments(self, chat_template: str | None, names: list[str]) -> list[str]:
+        """Those of `names` the template (the request's, else the model's) never reads; none when its source cannot be
+        parsed here. Every template of a model that has several counts."""
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        sources = list(template.values()) if isinstance(template, dict) else [template]
+        read: set[str] = set()
+        for source in sources:
+            variables = template_variables(source) if isinstance(source, str) else None
+            if variables is None:
+                return []
+            read |= variables
+        return [name for name in names if name not in read]
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -134,6 +147,20 @@ RESERVED_TEMPLATE_ARGUMENTS = {
     "chat_template": "chat_template", "tokenize": None, "return_dict": None, "return_assistant_tokens_mask": None,
     "padding": None, "truncation": None, "max_length": None, "return_tensors": None, "tokenizer_kwargs": None,
 }  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def template_variables(source: str) -> frozenset[str] | None:
+    """The names a Jinja template reads from its context (None: Jinja cannot parse it outside transformers, which
+    adds its own tags)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except jinja2.TemplateError:
+        return None
+    return frozenset(meta.find_undeclared_variables(parsed))
 
 
 def _check_render_options(

@@ -115,10 +115,34 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
 
 
+def check_template_reads(state: ServerState, body: ChatCompletionRequest) -> None:
+    """Refuse, by name, `documents` and chat_template_kwargs keys the chat template never reads: sent, they would
+    change nothing (a RAG client's context silently dropped, a misspelt `enable_thinking` ignored)."""
+    from engine_builder.serve.server.chat_template import RESERVED_TEMPLATE_ARGUMENTS
+
+    assert state.renderer is not None
+    given = {f"chat_template_args.{key}": key for key in body.chat_template_args or {}}
+    given |= {f"chat_template_kwargs.{key}": key for key in body.chat_template_kwargs or {}}
+    given = {field: key for field, key in given.items() if key not in RESERVED_TEMPLATE_ARGUMENTS}
+    if body.documents:
+        given["documents"] = "documents"
+    unread = set(state.renderer.unread_arguments(body.chat_template, sorted(set(given.values()))))
+    for name, key in given.items():
+        if key in unread:
+            whose = "The request's chat_template" if body.chat_template else "This model's chat template"
+            hint = " Put the documents in a message instead." if name == "documents" else ""
+            raise bad_request(
+                f"`{name}`: {whose} never reads {key!r}, so it would change nothing.{hint}",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 async def render_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[str, OutputProcessor, Guide | None]:
     """The prompt text a chat request renders to, with the output processor and guide its reply gets (what
     /tokenize counts is what a chat request would run)."""
     assert state.renderer is not None
+    check_template_reads(state, body)
     processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
     template_kwargs = {
         **(body.chat_template_args or {}),

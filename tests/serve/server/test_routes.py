@@ -287,3 +287,28 @@ def test_tokenize_and_detokenize_as_vllm_has_them(server: ServerProcess, smollm2
     ):
         refused = httpx.post(f"{url}/tokenize", json=bad_body, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"], (bad_body, refused.text)
+
+
+def test_template_arguments_the_template_never_reads_are_refused_by_name(server: ServerProcess) -> None:
+    """Probe P: SmolLM2's template has no `documents` and no `enable_thinking`; both were accepted and changed
+    nothing (a RAG client's context silently dropped). What a template does read still renders."""
+    url = server.base_url
+    messages = [{"role": "user", "content": "What is the secret word?"}]
+    documents = [{"title": "note", "text": "The secret word is BANANA."}]
+    for route, body in (("/tokenize", {}), ("/v1/chat/completions", {"max_tokens": 1})):
+        for extra, param in (
+            ({"documents": documents}, "documents"),
+            ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs.enable_thinking"),
+            ({"chat_template_kwargs": {"enable_thinkng": True}}, "chat_template_kwargs.enable_thinkng"),
+        ):
+            refused = httpx.post(f"{url}{route}", json={"messages": messages, **body, **extra}, timeout=30)
+            assert refused.status_code == 400, (route, extra, refused.text)
+            error = refused.json()["error"]
+            assert error["param"] == param and "never reads" in error["message"], error
+    template = "{% for d in documents or [] %}{{ d.text }} {% endfor %}{% if shout %}!{% endif %}{{ messages[0].content }}"
+    both = {"messages": messages, "chat_template": template, "documents": documents, "chat_template_kwargs": {"shout": 1}}
+    counted = httpx.post(f"{url}/tokenize", json=both, timeout=30).json()
+    plain = httpx.post(f"{url}/tokenize", json={"messages": messages, "chat_template": template}, timeout=30).json()
+    assert counted["count"] > plain["count"] + 5
+    empty = httpx.post(f"{url}/tokenize", json={"messages": messages, "documents": []}, timeout=30)
+    assert empty.status_code == 200  # no documents sent, nothing dropped
