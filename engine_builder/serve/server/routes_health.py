@@ -5,11 +5,13 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from engine_builder import __version__
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.state import ServerState
 
 router = APIRouter()
 STARTED = int(time.time())
+TRUSS_MODEL_NAME = "model"  # Truss's readiness check asks for /v1/models/model
 ENGINE_STOPPED = "engine loop stopped: the server needs a restart (the server log says why)"
 
 
@@ -21,6 +23,7 @@ def _state(request: Request) -> ServerState:
 @router.get("/health")
 @router.head("/health", include_in_schema=False)
 @router.get("/ping")
+@router.post("/ping", include_in_schema=False)  # as vLLM (SageMaker sends POST)
 @router.head("/ping", include_in_schema=False)
 @router.get("/")
 @router.head("/", include_in_schema=False)
@@ -60,6 +63,12 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+@router.get("/version")
+async def version() -> Response:
+    """vLLM's version route, which clients and ops scripts probe."""
+    return JSONResponse({"version": __version__})
+
+
 def _model_card(state: ServerState) -> dict:
     info = state.engine.model_info
     return {
@@ -68,6 +77,7 @@ def _model_card(state: ServerState) -> dict:
         "created": STARTED,
         "owned_by": "engine-builder",
         "root": state.settings.served_model_name,
+        "parent": None,
         "max_model_len": info.max_model_len,
     }
 
@@ -88,10 +98,21 @@ async def list_models(request: Request) -> Response:
 
 @router.get("/v1/models/{name}")
 async def model_readiness(name: str, request: Request) -> Response:
-    """OpenAI's model lookup, and Truss's readiness route (`/v1/models/model`): 503 until ready."""
+    """OpenAI's model lookup, and Truss's readiness route (`/v1/models/model`): 503 until ready; a name that is
+    neither the served model, an adapter nor Truss's `model` is a 404, as OpenAI answers (requests naming an
+    unknown model still run on the base model, as the README says)."""
     state = _state(request)
     if not state.ready or state.draining or not state.engine.is_healthy():
         raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
     if name in state.settings.lora_adapters:
         return JSONResponse(_adapter_card(state, name))
+    if name not in (state.settings.served_model_name, TRUSS_MODEL_NAME):
+        served = [state.settings.served_model_name, *state.settings.lora_adapters]
+        raise APIError(
+            f"The model {name!r} does not exist; this server serves {', '.join(map(repr, served))}.",
+            status=404,
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
     return JSONResponse(_model_card(state))

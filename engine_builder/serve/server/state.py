@@ -20,6 +20,10 @@ ENCODER_PATHS = frozenset(
     {"/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/embed_sparse", "/similarity", "/rerank", "/v1/rerank",
      "/v2/rerank"}
 )
+# OpenAI routes a decoder engine does not serve, with what to use instead (named in the 404, not a bare Not Found).
+UNSERVED_GENERATION_PATHS = {
+    "/v1/responses": "the Responses API is not implemented; send the conversation to /v1/chat/completions",
+}
 GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
 ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also /v1/rerank and /v2/rerank) and /predict"
 
@@ -90,6 +94,13 @@ class ServerState:
             return _not_served_by_an_encoder(path)
         if self.generates and path in ENCODER_PATHS:
             return _not_served_by_a_decoder(path)
+        if self.generates and path in UNSERVED_GENERATION_PATHS:
+            return APIError(
+                f"{path} is not served: {UNSERVED_GENERATION_PATHS[path]}; this server's generation routes are "
+                f"{GENERATION_ROUTES}.",
+                status=404,
+                type="not_found_error",
+            )
         return None
 
     def engine_decoder(self) -> TextDecoder:

@@ -67,6 +67,15 @@ def test_models_health_ready_metrics(server: ServerProcess, client: OpenAI) -> N
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert httpx.get(f"{server.base_url}/ready").status_code == 200
     assert httpx.get(f"{server.base_url}/v1/models/model").status_code == 200
+    # probes O and P: any other id answered 200 with the base model's card, a false "this model exists"
+    assert client.models.retrieve("test-model").model_extra["parent"] is None
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o-does-not-exist")
+    assert missing.value.body["code"] == "model_not_found" and "test-model" in missing.value.message
+    assert httpx.post(f"{server.base_url}/ping").status_code == 200  # as vLLM, for SageMaker
+    assert httpx.get(f"{server.base_url}/version").json()["version"]
+    responses = httpx.post(f"{server.base_url}/v1/responses", json={"model": "x", "input": "hi"})
+    assert responses.status_code == 404 and "/v1/chat/completions" in responses.json()["error"]["message"]
     client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     text = httpx.get(f"{server.base_url}/metrics").text
     for name in [
