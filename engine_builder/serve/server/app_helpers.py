@@ -47,14 +47,27 @@ def _param(item: dict) -> str | None:
     return ".".join(loc) or None
 
 
+# vLLM's request extras with an equivalent here: their refusal says where to go.
+_GUIDES = "response_format {type: json_schema | json_object | regex | grammar | structural_tag}"
+REPLACEMENTS = {
+    "guided_json": f"use {_GUIDES} with type json_schema",
+    "guided_regex": f"use {_GUIDES} with type regex",
+    "guided_choice": f"use {_GUIDES} with type regex, the choices joined by |",
+    "guided_grammar": f"use {_GUIDES} with type grammar (EBNF)",
+    "structured_outputs": f"use {_GUIDES}",
+    "guided_decoding_backend": "structured outputs always use xgrammar here; leave it out",
+}
+
+
 def validation_to_api_error(errors: Any) -> APIError:
     """pydantic errors -> one 400 naming the bad field (unknown fields get OpenAI's wording); of a union's failed
     branches, the one that got furthest into the value."""
     for item in errors:
         if item.get("type") == "extra_forbidden":
             param = _param(item)
+            hint = f" ({REPLACEMENTS[param]})" if param in REPLACEMENTS else ""
             return APIError(
-                f"Unrecognized request argument supplied: {param}",
+                f"Unrecognized request argument supplied: {param}{hint}",
                 status=400,
                 param=param,
                 code="unrecognized_argument",

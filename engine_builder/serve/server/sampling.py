@@ -138,11 +138,15 @@ def check_unsupported(request: SamplingFields) -> None:
 
 def check_unsupported_chat(request: ChatCompletionRequest) -> None:
     check_unsupported(request)
-    if request.functions or request.function_call is not None:
+    if request.functions:
         raise unsupported(
             "functions", "Use `tools` and `tool_choice` instead of the deprecated functions API."
         )
-    if request.audio or (request.modalities and request.modalities != ["text"]):
+    if request.function_call is not None and request.function_call != "none":  # "none" asks for nothing
+        raise unsupported("function_call", "Use `tool_choice` instead of the deprecated functions API.")
+    if request.audio:
+        raise unsupported("audio", "Only text output is available.")
+    if request.modalities and request.modalities != ["text"]:
         raise unsupported("modalities", "Only text output is available.")
     if request.web_search_options:
         raise unsupported("web_search_options")

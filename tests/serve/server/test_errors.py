@@ -44,12 +44,19 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
         ("functions", [{"name": "f"}], "functions"),
         ("prediction", {"type": "content", "content": "x"}, "prediction"),
         ("modalities", ["text", "audio"], "modalities"),
+        # probe O: these were refused as `functions` and `modalities`, fields the client never sent
+        ("function_call", "auto", "function_call"),
+        ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(
     server: ServerProcess, field: str, value: object, param: str
 ) -> None:
     _assert_envelope(_post(server, {"messages": MESSAGES, field: value}), 400, param)
+
+
+def test_function_call_none_asks_for_nothing_and_is_accepted(server: ServerProcess) -> None:
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "function_call": "none"}).status_code == 200
 
 
 def test_spaces_between_special_tokens_is_refused_only_where_it_would_change_the_text(server: ServerProcess) -> None:
@@ -63,6 +70,10 @@ def test_spaces_between_special_tokens_is_refused_only_where_it_would_change_the
 def test_unknown_field_is_refused(server: ServerProcess) -> None:
     error = _assert_envelope(_post(server, {"messages": MESSAGES, "frobnicate": 1}), 400, "frobnicate")
     assert "Unrecognized request argument supplied: frobnicate" in error["message"]
+    # vLLM's structured-output extras (probe P): refused, and the refusal says what to send instead
+    error = _assert_envelope(_post(server, {"messages": MESSAGES, "guided_json": {"type": "object"}}), 400, "guided_json")
+    assert "Unrecognized request argument supplied: guided_json" in error["message"]
+    assert "response_format" in error["message"] and "json_schema" in error["message"]
 
 
 @pytest.mark.parametrize(
