@@ -191,7 +191,7 @@ class SamplingFields(StrictModel):
     bad_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None  # -1: the model's maximum (vLLM's); 0 refused
     add_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None

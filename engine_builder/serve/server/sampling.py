@@ -64,6 +64,19 @@ async def encode_prompt(
     return ids
 
 
+def prompt_truncation(value: int | None, limits: Limits) -> int | None:
+    """`truncate_prompt_tokens` as a count of prompt tokens to keep (the last ones): -1 is the model's maximum
+    context, as vLLM reads it on every route."""
+    if value is None:
+        return None
+    if value == 0:
+        raise bad_request(
+            "truncate_prompt_tokens must be at least 1, or -1 for the model's maximum context.",
+            param="truncate_prompt_tokens",
+        )
+    return limits.max_model_len if value == -1 else value
+
+
 MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 (1e-38 sampled token 0 every step)
 
 

@@ -39,6 +39,7 @@ from engine_builder.serve.server.sampling import (
     build_sampling_params,
     check_unsupported_chat,
     encode_prompt,
+    prompt_truncation,
     requested_max_tokens,
     resolve_max_tokens,
 )
@@ -97,7 +98,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         state.renderer,
         prompt_text,
         add_special_tokens=bool(body.add_special_tokens),
-        truncate=body.truncate_prompt_tokens,
+        truncate=prompt_truncation(body.truncate_prompt_tokens, limits),
         limits=limits,
         prompt_field="messages",
     )

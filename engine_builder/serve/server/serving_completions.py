@@ -33,6 +33,7 @@ from engine_builder.serve.server.sampling import (
     build_sampling_params,
     check_unsupported,
     encode_prompt,
+    prompt_truncation,
     requested_max_tokens,
     resolve_max_tokens,
 )
@@ -63,6 +64,7 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
     add_special = True if body.add_special_tokens is None else body.add_special_tokens
     decoder = state.engine_decoder()
     limits = state.limits()
+    truncate = prompt_truncation(body.truncate_prompt_tokens, limits)
     result = []
     for item in items:
         if isinstance(item, str):
@@ -72,19 +74,19 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
                 state.renderer,
                 item,
                 add_special_tokens=add_special,
-                truncate=body.truncate_prompt_tokens,
+                truncate=truncate,
                 limits=limits,
                 prompt_field="prompt",
             )
-            cut = body.truncate_prompt_tokens is not None  # what echo shows is what the model read
+            cut = truncate is not None  # what echo shows is what the model read
             text = decoder.decode(ids, skip_special_tokens=False) if cut else item
         else:
             ids = list(item)
             vocab = limits.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
-            if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
-                ids = ids[-body.truncate_prompt_tokens :]
+            if truncate is not None and len(ids) > truncate:
+                ids = ids[-truncate:]
             text = decoder.decode(ids, skip_special_tokens=False)
         if not ids:
             raise bad_request("prompt must contain at least one token.", param="prompt")
