@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused, and JSON types as OpenAI checks them: `"stream": "yes"`, `"n": true`, `"max_tokens": "3"`
+    or `3.0` are a 400, not converted (an integer is still a number where a float is expected)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- messages -----------------------------------------------------------------------------------------------

@@ -55,6 +55,19 @@ def test_unsupported_fields_are_refused_by_name(
     _assert_envelope(_post(server, {"messages": MESSAGES, field: value}), 400, param)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("stream", "yes"), ("n", True), ("max_tokens", "3"), ("max_tokens", 3.0), ("temperature", "0"), ("logprobs", 1)],
+)
+def test_a_value_of_the_wrong_json_type_is_refused_not_converted(server: ServerProcess, field: str, value: object) -> None:
+    """OpenAI answers 400 for these; pydantic's lax mode read "yes" as true and 1 as `logprobs: true` (probe O)."""
+    _assert_envelope(_post(server, {"messages": MESSAGES, "max_tokens": 1, field: value}), 400, field)
+
+
+def test_an_integer_where_a_number_is_expected_is_a_number(server: ServerProcess) -> None:
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "temperature": 0, "top_p": 1}).status_code == 200
+
+
 def test_function_call_none_asks_for_nothing_and_is_accepted(server: ServerProcess) -> None:
     assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "function_call": "none"}).status_code == 200
 
