@@ -19,6 +19,7 @@ class StopStringMatcher:
         self.include_in_output = include_in_output
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.pending = ""
+        self.num_protected = 0  # leading characters of `pending` no stop string may end in (pass_through's)
 
     def feed(self, text: str) -> StopResult:
         if not self.stop:
@@ -26,23 +27,32 @@ class StopStringMatcher:
         self.pending += text
         best: tuple[int, str] | None = None
         for candidate in self.stop:
-            position = self.pending.find(candidate)
+            # a match may begin in protected text, but must end after it
+            position = self.pending.find(candidate, max(self.num_protected - len(candidate) + 1, 0))
             if position >= 0 and (best is None or position < best[0]):
                 best = (position, candidate)
         if best is not None:
             position, candidate = best
             end = position + len(candidate) if self.include_in_output else position
             emitted = self.pending[:end]
-            self.pending = ""
+            self.pending, self.num_protected = "", 0
             return StopResult(emitted, candidate)
-        safe = len(self.pending) - self._partial_suffix()
-        emitted, self.pending = self.pending[:safe], self.pending[safe:]
-        return StopResult(emitted)
+        return StopResult(self._emit_settled())
 
     def pass_through(self, text: str) -> str:
-        """Text no stop string may end (the first `min_tokens` tokens): emitted as it comes, nothing held back."""
-        text, self.pending = self.pending + text, ""
-        return text
+        """Text no stop string may end (the first `min_tokens` tokens). Its tail that could begin a stop string is
+        still held back: a stop string may begin there and end in the text after it (vLLM looks back a stop
+        string's length from the first token that may stop)."""
+        self.pending += text
+        self.num_protected = len(self.pending)
+        return self._emit_settled() if self.stop else self.flush()
+
+    def _emit_settled(self) -> str:
+        """Emit pending text up to the longest suffix that could still begin a stop string."""
+        safe = len(self.pending) - self._partial_suffix()
+        emitted, self.pending = self.pending[:safe], self.pending[safe:]
+        self.num_protected = max(self.num_protected - safe, 0)
+        return emitted
 
     def _partial_suffix(self) -> int:
         """Length of the longest suffix of pending text that is a proper prefix of some stop string."""
@@ -55,5 +65,5 @@ class StopStringMatcher:
         return longest
 
     def flush(self) -> str:
-        text, self.pending = self.pending, ""
+        text, self.pending, self.num_protected = self.pending, "", 0
         return text

@@ -3,8 +3,8 @@
 Backends stream token ids only (the one that stopped a choice included); the server's one tokenizer decodes them
 here. A stop string can end a choice before the engine does: `Completed.stops_engine` then tells the caller to
 end that choice in the engine, and whatever the engine still sends for it is dropped. As EOS and stop token ids
-(masked by the sampler), stop strings cannot end a choice within its first `min_tokens` tokens: they are looked for
-from the next token's text on (vLLM's rule; a stop string begun inside those tokens is not matched).
+(masked by the sampler), stop strings cannot end a choice within its first `min_tokens` tokens: a match must end in
+the text of a later token, though it may begin inside those tokens (vLLM looks back a stop string's length).
 """
 
 from dataclasses import dataclass

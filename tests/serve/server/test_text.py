@@ -95,6 +95,30 @@ def test_stop_strings_wait_for_min_tokens(decoder: TextDecoder, one_delta: bool)
     assert "".join(c.delta.text for c in emitted) == " Paris"
 
 
+@pytest.mark.parametrize("one_delta", [False, True])
+def test_a_stop_string_begun_inside_min_tokens_and_completed_after_them_ends_the_choice(
+    decoder: TextDecoder, one_delta: bool
+) -> None:
+    """vLLM looks back a stop string's length from the first token that may stop: "answer is" begun in the protected
+    tokens ends the choice at " is", the first free token (probe P: it ran on to the length limit)."""
+    ids = decoder.tokenizer.encode(" Paris.\n\nThe answer is: yes. The answer is no.", add_special_tokens=False).ids
+    texts = [decoder.token_text(token) for token in ids]
+    protected = texts.index(" is")  # " answer" is the last protected token, " is" the first free one
+
+    def run(min_tokens: int) -> list:
+        text = RequestText(decoder, _request(stop=("answer is",), min_tokens=min_tokens), (EOS,))
+        deltas = [_delta(ids)] if one_delta else [_delta([token]) for token in ids]
+        return [c for c in (text.complete(delta) for delta in deltas) if c is not None]
+
+    emitted = run(protected)
+    assert "".join(c.delta.text for c in emitted) == " Paris.\n\nThe "
+    assert (emitted[-1].delta.finish_reason, emitted[-1].delta.stop_reason) == (FinishReason.STOP, "answer is")
+    # one more protected token and the first "answer is" lies wholly inside them: the second one stops it
+    emitted = run(protected + 1)
+    assert "".join(c.delta.text for c in emitted) == " Paris.\n\nThe answer is: yes. The "
+    assert emitted[-1].delta.stop_reason == "answer is"
+
+
 def test_text_held_back_within_min_tokens_is_not_matched_at_the_finish(decoder: TextDecoder) -> None:
     """The first byte of an emoji is held back until the finish flushes it; it belongs to a protected token."""
     first_byte = decoder.tokenizer.encode(" 🍕", add_special_tokens=False).ids[:1]
