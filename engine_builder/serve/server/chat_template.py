@@ -181,6 +181,9 @@ def _check_render_options(
 
 
 def message_text(message: ChatMessage, index: int) -> str | None:
+    """A message's content as one text: its text (and an assistant's refusal) parts joined with newlines, as vLLM
+    and TensorRT-LLM join them, so the same conversation renders the same prompt there and words of adjacent
+    parts stay apart."""
     content = message.content
     if message.audio is not None:
         raise unsupported(f"messages[{index}].audio", "Audio replies need an audio model.")
@@ -213,7 +216,7 @@ def message_text(message: ChatMessage, index: int) -> str | None:
             raise unsupported(
                 f"messages[{index}].content", f"Content parts of type {part.type!r} need a multimodal model."
             )
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:

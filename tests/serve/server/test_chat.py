@@ -243,7 +243,7 @@ def test_baseten_extras(client: OpenAI) -> None:
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "Name three colors "},
+                    {"type": "text", "text": "Name three colors"},
                     {"type": "text", "text": "of the rainbow."},
                 ],
             }
@@ -251,7 +251,14 @@ def test_baseten_extras(client: OpenAI) -> None:
         max_tokens=20,
         temperature=0,
     )
-    assert parts.choices[0].message.content == plain.choices[0].message.content
+    joined = client.chat.completions.create(  # text parts are joined with newlines, as vLLM joins them
+        model="x",
+        messages=[{"role": "user", "content": "Name three colors\nof the rainbow."}],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert parts.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert parts.choices[0].message.content == joined.choices[0].message.content
     template = client.chat.completions.create(
         model="x",
         messages=MESSAGES,

@@ -114,6 +114,15 @@ def test_openai_shapes_a_text_model_can_honour_are_accepted() -> None:
     assert [message_text(message, index) for index, message in enumerate(request.messages)] == ["Hi", "I can't.", "Why?"]
 
 
+def test_text_parts_are_joined_with_newlines_as_vllm_joins_them() -> None:
+    """Words of adjacent parts stay apart, and the same conversation renders the same prompt as on vLLM."""
+    from engine_builder.serve.server.chat_template import message_text
+
+    parts = [{"type": "text", "text": "Context: the sky is green."}, {"type": "text", "text": "Question: what colour is it?"}]
+    request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": parts}]})
+    assert message_text(request.messages[0], 0) == "Context: the sky is green.\nQuestion: what colour is it?"
+
+
 @pytest.mark.parametrize(
     ("message", "status"),
     [
