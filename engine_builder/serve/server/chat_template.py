@@ -220,6 +220,13 @@ def message_text(message: ChatMessage, index: int) -> str | None:
 
 
 def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    if message.role == "function":  # Qwen's template, for one, renders no such turn: the result would vanish
+        raise bad_request(
+            f"messages[{index}].role 'function' belongs to the legacy functions API, which this server does not "
+            "support; send the result as a 'tool' message with the tool_call_id of the call it answers.",
+            param=f"messages[{index}].role",
+            code="unsupported_parameter",
+        )
     role = "system" if message.role == "developer" else message.role
     rendered: dict[str, Any] = {"role": role, "content": message_text(message, index)}
     if rendered["content"] is None:

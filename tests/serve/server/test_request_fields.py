@@ -123,6 +123,19 @@ def test_text_parts_are_joined_with_newlines_as_vllm_joins_them() -> None:
     assert message_text(request.messages[0], 0) == "Context: the sky is green.\nQuestion: what colour is it?"
 
 
+def test_a_legacy_function_message_is_refused_by_name() -> None:
+    """The rest of the functions API is refused; templates render no `function` turn (Qwen's drops it)."""
+    from engine_builder.serve.server.chat_template import to_template_message
+
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [*MESSAGES, {"role": "function", "name": "calculator", "content": "42"}]}
+    )
+    with pytest.raises(APIError) as caught:
+        to_template_message(request.messages[1], 1)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "messages[1].role", "unsupported_parameter")
+    assert "'tool'" in caught.value.message
+
+
 @pytest.mark.parametrize(
     ("message", "status"),
     [

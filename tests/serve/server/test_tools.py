@@ -192,3 +192,6 @@ def test_tool_request_errors(qwen_server: ServerProcess, tools: list[dict]) -> N
     bad_arguments = json.loads(json.dumps(assistant_with_string_arguments))
     bad_arguments["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
     assert httpx.post(url, json=bad_arguments).status_code == 400
+    legacy_result = {**base, "messages": [*base["messages"], {"role": "function", "name": "add", "content": "3"}]}
+    refused = httpx.post(url, json=legacy_result)  # Qwen's template renders no `function` turn: it would vanish
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[1].role", refused.text
