@@ -70,7 +70,8 @@ class ToolCallOutput(ChoiceOutput):
         self.stream.feed(text, final)
         self.is_final = final
         deltas: list[dict[str, Any]] = []
-        if _shows_content(self.stream, final) and self.stream.content_length > self.sent_content:
+        shows_content = self.parser.writes_content and _shows_content(self.stream, final)
+        if shows_content and self.stream.content_length > self.sent_content:
             deltas.append({"content": self.stream.content_from(self.sent_content)})
             self.sent_content = self.stream.content_length
         calls = self._calls()
@@ -102,8 +103,11 @@ class ToolCallOutput(ChoiceOutput):
         reason = finish_reason.value if finish_reason is not None else "stop"
         if calls and reason == "stop":
             reason = FinishReason.TOOL_CALLS.value
-        content = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
-        return FinalOutput(content=content if (content or not calls) else None, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
+        content: str | None = None  # a forced reply is calls alone: one cut short is dropped, never shown as prose
+        if self.parser.writes_content:
+            text = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
+            content = text if (text or not calls) else None
+        return FinalOutput(content=content, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
 
 
 def _shows_content(stream: ToolCallStream, final: bool) -> bool:

@@ -1,6 +1,7 @@
 """Tool calling against Qwen2.5-Coder-0.5B (the default model), including Baseten's function-calling loop."""
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -195,3 +196,29 @@ def test_tool_request_errors(qwen_server: ServerProcess, tools: list[dict]) -> N
     legacy_result = {**base, "messages": [*base["messages"], {"role": "function", "name": "add", "content": "3"}]}
     refused = httpx.post(url, json=legacy_result)  # Qwen's template renders no `function` turn: it would vanish
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[1].role", refused.text
+
+
+def test_a_forced_call_cut_by_max_tokens_is_neither_content_nor_a_call(qwen_server: ServerProcess, tools: list[dict]) -> None:
+    client = OpenAI(base_url=f"{qwen_server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    request: dict[str, Any] = dict(
+        model="x", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=tools, tool_choice="required",
+        temperature=0, max_tokens=3,
+    )
+    choice = client.chat.completions.create(**request).choices[0]
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls or []) == ("length", None, [])
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert not "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+    assert not [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["length"]
+
+
+def test_a_forced_call_cut_before_its_name_is_no_content() -> None:
+    """`max_tokens` ends a forced reply inside the grammar's JSON: nothing of it is prose, streamed or whole."""
+    from engine_builder.common.types import FinishReason
+    from engine_builder.serve.server.tools import ToolCallProcessor
+
+    for pieces in (['[{"name'], ["[", '{"', "name"]):
+        output = ToolCallProcessor("forced", {"add": {"type": "object"}}, parallel=True).start(0)
+        deltas = [delta for index, piece in enumerate(pieces) for delta in output.feed(piece, final=index == len(pieces) - 1)]
+        final = output.result(FinishReason.LENGTH, None)
+        assert deltas == [] and final.content is None and final.tool_calls == [] and final.finish_reason == "length"

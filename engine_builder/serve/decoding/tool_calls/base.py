@@ -60,6 +60,7 @@ class ToolParser(abc.ABC):
 
     name = "base"
     id_length = 24
+    writes_content = True  # False: the reply is calls alone (a grammar forces them), never prose
 
     def __init__(self, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> None:
         self.tools = tools

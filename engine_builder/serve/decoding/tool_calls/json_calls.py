@@ -377,9 +377,11 @@ class MistralParser(ToolParser):
 
 
 class ForcedParser(ToolParser):
-    """Output of the `tool_choice: required/named` grammar: one call object, or an array of them."""
+    """Output of the `tool_choice: required/named` grammar: one call object, or an array of them. Text it cannot
+    read as a call is a call cut short (by max_tokens), not content."""
 
     name = "forced"
+    writes_content = False
 
     def parse(self, text: str, final: bool) -> ParseResult:
         stripped = text.lstrip()
