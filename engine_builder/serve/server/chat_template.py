@@ -1,6 +1,7 @@
 """Prompt rendering: OpenAI messages -> the model's chat template -> token ids."""
 
 import asyncio
+import enum
 import functools
 import json
 import logging
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from engine_builder.serve.decoding.tool_calls import call_text
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatMessage
 
@@ -26,6 +28,20 @@ class PromptTooLong(Exception):
     def __init__(self, max_tokens: int) -> None:
         super().__init__(max_tokens)
         self.max_tokens = max_tokens
+
+
+class CallHistory(enum.Enum):
+    """What becomes of an earlier assistant message's `tool_calls` under a chat template."""
+
+    RENDERED = "rendered"  # the template reads them and writes them in the model's own format
+    AS_TEXT = "as_text"  # no tool format: written into the content in the JSON form the server's tool hint asks for
+    REFUSED = "refused"  # a tool format that ignores earlier calls: how the model writes them is unknown here
+
+    @classmethod
+    def of(cls, template: str | None) -> "CallHistory":
+        if template is None or "tool_calls" in template:
+            return cls.RENDERED
+        return cls.REFUSED if "tools" in template else cls.AS_TEXT
 
 
 class PromptRenderer:
@@ -48,7 +64,8 @@ class PromptRenderer:
         _check_render_options(
             options.get("add_generation_prompt", True), options.get("continue_final_message", False), options.get("template_kwargs")
         )
-        conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
+        history = CallHistory.of(options["chat_template"])
+        conversation = [to_template_message(message, index, history) for index, message in enumerate(messages)]
         kwargs = dict(options.get("template_kwargs") or {})
         conversation = kwargs.pop("_extra_system_messages", []) + conversation
         special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
@@ -74,6 +91,14 @@ class PromptRenderer:
                 return []
             read |= variables
         return [name for name in names if name not in read]
+
+    def _own_template(self, has_tools: bool) -> str | None:
+        """The model's template text that transformers renders with: of several named ones, `tool_use` when tools
+        are given and it has one, else `default`."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("tool_use" if has_tools and "tool_use" in template else "default")
+        return template if isinstance(template, str) else None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -116,7 +141,8 @@ class PromptRenderer:
                 param="messages",
             )
         _check_render_options(add_generation_prompt, continue_final_message, template_kwargs)
-        conversation = [to_template_message(message, index) for index, message in enumerate(messages)]
+        history = CallHistory.of(chat_template or self._own_template(has_tools=bool(tools)))
+        conversation = [to_template_message(message, index, history) for index, message in enumerate(messages)]
         kwargs = dict(template_kwargs or {})
         extra_system = kwargs.pop("_extra_system_messages", [])
         conversation = extra_system + conversation
@@ -219,7 +245,11 @@ def message_text(message: ChatMessage, index: int) -> str | None:
     return "\n".join(texts)
 
 
-def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+def to_template_message(
+    message: ChatMessage, index: int, history: CallHistory = CallHistory.RENDERED
+) -> dict[str, Any]:
+    """One message as chat templates take it; `history` says how its tool calls reach the prompt (a template
+    that ignores them would drop them silently)."""
     if message.role == "function":  # Qwen's template, for one, renders no such turn: the result would vanish
         raise bad_request(
             f"messages[{index}].role 'function' belongs to the legacy functions API, which this server does not "
@@ -239,28 +269,35 @@ def to_template_message(message: ChatMessage, index: int) -> dict[str, Any]:
         rendered["reasoning_content"] = message.reasoning_content
         if not (message.tool_calls and rendered["content"]):  # gpt-oss's template refuses both beside tool calls
             rendered["thinking"] = message.reasoning_content
-    if message.tool_calls:
-        calls = []
-        for call in message.tool_calls:
-            arguments = call.function.arguments
-            if isinstance(arguments, str):
-                # Templates serialise arguments themselves; a JSON string would come out encoded twice.
-                try:
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                except json.JSONDecodeError:
-                    raise bad_request(
-                        f"messages[{index}].tool_calls: function.arguments is not valid JSON.",
-                        param="messages",
-                    ) from None
-            calls.append(
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": arguments},
-                }
-            )
-        rendered["tool_calls"] = calls
+    if not message.tool_calls:
+        return rendered
+    if history is CallHistory.REFUSED:
+        raise bad_request(
+            f"messages[{index}].tool_calls: this chat template renders tools but not earlier tool calls, so the "
+            "model would not see this call; pass a `chat_template` that renders each message's `tool_calls`.",
+            param=f"messages[{index}].tool_calls",
+            code="unsupported_parameter",
+        )
+    arguments = [_call_arguments(call.function.arguments, index) for call in message.tool_calls]
+    if history is CallHistory.AS_TEXT:
+        written = call_text([(call.function.name, parsed) for call, parsed in zip(message.tool_calls, arguments, strict=True)])
+        rendered["content"] = f"{rendered['content']}\n{written}" if rendered["content"] else written
+        return rendered
+    rendered["tool_calls"] = [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": parsed}}
+        for call, parsed in zip(message.tool_calls, arguments, strict=True)
+    ]
     return rendered
+
+
+def _call_arguments(arguments: str | dict[str, Any], index: int) -> Any:
+    """Templates serialise arguments themselves: a JSON string would come out encoded twice."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        raise bad_request(f"messages[{index}].tool_calls: function.arguments is not valid JSON.", param="messages") from None
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0

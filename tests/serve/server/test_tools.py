@@ -1,6 +1,8 @@
-"""Tool calling against Qwen2.5-Coder-0.5B (the default model), including Baseten's function-calling loop."""
+"""Tool calling against Qwen2.5-Coder-0.5B (the default model), including Baseten's function-calling loop, and on
+SmolLM2, whose template has no tool format (forced calls only, earlier calls written into the prompt as text)."""
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -210,6 +212,70 @@ def test_a_forced_call_cut_by_max_tokens_is_neither_content_nor_a_call(qwen_serv
     assert not "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
     assert not [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["length"]
+
+
+WEATHER_TURNS = [
+    {"role": "user", "content": "What's the weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"},
+]  # fmt: skip
+
+
+def _render(model_dir: Path, messages: list[dict], **options: Any) -> str:
+    from engine_builder.serve.server.chat_template import PromptRenderer
+    from engine_builder.serve.server.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate({"messages": messages})
+    return PromptRenderer(model_dir).render(request.messages, **options)
+
+
+def test_earlier_calls_reach_a_template_without_a_tool_format_as_the_tool_hint_asks(smollm2_dir: Path, qwen_dir: Path) -> None:
+    """SmolLM2's template ignores `tool_calls`: the call goes into the assistant turn in the JSON form the forced
+    grammar has the model write (its own parser reads it back), and the tool's result follows it."""
+    from engine_builder.serve.decoding.tool_calls import tool_parser
+
+    prompt = _render(smollm2_dir, WEATHER_TURNS)
+    written = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert f"<|im_start|>assistant\n{written}<|im_end|>\n<|im_start|>tool\nsunny, 20C<|im_end|>" in prompt
+    [call] = tool_parser("forced", {"get_weather": {"type": "object"}}).parse(written, final=True).calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    two_calls = json.loads(json.dumps(WEATHER_TURNS))
+    two_calls[1]["content"] = "Checking both."
+    two_calls[1]["tool_calls"].append({"id": "call_2", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}})
+    pair = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    assert f"<|im_start|>assistant\nChecking both.\n{pair}<|im_end|>" in _render(smollm2_dir, two_calls)
+    assert f'<tool_call>\n{written}\n</tool_call>' in _render(qwen_dir, WEATHER_TURNS)  # a tool format of its own
+
+
+def test_earlier_calls_a_tool_template_would_drop_are_refused_by_name(smollm2_dir: Path) -> None:
+    from engine_builder.serve.server.errors import APIError
+
+    renders_tools_only = "{{ tools }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(APIError) as caught:
+        _render(smollm2_dir, WEATHER_TURNS, chat_template=renders_tools_only)
+    assert (caught.value.status, caught.value.param) == (400, "messages[1].tool_calls")
+
+
+def test_the_second_turn_of_a_forced_call_on_a_model_without_a_tool_format(server: ServerProcess, tools: list[dict]) -> None:
+    """SmolLM2 gets its tool calls through the forced grammar and the tool hint; the next turn sends that call back,
+    and the call counts in the prompt."""
+    url = f"{server.base_url}/v1/chat/completions"
+    first = {"messages": WEATHER_TURNS[:1], "tools": tools, "tool_choice": "required", "parallel_tool_calls": False,
+             "temperature": 0, "max_tokens": 60}  # fmt: skip
+    reply = httpx.post(url, json=first, timeout=300)
+    assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]["message"]
+    assert message["tool_calls"] and message["content"] is None
+
+    def prompt_tokens(assistant: dict) -> int:
+        body = {"messages": [WEATHER_TURNS[0], assistant, WEATHER_TURNS[2]], "max_tokens": 1}
+        response = httpx.post(url, json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(message) > prompt_tokens({"role": "assistant", "content": None}) + 5
 
 
 def test_a_forced_call_cut_before_its_name_is_no_content() -> None:

@@ -10,6 +10,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     ToolCallStream,
     ToolParser,
     call_schema,
+    call_text,
 )
 
 _REGISTRY = {
@@ -34,5 +35,5 @@ def tool_parser(name: str, tools: dict[str, dict[str, Any]], only_marked: bool =
 
 
 __all__ = [
-    "ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "call_schema", "known_parsers", "tool_parser"
+    "ParseResult", "ParsedCall", "Resume", "ToolCallStream", "ToolParser", "call_schema", "call_text", "known_parsers", "tool_parser"
 ]

@@ -181,6 +181,14 @@ def call_schema(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"$defs": definitions, **document} if definitions else document
 
 
+def call_text(calls: list[tuple[str, Any]]) -> str:
+    """Calls (name, arguments) written as a `call_schema` grammar makes the model write them (xgrammar's
+    separators without free whitespace are json.dumps's): one object, several in an array. An earlier reply
+    shown in this form reads to the model as its own output."""
+    objects = [{"name": name, "arguments": arguments} for name, arguments in calls]
+    return json.dumps(objects[0] if len(objects) == 1 else objects, ensure_ascii=False)
+
+
 def _has_local_ref(schema: Any) -> bool:
     if isinstance(schema, list):
         return any(_has_local_ref(item) for item in schema)
