@@ -158,6 +158,16 @@ class EncoderBatchStats:
 
 
 @dataclass(frozen=True)
+class GrammarStats:
+    """Structured-output grammars since start (totals)."""
+
+    num_compiles: int = 0  # grammars compiled (each distinct guide once, however many requests wait for it)
+    compile_seconds: float = 0.0  # time those compiles took
+    num_reused: int = 0  # requests whose grammar was cached or already compiling for another request
+    num_timeouts: int = 0  # requests refused because their grammar took longer than the compile limit
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """What /metrics reads off an engine: current values first (gauges), then totals since start (counters,
     so that a dashboard takes rates over its own window and sums them across replicas)."""
@@ -173,6 +183,7 @@ class EngineStats:
     num_lookahead_drafts: int = 0  # steps that verified a lookahead draft
     num_lookahead_accepted_tokens: int = 0  # draft tokens those steps accepted, beyond each step's own token
     encoder_batches: EncoderBatchStats | None = None  # an encoder's batcher; None for a decoder
+    grammars: GrammarStats | None = None  # a decoder that compiles structured-output grammars itself
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from engine_builder.common.types import EncoderBatchStats, EngineStats
+from engine_builder.common.types import EncoderBatchStats, EngineStats, GrammarStats
 
 PREFIX = "engine_builder:"
 # e2e, TTFT and queue time: fine steps for an encoder's milliseconds up to vLLM's 7680 s for long CPU generations
@@ -150,6 +150,8 @@ class _EngineSeries(Collector):
             counters += self._generation_counters(stats)
         if stats.encoder_batches is not None:
             counters += self._encoder_counters(stats.encoder_batches)
+        if stats.grammars is not None:
+            counters += self._grammar_counters(stats.grammars)
         names, values = list(self._labels), list(self._labels.values())
         for name, documentation, value in gauges:
             gauge = GaugeMetricFamily(f"{PREFIX}{name}", documentation, labels=names)
@@ -179,6 +181,31 @@ class _EngineSeries(Collector):
                 "spec_decode_num_accepted_tokens",
                 "Lookahead draft tokens accepted (tokens per drafted step: 1 + accepted / drafts).",
                 stats.num_lookahead_accepted_tokens,
+            ),
+        ]
+
+    @staticmethod
+    def _grammar_counters(grammars: GrammarStats) -> list[tuple[str, str, float]]:
+        return [
+            (
+                "structured_output_grammar_compiles",
+                "Structured-output grammars compiled (each distinct schema, regex or grammar once while cached).",
+                grammars.num_compiles,
+            ),
+            (
+                "structured_output_grammar_compile_seconds",
+                "Time those compiles took (mean: rate of seconds / rate of compiles).",
+                grammars.compile_seconds,
+            ),
+            (
+                "structured_output_grammar_reused",
+                "Requests whose grammar was cached or already compiling for another request.",
+                grammars.num_reused,
+            ),
+            (
+                "structured_output_grammar_compile_timeouts",
+                "Requests refused (400) because their grammar took longer than the compile limit to compile.",
+                grammars.num_timeouts,
             ),
         ]
 

@@ -86,8 +86,12 @@ def test_requests_for_one_grammar_share_its_compile(compiler: Any, monkeypatch: 
     async def four() -> list[Any]:
         return await asyncio.gather(*(compiler.compile_async(guide) for _ in range(4)))
 
+    before = compiler.stats()
     results = asyncio.run(four())
     assert compiled == [guide.spec] and all(result is results[0] for result in results)
+    after = compiler.stats()  # /metrics' structured_output_grammar_* counters: one compile, three requests reused it
+    assert (after.num_compiles - before.num_compiles, after.num_reused - before.num_reused) == (1, 3)
+    assert after.compile_seconds - before.compile_seconds >= 0.3
 
 
 def test_a_compile_past_the_limit_is_a_400_and_its_result_still_serves_the_retry(
@@ -98,8 +102,10 @@ def test_a_compile_past_the_limit_is_a_400_and_its_result_still_serves_the_retry
 
     compiled = _slow(compiler, monkeypatch, 0.6)
     guide = Guide(GuideKind.REGEX, "slow-[a-z]+", param="response_format")
+    timeouts = compiler.stats().num_timeouts
     with pytest.raises(GuideError) as refused:
         asyncio.run(compiler.compile_async(guide, timeout_s=0.1))
+    assert compiler.stats().num_timeouts == timeouts + 1
     assert "took longer than 0.1 s to compile" in str(refused.value) and refused.value.param == "response_format"
     time.sleep(0.8)  # the compile went on in its thread
     started = time.monotonic()

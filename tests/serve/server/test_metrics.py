@@ -16,6 +16,7 @@ from engine_builder.common.types import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    GrammarStats,
     ModelInfo,
     PreparedRequest,
     SamplingParams,
@@ -175,6 +176,7 @@ def test_totals_since_start_are_counters_and_only_current_values_gauges() -> Non
         num_prefix_cache_hits=240,
         num_lookahead_drafts=10,
         num_lookahead_accepted_tokens=7,
+        grammars=GrammarStats(num_compiles=5, compile_seconds=0.25, num_reused=20, num_timeouts=1),
     )
     metrics = ServerMetrics("m", lambda: stats, lambda: 3)
     found, types = _samples(metrics), _types(metrics)
@@ -184,6 +186,10 @@ def test_totals_since_start_are_counters_and_only_current_values_gauges() -> Non
         "num_preemptions": 3,
         "spec_decode_num_drafts": 10,
         "spec_decode_num_accepted_tokens": 7,
+        "structured_output_grammar_compiles": 5,
+        "structured_output_grammar_compile_seconds": 0.25,
+        "structured_output_grammar_reused": 20,
+        "structured_output_grammar_compile_timeouts": 1,
     }.items():
         assert types[name] == "counter" and found[f"{name}_total"] == value, name
     for name, value in {
@@ -243,10 +249,12 @@ def test_docs_list_every_exported_family(decoder: TextDecoder) -> None:
     """docs/metrics.md names each family a decoder or an encoder exports."""
     script = [(0.0, _delta(0, 1, 1)), (STEP_S, _delta(0, 1, 2, finished=True))]
     decoder_metrics = _serve(decoder, script, 1)
+    with_grammars = EngineStats(0, 0, 0.0, 0, 0, grammars=GrammarStats())
+    grammar_metrics = ServerMetrics("m", lambda: with_grammars, lambda: 0)
     stats = EngineStats(0, 0, 0.0, 0, 0, encoder_batches=EncoderBatchStats())
     encoder_metrics = ServerMetrics("m", lambda: stats, lambda: 0, generates=False)
     docs = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
-    names = {name for metrics in (decoder_metrics, encoder_metrics) for name in _types(metrics)}
+    names = {name for metrics in (decoder_metrics, grammar_metrics, encoder_metrics) for name in _types(metrics)}
     missing = sorted(
         name
         for name in names

@@ -321,3 +321,25 @@ def test_template_arguments_the_template_never_reads_are_refused_by_name(server:
     assert counted["count"] > plain["count"] + 5
     empty = httpx.post(f"{url}/tokenize", json={"messages": messages, "documents": []}, timeout=30)
     assert empty.status_code == 200  # no documents sent, nothing dropped
+
+
+def test_grammar_compiles_are_counted_on_metrics(server: ServerProcess) -> None:
+    """A schema compiled once, then served from the cache: /metrics shows the compile and the reuse."""
+
+    def counter(name: str) -> float:
+        text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(f"engine_builder:{name}")]
+        return float(values[0]) if values else 0.0
+
+    schema = {"type": "object", "properties": {"metric_probe": {"type": "integer"}}, "required": ["metric_probe"]}
+    body = {
+        "messages": [{"role": "user", "content": "a number"}],
+        "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    }
+    before = (counter("structured_output_grammar_compiles_total"), counter("structured_output_grammar_reused_total"))
+    for _ in range(2):
+        assert httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    after = (counter("structured_output_grammar_compiles_total"), counter("structured_output_grammar_reused_total"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert counter("structured_output_grammar_compile_seconds_total") > 0

@@ -134,7 +134,9 @@ class TorchEngineClient:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return self._stats
+        if self._compiler is None:
+            return self._stats
+        return replace(self._stats, grammars=self._compiler.stats())
 
     # -- requests ----------------------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> PreparedRequest[Any]:

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine_builder.common.types import Guide, GuideKind, ReasoningPrefix
+from engine_builder.common.types import GrammarStats, Guide, GuideKind, ReasoningPrefix
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 
@@ -45,7 +45,12 @@ class GrammarCompiler:
         self._executor = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self.vocab_size = vocab_size
         self.num_compiles = 0
-        self.last_compile_seconds = 0.0
+        self.compile_seconds = 0.0
+        self.num_reused = 0
+        self.num_timeouts = 0
+
+    def stats(self) -> GrammarStats:
+        return GrammarStats(self.num_compiles, self.compile_seconds, self.num_reused, self.num_timeouts)
 
     async def compile_async(self, guide: Guide, timeout_s: float | None = None) -> Any:
         """`compile` off the event loop: a cached grammar at once, else on the compile threads, shared with any
@@ -54,16 +59,21 @@ class GrammarCompiler:
         with self._lock:
             cached = self._cached(key)
             if cached is not None:
+                self.num_reused += 1
                 return cached
             future = self._compiling.get(key)
             if future is None:
                 future = self._executor.submit(self.compile, guide)
                 self._compiling[key] = future
                 future.add_done_callback(lambda _: self._forget(key))
+            else:
+                self.num_reused += 1
         limit = COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
         try:  # shielded: a waiter that leaves (timeout, disconnect) never cancels the compile others share
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
         except TimeoutError:
+            with self._lock:
+                self.num_timeouts += 1
             raise GuideError(
                 f"The {guide.kind.value} took longer than {limit:g} s to compile, so it was not enforced. Simplify "
                 "it: very large enums, huge minLength/maxLength or repetition bounds, and deeply nested optional "
@@ -91,10 +101,11 @@ class GrammarCompiler:
                 return cached
         started = time.perf_counter()
         compiled = self._compile(guide)
-        self.last_compile_seconds = time.perf_counter() - started
-        self.num_compiles += 1
-        logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, self.last_compile_seconds * 1000)
+        seconds = time.perf_counter() - started
+        logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, seconds * 1000)
         with self._lock:
+            self.num_compiles += 1
+            self.compile_seconds += seconds
             self._cache[key] = compiled
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
