@@ -257,6 +257,10 @@ def to_template_message(
             param=f"messages[{index}].role",
             code="unsupported_parameter",
         )
+    if message.content is None and message.role != "assistant":  # OpenAI's rule: only a reply may lack content
+        raise bad_request(
+            f"messages[{index}].content is required in a {message.role!r} message.", param=f"messages[{index}].content"
+        )
     role = "system" if message.role == "developer" else message.role
     rendered: dict[str, Any] = {"role": role, "content": message_text(message, index)}
     if rendered["content"] is None:

@@ -136,6 +136,20 @@ def test_a_legacy_function_message_is_refused_by_name() -> None:
     assert "'tool'" in caught.value.message
 
 
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_only_an_assistant_message_may_lack_content(role: str) -> None:
+    """OpenAI answers 400 for a user message without content; it was rendered as an empty turn (probe O)."""
+    from engine_builder.serve.server.chat_template import to_template_message
+
+    message = {"role": role, **({"tool_call_id": "call_1"} if role == "tool" else {})}
+    request = ChatCompletionRequest.model_validate({"messages": [*MESSAGES, message]})
+    with pytest.raises(APIError) as caught:
+        to_template_message(request.messages[1], 1)
+    assert (caught.value.status, caught.value.param) == (400, "messages[1].content")
+    reply = ChatCompletionRequest.model_validate({"messages": [*MESSAGES, {"role": "assistant", "content": None}]})
+    assert to_template_message(reply.messages[1], 1)["content"] == ""
+
+
 @pytest.mark.parametrize(
     ("message", "status"),
     [
