@@ -12,6 +12,7 @@ import yaml
 
 from engine_builder.build.config import parse_config
 from engine_builder.common.types import EngineStats
+from engine_builder.serve.server.main import longest_shutdown_s
 from engine_builder.serve.server.metrics import ServerMetrics
 from engine_builder.serve.server.state import ServerSettings
 
@@ -96,8 +97,10 @@ def test_pods_run_as_non_root_and_drain_within_the_grace_period(
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # the kubelet's grace covers the preStop pause and the whole shutdown, or it kills the pod mid-drain
     drain = ServerSettings(served_model_name="x").drain_timeout_s
-    assert pod["terminationGracePeriodSeconds"] > drain + 5
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pause + longest_shutdown_s(drain)
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 

@@ -237,14 +237,19 @@ class EncoderEngine:
             if self.info.is_cross_encoder:
                 pairs: list[TextInput] = [(query, text) for text in texts]
                 encoded = await asyncio.to_thread(
-                    self.tokenizer.encode, pairs, truncation=truncation, field=field
+                    self.tokenizer.encode,
+                    pairs,
+                    truncation=truncation,
+                    field=field,
+                    always_index=True,
+                    first_field=query_field,
                 )
             else:
                 query_encoded = await asyncio.to_thread(
                     self.tokenizer.encode, [query], truncation=truncation, field=query_field
                 )
                 texts_encoded = await asyncio.to_thread(
-                    self.tokenizer.encode, list(texts), truncation=truncation, field=field
+                    self.tokenizer.encode, list(texts), truncation=truncation, field=field, always_index=True
                 )
                 encoded = query_encoded + texts_encoded
             tokenized = time.perf_counter()
@@ -339,10 +344,7 @@ class EncoderEngine:
         if num_inputs == 0:
             raise EmptyInputError(f"`{field}` cannot be empty", param=field)
         if num_inputs > self.info.max_client_batch_size:
-            raise BatchSizeError(
-                f"batch size {num_inputs} > maximum allowed batch size {self.info.max_client_batch_size}",
-                param=field,
-            )
+            raise BatchSizeError(num_inputs, self.info.max_client_batch_size, param=field)
 
     def _check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is None:

@@ -4,6 +4,16 @@ This is the one place where encoder failures are mapped to HTTP statuses; routes
 """
 
 
+# TEI's `error_type` by HTTP status, for refusals that carry none (the server's own: auth, body limit, admission);
+# anything else 4xx is a "validation" error, as TEI names the 413 and 422 it answers.
+TEI_ERROR_TYPES_BY_STATUS = {424: "backend", 429: "overloaded", 503: "unhealthy"}
+
+
+def tei_error_type(status: int) -> str:
+    """TEI's `error_type` for an HTTP status (TEI's own set: no client sees a type it does not know)."""
+    return TEI_ERROR_TYPES_BY_STATUS.get(status, "backend" if status >= 500 else "validation")
+
+
 class EncoderError(Exception):
     """A request the encoder engine will not or cannot serve."""
 
@@ -16,6 +26,11 @@ class EncoderError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    @property
+    def openai_message(self) -> str:
+        """The message on the OpenAI-style routes (the same, unless an error adds what an OpenAI client can do)."""
+        return self.message
 
 
 class InvalidRequestError(EncoderError):
@@ -30,10 +45,23 @@ class EmptyInputError(EncoderError):
 
 
 class BatchSizeError(EncoderError):
-    """More inputs in one request than `max_client_batch_size` (422 `validation`, as the issue and BEI docs state)."""
+    """More inputs in one request than `max_client_batch_size`: 422 `validation` on TEI's routes, as TEI and BEI
+    answer; 400 on the OpenAI-style routes, as every validation error there (the openai SDK raises BadRequestError)."""
 
     code = "too_many_inputs"
     status_code = 422
+    openai_status_code = 400
+
+    def __init__(self, num_inputs: int, max_inputs: int, *, param: str) -> None:
+        super().__init__(f"batch size {num_inputs} > maximum allowed batch size {max_inputs}", param=param)
+        self.max_inputs = max_inputs
+
+    @property
+    def openai_message(self) -> str:
+        return (
+            f"{self.message}: send at most {self.max_inputs} items in `{self.param}` per request, splitting larger "
+            "lists over several requests"
+        )
 
 
 class InputTooLongError(EncoderError):

@@ -4,7 +4,8 @@
 
 Errors are rendered per route family: the OpenAI envelope on the embeddings routes, TEI's
 {"error", "error_type"} elsewhere; statuses come from `errors.py`. Every inference request runs inside the
-server's `RequestTracker` (admission, in-flight count, metrics), whose refusals the app renders; /info, /tokenize
+server's `RequestTracker` (admission, in-flight count, metrics, the cut at shutdown), whose refusals the app renders
+in the route's format (each route's `render_refusal`), as it renders its auth and body-limit refusals; /info, /tokenize
 and /decode run no model and stay outside it, answered while the server is busy as TEI answers them. A client that
 disconnects cancels its request (`disconnect.py`).
 """
@@ -23,9 +24,15 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 
 from engine_builder import __version__
+from engine_builder.serve.disconnect import unless_ended
 from engine_builder.serve.encoders.disconnect import read_body, until_disconnect
 from engine_builder.serve.encoders.engine import EncoderEngine
-from engine_builder.serve.encoders.errors import EncoderError, InvalidRequestError, UnsupportedTaskError
+from engine_builder.serve.encoders.errors import (
+    EncoderError,
+    InvalidRequestError,
+    UnsupportedTaskError,
+    tei_error_type,
+)
 from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
 from engine_builder.serve.encoders.protocol import (
     ClassifierModelType,
@@ -49,7 +56,7 @@ from engine_builder.serve.encoders.protocol import (
 )
 from engine_builder.serve.encoders.results import RequestTiming
 from engine_builder.serve.encoders.serialize import matrices_body, matrix_body, openai_embeddings_body
-from engine_builder.serve.encoders.tracking import RequestOutcome, RequestTracker, Untracked
+from engine_builder.serve.encoders.tracking import Refusal, RequestOutcome, RequestTracker, Untracked
 from engine_builder.serve.encoders.truncation import (
     ASK_BY_FLAG,
     ASK_BY_FLAG_OR_TOKEN_COUNT,
@@ -76,7 +83,7 @@ def render_error(error: EncoderError, style: ErrorStyle) -> Response:
     if style is ErrorStyle.OPENAI:
         client_error = error.status_code < 500 and error.status_code != 429
         detail = OpenAIErrorDetail(
-            message=error.message,
+            message=error.openai_message,
             type="invalid_request_error" if client_error else error.error_type,
             param=error.param,
             code=error.code,
@@ -89,27 +96,62 @@ def render_error(error: EncoderError, style: ErrorStyle) -> Response:
     return Response(body, status_code=status_code, media_type="application/json")
 
 
+def render_refusal(refusal: Refusal) -> Response:
+    """The server's refusal in TEI's format: `{"error": message, "error_type": ...}`, its status and headers kept."""
+    body = TEIErrorResponse(error=refusal.message, error_type=tei_error_type(refusal.status)).model_dump_json()
+    return Response(body, status_code=refusal.status, headers=refusal.headers, media_type="application/json")
+
+
 def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
-    """The first schema error as a 400 naming its field."""
-    first = exc.errors()[0] if exc.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = location[0] if location else None
+    """The first schema error as a 400 naming its field (`documents[0].title` inside a list of objects)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    field = str(location[0]) if location else None
     kind = first.get("type", "")
     if kind == "json_invalid":
         return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg', '')}")
     if field is None:  # a model validator's ValueError: pydantic prefixes its message with "Value error, "
         message = str(first.get("msg", "expected a JSON object")).removeprefix("Value error, ")
         return InvalidRequestError(f"invalid request body: {message}")
+    path = _field_path(location, exc.body, kind == "missing")
+    # A union tries each type: for an object sent where a string or an object goes, the string branch's "should be
+    # a valid string" comes first, while the object branch's error (an unknown or a missing key) is the useful one.
+    for other in errors[1:]:
+        other_location = [part for part in other.get("loc", ()) if part != "body"]
+        other_path = _field_path(other_location, exc.body, other.get("type") == "missing")
+        if other.get("type") in ("extra_forbidden", "missing") and other_path.startswith(path + "."):
+            first, path, kind = other, other_path, other["type"]
+            break
     if kind == "extra_forbidden":
-        return InvalidRequestError(f"unknown field `{field}`: this server does not support it", param=field)
+        return InvalidRequestError(f"unknown field `{path}`: this server does not support it", param=field)
     if kind == "missing":
-        return InvalidRequestError(f"`{field}` is required", param=field)
-    return InvalidRequestError(f"invalid `{field}`: {first.get('msg', 'bad value')}", param=field)
+        return InvalidRequestError(f"`{path}` is required", param=field)
+    return InvalidRequestError(f"invalid `{path}`: {first.get('msg', 'bad value')}", param=field)
+
+
+def _field_path(location: Sequence[Any], body: Any, ends_in_missing_key: bool) -> str:
+    """`documents[0].title` from pydantic's location, walking the request body: a location part that is neither a
+    list index nor a key of the object there (nor the missing key a "missing" error ends in) names a union's branch
+    (`str`, `RerankDocument`), not a field."""
+    path, value = "", body
+    for position, part in enumerate(location):
+        is_missing_key = ends_in_missing_key and position == len(location) - 1
+        if isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
+            path, value = f"{path}[{part}]", value[part]
+        elif isinstance(part, str) and isinstance(value, dict) and (part in value or is_missing_key):
+            path, value = f"{path}.{part}" if path else part, value.get(part)
+    return path or str(location[0])
 
 
 def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[APIRoute]:
     class GuardedRoute(APIRoute):
         error_style = style  # which envelope this route's errors come in (tests read it off the route table)
+
+        def render_refusal(self, refusal: Refusal) -> Response | None:
+            """The server's refusals (auth, body limit, admission, a drain cut) in this route's error format; None
+            on the OpenAI routes, whose format is the server's own envelope."""
+            return render_refusal(refusal) if style is ErrorStyle.TEI else None
 
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
@@ -124,7 +166,9 @@ def _guarded_route_class(style: ErrorStyle, tracker: RequestTracker) -> type[API
                 try:
                     await read_body(request)
                     _read_as_json(request)
-                    return await until_disconnect(request, handler(request))
+                    # the tracker's cut (shutdown past the drain timeout) raises the server's refusal, which the
+                    # app renders in this route's error format (`refusal_renderer`)
+                    return await until_disconnect(request, unless_ended(handler(request), tracker.cut_off()))
                 except RequestValidationError as exc:
                     return render_error(_from_validation(exc), style)
                 except EncoderError as exc:

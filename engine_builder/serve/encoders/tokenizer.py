@@ -5,6 +5,7 @@ The tokenizer.json of a checkpoint may carry its own padding/truncation settings
 that batching (padding) and the request's truncation (`truncation.py`) are ours alone.
 """
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ __all__ = ["EncodedInput", "EncoderTokenizer", "TextInput", "TokenSpan", "Trunca
 # Truncating copies kept for lengths below the model's limit (`truncate_prompt_tokens: k`): building one takes tens
 # of milliseconds, and each holds a whole vocabulary.
 MAX_CACHED_TRUNCATING_TOKENIZERS = 4
+# Tokens a text's head, cut at a word boundary, may have beyond what the same text has inside the whole input (the
+# cut word's split, a trailing space on its own): a head past the limit by more than this refuses the whole input.
+CUT_MARGIN = 32
 
 
 @dataclass(slots=True)
@@ -109,25 +113,103 @@ class EncoderTokenizer:
         *,
         truncation: Truncation,
         field: str,
+        always_index: bool = False,
+        first_field: str | None = None,
     ) -> list[EncodedInput]:
-        """Tokenize texts or pairs; over-long inputs are truncated, or refused naming `field[i]`."""
+        """Tokenize texts or pairs; over-long inputs are truncated, or refused naming `field[i]` (bare `field` for a
+        single input unless `always_index`: the request's field is a list). `first_field` names the request field
+        every pair's first text comes from (rerank's `query`), so a refusal blames what is long."""
         if not inputs:
             return []
+        if truncation.max_tokens is None:  # a text far over the limit is refused without tokenizing all of it
+            self._refuse_far_over_limit(inputs, truncation, field, always_index, first_field)
         tokenizer = self._truncating(truncation)
         encodings: list[Encoding] = tokenizer.encode_batch(list(inputs), add_special_tokens=True)
         results = []
         for index, (text, encoding) in enumerate(zip(inputs, encodings, strict=True)):
-            label = f"{field}[{index}]" if len(inputs) > 1 else field
+            label = self._label(field, index, len(inputs), always_index)
             if truncation.max_tokens is not None and len(encoding.ids) > truncation.max_tokens:
                 raise InvalidRequestError(
                     f"`truncate_prompt_tokens` {truncation.max_tokens} is too few for {label}: this model's own "
                     "special tokens do not fit in it; ask for more tokens",
                     param="truncate_prompt_tokens",
                 )
+            if first_field is not None and len(encoding.ids) > self.max_input_length:
+                raise self._pair_too_long(encoding, label, first_field, field, truncation)
             self._check_length(len(encoding.ids), label, field, truncation)
             num_chars = len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
             results.append(EncodedInput(list(encoding.ids), list(encoding.type_ids), num_chars))
         return results
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one vocabulary entry spells (WordPiece's `##` and byte-level spellings
+        are never shorter than the text they stand for): how long a prefix holds a given number of tokens."""
+        return max((len(token) for token in self._plain.get_vocab(with_added_tokens=True)), default=1) or 1
+
+    def _refuse_far_over_limit(
+        self,
+        inputs: Sequence[TextInput],
+        truncation: Truncation,
+        field: str,
+        always_index: bool,
+        first_field: str | None,
+    ) -> None:
+        """Judge each input far longer (in characters) than the limit's worth of tokens on its head: tokenizing a
+        30 MB text only to refuse it costs half a minute of CPU. A head cut at a word boundary has at most
+        CUT_MARGIN more tokens than the same text inside the whole input, so past limit + CUT_MARGIN the whole
+        input is over the limit too."""
+        # a head holds at least (head_chars - the boundary search) / longest_token_chars tokens of plain text
+        head_chars = (self.max_input_length + 3 * CUT_MARGIN) * self.longest_token_chars
+        heads: dict[int, TextInput] = {}
+        for index, text in enumerate(inputs):
+            if isinstance(text, str):
+                if len(text) > head_chars:
+                    heads[index] = _head(text, head_chars, CUT_MARGIN * self.longest_token_chars)
+            elif len(text[0]) > head_chars or len(text[1]) > head_chars:
+                first, second = (
+                    _head(part, head_chars, CUT_MARGIN * self.longest_token_chars) if len(part) > head_chars else part
+                    for part in text
+                )
+                heads[index] = (first, second)
+        if not heads:
+            return
+        encodings = self._plain.encode_batch(list(heads.values()), add_special_tokens=True)
+        for (index, head), encoding in zip(heads.items(), encodings, strict=True):
+            if len(encoding.ids) <= self.max_input_length + 2 * CUT_MARGIN:
+                continue
+            label = self._label(field, index, len(inputs), always_index)
+            param = field
+            if first_field is not None and _first_sequence_length(encoding) > self.max_input_length + CUT_MARGIN:
+                label, param = first_field, first_field
+            elif first_field is not None:
+                label = f"{first_field} and {label} together"
+            num_chars = len(head) if isinstance(head, str) else len(head[0]) + len(head[1])
+            raise InputTooLongError(
+                f"Input validation error: {label} is far over this model's maximum of {self.max_input_length} "
+                f"tokens (its first {num_chars} characters alone make {len(encoding.ids)}); send shorter input or "
+                f"{truncation.how_to_ask}",
+                param=param,
+            )
+
+    def _pair_too_long(
+        self, encoding: Encoding, label: str, first_field: str, field: str, truncation: Truncation
+    ) -> InputTooLongError:
+        """A (query, text) pair over the limit: blamed on the query when it alone leaves no room."""
+        num_first = _first_sequence_length(encoding)
+        if num_first + self._plain.num_special_tokens_to_add(is_pair=True) >= self.max_input_length:
+            subject, param = f"{first_field} has {num_first} tokens ({len(encoding.ids)} with {label})", first_field
+        else:
+            subject, param = f"{first_field} and {label} together have {len(encoding.ids)} tokens", field
+        return InputTooLongError(
+            f"Input validation error: {subject}, more than this model's maximum of {self.max_input_length}; send "
+            f"shorter input or {truncation.how_to_ask}",
+            param=param,
+        )
+
+    @staticmethod
+    def _label(field: str, index: int, num_inputs: int, always_index: bool) -> str:
+        return f"{field}[{index}]" if always_index or num_inputs > 1 else field
 
     def from_token_ids(
         self,
@@ -139,7 +221,7 @@ class EncoderTokenizer:
         """Pre-tokenized inputs are taken as they are (no special tokens added), checked and truncated."""
         results = []
         for index, ids in enumerate(inputs):
-            label = f"{field}[{index}]" if len(inputs) > 1 else field
+            label = self._label(field, index, len(inputs), always_index=False)
             bad = next((token_id for token_id in ids if not 0 <= token_id < self.vocab_size), None)
             if bad is not None:
                 raise InvalidRequestError(
@@ -208,6 +290,21 @@ class EncoderTokenizer:
                 f"{self.max_input_length}; send shorter input or {truncation.how_to_ask}",
                 param=field,
             )
+
+
+def _head(text: str, num_chars: int, search_chars: int) -> str:
+    """The first `num_chars` characters of a text, cut back to the last word boundary (a space or punctuation) among
+    the final `search_chars`, so that the words kept tokenize as they do in the whole text. Without one, the cut
+    falls in a word at least `search_chars` long, which splits the same way whatever follows it."""
+    for end in range(num_chars, max(num_chars - search_chars, 0), -1):
+        if not text[end - 1].isalnum():
+            return text[:end]
+    return text[:num_chars]
+
+
+def _first_sequence_length(encoding: Encoding) -> int:
+    """Tokens of a pair's first text (special tokens excluded)."""
+    return sum(1 for sequence in encoding.sequence_ids if sequence == 0)
 
 
 def _spans(text: str, encoding: Encoding) -> list[TokenSpan]:

@@ -1,4 +1,7 @@
-"""The FastAPI application: lifespan, auth, body limits, error envelope, and the route modules."""
+"""The FastAPI application: lifespan, auth, body limits, error envelope, and the route modules.
+
+Errors come in the OpenAI envelope, except on routes that carry their own format (the encoders' TEI routes,
+`render_refusal`): there the server's refusals (auth, body limit, admission) come in the route's format too."""
 
 import logging
 from collections.abc import AsyncIterator
@@ -11,6 +14,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from engine_builder.serve.server import routes_health, routes_openai
 from engine_builder.serve.server.app_helpers import validation_to_api_error
@@ -62,28 +67,41 @@ def create_app(
     def is_open(path: str) -> bool:
         return state.settings.open_health_and_metrics and (path in OPEN_PATHS or _is_readiness(path))
 
-    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=_error_response)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=_error_response)
+    # Routes with an error format of their own (the encoders'), as their routers declare them.
+    formatted_routes = [
+        route for router in extra_routers or [] for route in router.routes if hasattr(route, "render_refusal")
+    ]
+
+    def render(error: APIError, scope: Scope) -> Response:
+        """An error in the format of the route asked for: the route's own (TEI's on the encoders' TEI routes) when it
+        has one, else the OpenAI envelope."""
+        route = _route_for(formatted_routes, scope)
+        render_refusal = getattr(route, "render_refusal", None)
+        response = render_refusal(error) if render_refusal is not None else None
+        return response if response is not None else _error_response(error)
+
+    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=render)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=render)
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals by the two above carry the id too
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, error: APIError) -> JSONResponse:
+    async def api_error(request: Request, error: APIError) -> Response:
         state.metrics.record_error(error.status)
-        return _error_response(error)
+        return render(error, request.scope)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error_response(validation_to_api_error(error.errors()))
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        return render(validation_to_api_error(error.errors()), request.scope)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         other_engine = state.other_engine_route(request.url.path) if error.status_code == 404 else None
         if other_engine is not None:
             return _error_response(other_engine)
         refusal = from_status(error.status_code, str(error.detail) if error.detail else None)
         if error.headers:  # a 405's Allow
             refusal.headers = {**(refusal.headers or {}), **error.headers}
-        return _error_response(refusal)
+        return render(refusal, request.scope)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, _: ClientDisconnect) -> Response:
@@ -93,10 +111,10 @@ def create_app(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: Request, error: Exception) -> Response:
         logger.exception("unhandled error")
         state.metrics.record_error(500)
-        return _error_response(APIError("Internal server error.", status=500, type="server_error"))
+        return render(APIError("Internal server error.", status=500, type="server_error"), request.scope)
 
     if user_model is not None:  # registered first, so its routes win over the built-in ones
         from engine_builder.serve.server.custom_model import user_model_router
@@ -124,6 +142,18 @@ def create_app(
 
 def _is_readiness(path: str) -> bool:
     return path.startswith("/v1/models/") and not path.endswith(":predict") or path == "/v1/models"
+
+
+def _route_for(routes: list[BaseRoute], scope: Scope) -> BaseRoute | None:
+    """The first of `routes` matching `scope`'s path and method, else the first matching its path alone."""
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
 
 
 def _error_response(error: APIError) -> JSONResponse:

@@ -49,7 +49,7 @@ class AuthMiddleware:
         app: ASGIApp,
         api_keys: tuple[str, ...],
         is_open: Callable[[str], bool],
-        render: Callable[[APIError], Response],
+        render: Callable[[APIError, Scope], Response],
     ) -> None:
         self.app = app
         self.api_keys = api_keys
@@ -61,6 +61,6 @@ class AuthMiddleware:
             try:
                 check_authorization(Headers(scope=scope).get("authorization"), self.api_keys)
             except APIError as error:
-                await self.render(error)(scope, receive, send)
+                await self.render(error, scope)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

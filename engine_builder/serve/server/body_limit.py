@@ -19,7 +19,7 @@ from engine_builder.serve.server.errors import APIError
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, render: Callable[[APIError], Response]) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, render: Callable[[APIError, Scope], Response]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.render = render
@@ -54,7 +54,7 @@ class BodyLimitMiddleware:
                 status=400,
                 code="invalid_encoding",
             )
-            await self.render(error)(scope, receive, send)
+            await self.render(error, scope)(scope, receive, send)
             return
         await self.app(scope, _replay(first, receive), send)
 
@@ -65,7 +65,7 @@ class BodyLimitMiddleware:
             type="request_too_large",
             code="request_too_large",
         )
-        await self.render(error)(scope, receive, send)
+        await self.render(error, scope)(scope, receive, send)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")

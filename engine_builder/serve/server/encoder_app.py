@@ -42,6 +42,8 @@ class EncoderEngineAdapter:
         await self.engine.start()
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """No drain here: by the time the app's lifespan ends, the server has waited for its requests or answered
+        them 503 (`AdmittedRequests.cut_off`); inputs still queued fail, and a batch running finishes."""
         await self.engine.shutdown()
 
     def is_healthy(self) -> bool:
@@ -82,6 +84,12 @@ class AdmittedRequests:
                 metrics.record_finished(latency_s, 0, [FinishReason.ABORT.value])
             elif status is not None:  # None: the route raised, and the app answers and counts that error
                 metrics.record_error(status)
+
+    async def cut_off(self) -> Exception:
+        """At the drain timeout plus ANSWER_GRACE_S (`ServerState.expire_drain`): a 503 `draining`, which the app
+        renders in the route's error format."""
+        await self.state.encoder_requests_cut.wait()
+        return self.state.drain_refusal()
 
 
 def build_encoder_server(

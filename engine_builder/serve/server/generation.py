@@ -144,14 +144,7 @@ class Run:
                             delta.error or "The engine failed this request.", status=500, type="server_error"
                         )
                     if delta.finish_reason == FinishReason.ABORT and self.state.drain_expired:
-                        raise APIError(
-                            f"The server is shutting down: its drain timeout "
-                            f"({self.state.settings.drain_timeout_s:.0f} s) ended this request before it finished; "
-                            "retry it.",
-                            status=503,
-                            type="server_error",
-                            code="draining",
-                        )
+                        raise self.state.drain_refusal()
                     yield delta
                     if text.is_finished:
                         break  # leaving the engine's stream ends what a stop string left running

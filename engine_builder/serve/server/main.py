@@ -17,6 +17,7 @@ from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server.auth import parse_api_keys
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
+from engine_builder.serve.server.state import ANSWER_GRACE_S
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         host=args.host,
         port=args.port,
         log_level="info",
-        # past the drain timeout the state ends what still runs with 503s; the handlers get time to send them
-        timeout_graceful_shutdown=int(state.settings.drain_timeout_s) + ANSWER_GRACE_S,
+        # DrainingServer.shutdown has already waited out the drain (and the 503s it ends with); this is only the
+        # time the handlers still get to send those answers before uvicorn cancels them
+        timeout_graceful_shutdown=int(ANSWER_GRACE_S),
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=None,
     )
@@ -70,6 +72,12 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         logger.error("the server did not start; exiting with status %d", STARTUP_FAILURE)
         return STARTUP_FAILURE
     return 0
+
+
+def longest_shutdown_s(drain_timeout_s: float) -> float:
+    """The longest a SIGTERM takes to stop a serving process: the drain, an encoder request's grace past it, and
+    uvicorn's wait for the last answers (deploy/'s terminationGracePeriodSeconds must outlast it)."""
+    return drain_timeout_s + 2 * ANSWER_GRACE_S
 
 
 def _port_refusal(host: str, port: int) -> str | None:
@@ -90,7 +98,6 @@ def _port_refusal(host: str, port: int) -> str | None:
     return None
 
 
-ANSWER_GRACE_S = 5
 STARTUP_FAILURE = 3  # uvicorn's own exit status for a failed startup
 
 # How long an idle keep-alive connection stays open. A pooled client (or a load balancer) that sends on a
@@ -122,6 +129,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_started_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -145,6 +153,7 @@ class DrainingServer(uvicorn.Server):
                 "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight
             )
             self.state.draining = True
+            self._drain_started_at = time.monotonic()
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._arm_drain_deadline)
         super().handle_exit(sig, frame)
@@ -152,8 +161,11 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: Any = None) -> None:
         """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request
         meanwhile gets the 503 (`draining`) the readiness route promises rather than a refused connection. The
-        state's drain deadline ends what still runs; a second signal (uvicorn's force_exit) stops waiting."""
-        deadline = time.monotonic() + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
+        state's drain deadline ends what still runs (encoder requests ANSWER_GRACE_S later), counted from the signal;
+        a second signal (uvicorn's force_exit) stops waiting. uvicorn then gives the handlers ANSWER_GRACE_S more to
+        send their answers: the whole shutdown fits in `longest_shutdown_s`."""
+        started = self._drain_started_at if self._drain_started_at is not None else time.monotonic()
+        deadline = started + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
         while self.state.inflight and not self.force_exit and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await super().shutdown(sockets)

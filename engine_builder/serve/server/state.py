@@ -27,6 +27,11 @@ UNSERVED_GENERATION_PATHS = {
 GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
 ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also /v1/rerank and /v2/rerank) and /predict"
 
+# Past the drain timeout, what still runs is answered 503: a generation at once (the engine aborts it between steps),
+# an encoder request this much later (a batch cannot be stopped midway, so a short one may still finish). Each
+# handler then has this long again to send its answer before uvicorn cancels it.
+ANSWER_GRACE_S = 5.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,6 +69,7 @@ class ServerState:
     drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
     inflight: int = 0
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
+    encoder_requests_cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer running ones 503
     startup_error: str | None = None
     engine_started: asyncio.Event = field(default_factory=asyncio.Event)
     _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
@@ -138,9 +144,21 @@ class ServerState:
 
     async def expire_drain(self) -> None:
         """The drain timeout passed with requests still running: end each in the engine, so its handler answers
-        a 503 (or a stream's error event) before the server stops, rather than being cut off."""
+        a 503 (or a stream's error event) before the server stops, rather than being cut off. Encoder requests
+        get ANSWER_GRACE_S more, then their handlers answer the 503 (`drain_refusal`)."""
         self.drain_expired = True
-        if not self.generating or not self.generates:
+        if not self.generates:
+            await asyncio.sleep(ANSWER_GRACE_S)
+            if self.inflight:
+                logger.warning(
+                    "drain timeout (%.0f s) and %.0f s more passed: ending %d unfinished encoder requests with 503",
+                    self.settings.drain_timeout_s,
+                    ANSWER_GRACE_S,
+                    self.inflight,
+                )
+            self.encoder_requests_cut.set()
+            return
+        if not self.generating:
             return
         logger.warning(
             "drain timeout (%.0f s) passed: ending %d unfinished requests with 503",
@@ -150,6 +168,15 @@ class ServerState:
         for request_id in list(self.generating):
             await self.generation().abort(request_id)
 
+    def drain_refusal(self) -> APIError:
+        """The answer to a request the drain timeout ended before it finished."""
+        return APIError(
+            f"The server is shutting down: its drain timeout ({self.settings.drain_timeout_s:.0f} s) ended this "
+            "request before it finished; retry it.",
+            status=503,
+            type="server_error",
+            code="draining",
+        )
 
 def _not_served_by_an_encoder(what: str) -> APIError:
     return APIError(

@@ -108,6 +108,60 @@ def test_too_long_input_is_refused_or_truncated(engine: EncoderEngine) -> None:
     assert float(right[0] @ left[0]) < 0.99  # different halves of the text
 
 
+class _RecordingTokenizer:
+    """Wraps the Rust tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.longest_chars = 0
+
+    def encode_batch(self, inputs: list[Any], **options: Any) -> Any:
+        for item in inputs:
+            self.longest_chars = max(self.longest_chars, sum(map(len, [item] if isinstance(item, str) else item)))
+        return self.tokenizer.encode_batch(inputs, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+def test_input_far_over_the_limit_is_refused_on_its_head(
+    engine: EncoderEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3 MB text to a 256-token model is refused after tokenizing a few thousand characters of it (tokenizing it all
+    took seconds of CPU); asked to truncate, it is tokenized (only the kept part matters), and a text long in
+    characters but short in tokens (one word past WordPiece's 100 characters is one [UNK]) is served."""
+    recorder = _RecordingTokenizer(engine.tokenizer._plain)
+    monkeypatch.setattr(engine.tokenizer, "_plain", recorder)
+    huge = "lorem ipsum dolor sit amet " * 120_000
+    with pytest.raises(InputTooLongError, match=r"input\[1\] is far over this model's maximum of 256 tokens") as refused:
+        engine.tokenizer.encode(["short", huge], truncation=REFUSE_OVER_LENGTH, field="input")
+    assert refused.value.param == "input" and "set `truncate_prompt_tokens`" in refused.value.message
+    assert 0 < recorder.longest_chars < 50_000
+    (kept,) = engine.tokenizer.encode([huge], truncation=Truncation(256, TruncationDirection.LEFT), field="input")
+    assert kept.num_tokens == 256
+    (unknown,) = engine.tokenizer.encode(["x" * 200_000], truncation=REFUSE_OVER_LENGTH, field="input")
+    assert unknown.token_ids == [101, 100, 102]
+
+
+def test_a_long_rerank_query_is_named_as_the_query(tiny_cross_encoder_dir: Path) -> None:
+    """On a cross-encoder the (query, text) pair is what is too long: a long query is blamed by name (not the text),
+    a pair long only together names both, and a one-text list keeps its index."""
+    engine = EncoderEngine.from_model_dir(tiny_cross_encoder_dir, kind="encoder_bert", max_num_tokens=1024, max_batch_size=8)
+    limit = engine.info.max_input_length
+    long_query = " ".join(f"word{index}" for index in range(limit))
+    half = " ".join(f"word{index}" for index in range(limit // 4))  # word{n} is a few tokens
+    far_query = "lorem ipsum " * 50_000
+    cases = [
+        (long_query, ["ok"], "query", r"query has \d+ tokens \(\d+ with texts\[0\]\)"),
+        (half, [half], "texts", r"query and texts\[0\] together have \d+ tokens"),
+        (far_query, ["ok", "fine"], "query", r"query is far over this model's maximum"),
+    ]
+    for query, texts, param, message in cases:
+        with pytest.raises(InputTooLongError, match=message) as refused:
+            run_with(engine, lambda query=query, texts=texts: engine.rerank(query, texts))
+        assert refused.value.param == param
+
+
 def test_truncate_to_a_token_count_keeps_the_first_or_the_last_tokens(engine: EncoderEngine) -> None:
     """vLLM's `truncate_prompt_tokens: k`: k tokens with the special ones, the first by default, the last on the left;
     token-id inputs are cut the same way."""

@@ -251,11 +251,14 @@ def test_tei_errors(base_url: str) -> None:
 
 
 def test_openai_error_envelope(base_url: str) -> None:
+    """Too many inputs is a 400 here (TEI's routes answer 422, as TEI does), which the openai SDK raises as
+    BadRequestError like every other validation error; the message says how many to send."""
     response = httpx.post(f"{base_url}/v1/embeddings", json={"input": ["x"] * 129, "model": "m"})
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json() == {
         "error": {
-            "message": "batch size 129 > maximum allowed batch size 128",
+            "message": "batch size 129 > maximum allowed batch size 128: send at most 128 items in `input` per "
+            "request, splitting larger lists over several requests",
             "type": "invalid_request_error",
             "param": "input",
             "code": "too_many_inputs",
@@ -378,6 +381,19 @@ def test_the_deployments_auto_truncate_applies_when_the_request_is_silent(base_u
     assert reranked.status_code == 200 and reranked.json()["usage"]["total_tokens"] == 3 + 256 + 4
     refused = httpx.post(f"{base_url}/trunc/rerank", json={"query": "q", "texts": [LONG_TEXT], "truncate": False})
     assert refused.status_code == 413  # TEI's explicit `truncate: false` still refuses
+
+
+def test_a_document_object_with_an_unknown_key_is_refused_naming_it(base_url: str) -> None:
+    """Cohere's documents are strings or {"text": ...}: an object with another key names that key (pydantic's union
+    error reported only that the object is no string)."""
+    extra = httpx.post(f"{base_url}/v1/rerank", json={"query": "q", "documents": ["a", {"text": "b", "title": "t"}]})
+    assert extra.status_code == 400
+    error = extra.json()["error"]
+    assert error["param"] == "documents" and error["message"].startswith("unknown field `documents[1].title`")
+    missing = httpx.post(f"{base_url}/v1/rerank", json={"query": "q", "documents": [{"body": "b"}]})
+    assert missing.status_code == 400 and "`documents[0].text` is required" in missing.json()["error"]["message"]
+    number = httpx.post(f"{base_url}/v1/rerank", json={"query": "q", "documents": [5]})
+    assert number.status_code == 400 and "invalid `documents[0]`" in number.json()["error"]["message"]
 
 
 def test_rerank_refuses_over_length_documents_unless_asked(base_url: str) -> None:

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_builder.serve.encoders.errors import BackendError
+from engine_builder.serve.server import state as state_module
 from engine_builder.serve.server.encoder_app import AdmittedRequests, EncoderEngineAdapter
-from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.serve.server.harness import in_process_server
 
 PREFIX = "engine_builder:"
@@ -239,12 +240,78 @@ def test_encoder_requests_are_refused_as_generation_requests_are(
     for path, body in ROUTES.items():
         response = client.post(path, json=body)
         assert response.status_code == status, (path, response.text)
-        assert response.json()["error"]["code"] == code, path
+        _assert_refusal_format(path, response.json(), code)
         if status == 429:
             assert response.headers["retry-after"] == str(state.settings.retry_after_s)
     assert state.inflight == 0
     expected = errors_before + (len(ROUTES) if status >= 500 else 0)  # as the generation routes count them
     assert _sample(client, "request_errors_total", status=str(status)) == expected
+
+
+# The routes that answer in the OpenAI envelope; the others in TEI's (the Truss route follows MiniLM's default route,
+# /v1/embeddings).
+OPENAI_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/v1/models/model:predict"}
+TEI_ERROR_TYPES = {"draining": "unhealthy", "not_ready": "unhealthy", "server_overloaded": "overloaded"}
+
+
+def _assert_refusal_format(path: str, body: dict[str, Any], code: str) -> None:
+    """The server's refusal in the route's format: OpenAI's envelope with `code`, or TEI's string error."""
+    if path in OPENAI_ROUTES:
+        assert body["error"]["code"] == code, (path, body)
+    else:
+        assert set(body) == {"error", "error_type"} and isinstance(body["error"], str), (path, body)
+        assert body["error_type"] == TEI_ERROR_TYPES[code], (path, body)
+
+
+def test_requests_outlasting_the_drain_are_answered_503_in_their_routes_format(
+    encoder: tuple[Any, ServerState], held_model: Hold, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the drain timeout (and the encoders' grace after it), a request still in the model or queued behind it
+    is answered a 503 `draining` in its route's format, rather than left for uvicorn to cancel (a text/plain 500)."""
+    client, state = encoder
+    monkeypatch.setattr(state_module, "ANSWER_GRACE_S", 0.05)
+    monkeypatch.setattr(state, "encoder_requests_cut", asyncio.Event())  # a fresh one: later tests are not cut
+    monkeypatch.setattr(state, "drain_expired", False)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/v1/embeddings", json={"input": "held"})
+        assert held_model.entered.wait(timeout=30)
+        queued = pool.submit(client.post, "/embed", json={"inputs": "queued"})
+        _wait_for(client, "num_requests_waiting", 1)
+        monkeypatch.setattr(state, "draining", True)
+        client.portal.call(state.expire_drain)
+        responses = {"/v1/embeddings": running.result(timeout=10), "/embed": queued.result(timeout=10)}
+    for path, response in responses.items():
+        assert response.status_code == 503, (path, response.text)
+        _assert_refusal_format(path, response.json(), "draining")
+    assert "drain timeout" in responses["/v1/embeddings"].json()["error"]["message"]
+    assert state.inflight == 0
+
+
+@pytest.mark.parametrize("path", sorted(ROUTES))
+def test_body_limit_and_auth_refusals_come_in_the_routes_format(encoder: tuple[Any, ServerState], path: str) -> None:
+    """A refusal before the route runs (the body limit, a missing API key) is in the route's format too: a TEI client
+    reads `error` as a string. An app of its own over the same engine, with a key and a 64-byte limit (its lifespan
+    never runs: nothing reaches the engine)."""
+    from fastapi.testclient import TestClient
+
+    from engine_builder.serve.encoders.routes import build_encoder_router
+    from engine_builder.serve.server.app import create_app
+
+    _, served = encoder
+    state = ServerState(ServerSettings("m", api_keys=("key",), max_body_bytes=64), served.engine, renderer=None)
+    router = build_encoder_router(cast(EncoderEngineAdapter, served.engine).engine, served_model_name="m",
+                                  tracker=AdmittedRequests(state))
+    client = TestClient(create_app(state, extra_routers=[router], decoder_routes=False))
+    too_large = client.post(path, json={"inputs": "x" * 100}, headers={"Authorization": "Bearer key"})
+    unauthorized = client.post(path, json={"inputs": "x"})
+    assert (too_large.status_code, unauthorized.status_code) == (413, 401)
+    if path in OPENAI_ROUTES:
+        assert too_large.json()["error"]["code"] == "request_too_large"
+        assert unauthorized.json()["error"]["code"] == "invalid_api_key"
+    else:
+        assert too_large.json() == {"error": too_large.json()["error"], "error_type": "validation"}
+        assert "64-byte limit" in too_large.json()["error"]
+        assert set(unauthorized.json()) == {"error", "error_type"} and "API key" in unauthorized.json()["error"]
 
 
 def test_no_decoder_series_have_samples(encoder: tuple[Any, ServerState]) -> None:

@@ -137,3 +137,45 @@ def _aborts(server: ServerProcess) -> float:
             if sample.name == "engine_builder:request_success_total" and sample.labels["finished_reason"] == "abort":
                 return float(sample.value)
     return 0.0
+
+
+def test_sigterm_cuts_encoder_requests_past_the_drain_with_503s(
+    tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path
+) -> None:
+    """Drain 1 s: requests still queued then are answered a JSON 503 `draining` 5 s later, in their route's format,
+    and the process exits once the batch in the model ends (they were cut at about 2 x (drain + 5) s, with uvicorn's
+    text/plain 500)."""
+    import os
+    import signal
+
+    root = tmp_path_factory.mktemp("encoder-drain")
+    config = root / "configs" / "embeddings.yaml"
+    config.parent.mkdir()
+    shutil.copy(CONFIGS_DIR / "embeddings.yaml", config)
+    (root / "models").symlink_to(minilm_dir.parent)
+    long_inputs = [f"sentence {index} " * 120 for index in range(64)]  # about 250 tokens each: seconds per request
+    with started(config, root / "engine", ["--drain-timeout-s", "1", "--num-threads", "1"]) as process:
+
+        def send(path: str) -> tuple[httpx.Response, float]:
+            body = {"input": long_inputs} if path == "/v1/embeddings" else {"inputs": long_inputs}
+            response = httpx.post(f"{process.base_url}{path}", json=body, timeout=60)
+            return response, time.monotonic()
+
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(send, "/v1/embeddings" if n % 2 else "/embed") for n in range(12)]
+            time.sleep(1.0)
+            signalled = time.monotonic()
+            os.kill(process.process.pid, signal.SIGTERM)
+            answered = [future.result() for future in futures]
+        exit_status = process.process.wait(timeout=60)
+    cut = [response for response, _ in answered if response.status_code != 200]
+    assert cut, "every request finished: make them longer"
+    for response in cut:
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json", response.text
+        body = response.json()
+        if isinstance(body["error"], dict):
+            assert body["error"]["code"] == "draining"
+        else:
+            assert body["error_type"] == "unhealthy" and "drain timeout (1 s)" in body["error"]
+    assert max(at for _, at in answered) - signalled < 1 + 5 + 2  # the drain, the encoders' 5 s, a margin
+    assert exit_status in (0, -signal.SIGTERM)
