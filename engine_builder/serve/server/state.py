@@ -178,6 +178,7 @@ class ServerState:
             code="draining",
         )
 
+
 def _not_served_by_an_encoder(what: str) -> APIError:
     return APIError(
         f"{what} is not served: this engine serves an encoder (embeddings, rerank, classification) and "
