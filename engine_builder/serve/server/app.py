@@ -29,7 +29,7 @@ from engine_builder.serve.server.state import ServerState
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
-OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/health_file", "/ready", "/ping", "/", "/metrics", "/version"})
 
 
 def create_app(

@@ -40,6 +40,7 @@ def check_authorization(header: str | None, api_keys: tuple[str, ...]) -> None:
             status=401,
             type="authentication_error",
             code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},  # a 401 names the scheme it wants (RFC 9110)
         )
 
 

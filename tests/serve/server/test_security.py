@@ -33,7 +33,7 @@ from tests.conftest import REPO_ROOT
 from tests.serve.server.harness import ServerProcess, StubEngine
 
 KEY = "sk-test-key-0123456789"
-# The only paths a caller reaches without a key: liveness, readiness (incl. model listing) and metrics.
+# The only paths a caller reaches without a key: liveness, readiness (incl. model listing), metrics and version.
 OPEN_PATHS = {
     "/",
     "/health",
@@ -41,6 +41,7 @@ OPEN_PATHS = {
     "/ready",
     "/health_file",
     "/metrics",
+    "/version",
     "/v1/models",
     "/v1/models/{name}",
 }
@@ -94,6 +95,7 @@ def test_every_route_but_probes_needs_a_key(kind: str) -> None:
             checked += 1
             for response in (anonymous, wrong):
                 assert response.status_code == 401, (kind, method, route.path, response.status_code)
+                assert response.headers["WWW-Authenticate"] == "Bearer", route.path  # RFC 9110: a 401 names it
                 assert response.json()["error"]["code"] == "invalid_api_key"
             with_key = client.request(method, path, json={}, headers={"Authorization": f"Api-Key {KEY}"})
             assert with_key.status_code != 401, (method, route.path)
