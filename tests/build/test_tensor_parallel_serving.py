@@ -138,6 +138,7 @@ def test_a_dead_rank_turns_readiness_false(tmp_path: Path, smollm2_dir: Path) ->
         assert httpx.get(f"{server.base_url}/v1/models/test-model", timeout=5).status_code == 503  # Truss readiness
         readiness = httpx.get(f"{server.base_url}/ready", timeout=5)
         assert readiness.status_code == 503 and "engine loop stopped" in readiness.json()["reason"]
+        assert "engine-tp-rank1 exited with code -9" in readiness.json()["reason"]  # the cause, not "see the log"
         response = httpx.post(
             f"{server.base_url}/v1/completions",
             json={"model": "test-model", "prompt": "Hello", "max_tokens": 4},

@@ -27,6 +27,11 @@ class EngineLifecycle(Protocol):
 
     def is_healthy(self) -> bool: ...
 
+    def failure(self) -> str | None:
+        """Why the engine can no longer run requests, in a line (the readiness and health answers show it), or None
+        while it can or is still starting."""
+        ...
+
     def stats(self) -> EngineStats: ...
 
     async def start(self) -> None:

@@ -111,6 +111,14 @@ class TokenBudgetBatcher(Generic[OutputT]):
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def failure(self) -> str | None:
+        """Why batching stopped on its own (the batching task raised), or None."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return None
+        error = task.exception()
+        return f"the encoder's batching loop stopped: {type(error).__name__}: {error}"
+
     def stats(self) -> BatcherStats:
         return BatcherStats(self._num_waiting_requests, self._num_running_requests, self._totals)
 

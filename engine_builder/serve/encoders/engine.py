@@ -120,6 +120,9 @@ class EncoderEngine:
     def is_healthy(self) -> bool:
         return self._batcher.is_running
 
+    def failure(self) -> str | None:
+        return self._batcher.failure()
+
     def stats(self) -> EngineStats:
         """For /metrics: requests waiting for their first batch or running (a request tokenizing is neither), and
         the batcher's totals since start. No KV cache."""

@@ -49,6 +49,10 @@ class EncoderEngineAdapter:
     def is_healthy(self) -> bool:
         return bool(self.engine.is_healthy())
 
+    def failure(self) -> str | None:
+        why: str | None = self.engine.failure()
+        return why
+
     def stats(self) -> EngineStats:
         stats: EngineStats = self.engine.stats()
         return stats

@@ -13,6 +13,16 @@ router = APIRouter()
 STARTED = int(time.time())
 TRUSS_MODEL_NAME = "model"  # Truss's readiness check asks for /v1/models/model
 ENGINE_STOPPED = "engine loop stopped: the server needs a restart (the server log says why)"
+MAX_FAILURE_CHARS = 300  # the probes are open without a key: the cause's first line, cut short
+
+
+def _stopped(state: ServerState) -> str:
+    """ENGINE_STOPPED, with the engine's own account of why when it has one."""
+    why = (state.engine.failure() or "").strip().splitlines()
+    if not why:
+        return ENGINE_STOPPED
+    cause = why[0] if len(why[0]) <= MAX_FAILURE_CHARS else why[0][: MAX_FAILURE_CHARS - 3] + "..."
+    return f"engine loop stopped ({cause}): the server needs a restart"
 
 
 def _state(request: Request) -> ServerState:
@@ -31,7 +41,7 @@ async def health(request: Request) -> Response:
     """Liveness: the process answers and the engine loop is alive (or still loading)."""
     state = _state(request)
     if state.ready and not state.engine.is_healthy():
-        return JSONResponse({"status": "unhealthy", "error": ENGINE_STOPPED}, status_code=503)
+        return JSONResponse({"status": "unhealthy", "error": _stopped(state)}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -51,7 +61,7 @@ async def ready(request: Request) -> Response:
     elif state.startup_error:
         reason = state.startup_error
     elif state.ready and not healthy:
-        reason = ENGINE_STOPPED
+        reason = _stopped(state)
     else:
         reason = "loading"
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)

@@ -179,6 +179,9 @@ class StubEngine:
     def is_healthy(self) -> bool:
         return True
 
+    def failure(self) -> str | None:
+        return None
+
     async def start(self) -> None:
         return None
 

@@ -13,6 +13,9 @@ class _StoppedEngine(StubEngine):
     def is_healthy(self) -> bool:
         return False
 
+    def failure(self) -> str | None:
+        return "TensorParallelError: engine-tp-rank1 exited with code -9\nTraceback (most recent call last): ..."
+
 
 def _probe(engine: StubEngine, ready: bool, draining: bool = False) -> tuple[dict, dict]:
     state = ServerState(settings=ServerSettings("m"), engine=engine, renderer=None)
@@ -27,6 +30,18 @@ def test_a_stopped_engine_is_not_ready_for_good_not_loading() -> None:
     assert health["status_code"] == 503 and "engine loop stopped" in health["error"]
     assert readiness["status_code"] == 503
     assert "engine loop stopped" in readiness["reason"] and "restart" in readiness["reason"]
+    # the engine's own first line of why, so an operator reading the probe need not find the log
+    assert "engine-tp-rank1 exited with code -9" in readiness["reason"] and "Traceback" not in readiness["reason"]
+    assert health["error"] == readiness["reason"]
+
+
+def test_a_long_cause_is_cut_short() -> None:
+    class Verbose(_StoppedEngine):
+        def failure(self) -> str | None:
+            return "RuntimeError: " + "x" * 5000
+
+    reason = _probe(Verbose(), ready=True)[1]["reason"]
+    assert len(reason) < 400 and "..." in reason
 
 
 def test_readiness_reasons_while_loading_ready_and_draining() -> None:

@@ -133,6 +133,13 @@ class TorchEngineClient:
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
+    def failure(self) -> str | None:
+        if self._dead is not None:
+            return f"{type(self._dead).__name__}: {self._dead}"
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine thread exited"
+        return None
+
     def stats(self) -> EngineStats:
         if self._compiler is None:
             return self._stats

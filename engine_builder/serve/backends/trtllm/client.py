@@ -135,6 +135,9 @@ class TrtLlmEngineClient:
     def is_healthy(self) -> bool:
         return self._llm is not None and self._dead is None
 
+    def failure(self) -> str | None:
+        return f"TensorRT-LLM stopped: {self._dead}" if self._dead is not None else None
+
     def stats(self) -> EngineStats:
         # TensorRT-LLM's iteration stats are not read yet: only what this client knows.
         return EngineStats(
