@@ -44,6 +44,7 @@ class EncoderInfo:
     truncation_defaults: TruncationDefaults  # whether over-length input is cut when the request does not say
     device: str
     dtype: str
+    prompts: tuple[tuple[str, str], ...] = ()  # (name, text) from the sentence-transformers config: `prompt_name`
 
     @property
     def num_labels(self) -> int:

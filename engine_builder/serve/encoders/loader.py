@@ -24,7 +24,7 @@ from engine_builder.serve.encoders.models import (
     EncoderTask,
     read_checkpoint_config,
 )
-from engine_builder.serve.encoders.st_layout import SentenceTransformerLayout, read_layout
+from engine_builder.serve.encoders.st_layout import SentenceTransformerLayout, read_layout, read_prompts
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 from engine_builder.serve.encoders.truncation import TruncationDefaults
 
@@ -109,5 +109,6 @@ def load_encoder(
         truncation_defaults=TruncationDefaults.resolve(auto_truncate, kind),
         device=device,
         dtype=str(dtype).removeprefix("torch."),
+        prompts=tuple(read_prompts(model_dir).items()) if not is_classifier else (),
     )
     return model, tokenizer, info

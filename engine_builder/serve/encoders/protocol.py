@@ -99,7 +99,7 @@ class EmbedRequest(_Truncating):
     inputs: EmbeddingInput
     normalize: StrictBool = True
     dimensions: Dimensions | None = None
-    prompt_name: str | None = None  # refused when set: prompts are not applied by this server
+    prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
     model: str | None = None
 
     def input_list(self) -> list[str | list[int]]:
@@ -111,7 +111,7 @@ class EmbedRequest(_Truncating):
 
 class EmbedAllRequest(_Truncating):
     inputs: EmbeddingInput
-    prompt_name: str | None = None  # refused when set, as on /embed
+    prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
     model: str | None = None  # ignored
 
     def input_list(self) -> list[str | list[int]]:
@@ -127,7 +127,7 @@ class SimilarityInput(_Request):
 
 
 class SimilarityParameters(_Truncating):
-    prompt_name: str | None = None  # refused when set, as on /embed
+    prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
 
 
 class SimilarityRequest(_Request):
@@ -251,7 +251,7 @@ class Prediction(BaseModel):
 class TokenizeRequest(_Request):
     inputs: StrictStr | list[StrictStr]
     add_special_tokens: StrictBool = True
-    prompt_name: str | None = None  # refused when set, as on /embed
+    prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
 
     def input_list(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)

@@ -33,7 +33,7 @@ from engine_builder.serve.encoders.errors import (
     UnsupportedTaskError,
     tei_error_type,
 )
-from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK
+from engine_builder.serve.encoders.info import ROUTE_EMBEDDINGS, ROUTE_PREDICT, ROUTE_RERANK, EncoderInfo
 from engine_builder.serve.encoders.protocol import (
     ClassifierModelType,
     DecodeRequest,
@@ -223,12 +223,19 @@ def _json(value: Any, headers: dict[str, str]) -> Response:
     )
 
 
-def _refuse_prompt_name(prompt_name: str | None) -> None:
-    if prompt_name is not None:
-        raise InvalidRequestError(
-            "`prompt_name` is not supported: this server applies no prompts; prepend the prompt to each input",
-            param="prompt_name",
-        )
+def _with_prompt(
+    info: EncoderInfo, prompt_name: str | None, inputs: Sequence[str | list[int]]
+) -> list[str | list[int]]:
+    """TEI's `prompt_name`: the model's named prompt (its sentence-transformers config) prepended to each text."""
+    if prompt_name is None:
+        return list(inputs)
+    prompts = dict(info.prompts)
+    if prompt_name not in prompts:
+        known = f"its prompts are {', '.join(map(repr, prompts))}" if prompts else "its sentence-transformers config names no prompts"
+        raise InvalidRequestError(f"`prompt_name` {prompt_name!r} is not a prompt of this model: {known}", param="prompt_name")
+    if any(not isinstance(item, str) for item in inputs):
+        raise InvalidRequestError("`prompt_name` prefixes text; inputs given as token ids take no prompt", param="prompt_name")
+    return [prompts[prompt_name] + str(item) for item in inputs]
 
 
 def _tei_info(engine: EncoderEngine, served_model_name: str) -> Info:
@@ -296,11 +303,9 @@ class _Handlers:
         self,
         truncate: bool | None,
         direction: TruncationDirection,
-        prompt_name: str | None = None,
         how_to_ask: str = ASK_BY_FLAG,
     ) -> Truncation:
         """TEI's routes (/embed, /embed_all, /similarity, /predict): `truncate`, else the server's auto-truncate."""
-        _refuse_prompt_name(prompt_name)
         return self._truncation(
             default=self._defaults.embed_and_predict, how_to_ask=how_to_ask, truncate=truncate, direction=direction
         )
@@ -332,9 +337,9 @@ class _Handlers:
         return Response(content, media_type="application/json", headers=headers)
 
     async def embed(self, body: EmbedRequest) -> Response:
-        truncation = self._tei_truncation(body.truncate, body.direction, body.prompt_name)
+        truncation = self._tei_truncation(body.truncate, body.direction)
         result = await self.engine.embed(
-            body.input_list(),
+            _with_prompt(self.engine.info, body.prompt_name, body.input_list()),
             truncation=truncation,
             dimensions=body.dimensions,
             normalize=body.normalize,
@@ -344,18 +349,20 @@ class _Handlers:
         return Response(matrix_body(result.embeddings), media_type="application/json", headers=headers)
 
     async def embed_all(self, body: EmbedAllRequest) -> Response:
-        truncation = self._tei_truncation(body.truncate, body.direction, body.prompt_name)
-        result = await self.engine.embed_all(body.input_list(), truncation=truncation, field="inputs")
+        truncation = self._tei_truncation(body.truncate, body.direction)
+        inputs = _with_prompt(self.engine.info, body.prompt_name, body.input_list())
+        result = await self.engine.embed_all(inputs, truncation=truncation, field="inputs")
         headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
         return Response(matrices_body(result.embeddings), media_type="application/json", headers=headers)
 
     async def similarity(self, body: SimilarityRequest) -> Response:
         options = body.options
-        truncation = self._tei_truncation(
-            options.truncate, options.direction, options.prompt_name, how_to_ask="set `parameters.truncate: true`"
+        truncation = self._tei_truncation(options.truncate, options.direction, how_to_ask="set `parameters.truncate: true`")
+        source, *sentences = _with_prompt(
+            self.engine.info, options.prompt_name, [body.inputs.source_sentence, *body.inputs.sentences]
         )
         result = await self.engine.similarity(
-            body.inputs.source_sentence, body.inputs.sentences, truncation=truncation, field="sentences"
+            str(source), [str(sentence) for sentence in sentences], truncation=truncation, field="sentences"
         )
         headers = self._headers(result.timing, result.num_chars, result.num_prompt_tokens)
         return _json(result.scores.tolist(), headers)
@@ -426,8 +433,8 @@ class _Handlers:
         return Response(body, media_type="application/json")
 
     async def tokenize(self, body: TokenizeRequest) -> Response:
-        _refuse_prompt_name(body.prompt_name)
-        spans = await self.engine.tokenize(body.input_list(), add_special_tokens=body.add_special_tokens)
+        texts = [str(text) for text in _with_prompt(self.engine.info, body.prompt_name, body.input_list())]
+        spans = await self.engine.tokenize(texts, add_special_tokens=body.add_special_tokens)
         tokens = [
             [
                 SimpleToken.model_construct(

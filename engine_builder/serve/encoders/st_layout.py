@@ -145,6 +145,29 @@ def read_layout(model_dir: Path) -> SentenceTransformerLayout | None:
     )
 
 
+def read_prompts(model_dir: Path) -> dict[str, str]:
+    """The named prompts of config_sentence_transformers.json (`{"query": "query: "}`), which TEI's `prompt_name`
+    prepends to each input; none when the file or the key is missing. A model whose Pooling excludes the prompt's
+    tokens (`include_prompt: false`, INSTRUCTOR-style) pools differently from a plain prepend: its prompts are
+    left out, so a request naming one is refused rather than embedded wrongly."""
+    path = model_dir / "config_sentence_transformers.json"
+    prompts = _read_json(path).get("prompts") if path.exists() else None
+    if not isinstance(prompts, dict) or not _pools_its_prompt(model_dir):
+        return {}
+    return {str(name): text for name, text in prompts.items() if isinstance(text, str)}
+
+
+def _pools_its_prompt(model_dir: Path) -> bool:
+    modules_path = model_dir / "modules.json"
+    folders = [
+        str(module.get("path", ""))
+        for module in (_read_json(modules_path) if modules_path.exists() else [])
+        if str(module.get("type", "")).endswith("Pooling")
+    ] or ["1_Pooling"]
+    config_path = model_dir / folders[0] / "config.json"
+    return not config_path.exists() or _read_json(config_path).get("include_prompt", True) is not False
+
+
 def _read_max_seq_length(model_dir: Path) -> int | None:
     """sentence_bert_config.json's max_seq_length; sentence-transformers >= 5 keeps it in the tokenizer
     config as model_max_length instead (huge sentinel values there mean "unset")."""

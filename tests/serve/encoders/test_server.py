@@ -8,6 +8,7 @@ Mounts: "" = MiniLM as BEI-Bert (defaults), "/mrl" = MiniLM with `dimensions` al
 
 import asyncio
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,24 @@ TEI_HEADERS = (
 LONG_TEXT = " ".join(f"w{index}" for index in range(400))  # 1,130 tokens; MiniLM takes 256
 
 
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+@pytest.fixture(scope="module")
+def prompted_minilm_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM with named prompts in its sentence-transformers config (as e5 and Qwen3-Embedding have)."""
+    folder = tmp_path_factory.mktemp("prompted-minilm")
+    for item in minilm_dir.iterdir():
+        if item.name != "config_sentence_transformers.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((minilm_dir / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def engines(
-    minilm_dir: Path, tiny_cross_encoder_dir: Path, tiny_bert_classifier_dir: Path
+    minilm_dir: Path, tiny_cross_encoder_dir: Path, tiny_bert_classifier_dir: Path, prompted_minilm_dir: Path
 ) -> dict[str, EncoderEngine]:
     def load(path: Path, **options: Any) -> EncoderEngine:
         return EncoderEngine.from_model_dir(
@@ -51,6 +67,7 @@ def engines(
         "/trunc": load(minilm_dir, auto_truncate=True),
         "/xenc": load(tiny_cross_encoder_dir),
         "/cls": load(tiny_bert_classifier_dir),
+        "/prompted": load(prompted_minilm_dir),
     }
 
 
@@ -62,6 +79,7 @@ def base_url(engines: dict[str, EncoderEngine]) -> Iterator[str]:
         "/trunc": "minilm-truncating",
         "/xenc": "tiny-cross-encoder",
         "/cls": "tiny-classifier",
+        "/prompted": "minilm-prompted",
     }
     app = build_app({prefix: (engine, names[prefix]) for prefix, engine in engines.items()})
     with serve(app) as url:
@@ -311,7 +329,33 @@ def test_tei_embed_route(base_url: str) -> None:
     vectors = httpx.post(f"{base_url}/embed", json={"inputs": SENTENCES[:2]}).json()
     assert np.asarray(vectors).shape == (2, 384)
     refused = httpx.post(f"{base_url}/embed", json={"inputs": "x", "prompt_name": "query"})
-    assert refused.status_code == 400 and "prompt_name" in refused.json()["error"]
+    assert refused.status_code == 400 and "names no prompts" in refused.json()["error"]
+
+
+def test_prompt_name_prepends_the_models_named_prompt_as_sentence_transformers_does(
+    base_url: str, prompted_minilm_dir: Path
+) -> None:
+    """TEI's `prompt_name` (it was refused on every model): the oracle is sentence-transformers' own
+    `encode(prompt_name=...)` on the same folder."""
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(str(prompted_minilm_dir), device="cpu").encode(SENTENCES[:2], prompt_name="query")
+    url = f"{base_url}/prompted"
+    served = httpx.post(f"{url}/embed", json={"inputs": SENTENCES[:2], "prompt_name": "query"}).json()
+    assert np.allclose(np.asarray(served), expected, atol=1e-5)
+    plain = httpx.post(f"{url}/embed", json={"inputs": SENTENCES[:2]}).json()
+    assert not np.allclose(np.asarray(plain), expected, atol=1e-3)  # the prompt changed the vectors
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": "x", "prompt_name": "passage"}).json()[0]
+    assert [token["text"] for token in tokens if not token["special"]] == ["passage", ":", "x"]
+    scores = httpx.post(
+        f"{url}/similarity",
+        json={"inputs": {"source_sentence": "a", "sentences": ["a", "b"]}, "parameters": {"prompt_name": "query"}},
+    ).json()
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+    unknown = httpx.post(f"{url}/embed", json={"inputs": "x", "prompt_name": "document"})
+    assert unknown.status_code == 400 and "'query', 'passage'" in unknown.json()["error"]
+    ids = httpx.post(f"{url}/embed", json={"inputs": [101, 102], "prompt_name": "query"})
+    assert ids.status_code == 400 and "token ids" in ids.json()["error"]
 
 
 def test_concurrent_http_requests_are_batched_together(
@@ -521,7 +565,7 @@ def test_tokenize_and_decode_lists_round_trip(base_url: str, minilm_dir: Path) -
         ("/tokenize", {"inputs": 3}, 400, "validation", "`inputs`"),
         ("/tokenize", {"inputs": []}, 400, "empty", "`inputs` cannot be empty"),
         ("/tokenize", {"inputs": ["x"] * 129}, 422, "validation", "batch size 129 > maximum allowed batch size 128"),
-        ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 400, "validation", "`prompt_name` is not supported"),
+        ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 400, "validation", "names no prompts"),
         ("/tokenize", {"inputs": "x", "truncate": True}, 400, "validation", "unknown field `truncate`"),
         ("/decode", {"ids": "hello"}, 400, "validation", "`ids`"),
         ("/decode", {"ids": [101, 30522]}, 400, "validation", "ids contains token id 30522"),
