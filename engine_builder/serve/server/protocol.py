@@ -187,6 +187,10 @@ class SamplingFields(StrictModel):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100.0)] | None = None  # beyond: logits overflow float32
     length_penalty: float | None = None
     early_stopping: bool | None = None
+    # vLLM's extras that clients send at their neutral values (vLLM's own benchmark clients among them): accepted as
+    # such, refused by name otherwise (sampling.check_unsupported)
+    use_beam_search: bool | None = None
+    priority: int | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0

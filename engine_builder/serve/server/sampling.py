@@ -125,6 +125,10 @@ def check_unsupported(request: SamplingFields) -> None:
         raise unsupported("length_penalty", "It applies to beam search, and max_beam_width is 1.")
     if request.early_stopping:
         raise unsupported("early_stopping", "It applies to beam search, and max_beam_width is 1.")
+    if request.use_beam_search:
+        raise unsupported("use_beam_search", "Beam search is not implemented (max_beam_width is 1).")
+    if request.priority:
+        raise unsupported("priority", "Requests are scheduled first come, first served; there are no priorities.")
     if request.bad:
         raise unsupported("bad", "Use bad_token_ids or logit_bias to ban tokens.")
     if (

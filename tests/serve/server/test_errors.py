@@ -46,6 +46,8 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
         ("modalities", ["text", "audio"], "modalities"),
         # probe O: these were refused as `functions` and `modalities`, fields the client never sent
         ("function_call", "auto", "function_call"),
+        ("use_beam_search", True, "use_beam_search"),
+        ("priority", 1, "priority"),
         ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
     ],
 )
@@ -70,6 +72,13 @@ def test_an_integer_where_a_number_is_expected_is_a_number(server: ServerProcess
 
 def test_function_call_none_asks_for_nothing_and_is_accepted(server: ServerProcess) -> None:
     assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "function_call": "none"}).status_code == 200
+
+
+def test_vllm_extras_at_their_neutral_values_are_accepted(server: ServerProcess) -> None:
+    """vLLM clients send use_beam_search false and priority 0 explicitly (probe P: refused as unknown fields)."""
+    neutral = {"use_beam_search": False, "priority": 0}
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1, **neutral}).status_code == 200
+    assert _post(server, {"prompt": "x", "max_tokens": 1, **neutral}, "/v1/completions").status_code == 200
 
 
 def test_spaces_between_special_tokens_is_refused_only_where_it_would_change_the_text(server: ServerProcess) -> None:
