@@ -11,6 +11,7 @@ from engine_builder.build.checkpoints.errors import CheckpointError
 from engine_builder.build.config import ConfigError, load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, IncompatibleEngineError
+from engine_builder.common.backend_choice import BackendUnavailableError
 
 EXIT_INVALID = 2
 
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for issue in error.issues:
             print(f"error: {issue}", file=sys.stderr)
         return EXIT_INVALID
-    except (CheckpointError, BuildError, IncompatibleEngineError) as error:  # messages name the fix, no secrets
+    except (CheckpointError, BuildError, IncompatibleEngineError, BackendUnavailableError) as error:  # name the fix
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the file system refused (permissions, a missing folder, a full disk): say what

@@ -57,8 +57,8 @@ def engine_options_from(
         for problem in error.errors():
             name = str(problem["loc"][0]) if problem["loc"] else ""
             where = f"--{name.replace('_', '-')}" if name in overrides else f"engine_builder.{name}"
-            issues.append(ConfigIssue("command line" if name in overrides else "engine options", None, where,
-                                      problem["msg"]))
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            issues.append(ConfigIssue("command line" if name in overrides else "engine options", None, where, message))
         raise ConfigError(issues) from error
 
 

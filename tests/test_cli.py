@@ -121,6 +121,38 @@ def test_bad_flag_values_are_errors_not_tracebacks() -> None:
     assert "_port" not in result.stderr
 
 
+def test_a_device_name_torch_cannot_use_fails_the_config_not_the_servers_start(tmp_path: Path) -> None:
+    """Probe X: `device: gpu` passed validate and build and failed only when serve started, with torch's error."""
+    result = _cli("build", str(CONFIGS_DIR / "smollm2.yaml"), "-o", str(tmp_path / "e"), "--device", "cuda:abc")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--device: device must be auto, cpu, cuda or cuda:N (N a GPU index); got 'cuda:abc'" in result.stderr
+    config = yaml.safe_load((CONFIGS_DIR / "smollm2.yaml").read_text())
+    config.setdefault("engine_builder", {})["device"] = "gpu"
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
+    result = _cli("validate", str(tmp_path / "gpu.yaml"))
+    assert result.returncode == 2 and "engine_builder.device: device must be" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_backend_that_cannot_run_here_is_one_line(tmp_path: Path) -> None:
+    """Probe X: a raw RuntimeError traceback, on build and serve."""
+    result = _cli("build", str(CONFIGS_DIR / "smollm2.yaml"), "-o", str(tmp_path / "e"), "--backend", "trtllm")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --backend trtllm: tensorrt_llm is not installed")
+
+
+def test_a_thread_count_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine_builder.engine.model_runner import threads_from_environment
+
+    for value, expected in (("", 0), ("3", 3), (" 2 ", 2)):
+        monkeypatch.setenv("ENGINE_BUILDER_NUM_THREADS", value)
+        assert threads_from_environment() == expected
+    for value in ("abc", "0", "-1", "1.5"):
+        monkeypatch.setenv("ENGINE_BUILDER_NUM_THREADS", value)
+        with pytest.raises(ValueError, match="ENGINE_BUILDER_NUM_THREADS must be a whole number"):
+            threads_from_environment()
+
+
 def test_help_says_what_force_deletes_and_which_flags_only_a_build_reads() -> None:
     build_help = " ".join(_cli("build", "--help").stdout.split())
     assert "also replaces an output folder with files in it that is not an engine directory, deleting those files" in (

@@ -6,6 +6,10 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+class BackendUnavailableError(Exception):
+    """The backend asked for by name cannot run here (the CLI prints it as one line)."""
+
+
 def trtllm_available() -> bool:
     if importlib.util.find_spec("tensorrt_llm") is None:
         return False
@@ -22,8 +26,9 @@ def choose_backend(requested: str) -> str:
         return "torch"
     if requested == "trtllm":
         if importlib.util.find_spec("tensorrt_llm") is None:
-            raise RuntimeError(
-                "--backend trtllm: tensorrt_llm is not installed (it needs an NVIDIA GPU host)"
+            raise BackendUnavailableError(
+                "--backend trtllm: tensorrt_llm is not installed (it needs an NVIDIA GPU host); "
+                "use --backend torch or auto"
             )
         return "trtllm"
     return "trtllm" if trtllm_available() else "torch"

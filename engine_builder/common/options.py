@@ -6,6 +6,7 @@ The section lives on the serve side because both stages read it: the build recor
 engine directory, and serving starts from those (engine_builder/common/artifact.py).
 """
 
+import re
 from typing import Literal
 
 import pydantic
@@ -156,6 +157,14 @@ class EngineOptions(pydantic.BaseModel):
         description="Encoders: accept `dimensions` (Matryoshka truncation of embeddings): auto = when the model card "
         "says the model was trained for it (read at build time), true/false = for a model whose card does not say",
     )
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """Checked here, so a typo fails `validate` and `build`, not the server's start."""
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a GPU index); got {value!r}")
+        return value
 
 
 def build_only_options() -> tuple[str, ...]:

@@ -90,10 +90,23 @@ def resolve_device(name: str, tp: TensorParallel | None = None) -> torch.device:
     return device
 
 
+THREADS_VARIABLE = "ENGINE_BUILDER_NUM_THREADS"
+
+
 def configure_threads(num_threads: int | None) -> None:
-    threads = num_threads or int(os.environ.get("ENGINE_BUILDER_NUM_THREADS", "0") or 0)
+    threads = num_threads or threads_from_environment()
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def threads_from_environment() -> int:
+    """ENGINE_BUILDER_NUM_THREADS as a thread count (0 when unset or empty: torch's default)."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_VARIABLE} must be a whole number of threads, 1 or more; got {value!r}")
+    return int(value)
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
