@@ -36,8 +36,8 @@ ENV ENGINE_BUILDER_ENGINES=/engines \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
 
-# Liveness only: /health answers 200 while the engine loads and 503 once its loop died. Readiness is /ready
-# (503 until the engine is warm, and while draining); orchestrators probe it (see deploy/k8s).
+# Liveness only: the port opens once the engine is loaded, then /health answers 200, and 503 once its loop died.
+# Readiness is /ready (503 until the engine is warm, and while draining); orchestrators probe it (see deploy/k8s).
 # `run` builds the engine before the server starts, so the start period covers a long build.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=4 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
