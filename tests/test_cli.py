@@ -304,6 +304,20 @@ def test_a_manifest_from_a_newer_builder_says_upgrade_the_server(tmp_path: Path)
     assert load_engine_dir(tmp_path).manifest.extra["model_files"]["config.json"][0] == 844
 
 
+def test_serve_of_an_encoder_with_a_user_model_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int]
+) -> None:
+    """An encoder server would not run the model.py, so its access control would be skipped: refuse to serve."""
+    data = _sample_manifest()
+    data.update(base_model="encoder_bert", extra={})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "user_model").mkdir()
+    (tmp_path / "user_model" / "model.py").write_text("class Model: ...\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 1
+    assert "encoder engines do not run" in capsys.readouterr().err
+
+
 def _sample_manifest_text() -> str:
     return json.dumps(_sample_manifest())
 

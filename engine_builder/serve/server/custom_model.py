@@ -164,23 +164,59 @@ def _user_error(method_name: str, error: Exception) -> APIError:
     )
 
 
+# The routes each user method answers, as Truss maps them.
+METHOD_PATHS = {
+    "predict": ("/predict", "/v1/models/{name}:predict"),
+    "chat_completions": ("/v1/chat/completions",),
+    "completions": ("/v1/completions",),
+}
+# Built-in engine routes that no user method answers: with a model.py they would skip its access control and billing.
+ENGINE_ONLY_PATHS = ("/tokenize", "/detokenize")
+
+
 def user_model_router(user_model: Any) -> APIRouter:
-    """Routes for the methods the user model defines; they take precedence over the built-in ones."""
+    """Routes for the methods the user model defines, registered before the built-in ones so they win. A route whose
+    method the model does not define answers 404 (Truss's rule), as do the engine-only routes: the engine is reached
+    only through the model's own code."""
     router = APIRouter()
-    paths = {
-        "predict": ["/predict", "/v1/models/{name}:predict"],
-        "chat_completions": ["/v1/chat/completions"],
-        "completions": ["/v1/completions"],
-    }
     predict_steps = _predict_steps(user_model)
     for method_name in USER_METHODS:
         method = UserMethod.of(user_model, method_name)
         if method is None:
-            continue
-        steps = predict_steps if method_name == "predict" else [method]
-        for path in paths[method_name]:
-            router.add_api_route(path, _endpoint(steps), methods=["POST"])
+            endpoint = _not_defined(method_name)
+        else:
+            endpoint = _endpoint(predict_steps if method_name == "predict" else [method])
+        for path in METHOD_PATHS[method_name]:
+            router.add_api_route(path, endpoint, methods=["POST"], include_in_schema=method is not None)
+    for path in ENGINE_ONLY_PATHS:
+        router.add_api_route(path, _engine_only(path), methods=["POST"], include_in_schema=False)
     return router
+
+
+def _not_defined(method_name: str) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        raise APIError(
+            f"{request.url.path} is not served: this model.py defines no `{method_name}`. Define "
+            f"`{method_name}(self, model_input, request)` on its Model to serve this route.",
+            status=404,
+            type="not_found_error",
+            code="model_method_not_implemented",
+        )
+
+    return endpoint
+
+
+def _engine_only(path: str) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        raise APIError(
+            f"{path} is not served with a user model.py: the engine is reached only through the model's methods "
+            f"({', '.join(USER_METHODS)}).",
+            status=404,
+            type="not_found_error",
+            code="model_method_not_implemented",
+        )
+
+    return endpoint
 
 
 def _predict_steps(user_model: Any) -> list[UserMethod]:

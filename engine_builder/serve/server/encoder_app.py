@@ -9,7 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES, EngineDir, IncompatibleEngineError
+from engine_builder.common.artifact import (
+    SERVED_DEFAULT_ROUTES,
+    USER_MODEL_DIR,
+    EngineDir,
+    IncompatibleEngineError,
+)
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.types import EngineStats, FinishReason, ModelInfo
 from engine_builder.serve.encoders.errors import ClientDisconnectedError
@@ -99,6 +104,11 @@ class AdmittedRequests:
 def build_encoder_server(
     engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
 ) -> tuple[FastAPI, ServerState]:
+    if (engine_dir.path / USER_MODEL_DIR / "model.py").is_file():  # serving without it would skip its access control
+        raise IncompatibleEngineError(
+            "the engine has a user model.py, which encoder engines do not run (only decoders do): remove the config's "
+            "model/model.py and rebuild, or put the access control in front of the server"
+        )
     default_route = engine_dir.manifest.runtime.default_route
     if default_route is not None and default_route not in SERVED_DEFAULT_ROUTES:  # before the model loads
         raise IncompatibleEngineError(

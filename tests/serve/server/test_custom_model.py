@@ -267,3 +267,30 @@ def test_sync_user_code_runs_off_the_event_loop(blocking_step: str) -> None:
             return answered_s
 
     assert asyncio.run(scenario()) < 1.5  # with the event loop blocked, /health waits out the 3 s
+
+
+def test_routes_the_model_does_not_define_answer_404_naming_the_method() -> None:
+    """A model.py guarding `predict` must not leave the engine open on the other generation routes."""
+
+    class PredictOnly:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            raise HTTPException(status_code=403, detail="no key")
+
+    client = _client(PredictOnly())
+    assert client.post("/predict", json={}).status_code == 403
+    for path, method in (("/v1/chat/completions", "chat_completions"), ("/v1/completions", "completions")):
+        response = client.post(path, json={"messages": [{"role": "user", "content": "x"}], "prompt": "x"})
+        assert response.status_code == 404, response.text
+        assert f"defines no `{method}`" in response.json()["error"]["message"]
+    for path in ("/tokenize", "/detokenize"):
+        response = client.post(path, json={"prompt": "x", "tokens": [1]})
+        assert response.status_code == 404 and "user model.py" in response.json()["error"]["message"]
+    no_predict = _client(_ChatOnly())
+    response = no_predict.post("/v1/models/m:predict", json={"prompt": "x"})
+    assert response.status_code == 404 and "defines no `predict`" in response.json()["error"]["message"]
+    assert no_predict.get("/health").status_code == 200
+
+
+class _ChatOnly:
+    async def chat_completions(self, model_input: dict[str, Any]) -> dict[str, Any]:
+        return model_input
