@@ -11,7 +11,9 @@ import enum
 import importlib.util
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.serving_chat import run_chat
 from engine_builder.serve.server.serving_completions import run_completion
-from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.state import ServerState, inside_user_request
 
 logger = logging.getLogger(__name__)
 USER_METHODS = ("predict", "chat_completions", "completions")
@@ -43,11 +45,11 @@ class EngineHandle:
 
     async def chat_completions(self, model_input: dict[str, Any], request: Request | None = None) -> Any:
         body = _validate(ChatCompletionRequest, model_input)
-        return await run_chat(self._state, body, request or _NoRequest())  # type: ignore[arg-type]
+        return await run_chat(self._state, body, _request_for(request))
 
     async def completions(self, model_input: dict[str, Any], request: Request | None = None) -> Any:
         body = _validate(CompletionRequest, model_input)
-        return await run_completion(self._state, body, request or _NoRequest())  # type: ignore[arg-type]
+        return await run_completion(self._state, body, _request_for(request))
 
     async def predict(self, model_input: dict[str, Any], request: Request | None = None) -> Any:
         if "messages" in model_input:
@@ -55,14 +57,25 @@ class EngineHandle:
         return await self.completions(model_input, request)
 
 
+# The HTTP request a user model.py method is serving: an engine call that names no `request` ends with its client.
+_serving_request: ContextVar[Request | None] = ContextVar("serving_request", default=None)
+
+
 class _NoRequest:
-    """Stands in for an HTTP request when user code calls the engine outside one: never disconnects."""
+    """Stands in for an HTTP request when user code calls the engine outside one (in `load`, a background task
+    started there): never disconnects."""
 
     async def receive(self) -> dict[str, str]:
         import asyncio
 
         await asyncio.Event().wait()
         return {"type": "http.disconnect"}
+
+
+def _request_for(request: Request | None) -> Request:
+    """The request an engine call watches for a disconnect: the one given, else the one being served."""
+    chosen = request or _serving_request.get()
+    return chosen if chosen is not None else _NoRequest()  # type: ignore[return-value]
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -234,23 +247,70 @@ def _predict_steps(user_model: Any) -> list[UserMethod]:
 
 
 def _endpoint(steps: list[UserMethod]) -> Any:
-    """Each step's result is the next one's input; the body is parsed only for a first step that takes inputs."""
-    takes_body = steps[0].arguments in (ArgumentStyle.INPUTS, ArgumentStyle.INPUTS_AND_REQUEST)
+    """Counts the request in for a drain until its answer is sent, and marks it as the request the model's engine
+    calls serve (`_serving`), through the steps and through a stream's chunks alike."""
 
     async def endpoint(request: Request) -> Response:
-        result = parse_json(await request.body() or b"{}") if takes_body else None
-        for step in steps:
-            if step.name == "postprocess" and (_is_stream(result) or isinstance(result, Response)):
-                raise APIError(
-                    "The user model's `predict` returned a stream or a Response, which `postprocess` cannot "
-                    "take (Truss's rule): do that processing inside `predict`, or remove `postprocess`.",
-                    status=500,
-                    type="server_error",
-                )
-            result = await step(result, request)
-        return await _to_response(result, request, steps[-1].name)
+        state: ServerState = request.app.state.server
+        state.admit_user_request()
+        try:
+            with _serving(request):
+                response = await _run_steps(steps, request)
+        except BaseException:
+            state.release_user_request()
+            raise
+        return _SentWhileServing(response, request, state.release_user_request)
 
     return endpoint
+
+
+@contextmanager
+def _serving(request: Request) -> Iterator[None]:
+    """Engine calls made in here were admitted with `request` (a drain lets them run) and end if its client leaves."""
+    serving = _serving_request.set(request)
+    inside = inside_user_request.set(True)
+    try:
+        yield
+    finally:
+        inside_user_request.reset(inside)
+        _serving_request.reset(serving)
+
+
+class _SentWhileServing(Response):
+    """Sends `response` inside `_serving` (a streamed generator runs the model's code yet), then calls `release`,
+    sent or abandoned."""
+
+    def __init__(self, response: Response, request: Request, release: Callable[[], None]) -> None:
+        self._response = response
+        self._request = request
+        self._release = release
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            with _serving(self._request):
+                await self._response(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def _run_steps(steps: list[UserMethod], request: Request) -> Response:
+    """Each step's result is the next one's input; the body is parsed only for a first step that takes inputs."""
+    raw_body = await request.body()  # read now: an engine call's disconnect watcher shares the receive channel
+    result = parse_json(raw_body or b"{}") if steps[0].arguments in _TAKES_INPUTS else None
+    for step in steps:
+        if step.name == "postprocess" and (_is_stream(result) or isinstance(result, Response)):
+            raise APIError(
+                "The user model's `predict` returned a stream or a Response, which `postprocess` cannot "
+                "take (Truss's rule): do that processing inside `predict`, or remove `postprocess`.",
+                status=500,
+                type="server_error",
+            )
+        result = await step(result, request)
+    return await _to_response(result, request, steps[-1].name)
+
+
+_TAKES_INPUTS = (ArgumentStyle.INPUTS, ArgumentStyle.INPUTS_AND_REQUEST)
 
 
 def _is_stream(result: Any) -> bool:

@@ -150,7 +150,7 @@ class DrainingServer(uvicorn.Server):
             os._exit(128 + sig)
         if not self.state.draining:
             logger.info(
-                "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.inflight
+                "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.requests_in_flight
             )
             self.state.draining = True
             self._drain_started_at = time.monotonic()
@@ -166,7 +166,7 @@ class DrainingServer(uvicorn.Server):
         send their answers: the whole shutdown fits in `longest_shutdown_s`."""
         started = self._drain_started_at if self._drain_started_at is not None else time.monotonic()
         deadline = started + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
-        while self.state.inflight and not self.force_exit and time.monotonic() < deadline:
+        while self.state.requests_in_flight and not self.force_exit and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await super().shutdown(sockets)
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from engine_builder.serve.backends.base import EngineClient, EngineLifecycle
@@ -33,6 +34,10 @@ ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also
 ANSWER_GRACE_S = 5.0
 
 logger = logging.getLogger(__name__)
+
+# True while a user model.py request runs: engine calls it makes are part of a request admitted before any drain,
+# so they proceed while the server drains (a new request is refused at the door instead).
+inside_user_request: ContextVar[bool] = ContextVar("inside_user_request", default=False)
 
 
 @dataclass
@@ -67,7 +72,8 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
-    inflight: int = 0
+    inflight: int = 0  # engine requests accepted and unfinished
+    user_requests: int = 0  # user model.py requests running (their engine calls count in `inflight` too)
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
     encoder_requests_cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer running ones 503
     startup_error: str | None = None
@@ -123,9 +129,24 @@ class ServerState:
         info = self.engine.model_info
         return Limits(info.max_model_len, info.vocab_size, self.settings.request_default_max_tokens)
 
-    def admit(self) -> None:
-        """Count a request in, or refuse it when the server is full or shutting down."""
+    @property
+    def requests_in_flight(self) -> int:
+        """What a drain waits for: engine requests and user model.py requests (which may call the engine yet)."""
+        return self.inflight + self.user_requests
+
+    def admit_user_request(self) -> None:
+        """Count a user model.py request in, or refuse it when shutting down (its engine calls are admitted later)."""
         if self.draining:
+            raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
+        self.user_requests += 1
+
+    def release_user_request(self) -> None:
+        self.user_requests -= 1
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it when the server is full or shutting down (unless a user model.py request
+        admitted before the drain makes it)."""
+        if self.draining and not inside_user_request.get():
             raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
         if not self.ready:
             raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")

@@ -294,3 +294,66 @@ def test_routes_the_model_does_not_define_answer_404_naming_the_method() -> None
 class _ChatOnly:
     async def chat_completions(self, model_input: dict[str, Any]) -> dict[str, Any]:
         return model_input
+
+
+def test_a_drain_waits_for_user_requests_and_lets_their_engine_calls_run() -> None:
+    """SIGTERM while a request is inside model.py: it counts as in flight, its later engine call is admitted, a new
+    request gets 503 `draining`."""
+    entered, resume = asyncio.Event(), asyncio.Event()
+
+    class Guarded:
+        def __init__(self) -> None:
+            self.state: ServerState | None = None
+
+        async def predict(self, model_input: dict[str, Any]) -> dict[str, Any]:
+            entered.set()
+            await resume.wait()  # an auth lookup, say, before the engine call
+            assert self.state is not None
+            self.state.admit()  # what the engine call does first
+            self.state.release()
+            return {"ok": True}
+
+    user_model = Guarded()
+    app = _app(user_model)
+    state: ServerState = app.state.server
+    user_model.state = state
+    state.ready = True
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = asyncio.create_task(client.post("/predict", json={}))
+            await entered.wait()
+            assert state.requests_in_flight == 1
+            state.draining = True
+            refused = await client.post("/predict", json={})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+            resume.set()
+            answered = await first
+            assert answered.status_code == 200, answered.text
+            assert state.requests_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_engine_calls_without_a_request_watch_the_request_being_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Baseten's example calls `engine.predict(model_input)`: a disconnect of the client it serves must abort it."""
+    from engine_builder.serve.server import custom_model
+
+    seen: list[Any] = []
+
+    async def fake_run_chat(state: Any, body: Any, http_request: Any) -> dict[str, Any]:
+        seen.append(http_request)
+        return {}
+
+    monkeypatch.setattr(custom_model, "run_chat", fake_run_chat)
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    engine = custom_model.EngineHandle(state)
+
+    class Forwarding:
+        async def predict(self, model_input: dict[str, Any], request: Request) -> dict[str, Any]:
+            await engine.predict(model_input)
+            return {"same": seen[-1] is request}
+
+    response = _client(Forwarding()).post("/predict", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.json() == {"same": True}
