@@ -8,14 +8,12 @@ returned generator streamed.
 """
 
 import enum
-import importlib.util
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -85,17 +83,6 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         return model.model_validate(data)
     except ValidationError as error:
         raise validation_to_api_error(error.errors()) from None
-
-
-def load_user_model(path: Path, state: ServerState, secrets: Mapping[str, str], config: dict[str, Any]) -> Any:
-    spec = importlib.util.spec_from_file_location("user_model", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "Model"):
-        raise RuntimeError(f"{path} defines no class Model")
-    return module.Model(trt_llm={"engine": EngineHandle(state)}, secrets=secrets, config=config, data_dir=path.parent)
 
 
 async def call_load(user_model: Any) -> None:

@@ -61,11 +61,13 @@ def build_server(
     user_model = None
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"
     if user_model_file.exists():
-        from engine_builder.serve.server.custom_model import load_user_model
+        from engine_builder.serve.server.custom_model import EngineHandle
+        from engine_builder.serve.server.user_model_loader import init_arguments, load_user_model
 
         logger.info("loading user model %s", user_model_file)
         config = yaml.safe_load(engine.config_file.read_text()) or {}
-        user_model = load_user_model(user_model_file, state, SecretsView(), config)
+        arguments = init_arguments(EngineHandle(state), SecretsView(), config, user_model_file.parent)
+        user_model = load_user_model(user_model_file, arguments)
     return create_app(state, user_model=user_model), state
 
 

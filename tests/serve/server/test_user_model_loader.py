@@ -1,0 +1,71 @@
+"""Importing a user model.py and constructing its Model, as Truss's model wrapper does."""
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from engine_builder.serve.server.user_model_loader import init_arguments, load_user_model
+
+
+def _write(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(textwrap.dedent(text))
+    return folder / "model.py"
+
+
+def _arguments(tmp_path: Path) -> dict[str, Any]:
+    return init_arguments(engine="the engine", secrets={"k": "v"}, config={"c": 1}, data_dir=tmp_path / "data")
+
+
+def test_future_annotations_with_a_dataclass_and_package_imports_load(tmp_path: Path) -> None:
+    """Both need the module registered as Truss registers it: in sys.modules, inside the package `model`."""
+    model_file = _write(
+        tmp_path / "user_model",
+        {
+            "helper.py": "GREETING = 'hi'\n",
+            "model.py": """
+                from __future__ import annotations
+
+                from dataclasses import dataclass
+
+                from model.helper import GREETING
+
+
+                @dataclass
+                class Settings:
+                    name: str = GREETING
+
+
+                class Model:
+                    def __init__(self, **kwargs):
+                        self.settings = Settings()
+            """,
+        },
+    )
+    assert load_user_model(model_file, _arguments(tmp_path)).settings.name == "hi"
+    other = _write(tmp_path / "other", {"helper.py": "GREETING = 'hello'\n", "model.py": (model_file.read_text())})
+    assert load_user_model(other, _arguments(tmp_path)).settings.name == "hello"  # a second model's own helper
+
+
+def test_init_gets_only_the_keywords_its_signature_names(tmp_path: Path) -> None:
+    model_file = _write(
+        tmp_path / "user_model",
+        {
+            "model.py": """
+                class Model:
+                    def __init__(self, trt_llm, secrets, lazy_data_resolver):
+                        self.received = (trt_llm["engine"], secrets["k"], lazy_data_resolver.block_until_download_complete())
+            """
+        },
+    )
+    assert load_user_model(model_file, _arguments(tmp_path)).received == ("the engine", "v", "")
+    everything = _write(
+        tmp_path / "kwargs",
+        {"model.py": "class Model:\n    def __init__(self, **kwargs):\n        self.names = sorted(kwargs)\n"},
+    )
+    assert load_user_model(everything, _arguments(tmp_path)).names == [
+        "config", "data_dir", "environment", "lazy_data_resolver", "secrets", "trt_llm"
+    ]
+    bare = _write(tmp_path / "bare", {"model.py": "class Model:\n    pass\n"})
+    assert load_user_model(bare, _arguments(tmp_path)) is not None
