@@ -110,11 +110,14 @@ class UserMethod:
     name: str
     function: Callable[..., Any]
     arguments: ArgumentStyle
+    input_model: type[BaseModel] | None = None  # the inputs' pydantic annotation: the body is parsed into it
 
     @classmethod
     def of(cls, user_model: Any, name: str) -> "UserMethod | None":
         function = getattr(user_model, name, None)
-        return None if function is None else cls(name, function, _argument_style(function))
+        if function is None:
+            return None
+        return cls(name, function, _argument_style(function), _input_model(function))
 
     async def __call__(self, inputs: Any, request: Request) -> Any:
         """The method's result (a generator is returned unstarted); its exceptions become a logged 500."""
@@ -152,6 +155,36 @@ def _argument_style(function: Callable[..., Any]) -> ArgumentStyle:
         is_request = inspect.isclass(annotation) and issubclass(annotation, StarletteRequest)
         return ArgumentStyle.REQUEST if is_request else ArgumentStyle.INPUTS
     return ArgumentStyle.INPUTS_AND_REQUEST
+
+
+def _input_model(function: Callable[..., Any]) -> type[BaseModel] | None:
+    """The pydantic model the method's inputs are annotated with (Truss parses the body into it), else None."""
+    try:
+        parameters = list(inspect.signature(function, eval_str=True).parameters.values())
+    except Exception:
+        return None
+    annotation = parameters[0].annotation if parameters else None
+    return annotation if inspect.isclass(annotation) and issubclass(annotation, BaseModel) else None
+
+
+def parse_inputs(data: Any, input_model: type[BaseModel]) -> BaseModel:
+    """`data` as the method's pydantic input; a body that does not fit is a 400 listing each field's error."""
+    from pydantic import ValidationError
+
+    try:
+        return input_model.model_validate(data)
+    except ValidationError as error:
+        problems = [
+            f"`{'.'.join(str(part) for part in item['loc']) or '(body)'}`: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)
+        ]
+        first = error.errors()[0]["loc"] if error.error_count() else ()
+        raise APIError(
+            f"Input parsing error ({input_model.__name__}): {'; '.join(problems)}.",
+            status=400,
+            param=".".join(str(part) for part in first) or None,
+            code="invalid_value",
+        ) from None
 
 
 def _user_error(method_name: str, error: Exception) -> APIError:
@@ -285,6 +318,8 @@ async def _run_steps(steps: list[UserMethod], request: Request) -> Response:
     """Each step's result is the next one's input; the body is parsed only for a first step that takes inputs."""
     raw_body = await request.body()  # read now: an engine call's disconnect watcher shares the receive channel
     result = parse_json(raw_body or b"{}") if steps[0].arguments in _TAKES_INPUTS else None
+    if steps[0].input_model is not None and steps[0].arguments in _TAKES_INPUTS:
+        result = parse_inputs(result, steps[0].input_model)
     for step in steps:
         if step.name == "postprocess" and (_is_stream(result) or isinstance(result, Response)):
             raise APIError(

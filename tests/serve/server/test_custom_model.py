@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel
 from starlette.testclient import TestClient
 
 from engine_builder.serve.server.app import create_app
@@ -357,3 +358,24 @@ def test_engine_calls_without_a_request_watch_the_request_being_served(monkeypat
 
     response = _client(Forwarding()).post("/predict", json={"messages": [{"role": "user", "content": "hi"}]})
     assert response.json() == {"same": True}
+
+
+class _Query(BaseModel):
+    text: str
+    n: int = 1
+
+
+class _Typed:
+    def predict(self, model_input: _Query) -> _Query:
+        return _Query(text=model_input.text * model_input.n, n=model_input.n)
+
+
+def test_a_pydantic_annotated_input_is_parsed_and_a_bad_body_is_a_400_naming_the_field() -> None:
+    client = _client(_Typed())
+    response = client.post("/predict", json={"text": "ab", "n": 2})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"text": "abab", "n": 2}
+    refused = client.post("/predict", json={"text": "ab", "n": "many"})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "n" and "`n`" in error["message"] and "_Query" in error["message"]
