@@ -9,6 +9,7 @@ returned generator streamed.
 
 import enum
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -352,7 +353,30 @@ async def _to_response(result: Any, request: Request, method_name: str) -> Respo
         return result
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
-    return JSONResponse(result)
+    return _json_response(result, method_name)
+
+
+def _json_response(result: Any, method_name: str) -> Response:
+    """`result` as JSON as Truss writes it: numpy arrays and scalars (anything with `tolist`) as lists and numbers,
+    NaN and infinities as Python's json writes them; anything else unserializable is a 500 naming its type."""
+    try:
+        content = json.dumps(result, default=_plain_value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        logger.error("the user model's `%s` returned a value JSON cannot hold", method_name, exc_info=error)
+        raise APIError(
+            f"The user model's `{method_name}` returned a value JSON cannot hold ({error}); return dicts, lists, "
+            "strings, numbers, numpy values or a pydantic model, or a Response.",
+            status=500,
+            type="server_error",
+        ) from None
+    return Response(content, media_type="application/json")
+
+
+def _plain_value(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _wants_whole_body(request: Request) -> bool:

@@ -379,3 +379,21 @@ def test_a_pydantic_annotated_input_is_parsed_and_a_bad_body_is_a_400_naming_the
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["param"] == "n" and "`n`" in error["message"] and "_Query" in error["message"]
+
+
+def test_numpy_results_are_json_and_an_unserializable_one_is_a_500_naming_its_type() -> None:
+    import numpy as np
+
+    class Scores:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            if model_input.get("bad"):
+                return {"when": object()}
+            return {"scores": np.array([0.25, 0.75]), "best": np.int64(1), "nan": float("nan")}
+
+    client = _client(Scores())
+    response = client.post("/predict", json={})
+    assert response.status_code == 200, response.text
+    assert json.loads(response.text) == {"scores": [0.25, 0.75], "best": 1, "nan": pytest.approx(float("nan"), nan_ok=True)}
+    refused = client.post("/predict", json={"bad": True})
+    assert refused.status_code == 500
+    assert "object" in refused.json()["error"]["message"] and "`predict`" in refused.json()["error"]["message"]
