@@ -117,9 +117,10 @@ def create_app(
         return render(APIError("Internal server error.", status=500, type="server_error"), request.scope)
 
     if user_model is not None:  # registered first, so its routes win over the built-in ones
-        from engine_builder.serve.server.custom_model import user_model_router
+        from engine_builder.serve.server.custom_model import health_check, user_model_router
 
         app.include_router(user_model_router(user_model))
+        state.user_health = health_check(user_model)
     app.include_router(routes_health.router)
     for router in extra_routers or []:  # before the decoder routes, so an encoder's /predict wins
         app.include_router(router)

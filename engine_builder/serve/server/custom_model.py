@@ -11,7 +11,7 @@ import enum
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -93,6 +93,29 @@ async def call_load(user_model: Any) -> None:
     result = load()
     if inspect.isawaitable(result):
         await result
+
+
+def health_check(user_model: Any) -> Callable[[], Awaitable[bool]] | None:
+    """The model's `is_healthy`, as readiness calls it (Truss's rule): sync ones in a worker thread, and one that
+    raises is unhealthy (logged); None when the model defines none."""
+    is_healthy = getattr(user_model, "is_healthy", None)
+    if is_healthy is None:
+        return None
+
+    async def check() -> bool:
+        try:
+            if inspect.iscoroutinefunction(is_healthy):
+                healthy = await is_healthy()
+            else:
+                healthy = await run_in_threadpool(is_healthy)
+        except Exception:
+            logger.exception("the user model's `is_healthy` raised: the server reports not ready")
+            return False
+        if not healthy:
+            logger.warning("the user model's `is_healthy` returned %r: the server reports not ready", healthy)
+        return bool(healthy)
+
+    return check
 
 
 class ArgumentStyle(enum.Enum):

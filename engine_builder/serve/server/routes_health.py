@@ -13,6 +13,7 @@ router = APIRouter()
 STARTED = int(time.time())
 TRUSS_MODEL_NAME = "model"  # Truss's readiness check asks for /v1/models/model
 ENGINE_STOPPED = "engine loop stopped: the server needs a restart (the server log says why)"
+USER_MODEL_UNHEALTHY = "the user model's is_healthy() says it is not healthy"
 MAX_FAILURE_CHARS = 300  # the probes are open without a key: the cause's first line, cut short
 
 
@@ -23,6 +24,13 @@ def _stopped(state: ServerState) -> str:
         return ENGINE_STOPPED
     cause = why[0] if len(why[0]) <= MAX_FAILURE_CHARS else why[0][: MAX_FAILURE_CHARS - 3] + "..."
     return f"engine loop stopped ({cause}): the server needs a restart"
+
+
+async def _user_model_healthy(state: ServerState) -> bool:
+    """A user model.py's `is_healthy` once the server is ready (Truss asks it only after `load`); True without one."""
+    if state.user_health is None or not state.ready or state.draining:
+        return True
+    return await state.user_health()
 
 
 def _state(request: Request) -> ServerState:
@@ -54,7 +62,8 @@ async def ready(request: Request) -> Response:
     has stopped (a loop crash, a lost tensor-parallel rank: the server needs a restart, /health says so too)."""
     state = _state(request)
     healthy = state.engine.is_healthy()
-    if state.ready and not state.draining and healthy:
+    model_healthy = await _user_model_healthy(state)
+    if state.ready and not state.draining and healthy and model_healthy:
         return JSONResponse({"status": "ready"})
     if state.draining:
         reason = "draining"
@@ -62,6 +71,8 @@ async def ready(request: Request) -> Response:
         reason = state.startup_error
     elif state.ready and not healthy:
         reason = _stopped(state)
+    elif state.ready:
+        reason = USER_MODEL_UNHEALTHY
     else:
         reason = "loading"
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
@@ -114,6 +125,8 @@ async def model_readiness(name: str, request: Request) -> Response:
     state = _state(request)
     if not state.ready or state.draining or not state.engine.is_healthy():
         raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
+    if not await _user_model_healthy(state):
+        raise APIError(f"The model is not ready: {USER_MODEL_UNHEALTHY}.", status=503, type="server_error", code="not_ready")
     if name in state.settings.lora_adapters:
         return JSONResponse(_adapter_card(state, name))
     if name not in (state.settings.served_model_name, TRUSS_MODEL_NAME):

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -77,6 +78,7 @@ class ServerState:
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
     encoder_requests_cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer running ones 503
     startup_error: str | None = None
+    user_health: Callable[[], Awaitable[bool]] | None = None  # a user model.py's `is_healthy`, read by readiness
     engine_started: asyncio.Event = field(default_factory=asyncio.Event)
     _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
 

@@ -397,3 +397,36 @@ def test_numpy_results_are_json_and_an_unserializable_one_is_a_500_naming_its_ty
     refused = client.post("/predict", json={"bad": True})
     assert refused.status_code == 500
     assert "object" in refused.json()["error"]["message"] and "`predict`" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_is_healthy_false_or_raising_turns_readiness_503(asynchronous: bool) -> None:
+    class Flaky:
+        verdict: Any = True
+
+        def check(self) -> bool:
+            if isinstance(self.verdict, Exception):
+                raise self.verdict
+            return bool(self.verdict)
+
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            return {}
+
+    class AsyncFlaky(Flaky):
+        async def is_healthy(self) -> bool:
+            return self.check()
+
+    class SyncFlaky(Flaky):
+        def is_healthy(self) -> bool:
+            return self.check()
+
+    user_model = AsyncFlaky() if asynchronous else SyncFlaky()
+    with TestClient(_app(user_model)) as client:
+        for path in ("/ready", "/v1/models/model"):
+            assert client.get(path).status_code == 200
+        for verdict in (False, RuntimeError("database down")):
+            user_model.verdict = verdict
+            for path in ("/ready", "/v1/models/model"):
+                response = client.get(path)
+                assert response.status_code == 503 and "is_healthy" in response.text, response.text
+            assert client.get("/health").status_code == 200  # liveness stays: Truss asks is_healthy for readiness
