@@ -3,6 +3,7 @@
 Errors come in the OpenAI envelope, except on routes that carry their own format (the encoders' TEI routes,
 `render_refusal`): there the server's refusals (auth, body limit, admission) come in the route's format too."""
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,7 +99,9 @@ def create_app(
         other_engine = state.other_engine_route(request.url.path) if error.status_code == 404 else None
         if other_engine is not None:
             return _error_response(other_engine)
-        refusal = from_status(error.status_code, str(error.detail) if error.detail else None)
+        refusal = from_status(error.status_code, _detail_text(error.detail))
+        if isinstance(error.detail, (dict, list)):  # a user model's structured detail: kept as JSON
+            refusal.detail = error.detail
         if error.headers:  # a 405's Allow
             refusal.headers = {**(refusal.headers or {}), **error.headers}
         return render(refusal, request.scope)
@@ -139,6 +142,18 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _detail_text(detail: Any) -> str | None:
+    """An HTTPException's detail as the error message: a string as given, JSON as JSON text (not Python's repr)."""
+    if not detail:
+        return None
+    if isinstance(detail, str):
+        return detail
+    try:
+        return json.dumps(detail, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(detail)
 
 
 def _is_readiness(path: str) -> bool:

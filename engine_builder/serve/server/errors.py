@@ -16,6 +16,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        detail: Any = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -24,10 +25,14 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.detail = detail  # a user model's structured HTTPException detail, sent as the JSON it is
 
     def body(self) -> dict[str, Any]:
         code = self.code or code_for(self.status)
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": code}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return {"error": error}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -430,3 +430,15 @@ def test_is_healthy_false_or_raising_turns_readiness_503(asynchronous: bool) -> 
                 response = client.get(path)
                 assert response.status_code == 503 and "is_healthy" in response.text, response.text
             assert client.get("/health").status_code == 200  # liveness stays: Truss asks is_healthy for readiness
+
+
+def test_a_structured_http_exception_detail_stays_json() -> None:
+    class Refusing:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            raise HTTPException(status_code=400, detail={"field": "text", "reason": "too long"})
+
+    response = _client(Refusing()).post("/predict", json={})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["detail"] == {"field": "text", "reason": "too long"}
+    assert json.loads(error["message"]) == {"field": "text", "reason": "too long"}
