@@ -41,6 +41,7 @@ from engine_builder.common.artifact import (
     MANIFEST_FILE,
     MODEL_DIR,
     MODEL_FILE_STATS,
+    USER_DATA_DIR,
     USER_MODEL_DIR,
     EngineDir,
     Manifest,
@@ -249,6 +250,7 @@ def _build_engine_locked(
         user_model = loaded.base_dir / "model" / "model.py"
         if user_model.is_file():
             shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
+            _copy_user_data(loaded, staging / USER_DATA_DIR)
         stored_adapters = []
         if adapters:
             from engine_builder.build.lora_adapters import store_lora_adapters
@@ -350,10 +352,27 @@ def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
         digest.update(json.dumps(decisive, sort_keys=True).encode())
     user_dir = loaded.base_dir / "model"
     if (user_dir / "model.py").is_file():
-        for path in sorted(p for p in user_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            digest.update(str(path.relative_to(user_dir)).encode())
-            digest.update(path.read_bytes())
+        for folder in (user_dir, user_data_source(loaded)):
+            digest.update(f"{folder.name}/".encode())
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+                digest.update(str(path.relative_to(folder)).encode())
+                digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def user_data_source(loaded: LoadedConfig) -> Path:
+    """The Truss `data/` folder a model.py reads as `data_dir` (the config's `data_dir`, beside the config)."""
+    return loaded.base_dir / loaded.truss.data_dir
+
+
+def _copy_user_data(loaded: LoadedConfig, destination: Path) -> None:
+    """The config's `data/` folder into the engine, or an empty folder: the model's `data_dir` always exists, as
+    Truss creates it."""
+    source = user_data_source(loaded)
+    if source.is_dir():
+        shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        destination.mkdir()
 
 
 def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Layout:
     trtllm/                  TensorRT-LLM engine or checkpoint files (trtllm backend only)
     calibration_report.json  accuracy report when quantized
     user_model/              the config's Truss `model/` folder, when it has a model.py
+    user_data/               with it, the config's Truss `data/` folder (`data_dir`; empty when there is none)
 """
 
 import fcntl
@@ -36,6 +37,7 @@ MODEL_DIR = "model"
 TRTLLM_DIR = "trtllm"
 CALIBRATION_REPORT = "calibration_report.json"
 USER_MODEL_DIR = "user_model"  # a Truss model/ folder with model.py (engine control in Python)
+USER_DATA_DIR = "user_data"  # the config's Truss `data/` folder beside it: the model's `data_dir`
 
 
 # The encoder routes `RuntimeSpec.default_route` may name: what the encoder server answers /predict-style calls

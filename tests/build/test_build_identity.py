@@ -118,3 +118,36 @@ def test_a_local_calibration_dataset_counts_by_content(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace("calib_dataset: calib.jsonl", "calib_dataset: ''"))
     with pytest.raises(CalibrationDataError, match="calib_dataset is empty"):
         build_identity(load_config(config), loaded.truss.engine_builder)
+
+
+def test_a_user_model_and_its_data_folder_are_part_of_the_build_hash(tmp_path: Path) -> None:
+    """Truss's `data/` beside the config is the model.py's `data_dir`: the build copies it, so it counts like model.py."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text("class Model: ...\n")
+    loaded = _loaded(tmp_path, "no_quant")
+    without_data = build_identity(loaded, loaded.truss.engine_builder)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "lookup.txt").write_text("a")
+    with_data = build_identity(loaded, loaded.truss.engine_builder)
+    assert with_data != without_data
+    (tmp_path / "data" / "lookup.txt").write_text("b")
+    assert build_identity(loaded, loaded.truss.engine_builder) != with_data
+
+
+def test_the_build_copies_the_data_folder_beside_a_user_model(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine_builder.build.build_stage import build_engine
+    from engine_builder.common.artifact import USER_DATA_DIR, USER_MODEL_DIR
+    from tests.serve.server.harness import write_config
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text("class Model: ...\n")
+    (tmp_path / "data" / "nested").mkdir(parents=True)
+    (tmp_path / "data" / "nested" / "lookup.txt").write_text("a")
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir.path
+    assert (engine / USER_MODEL_DIR / "model.py").is_file()
+    assert (engine / USER_DATA_DIR / "nested" / "lookup.txt").read_text() == "a"

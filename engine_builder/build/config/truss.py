@@ -165,10 +165,11 @@ class Resources(ConfigModel):
 
 
 # Truss's top-level fields this project types (so what `truss push` refuses is refused here) but does not act on:
-# they describe the Truss image and server (packages, environment, the model class), not the engine.
+# they describe the Truss image and server (packages, environment, the model class), not the engine. (`data_dir` is
+# acted on: the build copies that folder for a model.py.)
 TRUSS_IMAGE_FIELDS = (
     "description", "python_version", "requirements_file", "requirements", "system_packages", "environment_variables",
-    "build_commands", "external_package_dirs", "examples_filename", "data_dir", "input_type", "model_framework",
+    "build_commands", "external_package_dirs", "examples_filename", "input_type", "model_framework",
     "model_type", "model_module_dir", "model_class_filename", "model_class_name", "bundled_packages_dir",
     "spec_version", "use_local_src", "live_reload", "apply_library_patches",
 )  # fmt: skip

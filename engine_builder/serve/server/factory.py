@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from fastapi import FastAPI
 
-from engine_builder.common.artifact import USER_MODEL_DIR, EngineDir
+from engine_builder.common.artifact import USER_DATA_DIR, USER_MODEL_DIR, EngineDir
 from engine_builder.common.backend_choice import choose_backend
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.decoding.detokenizer import TextDecoder
@@ -66,7 +66,7 @@ def build_server(
 
         logger.info("loading user model %s", user_model_file)
         config = yaml.safe_load(engine.config_file.read_text()) or {}
-        arguments = init_arguments(EngineHandle(state), SecretsView(), config, user_model_file.parent)
+        arguments = init_arguments(EngineHandle(state), SecretsView(), config, engine.path / USER_DATA_DIR)
         user_model = load_user_model(user_model_file, arguments)
     return create_app(state, user_model=user_model), state
 
