@@ -341,7 +341,16 @@ class _SentWhileServing(Response):
 async def _run_steps(steps: list[UserMethod], request: Request) -> Response:
     """Each step's result is the next one's input; the body is parsed only for a first step that takes inputs."""
     raw_body = await request.body()  # read now: an engine call's disconnect watcher shares the receive channel
-    result = parse_json(raw_body or b"{}") if steps[0].arguments in _TAKES_INPUTS else None
+    takes_inputs = steps[0].arguments in _TAKES_INPUTS
+    if takes_inputs and _is_binary(request):
+        raise APIError(
+            "Content-Type application/octet-stream (Truss's msgpack transport) is not supported: this server reads "
+            "JSON bodies; send the inputs as JSON (Content-Type: application/json), or take `request` alone in "
+            "the method to read the raw body yourself.",
+            status=415,
+            code="unsupported_media_type",
+        )
+    result = parse_json(raw_body or b"{}") if takes_inputs else None
     if steps[0].input_model is not None and steps[0].arguments in _TAKES_INPUTS:
         result = parse_inputs(result, steps[0].input_model)
     for step in steps:
@@ -357,6 +366,11 @@ async def _run_steps(steps: list[UserMethod], request: Request) -> Response:
 
 
 _TAKES_INPUTS = (ArgumentStyle.INPUTS, ArgumentStyle.INPUTS_AND_REQUEST)
+
+
+def _is_binary(request: Request) -> bool:
+    """Whether the body is Truss's binary (msgpack) transport, which Truss marks by this content type."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream"
 
 
 def _is_stream(result: Any) -> bool:

@@ -442,3 +442,11 @@ def test_a_structured_http_exception_detail_stays_json() -> None:
     error = response.json()["error"]
     assert error["detail"] == {"field": "text", "reason": "too long"}
     assert json.loads(error["message"]) == {"field": "text", "reason": "too long"}
+
+
+def test_a_msgpack_body_is_a_415_naming_the_content_type() -> None:
+    response = _client(_Pipeline()).post(
+        "/predict", content=b"\x81\xa1x\x01", headers={"Content-Type": "application/octet-stream"}
+    )
+    assert response.status_code == 415
+    assert "application/octet-stream" in response.json()["error"]["message"]
