@@ -1,9 +1,6 @@
 """Assemble the server for an engine directory: the backend client, tokenizer, routes and settings."""
 
 import logging
-import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,8 +17,6 @@ from engine_builder.serve.server.chat_template import PromptRenderer
 from engine_builder.serve.server.state import ServerSettings, ServerState
 
 logger = logging.getLogger(__name__)
-
-SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
 
 
 def build_server(
@@ -62,40 +57,14 @@ def build_server(
     user_model_file = engine.path / USER_MODEL_DIR / "model.py"
     if user_model_file.exists():
         from engine_builder.serve.server.custom_model import EngineHandle
-        from engine_builder.serve.server.user_model_loader import init_arguments, load_user_model
+        from engine_builder.serve.server.user_model_loader import UserSecrets, init_arguments, load_user_model
 
         logger.info("loading user model %s", user_model_file)
         config = yaml.safe_load(engine.config_file.read_text()) or {}
-        arguments = init_arguments(EngineHandle(state), SecretsView(), config, engine.path / USER_DATA_DIR)
+        secrets = UserSecrets(config.get("secrets") or {})
+        arguments = init_arguments(EngineHandle(state), secrets, config, engine.path / USER_DATA_DIR)
         user_model = load_user_model(user_model_file, arguments)
     return create_app(state, user_model=user_model), state
-
-
-class SecretsView(Mapping[str, str]):
-    """`secrets["name"]` for user code: an environment variable of that name, else the file of that name in
-    $ENGINE_BUILDER_SECRETS_DIR (default /secrets, where Truss mounts secrets), stripped; unset or empty is
-    missing. Nothing is listed."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None, secrets_dir: Path | None = None) -> None:
-        self._environ = environ if environ is not None else os.environ
-        self._secrets_dir = secrets_dir or Path(self._environ.get(SECRETS_DIR_ENV) or "/secrets")
-
-    def __getitem__(self, name: str) -> str:
-        value = self._environ.get(name)
-        if value is None and name and not any(sep in name for sep in "/\\") and name not in (".", ".."):
-            try:
-                value = (self._secrets_dir / name).read_text(encoding="utf-8")
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-                value = None
-        if value is None or not value.strip():
-            raise KeyError(name)
-        return value.strip()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
 
 
 def decoder_client(engine: EngineDir, options: EngineOptions, served_name: str, hf_tokenizer: Any) -> Any:

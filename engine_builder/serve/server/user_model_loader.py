@@ -9,11 +9,15 @@ them for `**kwargs`).
 import importlib.machinery
 import importlib.util
 import inspect
+import os
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
+SECRET_ENV_PREFIX = "TRUSS_SECRET_"  # Truss's environment form of a secret
 PACKAGE_NAME = "model"  # Truss's name for the model folder
 MODULE_NAME = f"{PACKAGE_NAME}.model"  # what Truss names model/model.py, leaving `model` to the package
 MODEL_CLASS_NAME = "Model"
@@ -25,6 +29,58 @@ class NoExternalData:
 
     def block_until_download_complete(self, log_stats: bool = True, issue_collect: bool = True) -> str:
         return ""
+
+
+class SecretNotFoundError(KeyError):
+    """A secret the model asked for that is not declared, or has no value (Truss's SecretNotFound)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UserSecrets(Mapping[str, str]):
+    """`secrets["name"]` for a user model.py, as Truss resolves it: only names declared in the config's `secrets:`
+    section, from the file `<secrets dir>/<name>` (default /secrets, where Truss mounts them, or
+    $ENGINE_BUILDER_SECRETS_DIR), else $TRUSS_SECRET_<name>, else the environment variable `<name>` (as checkpoint
+    secrets are read), else the value the config gives; stripped, and unset or empty is missing. Nothing is listed."""
+
+    def __init__(
+        self, declared: Mapping[str, str | None], environ: Mapping[str, str] | None = None,
+        secrets_dir: Path | None = None,
+    ) -> None:
+        self._declared = dict(declared)
+        self._environ = environ if environ is not None else os.environ
+        self._secrets_dir = secrets_dir or Path(self._environ.get(SECRETS_DIR_ENV) or "/secrets")
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._declared:
+            raise SecretNotFoundError(
+                f"secret {name!r} is not declared: add `{name}: null` to the config's `secrets:` section (Truss "
+                "gives a model only the secrets declared there), then rebuild"
+            )
+        value = self._file_value(name)
+        for candidate in (self._environ.get(SECRET_ENV_PREFIX + name), self._environ.get(name), self._declared[name]):
+            value = value if value is not None else candidate
+        if value is None or not value.strip():
+            raise SecretNotFoundError(
+                f"secret {name!r} has no value: put it in {self._secrets_dir / name} or the environment variable "
+                f"{SECRET_ENV_PREFIX}{name}"
+            )
+        return value.strip()
+
+    def _file_value(self, name: str) -> str | None:
+        if not name or any(separator in name for separator in "/\\") or name in (".", ".."):
+            return None
+        try:
+            return (self._secrets_dir / name).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+            return None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def init_arguments(

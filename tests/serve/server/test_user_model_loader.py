@@ -4,6 +4,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine_builder.serve.server.user_model_loader import init_arguments, load_user_model
 
 
@@ -69,3 +71,19 @@ def test_init_gets_only_the_keywords_its_signature_names(tmp_path: Path) -> None
     ]
     bare = _write(tmp_path / "bare", {"model.py": "class Model:\n    pass\n"})
     assert load_user_model(bare, _arguments(tmp_path)) is not None
+
+
+def test_secrets_resolve_only_declared_names_as_truss_does(tmp_path: Path) -> None:
+    from engine_builder.serve.server.user_model_loader import SecretNotFoundError, UserSecrets
+
+    (tmp_path / "from_file").write_text("file value\n")
+    environ = {"HOME": "/root", "TRUSS_SECRET_hf_access_token": "tok", "from_file": "env loses to the file"}
+    secrets = UserSecrets(
+        {"hf_access_token": None, "from_file": None, "unset": None}, environ=environ, secrets_dir=tmp_path
+    )
+    assert secrets["hf_access_token"] == "tok"
+    assert secrets["from_file"] == "file value"
+    with pytest.raises(SecretNotFoundError, match="`secrets:` section"):
+        secrets["HOME"]  # an undeclared name is never read from the environment
+    with pytest.raises(KeyError, match="no value"):
+        secrets["unset"]
