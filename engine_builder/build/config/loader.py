@@ -14,12 +14,14 @@ from engine_builder.build.config.base import FieldError
 from engine_builder.build.config.stack import TrtLlmConfigV1, TrtLlmConfigV2
 from engine_builder.build.config.truss import (
     TRUSS_IMAGE_FIELDS,
+    TRUSS_UNTYPED_SECTIONS,
     UNUSED_RESOURCE_FIELDS,
     TrussConfig,
     cross_section_errors,
 )
 
 PathKey = tuple[str | int, ...]
+TRUSS_SECTION_PATHS = frozenset((section,) for section in TRUSS_UNTYPED_SECTIONS)
 _STACK_TAGS = {"v1", "v2"}
 MAX_VALUES = 100_000  # YAML nodes in a config once aliases are expanded; real configs have a few hundred
 MAX_DEPTH = 64
@@ -147,6 +149,8 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
         )
     warnings = [
         _issue_at(path, "unknown key kept as given (not used by this version)", lines, source)
+        if path not in TRUSS_SECTION_PATHS
+        else _issue_at(path, "a Truss section this server does not act on (kept as given, not checked)", lines, source)
         for path in config.unknown_keys()
     ]
     warnings += [

@@ -175,6 +175,14 @@ TRUSS_IMAGE_FIELDS = (
 )  # fmt: skip
 
 
+# Truss 0.18.36's other top-level sections (its TrussConfig schema): kept as given, neither checked nor acted on here,
+# so they are named as Truss's rather than warned about as unknown (`runtime.predict_concurrency` is no typo).
+TRUSS_UNTYPED_SECTIONS = (
+    "external_data", "base_image", "runtime", "build", "docker_server", "model_cache", "weights", "bdn",
+    "training_checkpoints", "bis_llm", "cache_internal",
+)  # fmt: skip
+
+
 class ConfiguredEngineOptions(EngineOptions):
     """The `engine_builder:` section as a config writes it: unlike Truss's sections (whose unknown keys are kept for
     newer Truss versions), this one is ours, so a key it does not know is a typo (`dtyp: float32` would silently
