@@ -4,7 +4,9 @@ The user class gets `engine.predict`, `engine.chat_completions` and `engine.comp
 same code as our routes (non-streaming results are response objects, streaming ones StreamingResponse).
 Its own `predict`, `chat_completions` and `completions` then answer the matching routes, called as Truss's
 model wrapper calls them: `preprocess` -> `predict` -> `postprocess`, sync methods in a worker thread, and a
-returned generator streamed.
+returned generator streamed. A route whose method the model lacks answers 404, so nothing reaches the engine around
+the model's code; a request in the model counts for a drain, and its engine calls end with its client.
+Importing and constructing the model: `user_model_loader.py`.
 """
 
 import enum
