@@ -6,6 +6,7 @@ The CLI (engine_builder/stages.py) resolves the engine directory and the options
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -129,7 +130,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_started_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
+        self._drain_deadline: float | None = None  # monotonic: the drain (and its encoder grace) ends by then
+        self._hurried = False  # a second signal came: the drain ends now
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -153,10 +155,22 @@ class DrainingServer(uvicorn.Server):
                 "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.requests_in_flight
             )
             self.state.draining = True
-            self._drain_started_at = time.monotonic()
+            self._drain_deadline = time.monotonic() + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._arm_drain_deadline)
-        super().handle_exit(sig, frame)
+            super().handle_exit(sig, frame)
+            return
+        if not self._hurried:  # Ctrl-C twice: stop waiting, but answer what still runs (uvicorn would cancel it)
+            self._hurried = True
+            logger.warning(
+                "signal %s again: ending the %d requests still running now (another signal exits at once)",
+                signal.Signals(sig).name,
+                self.state.requests_in_flight,
+            )
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._end_drain_now)
+            return
+        super().handle_exit(sig, frame)  # a third: uvicorn's forced exit
 
     async def shutdown(self, sockets: Any = None) -> None:
         """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request
@@ -164,11 +178,16 @@ class DrainingServer(uvicorn.Server):
         state's drain deadline ends what still runs (encoder requests ANSWER_GRACE_S later), counted from the signal;
         a second signal (uvicorn's force_exit) stops waiting. uvicorn then gives the handlers ANSWER_GRACE_S more to
         send their answers: the whole shutdown fits in `longest_shutdown_s`."""
-        started = self._drain_started_at if self._drain_started_at is not None else time.monotonic()
-        deadline = started + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
-        while self.state.requests_in_flight and not self.force_exit and time.monotonic() < deadline:
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.state.settings.drain_timeout_s + ANSWER_GRACE_S
+        while self.state.requests_in_flight and not self.force_exit and time.monotonic() < self._drain_deadline:
             await asyncio.sleep(0.05)
         await super().shutdown(sockets)
+
+    def _end_drain_now(self) -> None:
+        assert self._loop is not None
+        self._drain_deadline = min(self._drain_deadline or math.inf, time.monotonic() + ANSWER_GRACE_S)
+        self._loop.create_task(self.state.expire_drain(hurried=True))
 
     def _arm_drain_deadline(self) -> None:
         assert self._loop is not None

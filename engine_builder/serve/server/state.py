@@ -73,6 +73,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
+    drain_hurried: bool = False  # a second stop signal ended the drain before its timeout
     inflight: int = 0  # engine requests accepted and unfinished
     user_requests: int = 0  # user model.py requests running (their engine calls count in `inflight` too)
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
@@ -165,13 +166,16 @@ class ServerState:
     def release(self) -> None:
         self.inflight -= 1
 
-    async def expire_drain(self) -> None:
-        """The drain timeout passed with requests still running: end each in the engine, so its handler answers
-        a 503 (or a stream's error event) before the server stops, rather than being cut off. Encoder requests
-        get ANSWER_GRACE_S more, then their handlers answer the 503 (`drain_refusal`)."""
-        self.drain_expired = True
+    async def expire_drain(self, hurried: bool = False) -> None:
+        """The drain timeout passed (or, `hurried`, a second stop signal came) with requests still running: end each
+        in the engine, so its handler answers a 503 (or a stream's error event) before the server stops, rather than
+        being cut off. Encoder requests get ANSWER_GRACE_S more (none when hurried), then their handlers answer the
+        503 (`drain_refusal`). Once only."""
+        if self.drain_expired:
+            return
+        self.drain_expired, self.drain_hurried = True, hurried
         if not self.generates:
-            await asyncio.sleep(ANSWER_GRACE_S)
+            await asyncio.sleep(0 if hurried else ANSWER_GRACE_S)
             if self.inflight:
                 logger.warning(
                     "drain timeout (%.0f s) and %.0f s more passed: ending %d unfinished encoder requests with 503",
@@ -184,8 +188,8 @@ class ServerState:
         if not self.generating:
             return
         logger.warning(
-            "drain timeout (%.0f s) passed: ending %d unfinished requests with 503",
-            self.settings.drain_timeout_s,
+            "%s: ending %d unfinished requests with 503",
+            "second stop signal" if hurried else f"drain timeout ({self.settings.drain_timeout_s:.0f} s) passed",
             len(self.generating),
         )
         for request_id in list(self.generating):
@@ -193,9 +197,11 @@ class ServerState:
 
     def drain_refusal(self) -> APIError:
         """The answer to a request the drain timeout ended before it finished."""
+        cause = (
+            "a second stop signal" if self.drain_hurried else f"its drain timeout ({self.settings.drain_timeout_s:.0f} s)"
+        )
         return APIError(
-            f"The server is shutting down: its drain timeout ({self.settings.drain_timeout_s:.0f} s) ended this "
-            "request before it finished; retry it.",
+            f"The server is shutting down: {cause} ended this request before it finished; retry it.",
             status=503,
             type="server_error",
             code="draining",

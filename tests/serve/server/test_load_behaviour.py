@@ -191,6 +191,37 @@ def test_requests_outlasting_the_drain_timeout_end_with_503s(tmp_path: Path, smo
         process.stop()
 
 
+def test_a_second_ctrl_c_ends_the_drain_with_answers_not_tracebacks(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Probe X: a second SIGINT while draining made uvicorn cancel the handlers: ~90 lines of CancelledError
+    tracebacks, and streams cut without an error event or [DONE]. Now it ends what runs as the drain timeout would."""
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=1024)
+    process = ServerProcess(config, tmp_path / "engine", ["--drain-timeout-s", "120"])
+    body = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+
+    def streamed() -> None:
+        with httpx.stream("POST", f"{process.base_url}/v1/completions", json=body, timeout=120) as response:
+            events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    try:
+        process.wait_ready()
+        worker = threading.Thread(target=streamed)
+        worker.start()
+        time.sleep(2.0)
+        started = time.monotonic()
+        os.kill(process.process.pid, signal.SIGINT)
+        time.sleep(1.0)
+        os.kill(process.process.pid, signal.SIGINT)
+        worker.join(timeout=60)
+        assert time.monotonic() - started < 20  # not the 120 s drain
+        assert events[-1] == "data: [DONE]" and "a second stop signal" in events[-2], events[-3:]
+        process.process.wait(timeout=30)
+        log = process.log_path.read_text()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    finally:
+        process.stop()
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
