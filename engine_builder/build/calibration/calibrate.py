@@ -47,7 +47,7 @@ def calibrate(
     kv_amax = torch.zeros(2, len(model.layers), device=model.embed_tokens.device)
     num_tokens = 0
     try:
-        for batch_sequences in batches(samples):
+        for batch_sequences in batches(samples, progress="calibration"):
             batch = run_batch(model, batch_sequences, compute_dtype=compute_dtype)
             used = slice(1, batch.num_tokens + 1)
             for which, cache in enumerate((batch.kv_cache.key, batch.kv_cache.value)):

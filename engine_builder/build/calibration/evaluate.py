@@ -65,7 +65,7 @@ def record_reference(
     compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Phase one: the reference's logits of every sequence into `store`."""
-    for batch_sequences in batches(sequences):
+    for batch_sequences in batches(sequences, progress="reference logits"):
         batch = run_batch(reference, batch_sequences, compute_dtype=compute_dtype)
         for index in range(len(batch_sequences)):
             store.append(logits(reference, batch.hidden[batch.rows(index)], compute_dtype))
@@ -90,7 +90,7 @@ def compare(
     nll = [0.0, 0.0]
     targets_total = 0
     number = 0
-    for batch_sequences in batches(sequences):
+    for batch_sequences in batches(sequences, progress="evaluation"):
         quant_batch = run_batch(quantized, batch_sequences, kv_cache_dtype, compute_dtype)
         for index, sequence in enumerate(batch_sequences):
             quant_logits = logits(quantized, quant_batch.hidden[quant_batch.rows(index)], compute_dtype)

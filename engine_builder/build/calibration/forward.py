@@ -39,18 +39,26 @@ class Batch:
 
 
 def batches(
-    sequences: list[list[int]], max_batch_tokens: int = MAX_BATCH_TOKENS
+    sequences: list[list[int]], max_batch_tokens: int = MAX_BATCH_TOKENS, progress: str | None = None
 ) -> Iterator[list[list[int]]]:
-    batch: list[list[int]] = []
-    size = 0
-    for sequence in sequences:
-        if batch and size + len(sequence) > max_batch_tokens:
+    """`sequences` in batches of at most `max_batch_tokens` (a longer sequence alone). With `progress`, a bar of the
+    tokens done under that name on a terminal (none in a build job's log, where the phases' log lines say it)."""
+    from tqdm import tqdm
+
+    total = sum(len(sequence) for sequence in sequences)
+    with tqdm(total=total, unit="tok", desc=progress, disable=None if progress else True, leave=False) as bar:
+        batch: list[list[int]] = []
+        size = 0
+        for sequence in sequences:
+            if batch and size + len(sequence) > max_batch_tokens:
+                yield batch
+                bar.update(size)
+                batch, size = [], 0
+            batch.append(sequence)
+            size += len(sequence)
+        if batch:
             yield batch
-            batch, size = [], 0
-        batch.append(sequence)
-        size += len(sequence)
-    if batch:
-        yield batch
+            bar.update(size)
 
 
 @torch.inference_mode()

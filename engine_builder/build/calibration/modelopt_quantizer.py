@@ -174,7 +174,7 @@ def load_hf_model(checkpoint_dir: Path, plan: ComputePlan) -> torch.nn.Module:
 def run_calibration(model: torch.nn.Module, samples: list[list[int]], device: torch.device) -> None:
     """modelopt's forward loop: every sample once, packed; only the last position's logits are computed (the LM
     head is not quantized, so its input needs no statistics beyond what the last position gives)."""
-    for batch in batches(samples):
+    for batch in batches(samples, progress="calibration (modelopt)"):
         input_ids, position_ids, mask = packed_inputs(batch, device)
         model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
 
@@ -203,8 +203,14 @@ def _modelopt() -> tuple[Any, Any, str]:
             from modelopt.torch.export import export_hf_checkpoint
     except ImportError as error:
         raise ModeloptUnavailableError(f"nvidia-modelopt is not installed ({error})") from error
-    for warning in caught:
-        logger.info("modelopt: %s", warning.message)
+    seen = set()
+    for warning in caught:  # its own notices at info; the deprecations its imports trip in torch are noise
+        text = str(warning.message)
+        if text in seen:
+            continue
+        seen.add(text)
+        noise = issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+        logger.log(logging.DEBUG if noise else logging.INFO, "modelopt: %s", text)
     return mtq, export_hf_checkpoint, str(modelopt.__version__)
 
 

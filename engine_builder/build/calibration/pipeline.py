@@ -102,12 +102,15 @@ def quantize_checkpoint(
     # calibrates and writes the quantized folder, then that folder is loaded as the engine serves it and compared.
     with tempfile.TemporaryDirectory(prefix=".reference-logits-", dir=staging_engine_dir) as scratch:
         reference_logits = ReferenceLogits(Path(scratch))
+        logger.info("1/3 reference: the checkpoint's logits on %d held-out sequences", len(heldout))
         reference = load_for_calibration(checkpoint_path, plan)
         record_reference(reference, heldout, reference_logits, plan.compute_dtype)
         del reference
         release(plan)
+        logger.info("2/3 calibration: %s on %d samples, then the quantized checkpoint", options.quantizer, len(samples))
         run = _quantize(options.quantizer, checkpoint_path, samples, recipe, plan, model_dir)
         release(plan)
+        logger.info("3/3 evaluation: the quantized model against the reference")
         quantized_model = load_for_calibration(model_dir, plan)
         metrics = compare(quantized_model, heldout, reference_logits, kv_dtype, plan.compute_dtype)
         del quantized_model
