@@ -117,10 +117,17 @@ def test_a_changed_local_checkpoint_is_rebuilt_and_its_stale_engine_refused(
     from engine_builder.serve.server.main import serve_engine
 
     args = type("Args", (), {"api_key": None, "host": "127.0.0.1", "port": 0})()
-    assert serve_engine(load_engine_dir(output), args, loaded.truss.engine_builder) == 2  # refused before loading
+    assert serve_engine(load_engine_dir(output), args, loaded.truss.engine_builder) == 1  # refused before loading
     second = build_engine(loaded, output, loaded.truss.engine_builder)
     assert not second.reused and changed_model_files(second.engine_dir) == []
     assert second.engine_dir.manifest.source.revision != first.engine_dir.manifest.source.revision
+    import socket
+
+    with socket.socket() as busy:  # a busy port is a failure to run (1), not a bad config or flag (2)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args.port = busy.getsockname()[1]  # type: ignore[attr-defined]
+        assert serve_engine(load_engine_dir(output), args, loaded.truss.engine_builder) == 1
 
 
 def test_a_copied_engine_serves_and_a_copy_of_a_stale_one_does_not(

@@ -44,11 +44,11 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
             ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
             engine.path,
         )
-        return 2
+        return 1  # the engine, not the command, is at fault (2 is for a bad config or flags)
     refusal = _port_refusal(args.host, args.port)
     if refusal:  # before the model loads, not after minutes of it
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, refusal)
-        return 2
+        return 1
     app, state = build_server(engine, options, api_keys)
     config = uvicorn.Config(
         app,
