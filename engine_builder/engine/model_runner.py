@@ -17,6 +17,7 @@ import torch
 
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.graph_runner import CudaGraphRunner, PiecewiseGraphRunner
+from engine_builder.engine.kernels import build as native_build
 from engine_builder.engine.kernels import triton as triton_kernels
 from engine_builder.engine.kv_cache import PagedKVCache
 from engine_builder.engine.layers import KernelSet
@@ -230,7 +231,11 @@ class ModelRunner:
         if self.kernels == KernelSet.NATIVE:
             logger.info(
                 "CPU decode attention: %s",
-                "native kernel" if native_decode_available() else "PyTorch SDPA (native kernel unavailable)",
+                "native kernel"
+                if native_decode_available()
+                else "PyTorch SDPA (native kernels off: ENGINE_BUILDER_NATIVE_KERNELS)"
+                if not native_build.enabled()
+                else "PyTorch SDPA (native kernel unavailable: no C compiler or the build failed, see above)",
             )
         kv_scales = getattr(self.model, "kv_cache_scales", None)
         if kv_scales is not None:
