@@ -69,7 +69,8 @@ class EngineOptions(pydantic.BaseModel):
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = pydantic.Field(
         default="auto",
-        description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16 (encoders: "
+        description="Compute dtype of the torch backend; auto = bfloat16 unless the checkpoint is float16, float32 for "
+        "a quantized engine on the CPU (the precision its build measured it in) (encoders: "
         "float32 on the CPU, on CUDA the checkpoint's 16-bit dtype, float16 for a float32 checkpoint)",
     )
     num_threads: int | None = pydantic.Field(
