@@ -13,6 +13,8 @@ Layout:
     user_data/               with it, the config's Truss `data/` folder (`data_dir`; empty when there is none)
 """
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -317,12 +319,15 @@ def engine_dir_lock(final: Path) -> Iterator[None]:
 def atomic_engine_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename, on failure it is removed.
 
-    A kill -9 at any point leaves either the old engine or the new one under `final`, never a mix; stray
-    temp folders (`.<name>.building-*`) are cleaned by the next build. Call it under `engine_dir_lock`: the
+    A kill -9 at any point leaves either the old engine or the new one under `final`, never a mix: an existing
+    engine is swapped for the new one in one step where the kernel can (Linux's renameat2 RENAME_EXCHANGE), else in
+    two renames, and an engine a build killed between those two was moving aside is put back by the next build.
+    Stray temp folders (`.<name>.building-*`) are cleaned by the next build. Call it under `engine_dir_lock`: the
     clean-up would otherwise remove a concurrent build's folder.
     """
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
+    _restore_retired(final)
     for stale in final.parent.glob(f".{final.name}.building-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = final.parent / f".{final.name}.building-{os.getpid()}"
@@ -331,7 +336,9 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
         yield staging
         _pause_for_tests()
         _fsync_tree(staging)
-        if final.exists():
+        if final.exists() and _exchange(staging, final):
+            shutil.rmtree(staging, ignore_errors=True)  # the old engine, swapped out
+        elif final.exists():
             retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
             final.rename(retired)
             try:
@@ -345,6 +352,34 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _restore_retired(final: Path) -> None:
+    """An engine moved aside (`.<name>.building-old-*`) by a build killed before its new engine took the name: put
+    back, so the output is never left missing."""
+    retired = sorted(final.parent.glob(f".{final.name}.building-old-*"), key=lambda path: path.stat().st_mtime)
+    if retired and not final.exists():
+        retired[-1].rename(final)
+        logger.warning("%s: put back the engine a build killed while replacing it had moved aside", final)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (renameat2 with RENAME_EXCHANGE); False where this system or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 # Test-only hook: with this set, a build waits (seconds) with a complete staging folder before the rename, so

@@ -178,3 +178,28 @@ def test_a_max_seq_len_beyond_the_checkpoint_is_clamped_with_a_warning(
         engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     assert engine.manifest.max_seq_len == 8192
     assert "max_seq_len 100000 is longer than the checkpoint's max_position_embeddings (8192)" in caplog.text
+
+
+def test_replacing_an_engine_swaps_it_in_one_step_and_a_killed_swap_is_undone(tmp_path: Path) -> None:
+    """Probe S: the swap was two renames; a kill -9 between them left no engine, and the next build's clean-up then
+    deleted the old one it had moved aside. Now one renameat2 exchange, and the next build puts a moved engine back."""
+    from engine_builder.common.artifact import _exchange, atomic_engine_dir
+
+    final = tmp_path / "engine"
+    final.mkdir()
+    (final / "which").write_text("old")
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "x").write_text("a")
+    assert _exchange(first, second)  # this kernel and file system swap in one step
+    assert (second / "x").read_text() == "a" and not (first / "x").exists()
+    with atomic_engine_dir(final) as staging:
+        (staging / "which").write_text("new")
+    assert (final / "which").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "engine"]
+    # the state a kill -9 between the two renames of the fallback leaves: the old engine moved aside, no output
+    retired = tmp_path / ".engine.building-old-4242"
+    final.rename(retired)
+    with pytest.raises(RuntimeError), atomic_engine_dir(final):
+        raise RuntimeError("this build fails too")
+    assert (final / "which").read_text() == "new" and not retired.exists()
