@@ -376,8 +376,9 @@ def _copy_user_data(loaded: LoadedConfig, destination: Path) -> None:
 
 
 def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:
-    """For a build our calibration quantizes: the quantizer that will run, the gate's thresholds with where each
-    came from, and a local calibration dataset's content digest (recorded in the manifest too); empty otherwise."""
+    """For a build our calibration quantizes: the quantizer that will run, the device it calibrates on, the gate's
+    thresholds with where each came from, and a local calibration dataset's content digest (recorded in the
+    manifest too); empty otherwise."""
     from engine_builder.build.calibration.recipes import RECIPES
 
     quantization = loaded.trt_llm.build.quantization_type.value
@@ -385,11 +386,15 @@ def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[
         return {}
     from engine_builder.build.calibration import gate
     from engine_builder.build.calibration.datasets import local_data_fingerprint
+    from engine_builder.build.calibration.device import resolve_device
     from engine_builder.build.calibration.quantizers import resolve_quantizer
 
     thresholds = gate.thresholds_for(RECIPES[quantization].quant_algo, options)
     identity: dict[str, Any] = {
         "quantizer": resolve_quantizer(options.quantizer),
+        # where calibration runs decides its compute dtype (float32 on the CPU, the checkpoint's on CUDA); resolved
+        # here, so `cuda` on a machine without one is refused before any download rather than reusing a CPU build
+        "calibration_device": resolve_device(options.calibration_device).type,
         "gate": thresholds.to_dict(),
         "gate_sources": dict(thresholds.sources),
     }

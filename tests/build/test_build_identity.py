@@ -48,6 +48,26 @@ def test_the_gate_is_part_of_the_build_hash(tmp_path: Path, monkeypatch: pytest.
     assert build_identity(stricter, stricter.truss.engine_builder) == build_identity(plain, plain.truss.engine_builder)
 
 
+def test_where_calibration_runs_is_part_of_the_build_hash(tmp_path: Path) -> None:
+    """Probe S: `--calibration-device cuda` on a machine without CUDA reused the CPU-calibrated engine (exit 0) and
+    wrote `cuda` into its manifest. The resolved device counts (auto and cpu are one engine on a CPU machine), and
+    cuda without a device is refused here, before any download, naming the option as it is spelled."""
+    import torch
+
+    from engine_builder.build.calibration.device import CalibrationDeviceError
+
+    plain = _loaded(tmp_path, "fp8")
+    options = plain.truss.engine_builder
+    on_cpu = EngineOptions.model_validate({**options.model_dump(), "calibration_device": "cpu"})
+    assert quantization_identity(plain, on_cpu)["calibration_device"] == "cpu"
+    if torch.cuda.is_available():
+        return
+    assert build_identity(plain, options) == build_identity(plain, on_cpu)  # auto resolves to the CPU here
+    on_cuda = EngineOptions.model_validate({**options.model_dump(), "calibration_device": "cuda"})
+    with pytest.raises(CalibrationDeviceError, match=r"^engine_builder\.calibration_device is cuda but"):
+        build_identity(plain, on_cuda)
+
+
 def test_the_gate_leaves_unquantized_builds_alone(tmp_path: Path) -> None:
     plain = _loaded(tmp_path, "no_quant")
     gated = _loaded(tmp_path, "no_quant", "  quantization_min_top1_agreement: 0.9\n")

@@ -50,14 +50,14 @@ def resolve_device(name: str, *, cuda_available: bool | None = None) -> torch.de
     """auto = the current CUDA device when one is visible, else the CPU; cuda without one is refused."""
     if name not in DEVICE_NAMES:
         raise CalibrationDeviceError(
-            f"engine_builder.build.calibration_device {name!r} is not one of {', '.join(DEVICE_NAMES)}"
+            f"engine_builder.calibration_device {name!r} is not one of {', '.join(DEVICE_NAMES)}"
         )
     available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if name == "cpu" or (name == "auto" and not available):
         return torch.device("cpu")
     if not available:
         raise CalibrationDeviceError(
-            "engine_builder.build.calibration_device is cuda but PyTorch sees no CUDA device "
+            "engine_builder.calibration_device is cuda but PyTorch sees no CUDA device "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); "
             "set calibration_device: auto or cpu (--calibration-device cpu) to calibrate on the CPU"
         )
