@@ -8,9 +8,10 @@ from engine_builder.engine.config import AdapterSpec, EngineConfig, LookaheadCon
 def served_dtype(engine: EngineDir, options: EngineOptions) -> str:
     """`dtype: auto`: bfloat16 unless the checkpoint is float16; a quantized engine on the CPU runs float32
     activations, the precision its build calibrated and gated it in there (calibration/device.py), so what the
-    accuracy report says is what it serves, whatever a step's size (bfloat16 steps cost FP8 layers +1.4 points of
-    perplexity on SmolLM2 fp8_kv, and mixed with the float32 path of small steps made greedy output depend on the
-    batch and on prefix-cache hits)."""
+    accuracy report says is what it serves (bfloat16 steps cost FP8 layers +1.4 points of perplexity on SmolLM2
+    fp8_kv), and a prompt served alone gives the same greedy text with or without a prefix-cache hit (the float32
+    path of small steps beside bfloat16 large ones changed it). What else runs in the batch can still change a
+    near-tied greedy token, as on any engine without batch-invariant kernels (the GEMMs' blocking follows the rows)."""
     if options.dtype != "auto":
         return options.dtype
     manifest = engine.manifest

@@ -257,7 +257,7 @@ def to_template_message(
             param=f"messages[{index}].role",
             code="unsupported_parameter",
         )
-    if message.content is None and message.role != "assistant":  # OpenAI's rule: only a reply may lack content
+    if message.content in (None, []) and message.role != "assistant":  # OpenAI's rule: only a reply may lack content
         raise bad_request(
             f"messages[{index}].content is required in a {message.role!r} message.", param=f"messages[{index}].content"
         )
@@ -301,7 +301,9 @@ def _call_arguments(arguments: str | dict[str, Any], index: int) -> Any:
     try:
         return json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError:
-        raise bad_request(f"messages[{index}].tool_calls: function.arguments is not valid JSON.", param="messages") from None
+        raise bad_request(
+            f"messages[{index}].tool_calls: function.arguments is not valid JSON.", param=f"messages[{index}].tool_calls"
+        ) from None
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0

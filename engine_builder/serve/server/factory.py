@@ -62,7 +62,7 @@ def build_server(
         logger.info("loading user model %s", user_model_file)
         config = yaml.safe_load(engine.config_file.read_text()) or {}
         secrets = UserSecrets(config.get("secrets") or {})
-        arguments = init_arguments(EngineHandle(state), secrets, config, engine.path / USER_DATA_DIR)
+        arguments = init_arguments(EngineHandle(state), secrets, config, (engine.path / USER_DATA_DIR).resolve())
         user_model = load_user_model(user_model_file, arguments)
     return create_app(state, user_model=user_model), state
 

@@ -117,7 +117,7 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [_model_card(state), *adapters]})
 
 
-@router.get("/v1/models/{name}")
+@router.get("/v1/models/{name:path}")  # served names may hold a "/" (HuggingFaceTB/SmolLM2-135M-Instruct)
 async def model_readiness(name: str, request: Request) -> Response:
     """OpenAI's model lookup, and Truss's readiness route (`/v1/models/model`): 503 until ready; a name that is
     neither the served model, an adapter nor Truss's `model` is a 404, as OpenAI answers (requests naming an

@@ -123,6 +123,18 @@ def test_text_parts_are_joined_with_newlines_as_vllm_joins_them() -> None:
     assert message_text(request.messages[0], 0) == "Context: the sky is green.\nQuestion: what colour is it?"
 
 
+def test_tool_call_arguments_that_are_not_json_are_refused_naming_the_call() -> None:
+    from engine_builder.serve.server.chat_template import to_template_message
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]}
+    )
+    with pytest.raises(APIError) as caught:
+        to_template_message(request.messages[1], 1)
+    assert caught.value.param == "messages[1].tool_calls"
+
+
 def test_a_legacy_function_message_is_refused_by_name() -> None:
     """The rest of the functions API is refused; templates render no `function` turn (Qwen's drops it)."""
     from engine_builder.serve.server.chat_template import to_template_message
@@ -141,11 +153,12 @@ def test_only_an_assistant_message_may_lack_content(role: str) -> None:
     """OpenAI answers 400 for a user message without content; it was rendered as an empty turn (probe O)."""
     from engine_builder.serve.server.chat_template import to_template_message
 
-    message = {"role": role, **({"tool_call_id": "call_1"} if role == "tool" else {})}
-    request = ChatCompletionRequest.model_validate({"messages": [*MESSAGES, message]})
-    with pytest.raises(APIError) as caught:
-        to_template_message(request.messages[1], 1)
-    assert (caught.value.status, caught.value.param) == (400, "messages[1].content")
+    for content in ({}, {"content": []}):  # missing, or an empty list of parts (probe Y)
+        message = {"role": role, **content, **({"tool_call_id": "call_1"} if role == "tool" else {})}
+        request = ChatCompletionRequest.model_validate({"messages": [*MESSAGES, message]})
+        with pytest.raises(APIError) as caught:
+            to_template_message(request.messages[1], 1)
+        assert (caught.value.status, caught.value.param) == (400, "messages[1].content")
     reply = ChatCompletionRequest.model_validate({"messages": [*MESSAGES, {"role": "assistant", "content": None}]})
     assert to_template_message(reply.messages[1], 1)["content"] == ""
 

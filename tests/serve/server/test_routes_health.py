@@ -49,3 +49,14 @@ def test_readiness_reasons_while_loading_ready_and_draining() -> None:
     assert _probe(StubEngine(), ready=True)[1] == {"status_code": 200, "status": "ready"}
     assert _probe(StubEngine(), ready=True, draining=True)[1]["reason"] == "draining"
     assert _probe(_StoppedEngine(), ready=True, draining=True)[1]["reason"] == "draining"
+
+
+def test_a_served_name_with_a_slash_is_found() -> None:
+    """Probe Y: `HuggingFaceTB/SmolLM2-135M-Instruct` was listed by /v1/models but its lookup was a bare 404."""
+    state = ServerState(settings=ServerSettings("HuggingFaceTB/SmolLM2-135M-Instruct"), engine=StubEngine(), renderer=None)
+    state.ready = True
+    client = TestClient(create_app(state))
+    found = client.get("/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert found.status_code == 200 and found.json()["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    missing = client.get("/v1/models/HuggingFaceTB/other")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
