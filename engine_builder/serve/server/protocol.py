@@ -77,6 +77,11 @@ class ChatMessage(StrictModel):
     annotations: list[Any] | None = None
     audio: Any = None
     function_call: Any = None
+    # LiteLLM's own bookkeeping on the messages it returns, sent back when a caller appends one to the history
+    # (litellm 1.106: `provider_specific_fields: {"refusal": null}` on every reply): client metadata, not shown to
+    # the model, as OpenAI and vLLM ignore it.
+    provider_specific_fields: dict[str, Any] | None = None
+    thinking_blocks: list[Any] | None = None
 
     @model_validator(mode="after")
     def _reasoning_alias(self) -> "ChatMessage":

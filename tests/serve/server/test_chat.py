@@ -340,6 +340,10 @@ def test_an_sdk_dumped_reply_goes_back_into_the_history(client: OpenAI, server: 
         assert response.status_code == 200, response.text
         return response.json()["usage"]["prompt_tokens"]
 
+    # litellm 1.106 sends its own bookkeeping back on every reply it returned (probe Z: every second turn was a 400)
+    plain = prompt_tokens({"role": "assistant", "content": "Hello"})
+    litellm = {"provider_specific_fields": {"refusal": None}, "thinking_blocks": []}
+    assert prompt_tokens({"role": "assistant", "content": "Hello", **litellm}) == plain
     as_field = prompt_tokens({"role": "assistant", "content": None, "refusal": "I can't help with that."})
     as_part = prompt_tokens({"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]})
     assert as_field == as_part > prompt_tokens({"role": "assistant", "content": ""})
