@@ -174,7 +174,7 @@ def test_auto_backend_picks_trtllm_only_with_the_package_and_a_gpu(
 
 def test_without_the_package_auto_is_torch_and_trtllm_is_refused() -> None:
     assert backend_choice.choose_backend("auto") == "torch"
-    with pytest.raises(RuntimeError, match="tensorrt_llm is not installed"):
+    with pytest.raises(backend_choice.BackendUnavailableError, match="tensorrt_llm is not installed"):
         backend_choice.choose_backend("trtllm")
 
 
