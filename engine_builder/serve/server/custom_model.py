@@ -253,23 +253,24 @@ def user_model_router(user_model: Any) -> APIRouter:
 
 
 def _not_defined(method_name: str) -> Callable[[Request], Any]:
-    async def endpoint(request: Request) -> Response:
-        raise APIError(
-            f"{request.url.path} is not served: this model.py defines no `{method_name}`. Define "
-            f"`{method_name}(self, model_input, request)` on its Model to serve this route.",
-            status=404,
-            type="not_found_error",
-            code="model_method_not_implemented",
-        )
-
-    return endpoint
+    return _not_served(
+        f"this model.py defines no `{method_name}`. Define `{method_name}(self, model_input, request)` on its Model "
+        "to serve this route."
+    )
 
 
 def _engine_only(path: str) -> Callable[[Request], Any]:
+    return _not_served(
+        f"with a user model.py the engine is reached only through the model's methods ({', '.join(USER_METHODS)})."
+    )
+
+
+def _not_served(why: str) -> Callable[[Request], Any]:
+    """A route that answers 404 saying why a user model.py leaves it unserved."""
+
     async def endpoint(request: Request) -> Response:
         raise APIError(
-            f"{path} is not served with a user model.py: the engine is reached only through the model's methods "
-            f"({', '.join(USER_METHODS)}).",
+            f"{request.url.path} is not served: {why}",
             status=404,
             type="not_found_error",
             code="model_method_not_implemented",
