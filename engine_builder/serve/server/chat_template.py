@@ -5,12 +5,12 @@ import enum
 import functools
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, cast
 
+from engine_builder.common.worker_process import WorkerCrashed, WorkerProcess, WorkerUnavailable
 from engine_builder.serve.decoding.tool_calls import call_text
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatMessage
@@ -307,7 +307,6 @@ def _call_arguments(arguments: str | dict[str, Any], index: int) -> Any:
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0
-WORKER_START_TIMEOUT_S = 120.0  # spawning the worker and importing what a render needs, before any render is timed
 
 
 class RequestTemplateSandbox:
@@ -315,46 +314,24 @@ class RequestTemplateSandbox:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._pool: Any = None
-        self._started = False
-
-    def _executor(self) -> Any:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
-                initargs=(os.getpid(),),
-            )
-        return self._pool
+        self.worker = WorkerProcess("chat template", start=_import_renderer)
 
     async def render(self, conversation: list[dict[str, Any]], **arguments: Any) -> str:
-        import asyncio
-        from concurrent.futures.process import BrokenProcessPool
-
-        pool = self._executor()
-        loop = asyncio.get_running_loop()
-        if not self._started:  # the worker's start-up (a new interpreter, transformers' import) is not the template's time
-            try:
-                await asyncio.wait_for(loop.run_in_executor(pool, _start_worker), timeout=WORKER_START_TIMEOUT_S)
-            except (TimeoutError, BrokenProcessPool):
-                self._kill()
-                raise APIError(
-                    "The chat template worker did not start; retry.", status=503, type="server_error",
-                    code="template_worker_unavailable",
-                ) from None
-            self._started = True
-        future = loop.run_in_executor(pool, _render_template, conversation, arguments)
+        # the worker's start-up (a new interpreter, transformers' import) is not the template's time
         try:
-            result = await asyncio.wait_for(future, timeout=self.timeout_s)
+            future = await asyncio.to_thread(self.worker.submit, _render_template, conversation, arguments)
+        except (WorkerUnavailable, WorkerCrashed):
+            raise APIError(
+                "The chat template worker did not start; retry.", status=503, type="server_error",
+                code="template_worker_unavailable",
+            ) from None
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.timeout_s)
         except BrokenProcessPool:
-            self._kill()
+            self.worker.kill()
             raise bad_request("chat_template crashed its rendering process.", param="chat_template") from None
         except TimeoutError:
-            self._kill()
+            self.worker.kill()
             raise bad_request(
                 f"chat_template did not render within {self.timeout_s:.0f} s; simplify the template.", param="chat_template"
             ) from None
@@ -363,40 +340,13 @@ class RequestTemplateSandbox:
         return result
 
     def close(self) -> None:
-        """Stop the worker (server shutdown): a spawned process outlives its parent unless told to go."""
-        self._kill()
-
-    def _kill(self) -> None:
-        pool, self._pool = self._pool, None
-        self._started = False
-        if pool is None:
-            return
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the worker (server shutdown)."""
+        self.worker.close()
 
 
-PARENT_CHECK_S = 1.0
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Runs in the sandbox process as it starts: once the server is gone (killed outright, so `close` never ran,
-    and this process re-parented), exit too rather than linger as an orphan."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _start_worker() -> bool:
+def _import_renderer() -> None:
     """Runs in the sandbox process, once: the imports every render needs."""
     import transformers.utils.chat_template_utils  # noqa: F401
-
-    return True
 
 
 def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str | Exception:

@@ -61,56 +61,94 @@ def test_regex_and_grammar_errors_name_their_field(compiler: Any, kind: GuideKin
     json.dumps(str(caught.value))  # plain text
 
 
-def _slow(compiler: Any, monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]:
-    """Make every compile take `seconds` (as a giant enum does); returns the specs compiled, in order."""
+SLOWISH = "(.{0,100}x){0,10}"  # compiles in about a second on SmolLM2's vocabulary
+SLOW = "(.{0,300}x){0,30}"  # several seconds
+
+
+def _wait_compiled(compiler: Any, count: int, timeout_s: float = 60) -> None:
     import time
 
-    compiled: list[str] = []
-    real = compiler._compile
-
-    def slow(guide: Guide) -> Any:
-        time.sleep(seconds)
-        compiled.append(guide.spec)
-        return real(guide)
-
-    monkeypatch.setattr(compiler, "_compile", slow)
-    return compiled
+    deadline = time.monotonic() + timeout_s
+    while compiler.stats().num_compiles < count:
+        assert time.monotonic() < deadline, "the compile never finished"
+        time.sleep(0.05)
 
 
-def test_requests_for_one_grammar_share_its_compile(compiler: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_for_one_grammar_share_its_compile(compiler: Any) -> None:
     import asyncio
 
-    compiled = _slow(compiler, monkeypatch, 0.3)
-    guide = Guide(GuideKind.REGEX, "shared-[0-9]+")
+    guide = Guide(GuideKind.REGEX, "shared-" + SLOWISH)
 
     async def four() -> list[Any]:
         return await asyncio.gather(*(compiler.compile_async(guide) for _ in range(4)))
 
     before = compiler.stats()
     results = asyncio.run(four())
-    assert compiled == [guide.spec] and all(result is results[0] for result in results)
+    assert all(result is results[0] for result in results)
     after = compiler.stats()  # /metrics' structured_output_grammar_* counters: one compile, three requests reused it
     assert (after.num_compiles - before.num_compiles, after.num_reused - before.num_reused) == (1, 3)
-    assert after.compile_seconds - before.compile_seconds >= 0.3
+    assert after.compile_seconds > before.compile_seconds
 
 
-def test_a_compile_past_the_limit_is_a_400_and_its_result_still_serves_the_retry(
-    compiler: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_request_that_stops_waiting_is_a_400_and_the_compile_still_serves_the_retry(compiler: Any) -> None:
     import asyncio
     import time
 
-    compiled = _slow(compiler, monkeypatch, 0.6)
-    guide = Guide(GuideKind.REGEX, "slow-[a-z]+", param="response_format")
-    timeouts = compiler.stats().num_timeouts
+    guide = Guide(GuideKind.REGEX, "retry-" + SLOWISH, param="response_format")
+    before = compiler.stats()
     with pytest.raises(GuideError) as refused:
-        asyncio.run(compiler.compile_async(guide, timeout_s=0.1))
-    assert compiler.stats().num_timeouts == timeouts + 1
-    assert "took longer than 0.1 s to compile" in str(refused.value) and refused.value.param == "response_format"
-    time.sleep(0.8)  # the compile went on in its thread
+        asyncio.run(compiler.compile_async(guide, timeout_s=0.05))
+    assert compiler.stats().num_timeouts == before.num_timeouts + 1
+    assert "took longer than 0.05 s to compile" in str(refused.value) and refused.value.param == "response_format"
+    _wait_compiled(compiler, before.num_compiles + 1)  # the compile went on, within the compile limit
     started = time.monotonic()
     assert asyncio.run(compiler.compile_async(guide, timeout_s=0.1)) is not None
-    assert time.monotonic() - started < 0.1 and compiled == [guide.spec]
+    assert time.monotonic() - started < 0.1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_compile_past_the_compile_limit_is_stopped_with_its_process(smollm2_dir: Path) -> None:
+    """xgrammar cannot be interrupted: a thread left compiling a pathological schema held a compile slot for
+    minutes after its request was refused (probe M). The compile runs in a process, killed at the limit."""
+    import asyncio
+    import time
+
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+
+    compiler = GrammarCompiler(smollm2_dir, 49152, compile_limit_s=0.5)
+    try:
+        assert asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, "warm-[0-9]"))) is not None
+        (worker,) = compiler._workers
+        first_pid = worker.pid
+        assert first_pid is not None and _alive(first_pid)
+        with pytest.raises(GuideError) as refused:  # the request would wait a minute: the limit stops the compile
+            asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, SLOW, param="response_format"), timeout_s=60))
+        assert "took longer than 0.5 s to compile" in str(refused.value) and refused.value.param == "response_format"
+        assert compiler.stats().num_timeouts == 1
+        deadline = time.monotonic() + 10
+        while _alive(first_pid):
+            assert time.monotonic() < deadline, "the stopped compile's process is still running"
+            time.sleep(0.05)
+        assert asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, "after-[0-9]"))) is not None
+        assert worker.pid not in (None, first_pid)  # a fresh process took the slot
+    finally:
+        compiler.close()
+
+
+def test_the_grammar_refusals_of_the_worker_process_name_their_field(compiler: Any) -> None:
+    import asyncio
+
+    with pytest.raises(GuideError) as caught:
+        asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, "(?<=a)b")))
+    assert caught.value.param == "response_format.regex" and "could not be compiled" in str(caught.value)
+    assert "Check failed" not in str(caught.value)
 
 
 def test_compiles_do_not_queue_behind_the_default_thread_pool(compiler: Any) -> None:

@@ -40,8 +40,7 @@ import asyncio, os, sys, time
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 text = asyncio.run(REQUEST_TEMPLATES.render([{"role": "user", "content": "hi"}], chat_template="{{ messages[0]['content'] }}"))
 assert text == "hi", text
-worker = next(iter(REQUEST_TEMPLATES._pool._processes.values()))
-print(worker.pid, flush=True)
+print(REQUEST_TEMPLATES.worker.pid, flush=True)
 time.sleep(600)
 """
 
@@ -89,3 +88,23 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def test_a_request_template_past_its_limit_is_refused_and_the_next_one_renders() -> None:
+    from engine_builder.serve.server.chat_template import RequestTemplateSandbox
+    from engine_builder.serve.server.errors import APIError
+
+    sandbox = RequestTemplateSandbox(timeout_s=1.0)
+    hello = [{"role": "user", "content": "hi"}]
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    try:
+        assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}")) == "hi"
+        first = sandbox.worker.pid
+        with pytest.raises(APIError) as refused:
+            asyncio.run(sandbox.render(hello, chat_template=endless))
+        assert refused.value.status == 400 and "did not render within 1 s" in refused.value.message
+        assert sandbox.worker.pid is None  # killed, not left looping
+        assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}!")) == "hi!"
+        assert sandbox.worker.pid not in (None, first)
+    finally:
+        sandbox.close()

@@ -124,6 +124,8 @@ class TorchEngineClient:
         self._commands.put(("wake", None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self._compiler is not None:
+            self._compiler.close()
 
     @property
     def model_info(self) -> ModelInfo:

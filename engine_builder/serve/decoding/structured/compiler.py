@@ -12,15 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.common.types import GrammarStats, Guide, GuideKind, ReasoningPrefix
+from engine_builder.common.worker_process import (
+    WorkerCrashed,
+    WorkerProcess,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 
 logger = logging.getLogger(__name__)
 CACHE_SIZE = 256
-# A request waits this long for its grammar, then gets a 400; the compile goes on in its thread (xgrammar cannot be
-# interrupted) and its result is cached, so a retry of the same schema is answered at once. Everyday schemas compile
-# in milliseconds; what takes longer is a giant enum, a huge maxLength or a nested bounded repeat, which the message
-# names. Below the default drain timeout (30 s), so a compile cannot outlast a SIGTERM's drain.
+# A compile runs in a worker process and is stopped (the process killed) past this limit: xgrammar cannot be
+# interrupted, and a thread left compiling a pathological schema for minutes would hold a compile slot from everyone
+# else. Everyday schemas compile in milliseconds; what takes longer is a giant enum, a huge maxLength or a nested
+# bounded repeat, which the refusal names. Below the default drain timeout (30 s), so a compile cannot outlast a
+# SIGTERM's drain.
 COMPILE_TIMEOUT_S = 20.0
 COMPILE_THREADS = 2  # compiles run here, not in asyncio's default pool (prompt tokenization shares that one)
 _XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
@@ -28,7 +35,13 @@ _XGRAMMAR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 
 
 class GrammarCompiler:
-    def __init__(self, model_dir: Path, vocab_size: int, tokenizer: Any = None) -> None:
+    """Compiles guides into xgrammar grammars, cached by their text. `compile` runs in the caller's thread;
+    `compile_async`, what requests use, runs each compile in a worker process (one per compile thread) that is
+    killed when the compile passes `compile_limit_s`."""
+
+    def __init__(
+        self, model_dir: Path, vocab_size: int, tokenizer: Any = None, compile_limit_s: float = COMPILE_TIMEOUT_S
+    ) -> None:
         """`tokenizer`: the server's Hugging Face tokenizer of `model_dir`, when it has one (else loaded here)."""
         import xgrammar
 
@@ -43,6 +56,10 @@ class GrammarCompiler:
         self._compiling: dict[tuple[str, str, bool], Future] = {}  # one compile per key, however many requests wait
         self._lock = threading.RLock()  # reentrant: a compile done already runs its done-callback at once
         self._executor = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        self._workers: list[WorkerProcess] = []  # one per compile thread, started by its first compile
+        self._thread_worker = threading.local()
+        self._tokenizer_json: str | None = None
+        self.compile_limit_s = compile_limit_s
         self.vocab_size = vocab_size
         self.num_compiles = 0
         self.compile_seconds = 0.0
@@ -54,7 +71,8 @@ class GrammarCompiler:
 
     async def compile_async(self, guide: Guide, timeout_s: float | None = None) -> Any:
         """`compile` off the event loop: a cached grammar at once, else on the compile threads, shared with any
-        request already compiling the same guide; GuideError after `timeout_s` (default COMPILE_TIMEOUT_S)."""
+        request already compiling the same guide; GuideError after `timeout_s` (default COMPILE_TIMEOUT_S) or when
+        the compile passes `compile_limit_s`."""
         key = _key(guide)
         with self._lock:
             cached = self._cached(key)
@@ -63,7 +81,7 @@ class GrammarCompiler:
                 return cached
             future = self._compiling.get(key)
             if future is None:
-                future = self._executor.submit(self.compile, guide)
+                future = self._executor.submit(self._compile_isolated, guide)
                 self._compiling[key] = future
                 future.add_done_callback(lambda _: self._forget(key))
             else:
@@ -72,14 +90,15 @@ class GrammarCompiler:
         try:  # shielded: a waiter that leaves (timeout, disconnect) never cancels the compile others share
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
         except TimeoutError:
-            with self._lock:
-                self.num_timeouts += 1
-            raise GuideError(
-                f"The {guide.kind.value} took longer than {limit:g} s to compile, so it was not enforced. Simplify "
-                "it: very large enums, huge minLength/maxLength or repetition bounds, and deeply nested optional "
-                "parts are what make grammars slow (the compile finishes in the background and is cached).",
-                guide.param,
-            ) from None
+            self._count_timeout()
+            raise _too_slow(guide, limit) from None
+        except TooSlowToCompile:  # stopped at the compile limit
+            self._count_timeout()
+            raise
+
+    def _count_timeout(self) -> None:
+        with self._lock:
+            self.num_timeouts += 1
 
     def _cached(self, key: tuple[str, str, bool]) -> Any:
         """The compiled grammar of `key`, marked most recently used, or None (the caller holds the lock)."""
@@ -93,58 +112,79 @@ class GrammarCompiler:
             self._compiling.pop(key, None)
 
     def compile(self, guide: Guide) -> Any:
-        """The CompiledGrammar for a guide; raises GuideError when it cannot be built or enforced."""
-        key = _key(guide)
-        with self._lock:
-            cached = self._cached(key)
-            if cached is not None:
-                return cached
+        """The CompiledGrammar for a guide, compiled in this thread; raises GuideError when it cannot be built or
+        enforced."""
+        cached = self._lookup(guide)
+        if cached is not None:
+            return cached
         started = time.perf_counter()
-        compiled = self._compile(guide)
+        return self._record(guide, self._compile(guide), time.perf_counter() - started)
+
+    def _compile_isolated(self, guide: Guide) -> Any:
+        """`compile` in this compile thread's worker process, stopped past `compile_limit_s`; in this thread when
+        no worker process can start."""
+        cached = self._lookup(guide)
+        if cached is not None:
+            return cached
+        audit_guide(guide)  # here, not in the worker: a refusal needs no process
+        worker = self._worker()
+        started = time.perf_counter()
+        try:
+            outcome, payload = worker.call(compile_in_worker, guide, timeout_s=self.compile_limit_s)
+        except WorkerTimeout:
+            logger.warning("stopped a %s compile at the %g s limit", guide.kind.value, self.compile_limit_s)
+            raise _too_slow(guide, self.compile_limit_s) from None
+        except WorkerCrashed:
+            raise GuideError(
+                f"The {guide.kind.value} crashed the grammar compiler (out of memory, most likely); simplify it.",
+                guide.param,
+            ) from None
+        except WorkerUnavailable as error:
+            logger.warning("compiling in the server process: %s", error)
+            return self.compile(guide)
         seconds = time.perf_counter() - started
+        if outcome == "refused":
+            message, param = payload
+            raise GuideError(message, param)
+        return self._record(guide, self._xgr.CompiledGrammar.deserialize_json(payload, self.tokenizer_info), seconds)
+
+    def _worker(self) -> WorkerProcess:
+        worker = getattr(self._thread_worker, "process", None)
+        if worker is None:
+            with self._lock:
+                if self._tokenizer_json is None:
+                    self._tokenizer_json = self.tokenizer_info.serialize_json()
+                tokenizer_json = self._tokenizer_json
+            worker = WorkerProcess("grammar compile", start=load_worker_compiler, start_args=(tokenizer_json,))
+            self._thread_worker.process = worker
+            with self._lock:
+                self._workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        """Stop the worker processes (server shutdown)."""
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.close()
+
+    def _lookup(self, guide: Guide) -> Any:
+        with self._lock:
+            return self._cached(_key(guide))
+
+    def _record(self, guide: Guide, compiled: Any, seconds: float) -> Any:
         logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, seconds * 1000)
         with self._lock:
             self.num_compiles += 1
             self.compile_seconds += seconds
-            self._cache[key] = compiled
+            self._cache[_key(guide)] = compiled
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled
 
     def _compile(self, guide: Guide) -> Any:
-        compiler = self._compiler
-        try:
-            if guide.kind == GuideKind.JSON_OBJECT:
-                # OpenAI's json_object promises an object (the builtin JSON grammar would also allow arrays).
-                return compiler.compile_json_schema(
-                    '{"type": "object"}', any_whitespace=guide.any_whitespace, strict_mode=False
-                )
-            if guide.kind == GuideKind.JSON_SCHEMA:
-                schema = json.loads(guide.spec)
-                if guide.param == "response_format":
-                    audit_json_schema(schema)
-                else:
-                    audit_json_schema(schema, guide.param)
-                return compiler.compile_json_schema(guide.spec, any_whitespace=guide.any_whitespace, strict_mode=True)
-            if guide.kind == GuideKind.REGEX:
-                return compiler.compile_regex(guide.spec)
-            if guide.kind == GuideKind.GRAMMAR:
-                return compiler.compile_grammar(guide.spec)
-            if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
-                if guide.kind == GuideKind.STRUCTURAL_TAG:
-                    _audit_tag_schemas(json.loads(guide.spec), guide.param)
-                return compiler.compile_structural_tag(guide.spec)
-        except GuideError:
-            raise
-        except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
-            message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
-            message = _XGRAMMAR_CHECK.sub("", message)  # "Check failed: (std::holds_alternative<...>) is false: "
-            param = guide.param
-            if param == "response_format" and guide.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):
-                param = f"response_format.{guide.kind.value}"
-            raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", param) from None
-        raise GuideError(f"Unknown guide kind {guide.kind}")
+        audit_guide(guide)
+        return compile_with(self._compiler, guide)
 
     def matcher(
         self, compiled: Any, stop_token_ids: tuple[int, ...], after_reasoning: ReasoningPrefix | None = None
@@ -156,6 +196,85 @@ class GrammarCompiler:
         from engine_builder.serve.decoding.structured.gate import ReasoningGate
 
         return ReasoningGate(matcher, after_reasoning, stop_token_ids)
+
+
+def audit_guide(guide: Guide) -> None:
+    """Refuse, naming them, the schema keywords xgrammar would silently drop: a json_schema's, and those of the
+    schemas a structural tag holds."""
+    if guide.kind not in (GuideKind.JSON_SCHEMA, GuideKind.STRUCTURAL_TAG):
+        return
+    try:
+        spec = json.loads(guide.spec)
+    except ValueError as error:
+        raise GuideError(f"The {guide.kind.value} could not be compiled: {error}", guide.param) from None
+    if guide.kind == GuideKind.STRUCTURAL_TAG:
+        _audit_tag_schemas(spec, guide.param)
+    elif guide.param == "response_format":
+        audit_json_schema(spec)
+    else:
+        audit_json_schema(spec, guide.param)
+
+
+def compile_with(compiler: Any, guide: Guide) -> Any:
+    """The xgrammar CompiledGrammar of an audited guide; GuideError with a client-readable reason when xgrammar
+    refuses it."""
+    try:
+        if guide.kind == GuideKind.JSON_OBJECT:
+            # OpenAI's json_object promises an object (the builtin JSON grammar would also allow arrays).
+            return compiler.compile_json_schema(
+                '{"type": "object"}', any_whitespace=guide.any_whitespace, strict_mode=False
+            )
+        if guide.kind == GuideKind.JSON_SCHEMA:
+            return compiler.compile_json_schema(guide.spec, any_whitespace=guide.any_whitespace, strict_mode=True)
+        if guide.kind == GuideKind.REGEX:
+            return compiler.compile_regex(guide.spec)
+        if guide.kind == GuideKind.GRAMMAR:
+            return compiler.compile_grammar(guide.spec)
+        if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
+            return compiler.compile_structural_tag(guide.spec)
+    except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
+        message = _XGRAMMAR_CHECK.sub("", message)  # "Check failed: (std::holds_alternative<...>) is false: "
+        param = guide.param
+        if param == "response_format" and guide.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):
+            param = f"response_format.{guide.kind.value}"
+        raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", param) from None
+    raise GuideError(f"Unknown guide kind {guide.kind}")
+
+
+class TooSlowToCompile(GuideError):
+    """A guide whose compile passed a time limit: the request's wait, or the compile limit."""
+
+
+def _too_slow(guide: Guide, limit_s: float) -> GuideError:
+    return TooSlowToCompile(
+        f"The {guide.kind.value} took longer than {limit_s:g} s to compile, so it was not enforced. Simplify it: "
+        "very large enums, huge minLength/maxLength or repetition bounds, and deeply nested optional parts are what "
+        "make grammars slow.",
+        guide.param,
+    )
+
+
+# -- in the worker process ---------------------------------------------------------------------------------
+_worker_compiler: Any = None
+
+
+def load_worker_compiler(tokenizer_json: str) -> None:
+    """Runs once as a worker process starts: xgrammar's import and the server's tokenizer info."""
+    import xgrammar
+
+    global _worker_compiler
+    info = xgrammar.TokenizerInfo.deserialize_json(tokenizer_json)
+    _worker_compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+
+
+def compile_in_worker(guide: Guide) -> tuple[str, Any]:
+    """("compiled", the grammar serialized) or ("refused", (message, param))."""
+    try:
+        return "compiled", compile_with(_worker_compiler, guide).serialize_json()
+    except GuideError as error:
+        return "refused", (str(error), error.param)
 
 
 def _key(guide: Guide) -> tuple[str, str, bool]:
