@@ -43,24 +43,33 @@ class WorkerProcess:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
+    def start(self) -> ProcessPoolExecutor:
+        """Start the process if it is not running (its `start` function run, under START_TIMEOUT_S); raises
+        WorkerUnavailable when it cannot start."""
+        with self._lock:
+            return self._start_locked()
+
     def submit(self, function: Callable[..., Any], *args: Any) -> "Future[Any]":
         """Run `function(*args)` in the process (started first if need be); the caller times the future and calls
         `kill` when it gives up. Raises WorkerUnavailable when the process cannot start."""
         with self._lock:
-            pool = self._pool
-            if pool is None:
-                pool = self._pool = self._new_pool()
-                try:
-                    ready = pool.submit(_started, self._start, self._start_args)
-                    ready.result(timeout=START_TIMEOUT_S)
-                except Exception as error:
-                    self._kill_locked()
-                    raise WorkerUnavailable(f"the {self.name} process did not start: {error!r}") from None
+            pool = self._start_locked()
             try:
                 return pool.submit(function, *args)
             except BrokenProcessPool:
                 self._kill_locked()
                 raise WorkerCrashed(f"the {self.name} process had died") from None
+
+    def _start_locked(self) -> ProcessPoolExecutor:
+        if self._pool is not None:
+            return self._pool
+        pool = self._pool = self._new_pool()
+        try:
+            pool.submit(_started, self._start, self._start_args).result(timeout=START_TIMEOUT_S)
+        except Exception as error:
+            self._kill_locked()
+            raise WorkerUnavailable(f"the {self.name} process did not start: {error!r}") from None
+        return pool
 
     def call(self, function: Callable[..., Any], *args: Any, timeout_s: float) -> Any:
         """`function(*args)` in the process, blocking; WorkerTimeout (the process killed) past `timeout_s`,

@@ -53,7 +53,8 @@ class GrammarCompiler:
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
-        self._compiling: dict[tuple[str, str, bool], Future] = {}  # one compile per key, however many requests wait
+        # one compile per key, however many requests wait: (set once the compile has a worker, its result)
+        self._compiling: dict[tuple[str, str, bool], tuple[Future[None], Future[Any]]] = {}
         self._lock = threading.RLock()  # reentrant: a compile done already runs its done-callback at once
         self._executor = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._workers: list[WorkerProcess] = []  # one per compile thread, started by its first compile
@@ -79,15 +80,20 @@ class GrammarCompiler:
             if cached is not None:
                 self.num_reused += 1
                 return cached
-            future = self._compiling.get(key)
-            if future is None:
-                future = self._executor.submit(self._compile_isolated, guide)
-                self._compiling[key] = future
+            compiling = self._compiling.get(key)
+            if compiling is None:
+                begun: Future[None] = Future()
+                future = self._executor.submit(self._compile_isolated, guide, begun)
+                compiling = self._compiling[key] = (begun, future)
                 future.add_done_callback(lambda _: self._forget(key))
             else:
                 self.num_reused += 1
+        begun, future = compiling
         limit = COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
         try:  # shielded: a waiter that leaves (timeout, disconnect) never cancels the compile others share
+            # The limit is the compile's: a worker process starting (the first compile, or after a stop) or busy
+            # with other compiles, each stopped at the compile limit, is not this grammar's slowness.
+            await asyncio.shield(asyncio.wrap_future(begun))
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
         except TimeoutError:
             self._count_timeout()
@@ -120,33 +126,42 @@ class GrammarCompiler:
         started = time.perf_counter()
         return self._record(guide, self._compile(guide), time.perf_counter() - started)
 
-    def _compile_isolated(self, guide: Guide) -> Any:
+    def _compile_isolated(self, guide: Guide, begun: "Future[None]") -> Any:
         """`compile` in this compile thread's worker process, stopped past `compile_limit_s`; in this thread when
-        no worker process can start."""
-        cached = self._lookup(guide)
-        if cached is not None:
-            return cached
-        audit_guide(guide)  # here, not in the worker: a refusal needs no process
-        worker = self._worker()
-        started = time.perf_counter()
+        no worker process can start. Sets `begun` when the compile starts (or is answered without one)."""
         try:
-            outcome, payload = worker.call(compile_in_worker, guide, timeout_s=self.compile_limit_s)
-        except WorkerTimeout:
-            logger.warning("stopped a %s compile at the %g s limit", guide.kind.value, self.compile_limit_s)
-            raise _too_slow(guide, self.compile_limit_s) from None
-        except WorkerCrashed:
-            raise GuideError(
-                f"The {guide.kind.value} crashed the grammar compiler (out of memory, most likely); simplify it.",
-                guide.param,
-            ) from None
-        except WorkerUnavailable as error:
-            logger.warning("compiling in the server process: %s", error)
-            return self.compile(guide)
-        seconds = time.perf_counter() - started
-        if outcome == "refused":
-            message, param = payload
-            raise GuideError(message, param)
-        return self._record(guide, self._xgr.CompiledGrammar.deserialize_json(payload, self.tokenizer_info), seconds)
+            cached = self._lookup(guide)
+            if cached is not None:
+                return cached
+            audit_guide(guide)  # here, not in the worker: a refusal needs no process
+            worker = self._worker()
+            try:
+                worker.start()
+            except WorkerUnavailable as error:
+                logger.warning("compiling in the server process: %s", error)
+                begun.set_result(None)
+                return self.compile(guide)
+            begun.set_result(None)
+            started = time.perf_counter()
+            try:
+                outcome, payload = worker.call(compile_in_worker, guide, timeout_s=self.compile_limit_s)
+            except WorkerTimeout:
+                logger.warning("stopped a %s compile at the %g s limit", guide.kind.value, self.compile_limit_s)
+                raise _too_slow(guide, self.compile_limit_s) from None
+            except (WorkerCrashed, WorkerUnavailable):  # unavailable: it died between the start and the call
+                raise GuideError(
+                    f"The {guide.kind.value} crashed the grammar compiler (out of memory, most likely); simplify it.",
+                    guide.param,
+                ) from None
+            seconds = time.perf_counter() - started
+            if outcome == "refused":
+                message, param = payload
+                raise GuideError(message, param)
+            compiled = self._xgr.CompiledGrammar.deserialize_json(payload, self.tokenizer_info)
+            return self._record(guide, compiled, seconds)
+        finally:
+            if not begun.done():
+                begun.set_result(None)
 
     def _worker(self) -> WorkerProcess:
         worker = getattr(self._thread_worker, "process", None)
