@@ -21,15 +21,13 @@ from engine_builder.serve.encoders.errors import (
     ModelLoadError,
 )
 from engine_builder.serve.encoders.truncation import Truncation, TruncationDirection
+from engine_builder.serve.text_cuts import CUT_MARGIN, head, tail
 
 __all__ = ["EncodedInput", "EncoderTokenizer", "TextInput", "TokenSpan", "Truncation", "TruncationDirection"]
 
 # Truncating copies kept for lengths below the model's limit (`truncate_prompt_tokens: k`): building one takes tens
 # of milliseconds, and each holds a whole vocabulary.
 MAX_CACHED_TRUNCATING_TOKENIZERS = 4
-# Tokens a text's head, cut at a word boundary, may have beyond what the same text has inside the whole input (the
-# cut word's split, a trailing space on its own): a head past the limit by more than this refuses the whole input.
-CUT_MARGIN = 32
 
 
 @dataclass(slots=True)
@@ -124,7 +122,8 @@ class EncoderTokenizer:
         if truncation.max_tokens is None:  # a text far over the limit is refused without tokenizing all of it
             self._refuse_far_over_limit(inputs, truncation, field, always_index, first_field)
         tokenizer = self._truncating(truncation)
-        encodings: list[Encoding] = tokenizer.encode_batch(list(inputs), add_special_tokens=True)
+        texts = list(inputs) if truncation.max_tokens is None else self._kept_ends(inputs, truncation)
+        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=True)
         results = []
         for index, (text, encoding) in enumerate(zip(inputs, encodings, strict=True)):
             label = self._label(field, index, len(inputs), always_index)
@@ -147,6 +146,31 @@ class EncoderTokenizer:
         are never shorter than the text they stand for): how long a prefix holds a given number of tokens."""
         return max((len(token) for token in self._plain.get_vocab(with_added_tokens=True)), default=1) or 1
 
+    def _kept_ends(self, inputs: Sequence[TextInput], truncation: Truncation) -> list[TextInput]:
+        """Each single text far longer (in characters) than the tokens truncation keeps, cut to the end it keeps
+        (the head, or on the left the tail) at a word boundary, so that a 30 MB text is not tokenized whole to keep
+        256 of its tokens. A cut end is used only when it holds CUT_MARGIN tokens to spare beyond those kept (its
+        tokens differ from the whole text's only next to the cut); else (few tokens in many characters, as
+        WordPiece's one [UNK] for a word past 100 characters) the text stays whole. Pairs stay whole: how
+        `longest_first` shares the cut between two long texts depends on both lengths."""
+        assert truncation.max_tokens is not None
+        num_kept = min(truncation.max_tokens, self.max_input_length)
+        keep_chars = (num_kept + 3 * CUT_MARGIN) * self.longest_token_chars
+        search_chars = CUT_MARGIN * self.longest_token_chars
+        cut = head if truncation.direction == TruncationDirection.RIGHT else tail
+        ends: dict[int, str] = {}
+        for index, text in enumerate(inputs):
+            end = cut(text, keep_chars, search_chars) if isinstance(text, str) and len(text) > keep_chars else None
+            if end is not None:
+                ends[index] = end
+        texts = list(inputs)
+        if ends:
+            encodings = self._plain.encode_batch(list(ends.values()), add_special_tokens=False)
+            for (index, end), encoding in zip(ends.items(), encodings, strict=True):
+                if len(encoding.ids) >= num_kept + 2 * CUT_MARGIN:
+                    texts[index] = end
+        return texts
+
     def _refuse_far_over_limit(
         self,
         inputs: Sequence[TextInput],
@@ -165,17 +189,17 @@ class EncoderTokenizer:
         for index, text in enumerate(inputs):
             if isinstance(text, str):
                 if len(text) > head_chars:
-                    heads[index] = _head(text, head_chars, CUT_MARGIN * self.longest_token_chars)
+                    heads[index] = head(text, head_chars, CUT_MARGIN * self.longest_token_chars)
             elif len(text[0]) > head_chars or len(text[1]) > head_chars:
                 first, second = (
-                    _head(part, head_chars, CUT_MARGIN * self.longest_token_chars) if len(part) > head_chars else part
+                    head(part, head_chars, CUT_MARGIN * self.longest_token_chars) if len(part) > head_chars else part
                     for part in text
                 )
                 heads[index] = (first, second)
         if not heads:
             return
         encodings = self._plain.encode_batch(list(heads.values()), add_special_tokens=True)
-        for (index, head), encoding in zip(heads.items(), encodings, strict=True):
+        for (index, judged), encoding in zip(heads.items(), encodings, strict=True):
             if len(encoding.ids) <= self.max_input_length + 2 * CUT_MARGIN:
                 continue
             label = self._label(field, index, len(inputs), always_index)
@@ -184,7 +208,7 @@ class EncoderTokenizer:
                 label, param = first_field, first_field
             elif first_field is not None:
                 label = f"{first_field} and {label} together"
-            num_chars = len(head) if isinstance(head, str) else len(head[0]) + len(head[1])
+            num_chars = len(judged) if isinstance(judged, str) else len(judged[0]) + len(judged[1])
             raise InputTooLongError(
                 f"Input validation error: {label} is far over this model's maximum of {self.max_input_length} "
                 f"tokens (its first {num_chars} characters alone make {len(encoding.ids)}); send shorter input or "
@@ -290,16 +314,6 @@ class EncoderTokenizer:
                 f"{self.max_input_length}; send shorter input or {truncation.how_to_ask}",
                 param=field,
             )
-
-
-def _head(text: str, num_chars: int, search_chars: int) -> str:
-    """The first `num_chars` characters of a text, cut back to the last word boundary (a space or punctuation) among
-    the final `search_chars`, so that the words kept tokenize as they do in the whole text. Without one, the cut
-    falls in a word at least `search_chars` long, which splits the same way whatever follows it."""
-    for end in range(num_chars, max(num_chars - search_chars, 0), -1):
-        if not text[end - 1].isalnum():
-            return text[:end]
-    return text[:num_chars]
 
 
 def _first_sequence_length(encoding: Encoding) -> int:

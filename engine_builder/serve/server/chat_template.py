@@ -14,12 +14,12 @@ from engine_builder.common.worker_process import WorkerCrashed, WorkerProcess, W
 from engine_builder.serve.decoding.tool_calls import call_text
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatMessage
+from engine_builder.serve.text_cuts import CUT_MARGIN, tail
 
 logger = logging.getLogger(__name__)
 
 
 INLINE_ENCODE_CHARS = 8192  # prompts up to this long are tokenized on the event loop itself
-CUT_MARGIN = 32  # tokens a prefix's count may exceed the same text's count in the whole prompt by, at most
 
 
 class PromptTooLong(Exception):
@@ -103,11 +103,24 @@ class PromptRenderer:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    async def encode_async(self, text: str, add_special_tokens: bool, max_tokens: int | None = None) -> list[int]:
+    async def encode_async(
+        self, text: str, add_special_tokens: bool, max_tokens: int | None = None, keep_last: int | None = None
+    ) -> list[int]:
         """`encode`, in a worker thread for a long text (fast tokenizers release the GIL, so the event loop keeps
         serving other requests while a long prompt is tokenized). With `max_tokens`, a text far longer than that many tokens
         could be is judged on a prefix: a multi-megabyte prompt then costs what one at the limit costs, not
-        seconds and gigabytes, and `PromptTooLong` says it has more than `max_tokens` tokens."""
+        seconds and gigabytes, and `PromptTooLong` says it has more than `max_tokens` tokens. With `keep_last`, only
+        the last that many tokens are returned (`truncate_prompt_tokens`), and a text far longer is tokenized on its
+        tail alone when the tail holds CUT_MARGIN tokens to spare (`text_cuts`)."""
+        if keep_last is not None:
+            tail_chars = (keep_last + 3 * CUT_MARGIN) * self.longest_token_chars
+            end = tail(text, tail_chars, CUT_MARGIN * self.longest_token_chars) if len(text) > tail_chars else None
+            if end is not None:
+                ids = await asyncio.to_thread(self.encode, end, add_special_tokens)
+                if len(ids) >= keep_last + 2 * CUT_MARGIN:
+                    return ids[-keep_last:]
+            ids = await self.encode_async(text, add_special_tokens)
+            return ids[-keep_last:]
         if max_tokens is not None:
             prefix = (max_tokens + 2 * CUT_MARGIN) * self.longest_token_chars  # more tokens' worth than that
             if len(text) > prefix:

@@ -51,7 +51,7 @@ async def encode_prompt(
     loop, and one far over the context refused before all of it is tokenized."""
     try:
         ids = await renderer.encode_async(
-            text, add_special_tokens, max_tokens=limits.max_model_len if truncate is None else None
+            text, add_special_tokens, max_tokens=limits.max_model_len if truncate is None else None, keep_last=truncate
         )
     except PromptTooLong:
         message = (
@@ -59,8 +59,6 @@ async def encode_prompt(
             f"resulted in more than {limits.max_model_len} tokens. Please reduce the length of the {prompt_field}."
         )
         raise APIError(message, status=400, param=prompt_field, code="context_length_exceeded") from None
-    if truncate is not None and len(ids) > truncate:
-        ids = ids[-truncate:]
     return ids
 
 

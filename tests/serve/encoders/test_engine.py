@@ -263,3 +263,38 @@ def test_stats_count_batches_and_tokens(engine: EncoderEngine) -> None:
     assert batches is not None and batches.num_inputs >= 32 and batches.num_tokens >= 32 * 5
     assert batches.num_padded_tokens >= batches.num_tokens
     assert stats.num_waiting == 0 and stats.num_running == 0
+
+
+TRUNCATED_TEXTS = [
+    "lorem ipsum dolor sit amet, consectetur. " * 20_000,
+    "Ünïcödé wörds — «quoted» 🙂 emoji, tabs\tand\nnewlines; " * 12_000,
+    ("a" * 150 + " ") * 4_000,  # words past WordPiece's 100 characters: one [UNK] each
+    "x" * 300_000,  # one word, no boundary to cut at
+]
+
+
+@pytest.mark.parametrize("direction", list(TruncationDirection))
+@pytest.mark.parametrize("tokenizer_dir", ["minilm_dir", "smollm2_dir"])  # WordPiece; byte-level BPE
+def test_truncation_tokenizes_only_the_kept_end_and_keeps_the_same_tokens(
+    tokenizer_dir: str, direction: TruncationDirection, request: pytest.FixtureRequest
+) -> None:
+    """A long text asked to be truncated was tokenized whole (6 s of CPU for 30 MB, probe N): now only its kept end
+    is, and the tokens kept are those the whole text's truncation keeps."""
+    from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
+
+    model_dir: Path = request.getfixturevalue(tokenizer_dir)
+    tokenizer = EncoderTokenizer.from_model_dir(model_dir, max_input_length=256, vocab_size=0)
+    for num_kept in (256, 40):
+        truncation = Truncation(num_kept, direction)
+        whole = [e.ids for e in tokenizer._truncating(truncation).encode_batch(TRUNCATED_TEXTS, add_special_tokens=True)]
+        encoded = tokenizer.encode(TRUNCATED_TEXTS, truncation=truncation, field="input", always_index=True)
+        assert [e.token_ids for e in encoded] == whole
+        assert [e.num_chars for e in encoded] == [len(text) for text in TRUNCATED_TEXTS]
+        recorder = _RecordingTokenizer(tokenizer._truncating(truncation))
+        original = tokenizer._truncating
+        tokenizer._truncating = lambda _truncation, recorder=recorder: recorder  # type: ignore[method-assign]
+        try:  # prose is cut to its kept end (a run of [UNK]-sized words may stay whole: it has too few tokens)
+            tokenizer.encode(TRUNCATED_TEXTS[:2], truncation=truncation, field="input", always_index=True)
+        finally:
+            tokenizer._truncating = original  # type: ignore[method-assign]
+        assert 0 < recorder.longest_chars < 100_000

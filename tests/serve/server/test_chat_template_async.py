@@ -108,3 +108,29 @@ def test_a_request_template_past_its_limit_is_refused_and_the_next_one_renders()
         assert sandbox.worker.pid not in (None, first)
     finally:
         sandbox.close()
+
+
+def test_truncate_prompt_tokens_tokenizes_only_the_prompts_tail(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`truncate_prompt_tokens` on a 10 MB prompt tokenized all of it (10 s of CPU, probe T); now only a tail that
+    holds the kept tokens with some to spare is, and the tokens kept are the whole prompt's last ones."""
+    renderer = PromptRenderer(smollm2_dir)
+    texts = [
+        "The quick brown fox, jumping; over <|im_start|> the lazy dog. " * 30_000,
+        "Ünïcödé wörds — «quoted» 🙂 emoji\tand\nnewlines; " * 20_000,
+        "y" * 400_000,
+    ]
+    expected = {(index, keep): renderer.encode(text, True)[-keep:] for index, text in enumerate(texts) for keep in (100, 7)}
+    seen: list[int] = []
+    encode = renderer.encode
+
+    def recording(text: str, add_special_tokens: bool) -> list[int]:
+        seen.append(len(text))
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(renderer, "encode", recording)
+    for (index, keep), ids in expected.items():
+        seen.clear()
+        assert asyncio.run(renderer.encode_async(texts[index], True, keep_last=keep)) == ids
+        if index < 2:  # prose: its tail sufficed
+            assert seen and max(seen) < 50_000, seen
+    assert asyncio.run(renderer.encode_async("short prompt", True, keep_last=2)) == encode("short prompt", True)[-2:]
