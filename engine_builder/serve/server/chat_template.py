@@ -190,16 +190,18 @@ RESERVED_TEMPLATE_ARGUMENTS = {
 
 @functools.lru_cache(maxsize=32)
 def template_variables(source: str) -> frozenset[str] | None:
-    """The names a Jinja template reads from its context (None: Jinja cannot parse it outside transformers, which
-    adds its own tags)."""
+    """The names a Jinja template reads (None: Jinja cannot parse it outside transformers, which adds its own tags).
+    Read off the syntax tree, never compiled: Jinja's compiler folds constant expressions, so a request's
+    `{% set x = [0] * 100000000 %}` would run here, in the server, outside the template sandbox (probe T). A name
+    the template also sets itself counts as read."""
     import jinja2
-    from jinja2 import meta
+    from jinja2 import nodes
 
     try:
         parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
     except jinja2.TemplateError:
         return None
-    return frozenset(meta.find_undeclared_variables(parsed))
+    return frozenset(node.name for node in parsed.find_all(nodes.Name) if node.ctx == "load")
 
 
 def _check_render_options(

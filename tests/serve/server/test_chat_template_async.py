@@ -2,6 +2,7 @@
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,21 @@ def test_truncate_prompt_tokens_tokenizes_only_the_prompts_tail(smollm2_dir: Pat
         if index < 2:  # prose: its tail sufficed
             assert seen and max(seen) < 50_000, seen
     assert asyncio.run(renderer.encode_async("short prompt", True, keep_last=2)) == encode("short prompt", True)[-2:]
+
+
+def test_a_request_templates_variables_are_read_without_running_any_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which arguments a request's template reads was found by compiling it, and Jinja's compiler folds constant
+    expressions: `{% set x = [0] * 100000000 %}` stalled the server a minute outside the sandbox (probe T)."""
+    import jinja2.nodes
+
+    from engine_builder.serve.server.chat_template import template_variables
+
+    def no_folding(self: Any, eval_ctx: Any = None) -> Any:
+        raise AssertionError("a constant expression was evaluated in the server process")
+
+    monkeypatch.setattr(jinja2.nodes.BinExpr, "as_const", no_folding)
+    monkeypatch.setattr(jinja2.nodes.Filter, "as_const", no_folding)
+    template_variables.cache_clear()
+    source = "{% set x = [0] * 100000000 %}{{ 'a' | center(10 ** 9) }}{% for d in documents %}{{ d }}{% endfor %}{{ y }}"
+    names = template_variables(source)
+    assert names is not None and {"documents", "y"} <= names and "d" in names
