@@ -81,8 +81,10 @@ def create_app(
         response = render_refusal(error) if render_refusal is not None else None
         return response if response is not None else _error_response(error)
 
-    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=render)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=state.settings.max_body_bytes, render=render)
+    # Auth outside the body limit: a client without the key is refused on its headers, before any of its body is
+    # read or checked.
+    app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=render)
     app.add_middleware(RequestIdMiddleware)  # outermost: refusals by the two above carry the id too
 
     @app.exception_handler(APIError)

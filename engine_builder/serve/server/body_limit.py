@@ -1,4 +1,4 @@
-"""Checks on the raw request body that every route shares, before any parsing or auth.
+"""Checks on the raw request body that every route shares, before any parsing (after auth, which needs no body).
 
 - The byte limit, counted on the bytes received rather than on what Content-Length claims: a chunked body
   has none and a client can understate it, so the body is read here (up to the limit), then replayed to
@@ -7,7 +7,6 @@
   by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
 """
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -68,30 +67,32 @@ class BodyLimitMiddleware:
         await self.render(error, scope)(scope, receive, send)
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+# A \u escape of a surrogate half, with the backslashes before it: an odd run ends in the escape's own backslash,
+# an even one is escaped backslashes followed by plain text.
+_SURROGATE_ESCAPE = re.compile(rb"(\\+)u[dD]([89a-fA-F])[0-9a-fA-F]{2}")
+_LOW_HALF = frozenset(b"cdefCDEF")
 
 
 def _has_unpaired_surrogate(body: bytes) -> bool:
-    """Only bodies with a surrogate escape are parsed here (pairs such as emoji escapes are fine)."""
-    if not _SURROGATE_ESCAPE.search(body):
-        return False
-    try:
-        stack = [json.loads(body)]
-    except (ValueError, RecursionError):
-        return False  # not JSON: the route answers that
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
+    """A surrogate escape in the raw bytes that is not a high half immediately followed by a low half (an emoji's
+    escape pair is fine). Read off the bytes, not by parsing the JSON: this runs before the route (and any JSON
+    error is the route's to answer), and a 32 MB body must not be parsed twice."""
+    low_expected_at: int | None = None  # where a high half's low half must begin
+    for match in _SURROGATE_ESCAPE.finditer(body):
+        backslashes = match.group(1)
+        if len(backslashes) % 2 == 0:
+            continue
+        begin = match.start() + len(backslashes) - 1
+        is_low = match.group(2)[0] in _LOW_HALF
+        if low_expected_at is not None:
+            if not is_low or begin != low_expected_at:
                 return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            low_expected_at = None
+        elif is_low:
+            return True
+        else:
+            low_expected_at = match.end()
+    return low_expected_at is not None
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -298,3 +298,36 @@ def test_checkpoint_with_custom_code_is_refused_without_running_it(tmp_path: Pat
     assert "trust_remote_code" in build.stderr and "modeling_evil" in build.stderr, build.stderr[-2000:]
     assert not marker.exists(), "the checkpoint's own modelling code was executed"
     assert not (tmp_path / "engine").exists()
+
+
+def test_a_caller_without_the_key_is_refused_before_its_body_is_read() -> None:
+    """Auth needs only headers: a body over the limit, or one full of surrogate escapes (which the body check
+    scans), from a caller without the key is a 401, not a 413 or 400 computed on its bytes (probe T)."""
+    client = TestClient(_apps()["decoder"], raise_server_exceptions=False)
+    body = b'{"prompt": "' + b"\\ud800" * 10 + b'"}'
+    refused = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert refused.status_code == 401
+    keyed = client.post(
+        "/v1/completions", content=body, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    )
+    assert keyed.status_code == 400 and keyed.json()["error"]["code"] == "invalid_encoding"
+
+
+def test_the_surrogate_scan_of_raw_bytes_agrees_with_parsing_the_json() -> None:
+    import random
+
+    from engine_builder.serve.server.body_limit import _has_unpaired_surrogate
+
+    def unpaired(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    pieces = ["\ud83d", "\ude00", "\ud83d\ude00", "\\", "\\\\", "a", "é", '"', "u", "\udbff\udfff", "\\ud800"]
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        body = json.dumps({"prompt": text, "stop": [text[::-1]]}).encode()
+        assert _has_unpaired_surrogate(body) == (unpaired(text) or unpaired(text[::-1])), body
