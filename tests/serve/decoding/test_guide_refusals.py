@@ -187,3 +187,16 @@ def test_a_worker_process_starting_is_not_counted_against_the_compile_limit(smol
         assert compiler.stats().num_timeouts == 0
     finally:
         compiler.close()
+
+
+@pytest.mark.parametrize("grammar", ["root ::= root", 'root ::= r\nr ::= r "a"'])
+def test_a_grammar_that_allows_no_output_is_refused_naming_it(compiler: Any, grammar: str) -> None:
+    """It compiled, then every token was masked and the engine failed the request with a 500 (probe T)."""
+    import asyncio
+
+    guide = Guide(GuideKind.GRAMMAR, grammar, param="response_format")
+    for compile_guide in (compiler.compile, lambda g: asyncio.run(compiler.compile_async(g))):
+        with pytest.raises(GuideError, match="allows no output at all") as refused:
+            compile_guide(guide)
+        assert refused.value.param == "response_format.grammar"
+    assert compiler.compile(Guide(GuideKind.GRAMMAR, 'root ::= "a" root')) is not None  # endless, but it has output

@@ -188,7 +188,9 @@ class GrammarCompiler:
             return self._cached(_key(guide))
 
     def _record(self, guide: Guide, compiled: Any, seconds: float) -> Any:
+        """Count and cache a compiled guide, once it is known to allow some output."""
         logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, seconds * 1000)
+        self._check_satisfiable(guide, compiled)
         with self._lock:
             self.num_compiles += 1
             self.compile_seconds += seconds
@@ -196,6 +198,19 @@ class GrammarCompiler:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _check_satisfiable(self, guide: Guide, compiled: Any) -> None:
+        """A grammar that allows no first token (`root ::= root`) compiles, then every token would be masked and
+        the request fail inside the engine: refused here, naming the field."""
+        matcher = self._xgr.GrammarMatcher(compiled)
+        bitmask = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        if not bool(bitmask.any()) and not matcher.is_terminated():
+            raise GuideError(
+                f"The {guide.kind.value} allows no output at all: no token can begin a string it matches (a rule "
+                "that only refers to itself, say).",
+                _param(guide),
+            )
 
     def _compile(self, guide: Guide) -> Any:
         audit_guide(guide)
@@ -251,11 +266,15 @@ def compile_with(compiler: Any, guide: Guide) -> Any:
         message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
         message = _XGRAMMAR_CHECK.sub("", message)  # "Check failed: (std::holds_alternative<...>) is false: "
-        param = guide.param
-        if param == "response_format" and guide.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):
-            param = f"response_format.{guide.kind.value}"
-        raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", param) from None
+        raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", _param(guide)) from None
     raise GuideError(f"Unknown guide kind {guide.kind}")
+
+
+def _param(guide: Guide) -> str:
+    """The request field a guide's refusal names: a regex or grammar response_format's own text field."""
+    if guide.param == "response_format" and guide.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):
+        return f"response_format.{guide.kind.value}"
+    return guide.param
 
 
 class TooSlowToCompile(GuideError):
