@@ -30,10 +30,13 @@ def check_authorization(header: str | None, api_keys: tuple[str, ...]) -> None:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() in SCHEMES:
             presented = value.strip()
-    # Compare against every key so timing does not reveal which (or whether a prefix) matched.
+    # The header's bytes, which the server decoded as latin-1 (HTTP's default), against each key's UTF-8: a
+    # non-ASCII key sent as UTF-8, as clients send it, matches. Every key is compared, so timing does not reveal
+    # which (or whether a prefix) matched.
+    raw = presented.encode("latin-1", errors="replace")
     matched = False
     for key in api_keys:
-        matched |= hmac.compare_digest(presented.encode(), key.encode())
+        matched |= hmac.compare_digest(raw, key.encode())
     if not matched:
         raise APIError(
             "Invalid or missing API key. Send `Authorization: Bearer <key>` or `Authorization: Api-Key <key>`.",

@@ -3,11 +3,14 @@
 - The byte limit, counted on the bytes received rather than on what Content-Length claims: a chunked body
   has none and a client can understate it, so the body is read here (up to the limit), then replayed to
   the application. Past the limit the answer is a 413.
+- A body that has not arrived within BODY_READ_TIMEOUT_S is a 408; a compressed one (`Content-Encoding`) a 415.
 - Unpaired UTF-16 surrogate escapes (`"\\ud800"`): valid JSON, but the strings they make cannot be encoded
   by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
 """
 
+import asyncio
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,16 +19,36 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine_builder.serve.server.errors import APIError
 
+# A body still arriving after this long is a 408: a client that sends headers, then a trickle or nothing, would
+# otherwise hold its connection (and this task) open for ever. 32 MiB (the default limit) needs 270 KB/s.
+BODY_READ_TIMEOUT_S = 120.0
+
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, render: Callable[[APIError, Scope], Response]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        render: Callable[[APIError, Scope], Response],
+        read_timeout_s: float = BODY_READ_TIMEOUT_S,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.render = render
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        encoding = _header(scope, b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            error = APIError(
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported: send the body uncompressed.",
+                status=415,
+                code="unsupported_content_encoding",
+            )
+            await self.render(error, scope)(scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
@@ -34,8 +57,19 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         first: Message | None = None
+        deadline = time.monotonic() + self.read_timeout_s
         while first is None:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                error = APIError(
+                    f"The request body did not arrive within {self.read_timeout_s:g} s.",
+                    status=408,
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
+                await self.render(error, scope)(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left before sending the whole body
                 first = message
                 break
@@ -95,14 +129,19 @@ def _has_unpaired_surrogate(body: bytes) -> bool:
     return low_expected_at is not None
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

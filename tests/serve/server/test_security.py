@@ -331,3 +331,16 @@ def test_the_surrogate_scan_of_raw_bytes_agrees_with_parsing_the_json() -> None:
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
         body = json.dumps({"prompt": text, "stop": [text[::-1]]}).encode()
         assert _has_unpaired_surrogate(body) == (unpaired(text) or unpaired(text[::-1])), body
+
+
+def test_a_non_ascii_key_sent_as_utf8_is_accepted() -> None:
+    """Headers arrive decoded as latin-1; the key was compared as UTF-8, so a non-ASCII key never matched (probe T)."""
+    from engine_builder.serve.server.auth import check_authorization
+    from engine_builder.serve.server.errors import APIError
+
+    key = "clé-ü-🙂"
+    as_received = f"Bearer {key}".encode().decode("latin-1")  # what the server's Headers hold for UTF-8 bytes
+    check_authorization(as_received, (key,))
+    with pytest.raises(APIError):
+        check_authorization(as_received[:-1], (key,))
+    check_authorization(f"Api-Key {KEY}", (KEY, key))

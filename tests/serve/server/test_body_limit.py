@@ -1,0 +1,60 @@
+"""The body checks every route shares, driven as ASGI: a trickling body times out, a compressed one is refused."""
+
+import asyncio
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from engine_builder.serve.server.body_limit import BodyLimitMiddleware
+from engine_builder.serve.server.errors import APIError
+
+
+def _render(error: APIError, scope: Any) -> JSONResponse:
+    return JSONResponse({"code": error.code, "message": error.message}, status_code=error.status, headers=error.headers)
+
+
+async def _app(scope: Any, receive: Any, send: Any) -> None:
+    message = await receive()
+    await JSONResponse({"body": message["body"].decode()})(scope, receive, send)
+
+
+def _call(
+    middleware: BodyLimitMiddleware, headers: list[tuple[bytes, bytes]], chunks: list[bytes], stall: bool = False
+) -> tuple[int, Any]:
+    """Sends the chunks (with `stall`, announcing more, then nothing: a stalled client); the status and JSON
+    answered."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks) or stall}
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+    asyncio.run(asyncio.wait_for(middleware(scope, receive, send), 10))
+    import json
+
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+def test_a_body_that_stops_arriving_is_a_408() -> None:
+    """Headers, then half a body and silence: the task waited for ever (probe T's slow clients)."""
+    middleware = BodyLimitMiddleware(_app, max_body_bytes=1024, render=_render, read_timeout_s=0.3)
+    status, answer = _call(middleware, [], [b'{"prompt": "', b"half"], stall=True)
+    assert status == 408 and answer["code"] == "request_timeout"
+    status, answer = _call(middleware, [], [b'{"a": 1', b"}"])  # a whole body in time goes through
+    assert status == 200 and answer == {"body": '{"a": 1}'}
+
+
+def test_a_compressed_body_is_a_415_naming_the_encoding() -> None:
+    middleware = BodyLimitMiddleware(_app, max_body_bytes=1024, render=_render)
+    status, answer = _call(middleware, [(b"content-encoding", b"gzip")], [b"\x1f\x8b"])
+    assert status == 415 and "'gzip'" in answer["message"]
+    status, _ = _call(middleware, [(b"content-encoding", b"identity")], [b"{}"])
+    assert status == 200
