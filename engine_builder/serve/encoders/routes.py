@@ -10,6 +10,7 @@ and /decode run no model and stay outside it, answered while the server is busy 
 disconnects cancels its request (`disconnect.py`).
 """
 
+import asyncio
 import enum
 import logging
 import uuid
@@ -56,6 +57,7 @@ from engine_builder.serve.encoders.protocol import (
 )
 from engine_builder.serve.encoders.results import RequestTiming
 from engine_builder.serve.encoders.serialize import matrices_body, matrix_body, openai_embeddings_body
+from engine_builder.serve.encoders.tokenizer import TokenSpan
 from engine_builder.serve.encoders.tracking import Refusal, RequestOutcome, RequestTracker, Untracked
 from engine_builder.serve.encoders.truncation import (
     ASK_BY_FLAG,
@@ -435,20 +437,26 @@ class _Handlers:
     async def tokenize(self, body: TokenizeRequest) -> Response:
         texts = [str(text) for text in _with_prompt(self.engine.info, body.prompt_name, body.input_list())]
         spans = await self.engine.tokenize(texts, add_special_tokens=body.add_special_tokens)
-        tokens = [
-            [
-                SimpleToken.model_construct(
-                    id=span.id, text=span.text, special=span.is_special, start=span.start, stop=span.stop
-                )
-                for span in row
-            ]
-            for row in spans
-        ]
-        return Response(pydantic_core.to_json(tokens), media_type="application/json")  # a list per input, as TEI
+        # A token object each: for a multi-megabyte input, seconds of work, kept off the event loop (probe T)
+        content = await asyncio.to_thread(_tokens_json, spans)
+        return Response(content, media_type="application/json")  # a list per input, as TEI
 
     async def decode(self, body: DecodeRequest) -> Response:
         texts = await self.engine.decode(body.id_lists(), skip_special_tokens=body.skip_special_tokens)
         return Response(pydantic_core.to_json(texts), media_type="application/json")  # a list, even for one
+
+
+def _tokens_json(spans: list[list[TokenSpan]]) -> bytes:
+    tokens = [
+        [
+            SimpleToken.model_construct(
+                id=span.id, text=span.text, special=span.is_special, start=span.start, stop=span.stop
+            )
+            for span in row
+        ]
+        for row in spans
+    ]
+    return pydantic_core.to_json(tokens)
 
 
 def build_encoder_router(

@@ -581,3 +581,26 @@ def test_tokenize_and_decode_refuse_bad_input_naming_the_field(
     error = response.json()
     assert set(error) == {"error", "error_type"} and error["error_type"] == error_type
     assert says in error["error"], error
+
+
+def test_tokenize_builds_its_answer_off_the_event_loop(base_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token object per token: for a multi-megabyte input, seconds that blocked every other request (probe T)."""
+    import asyncio
+
+    from engine_builder.serve.encoders import routes
+
+    on_loop: list[bool] = []
+    build = routes._tokens_json
+
+    def recording(spans: Any) -> bytes:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return build(spans)
+
+    monkeypatch.setattr(routes, "_tokens_json", recording)
+    response = httpx.post(f"{base_url}/tokenize", json={"inputs": ["a b", "c"]})
+    assert response.status_code == 200 and len(response.json()) == 2
+    assert on_loop == [False]
