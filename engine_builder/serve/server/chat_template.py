@@ -359,9 +359,17 @@ class RequestTemplateSandbox:
         self.worker.close()
 
 
-def _import_renderer() -> None:
-    """Runs in the sandbox process, once: the imports every render needs."""
+REQUEST_TEMPLATE_MEMORY_BYTES = 2 * 2**30  # the sandbox's address space: `'a' * 10**9` in a template is a 400
+
+
+def _import_renderer(memory_bytes: int = REQUEST_TEMPLATE_MEMORY_BYTES) -> None:
+    """Runs in the sandbox process, once: the imports every render needs, then the cap on its memory (a render
+    past it raises MemoryError, answered as a 400, instead of taking the host's memory)."""
+    import resource
+
     import transformers.utils.chat_template_utils  # noqa: F401
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
 
 def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str | Exception:
@@ -371,6 +379,8 @@ def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, An
     kwargs = arguments.pop("kwargs", {})
     try:
         rendered = render_jinja_template(conversations=[conversation], **arguments, **kwargs)
+    except MemoryError:
+        return ValueError(f"it needed more than {REQUEST_TEMPLATE_MEMORY_BYTES // 2**30} GiB of memory")
     except Exception as error:  # returned, not raised: the message reaches the client as a 400
         return ValueError(str(error))
     while isinstance(rendered, list | tuple):  # (rendered conversations, generation indices) -> the one string

@@ -107,6 +107,10 @@ def test_a_request_template_past_its_limit_is_refused_and_the_next_one_renders()
         assert sandbox.worker.pid is None  # killed, not left looping
         assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}!")) == "hi!"
         assert sandbox.worker.pid not in (None, first)
+        with pytest.raises(APIError) as refused:  # took the worker to 2 GB (probe T): its memory is capped
+            asyncio.run(sandbox.render(hello, chat_template="{% set s = 'a' * 4000000000 %}{{ s | length }}"))
+        assert refused.value.status == 400 and "more than 2 GiB of memory" in refused.value.message
+        assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}")) == "hi"
     finally:
         sandbox.close()
 
