@@ -180,9 +180,10 @@ class Run:
         end = time.monotonic()
         num_prompt_tokens = finished[0].num_prompt_tokens if finished else 0
         reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
-        if not finished and abandoned:  # an abort, whose prefill ran if a token came; a failure counts none
-            num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
-            reasons = [FinishReason.ABORT.value]
+        if abandoned:  # each choice the client left unfinished is an abort; a failure counts none
+            if not finished:  # the prefill ran if a token came
+                num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
+            reasons += [FinishReason.ABORT.value] * (self.request.sampling.n - len(finished))
         metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
         metrics.generation_tokens.labels(name).inc(sum(choice.num_tokens for choice in self.choice_timings))
         metrics.record_decode(self.choice_timings)

@@ -123,13 +123,22 @@ def test_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
         "stream": True,
         "ignore_eos": True,
         "min_tokens": 400,
+        "n": 3,
     }
+    aborts = _aborts(server)
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
-        assert server.metric("engine_builder:num_requests_running") == 1
+        assert server.metric("engine_builder:num_requests_running") == 3  # sequences: the request's 3 choices
     _wait_idle(server)
+    assert _aborts(server) == aborts + 3  # one per choice, as every finish reason counts (probe U)
+
+
+def _aborts(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    prefix = 'engine_builder:request_success_total{finished_reason="abort"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def test_non_stream_disconnect_frees_blocks(server: ServerProcess) -> None:
