@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from engine_builder.common.types import EncoderBatchStats
 from engine_builder.serve.encoders.errors import BackendError, UnhealthyError
 from engine_builder.serve.encoders.tokenizer import EncodedInput
+
+IDLE_S = 5.0  # quiet this long after a batch, the batcher calls its `on_idle`
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,11 @@ class TokenBudgetBatcher(Generic[OutputT]):
         self._num_waiting_requests = 0
         self._num_running_requests = 0
         self._totals = EncoderBatchStats()
+        # Run on the compute thread once no batch has run for `idle_s` after one did (the CPU server hands the
+        # heap's free memory back to the OS then, `allocator.release_freed_memory`).
+        self.on_idle: Callable[[], Any] | None = None
+        self.idle_s = IDLE_S
+        self._ran_since_idle = False
 
     @property
     def is_running(self) -> bool:
@@ -183,7 +190,15 @@ class TokenBudgetBatcher(Generic[OutputT]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
+            if self._ran_since_idle and self.on_idle is not None:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self.idle_s)
+                except TimeoutError:
+                    self._ran_since_idle = False
+                    await loop.run_in_executor(self._executor, self.on_idle)
+                    continue
+            else:
+                await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
                 self._round = [pending for pending in self._waiting if not pending.future.done()]
@@ -212,6 +227,7 @@ class TokenBudgetBatcher(Generic[OutputT]):
                     pending.future.set_exception(BackendError(f"inference failed: {exc}"))
             return
         finished = time.perf_counter()
+        self._ran_since_idle = True
         self._record(items, finished - started)
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():

@@ -8,8 +8,9 @@ It knows nothing of HTTP; failures are typed `EncoderError`s that routes render.
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +71,11 @@ class EncoderEngine:
         )
         self._num_running_requests = 0  # in a request slot: tokenizing, queued or computing
         self.on_queue_time: QueueTimeObserver | None = None  # told each request's queue time (the server's metrics)
+
+    def set_idle_hook(self, hook: Callable[[], Any] | None) -> None:
+        """`hook` runs on the compute thread once no batch has run for `batcher.IDLE_S` after one did (the CPU server
+        hands freed heap memory back to the OS then)."""
+        self._batcher.on_idle = hook
 
     @classmethod
     def from_model_dir(

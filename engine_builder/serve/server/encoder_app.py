@@ -118,14 +118,13 @@ def build_encoder_server(
     import torch
 
     from engine_builder.engine.model_runner import configure_threads, resolve_device
-    from engine_builder.serve.encoders.allocator import retain_freed_memory
+    from engine_builder.serve.encoders.allocator import release_freed_memory, retain_freed_memory
     from engine_builder.serve.encoders.engine import EncoderEngine
     from engine_builder.serve.encoders.routes import build_encoder_router
 
     configure_threads(options.num_threads)
     device = resolve_device(options.device)
-    if device.type == "cpu":
-        retain_freed_memory()
+    retaining = device.type == "cpu" and retain_freed_memory()
     manifest = engine_dir.manifest
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     engine = EncoderEngine.from_model_dir(
@@ -139,6 +138,8 @@ def build_encoder_server(
         # `dimensions`: the option when it says true or false, else what the build read on the model card
         matryoshka=options.matryoshka if isinstance(options.matryoshka, bool) else manifest.runtime.trained_matryoshka,
     )
+    if retaining:  # the heap keeps freed activations while batches run, and hands them back once they stop
+        engine.set_idle_hook(release_freed_memory)
     adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
     settings.max_inflight = max(settings.max_inflight, 2048)
     state = ServerState(settings=settings, engine=adapter, renderer=None)

@@ -59,3 +59,26 @@ def test_retained_heap_stops_refaulting_large_activations() -> None:
     assert default > 10_000
     retained = _faults_per_batch("retain")
     assert statistics.median(retained) < default / 10, retained
+
+
+_RELEASE_CHILD = """
+import torch
+from engine_builder.serve.encoders.allocator import release_freed_memory, retain_freed_memory
+assert retain_freed_memory()
+def rss_mb():
+    return int([line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]) // 1024
+blocks = [torch.ones(1 << 20) for _ in range(256)]  # 1 GiB in 4 MiB tensors, all from the heap now
+blocks = blocks[::2]  # half freed, in holes the heap top cannot trim
+peak = rss_mb()
+assert release_freed_memory()
+print(peak, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_releasing_freed_memory_hands_the_heaps_free_pages_back() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RELEASE_CHILD], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    peak, after = map(int, result.stdout.split())
+    assert peak - after > 400, (peak, after)  # the freed half (512 MiB), give or take
