@@ -37,6 +37,9 @@ def _param(item: dict) -> str | None:
         text = str(part)
         if text == "body":
             continue
+        if text in _model_names() and tag_follows:  # a tag that is a class name (protocol_responses' unions)
+            tag_follows = False
+            continue
         if _BRANCH_NAME.match(text) or text in _model_names():
             tag_follows = tag_follows or "tagged-union[" in text
             continue

@@ -230,7 +230,14 @@ METHOD_PATHS = {
     "completions": ("/v1/completions",),
 }
 # Built-in engine routes that no user method answers: with a model.py they would skip its access control and billing.
-ENGINE_ONLY_PATHS = ("/tokenize", "/detokenize")
+ENGINE_ONLY_ROUTES = {
+    "/tokenize": ("POST",),
+    "/detokenize": ("POST",),
+    "/v1/responses": ("POST",),
+    "/v1/responses/{response_id}": ("GET", "DELETE"),
+    "/v1/responses/{response_id}/cancel": ("POST",),
+    "/v1/responses/{response_id}/input_items": ("GET",),
+}
 
 
 def user_model_router(user_model: Any) -> APIRouter:
@@ -247,8 +254,8 @@ def user_model_router(user_model: Any) -> APIRouter:
             endpoint = _endpoint(predict_steps if method_name == "predict" else [method])
         for path in METHOD_PATHS[method_name]:
             router.add_api_route(path, endpoint, methods=["POST"], include_in_schema=method is not None)
-    for path in ENGINE_ONLY_PATHS:
-        router.add_api_route(path, _engine_only(path), methods=["POST"], include_in_schema=False)
+    for path, methods in ENGINE_ONLY_ROUTES.items():
+        router.add_api_route(path, _engine_only(path), methods=list(methods), include_in_schema=False)
     return router
 
 

@@ -34,9 +34,11 @@ def new_id(prefix: str) -> str:
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per frame
 
 
-def sse(data: dict[str, Any] | str) -> bytes:
+def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    """One SSE frame; `event` adds the `event:` line the Responses API's stream sends before each data line."""
     payload = data if isinstance(data, str) else _JSON.encode(data)
-    return f"data: {payload}\n\n".encode()
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {payload}\n\n".encode()
 
 
 ChunkFrame = Callable[[list[dict[str, Any]], "dict[str, Any] | None", bool], bytes]
@@ -109,7 +111,7 @@ class Run:
                 "The server is shutting down.", status=503, type="server_error", code="draining"
             )
 
-    async def deltas(self) -> AsyncIterator[GenerationDelta]:
+    async def deltas(self) -> AsyncGenerator[GenerationDelta, None]:
         """Deltas with their text, as the engine produces them; closing this iterator aborts the request."""
         assert self.prepared is not None, "admit() first"
         metrics = self.state.metrics

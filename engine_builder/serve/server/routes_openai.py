@@ -12,8 +12,16 @@ from fastapi.responses import Response
 from engine_builder.serve.server.app_helpers import parse_body, parse_json
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.serving_chat import serve_chat
 from engine_builder.serve.server.serving_completions import serve_completion
+from engine_builder.serve.server.serving_responses import (
+    cancel_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+    serve_response,
+)
 from engine_builder.serve.server.serving_tokenize import (
     DetokenizeRequest,
     TokenizeChatRequest,
@@ -28,6 +36,7 @@ router = APIRouter()
 REQUEST_MODELS: tuple[Any, ...] = (
     ChatCompletionRequest,
     CompletionRequest,
+    ResponsesRequest,
     TokenizeCompletionRequest,
     TokenizeChatRequest,
     DetokenizeRequest,
@@ -65,6 +74,32 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     return await serve_completion(_state(request), body, request)
+
+
+@router.post("/v1/responses", openapi_extra=_body(ResponsesRequest))
+async def responses(request: Request) -> Response:
+    body = await parse_body(request, ResponsesRequest)
+    return await serve_response(_state(request), body, request)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve(request: Request, response_id: str) -> Response:
+    return retrieve_response(_state(request), response_id, request)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete(request: Request, response_id: str) -> Response:
+    return delete_response(_state(request), response_id)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel(request: Request, response_id: str) -> Response:
+    return cancel_response(_state(request), response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def input_items(request: Request, response_id: str) -> Response:
+    return list_input_items(_state(request), response_id, request)
 
 
 @router.post("/tokenize", openapi_extra=_body(TokenizeCompletionRequest, TokenizeChatRequest))

@@ -86,7 +86,8 @@ async def run_chat(
     return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
 
 
-async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+async def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str | None = None) -> ChatPlan:
+    """`request_id`: the engine request's id (a Responses API request runs under its response's id)."""
     check_chat_limits(body, state.settings.max_batch_size)
     check_unsupported_chat(body)
     if state.renderer is None:
@@ -112,7 +113,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         from engine_builder.serve.server.chat_template import message_text
 
         echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
-    run = Run(state, new_id("chatcmpl"), prompt_ids, params, model=body.model)
+    run = Run(state, request_id or new_id("chatcmpl"), prompt_ids, params, model=body.model)
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
 
 

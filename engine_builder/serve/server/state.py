@@ -14,6 +14,7 @@ from engine_builder.serve.server.chat_template import PromptRenderer
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.logprobs import TokenTexts
 from engine_builder.serve.server.metrics import ServerMetrics
+from engine_builder.serve.server.response_store import ResponseStore
 from engine_builder.serve.server.sampling import Limits
 
 # Routes only one kind of engine serves: asked of the other kind, a 404 names the routes this engine serves.
@@ -22,11 +23,7 @@ ENCODER_PATHS = frozenset(
     {"/v1/embeddings", "/embeddings", "/embed", "/embed_all", "/embed_sparse", "/similarity", "/rerank", "/v1/rerank",
      "/v2/rerank"}
 )
-# OpenAI routes a decoder engine does not serve, with what to use instead (named in the 404, not a bare Not Found).
-UNSERVED_GENERATION_PATHS = {
-    "/v1/responses": "the Responses API is not implemented; send the conversation to /v1/chat/completions",
-}
-GENERATION_ROUTES = "/v1/chat/completions, /v1/completions and /predict"
+GENERATION_ROUTES = "/v1/chat/completions, /v1/completions, /v1/responses and /predict"
 ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also /v1/rerank and /v2/rerank) and /predict"
 
 # Past the drain timeout, what still runs is answered 503: a generation at once (the engine aborts it between steps),
@@ -81,6 +78,7 @@ class ServerState:
     startup_error: str | None = None
     user_health: Callable[[], Awaitable[bool]] | None = None  # a user model.py's `is_healthy`, read by readiness
     engine_started: asyncio.Event = field(default_factory=asyncio.Event)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,13 +107,6 @@ class ServerState:
             return _not_served_by_an_encoder(path)
         if self.generates and path in ENCODER_PATHS:
             return _not_served_by_a_decoder(path)
-        if self.generates and path in UNSERVED_GENERATION_PATHS:
-            return APIError(
-                f"{path} is not served: {UNSERVED_GENERATION_PATHS[path]}; this server's generation routes are "
-                f"{GENERATION_ROUTES}.",
-                status=404,
-                type="not_found_error",
-            )
         return None
 
     def engine_decoder(self) -> TextDecoder:

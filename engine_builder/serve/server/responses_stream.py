@@ -1,0 +1,138 @@
+"""The Responses API's stream: one choice's output pieces (what `OutputProcessor.feed` returns: content,
+reasoning_content, tool_calls) as OpenAI's typed events, each an SSE frame with its `event:` line and a
+`sequence_number` counting from 0. An item opens with `response.output_item.added` and closes with
+`response.output_item.done` when the next kind of output begins or the reply ends."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_builder.serve.server.generation import sse
+from engine_builder.serve.server.responses_input import new_item_id
+from engine_builder.serve.server.responses_output import (
+    function_call_item,
+    message_item,
+    output_text,
+    reasoning_item,
+    reasoning_text,
+)
+
+
+@dataclass
+class _OpenItem:
+    """An output item still receiving text: a message, a reasoning block or a call's arguments."""
+
+    index: int
+    kind: str
+    text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ResponseEvents:
+    def __init__(self) -> None:
+        self.sequence_number = 0
+        self.output: list[dict[str, Any]] = []  # the items so far, each as its last event showed it
+        self.open: _OpenItem | None = None
+        self.calls: dict[int, _OpenItem] = {}  # a chat tool call's index -> its function_call item
+        self.pending_logprobs: list[dict[str, Any]] = []  # of tokens before the message's first text
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        frame = sse({"type": kind, "sequence_number": self.sequence_number, **fields}, event=kind)
+        self.sequence_number += 1
+        return frame
+
+    def lifecycle(self, kind: str, response: dict[str, Any]) -> bytes:
+        """response.created / in_progress / completed / incomplete / failed, carrying the whole response."""
+        return self.event(kind, response=response)
+
+    def feed(self, piece: dict[str, Any], logprobs: list[dict[str, Any]]) -> list[bytes]:
+        """The events of one output piece; `logprobs` (of the tokens it came from) go with the message's text."""
+        frames: list[bytes] = []
+        if piece.get("reasoning_content"):
+            frames += self._text("reasoning", piece["reasoning_content"], [])
+        if piece.get("content"):
+            frames += self._text("message", piece["content"], logprobs)
+        else:
+            self.hold(logprobs)
+        for call in piece.get("tool_calls") or ():
+            frames += self._call(call)
+        return frames
+
+    def hold(self, logprobs: list[dict[str, Any]]) -> None:
+        """Logprobs of tokens without text of their own: the message's, sent with its next text or its done event."""
+        if self.open is not None and self.open.kind == "message":
+            self.open.logprobs += logprobs
+        else:
+            self.pending_logprobs += logprobs
+
+    def close(self, status: str = "completed") -> list[bytes]:
+        """End the item receiving text (`status`: incomplete when the reply was cut inside it)."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        where = {"item_id": self.output[item.index]["id"], "output_index": item.index}
+        if item.kind == "function_call":
+            done = {**self.output[item.index], "status": status, "arguments": item.text}
+            frames = [self.event("response.function_call_arguments.done", **where, arguments=item.text)]
+        elif item.kind == "reasoning":
+            part = reasoning_text(item.text)
+            done = reasoning_item(where["item_id"], status, [part])
+            frames = [
+                self.event("response.reasoning_text.done", **where, content_index=0, text=item.text),
+                self.event("response.content_part.done", **where, content_index=0, part=part),
+            ]
+        else:
+            part = output_text(item.text, item.logprobs)
+            done = message_item(where["item_id"], status, [part])
+            frames = [
+                self.event("response.output_text.done", **where, content_index=0, text=item.text, logprobs=item.logprobs),
+                self.event("response.content_part.done", **where, content_index=0, part=part),
+            ]
+        self.output[item.index] = done
+        frames.append(self.event("response.output_item.done", output_index=item.index, item=done))
+        return frames
+
+    def _begin(self, kind: str, item: dict[str, Any]) -> tuple[_OpenItem, list[bytes]]:
+        frames = self.close()
+        opened = _OpenItem(len(self.output), kind)
+        self.output.append(item)
+        self.open = opened
+        frames.append(self.event("response.output_item.added", output_index=opened.index, item=item))
+        return opened, frames
+
+    def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]]) -> list[bytes]:
+        frames: list[bytes] = []
+        item = self.open
+        if item is None or item.kind != kind:
+            item_id = new_item_id(kind)
+            empty = message_item(item_id, "in_progress", []) if kind == "message" else reasoning_item(
+                item_id, "in_progress", []
+            )
+            item, frames = self._begin(kind, empty)
+            part = output_text("", []) if kind == "message" else reasoning_text("")
+            where = {"item_id": item_id, "output_index": item.index, "content_index": 0}
+            frames.append(self.event("response.content_part.added", **where, part=part))
+        where = {"item_id": self.output[item.index]["id"], "output_index": item.index, "content_index": 0}
+        item.text += text
+        if kind == "message":
+            logprobs, self.pending_logprobs = self.pending_logprobs + logprobs, []
+            item.logprobs += logprobs
+            frames.append(self.event("response.output_text.delta", **where, delta=text, logprobs=logprobs))
+        else:
+            frames.append(self.event("response.reasoning_text.delta", **where, delta=text))
+        return frames
+
+    def _call(self, call: dict[str, Any]) -> list[bytes]:
+        frames: list[bytes] = []
+        function = call.get("function") or {}
+        if call.get("id") is not None:  # a new call: its item opens with empty arguments
+            empty = function_call_item(new_item_id("function_call"), "in_progress", call["id"], function["name"], "")
+            self.calls[call["index"]], frames = self._begin("function_call", empty)
+        item = self.calls[call["index"]]
+        delta = function.get("arguments") or ""
+        if delta:
+            if item is not self.open:
+                raise RuntimeError("arguments for a tool call whose item was closed")  # the parsers never do this
+            item.text += delta
+            where = {"item_id": self.output[item.index]["id"], "output_index": item.index}
+            frames.append(self.event("response.function_call_arguments.delta", **where, delta=delta))
+        return frames

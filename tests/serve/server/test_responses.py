@@ -1,0 +1,351 @@
+"""The Responses API (/v1/responses) against the chat path it is built on: the official openai SDK's
+`responses.create` (whole and streamed) and `responses.stream` helper (which checks the event order) as the oracles,
+chat completions with the same greedy settings as the reference for text, tokens and tool calls."""
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from openai import OpenAI
+from openai.types.responses import Response
+
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.protocol_responses import ResponsesRequest
+from engine_builder.serve.server.response_store import ResponseStore, StoredResponse
+from engine_builder.serve.server.responses_input import translate
+from engine_builder.serve.server.responses_stream import ResponseEvents
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import ServerProcess, StubEngine
+
+GREEDY: dict[str, Any] = {"model": "x", "temperature": 0}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": True,
+}
+COLOUR_FORMAT = {
+    "type": "json_schema",
+    "name": "pick",
+    "schema": {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+               "required": ["colour"], "additionalProperties": False},
+    "strict": True,
+}
+RESPONSE_KEYS = {
+    "id", "object", "created_at", "status", "error", "incomplete_details", "instructions", "max_output_tokens", "model",
+    "output", "parallel_tool_calls", "previous_response_id", "reasoning", "store", "temperature", "text", "tool_choice",
+    "tools", "top_p", "truncation", "usage", "user", "metadata",
+}
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    try:
+        return server.metric(name)
+    except KeyError:  # a labelled series appears with its first sample
+        return 0.0
+
+
+def chat_text(client: OpenAI, messages: list[dict[str, Any]], max_tokens: int, **fields: Any) -> Any:
+    return client.chat.completions.create(messages=messages, max_tokens=max_tokens, **GREEDY, **fields)
+
+
+# -- translation (no model) ---------------------------------------------------------------------------------------
+def test_items_become_chat_messages() -> None:
+    body = ResponsesRequest.model_validate(
+        {
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Call it."}]},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+                {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city":"Lyon"}'},
+                {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+                {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "19 C"}]},
+            ],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+            "max_output_tokens": 7,
+            "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
+        }
+    )
+    translation = translate(body, ResponseStore())
+    chat = translation.chat.model_dump(exclude_none=True)
+    roles = [(m["role"], m.get("tool_call_id")) for m in chat["messages"]]
+    assert roles == [("system", None), ("user", None), ("assistant", None), ("tool", "call_1"), ("tool", "call_2")]
+    assistant = chat["messages"][2]
+    assert assistant["reasoning_content"] == "Call it." and assistant["content"][0]["text"] == "Let me look."
+    assert [call["id"] for call in assistant["tool_calls"]] == ["call_1", "call_2"]
+    assert chat["tools"][0]["function"]["name"] == "get_weather" and chat["tools"][0]["function"]["strict"] is True
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert chat["max_completion_tokens"] == 7 and chat["response_format"]["json_schema"]["name"] == "w"
+    assert translation.sources == ["instructions", "input[0]", "input[2]", "input[5]", "input[6]"]
+    assert all(item["id"] for item in translation.input_items) and len(translation.input_items) == 7
+    error = translation.rename(APIError("x", param="messages[3].content"))
+    assert error.param == "input[5].content"
+    assert translation.rename(APIError("x", param="tools[0].function.parameters")).param == "tools[0].parameters"
+    assert translation.rename(APIError("x", param="response_format")).param == "text.format"
+
+
+def test_previous_response_items_come_first_and_instructions_are_not_inherited() -> None:
+    store = ResponseStore(capacity=2)
+    earlier = {"id": "resp_a", "output": [{"type": "message", "id": "msg_b", "role": "assistant", "status": "completed",
+                                             "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]}]}
+    store.put(StoredResponse(earlier, [{"type": "message", "id": "msg_a", "role": "user",
+                                        "content": [{"type": "input_text", "text": "Hi"}]}]))
+    body = ResponsesRequest.model_validate({"previous_response_id": "resp_a", "input": "And you?"})
+    chat = translate(body, store).chat
+    assert [(m.role, m.content[0].text) for m in chat.messages] == [  # type: ignore[index, union-attr]
+        ("user", "Hi"), ("assistant", "Hello!"), ("user", "And you?")
+    ]
+    for name in ("resp_b", "resp_c"):  # the oldest goes first
+        store.put(StoredResponse({"id": name, "output": []}, []))
+    assert store.get("resp_a") is None and len(store) == 2
+
+
+def test_stream_events_open_and_close_items_in_order() -> None:
+    events = ResponseEvents()
+    frames = events.feed({"reasoning_content": "Hmm."}, [])
+    frames += events.feed({"content": "Hi"}, [])
+    frames += events.feed({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                           "function": {"name": "f", "arguments": ""}}]}, [])
+    frames += events.feed({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, [])
+    frames += events.close()
+    kinds = [json.loads(frame.decode().split("data: ", 1)[1])["type"] for frame in frames]
+    assert kinds == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+    ]
+    assert [frame.decode().split("\n", 1)[0] for frame in frames] == [f"event: {kind}" for kind in kinds]
+    assert [item["type"] for item in events.output] == ["reasoning", "message", "function_call"]
+    assert events.output[2]["arguments"] == "{}" and events.sequence_number == len(kinds)
+
+
+def _state(api_keys: tuple[str, ...] = ()) -> ServerState:
+    return ServerState(settings=ServerSettings("m", api_keys=api_keys), engine=StubEngine(), renderer=None)
+
+
+def test_the_routes_need_the_api_key() -> None:
+    client = TestClient(create_app(_state(("secret",))), raise_server_exceptions=False)
+    for method, path in (("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+                         ("GET", "/v1/responses/resp_1/input_items"), ("POST", "/v1/responses/resp_1/cancel")):
+        assert client.request(method, path, json={"input": "hi"}).status_code == 401, path
+    found = client.get("/v1/responses/resp_1", headers={"Authorization": "Bearer secret"})
+    assert found.status_code == 404 and found.json()["error"]["param"] == "response_id"
+
+
+# -- through a server ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_text_usage_and_instructions_match_chat(server: ServerProcess, client: OpenAI) -> None:
+    before = metric(server, "engine_builder:e2e_request_latency_seconds_count")
+    raw = httpx.post(
+        f"{server.base_url}/v1/responses",
+        json={"input": "Name a colour.", "instructions": "Answer in one word.", "max_output_tokens": 12, **GREEDY},
+        timeout=120,
+    )
+    assert raw.status_code == 200, raw.text
+    data = raw.json()
+    assert RESPONSE_KEYS <= set(data) and data["object"] == "response" and data["id"].startswith("resp_")
+    response = Response.model_validate(data)
+    assert metric(server, "engine_builder:e2e_request_latency_seconds_count") == before + 1
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    chat = chat_text(client, messages, 12)
+    assert response.output_text == chat.choices[0].message.content and response.output_text
+    usage = response.usage
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (
+        chat.usage.prompt_tokens, chat.usage.completion_tokens
+    )
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert (response.status == "incomplete") == (chat.choices[0].finish_reason == "length")
+    [message] = response.output
+    assert message.type == "message" and message.id.startswith("msg_") and message.role == "assistant"
+    assert response.instructions == "Answer in one word." and response.store is True and response.tool_choice == "auto"
+
+    cut = client.responses.create(input="Count from one to twenty.", max_output_tokens=3, **GREEDY)
+    assert cut.status == "incomplete" and cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens" and cut.output[0].status == "incomplete"
+    assert cut.usage is not None and cut.usage.output_tokens == 3
+
+
+@pytest.mark.slow
+def test_previous_response_id_get_delete_and_store(client: OpenAI) -> None:
+    first = client.responses.create(input="My name is Ada.", max_output_tokens=8, **GREEDY)
+    second = client.responses.create(
+        previous_response_id=first.id, input="What is my name?", max_output_tokens=8, **GREEDY
+    )
+    history = [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    chat = chat_text(client, history, 8)
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage is not None and second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.previous_response_id == first.id
+
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [item.type for item in items.data] == ["message", "message", "message"]
+    assert items.data[1].id == first.output[0].id  # the first reply, inherited
+    newest = client.responses.input_items.list(second.id, limit=1)
+    assert newest.data[0].content[0].text == "What is my name?" and newest.has_more  # type: ignore[union-attr]
+
+    client.responses.delete(first.id)
+    for call in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id)):
+        with pytest.raises(openai.NotFoundError) as missing:
+            call()
+        assert first.id in missing.value.message
+    with pytest.raises(openai.BadRequestError) as gone:
+        client.responses.create(previous_response_id=first.id, input="Hi", max_output_tokens=2, **GREEDY)
+    assert gone.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
+
+    unstored = client.responses.create(input="Hi", max_output_tokens=2, store=False, **GREEDY)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(second.id)  # nothing runs in the background
+
+
+@pytest.mark.slow
+def test_forced_function_call_and_its_output_fed_back(client: OpenAI) -> None:
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    called = client.responses.create(
+        input=[question], tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},  # type: ignore[list-item]
+        max_output_tokens=40, **GREEDY,
+    )
+    [call] = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert call.id.startswith("fc_") and call.call_id  # type: ignore[union-attr]
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    chat = chat_text(client, [question], 40, tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert call.arguments == chat.choices[0].message.tool_calls[0].function.arguments
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 21}'}
+    fed = client.responses.create(
+        input=[question, call.model_dump(exclude_none=True), result],  # type: ignore[list-item]
+        tools=[WEATHER], tool_choice="none", max_output_tokens=10, **GREEDY,  # type: ignore[list-item]
+    )
+    chained = client.responses.create(
+        previous_response_id=called.id, input=[result], tools=[WEATHER], tool_choice="none",  # type: ignore[list-item]
+        max_output_tokens=10, **GREEDY,
+    )
+    history = [
+        question,
+        {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function",
+                                              "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature_c": 21}'},
+    ]
+    expected = chat_text(client, history, 10)
+    assert fed.output_text == chained.output_text == expected.choices[0].message.content
+    assert fed.usage is not None and fed.usage.input_tokens == expected.usage.prompt_tokens
+
+
+@pytest.mark.slow
+def test_json_schema_format(client: OpenAI) -> None:
+    response = client.responses.create(
+        input="Pick a colour.", max_output_tokens=30, text={"format": COLOUR_FORMAT}, **GREEDY,  # type: ignore[typeddict-item]
+    )
+    assert json.loads(response.output_text)["colour"] in ("red", "green", "blue")
+    assert response.text is not None and response.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                                 {"type": "input_image", "image_url": "https://x/y.png"}]}]},
+         "input[0].content[1].type"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"background": True}, "background"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"include": ["reasoning.encrypted_content"]}, "include[0]"),
+        ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+        ({"reasoning": {"effort": "high"}}, "reasoning.effort"),  # chat's refusal, renamed: SmolLM2 has no effort dial
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"previous_response_id": "resp_missing"}, "previous_response_id"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "string", "minLength": 1,
+                                                                           "pattern": "a"}}}}, "text.format.schema.minLength"),
+    ],
+)
+def test_refusals_name_the_field(server: ServerProcess, fields: dict[str, Any], param: str) -> None:
+    response = httpx.post(f"{server.base_url}/v1/responses", json={"input": "hi", **fields}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.slow
+def test_streamed_events_match_the_whole_response(client: OpenAI) -> None:
+    body: dict[str, Any] = {"input": "Write a short greeting.", "max_output_tokens": 10,
+                            "include": ["message.output_text.logprobs"], "top_logprobs": 2, **GREEDY}
+    whole = client.responses.create(**body)
+    events = list(client.responses.create(stream=True, **body))
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    final = events[-1]
+    assert kinds[-1] == ("response.incomplete" if whole.status == "incomplete" else "response.completed")
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == final.response.output_text == whole.output_text and deltas  # type: ignore[union-attr]
+    streamed_message, whole_message = final.response.output[0], whole.output[0]  # type: ignore[union-attr]
+    streamed_logprobs, whole_logprobs = streamed_message.content[0].logprobs, whole_message.content[0].logprobs  # type: ignore[union-attr]
+    assert [entry.token for entry in streamed_logprobs] == [entry.token for entry in whole_logprobs]
+    # bfloat16: the second run's prompt comes from the prefix cache, which moves logprobs a little
+    assert [entry.logprob for entry in streamed_logprobs] == pytest.approx([e.logprob for e in whole_logprobs], abs=0.05)
+    assert all(len(entry.top_logprobs) == 2 for entry in whole_logprobs)
+    assert len(whole_message.content[0].logprobs) >= whole.usage.output_tokens - 1  # type: ignore[union-attr]
+    streamed_usage, whole_usage = final.response.usage, whole.usage  # type: ignore[union-attr]
+    assert (streamed_usage.input_tokens, streamed_usage.output_tokens) == (whole_usage.input_tokens, whole_usage.output_tokens)
+    assert streamed_usage.input_tokens_details.cached_tokens > 0  # the same prompt again: read from the prefix cache
+
+    pick = {"input": "Pick a colour.", "max_output_tokens": 30, "text": {"format": COLOUR_FORMAT}, **GREEDY}
+    with client.responses.stream(**pick) as stream:  # the SDK's helper: it checks the events' order and identities
+        for _ in stream:
+            pass
+        helper = stream.get_final_response()
+    assert helper.status == "completed" and helper.output_text == client.responses.create(**pick).output_text
+
+    tool_body: dict[str, Any] = {"input": "Weather in Rome?", "tools": [WEATHER], "max_output_tokens": 40,
+                                 "tool_choice": {"type": "function", "name": "get_weather"}, **GREEDY}
+    with client.responses.stream(**tool_body) as stream:
+        arguments = "".join(event.delta for event in stream if event.type == "response.function_call_arguments.delta")
+        called = stream.get_final_response()
+    whole_call = client.responses.create(**tool_body).output[0]
+    assert arguments == called.output[0].arguments == whole_call.arguments  # type: ignore[union-attr]
+    assert json.loads(arguments)["city"]
+
+
+@pytest.mark.slow
+def test_the_raw_stream_is_openais_framing_and_a_disconnect_aborts(server: ServerProcess) -> None:
+    body = {"input": "Tell me a long story.", "max_output_tokens": 300, "stream": True, **GREEDY}
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json=body, timeout=60) as response:
+        frames = []
+        for frame in response.iter_text():
+            frames.append(frame)
+            if sum(text.count("response.output_text.delta") for text in frames) >= 4:
+                break
+    text = "".join(frames)
+    blocks = [block for block in text.split("\n\n") if block.strip()]
+    first_event, first_data = blocks[0].split("\n")[:2]
+    assert first_event == "event: response.created" and json.loads(first_data[len("data: "):])["sequence_number"] == 0
+    assert "[DONE]" not in text
+    deadline = time.monotonic() + 30
+    while server.metric("engine_builder:num_requests_running") != 0:  # the client left: the request was aborted
+        assert time.monotonic() < deadline, "the abandoned stream kept running"
+        time.sleep(0.2)
