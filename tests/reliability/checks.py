@@ -48,6 +48,24 @@ def stream_chunks(text: str) -> list[dict[str, Any]]:
     return chunks
 
 
+def response_events(text: str) -> list[dict[str, Any]]:
+    """Parsed events of a complete Responses API stream: each frame an `event:` line naming the data's type, then
+    its JSON; sequence numbers 0, 1, 2, ...; created first, completed or incomplete last; no error event."""
+    events = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block[:200]
+        event = json.loads(lines[1][len("data: ") :])
+        assert event["type"] == lines[0][len("event: ") :], block[:200]
+        events.append(event)
+    assert [event["sequence_number"] for event in events] == list(range(len(events))), text[:300]
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    return events
+
+
 def engine_gauges(server: ServerProcess) -> tuple[float, float]:
     """(requests running, KV cache fraction in use) from /metrics."""
     return (

@@ -17,13 +17,13 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation import GenerationMode
 
-from tests.reliability.checks import ENVELOPE_FIELDS, stream_chunks
+from tests.reliability.checks import ENVELOPE_FIELDS, response_events, stream_chunks
 from tests.serve.server.harness import ServerProcess
 
 pytestmark = pytest.mark.slow
 MIN_CASES = 1000
 EXAMPLES = {"POST": 150, "GET": 25}  # per operation and generation mode
-BUDGET_FIELDS = {"max_tokens": 4, "max_completion_tokens": 4, "min_tokens": 4, "n": 2}
+BUDGET_FIELDS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "min_tokens": 4, "n": 2}
 
 
 def _cheapen(body: Any) -> None:
@@ -53,7 +53,9 @@ def _check(case: Any, response: Any, failures: list[str], envelope_ok: Any) -> N
             failures.append(f"{label}: not the route's error envelope: {response.text[:300]}")
         return
     try:
-        if content_type.startswith("text/event-stream"):
+        if content_type.startswith("text/event-stream") and case.formatted_path == "/v1/responses":
+            response_events(response.text)
+        elif content_type.startswith("text/event-stream"):
             stream_chunks(response.text)
         elif content_type.startswith("application/json"):
             json.loads(response.text)

@@ -283,8 +283,11 @@ def test_routes_the_model_does_not_define_answer_404_naming_the_method() -> None
         response = client.post(path, json={"messages": [{"role": "user", "content": "x"}], "prompt": "x"})
         assert response.status_code == 404, response.text
         assert f"defines no `{method}`" in response.json()["error"]["message"]
-    for path in ("/tokenize", "/detokenize"):
-        response = client.post(path, json={"prompt": "x", "tokens": [1]})
+    for path in ("/tokenize", "/detokenize", "/v1/responses"):
+        response = client.post(path, json={"prompt": "x", "tokens": [1], "input": "x"})
+        assert response.status_code == 404 and "user model.py" in response.json()["error"]["message"]
+    for method in ("GET", "DELETE"):  # a stored response is the engine's too
+        response = client.request(method, "/v1/responses/resp_1")
         assert response.status_code == 404 and "user model.py" in response.json()["error"]["message"]
     no_predict = _client(_ChatOnly())
     response = no_predict.post("/v1/models/m:predict", json={"prompt": "x"})

@@ -15,9 +15,18 @@ from openai.types.responses import Response
 
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.protocol import (
+    ChatChoice,
+    ChatCompletionResponse,
+    FunctionCall,
+    ResponseMessage,
+    ResponseToolCall,
+    Usage,
+)
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.response_store import ResponseStore, StoredResponse
 from engine_builder.serve.server.responses_input import translate
+from engine_builder.serve.server.responses_output import finished, output_items, response_object
 from engine_builder.serve.server.responses_stream import ResponseEvents
 from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.serve.server.harness import ServerProcess, StubEngine
@@ -129,6 +138,45 @@ def test_stream_events_open_and_close_items_in_order() -> None:
     assert [frame.decode().split("\n", 1)[0] for frame in frames] == [f"event: {kind}" for kind in kinds]
     assert [item["type"] for item in events.output] == ["reasoning", "message", "function_call"]
     assert events.output[2]["arguments"] == "{}" and events.sequence_number == len(kinds)
+
+
+def test_a_reply_with_reasoning_and_a_call_as_the_sdk_reads_it() -> None:
+    """Reasoning, text and a call, whole (from a chat result) and streamed (the pieces an OutputProcessor gives),
+    read by the SDK: its Response model, and its stream accumulator, which refuses events out of order."""
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    body = ResponsesRequest.model_validate({"input": "hi", "tools": [WEATHER]})
+    call = ResponseToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Rome"}'))
+    message = ResponseMessage(content="Sure.", reasoning_content="Rome, then.", tool_calls=[call])
+    result = ChatCompletionResponse(id="x", created=0, model="m", usage=Usage.of(5, 9, 0, 4),
+                                    choices=[ChatChoice(index=0, message=message, finish_reason="tool_calls")])
+    items, cut = output_items(result)
+    whole = Response.model_validate(finished(response_object(body, "resp_1", "m", 0), items, cut, result.usage))
+    assert [item.type for item in whole.output] == ["reasoning", "message", "function_call"] and not cut
+    assert whole.output_text == "Sure." and whole.status == "completed" and whole.tools[0].strict is True
+    assert whole.usage is not None and whole.usage.output_tokens_details.reasoning_tokens == 4
+
+    events = ResponseEvents()
+    start = response_object(body, "resp_1", "m", 0)
+    frames = [events.lifecycle("response.created", start), events.lifecycle("response.in_progress", start)]
+    for piece in ({"reasoning_content": "Rome, then."}, {"content": "Sure."},
+                  {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": ""}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Rome"}'}}]}):
+        frames += events.feed(piece, [])
+    frames += events.close()
+    frames.append(events.lifecycle("response.completed", finished(start, events.output, False, result.usage)))
+    state: ResponseStreamState[Any] = ResponseStreamState(input_tools=[WEATHER], text_format=openai.omit)  # type: ignore[list-item]
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    for frame in frames:
+        state.handle_event(adapter.validate_python(json.loads(frame.decode().split("data: ", 1)[1])))
+    streamed = state._completed_response
+    assert streamed is not None and streamed.output_text == "Sure."
+    assert [(item.type, getattr(item, "arguments", None)) for item in streamed.output] == [
+        ("reasoning", None), ("message", None), ("function_call", '{"city":"Rome"}')
+    ]
 
 
 def _state(api_keys: tuple[str, ...] = ()) -> ServerState:

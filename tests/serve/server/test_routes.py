@@ -74,8 +74,8 @@ def test_models_health_ready_metrics(server: ServerProcess, client: OpenAI) -> N
     assert missing.value.body["code"] == "model_not_found" and "test-model" in missing.value.message
     assert httpx.post(f"{server.base_url}/ping").status_code == 200  # as vLLM, for SageMaker
     assert httpx.get(f"{server.base_url}/version").json()["version"]
-    responses = httpx.post(f"{server.base_url}/v1/responses", json={"model": "x", "input": "hi"})
-    assert responses.status_code == 404 and "/v1/chat/completions" in responses.json()["error"]["message"]
+    responses = httpx.post(f"{server.base_url}/v1/responses", json={"model": "x", "input": "hi", "max_output_tokens": 3})
+    assert responses.status_code == 200 and responses.json()["object"] == "response"  # tests/.../test_responses.py
     client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     text = httpx.get(f"{server.base_url}/metrics").text
     for name in [
