@@ -28,7 +28,7 @@ def _by_type(*models: type[StrictModel], untyped: str | None = None) -> Discrimi
         kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
         if kind is None and untyped is not None and isinstance(value, dict) and "role" in value:
             kind = untyped
-        return tags.get(kind, "OtherKind")
+        return tags.get(kind, "OtherKind") if isinstance(kind, str) else "OtherKind"
 
     return Discriminator(discriminate)
 

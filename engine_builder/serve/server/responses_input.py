@@ -128,7 +128,8 @@ def check_supported(body: ResponsesRequest) -> None:
         if isinstance(tool, OtherKind):
             raise unsupported(
                 f"tools[{index}].type",
-                f"{tool.type!r} is one of OpenAI's hosted tools; this server offers function tools only.",
+                f"Tools of type {tool.type!r} are not available: this server calls function tools only (OpenAI's "
+                "hosted tools run on OpenAI's side).",
             )
     if isinstance(body.tool_choice, OtherKind):
         raise unsupported("tool_choice", f"A tool_choice of type {body.tool_choice.type!r}; send auto, none, "

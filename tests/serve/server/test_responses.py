@@ -179,6 +179,20 @@ def test_a_reply_with_reasoning_and_a_call_as_the_sdk_reads_it() -> None:
     ]
 
 
+def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed() -> None:
+    from engine_builder.serve.server.serving_responses import _failure
+
+    events = ResponseEvents()
+    start = response_object(ResponsesRequest.model_validate({"input": "hi"}), "resp_1", "m", 0)
+    frames = [events.lifecycle("response.created", start), *events.feed({"content": "Hel"}, [])]
+    frames += _failure(events, start, APIError("The engine failed.", status=500, type="server_error"))
+    error, failure = (json.loads(frame.decode().split("data: ", 1)[1]) for frame in frames[-2:])
+    assert error["type"] == "error" and error["code"] == "server_error" and error["message"] == "The engine failed."
+    assert failure["type"] == "response.failed" and failure["sequence_number"] == error["sequence_number"] + 1
+    failed = Response.model_validate(failure["response"])
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+
+
 def _state(api_keys: tuple[str, ...] = ()) -> ServerState:
     return ServerState(settings=ServerSettings("m", api_keys=api_keys), engine=StubEngine(), renderer=None)
 
