@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -30,7 +31,9 @@ def _model_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def _param(item: dict) -> str | None:
+def _param(item: dict, indexed: bool = False) -> str | None:
+    """The field an error's location names: `messages.0.content`, or with `indexed`, `input[0].content` (the style
+    of the Responses API's own refusals)."""
     loc: list[str] = []
     tag_follows = False  # a tagged union's location names the chosen tag (`text`) next: not a field either
     for part in item.get("loc", ()):
@@ -46,7 +49,10 @@ def _param(item: dict) -> str | None:
         if tag_follows and not isinstance(part, int):
             tag_follows = False
             continue
-        loc.append(text)
+        if indexed and isinstance(part, int) and loc:
+            loc[-1] += f"[{part}]"
+        else:
+            loc.append(text)
     return ".".join(loc) or None
 
 
@@ -62,12 +68,12 @@ REPLACEMENTS = {
 }
 
 
-def validation_to_api_error(errors: Any) -> APIError:
+def validation_to_api_error(errors: Any, indexed: bool = False) -> APIError:
     """pydantic errors -> one 400 naming the bad field (unknown fields get OpenAI's wording); of a union's failed
-    branches, the one that got furthest into the value."""
+    branches, the one that got furthest into the value. `indexed` writes list indices in brackets (`input[0].role`)."""
     for item in errors:
         if item.get("type") == "extra_forbidden":
-            param = _param(item)
+            param = _param(item, indexed)
             hint = f" ({REPLACEMENTS[param]})" if param in REPLACEMENTS else ""
             return APIError(
                 f"Unrecognized request argument supplied: {param}{hint}",
@@ -76,7 +82,7 @@ def validation_to_api_error(errors: Any) -> APIError:
                 code="unrecognized_argument",
             )
     item = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
-    param = _param(item)
+    param = _param(item, indexed)
     message = item.get("msg", "Invalid request")
     if item.get("type") == "json_invalid":
         return APIError(
@@ -87,8 +93,9 @@ def validation_to_api_error(errors: Any) -> APIError:
     )
 
 
-async def parse_body(request: Request, model: Any) -> Any:
-    """Parse JSON ourselves so malformed bodies, bad UTF-8, NaN and deep nesting get a clean 400."""
+async def parse_body(request: Request, model: Any, to_error: Callable[[Any], APIError] = validation_to_api_error) -> Any:
+    """Parse JSON ourselves so malformed bodies, bad UTF-8, NaN and deep nesting get a clean 400; `to_error` turns
+    pydantic's errors into it."""
     from pydantic import ValidationError
 
     data = parse_json(await request.body())
@@ -97,7 +104,7 @@ async def parse_body(request: Request, model: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise validation_to_api_error(error.errors()) from None
+        raise to_error(error.errors()) from None
 
 
 def parse_json(raw: bytes) -> Any:

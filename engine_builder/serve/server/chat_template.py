@@ -297,7 +297,10 @@ def to_template_message(
             param=f"messages[{index}].tool_calls",
             code="unsupported_parameter",
         )
-    arguments = [_call_arguments(call.function.arguments, index) for call in message.tool_calls]
+    arguments = [
+        _call_arguments(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments")
+        for number, call in enumerate(message.tool_calls)
+    ]
     if history is CallHistory.AS_TEXT:
         written = call_text([(call.function.name, parsed) for call, parsed in zip(message.tool_calls, arguments, strict=True)])
         rendered["content"] = f"{rendered['content']}\n{written}" if rendered["content"] else written
@@ -309,16 +312,14 @@ def to_template_message(
     return rendered
 
 
-def _call_arguments(arguments: str | dict[str, Any], index: int) -> Any:
+def _call_arguments(arguments: str | dict[str, Any], path: str) -> Any:
     """Templates serialise arguments themselves: a JSON string would come out encoded twice."""
     if not isinstance(arguments, str):
         return arguments
     try:
         return json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError:
-        raise bad_request(
-            f"messages[{index}].tool_calls: function.arguments is not valid JSON.", param=f"messages[{index}].tool_calls"
-        ) from None
+        raise bad_request(f"{path} is not valid JSON.", param=path) from None
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0

@@ -7,7 +7,7 @@ refuses them by their path (`tools[2].type`, `input[0].content[1].type`) rather 
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
 from engine_builder.serve.server.protocol import StrictModel
 
@@ -217,8 +217,9 @@ class ResponsesRequest(StrictModel):
     prompt: Any = None
     max_tool_calls: Any = None
 
-    @model_validator(mode="after")
-    def _metadata_bounds(self) -> "ResponsesRequest":
-        if self.metadata is not None and len(self.metadata) > 16:
-            raise ValueError("metadata holds at most 16 keys")
-        return self
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None and len(metadata) > 16:
+            raise ValueError(f"at most 16 keys, not {len(metadata)}")
+        return metadata

@@ -41,22 +41,48 @@ def new_item_id(kind: str) -> str:
 
 
 @dataclass
+class Origins:
+    """Where each chat message came from: its source (`instructions`, `input[2]`, `previous_response_id`), and
+    for an assistant message the sources of its tool calls and of its reasoning; the tool messages (from
+    function_call_output items, whose `content` is the item's `output`)."""
+
+    messages: list[str] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)
+    reasoning: dict[int, str] = field(default_factory=dict)
+    outputs: set[int] = field(default_factory=set)
+
+
+@dataclass
 class ChatTranslation:
     """The chat request a Responses request runs, the conversation items it resolved (to store), and where each
     chat message came from (to name the Responses field in a refusal)."""
 
     chat: ChatCompletionRequest
     input_items: list[dict[str, Any]]
-    sources: list[str] = field(default_factory=list)
+    origins: Origins = field(default_factory=Origins)
+
+    @property
+    def sources(self) -> list[str]:
+        return self.origins.messages
 
     def rename(self, error: APIError) -> APIError:
-        return rename(error, self.sources)
+        return rename(error, self.origins)
 
 
-def rename(error: APIError, sources: list[str]) -> APIError:
-    """A chat refusal's `param` as the Responses field it came from (`messages[3].content` -> `input[1].content`,
-    `tools[0].function.strict` -> `tools[0].strict`, `response_format` -> `text.format`)."""
-    error.param = responses_param(error.param, sources)
+def rename(error: APIError, origins: Origins) -> APIError:
+    """A chat refusal as the Responses fields it came from, in its `param` and its message: `messages[3].content`
+    -> `input[1].content`, `messages[2].tool_calls[0].function.arguments` -> `input[2].arguments`,
+    `tools[0].function.strict` -> `tools[0].strict`, `response_format` -> `text.format`; advice that names a chat
+    field the Responses API lacks is replaced."""
+    advice = _ADVICE.get(error.param or "") if error.code == "unsupported_parameter" else None
+    if advice is not None:
+        error.message = advice
+    else:
+        error.message = _MESSAGE_IN_TEXT.sub(lambda found: _item_path(int(found[1] or found[2]), found[3], origins),
+                                             error.message)
+        for pattern, replacement in _CHAT_FIELDS_IN_TEXT:
+            error.message = pattern.sub(replacement, error.message)
+    error.param = responses_param(error.param, origins)
     return error
 
 
@@ -67,20 +93,86 @@ _CHAT_FIELDS = (
     (re.compile(r"^reasoning_effort$"), "reasoning.effort"),
     (re.compile(r"^logprobs$"), "include"),
 )
+# The same fields where a message names them (not `logprobs`, a word prose uses too).
+_CHAT_FIELDS_IN_TEXT: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (re.compile(r"(?<![\w.])tools(?:\[(\d+)\]|\.(\d+))\.function\b"), lambda found: f"tools[{found[1] or found[2]}]"),
+    (re.compile(r"(?<![\w.])response_format(\.json_schema)?\b"), "text.format"),
+    (re.compile(r"(?<![\w.])(max_tokens|max_completion_tokens)\b"), "max_output_tokens"),
+    (re.compile(r"(?<![\w.])reasoning_effort\b"), "reasoning.effort"),
+    (re.compile(r"^messages(?=:)"), "input"),  # pydantic's prefix: the field, not the word
+)
+_ADVICE = {  # chat's advice names chat fields; on this route, what to do instead
+    "reasoning_effort": "`reasoning.effort` is not supported by this server: this model's reasoning has no effort "
+    "setting (gpt-oss's has: low, medium, high). Leave it out.",
+}
 _MESSAGE = re.compile(r"^messages(?:\[(\d+)\]|\.(\d+))?")
+_MESSAGE_IN_TEXT = re.compile(r"(?<![\w.])messages(?:\[(\d+)\]|\.(\d+))((?:\.[A-Za-z_]\w*|\[\d+\]|\.\d+)*)")
+_CALL = re.compile(r"^\.tool_calls(?:\[(\d+)\]|\.(\d+))?(.*)$")
+_CALL_FIELDS = {".function.arguments": ".arguments", ".function.name": ".name", ".function": "", ".id": ".call_id"}
 
 
-def responses_param(param: str | None, sources: list[str]) -> str | None:
+def _item_path(index: int, rest: str, origins: Origins) -> str:
+    """Chat's `messages[index]<rest>` as the Responses field it came from. A stored response's items are named by
+    `previous_response_id` alone (they are not in the request); `instructions` is a string."""
+    if index >= len(origins.messages):
+        return "input"
+    source = origins.messages[index]
+    call = _CALL.match(rest)
+    if call is not None:  # a call of an assistant turn: the function_call item it came from
+        calls = origins.calls.get(index) or [source]
+        number = call[1] or call[2]
+        source = calls[int(number)] if number is not None and int(number) < len(calls) else calls[0]
+        rest = _CALL_FIELDS.get(call[3], call[3]) if number is not None else ""
+    elif rest == ".reasoning_content" and index in origins.reasoning:
+        source, rest = origins.reasoning[index], ".content"
+    elif index in origins.outputs:
+        rest = {".tool_call_id": ".call_id"}.get(rest, re.sub(r"^\.content", ".output", rest))
+    if source in ("previous_response_id", "instructions"):
+        return source
+    return source + re.sub(r"\.(\d+)", r"[\1]", rest)
+
+
+def responses_param(param: str | None, origins: Origins) -> str | None:
     if param is None:
         return None
     message = _MESSAGE.match(param)
     if message is not None:
         index = message.group(1) or message.group(2)
-        source = sources[int(index)] if index is not None and int(index) < len(sources) else "input"
-        return source + param[message.end():]
+        return "input" if index is None else _item_path(int(index), param[message.end():], origins)
     for pattern, replacement in _CHAT_FIELDS:
         param = pattern.sub(replacement, param)
     return param
+
+
+_EXPECTED = {  # what a value of a kind-discriminated field must be, for pydantic's "instance of OtherKind" error
+    "tool_choice": 'Input should be "none", "auto", "required" or {"type": "function", "name": ...}',
+    "input": "Input should be an item: a message {\"role\": ..., \"content\": ...}, or an object whose type is "
+    "message, function_call, function_call_output or reasoning",
+    "tools": 'Input should be a tool: {"type": "function", "name": ...}',
+    "content": 'Input should be a content part: {"type": "input_text", "text": ...}',
+    "output": 'Input should be a content part: {"type": "input_text", "text": ...}',
+    "format": 'Input should be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}',
+}
+
+
+def request_error(errors: Any) -> APIError:
+    """A Responses request that does not fit the schema: a 400 naming the field as this API's own refusals do
+    (`input[0].content[1]`), a kind-discriminated field's error saying what it must be (not pydantic's name for the
+    catch-all branch), a validator's message without pydantic's "Value error, " prefix."""
+    rewritten = []
+    for error in errors:
+        error = dict(error)
+        if error.get("type") == "model_type" and (error.get("ctx") or {}).get("class_name") == OtherKind.__name__:
+            name = re.sub(r"\[\d+\]$", "", _param_of(error)).rsplit(".", 1)[-1]
+            error["msg"] = _EXPECTED.get(name, "Input should be an object with a type")
+        elif error.get("type") == "value_error":
+            error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
+        rewritten.append(error)
+    return validation_to_api_error(rewritten, indexed=True)
+
+
+def _param_of(error: dict[str, Any]) -> str:
+    return validation_to_api_error([error], indexed=True).param or ""
 
 
 def check_supported(body: ResponsesRequest) -> None:
@@ -192,11 +284,15 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
         fields["tool_choice"] = {"type": "function", "function": {"name": body.tool_choice.name}}
     elif body.tool_choice is not None:
         fields["tool_choice"] = body.tool_choice
+    if not conversation.messages:
+        raise bad_request(
+            "input: the conversation holds no message to reply to; send at least one message item.", param="input"
+        )
     try:
         chat = ChatCompletionRequest.model_validate({key: value for key, value in fields.items() if value is not None})
     except ValidationError as error:
-        raise rename(validation_to_api_error(error.errors()), conversation.sources) from None
-    return ChatTranslation(chat, [*prior, *new_items], conversation.sources)
+        raise rename(validation_to_api_error(error.errors()), conversation.origins) from None
+    return ChatTranslation(chat, [*prior, *new_items], conversation.origins)
 
 
 def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
@@ -253,18 +349,27 @@ def _parts(content: str | list[ContentPart], role: str, path: str) -> list[Conte
 
 class ConversationBuilder:
     """Chat messages from Responses items: a function_call joins the assistant turn before it (a message or other
-    calls) or starts one; a reasoning item becomes the `reasoning_content` of the assistant turn after it."""
+    calls) or starts one; a reasoning item becomes the `reasoning_content` of the assistant turn after it. A
+    function_call cut by max_output_tokens (status incomplete: its arguments unfinished) was never made: it is left
+    out, with the reasoning that led to it, and an output sent for it is refused by its call_id."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
-        self.sources: list[str] = []
+        self.origins = Origins()
         self.reasoning: str | None = None
+        self.reasoning_source = ""
+        self.cut_calls: dict[str, str] = {}  # the call_id of an incomplete function_call -> where it came from
+
+    @property
+    def sources(self) -> list[str]:
+        return self.origins.messages
 
     def add(self, message: dict[str, Any], source: str) -> dict[str, Any]:
         if message["role"] == "assistant" and self.reasoning is not None:
             message["reasoning_content"], self.reasoning = self.reasoning, None
+            self.origins.reasoning[len(self.messages)] = self.reasoning_source
         self.messages.append(message)
-        self.sources.append(source)
+        self.origins.messages.append(source)
         return message
 
     def add_item(self, item: dict[str, Any], source: str) -> None:
@@ -273,18 +378,32 @@ class ConversationBuilder:
             parts = [_chat_part(part) for part in item["content"]]
             self.add({"role": item["role"], "content": parts}, source)
         elif kind == "function_call":
+            if item.get("status") == "incomplete":
+                self.cut_calls[item["call_id"]] = source
+                self.reasoning = None
+                return
             last = self.messages[-1] if self.messages else None
             if last is None or last["role"] != "assistant" or self.reasoning is not None:
                 last = self.add({"role": "assistant", "content": None}, source)
             function = {"name": item["name"], "arguments": item["arguments"]}
             last.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": function})
+            self.origins.calls.setdefault(len(self.messages) - 1, []).append(source)
         elif kind == "function_call_output":
+            cut = self.cut_calls.get(item["call_id"])
+            if cut is not None:
+                raise bad_request(
+                    f"{source}.call_id: the function call {item['call_id']!r} ({cut}) is incomplete: max_output_tokens "
+                    "cut it before its arguments were complete, so it was never made and has no output to send. "
+                    "Leave this item out (and call again with a larger max_output_tokens).",
+                    param=f"{source}.call_id",
+                )
             output = item["output"]
             content = output if isinstance(output, str) else [_chat_part(part) for part in output]
+            self.origins.outputs.add(len(self.messages))
             self.add({"role": "tool", "tool_call_id": item["call_id"], "content": content}, source)
         elif kind == "reasoning":
             texts = [part["text"] for part in item.get("content") or item.get("summary") or ()]
-            self.reasoning = "\n".join(texts)
+            self.reasoning, self.reasoning_source = "\n".join(texts), source
 
 
 def _chat_part(part: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from engine_builder.serve.server.app_helpers import parse_body, parse_json
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
+from engine_builder.serve.server.responses_input import request_error
 from engine_builder.serve.server.serving_chat import serve_chat
 from engine_builder.serve.server.serving_completions import serve_completion
 from engine_builder.serve.server.serving_responses import (
@@ -78,7 +79,7 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/responses", openapi_extra=_body(ResponsesRequest))
 async def responses(request: Request) -> Response:
-    body = await parse_body(request, ResponsesRequest)
+    body = await parse_body(request, ResponsesRequest, request_error)
     return await serve_response(_state(request), body, request)
 
 

@@ -104,9 +104,16 @@ async def stream_response(
 
 
 def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) -> list[bytes]:
-    """OpenAI's ending of a stream that failed: an `error` event, then `response.failed`."""
+    """OpenAI's ending of a stream that failed: the item being streamed closed as it stands (its done events,
+    status incomplete), an `error` event, then `response.failed`, whose output holds what was streamed."""
     code = "server_error" if error.status >= 500 else error.code or code_for(error.status)
+    try:
+        frames = events.close("incomplete")
+    except Exception:  # the failure came from the events themselves: end the stream without closing the item
+        logger.exception("closing the streamed item failed")
+        frames = []
     return [
+        *frames,
         events.event("error", code=code, message=error.message, param=error.param),
         events.lifecycle("response.failed", failed(response, events.output, code, error.message)),
     ]

@@ -132,7 +132,7 @@ def test_tool_call_arguments_that_are_not_json_are_refused_naming_the_call() -> 
     )
     with pytest.raises(APIError) as caught:
         to_template_message(request.messages[1], 1)
-    assert caught.value.param == "messages[1].tool_calls"
+    assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
 
 
 def test_a_legacy_function_message_is_refused_by_name() -> None:

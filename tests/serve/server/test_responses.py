@@ -97,7 +97,7 @@ def test_items_become_chat_messages() -> None:
     assert translation.sources == ["instructions", "input[0]", "input[2]", "input[5]", "input[6]"]
     assert all(item["id"] for item in translation.input_items) and len(translation.input_items) == 7
     error = translation.rename(APIError("x", param="messages[3].content"))
-    assert error.param == "input[5].content"
+    assert error.param == "input[5].output"  # a function_call_output: its content is the item's output
     assert translation.rename(APIError("x", param="tools[0].function.parameters")).param == "tools[0].parameters"
     assert translation.rename(APIError("x", param="response_format")).param == "text.format"
 
@@ -191,6 +191,166 @@ def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed
     assert failure["type"] == "response.failed" and failure["sequence_number"] == error["sequence_number"] + 1
     failed = Response.model_validate(failure["response"])
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+
+
+def _frame_data(frame: bytes) -> dict[str, Any]:
+    return json.loads(frame.decode().split("data: ", 1)[1])
+
+
+def test_a_failed_stream_closes_the_streamed_item_and_keeps_its_text() -> None:
+    """The drain timeout (or any failure) ending a stream mid-reply: the open item's done events, status
+    incomplete, then `error` and `response.failed`, whose output holds the text streamed; the SDK's accumulator
+    reads it all."""
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from engine_builder.serve.server.serving_responses import _failure
+
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    body = ResponsesRequest.model_validate({"input": "hi", "tools": [WEATHER]})
+    for pieces, kind in (
+        ([{"content": "Hel"}, {"content": "lo"}], "message"),
+        ([{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"city":'}}]}], "function_call"),
+    ):
+        events = ResponseEvents()
+        start = response_object(body, "resp_1", "m", 0)
+        frames = [events.lifecycle("response.created", start)]
+        for piece in pieces:
+            frames += events.feed(piece, [])
+        frames += _failure(events, start, APIError("The server is shutting down.", status=503, code="draining"))
+        kinds = [_frame_data(frame)["type"] for frame in frames]
+        assert kinds[-3:] == ["response.output_item.done", "error", "response.failed"], kinds
+        done, failure = _frame_data(frames[-3])["item"], _frame_data(frames[-1])["response"]
+        assert done["status"] == "incomplete" and failure["output"] == [done]
+        failed = Response.model_validate(failure)
+        assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+        if kind == "message":
+            assert kinds[-5:-3] == ["response.output_text.done", "response.content_part.done"]
+            assert failed.output_text == "Hello"
+        else:
+            assert kinds[-4] == "response.function_call_arguments.done"
+            assert failed.output[0].arguments == '{"city":'  # type: ignore[union-attr]
+        state: ResponseStreamState[Any] = ResponseStreamState(input_tools=[WEATHER], text_format=openai.omit)  # type: ignore[list-item]
+        for frame in frames:
+            state.handle_event(adapter.validate_python(_frame_data(frame)))
+
+
+def _stored(store: ResponseStore, response_id: str, output: list[dict[str, Any]]) -> None:
+    question = {"type": "message", "id": "msg_q", "role": "user", "content": [{"type": "input_text", "text": "Rome?"}]}
+    store.put(StoredResponse({"id": response_id, "output": output}, [question]))
+
+
+@pytest.mark.parametrize("arguments", ['{"city":', ""])
+def test_a_call_cut_by_max_output_tokens_is_left_out_of_the_next_turn(arguments: str) -> None:
+    """A response that max_output_tokens cut inside a function call (its item incomplete, arguments unfinished or
+    not begun) still continues: the call was never made, so the next turn does not see it (chat would refuse its
+    arguments, and the client could not repair a stored response); an output sent for it is refused by name."""
+    from engine_builder.serve.server.chat_template import to_template_message
+
+    store = ResponseStore()
+    reasoning = {"type": "reasoning", "id": "rs_1", "summary": [], "status": "completed",
+                 "content": [{"type": "reasoning_text", "text": "Call it."}]}
+    cut = {"type": "function_call", "id": "fc_1", "status": "incomplete", "call_id": "call_cut",
+           "name": "get_weather", "arguments": arguments}
+    _stored(store, "resp_cut", [reasoning, cut])
+    body = ResponsesRequest.model_validate({"previous_response_id": "resp_cut", "input": "Never mind. Say hi.",
+                                            "tools": [WEATHER]})
+    chat = translate(body, store).chat
+    assert [(m.role, m.tool_calls, m.reasoning_content) for m in chat.messages] == [
+        ("user", None, None), ("user", None, None)
+    ]
+    for index, message in enumerate(chat.messages):  # as the server renders them: nothing refused
+        to_template_message(message, index)
+
+    output = {"type": "function_call_output", "call_id": "call_cut", "output": "sunny"}
+    for fields in ({"previous_response_id": "resp_cut", "input": [output]},
+                   {"input": [{"role": "user", "content": "Rome?"}, cut, output]}):  # sent back whole (store false)
+        with pytest.raises(APIError) as refused:
+            translate(ResponsesRequest.model_validate({**fields, "tools": [WEATHER]}), store)
+        source = "previous_response_id" if "previous_response_id" in fields else "input[1]"
+        param = "input[0].call_id" if "previous_response_id" in fields else "input[2].call_id"
+        assert (refused.value.status, refused.value.param) == (400, param)
+        assert "call_cut" in refused.value.message and "incomplete" in refused.value.message
+        assert source in refused.value.message
+
+    done = {**cut, "id": "fc_2", "status": "completed", "call_id": "call_ok", "arguments": '{"city":"Rome"}'}
+    _stored(store, "resp_ok", [done])  # a finished call is still fed back, and its output with it
+    chained = translate(ResponsesRequest.model_validate(
+        {"previous_response_id": "resp_ok", "input": [{**output, "call_id": "call_ok"}], "tools": [WEATHER]}
+    ), store).chat
+    assert [m.role for m in chained.messages] == ["user", "assistant", "tool"]
+
+
+def test_chat_refusals_name_the_responses_fields_in_the_message_too() -> None:
+    """A refusal from the chat path is named by the Responses field it came from, in `param` and in the message:
+    the item's own index (not chat's, which `instructions` shifts) and field, and advice for this route."""
+    from engine_builder.serve.server.chat_template import to_template_message
+    from engine_builder.serve.server.errors import unsupported
+    from engine_builder.serve.server.serving_chat import reasoning_effort
+
+    body = ResponsesRequest.model_validate({
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": "x"},
+            {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Hmm."}]},
+            {"type": "function_call", "call_id": "c0", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "not json"},
+            {"type": "function_call_output", "call_id": "c0", "output": [{"type": "input_text", "text": "1"}]},
+        ],
+    })
+    translation = translate(body, ResponseStore())
+    with pytest.raises(APIError) as caught:
+        to_template_message(translation.chat.messages[2], 2)
+    error = translation.rename(caught.value)
+    assert error.param == "input[3].arguments" and error.message == "input[3].arguments is not valid JSON."
+    for chat_param, param in (
+        ("messages[2].tool_calls[0].id", "input[2].call_id"),
+        ("messages[2].reasoning_content", "input[1].content"),
+        ("messages.3.content.0.text", "input[4].output[0].text"),
+        ("messages[3].tool_call_id", "input[4].call_id"),
+        ("messages[0].content", "instructions"),
+        ("tools.0.function.parameters", "tools[0].parameters"),
+        ("max_completion_tokens", "max_output_tokens"),
+    ):
+        renamed = translation.rename(APIError(f"{chat_param}: wrong.", param=chat_param))
+        assert (renamed.param, renamed.message) == (param, f"{param}: wrong."), chat_param
+
+    state = _state()
+    with pytest.raises(APIError) as effort:
+        reasoning_effort(state, translation.chat.model_copy(update={"reasoning_effort": "low"}))
+    refused = translation.rename(effort.value)
+    assert refused.param == "reasoning.effort" and "reasoning.effort" in refused.message
+    assert "chat_template_kwargs" not in refused.message and "reasoning_effort" not in refused.message
+    assert translation.rename(unsupported("response_format")).message.startswith("`text.format` is not supported")
+    with pytest.raises(APIError) as empty:
+        translate(ResponsesRequest.model_validate({"input": []}), ResponseStore())
+    assert empty.value.param == "input" and "messages" not in empty.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"tool_choice": "sometimes"}, "tool_choice", '"none", "auto", "required" or {"type": "function"'),
+        ({"input": [None]}, "input[0]", "function_call_output"),
+        ({"input": [{"role": "user", "content": [None]}]}, "input[0].content[0]", "input_text"),
+        ({"tools": [None]}, "tools[0]", '"function"'),
+        ({"text": {"format": "json"}}, "text.format", "json_schema"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "'user'"),
+        ({"tools": [{"type": "function"}]}, "tools[0].name", "required"),
+        ({"metadata": {str(key): "v" for key in range(17)}}, "metadata", "at most 16 keys"),
+    ],
+)
+def test_schema_errors_name_the_field_as_the_refusals_do(fields: dict[str, Any], param: str, says: str) -> None:
+    """A body that does not fit the schema: the field in the style of this API's own refusals (`input[0].role`),
+    what it must be (never the catch-all branch's class name), `metadata` named."""
+    client = TestClient(create_app(_state()), raise_server_exceptions=False)
+    response = client.post("/v1/responses", json={"input": "hi", **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(f"{param}: ") and says in error["message"], error
+    assert "OtherKind" not in error["message"] and "Value error" not in error["message"]
 
 
 def _state(api_keys: tuple[str, ...] = ()) -> ServerState:
@@ -344,12 +504,21 @@ def test_json_schema_format(client: OpenAI) -> None:
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "string", "minLength": 1,
                                                                            "pattern": "a"}}}}, "text.format.schema.minLength"),
+        ({"instructions": "Be brief.", "input": [  # refused while rendering, by chat: named by the item, not chat's index
+            {"role": "user", "content": "x"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "not json"},
+            {"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[1].arguments"),
+        ({"input": [{"role": "user", "content": []}]}, "input[0].content"),
     ],
 )
 def test_refusals_name_the_field(server: ServerProcess, fields: dict[str, Any], param: str) -> None:
     response = httpx.post(f"{server.base_url}/v1/responses", json={"input": "hi", **fields}, timeout=60)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, response.text
+    for chat_name in ("messages[", "messages.", "messages:", "reasoning_effort", "response_format", "chat_template_kwargs",
+                      "max_completion_tokens"):
+        assert chat_name not in error["message"], response.text
 
 
 @pytest.mark.slow
