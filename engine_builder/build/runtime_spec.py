@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from engine_builder.build.config import LoadedConfig, TrtLlmConfigV1
+from engine_builder.build.errors import BuildError
 from engine_builder.build.torch_fields import tensor_parallel_size
 from engine_builder.common.artifact import LookaheadSettings, LoraAdapter, RuntimeSpec, SchedulingSpec
-from engine_builder.common.model_facts import mentions_matryoshka, read_model_facts
+from engine_builder.common.model_facts import NoVocabSize, mentions_matryoshka, read_model_facts
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.trtllm.specs import LlmSpec
 
@@ -62,8 +63,10 @@ def runtime_spec(
 def _eos_token_ids(model_dir: Path) -> tuple[int, ...]:
     try:
         return read_model_facts(model_dir).eos_token_ids
-    except ValueError:  # no vocab_size: not a decoder folder, and nothing to stop on
+    except NoVocabSize:  # not a decoder folder, and nothing to stop on
         return ()
+    except ValueError as error:  # a generation_config.json that does not parse: its stop tokens would be lost
+        raise BuildError(f"The checkpoint's {error}; fix or remove the file and rebuild.") from None
 
 
 def _relative_spec(spec: LlmSpec, engine_root: Path) -> dict[str, Any]:

@@ -13,10 +13,17 @@ class ModelFacts:
     eos_token_ids: tuple[int, ...]
 
 
+class NoVocabSize(ValueError):
+    """config.json names no vocab_size: not a decoder's folder."""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:  # a broken file is not an absent one (no stop tokens)
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -25,7 +32,7 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
     text_config = config.get("text_config") or {}
     vocab_size = config.get("vocab_size") or text_config.get("vocab_size")
     if not isinstance(vocab_size, int):
-        raise ValueError(f"{model_dir / 'config.json'} has no vocab_size; the engine directory is incomplete")
+        raise NoVocabSize(f"{model_dir / 'config.json'} has no vocab_size; the engine directory is incomplete")
     eos: Any = None
     for source in (_read_json(model_dir / "generation_config.json"), config, text_config):
         eos = source.get("eos_token_id")

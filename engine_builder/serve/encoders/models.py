@@ -151,6 +151,23 @@ def collate(items: list[EncodedInput], *, pad_token_id: int, device: torch.devic
     )
 
 
+def _check_loaded(model_dir: Path, loading: dict[str, Any], task: EncoderTask) -> None:
+    """Refuse a checkpoint that lacks weights the model computes with: transformers fills them with random values
+    and warns, and the server answered random vectors with a healthy status (probe W). An embedding model's unused
+    pooler (the server pools the last hidden states itself) may be absent."""
+    missing = sorted(
+        key
+        for key in loading.get("missing_keys", ())
+        if not (task is not EncoderTask.CLASSIFICATION and key.split(".")[0] == "pooler")
+    )
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"{model_dir} lacks weights the model needs ({shown}): the checkpoint is incomplete; served, they would "
+            "be random. Use the complete checkpoint and rebuild."
+        )
+
+
 class EncoderModel:
     """A loaded encoder: `forward(items)` returns float32 rows on the CPU (pooled vectors or logits)."""
 
@@ -211,11 +228,14 @@ class EncoderModel:
             AutoModelForSequenceClassification if config.task is EncoderTask.CLASSIFICATION else AutoModel
         )
         try:
-            module = auto_class.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
+            module, loading = auto_class.from_pretrained(
+                str(model_dir), dtype=dtype, trust_remote_code=False, output_loading_info=True
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(
                 f"transformers cannot load {model_dir} ({config.architecture}) without remote code: {exc}"
             ) from exc
+        _check_loaded(model_dir, loading, config.task)
         module.to(torch.device(device)).eval()
         return cls(
             module,

@@ -298,3 +298,29 @@ def test_truncation_tokenizes_only_the_kept_end_and_keeps_the_same_tokens(
         finally:
             tokenizer._truncating = original  # type: ignore[method-assign]
         assert 0 < recorder.longest_chars < 100_000
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_served_random(minilm_dir: Path, tmp_path: Path) -> None:
+    """transformers fills missing weights with random values and only warns: an embedding model without its word
+    embeddings served random vectors with a healthy status (probe W). Its unused pooler may be absent."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine_builder.serve.encoders.errors import ModelLoadError
+
+    def without(prefix: str) -> Path:
+        target = tmp_path / prefix.replace(".", "_")
+        shutil.copytree(minilm_dir, target)
+        weights = load_file(str(minilm_dir / "model.safetensors"))
+        kept = {name: tensor for name, tensor in weights.items() if not name.removeprefix("bert.").startswith(prefix)}
+        assert len(kept) < len(weights), prefix
+        save_file(kept, str(target / "model.safetensors"), metadata={"format": "pt"})
+        return target
+
+    with pytest.raises(ModelLoadError, match=r"lacks weights the model needs \(embeddings\.word_embeddings\.weight\)"):
+        EncoderEngine.from_model_dir(
+            without("embeddings.word_embeddings"), kind="encoder_bert", max_num_tokens=1024, max_batch_size=8
+        )
+    no_pooler = EncoderEngine.from_model_dir(without("pooler"), kind="encoder_bert", max_num_tokens=1024, max_batch_size=8)
+    assert no_pooler.info.max_input_length > 0
