@@ -1,10 +1,12 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
 sentence-transformers module folders, safetensors weights (with an index, only the shards it lists) and the model
 card (README.md at the root: the build reads an encoder's Matryoshka training from it); other weight formats (.bin,
-.pt, .onnx, .msgpack, .h5...), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
+.pt, .onnx, .msgpack, .h5...; but a sentence-transformers Dense layer's `N_Dense/pytorch_model.bin`, which the
+server reads with torch's weights_only loader), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +26,8 @@ SKIPPED_FOLDERS = frozenset(
 SKIPPED_NAMES = frozenset({"LICENSE.txt", "trainer_state.json", "training_args.json"})
 SKIPPED_PREFIXES = ("optimizer", "scheduler", "rng_state", "training_args")
 MODEL_CARD = "README.md"
+ST_MODULE_FOLDER = re.compile(r"^\d+_\w+$")  # sentence-transformers' module folders: 1_Pooling, 2_Dense
+ST_MODULE_PICKLE = "pytorch_model.bin"
 
 
 def is_weight_file(path: str) -> bool:
@@ -40,6 +44,8 @@ def is_needed(path: str) -> bool:
     name = parts[-1]
     if name in SKIPPED_NAMES or name.startswith(SKIPPED_PREFIXES):
         return False
+    if len(parts) == 2 and ST_MODULE_FOLDER.match(parts[0]) and name == ST_MODULE_PICKLE:
+        return True  # a Dense layer saved by older sentence-transformers (read with weights_only)
     return PurePosixPath(name).suffix in NEEDED_SUFFIXES
 
 

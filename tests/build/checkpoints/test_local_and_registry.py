@@ -46,8 +46,12 @@ def test_selection_keeps_model_files_only() -> None:
         "modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors", "pytorch_model.bin", "model.onnx",
         "onnx/model.onnx", "onnx/config.json", "flax_model.msgpack", "tf_model.h5", "README.md", ".gitattributes",
         "docs/README.md", "optimizer.pt", "trainer_state.json", "modeling_custom.py", "rng_state_0.pth", "images/logo.png",
+        "3_Dense/pytorch_model.bin", "3_Dense/config.json", "checkpoint-5/pytorch_model.bin", "a/b/pytorch_model.bin",
     ]  # fmt: skip
+    # an older sentence-transformers Dense layer's pickle is kept (the server reads it with weights_only; the build
+    # dropped it and serve then failed, probe W), no other .bin
     assert needed_paths(listing) == sorted([
+        "3_Dense/pytorch_model.bin", "3_Dense/config.json",
         "1_Pooling/config.json", "2_Dense/model.safetensors", "chat_template.jinja", "config.json",
         "generation_config.json", "merges.txt", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
         "modules.json", "README.md", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt",
