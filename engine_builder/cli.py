@@ -3,7 +3,9 @@
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from engine_builder import __version__
@@ -14,6 +16,7 @@ from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, Incompatible
 from engine_builder.common.backend_choice import BackendUnavailableError
 
 EXIT_INVALID = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 
 # Third-party loggers kept at WARNING even under -v: their DEBUG/INFO lines dump request headers, and the storage
@@ -99,10 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted build job, `docker stop`): the work stops as on Ctrl-C, its staging folder removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command == "build" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # serving has its own (the drain), which uvicorn re-raises
     try:
         return int(args.handler(args))
     except ConfigError as error:
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(__name__).debug("failed", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Terminated:
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         return 130
 

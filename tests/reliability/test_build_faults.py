@@ -102,3 +102,18 @@ def test_kill_9_during_a_rebuild_keeps_the_old_engine(tmp_path: Path, smollm2_di
     _assert_complete(output, smollm2_dir)
     assert (output / "manifest.json").read_text() != before
     assert _staging(output) == []
+
+
+def test_sigterm_stops_a_build_as_ctrl_c_does(tmp_path: Path, smollm2_dir: Path) -> None:
+    """SIGTERM is what a preempted build job gets: it left the staging folder behind, with no exit status the
+    README lists (probe W). It now stops the build as Ctrl-C does: staging removed, exit 143."""
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    output = tmp_path / "engine"
+    build = _start_build(config, output, pause_s=120)
+    deadline = time.monotonic() + 180
+    while not (_own_staging(output, build) / "manifest.json").exists():
+        assert build.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=60) == 143
+    assert not output.exists() and _staging(output) == []
