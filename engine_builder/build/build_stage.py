@@ -97,6 +97,11 @@ def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> Non
         _check_output_outside(output, checkpoint)
     if target.exists() and not target.is_dir():
         raise BuildError(f"refusing to build into {output}: it is a file, not a folder")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BuildError(f"cannot build into {output}: {parent} is a file, not a folder")
+            break
     if not force and target.is_dir() and not is_engine_dir(target) and any(target.iterdir()):
         raise BuildError(
             f"refusing to build into {output}: it is a folder with files in it and no {MANIFEST_FILE} (not an "

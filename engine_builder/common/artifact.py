@@ -400,11 +400,15 @@ def _pause_for_tests() -> None:
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write a file through a temp name and a rename, so readers never see half of it."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.replace(path)
+    except OSError as error:  # a full disk, say: no temp file left behind, and the error names the file
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"writing {path}: {error.strerror}") from error
 
 
 def _fsync_tree(root: Path) -> None:

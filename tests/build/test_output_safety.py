@@ -60,6 +60,7 @@ def test_refuses_outputs_it_would_destroy(tmp_path: Path, smollm2_dir: Path) -> 
         project: "the config's folder",
         tmp_path: "refusing to build into",  # above the config and the working folder
         a_file: "is a file",
+        a_file / "engine": "a-file is a file, not a folder",  # was "[Errno 17] File exists" (probe W)
     }
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -203,3 +204,31 @@ def test_replacing_an_engine_swaps_it_in_one_step_and_a_killed_swap_is_undone(tm
     with pytest.raises(RuntimeError), atomic_engine_dir(final):
         raise RuntimeError("this build fails too")
     assert (final / "which").read_text() == "new" and not retired.exists()
+
+
+def test_an_atomic_write_that_fails_leaves_no_temp_file_and_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk left `.manifest.json.tmp-PID` in the engine and said only "[Errno 28] No space left" (probe W)."""
+    import errno
+
+    from engine_builder.common import artifact
+
+    class FullDisk:  # the temp file is created, then its write fails
+        def __init__(self, path: Path, mode: str) -> None:
+            Path(path).write_bytes(b"half")
+
+        def __enter__(self) -> "FullDisk":
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifact, "open", FullDisk, raising=False)
+    target = tmp_path / "manifest.json"
+    with pytest.raises(OSError, match=r"writing .*manifest\.json: No space left on device") as raised:
+        artifact.write_atomic(target, "{}")
+    assert raised.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
