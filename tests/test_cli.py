@@ -277,6 +277,11 @@ def _edited(**changes: object) -> str:
             "(extra.model_files['a'] is [1, 2, 3], not [size, mtime_ns] or [size, mtime_ns, sha256])",
         ),
         (_edited(schema_version="2"), "(schema_version is '2', not an integer)"),
+        # probe W: a max_num_tokens of 0 left the server never ready, eos_token_ids 2 a TypeError traceback
+        (_edited(max_num_tokens=0), "(max_num_tokens is 0, not a positive integer)"),
+        (_edited(max_batch_size="8"), "(max_batch_size is '8', not a positive integer)"),
+        (_edited(runtime__eos_token_ids=2), "(runtime.eos_token_ids is 2, not a list of token ids)"),
+        (_edited(runtime__eos_token_ids=["x"]), "(runtime.eos_token_ids is ['x'], not a list of token ids)"),
     ],
 )
 def test_serve_of_a_manifest_of_the_wrong_shape_is_one_line(

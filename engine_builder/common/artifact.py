@@ -122,6 +122,9 @@ class RuntimeSpec:
         if values.get("lookahead") is not None:
             values["lookahead"] = LookaheadSettings(**_json_object(values["lookahead"], "runtime.lookahead"))
         _json_object(values.get("options", {}), "runtime.options")
+        eos = values.get("eos_token_ids")
+        if not isinstance(eos, list) or not all(_is_count(token, minimum=0) for token in eos):
+            raise ValueError(f"runtime.eos_token_ids is {eos!r}, not a list of token ids")
         return cls(**values)
 
 
@@ -169,6 +172,9 @@ class Manifest:
                 f"engine manifest schema version {version} (builder {data.get('builder_version')}) is not "
                 f"readable by this server (schema {MANIFEST_SCHEMA_VERSION}, builder {__version__}): {fix}"
             )
+        for name in ("max_seq_len", "max_batch_size", "max_num_tokens"):
+            if not _is_count(data.get(name), minimum=1):
+                raise ValueError(f"{name} is {data.get(name)!r}, not a positive integer")
         data["source"] = SourceInfo(**_json_object(data["source"], "source"))
         data["runtime"] = RuntimeSpec.from_dict(data.get("runtime") or {"eos_token_ids": []})
         data["extra"] = _json_object(data.get("extra", {}), "extra")
@@ -180,6 +186,10 @@ class Manifest:
                 f"engine manifest has fields this server does not know ({sorted(unknown)}): rebuild the engine"
             )
         return cls(**data)
+
+
+def _is_count(value: Any, *, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _json_type(value: Any) -> str:
