@@ -227,6 +227,8 @@ def _build_engine_locked(
     )
     if backend == "torch" and not build.base_model.is_encoder:
         _check_torch_decoder(fetched.path, build.quantization_type, tensor_parallel_size(stack))
+        if not dummy:
+            _check_decoder_weights(fetched.path)
     adapters = []
     if build.lora_adapters:
         from engine_builder.build.lora_adapters import fetch_lora_adapters
@@ -497,6 +499,22 @@ def _check_torch_decoder(model_dir: Path, quantization: QuantizationType, tensor
                 f"trt_llm.build.tensor_parallel_count {tensor_parallel}: only {torch.cuda.device_count()} GPU(s) are "
                 "visible to the build"
             )
+
+
+def _check_decoder_weights(model_dir: Path) -> None:
+    """The torch engine's loader run over the checkpoint's safetensors headers (no weight read): a tensor missing,
+    of the wrong shape or of an integer dtype, or a config.json that does not fit the weights, fails here rather
+    than at the first serve."""
+    from engine_builder.engine.models import UnsupportedArchitectureError
+    from engine_builder.engine.models.loader import check_decoder_checkpoint
+
+    try:
+        check_decoder_checkpoint(model_dir)
+    except (UnsupportedArchitectureError, ValueError, TypeError, KeyError) as error:
+        raise BuildError(
+            f"the checkpoint's weights do not fit its config.json for the torch engine: {error}; use a complete, "
+            "unmodified checkpoint"
+        ) from None
 
 
 _TORCH_QUANTIZATION = frozenset(

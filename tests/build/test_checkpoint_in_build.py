@@ -95,3 +95,23 @@ def test_inline_secret_values_stay_out_of_the_engine(tmp_path: Path, smollm2_dir
 def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_weights_that_do_not_fit_the_config_fail_the_build(tmp_path: Path, smollm2_dir: Path) -> None:
+    """A config.json with one layer more than the weights built with exit 0 and failed at serve (probe W): the
+    build now runs the loader over the safetensors headers."""
+    import json
+    import os
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(smollm2_dir, checkpoint, copy_function=os.link)
+    config_file = checkpoint / "config.json"
+    document = json.loads(config_file.read_text())
+    document["num_hidden_layers"] += 1
+    config_file.unlink()  # a hard link to the original: replaced, not edited
+    config_file.write_text(json.dumps(document))
+    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    with pytest.raises(BuildError, match=r"weights do not fit its config\.json .*layers\.30"):
+        build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
+    assert not (tmp_path / "engine").exists()

@@ -77,11 +77,27 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
+def check_decoder_checkpoint(model_dir: Path) -> None:
+    """What `load_decoder` would refuse, found from the checkpoint's tensor names, shapes and dtypes alone (no
+    weight is read, nothing allocated): the build runs it, so a checkpoint the engine cannot load fails the build,
+    not the first serve. Quantized and MXFP4 checkpoints are left to the load (their scales must be read)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("quantization_config") or (model_dir / "hf_quant_config.json").exists():
+        return
+    load_decoder(model_dir, torch.bfloat16, torch.device("meta"), metadata_only=True)
+
+
 def load_decoder(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, dummy: bool = False, tp: TensorParallel | None = None
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    dummy: bool = False,
+    tp: TensorParallel | None = None,
+    metadata_only: bool = False,
 ) -> DecoderModel:
     """The model of `model_dir` on `device`; with `dummy`, random weights from config.json alone (benchmarks).
-    With `tp`, this rank's shard, reading only its slices of the checkpoint."""
+    With `tp`, this rank's shard, reading only its slices of the checkpoint. With `metadata_only` (on the meta
+    device), each tensor's header stands in for its data: the checks run, nothing is read."""
     config = json.loads((model_dir / "config.json").read_text())
     spec = decoder_spec(config)
     if tp is not None:
@@ -148,7 +164,12 @@ def load_decoder(
                 our_name, part = target
                 if our_name not in parameters:
                     raise CheckpointMismatchError(f"{path.name}: tensor {name} has no place in {spec.architecture}")
-                tensor = handle.get_tensor(name) if tp is None else _read_shard(handle, name, our_name, part, spec, tp)
+                if metadata_only:
+                    tensor = _header_tensor(handle.get_slice(name), name)
+                elif tp is None:
+                    tensor = handle.get_tensor(name)
+                else:
+                    tensor = _read_shard(handle, name, our_name, part, spec, tp)
                 if gpt_oss_layout and part is None:
                     tensor = to_engine_layout(our_name, tensor, rows_first=False)
                 _place(parameters[our_name], our_name, part, tensor, fused_offsets, name)
@@ -165,6 +186,21 @@ def load_decoder(
         raise CheckpointMismatchError(f"quantized checkpoint is missing {len(missing)} scales, e.g. {missing[:5]}")
     model.eval()
     return model
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _header_tensor(header: Any, name: str) -> torch.Tensor:
+    """A meta tensor with a checkpoint tensor's shape and dtype, read from the safetensors header."""
+    dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+    if dtype is None:
+        raise CheckpointMismatchError(f"{name}: dtype {header.get_dtype()} is not one the engine loads")
+    return torch.empty(header.get_shape(), dtype=dtype, device="meta")
 
 
 def _read_shard(handle: Any, name: str, our_name: str, part: Part, spec: DecoderSpec, tp: TensorParallel) -> torch.Tensor:
@@ -284,6 +320,11 @@ def _place(
         target = target[start : start + tensor.shape[0]]
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointMismatchError(f"{name}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
+    if target.is_floating_point() and not tensor.is_floating_point():  # an int8 weight cast would be garbage
+        raise CheckpointMismatchError(
+            f"{name}: {tensor.dtype} values for a {target.dtype} weight (a quantized tensor without its "
+            "quantization_config?)"
+        )
     target.copy_(tensor)
 
 
