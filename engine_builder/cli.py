@@ -114,8 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command == "build" and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # serving has its own (the drain), which uvicorn re-raises
+    terminable = args.command == "build" and threading.current_thread() is threading.main_thread()
+    # serving has its own SIGTERM handler (the drain), which uvicorn re-raises once it has drained
+    previous = signal.signal(signal.SIGTERM, _terminate) if terminable else None
+    try:
+        return _run(args)
+    finally:
+        if terminable:  # main() may be called in-process (tests, a wrapper): leave its handler as it was
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args))
     except ConfigError as error:

@@ -342,3 +342,15 @@ def test_serve_of_an_encoder_whose_default_route_is_not_served_is_one_line(
         "error: the engine's webserver_default_route /predict_tokens is not served by this server (served: "
         "/v1/embeddings, /rerank, /predict): rebuild the engine with one of those"
     ]
+
+
+def test_build_leaves_the_callers_sigterm_handler_as_it_was(
+    tmp_path: Path, main: Callable[[list[str]], int]
+) -> None:
+    """`build` stops on SIGTERM as on Ctrl-C; called in-process, it must not leave that handler behind (a test
+    runner's SIGTERM then raised the CLI's exception)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    main(["build", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "engine")])
+    assert signal.getsignal(signal.SIGTERM) is before
