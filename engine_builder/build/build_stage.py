@@ -534,32 +534,17 @@ def _link_model_files(fetched: FetchedCheckpoint, target: Path) -> None:
     """Hard-link the checkpoint's files into the engine (copy across file systems). A LOCAL folder's files are
     linked too (a 140 GB checkpoint is not doubled on disk); overwriting one in place would change the engine's,
     which the manifest's file fingerprints catch (`changed_model_files`). A symlinked file (the Hugging Face cache's
-    snapshots/ point into blobs/) is linked by its target: link(2) would copy the link itself, dangling here. A
-    link whose target lies outside the checkpoint (`notes.txt -> /etc/passwd`) is refused: the host's file would
-    ship inside the engine."""
-    roots = _checkpoint_roots(fetched.path)
+    snapshots/ point into blobs/) is linked by its target: link(2) would copy the link itself, dangling here. Links
+    are followed wherever they point (a folder of weights linked from a shared volume is common): a LOCAL folder is
+    the operator's own, unlike an archive, whose extraction refuses links out of it."""
     for relative in sorted(fetched.files):
         source = (fetched.path / relative).resolve()
-        if not any(source.is_relative_to(root) for root in roots):
-            raise BuildError(
-                f"checkpoint file {relative} is a symbolic link to {source}, outside the checkpoint folder "
-                f"{fetched.path}: copy the file into the checkpoint (or remove the link) and rebuild"
-            )
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, destination)
         except OSError:
             shutil.copy2(source, destination)
-
-
-def _checkpoint_roots(folder: Path) -> list[Path]:
-    """Where a checkpoint's files may really live: its folder, and for a Hugging Face cache snapshot
-    (`models--org--name/snapshots/<revision>`) the cache's `blobs/` beside it."""
-    roots = [folder.resolve()]
-    if folder.parent.name == "snapshots":
-        roots.append((folder.parent.parent / "blobs").resolve())
-    return roots
 
 
 def _manifest(

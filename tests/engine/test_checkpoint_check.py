@@ -12,7 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_builder.engine.models.loader import CheckpointMismatchError, check_decoder_checkpoint, load_decoder
+from engine_builder.engine.models.loader import (
+    CheckpointMismatchError,
+    check_decoder_checkpoint,
+    load_decoder,
+)
 from tests.engine.tiny_models import write_tiny_model
 
 
