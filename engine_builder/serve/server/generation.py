@@ -9,6 +9,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from engine_builder.common.types import (
     FinishReason,
@@ -195,6 +196,16 @@ async def collect_until_disconnect(http_request: Request, work: Any) -> Any:
     """Run `work` (a coroutine) unless the client goes away first; then cancel it (which aborts the request)."""
     return await unless_disconnected(
         http_request, work, lambda: APIError("Client disconnected.", status=499, type="client_closed_request")
+    )
+
+
+def sse_response(frames: AsyncIterator[bytes], keepalive_interval_s: float) -> StreamingResponse:
+    """An SSE stream of `frames` as every generation route answers it: keep-alive comments when asked, no caching
+    and no proxy buffering (nginx's X-Accel-Buffering), so each event leaves as it is made."""
+    return StreamingResponse(
+        with_keepalive(frames, keepalive_interval_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 

@@ -18,7 +18,7 @@ from engine_builder.serve.server.generation import (
     collect_until_disconnect,
     new_id,
     sse,
-    with_keepalive,
+    sse_response,
 )
 from engine_builder.serve.server.limits import check_chat_limits
 from engine_builder.serve.server.outputs import (
@@ -78,11 +78,7 @@ async def run_chat(
     created = int(time.time())
     if body.stream:
         frames = stream_chat(state, body, plan, request_id, created)
-        return StreamingResponse(
-            with_keepalive(frames, state.settings.keepalive_interval_s),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(frames, state.settings.keepalive_interval_s)
     return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
 
 

@@ -18,7 +18,7 @@ from engine_builder.serve.server.generation import (
     collect_until_disconnect,
     new_id,
     sse,
-    with_keepalive,
+    sse_response,
 )
 from engine_builder.serve.server.guides import check_guide_compatible, guide_from_response_format
 from engine_builder.serve.server.limits import check_completion_limits
@@ -148,13 +148,7 @@ async def run_completion(
     request_id = new_id("cmpl")
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(
-            with_keepalive(
-                _stream(state, body, runs, request_id, created), state.settings.keepalive_interval_s
-            ),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(_stream(state, body, runs, request_id, created), state.settings.keepalive_interval_s)
     return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
 
 

@@ -12,10 +12,10 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from engine_builder.serve.server.errors import APIError, bad_request, code_for, unsupported
-from engine_builder.serve.server.generation import collect_until_disconnect, with_keepalive
+from engine_builder.serve.server.generation import collect_until_disconnect, sse_response
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.response_store import StoredResponse
 from engine_builder.serve.server.responses_input import ChatTranslation, translate
@@ -46,11 +46,7 @@ async def serve_response(state: ServerState, body: ResponsesRequest, http_reques
     keep = body.store is not False
     if body.stream:
         frames = stream_response(state, translation, plan, response, keep)
-        return StreamingResponse(
-            with_keepalive(frames, state.settings.keepalive_interval_s),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(frames, state.settings.keepalive_interval_s)
     work = complete_chat(state, translation.chat, plan, response_id, response["created_at"])
     result = await collect_until_disconnect(http_request, work)
     output, cut = output_items(result)
