@@ -104,8 +104,10 @@ def create_app(
         refusal = from_status(error.status_code, _detail_text(error.detail))
         if isinstance(error.detail, (dict, list)):  # a user model's structured detail: kept as JSON
             refusal.detail = error.detail
-        if error.headers:  # a 405's Allow
+        if error.headers:
             refusal.headers = {**(refusal.headers or {}), **error.headers}
+        if error.status_code == 405:  # every method the path answers, not only its first route's
+            refusal.headers = {**(refusal.headers or {}), "Allow": _allowed_methods(served_routes, request.scope)}
         return render(refusal, request.scope)
 
     @app.exception_handler(ClientDisconnect)
@@ -121,16 +123,20 @@ def create_app(
         state.metrics.record_error(500)
         return render(APIError("Internal server error.", status=500, type="server_error"), request.scope)
 
+    routers = []
     if user_model is not None:  # registered first, so its routes win over the built-in ones
         from engine_builder.serve.server.custom_model import health_check, user_model_router
 
-        app.include_router(user_model_router(user_model))
+        routers.append(user_model_router(user_model))
         state.user_health = health_check(user_model)
-    app.include_router(routes_health.router)
-    for router in extra_routers or []:  # before the decoder routes, so an encoder's /predict wins
-        app.include_router(router)
+    routers.append(routes_health.router)
+    routers.extend(extra_routers or [])  # before the decoder routes, so an encoder's /predict wins
     if decoder_routes:
-        app.include_router(routes_openai.router)
+        routers.append(routes_openai.router)
+    for router in routers:
+        _answer_head_on_get_routes(router.routes)
+        app.include_router(router)
+    served_routes = [route for router in routers for route in router.routes]
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the request schemas the decoder routes declare in `openapi_extra`."""
@@ -139,6 +145,8 @@ def create_app(
             if decoder_routes:
                 components = document.setdefault("components", {}).setdefault("schemas", {})
                 components.update(routes_openai.request_schemas())
+            for operations in document.get("paths", {}).values():
+                operations.pop("head", None)  # HEAD is GET without its body: not an operation of its own
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -172,6 +180,24 @@ def _route_for(routes: list[BaseRoute], scope: Scope) -> BaseRoute | None:
         if match is Match.PARTIAL and partial is None:
             partial = route
     return partial
+
+
+def _answer_head_on_get_routes(routes: list[BaseRoute]) -> None:
+    """HEAD on every GET route, as Starlette's own routes answer it and FastAPI's do not: load balancers, uptime
+    checks and `curl -I` send HEAD; the server leaves the GET answer's body out."""
+    for route in routes:
+        methods = getattr(route, "methods", None)
+        if methods and "GET" in methods:
+            methods.add("HEAD")
+
+
+def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> str:
+    """A 405's Allow: the methods of every route whose path matches `scope`'s (a path may have several routes)."""
+    allowed: set[str] = set()
+    for route in routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            allowed |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(allowed))
 
 
 def _error_response(error: APIError) -> JSONResponse:

@@ -70,6 +70,19 @@ class BodyLimitMiddleware:
                 )
                 await self.render(error, scope)(scope, receive, send)
                 return
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs at its shutdown deadline; a body still arriving then is answered
+                # as the drain answers (without this, uvicorn's plain-text 500 and a traceback a connection). This
+                # task exists only to answer this request, so the cancellation ends here, with the answer.
+                error = APIError(
+                    "The server is shutting down before the request body arrived; retry it.",
+                    status=503,
+                    type="server_error",
+                    code="draining",
+                    headers={"Connection": "close"},
+                )
+                await self.render(error, scope)(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left before sending the whole body
                 first = message
                 break

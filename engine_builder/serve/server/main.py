@@ -18,6 +18,7 @@ from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server.auth import parse_api_keys
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
+from engine_builder.serve.server.http_protocol import GuardedHttpToolsProtocol
 from engine_builder.serve.server.state import ANSWER_GRACE_S
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         timeout_graceful_shutdown=int(ANSWER_GRACE_S),
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=None,
+        http=GuardedHttpToolsProtocol,  # limits on a request head's size and time, which httptools lacks
     )
     server = DrainingServer(config, state)
     quiet = StartupFailureFilter(state)

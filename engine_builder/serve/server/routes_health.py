@@ -37,14 +37,11 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-# Probes answer HEAD too, as load balancers and Kubernetes send it: the GET answer, its body left out by the server.
+# Every GET route answers HEAD too (create_app adds it), as load balancers and Kubernetes send it.
 @router.get("/health")
-@router.head("/health", include_in_schema=False)
 @router.get("/ping")
 @router.post("/ping", include_in_schema=False)  # as vLLM (SageMaker sends POST)
-@router.head("/ping", include_in_schema=False)
 @router.get("/")
-@router.head("/", include_in_schema=False)
 async def health(request: Request) -> Response:
     """Liveness: the process answers and the engine loop is alive (or still loading)."""
     state = _state(request)
@@ -54,9 +51,7 @@ async def health(request: Request) -> Response:
 
 
 @router.get("/ready")
-@router.head("/ready", include_in_schema=False)
 @router.get("/health_file")
-@router.head("/health_file", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """Readiness: 503 until the engine is loaded and warmed up, again while draining, and for good once the engine
     has stopped (a loop crash, a lost tensor-parallel rank: the server needs a restart, /health says so too)."""
@@ -79,7 +74,6 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/metrics")
-@router.head("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -58,3 +58,27 @@ def test_a_compressed_body_is_a_415_naming_the_encoding() -> None:
     assert status == 415 and "'gzip'" in answer["message"]
     status, _ = _call(middleware, [(b"content-encoding", b"identity")], [b"{}"])
     assert status == 200
+
+
+def test_a_body_still_arriving_at_the_shutdown_deadline_is_a_503_not_a_crash() -> None:
+    """Probe T: uvicorn cancels the tasks still running at its shutdown deadline; a request whose body had not arrived
+    got uvicorn's plain-text 500 and a logged traceback. It gets the drain's 503 in the route's format."""
+    middleware = BodyLimitMiddleware(_app, max_body_bytes=1024, render=_render)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def shut_down_while_reading() -> None:
+        task = asyncio.create_task(middleware({"type": "http", "method": "POST", "headers": []}, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        await task  # ends normally: the cancellation was answered, not raised to uvicorn
+
+    asyncio.run(asyncio.wait_for(shut_down_while_reading(), 10))
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+    assert b'"code":"draining"' in sent[1]["body"]

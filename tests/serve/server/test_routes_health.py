@@ -60,3 +60,29 @@ def test_a_served_name_with_a_slash_is_found() -> None:
     assert found.status_code == 200 and found.json()["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     missing = client.get("/v1/models/HuggingFaceTB/other")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def _ready_client() -> TestClient:
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    state.ready = True
+    return TestClient(create_app(state))
+
+
+def test_every_get_route_answers_head_without_a_body() -> None:
+    """Probe T: HEAD on /v1/models and /version was a 405 (FastAPI's GET routes do not answer HEAD; Starlette's do)."""
+    client = _ready_client()
+    for path in ("/health", "/ready", "/metrics", "/version", "/v1/models", "/v1/models/m"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+    assert "head" not in client.get("/openapi.json").json()["paths"]["/v1/models"]
+
+
+def test_a_405_allows_every_method_the_path_answers() -> None:
+    """Probe T: the Allow of a path served by several routes named only the first route's methods (`HEAD` on /health)."""
+    client = _ready_client()
+    cases = {("POST", "/health"): "GET, HEAD", ("DELETE", "/ping"): "GET, HEAD, POST",
+             ("PUT", "/v1/responses/r1"): "DELETE, GET, HEAD", ("GET", "/v1/chat/completions"): "POST"}
+    for (method, path), allowed in cases.items():
+        response = client.request(method, path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
+        assert response.json()["error"]["code"]

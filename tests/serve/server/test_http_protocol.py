@@ -1,0 +1,123 @@
+"""The request-head limits uvicorn's httptools parser lacks, driven over real sockets (probe T #5/#6)."""
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from engine_builder.serve.server.http_protocol import GuardedHttpToolsProtocol
+
+
+class _Quick(GuardedHttpToolsProtocol):
+    max_head_bytes = 4096
+    head_timeout_s = 0.3
+
+
+async def _echo(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the size of the body it read."""
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"size": size}, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _serve(scenario: Callable[[int], Awaitable[Any]], keep_alive_s: float = 5.0) -> Any:
+    async def main() -> Any:
+        config = uvicorn.Config(_echo, timeout_keep_alive=keep_alive_s, log_level="critical", lifespan="off")
+        config.load()
+        state = ServerState()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _Quick(config=config, server_state=state, app_state={}), "127.0.0.1", 0
+        )
+        try:
+            return await asyncio.wait_for(scenario(server.sockets[0].getsockname()[1]), 20)
+        finally:
+            server.close()
+
+    return asyncio.run(main())
+
+
+async def _exchange(port: int, *parts: bytes, pause_s: float = 0.0) -> bytes:
+    """Sends the parts (`pause_s` apart) and reads until the server closes or 5 s pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        return await asyncio.wait_for(reader.read(1 << 20), 5)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def _request(body: bytes = b"", headers: str = "") -> bytes:
+    return f"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: {len(body)}\r\n{headers}\r\n".encode() + body
+
+
+def test_headers_past_the_limit_are_a_431_in_the_envelope() -> None:
+    answer = _serve(lambda port: _exchange(port, _request(headers=f"x-big: {'a' * 20000}\r\n")))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_header_fields_too_large" and "4096 bytes" in error["message"]
+
+
+def test_headers_that_never_end_are_cut_at_the_limit_not_buffered() -> None:
+    """Header lines sent in pieces, never finished: refused once the limit is passed (httptools buffered 100 MB)."""
+    pieces = [b"POST /x HTTP/1.1\r\n"] + [f"x-h{index}: {'b' * 900}\r\n".encode() for index in range(5)]
+    answer = _serve(lambda port: _exchange(port, *pieces, pause_s=0.01))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_small_head_with_a_large_body_in_one_write_is_served() -> None:
+    """The bytes after the head are the body's: a single write of head and body is not counted as head."""
+    answer = _serve(lambda port: _exchange(port, _request(b"z" * 200_000, headers="connection: close\r\n")))
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"size":200000}')
+
+
+def test_a_head_that_stops_arriving_is_a_408() -> None:
+    async def scenario(port: int) -> tuple[bytes, float]:
+        began = time.monotonic()
+        answer = await _exchange(port, b"POST /x HTTP/1.1\r\nhost: a\r\n")
+        return answer, time.monotonic() - began
+
+    answer, seconds = _serve(scenario)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+    assert seconds < 3
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_idle_time() -> None:
+    async def scenario(port: int) -> tuple[bytes, float]:
+        began = time.monotonic()
+        return await _exchange(port), time.monotonic() - began
+
+    answer, seconds = _serve(scenario, keep_alive_s=0.3)
+    assert answer == b"" and seconds < 3  # closed, not held until the 5 s read gives up
+
+
+def test_kept_alive_requests_each_get_a_fresh_head_allowance() -> None:
+    """Two requests on one connection, their heads together past the limit and a pause between them longer than the
+    head timeout: both are served (the count and the clock start again with each head)."""
+    headers = f"x-pad: {'p' * 3000}\r\n"
+
+    async def scenario(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_request(b"1", headers=headers))
+        first = await asyncio.wait_for(reader.readuntil(b'{"size":1}'), 5)
+        await asyncio.sleep(0.5)
+        writer.write(_request(b"22", headers=headers + "connection: close\r\n"))
+        second = await asyncio.wait_for(reader.read(1 << 20), 5)
+        writer.close()
+        return first + second
+
+    answer = _serve(scenario)
+    assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b'{"size":2}')
