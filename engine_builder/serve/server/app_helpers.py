@@ -93,12 +93,22 @@ def validation_to_api_error(errors: Any, indexed: bool = False) -> APIError:
     )
 
 
+async def read_json(request: Request, empty: bytes = b"") -> Any:
+    """The body as strict JSON (`empty` stands for an empty body), parsed once a request: routes that look at it
+    before parsing it into a model (/predict, /tokenize) read the same object."""
+    state = request.state
+    if not hasattr(state, "json_body"):
+        raw = await request.body() or empty
+        state.json_body = parse_json(raw)
+    return state.json_body
+
+
 async def parse_body(request: Request, model: Any, to_error: Callable[[Any], APIError] = validation_to_api_error) -> Any:
     """Parse JSON ourselves so malformed bodies, bad UTF-8, NaN and deep nesting get a clean 400; `to_error` turns
     pydantic's errors into it."""
     from pydantic import ValidationError
 
-    data = parse_json(await request.body())
+    data = await read_json(request)
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", status=400, code="invalid_json")
     try:

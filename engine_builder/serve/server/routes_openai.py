@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from engine_builder.serve.server.app_helpers import parse_body, parse_json
+from engine_builder.serve.server.app_helpers import parse_body, read_json
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
@@ -106,8 +106,7 @@ async def input_items(request: Request, response_id: str) -> Response:
 @router.post("/tokenize", openapi_extra=_body(TokenizeCompletionRequest, TokenizeChatRequest))
 async def tokenize(request: Request) -> Response:
     """vLLM's route: the token ids a completion prompt, or a chat conversation rendered as chat renders it, runs."""
-    data = parse_json(await request.body() or b"{}")
-    body = await parse_body(request, tokenize_model(data))
+    body = await parse_body(request, tokenize_model(await read_json(request, empty=b"{}")))
     return await serve_tokenize(_state(request), body)
 
 
@@ -126,7 +125,7 @@ async def detokenize(request: Request) -> Response:
 @router.post("/predict", openapi_extra=_body(ChatCompletionRequest, CompletionRequest))
 async def predict(request: Request) -> Response:
     """Truss's predict route: a chat body (`messages`) or a completions body (`prompt`)."""
-    data = parse_json(await request.body() or b"{}")
+    data = await read_json(request, empty=b"{}")
     if isinstance(data, dict) and "messages" in data:
         return await chat_completions(request)
     if isinstance(data, dict) and "prompt" in data:
