@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -33,6 +34,8 @@ def new_id(prefix: str) -> str:
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per frame
+
+logger = logging.getLogger(__name__)
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
@@ -207,6 +210,27 @@ def sse_response(frames: AsyncIterator[bytes], keepalive_interval_s: float) -> S
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def openai_sse_response(state: ServerState, frames: AsyncGenerator[bytes, None]) -> StreamingResponse:
+    """`frames` as an OpenAI SSE stream (chat and completions): a failure after the first event, when the status has
+    gone, becomes an error event, and `data: [DONE]` ends the stream either way."""
+    return sse_response(_ended_as_openai_ends(state, frames), state.settings.keepalive_interval_s)
+
+
+async def _ended_as_openai_ends(state: ServerState, frames: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    try:
+        async with aclosing(frames) as source:  # closed with this stream: a client that leaves aborts the request
+            async for frame in source:
+                yield frame
+    except APIError as error:  # counted as the error handler counts a refusal answered before the stream
+        state.metrics.record_error(error.status)
+        yield sse(error.body())
+    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
+        logger.exception("stream failed")
+        state.metrics.record_error(500)
+        yield sse(APIError("Internal server error.", status=500, type="server_error").body())
+    yield sse("[DONE]")
 
 
 async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:

@@ -1,9 +1,8 @@
 """/v1/chat/completions: render the conversation, run it, answer as JSON or as OpenAI's SSE stream."""
 
 import dataclasses
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +16,8 @@ from engine_builder.serve.server.generation import (
     chunk_framer,
     collect_until_disconnect,
     new_id,
+    openai_sse_response,
     sse,
-    sse_response,
 )
 from engine_builder.serve.server.limits import check_chat_limits
 from engine_builder.serve.server.outputs import (
@@ -45,8 +44,6 @@ from engine_builder.serve.server.sampling import (
 )
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,8 +74,7 @@ async def run_chat(
     request_id = plan.run.request.request_id
     created = int(time.time())
     if body.stream:
-        frames = stream_chat(state, body, plan, request_id, created)
-        return sse_response(frames, state.settings.keepalive_interval_s)
+        return openai_sse_response(state, stream_chat(state, body, plan, request_id, created))
     return await collect_until_disconnect(http_request, complete_chat(state, body, plan, request_id, created))
 
 
@@ -229,7 +225,7 @@ async def complete_chat(
 
 async def stream_chat(
     state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     model = plan.run.model_name
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
@@ -258,63 +254,54 @@ async def stream_chat(
         first: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + (delta.get("content") or "")}
         return {**first, **{key: value for key, value in delta.items() if key != "content"}}
 
-    try:
-        async for generated in plan.run.deltas():
-            index = generated.index
-            counts.add(index, generated)
-            choice = choices[index]
-            is_final = generated.finish_reason is not None
-            pieces = choice.feed(generated.text, is_final, generated.token_ids)
-            logprobs = (
-                {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
-                if texts and generated.logprobs
-                else None
+    async for generated in plan.run.deltas():
+        index = generated.index
+        counts.add(index, generated)
+        choice = choices[index]
+        is_final = generated.finish_reason is not None
+        pieces = choice.feed(generated.text, is_final, generated.token_ids)
+        logprobs = (
+            {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
+            if texts and generated.logprobs
+            else None
+        )
+        for piece in pieces:
+            yield chunk(
+                [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
+                running_usage(),
             )
-            for piece in pieces:
-                yield chunk(
-                    [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
-                    running_usage(),
-                )
-                logprobs = None
-            if logprobs is not None or (not pieces and not is_final and generated.token_ids):
-                # A token without text of its own (a special token under ignore_eos, text a stop string or a
-                # tool call holds back) still gets its event, as vLLM sends one per token: a benchmark client's
-                # first event is the first token and it sees one gap per token.
-                yield chunk(
-                    [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
-                    running_usage(),
-                )
-            if is_final:
-                output = choice.result(generated.finish_reason, generated.stop_reason)
-                if output.reasoning_tokens is not None:
-                    reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
-                final = {
-                    "index": index,
-                    "delta": with_role(index, {}),
-                    "logprobs": None,
-                    "finish_reason": output.finish_reason,
-                    "stop_reason": output.stop_reason,
-                }
-                yield chunk([final], running_usage())
-        if include_usage:
-            yield sse(
-                {
-                    "id": request_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": counts.final(reasoning_tokens).model_dump(),
-                }
+            logprobs = None
+        if logprobs is not None or (not pieces and not is_final and generated.token_ids):
+            # A token without text of its own (a special token under ignore_eos, text a stop string or a
+            # tool call holds back) still gets its event, as vLLM sends one per token: a benchmark client's
+            # first event is the first token and it sees one gap per token.
+            yield chunk(
+                [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
+                running_usage(),
             )
-    except APIError as error:  # counted as the error handler counts a refusal answered before the stream
-        state.metrics.record_error(error.status)
-        yield sse(error.body())
-    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
-        logger.exception("stream failed")
-        state.metrics.record_error(500)
-        yield sse(APIError("Internal server error.", status=500, type="server_error").body())
-    yield sse("[DONE]")
+        if is_final:
+            output = choice.result(generated.finish_reason, generated.stop_reason)
+            if output.reasoning_tokens is not None:
+                reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
+            final = {
+                "index": index,
+                "delta": with_role(index, {}),
+                "logprobs": None,
+                "finish_reason": output.finish_reason,
+                "stop_reason": output.stop_reason,
+            }
+            yield chunk([final], running_usage())
+    if include_usage:
+        yield sse(
+            {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": counts.final(reasoning_tokens).model_dump(),
+            }
+        )
 
 
 __all__ = ["ChoiceOutput", "serve_chat"]

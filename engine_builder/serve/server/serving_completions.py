@@ -2,9 +2,8 @@
 
 import asyncio
 import dataclasses
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -17,8 +16,8 @@ from engine_builder.serve.server.generation import (
     chunk_framer,
     collect_until_disconnect,
     new_id,
+    openai_sse_response,
     sse,
-    sse_response,
 )
 from engine_builder.serve.server.guides import check_guide_compatible, guide_from_response_format
 from engine_builder.serve.server.limits import check_completion_limits
@@ -39,8 +38,6 @@ from engine_builder.serve.server.sampling import (
 )
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
-
-logger = logging.getLogger(__name__)
 
 
 async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -148,7 +145,7 @@ async def run_completion(
     request_id = new_id("cmpl")
     created = int(time.time())
     if body.stream:
-        return sse_response(_stream(state, body, runs, request_id, created), state.settings.keepalive_interval_s)
+        return openai_sse_response(state, _stream(state, body, runs, request_id, created))
     return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
 
 
@@ -227,7 +224,7 @@ async def _complete(
 
 async def _stream(
     state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     model = runs[0][1].model_name
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
@@ -243,48 +240,39 @@ async def _stream(
     def frame(choice: dict[str, Any]) -> bytes:
         return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
 
-    try:
-        async for position, delta in _merged(runs):
-            choice = position * n + delta.index
-            usage.add(choice, delta)
-            text = delta.text
-            if body.echo and choice not in echoed:
-                echoed.add(choice)
-                text = runs[position][0] + text
-            logprobs = None
-            if texts is not None and (delta.logprobs or delta.prompt_logprobs is not None):
-                entry = CompletionLogprobs()
-                if delta.prompt_logprobs is not None:
-                    offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
-                offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
-                logprobs = entry.model_dump()
-            finish = delta.finish_reason.value if delta.finish_reason else None
-            if text or logprobs or finish or delta.token_ids:  # an event per token, textless ones too, as vLLM
-                yield frame(
-                    {
-                        "index": choice,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": finish,
-                        "stop_reason": delta.stop_reason,
-                    }
-                )
-        if include_usage:
-            yield sse(
+    async for position, delta in _merged(runs):
+        choice = position * n + delta.index
+        usage.add(choice, delta)
+        text = delta.text
+        if body.echo and choice not in echoed:
+            echoed.add(choice)
+            text = runs[position][0] + text
+        logprobs = None
+        if texts is not None and (delta.logprobs or delta.prompt_logprobs is not None):
+            entry = CompletionLogprobs()
+            if delta.prompt_logprobs is not None:
+                offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+            offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
+            logprobs = entry.model_dump()
+        finish = delta.finish_reason.value if delta.finish_reason else None
+        if text or logprobs or finish or delta.token_ids:  # an event per token, textless ones too, as vLLM
+            yield frame(
                 {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage.final().model_dump(),
+                    "index": choice,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                    "stop_reason": delta.stop_reason,
                 }
             )
-    except APIError as error:  # counted as the error handler counts a refusal answered before the stream
-        state.metrics.record_error(error.status)
-        yield sse(error.body())
-    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
-        logger.exception("stream failed")
-        state.metrics.record_error(500)
-        yield sse(APIError("Internal server error.", status=500, type="server_error").body())
-    yield sse("[DONE]")
+    if include_usage:
+        yield sse(
+            {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage.final().model_dump(),
+            }
+        )
