@@ -171,10 +171,13 @@ class Scheduler:
                 break
             # A fresh group prefills its first choice only (the others fork from it); a group that was
             # preempted after sampling recomputes every live choice, sharing the prompt through the prefix cache.
-            to_prefill = live if group.parent.output_token_ids else [group.parent]
+            recompute = bool(group.parent.output_token_ids)
+            to_prefill = live if recompute else [group.parent]
             matched = self.blocks.match_prefix(to_prefill[0])
             first_new = to_prefill[0].num_tokens - len(matched) * self.blocks.block_size
-            if first_new > token_budget and not config.enable_chunked_prefill:
+            # A recompute is always chunked, as the running loop chunks it: prompt and output together may exceed
+            # max_num_tokens, and unchunked it could never be admitted again (probe AC).
+            if first_new > token_budget and not (config.enable_chunked_prefill or recompute):
                 break
             first_new = min(first_new, token_budget)
             free_after = self.blocks.num_free_after_match(matched)

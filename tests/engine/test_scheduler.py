@@ -194,3 +194,25 @@ def test_under_guaranteed_no_evict_a_draft_only_takes_blocks_no_worst_case_count
     output = near_end.schedule({seq.seq_id: (6, 6)})
     assert [item.num_draft_tokens for item in output.scheduled] == [0, 0]
     assert near_end.blocks.num_free_blocks >= near_end._reserved_blocks()
+
+
+def test_without_chunking_a_preempted_sequence_longer_than_the_budget_is_recomputed_in_chunks() -> None:
+    """Probe AC: chunked prefill off, max_utilization. A request preempted after its prompt and output outgrew
+    max_num_tokens was refused by admission (no chunking) for ever: the engine spun with it waiting."""
+    scheduler = _scheduler(
+        num_blocks=12, max_num_tokens=16, enable_chunked_prefill=False, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION
+    )
+    groups = [_group("a", 12, max_tokens=30), _group("b", 12, max_tokens=30, first_seq_id=1)]
+    for group in groups:
+        scheduler.add(group)
+    for _ in range(300):
+        if not scheduler.has_work():
+            break
+        _run_step(scheduler)
+        for group in list(scheduler.running):
+            seq = group.sequences[0]
+            if len(seq.output_token_ids) >= 30:
+                seq.status = SequenceStatus.FINISHED
+                scheduler.finish(group)
+    assert scheduler.num_preemptions >= 1
+    assert not scheduler.has_work() and all(len(group.sequences[0].output_token_ids) == 30 for group in groups)
