@@ -20,11 +20,15 @@ def head(text: str, num_chars: int, search_chars: int) -> str:
 
 
 def tail(text: str, num_chars: int, search_chars: int) -> str | None:
-    """`head` from the other end: the last `num_chars` characters, begun at the first word boundary among the first
-    `search_chars` (the boundary character kept: a byte-level tokenizer reads a word's leading space with it). None
-    without one: how a word's end splits depends on where the word begins (BPE merges run from its start)."""
+    """`head` from the other end: the last `num_chars` characters, begun where a run of spaces or punctuation begins
+    after a letter or digit, among the first `search_chars` (the run kept: a byte-level tokenizer reads a word's
+    leading space with it). None without one: how a word's end splits depends on where the word begins (BPE merges
+    run from its start), and so does a run's: begun inside `"…" * 60000` or a run of spaces, every token of the rest
+    of the run can differ from the whole text's (probe AD)."""
     start = max(len(text) - num_chars, 0)
-    for begin in range(start, min(start + search_chars, len(text))):
-        if not text[begin].isalnum():
+    if start == 0:
+        return text
+    for begin in range(max(start, 1), min(start + search_chars, len(text))):
+        if not text[begin].isalnum() and text[begin - 1].isalnum():
             return text[begin:]
     return None

@@ -83,7 +83,7 @@ def validation_to_api_error(errors: Any, indexed: bool = False) -> APIError:
             )
     item = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
     param = _param(item, indexed)
-    message = item.get("msg", "Invalid request")
+    message = str(item.get("msg", "Invalid request")).removeprefix("Value error, ")  # pydantic's, for our checks
     if item.get("type") == "json_invalid":
         return APIError(
             f"Invalid JSON body: {item.get('ctx', {}).get('error', message)}", status=400, code="invalid_json"

@@ -4,8 +4,9 @@
   has none and a client can understate it, so the body is read here (up to the limit), then replayed to
   the application. Past the limit the answer is a 413.
 - A body that has not arrived within BODY_READ_TIMEOUT_S is a 408; a compressed one (`Content-Encoding`) a 415.
-- Unpaired UTF-16 surrogate escapes (`"\\ud800"`): valid JSON, but the strings they make cannot be encoded
-  by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
+- A JSON body's encoding, for every route alike: a leading byte-order mark is dropped; UTF-16/32 or invalid UTF-8
+  is a 400. Unpaired UTF-16 surrogate escapes (`"\\ud800"`) are valid JSON, but the strings they make cannot be
+  encoded by any tokenizer, so they are a 400 here instead of a failure deep inside a handler.
 """
 
 import asyncio
@@ -94,13 +95,16 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        if first.get("body") and _has_unpaired_surrogate(first["body"]):
-            error = APIError(
-                "The request body has a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).",
-                status=400,
-                code="invalid_encoding",
-            )
-            await self.render(error, scope)(scope, receive, send)
+        body = first.get("body", b"")
+        problem = None
+        if body and _is_json(scope):
+            body = body.removeprefix(_BOM)  # RFC 8259 lets a parser ignore one; Windows tools send it
+            problem = _encoding_problem(body)
+            first = {**first, "body": body}
+        if problem is None and body and _has_unpaired_surrogate(body):
+            problem = "The request body has a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)."
+        if problem is not None:
+            await self.render(APIError(problem, status=400, code="invalid_encoding"), scope)(scope, receive, send)
             return
         await self.app(scope, _replay(first, receive), send)
 
@@ -140,6 +144,32 @@ def _has_unpaired_surrogate(body: bytes) -> bool:
         else:
             low_expected_at = match.end()
     return low_expected_at is not None
+
+
+_BOM = b"\xef\xbb\xbf"
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _is_json(scope: Scope) -> bool:
+    """A body declared JSON, or undeclared (clients that post JSON without a Content-Type, which the routes parse
+    as JSON); other bodies (a user model.py reading its own) are the route's to decode."""
+    declared = _header(scope, b"content-type")
+    if declared is None:
+        return True
+    media_type = declared.split(b";", 1)[0].strip().decode("latin-1").lower()
+    return media_type in _JSON_TYPES or media_type.endswith("+json")
+
+
+def _encoding_problem(body: bytes) -> str | None:
+    """Why a JSON body cannot be read as this server reads JSON (UTF-8, RFC 8259), checked here so that every route
+    answers alike (the encoders' routes parse with FastAPI, which also reads UTF-16 and UTF-32)."""
+    if b"\x00" in body[:4]:  # how RFC 4627 told UTF-16 and UTF-32 from UTF-8: JSON text starts with ASCII
+        return "The request body is UTF-16 or UTF-32; send JSON as UTF-8."
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"The request body is not valid UTF-8 (at byte {error.start})."
+    return None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

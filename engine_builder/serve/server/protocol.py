@@ -3,9 +3,10 @@
 Request models forbid unknown fields: a field we do not know is a field we would silently ignore.
 """
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -106,8 +107,26 @@ class ChatMessage(StrictModel):
 
 
 # -- tools and formats --------------------------------------------------------------------------------------
+# OpenAI allows ASCII letters, digits, `_` and `-`, 1 to 64 of them. Letters and digits of any script, `.`, `:` and
+# `/` (namespaced MCP tools) are accepted too; what is refused could not be written back as a call (an empty name,
+# whitespace, quotes, markup such as `<tool_call>`) or would be refused by OpenAI for its length.
+_FUNCTION_NAME = re.compile(r"[\w.:/-]{1,64}")
+
+
+def _check_function_name(name: str) -> str:
+    if not _FUNCTION_NAME.fullmatch(name):
+        raise ValueError(
+            "a function name is 1 to 64 letters, digits, `_`, `-`, `.`, `:` or `/` (OpenAI allows only ASCII letters, "
+            f"digits, `_` and `-`); got {name[:80]!r}"
+        )
+    return name
+
+
+FunctionName = Annotated[str, AfterValidator(_check_function_name)]
+
+
 class FunctionDefinition(StrictModel):
-    name: str
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
 
-from engine_builder.serve.server.protocol import StrictModel
+from engine_builder.serve.server.protocol import FunctionName, StrictModel
 
 
 class OtherKind(StrictModel):
@@ -120,7 +120,7 @@ class FunctionTool(StrictModel):
     """The Responses API's flat function tool; `strict` unset means true, OpenAI's default on this API."""
 
     type: Literal["function"]
-    name: str
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

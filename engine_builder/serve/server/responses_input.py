@@ -158,15 +158,13 @@ _EXPECTED = {  # what a value of a kind-discriminated field must be, for pydanti
 def request_error(errors: Any) -> APIError:
     """A Responses request that does not fit the schema: a 400 naming the field as this API's own refusals do
     (`input[0].content[1]`), a kind-discriminated field's error saying what it must be (not pydantic's name for the
-    catch-all branch), a validator's message without pydantic's "Value error, " prefix."""
+    catch-all branch)."""
     rewritten = []
     for error in errors:
         error = dict(error)
         if error.get("type") == "model_type" and (error.get("ctx") or {}).get("class_name") == OtherKind.__name__:
             name = re.sub(r"\[\d+\]$", "", _param_of(error)).rsplit(".", 1)[-1]
             error["msg"] = _EXPECTED.get(name, "Input should be an object with a type")
-        elif error.get("type") == "value_error":
-            error["msg"] = str(error.get("msg", "")).removeprefix("Value error, ")
         rewritten.append(error)
     return validation_to_api_error(rewritten, indexed=True)
 

@@ -33,7 +33,7 @@ class ResponseEvents:
         self.output: list[dict[str, Any]] = []  # the items so far, each as its last event showed it
         self.open: _OpenItem | None = None
         self.calls: dict[int, _OpenItem] = {}  # a chat tool call's index -> its function_call item
-        self.pending_logprobs: list[dict[str, Any]] = []  # of tokens before the message's first text
+        self.pending_logprobs: list[dict[str, Any]] = []  # of textless tokens, for the message's next delta
 
     def event(self, kind: str, **fields: Any) -> bytes:
         frame = sse({"type": kind, "sequence_number": self.sequence_number, **fields}, event=kind)
@@ -58,11 +58,9 @@ class ResponseEvents:
         return frames
 
     def hold(self, logprobs: list[dict[str, Any]]) -> None:
-        """Logprobs of tokens without text of their own: the message's, sent with its next text or its done event."""
-        if self.open is not None and self.open.kind == "message":
-            self.open.logprobs += logprobs
-        else:
-            self.pending_logprobs += logprobs
+        """Logprobs of tokens without text of their own (part of a character, markup): the message's, sent with its
+        next text delta (an empty one when no text follows), so the deltas carry every token the done event does."""
+        self.pending_logprobs += logprobs
 
     def close(self, status: str = "completed") -> list[bytes]:
         """End the item receiving text (`status`: incomplete when the reply was cut inside it)."""
@@ -81,9 +79,14 @@ class ResponseEvents:
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]
         else:
+            frames = []
+            if self.pending_logprobs:  # textless tokens after the last text (an end-of-turn token): an empty delta
+                trailing, self.pending_logprobs = self.pending_logprobs, []
+                item.logprobs += trailing
+                frames.append(self.event("response.output_text.delta", **where, content_index=0, delta="", logprobs=trailing))
             part = output_text(item.text, item.logprobs)
             done = message_item(where["item_id"], status, [part])
-            frames = [
+            frames += [
                 self.event("response.output_text.done", **where, content_index=0, text=item.text, logprobs=item.logprobs),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]

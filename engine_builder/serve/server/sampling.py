@@ -172,17 +172,19 @@ def check_unsupported_chat(request: ChatCompletionRequest) -> None:
 def logit_bias(request: SamplingFields, vocab_size: int) -> dict[int, float]:
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
-        try:
-            token_id = int(key)
-        except ValueError:
+        # ASCII digits only: Python's int() also reads "１２", "١٢", "1_2", " 12 " and "+12" as token 12 (probe AD)
+        if not (key.isascii() and key.isdigit()):
             raise bad_request(
-                f"logit_bias keys must be token ids; got {key!r}.", param="logit_bias"
-            ) from None
+                f"logit_bias keys must be token ids in ASCII digits; got {key!r}.", param="logit_bias"
+            )
+        token_id = int(key)
         if not 0 <= token_id < vocab_size:
             raise bad_request(
-                f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size}).",
+                f"logit_bias token id {key} is outside the vocabulary [0, {vocab_size}).",
                 param="logit_bias",
             )
+        if token_id in bias:
+            raise bad_request(f"logit_bias names token {token_id} twice.", param="logit_bias")
         if not -100.0 <= value <= 100.0 or math.isnan(value):
             raise bad_request(
                 f"logit_bias values must be within [-100, 100]; got {value}.", param="logit_bias"

@@ -206,5 +206,5 @@ def _tool_hint(tools: list[dict[str, Any]]) -> dict[str, str]:
     return {
         "role": "system",
         "content": "You can call these tools. Answer with a JSON tool call {\"name\": ..., \"arguments\": {...}}.\n"
-        + json.dumps(tools),
+        + json.dumps(tools, ensure_ascii=False),  # as transformers' tojson: the names the model must write, as written
     }

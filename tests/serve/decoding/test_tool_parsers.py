@@ -213,3 +213,17 @@ def test_streaming_work_grows_linearly(family: str, unit: str) -> None:
     work_short, work_long = _work(family, short), _work(family, long)
     assert work_long < 2.3 * work_short, (work_short, work_long)
     assert work_long < 200 * len(long), (work_long, len(long))  # the open call is re-read on each delta
+
+
+@pytest.mark.parametrize(
+    ("family", "text"),
+    [
+        ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "東京🎉"}}</tool_call>'),
+        ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\n東京🎉\n</parameter>\n</function>\n</tool_call>"),
+    ],
+)
+def test_arguments_keep_non_ascii_text_as_written(family: str, text: str) -> None:
+    """Probe AD: the Qwen3-Coder parser escaped every non-ASCII character (`\\u6771\\u4eac\\ud83c\\udf89`), unlike the
+    others here and vLLM's."""
+    [call] = tool_parser(family, TOOLS).parse(text, final=True).calls
+    assert "東京🎉" in call.arguments and json.loads(call.arguments) == {"city": "東京🎉"}

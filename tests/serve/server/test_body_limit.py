@@ -82,3 +82,19 @@ def test_a_body_still_arriving_at_the_shutdown_deadline_is_a_503_not_a_crash() -
     asyncio.run(asyncio.wait_for(shut_down_while_reading(), 10))
     assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
     assert b'"code":"draining"' in sent[1]["body"]
+
+
+def test_a_json_body_is_read_as_utf8_by_every_route_alike() -> None:
+    """Probe AD: a BOM was a 400 on the chat routes and accepted on the encoders' (FastAPI parses those, and also
+    reads UTF-16); invalid UTF-8 got a precise message on one and "There was an error parsing the body" on the other.
+    The checks run here, before any route: a BOM is dropped, UTF-16/32 and invalid UTF-8 are a 400."""
+    middleware = BodyLimitMiddleware(_app, max_body_bytes=1024, render=_render)
+    json_type = [(b"content-type", b"application/json")]
+    assert _call(middleware, json_type, [b"\xef\xbb\xbf" + b'{"a": 1}']) == (200, {"body": '{"a": 1}'})
+    assert _call(middleware, [], [b"\xef\xbb\xbf{}"]) == (200, {"body": "{}"})  # no Content-Type: read as JSON
+    status, answer = _call(middleware, json_type, ['{"a": "é"}'.encode("utf-16-le")])
+    assert status == 400 and answer["code"] == "invalid_encoding" and "UTF-16" in answer["message"]
+    status, answer = _call(middleware, [(b"content-type", b"application/json; charset=utf-8")], [b'{"a": "\xff"}'])
+    assert status == 400 and "not valid UTF-8 (at byte 7)" in answer["message"]
+    # a body of another type is the route's to decode (a user model.py reading its own): passed on as sent
+    assert _call(middleware, [(b"content-type", b"text/plain")], [b"\xef\xbb\xbfx"]) == (200, {"body": "\ufeffx"})

@@ -123,6 +123,11 @@ def test_truncate_prompt_tokens_tokenizes_only_the_prompts_tail(smollm2_dir: Pat
         "The quick brown fox, jumping; over <|im_start|> the lazy dog. " * 30_000,
         "Ünïcödé wörds — «quoted» 🙂 emoji\tand\nnewlines; " * 20_000,
         "y" * 400_000,
+        # runs of punctuation or spaces: a tail begun inside one splits all the rest of it differently (probe AD)
+        "前置き " + "…" * 60_000,
+        "前置き " + "…" * 60_001,
+        "end." + "." * 100_001,
+        "a" + " " * 100_000 + "b",
     ]
     expected = {(index, keep): renderer.encode(text, True)[-keep:] for index, text in enumerate(texts) for keep in (100, 7)}
     seen: list[int] = []

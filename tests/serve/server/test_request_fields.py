@@ -197,3 +197,44 @@ def test_parts_built_in_code_are_accepted_too() -> None:
 
     message = ChatMessage(role="user", content=[TextPart(type="text", text="x")])
     assert message.content[0].text == "x"  # type: ignore[index,union-attr]
+
+
+@pytest.mark.parametrize("key", ["１２", "١٢", "1_2", " 12 ", "+12", "-1", "12.0", "0x0c"])
+def test_logit_bias_keys_are_ascii_digits(key: str) -> None:
+    """Probe AD: Python's int() read all of these as token 12 (or -1), so a fullwidth key biased a token silently."""
+    from engine_builder.serve.server.sampling import logit_bias
+
+    request = ChatCompletionRequest.model_validate({"messages": MESSAGES, "logit_bias": {key: 100}})
+    with pytest.raises(APIError) as caught:
+        logit_bias(request, vocab_size=1000)
+    assert caught.value.param == "logit_bias" and repr(key) in caught.value.message
+
+
+def test_logit_bias_refuses_two_keys_for_one_token() -> None:
+    from engine_builder.serve.server.sampling import logit_bias
+
+    assert logit_bias(ChatCompletionRequest.model_validate({"messages": MESSAGES, "logit_bias": {"12": 5}}), 1000) == {12: 5.0}
+    request = ChatCompletionRequest.model_validate({"messages": MESSAGES, "logit_bias": {"12": 100, "012": -100}})
+    with pytest.raises(APIError) as caught:
+        logit_bias(request, vocab_size=1000)
+    assert "token 12 twice" in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["", "get weather", "a" * 65, "<tool_call>", 'say"hi', "🌤", "f\n"])
+def test_a_function_name_that_could_not_be_called_is_refused_by_name(name: str) -> None:
+    """Probe AD: empty names, whitespace, markup and 65 characters were accepted, and the model called them."""
+    from pydantic import ValidationError
+
+    from engine_builder.serve.server.app_helpers import validation_to_api_error
+
+    tools = [{"type": "function", "function": {"name": name}}]
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": tools})
+    error = validation_to_api_error(caught.value.errors())
+    assert error.param == "tools.0.function.name" and error.message.startswith("tools.0.function.name: a function name")
+
+
+@pytest.mark.parametrize("name", ["get_weather", "get-weather-2", "获取天气", "mcp.files/read:v1", "a" * 64])
+def test_function_names_openai_takes_and_namespaced_or_non_latin_ones_are_accepted(name: str) -> None:
+    tools = [{"type": "function", "function": {"name": name}}]
+    assert ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": tools}).tools[0].function.name == name  # type: ignore[index]

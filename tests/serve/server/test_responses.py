@@ -580,3 +580,23 @@ def test_the_raw_stream_is_openais_framing_and_a_disconnect_aborts(server: Serve
     while server.metric("engine_builder:num_requests_running") != 0:  # the client left: the request was aborted
         assert time.monotonic() < deadline, "the abandoned stream kept running"
         time.sleep(0.2)
+
+
+def test_streamed_text_deltas_carry_every_token_logprob_the_done_event_has() -> None:
+    """Probe AD: a token holding part of a character (byte-level BPE on CJK text) has no text of its own; once the
+    message had opened, its logprob went only to the done event, so the deltas of a Japanese reply carried 17 of 30."""
+    def logprob(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": []}
+
+    events = ResponseEvents()
+    frames = events.feed({"content": "東"}, [logprob("東")])
+    for token in ("\\xe4", "\\xba"):  # two tokens that complete no character
+        frames += events.feed({}, [logprob(token)])
+    frames += events.feed({"content": "京"}, [logprob("京")])
+    frames += events.feed({}, [logprob("<|im_end|>")])  # a textless token after the last text
+    frames += events.close()
+    data = [_frame_data(frame) for frame in frames]
+    streamed = [entry["token"] for d in data if d["type"] == "response.output_text.delta" for entry in d["logprobs"]]
+    done = next(d for d in data if d["type"] == "response.output_text.done")
+    assert streamed == [entry["token"] for entry in done["logprobs"]] == ["東", "\\xe4", "\\xba", "京", "<|im_end|>"]
+    assert "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta") == done["text"] == "東京"

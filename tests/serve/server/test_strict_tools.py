@@ -119,3 +119,13 @@ def test_auto_mode_with_a_non_strict_tool_is_unconstrained(client: TestClient) -
     choice = chat(client, strict=False)
     assert not choice["message"]["tool_calls"]
     assert choice["message"]["content"].startswith("<tool_call><tool_call>")  # the grammar would refuse this
+
+
+def test_the_tool_list_for_a_template_without_a_tool_format_keeps_non_ascii_names() -> None:
+    """Probe AD: the hint escaped `获取天气` to `\\u83b7...`, so the model read names unlike the raw ones the forced
+    grammar has it write (and paid twice the tokens for them)."""
+    weather = tool("获取天气", {"type": "object", "properties": {"城市": {"type": "string", "description": "東京など"}}})
+    _, _, guide, hints = plan_tools(request([weather], tool_choice="required"), None, False)
+    [hint] = hints
+    assert "获取天气" in hint["content"] and "東京など" in hint["content"] and "\\u" not in hint["content"]
+    assert guide is not None

@@ -51,7 +51,9 @@ class Qwen3CoderParser(ToolParser):
             name = match.group(1)
             function_closed = "</function>" in inner
             values = [self._convert(name, key, raw) for key, raw in _PARAMETER.findall(inner)]
-            arguments = "{" + ", ".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in values)
+            arguments = "{" + ", ".join(
+                f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}" for key, value in values
+            )
             if function_closed:
                 arguments += "}"
             calls.append(ParsedCall(name, arguments, closed or (final and function_closed)))
