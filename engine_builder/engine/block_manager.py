@@ -31,6 +31,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(1, num_blocks))
         self._by_hash: dict[int, int] = {}
         self.num_blocks_reserved = 0
+        self._held = 0  # free blocks promised to this step's forks (copies of a prompt's partly filled last block)
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
 
@@ -40,7 +41,16 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) - self._held
+
+    def hold(self, num_blocks: int) -> None:
+        """Keep `num_blocks` free blocks for forks later in this step: no one else is given them."""
+        assert num_blocks <= self.num_free_blocks
+        self._held += num_blocks
+
+    def release_held(self) -> None:
+        """A new step: what the last one held and did not fork with (a choice ended) is free for anyone again."""
+        self._held = 0
 
     @property
     def usage(self) -> float:
@@ -139,6 +149,7 @@ class BlockManager:
             return None
         shared_last = child.block_table[-1]
         self._blocks[shared_last].ref_count -= 1
+        self._held = max(self._held - 1, 0)
         copy = self._take_free()
         child.block_table[-1] = copy
         return shared_last, copy

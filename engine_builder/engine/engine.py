@@ -16,7 +16,7 @@ from engine_builder.common.types import (
 )
 from engine_builder.engine import grammar_masks
 from engine_builder.engine.block_manager import BlockManager
-from engine_builder.engine.config import EngineConfig, SchedulerPolicy
+from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.grammar_masks import GrammarMasks
 from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
 from engine_builder.engine.lookahead import DraftPlan
@@ -105,6 +105,11 @@ class LLMEngine:
             )
         if max(prompt) >= self.vocab_size or min(prompt) < 0:
             raise RequestRejectedError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.sampling.n > self.config.max_batch_size:  # its choices run together: it would wait for ever
+            raise RequestRejectedError(
+                f"n={request.sampling.n} choices run together, more than max_batch_size {self.config.max_batch_size}",
+                code="request_too_large",
+            )
         if request.adapter is not None and request.adapter not in self.lora_slots:
             raise RequestRejectedError(f"this engine serves no LoRA adapter named {request.adapter!r}")
         self._check_capacity(request)
@@ -153,10 +158,10 @@ class LLMEngine:
         longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len)
         per_choice = -(-longest // block_size)
         shared = len(request.prompt_token_ids) // block_size  # choices share the prompt's full blocks
-        if self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
-            needed = per_choice + (params.n - 1) * max(per_choice - shared, 0)
-        else:  # max_utilization preempts, but one choice must still fit on its own
-            needed = per_choice
+        # Under either policy a request's choices run together and are preempted together: all of them at their
+        # longest must fit at once, or under max_utilization the request would preempt itself for ever (probe AC:
+        # n=2 with a prompt filling the pool left no block for the second choice's copy of its last one).
+        needed = per_choice + (params.n - 1) * max(per_choice - shared, 0)
         available = self.blocks.num_usable_blocks
         if needed > available:
             capacity = available * block_size
@@ -358,6 +363,8 @@ class LLMEngine:
             target = start + offset + 1
             if target >= seq.num_prompt_tokens:
                 break
+            if target < len(seq.prompt_logprobs):  # recorded before a preemption dropped this chunk's KV (probe AC)
+                continue
             token = seq.prompt_token_ids[target]
             row = logprobs[offset]
             alternatives: tuple[tuple[int, float], ...] = ()
@@ -375,7 +382,7 @@ class LLMEngine:
     def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
         outputs = []
         for index, item in enumerate(scheduled):
-            if not item.num_draft_tokens:
+            if not item.num_draft_tokens or item.seq.request_id not in self.groups:  # none, or aborted this step
                 continue
             assert self.lookahead is not None
             seq = item.seq

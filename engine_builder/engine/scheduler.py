@@ -82,6 +82,7 @@ class Scheduler:
         another sequence's worst case is counting on.
         """
         output = SchedulerOutput()
+        self.blocks.release_held()
         token_budget = self.config.max_num_tokens
         for group in list(self.running):
             for seq in group.sequences:
@@ -92,7 +93,10 @@ class Scheduler:
                 num_new = seq.num_uncomputed_tokens
                 if num_new <= 0:
                     continue
-                drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if num_new == 1 else (0, 0)
+                # Drafts ride decode steps only: a prompt's last chunk of one token is no decode step (its choices
+                # fork when it samples, which the draft path does not do: probe AC).
+                decoding = num_new == 1 and bool(seq.output_token_ids)
+                drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if decoding else (0, 0)
                 if num_new > token_budget:
                     # Recomputing a preempted sequence may always be chunked: it could exceed max_num_tokens.
                     can_chunk = self.config.enable_chunked_prefill or bool(seq.output_token_ids)
@@ -101,7 +105,8 @@ class Scheduler:
                     num_new = token_budget
                 if drafts and (num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots)):
                     drafts = 0
-                if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output):
+                copies = self._fork_copies(group, seq, num_new)
+                if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output, copies):
                     if group not in self.running:
                         break
                     continue
@@ -121,9 +126,26 @@ class Scheduler:
         slack = self.blocks.num_free_blocks - self._reserved_blocks()
         return new_blocks - min(new_blocks, own) <= slack
 
-    def _reserve_slots(self, seq: Sequence, num_tokens: int, output: SchedulerOutput) -> bool:
-        """Make room in the block pool for `num_tokens` more tokens of `seq`, preempting when the policy allows."""
-        while not self.blocks.can_append(seq, num_tokens):
+    def _fork_copies(self, group: SequenceGroup, seq: Sequence, num_new: int) -> int:
+        """Blocks the step that ends a fresh prompt's prefill needs besides its own: the other choices fork from the
+        parent then, each with a copy of the prompt's last block when it is partly filled."""
+        if seq is not group.parent or seq.output_token_ids or seq.num_computed_tokens + num_new != seq.num_tokens:
+            return 0
+        if seq.num_tokens % self.blocks.block_size == 0:
+            return 0
+        return sum(1 for child in group.children if not child.is_finished and not child.output_token_ids)
+
+    def _room_for(self, seq: Sequence, num_tokens: int, fork_copies: int) -> bool:
+        return self.blocks.num_new_blocks_needed(seq, num_tokens) + fork_copies <= self.blocks.num_free_blocks
+
+    def _take_room(self, seq: Sequence, num_tokens: int, fork_copies: int) -> None:
+        self.blocks.append_slots(seq, num_tokens)
+        self.blocks.hold(fork_copies)
+
+    def _reserve_slots(self, seq: Sequence, num_tokens: int, output: SchedulerOutput, fork_copies: int = 0) -> bool:
+        """Make room in the block pool for `num_tokens` more tokens of `seq` (and the copies its choices fork with),
+        preempting when the policy allows."""
+        while not self._room_for(seq, num_tokens, fork_copies):
             victim = self._newest_running_group()
             if victim is None or self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
                 # Admission control reserves every worst case and drafts only take what no one needs (_draft_fits),
@@ -133,7 +155,7 @@ class Scheduler:
             self._preempt(victim, output)
             if seq in victim.sequences:
                 return False
-        self.blocks.append_slots(seq, num_tokens)
+        self._take_room(seq, num_tokens, fork_copies)
         return True
 
     def _newest_running_group(self) -> SequenceGroup | None:
@@ -204,9 +226,10 @@ class Scheduler:
                     seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
                 seq.status = SequenceStatus.RUNNING
                 num_new = min(seq.num_uncomputed_tokens, token_budget)
-                if num_new <= 0 or not self.blocks.can_append(seq, num_new):
+                copies = self._fork_copies(group, seq, num_new)
+                if num_new <= 0 or not self._room_for(seq, num_new, copies):
                     continue  # picked up by the running loop in a later step
-                self.blocks.append_slots(seq, num_new)
+                self._take_room(seq, num_new, copies)
                 token_budget -= num_new
                 sample = seq.num_computed_tokens + num_new == seq.num_tokens
                 output.scheduled.append(ScheduledSequence(seq, num_new, sample))

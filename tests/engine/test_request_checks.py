@@ -28,6 +28,8 @@ def engine(smollm2_dir: Path) -> LLMEngine:
         ((1, 10**6), {}, None, "prompt token ids must be in", None),
         ((1, 2), {}, "sql", "no LoRA adapter named 'sql'", None),
         ((1, 2), {"n": 64, "temperature": 1.0, "max_tokens": 120}, None, "The KV cache holds", "n"),
+        # probe AC: more choices than run at once waited at the head of the queue for ever
+        ((1, 2), {"n": 300, "temperature": 1.0}, None, "more than max_batch_size", None),
     ],
 )
 def test_check_request_refuses_by_name(
@@ -53,3 +55,20 @@ def test_add_request_does_not_repeat_the_check(engine: LLMEngine, monkeypatch: p
         engine.add_request(request)
     while engine.has_unfinished():
         engine.step()
+
+
+def test_under_max_utilization_all_choices_must_fit_at_once(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe AC: max_utilization checked one choice alone; a request's choices run and are preempted together, so
+    one whose choices could not all fit preempted itself for ever (or, before the fork held its copy, crashed)."""
+    import dataclasses
+
+    from engine_builder.engine.config import SchedulerPolicy
+
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION))
+    capacity = engine.blocks.num_usable_blocks * engine.blocks.block_size
+    prompt = tuple(range(1, 40))
+    fits_alone = SamplingParams(max_tokens=min(capacity - len(prompt), 80), temperature=1.0)
+    engine.check_request(GenerationRequest("one", prompt, fits_alone))
+    with pytest.raises(RequestRejectedError, match="The KV cache holds") as refused:
+        engine.check_request(GenerationRequest("three", prompt, dataclasses.replace(fits_alone, n=3)))
+    assert refused.value.param == "n"

@@ -216,3 +216,32 @@ def test_without_chunking_a_preempted_sequence_longer_than_the_budget_is_recompu
                 scheduler.finish(group)
     assert scheduler.num_preemptions >= 1
     assert not scheduler.has_work() and all(len(group.sequences[0].output_token_ids) == 30 for group in groups)
+
+
+def test_the_step_that_ends_a_prompt_holds_the_blocks_its_choices_fork_with() -> None:
+    """Probe AC: n>1 forks the other choices after the step that ends the prompt, copying its partly filled last
+    block; nothing kept a free block for the copy, so a full pool made step() raise IndexError and the engine loop
+    died. The scheduler now holds those blocks; a request admitted in the same step cannot take them."""
+    scheduler = _scheduler(num_blocks=4, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)  # 3 usable blocks
+    a = _group("a", 6, n=2)  # 2 blocks, the second partly filled: one copy for the second choice
+    scheduler.add(a)
+    scheduler.add(_group("c", 2, first_seq_id=2))
+    output = scheduler.schedule()
+    assert [(item.seq.request_id, item.num_new_tokens, item.sample) for item in output.scheduled] == [("a", 6, True)]
+    assert scheduler.blocks.num_free_blocks == 0  # the third block is held, not given to c
+    parent, child = a.sequences
+    parent.num_computed_tokens += 6
+    assert scheduler.blocks.fork(parent, child) is not None  # the copy gets the held block
+    assert scheduler.blocks.num_free_blocks == 0 and len(child.block_table) == 2
+
+
+def test_a_prompts_last_chunk_of_one_token_takes_no_drafts() -> None:
+    """Probe AC: a prompt whose last prefill chunk was one token looked like a decode step and took lookahead drafts;
+    the draft path never forks n>1 choices, so the others never ran. Drafts ride decode steps only."""
+    scheduler = _scheduler(num_blocks=64, max_num_tokens=40)
+    group = _group("a", 41, n=2)
+    scheduler.add(group)
+    parent = group.sequences[0]
+    assert _run_step(scheduler) == [("a", 40)]
+    output = scheduler.schedule({parent.seq_id: (6, 4)})
+    assert [(item.num_new_tokens, item.sample, item.num_draft_tokens) for item in output.scheduled] == [(1, True, 0)]
