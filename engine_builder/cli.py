@@ -14,6 +14,7 @@ from engine_builder.build.config import ConfigError, load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, IncompatibleEngineError
 from engine_builder.common.backend_choice import BackendUnavailableError
+from engine_builder.common.request_context import CURRENT_REQUEST_ID
 
 EXIT_INVALID = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
@@ -43,10 +44,13 @@ def redact_credentials(text: str) -> str:
 
 
 class _StderrFormatter(logging.Formatter):
-    """`level: message`, then the traceback of a `logger.exception` (or `exc_info=`) record, credentials redacted."""
+    """`level: message` (and `[request <x-request-id>]` when written while serving one), then the traceback of a `logger.exception` (or `exc_info=`) record, credentials redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = f"{record.levelname.lower()}: {record.getMessage()}"
+        request_id = CURRENT_REQUEST_ID.get()
+        if request_id is not None:  # written while serving a request: its x-request-id, to join with proxy logs
+            text += f" [request {request_id}]"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if record.stack_info:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -228,6 +229,30 @@ def test_logged_exceptions_keep_their_traceback_with_credentials_redacted() -> N
     assert text.startswith("error: engine loop crashed\nTraceback (most recent call last):")
     assert "in crash" in text and "RuntimeError: pair closed" in text
     assert "sk-secret-value" not in text
+
+
+def test_a_line_logged_while_serving_a_request_names_its_request_id() -> None:
+    """Probe AB: the x-request-id a proxy sent was echoed and used nowhere else, so a server error could not be joined
+    with the proxy's log line. The request-id middleware sets it for the request's handling; the formatter adds it."""
+    import asyncio
+    import logging
+
+    from engine_builder.cli import _StderrFormatter
+    from engine_builder.serve.server.request_id import RequestIdMiddleware
+
+    lines: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "stream failed", None, None)
+        lines.append(_StderrFormatter().format(record))
+
+    async def nothing(message: Any = None) -> Any:
+        return None
+
+    scope = {"type": "http", "headers": [(b"x-request-id", b"trace-42")]}
+    asyncio.run(RequestIdMiddleware(app)(scope, nothing, nothing))
+    outside = _StderrFormatter().format(logging.LogRecord("x", logging.INFO, __file__, 1, "ready", None, None))
+    assert lines == ["error: stream failed [request trace-42]"] and outside == "info: ready"
 
 
 def _sample_manifest() -> dict:

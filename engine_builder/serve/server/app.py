@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine_builder.serve.server import routes_health, routes_openai
 from engine_builder.serve.server.app_helpers import validation_to_api_error
@@ -85,7 +85,8 @@ def create_app(
     # Auth outside the body limit: a client without the key is refused on its headers, before any of its body is
     # read or checked.
     app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=render)
-    app.add_middleware(RequestIdMiddleware)  # outermost: refusals by the two above carry the id too
+    app.add_middleware(RequestIdMiddleware)  # refusals by the two above carry the id too
+    app.add_middleware(CloseWhileDrainingMiddleware, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> Response:
@@ -152,6 +153,29 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class CloseWhileDrainingMiddleware:
+    """While the server drains, every answer closes its connection (`Connection: close`): a pooled client (the
+    openai SDK retrying a 503 `draining`, a proxy's upstream pool) then reconnects, through the load balancer, to a
+    replica that is not stopping; it kept retrying on the same socket into this one's 503s (probe AB)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.state.draining:
+                headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
 
 
 def _detail_text(detail: Any) -> str | None:

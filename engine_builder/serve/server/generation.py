@@ -66,6 +66,7 @@ def chunk_framer(request_id: str, kind: str, created: int, model: str) -> ChunkF
 
 
 KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE_QUEUE_FRAMES = 4  # how far the keep-alive pump may run ahead of a client reading slowly
 
 
 class Run:
@@ -237,35 +238,45 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
     """Forward SSE frames, sending a comment line whenever nothing was sent for `interval_s` (0: never, the
     default, as OpenAI and vLLM send none: some benchmark clients parse every line as JSON and fail on a comment).
 
-    One task pumps `source` into a queue, and one timer, re-armed only when it fires, queues a keep-alive when the
-    stream has been quiet that long: a frame costs a queue put and get, not a task and a timed wait (at 64 streams
-    those were a sixth of the event loop's time). Errors from `source` surface here; closing this iterator
-    cancels the pump, which closes `source` (aborting the request)."""
+    Frames are taken from `source` as the client reads them (the server's send waits while the connection's buffer
+    is full), never far ahead: the request stays in flight until its answer is sent, so a drain waits for a slow
+    reader and the in-flight limit counts it; queued without bound, a stalled reader's frames piled up in memory
+    and the request counted as done once the engine finished (probe AB). With keep-alives on, one task pumps
+    `source` into a short queue and one timer, re-armed only when it fires, queues a keep-alive when the stream has
+    been quiet that long. Errors from `source` surface here; closing this iterator closes `source` (aborting the
+    request)."""
+    if interval_s <= 0:
+        try:
+            async for frame in source:
+                yield frame
+        finally:
+            await _close(source)
+        return
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # None: source exhausted
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(KEEPALIVE_QUEUE_FRAMES)  # None: the end
     last_sent = loop.time()
     timer: asyncio.TimerHandle | None = None
 
     async def pump() -> None:
         try:
             async for frame in source:
-                queue.put_nowait(frame)
+                await queue.put(frame)
         except Exception as error:
-            queue.put_nowait(error)
+            await queue.put(error)
             return
-        queue.put_nowait(None)
+        await queue.put(None)
 
     def tick() -> None:
         nonlocal timer
         quiet = loop.time() - last_sent
         if quiet >= interval_s:
-            queue.put_nowait(KEEPALIVE)
+            if not queue.full():  # full: frames wait for a slow reader, so the stream is not quiet
+                queue.put_nowait(KEEPALIVE)
             quiet = 0.0
         timer = loop.call_later(interval_s - quiet, tick)
 
     task = asyncio.ensure_future(pump())
-    if interval_s > 0:
-        timer = loop.call_later(interval_s, tick)
+    timer = loop.call_later(interval_s, tick)
     try:
         while True:
             item = await queue.get()
@@ -276,11 +287,14 @@ async def with_keepalive(source: AsyncIterator[bytes], interval_s: float) -> Asy
             last_sent = loop.time()
             yield item
     finally:
-        if timer is not None:
-            timer.cancel()
+        timer.cancel()
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        closer = getattr(source, "aclose", None)
-        if closer is not None:
-            await closer()
+        await _close(source)
+
+
+async def _close(source: AsyncIterator[bytes]) -> None:
+    closer = getattr(source, "aclose", None)
+    if closer is not None:
+        await closer()

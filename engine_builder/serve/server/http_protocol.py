@@ -9,6 +9,9 @@
 
 The limits are nginx's kind (client_header_timeout 60 s; its large header buffers, 32 KB by default, are lower);
 64 KiB leaves room for large cookies and tokens. Bodies have their own limits (body_limit.py).
+
+And one fix: a client that leaves with pipelined requests queued behind a running one is a disconnect for all of
+them, not only for the newest.
 """
 
 import asyncio
@@ -37,6 +40,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # the bytes of the head received so far
         self._head_tail = b""  # the last bytes received, where the head's blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
+        self._cycles: list[Any] = []  # this connection's requests not yet answered (pipelining queues several)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -45,6 +49,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        # uvicorn tells only its newest request (a pipelined one, still queued) that the client left: the one
+        # running would go on to max_tokens and fail writing to the closed socket (probe AB). Tell every one.
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -72,7 +82,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_tail = b""
         self._stop_head_timer()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not previous:
+            self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete] + [self.cycle]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

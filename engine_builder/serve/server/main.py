@@ -192,7 +192,12 @@ class DrainingServer(uvicorn.Server):
         self._loop.create_task(self.state.expire_drain(hurried=True))
 
     def _arm_drain_deadline(self) -> None:
+        """At the drain's start: its deadline, and kept-alive connections closed (idle ones now, busy ones after their
+        answer), so pooled clients reconnect through the load balancer to a replica that is not stopping instead of
+        retrying into this one's 503s (probe AB); uvicorn would close them only once the drain is over."""
         assert self._loop is not None
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
         self._loop.call_later(
             self.state.settings.drain_timeout_s, lambda: self._loop.create_task(self.state.expire_drain())  # type: ignore[union-attr]
         )

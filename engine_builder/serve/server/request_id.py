@@ -1,6 +1,7 @@
 """`x-request-id` on every response: the client's own id when it sent a usable one, else a fresh one.
 
-OpenAI's API answers with one (the SDK exposes it as `_request_id`), and proxies and logs join on it. A client
+OpenAI's API answers with one (the SDK exposes it as `_request_id`), and proxies and logs join on it (the server's
+log lines written while serving a request end with it). A client
 id is kept when it is 1-128 visible ASCII characters; anything else is replaced, never echoed (header injection).
 """
 
@@ -8,6 +9,8 @@ import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine_builder.common.request_context import CURRENT_REQUEST_ID
 
 HEADER = b"x-request-id"
 _USABLE = re.compile(rb"[\x21-\x7e]{1,128}")  # fullmatch: `$` would let a trailing newline through
@@ -31,4 +34,8 @@ class RequestIdMiddleware:
                 message = {**message, "headers": [*headers, (HEADER, request_id)]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = CURRENT_REQUEST_ID.set(request_id.decode())  # log lines written while serving it name it
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            CURRENT_REQUEST_ID.reset(token)

@@ -29,9 +29,9 @@ async def _echo(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _serve(scenario: Callable[[int], Awaitable[Any]], keep_alive_s: float = 5.0) -> Any:
+def _serve(scenario: Callable[[int], Awaitable[Any]], keep_alive_s: float = 5.0, app: Any = _echo) -> Any:
     async def main() -> Any:
-        config = uvicorn.Config(_echo, timeout_keep_alive=keep_alive_s, log_level="critical", lifespan="off")
+        config = uvicorn.Config(app, timeout_keep_alive=keep_alive_s, log_level="critical", lifespan="off")
         config.load()
         state = ServerState()
         server = await asyncio.get_running_loop().create_server(
@@ -121,3 +121,28 @@ def test_kept_alive_requests_each_get_a_fresh_head_allowance() -> None:
 
     answer = _serve(scenario)
     assert answer.count(b"HTTP/1.1 200 ") == 2 and answer.endswith(b'{"size":2}')
+
+
+def test_a_client_that_leaves_with_pipelined_requests_disconnects_the_running_one_too() -> None:
+    """Probe AB: uvicorn marked only the queued (newest) request disconnected; the running one never heard, ran to
+    max_tokens, then failed writing to the closed socket (a false 500 and a traceback)."""
+    heard = asyncio.Event()
+
+    async def waits_for_the_client(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        heard.set()
+
+    async def scenario(port: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_request(b"1") + _request(b"2"))  # the second waits behind the first
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        try:
+            await asyncio.wait_for(heard.wait(), 3)
+        except TimeoutError:
+            return False
+        return True
+
+    assert _serve(scenario, app=waits_for_the_client)

@@ -117,3 +117,30 @@ def test_the_option_reaches_the_server(tmp_path, smollm2_dir) -> None:
 
     with in_process_server(tmp_path, smollm2_dir, sse_keepalive_s=2.5) as (_, state):
         assert state.settings.keepalive_interval_s == 2.5
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 5.0])
+def test_frames_are_taken_as_the_client_reads_them_not_queued_ahead(interval_s: float) -> None:
+    """Probe AB: the pump queued every frame however slowly the client read, so a finished generation left the
+    in-flight count (a drain cut the slow reader's answer mid-JSON) and a stalled reader's frames piled up."""
+    from engine_builder.serve.server.generation import KEEPALIVE_QUEUE_FRAMES
+
+    produced = 0
+
+    async def source() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for index in range(200):
+            produced += 1
+            yield f"data: {index}\n\n".encode()
+
+    async def read_three_then_stall() -> int:
+        stream = with_keepalive(source(), interval_s=interval_s)
+        for _ in range(3):
+            await stream.__anext__()
+        await asyncio.sleep(0.2)  # the client reads nothing more for a while
+        ahead = produced
+        await stream.aclose()  # type: ignore[attr-defined]
+        return ahead
+
+    ahead = asyncio.run(read_three_then_stall())
+    assert ahead <= 3 + (KEEPALIVE_QUEUE_FRAMES + 1 if interval_s else 0), ahead

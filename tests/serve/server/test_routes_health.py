@@ -86,3 +86,16 @@ def test_a_405_allows_every_method_the_path_answers() -> None:
         response = client.request(method, path)
         assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
         assert response.json()["error"]["code"]
+
+
+def test_while_draining_every_answer_closes_its_connection() -> None:
+    """Probe AB: the 503 `draining` answers kept the connection alive, so the openai SDK sent all its retries down
+    the same socket to the stopping replica; closed, a pooled client reconnects through the load balancer."""
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    state.ready = True
+    client = TestClient(create_app(state))
+    assert "connection" not in client.get("/health").headers
+    state.draining = True
+    for response in (client.get("/ready"), client.get("/health"), client.get("/v1/models"), client.get("/nope")):
+        assert response.headers["connection"] == "close", response.request.url
+    assert client.get("/ready").status_code == 503
