@@ -5,6 +5,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -69,6 +70,26 @@ KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_QUEUE_FRAMES = 4  # how far the keep-alive pump may run ahead of a client reading slowly
 
 
+class _Admission:
+    """A request's place among those in flight: taken once and given back once, however the request ends. Its stream
+    gives it back when it ends; an answer never sent (a StreamingResponse dropped unread: the client left before it
+    began, or a user model.py dropped an engine stream) gives it back when its Run is collected: the body's finally
+    never runs then, and each such request held a place for good until the server answered only 429s (probe AE)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.held = False
+
+    def take(self) -> None:
+        self.state.admit()
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.release()
+
+
 class Run:
     """One request's way through the engine: `admit` (the backend's one preparation step, then the server's
     admission), `deltas` (the engine's token ids turned into text, stop strings ended in the engine too), metrics."""
@@ -92,29 +113,35 @@ class Run:
         self.choice_timings = [ChoiceTiming() for _ in range(params.n)]
         self.queue_time_recorded = False
         self.prepared: PreparedRequest | None = None
+        self._admission = _Admission(state)
+        weakref.finalize(self, self._admission.give_back)
 
     async def admit(self) -> None:
         """Count the request in, then check and compile it in the backend (once: a guide is compiled here, capacity
         checked here); every refusal is an APIError before anything streams. Counted first, so a request still
         compiling its grammar is in flight: the server's capacity bounds compiles too, and a drain waits for it."""
-        self.state.admit()
+        self._admission.take()
         try:
             self.prepared = await self.state.generation().prepare(self.request)
         except GuideError as error:
-            self.state.release()
+            self.release()
             raise guide_refused(error) from None
         except ValueError as error:
-            self.state.release()
+            self.release()
             code = getattr(error, "code", "invalid_request")
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code=code) from None
         except BaseException:  # the client left mid-compile (cancelled), or a failure of ours
-            self.state.release()
+            self.release()
             raise
         if self.state.drain_expired:  # the drain ended while this request compiled: it will not start now
-            self.state.release()
+            self.release()
             raise APIError(
                 "The server is shutting down.", status=503, type="server_error", code="draining"
             )
+
+    def release(self) -> None:
+        """Give the request's place back (once; later calls do nothing)."""
+        self._admission.give_back()
 
     async def deltas(self) -> AsyncGenerator[GenerationDelta, None]:
         """Deltas with their text, as the engine produces them; closing this iterator aborts the request."""
@@ -160,7 +187,7 @@ class Run:
             raise
         finally:
             self.state.generating.discard(self.request.request_id)
-            self.state.release()
+            self.release()
             self._record(finished, abandoned)
 
     async def _engine_deltas(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:

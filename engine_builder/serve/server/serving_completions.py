@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine_builder.common.types import GenerationDelta
-from engine_builder.serve.server.errors import APIError, bad_request, unsupported
+from engine_builder.serve.server.errors import bad_request, unsupported
 from engine_builder.serve.server.generation import (
     Run,
     chunk_framer,
@@ -138,9 +138,9 @@ async def run_completion(
         for _, run in runs:
             await run.admit()
             admitted.append(run)
-    except APIError:
-        for _ in admitted:
-            state.release()
+    except BaseException:  # refused, or cancelled while admitting (a user model.py's timeout): none stays counted
+        for run in admitted:
+            run.release()
         raise
     request_id = new_id("cmpl")
     created = int(time.time())

@@ -176,6 +176,9 @@ class TorchEngineClient:
             ]
         stream = _Stream(request, asyncio.Queue())
         self._streams[request.request_id] = stream
+        if self._dead is not None:  # the loop died after the check above and failed the streams it saw, not this
+            self._streams.pop(request.request_id, None)  # one: registered, then checked again, none is missed (probe AE)
+            raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         self._commands.put(("add", (request, matchers)))
         try:
             while len(stream.ended) < num_choices:

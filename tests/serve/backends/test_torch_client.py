@@ -1,0 +1,33 @@
+"""The torch backend's asyncio side: a request that races the engine loop's death is answered, not left waiting."""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_builder.common.types import GenerationRequest, PreparedRequest, SamplingParams
+from engine_builder.engine.config import EngineConfig
+from engine_builder.serve.backends.torch.client import EngineDeadError, TorchEngineClient
+
+
+def test_a_request_registered_as_the_loop_dies_gets_the_engines_error() -> None:
+    """Probe AE: generate checked the loop was alive, then registered its stream; a loop that crashed in between
+    failed the streams it saw, not this one, whose `add` no loop would ever read: the request hung for good."""
+    client = TorchEngineClient(EngineConfig(model_dir=Path(".")), "m", (0,), "LlamaForCausalLM")
+
+    class DiesOnRegister(dict):
+        def __setitem__(self, key: str, value: Any) -> None:  # the loop crashes right after the liveness check
+            client._dead = RuntimeError("CUDA error: an illegal memory access")
+            super().__setitem__(key, value)
+
+    client._streams = DiesOnRegister()
+    request = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=2))
+
+    async def run() -> None:
+        async for _ in client.generate(PreparedRequest(request, None)):
+            pass
+
+    with pytest.raises(EngineDeadError, match="illegal memory access"):
+        asyncio.run(asyncio.wait_for(run(), 5))
+    assert not client._streams
