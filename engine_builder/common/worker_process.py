@@ -53,12 +53,21 @@ class WorkerProcess:
         """Run `function(*args)` in the process (started first if need be); the caller times the future and calls
         `kill` when it gives up. Raises WorkerUnavailable when the process cannot start."""
         with self._lock:
+            if self._pool is not None and not self._alive_locked():
+                # It died between calls (killed from outside, out of memory): not this call's doing, so it gets a
+                # fresh process rather than the crash (a trivial schema was refused as crashing the compiler: AF).
+                logger.warning("the %s process had died; starting another", self.name)
+                self._kill_locked()
             pool = self._start_locked()
             try:
                 return pool.submit(function, *args)
             except BrokenProcessPool:
                 self._kill_locked()
                 raise WorkerCrashed(f"the {self.name} process had died") from None
+
+    def _alive_locked(self) -> bool:
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        return bool(processes) and all(process.is_alive() for process in processes)
 
     def _start_locked(self) -> ProcessPoolExecutor:
         if self._pool is not None:

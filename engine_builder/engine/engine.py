@@ -19,7 +19,7 @@ from engine_builder.engine.block_manager import BlockManager
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.grammar_masks import GrammarMasks
 from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
-from engine_builder.engine.lookahead import DraftPlan
+from engine_builder.engine.lookahead import DraftPlan, GrammarTooSlowError
 from engine_builder.engine.model_runner import ModelRunner, index_tensor
 from engine_builder.engine.parallel import RankFailedError
 from engine_builder.engine.scheduler import ScheduledSequence, Scheduler
@@ -386,7 +386,12 @@ class LLMEngine:
                 continue
             assert self.lookahead is not None
             seq = item.seq
-            result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.host_logits)
+            try:
+                result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.host_logits)
+            except GrammarTooSlowError as slow:
+                logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", seq.request_id, slow.seconds)
+                outputs.extend(self.abort(seq.request_id, FinishReason.ERROR, _too_slow_message(slow.seconds)))
+                continue
             appended: list[int] = []
             for token in result.tokens:
                 self._append(seq, token)

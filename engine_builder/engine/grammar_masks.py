@@ -22,11 +22,20 @@ class _Fill:
     def __init__(self, seq: Sequence) -> None:
         self.seq = seq
         self.started: float | None = None
+        self.ended: float | None = None
         self.future: Future[torch.Tensor] | None = None
 
     def run(self) -> torch.Tensor:
         self.started = time.monotonic()
-        return self.seq.guide_state.token_bitmask().clone()
+        mask = self.seq.guide_state.token_bitmask().clone()
+        self.ended = time.monotonic()
+        return mask
+
+    def seconds(self) -> float:
+        """How long the fill has run (or ran)."""
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.monotonic()) - self.started
 
 
 class GrammarMasks:
@@ -41,18 +50,25 @@ class GrammarMasks:
         self._fills = [self._submit(_Fill(seq)) for seq in seqs]
 
     def collect(self) -> dict[str, float]:
-        """Wait for the masks started, each at most MASK_FILL_BUDGET_S once it runs; the requests whose fill ran past
-        it, with the seconds it had run. Such a fill is left to finish on its own: its request must end."""
+        """Wait for the masks started, a request's fills (one a choice) together at most MASK_FILL_BUDGET_S of
+        running; the requests whose fills ran past it, with the seconds they had run. Such a fill is left to finish
+        on its own: its request must end."""
         too_slow: dict[str, float] = {}
+        spent: dict[str, float] = {}  # a request's fills so far this step: its n choices share one budget (probe AF)
         fills, self._fills = self._fills, []
         for fill in fills:
+            request_id = fill.seq.request_id
+            if request_id in too_slow:
+                continue  # ending already: its other choices' masks are not needed
             if fill.future is None or fill.future.cancelled():  # queued behind an abandoned fill
                 self._submit(fill)
             assert fill.future is not None
+            budget = MASK_FILL_BUDGET_S - spent.get(request_id, 0.0)
             try:
-                self._masks[fill.seq.seq_id] = self._wait(fill, fill.future)
+                self._masks[fill.seq.seq_id] = self._wait(fill, fill.future, budget)
+                spent[request_id] = spent.get(request_id, 0.0) + fill.seconds()
             except FutureTimeoutError:
-                too_slow[fill.seq.request_id] = time.monotonic() - (fill.started or time.monotonic())
+                too_slow[request_id] = spent.get(request_id, 0.0) + fill.seconds()
                 # The thread is busy with that fill until it ends: the next masks get a fresh one.
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
@@ -71,14 +87,14 @@ class GrammarMasks:
         return fill
 
     @staticmethod
-    def _wait(fill: _Fill, future: "Future[torch.Tensor]") -> torch.Tensor:
-        """The fill's mask; FutureTimeoutError once it has run MASK_FILL_BUDGET_S. A fill still queued runs after
-        the previous one, which was waited for (or abandoned) first, so this waits at most about the budget."""
+    def _wait(fill: _Fill, future: "Future[torch.Tensor]", budget_s: float) -> torch.Tensor:
+        """The fill's mask; FutureTimeoutError once it has run `budget_s`. A fill still queued runs after the
+        previous one, which was waited for (or abandoned) first, so this waits at most about the budget."""
         while True:
             started = fill.started
-            remaining = MASK_FILL_BUDGET_S if started is None else started + MASK_FILL_BUDGET_S - time.monotonic()
+            remaining = budget_s if started is None else started + budget_s - time.monotonic()
             try:
                 return future.result(timeout=max(remaining, 0.0))
             except FutureTimeoutError:
-                if fill.started is not None and time.monotonic() - fill.started >= MASK_FILL_BUDGET_S:
+                if fill.started is not None and time.monotonic() - fill.started >= budget_s:
                     raise

@@ -16,12 +16,14 @@ is accepted, plus the model's next token, so greedy output is token-identical wi
 """
 
 import functools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from engine_builder.engine import grammar_masks
 from engine_builder.engine.config import LookaheadConfig
 
 MAX_NGRAMS_PER_KEY = 8
@@ -208,24 +210,31 @@ class LookaheadProposer:
         `candidate_logits[g]` holds the logits rows of candidate g. With a grammar (`guide`), every
         prediction is the argmax over grammar-valid tokens in the state after the tokens before it.
         """
-        first = _argmax(x_logits, guide)
+        masks = _TimedMasks(guide)
+        first = masks.argmax(x_logits)
         best: list[int] = [first]
         best_matched = 0
         for candidate, rows in zip(plan.candidates, candidate_logits, strict=True):
             if rows is None:  # its first token disagrees with the model; nothing to verify
                 continue
+            if masks.spent_s > grammar_masks.MASK_FILL_BUDGET_S:
+                break  # a slow grammar: the candidates verified so far will do
             accepted = [first]
             accepted_by_guide = 0
-            for k, token in enumerate(candidate):
-                if token != accepted[-1]:
-                    break
-                if guide is not None:
-                    if not guide.accept(token):
+            try:
+                for k, token in enumerate(candidate):
+                    if token != accepted[-1]:
                         break
-                    accepted_by_guide += 1
-                accepted.append(_argmax(rows[k], guide))
-            if guide is not None:
-                guide.rollback(accepted_by_guide)
+                    if guide is not None:
+                        if not guide.accept(token):
+                            break
+                        accepted_by_guide += 1
+                        if guide.is_terminated:  # the token ended the structure (end of turn): nothing follows
+                            break  # asking a finished matcher for its next mask raised and killed the loop (AF)
+                    accepted.append(masks.argmax(rows[k]))
+            finally:
+                if guide is not None:
+                    guide.rollback(accepted_by_guide)
             if len(accepted) > len(best):
                 best, best_matched = accepted, len(accepted) - 1
         return best, best_matched
@@ -241,6 +250,35 @@ class LookaheadProposer:
             for level in range(self.levels - 1):
                 state.window[level][column] = state.window[level + 1][column]
             state.window[self.levels - 1][column] = new_token
+
+
+class GrammarTooSlowError(Exception):
+    """A draft's grammar mask took longer than one token's mask fill may (grammar_masks.MASK_FILL_BUDGET_S): the
+    request ends, as it would without lookahead."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"a mask fill took {seconds:.1f} s")
+        self.seconds = seconds
+
+
+class _TimedMasks:
+    """Argmaxes under a grammar, its mask fills timed: they run on the engine thread here, not on the mask helper
+    under its budget, so a pathological grammar stalled every stream for tens of seconds a step (probe AF)."""
+
+    def __init__(self, guide: Any) -> None:
+        self.guide = guide
+        self.spent_s = 0.0
+
+    def argmax(self, logits: torch.Tensor) -> int:
+        if self.guide is None:
+            return int(logits.argmax())
+        began = time.monotonic()
+        token = _argmax(logits, self.guide)
+        seconds = time.monotonic() - began
+        self.spent_s += seconds
+        if seconds > grammar_masks.MASK_FILL_BUDGET_S:
+            raise GrammarTooSlowError(seconds)
+        return token
 
 
 def _argmax(logits: torch.Tensor, guide: Any) -> int:

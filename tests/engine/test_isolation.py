@@ -111,3 +111,25 @@ def test_a_grammar_too_slow_to_enforce_ends_its_request_only(smollm2_dir: Path, 
     assert results["stuck"][1] == FinishReason.ERROR and len(results["stuck"][0]) == 2
     assert results["plain2"][1] == FinishReason.LENGTH and len(results["plain2"][0]) == 6
     assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+
+
+def test_the_choices_of_one_request_share_one_mask_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe AF: the budget held for each choice's fill, so a guided request with n choices could hold every step
+    about n times the budget. Its choices' fills now share one budget; another request keeps its own."""
+    from types import SimpleNamespace
+
+    class SlowGuide:
+        def token_bitmask(self) -> torch.Tensor:
+            time.sleep(0.2)
+            return torch.zeros(4, dtype=torch.int32)
+
+    monkeypatch.setattr(grammar_masks, "MASK_FILL_BUDGET_S", 0.5)
+    masks = grammar_masks.GrammarMasks()
+    choices = [SimpleNamespace(seq_id=index, request_id="n3", guide_state=SlowGuide()) for index in range(3)]
+    alone = SimpleNamespace(seq_id=9, request_id="n1", guide_state=SlowGuide())
+    masks.start([*choices, alone])  # type: ignore[list-item]
+    began = time.monotonic()
+    too_slow = masks.collect()
+    assert set(too_slow) == {"n3"} and too_slow["n3"] >= 0.5
+    assert time.monotonic() - began < 1.5  # n3 held the step about the budget, not 3 x 0.2 s and more
+    assert masks.mask_of(alone) is not None  # type: ignore[arg-type]

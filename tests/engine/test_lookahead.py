@@ -230,3 +230,83 @@ def test_under_max_utilization_a_request_that_fits_without_drafts_is_not_refused
     usable = engine.blocks.num_usable_blocks * engine.blocks.block_size
     assert usable >= 480
     engine.check_request(GenerationRequest("fits", tuple(range(100, 108)), SamplingParams(max_tokens=usable - 8)))
+
+
+class _FakeGuide:
+    """A grammar allowing every token, ended by token 2 (end of turn); `fill_s` is how long each mask takes."""
+
+    def __init__(self, vocab_size: int, fill_s: float = 0.0) -> None:
+        import torch
+
+        self.allowed = torch.ones(vocab_size, dtype=torch.bool)
+        self.fill_s = fill_s
+        self.accepted: list[int] = []
+        self.fills = 0
+
+    @property
+    def is_terminated(self) -> bool:
+        return bool(self.accepted) and self.accepted[-1] == 2
+
+    def allowed_tokens(self) -> object:
+        import time
+
+        assert not self.is_terminated, "asked a finished matcher for its next mask"  # xgrammar raises
+        self.fills += 1
+        time.sleep(self.fill_s)
+        return self.allowed
+
+    def accept(self, token: int) -> bool:
+        self.accepted.append(token)
+        return True
+
+    def rollback(self, count: int) -> None:
+        del self.accepted[len(self.accepted) - count :]
+
+
+def _logits_for(tokens: list[int], vocab_size: int) -> object:
+    import torch
+
+    rows = torch.zeros(len(tokens), vocab_size)
+    for row, token in enumerate(tokens):
+        rows[row, token] = 1.0
+    return rows
+
+
+def _plan(candidates: list[list[int]]) -> object:
+    import torch
+
+    from engine_builder.engine.lookahead import DraftPlan
+
+    tokens = [token for candidate in candidates for token in candidate]
+    return DraftPlan(tokens, list(range(len(tokens))), torch.ones(len(tokens), len(tokens), dtype=torch.bool), 0, candidates)
+
+
+def test_a_guided_draft_that_ends_the_turn_is_accepted_without_asking_past_it() -> None:
+    """Probe AF: in a chat that repeats an answer, a draft ran past the end-of-turn token; verify asked the finished
+    matcher for its next mask, xgrammar raised, and the engine loop died for every request."""
+    proposer = LookaheadProposer(LOOKAHEAD)
+    guide = _FakeGuide(8)
+    x_logits = _logits_for([5], 8)[0]  # type: ignore[index]
+    candidate_rows = _logits_for([2, 7, 7], 8)  # after 5: the end of turn, then more the model would write
+    tokens, _ = proposer.verify(_plan([[5, 2, 7]]), x_logits, [candidate_rows], guide)  # type: ignore[arg-type]
+    assert tokens == [5, 2] and guide.accepted == []  # accepted up to the end of turn; the matcher rolled back
+
+
+def test_a_guided_draft_whose_masks_are_too_slow_ends_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe AF: a draft's masks were filled on the engine thread without the per-token budget the plain path keeps
+    (one step took 36 s while every stream waited). A fill over the budget ends the request, as without lookahead."""
+    from engine_builder.engine import grammar_masks
+    from engine_builder.engine.lookahead import GrammarTooSlowError
+
+    monkeypatch.setattr(grammar_masks, "MASK_FILL_BUDGET_S", 0.05)
+    proposer = LookaheadProposer(LOOKAHEAD)
+    slow = _FakeGuide(8, fill_s=0.08)
+    with pytest.raises(GrammarTooSlowError):
+        proposer.verify(_plan([[5, 6, 7]]), _logits_for([5], 8)[0], [_logits_for([6, 7, 1], 8)], slow)  # type: ignore[index, arg-type]
+    assert slow.accepted == []  # rolled back
+    # fills each within the budget but together past it: the candidates verified so far do, the rest are skipped
+    steady = _FakeGuide(8, fill_s=0.02)
+    candidates = [[5, 6, 7], [5, 6, 1], [5, 3, 3]]
+    rows = [_logits_for([6, 7, 1], 8), _logits_for([6, 1, 1], 8), _logits_for([3, 3, 3], 8)]
+    tokens, _ = proposer.verify(_plan(candidates), _logits_for([5], 8)[0], rows, steady)  # type: ignore[index, arg-type]
+    assert tokens[:3] == [5, 6, 7] and steady.fills < 1 + 3 * 3

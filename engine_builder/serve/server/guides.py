@@ -84,11 +84,18 @@ def _structural_tag_spec(response_format: ResponseFormat) -> str:
     raise bad_request("response_format.structural_tag needs `structural_tag`, `format`, or `structures` and `triggers`.", param="response_format")
 
 
-def check_guide_compatible(request: SamplingFields, guide: Guide | None) -> None:
+def check_guide_compatible(request: SamplingFields, guide: Guide | None, eos_token_ids: tuple[int, ...] = ()) -> None:
     if guide is None:
         return
     if request.ignore_eos:
         raise bad_request("ignore_eos cannot be combined with a structured response_format (the grammar ends the output).", param="ignore_eos")
+    banned_ends = sorted(set(request.bad_token_ids or ()) & set(eos_token_ids))
+    if banned_ends:  # the grammar's end is an end-of-sequence token: banned, no token would be left to sample (AF)
+        raise bad_request(
+            f"bad_token_ids bans the end-of-sequence token {banned_ends[0]}, which a structured response_format "
+            "needs to end the output.",
+            param="bad_token_ids",
+        )
     if request.min_tokens:
         raise bad_request("min_tokens cannot be combined with a structured response_format.", param="min_tokens")
 

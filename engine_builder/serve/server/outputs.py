@@ -162,6 +162,6 @@ def output_processor_for_chat(
                 "response_format cannot be combined with a forced tool_choice or with `strict` tools.", param="response_format"
             )
         guide = tool_guide
-    check_guide_compatible(body, guide)
+    check_guide_compatible(body, guide, state.engine.model_info.eos_token_ids)
     processor = planned or OutputProcessor()
     return processor, template_tools, guide, {"_extra_system_messages": hints} if hints else {}

@@ -118,7 +118,7 @@ async def run_completion(
     if body.suffix:
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
     guide = guide_from_response_format(body.response_format)
-    check_guide_compatible(body, guide)
+    check_guide_compatible(body, guide, state.engine.model_info.eos_token_ids)
     requested = requested_max_tokens(body)
     prompts = await _prompts(state, body)
     limits = state.limits()

@@ -200,3 +200,68 @@ def test_a_grammar_that_allows_no_output_is_refused_naming_it(compiler: Any, gra
             compile_guide(guide)
         assert refused.value.param == "response_format.grammar"
     assert compiler.compile(Guide(GuideKind.GRAMMAR, 'root ::= "a" root')) is not None  # endless, but it has output
+
+
+def test_a_worker_that_died_between_calls_is_replaced_not_blamed_on_the_next_call() -> None:
+    """Probe AF: a compile worker killed while idle made the next, unrelated compile a 400 saying its schema crashed
+    the compiler. A process found dead before a call is started afresh; the call runs."""
+    import os
+    import signal
+    import time
+
+    from engine_builder.common.worker_process import WorkerProcess
+
+    worker = WorkerProcess("test")
+    try:
+        assert worker.call(abs, -3, timeout_s=60) == 3
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # until the kernel reports it gone
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert worker.call(abs, -4, timeout_s=60) == 4
+        assert worker.pid not in (None, pid)
+    finally:
+        worker.close()
+
+
+def test_a_queued_compile_whose_requests_all_left_never_starts(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe AF: compiles queued behind busy compile threads started even when every request waiting on them had
+    gone, holding the threads from the requests behind them (a trivial regex waited 18.8 s)."""
+    import asyncio
+    import threading
+
+    from engine_builder.common.types import Guide, GuideKind
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+
+    compiler = GrammarCompiler(smollm2_dir, 49152)
+    release = threading.Event()
+    started: list[str] = []
+
+    def slow_compile(guide: Guide, begun: Any) -> Any:
+        started.append(guide.spec)
+        begun.set_result(None)
+        release.wait(30)
+        raise RuntimeError("never read")
+
+    monkeypatch.setattr(compiler, "_compile_isolated", slow_compile)
+
+    async def scenario() -> None:
+        busy = [asyncio.ensure_future(compiler.compile_async(Guide(GuideKind.REGEX, f"busy{i}"))) for i in range(2)]
+        await asyncio.sleep(0.2)  # both compile threads taken
+        with pytest.raises(TimeoutError):  # the only request for this one leaves while it is queued
+            await asyncio.wait_for(compiler.compile_async(Guide(GuideKind.REGEX, "queued")), 0.2)
+        release.set()
+        await asyncio.gather(*busy, return_exceptions=True)
+        await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+    assert started == ["busy0", "busy1"]  # "queued" never ran

@@ -238,3 +238,17 @@ def test_a_function_name_that_could_not_be_called_is_refused_by_name(name: str) 
 def test_function_names_openai_takes_and_namespaced_or_non_latin_ones_are_accepted(name: str) -> None:
     tools = [{"type": "function", "function": {"name": name}}]
     assert ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": tools}).tools[0].function.name == name  # type: ignore[index]
+
+
+def test_a_structured_output_may_not_ban_the_end_of_sequence_token() -> None:
+    """Probe AF: a `(yes|no)` regex with bad_token_ids [0, 2] left no token to sample once the answer was written;
+    the sampler took token 0 anyway, so the ban was silently ignored."""
+    from engine_builder.serve.server.guides import check_guide_compatible
+
+    guide = guide_from_response_format(ResponseFormat.model_validate({"type": "regex", "regex": "(yes|no)"}))
+    banned = ChatCompletionRequest.model_validate({"messages": MESSAGES, "bad_token_ids": [7, 2]})
+    with pytest.raises(APIError) as caught:
+        check_guide_compatible(banned, guide, eos_token_ids=(2,))
+    assert caught.value.param == "bad_token_ids" and "token 2" in caught.value.message
+    check_guide_compatible(banned, guide, eos_token_ids=(0,))  # bans other tokens: fine
+    check_guide_compatible(banned, None, eos_token_ids=(2,))  # no grammar: the ban is the client's to make

@@ -55,6 +55,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
         # one compile per key, however many requests wait: (set once the compile has a worker, its result)
         self._compiling: dict[tuple[str, str, bool], tuple[Future[None], Future[Any]]] = {}
+        self._waiters: dict[tuple[str, str, bool], int] = {}  # requests waiting on each compile
         self._lock = threading.RLock()  # reentrant: a compile done already runs its done-callback at once
         self._executor = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._workers: list[WorkerProcess] = []  # one per compile thread, started by its first compile
@@ -88,19 +89,33 @@ class GrammarCompiler:
                 future.add_done_callback(lambda _: self._forget(key))
             else:
                 self.num_reused += 1
+            self._waiters[key] = self._waiters.get(key, 0) + 1
         begun, future = compiling
         limit = COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
         try:  # shielded: a waiter that leaves (timeout, disconnect) never cancels the compile others share
             # The limit is the compile's: a worker process starting (the first compile, or after a stop) or busy
             # with other compiles, each stopped at the compile limit, is not this grammar's slowness.
-            await asyncio.shield(asyncio.wrap_future(begun))
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limit)
+            await asyncio.shield(_quiet(asyncio.wrap_future(begun)))
+            return await asyncio.wait_for(asyncio.shield(_quiet(asyncio.wrap_future(future))), limit)
         except TimeoutError:
             self._count_timeout()
             raise _too_slow(guide, limit) from None
         except TooSlowToCompile:  # stopped at the compile limit
             self._count_timeout()
             raise
+        finally:
+            self._leave(key, future)
+
+    def _leave(self, key: tuple[str, str, bool], future: "Future[Any]") -> None:
+        """A waiter is done with `key`'s compile. When none is left and the compile has not started, it never does:
+        queued compiles whose clients had all gone took the compile threads from the requests behind them (AF)."""
+        with self._lock:
+            remaining = self._waiters.get(key, 1) - 1
+            if remaining > 0:
+                self._waiters[key] = remaining
+                return
+            self._waiters.pop(key, None)
+            future.cancel()  # a no-op once it runs: a started compile finishes, and its grammar is cached
 
     def _count_timeout(self) -> None:
         with self._lock:
@@ -309,6 +324,13 @@ def compile_in_worker(guide: Guide) -> tuple[str, Any]:
         return "compiled", compile_with(_worker_compiler, guide).serialize_json()
     except GuideError as error:
         return "refused", (str(error), error.param)
+
+
+def _quiet(waited: "asyncio.Future[Any]") -> "asyncio.Future[Any]":
+    """`waited`, its outcome retrieved even when its waiter has left (asyncio logs "Future exception was never
+    retrieved" for every compile error a gone client did not read)."""
+    waited.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return waited
 
 
 def _key(guide: Guide) -> tuple[str, str, bool]:
