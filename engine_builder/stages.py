@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if target.is_dir() and not is_engine_dir(target):
         message = (
-            f"a folder without {MANIFEST_FILE}, so not an engine directory: build one with "
+            f"a folder without an engine's {MANIFEST_FILE}, so not an engine directory: build one with "
             f"`engine-builder build CONFIG -o {target}`, or pass a config file"
         )
         raise ConfigError([ConfigIssue(str(target), None, "", message)])

@@ -193,7 +193,7 @@ def test_serve_on_what_is_not_a_readable_engine_says_so(tmp_path: Path) -> None:
     folder.mkdir()
     result = _cli("serve", str(folder))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "a folder without manifest.json, so not an engine directory" in result.stderr
+    assert "a folder without an engine's manifest.json, so not an engine directory" in result.stderr
     # A manifest from another schema, and one that is not JSON: the reason and the fix, no traceback.
     (folder / "manifest.json").write_text('{"schema_version": 1, "builder_version": "0.0.1"}')
     result = _cli("serve", str(folder))

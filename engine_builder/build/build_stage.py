@@ -104,8 +104,8 @@ def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> Non
             break
     if not force and target.is_dir() and not is_engine_dir(target) and any(target.iterdir()):
         raise BuildError(
-            f"refusing to build into {output}: it is a folder with files in it and no {MANIFEST_FILE} (not an "
-            "engine), which the build would replace whole; choose a new or empty folder, or pass --force to "
+            f"refusing to build into {output}: it is a folder with files in it and no engine's {MANIFEST_FILE} "
+            "(not an engine), which the build would replace whole; choose a new or empty folder, or pass --force to "
             "replace it"
         )
 

@@ -16,6 +16,7 @@ Layout:
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -285,7 +286,14 @@ def changed_model_files(engine: "EngineDir") -> list[str]:
 
 
 def is_engine_dir(path: Path) -> bool:
-    return (path / MANIFEST_FILE).is_file()
+    """A folder holding this project's manifest, of any schema version. `manifest.json` alone is a common name (web
+    apps, OCI image layouts), and a build replaces an engine folder whole without --force: a web app's files were
+    deleted that way (probe AH)."""
+    try:
+        data = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):  # none, unreadable, or not JSON
+        return False
+    return isinstance(data, dict) and {"schema_version", "backend", "config_hash"} <= data.keys()
 
 
 def load_engine_dir(path: str | Path) -> EngineDir:
@@ -338,7 +346,7 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     _restore_retired(final)
-    for stale in final.parent.glob(f".{final.name}.building-*"):
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.building-*"):  # `e[12]` must not match `e1` (AH)
         shutil.rmtree(stale, ignore_errors=True)
     staging = final.parent / f".{final.name}.building-{os.getpid()}"
     staging.mkdir()
@@ -367,7 +375,8 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
 def _restore_retired(final: Path) -> None:
     """An engine moved aside (`.<name>.building-old-*`) by a build killed before its new engine took the name: put
     back, so the output is never left missing."""
-    retired = sorted(final.parent.glob(f".{final.name}.building-old-*"), key=lambda path: path.stat().st_mtime)
+    pattern = f".{glob.escape(final.name)}.building-old-*"
+    retired = sorted(final.parent.glob(pattern), key=lambda path: path.stat().st_mtime)
     if retired and not final.exists():
         retired[-1].rename(final)
         logger.warning("%s: put back the engine a build killed while replacing it had moved aside", final)

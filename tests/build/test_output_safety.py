@@ -53,10 +53,15 @@ def test_refuses_outputs_it_would_destroy(tmp_path: Path, smollm2_dir: Path) -> 
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("precious")
+    webapp = tmp_path / "webapp"  # probe AH: any manifest.json made a folder an engine, replaced without --force
+    (webapp / "src").mkdir(parents=True)
+    (webapp / "manifest.json").write_text('{"name": "my web app", "version": "1.0"}')
+    (webapp / "src" / "index.js").write_text("precious")
     a_file = tmp_path / "a-file"
     a_file.write_text("data")
     cases = {
-        notes: "no manifest.json",
+        notes: "no engine's manifest.json",
+        webapp: "no engine's manifest.json",
         project: "the config's folder",
         tmp_path: "refusing to build into",  # above the config and the working folder
         a_file: "is a file",
@@ -68,6 +73,7 @@ def test_refuses_outputs_it_would_destroy(tmp_path: Path, smollm2_dir: Path) -> 
         code, out = _finish(_cli_build(config, output, cwd=elsewhere))
         assert code == 1 and reason in out and "Traceback" not in out, (output, out[-1500:])
     assert (notes / "keep.txt").read_text() == "precious" and (project / "config.yaml").is_file()
+    assert (webapp / "src" / "index.js").read_text() == "precious"
     assert a_file.read_text() == "data"
     code, out = _finish(_cli_build(config, Path("."), cwd=project))
     assert code == 1 and "the working folder" in out and (project / "config.yaml").is_file()
@@ -232,3 +238,17 @@ def test_an_atomic_write_that_fails_leaves_no_temp_file_and_names_its_file(
     with pytest.raises(OSError, match=r"writing .*manifest\.json: No space left on device") as raised:
         artifact.write_atomic(target, "{}")
     assert raised.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_named_like_a_glob_leaves_other_builds_staging_alone(tmp_path: Path) -> None:
+    """Probe AH: building `e[12]` cleaned up `.e[12].building-*` as a glob, which matched (and deleted) the staging
+    folder of a concurrent build of `e1`."""
+    from engine_builder.common.artifact import atomic_engine_dir
+
+    concurrent = tmp_path / ".e1.building-99999"
+    concurrent.mkdir()
+    (concurrent / "weights").write_text("half written")
+    with atomic_engine_dir(tmp_path / "e[12]") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (concurrent / "weights").read_text() == "half written"
+    assert (tmp_path / "e[12]" / "manifest.json").is_file()
