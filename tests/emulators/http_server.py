@@ -35,6 +35,7 @@ class FileRoute:
     extra_headers: dict[str, str] = field(default_factory=dict)
     chunk_delay_s: float = 0.0  # a slow server: the body goes out in 64 KiB chunks this far apart
     validators: bool = True  # False: no ETag, as from a server that sends no validator at all
+    replaced_by: bytes | None = None  # after its cut, the file is replaced by this version (a new ETag)
 
 
 _SLOW_CHUNK_BYTES = 64 * 1024
@@ -136,6 +137,9 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
                     return
             data, start = route.data, 0
             range_header = request.headers.get("Range")
+            if_range = request.headers.get("If-Range")
+            if if_range is not None and if_range != route.etag:  # RFC 9110: a changed object is sent whole
+                range_header = None
             status = 200
             if range_header and not route.ignore_range:
                 first, _, last = range_header.removeprefix("bytes=").partition("-")
@@ -167,6 +171,9 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
+                if route.replaced_by is not None:
+                    route.data, route.replaced_by = route.replaced_by, None
+                    route.etag = f'"{hashlib.md5(route.data).hexdigest()}"'
                 return
             if not route.chunk_delay_s:
                 self.wfile.write(body)

@@ -4,15 +4,18 @@ size or member limits are refused, and a refusal removes everything this call wr
 become copies of their target; nothing is ever written as a link.
 """
 
+import gzip
 import hashlib
 import os
 import posixpath
 import secrets
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError, UnsafeArchiveError
 
@@ -100,7 +103,7 @@ def _unpack_raw(
     names: list[str] = []
     total = 0
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
+        with _opened(archive) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for count, member in enumerate(tar, start=1):
                 if count > limits.max_members:
                     raise UnsafeArchiveError(
@@ -121,6 +124,10 @@ def _unpack_raw(
                     )
                 if write(name):
                     written[name] = _write(tar, member, raw / name)
+            while stream.read(1 << 20):  # to the gzip trailer, whose CRC tarfile's stream mode never checks
+                pass
+    except gzip.BadGzipFile as error:  # one flipped byte unpacked without a word (probe AH)
+        raise CheckpointLayoutError(f"{what}: the archive is corrupt ({error}); publish it again") from None
     except tarfile.TarError as error:
         raise CheckpointLayoutError(
             f"{what}: not a readable tar archive ({error}); publish a .tar.gz of the checkpoint folder"
@@ -128,6 +135,20 @@ def _unpack_raw(
     except EOFError:
         raise CheckpointLayoutError(f"{what}: the archive is truncated; publish it again") from None
     return written, links, names
+
+
+@contextmanager
+def _opened(archive: Path) -> Iterator[IO[bytes]]:
+    """The archive as a stream for tarfile: a gzip file through GzipFile, which checks the CRC and length in the
+    gzip trailer once read to its end; anything else as stored, for tarfile to detect."""
+    with archive.open("rb") as raw:
+        if raw.read(2) == b"\x1f\x8b":
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                yield unzipped  # type: ignore[misc]
+        else:
+            raw.seek(0)
+            yield raw
 
 
 def _check_member(member: tarfile.TarInfo, what: str) -> str:

@@ -2,6 +2,7 @@
 size and sha256 verification, one tqdm progress bar. Sources only write bytes; this module owns the files.
 """
 
+import errno
 import hashlib
 import logging
 import os
@@ -18,9 +19,11 @@ from tqdm import tqdm
 from engine_builder.build.checkpoints.cache import CheckpointCache
 from engine_builder.build.checkpoints.errors import (
     CheckpointAuthError,
+    CheckpointChangedError,
     CheckpointDownloadError,
     CheckpointLayoutError,
     CheckpointNotFoundError,
+    RetryLaterError,
     UnsafeArchiveError,
 )
 from engine_builder.build.checkpoints.source import CheckpointSourceBase, RemoteFile
@@ -28,7 +31,11 @@ from engine_builder.build.checkpoints.source import CheckpointSourceBase, Remote
 logger = logging.getLogger(__name__)
 
 # Retrying cannot fix these: the user has to change the config or the credentials.
-PERMANENT_ERRORS = (CheckpointAuthError, CheckpointNotFoundError, CheckpointLayoutError, UnsafeArchiveError)
+PERMANENT_ERRORS = (
+    CheckpointAuthError, CheckpointNotFoundError, CheckpointLayoutError, UnsafeArchiveError, CheckpointChangedError
+)
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: a file-size limit (ulimit -f)
+MAX_RETRY_AFTER_S = 120.0  # the longest a store's Retry-After holds one retry back
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,12 @@ class Downloader:
             except PERMANENT_ERRORS:
                 raise
             except Exception as error:  # network, protocol and SDK errors are all worth another try
+                if isinstance(error, OSError) and error.errno in _DISK_FULL:  # no retry frees space (probe AH)
+                    raise CheckpointDownloadError(
+                        f"{self.source.describe()}: writing {file.path} failed: {os.strerror(error.errno)}; free "
+                        f"space where the checkpoint cache is ({self.cache.root}), or point ENGINE_BUILDER_CACHE "
+                        "elsewhere, then rerun: completed files and the partial download are kept and resumed"
+                    ) from None
                 message = self.source.secrets.redact(f"{type(error).__name__}: {error}")
                 if attempt == self.settings.attempts:
                     if isinstance(error, _ContentMismatch):
@@ -198,6 +211,8 @@ class Downloader:
                         f"{message}; {advice}"
                     ) from None
                 delay = self.settings.delay(attempt)
+                if isinstance(error, RetryLaterError):  # the store said when (429/503): spent retries ignored it
+                    delay = max(delay, min(error.retry_after_s, MAX_RETRY_AFTER_S))
                 logger.warning(
                     "downloading %s failed (%s); retry %d in %.1fs", file.path, message, attempt, delay
                 )

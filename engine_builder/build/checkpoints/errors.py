@@ -27,3 +27,16 @@ class UnsafeArchiveError(CheckpointError):
 
 class CheckpointDownloadError(CheckpointError):
     """A transfer failed after every retry (network, truncated body, size or hash mismatch)."""
+
+
+class CheckpointChangedError(CheckpointDownloadError):
+    """The object changed between the listing and the transfer: another try would fetch the new version under the
+    old one's name; the build is run again instead."""
+
+
+class RetryLaterError(CheckpointDownloadError):
+    """The store asked to be retried later (HTTP 429 or 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

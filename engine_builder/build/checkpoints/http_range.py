@@ -4,14 +4,18 @@ query string (presigned signatures live there)."""
 
 import logging
 import re
+import time
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from engine_builder.build.checkpoints.errors import (
     CheckpointAuthError,
+    CheckpointChangedError,
     CheckpointDownloadError,
     CheckpointNotFoundError,
+    RetryLaterError,
 )
 from engine_builder.build.checkpoints.source import ByteSink
 
@@ -59,7 +63,25 @@ def raise_for_status(response: httpx.Response, what: str, *, auth_hint: str) -> 
         raise CheckpointAuthError(f"{what}: access refused (HTTP {status}); {auth_hint}")
     if status in (404, 410):
         raise CheckpointNotFoundError(f"{what}: not found (HTTP {status})")
+    retry_after = _retry_after_s(response.headers.get("retry-after"))
+    if status in (429, 503) and retry_after is not None:
+        raise RetryLaterError(f"{what}: HTTP {status}, retry after {retry_after:g} s", retry_after)
     raise CheckpointDownloadError(f"{what}: HTTP {status}")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def read_url_into(
@@ -70,18 +92,30 @@ def read_url_into(
     *,
     headers: dict[str, str] | None = None,
     auth_hint: str = "check the credentials",
+    validator: str = "",
 ) -> None:
     """GET `url` from byte `start` into `sink`, byte for byte as stored; a server that ignores the range restarts the
-    sink at 0."""
+    sink at 0. `validator` (the ETag or Last-Modified the listing saw) keeps the bytes to that version: a resume
+    asks for the range only if the object is unchanged (`If-Range`), and an answer for another version is refused,
+    so two versions are never joined in one file (probe AH: a resume across a swap spliced them, silently)."""
     request_headers = {**AS_STORED, **(headers or {})}
     if start > 0:
         request_headers["Range"] = f"bytes={start}-"
+        if validator and not validator.startswith("W/"):  # If-Range takes a strong ETag or a date only
+            request_headers["If-Range"] = validator
     what = safe_url(url)
     with client.stream("GET", url, headers=request_headers) as response:
         if response.status_code == 416 and start > 0:
             sink.restart()  # the partial file is longer than the object: it changed, start over
             raise CheckpointDownloadError(f"{what}: the partial download no longer matches the object")
         raise_for_status(response, what, auth_hint=auth_hint)
+        answered = response.headers.get("etag") or response.headers.get("last-modified") or ""
+        if validator and answered and answered != validator:
+            sink.restart()
+            raise CheckpointChangedError(
+                f"{what}: the object changed since the build listed it ({validator} then, {answered} now); run the "
+                "build again to fetch the new version"
+            )
         if start > 0:
             if response.status_code == 206:
                 match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))

@@ -36,6 +36,7 @@ def make_checkpoint(
     chat_template: bool = True,
     shards: int = 1,
     tensor_elements: int = 64,
+    seed: int = 0,
 ) -> Path:
     """A checkpoint `check_repository_layout` accepts for `kind`: decoder, embedding or classifier."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def make_checkpoint(
             folder / "1_Pooling" / "config.json",
             {"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True},
         )
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     if shards == 1:
         save_file(
             {"weight": rng.standard_normal(tensor_elements).astype(np.float32)},

@@ -90,3 +90,19 @@ def test_links_inside_the_tree_become_copies(tmp_path: Path) -> None:
 def test_garbage_is_not_an_archive(tmp_path: Path) -> None:
     with pytest.raises(CheckpointLayoutError, match="not a readable tar archive"):
         extract(tmp_path, b"this is not gzip at all" * 10)
+
+
+def test_a_gzip_archive_whose_crc_does_not_match_is_refused(tmp_path: Path) -> None:
+    """Probe AH: tarfile's stream mode never reads the gzip trailer, so an archive with one byte changed (in a stored
+    block, where no inflate error shows it) unpacked without a word; REMOTE_URL has no other checksum."""
+    import gzip
+
+    folder = make_checkpoint(tmp_path / "src", tensor_elements=4096)
+    plain = tar_folder(folder)
+    stored = bytearray(gzip.compress(gzip.decompress(plain), compresslevel=0))  # stored blocks: bytes as they are
+    weights_at = stored.index((folder / "model.safetensors").read_bytes()[-64:])
+    stored[weights_at] ^= 0x01
+    with pytest.raises(CheckpointLayoutError, match="the archive is corrupt"):
+        extract(tmp_path, bytes(stored))
+    (tmp_path / "good").mkdir()
+    assert extract(tmp_path / "good", plain)[1]  # the intact archive unpacks

@@ -45,3 +45,45 @@ def test_a_cut_transfer_says_the_partial_download_is_kept(cache_dir: Path) -> No
     file = RemoteFile("model.safetensors", len(DATA), "etag")
     message = _download(_Store(cut=True), file, cache_dir)
     assert "connection ended" in message and "partial download are kept and resumed" in message
+
+
+class _FailingStore(_Store):
+    """Fails every read with `error`, counting the tries."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(cut=False)
+        self.error = error
+        self.tries = 0
+
+    def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
+        self.tries += 1
+        raise self.error
+
+
+def test_a_full_disk_is_reported_at_once_not_retried_as_a_network_fault(cache_dir: Path) -> None:
+    """Probe AH: ENOSPC was retried five times, then the advice was "check the network or the store"."""
+    import errno
+
+    store = _FailingStore(OSError(errno.ENOSPC, "No space left on device"))
+    message = _download(store, RemoteFile("model.safetensors", len(DATA), "etag"), cache_dir)
+    assert store.tries == 1 and "No space left on device" in message and "free space" in message
+    assert "check the network" not in message
+
+
+def test_a_stores_retry_after_holds_the_retry_back(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe AH: a 429 asking for 20 s was retried on the backoff schedule, all five tries within 11 s."""
+    import httpx
+
+    from engine_builder.build.checkpoints.errors import RetryLaterError
+    from engine_builder.build.checkpoints.http_range import raise_for_status
+
+    with pytest.raises(RetryLaterError) as refused:
+        raise_for_status(httpx.Response(429, headers={"Retry-After": "7"}), "a store", auth_hint="")
+    assert refused.value.retry_after_s == 7.0
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "2")
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", "0.01")
+    waits: list[float] = []
+    monkeypatch.setattr("threading.Event.wait", lambda self, timeout=None: waits.append(timeout) or False)
+    _download(_FailingStore(RetryLaterError("a store: HTTP 429", 7.0)), RemoteFile("m.safetensors", len(DATA), "etag"), cache_dir)
+    backoffs = [seconds for seconds in waits if seconds]
+    assert backoffs and backoffs[0] >= 7.0

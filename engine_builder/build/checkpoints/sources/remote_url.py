@@ -62,7 +62,8 @@ class RemoteUrlSource(CheckpointSourceBase):
         return Listing(files=files, is_unversioned=not validator)
 
     def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
-        read_url_into(self._client, file.locator, start, sink, auth_hint=AUTH_HINT)
+        validator = file.fingerprint.removeprefix("http:").rsplit("|", 1)[0]
+        read_url_into(self._client, file.locator, start, sink, auth_hint=AUTH_HINT, validator=validator)
 
     def materialize(self, blobs: Mapping[str, Path], staging: Path) -> dict[str, str]:
         return extract_checkpoint_archive(
