@@ -2,7 +2,6 @@
 
 import argparse
 import logging
-import re
 import signal
 import sys
 import threading
@@ -14,6 +13,7 @@ from engine_builder.build.config import ConfigError, load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, IncompatibleEngineError
 from engine_builder.common.backend_choice import BackendUnavailableError
+from engine_builder.common.redaction import redact_credentials
 from engine_builder.common.request_context import CURRENT_REQUEST_ID
 
 EXIT_INVALID = 2
@@ -26,23 +26,6 @@ _QUIET_LOGGERS = (
     "httpx", "urllib3", "filelock", "huggingface_hub", "botocore", "boto3", "s3transfer", "azure", "google.auth",
     "google.cloud", "google.resumable_media", "google.api_core",
 )
-# A second guard for any line that still shows a credential-bearing header or query parameter.
-_CREDENTIAL_HEADER = re.compile(
-    r"(?i)(['\"]?\b(?:authorization|proxy-authorization|x-amz-security-token|x-api-key|api-key|x-ms-encryption-key)"
-    r"['\"]?\s*[:=]\s*(?:b?['\"])?)[^'\"\r\n]+"
-)
-_CREDENTIAL_PARAMETER = re.compile(
-    r"(?i)\b(x-amz-security-token|x-amz-credential|x-amz-signature|x-goog-credential|x-goog-signature|sig|signature"
-    r"|credential)=[^&\s'\",]+"
-)
-
-
-def redact_credentials(text: str) -> str:
-    """`text` with the values of credential-looking headers and query parameters replaced by ***."""
-    text = _CREDENTIAL_HEADER.sub(r"\1***", text)
-    return _CREDENTIAL_PARAMETER.sub(r"\1=***", text)
-
-
 class _StderrFormatter(logging.Formatter):
     """`level: message` (and `[request <x-request-id>]` when written while serving one), then the traceback of a `logger.exception` (or `exc_info=`) record, credentials redacted."""
 

@@ -55,6 +55,7 @@ from engine_builder.common.artifact import (
     write_atomic,
 )
 from engine_builder.common.backend_choice import choose_backend
+from engine_builder.common.redaction import redact_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,21 @@ def _public_config_yaml(loaded: LoadedConfig) -> str:
         resolved["trt_llm"]["build"]["checkpoint_repository"]["repo"] = public_repo(build.checkpoint_repository)
     for name, adapter in (build.lora_adapters or {}).items():
         resolved["trt_llm"]["build"]["lora_adapters"][name]["repo"] = public_repo(adapter)
-    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
+    # Anywhere else (an external_data URL, a requirements index with user:token@): probe AH found them copied as is.
+    # model_metadata is left as written: it is the user model.py's own data, read from this file.
+    public = {key: value if key == "model_metadata" else _redacted(value) for key, value in resolved.items()}
+    return yaml.safe_dump(public, sort_keys=False, default_flow_style=False)
+
+
+def _redacted(value: Any) -> Any:
+    """`value` (a config's data) with credentials in its strings replaced by *** (`redact_credentials`)."""
+    if isinstance(value, str):
+        return redact_credentials(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return value
 
 
 # Engine options whose effective value (config or flag) decides what the build writes: the backend picks the compile,

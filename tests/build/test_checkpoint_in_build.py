@@ -68,12 +68,22 @@ def test_inline_secret_values_stay_out_of_the_engine(tmp_path: Path, smollm2_dir
     config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
     document = yaml.safe_load(config.read_text())
     document["secrets"] = {"hf_access_token": "hf_INLINEsecretTOKEN0123456789", "other": None}
+    # probe AH: credentials in other fields were copied as written
+    document["requirements"] = ["--extra-index-url https://me:pypiTOKENsecret@pypi.example.com/simple", "numpy"]
+    document["external_data"] = [
+        {"url": "https://bucket.s3.amazonaws.com/f.bin?X-Amz-Signature=deadSIGNATUREbeef&X-Amz-Expires=60",
+         "local_data_path": "f.bin"}
+    ]
+    document["model_metadata"] = {"note": "key=kept as written: model.py reads it"}
     config.write_text(yaml.safe_dump(document))
     loaded = load_config(config)
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     written = (engine.path / "config.yaml").read_text()
     assert "INLINEsecret" not in written
     assert yaml.safe_load(written)["secrets"] == {"hf_access_token": None, "other": None}
+    assert "pypiTOKENsecret" not in written and "deadSIGNATUREbeef" not in written
+    assert "https://***@pypi.example.com/simple" in written and "X-Amz-Expires=60" in written
+    assert yaml.safe_load(written)["model_metadata"] == {"note": "key=kept as written: model.py reads it"}
 
 
 @pytest.fixture(autouse=True)
