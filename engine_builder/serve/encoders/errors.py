@@ -81,7 +81,7 @@ class UnsupportedTaskError(EncoderError):
 class OverloadedError(EncoderError):
     """Too many requests in flight (TEI: 429 `overloaded`)."""
 
-    code = "rate_limit_exceeded"
+    code = "server_overloaded"  # as the server's own admission 429 says it
     status_code = 429
     error_type = "overloaded"
 

@@ -5,6 +5,7 @@ causal base models; the input limit from sentence-transformers' max_seq_length, 
 embeddings, never above the batch token budget.
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from engine_builder.serve.encoders.models import (
 from engine_builder.serve.encoders.st_layout import SentenceTransformerLayout, read_layout, read_prompts
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 from engine_builder.serve.encoders.truncation import TruncationDefaults
+
+logger = logging.getLogger(__name__)
 
 
 def _resolve_pooling(
@@ -74,9 +77,16 @@ def load_encoder(
     limits = effective_batch_limits(kind, max_num_tokens, max_batch_size)
     is_classifier = config.task is EncoderTask.CLASSIFICATION
     pooling_mode = None if is_classifier else _resolve_pooling(config, layout, pooling)
-    model_limit = (layout.max_seq_length if layout else None) or (
-        config.max_position_embeddings - config.position_offset if config.max_position_embeddings else None
-    )
+    positions = config.max_position_embeddings - config.position_offset if config.max_position_embeddings else None
+    model_limit = (layout.max_seq_length if layout else None) or positions
+    if model_limit and positions and model_limit > positions:
+        # A max_seq_length past the position table let an input through that the forward then failed on, and every
+        # request batched with it (probe AG): the table is the limit.
+        logger.warning(
+            "%s: max_seq_length %d is more than the model's %d positions; inputs are limited to %d tokens",
+            model_dir, model_limit, positions, positions,
+        )
+        model_limit = positions
     max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
     dtype = dtype or default_dtype(config, device)
     model = EncoderModel.load(

@@ -81,12 +81,19 @@ class ErrorStyle(str, enum.Enum):
     TEI = "tei"
 
 
+# The OpenAI envelope's `type` for the statuses that are not the client's fault (probe AG: a 424, the model failing,
+# said `invalid_request_error`); the others are `invalid_request_error`.
+_OPENAI_TYPES = {429: "rate_limit_error", 424: "server_error"}
+RETRY_AFTER_S = 1  # the engine's own 429 (max_concurrent_requests), as the server's admission 429 says it
+
+
 def render_error(error: EncoderError, style: ErrorStyle) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code == 429 else None
     if style is ErrorStyle.OPENAI:
-        client_error = error.status_code < 500 and error.status_code != 429
+        kind = _OPENAI_TYPES.get(error.status_code) or ("server_error" if error.status_code >= 500 else None)
         detail = OpenAIErrorDetail(
             message=error.openai_message,
-            type="invalid_request_error" if client_error else error.error_type,
+            type=kind or "invalid_request_error",
             param=error.param,
             code=error.code,
         )
@@ -95,7 +102,7 @@ def render_error(error: EncoderError, style: ErrorStyle) -> Response:
     else:
         body = TEIErrorResponse(error=error.message, error_type=error.error_type).model_dump_json()
         status_code = error.status_code
-    return Response(body, status_code=status_code, media_type="application/json")
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
 
 
 def render_refusal(refusal: Refusal) -> Response:

@@ -87,6 +87,21 @@ def test_local_relative_to_the_config_folder(tmp_path: Path, cache_dir: Path) ->
     )  # the hash memo notices edits
 
 
+def test_local_folders_linked_in_are_read_and_a_link_loop_is_not_followed(tmp_path: Path, cache_dir: Path) -> None:
+    """Probe AG: a `1_Pooling` folder linked from a shared volume was left out of the listing (rglob does not follow
+    folder links before Python 3.13); the build succeeded and serve failed."""
+    shared = make_checkpoint(tmp_path / "shared", "embedding")
+    model = make_checkpoint(tmp_path / "model", "embedding")
+    import shutil
+
+    shutil.rmtree(model / "1_Pooling")
+    (model / "1_Pooling").symlink_to(shared / "1_Pooling", target_is_directory=True)
+    (model / "1_Pooling" / "loop").symlink_to(model, target_is_directory=True)  # a link back up: no endless walk
+    repository = CheckpointRepository(source="LOCAL", repo=str(model))
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.ENCODER)
+    assert "1_Pooling/config.json" in fetched.files
+
+
 def test_local_missing_folder(tmp_path: Path, cache_dir: Path) -> None:
     repository = CheckpointRepository(source="LOCAL", repo="nowhere")
     with pytest.raises(

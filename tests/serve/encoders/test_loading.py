@@ -137,3 +137,16 @@ def test_tokenizer_ignores_the_padding_baked_into_tokenizer_json(minilm_dir: Pat
     assert right.token_ids[1:-1] != left.token_ids[1:-1]
     (pair,) = tokenizer.encode([("a b", "c")], truncation=REFUSE_OVER_LENGTH, field="texts")
     assert pair.token_type_ids == [0, 0, 0, 0, 1, 1]
+
+
+def test_a_max_seq_length_past_the_position_table_is_capped_to_it(minilm_dir: Path, tmp_path: Path) -> None:
+    """Probe AG: MiniLM with `max_seq_length: 1024` (512 positions) took a 702-token input, whose forward failed,
+    and with it every request in the same batch."""
+    from engine_builder.serve.encoders.loader import load_encoder
+
+    copy = tmp_path / "minilm"
+    shutil.copytree(minilm_dir, copy)
+    settings = json.loads((copy / "sentence_bert_config.json").read_text())
+    (copy / "sentence_bert_config.json").write_text(json.dumps({**settings, "max_seq_length": 1024}))
+    _, _, info = load_encoder(copy, kind="encoder_bert", max_num_tokens=16384, max_batch_size=8)
+    assert info.max_input_length == 512

@@ -604,3 +604,20 @@ def test_tokenize_builds_its_answer_off_the_event_loop(base_url: str, monkeypatc
     response = httpx.post(f"{base_url}/tokenize", json={"inputs": ["a b", "c"]})
     assert response.status_code == 200 and len(response.json()) == 2
     assert on_loop == [False]
+
+
+def test_the_engines_own_refusals_say_whose_fault_and_when_to_retry() -> None:
+    """Probe AG: the engine's 429 (max_concurrent_requests) had no Retry-After and another code than the server's
+    own 429; a 424 (the model failed) said `invalid_request_error` on the OpenAI routes."""
+    from engine_builder.serve.encoders.errors import BackendError, InvalidRequestError, OverloadedError
+    from engine_builder.serve.encoders.routes import ErrorStyle, render_error
+
+    overloaded = render_error(OverloadedError("Model is overloaded"), ErrorStyle.OPENAI)
+    error = json.loads(overloaded.body)["error"]
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "1"
+    assert (error["type"], error["code"]) == ("rate_limit_error", "server_overloaded")
+    assert render_error(OverloadedError("Model is overloaded"), ErrorStyle.TEI).headers["retry-after"] == "1"
+    failed = json.loads(render_error(BackendError("the forward failed"), ErrorStyle.OPENAI).body)["error"]
+    assert failed["type"] == "server_error"
+    refused = json.loads(render_error(InvalidRequestError("bad"), ErrorStyle.OPENAI).body)["error"]
+    assert refused["type"] == "invalid_request_error"
