@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from engine_builder.common.request_context import CURRENT_REQUEST_ID
 
 EXIT_INVALID = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C)
 
 
 # Third-party loggers kept at WARNING even under -v: their DEBUG/INFO lines dump request headers, and the storage
@@ -128,8 +130,21 @@ def _run(args: argparse.Namespace) -> int:
     except Terminated:
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def entry() -> None:
+    """The `engine-builder` command: `main`, then exit with its status. A build stopped by SIGTERM or Ctrl-C (its
+    staging folder removed by then) exits at once: download threads blocked in a stalled read would otherwise hold
+    the interpreter's exit until their 120 s read timeout, past a pod's grace period (probe AH)."""
+    code = main()
+    if code in (EXIT_TERMINATED, EXIT_INTERRUPTED):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

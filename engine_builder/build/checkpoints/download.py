@@ -155,27 +155,31 @@ class Downloader:
                 bar.update(count)
 
         workers = min(self.settings.workers, len(files))
-        with bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download")
+        with bar:
             futures = {pool.submit(self._fetch_with_retries, file, advance): file for file in files}
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:
-                # Ctrl-C lands in this thread: the workers stop at their next chunk (their partial files are kept
-                # for the rerun to resume) before the pool's exit joins them.
+                # Ctrl-C or SIGTERM lands in this thread: the workers stop at their next chunk (their partial files
+                # are kept for the rerun to resume). Not joined: one blocked in a stalled read would hold the stop
+                # until its read timeout (two minutes; probe AH); the command exits without waiting for them.
                 self._cancelled.set()
-                for future in futures:
-                    future.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
-            failed = next((future for future in done if future.exception() is not None), None)
-            if failed is not None:
-                self._cancelled.set()
-                for future in futures:
-                    future.cancel()
-                wait(futures)
-                error = failed.exception()
-                assert error is not None
-                raise error
-            return {futures[future].path: future.result() for future in futures}
+            try:
+                failed = next((future for future in done if future.exception() is not None), None)
+                if failed is not None:
+                    self._cancelled.set()
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
+                    error = failed.exception()
+                    assert error is not None
+                    raise error
+                return {futures[future].path: future.result() for future in futures}
+            finally:
+                pool.shutdown(wait=True)
 
     def _fetch_with_retries(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
         for attempt in range(1, self.settings.attempts + 1):

@@ -232,6 +232,10 @@ def test_ctrl_c_stops_the_download_promptly_and_keeps_the_partial_file(
     finally:
         ctrl_c.cancel()
     assert time.monotonic() - started < 3.0  # not the whole transfer
+    for _ in range(40):  # not joined on the way out; each stops at its next chunk
+        if not [thread for thread in threading.enumerate() if thread.name.startswith("checkpoint-download")]:
+            break
+        time.sleep(0.05)
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("checkpoint-download")]
     (partial,) = (cache_dir / "checkpoints" / "partial").glob("*.part")
     kept = partial.stat().st_size
@@ -240,6 +244,27 @@ def test_ctrl_c_stops_the_download_promptly_and_keeps_the_partial_file(
     http.files["/slow.tar.gz"].chunk_delay_s = 0
     fetch_checkpoint(repository(http, "/slow.tar.gz"), cache_dir=cache_dir, progress=False)
     assert http.requests_for("/slow.tar.gz")[-1].headers.get("Range") == f"bytes={kept}-"
+
+
+def test_ctrl_c_during_a_stalled_read_stops_at_once(http: LocalHttpServer, cache_dir: Path) -> None:
+    """Probe AH: the stop joined the download threads, one of them blocked in a read the server had stalled: SIGTERM
+    took the read timeout (117 s) to end the build, past a pod's grace period."""
+    import os
+    import signal
+    import threading
+    import time
+
+    archive = tar_gz([(member("config.json"), b"{}"), (member("model.safetensors"), os.urandom(1 << 20))])
+    http.add_file("/stalled.tar.gz", archive, chunk_delay_s=8.0)  # one chunk, then eight silent seconds
+    ctrl_c = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    started = time.monotonic()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fetch_checkpoint(repository(http, "/stalled.tar.gz"), cache_dir=cache_dir, progress=False)
+    finally:
+        ctrl_c.cancel()
+    assert time.monotonic() - started < 4.0
 
 
 def test_without_etag_or_last_modified_the_archive_is_downloaded_again(
