@@ -200,7 +200,9 @@ async def complete_chat(
         if output.reasoning_tokens is not None:
             reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
         message = ResponseMessage(
-            content=(plan.echo_text + output.content) if output.content is not None else None,
+            # the echoed prefill is the reply's start even when the reply adds no text (calls, reasoning): as
+            # streamed, where the first delta carries it (probe AI)
+            content=(plan.echo_text + (output.content or "")) if output.content is not None or plan.echo_text else None,
             tool_calls=output.tool_calls,
             reasoning_content=output.reasoning,
         )

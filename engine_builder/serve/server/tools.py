@@ -70,13 +70,24 @@ class ToolCallOutput(ChoiceOutput):
         self.stream.feed(text, final)
         self.is_final = final
         deltas: list[dict[str, Any]] = []
+        calls = self._calls()
+        num_settled = len(self.stream.settled_calls)
+        # The rest of a call already begun comes before any new text: that text follows the call (text before it
+        # went out before it began). Text first opened a message item in the Responses stream, which closed the
+        # call's item before its last arguments (probe AI: a stream failed where the whole answer completed).
+        announced = min(len(self.sent_calls), len(calls))
+        deltas += self._call_deltas(calls, range(self.num_done, announced), num_settled)
         shows_content = self.parser.writes_content and _shows_content(self.stream, final)
         if shows_content and self.stream.content_length > self.sent_content:
             deltas.append({"content": self.stream.content_from(self.sent_content)})
             self.sent_content = self.stream.content_length
-        calls = self._calls()
-        num_settled = len(self.stream.settled_calls)
-        for index in range(self.num_done, len(calls)):
+        deltas += self._call_deltas(calls, range(max(announced, self.num_done), len(calls)), num_settled)
+        return deltas
+
+    def _call_deltas(self, calls: list[Any], indices: range, num_settled: int) -> list[dict[str, Any]]:
+        """The deltas of calls `indices`: a new call's header, then the arguments not sent yet."""
+        deltas: list[dict[str, Any]] = []
+        for index in indices:
             call = calls[index]
             if index >= len(self.sent_calls):
                 call_id = new_call_id(self.parser.id_length)

@@ -227,3 +227,28 @@ def test_arguments_keep_non_ascii_text_as_written(family: str, text: str) -> Non
     others here and vLLM's."""
     [call] = tool_parser(family, TOOLS).parse(text, final=True).calls
     assert "東京🎉" in call.arguments and json.loads(call.arguments) == {"city": "東京🎉"}
+
+
+def test_the_rest_of_a_begun_call_goes_out_before_the_text_after_it() -> None:
+    """Probe AI: a step holding the end of a call's arguments and the text after the call sent the text first; in the
+    Responses stream that text opened a message item, which closed the call's item before its last arguments, and the
+    stream failed where the whole answer completed."""
+    output = ToolCallOutput(tool_parser("hermes", TOOLS), parallel=True)
+    output.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1', final=False)
+    deltas = output.feed(', "b": 2}}\n</tool_call>\nI called the tool.', final=True)
+    kinds = ["arguments" if "tool_calls" in delta else "content" for delta in deltas]
+    assert kinds == ["arguments", "content"], deltas
+    assert json.loads('{"a": 1' + deltas[0]["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": 2}
+
+
+def test_a_closing_tag_inside_an_argument_value_does_not_end_the_call() -> None:
+    """Probe AI: `"wrap calls in </tool_call>"` as a value cut the call at that tag: broken JSON arguments with
+    finish_reason tool_calls, the rest of the call shown as content."""
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "wrap calls in </tool_call> \\" tags"}}\n</tool_call>'
+    whole = tool_parser("hermes", TOOLS).parse(text, final=True)
+    [call] = whole.calls
+    assert json.loads(call.arguments)["city"].startswith("wrap calls in </tool_call>") and not whole.content.strip()
+    output = ToolCallOutput(tool_parser("hermes", TOOLS), parallel=True)
+    streamed = [output.feed(text[i : i + 7], final=i + 7 >= len(text)) for i in range(0, len(text), 7)]
+    arguments = "".join(d["tool_calls"][0]["function"].get("arguments", "") for step in streamed for d in step if "tool_calls" in d)
+    assert arguments == call.arguments and not any("content" in d for step in streamed for d in step)

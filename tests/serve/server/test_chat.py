@@ -278,6 +278,18 @@ def test_baseten_extras(client: OpenAI) -> None:
         extra_body={"echo": True, "add_generation_prompt": False, "continue_final_message": True},
     )
     assert echo.choices[0].message.content.startswith("Red,")
+    # probe AI: a reply of calls alone lost the echoed prefill whole, while the stream's first delta carried it
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": {}}}}
+    fields = {"model": "x", "messages": [*MESSAGES, {"role": "assistant", "content": "Red,"}], "max_tokens": 12,
+              "temperature": 0, "tools": [tool], "tool_choice": "required"}
+    extra = {"echo": True, "add_generation_prompt": False, "continue_final_message": True}
+    called = client.chat.completions.create(**fields, extra_body=extra)  # type: ignore[call-overload]
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(**fields, extra_body=extra, stream=True)  # type: ignore[call-overload]
+        if chunk.choices
+    )
+    assert called.choices[0].message.tool_calls and called.choices[0].message.content == streamed == "Red,"
 
 
 def _token_id(client: OpenAI, token_text: str) -> int:

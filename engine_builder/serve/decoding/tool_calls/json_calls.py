@@ -264,7 +264,9 @@ class HermesParser(ToolParser):
                 content += text[position:start]
             shown_gap = False
             inner_start = start + len(self.OPEN)
-            close = text.find(self.CLOSE, inner_start)
+            close = _find_outside_strings(text, self.CLOSE, inner_start)
+            if close < 0 and final:  # a string never closed (malformed JSON): the tag as written ends the block
+                close = text.find(self.CLOSE, inner_start)
             closed = close >= 0
             # an unclosed block may end in the first characters of its closing tag: not arguments (yet)
             inner_end = close if closed else len(text) - (0 if final else held_back(text, (self.CLOSE,)))
@@ -279,6 +281,33 @@ class HermesParser(ToolParser):
             position = close + len(self.CLOSE)
             resume = Resume(position, len(content), len(calls), self._blocks)
         return ParseResult(content, calls, resume)
+
+
+def _find_outside_strings(text: str, needle: str, start: int) -> int:
+    """The first `needle` in `text` from `start` that is not inside a JSON string, or -1: an argument value may hold
+    the closing tag itself (`"wrap calls in </tool_call>"`), which cut the call there (probe AI)."""
+    in_string = False
+    position = start
+    while position < len(text):
+        if in_string:
+            next_stop = min((i for i in (text.find('"', position), text.find("\\", position)) if i >= 0), default=-1)
+            if next_stop < 0:
+                return -1
+            if text[next_stop] == "\\":
+                position = next_stop + 2
+                continue
+            in_string = False
+            position = next_stop + 1
+            continue
+        quote = text.find('"', position)
+        found = text.find(needle, position)
+        if found >= 0 and (quote < 0 or found < quote):
+            return found
+        if quote < 0:
+            return -1
+        in_string = True
+        position = quote + 1
+    return -1
 
 
 class Llama3JsonParser(ToolParser):
