@@ -36,6 +36,7 @@ class FileRoute:
     chunk_delay_s: float = 0.0  # a slow server: the body goes out in 64 KiB chunks this far apart
     validators: bool = True  # False: no ETag, as from a server that sends no validator at all
     replaced_by: bytes | None = None  # after its cut, the file is replaced by this version (a new ETag)
+    ignore_if_range: bool = False  # answer a range of whatever version is there, as a server without If-Range does
 
 
 _SLOW_CHUNK_BYTES = 64 * 1024
@@ -138,7 +139,7 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
             data, start = route.data, 0
             range_header = request.headers.get("Range")
             if_range = request.headers.get("If-Range")
-            if if_range is not None and if_range != route.etag:  # RFC 9110: a changed object is sent whole
+            if if_range is not None and if_range != route.etag and not route.ignore_if_range:  # RFC 9110: sent whole
                 range_header = None
             status = 200
             if range_header and not route.ignore_range:

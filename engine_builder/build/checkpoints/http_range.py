@@ -69,6 +69,10 @@ def raise_for_status(response: httpx.Response, what: str, *, auth_hint: str) -> 
     raise CheckpointDownloadError(f"{what}: HTTP {status}")
 
 
+def _strong(validator: str) -> str:
+    return validator.removeprefix("W/")
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Retry-After in seconds: a number of seconds, or an HTTP date."""
     if not value:
@@ -95,9 +99,9 @@ def read_url_into(
     validator: str = "",
 ) -> None:
     """GET `url` from byte `start` into `sink`, byte for byte as stored; a server that ignores the range restarts the
-    sink at 0. `validator` (the ETag or Last-Modified the listing saw) keeps the bytes to that version: a resume
-    asks for the range only if the object is unchanged (`If-Range`), and an answer for another version is refused,
-    so two versions are never joined in one file (probe AH: a resume across a swap spliced them, silently)."""
+    sink at 0. `validator` (the ETag or Last-Modified the listing saw) keeps a resume to that version: it asks for
+    the range only if the object is unchanged (`If-Range`), and a partial answer for another version is refused, so
+    two versions are never joined in one file (probe AH: a resume across a swap spliced them, silently)."""
     request_headers = {**AS_STORED, **(headers or {})}
     if start > 0:
         request_headers["Range"] = f"bytes={start}-"
@@ -109,8 +113,10 @@ def read_url_into(
             sink.restart()  # the partial file is longer than the object: it changed, start over
             raise CheckpointDownloadError(f"{what}: the partial download no longer matches the object")
         raise_for_status(response, what, auth_hint=auth_hint)
+        # Only a partial answer can join two versions: a whole one replaces the partial file. Load-balanced stores may
+        # give one object two ETags (`W/"x"` and `"x"`; probe AR: first downloads failed), so weakness is ignored.
         answered = response.headers.get("etag") or response.headers.get("last-modified") or ""
-        if validator and answered and answered != validator:
+        if response.status_code == 206 and validator and answered and _strong(answered) != _strong(validator):
             sink.restart()
             raise CheckpointChangedError(
                 f"{what}: the object changed since the build listed it ({validator} then, {answered} now); run the "

@@ -57,7 +57,9 @@ def create_app(
         finally:
             state.draining = True
             state.ready = False
-            await state.engine.shutdown(state.settings.drain_timeout_s)
+            # A drain that ran out has waited already: what still runs (an answer stuck on a client that stopped
+            # reading, its handler cancelled by uvicorn) is ended now, not waited for a second drain (probe AR).
+            await state.engine.shutdown(0.0 if state.drain_expired else state.settings.drain_timeout_s)
             REQUEST_TEMPLATES.close()
 
     app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)

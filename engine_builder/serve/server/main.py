@@ -16,6 +16,7 @@ import uvicorn
 
 from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
+from engine_builder.common.request_context import CURRENT_REQUEST_ID
 from engine_builder.serve.server.auth import parse_api_keys
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 from engine_builder.serve.server.http_protocol import GuardedHttpToolsProtocol
@@ -140,6 +141,14 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        # A signal lands in whatever coroutine runs: its lines are the server's, not that request's (probe AR)
+        token = CURRENT_REQUEST_ID.set(None)
+        try:
+            self._handle_exit(sig, frame)
+        finally:
+            CURRENT_REQUEST_ID.reset(token)
+
+    def _handle_exit(self, sig: int, frame: Any) -> None:
         if not self.started and not self.state.ready:
             # Still loading: nothing to drain, and the load (minutes for a large model) cannot be interrupted in
             # its thread; stop now rather than finish it, announce readiness, and exit. Rank processes watch this

@@ -97,9 +97,15 @@ def test_local_folders_linked_in_are_read_and_a_link_loop_is_not_followed(tmp_pa
     shutil.rmtree(model / "1_Pooling")
     (model / "1_Pooling").symlink_to(shared / "1_Pooling", target_is_directory=True)
     (model / "1_Pooling" / "loop").symlink_to(model, target_is_directory=True)  # a link back up: no endless walk
+    (model / "up").symlink_to(tmp_path, target_is_directory=True)  # probe AR: the parent was copied in whole
+    (model / "pooling_copy").symlink_to(shared / "1_Pooling", target_is_directory=True)  # a second link: read too
     repository = CheckpointRepository(source="LOCAL", repo=str(model))
     fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.ENCODER)
     assert "1_Pooling/config.json" in fetched.files
+    from engine_builder.build.checkpoints.sources.local import _files_under
+
+    listed = {path.relative_to(model).as_posix() for path in _files_under(model)}
+    assert "pooling_copy/config.json" in listed and not any(name.startswith(("up/", "1_Pooling/loop/")) for name in listed)
 
 
 def test_local_missing_folder(tmp_path: Path, cache_dir: Path) -> None:

@@ -92,18 +92,21 @@ def test_an_archive_replaced_during_its_download_is_never_joined_to_the_old_one(
     http: LocalHttpServer, tmp_path: Path, cache_dir: Path
 ) -> None:
     """Probe AH: a transfer cut, the archive replaced, and the resume asked for the rest by range alone: the weights
-    were half of each version and the build went on. The resume now sends If-Range, an answer for another version
-    is refused, and the rerun fetches the new version whole."""
+    were half of each version and the build went on. The resume sends If-Range: a store that honours it sends the
+    new version whole, and one that answers a range of another version is refused (a rerun fetches it whole)."""
     old = tar_folder(make_checkpoint(tmp_path / "old", tensor_elements=200_000, seed=1))
     new = tar_folder(make_checkpoint(tmp_path / "new", tensor_elements=200_000, seed=2))
+    expected = hashlib.sha256((tmp_path / "new" / "model.safetensors").read_bytes()).hexdigest()
     http.add_file("/m.tar.gz", old, cut_after=len(old) // 2, cut_times=1, replaced_by=new)
-    with pytest.raises(CheckpointDownloadError, match="changed since the build listed it.*run the build again"):
-        fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
+    fetched = fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
     resumed = http.requests_for("/m.tar.gz")[2]
     assert resumed.headers.get("Range") == f"bytes={len(old) // 2}-" and resumed.headers.get("If-Range")
-    assert snapshot_dirs(cache_dir) == []
-    fetched = fetch_checkpoint(repository(http, "/m.tar.gz"), cache_dir=cache_dir, progress=False)
-    expected = hashlib.sha256((tmp_path / "new" / "model.safetensors").read_bytes()).hexdigest()
+    assert fetched.files["model.safetensors"] == expected  # the new version whole, not half of each
+
+    http.add_file("/n.tar.gz", old, cut_after=len(old) // 2, cut_times=1, replaced_by=new, ignore_if_range=True)
+    with pytest.raises(CheckpointDownloadError, match="changed since the build listed it.*run the build again"):
+        fetch_checkpoint(repository(http, "/n.tar.gz"), cache_dir=cache_dir, progress=False)
+    fetched = fetch_checkpoint(repository(http, "/n.tar.gz"), cache_dir=cache_dir, progress=False)
     assert fetched.files["model.safetensors"] == expected
 
 

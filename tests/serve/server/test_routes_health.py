@@ -99,3 +99,49 @@ def test_while_draining_every_answer_closes_its_connection() -> None:
     for response in (client.get("/ready"), client.get("/health"), client.get("/v1/models"), client.get("/nope")):
         assert response.headers["connection"] == "close", response.request.url
     assert client.get("/ready").status_code == 503
+
+
+def test_after_a_drain_that_ran_out_the_engine_is_stopped_without_a_second_wait() -> None:
+    """Probe AR: an answer stuck on a client that stopped reading kept its stream open after uvicorn cancelled the
+    handler; the engine's shutdown then waited the whole drain timeout again (a 10 s drain took 32 s to exit)."""
+    waited: list[float] = []
+
+    class Recording(StubEngine):
+        async def shutdown(self, timeout_s: float) -> None:
+            waited.append(timeout_s)
+
+    for expired in (False, True):
+        state = ServerState(settings=ServerSettings("m", drain_timeout_s=10), engine=Recording(), renderer=None)
+        with TestClient(create_app(state)):
+            state.drain_expired = expired
+    assert waited == [10, 0.0]
+
+
+def test_the_drains_own_log_lines_name_no_request() -> None:
+    """Probe AR: a SIGTERM landing while a request was served logged `draining ... [request bulk-2]`."""
+    import signal
+
+    import uvicorn
+
+    from engine_builder.common.request_context import CURRENT_REQUEST_ID
+    from engine_builder.serve.server.main import DrainingServer
+
+    seen: list[str | None] = []
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    state.ready = True
+    server = DrainingServer(uvicorn.Config(create_app(state)), state)
+    server.started = True
+    token = CURRENT_REQUEST_ID.set("bulk-2")  # the request whose coroutine the signal interrupted
+    try:
+        original = DrainingServer._handle_exit
+
+        def recording(self: DrainingServer, sig: int, frame: object) -> None:
+            seen.append(CURRENT_REQUEST_ID.get())
+            original(self, sig, frame)
+
+        DrainingServer._handle_exit = recording  # type: ignore[method-assign]
+        server.handle_exit(signal.SIGTERM, None)
+    finally:
+        DrainingServer._handle_exit = original  # type: ignore[method-assign]
+        CURRENT_REQUEST_ID.reset(token)
+    assert seen == [None] and state.draining

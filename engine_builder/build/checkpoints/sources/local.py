@@ -42,15 +42,19 @@ class LocalSource(CheckpointSourceBase):
 
 def _files_under(root: Path) -> list[Path]:
     """Every file under `root`, through linked folders too (a `1_Pooling` linked from a shared volume was left out:
-    `rglob` does not follow folder links before Python 3.13, probe AG); a folder reached twice is read once, so a
-    link to an ancestor is no loop."""
-    seen: set[tuple[int, int]] = set()
+    `rglob` does not follow folder links before Python 3.13, probe AG). A link to a folder it is inside (`loop -> ..`)
+    is not followed: that is a loop, or the checkpoint's parent copied into the engine (probe AR)."""
     found: list[Path] = []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        stat = os.stat(folder)
-        if (stat.st_dev, stat.st_ino) in seen:
-            subfolders.clear()
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        found.extend(path for path in (Path(folder) / name for name in names) if path.is_file())
+
+    def walk(folder: Path, ancestors: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda item: item.name):
+            path = Path(entry.path)
+            if entry.is_dir():  # follows links
+                real = path.resolve()
+                if real not in ancestors and not any(real in ancestor.parents for ancestor in ancestors):
+                    walk(path, ancestors | {real})
+            elif entry.is_file():
+                found.append(path)
+
+    walk(root, frozenset({root.resolve()}))
     return found
