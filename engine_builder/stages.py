@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 
 from engine_builder.build.config import ConfigError, ConfigIssue, EngineOptions, LoadedConfig, load_config
-from engine_builder.common.artifact import MANIFEST_FILE, EngineDir, is_engine_dir, load_engine_dir
+from engine_builder.common.artifact import MANIFEST_FILE, EngineDir, load_engine_dir
 from engine_builder.common.options import build_only_options
 
 logger = logging.getLogger(__name__)
@@ -145,13 +145,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     target = Path(args.target)
-    if target.is_dir() and not is_engine_dir(target):
+    # serve reads any manifest.json it is pointed at, so a broken one is named as such (the build's output check is
+    # the strict one: it replaces an engine folder whole)
+    has_manifest = (target / MANIFEST_FILE).is_file()
+    if target.is_dir() and not has_manifest:
         message = (
             f"a folder without an engine's {MANIFEST_FILE}, so not an engine directory: build one with "
             f"`engine-builder build CONFIG -o {target}`, or pass a config file"
         )
         raise ConfigError([ConfigIssue(str(target), None, "", message)])
-    if is_engine_dir(target):
+    if has_manifest:
         _refuse_build_flags(args, target)
         engine = load_engine_dir(target)
         options = engine_options_from(args, None, base=engine.manifest.runtime.options)
