@@ -10,6 +10,13 @@
 The limits are nginx's kind (client_header_timeout 60 s; its large header buffers, 32 KB by default, are lower);
 64 KiB leaves room for large cookies and tokens. Bodies have their own limits (body_limit.py).
 
+A third limit, on the answer: a client that stops reading (its socket's receive window full, the connection still
+open) held its request's place, its slot in the engine's batch and its KV blocks for as long as it stayed connected:
+the server's send waits while the transport's buffer is full, with no deadline (probe AB). A connection whose
+writing stays paused for SEND_TIMEOUT_S (nginx's send_timeout, 60 s: the time between two successful writes) is
+aborted, which is a disconnect for its requests: their streams end and the engine frees what they held. A slow
+reader that drains some of the buffer within the time resumes writing and is served.
+
 And one fix: a client that leaves with pipelined requests queued behind a running one is a disconnect for all of
 them, not only for the newest.
 """
@@ -28,11 +35,13 @@ logger = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 60.0
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
+    send_timeout_s = SEND_TIMEOUT_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,6 +49,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # the bytes of the head received so far
         self._head_tail = b""  # the last bytes received, where the head's blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
         self._cycles: list[Any] = []  # this connection's requests not yet answered (pipelining queues several)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -49,6 +59,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_send_timer()
         # uvicorn tells only its newest request (a pipelined one, still queued) that the client left: the one
         # running would go on to max_tokens and fail writing to the closed socket (probe AB). Tell every one.
         for cycle in self._cycles:
@@ -90,6 +101,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._awaiting_head = True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if self.transport.is_closing():
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        logger.warning(
+            "%s read nothing of its answer for %g s; closing the connection (its requests are aborted)",
+            client,
+            self.send_timeout_s,
+        )
+        self.transport.abort()  # connection_lost follows: every request on it hears of the disconnect
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from engine_builder.serve.server.http_protocol import GuardedHttpToolsProtocol
 class _Quick(GuardedHttpToolsProtocol):
     max_head_bytes = 4096
     head_timeout_s = 0.3
+    send_timeout_s = 0.5
 
 
 async def _echo(scope: Any, receive: Any, send: Any) -> None:
@@ -29,13 +31,22 @@ async def _echo(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _serve(scenario: Callable[[int], Awaitable[Any]], keep_alive_s: float = 5.0, app: Any = _echo) -> Any:
+class _PatientSend(_Quick):
+    send_timeout_s = 3.0
+
+
+def _serve(
+    scenario: Callable[[int], Awaitable[Any]],
+    keep_alive_s: float = 5.0,
+    app: Any = _echo,
+    protocol: type[GuardedHttpToolsProtocol] = _Quick,
+) -> Any:
     async def main() -> Any:
         config = uvicorn.Config(app, timeout_keep_alive=keep_alive_s, log_level="critical", lifespan="off")
         config.load()
         state = ServerState()
         server = await asyncio.get_running_loop().create_server(
-            lambda: _Quick(config=config, server_state=state, app_state={}), "127.0.0.1", 0
+            lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0
         )
         try:
             return await asyncio.wait_for(scenario(server.sockets[0].getsockname()[1]), 20)
@@ -146,3 +157,73 @@ def test_a_client_that_leaves_with_pipelined_requests_disconnects_the_running_on
         return True
 
     assert _serve(scenario, app=waits_for_the_client)
+
+
+def _streams(chunks: int, chunk: bytes, ended: list[str]) -> Any:
+    """An app that streams `chunks` copies of `chunk`, then notes what receive() says (a disconnect, if the client
+    was cut off) in `ended`."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        ended.append((await receive())["type"])
+
+    return app
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> None:
+    """Probe AB: a client that stopped reading held its request (and the engine's slot and blocks) for as long as it
+    stayed connected, the server's send waiting on a full buffer forever. Writing paused past the send timeout
+    aborts the connection, which its request hears as a disconnect."""
+    ended: list[str] = []
+
+    async def scenario(port: int) -> tuple[float, list[str]]:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", port))
+        raw.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=raw)
+        start = time.monotonic()
+        writer.write(_request(b"1"))
+        await writer.drain()
+        while not ended and time.monotonic() - start < 10:
+            await asyncio.sleep(0.05)  # reads nothing
+        writer.close()
+        return time.monotonic() - start, ended
+
+    took, heard = _serve(scenario, app=_streams(10_000, b"x" * 65536, ended))
+    assert heard == ["http.disconnect"]
+    assert took < 5  # cut off at about 0.5 s, not after 640 MB
+
+
+def test_a_client_reading_slowly_but_steadily_is_served_in_full() -> None:
+    """Each write that drains resumes the clock: only a stall as long as the send timeout cuts a client off. The
+    answer (10 MB at about 1.6 MB/s) takes twice the send timeout; the kernel's buffers take up to a second to
+    drain enough at that pace, hence a timeout of 3 s here."""
+    ended: list[str] = []
+
+    async def scenario(port: int) -> int:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", port))
+        raw.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=raw, limit=1 << 16)
+        writer.write(_request(b"1"))
+        await writer.drain()
+        received = 0
+        while True:
+            data = await asyncio.wait_for(reader.read(16384), 5)
+            if not data:
+                break
+            received += len(data)
+            if data.endswith(b"0\r\n\r\n"):
+                break  # the chunked body's end
+            await asyncio.sleep(0.01)
+        writer.close()
+        return received
+
+    received = _serve(scenario, app=_streams(600, b"y" * 16384, ended), protocol=_PatientSend)
+    assert received > 600 * 16384
