@@ -231,6 +231,8 @@ class LookaheadProposer:
                         accepted_by_guide += 1
                         if guide.is_terminated:  # the token ended the structure (end of turn): nothing follows
                             break  # asking a finished matcher for its next mask raised and killed the loop (AF)
+                        if masks.spent_s > grammar_masks.MASK_FILL_BUDGET_S:
+                            break  # a long draft of fills each under the budget: its tokens so far will do
                     accepted.append(masks.argmax(rows[k]))
             finally:
                 if guide is not None:

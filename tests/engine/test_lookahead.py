@@ -310,3 +310,18 @@ def test_a_guided_draft_whose_masks_are_too_slow_ends_the_request(monkeypatch: p
     rows = [_logits_for([6, 7, 1], 8), _logits_for([6, 1, 1], 8), _logits_for([3, 3, 3], 8)]
     tokens, _ = proposer.verify(_plan(candidates), _logits_for([5], 8)[0], rows, steady)  # type: ignore[index, arg-type]
     assert tokens[:3] == [5, 6, 7] and steady.fills < 1 + 3 * 3
+
+
+def test_a_long_guided_draft_stops_verifying_once_its_fills_pass_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft's fills each under the budget but together over it held the step (and every stream) for a fill per
+    drafted token: verifying stops there, keeping the tokens it has checked."""
+    from engine_builder.engine import grammar_masks
+
+    monkeypatch.setattr(grammar_masks, "MASK_FILL_BUDGET_S", 0.05)
+    proposer = LookaheadProposer(LOOKAHEAD)
+    steady = _FakeGuide(8, fill_s=0.02)
+    draft = [5, 6, 7, 6, 7, 6, 7, 6]
+    rows = _logits_for(draft[1:] + [1], 8)  # the model agrees with every drafted token
+    tokens, _ = proposer.verify(_plan([draft]), _logits_for([5], 8)[0], [rows], steady)  # type: ignore[index, arg-type]
+    assert steady.fills <= 4  # the first token's fill, then until 0.05 s were spent; not one per drafted token
+    assert tokens == draft[: len(tokens)] and 2 <= len(tokens) <= 4 and steady.accepted == []
