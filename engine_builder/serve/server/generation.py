@@ -7,7 +7,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import Request
@@ -113,6 +113,7 @@ class Run:
         self.choice_timings = [ChoiceTiming() for _ in range(params.n)]
         self.queue_time_recorded = False
         self.prepared: PreparedRequest | None = None
+        self.unfinished_reason = FinishReason.ABORT  # what a choice left unfinished when the stream closed counts as
         self._admission = _Admission(state)
         weakref.finalize(self, self._admission.give_back)
 
@@ -142,6 +143,24 @@ class Run:
     def release(self) -> None:
         """Give the request's place back (once; later calls do nothing)."""
         self._admission.give_back()
+
+    @asynccontextmanager
+    async def stream(self) -> AsyncIterator[AsyncGenerator[GenerationDelta, None]]:
+        """`deltas()`, closed (the request aborted in the engine) when the block ends. A failure of the code that
+        reads them (an exception of ours, not the client leaving, which arrives as a cancellation or GeneratorExit)
+        counts the choices it left unfinished as `error`: they were counted client aborts (probe AE)."""
+        deltas = self.deltas()
+        try:
+            yield deltas
+        except Exception:
+            self.count_unfinished_as_errors()
+            raise
+        finally:
+            await deltas.aclose()
+
+    def count_unfinished_as_errors(self) -> None:
+        """The server, not the client, stops this request: choices still running when it closes failed."""
+        self.unfinished_reason = FinishReason.ERROR
 
     async def deltas(self) -> AsyncGenerator[GenerationDelta, None]:
         """Deltas with their text, as the engine produces them; closing this iterator aborts the request."""
@@ -214,10 +233,10 @@ class Run:
         end = time.monotonic()
         num_prompt_tokens = finished[0].num_prompt_tokens if finished else 0
         reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
-        if abandoned:  # each choice the client left unfinished is an abort; a failure counts none
+        if abandoned:  # each choice left unfinished: an abort (the client left) or an error (the server failed)
             if not finished:  # the prefill ran if a token came
                 num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
-            reasons += [FinishReason.ABORT.value] * (self.request.sampling.n - len(finished))
+            reasons += [self.unfinished_reason.value] * (self.request.sampling.n - len(finished))
         metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
         metrics.generation_tokens.labels(name).inc(sum(choice.num_tokens for choice in self.choice_timings))
         metrics.record_decode(self.choice_timings)

@@ -185,13 +185,14 @@ async def complete_chat(
     last: dict[int, GenerationDelta] = {}
     logprob_entries: dict[int, list] = {index: [] for index in range(body.n)}
     counts = UsageCounter(len(plan.prompt_token_ids), body.n)
-    async for delta in plan.run.deltas():
-        counts.add(delta.index, delta)
-        choices[delta.index].feed(delta.text, delta.finish_reason is not None, delta.token_ids)
-        if delta.logprobs:
-            logprob_entries[delta.index].extend(delta.logprobs)
-        if delta.finish_reason is not None:
-            last[delta.index] = delta
+    async with plan.run.stream() as deltas:
+        async for delta in deltas:
+            counts.add(delta.index, delta)
+            choices[delta.index].feed(delta.text, delta.finish_reason is not None, delta.token_ids)
+            if delta.logprobs:
+                logprob_entries[delta.index].extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                last[delta.index] = delta
     result = []
     reasoning_tokens: int | None = None
     for index, choice in enumerate(choices):
@@ -256,43 +257,44 @@ async def stream_chat(
         first: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + (delta.get("content") or "")}
         return {**first, **{key: value for key, value in delta.items() if key != "content"}}
 
-    async for generated in plan.run.deltas():
-        index = generated.index
-        counts.add(index, generated)
-        choice = choices[index]
-        is_final = generated.finish_reason is not None
-        pieces = choice.feed(generated.text, is_final, generated.token_ids)
-        logprobs = (
-            {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
-            if texts and generated.logprobs
-            else None
-        )
-        for piece in pieces:
-            yield chunk(
-                [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
-                running_usage(),
+    async with plan.run.stream() as deltas:
+        async for generated in deltas:
+            index = generated.index
+            counts.add(index, generated)
+            choice = choices[index]
+            is_final = generated.finish_reason is not None
+            pieces = choice.feed(generated.text, is_final, generated.token_ids)
+            logprobs = (
+                {"content": [e.model_dump() for e in texts.chat(generated.logprobs)]}
+                if texts and generated.logprobs
+                else None
             )
-            logprobs = None
-        if logprobs is not None or (not pieces and not is_final and generated.token_ids):
-            # A token without text of its own (a special token under ignore_eos, text a stop string or a
-            # tool call holds back) still gets its event, as vLLM sends one per token: a benchmark client's
-            # first event is the first token and it sees one gap per token.
-            yield chunk(
-                [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
-                running_usage(),
-            )
-        if is_final:
-            output = choice.result(generated.finish_reason, generated.stop_reason)
-            if output.reasoning_tokens is not None:
-                reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
-            final = {
-                "index": index,
-                "delta": with_role(index, {}),
-                "logprobs": None,
-                "finish_reason": output.finish_reason,
-                "stop_reason": output.stop_reason,
-            }
-            yield chunk([final], running_usage())
+            for piece in pieces:
+                yield chunk(
+                    [{"index": index, "delta": with_role(index, piece), "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+                logprobs = None
+            if logprobs is not None or (not pieces and not is_final and generated.token_ids):
+                # A token without text of its own (a special token under ignore_eos, text a stop string or a
+                # tool call holds back) still gets its event, as vLLM sends one per token: a benchmark client's
+                # first event is the first token and it sees one gap per token.
+                yield chunk(
+                    [{"index": index, "delta": with_role(index, {}), "logprobs": logprobs, "finish_reason": None}],
+                    running_usage(),
+                )
+            if is_final:
+                output = choice.result(generated.finish_reason, generated.stop_reason)
+                if output.reasoning_tokens is not None:
+                    reasoning_tokens = (reasoning_tokens or 0) + output.reasoning_tokens
+                final = {
+                    "index": index,
+                    "delta": with_role(index, {}),
+                    "logprobs": None,
+                    "finish_reason": output.finish_reason,
+                    "stop_reason": output.stop_reason,
+                }
+                yield chunk([final], running_usage())
     if include_usage:
         yield sse(
             {

@@ -156,8 +156,9 @@ async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, Gener
 
     async def pump(position: int, run: Run) -> None:
         try:
-            async for delta in run.deltas():
-                await queue.put((position, delta))
+            async with run.stream() as deltas:
+                async for delta in deltas:
+                    await queue.put((position, delta))
         except BaseException as error:  # forwarded to the consumer
             await queue.put(error)
         finally:
@@ -171,6 +172,8 @@ async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, Gener
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
+                for _, run in runs:  # the prompts still running stop because another failed, not by the client
+                    run.count_unfinished_as_errors()
                 raise item
             else:
                 yield item

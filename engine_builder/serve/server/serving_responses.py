@@ -8,7 +8,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
@@ -68,7 +67,7 @@ async def stream_response(
     yield events.lifecycle("response.created", response)
     yield events.lifecycle("response.in_progress", response)
     try:
-        async with aclosing(plan.run.deltas()) as deltas:
+        async with plan.run.stream() as deltas:
             async for generated in deltas:
                 counts.add(0, generated)
                 is_final = generated.finish_reason is not None

@@ -304,3 +304,75 @@ def test_a_fresh_server_counts_no_traffic_for_its_warm_up(tmp_path: Path, smollm
             time.sleep(0.05)
         assert found["prefix_cache_queries_total"] == 0 and found["num_preemptions_total"] == 0
         assert found.get("prompt_tokens_total", 0) == 0 and found.get("generation_tokens_total", 0) == 0
+
+
+def _finished(metrics: ServerMetrics) -> dict[str, float]:
+    """request_success_total by finished_reason."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == f"{PREFIX}request_success_total":
+                found[sample.labels["finished_reason"]] = float(sample.value)
+    return found
+
+
+def _long_script() -> list[tuple[float, GenerationDelta]]:
+    return [(0.0, _delta(0, 1, 1)), (0.0, _delta(1, 1, 1))] + [(STEP_S, _delta(0, 1, 2 + step)) for step in range(50)]
+
+
+def test_a_failure_reading_the_deltas_counts_its_unfinished_choices_as_errors_not_aborts(decoder: TextDecoder) -> None:
+    """Probe AE: any exception in the code reading a request's deltas closed them as a client leaving does, and
+    dashboards showed client aborts that never happened. A client that leaves is still an abort."""
+
+    def run_once(fail: bool) -> dict[str, float]:
+        state = ServerState(ServerSettings("m"), ScriptedEngine(_long_script()), renderer=None, decoder=decoder)
+        state.ready = True
+
+        async def consume() -> None:
+            request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=64, n=2))
+            await request.admit()
+            async with request.stream() as deltas:
+                async for _ in deltas:
+                    if fail:
+                        raise RuntimeError("a bug of ours in output processing")
+                    break  # the client leaves (the stream is closed unfinished)
+
+        async def main() -> None:
+            if fail:
+                with pytest.raises(RuntimeError):
+                    await consume()
+            else:
+                await consume()
+
+        asyncio.run(main())
+        assert state.inflight == 0
+        return _finished(state.metrics)
+
+    assert run_once(fail=True) == {"error": 2}
+    assert run_once(fail=False) == {"abort": 2}
+
+
+def test_prompts_stopped_because_another_prompt_failed_count_as_errors(decoder: TextDecoder) -> None:
+    """A /v1/completions prompt list: one prompt's engine failure ends the request with a 500 and cancels the other
+    prompts, which were counted as client aborts (probe AE)."""
+    from fastapi.testclient import TestClient
+
+    from engine_builder.serve.server.app import create_app
+
+    failed = GenerationDelta("r", 0, [], "", finish_reason=FinishReason.ERROR, error="rank 1 exited")
+
+    class PerPrompt(ScriptedEngine):
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            if prepared.request.prompt_token_ids[0] == 9:  # the failing prompt
+                await asyncio.sleep(0.1)
+                yield failed
+                return
+            for wait_s, delta in _long_script()[::2]:
+                await asyncio.sleep(wait_s)
+                yield delta
+
+    state = ServerState(ServerSettings("m"), PerPrompt([]), renderer=None, decoder=decoder)
+    with TestClient(create_app(state)) as client:
+        response = client.post("/v1/completions", json={"prompt": [[1, 2, 3], [9, 2, 3]], "max_tokens": 60})
+        assert response.status_code == 500 and "rank 1 exited" in response.text
+    assert _finished(state.metrics) == {"error": 2}
