@@ -156,14 +156,25 @@ def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
     return existing
 
 
-def _record_options(engine: EngineDir, options: EngineOptions) -> EngineDir:
-    """A reused engine takes this build's serving options (they do not change the engine itself), so that
-    `serve ENGINE_DIR` starts from what the latest build was given."""
+def _record_options(engine: EngineDir, options: EngineOptions, loaded: LoadedConfig) -> EngineDir:
+    """A reused engine takes what of this build's config and options does not change the engine itself, so that
+    `serve ENGINE_DIR` starts from the latest: the serving options, the served model name (the top-level
+    `model_name`) and the public copy of the config a user model.py reads (`model_metadata`, the declared
+    `secrets`). These are outside the config hash, and a reused engine kept serving the old ones (probe AU)."""
     recorded = options.model_dump(mode="json")
-    if engine.manifest.runtime.options == recorded:
+    served_name = loaded.trt_llm.runtime.served_model_name or loaded.truss.model_name
+    manifest = engine.manifest
+    changed = manifest.runtime.options != recorded or manifest.served_model_name != served_name
+    manifest.runtime.options = recorded
+    manifest.served_model_name = served_name
+    public_config = _public_config_yaml(loaded)
+    config_path = engine.path / CONFIG_FILE
+    if not config_path.is_file() or config_path.read_text() != public_config:
+        write_atomic(config_path, public_config)
+        changed = True
+    if not changed:
         return engine
-    engine.manifest.runtime.options = recorded
-    write_atomic(engine.path / MANIFEST_FILE, engine.manifest.to_json())
+    write_atomic(engine.path / MANIFEST_FILE, manifest.to_json())
     return load_engine_dir(engine.path)
 
 
@@ -183,7 +194,7 @@ def _build_engine_locked(
     in_place = repository is not None and repository.source is CheckpointSource.LOCAL
     if existing is not None and not in_place:
         logger.info("engine at %s matches the config hash; reusing it", output)
-        return BuildResult(_record_options(existing, options), reused=True, seconds=time.monotonic() - started)
+        return BuildResult(_record_options(existing, options, loaded), reused=True, seconds=time.monotonic() - started)
     stack = loaded.trt_llm
     build = stack.build
     # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
@@ -218,7 +229,7 @@ def _build_engine_locked(
     if existing is not None:  # a LOCAL folder can change under the same config: its content decides
         if existing.manifest.source.revision == fetched.revision:
             logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
-            return BuildResult(_record_options(existing, options), reused=True, seconds=time.monotonic() - started)
+            return BuildResult(_record_options(existing, options, loaded), reused=True, seconds=time.monotonic() - started)
         logger.info("rebuilding %s: the LOCAL checkpoint %s changed since it was built", output, fetched.path)
     from engine_builder.build.checkpoints import check_repository_layout
 

@@ -171,3 +171,35 @@ def test_the_build_copies_the_data_folder_beside_a_user_model(
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir.path
     assert (engine / USER_MODEL_DIR / "model.py").is_file()
     assert (engine / USER_DATA_DIR / "nested" / "lookup.txt").read_text() == "a"
+
+
+def test_a_reused_engine_takes_the_configs_model_name_metadata_and_secrets(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe AU: the top-level fields serving reads (`model_name`, the served name when the runtime names none;
+    `model_metadata` and `secrets`, which a user model.py reads from the engine's config.yaml) are outside the
+    config hash, and a reused engine (`run --engine-dir`, the Docker and k8s path) kept serving the old ones."""
+    import yaml
+
+    from engine_builder.build.build_stage import build_engine
+    from engine_builder.common.artifact import load_engine_dir
+    from tests.serve.server.harness import write_config
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    path = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    document = yaml.safe_load(path.read_text())
+    del document["trt_llm"]["runtime"]["served_model_name"]
+    document["engine_builder"]["load_format"] = "dummy"
+    path.write_text(yaml.safe_dump(document))
+    output = tmp_path / "engine"
+    loaded = load_config(path)
+    assert not build_engine(loaded, output, loaded.truss.engine_builder).reused
+    document.update(model_name="second-name", model_metadata={"owner": "bob"}, secrets={"my_token": None})
+    path.write_text(yaml.safe_dump(document))
+    loaded = load_config(path)
+    again = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert again.reused
+    engine = load_engine_dir(output)
+    assert engine.manifest.served_model_name == "second-name"
+    public = yaml.safe_load((output / "config.yaml").read_text())
+    assert public["model_metadata"] == {"owner": "bob"} and public["secrets"] == {"my_token": None}
