@@ -3,9 +3,7 @@
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from engine_builder import __version__
@@ -16,6 +14,7 @@ from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, Incompatible
 from engine_builder.common.backend_choice import BackendUnavailableError
 from engine_builder.common.redaction import redact_credentials
 from engine_builder.common.request_context import CURRENT_REQUEST_ID
+from engine_builder.common.termination import Terminated
 
 EXIT_INVALID = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
@@ -91,26 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a preempted build job, `docker stop`): the work stops as on Ctrl-C, its staging folder removed."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    terminable = args.command == "build" and threading.current_thread() is threading.main_thread()
-    # serving has its own SIGTERM handler (the drain), which uvicorn re-raises once it has drained
-    previous = signal.signal(signal.SIGTERM, _terminate) if terminable else None
-    try:
-        return _run(args)
-    finally:
-        if terminable:  # main() may be called in-process (tests, a wrapper): leave its handler as it was
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

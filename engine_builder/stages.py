@@ -16,6 +16,7 @@ import pydantic
 from engine_builder.build.config import ConfigError, ConfigIssue, EngineOptions, LoadedConfig, load_config
 from engine_builder.common.artifact import MANIFEST_FILE, EngineDir, load_engine_dir
 from engine_builder.common.options import build_only_options
+from engine_builder.common.termination import stopped_by_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         logger.warning("%s", warning)
     options = engine_options_from(args, loaded)
     try:
-        result = build_engine(loaded, Path(args.output), options, force=args.force)
+        with stopped_by_sigterm():
+            result = build_engine(loaded, Path(args.output), options, force=args.force)
     except BuildError as error:
         logger.error("%s", error)
         return 1
@@ -190,7 +192,8 @@ def build_or_reuse(config_path: str, engine_dir: str | None, options: EngineOpti
         logger.warning("%s", warning)
     name = loaded.truss.model_name or Path(config_path).stem
     target = Path(engine_dir) if engine_dir else _engines_root() / _safe(name)
-    return build_engine(loaded, target, options).engine_dir
+    with stopped_by_sigterm():  # the drain's handler comes with serving, after the build
+        return build_engine(loaded, target, options).engine_dir
 
 
 def _engines_root() -> Path:

@@ -23,7 +23,10 @@ from tests.serve.server.harness import write_config
 pytestmark = pytest.mark.slow
 
 
-def _start_build(config: Path, output: Path, *args: str, pause_s: float | None = None) -> subprocess.Popen:
+def _start_build(
+    config: Path, output: Path, *args: str, pause_s: float | None = None, command: str = "build"
+) -> subprocess.Popen:
+    """`engine-builder build CONFIG -o OUTPUT`, or with `command="run"` a `run` that builds into OUTPUT first."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -32,8 +35,9 @@ def _start_build(config: Path, output: Path, *args: str, pause_s: float | None =
     env.pop(TEST_PAUSE_ENV, None)
     if pause_s is not None:
         env[TEST_PAUSE_ENV] = str(pause_s)
-    command = [sys.executable, "-m", "engine_builder.cli", "build", str(config), "-o", str(output), *args]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    where = ["-o", str(output)] if command == "build" else ["--engine-dir", str(output), "--port", "0"]
+    argv = [sys.executable, "-m", "engine_builder.cli", command, str(config), *where, *args]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _build(config: Path, output: Path, *args: str) -> None:
@@ -104,12 +108,14 @@ def test_kill_9_during_a_rebuild_keeps_the_old_engine(tmp_path: Path, smollm2_di
     assert _staging(output) == []
 
 
-def test_sigterm_stops_a_build_as_ctrl_c_does(tmp_path: Path, smollm2_dir: Path) -> None:
+@pytest.mark.parametrize("command", ["build", "run"])
+def test_sigterm_stops_a_build_as_ctrl_c_does(tmp_path: Path, smollm2_dir: Path, command: str) -> None:
     """SIGTERM is what a preempted build job gets: it left the staging folder behind, with no exit status the
-    README lists (probe W). It now stops the build as Ctrl-C does: staging removed, exit 143."""
+    README lists (probe W). It now stops the build as Ctrl-C does: staging removed, exit 143. `run` (the container's
+    entrypoint, its pod deleted during the build) died on the default action, its staging folder left (probe AU)."""
     config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
     output = tmp_path / "engine"
-    build = _start_build(config, output, pause_s=120)
+    build = _start_build(config, output, pause_s=120, command=command)
     deadline = time.monotonic() + 180
     while not (_own_staging(output, build) / "manifest.json").exists():
         assert build.poll() is None and time.monotonic() < deadline
