@@ -44,4 +44,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=4 \
 
 # Binding 0.0.0.0 requires an API key: set ENGINE_BUILDER_API_KEYS (comma-separated).
 ENTRYPOINT ["engine-builder"]
-CMD ["run", "/config/config.yaml", "--engine-dir", "/engines/current", "--host", "0.0.0.0", "--port", "8000", "--backend", "auto"]
+CMD ["run", "/config/config.yaml", "--engine-dir", "/engines/current", "--host", "0.0.0.0", "--port", "8000"]

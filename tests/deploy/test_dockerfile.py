@@ -42,3 +42,16 @@ def test_entrypoint_builds_and_serves_the_mounted_config() -> None:
     assert _instructions("ENTRYPOINT") == ['["engine-builder"]']
     (cmd,) = _instructions("CMD")
     assert cmd.startswith('["run", "/config/config.yaml"') and '"0.0.0.0"' in cmd
+
+
+def test_the_command_sets_no_engine_option_the_mounted_config_would_lose() -> None:
+    """Flags beat the config's `engine_builder:` section: the CMD's `--backend auto` overrode a config that chose
+    `backend: torch` (say, for LoRA), so the documented `docker run` ignored it (probe AU)."""
+    import json
+
+    from engine_builder.common.options import EngineOptions
+
+    (cmd,) = _instructions("CMD")
+    flags = {word for word in json.loads(cmd) if word.startswith("--")}
+    option_flags = {f"--{name.replace('_', '-')}" for name in EngineOptions.model_fields}
+    assert flags and not flags & option_flags
