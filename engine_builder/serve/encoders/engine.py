@@ -92,11 +92,13 @@ class EncoderEngine:
         matryoshka: bool | None = None,
         max_client_batch_size: int = BEI_MAX_CLIENT_BATCH_SIZE,
         max_concurrent_requests: int = BEI_MAX_CONCURRENT_REQUESTS,
+        max_seq_len: int | None = None,
     ) -> "EncoderEngine":
         """Load a checkpoint directory (blocking).
 
         auto_truncate None = each route family's own convention (`truncation.TruncationDefaults`);
         matryoshka None = accept `dimensions` only if the model card mentions Matryoshka training.
+        max_seq_len caps the input length below the model's own limit (the config's build.max_seq_len).
         """
         model, tokenizer, info = load_encoder(
             model_dir,
@@ -109,6 +111,7 @@ class EncoderEngine:
             pooling=pooling,
             matryoshka=matryoshka,
             max_client_batch_size=max_client_batch_size,
+            max_seq_len=max_seq_len,
         )
         return cls(model, tokenizer, info, max_concurrent_requests=max_concurrent_requests)
 

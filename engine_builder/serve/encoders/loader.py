@@ -70,6 +70,7 @@ def load_encoder(
     pooling: str | None = None,
     matryoshka: bool | None = None,
     max_client_batch_size: int = BEI_MAX_CLIENT_BATCH_SIZE,
+    max_seq_len: int | None = None,
 ) -> tuple[EncoderModel, EncoderTokenizer, EncoderInfo]:
     """Read, check and load `model_dir` (blocking); see `EncoderEngine.from_model_dir` for the options."""
     config = read_checkpoint_config(model_dir, kind)
@@ -88,6 +89,8 @@ def load_encoder(
         )
         model_limit = positions
     max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
+    if max_seq_len is not None:  # the config's build.max_seq_len: a serving limit below the model's own
+        max_input_length = min(max_input_length, max_seq_len)
     dtype = dtype or default_dtype(config, device)
     model = EncoderModel.load(
         model_dir,

@@ -137,11 +137,13 @@ def build_encoder_server(
         auto_truncate=options.auto_truncate,
         # `dimensions`: the option when it says true or false, else what the build read on the model card
         matryoshka=options.matryoshka if isinstance(options.matryoshka, bool) else manifest.runtime.trained_matryoshka,
+        max_seq_len=manifest.max_seq_len,
+        # the server's admission (max_batch_size + max_queue_size) is the limit /info reports and the 429 keeps
+        max_concurrent_requests=settings.max_inflight,
     )
     if retaining:  # the heap keeps freed activations while batches run, and hands them back once they stop
         engine.set_idle_hook(release_freed_memory)
     adapter = EncoderEngineAdapter(engine, settings.served_model_name, manifest.architecture, manifest.base_model)
-    settings.max_inflight = max(settings.max_inflight, 2048)
     state = ServerState(settings=settings, engine=adapter, renderer=None)
     engine.on_queue_time = state.metrics.record_queue_time
     router = build_encoder_router(

@@ -324,3 +324,18 @@ def test_a_checkpoint_missing_weights_is_refused_not_served_random(minilm_dir: P
         )
     no_pooler = EncoderEngine.from_model_dir(without("pooler"), kind="encoder_bert", max_num_tokens=1024, max_batch_size=8)
     assert no_pooler.info.max_input_length > 0
+
+
+def test_the_configs_max_seq_len_caps_the_input_length(minilm_dir: Path) -> None:
+    """build.max_seq_len is a serving limit for encoders too (docs/config-fields.md); it was ignored, a 62-token
+    input embedded whole under a limit of 16 (probe AU). Above the model's own limit it changes nothing."""
+    capped = EncoderEngine.from_model_dir(
+        minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=8, max_seq_len=16, auto_truncate=False
+    )
+    assert capped.info.max_input_length == 16
+    with pytest.raises(InputTooLongError, match="maximum of 16"):
+        run_with(capped, lambda: capped.embed([" ".join(["word"] * 40)]))
+    cut = Truncation(max_tokens=capped.info.max_input_length)  # truncate_prompt_tokens=-1: the maximum
+    assert run_with(capped, lambda: capped.embed([" ".join(["word"] * 40)], truncation=cut)).embeddings.shape == (1, 384)
+    loose = EncoderEngine.from_model_dir(minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=8, max_seq_len=512)
+    assert loose.info.max_input_length == 256  # the sentence-transformers max_seq_length

@@ -349,3 +349,11 @@ def test_a_generation_route_names_the_encoder_routes(encoder: tuple[Any, ServerS
     assert path in error["message"] and "encoder" in error["message"]
     for route in ("/v1/embeddings", "/rerank", "/predict"):
         assert route in error["message"]
+
+
+def test_max_queue_size_bounds_an_encoder_servers_admission(tmp_path: Path, minilm_dir: Path) -> None:
+    """`max_queue_size` was raised to 2048 for encoders whatever it said (probe AU); /info reported BEI's 2048
+    as the concurrency limit while the server's admission answered 429s at its own."""
+    with in_process_server(tmp_path, minilm_dir, base_model="encoder_bert", max_queue_size=4) as (client, state):
+        assert state.settings.max_inflight == 64 + 4
+        assert client.get("/info").json()["max_concurrent_requests"] == 68
