@@ -34,6 +34,7 @@ from engine_builder.build.calibration.recipes import Recipe, recipe_for
 from engine_builder.build.config import BaseModelKind, EngineOptions, LoadedConfig
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import CALIBRATION_REPORT, MODEL_DIR, write_atomic
+from engine_builder.engine.model_runner import configure_threads
 from engine_builder.engine.models.decoder import DecoderModel
 from engine_builder.engine.models.loader import load_decoder, safetensors_files
 from engine_builder.engine.quantized import Fp8Linear
@@ -67,7 +68,21 @@ def quantize_checkpoint(
     backend: str = "torch",
     options: EngineOptions | None = None,
 ) -> dict[str, str]:
+    """Calibrate, quantize into `staging_engine_dir` and gate the result; the summary the manifest records. Runs
+    on the option's `num_threads` torch threads (else ENGINE_BUILDER_NUM_THREADS), as serving does: it ran on
+    torch's default, every core, whatever `--num-threads` said (probe AU). The caller's count is put back after."""
     options = options or loaded.truss.engine_builder
+    threads = torch.get_num_threads()
+    configure_threads(options.num_threads)
+    try:
+        return _quantize_checkpoint(loaded, checkpoint_path, staging_engine_dir, backend, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize_checkpoint(
+    loaded: LoadedConfig, checkpoint_path: Path, staging_engine_dir: Path, backend: str, options: EngineOptions
+) -> dict[str, str]:
     build = loaded.trt_llm.build
     recipe = recipe_for(build.quantization_type)
     if build.base_model != BaseModelKind.DECODER:

@@ -137,3 +137,25 @@ def test_recipes_and_encoder_refusal(tmp_path: Path) -> None:
     )
     with pytest.raises(pipeline.QuantizationError, match="only supported for decoders"):
         pipeline.quantize_checkpoint(load_config(config), tmp_path, tmp_path, backend="torch")
+
+
+def test_calibration_runs_on_the_options_threads_and_gives_the_callers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--num-threads` / `num_threads` did not reach a quantizing build: calibration ran on torch's default, every
+    core of a shared build machine (probe AU)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trt_llm:\n  build:\n    base_model: decoder\n    quantization_type: fp8\n"
+        "    checkpoint_repository: {source: LOCAL, repo: .}\nengine_builder:\n  num_threads: 2\n"
+    )
+    loaded = load_config(config)
+    seen: list[int] = []
+    monkeypatch.setattr(pipeline, "_quantize_checkpoint", lambda *args: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipeline.quantize_checkpoint(loaded, tmp_path, tmp_path)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
