@@ -201,7 +201,11 @@ def _engines_root() -> Path:
 
 
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    """`name` as one folder name under the engines root. A name of dots alone would name the root itself or its
+    parent: `model_name: "."` built into the engines folder whole, and its next rebuild replaced that folder with
+    every other engine in it (probe AU)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return "_" * max(len(safe), 1) if not safe.strip(".") else safe
 
 
 def _serve(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:

@@ -379,3 +379,12 @@ def test_build_leaves_the_callers_sigterm_handler_as_it_was(
     before = signal.getsignal(signal.SIGTERM)
     main(["build", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "engine")])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(("model_name", "folder"), [(".", "_"), ("..", "__"), ("", "_"), ("a/b", "a_b"), ("m.v2", "m.v2")])
+def test_a_model_name_always_names_one_folder_inside_the_engines_root(model_name: str, folder: str) -> None:
+    """`model_name: "."` built into the engines root itself, and its next rebuild replaced the root, other engines
+    and all (probe AU)."""
+    from engine_builder.stages import _safe
+
+    assert _safe(model_name) == folder
