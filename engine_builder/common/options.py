@@ -1,6 +1,7 @@
 """`engine_builder:` (our section, beside `trt_llm:`): how this project's backends run the engine.
 
-Truss keeps unknown top-level keys, so a config with this section still validates under Truss.
+Truss's config loader keeps unknown top-level keys, so a config with this section still validates under Truss;
+`truss push` refuses unknown keys, this section among them (README).
 Every field here is also a CLI flag of `engine-builder build/serve/run` (derived in engine_builder/stages.py).
 The section lives on the serve side because both stages read it: the build records the values it resolved in the
 engine directory, and serving starts from those (engine_builder/common/artifact.py).
