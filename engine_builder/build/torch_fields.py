@@ -101,6 +101,18 @@ def _speculator_refused(stack: Stack) -> str:
     )
 
 
+def _draft_model_field_set(stack: Stack, name: str) -> str:
+    """A draft model's setting under lookahead decoding, which drafts from the model itself: accepted and dropped,
+    a config naming a draft model ran without one (probe AU)."""
+    speculator = stack.build.speculator
+    if speculator is None or name not in speculator.model_fields_set:
+        return ""
+    return (
+        "sets a draft model's field, and lookahead decoding (the one speculation this project runs) drafts from the "
+        f"model itself: remove build.speculator.{name}"
+    )
+
+
 def _skip_build_result_refused(stack: Stack) -> str:
     if not _build(stack, "skip_build_result"):
         return ""
@@ -163,11 +175,15 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("build.speculator.speculative_decoding_mode",
           "LOOKAHEAD_DECODING honoured for decoders (the schema refuses draft-model speculation as discontinued); "
           "a speculator on an encoder is refused", "LookaheadDecodingConfig", _speculator_refused),
-    Field("build.speculator.num_draft_tokens", "honoured through the lookahead sizes it is computed from",
-          "max_draft_len"),
-    Field("build.speculator.checkpoint_repository", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
-    Field("build.speculator.runtime", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
-    Field("build.speculator.build", "unused (draft-model speculation is refused by the schema)", "not forwarded"),
+    Field("build.speculator.num_draft_tokens", "honoured through the lookahead sizes it is computed from (a "
+          "larger value, TensorRT-LLM's headroom, has no effect)", "max_draft_len"),
+    Field("build.speculator.checkpoint_repository", "refused when set: a draft model's, and lookahead drafts from "
+          "the model itself (the schema refuses draft-model speculation)", "refused when set",
+          lambda s: _draft_model_field_set(s, "checkpoint_repository"), every_backend=True),
+    Field("build.speculator.runtime", "refused when set: a draft model's, and lookahead drafts from the model itself",
+          "refused when set", lambda s: _draft_model_field_set(s, "runtime"), every_backend=True),
+    Field("build.speculator.build", "refused when set: a draft model's, and lookahead drafts from the model itself",
+          "refused when set", lambda s: _draft_model_field_set(s, "build"), every_backend=True),
     Field("build.speculator.lookahead_windows_size", "honoured (W)", "LookaheadDecodingConfig"),
     Field("build.speculator.lookahead_ngram_size", "honoured (N)", "LookaheadDecodingConfig (refused below 2)"),
     Field("build.speculator.lookahead_verification_set_size", "honoured (G)", "LookaheadDecodingConfig"),

@@ -76,6 +76,9 @@ def _config(tmp_path: Path, smollm2_dir: Path, build: dict[str, Any], runtime: d
     return path
 
 
+LOOKAHEAD = {"speculative_decoding_mode": "LOOKAHEAD_DECODING", "lookahead_windows_size": 3, "lookahead_ngram_size": 4,
+             "lookahead_verification_set_size": 3}
+DRAFT = {"source": "HF", "repo": "someone/draft-model"}
 LOCAL_ADAPTER = {"support": {"source": "LOCAL", "repo": "/nonexistent/adapter"}}  # refused before any fetch
 
 REFUSED = [  # (path, build fields, runtime fields, v2)
@@ -114,6 +117,10 @@ REFUSED = [  # (path, build fields, runtime fields, v2)
     ("build.speculator.speculative_decoding_mode",
      {"base_model": "encoder_bert", "speculator": {"speculative_decoding_mode": "LOOKAHEAD_DECODING",
       "lookahead_windows_size": 3, "lookahead_ngram_size": 4, "lookahead_verification_set_size": 3}}, {}, False),
+    # a draft model's fields under lookahead: dropped, the config ran without the draft model it names (probe AU)
+    ("build.speculator.checkpoint_repository", {"speculator": {**LOOKAHEAD, "checkpoint_repository": DRAFT}}, {}, False),
+    ("build.speculator.runtime", {"speculator": {**LOOKAHEAD, "runtime": {"served_model_name": "draft"}}}, {}, False),
+    ("build.speculator.build", {"speculator": {**LOOKAHEAD, "build": {"checkpoint_repository": DRAFT}}}, {}, False),
 ]
 
 
