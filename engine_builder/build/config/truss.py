@@ -193,6 +193,8 @@ class ConfiguredEngineOptions(EngineOptions):
     @pydantic.model_validator(mode="before")
     @classmethod
     def _known_options(cls, data: Any) -> Any:
+        if data is None:  # `engine_builder:` with every option commented out: the defaults, as Truss reads it
+            return {}
         if isinstance(data, dict):
             import difflib
 

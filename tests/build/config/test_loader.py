@@ -9,6 +9,7 @@ import yaml
 from engine_builder.build.config import (
     BaseModelKind,
     ConfigError,
+    EngineOptions,
     RuntimeConfigV1,
     TrtLlmConfigV1,
     TrtLlmConfigV2,
@@ -304,6 +305,15 @@ def test_a_typo_in_our_own_section_is_an_error_naming_the_nearest_option() -> No
           dtyp: float32
         """
     ) == ["config.yaml:8: engine_builder.dtyp: unknown engine option 'dtyp'; did you mean dtype?"]
+
+
+def test_an_engine_builder_section_with_every_option_commented_out_means_the_defaults() -> None:
+    """`engine_builder:` left empty was refused naming an internal class; Truss accepts the file (probe AU)."""
+    loaded = parse_config(
+        "model_metadata: {tags: [openai-compatible]}\ntrt_llm:\n  build:\n"
+        "    checkpoint_repository: {source: HF, repo: org/model}\nengine_builder:\n#  dtype: float32\n"
+    )
+    assert loaded.truss.engine_builder.dtype == EngineOptions().dtype
 
 
 def test_tags_that_are_not_a_list_are_a_config_error() -> None:
