@@ -111,6 +111,7 @@ def create_app(
             refusal.headers = {**(refusal.headers or {}), **error.headers}
         if error.status_code == 405:  # every method the path answers, not only its first route's
             refusal.headers = {**(refusal.headers or {}), "Allow": _allowed_methods(served_routes, request.scope)}
+        state.metrics.record_error(error.status_code)  # a user model's 5xx is a failure too (probe AS)
         return render(refusal, request.scope)
 
     @app.exception_handler(ClientDisconnect)

@@ -228,6 +228,8 @@ class Run:
     def _record(self, finished: list[GenerationDelta], abandoned: bool) -> None:
         """The request's end: e2e and prompt tokens once, a success per finished choice, and each choice's own
         time per output token (not the request's decode time over all n choices' tokens)."""
+        if not finished and not abandoned and self.first_token_at is None:
+            return  # refused by the backend as it began (a 400 from generate), or failed before any token: no run
         metrics = self.state.metrics
         name = metrics.model_name
         end = time.monotonic()

@@ -102,11 +102,19 @@ def _adapter_card(state: ServerState, name: str) -> dict:
     return {**_model_card(state), "id": name, "root": name, "parent": state.settings.served_model_name}
 
 
+def _not_ready(message: str) -> Response:
+    """A readiness answer in OpenAI's envelope. Answered, not raised: the error handler counts what it answers in
+    request_errors_total, and a probe asking every few seconds while the server drains (or a user model reports
+    unhealthy) is no failed request, as the same answer from /ready is not (probe AS)."""
+    error = APIError(message, status=503, type="server_error", code="not_ready")
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     state = _state(request)
     if not state.ready:
-        raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
+        return _not_ready("The model is still loading.")
     adapters = [_adapter_card(state, name) for name in state.settings.lora_adapters]
     return JSONResponse({"object": "list", "data": [_model_card(state), *adapters]})
 
@@ -118,9 +126,9 @@ async def model_readiness(name: str, request: Request) -> Response:
     unknown model still run on the base model, as the README says)."""
     state = _state(request)
     if not state.ready or state.draining or not state.engine.is_healthy():
-        raise APIError("The model is not ready.", status=503, type="server_error", code="not_ready")
+        return _not_ready("The model is not ready.")
     if not await _user_model_healthy(state):
-        raise APIError(f"The model is not ready: {USER_MODEL_UNHEALTHY}.", status=503, type="server_error", code="not_ready")
+        return _not_ready(f"The model is not ready: {USER_MODEL_UNHEALTHY}.")
     if name in state.settings.lora_adapters:
         return JSONResponse(_adapter_card(state, name))
     if name not in (state.settings.served_model_name, TRUSS_MODEL_NAME):

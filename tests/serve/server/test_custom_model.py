@@ -217,6 +217,20 @@ def test_user_exceptions_are_500s_naming_the_method_and_http_errors_pass_through
     assert client.get("/health").status_code == 200
 
 
+def test_a_user_models_5xx_http_exception_counts_as_a_server_error_and_a_4xx_does_not() -> None:
+    """A model.py's HTTPException(503) went uncounted while a plain exception answered 500 counted (probe AS)."""
+
+    class Failing:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            raise HTTPException(status_code=model_input["status"], detail="no")
+
+    client = _client(Failing())
+    assert client.post("/predict", json={"status": 503}).status_code == 503
+    assert client.post("/predict", json={"status": 422}).status_code == 422
+    errors = [line for line in client.get("/metrics").text.splitlines() if line.startswith("engine_builder:request_errors_total{")]
+    assert errors == ['engine_builder:request_errors_total{model_name="m",status="503"} 1.0']
+
+
 class _Releasable:
     """Its `block(step)` holds the calling thread until the test releases it, if `step` is the blocking one."""
 
@@ -433,6 +447,8 @@ def test_is_healthy_false_or_raising_turns_readiness_503(asynchronous: bool) -> 
                 response = client.get(path)
                 assert response.status_code == 503 and "is_healthy" in response.text, response.text
             assert client.get("/health").status_code == 200  # liveness stays: Truss asks is_healthy for readiness
+        # a probe answered "not ready" is no failed request, on Truss's route as on /ready (probe AS)
+        assert "engine_builder:request_errors_total{" not in client.get("/metrics").text
 
 
 def test_a_structured_http_exception_detail_stays_json() -> None:

@@ -376,3 +376,25 @@ def test_prompts_stopped_because_another_prompt_failed_count_as_errors(decoder: 
         response = client.post("/v1/completions", json={"prompt": [[1, 2, 3], [9, 2, 3]], "max_tokens": 60})
         assert response.status_code == 500 and "rank 1 exited" in response.text
     assert _finished(state.metrics) == {"error": 2}
+
+
+def test_a_request_the_backend_refuses_as_it_begins_records_no_latency(decoder: TextDecoder) -> None:
+    """A 400 raised from the backend's generate (before any token) added an e2e observation for a request that
+    never ran, where a refusal in prepare adds none (probe AS)."""
+    from fastapi.testclient import TestClient
+
+    from engine_builder.serve.server.app import create_app
+
+    class Refusing(ScriptedEngine):
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            raise ValueError("top_k=1 with n=2 is greedy: every choice would be the same")
+            yield
+
+    state = ServerState(ServerSettings("m"), Refusing([]), renderer=None, decoder=decoder)
+    with TestClient(create_app(state)) as client:
+        for stream in (False, True):
+            response = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "stream": stream})
+            assert "greedy" in response.text
+    found = _samples(state.metrics)
+    assert found.get("e2e_request_latency_seconds_count", 0) == 0 and not _finished(state.metrics)
+    assert state.inflight == 0
