@@ -62,9 +62,10 @@ class RequestText:
         choice.num_tokens += len(delta.token_ids)
         free_text = choice.stops.pass_through(choice.detokenizer.add(decode_ids[:protected])) if protected else ""
         rest = decode_ids[protected:]
-        if len(rest) > 1 and choice.stops.stop:
+        if rest and len(delta.token_ids) - protected > 1 and choice.stops.stop:
             # several tokens at once (a lookahead step): looked for a stop string token by token, as plain decoding
-            # would, so that the tokens after the one that completed it are not output, nor counted in usage
+            # would, so that the tokens after the one that completed it are not output, nor counted in usage (an
+            # EOS that ended the step after it too, though it is not decoded: probe AI)
             result, used = self._feed_tokens(choice, rest)
             if result.matched is not None:
                 self._drop_after(choice, delta, protected + used)

@@ -152,3 +152,23 @@ def test_a_stop_string_inside_a_multi_token_delta_keeps_only_the_tokens_up_to_it
     assert completed.delta.token_ids == ids[1 : ending + 1] and len(completed.delta.logprobs) == ending
     assert completed.delta.num_output_tokens == ending + 1 == singles[-1].delta.num_output_tokens
     assert (completed.delta.finish_reason, completed.delta.stop_reason) == (FinishReason.STOP, stop)
+
+
+def test_a_step_of_the_stop_strings_last_token_and_eos_drops_the_eos_from_usage_and_logprobs(
+    decoder: TextDecoder,
+) -> None:
+    """A lookahead step can end a choice on EOS right after the token that completed a stop string: the EOS was
+    kept in the reply's tokens, usage and logprobs (the two-token step took the one-token path, the EOS not being
+    decoded), where a step with any other token after the stop string drops it (probe AI)."""
+    from engine_builder.common.types import TokenLogprob
+
+    hello, world = decoder.tokenizer.encode("Hello world", add_special_tokens=False).ids
+    for tail, finish in (([world, EOS], FinishReason.STOP), ([world, EOS, world], FinishReason.LENGTH)):
+        text = RequestText(decoder, _request(stop=("world",)), (EOS,))
+        text.complete(_delta([hello], num_output_tokens=1))
+        logprobs = [TokenLogprob(token, -1.0, ()) for token in tail]
+        completed = text.complete(_delta(tail, finish=finish, num_output_tokens=1 + len(tail), logprobs=logprobs))
+        assert completed is not None
+        assert completed.delta.token_ids == [world] and len(completed.delta.logprobs) == 1
+        assert completed.delta.num_output_tokens == 2
+        assert (completed.delta.finish_reason, completed.delta.stop_reason) == (FinishReason.STOP, "world")
