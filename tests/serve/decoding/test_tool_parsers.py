@@ -50,6 +50,11 @@ CASES = [
      "", [("add", {"a": 5, "b": 6}), ("noop", {})]),
     ("qwen3_coder", 'Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>',
      "Checking.\n", [("get_weather", {"city": "San Francisco", "days": 2})]),
+    # a value holding the family's own tags (code about tool calls) is the value's text, not the call's end (probe AI)
+    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nprint("<tool_call>")\n</parameter>\n</function>\n</tool_call>',
+     "", [("get_weather", {"city": 'print("<tool_call>")'})]),
+    ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nx = "</tool_call>"\n</parameter>\n</function>\n</tool_call> done',
+     " done", [("get_weather", {"city": 'x = "</tool_call>"'})]),
     ("forced", '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]', "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
 ]
 

@@ -18,6 +18,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
 
 _FUNCTION = re.compile(r"<function=([^>\s]+)>")
 _PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
+_PARAMETER_OPEN, _PARAMETER_CLOSE = "<parameter=", "</parameter>"
 
 
 class Qwen3CoderParser(ToolParser):
@@ -32,19 +33,27 @@ class Qwen3CoderParser(ToolParser):
         content = text[:first]
         calls: list[ParsedCall] = []
         resume: Resume | None = None
-        blocks = text[first:].split(self.OPEN)[1:]
-        for number, block in enumerate(blocks):
-            last = number == len(blocks) - 1
-            if last and text.rfind(self.OPEN) > 0:  # what precedes the last block is settled: resume there
-                resume = Resume(text.rfind(self.OPEN), len(content), len(calls), self.parse)
+        start = first
+        while start >= 0:
+            inner_start = start + len(self.OPEN)
+            inner_end, closed = self._call_end(text, inner_start)
+            following = text.find(self.OPEN, inner_end + len(self.CLOSE)) if closed else inner_end
+            last = following < 0 or following >= len(text)
+            block_end = len(text) if last else following
+            inner = text[inner_start:inner_end]
+            after = text[inner_end + len(self.CLOSE) : block_end] if closed else ""
+            if last and start > 0:  # what precedes the last block is settled: resume there
+                resume = Resume(start, len(content), len(calls), self.parse)
             if last and not final:  # the block may end in the first characters of the next <tool_call>
-                block = block[: len(block) - held_back(block, (self.OPEN,))]
-            closed = self.CLOSE in block
-            inner, _, after = block.partition(self.CLOSE)
+                if closed:
+                    after = after[: len(after) - held_back(after, (self.OPEN,))]
+                else:
+                    inner = inner[: len(inner) - held_back(inner, (self.OPEN,))]
+            start = -1 if last else following
             match = _FUNCTION.search(inner)
             if match is None or not self.is_offered(match.group(1)):
                 if closed or final or not last:  # a later <tool_call> ends this block too
-                    content += self.OPEN + block
+                    content += self.OPEN + inner + (self.CLOSE + after if closed else "")
                 continue
             if after.strip():  # text after the call's </tool_call>
                 content += after
@@ -58,6 +67,30 @@ class Qwen3CoderParser(ToolParser):
                 arguments += "}"
             calls.append(ParsedCall(name, arguments, closed or (final and function_closed)))
         return ParseResult(content, calls, resume)
+
+    def _call_end(self, text: str, start: int) -> tuple[int, bool]:
+        """Where the call whose body begins at `start` ends: its `</tool_call>` (True), else the next
+        `<tool_call>` or the end of the text (False). Tags inside a parameter's value are the value's text: code
+        that prints "<tool_call>" cut the call there, its arguments not JSON and the rest leaking into the
+        content (probe AI); only `</parameter>` ends a value."""
+        position = start
+        while True:
+            found = [
+                (index, tag)
+                for tag in (_PARAMETER_OPEN, self.CLOSE, self.OPEN)
+                if (index := text.find(tag, position)) >= 0
+            ]
+            if not found:
+                return len(text), False
+            index, tag = min(found)
+            if tag == self.CLOSE:
+                return index, True
+            if tag == self.OPEN:
+                return index, False
+            value_end = text.find(_PARAMETER_CLOSE, index)
+            if value_end < 0:  # a value still being written: the call runs to the end
+                return len(text), False
+            position = value_end + len(_PARAMETER_CLOSE)
 
     def _convert(self, tool: str, key: str, raw: str) -> tuple[str, Any]:
         value = raw.strip("\n")
