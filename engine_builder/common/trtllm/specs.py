@@ -19,6 +19,13 @@ class LlmBackend(str, enum.Enum):
     PYTORCH = "pytorch"  # tensorrt_llm.LLM
 
 
+class GuidedDecodingBackend(str, enum.Enum):
+    """The values of TensorRT-LLM's `guided_decoding_backend` (BaseLlmArgs); llguidance is PyTorch-backend only."""
+
+    XGRAMMAR = "xgrammar"
+    LLGUIDANCE = "llguidance"
+
+
 def _passed(values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
@@ -184,6 +191,13 @@ class LlmSpec:
             }
         )
         return {**values, **self.extra}
+
+    @property
+    def effective_guided_decoding_backend(self) -> str | None:
+        """What `LLM(guided_decoding_backend=...)` receives: a patch_kwargs value in `extra` wins over the field, as in
+        `plain_kwargs`; None means guided decoding is off."""
+        backend = self.plain_kwargs().get("guided_decoding_backend")
+        return None if backend is None else str(backend)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of the call (written to trtllm/llm_args.json; read by people, not by code)."""

@@ -95,6 +95,16 @@ def test_v2_patch_kwargs_pass_through_and_merge_into_config_objects() -> None:
     # The schema's patch_kwargs value type (Truss's: str|int|float|dict|list|None) reads YAML `true` as 1.
     assert kwargs["enable_attention_dp"] == 1 and kwargs["cuda_graph_config"] == {"batch_sizes": [1, 2, 4]}
     assert kwargs["guided_decoding_backend"] == "llguidance"
+    assert spec.effective_guided_decoding_backend == "llguidance"  # what the serving client reads
+
+
+def test_v2_patch_kwargs_guided_decoding_backend_is_checked_at_build() -> None:
+    """TensorRT-LLM takes xgrammar, llguidance or None; another name failed only when the server started."""
+    with pytest.raises(TrtLlmMappingError, match="guided_decoding_backend: 'outlines'.*xgrammar, llguidance"):
+        v2_serve_spec(_v2(runtime={"patch_kwargs": {"guided_decoding_backend": "outlines"}}), Path("/m"))
+    off = v2_serve_spec(_v2(runtime={"patch_kwargs": {"guided_decoding_backend": None}}), Path("/m"))
+    assert off.effective_guided_decoding_backend is None
+    assert v2_serve_spec(_v2(), Path("/m")).effective_guided_decoding_backend == "xgrammar"
 
 
 @pytest.mark.parametrize("key", ["max_batch_size", "build_config", "model"])
@@ -246,9 +256,12 @@ def test_fp8_context_fmha_is_passed_only_when_the_config_sets_it(fake_trtllm: Mo
         assert spec.build is not None and spec.build.plugin.attributes()["use_fp8_context_fmha"] is value
 
 
-def test_gather_all_token_logits_makes_the_served_engine_return_logprobs(tmp_path: Path) -> None:
+def test_gather_all_token_logits_makes_the_served_engine_return_logprobs(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
     """The engine built to gather logits is loaded with gather_generation_logits, which TensorRT-LLM's LLM needs for
-    logprobs (BaseLLM._check_arguments); the client then accepts logprobs on that engine."""
+    logprobs (BaseLLM._check_arguments); the client then accepts logprobs on that engine (its `prepare` builds
+    TensorRT-LLM's SamplingParams, here the fake's)."""
     from engine_builder.common.types import GenerationRequest, ModelInfo, SamplingParams
     from engine_builder.serve.backends.trtllm.client import TrtLlmEngineClient
     from engine_builder.serve.backends.trtllm.sampling import UnsupportedRequestError

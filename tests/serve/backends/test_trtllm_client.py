@@ -37,6 +37,7 @@ MODEL_INFO = ModelInfo(
 
 
 def _client(tmp_path: Path, backend: LlmBackend = LlmBackend.PYTORCH, **spec: Any) -> TrtLlmEngineClient:
+    spec.setdefault("guided_decoding_backend", "xgrammar")  # as the build's mapping sets it
     return TrtLlmEngineClient(LlmSpec(backend=backend, model=str(tmp_path), **spec), MODEL_INFO, warmup=False)
 
 
@@ -77,7 +78,7 @@ def test_streams_new_token_ids_only(tmp_path: Path, fake_trtllm: ModuleType) -> 
             [update(text="!", token_ids=[8], finish_reason="length")],
         ],
     )
-    deltas = _run(_client(tmp_path), _request(stop=("lo",), skip_special_tokens=False))
+    deltas = _run(_client(tmp_path, guided_decoding_backend=None), _request(stop=("lo",), skip_special_tokens=False))
     assert [(d.text, d.token_ids, d.finish_reason) for d in deltas] == [
         ("", [5], None),
         ("", [6], None),
@@ -249,20 +250,61 @@ def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
         await client.start()
         with pytest.raises(GuideError, match="structural_tag"):
             await client.prepare(_request(guide=Guide(GuideKind.STRUCTURAL_TAG, "{}")))
-        with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters"):
-            await _collect(
-                client, _request(n=2, temperature=1.0, top_k=1, top_p=0.0)
-            )  # TensorRT-LLM's own check
+        with pytest.raises(UnsupportedRequestError, match="n=2 with top_k=1") as refused:  # greedy for TensorRT-LLM
+            await client.prepare(_request(n=2, temperature=0.7, top_k=1))
+        assert refused.value.param == "n"
+        # TensorRT-LLM's own SamplingParams check (top_p=0 is greedy to it; the server never sends top_p=0) also
+        # refuses at admission, before anything streams
+        with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters") as refused:
+            await client.prepare(_request(n=2, temperature=1.0, top_p=0.0))
+        assert refused.value.param is None
         await client.shutdown(0)
 
     asyncio.run(main())
     assert fake_trtllm.calls("_TrtLLM.generate_async") == []
 
 
+def test_prepare_builds_tensorrt_llms_sampling_params_that_generate_submits(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """TensorRT-LLM's SamplingParams validation runs at admission (probe AS #2: it ran in generate, so a stream had
+    already answered 200 when it refused); generate submits the object built there."""
+    client = _client(tmp_path)
+
+    async def main() -> None:
+        await client.start()
+        fake_trtllm.CALLS.clear()
+        prepared = await client.prepare(_request(guide=Guide(GuideKind.REGEX, "a+")))
+        assert fake_trtllm.names() == ["GuidedDecodingParams", "SamplingParams"]
+        async for _ in client.generate(prepared):
+            pass
+        submitted = fake_trtllm.calls("LLM.generate_async")[0].kwargs["sampling_params"]
+        assert submitted is prepared.compiled.sampling_params
+        assert fake_trtllm.names().count("SamplingParams") == 1
+        await client.shutdown(0)
+
+    asyncio.run(main())
+
+
+def test_a_prompt_over_max_num_tokens_without_chunked_prefill_is_refused_at_admission(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """TensorRT-LLM's PyTorch backend refuses it at submission (`_check_arguments`); the client refuses it first,
+    so a stream gets a 400 rather than an error event."""
+    client = _client(tmp_path, max_num_tokens=2, enable_chunked_prefill=False)
+    with pytest.raises(UnsupportedRequestError, match="more than max_num_tokens 2") as refused:
+        asyncio.run(client.prepare(_request()))  # a 3-token prompt
+    assert refused.value.code == "request_too_large"
+    chunked = _client(tmp_path, max_num_tokens=2, enable_chunked_prefill=True)
+    asyncio.run(chunked.prepare(_request()))
+    v1 = _client(tmp_path, backend=LlmBackend.TENSORRT, max_num_tokens=2)  # no such rule on the TensorRT backend
+    asyncio.run(v1.prepare(_request(seed=1)))
+
+
 def test_guided_request_reaches_tensorrt_llm_as_guided_decoding_params(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
-    client = _client(tmp_path, guided_decoding_backend="xgrammar")
+    client = _client(tmp_path)
     _run(client, _request(guide=Guide(GuideKind.JSON_SCHEMA, '{"type": "object"}')))
     params = fake_trtllm.calls("LLM.generate_async")[0].kwargs["sampling_params"]
     assert params.guided_decoding.json == '{"type": "object"}'
@@ -282,7 +324,7 @@ def test_lifecycle_warmup_health_and_shutdown(tmp_path: Path, fake_trtllm: Modul
             await _collect(client, _request())
 
     asyncio.run(main())
-    names = fake_trtllm.names()
+    names = [name for name in fake_trtllm.names() if name.startswith("LLM")]  # the LLM's calls (not SamplingParams)
     assert names[0] == "LLM" and names[-1] == "LLM.shutdown"
     warmup = fake_trtllm.calls("SamplingParams")[0].kwargs
     assert warmup["max_tokens"] == 2 and warmup["top_k"] == 1 and warmup["ignore_eos"] is True
@@ -315,19 +357,40 @@ def test_a_torch_built_v1_engine_is_refused_with_rebuild_advice(
         TrtLlmEngineClient.from_engine_dir(load_engine_dir(tmp_path))
 
 
-def test_a_request_tensorrt_llm_refuses_at_submission_is_a_request_error(
+def test_a_guided_request_to_an_llm_without_guided_decoding_is_refused_at_admission(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
-    client = _client(tmp_path)  # no guided_decoding_backend: the fake refuses guided requests
+    """`patch_kwargs.guided_decoding_backend: null` overrides the build's xgrammar: TensorRT-LLM then guides nothing."""
+    client = _client(tmp_path, extra={"guided_decoding_backend": None})
+    with pytest.raises(GuideError, match="guided_decoding_backend is null") as refused:
+        asyncio.run(client.prepare(_request(guide=Guide(GuideKind.REGEX, "a+"))))
+    assert refused.value.param == "response_format"
+    assert fake_trtllm.calls("SamplingParams") == []
+
+
+def test_the_llm_s_guided_decoding_backend_decides_which_guides_are_served(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """v2's `patch_kwargs.guided_decoding_backend: llguidance` (in `extra`) is what the LLM gets (probe AS #4): its
+    tokenizer is kept, guides llguidance cannot honour are refused at admission by field, the others are served."""
+    client = _client(tmp_path, extra={"guided_decoding_backend": "llguidance"})
 
     async def main() -> None:
         await client.start()
-        with pytest.raises(UnsupportedRequestError, match="refused the request") as refused:
-            await _collect(client, _request(guide=Guide(GuideKind.REGEX, "a+")))
-        assert refused.value.param == "request" and client.is_healthy()
+        for guide in (Guide(GuideKind.STRUCTURAL_TAG, '{"type": "structural_tag"}'), Guide(GuideKind.GRAMMAR, 'r ::= "a"')):
+            with pytest.raises(GuideError, match="guided_decoding_backend llguidance") as refused:
+                await client.prepare(_request(guide=guide))
+            assert refused.value.param == "response_format"
+        deltas = await _collect(client, _request(guide=Guide(GuideKind.JSON_SCHEMA, '{"type": "object"}')))
+        assert deltas[-1].finish_reason == FinishReason.LENGTH
         await client.shutdown(0)
 
     asyncio.run(main())
+    llm = fake_trtllm.calls("LLM")[0].kwargs
+    assert llm["guided_decoding_backend"] == "llguidance" and "skip_tokenizer_init" not in llm
+    assert [call.kwargs for call in fake_trtllm.calls("GrammarMatcherFactory.create")] == [
+        {"backend": "llguidance", "guide_type": "JSON_SCHEMA", "compile": "grammar_from_json_schema"}
+    ]
 
 
 def test_prepare_refuses_a_guide_the_backend_cannot_map(tmp_path: Path, fake_trtllm: ModuleType) -> None:
@@ -362,7 +425,7 @@ def test_a_request_error_at_submission_fails_that_request_only(tmp_path: Path, f
         client._llm.generate_async = refuse
         with pytest.raises(UnsupportedRequestError, match="longer than max_num_tokens") as refused:
             await _collect(client, _request())
-        assert refused.value.param == "request" and client.is_healthy()
+        assert refused.value.param is None and client.is_healthy()
         client._llm.generate_async = submit  # the next request is served
         assert await _collect(client, _request())
         await client.shutdown(0)

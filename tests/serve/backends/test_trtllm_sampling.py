@@ -5,6 +5,8 @@ checks names, not TensorRT-LLM's sampling behaviour (verified against the fake o
 """
 
 import dataclasses
+import itertools
+import json
 import math
 from types import ModuleType
 from typing import Any
@@ -19,12 +21,42 @@ from engine_builder.serve.backends.trtllm.sampling import (
     UnsupportedRequestError,
     to_trtllm,
 )
+from engine_builder.serve.server.guides import guide_from_response_format
+from engine_builder.serve.server.protocol import ChatCompletionRequest, ResponseFormat
+from engine_builder.serve.server.tools import plan_tools
 
 PYTORCH = EngineTraits(is_pytorch_backend=True, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
 TENSORRT = EngineTraits(is_pytorch_backend=False, has_lookahead=False, vocab_size=8, eos_token_ids=(2, 3))
 TENSORRT_LOOKAHEAD = EngineTraits(
     is_pytorch_backend=False, has_lookahead=True, vocab_size=8, eos_token_ids=(2,)
 )
+LLGUIDANCE = dataclasses.replace(PYTORCH, guided_decoding_backend="llguidance")
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+TOOLS = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+
+
+def _tool_guide(tool_choice: object) -> Guide:
+    """The guide the server builds for a forced tool call (tools.plan_tools)."""
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": tool_choice}
+    )
+    guide = plan_tools(body, None, True)[2]
+    assert guide is not None
+    return guide
+
+
+def _server_guides() -> dict[str, Guide]:
+    """The JSON guides as the server builds them (compact whitespace: `any_whitespace=False`), not Guide's defaults."""
+    guides = {
+        "json_schema": guide_from_response_format(
+            ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+        ),
+        "json_object": guide_from_response_format(ResponseFormat.model_validate({"type": "json_object"})),
+        "tool_choice required": _tool_guide("required"),
+        "tool_choice named": _tool_guide({"type": "function", "function": {"name": "get"}}),
+    }
+    assert all(guide is not None and not guide.any_whitespace for guide in guides.values())
+    return {name: guide for name, guide in guides.items() if guide is not None}
 
 
 def test_every_sampling_field_has_a_mapping() -> None:
@@ -169,10 +201,29 @@ def test_temperature_zero_is_tensorrt_llm_greedy() -> None:
     assert "temperature" not in translated.kwargs and "top_p" not in translated.kwargs
 
 
-def test_greedy_with_n_above_one_is_refused_by_name() -> None:
-    with pytest.raises(UnsupportedRequestError, match="n > 1") as refused:
-        to_trtllm(SamplingParams(max_tokens=4, temperature=0.0, n=2), PYTORCH)
+@pytest.mark.parametrize(
+    ("sampling", "named"), [({"temperature": 0.0}, "temperature=0"), ({"temperature": 0.7, "top_k": 1}, "top_k=1")]
+)
+def test_greedy_with_n_above_one_is_refused_by_name(sampling: dict[str, Any], named: str) -> None:
+    """top_k=1 is greedy for TensorRT-LLM too (probe AS #2): refused here, naming the user's fields, not best_of."""
+    with pytest.raises(UnsupportedRequestError, match=f"n=2 with {named}") as refused:
+        to_trtllm(SamplingParams(max_tokens=4, n=2, **sampling), PYTORCH)
     assert refused.value.param == "n"
+    assert "best_of" not in str(refused.value) and "TLLM_" not in str(refused.value)
+
+
+def test_n_is_refused_exactly_where_tensorrt_llm_calls_the_request_greedy(fake_trtllm: ModuleType) -> None:
+    """Every request the mapping passes, TensorRT-LLM's SamplingParams accepts, and every n > 1 it would refuse as
+    greedy the mapping refuses first, by name (the fake's greedy rule is the 1.2 `params_imply_greedy_decoding`)."""
+    for temperature, top_k, top_p, n in itertools.product((0.0, 0.7), (None, 1, 5), (0.5, 1.0), (1, 2)):
+        params = SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p, n=n)
+        for traits in (PYTORCH, TENSORRT):
+            try:
+                translated = to_trtllm(params, traits)
+            except UnsupportedRequestError as error:
+                assert error.param == "n" and n > 1 and params.is_greedy
+                continue
+            adapter.sampling_params(translated.kwargs, None)
 
 
 def test_unset_seed_draws_a_fresh_seed_per_request() -> None:
@@ -230,10 +281,42 @@ def test_structural_tag_needs_the_pytorch_backend() -> None:
     assert refused.value.param == "response_format"
 
 
-def test_compact_whitespace_guides_are_refused() -> None:
-    guide = Guide(GuideKind.JSON_SCHEMA, "{}", any_whitespace=False)
-    with pytest.raises(UnsupportedRequestError, match="whitespace"):
-        to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
+@pytest.mark.parametrize("traits", [PYTORCH, TENSORRT, LLGUIDANCE], ids=["v2", "v1", "v2-llguidance"])
+@pytest.mark.parametrize("name", ["json_schema", "json_object", "tool_choice required", "tool_choice named"])
+def test_the_servers_compact_json_guides_reach_tensorrt_llm(
+    name: str, traits: EngineTraits, fake_trtllm: ModuleType
+) -> None:
+    """The server asks for compact JSON; TensorRT-LLM has no whitespace setting and compiles with its own (probe
+    AS #1: every such request was refused). The schema goes as TensorRT-LLM's OpenAI server sends it."""
+    guide = _server_guides()[name]
+    translated = to_trtllm(SamplingParams(max_tokens=1, guide=guide), traits)
+    if guide.kind == GuideKind.JSON_OBJECT:
+        assert translated.guide == {"json_object": True}
+    else:
+        assert translated.guide == {"json": guide.spec}
+        assert (json.loads(guide.spec) == SCHEMA) if name == "json_schema" else ("get" in guide.spec)
+    built = adapter.sampling_params(translated.kwargs, translated.guide)
+    assert built.guided_decoding is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec"), [(GuideKind.STRUCTURAL_TAG, '{"type": "structural_tag"}'), (GuideKind.GRAMMAR, 'root ::= "a"')]
+)
+def test_llguidance_refuses_the_guides_it_cannot_honour_by_field(kind: GuideKind, spec: str) -> None:
+    """TensorRT-LLM's llguidance backend has no structural tags and reads a grammar as Lark (probe AS #4)."""
+    with pytest.raises(UnsupportedRequestError, match="guided_decoding_backend llguidance") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, guide=Guide(kind, spec)), LLGUIDANCE)
+    assert refused.value.param == "response_format"
+    assert to_trtllm(SamplingParams(max_tokens=1, guide=Guide(kind, spec)), PYTORCH).guide is not None
+    regex = to_trtllm(SamplingParams(max_tokens=1, guide=Guide(GuideKind.REGEX, "a+")), LLGUIDANCE)
+    assert regex.guide == {"regex": "a+"}
+
+
+def test_without_a_guided_decoding_backend_a_guide_is_refused_naming_its_field() -> None:
+    off = dataclasses.replace(PYTORCH, guided_decoding_backend=None)
+    with pytest.raises(UnsupportedRequestError, match="guided_decoding_backend is null") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, guide=_tool_guide("required")), off)
+    assert refused.value.param == "tools"
 
 
 def test_a_guide_that_waits_for_the_reasoning_block_is_refused_naming_the_fix() -> None:
@@ -242,6 +325,9 @@ def test_a_guide_that_waits_for_the_reasoning_block_is_refused_naming_the_fix() 
     with pytest.raises(UnsupportedRequestError, match="enable_thinking") as refused:
         to_trtllm(SamplingParams(max_tokens=1, guide=guide), PYTORCH)
     assert refused.value.param == "response_format"
+    with pytest.raises(UnsupportedRequestError, match="enable_thinking") as refused:
+        to_trtllm(SamplingParams(max_tokens=1, guide=dataclasses.replace(guide, param="tools")), PYTORCH)
+    assert refused.value.param == "tools"
 
 
 def test_lookahead_cannot_be_turned_off_per_request_on_a_lookahead_engine() -> None:

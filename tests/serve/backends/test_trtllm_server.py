@@ -7,8 +7,10 @@ only: no GPU and no TensorRT-LLM took part.
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +20,41 @@ from engine_builder.build.config import load_config
 from engine_builder.serve.server.factory import build_server
 from tests.conftest import MODELS_DIR
 from tests.fakes.trtllm_helpers import smollm2_config
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+TOOLS = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@contextmanager
+def _served(tmp_path: Path, stack: str, patch_kwargs: dict[str, Any] | None = None) -> Iterator[TestClient]:
+    """SmolLM2 built for `stack` and served over the fake, with the fake's default script."""
+    config = smollm2_config(tmp_path, MODELS_DIR, quantization="no_quant", stack=stack)
+    if patch_kwargs is not None:
+        document = json.loads(config.read_text())
+        document["trt_llm"]["runtime"]["patch_kwargs"] = patch_kwargs
+        config.write_text(json.dumps(document))
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    app, _ = build_server(engine, loaded.truss.engine_builder, ())
+    with TestClient(app) as client:
+        yield client
+
+
+def _scripted_text(fake_trtllm: ModuleType, smollm2_dir: Path, text: str) -> None:
+    """The fake streams `text` as SmolLM2 token ids, one per step (the server detokenizes ids only)."""
+    import tokenizers
+
+    ids = tokenizers.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).encode(text).ids
+    update = fake_trtllm.Update
+    fake_trtllm.SCRIPT = lambda prompt_token_ids, sampling_params: [
+        [update(token_ids=[token_id], finish_reason="stop" if last else None)]
+        for last, token_id in ((position == len(ids) - 1, token_id) for position, token_id in enumerate(ids))
+    ]
+
+
+def _generate_calls(fake_trtllm: ModuleType, stack: str) -> list[Any]:
+    return fake_trtllm.calls("_TrtLLM.generate_async" if stack == "v1" else "LLM.generate_async")
 
 
 @pytest.fixture
@@ -145,3 +182,99 @@ def test_text_and_stop_strings_come_from_the_server_over_tensorrt_llm_ids(
     assert len(fake_trtllm.calls("RequestOutput.abort")) == 1  # no more tokens computed for it
     plain = server.post("/v1/chat/completions", json={**body, "stop": None})
     assert plain.json()["choices"][0]["message"]["content"] == "Hello!!!!!!"
+
+
+@pytest.mark.parametrize("stack", ["v1", "v2"])
+def test_json_response_formats_reach_tensorrt_llm_as_its_openai_server_sends_them(
+    tmp_path: Path, smollm2_dir: Path, fake_trtllm: ModuleType, monkeypatch: pytest.MonkeyPatch, stack: str
+) -> None:
+    """json_schema and json_object, as the server builds them (compact JSON), were refused on TensorRT-LLM (probe
+    AS #1); TensorRT-LLM compiles them with its own whitespace, which the reply may carry."""
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    with _served(tmp_path, stack) as client:
+        _scripted_text(fake_trtllm, smollm2_dir, '{ "a" : 1 }')
+        response_formats = [
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+            {"type": "json_object"},
+        ]
+        for response_format in response_formats:
+            body = {"model": "m", "messages": MESSAGES, "max_tokens": 20, "response_format": response_format}
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"a": 1}
+    guided = [call.kwargs["sampling_params"].guided_decoding for call in _generate_calls(fake_trtllm, stack)]
+    assert json.loads(guided[-2].json) == SCHEMA
+    assert guided[-1].json_object is True and guided[-1].json is None
+
+
+@pytest.mark.parametrize("stack", ["v1", "v2"])
+@pytest.mark.parametrize(
+    ("tool_choice", "reply"),
+    [
+        ("required", '[ {"name": "get", "arguments": { "q": "x" }} ]'),
+        ({"type": "function", "function": {"name": "get"}}, '{\n  "name": "get",\n  "arguments": {"q": "x"}\n}'),
+    ],
+    ids=["required", "named"],
+)
+def test_forced_tool_calls_are_served_with_tensorrt_llms_whitespace(
+    tmp_path: Path,
+    smollm2_dir: Path,
+    fake_trtllm: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    stack: str,
+    tool_choice: Any,
+    reply: str,
+) -> None:
+    """A forced tool call's schema goes to TensorRT-LLM (the 400 named `response_format` for a request that had
+    none, probe AS #1), and a call written with any whitespace is read as the call."""
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    with _served(tmp_path, stack) as client:
+        _scripted_text(fake_trtllm, smollm2_dir, reply)
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 40, "tools": TOOLS, "tool_choice": tool_choice}
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    calls = response.json()["choices"][0]["message"]["tool_calls"]
+    assert [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in calls] == [
+        ("get", {"q": "x"})
+    ]
+    schema = json.loads(_generate_calls(fake_trtllm, stack)[-1].kwargs["sampling_params"].guided_decoding.json)
+    assert "get" in json.dumps(schema)
+
+
+def test_greedy_n_above_one_is_a_400_before_the_stream_starts(server: TestClient, fake_trtllm: ModuleType) -> None:
+    """top_k=1 is greedy to TensorRT-LLM, which returns one sequence: the stream answered 200 and then an error
+    event naming best_of and a TensorRT-LLM environment variable (probe AS #2)."""
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 5, "n": 2, "temperature": 0.7, "top_k": 1}
+    submitted = len(fake_trtllm.calls("_TrtLLM.generate_async"))  # the warm-up's
+    for stream in (False, True):
+        with server.stream("POST", "/v1/chat/completions", json={**body, "stream": stream}) as response:
+            response.read()
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "n" and "top_k=1" in error["message"] and "best_of" not in error["message"]
+    assert len(fake_trtllm.calls("_TrtLLM.generate_async")) == submitted
+
+
+def test_llguidance_refuses_the_guides_it_cannot_honour(
+    tmp_path: Path, fake_trtllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2 with `patch_kwargs.guided_decoding_backend: llguidance` forwarded structural tags (it has none) and
+    xgrammar-EBNF grammars (it reads Lark) as 200s (probe AS #4): both are 400s naming response_format now."""
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    refused = [
+        {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}},
+        {"type": "grammar", "grammar": 'root ::= "yes" | "no"'},
+    ]
+    with _served(tmp_path, "v2", {"guided_decoding_backend": "llguidance"}) as client:
+        for response_format in refused:
+            body = {"model": "m", "messages": MESSAGES, "max_tokens": 5, "response_format": response_format}
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "response_format" and "llguidance" in error["message"]
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 5, "response_format": {"type": "json_object"}}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert fake_trtllm.calls("LLM")[-1].kwargs["guided_decoding_backend"] == "llguidance"
+    assert [call.kwargs["compile"] for call in fake_trtllm.calls("GrammarMatcherFactory.create")] == [
+        "grammar_from_json_schema"
+    ]

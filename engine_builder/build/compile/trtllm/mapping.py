@@ -22,6 +22,7 @@ from engine_builder.build.errors import BuildError
 from engine_builder.common.trtllm.specs import (
     BuildSpec,
     CalibSpec,
+    GuidedDecodingBackend,
     KvCacheSpec,
     LlmBackend,
     LlmSpec,
@@ -33,7 +34,7 @@ from engine_builder.common.trtllm.specs import (
 
 logger = logging.getLogger(__name__)
 
-GUIDED_DECODING_BACKEND = "xgrammar"
+GUIDED_DECODING_BACKEND = GuidedDecodingBackend.XGRAMMAR.value  # v2 may switch it with patch_kwargs
 
 # quantization_type -> (QuantAlgo for weights, QuantAlgo for the KV cache). Baseten documents fp4_kv as FP4
 # weights with an FP8 KV cache.
@@ -303,8 +304,20 @@ def _split_patch_kwargs(patch: dict[str, Any]) -> tuple[dict[str, Any], dict[str
                 )
             merged[key] = dict(value)
         else:
+            if key == "guided_decoding_backend":
+                _check_guided_decoding_backend(value)
             passed[key] = value
     return passed, merged
+
+
+def _check_guided_decoding_backend(value: Any) -> None:
+    """TensorRT-LLM takes xgrammar, llguidance or None (guided decoding off); anything else fails its LLM at serve
+    start, so it is refused here, at build."""
+    if value is not None and value not in {backend.value for backend in GuidedDecodingBackend}:
+        raise TrtLlmMappingError(
+            f"trt_llm.runtime.patch_kwargs.guided_decoding_backend: {value!r} is not a TensorRT-LLM guided decoding "
+            f"backend; use one of {', '.join(backend.value for backend in GuidedDecodingBackend)}"
+        )
 
 
 def _capacity_policy_name(value: Any) -> str:

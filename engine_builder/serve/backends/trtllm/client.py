@@ -54,10 +54,11 @@ class TrtLlmEngineDeadError(EngineUnavailableError):
 
 class TrtLlmEngineClient:
     def __init__(self, spec: LlmSpec, model_info: ModelInfo, *, warmup: bool = True) -> None:
-        # TensorRT-LLM's tokenizer makes no text here; only its xgrammar backend needs it (for the grammar's
+        # TensorRT-LLM's tokenizer makes no text here; only its guided-decoding backend needs it (for the grammar's
         # vocabulary, `_xgrammar_tokenizer_info(self.tokenizer)` in its LLM._build_model), and without a known
         # EOS id it supplies the end id.
-        needs_tokenizer = spec.guided_decoding_backend is not None or not model_info.eos_token_ids
+        guided_decoding_backend = spec.effective_guided_decoding_backend
+        needs_tokenizer = guided_decoding_backend is not None or not model_info.eos_token_ids
         self.spec = spec if needs_tokenizer else dataclasses.replace(spec, skip_tokenizer_init=True)
         self._model_info = model_info
         self._traits = EngineTraits(
@@ -66,6 +67,7 @@ class TrtLlmEngineClient:
             vocab_size=model_info.vocab_size,
             eos_token_ids=model_info.eos_token_ids,
             has_generation_logits=bool(spec.gather_generation_logits),
+            guided_decoding_backend=guided_decoding_backend,
         )
         self._warmup = warmup
         self._llm: Any = None
@@ -150,9 +152,12 @@ class TrtLlmEngineClient:
 
     # -- requests ----------------------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> PreparedRequest[TrtSampling]:
-        """Translate the request once (a guide this backend cannot map is a GuideError, any other field an
-        UnsupportedRequestError naming it); TensorRT-LLM compiles the guide itself at generation. Capacity is
-        TensorRT-LLM's own: it sizes its KV cache and refuses what cannot fit at submission (see `generate`)."""
+        """Translate the request once and build TensorRT-LLM's `SamplingParams` from it, so that every refusal, ours
+        or its `SamplingParams` validation, is a 400 before anything streams (a guide this backend cannot map is a
+        GuideError, any other field an UnsupportedRequestError naming it). TensorRT-LLM compiles the guide itself
+        at generation. Its submission checks (`generate_async`) run in `generate`: submitting here would leave a
+        request running for an answer the server never sends. The one of them the server's own limits do not
+        cover is repeated here (`_check_prompt_fits_one_step`); the rest is TensorRT-LLM's (KV-cache capacity)."""
         guide = request.sampling.guide
         if guide is not None:
             from engine_builder.serve.decoding.structured.errors import GuideError
@@ -160,35 +165,51 @@ class TrtLlmEngineClient:
             try:
                 guide_kwargs(guide, self._traits)
             except UnsupportedRequestError as error:
-                raise GuideError(str(error), param=error.param) from None
+                raise GuideError(str(error), param=error.param or guide.param) from None
         sampling = to_trtllm(request.sampling, self._traits)
         if request.sampling.presence_penalty or request.sampling.frequency_penalty:
             # TensorRT-LLM counts prompt tokens for these two unless told to skip them; the torch engine (as vLLM)
             # counts the output only.
             sampling.kwargs["prompt_ignore_length"] = len(request.prompt_token_ids)
+        self._check_prompt_fits_one_step(len(request.prompt_token_ids))
+        try:
+            sampling.sampling_params = adapter.sampling_params(sampling.kwargs, sampling.guide)
+        except ValueError as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
+            raise UnsupportedRequestError(
+                f"TensorRT-LLM refused the sampling parameters: {error}", param=None
+            ) from error
         return PreparedRequest(request, sampling)
+
+    def _check_prompt_fits_one_step(self, num_prompt_tokens: int) -> None:
+        """TensorRT-LLM's PyTorch backend refuses, at submission, a prompt longer than max_num_tokens when chunked
+        prefill is off (`BaseLLM._check_arguments`); the server's context-length check does not cover that."""
+        limit = self.spec.max_num_tokens
+        if self.spec.backend != LlmBackend.PYTORCH or self.spec.enable_chunked_prefill or limit is None:
+            return
+        if num_prompt_tokens > limit:
+            raise UnsupportedRequestError(
+                f"the prompt has {num_prompt_tokens} tokens, more than max_num_tokens {limit}, the most TensorRT-LLM "
+                "takes in one step with chunked prefill off; shorten the prompt, or rebuild with "
+                "trt_llm.runtime.enable_chunked_prefill: true or a larger max_num_tokens",
+                param=None,
+                code="request_too_large",
+            )
 
     async def generate(self, prepared: PreparedRequest[TrtSampling]) -> AsyncGenerator[GenerationDelta, None]:
         llm = self._running_llm()
         request, sampling = prepared.request, prepared.compiled
         try:
-            params = adapter.sampling_params(sampling.kwargs, sampling.guide)
-        except ValueError as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
-            raise UnsupportedRequestError(
-                f"TensorRT-LLM refused the sampling parameters: {error}", param="sampling"
-            ) from error
-        try:
             result = llm.generate_async(
-                list(request.prompt_token_ids), sampling_params=params, streaming=True
+                list(request.prompt_token_ids), sampling_params=sampling.sampling_params, streaming=True
             )
         except ValueError as error:
             raise UnsupportedRequestError(
-                f"TensorRT-LLM refused the request: {error}", param="request"
+                f"TensorRT-LLM refused the request: {error}", param=None
             ) from error
         except RuntimeError as error:
-            if _is_request_error(error):  # one request refused (e.g. a prompt over max_num_tokens): a 400
+            if _is_request_error(error):  # one request refused (the worker wraps every enqueue error): a 400
                 raise UnsupportedRequestError(
-                    f"TensorRT-LLM refused the request: {error}", param="request"
+                    f"TensorRT-LLM refused the request: {error}", param=None
                 ) from error
             self._dead = error  # "LLM is shutting down", or the executor died
             raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error

@@ -10,8 +10,9 @@ the returned ids (`include_stop_str_in_output=True`) as the torch engine returns
 TensorRT-LLM 1.2's PyTorch backend (v2) samples with TorchSampler, which reads only temperature, top_p and top_k and
 applies only `embedding_bias` and a `min_tokens` that counts the prompt: penalties, min_p, a seed, min_tokens and
 sampled logprobs are refused there by name, and bans go as `-inf` entries of `embedding_bias` instead of
-`bad_token_ids`. Verified only against the fake `tensorrt_llm` in tests/fakes and TensorRT-LLM's source, never
-against a real install.
+`bad_token_ids`. Guides go to `GuidedDecodingParams` as TensorRT-LLM's own OpenAI server sends them, compiled by
+the guided-decoding backend the `LLM` was given (see `guide_kwargs`). Verified only against the fake `tensorrt_llm`
+in tests/fakes and TensorRT-LLM's source, never against a real install.
 """
 
 import dataclasses
@@ -21,15 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_builder.common.trtllm.specs import GuidedDecodingBackend
 from engine_builder.common.types import Guide, GuideKind, SamplingParams
 
 
 class UnsupportedRequestError(ValueError):
-    """The request asks for something the TensorRT-LLM backend cannot do; the server answers 400."""
+    """The request asks for something the TensorRT-LLM backend cannot do; the server answers 400 with `param`
+    (None where no single request field is at fault) and `code`."""
 
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str | None, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class EngineTraits:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     has_generation_logits: bool = False  # a v1 engine built and loaded with gather_generation_logits
+    guided_decoding_backend: str | None = GuidedDecodingBackend.XGRAMMAR.value  # the LLM's; None: guided decoding off
 
 
 @dataclass
@@ -51,6 +56,7 @@ class TrtSampling:
     guide: dict[str, Any] | None = None
     report_logprobs: int | None = None  # top alternatives per token to report; 0 = only the chosen token
     added_stop_token_ids: frozenset[int] = frozenset()  # EOS ids we added; a stop on them is a plain EOS
+    sampling_params: Any = None  # TensorRT-LLM's SamplingParams, built from `kwargs` and `guide` at admission
 
 
 Mapper = Callable[[SamplingParams, EngineTraits, TrtSampling], None]
@@ -68,6 +74,19 @@ GUIDE_KEYS: dict[GuideKind, str] = {
     GuideKind.REGEX: "regex",
     GuideKind.GRAMMAR: "grammar",
     GuideKind.STRUCTURAL_TAG: "structural_tag",
+}
+# What each guided-decoding backend of TensorRT-LLM's PyTorch executor cannot honour (its GrammarMatcherFactory
+# classes, _torch/pyexecutor/grammar_matcher.py), and why. llguidance has no structural tags, and reads `grammar` as
+# Lark, while our grammar guides are xgrammar's EBNF (as on the torch engine).
+GUIDES_NOT_HONOURED: dict[str, dict[GuideKind, str]] = {
+    GuidedDecodingBackend.XGRAMMAR.value: {},
+    GuidedDecodingBackend.LLGUIDANCE.value: {
+        GuideKind.STRUCTURAL_TAG: "TensorRT-LLM's llguidance backend has no structural tags",
+        GuideKind.GRAMMAR: (
+            "TensorRT-LLM's llguidance backend reads a grammar as Lark, not the EBNF (xgrammar's) this server's "
+            "grammar guides are written in"
+        ),
+    },
 }
 
 
@@ -152,10 +171,14 @@ def _top_p(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> No
 
 
 def _n(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
-    if params.n > 1 and params.temperature == 0.0:
+    # TensorRT-LLM's SamplingParams refuses several returns of a greedy request, greedy being top_k == 1, top_p == 0,
+    # temperature == 0 or none of the three set (`params_imply_greedy_decoding`). Our top_p is never 0 and
+    # temperature or top_k is always passed, so that is `is_greedy` here.
+    if params.n > 1 and params.is_greedy:
+        chosen = "temperature=0" if params.temperature == 0.0 else "top_k=1"
         raise UnsupportedRequestError(
-            "n > 1 with temperature 0: TensorRT-LLM's LLM API returns a single greedy sequence; "
-            "set n to 1 or sample with temperature > 0",
+            f"n={params.n} with {chosen}: TensorRT-LLM's LLM API returns a single sequence for a greedy request "
+            "(temperature 0 or top_k 1); set n to 1, or sample with temperature > 0 and top_k unset or above 1",
             param="n",
         )
     out.kwargs["n"] = params.n
@@ -244,7 +267,13 @@ def _prompt_logprobs(params: SamplingParams, traits: EngineTraits, out: TrtSampl
 
 
 def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
-    """`GuidedDecodingParams` keyword arguments for one guide, or UnsupportedRequestError."""
+    """`GuidedDecodingParams` keyword arguments for one guide, or UnsupportedRequestError naming the guide's field.
+
+    `GuidedDecodingParams` has no whitespace setting: TensorRT-LLM compiles a JSON schema with its backend's defaults
+    (xgrammar's `compile_json_schema(schema)`: any whitespace between tokens), and `json_object` with xgrammar's
+    built-in JSON grammar, which also admits a top-level array. So the server's compact-JSON guides
+    (`any_whitespace=False`) are sent as TensorRT-LLM's OpenAI server sends them: the reply matches the schema, its
+    whitespace is TensorRT-LLM's."""
     if guide.kind == GuideKind.TOOL_CALLS:
         raise UnsupportedRequestError(
             "`strict` tools with tool_choice auto, and gpt-oss's forced tool calls, are not enforced on TensorRT-LLM "
@@ -252,23 +281,33 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
             "or remove `strict`",
             param="tools",
         )
-    if not guide.any_whitespace:
-        raise UnsupportedRequestError(
-            "TensorRT-LLM's GuidedDecodingParams has no whitespace setting; compact-whitespace guides are "
-            "not mapped",
-            param="response_format",
-        )
     if guide.after_reasoning is not None:
         raise UnsupportedRequestError(
             "TensorRT-LLM applies a guide from the first token, which would constrain this model's reasoning; "
             'a guide needs thinking switched off for the request (Qwen3: chat_template_kwargs {"enable_thinking": '
             'false}), or the torch backend for models that always reason (DeepSeek-R1, gpt-oss)',
-            param="response_format",
+            param=guide.param,
+        )
+    backend = traits.guided_decoding_backend
+    if backend is None:
+        raise UnsupportedRequestError(
+            f"{guide.param} needs guided decoding, which this TensorRT-LLM server runs without (its LLM has no "
+            "guided_decoding_backend: trt_llm.runtime.patch_kwargs.guided_decoding_backend is null); remove "
+            f"{guide.param}, or rebuild without that patch_kwargs key",
+            param=guide.param,
         )
     if guide.kind == GuideKind.STRUCTURAL_TAG and not traits.is_pytorch_backend:
         raise UnsupportedRequestError(
             "structural_tag guides need TensorRT-LLM's PyTorch backend (inference_stack: v2)",
-            param="response_format",
+            param=guide.param,
+        )
+    reason = GUIDES_NOT_HONOURED.get(backend, {}).get(guide.kind)
+    if reason is not None:
+        raise UnsupportedRequestError(
+            f"{guide.kind.value} guides are not served with guided_decoding_backend {backend}: {reason}. Use a "
+            "json_schema, json_object or regex response_format, or rebuild without "
+            "trt_llm.runtime.patch_kwargs.guided_decoding_backend (xgrammar serves them)",
+            param=guide.param,
         )
     key = GUIDE_KEYS[guide.kind]
     return {key: True} if guide.kind == GuideKind.JSON_OBJECT else {key: guide.spec}

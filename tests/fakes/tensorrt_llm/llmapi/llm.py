@@ -16,6 +16,7 @@ from tensorrt_llm import _fake
 from tensorrt_llm._fake_config import FakeConfig, FakeValidationError
 from tensorrt_llm.builder import BuildConfig, build_time_limits
 from tensorrt_llm.executor import CompletionOutput, RequestError
+from tensorrt_llm.llmapi._grammar_matchers import create_matcher
 from tensorrt_llm.llmapi._request_checks import (
     check_pytorch_arguments,
     check_tensorrt_arguments,
@@ -245,12 +246,18 @@ class _BaseLLM:
             {"inputs": inputs, "sampling_params": params, "streaming": streaming},
         )
         self._next_request_id += 1
-        steps = _fake.SCRIPT(prompt_token_ids, params)
+        failure = self._create_grammar_matcher(params)
+        steps = [failure] if failure is not None else _fake.SCRIPT(prompt_token_ids, params)
         detokenized = params.detokenize and self._has_tokenizer
         return RequestOutput(self._next_request_id, prompt_token_ids, params, steps, detokenized)
 
     def _note_ignored_fields(self, params: SamplingParams) -> None:
         """Where the real sampler accepts a field and does nothing with it, the fake records that (nothing fails)."""
+
+    def _create_grammar_matcher(self, params: SamplingParams) -> BaseException | None:
+        """The executor's matcher for a guided request; a guide its backend cannot compile fails that request (how
+        the real executor reports it was not read: the fake fails the request's stream with a RequestError)."""
+        return None
 
     def shutdown(self) -> None:
         _fake.record(f"{self.RECORD_NAME}.shutdown", {})
@@ -301,6 +308,15 @@ class LLM(_BaseLLM):
     def _check_request(self, prompt_len: int, params: SamplingParams) -> None:
         check_pytorch_arguments(self.args, prompt_len)
         deduce_max_tokens(self._max_seq_len(), prompt_len, params.max_tokens)
+
+    def _create_grammar_matcher(self, params: SamplingParams) -> BaseException | None:
+        if params.guided_decoding is None:
+            return None
+        try:
+            create_matcher(self.args["guided_decoding_backend"], params.guided_decoding)
+        except ValueError as error:
+            return RequestError(str(error))
+        return None
 
     def _note_ignored_fields(self, params: SamplingParams) -> None:
         """Records `TorchSampler.ignored` with the fields TorchSampler would drop (only when some are set)."""
