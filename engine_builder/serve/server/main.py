@@ -82,7 +82,7 @@ def longest_shutdown_s(drain_timeout_s: float) -> float:
     """The longest a SIGTERM takes to stop a serving process: the drain, an encoder request's grace past it, and
     uvicorn's wait for the last answers (deploy/'s terminationGracePeriodSeconds must outlast it). Plus, on an
     encoder, the end of the batch in the model then (a forward pass is not interrupted; a large CPU batch on one
-    thread takes seconds: probe AG), which deploy/'s 60 s against the default 13 + 30 s leaves room for."""
+    thread takes seconds: probe AG), which deploy/'s 60 s grace leaves room for after the default 40 s."""
     return drain_timeout_s + 2 * ANSWER_GRACE_S
 
 
