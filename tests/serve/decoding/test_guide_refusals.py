@@ -139,6 +139,13 @@ def test_a_compile_past_the_compile_limit_is_stopped_with_its_process(smollm2_di
         assert asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, "after-[0-9]"))) is not None
         live = [w.pid for w in compiler._workers if w.pid is not None]  # the compile thread that ran it, either one
         assert live and first_pid not in live and all(_alive(pid) for pid in live)
+        # a retry of the slow guide is refused at once, as before: it cost the whole limit and a worker each time
+        began = time.monotonic()
+        with pytest.raises(GuideError) as again:
+            asyncio.run(compiler.compile_async(Guide(GuideKind.REGEX, SLOW, param="response_format"), timeout_s=60))
+        assert time.monotonic() - began < 0.3 and str(again.value) == str(refused.value)
+        assert type(again.value) is type(refused.value) and again.value.param == "response_format"
+        assert all(_alive(pid) for pid in live)
     finally:
         compiler.close()
 

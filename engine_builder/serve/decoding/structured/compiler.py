@@ -53,6 +53,10 @@ class GrammarCompiler:
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
+        # guides the compile itself refused (too slow at the compile limit, a crash, not enforceable): the refusal
+        # again at once. A schema stopped at the limit cost a compile slot for the whole limit, and a worker's kill
+        # and respawn, on every retry of it (probe AF). (class, message, param), to raise a fresh error each time.
+        self._refused: OrderedDict[tuple[str, str, bool], tuple[type[GuideError], str, str]] = OrderedDict()
         # one compile per key, however many requests wait: (set once the compile has a worker, its result)
         self._compiling: dict[tuple[str, str, bool], tuple[Future[None], Future[Any]]] = {}
         self._waiters: dict[tuple[str, str, bool], int] = {}  # requests waiting on each compile
@@ -81,6 +85,11 @@ class GrammarCompiler:
             if cached is not None:
                 self.num_reused += 1
                 return cached
+            refused = self._refused.get(key)
+            if refused is not None:
+                self._refused.move_to_end(key)
+                kind, message, param = refused
+                raise kind(message, param)
             compiling = self._compiling.get(key)
             if compiling is None:
                 begun: Future[None] = Future()
@@ -143,7 +152,18 @@ class GrammarCompiler:
 
     def _compile_isolated(self, guide: Guide, begun: "Future[None]") -> Any:
         """`compile` in this compile thread's worker process, stopped past `compile_limit_s`; in this thread when
-        no worker process can start. Sets `begun` when the compile starts (or is answered without one)."""
+        no worker process can start. Sets `begun` when the compile starts (or is answered without one). A refusal
+        is remembered for the guide's next requests."""
+        try:
+            return self._compile_in_worker(guide, begun)
+        except GuideError as error:
+            with self._lock:
+                self._refused[_key(guide)] = (type(error), str(error), error.param)
+                while len(self._refused) > CACHE_SIZE:
+                    self._refused.popitem(last=False)
+            raise
+
+    def _compile_in_worker(self, guide: Guide, begun: "Future[None]") -> Any:
         try:
             cached = self._lookup(guide)
             if cached is not None:
