@@ -1,5 +1,8 @@
 """EngineConfig from an engine directory's runtime section and the serving options."""
 
+import json
+from pathlib import Path
+
 from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
 from engine_builder.engine.config import AdapterSpec, EngineConfig, LookaheadConfig, SchedulerPolicy
@@ -17,7 +20,20 @@ def served_dtype(engine: EngineDir, options: EngineOptions) -> str:
     manifest = engine.manifest
     if manifest.quantization != "no_quant" and _serves_on_cpu(options.device):
         return "float32"
-    return "float16" if manifest.dtype == "float16" else "bfloat16"
+    float16 = manifest.dtype == "float16" or _checkpoint_dtype(engine.model_dir) == "float16"
+    return "float16" if float16 else "bfloat16"
+
+
+def _checkpoint_dtype(model_dir: Path) -> str | None:
+    """config.json's dtype (`torch_dtype` before transformers 4.56). The manifest's dtype is the build's option,
+    `auto` by default: a float16 checkpoint was served in bfloat16, and a quantized one gated in float16 on a GPU
+    (probe AT)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return str(value) if value is not None else None
 
 
 def _serves_on_cpu(device: str) -> bool:
