@@ -164,6 +164,10 @@ def _record_options(engine: EngineDir, options: EngineOptions, loaded: LoadedCon
     recorded = options.model_dump(mode="json")
     served_name = loaded.trt_llm.runtime.served_model_name or loaded.truss.model_name
     manifest = engine.manifest
+    if loaded.trt_llm.build.lora_adapters:
+        from engine_builder.build.lora_adapters import check_adapter_names
+
+        check_adapter_names(loaded, served_name or manifest.architecture)
     changed = manifest.runtime.options != recorded or manifest.served_model_name != served_name
     manifest.runtime.options = recorded
     manifest.served_model_name = served_name

@@ -44,6 +44,21 @@ class FetchedAdapter:
     lora: PeftLora
 
 
+def check_adapter_names(loaded: LoadedConfig, served_name: str) -> None:
+    """Refuse an adapter name that cannot name its folder, or that is the base model's served name (requests for
+    the base by its own name would reach the adapter). Run by every build, a reused one too: a reuse takes a new
+    `model_name`, which could name an adapter (probe AT)."""
+    for name in sorted(loaded.trt_llm.build.lora_adapters or {}):
+        field = f"trt_llm.build.lora_adapters.{name}"
+        if name in (".", ".."):
+            raise BuildError(f"{field}: {name!r} cannot name the adapter's folder; pick a name with a letter or digit")
+        if name == served_name:
+            raise BuildError(
+                f"{field}: the adapter has the served model name {name!r}, so the base model could not be asked "
+                "for by its own name; rename the adapter"
+            )
+
+
 def fetch_lora_adapters(
     loaded: LoadedConfig, model_dir: Path, *, cache_dir: Path, secrets: Secrets
 ) -> list[FetchedAdapter]:
@@ -58,16 +73,10 @@ def fetch_lora_adapters(
         or loaded.truss.model_name
         or _architecture(model_dir)
     )
+    check_adapter_names(loaded, served_name)
     adapters = []
     for name, repository in sorted((build.lora_adapters or {}).items()):
         field = f"trt_llm.build.lora_adapters.{name}"
-        if name in (".", ".."):
-            raise BuildError(f"{field}: {name!r} cannot name the adapter's folder; pick a name with a letter or digit")
-        if name == served_name:
-            raise BuildError(
-                f"{field}: the adapter has the served model name {name!r}, so the base model could not be asked "
-                "for by its own name; rename the adapter"
-            )
         where = f"{field} ({repository.source.value} {public_repo(repository)})"
         logger.info("fetching LoRA adapter %s", where)
         try:

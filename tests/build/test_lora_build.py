@@ -430,3 +430,18 @@ def test_initialization_choices_and_plain_flags_are_not_variants(tmp_path: Path,
     base = BaseModelShapes(num_hidden_layers=30, features=SMOLLM2_FEATURES)
     adapter = read_peft_lora(simple_adapter(tmp_path / "adapter", **config), base, max_rank=16)
     assert adapter.rank == 8
+
+
+def test_a_reused_engine_refuses_a_model_name_that_is_an_adapters(tmp_path: Path, smollm2_dir: Path) -> None:
+    """A reuse takes the config's new model_name as the served name: renamed to an adapter's name, the base model
+    could no longer be asked for by name (probe AT). Refused as a fresh build refuses it; the engine is unchanged."""
+    config = lora_config(tmp_path, smollm2_dir, {"tuned": local(simple_adapter(tmp_path / "adapter"))})
+    document = yaml.safe_load(config.read_text())
+    document["trt_llm"]["runtime"].pop("served_model_name", None)
+    config.write_text(yaml.safe_dump(document))
+    assert not build(config, tmp_path / "engine").reused
+    before = (tmp_path / "engine" / "manifest.json").read_text()
+    config.write_text(yaml.safe_dump({**document, "model_name": "tuned"}))
+    with pytest.raises(BuildError, match=r"has the served model name 'tuned'"):
+        build(config, tmp_path / "engine")
+    assert (tmp_path / "engine" / "manifest.json").read_text() == before
