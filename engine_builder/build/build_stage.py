@@ -285,6 +285,11 @@ def _build_engine_locked(
         )
         quantization_build = quantization_identity(loaded, options)
         if quantization_build:
+            # the quantizer that ran: `auto` falls back from modelopt to ours when modelopt cannot run, and the
+            # manifest said modelopt while the calibration report named ours (probe AT)
+            for key in ("quantizer", "quantizer_fallback_reason"):
+                if key in quantization_summary:
+                    quantization_build[key] = quantization_summary[key]
             manifest.extra["quantization_build"] = quantization_build
         if dummy:
             manifest.extra["load_format"] = "dummy"
@@ -306,13 +311,16 @@ def _quantize_keeping_a_failed_report(
     user tunes the thresholds from) is kept beside the output folder, and the error names it."""
     from engine_builder.build.calibration.pipeline import QuantizationGateError, quantize_checkpoint
 
+    kept = output.parent / f"{output.name}.calibration_report.json"
     try:
-        return quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
+        summary = quantize_checkpoint(loaded, fetched.path, staging, backend=backend, options=options)
     except QuantizationGateError as error:
-        kept = output.parent / f"{output.name}.calibration_report.json"
         write_atomic(kept, error.report)
         error.args = (f"{error.args[0]}. The full report: {kept}",)
         raise
+    # a failed attempt's report said `passed: false` beside the engine a later build passed (probe AT)
+    kept.unlink(missing_ok=True)
+    return summary
 
 
 def _readable_as_umask_allows(root: Path) -> None:

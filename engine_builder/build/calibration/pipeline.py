@@ -186,7 +186,10 @@ def _quantize_checkpoint(
         )
     if breached:
         logger.warning("accuracy gate is off; breached: %s", "; ".join(breached))
-    return {"quantization": recipe.name, "kv_cache_dtype": recipe.kv_cache_dtype}
+    summary = {"quantization": recipe.name, "kv_cache_dtype": recipe.kv_cache_dtype, "quantizer": run.quantizer}
+    if "fallback_reason" in run.details:
+        summary["quantizer_fallback_reason"] = str(run.details["fallback_reason"])
+    return summary
 
 
 def _quantize(

@@ -159,3 +159,27 @@ def test_calibration_runs_on_the_options_threads_and_gives_the_callers_back(
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_manifest_names_the_quantizer_that_ran_when_auto_falls_back_and_a_stale_report_goes(
+    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quantizer: auto` falls back to ours when modelopt cannot run the model: the calibration report said so, the
+    manifest still named modelopt (probe AT)."""
+    from engine_builder.build.calibration import modelopt_quantizer
+    from engine_builder.build.calibration.quantizers import ModeloptUnavailableError
+
+    def refuse(*args: object) -> None:
+        raise ModeloptUnavailableError("transformers cannot build it for modelopt (simulated)")
+
+    monkeypatch.setattr(modelopt_quantizer, "load_hf_model", refuse)
+    # and a failed attempt's report, kept beside the output, goes once a build of it passes (it stayed, saying
+    # `passed: false` beside an engine whose own report passed: probe AT)
+    stale = tmp_path / "engine-fp8.calibration_report.json"
+    stale.write_text(json.dumps({"gate": {"passed": False}}))
+    code, output = _build(tmp_path, smollm2_dir, "fp8", "builtin", "--quantizer", "auto")
+    assert code == 0 and not stale.exists()
+    recorded = load_engine_dir(output).manifest.extra["quantization_build"]
+    report = json.loads((output / CALIBRATION_REPORT).read_text())
+    assert recorded["quantizer"] == report["quantizer"]["name"] == "engine_builder"
+    assert "simulated" in recorded["quantizer_fallback_reason"]
