@@ -47,3 +47,13 @@ def test_bucket_for_prefers_the_smallest_captured_bucket():
     assert runner.bucket_for(3) is None  # nothing captured yet
     runner._graphs = {bucket: (lambda: None, torch.zeros(bucket, 1)) for bucket in (1, 2, 4, 8)}
     assert [runner.bucket_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+
+
+def test_a_step_of_more_sequences_than_the_buffers_hold_is_refused_by_name_before_any_write() -> None:
+    """The check ran after the loops that fill the rows, so numpy's IndexError came first (probe AW)."""
+    import pytest
+
+    buffers = TritonStepBuffers(64, 2, 4, 4, torch.device("cpu"), 16, 2)
+    items = [_decoding(index, 3, [index + 1]) for index in range(3)]
+    with pytest.raises(ValueError, match="a step of 3 sequences exceeds the 2 the step buffers hold"):
+        buffers.build(flatten(items, 4), items)

@@ -182,3 +182,17 @@ def test_decode_splits():
     assert decode_splits(1, 8, 256, 264) == 2  # short contexts are not cut into tiny pieces
     assert decode_splits(64, 8, 4096, 264) == 1  # a full batch already fills the GPU
     assert decode_splits(1, 1, 1 << 20, 10_000) == 64  # at most MAX_SPLITS
+
+
+def test_no_step_varying_argument_specializes_a_kernel() -> None:
+    """Triton compiles a variant per value class (1, a multiple of 16, other) of each integer it specializes on.
+    What varies from step to step must not be among them, or a GPU compiles kernels mid-serving, stalling every
+    stream: lookahead's masked rows pass a slot table as wide as the context, so its row stride did (probe AW)."""
+    from engine_builder.engine.kernels.triton import attention
+
+    step_varying = {"window", "block_table_ptr", "seq_len_ptr", "k_scale_ptr", "v_scale_ptr", "stride_table_row"}
+    for kernel, extra in ((attention._decode_kernel, {"num_splits"}), (attention._extend_kernel, {"query_start_ptr"})):
+        # a JITFunction on a GPU, the interpreter's wrapper (which keeps the decorator's arguments) here
+        listed = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+        unspecialized = {entry if isinstance(entry, str) else kernel.arg_names[entry] for entry in listed}
+        assert step_varying | extra <= unspecialized, kernel.fn.__name__

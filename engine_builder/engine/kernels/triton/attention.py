@@ -36,7 +36,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 # Lengths and windows change from step to step, and the metadata tensors are views at varying offsets into the
 # step buffers: no specialization on those values or alignments (each new one would compile a kernel mid-serving).
-@triton.jit(do_not_specialize=["window", "num_splits", "block_table_ptr", "seq_len_ptr", "k_scale_ptr", "v_scale_ptr"])
+# The block table's row stride too: lookahead's masked rows pass a slot table as wide as the context, so a width
+# that is a multiple of 16 and one that is not compiled two variants, the second mid-serving (probe AW).
+@triton.jit(
+    do_not_specialize=[
+        "window", "num_splits", "block_table_ptr", "seq_len_ptr", "k_scale_ptr", "v_scale_ptr", "stride_table_row"
+    ]
+)
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
@@ -196,7 +202,9 @@ def paged_decode_attention(
 
 
 @triton.jit(
-    do_not_specialize=["window", "block_table_ptr", "seq_len_ptr", "query_start_ptr", "k_scale_ptr", "v_scale_ptr"]
+    do_not_specialize=[
+        "window", "block_table_ptr", "seq_len_ptr", "query_start_ptr", "k_scale_ptr", "v_scale_ptr", "stride_table_row"
+    ]
 )
 def _extend_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_len_ptr, query_start_ptr,

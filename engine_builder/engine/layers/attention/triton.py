@@ -181,6 +181,10 @@ class TritonStepBuffers:
         num_tokens = max(num_rows, pad_to or 0)
         if num_tokens > self.max_tokens:
             raise ValueError(f"a step of {num_tokens} rows exceeds the {self.max_tokens} the step buffers hold")
+        padded = pad_to is not None and pad_to > num_rows
+        total_seqs = (pad_to if padded and pad_to is not None else num_decodes) + len(rows.extends)
+        if total_seqs > self.max_seqs:  # checked before any row is written (numpy's IndexError said less)
+            raise ValueError(f"a step of {total_seqs} sequences exceeds the {self.max_seqs} the step buffers hold")
         self._input_ids[:num_rows] = rows.input_ids
         self._positions[:num_rows] = rows.positions
         self._slot_mapping[:num_rows] = rows.slot_mapping
@@ -196,7 +200,7 @@ class TritonStepBuffers:
             lengths[row] = length
             max_context = max(max_context, length)
         num_seqs = num_decodes
-        if pad_to is not None and pad_to > num_rows:
+        if padded and pad_to is not None:
             self._input_ids[num_rows:pad_to] = 0
             self._positions[num_rows:pad_to] = 0
             self._slot_mapping[num_rows:pad_to] = PADDING_SLOT
@@ -218,10 +222,6 @@ class TritonStepBuffers:
             extend_rows += item.num_new_tokens
             max_extend = max(max_extend, item.num_new_tokens)
             starts[num_seqs + offset + 1] = extend_rows
-        num_extends = len(rows.extends)
-        total_seqs = num_seqs + num_extends
-        if total_seqs > self.max_seqs:
-            raise ValueError(f"a step of {total_seqs} sequences exceeds the {self.max_seqs} the step buffers hold")
         copied = num_tokens
         if pad_slots_to is not None and pad_slots_to > num_tokens:
             if pad_slots_to > self.max_tokens:
