@@ -44,7 +44,7 @@ class FetchedAdapter:
     lora: PeftLora
 
 
-def check_adapter_names(loaded: LoadedConfig, served_name: str) -> None:
+def check_adapter_names(loaded: LoadedConfig, served_name: str | None) -> None:
     """Refuse an adapter name that cannot name its folder, or that is the base model's served name (requests for
     the base by its own name would reach the adapter). Run by every build, a reused one too: a reuse takes a new
     `model_name`, which could name an adapter (probe AT)."""
