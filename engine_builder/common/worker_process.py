@@ -109,7 +109,7 @@ class WorkerProcess:
         return ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
+            initializer=exit_with_parent,
             initargs=(os.getpid(),),
         )
 
@@ -129,7 +129,7 @@ def _started(start: Callable[..., Any] | None, args: tuple[Any, ...]) -> bool:
     return True
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     """Runs in the worker as it starts: once the server is gone (killed outright, so `close` never ran, and this
     process re-parented), exit too rather than linger as an orphan."""
 

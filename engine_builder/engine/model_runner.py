@@ -322,6 +322,8 @@ class ModelRunner:
             budget = int(free * config.kv_cache_fraction)
         else:
             budget = int(config.kv_cache_memory_bytes * config.kv_cache_fraction)
+            if self.tp is not None:  # the ranks share the host's memory: the budget is all ranks' (probe AV)
+                budget //= self.tp.world_size
         blocks = budget // self._bytes_per_block(kv_dtype)
         scratch = -(-config.lookahead_scratch_tokens // self.block_size)
         # Never more than the scheduler could ever fill: every sequence at full length (and its drafts).

@@ -13,8 +13,10 @@ one tensor payload (a step's ids, positions and attention metadata in one int64 
 slots to copy). Nothing is pickled per step.
 """
 
+import atexit
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from engine_builder.common.worker_process import exit_with_parent
 
 if TYPE_CHECKING:
     from engine_builder.engine.config import EngineConfig
@@ -296,9 +300,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(config: "EngineConfig", rank: int, store_path: str, log_level: int) -> None:
-    """Entry point of a spawned rank: join the group, load this rank's shard, serve commands until told to stop."""
+def worker_main(config: "EngineConfig", rank: int, store_path: str, log_level: int, parent_pid: int) -> None:
+    """Entry point of a spawned rank: join the group, load this rank's shard, serve commands until told to stop.
+
+    It exits with rank 0 however rank 0 ends: the kernel's SIGKILL when the thread that spawned it exits
+    (PR_SET_PDEATHSIG), and a watch on its parent for the rest. PDEATHSIG alone missed a rank 0 killed while this
+    process was still importing torch (before it could ask): re-parented, the rank waited in the rendezvous for ever,
+    ignoring SIGTERM (probe AV)."""
     _die_with_parent()
+    exit_with_parent(parent_pid)  # also exits at once if rank 0 is already gone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -328,7 +338,7 @@ class WorkerGroup:
         self.processes = [
             context.Process(
                 target=worker_main,
-                args=(config, rank, str(self.store_path), logging.getLogger().getEffectiveLevel()),
+                args=(config, rank, str(self.store_path), logging.getLogger().getEffectiveLevel(), os.getpid()),
                 name=f"engine-tp-rank{rank}",
                 daemon=True,
             )
@@ -339,6 +349,12 @@ class WorkerGroup:
         self._stopping = threading.Event()
         for process in self.processes:
             process.start()
+        # Ranks ignore SIGTERM (rank 0 decides when they stop), and at the interpreter's exit multiprocessing
+        # SIGTERMs its daemonic children and joins them without a timeout: an engine never closed (an in-process
+        # user, an uncaught exception) hung the exit for ever (probe AV). Registered after multiprocessing's hook,
+        # this one runs first and kills them.
+        self._kill_at_exit = functools.partial(_kill_processes, self.processes)
+        atexit.register(self._kill_at_exit)
         logger.info("tensor parallelism: %d ranks (pids %s)", self.world_size, [p.pid for p in self.processes])
         self._monitor = threading.Thread(target=self._watch, name="engine-tp-monitor", daemon=True)
         self._monitor.start()
@@ -413,6 +429,7 @@ class WorkerGroup:
     def join(self, timeout_s: float = 10.0) -> None:
         """After the stop command: wait for the ranks, kill what does not exit."""
         self._stopping.set()
+        atexit.unregister(self._kill_at_exit)
         with self._lock:
             for process in self.processes:
                 process.join(timeout_s)
@@ -426,6 +443,7 @@ class WorkerGroup:
         """Kill the ranks, after `grace_s` for them to exit on their own (one reporting its own error at a failed
         start, which a kill would cut short)."""
         self._stopping.set()
+        atexit.unregister(self._kill_at_exit)
         with self._lock:
             deadline = time.monotonic() + grace_s
             for process in self.processes:
@@ -436,6 +454,14 @@ class WorkerGroup:
             for process in self.processes:
                 process.join(5)
         self._dir.cleanup()
+
+
+def _kill_processes(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(5)
 
 
 def _collective_failure(error: Exception, timeout_s: float) -> str:

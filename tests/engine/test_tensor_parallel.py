@@ -240,6 +240,22 @@ def test_two_ranks_serve_fp8_weights_and_kv(smollm2_dir: Path) -> None:
     assert all(len(tokens) == 12 or tokens[-1] in SMOLLM2_EOS for tokens in two)
 
 
+def test_on_the_cpu_the_kv_budget_covers_every_ranks_pool(smollm2_dir: Path) -> None:
+    """The ranks share the host's memory: each took the whole kv_cache_memory_bytes, the pools together 1.5-2x the
+    budget, and the engine admitted that many more tokens than one rank with the same config (probe AV)."""
+    from engine_builder.engine.kv_cache import PagedKVCache
+
+    budget = 16 * 2**20
+    engine = _engine(smollm2_dir, 2, max_seq_len=128, max_batch_size=4, kv_cache_memory_bytes=budget)
+    try:
+        runner = engine.runner
+        spec = runner.model.spec
+        every_head = PagedKVCache.bytes_per_block(spec.num_layers, runner.block_size, 3, spec.head_dim, torch.float32)
+        assert 0 < runner.num_blocks * every_head <= budget * engine.config.kv_cache_fraction
+    finally:
+        engine.close()
+
+
 def test_a_dead_rank_fails_the_engine_and_close_returns(smollm2_dir: Path) -> None:
     engine = _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
     workers = engine.runner.workers
@@ -331,6 +347,9 @@ def _exit_before_joining(*args: object) -> None:
 
 
 def test_a_rank_dying_before_the_rendezvous_fails_the_start(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept after the tests that start engines in this process: rank 0's thread joining the group stays in the
+    rendezvous after this failed start, and the next group formed in the process would wait on it (a server starts
+    one engine, and exits when it fails)."""
     import engine_builder.engine.parallel as parallel
 
     monkeypatch.setattr(parallel, "worker_main", _exit_before_joining)  # what the spawned rank runs
@@ -379,3 +398,55 @@ def _alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_rank_whose_parent_is_gone_exits_instead_of_waiting_for_the_group(tmp_path: Path, smollm2_dir: Path) -> None:
+    """PR_SET_PDEATHSIG is asked for only once the rank runs its code: a rank 0 killed while the rank still
+    imported torch left it waiting in the rendezvous for good, ignoring SIGTERM (probe AV). A rank whose parent is
+    not the rank 0 that started it exits at once."""
+    script = tmp_path / "orphan.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from engine_builder.engine.config import EngineConfig
+        from engine_builder.engine.parallel import worker_main
+
+        if __name__ == "__main__":
+            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
+                                  max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
+                                  tensor_parallel_size=2)
+            worker_main(config, 1, {str(tmp_path / "store")!r}, 30, parent_pid=1)  # not this process's parent
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    orphan = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        assert orphan.wait(60) == 0  # the parent watch's exit, not an error
+    finally:
+        orphan.kill()
+
+
+def test_an_engine_never_closed_does_not_hang_the_interpreters_exit(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Ranks ignore SIGTERM, and multiprocessing's exit hook SIGTERMs daemonic children and joins them without a
+    timeout: a script that never closed its engine (or ended in an exception) hung at exit for ever (probe AV)."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from engine_builder.engine.config import EngineConfig
+        from engine_builder.engine.engine import LLMEngine
+
+        if __name__ == "__main__":
+            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
+                                  max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
+                                  tensor_parallel_size=2)
+            engine = LLMEngine(config, eos_token_ids=(2,))
+            print(engine.runner.workers.processes[0].pid, flush=True)
+            raise SystemExit(5)  # no close()
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert owner.stdout is not None
+        worker = int(owner.stdout.readline())
+        assert owner.wait(60) == 5
+        assert not _alive(worker)
+    finally:
+        owner.kill()
