@@ -36,13 +36,12 @@ from engine_builder.build.errors import BuildError
 from engine_builder.build.runtime_spec import runtime_spec
 from engine_builder.build.tool_parsers import detect_tool_parser
 from engine_builder.build.torch_fields import tensor_parallel_size
+from engine_builder.build.user_model_files import UserModelFiles, user_model_files
 from engine_builder.common.artifact import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
     MODEL_FILE_STATS,
-    USER_DATA_DIR,
-    USER_MODEL_DIR,
     EngineDir,
     Manifest,
     SourceInfo,
@@ -185,7 +184,8 @@ def _record_options(engine: EngineDir, options: EngineOptions, loaded: LoadedCon
 def _build_engine_locked(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float
 ) -> BuildResult:
-    config_hash = build_identity(loaded, options)
+    user_files = user_model_files(loaded)
+    config_hash = build_identity(loaded, options, user_files)
     existing = None if force else _engine_with_hash(output, config_hash)
     if existing is not None and loaded.trt_llm.build.lora_adapters:
         from engine_builder.build.lora_adapters import local_adapters_changed
@@ -270,10 +270,8 @@ def _build_engine_locked(
             trtllm_serve = compiled.serve
             if trtllm_quantizes:
                 quantization_summary = compiled.quantization
-        user_model = loaded.base_dir / "model" / "model.py"
-        if user_model.is_file():
-            shutil.copytree(user_model.parent, staging / USER_MODEL_DIR, ignore=shutil.ignore_patterns("__pycache__"))
-            _copy_user_data(loaded, staging / USER_DATA_DIR)
+        if user_files is not None:
+            user_files.copy_into(staging)
         stored_adapters = []
         if adapters:
             from engine_builder.build.lora_adapters import store_lora_adapters
@@ -283,6 +281,9 @@ def _build_engine_locked(
         manifest.runtime = runtime_spec(
             loaded, options, model_dir, trtllm_serve, stored_adapters, checkpoint_dir=fetched.path
         )
+        if user_files is not None:
+            manifest.runtime.user_model_file = user_files.model_file
+            manifest.runtime.user_model_class = user_files.class_name
         quantization_build = quantization_identity(loaded, options)
         if quantization_build:
             # the quantizer that ran: `auto` falls back from modelopt to ours when modelopt cannot run, and the
@@ -381,11 +382,13 @@ def _redacted(value: Any) -> Any:
 ENGINE_DECIDING_OPTIONS = ("backend", "dtype", "load_format")
 
 
-def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
+def build_identity(
+    loaded: LoadedConfig, options: EngineOptions, user_files: UserModelFiles | None = None
+) -> str:
     """The config hash, extended with what else decides the engine: the engine options in ENGINE_DECIDING_OPTIONS
     as in force (config or flag), for a quantizing build the quantizer and the accuracy gate in force (config
-    fields, flags and environment overrides: a different gate is a different engine), and the user model folder,
-    so editing model.py triggers a rebuild."""
+    fields, flags and environment overrides: a different gate is a different engine), and the user model's files
+    (`user_files`, listed from `loaded` when not given), so editing model.py or its data triggers a rebuild."""
     import hashlib
 
     digest = hashlib.sha256(loaded.build_hash().encode())
@@ -395,29 +398,11 @@ def build_identity(loaded: LoadedConfig, options: EngineOptions) -> str:
     if quantization:  # the values decide the engine, not where they were set
         decisive = {key: value for key, value in quantization.items() if key != "gate_sources"}
         digest.update(json.dumps(decisive, sort_keys=True).encode())
-    user_dir = loaded.base_dir / "model"
-    if (user_dir / "model.py").is_file():
-        for folder in (user_dir, user_data_source(loaded)):
-            digest.update(f"{folder.name}/".encode())
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-                digest.update(str(path.relative_to(folder)).encode())
-                digest.update(path.read_bytes())
+    if user_files is None:
+        user_files = user_model_files(loaded)
+    if user_files is not None:
+        user_files.update(digest)
     return digest.hexdigest()
-
-
-def user_data_source(loaded: LoadedConfig) -> Path:
-    """The Truss `data/` folder a model.py reads as `data_dir` (the config's `data_dir`, beside the config)."""
-    return loaded.base_dir / loaded.truss.data_dir
-
-
-def _copy_user_data(loaded: LoadedConfig, destination: Path) -> None:
-    """The config's `data/` folder into the engine, or an empty folder: the model's `data_dir` always exists, as
-    Truss creates it."""
-    source = user_data_source(loaded)
-    if source.is_dir():
-        shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        destination.mkdir()
 
 
 def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[str, Any]:

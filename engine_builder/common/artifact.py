@@ -9,8 +9,9 @@ Layout:
     model/                   HF-style folder the torch backend loads (config.json, tokenizer, safetensors)
     trtllm/                  TensorRT-LLM engine or checkpoint files (trtllm backend only)
     calibration_report.json  accuracy report when quantized
-    user_model/              the config's Truss `model/` folder, when it has a model.py
+    user_model/              the config's Truss `model/` folder (`model_module_dir`), when it has a model.py
     user_data/               with it, the config's Truss `data/` folder (`data_dir`; empty when there is none)
+    user_packages/           with it, Truss's `packages/` folder and `external_package_dirs`, merged (when any)
 """
 
 import ctypes
@@ -41,6 +42,7 @@ TRTLLM_DIR = "trtllm"
 CALIBRATION_REPORT = "calibration_report.json"
 USER_MODEL_DIR = "user_model"  # a Truss model/ folder with model.py (engine control in Python)
 USER_DATA_DIR = "user_data"  # the config's Truss `data/` folder beside it: the model's `data_dir`
+USER_PACKAGES_DIR = "user_packages"  # Truss's bundled and external packages: on the model's sys.path
 
 
 # The encoder routes `RuntimeSpec.default_route` may name: what the encoder server answers /predict-style calls
@@ -109,6 +111,8 @@ class RuntimeSpec:
     lora_adapters: list[LoraAdapter] = field(default_factory=list)
     max_lora_rank: int = 0  # the adapter pool's rank (lora_configuration.max_lora_rank); 0 without adapters
     tensor_parallel_size: int = 1  # ranks the torch engine splits the model over (engine_builder/engine/parallel.py)
+    user_model_file: str = "model.py"  # in user_model/, when the engine has one (Truss's model_class_filename)
+    user_model_class: str = "Model"  # the class that file defines (Truss's model_class_name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RuntimeSpec":
@@ -234,6 +238,12 @@ class EngineDir:
     @property
     def config_file(self) -> Path:
         return self.path / CONFIG_FILE
+
+    @property
+    def user_model_file(self) -> Path | None:
+        """The user model.py the engine serves, or None when it has no user_model/ folder."""
+        folder = self.path / USER_MODEL_DIR
+        return folder / self.manifest.runtime.user_model_file if folder.is_dir() else None
 
 
 MODEL_FILE_STATS = "model_files"  # manifest.extra: relative path -> [size, mtime_ns(, sha256)] of model/ when built

@@ -165,13 +165,13 @@ class Resources(ConfigModel):
 
 
 # Truss's top-level fields this project types (so what `truss push` refuses is refused here) but does not act on:
-# they describe the Truss image and server (packages, environment, the model class), not the engine. (`data_dir` is
-# acted on: the build copies that folder for a model.py.)
+# they describe the Truss image and server (installed packages, environment), not the engine. (The model's files are
+# acted on: `model_module_dir`, `model_class_filename`, `model_class_name`, `data_dir`, `bundled_packages_dir` and
+# `external_package_dirs` say what the build copies for a model.py and what the server loads.)
 TRUSS_IMAGE_FIELDS = (
     "description", "python_version", "requirements_file", "requirements", "system_packages", "environment_variables",
-    "build_commands", "external_package_dirs", "examples_filename", "input_type", "model_framework",
-    "model_type", "model_module_dir", "model_class_filename", "model_class_name", "bundled_packages_dir",
-    "spec_version", "use_local_src", "live_reload", "apply_library_patches",
+    "build_commands", "examples_filename", "input_type", "model_framework", "model_type", "spec_version",
+    "use_local_src", "live_reload", "apply_library_patches",
 )  # fmt: skip
 
 

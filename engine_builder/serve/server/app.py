@@ -46,8 +46,9 @@ def create_app(
             logger.error("the engine failed to start: %s: %s", type(error).__name__, error)
             logger.debug("engine start failure", exc_info=True)
             raise
+        state.engine_ready = True  # before `load`: a model.py warms up or checks the engine there
         if user_model is not None:
-            from engine_builder.serve.server.custom_model import call_load
+            from engine_builder.serve.server.user_model_methods import call_load
 
             await call_load(user_model)
         state.ready = True
@@ -60,6 +61,7 @@ def create_app(
             # A drain that ran out has waited already: what still runs (an answer stuck on a client that stopped
             # reading, its handler cancelled by uvicorn) is ended now, not waited for a second drain (probe AR).
             await state.engine.shutdown(0.0 if state.drain_expired else state.settings.drain_timeout_s)
+            state.engine_ready = False
             REQUEST_TEMPLATES.close()
 
     app = FastAPI(title="engine-builder", version="0.1.0", lifespan=lifespan)
@@ -129,7 +131,8 @@ def create_app(
 
     routers = []
     if user_model is not None:  # registered first, so its routes win over the built-in ones
-        from engine_builder.serve.server.custom_model import health_check, user_model_router
+        from engine_builder.serve.server.custom_model import user_model_router
+        from engine_builder.serve.server.user_model_methods import health_check
 
         routers.append(user_model_router(user_model))
         state.user_health = health_check(user_model)

@@ -11,7 +11,6 @@ from fastapi import FastAPI
 
 from engine_builder.common.artifact import (
     SERVED_DEFAULT_ROUTES,
-    USER_MODEL_DIR,
     EngineDir,
     IncompatibleEngineError,
 )
@@ -104,7 +103,7 @@ class AdmittedRequests:
 def build_encoder_server(
     engine_dir: EngineDir, options: EngineOptions, settings: ServerSettings
 ) -> tuple[FastAPI, ServerState]:
-    if (engine_dir.path / USER_MODEL_DIR / "model.py").is_file():  # serving without it would skip its access control
+    if engine_dir.user_model_file is not None:  # serving without it would skip its access control
         raise IncompatibleEngineError(
             "the engine has a user model.py, which encoder engines do not run (only decoders do): remove the config's "
             "model/model.py and rebuild, or put the access control in front of the server"

@@ -6,7 +6,7 @@ from typing import Any
 import yaml
 from fastapi import FastAPI
 
-from engine_builder.common.artifact import USER_DATA_DIR, USER_MODEL_DIR, EngineDir
+from engine_builder.common.artifact import USER_DATA_DIR, USER_MODEL_DIR, USER_PACKAGES_DIR, EngineDir
 from engine_builder.common.backend_choice import choose_backend
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.decoding.detokenizer import TextDecoder
@@ -54,8 +54,8 @@ def build_server(
         settings=settings, engine=client, renderer=renderer, decoder=decoder, reasoning=reasoning, harmony=harmony
     )
     user_model = None
-    user_model_file = engine.path / USER_MODEL_DIR / "model.py"
-    if user_model_file.exists():
+    user_model_file = engine.user_model_file
+    if user_model_file is not None:
         from engine_builder.serve.server.custom_model import EngineHandle
         from engine_builder.serve.server.user_model_loader import UserSecrets, init_arguments, load_user_model
 
@@ -63,7 +63,13 @@ def build_server(
         config = yaml.safe_load(engine.config_file.read_text()) or {}
         secrets = UserSecrets(config.get("secrets") or {})
         arguments = init_arguments(EngineHandle(state), secrets, config, (engine.path / USER_DATA_DIR).resolve())
-        user_model = load_user_model(user_model_file, arguments)
+        user_model = load_user_model(
+            user_model_file,
+            arguments,
+            class_name=spec.user_model_class,
+            model_dir=engine.path / USER_MODEL_DIR,
+            packages_dir=engine.path / USER_PACKAGES_DIR,
+        )
     return create_app(state, user_model=user_model), state
 
 

@@ -21,6 +21,7 @@ from engine_builder.serve.server.auth import parse_api_keys
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 from engine_builder.serve.server.http_protocol import GuardedHttpToolsProtocol
 from engine_builder.serve.server.state import ANSWER_GRACE_S
+from engine_builder.serve.server.user_model_loader import ModelDefinitionError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
     if refusal:  # before the model loads, not after minutes of it
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, refusal)
         return 1
-    app, state = build_server(engine, options, api_keys)
+    try:
+        app, state = build_server(engine, options, api_keys)
+    except ModelDefinitionError as error:  # before the port opens: say what to fix in the model.py
+        logger.error("the user model.py cannot be served: %s", error)
+        return STARTUP_FAILURE
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -67,7 +67,8 @@ class ServerState:
     reasoning: ReasoningFormat | None = None  # the model's reasoning blocks, when it writes them
     harmony: HarmonyFormat | None = None  # gpt-oss's channels, when the model writes them
     metrics: ServerMetrics = field(init=False)
-    ready: bool = False
+    engine_ready: bool = False  # the engine started: it admits requests (a model.py's `load` makes some)
+    ready: bool = False  # the server is ready (readiness answers 200): the engine started and the model loaded
     draining: bool = False
     drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
     drain_hurried: bool = False  # a second stop signal ended the drain before its timeout
@@ -75,9 +76,10 @@ class ServerState:
     user_requests: int = 0  # user model.py requests running (their engine calls count in `inflight` too)
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
     encoder_requests_cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer running ones 503
+    user_request_cuts: set["asyncio.Future[None]"] = field(default_factory=set)  # `until_user_requests_cut`'s waits
+    user_requests_cut: bool = False  # the drain timeout ended the model.py requests still running
     startup_error: str | None = None
     user_health: Callable[[], Awaitable[bool]] | None = None  # a user model.py's `is_healthy`, read by readiness
-    engine_started: asyncio.Event = field(default_factory=asyncio.Event)
     responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     _token_texts: TokenTexts | None = field(default=None, init=False, repr=False)
 
@@ -142,7 +144,7 @@ class ServerState:
         admitted before the drain makes it)."""
         if self.draining and not inside_user_request.get():
             raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
-        if not self.ready:
+        if not self.engine_ready:
             raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
         if self.inflight >= self.settings.max_inflight:
             raise APIError(
@@ -161,7 +163,9 @@ class ServerState:
         """The drain timeout passed (or, `hurried`, a second stop signal came) with requests still running: end each
         in the engine, so its handler answers a 503 (or a stream's error event) before the server stops, rather than
         being cut off. Encoder requests get ANSWER_GRACE_S more (none when hurried), then their handlers answer the
-        503 (`drain_refusal`). Once only."""
+        503 (`drain_refusal`). A user model.py request still in its own code is answered the 503 too
+        (`until_user_requests_cut`), and a stream it began is closed ANSWER_GRACE_S later (`user_model_requests`).
+        Once only."""
         if self.drain_expired:
             return
         self.drain_expired, self.drain_hurried = True, hurried
@@ -176,15 +180,30 @@ class ServerState:
                 )
             self.encoder_requests_cut.set()
             return
-        if not self.generating:
-            return
-        logger.warning(
-            "%s: ending %d unfinished requests with 503",
-            "second stop signal" if hurried else f"drain timeout ({self.settings.drain_timeout_s:.0f} s) passed",
-            len(self.generating),
-        )
+        cause = "second stop signal" if hurried else f"drain timeout ({self.settings.drain_timeout_s:.0f} s) passed"
+        if self.generating:
+            logger.warning("%s: ending %d unfinished requests with 503", cause, len(self.generating))
         for request_id in list(self.generating):
             await self.generation().abort(request_id)
+        if self.user_requests:
+            logger.warning("%s: ending %d unfinished model.py requests with 503", cause, self.user_requests)
+        # after the aborts: a model.py request waiting on the engine gets the engine's own 503 first
+        self.user_requests_cut = True
+        for cut in self.user_request_cuts:
+            if not cut.done():
+                cut.set_result(None)
+
+    async def until_user_requests_cut(self) -> None:
+        """Returns once the drain timeout ends the model.py requests still running (`expire_drain`). Each wait is a
+        future of its own event loop: the server has one loop, a test client may run each request on another."""
+        if self.user_requests_cut:
+            return
+        cut = asyncio.get_running_loop().create_future()
+        self.user_request_cuts.add(cut)
+        try:
+            await cut
+        finally:
+            self.user_request_cuts.discard(cut)
 
     def drain_refusal(self) -> APIError:
         """The answer to a request the drain timeout ended before it finished."""

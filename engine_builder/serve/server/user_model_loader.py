@@ -1,9 +1,9 @@
 """Import a user `model.py` and construct its `Model` as Truss's model wrapper does.
 
 The model folder is importable as the package `model` (so `from model.helper import X` works, as in a Truss image,
-whose model folder sits at `/app/model`), `model.py` is registered in `sys.modules` before it runs (dataclasses and
-pickling look their module up there), and `__init__` gets only the keyword arguments its signature names (all of
-them for `**kwargs`).
+whose model folder sits at `/app/model`), the bundled packages folder is appended to `sys.path` (Truss's
+`/packages`), `model.py` is registered in `sys.modules` before it runs (dataclasses and pickling look their module up
+there), and `__init__` gets only the keyword arguments its signature names (all of them for `**kwargs`).
 """
 
 import importlib.machinery
@@ -19,8 +19,12 @@ from typing import Any
 SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
 SECRET_ENV_PREFIX = "TRUSS_SECRET_"  # Truss's environment form of a secret
 PACKAGE_NAME = "model"  # Truss's name for the model folder
-MODULE_NAME = f"{PACKAGE_NAME}.model"  # what Truss names model/model.py, leaving `model` to the package
 MODEL_CLASS_NAME = "Model"
+
+
+class ModelDefinitionError(RuntimeError):
+    """The user model.py cannot be served as written (Truss's ModelDefinitionError): the server does not start, and
+    the message names the method or class to fix."""
 
 
 class NoExternalData:
@@ -42,7 +46,8 @@ class UserSecrets(Mapping[str, str]):
     """`secrets["name"]` for a user model.py, as Truss resolves it: only names declared in the config's `secrets:`
     section, from the file `<secrets dir>/<name>` (default /secrets, where Truss mounts them, or
     $ENGINE_BUILDER_SECRETS_DIR), else $TRUSS_SECRET_<name>, else the environment variable `<name>` (as checkpoint
-    secrets are read), else the value the config gives; stripped, and unset or empty is missing. Nothing is listed."""
+    secrets are read), else the value the config gives; stripped, and unset or empty is missing. Nothing is listed,
+    but its length is the number of declared secrets, as Truss's is (`kwargs.get("secrets") or {}` keeps it)."""
 
     def __init__(
         self, declared: Mapping[str, str | None], environ: Mapping[str, str] | None = None,
@@ -80,7 +85,7 @@ class UserSecrets(Mapping[str, str]):
         return iter(())
 
     def __len__(self) -> int:
-        return 0
+        return len(self._declared)
 
 
 def init_arguments(
@@ -98,12 +103,25 @@ def init_arguments(
     }
 
 
-def load_user_model(model_file: Path, arguments: dict[str, Any]) -> Any:
-    """The user's `Model`, constructed with those of `arguments` its `__init__` accepts."""
-    module = import_model_module(model_file)
-    model_class = getattr(module, MODEL_CLASS_NAME, None)
+def load_user_model(
+    model_file: Path,
+    arguments: dict[str, Any],
+    class_name: str = MODEL_CLASS_NAME,
+    model_dir: Path | None = None,
+    packages_dir: Path | None = None,
+) -> Any:
+    """The user's `class_name` from `model_file` (inside `model_dir`, the package `model`: its folder by default),
+    constructed with those of `arguments` its `__init__` accepts; `packages_dir`, when it exists, is importable."""
+    if not model_file.is_file():
+        raise ModelDefinitionError(f"{model_file} is missing: rebuild the engine from its config")
+    if packages_dir is not None and packages_dir.is_dir() and str(packages_dir) not in sys.path:
+        sys.path.append(str(packages_dir))  # appended, as Truss appends /packages: installed packages come first
+    module = import_model_module(model_file, model_dir or model_file.parent)
+    model_class = getattr(module, class_name, None)
     if model_class is None:
-        raise RuntimeError(f"{model_file} defines no class {MODEL_CLASS_NAME}")
+        raise ModelDefinitionError(
+            f"{model_file} defines no class {class_name} (the config's model_class_name names the class to serve)"
+        )
     return model_class(**accepted_arguments(model_class, arguments))
 
 
@@ -116,18 +134,21 @@ def accepted_arguments(model_class: Any, arguments: dict[str, Any]) -> dict[str,
     return {name: value for name, value in arguments.items() if name in names}
 
 
-def import_model_module(model_file: Path) -> ModuleType:
-    """Run `model_file` as the module `model.model` of the package `model` (its folder)."""
-    _register_package(model_file.parent)
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, model_file)
+def import_model_module(model_file: Path, model_dir: Path | None = None) -> ModuleType:
+    """Run `model_file` as a module of the package `model` (`model_dir`, by default its folder): model/model.py is
+    `model.model`, as Truss names it."""
+    model_dir = model_dir or model_file.parent
+    _register_package(model_dir)
+    name = ".".join((PACKAGE_NAME, *model_file.relative_to(model_dir).with_suffix("").parts))
+    spec = importlib.util.spec_from_file_location(name, model_file)
     if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot import {model_file}")
+        raise ModelDefinitionError(f"cannot import {model_file}: not a Python file")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = module  # before it runs: `@dataclass` and pickling look the module up there
+    sys.modules[name] = module  # before it runs: `@dataclass` and pickling look the module up there
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules.pop(MODULE_NAME, None)
+        sys.modules.pop(name, None)
         raise
     return module
 

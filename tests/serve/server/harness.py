@@ -1,19 +1,27 @@
 """Start a real `engine-builder serve` process on 127.0.0.1 for end-to-end tests."""
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from engine_builder.common.types import EngineStats, ModelInfo
+from engine_builder.common.types import (
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    PreparedRequest,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -188,3 +196,36 @@ class StubEngine:
     async def shutdown(self, timeout_s: float) -> None:
         return None
 
+
+
+class OneTokenEngine(StubEngine):
+    """A generation engine for server tests: each request gets one token (an ordinary SmolLM2 one) `delay_s` after it
+    starts, or ends at once with ABORT when aborted (as the drain's timeout aborts it). Serve it with a TextDecoder of
+    SmolLM2's tokenizer and token-id prompts (no chat template needed)."""
+
+    model_info = ModelInfo("m", 128, 50000, (2,), "LlamaForCausalLM", "decoder")
+    TOKEN = 1000
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.aborting: dict[str, asyncio.Event] = {}
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        return PreparedRequest(request, None)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        request_id = prepared.request.request_id
+        aborting = self.aborting.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(aborting.wait(), self.delay_s)
+        except TimeoutError:
+            yield GenerationDelta(request_id, 0, [self.TOKEN], "", finish_reason=FinishReason.LENGTH,
+                                  num_prompt_tokens=len(prepared.request.prompt_token_ids), num_output_tokens=1)
+            return
+        yield GenerationDelta(request_id, 0, [], "", finish_reason=FinishReason.ABORT)
+
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        self.aborting.setdefault(request_id, asyncio.Event()).set()

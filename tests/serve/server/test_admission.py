@@ -34,7 +34,7 @@ class CompilingEngine(StubEngine):
 
 def _state(engine: CompilingEngine, max_inflight: int = 4) -> ServerState:
     state = ServerState(ServerSettings("m", max_inflight=max_inflight), engine, renderer=None)
-    state.ready = True
+    state.engine_ready = state.ready = True
     return state
 
 

@@ -21,7 +21,7 @@ class _PreparingEngine(StubEngine):
 
 def _state() -> ServerState:
     state = ServerState(settings=ServerSettings("m"), engine=_PreparingEngine(), renderer=None)
-    state.ready = True
+    state.engine_ready = state.ready = True
     return state
 
 

@@ -293,11 +293,14 @@ def test_routes_the_model_does_not_define_answer_404_naming_the_method() -> None
 
     client = _client(PredictOnly())
     assert client.post("/predict", json={}).status_code == 403
-    for path, method in (("/v1/chat/completions", "chat_completions"), ("/v1/completions", "completions")):
+    for path, method in (
+        ("/v1/chat/completions", "chat_completions"), ("/v1/completions", "completions"),
+        ("/v1/responses", "responses"), ("/v1/messages", "messages"), ("/v1/embeddings", "embeddings"),
+    ):
         response = client.post(path, json={"messages": [{"role": "user", "content": "x"}], "prompt": "x"})
         assert response.status_code == 404, response.text
         assert f"defines no `{method}`" in response.json()["error"]["message"]
-    for path in ("/tokenize", "/detokenize", "/v1/responses"):
+    for path in ("/tokenize", "/detokenize"):
         response = client.post(path, json={"prompt": "x", "tokens": [1], "input": "x"})
         assert response.status_code == 404 and "user model.py" in response.json()["error"]["message"]
     for method in ("GET", "DELETE"):  # a stored response is the engine's too
@@ -335,7 +338,7 @@ def test_a_drain_waits_for_user_requests_and_lets_their_engine_calls_run() -> No
     app = _app(user_model)
     state: ServerState = app.state.server
     user_model.state = state
-    state.ready = True
+    state.engine_ready = state.ready = True
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=app)
@@ -352,29 +355,6 @@ def test_a_drain_waits_for_user_requests_and_lets_their_engine_calls_run() -> No
             assert state.requests_in_flight == 0
 
     asyncio.run(scenario())
-
-
-def test_engine_calls_without_a_request_watch_the_request_being_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Baseten's example calls `engine.predict(model_input)`: a disconnect of the client it serves must abort it."""
-    from engine_builder.serve.server import custom_model
-
-    seen: list[Any] = []
-
-    async def fake_run_chat(state: Any, body: Any, http_request: Any) -> dict[str, Any]:
-        seen.append(http_request)
-        return {}
-
-    monkeypatch.setattr(custom_model, "run_chat", fake_run_chat)
-    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
-    engine = custom_model.EngineHandle(state)
-
-    class Forwarding:
-        async def predict(self, model_input: dict[str, Any], request: Request) -> dict[str, Any]:
-            await engine.predict(model_input)
-            return {"same": seen[-1] is request}
-
-    response = _client(Forwarding()).post("/predict", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert response.json() == {"same": True}
 
 
 class _Query(BaseModel):
@@ -469,3 +449,42 @@ def test_a_msgpack_body_is_a_415_naming_the_content_type() -> None:
     )
     assert response.status_code == 415
     assert "application/octet-stream" in response.json()["error"]["message"]
+
+
+def test_a_pydantic_result_with_nan_is_sent_as_truss_sends_it() -> None:
+    """pydantic's JSON (NaN and infinities as null), as Truss's `result.json()`: it was an opaque 500 (probe AY #8)."""
+
+    class Score(BaseModel):
+        value: float
+
+    class Scoring:
+        def predict(self, model_input: dict[str, Any]) -> Score:
+            return Score(value=float("nan"))
+
+    response = _client(Scoring()).post("/predict", json={})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"value": None}
+
+
+def test_responses_messages_and_embeddings_reach_the_models_methods() -> None:
+    """Truss 0.18.36 routes these to model methods of the same names; they answered 404 here (probe AY #9)."""
+
+    class Everything:
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            return {}
+
+        async def responses(self, model_input: dict[str, Any], request: Request) -> dict[str, Any]:
+            return {"method": "responses", "path": request.url.path, **model_input}
+
+        def messages(self, model_input: dict[str, Any]) -> dict[str, Any]:
+            return {"method": "messages", **model_input}
+
+        async def embeddings(self, model_input: dict[str, Any]) -> dict[str, Any]:
+            return {"method": "embeddings", **model_input}
+
+    client = _client(Everything())
+    assert client.post("/v1/responses", json={"x": 1}).json() == {"method": "responses", "path": "/v1/responses", "x": 1}
+    assert client.post("/v1/messages", json={"x": 2}).json() == {"method": "messages", "x": 2}
+    assert client.post("/v1/embeddings", json={"x": 3}).json() == {"method": "embeddings", "x": 3}
+    stored = client.get("/v1/responses/resp_1")  # the engine's stored responses stay out of reach
+    assert stored.status_code == 404 and "user model.py" in stored.json()["error"]["message"]

@@ -75,7 +75,7 @@ def _delta(index: int, num_tokens: int, total: int, finished: bool = False) -> G
 def _serve(decoder: TextDecoder, script: list[tuple[float, GenerationDelta]], n: int) -> ServerMetrics:
     """Run one request of `n` choices through the server's Run against the script; the server's metrics."""
     state = ServerState(ServerSettings("m"), ScriptedEngine(script), renderer=None, decoder=decoder)
-    state.ready = True
+    state.engine_ready = state.ready = True
 
     async def run() -> None:
         request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=64, n=n))
@@ -326,7 +326,7 @@ def test_a_failure_reading_the_deltas_counts_its_unfinished_choices_as_errors_no
 
     def run_once(fail: bool) -> dict[str, float]:
         state = ServerState(ServerSettings("m"), ScriptedEngine(_long_script()), renderer=None, decoder=decoder)
-        state.ready = True
+        state.engine_ready = state.ready = True
 
         async def consume() -> None:
             request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=64, n=2))

@@ -87,3 +87,54 @@ def test_secrets_resolve_only_declared_names_as_truss_does(tmp_path: Path) -> No
         secrets["HOME"]  # an undeclared name is never read from the environment
     with pytest.raises(KeyError, match="no value"):
         secrets["unset"]
+
+
+def test_secrets_count_the_declared_names_so_the_usual_fallback_keeps_them(tmp_path: Path) -> None:
+    """`kwargs.get("secrets") or {}` lost every secret: the mapping had length 0 (probe AY #6)."""
+    from engine_builder.serve.server.user_model_loader import UserSecrets
+
+    secrets = UserSecrets({"hf_token": None, "other": None}, environ={"TRUSS_SECRET_hf_token": "tok"}, secrets_dir=tmp_path)
+    assert len(secrets) == 2
+    assert (secrets or {})["hf_token"] == "tok"
+    assert len(UserSecrets({}, environ={}, secrets_dir=tmp_path)) == 0
+
+
+def test_the_configured_file_and_class_load_and_bundled_packages_import(tmp_path: Path) -> None:
+    """Truss's model_class_filename and model_class_name, and its packages folder on sys.path (probe AY #4)."""
+    import sys
+
+    packages = tmp_path / "packages"
+    (packages / "ay_bundled_pkg").mkdir(parents=True)
+    (packages / "ay_bundled_pkg" / "__init__.py").write_text("VALUE = 'bundled'\n")
+    model_dir = tmp_path / "user_model"
+    _write(model_dir / "serving", {
+        "entry.py": """
+            import ay_bundled_pkg
+
+            from model.serving.helper import SUFFIX
+
+
+            class Served:
+                def __init__(self, **kwargs):
+                    self.value = ay_bundled_pkg.VALUE + SUFFIX
+        """,
+        "helper.py": "SUFFIX = '!'\n",
+    })
+    try:
+        served = load_user_model(
+            model_dir / "serving" / "entry.py", _arguments(tmp_path), class_name="Served", model_dir=model_dir,
+            packages_dir=packages,
+        )
+        assert served.value == "bundled!"
+        assert sys.path[-1] == str(packages)  # after the installed packages, as Truss appends /packages
+    finally:
+        sys.path.remove(str(packages))
+        sys.modules.pop("ay_bundled_pkg", None)
+
+
+def test_a_class_the_file_does_not_define_is_refused_by_name(tmp_path: Path) -> None:
+    from engine_builder.serve.server.user_model_loader import ModelDefinitionError
+
+    model_file = _write(tmp_path / "user_model", {"model.py": "class Model:\n    pass\n"})
+    with pytest.raises(ModelDefinitionError, match="defines no class Served"):
+        load_user_model(model_file, _arguments(tmp_path), class_name="Served")
