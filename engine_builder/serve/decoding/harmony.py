@@ -11,10 +11,12 @@ parser, the text before a `<|message|>` (from the reply's start, or after a mess
 header, never content, so a header cut short and stray text around messages are dropped; only a reply without
 any marker (the model ignored the format) is content, released at the end. `prompt_end` reads where the prompt
 leaves the reply (a header, usually; a message's body when the prompt opened one), which both the parser and the
-grammar gate start from. `forced_call_tag` is the grammar of a forced call in the model's own call format.
+grammar gate start from. `HarmonyTokenCounter` counts the reasoning's tokens by their ids. `forced_call_tag` is the
+grammar of a forced call in the model's own call format.
 """
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +43,7 @@ class HarmonyFormat:
     header_start_ids: tuple[int, ...]  # `<|start|>` and `<|end|>`: what a message header follows
     call_id: int
     final_ids: tuple[int, ...]  # the tokens of `<|channel|>final`: a header naming the answer's channel
+    body_end_ids: tuple[int, ...]  # `<|end|>`, `<|call|>`, `<|return|>`, `<|start|>`: what ends a message's body
 
 
 def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None:
@@ -51,7 +54,8 @@ def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None
     if any(len(found) != 1 for found in ids.values()):
         return None
     final = tuple(tokenizer.encode(CHANNEL + "final", add_special_tokens=False))
-    return HarmonyFormat(ids[CHANNEL][0], ids[MESSAGE][0], (ids[START][0], ids[END][0]), ids[CALL][0], final)
+    body_ends = tuple(ids[marker][0] for marker in _BODY_ENDS)
+    return HarmonyFormat(ids[CHANNEL][0], ids[MESSAGE][0], (ids[START][0], ids[END][0]), ids[CALL][0], final, body_ends)
 
 
 @dataclass(frozen=True)
@@ -115,16 +119,21 @@ def is_final_header(header: str) -> bool:
     return channel is not None and channel.group(1) == "final" and _RECIPIENT.search(header) is None
 
 
+BodyKind = Literal["reasoning", "content", "call"]
+
+
 class HarmonyParser:
     def __init__(self, start: PromptEnd = PromptEnd()) -> None:
         self._pending = ""
-        self._body: Literal["reasoning", "content", "call"] | None = None  # None: reading a header
+        self._body: BodyKind | None = None  # None: reading a header
         self._header = "" if start.in_body else start.header  # the header's text the prompt already holds
         self._opened_any = start.in_body
         self._call: str | None = None  # a call the prompt opened: announced with the first feed
+        self.opened: list[BodyKind] = []  # each message body read so far, the one the prompt opened first
         if start.in_body:
             self._body, name = classify_header(start.header)
             self._call = name if self._body == "call" else None
+            self.opened.append(self._body)
 
     @property
     def in_reasoning(self) -> bool:
@@ -144,6 +153,7 @@ class HarmonyParser:
                     break  # the header is not complete yet
                 self._body, name = classify_header(self._header + pending[:at])
                 self._header, self._opened_any = "", True
+                self.opened.append(self._body)
                 if self._body == "call":
                     events.append(HarmonyEvent("call", name))
                 pending = pending[at + len(MESSAGE) :]
@@ -170,6 +180,39 @@ class HarmonyParser:
         kind = "arguments" if self._body == "call" else self._body
         assert kind is not None
         events.append(HarmonyEvent(kind, text))
+
+
+class HarmonyTokenCounter:
+    """Tokens of the reply's reasoning, for `usage.completion_tokens_details`: each body the reply reasons in (as
+    the text says: `is_reasoning`) and the `<|message|>` that opened it; never a header, nor the marker that ends
+    the body. Counted per token id, so how tokens are grouped into deltas (lookahead) changes nothing: markers are
+    single tokens, and the n-th `<|message|>` after a header opens the n-th body the parser read. The token that
+    stopped the reply (EOS) is not reasoning: `finish` takes it back."""
+
+    def __init__(self, fmt: HarmonyFormat, start: PromptEnd) -> None:
+        self.message_id = fmt.message_id
+        self.body_end_ids = frozenset(fmt.body_end_ids)
+        self.count = 0
+        self._body: int | None = 0 if start.in_body else None  # which body the tokens are in (None: a header)
+        self._num_bodies = 1 if start.in_body else 0
+        self._last_counted = False
+
+    def feed(self, token_ids: Sequence[int], is_reasoning: Sequence[bool]) -> None:
+        """Count `token_ids`, once the parser has read their text: `is_reasoning`, for each body it has read."""
+        for token in token_ids:
+            if self._body is None and token == self.message_id:
+                self._body, self._num_bodies = self._num_bodies, self._num_bodies + 1
+            elif self._body is not None and token in self.body_end_ids:
+                self._body = None
+            body = self._body
+            self._last_counted = body is not None and body < len(is_reasoning) and is_reasoning[body]
+            self.count += self._last_counted
+
+    def finish(self, stopped_by_token: bool) -> None:
+        """The reply ended; `stopped_by_token`: its last token was EOS or a stop token id, which has no text."""
+        if stopped_by_token and self._last_counted:
+            self.count -= 1
+        self._last_counted = False
 
 
 def forced_call_tag(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from engine_builder.common.types import FinishReason, Guide, GuideKind, MessageH
 from engine_builder.serve.decoding.harmony import (
     HarmonyFormat,
     HarmonyParser,
+    HarmonyTokenCounter,
     PromptEnd,
     forced_call_tag,
     is_final_header,
@@ -36,28 +37,37 @@ CALL_ID_LENGTH = 24
 
 
 class HarmonyOutput(ChoiceOutput):
-    def __init__(self, inner: ChoiceOutput, tools: frozenset[str], parallel: bool, start: PromptEnd = PromptEnd()) -> None:
+    def __init__(
+        self,
+        fmt: HarmonyFormat,
+        inner: ChoiceOutput,
+        tools: frozenset[str],
+        parallel: bool,
+        start: PromptEnd = PromptEnd(),
+    ) -> None:
         super().__init__()
         self.parser = HarmonyParser(start)
+        self.counter = HarmonyTokenCounter(fmt, start)
         self.inner = inner
         self.tools = tools
         self.parallel = parallel
         self.calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument pieces)
         self._receiving: int | None = None  # the call the current message's arguments belong to
-        self.reasoning_tokens = 0
-        self._last_counted = False  # whether the last token fed was counted as reasoning
+        self._calls_made: list[bool] = []  # for each call the reply began, whether it became a tool call
+        self._reasoning_bodies: list[bool] = []  # for each body read, whether it is reasoning
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
         events = self.parser.feed(text, final)
-        before = len(self.parts)
         for event in events:
             if event.kind == "reasoning":
                 self.parts.append(event.text)
                 deltas.append({"reasoning_content": event.text})
             elif event.kind == "call":
                 self._receiving = None
-                if event.text in self.tools and (self.parallel or not self.calls):
+                made = event.text in self.tools and (self.parallel or not self.calls)
+                self._calls_made.append(made)
+                if made:
                     call_id = new_call_id(CALL_ID_LENGTH)
                     self._receiving = len(self.calls)
                     self.calls.append((call_id, event.text, []))
@@ -73,10 +83,20 @@ class HarmonyOutput(ChoiceOutput):
                 deltas += self.inner.feed(event.text, False)
         if final:
             deltas += self.inner.feed("", True)
-        if token_ids:  # the tokens of reasoning bodies
-            self._last_counted = len(self.parts) > before or self.parser.in_reasoning
-            self.reasoning_tokens += len(token_ids) if self._last_counted else 0
+        self._read_bodies()
+        self.counter.feed(token_ids, self._reasoning_bodies)
         return deltas
+
+    def _read_bodies(self) -> None:
+        """Whether each body the parser opened is reasoning: analysis (and built-in tools' calls), or a call that
+        did not become a tool call (its arguments went to `reasoning_content`)."""
+        num_calls = self.parser.opened[: len(self._reasoning_bodies)].count("call")
+        for kind in self.parser.opened[len(self._reasoning_bodies) :]:
+            if kind == "call":
+                self._reasoning_bodies.append(not self._calls_made[num_calls])
+                num_calls += 1
+            else:
+                self._reasoning_bodies.append(kind == "reasoning")
 
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
         output = self.inner.result(finish_reason, stop_reason)
@@ -91,20 +111,28 @@ class HarmonyOutput(ChoiceOutput):
             output.content = None
         output.tool_calls = calls + output.tool_calls
         output.reasoning = reasoning
-        # `<|return|>`, `<|call|>` or EOS ending a reasoning body is no part of it
-        output.reasoning_tokens = self.reasoning_tokens - int(self._last_counted and stopped_by_token(finish_reason, stop_reason))
+        self.counter.finish(stopped_by_token(finish_reason, stop_reason))
+        output.reasoning_tokens = self.counter.count
         return output
 
 
 class HarmonyProcessor(OutputProcessor):
-    def __init__(self, inner: OutputProcessor, tools: frozenset[str], parallel: bool, start: PromptEnd = PromptEnd()) -> None:
+    def __init__(
+        self,
+        fmt: HarmonyFormat,
+        inner: OutputProcessor,
+        tools: frozenset[str],
+        parallel: bool,
+        start: PromptEnd = PromptEnd(),
+    ) -> None:
+        self.fmt = fmt
         self.inner = inner
         self.tools = tools
         self.parallel = parallel
         self.prompt_end = start
 
     def start(self, index: int) -> ChoiceOutput:
-        return HarmonyOutput(self.inner.start(index), self.tools, self.parallel, self.prompt_end)
+        return HarmonyOutput(self.fmt, self.inner.start(index), self.tools, self.parallel, self.prompt_end)
 
 
 def with_harmony(
@@ -122,7 +150,7 @@ def with_harmony(
         names = [choice.function.name] if isinstance(choice, NamedToolChoice) else list(processor.tools)
         tag = forced_call_tag({name: processor.tools[name] for name in names})
         check_schema_size(tag, "tools")
-        forced = HarmonyProcessor(OutputProcessor(), frozenset(names), processor.parallel, start)
+        forced = HarmonyProcessor(fmt, OutputProcessor(), frozenset(names), processor.parallel, start)
         return forced, Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools")
     if guide is not None and start.in_final:  # the prompt opened the final channel: the answer has begun
         guide = dataclasses.replace(guide, after_reasoning=None)
@@ -132,4 +160,4 @@ def with_harmony(
         free_stops = (fmt.call_id,) if offered else ()
         prefix = ReasoningPrefix(fmt.channel_id, fmt.final_ids, True, headers, free_stops)
         guide = dataclasses.replace(guide, after_reasoning=prefix)
-    return HarmonyProcessor(processor, offered, parallel, start), guide
+    return HarmonyProcessor(fmt, processor, offered, parallel, start), guide

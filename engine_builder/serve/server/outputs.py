@@ -7,7 +7,7 @@ rendered, `with_reasoning` splits the model's reasoning off (`<think>` blocks he
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,22 +65,50 @@ def stopped_by_token(finish_reason: FinishReason | None, stop_reason: int | str 
 
 
 class ReasoningOutput(ChoiceOutput):
-    """Reasoning goes out as `reasoning_content`; the answer goes to the inner output (plain or tool calls)."""
+    """Reasoning goes out as `reasoning_content`; the answer goes to the inner output (plain or tool calls).
 
-    def __init__(self, fmt: ReasoningFormat, start: PromptPhase, inner: ChoiceOutput) -> None:
+    `token_text` (a token's text) lets a delta of several tokens (a lookahead step) be read a token at a time, as
+    plain decoding reads them, where their texts spell the delta's: the reasoning's token count then does not
+    depend on the grouping, even where the model spelt a tag in several tokens."""
+
+    def __init__(
+        self,
+        fmt: ReasoningFormat,
+        start: PromptPhase,
+        inner: ChoiceOutput,
+        token_text: Callable[[int], str] | None = None,
+    ) -> None:
         super().__init__()
         self.splitter = ReasoningSplitter(fmt, start.phase, start.continued)
         self.counter = ReasoningTokenCounter(fmt, start.phase)
         self.inner = inner
+        self.token_text = token_text
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
-        reasoning, answer = self.splitter.feed(text, final)
-        self.counter.feed(list(token_ids), self.splitter)
+        reasoning, answer = "", ""
+        pieces = self._by_token(text, token_ids)
+        for index, (piece, ids) in enumerate(pieces):
+            settled = self.splitter.feed(piece, final and index == len(pieces) - 1)
+            self.counter.feed(ids, self.splitter)
+            reasoning, answer = reasoning + settled[0], answer + settled[1]
         deltas: list[dict[str, Any]] = []
         if reasoning:
             self.parts.append(reasoning)
             deltas.append({"reasoning_content": reasoning})
         return deltas + self.inner.feed(answer, final, token_ids)
+
+    def _by_token(self, text: str, token_ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """`text` cut into its tokens' texts where they spell it (a token without text, the stop token, is read
+        with none); else whole. Once the reply answers, nothing is left to count."""
+        whole = [(text, list(token_ids))]
+        if len(token_ids) < 2 or self.token_text is None or self.counter.phase is Phase.ANSWER:
+            return whole
+        texts = [self.token_text(token) for token in token_ids]
+        if "".join(texts) != text:
+            texts[-1] = ""
+            if "".join(texts) != text:
+                return whole  # part of a character held back, a stop string, skipped special tokens
+        return [(piece, [token]) for piece, token in zip(texts, token_ids, strict=True)]
 
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
         output = self.inner.result(finish_reason, stop_reason)
@@ -92,13 +120,20 @@ class ReasoningOutput(ChoiceOutput):
 
 
 class ReasoningProcessor(OutputProcessor):
-    def __init__(self, fmt: ReasoningFormat, start: PromptPhase, inner: OutputProcessor) -> None:
+    def __init__(
+        self,
+        fmt: ReasoningFormat,
+        start: PromptPhase,
+        inner: OutputProcessor,
+        token_text: Callable[[int], str] | None = None,
+    ) -> None:
         self.fmt = fmt
         self.start_phase = start
         self.inner = inner
+        self.token_text = token_text
 
     def start(self, index: int) -> ChoiceOutput:
-        return ReasoningOutput(self.fmt, self.start_phase, self.inner.start(index))
+        return ReasoningOutput(self.fmt, self.start_phase, self.inner.start(index), self.token_text)
 
 
 class ReasoningOmittedOutput(ChoiceOutput):
@@ -140,7 +175,7 @@ def with_reasoning(
         if guide is not None and start.phase is not Phase.ANSWER:
             prefix = ReasoningPrefix(fmt.start_id, (fmt.end_id,), opened=start.phase is Phase.REASONING)
             guide = dataclasses.replace(guide, after_reasoning=prefix)
-        processor = ReasoningProcessor(fmt, start, processor)
+        processor = ReasoningProcessor(fmt, start, processor, state.token_texts().text)
     if not body.include_reasoning:
         processor = ReasoningOmitted(processor)
     return processor, guide

@@ -35,6 +35,8 @@ HARMONY_TEMPLATE = (
     "<|start|>assistant{% endif %}<|channel|>final{% endif %}<|message|>{{ m.content }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
 )
+# What `detect_harmony` finds in that tokenizer (`<|channel|>final` is two tokens there).
+FORMAT = HarmonyFormat(4, 5, (3, 6), 7, (4, 17254), (6, 7, 8, 3))
 
 
 def harmony_model_dir(smollm2_dir: Path, target: Path) -> Path:
@@ -61,7 +63,7 @@ def test_detection_needs_channels_in_the_template_and_single_token_markers(token
 
     found = detect_harmony(tokenizer, HARMONY_TEMPLATE)
     assert found is not None and (found.channel_id, found.message_id, found.call_id) == (4, 5, 7)
-    assert found.header_start_ids == (3, 6) and found.final_ids[0] == 4
+    assert found.header_start_ids == (3, 6) and found.final_ids[0] == 4 and found == FORMAT
     assert tokenizer.decode(list(found.final_ids)) == "<|channel|>final"
     assert detect_harmony(tokenizer, "{{ messages }}") is None
     assert detect_harmony(AutoTokenizer.from_pretrained(str(smollm2_dir)), HARMONY_TEMPLATE) is None
@@ -175,7 +177,7 @@ def test_a_cut_marker_is_held_back() -> None:
 
 # -- the chat output -----------------------------------------------------------------------------------------------
 def run_output(text: str, tools: frozenset[str], parallel: bool = True, pieces: int = 7) -> tuple[list[dict[str, Any]], Any]:
-    output = HarmonyOutput(ChoiceOutput(), tools, parallel)
+    output = HarmonyOutput(FORMAT, ChoiceOutput(), tools, parallel)
     deltas: list[dict[str, Any]] = []
     size = max(1, len(text) // pieces)
     chunks = [text[i : i + size] for i in range(0, len(text), size)]
@@ -221,7 +223,7 @@ def test_real_token_ids_through_the_detokenizer_keep_the_markers(tokenizer: Any)
     assert MARKER_IDS["<|channel|>"] in ids and ids[-1] == MARKER_IDS["<|return|>"]
     prompt = tokenizer.encode("<|start|>assistant", add_special_tokens=False)
     detokenizer = TextDecoder(tokenizer.backend_tokenizer).start(prompt, skip_special_tokens=False)
-    output = HarmonyOutput(ChoiceOutput(), frozenset(), True)
+    output = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset(), True)
     for token in ids[:-1]:  # the stop token is not text
         output.feed(detokenizer.add([token]), final=False, token_ids=[token])
     output.feed(detokenizer.flush(), final=True)
@@ -352,7 +354,7 @@ def test_a_forced_call_is_the_models_own_and_ends_the_reply(compiler: Any, token
         assert matcher.accept(token)
         assert not matcher.allowed_tokens()[7]
     assert matcher.accept(ids[-1]) and matcher.allowed_tokens()[7] and matcher.accept(7)
-    output = HarmonyOutput(ChoiceOutput(), frozenset({"get_weather"}), False)
+    output = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset({"get_weather"}), False)
     output.feed(("" if first else analysis) + call + "<|call|>", True)
     final = output.result(FinishReason.STOP, None)
     assert final.finish_reason == "tool_calls" and final.content is None
@@ -373,7 +375,7 @@ def test_a_forced_call_refuses_other_functions_and_bad_arguments(compiler: Any, 
 # -- reasoning tokens ------------------------------------------------------------------------------------------------
 def test_the_stop_token_ending_a_reasoning_body_is_not_counted(tokenizer: Any) -> None:
     ids = tokenizer.encode("<|channel|>analysis<|message|>cut off", add_special_tokens=False)
-    output = HarmonyOutput(ChoiceOutput(), frozenset(), True)
+    output = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset(), True)
     detokenizer = TextDecoder(tokenizer.backend_tokenizer).start([], skip_special_tokens=False)
     for token in ids:
         output.feed(detokenizer.add([token]), False, [token])
@@ -381,3 +383,29 @@ def test_the_stop_token_ending_a_reasoning_body_is_not_counted(tokenizer: Any) -
     final = output.result(FinishReason.STOP, None)
     assert final.reasoning == "cut off"
     assert final.reasoning_tokens == 1 + len(tokenizer.encode("cut off", add_special_tokens=False))
+
+
+@pytest.mark.parametrize(("tools", "bodies"), [(frozenset(), ["Two lookups.", '{"city": "Oslo"}']), (frozenset({"w"}), ["Two lookups."])])
+def test_reasoning_tokens_do_not_depend_on_how_tokens_are_grouped_into_deltas(tokenizer: Any, tools: frozenset[str], bodies: list[str]) -> None:
+    """Probe AX: a delta that held any analysis text counted all its tokens, the final channel's too, so with
+    several tokens per delta (lookahead) one reply counted 2, 4 or 12. Counted per token: each reasoning body (a
+    call not offered stays the model's working) and the `<|message|>` that opened it, however the tokens come."""
+    reply = CALL_REPLY.split("<|call|>")[0] + "<|end|><|start|>assistant<|channel|>final<|message|>It is cold."
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    expected = sum(1 + len(tokenizer.encode(body, add_special_tokens=False)) for body in bodies)
+    rng = random.Random(7)
+    groupings = [[1] * len(ids), [3] * len(ids), [len(ids)], *([rng.randint(1, 6) for _ in ids] for _ in range(10))]
+    for grouping in groupings:
+        output = HarmonyOutput(FORMAT, ChoiceOutput(), tools, True)
+        detokenizer = TextDecoder(tokenizer.backend_tokenizer).start([], skip_special_tokens=False)
+        start = 0
+        for size in grouping:
+            group = ids[start : start + size]
+            if not group:
+                break
+            start += len(group)
+            output.feed(detokenizer.add(group), False, group)
+        output.feed(detokenizer.flush(), True)
+        final = output.result(FinishReason.LENGTH, None)
+        assert final.reasoning == "".join(bodies) and final.content == "It is cold."
+        assert final.reasoning_tokens == expected, grouping

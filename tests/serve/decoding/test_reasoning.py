@@ -233,6 +233,43 @@ def test_the_stop_token_is_no_reasoning(thinking_dir: Path) -> None:
     assert answer == "b" and reasoning_tokens == ids.index(fmt.end_id) + 1
 
 
+@pytest.mark.parametrize("spelt", ["<th|ink>|plan|</|think>", "<think>|plan|</think>"])
+def test_the_count_does_not_depend_on_how_tokens_are_grouped_into_deltas(thinking_dir: Path, spelt: str) -> None:
+    """Probe AX: where a tag is spelt in several tokens, the delta in which the text left (or entered) the block
+    counted all its tokens, the answer's too: 3 tokens one at a time, 5 in one delta (lookahead). Read a token at a
+    time where their texts spell the delta's, it counts as plain decoding does, the stop token in the last delta
+    included (it has no text)."""
+    from transformers import AutoTokenizer
+
+    from engine_builder.common.types import FinishReason
+    from engine_builder.serve.decoding.detokenizer import TextDecoder
+    from engine_builder.serve.server.outputs import ChoiceOutput, ReasoningOutput
+
+    tokenizer = AutoTokenizer.from_pretrained(str(thinking_dir))
+    fmt = detect_reasoning_format(tokenizer, tokenizer.chat_template)
+    assert fmt is not None
+    block = [token for piece in spelt.split("|") for token in tokenizer.encode(piece, add_special_tokens=False)]
+    eos = tokenizer.eos_token_id
+    ids = [*block, *tokenizer.encode("The answer", add_special_tokens=False), eos]
+    decoder = TextDecoder(tokenizer.backend_tokenizer)
+    rng = random.Random(len(spelt))
+    for grouping in ([1] * len(ids), [len(ids)], [2] * len(ids), *([rng.randint(1, 5) for _ in ids] for _ in range(20))):
+        output = ReasoningOutput(fmt, PromptPhase(Phase.BEFORE), ChoiceOutput(), decoder.token_text)
+        detokenizer = decoder.start([], skip_special_tokens=True)
+        start = 0
+        for size in grouping:
+            group = ids[start : start + size]
+            start += len(group)
+            final = start >= len(ids)
+            text = detokenizer.add([token for token in group if token != eos])  # the stop token is not text
+            output.feed(text + (detokenizer.flush() if final else ""), final, group)
+            if final:
+                break
+        result = output.result(FinishReason.STOP, eos)
+        assert (result.reasoning, result.content) == ("plan", "The answer")
+        assert result.reasoning_tokens == len(block), grouping
+
+
 # -- the grammar gate -------------------------------------------------------------------------------------------
 EOS = (2,)
 SCHEMA = Guide(GuideKind.JSON_SCHEMA, json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
