@@ -183,6 +183,9 @@ class ResponsesStreamOptions(StrictModel):
     include_obfuscation: bool | None = None
 
 
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+
+
 # -- the request ------------------------------------------------------------------------------------------------
 class ResponsesRequest(StrictModel):
     """POST /v1/responses. Fields that ask for what this server does anyway (`truncation: "disabled"`, `background:
@@ -220,6 +223,16 @@ class ResponsesRequest(StrictModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is not None and len(metadata) > 16:
-            raise ValueError(f"at most 16 keys, not {len(metadata)}")
+        """OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of at most 512."""
+        if metadata is None:
+            return None
+        if len(metadata) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} keys, not {len(metadata)}")
+        for key, value in metadata.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:20]!r}... has {len(key)} characters; at most {MAX_METADATA_KEY_CHARS}")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(
+                    f"the value of {key!r} has {len(value)} characters; at most {MAX_METADATA_VALUE_CHARS}"
+                )
         return metadata

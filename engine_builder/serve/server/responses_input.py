@@ -30,6 +30,7 @@ from engine_builder.serve.server.protocol_responses import (
     TextFormatText,
 )
 from engine_builder.serve.server.response_store import ResponseStore
+from engine_builder.serve.server.sampling import ContextLengthError
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
@@ -73,7 +74,9 @@ def rename(error: APIError, origins: Origins) -> APIError:
     """A chat refusal as the Responses fields it came from, in its `param` and its message: `messages[3].content`
     -> `input[1].content`, `messages[2].tool_calls[0].function.arguments` -> `input[2].arguments`,
     `tools[0].function.strict` -> `tools[0].strict`, `response_format` -> `text.format`; advice that names a chat
-    field the Responses API lacks is replaced."""
+    field the Responses API lacks is replaced; a context overflow is worded in `input` and `max_output_tokens`."""
+    if isinstance(error, ContextLengthError):
+        return error.in_fields("input", "max_output_tokens")
     advice = _ADVICE.get(error.param or "") if error.code == "unsupported_parameter" else None
     if advice is not None:
         error.message = advice
@@ -250,6 +253,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
             )
         prior = stored.conversation
     new_items = _input_items(body)
+    _refuse_repeated_ids(prior, new_items)
     conversation = ConversationBuilder()
     if body.instructions is not None:
         conversation.add({"role": "system", "content": body.instructions}, "instructions")
@@ -257,6 +261,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
         conversation.add_item(item, "previous_response_id")
     for index, item in enumerate(new_items):
         conversation.add_item(item, f"input[{index}]")
+    conversation.refuse_unanswered_calls()
     fields: dict[str, Any] = {
         "model": body.model,
         "messages": conversation.messages,
@@ -325,8 +330,25 @@ def _input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
             raise unsupported(f"{path}.encrypted_content", "This server encrypts no reasoning; send its content.")
         stored = item.model_dump(mode="json", exclude_none=True, by_alias=True)
         stored.setdefault("id", new_item_id(item.type))
+        stored.setdefault("status", "completed")  # listed as OpenAI lists input items (the SDK's types require it)
         items.append(stored)
     return items
+
+
+def _refuse_repeated_ids(prior: list[dict[str, Any]], new_items: list[dict[str, Any]]) -> None:
+    """OpenAI refuses an item whose id the conversation already holds: an earlier response's output sent again
+    beside its previous_response_id (the turn would be read twice), or two items with one id. A stored
+    conversation's ids are therefore unique, which the cursor of its input item list relies on."""
+    sources = {item["id"]: "previous_response_id" for item in prior}
+    for index, item in enumerate(new_items):
+        path = f"input[{index}]"
+        first = sources.setdefault(item["id"], path)
+        if first != path:
+            raise bad_request(
+                f"{path}.id: duplicate item found with id {item['id']!r} (also {first}). Send each item once; with "
+                "previous_response_id, send only the items that follow that response.",
+                param=f"{path}.id",
+            )
 
 
 def _parts(content: str | list[ContentPart], role: str, path: str) -> list[ContentPart]:
@@ -349,7 +371,8 @@ class ConversationBuilder:
     """Chat messages from Responses items: a function_call joins the assistant turn before it (a message or other
     calls) or starts one; a reasoning item becomes the `reasoning_content` of the assistant turn after it. A
     function_call cut by max_output_tokens (status incomplete: its arguments unfinished) was never made: it is left
-    out, with the reasoning that led to it, and an output sent for it is refused by its call_id."""
+    out, with the reasoning that led to it, and an output sent for it is refused by its call_id. As OpenAI, every
+    call made needs its function_call_output later in the conversation, and every output a call before it."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
@@ -357,6 +380,8 @@ class ConversationBuilder:
         self.reasoning: str | None = None
         self.reasoning_source = ""
         self.cut_calls: dict[str, str] = {}  # the call_id of an incomplete function_call -> where it came from
+        self.unanswered: dict[str, str] = {}  # the call_id of a call made, not yet answered -> where it came from
+        self.answered: set[str] = set()
 
     @property
     def sources(self) -> list[str]:
@@ -383,6 +408,7 @@ class ConversationBuilder:
             last = self.messages[-1] if self.messages else None
             if last is None or last["role"] != "assistant" or self.reasoning is not None:
                 last = self.add({"role": "assistant", "content": None}, source)
+            self.unanswered.setdefault(item["call_id"], source)
             function = {"name": item["name"], "arguments": item["arguments"]}
             last.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": function})
             self.origins.calls.setdefault(len(self.messages) - 1, []).append(source)
@@ -395,6 +421,14 @@ class ConversationBuilder:
                     "Leave this item out (and call again with a larger max_output_tokens).",
                     param=f"{source}.call_id",
                 )
+            if self.unanswered.pop(item["call_id"], None) is None and item["call_id"] not in self.answered:
+                raise bad_request(
+                    f"{source}.call_id: no function call found with call_id {item['call_id']!r}: an output answers a "
+                    "function_call earlier in the conversation (in input, or in the response previous_response_id "
+                    "names). Send the call before its output, or leave the output out.",
+                    param=f"{source}.call_id",
+                )
+            self.answered.add(item["call_id"])
             output = item["output"]
             content = output if isinstance(output, str) else [_chat_part(part) for part in output]
             self.origins.outputs.add(len(self.messages))
@@ -402,6 +436,19 @@ class ConversationBuilder:
         elif kind == "reasoning":
             texts = [part["text"] for part in item.get("content") or item.get("summary") or ()]
             self.reasoning, self.reasoning_source = "\n".join(texts), source
+
+    def refuse_unanswered_calls(self) -> None:
+        """The conversation is whole: a call made without its output is refused (the model would reply to a call
+        it never saw answered)."""
+        if not self.unanswered:
+            return
+        call_id, source = next(iter(self.unanswered.items()))
+        param = f"{source}.call_id" if source.startswith("input") else "input"
+        raise bad_request(
+            f"{param}: no tool output found for the function call {call_id!r} ({source}). Send its "
+            "function_call_output in input, after the call.",
+            param=param,
+        )
 
 
 def _chat_part(part: dict[str, Any]) -> dict[str, Any]:

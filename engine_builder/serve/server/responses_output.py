@@ -1,17 +1,16 @@
-"""The Responses API's response object and its output items (reasoning, message, function_call), from a chat
-completion's result: the request's settings echoed as OpenAI echoes them, `usage` in the Responses API's names."""
+"""The Responses API's response object and the shapes of its output items (reasoning, message, function_call):
+the request's settings echoed as OpenAI echoes them, `usage` in the Responses API's names."""
 
-import json
 import time
 from typing import Any
 
-from engine_builder.serve.server.protocol import ChatCompletionResponse, ChatTokenLogprob, Usage
+from engine_builder.serve.server.protocol import ChatTokenLogprob, Usage
 from engine_builder.serve.server.protocol_responses import (
     FunctionToolChoice,
     ResponsesRequest,
     TextFormatJsonSchema,
 )
-from engine_builder.serve.server.responses_input import new_item_id, resolve_tools
+from engine_builder.serve.server.responses_input import resolve_tools
 
 INCOMPLETE_REASON = "max_output_tokens"  # a reply cut by its token budget (or by the context's end)
 
@@ -138,25 +137,3 @@ def token_logprobs(entries: list[ChatTokenLogprob]) -> list[dict[str, Any]]:
         }
         for entry in entries
     ]
-
-
-def output_items(result: ChatCompletionResponse) -> tuple[list[dict[str, Any]], bool]:
-    """A whole chat completion's one choice as output items (reasoning, the message, each call), and whether the
-    reply was cut by its length."""
-    choice = result.choices[0]
-    message = choice.message
-    cut = choice.finish_reason == "length"
-    status = "completed"
-    items = []
-    if message.reasoning_content:
-        items.append(reasoning_item(new_item_id("reasoning"), status, [reasoning_text(message.reasoning_content)]))
-    if message.content is not None and (message.content or not message.tool_calls):
-        logprobs = token_logprobs(choice.logprobs.content or []) if choice.logprobs is not None else []
-        items.append(message_item(new_item_id("message"), status, [output_text(message.content, logprobs)]))
-    for call in message.tool_calls:
-        arguments = call.function.arguments
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
-        items.append(function_call_item(new_item_id("function_call"), status, call.id, call.function.name, arguments))
-    if cut and items:  # what the length cut is the last item; those before it were finished
-        items[-1]["status"] = "incomplete"
-    return items, cut

@@ -1,7 +1,8 @@
-"""The Responses API's stream: one choice's output pieces (what `OutputProcessor.feed` returns: content,
-reasoning_content, tool_calls) as OpenAI's typed events, each an SSE frame with its `event:` line and a
-`sequence_number` counting from 0. An item opens with `response.output_item.added` and closes with
-`response.output_item.done` when the next kind of output begins or the reply ends."""
+"""The Responses API's output, as OpenAI's typed events: one choice's output pieces (what `ChoiceOutput.feed` returns
+for each delta: content, reasoning_content, tool_calls) become output items in the order they were generated, each
+event an SSE frame with its `event:` line and a `sequence_number` counting from 0. An item opens with
+`response.output_item.added` and closes with `response.output_item.done` when the next kind of output begins or
+the reply ends. A stream sends the frames; a whole response keeps only `output`, so both list the same items."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from engine_builder.serve.server.responses_output import (
     reasoning_item,
     reasoning_text,
 )
+
+_OUTPUT_KEYS = ("content", "reasoning_content", "tool_calls")
 
 
 @dataclass
@@ -44,23 +47,37 @@ class ResponseEvents:
         """response.created / in_progress / completed / incomplete / failed, carrying the whole response."""
         return self.event(kind, response=response)
 
-    def feed(self, piece: dict[str, Any], logprobs: list[dict[str, Any]]) -> list[bytes]:
-        """The events of one output piece; `logprobs` (of the tokens it came from) go with the message's text."""
+    def feed(self, pieces: list[dict[str, Any]], logprobs: list[dict[str, Any]]) -> list[bytes]:
+        """The events of one delta's output pieces. The logprobs of its tokens belong to the message's text: they
+        go with the delta's text when it has some, and are held for the message's next text when it has none (part
+        of a character, markup a parser holds back). Those of tokens whose text went to reasoning or a call (their tags
+        and headers too) are dropped: the Responses API has no field for them. With several tokens per delta
+        (lookahead), a delta whose text went to the message and elsewhere gives the message all of them."""
+        pieces = [piece for piece in pieces if any(piece.get(key) for key in _OUTPUT_KEYS)]
+        if not pieces:  # tokens without text of their own
+            if self.open is None or self.open.kind == "message":
+                self.pending_logprobs += logprobs
+            return []  # else reasoning's or a call's: an end tag, a header, the end of the turn
+        if not pieces[0].get("content"):
+            self.pending_logprobs = []  # the tokens held began this reasoning or call
+        if not any(piece.get("content") for piece in pieces):
+            logprobs = []
         frames: list[bytes] = []
-        if piece.get("reasoning_content"):
-            frames += self._text("reasoning", piece["reasoning_content"], [])
-        if piece.get("content"):
-            frames += self._text("message", piece["content"], logprobs)
-        else:
-            self.hold(logprobs)
-        for call in piece.get("tool_calls") or ():
-            frames += self._call(call)
+        for piece in pieces:
+            if piece.get("reasoning_content"):
+                frames += self._text("reasoning", piece["reasoning_content"], [])
+            if piece.get("content"):
+                frames += self._text("message", piece["content"], logprobs)
+                logprobs = []
+            for call in piece.get("tool_calls") or ():
+                frames += self._call(call)
         return frames
 
-    def hold(self, logprobs: list[dict[str, Any]]) -> None:
-        """Logprobs of tokens without text of their own (part of a character, markup): the message's, sent with its
-        next text delta (an empty one when no text follows), so the deltas carry every token the done event does."""
-        self.pending_logprobs += logprobs
+    def end(self, status: str) -> list[bytes]:
+        """The reply ended: the item receiving text closed (`status`: incomplete when the reply was cut inside it).
+        A reply without any output is an empty message, as OpenAI answers it."""
+        frames = [] if self.output else self._open("message")
+        return frames + self.close(status)
 
     def close(self, status: str = "completed") -> list[bytes]:
         """End the item receiving text (`status`: incomplete when the reply was cut inside it)."""
@@ -102,18 +119,19 @@ class ResponseEvents:
         frames.append(self.event("response.output_item.added", output_index=opened.index, item=item))
         return opened, frames
 
+    def _open(self, kind: str) -> list[bytes]:
+        """Open a message or reasoning item with its one content part, empty."""
+        item_id = new_item_id(kind)
+        empty = message_item(item_id, "in_progress", []) if kind == "message" else reasoning_item(item_id, "in_progress", [])
+        item, frames = self._begin(kind, empty)
+        part = output_text("", []) if kind == "message" else reasoning_text("")
+        frames.append(self.event("response.content_part.added", item_id=item_id, output_index=item.index, content_index=0, part=part))
+        return frames
+
     def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]]) -> list[bytes]:
-        frames: list[bytes] = []
+        frames = self._open(kind) if self.open is None or self.open.kind != kind else []
         item = self.open
-        if item is None or item.kind != kind:
-            item_id = new_item_id(kind)
-            empty = message_item(item_id, "in_progress", []) if kind == "message" else reasoning_item(
-                item_id, "in_progress", []
-            )
-            item, frames = self._begin(kind, empty)
-            part = output_text("", []) if kind == "message" else reasoning_text("")
-            where = {"item_id": item_id, "output_index": item.index, "content_index": 0}
-            frames.append(self.event("response.content_part.added", **where, part=part))
+        assert item is not None
         where = {"item_id": self.output[item.index]["id"], "output_index": item.index, "content_index": 0}
         item.text += text
         if kind == "message":

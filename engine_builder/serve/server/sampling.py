@@ -20,22 +20,37 @@ class Limits:
     request_default_max_tokens: int | None
 
 
-def context_length_error(
-    limit: int, prompt_tokens: int, max_tokens: int | None, prompt_field: str = "messages"
-) -> APIError:
-    """OpenAI's wording; `prompt_field` is the request field that holds the input (`messages` or `prompt`)."""
-    if max_tokens is None:
-        message = (
-            f"This model's maximum context length is {limit} tokens. However, your {prompt_field} resulted in "
-            f"{prompt_tokens} tokens. Please reduce the length of the {prompt_field}."
+class ContextLengthError(APIError):
+    """A prompt, with the tokens asked for after it, longer than the model's context: OpenAI's (and vLLM's) words
+    for the route's prompt field (`messages`, `prompt`). Typed, so that the Responses API can say it in its own
+    fields (`in_fields`)."""
+
+    def __init__(self, limit: int, num_prompt_tokens: int | None, max_tokens: int | None, prompt_field: str) -> None:
+        """`num_prompt_tokens`: None when tokenizing stopped at the limit (the prompt has more than `limit`)."""
+        self.limit = limit
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        message = self._words(prompt_field, "in the completion", "completion")
+        super().__init__(message, status=400, param=prompt_field, code="context_length_exceeded")
+
+    def in_fields(self, prompt_field: str, budget_field: str) -> APIError:
+        """The refusal in another API's field names; `param` names the budget's field where the prompt alone fits
+        (what does not fit is the budget asked for after it)."""
+        prompt_fits = self.num_prompt_tokens is not None and self.num_prompt_tokens < self.limit
+        param = budget_field if self.max_tokens is not None and prompt_fits else prompt_field
+        message = self._words(prompt_field, f"for {budget_field}", budget_field)
+        return APIError(message, status=400, param=param, code=self.code)
+
+    def _words(self, prompt_field: str, budget_words: str, budget_name: str) -> str:
+        head = f"This model's maximum context length is {self.limit} tokens. However, "
+        if self.num_prompt_tokens is None or self.max_tokens is None:
+            found = f"more than {self.limit}" if self.num_prompt_tokens is None else str(self.num_prompt_tokens)
+            return head + f"your {prompt_field} resulted in {found} tokens. Please reduce the length of the {prompt_field}."
+        return head + (
+            f"you requested {self.num_prompt_tokens + self.max_tokens} tokens ({self.num_prompt_tokens} in the "
+            f"{prompt_field}, {self.max_tokens} {budget_words}). Please reduce the length of the {prompt_field} or "
+            f"{budget_name}."
         )
-    else:
-        message = (
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_field}, {max_tokens} in the "
-            f"completion). Please reduce the length of the {prompt_field} or completion."
-        )
-    return APIError(message, status=400, param=prompt_field, code="context_length_exceeded")
 
 
 async def encode_prompt(
@@ -54,11 +69,7 @@ async def encode_prompt(
             text, add_special_tokens, max_tokens=limits.max_model_len if truncate is None else None, keep_last=truncate
         )
     except PromptTooLong:
-        message = (
-            f"This model's maximum context length is {limits.max_model_len} tokens. However, your {prompt_field} "
-            f"resulted in more than {limits.max_model_len} tokens. Please reduce the length of the {prompt_field}."
-        )
-        raise APIError(message, status=400, param=prompt_field, code="context_length_exceeded") from None
+        raise ContextLengthError(limits.max_model_len, None, None, prompt_field) from None
     return ids
 
 
@@ -101,10 +112,10 @@ def resolve_max_tokens(
     """An explicit max_tokens that does not fit is an error; a default is clamped to what fits."""
     room = limits.max_model_len - prompt_tokens
     if room < 1:
-        raise context_length_error(limits.max_model_len, prompt_tokens, requested, prompt_field)
+        raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
     if requested is not None:
         if requested > room:
-            raise context_length_error(limits.max_model_len, prompt_tokens, requested, prompt_field)
+            raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
         return requested
     default = limits.request_default_max_tokens
     return min(default, room) if default is not None else room

@@ -1,8 +1,9 @@
 """/v1/responses: OpenAI's Responses API over the chat path. The request is translated into a chat completion
 (`responses_input`), planned, admitted and run as chat runs it (same template, guides, tool parsers, reasoning
-split, metrics, drain and disconnect handling), and the result translated back (`responses_output`, or
-`responses_stream` for the event stream). Responses are kept in the process's bounded store (`response_store`)
-unless `store: false`, for `previous_response_id`, GET, DELETE and the input item list."""
+split, metrics, drain and disconnect handling), and its output read into the stream's events (`responses_stream`)
+whether it is streamed or not: a whole response keeps their items, in the response object (`responses_output`).
+Responses are kept in the process's bounded store (`response_store`) unless `store: false`, for
+`previous_response_id`, GET, DELETE and the input item list."""
 
 import logging
 import time
@@ -15,18 +16,13 @@ from fastapi.responses import JSONResponse, Response
 
 from engine_builder.serve.server.errors import APIError, bad_request, code_for, unsupported
 from engine_builder.serve.server.generation import collect_until_disconnect, sse_response
+from engine_builder.serve.server.protocol import Usage
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.response_store import StoredResponse
 from engine_builder.serve.server.responses_input import ChatTranslation, translate
-from engine_builder.serve.server.responses_output import (
-    failed,
-    finished,
-    output_items,
-    response_object,
-    token_logprobs,
-)
+from engine_builder.serve.server.responses_output import failed, finished, response_object, token_logprobs
 from engine_builder.serve.server.responses_stream import ResponseEvents
-from engine_builder.serve.server.serving_chat import ChatPlan, complete_chat, plan_chat
+from engine_builder.serve.server.serving_chat import ChatPlan, plan_chat
 from engine_builder.serve.server.state import ServerState
 from engine_builder.serve.server.usage import UsageCounter
 
@@ -43,50 +39,81 @@ async def serve_response(state: ServerState, body: ResponsesRequest, http_reques
     except APIError as error:
         raise translation.rename(error) from None
     keep = body.store is not False
+    generation = ResponseGeneration(state, plan)
     if body.stream:
-        frames = stream_response(state, translation, plan, response, keep)
+        frames = stream_response(state, translation, generation, response, keep)
         return sse_response(frames, state.settings.keepalive_interval_s)
-    work = complete_chat(state, translation.chat, plan, response_id, response["created_at"])
-    result = await collect_until_disconnect(http_request, work)
-    output, cut = output_items(result)
-    final = finished(response, output, cut, result.usage)
+    try:
+        await collect_until_disconnect(http_request, generation.run())
+    except APIError as error:
+        raise translation.rename(error) from None
+    final = generation.finished(response)
     if keep:
         state.responses.put(StoredResponse(final, translation.input_items))
     return JSONResponse(final)
 
 
-async def stream_response(
-    state: ServerState, translation: ChatTranslation, plan: ChatPlan, response: dict[str, Any], keep: bool
-) -> AsyncIterator[bytes]:
-    events = ResponseEvents()
-    texts = state.token_texts() if plan.logprobs else None
-    choice = plan.processor.start(0)
-    counts = UsageCounter(len(plan.prompt_token_ids))
-    reasoning_tokens: int | None = None
-    cut = False
-    yield events.lifecycle("response.created", response)
-    yield events.lifecycle("response.in_progress", response)
-    try:
+class ResponseGeneration:
+    """One response's generation, the same whether it is streamed or not: each delta's output pieces go through
+    `ResponseEvents`, whose frames a stream sends and a whole response drops, so both list the same items, in the
+    order they were generated, with the same statuses and logprobs."""
+
+    def __init__(self, state: ServerState, plan: ChatPlan) -> None:
+        self.state = state
+        self.plan = plan
+        self.events = ResponseEvents()
+        self.cut = False  # max_output_tokens (or the context's end) cut the reply
+        self.usage: Usage | None = None
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The output's events as it is generated, ending with the last item's done events."""
+        plan = self.plan
+        texts = self.state.token_texts() if plan.logprobs else None
+        choice = plan.processor.start(0)
+        counts = UsageCounter(len(plan.prompt_token_ids))
+        reasoning_tokens: int | None = None
         async with plan.run.stream() as deltas:
             async for generated in deltas:
                 counts.add(0, generated)
                 is_final = generated.finish_reason is not None
                 pieces = choice.feed(generated.text, is_final, generated.token_ids)
                 logprobs = token_logprobs(texts.chat(generated.logprobs)) if texts and generated.logprobs else []
-                for piece in pieces:
-                    for frame in events.feed(piece, logprobs):
-                        yield frame
-                    logprobs = []
-                events.hold(logprobs)
+                for frame in self.events.feed(pieces, logprobs):
+                    yield frame
                 if is_final:
                     output = choice.result(generated.finish_reason, generated.stop_reason)
-                    reasoning_tokens, cut = output.reasoning_tokens, output.finish_reason == "length"
-        for frame in events.close("incomplete" if cut else "completed"):
+                    reasoning_tokens, self.cut = output.reasoning_tokens, output.finish_reason == "length"
+        for frame in self.events.end("incomplete" if self.cut else "completed"):
             yield frame
-        final = finished(response, events.output, cut, counts.final(reasoning_tokens))
+        self.usage = counts.final(reasoning_tokens)
+
+    async def run(self) -> None:
+        """Generate without sending the events (a whole response)."""
+        async for _ in self.frames():
+            pass
+
+    def finished(self, response: dict[str, Any]) -> dict[str, Any]:
+        assert self.usage is not None, "the generation has not ended"
+        return finished(response, self.events.output, self.cut, self.usage)
+
+
+async def stream_response(
+    state: ServerState,
+    translation: ChatTranslation,
+    generation: ResponseGeneration,
+    response: dict[str, Any],
+    keep: bool,
+) -> AsyncIterator[bytes]:
+    events = generation.events
+    yield events.lifecycle("response.created", response)
+    yield events.lifecycle("response.in_progress", response)
+    try:
+        async for frame in generation.frames():
+            yield frame
+        final = generation.finished(response)
         if keep:
             state.responses.put(StoredResponse(final, translation.input_items))
-        yield events.lifecycle("response.incomplete" if cut else "response.completed", final)
+        yield events.lifecycle("response.incomplete" if generation.cut else "response.completed", final)
     except APIError as error:  # counted as the error handler counts a refusal answered before the stream
         state.metrics.record_error(error.status)
         for frame in _failure(events, response, translation.rename(error)):
@@ -98,10 +125,17 @@ async def stream_response(
             yield frame
 
 
+# OpenAI's `response.error.code` is one of a closed set (the SDK's ResponseError); the `error` event's is free.
+_RESPONSE_ERROR_CODES = {429: "rate_limit_exceeded"}
+
+
 def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) -> list[bytes]:
     """OpenAI's ending of a stream that failed: the item being streamed closed as it stands (its done events,
-    status incomplete), an `error` event, then `response.failed`, whose output holds what was streamed."""
+    status incomplete), an `error` event with the error's own code, then `response.failed`, whose output holds
+    what was streamed and whose code is the nearest of OpenAI's: server_error, rate_limit_exceeded, or
+    invalid_prompt for a request the backend refused."""
     code = "server_error" if error.status >= 500 else error.code or code_for(error.status)
+    response_code = "server_error" if error.status >= 500 else _RESPONSE_ERROR_CODES.get(error.status, "invalid_prompt")
     try:
         frames = events.close("incomplete")
     except Exception:  # the failure came from the events themselves: end the stream without closing the item
@@ -110,7 +144,7 @@ def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) 
     return [
         *frames,
         events.event("error", code=code, message=error.message, param=error.param),
-        events.lifecycle("response.failed", failed(response, events.output, code, error.message)),
+        events.lifecycle("response.failed", failed(response, events.output, response_code, error.message)),
     ]
 
 
@@ -156,7 +190,7 @@ def cancel_response(state: ServerState, response_id: str) -> JSONResponse:
 
 def list_input_items(state: ServerState, response_id: str, request: Request) -> JSONResponse:
     """OpenAI's cursor page of the input items a response ran: `order` (desc by default), `limit` (1-100, 20),
-    `after` (an item id)."""
+    `after` (an item id: unique in a stored conversation, as `translate` refuses a repeated one)."""
     _no_query(request, ("limit", "order", "after"))
     items = stored_response(state, response_id).input_items
     query = request.query_params

@@ -15,18 +15,11 @@ from openai.types.responses import Response
 
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.protocol import (
-    ChatChoice,
-    ChatCompletionResponse,
-    FunctionCall,
-    ResponseMessage,
-    ResponseToolCall,
-    Usage,
-)
+from engine_builder.serve.server.protocol import Usage
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.response_store import ResponseStore, StoredResponse
 from engine_builder.serve.server.responses_input import translate
-from engine_builder.serve.server.responses_output import finished, output_items, response_object
+from engine_builder.serve.server.responses_output import finished, response_object
 from engine_builder.serve.server.responses_stream import ResponseEvents
 from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.serve.server.harness import ServerProcess, StubEngine
@@ -120,12 +113,12 @@ def test_previous_response_items_come_first_and_instructions_are_not_inherited()
 
 def test_stream_events_open_and_close_items_in_order() -> None:
     events = ResponseEvents()
-    frames = events.feed({"reasoning_content": "Hmm."}, [])
-    frames += events.feed({"content": "Hi"}, [])
-    frames += events.feed({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                           "function": {"name": "f", "arguments": ""}}]}, [])
-    frames += events.feed({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, [])
-    frames += events.close()
+    frames = events.feed([{"reasoning_content": "Hmm."}], [])
+    frames += events.feed([{"content": "Hi"}], [])
+    frames += events.feed([{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                            "function": {"name": "f", "arguments": ""}}]}], [])
+    frames += events.feed([{"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}], [])
+    frames += events.end("completed")
     kinds = [json.loads(frame.decode().split("data: ", 1)[1])["type"] for frame in frames]
     assert kinds == [
         "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
@@ -141,33 +134,29 @@ def test_stream_events_open_and_close_items_in_order() -> None:
 
 
 def test_a_reply_with_reasoning_and_a_call_as_the_sdk_reads_it() -> None:
-    """Reasoning, text and a call, whole (from a chat result) and streamed (the pieces an OutputProcessor gives),
-    read by the SDK: its Response model, and its stream accumulator, which refuses events out of order."""
+    """Reasoning, text and a call (the pieces an OutputProcessor gives) read by the SDK: the whole response by its
+    Response model, the stream by its accumulator, which refuses events out of order."""
     from openai.lib.streaming.responses._responses import ResponseStreamState
     from openai.types.responses import ResponseStreamEvent
     from pydantic import TypeAdapter
 
     body = ResponsesRequest.model_validate({"input": "hi", "tools": [WEATHER]})
-    call = ResponseToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Rome"}'))
-    message = ResponseMessage(content="Sure.", reasoning_content="Rome, then.", tool_calls=[call])
-    result = ChatCompletionResponse(id="x", created=0, model="m", usage=Usage.of(5, 9, 0, 4),
-                                    choices=[ChatChoice(index=0, message=message, finish_reason="tool_calls")])
-    items, cut = output_items(result)
-    whole = Response.model_validate(finished(response_object(body, "resp_1", "m", 0), items, cut, result.usage))
-    assert [item.type for item in whole.output] == ["reasoning", "message", "function_call"] and not cut
-    assert whole.output_text == "Sure." and whole.status == "completed" and whole.tools[0].strict is True
-    assert whole.usage is not None and whole.usage.output_tokens_details.reasoning_tokens == 4
-
+    usage = Usage.of(5, 9, 0, 4)
     events = ResponseEvents()
     start = response_object(body, "resp_1", "m", 0)
     frames = [events.lifecycle("response.created", start), events.lifecycle("response.in_progress", start)]
-    for piece in ({"reasoning_content": "Rome, then."}, {"content": "Sure."},
-                  {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                   "function": {"name": "get_weather", "arguments": ""}}]},
-                  {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Rome"}'}}]}):
-        frames += events.feed(piece, [])
-    frames += events.close()
-    frames.append(events.lifecycle("response.completed", finished(start, events.output, False, result.usage)))
+    for pieces in ([{"reasoning_content": "Rome, then."}], [{"content": "Sure."}],
+                   [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": ""}}]}],
+                   [{"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Rome"}'}}]}]):
+        frames += events.feed(pieces, [])
+    frames += events.end("completed")
+    final = finished(start, events.output, False, usage)
+    frames.append(events.lifecycle("response.completed", final))
+    whole = Response.model_validate(final)
+    assert [item.type for item in whole.output] == ["reasoning", "message", "function_call"]
+    assert whole.output_text == "Sure." and whole.status == "completed" and whole.tools[0].strict is True
+    assert whole.usage is not None and whole.usage.output_tokens_details.reasoning_tokens == 4
     state: ResponseStreamState[Any] = ResponseStreamState(input_tools=[WEATHER], text_format=openai.omit)  # type: ignore[list-item]
     adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
     for frame in frames:
@@ -184,7 +173,7 @@ def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed
 
     events = ResponseEvents()
     start = response_object(ResponsesRequest.model_validate({"input": "hi"}), "resp_1", "m", 0)
-    frames = [events.lifecycle("response.created", start), *events.feed({"content": "Hel"}, [])]
+    frames = [events.lifecycle("response.created", start), *events.feed([{"content": "Hel"}], [])]
     frames += _failure(events, start, APIError("The engine failed.", status=500, type="server_error"))
     error, failure = (json.loads(frame.decode().split("data: ", 1)[1]) for frame in frames[-2:])
     assert error["type"] == "error" and error["code"] == "server_error" and error["message"] == "The engine failed."
@@ -195,6 +184,27 @@ def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed
 
 def _frame_data(frame: bytes) -> dict[str, Any]:
     return json.loads(frame.decode().split("data: ", 1)[1])
+
+
+def test_response_failed_carries_one_of_openais_error_codes() -> None:
+    """Probe AX: a backend's refusal after the stream began (a 400 `unsupported_parameter`) went into
+    `response.error.code`, a closed set in OpenAI's API; the `error` event keeps the detailed code."""
+    from openai.types.responses import ResponseErrorEvent, ResponseFailedEvent
+
+    from engine_builder.serve.server.serving_responses import _failure
+
+    start = response_object(ResponsesRequest.model_validate({"input": "hi"}), "resp_1", "m", 0)
+    for error, code, response_code in (
+        (APIError("temperature refused", status=400, param="temperature", code="unsupported_parameter"),
+         "unsupported_parameter", "invalid_prompt"),
+        (APIError("Too many requests.", status=429), "rate_limit_exceeded", "rate_limit_exceeded"),
+        (APIError("The server is shutting down.", status=503, code="draining"), "server_error", "server_error"),
+    ):
+        frames = _failure(ResponseEvents(), start, error)
+        event, failure = (_frame_data(frame) for frame in frames[-2:])
+        ResponseErrorEvent.model_validate(event, strict=True)
+        ResponseFailedEvent.model_validate(failure)
+        assert (event["code"], failure["response"]["error"]["code"]) == (code, response_code)
 
 
 def test_a_failed_stream_closes_the_streamed_item_and_keeps_its_text() -> None:
@@ -217,8 +227,7 @@ def test_a_failed_stream_closes_the_streamed_item_and_keeps_its_text() -> None:
         events = ResponseEvents()
         start = response_object(body, "resp_1", "m", 0)
         frames = [events.lifecycle("response.created", start)]
-        for piece in pieces:
-            frames += events.feed(piece, [])
+        frames += events.feed(pieces, [])
         frames += _failure(events, start, APIError("The server is shutting down.", status=503, code="draining"))
         kinds = [_frame_data(frame)["type"] for frame in frames]
         assert kinds[-3:] == ["response.output_item.done", "error", "response.failed"], kinds
@@ -283,6 +292,93 @@ def test_a_call_cut_by_max_output_tokens_is_left_out_of_the_next_turn(arguments:
     assert [m.role for m in chained.messages] == ["user", "assistant", "tool"]
 
 
+def test_an_item_id_already_in_the_conversation_is_refused() -> None:
+    """Probe AX: an earlier output sent again beside its previous_response_id (or two items with one id) was
+    accepted: the prompt repeated the turn, and the input item list's cursor (`after` an id held twice) never
+    ended. OpenAI refuses the duplicate; the stored conversation's ids stay unique."""
+    store = ResponseStore()
+    reply = {"type": "message", "id": "msg_r", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Hello Bob.", "annotations": []}]}
+    _stored(store, "resp_1", [reply])
+    question = {"role": "user", "content": "Who am I?"}
+    for fields, param, first in (
+        ({"previous_response_id": "resp_1", "input": [reply, question]}, "input[0].id", "previous_response_id"),
+        ({"input": [{**question, "id": "msg_1"}, {**question, "id": "msg_1"}]}, "input[1].id", "input[0]"),
+    ):
+        with pytest.raises(APIError) as refused:
+            translate(ResponsesRequest.model_validate(fields), store)
+        assert (refused.value.status, refused.value.param) == (400, param)
+        assert "duplicate" in refused.value.message and first in refused.value.message
+    translation = translate(ResponsesRequest.model_validate({"previous_response_id": "resp_1", "input": [question]}), store)
+    ids = [item["id"] for item in translation.input_items]
+    assert len(set(ids)) == len(ids) == 3
+
+
+def test_listed_input_items_are_what_the_sdk_types_require() -> None:
+    """Probe AX: function_call and function_call_output items were listed without the `status` the SDK's item
+    types require (a strict client refused the page)."""
+    from openai.types.responses import (
+        ResponseFunctionToolCallItem,
+        ResponseFunctionToolCallOutputItem,
+        ResponseInputMessageItem,
+        ResponseReasoningItem,
+    )
+
+    body = ResponsesRequest.model_validate({"input": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Call it."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]})
+    types: dict[str, Any] = {"message": ResponseInputMessageItem, "reasoning": ResponseReasoningItem,
+                             "function_call": ResponseFunctionToolCallItem,
+                             "function_call_output": ResponseFunctionToolCallOutputItem}
+    for item in translate(body, ResponseStore()).input_items:
+        assert item["status"] == "completed"
+        types[item["type"]].model_validate(item, strict=True)
+
+
+def test_a_tool_output_needs_its_call_and_a_call_its_output() -> None:
+    """Probe AX: an output for a call never made, and a call left without its output, were accepted (the model saw
+    a result that answered nothing, or a call never answered); OpenAI refuses both, naming the call_id."""
+    store = ResponseStore()
+    question = {"role": "user", "content": "Weather in Rome?"}
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Rome"}'}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    _stored(store, "resp_call", [{**call, "id": "fc_1", "status": "completed"}])
+    for fields, param, says in (
+        ({"input": [question, output]}, "input[1].call_id", "no function call found"),
+        ({"input": [question, output, call]}, "input[1].call_id", "no function call found"),  # the call comes first
+        ({"input": [question, call, {"role": "user", "content": "And?"}]}, "input[1].call_id", "no tool output"),
+        ({"previous_response_id": "resp_call", "input": [question]}, "input", "no tool output"),
+    ):
+        with pytest.raises(APIError) as refused:
+            translate(ResponsesRequest.model_validate({**fields, "tools": [WEATHER]}), store)
+        assert (refused.value.status, refused.value.param) == (400, param), fields
+        assert says in refused.value.message and "call_1" in refused.value.message
+    chained = translate(ResponsesRequest.model_validate(
+        {"previous_response_id": "resp_call", "input": [output], "tools": [WEATHER]}), store).chat
+    assert [m.role for m in chained.messages] == ["user", "assistant", "tool"]
+
+
+def test_a_budget_over_the_context_is_named_max_output_tokens() -> None:
+    """Probe AX: chat's refusal named `input` as its param and spoke of messages and the completion, although the
+    input fitted and only max_output_tokens was too large."""
+    from engine_builder.serve.server.sampling import ContextLengthError
+
+    translation = translate(ResponsesRequest.model_validate({"input": "hi"}), ResponseStore())
+    for chat_error, param in (
+        (ContextLengthError(8192, 31, 100000, "messages"), "max_output_tokens"),
+        (ContextLengthError(8192, 9000, 16, "messages"), "input"),
+        (ContextLengthError(8192, 9000, None, "messages"), "input"),
+        (ContextLengthError(8192, None, None, "messages"), "input"),
+    ):
+        error = translation.rename(chat_error)
+        assert (error.status, error.code, error.param) == (400, "context_length_exceeded", param)
+        assert "messages" not in error.message and "completion" not in error.message and "input" in error.message
+    assert "100000 for max_output_tokens" in translation.rename(ContextLengthError(8192, 31, 100000, "messages")).message
+
+
 def test_chat_refusals_name_the_responses_fields_in_the_message_too() -> None:
     """A refusal from the chat path is named by the Responses field it came from, in `param` and in the message:
     the item's own index (not chat's, which `instructions` shifts) and field, and advice for this route."""
@@ -298,6 +394,7 @@ def test_chat_refusals_name_the_responses_fields_in_the_message_too() -> None:
             {"type": "function_call", "call_id": "c0", "name": "f", "arguments": "{}"},
             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "not json"},
             {"type": "function_call_output", "call_id": "c0", "output": [{"type": "input_text", "text": "1"}]},
+            {"type": "function_call_output", "call_id": "c1", "output": "2"},
         ],
     })
     translation = translate(body, ResponseStore())
@@ -340,6 +437,8 @@ def test_chat_refusals_name_the_responses_fields_in_the_message_too() -> None:
         ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "'user'"),
         ({"tools": [{"type": "function"}]}, "tools[0].name", "required"),
         ({"metadata": {str(key): "v" for key in range(17)}}, "metadata", "at most 16 keys"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata", "at most 64"),  # OpenAI's bounds on keys and values (probe AX)
+        ({"metadata": {"k": "v" * 513}}, "metadata", "at most 512"),
     ],
 )
 def test_schema_errors_name_the_field_as_the_refusals_do(fields: dict[str, Any], param: str, says: str) -> None:
@@ -589,12 +688,12 @@ def test_streamed_text_deltas_carry_every_token_logprob_the_done_event_has() -> 
         return {"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": []}
 
     events = ResponseEvents()
-    frames = events.feed({"content": "東"}, [logprob("東")])
+    frames = events.feed([{"content": "東"}], [logprob("東")])
     for token in ("\\xe4", "\\xba"):  # two tokens that complete no character
-        frames += events.feed({}, [logprob(token)])
-    frames += events.feed({"content": "京"}, [logprob("京")])
-    frames += events.feed({}, [logprob("<|im_end|>")])  # a textless token after the last text
-    frames += events.close()
+        frames += events.feed([], [logprob(token)])
+    frames += events.feed([{"content": "京"}], [logprob("京")])
+    frames += events.feed([], [logprob("<|im_end|>")])  # a textless token after the last text
+    frames += events.end("completed")
     data = [_frame_data(frame) for frame in frames]
     streamed = [entry["token"] for d in data if d["type"] == "response.output_text.delta" for entry in d["logprobs"]]
     done = next(d for d in data if d["type"] == "response.output_text.done")

@@ -1,0 +1,218 @@
+"""The Responses API's output items from real replies: a scripted engine streams chosen token ids, and everything
+after it is the server's own (the detokenizer, the chat template, the reasoning, harmony and tool-call parsers,
+the Responses layer). The same request whole and streamed gives the same items, in the order they were generated,
+with the same statuses, text and logprobs; the SDK's models read both."""
+
+import json
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from engine_builder.common.types import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    PreparedRequest,
+    TokenLogprob,
+)
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.decoding.harmony import detect_harmony
+from engine_builder.serve.decoding.reasoning import detect_reasoning_format
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.chat_template import PromptRenderer
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.decoding.test_harmony import harmony_model_dir
+from tests.serve.decoding.test_reasoning import thinking_tokenizer_dir
+from tests.serve.server.harness import StubEngine
+
+WEATHER = {"type": "function", "name": "get_weather", "strict": False,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+LOGPROBS = {"include": ["message.output_text.logprobs"]}
+
+
+@dataclass
+class Script:
+    """The reply the engine gives every request: these tokens, `group` per delta, cut at the request's max_tokens
+    (finish length), else ended by `eos` (finish stop)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    eos: int = 0
+    group: int = 1
+
+
+class ScriptedEngine(StubEngine):
+    def __init__(self, info: ModelInfo, script: Script) -> None:
+        self.model_info = info
+        self.script = script
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        return PreparedRequest(request, None)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        request = prepared.request
+        params = request.sampling
+        tokens, finish = list(self.script.token_ids), FinishReason.STOP
+        if len(tokens) >= params.max_tokens:
+            tokens, finish = tokens[: params.max_tokens], FinishReason.LENGTH
+        else:
+            tokens.append(self.script.eos)
+        for start in range(0, len(tokens), self.script.group):
+            group = tokens[start : start + self.script.group]
+            last = start + len(group) == len(tokens)
+            logprobs = [TokenLogprob(token, -0.5, ()) for token in group] if params.logprobs is not None else None
+            yield GenerationDelta(
+                request.request_id, 0, group, "", logprobs,
+                finish_reason=finish if last else None,
+                stop_reason=self.script.eos if last and finish is FinishReason.STOP else None,
+                num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=start + len(group),
+            )
+
+    async def finish_choice(self, request_id: str, index: int) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+
+@dataclass
+class Served:
+    client: TestClient
+    script: Script
+    tokenizer: Any
+
+    def say(self, text: str, group: int = 1) -> None:
+        self.script.token_ids, self.script.group = self.tokenizer.encode(text, add_special_tokens=False), group
+
+    def both(self, **body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The response whole, and as the stream's last event carries it (every event read by the SDK's types)."""
+        body = {"model": "m", "input": "What is the weather in Paris?", **body}
+        whole = self.client.post("/v1/responses", json=body)
+        assert whole.status_code == 200, whole.text
+        Response.model_validate(whole.json())
+        adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+        events = []
+        with self.client.stream("POST", "/v1/responses", json={**body, "stream": True}) as streamed:
+            for line in streamed.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: "):]))
+                    adapter.validate_python(events[-1])
+        return whole.json(), events[-1]["response"]
+
+
+def serve(model_dir: Path, tool_parser: str | None = None) -> Iterator[Served]:
+    renderer = PromptRenderer(model_dir)
+    tokenizer = renderer.tokenizer
+    template = tokenizer.chat_template
+    harmony = detect_harmony(tokenizer, template)
+    reasoning = None if harmony is not None else detect_reasoning_format(tokenizer, template)
+    script = Script(eos=tokenizer.eos_token_id)
+    info = ModelInfo("m", 4096, len(tokenizer), (tokenizer.eos_token_id,), "LlamaForCausalLM", "decoder", tool_parser)
+    state = ServerState(ServerSettings("m"), ScriptedEngine(info, script), renderer=renderer,
+                        decoder=TextDecoder(tokenizer.backend_tokenizer), reasoning=reasoning, harmony=harmony)
+    state.ready = True
+    yield Served(TestClient(create_app(state)), script, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir: Path) -> Iterator[Served]:
+    yield from serve(qwen_dir, "hermes")
+
+
+@pytest.fixture(scope="module")
+def thinking(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from serve(thinking_tokenizer_dir(smollm2_dir, tmp_path_factory.mktemp("thinking") / "model"))
+
+
+@pytest.fixture(scope="module")
+def harmony(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from serve(harmony_model_dir(smollm2_dir, tmp_path_factory.mktemp("harmony") / "model"))
+
+
+def items(response: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Each output item's kind, status and text (a call's arguments)."""
+    def text(item: dict[str, Any]) -> str:
+        return item["arguments"] if item["type"] == "function_call" else "".join(part["text"] for part in item["content"])
+
+    return [(item["type"], item["status"], text(item)) for item in response["output"]]
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_a_finished_call_stays_completed_when_the_text_after_it_is_cut(qwen: Served) -> None:
+    """Probe AX: the whole response listed the call last and marked it incomplete, so the next turn refused its
+    output as that of a call never made; the text being written when max_output_tokens ran out is what was cut."""
+    qwen.say(CALL + "\nI have called the tool and will now wait for the result to come back.")
+    budget = len(qwen.script.token_ids) - 5
+    for response in qwen.both(tools=[WEATHER], max_output_tokens=budget):
+        assert response["status"] == "incomplete"
+        assert [(kind, status) for kind, status, _ in items(response)] == [
+            ("function_call", "completed"), ("message", "incomplete")
+        ]
+        qwen.say("It is sunny.")
+        call = response["output"][0]
+        answered = qwen.client.post("/v1/responses", json={
+            "model": "m", "tools": [WEATHER], "previous_response_id": response["id"],
+            "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}],
+        })
+        assert answered.status_code == 200, answered.text
+        qwen.say(CALL + "\nI have called the tool and will now wait for the result to come back.")
+
+
+def test_items_come_in_the_order_generated_whole_and_streamed(qwen: Served, harmony: Served) -> None:
+    """Probe AX: the whole response listed reasoning, then the message, then the calls, and joined separate
+    reasoning into one item; the stream kept the order. The stored conversation depended on `stream`."""
+    qwen.say(CALL + "\nDone.")
+    whole, streamed = qwen.both(tools=[WEATHER])
+    assert items(whole) == items(streamed) == [
+        ("function_call", "completed", '{"city": "Paris"}'), ("message", "completed", "\nDone.")
+    ]
+    harmony.script.eos = harmony.tokenizer.convert_tokens_to_ids("<|call|>")
+    harmony.say("<|channel|>analysis<|message|>A<|end|><|start|>assistant<|channel|>commentary<|message|>Let me check."
+                "<|end|><|start|>assistant<|channel|>analysis<|message|>B<|end|><|start|>assistant<|channel|>commentary "
+                'to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}')
+    whole, streamed = harmony.both(tools=[WEATHER])
+    assert items(whole) == items(streamed) == [
+        ("reasoning", "completed", "A"), ("message", "completed", "Let me check."), ("reasoning", "completed", "B"),
+        ("function_call", "completed", '{"city":"Oslo"}'),
+    ]
+    assert whole["usage"] == streamed["usage"]
+
+
+def logprob_tokens(response: dict[str, Any]) -> list[list[str]]:
+    return [[entry["token"] for entry in item["content"][0]["logprobs"]]
+            for item in response["output"] if item["type"] == "message"]
+
+
+def test_a_messages_logprobs_are_its_own_tokens(thinking: Served, qwen: Served) -> None:
+    """Probe AX: the reasoning's tokens (its tags too) came first in the message's logprobs, and a whole response
+    gave the message every token's, the call's included. A message's logprobs spell its text (and the end of the
+    turn), the same whole and streamed."""
+    thinking.say("<think>I should add.</think>\n\nThe answer is 4.")
+    whole, streamed = thinking.both(**LOGPROBS)
+    assert [kind for kind, _, _ in items(whole)] == ["reasoning", "message"]
+    assert logprob_tokens(whole) == logprob_tokens(streamed)
+    [tokens] = logprob_tokens(whole)
+    assert "".join(tokens) == "The answer is 4." + thinking.tokenizer.eos_token
+
+    qwen.say("Sure, checking.\n" + CALL)
+    whole, streamed = qwen.both(tools=[WEATHER], **LOGPROBS)
+    assert [kind for kind, _, _ in items(whole)] == ["message", "function_call"]
+    assert logprob_tokens(whole) == logprob_tokens(streamed)
+    [tokens] = logprob_tokens(whole)
+    assert "".join(tokens) == whole["output"][0]["content"][0]["text"] == "Sure, checking.\n"
+
+
+def test_an_empty_reply_is_an_empty_message_whole_and_streamed(thinking: Served) -> None:
+    """Probe AX: whole, an empty message; streamed, no item at all (so the stored conversation had two user turns
+    in a row). OpenAI answers an empty reply with a message of empty text."""
+    thinking.say("")
+    for response in thinking.both():
+        assert items(response) == [("message", "completed", "")]
