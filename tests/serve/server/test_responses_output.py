@@ -116,7 +116,7 @@ def serve(model_dir: Path, tool_parser: str | None = None) -> Iterator[Served]:
     info = ModelInfo("m", 4096, len(tokenizer), (tokenizer.eos_token_id,), "LlamaForCausalLM", "decoder", tool_parser)
     state = ServerState(ServerSettings("m"), ScriptedEngine(info, script), renderer=renderer,
                         decoder=TextDecoder(tokenizer.backend_tokenizer), reasoning=reasoning, harmony=harmony)
-    state.ready = True
+    state.ready = state.engine_ready = True
     yield Served(TestClient(create_app(state)), script, tokenizer)
 
 
