@@ -50,7 +50,14 @@ def create_app(
         if user_model is not None:
             from engine_builder.serve.server.user_model_methods import call_load
 
-            await call_load(user_model)
+            try:
+                await call_load(user_model)
+            except BaseException:
+                # the engine is stopped as at a shutdown: a tensor-parallel engine's ranks were left to die with the
+                # process, and its watcher logged that as a rank failing (probe AV)
+                state.engine_ready = False
+                await state.engine.shutdown(0.0)
+                raise
         state.ready = True
         logger.info("ready: serving %s", state.settings.served_model_name)
         try:

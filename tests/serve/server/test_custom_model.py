@@ -488,3 +488,27 @@ def test_responses_messages_and_embeddings_reach_the_models_methods() -> None:
     assert client.post("/v1/embeddings", json={"x": 3}).json() == {"method": "embeddings", "x": 3}
     stored = client.get("/v1/responses/resp_1")  # the engine's stored responses stay out of reach
     assert stored.status_code == 404 and "user model.py" in stored.json()["error"]["message"]
+
+
+def test_a_load_that_fails_stops_the_engine_before_the_server_exits() -> None:
+    """`load()` raised after the engine had started, and nothing stopped it: a tensor-parallel engine's ranks were
+    left to die with the process, its watcher logging that as a rank failing (probe AV)."""
+
+    class Stopping(StubEngine):
+        stopped_with: list[float] = []
+
+        async def shutdown(self, timeout_s: float) -> None:
+            self.stopped_with.append(timeout_s)
+
+    class Broken:
+        def load(self) -> None:
+            raise RuntimeError("the database is down")
+
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            return {}
+
+    engine = Stopping()
+    state = ServerState(settings=ServerSettings("m"), engine=engine, renderer=None)
+    with pytest.raises(RuntimeError, match="database is down"), TestClient(create_app(state, user_model=Broken())):
+        pass
+    assert engine.stopped_with == [0.0] and not state.engine_ready and not state.ready
