@@ -218,6 +218,8 @@ class Run:
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
         except EngineUnavailableError as error:
+            if self.state.drain_expired:  # ended by the drain, the engine not answering in time: the drain's 503
+                raise self.state.drain_refusal() from None
             raise APIError(
                 f"The engine stopped and cannot finish this request ({error}); the server needs a restart.",
                 status=503,

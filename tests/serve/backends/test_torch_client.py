@@ -31,3 +31,32 @@ def test_a_request_registered_as_the_loop_dies_gets_the_engines_error() -> None:
     with pytest.raises(EngineDeadError, match="illegal memory access"):
         asyncio.run(asyncio.wait_for(run(), 5))
     assert not client._streams
+
+
+def test_an_abort_the_engine_thread_does_not_answer_ends_the_stream_from_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe AV: at the drain's expiry the aborts went through the engine thread, which a stalled tensor-parallel
+    rank held in a collective for up to 300 s: the streams were cut at the shutdown without an error event. An
+    abort left unanswered ends its stream from here."""
+    from engine_builder.serve.backends.torch import client as client_module
+
+    monkeypatch.setattr(client_module, "_ABORT_ANSWER_S", 0.2)
+    client = TorchEngineClient(EngineConfig(model_dir=Path(".")), "m", (0,), "LlamaForCausalLM")  # no engine thread
+    request = GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=2))
+
+    async def run() -> None:
+        client._loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            async for _ in client.generate(PreparedRequest(request, None)):
+                pass
+
+        reading = asyncio.ensure_future(read())
+        await asyncio.sleep(0.05)
+        await client.abort("r")  # nothing takes it: the "thread" is stuck
+        await asyncio.wait_for(reading, 5)
+
+    with pytest.raises(EngineDeadError, match="did not stop this request within 0.2 s"):
+        asyncio.run(run())
+    assert not client._streams

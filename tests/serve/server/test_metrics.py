@@ -398,3 +398,30 @@ def test_a_request_the_backend_refuses_as_it_begins_records_no_latency(decoder: 
     found = _samples(state.metrics)
     assert found.get("e2e_request_latency_seconds_count", 0) == 0 and not _finished(state.metrics)
     assert state.inflight == 0
+
+
+def test_an_engine_that_fails_a_request_the_drain_ended_answers_the_drains_503(decoder: TextDecoder) -> None:
+    """An engine stuck in a step ends the streams the drain aborted itself (EngineUnavailableError): those clients
+    get the drain's 503 `draining`, not "the server needs a restart" (probe AV)."""
+    from engine_builder.serve.backends.base import EngineUnavailableError
+    from engine_builder.serve.server.errors import APIError
+
+    class Stuck(ScriptedEngine):
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            yield _delta(0, 1, 1)
+            raise EngineUnavailableError("the engine did not stop this request within 2 s")
+
+    state = ServerState(ServerSettings("m"), Stuck([]), renderer=None, decoder=decoder)
+    state.engine_ready = state.ready = True
+
+    async def run() -> None:
+        request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=8))
+        await request.admit()
+        state.drain_expired = True
+        async with request.stream() as deltas:
+            async for _ in deltas:
+                pass
+
+    with pytest.raises(APIError) as refused:
+        asyncio.run(run())
+    assert (refused.value.status, refused.value.code) == (503, "draining")

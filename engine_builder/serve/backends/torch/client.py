@@ -41,6 +41,10 @@ def gil_switch_interval_s() -> float:
 
 
 _IDLE_WAIT_S = 0.05
+# An abort the engine thread has not answered by then, while its stream is still read (the drain's expiry, the
+# shutdown): the step the thread is in is stuck (a tensor-parallel rank not answering, waited for up to its timeout),
+# and the stream is ended from here, so its client gets the 503 or error event instead of a cut connection (probe AV).
+_ABORT_ANSWER_S = 2.0
 
 
 class EngineDeadError(EngineUnavailableError):
@@ -124,6 +128,12 @@ class TorchEngineClient:
         self._commands.put(("wake", None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+            workers = self.engine.runner.workers if self.engine is not None else None
+            if self._thread.is_alive() and workers is not None:
+                # stuck in a collective with a rank that does not answer: killing the ranks fails it at once
+                logger.error("the engine loop is stuck in a tensor-parallel step; stopping the ranks")
+                workers.kill()
+                await asyncio.to_thread(self._thread.join, 5)
         if self._compiler is not None:
             self._compiler.close()
 
@@ -212,6 +222,18 @@ class TorchEngineClient:
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+        if request_id in self._streams and self._loop is not None:
+            self._loop.call_later(_ABORT_ANSWER_S, self._end_unanswered, request_id)
+
+    def _end_unanswered(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.outputs.put_nowait(
+                EngineDeadError(
+                    f"the engine did not stop this request within {_ABORT_ANSWER_S:g} s of being asked: its step is "
+                    "stuck (a tensor-parallel rank not answering?)"
+                )
+            )
 
     # -- engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
