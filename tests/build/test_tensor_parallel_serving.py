@@ -110,7 +110,7 @@ def test_a_dead_rank_turns_readiness_false(tmp_path: Path, smollm2_dir: Path) ->
 
     config = write_config(
         tmp_path / "config.yaml", smollm2_dir, max_seq_len=256,
-        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 16 * 2**20},
+        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20},  # the two ranks' pools together
     )
     document = yaml.safe_load(config.read_text())
     document["trt_llm"]["build"]["tensor_parallel_count"] = 2

@@ -232,8 +232,9 @@ def test_encoder_requests_are_refused_as_generation_requests_are(
     client, state = encoder
     if refusal == "draining":
         monkeypatch.setattr(state, "draining", True)
-    elif refusal == "loading":
+    elif refusal == "loading":  # the engine not started yet (readiness reads `ready`, admission `engine_ready`)
         monkeypatch.setattr(state, "ready", False)
+        monkeypatch.setattr(state, "engine_ready", False)
     else:
         monkeypatch.setattr(state.settings, "max_inflight", 0)
     errors_before = _sample(client, "request_errors_total", status=str(status))
