@@ -55,6 +55,13 @@ CASES = [
      "", [("get_weather", {"city": 'print("<tool_call>")'})]),
     ("qwen3_coder", '<tool_call>\n<function=get_weather>\n<parameter=city>\nx = "</tool_call>"\n</parameter>\n</function>\n</tool_call> done',
      " done", [("get_weather", {"city": 'x = "</tool_call>"'})]),
+    # a value whose </parameter> was left out ends where the function does (as vLLM reads it), not at a later
+    # call's </parameter>, which swallowed that call and the text after it (probe AZ)
+    ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>\n"
+     "<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>",
+     "", [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+    ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n2\n</parameter>\n"
+     "</function>\n</tool_call>\nDone.", "\nDone.", [("get_weather", {"city": "Paris", "days": 2})]),
     ("forced", '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]', "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
 ]
 

@@ -17,8 +17,9 @@ from engine_builder.serve.decoding.tool_calls.base import (
 )
 
 _FUNCTION = re.compile(r"<function=([^>\s]+)>")
-_PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
-_PARAMETER_OPEN, _PARAMETER_CLOSE = "<parameter=", "</parameter>"
+# a value ends at its </parameter>, or (left out) where the next parameter or the function's end begins
+_PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>))", re.S)
+_PARAMETER_OPEN, _PARAMETER_CLOSE, _FUNCTION_CLOSE = "<parameter=", "</parameter>", "</function>"
 
 
 class Qwen3CoderParser(ToolParser):
@@ -70,9 +71,11 @@ class Qwen3CoderParser(ToolParser):
 
     def _call_end(self, text: str, start: int) -> tuple[int, bool]:
         """Where the call whose body begins at `start` ends: its `</tool_call>` (True), else the next
-        `<tool_call>` or the end of the text (False). Tags inside a parameter's value are the value's text: code
-        that prints "<tool_call>" cut the call there, its arguments not JSON and the rest leaking into the
-        content (probe AI); only `</parameter>` ends a value."""
+        `<tool_call>` or the end of the text (False). Tool-call tags inside a parameter's value are the value's
+        text: code that prints "<tool_call>" cut the call there, its arguments not JSON and the rest leaking into
+        the content (probe AI). A value ends at its `</parameter>`, or where a model that left that out went on:
+        the next `<parameter=` or `</function>` (as vLLM reads it), not at a later call's `</parameter>`, which
+        swallowed every call after it (probe AZ)."""
         position = start
         while True:
             found = [
@@ -87,10 +90,16 @@ class Qwen3CoderParser(ToolParser):
                 return index, True
             if tag == self.OPEN:
                 return index, False
-            value_end = text.find(_PARAMETER_CLOSE, index)
-            if value_end < 0:  # a value still being written: the call runs to the end
+            value_start = index + len(_PARAMETER_OPEN)
+            ends = [
+                (found, tag)
+                for tag in (_PARAMETER_CLOSE, _PARAMETER_OPEN, _FUNCTION_CLOSE)
+                if (found := text.find(tag, value_start)) >= 0
+            ]
+            if not ends:  # a value still being written: the call runs to the end
                 return len(text), False
-            position = value_end + len(_PARAMETER_CLOSE)
+            value_end, tag = min(ends)
+            position = value_end + len(_PARAMETER_CLOSE) if tag == _PARAMETER_CLOSE else value_end
 
     def _convert(self, tool: str, key: str, raw: str) -> tuple[str, Any]:
         value = raw.strip("\n")
