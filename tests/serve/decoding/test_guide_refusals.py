@@ -272,3 +272,46 @@ def test_a_queued_compile_whose_requests_all_left_never_starts(smollm2_dir: Path
     finally:
         release.set()
     assert started == ["busy0", "busy1"]  # "queued" never ran
+
+
+def test_a_crashed_compile_is_retried_and_a_too_slow_one_only_for_a_while(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusals are remembered so a pathological schema's retries cost nothing (probe AF); but a worker killed
+    from outside (the OOM killer) refused a valid schema for good, and a compile a busy machine slowed past the limit
+    stayed refused (probe AZ). A crash is not remembered; a compile stopped at the limit, for a while."""
+    import asyncio
+    import time
+
+    from engine_builder.serve.decoding.structured import compiler as compiler_module
+
+    monkeypatch.setattr(compiler_module, "REFUSED_TOO_SLOW_S", 0.3)
+    compiler = compiler_module.GrammarCompiler(smollm2_dir, 49152)
+    outcomes = [compiler_module.CompileCrashed("crashed", "response_format"), None]
+    calls: list[str] = []
+
+    def scripted(guide: Guide, begun: Any) -> Any:
+        begun.set_result(None)
+        calls.append(guide.spec)
+        outcome = outcomes.pop(0) if outcomes else compiler_module._too_slow(guide, 20)
+        if outcome is not None:
+            raise outcome
+        return compiler.compile(guide)
+
+    monkeypatch.setattr(compiler, "_compile_in_worker", scripted)
+    try:
+        crashed = Guide(GuideKind.REGEX, "crash-[0-9]")
+        with pytest.raises(compiler_module.CompileCrashed):
+            asyncio.run(compiler.compile_async(crashed))
+        assert asyncio.run(compiler.compile_async(crashed)) is not None  # compiled again, not refused from memory
+        slow = Guide(GuideKind.REGEX, "slow-[0-9]")
+        for _ in range(2):  # the second refused from memory
+            with pytest.raises(compiler_module.TooSlowToCompile):
+                asyncio.run(compiler.compile_async(slow))
+        assert calls.count("slow-[0-9]") == 1
+        time.sleep(0.35)
+        with pytest.raises(compiler_module.TooSlowToCompile):
+            asyncio.run(compiler.compile_async(slow))
+        assert calls.count("slow-[0-9]") == 2  # compiled again once the while passed
+    finally:
+        compiler.close()

@@ -29,6 +29,7 @@ CACHE_SIZE = 256
 # bounded repeat, which the refusal names. Below the default drain timeout (30 s), so a compile cannot outlast a
 # SIGTERM's drain.
 COMPILE_TIMEOUT_S = 20.0
+REFUSED_TOO_SLOW_S = 600.0  # how long a guide stopped at the compile limit is refused without a new compile
 COMPILE_THREADS = 2  # compiles run here, not in asyncio's default pool (prompt tokenization shares that one)
 _XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
 _XGRAMMAR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
@@ -53,10 +54,14 @@ class GrammarCompiler:
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
-        # guides the compile itself refused (too slow at the compile limit, a crash, not enforceable): the refusal
-        # again at once. A schema stopped at the limit cost a compile slot for the whole limit, and a worker's kill
-        # and respawn, on every retry of it (probe AF). (class, message, param), to raise a fresh error each time.
-        self._refused: OrderedDict[tuple[str, str, bool], tuple[type[GuideError], str, str]] = OrderedDict()
+        # guides the compile refused: the refusal again at once. A schema stopped at the limit cost a compile slot
+        # for the whole limit, and a worker's kill and respawn, on every retry of it (probe AF). What xgrammar or
+        # our checks refuse is refused for good; a compile stopped at the limit for REFUSED_TOO_SLOW_S (a busy
+        # machine can slow one down); a crashed compile not at all (the OOM killer may have picked it). (class,
+        # message, param, until when or None), to raise a fresh error each time.
+        self._refused: OrderedDict[tuple[str, str, bool], tuple[type[GuideError], str, str, float | None]] = (
+            OrderedDict()
+        )
         # one compile per key, however many requests wait: (set once the compile has a worker, its result)
         self._compiling: dict[tuple[str, str, bool], tuple[Future[None], Future[Any]]] = {}
         self._waiters: dict[tuple[str, str, bool], int] = {}  # requests waiting on each compile
@@ -87,9 +92,11 @@ class GrammarCompiler:
                 return cached
             refused = self._refused.get(key)
             if refused is not None:
-                self._refused.move_to_end(key)
-                kind, message, param = refused
-                raise kind(message, param)
+                kind, message, param, until = refused
+                if until is None or time.monotonic() < until:
+                    self._refused.move_to_end(key)
+                    raise kind(message, param)
+                del self._refused[key]
             compiling = self._compiling.get(key)
             if compiling is None:
                 begun: Future[None] = Future()
@@ -156,9 +163,12 @@ class GrammarCompiler:
         is remembered for the guide's next requests."""
         try:
             return self._compile_in_worker(guide, begun)
+        except CompileCrashed:
+            raise
         except GuideError as error:
+            until = time.monotonic() + REFUSED_TOO_SLOW_S if isinstance(error, TooSlowToCompile) else None
             with self._lock:
-                self._refused[_key(guide)] = (type(error), str(error), error.param)
+                self._refused[_key(guide)] = (type(error), str(error), error.param, until)
                 while len(self._refused) > CACHE_SIZE:
                     self._refused.popitem(last=False)
             raise
@@ -184,7 +194,7 @@ class GrammarCompiler:
                 logger.warning("stopped a %s compile at the %g s limit", guide.kind.value, self.compile_limit_s)
                 raise _too_slow(guide, self.compile_limit_s) from None
             except (WorkerCrashed, WorkerUnavailable):  # unavailable: it died between the start and the call
-                raise GuideError(
+                raise CompileCrashed(
                     f"The {guide.kind.value} crashed the grammar compiler (out of memory, most likely); simplify it.",
                     guide.param,
                 ) from None
@@ -314,6 +324,10 @@ def _param(guide: Guide) -> str:
 
 class TooSlowToCompile(GuideError):
     """A guide whose compile passed a time limit: the request's wait, or the compile limit."""
+
+
+class CompileCrashed(GuideError):
+    """The compile's worker process died (out of memory, most likely): not remembered as the guide's refusal."""
 
 
 def _too_slow(guide: Guide, limit_s: float) -> GuideError:
