@@ -13,17 +13,22 @@ The limits are nginx's kind (client_header_timeout 60 s; its large header buffer
 A third limit, on the answer: a client that stops reading (its socket's receive window full, the connection still
 open) held its request's place, its slot in the engine's batch and its KV blocks for as long as it stayed connected:
 the server's send waits while the transport's buffer is full, with no deadline (probe AB). A connection whose
-writing stays paused for SEND_TIMEOUT_S (nginx's send_timeout, 60 s: the time between two successful writes) is
-aborted, which is a disconnect for its requests: their streams end and the engine frees what they held. A slow
-reader that drains some of the buffer within the time resumes writing and is served.
+writing is paused and whose client takes none of the answer for SEND_TIMEOUT_S (nginx's send_timeout, 60 s: the
+time between two successful writes) is aborted, which is a disconnect for its requests: their streams end and the
+engine frees what they held. A client that reads, however slowly, is served: what it took is the drop in the bytes
+still to send, the transport's buffer and the kernel's send queue (Linux's SIOCOUTQ) together; the transport's own
+resume comes only once its buffer is nearly empty, which a slow reader could take minutes to reach (probe AZ).
 
 And one fix: a client that leaves with pipelined requests queued behind a running one is a disconnect for all of
 them, not only for the newest.
 """
 
 import asyncio
+import fcntl
 import json
 import logging
+import sys
+import termios
 from http import HTTPStatus
 from typing import Any
 
@@ -50,6 +55,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_tail = b""  # the last bytes received, where the head's blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._unsent_at_check = 0  # the bytes the client had not taken when the timer was armed
         self._cycles: list[Any] = []  # this connection's requests not yet answered (pipelining queues several)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -105,7 +111,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
+            self._unsent_at_check = self._unsent()
             self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def _unsent(self) -> int:
+        """Bytes of the answer the client has not taken: the transport's buffer and the kernel's send queue."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = bytearray(4)
+                fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
+                unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+            except (OSError, ValueError):  # not Linux, or the socket closed: the transport's buffer alone
+                pass
+        return unsent
 
     def resume_writing(self) -> None:
         self._stop_send_timer()
@@ -114,6 +134,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _send_timed_out(self) -> None:
         self._send_timer = None
         if self.transport.is_closing():
+            return
+        unsent = self._unsent()
+        if unsent < self._unsent_at_check:  # the client took some: it reads, slowly
+            self._unsent_at_check = unsent
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         logger.warning(

@@ -227,3 +227,43 @@ def test_a_client_reading_slowly_but_steadily_is_served_in_full() -> None:
 
     received = _serve(scenario, app=_streams(600, b"y" * 16384, ended), protocol=_PatientSend)
     assert received > 600 * 16384
+
+
+class _SmallSendBuffer(_Quick):
+    """A kernel send buffer of a few KiB: the transport pauses after little, as behind a slow link."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        super().connection_made(transport)
+
+    send_timeout_s = 0.3
+
+
+def test_a_client_reading_slower_than_the_buffer_drains_is_not_cut_off() -> None:
+    """The timer was reset only when the transport resumed writing, once its buffer was nearly empty: a client
+    reading steadily but slowly (here 20 KiB/s, the buffer taking seconds to drain) was logged as reading nothing
+    and cut off (probe AZ). Any of the answer taken within the send timeout counts."""
+    ended: list[str] = []
+
+    async def scenario(port: int) -> int:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", port))
+        raw.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=raw, limit=1024)  # reads the socket as it goes
+        writer.write(_request(b"1"))
+        await writer.drain()
+        received = 0
+        while True:
+            data = await asyncio.wait_for(reader.read(1024), 5)
+            if not data:
+                break
+            received += len(data)
+            if data.endswith(b"0\r\n\r\n"):
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        return received
+
+    received = _serve(scenario, app=_streams(20, b"z" * 16384, ended), protocol=_SmallSendBuffer)
+    assert received > 20 * 16384
