@@ -135,7 +135,8 @@ FIELD_TABLE: tuple[Field, ...] = (
         "honoured; revision only for HF and BASETEN_TRAINING (refused elsewhere)",
         "honoured; revision only for HF and BASETEN_TRAINING (refused elsewhere)",
     ),
-    Field("build.max_seq_len", LIMIT, "BuildConfig / LLM max_seq_len"),
+    Field("build.max_seq_len", "honoured (a serving limit; an `encoder` embedding model, as BEI's, keeps its own "
+          "limit)", "BuildConfig / LLM max_seq_len"),
     Field("build.max_batch_size", LIMIT, "BuildConfig / LLM max_batch_size"),
     Field("build.max_num_tokens", LIMIT, "BuildConfig / LLM max_num_tokens"),
     Field("build.max_beam_width", "only 1 (the schema allows only 1)", "only 1"),

@@ -98,7 +98,8 @@ class EncoderEngine:
 
         auto_truncate None = each route family's own convention (`truncation.TruncationDefaults`);
         matryoshka None = accept `dimensions` only if the model card mentions Matryoshka training.
-        max_seq_len caps the input length below the model's own limit (the config's build.max_seq_len).
+        max_seq_len caps the input length below the model's own limit (the config's build.max_seq_len), except
+        for a BEI (`encoder`) embedding model.
         """
         model, tokenizer, info = load_encoder(
             model_dir,

@@ -89,7 +89,9 @@ def load_encoder(
         )
         model_limit = positions
     max_input_length = min(model_limit or limits.max_num_tokens, limits.max_num_tokens)
-    if max_seq_len is not None:  # the config's build.max_seq_len: a serving limit below the model's own
+    # the config's build.max_seq_len: a serving limit below the model's own, except for BEI's embedding models,
+    # which (as Truss's config says when it is set) take their limit from the model alone
+    if max_seq_len is not None and (kind != "encoder" or is_classifier):
         max_input_length = min(max_input_length, max_seq_len)
     dtype = dtype or default_dtype(config, device)
     model = EncoderModel.load(

@@ -339,3 +339,6 @@ def test_the_configs_max_seq_len_caps_the_input_length(minilm_dir: Path) -> None
     assert run_with(capped, lambda: capped.embed([" ".join(["word"] * 40)], truncation=cut)).embeddings.shape == (1, 384)
     loose = EncoderEngine.from_model_dir(minilm_dir, kind="encoder_bert", max_num_tokens=8192, max_batch_size=8, max_seq_len=512)
     assert loose.info.max_input_length == 256  # the sentence-transformers max_seq_length
+    # a BEI (`encoder`) embedding model keeps its own limit, as Truss's config says when max_seq_len is set
+    bei = EncoderEngine.from_model_dir(minilm_dir, kind="encoder", max_num_tokens=8192, max_batch_size=8, max_seq_len=16)
+    assert bei.info.max_input_length == 256
