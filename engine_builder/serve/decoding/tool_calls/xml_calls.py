@@ -92,9 +92,9 @@ class Qwen3CoderParser(ToolParser):
                 return index, False
             value_start = index + len(_PARAMETER_OPEN)
             ends = [
-                (found, tag)
+                (at, tag)
                 for tag in (_PARAMETER_CLOSE, _PARAMETER_OPEN, _FUNCTION_CLOSE)
-                if (found := text.find(tag, value_start)) >= 0
+                if (at := text.find(tag, value_start)) >= 0
             ]
             if not ends:  # a value still being written: the call runs to the end
                 return len(text), False
