@@ -116,15 +116,19 @@ async def unless_drain_cut(state: ServerState, work: Coroutine[Any, Any, T]) -> 
     `draining`, and `work` is cancelled but not waited for (a sync method's worker thread cannot be stopped; what it
     returns is dropped)."""
     task = asyncio.ensure_future(work)
-    cut = asyncio.ensure_future(state.until_user_requests_cut())
-    try:
-        done, _ = await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        cut.cancel()
-        _abandon(task)
-    if task in done:
+    if await _finished_first(task, asyncio.ensure_future(state.until_user_requests_cut())):
         return task.result()
     raise state.drain_refusal()
+
+
+async def _finished_first(task: "asyncio.Future[Any]", deadline: "asyncio.Future[Any]") -> bool:
+    """Whether `task` ended before `deadline`; the loser is cancelled (the task abandoned: not waited for)."""
+    try:
+        done, _ = await asyncio.wait({task, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        deadline.cancel()
+        _abandon(task)
+    return task in done
 
 
 def _abandon(task: "asyncio.Future[Any]") -> None:
@@ -160,13 +164,8 @@ class SentWhileServing(Response):
         try:
             with serving(self._request):
                 sent = asyncio.ensure_future(self._response(scope, receive, sending))
-                closing = asyncio.ensure_future(self._closing_time())
-                try:
-                    done, _ = await asyncio.wait({sent, closing}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    closing.cancel()
-                    _abandon(sent)
-            if sent in done:
+                finished = await _finished_first(sent, asyncio.ensure_future(self._closing_time()))
+            if finished:
                 sent.result()
             elif not started:
                 raise self._state.drain_refusal()
