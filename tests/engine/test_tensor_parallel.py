@@ -359,22 +359,30 @@ def test_a_rank_dying_before_the_rendezvous_fails_the_start(smollm2_dir: Path, m
     assert time.monotonic() - started < 60
 
 
-def test_ranks_die_with_the_process_that_started_them(smollm2_dir: Path, tmp_path: Path) -> None:
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(f"""
+def _rank0_script(path: Path, model_dir: Path, body: str) -> Path:
+    """A script that builds a two-rank SmolLM2 `config` (imports included), then runs `body` (its own lines)."""
+    preamble = f"""
         import sys, time
         from pathlib import Path
         from engine_builder.engine.config import EngineConfig
         from engine_builder.engine.engine import LLMEngine
+        from engine_builder.engine.parallel import worker_main
 
         if __name__ == "__main__":
-            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
+            config = EngineConfig(model_dir=Path({str(model_dir)!r}), dtype="float32", max_seq_len=128,
                                   max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
                                   tensor_parallel_size=2)
-            engine = LLMEngine(config, eos_token_ids=(2,))
-            print(engine.runner.workers.processes[0].pid, engine.runner.workers.store_path, flush=True)
-            time.sleep(600)
-    """))
+    """
+    path.write_text(textwrap.dedent(preamble) + textwrap.indent(textwrap.dedent(body), "    "))
+    return path
+
+
+def test_ranks_die_with_the_process_that_started_them(smollm2_dir: Path, tmp_path: Path) -> None:
+    script = _rank0_script(tmp_path / "owner.py", smollm2_dir, """
+        engine = LLMEngine(config, eos_token_ids=(2,))
+        print(engine.runner.workers.processes[0].pid, engine.runner.workers.store_path, flush=True)
+        time.sleep(600)
+    """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -404,18 +412,9 @@ def test_a_rank_whose_parent_is_gone_exits_instead_of_waiting_for_the_group(tmp_
     """PR_SET_PDEATHSIG is asked for only once the rank runs its code: a rank 0 killed while the rank still
     imported torch left it waiting in the rendezvous for good, ignoring SIGTERM (probe AV). A rank whose parent is
     not the rank 0 that started it exits at once."""
-    script = tmp_path / "orphan.py"
-    script.write_text(textwrap.dedent(f"""
-        from pathlib import Path
-        from engine_builder.engine.config import EngineConfig
-        from engine_builder.engine.parallel import worker_main
-
-        if __name__ == "__main__":
-            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
-                                  max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
-                                  tensor_parallel_size=2)
-            worker_main(config, 1, {str(tmp_path / "store")!r}, 30, parent_pid=1)  # not this process's parent
-    """))
+    script = _rank0_script(tmp_path / "orphan.py", smollm2_dir, f"""
+        worker_main(config, 1, {str(tmp_path / "store")!r}, 30, parent_pid=1)  # not this process's parent
+    """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     orphan = subprocess.Popen([sys.executable, str(script)], env=env)
     try:
@@ -427,20 +426,11 @@ def test_a_rank_whose_parent_is_gone_exits_instead_of_waiting_for_the_group(tmp_
 def test_an_engine_never_closed_does_not_hang_the_interpreters_exit(tmp_path: Path, smollm2_dir: Path) -> None:
     """Ranks ignore SIGTERM, and multiprocessing's exit hook SIGTERMs daemonic children and joins them without a
     timeout: a script that never closed its engine (or ended in an exception) hung at exit for ever (probe AV)."""
-    script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(f"""
-        from pathlib import Path
-        from engine_builder.engine.config import EngineConfig
-        from engine_builder.engine.engine import LLMEngine
-
-        if __name__ == "__main__":
-            config = EngineConfig(model_dir=Path({str(smollm2_dir)!r}), dtype="float32", max_seq_len=128,
-                                  max_num_tokens=64, max_batch_size=4, kv_cache_memory_bytes=16 * 2**20,
-                                  tensor_parallel_size=2)
-            engine = LLMEngine(config, eos_token_ids=(2,))
-            print(engine.runner.workers.processes[0].pid, flush=True)
-            raise SystemExit(5)  # no close()
-    """))
+    script = _rank0_script(tmp_path / "owner.py", smollm2_dir, """
+        engine = LLMEngine(config, eos_token_ids=(2,))
+        print(engine.runner.workers.processes[0].pid, flush=True)
+        raise SystemExit(5)  # no close()
+    """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
