@@ -159,6 +159,29 @@ def test_a_client_that_leaves_with_pipelined_requests_disconnects_the_running_on
     assert _serve(scenario, app=waits_for_the_client)
 
 
+async def _read_slowly(port: int, chunk: int, pause_s: float, buffer: int) -> int:
+    """Asks for a streamed answer over a small receive window and reads it `chunk` bytes every `pause_s`: the bytes
+    received."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    raw.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=raw, limit=buffer)
+    writer.write(_request(b"1"))
+    await writer.drain()
+    received = 0
+    while True:
+        data = await asyncio.wait_for(reader.read(chunk), 5)
+        if not data:
+            break
+        received += len(data)
+        if data.endswith(b"0\r\n\r\n"):
+            break  # the chunked body's end
+        await asyncio.sleep(pause_s)
+    writer.close()
+    return received
+
+
 def _streams(chunks: int, chunk: bytes, ended: list[str]) -> Any:
     """An app that streams `chunks` copies of `chunk`, then notes what receive() says (a disconnect, if the client
     was cut off) in `ended`."""
@@ -205,25 +228,8 @@ def test_a_client_reading_slowly_but_steadily_is_served_in_full() -> None:
     drain enough at that pace, hence a timeout of 3 s here."""
     ended: list[str] = []
 
-    async def scenario(port: int) -> int:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect(("127.0.0.1", port))
-        raw.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=raw, limit=1 << 16)
-        writer.write(_request(b"1"))
-        await writer.drain()
-        received = 0
-        while True:
-            data = await asyncio.wait_for(reader.read(16384), 5)
-            if not data:
-                break
-            received += len(data)
-            if data.endswith(b"0\r\n\r\n"):
-                break  # the chunked body's end
-            await asyncio.sleep(0.01)
-        writer.close()
-        return received
+    def scenario(port: int) -> Awaitable[int]:
+        return _read_slowly(port, 16384, 0.01, buffer=1 << 16)
 
     received = _serve(scenario, app=_streams(600, b"y" * 16384, ended), protocol=_PatientSend)
     assert received > 600 * 16384
@@ -245,25 +251,8 @@ def test_a_client_reading_slower_than_the_buffer_drains_is_not_cut_off() -> None
     and cut off (probe AZ). Any of the answer taken within the send timeout counts."""
     ended: list[str] = []
 
-    async def scenario(port: int) -> int:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect(("127.0.0.1", port))
-        raw.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=raw, limit=1024)  # reads the socket as it goes
-        writer.write(_request(b"1"))
-        await writer.drain()
-        received = 0
-        while True:
-            data = await asyncio.wait_for(reader.read(1024), 5)
-            if not data:
-                break
-            received += len(data)
-            if data.endswith(b"0\r\n\r\n"):
-                break
-            await asyncio.sleep(0.02)
-        writer.close()
-        return received
+    def scenario(port: int) -> Awaitable[int]:
+        return _read_slowly(port, 1024, 0.02, buffer=1024)  # a small buffer: the socket is read as it goes
 
     received = _serve(scenario, app=_streams(20, b"z" * 16384, ended), protocol=_SmallSendBuffer)
     assert received > 20 * 16384
