@@ -229,3 +229,15 @@ class OneTokenEngine(StubEngine):
 
     async def abort(self, request_id: str) -> None:
         self.aborting.setdefault(request_id, asyncio.Event()).set()
+
+
+def minimal_engine_dir(path: Path) -> Any:
+    """An engine directory's record alone (no files): for tests whose server is built by a stub `build_server`."""
+    from engine_builder.common.artifact import EngineDir, Manifest, SourceInfo
+
+    manifest = Manifest(
+        backend="torch", config_hash="0", base_model="decoder", architecture="LlamaForCausalLM", model_type="llama",
+        dtype="bfloat16", quantization="no_quant", kv_cache_dtype="bfloat16", max_seq_len=128, max_batch_size=1,
+        max_num_tokens=128, source=SourceInfo(source="LOCAL", repo="/m", revision=None),
+    )
+    return EngineDir(path, manifest)

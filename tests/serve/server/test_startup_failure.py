@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from engine_builder.common.artifact import EngineDir, Manifest, SourceInfo
+from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server import factory
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.main import STARTUP_FAILURE, serve_engine
 from engine_builder.serve.server.state import ServerSettings, ServerState
-from tests.serve.server.harness import StubEngine
+from tests.serve.server.harness import StubEngine, minimal_engine_dir
 
 
 class EngineThatCannotLoad(StubEngine):
@@ -29,17 +29,12 @@ def test_an_engine_that_fails_to_load_is_one_line_not_a_traceback(
         return create_app(state), state
 
     monkeypatch.setattr(factory, "build_server", build_server)
-    manifest = Manifest(
-        backend="torch", config_hash="0", base_model="decoder", architecture="LlamaForCausalLM", model_type="llama",
-        dtype="bfloat16", quantization="no_quant", kv_cache_dtype="bfloat16", max_seq_len=128, max_batch_size=1,
-        max_num_tokens=128, source=SourceInfo(source="LOCAL", repo="/m", revision=None),
-    )
     args = argparse.Namespace(api_key=["k"], host="127.0.0.1", port=0)
     caplog.set_level(logging.DEBUG, logger="engine_builder.serve.server")
     # Only pytest's handlers: a CLI test run in-process before may have left a handler on a closed stream.
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h).__module__.startswith("_pytest")])
-    assert serve_engine(EngineDir(tmp_path, manifest), args, EngineOptions()) == STARTUP_FAILURE
+    assert serve_engine(minimal_engine_dir(tmp_path), args, EngineOptions()) == STARTUP_FAILURE
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [
         (

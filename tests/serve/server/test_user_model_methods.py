@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from fastapi import Request
 
-from engine_builder.common.artifact import EngineDir, Manifest, SourceInfo
+from engine_builder.common.artifact import EngineDir
 from engine_builder.common.options import EngineOptions
 from engine_builder.serve.server import factory
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.main import STARTUP_FAILURE, serve_engine
 from engine_builder.serve.server.state import ServerSettings, ServerState
 from engine_builder.serve.server.user_model_loader import ModelDefinitionError
-from tests.serve.server.harness import StubEngine
+from tests.serve.server.harness import StubEngine, minimal_engine_dir
 
 
 class _RequestFirst:
@@ -89,12 +89,7 @@ def test_a_refused_model_stops_the_server_with_one_line(
         return create_app(state, user_model=_ThreeParameters()), state
 
     monkeypatch.setattr(factory, "build_server", build_server)
-    manifest = Manifest(
-        backend="torch", config_hash="0", base_model="decoder", architecture="LlamaForCausalLM", model_type="llama",
-        dtype="bfloat16", quantization="no_quant", kv_cache_dtype="bfloat16", max_seq_len=128, max_batch_size=1,
-        max_num_tokens=128, source=SourceInfo(source="LOCAL", repo="/m", revision=None),
-    )
     args = argparse.Namespace(api_key=["k"], host="127.0.0.1", port=0)
-    assert serve_engine(EngineDir(tmp_path, manifest), args, EngineOptions()) == STARTUP_FAILURE
+    assert serve_engine(minimal_engine_dir(tmp_path), args, EngineOptions()) == STARTUP_FAILURE
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and "the user model.py cannot be served" in errors[0] and "takes 3 parameters" in errors[0]
