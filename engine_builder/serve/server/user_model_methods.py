@@ -2,6 +2,7 @@
 and refused at startup where Truss refuses it), sync ones in a worker thread, a pydantic-annotated input parsed from
 the body, `load` once at startup and `is_healthy` for readiness."""
 
+import asyncio
 import enum
 import inspect
 import logging
@@ -158,13 +159,41 @@ def user_error(method_name: str, error: Exception) -> APIError:
     )
 
 
+LOAD_RETRY_GAP_S = 1.0
+
+
+def load_retries() -> int:
+    """How many times a failed `load()` is tried again: Truss's `NUM_LOAD_RETRIES_TRUSS` (default 1)."""
+    import os
+
+    value = os.environ.get("NUM_LOAD_RETRIES_TRUSS", "1")
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ModelDefinitionError(f"NUM_LOAD_RETRIES_TRUSS={value!r} is not a whole number") from None
+
+
 async def call_load(user_model: Any) -> None:
+    """The model's `load`, tried again after a failure as Truss tries it (`load_retries()` more times, a second
+    apart); the last failure is raised."""
     load = getattr(user_model, "load", None)
     if load is None:
         return
-    result = load()
-    if inspect.isawaitable(result):
-        await result
+    retries = load_retries()
+    for attempt in range(retries + 1):
+        try:
+            result = load()
+            if inspect.isawaitable(result):
+                await result
+            return
+        except Exception as error:
+            if attempt == retries:
+                raise
+            logger.warning(
+                "the user model's `load` raised %s: %s; trying again (retry %d of %d)",
+                type(error).__name__, error, attempt + 1, retries,
+            )  # fmt: skip
+            await asyncio.sleep(LOAD_RETRY_GAP_S)
 
 
 def health_check(user_model: Any) -> Callable[[], Awaitable[bool]] | None:

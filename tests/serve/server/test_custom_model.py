@@ -15,6 +15,7 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from starlette.testclient import TestClient
 
+from engine_builder.serve.server import user_model_methods
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.state import ServerSettings, ServerState
 from tests.serve.server.harness import ServerProcess, StubEngine, started, write_config
@@ -512,3 +513,48 @@ def test_a_load_that_fails_stops_the_engine_before_the_server_exits() -> None:
     with pytest.raises(RuntimeError, match="database is down"), TestClient(create_app(state, user_model=Broken())):
         pass
     assert engine.stopped_with == [0.0] and not state.engine_ready and not state.ready
+
+
+def test_a_failed_load_is_tried_again_as_truss_tries_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truss calls `load()` again after a failure (NUM_LOAD_RETRIES_TRUSS more times, default 1); here one failure,
+    a database not up yet, ended the server."""
+    monkeypatch.setattr(user_model_methods, "LOAD_RETRY_GAP_S", 0.0)
+
+    class Flaky:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.calls = 0
+
+        async def load(self) -> None:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise ConnectionError(f"not up yet ({self.calls})")
+
+        def predict(self, model_input: dict[str, Any]) -> Any:
+            return {"calls": self.calls}
+
+    once = Flaky(failures=1)
+    with TestClient(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None),
+                               user_model=once)) as client:  # fmt: skip
+        assert client.post("/predict", json={}).json() == {"calls": 2}
+
+    twice = Flaky(failures=2)  # the default allows one retry: the second failure is the server's end
+    with pytest.raises(ConnectionError, match=r"not up yet \(2\)"):
+        with TestClient(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None),
+                                   user_model=twice)):  # fmt: skip
+            pass
+    assert twice.calls == 2
+
+    monkeypatch.setenv("NUM_LOAD_RETRIES_TRUSS", "3")
+    thrice = Flaky(failures=3)
+    with TestClient(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None),
+                               user_model=thrice)) as client:  # fmt: skip
+        assert client.post("/predict", json={}).json() == {"calls": 4}
+
+    monkeypatch.setenv("NUM_LOAD_RETRIES_TRUSS", "0")
+    never = Flaky(failures=1)
+    with pytest.raises(ConnectionError):
+        with TestClient(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None),
+                                   user_model=never)):  # fmt: skip
+            pass
+    assert never.calls == 1
