@@ -144,7 +144,7 @@ class BenchClient:
                 await self._encode(item, record)
         except HttpError as error:
             record.error = str(error)
-        except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        except Exception as error:  # any failure is this request's, never its worker's (cancellation passes)
             root: BaseException = error
             while (deeper := root.__cause__ or root.__context__) is not None and deeper is not root:
                 root = deeper
@@ -157,6 +157,7 @@ class BenchClient:
         path = PATHS[self.options.endpoint]
         usage: dict[str, Any] | None = None
         pieces: list[str] = []
+        ended = False  # `[DONE]`, or a chunk with a finish_reason: a body that stops before either was cut off
         async with self.http.stream("POST", path, json=self.payload(item)) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
@@ -166,13 +167,17 @@ class BenchClient:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    ended = True
                     break
                 now = time.perf_counter()
                 chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"stream event is not a JSON object: {data[:100]}")
                 if "error" in chunk:
                     raise ValueError(f"error in stream: {json.dumps(chunk['error'])[:200]}")
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                ended = ended or _finished(chunk)
                 text = _chunk_text(chunk)
                 if text:
                     record.chunk_times.append(now)
@@ -188,6 +193,10 @@ class BenchClient:
             self._count_without_usage(record)
         if not record.chunk_times:
             raise ValueError("stream ended without output text")
+        if not ended:
+            raise ValueError(
+                f"stream ended before [DONE] or a finish_reason, after {len(record.chunk_times)} text chunk(s)"
+            )
 
     def _count_without_usage(self, record: RequestRecord) -> None:
         counter = self._tokenizer()
@@ -251,3 +260,8 @@ async def served_model(base_url: str, timeout_s: float = 10.0, api_key: str | No
         response = await http.get("/v1/models")
         response.raise_for_status()
         return str(response.json()["data"][0]["id"])
+
+
+def _finished(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk ends its choice (a finish_reason), as a server that sends no `[DONE]` ends a stream."""
+    return any(choice.get("finish_reason") for choice in chunk.get("choices") or () if isinstance(choice, dict))

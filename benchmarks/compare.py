@@ -70,6 +70,9 @@ class Ratio:
     ci95_low: float
     ci95_high: float
     repeats: int
+    # requests on either side whose output length differs from the one forced (a server that ignored `ignore_eos`):
+    # where there are any, the ratios of req/s and latencies compare outputs of different lengths
+    num_wrong_length: int = 0
 
 
 def ratio_of(
@@ -125,6 +128,7 @@ def ratios(points: Sequence[PointResult], subject: str, generative: bool) -> lis
                     ci_low,
                     ci_high,
                     len(a),
+                    sum(_wrong_length(p) for p in (*subject_points, *peer_points)),
                 )
             )
     return out
@@ -183,6 +187,10 @@ def _one_line(point: PointResult) -> str:
             f"TTFT p50 {summary['ttft_ms']['p50']:.0f} ms, TPOT p50 {summary['tpot_ms']['p50']:.1f} ms"
         )
     return f"{summary['num_completed']} ok{failed}, {summary['items_per_s']:.1f} items/s, p50 {summary['latency_ms']['p50']:.0f} ms"
+
+
+def _wrong_length(point: PointResult) -> int:
+    return int(point.summary.to_json().get("num_wrong_length", 0))
 
 
 def ratios_json(items: Sequence[Ratio]) -> list[dict[str, Any]]:

@@ -127,9 +127,19 @@ async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
             if record.error is not None:
                 notes.append(f"warm-up request failed: {record.error}")
             elif record.is_wrong_length:
+                control = client.options.length_control
                 notes.append(
-                    f"length control {client.options.length_control.value} did not force the length: "
+                    f"length control {control.value} did not force the length: "
                     f"asked {item.max_tokens}, got {record.output_tokens} ({record.token_source.value} count)"
+                )
+                if control is LengthControl.IGNORE_EOS and client.options.eos_token_ids:
+                    # a server that takes `ignore_eos` and does nothing with it: banning EOS may still work
+                    client.with_options(length_control=LengthControl.LOGIT_BIAS)
+                    notes.append("trying length control logit_bias instead")
+                    continue
+                notes.append(
+                    "LENGTH NOT FORCED: outputs may end early, so this engine's req/s and E2E are not comparable "
+                    "(num_wrong_length counts them)"
                 )
             return notes
         assert record.error is not None

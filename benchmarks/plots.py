@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.compare import metric_value  # noqa: E402
+from benchmarks.loadgen import LoadPlan  # noqa: E402
 
 
 def _load_x(point: dict[str, Any]) -> float:
@@ -92,7 +93,6 @@ def plot_document(document: dict[str, Any], path: Path) -> Path | None:
         return None
     generative = "output_throughput" in points[0]["summary"]
     ratios = document.get("ratios") or []
-    loads = list(dict.fromkeys(r["point"] for r in ratios))
     top_load = max(points, key=_load_x)["plan"]
     top_points = [p for p in points if p["plan"] == top_load]
     panels = 4 if generative else 2
@@ -112,7 +112,10 @@ def plot_document(document: dict[str, Any], path: Path) -> Path | None:
         _throughput_axis(axes[0], points, "items_per_s", "items/s (median, min-max)")
         _cdf_axis(axes[1], top_points, "latency_ms", f"request latency ms at {top_label}")
     if ratios:
-        _ratio_axis(axes[-1], ratios, loads[-1])
+        # the load the CDFs show, whatever order the loads were listed in
+        loads = list(dict.fromkeys(r["point"] for r in ratios))
+        top_label_of_ratios = LoadPlan.from_json(top_load).label()
+        _ratio_axis(axes[-1], ratios, top_label_of_ratios if top_label_of_ratios in loads else loads[-1])
     fig.suptitle(document.get("title", ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,9 +110,15 @@ def _median(points: Sequence[dict[str, Any]], path: str) -> float:
 
 
 def _counts(group: Sequence[dict[str, Any]]) -> str:
+    """Repeats (completed/failed requests), with the requests cancelled at the grace limit (counted failed, and
+    absent from the percentiles) and those of the wrong length (counted completed) named when there are any."""
     completed = sum(p["summary"]["num_completed"] for p in group)
-    failed = sum(p["summary"]["num_failed"] + p.get("num_incomplete", 0) for p in group)
-    return f"{len(group)} ({completed}/{failed})"
+    incomplete = sum(p.get("num_incomplete", 0) for p in group)
+    failed = sum(p["summary"]["num_failed"] for p in group) + incomplete
+    wrong_length = sum(p["summary"].get("num_wrong_length", 0) for p in group)
+    flags = [f"{incomplete} cancelled"] if incomplete else []
+    flags += [f"{wrong_length} WRONG LENGTH"] if wrong_length else []
+    return f"{len(group)} ({completed}/{failed}{'; ' + ', '.join(flags) if flags else ''})"
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -183,14 +189,16 @@ def ratio_table(document: dict[str, Any]) -> str:
     if not rows:
         return ""
     lines = [
-        "| load | metric | subject/peer | ratio | per-repeat min-max | bootstrap 95% CI | better when |",
-        "|---|---|---|---|---|---|---|",
+        "| load | metric | subject/peer | ratio | per-repeat min-max | bootstrap 95% CI | better when "
+        "| wrong-length requests |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        wrong = r.get("num_wrong_length", 0)
         lines.append(
             f"| {r['point']} | {r['metric']} | {r['subject']}/{r['peer']} | {_fmt(r['ratio'], 2)} | "
             f"{_fmt(r['min'], 2)}-{_fmt(r['max'], 2)} | {_fmt(r['ci95_low'], 2)}-{_fmt(r['ci95_high'], 2)} | "
-            f"{'higher' if r['higher_is_better'] else 'lower'} |"
+            f"{'higher' if r['higher_is_better'] else 'lower'} | {f'{wrong} (not comparable)' if wrong else 0} |"
         )
     return "\n".join(lines) + "\n"
 

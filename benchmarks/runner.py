@@ -121,10 +121,15 @@ def run_point(
         api_key=target.api_key,
     )
 
+    if plan.request_rate is not None and not plan.max_concurrency:
+        # an open loop has as many requests in flight as the server makes wait: a pool smaller than that would
+        # queue them in the client, a wait counted as the server's TTFT, and cap the load offered
+        max_connections = plan.num_requests + num_warmup + 4
+    else:
+        max_connections = max(plan.concurrency, plan.max_concurrency or 0, 16) + 4
+
     async def measure() -> tuple[Any, ClientOptions]:
-        client = BenchClient(
-            options, max_connections=max(plan.concurrency, plan.max_concurrency or 0, 16) + 4
-        )
+        client = BenchClient(options, max_connections=max_connections)
         try:
             return await run_load(
                 client, items, warmup_items, plan, label or f"{target.name} {plan.label()}"

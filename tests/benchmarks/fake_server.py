@@ -25,6 +25,9 @@ class Script:
     encode_delay_s: float = 0.01
     token_text: str = "ab"  # the text of each streamed token
     api_key: str | None = None  # POSTs without `Authorization: Bearer <api_key>` get a 401
+    cut_after: int | None = None  # the body ends cleanly after this many tokens: no usage, no `[DONE]`
+    natural_length: int | None = None  # tokens before an EOS that `ignore_eos` does not stop (`logit_bias` does)
+    odd_event: bool = False  # an SSE event that is JSON but not an object (`data: "ping"`) before the tokens
 
 
 @dataclass
@@ -32,6 +35,8 @@ class FakeServer:
     script: Script = field(default_factory=Script)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0  # the most streams open at once
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -105,7 +110,12 @@ class FakeServer:
             await asyncio.sleep(script.encode_delay_s)
             await _send_json(writer, 200, [{"index": i, "score": 0.5} for i in range(len(body["texts"]))])
         else:
-            await self._stream(path, body, writer)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                await self._stream(path, body, writer)
+            finally:
+                self.in_flight -= 1
 
     async def _stream(self, path: str, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         script = self.script
@@ -118,7 +128,13 @@ class FakeServer:
                 writer, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
             )
         num_tokens = int(body["max_tokens"])
+        if script.natural_length is not None and not body.get("logit_bias"):
+            num_tokens = min(num_tokens, script.natural_length)
+        if script.cut_after is not None:
+            num_tokens = min(num_tokens, script.cut_after)
         sent = 0
+        if script.odd_event:
+            writer.write(_chunk(b'data: "ping"\n\n'))
         await asyncio.sleep(script.ttft_s)
         while sent < num_tokens:
             count = min(script.tokens_per_chunk, num_tokens - sent)
@@ -128,6 +144,10 @@ class FakeServer:
             sent += count
             if sent < num_tokens:
                 await asyncio.sleep(script.gap_s)
+        if script.cut_after is not None:
+            writer.write(b"0\r\n\r\n")  # the body ends here, as a proxy that gave up would end it
+            await writer.drain()
+            return
         if script.send_usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": script.prompt_tokens, "completion_tokens": num_tokens}
             await _send_event(writer, {"choices": [], "usage": usage})

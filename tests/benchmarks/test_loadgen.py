@@ -230,3 +230,41 @@ def test_embeddings_and_rerank_items(server: FakeServer) -> None:
     result, _ = run(server, LoadPlan(concurrency=2, num_requests=4), items, endpoint=Endpoint.RERANK)
     assert summarize_encoder(result.records).items_per_s > 0
     assert server.bodies[-1] == {"query": "query", "texts": ["a", "b", "c", "d"]}
+
+
+def test_a_stream_cut_before_its_end_is_a_failure(server: FakeServer) -> None:
+    """A body that stops after 2 of 6 tokens, with no `[DONE]` or finish_reason, counted as a short, fast success:
+    better E2E and req/s for a server or proxy that broke the stream (probe BA #3)."""
+    server.script = Script(ttft_s=0.0, gap_s=0.0, cut_after=2)
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=3), chat_items(3, 6), warmup=0)
+    assert len(result.records) == 3
+    assert all(not r.ok and "before [DONE]" in (r.error or "") for r in result.records)
+    summary = summarize_generative(result.records, Slo(), 0)
+    assert (summary.num_completed, summary.num_failed) == (0, 3)
+
+
+def test_an_event_that_is_no_object_fails_its_request_not_the_worker(server: FakeServer) -> None:
+    """`data: "ping"` raised AttributeError in the worker: it died, its requests were never sent and the point
+    reported them as cancelled in flight (probe BA #5)."""
+    server.script = Script(ttft_s=0.0, gap_s=0.0, odd_event=True)
+    result, _ = run(server, LoadPlan(concurrency=2, num_requests=6), chat_items(6, 2), warmup=0)
+    assert len(server.bodies) == 6 and len(result.records) == 6 and result.num_incomplete == 0
+    assert all("not a JSON object" in (r.error or "") for r in result.records)
+
+
+def test_an_ignored_ignore_eos_falls_back_to_logit_bias(server: FakeServer) -> None:
+    """A server that takes `ignore_eos` and stops at its EOS anyway was measured on outputs a quarter as long, with
+    only a note saying so; banning the EOS with `logit_bias` was never tried (probe BA #2)."""
+    server.script = Script(ttft_s=0.0, gap_s=0.0, natural_length=2)
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 8), eos_token_ids=(0,)
+    )
+    assert options.length_control is LengthControl.LOGIT_BIAS
+    assert any("did not force" in note for note in result.notes)
+    assert all(r.ok and r.output_tokens == 8 and not r.is_wrong_length for r in result.records)
+
+    # nothing left to try (no EOS ids to ban): the point says its lengths are not comparable
+    result, options = run(server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 8))
+    assert options.length_control is LengthControl.IGNORE_EOS
+    assert any(note.startswith("LENGTH NOT FORCED") for note in result.notes)
+    assert summarize_generative(result.records, Slo(), 0).num_wrong_length == 2

@@ -24,3 +24,18 @@ def test_warmup_zero_still_negotiates_with_a_discarded_request(server: FakeServe
     assert point.length_control == "none" and point.notes
     assert (point.summary.num_completed, point.summary.num_failed) == (2, 0)
     assert len(server.bodies) == 4  # rejected probe, accepted probe, 2 measured
+
+
+def test_an_open_loop_is_not_capped_by_the_client_pool() -> None:
+    """At a rate with more requests in flight than the client's pool (20 connections), the rest waited for a
+    connection, a wait counted as the server's TTFT, and the load offered was capped (probe BA #1)."""
+    fake = FakeServer(Script(ttft_s=0.6, gap_s=0.0)).start()
+    try:
+        spec = WorkloadSpec(input_len=8, output_len=2)
+        plan = LoadPlan(request_rate=100.0, num_requests=40, warmup_requests=0)
+        point = run_point(Target("fake", fake.base_url, "fake-model"), spec, plan)
+    finally:
+        fake.stop()
+    assert point.summary.num_completed == 40
+    assert fake.peak_in_flight > 25
+    assert point.summary.ttft_ms.p99 < 600 + 300  # the server's 600 ms, no queueing in the client
