@@ -55,3 +55,57 @@ def test_earliest_stop_string_wins() -> None:
     matcher = StopStringMatcher(("b", "abc"), include_in_output=False)
     result = matcher.feed("xxabc")
     assert (result.text, result.matched) == ("xx", "abc")  # "abc" starts before "b"
+
+
+def _sentencepiece_style_tokenizer() -> Tokenizer:
+    """A small tokenizer built as Llama 2's and Mistral's convert from SentencePiece: `▁` marks a word's start,
+    `<0xNN>` byte pieces, and a decoder whose last step strips the space the decoded text begins with."""
+    import json
+
+    from tokenizers import models, normalizers, trainers
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    corpus = ["The quick brown fox jumps over the lazy dog. Hello world, this is a test."] * 20
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(trained.to_str())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    spec["model"].update(vocab=vocab, byte_fallback=True, fuse_unk=True)
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]}  # fmt: skip
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def test_token_texts_keep_a_words_space_on_sentencepiece_tokenizers() -> None:
+    """Each token decoded alone lost its word's leading space (the decoder strips the text's first space): logprob
+    `token` strings and `bytes` did not join into the reply, and `text_offset` drifted a character a word (probe
+    BC-2). Byte-level tokenizers decode a token alone as it reads in the text, and are left as they were."""
+    from engine_builder.common.types import TokenLogprob
+    from engine_builder.serve.server.logprobs import TokenTexts
+    from engine_builder.serve.server.protocol import CompletionLogprobs
+
+    tokenizer = _sentencepiece_style_tokenizer()
+    decoder = TextDecoder(tokenizer)
+    prompt, reply_ids = tokenizer.encode("The test").ids, tokenizer.encode("quick brown fox 日").ids
+    stream = decoder.start(prompt, skip_special_tokens=True)
+    reply = "".join([stream.add([token]) for token in reply_ids] + [stream.flush()])
+    assert reply == " quick brown fox 日"
+    texts = TokenTexts(decoder)
+    entries = [TokenLogprob(token_id=token, logprob=-1.0) for token in reply_ids]
+    chat = texts.chat(entries)
+    assert bytes(byte for entry in chat for byte in entry.bytes).decode() == reply
+    assert "".join(entry.token for entry in chat).startswith(" quick brown fox ")
+    logprobs = CompletionLogprobs()
+    texts.completion(entries[:-3], 0, logprobs)  # the words (the last three are the character's bytes)
+    assert "".join(logprobs.tokens) == " quick brown fox "
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        assert reply[offset:].startswith(token)
+
+
+def test_token_texts_of_byte_level_tokenizers_are_their_decodes(decoder: TextDecoder) -> None:
+    ids = decoder.tokenizer.encode(" quick brown fox, Grüße", add_special_tokens=False).ids
+    assert [decoder.token_text(token) for token in ids] == [decoder.tokenizer.decode([token]) for token in ids]

@@ -19,6 +19,7 @@ class TextDecoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._anchor = _anchor_token(tokenizer)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> "TextDecoder":
@@ -28,8 +29,16 @@ class TextDecoder:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """The text of a single token as OpenAI's logprobs report it."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """The text of a single token as OpenAI's logprobs report it: as it reads inside the text, so the tokens'
+        texts join into the reply. A SentencePiece tokenizer's decoder strips the space a word's first piece
+        (`▁quick`) begins with when that piece starts the decoded text: the token is decoded after an anchor token
+        and the anchor's text cut off."""
+        alone = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        if self._anchor is None:
+            return alone
+        anchor_id, anchor_text = self._anchor
+        after = self.tokenizer.decode([anchor_id, token_id], skip_special_tokens=False)
+        return after[len(anchor_text) :] if after.startswith(anchor_text) else alone
 
     def start(
         self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool
@@ -70,3 +79,28 @@ class IncrementalDetokenizer:
         full_text = decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
         self.read_offset = len(self.token_ids)
         return full_text[len(prefix_text) :]
+
+
+def _anchor_token(tokenizer: Tokenizer) -> tuple[int, str] | None:
+    """(id, text) of a plain one-letter token to decode single tokens after, for a decoder that strips the start of
+    the text it decodes (a Metaspace or Strip step: SentencePiece's Llama 2 and Mistral tokenizers); None for
+    the others, which decode a token alone as it reads inside the text."""
+    import json
+
+    try:
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    except ValueError:
+        return None
+    steps = decoder.get("decoders") or [decoder]
+    strips = any(
+        step.get("type") == "Metaspace" or (step.get("type") == "Strip" and step.get("start", 0) > 0)
+        for step in steps
+        if isinstance(step, dict)
+    )
+    if not strips:
+        return None
+    for letter in "aeionstxA":
+        anchor_id = tokenizer.token_to_id(letter)
+        if anchor_id is not None and tokenizer.decode([anchor_id], skip_special_tokens=False) == letter:
+            return anchor_id, letter
+    return None
