@@ -66,8 +66,8 @@ class PromptRenderer:
         )
         history = CallHistory.of(options["chat_template"])
         conversation = [to_template_message(message, index, history) for index, message in enumerate(messages)]
+        conversation = with_system_hints(conversation, options.get("system_hints"))
         kwargs = dict(options.get("template_kwargs") or {})
-        conversation = kwargs.pop("_extra_system_messages", []) + conversation
         special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
         return await REQUEST_TEMPLATES.render(
             conversation,
@@ -147,6 +147,7 @@ class PromptRenderer:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        system_hints: list[str] | None = None,
     ) -> str:
         if not self.has_chat_template and chat_template is None:
             raise bad_request(
@@ -156,9 +157,8 @@ class PromptRenderer:
         _check_render_options(add_generation_prompt, continue_final_message, template_kwargs)
         history = CallHistory.of(chat_template or self._own_template(has_tools=bool(tools)))
         conversation = [to_template_message(message, index, history) for index, message in enumerate(messages)]
+        conversation = with_system_hints(conversation, system_hints)
         kwargs = dict(template_kwargs or {})
-        extra_system = kwargs.pop("_extra_system_messages", [])
-        conversation = extra_system + conversation
         try:
             rendered = self.tokenizer.apply_chat_template(
                 conversation,
@@ -177,6 +177,21 @@ class PromptRenderer:
             ) from None
         assert isinstance(rendered, str)
         return rendered
+
+
+def with_system_hints(conversation: list[dict[str, Any]], hints: list[str] | None) -> list[dict[str, Any]]:
+    """The server's instructions (the tool hint of a forced call on a template without tools) put before the
+    conversation's own system message, in it: many templates take one system message, and only first (Gemma 3's,
+    Mistral's, Llama 2's), so a second one was a 400 for system prompt + forced tool call (probe BC-1). Without a
+    system message the hints are one of their own."""
+    if not hints:
+        return conversation
+    text = "\n\n".join(hints)
+    if conversation and conversation[0].get("role") == "system":
+        first = conversation[0]
+        own = first.get("content") or ""
+        return [{**first, "content": f"{text}\n\n{own}" if own else text}, *conversation[1:]]
+    return [{"role": "system", "content": text}, *conversation]
 
 
 # Arguments the renderer sets itself (from the request's own fields): chat_template_kwargs cannot pass them again.

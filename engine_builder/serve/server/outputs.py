@@ -183,12 +183,16 @@ def with_reasoning(
 
 def output_processor_for_chat(
     state: ServerState, body: ChatCompletionRequest
-) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, dict[str, Any]]:
+) -> tuple[OutputProcessor, list[dict[str, Any]] | None, Guide | None, list[str]]:
     from engine_builder.serve.server.tools import HARMONY, plan_tools
 
     guide = guide_from_response_format(body.response_format)
     renderer = state.renderer
-    supports_tools = renderer is not None and renderer.template_supports_tools
+    # the template that renders this request: its own when it sends one (a template that renders tools needs no hint)
+    if body.chat_template:
+        supports_tools = "tools" in body.chat_template
+    else:
+        supports_tools = renderer is not None and renderer.template_supports_tools
     family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
     planned, template_tools, tool_guide, hints = plan_tools(body, family, supports_tools)
     if tool_guide is not None:
@@ -199,4 +203,4 @@ def output_processor_for_chat(
         guide = tool_guide
     check_guide_compatible(body, guide, state.engine.model_info.eos_token_ids)
     processor = planned or OutputProcessor()
-    return processor, template_tools, guide, {"_extra_system_messages": hints} if hints else {}
+    return processor, template_tools, guide, hints

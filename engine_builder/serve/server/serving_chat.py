@@ -137,11 +137,10 @@ async def render_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[
     /tokenize counts is what a chat request would run)."""
     assert state.renderer is not None
     check_template_reads(state, body)
-    processor, tools_for_template, guide, template_kwargs = output_processor_for_chat(state, body)
+    processor, tools_for_template, guide, system_hints = output_processor_for_chat(state, body)
     template_kwargs = {
         **(body.chat_template_args or {}),
         **(body.chat_template_kwargs or {}),
-        **template_kwargs,
         **reasoning_effort(state, body),
     }
     prompt_text = await state.renderer.render_async(
@@ -152,6 +151,7 @@ async def render_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[
         continue_final_message=body.continue_final_message,
         chat_template=body.chat_template,
         template_kwargs=template_kwargs,
+        system_hints=system_hints,
     )
     processor, guide = with_reasoning(state, body, prompt_text, processor, guide)
     return prompt_text, processor, guide

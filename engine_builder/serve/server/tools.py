@@ -140,8 +140,9 @@ class ToolCallProcessor(OutputProcessor):
 
 def plan_tools(
     body: ChatCompletionRequest, family_parser: str | None, template_supports_tools: bool
-) -> tuple[OutputProcessor | None, list[dict[str, Any]] | None, Guide | None, list[dict[str, str]]]:
-    """(processor, tools for the template, forcing guide, extra system messages) for the request's tools."""
+) -> tuple[OutputProcessor | None, list[dict[str, Any]] | None, Guide | None, list[str]]:
+    """(processor, tools for the template, forcing guide, system hints: text for the system message) for the
+    request's tools."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
@@ -213,9 +214,8 @@ def _audit_parameters(tools: list[Tool], names: set[str]) -> None:
                 raise bad_request(str(error), param=error.param) from None
 
 
-def _tool_hint(tools: list[dict[str, Any]]) -> dict[str, str]:
-    return {
-        "role": "system",
-        "content": "You can call these tools. Answer with a JSON tool call {\"name\": ..., \"arguments\": {...}}.\n"
-        + json.dumps(tools, ensure_ascii=False),  # as transformers' tojson: the names the model must write, as written
-    }
+def _tool_hint(tools: list[dict[str, Any]]) -> str:
+    return (
+        "You can call these tools. Answer with a JSON tool call {\"name\": ..., \"arguments\": {...}}.\n"
+        + json.dumps(tools, ensure_ascii=False)  # as transformers' tojson: the names the model must write, as written
+    )

@@ -288,3 +288,59 @@ def test_a_forced_call_cut_before_its_name_is_no_content() -> None:
         deltas = [delta for index, piece in enumerate(pieces) for delta in output.feed(piece, final=index == len(pieces) - 1)]
         final = output.result(FinishReason.LENGTH, None)
         assert deltas == [] and final.content is None and final.tool_calls == [] and final.finish_reason == "length"
+
+
+# A template written as Gemma 3's, Mistral's and Llama 2's are: one system message, first, folded into the first user
+# turn; then turns must alternate.
+STRICT_TEMPLATE = (
+    "{% set ns = namespace(system='') %}{% if messages[0]['role'] == 'system' %}"
+    "{% set ns.system = messages[0]['content'] + '\n\n' %}{% set rest = messages[1:] %}{% else %}"
+    "{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<{{ m['role'] }}>{% if loop.first %}{{ ns.system }}{% endif %}{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def _tokenized_prompt(server: ServerProcess, body: dict) -> str:
+    response = httpx.post(f"{server.base_url}/tokenize", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    detokenized = httpx.post(f"{server.base_url}/detokenize", json={"tokens": response.json()["tokens"]}, timeout=60)
+    return detokenized.json()["prompt"]
+
+
+def test_a_forced_call_with_a_system_prompt_renders_on_a_template_of_one_system_message(
+    server: ServerProcess, tools: list[dict]
+) -> None:
+    """The tool hint was a system message of its own before the user's: a template that takes one system message,
+    first, refused system prompt + forced tool call with a 400 (probe BC-1). The hint now opens the user's system
+    message."""
+    messages = [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Paris?"}]
+    body = {"messages": messages, "chat_template": STRICT_TEMPLATE, "tools": tools, "tool_choice": "required"}
+    prompt = _tokenized_prompt(server, body)
+    assert prompt.startswith("<user>You can call these tools.") and "get_weather" in prompt
+    assert "You are a weather bot.\n\nParis?</user><assistant>" in prompt
+    alone = _tokenized_prompt(server, {**body, "messages": messages[1:]})  # no system message: the hint is one
+    assert alone.startswith("<user>You can call these tools.") and alone.endswith("Paris?</user><assistant>")
+
+
+def test_a_request_template_that_renders_tools_gets_no_tool_hint(server: ServerProcess, tools: list[dict]) -> None:
+    """Whether the hint was needed was judged on the model's template (SmolLM2's has no tools), not the request's:
+    a request template listing the tools got the hint too, the tools described twice in two formats (probe BC-3)."""
+    renders_tools = "{{ tools | tojson }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "Paris?"}], "chat_template": renders_tools, "tools": tools,
+            "tool_choice": "required"}  # fmt: skip
+    prompt = _tokenized_prompt(server, body)
+    assert prompt.count('"name": "get_weather"') == 1 and "You can call these tools" not in prompt
+
+
+def test_the_hint_is_no_template_argument_a_client_can_set(server: ServerProcess) -> None:
+    """The hint travelled as the template argument `_extra_system_messages`, which `chat_template_kwargs` could set:
+    a string was a 500, a list added unchecked turns (probe BC-4). It is an ordinary argument now."""
+    template = "{{ _extra_system_messages }}|{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% endfor %}"
+    for value in ("oops", [{"role": "system", "content": "INJECTED"}]):
+        body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template,
+                "chat_template_kwargs": {"_extra_system_messages": value}}  # fmt: skip
+        prompt = _tokenized_prompt(server, body)
+        assert prompt.endswith("|user:hi") and "system:" not in prompt
