@@ -122,8 +122,12 @@ class EncoderTokenizer:
         if truncation.max_tokens is None:  # a text far over the limit is refused without tokenizing all of it
             self._refuse_far_over_limit(inputs, truncation, field, always_index, first_field)
         tokenizer = self._truncating(truncation)
-        texts = list(inputs) if truncation.max_tokens is None else self._kept_ends(inputs, truncation)
-        encodings: list[Encoding] = tokenizer.encode_batch(texts, add_special_tokens=True)
+        encodings: Sequence[Encoding | _PairIds]
+        if truncation.max_tokens is not None and any(isinstance(text, tuple) for text in inputs):
+            encodings = self._truncated_pairs(inputs, truncation, tokenizer)
+        else:
+            texts = list(inputs) if truncation.max_tokens is None else self._kept_ends(inputs, truncation)
+            encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         results = []
         for index, (text, encoding) in enumerate(zip(inputs, encodings, strict=True)):
             label = self._label(field, index, len(inputs), always_index)
@@ -171,6 +175,90 @@ class EncoderTokenizer:
                     texts[index] = end
         return texts
 
+    def _truncated_pairs(
+        self, inputs: Sequence[TextInput], truncation: Truncation, tokenizer: Tokenizer
+    ) -> list["Encoding | _PairIds"]:
+        """Pairs (and texts) truncated as `tokenizer` would truncate them, without letting it: its `longest_first`
+        truncation of a pair builds every combination of the two texts' overflow windows (two 40 KB texts cut to 40
+        tokens made 190,000 of them, 15 GB: one rerank request killed the server), and each pair was tokenized
+        whole, a rerank's 1 MB query once for every text (probe BD #1). Here each distinct part is tokenized once,
+        on the end it keeps where it is far too long (`_kept_ends`' rule), the kept lengths are `longest_first`'s
+        (`longest_first_lengths`), and the post-processor's pair layout adds the special tokens.
+
+        A part's cut end holds CUT_MARGIN tokens to spare beyond those kept, so it keeps the tokens the whole text
+        keeps; which part is longer (it decides the odd token of an odd budget) is known from the cut ends unless
+        the other part's length is within CUT_MARGIN of one: then the part is tokenized whole; with both parts far
+        too long and an odd budget, the one with more characters is taken as the longer."""
+        assert truncation.max_tokens is not None
+        layout = self._pair_layout
+        if layout is None:  # a post-processor whose pair layout could not be read: the tokenizer's own way
+            texts = self._kept_ends(inputs, truncation)
+            return list(tokenizer.encode_batch(texts, add_special_tokens=True))
+        num_kept = min(truncation.max_tokens, self.max_input_length)
+        budget = max(num_kept - self._plain.num_special_tokens_to_add(is_pair=True), 0)
+        keep_chars = (num_kept + 3 * CUT_MARGIN) * self.longest_token_chars
+        search_chars = CUT_MARGIN * self.longest_token_chars
+        cut = head if truncation.direction == TruncationDirection.RIGHT else tail
+        parts = list(dict.fromkeys(part for text in inputs if isinstance(text, tuple) for part in text))
+        ends = {part: end for part in parts if len(part) > keep_chars and (end := cut(part, keep_chars, search_chars))}
+        cut_ends: dict[str, list[int]] = {}
+        for part, encoding in zip(ends, self._plain.encode_batch(list(ends.values()), add_special_tokens=False), strict=True):
+            if len(encoding.ids) >= num_kept + 2 * CUT_MARGIN:
+                cut_ends[part] = list(encoding.ids)
+        short = [part for part in parts if part not in cut_ends]
+        wholes = {part: list(e.ids) for part, e in zip(short, self._plain.encode_batch(short, add_special_tokens=False), strict=True)}
+
+        def whole(part: str) -> list[int]:
+            if part not in wholes:
+                wholes[part] = list(self._plain.encode(part, add_special_tokens=False).ids)
+            return wholes[part]
+
+        def pair(first: str, second: str) -> _PairIds:
+            first_ids, second_ids = cut_ends.get(first), cut_ends.get(second)
+            if first_ids is not None and second_ids is not None:  # both longer than the budget: half each
+                half = budget // 2
+                longer_first = len(first) > len(second)  # decides the odd token only
+                kept = (budget - half, half) if longer_first else (half, budget - half)
+                return layout.join(_end(first_ids, kept[0], truncation.direction), _end(second_ids, kept[1], truncation.direction))
+            if first_ids is not None and _order_unknown(len(first_ids), len(whole(second)), budget):
+                first_ids = whole(first)
+            if second_ids is not None and _order_unknown(len(second_ids), len(whole(first)), budget):
+                second_ids = whole(second)
+            first_ids = first_ids if first_ids is not None else whole(first)
+            second_ids = second_ids if second_ids is not None else whole(second)
+            kept = longest_first_lengths(len(first_ids), len(second_ids), budget)
+            return layout.join(_end(first_ids, kept[0], truncation.direction), _end(second_ids, kept[1], truncation.direction))
+
+        singles = self._kept_ends([text for text in inputs if isinstance(text, str)], truncation)
+        single_encodings = iter(tokenizer.encode_batch(singles, add_special_tokens=True))
+        return [pair(*text) if isinstance(text, tuple) else next(single_encodings) for text in inputs]
+
+    @functools.cached_property
+    def _pair_layout(self) -> "_PairLayout | None":
+        """Where the post-processor puts a pair's two texts among its special tokens, with their type ids: read off
+        a pair of one-token placeholders. None when no two plain letters are single tokens here."""
+        special = set(self._plain.get_added_tokens_decoder())
+        placeholders = []
+        for letter in "abcdefghijklmnopqrstuvwxyz":
+            ids = self._plain.encode(letter, add_special_tokens=False).ids
+            if len(ids) == 1 and ids[0] not in special and ids not in placeholders:
+                placeholders.append(ids)
+            if len(placeholders) == 2:
+                break
+        else:
+            return None
+        first, second = (self._plain.encode(self._plain.decode(ids), add_special_tokens=False) for ids in placeholders)
+        if [first.ids, second.ids] != placeholders:
+            return None
+        joined = self._plain.post_process(first, second, add_special_tokens=True)
+        slots: list[tuple[int | None, int, int]] = []  # (special token id, or None for a text; which text; type id)
+        for token_id, type_id in zip(joined.ids, joined.type_ids, strict=True):
+            which = next((index for index, ids in enumerate(placeholders) if ids[0] == token_id), -1)
+            slots.append((None if which >= 0 else token_id, which, type_id))
+        if sorted(which for _, which, _ in slots if which >= 0) != [0, 1]:
+            return None
+        return _PairLayout(tuple(slots))
+
     def _refuse_far_over_limit(
         self,
         inputs: Sequence[TextInput],
@@ -217,7 +305,7 @@ class EncoderTokenizer:
             )
 
     def _pair_too_long(
-        self, encoding: Encoding, label: str, first_field: str, field: str, truncation: Truncation
+        self, encoding: "Encoding | _PairIds", label: str, first_field: str, field: str, truncation: Truncation
     ) -> InputTooLongError:
         """A (query, text) pair over the limit: blamed on the query when it alone leaves no room."""
         num_first = _first_sequence_length(encoding)
@@ -316,8 +404,61 @@ class EncoderTokenizer:
             )
 
 
-def _first_sequence_length(encoding: Encoding) -> int:
+def longest_first_lengths(first: int, second: int, budget: int) -> tuple[int, int]:
+    """The tokens of each text of a pair that the Rust tokenizer's `longest_first` truncation keeps for `budget`
+    tokens (special tokens excluded): a shorter text of at most half the budget whole, the other cut to the rest;
+    else half each, the odd token to the longer (the second on a tie)."""
+    if first + second <= budget:
+        return first, second
+    half = budget // 2
+    if min(first, second) <= half:
+        return (first, budget - first) if first <= second else (budget - second, second)
+    return (budget - half, half) if first > second else (half, budget - half)
+
+
+def _order_unknown(num_cut: int, num_other: int, budget: int) -> bool:
+    """Whether a part's cut end (`num_cut` tokens; its whole text has at least num_cut - CUT_MARGIN) leaves unknown
+    what `longest_first` does with it and a whole part of `num_other` tokens: only which is longer matters, only
+    for an odd budget, and only when the other is over half of it."""
+    return budget % 2 == 1 and num_other > budget // 2 and num_other >= num_cut - CUT_MARGIN
+
+
+def _end(ids: list[int], count: int, direction: TruncationDirection) -> list[int]:
+    """The `count` ids truncation keeps: the first ones, or on the left the last."""
+    if direction == TruncationDirection.RIGHT:
+        return ids[:count]
+    return ids[len(ids) - count :] if count else []
+
+
+@dataclass(frozen=True, slots=True)
+class _PairIds:
+    """A pair ready for the model, as `Encoding` has it for `encode`."""
+
+    ids: list[int]
+    type_ids: list[int]
+    num_first: int  # tokens of the first text
+
+
+@dataclass(frozen=True, slots=True)
+class _PairLayout:
+    """A post-processor's layout of a pair: special tokens and the two texts, each with its type id."""
+
+    slots: tuple[tuple[int | None, int, int], ...]
+
+    def join(self, first: list[int], second: list[int]) -> _PairIds:
+        ids: list[int] = []
+        type_ids: list[int] = []
+        for token_id, which, type_id in self.slots:
+            part = [token_id] if token_id is not None else (first, second)[which]
+            ids.extend(part)
+            type_ids.extend([type_id] * len(part))
+        return _PairIds(ids, type_ids, len(first))
+
+
+def _first_sequence_length(encoding: "Encoding | _PairIds") -> int:
     """Tokens of a pair's first text (special tokens excluded)."""
+    if isinstance(encoding, _PairIds):
+        return encoding.num_first
     return sum(1 for sequence in encoding.sequence_ids if sequence == 0)
 
 

@@ -300,6 +300,49 @@ def test_truncation_tokenizes_only_the_kept_end_and_keeps_the_same_tokens(
         assert 0 < recorder.longest_chars < 100_000
 
 
+@pytest.mark.parametrize("direction", list(TruncationDirection))
+@pytest.mark.parametrize("tokenizer_dir", ["minilm_dir", "smollm2_dir"])  # BERT's pair template; byte-level BPE
+def test_truncated_pairs_keep_the_tokens_the_tokenizer_keeps(
+    tokenizer_dir: str, direction: TruncationDirection, request: pytest.FixtureRequest
+) -> None:
+    """A cross-encoder's (query, text) pairs are truncated here, not by the Rust tokenizer (whose pair truncation
+    built every combination of the two texts' overflow windows: 15 GB for two 40 KB texts cut to 40 tokens), each
+    part tokenized once and a long one on its kept end (probe BD #1); the pairs keep exactly the tokens and type ids
+    the tokenizer's `longest_first` keeps: either side short or long, odd and even budgets, equal lengths."""
+    from engine_builder.serve.encoders.tokenizer import EncoderTokenizer, longest_first_lengths
+
+    model_dir: Path = request.getfixturevalue(tokenizer_dir)
+    tokenizer = EncoderTokenizer.from_model_dir(model_dir, max_input_length=256, vocab_size=0)
+    prose = "The quick brown fox jumps over the lazy dog, again and again; "
+    # small enough for the tokenizer's own pair truncation (the oracle) to afford, long enough to be cut here
+    parts = [prose * 130, prose * 110, "short query", prose * 3, prose * 20, "x" * 8_000, ""]
+    pairs = [(first, second) for first in parts for second in parts if first or second]
+    for num_kept in (256, 41, 40):
+        truncation = Truncation(num_kept, direction)
+        oracle = tokenizer._truncating(truncation).encode_batch(pairs, add_special_tokens=True)
+        encoded = tokenizer.encode(pairs, truncation=truncation, field="texts", always_index=True)
+        assert [e.token_ids for e in encoded] == [e.ids for e in oracle]
+        assert [e.token_type_ids for e in encoded] == [e.type_ids for e in oracle]
+    assert longest_first_lengths(30, 30, 17) == (8, 9) and longest_first_lengths(31, 30, 17) == (9, 8)
+    assert longest_first_lengths(5, 40, 17) == (5, 12) and longest_first_lengths(30, 30, 18) == (9, 9)
+
+
+def test_a_long_rerank_query_is_tokenized_once_on_its_kept_end(minilm_dir: Path) -> None:
+    """A 1 MB query to 32 texts was tokenized whole 32 times (10 s of CPU, in a thread a disconnect does not stop)."""
+    from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
+
+    tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=256, vocab_size=0)
+    recorder = _RecordingTokenizer(tokenizer._plain)
+    recorder.encode = lambda text, **options: recorder.encode_batch([text], **options)[0]  # type: ignore[attr-defined]
+    tokenizer._plain = recorder  # type: ignore[assignment]
+    query = "The quick brown fox jumps over the lazy dog, again and again; " * 16_000
+    for direction in TruncationDirection:
+        encoded = tokenizer.encode([(query, f"document {i}") for i in range(32)], truncation=Truncation(256, direction),
+                                   field="texts", always_index=True)  # fmt: skip
+        assert all(len(e.token_ids) == 256 for e in encoded)
+    assert 0 < recorder.longest_chars < 100_000
+
+
 def test_a_checkpoint_missing_weights_is_refused_not_served_random(minilm_dir: Path, tmp_path: Path) -> None:
     """transformers fills missing weights with random values and only warns: an embedding model without its word
     embeddings served random vectors with a healthy status (probe W). Its unused pooler may be absent."""
