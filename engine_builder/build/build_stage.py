@@ -229,6 +229,7 @@ def _build_engine_locked(
         base_model=build.base_model,
         allow_prequantized=prequantized_ok,
         require_weights=not dummy,
+        require_chat_template=False,  # a base model serves /v1/completions; its chat routes answer 400 (probe BB #2)
     )
     if existing is not None:  # a LOCAL folder can change under the same config: its content decides
         if existing.manifest.source.revision == fetched.revision:
@@ -241,6 +242,11 @@ def _build_engine_locked(
         fetched.path, build.base_model, require_chat_template=False, allow_prequantized=prequantized_ok,
         require_weights=not dummy,
     )
+    if not build.base_model.is_encoder and not info.has_chat_template:
+        logger.warning(
+            "the checkpoint has no chat template (a base model): the engine serves /v1/completions, and "
+            "/v1/chat/completions answers 400 unless a request brings its own chat_template"
+        )
     if backend == "torch" and not build.base_model.is_encoder:
         _check_torch_decoder(fetched.path, build.quantization_type, tensor_parallel_size(stack))
         if not dummy:

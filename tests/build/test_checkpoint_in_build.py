@@ -110,3 +110,26 @@ def test_weights_that_do_not_fit_the_config_fail_the_build(tmp_path: Path, smoll
     with pytest.raises(BuildError, match=r"weights do not fit its config\.json .*layers\.30"):
         build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
     assert not (tmp_path / "engine").exists()
+
+
+def test_a_base_model_without_a_chat_template_builds(
+    tmp_path: Path, smollm2_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoder with no chat template (a base model, served on /v1/completions) was refused by the fetch's own
+    layout checks before the build's check, which allows it, ran (probe BB #2)."""
+    import json
+    import os
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(smollm2_dir, checkpoint, copy_function=os.link)
+    tokenizer_config = checkpoint / "tokenizer_config.json"
+    document = json.loads(tokenizer_config.read_text())
+    document.pop("chat_template", None)
+    tokenizer_config.unlink()  # a hard link to the original: replaced, not edited
+    tokenizer_config.write_text(json.dumps(document))
+    assert not list(checkpoint.glob("*.jinja"))
+    config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    assert "chat_template" not in json.loads((engine.model_dir / "tokenizer_config.json").read_text())
+    assert "no chat template (a base model)" in caplog.text

@@ -49,18 +49,21 @@ def fetch_checkpoint(
     allow_prequantized: bool = False,
     settings: DownloadSettings | None = None,
     require_weights: bool = True,
+    require_chat_template: bool = True,
     selection: FileSelection = MODEL_FILES,
 ) -> FetchedCheckpoint:
     """Fetch (or reuse) the checkpoint. With `base_model`, the layout checks run on the small files before
     the weights download and again on the complete folder before it is committed to the cache. Without
-    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough. `selection`
+    `require_weights` (dummy weights for benchmarks) config.json and the tokenizer are enough. Without
+    `require_chat_template` a decoder with none passes (a base model, served on /v1/completions only). `selection`
     says which files to take: a model's (the default) or a LoRA adapter's (`ADAPTER_FILES`, with no
     `base_model`: the caller checks the adapter itself)."""
     secrets = secrets or Secrets.from_env()
     try:
         source = source_class(repository.source)(repository, secrets, base_dir, selection=selection)
         fetch = _Fetch(
-            source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress, require_weights
+            source, CheckpointCache(cache_dir), settings or DownloadSettings.from_env(), progress, require_weights,
+            require_chat_template,
         )
         return fetch.run(base_model, allow_prequantized)
     except CheckpointError as error:
@@ -82,9 +85,11 @@ class _Fetch:
         settings: DownloadSettings,
         progress: bool,
         require_weights: bool = True,
+        require_chat_template: bool = True,
     ) -> None:
         self.source = source
         self.require_weights = require_weights
+        self.require_chat_template = require_chat_template
         self.cache = cache
         self.settings = settings
         self.progress = progress
@@ -116,10 +121,7 @@ class _Fetch:
             if snapshot is not None:
                 logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
                 if base_model is not None:  # the snapshot may have been fetched without the checks
-                    check_repository_layout(
-                        snapshot.path, base_model, allow_prequantized=allow_prequantized,
-                        require_weights=self.require_weights, where=self.source.describe(),
-                    )
+                    self._check_layout(snapshot.path, base_model, allow_prequantized, self.source.describe())
             else:
                 snapshot = self._download(key, listing, files, base_model, allow_prequantized)
         return FetchedCheckpoint(path=snapshot.path, files=snapshot.files, revision=snapshot.revision)
@@ -169,10 +171,7 @@ class _Fetch:
             if base_model is not None and self.source.lists_checkpoint_files:
                 self.source.materialize(_paths(blobs), staging)
                 present = {file.path for file in files}
-                check_repository_layout(
-                    staging, base_model, allow_prequantized=allow_prequantized, present_files=present,
-                    require_weights=self.require_weights, where=self.source.describe(),
-                )
+                self._check_layout(staging, base_model, allow_prequantized, self.source.describe(), present)
                 heavy_blobs = downloader.fetch(heavy, "weights")
                 self.source.materialize(_paths(heavy_blobs), staging)
                 blobs.update(heavy_blobs)
@@ -182,10 +181,7 @@ class _Fetch:
                 hashes = self.source.materialize(_paths(blobs), staging)
             files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
             if base_model is not None:
-                check_repository_layout(
-                    staging, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights,
-                    where=self.source.describe(),
-                )
+                self._check_layout(staging, base_model, allow_prequantized, self.source.describe())
             revision = listing.revision or content_revision(files_sha)
             snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
         except (CheckpointLayoutError, UnsafeArchiveError):
@@ -221,12 +217,24 @@ class _Fetch:
             files = [file for file in files if file.path not in unindexed]
             _log_unindexed(self.source.describe(), index, unindexed)
         if base_model is not None:
-            check_repository_layout(
-                path, base_model, allow_prequantized=allow_prequantized, require_weights=self.require_weights,
-                where=f"{self.source.describe()} ({path})",
-            )
+            self._check_layout(path, base_model, allow_prequantized, f"{self.source.describe()} ({path})")
         hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
         return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes), in_place=True)
+
+    def _check_layout(
+        self,
+        folder: Path,
+        base_model: BaseModelKind,
+        allow_prequantized: bool,
+        where: str,
+        present_files: set[str] | None = None,
+    ) -> None:
+        """`check_repository_layout` with this fetch's requirements: every one of its checks passes them all (a check
+        that left out `require_chat_template` refused every base model before the build could allow it; probe BB #2)."""
+        check_repository_layout(
+            folder, base_model, allow_prequantized=allow_prequantized, present_files=present_files,
+            require_weights=self.require_weights, require_chat_template=self.require_chat_template, where=where,
+        )
 
     def _retry(self, call: Callable[[], T]) -> T:
         for attempt in range(1, self.settings.attempts + 1):
