@@ -54,6 +54,20 @@ def test_builds_and_serves_random_weights(tmp_path: Path, smollm2_dir: Path, cap
     assert len(tokens) == 4 and all(0 <= token < engine.vocab_size for token in tokens)
 
 
+def test_a_checkpoint_with_weights_builds_without_them(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The weights of a complete checkpoint are neither downloaded nor linked into a dummy engine (probe BB #4)."""
+    config = write_config(
+        tmp_path / "config.yaml", smollm2_dir, max_seq_len=128,
+        engine_builder={"dtype": "float32", "kv_cache_memory_bytes": 32 * 2**20, "load_format": "dummy"},
+    )
+    loaded = load_config(config)
+    options = EngineOptions.model_validate(loaded.truss.engine_builder.model_dump())
+    engine_dir = build_engine(loaded, tmp_path / "engine", options).engine_dir
+    assert not list(engine_dir.model_dir.glob("*.safetensors"))
+    assert "model.safetensors" not in engine_dir.manifest.source.files
+    assert (engine_dir.model_dir / "config.json").is_file()
+
+
 def test_refuses_what_it_cannot_build(tmp_path: Path, smollm2_dir: Path) -> None:
     folder = _weightless(smollm2_dir, tmp_path)
     config = write_config(tmp_path / "config.yaml", folder, engine_builder={"load_format": "dummy"})

@@ -138,7 +138,15 @@ class _Fetch:
                 f"{self.source.describe()}: {selection.root_file} is missing at the root of the repository "
                 f"(found: {shown}); point repo at the folder that holds {selection.root_file}"
             )
-        if self.require_weights and not any(selection.is_weight_file(file.path) for file in files):
+        if not self.require_weights:
+            # Dummy weights: nothing reads the checkpoint's, so neither they nor their index (which would name shards
+            # that are not there) are downloaded or linked into the engine (a 70B model's 140 GB were; probe BB #4).
+            # An archive (REMOTE_URL) is fetched whole all the same.
+            return [
+                file for file in files
+                if not selection.is_weight_file(file.path) and file.path != selection.weights_index
+            ]
+        if not any(selection.is_weight_file(file.path) for file in files):
             raise CheckpointLayoutError(f"{self.source.describe()}: {selection.missing_weights(paths)}")
         return files
 

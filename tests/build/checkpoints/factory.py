@@ -1,5 +1,5 @@
 """Tiny synthetic checkpoints (config, fast tokenizer, safetensors) in the layouts the checks accept or refuse,
-and tar.gz builders for the archive tests."""
+tar.gz builders for the archive tests, and a remote store backed by a folder."""
 
 import io
 import json
@@ -12,6 +12,10 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
+
+from engine_builder.build.checkpoints.secrets import Secrets
+from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.build.config import CheckpointRepository
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
@@ -117,3 +121,28 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
     info.linkname = linkname
     info.mode = 0o644
     return info
+
+
+class FolderStore(CheckpointSourceBase):
+    """A remote store backed by a folder (every file under it, nested ones too), recording which files were read."""
+
+    name = "FOLDER"
+
+    def __init__(self, folder: Path, repo: str = "s3://bucket/model") -> None:
+        super().__init__(CheckpointRepository(source="S3", repo=repo), Secrets(), None)
+        self.folder = folder
+        self.read: list[str] = []
+
+    def list_files(self) -> Listing:
+        files = tuple(
+            RemoteFile(
+                path=path.relative_to(self.folder).as_posix(), size=path.stat().st_size,
+                fingerprint=str(path.stat().st_mtime_ns),
+            )
+            for path in sorted(self.folder.rglob("*")) if path.is_file()
+        )  # fmt: skip
+        return Listing(files=files)
+
+    def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
+        self.read.append(file.path)
+        sink.write((self.folder / file.path).read_bytes()[start:])

@@ -9,34 +9,10 @@ from engine_builder.build.checkpoints import fetch_checkpoint
 from engine_builder.build.checkpoints.cache import CheckpointCache
 from engine_builder.build.checkpoints.download import DownloadSettings
 from engine_builder.build.checkpoints.fetch import _Fetch
-from engine_builder.build.checkpoints.secrets import Secrets
-from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
-from tests.build.checkpoints.factory import make_checkpoint
+from tests.build.checkpoints.factory import FolderStore, make_checkpoint
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-
-
-class _FolderStore(CheckpointSourceBase):
-    """A remote store backed by a folder, recording which files were read."""
-
-    name = "FOLDER"
-
-    def __init__(self, folder: Path, repo: str = "s3://bucket/model") -> None:
-        super().__init__(CheckpointRepository(source="S3", repo=repo), Secrets(), None)
-        self.folder = folder
-        self.read: list[str] = []
-
-    def list_files(self) -> Listing:
-        files = tuple(
-            RemoteFile(path=path.name, size=path.stat().st_size, fingerprint=str(path.stat().st_mtime_ns))
-            for path in sorted(self.folder.iterdir())
-        )
-        return Listing(files=files)
-
-    def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
-        self.read.append(file.path)
-        sink.write((self.folder / file.path).read_bytes()[start:])
 
 
 def _with_stray(folder: Path, shards: int) -> Path:
@@ -45,13 +21,13 @@ def _with_stray(folder: Path, shards: int) -> Path:
     return folder
 
 
-def _fetch(store: _FolderStore, cache_dir: Path) -> dict[str, str]:
+def _fetch(store: FolderStore, cache_dir: Path) -> dict[str, str]:
     fetch = _Fetch(store, CheckpointCache(cache_dir), DownloadSettings.from_env(), progress=False)
     return fetch.run(BaseModelKind.DECODER, allow_prequantized=False).files
 
 
 def test_a_remote_store_fetches_only_the_indexed_shards(tmp_path: Path, cache_dir: Path) -> None:
-    store = _FolderStore(_with_stray(tmp_path / "model", shards=2))
+    store = FolderStore(_with_stray(tmp_path / "model", shards=2))
     files = _fetch(store, cache_dir)
     assert "consolidated.safetensors" not in store.read and "consolidated.safetensors" not in files
     assert set(SHARDS) <= set(store.read) and set(SHARDS) <= set(files)
@@ -60,16 +36,16 @@ def test_a_remote_store_fetches_only_the_indexed_shards(tmp_path: Path, cache_di
 def test_without_an_index_every_safetensors_file_is_fetched(tmp_path: Path, cache_dir: Path) -> None:
     make_checkpoint(tmp_path / "model")
     (tmp_path / "model" / "extra.safetensors").write_bytes((tmp_path / "model" / "model.safetensors").read_bytes())
-    store = _FolderStore(tmp_path / "model")
+    store = FolderStore(tmp_path / "model")
     files = _fetch(store, cache_dir)
     assert {"model.safetensors", "extra.safetensors"} <= set(files) and "extra.safetensors" in store.read
 
 
 def test_a_trailing_slash_names_the_same_cached_snapshot(tmp_path: Path, cache_dir: Path) -> None:
     make_checkpoint(tmp_path / "model")
-    first = _FolderStore(tmp_path / "model", "s3://bucket/model")
+    first = FolderStore(tmp_path / "model", "s3://bucket/model")
     _fetch(first, cache_dir)
-    again = _FolderStore(tmp_path / "model", "s3://bucket/model/")
+    again = FolderStore(tmp_path / "model", "s3://bucket/model/")
     _fetch(again, cache_dir)
     assert first.read and not again.read
 
