@@ -22,7 +22,7 @@ from engine_builder.build.checkpoints.http_range import safe_url
 from engine_builder.build.checkpoints.layout import check_repository_layout
 from engine_builder.build.checkpoints.registry import source_class
 from engine_builder.build.checkpoints.secrets import Secrets
-from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection, unindexed_weight_files
+from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection
 from engine_builder.build.checkpoints.source import CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 
@@ -166,19 +166,23 @@ class _Fetch:
             is_weight_file = self.source.selection.is_weight_file
             small = [file for file in files if not is_weight_file(file.path)]
             heavy = [file for file in files if is_weight_file(file.path)]
-            blobs = downloader.fetch(small, "checkpoint files")
-            index = self.source.selection.weights_index
-            if index in blobs and self.source.lists_checkpoint_files:
-                unindexed = unindexed_weight_files([file.path for file in heavy], blobs[index][0])
-                heavy = [file for file in heavy if file.path not in unindexed]
-                _log_unindexed(self.source.describe(), index, unindexed)
+            if self.source.lists_checkpoint_files:
+                # The root's small files (the index, modules.json) say which others are the model's: the rest, a
+                # nested checkpoint's files among them, is not fetched (probe BB #3).
+                blobs = downloader.fetch([file for file in small if "/" not in file.path], "checkpoint files")
+                unused = self._unused([file.path for file in files], lambda name: _blob_of(blobs, name))
+                small = [file for file in small if file.path not in unused]
+                heavy = [file for file in heavy if file.path not in unused]
+                blobs.update(downloader.fetch([file for file in small if file.path not in blobs], "checkpoint files"))
+            else:
+                blobs = downloader.fetch(small, "checkpoint files")
             total = sum(file.size or 0 for file in [*small, *heavy])
             logger.info(
                 "%s: fetching %d files (%.1f MB)", self.source.describe(), len(small) + len(heavy), total / 1e6
             )
             if base_model is not None and self.source.lists_checkpoint_files:
                 self.source.materialize(_paths(blobs), staging)
-                present = {file.path for file in files}
+                present = {file.path for file in [*small, *heavy]}
                 self._check_layout(staging, base_model, allow_prequantized, self.source.describe(), present)
                 heavy_blobs = downloader.fetch(heavy, "weights")
                 self.source.materialize(_paths(heavy_blobs), staging)
@@ -187,6 +191,11 @@ class _Fetch:
             else:
                 blobs.update(downloader.fetch(heavy, "weights"))
                 hashes = self.source.materialize(_paths(blobs), staging)
+                if hashes is not None:  # an archive, unpacked whole: its files the model does not use are removed
+                    unused = self._unused(list(hashes), lambda name: _file_in(staging, name))
+                    for path in unused:
+                        (staging / path).unlink()
+                    hashes = {path: sha for path, sha in hashes.items() if path not in unused}
             files_sha = hashes if hashes is not None else {path: sha for path, (_, sha) in blobs.items()}
             if base_model is not None:
                 self._check_layout(staging, base_model, allow_prequantized, self.source.describe())
@@ -219,15 +228,25 @@ class _Fetch:
         self, path: Path, base_model: BaseModelKind | None, allow_prequantized: bool
     ) -> FetchedCheckpoint:
         files = self._needed(self.source.list_files())
-        index = self.source.selection.weights_index
-        if index is not None and any(file.path == index for file in files):
-            unindexed = unindexed_weight_files([file.path for file in files], path / index)
-            files = [file for file in files if file.path not in unindexed]
-            _log_unindexed(self.source.describe(), index, unindexed)
+        unused = self._unused([file.path for file in files], lambda name: _file_in(path, name))
+        files = [file for file in files if file.path not in unused]
         if base_model is not None:
             self._check_layout(path, base_model, allow_prequantized, f"{self.source.describe()} ({path})")
         hashes = {file.path: self.cache.hash_local_file(path / file.path) for file in files}
         return FetchedCheckpoint(path=path, files=hashes, revision=content_revision(hashes), in_place=True)
+
+    def _unused(self, paths: list[str], small_file: Callable[[str], Path | None]) -> set[str]:
+        """The needed files that the selection leaves out all the same once the small ones are read (weights an index
+        omits, nested checkpoints; `FileSelection.unused_files`), logged with the reasons."""
+        find = self.source.selection.unused_files
+        unused = find(paths, small_file) if find is not None else {}
+        by_reason: dict[str, list[str]] = {}
+        for path, reason in unused.items():
+            by_reason.setdefault(reason, []).append(path)
+        for reason, skipped in sorted(by_reason.items()):
+            shown = ", ".join(sorted(skipped)[:8]) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+            logger.info("%s: skipping %s (%s)", self.source.describe(), shown, reason)
+        return set(unused)
 
     def _check_layout(
         self,
@@ -259,9 +278,12 @@ class _Fetch:
         raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _log_unindexed(where: str, index: str, unindexed: set[str]) -> None:
-    if unindexed:
-        logger.info("%s: skipping %s (not listed in %s)", where, ", ".join(sorted(unindexed)), index)
+def _blob_of(blobs: dict[str, tuple[Path, str]], path: str) -> Path | None:
+    return blobs[path][0] if path in blobs else None
+
+
+def _file_in(folder: Path, path: str) -> Path | None:
+    return folder / path if (folder / path).is_file() else None
 
 
 def _paths(blobs: dict[str, tuple[Path, str]]) -> dict[str, Path]:

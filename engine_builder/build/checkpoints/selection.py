@@ -1,18 +1,22 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
-sentence-transformers module folders, safetensors weights (with an index, only the shards it lists) and the model
-card (README.md at the root: the build reads an encoder's Matryoshka training from it); other weight formats (.bin,
+sentence-transformers module folders, safetensors weights (at the root, with an index only the shards it lists; in a
+subfolder, only a sentence-transformers module's) and the model card (README.md at the root: the build reads an
+encoder's Matryoshka training from it); subfolders that hold another checkpoint (their own config.json: a trainer's
+checkpoint-N/, gpt-oss's original/) are left out whole; other weight formats (.bin,
 .pt, .onnx, .msgpack, .h5...; but a sentence-transformers Dense layer's `N_Dense/pytorch_model.bin`, which the
 server reads with torch's weights_only loader), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 WEIGHT_SUFFIX = ".safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+MODULES_FILE = "modules.json"  # sentence-transformers' list of modules, each with its folder
 # vocab.txt / merges.txt, sentencepiece `.model`, tiktoken files, chat templates and every JSON config.
 NEEDED_SUFFIXES = frozenset({".json", WEIGHT_SUFFIX, ".jinja", ".txt", ".model", ".tiktoken"})
 # Formats the builder cannot load; named in the "convert to safetensors" error when they are all there is.
@@ -49,18 +53,75 @@ def is_needed(path: str) -> bool:
     return PurePosixPath(name).suffix in NEEDED_SUFFIXES
 
 
-def unindexed_weight_files(paths: Iterable[str], index_file: Path) -> set[str]:
-    """Top-level safetensors files of `paths` that the sharded checkpoint's index (`index_file`) does not list, such
-    as Mistral's consolidated.safetensors beside the HF shards: only the listed shards are loaded, so the others are
-    not fetched. Empty when the index is unreadable (the layout checks name that)."""
+def unused_model_files(paths: Collection[str], small_file: Callable[[str], Path | None]) -> dict[str, str]:
+    """The files of `paths` (the needed ones) that a model build leaves out, each with the reason, for the log. The
+    engine loads the root's weights and reads a subfolder only as a sentence-transformers module (a standard
+    `1_Pooling`-style name, or a folder modules.json names), so (probe BB #3: 2x the download, and a nested checkpoint
+    linked into the engine) these are left out: every file under another subfolder that holds its own config.json
+    (another checkpoint: a trainer's checkpoint-N/, gpt-oss's original/), weights in any other subfolder, and, with
+    an index, the root's weights it does not list (Mistral's consolidated.safetensors beside the HF shards).
+    `small_file` gives the fetched copy of a root file (the index, modules.json) by name, None when there is none;
+    an unreadable index or modules.json leaves out nothing on its account (the layout checks name it)."""
+    modules = _module_folders(small_file(MODULES_FILE))
+
+    def is_module(folder: str) -> bool:
+        return folder in modules or ("/" not in folder and ST_MODULE_FOLDER.match(folder) is not None)
+
+    checkpoints = {
+        parent
+        for parent, name in (_split(path) for path in paths)
+        if name == CONFIG_FILE and parent and not is_module(parent)
+    }
+    shards = _indexed_shards(small_file(WEIGHTS_INDEX))
+    unused: dict[str, str] = {}
+    for path in paths:
+        parent, _ = _split(path)
+        inside = next((folder for folder in _folders_above(path) if folder in checkpoints), None)
+        if inside is not None:
+            unused[path] = f"another checkpoint: {inside}/ holds its own {CONFIG_FILE}"
+        elif not is_weight_file(path):
+            continue
+        elif parent and not is_module(parent):
+            unused[path] = "weights in a subfolder that is not a sentence-transformers module"
+        elif not parent and shards and path not in shards:
+            unused[path] = f"not listed in {WEIGHTS_INDEX}"
+    return unused
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(parent folder, "" at the root; file name)."""
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def _folders_above(path: str) -> list[str]:
+    """Every folder `path` is inside, the outermost first: `a/b/c.json` -> [`a`, `a/b`]."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: depth + 1]) for depth in range(len(parts))]
+
+
+def _module_folders(modules_file: Path | None) -> set[str]:
     try:
-        weight_map = json.loads(index_file.read_text()).get("weight_map")
+        modules = json.loads(modules_file.read_text()) if modules_file is not None else []
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(modules, list):
+        return set()
+    return {
+        str(module["path"]).strip("/")
+        for module in modules
+        if isinstance(module, dict) and isinstance(module.get("path"), str) and module["path"].strip("/")
+    }
+
+
+def _indexed_shards(index_file: Path | None) -> set[str]:
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map") if index_file is not None else None
     except (OSError, ValueError, AttributeError):
         return set()
-    if not isinstance(weight_map, dict) or not weight_map:
+    if not isinstance(weight_map, dict):
         return set()
-    shards = {str(shard) for shard in weight_map.values()}
-    return {path for path in paths if "/" not in path and is_weight_file(path) and path not in shards}
+    return {str(shard) for shard in weight_map.values()}
 
 
 def needed_paths(paths: Iterable[str]) -> list[str]:
@@ -116,9 +177,13 @@ class FileSelection:
     is_weight_file: Callable[[str], bool]
     missing_weights: Callable[[Iterable[str]], str]  # the message's tail (what is wrong, the fix) from the listing
     weights_index: str | None = None  # the root file listing the weight shards; weights it omits are not fetched
+    # The needed files the build leaves out all the same, with the reasons: `unused_model_files`' shape.
+    unused_files: Callable[[Collection[str], Callable[[str], Path | None]], dict[str, str]] | None = None
 
 
-MODEL_FILES = FileSelection("", "config.json", is_needed, is_weight_file, missing_model_weights, WEIGHTS_INDEX)
+MODEL_FILES = FileSelection(
+    "", CONFIG_FILE, is_needed, is_weight_file, missing_model_weights, WEIGHTS_INDEX, unused_model_files
+)
 ADAPTER_FILES = FileSelection(
     "lora-adapter", ADAPTER_CONFIG_FILE, is_adapter_file, is_adapter_weight_file, missing_adapter_weights
 )
