@@ -8,6 +8,7 @@ only once their marker is written, so an interrupted fetch never leaves a half c
       snapshots/<key>/              a checkpoint folder: hard links into blobs/
       snapshots/<key>.json          the commit marker with file hashes; a folder without it is incomplete
       locks/<key>.lock              one fetch per snapshot at a time, across processes
+      locks/file-<file key>.lock    one download per file at a time: snapshots of two revisions share files
       local-hashes.json             sha256 memo of LOCAL files keyed by path, size and mtime
 """
 
@@ -112,22 +113,36 @@ class CheckpointCache:
     def partial_path(self, file_key: str) -> Path:
         return self.root / "partial" / f"{file_key}.part"
 
-    def known_blob(self, file_key: str) -> tuple[Path, str] | None:
-        """The finished blob a file resolved to on an earlier fetch, if it is still there."""
+    def file_lock_path(self, file_key: str) -> Path:
+        return self.root / "locks" / f"file-{file_key}.lock"
+
+    def known_blob(self, file_key: str, size: int | None = None) -> tuple[Path, str] | None:
+        """The finished blob a file resolved to on an earlier fetch, if it is still there (and of `size`, when
+        given)."""
         try:
             sha256 = (self.root / "known" / file_key).read_text().strip()
         except FileNotFoundError:
             return None
         blob = self.blob_path(sha256)
-        return (blob, sha256) if blob.is_file() else None
+        return (blob, sha256) if self.has_blob(sha256, size) else None
+
+    def has_blob(self, sha256: str, size: int | None = None) -> bool:
+        """Whether blobs/<sha256> is there, of `size` when given. Its name alone proves nothing: concurrent builds
+        once committed interleaved bytes under the right name, and every later build trusted them (probe BB #1)."""
+        try:
+            info = self.blob_path(sha256).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return stat.S_ISREG(info.st_mode) and (size is None or info.st_size == size)
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
 
     def commit_blob(self, part: Path, sha256: str, file_key: str) -> Path:
-        """Move a verified partial file into the blob store (a rename: never half-visible)."""
+        """Move a verified partial file into the blob store (a rename: never half-visible). A blob already there of
+        another size is not that content (probe BB #1): the verified file replaces it."""
         blob = self.blob_path(sha256)
-        if blob.is_file():
+        if self.has_blob(sha256, part.stat().st_size):
             part.unlink(missing_ok=True)
         else:
             os.chmod(part, _READ_ONLY)

@@ -3,13 +3,15 @@ size and sha256 verification, one tqdm progress bar. Sources only write bytes; t
 """
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,6 +38,7 @@ PERMANENT_ERRORS = (
 )
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: a file-size limit (ulimit -f)
 MAX_RETRY_AFTER_S = 120.0  # the longest a store's Retry-After holds one retry back
+LOCK_POLL_S = 0.2  # how often a download waiting for another process's checks for a cancel
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,8 @@ class Downloader:
         results: dict[str, tuple[Path, str]] = {}
         pending = []
         for file in files:
-            known = self.cache.known_blob(self.cache.file_key(self.source.name, self.location, file))
-            if known is None and file.sha256 and self.cache.blob_path(file.sha256).is_file():
+            known = self.cache.known_blob(self.cache.file_key(self.source.name, self.location, file), file.size)
+            if known is None and file.sha256 and self.cache.has_blob(file.sha256, file.size):
                 known = (self.cache.blob_path(file.sha256), file.sha256)
             if known is not None:
                 results[file.path] = known
@@ -223,8 +226,38 @@ class Downloader:
                 self._cancelled.wait(delay)  # a cancel cuts the backoff short; the next attempt then stops
         raise AssertionError("unreachable: the loop returns or raises")
 
+    @contextmanager
+    def _exclusive(self, file: RemoteFile, file_key: str) -> Iterator[None]:
+        """Hold the file's lock across processes: two builds of one repo at two revisions share its unchanged files,
+        and both appended to the one partial file, committing their interleaved bytes (probe BB #1). Waits for the
+        other download (a cancel still stops it), after which its blob is usually there to take."""
+        with self.cache.file_lock_path(file_key).open("a") as handle:
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waiting:
+                        logger.info("%s: waiting for another build that is downloading it", file.path)
+                        waiting = True
+                    if self._cancelled.wait(LOCK_POLL_S):
+                        raise _Cancelled() from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _fetch_once(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
         file_key = self.cache.file_key(self.source.name, self.location, file)
+        with self._exclusive(file, file_key):
+            known = self.cache.known_blob(file_key, file.size)
+            if known is not None:  # another build finished it while this one waited
+                advance(file.size or 0)
+                return known
+            return self._download_locked(file, file_key, advance)
+
+    def _download_locked(self, file: RemoteFile, file_key: str, advance: Callable[[int], None]) -> tuple[Path, str]:
         part = self.cache.partial_path(file_key)
         with part.open("a+b") as handle:
             handle.seek(0)
