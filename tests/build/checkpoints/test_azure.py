@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,9 +15,11 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
+from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.build.checkpoints.factory import make_checkpoint
 from tests.emulators.processes import AZURITE_ACCOUNT, AZURITE_KEY, Emulator
 
 pytestmark = pytest.mark.emulator
@@ -95,3 +98,38 @@ def test_connection_string_secret(azurite: Emulator, minilm_dir: Path) -> None:
     vocab = next(file for file in source.list_files().files if file.path == "vocab.txt")
     source.read_into(vocab, 777, Collect())
     assert bytes(received) == (minilm_dir / "vocab.txt").read_bytes()[777:]
+
+
+def test_a_blob_replaced_after_the_listing_fails_at_once_asking_for_a_rerun(
+    azure: Emulator, azurite: Emulator, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure answers 412 to the listed etag: every retry failed the same way, and the error blamed the network
+    (probe BB #5)."""
+    from azure.storage.blob import BlobServiceClient
+
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "5")
+    container = BlobServiceClient.from_connection_string(azurite.extra["connection_string"]).get_container_client(
+        "checkpoints"
+    )
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in folder.rglob("*"):
+        if file.is_file():
+            container.upload_blob(f"swap/m/{file.relative_to(folder).as_posix()}", file.read_bytes(), overwrite=True)
+    list_files, read_into = AzureSource.list_files, AzureSource.read_into
+    reads: list[str] = []
+
+    def list_then_replace(self: AzureSource) -> Any:
+        listing = list_files(self)
+        container.upload_blob("swap/m/model.safetensors", b"new version" * 100, overwrite=True)
+        return listing
+
+    def counting(self: AzureSource, file: Any, start: int, sink: Any) -> None:
+        reads.append(file.path)
+        read_into(self, file, start, sink)
+
+    monkeypatch.setattr(AzureSource, "list_files", list_then_replace)
+    monkeypatch.setattr(AzureSource, "read_into", counting)
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    with pytest.raises(CheckpointChangedError, match="changed since the build listed it; run the build again"):
+        fetch_checkpoint(repository("swap/m"), cache_dir=cache_dir, secrets=secrets, progress=False)
+    assert reads.count("model.safetensors") == 1

@@ -16,6 +16,7 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
+from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.s3 import S3Source
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
@@ -184,3 +185,30 @@ def test_interrupted_fetch_resumes_from_the_partial_file(
     assert starts == [4 << 20]  # only the weights were missing, and they resumed where they stopped
     expected = hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
     assert fetched.files["model.safetensors"] == expected
+
+
+def test_an_object_replaced_after_the_listing_fails_at_once_asking_for_a_rerun(
+    s3: dict[str, Any], tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 answers 412 PreconditionFailed to the listed ETag: every retry failed the same way, and the error blamed
+    the network (probe BB #5)."""
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "5")
+    upload(s3, make_checkpoint(tmp_path / "m", "embedding"), "swap/m")
+    list_files, read_into = S3Source.list_files, S3Source.read_into
+    reads: list[str] = []
+
+    def list_then_replace(self: S3Source) -> Any:
+        listing = list_files(self)
+        s3["client"].put_object(Bucket="checkpoints", Key="swap/m/model.safetensors", Body=b"new version" * 100)
+        return listing
+
+    def counting(self: S3Source, file: Any, start: int, sink: Any) -> None:
+        reads.append(file.path)
+        read_into(self, file, start, sink)
+
+    monkeypatch.setattr(S3Source, "list_files", list_then_replace)
+    monkeypatch.setattr(S3Source, "read_into", counting)
+    with pytest.raises(CheckpointChangedError, match="changed since the build listed it; run the build again"):
+        fetch_checkpoint(repository("swap/m"), cache_dir=cache_dir, progress=False,
+                         secrets=Secrets({"aws_secret_json": s3["secret"]}))  # fmt: skip
+    assert reads.count("model.safetensors") == 1

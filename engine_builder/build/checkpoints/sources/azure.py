@@ -18,6 +18,7 @@ from azure.storage.blob import ContainerClient
 
 from engine_builder.build.checkpoints.errors import (
     CheckpointAuthError,
+    CheckpointChangedError,
     CheckpointDownloadError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -141,6 +142,9 @@ class AzureSource(CheckpointSourceBase):
             )
         if isinstance(error, ResourceNotFoundError) or status == 404:
             return CheckpointNotFoundError(f"AZURE {what}: not found; check the container and path in repo")
-        if isinstance(error, HttpResponseError) and status == 412:
-            return CheckpointDownloadError(f"AZURE {what}: the blob changed during the download")
+        if isinstance(error, HttpResponseError) and status == 412:  # the etag condition: no retry can pass it (probe BB #5)
+            return CheckpointChangedError(
+                f"AZURE {what}: the blob changed since the build listed it; run the build again to fetch the new "
+                "version"
+            )
         return CheckpointDownloadError(f"AZURE {what}: {message}")

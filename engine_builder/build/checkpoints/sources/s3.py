@@ -12,6 +12,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from engine_builder.build.checkpoints.errors import (
     CheckpointAuthError,
+    CheckpointChangedError,
     CheckpointDownloadError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -113,8 +114,11 @@ class S3Source(CheckpointSourceBase):
                 return CheckpointAuthError(f"S3 {what}: {code}: {message}; {self._auth_hint()}")
             if code in NOT_FOUND_CODES:
                 return CheckpointNotFoundError(f"S3 {what}: {code}; check the bucket and prefix in repo")
-            if code == "PreconditionFailed":
-                return CheckpointDownloadError(f"S3 {what}: the object changed during the download")
+            if code == "PreconditionFailed":  # IfMatch: no retry of this listing can succeed (probe BB #5)
+                return CheckpointChangedError(
+                    f"S3 {what}: the object changed since the build listed it; run the build again to fetch the "
+                    "new version"
+                )
         return CheckpointDownloadError(f"S3 {what}: {message}")
 
     def _auth_hint(self) -> str:
