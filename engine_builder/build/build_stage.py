@@ -210,7 +210,7 @@ def _build_engine_locked(
     if inline:
         logger.warning(
             "secrets %s hold values in config.yaml: the build ignores them (and leaves them out of the engine) and "
-            "reads secrets from the environment or $ENGINE_BUILDER_SECRETS_DIR; write null there instead",
+            "reads secrets from $ENGINE_BUILDER_SECRETS_DIR (default /secrets) or the environment; write null there instead",
             ", ".join(inline),
         )
     dummy = options.load_format == "dummy"

@@ -1,5 +1,6 @@
-"""Secrets by name (`runtime_secret_name`): an environment variable of that name, else a file in the secrets
-folder (Truss mounts each secret as `/secrets/<name>`); plus the credential shapes each storage service takes.
+"""Secrets by name (`runtime_secret_name`), read where the served model.py reads them, in Truss's order
+(`engine_builder.common.secret_lookup`: the file `/secrets/<name>`, then $TRUSS_SECRET_<name>, then $<name>); plus the
+credential shapes each storage service takes.
 
 Values never leave this module in readable form except to the SDK that needs them: `repr` lists names only,
 and `redact` scrubs every value (and every string inside a JSON secret) from text bound for logs or errors.
@@ -14,9 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine_builder.build.checkpoints.errors import CheckpointAuthError
+from engine_builder.common.secret_lookup import lookup_secret, secret_places, secrets_dir_from
 
-SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"
-DEFAULT_SECRETS_DIR = Path("/secrets")
 REDACTED = "***"
 # Short strings ("true", "s3") would redact ordinary words; real keys are longer.
 _MIN_REDACT_LENGTH = 6
@@ -32,8 +32,9 @@ _PUBLIC_FIELDS = frozenset(
 class Secrets:
     """Resolves secrets lazily and remembers every value it handed out, so that `redact` can scrub them.
 
-    Lookup order: `values` given here, then `environ` (default: the process environment), then the file
-    `<secrets_dir>/<name>` when a secrets folder is set.
+    Lookup order: `values` given here, then the file `<secrets_dir>/<name>` when a secrets folder is set, then
+    `TRUSS_SECRET_<name>` and `<name>` in `environ` (default: the process environment): Truss's order, the one the
+    served model.py's secrets follow (the build read the environment first and never TRUSS_SECRET_; probe BB #7).
     """
 
     def __init__(
@@ -53,16 +54,14 @@ class Secrets:
 
     @classmethod
     def from_env(cls) -> "Secrets":
-        """Environment variables first, then files under $ENGINE_BUILDER_SECRETS_DIR (default /secrets)."""
-        return cls(secrets_dir=Path(os.environ.get(SECRETS_DIR_ENV) or DEFAULT_SECRETS_DIR))
+        """Files under $ENGINE_BUILDER_SECRETS_DIR (default /secrets) first, then the environment."""
+        return cls(secrets_dir=secrets_dir_from(os.environ))
 
     def get(self, name: str) -> str | None:
         """The secret's value with surrounding whitespace stripped, or None when it is unset or empty."""
         value = self._explicit.get(name)
         if value is None:
-            value = self._environ.get(name)
-        if value is None and self._secrets_dir is not None:
-            value = _read_secret_file(self._secrets_dir, name)
+            value = lookup_secret(name, self._environ, self._secrets_dir)
         if value is None or not value.strip():
             return None
         value = value.strip()
@@ -71,10 +70,7 @@ class Secrets:
 
     def where(self, name: str) -> str:
         """Where `get(name)` looks, for error messages that tell the user how to provide the secret."""
-        places = [f"environment variable {name}"]
-        if self._secrets_dir is not None:
-            places.append(f"file {self._secrets_dir / name}")
-        return " or ".join(places)
+        return secret_places(name, self._secrets_dir)
 
     def redact(self, text: str) -> str:
         with self._lock:
@@ -92,16 +88,6 @@ class Secrets:
 
     def __repr__(self) -> str:
         return f"Secrets(explicit={sorted(self._explicit)}, secrets_dir={self._secrets_dir})"
-
-
-def _read_secret_file(secrets_dir: Path, name: str) -> str | None:
-    # A name with a separator could read files outside the secrets folder.
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        return None
-    try:
-        return (secrets_dir / name).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-        return None
 
 
 def _json_strings(value: str) -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-SECRETS_DIR_ENV = "ENGINE_BUILDER_SECRETS_DIR"  # the same folder checkpoint secrets come from
-SECRET_ENV_PREFIX = "TRUSS_SECRET_"  # Truss's environment form of a secret
+from engine_builder.common.secret_lookup import SECRET_ENV_PREFIX, lookup_secret, secrets_dir_from
+
 PACKAGE_NAME = "model"  # Truss's name for the model folder
 MODEL_CLASS_NAME = "Model"
 
@@ -45,8 +45,8 @@ class SecretNotFoundError(KeyError):
 class UserSecrets(Mapping[str, str]):
     """`secrets["name"]` for a user model.py, as Truss resolves it: only names declared in the config's `secrets:`
     section, from the file `<secrets dir>/<name>` (default /secrets, where Truss mounts them, or
-    $ENGINE_BUILDER_SECRETS_DIR), else $TRUSS_SECRET_<name>, else the environment variable `<name>` (as checkpoint
-    secrets are read), else the value the config gives; stripped, and unset or empty is missing. Nothing is listed,
+    $ENGINE_BUILDER_SECRETS_DIR), else $TRUSS_SECRET_<name>, else the environment variable `<name>` (where the build
+    reads checkpoint secrets: `common.secret_lookup`), else the value the config gives; stripped, and unset or empty is missing. Nothing is listed,
     but its length is the number of declared secrets, as Truss's is (`kwargs.get("secrets") or {}` keeps it)."""
 
     def __init__(
@@ -55,7 +55,7 @@ class UserSecrets(Mapping[str, str]):
     ) -> None:
         self._declared = dict(declared)
         self._environ = environ if environ is not None else os.environ
-        self._secrets_dir = secrets_dir or Path(self._environ.get(SECRETS_DIR_ENV) or "/secrets")
+        self._secrets_dir = secrets_dir or secrets_dir_from(self._environ)
 
     def __getitem__(self, name: str) -> str:
         if name not in self._declared:
@@ -63,23 +63,15 @@ class UserSecrets(Mapping[str, str]):
                 f"secret {name!r} is not declared: add `{name}: null` to the config's `secrets:` section (Truss "
                 "gives a model only the secrets declared there), then rebuild"
             )
-        value = self._file_value(name)
-        for candidate in (self._environ.get(SECRET_ENV_PREFIX + name), self._environ.get(name), self._declared[name]):
-            value = value if value is not None else candidate
+        value = lookup_secret(name, self._environ, self._secrets_dir)
+        if value is None:
+            value = self._declared[name]
         if value is None or not value.strip():
             raise SecretNotFoundError(
                 f"secret {name!r} has no value: put it in {self._secrets_dir / name} or the environment variable "
                 f"{SECRET_ENV_PREFIX}{name}"
             )
         return value.strip()
-
-    def _file_value(self, name: str) -> str | None:
-        if not name or any(separator in name for separator in "/\\") or name in (".", ".."):
-            return None
-        try:
-            return (self._secrets_dir / name).read_text(encoding="utf-8")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-            return None
 
     def __iter__(self) -> Iterator[str]:
         return iter(())

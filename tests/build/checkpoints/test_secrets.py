@@ -14,15 +14,37 @@ from engine_builder.build.checkpoints.secrets import (
 from tests.build.checkpoints.conftest import SECRET_MARKER
 
 
-def test_environment_then_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "hf_access_token").write_text(f"  {SECRET_MARKER}-file\n")
+def test_truss_order_secret_file_then_truss_secret_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truss's order, the one the served model.py's secrets follow: the build read the environment first and never
+    TRUSS_SECRET_<name> (probe BB #7)."""
     monkeypatch.setenv("ENGINE_BUILDER_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("hf_access_token", f"{SECRET_MARKER}-env")
+    monkeypatch.setenv("TRUSS_SECRET_hf_access_token", f"{SECRET_MARKER}-truss-env")
+    (tmp_path / "hf_access_token").write_text(f"  {SECRET_MARKER}-file\n")
     secrets = Secrets.from_env()
     assert secrets.get("hf_access_token") == f"{SECRET_MARKER}-file"
-    monkeypatch.setenv("hf_access_token", f"{SECRET_MARKER}-env")
+    (tmp_path / "hf_access_token").unlink()
+    assert secrets.get("hf_access_token") == f"{SECRET_MARKER}-truss-env"
+    monkeypatch.delenv("TRUSS_SECRET_hf_access_token")
     assert secrets.get("hf_access_token") == f"{SECRET_MARKER}-env"
     assert secrets.get("absent") is None
     assert secrets.get("../etc/passwd") is None  # names never reach outside the secrets folder
+    assert secrets.where("x") == f"file {tmp_path / 'x'}, environment variable TRUSS_SECRET_x or x"
+
+
+@pytest.mark.parametrize("places", [("file", "truss", "env"), ("truss", "env"), ("file", "env"), ("env",)])
+def test_the_build_and_the_served_model_read_one_secret_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, places: tuple[str, ...]
+) -> None:
+    from engine_builder.serve.server.user_model_loader import UserSecrets
+
+    monkeypatch.setenv("ENGINE_BUILDER_SECRETS_DIR", str(tmp_path))
+    if "file" in places:
+        (tmp_path / "aws_secret_json").write_text("from-file")
+    if "truss" in places:
+        monkeypatch.setenv("TRUSS_SECRET_aws_secret_json", "from-truss-env")
+    monkeypatch.setenv("aws_secret_json", "from-env")
+    assert Secrets.from_env().get("aws_secret_json") == UserSecrets({"aws_secret_json": None})["aws_secret_json"]
 
 
 def test_empty_secret_counts_as_unset(tmp_path: Path) -> None:
