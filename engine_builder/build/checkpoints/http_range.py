@@ -1,6 +1,6 @@
 """HTTP(S) transfers shared by the URL-based sources (HF files, REMOTE_URL archives, Baseten presigned URLs):
 a GET from a byte offset with `Range`, status codes mapped onto the typed errors, URLs logged without their
-query string (presigned signatures live there)."""
+query string (presigned signatures live there) or user info (a password)."""
 
 import logging
 import re
@@ -18,6 +18,7 @@ from engine_builder.build.checkpoints.errors import (
     RetryLaterError,
 )
 from engine_builder.build.checkpoints.source import ByteSink
+from engine_builder.common.redaction import redact_credentials
 
 CHUNK_BYTES = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -27,17 +28,20 @@ _QUERY = re.compile(r"\?[^\s\"'<>]*")
 AS_STORED = {"Accept-Encoding": "identity"}
 
 
-class _StripQueryStrings(logging.Filter):
-    """httpx logs every request URL at INFO; presigned URLs carry their signature in the query string."""
+class _HideUrlCredentials(logging.Filter):
+    """httpx logs every request URL at INFO: presigned URLs carry their signature in the query string, and a URL's
+    user info (`https://user:password@host/m.tar.gz`) its password, which reached the log of any caller that logs at
+    INFO (the CLI quiets httpx; probe BB #10)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "?" in message:
-            record.msg, record.args = _QUERY.sub("?<query hidden>", message), None
+        hidden = redact_credentials(_QUERY.sub("?<query hidden>", message) if "?" in message else message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
         return True
 
 
-logging.getLogger("httpx").addFilter(_StripQueryStrings())
+logging.getLogger("httpx").addFilter(_HideUrlCredentials())
 
 
 def safe_url(url: str) -> str:

@@ -290,3 +290,18 @@ def test_without_etag_or_last_modified_the_archive_is_downloaded_again(
     assert "no ETag or Last-Modified" in caplog.text
     # downloaded again into the same snapshot, not one more per build
     assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 1
+
+
+def test_user_info_in_the_url_stays_out_of_the_log(
+    http: LocalHttpServer, tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs each request's URL at INFO: its `user:password@` reached any caller's log that shows INFO (the
+    CLI quiets httpx; a library caller does not; probe BB #10)."""
+    http.add_file("/m.tar.gz", tar_folder(make_checkpoint(tmp_path / "m", "embedding")))
+    url = http.url.replace("http://", "http://builder:Pa55w0rd-SECRET@") + "/m.tar.gz"
+    caplog.set_level(logging.INFO)
+    fetch_checkpoint(CheckpointRepository(source="REMOTE_URL", repo=url), cache_dir=cache_dir, progress=False,
+                     base_model=BaseModelKind.ENCODER)  # fmt: skip
+    requests = [record for record in caplog.records if record.name == "httpx"]
+    assert requests and all("m.tar.gz" in record.getMessage() for record in requests)
+    assert_secret_absent("Pa55w0rd-SECRET", caplog.text)
