@@ -1,5 +1,6 @@
 """The download engine: parallel transfers into resumable partial files, retries with exponential backoff,
-size and sha256 verification, one tqdm progress bar. Sources only write bytes; this module owns the files.
+size and sha256 verification, one tqdm progress bar on a terminal (a log line now and then elsewhere). Sources only
+write bytes; this module owns the files.
 """
 
 import errno
@@ -8,7 +9,9 @@ import hashlib
 import logging
 import os
 import random
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -39,6 +42,7 @@ PERMANENT_ERRORS = (
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: a file-size limit (ulimit -f)
 MAX_RETRY_AFTER_S = 120.0  # the longest a store's Retry-After holds one retry back
 LOCK_POLL_S = 0.2  # how often a download waiting for another process's checks for a cancel
+PROGRESS_LOG_INTERVAL_S = 30.0  # without a terminal, one progress line per this many seconds
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,24 @@ class Downloader:
 
     def _download_all(self, files: list[RemoteFile], description: str) -> dict[str, tuple[Path, str]]:
         total = sum(file.size or 0 for file in files)
+        # A bar redraws ~10 times a second: in CI or container logs that made one endless line (probe BB #11).
+        on_terminal = _is_terminal(sys.stderr)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description,
-                   disable=not self.show_progress, leave=False)  # fmt: skip
+                   disable=not (self.show_progress and on_terminal), leave=False)  # fmt: skip
+        log_lines = self.show_progress and not on_terminal
+        received = 0
+        last_line = time.monotonic()
 
         def advance(count: int) -> None:
+            nonlocal received, last_line
             with self._bar_lock:
                 bar.update(count)
+                received += count
+                now = time.monotonic()
+                if log_lines and now - last_line >= PROGRESS_LOG_INTERVAL_S:
+                    last_line = now
+                    share = f"{100 * received / total:.0f}% of {total / 1e6:.1f} MB" if total else "?"
+                    logger.info("%s: %.1f MB received (%s)", description, received / 1e6, share)
 
         workers = min(self.settings.workers, len(files))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checkpoint-download")
@@ -298,3 +314,11 @@ class Downloader:
         if problem:
             part.unlink(missing_ok=True)  # corrupt, not just short: the retry starts over
             raise _ContentMismatch(f"{file.path}: {problem}")
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False

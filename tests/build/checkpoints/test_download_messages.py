@@ -87,3 +87,56 @@ def test_a_stores_retry_after_holds_the_retry_back(cache_dir: Path, monkeypatch:
     _download(_FailingStore(RetryLaterError("a store: HTTP 429", 7.0)), RemoteFile("m.safetensors", len(DATA), "etag"), cache_dir)
     backoffs = [seconds for seconds in waits if seconds]
     assert backoffs and backoffs[0] >= 7.0
+
+
+class _Tty:
+    """A stand-in for a terminal's stderr."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _fetch_with_progress(cache_dir: Path) -> None:
+    store = _Store(cut=False)
+    downloader = Downloader(store, CheckpointCache(cache_dir), "s3://bucket/model", DownloadSettings.from_env(), progress=True)
+    downloader.fetch([RemoteFile("model.safetensors", len(DATA), "etag")], "weights")
+
+
+def test_progress_is_logged_in_lines_when_stderr_is_not_a_terminal(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bar redraws itself ~10 times a second: in CI and container logs it made one endless line of `\\r` redraws
+    (probe BB #11). There a log line now and then says how far the download is instead."""
+    import logging
+
+    from engine_builder.build.checkpoints import download
+
+    monkeypatch.setattr(download, "PROGRESS_LOG_INTERVAL_S", 0.0, raising=False)
+    caplog.set_level(logging.INFO, logger=download.__name__)
+    _fetch_with_progress(cache_dir)
+    assert "\r" not in capsys.readouterr().err
+    assert "weights: 0.0 MB received (100% of 0.0 MB)" in caplog.messages
+
+
+def test_a_terminal_gets_the_bar(
+    cache_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+    import sys
+
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    caplog.set_level(logging.INFO)
+    _fetch_with_progress(cache_dir)
+    assert "weights" in terminal.text and not [m for m in caplog.messages if "received" in m]
