@@ -41,6 +41,9 @@ AUTH_CODES = frozenset(
     }
 )
 NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "404", "NotFound"})
+# As the HTTP sources' client (`http_range.new_client`): a store may pause between chunks of a large body under load.
+CONNECT_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 120.0
 
 
 class S3Source(CheckpointSourceBase):
@@ -53,8 +56,12 @@ class S3Source(CheckpointSourceBase):
 
     def _make_client(self) -> Any:
         credentials = read_storage_secret(self, S3Credentials.from_secret)
-        # Pools sized for the parallel downloads; retries are the download engine's job.
-        config = Config(max_pool_connections=32, retries={"max_attempts": 2, "mode": "standard"})
+        # Pools sized for the parallel downloads. Retries are the download engine's job: the SDK's own (3 tries of
+        # botocore's 60 s read timeout) inside the engine's 5 took a stalled endpoint ~15 minutes to fail (probe BB #8).
+        config = Config(
+            max_pool_connections=32, retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+        )
         if credentials is not None:
             session = boto3.session.Session(
                 aws_access_key_id=credentials.access_key_id,
