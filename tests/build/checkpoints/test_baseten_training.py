@@ -136,3 +136,20 @@ def test_a_missing_presigned_file_fails_the_fetch(api: LocalHttpServer, cache_di
         )
     assert snapshot_dirs(cache_dir) == []
     assert len(api.requests_for("/presigned/checkpoint-100/tokenizer.json")) == 1
+
+
+def test_the_secret_the_config_names_wins_over_the_environment_key(
+    api: LocalHttpServer, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build box's own BASETEN_API_KEY (another workspace's) was sent although the config named the secret holding
+    the job's workspace key: "training job ... was not found" (probe BB #9)."""
+    monkeypatch.setenv("BASETEN_API_KEY", f"bt-other-workspace-{SECRET_MARKER}")
+    named = CheckpointRepository(
+        source="BASETEN_TRAINING", repo=JOB, revision="checkpoint-100", runtime_secret_name="workspace_key"
+    )
+    fetched = fetch_checkpoint(named, cache_dir=cache_dir, secrets=Secrets({"workspace_key": API_KEY}), progress=False)
+    assert "model.safetensors" in fetched.files
+    # The default name (the HF token's) is no Baseten key: the environment's key is used.
+    with pytest.raises(CheckpointAuthError, match="HTTP 401"):
+        fetch_checkpoint(repository(), cache_dir=cache_dir, secrets=Secrets({"hf_access_token": API_KEY}),
+                         progress=False)  # fmt: skip

@@ -3,8 +3,9 @@ The job's project comes from `POST /v1/training_jobs/search`; the files and thei
 `GET /v1/training_projects/{project}/jobs/{job}/checkpoint_files` (paged), whose entries carry
 `relative_file_name`, `url`, `size_bytes`, `node_rank` and `last_modified`. Then the URLs are downloaded.
 
-Base URL: $BASETEN_API_URL (default https://api.baseten.co). API key: $BASETEN_API_KEY (or a secret file of
-that name), else the secret named by runtime_secret_name when it is not the default HF token name."""
+Base URL: $BASETEN_API_URL (default https://api.baseten.co). API key: the secret named by runtime_secret_name when
+the config sets one (other than the default HF token name), else the secret BASETEN_API_KEY (a file of that name, or
+the environment variable)."""
 
 import os
 from pathlib import PurePosixPath
@@ -44,21 +45,30 @@ class BasetenTrainingSource(CheckpointSourceBase):
         self.api_url = (os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
         self._client = new_client()
 
-    def _api_key(self) -> str:
-        names = list(API_KEY_NAMES)
-        if self.repository.runtime_secret_name != HF_DEFAULT_SECRET:
-            names.append(self.repository.runtime_secret_name)
+    def _named_secret(self) -> str | None:
+        """The secret the config names for the key, if it names one: a build box's own BASETEN_API_KEY (another
+        workspace's) came first and the job was "not found" (probe BB #9)."""
+        name = self.repository.runtime_secret_name
+        explicit = "runtime_secret_name" in self.repository.model_fields_set
+        return name if explicit and name != HF_DEFAULT_SECRET else None
+
+    def _api_key(self) -> tuple[str, str]:
+        """(the secret's name, the key)."""
+        named = self._named_secret()
+        names = [named, *API_KEY_NAMES] if named else list(API_KEY_NAMES)
         for name in names:
             if key := self.secrets.get(name):
-                return key
+                return name, key
+        where = f"secret {named!r} ({self.secrets.where(named)}) or " if named else ""
         raise CheckpointAuthError(
-            f"BASETEN_TRAINING job {self.job_id}: no Baseten API key; set BASETEN_API_KEY "
+            f"BASETEN_TRAINING job {self.job_id}: no Baseten API key; set {where}BASETEN_API_KEY "
             f"({self.secrets.where('BASETEN_API_KEY')})"
         )
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         what = f"BASETEN_TRAINING job {self.job_id}: {method} {path}"
-        headers = {"Authorization": f"Api-Key {self._api_key()}"}
+        key_name, key = self._api_key()
+        headers = {"Authorization": f"Api-Key {key}"}
         try:
             response = self._client.request(method, f"{self.api_url}{path}", headers=headers, **kwargs)
         except httpx.HTTPError as error:
@@ -66,7 +76,7 @@ class BasetenTrainingSource(CheckpointSourceBase):
                 f"{what}: {type(error).__name__}: {self.secrets.redact(str(error))}"
             ) from None
         raise_for_status(
-            response, what, auth_hint="check BASETEN_API_KEY: it must belong to the job's workspace"
+            response, what, auth_hint=f"check the API key in secret {key_name!r}: it must belong to the job's workspace"
         )
         try:
             return response.json()
