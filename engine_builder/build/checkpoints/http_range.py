@@ -41,7 +41,9 @@ class _HideUrlCredentials(logging.Filter):
         return True
 
 
-logging.getLogger("httpx").addFilter(_HideUrlCredentials())
+# urllib3 (under the Azure and Google SDKs) logs each request line at DEBUG: a SAS in an Azure repo URL rides there.
+for _name in ("httpx", "urllib3.connectionpool"):
+    logging.getLogger(_name).addFilter(_HideUrlCredentials())
 
 
 def safe_url(url: str) -> str:

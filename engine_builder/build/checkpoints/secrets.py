@@ -72,6 +72,10 @@ class Secrets:
         """Where `get(name)` looks, for error messages that tell the user how to provide the secret."""
         return secret_places(name, self._secrets_dir)
 
+    def hide(self, value: str) -> None:
+        """Redact `value` too: a credential that came from elsewhere than a secret (a SAS in an Azure repo URL)."""
+        self._remember(value)
+
     def redact(self, text: str) -> str:
         with self._lock:
             values = sorted(self._seen, key=len, reverse=True)
