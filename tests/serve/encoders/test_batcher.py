@@ -189,3 +189,18 @@ async def test_the_idle_hook_runs_on_the_compute_thread_once_batches_stop() -> N
         assert len(hooks) == 2
     finally:
         await batcher.shutdown()
+
+
+def test_one_long_input_does_not_pad_a_batch_of_short_ones() -> None:
+    """32 four-token inputs and one of 256 ran as one 33 x 256 batch: 8,448 tokens for 384 real ones, 20 times the
+    time of the two apart (probe BD #2). A batch is closed before padding passes twice its real tokens."""
+    lengths = [4] * 32 + [256]
+    limits = BatchLimits(max_num_tokens=16_384, max_batch_size=64)
+    assert plan_batches(lengths, limits) == [list(range(32)), [32]]
+    rng = random.Random(1)
+    mixed = [rng.choice([3, 5, 8, 40, 90, 200, 500]) for _ in range(300)]
+    for batch in plan_batches(mixed, limits):
+        padded = len(batch) * max(mixed[index] for index in batch)
+        real = sum(mixed[index] for index in batch)
+        assert padded <= 2 * real or padded - max(mixed[index] for index in batch) < 128
+    assert plan_batches([4] * 8 + [40], limits) == [list(range(9))]  # a small batch is not worth splitting
