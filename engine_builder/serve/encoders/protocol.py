@@ -19,9 +19,11 @@ TruncatePromptTokens = Annotated[StrictInt, Field(ge=TRUNCATE_TO_LIMIT)]
 TokenIds = list[StrictInt]
 Dimensions = Annotated[StrictInt, Field(ge=1)]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+# TEI's `Input::Batch` holds texts and token-id lists mixed (`["hello", [101, 7592, 102]]`); OpenAI's does not.
+TEIEmbeddingInput = StrictStr | TokenIds | list[StrictStr | TokenIds]
 
 
-def _flatten_embedding_input(value: EmbeddingInput) -> list[str | list[int]]:
+def _flatten_embedding_input(value: EmbeddingInput | TEIEmbeddingInput) -> list[str | list[int]]:
     """One text, a list of texts, one token-id list or a list of token-id lists -> a list of inputs."""
     if isinstance(value, str):
         return [value]
@@ -96,7 +98,7 @@ class OpenAIErrorResponse(BaseModel):
 
 
 class EmbedRequest(_Truncating):
-    inputs: EmbeddingInput
+    inputs: TEIEmbeddingInput
     normalize: StrictBool = True
     dimensions: Dimensions | None = None
     prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
@@ -110,7 +112,7 @@ class EmbedRequest(_Truncating):
 
 
 class EmbedAllRequest(_Truncating):
-    inputs: EmbeddingInput
+    inputs: TEIEmbeddingInput
     prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
     model: str | None = None  # ignored
 

@@ -123,6 +123,10 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
     if field is None:  # a model validator's ValueError: pydantic prefixes its message with "Value error, "
         message = str(first.get("msg", "expected a JSON object")).removeprefix("Value error, ")
         return InvalidRequestError(f"invalid request body: {message}")
+    item = _item_error(errors, exc.body, field)
+    if item is not None and not any(isinstance(part, int) for part in location):
+        first, kind = item, item.get("type", "")
+        location = [part for part in first.get("loc", ()) if part != "body"]
     path = _field_path(location, exc.body, kind == "missing")
     # A union tries each type: for an object sent where a string or an object goes, the string branch's "should be
     # a valid string" comes first, while the object branch's error (an unknown or a missing key) is the useful one.
@@ -137,6 +141,28 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
     if kind == "missing":
         return InvalidRequestError(f"`{path}` is required", param=field)
     return InvalidRequestError(f"invalid `{path}`: {first.get('msg', 'bad value')}", param=field)
+
+
+def _item_error(errors: Sequence[Any], body: Any, field: str) -> Any:
+    """For a list sent where a text or a list of items goes: the first error of the list branch that fits it best
+    (its first bad item the latest, then the fewest errors), which names the item (`input[1]`); the text branch's
+    "should be a valid string" blamed the whole list, as if a list were not allowed (probe BD #5). None when the
+    field holds no list."""
+    if not isinstance(body, dict) or not isinstance(body.get(field), list):
+        return None
+    branches: dict[str, list[Any]] = {}
+    for error in errors:
+        location = [part for part in error.get("loc", ()) if part != "body"]
+        if len(location) >= 3 and location[0] == field and isinstance(location[1], str) and isinstance(location[2], int):
+            branches.setdefault(location[1], []).append(error)
+    if not branches:
+        return None
+    return min(branches.values(), key=lambda found: (-_item_index(found[0]), len(found)))[0]
+
+
+def _item_index(error: Any) -> int:
+    location = [part for part in error.get("loc", ()) if part != "body"]
+    return int(location[2])
 
 
 def _field_path(location: Sequence[Any], body: Any, ends_in_missing_key: bool) -> str:
@@ -240,7 +266,13 @@ def _with_prompt(
         return list(inputs)
     prompts = dict(info.prompts)
     if prompt_name not in prompts:
-        known = f"its prompts are {', '.join(map(repr, prompts))}" if prompts else "its sentence-transformers config names no prompts"
+        known = (
+            f"its prompts are {', '.join(map(repr, prompts))}"
+            if prompts
+            else "it serves no prompts (its sentence-transformers config names none, or its Pooling leaves the "
+            "prompt's tokens out, `include_prompt: false`, which pools differently from a prepended prompt and is "
+            "not served)"
+        )
         raise InvalidRequestError(f"`prompt_name` {prompt_name!r} is not a prompt of this model: {known}", param="prompt_name")
     if any(not isinstance(item, str) for item in inputs):
         raise InvalidRequestError("`prompt_name` prefixes text; inputs given as token ids take no prompt", param="prompt_name")

@@ -329,7 +329,32 @@ def test_tei_embed_route(base_url: str) -> None:
     vectors = httpx.post(f"{base_url}/embed", json={"inputs": SENTENCES[:2]}).json()
     assert np.asarray(vectors).shape == (2, 384)
     refused = httpx.post(f"{base_url}/embed", json={"inputs": "x", "prompt_name": "query"})
-    assert refused.status_code == 400 and "names no prompts" in refused.json()["error"]
+    assert refused.status_code == 400 and "serves no prompts" in refused.json()["error"]
+
+
+def test_tei_embed_takes_texts_and_token_ids_mixed(base_url: str) -> None:
+    """TEI's batch holds texts and token-id lists together; the schema refused it with "should be a valid string",
+    though the engine encodes exactly that (probe BD #4). OpenAI's /v1/embeddings keeps its own shapes."""
+    ids = httpx.post(f"{base_url}/tokenize", json={"inputs": SENTENCES[1]}).json()[0]
+    token_ids = [token["id"] for token in ids]
+    mixed = httpx.post(f"{base_url}/embed", json={"inputs": [SENTENCES[0], token_ids]})
+    assert mixed.status_code == 200, mixed.text
+    apart = httpx.post(f"{base_url}/embed", json={"inputs": SENTENCES[:2]}).json()
+    assert np.allclose(np.asarray(mixed.json()), np.asarray(apart), atol=1e-5)
+    refused = httpx.post(f"{base_url}/v1/embeddings", json={"input": [SENTENCES[0], token_ids]})
+    assert refused.status_code == 400
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/embeddings", "input"), ("/embed", "inputs")])
+@pytest.mark.parametrize("bad", [None, 7, {"text": "x"}])
+def test_a_bad_item_is_named_by_its_index(base_url: str, path: str, field: str, bad: Any) -> None:
+    """`["doc one", null]` (a missing text from a dataframe) was answered "invalid `input`: Input should be a valid
+    string", as if a list were refused (probe BD #5)."""
+    response = httpx.post(f"{base_url}{path}", json={field: ["doc one", bad]})
+    assert response.status_code == 400
+    body = response.json()
+    message = body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+    assert f"`{field}[1]`" in message, message
 
 
 def test_prompt_name_prepends_the_models_named_prompt_as_sentence_transformers_does(
@@ -565,7 +590,7 @@ def test_tokenize_and_decode_lists_round_trip(base_url: str, minilm_dir: Path) -
         ("/tokenize", {"inputs": 3}, 400, "validation", "`inputs`"),
         ("/tokenize", {"inputs": []}, 400, "empty", "`inputs` cannot be empty"),
         ("/tokenize", {"inputs": ["x"] * 129}, 422, "validation", "batch size 129 > maximum allowed batch size 128"),
-        ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 400, "validation", "names no prompts"),
+        ("/tokenize", {"inputs": "x", "prompt_name": "query"}, 400, "validation", "serves no prompts"),
         ("/tokenize", {"inputs": "x", "truncate": True}, 400, "validation", "unknown field `truncate`"),
         ("/decode", {"ids": "hello"}, 400, "validation", "`ids`"),
         ("/decode", {"ids": [101, 30522]}, 400, "validation", "ids contains token id 30522"),
