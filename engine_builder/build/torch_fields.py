@@ -215,7 +215,9 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("runtime.batch_scheduler_policy", HONOURED, "SchedulerConfig capacity_scheduler_policy"),
     Field("runtime.request_default_max_tokens", HONOURED, "honoured by the server"),
     Field("runtime.served_model_name", HONOURED, HONOURED),
-    Field("runtime.total_token_limit", "honoured; refused below 1", "not forwarded (TensorRT-LLM schedules by KV capacity)",
+    Field("runtime.total_token_limit",
+          "honoured (tokens of the requests running together; one request over it runs alone); refused below 1",
+          "not forwarded (TensorRT-LLM schedules by KV capacity)",
           _total_token_limit_refused),
     Field("runtime.webserver_default_route",
           f"honoured for encoders ({', '.join(SERVED_DEFAULT_ROUTES)}; Truss's /v1/systemone and /predict_tokens are "

@@ -64,8 +64,15 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of the sequence (at least one token is always left to compute)."""
-        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt row computed
+        wants_prompt_rows = (
+            seq.sampling.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < seq.num_prompt_tokens
+        )
+        if not self.enable_prefix_caching or wants_prompt_rows:
+            # Prompt logprobs need every prompt row computed, until they are recorded: a choice recomputed after a
+            # preemption has them (its parent's), and shares the prompt's blocks again. Refused that, n choices each
+            # recomputed the prompt, no longer fit the pool, and under max_utilization preempted themselves for ever,
+            # stalling every request behind them (probe BE #1).
+            return []
         tokens = seq.all_token_ids()
         matched: list[int] = []
         parent_hash: int | None = seq.prefix_salt

@@ -16,7 +16,7 @@ from engine_builder.common.types import (
 )
 from engine_builder.engine import grammar_masks
 from engine_builder.engine.block_manager import BlockManager
-from engine_builder.engine.config import EngineConfig
+from engine_builder.engine.config import EngineConfig, SchedulerPolicy
 from engine_builder.engine.grammar_masks import GrammarMasks
 from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
 from engine_builder.engine.lookahead import DraftPlan, GrammarTooSlowError
@@ -157,7 +157,11 @@ class LLMEngine:
         block_size = self.blocks.block_size
         longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len)
         per_choice = -(-longest // block_size)
-        shared = len(request.prompt_token_ids) // block_size  # choices share the prompt's full blocks
+        # choices share the prompt's full blocks: forked from the parent, and after a preemption again through the
+        # prefix cache, which max_utilization needs on (without it, each recomputed choice holds its own copy)
+        policy = self.config.scheduler_policy
+        shares_again = self.blocks.enable_prefix_caching or policy != SchedulerPolicy.MAX_UTILIZATION
+        shared = len(request.prompt_token_ids) // block_size if shares_again else 0
         # Under either policy a request's choices run together and are preempted together: all of them at their
         # longest must fit at once, or under max_utilization the request would preempt itself for ever (probe AC:
         # n=2 with a prompt filling the pool left no block for the second choice's copy of its last one).
@@ -273,6 +277,9 @@ class LLMEngine:
         outputs = failures + self._sample(scheduled, rows_of, hidden)
         outputs += self._finish_drafts(scheduled, rows_of, hidden)
         self._release_finished(outputs)
+        # Forks happen only in this step's sampling: a hold a request ended before (a grammar too slow, a failed
+        # forward) was given back only by the next schedule, so an idle server reported KV in use (probe BE #3).
+        self.blocks.release_held()
         self.num_generated_tokens += sum(len(output.token_ids) for output in outputs)
         return outputs
 

@@ -326,8 +326,10 @@ class ModelRunner:
                 budget //= self.tp.world_size
         blocks = budget // self._bytes_per_block(kv_dtype)
         scratch = -(-config.lookahead_scratch_tokens // self.block_size)
-        # Never more than the scheduler could ever fill: every sequence at full length (and its drafts).
-        tokens = min(config.total_token_limit, config.max_batch_size * config.max_seq_len)
+        # Never more than the scheduler could ever fill: every sequence at full length (and its drafts); and always
+        # one sequence at full length, which the scheduler runs alone when it is over total_token_limit (a limit
+        # below max_seq_len, which Baseten's schema allows, refused the start, blaming the memory; probe BE #2).
+        tokens = max(min(config.total_token_limit, config.max_batch_size * config.max_seq_len), config.max_seq_len)
         if config.lookahead is not None:
             tokens += config.lookahead.num_lanes(config.max_batch_size) * config.lookahead.max_draft_slots
         blocks = min(blocks, -(-tokens // self.block_size) + 2 + scratch)
