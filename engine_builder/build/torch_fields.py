@@ -107,6 +107,9 @@ def _draft_model_field_set(stack: Stack, name: str) -> str:
     speculator = stack.build.speculator
     if speculator is None or name not in speculator.model_fields_set:
         return ""
+    default = type(speculator).model_fields[name].get_default(call_default_factory=True)
+    if getattr(speculator, name) in (None, default):  # `null`, or the default `validate` writes out (probe BF #3)
+        return ""
     return (
         "sets a draft model's field, and lookahead decoding (the one speculation this project runs) drafts from the "
         f"model itself: remove build.speculator.{name}"

@@ -183,3 +183,16 @@ def test_a_refusal_says_why_in_the_configs_terms(tmp_path: Path, smollm2_dir: Pa
         "trt_llm.build.tensor_parallel_count: LoRA adapters cannot be served on 2 ranks: set it to 1, or remove "
         "build.lora_adapters"
     ]
+
+
+def test_validates_resolved_speculator_builds(tmp_path: Path, smollm2_dir: Path) -> None:
+    """`validate` writes a lookahead speculator's draft-model fields out as null or defaults; the build refused that
+    output (and a hand-written `checkpoint_repository: null`) as naming a draft model (probe BF #3)."""
+    from engine_builder.build.torch_fields import torch_refusals
+
+    speculator = {**LOOKAHEAD, "checkpoint_repository": None, "build": None}
+    loaded = load_config(_config(tmp_path, smollm2_dir, {"speculator": speculator}, {}, False))
+    assert not [problem for problem in torch_refusals(loaded.trt_llm) if "speculator" in problem]
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(loaded.resolved_yaml())
+    assert not [problem for problem in torch_refusals(load_config(resolved).trt_llm) if "speculator" in problem]

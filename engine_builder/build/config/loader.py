@@ -64,8 +64,17 @@ class LoadedConfig:
         return self.truss.trt_llm.root
 
     def resolved(self) -> dict[str, Any]:
-        """The config with every default filled in, as plain data."""
-        return self.truss.model_dump(mode="json", exclude_none=False)
+        """The config with every default filled in, as plain data; except `use_fp8_context_fmha` when the config
+        leaves it out: its absence means TensorRT-LLM's default (on with FP8), which `false` does not (written
+        out, the build hash could not tell a config that adds `false` from one without it, and reused the engine
+        the `false` was added to fix; probe BF #1)."""
+        data = self.truss.model_dump(mode="json", exclude_none=False)
+        stack = self.truss.trt_llm.root if self.truss.trt_llm is not None else None
+        # (the v2 stack builds nothing with TensorRT-LLM: its plugin section stays whole, as Truss compares it)
+        plugins = stack.build.plugin_configuration if isinstance(stack, TrtLlmConfigV1) else None
+        if plugins is not None and "use_fp8_context_fmha" not in plugins.model_fields_set:
+            data["trt_llm"]["build"]["plugin_configuration"].pop("use_fp8_context_fmha", None)
+        return data
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=False)
@@ -81,9 +90,14 @@ def load_config(path: str | Path) -> LoadedConfig:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise ConfigError(
-            [ConfigIssue(str(path), None, "", f"cannot read config: {error.strerror}")]
-        ) from None
+        problem = f"cannot read config: {error.strerror}"
+        if path.is_dir():  # the commonest: an engine directory (`build -o DIR`) given where a config goes (probe BF #6)
+            problem = (
+                f"{path} is an engine directory: serve it with `engine-builder serve {path}`"
+                if (path / "manifest.json").is_file()
+                else f"{path} is a folder: pass the config file (config.yaml) itself"
+            )
+        raise ConfigError([ConfigIssue(str(path), None, "", problem)]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -147,22 +161,28 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
         raise ConfigError(
             [_issue_at(tuple(e.field.split(".")) if e.field else (), str(e), lines, source) for e in errors]
         )
+    unknown = config.unknown_keys()
+    misspelt = [path for path in unknown if len(path) == 1 and _squashed(path[0]) == "enginebuilder"]
+    if misspelt:  # every serving option would silently stay at its default (probe BF #4)
+        raise ConfigError(
+            [_issue_at(path, f"unknown key {path[0]!r}: did you mean engine_builder?", lines, source) for path in misspelt]
+        )
     warnings = [
-        _issue_at(path, "unknown key kept as given (not used by this version)", lines, source)
+        _issue_at(path, f"unknown key kept as given (not used by this version){_nearest_key(config, path)}", lines, source)
         if path not in TRUSS_SECTION_PATHS
         else _issue_at(path, "a Truss section this server does not act on (kept as given, not checked)", lines, source)
-        for path in config.unknown_keys()
+        for path in unknown
     ]
     warnings += [
         _issue_at((key,), "a Truss image field this server does not act on (checked and kept as given)", lines, source)
         for key in TRUSS_IMAGE_FIELDS
-        if key in config.model_fields_set
+        if key in config.model_fields_set and _differs_from_default(config, key)  # `validate`'s own output: quiet
     ]
     warnings += [
         _issue_at(("resources", key), "a Truss deployment field this server does not act on (checked and kept as "
                   "given)", lines, source)
         for key in UNUSED_RESOURCE_FIELDS
-        if key in config.resources.model_fields_set
+        if key in config.resources.model_fields_set and _differs_from_default(config.resources, key)
     ]
     given_use_gpu = data.get("resources", {}).get("use_gpu") if isinstance(data.get("resources"), dict) else None
     if given_use_gpu is not None and given_use_gpu is not config.resources.use_gpu:
@@ -176,6 +196,31 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
             )
         )
     return LoadedConfig(source=source, base_dir=base_dir, truss=config, warnings=warnings)
+
+
+def _differs_from_default(section: pydantic.BaseModel, key: str) -> bool:
+    default = type(section).model_fields[key].get_default(call_default_factory=True)
+    return bool(getattr(section, key) != default)
+
+
+def _squashed(key: str) -> str:
+    return key.lower().replace("-", "").replace("_", "")
+
+
+def _nearest_key(config: TrussConfig, path: tuple[str, ...]) -> str:
+    """"; did you mean X?" for an unknown key close to a field of its section (`runtim` for `runtime`), else ""."""
+    import difflib
+
+    section: Any = config
+    for key in path[:-1]:
+        section = getattr(section, key, None)
+        section = section.root if isinstance(section, pydantic.RootModel) else section
+        if not isinstance(section, pydantic.BaseModel):
+            return ""
+    names = list(type(section).model_fields)
+    nearest = difflib.get_close_matches(path[-1], names, n=1, cutoff=0.75)
+    nearest = nearest or [name for name in names if _squashed(name) == _squashed(path[-1])]
+    return f"; did you mean {nearest[0]}?" if nearest else ""
 
 
 class _TooLarge(Exception):

@@ -337,7 +337,9 @@ class EncoderTokenizer:
             bad = next((token_id for token_id in ids if not 0 <= token_id < self.vocab_size), None)
             if bad is not None:
                 raise InvalidRequestError(
-                    f"{label} contains token id {bad}, outside this model's vocabulary [0, {self.vocab_size})",
+                    f"{label} contains token id {bad}, outside this model's vocabulary [0, {self.vocab_size}): "
+                    "token ids are read as this model's own (ids of another tokenizer, as LangChain's "
+                    "OpenAIEmbeddings sends unless check_embedding_ctx_length=False, embed as unrelated text)",
                     param=field,
                 )
             ids = list(ids)

@@ -114,6 +114,9 @@ def create_app(
         if other_engine is not None:
             return _error_response(other_engine)
         refusal = from_status(error.status_code, _detail_text(error.detail))
+        if error.status_code == 404 and error.detail == "Not Found":
+            hint = _base_url_hint(request.url.path, served_routes)
+            refusal.message = f"{refusal.message}: {hint}" if hint else refusal.message
         if isinstance(error.detail, (dict, list)):  # a user model's structured detail: kept as JSON
             refusal.detail = error.detail
         if error.headers:
@@ -226,6 +229,19 @@ def _answer_head_on_get_routes(routes: list[BaseRoute]) -> None:
         methods = getattr(route, "methods", None)
         if methods and "GET" in methods:
             methods.add("HEAD")
+
+
+def _base_url_hint(path: str, routes: list[BaseRoute]) -> str | None:
+    """For a 404 that is an OpenAI client's base_url gone wrong (the commonest first mistake): `/chat/completions`
+    without `/v1` (base_url lacking it), or `/v1/chat/completions/chat/completions` (base_url holding the route)."""
+    served = {route_path for route in routes if isinstance(route_path := getattr(route, "path", None), str)}
+    v1 = sorted((served_path for served_path in served if served_path.startswith("/v1/")), key=len, reverse=True)
+    if "/v1" + path in served:
+        return f"this server's OpenAI routes are under /v1 (/v1{path}): end the client's base_url with /v1"
+    for served_path in v1:
+        if path.endswith(served_path[3:]) and len(path) > len(served_path):
+            return f"did you mean {served_path}? The client's base_url should end with /v1, not with a route"
+    return None
 
 
 def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> str:

@@ -447,3 +447,55 @@ def test_truss_sections_are_named_as_truss_sections_not_unknown_keys() -> None:
     for line, key in ((4, "runtime"), (6, "model_cache"), (7, "build"), (8, "docker_server"), (9, "external_data")):
         assert f"c.yaml:{line}: {key}: a Truss section this server does not act on (kept as given, not checked)" in warnings
     assert "c.yaml:10: runtme: unknown key kept as given (not used by this version)" in warnings
+
+
+def test_a_config_adding_use_fp8_context_fmha_false_is_another_engine(tmp_path: Path) -> None:
+    """Left out, `use_fp8_context_fmha` means TensorRT-LLM's default (on with FP8); `false` turns it off (the L4 fix
+    docs/gpu-backend.md gives). Both resolved to `false`, so the hash matched and the engine built with it on was
+    reused; `validate`'s output said false for an engine that had it on (probe BF #1)."""
+    base = """\
+    trt_llm:
+      build:
+        checkpoint_repository: {source: HF, repo: org/m}
+        quantization_type: fp8
+    """
+    without = parse_config(textwrap.dedent(base), source="a.yaml")
+    with_false = parse_config(
+        textwrap.dedent(base) + "    plugin_configuration: {use_fp8_context_fmha: false}\n", source="b.yaml"
+    )
+    assert without.build_hash() != with_false.build_hash()
+    assert "use_fp8_context_fmha" not in without.resolved()["trt_llm"]["build"]["plugin_configuration"]
+    again = parse_config(without.resolved_yaml(), source="c.yaml")  # the round trip keeps "left out"
+    assert again.build_hash() == without.build_hash()
+
+
+def test_a_misspelt_engine_builder_section_is_an_error_and_other_typos_name_the_nearest_key() -> None:
+    """`engine-builder:` (the command's spelling) left every serving option at its default with a generic warning
+    (probe BF #4)."""
+    errors = _errors("trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\nengine-builder:\n  dtype: float32\n")
+    assert errors == ["config.yaml:4: engine-builder: unknown key 'engine-builder': did you mean engine_builder?"]
+    loaded = parse_config(
+        "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n  runtim: {max_batch_size: 4}\n",
+        source="c.yaml",
+    )
+    assert [str(w) for w in loaded.warnings] == [
+        "c.yaml:4: trt_llm.runtim: unknown key kept as given (not used by this version); did you mean runtime?"
+    ]
+
+
+def test_validates_own_output_validates_quietly() -> None:
+    """The resolved config writes Truss's image fields out at their defaults: validating it again warned about
+    fifteen fields the user never wrote (probe BF #7)."""
+    loaded = load_config(CONFIGS_DIR / "smollm2.yaml")
+    again = parse_config(loaded.resolved_yaml(), source="resolved.yaml", base_dir=CONFIGS_DIR)
+    assert again.warnings == []
+
+
+def test_an_engine_directory_given_as_a_config_says_to_serve_it(tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is an engine directory: serve it with `engine-builder serve"):
+        load_config(engine)
+    with pytest.raises(ConfigError, match="is a folder: pass the config file"):
+        load_config(tmp_path)

@@ -145,3 +145,22 @@ def test_the_drains_own_log_lines_name_no_request() -> None:
         DrainingServer._handle_exit = original  # type: ignore[method-assign]
         CURRENT_REQUEST_ID.reset(token)
     assert seen == [None] and state.draining
+
+
+def test_a_404_from_a_base_url_without_v1_says_so() -> None:
+    """An OpenAI client with base_url `http://host:port` (no /v1), or one holding the route, got a bare "Not
+    Found" (probe BF #5)."""
+    from starlette.testclient import TestClient
+
+    from engine_builder.serve.server.app import create_app
+    from engine_builder.serve.server.state import ServerSettings, ServerState
+    from tests.serve.server.harness import StubEngine
+
+    with TestClient(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None))) as client:
+        missing = client.post("/chat/completions", json={})
+        assert missing.status_code == 404
+        assert "end the client's base_url with /v1" in missing.json()["error"]["message"]
+        doubled = client.post("/v1/chat/completions/chat/completions", json={})
+        assert "did you mean /v1/chat/completions?" in doubled.json()["error"]["message"]
+        other = client.get("/nothing/here")
+        assert other.status_code == 404 and other.json()["error"]["message"] == "Not Found"
