@@ -116,6 +116,18 @@ def _draft_model_field_set(stack: Stack, name: str) -> str:
     )
 
 
+def _encoder_quantization_refused(stack: Stack) -> str:
+    """Our calibration quantizes decoders only, and no backend here serves an encoder but torch: an encoder's fp8 was
+    refused only inside the build, after the checkpoint was fetched (16 GB for Qwen3-Embedding-8B; probe BG #3)."""
+    quantization = stack.build.quantization_type.value
+    if _decoder(stack) or quantization == "no_quant":
+        return ""
+    return (
+        f"{quantization} quantizes decoders only; an encoder ({stack.build.base_model.value}) is served in its "
+        "checkpoint's dtype: set it to no_quant"
+    )
+
+
 def _skip_build_result_refused(stack: Stack) -> str:
     if not _build(stack, "skip_build_result"):
         return ""
@@ -150,8 +162,9 @@ FIELD_TABLE: tuple[Field, ...] = (
           "gather_context_logits + gather_generation_logits at build, gather_generation_logits at serve (v1 logprobs)"),
     Field("build.strongly_typed", "refused when true: a TensorRT build switch", "not forwarded (BuildConfig default)",
           lambda s: bool(_build(s, "strongly_typed"))),
-    Field("build.quantization_type", "fp8, fp8_kv, fp8_mlp_only, fp4, fp4_kv, fp4_mlp_only (others refused)",
-          "QuantConfig (v1) / prequantized checkpoints (v2)"),
+    Field("build.quantization_type", "fp8, fp8_kv, fp8_mlp_only, fp4, fp4_kv, fp4_mlp_only for decoders (others "
+          "refused); encoders only no_quant", "QuantConfig (v1) / prequantized checkpoints (v2); encoders refused",
+          _encoder_quantization_refused, every_backend=True),
     Field("build.quantization_config.calib_size", "honoured (calibration)", "honoured (calibration)"),
     Field("build.quantization_config.calib_dataset", "honoured (calibration)",
           "v1: CalibConfig, for pileval, a name containing cnn_dailymail or a local folder (others refused)"),

@@ -108,6 +108,8 @@ REFUSED = [  # (path, build fields, runtime fields, v2)
     ("runtime.kv_cache_free_gpu_mem_fraction", {}, {"kv_cache_free_gpu_mem_fraction": 1.5}, False),
     ("runtime.total_token_limit", {}, {"total_token_limit": 0}, False),
     ("runtime.total_token_limit", {}, {"total_token_limit": -5}, False),
+    # an encoder's quantization, refused after the fetch by the calibration before (probe BG #3)
+    ("build.quantization_type", {"base_model": "encoder", "quantization_type": "fp8"}, {}, False),
     ("build.skip_build_result", {"skip_build_result": True}, {}, True),
     ("build.skip_build_result", {"skip_build_result": True}, {}, False),
     ("runtime.webserver_default_route", {}, {"webserver_default_route": "/rerank"}, False),  # on a decoder
@@ -145,6 +147,25 @@ def test_a_plain_config_has_nothing_refused(tmp_path: Path, smollm2_dir: Path) -
         assert torch_refusals(loaded.trt_llm) == []
     for name in ("default.yaml", "smollm2.yaml", "smollm2-lookahead.yaml", "embeddings.yaml", "bei-bert-minilm.yaml"):
         assert torch_refusals(load_config(REPO_ROOT / "configs" / name).trt_llm) == [], name
+
+
+def test_every_shipped_encoder_config_builds_on_torch() -> None:
+    """Encoders build on torch only; the shipped BEI examples asked for fp8, which was refused after a 16 GB
+    download (probe BG #3)."""
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        stack = load_config(path).trt_llm
+        if stack.build.base_model.is_encoder:
+            assert torch_refusals(stack) == [], path.name
+
+
+def test_an_encoders_quantization_is_refused_on_every_backend(tmp_path: Path, smollm2_dir: Path) -> None:
+    loaded = load_config(_config(tmp_path, smollm2_dir, {"base_model": "encoder", "quantization_type": "fp8"}, {}, False))
+    expected = [
+        "trt_llm.build.quantization_type: fp8 quantizes decoders only; an encoder (encoder) is served in its "
+        "checkpoint's dtype: set it to no_quant"
+    ]
+    assert refusals(loaded.trt_llm, "trtllm") == expected
+    assert torch_refusals(loaded.trt_llm) == expected
 
 
 def test_what_no_backend_serves_is_refused_on_the_trtllm_backend_too(tmp_path: Path, smollm2_dir: Path) -> None:

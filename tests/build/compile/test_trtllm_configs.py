@@ -207,7 +207,7 @@ ENCODER_CONFIGS = (
     "bei-bert-classifier.yaml",
     "bei-bert-minilm.yaml",
     "bei-bge-reranker.yaml",
-    "bei-qwen3-embedding-fp8.yaml",
+    "bei-qwen3-embedding.yaml",
 )
 
 
