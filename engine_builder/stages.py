@@ -141,6 +141,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Build (unless the cached engine matches the config hash), then serve."""
     options = engine_options_from(args, load_config(args.config))
+    refused = _serving_refusal(args)
+    if refused:
+        return refused
     engine = build_or_reuse(args.config, args.engine_dir, options)
     return _serve(engine, args, options)
 
@@ -162,6 +165,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = engine_options_from(args, None, base=engine.manifest.runtime.options)
     else:
         options = engine_options_from(args, load_config(target))
+        refused = _serving_refusal(args)
+        if refused:
+            return refused
         engine = build_or_reuse(str(target), None, options)
     return _serve(engine, args, options)
 
@@ -206,6 +212,14 @@ def _safe(name: str) -> str:
     every other engine in it (probe AU)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     return "_" * max(len(safe), 1) if not safe.strip(".") else safe
+
+
+def _serving_refusal(args: argparse.Namespace) -> int:
+    """The serving flags' refusals (no API key off loopback, a busy port) before a build, not after it (probe BG #2);
+    the port is checked again after the build."""
+    from engine_builder.serve.server.main import serving_refusal
+
+    return serving_refusal(args)
 
 
 def _serve(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:

@@ -188,6 +188,31 @@ def test_a_busy_port_is_found_before_the_model_loads() -> None:
     assert _port_refusal("127.0.0.1", port) is None
 
 
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_config_refuse_the_host_and_the_port_before_building(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int]
+) -> None:
+    """Both refusals came after a full build or calibration, thrown away (probe BG #2)."""
+    import socket
+
+    from engine_builder import stages
+
+    def no_build(*args: Any) -> Any:
+        raise AssertionError("built before the serving flags were checked")
+
+    monkeypatch.setattr(stages, "build_or_reuse", no_build)
+    monkeypatch.delenv("ENGINE_BUILDER_API_KEYS", raising=False)
+    config = str(CONFIGS_DIR / "smollm2.yaml")
+    assert main([command, config, "--host", "0.0.0.0"]) == 2
+    assert "error: refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([command, config, "--port", str(port)]) == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
 def test_serve_on_what_is_not_a_readable_engine_says_so(tmp_path: Path) -> None:
     folder = tmp_path / "not-an-engine"
     folder.mkdir()

@@ -26,15 +26,39 @@ from engine_builder.serve.server.user_model_loader import ModelDefinitionError
 logger = logging.getLogger(__name__)
 
 
+def serving_refusal(args: argparse.Namespace) -> int:
+    """What the serving flags alone refuse, logged: a host other than loopback without an API key (2), a port that
+    cannot be bound now (1); 0 when none. `run` and `serve CONFIG` call it before their build: both refusals came
+    after a full build or calibration, which they throw away (probe BG #2)."""
+    api_keys = _api_keys(args)
+    if _refuses_host_without_api_key(args.host, api_keys):
+        return 2
+    return 1 if _refuses_port(args.host, args.port) else 0
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    return parse_api_keys(args.api_key, os.environ.get("ENGINE_BUILDER_API_KEYS"))
+
+
+def _refuses_host_without_api_key(host: str, api_keys: tuple[str, ...]) -> bool:
+    if api_keys or host in ("127.0.0.1", "localhost", "::1"):
+        return False
+    logger.error("refusing to serve on %s without an API key: pass --api-key or set ENGINE_BUILDER_API_KEYS", host)
+    return True
+
+
+def _refuses_port(host: str, port: int) -> bool:
+    refusal = _port_refusal(host, port)
+    if refusal:
+        logger.error("cannot listen on %s:%d: %s", host, port, refusal)
+    return refusal is not None
+
+
 def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:
     from engine_builder.serve.server.factory import build_server
 
-    api_keys = parse_api_keys(args.api_key, os.environ.get("ENGINE_BUILDER_API_KEYS"))
-    if not api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.error(
-            "refusing to serve on %s without an API key: pass --api-key or set ENGINE_BUILDER_API_KEYS",
-            args.host,
-        )
+    api_keys = _api_keys(args)
+    if _refuses_host_without_api_key(args.host, api_keys):
         return 2
     if not api_keys:
         logger.warning("no API key set: the server accepts any caller on %s", args.host)
@@ -48,9 +72,7 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
             engine.path,
         )
         return 1  # the engine, not the command, is at fault (2 is for a bad config or flags)
-    refusal = _port_refusal(args.host, args.port)
-    if refusal:  # before the model loads, not after minutes of it
-        logger.error("cannot listen on %s:%d: %s", args.host, args.port, refusal)
+    if _refuses_port(args.host, args.port):  # before the model loads, not after minutes of it (again after a build)
         return 1
     try:
         app, state = build_server(engine, options, api_keys)
