@@ -82,7 +82,8 @@ def build_engine(
 def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> None:
     """Refuse an output the build would destroy (a build replaces the output folder whole): the working folder,
     the config's folder, the home folder or any folder above them, the LOCAL checkpoint, a folder above or inside
-    it, a file, and, unless `force`, a folder with files in it that is not an engine."""
+    it, a file, and, unless `force`, a folder with files in it that is not an engine. A mount point, which the build
+    cannot replace, is refused too."""
     target = output.resolve()
     for kept, what in ((Path.cwd(), "the working folder"), (loaded.base_dir, "the config's folder"),
                        (Path.home(), "the home folder")):
@@ -97,6 +98,11 @@ def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> Non
         _check_output_outside(output, checkpoint)
     if target.exists() and not target.is_dir():
         raise BuildError(f"refusing to build into {output}: it is a file, not a folder")
+    if target.is_dir() and os.path.ismount(target):  # the final rename fails there, after all the work (probe BG #1)
+        raise BuildError(
+            f"refusing to build into {output}: it is a mount point, which a build cannot replace in one rename; "
+            f"mount the volume at its parent and build into a subfolder (e.g. -o {target / 'current'})"
+        )
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -364,19 +364,18 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
         yield staging
         _pause_for_tests()
         _fsync_tree(staging)
-        if final.exists() and _exchange(staging, final):
-            shutil.rmtree(staging, ignore_errors=True)  # the old engine, swapped out
-        elif final.exists():
-            retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
-            final.rename(retired)
-            try:
-                staging.rename(final)
-            except BaseException:
-                retired.rename(final)  # put the old engine back: the output never ends up missing
+        try:
+            _install(staging, final)
+        except OSError as error:
+            if error.errno not in (errno.EBUSY, errno.EXDEV):
                 raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(final)
+            # a mount point (or a folder on another file system than its parent's): the bare EBUSY said nothing of
+            # it (probe BG #1); check_output_path refuses a mount point before the work where it can tell
+            raise OSError(
+                error.errno,
+                f"cannot replace {final} with the new engine ({error.strerror}): it is a mount point or on another "
+                f"file system than {final.parent}; mount the volume at its parent and build into a subfolder",
+            ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -390,6 +389,23 @@ def _restore_retired(final: Path) -> None:
     if retired and not final.exists():
         retired[-1].rename(final)
         logger.warning("%s: put back the engine a build killed while replacing it had moved aside", final)
+
+
+def _install(staging: Path, final: Path) -> None:
+    """Put the complete `staging` folder in place of `final`: one exchange where the kernel can, else two renames."""
+    if final.exists() and _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # the old engine, swapped out
+    elif final.exists():
+        retired = final.parent / f".{final.name}.building-old-{os.getpid()}"
+        final.rename(retired)
+        try:
+            staging.rename(final)
+        except BaseException:
+            retired.rename(final)  # put the old engine back: the output never ends up missing
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(final)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h

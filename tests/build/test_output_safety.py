@@ -252,3 +252,53 @@ def test_an_output_named_like_a_glob_leaves_other_builds_staging_alone(tmp_path:
         (staging / "manifest.json").write_text("{}")
     assert (concurrent / "weights").read_text() == "half written"
     assert (tmp_path / "e[12]" / "manifest.json").is_file()
+
+
+def test_a_mount_point_as_output_is_refused_before_any_fetch(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume mounted at the output itself cannot be renamed over: the build did all its work (a whole fp8
+    calibration), then failed with a bare EBUSY (probe BG #1)."""
+    from engine_builder.build import build_stage
+
+    output = tmp_path / "mnt"
+    output.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == output.resolve() or real_ismount(path))
+
+    def no_fetch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fetched before the output was checked")
+
+    monkeypatch.setattr(build_stage, "fetch_checkpoint", no_fetch)
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    loaded = load_config(config)
+    with pytest.raises(BuildError, match=r"it is a mount point.*mount the volume at its parent and build into a "
+                       r"subfolder \(e\.g\. -o .*mnt/current\)"):
+        build_engine(loaded, output, loaded.truss.engine_builder)
+
+
+@pytest.mark.parametrize("code", ["EBUSY", "EXDEV"])
+def test_a_final_rename_refused_as_busy_or_cross_device_names_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """Where the mount point was not seen up front, the failed exchange says why, not only "[Errno 16] Device or
+    resource busy" (probe BG #1)."""
+    import errno
+
+    from engine_builder.common import artifact
+
+    number = getattr(errno, code)
+
+    def refused(first: Path, second: Path) -> bool:
+        raise OSError(number, os.strerror(number), str(second))
+
+    monkeypatch.setattr(artifact, "_exchange", refused)
+    final = tmp_path / "engine"
+    final.mkdir()
+    (final / "which").write_text("old")
+    with pytest.raises(OSError, match=r"it is a mount point or on another file system than .*; mount the volume at "
+                       r"its parent and build into a subfolder") as raised:
+        with artifact.atomic_engine_dir(final) as staging:
+            (staging / "which").write_text("new")
+    assert raised.value.errno == number
+    assert (final / "which").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
