@@ -60,8 +60,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for issue in error.issues:
                 print(f"error: {issue}", file=sys.stderr)
             continue
-        for warning in loaded.warnings:
+        from engine_builder.build.build_stage import validation_refusals
+
+        # what the build refuses from the config alone, before any fetch: validate said OK to it (probe BG #5)
+        refused, doubtful = validation_refusals(loaded)
+        for warning in [*loaded.warnings, *doubtful]:
             print(f"warning: {warning}", file=sys.stderr)
+        if refused:
+            failed = True
+            for message in refused:
+                print(f"error: {path}: {message}", file=sys.stderr)
+            continue
         if len(args.configs) > 1:
             print(f"{'---' if index else ''}\n# {path}" if index else f"# {path}")
         print(loaded.resolved_yaml(), end="")

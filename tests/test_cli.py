@@ -71,6 +71,42 @@ def test_validate_invalid_exits_2_with_every_error(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_validate_exits_2_on_what_the_build_refuses_from_the_config_alone(
+    tmp_path: Path, smollm2_dir: Path, capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int]
+) -> None:
+    """`validate` said OK to configs the build refused before any fetch; it runs the build's own checks now
+    (probe BG #5)."""
+    from tests.serve.server.harness import write_config
+
+    def config(name: str, build: dict[str, Any], options: dict[str, Any] | None = None) -> Path:
+        path = write_config(tmp_path / name, smollm2_dir)
+        document = yaml.safe_load(path.read_text())
+        document["trt_llm"]["build"].update(build)
+        document["engine_builder"].update(options or {})
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    adapter = {"support": {"source": "LOCAL", "repo": str(tmp_path / "adapter")}}
+    cases = {
+        config("rev.yaml", {"checkpoint_repository": {"source": "LOCAL", "repo": str(smollm2_dir), "revision": "v2"}}):
+            "revision 'v2': the LOCAL source has no revisions",
+        config("enc_lora.yaml", {"base_model": "encoder_bert", "lora_adapters": adapter}):
+            "trt_llm.build.lora_adapters apply to decoders; base_model is encoder_bert",
+        config("dummy_q.yaml", {"quantization_type": "fp8"}, {"load_format": "dummy"}):
+            "load_format dummy builds torch-backend decoders without quantization only",
+        config("enc_fp8.yaml", {"base_model": "encoder", "quantization_type": "fp8"}):
+            "trt_llm.build.quantization_type: fp8 quantizes decoders only",
+    }
+    for path, reason in cases.items():
+        assert main(["validate", str(path)]) == 2, path.name
+        captured = capsys.readouterr()
+        assert f"error: {path}: " in captured.err and reason in captured.err, captured.err
+        assert captured.out == ""
+    plain = config("plain.yaml", {})
+    assert main(["validate", str(plain)]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
 def test_validate_missing_file() -> None:
     result = _cli("validate", "does-not-exist.yaml")
     assert result.returncode == 2

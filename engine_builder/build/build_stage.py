@@ -449,56 +449,91 @@ def quantization_identity(loaded: LoadedConfig, options: EngineOptions) -> dict[
 
 
 def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions) -> None:
-    build = loaded.trt_llm.build
-    repositories = {"checkpoint_repository": build.checkpoint_repository} | {
-        f"lora_adapters.{name}": adapter for name, adapter in (build.lora_adapters or {}).items()
-    }
-    for field, repository in repositories.items():
-        _check_revision_honoured(field, repository)
-    if options.load_format == "dummy" and (
-        backend != "torch" or build.base_model.is_encoder or build.quantization_type != QuantizationType.NO_QUANT
-    ):
-        raise BuildError(
-            "load_format dummy builds torch-backend decoders without quantization only "
-            f"(got backend {backend}, base_model {build.base_model.value}, "
-            f"quantization_type {build.quantization_type.value})"
-        )
-    from engine_builder.build.torch_fields import refusals
-
-    refused = refusals(loaded.trt_llm, backend)
+    refused = config_refusals(loaded, backend, options)
     if refused:
-        raise BuildError(f"the {backend} backend cannot honour what this config asks for: " + "; ".join(refused))
-    if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
-        raise BuildError(
-            f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
-            f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
-        )
+        raise BuildError(refused[0])
     if backend == "trtllm":
         from engine_builder.build.compile.trtllm.mapping import check_mapping
 
         check_mapping(loaded.trt_llm, loaded.base_dir)
+
+
+def config_refusals(loaded: LoadedConfig, backend: str, options: EngineOptions) -> list[str]:
+    """What a build on `backend` refuses from the config and options alone (no checkpoint, no TensorRT-LLM
+    needed), one message each, in the order the build reports them. `validate` reports them too: it said OK to
+    configs the build refused (probe BG #5)."""
+    build = loaded.trt_llm.build
+    messages = []
+    repositories = {"checkpoint_repository": build.checkpoint_repository} | {
+        f"lora_adapters.{name}": adapter for name, adapter in (build.lora_adapters or {}).items()
+    }
+    for field, repository in repositories.items():
+        messages += _revision_not_honoured(field, repository)
+    if options.load_format == "dummy":
+        if build.base_model.is_encoder or build.quantization_type != QuantizationType.NO_QUANT:
+            messages.append(
+                "load_format dummy builds torch-backend decoders without quantization only "
+                f"(got base_model {build.base_model.value}, quantization_type {build.quantization_type.value})"
+            )
+        if backend != "torch":
+            messages.append(f"load_format dummy builds on the torch backend only (got backend {backend})")
+    from engine_builder.build.torch_fields import every_backend_refusals, refusals
+
+    # what no backend honours in words of its own, so that `validate` sees the same message for either backend
+    everywhere = every_backend_refusals(loaded.trt_llm)
+    if everywhere:
+        messages.append("no backend here can honour what this config asks for: " + "; ".join(everywhere))
+    refused = [message for message in refusals(loaded.trt_llm, backend) if message not in everywhere]
+    if refused:
+        messages.append(f"the {backend} backend cannot honour what this config asks for: " + "; ".join(refused))
+    if backend == "torch" and build.quantization_type not in _TORCH_QUANTIZATION:
+        messages.append(
+            f"quantization_type {build.quantization_type.value} is not supported by the torch backend "
+            f"(supported: {', '.join(sorted(q.value for q in _TORCH_QUANTIZATION))})"
+        )
     if build.lora_adapters and backend != "torch":
-        raise BuildError(
+        messages.append(
             f"trt_llm.build.lora_adapters are not supported by the {backend} backend yet; build with "
             "--backend torch, or remove them"
         )
     if build.lora_adapters and build.base_model.is_encoder:
-        raise BuildError(
+        messages.append(
             f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
         )
+    return messages
 
 
-def _check_revision_honoured(field: str, repository: CheckpointRepository | None) -> None:
+def validation_refusals(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
+    """`validate`'s view of `config_refusals` under the config's own options: (errors, warnings). An error is
+    refused on every backend the build may pick (`auto` keeps an encoder on torch, and picks a decoder's by what
+    is installed where it builds); what only one of those backends refuses is a warning naming it."""
+    options = loaded.truss.engine_builder
+    if options.backend != "auto":
+        backends = [options.backend]
+    else:
+        backends = ["torch"] if loaded.trt_llm.build.base_model.is_encoder else ["torch", "trtllm"]
+    per_backend = {backend: config_refusals(loaded, backend, options) for backend in backends}
+    errors = [message for message in per_backend[backends[0]] if all(message in per_backend[b] for b in backends)]
+    warnings = [
+        f"a build on the {backend} backend (engine_builder.backend auto may pick it) would refuse: {message}"
+        for backend, messages in per_backend.items()
+        for message in messages
+        if message not in errors
+    ]
+    return errors, warnings
+
+
+def _revision_not_honoured(field: str, repository: CheckpointRepository | None) -> list[str]:
     """Truss accepts `revision` with any source; only HF and BASETEN_TRAINING read it, so elsewhere it is refused
     rather than silently ignored."""
     if repository is None or repository.revision is None or source_class(repository.source).honours_revision:
-        return
+        return []
     source = repository.source.value
-    raise BuildError(
+    return [
         f"trt_llm.build.{field}.revision {repository.revision!r}: the {source} source has no revisions and would "
         f"ignore it (only HF and BASETEN_TRAINING read revision); remove revision, and put the version you mean "
         "into repo (another prefix, URL or folder)"
-    )
+    ]
 
 
 def _check_torch_decoder(model_dir: Path, quantization: QuantizationType, tensor_parallel: int = 1) -> None:

@@ -265,13 +265,21 @@ def torch_refusals(stack: Stack) -> list[str]:
 def refusals(stack: Stack, backend: str) -> list[str]:
     """One message per field this config sets that `backend` cannot honour: the torch backend checks every
     refusal of the table, the TensorRT-LLM backend those marked `every_backend` (its mapping checks the rest)."""
+    return _refusals(stack, [field for field in FIELD_TABLE if backend == "torch" or field.every_backend])
+
+
+def _refusals(stack: Stack, fields: list[Field]) -> list[str]:
     messages = []
-    for field in FIELD_TABLE:
-        applies = field.refuse is not None and (backend == "torch" or field.every_backend)
-        verdict = field.refuse(stack) if applies and field.refuse is not None else False
+    for field in fields:
+        verdict = field.refuse(stack) if field.refuse is not None else False
         if verdict:
             messages.append(f"trt_llm.{field.path}: {verdict if isinstance(verdict, str) else field.torch}")
     return messages
+
+
+def every_backend_refusals(stack: Stack) -> list[str]:
+    """The refusals of the fields marked `every_backend`: what this config asks of no backend of this project."""
+    return _refusals(stack, [field for field in FIELD_TABLE if field.every_backend])
 
 
 def markdown() -> str:
