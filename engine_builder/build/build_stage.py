@@ -75,8 +75,8 @@ def build_engine(
 ) -> BuildResult:
     started = time.monotonic()
     check_output_path(output, loaded, force=force)
-    with engine_dir_lock(output):
-        return _build_engine_locked(loaded, output, options, force=force, started=started)
+    with engine_dir_lock(output) as writable:
+        return _build_engine_locked(loaded, output, options, force=force, started=started, writable=writable)
 
 
 def check_output_path(output: Path, loaded: LoadedConfig, *, force: bool) -> None:
@@ -161,11 +161,14 @@ def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
     return existing
 
 
-def _record_options(engine: EngineDir, options: EngineOptions, loaded: LoadedConfig) -> EngineDir:
+def _record_options(
+    engine: EngineDir, options: EngineOptions, loaded: LoadedConfig, *, writable: bool = True
+) -> EngineDir:
     """A reused engine takes what of this build's config and options does not change the engine itself, so that
     `serve ENGINE_DIR` starts from the latest: the serving options, the served model name (the top-level
     `model_name`) and the public copy of the config a user model.py reads (`model_metadata`, the declared
-    `secrets`). These are outside the config hash, and a reused engine kept serving the old ones (probe AU)."""
+    `secrets`). These are outside the config hash, and a reused engine kept serving the old ones (probe AU). An
+    engine in a read-only folder (not `writable`) is left as it is, and the log says so (probe BG #7)."""
     recorded = options.model_dump(mode="json")
     served_name = loaded.trt_llm.runtime.served_model_name or loaded.truss.model_name
     manifest = engine.manifest
@@ -178,17 +181,25 @@ def _record_options(engine: EngineDir, options: EngineOptions, loaded: LoadedCon
     manifest.served_model_name = served_name
     public_config = _public_config_yaml(loaded)
     config_path = engine.path / CONFIG_FILE
-    if not config_path.is_file() or config_path.read_text() != public_config:
+    config_changed = not config_path.is_file() or config_path.read_text() != public_config
+    if not writable:
+        if changed or config_changed:
+            logger.info(
+                "the engine's folder is read-only: its recorded serving options, served model name and config.yaml "
+                "were not refreshed (`run` serves with this config's; `serve %s` starts from the recorded ones)",
+                engine.path,
+            )
+        return load_engine_dir(engine.path)  # `manifest` above was changed in memory
+    if config_changed:
         write_atomic(config_path, public_config)
-        changed = True
-    if not changed:
+    if not (changed or config_changed):
         return engine
     write_atomic(engine.path / MANIFEST_FILE, manifest.to_json())
     return load_engine_dir(engine.path)
 
 
 def _build_engine_locked(
-    loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float
+    loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float, writable: bool = True
 ) -> BuildResult:
     user_files = user_model_files(loaded)
     config_hash = build_identity(loaded, options, user_files)
@@ -204,7 +215,12 @@ def _build_engine_locked(
     in_place = repository is not None and repository.source is CheckpointSource.LOCAL
     if existing is not None and not in_place:
         logger.info("engine at %s matches the config hash; reusing it", output)
-        return BuildResult(_record_options(existing, options, loaded), reused=True, seconds=time.monotonic() - started)
+        return BuildResult(
+            _record_options(existing, options, loaded, writable=writable), reused=True,
+            seconds=time.monotonic() - started,
+        )
+    if existing is None and not writable:
+        raise _read_only_refusal(output, force=force)
     stack = loaded.trt_llm
     build = stack.build
     # TensorRT-LLM has no encoder serving here: `auto` keeps encoders on the torch engine.
@@ -240,7 +256,12 @@ def _build_engine_locked(
     if existing is not None:  # a LOCAL folder can change under the same config: its content decides
         if existing.manifest.source.revision == fetched.revision:
             logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
-            return BuildResult(_record_options(existing, options, loaded), reused=True, seconds=time.monotonic() - started)
+            return BuildResult(
+                _record_options(existing, options, loaded, writable=writable), reused=True,
+                seconds=time.monotonic() - started,
+            )
+        if not writable:
+            raise _read_only_refusal(output, force=force)
         logger.info("rebuilding %s: the LOCAL checkpoint %s changed since it was built", output, fetched.path)
     from engine_builder.build.checkpoints import check_repository_layout
 
@@ -315,6 +336,16 @@ def _build_engine_locked(
     seconds = time.monotonic() - started
     logger.info("engine written to %s in %.1f s (%s, %s)", output, seconds, backend, info.architecture)
     return BuildResult(engine, reused=False, seconds=seconds)
+
+
+def _read_only_refusal(output: Path, *, force: bool) -> BuildError:
+    """A build that would write beside an output in a read-only folder (probe BG #7: it failed opening the lock)."""
+    state = "--force asks to rebuild it" if force else "it is missing or out of date (it would be rebuilt)"
+    return BuildError(
+        f"cannot build into {output}: {state}, and its folder {output.resolve().parent} is read-only; build it "
+        "where it can be written (then copy it there), or serve the engine as it is with `engine-builder serve "
+        f"{output}`"
+    )
 
 
 def _quantize_keeping_a_failed_report(

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from engine_builder import __version__
 
@@ -325,22 +325,36 @@ def load_engine_dir(path: str | Path) -> EngineDir:
 
 
 @contextmanager
-def engine_dir_lock(final: Path) -> Iterator[None]:
+def engine_dir_lock(final: Path) -> Iterator[bool]:
     """Hold the output's build lock (`.<name>.lock` beside it): one build of an output at a time, across
     processes (two `run` replicas sharing an engines volume); a second build waits, then finds the first's
-    engine and reuses it when the config matches."""
+    engine and reuses it when the config matches. Yields True; False, holding nothing, where the folder beside the
+    output is read-only (an engine shared read-only: a ReadOnlyMany volume, `docker -v ...:ro`), so that the caller
+    may still reuse an up-to-date engine there, writing nothing (the open failed with EROFS: probe BG #7)."""
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    with (final.parent / f".{final.name}.lock").open("a") as handle:
+    try:
+        handle = _open_lock(final.parent / f".{final.name}.lock")
+    except OSError as error:
+        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        logger.debug("no build lock for %s: %s", final, error)
+        yield False
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("waiting for another build of %s to finish", final)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_lock(path: Path) -> IO[str]:
+    return path.open("a")
 
 
 @contextmanager

@@ -302,3 +302,40 @@ def test_a_final_rename_refused_as_busy_or_cross_device_names_the_cause(
             (staging / "which").write_text("new")
     assert raised.value.errno == number
     assert (final / "which").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_an_up_to_date_engine_in_a_read_only_folder_is_reused_and_a_stale_one_refused(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The build lock beside the output could not be created on a read-only volume, so `run` and `build` failed
+    with a bare EROFS even where the engine was up to date (probe BG #7)."""
+    import errno
+    import logging
+
+    from engine_builder.build.config import EngineOptions
+    from engine_builder.common import artifact
+
+    checkpoint, loaded = _local_config(tmp_path, smollm2_dir, monkeypatch)
+    output = tmp_path / "engine"
+    built = build_engine(loaded, output, loaded.truss.engine_builder).engine_dir
+
+    def read_only(path: Path) -> object:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(artifact, "_open_lock", read_only)
+    before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if "cache" not in path.parts}
+    assert build_engine(loaded, output, loaded.truss.engine_builder).reused
+    # a serving option that would be recorded on reuse: not written, and the log says so
+    serving = EngineOptions.model_validate({**loaded.truss.engine_builder.model_dump(), "max_queue_size": 7})
+    with caplog.at_level(logging.INFO):
+        reused = build_engine(loaded, output, serving)
+    assert reused.reused and reused.engine_dir.manifest.runtime.options == built.manifest.runtime.options
+    assert "the engine's folder is read-only: its recorded serving options" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if "cache" not in path.parts} == before
+    with pytest.raises(BuildError, match=r"--force asks to rebuild it, and its folder .* is read-only"):
+        build_engine(loaded, output, loaded.truss.engine_builder, force=True)
+    with open(checkpoint / "tokenizer_config.json", "a") as handle:  # retrained in place: out of date
+        handle.write("\n")
+    with pytest.raises(BuildError, match=r"it is missing or out of date .*read-only.*engine-builder serve"):
+        build_engine(loaded, output, loaded.truss.engine_builder)
+    assert load_engine_dir(output).manifest.source.revision == built.manifest.source.revision
