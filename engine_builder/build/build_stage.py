@@ -4,6 +4,7 @@ The engine directory appears in one rename when everything succeeded; a failed o
 the previous engine (or nothing) in place.
 """
 
+import errno
 import json
 import logging
 import os
@@ -362,9 +363,44 @@ def _quantize_keeping_a_failed_report(
         write_atomic(kept, error.report)
         error.args = (f"{error.args[0]}. The full report: {kept}",)
         raise
+    except Exception as error:
+        free = _free_bytes(staging)
+        if isinstance(error, (BuildError, CheckpointError)) or not _is_out_of_space(error, free):
+            raise  # the build's own refusals say what they are
+        # torch.save reports a short write as a RuntimeError ("iostream error"), safetensors as its own error: two
+        # chained tracebacks that never said disk (probe BG #4)
+        raise OSError(
+            errno.ENOSPC,
+            f"writing {staging}: no space left on device ({free / 2**20:.0f} MiB free there; a quantizing build "
+            "writes the reference logits and the quantized weights beside the output): free room there, or build "
+            "into a folder on a larger disk",
+        ) from error
     # a failed attempt's report said `passed: false` beside the engine a later build passed (probe AT)
     kept.unlink(missing_ok=True)
     return summary
+
+
+# Less room than this left where the quantization failed is taken for a full disk: the write that failed (a
+# sequence's reference logits, a weight shard) was larger than what it left.
+_FULL_DISK_BYTES = 256 * 2**20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return _FULL_DISK_BYTES  # not known: the error's own errno decides
+
+
+def _is_out_of_space(error: BaseException, free: int) -> bool:
+    """Whether `error` (or one it came from) is a full disk: ENOSPC said so, or a write failed with almost nothing
+    left on the file system."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return free < _FULL_DISK_BYTES
 
 
 def _readable_as_umask_allows(root: Path) -> None:

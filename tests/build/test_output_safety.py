@@ -339,3 +339,34 @@ def test_an_up_to_date_engine_in_a_read_only_folder_is_reused_and_a_stale_one_re
     with pytest.raises(BuildError, match=r"it is missing or out of date .*read-only.*engine-builder serve"):
         build_engine(loaded, output, loaded.truss.engine_builder)
     assert load_engine_dir(output).manifest.source.revision == built.manifest.source.revision
+
+
+@pytest.mark.parametrize("free", [0, 1 << 40])
+def test_a_full_disk_while_quantizing_says_so_naming_the_folder(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, free: int
+) -> None:
+    """torch.save's short write of the reference logits came out as two chained RuntimeError tracebacks that never
+    said disk (probe BG #4); with room left, the error is not taken for a full disk."""
+    import errno
+
+    from engine_builder.build import build_stage
+    from engine_builder.build.calibration import pipeline
+
+    def short_write(*args: object, **kwargs: object) -> dict[str, str]:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    monkeypatch.setattr(pipeline, "quantize_checkpoint", short_write)
+    monkeypatch.setattr(build_stage, "_free_bytes", lambda path: free)
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    config.write_text(config.read_text().replace("base_model: decoder", "base_model: decoder\n    quantization_type: fp8"))
+    loaded = load_config(config)
+    output = tmp_path / "engine"
+    if free:
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            build_engine(loaded, output, loaded.truss.engine_builder)
+    else:
+        with pytest.raises(OSError, match=r"writing .*\.engine\.building-\d+: no space left on device") as raised:
+            build_engine(loaded, output, loaded.truss.engine_builder)
+        assert raised.value.errno == errno.ENOSPC
+    assert not output.exists() and not list(tmp_path.glob(".engine.building-*"))
