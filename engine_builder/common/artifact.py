@@ -275,9 +275,11 @@ def changed_model_files(engine: "EngineDir") -> list[str]:
     time moved is changed when it is still a hard link without a recorded digest, or when its digest differs.
     A copied engine (`cp -r`, `kubectl cp`: new times, one link each) is read by content where a digest was
     recorded, and a copied file the build wrote itself (quantized weights) cannot have been changed by a
-    checkpoint. Engines built before the fingerprints existed report nothing."""
+    checkpoint. Engines built before the fingerprints existed report nothing. Where every digest read matched, the
+    files' new sizes and times are recorded (`_record_verified`), so a copy is read once, not at every start."""
     recorded = engine.manifest.extra.get(MODEL_FILE_STATS) or {}
     changed = []
+    verified: dict[str, list[Any]] = {}
     for relative, (size, mtime_ns, *digest) in recorded.items():
         path = engine.model_dir / relative
         try:
@@ -290,9 +292,41 @@ def changed_model_files(engine: "EngineDir") -> list[str]:
         if digest:
             if info.st_size != size or sha256_file(path) != digest[0]:
                 changed.append(relative)
+            else:
+                verified[relative] = [info.st_size, info.st_mtime_ns, digest[0]]
         elif info.st_nlink > 1 or info.st_size != size:
             changed.append(relative)
+    if verified and not changed:
+        _record_verified(engine, verified)
     return changed
+
+
+def _record_verified(engine: "EngineDir", verified: dict[str, list[Any]]) -> None:
+    """Record the sizes and times of files whose digests were just read and matched: a copied engine (new times
+    on every file) re-read every linked weight file at every start, minutes for a large one on a network disk
+    (probe BG #8). Done only under the build lock, taken without waiting (a build of this folder may be swapping
+    it), and only while the manifest on disk is the one read; a read-only folder keeps its manifest as it is."""
+    final = engine.path.resolve()
+    try:
+        handle = _open_lock(final.parent / f".{final.name}.lock")
+    except OSError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        try:
+            manifest_file = final / MANIFEST_FILE
+            if json.loads(manifest_file.read_text()) != json.loads(engine.manifest.to_json()):
+                return  # rebuilt or edited since it was read
+            engine.manifest.extra[MODEL_FILE_STATS] = {**engine.manifest.extra[MODEL_FILE_STATS], **verified}
+            write_atomic(manifest_file, engine.manifest.to_json())
+            logger.info("recorded the verified model files' new times in %s (a copied engine)", manifest_file)
+        except (OSError, ValueError) as error:
+            logger.debug("model file times of %s not recorded: %s", final, error)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_engine_dir(path: Path) -> bool:

@@ -370,3 +370,32 @@ def test_a_full_disk_while_quantizing_says_so_naming_the_folder(
             build_engine(loaded, output, loaded.truss.engine_builder)
         assert raised.value.errno == errno.ENOSPC
     assert not output.exists() and not list(tmp_path.glob(".engine.building-*"))
+
+
+def test_a_copied_engine_reads_its_linked_files_once_not_at_every_start(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start of a copied engine hashed every linked weight file again: the recorded times were never
+    refreshed (probe BG #8). Not while a build holds the folder's lock."""
+    import fcntl
+
+    from engine_builder.common import artifact
+
+    _, loaded = _local_config(tmp_path, smollm2_dir, monkeypatch)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    time.sleep(0.01)
+    copy = tmp_path / "copy"
+    shutil.copytree(engine.path, copy, copy_function=shutil.copyfile)  # content only, as `cp -r`
+    read: list[Path] = []
+    real_sha256 = artifact.sha256_file
+    monkeypatch.setattr(artifact, "sha256_file", lambda path: read.append(path) or real_sha256(path))
+    with open(tmp_path / ".copy.lock", "a") as lock:  # a build of the copy is running: nothing is written
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert changed_model_files(load_engine_dir(copy)) == []
+    hashed = len(read)
+    assert hashed >= 1
+    assert changed_model_files(load_engine_dir(copy)) == [] and len(read) == 2 * hashed
+    assert changed_model_files(load_engine_dir(copy)) == [] and len(read) == 2 * hashed  # recorded: not read again
+    with open(copy / "model" / "tokenizer_config.json", "a") as handle:  # a change is still seen
+        handle.write("\n")
+    assert changed_model_files(load_engine_dir(copy)) == ["tokenizer_config.json"]
