@@ -300,6 +300,7 @@ def test_user_info_in_the_url_stays_out_of_the_log(
     http.add_file("/m.tar.gz", tar_folder(make_checkpoint(tmp_path / "m", "embedding")))
     url = http.url.replace("http://", "http://builder:Pa55w0rd-SECRET@") + "/m.tar.gz"
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="httpx")  # the CLI's tests quiet httpx for the whole process
     fetch_checkpoint(CheckpointRepository(source="REMOTE_URL", repo=url), cache_dir=cache_dir, progress=False,
                      base_model=BaseModelKind.ENCODER)  # fmt: skip
     requests = [record for record in caplog.records if record.name == "httpx"]
