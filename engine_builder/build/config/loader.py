@@ -81,8 +81,19 @@ class LoadedConfig:
 
     def build_hash(self) -> str:
         """Identity of the resolved trt_llm section. The engine options that decide the engine are added by the
-        build stage from their effective values, flags included (engine_builder/build/build_stage.py)."""
-        return hashlib.sha256(json.dumps(self.resolved()["trt_llm"], sort_keys=True).encode()).hexdigest()
+        build stage from their effective values, flags included (engine_builder/build/build_stage.py).
+
+        `use_fp8_context_fmha` left out is hashed as `false`, as every hash before it was left out of `resolved()`
+        (an upgrade must not rebuild every engine: probe BZ #1), and a `false` the config writes adds a marker, so
+        that adding it is another engine (probe BF #1; a written `true` hashed apart already)."""
+        trt_llm = self.resolved()["trt_llm"]
+        stack = self.truss.trt_llm.root if self.truss.trt_llm is not None else None
+        if isinstance(stack, TrtLlmConfigV1):
+            plugins = stack.build.plugin_configuration
+            trt_llm["build"]["plugin_configuration"]["use_fp8_context_fmha"] = plugins.use_fp8_context_fmha
+            if "use_fp8_context_fmha" in plugins.model_fields_set and not plugins.use_fp8_context_fmha:
+                trt_llm["use_fp8_context_fmha_written_false"] = True
+        return hashlib.sha256(json.dumps(trt_llm, sort_keys=True).encode()).hexdigest()
 
 
 def load_config(path: str | Path) -> LoadedConfig:
@@ -162,7 +173,7 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
             [_issue_at(tuple(e.field.split(".")) if e.field else (), str(e), lines, source) for e in errors]
         )
     unknown = config.unknown_keys()
-    misspelt = [path for path in unknown if len(path) == 1 and _squashed(path[0]) == "enginebuilder"]
+    misspelt = [path for path in unknown if len(path) == 1 and "engine_builder?" in _nearest_key(config, path)]
     if misspelt:  # every serving option would silently stay at its default (probe BF #4)
         raise ConfigError(
             [_issue_at(path, f"unknown key {path[0]!r}: did you mean engine_builder?", lines, source) for path in misspelt]

@@ -188,7 +188,7 @@ class EncoderTokenizer:
         A part's cut end holds CUT_MARGIN tokens to spare beyond those kept, so it keeps the tokens the whole text
         keeps; which part is longer (it decides the odd token of an odd budget) is known from the cut ends unless
         the other part's length is within CUT_MARGIN of one: then the part is tokenized whole; with both parts far
-        too long and an odd budget, the one with more characters is taken as the longer."""
+        too long and an odd budget, the longer is estimated from each cut end's tokens per character."""
         assert truncation.max_tokens is not None
         layout = self._pair_layout
         if layout is None:  # a post-processor whose pair layout could not be read: the tokenizer's own way
@@ -217,7 +217,11 @@ class EncoderTokenizer:
             first_ids, second_ids = cut_ends.get(first), cut_ends.get(second)
             if first_ids is not None and second_ids is not None:  # both longer than the budget: half each
                 half = budget // 2
-                longer_first = len(first) > len(second)  # decides the odd token only
+                # which has more tokens decides the odd token only: estimated from each cut end's tokens per
+                # character (characters alone gave it to a part of long words over one of many short ones)
+                longer_first = _estimated_tokens(first, first_ids, ends[first]) > _estimated_tokens(
+                    second, second_ids, ends[second]
+                )
                 kept = (budget - half, half) if longer_first else (half, budget - half)
                 return layout.join(_end(first_ids, kept[0], truncation.direction), _end(second_ids, kept[1], truncation.direction))
             if first_ids is not None and _order_unknown(len(first_ids), len(whole(second)), budget):
@@ -247,10 +251,12 @@ class EncoderTokenizer:
                 break
         else:
             return None
-        first, second = (self._plain.encode(self._plain.decode(ids), add_special_tokens=False) for ids in placeholders)
-        if [first.ids, second.ids] != placeholders:
+        first, second = (self._plain.decode(ids) for ids in placeholders)
+        if [self._plain.encode(text, add_special_tokens=False).ids for text in (first, second)] != placeholders:
             return None
-        joined = self._plain.post_process(first, second, add_special_tokens=True)
+        # the tokenizer's own encoding of the pair: its type ids are those a pair gets, post-processor or not (two
+        # texts encoded alone and joined by `post_process` were both type 0 without one: probe BZ #2)
+        joined = self._plain.encode(first, second, add_special_tokens=True)
         slots: list[tuple[int | None, int, int]] = []  # (special token id, or None for a text; which text; type id)
         for token_id, type_id in zip(joined.ids, joined.type_ids, strict=True):
             which = next((index for index, ids in enumerate(placeholders) if ids[0] == token_id), -1)
@@ -416,6 +422,11 @@ def longest_first_lengths(first: int, second: int, budget: int) -> tuple[int, in
     if min(first, second) <= half:
         return (first, budget - first) if first <= second else (budget - second, second)
     return (budget - half, half) if first > second else (half, budget - half)
+
+
+def _estimated_tokens(text: str, end_ids: list[int], end: str) -> float:
+    """A long text's tokens, estimated from those of the end cut from it."""
+    return len(text) * len(end_ids) / max(len(end), 1)
 
 
 def _order_unknown(num_cut: int, num_other: int, budget: int) -> bool:

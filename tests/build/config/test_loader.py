@@ -469,6 +469,21 @@ def test_a_config_adding_use_fp8_context_fmha_false_is_another_engine(tmp_path: 
     assert again.build_hash() == without.build_hash()
 
 
+def test_configs_without_use_fp8_context_fmha_keep_the_hash_engines_were_built_with() -> None:
+    """Leaving the key out of the resolved config changed the hash of every config without it, so an upgrade rebuilt
+    every engine (probe BZ #1): such a config hashes as before, the key written as false (these values are the
+    hashes the code before the change gave the shipped configs)."""
+    assert load_config(CONFIGS_DIR / "smollm2.yaml").build_hash().startswith("bf31e2a0ca00ac7a")
+    assert load_config(CONFIGS_DIR / "default.yaml").build_hash().startswith("202adc116ff6569d")
+    assert load_config(CONFIGS_DIR / "bis-llm-gpt-oss-120b.yaml").build_hash().startswith("3b0103f1a794f3e0")
+
+
+@pytest.mark.parametrize("key", ["engine-builder", "engine_buildr", "engine_builders", "enigne_builder", "EngineBuilder"])
+def test_any_near_miss_of_the_engine_builder_section_is_an_error(key: str) -> None:
+    errors = _errors(f"trt_llm:\n  build:\n    checkpoint_repository: {{source: HF, repo: org/m}}\n{key}:\n  dtype: float32\n")
+    assert errors == [f"config.yaml:4: {key}: unknown key {key!r}: did you mean engine_builder?"]
+
+
 def test_a_misspelt_engine_builder_section_is_an_error_and_other_typos_name_the_nearest_key() -> None:
     """`engine-builder:` (the command's spelling) left every serving option at its default with a generic warning
     (probe BF #4)."""

@@ -327,11 +327,44 @@ def test_truncated_pairs_keep_the_tokens_the_tokenizer_keeps(
     assert longest_first_lengths(5, 40, 17) == (5, 12) and longest_first_lengths(30, 30, 18) == (9, 9)
 
 
+def test_truncated_pairs_keep_the_type_ids_of_a_tokenizer_without_a_post_processor(minilm_dir: Path) -> None:
+    """Without a post-processor the tokenizer gives a pair's second text type 1; the layout read from two texts
+    encoded alone and joined gave it 0, so truncation changed a cross-encoder's input (probe BZ #2)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
+
+    spec = json.loads((minilm_dir / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    tokenizer = EncoderTokenizer(Tokenizer.from_str(json.dumps(spec)), max_input_length=512, vocab_size=30522)
+    oracle = Tokenizer.from_str(json.dumps(spec))
+    oracle.no_padding()
+    oracle.no_truncation()
+    pair = ("what is a fox", "the quick brown fox")
+    cut = tokenizer.encode([pair], truncation=Truncation(512), field="texts")[0]
+    assert (cut.token_ids, cut.token_type_ids) == (oracle.encode(*pair).ids, oracle.encode(*pair).type_ids)
+
+
+def test_both_parts_far_too_long_give_the_odd_token_to_the_one_with_more_tokens(minilm_dir: Path) -> None:
+    """With an odd budget the longer part (in tokens) keeps the extra token; characters chose a query of long words
+    (10,500 characters, 1,000 tokens) over a text of short ones (8,000 characters, 4,000 tokens) (probe BZ #4)."""
+    from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
+
+    tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=256, vocab_size=0)
+    pair = ("internationalization " * 500, "a " * 4000)
+    truncation = Truncation(64)  # a budget of 61 beside the pair's three special tokens
+    oracle = tokenizer._truncating(truncation).encode(*pair)
+    assert tokenizer.encode([pair], truncation=truncation, field="texts")[0].token_ids == oracle.ids
+
+
 def test_a_long_rerank_query_is_tokenized_once_on_its_kept_end(minilm_dir: Path) -> None:
     """A 1 MB query to 32 texts was tokenized whole 32 times (10 s of CPU, in a thread a disconnect does not stop)."""
     from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 
     tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=256, vocab_size=0)
+    assert tokenizer._pair_layout is not None  # read off two one-letter texts before the recording starts
     recorder = _RecordingTokenizer(tokenizer._plain)
     recorder.encode = lambda text, **options: recorder.encode_batch([text], **options)[0]  # type: ignore[attr-defined]
     tokenizer._plain = recorder  # type: ignore[assignment]
