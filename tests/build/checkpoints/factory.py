@@ -146,3 +146,25 @@ class FolderStore(CheckpointSourceBase):
     def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
         self.read.append(file.path)
         sink.write((self.folder / file.path).read_bytes()[start:])
+
+
+def replace_after_listing(
+    monkeypatch: Any, source_class: type[CheckpointSourceBase], replace: Any
+) -> list[str]:
+    """Patch `source_class` so that `replace()` runs right after its listing (the store's object changes under the
+    build), and record every path its downloads read (returned, filled as the fetch runs)."""
+    list_files, read_into = source_class.list_files, source_class.read_into
+    reads: list[str] = []
+
+    def list_then_replace(self: Any) -> Any:
+        listing = list_files(self)
+        replace()
+        return listing
+
+    def counting(self: Any, file: Any, start: int, sink: Any) -> None:
+        reads.append(file.path)
+        read_into(self, file, start, sink)
+
+    monkeypatch.setattr(source_class, "list_files", list_then_replace)
+    monkeypatch.setattr(source_class, "read_into", counting)
+    return reads

@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +18,7 @@ from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
-from tests.build.checkpoints.factory import make_checkpoint
+from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
 from tests.emulators.processes import AZURITE_ACCOUNT, AZURITE_KEY, Emulator
 
 pytestmark = pytest.mark.emulator
@@ -115,20 +114,11 @@ def test_a_blob_replaced_after_the_listing_fails_at_once_asking_for_a_rerun(
     for file in folder.rglob("*"):
         if file.is_file():
             container.upload_blob(f"swap/m/{file.relative_to(folder).as_posix()}", file.read_bytes(), overwrite=True)
-    list_files, read_into = AzureSource.list_files, AzureSource.read_into
-    reads: list[str] = []
-
-    def list_then_replace(self: AzureSource) -> Any:
-        listing = list_files(self)
-        container.upload_blob("swap/m/model.safetensors", b"new version" * 100, overwrite=True)
-        return listing
-
-    def counting(self: AzureSource, file: Any, start: int, sink: Any) -> None:
-        reads.append(file.path)
-        read_into(self, file, start, sink)
-
-    monkeypatch.setattr(AzureSource, "list_files", list_then_replace)
-    monkeypatch.setattr(AzureSource, "read_into", counting)
+    reads = replace_after_listing(
+        monkeypatch,
+        AzureSource,
+        lambda: container.upload_blob("swap/m/model.safetensors", b"new version" * 100, overwrite=True),
+    )
     secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
     with pytest.raises(CheckpointChangedError, match="changed since the build listed it; run the build again"):
         fetch_checkpoint(repository("swap/m"), cache_dir=cache_dir, secrets=secrets, progress=False)

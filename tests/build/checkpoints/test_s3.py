@@ -20,7 +20,7 @@ from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.s3 import S3Source
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
-from tests.build.checkpoints.factory import make_checkpoint
+from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
 
 pytestmark = pytest.mark.emulator
 
@@ -194,20 +194,11 @@ def test_an_object_replaced_after_the_listing_fails_at_once_asking_for_a_rerun(
     the network (probe BB #5)."""
     monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "5")
     upload(s3, make_checkpoint(tmp_path / "m", "embedding"), "swap/m")
-    list_files, read_into = S3Source.list_files, S3Source.read_into
-    reads: list[str] = []
-
-    def list_then_replace(self: S3Source) -> Any:
-        listing = list_files(self)
-        s3["client"].put_object(Bucket="checkpoints", Key="swap/m/model.safetensors", Body=b"new version" * 100)
-        return listing
-
-    def counting(self: S3Source, file: Any, start: int, sink: Any) -> None:
-        reads.append(file.path)
-        read_into(self, file, start, sink)
-
-    monkeypatch.setattr(S3Source, "list_files", list_then_replace)
-    monkeypatch.setattr(S3Source, "read_into", counting)
+    reads = replace_after_listing(
+        monkeypatch,
+        S3Source,
+        lambda: s3["client"].put_object(Bucket="checkpoints", Key="swap/m/model.safetensors", Body=b"new version" * 100),
+    )
     with pytest.raises(CheckpointChangedError, match="changed since the build listed it; run the build again"):
         fetch_checkpoint(repository("swap/m"), cache_dir=cache_dir, progress=False,
                          secrets=Secrets({"aws_secret_json": s3["secret"]}))  # fmt: skip
