@@ -33,12 +33,12 @@ class TextDecoder:
         texts join into the reply. A SentencePiece tokenizer's decoder strips the space a word's first piece
         (`▁quick`) begins with when that piece starts the decoded text: the token is decoded after an anchor token
         and the anchor's text cut off."""
-        alone = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        if self._anchor is None:
-            return alone
-        anchor_id, anchor_text = self._anchor
-        after = self.tokenizer.decode([anchor_id, token_id], skip_special_tokens=False)
-        return after[len(anchor_text) :] if after.startswith(anchor_text) else alone
+        if self._anchor is not None:
+            anchor_id, anchor_text = self._anchor
+            after = self.tokenizer.decode([anchor_id, token_id], skip_special_tokens=False)
+            if after.startswith(anchor_text):
+                return after[len(anchor_text) :]
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def start(
         self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool
