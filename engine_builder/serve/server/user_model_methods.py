@@ -6,6 +6,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +165,6 @@ LOAD_RETRY_GAP_S = 1.0
 
 def load_retries() -> int:
     """How many times a failed `load()` is tried again: Truss's `NUM_LOAD_RETRIES_TRUSS` (default 1)."""
-    import os
-
     value = os.environ.get("NUM_LOAD_RETRIES_TRUSS", "1")
     try:
         return max(0, int(value))
