@@ -3,7 +3,11 @@ session on 127.0.0.1, stopped at the end). The real all-MiniLM-L6-v2 folder is u
 
 import importlib.util
 import json
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,53 @@ def http_server() -> Iterator[LocalHttpServer]:
 def http(http_server: LocalHttpServer) -> LocalHttpServer:
     http_server.reset()
     return http_server
+
+
+@dataclass
+class StalledEndpoint:
+    """A TCP endpoint that accepts connections and never answers: the store that hangs mid-request."""
+
+    url: str
+    accepted: list[socket.socket] = field(default_factory=list)
+
+    def fetch_error(self, fetch: Callable[[], object], deadline_s: float = 20.0) -> tuple[Exception, float]:
+        """Run `fetch` in a thread; the error it ended with and the seconds it took (fails past the deadline)."""
+        errors: list[Exception] = []
+
+        def run() -> None:
+            try:
+                fetch()
+            except Exception as error:
+                errors.append(error)
+
+        started = time.monotonic()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(deadline_s)
+        assert not thread.is_alive(), f"still waiting on the stalled endpoint after {deadline_s:.0f} s"
+        assert errors, "the fetch from a stalled endpoint did not fail"
+        return errors[0], time.monotonic() - started
+
+
+@pytest.fixture
+def stalled_endpoint() -> Iterator[StalledEndpoint]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    endpoint = StalledEndpoint(f"http://127.0.0.1:{server.getsockname()[1]}")
+
+    def hold() -> None:
+        while True:
+            try:
+                endpoint.accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    yield endpoint
+    server.close()
+    for connection in endpoint.accepted:
+        connection.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 
 from engine_builder.build.checkpoints import (
     CheckpointAuthError,
+    CheckpointDownloadError,
     CheckpointNotFoundError,
     Secrets,
     fetch_checkpoint,
@@ -17,7 +18,12 @@ from engine_builder.build.checkpoints import (
 from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
-from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.build.checkpoints.conftest import (
+    MINILM_PREFIX,
+    StalledEndpoint,
+    assert_secret_absent,
+    snapshot_dirs,
+)
 from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
 from tests.emulators.processes import AZURITE_ACCOUNT, AZURITE_KEY, Emulator
 
@@ -161,3 +167,23 @@ def test_a_query_that_is_no_sas_is_refused_up_front(azure: Emulator, cache_dir: 
     query_repository = CheckpointRepository(source="AZURE", repo=f"{repository(MINILM_PREFIX).repo}?comp=list")
     with pytest.raises(CheckpointAuthError, match=r"not a SAS \(no sig=\)"):
         fetch_checkpoint(query_repository, cache_dir=cache_dir, secrets=Secrets(), progress=False)
+
+
+def test_a_stalled_endpoint_fails_after_one_read_timeout_per_attempt(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, stalled_endpoint: StalledEndpoint
+) -> None:
+    """A store that accepts and never answers: the SDK's 300 s timeouts and 10 retries sat inside each of the
+    download engine's attempts. Now each attempt is one request of READ_TIMEOUT_S."""
+    from engine_builder.build.checkpoints.sources import azure as azure_module
+
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", f"DefaultEndpointsProtocol=http;BlobEndpoint={stalled_endpoint.url}/acct;"
+    )
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "1")
+    monkeypatch.setattr(azure_module, "READ_TIMEOUT_S", 1.0)
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    error, seconds = stalled_endpoint.fetch_error(
+        lambda: fetch_checkpoint(repository("m"), cache_dir=cache_dir, secrets=secrets, progress=False)
+    )
+    assert seconds < 10 and len(stalled_endpoint.accepted) == 1
+    assert isinstance(error, CheckpointDownloadError) and "timed out" in str(error).lower()

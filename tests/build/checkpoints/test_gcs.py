@@ -14,13 +14,19 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from engine_builder.build.checkpoints import (
     CheckpointAuthError,
+    CheckpointDownloadError,
     CheckpointNotFoundError,
     Secrets,
     fetch_checkpoint,
 )
 from engine_builder.build.checkpoints.sources.gcs import GcsSource
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
-from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.build.checkpoints.conftest import (
+    MINILM_PREFIX,
+    StalledEndpoint,
+    assert_secret_absent,
+    snapshot_dirs,
+)
 from tests.emulators.http_server import LocalHttpServer, Recorded
 from tests.emulators.processes import Emulator
 
@@ -125,3 +131,20 @@ def test_ranged_read(gcs: Emulator, minilm_dir: Path) -> None:
 
     source.read_into(vocab, 12345, Collect())
     assert bytes(received) == (minilm_dir / "vocab.txt").read_bytes()[12345:]
+
+
+def test_a_stalled_endpoint_fails_after_one_read_timeout_per_attempt(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, stalled_endpoint: StalledEndpoint
+) -> None:
+    """A store that accepts and never answers: the library's own 60 s timeout and 120 s of retries sat inside each of
+    the download engine's attempts. Now each attempt is one request of READ_TIMEOUT_S."""
+    from engine_builder.build.checkpoints.sources import gcs as gcs_module
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", stalled_endpoint.url)
+    monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "1")
+    monkeypatch.setattr(gcs_module, "READ_TIMEOUT_S", 1.0)
+    error, seconds = stalled_endpoint.fetch_error(
+        lambda: fetch_checkpoint(repository("m"), cache_dir=cache_dir, secrets=Secrets({}), progress=False)
+    )
+    assert seconds < 5  # one timeout (the listing and its bucket lookup go out together), no retries
+    assert isinstance(error, CheckpointDownloadError) and "timed out" in str(error).lower()

@@ -19,7 +19,12 @@ from engine_builder.build.checkpoints import (
 from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.s3 import S3Source
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
-from tests.build.checkpoints.conftest import MINILM_PREFIX, assert_secret_absent, snapshot_dirs
+from tests.build.checkpoints.conftest import (
+    MINILM_PREFIX,
+    StalledEndpoint,
+    assert_secret_absent,
+    snapshot_dirs,
+)
 from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
 
 pytestmark = pytest.mark.emulator
@@ -206,51 +211,19 @@ def test_an_object_replaced_after_the_listing_fails_at_once_asking_for_a_rerun(
 
 
 def test_a_stalled_endpoint_fails_after_one_read_timeout_per_attempt(
-    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, stalled_endpoint: StalledEndpoint
 ) -> None:
     """An endpoint that accepts and never answers: the SDK's own retries (3 tries of a 60 s read) inside the
     download engine's 5 attempts took ~15 minutes (probe BB #8). Now each attempt is one try of READ_TIMEOUT_S."""
-    import socket
-    import threading
-    import time
-
     from engine_builder.build.checkpoints.sources import s3 as s3_module
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        while True:
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=hold, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stalled_endpoint.url)
     monkeypatch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "1")
-    monkeypatch.setattr(s3_module, "READ_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(s3_module, "READ_TIMEOUT_S", 1.0)
     secret = json.dumps({"access_key_id": "AKIAEXAMPLE", "secret_access_key": "x" * 40, "region": "us-east-1"})
-    errors: list[Exception] = []
-
-    def fetch() -> None:
-        try:
-            fetch_checkpoint(repository("m", "aws"), cache_dir=cache_dir, secrets=Secrets({"aws": secret}),
-                             progress=False)  # fmt: skip
-        except Exception as error:
-            errors.append(error)
-
-    started = time.monotonic()
-    thread = threading.Thread(target=fetch, daemon=True)
-    thread.start()
-    thread.join(20)
-    try:
-        assert not thread.is_alive(), "the listing was still waiting after 20 s"
-        assert time.monotonic() - started < 10 and len(held) == 1
-        assert isinstance(errors[0], CheckpointDownloadError) and "timeout" in str(errors[0]).lower()
-    finally:
-        server.close()
-        for connection in held:
-            connection.close()
+    error, seconds = stalled_endpoint.fetch_error(
+        lambda: fetch_checkpoint(repository("m", "aws"), cache_dir=cache_dir, secrets=Secrets({"aws": secret}),
+                                 progress=False)  # fmt: skip
+    )
+    assert seconds < 10 and len(stalled_endpoint.accepted) == 1
+    assert isinstance(error, CheckpointDownloadError) and "timeout" in str(error).lower()

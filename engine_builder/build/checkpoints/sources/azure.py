@@ -28,6 +28,8 @@ from engine_builder.build.checkpoints.http_range import safe_url
 from engine_builder.build.checkpoints.secrets import AzureCredentials
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.checkpoints.sources.object_store import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
     folder_prefix,
     read_storage_secret,
     relative_key,
@@ -37,6 +39,15 @@ from engine_builder.build.checkpoints.sources.object_store import (
 logger = logging.getLogger(__name__)
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 PUBLIC_HOST_SUFFIX = ".blob.core.windows.net"
+
+
+def _container_client(endpoint: str, container: str, credential: Any) -> ContainerClient:
+    """The SDK's defaults (300 s timeouts, 10 retries inside each of the download engine's attempts) would keep a
+    stalled endpoint waiting for hours; one try of READ_TIMEOUT_S per attempt, as every store."""
+    return ContainerClient(
+        endpoint, container, credential=credential, max_single_get_size=8 << 20,
+        connection_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retry_total=0,
+    )  # fmt: skip
 
 
 def parse_azure_url(url: str) -> tuple[str, str, str]:
@@ -100,7 +111,7 @@ class AzureSource(CheckpointSourceBase):
         override = parse_connection_string(env_string) if env_string else {}
         if self.url_sas is not None:  # the repo's own signature; the secret is not read
             endpoint = (override.get("BlobEndpoint") or f"https://{self.account}{PUBLIC_HOST_SUFFIX}").rstrip("/")
-            return ContainerClient(endpoint, self.container_name, credential=self.url_sas, max_single_get_size=8 << 20)
+            return _container_client(endpoint, self.container_name, self.url_sas)
         secret = read_storage_secret(self, AzureCredentials.from_secret) or AzureCredentials()
         from_secret = parse_connection_string(secret.connection_string) if secret.connection_string else {}
         endpoint = (
@@ -123,9 +134,7 @@ class AzureSource(CheckpointSourceBase):
             credential = from_secret["SharedAccessSignature"]
         else:
             logger.info("AZURE: no secret %r; reading anonymously", secret_name)
-        return ContainerClient(
-            endpoint, self.container_name, credential=credential, max_single_get_size=8 << 20
-        )
+        return _container_client(endpoint, self.container_name, credential)
 
     def list_files(self) -> Listing:
         files: list[RemoteFile] = []

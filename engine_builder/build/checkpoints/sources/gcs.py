@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+import requests
 from google.api_core import exceptions as google_errors
 from google.auth import exceptions as auth_errors
 from google.auth.credentials import AnonymousCredentials
@@ -21,6 +22,8 @@ from engine_builder.build.checkpoints.errors import (
 from engine_builder.build.checkpoints.secrets import GCS_EXPECTED, parse_gcs_service_account
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.checkpoints.sources.object_store import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
     parse_bucket_url,
     read_storage_secret,
     relative_key,
@@ -64,7 +67,8 @@ class GcsSource(CheckpointSourceBase):
     def list_files(self) -> Listing:
         files: list[RemoteFile] = []
         try:
-            for blob in self._client.list_blobs(self.bucket_name, prefix=self.prefix):
+            blobs = self._client.list_blobs(self.bucket_name, prefix=self.prefix, timeout=_timeout(), retry=None)
+            for blob in blobs:
                 path = relative_key(blob.name, self.prefix)
                 if path:
                     # The generation changes on every overwrite, so it pins the exact content.
@@ -73,7 +77,7 @@ class GcsSource(CheckpointSourceBase):
                             path, int(blob.size or 0), f"generation:{blob.generation}", locator=blob.name
                         )
                     )
-        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError) as error:
+        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError, requests.RequestException) as error:
             raise self._translate(error, f"gs://{self.bucket_name}/{self.prefix}") from None
         if not files:
             raise CheckpointNotFoundError(
@@ -86,8 +90,10 @@ class GcsSource(CheckpointSourceBase):
         blob = self._client.bucket(self.bucket_name).blob(file.locator, generation=generation)
         try:
             # Checksums are verified by the download engine (sha256 + size); a ranged read cannot check md5.
-            blob.download_to_file(_SinkWriter(sink), start=start if start > 0 else None, checksum=None)
-        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError) as error:
+            blob.download_to_file(
+                _SinkWriter(sink), start=start if start > 0 else None, checksum=None, timeout=_timeout(), retry=None
+            )
+        except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError, requests.RequestException) as error:
             raise self._translate(error, f"gs://{self.bucket_name}/{file.locator}") from None
 
     def _translate(self, error: Exception, what: str) -> CheckpointError:
@@ -96,6 +102,10 @@ class GcsSource(CheckpointSourceBase):
         hint = (
             f"put the service-account JSON key in secret {secret_label(self.repository)} ({self.secrets.where(name)})"
         )
+        if isinstance(error, (requests.RequestException, auth_errors.TransportError)):
+            # The network, not the credentials (a timeout, a reset, a token endpoint out of reach): worth a retry,
+            # which only a download error gets (a listing that timed out failed at once, and as a generic error).
+            return CheckpointDownloadError(f"GCS {what}: {type(error).__name__}: {message}")
         if isinstance(
             error, (google_errors.Unauthorized, google_errors.Forbidden, auth_errors.GoogleAuthError)
         ):
@@ -103,6 +113,11 @@ class GcsSource(CheckpointSourceBase):
         if isinstance(error, google_errors.NotFound):
             return CheckpointNotFoundError(f"GCS {what}: not found; check the bucket and prefix in repo")
         return CheckpointDownloadError(f"GCS {what}: {message}")
+
+
+def _timeout() -> tuple[float, float]:
+    """(connect, read) seconds for one request; the library's default retries (120 s of them) are turned off."""
+    return (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 
 
 class _SinkWriter:

@@ -14,6 +14,11 @@ from engine_builder.build.config import CheckpointRepository
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_NOTE = "the default name: checkpoint_repository.runtime_secret_name is unset"
+# Every store's client, as the HTTP sources' (`http_range.new_client`): a store may pause between chunks of a large
+# body under load. The SDKs' own retries are off: retrying is the download engine's job (its attempts, backoff and
+# Retry-After), and SDK retries inside its attempts multiplied a stalled endpoint's wait (probe BB #8).
+CONNECT_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 120.0
 
 
 def is_default_secret_name(repository: CheckpointRepository) -> bool:

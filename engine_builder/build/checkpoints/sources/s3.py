@@ -21,6 +21,8 @@ from engine_builder.build.checkpoints.http_range import CHUNK_BYTES
 from engine_builder.build.checkpoints.secrets import S3Credentials
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 from engine_builder.build.checkpoints.sources.object_store import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
     parse_bucket_url,
     read_storage_secret,
     relative_key,
@@ -41,9 +43,6 @@ AUTH_CODES = frozenset(
     }
 )
 NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "404", "NotFound"})
-# As the HTTP sources' client (`http_range.new_client`): a store may pause between chunks of a large body under load.
-CONNECT_TIMEOUT_S = 30.0
-READ_TIMEOUT_S = 120.0
 
 
 class S3Source(CheckpointSourceBase):
