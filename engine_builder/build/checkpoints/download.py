@@ -31,7 +31,7 @@ from engine_builder.build.checkpoints.errors import (
     RetryLaterError,
     UnsafeArchiveError,
 )
-from engine_builder.build.checkpoints.source import CheckpointSourceBase, RemoteFile
+from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, RemoteFile
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,17 @@ class Downloader:
             finally:
                 pool.shutdown(wait=True)
 
+    def _read(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
+        try:
+            self.source.read_into(file, start, sink)
+        except CheckpointNotFoundError:
+            # Listed a moment ago, missing now: deleted or replaced under the build (GCS answers 404 for an
+            # overwritten generation). "Check the bucket and prefix" sent users to a config that was right.
+            raise CheckpointChangedError(
+                f"{self.source.describe()}: {file.path} was in the listing and is gone now: the checkpoint changed "
+                "since the build listed it; run the build again"
+            ) from None
+
     def _fetch_with_retries(self, file: RemoteFile, advance: Callable[[int], None]) -> tuple[Path, str]:
         for attempt in range(1, self.settings.attempts + 1):
             try:
@@ -289,7 +300,7 @@ class Downloader:
             sink = _PartialFile(handle, start, hasher, advance, self._cancelled)
             try:
                 if file.size is None or start < file.size:
-                    self.source.read_into(file, start, sink)
+                    self._read(file, start, sink)
                 handle.flush()
                 os.fsync(handle.fileno())
                 sha256 = sink.hexdigest()

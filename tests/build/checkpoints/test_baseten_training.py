@@ -15,6 +15,7 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
+from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import SECRET_MARKER, assert_secret_absent, snapshot_dirs
 from tests.emulators.http_server import LocalHttpServer, Recorded
@@ -128,9 +129,7 @@ def test_unknown_job_and_checkpoint(api: LocalHttpServer, cache_dir: Path) -> No
 
 def test_a_missing_presigned_file_fails_the_fetch(api: LocalHttpServer, cache_dir: Path) -> None:
     api.files.pop("/presigned/checkpoint-100/tokenizer.json")
-    with pytest.raises(
-        CheckpointNotFoundError, match=r"checkpoint-100/tokenizer.json: not found \(HTTP 404\)"
-    ):
+    with pytest.raises(CheckpointChangedError, match="tokenizer.json was in the listing and is gone now"):
         fetch_checkpoint(
             repository(), cache_dir=cache_dir, secrets=Secrets({"BASETEN_API_KEY": API_KEY}), progress=False
         )

@@ -19,6 +19,7 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
+from engine_builder.build.checkpoints.errors import CheckpointChangedError
 from engine_builder.build.checkpoints.sources.gcs import GcsSource
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import (
@@ -27,6 +28,7 @@ from tests.build.checkpoints.conftest import (
     assert_secret_absent,
     snapshot_dirs,
 )
+from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
 from tests.emulators.http_server import LocalHttpServer, Recorded
 from tests.emulators.processes import Emulator
 
@@ -148,3 +150,22 @@ def test_a_stalled_endpoint_fails_after_one_read_timeout_per_attempt(
     )
     assert seconds < 5  # one timeout (the listing and its bucket lookup go out together), no retries
     assert isinstance(error, CheckpointDownloadError) and "timed out" in str(error).lower()
+
+
+def test_an_object_gone_after_the_listing_asks_for_a_rerun(
+    gcs: Emulator, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed object that 404s (deleted, or overwritten: real GCS answers 404 for the generation pinned at listing)
+    said "not found; check the bucket and prefix in repo", pointing at a config that was right."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="_", credentials=AnonymousCredentials()).bucket("checkpoints")
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in (path for path in folder.rglob("*") if path.is_file()):
+        bucket.blob(f"gone/m/{file.relative_to(folder)}").upload_from_filename(str(file))
+    reads = replace_after_listing(monkeypatch, GcsSource, lambda: bucket.blob("gone/m/model.safetensors").delete())
+    with pytest.raises(CheckpointChangedError, match="model.safetensors was in the listing and is gone now") as raised:
+        fetch_checkpoint(repository("gone/m"), cache_dir=cache_dir, progress=False, secrets=Secrets({}))
+    assert "check the bucket" not in str(raised.value) and "run the build again" in str(raised.value)
+    assert reads.count("model.safetensors") == 1  # not retried
