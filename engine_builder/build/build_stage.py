@@ -316,6 +316,7 @@ def _build_engine_locked(
             loaded, options, model_dir, trtllm_serve, stored_adapters, checkpoint_dir=fetched.path
         )
         if user_files is not None:
+            manifest.runtime.user_model = True
             manifest.runtime.user_model_file = user_files.model_file
             manifest.runtime.user_model_class = user_files.class_name
         quantization_build = quantization_identity(loaded, options)

@@ -111,6 +111,7 @@ class RuntimeSpec:
     lora_adapters: list[LoraAdapter] = field(default_factory=list)
     max_lora_rank: int = 0  # the adapter pool's rank (lora_configuration.max_lora_rank); 0 without adapters
     tensor_parallel_size: int = 1  # ranks the torch engine splits the model over (engine_builder/engine/parallel.py)
+    user_model: bool = False  # built with a user model.py (in user_model/); older manifests lack the field
     user_model_file: str = "model.py"  # in user_model/, when the engine has one (Truss's model_class_filename)
     user_model_class: str = "Model"  # the class that file defines (Truss's model_class_name)
 
@@ -241,9 +242,18 @@ class EngineDir:
 
     @property
     def user_model_file(self) -> Path | None:
-        """The user model.py the engine serves, or None when it has no user_model/ folder."""
+        """The user model.py the engine serves, or None when it has no user_model/ folder. An engine built with one
+        whose folder is missing (copied without it) is refused: serving it plain would drop what model.py does, its
+        access control included."""
         folder = self.path / USER_MODEL_DIR
-        return folder / self.manifest.runtime.user_model_file if folder.is_dir() else None
+        if folder.is_dir():
+            return folder / self.manifest.runtime.user_model_file
+        if self.manifest.runtime.user_model:
+            raise IncompatibleEngineError(
+                f"{self.path} was built with a user model.py and its {USER_MODEL_DIR}/ folder is missing: copy the "
+                "whole engine directory (or rebuild it)"
+            )
+        return None
 
 
 MODEL_FILE_STATS = "model_files"  # manifest.extra: relative path -> [size, mtime_ns(, sha256)] of model/ when built

@@ -1,6 +1,7 @@
 """A user model.py's files: the build copies Truss's model folder, `data/` and packages, and hashes exactly what it
 copies, a file's content read in chunks."""
 
+import shutil
 import sys
 import tracemalloc
 from pathlib import Path
@@ -12,7 +13,13 @@ from engine_builder.build.build_stage import build_identity
 from engine_builder.build.config import load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.build.user_model_files import user_model_files
-from engine_builder.common.artifact import USER_DATA_DIR, USER_MODEL_DIR, USER_PACKAGES_DIR
+from engine_builder.common.artifact import (
+    USER_DATA_DIR,
+    USER_MODEL_DIR,
+    USER_PACKAGES_DIR,
+    IncompatibleEngineError,
+    load_engine_dir,
+)
 
 CONFIG = {"trt_llm": {"build": {"base_model": "decoder", "checkpoint_repository": {"source": "LOCAL", "repo": "."}}}}
 
@@ -161,3 +168,9 @@ def test_an_engine_serves_the_model_its_config_locates(
         if packages in sys.path:
             sys.path.remove(packages)
         sys.modules.pop("ay_served_pkg", None)
+    # Copied without its user_model/ folder, it was served as a plain engine: model.py's access control and routes
+    # silently gone. The manifest says a model.py was built in.
+    copy = tmp_path / "copied"
+    shutil.copytree(tmp_path / "engine", copy, ignore=shutil.ignore_patterns(USER_MODEL_DIR))
+    with pytest.raises(IncompatibleEngineError, match="user_model/ folder is missing: copy the whole engine"):
+        build_server(load_engine_dir(copy), loaded.truss.engine_builder, ())
