@@ -34,7 +34,7 @@ from engine_builder.build.config import (
     TrtLlmConfigV1,
 )
 from engine_builder.build.errors import BuildError
-from engine_builder.build.runtime_spec import runtime_spec
+from engine_builder.build.runtime_spec import apply_serving_settings, runtime_spec
 from engine_builder.build.tool_parsers import detect_tool_parser
 from engine_builder.build.torch_fields import tensor_parallel_size
 from engine_builder.build.user_model_files import UserModelFiles, user_model_files
@@ -145,7 +145,9 @@ def _check_output_outside(output: Path, checkpoint: Path) -> None:
         )
 
 
-def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
+def _engine_with_hash(output: Path, config_hash: str, files_hash: str) -> EngineDir | None:
+    """The engine at `output` when it was built from this config (`config_hash`), or, for a torch engine, from one
+    that differs in serving-only runtime fields alone (`files_hash`, recorded as ENGINE_FILES_HASH)."""
     if not is_engine_dir(output):
         return None
     try:
@@ -153,7 +155,10 @@ def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
     except Exception as error:  # an unreadable or old engine is simply rebuilt
         logger.info("rebuilding %s: %s", output, error)
         return None
-    if existing.manifest.config_hash != config_hash:
+    manifest = existing.manifest
+    if manifest.config_hash != config_hash and not (
+        manifest.backend == "torch" and manifest.extra.get(ENGINE_FILES_HASH) == files_hash
+    ):
         return None
     changed = changed_model_files(existing)
     if changed:
@@ -163,12 +168,13 @@ def _engine_with_hash(output: Path, config_hash: str) -> EngineDir | None:
 
 
 def _record_options(
-    engine: EngineDir, options: EngineOptions, loaded: LoadedConfig, *, writable: bool = True
+    engine: EngineDir, options: EngineOptions, loaded: LoadedConfig, config_hash: str, *, writable: bool = True
 ) -> EngineDir:
     """A reused engine takes what of this build's config and options does not change the engine itself, so that
     `serve ENGINE_DIR` starts from the latest: the serving options, the served model name (the top-level
     `model_name`) and the public copy of the config a user model.py reads (`model_metadata`, the declared
-    `secrets`). These are outside the config hash, and a reused engine kept serving the old ones (probe AU). An
+    `secrets`). These are outside the config hash, and a reused engine kept serving the old ones (probe AU). A torch
+    engine reused across a change of serving-only runtime fields takes the new ones and the new `config_hash`. An
     engine in a read-only folder (not `writable`) is left as it is, and the log says so (probe BG #7)."""
     recorded = options.model_dump(mode="json")
     served_name = loaded.trt_llm.runtime.served_model_name or loaded.truss.model_name
@@ -177,20 +183,29 @@ def _record_options(
         from engine_builder.build.lora_adapters import check_adapter_names
 
         check_adapter_names(loaded, served_name or manifest.architecture)
-    changed = manifest.runtime.options != recorded or manifest.served_model_name != served_name
+    changed = (
+        manifest.runtime.options != recorded
+        or manifest.served_model_name != served_name
+        or manifest.config_hash != config_hash
+    )
+    if manifest.config_hash != config_hash:
+        logger.info("reusing %s: the config changed in serving-only runtime fields, which it now records", engine.path)
+    changed = apply_serving_settings(manifest.runtime, loaded) or changed
     manifest.runtime.options = recorded
     manifest.served_model_name = served_name
+    manifest.config_hash = config_hash
     public_config = _public_config_yaml(loaded)
     config_path = engine.path / CONFIG_FILE
     config_changed = not config_path.is_file() or config_path.read_text() != public_config
     if not writable:
         if changed or config_changed:
             logger.info(
-                "the engine's folder is read-only: its recorded serving options, served model name and config.yaml "
-                "were not refreshed (`run` serves with this config's; `serve %s` starts from the recorded ones)",
+                "the engine's folder is read-only: its recorded serving options, served model name, serving runtime "
+                "settings and config.yaml were not refreshed on disk (this run serves with this config's; `serve %s` "
+                "starts from the recorded ones)",
                 engine.path,
             )
-        return load_engine_dir(engine.path)  # `manifest` above was changed in memory
+        return EngineDir(engine.path, manifest)  # refreshed in memory only
     if config_changed:
         write_atomic(config_path, public_config)
     if not (changed or config_changed):
@@ -204,7 +219,8 @@ def _build_engine_locked(
 ) -> BuildResult:
     user_files = user_model_files(loaded)
     config_hash = build_identity(loaded, options, user_files)
-    existing = None if force else _engine_with_hash(output, config_hash)
+    files_hash = build_identity(loaded, options, user_files, serving=False)
+    existing = None if force else _engine_with_hash(output, config_hash, files_hash)
     if existing is not None and loaded.trt_llm.build.lora_adapters:
         from engine_builder.build.lora_adapters import local_adapters_changed
 
@@ -217,7 +233,7 @@ def _build_engine_locked(
     if existing is not None and not in_place:
         logger.info("engine at %s matches the config hash; reusing it", output)
         return BuildResult(
-            _record_options(existing, options, loaded, writable=writable), reused=True,
+            _record_options(existing, options, loaded, config_hash, writable=writable), reused=True,
             seconds=time.monotonic() - started,
         )
     if existing is None and not writable:
@@ -258,7 +274,7 @@ def _build_engine_locked(
         if existing.manifest.source.revision == fetched.revision:
             logger.info("engine at %s matches the config hash and the LOCAL checkpoint; reusing it", output)
             return BuildResult(
-                _record_options(existing, options, loaded, writable=writable), reused=True,
+                _record_options(existing, options, loaded, config_hash, writable=writable), reused=True,
                 seconds=time.monotonic() - started,
             )
         if not writable:
@@ -315,6 +331,8 @@ def _build_engine_locked(
         manifest.runtime = runtime_spec(
             loaded, options, model_dir, trtllm_serve, stored_adapters, checkpoint_dir=fetched.path
         )
+        if backend == "torch":  # its files do not depend on the serving-only runtime fields
+            manifest.extra[ENGINE_FILES_HASH] = files_hash
         if user_files is not None:
             manifest.runtime.user_model = True
             manifest.runtime.user_model_file = user_files.model_file
@@ -460,18 +478,20 @@ def _redacted(value: Any) -> Any:
 # options only steer serving (recorded for `serve ENGINE_DIR`, updated on reuse) or are covered by
 # `quantization_identity`.
 ENGINE_DECIDING_OPTIONS = ("backend", "dtype", "load_format")
+ENGINE_FILES_HASH = "files_hash"  # manifest.extra of a torch engine: build_identity without the serving-only fields
 
 
 def build_identity(
-    loaded: LoadedConfig, options: EngineOptions, user_files: UserModelFiles | None = None
+    loaded: LoadedConfig, options: EngineOptions, user_files: UserModelFiles | None = None, *, serving: bool = True
 ) -> str:
     """The config hash, extended with what else decides the engine: the engine options in ENGINE_DECIDING_OPTIONS
     as in force (config or flag), for a quantizing build the quantizer and the accuracy gate in force (config
     fields, flags and environment overrides: a different gate is a different engine), and the user model's files
-    (`user_files`, listed from `loaded` when not given), so editing model.py or its data triggers a rebuild."""
+    (`user_files`, listed from `loaded` when not given), so editing model.py or its data triggers a rebuild.
+    Without `serving`, the serving-only runtime fields are left out (ENGINE_FILES_HASH)."""
     import hashlib
 
-    digest = hashlib.sha256(loaded.build_hash().encode())
+    digest = hashlib.sha256(loaded.build_hash(serving=serving).encode())
     deciding = {name: getattr(options, name) for name in ENGINE_DECIDING_OPTIONS}
     digest.update(json.dumps(deciding, sort_keys=True).encode())
     quantization = quantization_identity(loaded, options)

@@ -26,8 +26,35 @@ def runtime_spec(
     `checkpoint_dir`: the fetched checkpoint, whose model card says whether an encoder was trained for Matryoshka
     truncation (default: `model_dir`)."""
     stack = loaded.trt_llm
-    runtime: Any = stack.runtime
     build = stack.build
+    lookahead = None
+    speculator = build.speculator
+    if build.uses_lookahead_decoding and speculator is not None:
+        lookahead = LookaheadSettings(
+            window_size=speculator.lookahead_windows_size or 1,
+            ngram_size=speculator.lookahead_ngram_size or 1,
+            verification_set_size=speculator.lookahead_verification_set_size or 1,
+        )
+    spec = RuntimeSpec(
+        eos_token_ids=list(_eos_token_ids(model_dir)),
+        lookahead=lookahead,
+        trained_matryoshka=build.base_model.is_encoder and mentions_matryoshka(checkpoint_dir or model_dir),
+        options=options.model_dump(mode="json"),
+        trtllm=_relative_spec(trtllm_serve, model_dir.parent) if trtllm_serve is not None else None,
+        lora_adapters=list(lora_adapters or []),
+        max_lora_rank=build.lora_pool_rank if lora_adapters else 0,
+        tensor_parallel_size=tensor_parallel_size(stack),
+    )
+    apply_serving_settings(spec, loaded)
+    return spec
+
+
+def apply_serving_settings(spec: RuntimeSpec, loaded: LoadedConfig) -> bool:
+    """Set what of `spec` comes from the config's serving-only runtime fields (loader.SERVING_ONLY_RUNTIME but the
+    served name, which the manifest holds): at the build, and on reusing a torch engine built with other values.
+    True when something changed."""
+    stack = loaded.trt_llm
+    runtime: Any = stack.runtime
     if isinstance(stack, TrtLlmConfigV1):
         scheduling = SchedulingSpec(
             policy=runtime.batch_scheduler_policy.value,
@@ -37,27 +64,15 @@ def runtime_spec(
         )
     else:  # the v2 runtime has none of these fields: the v1 defaults apply
         scheduling = SchedulingSpec(enable_chunked_prefill=runtime.enable_chunked_prefill)
-    lookahead = None
-    speculator = build.speculator
-    if build.uses_lookahead_decoding and speculator is not None:
-        lookahead = LookaheadSettings(
-            window_size=speculator.lookahead_windows_size or 1,
-            ngram_size=speculator.lookahead_ngram_size or 1,
-            verification_set_size=speculator.lookahead_verification_set_size or 1,
-        )
-    return RuntimeSpec(
-        eos_token_ids=list(_eos_token_ids(model_dir)),
-        scheduling=scheduling,
-        lookahead=lookahead,
-        request_default_max_tokens=getattr(runtime, "request_default_max_tokens", None),
-        default_route=getattr(runtime, "webserver_default_route", None),
-        trained_matryoshka=build.base_model.is_encoder and mentions_matryoshka(checkpoint_dir or model_dir),
-        options=options.model_dump(mode="json"),
-        trtllm=_relative_spec(trtllm_serve, model_dir.parent) if trtllm_serve is not None else None,
-        lora_adapters=list(lora_adapters or []),
-        max_lora_rank=build.lora_pool_rank if lora_adapters else 0,
-        tensor_parallel_size=tensor_parallel_size(stack),
-    )
+    settings = {
+        "scheduling": scheduling,
+        "request_default_max_tokens": getattr(runtime, "request_default_max_tokens", None),
+        "default_route": getattr(runtime, "webserver_default_route", None),
+    }
+    changed = any(getattr(spec, name) != value for name, value in settings.items())
+    for name, value in settings.items():
+        setattr(spec, name, value)
+    return changed
 
 
 def _eos_token_ids(model_dir: Path) -> tuple[int, ...]:

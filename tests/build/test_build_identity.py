@@ -203,3 +203,66 @@ def test_a_reused_engine_takes_the_configs_model_name_metadata_and_secrets(
     assert engine.manifest.served_model_name == "second-name"
     public = yaml.safe_load((output / "config.yaml").read_text())
     assert public["model_metadata"] == {"owner": "bob"} and public["secrets"] == {"my_token": None}
+
+
+def test_serving_only_runtime_fields_reuse_a_torch_engine_and_are_recorded(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change to a runtime field that only steers serving (the scheduler, the KV pool's size, request defaults, the
+    served name) rebuilt the engine, and for a quantized model calibrated it again (65 s for SmolLM2 fp8 here).
+    A torch engine is now reused and takes the new values; a build field still rebuilds."""
+    import yaml
+
+    from engine_builder.build.build_stage import ENGINE_FILES_HASH, build_engine
+    from engine_builder.common.artifact import load_engine_dir
+    from tests.serve.server.harness import write_config
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    path = write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
+    document = yaml.safe_load(path.read_text())
+    document["engine_builder"]["load_format"] = "dummy"
+    path.write_text(yaml.safe_dump(document))
+    output = tmp_path / "engine"
+    loaded = load_config(path)
+    first = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert not first.reused and ENGINE_FILES_HASH in first.engine_dir.manifest.extra
+    document["trt_llm"]["runtime"].update(
+        served_model_name="renamed", request_default_max_tokens=17, batch_scheduler_policy="max_utilization",
+        total_token_limit=4096, kv_cache_free_gpu_mem_fraction=0.5, enable_chunked_context=False,
+    )  # fmt: skip
+    path.write_text(yaml.safe_dump(document))
+    loaded = load_config(path)
+    again = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert again.reused
+    manifest = load_engine_dir(output).manifest
+    scheduling = manifest.runtime.scheduling
+    assert (scheduling.policy, scheduling.total_token_limit, scheduling.kv_cache_fraction) == (
+        "max_utilization", 4096, 0.5
+    )
+    assert not scheduling.enable_chunked_prefill and manifest.runtime.request_default_max_tokens == 17
+    assert manifest.served_model_name == "renamed"
+    assert manifest.config_hash == build_identity(loaded, loaded.truss.engine_builder)  # recorded: reused as is next
+    assert (output / "model").stat().st_ino == (first.engine_dir.path / "model").stat().st_ino  # the same folder
+    assert build_engine(loaded, output, loaded.truss.engine_builder).reused
+    document["trt_llm"]["build"]["max_seq_len"] = 128  # a build field: another engine
+    path.write_text(yaml.safe_dump(document))
+    loaded = load_config(path)
+    rebuilt = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert not rebuilt.reused and rebuilt.engine_dir.manifest.max_seq_len == 128
+    assert rebuilt.engine_dir.manifest.runtime.scheduling.total_token_limit == 4096
+
+
+def test_the_serving_fields_are_outside_the_files_hash_only(tmp_path: Path) -> None:
+    def loaded(runtime: str):  # noqa: ANN202
+        path = tmp_path / f"{abs(hash(runtime))}.yaml"
+        path.write_text(CONFIG.format(quantization="fp8", extra="").replace("trt_llm:\n", f"trt_llm:\n{runtime}"))
+        return load_config(path)
+
+    plain = loaded("")
+    options = plain.truss.engine_builder
+    for runtime in ("  runtime: {total_token_limit: 1000}\n", "  runtime: {served_model_name: x}\n"):
+        tuned = loaded(runtime)
+        assert build_identity(tuned, options) != build_identity(plain, options)
+        assert build_identity(tuned, options, serving=False) == build_identity(plain, options, serving=False)
+    lora = loaded("  runtime: {lora_cache_max_adapter_size: 8}\n")  # not a serving-only field
+    assert build_identity(lora, options, serving=False) != build_identity(plain, options, serving=False)

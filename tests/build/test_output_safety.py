@@ -329,7 +329,8 @@ def test_an_up_to_date_engine_in_a_read_only_folder_is_reused_and_a_stale_one_re
     serving = EngineOptions.model_validate({**loaded.truss.engine_builder.model_dump(), "max_queue_size": 7})
     with caplog.at_level(logging.INFO):
         reused = build_engine(loaded, output, serving)
-    assert reused.reused and reused.engine_dir.manifest.runtime.options == built.manifest.runtime.options
+    assert reused.reused and reused.engine_dir.manifest.runtime.options["max_queue_size"] == 7  # served with
+    assert load_engine_dir(output).manifest.runtime.options == built.manifest.runtime.options  # not written
     assert "the engine's folder is read-only: its recorded serving options" in caplog.text
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if "cache" not in path.parts} == before
     with pytest.raises(BuildError, match=r"--force asks to rebuild it, and its folder .* is read-only"):

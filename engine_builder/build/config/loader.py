@@ -25,6 +25,12 @@ TRUSS_SECTION_PATHS = frozenset((section,) for section in TRUSS_UNTYPED_SECTIONS
 _STACK_TAGS = {"v1", "v2"}
 MAX_VALUES = 100_000  # YAML nodes in a config once aliases are expanded; real configs have a few hundred
 MAX_DEPTH = 64
+# trt_llm.runtime fields that steer serving alone: the scheduler, the KV pool's size, request defaults, names. A
+# torch engine's files do not depend on them (a TensorRT-LLM engine's serve spec records some).
+SERVING_ONLY_RUNTIME = (
+    "served_model_name", "request_default_max_tokens", "batch_scheduler_policy", "enable_chunked_context",
+    "kv_cache_free_gpu_mem_fraction", "total_token_limit", "webserver_default_route",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ class LoadedConfig:
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=False)
 
-    def build_hash(self) -> str:
-        """Identity of the resolved trt_llm section. The engine options that decide the engine are added by the
+    def build_hash(self, *, serving: bool = True) -> str:
+        """Identity of the resolved trt_llm section; without the SERVING_ONLY_RUNTIME fields when not `serving`
+        (what a torch build writes does not depend on them: build_stage.py reuses a torch engine across them). The engine options that decide the engine are added by the
         build stage from their effective values, flags included (engine_builder/build/build_stage.py).
 
         `use_fp8_context_fmha` left out is hashed as `false`, as every hash before it was left out of `resolved()`
@@ -88,6 +95,9 @@ class LoadedConfig:
         that adding it is another engine (probe BF #1; a written `true` hashed apart already)."""
         trt_llm = self.resolved()["trt_llm"]
         stack = self.truss.trt_llm.root if self.truss.trt_llm is not None else None
+        if not serving:
+            for name in SERVING_ONLY_RUNTIME:
+                trt_llm["runtime"].pop(name, None)
         if isinstance(stack, TrtLlmConfigV1):
             plugins = stack.build.plugin_configuration
             trt_llm["build"]["plugin_configuration"]["use_fp8_context_fmha"] = plugins.use_fp8_context_fmha
