@@ -171,6 +171,16 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
                 f"{ADAPTER_CONFIG_FILE} sets {field} ({_short(value)}): the {name} variant of LoRA is not supported; "
                 "train a plain LoRA"
             )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
+        # These start training by changing the base weights (PiSSA and OLoRA move the principal part into the adapter,
+        # CorDA likewise, LoftQ quantizes the base): the saved matrices fit that changed base only (served as they
+        # are, SmolLM2 answered newlines). PEFT's conversion makes them a plain LoRA of the original base.
+        raise AdapterCheckError(
+            f"{ADAPTER_CONFIG_FILE} init_lora_weights is {init!r}: this adapter fits the base weights its training "
+            "changed, not the base model; convert it to a plain LoRA with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<the adapter as initialized>) and serve that"
+        )
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterCheckError(
@@ -193,8 +203,10 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
     return rank, float(lora_alpha)
 
 
+# init_lora_weights values (prefixes) whose training changed the base weights; PEFT's conversion writes `true`
+MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 # use_* flags of a plain LoRA (use_dora and the rest are refused above or below), and *_config fields that only
-# choose how training initialized the matrices or ran (the saved A and B are plain LoRA whatever they say)
+# parametrize an initialization (a mutating one is refused by init_lora_weights) or how training ran
 PLAIN_LORA_FLAGS = frozenset({"use_rslora"})
 HARMLESS_CONFIGS = frozenset({"loftq_config", "eva_config", "corda_config", "runtime_config"})
 VARIANT_NAMES = {

@@ -423,13 +423,27 @@ def test_cli_exits_1_with_the_reason(tmp_path: Path, smollm2_dir: Path) -> None:
 @pytest.mark.parametrize(
     "config", [{"loftq_config": {"loftq_bits": 4}}, {"use_rslora": True}, {"eva_config": None}, {"use_dora": False}]
 )
-def test_initialization_choices_and_plain_flags_are_not_variants(tmp_path: Path, config: dict) -> None:
-    """LoftQ/EVA/CorDA only chose the starting matrices: the saved A and B are a plain LoRA, served as one."""
+def test_initialization_settings_and_plain_flags_are_not_variants(tmp_path: Path, config: dict) -> None:
+    """A LoftQ/EVA setting without its initialization, rsLoRA, DoRA off: the saved A and B are a plain LoRA."""
     from engine_builder.build.peft_lora import BaseModelShapes, read_peft_lora
 
     base = BaseModelShapes(num_hidden_layers=30, features=SMOLLM2_FEATURES)
     adapter = read_peft_lora(simple_adapter(tmp_path / "adapter", **config), base, max_rank=16)
     assert adapter.rank == 8
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_whose_training_changed_the_base_is_refused(tmp_path: Path, init: str) -> None:
+    """PiSSA, OLoRA, CorDA and LoftQ start training by changing the base weights; their saved A and B fit that base
+    only, and were served over the original (probe CA: SmolLM2 with a PiSSA adapter answered newlines). PEFT's
+    conversion (`path_initial_model_for_weight_conversion`) writes a plain LoRA, saved with `true`."""
+    from engine_builder.build.peft_lora import AdapterCheckError, BaseModelShapes, read_peft_lora
+
+    base = BaseModelShapes(num_hidden_layers=30, features=SMOLLM2_FEATURES)
+    with pytest.raises(AdapterCheckError, match=f"init_lora_weights is '{init}'.*path_initial_model_for_weight"):
+        read_peft_lora(simple_adapter(tmp_path / "adapter", init_lora_weights=init), base, max_rank=16)
+    for plain in (True, False, "gaussian", "eva", "orthogonal"):
+        assert read_peft_lora(simple_adapter(tmp_path / str(plain), init_lora_weights=plain), base, max_rank=16)
 
 
 def test_a_reused_engine_refuses_a_model_name_that_is_an_adapters(tmp_path: Path, smollm2_dir: Path) -> None:
