@@ -60,6 +60,9 @@ class Guide:
     any_whitespace: bool = True
     after_reasoning: ReasoningPrefix | None = None  # constrain only the answer after the model's reasoning
     param: str = "response_format"  # the request field it came from: what a refusal to compile it names
+    # (field, JSON schema) of the parts the spec is made of (each grammar-enforced tool's parameters): a refusal to
+    # compile the whole names the part that fails alone
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class GenerationDelta:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
     error: str | None = None
+    error_param: str | None = None  # the request field that made the choice fail (a 400), where one did
     queue_time_s: float | None = None  # first delta only: arrival to first scheduled step, where the backend knows
 
 

@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import math
 import time
 from typing import Any
 
@@ -494,9 +495,16 @@ class LLMEngine:
         seq.output_token_ids.append(token_id)
         params = seq.sampling
         if seq.guide_state is not None and not seq.guide_state.accept(token_id):
-            # The mask only offers tokens the grammar accepts, so this means the matcher and the mask disagree.
             self._finish(seq, FinishReason.ERROR, None)
-            seq.error = f"token {token_id} was rejected by the grammar"
+            if any(math.isinf(bias) for bias in params.logit_bias.values()):
+                # The request's bans took every token the grammar allows here: the sampler had none left to draw.
+                seq.error = (
+                    f"bad_token_ids bans every token the structured output allows after {seq.num_output_tokens - 1} "
+                    "generated tokens; ban fewer tokens"
+                )
+                seq.error_param = "bad_token_ids"
+            else:  # the mask only offers tokens the grammar accepts: the matcher and the mask disagree
+                seq.error = f"token {token_id} was rejected by the grammar"
             return
         num_output = seq.num_output_tokens
         if num_output >= params.min_tokens:
@@ -532,6 +540,7 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             error=seq.error,
+            error_param=seq.error_param,
             queue_time_s=(
                 seq.first_scheduled_time - seq.arrival_time
                 if first and seq.first_scheduled_time is not None

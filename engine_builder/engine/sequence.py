@@ -37,6 +37,7 @@ class Sequence:
     guide_state: Any = None  # per-request grammar matcher (structured outputs)
     lookahead_state: Any = None  # per-request lookahead pool and window
     error: str | None = None
+    error_param: str | None = None  # the request field the error is the request's own for (a 400)
     prompt_logprobs: list[Any] | None = None  # TokenLogprob per prompt position (None for the first)
     lora_slot: int = 0  # the adapter pool slot of the request's LoRA adapter; 0 = the base model
     first_scheduled_time: float | None = None  # monotonic time the scheduler first admitted it

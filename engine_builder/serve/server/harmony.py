@@ -56,6 +56,10 @@ class HarmonyOutput(ChoiceOutput):
         self._calls_made: list[bool] = []  # for each call the reply began, whether it became a tool call
         self._reasoning_bodies: list[bool] = []  # for each body read, whether it is reasoning
 
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools)
+
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
         events = self.parser.feed(text, final)

@@ -42,6 +42,11 @@ class ChoiceOutput:
     def __init__(self) -> None:
         self.parts: list[str] = []
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may be tool calls, whose message content is null when there is no text."""
+        return False
+
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Delta payloads for the next piece of text (`token_ids`: the tokens it came from)."""
         if not text:
@@ -83,6 +88,10 @@ class ReasoningOutput(ChoiceOutput):
         self.counter = ReasoningTokenCounter(fmt, start.phase)
         self.inner = inner
         self.token_text = token_text
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.inner.calls_tools
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         reasoning, answer = "", ""

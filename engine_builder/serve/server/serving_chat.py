@@ -254,7 +254,11 @@ async def stream_chat(
         if announced[index]:
             return delta
         announced[index] = True
-        first: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + (delta.get("content") or "")}
+        text = plan.echo_text + (delta.get("content") or "")
+        # null, not "", before a reply that may be calls alone: as OpenAI streams it and as the whole reply says
+        # (the SDK's stream helper ended a calls-only reply with content '' where the plain request had None)
+        content = None if not text and choices[index].calls_tools else text
+        first: dict[str, Any] = {"role": "assistant", "content": content}
         return {**first, **{key: value for key, value in delta.items() if key != "content"}}
 
     async with plan.run.stream() as deltas:

@@ -60,6 +60,10 @@ class ToolCallOutput(ChoiceOutput):
         self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
         self.num_done = 0  # calls settled and sent in full: never looked at again
 
+    @property
+    def calls_tools(self) -> bool:
+        return True
+
     def _calls(self) -> list[ParsedCall]:
         calls = self.stream.calls
         return calls if self.parallel else calls[:1]
@@ -112,7 +116,9 @@ class ToolCallOutput(ChoiceOutput):
             for i, call in enumerate(self._calls())
         ]
         reason = finish_reason.value if finish_reason is not None else "stop"
-        if calls and reason == "stop":
+        if calls and reason == "stop" and all(call.complete for call in self._calls()):
+            # A call a stop string cut is no call to run: its arguments are not JSON (probe CB #2); it stays "stop",
+            # as one cut by max_tokens stays "length"
             reason = FinishReason.TOOL_CALLS.value
         content: str | None = None  # a forced reply is calls alone: one cut short is dropped, never shown as prose
         if self.parser.writes_content:
@@ -179,7 +185,11 @@ def plan_tools(
             definitions = schema.pop("$defs", None)
             schema = {"type": "array", "items": schema, "minItems": 1} | ({"$defs": definitions} if definitions else {})
     check_schema_size(schema, "tools")
-    guide = Guide(GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False, param="tools")
+    enforced = {choice.function.name} if isinstance(choice, NamedToolChoice) else set(schemas)
+    guide = Guide(
+        GuideKind.JSON_SCHEMA, json.dumps(schema), any_whitespace=False, param="tools",
+        parts=_parameter_parts(body.tools, enforced),
+    )  # fmt: skip
     hints = [] if template_supports_tools else [_tool_hint(template_tools)]
     return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
 
@@ -201,7 +211,16 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
         )
     _audit_parameters(tools, strict)
     check_schema_size(tag, "tools")
-    return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools")
+    return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools", parts=_parameter_parts(tools, strict))
+
+
+def _parameter_parts(tools: list[Tool], names: set[str]) -> tuple[tuple[str, str], ...]:
+    """The grammar-enforced tools' parameters, each with the field a refusal to compile it names."""
+    return tuple(
+        (f"tools[{index}].function.parameters", json.dumps(tool.function.parameters))
+        for index, tool in enumerate(tools)
+        if tool.function.name in names and tool.function.parameters is not None
+    )
 
 
 def _audit_parameters(tools: list[Tool], names: set[str]) -> None:

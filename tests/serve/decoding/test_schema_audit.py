@@ -52,6 +52,20 @@ REFUSED = [
     ({"maxLength": 2}, "maxLength", "abc"),
     ({"format": "ipv4"}, "format", "x"),
     ({"minItems": 2}, "minItems", [1]),
+    # probe CB: a lookaround is dropped with a log warning (a 200 whose "John Smith" broke the pattern)
+    ({"type": "string", "pattern": "^(?!John)[A-Za-z ]{1,30}$"}, "pattern", "John Smith"),
+    ({"type": "string", "pattern": "^(?=.*1)[a-z0-9]{3}$"}, "pattern", "abc"),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}},
+            "required": ["a"],
+            "patternProperties": {"^x": {"type": "string"}},
+            "additionalProperties": True,
+        },
+        "patternProperties",
+        {"a": 1, "xb": 2},
+    ),
 ]
 
 
@@ -64,6 +78,33 @@ def test_a_combination_xgrammar_would_not_enforce_is_refused_by_name(
         audit_json_schema({"type": "object", "properties": {"field": schema}, "required": ["field"]})
     assert keyword in str(refused.value)
     assert refused.value.param.startswith("response_format.json_schema.schema.properties.field")
+
+
+def test_a_minimum_of_properties_that_one_repeated_key_meets_is_refused() -> None:
+    """The grammar counts members, not distinct keys (probe CB: SmolLM2 answered `{"x": 1, "x": 1, "x": 1}` for
+    minProperties 3, one property to any JSON parser). One extra member is one key, so minProperties 1 stays."""
+    schema = {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2}
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    repeated = '{"x": 1, "x": 2}'
+    assert _is_grammar_accept_string(grammar, repeated) and not valid(schema, json.loads(repeated))
+    with pytest.raises(GuideError, match="minProperties") as refused:
+        audit_json_schema(schema)
+    assert refused.value.param == "response_format.json_schema.schema.minProperties"
+    audit_json_schema({**schema, "minProperties": 1})
+    declared = {"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}}
+    audit_json_schema({"type": "object", "properties": declared, "additionalProperties": False, "minProperties": 2})
+    audit_json_schema({**schema, "properties": declared, "required": ["a", "b"]})  # the two required are distinct
+
+
+def test_a_pattern_xgrammar_cannot_parse_is_refused_naming_it() -> None:
+    for pattern in ("([a-z", "(a)\\1", "(?<=a)b"):
+        with pytest.raises(GuideError, match="Regex parsing error") as refused:
+            audit_json_schema({"type": "object", "properties": {"code": {"type": "string", "pattern": pattern}}})
+        assert refused.value.param == "response_format.json_schema.schema.properties.code.pattern"
+    with pytest.raises(GuideError) as refused:
+        audit_json_schema({"type": "object", "patternProperties": {"(?!x)": {}}, "additionalProperties": False})
+    assert refused.value.param == "response_format.json_schema.schema.patternProperties.(?!x)"
+    audit_json_schema({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}\\d{4}$"}}})
 
 
 @pytest.mark.parametrize("keyword", ["anyOf", "oneOf", "enum"])

@@ -98,6 +98,10 @@ def test_streamed_tool_calls_match_non_streamed(qwen_server: ServerProcess, tool
                 entry["arguments"] += call.function.arguments or ""
     expected = plain.choices[0].message.tool_calls
     assert finishes == ["tool_calls"] == [plain.choices[0].finish_reason]
+    # the SDK's stream helper ends with the plain reply's content: null, not "" (probe CB #6)
+    with client.chat.completions.stream(model="x", messages=messages, tools=tools, temperature=0, max_tokens=60) as stream:
+        helper = stream.get_final_completion().choices[0].message
+    assert helper.content is None is plain.choices[0].message.content and helper.tool_calls
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.function.name, c.function.arguments) for c in expected]
     assert json.loads(expected[0].function.arguments) == {"city": "Paris"}
 
@@ -195,6 +199,14 @@ def test_tool_request_errors(qwen_server: ServerProcess, tools: list[dict]) -> N
     bad_arguments = json.loads(json.dumps(assistant_with_string_arguments))
     bad_arguments["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
     assert httpx.post(url, json=bad_arguments).status_code == 400
+    # xgrammar's refusal of one tool's parameters names that tool, not `tools` and a json_schema never sent (CB #5)
+    inverted = {"type": "function", "function": {"name": "bounded", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["n"]}}}
+    for choice in ("required", {"type": "function", "function": {"name": "bounded"}}):
+        broken = httpx.post(url, json={**base, "tools": [*tools, inverted], "tool_choice": choice}, timeout=120)
+        error = broken.json()["error"]
+        assert broken.status_code == 400 and error["param"] == f"tools[{len(tools)}].function.parameters", broken.text
+        assert error["message"].startswith(f"tools[{len(tools)}].function.parameters could not be compiled")
     legacy_result = {**base, "messages": [*base["messages"], {"role": "function", "name": "add", "content": "3"}]}
     refused = httpx.post(url, json=legacy_result)  # Qwen's template renders no `function` turn: it would vanish
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[1].role", refused.text
@@ -288,6 +300,25 @@ def test_a_forced_call_cut_before_its_name_is_no_content() -> None:
         deltas = [delta for index, piece in enumerate(pieces) for delta in output.feed(piece, final=index == len(pieces) - 1)]
         final = output.result(FinishReason.LENGTH, None)
         assert deltas == [] and final.content is None and final.tool_calls == [] and final.finish_reason == "length"
+
+
+def test_a_call_a_stop_string_cut_is_not_finished_as_tool_calls() -> None:
+    """Probe CB #2: a stop string inside a forced call's arguments ended the reply "tool_calls" with arguments that
+    are not JSON (`{"city": "`), which an agent loop runs. A complete call then a stop string is still one."""
+    from engine_builder.common.types import FinishReason
+    from engine_builder.serve.server.tools import ToolCallProcessor
+
+    def finish(text: str, reason: FinishReason, stop: int | str | None) -> tuple[str, list[str]]:
+        output = ToolCallProcessor("forced", {"get_weather": {"type": "object"}}, parallel=True).start(0)
+        output.feed(text, final=True)
+        final = output.result(reason, stop)
+        return final.finish_reason, [call.function.arguments for call in final.tool_calls]
+
+    cut = '[{"name": "get_weather", "arguments": {"city": "'
+    assert finish(cut, FinishReason.STOP, "Par") == ("stop", ['{"city": "'])
+    whole = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    assert finish(whole, FinishReason.STOP, "\n") == ("tool_calls", ['{"city": "Paris"}'])
+    assert finish(whole, FinishReason.STOP, 151645) == ("tool_calls", ['{"city": "Paris"}'])
 
 
 # A template written as Gemma 3's, Mistral's and Llama 2's are: one system message, first, folded into the first user

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from engine_builder.common.worker_process import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.decoding.structured.errors import GuideError, xgrammar_reason
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 
 logger = logging.getLogger(__name__)
@@ -31,8 +30,6 @@ CACHE_SIZE = 256
 COMPILE_TIMEOUT_S = 20.0
 REFUSED_TOO_SLOW_S = 600.0  # how long a guide stopped at the compile limit is refused without a new compile
 COMPILE_THREADS = 2  # compiles run here, not in asyncio's default pool (prompt tokenization shares that one)
-_XGRAMMAR_SOURCE = re.compile(r"^\[[^\]]*\]\s*\S+\.(?:cc|cpp|h):\d+:\s*")
-_XGRAMMAR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 
 
 class GrammarCompiler:
@@ -308,11 +305,27 @@ def compile_with(compiler: Any, guide: Guide) -> Any:
         if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
             return compiler.compile_structural_tag(guide.spec)
     except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        message = _XGRAMMAR_SOURCE.sub("", message)  # "[12:00:00] /project/cpp/x.cc:123: " says nothing to a client
-        message = _XGRAMMAR_CHECK.sub("", message)  # "Check failed: (std::holds_alternative<...>) is false: "
-        raise GuideError(f"The {guide.kind.value} could not be compiled: {message}", _param(guide)) from None
+        culprit = _failing_part(guide)
+        if culprit is not None:
+            field, reason = culprit
+            raise GuideError(f"{field} could not be compiled: {reason}", field) from None
+        raise GuideError(
+            f"The {guide.kind.value} could not be compiled: {xgrammar_reason(error)}", _param(guide)
+        ) from None
     raise GuideError(f"Unknown guide kind {guide.kind}")
+
+
+def _failing_part(guide: Guide) -> tuple[str, str] | None:
+    """(field, reason) of the first of the guide's parts xgrammar refuses alone: the tool whose parameters broke a
+    call grammar, where the whole's refusal named only `tools` (probe CB #5)."""
+    import xgrammar
+
+    for field, schema in guide.parts:
+        try:
+            xgrammar.Grammar.from_json_schema(schema, any_whitespace=guide.any_whitespace, strict_mode=True)
+        except Exception as error:
+            return field, xgrammar_reason(error)
+    return None
 
 
 def _param(guide: Guide) -> str:

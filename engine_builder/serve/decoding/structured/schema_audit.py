@@ -9,7 +9,7 @@ names the keyword and where it sits in the schema.
 import json
 from typing import Any
 
-from engine_builder.serve.decoding.structured.errors import GuideError
+from engine_builder.serve.decoding.structured.errors import GuideError, xgrammar_reason
 
 # Keywords xgrammar accepts in a schema but does not enforce (or enforces wrongly).
 UNENFORCED = {
@@ -113,11 +113,59 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
             raise GuideError(f"JSON schema `$ref` to `{value}` is not local; only `#/...` references are resolved.", where)
         if key in ("minProperties", "maxProperties") and "additionalProperties" not in node and "patternProperties" not in node:
             raise GuideError(f"JSON schema `{key}` needs `additionalProperties` (or explicit properties) to be enforceable.", where)
+        if key == "minProperties":
+            _check_min_properties(node, value, where)
+        if key == "pattern" and isinstance(value, str):
+            _check_pattern(value, where)
+        if key == "patternProperties" and isinstance(value, dict):
+            _check_pattern_properties(node, value, where)
         if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
             for name, child in value.items():
                 _walk(child, f"{where}.{name}", depth + 1, counter, root)
         elif isinstance(value, dict | list) and key not in DATA_KEYWORDS:
             _walk(value, where, depth + 1, counter, root)
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    """A `pattern` xgrammar's regex parser refuses: a lookahead or lookbehind, a backreference, an inline flag, or
+    a malformed one. Its JSON-schema compile drops a lookaround with only a log warning (probe CB: a 200 whose
+    `"John Smith"` broke `^(?!John)...`); the same regex as a `regex` response_format was refused."""
+    import xgrammar
+
+    try:
+        xgrammar.Grammar.from_regex(pattern)
+    except Exception as error:  # xgrammar reports every refusal as a generic error
+        raise GuideError(
+            f"JSON schema `pattern` {pattern!r} cannot be enforced: {xgrammar_reason(error)}", where
+        ) from None
+
+
+def _check_pattern_properties(node: dict[str, Any], patterns: dict[str, Any], where: str) -> None:
+    for pattern in patterns:
+        _check_pattern(pattern, f"{where}.{pattern}")
+    if node.get("additionalProperties", False) is not False:
+        # The grammar's other keys come from additionalProperties, which may spell a key the pattern matches with a
+        # value of the additional schema (`"xb": 2` where `^x` asks for a string).
+        raise GuideError(
+            "JSON schema `patternProperties` beside `additionalProperties` other than false cannot be enforced (a key "
+            "the pattern matches could take the additional properties' values); set `additionalProperties: false`.",
+            where,
+        )
+
+
+def _check_min_properties(node: dict[str, Any], minimum: Any, where: str) -> None:
+    """The grammar counts members, not distinct keys: a minimum that extra keys must make up can be met by one
+    key repeated (`{"x": 1, "x": 1, "x": 1}` for minProperties 3), which a JSON parser reads as one property."""
+    required = node.get("required")
+    count = len(set(required)) if isinstance(required, list) else 0  # distinct for sure: the grammar writes each once
+    extra_keys = node.get("additionalProperties", False) is not False or "patternProperties" in node
+    if isinstance(minimum, int) and minimum > max(count, 1) and extra_keys:  # one member is one key: 1 holds
+        raise GuideError(
+            f"JSON schema `minProperties` {minimum} beyond the {count} `required` properties, beside other keys, "
+            "cannot be enforced (the grammar cannot keep those keys distinct); require the properties, set "
+            "`additionalProperties: false`, or remove `minProperties`.",
+            where,
+        )
 
 
 def _types(node: dict[str, Any]) -> set[str]:
