@@ -90,6 +90,9 @@ class SamplingParams:
     n: int = 1
     guide: Guide | None = None
     use_lookahead: bool = True  # the engine may still turn it off (batch too large, sampling)
+    # max_tokens is a default, not the client's: the engine lowers it to what its KV cache holds for n choices
+    # rather than refusing the request
+    max_tokens_default: bool = False
 
     @property
     def is_greedy(self) -> bool:

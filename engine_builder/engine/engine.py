@@ -4,6 +4,7 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from engine_builder.common.types import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    SamplingParams,
     TokenLogprob,
 )
 from engine_builder.engine import grammar_masks
@@ -119,7 +121,7 @@ class LLMEngine:
         """Queue a request `check_request` accepted. `guide_matchers` (one per choice) constrain decoding to a
         grammar. Only what depends on the engine's state now (a request id already running) is checked here."""
         prompt = list(request.prompt_token_ids)
-        params = request.sampling
+        params = self._fitting_sampling(request)
         assert prompt, "check_request first"
         if request.request_id in self.groups:
             raise RequestRejectedError(f"request id {request.request_id} is already running")
@@ -151,18 +153,36 @@ class LLMEngine:
         self.groups[request.request_id] = group
         self.scheduler.add(group)
 
+    def _shared_prompt_blocks(self, request: GenerationRequest) -> int:
+        """The prompt's full blocks a request's choices hold once between them: forked from the parent, and after a
+        preemption again through the prefix cache, which max_utilization needs on (without it, each recomputed
+        choice holds its own copy)."""
+        policy = self.config.scheduler_policy
+        shares_again = self.blocks.enable_prefix_caching or policy != SchedulerPolicy.MAX_UTILIZATION
+        return len(request.prompt_token_ids) // self.blocks.block_size if shares_again else 0
+
+    def _fitting_sampling(self, request: GenerationRequest) -> SamplingParams:
+        """The request's sampling, with a default max_tokens (the client sent none: the rest of the context) lowered
+        to what the KV pool holds for its n choices together. Refusing it told a client to lower a max_tokens it
+        never sent (probe CD: n=3 without max_tokens was a 400 where max_tokens=100 ran)."""
+        params = request.sampling
+        if not params.max_tokens_default or params.n == 1:
+            return params
+        block_size = self.blocks.block_size
+        shared = self._shared_prompt_blocks(request)
+        # n choices of P blocks each hold n * P - (n - 1) * shared blocks: the largest P that fits the pool
+        per_choice = (self.blocks.num_usable_blocks + (params.n - 1) * shared) // params.n
+        fitting = min(per_choice * block_size, self.max_model_len) - len(request.prompt_token_ids)
+        return replace(params, max_tokens=fitting) if 0 < fitting < params.max_tokens else params
+
     def _check_capacity(self, request: GenerationRequest) -> None:
         """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it.
         Lookahead drafts are not counted: they only take blocks nothing else has a claim on (Scheduler.schedule)."""
-        params = request.sampling
+        params = self._fitting_sampling(request)
         block_size = self.blocks.block_size
         longest = min(len(request.prompt_token_ids) + params.max_tokens, self.max_model_len)
         per_choice = -(-longest // block_size)
-        # choices share the prompt's full blocks: forked from the parent, and after a preemption again through the
-        # prefix cache, which max_utilization needs on (without it, each recomputed choice holds its own copy)
-        policy = self.config.scheduler_policy
-        shares_again = self.blocks.enable_prefix_caching or policy != SchedulerPolicy.MAX_UTILIZATION
-        shared = len(request.prompt_token_ids) // block_size if shares_again else 0
+        shared = self._shared_prompt_blocks(request)
         # Under either policy a request's choices run together and are preempted together: all of them at their
         # longest must fit at once, or under max_utilization the request would preempt itself for ever (probe AC:
         # n=2 with a prompt filling the pool left no block for the second choice's copy of its last one).

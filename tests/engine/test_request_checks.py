@@ -72,3 +72,29 @@ def test_under_max_utilization_all_choices_must_fit_at_once(engine: LLMEngine, m
     with pytest.raises(RequestRejectedError, match="The KV cache holds") as refused:
         engine.check_request(GenerationRequest("three", prompt, dataclasses.replace(fits_alone, n=3)))
     assert refused.value.param == "n"
+
+
+def test_a_default_max_tokens_is_lowered_to_what_n_choices_fit(engine: LLMEngine) -> None:
+    """Probe CD: without max_tokens the default is the rest of the context, and n choices of that length were
+    refused as too large for the KV cache ("Lower n or max_tokens", which the client never sent). A default is
+    lowered to what the pool holds for the n choices together; an explicit one is still refused."""
+    import dataclasses
+
+    prompt = (1, 504, 3458)
+    room = engine.max_model_len - len(prompt)
+    explicit = SamplingParams(max_tokens=room, temperature=1.0, n=3, ignore_eos=True, seed=1)
+    assert 3 * engine.max_model_len > engine.blocks.num_usable_blocks * engine.blocks.block_size  # does not fit
+    with pytest.raises(RequestRejectedError, match="The KV cache holds"):
+        engine.check_request(GenerationRequest("explicit", prompt, explicit))
+    default = GenerationRequest("default", prompt, dataclasses.replace(explicit, max_tokens_default=True))
+    engine.check_request(default)
+    engine.add_request(default)
+    finished = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.finish_reason is not None:
+                finished[delta.index] = (delta.finish_reason.value, delta.num_output_tokens)
+    blocks_per_choice = (engine.blocks.num_usable_blocks + 2 * (len(prompt) // engine.blocks.block_size)) // 3
+    fitting = blocks_per_choice * engine.blocks.block_size - len(prompt)
+    assert 0 < fitting < room
+    assert finished == {index: ("length", fitting) for index in range(3)}

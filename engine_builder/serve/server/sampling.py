@@ -107,9 +107,14 @@ def requested_max_tokens(request: SamplingFields) -> int | None:
 
 
 def resolve_max_tokens(
-    requested: int | None, prompt_tokens: int, limits: Limits, prompt_field: str = "messages"
+    requested: int | None,
+    prompt_tokens: int,
+    limits: Limits,
+    prompt_field: str = "messages",
+    route_default: int | None = None,
 ) -> int:
-    """An explicit max_tokens that does not fit is an error; a default is clamped to what fits."""
+    """An explicit max_tokens that does not fit is an error; a default (the runtime's request_default_max_tokens,
+    else the route's own, else the rest of the context) is clamped to what fits."""
     room = limits.max_model_len - prompt_tokens
     if room < 1:
         raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
@@ -117,7 +122,7 @@ def resolve_max_tokens(
         if requested > room:
             raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
         return requested
-    default = limits.request_default_max_tokens
+    default = limits.request_default_max_tokens if limits.request_default_max_tokens is not None else route_default
     return min(default, room) if default is not None else room
 
 
@@ -218,6 +223,7 @@ def build_sampling_params(
     logprobs: int | None,
     guide: Guide | None,
     extra_stop_token_ids: tuple[int, ...] = (),
+    max_tokens_default: bool = False,
 ) -> SamplingParams:
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     for token_id in request.stop_token_ids or []:
@@ -250,4 +256,5 @@ def build_sampling_params(
         skip_special_tokens=request.skip_special_tokens,
         n=request.n,
         guide=guide,
+        max_tokens_default=max_tokens_default,
     )

@@ -95,9 +95,13 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id:
         limits=limits,
         prompt_field="messages",
     )
-    max_tokens = resolve_max_tokens(requested_max_tokens(body), len(prompt_ids), limits)
+    requested = requested_max_tokens(body)
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = build_sampling_params(body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide)
+    params = build_sampling_params(
+        body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide,
+        max_tokens_default=requested is None,
+    )  # fmt: skip
     if state.harmony is not None:  # the harmony output reads the channel markers, special tokens all
         params = dataclasses.replace(params, skip_special_tokens=False)
     echo_text = ""

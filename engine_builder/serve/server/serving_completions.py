@@ -124,12 +124,12 @@ async def run_completion(
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
     for text, ids in prompts:
-        max_tokens = resolve_max_tokens(
-            requested if requested is not None else 16, len(ids), limits, prompt_field="prompt"
-        )
+        # OpenAI's and vLLM's default here is 16 tokens, unless the runtime sets request_default_max_tokens
+        max_tokens = resolve_max_tokens(requested, len(ids), limits, prompt_field="prompt", route_default=16)
         params = build_sampling_params(
-            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide
-        )
+            body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide,
+            max_tokens_default=requested is None,
+        )  # fmt: skip
         if body.echo and body.logprobs is not None:  # echoed prompt tokens carry their logprobs too
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         runs.append((text, Run(state, new_id("cmpl"), ids, params, model=body.model)))
