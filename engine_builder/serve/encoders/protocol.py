@@ -16,11 +16,15 @@ from engine_builder.serve.encoders.truncation import TRUNCATE_TO_LIMIT, Truncati
 TruncationDirectionName = Literal["right", "left", "Right", "Left"]
 # vLLM's `truncate_prompt_tokens`: keep k tokens of each input (special tokens included), -1 for the model's maximum.
 TruncatePromptTokens = Annotated[StrictInt, Field(ge=TRUNCATE_TO_LIMIT)]
-TokenIds = list[StrictInt]
+# pydantic tries a union's shapes in turn, each over the whole list: these lists give up at their first element that
+# does not fit, where 16M token ids tried as a list of texts first kept an error per id (8 s and 5 GB; probe CC #1).
+# Which shape fits, and the first bad element of each, are as before.
+TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
+Texts = Annotated[list[StrictStr], Field(fail_fast=True)]
 Dimensions = Annotated[StrictInt, Field(ge=1)]
-EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+EmbeddingInput = StrictStr | Texts | TokenIds | Annotated[list[TokenIds], Field(fail_fast=True)]
 # TEI's `Input::Batch` holds texts and token-id lists mixed (`["hello", [101, 7592, 102]]`); OpenAI's does not.
-TEIEmbeddingInput = StrictStr | TokenIds | list[StrictStr | TokenIds]
+TEIEmbeddingInput = StrictStr | TokenIds | Annotated[list[StrictStr | TokenIds], Field(fail_fast=True)]
 
 
 def _flatten_embedding_input(value: EmbeddingInput | TEIEmbeddingInput) -> list[str | list[int]]:
@@ -201,7 +205,7 @@ class Rank(BaseModel):
 
 # TEI /predict
 
-PredictInput = StrictStr | list[StrictStr] | list[list[StrictStr]]
+PredictInput = StrictStr | Texts | Annotated[list[Texts], Field(fail_fast=True)]
 
 
 class PredictRequest(_Truncating):
@@ -270,7 +274,7 @@ class SimpleToken(BaseModel):
 
 
 class DecodeRequest(_Request):
-    ids: TokenIds | list[TokenIds]
+    ids: TokenIds | Annotated[list[TokenIds], Field(fail_fast=True)]
     skip_special_tokens: StrictBool = True
 
     def id_lists(self) -> list[list[int]]:

@@ -1,16 +1,24 @@
 """Request parsing shared by the route modules: JSON we parse ourselves, pydantic errors as OpenAI 400s."""
 
+import asyncio
 import functools
 import json
 import math
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.limits import MAX_JSON_DEPTH, json_depth
+from engine_builder.serve.server.limits import MAX_JSON_DEPTH, Count, check_counts, json_depth
+
+T = TypeVar("T")
+# A body this large is parsed and validated in a worker thread, not on the event loop, where 30 MB of JSON stopped
+# every other request's stream for seconds (probe CC #1). json.loads and pydantic-core still hold the GIL while they
+# run (about a second for 30 MB of numbers); the Python parts (the float check, the nesting count between chunks, the
+# models' validators) let the loop run. Smaller bodies stay on the loop, saving the thread hop.
+OFF_LOOP_BYTES = 1 << 20
 
 # The names pydantic gives a union's branches in an error's location (`str`, `list[tagged-union[...]]`, ...): they
 # are not fields, and a param naming them would send the client looking for a field that does not exist.
@@ -99,22 +107,40 @@ async def read_json(request: Request, empty: bytes = b"") -> Any:
     state = request.state
     if not hasattr(state, "json_body"):
         raw = await request.body() or empty
-        state.json_body = parse_json(raw)
+        state.json_body = await _off_loop_if_large(len(raw), parse_json, raw)
     return state.json_body
 
 
-async def parse_body(request: Request, model: Any, to_error: Callable[[Any], APIError] = validation_to_api_error) -> Any:
+async def parse_body(
+    request: Request,
+    model: Any,
+    to_error: Callable[[Any], APIError] = validation_to_api_error,
+    counts: Iterable[Count] = (),
+) -> Any:
     """Parse JSON ourselves so malformed bodies, bad UTF-8, NaN and deep nesting get a clean 400; `to_error` turns
-    pydantic's errors into it."""
-    from pydantic import ValidationError
-
+    pydantic's errors into it. `counts` are refused on the parsed JSON, before the model validates a list that long."""
     data = await read_json(request)
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", status=400, code="invalid_json")
+    check_counts(data, counts)
+    return await _off_loop_if_large(len(await request.body()), _validate, model, data, to_error)
+
+
+def _validate(model: Any, data: dict[str, Any], to_error: Callable[[Any], APIError]) -> Any:
+    from pydantic import ValidationError
+
     try:
         return model.model_validate(data)
     except ValidationError as error:
         raise to_error(error.errors()) from None
+
+
+async def _off_loop_if_large(num_body_bytes: int, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on the event loop for a small body, in a worker thread (with this request's context: its id
+    still names the log lines) for one of OFF_LOOP_BYTES or more."""
+    if num_body_bytes < OFF_LOOP_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
 
 
 def parse_json(raw: bytes) -> Any:

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from engine_builder.serve.server.app_helpers import parse_body, read_json
 from engine_builder.serve.server.errors import APIError
+from engine_builder.serve.server.limits import CHAT_COUNTS, COMPLETION_COUNTS
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.responses_input import request_error
@@ -67,13 +68,13 @@ def _state(request: Request) -> ServerState:
 
 @router.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest, counts=CHAT_COUNTS)
     return await serve_chat(_state(request), body, request)
 
 
 @router.post("/v1/completions", openapi_extra=_body(CompletionRequest))
 async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
+    body = await parse_body(request, CompletionRequest, counts=COMPLETION_COUNTS)
     return await serve_completion(_state(request), body, request)
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -9,7 +10,9 @@ from starlette.requests import Request
 
 from engine_builder.serve.server import app_helpers
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.protocol import ChatCompletionRequest
+from engine_builder.serve.server.limits import CHAT_COUNTS, COMPLETION_COUNTS, MAX_JSON_DEPTH, json_depth
+from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
+from tests.serve.peak_memory import peak_growth_mb
 
 
 def _request(raw: bytes) -> Request:
@@ -46,3 +49,99 @@ def test_the_body_is_read_as_json_once_a_request() -> None:
     finally:
         app_helpers.parse_json = real  # type: ignore[assignment]
     assert body.messages[0].content == "hi" and len(calls) == 1
+
+
+def _token_ids(name: str, count: int) -> bytes:
+    return b'{"' + name.encode() + b'": [' + b"7," * (count - 1) + b"7]}"
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ([], 1), ({}, 1), ([1, "x", None], 1), ({"a": [{"b": []}], "c": 2}, 4), ([[], [[]], {"a": [[1]]}], 4)],
+)
+def test_json_depth_counts_the_deepest_nesting(value: Any, depth: int) -> None:
+    assert json_depth(value) == depth
+
+
+def test_a_body_nested_too_deep_is_refused_beside_a_flat_array() -> None:
+    def body(depth: int) -> bytes:  # the object is one level, the nested lists the rest
+        return b'{"a": [1, 2, 3], "b": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    assert json_depth(app_helpers.parse_json(body(MAX_JSON_DEPTH))) == MAX_JSON_DEPTH
+    with pytest.raises(APIError, match=f"nests deeper than {MAX_JSON_DEPTH}"):
+        app_helpers.parse_json(body(MAX_JSON_DEPTH + 1))
+
+
+def test_a_long_array_is_parsed_without_a_stack_entry_per_element() -> None:
+    """json_depth pushed a (child, depth) pair per number: 4M of them took seconds and 300 MB (probe CC #1). What is
+    left is json.loads' own list (32 MB) and the text."""
+    raw = _token_ids("x", 4_000_000)  # 8 MB
+    data, growth = peak_growth_mb(lambda: app_helpers.parse_json(raw))
+    assert len(data["x"]) == 4_000_000
+    assert growth < 150, f"parsing an 8 MB array raised the peak memory by {growth:.0f} MB"
+
+
+@pytest.mark.parametrize(("element", "count", "limit_mb"), [(7, 2_000_000, 100), ([7], 1_000_000, 150)])
+def test_a_long_prompt_validates_without_an_error_per_element(element: Any, count: int, limit_mb: int) -> None:
+    """`prompt` is a union; pydantic tried each shape over the whole list, keeping an error per element of each
+    shape that did not fit: 2M token ids cost 500 MB before the prompt was looked at (probe CC #1). What is left is
+    the validated list itself (and, for lists of ids, the lists in it)."""
+    data = {"prompt": [element] * count}
+    body, growth = peak_growth_mb(lambda: CompletionRequest.model_validate(data))
+    assert len(body.prompt) == count and body.prompt[-1] == element
+    assert growth < limit_mb, f"validating {count} prompt elements raised the peak memory by {growth:.0f} MB"
+
+
+def test_the_event_loop_runs_while_a_large_body_is_parsed() -> None:
+    """Parsing and validating a large body ran on the event loop, seconds in which no other request's stream moved
+    and /health did not answer (probe CC #1)."""
+    raw = _token_ids("prompt", 2_000_000)  # 4 MB
+
+    async def run() -> float:
+        gaps: list[float] = []
+        parsing = asyncio.create_task(app_helpers.parse_body(_request(raw), CompletionRequest))
+        last = time.monotonic()
+        while not parsing.done():
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+        assert len((await parsing).prompt) == 2_000_000
+        return max(gaps)
+
+    longest = asyncio.run(run())
+    assert longest < 1.0, f"the event loop stalled for {longest:.1f} s while a 4 MB body was parsed"
+
+
+@pytest.mark.parametrize(
+    ("model", "counts", "body", "param"),
+    [
+        (ChatCompletionRequest, CHAT_COUNTS, {"messages": [{"role": "wizard", "content": "x"}] * 2049}, "messages"),
+        (ChatCompletionRequest, CHAT_COUNTS, {"messages": [], "tools": [None] * 129}, "tools"),
+        (CompletionRequest, COMPLETION_COUNTS, {"prompt": [[None]] * 257}, "prompt"),
+        (CompletionRequest, COMPLETION_COUNTS, {"prompt": "x", "stop_token_ids": ["a"] * 1025}, "stop_token_ids"),
+        (CompletionRequest, COMPLETION_COUNTS, {"prompt": "x", "logit_bias": {str(n): "x" for n in range(1025)}}, "logit_bias"),
+    ],
+)
+def test_counts_are_refused_before_the_body_is_validated(
+    model: Any, counts: Any, body: dict[str, Any], param: str
+) -> None:
+    """A million messages were validated (6 s, 700 MB) before their count was refused: the count is checked on the
+    parsed JSON, so elements that would not even validate get the same limit's 400 (probe CC #1)."""
+    with pytest.raises(APIError) as caught:
+        asyncio.run(app_helpers.parse_body(_request(json.dumps(body).encode()), model, counts=counts))
+    error = caught.value
+    assert (error.status, error.param, error.code) == (400, param, "limit_exceeded"), error.message
+    assert "this server accepts at most" in error.message
+
+
+def test_only_the_counted_shapes_are_counted_before_validation() -> None:
+    """A prompt of token ids is one prompt, `stop` may be one text, and `messages` as an object is validation's
+    refusal, not a count's."""
+    def parse(model: Any, body: dict[str, Any], counts: Any) -> Any:
+        return asyncio.run(app_helpers.parse_body(_request(json.dumps(body).encode()), model, counts=counts))
+
+    assert parse(CompletionRequest, {"prompt": [7] * 300}, COMPLETION_COUNTS).prompt == [7] * 300
+    assert parse(CompletionRequest, {"prompt": "x", "stop": "y" * 100}, COMPLETION_COUNTS).stop == "y" * 100
+    with pytest.raises(APIError) as caught:
+        parse(ChatCompletionRequest, {"messages": {str(n): n for n in range(3000)}}, CHAT_COUNTS)
+    assert (caught.value.param, caught.value.code) == ("messages", "invalid_value"), caught.value.message
