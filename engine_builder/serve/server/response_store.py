@@ -1,18 +1,30 @@
-"""The Responses API's stored responses: in this process's memory, the most recent MAX_STORED_RESPONSES (least
-recently used first out), lost on restart. A stored response keeps the input items it ran (those inherited through
-`previous_response_id` included), so a later request can continue the conversation from it."""
+"""The Responses API's stored responses: in this process's memory, the most recent MAX_STORED_RESPONSES within
+MAX_STORED_BYTES of JSON (least recently used first out), lost on restart. A stored response keeps the input items it
+ran (those inherited through `previous_response_id` included), so a later request can continue the conversation from
+it."""
 
+import json
+import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger(__name__)
 MAX_STORED_RESPONSES = 1000
+# Counted as the JSON they would be sent as (Python holds 3-4x that). A count alone let 1000 large requests hold tens
+# of GB: one 24 MB input kept 93 MB, and a 430-token reply with top_logprobs 20 2.8 MB (probe CE). The newest
+# response is always kept, whatever its size, so that the one just answered can be retrieved or continued.
+MAX_STORED_BYTES = 256 << 20
 
 
 @dataclass
 class StoredResponse:
     response: dict[str, Any]  # the response object, as answered
     input_items: list[dict[str, Any]]  # the whole conversation before the reply, each item with an `id`
+    size: int = field(init=False, default=0)  # the bytes it counts against the store's budget
+
+    def __post_init__(self) -> None:
+        self.size = len(json.dumps(self.response, default=str)) + len(json.dumps(self.input_items, default=str))
 
     @property
     def conversation(self) -> list[dict[str, Any]]:
@@ -21,8 +33,10 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, capacity: int = MAX_STORED_RESPONSES) -> None:
+    def __init__(self, capacity: int = MAX_STORED_RESPONSES, max_bytes: int = MAX_STORED_BYTES) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
 
     def __len__(self) -> int:
@@ -30,10 +44,17 @@ class ResponseStore:
 
     def put(self, stored: StoredResponse) -> None:
         response_id = stored.response["id"]
+        self.delete(response_id)
         self._responses[response_id] = stored
-        self._responses.move_to_end(response_id)
-        while len(self._responses) > self.capacity:
-            self._responses.popitem(last=False)
+        self.num_bytes += stored.size
+        if stored.size > self.max_bytes:
+            logger.warning(
+                "response %s is %d MB of JSON, over the store's %d MB: kept alone, every other stored response dropped",
+                response_id, stored.size >> 20, self.max_bytes >> 20,
+            )  # fmt: skip
+        while len(self._responses) > 1 and (len(self._responses) > self.capacity or self.num_bytes > self.max_bytes):
+            _, oldest = self._responses.popitem(last=False)
+            self.num_bytes -= oldest.size
 
     def get(self, response_id: str) -> StoredResponse | None:
         stored = self._responses.get(response_id)
@@ -42,4 +63,8 @@ class ResponseStore:
         return stored
 
     def delete(self, response_id: str) -> bool:
-        return self._responses.pop(response_id, None) is not None
+        stored = self._responses.pop(response_id, None)
+        if stored is None:
+            return False
+        self.num_bytes -= stored.size
+        return True

@@ -56,7 +56,7 @@ def finished(response: dict[str, Any], output: list[dict[str, Any]], cut: bool, 
     return {
         **response,
         "status": "incomplete" if cut else "completed",
-        "completed_at": int(time.time()),
+        "completed_at": None if cut else int(time.time()),  # OpenAI sets it on a completed response only
         "incomplete_details": {"reason": INCOMPLETE_REASON} if cut else None,
         "output": output,
         "usage": response_usage(usage),

@@ -114,14 +114,18 @@ async def stream_response(
         if keep:
             state.responses.put(StoredResponse(final, translation.input_items))
         yield events.lifecycle("response.incomplete" if generation.cut else "response.completed", final)
-    except APIError as error:  # counted as the error handler counts a refusal answered before the stream
-        state.metrics.record_error(error.status)
-        for frame in _failure(events, response, translation.rename(error)):
-            yield frame
-    except Exception:  # a failure of ours after the stream started: the client still learns, and the stream ends
-        logger.exception("stream failed")
-        state.metrics.record_error(500)
-        for frame in _failure(events, response, APIError("Internal server error.", status=500, type="server_error")):
+    except Exception as error:  # a refusal, or a failure of ours after the stream started: the client still learns
+        if isinstance(error, APIError):  # counted as the error handler counts a refusal answered before the stream
+            state.metrics.record_error(error.status)
+            refusal = translation.rename(error)
+        else:
+            logger.exception("stream failed")
+            state.metrics.record_error(500)
+            refusal = APIError("Internal server error.", status=500, type="server_error")
+        frames, failed_response = _failure(events, response, refusal)
+        if keep:  # kept as OpenAI keeps it, status failed: retrievable, and a conversation may continue from it
+            state.responses.put(StoredResponse(failed_response, translation.input_items))
+        for frame in frames:
             yield frame
 
 
@@ -129,7 +133,7 @@ async def stream_response(
 _RESPONSE_ERROR_CODES = {429: "rate_limit_exceeded"}
 
 
-def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) -> list[bytes]:
+def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) -> tuple[list[bytes], dict[str, Any]]:
     """OpenAI's ending of a stream that failed: the item being streamed closed as it stands (its done events,
     status incomplete), an `error` event with the error's own code, then `response.failed`, whose output holds
     what was streamed and whose code is the nearest of OpenAI's: server_error, rate_limit_exceeded, or
@@ -141,11 +145,12 @@ def _failure(events: ResponseEvents, response: dict[str, Any], error: APIError) 
     except Exception:  # the failure came from the events themselves: end the stream without closing the item
         logger.exception("closing the streamed item failed")
         frames = []
+    failed_response = failed(response, events.output, response_code, error.message)
     return [
         *frames,
         events.event("error", code=code, message=error.message, param=error.param),
-        events.lifecycle("response.failed", failed(response, events.output, response_code, error.message)),
-    ]
+        events.lifecycle("response.failed", failed_response),
+    ], failed_response
 
 
 # -- the store's routes -------------------------------------------------------------------------------------------

@@ -111,6 +111,25 @@ def test_previous_response_items_come_first_and_instructions_are_not_inherited()
     assert store.get("resp_a") is None and len(store) == 2
 
 
+def test_the_store_keeps_within_a_byte_budget_and_always_the_newest() -> None:
+    """Probe CE: the store bounded the count only: 1000 large requests could hold tens of GB (one 24 MB input kept
+    93 MB). It is bounded in JSON bytes too, oldest out first; one response over the budget is kept alone."""
+    store = ResponseStore(capacity=100, max_bytes=10_000)
+
+    def put(name: str, text_bytes: int) -> None:
+        item = {"type": "message", "id": f"msg_{name}", "role": "user", "content": [{"type": "input_text", "text": "x" * text_bytes}]}
+        store.put(StoredResponse({"id": name, "output": []}, [item]))
+
+    for name in ("a", "b", "c", "d"):
+        put(name, 3000)
+    assert [name for name in "abcd" if store.get(name)] == ["b", "c", "d"] and store.num_bytes <= 10_000
+    put("huge", 50_000)
+    assert len(store) == 1 and store.get("huge") is not None
+    put("e", 100)
+    assert store.get("huge") is None and store.get("e") is not None and store.num_bytes == store.get("e").size  # type: ignore[union-attr]
+    assert store.delete("e") and store.num_bytes == 0 and not store.delete("e")
+
+
 def test_stream_events_open_and_close_items_in_order() -> None:
     events = ResponseEvents()
     frames = events.feed([{"reasoning_content": "Hmm."}], [])
@@ -174,7 +193,7 @@ def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed
     events = ResponseEvents()
     start = response_object(ResponsesRequest.model_validate({"input": "hi"}), "resp_1", "m", 0)
     frames = [events.lifecycle("response.created", start), *events.feed([{"content": "Hel"}], [])]
-    frames += _failure(events, start, APIError("The engine failed.", status=500, type="server_error"))
+    frames += _failure(events, start, APIError("The engine failed.", status=500, type="server_error"))[0]
     error, failure = (json.loads(frame.decode().split("data: ", 1)[1]) for frame in frames[-2:])
     assert error["type"] == "error" and error["code"] == "server_error" and error["message"] == "The engine failed."
     assert failure["type"] == "response.failed" and failure["sequence_number"] == error["sequence_number"] + 1
@@ -200,7 +219,7 @@ def test_response_failed_carries_one_of_openais_error_codes() -> None:
         (APIError("Too many requests.", status=429), "rate_limit_exceeded", "rate_limit_exceeded"),
         (APIError("The server is shutting down.", status=503, code="draining"), "server_error", "server_error"),
     ):
-        frames = _failure(ResponseEvents(), start, error)
+        frames = _failure(ResponseEvents(), start, error)[0]
         event, failure = (_frame_data(frame) for frame in frames[-2:])
         ResponseErrorEvent.model_validate(event, strict=True)
         ResponseFailedEvent.model_validate(failure)
@@ -228,7 +247,7 @@ def test_a_failed_stream_closes_the_streamed_item_and_keeps_its_text() -> None:
         start = response_object(body, "resp_1", "m", 0)
         frames = [events.lifecycle("response.created", start)]
         frames += events.feed(pieces, [])
-        frames += _failure(events, start, APIError("The server is shutting down.", status=503, code="draining"))
+        frames += _failure(events, start, APIError("The server is shutting down.", status=503, code="draining"))[0]
         kinds = [_frame_data(frame)["type"] for frame in frames]
         assert kinds[-3:] == ["response.output_item.done", "error", "response.failed"], kinds
         done, failure = _frame_data(frames[-3])["item"], _frame_data(frames[-1])["response"]
@@ -244,6 +263,45 @@ def test_a_failed_stream_closes_the_streamed_item_and_keeps_its_text() -> None:
         state: ResponseStreamState[Any] = ResponseStreamState(input_tools=[WEATHER], text_format=openai.omit)  # type: ignore[list-item]
         for frame in frames:
             state.handle_event(adapter.validate_python(_frame_data(frame)))
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_stream_that_failed_is_stored_with_status_failed(store: bool) -> None:
+    """Probe CE: a streamed response that failed after it began was not stored: retrieving it was a 404, continuing
+    from it a 400, where OpenAI keeps it with status failed. `store: false` still keeps nothing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine_builder.serve.server.serving_responses import stream_response
+
+    class FailsAfterOnePiece:
+        events = ResponseEvents()
+        cut = False
+
+        async def frames(self) -> Any:
+            for frame in self.events.feed([{"content": "Hel"}], []):
+                yield frame
+            raise APIError("The engine failed this request.", status=500, type="server_error")
+
+    responses = ResponseStore()
+    state = SimpleNamespace(responses=responses, metrics=SimpleNamespace(record_error=lambda status: None))
+    body = ResponsesRequest.model_validate({"input": "hi", "stream": True, "store": store})
+    translation = translate(body, responses)
+
+    async def stream() -> list[bytes]:
+        generation = FailsAfterOnePiece()
+        start = response_object(body, "resp_f", "m", 0)
+        return [frame async for frame in stream_response(state, translation, generation, start, store)]  # type: ignore[arg-type]
+
+    assert _frame_data(asyncio.run(stream())[-1])["type"] == "response.failed"
+    kept = responses.get("resp_f")
+    if not store:
+        assert kept is None
+        return
+    assert kept is not None and kept.response["status"] == "failed" and kept.response["error"]["code"] == "server_error"
+    assert Response.model_validate(kept.response).output_text == "Hel"
+    follow_up = ResponsesRequest.model_validate({"previous_response_id": "resp_f", "input": "go on"})
+    assert translate(follow_up, responses).chat.messages[0].role == "user"
 
 
 def _stored(store: ResponseStore, response_id: str, output: list[dict[str, Any]]) -> None:
@@ -496,6 +554,7 @@ def test_text_usage_and_instructions_match_chat(server: ServerProcess, client: O
     assert cut.status == "incomplete" and cut.incomplete_details is not None
     assert cut.incomplete_details.reason == "max_output_tokens" and cut.output[0].status == "incomplete"
     assert cut.usage is not None and cut.usage.output_tokens == 3
+    assert cut.completed_at is None and response.completed_at  # set on a completed response only (probe CE)
 
 
 @pytest.mark.slow
