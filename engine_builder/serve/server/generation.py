@@ -119,7 +119,8 @@ class Run:
 
     async def admit(self) -> None:
         """Count the request in, then check and compile it in the backend (once: a guide is compiled here, capacity
-        checked here); every refusal is an APIError before anything streams. Counted first, so a request still
+        checked here); every refusal is an APIError before anything streams, a stopped engine's 503 too (a stream
+        answered 200 and then an error event, which clients do not retry). Counted first, so a request still
         compiling its grammar is in flight: the server's capacity bounds compiles too, and a drain waits for it."""
         self._admission.take()
         try:
@@ -139,6 +140,9 @@ class Run:
             raise APIError(
                 "The server is shutting down.", status=503, type="server_error", code="draining"
             )
+        if not self.state.engine.is_healthy():  # the engine stopped while this request compiled: a 503, not a 200
+            self.release()
+            raise self.state.engine_stopped_refusal()
 
     def release(self) -> None:
         """Give the request's place back (once; later calls do nothing)."""

@@ -30,6 +30,7 @@ ENCODER_ROUTES = "/v1/embeddings, /embed, /embed_all, /similarity, /rerank (also
 # an encoder request this much later (a batch cannot be stopped midway, so a short one may still finish). Each
 # handler then has this long again to send its answer before uvicorn cancels it.
 ANSWER_GRACE_S = 5.0
+MAX_CAUSE_CHARS = 300  # of an engine's failure, quoted in the 503 its requests get
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class ServerState:
             raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
         if not self.engine_ready:
             raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
+        if not self.engine.is_healthy():  # refused here, before a stream's 200: a 503 is what clients retry elsewhere
+            raise self.engine_stopped_refusal()
         if self.inflight >= self.settings.max_inflight:
             raise APIError(
                 f"The server is at capacity ({self.settings.max_inflight} requests in flight); retry shortly.",
@@ -158,6 +161,18 @@ class ServerState:
 
     def release(self) -> None:
         self.inflight -= 1
+
+    def engine_stopped_refusal(self) -> APIError:
+        """The answer to a request that arrives once the engine has stopped for good (a loop crash, a lost
+        tensor-parallel rank): the same 503 a request it was running gets, streamed or not."""
+        why = (self.engine.failure() or "").strip().splitlines()
+        cause = f" ({why[0][:MAX_CAUSE_CHARS]})" if why else ""
+        return APIError(
+            f"The engine stopped{cause} and cannot serve this request; the server needs a restart.",
+            status=503,
+            type="server_error",
+            code="engine_unavailable",
+        )
 
     async def expire_drain(self, hurried: bool = False) -> None:
         """The drain timeout passed (or, `hurried`, a second stop signal came) with requests still running: end each

@@ -3,6 +3,7 @@ drain waits for them; every way out of the compile gives the slot back."""
 
 import asyncio
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,38 @@ def test_capacity_counts_compiling_requests() -> None:
         await first
 
     asyncio.run(main())
+
+
+def test_after_the_engine_stopped_a_stream_is_refused_with_the_503_a_plain_request_gets(smollm2_dir: Path) -> None:
+    """Probe CC #2: once the engine loop had died, a streamed request was answered 200 and then an error event
+    (the torch client fails a request only once its stream is read), where the same request unstreamed got a 503:
+    the openai SDK and proxies retry a 503 on another replica, never a 200. Admission refuses both now."""
+    from fastapi.testclient import TestClient
+    from tokenizers import Tokenizer
+
+    from engine_builder.serve.backends.torch.client import EngineDeadError
+    from engine_builder.serve.decoding.detokenizer import TextDecoder
+    from engine_builder.serve.server.app import create_app
+    from tests.serve.server.harness import OneTokenEngine
+
+    class Stopped(OneTokenEngine):
+        def is_healthy(self) -> bool:
+            return False
+
+        def failure(self) -> str | None:
+            return "RuntimeError: CUDA error: an illegal memory access"
+
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            raise EngineDeadError("the engine loop has stopped")  # as the torch client fails it, once read
+            yield
+
+    decoder = TextDecoder(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")))
+    state = ServerState(ServerSettings("m"), Stopped(), renderer=None, decoder=decoder)
+    state.engine_ready = state.ready = True
+    client = TestClient(create_app(state))
+    for stream in (False, True):
+        response = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "stream": stream})
+        assert response.status_code == 503, (stream, response.text[:200])
+        error = response.json()["error"]
+        assert error["code"] == "engine_unavailable" and "illegal memory access" in error["message"], error
+    assert state.inflight == 0

@@ -224,7 +224,12 @@ def test_a_failed_model_counts_as_an_error(
 
 @pytest.mark.parametrize(
     ("refusal", "status", "code"),
-    [("draining", 503, "draining"), ("loading", 503, "not_ready"), ("full", 429, "server_overloaded")],
+    [
+        ("draining", 503, "draining"),
+        ("loading", 503, "not_ready"),
+        ("stopped", 503, "engine_unavailable"),  # probe CC #2: refused at the door, as a generation request is
+        ("full", 429, "server_overloaded"),
+    ],
 )
 def test_encoder_requests_are_refused_as_generation_requests_are(
     encoder: tuple[Any, ServerState], monkeypatch: pytest.MonkeyPatch, refusal: str, status: int, code: str
@@ -235,6 +240,8 @@ def test_encoder_requests_are_refused_as_generation_requests_are(
     elif refusal == "loading":  # the engine not started yet (readiness reads `ready`, admission `engine_ready`)
         monkeypatch.setattr(state, "ready", False)
         monkeypatch.setattr(state, "engine_ready", False)
+    elif refusal == "stopped":  # the engine stopped for good (its batcher died)
+        monkeypatch.setattr(state.engine, "is_healthy", lambda: False)
     else:
         monkeypatch.setattr(state.settings, "max_inflight", 0)
     errors_before = _sample(client, "request_errors_total", status=str(status))
@@ -252,7 +259,9 @@ def test_encoder_requests_are_refused_as_generation_requests_are(
 # The routes that answer in the OpenAI envelope; the others in TEI's (the Truss route follows MiniLM's default route,
 # /v1/embeddings).
 OPENAI_ROUTES = {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/v1/models/model:predict"}
-TEI_ERROR_TYPES = {"draining": "unhealthy", "not_ready": "unhealthy", "server_overloaded": "overloaded"}
+TEI_ERROR_TYPES = {
+    "draining": "unhealthy", "not_ready": "unhealthy", "engine_unavailable": "unhealthy", "server_overloaded": "overloaded"
+}
 
 
 def _assert_refusal_format(path: str, body: dict[str, Any], code: str) -> None:
