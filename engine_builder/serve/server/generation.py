@@ -174,7 +174,8 @@ class Run:
         engine = self.state.generation()
         text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids)
         finished: list[GenerationDelta] = []
-        abandoned = False
+        abandoned = False  # the client went away, or the code reading the deltas closed them, failing
+        failed = False  # the engine failed the request, or the drain ended it
         self.state.generating.add(self.request.request_id)
         try:
             async with aclosing(self._engine_deltas(self.prepared)) as engine_deltas:
@@ -208,10 +209,15 @@ class Run:
         except (GeneratorExit, asyncio.CancelledError):  # the client went away
             abandoned = True
             raise
+        except Exception as error:  # the engine stopped or failed a choice (or the drain ended it): the rest with it
+            failed = True
+            if not (isinstance(error, APIError) and error.code == "draining"):
+                self.count_unfinished_as_errors()
+            raise
         finally:
             self.state.generating.discard(self.request.request_id)
             self.release()
-            self._record(finished, abandoned)
+            self._record(finished, abandoned, failed)
 
     async def _engine_deltas(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
         """The backend's deltas; its refusals (ValueErrors, optionally naming a `param`) become 400s."""
@@ -231,9 +237,11 @@ class Run:
                 code="engine_unavailable",
             ) from None
 
-    def _record(self, finished: list[GenerationDelta], abandoned: bool) -> None:
-        """The request's end: e2e and prompt tokens once, a success per finished choice, and each choice's own
-        time per output token (not the request's decode time over all n choices' tokens)."""
+    def _record(self, finished: list[GenerationDelta], abandoned: bool, failed: bool) -> None:
+        """The request's end: e2e and prompt tokens once, a success per choice (a choice the stream's end left
+        unfinished counts as `unfinished_reason`: an engine that stopped mid-generation fails its choices, as
+        docs/metrics.md says; they were counted under no reason, their prompt dropped: probe CC #3), and each choice's
+        own time per output token (not the request's decode time over all n choices' tokens)."""
         if not finished and not abandoned and self.first_token_at is None:
             return  # refused by the backend as it began (a 400 from generate), or failed before any token: no run
         metrics = self.state.metrics
@@ -241,7 +249,7 @@ class Run:
         end = time.monotonic()
         num_prompt_tokens = finished[0].num_prompt_tokens if finished else 0
         reasons = [delta.finish_reason.value if delta.finish_reason else "none" for delta in finished]
-        if abandoned:  # each choice left unfinished: an abort (the client left) or an error (the server failed)
+        if abandoned or failed:  # each choice left unfinished: an abort (the client left, the drain) or an error
             if not finished:  # the prefill ran if a token came
                 num_prompt_tokens = len(self.request.prompt_token_ids) if self.first_token_at is not None else 0
             reasons += [self.unfinished_reason.value] * (self.request.sampling.n - len(finished))

@@ -60,3 +60,28 @@ def test_an_abort_the_engine_thread_does_not_answer_ends_the_stream_from_the_eve
     with pytest.raises(EngineDeadError, match="did not stop this request within 0.2 s"):
         asyncio.run(run())
     assert not client._streams
+
+
+def test_a_crashed_engine_loop_shows_nothing_running_and_no_kv_cache_in_use() -> None:
+    """Probe CC #3: after the loop crashed, running and waiting went to 0 but kv_cache_usage_perc kept the last
+    step's value for as long as the dead server ran. The totals since start stay."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine_builder.common.types import EngineStats
+
+    def crash() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    client = TorchEngineClient(EngineConfig(model_dir=Path(".")), "m", (0,), "LlamaForCausalLM")
+    runner = SimpleNamespace(bind_thread=lambda: None, check_ranks=crash)
+    client.engine = SimpleNamespace(runner=runner, close=lambda: None)  # type: ignore[assignment]
+    client._stats = EngineStats(2, 3, 0.75, 100, 25, num_preemptions=4)
+    loop = asyncio.new_event_loop()
+    try:
+        client._loop = loop
+        client._run()  # the engine thread's body, here: it crashes on its first check
+    finally:
+        loop.close()
+    assert not client.is_healthy() and "illegal memory access" in (client.failure() or "")
+    assert client.stats() == EngineStats(0, 0, 0.0, 100, 100, num_preemptions=4)

@@ -425,3 +425,62 @@ def test_an_engine_that_fails_a_request_the_drain_ended_answers_the_drains_503(d
     with pytest.raises(APIError) as refused:
         asyncio.run(run())
     assert (refused.value.status, refused.value.code) == (503, "draining")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_choice_the_engine_stopping_ended_counts_as_an_error_with_its_prompt(decoder: TextDecoder, stream: bool) -> None:
+    """Probe CC #3: an engine that stopped mid-generation (a loop crash, a lost tensor-parallel rank: the client
+    raises EngineUnavailableError) left its choices in no finished_reason and dropped their prompt, though the
+    prefill ran: a dashboard of `error` showed nothing during that very incident. A choice it ended before any
+    token counts nothing, as a request failed before its first token does."""
+    from fastapi.testclient import TestClient
+
+    from engine_builder.serve.backends.base import EngineUnavailableError
+    from engine_builder.serve.server.app import create_app
+
+    class Stopping(ScriptedEngine):
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            if prepared.request.prompt_token_ids[0] == 9:  # stops before this request's first token
+                raise EngineUnavailableError("engine loop crashed: CUDA error")
+            for index in range(prepared.request.sampling.n):
+                yield _delta(index, 3, 3)
+            raise EngineUnavailableError("engine loop crashed: CUDA error")
+
+    state = ServerState(ServerSettings("m"), Stopping([]), renderer=None, decoder=decoder)
+    with TestClient(create_app(state)) as client:
+        for prompt in ([1, 2, 3, 4, 5], [9, 2, 3]):
+            body = {"prompt": prompt, "max_tokens": 10, "n": 2, "stream": stream}
+            response = client.post("/v1/completions", json=body)
+            assert "engine loop crashed" in response.text and response.status_code == (200 if stream else 503)
+    found = _samples(state.metrics)
+    assert _finished(state.metrics) == {"error": 2}
+    assert found["prompt_tokens_total"] == 5 and found["generation_tokens_total"] == 6
+    assert found["e2e_request_latency_seconds_count"] == 1 and found["request_errors_total"] == 2
+    assert state.inflight == 0
+
+
+def test_choices_the_drain_ended_in_a_stuck_engine_count_as_aborts(decoder: TextDecoder) -> None:
+    """The drain's end, not a failure: what an engine stuck in a step ends at the drain counts `abort`, as a
+    request the drain aborts between steps does."""
+    from engine_builder.serve.backends.base import EngineUnavailableError
+    from engine_builder.serve.server.errors import APIError
+
+    class Stuck(ScriptedEngine):
+        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+            yield _delta(0, 1, 1)
+            raise EngineUnavailableError("the engine did not stop this request within 2 s")
+
+    state = ServerState(ServerSettings("m"), Stuck([]), renderer=None, decoder=decoder)
+    state.engine_ready = state.ready = True
+
+    async def run() -> None:
+        request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=8))
+        await request.admit()
+        state.drain_expired = True
+        async with request.stream() as deltas:
+            async for _ in deltas:
+                pass
+
+    with pytest.raises(APIError, match="shutting down"):
+        asyncio.run(run())
+    assert _finished(state.metrics) == {"abort": 1} and _samples(state.metrics)["prompt_tokens_total"] == 3

@@ -250,8 +250,11 @@ class TorchEngineClient:
         except BaseException as error:  # the loop must never die silently: fail every open stream
             logger.exception("engine loop crashed")
             self._dead = error
-            # nothing runs or waits any more (the counters keep their totals): /metrics must not show the last step
-            self._stats = replace(self._stats, num_running=0, num_waiting=0)
+            # nothing runs, waits or holds KV blocks any more (the counters keep their totals): /metrics must not
+            # show the last step
+            self._stats = replace(
+                self._stats, num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_kv_blocks=self._stats.num_kv_blocks
+            )
             for request_id in list(self._streams):
                 self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {error}"))
         finally:
