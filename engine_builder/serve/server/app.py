@@ -5,7 +5,7 @@ Errors come in the OpenAI envelope, except on routes that carry their own format
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -96,7 +96,13 @@ def create_app(
     # Auth outside the body limit: a client without the key is refused on its headers, before any of its body is
     # read or checked.
     app.add_middleware(AuthMiddleware, api_keys=state.settings.api_keys, is_open=is_open, render=render)
-    app.add_middleware(RequestIdMiddleware)  # refusals by the two above carry the id too
+
+    def internal_error(scope: Scope) -> Response:
+        state.metrics.record_error(500)
+        return render(APIError("Internal server error.", status=500, type="server_error"), scope)
+
+    app.add_middleware(UnexpectedErrorMiddleware, answer=internal_error)
+    app.add_middleware(RequestIdMiddleware)  # refusals by the three above carry the id too
     app.add_middleware(CloseWhileDrainingMiddleware, state=state)
 
     @app.exception_handler(APIError)
@@ -133,12 +139,6 @@ def create_app(
         logger.info("client disconnected before sending its whole request (%s)", request.url.path)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> Response:
-        logger.exception("unhandled error")
-        state.metrics.record_error(500)
-        return render(APIError("Internal server error.", status=500, type="server_error"), request.scope)
-
     routers = []
     if user_model is not None:  # registered first, so its routes win over the built-in ones
         from engine_builder.serve.server.custom_model import user_model_router
@@ -169,6 +169,37 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class UnexpectedErrorMiddleware:
+    """An exception no handler answers (a bug of ours or of a backend) becomes a 500 here, logged once, naming the
+    request. It sits inside the middlewares that put `x-request-id` and the drain's `Connection: close` on every
+    answer: Starlette runs an `exception_handler(Exception)` outside every middleware, so that 500 had neither, its
+    log line no request id, and uvicorn logged the traceback a second time (probe CC #4). An answer already begun
+    cannot become a 500: its connection is closed (uvicorn closes one whose answer the app left unfinished)."""
+
+    def __init__(self, app: ASGIApp, answer: Callable[[Scope], Response]) -> None:
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching)
+        except Exception:
+            logger.exception("unhandled error")
+            response = self.answer(scope)  # counted as a failed request whether or not it can still be sent
+            if not started:
+                await response(scope, receive, send)
 
 
 class CloseWhileDrainingMiddleware:

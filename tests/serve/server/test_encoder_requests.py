@@ -367,3 +367,28 @@ def test_max_queue_size_bounds_an_encoder_servers_admission(tmp_path: Path, mini
     with in_process_server(tmp_path, minilm_dir, base_model="encoder_bert", max_queue_size=4) as (client, state):
         assert state.settings.max_inflight == 64 + 4
         assert client.get("/info").json()["max_concurrent_requests"] == 68
+
+
+def test_an_unexpected_error_is_a_500_in_the_routes_format_with_its_request_id(
+    encoder: tuple[Any, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe CC #4, on the encoder server: the 500 of a bug of ours keeps the client's x-request-id, comes in the
+    route's format, and is counted once."""
+    from engine_builder.serve.encoders import routes
+
+    def broken(request: Any) -> None:
+        raise RuntimeError("a bug of ours")
+
+    client, state = encoder
+    monkeypatch.setattr(routes, "_read_as_json", broken)
+    before = _sample(client, "request_errors_total", status="500")
+    for path in ("/embed", "/v1/embeddings"):
+        response = client.post(path, json=ROUTES[path], headers={"x-request-id": f"enc{path}"})
+        assert response.status_code == 500 and response.headers["x-request-id"] == f"enc{path}", response.text
+        body = response.json()
+        if path == "/embed":  # TEI's format
+            assert set(body) == {"error", "error_type"} and body["error_type"] == "backend", body
+        else:
+            assert body["error"]["type"] == "server_error", body
+    assert _sample(client, "request_errors_total", status="500") == before + 2
+    assert state.inflight == 0

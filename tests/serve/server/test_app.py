@@ -1,0 +1,85 @@
+"""The application's own layers around every route: an unexpected exception's 500 goes through the middlewares
+(request id, the drain's Connection: close) and is logged once, naming the request."""
+
+import logging
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import APIRouter
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer
+
+from engine_builder.common.types import GenerationDelta, PreparedRequest
+from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import OneTokenEngine, StubEngine
+
+
+class _Broken(OneTokenEngine):
+    async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        raise RuntimeError("a backend bug")
+        yield
+
+
+class _Lines(logging.Handler):
+    """Each record as the CLI writes it to stderr (`[request <id>]` while serving one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        from engine_builder.cli import _StderrFormatter
+
+        self.setFormatter(_StderrFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def error_lines() -> Iterator[list[str]]:
+    handler = _Lines()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_an_unexpected_errors_500_keeps_the_request_id_and_is_logged_once_naming_it(
+    smollm2_dir: Path, error_lines: list[str]
+) -> None:
+    """Probe CC #4: Starlette answered it outside every middleware: no x-request-id (the client's own lost), a log
+    line naming no request, and the exception raised on to uvicorn, which logged its traceback again (here the test
+    client would raise it)."""
+    decoder = TextDecoder(Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")))
+    state = ServerState(ServerSettings("m"), _Broken(), renderer=None, decoder=decoder)
+    with TestClient(create_app(state)) as client:  # raises what the app lets out
+        response = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2},
+                               headers={"x-request-id": "abc-123"})
+    assert response.status_code == 500 and response.headers["x-request-id"] == "abc-123"
+    error = response.json()["error"]
+    assert (error["message"], error["type"]) == ("Internal server error.", "server_error")
+    assert len(error_lines) == 1, error_lines
+    assert error_lines[0].startswith("error: unhandled error [request abc-123]\nTraceback")
+    assert "RuntimeError: a backend bug" in error_lines[0]
+    assert state.inflight == 0
+
+
+def test_an_unexpected_errors_500_while_draining_closes_its_connection() -> None:
+    """Probe CC #4: the drain's Connection: close, like every other answer while draining, and counted."""
+    router = APIRouter()
+
+    @router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug of ours")
+
+    state = ServerState(ServerSettings("m"), StubEngine(), renderer=None)
+    state.ready = state.draining = True
+    client = TestClient(create_app(state, extra_routers=[router]))
+    response = client.get("/boom")
+    assert response.status_code == 500 and response.headers["connection"] == "close"
+    assert response.headers["x-request-id"]
+    found = state.metrics.render().decode()
+    assert 'request_errors_total{model_name="m",status="500"} 1.0' in found
