@@ -110,11 +110,28 @@ def _not_ready(message: str) -> Response:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> Response:
-    state = _state(request)
+async def _readiness_refusal(state: ServerState) -> Response | None:
+    """The 503 every readiness answer gives (`/ready`'s conditions: loading, draining, the engine stopped, a user
+    model unhealthy), or None when the model serves."""
     if not state.ready:
         return _not_ready("The model is still loading.")
+    if state.draining:
+        return _not_ready("The model is not ready: the server is shutting down.")
+    if not state.engine.is_healthy():
+        return _not_ready(f"The model is not ready: {_stopped(state)}.")
+    if not await _user_model_healthy(state):
+        return _not_ready(f"The model is not ready: {USER_MODEL_UNHEALTHY}.")
+    return None
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    """OpenAI's model list, a readiness answer as `/v1/models/{name}` is (routers and gateways probe it, with no
+    key): it listed the model while the engine was dead or the server draining (probe CC #5)."""
+    state = _state(request)
+    refusal = await _readiness_refusal(state)
+    if refusal is not None:
+        return refusal
     adapters = [_adapter_card(state, name) for name in state.settings.lora_adapters]
     return JSONResponse({"object": "list", "data": [_model_card(state), *adapters]})
 
@@ -125,10 +142,9 @@ async def model_readiness(name: str, request: Request) -> Response:
     neither the served model, an adapter nor Truss's `model` is a 404, as OpenAI answers (requests naming an
     unknown model still run on the base model, as the README says)."""
     state = _state(request)
-    if not state.ready or state.draining or not state.engine.is_healthy():
-        return _not_ready("The model is not ready.")
-    if not await _user_model_healthy(state):
-        return _not_ready(f"The model is not ready: {USER_MODEL_UNHEALTHY}.")
+    refusal = await _readiness_refusal(state)
+    if refusal is not None:
+        return refusal
     if name in state.settings.lora_adapters:
         return JSONResponse(_adapter_card(state, name))
     if name not in (state.settings.served_model_name, TRUSS_MODEL_NAME):

@@ -164,3 +164,35 @@ def test_a_404_from_a_base_url_without_v1_says_so() -> None:
         assert "did you mean /v1/chat/completions?" in doubled.json()["error"]["message"]
         other = client.get("/nothing/here")
         assert other.status_code == 404 and other.json()["error"]["message"] == "Not Found"
+
+
+def test_the_model_list_agrees_with_readiness() -> None:
+    """Probe CC #5: /v1/models listed the model while the engine was dead and while the server drained, where /ready
+    and /v1/models/{name} answered 503: a router probing the list kept sending traffic to that replica."""
+
+    def answers(engine: StubEngine, draining: bool = False, ready: bool = True) -> dict[str, int]:
+        state = ServerState(settings=ServerSettings("m"), engine=engine, renderer=None)
+        state.ready, state.draining = ready, draining
+        client = TestClient(create_app(state))
+        return {path: client.get(path).status_code for path in ("/ready", "/v1/models", "/v1/models/m")}
+
+    assert answers(StubEngine()) == {"/ready": 200, "/v1/models": 200, "/v1/models/m": 200}
+    for case in (answers(_StoppedEngine()), answers(StubEngine(), draining=True), answers(StubEngine(), ready=False)):
+        assert case == {"/ready": 503, "/v1/models": 503, "/v1/models/m": 503}
+    state = ServerState(settings=ServerSettings("m"), engine=_StoppedEngine(), renderer=None)
+    state.ready = True
+    error = TestClient(create_app(state)).get("/v1/models").json()["error"]
+    assert error["code"] == "not_ready" and "engine-tp-rank1 exited with code -9" in error["message"]
+    assert state.metrics.render().decode().count("request_errors_total{") == 0  # a probe's answer, not a failure
+
+
+def test_a_user_models_is_healthy_is_asked_by_the_model_list_too() -> None:
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    state.ready = True
+
+    async def unhealthy() -> bool:
+        return False
+
+    state.user_health = unhealthy
+    client = TestClient(create_app(state))
+    assert client.get("/v1/models").status_code == 503 and client.get("/ready").status_code == 503
