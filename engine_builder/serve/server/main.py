@@ -5,11 +5,13 @@ The CLI (engine_builder/stages.py) resolves the engine directory and the options
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -156,7 +158,7 @@ class StartupFailureFilter(logging.Filter):
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: readiness goes 503 at once, in-flight requests finish, then the process exits."""
+    """On SIGTERM/SIGINT: readiness goes 503 at once, in-flight requests finish, then the process exits (status 0)."""
 
     def __init__(self, config: uvicorn.Config, state: Any) -> None:
         super().__init__(config)
@@ -210,7 +212,22 @@ class DrainingServer(uvicorn.Server):
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._end_drain_now)
             return
-        super().handle_exit(sig, frame)  # a third: uvicorn's forced exit
+        # A third: uvicorn's forced exit (it forces only on SIGINT), with the signal's exit status (`capture_signals`)
+        self.force_exit = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, less its raising of the stop signal again once the server has stopped: a drain that ran to its
+        end (its requests finished, or answered 503 at its timeout or a second signal) exits 0, as a command that is
+        done does; it exited 143 (130 on Ctrl-C), which systemd, Docker and Kubernetes Jobs read as a failure (probe
+        CC #6). A forced exit (a third signal) still ends with the signal's status."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                if not self.force_exit:
+                    self._captured_signals.clear()
 
     async def shutdown(self, sockets: Any = None) -> None:
         """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request

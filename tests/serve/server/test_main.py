@@ -1,0 +1,54 @@
+"""The serving process's signals: a drain that ran to its end exits 0; a forced exit keeps the signal's status."""
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from engine_builder.serve.server.app import create_app
+from engine_builder.serve.server.main import DrainingServer
+from engine_builder.serve.server.state import ServerSettings, ServerState
+from tests.serve.server.harness import StubEngine
+
+
+@pytest.fixture
+def raised() -> Iterator[list[int]]:
+    """The SIGTERMs raised again once the server stopped: recorded here, where the default action ends the process."""
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: seen.append(sig))
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serving() -> DrainingServer:
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    state.ready = True
+    server = DrainingServer(uvicorn.Config(create_app(state)), state)
+    server.started = True  # serving: a signal drains (while loading it would end the process at once)
+    return server
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_drain_that_ran_to_its_end_does_not_raise_the_signal_again(raised: list[int], signals: int) -> None:
+    """Probe CC #6: uvicorn raised the captured SIGTERM again once the server had stopped, so a clean drain (or one a
+    second signal ended, its requests answered) exited 143 (130 on Ctrl-C), not the 0 of a command that is done."""
+    server = _serving()
+    with server.capture_signals():  # what uvicorn's `serve` runs in
+        for _ in range(signals):
+            server.handle_exit(signal.SIGTERM, None)
+        assert server.state.draining and not server.force_exit
+    assert raised == []
+    assert signal.getsignal(signal.SIGTERM) is not server.handle_exit  # the handler before it is put back
+
+
+def test_a_third_signal_forces_the_exit_with_the_signals_status(raised: list[int]) -> None:
+    """README: a third signal forces the exit; uvicorn forced it on SIGINT alone. Forced, it exits as the signal says."""
+    server = _serving()
+    with server.capture_signals():
+        for _ in range(3):
+            server.handle_exit(signal.SIGTERM, None)
+        assert server.force_exit
+    assert raised and set(raised) == {signal.SIGTERM}
