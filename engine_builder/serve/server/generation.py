@@ -197,6 +197,8 @@ class Run:
                         metrics.record_tokens(self.choice_timings[delta.index], len(delta.token_ids), now)
                     if delta.finish_reason is not None:
                         finished.append(delta)
+                    if delta.finish_reason == FinishReason.ERROR and delta.error_param is not None:
+                        raise APIError(delta.error or "The request cannot go on.", status=400, param=delta.error_param)
                     if delta.finish_reason == FinishReason.ERROR:
                         raise APIError(
                             delta.error or "The engine failed this request.", status=500, type="server_error"

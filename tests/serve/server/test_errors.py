@@ -254,3 +254,18 @@ def test_an_encoder_route_names_the_generation_routes(server: ServerProcess, pat
     error = _assert_envelope(_post(server, {"input": "x", "query": "q", "texts": ["x"]}, path), 404)
     assert path in error["message"] and "generates text" in error["message"]
     assert "/v1/chat/completions" in error["message"] and "/v1/completions" in error["message"]
+
+
+def test_bans_that_leave_a_grammar_no_token_are_a_400_naming_them(server: ServerProcess) -> None:
+    """Probe CB #4: `bad_token_ids` banning every token a grammar allows left the sampler nothing, and the token it
+    drew anyway was rejected by the grammar: a 500 "token 0 was rejected by the grammar", which the openai SDK
+    retries. The request's own field is named (on a stream, in its error event)."""
+    x = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "x", "add_special_tokens": False}).json()["tokens"]
+    body = {"messages": [{"role": "user", "content": "say x"}], "max_tokens": 5,
+            "response_format": {"type": "regex", "regex": "x"}, "bad_token_ids": x}  # fmt: skip
+    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "bad_token_ids", refused.text
+    assert "bans every token the structured output allows" in refused.json()["error"]["message"]
+    streamed = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120)
+    assert '"param":"bad_token_ids"' in streamed.text.replace(" ", "")
+    assert httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "bad_token_ids": []}).status_code == 200
