@@ -129,7 +129,7 @@ class EmbedAllRequest(_Truncating):
 
 class SimilarityInput(_Request):
     source_sentence: StrictStr
-    sentences: list[StrictStr]
+    sentences: Texts
 
 
 class SimilarityParameters(_Truncating):
@@ -159,8 +159,8 @@ class RerankRequest(_Truncating):
     [{index, relevance_score, document}], usage}); `top_n` keeps the best n in either."""
 
     query: StrictStr
-    texts: list[StrictStr] | None = None
-    documents: list[StrictStr | RerankDocument] | None = None
+    texts: Texts | None = None
+    documents: Annotated[list[StrictStr | RerankDocument], Field(fail_fast=True)] | None = None
     top_n: Annotated[StrictInt, Field(ge=1)] | None = None
     raw_scores: StrictBool = False
     return_text: StrictBool = False
@@ -255,7 +255,7 @@ class Prediction(BaseModel):
 
 
 class TokenizeRequest(_Request):
-    inputs: StrictStr | list[StrictStr]
+    inputs: StrictStr | Texts
     add_special_tokens: StrictBool = True
     prompt_name: str | None = None  # TEI's: a named prompt of the model's sentence-transformers config, prepended
 

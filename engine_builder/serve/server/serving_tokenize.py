@@ -9,7 +9,13 @@ from pydantic import Field, ValidationError
 
 from engine_builder.serve.server.app_helpers import validation_to_api_error
 from engine_builder.serve.server.errors import APIError, bad_request
-from engine_builder.serve.server.protocol import ChatCompletionRequest, ChatMessage, StrictModel, Tool
+from engine_builder.serve.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    StrictModel,
+    TokenIds,
+    Tool,
+)
 from engine_builder.serve.server.serving_chat import render_chat
 from engine_builder.serve.server.state import ServerState
 
@@ -37,7 +43,7 @@ class TokenizeChatRequest(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds  # fail fast: 2M strings kept an error each (2.1 GB; probe CC #1's follow-up)
 
 
 def tokenize_model(data: Any) -> type[StrictModel]:

@@ -9,6 +9,9 @@ from engine_builder.serve.encoders.protocol import (
     EmbedRequest,
     OpenAIEmbeddingsRequest,
     PredictRequest,
+    RerankRequest,
+    SimilarityRequest,
+    TokenizeRequest,
 )
 from tests.serve.peak_memory import peak_growth_mb
 
@@ -50,3 +53,27 @@ def test_each_shape_still_names_its_first_bad_element(
     with pytest.raises(ValidationError) as caught:
         model.model_validate({field: value})
     assert location in [error["loc"] for error in caught.value.errors()]
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (SimilarityRequest, {"inputs": {"source_sentence": "a", "sentences": [7] * 2_000_000}}),
+        (RerankRequest, {"query": "q", "texts": [7] * 2_000_000}),
+        (RerankRequest, {"query": "q", "documents": [7] * 2_000_000}),
+        (TokenizeRequest, {"inputs": [7] * 2_000_000}),
+    ],
+    ids=["similarity sentences", "rerank texts", "rerank documents", "tokenize inputs"],
+)
+def test_a_long_list_of_the_wrong_type_is_refused_at_its_first_element(model: Any, body: dict[str, Any]) -> None:
+    """Lists outside the input unions kept one error per element too: 2M numbers where texts go raised the peak
+    memory by gigabytes before the 422 (probe CC #1's follow-up)."""
+    from pydantic import ValidationError
+
+    def refuse() -> int:
+        with pytest.raises(ValidationError) as caught:
+            model.model_validate(body)
+        return caught.value.error_count()
+
+    count, growth = peak_growth_mb(refuse)
+    assert count <= 3 and growth < 100, f"{count} errors, peak memory +{growth:.0f} MB"

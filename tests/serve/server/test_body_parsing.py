@@ -145,3 +145,18 @@ def test_only_the_counted_shapes_are_counted_before_validation() -> None:
     with pytest.raises(APIError) as caught:
         parse(ChatCompletionRequest, {"messages": {str(n): n for n in range(3000)}}, CHAT_COUNTS)
     assert (caught.value.param, caught.value.code) == ("messages", "invalid_value"), caught.value.message
+
+
+def test_detokenize_refuses_a_long_list_of_strings_at_its_first() -> None:
+    """2M strings as /detokenize `tokens` kept one error per element: +2.1 GB before the 400 (probe CC #1)."""
+    from pydantic import ValidationError
+
+    from engine_builder.serve.server.serving_tokenize import DetokenizeRequest
+
+    def refuse() -> int:
+        with pytest.raises(ValidationError) as caught:
+            DetokenizeRequest.model_validate({"tokens": ["x"] * 2_000_000})
+        return caught.value.error_count()
+
+    count, growth = peak_growth_mb(refuse)
+    assert count == 1 and growth < 100, f"{count} errors, peak memory +{growth:.0f} MB"
