@@ -22,6 +22,7 @@ from engine_builder.common.types import (
     SamplingParams,
 )
 from engine_builder.serve.decoding.detokenizer import TextDecoder
+from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.generation import Run
 from engine_builder.serve.server.metrics import ServerMetrics
 from engine_builder.serve.server.state import ServerSettings, ServerState
@@ -400,11 +401,10 @@ def test_a_request_the_backend_refuses_as_it_begins_records_no_latency(decoder: 
     assert state.inflight == 0
 
 
-def test_an_engine_that_fails_a_request_the_drain_ended_answers_the_drains_503(decoder: TextDecoder) -> None:
-    """An engine stuck in a step ends the streams the drain aborted itself (EngineUnavailableError): those clients
-    get the drain's 503 `draining`, not "the server needs a restart" (probe AV)."""
+def _drained_in_a_stuck_engine(decoder: TextDecoder) -> tuple[APIError, ServerState]:
+    """The APIError a request gets when the drain ends it inside a step the engine is stuck in (the engine then
+    raises EngineUnavailableError for it), and the server's state."""
     from engine_builder.serve.backends.base import EngineUnavailableError
-    from engine_builder.serve.server.errors import APIError
 
     class Stuck(ScriptedEngine):
         async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
@@ -424,7 +424,14 @@ def test_an_engine_that_fails_a_request_the_drain_ended_answers_the_drains_503(d
 
     with pytest.raises(APIError) as refused:
         asyncio.run(run())
-    assert (refused.value.status, refused.value.code) == (503, "draining")
+    return refused.value, state
+
+
+def test_an_engine_that_fails_a_request_the_drain_ended_answers_the_drains_503(decoder: TextDecoder) -> None:
+    """An engine stuck in a step ends the streams the drain aborted itself (EngineUnavailableError): those clients
+    get the drain's 503 `draining`, not "the server needs a restart" (probe AV)."""
+    refused, _ = _drained_in_a_stuck_engine(decoder)
+    assert (refused.status, refused.code) == (503, "draining")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -462,25 +469,6 @@ def test_a_choice_the_engine_stopping_ended_counts_as_an_error_with_its_prompt(d
 def test_choices_the_drain_ended_in_a_stuck_engine_count_as_aborts(decoder: TextDecoder) -> None:
     """The drain's end, not a failure: what an engine stuck in a step ends at the drain counts `abort`, as a
     request the drain aborts between steps does."""
-    from engine_builder.serve.backends.base import EngineUnavailableError
-    from engine_builder.serve.server.errors import APIError
-
-    class Stuck(ScriptedEngine):
-        async def generate(self, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
-            yield _delta(0, 1, 1)
-            raise EngineUnavailableError("the engine did not stop this request within 2 s")
-
-    state = ServerState(ServerSettings("m"), Stuck([]), renderer=None, decoder=decoder)
-    state.engine_ready = state.ready = True
-
-    async def run() -> None:
-        request = Run(state, "r", [1, 2, 3], SamplingParams(max_tokens=8))
-        await request.admit()
-        state.drain_expired = True
-        async with request.stream() as deltas:
-            async for _ in deltas:
-                pass
-
-    with pytest.raises(APIError, match="shutting down"):
-        asyncio.run(run())
+    refused, state = _drained_in_a_stuck_engine(decoder)
+    assert "shutting down" in refused.message
     assert _finished(state.metrics) == {"abort": 1} and _samples(state.metrics)["prompt_tokens_total"] == 3
