@@ -176,10 +176,15 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float]:
         # These start training by changing the base weights (PiSSA and OLoRA move the principal part into the adapter,
         # CorDA likewise, LoftQ quantizes the base): the saved matrices fit that changed base only (served as they
         # are, SmolLM2 answered newlines). PEFT's conversion makes them a plain LoRA of the original base.
+        fix = (
+            "merge it into the LoftQ-quantized base it was trained on and serve the merged model"
+            if init.lower().startswith("loftq")
+            else "convert it to a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion="
+            "<the adapter as initialized>) and serve that"
+        )
         raise AdapterCheckError(
             f"{ADAPTER_CONFIG_FILE} init_lora_weights is {init!r}: this adapter fits the base weights its training "
-            "changed, not the base model; convert it to a plain LoRA with PEFT's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=<the adapter as initialized>) and serve that"
+            f"changed, not the base model; {fix}"
         )
     bias = config.get("bias", "none")
     if bias not in (None, "none"):

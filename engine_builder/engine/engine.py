@@ -173,7 +173,9 @@ class LLMEngine:
         # n choices of P blocks each hold n * P - (n - 1) * shared blocks: the largest P that fits the pool
         per_choice = (self.blocks.num_usable_blocks + (params.n - 1) * shared) // params.n
         fitting = min(per_choice * block_size, self.max_model_len) - len(request.prompt_token_ids)
-        return replace(params, max_tokens=fitting) if 0 < fitting < params.max_tokens else params
+        # below min_tokens it could not honour that field (probe CZ): the request is refused as too large instead
+        lowered = max(params.min_tokens, 1) <= fitting < params.max_tokens
+        return replace(params, max_tokens=fitting) if lowered else params
 
     def _check_capacity(self, request: GenerationRequest) -> None:
         """Refuse what the KV pool could never hold: queued, it would wait forever and block the queue behind it.

@@ -98,3 +98,16 @@ def test_a_default_max_tokens_is_lowered_to_what_n_choices_fit(engine: LLMEngine
     fitting = blocks_per_choice * engine.blocks.block_size - len(prompt)
     assert 0 < fitting < room
     assert finished == {index: ("length", fitting) for index in range(3)}
+
+
+def test_a_default_max_tokens_is_not_lowered_below_min_tokens(engine: LLMEngine) -> None:
+    """Probe CZ: lowered under min_tokens, the request ran 200 with fewer tokens than min_tokens asked for; it is
+    refused as too large, as it was before defaults were lowered."""
+    prompt = (1, 504, 3458)
+    fitting = (engine.blocks.num_usable_blocks // 3) * engine.blocks.block_size - len(prompt)
+    params = SamplingParams(
+        max_tokens=engine.max_model_len - len(prompt), temperature=1.0, n=3, max_tokens_default=True,
+        min_tokens=fitting + 1,
+    )  # fmt: skip
+    with pytest.raises(RequestRejectedError, match="The KV cache holds"):
+        engine.check_request(GenerationRequest("min", prompt, params))

@@ -140,6 +140,11 @@ class HarmonyParser:
         """Inside a message whose body is reasoning (or a built-in tool's call)."""
         return self._body == "reasoning"
 
+    @property
+    def in_call(self) -> bool:
+        """Inside a call's arguments (no `<|call|>` read after them yet)."""
+        return self._body == "call"
+
     def feed(self, text: str, final: bool) -> list[HarmonyEvent]:
         pending = self._pending + text
         events: list[HarmonyEvent] = []

@@ -109,7 +109,10 @@ class HarmonyOutput(ChoiceOutput):
             for call_id, name, pieces in self.calls
         ]
         reasoning = "".join(self.parts) or None
-        if calls and output.finish_reason == FinishReason.STOP.value:
+        # A call ends with <|call|>, a stop token; a stop string that ended the reply inside a call's arguments cut
+        # it (`{"city": "Os`): "stop", as the other formats' cut calls (probe CZ #1)
+        cut = self.parser.in_call and not stopped_by_token(finish_reason, stop_reason)
+        if calls and output.finish_reason == FinishReason.STOP.value and not cut:
             output.finish_reason = FinishReason.TOOL_CALLS.value
         if (calls or reasoning) and not output.content:
             output.content = None

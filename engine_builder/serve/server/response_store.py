@@ -6,7 +6,7 @@ it."""
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -21,10 +21,11 @@ MAX_STORED_BYTES = 256 << 20
 class StoredResponse:
     response: dict[str, Any]  # the response object, as answered
     input_items: list[dict[str, Any]]  # the whole conversation before the reply, each item with an `id`
-    size: int = field(init=False, default=0)  # the bytes it counts against the store's budget
 
-    def __post_init__(self) -> None:
-        self.size = len(json.dumps(self.response, default=str)) + len(json.dumps(self.input_items, default=str))
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The item objects it holds: a continued response's input items are its predecessor's own objects."""
+        return [*self.input_items, *self.response["output"]]
 
     @property
     def conversation(self) -> list[dict[str, Any]]:
@@ -38,6 +39,10 @@ class ResponseStore:
         self.max_bytes = max_bytes
         self.num_bytes = 0
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+        # Each item object counted once however many stored responses hold it (a conversation continued turn after
+        # turn shares its items: counted per response, one 1 MB document grew quadratically and pushed out every
+        # other user's responses; probe CZ): id -> [bytes, holders]. An id stays unique while a holder keeps it.
+        self._items: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._responses)
@@ -46,15 +51,32 @@ class ResponseStore:
         response_id = stored.response["id"]
         self.delete(response_id)
         self._responses[response_id] = stored
-        self.num_bytes += stored.size
-        if stored.size > self.max_bytes:
+        self._count(stored, +1)
+        if self.num_bytes > self.max_bytes and len(self._responses) == 1:
             logger.warning(
-                "response %s is %d MB of JSON, over the store's %d MB: kept alone, every other stored response dropped",
-                response_id, stored.size >> 20, self.max_bytes >> 20,
+                "response %s holds %d MB of JSON, over the store's %d MB: kept alone", response_id,
+                self.num_bytes >> 20, self.max_bytes >> 20,
             )  # fmt: skip
         while len(self._responses) > 1 and (len(self._responses) > self.capacity or self.num_bytes > self.max_bytes):
             _, oldest = self._responses.popitem(last=False)
-            self.num_bytes -= oldest.size
+            self._count(oldest, -1)
+
+    def _count(self, stored: StoredResponse, change: int) -> None:
+        """Add (+1) or take back (-1) what `stored` holds: its own fields, and its items not held by another."""
+        own = len(json.dumps({**stored.response, "output": []}, default=str))
+        self.num_bytes += change * own
+        for item in stored.items:
+            entry = self._items.get(id(item))
+            if entry is None:
+                if change < 0:  # not counted (an item put in its place since): nothing to take back
+                    continue
+                entry = self._items[id(item)] = [len(json.dumps(item, default=str)), 0]
+            if entry[1] == 0:
+                self.num_bytes += entry[0]
+            entry[1] += change
+            if entry[1] == 0:
+                self.num_bytes -= entry[0]
+                del self._items[id(item)]
 
     def get(self, response_id: str) -> StoredResponse | None:
         stored = self._responses.get(response_id)
@@ -66,5 +88,5 @@ class ResponseStore:
         stored = self._responses.pop(response_id, None)
         if stored is None:
             return False
-        self.num_bytes -= stored.size
+        self._count(stored, -1)
         return True

@@ -193,6 +193,19 @@ CALL_REPLY = (
 )
 
 
+def test_a_call_a_stop_string_cut_is_not_finished_as_tool_calls() -> None:
+    """Probe CZ: a stop string inside a call's arguments (`{"city": "Os`) finished "tool_calls", where every other
+    format's cut call finishes "stop"; ended by its stop token, or cut after the call closed, it is a call."""
+    cut = CALL_REPLY.rsplit('"Rome"', 1)[0] + '"Ro'
+    for stop, reason in (("me", "stop"), (None, "tool_calls")):
+        output = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset({"w"}), True)
+        output.feed(cut, final=True)
+        assert output.result(FinishReason.STOP, stop).finish_reason == reason
+    closed = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset({"w"}), True)
+    closed.feed(CALL_REPLY + '<|call|><|start|>assistant<|channel|>analysis<|message|>Do', final=True)
+    assert closed.result(FinishReason.STOP, "ne").finish_reason == "tool_calls"
+
+
 def test_offered_calls_become_tool_calls_streamed_as_openai_deltas() -> None:
     deltas, final = run_output(CALL_REPLY, frozenset({"w"}))
     assert final.finish_reason == "tool_calls" and final.content is None and final.reasoning == "Two lookups."

@@ -126,8 +126,29 @@ def test_the_store_keeps_within_a_byte_budget_and_always_the_newest() -> None:
     put("huge", 50_000)
     assert len(store) == 1 and store.get("huge") is not None
     put("e", 100)
-    assert store.get("huge") is None and store.get("e") is not None and store.num_bytes == store.get("e").size  # type: ignore[union-attr]
+    assert store.get("huge") is None and store.get("e") is not None and 100 < store.num_bytes < 300
     assert store.delete("e") and store.num_bytes == 0 and not store.delete("e")
+
+
+def test_a_continued_conversation_counts_its_shared_items_once() -> None:
+    """Probe CZ: a continued response's input items are its predecessor's own objects; counted per response, one
+    conversation over a 1 MB document was counted at 255 MB after 250 turns (1 MB held) and pushed out every other
+    user's responses."""
+    store = ResponseStore(max_bytes=4 << 20)
+    store.put(StoredResponse({"id": "other", "output": []}, [{"type": "message", "id": "m", "content": "hi"}]))
+    document = {"type": "message", "id": "doc", "role": "user", "content": [{"type": "input_text", "text": "x" * (1 << 20)}]}
+    items: list[dict[str, Any]] = [document]
+    for turn in range(300):
+        reply = {"type": "message", "id": f"r{turn}", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
+        store.put(StoredResponse({"id": f"resp_{turn}", "output": [reply]}, list(items)))
+        items = [*items, reply, {"type": "message", "id": f"q{turn}", "role": "user", "content": "next?"}]
+    assert store.get("other") is not None and store.get("resp_0") is not None and len(store) == 301
+    assert (1 << 20) < store.num_bytes < (1 << 20) + 200_000
+    for turn in range(300):
+        store.delete(f"resp_{turn}")
+    assert store.num_bytes == len(json.dumps({"id": "other", "output": []})) + len(
+        json.dumps({"type": "message", "id": "m", "content": "hi"})
+    )
 
 
 def test_stream_events_open_and_close_items_in_order() -> None:

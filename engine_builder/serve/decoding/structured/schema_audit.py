@@ -9,7 +9,7 @@ names the keyword and where it sits in the schema.
 import json
 from typing import Any
 
-from engine_builder.serve.decoding.structured.errors import GuideError, xgrammar_reason
+from engine_builder.serve.decoding.structured.errors import GuideError
 
 # Keywords xgrammar accepts in a schema but does not enforce (or enforces wrongly).
 UNENFORCED = {
@@ -127,17 +127,40 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
 
 
 def _check_pattern(pattern: str, where: str) -> None:
-    """A `pattern` xgrammar's regex parser refuses: a lookahead or lookbehind, a backreference, an inline flag, or
-    a malformed one. Its JSON-schema compile drops a lookaround with only a log warning (probe CB: a 200 whose
-    `"John Smith"` broke `^(?!John)...`); the same regex as a `regex` response_format was refused."""
-    import xgrammar
+    """A `pattern` with a lookaround or a backreference: xgrammar's JSON-schema compile drops a lookahead with only
+    a log warning (probe CB: a 200 whose `"John Smith"` broke `^(?!John)...`) and refuses the others without naming
+    the field. Read with Python's regex parser; a pattern it cannot read is left to xgrammar, which reads some
+    that Python does not, and refuses the rest at compile."""
+    from re import _parser as regex_parser  # type: ignore[attr-defined]
 
     try:
-        xgrammar.Grammar.from_regex(pattern)
-    except Exception as error:  # xgrammar reports every refusal as a generic error
+        parsed = regex_parser.parse(pattern)
+    except Exception:  # re.error, or a recursion limit
+        return
+    found = _unenforceable_regex_op(parsed)
+    if found is not None:
         raise GuideError(
-            f"JSON schema `pattern` {pattern!r} cannot be enforced: {xgrammar_reason(error)}", where
-        ) from None
+            f"JSON schema `pattern` {pattern!r} uses a {found}, which the grammar cannot enforce; rewrite the pattern "
+            "without it.",
+            where,
+        )
+
+
+_REGEX_OPS = {"ASSERT": "lookahead or lookbehind", "ASSERT_NOT": "negative lookahead or lookbehind",
+              "GROUPREF": "backreference", "GROUPREF_EXISTS": "conditional group"}  # fmt: skip
+
+
+def _unenforceable_regex_op(node: Any) -> str | None:
+    """The first construct of a parsed regex (Python's parser tree: (op, argument) pairs, arguments holding more
+    trees) that `_REGEX_OPS` names."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, tuple) and len(current) == 2 and str(current[0]) in _REGEX_OPS:
+            return _REGEX_OPS[str(current[0])]
+        if isinstance(current, list | tuple) or type(current).__name__ == "SubPattern":
+            stack.extend(current)
+    return None
 
 
 def _check_pattern_properties(node: dict[str, Any], patterns: dict[str, Any], where: str) -> None:
