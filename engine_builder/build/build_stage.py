@@ -190,6 +190,9 @@ def _record_options(
     )
     if manifest.config_hash != config_hash:
         logger.info("reusing %s: the config changed in serving-only runtime fields, which it now records", engine.path)
+    stack = loaded.trt_llm
+    if isinstance(stack, TrtLlmConfigV1) and stack.build.base_model.is_encoder:
+        stack.apply_architecture(manifest.architecture)  # the default route the build filled from the architecture
     changed = apply_serving_settings(manifest.runtime, loaded) or changed
     manifest.runtime.options = recorded
     manifest.served_model_name = served_name

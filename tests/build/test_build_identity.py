@@ -266,3 +266,31 @@ def test_the_serving_fields_are_outside_the_files_hash_only(tmp_path: Path) -> N
         assert build_identity(tuned, options, serving=False) == build_identity(plain, options, serving=False)
     lora = loaded("  runtime: {lora_cache_max_adapter_size: 8}\n")  # not a serving-only field
     assert build_identity(lora, options, serving=False) != build_identity(plain, options, serving=False)
+
+
+def test_a_reused_encoder_keeps_the_default_route_its_architecture_gives(
+    tmp_path: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe CZ: a remote checkpoint's architecture fills the encoder's default route only once fetched, which a
+    reuse does not do: refreshing the serving fields wrote the config's null over a classifier's `/predict`."""
+    import yaml
+
+    from engine_builder.build.build_stage import build_engine
+    from engine_builder.common.artifact import MANIFEST_FILE, load_engine_dir, write_atomic
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"trt_llm": {"build": {
+        "base_model": "encoder_bert", "checkpoint_repository": {"source": "LOCAL", "repo": str(minilm_dir)},
+    }}}))  # fmt: skip
+    output = tmp_path / "engine"
+    loaded = load_config(path)
+    built = build_engine(loaded, output, loaded.truss.engine_builder).engine_dir
+    assert built.manifest.runtime.default_route == "/v1/embeddings"
+    manifest = built.manifest  # as a classifier's engine records it
+    manifest.architecture, manifest.runtime.default_route = "BertForSequenceClassification", "/predict"
+    write_atomic(output / MANIFEST_FILE, manifest.to_json())
+    loaded = load_config(path)
+    loaded.trt_llm.runtime.__dict__["webserver_default_route"] = None  # as a remote checkpoint's config reads
+    assert build_engine(loaded, output, loaded.truss.engine_builder).reused
+    assert load_engine_dir(output).manifest.runtime.default_route == "/predict"
