@@ -326,6 +326,11 @@ def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSamplin
         )
 
 
+def _max_tokens_default(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    """Nothing to send: the torch engine lowers a default max_tokens to what its KV cache holds for n choices;
+    TensorRT-LLM takes max_tokens as given, its capacity its own (verified against the fake seam only)."""
+
+
 FIELD_MAPPINGS: dict[str, Mapper] = {
     **{name: _same_name(name) for name in SAME_NAME_FIELDS},
     **{name: _penalty(name) for name in PENALTY_FIELDS},
@@ -344,6 +349,7 @@ FIELD_MAPPINGS: dict[str, Mapper] = {
     "prompt_logprobs": _prompt_logprobs,
     "guide": _guide,
     "use_lookahead": _use_lookahead,
+    "max_tokens_default": _max_tokens_default,
 }
 
 
