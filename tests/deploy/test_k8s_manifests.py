@@ -42,18 +42,38 @@ def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
     return deployment["spec"]["template"]["metadata"]["labels"]
 
 
+def _config() -> Any:
+    return parse_config((K8S_DIR / "config.yaml").read_text())
+
+
 def test_kustomization_lists_existing_manifests() -> None:
     kustomization = _load("kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"
     resources = kustomization["resources"]
-    assert set(resources) == {"configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"}
+    assert set(resources) == {"deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"}
     assert all((K8S_DIR / name).is_file() for name in resources)
+
+
+def test_the_config_map_is_generated_so_that_an_edit_rolls_the_pods(deployment: dict[str, Any]) -> None:
+    """Probe CH: a fixed-name ConfigMap edited and applied changed no pod template, so running pods kept the old
+    config while restarted and added ones built the new one. kustomize's generator names it after its content and
+    rewrites the Deployment's reference, so every edit is a rollout."""
+    (generated,) = _load("kustomization.yaml")["configMapGenerator"]
+    assert generated["files"] == ["config.yaml"] and (K8S_DIR / "config.yaml").is_file()
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == generated["name"]
+    assert not list(K8S_DIR.glob("configmap*.yaml"))
+
+
+def test_the_autoscaler_alone_sets_the_replica_count(deployment: dict[str, Any]) -> None:
+    """Probe CH: `replicas: 1` beside the HPA reset a scaled-out fleet to one pod on every `kubectl apply`."""
+    assert "replicas" not in deployment["spec"]
 
 
 def test_every_manifest_has_api_version_kind_and_name() -> None:
     for path in sorted(K8S_DIR.rglob("*.yaml")):
         document = yaml.safe_load(path.read_text())
-        if path.name in ("kustomization.yaml", "prometheus-adapter-rules.yaml"):
+        if path.name in ("kustomization.yaml", "prometheus-adapter-rules.yaml", "config.yaml"):
             continue
         assert document["apiVersion"] and document["kind"], path
         assert document["metadata"]["name"] == "engine-builder" or document["kind"] == "ConfigMap", path
@@ -84,7 +104,7 @@ def test_container_serves_the_mounted_config_on_the_named_port(container: dict[s
 
 
 def test_gpu_resources_match_the_config_tensor_parallelism(container: dict[str, Any]) -> None:
-    config = parse_config(_load("configmap.yaml")["data"]["config.yaml"])
+    config = _config()
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus == int(container["resources"]["requests"]["nvidia.com/gpu"])
     assert gpus == config.trt_llm.build.tensor_parallel_count
@@ -114,7 +134,9 @@ def test_pdb_selects_the_pods(deployment: dict[str, Any]) -> None:
     pdb = _load("pdb.yaml")
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["spec"]["selector"]["matchLabels"].items() <= _pod_labels(deployment).items()
-    assert pdb["spec"]["maxUnavailable"] == 1
+    # probe CH: maxUnavailable 1 let a node drain evict the only replica, whose engine (on an emptyDir) then had
+    # to be downloaded and built again: an outage
+    assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
 
 
 def test_the_autoscaling_metric_is_exported_by_the_server() -> None:
@@ -141,7 +163,7 @@ def test_hpa_scales_the_deployment_on_concurrency() -> None:
     (rule,) = adapter_rules["rules"]["custom"]
     assert rule["seriesQuery"].startswith(METRIC + "{")
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
-    config = parse_config(_load("configmap.yaml")["data"]["config.yaml"])
+    config = _config()
     target = int(metric["pods"]["target"]["averageValue"])
     assert 0 < target <= config.trt_llm.build.max_batch_size
     assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
@@ -153,3 +175,4 @@ def test_keda_alternative_queries_the_same_metric() -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == "engine-builder"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and METRIC in trigger["metadata"]["query"]
+    assert "namespace" not in trigger["metadata"]["query"]  # probe CH: "default" alone never scaled elsewhere
