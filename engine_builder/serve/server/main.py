@@ -226,8 +226,9 @@ class DrainingServer(uvicorn.Server):
             try:
                 yield
             finally:
-                if not self.force_exit:
-                    self._captured_signals.clear()
+                captured = getattr(self, "_captured_signals", None)  # uvicorn's own list (0.29+)
+                if not self.force_exit and isinstance(captured, list):
+                    captured.clear()
 
     async def shutdown(self, sockets: Any = None) -> None:
         """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request
