@@ -232,12 +232,7 @@ class Run:
         except EngineUnavailableError as error:
             if self.state.drain_expired:  # ended by the drain, the engine not answering in time: the drain's 503
                 raise self.state.drain_refusal() from None
-            raise APIError(
-                f"The engine stopped and cannot finish this request ({error}); the server needs a restart.",
-                status=503,
-                type="server_error",
-                code="engine_unavailable",
-            ) from None
+            raise self.state.engine_stopped_refusal(str(error)) from None
 
     def _record(self, finished: list[GenerationDelta], abandoned: bool, failed: bool) -> None:
         """The request's end: e2e and prompt tokens once, a success per choice (a choice the stream's end left

@@ -162,10 +162,11 @@ class ServerState:
     def release(self) -> None:
         self.inflight -= 1
 
-    def engine_stopped_refusal(self) -> APIError:
-        """The answer to a request that arrives once the engine has stopped for good (a loop crash, a lost
-        tensor-parallel rank): the same 503 a request it was running gets, streamed or not."""
-        why = (self.engine.failure() or "").strip().splitlines()
+    def engine_stopped_refusal(self, failure: str | None = None) -> APIError:
+        """The 503 of a request the engine cannot serve because it has stopped for good (a loop crash, a lost
+        tensor-parallel rank), one that arrives afterwards or one it was running, streamed or not. `failure`: why,
+        the engine's own account by default."""
+        why = (failure or self.engine.failure() or "").strip().splitlines()
         cause = f" ({why[0][:MAX_CAUSE_CHARS]})" if why else ""
         return APIError(
             f"The engine stopped{cause} and cannot serve this request; the server needs a restart.",
