@@ -518,7 +518,7 @@ class LLMEngine:
         params = seq.sampling
         if seq.guide_state is not None and not seq.guide_state.accept(token_id):
             self._finish(seq, FinishReason.ERROR, None)
-            if any(math.isinf(bias) for bias in params.logit_bias.values()):
+            if _bans_leave_no_token(seq.guide_state, params):
                 # The request's bans took every token the grammar allows here: the sampler had none left to draw.
                 seq.error = (
                     f"bad_token_ids bans every token the structured output allows after {seq.num_output_tokens - 1} "
@@ -590,3 +590,14 @@ class LLMEngine:
             num_lookahead_drafts=self.lookahead.num_steps if self.lookahead else 0,
             num_lookahead_accepted_tokens=self.lookahead.num_accepted_draft_tokens if self.lookahead else 0,
         )
+
+
+def _bans_leave_no_token(guide_state: Any, params: SamplingParams) -> bool:
+    """Whether the request's banned tokens (bad_token_ids: a bias of -inf) cover every token the grammar allows now:
+    then the sampler could draw only a token the grammar rejects, and the request, not the engine, is at fault."""
+    banned = [token for token, bias in params.logit_bias.items() if math.isinf(bias) and bias < 0]
+    if not banned:
+        return False
+    allowed = guide_state.allowed_tokens().clone()
+    allowed[banned] = False
+    return not bool(allowed.any())
