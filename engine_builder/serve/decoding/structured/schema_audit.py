@@ -7,6 +7,7 @@ names the keyword and where it sits in the schema.
 """
 
 import json
+from re import _parser as regex_parser  # type: ignore[attr-defined]  # Python's own regex parser (3.11+)
 from typing import Any
 
 from engine_builder.serve.decoding.structured.errors import GuideError
@@ -131,8 +132,6 @@ def _check_pattern(pattern: str, where: str) -> None:
     a log warning (probe CB: a 200 whose `"John Smith"` broke `^(?!John)...`) and refuses the others without naming
     the field. Read with Python's regex parser; a pattern it cannot read is left to xgrammar, which reads some
     that Python does not, and refuses the rest at compile."""
-    from re import _parser as regex_parser  # type: ignore[attr-defined]
-
     try:
         parsed = regex_parser.parse(pattern)
     except Exception:  # re.error, or a recursion limit
@@ -158,7 +157,7 @@ def _unenforceable_regex_op(node: Any) -> str | None:
         current = stack.pop()
         if isinstance(current, tuple) and len(current) == 2 and str(current[0]) in _REGEX_OPS:
             return _REGEX_OPS[str(current[0])]
-        if isinstance(current, list | tuple) or type(current).__name__ == "SubPattern":
+        if isinstance(current, list | tuple | regex_parser.SubPattern):
             stack.extend(current)
     return None
 
