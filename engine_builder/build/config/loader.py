@@ -87,8 +87,9 @@ class LoadedConfig:
 
     def build_hash(self, *, serving: bool = True) -> str:
         """Identity of the resolved trt_llm section; without the SERVING_ONLY_RUNTIME fields when not `serving`
-        (what a torch build writes does not depend on them: build_stage.py reuses a torch engine across them). The engine options that decide the engine are added by the
-        build stage from their effective values, flags included (engine_builder/build/build_stage.py).
+        (what a torch build writes does not depend on them: build_stage.py reuses a torch engine across them). The
+        engine options that decide the engine are added by the build stage from their effective values, flags
+        included (engine_builder/build/build_stage.py).
 
         `use_fp8_context_fmha` left out is hashed as `false`, as every hash before it was left out of `resolved()`
         (an upgrade must not rebuild every engine: probe BZ #1), and a `false` the config writes adds a marker, so
