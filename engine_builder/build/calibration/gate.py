@@ -107,20 +107,21 @@ def log_overrides(thresholds: GateThresholds) -> None:
 
 
 def failures(metrics: "AccuracyMetrics", thresholds: GateThresholds) -> list[str]:
-    """One line per breached threshold, naming the measured value, the limit and where the limit is set."""
+    """One line per breached threshold, naming the measured value, the limit and where the limit is set. Each check
+    asks whether the value meets its limit, so a NaN (a quantized logit that overflowed) breaches every one."""
     found = []
-    if metrics.top1_agreement < thresholds.min_top1_agreement:
+    if not metrics.top1_agreement >= thresholds.min_top1_agreement:
         found.append(
             f"top-1 agreement {metrics.top1_agreement:.4f} < {thresholds.min_top1_agreement} "
             f"({_where(thresholds, 'min_top1_agreement')})"
         )
-    if metrics.perplexity_change > thresholds.max_perplexity_increase:
+    if not metrics.perplexity_change <= thresholds.max_perplexity_increase:
         found.append(
             f"perplexity {metrics.perplexity_reference:.3f} -> {metrics.perplexity_quantized:.3f} "
             f"(+{metrics.perplexity_change:.2%}) > +{thresholds.max_perplexity_increase:.2%} "
             f"({_where(thresholds, 'max_perplexity_increase')})"
         )
-    if metrics.logit_cosine_mean < thresholds.min_logit_cosine:
+    if not metrics.logit_cosine_mean >= thresholds.min_logit_cosine:
         found.append(
             f"mean logit cosine {metrics.logit_cosine_mean:.4f} < {thresholds.min_logit_cosine} "
             f"({_where(thresholds, 'min_logit_cosine')})"

@@ -1,8 +1,11 @@
 """The accuracy gate's thresholds: format defaults, `engine_builder:` fields, environment overrides (recorded)."""
 
+import math
+
 import pytest
 
 from engine_builder.build.calibration import gate
+from engine_builder.build.calibration.evaluate import AccuracyMetrics
 from engine_builder.build.calibration.quantizers import ENGINE_BUILDER, MODELOPT, resolve_quantizer
 from engine_builder.common.options import EngineOptions
 
@@ -52,3 +55,17 @@ def test_quantizer_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_quantizer("auto") == ENGINE_BUILDER
     monkeypatch.setattr(quantizers, "modelopt_installed", lambda: True)
     assert resolve_quantizer("auto") == MODELOPT
+
+
+@pytest.mark.parametrize("field", ["top1_agreement", "logit_cosine_mean", "perplexity_quantized"])
+def test_a_nan_metric_breaches_its_threshold(field: str) -> None:
+    """A quantized logit that overflowed makes the metrics NaN; NaN compares false with every limit, so the gate
+    must ask whether a value meets its limit, not whether it breaches it."""
+    sound = dict(
+        num_sequences=24, num_tokens=985, top1_agreement=0.95, logit_cosine_mean=0.999, logit_cosine_min=0.99,
+        kl_divergence_mean=0.01, perplexity_reference=30.0, perplexity_quantized=30.3,
+    )
+    thresholds = gate.thresholds_for("FP8", EngineOptions(), environ={})
+    assert gate.failures(AccuracyMetrics(**sound), thresholds) == []
+    breached = gate.failures(AccuracyMetrics(**{**sound, field: math.nan}), thresholds)
+    assert len(breached) == 1 and "nan" in breached[0]
