@@ -50,10 +50,11 @@ class ToolCallOutput(ChoiceOutput):
     """One choice's text parsed as it grows (`ToolCallStream`: settled calls and content are not parsed again);
     what changed since the last delta is streamed."""
 
-    def __init__(self, parser: ToolParser, parallel: bool) -> None:
+    def __init__(self, parser: ToolParser, parallel: bool, id_length: int | None = None) -> None:
         super().__init__()
         self.parser = parser
         self.parallel = parallel
+        self.id_length = parser.id_length if id_length is None else id_length
         self.stream = parser.stream()
         self.is_final = False
         self.sent_content = 0
@@ -94,7 +95,7 @@ class ToolCallOutput(ChoiceOutput):
         for index in indices:
             call = calls[index]
             if index >= len(self.sent_calls):
-                call_id = new_call_id(self.parser.id_length)
+                call_id = new_call_id(self.id_length)
                 self.sent_calls.append((call_id, 0))
                 deltas.append(
                     {"tool_calls": [{"index": index, "id": call_id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}
@@ -111,7 +112,7 @@ class ToolCallOutput(ChoiceOutput):
         if not self.is_final:
             self.feed("", final=True)
         calls = [
-            ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.parser.id_length),
+            ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.id_length),
                              function=FunctionCall(name=call.name, arguments=call.arguments))
             for i, call in enumerate(self._calls())
         ]
@@ -134,14 +135,21 @@ def _shows_content(stream: ToolCallStream, final: bool) -> bool:
 
 
 class ToolCallProcessor(OutputProcessor):
-    def __init__(self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool, only_marked: bool = False) -> None:
+    """`id_length`: the call ids' length when another format than the parser's makes them (a forced call's ids are
+    the model family's, which its chat template checks when the calls come back: Mistral's take 9 characters)."""
+
+    def __init__(
+        self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool, only_marked: bool = False,
+        id_length: int | None = None,
+    ) -> None:  # fmt: skip
         self.parser_name = parser_name
         self.tools = tools
         self.parallel = parallel
         self.only_marked = only_marked
+        self.id_length = id_length
 
     def start(self, index: int) -> ChoiceOutput:
-        return ToolCallOutput(tool_parser(self.parser_name, self.tools, self.only_marked), self.parallel)
+        return ToolCallOutput(tool_parser(self.parser_name, self.tools, self.only_marked), self.parallel, self.id_length)
 
 
 def plan_tools(
@@ -191,7 +199,8 @@ def plan_tools(
         parts=_parameter_parts(body.tools, enforced),
     )  # fmt: skip
     hints = [] if template_supports_tools else [_tool_hint(template_tools)]
-    return ToolCallProcessor("forced", schemas, parallel), template_tools, guide, hints
+    id_length = tool_parser(family_parser, schemas).id_length if family_parser not in (None, HARMONY) else None
+    return ToolCallProcessor("forced", schemas, parallel, id_length=id_length), template_tools, guide, hints
 
 
 def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], family: str, parallel: bool) -> Guide:

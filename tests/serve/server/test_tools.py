@@ -321,6 +321,32 @@ def test_a_call_a_stop_string_cut_is_not_finished_as_tool_calls() -> None:
     assert finish(whole, FinishReason.STOP, 151645) == ("tool_calls", ['{"city": "Paris"}'])
 
 
+@pytest.mark.parametrize("family, pattern", [("mistral", r"[A-Za-z0-9]{9}"), ("hermes", r"call_[A-Za-z0-9]{24}"), (None, r"call_[A-Za-z0-9]{24}")])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_calls_id_has_the_model_familys_format(family: str | None, pattern: str, tool_choice: Any) -> None:
+    """Probe DD #1: a forced call's id was `call_` + 24 characters on a Mistral model, whose chat template refuses
+    any id but 9 alphanumerics when the call comes back on the next turn (vllm#9019), streamed or whole."""
+    import re
+
+    from engine_builder.common.types import FinishReason
+    from engine_builder.serve.server.protocol import ChatCompletionRequest
+    from engine_builder.serve.server.tools import plan_tools
+
+    body = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": tool_choice,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    })  # fmt: skip
+    processor, _, _, _ = plan_tools(body, family, True)
+    assert processor is not None
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    text = f"[{call}]" if tool_choice == "required" else call  # parallel calls are a list, a named one an object
+    output = processor.start(0)
+    streamed = [call["id"] for delta in output.feed(text, final=True) for call in delta.get("tool_calls", []) if "id" in call]
+    final = output.result(FinishReason.STOP, None)
+    assert [call.id for call in final.tool_calls] == streamed and len(streamed) == 1
+    assert re.fullmatch(pattern, streamed[0])
+
+
 # A template written as Gemma 3's, Mistral's and Llama 2's are: one system message, first, folded into the first user
 # turn; then turns must alternate.
 STRICT_TEMPLATE = (
