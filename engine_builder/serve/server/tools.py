@@ -215,7 +215,7 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
         raise bad_request(
             f"`strict: true` cannot be enforced with tool_choice auto for this model's tool-call format ({family}): "
             "its calls have no single start marker for the grammar to wait for. Use tool_choice `required` or a "
-            "named function (constrained to the schema), or remove `strict`.",
+            "named function (constrained to the schema), or set `strict: false`.",
             param=f"tools[{first}].function.strict",
         )
     _audit_parameters(tools, strict)

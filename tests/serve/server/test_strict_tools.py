@@ -45,6 +45,9 @@ def test_strict_in_auto_mode_is_refused_where_the_family_has_no_call_marker(fami
     with pytest.raises(APIError) as refused:
         plan_tools(request(tools), family, True)
     assert refused.value.param == "tools[1].function.strict" and "required" in str(refused.value)
+    # the advice works on the Responses API too, where an unset `strict` is true: set it false (probe DD)
+    assert "set `strict: false`" in str(refused.value)
+    assert plan_tools(request([tool("note", {"type": "object"}), tool("set_n", SET_N, strict=False)]), family, True)[2] is None
     _, _, guide, _ = plan_tools(request(tools, tool_choice="required"), family, True)
     assert guide is not None and guide.kind == GuideKind.JSON_SCHEMA
 

@@ -278,7 +278,7 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
         raise UnsupportedRequestError(
             "`strict` tools with tool_choice auto, and gpt-oss's forced tool calls, are not enforced on TensorRT-LLM "
             "(its guided decoding is not mapped to start at the model's tool-call marker); use the torch backend, "
-            "or remove `strict`",
+            "or set `strict: false`",
             param="tools",
         )
     if guide.after_reasoning is not None:
