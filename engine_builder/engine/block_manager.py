@@ -64,10 +64,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of the sequence (at least one token is always left to compute)."""
-        wants_prompt_rows = (
-            seq.sampling.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < seq.num_prompt_tokens
-        )
-        if not self.enable_prefix_caching or wants_prompt_rows:
+        if not self._looks_up(seq):
             # Prompt logprobs need every prompt row computed, until they are recorded: a choice recomputed after a
             # preemption has them (its parent's), and shares the prompt's blocks again. Refused that, n choices each
             # recomputed the prompt, no longer fit the pool, and under max_utilization preempted themselves for ever,
@@ -86,6 +83,12 @@ class BlockManager:
             parent_hash = block_hash
         return matched
 
+    def _looks_up(self, seq: Sequence) -> bool:
+        wants_prompt_rows = (
+            seq.sampling.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < seq.num_prompt_tokens
+        )
+        return self.enable_prefix_caching and not wants_prompt_rows
+
     def num_free_after_match(self, matched: list[int]) -> int:
         """Free blocks left once `matched` cached blocks are claimed (claiming a free cached block uses it up)."""
         return self.num_free_blocks - sum(1 for block_id in matched if self._blocks[block_id].ref_count == 0)
@@ -102,8 +105,12 @@ class BlockManager:
         seq.num_computed_tokens = len(matched) * self.block_size
         seq.num_hashed_blocks = len(matched)
         seq.last_block_hash = self._blocks[matched[-1]].hash if matched else seq.prefix_salt
-        self.num_prefix_queries += seq.num_tokens
-        self.num_prefix_hits += seq.num_computed_tokens
+        if seq.num_preemptions == 0 and self._looks_up(seq):
+            # As vLLM counts them: a prompt's tokens once, at its first admission, when it was looked up at all; a
+            # recompute after a preemption finds its own KV again (probe DB: under preemption the hit rate rose
+            # with nothing shared, and an engine without prefix caching reported queries)
+            self.num_prefix_queries += seq.num_prompt_tokens
+            self.num_prefix_hits += min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_new_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks

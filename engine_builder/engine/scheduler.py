@@ -222,7 +222,7 @@ class Scheduler:
             for position, seq in enumerate(to_prefill):
                 seq_matched = matched if position == 0 else self.blocks.match_prefix(seq)
                 self.blocks.allocate_prompt(seq, seq_matched)
-                if not seq.output_token_ids:
+                if seq.num_preemptions == 0:  # a recompute finds its own KV again: nothing another request shared
                     seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
                 seq.status = SequenceStatus.RUNNING
                 num_new = min(seq.num_uncomputed_tokens, token_budget)

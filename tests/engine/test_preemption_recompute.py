@@ -138,3 +138,45 @@ def test_a_total_token_limit_below_max_seq_len_starts(smollm2_dir: Path) -> None
         engine.step()
         steps += 1
     assert not engine.has_unfinished()
+
+
+def _run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, int]:
+    """Each request's `num_cached_tokens` as its first token reports it."""
+    for request in requests:
+        engine.check_request(request)
+        engine.add_request(request)
+    cached: dict[str, int] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            cached.setdefault(delta.request_id, delta.num_cached_tokens)
+    return cached
+
+
+def test_prefix_cache_counts_a_prompt_once_and_never_a_recomputes_own_kv(smollm2_dir: Path) -> None:
+    """Probe DB: the prefix-cache counters and `cached_tokens` counted every admission: a recompute after a preemption
+    (its generated tokens as queries, its own KV as hits, the hit rate rising with nothing shared), and an engine
+    without prefix caching reported queries. vLLM counts a prompt's tokens once, at first admission."""
+    engine = _without_the_model(_engine(smollm2_dir), 12, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
+    long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    cached = _run(engine, [GenerationRequest("a", tuple(range(100, 140)), long), GenerationRequest("b", tuple(range(300, 340)), long)])
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    assert (stats.num_prefix_cache_queries, stats.num_prefix_cache_hits, cached) == (80, 0, {"a": 0, "b": 0})
+
+    # preempted mid-prefill (chunks of 16), re-admitted: its own chunks are no cached prompt tokens
+    engine = _without_the_model(_engine(smollm2_dir), 17, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION, max_num_tokens=16)
+    cached = _run(engine, [
+        GenerationRequest("a", tuple(range(100, 220)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),
+        GenerationRequest("b", tuple(range(300, 460)), SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)),
+    ])  # fmt: skip
+    assert engine.scheduler.num_preemptions > 0 and cached == {"a": 0, "b": 0}
+
+    # a shared prefix is still counted; prompt logprobs and a cache turned off look nothing up
+    for caching, prompt_logprobs, expected in ((True, None, (66, 32)), (True, 0, (33, 0)), (False, None, (0, 0))):
+        engine = _without_the_model(_engine(smollm2_dir, enable_prefix_caching=caching), 40)
+        short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        _run(engine, [GenerationRequest("first", tuple(range(100, 133)), short)])
+        shared = dataclasses.replace(short, prompt_logprobs=prompt_logprobs)
+        _run(engine, [GenerationRequest("second", tuple(range(100, 133)), shared)])
+        stats = engine.stats()
+        assert (stats.num_prefix_cache_queries, stats.num_prefix_cache_hits) == expected, (caching, prompt_logprobs)
