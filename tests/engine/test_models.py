@@ -5,9 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_builder.engine.kv_cache import PagedKVCache
-from engine_builder.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan
-from engine_builder.engine.models.loader import load_decoder
+from tests.engine.tiny_models import prefill_logits
 
 TINY = dict(
     vocab_size=256,
@@ -81,31 +79,13 @@ def _tiny(kind: str, path: Path) -> Path:
     return path
 
 
-def _prefill(model_dir: Path, ids: list[int]) -> torch.Tensor:
-    model = load_decoder(model_dir, torch.float32, torch.device("cpu"))
-    spec = model.spec
-    cache = PagedKVCache(
-        spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")
-    )
-    slots = torch.arange(16, 16 + len(ids))
-    metadata = CpuAttentionMetadata(
-        slot_mapping=slots,
-        decode_rows=torch.empty(0, dtype=torch.long),
-        decode_slots=torch.empty(0, 0, dtype=torch.long),
-        decode_mask=torch.empty(0, 1, 1, 0, dtype=torch.bool),
-        extends=[ExtendSpan(0, len(ids), slots)],
-    )
-    with torch.inference_mode():
-        return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
-
-
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "gpt_oss"])
 def test_prefill_logits_match_transformers(kind: str, tmp_path: Path) -> None:
     import transformers
 
     model_dir = _tiny(kind, tmp_path / kind)
     ids = [(7 * i + 3) % 250 + 1 for i in range(20)]  # longer than the sliding windows
-    ours = _prefill(model_dir, ids)
+    ours = prefill_logits(model_dir, ids)
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.inference_mode():
         expected = reference(torch.tensor([ids])).logits[0].float()

@@ -1,9 +1,13 @@
 """Tiny random checkpoints (written with transformers) for tests that run models through slow paths, such as the
-Triton kernels under the interpreter."""
+Triton kernels under the interpreter, and the engine's prefill logits of one, to compare with transformers'."""
 
 from pathlib import Path
 
 import torch
+
+from engine_builder.engine.kv_cache import PagedKVCache
+from engine_builder.engine.layers.attention.cpu import CpuAttentionMetadata, ExtendSpan
+from engine_builder.engine.models.loader import load_decoder
 
 COMMON = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,3 +54,22 @@ def write_tiny_model(root: Path, family: str) -> Path:
         raise ValueError(family)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def prefill_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """float32 logits of every position of `ids`, prefilled in one step through the paged KV cache."""
+    model = load_decoder(model_dir, torch.float32, torch.device("cpu"))
+    spec = model.spec
+    cache = PagedKVCache(
+        spec.num_layers, 8, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")
+    )
+    slots = torch.arange(16, 16 + len(ids))
+    metadata = CpuAttentionMetadata(
+        slot_mapping=slots,
+        decode_rows=torch.empty(0, dtype=torch.long),
+        decode_slots=torch.empty(0, 0, dtype=torch.long),
+        decode_mask=torch.empty(0, 1, 1, 0, dtype=torch.bool),
+        extends=[ExtendSpan(0, len(ids), slots)],
+    )
+    with torch.inference_mode():
+        return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), metadata, cache))
