@@ -27,6 +27,7 @@ def _rope(config: dict[str, Any], layer_type: str | None = None) -> tuple[float,
 
 
 def _common(architecture: str, config: dict[str, Any], **overrides: Any) -> DecoderSpec:
+    """The Llama layout: attention_bias puts biases on q, k, v and o (Llama, Qwen3, Qwen3-MoE, Gemma3)."""
     num_heads = config["num_attention_heads"]
     theta, scaling = _rope(config)
     values: dict[str, Any] = dict(
@@ -44,27 +45,30 @@ def _common(architecture: str, config: dict[str, Any], **overrides: Any) -> Deco
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=bool(config.get("attention_bias", False)),
+        o_bias=bool(config.get("attention_bias", False)),
         qk_norm=False,
         activation=config.get("hidden_act", "silu"),
         sliding_window=None,
     )
     values.update(overrides)
-    if config.get("mlp_bias"):
-        raise UnsupportedArchitectureError(f"{architecture} with mlp_bias is not supported by the torch engine")
     return DecoderSpec(**values)
 
 
 def _llama(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    if config.get("mlp_bias"):  # only Llama reads mlp_bias in transformers; the others ignore the key
+        raise UnsupportedArchitectureError(f"{architecture} with mlp_bias is not supported by the torch engine")
     return _common(architecture, config)
 
 
 def _mistral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
-    return _common(architecture, config, sliding_window=config.get("sliding_window"))
+    """Mistral and Mixtral: no attention biases, whatever attention_bias says (transformers ignores the key)."""
+    return _common(architecture, config, qkv_bias=False, o_bias=False, sliding_window=config.get("sliding_window"))
 
 
 def _qwen2(architecture: str, config: dict[str, Any]) -> DecoderSpec:
+    """Qwen2: biases on q, k and v always, none on o."""
     window = config.get("sliding_window") if config.get("use_sliding_window") else None
-    return _common(architecture, config, qkv_bias=True, sliding_window=window)
+    return _common(architecture, config, qkv_bias=True, o_bias=False, sliding_window=window)
 
 
 def _qwen3(architecture: str, config: dict[str, Any]) -> DecoderSpec:

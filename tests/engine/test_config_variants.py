@@ -1,0 +1,68 @@
+"""config.json variants read as transformers reads them (probe DE): prefill logits against transformers' (tiny random
+checkpoints, float32), and the variants the engine refuses."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine_builder.engine.models import decoder_spec
+from tests.engine.tiny_models import prefill_logits
+
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
+)
+IDS = [(7 * i + 3) % 250 + 1 for i in range(40)]  # past the 8-token windows
+
+
+def _save(family: str, path: Path, edit: Callable[[dict[str, Any]], None] | None = None, **config: Any) -> Path:
+    """A random `family` checkpoint (biases random too, so a missing one shows), its config.json edited by `edit`."""
+    import transformers
+
+    torch.manual_seed(0)
+    model_class = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")  # Gemma3TextConfig's model
+    model = model_class(getattr(transformers, f"{family}Config")(**TINY, **config))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    model.save_pretrained(path)
+    if edit is not None:
+        document = json.loads((path / "config.json").read_text())
+        edit(document)
+        (path / "config.json").write_text(json.dumps(document))
+    return path
+
+
+def _assert_matches_transformers(model_dir: Path) -> None:
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([IDS])).logits[0].float()
+    torch.testing.assert_close(prefill_logits(model_dir, IDS), expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen3"])
+def test_attention_bias_loads_the_output_projection_bias(family: str, tmp_path: Path) -> None:
+    """attention_bias puts biases on q, k, v and o_proj in transformers; o_proj.bias was refused as 'no place'."""
+    _assert_matches_transformers(_save(family, tmp_path, attention_bias=True))
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Mixtral"])
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_bias_keys_are_ignored_where_transformers_ignores_them(family: str, key: str, tmp_path: Path) -> None:
+    """Mistral and Mixtral have no attention biases whatever attention_bias says (the engine expected q/k/v ones),
+    nor MLP biases whatever mlp_bias says (only Llama reads it; the engine refused it)."""
+    extra = {"num_local_experts": 4, "num_experts_per_tok": 2} if family == "Mixtral" else {}
+    model_dir = _save(family, tmp_path, lambda c: c.update({key: True}), sliding_window=8, **extra)
+    _assert_matches_transformers(model_dir)
+
+
+def test_qwen2_keeps_its_qkv_only_biases() -> None:
+    spec = decoder_spec({**TINY, "architectures": ["Qwen2ForCausalLM"], "attention_bias": True})
+    assert spec.qkv_bias and not spec.o_bias
