@@ -47,6 +47,34 @@ def _assert_matches_transformers(model_dir: Path) -> None:
     torch.testing.assert_close(prefill_logits(model_dir, IDS), expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3"])
+@pytest.mark.parametrize("layers", ["max_window_layers", "layer_types"])
+def test_qwen_sliding_window_slides_only_the_layers_transformers_slides(
+    family: str, layers: str, tmp_path: Path
+) -> None:
+    """use_sliding_window slid every layer; transformers slides the layers `layer_types` marks (derived, when the
+    config has none, as those from max_window_layers on)."""
+    if layers == "max_window_layers":  # layer 1 slides
+        model_dir = _save(family, tmp_path, lambda c: c.pop("layer_types"), use_sliding_window=True,
+                          sliding_window=8, max_window_layers=1)
+    else:  # layer 0 slides, which max_window_layers cannot say
+        model_dir = _save(family, tmp_path, use_sliding_window=True, sliding_window=8,
+                          layer_types=["sliding_attention", "full_attention"])
+    _assert_matches_transformers(model_dir)
+
+
+def test_qwen_sliding_window_defaults_to_no_sliding_layer() -> None:
+    """max_window_layers defaults to 28 (Qwen2Config/Qwen3Config): a shallower model without layer_types slides
+    no layer; Qwen3-MoE slides every layer, as its transformers attention does."""
+    config = {**TINY, "use_sliding_window": True, "sliding_window": 8}
+    for architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert decoder_spec({**config, "architectures": [architecture]}).sliding_window is None
+    moe = {**config, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "max_window_layers": 1}
+    spec = decoder_spec(moe)
+    assert spec.sliding_window == 8 and spec.sliding_layers is None
+
+
 @pytest.mark.parametrize("family", ["Llama", "Qwen3"])
 def test_attention_bias_loads_the_output_projection_bias(family: str, tmp_path: Path) -> None:
     """attention_bias puts biases on q, k, v and o_proj in transformers; o_proj.bias was refused as 'no place'."""

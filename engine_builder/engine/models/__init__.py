@@ -65,15 +65,27 @@ def _mistral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     return _common(architecture, config, qkv_bias=False, o_bias=False, sliding_window=config.get("sliding_window"))
 
 
+def _qwen_sliding(config: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2/Qwen3's window: with use_sliding_window, on the layers `layer_types` marks sliding, which transformers
+    derives (when the config has none) as those from max_window_layers (default 28) on; on no layer without it."""
+    window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None
+    if window is None:
+        return {"sliding_window": None}
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if index >= config.get("max_window_layers", 28) else "full_attention"
+        for index in range(config["num_hidden_layers"])
+    ]
+    sliding = tuple(kind == "sliding_attention" for kind in layer_types)
+    return {"sliding_window": window if any(sliding) else None, "sliding_layers": sliding}
+
+
 def _qwen2(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     """Qwen2: biases on q, k and v always, none on o."""
-    window = config.get("sliding_window") if config.get("use_sliding_window") else None
-    return _common(architecture, config, qkv_bias=True, o_bias=False, sliding_window=window)
+    return _common(architecture, config, qkv_bias=True, o_bias=False, **_qwen_sliding(config))
 
 
 def _qwen3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
-    window = config.get("sliding_window") if config.get("use_sliding_window") else None
-    return _common(architecture, config, qk_norm=True, sliding_window=window)
+    return _common(architecture, config, qk_norm=True, **_qwen_sliding(config))
 
 
 def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
@@ -128,7 +140,8 @@ def _qwen3_moe(architecture: str, config: dict[str, Any]) -> DecoderSpec:
         normalize_top_k=bool(config.get("norm_topk_prob", False)),
         sparse_layers=tuple(index not in dense and (index + 1) % step == 0 for index in range(num_layers)),
     )
-    return replace(_qwen3(architecture, config), moe=moe)
+    window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None  # on every layer
+    return _common(architecture, config, qk_norm=True, sliding_window=window, moe=moe)
 
 
 def _mixtral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
