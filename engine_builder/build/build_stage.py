@@ -671,7 +671,9 @@ def _check_decoder_weights(model_dir: Path) -> None:
 
     try:
         check_decoder_checkpoint(model_dir)
-    except (UnsupportedArchitectureError, ValueError, TypeError, KeyError) as error:
+    except UnsupportedArchitectureError as error:  # a valid checkpoint the engine has no layers for
+        raise BuildError(f"{error} (backend torch; the trtllm backend covers more architectures)") from None
+    except (ValueError, TypeError, KeyError) as error:
         raise BuildError(
             f"the checkpoint's weights do not fit its config.json for the torch engine: {error}; use a complete, "
             "unmodified checkpoint"

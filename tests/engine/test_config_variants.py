@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine_builder.engine.models import decoder_spec
+from engine_builder.engine.models import UnsupportedArchitectureError, decoder_spec
 from tests.engine.tiny_models import prefill_logits
 
 TINY = dict(
@@ -94,3 +94,42 @@ def test_bias_keys_are_ignored_where_transformers_ignores_them(family: str, key:
 def test_qwen2_keeps_its_qkv_only_biases() -> None:
     spec = decoder_spec({**TINY, "architectures": ["Qwen2ForCausalLM"], "attention_bias": True})
     assert spec.qkv_bias and not spec.o_bias
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_yarn_without_original_max_position_embeddings_takes_max_position_embeddings(
+    key: str, tmp_path: Path
+) -> None:
+    """transformers completes original_max_position_embeddings (and a missing YaRN factor) from
+    max_position_embeddings; the engine failed with a bare KeyError."""
+    def edit(config: dict[str, Any]) -> None:
+        config.pop("rope_parameters", None)
+        config["max_position_embeddings"] = 64
+        if key == "rope_scaling":
+            config.update(rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+        else:
+            config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+
+    _assert_matches_transformers(_save("Llama", tmp_path, edit))
+
+
+@pytest.mark.parametrize(
+    ("scaling", "named"),
+    [({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type 'dynamic'"),
+     ({"type": "longrope", "factor": 2.0}, "rope_scaling.type 'longrope'")],
+)
+def test_an_unsupported_rope_type_is_refused_as_unsupported_not_as_a_broken_checkpoint(
+    scaling: dict[str, Any], named: str, tmp_path: Path
+) -> None:
+    from engine_builder.build.build_stage import _check_decoder_weights, _check_torch_decoder
+    from engine_builder.build.config.enums import QuantizationType
+    from engine_builder.build.errors import BuildError
+
+    with pytest.raises(UnsupportedArchitectureError, match=named):
+        decoder_spec({**TINY, "architectures": ["LlamaForCausalLM"], "rope_scaling": scaling})
+    model_dir = _save("Llama", tmp_path, lambda c: c.update(rope_scaling=scaling))
+    for check in (lambda: _check_torch_decoder(model_dir, QuantizationType.NO_QUANT),
+                  lambda: _check_decoder_weights(model_dir)):
+        with pytest.raises(BuildError, match="not supported by the torch engine") as refused:
+            check()
+        assert named in str(refused.value) and "unmodified" not in str(refused.value), str(refused.value)

@@ -9,6 +9,8 @@ from torch import nn
 
 from engine_builder.engine.kernels import native_ops
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the scaling schemes rope_inverse_frequencies computes
+
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with the scaling schemes checkpoints declare."""
@@ -35,9 +37,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         return torch.where(medium, blended, scaled)
     if kind == "yarn":
         return _yarn_inverse_frequencies(inv_freq, head_dim, theta, scaling)
-    raise ValueError(
-        f"rope scaling type {kind!r} is not supported by the torch engine (supported: default, linear, llama3, yarn)"
-    )
+    raise ValueError(f"rope scaling type {kind!r} is not supported by the torch engine (supported: {', '.join(ROPE_TYPES)})")
 
 
 def _yarn_inverse_frequencies(

@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine_builder.engine.layers.moe import MoESpec
+from engine_builder.engine.layers.rotary import ROPE_TYPES
 from engine_builder.engine.models.decoder import DecoderModel, DecoderSpec
 
 SpecBuilder = Callable[[str, dict[str, Any]], DecoderSpec]
@@ -16,14 +17,35 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def _rope(config: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:
-    """rope theta and scaling, from transformers 4.x keys or 5.x `rope_parameters` (possibly per layer type)."""
-    parameters = config.get("rope_parameters")
-    if isinstance(parameters, dict) and layer_type and layer_type in parameters:
-        parameters = parameters[layer_type]
-    if isinstance(parameters, dict) and "rope_theta" in parameters:
-        scaling = dict(parameters) if parameters.get("rope_type", "default") != "default" else None
-        return float(parameters["rope_theta"]), scaling
-    return float(config.get("rope_theta", 10000.0)), config.get("rope_scaling")
+    """rope theta and scaling as transformers standardizes them: the scaling from the legacy `rope_scaling`, else
+    from `rope_parameters` (its `layer_type` entry where nested by layer type); theta from there, else from the
+    config's `rope_theta`. llama3 and YaRN without `original_max_position_embeddings` take max_position_embeddings.
+    A rope type the engine has no frequencies for is refused, naming the type and its key."""
+    key, parameters = "rope_parameters", config.get("rope_parameters")
+    if isinstance(parameters, dict) and layer_type is not None and isinstance(parameters.get(layer_type), dict):
+        key, parameters = f"rope_parameters.{layer_type}", parameters[layer_type]
+    if config.get("rope_scaling") and layer_type in (None, "full_attention"):
+        # transformers replaces rope_parameters with it (Gemma3: updates the full-attention layers' entry)
+        key, parameters = "rope_scaling", {**((parameters or {}) if layer_type else {}), **config["rope_scaling"]}
+    parameters = dict(parameters) if isinstance(parameters, dict) else {}
+    theta = float(parameters.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    type_key = "rope_type" if parameters.get("rope_type") else "type"
+    kind = parameters.get(type_key) or "default"
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPES:
+        raise UnsupportedArchitectureError(
+            f"config.json's {key}.{type_key} {kind!r} is not supported by the torch engine (supported: "
+            f"{', '.join(ROPE_TYPES)})"
+        )
+    parameters["rope_type"] = kind
+    if kind in ("llama3", "yarn"):
+        max_positions = config.get("max_position_embeddings", 4096)
+        original = parameters.get("original_max_position_embeddings") or max_positions
+        parameters["original_max_position_embeddings"] = original
+        if kind == "yarn" and parameters.get("factor") is None:
+            parameters["factor"] = max_positions / original
+    return theta, parameters
 
 
 def _common(architecture: str, config: dict[str, Any], **overrides: Any) -> DecoderSpec:
