@@ -133,3 +133,40 @@ def test_an_unsupported_rope_type_is_refused_as_unsupported_not_as_a_broken_chec
         with pytest.raises(BuildError, match="not supported by the torch engine") as refused:
             check()
         assert named in str(refused.value) and "unmodified" not in str(refused.value), str(refused.value)
+
+
+def _without_defaulted_keys(config: dict[str, Any]) -> None:
+    for key in ("rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq", "rms_norm_eps"):
+        config.pop(key, None)
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "Gemma3Text", "GptOss"])
+def test_a_config_without_rope_theta_takes_the_model_types_default(family: str, tmp_path: Path) -> None:
+    """rope_theta fell back to 10000 whatever the model type: transformers' defaults are Mixtral 1e6 (and
+    rms_norm_eps 1e-5), Gemma3 1e6 global and 1e4 local, gpt-oss 1.5e5 with YaRN (factor 32 over 4096)."""
+    extra: dict[str, Any] = {
+        "Mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "Gemma3Text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                       "query_pre_attn_scalar": 16},
+        "GptOss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+                   "layer_types": ["sliding_attention", "full_attention"]},
+    }[family]
+    _assert_matches_transformers(_save(family, tmp_path, _without_defaulted_keys, **extra))
+
+
+def test_gemma3_sliding_layers_take_their_own_rope_scaling(tmp_path: Path) -> None:
+    """Gemma3's rope_parameters is per layer type; the sliding layers' scaling was dropped (only its theta read)."""
+    rope = {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+    model_dir = _save("Gemma3Text", tmp_path, sliding_window=8, query_pre_attn_scalar=16, rope_parameters=rope,
+                      layer_types=["sliding_attention", "full_attention"])
+    _assert_matches_transformers(model_dir)
+
+
+def test_omitted_window_and_head_dim_take_the_model_types_defaults() -> None:
+    """MistralConfig's sliding_window is 4096 when config.json omits it (not None); Gemma3's head_dim and
+    query_pre_attn_scalar are 256 (not hidden_size / heads)."""
+    config = {key: value for key, value in TINY.items() if key != "head_dim"}
+    assert decoder_spec({**config, "architectures": ["MistralForCausalLM"]}).sliding_window == 4096
+    gemma3 = decoder_spec({**config, "architectures": ["Gemma3ForCausalLM"]})
+    assert (gemma3.head_dim, gemma3.query_scale, gemma3.sliding_window) == (256, 256.0, 4096)

@@ -16,10 +16,40 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
-def _rope(config: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None]:
+# transformers' config-class defaults (5.x) where they differ from the engine's fallbacks (rope_theta 10000,
+# rms_norm_eps 1e-6, no window, head_dim = hidden_size / heads): a config.json that omits one of these keys means
+# to the engine what it means to transformers.
+_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "MistralForCausalLM": {"sliding_window": 4096},
+    "Qwen2ForCausalLM": {"sliding_window": 4096, "max_window_layers": 28},
+    "Qwen3ForCausalLM": {"sliding_window": 4096, "max_window_layers": 28},
+    "Qwen3MoeForCausalLM": {"sliding_window": 4096},
+    "MixtralForCausalLM": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
+    "Gemma3ForCausalLM": {
+        "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 4096, "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+    },
+    "GptOssForCausalLM": {"rope_theta": 1.5e5, "rms_norm_eps": 1e-5, "sliding_window": 128, "head_dim": 64},
+}
+
+# gpt-oss's rotary scaling when its config declares none (GptOssConfig's default)
+_GPT_OSS_ROPE = {
+    "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+def _with_defaults(architecture: str, config: dict[str, Any]) -> dict[str, Any]:
+    """config.json over its model type's defaults: what every spec builder reads."""
+    return {**_CONFIG_DEFAULTS.get(architecture, {}), **config}
+
+
+def _rope(
+    config: dict[str, Any], layer_type: str | None = None, theta_key: str = "rope_theta"
+) -> tuple[float, dict[str, Any] | None]:
     """rope theta and scaling as transformers standardizes them: the scaling from the legacy `rope_scaling`, else
     from `rope_parameters` (its `layer_type` entry where nested by layer type); theta from there, else from the
-    config's `rope_theta`. llama3 and YaRN without `original_max_position_embeddings` take max_position_embeddings.
+    config's `theta_key`. llama3 and YaRN without `original_max_position_embeddings` take max_position_embeddings.
     A rope type the engine has no frequencies for is refused, naming the type and its key."""
     key, parameters = "rope_parameters", config.get("rope_parameters")
     if isinstance(parameters, dict) and layer_type is not None and isinstance(parameters.get(layer_type), dict):
@@ -28,7 +58,7 @@ def _rope(config: dict[str, Any], layer_type: str | None = None) -> tuple[float,
         # transformers replaces rope_parameters with it (Gemma3: updates the full-attention layers' entry)
         key, parameters = "rope_scaling", {**((parameters or {}) if layer_type else {}), **config["rope_scaling"]}
     parameters = dict(parameters) if isinstance(parameters, dict) else {}
-    theta = float(parameters.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    theta = float(parameters.get("rope_theta") or config.get(theta_key) or 10000.0)
     type_key = "rope_type" if parameters.get("rope_type") else "type"
     kind = parameters.get(type_key) or "default"
     if kind == "default":
@@ -89,12 +119,12 @@ def _mistral(architecture: str, config: dict[str, Any]) -> DecoderSpec:
 
 def _qwen_sliding(config: dict[str, Any]) -> dict[str, Any]:
     """Qwen2/Qwen3's window: with use_sliding_window, on the layers `layer_types` marks sliding, which transformers
-    derives (when the config has none) as those from max_window_layers (default 28) on; on no layer without it."""
-    window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None
+    derives (when the config has none) as those from max_window_layers on; on no layer without it."""
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None
     if window is None:
         return {"sliding_window": None}
     layer_types = config.get("layer_types") or [
-        "sliding_attention" if index >= config.get("max_window_layers", 28) else "full_attention"
+        "sliding_attention" if index >= config["max_window_layers"] else "full_attention"
         for index in range(config["num_hidden_layers"])
     ]
     sliding = tuple(kind == "sliding_attention" for kind in layer_types)
@@ -112,7 +142,8 @@ def _qwen3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
 
 def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     if "text_config" in config:
-        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+        text_config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+        config = _with_defaults(architecture, text_config)
     num_layers = config["num_hidden_layers"]
     layer_types = config.get("layer_types")
     if layer_types:
@@ -121,9 +152,7 @@ def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
         pattern = config.get("sliding_window_pattern", 6)
         sliding = tuple((index + 1) % pattern != 0 for index in range(num_layers))
     theta, scaling = _rope(config, "full_attention")
-    local_theta, _ = _rope(config, "sliding_attention")
-    if "rope_local_base_freq" in config:
-        local_theta = float(config["rope_local_base_freq"])
+    local_theta, local_scaling = _rope(config, "sliding_attention", theta_key="rope_local_base_freq")
     return _common(
         architecture,
         config,
@@ -131,6 +160,7 @@ def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
         rope_theta=theta,
         rope_scaling=scaling,
         rope_local_theta=local_theta,
+        rope_local_scaling=local_scaling,
         qk_norm=True,
         activation=config.get("hidden_activation") or config.get("hidden_act", "gelu_pytorch_tanh"),
         norm_offset=1.0,
@@ -138,7 +168,7 @@ def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
         sandwich_norms=True,
         sliding_window=config.get("sliding_window"),
         sliding_layers=sliding,
-        query_scale=float(config.get("query_pre_attn_scalar") or config.get("head_dim", 256)),
+        query_scale=float(config.get("query_pre_attn_scalar") or config["head_dim"]),
         final_logit_softcap=config.get("final_logit_softcapping"),
     )
 
@@ -162,7 +192,7 @@ def _qwen3_moe(architecture: str, config: dict[str, Any]) -> DecoderSpec:
         normalize_top_k=bool(config.get("norm_topk_prob", False)),
         sparse_layers=tuple(index not in dense and (index + 1) % step == 0 for index in range(num_layers)),
     )
-    window = config.get("sliding_window", 4096) if config.get("use_sliding_window") else None  # on every layer
+    window = config.get("sliding_window") if config.get("use_sliding_window") else None  # on every layer
     return _common(architecture, config, qk_norm=True, sliding_window=window, moe=moe)
 
 
@@ -181,6 +211,8 @@ def _gpt_oss(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     """gpt-oss: attention with biases and per-head sinks, sliding-window and full layers alternating, YaRN
     rotary, and experts on every layer (softmax over the 4 best logits, biases, clamped SwiGLU)."""
     num_layers = config["num_hidden_layers"]
+    if not config.get("rope_parameters") and not config.get("rope_scaling"):
+        config = {**config, "rope_scaling": _GPT_OSS_ROPE}
     layer_types = config.get("layer_types") or [
         "sliding_attention" if index % 2 == 0 else "full_attention" for index in range(num_layers)
     ]
@@ -224,7 +256,7 @@ def decoder_spec(config: dict[str, Any]) -> DecoderSpec:
     architectures = config.get("architectures") or []
     for architecture in architectures:
         if architecture in ARCHITECTURES:
-            return ARCHITECTURES[architecture](architecture, config)
+            return ARCHITECTURES[architecture](architecture, _with_defaults(architecture, config))
     raise UnsupportedArchitectureError(
         f"architecture {architectures} is not supported by the torch engine; supported: {', '.join(ARCHITECTURES)}"
     )

@@ -52,7 +52,8 @@ class DecoderSpec:
     embedding_scale: float | None = None
     sandwich_norms: bool = False  # extra norms after attention and after the MLP
     sliding_layers: tuple[bool, ...] | None = None  # per layer; None = every layer slides when sliding_window is set
-    rope_local_theta: float | None = None
+    rope_local_theta: float | None = None  # the sliding layers' rotary base, and their scaling below
+    rope_local_scaling: dict[str, Any] | None = None
     query_scale: float | None = None
     final_logit_softcap: float | None = None
     # gpt-oss differences
@@ -173,7 +174,9 @@ class DecoderModel(nn.Module):
         self.fused_decode = True  # the CPU's one-call decode stack, where it applies (EngineConfig.fused_decode)
         self._fused: FusedDecodeStack | None | bool = False  # False: not built yet
         self.local_rotary = (
-            RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)
+            RotaryEmbedding(
+                spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, spec.rope_local_scaling
+            )
             if spec.rope_local_theta
             else None
         )

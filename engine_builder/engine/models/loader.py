@@ -242,7 +242,9 @@ def _build_rotary_tables(model: DecoderModel, device: torch.device) -> None:
     model.rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)  # type: ignore[misc]
     model.rotary.to(device)
     if model.local_rotary is not None:
-        model.local_rotary.__init__(spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, None)  # type: ignore[misc]
+        model.local_rotary.__init__(  # type: ignore[misc]
+            spec.head_dim, spec.max_position_embeddings, spec.rope_local_theta, spec.rope_local_scaling
+        )
         model.local_rotary.to(device)
 
 
