@@ -37,7 +37,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         return torch.where(medium, blended, scaled)
     if kind == "yarn":
         return _yarn_inverse_frequencies(inv_freq, head_dim, theta, scaling)
-    raise ValueError(f"rope scaling type {kind!r} is not supported by the torch engine (supported: {', '.join(ROPE_TYPES)})")
+    raise ValueError(
+        f"rope scaling type {kind!r} is not supported by the torch engine (supported: {', '.join(ROPE_TYPES)})"
+    )
 
 
 def _yarn_inverse_frequencies(
