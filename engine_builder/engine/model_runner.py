@@ -150,14 +150,22 @@ class ModelRunner:
                     f"trt_llm.build.tensor_parallel_count {config.tensor_parallel_size}: LoRA adapters are not served "
                     "under tensor parallelism by the torch engine"
                 )
+            if torch.distributed.is_initialized():  # refused before a rank starts: that group is not this runner's
+                raise TensorParallelError(
+                    f"trt_llm.build.tensor_parallel_count {config.tensor_parallel_size}: torch.distributed is already "
+                    "initialized in this process (another tensor-parallel engine, or the caller's own process group); "
+                    "one tensor-parallel engine a process: close the other engine first"
+                )
             self.workers = WorkerGroup(config)
             tp, store_path = TensorParallel(0, config.tensor_parallel_size), self.workers.store_path
         self.tp = tp
+        self._joined_group = False  # only a group this runner joined is left on failure
         try:
             self._build(config, store_path)
         except BaseException:
             if self.workers is not None:
                 self.workers.kill(grace_s=_FAILED_START_GRACE_S)
+            if self._joined_group:
                 leave_group()
             raise
         if self.workers is not None:
@@ -180,6 +188,7 @@ class ModelRunner:
                 self.workers.while_watching(join)
             else:
                 join()
+            self._joined_group = True
             if self.kernels == KernelSet.TRITON:
                 if config.kernels != "auto":
                     raise TensorParallelError(

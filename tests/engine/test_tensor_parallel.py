@@ -6,6 +6,7 @@ and leaves no process behind.
 """
 
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -105,6 +106,29 @@ def test_unsplittable_models_are_refused_by_field(smollm2_dir: Path, qwen_dir: P
     check_shardable(smollm2, 3)
     with pytest.raises(TensorParallelError, match="LoRA"):
         check_shardable(smollm2, 2, lora=True)
+
+
+def test_a_process_group_already_formed_refuses_the_engine_and_survives(
+    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second tensor-parallel engine (or the caller's own group) is refused before any rank starts, and the
+    refusal leaves the group it found alone: it destroyed the first engine's group, which then failed every step
+    (probe DC #1)."""
+    import torch.distributed as dist
+
+    import engine_builder.engine.parallel as parallel
+
+    monkeypatch.setattr(parallel, "worker_main", _exit_before_joining)  # a rank started would exit at once
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(TensorParallelError, match="torch.distributed is already initialized"):
+            _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
+        assert dist.is_initialized()
+        assert dist.all_reduce(torch.ones(1)) is None  # the group still works
+        assert not [child for child in multiprocessing.active_children() if child.name.startswith("engine-tp-")]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_two_ranks_greedy_equals_transformers_batched_and_chunked(
