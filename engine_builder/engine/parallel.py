@@ -292,7 +292,8 @@ def leave_group() -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that spawned it dies, however it dies."""
+    """Linux: this process gets SIGKILL when the thread that spawned it exits (or its process dies, however it
+    dies)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -304,9 +305,10 @@ def worker_main(config: "EngineConfig", rank: int, store_path: str, log_level: i
     """Entry point of a spawned rank: join the group, load this rank's shard, serve commands until told to stop.
 
     It exits with rank 0 however rank 0 ends: the kernel's SIGKILL when the thread that spawned it exits
-    (PR_SET_PDEATHSIG), and a watch on its parent for the rest. PDEATHSIG alone missed a rank 0 killed while this
-    process was still importing torch (before it could ask): re-parented, the rank waited in the rendezvous for ever,
-    ignoring SIGTERM (probe AV)."""
+    (PR_SET_PDEATHSIG; that thread is rank 0's `engine-tp-monitor`, which lives until every rank has exited, so only
+    rank 0's own end fires it), and a watch on its parent for the rest. PDEATHSIG alone missed a rank 0 killed while
+    this process was still importing torch (before it could ask): re-parented, the rank waited in the rendezvous for
+    ever, ignoring SIGTERM (probe AV)."""
     _die_with_parent()
     exit_with_parent(parent_pid)  # also exits at once if rank 0 is already gone
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
@@ -347,8 +349,18 @@ class WorkerGroup:
         self.failure: str | None = None
         self._lock = threading.Lock()  # one thread reaps a process and records the failure at a time
         self._stopping = threading.Event()
-        for process in self.processes:
-            process.start()
+        # The ranks ask the kernel for SIGKILL when the thread that started them exits (PR_SET_PDEATHSIG is tied to
+        # a thread, not a process): started by the caller's thread, they died with a loader thread that built the
+        # engine and ended (probe DC #2). The monitor starts them and outlives them.
+        started = threading.Event()
+        errors: list[BaseException] = []
+        self._monitor = threading.Thread(
+            target=self._monitor_ranks, args=(started, errors), name="engine-tp-monitor", daemon=True
+        )
+        self._monitor.start()
+        started.wait()
+        if errors:
+            raise errors[0]
         # Ranks ignore SIGTERM (rank 0 decides when they stop), and at the interpreter's exit multiprocessing
         # SIGTERMs its daemonic children and joins them without a timeout: an engine never closed (an in-process
         # user, an uncaught exception) hung the exit for ever (probe AV). Registered after multiprocessing's hook,
@@ -356,8 +368,21 @@ class WorkerGroup:
         self._kill_at_exit = functools.partial(_kill_processes, self.processes)
         atexit.register(self._kill_at_exit)
         logger.info("tensor parallelism: %d ranks (pids %s)", self.world_size, [p.pid for p in self.processes])
-        self._monitor = threading.Thread(target=self._watch, name="engine-tp-monitor", daemon=True)
-        self._monitor.start()
+
+    def _monitor_ranks(self, started: threading.Event, errors: list[BaseException]) -> None:
+        """The monitor thread: start the ranks, watch them, then wait until every one has exited."""
+        try:
+            for process in self.processes:
+                process.start()
+        except BaseException as error:  # handed to the constructor's thread
+            _kill_processes([process for process in self.processes if process.pid is not None])
+            errors.append(error)
+            return
+        finally:
+            started.set()
+        self._watch()
+        for process in self.processes:  # sentinels only: reaping is left to join/kill
+            multiprocessing.connection.wait([process.sentinel])
 
     def _watch(self) -> None:
         while self.failure is None and not self._stopping.is_set():

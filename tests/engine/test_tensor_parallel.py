@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,6 +297,27 @@ def test_a_dead_rank_fails_the_engine_and_close_returns(smollm2_dir: Path) -> No
     started = time.monotonic()
     engine.close()
     assert time.monotonic() - started < 15 and not process.is_alive()
+
+
+def test_an_engine_built_in_a_thread_that_ends_keeps_its_ranks(smollm2_dir: Path) -> None:
+    """A loader thread (Truss's load(), an executor) builds the engine and ends: the ranks were tied to it by
+    PR_SET_PDEATHSIG and SIGKILLed as it exited, the engine dead before its first request (probe DC #2)."""
+    built: list[LLMEngine] = []
+    loader = threading.Thread(
+        target=lambda: built.append(_engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20))
+    )
+    loader.start()
+    loader.join()
+    (engine,) = built
+    try:
+        workers = engine.runner.workers
+        assert workers is not None
+        time.sleep(1.5)  # the watcher notices an exit within half a second
+        assert workers.failure is None and all(process.is_alive() for process in workers.processes)
+        deltas = _run(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0))
+        assert deltas["r0"][-1].finish_reason is not None
+    finally:
+        engine.close()
 
 
 def test_a_rank_dying_mid_step_is_named_with_its_exit_code(
