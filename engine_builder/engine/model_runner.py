@@ -331,9 +331,13 @@ class ModelRunner:
             budget = int(free * config.kv_cache_fraction)
         else:
             budget = int(config.kv_cache_memory_bytes * config.kv_cache_fraction)
-            if self.tp is not None:  # the ranks share the host's memory: the budget is all ranks' (probe AV)
-                budget //= self.tp.world_size
-        blocks = budget // self._bytes_per_block(kv_dtype)
+        bytes_per_block = self._bytes_per_block(kv_dtype)
+        if self.tp is not None and self.device.type == "cpu":
+            # The ranks share the host's memory: the budget holds every rank's pool (probe AV), each block as many
+            # times as there are ranks, with each rank's share of the KV heads. An even split of the budget left the
+            # ranks with fewer heads (SmolLM2's 2 + 1) a quarter of it unused (probe DC #3).
+            bytes_per_block = self._agreed(bytes_per_block, torch.distributed.ReduceOp.SUM)
+        blocks = budget // bytes_per_block
         scratch = -(-config.lookahead_scratch_tokens // self.block_size)
         # Never more than the scheduler could ever fill: every sequence at full length (and its drafts); and always
         # one sequence at full length, which the scheduler runs alone when it is over total_token_limit (a limit
@@ -342,11 +346,8 @@ class ModelRunner:
         if config.lookahead is not None:
             tokens += config.lookahead.num_lanes(config.max_batch_size) * config.lookahead.max_draft_slots
         blocks = min(blocks, -(-tokens // self.block_size) + 2 + scratch)
-        if self.tp is not None:  # every rank's pool has the same blocks: the smallest budget decides
-            agreed = torch.tensor([blocks], dtype=torch.long, device=self.device)
-            with self._group_failure():
-                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-            blocks = int(agreed.item())
+        if self.tp is not None:  # every rank's pool has the same blocks: on CUDA the smallest GPU budget decides
+            blocks = self._agreed(blocks, torch.distributed.ReduceOp.MIN)
         usable = max(blocks - 1 - scratch, 0) * self.block_size
         if blocks - scratch < 2 or usable < config.max_seq_len:
             lookahead = config.lookahead
@@ -364,6 +365,13 @@ class ModelRunner:
                 + (", the lookahead sizes or lookahead_max_batch_size" if taken else "")
             )
         return int(blocks)
+
+    def _agreed(self, value: int, op: torch.distributed.ReduceOp.RedOpType) -> int:
+        """`value` reduced over the ranks with `op` (every rank calls it)."""
+        agreed = torch.tensor([value], dtype=torch.long, device=self.device)
+        with self._group_failure():
+            torch.distributed.all_reduce(agreed, op=op)
+        return int(agreed.item())
 
     # -- inputs ------------------------------------------------------------------------------------------
     def prepare(
