@@ -189,6 +189,8 @@ class ModelRunner:
             else:
                 join()
             self._joined_group = True
+            if self.workers is not None and self.device.type == "cpu":  # on CUDA NCCL may read the store later
+                self.workers.release_store()
             if self.kernels == KernelSet.TRITON:
                 if config.kernels != "auto":
                     raise TensorParallelError(
@@ -235,8 +237,6 @@ class ModelRunner:
         if self.workers is not None:
             self.driver = Driver(self.device, self.workers)
             self.kv_cache.mirror = self.driver
-            if self.device.type == "cpu":  # not on CUDA: NCCL's process group may read its store after the start
-                self.workers.release_store()
         if self.kernels == KernelSet.NATIVE:
             logger.info(
                 "CPU decode attention: %s",

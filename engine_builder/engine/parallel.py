@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from engine_builder.common import live_folders
 from engine_builder.common.worker_process import exit_with_parent
 
 if TYPE_CHECKING:
@@ -278,6 +279,8 @@ def init_group(store_path: Path, rank: int, world_size: int, device: torch.devic
     store = dist.FileStore(str(store_path), world_size)
     timeout = _STARTUP_TIMEOUT if rank == 0 else _WORKER_TIMEOUT
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
+    if device.type == "cpu":
+        dist.barrier()  # every rank has formed its gloo group: the store can go (`WorkerGroup.release_store`)
 
 
 def bound_steps(timeout_s: float) -> None:
@@ -335,6 +338,7 @@ class WorkerGroup:
         self.world_size = config.tensor_parallel_size
         self.timeout_s = config.tensor_parallel_timeout_s
         self._dir = tempfile.TemporaryDirectory(prefix="engine-tp-")
+        live_folders.register(self._dir.name)  # a signal while loading exits without clean-up (server/main.py)
         self.store_path = Path(self._dir.name) / "store"
         context = multiprocessing.get_context("spawn")
         self.processes = [
@@ -447,8 +451,10 @@ class WorkerGroup:
             raise errors[0]
 
     def release_store(self) -> None:
-        """Remove the FileStore's folder once every rank has joined the group and run a collective with it (gloo
-        reads the store only to form the group): a rank 0 killed without clean-up then leaves nothing behind."""
+        """Remove the FileStore's folder: on the CPU once every rank has formed the group (`init_group`'s barrier;
+        gloo reads the store only then), so a rank 0 killed without clean-up while the ranks load their shards
+        leaves nothing behind; on CUDA when the ranks stop."""
+        live_folders.unregister(self._dir.name)
         self._dir.cleanup()
 
     def join(self, timeout_s: float = 10.0) -> None:
@@ -462,7 +468,7 @@ class WorkerGroup:
                     logger.warning("%s did not stop; killing it", process.name)
                     process.kill()
                     process.join(5)
-        self._dir.cleanup()
+        self.release_store()
 
     def kill(self, grace_s: float = 0.0) -> None:
         """Kill the ranks, after `grace_s` for them to exit on their own (one reporting its own error at a failed
@@ -478,7 +484,7 @@ class WorkerGroup:
                     process.kill()
             for process in self.processes:
                 process.join(5)
-        self._dir.cleanup()
+        self.release_store()
 
 
 def _kill_processes(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:

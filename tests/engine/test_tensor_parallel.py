@@ -24,11 +24,13 @@ from engine_builder.common.types import GenerationRequest, SamplingParams
 from engine_builder.engine.config import EngineConfig, LookaheadConfig
 from engine_builder.engine.engine import LLMEngine
 from engine_builder.engine.models import decoder_spec
+from engine_builder.engine.models.loader import load_decoder
 from engine_builder.engine.parallel import (
     RankFailedError,
     TensorParallel,
     TensorParallelError,
     check_shardable,
+    init_group,
 )
 from tests.build.calibration.helpers import quantized_checkpoint
 from tests.conftest import REPO_ROOT
@@ -279,6 +281,35 @@ def test_on_the_cpu_the_kv_budget_covers_every_ranks_pool(smollm2_dir: Path) -> 
         spec = runner.model.spec
         every_head = PagedKVCache.bytes_per_block(spec.num_layers, runner.block_size, 3, spec.head_dim, torch.float32)
         assert runner.num_blocks == int(budget * engine.config.kv_cache_fraction) // every_head  # 20 blocks, not 15
+    finally:
+        engine.close()
+
+
+def test_the_rendezvous_folder_goes_once_the_group_forms(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FileStore's folder is removed before the ranks load their shards, not after (a rank 0 killed while
+    loading left it in /tmp), and is registered meanwhile for the server's exit on a signal while loading, which
+    runs no clean-up (probe DC #4)."""
+    import engine_builder.engine.model_runner as model_runner
+    from engine_builder.common import live_folders
+
+    seen: dict[str, object] = {}
+
+    def join(store_path: Path, *args: object) -> None:
+        seen["registered"] = str(store_path.parent) in live_folders.registered()
+        init_group(store_path, *args)  # type: ignore[arg-type]
+        seen["store"] = store_path
+
+    def load(*args: object, **kwargs: object) -> object:
+        seen["exists while loading"] = Path(str(seen["store"])).parent.exists()
+        return load_decoder(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_runner, "init_group", join)
+    monkeypatch.setattr(model_runner, "load_decoder", load)
+    engine = _engine(smollm2_dir, 2, max_seq_len=128, kv_cache_memory_bytes=16 * 2**20)
+    try:
+        assert seen == {"registered": True, "store": seen["store"], "exists while loading": False}
+        assert str(Path(str(seen["store"])).parent) not in live_folders.registered()
+        assert _run(engine, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0))["r0"][-1].finish_reason
     finally:
         engine.close()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from engine_builder.common import live_folders
 from engine_builder.common.artifact import EngineDir, changed_model_files
 from engine_builder.common.options import EngineOptions
 from engine_builder.common.request_context import CURRENT_REQUEST_ID
@@ -190,6 +191,7 @@ class DrainingServer(uvicorn.Server):
 
             for child in multiprocessing.active_children():  # os._exit runs no cleanup: stop what this process started
                 child.kill()
+            live_folders.remove_all()  # a tensor-parallel engine's rendezvous folder
             logging.shutdown()
             os._exit(128 + sig)
         if not self.state.draining:

@@ -1,11 +1,14 @@
 """The serving process's signals: a drain that ran to its end exits 0; a forced exit keeps the signal's status."""
 
+import multiprocessing
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
 
+from engine_builder.common import live_folders
 from engine_builder.serve.server.app import create_app
 from engine_builder.serve.server.main import DrainingServer
 from engine_builder.serve.server.state import ServerSettings, ServerState
@@ -52,3 +55,28 @@ def test_a_third_signal_forces_the_exit_with_the_signals_status(raised: list[int
             server.handle_exit(signal.SIGTERM, None)
         assert server.force_exit
     assert raised and set(raised) == {signal.SIGTERM}
+
+
+def test_a_signal_while_loading_removes_the_live_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit while loading runs no clean-up (os._exit): a tensor-parallel engine's rendezvous folder, registered
+    while it lives, was left in /tmp (probe DC #4)."""
+    import engine_builder.serve.server.main as main
+
+    def exit_now(status: int) -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(main.os, "_exit", exit_now)
+    monkeypatch.setattr(multiprocessing, "active_children", list)  # this test process's own children stay
+    monkeypatch.setattr(main.logging, "shutdown", lambda *handlers: None)  # pytest keeps its log handlers
+    state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
+    server = DrainingServer(uvicorn.Config(create_app(state)), state)  # not started: still loading
+    folder = tmp_path / "engine-tp-x"
+    (folder / "store").mkdir(parents=True)
+    live_folders.register(str(folder))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            server.handle_exit(signal.SIGTERM, None)
+        assert exited.value.code == 128 + signal.SIGTERM
+        assert not folder.exists()
+    finally:
+        live_folders.unregister(str(folder))
