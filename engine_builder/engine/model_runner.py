@@ -33,6 +33,7 @@ from engine_builder.engine.models.decoder import local_sizes
 from engine_builder.engine.models.loader import load_decoder
 from engine_builder.engine.parallel import (
     Driver,
+    GroupStoppedError,
     RankFailedError,
     TensorParallel,
     TensorParallelError,
@@ -417,15 +418,17 @@ class ModelRunner:
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do on one rank). A failed group (a rank gone or stalled)
-        is not asked to stop: its ranks are killed."""
+        is not asked to stop: its ranks are killed, as are ranks already killed on purpose (a shutdown)."""
         if self.driver is None or self.workers is None:
             return
         try:
-            if self.workers.failure is None:
+            if self.workers.failure is None and not self.workers.stopped:
                 self.driver.stop()
                 self.workers.join()
             else:
                 self.workers.kill()
+        except GroupStoppedError:  # killed on purpose while it stopped (a shutdown freeing a stuck stop command)
+            self.workers.kill()
         except RankFailedError as error:  # the group broke while stopping (logged with its cause)
             logger.error("tensor parallelism: stopping the ranks failed (%s); killing them", error)
             self.workers.kill()

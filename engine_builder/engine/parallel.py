@@ -56,6 +56,11 @@ class RankFailedError(RuntimeError):
     """A worker rank died: the engine cannot run another step."""
 
 
+class GroupStoppedError(RankFailedError):
+    """A collective broke because rank 0 stopped the ranks on purpose (a shutdown freeing a stuck step): the end the
+    caller asked for, not a failure to report."""
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """This process's place in the tensor-parallel group."""
@@ -409,6 +414,11 @@ class WorkerGroup:
             self.failure = failure
             logger.error("%s: the engine cannot run another step", failure)
 
+    @property
+    def stopped(self) -> bool:
+        """The ranks were told to stop, or killed (`join`, `kill`)."""
+        return self._stopping.is_set()
+
     def check(self) -> None:
         if self.failure is not None:
             raise RankFailedError(self.failure)
@@ -424,6 +434,8 @@ class WorkerGroup:
         except RankFailedError:
             raise
         except Exception as error:
+            if self._stopping.is_set() and self.failure is None:
+                raise GroupStoppedError("tensor-parallel step ended: the ranks were stopped") from error
             if self.failure is None:
                 self._note_exits(_EXIT_GRACE_S)
             with self._lock:

@@ -26,6 +26,7 @@ from engine_builder.common.types import (
 )
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine
+from engine_builder.engine.parallel import GroupStoppedError
 from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
 
@@ -45,6 +46,11 @@ _IDLE_WAIT_S = 0.05
 # shutdown): the step the thread is in is stuck (a tensor-parallel rank not answering, waited for up to its timeout),
 # and the stream is ended from here, so its client gets the 503 or error event instead of a cut connection (probe AV).
 _ABORT_ANSWER_S = 2.0
+# After a drain that ran out, whose aborts went to the engine seconds before: how long the shutdown waits for the
+# engine loop to stop before it kills the tensor-parallel ranks of a step that is stuck (a healthy loop stops within a
+# step, and its ranks within about a second of being told).
+_STOP_AFTER_EXPIRED_DRAIN_S = 3.0
+_STOP_S = 10.0
 
 
 class EngineDeadError(EngineUnavailableError):
@@ -127,13 +133,18 @@ class TorchEngineClient:
         self._stopping.set()
         self._commands.put(("wake", None))
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
             workers = self.engine.runner.workers if self.engine is not None else None
+            wait_s = _STOP_AFTER_EXPIRED_DRAIN_S if drain_timeout_s == 0 and workers is not None else _STOP_S
+            await asyncio.to_thread(self._thread.join, wait_s)
             if self._thread.is_alive() and workers is not None:
-                # stuck in a collective with a rank that does not answer: killing the ranks fails it at once
-                logger.error("the engine loop is stuck in a tensor-parallel step; stopping the ranks")
-                workers.kill()
-                await asyncio.to_thread(self._thread.join, 5)
+                if not workers.stopped:  # still in its step, not stopping the ranks: a collective a rank never joins
+                    logger.warning(
+                        "the engine loop did not stop within %g s: its tensor-parallel step is stuck (a rank not "
+                        "answering); killing the ranks",
+                        wait_s,
+                    )
+                    workers.kill()  # fails the collective at once
+                await asyncio.to_thread(self._thread.join, _STOP_S)
         if self._compiler is not None:
             self._compiler.close()
 
@@ -248,7 +259,11 @@ class TorchEngineClient:
                     self._publish(engine.step())
                 self._stats = engine.stats()
         except BaseException as error:  # the loop must never die silently: fail every open stream
-            logger.exception("engine loop crashed")
+            stopped = isinstance(error, GroupStoppedError) and self._stopping.is_set()
+            if stopped:  # the shutdown killed the ranks of a stuck step: the stop it asked for, not a crash
+                logger.info("engine loop stopped: the shutdown ended its stuck tensor-parallel step")
+            else:
+                logger.exception("engine loop crashed")
             self._dead = error
             # nothing runs, waits or holds KV blocks any more (the counters keep their totals): /metrics must not
             # show the last step
@@ -256,7 +271,9 @@ class TorchEngineClient:
                 self._stats, num_running=0, num_waiting=0, kv_cache_usage=0.0, num_free_kv_blocks=self._stats.num_kv_blocks
             )
             for request_id in list(self._streams):
-                self._deliver_error(request_id, EngineDeadError(f"engine loop crashed: {error}"))
+                self._deliver_error(
+                    request_id, EngineDeadError(f"engine loop {'stopped' if stopped else 'crashed'}: {error}")
+                )
         finally:
             engine.close()
 
