@@ -285,7 +285,11 @@ def init_group(store_path: Path, rank: int, world_size: int, device: torch.devic
     timeout = _STARTUP_TIMEOUT if rank == 0 else _WORKER_TIMEOUT
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=timeout)
     if device.type == "cpu":
-        dist.barrier()  # every rank has formed its gloo group: the store can go (`WorkerGroup.release_store`)
+        try:
+            dist.barrier()  # every rank has formed its gloo group: the store can go (`WorkerGroup.release_store`)
+        except BaseException:
+            dist.destroy_process_group()  # formed here and never handed back: the caller cannot leave it
+            raise
 
 
 def bound_steps(timeout_s: float) -> None:
