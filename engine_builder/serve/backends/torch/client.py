@@ -46,9 +46,9 @@ _IDLE_WAIT_S = 0.05
 # shutdown): the step the thread is in is stuck (a tensor-parallel rank not answering, waited for up to its timeout),
 # and the stream is ended from here, so its client gets the 503 or error event instead of a cut connection (probe AV).
 _ABORT_ANSWER_S = 2.0
-# After a drain that ran out, whose aborts went to the engine seconds before: how long the shutdown waits for the
-# engine loop to stop before it kills the tensor-parallel ranks of a step that is stuck (a healthy loop stops within a
-# step, and its ranks within about a second of being told).
+# How long the shutdown waits for the engine loop to stop before it kills the tensor-parallel ranks of a step that is
+# stuck: 3 s when it has no drain to wait for (the drain ran out, its aborts sent to the engine seconds before, or
+# nothing was served; a healthy loop stops within a step, its ranks within about a second of being told), else 10 s.
 _STOP_AFTER_EXPIRED_DRAIN_S = 3.0
 _STOP_S = 10.0
 
