@@ -100,8 +100,8 @@ def compute_dtype(folder: Path, device: str, requested: str) -> Any:
     """The torch dtype the server computes in for `requested` (auto: the encoders' own default)."""
     import torch
 
+    from engine_builder.common.encoder_checkpoint import read_checkpoint_config
     from engine_builder.serve.encoders.loader import default_dtype
-    from engine_builder.serve.encoders.models import read_checkpoint_config
 
     if requested != "auto":
         return getattr(torch, requested)

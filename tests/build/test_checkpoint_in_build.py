@@ -133,3 +133,29 @@ def test_a_base_model_without_a_chat_template_builds(
     engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     assert "chat_template" not in json.loads((engine.model_dir / "tokenizer_config.json").read_text())
     assert "no chat template (a base model)" in caplog.text
+
+
+def test_an_encoder_serving_would_refuse_is_refused_before_the_engine_is_written(
+    tmp_path: Path, minilm_dir: Path
+) -> None:
+    """A Pooling with two modes built with exit 0 and recorded `pooling_mode: mean`; the server then refused it at
+    load (probe DG #1). The build now refuses it with serving's message, and writes nothing."""
+    import json
+    import os
+
+    from engine_builder.build.checkpoints import CheckpointLayoutError
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(minilm_dir, checkpoint, copy_function=os.link)
+    pooling = checkpoint / "1_Pooling" / "config.json"
+    document = json.loads(pooling.read_text())
+    pooling.unlink()  # a hard link to the original: replaced, not edited
+    pooling.write_text(json.dumps({**document, "pooling_mode_max_tokens": True}))
+    config = write_config(
+        tmp_path / "config.yaml", checkpoint, base_model="encoder_bert", max_seq_len=256, max_num_tokens=512,
+        engine_builder={"dtype": "float32"},
+    )
+    loaded = load_config(config)
+    with pytest.raises(CheckpointLayoutError, match=r"1_Pooling/config\.json selects pooling modes \['max', 'mean'\]"):
+        build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
+    assert not (tmp_path / "engine").exists()

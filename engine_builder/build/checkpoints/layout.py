@@ -12,6 +12,7 @@ from typing import Any
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError
 from engine_builder.build.checkpoints.selection import WEIGHTS_INDEX, unusable_weight_files
 from engine_builder.build.config import BaseModelKind
+from engine_builder.common.encoder_checkpoint import ModelLoadError, read_encoder_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class RepositoryInfo:
     is_sentence_transformers: bool
     id2label: dict[int, str] | None
     weight_files: tuple[str, ...] = ()
-    pooling_mode: str | None = None  # sentence-transformers pooling ("mean", "cls", "lasttoken"...)
+    pooling_mode: str | None = None  # the pooling an encoder is served with ("mean", "cls", "lasttoken"...)
     quantization: str | None = None  # quant_method of an accepted pre-quantized checkpoint
     vocab_size: int | None = None
 
@@ -96,13 +97,13 @@ def _check_layout(
         )
     id2label = _check_labels(config) if architecture.endswith(CLASSIFIER_SUFFIXES) else None
     is_sentence_transformers = (folder / MODULES_FILE).exists()
-    pooling_mode = _check_sentence_transformers(folder) if is_sentence_transformers else None
     if base_model.is_encoder and id2label is None and not is_sentence_transformers:
         raise CheckpointLayoutError(
             f"{MODULES_FILE} is missing: embedding models need the sentence-transformers files "
             f"{MODULES_FILE} and 1_Pooling/config.json (classifiers need `id2label` and a "
             "*ForSequenceClassification architecture instead)"
         )
+    pooling_mode = _check_encoder(folder, base_model) if base_model.is_encoder else None
     vocab_size = config.get("vocab_size")
     return RepositoryInfo(
         architecture=architecture,
@@ -331,23 +332,11 @@ def _check_labels(config: dict[str, Any]) -> dict[int, str]:
     return labels
 
 
-def _check_sentence_transformers(folder: Path) -> str | None:
-    modules = _read_json(folder, MODULES_FILE, fix="it lists the sentence-transformers modules")
-    if not isinstance(modules, list):
-        raise CheckpointLayoutError(f"{MODULES_FILE} must be a JSON list of modules")
-    pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")]
-    if not pooling:
-        return None
-    pooling_path = str(pooling[0].get("path") or "1_Pooling")
-    name = f"{pooling_path}/config.json"
-    config = _read_json_object(folder, name, fix=f"{MODULES_FILE} names a Pooling module at {pooling_path}")
-    modes = [
-        key.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
-        for key, on in config.items()
-        if key.startswith("pooling_mode_") and on is True
-    ]
-    if not modes and not isinstance(config.get("pooling_mode"), str):
-        raise CheckpointLayoutError(
-            f'{name}: no pooling mode is switched on (e.g. "pooling_mode_mean_tokens": true)'
-        )
-    return str(config.get("pooling_mode") or modes[0])
+def _check_encoder(folder: Path, base_model: BaseModelKind) -> str | None:
+    """Serving's own load checks (common/encoder_checkpoint.py: the base model kind, the sentence-transformers
+    modules, pooling and Dense activations), so an engine is never written that serving refuses; the pooling mode
+    serving runs (None for a classifier)."""
+    try:
+        return read_encoder_checkpoint(folder, base_model.value).pooling_mode
+    except ModelLoadError as error:
+        raise CheckpointLayoutError(f"{error} (serving refuses it at load)") from None

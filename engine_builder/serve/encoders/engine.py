@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine_builder.common.encoder_checkpoint import EncoderTask
 from engine_builder.common.types import EngineStats
 from engine_builder.serve.encoders.batcher import (
     BatchLimits,
@@ -35,7 +36,7 @@ from engine_builder.serve.encoders.info import (
     EncoderInfo,
 )
 from engine_builder.serve.encoders.loader import load_encoder
-from engine_builder.serve.encoders.models import EncoderModel, EncoderTask
+from engine_builder.serve.encoders.models import EncoderModel
 from engine_builder.serve.encoders.results import (
     ClassifyResult,
     EmbedResult,

@@ -3,6 +3,8 @@
 This is the one place where encoder failures are mapped to HTTP statuses; routes only render them.
 """
 
+# the checkpoint refusals, shared with the build (common/encoder_checkpoint.py)
+from engine_builder.common.encoder_checkpoint import ModelLoadError as ModelLoadError
 
 # TEI's `error_type` by HTTP status, for refusals that carry none (the server's own: auth, body limit, admission);
 # anything else 4xx is a "validation" error, as TEI names the 413 and 422 it answers.
@@ -109,7 +111,3 @@ class ClientDisconnectedError(EncoderError):
     code = "client_closed_request"
     status_code = 499
     error_type = "client_closed_request"
-
-
-class ModelLoadError(Exception):
-    """The checkpoint directory cannot be served as an encoder; the message says why and what to change."""

@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 
 from engine_builder.common.artifact import SERVED_DEFAULT_ROUTES
+from engine_builder.common.encoder_checkpoint import EncoderTask
 from engine_builder.serve.encoders.batcher import BatchLimits
-from engine_builder.serve.encoders.models import EncoderTask
 from engine_builder.serve.encoders.truncation import TruncationDefaults
 
 BEI_MAX_CLIENT_BATCH_SIZE = 128  # TEI --max-client-batch-size on BEI and BEI-Bert

@@ -1,8 +1,8 @@
 """Loading a checkpoint directory into the three things an engine needs: model, tokenizer and info.
 
-Pooling comes from an explicit override, else the sentence-transformers layout, else last-token for
-causal base models; the input limit from sentence-transformers' max_seq_length, else the position
-embeddings, never above the batch token budget.
+Pooling comes from an explicit override, else `encoder_checkpoint.resolve_pooling` (as the build recorded it);
+the input limit from sentence-transformers' max_seq_length, else the position embeddings, never above the batch
+token budget.
 """
 
 import logging
@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 
+from engine_builder.common.encoder_checkpoint import (
+    CheckpointConfig,
+    EncoderTask,
+    ModelLoadError,
+    read_checkpoint_config,
+    read_layout_spec,
+    read_prompts,
+    resolve_pooling,
+)
 from engine_builder.common.model_facts import mentions_matryoshka
-from engine_builder.serve.encoders.errors import ModelLoadError
 from engine_builder.serve.encoders.info import (
     BEI_MAX_CLIENT_BATCH_SIZE,
     ROUTE_EMBEDDINGS,
@@ -19,32 +27,12 @@ from engine_builder.serve.encoders.info import (
     EncoderInfo,
     effective_batch_limits,
 )
-from engine_builder.serve.encoders.models import (
-    CheckpointConfig,
-    EncoderModel,
-    EncoderTask,
-    read_checkpoint_config,
-)
-from engine_builder.serve.encoders.st_layout import SentenceTransformerLayout, read_layout, read_prompts
+from engine_builder.serve.encoders.models import EncoderModel
+from engine_builder.serve.encoders.st_layout import load_layout
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 from engine_builder.serve.encoders.truncation import TruncationDefaults
 
 logger = logging.getLogger(__name__)
-
-
-def _resolve_pooling(
-    config: CheckpointConfig, layout: SentenceTransformerLayout | None, override: str | None
-) -> str:
-    if override:
-        return override
-    if layout is not None and layout.pooling_mode:
-        return layout.pooling_mode
-    if config.is_causal and not config.has_generation_head:
-        return "lasttoken"
-    raise ModelLoadError(
-        f"{config.architecture} has no sentence-transformers pooling config (modules.json + 1_Pooling/config.json); "
-        "add one, or set the pooling mode explicitly"
-    )
 
 
 def default_dtype(config: CheckpointConfig, device: str) -> torch.dtype:
@@ -73,11 +61,15 @@ def load_encoder(
     max_seq_len: int | None = None,
 ) -> tuple[EncoderModel, EncoderTokenizer, EncoderInfo]:
     """Read, check and load `model_dir` (blocking); see `EncoderEngine.from_model_dir` for the options."""
-    config = read_checkpoint_config(model_dir, kind)
-    layout = read_layout(model_dir)
+    try:  # the build ran the same checks (`read_encoder_checkpoint`) before it wrote the engine
+        config = read_checkpoint_config(model_dir, kind)
+        layout_spec = read_layout_spec(model_dir)
+        is_classifier = config.task is EncoderTask.CLASSIFICATION
+        pooling_mode = None if is_classifier else (pooling or resolve_pooling(config, layout_spec))
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{model_dir}: {error}") from None
+    layout = load_layout(model_dir, layout_spec)
     limits = effective_batch_limits(kind, max_num_tokens, max_batch_size)
-    is_classifier = config.task is EncoderTask.CLASSIFICATION
-    pooling_mode = None if is_classifier else _resolve_pooling(config, layout, pooling)
     positions = config.max_position_embeddings - config.position_offset if config.max_position_embeddings else None
     model_limit = (layout.max_seq_length if layout else None) or positions
     if model_limit and positions and model_limit > positions:

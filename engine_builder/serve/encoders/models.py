@@ -1,123 +1,23 @@
-"""The checkpoint: config.json -> what kind of encoder it is, and the torch module that runs a padded batch.
+"""The torch module that runs a padded batch of an encoder checkpoint (what its config.json says is read by
+common/encoder_checkpoint.py, shared with the build).
 
 Embedding models load as the transformers base model (`AutoModel`) followed by our pooling and the
 sentence-transformers Dense layers; classifiers load with `AutoModelForSequenceClassification`.
-Causal classifiers (Llama/Qwen/Mistral `...ForSequenceClassification`) are run as base model ->
+Decoder-family classifiers (Llama/Qwen/Mistral `...ForSequenceClassification`) are run as base model ->
 last real token -> `score` head, so padding never depends on the checkpoint's pad token.
 """
 
-import enum
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine_builder.serve.encoders.errors import ModelLoadError
+from engine_builder.common.encoder_checkpoint import CheckpointConfig, EncoderTask, ModelLoadError
 from engine_builder.serve.encoders.pooling import get_pooling, last_token_index
 from engine_builder.serve.encoders.st_layout import DenseLayer
 from engine_builder.serve.encoders.tokenizer import EncodedInput
-
-# Heads that generate text or fill masks: servable as embedders only through a sentence-transformers pooling config.
-_GENERATION_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
-
-
-class EncoderTask(str, enum.Enum):
-    EMBEDDING = "embedding"
-    CLASSIFICATION = "classification"
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """What config.json says about the checkpoint, checked against the `base_model` kind."""
-
-    architecture: str
-    model_type: str
-    task: EncoderTask
-    is_causal: bool
-    has_generation_head: bool
-    max_position_embeddings: int | None
-    position_offset: int
-    pad_token_id: int | None
-    vocab_size: int
-    hidden_size: int
-    id2label: tuple[str, ...]
-    torch_dtype: str | None
-
-
-def _is_causal_model_type(model_type: str) -> bool:
-    """Decoder families are in transformers' causal-LM table and not in its masked-LM table (BERT is in both)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    return (
-        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    )
-
-
-def _labels(config: dict[str, Any], task: EncoderTask) -> tuple[str, ...]:
-    if task is not EncoderTask.CLASSIFICATION:
-        return ()
-    id2label = config.get("id2label")
-    num_labels = int(config.get("num_labels") or (len(id2label) if id2label else 2))
-    if not id2label:
-        return tuple(f"LABEL_{index}" for index in range(num_labels))
-    by_index = {int(key): str(value) for key, value in id2label.items()}
-    if sorted(by_index) != list(range(len(by_index))):
-        raise ModelLoadError(f"config.json id2label keys must be 0..n-1, got {sorted(by_index)}")
-    return tuple(by_index[index] for index in range(len(by_index)))
-
-
-def read_checkpoint_config(model_dir: Path, kind: str) -> CheckpointConfig:
-    """Read config.json and check that `kind` ("encoder" or "encoder_bert") can serve it."""
-    if kind not in ("encoder", "encoder_bert"):
-        raise ModelLoadError(f"base_model {kind!r} is not an encoder; expected `encoder` or `encoder_bert`")
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
-    architectures = config.get("architectures") or []
-    architecture = str(architectures[0]) if architectures else ""
-    model_type = str(config.get("model_type", ""))
-    task = (
-        EncoderTask.CLASSIFICATION
-        if architecture.endswith("ForSequenceClassification")
-        else EncoderTask.EMBEDDING
-    )
-    is_causal = _is_causal_model_type(model_type)
-    if kind == "encoder_bert" and is_causal:
-        raise ModelLoadError(
-            f"base_model encoder_bert runs bidirectional encoders, but {architecture or model_type} is a causal "
-            "decoder (bidirectional variants need custom code, which is never run): use `base_model: encoder`"
-        )
-    text_config = config.get("text_config") or {}
-    hidden_size = config.get("hidden_size") or config.get("d_model") or text_config.get("hidden_size")
-    vocab_size = config.get("vocab_size") or text_config.get("vocab_size")
-    if not hidden_size or not vocab_size:
-        raise ModelLoadError(f"{model_dir / 'config.json'} lacks hidden_size or vocab_size")
-    max_positions = config.get("max_position_embeddings") or config.get("n_positions")
-    pad_token_id = config.get("pad_token_id")
-    # RoBERTa-style position ids start after the padding index.
-    uses_offset = model_type in ("roberta", "xlm-roberta", "camembert") and pad_token_id is not None
-    return CheckpointConfig(
-        architecture=architecture or model_type,
-        model_type=model_type,
-        task=task,
-        is_causal=is_causal,
-        has_generation_head=architecture.endswith(_GENERATION_HEAD_SUFFIXES),
-        max_position_embeddings=int(max_positions) if max_positions else None,
-        position_offset=int(pad_token_id) + 1 if uses_offset else 0,
-        pad_token_id=int(pad_token_id) if isinstance(pad_token_id, int) else None,
-        vocab_size=int(vocab_size),
-        hidden_size=int(hidden_size),
-        id2label=_labels(config, task),
-        torch_dtype=config.get("torch_dtype") or config.get("dtype"),
-    )
 
 
 @dataclass
@@ -207,7 +107,7 @@ class EncoderModel:
 
     def _causal_score_head(self, module: torch.nn.Module) -> torch.nn.Module | None:
         score = getattr(module, "score", None)
-        if self.config.is_causal and isinstance(score, torch.nn.Linear):
+        if self.config.is_decoder and isinstance(score, torch.nn.Linear):
             return score
         return None
 

@@ -56,6 +56,8 @@ def make_checkpoint(
         "torch_dtype": "bfloat16" if kind == "decoder" else "float32",
         "vocab_size": 3,
     }
+    if kind != "decoder":
+        base["hidden_size"] = 8  # serving reads it (common/encoder_checkpoint.py), and the build checks as serving
     if kind == "classifier":
         base["id2label"] = {"0": "negative", "1": "positive"}
     write_json(folder / "config.json", {**base, **(config or {})})

@@ -1,6 +1,7 @@
 """Repository layout checks: what passes, and that each refusal names the file and the fix."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,64 @@ def test_present_files_stand_in_for_weights_not_yet_downloaded(tmp_path: Path) -
     assert len(check_repository_layout(folder, DECODER, present_files=present).weight_files) == 2
     with pytest.raises(CheckpointLayoutError, match="00002-of-00002"):
         check_repository_layout(folder, DECODER, present_files={"model-00001-of-00002.safetensors"})
+
+
+def _add_module(folder: Path, kind: str, path: str, config: dict[str, object] | None = None) -> None:
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": len(modules), "name": str(len(modules)), "path": path, "type": f"sentence_transformers.models.{kind}"})  # fmt: skip
+    write_json(folder / "modules.json", modules)
+    if config is not None:
+        write_json(folder / path / "config.json", config)
+
+
+def _serving_refusal(folder: Path, kind: str) -> str:
+    """The message serving's loader gives for `folder`, without its folder prefix (it refuses before any weights)."""
+    from engine_builder.serve.encoders.errors import ModelLoadError
+    from engine_builder.serve.encoders.loader import load_encoder
+
+    with pytest.raises(ModelLoadError) as refusal:
+        load_encoder(folder, kind=kind, max_num_tokens=512, max_batch_size=4)
+    return str(refusal.value).removeprefix(f"{folder}: ")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kind", "expected"),
+    [
+        (lambda m: write_json(m / "1_Pooling" / "config.json", {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}),
+         "encoder_bert", r"selects pooling modes \['max', 'mean'\]; exactly one"),
+        (lambda m: write_json(m / "1_Pooling" / "config.json", {"pooling_mode": "attention"}), "encoder_bert",
+         "unknown pooling mode 'attention'"),
+        (lambda m: _add_module(m, "Dense", "2_Dense", {"in_features": 8, "out_features": 4, "activation_function": "torch.nn.modules.activation.LeakyReLU"}),
+         "encoder_bert", "Dense activation 'LeakyReLU' is not supported"),
+        (lambda m: _add_module(m, "LayerNorm", "2_LayerNorm", {"dimension": 8}), "encoder_bert",
+         "module 'sentence_transformers.models.LayerNorm' is not supported"),
+        (lambda m: write_json(m / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]),
+         "encoder_bert", "no sentence-transformers pooling config"),
+        (lambda m: edit_json(m / "config.json", architectures=["Qwen2Model"], model_type="qwen2"), "encoder_bert",
+         "Qwen2Model is a causal decoder .*use `base_model: encoder`"),
+        (lambda m: edit_json(m / "config.json", architectures=["Gemma3TextModel"], model_type="gemma3_text"),
+         "encoder_bert", "`use_bidirectional_attention` off"),
+    ],
+    ids=["two-poolings", "unknown-pooling", "leaky-relu", "layernorm", "no-pooling", "qwen-bert", "causal-gemma-bert"],
+)  # fmt: skip
+def test_encoder_checkpoints_serving_refuses_are_refused_with_its_message(
+    tmp_path: Path, mutate, kind: str, expected: str  # type: ignore[no-untyped-def]
+) -> None:
+    """Probe DG #1: these built (exit 0), and the server then refused them at load; the build now runs serving's own
+    checks and gives its message, before any engine is written."""
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    mutate(folder)
+    serving = _serving_refusal(folder, kind)
+    assert re.search(expected, serving)
+    with pytest.raises(CheckpointLayoutError) as refusal:
+        check_repository_layout(folder, BaseModelKind(kind))
+    assert serving in str(refusal.value)
+
+
+def test_the_recorded_pooling_mode_is_the_one_serving_runs(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    write_json(folder / "1_Pooling" / "config.json", {"pooling_mode_mean_sqrt_len_tokens": True, "pooling_mode_mean_tokens": False})  # fmt: skip
+    assert check_repository_layout(folder, ENCODER).pooling_mode == "mean_sqrt_len_tokens"
+    write_json(folder / "1_Pooling" / "config.json", {"pooling_mode": "lasttoken"})
+    assert check_repository_layout(folder, ENCODER).pooling_mode == "lasttoken"
+    assert check_repository_layout(make_checkpoint(tmp_path / "c", "classifier"), ENCODER).pooling_mode is None

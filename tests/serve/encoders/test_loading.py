@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from engine_builder.common.encoder_checkpoint import (
+    EncoderTask,
+    read_checkpoint_config,
+    read_layout_spec,
+    read_pooling_mode,
+)
 from engine_builder.serve.encoders.engine import EncoderEngine
 from engine_builder.serve.encoders.errors import ModelLoadError
 from engine_builder.serve.encoders.loader import default_dtype
-from engine_builder.serve.encoders.models import EncoderTask, read_checkpoint_config
-from engine_builder.serve.encoders.st_layout import read_layout, read_pooling_mode
 from engine_builder.serve.encoders.tokenizer import EncoderTokenizer
 from engine_builder.serve.encoders.truncation import REFUSE_OVER_LENGTH, Truncation, TruncationDirection
 from tests.serve.encoders.helpers import run_with
@@ -87,15 +91,15 @@ def test_default_dtype_is_the_checkpoints_16_bit_one_on_cuda(minilm_dir: Path) -
 
 
 def test_pooling_config_formats(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(
-        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
-    )
-    assert read_pooling_mode(tmp_path) == "cls"
-    (tmp_path / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
-    assert read_pooling_mode(tmp_path) == "weightedmean"
-    (tmp_path / "config.json").write_text(json.dumps({"pooling_mode": ["cls", "mean"]}))
+    config = tmp_path / "1_Pooling" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert read_pooling_mode(tmp_path, "1_Pooling") == "cls"
+    config.write_text(json.dumps({"pooling_mode": "weightedmean"}))
+    assert read_pooling_mode(tmp_path, "1_Pooling") == "weightedmean"
+    config.write_text(json.dumps({"pooling_mode": ["cls", "mean"]}))
     with pytest.raises(ModelLoadError, match="exactly one"):
-        read_pooling_mode(tmp_path)
+        read_pooling_mode(tmp_path, "1_Pooling")
 
 
 def test_unknown_sentence_transformers_module_is_refused(tmp_path: Path) -> None:
@@ -105,13 +109,13 @@ def test_unknown_sentence_transformers_module_is_refused(tmp_path: Path) -> None
         )
     )
     with pytest.raises(ModelLoadError, match="StaticEmbedding"):
-        read_layout(tmp_path)
+        read_layout_spec(tmp_path)
 
 
 def test_minilm_layout_and_matryoshka_hint(minilm_dir: Path, tiny_st_dense_dir: Path) -> None:
-    layout = read_layout(minilm_dir)
+    layout = read_layout_spec(minilm_dir)
     assert layout is not None
-    assert (layout.pooling_mode, layout.normalize, layout.max_seq_length, layout.dense_layers) == (
+    assert (layout.pooling_mode, layout.normalize, layout.max_seq_length, layout.dense_modules) == (
         "mean",
         True,
         256,

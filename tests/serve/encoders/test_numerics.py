@@ -5,7 +5,10 @@ Tolerances (float32 on CPU): cosine > 0.9999 per embedding, and |difference| < 1
 Batches mix lengths, so padding and the token-budget batcher are part of what is checked.
 """
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +198,63 @@ def test_causal_reranker_without_pad_token_matches_transformers(tiny_llama_reran
         )
     raw = run_with(engine, lambda: engine.rerank(query, texts, raw_scores=True)).scores
     np.testing.assert_allclose(raw, reference, atol=1e-4)
+
+
+def _st_modules() -> Any:
+    try:  # sentence-transformers >= 6 moved the module classes
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules  # type: ignore[no-redef,attr-defined]
+    return modules
+
+
+def _smollm2_tokenizer_without_template(smollm2_dir: Path, folder: Path) -> None:
+    """SmolLM2's cased BPE; without its chat template, which sentence-transformers >= 6 would apply to plain text."""
+    shutil.copy(smollm2_dir / "tokenizer.json", folder / "tokenizer.json")
+    settings = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
+@pytest.fixture(scope="module")
+def tiny_embedding_gemma_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """EmbeddingGemma's shape, saved by sentence-transformers: Gemma3TextModel with `use_bidirectional_attention`
+    (a sliding layer whose window is shorter than the long inputs, and a full one) -> mean -> Dense -> Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    modules = _st_modules()
+    torch.manual_seed(7)
+    config = Gemma3TextConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention=True, pad_token_id=2,
+    )  # fmt: skip
+    base = tmp_path_factory.mktemp("tiny-gemma3-bidirectional-base")
+    Gemma3TextModel(config).eval().save_pretrained(base)
+    _smollm2_tokenizer_without_template(smollm2_dir, base)
+    dense = modules.Dense(in_features=32, out_features=16, activation_function=torch.nn.Identity())
+    model = SentenceTransformer(
+        modules=[modules.Transformer(str(base)), modules.Pooling(32, pooling_mode="mean"), dense, modules.Normalize()],
+        device="cpu",
+    )
+    path = tmp_path_factory.mktemp("tiny-embedding-gemma")
+    model.save(str(path))
+    return path
+
+
+def test_bidirectional_gemma3_serves_as_encoder_bert_and_matches_sentence_transformers(
+    tiny_embedding_gemma_dir: Path,
+) -> None:
+    """EmbeddingGemma is a BEI-Bert model in Baseten's docs: `encoder_bert` refused it as a causal decoder (probe
+    DG #2), though transformers runs it bidirectionally, as served here."""
+    from sentence_transformers import SentenceTransformer
+
+    engine = EncoderEngine.from_model_dir(
+        tiny_embedding_gemma_dir, kind="encoder_bert", max_num_tokens=2048, max_batch_size=8
+    )
+    assert not engine.info.is_causal and engine.info.pooling == "mean" and engine.info.hidden_size == 16
+    reference = SentenceTransformer(str(tiny_embedding_gemma_dir), device="cpu").encode(SENTENCES)
+    result = run_with(engine, lambda: engine.embed(SENTENCES))  # one padded batch of mixed lengths
+    assert np.all(_cosines(result.embeddings, reference) > 0.9999)
+    np.testing.assert_allclose(result.embeddings, reference, atol=1e-5)
