@@ -3,8 +3,8 @@ common/encoder_checkpoint.py, shared with the build).
 
 Embedding models load as the transformers base model (`AutoModel`) followed by our pooling and the
 sentence-transformers Dense layers; classifiers load with `AutoModelForSequenceClassification`.
-Decoder-family classifiers (Llama/Qwen/Mistral `...ForSequenceClassification`) are run as base model ->
-last real token -> `score` head, so padding never depends on the checkpoint's pad token.
+Decoder-family classifiers (Llama/Qwen/Mistral `...ForSequenceClassification`) are run as base model -> one
+token -> `score` head, the token their transformers class scores (`scored_token_index`).
 """
 
 import inspect
@@ -157,7 +157,7 @@ class EncoderModel:
         batch = collate(items, pad_token_id=self._pad_token_id, device=self.device)
         inputs = self._model_inputs(batch)
         if self.config.task is EncoderTask.CLASSIFICATION:
-            return self._classify(inputs, batch.attention_mask).float().cpu()
+            return self._classify(inputs, batch).float().cpu()
         assert self._pool is not None, "embedding models are built with a pooling mode"
         hidden = self.module(**inputs).last_hidden_state
         pooled = self._dense(self._pool(hidden, batch.attention_mask))
@@ -178,9 +178,21 @@ class EncoderModel:
             states[row, : item.num_tokens] if item.all_tokens else pooled[row] for row, item in enumerate(items)
         ]
 
-    def _classify(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def _classify(self, inputs: dict[str, torch.Tensor], batch: PaddedBatch) -> torch.Tensor:
         if self._score_head is None:
             return self.module(**inputs).logits
         hidden = self._base_module(**inputs).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._score_head(hidden[rows, last_token_index(mask)])
+        return self._score_head(hidden[rows, scored_token_index(batch, self.config.pad_token_id)])
+
+
+def scored_token_index(batch: PaddedBatch, pad_token_id: int | None) -> torch.Tensor:
+    """The token a decoder's `...ForSequenceClassification` scores in each row, by transformers' rule
+    (`GenericForSequenceClassification`): the rightmost token whose id is not `pad_token_id` (position 0 when every
+    token is), here among the real tokens only; without a pad token, the last token. So an input that ends with its
+    pad token (often EOS: `<|im_end|>`) is scored on the token before it, as transformers scores it."""
+    if pad_token_id is None:
+        return last_token_index(batch.attention_mask)
+    scored = (batch.attention_mask != 0) & (batch.input_ids != pad_token_id)
+    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    return (positions * scored).argmax(dim=1)

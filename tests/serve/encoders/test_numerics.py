@@ -258,3 +258,42 @@ def test_bidirectional_gemma3_serves_as_encoder_bert_and_matches_sentence_transf
     result = run_with(engine, lambda: engine.embed(SENTENCES))  # one padded batch of mixed lengths
     assert np.all(_cosines(result.embeddings, reference) > 0.9999)
     np.testing.assert_allclose(result.embeddings, reference, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_classifier_with_eos_pad_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """LlamaForSequenceClassification whose pad token is its EOS `<|im_end|>` (id 2), as SmolLM2 sets it."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(8)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, num_labels=2, pad_token_id=2, eos_token_id=2,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama-classifier-eos-pad")
+    LlamaForSequenceClassification(config).eval().save_pretrained(path)
+    _smollm2_tokenizer_without_template(smollm2_dir, path)
+    return path
+
+
+def test_decoder_classifier_scores_the_token_transformers_scores(tiny_llama_classifier_with_eos_pad_dir: Path) -> None:
+    """transformers scores the rightmost token that is not the pad token: an input ending with `<|im_end|>` (a chat
+    turn, as reward models read it) on the token before it; one made only of pad tokens on its first. The engine
+    scored the last token (probe DG #3)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tiny_llama_classifier_with_eos_pad_dir
+    texts = [
+        "<|im_start|>user\nIs Berlin cold?<|im_end|>",
+        "Berlin is cold in winter.<|im_end|>",
+        "plain text without it",
+        "<|im_end|><|im_end|>",
+        "two pad tokens end this one<|im_end|><|im_end|>",
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.inference_mode():  # one text at a time: no padding at all in the reference
+        reference = np.concatenate([model(**tokenizer(text, return_tensors="pt")).logits.numpy() for text in texts])
+    engine = EncoderEngine.from_model_dir(folder, kind="encoder", max_num_tokens=1024, max_batch_size=8)
+    logits = run_with(engine, lambda: engine.classify(texts, raw_scores=True)).scores  # one padded batch
+    np.testing.assert_allclose(logits, reference, atol=1e-4)
