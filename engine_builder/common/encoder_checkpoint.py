@@ -83,6 +83,7 @@ class LayoutSpec:
     dense_modules: tuple[DenseModule, ...]
     normalize: bool
     max_seq_length: int | None
+    do_lower_case: bool
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def read_layout_spec(model_dir: Path) -> LayoutSpec | None:
     if not (model_dir / "modules.json").exists():
         if not (model_dir / "1_Pooling" / "config.json").exists():
             return None
-        return LayoutSpec(read_pooling_mode(model_dir, "1_Pooling"), (), False, _read_max_seq_length(model_dir))
+        return LayoutSpec(read_pooling_mode(model_dir, "1_Pooling"), (), False, *_read_transformer_settings(model_dir))
     modules = _read_json(model_dir, "modules.json")
     if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
         raise ModelLoadError("modules.json must be a JSON list of module objects")
@@ -262,12 +263,12 @@ def read_layout_spec(model_dir: Path) -> LayoutSpec | None:
             dense_modules.append(_read_dense(model_dir, path))
         elif kind == "Normalize":
             normalize = True
-    return LayoutSpec(pooling_mode, tuple(dense_modules), normalize, _read_max_seq_length(model_dir))
+    return LayoutSpec(pooling_mode, tuple(dense_modules), normalize, *_read_transformer_settings(model_dir))
 
 
-def _read_max_seq_length(model_dir: Path) -> int | None:
-    """sentence_bert_config.json's max_seq_length; sentence-transformers >= 5 keeps it in the tokenizer config as
-    model_max_length instead (huge sentinel values there mean "unset")."""
+def _read_transformer_settings(model_dir: Path) -> tuple[int | None, bool]:
+    """(max_seq_length, do_lower_case) of sentence_bert_config.json. sentence-transformers >= 5 may keep the length
+    in the tokenizer config as model_max_length instead (huge sentinel values there mean "unset")."""
     settings = (
         _read_json_object(model_dir, "sentence_bert_config.json")
         if (model_dir / "sentence_bert_config.json").exists()
@@ -277,7 +278,10 @@ def _read_max_seq_length(model_dir: Path) -> int | None:
     if not value and (model_dir / "tokenizer_config.json").exists():
         value = _read_json_object(model_dir, "tokenizer_config.json").get("model_max_length")
         value = value if isinstance(value, int) and value < 1_000_000 else None
-    return int(value) if value else None
+    lowercase = settings.get("do_lower_case", False)
+    if not isinstance(lowercase, bool):
+        raise ModelLoadError(f"sentence_bert_config.json: do_lower_case must be true or false, got {lowercase!r}")
+    return (int(value) if value else None), lowercase
 
 
 def resolve_pooling(config: CheckpointConfig, layout: LayoutSpec | None) -> str:

@@ -95,7 +95,10 @@ def load_encoder(
         dtype=dtype,
     )
     tokenizer = EncoderTokenizer.from_model_dir(
-        model_dir, max_input_length=max_input_length, vocab_size=config.vocab_size
+        model_dir,
+        max_input_length=max_input_length,
+        vocab_size=config.vocab_size,
+        lowercase=layout.do_lower_case if layout else False,
     )
     info = EncoderInfo(
         kind=kind,

@@ -38,6 +38,7 @@ class SentenceTransformerLayout:
     dense_layers: tuple[DenseLayer, ...]
     normalize: bool
     max_seq_length: int | None
+    do_lower_case: bool
 
 
 def _read_dense(model_dir: Path, module: DenseModule) -> DenseLayer:
@@ -61,4 +62,6 @@ def load_layout(model_dir: Path, spec: LayoutSpec | None) -> SentenceTransformer
     if spec is None:
         return None
     dense_layers = tuple(_read_dense(model_dir, module) for module in spec.dense_modules)
-    return SentenceTransformerLayout(spec.pooling_mode, dense_layers, spec.normalize, spec.max_seq_length)
+    return SentenceTransformerLayout(
+        spec.pooling_mode, dense_layers, spec.normalize, spec.max_seq_length, spec.do_lower_case
+    )

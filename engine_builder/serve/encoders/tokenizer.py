@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
+from tokenizers.normalizers import Lowercase
+from tokenizers.normalizers import Sequence as NormalizerSequence
 
 from engine_builder.serve.encoders.errors import (
     EmptyInputError,
@@ -61,6 +63,20 @@ class TokenSpan:
 TextInput = str | tuple[str, str]
 
 
+def _lowercase_first(tokenizer: Tokenizer) -> None:
+    """sentence-transformers' `do_lower_case` on a fast tokenizer (its Transformer module): a Lowercase normalizer
+    put first, unless the normalizer is one or a sequence holding one. The offsets still point into the text sent."""
+    normalizer = tokenizer.normalizer
+    if isinstance(normalizer, Lowercase):
+        return
+    if isinstance(normalizer, NormalizerSequence):
+        steps = [normalizer[index] for index in range(len(normalizer))]
+        if not any(isinstance(step, Lowercase) for step in steps):
+            tokenizer.normalizer = NormalizerSequence([Lowercase(), *steps])
+        return
+    tokenizer.normalizer = NormalizerSequence([Lowercase()] if normalizer is None else [Lowercase(), normalizer])
+
+
 class EncoderTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, max_input_length: int, vocab_size: int) -> None:
         tokenizer.no_padding()
@@ -75,11 +91,17 @@ class EncoderTokenizer:
         self.vocab_size = vocab_size
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, *, max_input_length: int, vocab_size: int) -> "EncoderTokenizer":
+    def from_model_dir(
+        cls, model_dir: Path, *, max_input_length: int, vocab_size: int, lowercase: bool = False
+    ) -> "EncoderTokenizer":
+        """`lowercase`: sentence_bert_config.json's `do_lower_case`, applied to every text this tokenizer reads."""
         path = model_dir / "tokenizer.json"
         if not path.exists():
             raise ModelLoadError(f"{model_dir} has no tokenizer.json: encoders need a fast (Rust) tokenizer")
-        return cls(Tokenizer.from_file(str(path)), max_input_length=max_input_length, vocab_size=vocab_size)
+        tokenizer = Tokenizer.from_file(str(path))
+        if lowercase:
+            _lowercase_first(tokenizer)
+        return cls(tokenizer, max_input_length=max_input_length, vocab_size=vocab_size)
 
     def _with_truncation(self, direction: TruncationDirection, max_length: int) -> Tokenizer:
         copy = Tokenizer.from_str(self._plain.to_str())

@@ -297,3 +297,50 @@ def test_decoder_classifier_scores_the_token_transformers_scores(tiny_llama_clas
     engine = EncoderEngine.from_model_dir(folder, kind="encoder", max_num_tokens=1024, max_batch_size=8)
     logits = run_with(engine, lambda: engine.classify(texts, raw_scores=True)).scores  # one padded batch
     np.testing.assert_allclose(logits, reference, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_lowercasing_st_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A causal embedder with SmolLM2's cased tokenizer, mean pooling and `do_lower_case: true`."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import LlamaConfig, LlamaModel
+
+    modules = _st_modules()
+    torch.manual_seed(9)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    base = tmp_path_factory.mktemp("tiny-llama-lowercase-base")
+    LlamaModel(config).eval().save_pretrained(base)
+    _smollm2_tokenizer_without_template(smollm2_dir, base)
+    model = SentenceTransformer(
+        modules=[modules.Transformer(str(base)), modules.Pooling(32, pooling_mode="mean")], device="cpu"
+    )
+    path = tmp_path_factory.mktemp("tiny-llama-lowercase")
+    model.save(str(path))
+    # as sentence-transformers < 6 saved it (>= 6 reads the key, and saves a Lowercase normalizer instead)
+    settings = json.loads((path / "sentence_bert_config.json").read_text())
+    (path / "sentence_bert_config.json").write_text(json.dumps({**settings, "do_lower_case": True}))
+    return path
+
+
+def test_do_lower_case_lowercases_every_text_as_sentence_transformers_does(tiny_lowercasing_st_dir: Path) -> None:
+    """`do_lower_case: true` was ignored: a cased tokenizer embedded the text as sent (probe DG #4)."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["Hello World", "BERLIN Is Cold In Winter", "already lower case"]
+    reference = SentenceTransformer(str(tiny_lowercasing_st_dir), device="cpu").encode(texts)
+    engine = EncoderEngine.from_model_dir(tiny_lowercasing_st_dir, kind="encoder", max_num_tokens=1024, max_batch_size=8)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+        embedded = (await engine.embed(texts)).embeddings
+        scores = (await engine.rerank(texts[1], [texts[0], texts[2]])).scores
+        spans = await engine.tokenize([texts[1], texts[1].lower()])
+        return embedded, scores, [span.id for span in spans[0]], [span.id for span in spans[1]]
+
+    embedded, scores, cased_ids, lower_ids = run_with(engine, scenario)
+    unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedded, unit, atol=1e-5)  # normalized, as TEI's `normalize` defaults
+    np.testing.assert_allclose(scores, [unit[1] @ unit[0], unit[1] @ unit[2]], atol=1e-5)
+    assert cased_ids == lower_ids
