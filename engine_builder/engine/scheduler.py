@@ -1,7 +1,8 @@
 """In-flight batching: which sequences run in the next step, and with how many tokens each.
 
-Order of a step: running sequences first (decodes and unfinished prefill chunks, in arrival order),
-then new requests from the waiting queue, first come first served. `guaranteed_no_evict` admits a
+Order of a step: running decodes first, then unfinished prompt chunks and recomputes (each in arrival
+order), then new requests from the waiting queue, first come first served; while requests wait, the
+prompt chunks take at most half the step, and get back what admission leaves. `guaranteed_no_evict` admits a
 request only when its worst case (prompt + max_tokens, every choice) fits beside the worst cases of
 everything running; `max_utilization` admits what fits now and, when blocks run out, preempts the
 newest running request (its KV is dropped and recomputed later).
@@ -84,38 +85,81 @@ class Scheduler:
         output = SchedulerOutput()
         self.blocks.release_held()
         token_budget = self.config.max_num_tokens
-        for group in list(self.running):
-            for seq in group.sequences:
-                if seq.is_finished or seq.status != SequenceStatus.RUNNING:
+        # While requests wait, the prompts still prefilling share at most half the step, so a long prompt's prefill
+        # leaves room to admit the requests that came after it (vLLM caps long prefills likewise); what admission
+        # leaves unused goes back to them (`_give_back`). Taking the whole budget, one 7,000-token prompt held
+        # every later request's first token for its whole prefill (probe DF: 95 s on a 2-core CPU).
+        prefill_cap = max(self.blocks.block_size, self.config.max_num_tokens // 2) if self.waiting else None
+        held_back: list[tuple[SequenceGroup, Sequence, ScheduledSequence | None]] = []
+        # Decodes first, then prompt chunks (and recomputes), each in arrival order: a prefill chunk ahead of them
+        # took the step's budget and held every later request's next token until the prompt ended (probe DF).
+        running = [(group, seq) for group in list(self.running) for seq in group.sequences]
+        decodes = [(group, seq) for group, seq in running if _decodes(seq)]
+        for group, seq in decodes + [(group, seq) for group, seq in running if not _decodes(seq)]:
+            if group not in self.running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
+                continue  # its group was preempted for an earlier sequence's room, or it is not running
+            num_new = seq.num_uncomputed_tokens
+            if num_new <= 0:
+                continue
+            # Drafts ride decode steps only: a prompt's last chunk of one token is no decode step (its choices
+            # fork when it samples, which the draft path does not do: probe AC).
+            drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if _decodes(seq) else (0, 0)
+            capped = False
+            if prefill_cap is not None and not seq.output_token_ids and self.config.enable_chunked_prefill:
+                capped = num_new > prefill_cap
+                num_new = min(num_new, prefill_cap)
+                prefill_cap -= num_new
+                if num_new == 0:
+                    held_back.append((group, seq, None))
                     continue
-                if group not in self.running:
-                    break
-                num_new = seq.num_uncomputed_tokens
-                if num_new <= 0:
+            if num_new > token_budget:
+                # Recomputing a preempted sequence may always be chunked: it could exceed max_num_tokens.
+                can_chunk = self.config.enable_chunked_prefill or bool(seq.output_token_ids)
+                if not can_chunk or token_budget == 0:
                     continue
-                # Drafts ride decode steps only: a prompt's last chunk of one token is no decode step (its choices
-                # fork when it samples, which the draft path does not do: probe AC).
-                decoding = num_new == 1 and bool(seq.output_token_ids)
-                drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if decoding else (0, 0)
-                if num_new > token_budget:
-                    # Recomputing a preempted sequence may always be chunked: it could exceed max_num_tokens.
-                    can_chunk = self.config.enable_chunked_prefill or bool(seq.output_token_ids)
-                    if not can_chunk or token_budget == 0:
-                        continue
-                    num_new = token_budget
-                if drafts and (num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots)):
-                    drafts = 0
-                copies = self._fork_copies(group, seq, num_new)
-                if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output, copies):
-                    if group not in self.running:
-                        break
-                    continue
-                token_budget -= num_new + drafts
-                sample = seq.num_computed_tokens + num_new == seq.num_tokens
-                output.scheduled.append(ScheduledSequence(seq, num_new, sample, drafts))
+                num_new = token_budget
+            if drafts and (num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots)):
+                drafts = 0
+            copies = self._fork_copies(group, seq, num_new)
+            if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output, copies):
+                continue
+            token_budget -= num_new + drafts
+            sample = seq.num_computed_tokens + num_new == seq.num_tokens
+            output.scheduled.append(ScheduledSequence(seq, num_new, sample, drafts))
+            if capped:
+                held_back.append((group, seq, output.scheduled[-1]))
         if not output.preempted:
-            self._admit(output, token_budget)
+            token_budget = self._admit(output, token_budget)
+        self._give_back(output, held_back, token_budget)
         return output
+
+    def _give_back(
+        self,
+        output: SchedulerOutput,
+        held_back: list[tuple[SequenceGroup, Sequence, ScheduledSequence | None]],
+        token_budget: int,
+    ) -> None:
+        """The budget admission left, to the prefills held to the cap: in free blocks only (no preemption for it)."""
+        for group, seq, item in held_back:
+            if token_budget <= 0:
+                return
+            if group not in self.running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
+                continue
+            scheduled = item.num_new_tokens if item is not None else 0
+            extra = min(token_budget, seq.num_uncomputed_tokens - scheduled)
+            if extra <= 0:
+                continue
+            total = scheduled + extra
+            copies = self._fork_copies(group, seq, total)  # none yet: a held-back chunk never ended the prompt
+            if not self._room_for(seq, total, copies):
+                continue
+            self._take_room(seq, total, copies)
+            token_budget -= extra
+            sample = seq.num_computed_tokens + total == seq.num_tokens
+            if item is None:
+                output.scheduled.append(ScheduledSequence(seq, total, sample))
+            else:
+                item.num_new_tokens, item.sample = total, sample
 
     def _draft_fits(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `num_tokens` more slots for `seq` (its next token and draft slots) fit in blocks no one needs."""
@@ -175,7 +219,8 @@ class Scheduler:
         self.waiting.appendleft(group)
         self.num_preemptions += 1
 
-    def _admit(self, output: SchedulerOutput, token_budget: int) -> None:
+    def _admit(self, output: SchedulerOutput, token_budget: int) -> int:
+        """Admit waiting requests while the step has budget; returns the budget left."""
         config = self.config
         num_running = self.num_running
         while self.waiting and token_budget > 0:
@@ -233,6 +278,7 @@ class Scheduler:
                 token_budget -= num_new
                 sample = seq.num_computed_tokens + num_new == seq.num_tokens
                 output.scheduled.append(ScheduledSequence(seq, num_new, sample))
+        return token_budget
 
     # -- accounting for guaranteed_no_evict ---------------------------------------------------------------
     def _max_total_tokens(self, seq: Sequence) -> int:
@@ -278,3 +324,8 @@ class Scheduler:
                 queue.remove(group)
         for seq in group.sequences:
             self.blocks.free(seq)
+
+
+def _decodes(seq: Sequence) -> bool:
+    """The sequence's next step computes one sampled token: a decode, not a prompt chunk or a recompute."""
+    return seq.num_uncomputed_tokens == 1 and bool(seq.output_token_ids)

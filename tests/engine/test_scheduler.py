@@ -245,3 +245,24 @@ def test_a_prompts_last_chunk_of_one_token_takes_no_drafts() -> None:
     assert _run_step(scheduler) == [("a", 40)]
     output = scheduler.schedule({parent.seq_id: (6, 4)})
     assert [(item.num_new_tokens, item.sample, item.num_draft_tokens) for item in output.scheduled] == [(1, True, 0)]
+
+
+def test_a_long_prefill_leaves_room_for_requests_that_wait_behind_it() -> None:
+    """Probe DF #2: a long prompt's running prefill took every step's whole budget, so no request that came after it
+    was admitted before its prefill ended (95 s for a 7,000-token prompt on a 2-core CPU). While requests wait, the
+    prefills share half the step; what admission leaves goes back to them."""
+    scheduler = _scheduler(num_blocks=256, max_num_tokens=64)
+    scheduler.add(_group("long", 600))
+    assert _run_step(scheduler) == [("long", 64)]  # nothing waits: the whole budget
+    scheduler.add(_group("short", 10))
+    # half the step kept for admission; what the short prompt left (22) goes back to the prefill's chunk (32 + 22)
+    assert _run_step(scheduler) == [("long", 54), ("short", 10)]
+    # nothing waits again: the decode first (behind the prompt's chunk it starved until the prompt ended), then
+    # the prompt's chunk takes the rest
+    assert _run_step(scheduler) == [("short", 1), ("long", 63)]
+    # a waiting request that cannot be admitted (the batch is full) takes nothing from the prefill
+    full = _scheduler(num_blocks=256, max_num_tokens=64, max_batch_size=1)
+    full.add(_group("long", 600))
+    _run_step(full)
+    full.add(_group("short", 10))
+    assert _run_step(full) == [("long", 64)]
