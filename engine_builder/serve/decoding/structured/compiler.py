@@ -18,10 +18,14 @@ from engine_builder.common.worker_process import (
     WorkerUnavailable,
 )
 from engine_builder.serve.decoding.structured.errors import GuideError, xgrammar_reason
+from engine_builder.serve.decoding.structured.grammar_cache import (
+    CACHE_SIZE,
+    MAX_CACHED_GRAMMAR_BYTES,
+    GrammarCache,
+)
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 
 logger = logging.getLogger(__name__)
-CACHE_SIZE = 256
 # A compile runs in a worker process and is stopped (the process killed) past this limit: xgrammar cannot be
 # interrupted, and a thread left compiling a pathological schema for minutes would hold a compile slot from everyone
 # else. Everyday schemas compile in milliseconds; what takes longer is a giant enum, a huge maxLength or a nested
@@ -35,10 +39,16 @@ COMPILE_THREADS = 2  # compiles run here, not in asyncio's default pool (prompt 
 class GrammarCompiler:
     """Compiles guides into xgrammar grammars, cached by their text. `compile` runs in the caller's thread;
     `compile_async`, what requests use, runs each compile in a worker process (one per compile thread) that is
-    killed when the compile passes `compile_limit_s`."""
+    killed when the compile passes `compile_limit_s`. The worker processes keep no grammars (xgrammar's cache is
+    off there): the one cache is this process's."""
 
     def __init__(
-        self, model_dir: Path, vocab_size: int, tokenizer: Any = None, compile_limit_s: float = COMPILE_TIMEOUT_S
+        self,
+        model_dir: Path,
+        vocab_size: int,
+        tokenizer: Any = None,
+        compile_limit_s: float = COMPILE_TIMEOUT_S,
+        cache_max_bytes: int = MAX_CACHED_GRAMMAR_BYTES,
     ) -> None:
         """`tokenizer`: the server's Hugging Face tokenizer of `model_dir`, when it has one (else loaded here)."""
         import xgrammar
@@ -50,7 +60,7 @@ class GrammarCompiler:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=2, cache_enabled=False)
-        self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
+        self._cache: GrammarCache[tuple[str, str, bool]] = GrammarCache(CACHE_SIZE, cache_max_bytes)
         # guides the compile refused: the refusal again at once. A schema stopped at the limit cost a compile slot
         # for the whole limit, and a worker's kill and respawn, on every retry of it (probe AF). What xgrammar or
         # our checks refuse is refused for good; a compile stopped at the limit for REFUSED_TOO_SLOW_S (a busy
@@ -136,10 +146,7 @@ class GrammarCompiler:
 
     def _cached(self, key: tuple[str, str, bool]) -> Any:
         """The compiled grammar of `key`, marked most recently used, or None (the caller holds the lock)."""
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-        return cached
+        return self._cache.get(key)
 
     def _forget(self, key: tuple[str, str, bool]) -> None:
         with self._lock:
@@ -152,7 +159,9 @@ class GrammarCompiler:
         if cached is not None:
             return cached
         started = time.perf_counter()
-        return self._record(guide, self._compile(guide), time.perf_counter() - started)
+        compiled = self._compile(guide)
+        seconds = time.perf_counter() - started
+        return self._record(guide, compiled, seconds, len(compiled.serialize_json()))
 
     def _compile_isolated(self, guide: Guide, begun: "Future[None]") -> Any:
         """`compile` in this compile thread's worker process, stopped past `compile_limit_s`; in this thread when
@@ -200,7 +209,7 @@ class GrammarCompiler:
                 message, param = payload
                 raise GuideError(message, param)
             compiled = self._xgr.CompiledGrammar.deserialize_json(payload, self.tokenizer_info)
-            return self._record(guide, compiled, seconds)
+            return self._record(guide, compiled, seconds, len(payload))
         finally:
             if not begun.done():
                 begun.set_result(None)
@@ -229,16 +238,15 @@ class GrammarCompiler:
         with self._lock:
             return self._cached(_key(guide))
 
-    def _record(self, guide: Guide, compiled: Any, seconds: float) -> Any:
-        """Count and cache a compiled guide, once it is known to allow some output."""
+    def _record(self, guide: Guide, compiled: Any, seconds: float, num_bytes: int) -> Any:
+        """Count and cache a compiled guide, once it is known to allow some output; `num_bytes`: its serialized
+        JSON's length, the cache's measure of it."""
         logger.debug("compiled %s grammar in %.1f ms", guide.kind.value, seconds * 1000)
         self._check_satisfiable(guide, compiled)
         with self._lock:
             self.num_compiles += 1
             self.compile_seconds += seconds
-            self._cache[_key(guide)] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache.put(_key(guide), compiled, num_bytes)
         return compiled
 
     def _check_satisfiable(self, guide: Guide, compiled: Any) -> None:
