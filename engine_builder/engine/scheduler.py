@@ -85,11 +85,13 @@ class Scheduler:
         output = SchedulerOutput()
         self.blocks.release_held()
         token_budget = self.config.max_num_tokens
-        # While requests wait, the prompts still prefilling share at most half the step, so a long prompt's prefill
-        # leaves room to admit the requests that came after it (vLLM caps long prefills likewise); what admission
-        # leaves unused goes back to them (`_give_back`). Taking the whole budget, one 7,000-token prompt held
-        # every later request's first token for its whole prefill (probe DF: 95 s on a 2-core CPU).
-        prefill_cap = max(self.blocks.block_size, self.config.max_num_tokens // 2) if self.waiting else None
+        # While requests wait, the prompts still prefilling share at most half of what the decodes leave, so a long
+        # prompt's prefill leaves room to admit the requests that came after it (vLLM caps long prefills likewise);
+        # what admission leaves unused goes back to them (`_give_back`). Taking the whole budget, one 7,000-token
+        # prompt held every later request's first token for its whole prefill (probe DF: 95 s on a 2-core CPU).
+        # Set once the decodes are scheduled: half of max_num_tokens left nothing to admit with once decodes (or
+        # their draft rows) took half the step (probe DZ).
+        prefill_cap: int | None = None
         held_back: list[tuple[SequenceGroup, Sequence, ScheduledSequence | None]] = []
         # Decodes first, then prompt chunks (and recomputes), each in arrival order: a prefill chunk ahead of them
         # took the step's budget and held every later request's next token until the prompt ended (probe DF).
@@ -105,6 +107,8 @@ class Scheduler:
             # fork when it samples, which the draft path does not do: probe AC).
             drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if _decodes(seq) else (0, 0)
             capped = False
+            if prefill_cap is None and not _decodes(seq) and self.waiting:  # the decodes are scheduled
+                prefill_cap = max(self.blocks.block_size, token_budget // 2)
             if prefill_cap is not None and not seq.output_token_ids and self.config.enable_chunked_prefill:
                 capped = num_new > prefill_cap
                 num_new = min(num_new, prefill_cap)
@@ -150,7 +154,7 @@ class Scheduler:
             if extra <= 0:
                 continue
             total = scheduled + extra
-            copies = self._fork_copies(group, seq, total)  # none yet: a held-back chunk never ended the prompt
+            copies = self._fork_copies(group, seq, total)  # the choices' fork copies when `total` ends the prompt
             if not self._room_for(seq, total, copies):
                 continue
             self._take_room(seq, total, copies)

@@ -266,3 +266,18 @@ def test_a_long_prefill_leaves_room_for_requests_that_wait_behind_it() -> None:
     _run_step(full)
     full.add(_group("short", 10))
     assert _run_step(full) == [("long", 64)]
+
+
+def test_the_prefill_cap_is_half_of_what_the_decodes_leave() -> None:
+    """Probe DZ: a cap of half of max_num_tokens left nothing to admit with once running decodes took half the
+    step: a request behind a long prompt waited for its whole prefill again."""
+    scheduler = _scheduler(num_blocks=4096, max_num_tokens=64, max_batch_size=64, max_seq_len=2048)
+    for index in range(36):
+        scheduler.add(_group(f"d{index}", 4, max_tokens=100))
+    while scheduler.waiting or any(not seq.output_token_ids for group in scheduler.running for seq in group.sequences):
+        _run_step(scheduler)
+    scheduler.add(_group("long", 1200, max_tokens=4))
+    _run_step(scheduler)
+    scheduler.add(_group("short", 5, max_tokens=4))
+    step = _run_step(scheduler)  # 36 decodes, then the prompt's chunk (half of the 28 left), then the short prompt
+    assert step[36:] == [("long", 23), ("short", 5)]  # its 14, and the 9 admission left given back

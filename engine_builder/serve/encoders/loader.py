@@ -35,13 +35,18 @@ from engine_builder.serve.encoders.truncation import TruncationDefaults
 logger = logging.getLogger(__name__)
 
 
+# Families whose activations overflow float16 (Gemma's model cards: "activations do not support float16"; EmbeddingGemma's
+# checkpoint states float32): bfloat16 is their 16-bit dtype.
+_NO_FLOAT16 = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
 def default_dtype(config: CheckpointConfig, device: str) -> torch.dtype:
     """The compute dtype when none is asked for: float32 on the CPU; on CUDA the checkpoint's 16-bit dtype, and
-    float16 for a float32 (or unstated) one, as sentence-transformers users run BERTs there. `dtype: float32`
-    keeps float32 on CUDA."""
+    float16 for a float32 (or unstated) one, as sentence-transformers users run BERTs there, bfloat16 for a family
+    whose activations overflow float16. `dtype: float32` keeps float32 on CUDA."""
     if not device.startswith("cuda"):
         return torch.float32
-    if config.torch_dtype == "bfloat16":
+    if config.torch_dtype == "bfloat16" or config.model_type in _NO_FLOAT16:
         return torch.bfloat16
     return torch.float16
 

@@ -88,6 +88,9 @@ def test_default_dtype_is_the_checkpoints_16_bit_one_on_cuda(minilm_dir: Path) -
     for stated, expected in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float16)):
         assert default_dtype(dataclasses.replace(config, torch_dtype=stated), "cuda") is expected
         assert default_dtype(dataclasses.replace(config, torch_dtype=stated), "cpu") is torch.float32
+    # EmbeddingGemma states float32, and its activations overflow float16 (its model card): bfloat16 on CUDA
+    gemma = dataclasses.replace(config, model_type="gemma3_text", torch_dtype="float32")
+    assert default_dtype(gemma, "cuda") is torch.bfloat16 and default_dtype(gemma, "cpu") is torch.float32
 
 
 def test_pooling_config_formats(tmp_path: Path) -> None:
