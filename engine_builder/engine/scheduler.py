@@ -2,7 +2,7 @@
 
 Order of a step: running decodes first, then unfinished prompt chunks and recomputes (each in arrival
 order), then new requests from the waiting queue, first come first served; while requests wait, the
-prompt chunks take at most half the step, and get back what admission leaves. `guaranteed_no_evict` admits a
+prompt chunks take at most half of what the decodes leave, and get back what admission leaves. `guaranteed_no_evict` admits a
 request only when its worst case (prompt + max_tokens, every choice) fits beside the worst cases of
 everything running; `max_utilization` admits what fits now and, when blocks run out, preempts the
 newest running request (its KV is dropped and recomputed later).
@@ -95,9 +95,9 @@ class Scheduler:
         held_back: list[tuple[SequenceGroup, Sequence, ScheduledSequence | None]] = []
         # Decodes first, then prompt chunks (and recomputes), each in arrival order: a prefill chunk ahead of them
         # took the step's budget and held every later request's next token until the prompt ended (probe DF).
-        running = [(group, seq) for group in list(self.running) for seq in group.sequences]
-        decodes = [(group, seq) for group, seq in running if _decodes(seq)]
-        for group, seq in decodes + [(group, seq) for group, seq in running if not _decodes(seq)]:
+        running = [(group, seq, _decodes(seq)) for group in list(self.running) for seq in group.sequences]
+        running.sort(key=lambda entry: not entry[2])  # stable: decodes first, each kind in arrival order
+        for group, seq, decodes in running:
             if group not in self.running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue  # its group was preempted for an earlier sequence's room, or it is not running
             num_new = seq.num_uncomputed_tokens
@@ -105,9 +105,9 @@ class Scheduler:
                 continue
             # Drafts ride decode steps only: a prompt's last chunk of one token is no decode step (its choices
             # fork when it samples, which the draft path does not do: probe AC).
-            drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if _decodes(seq) else (0, 0)
+            drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if decodes else (0, 0)
             capped = False
-            if prefill_cap is None and not _decodes(seq) and self.waiting:  # the decodes are scheduled
+            if prefill_cap is None and not decodes and self.waiting:  # the decodes are scheduled
                 prefill_cap = max(self.blocks.block_size, token_budget // 2)
             if prefill_cap is not None and not seq.output_token_ids and self.config.enable_chunked_prefill:
                 capped = num_new > prefill_cap
