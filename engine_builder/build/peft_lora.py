@@ -17,6 +17,7 @@ from engine_builder.build.checkpoints.selection import (
     ADAPTER_PICKLE_FILE,
     ADAPTER_SAFETENSORS_FILE,
 )
+from engine_builder.common.decoder_defaults import with_architecture_defaults
 
 # The HF module names the engine applies LoRA to, with the block that holds them (order kept in manifests).
 SUPPORTED_MODULES: dict[str, str] = {
@@ -53,6 +54,7 @@ class BaseModelShapes:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "BaseModelShapes":
         """Raises KeyError naming the config.json field that is missing."""
+        config = with_architecture_defaults(dict(config))
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)

@@ -460,3 +460,13 @@ def test_a_reused_engine_refuses_a_model_name_that_is_an_adapters(tmp_path: Path
     with pytest.raises(BuildError, match=r"has the served model name 'tuned'"):
         build(config, tmp_path / "engine")
     assert (tmp_path / "engine" / "manifest.json").read_text() == before
+
+
+def test_adapter_shapes_read_the_base_models_defaults_for_omitted_keys() -> None:
+    """Qwen3's head_dim is 128 whatever hidden_size / heads is: an adapter was checked against hidden / heads."""
+    from engine_builder.build.peft_lora import BaseModelShapes
+
+    config = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 512, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "intermediate_size": 1024, "num_hidden_layers": 2}
+    shapes = BaseModelShapes.from_config(config)
+    assert shapes.features["q_proj"] == (512, 16 * 128) and shapes.features["k_proj"] == (512, 4 * 128)

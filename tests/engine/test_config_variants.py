@@ -3,6 +3,7 @@ checkpoints, float32), and the variants the engine refuses."""
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,36 @@ def test_omitted_window_and_head_dim_take_the_model_types_defaults() -> None:
     assert decoder_spec({**config, "architectures": ["MistralForCausalLM"]}).sliding_window == 4096
     gemma3 = decoder_spec({**config, "architectures": ["Gemma3ForCausalLM"]})
     assert (gemma3.head_dim, gemma3.query_scale, gemma3.sliding_window) == (256, 256.0, 4096)
+
+
+_CONFIG_CLASSES = {
+    "LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig", "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config", "Gemma3ForCausalLM": "Gemma3TextConfig",
+    "Qwen3MoeForCausalLM": "Qwen3MoeConfig", "MixtralForCausalLM": "MixtralConfig", "GptOssForCausalLM": "GptOssConfig",
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(_CONFIG_CLASSES))
+def test_a_config_with_only_the_shape_keys_means_what_transformers_config_class_makes_of_it(
+    architecture: str,
+) -> None:
+    """Every key a config.json may omit: the spec from the bare shape keys equals the spec from transformers'
+    full config for them (num_key_value_heads, Qwen3's head_dim 128 and max_position_embeddings differed)."""
+    import inspect
+
+    import transformers
+
+    from engine_builder.engine.models import ARCHITECTURES
+
+    assert set(_CONFIG_CLASSES) == set(ARCHITECTURES), "a new architecture needs its transformers config class here"
+    config_class = getattr(transformers, _CONFIG_CLASSES[architecture])
+    shape = dict(vocab_size=1000, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+                 num_experts_per_tok=2, moe_intermediate_size=64, num_experts=4, num_local_experts=4)
+    shape = {key: value for key, value in shape.items() if key in inspect.signature(config_class.__init__).parameters}
+    full = {**config_class(**shape).to_dict(), "architectures": [architecture]}
+    bare = decoder_spec({**shape, "architectures": [architecture]})
+    expected = decoder_spec(full)
+    assert replace(bare, rope_scaling=None) == replace(expected, rope_scaling=None)
+    # transformers' rope_parameters also carries rope_theta, which the spec holds on its own
+    assert bare.rope_scaling == ({k: v for k, v in expected.rope_scaling.items() if k != "rope_theta"}
+                                 if expected.rope_scaling else None)

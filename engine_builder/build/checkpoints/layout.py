@@ -12,6 +12,7 @@ from typing import Any
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError
 from engine_builder.build.checkpoints.selection import WEIGHTS_INDEX, unusable_weight_files
 from engine_builder.build.config import BaseModelKind
+from engine_builder.common.decoder_defaults import with_architecture_defaults
 from engine_builder.common.encoder_checkpoint import ModelLoadError, read_encoder_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _check_layout(
     return RepositoryInfo(
         architecture=architecture,
         model_type=model_type,
-        max_position_embeddings=_max_positions(config),
+        max_position_embeddings=_max_positions(with_architecture_defaults(config)),
         torch_dtype=torch_dtype,
         has_chat_template=has_chat_template,
         is_sentence_transformers=is_sentence_transformers,

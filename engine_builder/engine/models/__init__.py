@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from engine_builder.common.decoder_defaults import with_defaults
 from engine_builder.engine.layers.moe import MoESpec
 from engine_builder.engine.layers.rotary import ROPE_TYPES
 from engine_builder.engine.models.decoder import DecoderModel, DecoderSpec
@@ -16,32 +17,11 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
-# transformers' config-class defaults (5.x) where they differ from the engine's fallbacks (rope_theta 10000,
-# rms_norm_eps 1e-6, no window, head_dim = hidden_size / heads): a config.json that omits one of these keys means
-# to the engine what it means to transformers.
-_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "MistralForCausalLM": {"sliding_window": 4096},
-    "Qwen2ForCausalLM": {"sliding_window": 4096, "max_window_layers": 28},
-    "Qwen3ForCausalLM": {"sliding_window": 4096, "max_window_layers": 28},
-    "Qwen3MoeForCausalLM": {"sliding_window": 4096},
-    "MixtralForCausalLM": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
-    "Gemma3ForCausalLM": {
-        "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 4096, "head_dim": 256,
-        "query_pre_attn_scalar": 256,
-    },
-    "GptOssForCausalLM": {"rope_theta": 1.5e5, "rms_norm_eps": 1e-5, "sliding_window": 128, "head_dim": 64},
-}
-
 # gpt-oss's rotary scaling when its config declares none (GptOssConfig's default)
 _GPT_OSS_ROPE = {
     "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
     "original_max_position_embeddings": 4096,
 }
-
-
-def _with_defaults(architecture: str, config: dict[str, Any]) -> dict[str, Any]:
-    """config.json over its model type's defaults: what every spec builder reads."""
-    return {**_CONFIG_DEFAULTS.get(architecture, {}), **config}
 
 
 def _rope(
@@ -143,7 +123,7 @@ def _qwen3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
 def _gemma3(architecture: str, config: dict[str, Any]) -> DecoderSpec:
     if "text_config" in config:
         text_config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
-        config = _with_defaults(architecture, text_config)
+        config = with_defaults(architecture, text_config)
     num_layers = config["num_hidden_layers"]
     layer_types = config.get("layer_types")
     if layer_types:
@@ -256,7 +236,7 @@ def decoder_spec(config: dict[str, Any]) -> DecoderSpec:
     architectures = config.get("architectures") or []
     for architecture in architectures:
         if architecture in ARCHITECTURES:
-            return ARCHITECTURES[architecture](architecture, _with_defaults(architecture, config))
+            return ARCHITECTURES[architecture](architecture, with_defaults(architecture, config))
     raise UnsupportedArchitectureError(
         f"architecture {architectures} is not supported by the torch engine; supported: {', '.join(ARCHITECTURES)}"
     )

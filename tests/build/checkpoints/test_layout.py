@@ -220,3 +220,13 @@ def test_the_recorded_pooling_mode_is_the_one_serving_runs(tmp_path: Path) -> No
     write_json(folder / "1_Pooling" / "config.json", {"pooling_mode": "lasttoken"})
     assert check_repository_layout(folder, ENCODER).pooling_mode == "lasttoken"
     assert check_repository_layout(make_checkpoint(tmp_path / "c", "classifier"), ENCODER).pooling_mode is None
+
+
+def test_a_decoder_config_without_max_position_embeddings_takes_its_model_types_default(tmp_path: Path) -> None:
+    """The build read no key as "unknown" and fell back to 4096; transformers' default is per model type (Qwen2's
+    32768, Llama's 2048), and the engine loads with that."""
+    model = make_checkpoint(tmp_path / "m")
+    edit_json(model / "config.json", max_position_embeddings=None, architectures=["Qwen2ForCausalLM"])
+    assert check_repository_layout(model, DECODER).max_position_embeddings == 32768
+    edit_json(model / "config.json", architectures=["LlamaForCausalLM"])
+    assert check_repository_layout(model, DECODER).max_position_embeddings == 2048
