@@ -271,7 +271,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
         "logprobs": LOGPROBS_INCLUDE in (body.include or ()),
         "top_logprobs": body.top_logprobs,
         "parallel_tool_calls": body.parallel_tool_calls,
-        "response_format": _response_format(body),
+        "response_format": response_format(body),
         "reasoning_effort": body.reasoning.effort if body.reasoning is not None else None,
         "user": body.user,
         "safety_identifier": body.safety_identifier,
@@ -298,7 +298,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
     return ChatTranslation(chat, [*prior, *new_items], conversation.origins)
 
 
-def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
+def response_format(body: ResponsesRequest) -> dict[str, Any] | None:
     fmt = body.text.format if body.text is not None else None
     if isinstance(fmt, TextFormatText):
         return {"type": "text"}

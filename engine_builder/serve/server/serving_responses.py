@@ -17,19 +17,21 @@ from fastapi.responses import JSONResponse, Response
 from engine_builder.serve.server.errors import APIError, bad_request, code_for, unsupported
 from engine_builder.serve.server.generation import collect_until_disconnect, sse_response
 from engine_builder.serve.server.protocol import Usage
-from engine_builder.serve.server.protocol_responses import ResponsesRequest
+from engine_builder.serve.server.protocol_responses import FunctionTool, ResponsesRequest
 from engine_builder.serve.server.response_store import StoredResponse
-from engine_builder.serve.server.responses_input import ChatTranslation, translate
+from engine_builder.serve.server.responses_input import ChatTranslation, response_format, translate
 from engine_builder.serve.server.responses_output import failed, finished, response_object, token_logprobs
 from engine_builder.serve.server.responses_stream import ResponseEvents
 from engine_builder.serve.server.serving_chat import ChatPlan, plan_chat
 from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.tools import HARMONY, auto_strict_enforceable
 from engine_builder.serve.server.usage import UsageCounter
 
 logger = logging.getLogger(__name__)
 
 
 async def serve_response(state: ServerState, body: ResponsesRequest, http_request: Request) -> Response:
+    body = _resolve_unset_strict(state, body)
     translation = translate(body, state.responses)
     response_id = f"resp_{uuid.uuid4().hex}"
     try:
@@ -51,6 +53,20 @@ async def serve_response(state: ServerState, body: ResponsesRequest, http_reques
     if keep:
         state.responses.put(StoredResponse(final, translation.input_items))
     return JSONResponse(final)
+
+
+def _resolve_unset_strict(state: ServerState, body: ResponsesRequest) -> ResponsesRequest:
+    """A function tool is strict unless it says otherwise on this API. Where tool_choice auto cannot hold calls to
+    their schemas (this model's call format has no start marker, or `text.format` asks for JSON too), a tool that
+    leaves `strict` unset is served, and echoed, as `strict: false`; one that sends `strict: true` is refused."""
+    unset = [tool for tool in body.tools or () if isinstance(tool, FunctionTool) and tool.strict is None]
+    if not unset or body.tool_choice not in (None, "auto"):
+        return body
+    family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
+    if auto_strict_enforceable(family) and response_format(body) in (None, {"type": "text"}):
+        return body
+    tools = [tool.model_copy(update={"strict": False}) if tool in unset else tool for tool in body.tools or ()]
+    return body.model_copy(update={"tools": tools})
 
 
 class ResponseGeneration:

@@ -203,6 +203,14 @@ def plan_tools(
     return ToolCallProcessor("forced", schemas, parallel, id_length=id_length), template_tools, guide, hints
 
 
+def auto_strict_enforceable(family: str | None) -> bool:
+    """Whether tool_choice auto can hold a `strict` tool's calls to its schema in this tool-call format: the family
+    must mark each call's start for the grammar to wait for."""
+    if family is None or family == HARMONY:
+        return False
+    return tool_parser(family, {}).marked_calls({"f": {"type": "object"}}, True) is not None
+
+
 def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], family: str, parallel: bool) -> Guide:
     """tool_choice auto with a strict tool: free text, and each call the model marks constrained to a valid call
     (a strict tool's arguments to its parameters, another tool's to any object)."""

@@ -132,3 +132,60 @@ def test_the_tool_list_for_a_template_without_a_tool_format_keeps_non_ascii_name
     [hint] = hints
     assert "获取天气" in hint and "東京など" in hint and "\\u" not in hint
     assert guide is not None
+
+
+def _state(family: str | None, harmony: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(harmony=object() if harmony else None,
+                           engine=SimpleNamespace(model_info=SimpleNamespace(tool_parser=family)))
+
+
+RESPONSES_TOOL = {"type": "function", "name": "set_n", "parameters": SET_N}
+
+
+@pytest.mark.parametrize(("family", "harmony", "served_strict"),
+                         [("hermes", False, None), ("llama3_json", False, False), ("mistral", False, False),
+                          ("qwen3_coder", False, False), (None, True, False)])
+def test_an_unset_responses_strict_is_strict_only_where_auto_mode_can_enforce_it(
+    family: str | None, harmony: bool, served_strict: bool | None
+) -> None:
+    """Responses' unset `strict` means true, and every tool request on a family without a call marker was a 400
+    (probe DD): now such a tool is served, and echoed, as not strict; `strict: true` sent is still refused."""
+    from engine_builder.serve.server.protocol_responses import ResponsesRequest
+    from engine_builder.serve.server.response_store import ResponseStore
+    from engine_builder.serve.server.responses_input import resolve_tools, translate
+    from engine_builder.serve.server.serving_responses import _resolve_unset_strict
+
+    parser = HARMONY if harmony else family
+    body = _resolve_unset_strict(_state(family, harmony), ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL]}))
+    assert body.tools is not None and body.tools[0].strict is served_strict  # type: ignore[union-attr]
+    assert resolve_tools(body)[0]["strict"] is (served_strict is not False)  # the echo says what was served
+    chat_body = translate(body, ResponseStore(4, 1 << 20)).chat
+    plan_tools(chat_body, parser, True)  # no 400
+    explicit = ResponsesRequest.model_validate({"input": "x", "tools": [{**RESPONSES_TOOL, "strict": True}]})
+    assert _resolve_unset_strict(_state(family, harmony), explicit) is explicit
+    if served_strict is False:
+        with pytest.raises(APIError):
+            plan_tools(translate(explicit, ResponseStore(4, 1 << 20)).chat, parser, True)
+
+
+def test_an_unset_responses_strict_is_not_strict_beside_a_json_text_format() -> None:
+    """A strict tool in auto mode and `text.format` json cannot both hold the reply: unset strict yields."""
+    from engine_builder.serve.server.protocol_responses import ResponsesRequest
+    from engine_builder.serve.server.serving_responses import _resolve_unset_strict
+
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "name": "n", "schema": SET_N}):
+        body = ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL], "text": {"format": fmt}})
+        assert _resolve_unset_strict(_state("hermes"), body).tools[0].strict is False  # type: ignore[index,union-attr]
+    forced = ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL], "tool_choice": "required"})
+    assert _resolve_unset_strict(_state("llama3_json"), forced) is forced  # a forced call is schema-bound anyway
+
+
+@pytest.mark.slow
+def test_responses_with_an_unset_strict_tool_and_a_json_format_are_served(client: TestClient) -> None:
+    body = {"model": "m", "input": "Set n to 42", "tools": [RESPONSES_TOOL], "max_output_tokens": 8, "temperature": 0,
+            "text": {"format": {"type": "json_object"}}}
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["tools"][0]["strict"] is False
