@@ -291,6 +291,12 @@ def to_template_message(
         raise bad_request(
             f"messages[{index}].content is required in a {message.role!r} message.", param=f"messages[{index}].content"
         )
+    if message.role == "tool" and not message.tool_call_id:  # OpenAI's rule: a tool result names the call it answers
+        raise bad_request(
+            f"messages[{index}].tool_call_id is required in a 'tool' message: the id of the assistant's tool call "
+            "this result answers.",
+            param=f"messages[{index}].tool_call_id",
+        )
     role = "system" if message.role == "developer" else message.role
     rendered: dict[str, Any] = {"role": role, "content": message_text(message, index)}
     if rendered["content"] is None:

@@ -168,9 +168,29 @@ class ResponseFormat(StrictModel):
     triggers: list[str] | None = None
 
 
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def _metadata_bounds(metadata: dict[str, str]) -> dict[str, str]:
+    """OpenAI's bounds on `metadata`, on every route that takes it: 16 pairs, keys of at most 64 characters, values
+    of at most 512."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} keys, not {len(metadata)}")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"key {key[:20]!r}... has {len(key)} characters; at most {MAX_METADATA_KEY_CHARS}")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"the value of {key!r} has {len(value)} characters; at most {MAX_METADATA_VALUE_CHARS}")
+    return metadata
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_metadata_bounds)]
+
+
 class StreamOptions(StrictModel):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI pads stream events when true; false (or unset) is what we send
 
 
 class SamplingFields(StrictModel):
@@ -232,7 +252,7 @@ class SamplingFields(StrictModel):
     # OpenAI fields without a meaning here; accepted only at their neutral values (checked in sampling.py)
     service_tier: str | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     prediction: dict[str, Any] | None = None
 
 
@@ -257,6 +277,7 @@ class ChatCompletionRequest(SamplingFields):
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None  # OpenAI's reply-length hint; only its default, medium, is accepted
 
 
 # pydantic tries a union's shapes in turn, each over the whole list: these lists give up at their first element that
@@ -268,6 +289,8 @@ Prompt = str | Annotated[list[str], Field(fail_fast=True)] | TokenIds | Annotate
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
+    # 0 with `echo`: the prompt alone, scored (its logprobs with `logprobs`), nothing generated, as OpenAI and vLLM
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None

@@ -7,9 +7,9 @@ refuses them by their path (`tools[2].type`, `input[0].content[1].type`) rather 
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag
 
-from engine_builder.serve.server.protocol import FunctionName, StrictModel
+from engine_builder.serve.server.protocol import FunctionName, Metadata, StrictModel
 
 
 class OtherKind(StrictModel):
@@ -183,7 +183,6 @@ class ResponsesStreamOptions(StrictModel):
     include_obfuscation: bool | None = None
 
 
-MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 
 # -- the request ------------------------------------------------------------------------------------------------
@@ -208,7 +207,7 @@ class ResponsesRequest(StrictModel):
     stream: bool | None = None
     stream_options: ResponsesStreamOptions | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -219,20 +218,3 @@ class ResponsesRequest(StrictModel):
     conversation: Any = None
     prompt: Any = None
     max_tool_calls: Any = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        """OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of at most 512."""
-        if metadata is None:
-            return None
-        if len(metadata) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} keys, not {len(metadata)}")
-        for key, value in metadata.items():
-            if len(key) > MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"key {key[:20]!r}... has {len(key)} characters; at most {MAX_METADATA_KEY_CHARS}")
-            if len(value) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(
-                    f"the value of {key!r} has {len(value)} characters; at most {MAX_METADATA_VALUE_CHARS}"
-                )
-        return metadata

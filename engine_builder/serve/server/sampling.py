@@ -161,8 +161,12 @@ def check_unsupported(request: SamplingFields) -> None:
         raise unsupported("service_tier")
     if request.store:
         raise unsupported("store", "Completions are not stored.")
-    if request.prediction:
+    if request.prediction is not None:  # `{}` too: whatever was sent asks for what is not implemented
         raise unsupported("prediction", "Predicted outputs are not implemented.")
+    if request.stream_options is not None and request.stream_options.include_obfuscation:
+        raise unsupported(
+            "stream_options.include_obfuscation", "Stream chunks carry no obfuscation padding; send false or leave it out."
+        )
     if request.top_k is not None and request.top_k < -1:
         raise bad_request("top_k must be -1 (off), 0 (off) or a positive integer.", param="top_k")
 
@@ -175,12 +179,14 @@ def check_unsupported_chat(request: ChatCompletionRequest) -> None:
         )
     if request.function_call is not None and request.function_call != "none":  # "none" asks for nothing
         raise unsupported("function_call", "Use `tool_choice` instead of the deprecated functions API.")
-    if request.audio:
+    if request.audio is not None:
         raise unsupported("audio", "Only text output is available.")
     if request.modalities and request.modalities != ["text"]:
         raise unsupported("modalities", "Only text output is available.")
-    if request.web_search_options:
-        raise unsupported("web_search_options")
+    if request.web_search_options is not None:  # `{}` is how OpenAI's guide turns search on
+        raise unsupported("web_search_options", "This server has no web search.")
+    if request.verbosity not in (None, "medium"):
+        raise unsupported("verbosity", "Replies here have no verbosity setting; send medium or leave it out.")
     if request.top_logprobs and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
 

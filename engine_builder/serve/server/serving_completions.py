@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine_builder.common.types import GenerationDelta
+from engine_builder.common.types import FinishReason, GenerationDelta
 from engine_builder.serve.server.errors import bad_request, unsupported
 from engine_builder.serve.server.generation import (
     Run,
@@ -119,7 +119,13 @@ async def run_completion(
         raise unsupported("suffix", "Fill-in-the-middle is not implemented.")
     guide = guide_from_response_format(body.response_format)
     check_guide_compatible(body, guide, state.engine.model_info.eos_token_ids)
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
+        raise bad_request("max_tokens 0 generates nothing; it is allowed only with `echo` (to score the prompt).",
+                          param="max_tokens")
     requested = requested_max_tokens(body)
+    if score_only:
+        requested = 1  # the one token the engine runs to score the prompt is not returned
     prompts = await _prompts(state, body)
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
@@ -149,7 +155,17 @@ async def run_completion(
     return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
 
 
-async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
+def _scored_only(delta: GenerationDelta) -> GenerationDelta:
+    """A `max_tokens: 0` run's delta without the token it generated: its prompt logprobs, and `length` at the end."""
+    if delta.error is not None:
+        return delta
+    return dataclasses.replace(
+        delta, token_ids=[], text="", logprobs=None, num_output_tokens=0, stop_reason=None,
+        finish_reason=FinishReason.LENGTH if delta.finish_reason is not None else None,
+    )  # fmt: skip
+
+
+async def _merged(runs: list[tuple[str, Run]], score_only: bool = False) -> AsyncIterator[tuple[int, GenerationDelta]]:
     """Deltas of every prompt's run, as they come, tagged with the prompt index."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -158,7 +174,7 @@ async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, Gener
         try:
             async with run.stream() as deltas:
                 async for delta in deltas:
-                    await queue.put((position, delta))
+                    await queue.put((position, _scored_only(delta) if score_only else delta))
         except BaseException as error:  # forwarded to the consumer
             await queue.put(error)
         finally:
@@ -192,7 +208,7 @@ async def _complete(
     logprobs: dict[int, CompletionLogprobs] = {}
     offsets: dict[int, int] = {}
     last: dict[int, GenerationDelta] = {}
-    for position, delta in [item async for item in _merged(runs)]:
+    for position, delta in [item async for item in _merged(runs, body.max_tokens == 0)]:
         choice = position * n + delta.index
         usage.add(choice, delta)
         parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
@@ -243,7 +259,7 @@ async def _stream(
     def frame(choice: dict[str, Any]) -> bytes:
         return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
 
-    async for position, delta in _merged(runs):
+    async for position, delta in _merged(runs, body.max_tokens == 0):
         choice = position * n + delta.index
         usage.add(choice, delta)
         text = delta.text

@@ -49,6 +49,13 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
         ("use_beam_search", True, "use_beam_search"),
         ("priority", 1, "priority"),
         ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
+        # probe EA: `{}` passed a truthiness test; it is how OpenAI's web-search guide turns search on
+        ("web_search_options", {}, "web_search_options"),
+        ("audio", {}, "audio"),
+        ("prediction", {}, "prediction"),
+        ("verbosity", "low", "verbosity"),
+        ("metadata", {str(key): "v" for key in range(17)}, "metadata"),  # OpenAI's bounds, as on /v1/responses
+        ("metadata", {"k": "v" * 513}, "metadata"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(
@@ -72,6 +79,23 @@ def test_an_integer_where_a_number_is_expected_is_a_number(server: ServerProcess
 
 def test_function_call_none_asks_for_nothing_and_is_accepted(server: ServerProcess) -> None:
     assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "function_call": "none"}).status_code == 200
+
+
+def test_openai_defaults_that_change_nothing_are_accepted(server: ServerProcess) -> None:
+    """`verbosity: medium` and `include_obfuscation: false` ask for what the server does; both were unknown fields
+    on chat and completions while /v1/responses took them (probe EA)."""
+    neutral = {"verbosity": "medium", "stream": True, "stream_options": {"include_obfuscation": False}}
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1, **neutral}).status_code == 200
+    completion = {"prompt": "x", "max_tokens": 1, "stream": True, "stream_options": {"include_obfuscation": False}}
+    assert _post(server, completion, path="/v1/completions").status_code == 200
+    padded = {**neutral, "stream_options": {"include_obfuscation": True}}
+    _assert_envelope(_post(server, {"messages": MESSAGES, **padded}), 400, "stream_options.include_obfuscation")
+
+
+def test_a_tool_message_names_the_call_it_answers(server: ServerProcess) -> None:
+    """OpenAI requires `tool_call_id` on a tool result; without it the result was rendered as a bare turn (probe EA)."""
+    messages = [*MESSAGES, {"role": "tool", "content": "42"}]
+    _assert_envelope(_post(server, {"messages": messages, "max_tokens": 1}), 400, "messages[1].tool_call_id")
 
 
 def test_vllm_extras_at_their_neutral_values_are_accepted(server: ServerProcess) -> None:

@@ -188,6 +188,26 @@ def test_echo_with_logprobs_for_every_choice(client: OpenAI) -> None:
         assert logprobs.token_logprobs[:5] == response.choices[0].logprobs.token_logprobs[:5]
 
 
+def test_echo_with_zero_max_tokens_scores_the_prompt_alone(client: OpenAI) -> None:
+    """OpenAI's prompt-scoring request (log-likelihood harnesses send it): the prompt, its logprobs, no output; it
+    was a 400 (probe EA). The logprobs are those the prompt gets when something is generated after it."""
+    prompt = "The capital of France is"
+    reference = client.completions.create(model="x", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    scored = client.completions.create(model="x", prompt=[prompt, "Hello"], max_tokens=0, echo=True, logprobs=1)
+    first = scored.choices[0]
+    assert (first.text, first.finish_reason) == (prompt, "length") and scored.choices[1].text == "Hello"
+    assert first.logprobs.tokens == reference.choices[0].logprobs.tokens[:5]
+    assert first.logprobs.token_logprobs == reference.choices[0].logprobs.token_logprobs[:5]
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == 6
+    chunks = list(client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="x", prompt=prompt, max_tokens=0)
+    assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
 def _streamed_echo_tokens(client: OpenAI, prompt: str, max_tokens: int, logprobs: int) -> list[str]:
     """The logprob tokens of a streamed echo completion, in order."""
     stream = client.completions.create(
