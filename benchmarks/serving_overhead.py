@@ -47,7 +47,9 @@ class NullEngine:
         self.max_model_len = config.max_seq_len
         self.vocab_size = 49152
         # the client lowers the GIL switch interval for CUDA engines: this one stands in for one
-        self.runner = SimpleNamespace(device=torch.device("cuda"), bind_thread=lambda: None, check_ranks=lambda: None)
+        self.runner = SimpleNamespace(
+            device=torch.device("cuda"), bind_thread=lambda: None, check_ranks=lambda: None, workers=None
+        )
         self.requests: dict[str, list[Any]] = {}
 
     def add_request(self, request: Any, guide_matchers: Any = None) -> None:
@@ -65,6 +67,12 @@ class NullEngine:
 
     def abort_choice(self, request_id: str, index: int) -> list[Any]:
         return self.abort(request_id)
+
+    def reset_counters(self) -> None:  # the client's warm-up asks for it
+        return None
+
+    def close(self) -> None:  # the engine loop's last call
+        return None
 
     def stats(self) -> Any:
         from engine_builder.common.types import EngineStats

@@ -46,6 +46,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
+        self._running: set[SequenceGroup] = set()  # the same groups: membership tests per sequence were O(running)
         self.num_preemptions = 0
 
     # -- queue -------------------------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class Scheduler:
             for group in queue:
                 if group.request_id == request_id:
                     queue.remove(group)
+                    self._running.discard(group)
                     for seq in group.sequences:
                         self.blocks.free(seq)
                     return group
@@ -98,7 +100,7 @@ class Scheduler:
         running = [(group, seq, _decodes(seq)) for group in list(self.running) for seq in group.sequences]
         running.sort(key=lambda entry: not entry[2])  # stable: decodes first, each kind in arrival order
         for group, seq, decodes in running:
-            if group not in self.running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
+            if group not in self._running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue  # its group was preempted for an earlier sequence's room, or it is not running
             num_new = seq.num_uncomputed_tokens
             if num_new <= 0:
@@ -147,7 +149,7 @@ class Scheduler:
         for group, seq, item in held_back:
             if token_budget <= 0:
                 return
-            if group not in self.running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
+            if group not in self._running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue
             scheduled = item.num_new_tokens if item is not None else 0
             extra = min(token_budget, seq.num_uncomputed_tokens - scheduled)
@@ -212,6 +214,7 @@ class Scheduler:
     def _preempt(self, group: SequenceGroup, output: SchedulerOutput) -> None:
         """Recompute preemption: drop the group's KV, put it back at the head of the queue."""
         self.running.remove(group)
+        self._running.discard(group)
         for seq in group.sequences:
             if seq.is_finished:
                 continue
@@ -263,6 +266,7 @@ class Scheduler:
                     break
             self.waiting.popleft()
             self.running.append(group)
+            self._running.add(group)
             num_running += len(live)
             now = time.monotonic()
             for seq in live:
@@ -323,9 +327,11 @@ class Scheduler:
     def finish(self, group: SequenceGroup) -> None:
         """A group whose last choice ended: out of whichever queue holds it (a group preempted back to the waiting
         queue can end there, when a stop string the server found ends its last choice)."""
-        for queue in (self.running, self.waiting):
-            if group in queue:
-                queue.remove(group)
+        if group in self._running:
+            self.running.remove(group)
+            self._running.discard(group)
+        elif group in self.waiting:
+            self.waiting.remove(group)
         for seq in group.sequences:
             self.blocks.free(seq)
 

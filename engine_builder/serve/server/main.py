@@ -82,6 +82,7 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
     except ModelDefinitionError as error:  # before the port opens: say what to fix in the model.py
         logger.error("the user model.py cannot be served: %s", error)
         return STARTUP_FAILURE
+    state.freeze_heap_when_ready = True
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -71,6 +71,9 @@ class ServerState:
     engine_ready: bool = False  # the engine started: it admits requests (a model.py's `load` makes some)
     ready: bool = False  # the server is ready (readiness answers 200): the engine started and the model loaded
     draining: bool = False
+    # the serving process's own setting (the CLI's), not an in-process app's: at readiness, the heap start-up built
+    # (torch, the model, the tokenizer: ~400k tracked objects) is frozen out of the garbage collector
+    freeze_heap_when_ready: bool = False
     drain_expired: bool = False  # the drain timeout passed: what still runs is ended with a 503
     drain_hurried: bool = False  # a second stop signal ended the drain before its timeout
     inflight: int = 0  # engine requests accepted and unfinished
