@@ -195,6 +195,8 @@ class Scheduler:
     def _reserve_slots(self, seq: Sequence, num_tokens: int, output: SchedulerOutput, fork_copies: int = 0) -> bool:
         """Make room in the block pool for `num_tokens` more tokens of `seq` (and the copies its choices fork with),
         preempting when the policy allows."""
+        if not fork_copies and self.blocks.num_new_blocks_needed(seq, num_tokens) == 0:
+            return True  # within the blocks it holds (most decode steps): nothing to take
         while not self._room_for(seq, num_tokens, fork_copies):
             victim = self._newest_running_group()
             if victim is None or self.config.scheduler_policy == SchedulerPolicy.GUARANTEED_NO_EVICT:
