@@ -39,6 +39,7 @@ from engine_builder.build.tool_parsers import detect_tool_parser
 from engine_builder.build.torch_fields import tensor_parallel_size
 from engine_builder.build.user_model_files import UserModelFiles, user_model_files
 from engine_builder.common.artifact import (
+    CALIBRATION_REPORT,
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
@@ -167,6 +168,25 @@ def _engine_with_hash(output: Path, config_hash: str, files_hash: str) -> Engine
     return existing
 
 
+def _warn_if_calibrated_on_the_fallback(engine: EngineDir) -> None:
+    """The default calib_dataset (cnn_dailymail) falls back to the offline set when the hub is unreachable; the build
+    identity cannot say whether it is reachable now, so a reused engine calibrated on the fallback says so."""
+    try:
+        report = json.loads((engine.path / CALIBRATION_REPORT).read_text())
+        calibration = report["calibration"]
+        requested, source = str(calibration["calib_dataset"]), str(calibration["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not quantized by our calibration, or an older report
+    from engine_builder.build.calibration.datasets import BUILTIN_NAMES
+
+    if source.startswith("builtin:") and requested not in BUILTIN_NAMES:
+        logger.warning(
+            "the reused engine at %s was calibrated on the offline default set (%s), not on calib_dataset %s, which "
+            "was unreachable when it was built; rebuild with --force to calibrate on %s",
+            engine.path, source.removeprefix("builtin:"), requested, requested,
+        )
+
+
 def _record_options(
     engine: EngineDir, options: EngineOptions, loaded: LoadedConfig, config_hash: str, *, writable: bool = True
 ) -> EngineDir:
@@ -235,6 +255,7 @@ def _build_engine_locked(
     in_place = repository is not None and repository.source is CheckpointSource.LOCAL
     if existing is not None and not in_place:
         logger.info("engine at %s matches the config hash; reusing it", output)
+        _warn_if_calibrated_on_the_fallback(existing)
         return BuildResult(
             _record_options(existing, options, loaded, config_hash, writable=writable), reused=True,
             seconds=time.monotonic() - started,

@@ -294,3 +294,28 @@ def test_a_reused_encoder_keeps_the_default_route_its_architecture_gives(
     loaded.trt_llm.runtime.__dict__["webserver_default_route"] = None  # as a remote checkpoint's config reads
     assert build_engine(loaded, output, loaded.truss.engine_builder).reused
     assert load_engine_dir(output).manifest.runtime.default_route == "/predict"
+
+
+@pytest.mark.parametrize(("requested", "source", "warned"), [
+    ("cnn_dailymail", "builtin:default.jsonl", True),  # the hub was unreachable at build time
+    ("cnn_dailymail", "hf:cnn_dailymail", False),
+    ("builtin", "builtin:default.jsonl", False),  # asked for the offline set
+])
+def test_a_reused_engine_calibrated_on_the_offline_fallback_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, requested: str, source: str, warned: bool
+) -> None:
+    """The build identity cannot know whether the hub is reachable now: an engine calibrated on the fallback was
+    reused silently by a later build that could reach cnn_dailymail."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from engine_builder.build.build_stage import _warn_if_calibrated_on_the_fallback
+
+    (tmp_path / "calibration_report.json").write_text(
+        json.dumps({"calibration": {"calib_dataset": requested, "source": source}})
+    )
+    with caplog.at_level(logging.WARNING):
+        _warn_if_calibrated_on_the_fallback(SimpleNamespace(path=tmp_path))  # type: ignore[arg-type]
+        _warn_if_calibrated_on_the_fallback(SimpleNamespace(path=tmp_path / "none"))  # type: ignore[arg-type]
+    assert ("--force to calibrate on cnn_dailymail" in caplog.text) is warned
