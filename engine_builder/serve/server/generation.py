@@ -1,6 +1,7 @@
 """One request's run through the engine: admission, text from token ids, disconnect watching, metrics, SSE framing."""
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -101,9 +102,13 @@ class Run:
         prompt_token_ids: list[int],
         params: SamplingParams,
         model: str | None = None,
+        score_only: bool = False,
     ) -> None:
-        """`model` is the request's OpenAI `model` field: a LoRA adapter's name selects that adapter."""
+        """`model` is the request's OpenAI `model` field: a LoRA adapter's name selects that adapter. `score_only`:
+        the prompt is only scored (`echo` with `max_tokens: 0`): the one token the engine runs for it is dropped
+        here, from the reply, the usage and the metrics alike."""
         self.state = state
+        self.score_only = score_only
         adapter = state.settings.adapter_for(model)
         self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic(), adapter)
         # what the response's `model` says served the request: the adapter, or the base model's served name
@@ -226,7 +231,7 @@ class Run:
         try:
             async with aclosing(self.state.generation().generate(prepared)) as stream:
                 async for delta in stream:
-                    yield delta
+                    yield _scored_only(delta) if self.score_only else delta
         except ValueError as error:
             raise APIError(str(error), status=400, param=getattr(error, "param", None), code="unsupported_parameter") from None
         except EngineUnavailableError as error:
@@ -253,6 +258,16 @@ class Run:
         metrics.record_finished(end - self.start, num_prompt_tokens, reasons)
         metrics.generation_tokens.labels(name).inc(sum(choice.num_tokens for choice in self.choice_timings))
         metrics.record_decode(self.choice_timings)
+
+
+def _scored_only(delta: GenerationDelta) -> GenerationDelta:
+    """A scoring run's delta without the token it generated: its prompt logprobs, and `length` at the end."""
+    if delta.error is not None:
+        return delta
+    return dataclasses.replace(
+        delta, token_ids=[], text="", logprobs=None, num_output_tokens=0, stop_reason=None,
+        finish_reason=FinishReason.LENGTH if delta.finish_reason is not None else None,
+    )  # fmt: skip
 
 
 async def collect_until_disconnect(http_request: Request, work: Any) -> Any:

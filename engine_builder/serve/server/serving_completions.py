@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine_builder.common.types import FinishReason, GenerationDelta
+from engine_builder.common.types import GenerationDelta
 from engine_builder.serve.server.errors import bad_request, unsupported
 from engine_builder.serve.server.generation import (
     Run,
@@ -138,7 +138,7 @@ async def run_completion(
         )  # fmt: skip
         if body.echo and body.logprobs is not None:  # echoed prompt tokens carry their logprobs too
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-        runs.append((text, Run(state, new_id("cmpl"), ids, params, model=body.model)))
+        runs.append((text, Run(state, new_id("cmpl"), ids, params, model=body.model, score_only=score_only)))
     admitted: list[Run] = []
     try:
         for _, run in runs:
@@ -155,17 +155,7 @@ async def run_completion(
     return await collect_until_disconnect(http_request, _complete(state, body, runs, request_id, created))
 
 
-def _scored_only(delta: GenerationDelta) -> GenerationDelta:
-    """A `max_tokens: 0` run's delta without the token it generated: its prompt logprobs, and `length` at the end."""
-    if delta.error is not None:
-        return delta
-    return dataclasses.replace(
-        delta, token_ids=[], text="", logprobs=None, num_output_tokens=0, stop_reason=None,
-        finish_reason=FinishReason.LENGTH if delta.finish_reason is not None else None,
-    )  # fmt: skip
-
-
-async def _merged(runs: list[tuple[str, Run]], score_only: bool = False) -> AsyncIterator[tuple[int, GenerationDelta]]:
+async def _merged(runs: list[tuple[str, Run]]) -> AsyncIterator[tuple[int, GenerationDelta]]:
     """Deltas of every prompt's run, as they come, tagged with the prompt index."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -174,7 +164,7 @@ async def _merged(runs: list[tuple[str, Run]], score_only: bool = False) -> Asyn
         try:
             async with run.stream() as deltas:
                 async for delta in deltas:
-                    await queue.put((position, _scored_only(delta) if score_only else delta))
+                    await queue.put((position, delta))
         except BaseException as error:  # forwarded to the consumer
             await queue.put(error)
         finally:
@@ -208,7 +198,7 @@ async def _complete(
     logprobs: dict[int, CompletionLogprobs] = {}
     offsets: dict[int, int] = {}
     last: dict[int, GenerationDelta] = {}
-    for position, delta in [item async for item in _merged(runs, body.max_tokens == 0)]:
+    for position, delta in [item async for item in _merged(runs)]:
         choice = position * n + delta.index
         usage.add(choice, delta)
         parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
@@ -259,7 +249,7 @@ async def _stream(
     def frame(choice: dict[str, Any]) -> bytes:
         return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
 
-    async for position, delta in _merged(runs, body.max_tokens == 0):
+    async for position, delta in _merged(runs):
         choice = position * n + delta.index
         usage.add(choice, delta)
         text = delta.text

@@ -188,12 +188,17 @@ def test_echo_with_logprobs_for_every_choice(client: OpenAI) -> None:
         assert logprobs.token_logprobs[:5] == response.choices[0].logprobs.token_logprobs[:5]
 
 
-def test_echo_with_zero_max_tokens_scores_the_prompt_alone(client: OpenAI) -> None:
+def test_echo_with_zero_max_tokens_scores_the_prompt_alone(server: ServerProcess, client: OpenAI) -> None:
     """OpenAI's prompt-scoring request (log-likelihood harnesses send it): the prompt, its logprobs, no output; it
-    was a 400 (probe EA). The logprobs are those the prompt gets when something is generated after it."""
+    was a 400 (probe EA). The logprobs are those the prompt gets when something is generated after it; /metrics
+    counts no token and no first token for it either (probe EH)."""
     prompt = "The capital of France is"
     reference = client.completions.create(model="x", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    generated, first_tokens = (server.metric("engine_builder:generation_tokens_total"),
+                               server.metric("engine_builder:time_to_first_token_seconds_count"))
     scored = client.completions.create(model="x", prompt=[prompt, "Hello"], max_tokens=0, echo=True, logprobs=1)
+    assert server.metric("engine_builder:generation_tokens_total") == generated
+    assert server.metric("engine_builder:time_to_first_token_seconds_count") == first_tokens
     first = scored.choices[0]
     assert (first.text, first.finish_reason) == (prompt, "length") and scored.choices[1].text == "Hello"
     assert first.logprobs.tokens == reference.choices[0].logprobs.tokens[:5]
