@@ -86,3 +86,43 @@ def test_a_crashed_engine_loop_shows_nothing_running_and_no_kv_cache_in_use() ->
     assert not client.is_healthy() and "illegal memory access" in (client.failure() or "")
     assert client.stats() == EngineStats(0, 0, 0.0, 100, 100, num_preemptions=4)
 
+
+
+def test_a_request_waiting_for_its_grammar_counts_as_waiting() -> None:
+    """Probe EH #3: a request whose grammar compiled (the first one also waits for the compiler to start, ~8 s)
+    was in no gauge, while its wait went to the queue-time histogram: vLLM's waiting queue holds such requests."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine_builder.common.types import EngineStats, GenerationRequest, Guide, GuideKind, SamplingParams
+
+    client = TorchEngineClient(EngineConfig(model_dir=Path(".")), "m", (0,), "LlamaForCausalLM")
+    client.engine = SimpleNamespace(check_request=lambda request: None)  # type: ignore[assignment]
+    client._stats = EngineStats(1, 2, 0.5, 100, 50)
+    release = asyncio.Event()
+
+    class Compiler:
+        async def compile_async(self, guide: Guide) -> str:
+            await release.wait()
+            return "compiled"
+
+        def stats(self) -> None:
+            return None
+
+    async def compiler() -> Compiler:
+        await release.wait()  # the compiler itself starting: counted too
+        return Compiler()
+
+    client._grammar_compiler = compiler  # type: ignore[method-assign,assignment]
+    guided = SamplingParams(max_tokens=1, guide=Guide(GuideKind.JSON_OBJECT, ""))
+
+    async def run() -> None:
+        first = asyncio.ensure_future(client.prepare(GenerationRequest("a", (1,), guided)))
+        second = asyncio.ensure_future(client.prepare(GenerationRequest("b", (1,), guided)))
+        await asyncio.sleep(0.01)
+        assert client.stats().num_waiting == 4
+        release.set()
+        await asyncio.gather(first, second)
+        assert client.stats().num_waiting == 2
+
+    asyncio.run(run())

@@ -91,6 +91,7 @@ class TorchEngineClient:
         self._dead: BaseException | None = None
         self._model_info: ModelInfo | None = None
         self._stats = EngineStats(0, 0, 0.0, 0, 0)
+        self._num_compiling = 0  # requests waiting for their grammar: waiting, as vLLM's queue holds them (probe EH)
         self._compiler: GrammarCompiler | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -164,9 +165,12 @@ class TorchEngineClient:
         return None
 
     def stats(self) -> EngineStats:
-        if self._compiler is None:
-            return self._stats
-        return replace(self._stats, grammars=self._compiler.stats())
+        stats = self._stats
+        if self._num_compiling:
+            stats = replace(stats, num_waiting=stats.num_waiting + self._num_compiling)
+        if self._compiler is not None:
+            stats = replace(stats, grammars=self._compiler.stats())
+        return stats
 
     # -- requests ----------------------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> PreparedRequest[Any]:
@@ -176,8 +180,12 @@ class TorchEngineClient:
         compiled = None
         guide = request.sampling.guide
         if guide is not None:
-            compiler = await self._grammar_compiler()
-            compiled = await compiler.compile_async(guide)
+            self._num_compiling += 1
+            try:
+                compiler = await self._grammar_compiler()
+                compiled = await compiler.compile_async(guide)
+            finally:
+                self._num_compiling -= 1
         self.engine.check_request(request)
         return PreparedRequest(request, compiled)
 
