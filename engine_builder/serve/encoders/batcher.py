@@ -87,6 +87,8 @@ class _Request:
     enqueued_at: float
     on_started: QueueTimeObserver | None  # told the request's queue time when it starts running
     is_running: bool = False
+    computing: bool = False  # a batch holding one of its inputs is in the model now
+    abandoned: bool = False  # cancelled while computing: running until that batch ends (it cannot be stopped)
 
 
 @dataclass
@@ -189,7 +191,9 @@ class TokenBudgetBatcher(Generic[OutputT]):
             self._waiting = [pending for pending in self._waiting if not pending.future.done()]
             raise
         finally:
-            if request.is_running:
+            if request.computing:  # the model still works for it: the gauges showed the encoder idle (probe EH)
+                request.abandoned = True
+            elif request.is_running:
                 self._num_running_requests -= 1
             else:
                 self._num_waiting_requests -= 1
@@ -223,10 +227,25 @@ class TokenBudgetBatcher(Generic[OutputT]):
                 self._round = []
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[OutputT]]) -> None:
-        assert self._executor is not None
-        items = [pending.item for pending in batch]
         started = time.perf_counter()
         self._start_requests(batch, started)
+        requests = {id(pending.request): pending.request for pending in batch}.values()
+        for request in requests:
+            request.computing = True
+        try:
+            await self._compute_batch(loop, batch, started)
+        finally:
+            for request in requests:
+                request.computing = False
+                if request.abandoned:  # its submitter left during this batch: it stops running now
+                    request.abandoned = False
+                    self._num_running_requests -= 1
+
+    async def _compute_batch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[OutputT]], started: float
+    ) -> None:
+        assert self._executor is not None
+        items = [pending.item for pending in batch]
         try:
             outputs = await loop.run_in_executor(self._executor, self._compute, items)
             if len(outputs) != len(items):

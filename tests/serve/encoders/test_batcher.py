@@ -167,6 +167,32 @@ async def test_requests_not_inputs_count_as_waiting_and_running_and_a_cancelled_
 
 
 @pytest.mark.anyio
+async def test_a_request_cancelled_while_its_batch_computes_runs_until_that_batch_ends() -> None:
+    """A batch in the model cannot be stopped: its request left the running count when its client gave up, so the
+    gauges showed an idle encoder for the rest of the batch, and the next request waiting behind nothing (probe EH)."""
+    gate = threading.Event()
+
+    def compute(items: list[EncodedInput]) -> list[int]:
+        gate.wait(timeout=5)
+        return [0] * len(items)
+
+    batcher: TokenBudgetBatcher[int] = TokenBudgetBatcher(compute, BatchLimits(64, 64))
+    await batcher.start()
+    try:
+        abandoned = asyncio.create_task(batcher.submit([_item(1, 1)] * 3))
+        await asyncio.sleep(0.02)
+        abandoned.cancel()
+        await asyncio.wait([abandoned])
+        assert (batcher.stats().num_running_requests, batcher.stats().num_waiting_requests) == (1, 0)
+        gate.set()
+        await asyncio.wait_for(batcher.submit([_item(1, 2)]), 5)  # runs after the abandoned batch
+        assert (batcher.stats().num_running_requests, batcher.stats().num_waiting_requests) == (0, 0)
+    finally:
+        gate.set()
+        await batcher.shutdown()
+
+
+@pytest.mark.anyio
 async def test_the_idle_hook_runs_on_the_compute_thread_once_batches_stop() -> None:
     """The CPU server hands the heap's free memory back once batches stop (probe U: RSS stayed at its peak, 2.6 GB):
     once after each busy spell, on the compute thread (never beside a batch), never while idle from the start."""
