@@ -65,6 +65,12 @@ def _script(recorder: ModuleType, steps: list[Any]) -> None:
     recorder.SCRIPT = lambda prompt_token_ids, sampling_params: steps
 
 
+def _script_choices(recorder: ModuleType, *choices: list[Any]) -> None:
+    """Each choice is its own TensorRT-LLM request, submitted in index order: the k-th submission gets `choices[k]`."""
+    queue = list(choices)
+    recorder.SCRIPT = lambda prompt_token_ids, sampling_params: queue.pop(0)
+
+
 def test_streams_new_token_ids_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
     """TensorRT-LLM is asked for ids only (no detokenization, an explicit end id, no stop strings): the text is
     made by the server's output side, never by a second tokenizer inside TensorRT-LLM."""
@@ -125,19 +131,48 @@ def test_n_choices_stream_independently_without_repeating_tokens(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
     update = fake_trtllm.Update
-    _script(
+    _script_choices(
         fake_trtllm,
-        [
-            [update(index=0, text="x", token_ids=[5])],
-            [update(index=1, text="y", token_ids=[6])],
-            [update(index=0, text="z", token_ids=[7], finish_reason="length")],
-            [update(index=1, text="w", token_ids=[8], finish_reason="length")],
-        ],
+        [[update(text="x", token_ids=[5])], [update(text="z", token_ids=[7], finish_reason="length")]],
+        [[update(text="y", token_ids=[6])], [update(text="w", token_ids=[8], finish_reason="stop", stop_reason=9)]],
     )
-    deltas = _run(_client(tmp_path), _request(n=2, temperature=1.0))
+    deltas = _run(_client(tmp_path), _request(n=2, temperature=1.0, stop_token_ids=(9,)))
     by_choice = {index: [d.token_ids for d in deltas if d.index == index] for index in (0, 1)}
     assert by_choice == {0: [[5], [7]], 1: [[6], [8]]}
-    assert [d.finish_reason for d in deltas if d.finish_reason] == [FinishReason.LENGTH] * 2
+    finishes = {d.index: (d.finish_reason, d.stop_reason) for d in deltas if d.finish_reason}
+    assert finishes == {0: (FinishReason.LENGTH, None), 1: (FinishReason.STOP, 9)}
+    submitted = [call.kwargs["sampling_params"] for call in fake_trtllm.calls("LLM.generate_async")]
+    assert [params.n for params in submitted] == [1, 1]  # one TensorRT-LLM request per choice
+
+
+def test_n_above_one_on_tensorrt_llm_s_n_semantics_would_leave_choices_without_a_finish(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """Probe EE #1. With n > 1 in one request, TensorRT-LLM sets a sequence's finish_reason only on the request's
+    final response (`_handle_sequence` under `_done`; the C++ `isFinal` is all sequences final), so the choice that
+    ends first keeps None and the request was a 500. Each choice is now its own request: both end with their reason,
+    each stream read to its end (the fake's n > 1 rule is checked in test_trtllm_fake_rules.py)."""
+    update = fake_trtllm.Update
+    _script_choices(
+        fake_trtllm,
+        [[update(token_ids=[5])], [update(token_ids=[7], finish_reason="length")]],
+        [[update(token_ids=[6])], [update(token_ids=[8], finish_reason="length")]],
+    )
+    deltas = _run(_client(tmp_path), _request(n=2, temperature=1.0, max_tokens=2))
+    finishes = {d.index: (d.finish_reason, d.error) for d in deltas if d.finish_reason is not None}
+    assert finishes == {0: (FinishReason.LENGTH, None), 1: (FinishReason.LENGTH, None)}
+    assert fake_trtllm.calls("RequestOutput.abort") == []  # both finished in TensorRT-LLM: nothing to abort
+
+
+def test_n_choices_are_seeded_as_tensorrt_llm_seeds_child_requests(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """v1 samples with the request's seed plus the choice index (TensorRT-LLM's `randomSeed += sequenceIndex` for the
+    child requests, the torch engine's `seed + index`); an unset seed is one random draw, moved on the same way."""
+    write_engine_config(tmp_path)
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(n=3, temperature=1.0, seed=40))
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(n=2, temperature=1.0))
+    seeds = [call.kwargs["sampling_params"].seed for call in fake_trtllm.calls("_TrtLLM.generate_async")]
+    assert seeds[:3] == [40, 41, 42]
+    assert seeds[4] == seeds[3] + 1
 
 
 def test_logprobs_are_converted_from_tensorrt_llm_entries(tmp_path: Path, fake_trtllm: ModuleType) -> None:
@@ -219,6 +254,105 @@ def test_a_request_error_fails_only_that_request(tmp_path: Path, fake_trtllm: Mo
     assert ok[-1].finish_reason == FinishReason.LENGTH
 
 
+def test_a_fatal_error_mid_stream_marks_the_engine_dead(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """Probe EE #2. Anything but a RequestError from the stream is a "serious error" after which TensorRT-LLM's
+    executor shuts itself down (`_handle_background_error`): the request is a TrtLlmEngineDeadError (a 503), health
+    turns red at once (it stayed green until the next submission), and later requests are refused."""
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(token_ids=[5])], RuntimeError("Executor worker process died (MPI abort)")])
+    client = _client(tmp_path)
+
+    async def main() -> list[GenerationDelta]:
+        await client.start()
+        deltas: list[GenerationDelta] = []
+        with pytest.raises(TrtLlmEngineDeadError, match="MPI abort"):
+            async for delta in client.generate(await client.prepare(_request())):
+                deltas.append(delta)
+        assert not client.is_healthy()
+        assert "MPI abort" in (client.failure() or "")
+        assert client.stats().num_running == 0
+        with pytest.raises(TrtLlmEngineDeadError, match="MPI abort"):
+            await _collect(client, _request("next"))
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert [d.token_ids for d in deltas] == [[5]]
+    assert fake_trtllm.names().count("LLM.executor_shutdown") == 1  # what the real executor does
+    assert fake_trtllm.calls("RequestOutput.abort") == []  # a dead executor has no requests to abort
+
+
+def test_a_request_error_fails_only_its_choice(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """Each choice is its own TensorRT-LLM request: a RequestError ends that choice with an error, the other goes on."""
+    from tensorrt_llm.executor import RequestError
+
+    update = fake_trtllm.Update
+    _script_choices(
+        fake_trtllm,
+        [[update(token_ids=[5])], RequestError("out of KV blocks")],
+        [[update(token_ids=[6])], [update(token_ids=[8], finish_reason="length")]],
+    )
+    client = _client(tmp_path)
+    deltas = _run(client, _request(n=2, temperature=1.0))
+    finishes = {d.index: (d.finish_reason, d.error) for d in deltas if d.finish_reason is not None}
+    assert finishes == {
+        0: (FinishReason.ERROR, "TensorRT-LLM failed the request: out of KV blocks"),
+        1: (FinishReason.LENGTH, None),
+    }
+
+
+def test_the_end_id_tensorrt_llm_leaves_out_is_put_back(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """Probe EE #3. TensorRT-LLM's executor ends on `end_id` (2 here) without putting it in the ids (#2190), while
+    the other EOS ids, sent as stop ids, stay in them: the end token is put back, so a reply counts the same whichever
+    EOS ended it, as on the torch engine. TensorRT-LLM returns no logprob for it: its entry is missing."""
+    from tensorrt_llm.executor import Logprob
+
+    update = fake_trtllm.Update
+
+    def ended_by(last: int, stop_reason: int | None, **sampling: Any) -> list[GenerationDelta]:
+        entries = [{token: Logprob(-0.5, 1)} for token in (5, 6, last)]
+        _script(
+            fake_trtllm,
+            [
+                [update(token_ids=[5], logprobs=entries[:1])],
+                [update(token_ids=[6, last], logprobs=entries[1:], finish_reason="stop", stop_reason=stop_reason)],
+            ],
+        )
+        return _run(_client(tmp_path), _request(**sampling))
+
+    end_id = ended_by(2, None)
+    other_eos = ended_by(3, 3)
+    assert [d.token_ids for d in end_id] == [[5], [6, 2]]
+    assert [d.token_ids for d in other_eos] == [[5], [6, 3]]
+    assert end_id[-1].num_output_tokens == other_eos[-1].num_output_tokens == 3
+    assert (end_id[-1].finish_reason, end_id[-1].stop_reason) == (FinishReason.STOP, None)
+    asked = ended_by(2, None, stop_token_ids=(2,))  # the end id asked for as a stop id: reported as the reason
+    assert (asked[-1].token_ids, asked[-1].stop_reason) == ([6, 2], 2)
+    with_logprobs = ended_by(2, None, logprobs=0, temperature=0.0)
+    assert [entry.token_id for entry in with_logprobs[-1].logprobs or []] == [6]  # none for the end token
+    assert with_logprobs[-1].token_ids == [6, 2] and with_logprobs[-1].finish_reason == FinishReason.STOP
+
+
+def test_an_end_id_already_in_the_ids_is_not_added_twice() -> None:
+    """Whether TensorRT-LLM's PyTorch backend (v2) keeps the end token was not read in its source: if it does, it is
+    the last id and stays there once; a length finish, or ignore_eos, adds nothing."""
+    from types import SimpleNamespace
+
+    from engine_builder.serve.backends.trtllm.outputs import RequestStream
+    from engine_builder.serve.backends.trtllm.sampling import TrtSampling
+
+    def last_delta(token_ids: list[int], finish: str, **sampling: Any) -> GenerationDelta | None:
+        stream = RequestStream(_request(**sampling), TrtSampling(end_id=2))
+        completion = SimpleNamespace(token_ids=token_ids, finish_reason=finish, stop_reason=None, logprobs=[])
+        return stream.update(0, SimpleNamespace(outputs=[completion]))
+
+    kept = last_delta([5, 2], "stop")
+    assert kept is not None and (kept.token_ids, kept.num_output_tokens) == ([5, 2], 2)
+    length = last_delta([5, 6], "length")
+    assert length is not None and length.token_ids == [5, 6]
+    ignoring = last_delta([5, 6], "stop", ignore_eos=True)
+    assert ignoring is not None and ignoring.token_ids == [5, 6]
+
+
 @pytest.mark.parametrize(
     ("steps", "message"),
     [
@@ -253,10 +387,10 @@ def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
         with pytest.raises(UnsupportedRequestError, match="n=2 with top_k=1") as refused:  # greedy for TensorRT-LLM
             await client.prepare(_request(n=2, temperature=0.7, top_k=1))
         assert refused.value.param == "n"
-        # TensorRT-LLM's own SamplingParams check (top_p=0 is greedy to it; the server never sends top_p=0) also
-        # refuses at admission, before anything streams
+        # TensorRT-LLM's own SamplingParams check (top_p in [0, 1]; the server's request checks refuse 1.5 first)
+        # also refuses at admission, before anything streams
         with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters") as refused:
-            await client.prepare(_request(n=2, temperature=1.0, top_p=0.0))
+            await client.prepare(_request(n=2, temperature=1.0, top_p=1.5))
         assert refused.value.param is None
         await client.shutdown(0)
 
@@ -279,7 +413,8 @@ def test_prepare_builds_tensorrt_llms_sampling_params_that_generate_submits(
         async for _ in client.generate(prepared):
             pass
         submitted = fake_trtllm.calls("LLM.generate_async")[0].kwargs["sampling_params"]
-        assert submitted is prepared.compiled.sampling_params
+        assert [submitted] == prepared.compiled.sampling_params
+        assert submitted is prepared.compiled.sampling_params[0]
         assert fake_trtllm.names().count("SamplingParams") == 1
         await client.shutdown(0)
 
@@ -447,11 +582,9 @@ def test_fields_a_tensorrt_engine_cannot_honour_are_refused_at_admission(tmp_pat
     assert refused.value.param == "prompt_logprobs"
 
 
-def test_finish_choice_drops_the_choice_and_aborts_once_none_is_running(
-    tmp_path: Path, fake_trtllm: ModuleType
-) -> None:
-    """A stop string matched in the server ends the choice: n = 1 aborts the request at once; with n = 2 the
-    other choice goes on (TensorRT-LLM cancels whole requests only) and the ended one's tokens are dropped."""
+def test_finish_choice_drops_the_choice_and_aborts_its_request(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """A stop string matched in the server ends the choice: its TensorRT-LLM request (each choice has its own) is
+    aborted at once and what it still sends is dropped; with n = 2 the other choice goes on to its own finish."""
     update = fake_trtllm.Update
     _script(fake_trtllm, [[update(token_ids=[i])] for i in range(5, 50)])
     client = _client(tmp_path)
@@ -465,10 +598,10 @@ def test_finish_choice_drops_the_choice_and_aborts_once_none_is_running(
         return deltas
 
     async def two_choices() -> list[GenerationDelta]:
-        _script(
+        _script_choices(
             fake_trtllm,
-            [[update(index=0, token_ids=[i]), update(index=1, token_ids=[i + 100])] for i in range(5, 10)]
-            + [[update(index=1, token_ids=[200], finish_reason="length")]],
+            [[update(token_ids=[i])] for i in range(5, 10)],
+            [[update(token_ids=[i + 100])] for i in range(5, 10)] + [[update(token_ids=[200], finish_reason="length")]],
         )
         deltas = []
         async for delta in client.generate(await client.prepare(_request("two", n=2, temperature=1.0))):
@@ -477,21 +610,23 @@ def test_finish_choice_drops_the_choice_and_aborts_once_none_is_running(
                 await client.finish_choice("two", 0)
         return deltas
 
-    async def main() -> tuple[list[GenerationDelta], int, list[GenerationDelta]]:
+    async def main() -> tuple[list[GenerationDelta], list[Any], list[GenerationDelta], list[Any]]:
         await client.start()
         first = await one_choice()
-        aborts = len(fake_trtllm.calls("RequestOutput.abort"))
+        first_aborts = fake_trtllm.calls("RequestOutput.abort")
+        fake_trtllm.CALLS.clear()
         second = await two_choices()
+        second_aborts = fake_trtllm.calls("RequestOutput.abort")
         await client.shutdown(0)
-        return first, aborts, second
+        return first, first_aborts, second, second_aborts
 
-    first, aborts, second = asyncio.run(main())
-    assert [d.token_ids for d in first] == [[5], [6]] and aborts == 1
+    first, first_aborts, second, second_aborts = asyncio.run(main())
+    assert [d.token_ids for d in first] == [[5], [6]] and len(first_aborts) == 1
     assert [d.token_ids for d in second if d.index == 0] == [[5]]  # nothing after the choice was ended
     assert [d.token_ids for d in second if d.index == 1][-1] == [200]
     assert second[-1].finish_reason == FinishReason.LENGTH
-    # choice 0 was still running in TensorRT-LLM when choice 1 finished: leaving the stream aborted it
-    assert len(fake_trtllm.calls("RequestOutput.abort")) == 2
+    # choice 0's own request, aborted once when the server ended it; choice 1's was left to finish
+    assert len(second_aborts) == 1
 
 
 def test_presence_and_frequency_penalties_count_the_output_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:

@@ -152,3 +152,76 @@ def test_torch_sampler_records_the_fields_it_would_ignore(tmp_path: Path, fake_t
         [1, 2], sampling_params=params
     )
     assert len(fake_trtllm.calls("TorchSampler.ignored")) == 1, "the C++ sampler applies them"
+
+
+def test_with_n_above_one_only_the_request_s_final_response_carries_a_finish_reason(
+    tmp_path: Path, fake_trtllm: ModuleType
+) -> None:
+    """TensorRT-LLM's `_handle_sequence` sets finish_reason only `if self._done` (the response's `is_final`, true once
+    every sequence of the request is final, `LlmRequest::createResult`), for that response's sequence only: the
+    sequence that ends first keeps None for good (probe EE #1)."""
+    import asyncio
+
+    from tensorrt_llm import LLM
+    from tensorrt_llm.llmapi import SamplingParams
+
+    update = fake_trtllm.Update
+    fake_trtllm.SCRIPT = lambda prompt, params: [
+        [update(index=0, token_ids=[5]), update(index=1, token_ids=[6])],
+        [update(index=0, token_ids=[7], finish_reason="length"), update(index=1, token_ids=[8])],
+        [update(index=1, token_ids=[9], finish_reason="stop", stop_reason=9)],
+    ]
+    params = SamplingParams(max_tokens=3, end_id=2, n=2, temperature=1.0, stop_token_ids=[9])
+
+    async def steps() -> list[tuple[bool, list[str | None]]]:
+        result = LLM(model=str(tmp_path)).generate_async([1, 2], params, streaming=True)
+        return [(output.finished, [o.finish_reason for o in output.outputs]) async for output in result]
+
+    assert asyncio.run(steps()) == [(False, [None, None]), (False, [None, None]), (True, [None, "stop"])]
+
+
+def test_the_executor_leaves_end_id_out_of_the_output(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """"The generation will stop at the endId, but not include it in the output" (NVIDIA/TensorRT-LLM#2190), its
+    logprob with it (`_handle_sequence` keeps the two aligned); a stop token id stays with include_stop_str_in_output
+    (probe EE #3)."""
+    import asyncio
+
+    from tensorrt_llm import LLM
+    from tensorrt_llm.llmapi import SamplingParams
+
+    update = fake_trtllm.Update
+    llm = LLM(model=str(tmp_path))
+
+    async def final(last: int, stop_reason: int | None) -> tuple[list[int], int, int | None]:
+        step = update(token_ids=[5, last], logprobs=[-0.1, -0.2], finish_reason="stop", stop_reason=stop_reason)
+        fake_trtllm.SCRIPT = lambda prompt, params: [[step]]
+        params = SamplingParams(max_tokens=4, end_id=2, stop_token_ids=[3], include_stop_str_in_output=True)
+        output = (await llm.generate_async([1], params, streaming=True).aresult()).outputs[0]
+        return output.token_ids, len(output.logprobs), output.stop_reason
+
+    assert asyncio.run(final(2, None)) == ([5], 1, None)
+    assert asyncio.run(final(3, 3)) == ([5, 3], 2, 3)
+
+
+def test_an_error_other_than_request_error_shuts_the_executor_down(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """`GenerationExecutor._handle_background_error`: a RequestError fails one request; any other exception is a
+    "serious error": the executor shuts down, then raises it through the result (probe EE #2)."""
+    import asyncio
+
+    from tensorrt_llm import LLM
+    from tensorrt_llm.executor import RequestError
+    from tensorrt_llm.llmapi import SamplingParams
+
+    llm = LLM(model=str(tmp_path))
+    params = SamplingParams(max_tokens=4, end_id=2)
+
+    async def drain(error: BaseException) -> None:
+        fake_trtllm.SCRIPT = lambda prompt, params: [error]
+        with pytest.raises(type(error)):
+            await llm.generate_async([1], params, streaming=True).aresult()
+
+    asyncio.run(drain(RequestError("one request")))
+    llm.generate_async([1], params, streaming=True)  # still accepts requests
+    asyncio.run(drain(RuntimeError("worker died")))
+    with pytest.raises(RuntimeError, match="LLM is shutting down"):
+        llm.generate_async([1], params, streaming=True)

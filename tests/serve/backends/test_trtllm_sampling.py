@@ -106,10 +106,11 @@ def test_sampling_request_maps_field_for_field() -> None:
         "stop_token_ids": [5, 2, 3],
         "include_stop_str_in_output": True,  # stop tokens stay in the ids; the server keeps them out of the text
         "ignore_eos": False,
-        "n": 2,
-    }
+    }  # no `n`: each choice is its own TensorRT-LLM request, its seed moved on by its index
+    assert translated.choice_kwargs(1) == {**translated.kwargs, "seed": 8}
     assert translated.guide is None
     assert translated.added_stop_token_ids == frozenset({2, 3})
+    assert translated.end_id == 2
 
 
 def test_pytorch_backend_passes_only_what_torch_sampler_applies() -> None:
@@ -126,8 +127,8 @@ def test_pytorch_backend_passes_only_what_torch_sampler_applies() -> None:
         "stop_token_ids": [2, 3],
         "include_stop_str_in_output": True,
         "ignore_eos": False,
-        "n": 1,
     }
+    assert translated.choice_kwargs(1) == translated.kwargs  # no seed to move on
     greedy = to_trtllm(SamplingParams(max_tokens=4, temperature=0.0, seed=7, min_p=0.1), PYTORCH)
     assert "seed" not in greedy.kwargs and "min_p" not in greedy.kwargs
 

@@ -278,3 +278,45 @@ def test_llguidance_refuses_the_guides_it_cannot_honour(
     assert [call.kwargs["compile"] for call in fake_trtllm.calls("GrammarMatcherFactory.create")] == [
         "grammar_from_json_schema"
     ]
+
+
+def test_n_above_one_ends_every_choice_with_its_reason(server: TestClient, fake_trtllm: ModuleType) -> None:
+    """Probe EE #1: sent to TensorRT-LLM as one n = 2 request, the choice that ended first never got a finish reason
+    (it comes only with the request's final response) and the reply was a 500; each choice is now its own request."""
+    fake_trtllm.SCRIPT = fake_trtllm.default_script  # up to 3 tokens per sequence, then `length`
+    body = {"model": "smollm2-trtllm", "prompt": "hi", "max_tokens": 2, "n": 2, "temperature": 1.0}
+    response = server.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [choice["finish_reason"] for choice in response.json()["choices"]] == ["length", "length"]
+    assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_fatal_executor_error_mid_stream_is_a_503_and_turns_health_red(
+    server: TestClient, fake_trtllm: ModuleType
+) -> None:
+    """Probe EE #2: an error other than RequestError from a running request means TensorRT-LLM's executor shut down;
+    it was a 500 for that request while /health stayed green."""
+    update = fake_trtllm.Update
+    fake_trtllm.SCRIPT = lambda prompt, params: [[update(token_ids=[19556])], RuntimeError("MPI worker died")]
+    assert server.get("/health").status_code == 200
+    response = server.post("/v1/completions", json={"model": "smollm2-trtllm", "prompt": "hi", "max_tokens": 5})
+    assert response.status_code == 503, response.text
+    assert "MPI worker died" in response.json()["error"]["message"]
+    health = server.get("/health")
+    assert health.status_code == 503 and "MPI worker died" in health.text
+
+
+def test_a_reply_counts_the_same_whichever_eos_ended_it(server: TestClient, fake_trtllm: ModuleType) -> None:
+    """Probe EE #3: SmolLM2's end_id 2 is left out of TensorRT-LLM's ids, its other EOS 0 (a stop id) kept, so the
+    same reply counted one token fewer when 2 ended it. Both now count the EOS, as the torch engine does."""
+    update = fake_trtllm.Update
+    replies = []
+    for last, stop_reason in ((2, None), (0, 0)):
+        steps = [[update(token_ids=[19556])], [update(token_ids=[17, last], finish_reason="stop", stop_reason=stop_reason)]]
+        fake_trtllm.SCRIPT = lambda prompt, params, steps=steps: steps
+        response = server.post("/v1/completions", json={"model": "smollm2-trtllm", "prompt": "hi", "max_tokens": 5})
+        assert response.status_code == 200, response.text
+        replies.append(response.json())
+    assert [reply["choices"][0]["text"] for reply in replies] == ["Hello!", "Hello!"]
+    assert [reply["usage"]["completion_tokens"] for reply in replies] == [3, 3]
+    assert [reply["choices"][0]["finish_reason"] for reply in replies] == ["stop", "stop"]

@@ -3,15 +3,18 @@
 TensorRT-LLM runs its own executor (and MPI workers for tensor parallelism); `generate_async(...,
 streaming=True)` yields a `RequestOutput` per step, which `RequestStream` turns into our deltas: token ids only,
 the server's output side makes the text (TensorRT-LLM's tokenizer is not loaded unless its xgrammar backend needs
-it for the grammar vocabulary). Everything about TensorRT-LLM here is verified only against the fake package in
-tests/fakes: no GPU run yet.
+it for the grammar vocabulary). Each of a request's n choices is its own TensorRT-LLM request (n = 1), its streams
+read as one. Everything about TensorRT-LLM here is verified only against the fake package in tests/fakes and
+TensorRT-LLM's source, never against a running library: no GPU run yet.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,54 @@ class TrtLlmEngineDeadError(EngineUnavailableError):
     """TensorRT-LLM's executor stopped; the server reports unhealthy and should be restarted."""
 
 
+@dataclass
+class _Submitted:
+    """One request in TensorRT-LLM: a result per choice, and which of them this client aborted."""
+
+    stream: RequestStream
+    results: list[Any]
+    aborted: set[int] = field(default_factory=set)
+
+    def abort(self, indices: range | list[int]) -> None:
+        """Abort the choices' TensorRT-LLM requests still generating (each once)."""
+        for index in indices:
+            if index not in self.aborted and self.stream.is_running(index):
+                self.aborted.add(index)
+                self.results[index].abort()
+
+
+async def _next_output(outputs: AsyncIterator[Any]) -> Any:
+    return await outputs.__anext__()
+
+
+async def _choice_outputs(results: list[Any]) -> AsyncGenerator[tuple[int, Any, BaseException | None], None]:
+    """The choices' streams as one, in arrival order: (index, its RequestOutput, None) per step, (index, None, None)
+    when its stream ends, (index, None, error) when its iteration raises (that stream then ends)."""
+    streams = [result.__aiter__() for result in results]
+    pending = {asyncio.ensure_future(_next_output(stream)): index for index, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.__getitem__):
+                index = pending.pop(future)
+                try:
+                    output = future.result()
+                except StopAsyncIteration:
+                    yield index, None, None
+                    continue
+                except Exception as error:
+                    yield index, None, error
+                    continue
+                yield index, output, None
+                pending[asyncio.ensure_future(_next_output(streams[index]))] = index
+    finally:
+        for future in pending:
+            if future.done() and not future.cancelled():
+                future.exception()  # a stream that ended or failed unread (the consumer left): retrieved, not logged
+            else:
+                future.cancel()
+
+
 class TrtLlmEngineClient:
     def __init__(self, spec: LlmSpec, model_info: ModelInfo, *, warmup: bool = True) -> None:
         # TensorRT-LLM's tokenizer makes no text here; only its guided-decoding backend needs it (for the grammar's
@@ -71,8 +122,7 @@ class TrtLlmEngineClient:
         )
         self._warmup = warmup
         self._llm: Any = None
-        self._results: dict[str, Any] = {}
-        self._streams: dict[str, RequestStream] = {}
+        self._submitted: dict[str, _Submitted] = {}
         self._dead: BaseException | None = None
         self._stopping = False
 
@@ -122,9 +172,9 @@ class TrtLlmEngineClient:
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         self._stopping = True
         deadline = time.monotonic() + drain_timeout_s
-        while self._results and time.monotonic() < deadline:
+        while self._submitted and time.monotonic() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
-        for request_id in list(self._results):
+        for request_id in list(self._submitted):
             await self.abort(request_id)
         llm, self._llm = self._llm, None
         if llm is not None:
@@ -143,7 +193,7 @@ class TrtLlmEngineClient:
     def stats(self) -> EngineStats:
         # TensorRT-LLM's iteration stats are not read yet: only what this client knows.
         return EngineStats(
-            num_running=len(self._results),
+            num_running=len(self._submitted),
             num_waiting=0,
             kv_cache_usage=0.0,
             num_kv_blocks=0,
@@ -152,9 +202,10 @@ class TrtLlmEngineClient:
 
     # -- requests ----------------------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> PreparedRequest[TrtSampling]:
-        """Translate the request once and build TensorRT-LLM's `SamplingParams` from it, so that every refusal, ours
-        or its `SamplingParams` validation, is a 400 before anything streams (a guide this backend cannot map is a
-        GuideError, any other field an UnsupportedRequestError naming it). TensorRT-LLM compiles the guide itself
+        """Translate the request once and build TensorRT-LLM's `SamplingParams` from it (one per choice, each choice
+        being its own TensorRT-LLM request), so that every refusal, ours or its `SamplingParams` validation, is a 400
+        before anything streams (a guide this backend cannot map is a GuideError, any other field an
+        UnsupportedRequestError naming it). TensorRT-LLM compiles the guide itself
         at generation. Its submission checks (`generate_async`) run in `generate`: submitting here would leave a
         request running for an answer the server never sends. The one of them the server's own limits do not
         cover is repeated here (`_check_prompt_fits_one_step`); the rest is TensorRT-LLM's (KV-cache capacity)."""
@@ -173,7 +224,10 @@ class TrtLlmEngineClient:
             sampling.kwargs["prompt_ignore_length"] = len(request.prompt_token_ids)
         self._check_prompt_fits_one_step(len(request.prompt_token_ids))
         try:
-            sampling.sampling_params = adapter.sampling_params(sampling.kwargs, sampling.guide)
+            sampling.sampling_params = [
+                adapter.sampling_params(sampling.choice_kwargs(index), sampling.guide)
+                for index in range(request.sampling.n)
+            ]
         except ValueError as error:  # TensorRT-LLM's own validation (a TypeError would be our bug: not caught)
             raise UnsupportedRequestError(
                 f"TensorRT-LLM refused the sampling parameters: {error}", param=None
@@ -196,11 +250,43 @@ class TrtLlmEngineClient:
             )
 
     async def generate(self, prepared: PreparedRequest[TrtSampling]) -> AsyncGenerator[GenerationDelta, None]:
-        llm = self._running_llm()
-        request, sampling = prepared.request, prepared.compiled
+        """Submits each choice as its own TensorRT-LLM request (n = 1, the seed moved on by the index): with n > 1,
+        TensorRT-LLM sets a sequence's finish reason only on the request's final response, so the choices that end
+        before the last would have none (read in its `_handle_sequence`, not seen running)."""
+        request = prepared.request
+        submitted = _Submitted(RequestStream(request, prepared.compiled), [])
         try:
-            result = llm.generate_async(
-                list(request.prompt_token_ids), sampling_params=sampling.sampling_params, streaming=True
+            for sampling_params in prepared.compiled.sampling_params:
+                submitted.results.append(self._submit(request, sampling_params))
+        except BaseException:
+            if self._dead is None:
+                submitted.abort(range(len(submitted.results)))
+            raise
+        self._submitted[request.request_id] = submitted
+        stream = submitted.stream
+        try:
+            async with contextlib.aclosing(_choice_outputs(submitted.results)) as outputs:
+                async for index, output, error in outputs:
+                    if error is not None:
+                        delta = self._failed(request.request_id, index, stream, error)
+                    elif output is None:
+                        delta = stream.fail_choice(index, "TensorRT-LLM ended the stream without a finish reason")
+                    else:
+                        delta = stream.update(index, output)
+                    if delta is not None:
+                        yield delta
+                    if stream.is_finished:
+                        break
+        finally:
+            self._submitted.pop(request.request_id, None)
+            if self._dead is None:  # a dead executor has dropped its requests (and shut down)
+                submitted.abort(range(len(submitted.results)))
+
+    def _submit(self, request: GenerationRequest, sampling_params: Any) -> Any:
+        """One choice's `generate_async`; its refusals are 400s, a stopped executor marks the engine dead."""
+        try:
+            return self._running_llm().generate_async(
+                list(request.prompt_token_ids), sampling_params=sampling_params, streaming=True
             )
         except ValueError as error:
             raise UnsupportedRequestError(
@@ -213,40 +299,31 @@ class TrtLlmEngineClient:
                 ) from error
             self._dead = error  # "LLM is shutting down", or the executor died
             raise TrtLlmEngineDeadError(f"TensorRT-LLM does not accept requests: {error}") from error
-        stream = RequestStream(request, sampling)
-        self._results[request.request_id] = result
-        self._streams[request.request_id] = stream
-        try:
-            try:
-                async for output in result:
-                    for delta in stream.update(output):
-                        yield delta
-                    if stream.is_finished:
-                        break
-            except Exception as error:  # one request failed inside TensorRT-LLM; the others continue
-                logger.warning("request %s failed in TensorRT-LLM: %s", request.request_id, error)
-                for delta in stream.fail(f"TensorRT-LLM failed the request: {error}"):
-                    yield delta
-            for delta in stream.fail("TensorRT-LLM ended the stream without a finish reason"):
-                yield delta
-        finally:
-            self._results.pop(request.request_id, None)
-            self._streams.pop(request.request_id, None)
-            if stream.is_running:
-                result.abort()
+
+    def _failed(
+        self, request_id: str, index: int, stream: RequestStream, error: BaseException
+    ) -> GenerationDelta | None:
+        """A choice's stream raised. TensorRT-LLM raises a `RequestError` for one request's failure; anything else
+        is a "serious error" after which its executor has shut itself down (`GenerationExecutor.
+        _handle_background_error`, read in its source): the engine is dead, the request a 503."""
+        if not _is_request_error(error):
+            self._dead = error
+            logger.error("TensorRT-LLM's executor failed (request %s): %s", request_id, error)
+            raise TrtLlmEngineDeadError(f"TensorRT-LLM stopped: {error}") from error
+        logger.warning("request %s failed in TensorRT-LLM: %s", request_id, error)
+        return stream.fail_choice(index, f"TensorRT-LLM failed the request: {error}")
 
     async def finish_choice(self, request_id: str, index: int) -> None:
-        """TensorRT-LLM's LLM API cancels whole requests only: the choice's further tokens are dropped, and the
-        stream, left once no choice is open (at once for n = 1), aborts the request if TensorRT-LLM is still
-        generating any of it."""
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.end_choice(index)
+        """The choice's further tokens are dropped and its TensorRT-LLM request aborted (each choice is its own)."""
+        submitted = self._submitted.get(request_id)
+        if submitted is not None:
+            submitted.stream.end_choice(index)
+            submitted.abort([index])
 
     async def abort(self, request_id: str) -> None:
-        result = self._results.get(request_id)
-        if result is not None:
-            result.abort()
+        submitted = self._submitted.get(request_id)
+        if submitted is not None:
+            submitted.abort(range(len(submitted.results)))
 
     def _running_llm(self) -> Any:
         if self._dead is not None:

@@ -1,8 +1,12 @@
-"""One request's TensorRT-LLM stream -> our GenerationDeltas (new token ids, finish, logprobs; no text).
+"""One request's TensorRT-LLM streams -> our GenerationDeltas (new token ids, finish, logprobs; no text).
 
-TensorRT-LLM is asked for token ids only (`detokenize=False`): the server's output side makes the text. New
-token ids are counted here from the cumulative `token_ids`, because TensorRT-LLM refreshes `token_ids_diff` only
-for the sequence a response touched (n > 1 would repeat the others). Verified only against the fake.
+Each choice is its own TensorRT-LLM request (n = 1; see the client), so each stream carries one `CompletionOutput`.
+TensorRT-LLM is asked for token ids only (`detokenize=False`): the server's output side makes the text. New token
+ids are counted here from the cumulative `token_ids`. Its executor leaves `end_id` out of the ids of a reply it ended
+(NVIDIA/TensorRT-LLM#2190, and `_handle_sequence` keeping logprobs aligned with the ids), so the end token is put
+back here: every generated token is streamed, the one that ended the choice included, as on the torch engine; its
+logprob is not returned by TensorRT-LLM, so it has none. Verified against the fake and TensorRT-LLM's source only,
+not a running library.
 """
 
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ class _Choice:
 
 
 class RequestStream:
-    """Per-request state; `update` takes each streamed `RequestOutput` and returns what is new."""
+    """Per-request state; `update` takes each streamed `RequestOutput` of one choice and returns what is new."""
 
     def __init__(self, request: GenerationRequest, sampling: TrtSampling) -> None:
         self.request = request
@@ -40,39 +44,31 @@ class RequestStream:
         """Every choice finished or ended: nothing more to read."""
         return all(choice.is_finished or choice.is_ended for choice in self.choices)
 
-    @property
-    def is_running(self) -> bool:
-        """TensorRT-LLM is still generating some choice: leaving the stream must abort the request."""
-        return not all(choice.is_finished for choice in self.choices)
+    def is_running(self, index: int) -> bool:
+        """TensorRT-LLM is still generating this choice: leaving its stream must abort its request."""
+        return not self.choices[index].is_finished
 
     def end_choice(self, index: int) -> None:
         """The server ended this choice (`finish_choice`): what TensorRT-LLM still sends for it is dropped."""
         self.choices[index].is_ended = True
 
-    def update(self, output: Any) -> list[GenerationDelta]:
-        deltas = []
-        for completion in output.outputs:
-            if completion.index >= len(self.choices):
-                continue
-            delta = self._update_choice(completion)
-            if delta is not None:
-                deltas.append(delta)
-        return deltas
-
-    def fail(self, message: str) -> list[GenerationDelta]:
-        """ERROR deltas for every choice still open (TensorRT-LLM failed the request or ended the stream)."""
-        deltas = []
-        for index, choice in enumerate(self.choices):
-            if not choice.is_finished and not choice.is_ended:
-                choice.is_finished = True
-                deltas.append(self._delta(index, [], FinishReason.ERROR, error=message))
-        return deltas
-
-    def _update_choice(self, completion: Any) -> GenerationDelta | None:
-        index = completion.index
+    def update(self, index: int, output: Any) -> GenerationDelta | None:
+        """What is new in choice `index`'s `RequestOutput` (its request has n = 1: one `CompletionOutput`)."""
         choice = self.choices[index]
         if choice.is_finished or choice.is_ended:
             return None
+        return self._update_choice(index, output.outputs[0])
+
+    def fail_choice(self, index: int, message: str) -> GenerationDelta | None:
+        """An ERROR delta for the choice if still open (TensorRT-LLM failed its request or ended its stream)."""
+        choice = self.choices[index]
+        if choice.is_finished or choice.is_ended:
+            return None
+        choice.is_finished = True
+        return self._delta(index, [], FinishReason.ERROR, error=message)
+
+    def _update_choice(self, index: int, completion: Any) -> GenerationDelta | None:
+        choice = self.choices[index]
         token_ids = list(completion.token_ids or [])
         start = choice.num_tokens
         new_ids = token_ids[start:]
@@ -92,10 +88,16 @@ class RequestStream:
             logprobs, missing = _token_logprobs(new_ids, entries, self.sampling.report_logprobs)
             if missing and finish is None:
                 finish, error = FinishReason.ERROR, missing
+        stop_reason = completion.stop_reason if finish == FinishReason.STOP else None
+        end_id = self._end_id_left_out(token_ids) if finish == FinishReason.STOP and stop_reason is None else None
+        if end_id is not None:  # no logprob for it: TensorRT-LLM returns none
+            token_ids.append(end_id)
+            new_ids.append(end_id)
+            if end_id in self.request.sampling.stop_token_ids:
+                stop_reason = end_id  # asked for as a stop id too: reported as the torch engine reports it
         choice.num_tokens = max(start, len(token_ids))
         if finish is not None:
             choice.is_finished = True
-        stop_reason = completion.stop_reason if finish == FinishReason.STOP else None
         if isinstance(stop_reason, int) and stop_reason in self.sampling.added_stop_token_ids:
             stop_reason = None
         return self._delta(
@@ -107,6 +109,14 @@ class RequestStream:
             num_output_tokens=len(token_ids),
             error=error,
         )
+
+    def _end_id_left_out(self, token_ids: list[int]) -> int | None:
+        """The end id a `stop` finish without a stop reason (TensorRT-LLM's END_ID: a stop token id sets the reason)
+        left out of the ids; None where it is already there (a build that keeps it) or unknown to us."""
+        end_id = self.sampling.end_id
+        if end_id is None or self.request.sampling.ignore_eos or token_ids[-1:] == [end_id]:
+            return None
+        return end_id
 
     def _delta(
         self,

@@ -50,13 +50,22 @@ class EngineTraits:
 
 @dataclass
 class TrtSampling:
-    """The translated request: SamplingParams kwargs, the guide, and what to report back."""
+    """The translated request: one choice's SamplingParams kwargs (each choice is its own TensorRT-LLM request), the
+    guide, and what to report back."""
 
     kwargs: dict[str, Any] = field(default_factory=dict)
     guide: dict[str, Any] | None = None
     report_logprobs: int | None = None  # top alternatives per token to report; 0 = only the chosen token
     added_stop_token_ids: frozenset[int] = frozenset()  # EOS ids we added; a stop on them is a plain EOS
-    sampling_params: Any = None  # TensorRT-LLM's SamplingParams, built from `kwargs` and `guide` at admission
+    end_id: int | None = None  # the id TensorRT-LLM ends on (and leaves out of the ids); None: its tokenizer's
+    sampling_params: list[Any] = field(default_factory=list)  # TensorRT-LLM's, one per choice, built at admission
+
+    def choice_kwargs(self, index: int) -> dict[str, Any]:
+        """Choice `index`'s kwargs: a seed moves on by the index, as TensorRT-LLM seeds the child requests of an n > 1
+        request (`randomSeed += sequenceIndex`) and the torch engine its choices (`seed + index`)."""
+        if index == 0 or "seed" not in self.kwargs:
+            return self.kwargs
+        return {**self.kwargs, "seed": self.kwargs["seed"] + index}
 
 
 Mapper = Callable[[SamplingParams, EngineTraits, TrtSampling], None]
@@ -171,9 +180,12 @@ def _top_p(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> No
 
 
 def _n(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
-    # TensorRT-LLM's SamplingParams refuses several returns of a greedy request, greedy being top_k == 1, top_p == 0,
-    # temperature == 0 or none of the three set (`params_imply_greedy_decoding`). Our top_p is never 0 and
-    # temperature or top_k is always passed, so that is `is_greedy` here.
+    # Not passed: the client submits each choice as its own request (n = 1), because with n > 1 TensorRT-LLM gives a
+    # sequence its finish reason only on the request's final response (`_handle_sequence` under `_done`), so the
+    # choices that end first would never get one. TensorRT-LLM's SamplingParams refuses several returns of a greedy
+    # request, greedy being top_k == 1, top_p == 0, temperature == 0 or none of the three set
+    # (`params_imply_greedy_decoding`); that refusal is kept (our top_p is never 0 and temperature or top_k is always
+    # passed, so that is `is_greedy` here).
     if params.n > 1 and params.is_greedy:
         chosen = "temperature=0" if params.temperature == 0.0 else "top_k=1"
         raise UnsupportedRequestError(
@@ -181,7 +193,6 @@ def _n(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
             "(temperature 0 or top_k 1); set n to 1, or sample with temperature > 0 and top_k unset or above 1",
             param="n",
         )
-    out.kwargs["n"] = params.n
 
 
 def _logit_bias(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
@@ -358,7 +369,7 @@ def to_trtllm(params: SamplingParams, traits: EngineTraits) -> TrtSampling:
     # (`SamplingParams._setup`) for every request. Without a known EOS id its own tokenizer's is used.
     out = TrtSampling(kwargs={"detokenize": False})
     if traits.eos_token_ids:
-        out.kwargs["end_id"] = traits.eos_token_ids[0]
+        out.end_id = out.kwargs["end_id"] = traits.eos_token_ids[0]
     for item in dataclasses.fields(params):
         mapper = FIELD_MAPPINGS.get(item.name)
         if mapper is None:

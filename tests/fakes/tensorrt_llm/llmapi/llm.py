@@ -9,6 +9,7 @@ runs: a streaming request replays the steps of `tensorrt_llm._fake.SCRIPT`.
 import asyncio
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,7 +72,19 @@ _SIGNATURE = inspect.signature(_llm_signature)
 
 
 class RequestOutput:
-    """One request's result; async-iterating it yields itself once per engine step (streaming)."""
+    """One request's result; async-iterating it yields itself once per engine step (streaming).
+
+    Each scripted `Update` is one response of the executor for one sequence. As in TensorRT-LLM's
+    `GenerationResultBase._handle_response` / `_handle_sequence` (executor/result.py) and the C++
+    `LlmRequest::createResult` (a response is final once every sequence of the request is): an update with a
+    finish_reason makes its sequence final, but the finish_reason reaches `CompletionOutput.finish_reason` only on
+    the response that makes the whole request final, and only for that response's sequence; with n > 1 the sequences
+    that end before the last keep None for good. A `stop` update without a stop_reason whose last token is `end_id` is
+    TensorRT-LLM's END_ID: that token and its logprob are left out of the output (NVIDIA/TensorRT-LLM#2190, for the
+    C++ executor; `_handle_sequence` keeps logprobs aligned with the ids; scripts shaped without the token are
+    taken as they are). Which wins when `end_id` is also a stop token id was not read: scripts say. Any exception
+    other than a `RequestError` raised by a step is a "serious error": the executor shuts down
+    (`GenerationExecutor._handle_background_error`, executor/executor.py) and the error is raised."""
 
     def __init__(
         self,
@@ -80,15 +93,18 @@ class RequestOutput:
         sampling_params: Any,
         steps: list[Any],
         detokenized: bool = True,
+        on_fatal_error: Callable[[], None] | None = None,
     ) -> None:
         """`detokenized`: text is produced only with `detokenize` and a tokenizer (DetokenizedGenerationResultBase);
-        otherwise `text` stays empty and the scripted text is ignored."""
+        otherwise `text` stays empty and the scripted text is ignored. `on_fatal_error`: the LLM's shutdown."""
         self.request_id = request_id
         self._sampling_params = sampling_params
         self._detokenized = detokenized
+        self._on_fatal_error = on_fatal_error
         self.prompt: str | None = None
         self.prompt_token_ids = prompt_token_ids
         self.outputs = [CompletionOutput(index) for index in range(sampling_params.best_of)]
+        self._is_sequence_final = [False] * len(self.outputs)
         self.finished = False
         self._steps = iter(steps)
         self._aborted = False
@@ -116,24 +132,40 @@ class RequestOutput:
         if step is None:
             raise StopAsyncIteration
         if isinstance(step, BaseException):
+            if not isinstance(step, RequestError) and self._on_fatal_error is not None:
+                self._on_fatal_error()
             raise step
         for update in step:
             self._apply(update)
-        self.finished = all(output.finish_reason is not None for output in self.outputs)
         return self
 
     def _apply(self, update: _fake.Update) -> None:
         output = self.outputs[update.index]
         output._last_token_ids_len = len(output.token_ids)
         output._last_logprobs_len = len(output.logprobs)
-        output.token_ids.extend(update.token_ids)
-        if update.trim_token_ids and not self._sampling_params.include_stop_str_in_output:
+        token_ids = list(update.token_ids)
+        logprobs = list(update.logprobs) if update.logprobs is not None else None
+        params = self._sampling_params
+        if (
+            update.finish_reason == "stop"
+            and update.stop_reason is None
+            and params.end_id is not None
+            and token_ids[-1:] == [params.end_id]
+        ):  # END_ID: the end token is not in the output, nor its logprob
+            token_ids.pop()
+            if logprobs is not None and len(logprobs) == len(update.token_ids):
+                logprobs.pop()
+        output.token_ids.extend(token_ids)
+        if update.trim_token_ids and not params.include_stop_str_in_output:
             del output.token_ids[-update.trim_token_ids :]  # _handle_sequence cuts a matched stop word unless kept
         if self._detokenized:
             output.text += update.text
-        if update.logprobs is not None:
-            output.logprobs.extend(update.logprobs)
+        if logprobs is not None:
+            output.logprobs.extend(logprobs)
         if update.finish_reason is not None:
+            self._is_sequence_final[update.index] = True
+        if all(self._is_sequence_final):  # the request's final response: only its sequence gets the reason
+            self.finished = True
             output.finish_reason = update.finish_reason
             output.stop_reason = update.stop_reason
 
@@ -249,7 +281,9 @@ class _BaseLLM:
         failure = self._create_grammar_matcher(params)
         steps = [failure] if failure is not None else _fake.SCRIPT(prompt_token_ids, params)
         detokenized = params.detokenize and self._has_tokenizer
-        return RequestOutput(self._next_request_id, prompt_token_ids, params, steps, detokenized)
+        return RequestOutput(
+            self._next_request_id, prompt_token_ids, params, steps, detokenized, on_fatal_error=self._shut_down
+        )
 
     def _note_ignored_fields(self, params: SamplingParams) -> None:
         """Where the real sampler accepts a field and does nothing with it, the fake records that (nothing fails)."""
@@ -261,6 +295,11 @@ class _BaseLLM:
 
     def shutdown(self) -> None:
         _fake.record(f"{self.RECORD_NAME}.shutdown", {})
+        self._is_shutdown = True
+
+    def _shut_down(self) -> None:
+        """What the executor does after a serious background error (`_handle_background_error`): it shuts down."""
+        _fake.record(f"{self.RECORD_NAME}.executor_shutdown", {})
         self._is_shutdown = True
 
     def __enter__(self) -> "_BaseLLM":
