@@ -744,9 +744,9 @@ def _manifest(
     build = stack.build
     runtime = stack.runtime
     max_position = info.max_position_embeddings or 4096
-    max_seq_len = getattr(runtime, "max_seq_len", None) or build.max_seq_len or max_position
-    max_batch_size = getattr(runtime, "max_batch_size", None) or build.max_batch_size
-    max_num_tokens = getattr(runtime, "max_num_tokens", None) or build.max_num_tokens
+    max_seq_len = runtime.declared("max_seq_len") or build.max_seq_len or max_position
+    max_batch_size = runtime.declared("max_batch_size") or build.max_batch_size
+    max_num_tokens = runtime.declared("max_num_tokens") or build.max_num_tokens
     if max_seq_len > max_position:
         logger.warning(
             "max_seq_len %d is longer than the checkpoint's max_position_embeddings (%d): the engine serves %d",

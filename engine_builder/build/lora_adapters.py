@@ -69,7 +69,7 @@ def fetch_lora_adapters(
     max_rank = build.lora_pool_rank
     # As the server names the base (engine_builder/serve/server/factory.py): the architecture when nothing else does.
     served_name = (
-        getattr(loaded.trt_llm.runtime, "served_model_name", None)
+        loaded.trt_llm.runtime.declared("served_model_name")
         or loaded.truss.model_name
         or _architecture(model_dir)
     )

@@ -66,8 +66,8 @@ def apply_serving_settings(spec: RuntimeSpec, loaded: LoadedConfig) -> bool:
         scheduling = SchedulingSpec(enable_chunked_prefill=runtime.enable_chunked_prefill)
     settings = {
         "scheduling": scheduling,
-        "request_default_max_tokens": getattr(runtime, "request_default_max_tokens", None),
-        "default_route": getattr(runtime, "webserver_default_route", None),
+        "request_default_max_tokens": runtime.declared("request_default_max_tokens"),
+        "default_route": runtime.declared("webserver_default_route"),
     }
     changed = any(getattr(spec, name) != value for name, value in settings.items())
     for name, value in settings.items():

@@ -33,7 +33,8 @@ def _build(stack: Stack, name: str) -> Any:
 
 
 def _runtime(stack: Stack, name: str, default: Any = None) -> Any:
-    return getattr(stack.runtime, name, default)
+    """The runtime's field `name` where this stack's runtime declares it (never a kept unknown key)."""
+    return stack.runtime.declared(name, default)
 
 
 def _decoder(stack: Stack) -> bool:

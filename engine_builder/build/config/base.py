@@ -33,6 +33,11 @@ class ConfigModel(pydantic.BaseModel):
                 )
         return data
 
+    def declared(self, name: str, default: Any = None) -> Any:
+        """Field `name` if this class declares it, else `default`: never a kept unknown key, whose raw value
+        `getattr` would return unchecked (a v2 runtime key under a v1 runtime overrode the build's fields, probe EG)."""
+        return getattr(self, name) if name in type(self).model_fields else default
+
     def validate_forbid_extra(self) -> None:
         type(self).model_validate(self.model_dump(mode="json", by_alias=True), context={"forbid_extra": True})
 
