@@ -140,7 +140,7 @@ class SpeculatorConfig(ConfigModel):
         if not (window and ngram and verification):
             raise ValueError(
                 "Lookahead decoding mode requires lookahead_windows_size, lookahead_ngram_size, "
-                f"lookahead_verification_set_size to be set. you set: {self!r}"
+                f"lookahead_verification_set_size to be set. you set: {self}"  # as Truss prints it
             )
         computed = lookahead_max_draft_len(window, ngram, verification)
         if self.num_draft_tokens is None:

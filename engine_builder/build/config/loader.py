@@ -340,6 +340,20 @@ def _long_integer(node: yaml.Node | None) -> tuple[int, int] | None:
     return None
 
 
+# Truss's class for each config class whose name differs (its "instance of X" errors name its own classes)
+_TRUSS_CLASS_NAMES = {
+    "BuildConfig": "TrussTRTLLMBuildConfiguration",
+    "RuntimeConfigV1": "TrussTRTLLMRuntimeConfiguration",
+    "RuntimeConfigV2": "TRTLLMRuntimeConfigurationV2",
+    "PluginConfiguration": "TrussTRTLLMPluginConfiguration",
+    "QuantizationConfig": "TrussTRTQuantizationConfiguration",
+    "SpeculatorConfig": "TrussSpeculatorConfiguration",
+    "LoraConfiguration": "TrussTRTLLMLoraConfiguration",
+    "TrtLlmConfigV1": "TRTLLMConfigurationV1",
+    "TrtLlmConfigV2": "TRTLLMConfigurationV2",
+}
+
+
 def _issue_from_pydantic(item: Any, keys: _LineIndex, source: str) -> ConfigIssue:
     loc: list[str | int] = []
     for position, part in enumerate(item["loc"]):
@@ -360,6 +374,10 @@ def _issue_from_pydantic(item: Any, keys: _LineIndex, source: str) -> ConfigIssu
             loc.extend(cause.field.split("."))
     if item["type"] == "missing":
         message = "Field required"
+    if item["type"] == "model_type":  # a section of the wrong type: named as Truss's validator names its class
+        ours = (item.get("ctx") or {}).get("class_name")
+        if ours in _TRUSS_CLASS_NAMES:
+            message = message.replace(f"instance of {ours}", f"instance of {_TRUSS_CLASS_NAMES[ours]}")
     is_key = item["type"] == "invalid_key" or item["loc"][-1:] == ("[key]",)  # a model's key, or a dict field's
     if is_key and loc:
         written = keys.invalid_key(tuple(loc[:-1]))

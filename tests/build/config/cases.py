@@ -22,6 +22,13 @@ def with_runtime(**runtime: Any) -> dict[str, Any]:
     return config
 
 
+def with_runtime_value(value: Any) -> dict[str, Any]:
+    """`runtime:` holding `value` as it is (not a mapping)."""
+    config = copy.deepcopy(BASE)
+    config["trt_llm"]["runtime"] = value
+    return config
+
+
 def v2(build: dict[str, Any] | None = None, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "trt_llm": {
@@ -420,4 +427,15 @@ CASES += [
     ("fabric use_rdma not a boolean", with_resources(fabric={"use_rdma": "maybe"}), "Input should be a valid boolean"),
     ("use_gpu is computed, any value is dropped", with_resources(use_gpu="maybe"), None),
     ("use_gpu true without an accelerator", with_resources(use_gpu=True), None),
+]
+
+# A section of the wrong type: Truss names its own class (probe EG #2: ours named `BuildConfig`, ...)
+_SECTION = "Input should be a valid dictionary or instance of "
+CASES += [
+    ("runtime a list", with_runtime_value([]), _SECTION + "TrussTRTLLMRuntimeConfiguration"),
+    ("plugin_configuration a string", with_build(plugin_configuration="x"), _SECTION + "TrussTRTLLMPluginConfiguration"),
+    ("quantization_config null", with_build(quantization_config=None), _SECTION + "TrussTRTQuantizationConfiguration"),
+    ("speculator a string", with_build(speculator="x"), _SECTION + "TrussSpeculatorConfiguration"),
+    ("lora_configuration a string", with_build(lora_configuration="x"), _SECTION + "TrussTRTLLMLoraConfiguration"),
+    ("v2 runtime null", {"trt_llm": {**v2()["trt_llm"], "runtime": None}}, _SECTION + "TRTLLMRuntimeConfigurationV2"),
 ]
