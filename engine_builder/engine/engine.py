@@ -223,8 +223,7 @@ class LLMEngine:
         for seq in group.sequences:
             if seq.is_finished:
                 continue
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = reason
+            self._finish(seq, reason, None)
             seq.error = error
             outputs.append(self._output(seq, [], None))
         return outputs
@@ -254,6 +253,8 @@ class LLMEngine:
         schedule = self.scheduler.schedule(
             {seq_id: (plan.num_rows, max(map(len, plan.candidates), default=0)) for seq_id, plan in drafts.items()}
         )
+        for seq in schedule.preempted:  # its penalties' history is rebuilt when it samples again, not held meanwhile
+            self.sampler.free(seq.seq_id)
         if schedule.is_empty:
             return []
         self.num_steps += 1
@@ -471,6 +472,7 @@ class LLMEngine:
                         output_token_ids=target.output_token_ids,
                         eos_token_ids=self.eos_token_ids,
                         token_bitmask=self.masks.mask_of(target),
+                        seq_id=target.seq_id,
                     )
                 )
                 owners.append((position, target))
@@ -543,6 +545,7 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        self.sampler.free(seq.seq_id)
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> GenerationDelta:
         first = token_ids and seq.num_output_tokens == len(token_ids)

@@ -21,6 +21,9 @@ class SamplingRow:
     eos_token_ids: tuple[int, ...]
     allowed_tokens: torch.Tensor | None = None  # bool [vocab]; None = no grammar constraint
     token_bitmask: torch.Tensor | None = None  # the same as a packed int32 bitmask [ceil(vocab / 32)], bit set = allowed
+    # the sequence's id: its penalties' token history is kept under it between calls, so `output_token_ids` must
+    # only grow under one id; None = a history built for this call only
+    seq_id: int | None = None
 
 
 @dataclass
@@ -31,6 +34,9 @@ class SamplerOutput:
 
 class Sampler(Protocol):
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput: ...
+
+    def free(self, seq_id: int) -> None:
+        """Forget what the sampler keeps for a sequence (it ended, or was preempted: a later row rebuilds it)."""
 
 
 def make_sampler(vocab_size: int, device: torch.device) -> Sampler:

@@ -3,6 +3,7 @@
 Row order of processing (each step only touches the rows that ask for it):
 raw logprobs -> logit_bias -> min_tokens (EOS and stop ids masked) -> grammar mask -> repetition /
 presence / frequency penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+The penalties read each sequence's token counts from `TokenHistories` (kept between steps, grown by the new tokens).
 Sampling uses the exponential race (argmax of p / Exp(1) noise), which draws exactly from p and lets
 each seeded request use its own generator.
 """
@@ -14,12 +15,17 @@ import torch
 from engine_builder.common.types import TokenLogprob
 from engine_builder.engine.kernels import native_ops
 from engine_builder.engine.layers.sampler import SamplerOutput, SamplingRow
+from engine_builder.engine.layers.sampler.history import TokenHistories
 
 
 class CpuSampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
+        self.histories = TokenHistories(vocab_size, device)
+
+    def free(self, seq_id: int) -> None:
+        self.histories.free(seq_id)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.shape[0] == len(rows)
@@ -47,8 +53,13 @@ class CpuSampler:
         if not any(_needs_processing(row) for row in rows):
             return logits  # plain rows (the common case): nothing to change, nothing to copy
         logits = logits.clone()
-        neg_inf = float("-inf")
         _apply_bitmasks(logits, rows)
+        with self.histories.folded(rows) as slots:
+            self._apply_per_row(logits, rows, slots)
+        return logits
+
+    def _apply_per_row(self, logits: torch.Tensor, rows: list[SamplingRow], slots: dict[int, int]) -> None:
+        neg_inf = float("-inf")
         for index, row in enumerate(rows):
             params = row.params
             if params.logit_bias:
@@ -67,20 +78,16 @@ class CpuSampler:
                 if allowed.shape[0] < logits.shape[1]:
                     logits[index, allowed.shape[0] :] = neg_inf
             if params.repetition_penalty != 1.0:
-                seen = torch.tensor(
-                    sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long
-                )
+                seen = self.histories.seen[slots[index]].nonzero().squeeze(1)
                 if seen.numel():
                     values = logits[index, seen]
                     penalty = params.repetition_penalty
                     logits[index, seen] = torch.where(values > 0, values / penalty, values * penalty)
             if (params.presence_penalty or params.frequency_penalty) and row.output_token_ids:
-                ids = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
-                counts = torch.bincount(ids, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
+                counts = self.histories.counts[slots[index]].to(logits.dtype)
                 logits[index] -= params.frequency_penalty * counts + params.presence_penalty * (
                     counts > 0
                 ).to(logits.dtype)
-        return logits
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         chosen = native_ops.argmax_rows(logits)

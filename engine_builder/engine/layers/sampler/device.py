@@ -4,14 +4,17 @@ Same order and semantics as the CPU sampler: raw logprobs -> grammar bitmasks ->
 allowed tokens -> repetition / presence / frequency penalties -> greedy argmax, or temperature -> top-k -> top-p
 -> min-p -> exponential race. Common work (argmax, temperature, top-k/p, min-p, the race) is one batched op per
 step whatever the row count; sparse per-row work (biases, banned ids, penalties) is gathered into one scatter
-each. Rows with a seed draw their noise from their own device generator (the same draws whatever else is in the
-batch); the others share one batched draw. Results come back through pinned host buffers in one copy.
+each. The penalties read each sequence's token counts from `TokenHistories`, which keeps them on the device and
+adds only the tokens appended since the last step. Rows with a seed draw their noise from their own device
+generator (the same draws whatever else is in the batch); the others share one batched draw. Results come back
+through pinned host buffers in one copy.
 """
 
 import torch
 
 from engine_builder.common.types import TokenLogprob
 from engine_builder.engine.layers.sampler import SamplerOutput, SamplingRow
+from engine_builder.engine.layers.sampler.history import TokenHistories
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 NEG_INF = float("-inf")
@@ -23,6 +26,10 @@ class DeviceSampler:
         self.device = device
         self._shifts = _SHIFTS.to(device)
         self._pin = device.type == "cuda"
+        self.histories = TokenHistories(vocab_size, device)
+
+    def free(self, seq_id: int) -> None:
+        self.histories.free(seq_id)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.shape[0] == len(rows)
@@ -65,8 +72,9 @@ class DeviceSampler:
                 logits[index, : allowed.shape[0]].masked_fill_(~allowed, NEG_INF)
                 if allowed.shape[0] < vocab:
                     logits[index, allowed.shape[0] :] = NEG_INF
-        self._apply_repetition(logits, rows)
-        self._apply_presence_frequency(logits, rows)
+        with self.histories.folded(rows) as slots:
+            self._apply_repetition(logits, rows, slots)
+            self._apply_presence_frequency(logits, rows, slots)
         return logits
 
     def _apply_bitmasks(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -84,32 +92,26 @@ class DeviceSampler:
         selected = self._index(indices)
         logits[selected] = logits[selected].masked_fill(~allowed[:, :vocab], NEG_INF)
 
-    def _apply_repetition(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    def _apply_repetition(self, logits: torch.Tensor, rows: list[SamplingRow], slots: dict[int, int]) -> None:
         indices = [index for index, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
         if not indices:
             return
-        vocab = logits.shape[1]
-        seen_ids = self._padded([rows[i].prompt_token_ids + rows[i].output_token_ids for i in indices], vocab)
-        seen = torch.zeros(len(indices), vocab + 1, dtype=torch.bool, device=logits.device)
-        seen.scatter_(1, seen_ids, True)
+        seen = self.histories.seen.index_select(0, self._index([slots[i] for i in indices]))
         selected = self._index(indices)
         values = logits[selected]
         penalty = self._tensor([rows[i].params.repetition_penalty for i in indices], torch.float32).unsqueeze(1)
         penalized = torch.where(values > 0, values / penalty, values * penalty)
-        logits[selected] = torch.where(seen[:, :vocab], penalized, values)
+        logits[selected] = torch.where(seen, penalized, values)
 
-    def _apply_presence_frequency(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    def _apply_presence_frequency(self, logits: torch.Tensor, rows: list[SamplingRow], slots: dict[int, int]) -> None:
         indices = [
             index for index, row in enumerate(rows)
             if (row.params.presence_penalty or row.params.frequency_penalty) and row.output_token_ids
         ]
         if not indices:
             return
-        vocab = logits.shape[1]
-        output_ids = self._padded([rows[i].output_token_ids for i in indices], vocab)
-        counts = torch.zeros(len(indices), vocab + 1, dtype=logits.dtype, device=logits.device)
-        counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
-        counts = counts[:, :vocab]
+        counts = self.histories.counts.index_select(0, self._index([slots[i] for i in indices]))
+        counts = counts.to(logits.dtype)
         frequency = self._tensor([rows[i].params.frequency_penalty for i in indices], torch.float32).unsqueeze(1)
         presence = self._tensor([rows[i].params.presence_penalty for i in indices], torch.float32).unsqueeze(1)
         selected = self._index(indices)
@@ -190,14 +192,6 @@ class DeviceSampler:
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return self._tensor(values, torch.long)
-
-    def _padded(self, lists: list[list[int]], pad: int) -> torch.Tensor:
-        width = max(1, max(len(ids) for ids in lists))
-        table = torch.full((len(lists), width), pad, dtype=torch.long, pin_memory=self._pin)
-        for row, ids in enumerate(lists):
-            if ids:
-                table[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return table.to(self.device, non_blocking=True)
 
 
 def _needs_processing(row: SamplingRow) -> bool:
