@@ -108,3 +108,29 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
     alone = draws(False)
     assert alone == draws(True)
     assert len(set(alone)) > 1
+
+
+def test_a_batch_of_only_sampled_rows_draws_as_a_batch_with_a_greedy_row():
+    """Every row sampling skips the argmax and the gather/scatter of the logits (and every row asking for
+    logprobs their gather): the picks and logprobs are those of the gathered path, a greedy row beside them."""
+    logits = _logits(3, seed=7)
+    seeded = SamplingParams(max_tokens=1, temperature=1.0, seed=11, logprobs=2)
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    sampler = DeviceSampler(VOCAB, CPU)
+
+    def picks(beside_greedy: bool) -> list[tuple[int, float]]:
+        generators = [torch.Generator().manual_seed(11 + index) for index in range(2)]
+        out = []
+        for _ in range(10):
+            rows = [SamplingRow(seeded, generator, [1], [], (0,)) for generator in generators]
+            batch = logits[:2]
+            if beside_greedy:
+                rows.append(SamplingRow(greedy, None, [1], [], (0,)))
+                batch = logits
+            result = sampler(batch.clone(), rows)
+            out += [(result.token_ids[i], result.logprobs[i].logprob) for i in range(2)]  # type: ignore[union-attr]
+        return out
+
+    alone = picks(False)
+    assert alone == picks(True)
+    assert len({token for token, _ in alone}) > 1

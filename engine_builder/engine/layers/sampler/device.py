@@ -34,13 +34,23 @@ class DeviceSampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.shape[0] == len(rows)
         wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[self._index(wanted)], dim=-1) if wanted else None
+        raw_logprobs = torch.log_softmax(self._rows(logits, wanted), dim=-1) if wanted else None
         logits = self._process(logits, rows)
-        token_ids = logits.argmax(dim=-1)
         sampled = [index for index, row in enumerate(rows) if not row.params.is_greedy]
-        if sampled:
-            token_ids[self._index(sampled)] = self._sample(logits[self._index(sampled)], [rows[i] for i in sampled])
+        if len(sampled) == len(rows):  # every row samples: no argmax, and no gather and scatter of the logits
+            token_ids = self._sample(logits, rows)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if sampled:
+                selected = self._index(sampled)
+                token_ids[selected] = self._sample(logits[selected], [rows[i] for i in sampled])
         return self._to_host(token_ids, raw_logprobs, wanted, rows)
+
+    def _rows(self, tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """`tensor`'s rows `indices`: the tensor itself when they are all of its rows, in order."""
+        if len(indices) == tensor.shape[0]:
+            return tensor
+        return tensor[self._index(indices)]
 
     # -- processing ------------------------------------------------------------------------------------------
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -154,7 +164,7 @@ class DeviceSampler:
         results: list[torch.Tensor] = [token_ids]
         num_top = 0
         if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, token_ids[self._index(wanted)].unsqueeze(1)).squeeze(1)
+            chosen = raw_logprobs.gather(1, self._rows(token_ids, wanted).unsqueeze(1)).squeeze(1)
             results.append(chosen)
             num_top = max(rows[i].params.logprobs or 0 for i in wanted)
             if num_top:
