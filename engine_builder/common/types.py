@@ -1,6 +1,7 @@
 """Typed contracts shared by the engine core, the backends and the server (below all three). No web framework, no
 pydantic."""
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -150,6 +151,22 @@ class GenerationDelta:
     error: str | None = None
     error_param: str | None = None  # the request field that made the choice fail (a 400), where one did
     queue_time_s: float | None = None  # first delta only: arrival to first scheduled step, where the backend knows
+
+
+def merge_deltas(earlier: GenerationDelta, later: GenerationDelta) -> GenerationDelta:
+    """One choice's two consecutive deltas as one: the tokens (and their logprobs) of both, the later's end and
+    running counts, the earlier's first-delta fields (prompt logprobs, queue time)."""
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = [*(earlier.logprobs or ()), *(later.logprobs or ())]
+    return dataclasses.replace(
+        later,
+        token_ids=[*earlier.token_ids, *later.token_ids],
+        text=earlier.text + later.text,
+        logprobs=logprobs,
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+        queue_time_s=earlier.queue_time_s if earlier.queue_time_s is not None else later.queue_time_s,
+    )
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,55 @@ def test_a_request_waiting_for_its_grammar_counts_as_waiting() -> None:
         assert client.stats().num_waiting == 2
 
     asyncio.run(run())
+
+
+def test_steps_queued_behind_a_lagging_event_loop_reach_the_server_merged() -> None:
+    """When the event loop falls behind the engine, each choice's queued steps are one delta (one detokenization,
+    one event, one write each, as vLLM merges a lagging consumer's outputs): tokens, logprobs and counts in order,
+    the first step's prompt logprobs and queue time, the last step's end; an error queued behind them is raised
+    after them."""
+    import asyncio
+
+    from engine_builder.common.types import (
+        FinishReason,
+        GenerationDelta,
+        GenerationRequest,
+        PreparedRequest,
+        SamplingParams,
+        TokenLogprob,
+    )
+
+    def step(index: int, token: int, produced: int, **extra: object) -> GenerationDelta:
+        return GenerationDelta("r", index, [token], "", logprobs=[TokenLogprob(token, -0.5)], num_prompt_tokens=2,
+                               num_output_tokens=produced, **extra)  # type: ignore[arg-type]
+
+    async def run(items: list[object]) -> tuple[list[GenerationDelta], BaseException | None]:
+        client = TorchEngineClient(EngineConfig(model_dir=Path(".")), "m", (0,), "LlamaForCausalLM")
+        request = GenerationRequest("r", (1, 2), SamplingParams(max_tokens=3, n=2, temperature=1.0))
+        stream = client.generate(PreparedRequest(request, None))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # registered, waiting for the engine's first step
+        for item in items:
+            client._streams["r"].outputs.put_nowait(item)
+        received, error = [await first], None
+        try:
+            async for delta in stream:
+                received.append(delta)
+        except RuntimeError as raised:
+            error = raised
+        return received, error
+
+    steps: list[object] = [
+        [step(0, 10, 1, queue_time_s=0.25, prompt_logprobs=[None, None]), step(1, 20, 1)],
+        [step(0, 11, 2), step(1, 21, 2, finish_reason=FinishReason.STOP)],
+        [step(0, 12, 3, finish_reason=FinishReason.LENGTH)],
+    ]
+    received, error = asyncio.run(run(steps))
+    assert error is None and [d.index for d in received] == [0, 1]
+    first, second = received
+    assert (first.token_ids, first.num_output_tokens, first.finish_reason) == ([10, 11, 12], 3, FinishReason.LENGTH)
+    assert [lp.token_id for lp in first.logprobs or []] == [10, 11, 12]
+    assert (first.queue_time_s, first.prompt_logprobs) == (0.25, [None, None])
+    assert (second.token_ids, second.finish_reason) == ([20, 21], FinishReason.STOP)
+    received, error = asyncio.run(run([steps[0], RuntimeError("engine loop crashed")]))
+    assert [d.token_ids for d in received] == [[10], [20]] and str(error) == "engine loop crashed"

@@ -23,6 +23,7 @@ from engine_builder.common.types import (
     GenerationRequest,
     ModelInfo,
     PreparedRequest,
+    merge_deltas,
 )
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.engine import LLMEngine
@@ -62,6 +63,27 @@ class _Stream:
     request: GenerationRequest
     outputs: asyncio.Queue
     ended: set[int] = field(default_factory=set)  # choices finished by the engine or by `finish_choice`
+
+
+def _merged_with_queued(
+    outputs: list[GenerationDelta], queue: asyncio.Queue
+) -> tuple[list[GenerationDelta], BaseException | None]:
+    """This step's outputs, each choice's merged with those of the later steps already queued behind it, and the
+    error found queued after them (to raise once they are passed on). Queued steps mean the event loop fell behind
+    the engine: one delta per choice for them all costs one detokenization, one event and one socket write where
+    each step cost its own, so a loop under load catches up rather than falling further behind (vLLM merges a
+    lagging consumer's outputs likewise)."""
+    merged: dict[int, GenerationDelta] | None = None
+    while not queue.empty():
+        item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            return (list(merged.values()) if merged is not None else outputs), item
+        if merged is None:
+            merged = {output.index: output for output in outputs}
+        for output in item:
+            earlier = merged.get(output.index)
+            merged[output.index] = output if earlier is None else merge_deltas(earlier, output)
+    return (list(merged.values()) if merged is not None else outputs), None
 
 
 class TorchEngineClient:
@@ -214,12 +236,15 @@ class TorchEngineClient:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                for output in item:
+                outputs, error = _merged_with_queued(item, stream.outputs)
+                for output in outputs:
                     if output.index in stream.ended:
                         continue
                     if output.finish_reason is not None:
                         stream.ended.add(output.index)
-                    yield output  # the engine handed this output over: passed on, not copied
+                    yield output
+                if error is not None and len(stream.ended) < num_choices:
+                    raise error
         finally:
             self._streams.pop(request.request_id, None)
             if len(stream.ended) < num_choices:
