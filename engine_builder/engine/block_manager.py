@@ -102,6 +102,7 @@ class BlockManager:
                 self._free.remove(block_id)
             block.ref_count += 1
         seq.block_table = list(matched)
+        seq.block_table_version += 1
         seq.num_computed_tokens = len(matched) * self.block_size
         seq.num_hashed_blocks = len(matched)
         seq.last_block_hash = self._blocks[matched[-1]].hash if matched else seq.prefix_salt
@@ -147,6 +148,7 @@ class BlockManager:
                 else:
                     self._free.append(block_id)
         seq.block_table = []
+        seq.block_table_version += 1
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
         seq.last_block_hash = seq.prefix_salt
@@ -154,6 +156,7 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Share the parent's blocks with a new choice; a partly filled last block is copied (returned as src, dst)."""
         child.block_table = list(parent.block_table)
+        child.block_table_version += 1
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_hashed_blocks = parent.num_hashed_blocks
         child.last_block_hash = parent.last_block_hash

@@ -26,6 +26,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    # Bumped by the block manager on any change to block_table but an append: staged copies of the table
+    # (the step buffers') are reused only while it is unchanged (layers/attention/block_tables.py)
+    block_table_version: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache

@@ -97,3 +97,19 @@ def test_fork_copies_only_the_partial_last_block() -> None:
     manager.free(parent)
     manager.free(child)
     assert manager.num_free_blocks == 7
+
+
+def test_every_change_to_a_block_table_but_an_append_bumps_its_version() -> None:
+    """The step buffers reuse a staged table while its version holds (layers/attention/block_tables.py)."""
+    manager = BlockManager(num_blocks=16, block_size=4)
+    parent = _seq(0, list(range(6)))
+    manager.allocate_prompt(parent, manager.match_prefix(parent))
+    admitted = parent.block_table_version
+    assert admitted > 0
+    _compute(manager, parent)  # appends only
+    assert parent.block_table_version == admitted
+    child = _seq(1, list(range(6)))
+    assert manager.fork(parent, child) is not None  # the partly filled last block is copied
+    assert child.block_table_version > 0 and parent.block_table_version == admitted
+    manager.free(parent)
+    assert parent.block_table_version > admitted

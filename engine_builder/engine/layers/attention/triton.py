@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine_builder.engine.kv_cache import PagedKVCache
+from engine_builder.engine.layers.attention.block_tables import StagedBlockTables
 from engine_builder.engine.step_rows import StepRows, context_slots, draft_mask
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class TritonStepBuffers:
         self.seq_lens, self._seq_lens, self.device_seq_lens = pair((max_seqs,), torch.int32)
         self.block_tables, self._block_tables, self.device_block_tables = pair((max_seqs, max_pages), torch.int32)
         self.query_start, self._query_start, self.device_query_start = pair((max_seqs + 1,), torch.int32)
+        self.staged_tables = StagedBlockTables(self._block_tables)
         # Set after each step's copies: the next step waits on it before writing the pinned buffers again, so
         # a copy still queued behind a forward pass never reads the following step's values.
         self._copied = torch.cuda.Event() if pin else None
@@ -188,15 +190,15 @@ class TritonStepBuffers:
         self._input_ids[:num_rows] = rows.input_ids
         self._positions[:num_rows] = rows.positions
         self._slot_mapping[:num_rows] = rows.slot_mapping
-        tables = self._block_tables
+        tables = self.staged_tables
+        tables.start_step()
         lengths = self._seq_lens
         page = self.page_size
         max_context = 1
         for row, index in enumerate(rows.decodes):
             seq = scheduled[index].seq
             length = seq.num_computed_tokens + 1
-            pages = -(-length // page)
-            tables[row, :pages] = seq.block_table[:pages]
+            tables.stage(row, seq, -(-length // page))
             lengths[row] = length
             max_context = max(max_context, length)
         num_seqs = num_decodes
@@ -205,7 +207,7 @@ class TritonStepBuffers:
             self._positions[num_rows:pad_to] = 0
             self._slot_mapping[num_rows:pad_to] = PADDING_SLOT
             lengths[num_decodes:pad_to] = 1
-            tables[num_decodes:pad_to, 0] = 0
+            tables.pad(num_decodes, pad_to)
             num_seqs = pad_to
         starts = self._query_start
         starts[num_seqs] = 0
@@ -215,9 +217,8 @@ class TritonStepBuffers:
             item = scheduled[index]
             seq = item.seq
             length = seq.num_computed_tokens + item.num_new_tokens
-            pages = -(-length // page)
             row = num_seqs + offset
-            tables[row, :pages] = seq.block_table[:pages]
+            tables.stage(row, seq, -(-length // page))
             lengths[row] = length
             extend_rows += item.num_new_tokens
             max_extend = max(max_extend, item.num_new_tokens)
