@@ -3,13 +3,19 @@
 import json
 from pathlib import Path
 
-# (marker in the chat template, parser name), checked in order
-_TEMPLATE_MARKERS = (
-    ("<tool_call>", "hermes"),
-    ("[TOOL_CALLS]", "mistral"),
-    ("<|python_tag|>", "llama3_json"),
-    ("<|tool▁calls▁begin|>", "deepseek_v3"),
-    ("<function=", "qwen3_coder"),
+from engine_builder.common.types import TOOL_CALL_FORMATS
+
+# (strings the chat template holds, all of them; the format's parser name, None: a format no parser reads),
+# checked in order, the most specific first: Qwen3-Coder's XML calls sit inside `<tool_call>` tags too
+# (`<tool_call>\n<function=NAME>\n<parameter=P>`), so `<tool_call>` alone is Hermes only once they are ruled out.
+_TEMPLATE_MARKERS: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (("<function=", "<parameter="), "qwen3_coder"),
+    # DeepSeek-V3.x: `<｜tool▁calls▁begin｜>` (fullwidth bars; matched without them), a format no parser reads:
+    # tool_choice auto gets its 400, required / named tools still work (a grammar forces the calls)
+    (("tool▁calls▁begin",), None),
+    (("[TOOL_CALLS]",), "mistral"),
+    (("<|python_tag|>",), "llama3_json"),
+    (("<tool_call>",), "hermes"),
 )
 
 
@@ -27,12 +33,15 @@ def chat_template_of(model_dir: Path) -> str | None:
 
 
 def detect_tool_parser(model_dir: Path, architecture: str) -> str | None:
+    """The tool-call format to record for the checkpoint (one of `TOOL_CALL_FORMATS`), None when its template takes no
+    tools or calls in a format no parser reads."""
     template = chat_template_of(model_dir) or ""
     if "tools" not in template:
         return None
-    for marker, name in _TEMPLATE_MARKERS:
-        if marker in template:
-            return name
-    if architecture.startswith("Llama"):
-        return "llama3_json"
-    return "hermes"
+    name: str | None = "llama3_json" if architecture.startswith("Llama") else "hermes"
+    for markers, family in _TEMPLATE_MARKERS:
+        if all(marker in template for marker in markers):
+            name = family
+            break
+    assert name is None or name in TOOL_CALL_FORMATS, f"tool-call format {name!r} has no parser"
+    return name

@@ -222,6 +222,12 @@ class EngineStats:
         return 1.0 + self.num_lookahead_accepted_tokens / self.num_lookahead_drafts
 
 
+# The tool-call formats an engine manifest may record (`Manifest.tool_parser`): the build detects one of these and
+# the server's parser registry (`serve.decoding.tool_calls`) has a parser for each (tested), so a recorded name
+# always serves.
+TOOL_CALL_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_coder")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the server needs to know about the served model."""

@@ -49,6 +49,7 @@ class Origins:
 
     messages: list[str] = field(default_factory=list)
     calls: dict[int, list[str]] = field(default_factory=dict)
+    call_item_ids: dict[int, list[str | None]] = field(default_factory=dict)  # the function_call items' ids
     reasoning: dict[int, str] = field(default_factory=dict)
     outputs: set[int] = field(default_factory=set)
 
@@ -81,8 +82,9 @@ def rename(error: APIError, origins: Origins) -> APIError:
     if advice is not None:
         error.message = advice
     else:
-        error.message = _MESSAGE_IN_TEXT.sub(lambda found: _item_path(int(found[1] or found[2]), found[3], origins),
-                                             error.message)
+        error.message = _MESSAGE_IN_TEXT.sub(
+            lambda found: _item_path(int(found[1] or found[2]), found[3], origins, in_text=True), error.message
+        )
         for pattern, replacement in _CHAT_FIELDS_IN_TEXT:
             error.message = pattern.sub(replacement, error.message)
     error.param = responses_param(error.param, origins)
@@ -114,9 +116,10 @@ _CALL = re.compile(r"^\.tool_calls(?:\[(\d+)\]|\.(\d+))?(.*)$")
 _CALL_FIELDS = {".function.arguments": ".arguments", ".function.name": ".name", ".function": "", ".id": ".call_id"}
 
 
-def _item_path(index: int, rest: str, origins: Origins) -> str:
+def _item_path(index: int, rest: str, origins: Origins, in_text: bool = False) -> str:
     """Chat's `messages[index]<rest>` as the Responses field it came from. A stored response's items are named by
-    `previous_response_id` alone (they are not in the request); `instructions` is a string."""
+    `previous_response_id` alone (they are not in the request), in a message with the stored call's item id
+    (`in_text`); `instructions` is a string."""
     if index >= len(origins.messages):
         return "input"
     source = origins.messages[index]
@@ -124,8 +127,13 @@ def _item_path(index: int, rest: str, origins: Origins) -> str:
     if call is not None:  # a call of an assistant turn: the function_call item it came from
         calls = origins.calls.get(index) or [source]
         number = call[1] or call[2]
-        source = calls[int(number)] if number is not None and int(number) < len(calls) else calls[0]
+        position = int(number) if number is not None and int(number) < len(calls) else 0
+        source = calls[position]
         rest = _CALL_FIELDS.get(call[3], call[3]) if number is not None else ""
+        item_ids = origins.call_item_ids.get(index) or []
+        item_id = item_ids[position] if position < len(item_ids) else None
+        if in_text and source == "previous_response_id" and item_id is not None:
+            return f"the stored function_call {item_id!r}{rest} (from previous_response_id)"
     elif rest == ".reasoning_content" and index in origins.reasoning:
         source, rest = origins.reasoning[index], ".content"
     elif index in origins.outputs:
@@ -412,6 +420,7 @@ class ConversationBuilder:
             function = {"name": item["name"], "arguments": item["arguments"]}
             last.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": function})
             self.origins.calls.setdefault(len(self.messages) - 1, []).append(source)
+            self.origins.call_item_ids.setdefault(len(self.messages) - 1, []).append(item.get("id"))
         elif kind == "function_call_output":
             cut = self.cut_calls.get(item["call_id"])
             if cut is not None:

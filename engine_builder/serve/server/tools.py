@@ -48,7 +48,13 @@ def new_call_id(length: int) -> str:
 
 class ToolCallOutput(ChoiceOutput):
     """One choice's text parsed as it grows (`ToolCallStream`: settled calls and content are not parsed again);
-    what changed since the last delta is streamed."""
+    what changed since the last delta is streamed.
+
+    Where no grammar holds the calls to JSON (tool_choice auto, no strict tool), a call is streamed only once it has
+    ended, its header and whole arguments together: one whose arguments turn out not to be JSON becomes content
+    (`ParsedCall`), and a call already streamed could not be taken back. Grammar-held calls (strict tools, forced
+    choices) stream their arguments as they grow. At the end of the reply every call left is sent (one cut short
+    by max_tokens too), as the whole answer lists them."""
 
     def __init__(self, parser: ToolParser, parallel: bool, id_length: int | None = None) -> None:
         super().__init__()
@@ -60,6 +66,8 @@ class ToolCallOutput(ChoiceOutput):
         self.sent_content = 0
         self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
         self.num_done = 0  # calls settled and sent in full: never looked at again
+        self.num_begun = 0  # calls the parser had begun reading before the latest text
+        self.holds_calls = parser.writes_content and not parser.only_marked  # calls not held to JSON by a grammar
 
     @property
     def calls_tools(self) -> bool:
@@ -77,16 +85,19 @@ class ToolCallOutput(ChoiceOutput):
         deltas: list[dict[str, Any]] = []
         calls = self._calls()
         num_settled = len(self.stream.settled_calls)
+        num_begun, self.num_begun = min(self.num_begun, len(calls)), len(calls)
+        if self.holds_calls and not final:  # only ended calls go out, in order
+            calls = calls[: next((index for index, call in enumerate(calls) if not call.complete), len(calls))]
         # The rest of a call already begun comes before any new text: that text follows the call (text before it
         # went out before it began). Text first opened a message item in the Responses stream, which closed the
         # call's item before its last arguments (probe AI: a stream failed where the whole answer completed).
-        announced = min(len(self.sent_calls), len(calls))
-        deltas += self._call_deltas(calls, range(self.num_done, announced), num_settled)
+        begun = min(num_begun, len(calls))
+        deltas += self._call_deltas(calls, range(self.num_done, begun), num_settled)
         shows_content = self.parser.writes_content and _shows_content(self.stream, final)
         if shows_content and self.stream.content_length > self.sent_content:
             deltas.append({"content": self.stream.content_from(self.sent_content)})
             self.sent_content = self.stream.content_length
-        deltas += self._call_deltas(calls, range(max(announced, self.num_done), len(calls)), num_settled)
+        deltas += self._call_deltas(calls, range(max(begun, self.num_done), len(calls)), num_settled)
         return deltas
 
     def _call_deltas(self, calls: list[Any], indices: range, num_settled: int) -> list[dict[str, Any]]:

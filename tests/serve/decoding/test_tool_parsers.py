@@ -248,9 +248,52 @@ def test_the_rest_of_a_begun_call_goes_out_before_the_text_after_it() -> None:
     output = ToolCallOutput(tool_parser("hermes", TOOLS), parallel=True)
     output.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1', final=False)
     deltas = output.feed(', "b": 2}}\n</tool_call>\nI called the tool.', final=True)
-    kinds = ["arguments" if "tool_calls" in delta else "content" for delta in deltas]
-    assert kinds == ["arguments", "content"], deltas
-    assert json.loads('{"a": 1' + deltas[0]["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    kinds = ["call" if "tool_calls" in delta else "content" for delta in deltas]
+    assert kinds == ["call", "call", "content"], deltas
+    arguments = "".join(delta["tool_calls"][0]["function"]["arguments"] for delta in deltas[:2])
+    assert json.loads(arguments) == {"a": 1, "b": 2}
+
+
+# A call the model ended (its closing tag, the end of its object) whose arguments are not JSON is text, as vLLM reads
+# it, streamed and whole alike: a client handed it as a call could not send it back (probe EB #2)
+MALFORMED = [
+    ("hermes", 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",}}\n</tool_call>'),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'),
+    ("hermes", '{"name": "get_weather", "arguments": {"city": "Paris",}}'),
+    ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris",}}\n```'),
+    ("llama3_json", 'Checking.<|python_tag|>{"name": "get_weather", "parameters": {"city": Paris}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris",}}]'),
+]
+
+
+@pytest.mark.parametrize(("family", "text"), MALFORMED)
+@pytest.mark.parametrize("pieces", [[10**6], [1], [3, 1, 7]])
+def test_an_ended_call_whose_arguments_are_not_json_is_content(family: str, text: str, pieces: list[int]) -> None:
+    content, calls = _stream(family, text, pieces)
+    assert content == text and not calls
+    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+    output.feed(text, final=True)
+    assert output.result(None, None).finish_reason == "stop"
+
+
+def test_a_call_without_a_grammar_goes_out_once_it_has_ended() -> None:
+    """The stream cannot take a call back, so one that may still turn out to be text is not announced yet."""
+    output = ToolCallOutput(tool_parser("hermes", TOOLS), parallel=True)
+    assert output.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1', final=False) == []
+    deltas = output.feed('}}\n</tool_call>', final=False)
+    assert [delta["tool_calls"][0]["function"] for delta in deltas] == [{"name": "add", "arguments": ""}, {"arguments": '{"a": 1}'}]
+
+
+def test_a_grammar_held_call_streams_its_arguments_as_they_grow() -> None:
+    output = ToolCallOutput(tool_parser("hermes", TOOLS, only_marked=True), parallel=True)
+    deltas = output.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1', final=False)
+    assert [delta["tool_calls"][0]["function"] for delta in deltas] == [{"name": "add", "arguments": ""}, {"arguments": '{"a": 1'}]
+
+
+def test_a_qwen3_coder_call_closed_without_its_function_end_has_json_arguments() -> None:
+    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</tool_call>"
+    [call] = tool_parser("qwen3_coder", TOOLS).parse(text, final=True).calls
+    assert call.complete and json.loads(call.arguments) == {"city": "Paris"}
 
 
 def test_a_closing_tag_inside_an_argument_value_does_not_end_the_call() -> None:

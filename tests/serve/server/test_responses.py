@@ -371,6 +371,27 @@ def test_a_call_cut_by_max_output_tokens_is_left_out_of_the_next_turn(arguments:
     assert [m.role for m in chained.messages] == ["user", "assistant", "tool"]
 
 
+def test_a_stored_call_whose_arguments_are_not_json_is_named_by_its_item() -> None:
+    """Probe EB #2: the refusal said `previous_response_id is not valid JSON.`; it names the stored item whose
+    arguments are not JSON (the field stays previous_response_id, the one in the request)."""
+    from engine_builder.serve.server.chat_template import to_template_message
+
+    store = ResponseStore()
+    call = {"type": "function_call", "id": "fc_bad", "status": "completed", "call_id": "call_bad",
+            "name": "get_weather", "arguments": '{"city": "Paris",}'}
+    _stored(store, "resp_bad", [call])
+    output = {"type": "function_call_output", "call_id": "call_bad", "output": "sunny"}
+    translation = translate(ResponsesRequest.model_validate(
+        {"previous_response_id": "resp_bad", "input": [output], "tools": [WEATHER]}
+    ), store)
+    with pytest.raises(APIError) as refused:
+        for index, message in enumerate(translation.chat.messages):
+            to_template_message(message, index)
+    error = translation.rename(refused.value)
+    assert error.param == "previous_response_id"
+    assert error.message == "the stored function_call 'fc_bad'.arguments (from previous_response_id) is not valid JSON."
+
+
 def test_an_item_id_already_in_the_conversation_is_refused() -> None:
     """Probe AX: an earlier output sent again beside its previous_response_id (or two items with one id) was
     accepted: the prompt repeated the turn, and the input item list's cursor (`after` an id held twice) never

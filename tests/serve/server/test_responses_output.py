@@ -216,3 +216,38 @@ def test_an_empty_reply_is_an_empty_message_whole_and_streamed(thinking: Served)
     thinking.say("")
     for response in thinking.both():
         assert items(response) == [("message", "completed", "")]
+
+
+MALFORMED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",}}\n</tool_call>'
+
+
+def test_a_call_whose_arguments_are_not_json_is_text_and_the_conversation_goes_on(qwen: Served) -> None:
+    """Probe EB #2: a closed call with a trailing comma came back as a call (finish_reason tool_calls), and sending
+    it back, as every agent loop does, was a 400 (chat), or named previous_response_id (Responses): the
+    conversation could not go on. It is text, as vLLM reads it, whole and streamed."""
+    qwen.say(MALFORMED_CALL)
+    chat_tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["parameters"]}}]
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    body = {"model": "m", "messages": messages, "tools": chat_tools}
+    choice = qwen.client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and not choice["message"]["tool_calls"]
+    assert choice["message"]["content"] == MALFORMED_CALL
+    with qwen.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert not any(delta.get("tool_calls") for delta in deltas)
+    assert "".join(delta.get("content") or "" for delta in deltas) == MALFORMED_CALL
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    qwen.say("Which city?")
+    answered = qwen.client.post("/v1/chat/completions", json={**body, "messages": [*messages, choice["message"]]})
+    assert answered.status_code == 200, answered.text
+
+    qwen.say(MALFORMED_CALL)
+    for response in qwen.both(tools=[WEATHER]):
+        assert items(response) == [("message", "completed", MALFORMED_CALL)]
+        qwen.say("Which city?")
+        answered = qwen.client.post("/v1/responses", json={
+            "model": "m", "tools": [WEATHER], "previous_response_id": response["id"], "input": "Paris, France.",
+        })
+        assert answered.status_code == 200, answered.text
+        qwen.say(MALFORMED_CALL)

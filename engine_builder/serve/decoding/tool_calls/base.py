@@ -20,9 +20,22 @@ from engine_builder.serve.decoding.structured.schema_audit import DATA_KEYWORDS
 
 @dataclass
 class ParsedCall:
+    """A call read from the reply. A call the model ended (its closing tag, or the end of its JSON object) whose
+    arguments are not JSON is no call: parsers leave its text as content (as vLLM does), so a reply never hands the
+    client a call it cannot send back. Until it ends, a call may still turn out to be text."""
+
     name: str
     arguments: str  # raw JSON text of the arguments (a prefix of it while the call is still being generated)
     complete: bool = False
+
+
+def is_json(text: str) -> bool:
+    """Whether `text` is one JSON value (a call's arguments, once the call has ended)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 ParseFunction = Callable[[str, bool], "ParseResult"]

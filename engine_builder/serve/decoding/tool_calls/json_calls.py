@@ -14,6 +14,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     ToolParser,
     call_schema,
     held_back,
+    is_json,
     parse_json_call,
 )
 
@@ -56,9 +57,10 @@ def _bare_objects(
             if complete or final:
                 return _after(calls, text, position, final, rest, resume) if found else None
             return ParseResult("", calls, resume)  # the name is not known yet: hold everything back
-        if not parser.is_offered(name):  # plain text
+        arguments = arguments or ("{}" if complete else "")
+        if not parser.is_offered(name) or (complete and not is_json(arguments)):  # plain text
             return _after(calls, text, position, final, rest, resume) if found else None
-        calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), complete))
+        calls.append(ParsedCall(name, arguments, complete))
         if not complete:
             return ParseResult("", calls, resume)
         position += end
@@ -272,8 +274,10 @@ class HermesParser(ToolParser):
             inner_end = close if closed else len(text) - (0 if final else held_back(text, (self.CLOSE,)))
             inner = text[inner_start:inner_end]
             name, arguments, complete, _ = parse_json_call(inner)
-            if name is not None and self.is_offered(name):
-                calls.append(ParsedCall(name, arguments or ("{}" if complete else ""), closed or (final and complete)))
+            arguments = arguments or ("{}" if complete else "")
+            ended = closed or (final and complete)
+            if name is not None and self.is_offered(name) and not (ended and not is_json(arguments)):
+                calls.append(ParsedCall(name, arguments, ended))
             elif closed or final:
                 content += text[start : (close + len(self.CLOSE)) if closed else len(text)]
             if not closed:

@@ -64,7 +64,7 @@ class Qwen3CoderParser(ToolParser):
             arguments = "{" + ", ".join(
                 f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}" for key, value in values
             )
-            if function_closed:
+            if function_closed or closed:  # a call closed without its </function> ends there too: JSON either way
                 arguments += "}"
             calls.append(ParsedCall(name, arguments, closed or (final and function_closed)))
         return ParseResult(content, calls, resume)
