@@ -20,6 +20,20 @@ class TextDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._anchor = _anchor_token(tokenizer)
+        self._special_ids: frozenset[int] | None = None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The tokens `skip_special_tokens` leaves out of the text."""
+        if self._special_ids is None:
+            added = self.tokenizer.get_added_tokens_decoder()
+            self._special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
+        return self._special_ids
+
+    def special_token_ids(self, texts: tuple[str, ...]) -> frozenset[int]:
+        """The ids of those of `texts` that are one special token each (the others are text already)."""
+        ids = (self.tokenizer.token_to_id(text) for text in texts)
+        return frozenset(token_id for token_id in ids if token_id is not None and token_id in self.special_ids)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> "TextDecoder":
@@ -41,17 +55,23 @@ class TextDecoder:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def start(
-        self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool
-    ) -> "IncrementalDetokenizer":
-        return IncrementalDetokenizer(self, list(prompt_token_ids), skip_special_tokens)
+        self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool,
+        kept_special_ids: frozenset[int] = frozenset(),
+    ) -> "IncrementalDetokenizer":  # fmt: skip
+        return IncrementalDetokenizer(self, list(prompt_token_ids), skip_special_tokens, kept_special_ids)
 
 
 class IncrementalDetokenizer:
-    """Per-choice state."""
+    """Per-choice state. `kept_special_ids`: special tokens decoded into the text although `skip_special_tokens`
+    leaves out the others (a tool-call marker the parser reads)."""
 
-    def __init__(self, decoder: TextDecoder, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
+    def __init__(
+        self, decoder: TextDecoder, prompt_token_ids: list[int], skip_special_tokens: bool,
+        kept_special_ids: frozenset[int] = frozenset(),
+    ) -> None:  # fmt: skip
         self.decoder = decoder
         self.skip_special_tokens = skip_special_tokens
+        self.kept_special_ids = kept_special_ids if skip_special_tokens else frozenset()
         context = prompt_token_ids[-PROMPT_CONTEXT:]
         self.token_ids = list(context)
         self.prefix_offset = 0
@@ -60,9 +80,9 @@ class IncrementalDetokenizer:
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens, return the newly completed text (possibly empty)."""
         self.token_ids.extend(new_token_ids)
-        decode = self.decoder.decode
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full_text = decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
+        decode = self._decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = decode(self.token_ids[self.prefix_offset :])
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
             return ""
         new_text = full_text[len(prefix_text) :]
@@ -70,13 +90,19 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         return new_text
 
+    def _decode(self, token_ids: list[int]) -> str:
+        if not self.kept_special_ids:
+            return self.decoder.decode(token_ids, self.skip_special_tokens)
+        skipped = self.decoder.special_ids - self.kept_special_ids
+        return self.decoder.decode([token for token in token_ids if token not in skipped], skip_special_tokens=False)
+
     def flush(self) -> str:
         """Text held back at the end of generation (an incomplete character is emitted as U+FFFD)."""
         if self.read_offset >= len(self.token_ids):
             return ""
-        decode = self.decoder.decode
-        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        full_text = decode(self.token_ids[self.prefix_offset :], self.skip_special_tokens)
+        decode = self._decode
+        prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = decode(self.token_ids[self.prefix_offset :])
         self.read_offset = len(self.token_ids)
         return full_text[len(prefix_text) :]
 

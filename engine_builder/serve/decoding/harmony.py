@@ -12,7 +12,7 @@ header, never content, so a header cut short and stray text around messages are 
 any marker (the model ignored the format) is content, released at the end. `prompt_end` reads where the prompt
 leaves the reply (a header, usually; a message's body when the prompt opened one), which both the parser and the
 grammar gate start from. `HarmonyTokenCounter` counts the reasoning's tokens by their ids. `forced_call_tag` is the
-grammar of a forced call in the model's own call format.
+grammar of a forced call in the model's own call format, `marked_call_tag` that of strict tools' calls in auto mode.
 """
 
 import re
@@ -225,11 +225,26 @@ def forced_call_tag(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
     `to=functions.`, then allows only a call of a function in `arguments` (name -> schema of its arguments), in
     either place harmony puts the recipient, with JSON arguments; the reply can end only after that call (`<|call|>`,
     a stop token, is allowed once the grammar has ended)."""
+    free = {"type": "any_text", "excludes": [_FUNCTIONS]}
+    calls = {"type": "or", "elements": _call_tags(arguments)}
+    return {"type": "structural_tag", "format": {"type": "sequence", "elements": [free, calls]}}
+
+
+def marked_call_tag(arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """tool_choice auto with a `strict` tool: the reply stays free (it may end without a call), and each call the
+    model addresses (`to=functions.`, the start of every harmony call) is held to a function in `arguments` with
+    JSON arguments of its schema, as `forced_call_tag` holds one; one call when not `parallel`."""
+    tags = {"type": "triggered_tags", "triggers": [_FUNCTIONS], "tags": _call_tags(arguments), "stop_after_first": not parallel}
+    return {"type": "structural_tag", "format": tags}
+
+
+def _call_tags(arguments: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A call of each function in `arguments`, from its recipient to the end of its JSON arguments."""
     header_rest = {  # `<|channel|>commentary to=functions.f <|constrain|>json<|message|>`, or after the role:
         "type": "regex",  # `<|start|>assistant to=functions.f<|channel|>commentary json<|message|>`
         "pattern": r"(<\|channel\|>[a-z]+)?( ?<\|constrain\|>json| json)?<\|message\|>",
     }
-    calls = [
+    return [
         {
             "type": "tag",
             "begin": f"{_FUNCTIONS}{name}",
@@ -238,5 +253,3 @@ def forced_call_tag(arguments: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         for name, schema in arguments.items()
     ]
-    free = {"type": "any_text", "excludes": [_FUNCTIONS]}
-    return {"type": "structural_tag", "format": {"type": "sequence", "elements": [free, {"type": "or", "elements": calls}]}}

@@ -103,12 +103,15 @@ class Run:
         params: SamplingParams,
         model: str | None = None,
         score_only: bool = False,
+        kept_special_ids: frozenset[int] = frozenset(),
     ) -> None:
         """`model` is the request's OpenAI `model` field: a LoRA adapter's name selects that adapter. `score_only`:
         the prompt is only scored (`echo` with `max_tokens: 0`): the one token the engine runs for it is dropped
-        here, from the reply, the usage and the metrics alike."""
+        here, from the reply, the usage and the metrics alike. `kept_special_ids`: special tokens kept in the text
+        although `skip_special_tokens` drops the others (the call markers a tool parser reads)."""
         self.state = state
         self.score_only = score_only
+        self.kept_special_ids = kept_special_ids
         adapter = state.settings.adapter_for(model)
         self.request = GenerationRequest(request_id, tuple(prompt_token_ids), params, time.monotonic(), adapter)
         # what the response's `model` says served the request: the adapter, or the base model's served name
@@ -177,7 +180,7 @@ class Run:
         metrics = self.state.metrics
         name = metrics.model_name
         engine = self.state.generation()
-        text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids)
+        text = RequestText(self.state.engine_decoder(), self.request, engine.model_info.eos_token_ids, self.kept_special_ids)
         finished: list[GenerationDelta] = []
         abandoned = False  # the client went away, or the code reading the deltas closed them, failing
         failed = False  # the engine failed the request, or the drain ended it

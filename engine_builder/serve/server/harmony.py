@@ -159,12 +159,14 @@ def with_harmony(
         check_schema_size(tag, "tools")
         forced = HarmonyProcessor(fmt, OutputProcessor(), frozenset(names), processor.parallel, start)
         return forced, Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools")
-    if guide is not None and start.in_final:  # the prompt opened the final channel: the answer has begun
-        guide = dataclasses.replace(guide, after_reasoning=None)
-    elif guide is not None:  # constrain the final channel only, after the analysis; a call may still end the reply
+    # a response format holds the answer alone; strict tools' calls (auto mode) are held wherever they begin
+    answer_guide = guide if guide is not None and guide.kind is not GuideKind.TOOL_CALLS else None
+    if answer_guide is not None and start.in_final:  # the prompt opened the final channel: the answer has begun
+        guide = dataclasses.replace(answer_guide, after_reasoning=None)
+    elif answer_guide is not None:  # constrain the final channel only, after the analysis; a call may still end the reply
         in_header = not start.in_body and is_final_header(start.header)
         headers = MessageHeaders(fmt.message_id, fmt.header_start_ids, start.in_body, in_header)
         free_stops = (fmt.call_id,) if offered else ()
         prefix = ReasoningPrefix(fmt.channel_id, fmt.final_ids, True, headers, free_stops)
-        guide = dataclasses.replace(guide, after_reasoning=prefix)
+        guide = dataclasses.replace(answer_guide, after_reasoning=prefix)
     return HarmonyProcessor(fmt, processor, offered, parallel, start), guide

@@ -63,6 +63,11 @@ class OutputProcessor:
     def start(self, index: int) -> ChoiceOutput:
         return ChoiceOutput()
 
+    def read_markers(self) -> tuple[str, ...]:
+        """Markup the output reads (a tool-call marker): where the tokenizer makes one a special token, it is kept in
+        the text that `skip_special_tokens` strips of the others."""
+        return ()
+
 
 def stopped_by_token(finish_reason: FinishReason | None, stop_reason: int | str | None) -> bool:
     """The reply's last token is EOS or a stop token id, which has no text (not a stop string, not the length)."""
@@ -144,6 +149,9 @@ class ReasoningProcessor(OutputProcessor):
     def start(self, index: int) -> ChoiceOutput:
         return ReasoningOutput(self.fmt, self.start_phase, self.inner.start(index), self.token_text)
 
+    def read_markers(self) -> tuple[str, ...]:
+        return self.inner.read_markers()
+
 
 class ReasoningOmittedOutput(ChoiceOutput):
     """`include_reasoning: false` (vLLM's field): the reasoning is read and counted, but not sent."""
@@ -166,6 +174,9 @@ class ReasoningOmitted(OutputProcessor):
 
     def start(self, index: int) -> ChoiceOutput:
         return ReasoningOmittedOutput(self.inner.start(index))
+
+    def read_markers(self) -> tuple[str, ...]:
+        return self.inner.read_markers()
 
 
 def with_reasoning(

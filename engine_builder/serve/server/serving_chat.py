@@ -102,14 +102,18 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id:
         body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide,
         max_tokens_default=requested is None,
     )  # fmt: skip
+    kept_special_ids: frozenset[int] = frozenset()
     if state.harmony is not None:  # the harmony output reads the channel markers, special tokens all
         params = dataclasses.replace(params, skip_special_tokens=False)
+    elif params.skip_special_tokens:  # a tool parser's call marker that is a special token: kept for it alone
+        kept_special_ids = state.engine_decoder().special_token_ids(processor.read_markers())
     echo_text = ""
     if body.echo and body.messages[-1].role == "assistant":
         from engine_builder.serve.server.chat_template import message_text
 
         echo_text = message_text(body.messages[-1], len(body.messages) - 1) or ""
-    run = Run(state, request_id or new_id("chatcmpl"), prompt_ids, params, model=body.model)
+    run = Run(state, request_id or new_id("chatcmpl"), prompt_ids, params, model=body.model,
+              kept_special_ids=kept_special_ids)
     return ChatPlan(prompt_ids, run, processor, echo_text, body.logprobs)
 
 

@@ -31,14 +31,19 @@ class Completed:
 class RequestText:
     """Per-request state: one detokenizer and one stop-string matcher per choice."""
 
-    def __init__(self, decoder: TextDecoder, request: GenerationRequest, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, decoder: TextDecoder, request: GenerationRequest, eos_token_ids: tuple[int, ...],
+        kept_special_ids: frozenset[int] = frozenset(),
+    ) -> None:  # fmt: skip
+        """`kept_special_ids`: special tokens decoded into the text although `skip_special_tokens` leaves out the
+        others (the call markers a tool parser reads)."""
         params = request.sampling
         self.include_stop_str_in_output = params.include_stop_str_in_output
         self.min_tokens = params.min_tokens
         self.eos_token_ids = eos_token_ids
         self.choices = [
             _Choice(
-                decoder.start(request.prompt_token_ids, params.skip_special_tokens),
+                decoder.start(request.prompt_token_ids, params.skip_special_tokens, kept_special_ids),
                 StopStringMatcher(params.stop, params.include_stop_str_in_output),
             )
             for _ in range(params.n)

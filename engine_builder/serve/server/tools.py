@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine_builder.common.types import FinishReason, Guide, GuideKind
+from engine_builder.serve.decoding.harmony import marked_call_tag
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 from engine_builder.serve.decoding.tool_calls import (
@@ -162,6 +163,9 @@ class ToolCallProcessor(OutputProcessor):
     def start(self, index: int) -> ChoiceOutput:
         return ToolCallOutput(tool_parser(self.parser_name, self.tools, self.only_marked), self.parallel, self.id_length)
 
+    def read_markers(self) -> tuple[str, ...]:
+        return tool_parser(self.parser_name, self.tools).markers
+
 
 def plan_tools(
     body: ChatCompletionRequest, family_parser: str | None, template_supports_tools: bool
@@ -215,8 +219,10 @@ def plan_tools(
 
 
 def auto_strict_enforceable(family: str | None) -> bool:
-    """Whether tool_choice auto can hold a `strict` tool's calls to its schema in this tool-call format: the family
-    must mark each call's start for the grammar to wait for."""
+    """Whether a Responses tool that leaves `strict` unset is served strict in tool_choice auto: the family must mark
+    each call's start for the grammar to wait for. gpt-oss's calls are marked (by their recipient) and a `strict: true`
+    sent is held there, but an unset one is served as false: TensorRT-LLM cannot hold it, and this is decided
+    without the backend."""
     if family is None or family == HARMONY:
         return False
     return tool_parser(family, {}).marked_calls({"f": {"type": "object"}}, True) is not None
@@ -227,9 +233,11 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
     (a strict tool's arguments to its parameters, another tool's to any object)."""
     strict = {tool.function.name for tool in tools if tool.function.strict}
     first = next(index for index, tool in enumerate(tools) if tool.function.strict)
-    parser = tool_parser(family, schemas) if family != HARMONY else None
     arguments = {name: schema if name in strict else {"type": "object"} for name, schema in schemas.items()}
-    tag = parser.marked_calls(arguments, parallel) if parser is not None else None
+    if family == HARMONY:
+        tag: dict[str, Any] | None = marked_call_tag(arguments, parallel)
+    else:
+        tag = tool_parser(family, schemas).marked_calls(arguments, parallel)
     if tag is None:
         raise bad_request(
             f"`strict: true` cannot be enforced with tool_choice auto for this model's tool-call format ({family}): "

@@ -19,6 +19,7 @@ from engine_builder.serve.decoding.harmony import (
     PromptEnd,
     detect_harmony,
     forced_call_tag,
+    marked_call_tag,
     prompt_end,
 )
 from engine_builder.serve.server.harmony import HarmonyOutput
@@ -383,6 +384,33 @@ def test_a_forced_call_refuses_other_functions_and_bad_arguments(compiler: Any, 
     assert not matcher.accept(tokenizer.encode("json", add_special_tokens=False)[0])  # the content type needs a space
     accept_all(matcher, tokenizer, " <|constrain|>json<|message|>")
     assert not matcher.accept(tokenizer.encode("[", add_special_tokens=False)[0])
+
+
+# -- strict tools in tool_choice auto: each call the model addresses is held to its function's schema --------------
+def test_a_strict_auto_reply_is_free_and_may_end_without_a_call(compiler: Any, tokenizer: Any) -> None:
+    guide = Guide(GuideKind.TOOL_CALLS, json.dumps(marked_call_tag({"get_weather": WEATHER}, True)), param="tools")
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    accept_all(matcher, tokenizer, "<|channel|>analysis<|message|>No tool needed.<|end|><|start|>assistant"
+                                   "<|channel|>final<|message|>It is sunny.")
+    assert matcher.accept(8)  # <|return|>: the reply ends without a call
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_strict_auto_call_is_held_to_its_schema(compiler: Any, tokenizer: Any, parallel: bool) -> None:
+    """Probe EB #3: strict tools in auto mode were refused on gpt-oss ("no single start marker"), so every Responses
+    tool that left `strict` unset was served unconstrained; the recipient `to=functions.` is the start marker."""
+    guide = Guide(GuideKind.TOOL_CALLS, json.dumps(marked_call_tag({"get_weather": WEATHER}, parallel)), param="tools")
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    accept_all(matcher, tokenizer, "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+                                   "<|channel|>commentary to=functions.")
+    assert not matcher.accept(tokenizer.encode("other", add_special_tokens=False)[0])  # only offered functions
+    accept_all(matcher, tokenizer, "get_weather <|constrain|>json<|message|>")
+    assert not matcher.accept(tokenizer.encode("[", add_special_tokens=False)[0])
+    accept_all(matcher, tokenizer, '{"city": "Oslo"}')
+    assert matcher.accept(7)  # <|call|> ends the reply after the call
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    accept_all(matcher, tokenizer, '<|channel|>commentary to=functions.get_weather<|message|>{"city"')
+    assert not matcher.accept(tokenizer.encode("}", add_special_tokens=False)[0])  # `city` needs its value
 
 
 # -- reasoning tokens ------------------------------------------------------------------------------------------------

@@ -251,3 +251,13 @@ def test_a_call_whose_arguments_are_not_json_is_text_and_the_conversation_goes_o
         })
         assert answered.status_code == 200, answered.text
         qwen.say(MALFORMED_CALL)
+
+
+def test_a_gpt_oss_strict_tool_in_auto_mode_is_served(harmony: Served) -> None:
+    """Probe EB #3: `strict: true` in tool_choice auto was a 400 on gpt-oss ("no single start marker"); harmony's calls
+    start with their recipient, which the grammar waits for."""
+    harmony.script.eos = harmony.tokenizer.convert_tokens_to_ids("<|call|>")
+    harmony.say('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}')
+    for response in harmony.both(tools=[{**WEATHER, "strict": True}]):
+        assert items(response) == [("function_call", "completed", '{"city":"Oslo"}')]
+        assert response["tools"][0]["strict"] is True

@@ -39,7 +39,20 @@ def test_a_strict_tool_in_auto_mode_gets_the_familys_triggered_guide() -> None:
     assert unguided is None  # not strict: free as before
 
 
-@pytest.mark.parametrize("family", ["llama3_json", "mistral", "qwen3_coder", HARMONY])
+def test_a_strict_tool_in_auto_mode_on_gpt_oss_gets_the_recipient_triggered_guide() -> None:
+    """Probe EB #3: harmony calls start with their recipient, `to=functions.`; the guide holds the whole reply (free
+    up to a call), not just the final channel, as a response format's does."""
+    from engine_builder.serve.server.harmony import with_harmony
+    from tests.serve.decoding.test_harmony import FORMAT
+
+    body = request([tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)])
+    processor, _, guide, _ = plan_tools(body, HARMONY, True)
+    assert guide is not None and guide.kind == GuideKind.TOOL_CALLS and '"to=functions."' in guide.spec
+    _, harmony_guide = with_harmony(FORMAT, body, "<|start|>assistant", processor, guide)
+    assert harmony_guide == guide and harmony_guide.after_reasoning is None
+
+
+@pytest.mark.parametrize("family", ["llama3_json", "mistral", "qwen3_coder"])
 def test_strict_in_auto_mode_is_refused_where_the_family_has_no_call_marker(family: str) -> None:
     tools = [tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)]
     with pytest.raises(APIError) as refused:
@@ -165,7 +178,7 @@ def test_an_unset_responses_strict_is_strict_only_where_auto_mode_can_enforce_it
     plan_tools(chat_body, parser, True)  # no 400
     explicit = ResponsesRequest.model_validate({"input": "x", "tools": [{**RESPONSES_TOOL, "strict": True}]})
     assert _resolve_unset_strict(_state(family, harmony), explicit) is explicit
-    if served_strict is False:
+    if served_strict is False and not harmony:  # gpt-oss holds a strict tool's calls (`strict: true` sent)
         with pytest.raises(APIError):
             plan_tools(translate(explicit, ResponseStore(4, 1 << 20)).chat, parser, True)
 

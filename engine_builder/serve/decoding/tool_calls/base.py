@@ -74,6 +74,9 @@ class ToolParser(abc.ABC):
     name = "base"
     id_length = 24
     writes_content = True  # False: the reply is calls alone (a grammar forces them), never prose
+    # The call markup this format reads. Where the tokenizer makes one a special token (Mistral's `[TOOL_CALLS]`,
+    # Llama 3's `<|python_tag|>`), decoding keeps it in the text that skip_special_tokens strips of the others.
+    markers: tuple[str, ...] = ()
 
     def __init__(self, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> None:
         self.tools = tools

@@ -193,6 +193,7 @@ class HermesParser(ToolParser):
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    markers = (OPEN, CLOSE)
     KEYS = ("arguments", "parameters")
     SPACES = {"type": "regex", "pattern": "[ \\n]{0,2}"}  # Qwen's template puts a newline inside each tag
 
@@ -319,6 +320,7 @@ class Llama3JsonParser(ToolParser):
 
     name = "llama3_json"
     TAG = "<|python_tag|>"
+    markers = (TAG,)
     KEYS = ("parameters", "arguments")
 
     def parse(self, text: str, final: bool) -> ParseResult:
@@ -359,6 +361,7 @@ class MistralParser(ToolParser):
 
     name = "mistral"
     TAG = "[TOOL_CALLS]"
+    markers = (TAG,)
     KEYS = ("arguments", "parameters")
     id_length = 9
 

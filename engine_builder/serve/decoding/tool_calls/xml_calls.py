@@ -25,6 +25,7 @@ _PARAMETER_OPEN, _PARAMETER_CLOSE, _FUNCTION_CLOSE = "<parameter=", "</parameter
 class Qwen3CoderParser(ToolParser):
     name = "qwen3_coder"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    markers = (OPEN, CLOSE)
 
     def parse(self, text: str, final: bool) -> ParseResult:
         first = text.find(self.OPEN)
