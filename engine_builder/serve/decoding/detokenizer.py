@@ -71,7 +71,8 @@ class IncrementalDetokenizer:
     ) -> None:  # fmt: skip
         self.decoder = decoder
         self.skip_special_tokens = skip_special_tokens
-        self.kept_special_ids = kept_special_ids if skip_special_tokens else frozenset()
+        # with special tokens kept: those to drop by hand (decoding keeps every special token or none)
+        self._dropped_ids = decoder.special_ids - kept_special_ids if skip_special_tokens and kept_special_ids else None
         context = prompt_token_ids[-PROMPT_CONTEXT:]
         self.token_ids = list(context)
         self.prefix_offset = 0
@@ -91,10 +92,10 @@ class IncrementalDetokenizer:
         return new_text
 
     def _decode(self, token_ids: list[int]) -> str:
-        if not self.kept_special_ids:
+        dropped = self._dropped_ids
+        if dropped is None:
             return self.decoder.decode(token_ids, self.skip_special_tokens)
-        skipped = self.decoder.special_ids - self.kept_special_ids
-        return self.decoder.decode([token for token in token_ids if token not in skipped], skip_special_tokens=False)
+        return self.decoder.decode([token for token in token_ids if token not in dropped], skip_special_tokens=False)
 
     def flush(self) -> str:
         """Text held back at the end of generation (an incomplete character is emitted as U+FFFD)."""
