@@ -239,3 +239,6 @@ class ModelInfo:
     architecture: str
     kind: str  # "decoder", "encoder", "encoder_bert"
     tool_parser: str | None = None
+    # the backend holds calls to their schemas in tool_choice auto (GuideKind.TOOL_CALLS: `strict` tools); TensorRT-LLM
+    # does not
+    holds_marked_calls: bool = True

@@ -63,7 +63,8 @@ def _resolve_unset_strict(state: ServerState, body: ResponsesRequest) -> Respons
     if not unset or body.tool_choice not in (None, "auto"):
         return body
     family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
-    if auto_strict_enforceable(family) and response_format(body) in (None, {"type": "text"}):
+    holds = state.engine.model_info.holds_marked_calls
+    if auto_strict_enforceable(family, holds) and response_format(body) in (None, {"type": "text"}):
         return body
     tools = [tool.model_copy(update={"strict": False}) if tool in unset else tool for tool in body.tools or ()]
     return body.model_copy(update={"tools": tools})

@@ -218,13 +218,14 @@ def plan_tools(
     return ToolCallProcessor("forced", schemas, parallel, id_length=id_length), template_tools, guide, hints
 
 
-def auto_strict_enforceable(family: str | None) -> bool:
-    """Whether a Responses tool that leaves `strict` unset is served strict in tool_choice auto: the family must mark
-    each call's start for the grammar to wait for. gpt-oss's calls are marked (by their recipient) and a `strict: true`
-    sent is held there, but an unset one is served as false: TensorRT-LLM cannot hold it, and this is decided
-    without the backend."""
-    if family is None or family == HARMONY:
+def auto_strict_enforceable(family: str | None, holds_marked_calls: bool = True) -> bool:
+    """Whether tool_choice auto can hold a `strict` tool's calls to its schema: the family must mark each call's
+    start for the grammar to wait for (gpt-oss marks them by their recipient), and the backend must hold such a
+    grammar (`ModelInfo.holds_marked_calls`; TensorRT-LLM does not)."""
+    if family is None or not holds_marked_calls:
         return False
+    if family == HARMONY:
+        return True
     return tool_parser(family, {}).marked_calls({"f": {"type": "object"}}, True) is not None
 
 

@@ -4,6 +4,7 @@ reasons, n > 1, logprobs, ending a choice, abort, errors and lifecycle. Verified
 """
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -452,7 +453,7 @@ def test_lifecycle_warmup_health_and_shutdown(tmp_path: Path, fake_trtllm: Modul
     async def main() -> None:
         await client.start()
         assert client.is_healthy()
-        assert client.model_info is MODEL_INFO
+        assert client.model_info == dataclasses.replace(MODEL_INFO, holds_marked_calls=False)  # no TOOL_CALLS guides
         await client.shutdown(0)
         assert not client.is_healthy()
         with pytest.raises(TrtLlmEngineDeadError, match="not running"):

@@ -147,38 +147,42 @@ def test_the_tool_list_for_a_template_without_a_tool_format_keeps_non_ascii_name
     assert guide is not None
 
 
-def _state(family: str | None, harmony: bool = False) -> Any:
+def _state(family: str | None, harmony: bool = False, holds: bool = True) -> Any:
     from types import SimpleNamespace
 
-    return SimpleNamespace(harmony=object() if harmony else None,
-                           engine=SimpleNamespace(model_info=SimpleNamespace(tool_parser=family)))
+    info = SimpleNamespace(tool_parser=family, holds_marked_calls=holds)
+    return SimpleNamespace(harmony=object() if harmony else None, engine=SimpleNamespace(model_info=info))
 
 
 RESPONSES_TOOL = {"type": "function", "name": "set_n", "parameters": SET_N}
 
 
-@pytest.mark.parametrize(("family", "harmony", "served_strict"),
-                         [("hermes", False, None), ("llama3_json", False, False), ("mistral", False, False),
-                          ("qwen3_coder", False, False), (None, True, False)])
+@pytest.mark.parametrize(("family", "harmony", "holds", "served_strict"),
+                         [("hermes", False, True, None), ("llama3_json", False, True, False),
+                          ("mistral", False, True, False), ("qwen3_coder", False, True, False),
+                          (None, True, True, None), ("hermes", False, False, False), (None, True, False, False)])
 def test_an_unset_responses_strict_is_strict_only_where_auto_mode_can_enforce_it(
-    family: str | None, harmony: bool, served_strict: bool | None
+    family: str | None, harmony: bool, holds: bool, served_strict: bool | None
 ) -> None:
     """Responses' unset `strict` means true, and every tool request on a family without a call marker was a 400
-    (probe DD): now such a tool is served, and echoed, as not strict; `strict: true` sent is still refused."""
+    (probe DD), as on a backend that holds no such grammar (TensorRT-LLM: `holds` false): now such a tool is
+    served, and echoed, as not strict; `strict: true` sent is still refused."""
     from engine_builder.serve.server.protocol_responses import ResponsesRequest
     from engine_builder.serve.server.response_store import ResponseStore
     from engine_builder.serve.server.responses_input import resolve_tools, translate
     from engine_builder.serve.server.serving_responses import _resolve_unset_strict
 
     parser = HARMONY if harmony else family
-    body = _resolve_unset_strict(_state(family, harmony), ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL]}))
+    state = _state(family, harmony, holds)
+    body = _resolve_unset_strict(state, ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL]}))
     assert body.tools is not None and body.tools[0].strict is served_strict  # type: ignore[union-attr]
     assert resolve_tools(body)[0]["strict"] is (served_strict is not False)  # the echo says what was served
     chat_body = translate(body, ResponseStore(4, 1 << 20)).chat
-    plan_tools(chat_body, parser, True)  # no 400
+    if holds:  # plan_tools is the torch backend's planning; TensorRT-LLM refuses the guide it makes
+        plan_tools(chat_body, parser, True)  # no 400
     explicit = ResponsesRequest.model_validate({"input": "x", "tools": [{**RESPONSES_TOOL, "strict": True}]})
-    assert _resolve_unset_strict(_state(family, harmony), explicit) is explicit
-    if served_strict is False and not harmony:  # gpt-oss holds a strict tool's calls (`strict: true` sent)
+    assert _resolve_unset_strict(state, explicit) is explicit
+    if served_strict is False and holds:
         with pytest.raises(APIError):
             plan_tools(translate(explicit, ResponseStore(4, 1 << 20)).chat, parser, True)
 

@@ -111,7 +111,7 @@ class TrtLlmEngineClient:
         guided_decoding_backend = spec.effective_guided_decoding_backend
         needs_tokenizer = guided_decoding_backend is not None or not model_info.eos_token_ids
         self.spec = spec if needs_tokenizer else dataclasses.replace(spec, skip_tokenizer_init=True)
-        self._model_info = model_info
+        self._model_info = dataclasses.replace(model_info, holds_marked_calls=False)  # no TOOL_CALLS guides here
         self._traits = EngineTraits(
             is_pytorch_backend=spec.backend == LlmBackend.PYTORCH,
             has_lookahead=spec.lookahead is not None,
