@@ -6,6 +6,7 @@ The CLI (engine_builder/stages.py) resolves the engine directory and the options
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -44,10 +45,20 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _refuses_host_without_api_key(host: str, api_keys: tuple[str, ...]) -> bool:
-    if api_keys or host in ("127.0.0.1", "localhost", "::1"):
+    if api_keys or _is_loopback(host):
         return False
     logger.error("refusing to serve on %s without an API key: pass --api-key or set ENGINE_BUILDER_API_KEYS", host)
     return True
+
+
+def _is_loopback(host: str) -> bool:
+    """`localhost`, or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not known to stay on this machine
+        return False
 
 
 def _refuses_port(host: str, port: int) -> bool:

@@ -80,3 +80,15 @@ def test_a_signal_while_loading_removes_the_live_folders(tmp_path: Path, monkeyp
         assert not folder.exists()
     finally:
         live_folders.unregister(str(folder))
+
+
+@pytest.mark.parametrize(("host", "refused"), [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("localhost", False), ("::1", False),
+    ("0.0.0.0", True), ("::", True), ("10.0.0.5", True), ("myhost.example", True),
+])
+def test_only_a_loopback_host_is_served_without_an_api_key(host: str, refused: bool) -> None:
+    """Any loopback address stays on the machine (127.0.0.2 was refused: only three spellings were known, probe EQ)."""
+    from engine_builder.serve.server.main import _refuses_host_without_api_key
+
+    assert _refuses_host_without_api_key(host, ()) is refused
+    assert _refuses_host_without_api_key(host, ("key",)) is False
