@@ -749,7 +749,8 @@ def _manifest(
     max_num_tokens = runtime.declared("max_num_tokens") or build.max_num_tokens
     if max_seq_len > max_position:
         logger.warning(
-            "max_seq_len %d is longer than the checkpoint's max_position_embeddings (%d): the engine serves %d",
+            "max_seq_len %d is longer than the checkpoint's context (%d positions, YaRN's scaled context where it "
+            "declares one): the engine serves %d",
             max_seq_len, max_position, max_position,
         )
     repository = build.checkpoint_repository

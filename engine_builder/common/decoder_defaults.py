@@ -43,3 +43,22 @@ def with_architecture_defaults(config: dict[str, Any]) -> dict[str, Any]:
         if architecture in CONFIG_DEFAULTS:
             return with_defaults(architecture, config)
     return config
+
+
+def context_positions(config: dict[str, Any]) -> int | None:
+    """The positions a decoder serves: `max_position_embeddings`, or, under YaRN scaling, the original context
+    times the factor where that is longer (Qwen2.5's long-context recipe keeps max_position_embeddings at 32768 and
+    declares YaRN with factor 4 over it: 131072 positions, as vLLM derives them). None where the config has none."""
+    max_positions = config.get("max_position_embeddings")
+    if not isinstance(max_positions, int) or isinstance(max_positions, bool):
+        return None
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    if isinstance(scaling, dict) and isinstance(scaling.get("full_attention"), dict):  # per layer type (Gemma3)
+        scaling = scaling["full_attention"]
+    if not isinstance(scaling, dict) or (scaling.get("rope_type") or scaling.get("type")) != "yarn":
+        return max_positions
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor")
+    if not isinstance(original, (int, float)) or not isinstance(factor, (int, float)):
+        return max_positions
+    return max(max_positions, int(original * factor))

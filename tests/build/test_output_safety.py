@@ -184,7 +184,7 @@ def test_a_max_seq_len_beyond_the_checkpoint_is_clamped_with_a_warning(
     with caplog.at_level("WARNING"):
         engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
     assert engine.manifest.max_seq_len == 8192
-    assert "max_seq_len 100000 is longer than the checkpoint's max_position_embeddings (8192)" in caplog.text
+    assert "max_seq_len 100000 is longer than the checkpoint's context (8192 positions" in caplog.text
 
 
 def test_replacing_an_engine_swaps_it_in_one_step_and_a_killed_swap_is_undone(tmp_path: Path) -> None:

@@ -204,3 +204,23 @@ def test_a_config_with_only_the_shape_keys_means_what_transformers_config_class_
     # transformers' rope_parameters also carries rope_theta, which the spec holds on its own
     assert bare.rope_scaling == ({k: v for k, v in expected.rope_scaling.items() if k != "rope_theta"}
                                  if expected.rope_scaling else None)
+
+
+def test_a_yarn_checkpoint_serves_its_scaled_context(tmp_path: Path) -> None:
+    """Qwen2.5's long-context recipe keeps max_position_embeddings and declares YaRN (factor 4 over it): the engine
+    capped the context at max_position_embeddings, its rotary table too, where vLLM serves original x factor
+    (probe EP). Here 32 positions x 4: a 40-token prompt runs as transformers runs it."""
+    from engine_builder.build.checkpoints.layout import _max_positions
+
+    def edit(config: dict[str, Any]) -> None:
+        config.pop("rope_parameters", None)
+        config.update(max_position_embeddings=32, rope_theta=10000.0,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+
+    model_dir = _save("Qwen2", tmp_path / "m", edit)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert decoder_spec(config).max_position_embeddings == 128
+    _assert_matches_transformers(model_dir)  # 40 tokens, past the 32 unscaled positions
+    assert _max_positions(config) == 128  # what the build takes as the checkpoint's context (max_seq_len's default)
+    linear = {**config, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+    assert decoder_spec(linear).max_position_embeddings == 32  # a linear factor is read as already in the count

@@ -12,7 +12,7 @@ from typing import Any
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError
 from engine_builder.build.checkpoints.selection import WEIGHTS_INDEX, unusable_weight_files
 from engine_builder.build.config import BaseModelKind
-from engine_builder.common.decoder_defaults import with_architecture_defaults
+from engine_builder.common.decoder_defaults import context_positions, with_architecture_defaults
 from engine_builder.common.encoder_checkpoint import ModelLoadError, read_encoder_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def _check_quantization(
 
 
 def _max_positions(config: dict[str, Any]) -> int | None:
+    """The positions the model serves (YaRN's scaled context where it declares one: `context_positions`)."""
     for section in (config, config.get("text_config") or {}):
         for key in _POSITION_KEYS:
             value = section.get(key)
@@ -223,7 +224,7 @@ def _max_positions(config: dict[str, Any]) -> int | None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointLayoutError(f"{CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
-            return value
+            return context_positions(section) if key == "max_position_embeddings" else value
     return None
 
 

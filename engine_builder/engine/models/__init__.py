@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from engine_builder.common.decoder_defaults import with_defaults
+from engine_builder.common.decoder_defaults import context_positions, with_defaults
 from engine_builder.engine.layers.moe import MoESpec
 from engine_builder.engine.layers.rotary import ROPE_TYPES
 from engine_builder.engine.models.decoder import DecoderModel, DecoderSpec
@@ -74,7 +74,7 @@ def _common(architecture: str, config: dict[str, Any], **overrides: Any) -> Deco
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        max_position_embeddings=context_positions(config) or 4096,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=bool(config.get("attention_bias", False)),
         o_bias=bool(config.get("attention_bias", False)),
