@@ -38,9 +38,13 @@ def with_defaults(architecture: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_architecture_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json over the defaults of the first of its `architectures` the table knows (unchanged if none)."""
+    """config.json over the defaults of the first of its `architectures` the table knows (unchanged if none); a
+    config that nests the model's keys in `text_config` (Gemma3's) gets them there, where they are read."""
     for architecture in config.get("architectures") or []:
         if architecture in CONFIG_DEFAULTS:
+            text_config = config.get("text_config")
+            if isinstance(text_config, dict):
+                return {**config, "text_config": with_defaults(architecture, text_config)}
             return with_defaults(architecture, config)
     return config
 

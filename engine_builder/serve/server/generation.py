@@ -267,9 +267,10 @@ def _scored_only(delta: GenerationDelta) -> GenerationDelta:
     """A scoring run's delta without the token it generated: its prompt logprobs, and `length` at the end."""
     if delta.error is not None:
         return delta
+    ended = delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)  # an abort or error stays what it is
     return dataclasses.replace(
         delta, token_ids=[], text="", logprobs=None, num_output_tokens=0, stop_reason=None,
-        finish_reason=FinishReason.LENGTH if delta.finish_reason is not None else None,
+        finish_reason=FinishReason.LENGTH if ended else delta.finish_reason,
     )  # fmt: skip
 
 

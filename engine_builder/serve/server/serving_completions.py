@@ -123,6 +123,8 @@ async def run_completion(
     if score_only and not body.echo:
         raise bad_request("max_tokens 0 generates nothing; it is allowed only with `echo` (to score the prompt).",
                           param="max_tokens")
+    if score_only and body.min_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) is larger than max_tokens (0).", param="min_tokens")
     requested = requested_max_tokens(body)
     if score_only:
         requested = 1  # the one token the engine runs to score the prompt is not returned
@@ -130,6 +132,12 @@ async def run_completion(
     limits = state.limits()
     runs: list[tuple[str, Run]] = []
     for text, ids in prompts:
+        if score_only and len(ids) >= limits.max_model_len:
+            raise bad_request(
+                f"Scoring a prompt (max_tokens 0) takes at most {limits.max_model_len - 1} tokens here (the engine runs "
+                f"one position past it); the prompt has {len(ids)}.",
+                param="prompt", code="context_length_exceeded",
+            )
         # OpenAI's and vLLM's default here is 16 tokens, unless the runtime sets request_default_max_tokens
         max_tokens = resolve_max_tokens(requested, len(ids), limits, prompt_field="prompt", route_default=16)
         params = build_sampling_params(

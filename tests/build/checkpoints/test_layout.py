@@ -230,3 +230,14 @@ def test_a_decoder_config_without_max_position_embeddings_takes_its_model_types_
     assert check_repository_layout(model, DECODER).max_position_embeddings == 32768
     edit_json(model / "config.json", architectures=["LlamaForCausalLM"])
     assert check_repository_layout(model, DECODER).max_position_embeddings == 2048
+
+
+def test_a_text_config_keeps_its_own_positions_beside_the_architecture_defaults() -> None:
+    """The defaults went to the top level of a config nesting the model's keys in `text_config`, where they hid the
+    checkpoint's own value: the build recorded 131072 positions where the engine serves 32768 (probe EZ)."""
+    from engine_builder.build.checkpoints.layout import _max_positions
+    from engine_builder.common.decoder_defaults import with_architecture_defaults
+
+    config = {"architectures": ["Gemma3ForCausalLM"], "text_config": {"max_position_embeddings": 32768}}
+    assert _max_positions(with_architecture_defaults(config)) == 32768
+    assert _max_positions(with_architecture_defaults({"architectures": ["Gemma3ForCausalLM"], "text_config": {}})) == 131072

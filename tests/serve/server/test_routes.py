@@ -211,6 +211,13 @@ def test_echo_with_zero_max_tokens_scores_the_prompt_alone(server: ServerProcess
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="x", prompt=prompt, max_tokens=0)
     assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+    # checked as the 0 it is, not as the one token scoring runs (probe EZ)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True, extra_body={"min_tokens": 1})
+    assert refused.value.body["param"] == "min_tokens" and "max_tokens (0)" in refused.value.message  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="x", prompt=[1] * 512, max_tokens=0, echo=True)  # the whole context
+    assert refused.value.body["param"] == "prompt" and "Scoring a prompt" in refused.value.message  # type: ignore[index]
 
 
 def _streamed_echo_tokens(client: OpenAI, prompt: str, max_tokens: int, logprobs: int) -> list[str]:
