@@ -79,11 +79,17 @@ def _merged_with_queued(
         if isinstance(item, BaseException):
             return (list(merged.values()) if merged is not None else outputs), item
         if merged is None:
-            merged = {output.index: output for output in outputs}
-        for output in item:
-            earlier = merged.get(output.index)
-            merged[output.index] = output if earlier is None else merge_deltas(earlier, output)
+            merged = {}
+            _fold(merged, outputs)
+        _fold(merged, item)
     return (list(merged.values()) if merged is not None else outputs), None
+
+
+def _fold(merged: dict[int, GenerationDelta], outputs: list[GenerationDelta]) -> None:
+    """Each output into its choice's delta so far, in order."""
+    for output in outputs:
+        earlier = merged.get(output.index)
+        merged[output.index] = output if earlier is None else merge_deltas(earlier, output)
 
 
 class TorchEngineClient:
