@@ -9,13 +9,18 @@ from engine_builder.build.tool_parsers import _TEMPLATE_MARKERS, detect_tool_par
 from engine_builder.common.types import TOOL_CALL_FORMATS
 from engine_builder.serve.decoding.tool_calls import known_parsers, tool_parser
 
-TEMPLATES = Path(__file__).parent / "chat_templates"
-
 # The tool-call part of each family's chat template (the shape that tells them apart)
 HERMES = (
     "{%- if tools %}# Tools\n<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>\n"
     'For each function call, return a json object within <tool_call></tool_call> XML tags:\n<tool_call>\n'
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>{%- endif %}'
+)
+# Qwen3-Coder's call format: a <tool_call> block holding an XML-style function and its parameters, so the template
+# holds Hermes's marker too
+QWEN3_CODER = (
+    "{%- if tools %}<tools>{% for tool in tools %}<function><name>{{ tool.function.name }}</name></function>"
+    "{% endfor %}</tools>\nTo call a function, reply with:\n<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n"
+    "</parameter>\n</function>\n</tool_call>{%- endif %}"
 )
 MISTRAL = "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}[TOOL_CALLS]{{ calls | tojson }}"
 LLAMA3 = (
@@ -38,7 +43,7 @@ def _model(tmp_path: Path, template: str) -> Path:
     ("template", "architecture", "expected"),
     [
         (HERMES, "Qwen2ForCausalLM", "hermes"),
-        ((TEMPLATES / "qwen3_coder.jinja").read_text(), "Qwen3MoeForCausalLM", "qwen3_coder"),
+        (QWEN3_CODER, "Qwen3MoeForCausalLM", "qwen3_coder"),
         (MISTRAL, "MistralForCausalLM", "mistral"),
         (LLAMA3, "LlamaForCausalLM", "llama3_json"),
         (DEEPSEEK, "DeepseekV3ForCausalLM", None),
