@@ -219,14 +219,22 @@ def plan_tools(
 
 
 def auto_strict_enforceable(family: str | None, holds_marked_calls: bool = True) -> bool:
-    """Whether tool_choice auto can hold a `strict` tool's calls to its schema: the family must mark each call's
-    start for the grammar to wait for (gpt-oss marks them by their recipient), and the backend must hold such a
-    grammar (`ModelInfo.holds_marked_calls`; TensorRT-LLM does not)."""
+    """Whether tool_choice auto can hold a `strict` tool's calls to its schema: the family marks each call's start
+    for the grammar to wait for (`_marked_calls`), and the backend holds such a grammar
+    (`ModelInfo.holds_marked_calls`; TensorRT-LLM does not)."""
     if family is None or not holds_marked_calls:
         return False
+    return _marked_calls(family, {"f": {"type": "object"}}, {"f": {"type": "object"}}, True) is not None
+
+
+def _marked_calls(
+    family: str, schemas: dict[str, dict[str, Any]], arguments: dict[str, dict[str, Any]], parallel: bool
+) -> dict[str, Any] | None:
+    """The structural tag that leaves the reply free until the family's call marker and then holds each call's
+    arguments to `arguments` (gpt-oss: from a call's recipient); None where its calls have no single start marker."""
     if family == HARMONY:
-        return True
-    return tool_parser(family, {}).marked_calls({"f": {"type": "object"}}, True) is not None
+        return marked_call_tag(arguments, parallel)
+    return tool_parser(family, schemas).marked_calls(arguments, parallel)
 
 
 def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], family: str, parallel: bool) -> Guide:
@@ -235,10 +243,7 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
     strict = {tool.function.name for tool in tools if tool.function.strict}
     first = next(index for index, tool in enumerate(tools) if tool.function.strict)
     arguments = {name: schema if name in strict else {"type": "object"} for name, schema in schemas.items()}
-    if family == HARMONY:
-        tag: dict[str, Any] | None = marked_call_tag(arguments, parallel)
-    else:
-        tag = tool_parser(family, schemas).marked_calls(arguments, parallel)
+    tag = _marked_calls(family, schemas, arguments, parallel)
     if tag is None:
         raise bad_request(
             f"`strict: true` cannot be enforced with tool_choice auto for this model's tool-call format ({family}): "
