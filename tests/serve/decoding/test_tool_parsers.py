@@ -63,6 +63,16 @@ CASES = [
     ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n2\n</parameter>\n"
      "</function>\n</tool_call>\nDone.", "\nDone.", [("get_weather", {"city": "Paris", "days": 2})]),
     ("forced", '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "noop", "arguments": {}}]', "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
+    # Mistral's v11 tokenizers (Small 3.1+, Magistral, Devstral): a tag per call, the name, then `[ARGS]` (and a
+    # `[CALL_ID]` before it in some templates); where `[ARGS]` is dropped from the text, the arguments follow the name
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [("get_weather", {"city": "Paris"})]),
+    ("mistral", 'Checking both.[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 3}',
+     "Checking both.", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Rome", "days": 3})]),
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Oslo"}', "", [("get_weather", {"city": "Oslo"})]),
+    ("mistral", '[TOOL_CALLS]add{"a": 5, "b": 6}\n[TOOL_CALLS]noop{}', "", [("add", {"a": 5, "b": 6}), ("noop", {})]),
+    ("mistral", '[TOOL_CALLS]add[ARGS]{"a": "{[TOOL_CALLS]}"} Done.', " Done.", [("add", {"a": "{[TOOL_CALLS]}"})]),
+    ("mistral", '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', []),
+    ("mistral", "[TOOL_CALLS] is how I would call a tool.", "[TOOL_CALLS] is how I would call a tool.", []),
 ]
 
 
@@ -125,7 +135,7 @@ FRAGMENTS = [
     "<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "<function=add>", "</function>", "<parameter=a>",
     "</parameter>", '{"name": "add", "arguments": {"a": 1, "b": 2}}', '{"name": "noop", "parameters": {}}',
     '{"name": ', '"add"', "{", "}", "[", "]", ",", ";", '"', " ", "\n", "x", "Hi.", "```", "```json\n", "\n```",
-    "```python\n", "<", "é",
+    "```python\n", "<", "é", "[ARGS]", "[CALL_ID]", "add", "noop",
 ]  # fmt: skip
 
 
@@ -155,6 +165,7 @@ def test_stream_equals_whole_parse_on_every_prefix(family: str) -> None:
         'text <|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "noop", "parameters": {}}',
         'So [1, 2] [TOOL_CALLS] [{"name": "add", "arguments": {"a": 1}}, {"name": "noop", "arguments": {}}]',
         "a<tool_call><function=add><parameter=a>1</parameter></function></tool_call> b <tool_call><function=noop></function></tool_call>",
+        'Hm [TOOL_CALLS]add[CALL_ID]x9[ARGS]{"a": 1}  [TOOL_CALLS]noop{} tail',
     ]:
         for sizes in ([1], [3, 1, 7], [len(text)]):
             _agrees_piece_by_piece(family, text, sizes)
@@ -263,6 +274,7 @@ MALFORMED = [
     ("hermes", '```json\n{"name": "get_weather", "arguments": {"city": "Paris",}}\n```'),
     ("llama3_json", 'Checking.<|python_tag|>{"name": "get_weather", "parameters": {"city": Paris}}'),
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris",}}]'),
+    ("mistral", 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris",}'),
 ]
 
 

@@ -19,22 +19,22 @@ TEMPLATE = (
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 MARKER_ID = 14  # an added token of SmolLM2's, renamed to the family's marker and kept special, as in the real tokenizers
+ARGS_ID = 15  # another, renamed to Mistral v11's `[ARGS]`
 
 
-def _served(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, marker: str, family: str) -> Iterator[Served]:
-    model = smollm2_with_renamed_tokens(smollm2_dir, tmp_path_factory.mktemp(family) / "model", {MARKER_ID: marker},
-                                        TEMPLATE, special=True)
+def _served(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, markers: dict[int, str], family: str) -> Iterator[Served]:
+    model = smollm2_with_renamed_tokens(smollm2_dir, tmp_path_factory.mktemp(family) / "model", markers, TEMPLATE, special=True)
     yield from serve(model, family)
 
 
 @pytest.fixture(scope="module")
 def mistral(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    yield from _served(smollm2_dir, tmp_path_factory, "[TOOL_CALLS]", "mistral")
+    yield from _served(smollm2_dir, tmp_path_factory, {MARKER_ID: "[TOOL_CALLS]", ARGS_ID: "[ARGS]"}, "mistral")
 
 
 @pytest.fixture(scope="module")
 def llama(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    yield from _served(smollm2_dir, tmp_path_factory, "<|python_tag|>", "llama3_json")
+    yield from _served(smollm2_dir, tmp_path_factory, {MARKER_ID: "<|python_tag|>"}, "llama3_json")
 
 
 def _chat(served: Served, **body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,6 +67,15 @@ def test_a_mistral_call_after_prose_is_a_call(mistral: Served, prose: str) -> No
     assert mistral.tokenizer.convert_tokens_to_ids("[TOOL_CALLS]") in mistral.script.token_ids
     for reply in _chat(mistral):
         assert reply == {"content": prose or None, "finish_reason": "tool_calls", "calls": [("get_weather", '{"city": "Paris"}')]}
+
+
+def test_mistral_v11_calls_keep_their_args_marker(mistral: Served) -> None:
+    """Mistral's v11 tokenizers write `[TOOL_CALLS]name[ARGS]{...}`, both markers special tokens: both reach the parser."""
+    mistral.say('On it.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}')
+    assert mistral.tokenizer.convert_tokens_to_ids("[ARGS]") in mistral.script.token_ids
+    for reply in _chat(mistral):
+        assert reply == {"content": "On it.", "finish_reason": "tool_calls",
+                         "calls": [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')]}
 
 
 def test_a_llama3_call_after_prose_is_a_call(llama: Served) -> None:

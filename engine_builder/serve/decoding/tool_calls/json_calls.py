@@ -1,7 +1,7 @@
 """Formats whose calls are JSON objects: Hermes/Qwen `<tool_call>` tags (and what small Qwen models emit
 instead: a bare object, a list of them, or either inside a Markdown code fence), Llama 3 (`<|python_tag|>`,
-`parameters`), Mistral (`[TOOL_CALLS]` array), and the forced form that `tool_choice: required/named` grammars
-produce."""
+`parameters`), Mistral (a `[TOOL_CALLS]` array, or `[TOOL_CALLS]name[ARGS]{...}` from v11), and the forced form
+that `tool_choice: required/named` grammars produce."""
 
 from functools import partial
 from typing import Any
@@ -16,6 +16,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     held_back,
     is_json,
     parse_json_call,
+    scan_json_value,
 )
 
 
@@ -357,11 +358,14 @@ class Llama3JsonParser(ToolParser):
 
 
 class MistralParser(ToolParser):
-    """Mistral: `[TOOL_CALLS]` followed by a JSON array of `{"name", "arguments"}`; call ids are 9 characters."""
+    """Mistral: `[TOOL_CALLS]` followed by a JSON array of `{"name", "arguments"}` (tokenizers before v11), or, from
+    v11 on (Mistral Small 3.1+, Magistral, Devstral), one `[TOOL_CALLS]name[ARGS]{arguments}` per call, a
+    `[CALL_ID]id` possibly before `[ARGS]`; call ids are 9 characters."""
 
     name = "mistral"
     TAG = "[TOOL_CALLS]"
-    markers = (TAG,)
+    ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
+    markers = (TAG, ARGS, CALL_ID)
     KEYS = ("arguments", "parameters")
     id_length = 9
 
@@ -394,11 +398,16 @@ class MistralParser(ToolParser):
 
     def _tagged(self, text: str, at: int, final: bool) -> ParseResult:
         body_start = at + len(self.TAG)
-        if text[body_start:].lstrip().startswith("["):
+        body = text[body_start:].lstrip()
+        if body.startswith("["):
             parsed = self._array(text[body_start:], body_start, final, text[:at])
             if parsed is not None:
                 return parsed
-        if not final and not text[body_start:].strip():
+        elif body:
+            parsed = self._named(text[at:], final)
+            if parsed is not None:
+                return parsed.after(at, text[:at], [])
+        if not final and not body:
             return ParseResult(text[:at])
         return ParseResult(self._kept(text, final))
 
@@ -408,8 +417,57 @@ class MistralParser(ToolParser):
         parsed = _bare_objects(self, inner, final, self.KEYS, ",]")
         return None if parsed is None else parsed.after(offset + len(text) - len(inner), prefix, [])
 
+    def _named(self, text: str, final: bool) -> ParseResult | None:
+        """A v11 call at the start of `text` (which starts with the tag) and the calls after it; None when the
+        text is not one. Where the tokenizer drops `[ARGS]` from the text, the arguments follow the name."""
+        start = _skip_space(text, len(self.TAG))
+        name_end = start
+        while name_end < len(text) and (text[name_end].isalnum() or text[name_end] in "_-."):
+            name_end += 1
+        position = name_end
+        if text.startswith(self.CALL_ID, position):
+            position += len(self.CALL_ID)
+            while position < len(text) and text[position].isalnum():
+                position += 1
+        if text.startswith(self.ARGS, position):
+            position += len(self.ARGS)
+        position = _skip_space(text, position)
+        rest = text[position:]
+        if not final and (not rest or any(marker.startswith(rest) for marker in (self.ARGS, self.CALL_ID))):
+            return ParseResult("")  # the name, its id or the arguments' start is still arriving
+        name = text[start:name_end]
+        if not rest.startswith("{") or not self.is_offered(name):
+            return None
+        end, complete = scan_json_value(text, position)
+        arguments = text[position:end]
+        if not complete:
+            return ParseResult("", [ParsedCall(name, arguments, False)])
+        if not is_json(arguments):
+            return None
+        after = self._after_named(text[end:], final).after(end, "", [ParsedCall(name, arguments, True)])
+        if after.resume is None:
+            after.resume = Resume(end, 0, 1, self._after_named)
+        return after
+
+    def _after_named(self, text: str, final: bool) -> ParseResult:
+        """After a v11 call: the next call's tag, or the text that ends the reply (shown at the end)."""
+        stripped = text.lstrip()
+        if stripped.startswith(self.TAG):
+            parsed = self._named(stripped, final)
+            if parsed is not None:
+                return parsed.after(len(text) - len(stripped), "", [])
+        elif not final and self.TAG.startswith(stripped):
+            return ParseResult("")
+        return ParseResult(text if final and stripped else "")
+
     def _kept(self, text: str, final: bool) -> str:
         return text if final else text[: len(text) - held_back(text, (self.TAG, "[{"))]
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
 
 
 class ForcedParser(ToolParser):
