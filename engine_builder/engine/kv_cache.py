@@ -30,7 +30,12 @@ class PagedKVCache:
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.scales: torch.Tensor | None = None  # [2, num_layers] K and V scales of an FP8 cache
+        # [2, num_layers] K and V scales of an FP8 cache: 1 until a checkpoint's calibrated scales are set, so every
+        # kernel reads an FP8 cache as scaled (the Triton kernels' unscaled branch rounds the query to the cache's
+        # dtype, probe FA)
+        self.scales: torch.Tensor | None = (
+            torch.ones(2, num_layers, device=device) if dtype == torch.float8_e4m3fn else None
+        )
         self.mirror: Driver | None = None  # tensor parallelism: rank 0 repeats every copy on the other ranks' shards
 
     def set_scales(self, scales: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from engine_builder.engine.kernels.triton.attention import (
     paged_decode_attention,
     paged_extend_attention,
 )
+from engine_builder.engine.kv_cache import PagedKVCache
 
 PAGE = 4
 
@@ -113,6 +114,25 @@ def test_decode_slot_lists_and_fp8_scales(device, dtype):
         )
         tolerance = 1e-5 if dtype == torch.float32 else 2e-3
         torch.testing.assert_close(out[row : row + 1].double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_an_fp8_cache_without_calibrated_scales_is_read_with_unit_scales(device):
+    """Probe FA: a KV cache created FP8 for a checkpoint without k_scale/v_scale had no scales, and the kernels' unscaled
+    branch rounded the query to float8 before the dot product (an error of ~0.05 where the cache's own is ~1e-7)."""
+    num_heads, num_kv_heads, head_dim, length = 4, 2, 32, 10
+    cache = PagedKVCache(2, 4, PAGE, num_kv_heads, head_dim, torch.float8_e4m3fn, torch.device(device))
+    key_cache, value_cache = _cache(4, num_kv_heads, head_dim, torch.float32, device)
+    cache.key[1].copy_(key_cache.to(torch.float8_e4m3fn))
+    cache.value[1].copy_(value_cache.to(torch.float8_e4m3fn))
+    table = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    query = torch.randn(1, num_heads, head_dim, generator=torch.Generator().manual_seed(4))
+    out = paged_decode_attention(
+        query.to(device), cache.key[1], cache.value[1], table.to(device), torch.tensor([length], dtype=torch.int32).to(device),
+        0.2, PAGE, kv_scales=cache.scales_of(1),
+    ).cpu()
+    expected = _reference(query, cache.key[1].cpu().float(), cache.value[1].cpu().float(), _slots(table[0], length),
+                          torch.tensor([length - 1]), 0.2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_extend_reads_an_fp8_cache(device):
