@@ -11,7 +11,7 @@ from fastapi.responses import Response
 
 from engine_builder.serve.server.app_helpers import parse_body, read_json
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.limits import CHAT_COUNTS, COMPLETION_COUNTS
+from engine_builder.serve.server.limits import CHAT_COUNTS, COMPLETION_COUNTS, RESPONSES_COUNTS
 from engine_builder.serve.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine_builder.serve.server.protocol_responses import ResponsesRequest
 from engine_builder.serve.server.responses_input import request_error
@@ -80,7 +80,7 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/responses", openapi_extra=_body(ResponsesRequest))
 async def responses(request: Request) -> Response:
-    body = await parse_body(request, ResponsesRequest, request_error)
+    body = await parse_body(request, ResponsesRequest, request_error, counts=RESPONSES_COUNTS)
     return await serve_response(_state(request), body, request)
 
 
@@ -107,7 +107,8 @@ async def input_items(request: Request, response_id: str) -> Response:
 @router.post("/tokenize", openapi_extra=_body(TokenizeCompletionRequest, TokenizeChatRequest))
 async def tokenize(request: Request) -> Response:
     """vLLM's route: the token ids a completion prompt, or a chat conversation rendered as chat renders it, runs."""
-    body = await parse_body(request, tokenize_model(await read_json(request, empty=b"{}")))
+    model = tokenize_model(await read_json(request, empty=b"{}"))
+    body = await parse_body(request, model, counts=CHAT_COUNTS if model is TokenizeChatRequest else ())
     return await serve_tokenize(_state(request), body)
 
 

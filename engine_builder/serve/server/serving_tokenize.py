@@ -1,6 +1,7 @@
 """vLLM's /tokenize and /detokenize for decoders: a completion prompt or a chat conversation to the token ids a
 request would run (the chat form rendered exactly as /v1/chat/completions renders it), and ids back to text.
-Neither runs the model, and neither is admitted or counted as a request."""
+Neither runs the model, and neither is admitted or counted as a request: their work is bounded instead (the chat
+form's message and tool counts, and TOKENIZE_CONTEXTS contexts' worth of tokens)."""
 
 from typing import Any
 
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
 from engine_builder.serve.server.app_helpers import validation_to_api_error
+from engine_builder.serve.server.chat_template import PromptTooLong
 from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.protocol import (
     ChatCompletionRequest,
@@ -18,6 +20,10 @@ from engine_builder.serve.server.protocol import (
 )
 from engine_builder.serve.server.serving_chat import render_chat
 from engine_builder.serve.server.state import ServerState
+
+# /tokenize counts texts up to this many times the context: enough to size a document that needs cutting, not the
+# 6M ids (25-42 s of CPU and 2 GB of memory) a 30 MB prompt made (probe FD #2)
+TOKENIZE_CONTEXTS = 4
 
 
 class TokenizeCompletionRequest(StrictModel):
@@ -65,7 +71,18 @@ async def serve_tokenize(
         text, _, _ = await render_chat(state, chat)
     else:
         text = body.prompt
-    ids = await state.renderer.encode_async(text, body.add_special_tokens)
+    cap = TOKENIZE_CONTEXTS * state.limits().max_model_len
+    param = "messages" if isinstance(body, TokenizeChatRequest) else "prompt"
+    try:
+        ids = await state.renderer.encode_async(text, body.add_special_tokens, max_tokens=cap)
+    except PromptTooLong:
+        ids = None
+    if ids is None or len(ids) > cap:
+        raise bad_request(
+            f"`{param}` has more than {cap} tokens; /tokenize counts up to {TOKENIZE_CONTEXTS} x max_model_len tokens.",
+            param=param,
+            code="limit_exceeded",
+        )
     answer: dict[str, Any] = {"count": len(ids), "max_model_len": state.limits().max_model_len, "tokens": ids}
     answer["token_strs"] = (
         state.renderer.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None

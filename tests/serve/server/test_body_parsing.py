@@ -160,3 +160,13 @@ def test_detokenize_refuses_a_long_list_of_strings_at_its_first() -> None:
 
     count, growth = peak_growth_mb(refuse)
     assert count == 1 and growth < 100, f"{count} errors, peak memory +{growth:.0f} MB"
+
+
+def test_an_integer_too_long_for_any_field_is_out_of_range_not_a_python_hint() -> None:
+    """Probe FD #4: a 5,000-digit integer was refused with Python's own message, which tells the client to call
+    `sys.set_int_max_str_digits()`."""
+    with pytest.raises(APIError) as caught:
+        app_helpers.parse_json(b'{"n": ' + b"9" * 5000 + b"}")
+    assert "out of range" in caught.value.message and "sys." not in caught.value.message
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+    assert app_helpers.parse_json(b'{"seed": -' + b"9" * 100 + b"}")["seed"] == -int("9" * 100)

@@ -339,6 +339,32 @@ def test_tokenize_and_detokenize_as_vllm_has_them(server: ServerProcess, smollm2
         assert refused.status_code == 400 and refused.json()["error"]["param"], (bad_body, refused.text)
 
 
+def test_tokenize_and_responses_bound_their_work_as_chat_does(server: ServerProcess) -> None:
+    """Probe FD: /tokenize counted a 30 MB prompt (6M ids, 25-42 s of CPU, +2 GB) and took 600k messages; /v1/responses
+    validated 600k input items on the event loop for half a minute before refusing them (as `messages`)."""
+    url = server.base_url
+    counted = httpx.post(f"{url}/tokenize", json={"prompt": "hello " * 2000}, timeout=30).json()
+    assert 2000 <= counted["count"] <= 2048  # four contexts' worth (4 x 512) are counted
+    for body, param in (
+        ({"prompt": "hello " * 3000}, "prompt"),
+        ({"prompt": "hello " * 500_000}, "prompt"),
+        ({"messages": [{"role": "user", "content": "hello " * 3000}]}, "messages"),
+    ):
+        refused = httpx.post(f"{url}/tokenize", json=body, timeout=30)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == (param, "limit_exceeded") and "2048 tokens" in error["message"]
+    for route, body, param in (
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
+        ("/v1/responses", {"model": "x", "input": [{"role": "user", "content": "x"}] * 2049}, "input"),
+        ("/v1/responses", {"model": "x", "input": "hi", "tools": [{"type": "function", "name": "f"}] * 129}, "tools"),
+    ):
+        refused = httpx.post(f"{url}{route}", json=body, timeout=30)
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and (error["param"], error["code"]) == (param, "limit_exceeded"), refused.text
+        assert f"`{param}` has" in error["message"]
+
+
 def test_template_arguments_the_template_never_reads_are_refused_by_name(server: ServerProcess) -> None:
     """Probe P: SmolLM2's template has no `documents` and no `enable_thinking`; both were accepted and changed
     nothing (a RAG client's context silently dropped). What a template does read still renders."""
