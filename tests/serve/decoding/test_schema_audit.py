@@ -219,3 +219,103 @@ def test_parameters_without_refs_stay_inline() -> None:
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+# -- probe FB: schemas accepted whose grammar admitted text that is not JSON, or not valid --------------------------
+FB_REFUSED = [
+    # (schema, the keyword the 400 names, text the unrefused grammar admits that is not valid JSON for the schema)
+    ({"type": "string", "pattern": "^C:\\\\[a-z]+$"}, "pattern", '"C:\\users"'),  # a raw backslash
+    ({"type": "string", "pattern": '^say "[a-z]+"$'}, "pattern", '"say "hi""'),  # a raw quote
+    ({"type": "string", "pattern": "^a\\nb$"}, "pattern", '"a\nb"'),  # a raw newline
+    ({"type": "integer", "multipleOf": 7, "minimum": 0}, "multipleOf", "8"),
+    ({"type": "integer", "multipleOf": 7, "exclusiveMaximum": 100}, "multipleOf", "8"),
+    ({"type": "integer", "multipleOf": 7, "minimum": -5000, "maximum": 5000}, "multipleOf", "8"),
+    ({"type": "string", "pattern": "^a*$", "maxLength": 0}, "maxLength", '"aaa"'),
+    ({"type": "string", "format": "json-pointer"}, "format", '"/a"b"'),
+    ({"type": []}, "type", "5"),
+]
+
+
+@pytest.mark.parametrize(("schema", "keyword", "admitted"), FB_REFUSED)
+def test_a_schema_whose_grammar_admits_invalid_text_is_refused(schema: dict, keyword: str, admitted: str) -> None:
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    assert _is_grammar_accept_string(grammar, admitted)  # why the rule exists
+    with pytest.raises(json.JSONDecodeError) if keyword in ("pattern", "format") else _no_error():
+        assert not valid(schema, json.loads(admitted))
+    with pytest.raises(GuideError) as refused:
+        audit_json_schema({"type": "object", "properties": {"field": schema}, "required": ["field"]})
+    assert keyword in str(refused.value) and refused.value.param.endswith(keyword)
+    assert refused.value.param.startswith("response_format.json_schema.schema.properties.field")
+
+
+def _no_error() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_a_property_a_pattern_also_matches_is_refused() -> None:
+    schema = {"type": "object", "properties": {"x1": {"type": "string"}}, "required": ["x1"],
+              "patternProperties": {"^x[0-9]$": {"type": "integer"}}, "additionalProperties": False}
+    assert accepts(schema, {"x1": "hi"}) and not valid(schema, {"x1": "hi"})
+    with pytest.raises(GuideError, match="also matches the declared property 'x1'"):
+        audit_json_schema(schema)
+    audit_json_schema({**schema, "patternProperties": {"^y[0-9]$": {"type": "integer"}}})
+
+
+def test_characters_a_class_allows_stay_allowed_and_small_ranges_keep_multiple_of() -> None:
+    for pattern in ('^[^"]+$', "^[ -~]{1,4}$", "^\\S+$", "^[a-z]+\\.[a-z]+$"):
+        audit_json_schema({"type": "string", "pattern": pattern})
+    audit_json_schema({"type": "integer", "multipleOf": 7, "minimum": 0, "maximum": 7000})
+    small = {"type": "integer", "multipleOf": 7, "minimum": 0, "maximum": 7000}
+    assert not accepts(small, 8) and accepts(small, 14)  # spelled out: enforced
+
+
+@pytest.mark.parametrize(
+    ("schema", "valid_texts", "invalid_texts"),
+    [
+        ({"type": "string", "maxLength": 4}, ['""', '"abcd"', '"😀😀😀😀"'], ['"abcde"', '"a\tb"', '"a\x00"']),
+        ({"type": "string", "minLength": 2, "maxLength": 3}, ['"ab"', '"abc"'], ['"a"', '"abcd"', '"a\tb"']),
+        ({"type": "string", "minLength": 1}, ['"a"', '"' + "x" * 50 + '"'], ['""', '"a\tb"']),
+        ({"type": "string", "format": "ipv4"}, ['"10.0.0.1"', '"255.255.255.255"'], ['"010.001.002.003"', '"256.1.1.1"']),
+    ],
+)
+def test_strings_xgrammar_would_compile_wrongly_are_compiled_as_patterns(
+    schema: dict, valid_texts: list[str], invalid_texts: list[str]
+) -> None:
+    """Probe FB: xgrammar's length-bounded strings let raw control characters (a TAB, what Pydantic's max_length
+    schemas met in code or TSV text) into the string, so the reply was not JSON; its `ipv4` took leading zeros. The
+    compile rewrites them as patterns it enforces."""
+    from engine_builder.serve.decoding.structured.schema_audit import enforceable_schemas
+
+    audit_json_schema(schema)
+    as_compiled = xgrammar.Grammar.from_json_schema(
+        json.dumps(enforceable_schemas(schema)), any_whitespace=False, strict_mode=True
+    )
+    plain = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    assert any(_is_grammar_accept_string(plain, text) for text in invalid_texts)  # why the rewrite exists
+    for text in valid_texts:
+        assert valid(schema, json.loads(text)) and _is_grammar_accept_string(as_compiled, text), text
+    for text in invalid_texts:
+        assert not _is_grammar_accept_string(as_compiled, text), text
+
+
+def test_the_compile_applies_the_rewrite_and_keeps_data_as_written() -> None:
+    from engine_builder.common.types import Guide, GuideKind
+    from engine_builder.serve.decoding.structured.compiler import compile_with
+
+    seen: list[str] = []
+
+    class Recorder:
+        def compile_json_schema(self, spec: str, **_: Any) -> str:
+            seen.append(spec)
+            return "compiled"
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3, "default": "x"}},
+              "required": ["s"], "examples": [{"type": "string", "maxLength": 3}]}
+    assert compile_with(Recorder(), Guide(GuideKind.JSON_SCHEMA, json.dumps(schema))) == "compiled"
+    compiled = json.loads(seen[0])
+    assert compiled["properties"]["s"] == {"type": "string", "default": "x", "pattern": "^.{0,3}$"}
+    assert compiled["examples"] == schema["examples"]
+    with pytest.raises(GuideError, match="maxLength` 5000 is above"):
+        audit_json_schema({"type": "string", "maxLength": 5000})

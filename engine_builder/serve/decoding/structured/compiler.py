@@ -23,7 +23,7 @@ from engine_builder.serve.decoding.structured.grammar_cache import (
     MAX_CACHED_GRAMMAR_BYTES,
     GrammarCache,
 )
-from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
+from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema, enforceable_schemas
 
 logger = logging.getLogger(__name__)
 # A compile runs in a worker process and is stopped (the process killed) past this limit: xgrammar cannot be
@@ -305,13 +305,15 @@ def compile_with(compiler: Any, guide: Guide) -> Any:
                 '{"type": "object"}', any_whitespace=guide.any_whitespace, strict_mode=False
             )
         if guide.kind == GuideKind.JSON_SCHEMA:
-            return compiler.compile_json_schema(guide.spec, any_whitespace=guide.any_whitespace, strict_mode=True)
+            return compiler.compile_json_schema(
+                _enforceable(guide.spec), any_whitespace=guide.any_whitespace, strict_mode=True
+            )
         if guide.kind == GuideKind.REGEX:
             return compiler.compile_regex(guide.spec)
         if guide.kind == GuideKind.GRAMMAR:
             return compiler.compile_grammar(guide.spec)
         if guide.kind in (GuideKind.STRUCTURAL_TAG, GuideKind.TOOL_CALLS):
-            return compiler.compile_structural_tag(guide.spec)
+            return compiler.compile_structural_tag(_enforceable(guide.spec))
     except Exception as error:  # xgrammar reports bad schemas, regexes and EBNF as generic errors
         culprit = _failing_part(guide)
         if culprit is not None:
@@ -321,6 +323,11 @@ def compile_with(compiler: Any, guide: Guide) -> Any:
             f"The {guide.kind.value} could not be compiled: {xgrammar_reason(error)}", _param(guide)
         ) from None
     raise GuideError(f"Unknown guide kind {guide.kind}")
+
+
+def _enforceable(spec: str) -> str:
+    """The spec with the schema nodes xgrammar would compile wrongly rewritten (`enforceable_schemas`)."""
+    return json.dumps(enforceable_schemas(json.loads(spec)))
 
 
 def _failing_part(guide: Guide) -> tuple[str, str] | None:

@@ -35,13 +35,23 @@ UNENFORCED = {
 ENFORCED_FORMATS = frozenset(
     {
         "date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uri-reference",
-        "uuid", "uri-template", "json-pointer", "relative-json-pointer",
+        "uuid", "uri-template",
     }
 )  # fmt: skip
+# (xgrammar's json-pointer formats let a raw `"` into the string: not JSON, probe FB)
 # Keywords whose values are data, not subschemas (a `$ref` key inside one is not a reference).
 DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default", "required"})
 MAX_DEPTH = 64
 MAX_NODES = 20000
+# A length-bounded string compiles as a pattern of that many characters (`enforceable_schemas`), whose grammar grows
+# with the bound: ~2 s to compile at 2,000 characters, ~12 s at 5,000 (the compile limit is 20 s).
+MAX_STRING_LENGTH_BOUND = 2048
+# Characters a JSON string holds only escaped: a `pattern` literal of one is written raw into the string (xgrammar
+# 0.2.8 keeps character classes to the characters a string may hold as they are, not literals; probe FB)
+_ESCAPED_IN_JSON = frozenset({ord('"'), ord("\\"), *range(0x20)})
+# An IPv4 address without leading zeros (xgrammar's `ipv4` format takes `010.001.002.003`, which RFC 2673 does not)
+_IPV4_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_PATTERN = f"^({_IPV4_OCTET}\\.){{3}}{_IPV4_OCTET}$"
 
 # Keywords that only describe; anything else constrains.
 ANNOTATIONS = frozenset(
@@ -102,7 +112,15 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
             raise GuideError(
                 f"JSON schema format `{value}` cannot be enforced; supported formats: {', '.join(sorted(ENFORCED_FORMATS))}.", where
             )
-        if key in ("minLength", "maxLength") and value != 0 and ("pattern" in node or "format" in node):
+        if key == "type" and isinstance(value, list) and not value:
+            raise GuideError("JSON schema `type` must name at least one type (an empty list admits no value).", where)
+        if key in ("minLength", "maxLength") and isinstance(value, int) and value > MAX_STRING_LENGTH_BOUND:
+            raise GuideError(
+                f"JSON schema `{key}` {value} is above the {MAX_STRING_LENGTH_BOUND} characters this server enforces "
+                f"(length-bounded strings compile as patterns, whose grammars grow with the bound); lower it or remove "
+                f"`{key}` and check the length after.", where
+            )
+        if key in ("minLength", "maxLength") and (key == "maxLength" or value != 0) and ("pattern" in node or "format" in node):
             beside = "pattern" if "pattern" in node else "format"
             raise GuideError(
                 f"JSON schema `{key}` together with `{beside}` cannot be enforced (the length bound would be ignored); "
@@ -110,6 +128,8 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
             )
         if key == "multipleOf" and (node.get("type") != "integer" or not float(value).is_integer()):
             raise GuideError("JSON schema `multipleOf` is enforced only for integers with an integer divisor.", where)
+        if key == "multipleOf":
+            _check_multiple_in_range(node, where)
         if key == "$ref" and isinstance(value, str) and not (value == "#" or value.startswith("#/")):
             raise GuideError(f"JSON schema `$ref` to `{value}` is not local; only `#/...` references are resolved.", where)
         if key in ("minProperties", "maxProperties") and "additionalProperties" not in node and "patternProperties" not in node:
@@ -136,6 +156,13 @@ def _check_pattern(pattern: str, where: str) -> None:
         parsed = regex_parser.parse(pattern)
     except Exception:  # re.error, or a recursion limit
         return
+    escaped = _raw_escaped_literal(parsed)
+    if escaped is not None:
+        raise GuideError(
+            f"JSON schema `pattern` {pattern!r} matches the character {chr(escaped)!r} literally, which a JSON string "
+            "holds only escaped: the grammar would write it raw (not JSON). Remove it from the pattern.",
+            where,
+        )
     found = _unenforceable_regex_op(parsed)
     if found is not None:
         raise GuideError(
@@ -162,9 +189,64 @@ def _unenforceable_regex_op(node: Any) -> str | None:
     return None
 
 
+# xgrammar 0.2.8 enforces multipleOf beside a range only where it spells the range's multiples out: checked up to a
+# span of 7,000 (0..10,000 and -5,000..5,000 already dropped it: 8 passed for multipleOf 7; probe FB)
+MAX_MULTIPLE_SPAN = 7000
+
+
+def _check_multiple_in_range(node: dict[str, Any], where: str) -> None:
+    bounds = [name for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if name in node]
+    if not bounds:
+        return
+    low, high = node.get("minimum"), node.get("maximum")
+    spelled = (
+        set(bounds) == {"minimum", "maximum"}
+        and isinstance(low, int | float)
+        and isinstance(high, int | float)
+        and high - low <= MAX_MULTIPLE_SPAN
+    )
+    if not spelled:
+        raise GuideError(
+            f"JSON schema `multipleOf` together with `{bounds[0]}` cannot be enforced (the grammar drops the multiple "
+            f"beside a range other than `minimum` to `maximum` spanning at most {MAX_MULTIPLE_SPAN}); narrow the "
+            "range or remove one of them.",
+            where,
+        )
+
+
+def _raw_escaped_literal(node: Any) -> int | None:
+    """The first literal of a parsed regex outside character classes that a JSON string must escape, if any."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, tuple) and len(current) == 2:
+            op = str(current[0])
+            if op == "IN":  # a class: xgrammar keeps it to characters a string holds unescaped
+                continue
+            if op == "LITERAL" and current[1] in _ESCAPED_IN_JSON:
+                return int(current[1])
+        if isinstance(current, list | tuple | regex_parser.SubPattern):
+            stack.extend(current)
+    return None
+
+
 def _check_pattern_properties(node: dict[str, Any], patterns: dict[str, Any], where: str) -> None:
+    import re
+
+    declared = node.get("properties")
     for pattern in patterns:
         _check_pattern(pattern, f"{where}.{pattern}")
+        try:
+            shadowed = [name for name in declared if re.search(pattern, name)] if isinstance(declared, dict) else []
+        except re.error:
+            shadowed = []
+        if shadowed:
+            # JSON Schema holds such a key to both subschemas; the grammar follows `properties` alone
+            raise GuideError(
+                f"JSON schema `patternProperties` {pattern!r} also matches the declared property {shadowed[0]!r}, "
+                "which the grammar holds to its `properties` schema alone; make the pattern exclude it.",
+                f"{where}.{pattern}",
+            )
     if node.get("additionalProperties", False) is not False:
         # The grammar's other keys come from additionalProperties, which may spell a key the pattern matches with a
         # value of the additional schema (`"xb": 2` where `^x` asks for a string).
@@ -350,3 +432,32 @@ def _pairwise_disjoint(sets: list[set[Any]]) -> bool:
             return False
         seen |= each
     return True
+
+
+def enforceable_schemas(spec: Any) -> Any:
+    """`spec` (a JSON schema, or a structural tag holding schemas) with the string nodes xgrammar 0.2.8 would compile
+    wrongly rewritten as patterns it enforces (probe FB):
+    - `minLength`/`maxLength` alone: xgrammar's length-bounded string lets raw control characters (a TAB) into the
+      string and no escape at all, so a reply could be not JSON; now `^.{m,n}$`, characters other than `"`, `\\`
+      and control characters (xgrammar's `.` in a string), counted as the schema counts them.
+    - `format: ipv4`: xgrammar's takes leading zeros; now a pattern of octets without them.
+    Values of data keywords (`enum`, `const`, ...) are left as they are."""
+    if isinstance(spec, list):
+        return [enforceable_schemas(item) for item in spec]
+    if not isinstance(spec, dict):
+        return spec
+    node = {key: value if key in DATA_KEYWORDS else enforceable_schemas(value) for key, value in spec.items()}
+    if node.get("type") != "string" or "pattern" in node:
+        return node
+    if node.get("format") == "ipv4":
+        del node["format"]
+        node["pattern"] = IPV4_PATTERN
+        return node
+    low, high = node.get("minLength"), node.get("maxLength")
+    if "format" in node or not (isinstance(low, int) or isinstance(high, int)):
+        return node
+    low = low if isinstance(low, int) else 0
+    node.pop("minLength", None)
+    node.pop("maxLength", None)
+    node["pattern"] = f"^.{{{low},{high if isinstance(high, int) else ''}}}$"
+    return node
