@@ -432,10 +432,11 @@ class LLMEngine:
             # the runner counted every accepted token; those past max_tokens or a stop token were never output
             self.lookahead.num_accepted -= len(result.tokens) - len(appended)
             reused = min(result.num_reused, len(appended) - 1)
-            if not seq.is_finished:
-                self.lookahead.copy_accepted(seq, result, item.draft, reused)
-                seq.num_computed_tokens += reused
-                self.blocks.commit_full_blocks(seq)
+            # a request that ended in this step too: its accepted tokens' KV and full blocks reach the prefix cache
+            # before its blocks are freed, as a plain step's do (the next chat turn found a block less, probe FC)
+            self.lookahead.copy_accepted(seq, result, item.draft, reused)
+            seq.num_computed_tokens += reused
+            self.blocks.commit_full_blocks(seq)
             outputs.append(self._output(seq, appended, None))
         return outputs
 

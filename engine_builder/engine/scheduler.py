@@ -99,6 +99,13 @@ class Scheduler:
         # took the step's budget and held every later request's next token until the prompt ended (probe DF).
         running = [(group, seq, _decodes(seq)) for group in list(self.running) for seq in group.sequences]
         running.sort(key=lambda entry: not entry[2])  # stable: decodes first, each kind in arrival order
+        # Under max_utilization a draft may take only blocks that the decodes after it in this loop do not need for
+        # their next token: one that took the last free block made the next decode preempt a request (probe FC)
+        later_decode_blocks = 0
+        if draft_tokens and self.config.scheduler_policy != SchedulerPolicy.GUARANTEED_NO_EVICT:
+            later_decode_blocks = sum(
+                self.blocks.num_new_blocks_needed(seq, 1) for _, seq, decodes in running if decodes and not seq.is_finished
+            )
         for group, seq, decodes in running:
             if group not in self._running or seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue  # its group was preempted for an earlier sequence's room, or it is not running
@@ -108,6 +115,8 @@ class Scheduler:
             # Drafts ride decode steps only: a prompt's last chunk of one token is no decode step (its choices
             # fork when it samples, which the draft path does not do: probe AC).
             drafts, draft_slots = (draft_tokens or {}).get(seq.seq_id, (0, 0)) if decodes else (0, 0)
+            if decodes and later_decode_blocks:
+                later_decode_blocks -= self.blocks.num_new_blocks_needed(seq, 1)
             capped = False
             if prefill_cap is None and not decodes and self.waiting:  # the decodes are scheduled
                 prefill_cap = max(self.blocks.block_size, token_budget // 2)
@@ -124,7 +133,9 @@ class Scheduler:
                 if not can_chunk or token_budget == 0:
                     continue
                 num_new = token_budget
-            if drafts and (num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots)):
+            if drafts and (
+                num_new + drafts > token_budget or not self._draft_fits(seq, num_new + draft_slots, later_decode_blocks)
+            ):
                 drafts = 0
             copies = self._fork_copies(group, seq, num_new)
             if not self._reserve_slots(seq, num_new + (draft_slots if drafts else 0), output, copies):
@@ -167,11 +178,12 @@ class Scheduler:
             else:
                 item.num_new_tokens, item.sample = total, sample
 
-    def _draft_fits(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `num_tokens` more slots for `seq` (its next token and draft slots) fit in blocks no one needs."""
+    def _draft_fits(self, seq: Sequence, num_tokens: int, later_decode_blocks: int = 0) -> bool:
+        """Whether `num_tokens` more slots for `seq` (its next token and draft slots) fit in blocks no one needs
+        (`later_decode_blocks`: what the decodes still to be scheduled in this step need, under max_utilization)."""
         new_blocks = self.blocks.num_new_blocks_needed(seq, num_tokens)
         if self.config.scheduler_policy != SchedulerPolicy.GUARANTEED_NO_EVICT:
-            return new_blocks <= self.blocks.num_free_blocks
+            return new_blocks <= self.blocks.num_free_blocks - later_decode_blocks
         own = max(0, self.blocks.blocks_for(self._max_total_tokens(seq)) - len(seq.block_table))
         slack = self.blocks.num_free_blocks - self._reserved_blocks()
         return new_blocks - min(new_blocks, own) <= slack

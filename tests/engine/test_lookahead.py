@@ -112,6 +112,26 @@ def test_preemption_with_lookahead(smollm2_dir: Path, smollm2_reference) -> None
     assert _run(engine, prompts, SamplingParams(max_tokens=24, temperature=0.0)) == [_trim(e) for e in expected]
 
 
+def test_a_request_ending_in_a_lookahead_step_leaves_its_blocks_to_the_prefix_cache(smollm2_dir: Path) -> None:
+    """Probe FC: a request whose reply ended inside a lookahead step never copied that step's accepted KV nor
+    committed its full blocks, so the next chat turn (prompt + reply + more) found a block fewer in the cache than
+    with lookahead off. Every length here ends some replies in a lookahead step."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).encode("red green blue " * 4).ids
+    engines = {name: _engine(smollm2_dir, lookahead, block_size=16) for name, lookahead in (("plain", None), ("lookahead", LOOKAHEAD))}
+    for max_tokens in range(34, 44):
+        first = [1000 + max_tokens, *ids]
+        cached = {}
+        for name, engine in engines.items():
+            reply = _run(engine, [first], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
+            engine.add_request(GenerationRequest("next", (*first, *reply, 290, 339), SamplingParams(max_tokens=1)))
+            while engine.has_unfinished():
+                for output in engine.step():
+                    cached[name] = output.num_cached_tokens
+        assert cached["lookahead"] == cached["plain"], (max_tokens, cached)
+
+
 def test_window_mask_and_ngram_collection() -> None:
     proposer = LookaheadProposer(LookaheadConfig(window_size=3, ngram_size=3, verification_set_size=2, max_batch_size=4))
     mask = proposer._window_mask(3)

@@ -166,6 +166,23 @@ def test_a_draft_that_needs_a_taken_block_is_dropped_not_paid_for_by_preemption(
     ]
 
 
+def test_a_draft_does_not_take_the_block_a_later_decode_needs() -> None:
+    """Probe FC: under max_utilization an earlier sequence's draft took the last free block, and the later sequence's
+    plain decode, whose next token starts a block, then preempted a request for it. The draft is dropped instead."""
+    scheduler = _scheduler(num_blocks=6, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)  # 5 usable blocks
+    a, b = _group("a", 7, max_tokens=24), _group("b", 8, max_tokens=24, first_seq_id=1)
+    scheduler.add(a)
+    scheduler.add(b)
+    _run_step(scheduler)  # a: 2 blocks, its next token fits in them; b: 2 full blocks, its next token needs a third
+    assert scheduler.blocks.num_free_blocks == 1
+    output = scheduler.schedule({a.sequences[0].seq_id: (4, 4)})
+    assert not output.preempted and scheduler.num_preemptions == 0
+    assert [(item.seq.request_id, item.num_new_tokens, item.num_draft_tokens) for item in output.scheduled] == [
+        ("a", 1, 0),
+        ("b", 1, 0),
+    ]
+
+
 def test_a_draft_takes_free_blocks_under_max_utilization() -> None:
     scheduler = _scheduler(num_blocks=9, scheduler_policy=SchedulerPolicy.MAX_UTILIZATION)
     _, b = _decode_both(scheduler)
