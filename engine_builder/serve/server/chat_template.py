@@ -1,10 +1,13 @@
 """Prompt rendering: OpenAI messages -> the model's chat template -> token ids."""
 
 import asyncio
+import collections
 import enum
 import functools
 import json
 import logging
+import math
+import threading
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -343,17 +346,98 @@ def _call_arguments(arguments: str | dict[str, Any], path: str) -> Any:
         raise bad_request(f"{path} is not valid JSON.", param=path) from None
 
 
-REQUEST_TEMPLATE_TIMEOUT_S = 5.0
+REQUEST_TEMPLATE_TIMEOUT_S = 5.0  # one render's own running time, not its wait for the renders ahead of it
+REQUEST_TEMPLATE_QUEUE_WAIT_S = 30.0  # a render not begun within this long is a 503 to retry, not the template's fault
+
+
+class _WorkerSlot:
+    """The sandbox worker's one render at a time, handed on first come first served. Callers may run on different
+    event loops (the server has one; a test client may run each request on another), so the waits are futures of
+    each caller's own loop, granted through `call_soon_threadsafe`, and no asyncio.Lock (bound to one loop) is used."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except BaseException:  # cancelled or timed out while waiting
+            with self._mutex:
+                queued = (loop, waiter) in self._waiters
+                if queued:
+                    self._waiters.remove((loop, waiter))
+            if not queued and waiter.done() and not waiter.cancelled():
+                self.release()  # granted just before the cancellation landed: hand it on
+            # not queued and not granted: `_grant` runs later, finds the wait cancelled and hands it on
+            raise
+
+    def release(self) -> None:
+        """Hand the worker to the next waiter whose loop still runs, else leave it free."""
+        with self._mutex:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._grant, waiter)
+                except RuntimeError:  # its loop has closed: that caller is gone
+                    continue
+                return
+            self._held = False
+
+    def _grant(self, waiter: "asyncio.Future[None]") -> None:
+        if waiter.done():  # its caller gave up meanwhile
+            self.release()
+        else:
+            waiter.set_result(None)
 
 
 class RequestTemplateSandbox:
-    """One worker process for request-supplied templates; a template over the time limit kills the worker."""
+    """One worker process for request-supplied templates, one render at a time. The time limit counts a render's own
+    running time, from when it is handed to the worker; a render over it kills the worker, and the renders queued
+    behind it run afterwards on a fresh one. A render that waits longer than `queue_wait_s` to begin is a 503 (the
+    server is busy), never a 400 blaming its template."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, queue_wait_s: float = REQUEST_TEMPLATE_QUEUE_WAIT_S) -> None:
         self.timeout_s = timeout_s
+        self.queue_wait_s = queue_wait_s
         self.worker = WorkerProcess("chat template", start=_import_renderer)
+        self._slot = _WorkerSlot()
+        self._renders: set[asyncio.Task[str]] = set()
 
     async def render(self, conversation: list[dict[str, Any]], **arguments: Any) -> str:
+        try:
+            async with asyncio.timeout(self.queue_wait_s):
+                await self._slot.acquire()
+        except TimeoutError:
+            raise APIError(
+                f"The chat template worker is busy with other requests' templates: this one did not start within "
+                f"{self.queue_wait_s:.0f} s; retry.", status=503, type="server_error", code="template_worker_busy",
+                headers={"Retry-After": str(max(1, math.ceil(self.timeout_s)))},
+            ) from None
+        # Shielded: a client that leaves does not free the worker while its render still runs there (the next render's
+        # clock would count it); the slot is released once the task is done.
+        task = asyncio.get_running_loop().create_task(self._render_holding_the_worker(conversation, arguments))
+        self._renders.add(task)
+        task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: "asyncio.Task[str]") -> None:
+        """The render is over (its result in, or the worker killed): the next render may have the worker. Here, not in
+        the task's own `finally`, which a task cancelled before it first runs never reaches."""
+        self._renders.discard(task)
+        self._slot.release()
+        if not task.cancelled():
+            task.exception()  # retrieved: a render whose client left is no "exception never retrieved" in the log
+
+    async def _render_holding_the_worker(self, conversation: list[dict[str, Any]], arguments: dict[str, Any]) -> str:
         # the worker's start-up (a new interpreter, transformers' import) is not the template's time
         try:
             future = await asyncio.to_thread(self.worker.submit, _render_template, conversation, arguments)
@@ -362,7 +446,7 @@ class RequestTemplateSandbox:
                 "The chat template worker did not start; retry.", status=503, type="server_error",
                 code="template_worker_unavailable",
             ) from None
-        try:
+        try:  # the clock starts now: this render is the only one in the worker
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.timeout_s)
         except BrokenProcessPool:
             self.worker.kill()
@@ -372,6 +456,9 @@ class RequestTemplateSandbox:
             raise bad_request(
                 f"chat_template did not render within {self.timeout_s:.0f} s; simplify the template.", param="chat_template"
             ) from None
+        except asyncio.CancelledError:  # its event loop is closing: leave nothing running in the worker
+            self.worker.kill()
+            raise
         if isinstance(result, Exception):
             raise bad_request(f"The chat template could not render these messages: {result}", param="chat_template")
         return result
