@@ -25,8 +25,14 @@ import torch
 
 from engine_builder.engine import grammar_masks
 from engine_builder.engine.config import LookaheadConfig
+from engine_builder.engine.sequence import TokenView
 
 MAX_NGRAMS_PER_KEY = 8
+# Context tokens indexed into a sequence's pool per step: the first drafted step of a 32k-token prompt indexed it
+# whole on the engine thread, 51-104 ms (probe FC) that every stream in the batch waited; now a long prompt is indexed
+# over its first steps, drafting from what is indexed so far.
+INDEX_TOKENS_PER_STEP = 2048
+Tokens = list[int] | TokenView
 CONTEXT_SIZES = (3, 2)  # longest first: a longer matching context predicts the continuation better
 
 
@@ -80,26 +86,29 @@ class LookaheadProposer:
         self.levels = max(config.ngram_size - 1, 1)
 
 
-    def new_state(self, tokens: list[int]) -> LookaheadState:
+    def new_state(self, tokens: Tokens) -> LookaheadState:
         """Seed the window with context tokens (a Jacobi start needs any tokens; these are plausible ones)."""
         recent = tokens[-self.window_size * self.levels :] or [0]
         window = [[recent[(level * self.window_size + column) % len(recent)] for column in range(self.window_size)]
                   for level in range(self.levels)]
         return LookaheadState(window=window)
 
-    def index(self, state: LookaheadState, tokens: list[int]) -> None:
-        """Add every complete n-gram of the sequence not indexed yet (prompt lookup)."""
+    def index(self, state: LookaheadState, tokens: Tokens, limit: int = INDEX_TOKENS_PER_STEP) -> None:
+        """Add the complete n-grams and contexts of the sequence not indexed yet (prompt lookup), at most `limit`
+        positions of each this call: the rest in the next steps."""
         n = self.ngram_size
-        for start in range(max(state.num_indexed, 0), len(tokens) - n + 1):
+        last = min(len(tokens) - n + 1, max(state.num_indexed, 0) + limit)
+        for start in range(max(state.num_indexed, 0), last):
             self._remember(state, tokens[start], tuple(tokens[start + 1 : start + n]))
-        state.num_indexed = max(state.num_indexed, len(tokens) - n + 1)
-        for end in range(state.num_context_indexed, len(tokens) - 1):
+        state.num_indexed = max(state.num_indexed, last)
+        last = min(len(tokens) - 1, state.num_context_indexed + limit)
+        for end in range(state.num_context_indexed, last):
             for size in CONTEXT_SIZES:
                 if end + 1 >= size:
                     state.contexts[tuple(tokens[end + 1 - size : end + 1])] = end
-        state.num_context_indexed = max(state.num_context_indexed, len(tokens) - 1)
+        state.num_context_indexed = max(state.num_context_indexed, last)
 
-    def _context_candidate(self, state: LookaheadState, tokens: list[int], length: int) -> list[int] | None:
+    def _context_candidate(self, state: LookaheadState, tokens: Tokens, length: int) -> list[int] | None:
         """What followed the latest earlier occurrence of the sequence's last 3 (else 2) tokens."""
         for size in CONTEXT_SIZES:
             end = state.contexts.get(tuple(tokens[-size:])) if len(tokens) >= size else None
@@ -114,7 +123,7 @@ class LookaheadProposer:
         while len(entries) > MAX_NGRAMS_PER_KEY:
             entries.popitem(last=False)
 
-    def propose(self, state: LookaheadState, last_token: int, position: int, tokens: list[int] | None = None) -> DraftPlan:
+    def propose(self, state: LookaheadState, last_token: int, position: int, tokens: Tokens | None = None) -> DraftPlan:
         """The draft rows for this step (possibly none).
 
         Candidates: first what followed the latest earlier occurrence of the last 3 (else 2) tokens, then

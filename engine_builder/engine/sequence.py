@@ -2,11 +2,48 @@
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from engine_builder.common.types import FinishReason, SamplingParams
+
+
+class TokenView:
+    """A sequence's prompt and output ids read as one list, without copying them: lookahead reads a few slices of a
+    long context every step, where concatenating the two lists cost 0.4-1.7 ms a step for 8 sequences at 32k tokens
+    (probe FC). Indexing and contiguous slices only."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self._prompt = prompt
+        self._output = output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        split = len(self._prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("TokenView slices are contiguous")
+            if stop <= split:
+                return list(self._prompt[start:stop])
+            if start >= split:
+                return self._output[start - split : stop - split]
+            return list(self._prompt[start:]) + self._output[: stop - split]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._prompt[index] if index < split else self._output[index - split]
 
 
 class SequenceStatus(enum.Enum):
@@ -92,6 +129,9 @@ class Sequence:
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_view(self) -> TokenView:
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
 
 
 @dataclass(eq=False)

@@ -67,7 +67,7 @@ class LookaheadRunner:
         for seq in seqs:
             if len(plans) >= len(self._lanes) or not self.eligible(seq, num_running):
                 continue
-            tokens = seq.all_token_ids()
+            tokens = seq.token_view()
             state = seq.lookahead_state
             if not isinstance(state, LookaheadState):
                 state = seq.lookahead_state = self.proposer.new_state(tokens)

@@ -146,6 +146,37 @@ def test_window_mask_and_ngram_collection() -> None:
     assert plan.positions[-2:] == [7, 8]
 
 
+def test_a_long_context_is_indexed_over_several_steps_into_the_same_pool() -> None:
+    """Probe FC: the first drafted step of a long prompt indexed it whole on the engine thread (51-104 ms at 32k tokens,
+    which every stream waited). Now a bounded share a step, through a view of the prompt and output (no copy), ending
+    in the pool and contexts a whole index makes."""
+    import random
+
+    from engine_builder.engine.lookahead import INDEX_TOKENS_PER_STEP
+    from engine_builder.engine.sequence import TokenView
+
+    rng = random.Random(0)
+    prompt, output = [rng.randrange(40) for _ in range(5000)], [rng.randrange(40) for _ in range(700)]
+    view, joined = TokenView(prompt, output), prompt + output
+    assert len(view) == len(joined) and view[-1] == joined[-1] and view[4999] == joined[4999]
+    for start, stop in ((0, 3), (4990, 5010), (5000, 5003), (-3, None), (-800, -699), (5600, 9999)):
+        assert view[start:stop] == joined[start:stop], (start, stop)
+    proposer = _adaptive()
+    whole = proposer.new_state(joined)
+    proposer.index(whole, joined, limit=len(joined))
+    stepped = proposer.new_state(view)
+    calls = 0
+    while stepped.num_context_indexed < len(joined) - 1:
+        proposer.index(stepped, view)
+        calls += 1
+        assert stepped.num_indexed <= calls * INDEX_TOKENS_PER_STEP
+    assert calls == -(-(len(joined) - 1) // INDEX_TOKENS_PER_STEP)
+    assert stepped.pool == whole.pool and stepped.contexts == whole.contexts
+    assert proposer.propose(stepped, joined[-1], len(joined), view).candidates == proposer.propose(
+        whole, joined[-1], len(joined), joined
+    ).candidates
+
+
 def _adaptive(ngram_size: int = 4, max_draft_rows: int = 3) -> LookaheadProposer:
     return LookaheadProposer(
         LookaheadConfig(window_size=3, ngram_size=ngram_size, verification_set_size=3, max_batch_size=4, max_draft_rows=max_draft_rows)
