@@ -411,14 +411,24 @@ class LLMEngine:
         return self.lookahead.plan(running, len(running), self.max_model_len)
 
     def _finish_drafts(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
-        outputs = []
-        for index, item in enumerate(scheduled):
-            if not item.num_draft_tokens or item.seq.request_id not in self.groups:  # none, or aborted this step
-                continue
-            assert self.lookahead is not None
+        outputs: list[GenerationDelta] = []
+        # none, or aborted this step
+        drafted = [index for index, item in enumerate(scheduled) if item.num_draft_tokens and item.seq.request_id in self.groups]
+        if not drafted:
+            return outputs
+        assert self.lookahead is not None
+        # every drafting sequence's rows through the LM head and to the host at once (one copy a step, not one each)
+        logits = self.runner.host_logits(hidden[torch.tensor([row for index in drafted for row in rows_of[index]])])
+        first_row = 0
+        for index in drafted:
+            item = scheduled[index]
             seq = item.seq
+            rows = logits[first_row : first_row + len(rows_of[index])]
+            first_row += len(rows_of[index])
+            if seq.request_id not in self.groups:  # another choice's grammar ended the request in this loop
+                continue
             try:
-                result = self.lookahead.finish(seq, item.draft, hidden[torch.tensor(rows_of[index])], self.runner.host_logits)
+                result = self.lookahead.finish(seq, item.draft, rows)
             except GrammarTooSlowError as slow:
                 logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", seq.request_id, slow.seconds)
                 outputs.extend(self.abort(seq.request_id, FinishReason.ERROR, _too_slow_message(slow.seconds)))

@@ -1,5 +1,6 @@
 """Lookahead decoding: greedy output identical to plain decoding, grammar-safe, exact limits, fallbacks."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,6 +145,33 @@ def test_window_mask_and_ngram_collection() -> None:
     plan = proposer.propose(state, last_token=1, position=6)
     assert plan.candidates == [[2, 4], [2, 3]]  # most recent first
     assert plan.positions[-2:] == [7, 8]
+
+
+def test_drafting_sequences_share_one_projection_a_step(smollm2_dir: Path, smollm2_reference) -> None:
+    """Probe FC: each drafting sequence's rows went through the LM head and to the host on their own (on a GPU, up to
+    8 copies and syncs a step); now one call a step, with the same greedy output."""
+    prompts, expected = smollm2_reference
+    engine = _engine(smollm2_dir, dataclasses.replace(LOOKAHEAD, adaptive=False))  # every sequence drafts every step
+    calls: list[int] = []
+    project = engine.runner.host_logits
+    engine.runner.host_logits = lambda hidden: (calls.append(hidden.shape[0]), project(hidden))[1]  # type: ignore[method-assign]
+    assert engine.lookahead is not None
+    finished: list[int] = []
+    finish = engine.lookahead.finish
+    engine.lookahead.finish = lambda *args: (finished.append(1), finish(*args))[1]  # type: ignore[method-assign]
+    shared_steps = 0
+    prompts, expected = prompts[:4], expected[:4]  # within LOOKAHEAD.max_batch_size: every sequence may draft
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"r{index}", tuple(prompt), SamplingParams(max_tokens=24, temperature=0.0)))
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        projected, drafted = len(calls), len(finished)
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).extend(output.token_ids)
+        assert len(calls) - projected == (1 if len(finished) > drafted else 0)
+        shared_steps += len(finished) - drafted > 1
+    assert shared_steps > 0  # steps where several sequences drafted, projected in one call
+    assert [outputs[f"r{index}"] for index in range(len(prompts))] == [_trim(e) for e in expected]
 
 
 def test_a_long_context_is_indexed_over_several_steps_into_the_same_pool() -> None:
