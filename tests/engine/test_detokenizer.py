@@ -109,3 +109,40 @@ def test_token_texts_keep_a_words_space_on_sentencepiece_tokenizers() -> None:
 def test_token_texts_of_byte_level_tokenizers_are_their_decodes(decoder: TextDecoder) -> None:
     ids = decoder.tokenizer.encode(" quick brown fox, Grüße", add_special_tokens=False).ids
     assert [decoder.token_text(token) for token in ids] == [decoder.tokenizer.decode([token]) for token in ids]
+
+
+def _streamed(decoder: TextDecoder, prompt: list[int], reply: list[int]) -> list[str]:
+    stream = decoder.start(prompt, skip_special_tokens=True)
+    return [stream.add([token]) for token in reply] + [stream.flush()]
+
+
+def test_a_prompt_context_cut_inside_a_character_does_not_garble_the_reply() -> None:
+    """Probe FE #1: the last 5 prompt tokens, decoded with the reply, began inside a character's byte tokens; a
+    byte-fallback decoder then turned the whole byte run, the reply's characters included, into U+FFFD ('日本語。' came
+    back as twelve of them, and nothing streamed until a plain token)."""
+    tokenizer = _sentencepiece_style_tokenizer()
+    decoder = TextDecoder(tokenizer)
+    prompt = tokenizer.encode("Translate: 日本語").ids
+    assert tokenizer.decode(prompt[-5:]).startswith("\ufffd")  # the old context began inside 本
+    reply = [tokenizer.token_to_id(f"<0x{byte:02X}>") for byte in "日本語。".encode()]  # straight after the prompt's text
+    pieces = _streamed(decoder, prompt, reply)
+    assert "".join(pieces) == tokenizer.decode(prompt + reply)[len(tokenizer.decode(prompt)) :] == "日本語。"
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece) >= 3  # a character as soon as its bytes are in
+
+
+@pytest.mark.parametrize("family", ["sentencepiece", "smollm2"])
+def test_a_token_id_prompt_ending_inside_a_character_keeps_the_reply_text(family: str, smollm2_dir: Path) -> None:
+    """Probe FE #3: a token-id prompt cut inside a character (a client continuing a reply cut there) counted the
+    character's first bytes as read: the reply lost the completed character, and with byte fallback text after it
+    ('ello world' for ' hello world')."""
+    tokenizer = _sentencepiece_style_tokenizer() if family == "sentencepiece" else Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    decoder = TextDecoder(tokenizer)
+    ids = tokenizer.encode("Q: 😀 hello world", add_special_tokens=False).ids
+    cuts = [cut for cut in range(1, len(ids)) if tokenizer.decode(ids[:cut]).endswith("\ufffd")]
+    assert cuts  # the emoji takes several tokens
+    for cut in cuts:
+        complete = max(index for index in range(cut) if not tokenizer.decode(ids[:index]).endswith("\ufffd"))
+        expected = tokenizer.decode(ids)[len(tokenizer.decode(ids[:complete])) :]
+        assert "".join(_streamed(decoder, ids[:cut], ids[cut:])) == expected, cut
+    assert _streamed(decoder, ids[: cuts[0]], []) == [""]  # nothing generated: the prompt's part is not output
