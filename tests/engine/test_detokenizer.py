@@ -146,3 +146,31 @@ def test_a_token_id_prompt_ending_inside_a_character_keeps_the_reply_text(family
         expected = tokenizer.decode(ids)[len(tokenizer.decode(ids[:complete])) :]
         assert "".join(_streamed(decoder, ids[:cut], ids[cut:])) == expected, cut
     assert _streamed(decoder, ids[: cuts[0]], []) == [""]  # nothing generated: the prompt's part is not output
+
+
+@pytest.mark.parametrize("family", ["sentencepiece", "smollm2"])
+def test_echoed_prompt_offsets_index_the_echoed_text(family: str, smollm2_dir: Path) -> None:
+    """Probe FE #2: offsets summed the prompt tokens' texts, which spell more than the echoed prompt at its start (a BOS,
+    Llama 2's space before its first word): every prompt and reply offset was shifted by it (17 characters for
+    Llama 3's `<|begin_of_text|>`)."""
+    from types import SimpleNamespace
+
+    from engine_builder.serve.server.logprobs import TokenTexts
+    from engine_builder.serve.server.protocol import CompletionLogprobs
+    from engine_builder.serve.server.serving_completions import _prompt_entries
+
+    if family == "sentencepiece":
+        tokenizer = _sentencepiece_style_tokenizer()
+        bos = [tokenizer.token_to_id("<s>")]
+    else:
+        tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+        bos = [tokenizer.token_to_id("<|im_start|>")]  # a BOS as Llama 3's tokenizer adds one
+    prompt = "The quick brown fox"
+    ids = bos + tokenizer.encode(prompt, add_special_tokens=False).ids
+    texts = TokenTexts(TextDecoder(tokenizer))
+    logprobs = CompletionLogprobs()
+    end = _prompt_entries(texts, prompt, SimpleNamespace(request=SimpleNamespace(prompt_token_ids=ids)), [None] * len(ids), logprobs)
+    assert end == len(prompt) and logprobs.text_offset[0] == 0
+    for token, offset in zip(logprobs.tokens[2:], logprobs.text_offset[2:], strict=True):  # after the BOS and first word
+        assert prompt[offset:].startswith(token), (token, offset)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)

@@ -91,16 +91,25 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
     return result
 
 
-def _prompt_entries(texts: TokenTexts, run: Run, entries: list, logprobs: CompletionLogprobs) -> int:
-    """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends)."""
+def _prompt_entries(texts: TokenTexts, text: str, run: Run, entries: list, logprobs: CompletionLogprobs) -> int:
+    """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends); returns
+    where the reply's text starts, the echoed `text`'s length.
+
+    Offsets index the echoed text: its tokens' texts may spell more than it holds at its start (Llama 3's
+    `<|begin_of_text|>`, Llama 2's `<s>` and the space its first word's piece reads with, the space a decoded token-id
+    prompt drops), which shifted every offset of the prompt and the reply (probe FE #2); those are counted back from
+    the text's end, the start clamped at 0."""
+    spans: list[int] = []
     offset = 0
     for token_id, entry in zip(run.request.prompt_token_ids, entries, strict=False):
         logprobs.tokens.append(texts.text(token_id))
         start, offset = texts.char_span(token_id, offset)
-        logprobs.text_offset.append(start)
+        spans.append(start)
         logprobs.token_logprobs.append(entry.logprob if entry is not None else None)
         logprobs.top_logprobs.append(texts.completion_top(entry) if entry is not None else None)
-    return offset
+    shift = len(text) - offset
+    logprobs.text_offset.extend(max(0, start + shift) for start in spans)
+    return len(text)
 
 
 async def serve_completion(state: ServerState, body: CompletionRequest, http_request: Request) -> Response:
@@ -212,7 +221,7 @@ async def _complete(
         parts.setdefault(choice, [runs[position][0]] if body.echo else []).append(delta.text)
         if texts is not None and delta.prompt_logprobs is not None:
             entry = logprobs.setdefault(choice, CompletionLogprobs())
-            offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+            offsets[choice] = _prompt_entries(texts, runs[position][0], runs[position][1], delta.prompt_logprobs, entry)
         if texts is not None and delta.logprobs:
             entry = logprobs.setdefault(choice, CompletionLogprobs())
             offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
@@ -268,7 +277,7 @@ async def _stream(
         if texts is not None and (delta.logprobs or delta.prompt_logprobs is not None):
             entry = CompletionLogprobs()
             if delta.prompt_logprobs is not None:
-                offsets[choice] = _prompt_entries(texts, runs[position][1], delta.prompt_logprobs, entry)
+                offsets[choice] = _prompt_entries(texts, runs[position][0], runs[position][1], delta.prompt_logprobs, entry)
             offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
             logprobs = entry.model_dump()
         finish = delta.finish_reason.value if delta.finish_reason else None
