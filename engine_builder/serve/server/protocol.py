@@ -54,6 +54,9 @@ CONTENT_PART_TYPES = ("text", "refusal", "image_url", "input_audio", "file")
 class FunctionCall(StrictModel):
     name: str
     arguments: str | dict[str, Any] = "{}"
+    # the openai SDK's `parse` helpers add the arguments read into the tool's model; sent back with the message, it is
+    # client-side metadata beside `arguments`, not shown to the model (probe FH)
+    parsed_arguments: Any = None
 
 
 class ToolCall(StrictModel):
@@ -83,6 +86,9 @@ class ChatMessage(StrictModel):
     # the model, as OpenAI and vLLM ignore it.
     provider_specific_fields: dict[str, Any] | None = None
     thinking_blocks: list[Any] | None = None
+    # the openai SDK's `parse` helpers add the reply read into the response_format's model (`message.parsed`): the
+    # same content again, client-side; refused, it broke every turn after a parsed reply (probe FH)
+    parsed: Any = None
 
     @model_validator(mode="after")
     def _reasoning_alias(self) -> "ChatMessage":

@@ -363,3 +363,32 @@ def test_an_sdk_dumped_reply_goes_back_into_the_history(client: OpenAI, server: 
         body = {"messages": [question, {"role": "assistant", "content": "x", field: value}, follow_up]}
         response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 400 and response.json()["error"]["param"] == f"messages[1].{field}", response.text
+
+
+def test_the_sdk_parse_helpers_fields_go_back_into_the_history(client: OpenAI, server: ServerProcess) -> None:
+    """Probe FH: the openai SDK's `parse` adds `parsed` to the message and `parsed_arguments` to each tool call; sent
+    back with the history (the next turn of a tool loop) they were 400s. Client metadata: accepted, not shown."""
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        word: str = Field(max_length=8)
+
+    question = {"role": "user", "content": "Say a word."}
+    reply = client.chat.completions.parse(model="x", messages=[question], response_format=Answer, max_tokens=30, temperature=0)
+    dumped = reply.choices[0].message.model_dump()
+    assert "parsed" in dumped
+    follow_up = {"role": "user", "content": "And?"}
+    assert client.chat.completions.create(model="x", messages=[question, dumped, follow_up], max_tokens=2).choices
+
+    def prompt_tokens(messages: list[dict]) -> int:
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+    parsed_call = {**call, "function": {**call["function"], "parsed_arguments": {"q": "x"}}}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+    plain = prompt_tokens([question, {"role": "assistant", "content": None, "tool_calls": [call]}, result])
+    assert prompt_tokens([question, {"role": "assistant", "content": None, "tool_calls": [parsed_call]}, result]) == plain
+    text = {"role": "assistant", "content": '{"word": "hi"}'}
+    assert prompt_tokens([question, {**text, "parsed": {"word": "hi"}}, follow_up]) == prompt_tokens([question, text, follow_up])
