@@ -317,5 +317,43 @@ def test_the_compile_applies_the_rewrite_and_keeps_data_as_written() -> None:
     compiled = json.loads(seen[0])
     assert compiled["properties"]["s"] == {"type": "string", "default": "x", "pattern": "^.{0,3}$"}
     assert compiled["examples"] == schema["examples"]
-    with pytest.raises(GuideError, match="maxLength` 5000 is above"):
-        audit_json_schema({"type": "string", "maxLength": 5000})
+
+
+
+def test_length_bounds_past_what_compiles_in_time() -> None:
+    """Probe FH: each bound compiles as a pattern whose grammar grows with it (16 fields of maxLength 2000 took 26 s,
+    past the 20 s compile limit). A maxLength above 1,024 is enforced as 1,024 (a shorter string meets the schema), a
+    minLength above is refused, and so are bounds adding up past 16,384."""
+    from engine_builder.serve.decoding.structured.schema_audit import enforceable_schemas
+
+    assert enforceable_schemas({"type": "string", "maxLength": 5000}) == {"type": "string", "pattern": "^.{0,1024}$"}
+    audit_json_schema({"type": "string", "maxLength": 5000})
+    with pytest.raises(GuideError, match="minLength` 2000 is above"):
+        audit_json_schema({"type": "string", "minLength": 2000})
+    fields = {f"f{index}": {"type": "string", "maxLength": 2000} for index in range(17)}
+    with pytest.raises(GuideError, match="add up to 17408"):
+        audit_json_schema({"type": "object", "properties": fields, "required": list(fields)})
+    del fields["f16"]
+    audit_json_schema({"type": "object", "properties": fields, "required": list(fields)})
+
+
+@pytest.mark.parametrize(
+    ("schema", "rewritten"),
+    [
+        # a property named as a data keyword is a schema all the same (probe FH: `default`, `required`, `enum`...)
+        ({"type": "object", "properties": {"default": {"type": "string", "maxLength": 5}}},
+         {"type": "object", "properties": {"default": {"type": "string", "pattern": "^.{0,5}$"}}}),
+        # OpenAI's optional field: a type list with null
+        ({"type": ["string", "null"], "maxLength": 5}, {"type": ["string", "null"], "pattern": "^.{0,5}$"}),
+        # Pydantic's AnyUrl: a format no empty string has, beside minLength 1
+        ({"type": "string", "format": "uri", "minLength": 1}, {"type": "string", "format": "uri"}),
+    ],
+)
+def test_every_string_node_is_rewritten(schema: dict, rewritten: dict) -> None:
+    from engine_builder.serve.decoding.structured.schema_audit import enforceable_schemas
+
+    audit_json_schema(schema)
+    assert enforceable_schemas(schema) == rewritten
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(rewritten), any_whitespace=False, strict_mode=True)
+    tab = '{"default": "a\tb"}' if "properties" in schema else '"a\tb"'
+    assert not _is_grammar_accept_string(grammar, tab)

@@ -44,8 +44,12 @@ DATA_KEYWORDS = frozenset({"enum", "const", "examples", "default", "required"})
 MAX_DEPTH = 64
 MAX_NODES = 20000
 # A length-bounded string compiles as a pattern of that many characters (`enforceable_schemas`), whose grammar grows
-# with the bound: ~2 s to compile at 2,000 characters, ~12 s at 5,000 (the compile limit is 20 s).
-MAX_STRING_LENGTH_BOUND = 2048
+# with the bound: ~0.3 s to compile at 1,024 characters, ~2 s at 2,000, ~12 s at 5,000 (the compile limit is 20 s).
+# A longer maxLength is enforced as this one (a shorter string meets the schema); a longer minLength is refused.
+MAX_STRING_LENGTH_BOUND = 1024
+MAX_STRING_BOUNDS_TOTAL = 16384  # the bounds of one schema's patterns together (16 x 1,024: ~5 s to compile)
+# Formats no empty string has: a `minLength` of 1 beside one holds already (Pydantic's AnyUrl writes `minLength: 1`)
+NONEMPTY_FORMATS = frozenset({"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"})
 # Characters a JSON string holds only escaped: a `pattern` literal of one is written raw into the string (xgrammar
 # 0.2.8 keeps character classes to the characters a string may hold as they are, not literals; probe FB)
 _ESCAPED_IN_JSON = frozenset({ord('"'), ord("\\"), *range(0x20)})
@@ -85,6 +89,14 @@ def audit_json_schema(schema: Any, param: str = "response_format.json_schema.sch
         raise GuideError("The JSON schema must be an object.", param)
     counter = [0]
     _walk(schema, param, 0, counter, schema)
+    bounds: list[int] = []
+    enforceable_schemas(schema, bounds)
+    if sum(bounds) > MAX_STRING_BOUNDS_TOTAL:
+        raise GuideError(
+            f"The JSON schema's string length bounds add up to {sum(bounds)} characters, above the "
+            f"{MAX_STRING_BOUNDS_TOTAL} this server compiles (each bound compiles as a pattern, whose grammar grows with "
+            "it); lower some `maxLength`s, or remove them and check the lengths after.", param
+        )
 
 
 def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, Any]) -> None:
@@ -114,13 +126,14 @@ def _walk(node: Any, path: str, depth: int, counter: list[int], root: dict[str, 
             )
         if key == "type" and isinstance(value, list) and not value:
             raise GuideError("JSON schema `type` must name at least one type (an empty list admits no value).", where)
-        if key in ("minLength", "maxLength") and isinstance(value, int) and value > MAX_STRING_LENGTH_BOUND:
+        if key == "minLength" and isinstance(value, int) and value > MAX_STRING_LENGTH_BOUND:
             raise GuideError(
-                f"JSON schema `{key}` {value} is above the {MAX_STRING_LENGTH_BOUND} characters this server enforces "
-                f"(length-bounded strings compile as patterns, whose grammars grow with the bound); lower it or remove "
-                f"`{key}` and check the length after.", where
+                f"JSON schema `minLength` {value} is above the {MAX_STRING_LENGTH_BOUND} characters this server enforces "
+                "(length-bounded strings compile as patterns, whose grammars grow with the bound); lower it, or remove "
+                "it and check the length after.", where
             )
-        if key in ("minLength", "maxLength") and (key == "maxLength" or value != 0) and ("pattern" in node or "format" in node):
+        held = key == "minLength" and value in (0, 1) and node.get("format") in NONEMPTY_FORMATS and "pattern" not in node
+        if key in ("minLength", "maxLength") and (key == "maxLength" or value != 0) and not held and ("pattern" in node or "format" in node):
             beside = "pattern" if "pattern" in node else "format"
             raise GuideError(
                 f"JSON schema `{key}` together with `{beside}` cannot be enforced (the length bound would be ignored); "
@@ -434,22 +447,35 @@ def _pairwise_disjoint(sets: list[set[Any]]) -> bool:
     return True
 
 
-def enforceable_schemas(spec: Any) -> Any:
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def enforceable_schemas(spec: Any, bounds: list[int] | None = None) -> Any:
     """`spec` (a JSON schema, or a structural tag holding schemas) with the string nodes xgrammar 0.2.8 would compile
-    wrongly rewritten as patterns it enforces (probe FB):
-    - `minLength`/`maxLength` alone: xgrammar's length-bounded string lets raw control characters (a TAB) into the
-      string and no escape at all, so a reply could be not JSON; now `^.{m,n}$`, characters other than `"`, `\\`
-      and control characters (xgrammar's `.` in a string), counted as the schema counts them.
+    wrongly rewritten as patterns it enforces (probe FB); `bounds` collects the length bound of each pattern made:
+    - `minLength`/`maxLength` without a pattern or format: xgrammar's length-bounded string lets raw control
+      characters (a TAB) into the string and no escape at all, so a reply could be not JSON; now `^.{m,n}$`,
+      characters other than `"`, `\\` and control characters (xgrammar's `.` in a string), counted as the schema
+      counts them, n at most MAX_STRING_LENGTH_BOUND. On a node whose `type` lists more types than `string` too (a
+      pattern holds strings alone).
     - `format: ipv4`: xgrammar's takes leading zeros; now a pattern of octets without them.
-    Values of data keywords (`enum`, `const`, ...) are left as they are."""
+    - `minLength` 0 or 1 beside a format no empty string has: dropped (it holds already).
+    Values of data keywords (`enum`, `const`, ...) are left as they are; properties are schemas whatever their names."""
     if isinstance(spec, list):
-        return [enforceable_schemas(item) for item in spec]
+        return [enforceable_schemas(item, bounds) for item in spec]
     if not isinstance(spec, dict):
         return spec
-    node = {key: value if key in DATA_KEYWORDS else enforceable_schemas(value) for key, value in spec.items()}
-    if node.get("type") != "string" or "pattern" in node:
+    node: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            node[key] = {name: enforceable_schemas(child, bounds) for name, child in value.items()}
+        else:
+            node[key] = value if key in DATA_KEYWORDS else enforceable_schemas(value, bounds)
+    if "string" not in _types(node) or "pattern" in node:
         return node
-    if node.get("format") == "ipv4":
+    if node.get("format") in NONEMPTY_FORMATS and node.get("minLength") in (0, 1) and "maxLength" not in node:
+        del node["minLength"]
+    if node.get("format") == "ipv4" and "minLength" not in node and "maxLength" not in node:
         del node["format"]
         node["pattern"] = IPV4_PATTERN
         return node
@@ -457,7 +483,10 @@ def enforceable_schemas(spec: Any) -> Any:
     if "format" in node or not (isinstance(low, int) or isinstance(high, int)):
         return node
     low = low if isinstance(low, int) else 0
+    high = min(high, MAX_STRING_LENGTH_BOUND) if isinstance(high, int) else None
     node.pop("minLength", None)
     node.pop("maxLength", None)
-    node["pattern"] = f"^.{{{low},{high if isinstance(high, int) else ''}}}$"
+    node["pattern"] = f"^.{{{low},{'' if high is None else high}}}$"
+    if bounds is not None:
+        bounds.append(max(low, high or 0))
     return node
