@@ -213,7 +213,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Fp8Linear):
                     module.requantize_to_one_scale()
-        self.model.fused_decode = config.fused_decode and not config.lora_adapters and tp is None
+        self.model.fused_decode = config.fused_decode and tp is None  # with adapters: for steps without their rows
         if self.kernels == KernelSet.NATIVE:
             self._maybe_pack_linears()
         self.lora: LoraContext | None = None
