@@ -50,6 +50,7 @@ class BaseModelShapes:
 
     num_hidden_layers: int
     features: dict[str, tuple[int, int]]  # module -> (in_features, out_features)
+    expert_layers: frozenset[int] = frozenset()  # layers whose MLP is a mixture of experts (no gate/up/down to adapt)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "BaseModelShapes":
@@ -70,7 +71,14 @@ class BaseModelShapes:
             "up_proj": (hidden, intermediate),
             "down_proj": (intermediate, hidden),
         }
-        return cls(num_hidden_layers=int(config["num_hidden_layers"]), features=features)
+        num_layers = int(config["num_hidden_layers"])
+        experts = config.get("num_experts") or config.get("num_local_experts")
+        expert_layers: frozenset[int] = frozenset()
+        if isinstance(experts, int) and experts > 0:  # as the engine reads it: every layer but Qwen-MoE's dense ones
+            dense = set(config.get("mlp_only_layers") or [])
+            step = int(config.get("decoder_sparse_step") or 1)
+            expert_layers = frozenset(index for index in range(num_layers) if index not in dense and (index + 1) % step == 0)
+        return cls(num_hidden_layers=num_layers, features=features, expert_layers=expert_layers)
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,12 @@ def _check_tensors(
             raise AdapterCheckError(
                 f"tensor {name} is for layer {layer}, but the base model's layers are 0..{base.num_hidden_layers - 1} "
                 f"(num_hidden_layers {base.num_hidden_layers}): the adapter was trained for a different base model"
+            )
+        if match["block"] == "mlp" and layer in base.expert_layers:
+            # the engine has no gate/up/down linear there to adapt: refused here, not when the server starts (probe FG)
+            raise AdapterCheckError(
+                f"tensor {name} adapts {module} of layer {layer}, a mixture-of-experts layer of the base model: LoRA on "
+                "expert MLPs is not supported; train the adapter on attention modules (q/k/v/o_proj) only"
             )
         in_features, out_features = base.features[module]
         expected = (rank, in_features) if matrix == "A" else (out_features, rank)

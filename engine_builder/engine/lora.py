@@ -142,6 +142,9 @@ def install_adapters(
     targeted = {TARGETS[module][0] for pairs in weights for (_, module) in pairs}
     for layer_index, layer in enumerate(model.layers):
         for linear_name in sorted(targeted):
+            modules = [module for module, (target, _) in TARGETS.items() if target == linear_name]
+            if not any((layer_index, module) in pairs for pairs in weights for module in modules):
+                continue  # no adapter has weights for this layer's linear: it stays the base's (a dense layer beside MoE ones)
             owner = layer.mlp if linear_name.startswith("mlp.") else layer
             attribute = linear_name.removeprefix("mlp.")
             if not hasattr(owner, attribute):

@@ -162,3 +162,27 @@ def test_every_choice_of_an_n_request_runs_under_its_adapter(setup) -> None:
         for output in engine.step():
             choices.setdefault(output.index, []).extend(output.token_ids)
     assert choices == {0: expected, 1: expected, 2: expected}
+
+
+def test_adapters_on_expert_mlps_are_refused_at_build_and_dense_layers_of_a_moe_model_served(tmp_path: Path) -> None:
+    """Probe FG: an MLP adapter on a mixture-of-experts base (a Mistral-7B adapter pointed at Mixtral has the same
+    shapes) passed the build's check and the server then failed at start; an adapter on a Qwen3-MoE model's dense
+    layers only was refused though it can be served (the engine wrapped every layer's MLP)."""
+    import json
+
+    from engine_builder.build.peft_lora import AdapterCheckError, BaseModelShapes, read_peft_lora
+
+    mixtral = write_tiny_model(tmp_path, "mixtral")
+    on_experts = write_adapter(tmp_path / "experts", mixtral, rank=2, alpha=4.0, targets=("q_proj", "gate_proj"), seed=1)
+    with pytest.raises(AdapterCheckError, match="gate_proj of layer 0, a mixture-of-experts layer"):
+        read_peft_lora(on_experts, BaseModelShapes.from_config(json.loads((mixtral / "config.json").read_text())), 16)
+    qwen_moe = write_tiny_model(tmp_path, "qwen3_moe")  # layer 1 dense (mlp_only_layers), the others experts
+    adapter = write_adapter(tmp_path / "dense", qwen_moe, rank=2, alpha=4.0, targets=("q_proj", "gate_proj"), seed=2)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    kept = {name: tensor for name, tensor in weights.items() if ".mlp." not in name or ".layers.1." in name}
+    save_file(kept, str(adapter / "adapter_model.safetensors"))
+    read_peft_lora(adapter, BaseModelShapes.from_config(json.loads((qwen_moe / "config.json").read_text())), 16)
+    engine = _engine(qwen_moe, [AdapterSpec("dense", adapter, 2, 4.0)])
+    expected = greedy(merged_reference(qwen_moe, adapter), PROMPTS[0], 8)
+    assert expected != greedy(merged_reference(qwen_moe, None), PROMPTS[0], 8)
+    assert _run(engine, [("a", PROMPTS[0], "dense")])["a"] == expected
