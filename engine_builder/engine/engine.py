@@ -21,9 +21,10 @@ from engine_builder.engine import grammar_masks
 from engine_builder.engine.block_manager import BlockManager
 from engine_builder.engine.config import EngineConfig, SchedulerPolicy
 from engine_builder.engine.grammar_masks import GrammarMasks
+from engine_builder.engine.host_to_device import index_tensor
 from engine_builder.engine.layers.sampler import SamplingRow, make_sampler
 from engine_builder.engine.lookahead import DraftPlan, GrammarTooSlowError
-from engine_builder.engine.model_runner import ModelRunner, index_tensor
+from engine_builder.engine.model_runner import ModelRunner
 from engine_builder.engine.parallel import RankFailedError
 from engine_builder.engine.scheduler import ScheduledSequence, Scheduler
 from engine_builder.engine.sequence import Sequence, SequenceGroup, SequenceStatus

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from engine_builder.engine.config import AdapterSpec
+from engine_builder.engine.host_to_device import index_tensor
 from engine_builder.engine.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ class LoraContext:
         for row, slot in enumerate(slots):
             if slot:
                 by_slot.setdefault(slot, []).append(row)
-        self.segments = [(slot, torch.tensor(rows, dtype=torch.long, device=device)) for slot, rows in by_slot.items()]
-        self.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        # through pinned memory on a GPU: a copy from pageable memory waited for the previous step (probe FG)
+        self.segments = [(slot, index_tensor(rows, device)) for slot, rows in by_slot.items()]
+        self.row_slots = index_tensor(slots, device)
         self.gather = self.force_gather or (device.type != "cpu" and len(slots) <= GATHER_MAX_ROWS)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from engine_builder.engine.config import EngineConfig
 from engine_builder.engine.graph_runner import CudaGraphRunner, PiecewiseGraphRunner
+from engine_builder.engine.host_to_device import index_tensor
 from engine_builder.engine.kernels import build as native_build
 from engine_builder.engine.kernels import triton as triton_kernels
 from engine_builder.engine.kv_cache import PagedKVCache
@@ -109,14 +110,6 @@ def threads_from_environment() -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{THREADS_VARIABLE} must be a whole number of threads, 1 or more; got {value!r}")
     return int(value)
-
-
-def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 indices on `device`; on a GPU through pinned memory without waiting (a plain copy from pageable
-    memory would first wait for everything queued on the device)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=torch.long)
-    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def resolve_kernels(name: str, device: torch.device) -> KernelSet:
