@@ -174,3 +174,22 @@ def test_echoed_prompt_offsets_index_the_echoed_text(family: str, smollm2_dir: P
     for token, offset in zip(logprobs.tokens[2:], logprobs.text_offset[2:], strict=True):  # after the BOS and first word
         assert prompt[offset:].startswith(token), (token, offset)
     assert logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def test_a_special_token_the_text_leaves_out_takes_no_characters(smollm2_dir: Path) -> None:
+    """Probe FE #4: a special token skip_special_tokens left out of the reply still moved every later text_offset by
+    its own text's length ('Hello<|im_start|> world': ' world' at 17 of an 11-character text)."""
+    from engine_builder.common.types import TokenLogprob
+    from engine_builder.serve.server.logprobs import TokenTexts
+    from engine_builder.serve.server.protocol import CompletionLogprobs
+
+    tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    decoder = TextDecoder(tokenizer)
+    ids = [*tokenizer.encode("Hello", add_special_tokens=False).ids, tokenizer.token_to_id("<|im_start|>"),
+           *tokenizer.encode(" world again", add_special_tokens=False).ids]
+    text = decoder.decode(ids, skip_special_tokens=True)
+    logprobs = CompletionLogprobs()
+    end = TokenTexts(decoder).completion([TokenLogprob(token_id=t, logprob=-1.0) for t in ids], 0, logprobs, decoder.special_ids)
+    assert end == len(text) == len("Hello world again")
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        assert token == "<|im_start|>" or text[offset:].startswith(token), (token, offset)

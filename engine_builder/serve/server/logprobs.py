@@ -49,16 +49,21 @@ class TokenTexts:
         ]
 
     def completion(
-        self, entries: list[TokenLogprob | None], start_offset: int, logprobs: CompletionLogprobs
+        self,
+        entries: list[TokenLogprob | None],
+        start_offset: int,
+        logprobs: CompletionLogprobs,
+        unwritten: frozenset[int] = frozenset(),
     ) -> int:
-        """Append entries to `logprobs`; returns the text offset after them."""
+        """Append entries to `logprobs`; returns the text offset after them. `unwritten`: token ids the text leaves
+        out (special tokens under skip_special_tokens), which take no characters of it (probe FE #4)."""
         offset = start_offset
         for entry in entries:
             if entry is None:
                 continue
             logprobs.tokens.append(self.text(entry.token_id))
             logprobs.token_logprobs.append(entry.logprob)
-            start, offset = self.char_span(entry.token_id, offset)
+            start, offset = (offset, offset) if entry.token_id in unwritten else self.char_span(entry.token_id, offset)
             logprobs.text_offset.append(start)
             logprobs.top_logprobs.append(self.completion_top(entry))
         return offset

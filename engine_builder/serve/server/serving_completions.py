@@ -91,6 +91,11 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[st
     return result
 
 
+def _unwritten(texts: TokenTexts, body: CompletionRequest) -> frozenset[int]:
+    """The reply's tokens its text leaves out: special tokens, unless the request keeps them."""
+    return texts.decoder.special_ids if body.skip_special_tokens else frozenset()
+
+
 def _prompt_entries(texts: TokenTexts, text: str, run: Run, entries: list, logprobs: CompletionLogprobs) -> int:
     """Echoed prompt tokens in the logprobs lists (the first token has no logprob: null, as OpenAI sends); returns
     where the reply's text starts, the echoed `text`'s length.
@@ -224,7 +229,7 @@ async def _complete(
             offsets[choice] = _prompt_entries(texts, runs[position][0], runs[position][1], delta.prompt_logprobs, entry)
         if texts is not None and delta.logprobs:
             entry = logprobs.setdefault(choice, CompletionLogprobs())
-            offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry)
+            offsets[choice] = texts.completion(list(delta.logprobs), offsets.get(choice, 0), entry, _unwritten(texts, body))
         if delta.finish_reason is not None:
             last[choice] = delta
     choices = []
@@ -278,7 +283,7 @@ async def _stream(
             entry = CompletionLogprobs()
             if delta.prompt_logprobs is not None:
                 offsets[choice] = _prompt_entries(texts, runs[position][0], runs[position][1], delta.prompt_logprobs, entry)
-            offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry)
+            offsets[choice] = texts.completion(list(delta.logprobs or []), offsets.get(choice, 0), entry, _unwritten(texts, body))
             logprobs = entry.model_dump()
         finish = delta.finish_reason.value if delta.finish_reason else None
         if text or logprobs or finish or delta.token_ids:  # an event per token, textless ones too, as vLLM
