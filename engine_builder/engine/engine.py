@@ -78,6 +78,7 @@ class LLMEngine:
             else None
         )
         self.groups: dict[str, SequenceGroup] = {}
+        self._guided: set[str] = set()  # requests with a grammar: without any, a step starts no mask fills
         # pool slot of each LoRA adapter, in the config's order (slot 0 is the base model)
         self.lora_slots = {adapter.name: slot for slot, adapter in enumerate(config.lora_adapters, start=1)}
         self._seq_ids = itertools.count()
@@ -150,6 +151,7 @@ class LLMEngine:
                 raise RequestRejectedError("one grammar matcher per choice is required")
             for seq, matcher in zip(sequences, guide_matchers, strict=True):
                 seq.guide_state = matcher
+            self._guided.add(request.request_id)
         group = SequenceGroup(request.request_id, sequences, arrival)
         self.groups[request.request_id] = group
         self.scheduler.add(group)
@@ -217,6 +219,7 @@ class LLMEngine:
         self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
     ) -> list[GenerationDelta]:
         group = self.groups.pop(request_id, None)
+        self._guided.discard(request_id)
         if group is None:
             return []
         self.scheduler.remove(request_id)
@@ -242,6 +245,7 @@ class LLMEngine:
         if group.is_finished:
             self.scheduler.finish(group)
             del self.groups[request_id]
+            self._guided.discard(request_id)
         return []
 
     def has_unfinished(self) -> bool:
@@ -462,6 +466,7 @@ class LLMEngine:
             if group.is_finished:
                 self.scheduler.finish(group)
                 del self.groups[request_id]
+                self._guided.discard(request_id)
 
     def _sampling_rows(
         self, items: list[ScheduledSequence]
@@ -497,6 +502,9 @@ class LLMEngine:
         inside its kernels, so on a machine with a spare core the masks cost (almost) nothing; `_sample` collects
         them, ending a request whose fill runs past the budget.
         """
+        if not self._guided:  # the walk below costs ~0.26 us a row (probe ED), for nothing without a grammar
+            self.masks.start([])
+            return
         guided = [
             seq
             for item in scheduled

@@ -102,6 +102,17 @@ def test_sampling_requests_and_grammars(smollm2_dir: Path) -> None:
 
     text = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).decode(looked, skip_special_tokens=True)
     assert set(json.loads(text)) == {"name", "tags"}
+    # a finished or aborted guided request leaves no trace: steps without a grammar start no mask fills (probe ED)
+    assert not engine._guided
+    engine.add_request(GenerationRequest("g", tuple(prompt), params), [compiler.matcher(compiled, EOS)])
+    assert engine._guided == {"g"}
+    engine.step()
+    engine.abort("g")
+    assert not engine._guided
+    walked: list[int] = []
+    engine._unforked_children = lambda seq: walked.append(1) or []  # type: ignore[method-assign]
+    _run(engine, [prompt], SamplingParams(max_tokens=3, temperature=0.0))
+    assert walked == []
 
 
 def test_preemption_with_lookahead(smollm2_dir: Path, smollm2_reference) -> None:
