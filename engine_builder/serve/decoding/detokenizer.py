@@ -13,7 +13,6 @@ from tokenizers import Tokenizer
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 5
 MAX_PROMPT_CONTEXT = 24  # how far back the context may reach to start on a character
-MAX_CHARACTER_TOKENS = 4  # byte tokens one character may take (UTF-8's longest)
 
 
 class TextDecoder:
@@ -76,9 +75,8 @@ class IncrementalDetokenizer:
         # with special tokens kept: those to drop by hand (decoding keeps every special token or none)
         self._dropped_ids = decoder.special_ids - kept_special_ids if skip_special_tokens and kept_special_ids else None
         self.token_ids = self._context(prompt_token_ids)
-        self._num_prompt_tokens = len(self.token_ids)
         self.prefix_offset = 0
-        self.read_offset = self._first_unread(self.token_ids)
+        self.read_offset = len(self.token_ids)
 
     def _context(self, prompt: list[int]) -> list[int]:
         """The prompt's last PROMPT_CONTEXT tokens, reaching further back (up to MAX_PROMPT_CONTEXT) until they start on
@@ -89,15 +87,6 @@ class IncrementalDetokenizer:
         while start > lowest and self._decode(prompt[start:]).startswith(REPLACEMENT):
             start -= 1
         return list(prompt[start:])
-
-    def _first_unread(self, context: list[int]) -> int:
-        """Where the reply's text starts: before the prompt's last tokens when they end inside a character (a token-id
-        prompt cut mid-character), so the reply token that completes it emits the whole character; counting them
-        read lost the character and the text after it (probe FE)."""
-        read = len(context)
-        while read > 0 and len(context) - read < MAX_CHARACTER_TOKENS and self._decode(context[:read]).endswith(REPLACEMENT):
-            read -= 1
-        return read if read < len(context) and not self._decode(context[:read]).endswith(REPLACEMENT) else len(context)
 
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens, return the newly completed text (possibly empty)."""
@@ -120,7 +109,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text held back at the end of generation (an incomplete character is emitted as U+FFFD)."""
-        if self.read_offset >= len(self.token_ids) or len(self.token_ids) == self._num_prompt_tokens:
+        if self.read_offset >= len(self.token_ids):
             return ""
         decode = self._decode
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])

@@ -169,10 +169,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+MAX_INT_DIGITS = 4300  # Python's own limit on reading an integer, which Truss's JSON parsing has too
+
+
 def _bounded_int(text: str) -> int:
-    """An integer of at most 100 digits (past 4,300 Python's own refusal told the client to call
-    `sys.set_int_max_str_digits()`, probe FD #4); no field takes a longer one."""
-    if len(text.lstrip("-")) > 100:
+    """An integer of at most MAX_INT_DIGITS digits, refused past them in words a client can act on (Python's own
+    refusal told the client to call `sys.set_int_max_str_digits()`, probe FD #4)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"the number {text[:40]}... ({len(text)} digits) is out of range")
     return int(text)
 

@@ -65,9 +65,11 @@ SAMPLING_COUNTS = (
 )
 CHAT_COUNTS = (*SAMPLING_COUNTS, Count("messages", MAX_MESSAGES, "messages"), Count("tools", MAX_TOOLS, "tools"))
 COMPLETION_COUNTS = (*SAMPLING_COUNTS, Count("prompt", MAX_PROMPTS, "prompts"))
-# a Responses conversation becomes chat messages: its input items are held to the messages' limit before translation,
-# which validated 600k items on the event loop for half a minute before their count was refused (probe FD #1)
-RESPONSES_COUNTS = (Count("input", MAX_MESSAGES, "input items"), Count("tools", MAX_TOOLS, "tools"))
+# A Responses conversation becomes chat messages (several items may make one: a call and its output, reasoning), which
+# chat's limit holds after translation; the items are counted before it, which validated 600k items on the event loop
+# for half a minute before their count was refused (probe FD #1)
+MAX_INPUT_ITEMS = 4 * MAX_MESSAGES
+RESPONSES_COUNTS = (Count("input", MAX_INPUT_ITEMS, "input items"), Count("tools", MAX_TOOLS, "tools"))
 
 
 def check_count(param: str, count: int, limit: int, what: str) -> None:

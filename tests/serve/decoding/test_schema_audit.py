@@ -263,6 +263,20 @@ def test_a_property_a_pattern_also_matches_is_refused() -> None:
     audit_json_schema({**schema, "patternProperties": {"^y[0-9]$": {"type": "integer"}}})
 
 
+def test_a_catastrophic_pattern_is_refused_within_its_budget() -> None:
+    """Probe FZ: the property-shadowing check ran the client's pattern with Python's `re` in the server: `^(a+)+$`
+    against a 28-character name held every thread 8.6 s (about 40 characters: hours)."""
+    import time
+
+    name = "a" * 40 + "!"  # `^(a|aa)+$` takes Fibonacci(40) paths to fail on it, in any backtracking matcher
+    schema = {"type": "object", "properties": {name: {"type": "string"}}, "required": [name],
+              "patternProperties": {"^(a|aa)+$": {"type": "integer"}}, "additionalProperties": False}
+    started = time.monotonic()
+    with pytest.raises(GuideError, match="too slow to check"):
+        audit_json_schema(schema)
+    assert time.monotonic() - started < 2
+
+
 def test_characters_a_class_allows_stay_allowed_and_small_ranges_keep_multiple_of() -> None:
     for pattern in ('^[^"]+$', "^[ -~]{1,4}$", "^\\S+$", "^[a-z]+\\.[a-z]+$"):
         audit_json_schema({"type": "string", "pattern": pattern})
@@ -323,17 +337,17 @@ def test_the_compile_applies_the_rewrite_and_keeps_data_as_written() -> None:
 def test_length_bounds_past_what_compiles_in_time() -> None:
     """Probe FH: each bound compiles as a pattern whose grammar grows with it (16 fields of maxLength 2000 took 26 s,
     past the 20 s compile limit). A maxLength above 1,024 is enforced as 1,024 (a shorter string meets the schema), a
-    minLength above is refused, and so are bounds adding up past 16,384."""
+    minLength above is refused, and so are bounds adding up past 32,768."""
     from engine_builder.serve.decoding.structured.schema_audit import enforceable_schemas
 
     assert enforceable_schemas({"type": "string", "maxLength": 5000}) == {"type": "string", "pattern": "^.{0,1024}$"}
     audit_json_schema({"type": "string", "maxLength": 5000})
     with pytest.raises(GuideError, match="minLength` 2000 is above"):
         audit_json_schema({"type": "string", "minLength": 2000})
-    fields = {f"f{index}": {"type": "string", "maxLength": 2000} for index in range(17)}
-    with pytest.raises(GuideError, match="add up to 17408"):
+    fields = {f"f{index}": {"type": "string", "maxLength": 2000} for index in range(33)}
+    with pytest.raises(GuideError, match="add up to 33792"):
         audit_json_schema({"type": "object", "properties": fields, "required": list(fields)})
-    del fields["f16"]
+    del fields["f32"]
     audit_json_schema({"type": "object", "properties": fields, "required": list(fields)})
 
 

@@ -11,6 +11,7 @@ from engine_builder.serve.server.tools import ToolCallOutput
 
 TOOLS = {
     "get_weather": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+    "mcp/files:read": {"type": "object", "properties": {"path": {"type": "string"}}},  # a namespaced MCP tool
     "add": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
     "noop": {"type": "object", "properties": {}},
 }
@@ -73,6 +74,7 @@ CASES = [
     ("mistral", '[TOOL_CALLS]add[ARGS]{"a": "{[TOOL_CALLS]}"} Done.', " Done.", [("add", {"a": "{[TOOL_CALLS]}"})]),
     ("mistral", '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', []),
     ("mistral", "[TOOL_CALLS] is how I would call a tool.", "[TOOL_CALLS] is how I would call a tool.", []),
+    ("mistral", '[TOOL_CALLS]mcp/files:read[ARGS]{"path": "/tmp"}', "", [("mcp/files:read", {"path": "/tmp"})]),  # probe FZ
 ]
 
 

@@ -356,7 +356,7 @@ def test_tokenize_and_responses_bound_their_work_as_chat_does(server: ServerProc
         assert (error["param"], error["code"]) == (param, "limit_exceeded") and "2048 tokens" in error["message"]
     for route, body, param in (
         ("/tokenize", {"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
-        ("/v1/responses", {"model": "x", "input": [{"role": "user", "content": "x"}] * 2049}, "input"),
+        ("/v1/responses", {"model": "x", "input": [{"role": "user", "content": "x"}] * 8193}, "input"),
         ("/v1/responses", {"model": "x", "input": "hi", "tools": [{"type": "function", "name": "f"}] * 129}, "tools"),
     ):
         refused = httpx.post(f"{url}{route}", json=body, timeout=30)

@@ -47,7 +47,7 @@ MAX_NODES = 20000
 # with the bound: ~0.3 s to compile at 1,024 characters, ~2 s at 2,000, ~12 s at 5,000 (the compile limit is 20 s).
 # A longer maxLength is enforced as this one (a shorter string meets the schema); a longer minLength is refused.
 MAX_STRING_LENGTH_BOUND = 1024
-MAX_STRING_BOUNDS_TOTAL = 16384  # the bounds of one schema's patterns together (16 x 1,024: ~5 s to compile)
+MAX_STRING_BOUNDS_TOTAL = 32768  # the bounds of one schema's patterns together (16 x 1,024: ~5 s to compile)
 # Formats no empty string has: a `minLength` of 1 beside one holds already (Pydantic's AnyUrl writes `minLength: 1`)
 NONEMPTY_FORMATS = frozenset({"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"})
 # Characters a JSON string holds only escaped: a `pattern` literal of one is written raw into the string (xgrammar
@@ -243,16 +243,35 @@ def _raw_escaped_literal(node: Any) -> int | None:
     return None
 
 
+# The client's patterns run against the declared property names with a time limit, in all, and without holding the
+# GIL: Python's `re` has none, and `^(a+)+$` against a 28-character name held every thread for 8.6 s (probe FZ)
+PATTERN_CHECK_BUDGET_S = 0.25
+
+
 def _check_pattern_properties(node: dict[str, Any], patterns: dict[str, Any], where: str) -> None:
-    import re
+    import time
+
+    import regex  # transformers' dependency: a matcher with a timeout
 
     declared = node.get("properties")
+    names = list(declared) if isinstance(declared, dict) else []
+    deadline = time.monotonic() + PATTERN_CHECK_BUDGET_S
     for pattern in patterns:
         _check_pattern(pattern, f"{where}.{pattern}")
-        try:
-            shadowed = [name for name in declared if re.search(pattern, name)] if isinstance(declared, dict) else []
-        except re.error:
-            shadowed = []
+        shadowed: list[str] = []
+        for name in names:
+            try:
+                if regex.search(pattern, name, concurrent=True, timeout=max(deadline - time.monotonic(), 0.001)):
+                    shadowed.append(name)
+                    break
+            except regex.error:
+                break
+            except TimeoutError:
+                raise GuideError(
+                    f"JSON schema `patternProperties` {pattern!r} is too slow to check against the declared "
+                    "properties (nested repeats); simplify the pattern.",
+                    f"{where}.{pattern}",
+                ) from None
         if shadowed:
             # JSON Schema holds such a key to both subschemas; the grammar follows `properties` alone
             raise GuideError(

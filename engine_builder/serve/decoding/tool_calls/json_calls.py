@@ -422,7 +422,7 @@ class MistralParser(ToolParser):
         text is not one. Where the tokenizer drops `[ARGS]` from the text, the arguments follow the name."""
         start = _skip_space(text, len(self.TAG))
         name_end = start
-        while name_end < len(text) and (text[name_end].isalnum() or text[name_end] in "_-."):
+        while name_end < len(text) and (text[name_end].isalnum() or text[name_end] in "_-.:/"):  # as tool names may be
             name_end += 1
         position = name_end
         if text.startswith(self.CALL_ID, position):
