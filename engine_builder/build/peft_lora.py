@@ -17,7 +17,7 @@ from engine_builder.build.checkpoints.selection import (
     ADAPTER_PICKLE_FILE,
     ADAPTER_SAFETENSORS_FILE,
 )
-from engine_builder.common.decoder_defaults import with_architecture_defaults
+from engine_builder.common.decoder_defaults import expert_layers, with_architecture_defaults
 
 # The HF module names the engine applies LoRA to, with the block that holds them (order kept in manifests).
 SUPPORTED_MODULES: dict[str, str] = {
@@ -71,14 +71,9 @@ class BaseModelShapes:
             "up_proj": (hidden, intermediate),
             "down_proj": (intermediate, hidden),
         }
-        num_layers = int(config["num_hidden_layers"])
-        experts = config.get("num_experts") or config.get("num_local_experts")
-        expert_layers: frozenset[int] = frozenset()
-        if isinstance(experts, int) and experts > 0:  # as the engine reads it: every layer but Qwen-MoE's dense ones
-            dense = set(config.get("mlp_only_layers") or [])
-            step = int(config.get("decoder_sparse_step") or 1)
-            expert_layers = frozenset(index for index in range(num_layers) if index not in dense and (index + 1) % step == 0)
-        return cls(num_hidden_layers=num_layers, features=features, expert_layers=expert_layers)
+        return cls(
+            num_hidden_layers=int(config["num_hidden_layers"]), features=features, expert_layers=expert_layers(config)
+        )
 
 
 @dataclass(frozen=True)

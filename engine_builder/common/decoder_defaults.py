@@ -66,3 +66,16 @@ def context_positions(config: dict[str, Any]) -> int | None:
     if not isinstance(original, (int, float)) or not isinstance(factor, (int, float)):
         return max_positions
     return max(max_positions, int(original * factor))
+
+
+def expert_layers(config: dict[str, Any]) -> frozenset[int]:
+    """The layers whose MLP is a mixture of experts: none without `num_experts`/`num_local_experts`, else every layer
+    but those Qwen-MoE keeps dense (`mlp_only_layers`, and those off its `decoder_sparse_step`); Mixtral's and
+    gpt-oss's configs name neither, so all of theirs. The engine builds its layers so, and the build checks LoRA
+    adapters against the same."""
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not isinstance(experts, int) or experts < 1:
+        return frozenset()
+    dense = set(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    return frozenset(index for index in range(config["num_hidden_layers"]) if index not in dense and (index + 1) % step == 0)

@@ -218,8 +218,7 @@ class LLMEngine:
     def abort(
         self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
     ) -> list[GenerationDelta]:
-        group = self.groups.pop(request_id, None)
-        self._guided.discard(request_id)
+        group = self._forget(request_id)
         if group is None:
             return []
         self.scheduler.remove(request_id)
@@ -244,9 +243,13 @@ class LLMEngine:
             self.blocks.free(seq)
         if group.is_finished:
             self.scheduler.finish(group)
-            del self.groups[request_id]
-            self._guided.discard(request_id)
+            self._forget(request_id)
         return []
+
+    def _forget(self, request_id: str) -> SequenceGroup | None:
+        """The request's group out of the engine's books (its own, and the set of requests with a grammar)."""
+        self._guided.discard(request_id)
+        return self.groups.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -423,7 +426,7 @@ class LLMEngine:
             return outputs
         assert self.lookahead is not None
         # every drafting sequence's rows through the LM head and to the host at once (one copy a step, not one each)
-        logits = self.runner.host_logits(hidden[torch.tensor([row for index in drafted for row in rows_of[index]])])
+        logits = self.runner.host_logits(hidden[index_tensor([row for index in drafted for row in rows_of[index]], hidden.device)])
         first_row = 0
         for index in drafted:
             item = scheduled[index]
@@ -465,8 +468,7 @@ class LLMEngine:
                     self.blocks.free(seq)
             if group.is_finished:
                 self.scheduler.finish(group)
-                del self.groups[request_id]
-                self._guided.discard(request_id)
+                self._forget(request_id)
 
     def _sampling_rows(
         self, items: list[ScheduledSequence]

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from engine_builder.common.decoder_defaults import context_positions, with_defaults
+from engine_builder.common.decoder_defaults import context_positions, expert_layers, with_defaults
 from engine_builder.engine.layers.moe import MoESpec
 from engine_builder.engine.layers.rotary import ROPE_TYPES
 from engine_builder.engine.models.decoder import DecoderModel, DecoderSpec
@@ -162,15 +162,13 @@ def _num_experts(config: dict[str, Any]) -> int:
 
 
 def _qwen3_moe(architecture: str, config: dict[str, Any]) -> DecoderSpec:
-    num_layers = config["num_hidden_layers"]
-    dense = set(config.get("mlp_only_layers") or [])
-    step = int(config.get("decoder_sparse_step") or 1)
+    sparse = expert_layers(config)
     moe = MoESpec(
         num_experts=_num_experts(config),
         top_k=config["num_experts_per_tok"],
         intermediate_size=config["moe_intermediate_size"],
         normalize_top_k=bool(config.get("norm_topk_prob", False)),
-        sparse_layers=tuple(index not in dense and (index + 1) % step == 0 for index in range(num_layers)),
+        sparse_layers=tuple(index in sparse for index in range(config["num_hidden_layers"])),
     )
     window = config.get("sliding_window") if config.get("use_sliding_window") else None  # on every layer
     return _common(architecture, config, qk_norm=True, sliding_window=window, moe=moe)

@@ -25,6 +25,7 @@ import torch
 from engine_builder.engine.kernels import bindings
 from engine_builder.engine.kv_cache import PagedKVCache
 from engine_builder.engine.layers.attention.cpu import CpuAttentionMetadata, native_decode_slots
+from engine_builder.engine.lora import LoraLinear
 from engine_builder.engine.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class FusedDecodeStack:
         self.norm_dtype = first.input_norm.weight.dtype
         # LoRA adapters loaded: the fused call runs the base weights, so only steps without adapter rows take it
         # (turned off whenever an adapter was loaded, base requests ran ~17% slower on the CPU; probe FG)
-        self._lora = next((linear.context for linear in _linears(model) if _is_lora(linear)), None)
+        wrapped = (linear for layer in model.layers for linear in _layer_linears(layer) if isinstance(linear, LoraLinear))
+        self._lora = next((linear.context for linear in wrapped), None)
 
     @classmethod
     def build(cls, model: Any) -> "FusedDecodeStack | None":
@@ -137,7 +139,7 @@ class FusedDecodeStack:
             return tensor.data_ptr()
 
         for index, layer in enumerate(self.model.layers):
-            linears = tuple(_unwrapped(linear) for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down))
+            linears = tuple(_unwrapped(linear) for linear in _layer_linears(layer))
             biases = [linear.bias32 if linear.bias is not None else None for linear in linears]
             window = layer.attention.sliding_window or 0
             entries.append(bindings.DecodeLayer(
@@ -151,17 +153,13 @@ class FusedDecodeStack:
         return self._layers
 
 
-def _is_lora(linear: Any) -> bool:
-    return hasattr(linear, "lora_a") and hasattr(linear, "base")
+def _layer_linears(layer: Any) -> tuple[Any, ...]:
+    return layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down
 
 
 def _unwrapped(linear: Any) -> Any:
-    """The base linear under a LoRA wrapper (engine/lora.py's LoraLinear), else the linear itself."""
-    return linear.base if _is_lora(linear) else linear
-
-
-def _linears(model: Any) -> list[Any]:
-    return [linear for layer in model.layers for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)]
+    """The base linear under a LoRA wrapper, else the linear itself."""
+    return linear.base if isinstance(linear, LoraLinear) else linear
 
 
 def _unsupported(model: Any) -> str | None:
@@ -182,7 +180,7 @@ def _unsupported(model: Any) -> str | None:
     if not bindings.has_bf16_gemm():
         return "the native kernel library is unavailable or has no AVX512-BF16 GEMM"
     for layer in model.layers:
-        for wrapped in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down):
+        for wrapped in _layer_linears(layer):
             linear = _unwrapped(wrapped)
             if not isinstance(linear, cpu_kernels.PackedFp16Linear) or linear.panels is None:
                 return "linears not packed for the bf16 GEMM kernel (another dtype, quantized, or no AVX512-BF16)"

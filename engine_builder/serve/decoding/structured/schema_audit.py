@@ -7,8 +7,11 @@ names the keyword and where it sits in the schema.
 """
 
 import json
+import time
 from re import _parser as regex_parser  # type: ignore[attr-defined]  # Python's own regex parser (3.11+)
 from typing import Any
+
+import regex  # a matcher with a timeout, for the client's patterns the server runs itself
 
 from engine_builder.serve.decoding.structured.errors import GuideError
 
@@ -249,10 +252,6 @@ PATTERN_CHECK_BUDGET_S = 0.25
 
 
 def _check_pattern_properties(node: dict[str, Any], patterns: dict[str, Any], where: str) -> None:
-    import time
-
-    import regex  # transformers' dependency: a matcher with a timeout
-
     declared = node.get("properties")
     names = list(declared) if isinstance(declared, dict) else []
     deadline = time.monotonic() + PATTERN_CHECK_BUDGET_S
