@@ -176,3 +176,46 @@ def test_a_special_token_the_text_leaves_out_takes_no_characters(smollm2_dir: Pa
     assert end == len(text) == len("Hello world again")
     for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
         assert token == "<|im_start|>" or text[offset:].startswith(token), (token, offset)
+
+
+def _cut_inside_a_character(tokenizer: Tokenizer, family: str, text: str, character: str) -> tuple[list[int], list[int]]:
+    """(prompt ids ending with the first bytes of `character`, reply ids: its other bytes, then ` hello world`), as a
+    token-in client continuing a reply cut at a `length` stop sends them."""
+    if family == "sentencepiece":
+        head = tokenizer.encode(text).ids
+        pieces = [tokenizer.token_to_id(f"<0x{byte:02X}>") for byte in character.encode()]
+        return head + pieces[:2], pieces[2:] + tokenizer.encode("hello world", add_special_tokens=False).ids  # ▁hello
+    ids = tokenizer.encode(text + character + " hello world", add_special_tokens=False).ids
+    cut = next(end for end in range(len(ids)) if tokenizer.decode(ids[:end]).endswith("\ufffd"))  # mid-character
+    return ids[:cut], ids[cut:]
+
+
+@pytest.mark.parametrize("family", ["sentencepiece", "smollm2"])
+def test_a_token_prompt_ending_inside_a_character_keeps_the_reply_text(family: str, smollm2_dir: Path) -> None:
+    """Probe FE #3: the prompt's unfinished character counted as text already read, so the reply lost the character and,
+    on a byte-fallback tokenizer, the reply text after it ('ello world' for '😀 hello world')."""
+    tokenizer = _sentencepiece_style_tokenizer() if family == "sentencepiece" else Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    decoder = TextDecoder(tokenizer)
+    prompt, reply = _cut_inside_a_character(tokenizer, family, "Smile:", "😀")
+    assert tokenizer.decode(prompt).endswith("\ufffd")
+    pieces = _streamed(decoder, prompt, reply)
+    assert "".join(pieces).endswith("😀 hello world") and "\ufffd" not in "".join(pieces), pieces
+
+
+@pytest.mark.parametrize("family", ["sentencepiece", "smollm2"])
+def test_an_unfinished_prompt_character_the_reply_leaves_unfinished_is_not_sent(family: str, smollm2_dir: Path) -> None:
+    """The held character's U+FFFD are the prompt's text: a reply that does not finish it starts after them."""
+    tokenizer = _sentencepiece_style_tokenizer() if family == "sentencepiece" else Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    decoder = TextDecoder(tokenizer)
+    prompt, _ = _cut_inside_a_character(tokenizer, family, "Smile:", "😀")
+    reply = tokenizer.encode("hello world" if family == "sentencepiece" else " hello world", add_special_tokens=False).ids
+    assert "".join(_streamed(decoder, prompt, reply)) == " hello world"
+
+
+def test_a_prompt_ending_in_a_real_replacement_character_is_not_sent_again(smollm2_dir: Path) -> None:
+    """A U+FFFD the prompt really holds (its three bytes all there) is the prompt's text, not a character to finish."""
+    tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    decoder = TextDecoder(tokenizer)
+    prompt = tokenizer.encode("Broken text \ufffd", add_special_tokens=False).ids
+    reply = tokenizer.encode(" hello", add_special_tokens=False).ids
+    assert "".join(_streamed(decoder, prompt, reply)) == " hello"

@@ -6,6 +6,8 @@ until the next token completes it. The window starts inside the prompt so the fi
 the same leading-space treatment it gets mid-sentence.
 """
 
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -13,6 +15,7 @@ from tokenizers import Tokenizer
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 5
 MAX_PROMPT_CONTEXT = 24  # how far back the context may reach to start on a character
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TextDecoder:
@@ -22,6 +25,8 @@ class TextDecoder:
         self.tokenizer = tokenizer
         self._anchor = _anchor_token(tokenizer)
         self._special_ids: frozenset[int] | None = None
+        self._byte_decoder = _byte_level_table() if _is_byte_level(tokenizer) else None
+        self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -55,6 +60,17 @@ class TextDecoder:
                 return after[len(anchor_text) :]
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text: a byte-level piece mapped back to its bytes, a `<0xE6>` byte piece's
+        byte, else the UTF-8 of its text (a piece's bytes can be part of a character, which its text cannot show)."""
+        piece = self.tokenizer.id_to_token(token_id)
+        table = self._byte_decoder
+        if table is not None and piece is not None and all(char in table for char in piece):
+            return bytes(table[char] for char in piece)
+        if piece is not None and BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        return self.token_text(token_id).encode("utf-8")
+
     def start(
         self, prompt_token_ids: list[int] | tuple[int, ...], skip_special_tokens: bool,
         kept_special_ids: frozenset[int] = frozenset(),
@@ -77,6 +93,26 @@ class IncrementalDetokenizer:
         self.token_ids = self._context(prompt_token_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
+        self._held = self._unfinished_character()
+
+    def _unfinished_character(self) -> int:
+        """How many U+FFFD the context's text ends in for a character its last bytes begin and the reply finishes (a
+        token-id prompt cut inside a character, as a continuation after a `length` stop is): the first text out
+        starts that many characters back, so it carries the whole character rather than losing it, and the reply
+        text after it (probe FE #3). Judged on the tokens' bytes: a U+FFFD the prompt really holds is not held."""
+        tail = b"".join(self.decoder.token_bytes(token) for token in self.token_ids[-4:])
+        unfinished = 0
+        for back in range(1, min(4, len(tail)) + 1):
+            byte = tail[-back]
+            if byte & 0xC0 != 0x80:  # the last character's first byte
+                needs = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+                unfinished = back if needs > back else 0
+                break
+        if not unfinished:
+            return 0
+        text = self._decode(self.token_ids)
+        finished = tail[:-unfinished].decode("utf-8", errors="replace")
+        return max(_trailing_replacements(text) - _trailing_replacements(finished), 0)
 
     def _context(self, prompt: list[int]) -> list[int]:
         """The prompt's last PROMPT_CONTEXT tokens, reaching further back (up to MAX_PROMPT_CONTEXT) until they start on
@@ -94,12 +130,19 @@ class IncrementalDetokenizer:
         decode = self._decode
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.token_ids[self.prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
+        start = len(prefix_text) - self._held
+        if len(full_text) <= start or full_text.endswith(REPLACEMENT):
             return ""
-        new_text = full_text[len(prefix_text) :]
+        new_text = self._release(full_text[start:])
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return new_text
+
+    def _release(self, text: str) -> str:
+        """`text` from where the prompt's unfinished character starts: that character's U+FFFD are the prompt's own
+        text if the reply did not finish it."""
+        held, self._held = self._held, 0
+        return text[held:] if held and text.startswith(REPLACEMENT * held) else text
 
     def _decode(self, token_ids: list[int]) -> str:
         dropped = self._dropped_ids
@@ -115,7 +158,38 @@ class IncrementalDetokenizer:
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.token_ids[self.prefix_offset :])
         self.read_offset = len(self.token_ids)
-        return full_text[len(prefix_text) :]
+        return self._release(full_text[len(prefix_text) - self._held :])
+
+
+def _trailing_replacements(text: str) -> int:
+    return len(text) - len(text.rstrip(REPLACEMENT))
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    import json
+
+    try:
+        spec = json.loads(tokenizer.to_str())
+    except Exception:
+        return False
+    return (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _byte_level_table() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable-character map used by byte-level BPE vocabularies."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
 
 
 def _anchor_token(tokenizer: Tokenizer) -> tuple[int, str] | None:

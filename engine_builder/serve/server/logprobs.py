@@ -1,13 +1,10 @@
 """Token logprobs in OpenAI's two formats (chat: per-token objects with bytes; completions: parallel lists)."""
 
-import re
 from functools import lru_cache
 
 from engine_builder.common.types import TokenLogprob
 from engine_builder.serve.decoding.detokenizer import TextDecoder
 from engine_builder.serve.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
-
-BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TokenTexts:
@@ -15,7 +12,6 @@ class TokenTexts:
 
     def __init__(self, decoder: TextDecoder) -> None:
         self.decoder = decoder
-        self._byte_decoder = _byte_level_table() if _is_byte_level(decoder) else None
         self.text = lru_cache(maxsize=65536)(self._text)
         self.raw_bytes = lru_cache(maxsize=65536)(self._raw_bytes)
 
@@ -23,16 +19,7 @@ class TokenTexts:
         return self.decoder.token_text(token_id)
 
     def _raw_bytes(self, token_id: int) -> list[int]:
-        piece = self.decoder.tokenizer.id_to_token(token_id)
-        if (
-            self._byte_decoder is not None
-            and piece is not None
-            and all(ch in self._byte_decoder for ch in piece)
-        ):
-            return [self._byte_decoder[ch] for ch in piece]
-        if piece is not None and BYTE_FALLBACK.fullmatch(piece):  # SentencePiece's byte tokens, <0xE6>
-            return [int(piece[3:5], 16)]
-        return list(self.text(token_id).encode("utf-8"))
+        return list(self.decoder.token_bytes(token_id))
 
     def chat(self, entries: list[TokenLogprob]) -> list[ChatTokenLogprob]:
         return [
@@ -99,30 +86,3 @@ class TokenTexts:
                 key = "bytes:" + "".join(f"\\x{byte:02x}" for byte in self.raw_bytes(token_id))
             top.setdefault(key, logprob)
         return top
-
-
-def _is_byte_level(decoder: TextDecoder) -> bool:
-    import json
-
-    try:
-        spec = json.loads(decoder.tokenizer.to_str())
-    except Exception:
-        return False
-    return (spec.get("decoder") or {}).get("type") == "ByteLevel"
-
-
-def _byte_level_table() -> dict[str, int]:
-    """The inverse of GPT-2's byte -> printable-character map used by byte-level BPE vocabularies."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
