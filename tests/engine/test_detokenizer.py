@@ -219,3 +219,17 @@ def test_a_prompt_ending_in_a_real_replacement_character_is_not_sent_again(smoll
     prompt = tokenizer.encode("Broken text \ufffd", add_special_tokens=False).ids
     reply = tokenizer.encode(" hello", add_special_tokens=False).ids
     assert "".join(_streamed(decoder, prompt, reply)) == " hello"
+
+
+def test_an_invalid_byte_run_does_not_send_its_finished_characters_again() -> None:
+    """Probe FE #5: '≈' (three byte tokens) sent, then a lone lead byte the model never finishes: the byte-fallback
+    decoder turned the whole run into U+FFFD and the stream sent three of them after the '≈' it had already sent."""
+    tokenizer = _sentencepiece_style_tokenizer()
+    decoder = TextDecoder(tokenizer)
+    byte = {value: tokenizer.token_to_id(f"<0x{value:02X}>") for value in (0xE2, 0x89, 0x88, 0xC3)}
+    hello, world = (tokenizer.encode(word, add_special_tokens=False).ids for word in ("hello", "world"))
+    reply = [*hello, byte[0xE2], byte[0x89], byte[0x88], byte[0xC3], *world]
+    pieces = _streamed(decoder, tokenizer.encode("The test").ids, reply)
+    assert "".join(pieces) == " hello≈\ufffd world", pieces
+    ended = _streamed(decoder, tokenizer.encode("The test").ids, reply[: len(hello) + 4])  # the lone byte last
+    assert "".join(ended) == " hello≈\ufffd", ended

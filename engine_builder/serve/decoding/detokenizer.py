@@ -133,15 +133,21 @@ class IncrementalDetokenizer:
         start = len(prefix_text) - self._held
         if len(full_text) <= start or full_text.endswith(REPLACEMENT):
             return ""
-        new_text = self._release(full_text[start:])
+        new_text = self._new_text(prefix_text, full_text)
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return new_text
 
-    def _release(self, text: str) -> str:
-        """`text` from where the prompt's unfinished character starts: that character's U+FFFD are the prompt's own
-        text if the reply did not finish it."""
+    def _new_text(self, prefix_text: str, full_text: str) -> str:
+        """The text the tokens after `read_offset` add. From where the prompt's unfinished character starts, if it
+        has one: that character's U+FFFD are the prompt's own text when the reply did not finish it. A byte-fallback
+        run gone invalid decodes every byte in it as U+FFFD, those of characters already sent too: then the new
+        tokens' text alone (probe FE #5)."""
         held, self._held = self._held, 0
+        start = len(prefix_text) - held
+        if not full_text.startswith(prefix_text[:start]):
+            return self._decode(self.token_ids[self.read_offset :])
+        text = full_text[start:]
         return text[held:] if held and text.startswith(REPLACEMENT * held) else text
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -157,8 +163,9 @@ class IncrementalDetokenizer:
         decode = self._decode
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.token_ids[self.prefix_offset :])
+        new_text = self._new_text(prefix_text, full_text)
         self.read_offset = len(self.token_ids)
-        return self._release(full_text[len(prefix_text) - self._held :])
+        return new_text
 
 
 def _trailing_replacements(text: str) -> int:
