@@ -27,8 +27,8 @@ from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor, stopped_by_token
 from engine_builder.serve.server.protocol import (
     ChatCompletionRequest,
-    FunctionCall,
     NamedToolChoice,
+    ReplyFunctionCall,
     ResponseToolCall,
 )
 from engine_builder.serve.server.tools import HARMONY, ToolCallProcessor, new_call_id
@@ -105,7 +105,7 @@ class HarmonyOutput(ChoiceOutput):
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
         output = self.inner.result(finish_reason, stop_reason)
         calls = [
-            ResponseToolCall(id=call_id, function=FunctionCall(name=name, arguments="".join(pieces)))
+            ResponseToolCall(id=call_id, function=ReplyFunctionCall(name=name, arguments="".join(pieces)))
             for call_id, name, pieces in self.calls
         ]
         reasoning = "".join(self.parts) or None

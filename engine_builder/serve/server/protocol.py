@@ -357,10 +357,18 @@ class Usage(BaseModel):
         )
 
 
+class ReplyFunctionCall(BaseModel):
+    """A call the reply makes: OpenAI's two keys only (the request's `FunctionCall` also takes the SDK's
+    `parsed_arguments`, which a reply must not carry: strict clients refuse an extra key; probe GC)."""
+
+    name: str
+    arguments: str
+
+
 class ResponseToolCall(BaseModel):
     id: str
     type: Literal["function"] = "function"
-    function: FunctionCall
+    function: ReplyFunctionCall
 
 
 class ResponseMessage(BaseModel):

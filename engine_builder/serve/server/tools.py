@@ -32,8 +32,8 @@ from engine_builder.serve.server.limits import check_schema_size
 from engine_builder.serve.server.outputs import ChoiceOutput, FinalOutput, OutputProcessor
 from engine_builder.serve.server.protocol import (
     ChatCompletionRequest,
-    FunctionCall,
     NamedToolChoice,
+    ReplyFunctionCall,
     ResponseToolCall,
     Tool,
 )
@@ -125,7 +125,7 @@ class ToolCallOutput(ChoiceOutput):
             self.feed("", final=True)
         calls = [
             ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.id_length),
-                             function=FunctionCall(name=call.name, arguments=call.arguments))
+                             function=ReplyFunctionCall(name=call.name, arguments=call.arguments))
             for i, call in enumerate(self._calls())
         ]
         reason = finish_reason.value if finish_reason is not None else "stop"

@@ -392,3 +392,11 @@ def test_the_sdk_parse_helpers_fields_go_back_into_the_history(client: OpenAI, s
     assert prompt_tokens([question, {"role": "assistant", "content": None, "tool_calls": [parsed_call]}, result]) == plain
     text = {"role": "assistant", "content": '{"word": "hi"}'}
     assert prompt_tokens([question, {**text, "parsed": {"word": "hi"}}, follow_up]) == prompt_tokens([question, text, follow_up])
+    # the reply's own calls carry OpenAI's two keys only: the history's model took `parsed_arguments` and the reply
+    # reused it, so every call came back with `"parsed_arguments": null` (probe GC: strict clients refuse it)
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+    body = {"messages": [question], "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+            "max_tokens": 20, "temperature": 0}
+    called = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()
+    (reply_call,) = called["choices"][0]["message"]["tool_calls"]
+    assert set(reply_call) == {"id", "type", "function"} and set(reply_call["function"]) == {"name", "arguments"}, reply_call
