@@ -33,6 +33,7 @@ from engine_builder.serve.server.protocol import (
     ChatLogprobs,
     ResponseMessage,
     Usage,
+    stream_usage,
 )
 from engine_builder.serve.server.sampling import (
     build_sampling_params,
@@ -238,9 +239,7 @@ async def stream_chat(
     state: ServerState, body: ChatCompletionRequest, plan: ChatPlan, request_id: str, created: int
 ) -> AsyncGenerator[bytes, None]:
     model = plan.run.model_name
-    options = body.stream_options
-    include_usage = bool(options and options.include_usage)
-    continuous = bool(options and options.continuous_usage_stats)
+    include_usage, continuous = stream_usage(body.stream_options)
     texts = state.token_texts() if plan.logprobs else None
     choices = [plan.processor.start(index) for index in range(body.n)]
     counts = UsageCounter(len(plan.prompt_token_ids), body.n)
@@ -248,7 +247,7 @@ async def stream_chat(
     frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
 
     def chunk(choice_payloads: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage or continuous)
+        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage)
 
     def running_usage() -> Usage | None:
         return counts.running() if continuous else None

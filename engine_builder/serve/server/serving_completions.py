@@ -27,6 +27,7 @@ from engine_builder.serve.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    stream_usage,
 )
 from engine_builder.serve.server.sampling import (
     build_sampling_params,
@@ -257,9 +258,7 @@ async def _stream(
     state: ServerState, body: CompletionRequest, runs: list[tuple[str, Run]], request_id: str, created: int
 ) -> AsyncGenerator[bytes, None]:
     model = runs[0][1].model_name
-    options = body.stream_options
-    include_usage = bool(options and options.include_usage)
-    continuous = bool(options and options.continuous_usage_stats)
+    include_usage, continuous = stream_usage(body.stream_options)
     texts = state.token_texts() if body.logprobs is not None else None
     n = body.n
     usage = UsageCounter(sum(len(run.request.prompt_token_ids) for _, run in runs), n)
@@ -269,7 +268,7 @@ async def _stream(
     framer = chunk_framer(request_id, "text_completion", created, model)
 
     def frame(choice: dict[str, Any]) -> bytes:
-        return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
+        return framer([choice], usage.running().model_dump() if continuous else None, include_usage)
 
     async for position, delta in _merged(runs):
         choice = position * n + delta.index

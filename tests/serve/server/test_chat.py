@@ -122,6 +122,31 @@ def test_continuous_usage_stats(client: OpenAI) -> None:
     assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
 
 
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_stream_options_ask_for_the_final_usage_unless_include_usage_is_false(server: ServerProcess, route: str) -> None:
+    """Probe GC: `stream_options: {}` (or continuous_usage_stats alone) sent no final usage chunk; Baseten's reference,
+    vLLM and TensorRT-LLM default include_usage to true once stream_options is sent, and send running usage only
+    beside it."""
+    body: dict = {"model": "x", "max_tokens": 4, "temperature": 0, "stream": True}
+    body |= {"prompt": "Hello"} if route == "completions" else {"messages": MESSAGES}
+
+    def usage_events(options: dict | None) -> tuple[int, int]:
+        """(usage-only events ending the stream, choice events carrying usage)"""
+        sent = body if options is None else {**body, "stream_options": options}
+        with httpx.stream("POST", f"{server.base_url}/v1/{route}", json=sent, timeout=120) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        final = [event for event in events if not event["choices"] and event.get("usage")]
+        running = [event for event in events if event["choices"] and event.get("usage")]
+        return len(final), len(running)
+
+    assert usage_events(None) == (0, 0)
+    assert usage_events({}) == (1, 0)
+    assert usage_events({"include_usage": False}) == (0, 0)
+    assert usage_events({"include_usage": False, "continuous_usage_stats": True}) == (0, 0)
+    final, running = usage_events({"continuous_usage_stats": True})
+    assert final == 1 and running >= 4
+
+
 def test_stop_string_and_max_completion_tokens(client: OpenAI) -> None:
     free = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=40, temperature=0)
     text = free.choices[0].message.content
