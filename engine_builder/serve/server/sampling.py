@@ -113,15 +113,16 @@ def resolve_max_tokens(
     prompt_field: str = "messages",
     route_default: int | None = None,
 ) -> int:
-    """An explicit max_tokens that does not fit is an error; a default (the runtime's request_default_max_tokens,
-    else the route's own, else the rest of the context) is clamped to what fits."""
+    """The output budget, at most the context the prompt leaves. An explicit max_tokens past it is truncated to it, as
+    Baseten's chat reference says ("If your request input plus `max_tokens` exceeds the model's context length,
+    `max_tokens` is truncated"; OpenAI and vLLM refuse it; probe GC); a default (the runtime's
+    request_default_max_tokens, else the route's own, else the rest of the context) is clamped the same way. A prompt
+    that leaves no room is refused."""
     room = limits.max_model_len - prompt_tokens
     if room < 1:
         raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
     if requested is not None:
-        if requested > room:
-            raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
-        return requested
+        return min(requested, room)
     default = limits.request_default_max_tokens if limits.request_default_max_tokens is not None else route_default
     return min(default, room) if default is not None else room
 

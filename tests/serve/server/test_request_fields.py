@@ -257,7 +257,7 @@ def test_a_structured_output_may_not_ban_the_end_of_sequence_token() -> None:
 def test_the_runtime_default_max_tokens_applies_to_completions_too() -> None:
     """Probe CD: /v1/completions kept its own 16 when `runtime.request_default_max_tokens` was set (chat and
     Responses took it). 16 stays the route's default without it (OpenAI's and vLLM's); a default is clamped to the
-    context where an explicit value is refused."""
+    context, as an explicit value is (Baseten's reference truncates it; probe GC)."""
     from engine_builder.serve.server.sampling import ContextLengthError, Limits, resolve_max_tokens
 
     configured, plain = Limits(256, 49152, 40), Limits(256, 49152, None)
@@ -265,5 +265,6 @@ def test_the_runtime_default_max_tokens_applies_to_completions_too() -> None:
     assert resolve_max_tokens(None, 10, plain, "prompt", route_default=16) == 16
     assert resolve_max_tokens(None, 10, plain) == 246  # chat: the rest of the context
     assert resolve_max_tokens(None, 250, plain, "prompt", route_default=16) == 6
+    assert resolve_max_tokens(16, 250, plain, "prompt") == 6
     with pytest.raises(ContextLengthError):
-        resolve_max_tokens(16, 250, plain, "prompt")
+        resolve_max_tokens(16, 256, plain, "prompt")  # no room left at all
