@@ -136,6 +136,9 @@ class FunctionDefinition(StrictModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    # what transformers' `get_json_schema` writes for a function with a return annotation (Baseten's function-calling
+    # page builds its tools with it): the chat template gets it as transformers passes it, and no grammar reads it
+    returns: dict[str, Any] | None = Field(default=None, alias="return")
 
 
 class Tool(StrictModel):

@@ -183,7 +183,7 @@ def plan_tools(
     if len(set(names)) != len(names):
         raise bad_request("tools must have unique function names.", param="tools")
     schemas = {tool.function.name: tool.function.parameters or {"type": "object", "properties": {}} for tool in body.tools}
-    template_tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    template_tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in body.tools]
     parallel = body.parallel_tool_calls is not False
     if choice is None or choice == "auto":
         if family_parser is None:

@@ -401,3 +401,32 @@ def test_the_hint_is_no_template_argument_a_client_can_set(server: ServerProcess
                 "chat_template_kwargs": {"_extra_system_messages": value}}  # fmt: skip
         prompt = _tokenized_prompt(server, body)
         assert prompt.endswith("|user:hi") and "system:" not in prompt
+
+
+def test_a_tool_with_a_return_annotation_reaches_the_template_as_transformers_writes_it(server: ServerProcess) -> None:
+    """Baseten's function-calling page builds tools with transformers' `get_json_schema`, which writes a `return` key
+    for a function with a return annotation: that was a 400 naming `tools.0.function.return` (probe GC). It reaches the
+    chat template as `apply_chat_template` passes it."""
+    from transformers.utils import get_json_schema
+
+    def divide(a: float, b: float) -> float:
+        """Divide two numbers.
+
+        Args:
+            a: The dividend.
+            b: The divisor.
+
+        Returns:
+            The quotient.
+        """
+        return a / b
+
+    tool = get_json_schema(divide)
+    assert tool["function"]["return"] == {"type": "number", "description": "The quotient."}
+    renders_tools = "{{ tools | tojson }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "6/3?"}], "chat_template": renders_tools, "tools": [tool],
+            "tool_choice": "required"}  # fmt: skip
+    prompt = _tokenized_prompt(server, body)
+    assert '"return": {"type": "number", "description": "The quotient."}' in prompt, prompt
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "max_tokens": 30, "temperature": 0}, timeout=120)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["tool_calls"], response.text
