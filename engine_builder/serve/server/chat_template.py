@@ -321,10 +321,7 @@ def to_template_message(
             param=f"messages[{index}].tool_calls",
             code="unsupported_parameter",
         )
-    arguments = [
-        _call_arguments(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments")
-        for number, call in enumerate(message.tool_calls)
-    ]
+    arguments = [_call_arguments(call.function.arguments) for call in message.tool_calls]
     if history is CallHistory.AS_TEXT:
         written = call_text([(call.function.name, parsed) for call, parsed in zip(message.tool_calls, arguments, strict=True)])
         rendered["content"] = f"{rendered['content']}\n{written}" if rendered["content"] else written
@@ -336,14 +333,16 @@ def to_template_message(
     return rendered
 
 
-def _call_arguments(arguments: str | dict[str, Any], path: str) -> Any:
-    """Templates serialise arguments themselves: a JSON string would come out encoded twice."""
+def _call_arguments(arguments: str | dict[str, Any]) -> Any:
+    """Templates serialise arguments themselves: a JSON string would come out encoded twice. Text that is not JSON
+    (a call `max_tokens` or a stop string cut, as this server's own reply holds it, and as OpenAI returns it) goes to
+    the template as the text the model wrote: refusing it made the next turn of every agent loop a 400 (probe GD)."""
     if not isinstance(arguments, str):
         return arguments
     try:
         return json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError:
-        raise bad_request(f"{path} is not valid JSON.", param=path) from None
+        return arguments
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0  # one render's own running time, not its wait for the renders ahead of it

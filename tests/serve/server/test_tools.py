@@ -430,3 +430,29 @@ def test_a_tool_with_a_return_annotation_reaches_the_template_as_transformers_wr
     assert '"return": {"type": "number", "description": "The quotient."}' in prompt, prompt
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "max_tokens": 30, "temperature": 0}, timeout=120)
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["tool_calls"], response.text
+
+
+def test_a_call_cut_by_max_tokens_can_be_sent_back(server: ServerProcess, tools: list[dict]) -> None:
+    """Probe GD: a call `max_tokens` cut comes back with the arguments written so far (`{"city`), as OpenAI returns
+    it; an agent loop sends the message back with the tool's answer, and that next turn was a 400 ('... arguments is
+    not valid JSON'), the server refusing a message it had written itself."""
+    url = f"{server.base_url}/v1/chat/completions"
+    body = {"messages": WEATHER_TURNS[:1], "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "temperature": 0}  # fmt: skip
+    cut = None
+    for max_tokens in range(8, 20):
+        message = httpx.post(url, json={**body, "max_tokens": max_tokens}, timeout=300).json()["choices"][0]["message"]
+        arguments = message["tool_calls"][0]["function"]["arguments"] if message["tool_calls"] else ""
+        if arguments.strip():
+            try:
+                json.loads(arguments)
+            except json.JSONDecodeError:
+                cut = message
+                break
+    assert cut is not None, "no max_tokens cut the call inside its arguments"
+    call_id = cut["tool_calls"][0]["id"]
+    answer = {"role": "tool", "tool_call_id": call_id, "content": "error: the call's arguments were cut"}
+    follow = httpx.post(url, json={"messages": [WEATHER_TURNS[0], cut, answer], "max_tokens": 4}, timeout=300)
+    assert follow.status_code == 200, follow.text
+    prompt = _tokenized_prompt(server, {"messages": [WEATHER_TURNS[0], cut, answer]})
+    assert cut["tool_calls"][0]["function"]["arguments"] in prompt  # the model sees what it wrote
