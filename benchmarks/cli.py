@@ -29,7 +29,7 @@ from benchmarks.peers import PEERS
 from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
 from benchmarks.records import Endpoint
 from benchmarks.report import build_document, markdown_table, ratio_table, try_plot, write_json
-from benchmarks.runner import Target, default_tokenizer_dir, start_target
+from benchmarks.runner import PointResult, Target, default_tokenizer_dir, start_target
 from benchmarks.workloads import DATASETS, WorkloadSpec
 
 RESULTS_DIR = BENCHMARKS_DIR / "results"
@@ -47,7 +47,7 @@ def _comma_list(kind: type[int] | type[float], what: str) -> Callable[[str], lis
             values = [kind(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}, e.g. 1,4,16") from None
-        if not values or any(value <= 0 for value in values):
+        if not values or not all(value > 0 for value in values):  # `not >` also refuses nan
             raise argparse.ArgumentTypeError(f"{text!r}: every {what} must be > 0")
         return values
 
@@ -97,17 +97,20 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--concurrency",
         type=_comma_list(int, "concurrency (whole number)"),
-        default=[1],
-        help="comma list: closed-loop concurrency points",
+        default=None,
+        help="comma list: closed-loop concurrency points (default 1, or --max-concurrency without --request-rate)",
     )
     load.add_argument(
         "--request-rate",
         type=_comma_list(float, "rate (req/s)"),
         default=None,
-        help="comma list: Poisson rates (req/s); overrides --concurrency",
+        help="comma list: Poisson rates (req/s), inf = every request at once; overrides --concurrency",
     )
     load.add_argument(
-        "--max-concurrency", type=_positive_int, default=None, help="cap on in-flight requests in rate mode"
+        "--max-concurrency",
+        type=_positive_int,
+        default=None,
+        help="cap on in-flight requests in rate mode; without --request-rate, a closed loop at this concurrency",
     )
     load.add_argument(
         "--num-requests", type=_positive_int, default=32, help="measured requests per point (upper bound)"
@@ -152,6 +155,8 @@ def spec_from(args: argparse.Namespace) -> WorkloadSpec:
 
 
 def plans_from(args: argparse.Namespace) -> list[LoadPlan]:
+    """The load points. `--max-concurrency N` alone is what vLLM's benchmark_serving means by it (every request
+    at once, N in flight): a closed loop at concurrency N."""
     common = {
         "num_requests": args.num_requests,
         "max_seconds": args.max_seconds,
@@ -160,11 +165,27 @@ def plans_from(args: argparse.Namespace) -> list[LoadPlan]:
         "seed": args.seed,
     }
     if args.request_rate:
-        return [
+        plans = [
             LoadPlan(request_rate=rate, max_concurrency=args.max_concurrency, **common)
             for rate in args.request_rate
         ]
-    return [LoadPlan(concurrency=int(c), **common) for c in args.concurrency]
+        for plan in plans:
+            if plan.first_arrival_s() >= plan.max_seconds:
+                raise UsageError(
+                    f"--request-rate {plan.request_rate:g} with --max-seconds {plan.max_seconds:g}: the first "
+                    f"request (seed {plan.seed}) would go out {plan.first_arrival_s():.1f} s in, so the point would "
+                    "send nothing; raise --max-seconds or the rate"
+                )
+        return plans
+    concurrency = args.concurrency
+    if args.max_concurrency is not None:
+        if concurrency is not None:
+            raise UsageError(
+                "--max-concurrency caps --request-rate; without a rate it is the closed-loop concurrency, "
+                "so give --concurrency or --max-concurrency, not both"
+            )
+        concurrency = [args.max_concurrency]
+    return [LoadPlan(concurrency=int(c), **common) for c in concurrency or [1]]
 
 
 def slo_from(args: argparse.Namespace) -> Slo | None:
@@ -207,14 +228,18 @@ def _check_subject(args: argparse.Namespace) -> None:
         raise UsageError(f"--subject {subject!r} names no target; the targets are: {', '.join(names) or 'none'}")
 
 
-def redact_api_key(argv: Sequence[str]) -> list[str]:
-    """The command line as the results record it: an --api-key value replaced by `***`."""
+def redact_api_key(argv: Sequence[str], api_key: str | None = None) -> list[str]:
+    """The command line as the results record it: an --api-key value replaced by `***`, and so is the key's
+    value wherever else it appears (the parser takes no abbreviation of --api-key, but the value is the
+    secret whatever flag carried it)."""
     redacted, hide_next = [], False
     for arg in argv:
-        if hide_next:
+        if hide_next or (api_key and arg == api_key):
             redacted.append("***")
         elif arg.startswith("--api-key="):
             redacted.append("--api-key=***")
+        elif api_key and arg.endswith("=" + api_key):
+            redacted.append(arg.removesuffix(api_key) + "***")
         else:
             redacted.append(arg)
         hide_next = arg == "--api-key"
@@ -232,9 +257,11 @@ def result_paths(out: Path) -> tuple[Path, Path]:
     return json_path, json_path.with_suffix(".png")
 
 
-def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target], list[str]]:
-    """Targets from --target NAME=URL and --engines/--peer names; unavailable peers are skipped."""
-    targets, skipped = [], []
+def _start_targets(args: argparse.Namespace, endpoint: Endpoint, targets: list[Target]) -> list[str]:
+    """Targets from --target NAME=URL and --engines/--peer names, appended to `targets` as each one is up, so
+    the caller stops the ones already started when a later one fails or is interrupted; returns why unavailable
+    peers were skipped."""
+    skipped = []
     for name, url in _url_entries(args):
         targets.append(_url_target(name, url, args.model, args.api_key))
     for name in _peer_names(args):
@@ -244,64 +271,94 @@ def _targets(args: argparse.Namespace, endpoint: Endpoint) -> tuple[list[Target]
         except PeerUnavailable as error:
             print(f"[bench] skipping {name}: {error}", file=sys.stderr)
             skipped.append(f"{name}: {str(error).splitlines()[0]}")
-    return targets, skipped
+    return skipped
 
 
 def execute(args: argparse.Namespace, repeats: int, default_name: str) -> int:
     spec, plans, slo = spec_from(args), plans_from(args), slo_from(args)
     _check_subject(args)
     description = machine.describe()
-    targets, skipped = _targets(args, spec.endpoint)
-    if not targets:
-        print("[bench] no engine to measure: " + "; ".join(skipped), file=sys.stderr)
-        return 1
-    subject = getattr(args, "subject", None)
-    if subject and subject in [t.name for t in targets]:
-        # The subject runs first in each round and is the numerator of every ratio.
-        targets.sort(key=lambda target: target.name != subject)
+    out, png = result_paths(args.out or RESULTS_DIR / f"{default_name}.json")
+    targets: list[Target] = []
+    skipped: list[str] = []
+    points: list[PointResult] = []
+
+    def document(interrupted: bool) -> dict[str, Any]:
+        found = ratios(points, targets[0].name, spec.endpoint.is_generative) if len(targets) > 1 else []
+        workload = {**asdict(spec), "label": spec.label(), "tokenizer_dir": str(spec.tokenizer_dir)}
+        built = build_document(
+            title=args.title or f"{spec.label()} on {', '.join(t.name for t in targets)}",
+            command="python -m benchmarks " + shlex.join(redact_api_key(sys.argv[1:], args.api_key)),
+            machine=description,
+            workload=workload,
+            targets=targets,
+            points=points,
+            ratios=found,
+            skipped=skipped,
+            slo=asdict(slo) if slo else None,
+        )
+        # an interrupted run keeps the points it finished, and says the rest were never measured
+        built["interrupted"] = interrupted
+        return built
+
+    interruption: BaseException | None = None
     try:
-        points = run_interleaved(
+        skipped += _start_targets(args, spec.endpoint, targets)
+        if not targets:
+            print("[bench] no engine to measure: " + "; ".join(skipped), file=sys.stderr)
+            return 1
+        subject = getattr(args, "subject", None)
+        if subject and subject in [t.name for t in targets]:
+            # The subject runs first in each round and is the numerator of every ratio.
+            targets.sort(key=lambda target: target.name != subject)
+        run_interleaved(
             targets,
             spec,
             plans,
             repeats,
             slo,
+            on_point=points.append,
             length_control=LengthControl(args.length_control),
             rerank_style=RerankStyle(args.rerank_style),
         )
+    except (KeyboardInterrupt, SystemExit) as error:  # Ctrl-C, or SIGTERM through exit_on_sigterm
+        interruption = error
     finally:
         for target in targets:
             target.stop()
-    found = ratios(points, targets[0].name, spec.endpoint.is_generative) if len(targets) > 1 else []
-    workload = {**asdict(spec), "label": spec.label(), "tokenizer_dir": str(spec.tokenizer_dir)}
-    document = build_document(
-        title=args.title or f"{spec.label()} on {', '.join(t.name for t in targets)}",
-        command="python -m benchmarks " + shlex.join(redact_api_key(sys.argv[1:])),
-        machine=description,
-        workload=workload,
-        targets=targets,
-        points=points,
-        ratios=found,
-        skipped=skipped,
-        slo=asdict(slo) if slo else None,
-    )
-    out, png = result_paths(args.out or RESULTS_DIR / f"{default_name}.json")
-    write_json(document, out)
-    print(markdown_table(document))
-    print(ratio_table(document))
+    if interruption is not None:
+        if points:
+            write_json(document(interrupted=True), out)
+            print(
+                f"[bench] interrupted: wrote the {len(points)} finished point(s) to {out} (marked interrupted)",
+                file=sys.stderr,
+            )
+        raise interruption
+    result = document(interrupted=False)
+    write_json(result, out)
+    print(markdown_table(result))
+    print(ratio_table(result))
     if not args.no_plot:
-        try_plot(document, png)
+        try_plot(result, png)
     print(f"[bench] wrote {out}" + ("" if args.no_plot else f" and {png}"), file=sys.stderr)
     if not any(point.summary.num_completed for point in points):
-        print("[bench] every measured request failed; see `errors` and `notes` in the JSON", file=sys.stderr)
+        if not any(point.summary.num_requests or point.num_incomplete for point in points):
+            print("[bench] no measured request was sent in the time limit; see `notes` in the JSON", file=sys.stderr)
+        else:
+            print("[bench] every measured request failed; see `errors` and `notes` in the JSON", file=sys.stderr)
         return 1
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    # No abbreviated flags: `--api sk-...` would work, and the recorded command line would keep the key.
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="benchmark one endpoint (a URL or a peer we start)")
+    run = commands.add_parser(
+        "run", help="benchmark one endpoint (a URL or a peer we start)", allow_abbrev=False
+    )
     where = run.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="server root, e.g. http://127.0.0.1:8000")
     where.add_argument("--peer", choices=list(PEERS), help="start this peer, benchmark it, stop it")
@@ -309,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="served model name (default: first of /v1/models)")
     run.add_argument("--repeats", type=_positive_int, default=1)
     add_workload_flags(run)
-    compare = commands.add_parser("compare", help="several engines interleaved; ratios first/others")
+    compare = commands.add_parser(
+        "compare", help="several engines interleaved; ratios first/others", allow_abbrev=False
+    )
     compare.add_argument(
         "--engines", default="", help=f"comma list of peers to start, subject first: {', '.join(PEERS)}"
     )

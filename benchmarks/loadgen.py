@@ -10,18 +10,22 @@ Both stop launching after `num_requests` or `max_seconds`; requests still runnin
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.client import BenchClient, LengthControl
+from benchmarks.client import BenchClient, ClientOptions, LengthControl
 from benchmarks.records import RequestRecord
 from benchmarks.workloads import WorkItem
+
+# How a result JSON writes `request_rate=inf` (`--request-rate inf`: every request sent at once).
+INFINITE_RATE = "inf"
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,29 @@ class LoadPlan:
     grace_seconds: float = 60.0
     seed: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        """The plan as a result JSON holds it. An infinite rate (every request at once) is the string "inf":
+        strict JSON has no infinity, and the null it would be cleaned to reads back as a closed loop."""
+        data = asdict(self)
+        if self.request_rate is not None and math.isinf(self.request_rate):
+            data["request_rate"] = INFINITE_RATE
+        return data
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoadPlan:
         """The plan of a result JSON's point (keys this version does not know are ignored)."""
         known = {item.name for item in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        plan = {key: value for key, value in data.items() if key in known}
+        if plan.get("request_rate") == INFINITE_RATE:
+            plan["request_rate"] = math.inf
+        return cls(**plan)
+
+    def first_arrival_s(self) -> float:
+        """Seconds from the start of the measured phase to the first request (0 in a closed loop). At or
+        past `max_seconds` the point would send nothing."""
+        if self.request_rate is None:
+            return 0.0
+        return poisson_arrivals(self.request_rate, 1, self.seed)[0]
 
     def label(self) -> str:
         """The load point's name in tables, ratios and progress lines (one source for all)."""
@@ -88,42 +110,76 @@ LENGTH_CONTROL_FIELDS = {
 USAGE_FIELDS = ("stream_options", "include_usage")
 
 
-def _relax(client: BenchClient, error: str) -> str | None:
-    """Drop what the server rejected, judged by the field its error names; returns a note, or None
-    when nothing is left to drop. An error naming no field relaxes length control first
-    (ignore_eos -> logit_bias -> none), then stream_options."""
+def _is_rejection(record: RequestRecord) -> bool:
+    """A 400/422: the server refused the request as written (a field it does not take, or a prompt it will not
+    serve), as opposed to failing while serving it."""
+    return record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
+
+
+def _weaker_length_control(options: ClientOptions) -> LengthControl:
+    """The next length control to try when the server refuses this one's fields."""
+    if options.length_control is LengthControl.IGNORE_EOS and options.eos_token_ids:
+        return LengthControl.LOGIT_BIAS
+    return LengthControl.NONE
+
+
+def _describe(options: ClientOptions) -> str:
+    usage = "with" if options.include_usage else "without"
+    return f"length control {options.length_control.value}, {usage} stream_options"
+
+
+def _relax_named(client: BenchClient, error: str) -> str | None:
+    """Drop the field the server's error names; returns a note, or None when it names none the client sends."""
     options = client.options
-    names_usage = options.include_usage and any(name in error for name in USAGE_FIELDS)
     length_fields = LENGTH_CONTROL_FIELDS[options.length_control]
-    if names_usage and not any(name in error for name in length_fields):
+    if any(name in error for name in length_fields):
+        fallback = _weaker_length_control(options)
+        client.with_options(length_control=fallback)
+        return f"server rejected {'/'.join(length_fields)} ({error}); using {fallback.value}"
+    if options.include_usage and any(name in error for name in USAGE_FIELDS):
         client.with_options(include_usage=False)
         return f"server rejected stream_options ({error}); counting tokens without usage"
-    if options.length_control is not LengthControl.NONE:
-        fallback = (
-            LengthControl.LOGIT_BIAS
-            if options.length_control is LengthControl.IGNORE_EOS and options.eos_token_ids
-            else LengthControl.NONE
-        )
-        client.with_options(length_control=fallback)
-        if any(name in error for name in length_fields):
-            return f"server rejected {'/'.join(length_fields)} ({error}); using {fallback.value}"
-        return f"server rejected the request ({error}); trying length control {fallback.value} instead of {options.length_control.value}"
-    if options.include_usage:
-        client.with_options(include_usage=False)
-        return f"server rejected the request ({error}); dropped stream_options, counting tokens without usage"
     return None
 
 
-async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
-    """Send one request and relax what the server rejects (length-control extras, stream_options).
+def _weaker_options(options: ClientOptions) -> list[ClientOptions]:
+    """What to try, one at a time, when a refusal names no field: each fallback length control with usage
+    kept, then the same without stream_options (usage is the field a strict OpenAI server takes)."""
+    controls = [options.length_control]
+    while controls[-1] is not LengthControl.NONE:
+        controls.append(_weaker_length_control(replace(options, length_control=controls[-1])))
+    usages = (True, False) if options.include_usage else (False,)
+    candidates = [replace(options, length_control=c, include_usage=u) for u in usages for c in controls]
+    return [candidate for candidate in candidates if candidate != options]
 
-    Returns human-readable notes on what was changed, which go into the result JSON.
-    """
-    notes: list[str] = []
-    while True:
+
+async def _probe_weaker(
+    client: BenchClient, item: WorkItem, error: str, notes: list[str]
+) -> RequestRecord | None:
+    """After a refusal naming no field, find which of the client's fields the server refuses by sending
+    the request without them, field by field. Returns the first accepted record (the client keeps its
+    options), or None with the options unchanged when the server refuses even a plain request: then the
+    refusal was about this request (a prompt too long for its context), not about the client's fields."""
+    before = client.options
+    for candidate in _weaker_options(before):
+        client.options = candidate
         record = await client.send(item, -1)
-        rejected = record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
-        if not rejected:
+        if not _is_rejection(record):
+            notes.append(
+                f"server rejected the request ({error}) naming no field; it accepts {_describe(candidate)}, "
+                "so the point uses that"
+            )
+            return record
+    client.options = before
+    return None
+
+
+async def _negotiate_item(client: BenchClient, item: WorkItem, notes: list[str]) -> bool:
+    """Negotiate on one warm-up item; False when the server refused it whatever the client left out,
+    which says nothing about the client's fields (the caller restores them and tries the next item)."""
+    record = await client.send(item, -1)
+    while True:
+        if not _is_rejection(record):
             if record.error is not None:
                 notes.append(f"warm-up request failed: {record.error}")
             elif record.is_wrong_length:
@@ -136,22 +192,58 @@ async def negotiate(client: BenchClient, item: WorkItem) -> list[str]:
                     # a server that takes `ignore_eos` and does nothing with it: banning EOS may still work
                     client.with_options(length_control=LengthControl.LOGIT_BIAS)
                     notes.append("trying length control logit_bias instead")
+                    record = await client.send(item, -1)
                     continue
                 notes.append(
                     "LENGTH NOT FORCED: outputs may end early, so this engine's req/s and E2E are not comparable "
                     "(num_wrong_length counts them)"
                 )
-            return notes
-        assert record.error is not None
-        note = _relax(client, record.error)
-        if note is None:
+            return True
+        error = record.error
+        assert error is not None
+        note = _relax_named(client, error)
+        if note is not None:
+            notes.append(note)
+            record = await client.send(item, -1)
+            continue
+        accepted = await _probe_weaker(client, item, error, notes)
+        if accepted is None:
             notes.append(
-                f"negotiation failed: the server rejects even a plain request ({record.error}); "
-                "the measured requests will fail"
+                f"warm-up request refused even without length control or stream_options ({error}): "
+                "the refusal is about this request, not the client's fields"
             )
-            print(f"[bench] {notes[-1]}", file=sys.stderr)
-            return notes
-        notes.append(note)
+            return False
+        record = accepted
+
+
+async def negotiate(client: BenchClient, items: Sequence[WorkItem]) -> tuple[list[str], int]:
+    """Send warm-up requests one at a time and drop what the server refuses (length-control extras,
+    stream_options), keeping a change only once the server accepted a request made without that field.
+
+    A refusal that does not depend on those fields (a prompt too long for the server's context) restores
+    the options and negotiates again on the next item. Embeddings and rerank requests carry none of these
+    fields: their first warm-up request is only sent. Returns the notes for the result JSON and how many
+    items were used.
+    """
+    notes: list[str] = []
+    if not client.options.endpoint.is_generative:
+        record = await client.send(items[0], -1)
+        if record.error is not None:
+            notes.append(f"warm-up request failed: {record.error}")
+        return notes, 1
+    original = client.options
+    for used, item in enumerate(items, start=1):
+        item_notes: list[str] = []
+        if await _negotiate_item(client, item, item_notes):
+            return notes + item_notes, used
+        notes.append(item_notes[-1])  # the refusal; fallbacks tried on the way are undone, so not noted
+        client.options = original
+    notes.append(
+        f"negotiation inconclusive: the server refused every warm-up request for reasons other than the "
+        f"client's fields, so the point keeps {_describe(original)}"
+    )
+    print(f"[bench] {notes[-1]}", file=sys.stderr)
+    return notes, len(items)
 
 
 async def _closed_loop(
@@ -225,12 +317,13 @@ async def _open_loop(
 async def warm_up(
     client: BenchClient, warmup_items: Sequence[WorkItem], width: int
 ) -> tuple[list[str], list[RequestRecord]]:
-    """One request alone (negotiating what the server accepts), then the rest `width` at a time."""
+    """Requests alone while negotiating what the server accepts (one, unless it refuses a prompt for its own
+    reasons), then the rest `width` at a time."""
     if not warmup_items:
         return [], []
-    notes = await negotiate(client, warmup_items[0])
+    notes, num_used = await negotiate(client, warmup_items)
     records: list[RequestRecord] = []
-    rest = list(warmup_items[1:])
+    rest = list(warmup_items[num_used:])
     for i in range(0, len(rest), max(1, width)):
         batch = rest[i : i + max(1, width)]
         records.extend(await asyncio.gather(*(client.send(item, -1) for item in batch)))
@@ -268,6 +361,11 @@ async def run_load(
     finally:
         bar.close()
     ended = time.perf_counter()
+    if items and plan.first_arrival_s() >= plan.max_seconds:
+        notes.append(
+            f"no request sent in the time limit: the first arrival at {plan.request_rate:g} req/s falls "
+            f"{plan.first_arrival_s():.1f} s in, after max_seconds {plan.max_seconds:g}; raise --max-seconds or the rate"
+        )
     if incomplete:
         notes.append(
             f"{incomplete} request(s) still running {plan.grace_seconds:g} s after the duration bound were cancelled"

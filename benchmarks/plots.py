@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,18 @@ from benchmarks.loadgen import LoadPlan  # noqa: E402
 
 
 def _load_x(point: dict[str, Any]) -> float:
-    plan = point["plan"]
-    return float(plan["request_rate"] if plan["request_rate"] is not None else plan["concurrency"])
+    """The point's load: its request rate (inf for `--request-rate inf`), else its concurrency."""
+    plan = LoadPlan.from_json(point["plan"])
+    return float(plan.request_rate if plan.request_rate is not None else plan.concurrency)
+
+
+def _axis_position(load: float, loads: Sequence[float]) -> float:
+    """Where a load sits on the x axis: an infinite rate (every request at once) has no place on a numeric
+    axis, so it goes one doubling past the highest finite load, and its tick says `inf`."""
+    if math.isfinite(load):
+        return load
+    finite = [x for x in loads if math.isfinite(x)]
+    return 2 * max(finite) if finite else 1.0
 
 
 def _by_engine(points: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -30,6 +41,7 @@ def _by_engine(points: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 
 def _throughput_axis(ax: Any, points: Sequence[dict[str, Any]], path: str, ylabel: str) -> None:
+    all_x = sorted({_load_x(p) for p in points})
     for engine, group in _by_engine(points).items():
         xs = sorted({_load_x(p) for p in group})
         medians, lows, highs = [], [], []
@@ -41,14 +53,14 @@ def _throughput_axis(ax: Any, points: Sequence[dict[str, Any]], path: str, ylabe
             medians.append(center)
             lows.append(center - min(values) if values else 0.0)
             highs.append(max(values) - center if values else 0.0)
-        ax.errorbar(xs, medians, yerr=[lows, highs], marker="o", capsize=3, label=engine)
+        positions = [_axis_position(x, all_x) for x in xs]
+        ax.errorbar(positions, medians, yerr=[lows, highs], marker="o", capsize=3, label=engine)
     is_rate = any(p["plan"]["request_rate"] is not None for p in points)
     ax.set_xlabel("request rate (req/s)" if is_rate else "concurrency")
     ax.set_ylabel(ylabel)
-    all_x = sorted({_load_x(p) for p in points})
     if len(all_x) > 1 and all_x[0] > 0:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(all_x, [f"{x:g}" for x in all_x])
+    ax.set_xticks([_axis_position(x, all_x) for x in all_x], [f"{x:g}" for x in all_x])
     ax.minorticks_off()
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -98,11 +110,7 @@ def plot_document(document: dict[str, Any], path: Path) -> Path | None:
     panels = 4 if generative else 2
     panels += 1 if ratios else 0
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8))
-    top_label = (
-        "c=" + str(top_load["concurrency"])
-        if top_load["request_rate"] is None
-        else f"{top_load['request_rate']:g}/s"
-    )
+    top_label = LoadPlan.from_json(top_load).label()
     if generative:
         _throughput_axis(axes[0], points, "output_throughput", "output tokens/s (median, min-max)")
         _cdf_axis(axes[1], top_points, "ttft_ms", f"TTFT ms at {top_label}")
@@ -114,11 +122,13 @@ def plot_document(document: dict[str, Any], path: Path) -> Path | None:
     if ratios:
         # the load the CDFs show, whatever order the loads were listed in
         loads = list(dict.fromkeys(r["point"] for r in ratios))
-        top_label_of_ratios = LoadPlan.from_json(top_load).label()
-        _ratio_axis(axes[-1], ratios, top_label_of_ratios if top_label_of_ratios in loads else loads[-1])
+        _ratio_axis(axes[-1], ratios, top_label if top_label in loads else loads[-1])
     fig.suptitle(document.get("title", ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    # written beside, then renamed: an interrupt mid-write leaves the old PNG, never a truncated one
+    temporary = path.with_name(f".{path.name}.tmp")
+    fig.savefig(temporary, dpi=80, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(temporary, path)
     return path

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.client import LengthControl
 from benchmarks.compare import Ratio, metric_value, ratios_json
 from benchmarks.loadgen import LoadPlan
 from benchmarks.machine import load_average
@@ -66,6 +67,15 @@ def write_json(document: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)` through a temporary file and a rename: an interrupt mid-write leaves the old
+    file whole, never a truncated one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+    return path
+
+
 Plotter = Callable[[dict[str, Any], Path], "Path | None"]
 
 
@@ -111,14 +121,24 @@ def _median(points: Sequence[dict[str, Any]], path: str) -> float:
 
 def _counts(group: Sequence[dict[str, Any]]) -> str:
     """Repeats (completed/failed requests), with the requests cancelled at the grace limit (counted failed, and
-    absent from the percentiles) and those of the wrong length (counted completed) named when there are any."""
+    absent from the percentiles) and those of the wrong length (counted completed) named when there are any;
+    also repeats whose lengths were not forced (length control `none`: outputs end where the model stops, so
+    req/s and E2E compare different work) and repeats that sent no request at all."""
     completed = sum(p["summary"]["num_completed"] for p in group)
     incomplete = sum(p.get("num_incomplete", 0) for p in group)
     failed = sum(p["summary"]["num_failed"] for p in group) + incomplete
     wrong_length = sum(p["summary"].get("num_wrong_length", 0) for p in group)
+    not_forced = sum(1 for p in group if p.get("length_control") == LengthControl.NONE.value)
+    silent = sum(1 for p in group if not p["summary"]["num_requests"] and not p.get("num_incomplete", 0))
     flags = [f"{incomplete} cancelled"] if incomplete else []
     flags += [f"{wrong_length} WRONG LENGTH"] if wrong_length else []
+    flags += [_in_repeats("LENGTH NOT FORCED", not_forced, len(group))] if not_forced else []
+    flags += [_in_repeats("NO REQUEST SENT", silent, len(group))] if silent else []
     return f"{len(group)} ({completed}/{failed}{'; ' + ', '.join(flags) if flags else ''})"
+
+
+def _in_repeats(flag: str, count: int, num_repeats: int) -> str:
+    return flag if count == num_repeats else f"{flag} in {count} of {num_repeats} repeats"
 
 
 def _fmt(value: float, digits: int = 1) -> str:

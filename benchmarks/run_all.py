@@ -24,7 +24,7 @@ from benchmarks.metrics import Slo
 from benchmarks.peers import peer_module
 from benchmarks.peers.base import BENCHMARKS_DIR, PeerUnavailable, exit_on_sigterm
 from benchmarks.records import Endpoint
-from benchmarks.report import build_document, markdown_table, try_plot, write_json
+from benchmarks.report import build_document, markdown_table, try_plot, write_json, write_text_atomic
 from benchmarks.runner import Target, default_tokenizer_dir, start_target
 from benchmarks.workloads import WorkloadSpec
 
@@ -145,7 +145,8 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, out_di
         slo=asdict(suite.slo) if suite.slo else None,
     )
     write_json(document, out_dir / f"{suite.name}.json")
-    try_plot(document, out_dir / f"{suite.name}.png")
+    if try_plot(document, out_dir / f"{suite.name}.png") is not None:
+        document["png"] = f"results/{suite.name}.png"  # SUMMARY.md and the README link only a PNG that exists
     return document
 
 
@@ -181,7 +182,7 @@ def update_readme(summary: str) -> None:
         return
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{BEGIN}\n{summary}\n{END}{tail}")
+    write_text_atomic(README, f"{head}{BEGIN}\n{summary}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         suite_deadline = deadline - (0.0 if args.only else suite.reserve_s)
         document = run_suite(suite, args.repeats, not args.no_install, suite_deadline, args.out_dir)
         if document is not None:
-            document["png"] = f"results/{suite.name}.png"
             documents.append(document)
     if not documents:
         print("[bench] nothing was measured", file=sys.stderr)
         return 1
-    (args.out_dir / "SUMMARY.md").write_text(summary_markdown(documents, image_prefix=""))
+    write_text_atomic(args.out_dir / "SUMMARY.md", summary_markdown(documents, image_prefix=""))
     summary = summary_markdown(documents)
     if not args.no_readme and args.out_dir.resolve() == RESULTS_DIR.resolve():
         update_readme(summary)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class PointResult:
         return {
             "engine": self.engine,
             "workload": self.workload,
-            "plan": asdict(self.plan),
+            "plan": self.plan.to_json(),
             "repeat": self.repeat,
             "summary": self.summary.to_json(),
             "num_incomplete": self.num_incomplete,

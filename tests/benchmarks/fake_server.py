@@ -28,6 +28,8 @@ class Script:
     cut_after: int | None = None  # the body ends cleanly after this many tokens: no usage, no `[DONE]`
     natural_length: int | None = None  # tokens before an EOS that `ignore_eos` does not stop (`logit_bias` does)
     odd_event: bool = False  # an SSE event that is JSON but not an object (`data: "ping"`) before the tokens
+    reject_message: str | None = None  # the 400's message for `reject_fields`, e.g. one that names no field
+    max_prompt_chars: int | None = None  # a longer prompt gets a 400 naming no field (vLLM's context-length wording)
 
 
 @dataclass
@@ -100,7 +102,16 @@ class FakeServer:
             return
         rejected = [name for name in script.reject_fields if name in body]
         if rejected:
-            await _send_json(writer, 400, {"error": {"message": f"unsupported field {rejected[0]}"}})
+            message = script.reject_message or f"unsupported field {rejected[0]}"
+            await _send_json(writer, 400, {"error": {"message": message}})
+            return
+        prompt = body.get("prompt") or "".join(m["content"] for m in body.get("messages", ()))
+        if script.max_prompt_chars is not None and len(prompt) > script.max_prompt_chars:
+            message = (
+                f"This model's maximum context length is {script.max_prompt_chars} tokens. However, you requested "
+                f"{len(prompt)} tokens. Please reduce the length of the messages or completion."
+            )
+            await _send_json(writer, 400, {"object": "error", "message": message, "code": 400})
             return
         if path == "/v1/embeddings":
             await asyncio.sleep(script.encode_delay_s)

@@ -94,3 +94,13 @@ def test_table_shows_ratios_of_capped_rate_points(server: FakeServer) -> None:
     row = next(line for line in markdown_table(document).splitlines() if "| b |" in line)
     assert row.startswith("| rate=50/s cap 2 | b |")
     assert not row.rstrip().endswith("| - |")  # the ratio column is filled
+
+
+def test_a_point_that_sent_nothing_is_named_in_the_table(server: FakeServer) -> None:
+    """A rate point whose first arrival fell after the time limit read `1 (0/0)` beside a run that said every
+    request failed (probe GB #7)."""
+    targets = [Target("a", server.base_url, "fake-model")]
+    plans = [LoadPlan(request_rate=0.05, max_seconds=30.0, num_requests=2, warmup_requests=1)]
+    points = run_interleaved(targets, WorkloadSpec(output_len=2), plans, repeats=1)
+    document = build_document(title="t", command="cmd", machine={}, workload={}, targets=targets, points=points)
+    assert "| rate=0.05/s | a | 1 (0/0; NO REQUEST SENT) |" in markdown_table(document)

@@ -165,11 +165,74 @@ def test_rejected_length_controls_fall_back_to_none_and_keep_usage(server: FakeS
 
 
 def test_failed_negotiation_is_reported(server: FakeServer) -> None:
+    """A server that refuses every request whatever the client leaves out: the refusal is not about the client's
+    fields, so they are kept, and the measured requests fail as themselves."""
     server.script = Script(ttft_s=0.0, gap_s=0.0, reject_fields=("model",))
     result, options = run(server, LoadPlan(concurrency=1, num_requests=1), chat_items(1, 3))
-    assert options.length_control is LengthControl.NONE and not options.include_usage
-    assert result.notes[-1].startswith("negotiation failed")
+    assert options.length_control is LengthControl.IGNORE_EOS and options.include_usage
+    assert result.notes[-1].startswith("negotiation inconclusive")
     assert not any(r.ok for r in result.records)
+
+
+def test_a_prompt_too_long_for_the_server_does_not_switch_off_length_control(server: FakeServer) -> None:
+    """A warm-up prompt over the server's context got a 400 naming no field; it was taken as a refusal of the
+    client's fields, and the whole point ran without length control or usage, at natural lengths, unflagged
+    (probe GB #1). Negotiation moves on to the next warm-up item; a measured prompt too long fails alone."""
+    server.script = Script(ttft_s=0.0, gap_s=0.0, max_prompt_chars=40)
+    warmup = [WorkItem("x" * 100, 4, 50), WorkItem("short", 4, 1)]
+    items = [*chat_items(3, 4), WorkItem("y" * 100, 4, 50)]
+
+    async def main():
+        client = BenchClient(ClientOptions(server.base_url, Endpoint.CHAT, "fake-model", eos_token_ids=(0,)))
+        try:
+            return await run_load(client, items, warmup, LoadPlan(concurrency=1, num_requests=4)), client.options
+        finally:
+            await client.close()
+
+    result, options = asyncio.run(main())
+    assert options.length_control is LengthControl.IGNORE_EOS and options.include_usage
+    assert any("not the client's fields" in note for note in result.notes)
+    assert not any(note.startswith(("server rejected", "negotiation")) for note in result.notes)
+    measured = server.bodies[-4:]
+    assert all(body["ignore_eos"] and body["stream_options"] for body in measured)
+    assert [r.ok for r in result.records] == [True, True, True, False]
+    assert "maximum context length" in (result.records[3].error or "")
+    summary = summarize_generative(result.records)
+    assert (summary.num_completed, summary.num_failed, summary.token_sources) == (3, 1, {"usage": 3})
+
+
+def test_a_refusal_naming_no_field_drops_only_the_refused_field(server: FakeServer) -> None:
+    """An error naming no field relaxed the length control first, then usage: a server refusing only
+    stream_options lost its length control too (probe GB #1). Each field is now tried alone."""
+    server.script = Script(
+        ttft_s=0.0, gap_s=0.0, reject_fields=("stream_options",), reject_message="Extra inputs are not permitted"
+    )
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=2), chat_items(2, 3), eos_token_ids=(0, 2)
+    )
+    assert options.length_control is LengthControl.IGNORE_EOS and not options.include_usage
+    assert any("accepts length control ignore_eos, without stream_options" in note for note in result.notes)
+    assert all(r.ok and r.token_source is TokenSource.FORCED for r in result.records)
+
+
+def test_encoders_get_no_length_control_negotiation(server: FakeServer) -> None:
+    """An embeddings server refusing a batch got three negotiation requests and notes about `ignore_eos` and
+    `stream_options`, fields an embeddings request never sends (probe GB #1)."""
+    server.script = Script(reject_fields=("input",))
+    items = [WorkItem("query", texts=("a", "b")) for _ in range(3)]
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=2), items, endpoint=Endpoint.EMBEDDINGS)
+    assert len(server.bodies) == 1 + 2  # one warm-up request, two measured
+    assert len(result.notes) == 1 and result.notes[0].startswith("warm-up request failed: HTTP 400")
+
+
+def test_a_rate_point_with_no_arrival_in_time_says_so(server: FakeServer) -> None:
+    """At 0.05 req/s the first seeded arrival is 37 s in, after max_seconds 30: the point sent nothing and the
+    run reported that every measured request failed (probe GB #7)."""
+    plan = LoadPlan(request_rate=0.05, max_seconds=30.0, num_requests=4, seed=0)
+    assert plan.first_arrival_s() > 30.0
+    result, _ = run(server, plan, chat_items(4, 2), warmup=1)
+    assert result.records == [] and result.num_incomplete == 0
+    assert any(note.startswith("no request sent in the time limit") for note in result.notes)
 
 
 def test_concurrency_is_capped(server: FakeServer) -> None:
