@@ -198,7 +198,8 @@ def test_tool_request_errors(qwen_server: ServerProcess, tools: list[dict]) -> N
     assert httpx.post(url, json=assistant_with_string_arguments, timeout=120).status_code == 200
     bad_arguments = json.loads(json.dumps(assistant_with_string_arguments))
     bad_arguments["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{not json"
-    assert httpx.post(url, json=bad_arguments).status_code == 400
+    # arguments that are not JSON (a call max_tokens cut, as the reply holds it) reach the template as written (GD)
+    assert httpx.post(url, json=bad_arguments, timeout=120).status_code == 200
     # xgrammar's refusal of one tool's parameters names that tool, not `tools` and a json_schema never sent (CB #5)
     inverted = {"type": "function", "function": {"name": "bounded", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["n"]}}}
