@@ -216,8 +216,10 @@ class LLMEngine:
         return generator
 
     def abort(
-        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
-    ) -> list[GenerationDelta]:
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None,
+        error_param: str | None = None,
+    ) -> list[GenerationDelta]:  # fmt: skip
+        """End a request. An `error_param` says the request's own field is at fault (a 400 naming it), not the engine."""
         group = self._forget(request_id)
         if group is None:
             return []
@@ -228,8 +230,19 @@ class LLMEngine:
                 continue
             self._finish(seq, reason, None)
             seq.error = error
+            seq.error_param = error_param
             outputs.append(self._output(seq, [], None))
         return outputs
+
+    def _end_too_slow_grammar(self, request_id: str, seconds: float) -> list[GenerationDelta]:
+        """A grammar too slow to enforce is the request's fault, as one too slow to compile is: a 400 naming its field
+        (`response_format`, `tools`), which clients do not retry; it was a 500 the openai SDK sent twice more, each
+        try slowing every other request (probe GA)."""
+        logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", request_id, seconds)
+        group = self.groups.get(request_id)
+        guide = group.parent.sampling.guide if group is not None else None
+        param = guide.param if guide is not None else "response_format"
+        return self.abort(request_id, FinishReason.ERROR, _too_slow_message(seconds), error_param=param)
 
     def abort_choice(self, request_id: str, index: int) -> list[GenerationDelta]:
         """End one choice (a stop string matched in the server's output side); the request ends with its last
@@ -318,8 +331,7 @@ class LLMEngine:
     def _sample(self, scheduled: list[ScheduledSequence], rows_of: dict[int, list[int]], hidden: torch.Tensor) -> list[GenerationDelta]:
         outputs: list[GenerationDelta] = []
         for request_id, seconds in self.masks.collect().items():
-            logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", request_id, seconds)
-            outputs.extend(self.abort(request_id, FinishReason.ERROR, _too_slow_message(seconds)))
+            outputs.extend(self._end_too_slow_grammar(request_id, seconds))
         sampled_items = [
             (index, item)
             for index, item in enumerate(scheduled)
@@ -438,8 +450,7 @@ class LLMEngine:
             try:
                 result = self.lookahead.finish(seq, item.draft, rows)
             except GrammarTooSlowError as slow:
-                logger.warning("request %s: its grammar took %.1f s to constrain one token; ending it", seq.request_id, slow.seconds)
-                outputs.extend(self.abort(seq.request_id, FinishReason.ERROR, _too_slow_message(slow.seconds)))
+                outputs.extend(self._end_too_slow_grammar(seq.request_id, slow.seconds))
                 continue
             appended: list[int] = []
             for token in result.tokens:

@@ -15,7 +15,10 @@ from engine_builder.engine.engine import LLMEngine
 POISON = 4242  # a prompt token that makes the patched forward raise
 
 
-def _run(engine: LLMEngine) -> dict[str, tuple[list[int], FinishReason | None, str | None]]:
+def _run(
+    engine: LLMEngine, error_params: dict[str, str | None] | None = None
+) -> dict[str, tuple[list[int], FinishReason | None, str | None]]:
+    """(tokens, finish reason, error) per request; `error_params` collects the field each error blames."""
     results: dict[str, tuple[list[int], FinishReason | None, str | None]] = {}
     for _ in range(200):
         if not engine.has_unfinished():
@@ -23,6 +26,8 @@ def _run(engine: LLMEngine) -> dict[str, tuple[list[int], FinishReason | None, s
         for output in engine.step():
             tokens, _, _ = results.get(output.request_id, ([], None, None))
             results[output.request_id] = (tokens + output.token_ids, output.finish_reason, output.error)
+            if error_params is not None and output.error is not None:
+                error_params[output.request_id] = output.error_param
     return results
 
 
@@ -88,12 +93,16 @@ def test_a_grammar_too_slow_to_enforce_ends_its_request_only(smollm2_dir: Path, 
     compiler = GrammarCompiler(smollm2_dir, 49152)
     matcher = compiler.matcher(compiler.compile(Guide(GuideKind.GRAMMAR, AMBIGUOUS)), (2,))
     engine.add_request(GenerationRequest("plain", (1, 504, 3458, 282), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)))
-    guided = SamplingParams(max_tokens=120, min_tokens=120, temperature=0.0)
+    guided = SamplingParams(max_tokens=120, min_tokens=120, temperature=0.0, guide=Guide(GuideKind.GRAMMAR, AMBIGUOUS, param="tools"))
     engine.add_request(GenerationRequest("ambiguous", (1, 504, 3458, 283), guided), [matcher])
-    results = _run(engine)
+    blamed: dict[str, str | None] = {}
+    results = _run(engine, blamed)
     tokens, reason, error = results["ambiguous"]
     assert reason == FinishReason.ERROR and len(tokens) < 120
     assert "to constrain one token" in (error or "") and "simplify it" in (error or "")
+    # the request's own field is at fault (a 400 naming it, as a grammar too slow to compile is), not the server (a 500
+    # the openai SDK retried twice, each try slowing every other request; probe GA)
+    assert blamed == {"ambiguous": "tools"}
     assert results["plain"][1] == FinishReason.LENGTH and len(results["plain"][0]) == 40
     assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
 
@@ -104,11 +113,12 @@ def test_a_grammar_too_slow_to_enforce_ends_its_request_only(smollm2_dir: Path, 
     engine.add_request(GenerationRequest("stuck", (1, 504, 3458, 283), SamplingParams(max_tokens=6, temperature=0.0)), [stuck])
     try:
         started = time.monotonic()
-        results = _run(engine)
+        results = _run(engine, blamed)
         assert time.monotonic() - started < 20
     finally:
         stuck.release.set()
     assert results["stuck"][1] == FinishReason.ERROR and len(results["stuck"][0]) == 2
+    assert blamed["stuck"] == "response_format"  # no guide recorded: the structured-output field
     assert results["plain2"][1] == FinishReason.LENGTH and len(results["plain2"][0]) == 6
     assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
 
