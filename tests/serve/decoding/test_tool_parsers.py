@@ -75,6 +75,12 @@ CASES = [
     ("mistral", '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', '[TOOL_CALLS]say_hello[ARGS]{"text": "hi"}', []),
     ("mistral", "[TOOL_CALLS] is how I would call a tool.", "[TOOL_CALLS] is how I would call a tool.", []),
     ("mistral", '[TOOL_CALLS]mcp/files:read[ARGS]{"path": "/tmp"}', "", [("mcp/files:read", {"path": "/tmp"})]),  # probe FZ
+    # arguments written as a JSON string holding the object (encoded twice, as small models write them) are the
+    # object: the string made `json.loads(arguments)` a str (probe GD)
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>', "",
+     [("get_weather", {"city": "Paris"})]),
+    ("hermes", '{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}', "", [("add", {"a": 1, "b": 2})]),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": "{\\"a\\": 2, \\"b\\": 3}"}', "", [("add", {"a": 2, "b": 3})]),
 ]
 
 

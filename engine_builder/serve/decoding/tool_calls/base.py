@@ -38,6 +38,20 @@ def is_json(text: str) -> bool:
     return True
 
 
+def unwrap_encoded_object(arguments: str) -> str:
+    """Arguments a model wrote as a JSON string holding an object (`"{\\"city\\": \\"Paris\\"}"`, encoded twice, as
+    small models do): the object's text, which is what the tool takes (`json.loads` of the string gave a `str`, and
+    `fn(**args)` failed; probe GD). Anything else is returned as it is."""
+    if not arguments.startswith('"'):
+        return arguments
+    try:
+        inner = json.loads(arguments)
+        value = json.loads(inner) if isinstance(inner, str) else None
+    except ValueError:
+        return arguments
+    return inner if isinstance(value, dict) else arguments
+
+
 ParseFunction = Callable[[str, bool], "ParseResult"]
 
 

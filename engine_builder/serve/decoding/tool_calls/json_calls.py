@@ -17,6 +17,7 @@ from engine_builder.serve.decoding.tool_calls.base import (
     is_json,
     parse_json_call,
     scan_json_value,
+    unwrap_encoded_object,
 )
 
 
@@ -61,7 +62,7 @@ def _bare_objects(
         arguments = arguments or ("{}" if complete else "")
         if not parser.is_offered(name) or (complete and not is_json(arguments)):  # plain text
             return _after(calls, text, position, final, rest, resume) if found else None
-        calls.append(ParsedCall(name, arguments, complete))
+        calls.append(ParsedCall(name, unwrap_encoded_object(arguments) if complete else arguments, complete))
         if not complete:
             return ParseResult("", calls, resume)
         position += end
@@ -279,7 +280,7 @@ class HermesParser(ToolParser):
             arguments = arguments or ("{}" if complete else "")
             ended = closed or (final and complete)
             if name is not None and self.is_offered(name) and not (ended and not is_json(arguments)):
-                calls.append(ParsedCall(name, arguments, ended))
+                calls.append(ParsedCall(name, unwrap_encoded_object(arguments) if ended else arguments, ended))
             elif closed or final:
                 content += text[start : (close + len(self.CLOSE)) if closed else len(text)]
             if not closed:
