@@ -553,7 +553,7 @@ class LLMEngine:
         params = seq.sampling
         if seq.guide_state is not None and not seq.guide_state.accept(token_id):
             self._finish(seq, FinishReason.ERROR, None)
-            if _bans_leave_no_token(seq.guide_state, params):
+            if bans_leave_no_token(seq.guide_state, params):
                 # The request's bans took every token the grammar allows here: the sampler had none left to draw.
                 seq.error = (
                     f"bad_token_ids bans every token the structured output allows after {seq.num_output_tokens - 1} "
@@ -628,7 +628,7 @@ class LLMEngine:
         )
 
 
-def _bans_leave_no_token(guide_state: Any, params: SamplingParams) -> bool:
+def bans_leave_no_token(guide_state: Any, params: SamplingParams) -> bool:
     """Whether the request's banned tokens (bad_token_ids: a bias of -inf) cover every token the grammar allows now:
     then the sampler could draw only a token the grammar rejects, and the request, not the engine, is at fault."""
     banned = [token for token, bias in params.logit_bias.items() if math.isinf(bias) and bias < 0]

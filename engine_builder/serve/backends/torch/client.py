@@ -26,7 +26,7 @@ from engine_builder.common.types import (
     merge_deltas,
 )
 from engine_builder.engine.config import EngineConfig
-from engine_builder.engine.engine import LLMEngine
+from engine_builder.engine.engine import LLMEngine, RequestRejectedError, bans_leave_no_token
 from engine_builder.engine.parallel import GroupStoppedError
 from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
@@ -214,6 +214,12 @@ class TorchEngineClient:
                 compiled = await compiler.compile_async(guide)
             finally:
                 self._num_compiling -= 1
+            if bans_leave_no_token(compiler.matcher(compiled, self._eos_token_ids, guide.after_reasoning), request.sampling):
+                # refused before a stream opens: found at the first step, a stream had already answered 200 (probe GD)
+                raise RequestRejectedError(
+                    "bad_token_ids bans every token the structured output allows at its start; ban fewer tokens",
+                    param="bad_token_ids",
+                )
         self.engine.check_request(request)
         return PreparedRequest(request, compiled)
 
