@@ -7,6 +7,7 @@ the same leading-space treatment it gets mid-sentence.
 """
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,26 +94,34 @@ class IncrementalDetokenizer:
         self.token_ids = self._context(prompt_token_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
-        self._held = self._unfinished_character()
+        self._held: _HeldCharacter | None = None
+        unfinished = self._unfinished_character()
+        if unfinished is not None:
+            # the window starts at the token holding the character's first byte, a character boundary, so the bytes
+            # before it (a byte-fallback run turns every byte of an invalid run into U+FFFD) stay out of it
+            self.prefix_offset, self._held = unfinished
 
-    def _unfinished_character(self) -> int:
-        """How many U+FFFD the context's text ends in for a character its last bytes begin and the reply finishes (a
-        token-id prompt cut inside a character, as a continuation after a `length` stop is): the first text out
-        starts that many characters back, so it carries the whole character rather than losing it, and the reply
-        text after it (probe FE #3). Judged on the tokens' bytes: a U+FFFD the prompt really holds is not held."""
-        tail = b"".join(self.decoder.token_bytes(token) for token in self.token_ids[-4:])
-        unfinished = 0
-        for back in range(1, min(4, len(tail)) + 1):
-            byte = tail[-back]
-            if byte & 0xC0 != 0x80:  # the last character's first byte
+    def _unfinished_character(self) -> "tuple[int, _HeldCharacter] | None":
+        """The character the context's last bytes begin and the reply may finish (a token-id prompt cut inside a
+        character, as a continuation after a `length` stop is): (the index of the token holding its first byte, what
+        is held). Read on the tokens' bytes, so a U+FFFD the prompt really holds is text, not a character to finish;
+        its first text out is then the whole character and the reply's text after it (probe FE #3)."""
+        seen = b""
+        for index in range(len(self.token_ids) - 1, max(len(self.token_ids) - 5, -1), -1):
+            data = self.decoder.token_bytes(self.token_ids[index])
+            for position in range(len(data) - 1, -1, -1):
+                seen = data[position : position + 1] + seen
+                byte = data[position]
+                if byte & 0xC0 == 0x80:  # a continuation byte: the character began further back
+                    if len(seen) >= 4:
+                        return None
+                    continue
                 needs = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
-                unfinished = back if needs > back else 0
-                break
-        if not unfinished:
-            return 0
-        text = self._decode(self.token_ids)
-        finished = tail[:-unfinished].decode("utf-8", errors="replace")
-        return max(_trailing_replacements(text) - _trailing_replacements(finished), 0)
+                if needs <= len(seen):
+                    return None
+                before = sum(1 for value in data[:position] if value & 0xC0 != 0x80)  # the token's own characters
+                return index, _HeldCharacter(seen, needs, before)
+        return None
 
     def _context(self, prompt: list[int]) -> list[int]:
         """The prompt's last PROMPT_CONTEXT tokens, reaching further back (up to MAX_PROMPT_CONTEXT) until they start on
@@ -127,28 +136,48 @@ class IncrementalDetokenizer:
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens, return the newly completed text (possibly empty)."""
         self.token_ids.extend(new_token_ids)
+        if self._held is not None:
+            finished = self._finish_held()
+            if finished is not None:
+                return finished
         decode = self._decode
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.token_ids[self.prefix_offset :])
-        start = len(prefix_text) - self._held
-        if len(full_text) <= start or full_text.endswith(REPLACEMENT):
+        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT):
             return ""
         new_text = self._new_text(prefix_text, full_text)
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return new_text
 
+    def _finish_held(self) -> str | None:
+        """The prompt's unfinished character once the reply's bytes decide it: its whole text and the reply's after it
+        when they finish it, "" while they may still, None when they do not (the character stays the prompt's
+        U+FFFD, in the window's old and new text alike, and the reply's text follows as usual)."""
+        held = self._held
+        assert held is not None
+        reply = b"".join(self.decoder.token_bytes(token) for token in self.token_ids[self.read_offset :])
+        started = held.first_bytes + reply
+        finishes = all(byte & 0xC0 == 0x80 for byte in started[1 : held.needs])
+        if not finishes:
+            self._held = None
+            return None
+        if len(started) < held.needs:
+            return ""
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        if full_text.endswith(REPLACEMENT):  # a later character is not complete yet
+            return ""
+        self._held = None
+        # the window stays at the character's token: the reply's first tokens are inside the character
+        self.read_offset = len(self.token_ids)
+        return full_text[held.before :]
+
     def _new_text(self, prefix_text: str, full_text: str) -> str:
-        """The text the tokens after `read_offset` add. From where the prompt's unfinished character starts, if it
-        has one: that character's U+FFFD are the prompt's own text when the reply did not finish it. A byte-fallback
-        run gone invalid decodes every byte in it as U+FFFD, those of characters already sent too: then the new
-        tokens' text alone (probe FE #5)."""
-        held, self._held = self._held, 0
-        start = len(prefix_text) - held
-        if not full_text.startswith(prefix_text[:start]):
+        """The text the tokens after `read_offset` add. A byte-fallback run gone invalid decodes every byte in it as
+        U+FFFD, those of characters already sent too: then the new tokens' text alone (probe FE #5)."""
+        if not full_text.startswith(prefix_text):
             return self._decode(self.token_ids[self.read_offset :])
-        text = full_text[start:]
-        return text[held:] if held and text.startswith(REPLACEMENT * held) else text
+        return full_text[len(prefix_text) :]
 
     def _decode(self, token_ids: list[int]) -> str:
         dropped = self._dropped_ids
@@ -160,6 +189,7 @@ class IncrementalDetokenizer:
         """Text held back at the end of generation (an incomplete character is emitted as U+FFFD)."""
         if self.read_offset >= len(self.token_ids):
             return ""
+        self._held = None  # ended before finishing the prompt's character: its U+FFFD stays the prompt's
         decode = self._decode
         prefix_text = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = decode(self.token_ids[self.prefix_offset :])
@@ -168,8 +198,14 @@ class IncrementalDetokenizer:
         return new_text
 
 
-def _trailing_replacements(text: str) -> int:
-    return len(text) - len(text.rstrip(REPLACEMENT))
+@dataclass(frozen=True)
+class _HeldCharacter:
+    """A character the prompt's last bytes begin: those bytes, how many the character needs, and how many complete
+    characters its first token holds before it (a byte-level token such as `ĠðŁ`: a space, then the start of 😀)."""
+
+    first_bytes: bytes
+    needs: int
+    before: int
 
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
