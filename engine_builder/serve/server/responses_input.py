@@ -377,10 +377,11 @@ def _parts(content: str | list[ContentPart], role: str, path: str) -> list[Conte
 
 class ConversationBuilder:
     """Chat messages from Responses items: a function_call joins the assistant turn before it (a message or other
-    calls) or starts one; a reasoning item becomes the `reasoning_content` of the assistant turn after it. A
-    function_call cut by max_output_tokens (status incomplete: its arguments unfinished) was never made: it is left
-    out, with the reasoning that led to it, and an output sent for it is refused by its call_id. As OpenAI, every
-    call made needs its function_call_output later in the conversation, and every output a call before it."""
+    calls) or starts one; a reasoning item becomes the `reasoning_content` of the assistant turn after it, and is
+    dropped when a user, system or developer message comes first (it was an earlier reply's). A function_call cut
+    by max_output_tokens (status incomplete: its arguments unfinished) was never made: it is left out, with the
+    reasoning that led to it, and an output sent for it is refused by its call_id. As OpenAI, every call made needs
+    its function_call_output later in the conversation, and every output a call before it."""
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
@@ -399,6 +400,10 @@ class ConversationBuilder:
         if message["role"] == "assistant" and self.reasoning is not None:
             message["reasoning_content"], self.reasoning = self.reasoning, None
             self.origins.reasoning[len(self.messages)] = self.reasoning_source
+        elif message["role"] in ("user", "system", "developer"):
+            # a reasoning item no assistant turn followed (a reply cut inside it, or one that ended after it) was
+            # that reply's: kept, it became the thinking of the next reply's turn, after this message (probe GE #3)
+            self.reasoning = None
         self.messages.append(message)
         self.origins.messages.append(source)
         return message

@@ -371,6 +371,27 @@ def test_a_call_cut_by_max_output_tokens_is_left_out_of_the_next_turn(arguments:
     assert [m.role for m in chained.messages] == ["user", "assistant", "tool"]
 
 
+def test_reasoning_no_assistant_turn_followed_is_not_carried_past_the_next_user_message() -> None:
+    """Probe GE #3: a reasoning item ending its reply (cut by max_output_tokens inside the thinking) stayed pending
+    past the next user message and became the reasoning_content of a later reply's call turn, which templates that
+    render reasoning after the last user query (Qwen3's) showed as that turn's thinking."""
+    stale = {"type": "reasoning", "id": "rs_1", "status": "incomplete", "summary": [],
+             "content": [{"type": "reasoning_text", "text": "Reply 1's thought."}]}
+    call = {"type": "function_call", "id": "fc_2", "call_id": "c2", "name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    for role in ("user", "system", "developer"):
+        body = ResponsesRequest.model_validate({"tools": [WEATHER], "input": [
+            {"role": "user", "content": "Weather in Oslo?"}, stale, {"role": role, "content": "Just call the tool."},
+            call, {"type": "function_call_output", "call_id": "c2", "output": "-5 C"},
+        ]})
+        messages = translate(body, ResponseStore()).chat.messages
+        assert [(m.role, m.reasoning_content) for m in messages][2] == ("assistant", None), role
+    kept = ResponsesRequest.model_validate({"tools": [WEATHER], "input": [
+        {"role": "user", "content": "Weather in Oslo?"}, stale, call,
+        {"type": "function_call_output", "call_id": "c2", "output": "-5 C"},
+    ]})
+    assert translate(kept, ResponseStore()).chat.messages[1].reasoning_content == "Reply 1's thought."
+
+
 def test_a_stored_call_whose_arguments_are_not_json_is_named_by_its_item() -> None:
     """Probe EB #2: the refusal said `previous_response_id is not valid JSON.`; a refusal names the stored item it is
     about (the field stays previous_response_id, the one in the request). Arguments that are not JSON are no longer
