@@ -34,6 +34,9 @@ class FinalOutput:
     tool_calls: list[ResponseToolCall] = field(default_factory=list)
     reasoning: str | None = None
     reasoning_tokens: int | None = None  # set for models with reasoning blocks
+    # the ids of the tool calls whose arguments the parser saw end: a reply cut by max_tokens after a call ended
+    # cut only what came after it (the Responses API's item status, probe GE #1)
+    complete_call_ids: frozenset[str] = frozenset()
 
 
 class ChoiceOutput:

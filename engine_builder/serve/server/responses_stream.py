@@ -4,6 +4,7 @@ event an SSE frame with its `event:` line and a `sequence_number` counting from 
 `response.output_item.added` and closes with `response.output_item.done` when the next kind of output begins or
 the reply ends. A stream sends the frames; a whole response keeps only `output`, so both list the same items."""
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,16 @@ class ResponseEvents:
                 frames += self._call(call)
         return frames
 
-    def end(self, status: str) -> list[bytes]:
+    def end(self, status: str, complete_call_ids: Collection[str] = ()) -> list[bytes]:
         """The reply ended: the item receiving text closed (`status`: incomplete when the reply was cut inside it).
-        A reply without any output is an empty message, as OpenAI answers it."""
+        A call is cut only when its own arguments are: one in `complete_call_ids` (the calls the parser saw end)
+        finished before the budget ran out (on the end of the turn, the `]` of a forced array), chat returns it as a
+        call, and its output can be sent back: it is completed (probe GE #1). A reply without any output is an empty
+        message, as OpenAI answers it."""
         frames = [] if self.output else self._open("message")
+        item = self.open
+        if item is not None and item.kind == "function_call" and self.output[item.index]["call_id"] in complete_call_ids:
+            status = "completed"
         return frames + self.close(status)
 
     def close(self, status: str = "completed") -> list[bytes]:

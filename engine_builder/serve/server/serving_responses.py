@@ -89,6 +89,7 @@ class ResponseGeneration:
         choice = plan.processor.start(0)
         counts = UsageCounter(len(plan.prompt_token_ids))
         reasoning_tokens: int | None = None
+        complete_call_ids: frozenset[str] = frozenset()
         async with plan.run.stream() as deltas:
             async for generated in deltas:
                 counts.add(0, generated)
@@ -100,7 +101,8 @@ class ResponseGeneration:
                 if is_final:
                     output = choice.result(generated.finish_reason, generated.stop_reason)
                     reasoning_tokens, self.cut = output.reasoning_tokens, output.finish_reason == "length"
-        for frame in self.events.end("incomplete" if self.cut else "completed"):
+                    complete_call_ids = output.complete_call_ids
+        for frame in self.events.end("incomplete" if self.cut else "completed", complete_call_ids):
             yield frame
         self.usage = counts.final(reasoning_tokens)
 

@@ -128,6 +128,7 @@ class ToolCallOutput(ChoiceOutput):
                              function=ReplyFunctionCall(name=call.name, arguments=call.arguments))
             for i, call in enumerate(self._calls())
         ]
+        complete_call_ids = frozenset(call.id for call, parsed in zip(calls, self._calls(), strict=True) if parsed.complete)
         reason = finish_reason.value if finish_reason is not None else "stop"
         if calls and reason == "stop" and all(call.complete for call in self._calls()):
             # A call a stop string cut is no call to run: its arguments are not JSON (probe CB #2); it stays "stop",
@@ -137,7 +138,9 @@ class ToolCallOutput(ChoiceOutput):
         if self.parser.writes_content:
             text = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
             content = text if (text or not calls) else None
-        return FinalOutput(content=content, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls)
+        return FinalOutput(
+            content=content, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls, complete_call_ids=complete_call_ids
+        )
 
 
 def _shows_content(stream: ToolCallStream, final: bool) -> bool:

@@ -166,6 +166,66 @@ def test_a_finished_call_stays_completed_when_the_text_after_it_is_cut(qwen: Ser
         qwen.say(CALL + "\nI have called the tool and will now wait for the result to come back.")
 
 
+def _streamed_call_statuses(served: Served, body: dict[str, Any]) -> list[str]:
+    """The status each function_call's `response.output_item.done` event gave it."""
+    body = {"model": "m", "input": "What is the weather in Paris?", **body, "stream": True}
+    with served.client.stream("POST", "/v1/responses", json=body) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    return [event["item"]["status"] for event in events
+            if event["type"] == "response.output_item.done" and event["item"]["type"] == "function_call"]
+
+
+def test_a_call_whose_arguments_ended_is_completed_when_only_the_end_of_turn_is_cut(qwen: Served) -> None:
+    """Probe GE #1: a call whose `</tool_call>` was the last token max_output_tokens allowed was marked incomplete
+    (the reply's cut), though chat returns it as a call; sending its output was then refused as that of a call
+    max_output_tokens cut. The response is still incomplete; a call cut inside its arguments still is too."""
+    qwen.say(CALL)
+    budget = len(qwen.script.token_ids)  # the whole call: only the end of turn is cut
+    for response in qwen.both(tools=[WEATHER], max_output_tokens=budget):
+        assert response["status"] == "incomplete"
+        assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert items(response) == [("function_call", "completed", '{"city": "Paris"}')]
+        answered = qwen.client.post("/v1/responses", json={
+            "model": "m", "tools": [WEATHER], "previous_response_id": response["id"],
+            "input": [{"type": "function_call_output", "call_id": response["output"][0]["call_id"], "output": "sunny"}],
+        })
+        assert answered.status_code == 200, answered.text
+    assert _streamed_call_statuses(qwen, {"tools": [WEATHER], "max_output_tokens": budget}) == ["completed"]
+    for response in qwen.both(tools=[WEATHER], max_output_tokens=budget - 4):  # inside the arguments
+        assert [(kind, status) for kind, status, _ in items(response)] == [("function_call", "incomplete")]
+    assert _streamed_call_statuses(qwen, {"tools": [WEATHER], "max_output_tokens": budget - 4}) == ["incomplete"]
+
+
+FORCED_CALLS = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]'
+
+
+def test_forced_calls_are_cut_only_where_their_own_arguments_are(qwen: Served) -> None:
+    """Probe GE #1: with tool_choice required, the budget running out on the array's `]`, or on the `, {"name` of a
+    call the parser had not opened yet, marked the last call made incomplete (about 8 budgets of every 17 per call
+    on Qwen2.5-Coder). A call is incomplete exactly when the budget ended before its object did."""
+    qwen.say(FORCED_CALLS)
+    ends = [FORCED_CALLS.index("}}") + 2, FORCED_CALLS.rindex("}}") + 2]  # where each call's object ends
+    body = {"tools": [WEATHER], "tool_choice": "required"}
+    checked = set()
+    for budget in range(1, len(qwen.script.token_ids) + 1):
+        generated = len(qwen.tokenizer.decode(qwen.script.token_ids[:budget]))
+        whole, streamed = qwen.both(**body, max_output_tokens=budget)
+        statuses = [status for kind, status, _ in items(whole) if kind == "function_call"]
+        assert items(whole) == items(streamed), budget
+        expected = ["completed" if generated >= end else "incomplete" for end in ends][: len(statuses)]
+        assert statuses == expected, (budget, qwen.tokenizer.decode(qwen.script.token_ids[:budget]))
+        assert _streamed_call_statuses(qwen, {**body, "max_output_tokens": budget}) == statuses
+        checked.add(tuple(statuses))
+    assert ("completed", "completed") in checked and ("completed", "incomplete") in checked
+    cut_after_both = qwen.both(**body, max_output_tokens=len(qwen.script.token_ids) - 1)[0]
+    answered = qwen.client.post("/v1/responses", json={
+        "model": "m", "tools": [WEATHER], "previous_response_id": cut_after_both["id"],
+        "input": [{"type": "function_call_output", "call_id": item["call_id"], "output": "sunny"}
+                  for item in cut_after_both["output"]],
+    })
+    assert answered.status_code == 200, answered.text
+
+
 def test_items_come_in_the_order_generated_whole_and_streamed(qwen: Served, harmony: Served) -> None:
     """Probe AX: the whole response listed reasoning, then the message, then the calls, and joined separate
     reasoning into one item; the stream kept the order. The stored conversation depended on `stream`."""
