@@ -20,7 +20,6 @@ from engine_builder.serve.decoding.reasoning import (
     ReasoningTokenCounter,
     prompt_phase,
 )
-from engine_builder.serve.server.errors import bad_request
 from engine_builder.serve.server.guides import check_guide_compatible, guide_from_response_format
 from engine_builder.serve.server.protocol import ChatCompletionRequest, ResponseToolCall
 from engine_builder.serve.server.state import ServerState
@@ -217,13 +216,8 @@ def output_processor_for_chat(
     else:
         supports_tools = renderer is not None and renderer.template_supports_tools
     family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
-    planned, template_tools, tool_guide, hints = plan_tools(body, family, supports_tools)
-    if tool_guide is not None:
-        if guide is not None:
-            raise bad_request(
-                "response_format cannot be combined with a forced tool_choice or with `strict` tools.", param="response_format"
-            )
-        guide = tool_guide
+    holds = state.engine.model_info.holds_marked_calls
+    planned, template_tools, guide, hints = plan_tools(body, family, supports_tools, guide, holds)
     check_guide_compatible(body, guide, state.engine.model_info.eos_token_ids)
     processor = planned or OutputProcessor()
     return processor, template_tools, guide, hints

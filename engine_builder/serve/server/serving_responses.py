@@ -57,14 +57,16 @@ async def serve_response(state: ServerState, body: ResponsesRequest, http_reques
 
 def _resolve_unset_strict(state: ServerState, body: ResponsesRequest) -> ResponsesRequest:
     """A function tool is strict unless it says otherwise on this API. Where tool_choice auto cannot hold calls to
-    their schemas (this model's call format has no start marker, or `text.format` asks for JSON too), a tool that
-    leaves `strict` unset is served, and echoed, as `strict: false`; one that sends `strict: true` is refused."""
+    their schemas (this model's call format has no start marker, or gpt-oss's `text.format` asks for JSON too), a
+    tool that leaves `strict` unset is served, and echoed, as `strict: false`; one that sends `strict: true` is
+    refused. Beside a JSON `text.format`, other families' calls are held in the grammar that admits the answer or
+    the calls (`plan_tools`), strict tools' to their schemas."""
     unset = [tool for tool in body.tools or () if isinstance(tool, FunctionTool) and tool.strict is None]
     if not unset or body.tool_choice not in (None, "auto"):
         return body
     family = HARMONY if state.harmony is not None else state.engine.model_info.tool_parser
     holds = state.engine.model_info.holds_marked_calls
-    if auto_strict_enforceable(family, holds) and response_format(body) in (None, {"type": "text"}):
+    if auto_strict_enforceable(family, holds) and (family != HARMONY or response_format(body) in (None, {"type": "text"})):
         return body
     tools = [tool.model_copy(update={"strict": False}) if tool in unset else tool for tool in body.tools or ()]
     return body.model_copy(update={"tools": tools})

@@ -4,7 +4,8 @@
 - none: tools are not rendered and nothing is parsed;
 - auto: the model's own format is parsed with the family parser recorded in the engine manifest; when a tool
   is `strict`, the reply stays free text but every call the model starts with its family's marker is constrained
-  to a valid call (a strict tool's arguments to its parameters), and only such marked calls are read;
+  to a valid call (a strict tool's arguments to its parameters), and only such marked calls are read; beside a
+  JSON response_format, the reply is either that JSON answer or marked calls, one grammar admitting both;
 - required / a named function: a JSON-schema grammar forces `{"name": ..., "arguments": ...}` objects
   whose arguments validate against the tool's parameters (an array when parallel_tool_calls allows).
 A call naming a tool that was not offered stays plain text.
@@ -171,17 +172,22 @@ class ToolCallProcessor(OutputProcessor):
 
 
 def plan_tools(
-    body: ChatCompletionRequest, family_parser: str | None, template_supports_tools: bool
+    body: ChatCompletionRequest,
+    family_parser: str | None,
+    template_supports_tools: bool,
+    answer: Guide | None = None,
+    holds_marked_calls: bool = True,
 ) -> tuple[OutputProcessor | None, list[dict[str, Any]] | None, Guide | None, list[str]]:
-    """(processor, tools for the template, forcing guide, system hints: text for the system message) for the
-    request's tools."""
+    """(processor, tools for the template, the reply's guide, system hints: text for the system message) for the
+    request's tools. `answer`: the response_format's guide, which the reply's guide holds, alone or beside the calls;
+    `holds_marked_calls`: the backend holds a grammar that waits for a call's marker (`ModelInfo`)."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs `tools`.", param="tool_choice")
-        return None, None, None, []
+        return None, None, answer, []
     if choice == "none":
-        return None, None, None, []
+        return None, None, answer, []
     names = [tool.function.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise bad_request("tools must have unique function names.", param="tools")
@@ -194,10 +200,25 @@ def plan_tools(
                 "This model's chat template has no tool-calling format; use tool_choice `required` or a named function.",
                 param="tools",
             )
+        if answer is not None and answer.kind in _JSON_ANSWERS and family_parser != HARMONY:
+            guide = _answer_or_calls_guide(body, answer, schemas, family_parser, holds_marked_calls)
+            return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
         if not any(tool.function.strict for tool in body.tools):
-            return ToolCallProcessor(family_parser, schemas, parallel), template_tools, None, []
+            return ToolCallProcessor(family_parser, schemas, parallel), template_tools, answer, []
+        if answer is not None:  # gpt-oss's format gates the answer on its final channel; another kind is no JSON
+            raise bad_request(
+                f"response_format {answer.kind.value} cannot be combined with `strict` tools in tool_choice auto "
+                "for this model; set `strict: false` on the tools.",
+                param="response_format",
+            )
         guide = _strict_calls_guide(body.tools, schemas, family_parser, parallel)
         return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
+    if answer is not None:
+        raise bad_request(
+            "response_format cannot be combined with a forced tool_choice (required or a named function): the reply "
+            "is the calls. Use tool_choice auto to let the model choose, or drop response_format.",
+            param="response_format",
+        )
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in schemas:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in `tools`.", param="tool_choice")
@@ -257,6 +278,50 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
     _audit_parameters(tools, strict)
     check_schema_size(tag, "tools")
     return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools", parts=_parameter_parts(tools, strict))
+
+
+_JSON_ANSWERS = (GuideKind.JSON_SCHEMA, GuideKind.JSON_OBJECT)
+
+
+def _answer_or_calls_guide(
+    body: ChatCompletionRequest, answer: Guide, schemas: dict[str, dict[str, Any]], family: str, holds_marked_calls: bool
+) -> Guide:
+    """tool_choice auto beside a JSON response_format: the reply is either the JSON answer or the family's marked
+    calls (a strict tool's arguments held to its parameters, another's to any object), one grammar admitting both.
+    The format's schema alone was the grammar, so no tool could ever be called, though the request was accepted and
+    the tools rendered (probe GE #2). Where the calls cannot be held, a 400 rather than tools that cannot be called."""
+    assert body.tools is not None
+    parallel = body.parallel_tool_calls is not False
+    strict = {tool.function.name for tool in body.tools if tool.function.strict}
+    arguments = {name: schema if name in strict else {"type": "object"} for name, schema in schemas.items()}
+    tag = _marked_calls(family, schemas, arguments, parallel) if holds_marked_calls else None
+    if tag is None:
+        why = f"this model's tool-call format ({family}) has no single start marker" if holds_marked_calls else (
+            "this backend cannot hold a grammar that waits for a tool call's start"
+        )
+        raise bad_request(
+            f"response_format {answer.kind.value} beside tools with tool_choice auto: {why}, so the server cannot "
+            "let the model choose between a tool call and the JSON answer (the format's grammar would allow no "
+            "call). Send tool_choice none for the JSON answer, or drop response_format to let the model call a tool.",
+            param="response_format",
+        )
+    _audit_parameters(body.tools, strict)
+    parts = _parameter_parts(body.tools, strict)
+    answer_schema: Any = {"type": "object"}
+    if answer.kind is GuideKind.JSON_SCHEMA:
+        answer_schema = json.loads(answer.spec)
+        try:
+            audit_json_schema(answer_schema)
+        except GuideError as error:
+            raise bad_request(str(error), param=error.param) from None
+        parts = (("response_format.json_schema.schema", answer.spec), *parts)
+    calls = tag["format"]  # triggered tags: text, then calls; here the calls alone, one after another
+    calls_only = {"type": "tags_with_separator", "tags": calls["tags"], "separator": "\n", "at_least_one": True,
+                  "stop_after_first": calls["stop_after_first"]}  # fmt: skip
+    union = {"type": "or", "elements": [{"type": "json_schema", "json_schema": answer_schema}, calls_only]}
+    spec = {"type": "structural_tag", "format": union}
+    check_schema_size(spec, "response_format")
+    return Guide(GuideKind.TOOL_CALLS, json.dumps(spec), param="response_format", parts=parts)
 
 
 def _parameter_parts(tools: list[Tool], names: set[str]) -> tuple[tuple[str, str], ...]:

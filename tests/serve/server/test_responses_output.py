@@ -226,6 +226,38 @@ def test_forced_calls_are_cut_only_where_their_own_arguments_are(qwen: Served) -
     assert answered.status_code == 200, answered.text
 
 
+ANSWER_FORMAT = {"type": "json_schema", "name": "answer", "strict": True, "schema": {
+    "type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"], "additionalProperties": False,
+}}
+
+
+def test_tools_beside_a_json_text_format_can_be_called(qwen: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe GE #2: tools beside a JSON `text.format` were echoed (unset strict as false) and rendered, but the
+    format's schema was the reply's only grammar, so no call could ever be made. The reply's grammar admits the
+    JSON answer or the calls (strict ones held to their schemas); the reply is read either way."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    guides = []
+    generate = ScriptedEngine.generate
+
+    def recording(self: ScriptedEngine, prepared: PreparedRequest) -> AsyncGenerator[GenerationDelta, None]:
+        guides.append(prepared.request.sampling.guide)
+        return generate(self, prepared)
+
+    monkeypatch.setattr(ScriptedEngine, "generate", recording)
+    tools = [{**WEATHER, "strict": None}]  # unset: strict on this API
+    qwen.say(CALL)
+    for response in qwen.both(tools=tools, text={"format": ANSWER_FORMAT}):
+        assert items(response) == [("function_call", "completed", '{"city": "Paris"}')]
+        assert response["tools"][0]["strict"] is True and response["tool_choice"] == "auto"
+    grammar = xgrammar.Grammar.from_structural_tag(guides[-1].spec)
+    assert _is_grammar_accept_string(grammar, CALL) and _is_grammar_accept_string(grammar, '{"summary": "sunny"}')
+    qwen.say('{"summary": "sunny"}')
+    for response in qwen.both(tools=tools, text={"format": ANSWER_FORMAT}):
+        assert items(response) == [("message", "completed", '{"summary": "sunny"}')]
+
+
 def test_items_come_in_the_order_generated_whole_and_streamed(qwen: Served, harmony: Served) -> None:
     """Probe AX: the whole response listed reasoning, then the message, then the calls, and joined separate
     reasoning into one item; the stream kept the order. The stored conversation depended on `stream`."""

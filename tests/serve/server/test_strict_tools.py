@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from engine_builder.common.types import GuideKind
 from engine_builder.serve.server.errors import APIError
-from engine_builder.serve.server.protocol import ChatCompletionRequest
+from engine_builder.serve.server.guides import guide_from_response_format
+from engine_builder.serve.server.protocol import ChatCompletionRequest, ResponseFormat
 from engine_builder.serve.server.tools import HARMONY, plan_tools
 from tests.serve.decoding.test_strict_tool_calls import OPEN_ID, SET_N, hermes_tokenizer_dir
 from tests.serve.server.harness import in_process_server
@@ -187,14 +188,17 @@ def test_an_unset_responses_strict_is_strict_only_where_auto_mode_can_enforce_it
             plan_tools(translate(explicit, ResponseStore(4, 1 << 20)).chat, parser, True)
 
 
-def test_an_unset_responses_strict_is_not_strict_beside_a_json_text_format() -> None:
-    """A strict tool in auto mode and `text.format` json cannot both hold the reply: unset strict yields."""
+def test_an_unset_responses_strict_beside_a_json_text_format_is_strict_where_the_answer_or_calls_grammar_holds_it() -> None:
+    """Probe GE #2: an unset strict was served as false beside a JSON `text.format`, whose schema was then the only
+    grammar: no call could be made. The grammar that admits the answer or the calls holds strict tools' calls too
+    (marked families); gpt-oss gates the answer on its final channel, so there a strict tool still yields."""
     from engine_builder.serve.server.protocol_responses import ResponsesRequest
     from engine_builder.serve.server.serving_responses import _resolve_unset_strict
 
     for fmt in ({"type": "json_object"}, {"type": "json_schema", "name": "n", "schema": SET_N}):
         body = ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL], "text": {"format": fmt}})
-        assert _resolve_unset_strict(_state("hermes"), body).tools[0].strict is False  # type: ignore[index,union-attr]
+        assert _resolve_unset_strict(_state("hermes"), body) is body
+        assert _resolve_unset_strict(_state(None, harmony=True), body).tools[0].strict is False  # type: ignore[index,union-attr]
     forced = ResponsesRequest.model_validate({"input": "x", "tools": [RESPONSES_TOOL], "tool_choice": "required"})
     assert _resolve_unset_strict(_state("llama3_json"), forced) is forced  # a forced call is schema-bound anyway
 
@@ -205,4 +209,85 @@ def test_responses_with_an_unset_strict_tool_and_a_json_format_are_served(client
             "text": {"format": {"type": "json_object"}}}
     response = client.post("/v1/responses", json=body)
     assert response.status_code == 200, response.text
-    assert response.json()["tools"][0]["strict"] is False
+    assert response.json()["tools"][0]["strict"] is True  # held by the answer-or-calls grammar (probe GE #2)
+
+
+ANSWER = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"],
+          "additionalProperties": False}
+CALL_TEXT = '<tool_call>\n{"name": "set_n", "arguments": {"n": 7}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("fmt", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}])
+@pytest.mark.parametrize("strict", [False, True])
+def test_tools_beside_a_json_response_format_can_be_called_or_answered(fmt: dict[str, Any], strict: bool) -> None:
+    """Probe GE #2: tools in tool_choice auto beside a JSON response_format were rendered, but the format's schema
+    was the only grammar, so no call could ever be made. One grammar admits the JSON answer or the family's marked
+    calls (a strict tool's arguments held to its parameters), and only marked calls are read."""
+    import json
+
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    processor, template_tools, guide, _ = plan_tools(
+        request([tool("set_n", SET_N, strict=strict)], response_format=fmt), "hermes", True,
+        guide_from_response_format(ResponseFormat.model_validate(fmt)),
+    )
+    assert template_tools and getattr(processor, "only_marked", False)
+    assert guide is not None and guide.kind == GuideKind.TOOL_CALLS and guide.param == "response_format"
+    grammar = xgrammar.Grammar.from_structural_tag(guide.spec)
+    accepts = {text: bool(_is_grammar_accept_string(grammar, text)) for text in (
+        CALL_TEXT, CALL_TEXT + "\n" + CALL_TEXT, '{"summary": "n is 7"}', "Sure. " + CALL_TEXT, CALL_TEXT + " Done.",
+        '<tool_call>\n{"name": "set_n", "arguments": {"n": "many"}}\n</tool_call>',
+    )}
+    assert list(accepts.values()) == [True, True, True, False, False, not strict], accepts
+    assert json.loads(guide.spec)["format"]["elements"][0]["json_schema"] == (ANSWER if "json_schema" in fmt else {"type": "object"})
+
+
+@pytest.mark.parametrize(("family", "holds", "why"), [("llama3_json", True, "no single start marker"),
+                                                      ("hermes", False, "backend")])
+def test_tools_beside_a_json_response_format_are_refused_where_no_grammar_admits_both(
+    family: str, holds: bool, why: str
+) -> None:
+    """Probe GE #2: where the calls cannot be held beside the answer, a 400 naming response_format, not tools the
+    grammar never lets the model call; tool_choice none (the answer) is served."""
+    fmt = {"type": "json_object"}
+    answer = guide_from_response_format(ResponseFormat.model_validate(fmt))
+    with pytest.raises(APIError) as refused:
+        plan_tools(request([tool("set_n", SET_N)], response_format=fmt), family, True, answer, holds)
+    assert refused.value.param == "response_format" and why in str(refused.value)
+    assert "tool_choice none" in str(refused.value) and "drop response_format" in str(refused.value)
+    _, _, guide, _ = plan_tools(request([tool("set_n", SET_N)], response_format=fmt, tool_choice="none"), family, True, answer, holds)
+    assert guide is answer
+
+
+def test_a_forced_tool_choice_beside_a_response_format_is_refused() -> None:
+    fmt = {"type": "json_object"}
+    answer = guide_from_response_format(ResponseFormat.model_validate(fmt))
+    with pytest.raises(APIError) as refused:
+        plan_tools(request([tool("set_n", SET_N)], response_format=fmt, tool_choice="required"), "hermes", True, answer)
+    assert refused.value.param == "response_format" and "forced tool_choice" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_strict_call_beside_a_json_response_format_obeys_its_schema(client: TestClient) -> None:
+    """Probe GE #2 on a real model: with the marker biased, the model calls the tool (the format's grammar alone
+    refused the marker), its arguments held to the strict tool's schema; unbiased, it answers in the format."""
+    import json
+
+    import jsonschema
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "Set n to 42"}], "temperature": 0, "max_tokens": 60,
+            "tools": [tool("set_n", SET_N, strict=True)], "parallel_tool_calls": False,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}}
+    called = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(OPEN_ID): 100}})
+    assert called.status_code == 200, called.text
+    choice = called.json()["choices"][0]
+    calls = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and [c["function"]["name"] for c in calls] == ["set_n"], choice
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SET_N)
+    answered = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(OPEN_ID): -100}})
+    assert answered.status_code == 200, answered.text
+    message = answered.json()["choices"][0]["message"]
+    assert not message["tool_calls"]
+    if answered.json()["choices"][0]["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(message["content"]), ANSWER)
