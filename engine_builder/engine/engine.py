@@ -149,6 +149,9 @@ class LLMEngine:
         if guide_matchers is not None:
             if len(guide_matchers) != params.n:
                 raise RequestRejectedError("one grammar matcher per choice is required")
+            if params.ignore_eos:  # the grammar ends the output: past its end a matcher has no mask to give, and the
+                # failed fill stopped the engine loop with every request in it (probe GF; the server refuses it first)
+                raise RequestRejectedError("ignore_eos cannot be combined with a grammar", param="ignore_eos")
             for seq, matcher in zip(sequences, guide_matchers, strict=True):
                 seq.guide_state = matcher
             self._guided.add(request.request_id)

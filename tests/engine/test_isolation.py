@@ -143,3 +143,16 @@ def test_the_choices_of_one_request_share_one_mask_budget(monkeypatch: pytest.Mo
     assert set(too_slow) == {"n3"} and too_slow["n3"] >= 0.5
     assert time.monotonic() - began < 1.5  # n3 held the step about the budget, not 3 x 0.2 s and more
     assert masks.mask_of(alone) is not None  # type: ignore[arg-type]
+
+
+def test_a_grammar_with_ignore_eos_is_refused_by_the_engine(smollm2_dir: Path) -> None:
+    """Probe GF: past its grammar's end a guided choice kept running (ignore_eos), its matcher had no mask to give,
+    and the failed fill stopped the engine loop with every request in it. The server refuses ignore_eos beside a
+    grammar; the engine, which tests and embedding code drive directly, refuses it too."""
+    from engine_builder.engine.engine import RequestRejectedError
+
+    engine = LLMEngine(EngineConfig(model_dir=smollm2_dir, dtype="float32", max_seq_len=256, kv_cache_memory_bytes=32 * 2**20), (2,))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with pytest.raises(RequestRejectedError) as refused:
+        engine.add_request(GenerationRequest("guided", (1, 504, 3458), params), [_StuckMatcher(engine.vocab_size)])
+    assert refused.value.param == "ignore_eos" and not engine.has_unfinished()
