@@ -25,11 +25,15 @@ class ContextLengthError(APIError):
     for the route's prompt field (`messages`, `prompt`). Typed, so that the Responses API can say it in its own
     fields (`in_fields`)."""
 
-    def __init__(self, limit: int, num_prompt_tokens: int | None, max_tokens: int | None, prompt_field: str) -> None:
-        """`num_prompt_tokens`: None when tokenizing stopped at the limit (the prompt has more than `limit`)."""
+    def __init__(
+        self, limit: int, num_prompt_tokens: int | None, max_tokens: int | None, prompt_field: str, min_tokens: int = 0
+    ) -> None:
+        """`num_prompt_tokens`: None when tokenizing stopped at the limit (the prompt has more than `limit`).
+        `min_tokens`: set when what does not fit is the prompt plus the tokens min_tokens asks for after it."""
         self.limit = limit
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
+        self.min_tokens = min_tokens
         message = self._words(prompt_field, "in the completion", "completion")
         super().__init__(message, status=400, param=prompt_field, code="context_length_exceeded")
 
@@ -37,12 +41,18 @@ class ContextLengthError(APIError):
         """The refusal in another API's field names; `param` names the budget's field where the prompt alone fits
         (what does not fit is the budget asked for after it)."""
         prompt_fits = self.num_prompt_tokens is not None and self.num_prompt_tokens < self.limit
-        param = budget_field if self.max_tokens is not None and prompt_fits else prompt_field
+        param = budget_field if self.max_tokens is not None and prompt_fits and not self.min_tokens else prompt_field
         message = self._words(prompt_field, f"for {budget_field}", budget_field)
         return APIError(message, status=400, param=param, code=self.code)
 
     def _words(self, prompt_field: str, budget_words: str, budget_name: str) -> str:
         head = f"This model's maximum context length is {self.limit} tokens. However, "
+        if self.min_tokens and self.num_prompt_tokens is not None:
+            return head + (
+                f"your {prompt_field} resulted in {self.num_prompt_tokens} tokens, and min_tokens asks for at least "
+                f"{self.min_tokens} more after them ({self.num_prompt_tokens + self.min_tokens} in all), which do not "
+                f"fit. Please reduce the length of the {prompt_field} or min_tokens."
+            )
         if self.num_prompt_tokens is None or self.max_tokens is None:
             found = f"more than {self.limit}" if self.num_prompt_tokens is None else str(self.num_prompt_tokens)
             return head + f"your {prompt_field} resulted in {found} tokens. Please reduce the length of the {prompt_field}."
@@ -112,19 +122,29 @@ def resolve_max_tokens(
     limits: Limits,
     prompt_field: str = "messages",
     route_default: int | None = None,
+    min_tokens: int = 0,
 ) -> int:
     """The output budget, at most the context the prompt leaves. An explicit max_tokens past it is truncated to it, as
     Baseten's chat reference says ("If your request input plus `max_tokens` exceeds the model's context length,
     `max_tokens` is truncated"; OpenAI and vLLM refuse it; probe GC); a default (the runtime's
     request_default_max_tokens, else the route's own, else the rest of the context) is clamped the same way. A prompt
-    that leaves no room is refused."""
+    that leaves no room is refused.
+
+    `min_tokens` is compared with the budget asked for, before truncation: compared with the truncated one, a request
+    with min_tokens == max_tokens (benchmark harnesses' ignore_eos length control) and a long prompt was refused as
+    `min_tokens (120) is larger than max_tokens (75)`, naming a max_tokens the client never sent, and the harness
+    dropped ignore_eos for the whole run (probe GZ #3). Where the prompt leaves less than min_tokens, it is the context
+    that is exceeded, and said so."""
+    default = limits.request_default_max_tokens if limits.request_default_max_tokens is not None else route_default
+    budget = requested if requested is not None else default
+    if budget is not None and min_tokens > budget:  # the request contradicts itself, whatever its prompt
+        raise bad_request(f"min_tokens ({min_tokens}) is larger than max_tokens ({budget}).", param="min_tokens")
     room = limits.max_model_len - prompt_tokens
     if room < 1:
         raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field)
-    if requested is not None:
-        return min(requested, room)
-    default = limits.request_default_max_tokens if limits.request_default_max_tokens is not None else route_default
-    return min(default, room) if default is not None else room
+    if min_tokens > room:
+        raise ContextLengthError(limits.max_model_len, prompt_tokens, requested, prompt_field, min_tokens=min_tokens)
+    return min(budget, room) if budget is not None else room
 
 
 def check_unsupported(request: SamplingFields) -> None:
@@ -238,10 +258,7 @@ def build_sampling_params(
             raise bad_request(
                 f"stop_token_ids entry {token_id} is outside the vocabulary.", param="stop_token_ids"
             )
-    if request.min_tokens > max_tokens:
-        raise bad_request(
-            f"min_tokens ({request.min_tokens}) is larger than max_tokens ({max_tokens}).", param="min_tokens"
-        )
+    assert request.min_tokens <= max_tokens, "resolve_max_tokens refuses a min_tokens past the budget"
     top_k = request.top_k if request.top_k and request.top_k > 0 else None
     return SamplingParams(
         max_tokens=max_tokens,

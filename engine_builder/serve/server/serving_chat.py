@@ -97,7 +97,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id:
         prompt_field="messages",
     )
     requested = requested_max_tokens(body)
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits)
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), limits, min_tokens=body.min_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = build_sampling_params(
         body, max_tokens=max_tokens, limits=limits, logprobs=logprobs, guide=guide,

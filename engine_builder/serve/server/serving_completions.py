@@ -154,7 +154,9 @@ async def run_completion(
                 param="prompt", code="context_length_exceeded",
             )
         # OpenAI's and vLLM's default here is 16 tokens, unless the runtime sets request_default_max_tokens
-        max_tokens = resolve_max_tokens(requested, len(ids), limits, prompt_field="prompt", route_default=16)
+        max_tokens = resolve_max_tokens(
+            requested, len(ids), limits, prompt_field="prompt", route_default=16, min_tokens=body.min_tokens
+        )
         params = build_sampling_params(
             body, max_tokens=max_tokens, limits=limits, logprobs=body.logprobs, guide=guide,
             max_tokens_default=requested is None,

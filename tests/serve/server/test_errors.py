@@ -301,3 +301,19 @@ def test_bans_that_leave_a_grammar_no_token_are_a_400_naming_them(server: Server
     streamed = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120)
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "bad_token_ids", streamed.text
     assert httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "bad_token_ids": []}).status_code == 200
+
+
+def test_min_tokens_past_the_room_the_prompt_leaves_is_a_context_overflow(server: ServerProcess) -> None:
+    """Probe GZ #3: a benchmark's length control (max_tokens == min_tokens, ignore_eos) with a prompt that leaves less
+    room was refused as `min_tokens (120) is larger than max_tokens (32)`, naming a max_tokens the client never
+    sent; it is the context that is exceeded. A request that contradicts itself keeps its min_tokens 400."""
+    length = {"max_tokens": 120, "min_tokens": 120, "ignore_eos": True}
+    for path, body, field in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 480}], **length}, "messages"),
+        ("/v1/completions", {"prompt": "word " * 480, **length}, "prompt"),
+    ):
+        error = _assert_envelope(_post(server, body, path), 400, field)
+        assert error["code"] == "context_length_exceeded", error
+        assert "min_tokens asks for at least 120 more" in error["message"] and "max_tokens (" not in error["message"]
+        contradiction = _post(server, {**body, "max_tokens": 10}, path)
+        assert "min_tokens (120) is larger than max_tokens (10)." == _assert_envelope(contradiction, 400, "min_tokens")["message"]

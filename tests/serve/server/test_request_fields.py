@@ -268,3 +268,45 @@ def test_the_runtime_default_max_tokens_applies_to_completions_too() -> None:
     assert resolve_max_tokens(16, 250, plain, "prompt") == 6
     with pytest.raises(ContextLengthError):
         resolve_max_tokens(16, 256, plain, "prompt")  # no room left at all
+
+
+def test_min_tokens_is_compared_with_the_max_tokens_asked_for_not_the_truncated_one() -> None:
+    """Probe GZ #3: max_tokens == min_tokens (a benchmark's ignore_eos length control) with a prompt that leaves less
+    room was refused as `min_tokens (120) is larger than max_tokens (75)`, a max_tokens the client never sent; the
+    harness then dropped ignore_eos for the whole run. min_tokens is compared with the budget asked for, and a
+    prompt that leaves less than min_tokens exceeds the context, named by the prompt field."""
+    from engine_builder.serve.server.sampling import ContextLengthError, Limits, resolve_max_tokens
+
+    limits = Limits(256, 49152, None)
+    assert resolve_max_tokens(120, 100, limits, min_tokens=120) == 120
+    assert resolve_max_tokens(10000, 10, limits, min_tokens=240) == 246  # truncated, and min_tokens fits
+    assert resolve_max_tokens(120, 136, limits, min_tokens=120) == 120  # exactly the context
+    for route, prompt_field in (("chat", "messages"), ("completions", "prompt")):
+        for requested, min_tokens, prompt_tokens in ((120, 120, 181), (10000, 240, 33), (None, 100, 200)):
+            with pytest.raises(ContextLengthError) as caught:
+                resolve_max_tokens(requested, prompt_tokens, limits, prompt_field, min_tokens=min_tokens)
+            error = caught.value
+            assert (error.status, error.code, error.param) == (400, "context_length_exceeded", prompt_field), route
+            assert "max_tokens (" not in error.message
+            assert f"your {prompt_field} resulted in {prompt_tokens} tokens, and min_tokens asks for at least {min_tokens}" in error.message
+            assert f"({prompt_tokens + min_tokens} in all)" in error.message
+    # a request that contradicts itself keeps its own 400, long prompt or not (checked first)
+    for prompt_tokens in (10, 200):
+        with pytest.raises(APIError) as caught:
+            resolve_max_tokens(10, prompt_tokens, limits, "prompt", min_tokens=50)
+        assert not isinstance(caught.value, ContextLengthError)
+        assert caught.value.param == "min_tokens" and caught.value.message == "min_tokens (50) is larger than max_tokens (10)."
+    # no max_tokens: the route's default is what min_tokens is compared with (16 on /v1/completions, as vLLM)
+    with pytest.raises(APIError) as caught:
+        resolve_max_tokens(None, 10, limits, "prompt", route_default=16, min_tokens=20)
+    assert caught.value.message == "min_tokens (20) is larger than max_tokens (16)."
+
+
+def test_a_min_tokens_overflow_is_named_by_the_responses_input() -> None:
+    """The Responses API says a context overflow in its own fields: prompt plus min_tokens not fitting names `input`
+    (it has no min_tokens of its own: a budget field would be the wrong one to blame)."""
+    from engine_builder.serve.server.sampling import ContextLengthError
+
+    error = ContextLengthError(256, 200, 120, "messages", min_tokens=120).in_fields("input", "max_output_tokens")
+    assert (error.code, error.param) == ("context_length_exceeded", "input")
+    assert "your input resulted in 200 tokens" in error.message and "messages" not in error.message
