@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from engine_builder.common.worker_process import WorkerCrashed, WorkerProcess, WorkerUnavailable
 from engine_builder.serve.decoding.tool_calls import call_text
+from engine_builder.serve.decoding.tool_calls.base import close_cut_object, is_json
 from engine_builder.serve.server.errors import APIError, bad_request, unsupported
 from engine_builder.serve.server.protocol import ChatMessage
 from engine_builder.serve.text_cuts import CUT_MARGIN, tail
@@ -72,15 +73,18 @@ class PromptRenderer:
         conversation = with_system_hints(conversation, options.get("system_hints"))
         kwargs = dict(options.get("template_kwargs") or {})
         special = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        return await REQUEST_TEMPLATES.render(
-            conversation,
-            tools=options.get("tools"),
-            documents=options.get("documents"),
-            chat_template=options["chat_template"],
-            add_generation_prompt=options.get("add_generation_prompt", True),
-            continue_final_message=options.get("continue_final_message", False),
-            kwargs={**special, **kwargs},
-        )
+        try:
+            return await REQUEST_TEMPLATES.render(
+                conversation,
+                tools=options.get("tools"),
+                documents=options.get("documents"),
+                chat_template=options["chat_template"],
+                add_generation_prompt=options.get("add_generation_prompt", True),
+                continue_final_message=options.get("continue_final_message", False),
+                kwargs={**special, **kwargs},
+            )
+        except TemplateRaised as failed:
+            raise _not_json_refusal(messages, history, "this chat_template", failed.reason, "chat_template") from None
 
     def unread_arguments(self, chat_template: str | None, names: list[str]) -> list[str]:
         """Those of `names` the template (the request's, else the model's) never reads; none when its source cannot be
@@ -175,9 +179,8 @@ class PromptRenderer:
                 **kwargs,
             )
         except Exception as error:  # template errors (raise_exception, bad Jinja) are the caller's to fix
-            raise bad_request(
-                f"The chat template could not render these messages: {error}", param="messages"
-            ) from None
+            words = "this chat_template" if chat_template else "this model's chat template"
+            raise _not_json_refusal(messages, history, words, error, "messages") from None
         assert isinstance(rendered, str)
         return rendered
 
@@ -335,18 +338,54 @@ def to_template_message(
 
 def _call_arguments(arguments: str | dict[str, Any]) -> Any:
     """Templates serialise arguments themselves: a JSON string would come out encoded twice. Text that is not JSON
-    (a call `max_tokens` or a stop string cut, as this server's own reply holds it, and as OpenAI returns it) goes to
-    the template as the text the model wrote: refusing it made the next turn of every agent loop a 400 (probe GD)."""
+    (a call `max_tokens` or a stop string cut, as this server's own reply holds it, and as OpenAI returns it) was a
+    400 on the next turn of every agent loop (probe GD). An object cut short (`{"city": "Par`) is closed where it was
+    cut: templates that iterate the arguments (Qwen3-Coder's `arguments|items`) need an object, and failed on the
+    text (probe GZ #2). Other text goes to the template as written; `_not_json_refusal` names it if that fails."""
     if not isinstance(arguments, str):
         return arguments
+    if not arguments.strip():
+        return {}
     try:
-        return json.loads(arguments) if arguments.strip() else {}
+        return json.loads(arguments)
     except json.JSONDecodeError:
-        return arguments
+        recovered = close_cut_object(arguments)
+        return arguments if recovered is None else recovered
+
+
+def _not_json_refusal(
+    messages: list[ChatMessage], history: CallHistory, template_words: str, error: object, param: str
+) -> APIError:
+    """The 400 for a template that could not render `messages`: where a call's arguments reached it as text (not JSON,
+    not a cut object), the first such field is named, as before probe GD, instead of the template (probe GZ #2: the
+    refusal blamed `messages` with Jinja's "Can only get item pairs from a mapping")."""
+    raw = [
+        f"messages[{index}].tool_calls[{number}].function.arguments"
+        for index, message in enumerate(messages) if history is CallHistory.RENDERED
+        for number, call in enumerate(message.tool_calls or [])
+        if isinstance(call.function.arguments, str) and isinstance(_call_arguments(call.function.arguments), str)
+        and not is_json(call.function.arguments)
+    ]  # fmt: skip
+    if not raw:
+        return bad_request(f"The chat template could not render these messages: {error}", param=param)
+    return bad_request(
+        f"{raw[0]} is not JSON, and {template_words} needs a call's arguments as an object (it failed with: {error}); "
+        "send them as a JSON object.",
+        param=raw[0],
+    )
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0  # one render's own running time, not its wait for the renders ahead of it
 REQUEST_TEMPLATE_QUEUE_WAIT_S = 30.0  # a render not begun within this long is a 503 to retry, not the template's fault
+
+
+class TemplateRaised(APIError):
+    """A request's template raised while rendering: a 400 on `chat_template`, which `render_async` names more
+    precisely where a call's arguments explain it (`_not_json_refusal`)."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(f"The chat template could not render these messages: {reason}", param="chat_template")
+        self.reason = reason
 
 
 class _WorkerSlot:
@@ -459,7 +498,7 @@ class RequestTemplateSandbox:
             self.worker.kill()
             raise
         if isinstance(result, Exception):
-            raise bad_request(f"The chat template could not render these messages: {result}", param="chat_template")
+            raise TemplateRaised(result)
         return result
 
     def close(self) -> None:

@@ -123,16 +123,18 @@ def test_text_parts_are_joined_with_newlines_as_vllm_joins_them() -> None:
     assert message_text(request.messages[0], 0) == "Context: the sky is green.\nQuestion: what colour is it?"
 
 
-def test_tool_call_arguments_that_are_not_json_are_refused_naming_the_call() -> None:
+def test_tool_call_arguments_that_are_not_json_reach_the_template_as_written_or_closed() -> None:
+    """Probe GD: arguments that are not JSON are no longer refused here (a call this server returned cut was a 400
+    when sent back); a cut object is closed where it was cut (probe GZ #2), other text is passed as written, and a
+    template that cannot render it names the field (test_tools)."""
     from engine_builder.serve.server.chat_template import to_template_message
 
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
-    request = ChatCompletionRequest.model_validate(
-        {"messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]}
-    )
-    with pytest.raises(APIError) as caught:
-        to_template_message(request.messages[1], 1)
-    assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
+    for arguments, passed in (("{not json", "{not json"), ('{"city": "Par', {"city": "Par"}), ("", {})):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        request = ChatCompletionRequest.model_validate(
+            {"messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]}
+        )
+        assert to_template_message(request.messages[1], 1)["tool_calls"][0]["function"]["arguments"] == passed
 
 
 def test_a_legacy_function_message_is_refused_by_name() -> None:

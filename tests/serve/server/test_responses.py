@@ -415,6 +415,44 @@ def test_a_stored_call_whose_arguments_are_not_json_is_named_by_its_item() -> No
     assert error.message == "the stored function_call 'fc_bad'.arguments (from previous_response_id) is not valid JSON."
 
 
+ITERATES_ARGUMENTS = (  # as Qwen3-Coder's template does (`arguments|items`)
+    "{% for m in messages %}{% for c in m.tool_calls or [] %}{% for k, v in c.function.arguments|items %}"
+    "{{ k }}={{ v }};{% endfor %}{% endfor %}{% endfor %}"
+)
+
+
+def test_arguments_a_template_cannot_render_are_named_by_their_item(smollm2_dir: Any) -> None:
+    """Probe GZ #2: arguments that are not JSON, on a template that needs an object, are refused by the field they
+    came from (`input[3].arguments`, a stored call by its item under previous_response_id), not as `messages`; a call
+    cut short is closed into the object it was writing and renders."""
+    from engine_builder.serve.server.chat_template import PromptRenderer
+
+    renderer = PromptRenderer(smollm2_dir)
+    calls = [{"type": "function_call", "call_id": "c0", "name": "get_weather", "arguments": '{"city": "Par'},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "not json"}]
+    outputs = [{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"} for call in calls]
+    body = {"instructions": "Be brief.", "input": [{"role": "user", "content": "x"}, *calls, *outputs], "tools": [WEATHER]}
+    translation = translate(ResponsesRequest.model_validate(body), ResponseStore())
+    with pytest.raises(APIError) as refused:
+        renderer.render(translation.chat.messages, chat_template=ITERATES_ARGUMENTS)
+    error = translation.rename(refused.value)
+    assert error.param == "input[2].arguments" and error.message.startswith("input[2].arguments is not JSON, and "), error.message
+    assert "messages" not in error.message
+    body["input"] = [{"role": "user", "content": "x"}, calls[0], outputs[0]]
+    cut = translate(ResponsesRequest.model_validate(body), ResponseStore()).chat.messages
+    assert renderer.render(cut, chat_template=ITERATES_ARGUMENTS) == "city=Par;"
+
+    store = ResponseStore()
+    _stored(store, "resp_bad", [{**calls[1], "id": "fc_bad", "status": "completed"}])
+    translation = translate(ResponsesRequest.model_validate(
+        {"previous_response_id": "resp_bad", "input": [outputs[1]], "tools": [WEATHER]}), store)
+    with pytest.raises(APIError) as refused:
+        renderer.render(translation.chat.messages, chat_template=ITERATES_ARGUMENTS)
+    error = translation.rename(refused.value)
+    assert error.param == "previous_response_id"
+    assert error.message.startswith("the stored function_call 'fc_bad'.arguments (from previous_response_id) is not JSON, and ")
+
+
 def test_an_item_id_already_in_the_conversation_is_refused() -> None:
     """Probe AX: an earlier output sent again beside its previous_response_id (or two items with one id) was
     accepted: the prompt repeated the turn, and the input item list's cursor (`after` an id held twice) never

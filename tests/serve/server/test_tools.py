@@ -457,3 +457,86 @@ def test_a_call_cut_by_max_tokens_can_be_sent_back(server: ServerProcess, tools:
     assert follow.status_code == 200, follow.text
     prompt = _tokenized_prompt(server, {"messages": [WEATHER_TURNS[0], cut, answer]})
     assert cut["tool_calls"][0]["function"]["arguments"] in prompt  # the model sees what it wrote
+
+
+# The history part of Qwen3-Coder's chat template (Qwen3-Coder-30B-A3B-Instruct, Qwen3.5): it iterates a call's
+# arguments as a mapping, so text there fails with Jinja's "Can only get item pairs from a mapping".
+QWEN3_CODER_HISTORY = """{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls is defined and message.tool_calls %}
+<|im_start|>assistant
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+<tool_call>
+<function={{ tool_call.name }}>
+{%- if tool_call.arguments is defined %}
+{%- for args_name, args_value in tool_call.arguments|items %}
+<parameter={{ args_name }}>
+{{ args_value }}
+</parameter>
+{%- endfor %}
+{%- endif %}
+</function>
+</tool_call>
+{%- endfor %}<|im_end|>
+{%- else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{%- endif %}
+{%- endfor %}"""
+
+
+def _turns_with_calls(*arguments: str) -> list[dict]:
+    calls = [{"id": f"call_{number}", "type": "function", "function": {"name": "get_weather", "arguments": text}}
+             for number, text in enumerate(arguments)]  # fmt: skip
+    answers = [{"role": "tool", "tool_call_id": call["id"], "content": "sunny"} for call in calls]
+    return [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": calls}, *answers]
+
+
+def test_a_cut_call_renders_on_a_template_that_iterates_its_arguments(smollm2_dir: Path) -> None:
+    """Probe GZ #2: a Qwen3-Coder reply max_tokens cut inside a call returns `{"city": "Paris"` (the parser adds the
+    `}` only once the function closes); sent back, Qwen3-Coder's own template failed on that text with a 400 that
+    named `messages`, not the arguments. The cut object is closed where it was cut and renders as the object."""
+    from engine_builder.serve.decoding.tool_calls import tool_parser
+
+    parser = tool_parser("qwen3_coder", {"get_weather": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}})
+    reply = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3"
+    [call] = parser.parse(reply, final=True).calls
+    assert call.arguments == '{"city": "Paris"'  # what this server returns for that reply
+    for arguments, parameters in ((call.arguments, "<parameter=city>\nParis\n</parameter>"),
+                                  ('{"city": "Par', "<parameter=city>\nPar\n</parameter>"),
+                                  ('{"city": "Paris", "da', "<parameter=city>\nParis\n</parameter>"),
+                                  ('{"ci', "")):  # fmt: skip
+        prompt = _render(smollm2_dir, _turns_with_calls(arguments), chat_template=QWEN3_CODER_HISTORY)
+        assert f"<function=get_weather>{parameters}</function>" in prompt, prompt
+
+
+def test_arguments_a_template_needs_as_an_object_are_named_when_they_are_not_json(smollm2_dir: Path) -> None:
+    """Probe GZ #2: text that is no cut object reaches the template as written (probe GD); a template that then
+    fails on it is answered with the field to correct, not `messages` and Jinja's words. A template that writes the
+    arguments as text still renders them."""
+    import asyncio
+
+    from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES, PromptRenderer
+    from engine_builder.serve.server.errors import APIError
+    from engine_builder.serve.server.protocol import ChatCompletionRequest
+
+    turns = _turns_with_calls('{"city": "Paris"}', "Paris, 3 days")
+    with pytest.raises(APIError) as caught:
+        _render(smollm2_dir, turns, chat_template=QWEN3_CODER_HISTORY)
+    path = "messages[1].tool_calls[1].function.arguments"
+    assert (caught.value.status, caught.value.param) == (400, path)
+    assert caught.value.message.startswith(f"{path} is not JSON, and this chat_template needs a call's arguments as an object")
+    as_text = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments }};{% endfor %}{% endfor %}"
+    assert _render(smollm2_dir, turns, chat_template=as_text) == "{'city': 'Paris'};Paris, 3 days;"
+    # a request's template renders in the sandbox process: named the same way (it said `chat_template`)
+    messages = ChatCompletionRequest.model_validate({"messages": turns}).messages
+    try:
+        with pytest.raises(APIError) as sandboxed:
+            asyncio.run(PromptRenderer(smollm2_dir).render_async(messages, chat_template=QWEN3_CODER_HISTORY))
+    finally:
+        REQUEST_TEMPLATES.close()
+    assert (sandboxed.value.param, sandboxed.value.message) == (path, caught.value.message)
+    # a template that fails for another reason is still the template's 400
+    with pytest.raises(APIError) as other:
+        _render(smollm2_dir, _turns_with_calls('{"city": "Paris"}'), chat_template="{{ raise_exception('no') }}")
+    assert other.value.param == "messages" and "could not render these messages" in other.value.message

@@ -11,6 +11,7 @@ exactly the non-streaming answer.
 
 import abc
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -366,3 +367,107 @@ def _json_string(token: str) -> str | None:
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, str) else None
+
+
+def close_cut_object(text: str) -> dict[str, Any] | None:
+    """The object a JSON object's text cut short was writing (a call `max_tokens` ended: `{"city": "Par`), closed
+    where it was cut: an open string is closed, a member without a value (a dangling key, colon or comma, a number or
+    literal cut where it is not JSON yet: `1.`, `-`, `tru`) is dropped, then the open arrays and objects are closed.
+    None for text that is not a cut JSON object (whole JSON, text past the object's end, anything not JSON up to the
+    cut). Chat templates that iterate a call's arguments (Qwen3-Coder's `arguments|items`) need an object where this
+    server's own cut reply gave text (probe GZ #2)."""
+    position = _skip_spaces(text, 0, len(text))
+    if text[position : position + 1] != "{":
+        return None
+    closers = ["}"]  # the open containers' closing brackets, innermost last
+    expects = ["first key"]  # what each open container takes next: (first) key, colon, (first) value, more
+    kept_end, kept_close = position + 1, "}"  # the longest prefix so far that closes into JSON, and what closes it
+    position += 1
+    while position < len(text):
+        char = text[position]
+        if char in " \t\r\n":
+            position += 1
+            continue
+        if not closers:  # text after the object's end: not a cut object
+            return None
+        expect = expects[-1]
+        if char == '"':
+            end, complete = scan_json_value(text, position)
+            if not complete:
+                if expect in _VALUE:  # a string value cut: what was written of it
+                    string = _cut_string(text[position:])
+                    if string is not None:
+                        kept_end, kept_close = position, string + "".join(reversed(closers))
+                break  # a key cut: dropped with its member
+            if expect in _VALUE:
+                expects[-1] = "more"
+                kept_end, kept_close = end, "".join(reversed(closers))
+            elif expect in ("first key", "key"):
+                expects[-1] = "colon"
+            else:
+                return None
+            position = end
+        elif char in "{[":
+            if expect not in _VALUE:
+                return None
+            expects[-1] = "more"
+            closers.append("}" if char == "{" else "]")
+            expects.append("first key" if char == "{" else "first value")
+            position += 1
+            kept_end, kept_close = position, "".join(reversed(closers))
+        elif char in "}]":
+            if char != closers[-1] or expect not in ("first key", "first value", "more"):
+                return None
+            closers.pop()
+            expects.pop()
+            position += 1
+            kept_end, kept_close = position, "".join(reversed(closers))
+        elif char == ":" or char == ",":
+            if (char, expect) not in ((":", "colon"), (",", "more")):
+                return None
+            expects[-1] = "value" if char == ":" or closers[-1] == "]" else "key"
+            position += 1
+        else:  # a number or a literal
+            end, _ = scan_json_value(text, position)
+            if expect not in _VALUE:
+                return None
+            if not is_json(text[position:end]):
+                if end < len(text) or not _begins_scalar(text[position:end]):  # ended, or never JSON: not a cut
+                    return None
+                break  # cut where it is not JSON yet: dropped with its member
+            expects[-1] = "more"
+            position = end
+            kept_end, kept_close = end, "".join(reversed(closers))
+    if not closers:  # the object ended: the text was not cut (json.loads refused it for another reason)
+        return None
+    try:
+        value = json.loads(text[:kept_end] + kept_close)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_VALUE = ("value", "first value")  # what an object's member after its colon and an array's item both take
+_NUMBER_START = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.(?:\d+(?:[eE][+-]?\d*)?)?|[eE][+-]?\d*)?)?")
+
+
+def _begins_scalar(token: str) -> bool:
+    """Whether more characters could make `token` a JSON number or literal (`-`, `1.`, `2e+`, `tru`; not `01`)."""
+    return _NUMBER_START.fullmatch(token) is not None or any(word.startswith(token) for word in ("true", "false", "null"))
+
+
+def _cut_string(cut: str) -> str | None:
+    """A JSON string cut short (`cut` begins at its opening quote), closed: the longest prefix that is a whole
+    string once closed, so an escape cut mid-way (`\\`, `\\u00`) and a surrogate pair cut after its first half are
+    left out. None when no such prefix exists (a raw control character in it, which JSON refuses)."""
+    for drop in range(12):  # a cut escape (at most 5 characters) and the pair's first half (6) before it
+        candidate = cut[: len(cut) - drop] + '"'
+        if len(candidate) < 2:
+            return None
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if not (value and "\ud800" <= value[-1] <= "\udbff"):
+            return candidate
+    return None
