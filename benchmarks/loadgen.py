@@ -116,6 +116,13 @@ def _is_rejection(record: RequestRecord) -> bool:
     return record.error is not None and record.error.startswith(("HTTP 400", "HTTP 422"))
 
 
+def _is_context_overflow(error: str) -> bool:
+    """A refusal of the prompt's length (OpenAI's, vLLM's and this server's `context_length_exceeded`; vLLM's older
+    wording): it names max_tokens or min_tokens, but dropping them changes nothing the next item would not
+    (review GZ #3: a long warm-up item made the whole point drop ignore_eos and run unforced)."""
+    return "context_length_exceeded" in error or "maximum context length" in error
+
+
 def _weaker_length_control(options: ClientOptions) -> LengthControl:
     """The next length control to try when the server refuses this one's fields."""
     if options.length_control is LengthControl.IGNORE_EOS and options.eos_token_ids:
@@ -201,6 +208,9 @@ async def _negotiate_item(client: BenchClient, item: WorkItem, notes: list[str])
             return True
         error = record.error
         assert error is not None
+        if _is_context_overflow(error):  # about this item's length, whatever fields it names (min_tokens, max_tokens)
+            notes.append(f"warm-up item too long for the server's context ({error}): negotiating on the next one")
+            return False
         note = _relax_named(client, error)
         if note is not None:
             notes.append(note)

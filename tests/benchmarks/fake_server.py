@@ -30,6 +30,8 @@ class Script:
     odd_event: bool = False  # an SSE event that is JSON but not an object (`data: "ping"`) before the tokens
     reject_message: str | None = None  # the 400's message for `reject_fields`, e.g. one that names no field
     max_prompt_chars: int | None = None  # a longer prompt gets a 400 naming no field (vLLM's context-length wording)
+    # ... or this server's: OpenAI's error envelope, code context_length_exceeded, a message naming min_tokens
+    context_error_names_min_tokens: bool = False
 
 
 @dataclass
@@ -106,6 +108,14 @@ class FakeServer:
             await _send_json(writer, 400, {"error": {"message": message}})
             return
         prompt = body.get("prompt") or "".join(m["content"] for m in body.get("messages", ()))
+        if script.max_prompt_chars is not None and len(prompt) > script.max_prompt_chars and script.context_error_names_min_tokens:
+            message = (
+                f"This model's maximum context length is {script.max_prompt_chars} tokens. However, your messages "
+                f"resulted in {len(prompt)} tokens, and min_tokens asks for at least 4 more after them, which do not fit."
+            )
+            error = {"message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+            await _send_json(writer, 400, {"error": error})
+            return
         if script.max_prompt_chars is not None and len(prompt) > script.max_prompt_chars:
             message = (
                 f"This model's maximum context length is {script.max_prompt_chars} tokens. However, you requested "

@@ -174,11 +174,13 @@ def test_failed_negotiation_is_reported(server: FakeServer) -> None:
     assert not any(r.ok for r in result.records)
 
 
-def test_a_prompt_too_long_for_the_server_does_not_switch_off_length_control(server: FakeServer) -> None:
+@pytest.mark.parametrize("names_min_tokens", [False, True])
+def test_a_prompt_too_long_for_the_server_does_not_switch_off_length_control(server: FakeServer, names_min_tokens: bool) -> None:
     """A warm-up prompt over the server's context got a 400 naming no field; it was taken as a refusal of the
     client's fields, and the whole point ran without length control or usage, at natural lengths, unflagged
-    (probe GB #1). Negotiation moves on to the next warm-up item; a measured prompt too long fails alone."""
-    server.script = Script(ttft_s=0.0, gap_s=0.0, max_prompt_chars=40)
+    (probe GB #1). Negotiation moves on to the next warm-up item; a measured prompt too long fails alone. This
+    server's refusal names min_tokens (the prompt leaves less than it): still the item's length (review GZ #3)."""
+    server.script = Script(ttft_s=0.0, gap_s=0.0, max_prompt_chars=40, context_error_names_min_tokens=names_min_tokens)
     warmup = [WorkItem("x" * 100, 4, 50), WorkItem("short", 4, 1)]
     items = [*chat_items(3, 4), WorkItem("y" * 100, 4, 50)]
 
@@ -191,7 +193,7 @@ def test_a_prompt_too_long_for_the_server_does_not_switch_off_length_control(ser
 
     result, options = asyncio.run(main())
     assert options.length_control is LengthControl.IGNORE_EOS and options.include_usage
-    assert any("not the client's fields" in note for note in result.notes)
+    assert any("too long for the server's context" in note for note in result.notes)
     assert not any(note.startswith(("server rejected", "negotiation")) for note in result.notes)
     measured = server.bodies[-4:]
     assert all(body["ignore_eos"] and body["stream_options"] for body in measured)
