@@ -118,14 +118,14 @@ def test_a_grammar_rejection_blames_the_bans_only_when_they_cover_every_allowed_
     disagreement between the mask and the matcher stays the engine's error."""
     import torch
 
-    from engine_builder.engine.engine import _bans_leave_no_token
+    from engine_builder.engine.engine import bans_leave_no_token
 
     class Allows:
         def allowed_tokens(self) -> torch.Tensor:
             return torch.tensor([False, True, True, False])
 
     banned = {1: float("-inf"), 2: float("-inf")}
-    assert _bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias=banned))
-    assert not _bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias={1: float("-inf")}))
-    assert not _bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias={1: -100.0, 2: -100.0}))
-    assert not _bans_leave_no_token(Allows(), SamplingParams(max_tokens=4))
+    assert bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias=banned))
+    assert not bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias={1: float("-inf")}))
+    assert not bans_leave_no_token(Allows(), SamplingParams(max_tokens=4, logit_bias={1: -100.0, 2: -100.0}))
+    assert not bans_leave_no_token(Allows(), SamplingParams(max_tokens=4))

@@ -8,6 +8,7 @@ through `finish_choice`). `prepare` checks a request and compiles its guide once
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import sys
@@ -214,7 +215,8 @@ class TorchEngineClient:
                 compiled = await compiler.compile_async(guide)
             finally:
                 self._num_compiling -= 1
-            if bans_leave_no_token(compiler.matcher(compiled, self._eos_token_ids, guide.after_reasoning), request.sampling):
+            banned = any(math.isinf(bias) and bias < 0 for bias in request.sampling.logit_bias.values())
+            if banned and bans_leave_no_token(compiler.matcher(compiled, self._eos_token_ids, guide.after_reasoning), request.sampling):
                 # refused before a stream opens: found at the first step, a stream had already answered 200 (probe GD)
                 raise RequestRejectedError(
                     "bad_token_ids bans every token the structured output allows at its start; ban fewer tokens",
