@@ -348,7 +348,7 @@ def _call_arguments(arguments: str | dict[str, Any]) -> Any:
         return {}
     try:
         return json.loads(arguments)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past the parser's depth: a 500 (review GY #4)
         recovered = close_cut_object(arguments)
         return arguments if recovered is None else recovered
 
@@ -368,11 +368,22 @@ def _not_json_refusal(
     ]  # fmt: skip
     if not raw:
         return bad_request(f"The chat template could not render these messages: {error}", param=param)
+    if not _reads_text_as_a_mapping(error):  # the template failed for its own reason (review GY #2: a Llama 3.1
+        return bad_request(  # template's one-call rule was blamed on an earlier call's text arguments)
+            f"The chat template could not render these messages: {error} (note: {raw[0]} is not JSON)", param=param
+        )
     return bad_request(
         f"{raw[0]} is not JSON, and {template_words} needs a call's arguments as an object (it failed with: {error}); "
         "send them as a JSON object.",
         param=raw[0],
     )
+
+
+def _reads_text_as_a_mapping(error: object) -> bool:
+    """Whether a template's error is what using a string as a mapping raises in Jinja (`arguments|items`: "Can only get
+    item pairs from a mapping"; `arguments.items()` or `.keys()`: "'str object' has no attribute ...")."""
+    words = str(error)
+    return "mapping" in words or "'str object' has no attribute" in words
 
 
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0  # one render's own running time, not its wait for the renders ahead of it

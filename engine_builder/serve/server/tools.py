@@ -318,7 +318,14 @@ def _answer_or_calls_guide(
     calls = tag["format"]  # triggered tags: text, then calls; here the calls alone, one after another
     calls_only = {"type": "tags_with_separator", "tags": calls["tags"], "separator": "\n", "at_least_one": True,
                   "stop_after_first": calls["stop_after_first"]}  # fmt: skip
-    union = {"type": "or", "elements": [{"type": "json_schema", "json_schema": answer_schema}, calls_only]}
+    # a newline or two may end the calls (as the strict-tools grammar leaves text after them free): after a call only
+    # `\n<tool_call>` was allowed, so a sampled trailing newline committed the model to another call (review GY #3)
+    calls_branch = {"type": "sequence", "elements": [calls_only, {"type": "regex", "pattern": "[ \\n]{0,2}"}]}
+    # the answer as compact as the format alone makes it: the element's default allows any whitespace between tokens,
+    # so adding tools made the same answer pretty-printed (44 tokens for 22) and let a small model loop on newlines
+    # (review GY #1); one character of whitespace at most between tokens
+    answer_branch = {"type": "json_schema", "json_schema": answer_schema, "max_whitespace_cnt": 1}
+    union = {"type": "or", "elements": [answer_branch, calls_branch]}
     spec = {"type": "structural_tag", "format": union}
     check_schema_size(spec, "response_format")
     return Guide(GuideKind.TOOL_CALLS, json.dumps(spec), param="response_format", parts=parts)

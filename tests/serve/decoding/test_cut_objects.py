@@ -141,3 +141,17 @@ def test_a_cut_object_is_closed_where_it_was_cut(cut: str, closed: dict[str, Any
 )
 def test_text_that_is_no_cut_object_is_left_alone(text: str) -> None:
     assert close_cut_object(text) is None
+
+
+def test_nesting_past_the_depth_limit_is_no_cut_object() -> None:
+    """Review GY #4: joining the open brackets at each step is quadratic in the nesting depth (32 s at 100k levels), and
+    a body that deep reached it once json.loads's RecursionError was caught. Deeper than any call's arguments: None."""
+    import time
+
+    from engine_builder.serve.decoding.tool_calls.base import CUT_OBJECT_MAX_DEPTH, is_json
+
+    assert close_cut_object('{"a": ' + "[" * (CUT_OBJECT_MAX_DEPTH - 2)) is not None
+    started = time.monotonic()
+    assert close_cut_object('{"a": ' + "[" * 1_000_000) is None
+    assert time.monotonic() - started < 1.0
+    assert not is_json("[" * 5000 + "]" * 5000)  # past the parser's depth: not JSON, no RecursionError

@@ -510,6 +510,11 @@ def test_a_cut_call_renders_on_a_template_that_iterates_its_arguments(smollm2_di
         assert f"<function=get_weather>{parameters}</function>" in prompt, prompt
 
 
+# renders calls (so the history reaches it as calls, not text) and refuses a turn of several, as Llama 3.1's does
+ONE_CALL_A_TURN = ("{% for m in messages %}{% if m.tool_calls and m.tool_calls | length > 1 %}"
+                   "{{ raise_exception('one call a turn') }}{% endif %}{% endfor %}")
+
+
 def test_arguments_a_template_needs_as_an_object_are_named_when_they_are_not_json(smollm2_dir: Path) -> None:
     """Probe GZ #2: text that is no cut object reaches the template as written (probe GD); a template that then
     fails on it is answered with the field to correct, not `messages` and Jinja's words. A template that writes the
@@ -536,7 +541,17 @@ def test_arguments_a_template_needs_as_an_object_are_named_when_they_are_not_jso
     finally:
         REQUEST_TEMPLATES.close()
     assert (sandboxed.value.param, sandboxed.value.message) == (path, caught.value.message)
-    # a template that fails for another reason is still the template's 400
-    with pytest.raises(APIError) as other:
-        _render(smollm2_dir, _turns_with_calls('{"city": "Paris"}'), chat_template="{{ raise_exception('no') }}")
-    assert other.value.param == "messages" and "could not render these messages" in other.value.message
+    # a template that fails for another reason is still the template's 400, text arguments in the history or not
+    # (review GY #2: a Llama 3.1 template's one-call rule was blamed on an earlier call's text arguments)
+    for arguments in ('{"city": "Paris"}', "Paris, 3 days"):
+        with pytest.raises(APIError) as other:
+            _render(smollm2_dir, _turns_with_calls(arguments, '{"city": "Rome"}'), chat_template=ONE_CALL_A_TURN)
+        assert other.value.param == "messages" and "could not render these messages: one call a turn" in other.value.message
+
+
+def test_arguments_nested_past_the_json_parser_are_no_server_error(smollm2_dir: Path) -> None:
+    """Review GY #4: arguments nested ~1,000 levels deep (whole or cut) raised RecursionError out of json.loads: a 500.
+    They reach the template as written, as other text that is not JSON does."""
+    for deep in ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", '{"a": ' + "[" * 5000):
+        as_text = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | length }};{% endfor %}{% endfor %}"
+        assert _render(smollm2_dir, _turns_with_calls(deep), chat_template=as_text).startswith(f"{len(deep)};")

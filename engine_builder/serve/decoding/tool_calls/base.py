@@ -31,10 +31,11 @@ class ParsedCall:
 
 
 def is_json(text: str) -> bool:
-    """Whether `text` is one JSON value (a call's arguments, once the call has ended)."""
+    """Whether `text` is one JSON value (a call's arguments, once the call has ended). Nested past the parser's depth
+    (~1,000 levels), it counts as not JSON: the RecursionError was a 500 (review GY #4)."""
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -369,6 +370,9 @@ def _json_string(token: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+CUT_OBJECT_MAX_DEPTH = 256  # deeper is no call's arguments: refused before the closers grow (review GY #4)
+
+
 def close_cut_object(text: str) -> dict[str, Any] | None:
     """The object a JSON object's text cut short was writing (a call `max_tokens` ended: `{"city": "Par`), closed
     where it was cut: an open string is closed, a member without a value (a dangling key, colon or comma, a number or
@@ -411,6 +415,8 @@ def close_cut_object(text: str) -> dict[str, Any] | None:
             if expect not in _VALUE:
                 return None
             expects[-1] = "more"
+            if len(closers) >= CUT_OBJECT_MAX_DEPTH:  # joining the closers each step is quadratic in the depth
+                return None
             closers.append("}" if char == "{" else "]")
             expects.append("first key" if char == "{" else "first value")
             position += 1
@@ -442,7 +448,7 @@ def close_cut_object(text: str) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text[:kept_end] + kept_close)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: not an object to hand a template
         return None
     return value if isinstance(value, dict) else None
 
