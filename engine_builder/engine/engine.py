@@ -631,10 +631,15 @@ class LLMEngine:
         )
 
 
+def banned_tokens(params: SamplingParams) -> list[int]:
+    """The request's banned tokens: bad_token_ids, a bias of -inf."""
+    return [token for token, bias in params.logit_bias.items() if math.isinf(bias) and bias < 0]
+
+
 def bans_leave_no_token(guide_state: Any, params: SamplingParams) -> bool:
-    """Whether the request's banned tokens (bad_token_ids: a bias of -inf) cover every token the grammar allows now:
-    then the sampler could draw only a token the grammar rejects, and the request, not the engine, is at fault."""
-    banned = [token for token, bias in params.logit_bias.items() if math.isinf(bias) and bias < 0]
+    """Whether the request's banned tokens cover every token the grammar allows now: then the sampler could draw only
+    a token the grammar rejects, and the request, not the engine, is at fault."""
+    banned = banned_tokens(params)
     if not banned:
         return False
     allowed = guide_state.allowed_tokens().clone()

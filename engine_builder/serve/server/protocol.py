@@ -205,12 +205,11 @@ class StreamOptions(StrictModel):
 def stream_usage(options: StreamOptions | None) -> tuple[bool, bool]:
     """(a usage chunk ends the stream, every chunk carries the usage so far). Sent, `stream_options` asks for the
     final usage unless `include_usage` is false (Baseten's reference, vLLM and TensorRT-LLM default it to true; probe
-    GC); running usage is `continuous_usage_stats` on top of it, as vLLM and TensorRT-LLM read it. No
-    `stream_options`: no usage, as OpenAI sends none."""
+    GC); `continuous_usage_stats` adds the usage so far to every chunk, with `include_usage: false` too (vLLM then
+    ignores it; a field accepted is honoured). No `stream_options`: no usage, as OpenAI sends none."""
     if options is None:
         return False, False
-    final = options.include_usage is not False
-    return final, final and bool(options.continuous_usage_stats)
+    return options.include_usage is not False, bool(options.continuous_usage_stats)
 
 
 class SamplingFields(StrictModel):

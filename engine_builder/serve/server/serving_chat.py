@@ -247,7 +247,7 @@ async def stream_chat(
     frame = chunk_framer(request_id, "chat.completion.chunk", created, model)
 
     def chunk(choice_payloads: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage)
+        return frame(choice_payloads, usage.model_dump() if usage is not None else None, include_usage or continuous)
 
     def running_usage() -> Usage | None:
         return counts.running() if continuous else None

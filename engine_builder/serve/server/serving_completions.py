@@ -270,7 +270,7 @@ async def _stream(
     framer = chunk_framer(request_id, "text_completion", created, model)
 
     def frame(choice: dict[str, Any]) -> bytes:
-        return framer([choice], usage.running().model_dump() if continuous else None, include_usage)
+        return framer([choice], usage.running().model_dump() if continuous else None, include_usage or continuous)
 
     async for position, delta in _merged(runs):
         choice = position * n + delta.index

@@ -124,14 +124,15 @@ class ToolCallOutput(ChoiceOutput):
     def result(self, finish_reason: FinishReason | None, stop_reason: int | str | None) -> FinalOutput:
         if not self.is_final:
             self.feed("", final=True)
+        parsed_calls = self._calls()
         calls = [
             ResponseToolCall(id=self.sent_calls[i][0] if i < len(self.sent_calls) else new_call_id(self.id_length),
                              function=ReplyFunctionCall(name=call.name, arguments=call.arguments))
-            for i, call in enumerate(self._calls())
+            for i, call in enumerate(parsed_calls)
         ]
-        complete_call_ids = frozenset(call.id for call, parsed in zip(calls, self._calls(), strict=True) if parsed.complete)
+        complete_call_ids = frozenset(call.id for call, parsed in zip(calls, parsed_calls, strict=True) if parsed.complete)
         reason = finish_reason.value if finish_reason is not None else "stop"
-        if calls and reason == "stop" and all(call.complete for call in self._calls()):
+        if calls and reason == "stop" and all(call.complete for call in parsed_calls):
             # A call a stop string cut is no call to run: its arguments are not JSON (probe CB #2); it stays "stop",
             # as one cut by max_tokens stays "length"
             reason = FinishReason.TOOL_CALLS.value

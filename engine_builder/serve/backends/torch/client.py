@@ -8,7 +8,6 @@ through `finish_choice`). `prepare` checks a request and compiles its guide once
 
 import asyncio
 import logging
-import math
 import os
 import queue
 import sys
@@ -27,7 +26,7 @@ from engine_builder.common.types import (
     merge_deltas,
 )
 from engine_builder.engine.config import EngineConfig
-from engine_builder.engine.engine import LLMEngine, RequestRejectedError, bans_leave_no_token
+from engine_builder.engine.engine import LLMEngine, RequestRejectedError, banned_tokens, bans_leave_no_token
 from engine_builder.engine.parallel import GroupStoppedError
 from engine_builder.serve.backends.base import EngineUnavailableError
 from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
@@ -215,8 +214,7 @@ class TorchEngineClient:
                 compiled = await compiler.compile_async(guide)
             finally:
                 self._num_compiling -= 1
-            banned = any(math.isinf(bias) and bias < 0 for bias in request.sampling.logit_bias.values())
-            if banned and bans_leave_no_token(compiler.matcher(compiled, self._eos_token_ids, guide.after_reasoning), request.sampling):
+            if banned_tokens(request.sampling) and bans_leave_no_token(compiler.matcher(compiled, self._eos_token_ids, guide.after_reasoning), request.sampling):
                 # refused before a stream opens: found at the first step, a stream had already answered 200 (probe GD)
                 raise RequestRejectedError(
                     "bad_token_ids bans every token the structured output allows at its start; ban fewer tokens",

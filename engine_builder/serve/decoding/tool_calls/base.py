@@ -49,7 +49,7 @@ def unwrap_encoded_object(arguments: str) -> str:
     try:
         inner = json.loads(arguments)
         value = json.loads(inner) if isinstance(inner, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return arguments
     return inner if isinstance(value, dict) else arguments
 
