@@ -114,9 +114,14 @@ class HarmonyOutput(ChoiceOutput):
         cut = self.parser.in_call and not stopped_by_token(finish_reason, stop_reason)
         if calls and output.finish_reason == FinishReason.STOP.value and not cut:
             output.finish_reason = FinishReason.TOOL_CALLS.value
+        # Every call is whole but the one whose arguments the reply ended inside, unless its stop token ended it (the
+        # Responses API marks only that one incomplete). A call the reply did not make leaves the last made one whole.
+        cut_inside = self._receiving if cut else None
+        complete = frozenset(call.id for index, call in enumerate(calls) if index != cut_inside)
         if (calls or reasoning) and not output.content:
             output.content = None
         output.tool_calls = calls + output.tool_calls
+        output.complete_call_ids = complete | output.complete_call_ids
         output.reasoning = reasoning
         self.counter.finish(stopped_by_token(finish_reason, stop_reason))
         output.reasoning_tokens = self.counter.count

@@ -207,6 +207,25 @@ def test_a_call_a_stop_string_cut_is_not_finished_as_tool_calls() -> None:
     assert closed.result(FinishReason.STOP, "ne").finish_reason == "tool_calls"
 
 
+def test_only_the_call_the_reply_ended_inside_is_incomplete() -> None:
+    """The Responses API marks a call incomplete only when its own arguments were cut (`complete_call_ids`): one
+    closed by `<|call|>`, or followed by another message, is whole; a call not offered leaves the one before whole."""
+    cut = CALL_REPLY.rsplit('"Rome"', 1)[0] + '"Ro'
+    for text, stop, whole in (
+        (cut, None, [True, False]),  # the budget ran out inside Rome's arguments
+        (cut, 7, [True, True]),  # <|call|> ended it
+        (CALL_REPLY + "<|call|><|start|>assistant<|channel|>analysis<|message|>Do", None, [True, True]),
+    ):
+        output = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset({"w"}), True)
+        output.feed(text, final=True)
+        final = output.result(FinishReason.LENGTH if stop is None else FinishReason.STOP, stop)
+        assert [call.id in final.complete_call_ids for call in final.tool_calls] == whole, text
+    single = HarmonyOutput(FORMAT, ChoiceOutput(), frozenset({"w"}), False)  # Rome's call stays reasoning
+    single.feed(cut, final=True)
+    final = single.result(FinishReason.LENGTH, None)
+    assert len(final.tool_calls) == 1 and final.complete_call_ids == {final.tool_calls[0].id}
+
+
 def test_offered_calls_become_tool_calls_streamed_as_openai_deltas() -> None:
     deltas, final = run_output(CALL_REPLY, frozenset({"w"}))
     assert final.finish_reason == "tool_calls" and final.content is None and final.reasoning == "Two lookups."
