@@ -19,15 +19,18 @@ class OtherKind(StrictModel):
     type: Any = None
 
 
-def _by_type(*models: type[StrictModel], untyped: str | None = None) -> Discriminator:
+def _by_type(*models: type[StrictModel], untyped: str | None = None, reference: str | None = None) -> Discriminator:
     """Picks among `models` by their `type` literal, OtherKind for any other type; a value without a `type` but with
-    a `role` has the type `untyped`. The tags are class names, which error locations leave out (app_helpers)."""
+    a `role` has the type `untyped`, one holding only an `id` the type `reference` (the SDK's ItemReference leaves
+    its type optional). The tags are class names, which error locations leave out (app_helpers)."""
     tags = {kind: model.__name__ for model in models for kind in get_args(model.model_fields["type"].annotation)}
 
     def discriminate(value: Any) -> str:
         kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
         if kind is None and untyped is not None and isinstance(value, dict) and "role" in value:
             kind = untyped
+        elif kind is None and reference is not None and isinstance(value, dict) and value.keys() == {"id"}:
+            kind = reference
         return tags.get(kind, "OtherKind") if isinstance(kind, str) else "OtherKind"
 
     return Discriminator(discriminate)
@@ -105,13 +108,24 @@ class ReasoningItem(StrictModel):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class ItemReference(StrictModel):
+    """An item a stored response holds (its input or its output), named by id: read as that item."""
+
+    type: Literal["item_reference"] = "item_reference"
+    id: str
+
+
 InputItem = Annotated[
     Annotated[MessageItem, Tag("MessageItem")]
     | Annotated[FunctionCallItem, Tag("FunctionCallItem")]
     | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutputItem")]
     | Annotated[ReasoningItem, Tag("ReasoningItem")]
+    | Annotated[ItemReference, Tag("ItemReference")]
     | Annotated[OtherKind, Tag("OtherKind")],
-    _by_type(MessageItem, FunctionCallItem, FunctionCallOutputItem, ReasoningItem, untyped="message"),
+    _by_type(
+        MessageItem, FunctionCallItem, FunctionCallOutputItem, ReasoningItem, ItemReference, untyped="message",
+        reference="item_reference",
+    ),
 ]
 
 

@@ -43,6 +43,9 @@ class ResponseStore:
         # turn shares its items: counted per response, one 1 MB document grew quadratically and pushed out every
         # other user's responses; probe CZ): id -> [bytes, holders]. An id stays unique while a holder keeps it.
         self._items: dict[int, list[int]] = {}
+        # Each held item by its `id`, for `item_reference` input items: id -> {object id: item}, the newest last (a
+        # client may send one id in two conversations; each holder keeps its own object).
+        self._by_id: dict[str, dict[int, dict[str, Any]]] = {}
 
     def __len__(self) -> int:
         return len(self._responses)
@@ -71,12 +74,22 @@ class ResponseStore:
                 if change < 0:  # not counted (an item put in its place since): nothing to take back
                     continue
                 entry = self._items[id(item)] = [len(json.dumps(item, default=str)), 0]
+                self._by_id.setdefault(str(item.get("id")), {})[id(item)] = item
             if entry[1] == 0:
                 self.num_bytes += entry[0]
             entry[1] += change
             if entry[1] == 0:
                 self.num_bytes -= entry[0]
                 del self._items[id(item)]
+                same_id = self._by_id[str(item.get("id"))]
+                del same_id[id(item)]
+                if not same_id:
+                    del self._by_id[str(item.get("id"))]
+
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """The newest stored item with this id (input or output of any stored response), or None."""
+        same_id = self._by_id.get(item_id)
+        return next(reversed(same_id.values())) if same_id else None
 
     def get(self, response_id: str) -> StoredResponse | None:
         stored = self._responses.get(response_id)

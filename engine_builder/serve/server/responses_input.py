@@ -19,6 +19,7 @@ from engine_builder.serve.server.protocol_responses import (
     FunctionTool,
     FunctionToolChoice,
     InputText,
+    ItemReference,
     MessageItem,
     OtherKind,
     OutputText,
@@ -260,7 +261,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
                 code="previous_response_not_found",
             )
         prior = stored.conversation
-    new_items = _input_items(body)
+    new_items = _input_items(body, store)
     _refuse_repeated_ids(prior, new_items)
     conversation = ConversationBuilder()
     if body.instructions is not None:
@@ -318,9 +319,9 @@ def response_format(body: ResponsesRequest) -> dict[str, Any] | None:
     return None
 
 
-def _input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+def _input_items(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, Any]]:
     """The request's input as stored items: each with an id, a message's text as content parts (as OpenAI lists
-    input items); kinds this server cannot read refused by their path."""
+    input items), a reference read as the stored item it names; kinds this server cannot read refused by their path."""
     if body.input is None:
         return []
     raw = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
@@ -329,7 +330,17 @@ def _input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
         path = f"input[{index}]"
         if isinstance(item, OtherKind):
             raise unsupported(f"{path}.type", f"Input items of type {item.type!r} cannot be read here; send messages, "
-                              "function_call, function_call_output and reasoning items.")
+                              "function_call, function_call_output, reasoning and item_reference items.")
+        if isinstance(item, ItemReference):
+            referenced = store.find_item(item.id)
+            if referenced is None:
+                raise bad_request(
+                    f"{path}.id: item with id {item.id!r} not found. A reference names an item of a response stored "
+                    "on this server (store true), still held (the newest responses are kept, in memory).",
+                    param=f"{path}.id",
+                )
+            items.append(referenced)  # the stored object itself: counted once however many conversations hold it
+            continue
         if isinstance(item, MessageItem):
             item = item.model_copy(update={"content": _parts(item.content, item.role, f"{path}.content")})
         elif isinstance(item, FunctionCallOutputItem) and not isinstance(item.output, str):

@@ -475,6 +475,51 @@ def test_an_item_id_already_in_the_conversation_is_refused() -> None:
     assert len(set(ids)) == len(ids) == 3
 
 
+@pytest.mark.parametrize("reference", [{"type": "item_reference", "id": "msg_r"}, {"id": "msg_r"}])
+def test_an_item_reference_reads_as_the_stored_item_it_names(reference: dict[str, Any]) -> None:
+    """An `item_reference` (the SDK's ItemReference, its type optional) names an item a stored response holds, input
+    or output: it is read as that item, the stored object itself (its bytes counted once); one no stored response
+    holds, or no longer holds, is refused by its path, and one the conversation already holds is a duplicate."""
+    store = ResponseStore()
+    reply = {"type": "message", "id": "msg_r", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Hello Bob.", "annotations": []}]}
+    _stored(store, "resp_1", [reply])
+    question = {"role": "user", "content": "Who am I?"}
+    body = ResponsesRequest.model_validate({"input": [{"type": "item_reference", "id": "msg_q"}, reference, question]})
+    translation = translate(body, store)
+    assert translation.input_items[0] is store.find_item("msg_q") and translation.input_items[1] is reply
+    messages = translation.chat.model_dump(exclude_none=True)["messages"]
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"]) for m in messages]
+    assert list(zip([m["role"] for m in messages], texts, strict=True)) == [
+        ("user", "Rome?"), ("assistant", "Hello Bob."), ("user", "Who am I?")]
+    before = store.num_bytes
+    store.put(StoredResponse({"id": "resp_2", "output": []}, translation.input_items))
+    fresh_question = len(json.dumps(translation.input_items[2]))
+    assert store.num_bytes - before == fresh_question + len(json.dumps({"id": "resp_2", "output": []}))
+    with pytest.raises(APIError) as duplicate:
+        translate(ResponsesRequest.model_validate({"previous_response_id": "resp_1", "input": [reference]}), store)
+    assert (duplicate.value.param, "duplicate" in duplicate.value.message) == ("input[0].id", True)
+    for response_id in ("resp_1", "resp_2"):
+        store.delete(response_id)
+    with pytest.raises(APIError) as missing:
+        translate(ResponsesRequest.model_validate({"input": [question, reference]}), store)
+    assert (missing.value.status, missing.value.param) == (400, "input[1].id")
+    assert "'msg_r' not found" in missing.value.message
+
+
+def test_an_id_two_conversations_hold_is_found_while_either_holds_it() -> None:
+    store = ResponseStore()
+    first = {"type": "message", "id": "msg_1", "role": "user", "content": [{"type": "input_text", "text": "one"}]}
+    second = {**first, "content": [{"type": "input_text", "text": "two"}]}
+    store.put(StoredResponse({"id": "resp_a", "output": []}, [first]))
+    store.put(StoredResponse({"id": "resp_b", "output": []}, [second]))
+    assert store.find_item("msg_1") is second
+    store.delete("resp_b")
+    assert store.find_item("msg_1") is first
+    store.delete("resp_a")
+    assert store.find_item("msg_1") is None and store.num_bytes == 0
+
+
 def test_listed_input_items_are_what_the_sdk_types_require() -> None:
     """Probe AX: function_call and function_call_output items were listed without the `status` the SDK's item
     types require (a strict client refused the page)."""
@@ -683,6 +728,13 @@ def test_previous_response_id_get_delete_and_store(client: OpenAI) -> None:
     assert items.data[1].id == first.output[0].id  # the first reply, inherited
     newest = client.responses.input_items.list(second.id, limit=1)
     assert newest.data[0].content[0].text == "What is my name?" and newest.has_more  # type: ignore[union-attr]
+    referenced = client.responses.create(  # the same conversation, its items named by id
+        input=[{"type": "item_reference", "id": item.id} for item in items.data], max_output_tokens=8, **GREEDY
+    )
+    assert referenced.output_text == second.output_text
+    assert referenced.usage is not None and referenced.usage.input_tokens == second.usage.input_tokens
+    assert [item.id for item in client.responses.input_items.list(referenced.id, order="asc").data] == [
+        item.id for item in items.data]
 
     client.responses.delete(first.id)
     for call in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id)):
@@ -753,7 +805,8 @@ def test_json_schema_format(client: OpenAI) -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
                                                  {"type": "input_image", "image_url": "https://x/y.png"}]}]},
          "input[0].content[1].type"),
-        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"input": [{"type": "file_search_call", "id": "fs_1", "queries": [], "status": "completed"}]}, "input[0].type"),
+        ({"input": [{"type": "item_reference", "id": "msg_missing"}]}, "input[0].id"),
         ({"background": True}, "background"),
         ({"truncation": "auto"}, "truncation"),
         ({"unknown_field": 1}, "unknown_field"),
