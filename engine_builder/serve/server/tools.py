@@ -19,6 +19,7 @@ from typing import Any
 
 from engine_builder.common.types import FinishReason, Guide, GuideKind
 from engine_builder.serve.decoding.harmony import marked_call_tag
+from engine_builder.serve.decoding.structured.compiler import audit_guide
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.decoding.structured.schema_audit import audit_json_schema
 from engine_builder.serve.decoding.tool_calls import (
@@ -201,12 +202,12 @@ def plan_tools(
                 "This model's chat template has no tool-calling format; use tool_choice `required` or a named function.",
                 param="tools",
             )
-        if answer is not None and answer.kind in _JSON_ANSWERS and family_parser != HARMONY:
+        if answer is not None and family_parser != HARMONY:
             guide = _answer_or_calls_guide(body, answer, schemas, family_parser, holds_marked_calls)
             return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
         if not any(tool.function.strict for tool in body.tools):
             return ToolCallProcessor(family_parser, schemas, parallel), template_tools, answer, []
-        if answer is not None:  # gpt-oss's format gates the answer on its final channel; another kind is no JSON
+        if answer is not None:  # gpt-oss's format gates the answer on its final channel, where a call cannot begin
             raise bad_request(
                 f"response_format {answer.kind.value} cannot be combined with `strict` tools in tool_choice auto "
                 "for this model; set `strict: false` on the tools.",
@@ -281,16 +282,14 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
     return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools", parts=_parameter_parts(tools, strict))
 
 
-_JSON_ANSWERS = (GuideKind.JSON_SCHEMA, GuideKind.JSON_OBJECT)
-
-
 def _answer_or_calls_guide(
     body: ChatCompletionRequest, answer: Guide, schemas: dict[str, dict[str, Any]], family: str, holds_marked_calls: bool
 ) -> Guide:
-    """tool_choice auto beside a JSON response_format: the reply is either the JSON answer or the family's marked
-    calls (a strict tool's arguments held to its parameters, another's to any object), one grammar admitting both.
-    The format's schema alone was the grammar, so no tool could ever be called, though the request was accepted and
-    the tools rendered (probe GE #2). Where the calls cannot be held, a 400 rather than tools that cannot be called."""
+    """tool_choice auto beside a response_format: the reply is either the format's answer (JSON, a regex, a grammar
+    or a structural tag) or the family's marked calls (a strict tool's arguments held to its parameters, another's
+    to any object), one grammar admitting both. The format's grammar alone was the grammar, so no tool could ever be
+    called, though the request was accepted and the tools rendered (probe GE #2). Where the calls cannot be held, a
+    400 rather than tools that cannot be called."""
     assert body.tools is not None
     parallel = body.parallel_tool_calls is not False
     strict = {tool.function.name for tool in body.tools if tool.function.strict}
@@ -302,34 +301,46 @@ def _answer_or_calls_guide(
         )
         raise bad_request(
             f"response_format {answer.kind.value} beside tools with tool_choice auto: {why}, so the server cannot "
-            "let the model choose between a tool call and the JSON answer (the format's grammar would allow no "
-            "call). Send tool_choice none for the JSON answer, or drop response_format to let the model call a tool.",
+            "let the model choose between a tool call and the format's answer (the format's grammar would allow no "
+            "call). Send tool_choice none for the formatted answer, or drop response_format to let the model call a "
+            "tool.",
             param="response_format",
         )
     _audit_parameters(body.tools, strict)
     parts = _parameter_parts(body.tools, strict)
-    answer_schema: Any = {"type": "object"}
     if answer.kind is GuideKind.JSON_SCHEMA:
-        answer_schema = json.loads(answer.spec)
-        try:
-            audit_json_schema(answer_schema)
-        except GuideError as error:
-            raise bad_request(str(error), param=error.param) from None
         parts = (("response_format.json_schema.schema", answer.spec), *parts)
+    elif answer.kind in (GuideKind.REGEX, GuideKind.GRAMMAR):  # a compile refusal names the format's own field
+        parts = ((f"response_format.{answer.kind.value}", answer.spec), *parts)
     calls = tag["format"]  # triggered tags: text, then calls; here the calls alone, one after another
     calls_only = {"type": "tags_with_separator", "tags": calls["tags"], "separator": "\n", "at_least_one": True,
                   "stop_after_first": calls["stop_after_first"]}  # fmt: skip
     # a newline or two may end the calls (as the strict-tools grammar leaves text after them free): after a call only
     # `\n<tool_call>` was allowed, so a sampled trailing newline committed the model to another call (review GY #3)
     calls_branch = {"type": "sequence", "elements": [calls_only, {"type": "regex", "pattern": "[ \\n]{0,2}"}]}
-    # the answer as compact as the format alone makes it: the element's default allows any whitespace between tokens,
-    # so adding tools made the same answer pretty-printed (44 tokens for 22) and let a small model loop on newlines
-    # (review GY #1); one character of whitespace at most between tokens
-    answer_branch = {"type": "json_schema", "json_schema": answer_schema, "max_whitespace_cnt": 1}
-    union = {"type": "or", "elements": [answer_branch, calls_branch]}
+    union = {"type": "or", "elements": [_answer_format(answer), calls_branch]}
     spec = {"type": "structural_tag", "format": union}
     check_schema_size(spec, "response_format")
     return Guide(GuideKind.TOOL_CALLS, json.dumps(spec), param="response_format", parts=parts)
+
+
+def _answer_format(answer: Guide) -> dict[str, Any]:
+    """The response_format's guide as a structural-tag format, a branch beside the calls."""
+    if answer.kind is GuideKind.REGEX:
+        return {"type": "regex", "pattern": answer.spec}
+    if answer.kind is GuideKind.GRAMMAR:
+        return {"type": "grammar", "grammar": answer.spec}
+    try:  # its schemas audited as the format alone would be (the union's audit reads only the tools')
+        audit_guide(answer)
+    except GuideError as error:
+        raise bad_request(str(error), param=error.param) from None
+    if answer.kind is GuideKind.STRUCTURAL_TAG:
+        return dict(json.loads(answer.spec)["format"])
+    schema = json.loads(answer.spec) if answer.kind is GuideKind.JSON_SCHEMA else {"type": "object"}
+    # as compact as the format alone makes it: the element's default allows any whitespace between tokens, so adding
+    # tools made the same answer pretty-printed (44 tokens for 22) and let a small model loop on newlines (review
+    # GY #1); one character of whitespace at most between tokens
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
 
 
 def _parameter_parts(tools: list[Tool], names: set[str]) -> tuple[tuple[str, str], ...]:

@@ -246,6 +246,67 @@ def test_tools_beside_a_json_response_format_can_be_called_or_answered(fmt: dict
     assert json.loads(guide.spec)["format"]["elements"][0]["json_schema"] == (ANSWER if "json_schema" in fmt else {"type": "object"})
 
 
+TAG_FORMAT = {"type": "structural_tag", "format": {"type": "tag", "begin": "<a>", "end": "</a>",
+                                                    "content": {"type": "json_schema", "json_schema": ANSWER}}}
+
+
+@pytest.mark.parametrize(("fmt", "answers", "not_answers"), [
+    ({"type": "regex", "regex": "(yes|no)"}, ["yes", "no"], ["maybe", '{"summary": "x"}']),
+    ({"type": "grammar", "grammar": 'root ::= "n=" [0-9]+'}, ["n=7", "n=42"], ["n=", "seven"]),
+    (TAG_FORMAT, ['<a>{"summary": "x"}</a>'], ['<a>{"other": 1}</a>', "<a></a>"]),
+])
+def test_tools_beside_any_response_format_can_be_called_or_answered(
+    fmt: dict[str, Any], answers: list[str], not_answers: list[str]
+) -> None:
+    """The left item of session 18: a regex, EBNF or structural-tag response_format beside tools in tool_choice auto
+    was the only grammar (the tools rendered, never callable). One grammar admits the format's answer or the
+    family's marked calls, as for a JSON format."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    processor, template_tools, guide, _ = plan_tools(
+        request([tool("set_n", SET_N)], response_format=fmt), "hermes", True,
+        guide_from_response_format(ResponseFormat.model_validate(fmt)),
+    )
+    assert template_tools and getattr(processor, "only_marked", False)
+    assert guide is not None and guide.kind == GuideKind.TOOL_CALLS and guide.param == "response_format"
+    grammar = xgrammar.Grammar.from_structural_tag(guide.spec)
+    for text in (CALL_TEXT, CALL_TEXT + "\n" + CALL_TEXT, *answers):
+        assert _is_grammar_accept_string(grammar, text), text
+    for text in ("Sure. " + CALL_TEXT, CALL_TEXT + " Done.", *not_answers):
+        assert not _is_grammar_accept_string(grammar, text), text
+
+
+@pytest.mark.parametrize(("fmt", "param"), [
+    ({"type": "regex", "regex": "(unclosed"}, "response_format.regex"),
+    ({"type": "grammar", "grammar": "root ::= undefined_rule"}, "response_format.grammar"),
+])
+def test_a_format_beside_tools_that_cannot_compile_is_named_by_its_field(
+    fmt: dict[str, Any], param: str, smollm2_dir: Path
+) -> None:
+    from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
+    from engine_builder.serve.decoding.structured.errors import GuideError
+
+    _, _, guide, _ = plan_tools(request([tool("set_n", SET_N)], response_format=fmt), "hermes", True,
+                                guide_from_response_format(ResponseFormat.model_validate(fmt)))
+    assert guide is not None
+    compiler = GrammarCompiler(smollm2_dir, 49152)
+    try:
+        with pytest.raises(GuideError) as refused:
+            compiler.compile(guide)
+    finally:
+        compiler.close()
+    assert refused.value.param == param, refused.value
+
+
+def test_a_structural_tag_beside_tools_has_its_schemas_audited() -> None:
+    bounded = {**TAG_FORMAT, "format": {**TAG_FORMAT["format"], "content": {"type": "json_schema", "json_schema": BOUNDED}}}
+    with pytest.raises(APIError) as refused:
+        plan_tools(request([tool("set_n", SET_N)], response_format=bounded), "hermes", True,
+                   guide_from_response_format(ResponseFormat.model_validate(bounded)))
+    assert refused.value.param is not None and refused.value.param.endswith("properties.a.maxLength")
+
+
 @pytest.mark.parametrize(("family", "holds", "why"), [("llama3_json", True, "no single start marker"),
                                                       ("hermes", False, "backend")])
 def test_tools_beside_a_json_response_format_are_refused_where_no_grammar_admits_both(
@@ -272,7 +333,9 @@ def test_a_forced_tool_choice_beside_a_response_format_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_a_strict_call_beside_a_json_response_format_obeys_its_schema(client: TestClient) -> None:
+@pytest.mark.parametrize("fmt", [{"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
+                                 {"type": "regex", "regex": "(yes|no)"}])
+def test_a_strict_call_beside_a_response_format_obeys_its_schema(client: TestClient, fmt: dict[str, Any]) -> None:
     """Probe GE #2 on a real model: with the marker biased, the model calls the tool (the format's grammar alone
     refused the marker), its arguments held to the strict tool's schema; unbiased, it answers in the format."""
     import json
@@ -280,8 +343,7 @@ def test_a_strict_call_beside_a_json_response_format_obeys_its_schema(client: Te
     import jsonschema
 
     body = {"model": "m", "messages": [{"role": "user", "content": "Set n to 42"}], "temperature": 0, "max_tokens": 60,
-            "tools": [tool("set_n", SET_N, strict=True)], "parallel_tool_calls": False,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}}
+            "tools": [tool("set_n", SET_N, strict=True)], "parallel_tool_calls": False, "response_format": fmt}
     called = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(OPEN_ID): 100}})
     assert called.status_code == 200, called.text
     choice = called.json()["choices"][0]
@@ -292,5 +354,7 @@ def test_a_strict_call_beside_a_json_response_format_obeys_its_schema(client: Te
     assert answered.status_code == 200, answered.text
     message = answered.json()["choices"][0]["message"]
     assert not message["tool_calls"]
-    if answered.json()["choices"][0]["finish_reason"] == "stop":
+    if fmt["type"] == "regex":
+        assert message["content"] in ("yes", "no")
+    elif answered.json()["choices"][0]["finish_reason"] == "stop":
         jsonschema.validate(json.loads(message["content"]), ANSWER)

@@ -335,9 +335,14 @@ def _failing_part(guide: Guide) -> tuple[str, str] | None:
     call grammar, where the whole's refusal named only `tools` (probe CB #5)."""
     import xgrammar
 
-    for field, schema in guide.parts:
+    for field, spec in guide.parts:
         try:
-            xgrammar.Grammar.from_json_schema(schema, any_whitespace=guide.any_whitespace, strict_mode=True)
+            if field == "response_format.regex":  # a regex or EBNF answer beside tools' calls (tools.py)
+                xgrammar.Grammar.from_regex(spec)
+            elif field == "response_format.grammar":
+                xgrammar.Grammar.from_ebnf(spec)
+            else:
+                xgrammar.Grammar.from_json_schema(spec, any_whitespace=guide.any_whitespace, strict_mode=True)
         except Exception as error:
             return field, xgrammar_reason(error)
     return None
