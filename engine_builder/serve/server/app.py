@@ -3,6 +3,7 @@
 Errors come in the OpenAI envelope, except on routes that carry their own format (the encoders' TEI routes,
 `render_refusal`): there the server's refusals (auth, body limit, admission) come in the route's format too."""
 
+import asyncio
 import gc
 import json
 import logging
@@ -26,7 +27,7 @@ from engine_builder.serve.server.body_limit import BodyLimitMiddleware
 from engine_builder.serve.server.chat_template import REQUEST_TEMPLATES
 from engine_builder.serve.server.errors import APIError, from_status
 from engine_builder.serve.server.request_id import RequestIdMiddleware
-from engine_builder.serve.server.state import ServerState
+from engine_builder.serve.server.state import Arrival, ServerState, arrival
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def create_app(
         return render(APIError("Internal server error.", status=500, type="server_error"), scope)
 
     app.add_middleware(UnexpectedErrorMiddleware, answer=internal_error)
-    app.add_middleware(RequestIdMiddleware)  # refusals by the three above carry the id too
+    app.add_middleware(ArrivalsMiddleware, state=state, render=render)
+    app.add_middleware(RequestIdMiddleware)  # refusals by the four above carry the id too
     app.add_middleware(CloseWhileDrainingMiddleware, state=state)
 
     @app.exception_handler(APIError)
@@ -206,6 +208,44 @@ class UnexpectedErrorMiddleware:
             response = self.answer(scope)  # counted as a failed request whether or not it can still be sent
             if not started:
                 await response(scope, receive, send)
+
+
+class ArrivalsMiddleware:
+    """Counts each POST that arrives before a drain as pending until the engine admits it or it is answered
+    (`state.Arrival`): the drain waits for it, and admits it once it is ready. One still running when uvicorn cancels
+    the handlers (the drain's end, plus ANSWER_GRACE_S) is answered the drain's 503 if nothing was sent yet, not
+    uvicorn's plain-text 500: this task exists only to answer it, so the cancellation ends here, with the answer."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, render: Callable[[APIError, Scope], Response]) -> None:
+        self.app = app
+        self.state = state
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or self.state.draining:
+            await self.app(scope, receive, send)
+            return
+        here = Arrival()
+        self.state.pending += 1
+        token = arrival.set(here)
+        started = False
+
+        async def watching(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching)
+        except asyncio.CancelledError:
+            if started or not self.state.draining:
+                raise
+            self.state.metrics.record_error(503)
+            await self.render(self.state.drain_refusal(), scope)(scope, receive, send)
+        finally:
+            here.open = False
+            self.state.settle(here)
+            arrival.reset(token)
 
 
 class CloseWhileDrainingMiddleware:

@@ -508,6 +508,11 @@ class RequestTemplateSandbox:
         except asyncio.CancelledError:  # its event loop is closing: leave nothing running in the worker
             self.worker.kill()
             raise
+        except Exception as error:  # the render ended but its result did not come back (pickling it ran out of memory)
+            self.worker.kill()
+            raise bad_request(
+                f"chat_template's rendering failed in its process ({type(error).__name__}).", param="chat_template"
+            ) from None
         if isinstance(result, Exception):
             raise TemplateRaised(result)
         return result
@@ -518,6 +523,9 @@ class RequestTemplateSandbox:
 
 
 REQUEST_TEMPLATE_MEMORY_BYTES = 2 * 2**30  # the sandbox's address space: `'a' * 10**9` in a template is a 400
+# A rendered prompt longer than this is refused in the sandbox: millions of tokens, past any model's context, and a
+# gigabyte string rendered under the memory cap failed on its way back to the server (a 500, probe HC #3).
+MAX_RENDERED_CHARS = 1 << 25
 
 
 def _import_renderer(memory_bytes: int = REQUEST_TEMPLATE_MEMORY_BYTES) -> None:
@@ -543,7 +551,10 @@ def _render_template(conversation: list[dict[str, Any]], arguments: dict[str, An
         return ValueError(str(error))
     while isinstance(rendered, list | tuple):  # (rendered conversations, generation indices) -> the one string
         rendered = rendered[0]
-    return str(rendered)
+    text = str(rendered)
+    if len(text) > MAX_RENDERED_CHARS:
+        return ValueError(f"it rendered {len(text):,} characters, more than {MAX_RENDERED_CHARS:,}")
+    return text
 
 
 REQUEST_TEMPLATES = RequestTemplateSandbox(REQUEST_TEMPLATE_TIMEOUT_S)

@@ -39,6 +39,22 @@ logger = logging.getLogger(__name__)
 inside_user_request: ContextVar[bool] = ContextVar("inside_user_request", default=False)
 
 
+class Arrival:
+    """A POST that arrived before any drain (`ArrivalsMiddleware`): the drain waits for it while it prepares
+    (its body parsed, its template rendered, its prompt tokenized) as it waits for the requests the engine runs, and
+    lets it in when it is ready. It was counted only from its admission: a SIGTERM during a 3 s render logged "0
+    requests in flight", stopped waiting, and uvicorn cancelled it 5 s later with a plain-text 500 (probe HC #1)."""
+
+    __slots__ = ("open", "pending")
+
+    def __init__(self) -> None:
+        self.open = True  # its handler runs (a background task that copied its context is not it, once it ends)
+        self.pending = True  # not admitted yet: counted in ServerState.pending
+
+
+arrival: ContextVar[Arrival | None] = ContextVar("arrival", default=None)
+
+
 @dataclass
 class ServerSettings:
     served_model_name: str
@@ -78,6 +94,7 @@ class ServerState:
     drain_hurried: bool = False  # a second stop signal ended the drain before its timeout
     inflight: int = 0  # engine requests accepted and unfinished
     user_requests: int = 0  # user model.py requests running (their engine calls count in `inflight` too)
+    pending: int = 0  # requests that arrived before the drain and are not admitted yet (`Arrival`)
     generating: set[str] = field(default_factory=set)  # request ids streaming from the engine
     encoder_requests_cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer running ones 503
     user_request_cuts: set["asyncio.Future[None]"] = field(default_factory=set)  # `until_user_requests_cut`'s waits
@@ -131,14 +148,31 @@ class ServerState:
 
     @property
     def requests_in_flight(self) -> int:
-        """What a drain waits for: engine requests and user model.py requests (which may call the engine yet)."""
-        return self.inflight + self.user_requests
+        """What a drain waits for: engine requests, user model.py requests (which may call the engine yet), and
+        requests that arrived before the drain and are still preparing."""
+        return self.inflight + self.user_requests + self.pending
+
+    def _refuses_while_draining(self, admitted_before: bool = False) -> bool:
+        """While draining, a new request is refused; one that arrived before the drain (or an engine call of a
+        model.py request admitted before it, `admitted_before`, whose end the drain timeout handles itself) is let in
+        until the drain timeout."""
+        if not self.draining or admitted_before:
+            return False
+        here = arrival.get()
+        return self.drain_expired or here is None or not here.open
+
+    def settle(self, here: Arrival | None) -> None:
+        """`here` is admitted or answered: no longer pending."""
+        if here is not None and here.pending:
+            here.pending = False
+            self.pending -= 1
 
     def admit_user_request(self) -> None:
         """Count a user model.py request in, or refuse it when shutting down (its engine calls are admitted later)."""
-        if self.draining:
+        if self._refuses_while_draining():
             raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
         self.user_requests += 1
+        self.settle(arrival.get())
 
     def release_user_request(self) -> None:
         self.user_requests -= 1
@@ -146,7 +180,7 @@ class ServerState:
     def admit(self) -> None:
         """Count a request in, or refuse it when the server is full or shutting down (unless a user model.py request
         admitted before the drain makes it)."""
-        if self.draining and not inside_user_request.get():
+        if self._refuses_while_draining(inside_user_request.get()):
             raise APIError("The server is shutting down.", status=503, type="server_error", code="draining")
         if not self.engine_ready:
             raise APIError("The model is still loading.", status=503, type="server_error", code="not_ready")
@@ -161,6 +195,7 @@ class ServerState:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         self.inflight += 1
+        self.settle(arrival.get())
 
     def release(self) -> None:
         self.inflight -= 1

@@ -39,6 +39,13 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
     assert set(_draws(SamplingParams(max_tokens=1, top_p=0.5), LOGITS)) == {1, 2}
 
 
+def test_a_top_p_under_float32s_range_keeps_the_most_likely_token() -> None:
+    """Probe HC #4: top_p 1e-300 (valid, > 0) is 0.0 in float32, which removed every token: the draw took token 0
+    (SmolLM2's end of text), an empty reply. The most likely token always stays, as in HF's TopPLogitsWarper."""
+    for top_p in (1e-300, 5e-324, 1e-9):
+        assert set(_draws(SamplingParams(max_tokens=1, top_p=top_p), LOGITS, 50)) == {1}
+
+
 def test_min_p_drops_tokens_below_the_fraction_of_the_best() -> None:
     # p(token)/p(best) = exp(logit - 2): 1.0, 0.61, 0.37, 0.22, ...
     assert set(_draws(SamplingParams(max_tokens=1, min_p=0.3), LOGITS)) == {1, 2, 3}

@@ -134,3 +134,13 @@ def test_a_batch_of_only_sampled_rows_draws_as_a_batch_with_a_greedy_row():
     alone = picks(False)
     assert alone == picks(True)
     assert len({token for token, _ in alone}) > 1
+
+
+def test_a_top_p_under_float32s_range_keeps_the_most_likely_token() -> None:
+    """Probe HC #4 on the device sampler (run here on CPU tensors)."""
+    logits = _logits(2)
+    sampler = DeviceSampler(VOCAB, CPU)
+    rows = [SamplingRow(SamplingParams(max_tokens=5, top_p=top_p), torch.Generator().manual_seed(3), [3], [], (0,))
+            for top_p in (1e-300, 5e-324)]
+    for _ in range(5):
+        assert sampler(logits.clone(), rows).token_ids == logits.argmax(dim=-1).tolist()

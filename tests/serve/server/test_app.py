@@ -1,6 +1,7 @@
 """The application's own layers around every route: an unexpected exception's 500 goes through the middlewares
 (request id, the drain's Connection: close) and is logged once, naming the request."""
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
@@ -102,3 +103,92 @@ def test_the_serving_process_freezes_its_start_up_heap_at_readiness(serving_proc
     finally:
         gc.unfreeze()  # the test process's own heap stays collectable
 
+
+
+async def _asgi_post(app: object, path: str) -> list[dict[str, object]]:
+    """The messages an ASGI app sends for a bodyless POST to `path`."""
+    sent: list[dict[str, object]] = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8)}
+    delivered = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # type: ignore[operator]
+    return sent
+
+
+def _status_and_body(sent: list[dict[str, object]]) -> tuple[object, dict[str, object]]:
+    import json
+
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")  # type: ignore[misc]
+    return sent[0]["status"], json.loads(body)
+
+
+def test_a_request_still_preparing_when_the_drain_begins_is_waited_for_and_served() -> None:
+    """Probe HC #1: a request rendering its template (or parsing a large body) when SIGTERM came was not counted:
+    the drain logged 0 in flight and stopped waiting, then uvicorn cancelled it with a plain-text 500. It counts as
+    pending from its arrival and is admitted when ready; one arriving during the drain is refused."""
+
+    async def main() -> None:
+        state = ServerState(ServerSettings("m"), StubEngine(), renderer=None)
+        state.engine_ready = state.ready = True
+        ready = asyncio.Event()
+        router = APIRouter()
+
+        @router.post("/slow")
+        async def slow() -> dict[str, bool]:
+            await ready.wait()  # a template rendering in its worker
+            state.admit()
+            state.release()
+            return {"served": True}
+
+        app = create_app(state, extra_routers=[router])
+        before = asyncio.ensure_future(_asgi_post(app, "/slow"))
+        await asyncio.sleep(0.05)
+        assert (state.pending, state.requests_in_flight) == (1, 1)
+        state.draining = True  # the signal: the drain waits while requests_in_flight is not 0
+        during = asyncio.ensure_future(_asgi_post(app, "/slow"))
+        await asyncio.sleep(0.05)
+        assert state.pending == 1  # one arriving now is not waited for
+        ready.set()
+        assert _status_and_body(await before) == (200, {"served": True})
+        status, refused = _status_and_body(await during)
+        assert status == 503 and refused["error"]["code"] == "draining"  # type: ignore[index]
+        assert (state.pending, state.inflight, state.requests_in_flight) == (0, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_request_uvicorn_cancels_at_the_drains_end_is_answered_the_drains_503() -> None:
+    async def main() -> None:
+        state = ServerState(ServerSettings("m", drain_timeout_s=3), StubEngine(), renderer=None)
+        state.engine_ready = state.ready = True
+        router = APIRouter()
+
+        @router.post("/stuck")
+        async def stuck() -> None:
+            await asyncio.Event().wait()
+
+        app = create_app(state, extra_routers=[router])
+        handler = asyncio.ensure_future(_asgi_post(app, "/stuck"))
+        await asyncio.sleep(0.05)
+        state.draining = state.drain_expired = True
+        handler.cancel()  # uvicorn's end of its graceful shutdown
+        status, refused = _status_and_body(await handler)
+        assert status == 503 and refused["error"]["code"] == "draining", refused  # type: ignore[index]
+        assert "drain timeout (3 s)" in refused["error"]["message"]  # type: ignore[index]
+        assert state.pending == 0
+        assert 'status="503"} 1.0' in state.metrics.render().decode()
+
+    asyncio.run(main())

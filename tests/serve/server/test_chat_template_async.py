@@ -111,6 +111,12 @@ def test_a_request_template_past_its_limit_is_refused_and_the_next_one_renders()
             asyncio.run(sandbox.render(hello, chat_template="{% set s = 'a' * 4000000000 %}{{ s | length }}"))
         assert refused.value.status == 400 and "more than 2 GiB of memory" in refused.value.message
         assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}")) == "hi"
+        # probe HC #3: a gigabyte rendered under the cap failed on its way back (a 500); 40 MB came back whole
+        with pytest.raises(APIError) as refused:
+            asyncio.run(sandbox.render(hello, chat_template="{{ ''.ljust(4 * 10**7) }}"))
+        assert refused.value.status == 400 and refused.value.param == "chat_template"
+        assert "rendered 40,000,000 characters, more than 33,554,432" in refused.value.message
+        assert asyncio.run(sandbox.render(hello, chat_template="{{ messages[0]['content'] }}")) == "hi"
     finally:
         sandbox.close()
 

@@ -173,6 +173,7 @@ def _apply_top_p(probs: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
         cumulative = sorted_probs.cumsum(0)
         # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
         remove = (cumulative - sorted_probs) >= top_ps[position]
+        remove[0] = False  # the most likely token always stays: a top_p below float32's smallest value is 0 here
         sorted_probs[remove] = 0.0
         probs[position] = torch.zeros_like(probs[position]).scatter_(0, order, sorted_probs)
     return probs

@@ -145,6 +145,7 @@ class DeviceSampler:
             cumulative = sorted_probs.cumsum(dim=-1)
             # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
             remove = (cumulative - sorted_probs) >= self._tensor(top_ps, torch.float32).unsqueeze(1)
+            remove[:, 0] = False  # the most likely token always stays (a top_p under float32's range reads as 0)
             sorted_probs = sorted_probs.masked_fill(remove, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
         min_ps = [row.params.min_p for row in rows]
