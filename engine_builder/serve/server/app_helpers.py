@@ -1,11 +1,13 @@
 """Request parsing shared by the route modules: JSON we parse ourselves, pydantic errors as OpenAI 400s."""
 
 import asyncio
+import contextvars
 import functools
 import json
 import math
 import re
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -19,6 +21,14 @@ T = TypeVar("T")
 # run (about a second for 30 MB of numbers); the Python parts (the float check, the nesting count between chunks, the
 # models' validators) let the loop run. Smaller bodies stay on the loop, saving the thread hop.
 OFF_LOOP_BYTES = 1 << 20
+# ...and one at a time: four 33 MB bodies parsed at once held the GIL in turn for 25 s, so /health (3-5 s probe
+# timeouts) and every stream stood still; one by one, the loop runs between them (probe HC #2).
+_LARGE_BODIES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="large-body")
+# What a body's parse costs is its objects, arrays and members (2 M keys: 3.6 s of json.loads and 2 s of validation
+# here; 30 MB of text or numbers: a fraction of a second). `{`, `[` and `:` counted in the raw bytes (strings
+# included, so an upper bound) past this many are refused before parsing: no request needs a million, and text that
+# holds that many (a JSON document as a prompt) is millions of tokens, past any context.
+MAX_JSON_NODES = 1_000_000
 
 # The names pydantic gives a union's branches in an error's location (`str`, `list[tagged-union[...]]`, ...): they
 # are not fields, and a param naming them would send the client looking for a field that does not exist.
@@ -140,11 +150,23 @@ async def _off_loop_if_large(num_body_bytes: int, work: Callable[..., T], *args:
     still names the log lines) for one of OFF_LOOP_BYTES or more."""
     if num_body_bytes < OFF_LOOP_BYTES:
         return work(*args)
-    return await asyncio.to_thread(work, *args)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_LARGE_BODIES, functools.partial(contextvars.copy_context().run, work, *args))
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8 only, no NaN/Infinity, nesting at most MAX_JSON_DEPTH; anything else is a 400."""
+    """Strict JSON: UTF-8 only, no NaN/Infinity, nesting at most MAX_JSON_DEPTH, at most MAX_JSON_NODES objects,
+    arrays and members; anything else is a 400 (a 413 for the last)."""
+    if len(raw) > MAX_JSON_NODES:
+        nodes = raw.count(b"{") + raw.count(b"[") + raw.count(b":")
+        if nodes > MAX_JSON_NODES:
+            raise APIError(
+                f"The request body holds {nodes:,} JSON objects, arrays and members (`{{`, `[` and `:` counted, in "
+                f"strings too), more than the {MAX_JSON_NODES:,} a request may hold.",
+                status=413,
+                type="request_too_large",
+                code="request_too_large",
+            )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -112,6 +112,46 @@ def test_the_event_loop_runs_while_a_large_body_is_parsed() -> None:
     assert longest < 1.0, f"the event loop stalled for {longest:.1f} s while a 4 MB body was parsed"
 
 
+def test_a_body_of_a_million_members_is_refused_before_it_is_parsed() -> None:
+    """Probe HC #2: 2 M keys in chat_template_kwargs (33 MB, under the byte limit) took 5 s of json.loads and 2 s of
+    validation, the GIL held throughout: /health stalled 12.6 s, 25 s with four such bodies at once. Objects, arrays
+    and members past MAX_JSON_NODES are refused on a count of the raw bytes; text and numbers of any size are not."""
+    kwargs = {f"k{i}": 1 for i in range(app_helpers.MAX_JSON_NODES)}
+    raw = json.dumps({"model": "m", "messages": [], "chat_template_kwargs": kwargs}).encode()
+    started = time.monotonic()
+    with pytest.raises(APIError) as refused:
+        asyncio.run(app_helpers.parse_body(_request(raw), ChatCompletionRequest))
+    assert refused.value.status == 413 and "1,000,006 JSON objects, arrays and members" in refused.value.message
+    assert time.monotonic() - started < 1.0
+    text = json.dumps({"model": "m", "messages": [{"role": "user", "content": "a:b " * 200_000}]}).encode()
+    assert len(asyncio.run(app_helpers.parse_body(_request(text), ChatCompletionRequest)).messages) == 1
+
+
+def test_large_bodies_are_parsed_one_at_a_time() -> None:
+    """Probe HC #2: parsed at once, large bodies held the GIL in turn, and the loop waited for all of them; one at a
+    time, it runs between them."""
+    raw = _token_ids("prompt", 1_000_000)
+    threads: set[str] = set()
+    real = app_helpers.parse_json
+
+    def recording(body: bytes) -> Any:
+        import threading
+
+        threads.add(threading.current_thread().name)
+        return real(body)
+
+    async def run() -> None:
+        app_helpers.parse_json = recording  # type: ignore[assignment]
+        try:
+            parsed = await asyncio.gather(*(app_helpers.parse_body(_request(raw), CompletionRequest) for _ in range(3)))
+        finally:
+            app_helpers.parse_json = real  # type: ignore[assignment]
+        assert all(len(body.prompt) == 1_000_000 for body in parsed)
+
+    asyncio.run(run())
+    assert len(threads) == 1 and next(iter(threads)).startswith("large-body"), threads
+
+
 @pytest.mark.parametrize(
     ("model", "counts", "body", "param"),
     [
