@@ -135,14 +135,17 @@ class EncoderTokenizer:
         field: str,
         always_index: bool = False,
         first_field: str | None = None,
+        positions: "Positions | None" = None,
     ) -> list[EncodedInput]:
         """Tokenize texts or pairs; over-long inputs are truncated, or refused naming `field[i]` (bare `field` for a
         single input unless `always_index`: the request's field is a list). `first_field` names the request field
-        every pair's first text comes from (rerank's `query`), so a refusal blames what is long."""
+        every pair's first text comes from (rerank's `query`), so a refusal blames what is long. `positions`: where
+        each input stands in the request, when these are some of its inputs (`encode_inputs`)."""
         if not inputs:
             return []
+        labels = _labels(field, len(inputs), always_index, positions)
         if truncation.max_tokens is None:  # a text far over the limit is refused without tokenizing all of it
-            self._refuse_far_over_limit(inputs, truncation, field, always_index, first_field)
+            self._refuse_far_over_limit(inputs, truncation, field, labels, first_field)
         tokenizer = self._truncating(truncation)
         encodings: Sequence[Encoding | _PairIds]
         if truncation.max_tokens is not None and any(isinstance(text, tuple) for text in inputs):
@@ -151,8 +154,7 @@ class EncoderTokenizer:
             texts = list(inputs) if truncation.max_tokens is None else self._kept_ends(inputs, truncation)
             encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
         results = []
-        for index, (text, encoding) in enumerate(zip(inputs, encodings, strict=True)):
-            label = self._label(field, index, len(inputs), always_index)
+        for label, text, encoding in zip(labels, inputs, encodings, strict=True):
             if truncation.max_tokens is not None and len(encoding.ids) > truncation.max_tokens:
                 raise InvalidRequestError(
                     f"`truncate_prompt_tokens` {truncation.max_tokens} is too few for {label}: this model's own "
@@ -292,7 +294,7 @@ class EncoderTokenizer:
         inputs: Sequence[TextInput],
         truncation: Truncation,
         field: str,
-        always_index: bool,
+        labels: list[str],
         first_field: str | None,
     ) -> None:
         """Judge each input far longer (in characters) than the limit's worth of tokens on its head: tokenizing a
@@ -318,7 +320,7 @@ class EncoderTokenizer:
         for (index, judged), encoding in zip(heads.items(), encodings, strict=True):
             if len(encoding.ids) <= self.max_input_length + 2 * CUT_MARGIN:
                 continue
-            label = self._label(field, index, len(inputs), always_index)
+            label = labels[index]
             param = field
             if first_field is not None and _first_sequence_length(encoding) > self.max_input_length + CUT_MARGIN:
                 label, param = first_field, first_field
@@ -347,21 +349,17 @@ class EncoderTokenizer:
             param=param,
         )
 
-    @staticmethod
-    def _label(field: str, index: int, num_inputs: int, always_index: bool) -> str:
-        return f"{field}[{index}]" if always_index or num_inputs > 1 else field
-
     def from_token_ids(
         self,
         inputs: Sequence[Sequence[int]],
         *,
         truncation: Truncation,
         field: str,
+        positions: "Positions | None" = None,
     ) -> list[EncodedInput]:
         """Pre-tokenized inputs are taken as they are (no special tokens added), checked and truncated."""
         results = []
-        for index, ids in enumerate(inputs):
-            label = self._label(field, index, len(inputs), always_index=False)
+        for label, ids in zip(_labels(field, len(inputs), False, positions), inputs, strict=True):
             bad = next((token_id for token_id in ids if not 0 <= token_id < self.vocab_size), None)
             if bad is not None:
                 raise InvalidRequestError(
@@ -389,16 +387,19 @@ class EncoderTokenizer:
         id_positions = [index for index, item in enumerate(inputs) if not isinstance(item, str)]
         encoded: dict[int, EncodedInput] = {}
         texts = [str(inputs[index]) for index in text_positions]
+        # a refusal names the input by its place in the request, not in its kind's list (probe HB)
         for index, item in zip(
             text_positions,
-            self.encode(texts, truncation=truncation, field=field),
+            self.encode(texts, truncation=truncation, field=field, positions=Positions(text_positions, len(inputs))),
             strict=True,
         ):
             encoded[index] = item
         id_lists = [[int(token_id) for token_id in inputs[index]] for index in id_positions]
         for index, item in zip(
             id_positions,
-            self.from_token_ids(id_lists, truncation=truncation, field=field),
+            self.from_token_ids(
+                id_lists, truncation=truncation, field=field, positions=Positions(id_positions, len(inputs))
+            ),
             strict=True,
         ):
             encoded[index] = item
@@ -511,3 +512,19 @@ def _spans(text: str, encoding: Encoding) -> list[TokenSpan]:
         else:
             spans.append(TokenSpan(token_id, text[start:stop], False, byte_offsets[start], byte_offsets[stop]))
     return spans
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where some of a request's inputs stand in it: `indices[i]` of `num_inputs`."""
+
+    indices: Sequence[int]
+    num_inputs: int
+
+
+def _labels(field: str, count: int, always_index: bool, positions: Positions | None) -> list[str]:
+    """How a refusal names each input: `field[i]` (its place in the request), bare `field` for a request's only
+    input unless `always_index` (the request's field is a list)."""
+    indices = list(range(count)) if positions is None else list(positions.indices)
+    total = count if positions is None else positions.num_inputs
+    return [f"{field}[{index}]" if always_index or total > 1 else field for index in indices]

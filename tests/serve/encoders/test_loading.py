@@ -146,6 +146,27 @@ def test_tokenizer_ignores_the_padding_baked_into_tokenizer_json(minilm_dir: Pat
     assert pair.token_type_ids == [0, 0, 0, 0, 1, 1]
 
 
+def test_a_mixed_batch_names_a_bad_input_by_its_place_in_the_request(minilm_dir: Path) -> None:
+    """Probe HB: texts and token-id lists mixed in one TEI request were checked as two lists, so a refusal named
+    the input by its place in its kind's list (`inputs[1]` for the third input), or not at all."""
+    from engine_builder.serve.encoders.errors import EmptyInputError, InputTooLongError, InvalidRequestError
+
+    tokenizer = EncoderTokenizer.from_model_dir(minilm_dir, max_input_length=8, vocab_size=30522)
+    cases = [
+        (["short", [101, 102], "word " * 40], InputTooLongError, "inputs[2] has"),
+        (["word " * 4000, [101]], InputTooLongError, "inputs[0] is far over"),
+        (["ok", [101] * 30], InputTooLongError, "inputs[1] has 30 tokens"),
+        (["ok", "fine", [10**6]], InvalidRequestError, "inputs[2] contains token id 1000000"),
+        ([[101], "ok", []], EmptyInputError, "inputs[2] has no tokens"),
+    ]
+    for inputs, kind, says in cases:
+        with pytest.raises(kind) as refused:
+            tokenizer.encode_inputs(inputs, REFUSE_OVER_LENGTH, "inputs")
+        assert says in str(refused.value), (inputs, str(refused.value))
+    assert [e.token_ids for e in tokenizer.encode_inputs(["hello", [7, 8]], REFUSE_OVER_LENGTH, "inputs")] == [
+        [101, 7592, 102], [7, 8]]
+
+
 def test_a_max_seq_length_past_the_position_table_is_capped_to_it(minilm_dir: Path, tmp_path: Path) -> None:
     """Probe AG: MiniLM with `max_seq_length: 1024` (512 positions) took a 702-token input, whose forward failed,
     and with it every request in the same batch."""
