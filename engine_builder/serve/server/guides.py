@@ -1,6 +1,7 @@
 """response_format -> Guide, and the 400 for a guide the backend refuses when it prepares the request."""
 
 import json
+from typing import Any
 
 from engine_builder.common.types import Guide, GuideKind
 from engine_builder.serve.decoding.structured.errors import GuideError
@@ -55,33 +56,40 @@ def guide_from_response_format(response_format: ResponseFormat | None) -> Guide 
 
 
 def _structural_tag_spec(response_format: ResponseFormat) -> str:
-    """Accept Baseten's string form, xgrammar's `format` object, or the older structures/triggers pair."""
+    """Accept Baseten's string form, xgrammar's `format` object, or the older structures/triggers pair (beside the
+    type, or inside `structural_tag`)."""
     tag = response_format.structural_tag
     if isinstance(tag, str):
         try:
             tag = json.loads(tag)
         except json.JSONDecodeError:
             raise bad_request("response_format.structural_tag is not valid JSON.", param="response_format.structural_tag") from None
+    if isinstance(tag, dict) and "format" not in tag and "structures" in tag and "triggers" in tag:
+        return _legacy_tag(tag["structures"], tag["triggers"], "response_format.structural_tag")
     if isinstance(tag, dict):
         return json.dumps(tag if tag.get("type") == "structural_tag" else {"type": "structural_tag", **tag})
     if response_format.format is not None:
         return json.dumps({"type": "structural_tag", "format": response_format.format})
     if response_format.structures is not None and response_format.triggers is not None:
-        for index, structure in enumerate(response_format.structures):
-            for key in ("begin", "end"):
-                if not isinstance(structure.get(key), str):
-                    raise bad_request(
-                        f"response_format.structures[{index}] needs a string `{key}`.",
-                        param=f"response_format.structures[{index}].{key}",
-                    )
-        tags = [
-            {"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s.get("schema", {})}, "end": s["end"]}
-            for s in response_format.structures
-        ]
-        return json.dumps(
-            {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": response_format.triggers, "tags": tags}}
-        )
+        return _legacy_tag(response_format.structures, response_format.triggers, "response_format")
     raise bad_request("response_format.structural_tag needs `structural_tag`, `format`, or `structures` and `triggers`.", param="response_format")
+
+
+def _legacy_tag(structures: Any, triggers: Any, path: str) -> str:
+    """xgrammar's older structures/triggers pair as a `triggered_tags` format (`path`: where the pair was sent)."""
+    if not isinstance(structures, list) or not isinstance(triggers, list):
+        raise bad_request(f"{path}: `structures` and `triggers` must be lists.", param=f"{path}.structures")
+    for index, structure in enumerate(structures):
+        for key in ("begin", "end"):
+            if not isinstance(structure, dict) or not isinstance(structure.get(key), str):
+                raise bad_request(
+                    f"{path}.structures[{index}] needs a string `{key}`.", param=f"{path}.structures[{index}].{key}"
+                )
+    tags = [
+        {"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s.get("schema", {})}, "end": s["end"]}
+        for s in structures
+    ]
+    return json.dumps({"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}})
 
 
 def check_guide_compatible(request: SamplingFields, guide: Guide | None, eos_token_ids: tuple[int, ...] = ()) -> None:

@@ -202,10 +202,13 @@ def plan_tools(
                 "This model's chat template has no tool-calling format; use tool_choice `required` or a named function.",
                 param="tools",
             )
-        if answer is not None and family_parser != HARMONY:
+        strict = any(tool.function.strict for tool in body.tools)
+        # a JSON answer never holds a call marker; a regex, EBNF or structural tag may admit free text, and a call
+        # written there would be read unconstrained: beside `strict` tools it is refused below (review GX #2)
+        if answer is not None and family_parser != HARMONY and (answer.kind in _JSON_ANSWERS or not strict):
             guide = _answer_or_calls_guide(body, answer, schemas, family_parser, holds_marked_calls)
             return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
-        if not any(tool.function.strict for tool in body.tools):
+        if not strict:
             return ToolCallProcessor(family_parser, schemas, parallel), template_tools, answer, []
         if answer is not None:  # gpt-oss's format gates the answer on its final channel, where a call cannot begin
             raise bad_request(
@@ -282,6 +285,9 @@ def _strict_calls_guide(tools: list[Tool], schemas: dict[str, dict[str, Any]], f
     return Guide(GuideKind.TOOL_CALLS, json.dumps(tag), param="tools", parts=_parameter_parts(tools, strict))
 
 
+_JSON_ANSWERS = (GuideKind.JSON_SCHEMA, GuideKind.JSON_OBJECT)
+
+
 def _answer_or_calls_guide(
     body: ChatCompletionRequest, answer: Guide, schemas: dict[str, dict[str, Any]], family: str, holds_marked_calls: bool
 ) -> Guide:
@@ -335,7 +341,13 @@ def _answer_format(answer: Guide) -> dict[str, Any]:
     except GuideError as error:
         raise bad_request(str(error), param=error.param) from None
     if answer.kind is GuideKind.STRUCTURAL_TAG:
-        return dict(json.loads(answer.spec)["format"])
+        tag_format = json.loads(answer.spec).get("format")
+        if not isinstance(tag_format, dict):  # xgrammar refuses it alone too: here, before the union hides why
+            raise bad_request(
+                "response_format.structural_tag needs a `format` object (or `structures` and `triggers`).",
+                param="response_format.structural_tag",
+            )
+        return tag_format
     schema = json.loads(answer.spec) if answer.kind is GuideKind.JSON_SCHEMA else {"type": "object"}
     # as compact as the format alone makes it: the element's default allows any whitespace between tokens, so adding
     # tools made the same answer pretty-printed (44 tokens for 22) and let a small model loop on newlines (review

@@ -5,6 +5,7 @@ obeys its schema in tool_choice auto while a non-strict tool stays unconstrained
 SmolLM2 never learnt the tags, so `logit_bias` on `<tool_call>` makes the model open a call; under the strict
 grammar the biased marker is refused inside the call, without it the model repeats the marker."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,13 +278,14 @@ def test_tools_beside_any_response_format_can_be_called_or_answered(
         assert not _is_grammar_accept_string(grammar, text), text
 
 
-@pytest.mark.parametrize(("fmt", "param"), [
-    ({"type": "regex", "regex": "(unclosed"}, "response_format.regex"),
-    ({"type": "grammar", "grammar": "root ::= undefined_rule"}, "response_format.grammar"),
+@pytest.mark.parametrize(("fmt", "param", "why"), [
+    ({"type": "regex", "regex": "(unclosed"}, "response_format.regex", "parenthesis is not closed"),
+    ({"type": "grammar", "grammar": "root ::= undefined_rule"}, "response_format.grammar", "is not defined"),
 ])
 def test_a_format_beside_tools_that_cannot_compile_is_named_by_its_field(
-    fmt: dict[str, Any], param: str, smollm2_dir: Path
+    fmt: dict[str, Any], param: str, why: str, smollm2_dir: Path
 ) -> None:
+    """The regex's or grammar's own reason (review GX #3: read as a JSON schema, it was a JSON syntax error)."""
     from engine_builder.serve.decoding.structured.compiler import GrammarCompiler
     from engine_builder.serve.decoding.structured.errors import GuideError
 
@@ -296,7 +298,44 @@ def test_a_format_beside_tools_that_cannot_compile_is_named_by_its_field(
             compiler.compile(guide)
     finally:
         compiler.close()
-    assert refused.value.param == param, refused.value
+    assert refused.value.param == param and why in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("fmt", [{"type": "regex", "regex": "[\\s\\S]*"}, {"type": "grammar", "grammar": 'root ::= [a-z<>_ ]*'},
+                                 TAG_FORMAT])
+def test_strict_tools_beside_a_format_that_may_hold_free_text_are_refused(fmt: dict[str, Any]) -> None:
+    """Review GX #2: a regex, EBNF or tag answer may admit a call's text, which would be read as a call with its
+    arguments unchecked; `strict` tools there are refused, as before (a JSON answer cannot hold a marker)."""
+    with pytest.raises(APIError) as refused:
+        plan_tools(request([tool("set_n", SET_N, strict=True)], response_format=fmt), "hermes", True,
+                   guide_from_response_format(ResponseFormat.model_validate(fmt)))
+    assert refused.value.param == "response_format" and "strict: false" in str(refused.value)
+
+
+@pytest.mark.parametrize("tag", [{}, {"format": "abc"}, {"format": 5}])
+def test_a_structural_tag_without_a_format_beside_tools_is_a_400(tag: dict[str, Any]) -> None:
+    """Review GX #1: a 500 (KeyError) where the same tag alone was xgrammar's 400."""
+    fmt = {"type": "structural_tag", "structural_tag": json.dumps(tag)}
+    with pytest.raises(APIError) as refused:
+        plan_tools(request([tool("set_n", SET_N)], response_format=fmt), "hermes", True,
+                   guide_from_response_format(ResponseFormat.model_validate(fmt)))
+    assert (refused.value.status, refused.value.param) == (400, "response_format.structural_tag")
+
+
+def test_the_older_structures_and_triggers_inside_structural_tag_are_read() -> None:
+    """Review GX #1: the structures/triggers pair sent inside `structural_tag` (as beside the type) had no
+    `format`: refused alone, a 500 beside tools."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    legacy = {"structures": [{"begin": "<a>", "schema": ANSWER, "end": "</a>"}], "triggers": ["<a>"]}
+    for inner in (legacy, json.dumps(legacy)):
+        fmt = {"type": "structural_tag", "structural_tag": inner}
+        answer = guide_from_response_format(ResponseFormat.model_validate(fmt))
+        assert answer is not None
+        assert _is_grammar_accept_string(xgrammar.Grammar.from_structural_tag(answer.spec), 'x <a>{"summary": "y"}</a>')
+        _, _, guide, _ = plan_tools(request([tool("set_n", SET_N)], response_format=fmt), "hermes", True, answer)
+        assert guide is not None and _is_grammar_accept_string(xgrammar.Grammar.from_structural_tag(guide.spec), CALL_TEXT)
 
 
 def test_a_structural_tag_beside_tools_has_its_schemas_audited() -> None:
@@ -333,9 +372,20 @@ def test_a_forced_tool_choice_beside_a_response_format_is_refused() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", [{"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
-                                 {"type": "regex", "regex": "(yes|no)"}])
-def test_a_strict_call_beside_a_response_format_obeys_its_schema(client: TestClient, fmt: dict[str, Any]) -> None:
+def test_a_regex_answer_beside_tools_is_served_in_the_format(client: TestClient) -> None:
+    """Beside tools (auto), the regex holds the answer: the union grammar is served, not the format alone."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "Is 42 even?"}], "temperature": 0, "max_tokens": 10,
+            "tools": [tool("set_n", SET_N)], "response_format": {"type": "regex", "regex": "(yes|no)"},
+            "logit_bias": {str(OPEN_ID): -100}}
+    answered = client.post("/v1/chat/completions", json=body)
+    assert answered.status_code == 200, answered.text
+    choice = answered.json()["choices"][0]
+    assert choice["message"]["content"] in ("yes", "no") and not choice["message"]["tool_calls"], choice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fmt", "strict"), [({"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}, True)])
+def test_a_call_beside_a_response_format_can_be_made(client: TestClient, fmt: dict[str, Any], strict: bool) -> None:
     """Probe GE #2 on a real model: with the marker biased, the model calls the tool (the format's grammar alone
     refused the marker), its arguments held to the strict tool's schema; unbiased, it answers in the format."""
     import json
@@ -343,18 +393,19 @@ def test_a_strict_call_beside_a_response_format_obeys_its_schema(client: TestCli
     import jsonschema
 
     body = {"model": "m", "messages": [{"role": "user", "content": "Set n to 42"}], "temperature": 0, "max_tokens": 60,
-            "tools": [tool("set_n", SET_N, strict=True)], "parallel_tool_calls": False, "response_format": fmt}
+            "tools": [tool("set_n", SET_N, strict=strict)], "parallel_tool_calls": False, "response_format": fmt}
     called = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(OPEN_ID): 100}})
     assert called.status_code == 200, called.text
     choice = called.json()["choices"][0]
     calls = choice["message"]["tool_calls"]
     assert choice["finish_reason"] == "tool_calls" and [c["function"]["name"] for c in calls] == ["set_n"], choice
-    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SET_N)
+    arguments = json.loads(calls[0]["function"]["arguments"])
+    if strict:
+        jsonschema.validate(arguments, SET_N)
+    assert isinstance(arguments, dict)
     answered = client.post("/v1/chat/completions", json={**body, "logit_bias": {str(OPEN_ID): -100}})
     assert answered.status_code == 200, answered.text
     message = answered.json()["choices"][0]["message"]
     assert not message["tool_calls"]
-    if fmt["type"] == "regex":
-        assert message["content"] in ("yes", "no")
-    elif answered.json()["choices"][0]["finish_reason"] == "stop":
+    if answered.json()["choices"][0]["finish_reason"] == "stop":
         jsonschema.validate(json.loads(message["content"]), ANSWER)
