@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from engine_builder.build.checkpoints.errors import CheckpointLayoutError
 from engine_builder.build.checkpoints.secrets import Secrets
 from engine_builder.build.checkpoints.selection import MODEL_FILES, FileSelection
 from engine_builder.build.config import CheckpointRepository
@@ -91,8 +92,20 @@ class CheckpointSourceBase(ABC):
         """Lay the downloaded files out under `staging`. Returns the per-file sha256 when it computed
         them itself (archives); None means "the blobs are the files", which the default linking does."""
         for relative, blob in blobs.items():
-            link_or_copy(blob, staging / relative)
+            link_or_copy(blob, inside(staging, relative))
         return None
+
+
+def inside(staging: Path, relative: str) -> Path:
+    """`staging / relative`, refused when it would land outside `staging` (an absolute name or `..` from a
+    listing: the sources filter these, this is the backstop before anything is written)."""
+    target = staging / relative
+    root = staging.resolve()
+    if root not in target.resolve().parents:
+        raise CheckpointLayoutError(
+            f"the checkpoint file name {relative!r} points outside the checkpoint folder; refusing to write it"
+        )
+    return target
 
 
 def link_or_copy(blob: Path, target: Path) -> None:

@@ -17,6 +17,8 @@ from engine_builder.build.checkpoints import (
     Secrets,
     fetch_checkpoint,
 )
+from engine_builder.build.checkpoints.errors import CheckpointLayoutError
+from engine_builder.build.checkpoints.sources.huggingface import HuggingFaceSource
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import SECRET_MARKER, assert_secret_absent, snapshot_dirs
 from tests.emulators.http_server import LocalHttpServer, Recorded
@@ -26,7 +28,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOKEN = f"hf_{SECRET_MARKER}"
 
 
-def serve_hub(http: LocalHttpServer, minilm_dir: Path) -> None:
+def serve_hub(http: LocalHttpServer, minilm_dir: Path, extra: dict[str, bytes] | None = None) -> None:
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     siblings: list[dict[str, Any]] = []
     for file in sorted(minilm_dir.rglob("*")):
@@ -52,6 +54,10 @@ def serve_hub(http: LocalHttpServer, minilm_dir: Path) -> None:
     siblings += [
         {"rfilename": name, "size": 10} for name in ("pytorch_model.bin", "onnx/model.onnx", "rust_model.ot")
     ]
+    for name, data in (extra or {}).items():
+        siblings.append({"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()})
+        for route in (f"/{REPO}/resolve/{COMMIT}/{name}", f"/{REPO}/resolve/{COMMIT}/{name}".replace("//", "/")):
+            http.add_file(route, data)
 
     def model_info(request: Recorded) -> tuple[int, Any, dict[str, str]]:
         authorization = request.headers.get("Authorization")
@@ -137,3 +143,45 @@ def test_offline_mode_says_how_to_proceed(cache_dir: Path, monkeypatch: pytest.M
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE.*source: LOCAL"):
         fetch_checkpoint(repository(), cache_dir=cache_dir, secrets=Secrets(), progress=False)
+
+
+def test_listed_name_outside_the_repository_is_not_written(
+    http: LocalHttpServer,
+    minilm_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hub (or HF_ENDPOINT mirror) listing an absolute file name must not make the build write there: the
+    name is skipped, as the object stores skip unsafe keys (probe HA #1)."""
+    victim = tmp_path / "elsewhere" / "existing.json"
+    victim.parent.mkdir()
+    victim.write_text('{"original": 1}')
+    planted = tmp_path / "elsewhere" / "planted.json"
+    serve_hub(http, minilm_dir, extra={str(victim): b'{"pwned": true}', str(planted): b'{"pwned": true}'})
+    monkeypatch.setenv("HF_ENDPOINT", http.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    with caplog.at_level(logging.WARNING):
+        fetched = fetch_checkpoint(repository(), cache_dir=cache_dir, secrets=Secrets({"hf_access_token": TOKEN}),
+                                   progress=False, base_model=BaseModelKind.ENCODER_BERT)  # fmt: skip
+    assert victim.read_text() == '{"original": 1}'
+    assert not planted.exists()
+    assert not any(path.startswith("/") for path in fetched.files)
+    assert str(victim) in caplog.text and "not a relative path" in caplog.text
+
+
+def test_materialize_refuses_a_target_outside_staging(tmp_path: Path) -> None:
+    """The backstop: whatever a source lists, materialize writes nothing outside the staging folder."""
+    blob = tmp_path / "blob"
+    blob.write_text("x")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    source = HuggingFaceSource(repository(), Secrets(), None)
+    for name in (str(tmp_path / "abs.json"), "../up.json", "a/../../up2.json"):
+        with pytest.raises(CheckpointLayoutError, match="outside the checkpoint folder"):
+            source.materialize({name: blob}, staging)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob", "staging"]
+    source.materialize({"sub/ok.json": blob}, staging)
+    assert (staging / "sub" / "ok.json").read_text() == "x"

@@ -2,6 +2,7 @@
 to a commit sha) and downloaded file by file from that commit. The token comes from the secret, else
 HF_TOKEN / HUGGING_FACE_HUB_TOKEN; `HF_ENDPOINT` is read at fetch time (mirrors, private hubs, tests)."""
 
+import logging
 import os
 from typing import Any
 
@@ -23,6 +24,9 @@ from engine_builder.build.checkpoints.errors import (
 )
 from engine_builder.build.checkpoints.http_range import new_client, read_url_into
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
+from engine_builder.build.checkpoints.sources.object_store import relative_key
+
+logger = logging.getLogger(__name__)
 
 FALLBACK_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -57,6 +61,15 @@ class HuggingFaceSource(CheckpointSourceBase):
         self._commit = info.sha
         files = []
         for sibling in info.siblings or []:
+            # The listing comes from the hub (or a mirror, HF_ENDPOINT): a name that is absolute or holds `..`
+            # would be written outside the snapshot folder. Same rule as the object stores (probe HA #1).
+            if relative_key(sibling.rfilename, "") is None:
+                logger.warning(
+                    "%s: skipping %r from the hub's file list: not a relative path inside the repository",
+                    self.describe(),
+                    sibling.rfilename,
+                )
+                continue
             lfs_sha = sibling.lfs.sha256 if sibling.lfs else None
             size = sibling.lfs.size if sibling.lfs else sibling.size
             fingerprint = f"sha256:{lfs_sha}" if lfs_sha else f"git:{sibling.blob_id or info.sha}"
