@@ -108,6 +108,26 @@ def test_local_folders_linked_in_are_read_and_a_link_loop_is_not_followed(tmp_pa
     assert "pooling_copy/config.json" in listed and not any(name.startswith(("up/", "1_Pooling/loop/")) for name in listed)
 
 
+def test_local_broken_symlink_is_named(tmp_path: Path, cache_dir: Path) -> None:
+    """Probe HA #3: a dangling link (a copied Hugging Face cache snapshot) was skipped silently and the build then
+    said the weights were missing and to convert them; it names the link and its target. A broken link the build
+    would not read anyway (other weight formats) is left alone."""
+    folder = make_checkpoint(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to("/nonexistent/blob")
+    (folder / "pytorch_model.bin").symlink_to("/nonexistent/other")
+    repository = CheckpointRepository(source="LOCAL", repo=str(folder))
+    with pytest.raises(
+        CheckpointLayoutError, match=r"model.safetensors is a broken symlink \(-> /nonexistent/blob\)"
+    ):
+        fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER)
+    (folder / "model.safetensors").unlink()
+    make_checkpoint(tmp_path / "fresh")
+    (tmp_path / "fresh" / "model.safetensors").rename(folder / "model.safetensors")
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER)
+    assert "model.safetensors" in fetched.files and "pytorch_model.bin" not in fetched.files
+
+
 def test_local_missing_folder(tmp_path: Path, cache_dir: Path) -> None:
     repository = CheckpointRepository(source="LOCAL", repo="nowhere")
     with pytest.raises(

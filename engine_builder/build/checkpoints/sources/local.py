@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
-from engine_builder.build.checkpoints.errors import CheckpointNotFoundError
+from engine_builder.build.checkpoints.errors import CheckpointLayoutError, CheckpointNotFoundError
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 
 
@@ -30,9 +30,19 @@ class LocalSource(CheckpointSourceBase):
 
     def list_files(self) -> Listing:
         root = self.local_path()
+        found, broken = _walk(root)
+        for link in broken:
+            relative = link.relative_to(root).as_posix()
+            if self.selection.is_needed(relative):
+                # Skipped silently, the file read as missing, and the error advised a conversion (probe HA #3):
+                # a copied Hugging Face cache snapshot (`cp -r snapshots/<sha>`) holds links into blobs/.
+                raise CheckpointLayoutError(
+                    f"{self.describe()} ({root}): {relative} is a broken symlink (-> {os.readlink(link)}); copy "
+                    "the files the links point at (cp -rL follows links) or fix the link"
+                )
         files = tuple(
             RemoteFile(path=file.relative_to(root).as_posix(), size=file.stat().st_size, fingerprint="")
-            for file in sorted(_files_under(root))
+            for file in sorted(found)
         )
         return Listing(files=files)
 
@@ -41,10 +51,16 @@ class LocalSource(CheckpointSourceBase):
 
 
 def _files_under(root: Path) -> list[Path]:
+    return _walk(root)[0]
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     """Every file under `root`, through linked folders too (a `1_Pooling` linked from a shared volume was left out:
     `rglob` does not follow folder links before Python 3.13, probe AG). A link to a folder it is inside (`loop -> ..`)
-    is not followed: that is a loop, or the checkpoint's parent copied into the engine (probe AR)."""
+    is not followed: that is a loop, or the checkpoint's parent copied into the engine (probe AR). Second, the
+    links whose target does not exist."""
     found: list[Path] = []
+    broken: list[Path] = []
 
     def walk(folder: Path, ancestors: frozenset[Path]) -> None:
         for entry in sorted(os.scandir(folder), key=lambda item: item.name):
@@ -55,6 +71,8 @@ def _files_under(root: Path) -> list[Path]:
                     walk(path, ancestors | {real})
             elif entry.is_file():
                 found.append(path)
+            elif entry.is_symlink() and not path.exists():
+                broken.append(path)
 
     walk(root, frozenset({root.resolve()}))
-    return found
+    return found, broken
