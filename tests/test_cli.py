@@ -96,6 +96,10 @@ def test_validate_exits_2_on_what_the_build_refuses_from_the_config_alone(
             "load_format dummy builds torch-backend decoders without quantization only",
         config("enc_fp8.yaml", {"base_model": "encoder", "quantization_type": "fp8"}):
             "trt_llm.build.quantization_type: fp8 quantizes decoders only",
+        # probe HA #4: quantization options in a no_quant build did nothing, silently (a 16-bit engine)
+        config("noq_opts.yaml", {}, {"quantizer": "modelopt", "quantization_min_top1_agreement": 0.9}):
+            "engine_builder.quantizer, engine_builder.quantization_min_top1_agreement set, but "
+            "trt_llm.build.quantization_type is no_quant, so nothing is quantized",
     }
     for path, reason in cases.items():
         assert main(["validate", str(path)]) == 2, path.name
