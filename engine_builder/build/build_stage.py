@@ -373,7 +373,7 @@ def _build_engine_locked(
         if dummy:
             manifest.extra["load_format"] = "dummy"
             logger.warning("load_format dummy: the engine serves random weights (for benchmarking only)")
-        manifest.extra[MODEL_FILE_STATS] = model_file_stats(model_dir, fetched.files)
+        manifest.extra[MODEL_FILE_STATS] = model_file_stats(model_dir, fetched.files, fetched.path)
         (staging / CONFIG_FILE).write_text(_public_config_yaml(loaded))
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         _readable_as_umask_allows(staging)

@@ -264,28 +264,47 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def model_file_stats(model_dir: Path, linked_hashes: dict[str, str] | None = None) -> dict[str, list[Any]]:
-    """Size and modification time of every file of model/, and the sha256 of those hard-linked from the checkpoint
-    (`linked_hashes`: the fetched files' digests, known without reading them again)."""
+def model_file_stats(
+    model_dir: Path, linked_hashes: dict[str, str] | None = None, checkpoint_dir: Path | None = None
+) -> dict[str, list[Any]]:
+    """Size, modification time and sha256 of every file of model/. The digest of a file hard-linked from the
+    checkpoint, or copied from it with its time kept (`_link_model_files` across file systems), is the fetched
+    file's (`linked_hashes`, known without reading it again); any other file, one the build wrote itself (a
+    quantized engine's weights), is read once here: a size and a time alone let a same-size damaged copy of it
+    serve garbage (probe HA #6)."""
+    linked_hashes = linked_hashes or {}
     stats: dict[str, list[Any]] = {}
     for path in sorted(model_dir.rglob("*")):
         if path.is_file():
             info = path.stat()
             relative = path.relative_to(model_dir).as_posix()
-            stats[relative] = [info.st_size, info.st_mtime_ns]
-            digest = (linked_hashes or {}).get(relative)
-            if digest is not None and info.st_nlink > 1:
-                stats[relative].append(digest)
+            digest = linked_hashes.get(relative)
+            if digest is None or not (
+                info.st_nlink > 1 or _copied_unchanged(info, checkpoint_dir, relative)
+            ):
+                digest = sha256_file(path)
+            stats[relative] = [info.st_size, info.st_mtime_ns, digest]
     return stats
+
+
+def _copied_unchanged(info: os.stat_result, checkpoint_dir: Path | None, relative: str) -> bool:
+    """The checkpoint's own file copied with its times (shutil.copy2), not one the build rewrote under its name."""
+    if checkpoint_dir is None:
+        return False
+    try:
+        source = (checkpoint_dir / relative).stat()
+    except OSError:
+        return False
+    return (source.st_size, source.st_mtime_ns) == (info.st_size, info.st_mtime_ns)
 
 
 def changed_model_files(engine: "EngineDir") -> list[str]:
     """Files of the engine's model/ whose content may differ from the build's. Model files are hard-linked from
     the checkpoint, so a LOCAL checkpoint overwritten in place changes them: a file whose size or modification
-    time moved is changed when it is still a hard link without a recorded digest, or when its digest differs.
-    A copied engine (`cp -r`, `kubectl cp`: new times, one link each) is read by content where a digest was
-    recorded, and a copied file the build wrote itself (quantized weights) cannot have been changed by a
-    checkpoint. Engines built before the fingerprints existed report nothing. Where every digest read matched, the
+    time moved is changed when its digest differs (or, in an engine built before every file had one, when it is
+    still a hard link or its size moved). A copied engine (`cp -r`, `kubectl cp`: new times, one link each) is
+    read by content, the files the build wrote itself (quantized weights) too: a same-size damaged copy of those
+    served garbage (probe HA #6). Engines built before the fingerprints existed report nothing. Where every digest read matched, the
     files' new sizes and times are recorded (`_record_verified`), so a copy is read once, not at every start."""
     recorded = engine.manifest.extra.get(MODEL_FILE_STATS) or {}
     changed = []

@@ -156,6 +156,47 @@ def test_a_copied_engine_serves_and_a_copy_of_a_stale_one_does_not(
     assert changed_model_files(load_engine_dir(copy)) == ["tokenizer_config.json"]
 
 
+def test_a_copy_of_a_file_the_build_wrote_is_checked_by_content(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe HA #6: a file the build writes itself (a quantized engine's model.safetensors) was fingerprinted by size
+    and time alone, so a same-size damaged copy of the engine served garbage. Its digest is recorded at the build; a
+    copy is read once (then its new times are recorded), an unchanged engine is not read at all."""
+    from engine_builder.build import build_stage
+    from engine_builder.common import artifact
+
+    _, loaded = _local_config(tmp_path, smollm2_dir, monkeypatch)
+    link = build_stage._link_model_files
+
+    def link_then_rewrite(fetched, target):  # type: ignore[no-untyped-def]
+        link(fetched, target)
+        written = target / "generation_config.json"  # the build's own file under a checkpoint file's name
+        text = written.read_text()
+        written.unlink()
+        written.write_text(text.replace("{", "{ ", 1))
+
+    monkeypatch.setattr(build_stage, "_link_model_files", link_then_rewrite)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    stats = engine.manifest.extra["model_files"]
+    assert len(stats["generation_config.json"]) == 3
+    assert stats["generation_config.json"][2] == artifact.sha256_file(engine.model_dir / "generation_config.json")
+    read: list[Path] = []
+    real_sha256 = artifact.sha256_file
+    monkeypatch.setattr(artifact, "sha256_file", lambda path: read.append(path) or real_sha256(path))
+    assert changed_model_files(load_engine_dir(engine.path)) == [] and read == []
+    time.sleep(0.01)
+    copy = tmp_path / "copy"
+    shutil.copytree(engine.path, copy, copy_function=shutil.copyfile)  # content only, as `cp -r`
+    assert changed_model_files(load_engine_dir(copy)) == [] and copy / "model" / "generation_config.json" in read
+    read.clear()
+    assert changed_model_files(load_engine_dir(copy)) == [] and read == []  # the new times were recorded
+    damaged = copy / "model" / "generation_config.json"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data.replace(b"{ ", b"{\t", 1))  # same size, other content
+    assert damaged.stat().st_size == len(data)
+    assert changed_model_files(load_engine_dir(copy)) == ["generation_config.json"]
+
+
 def test_two_builds_of_one_output_take_turns(tmp_path: Path, smollm2_dir: Path) -> None:
     first_config = write_config(tmp_path / "a.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256)
     second_config = write_config(tmp_path / "b.yaml", smollm2_dir, max_seq_len=512, max_num_tokens=256)
