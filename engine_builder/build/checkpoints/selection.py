@@ -1,8 +1,9 @@
 """Which files of a repository a build needs. A model: configs, tokenizer files, chat templates,
-sentence-transformers module folders, safetensors weights (at the root, with an index only the shards it lists; in a
-subfolder, only a sentence-transformers module's) and the model card (README.md at the root: the build reads an
-encoder's Matryoshka training from it); subfolders that hold another checkpoint (their own config.json: a trainer's
-checkpoint-N/, gpt-oss's original/) are left out whole; other weight formats (.bin,
+sentence-transformers module folders, safetensors weights (at the root, with an index only the shards it lists,
+without one model.safetensors alone when it is there; in a subfolder, only a sentence-transformers module's) and the
+model card (README.md at the root: the build reads an encoder's Matryoshka training from it); subfolders that are not
+sentence-transformers modules (another checkpoint: a trainer's checkpoint-N/, gpt-oss's original/; a trainer's
+data/, wandb/, logs/) are left out whole; other weight formats (.bin,
 .pt, .onnx, .msgpack, .h5...; but a sentence-transformers Dense layer's `N_Dense/pytorch_model.bin`, which the
 server reads with torch's weights_only loader), exports in side folders, custom code and trainer bookkeeping are never fetched. A LoRA
 adapter: its PEFT files at the root (`adapter_config.json`, `adapter_model.safetensors` or `.bin`)."""
@@ -15,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 WEIGHT_SUFFIX = ".safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+SINGLE_WEIGHTS = "model.safetensors"  # the weights the loader reads when there is no index
 CONFIG_FILE = "config.json"
 MODULES_FILE = "modules.json"  # sentence-transformers' list of modules, each with its folder
 # vocab.txt / merges.txt, sentencepiece `.model`, tiktoken files, chat templates and every JSON config.
@@ -58,8 +60,11 @@ def unused_model_files(paths: Collection[str], small_file: Callable[[str], Path 
     engine loads the root's weights and reads a subfolder only as a sentence-transformers module (a standard
     `1_Pooling`-style name, or a folder modules.json names), so (probe BB #3: 2x the download, and a nested checkpoint
     linked into the engine) these are left out: every file under another subfolder that holds its own config.json
-    (another checkpoint: a trainer's checkpoint-N/, gpt-oss's original/), weights in any other subfolder, and, with
-    an index, the root's weights it does not list (Mistral's consolidated.safetensors beside the HF shards).
+    (another checkpoint: a trainer's checkpoint-N/, gpt-oss's original/), every file of a subfolder that is not
+    inside a module (a trainer's data/, wandb/ or logs/, probe HA #2), weights in a subfolder other than a module's
+    own, and the root's weights the loader does not read: with an index, those it does not list (Mistral's
+    consolidated.safetensors beside the HF shards), without one, any beside model.safetensors. (Without an index or
+    model.safetensors every root safetensors file is kept: the layout check names them.)
     `small_file` gives the fetched copy of a root file (the index, modules.json) by name, None when there is none;
     an unreadable index or modules.json leaves out nothing on its account (the layout checks name it)."""
     modules = _module_folders(small_file(MODULES_FILE))
@@ -73,18 +78,30 @@ def unused_model_files(paths: Collection[str], small_file: Callable[[str], Path 
         if name == CONFIG_FILE and parent and not is_module(parent)
     }
     shards = _indexed_shards(small_file(WEIGHTS_INDEX))
+    single_only = SINGLE_WEIGHTS in paths and WEIGHTS_INDEX not in paths
     unused: dict[str, str] = {}
     for path in paths:
         parent, _ = _split(path)
-        inside = next((folder for folder in _folders_above(path) if folder in checkpoints), None)
+        above = _folders_above(path)
+        inside = next((folder for folder in above if folder in checkpoints), None)
         if inside is not None:
             unused[path] = f"another checkpoint: {inside}/ holds its own {CONFIG_FILE}"
+        elif parent and not any(is_module(folder) for folder in above):
+            # a trainer's data/, wandb/ or logs/: fetched, hashed and linked into the engine, and a log appended
+            # in place made the engine unservable (probe HA #2)
+            unused[path] = (
+                "weights in a subfolder that is not a sentence-transformers module"
+                if is_weight_file(path)
+                else f"not a model file (subfolder {above[0]}/ is not a sentence-transformers module)"
+            )
         elif not is_weight_file(path):
             continue
         elif parent and not is_module(parent):
             unused[path] = "weights in a subfolder that is not a sentence-transformers module"
         elif not parent and shards and path not in shards:
             unused[path] = f"not listed in {WEIGHTS_INDEX}"
+        elif not parent and single_only and path != SINGLE_WEIGHTS:
+            unused[path] = f"beside {SINGLE_WEIGHTS} without a {WEIGHTS_INDEX}: the loader reads {SINGLE_WEIGHTS} only"
     return unused
 
 

@@ -39,12 +39,35 @@ def test_a_remote_store_fetches_only_the_indexed_shards(tmp_path: Path, cache_di
     assert set(SHARDS) <= set(store.read) and set(SHARDS) <= set(files)
 
 
-def test_without_an_index_every_safetensors_file_is_fetched(tmp_path: Path, cache_dir: Path) -> None:
+def test_without_an_index_only_model_safetensors_is_fetched(tmp_path: Path, cache_dir: Path) -> None:
+    """Probe HA #2: without an index the loader reads model.safetensors alone; a file beside it was downloaded and
+    linked into the engine all the same. Without model.safetensors every root safetensors file is still taken (the
+    layout check names them)."""
     make_checkpoint(tmp_path / "model")
     (tmp_path / "model" / "extra.safetensors").write_bytes((tmp_path / "model" / "model.safetensors").read_bytes())
     store = FolderStore(tmp_path / "model")
     files = _fetch(store, cache_dir)
-    assert {"model.safetensors", "extra.safetensors"} <= set(files) and "extra.safetensors" in store.read
+    assert "model.safetensors" in files and "extra.safetensors" not in files and "extra.safetensors" not in store.read
+    unused = unused_model_files(["config.json", "consolidated.safetensors", "extra.safetensors"], lambda name: None)
+    assert unused == {}
+
+
+def test_files_of_other_subfolders_are_left_out(tmp_path: Path, cache_dir: Path) -> None:
+    """Probe HA #2: a training output folder's data/ and wandb/ were fetched, hashed and linked into the engine (and a
+    log appended in place made it unservable). Sentence-transformers module folders are still taken."""
+    folder = make_checkpoint(tmp_path / "model", "embedding")
+    for name in ("data/train.json", "wandb/run-1/files/output.txt", "wandb/run-1/files/wandb-summary.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    store = FolderStore(folder)
+    fetch = _Fetch(store, CheckpointCache(cache_dir), DownloadSettings.from_env(), progress=False)
+    files = fetch.run(BaseModelKind.ENCODER, allow_prequantized=False).files
+    assert "1_Pooling/config.json" in files and "model.safetensors" in files
+    assert not [path for path in [*store.read, *files] if path.startswith(("data/", "wandb/"))]
+    repository = CheckpointRepository(source="LOCAL", repo=str(folder))
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.ENCODER)
+    assert "1_Pooling/config.json" in fetched.files
+    assert not [path for path in fetched.files if path.startswith(("data/", "wandb/"))]
 
 
 def test_a_trailing_slash_names_the_same_cached_snapshot(tmp_path: Path, cache_dir: Path) -> None:
@@ -93,14 +116,19 @@ def test_unused_model_files_keeps_the_root_and_sentence_transformers_modules(tmp
         "original/config.json", "original/dtypes.json", "original/model.safetensors",
         "checkpoint-100/config.json", "checkpoint-100/tokenizer.json", "checkpoint-100/1_Pooling/config.json",
         "checkpoint-100/model.safetensors", "extra/weights.safetensors", "extra/notes.json",
+        "pooling/sub/extra.json", "data/train.json", "wandb/run-1/files/output.txt",
     ]  # fmt: skip
     unused = unused_model_files(paths, lambda name: tmp_path / name if (tmp_path / name).is_file() else None)
     assert sorted(unused) == [
         "checkpoint-100/1_Pooling/config.json", "checkpoint-100/config.json", "checkpoint-100/model.safetensors",
-        "checkpoint-100/tokenizer.json", "consolidated.safetensors", "extra/weights.safetensors",
-        "original/config.json", "original/dtypes.json", "original/model.safetensors",
+        "checkpoint-100/tokenizer.json", "consolidated.safetensors", "data/train.json", "extra/notes.json",
+        "extra/weights.safetensors", "original/config.json", "original/dtypes.json", "original/model.safetensors",
+        "wandb/run-1/files/output.txt",
     ]  # fmt: skip
     assert unused["original/model.safetensors"] == "another checkpoint: original/ holds its own config.json"
+    assert unused["wandb/run-1/files/output.txt"] == (
+        "not a model file (subfolder wandb/ is not a sentence-transformers module)"
+    )
 
 
 def test_a_remote_store_leaves_gpt_oss_original_folder_out(tmp_path: Path, cache_dir: Path) -> None:
