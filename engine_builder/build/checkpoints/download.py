@@ -72,7 +72,7 @@ class DownloadSettings:
 
 
 class _ContentMismatch(CheckpointDownloadError):
-    """The whole file arrived but is not what the store described (size or sha256): its bytes were discarded."""
+    """The whole file arrived but is not what the store described (size, sha256 or md5): its bytes were discarded."""
 
 
 class _Cancelled(Exception):
@@ -89,9 +89,11 @@ class _PartialFile:
         hasher: "hashlib._Hash",
         progress: Callable[[int], None],
         cancelled: threading.Event,
+        md5: "hashlib._Hash | None" = None,
     ) -> None:
         self._handle = handle
         self._hasher = hasher
+        self._md5 = md5
         self._progress = progress
         self._cancelled = cancelled
         self.written = start
@@ -101,6 +103,8 @@ class _PartialFile:
             raise _Cancelled()
         self._handle.write(data)
         self._hasher.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
         self.written += len(data)
         self._progress(len(data))
 
@@ -109,10 +113,15 @@ class _PartialFile:
         self._handle.seek(0)
         self._handle.truncate()
         self._hasher = hashlib.sha256()
+        if self._md5 is not None:
+            self._md5 = hashlib.md5(usedforsecurity=False)
         self.written = 0
 
     def hexdigest(self) -> str:
         return self._hasher.hexdigest()
+
+    def md5_hexdigest(self) -> str | None:
+        return None if self._md5 is None else self._md5.hexdigest()
 
 
 class Downloader:
@@ -289,29 +298,35 @@ class Downloader:
         with part.open("a+b") as handle:
             handle.seek(0)
             hasher = hashlib.sha256()
+            # The kept bytes of a resumed download are checked with the rest against the store's md5: a partial file
+            # left by a crash can hold a zero-filled tail, and was committed on its size alone (probe HG #1).
+            md5 = hashlib.md5(usedforsecurity=False) if file.md5 else None
             # Resuming: the bytes already on disk must feed the hash before the new ones.
             while chunk := handle.read(1 << 20):
                 hasher.update(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
             start = handle.tell()
             if file.size is not None and start > file.size:
                 handle.truncate(0)
                 hasher, start = hashlib.sha256(), 0
+                md5 = hashlib.md5(usedforsecurity=False) if file.md5 else None
             advance(start)
-            sink = _PartialFile(handle, start, hasher, advance, self._cancelled)
+            sink = _PartialFile(handle, start, hasher, advance, self._cancelled, md5)
             try:
                 if file.size is None or start < file.size:
                     self._read(file, start, sink)
                 handle.flush()
                 os.fsync(handle.fileno())
                 sha256 = sink.hexdigest()
-                self._verify(file, sink.written, sha256, part)
+                self._verify(file, sink.written, sha256, part, sink.md5_hexdigest())
             except BaseException:
                 advance(-sink.written)  # the retry counts the kept bytes again
                 raise
         return self.cache.commit_blob(part, sha256, file_key), sha256
 
     @staticmethod
-    def _verify(file: RemoteFile, written: int, sha256: str, part: Path) -> None:
+    def _verify(file: RemoteFile, written: int, sha256: str, part: Path, md5: str | None = None) -> None:
         if file.size is not None and written < file.size:
             # Short: keep the bytes, the retry resumes after them.
             raise CheckpointDownloadError(
@@ -322,6 +337,8 @@ class Downloader:
             problem = f"expected {file.size} bytes, got {written}"
         elif file.sha256 is not None and sha256 != file.sha256:
             problem = f"sha256 {sha256} does not match the store's {file.sha256}"
+        elif file.md5 is not None and md5 is not None and md5 != file.md5.lower():
+            problem = f"md5 {md5} does not match the store's {file.md5}"
         if problem:
             part.unlink(missing_ok=True)  # corrupt, not just short: the retry starts over
             raise _ContentMismatch(f"{file.path}: {problem}")

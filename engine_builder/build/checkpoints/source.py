@@ -24,6 +24,9 @@ class RemoteFile:
     size: int | None
     fingerprint: str  # what the store says identifies the content: ETag, generation, LFS sha256...
     sha256: str | None = None  # when the store publishes it; the download is checked against it
+    # The store's md5 of the whole object (hex), when it publishes one (GCS md5Hash, Azure Content-MD5): a resumed
+    # download is checked against it over all its bytes, the ones kept from an earlier try included.
+    md5: str | None = None
     # Source-private address (object key, URL). May carry a presigned query string: never logged.
     locator: str = field(default="", repr=False)
 

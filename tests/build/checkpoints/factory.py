@@ -170,3 +170,45 @@ def replace_after_listing(
     monkeypatch.setattr(source_class, "list_files", list_then_replace)
     monkeypatch.setattr(source_class, "read_into", counting)
     return reads
+
+
+def tear_weights_partial(monkeypatch: Any, source_class: type[CheckpointSourceBase], fetch: Any, cache_dir: Any) -> None:
+    """Leave the partial file a crash leaves: the weights' transfer cut at half, then a stretch of the kept bytes
+    zeroed (a torn write: the download fsyncs only at its end). `fetch()` runs one fetch that must fail."""
+    read_into = source_class.read_into
+
+    def cut(self: Any, file: Any, start: int, sink: Any) -> None:
+        if file.path != "model.safetensors":
+            read_into(self, file, start, sink)
+            return
+
+        class Half:
+            written = start
+
+            def write(self, data: bytes) -> None:
+                room = (file.size or 0) // 2 - Half.written
+                if room <= 0:
+                    raise ConnectionResetError("cut")
+                sink.write(data[:room])
+                Half.written += min(room, len(data))
+
+            def restart(self) -> None:
+                sink.restart()
+
+        read_into(self, file, start, Half())
+
+    with monkeypatch.context() as patch:
+        patch.setenv("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "1")
+        patch.setattr(source_class, "read_into", cut)
+        try:
+            fetch()
+        except Exception as error:  # noqa: BLE001 - the cut is the point
+            assert "model.safetensors" in str(error), error
+        else:
+            raise AssertionError("the cut fetch succeeded")
+    parts = list(Path(cache_dir).rglob("*.part"))
+    assert len(parts) == 1, parts
+    torn = bytearray(parts[0].read_bytes())
+    assert len(torn) > 64
+    torn[len(torn) // 2 :] = bytes(len(torn) - len(torn) // 2)
+    parts[0].write_bytes(bytes(torn))

@@ -24,7 +24,7 @@ from tests.build.checkpoints.conftest import (
     assert_secret_absent,
     snapshot_dirs,
 )
-from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
+from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing, tear_weights_partial
 from tests.emulators.processes import AZURITE_ACCOUNT, AZURITE_KEY, Emulator
 
 pytestmark = pytest.mark.emulator
@@ -187,3 +187,29 @@ def test_a_stalled_endpoint_fails_after_one_read_timeout_per_attempt(
     )
     assert seconds < 10 and len(stalled_endpoint.accepted) == 1
     assert isinstance(error, CheckpointDownloadError) and "timed out" in str(error).lower()
+
+
+def test_a_torn_partial_file_is_caught_by_the_content_md5_and_downloaded_again(
+    azure: Emulator, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe HG #1: a resumed download was committed on its size alone, so a partial file with a zero-filled stretch
+    (a crash before the final fsync) became the cached weights. A single-put blob's Content-MD5 now covers it."""
+    from azure.storage.blob import BlobServiceClient
+
+    service = BlobServiceClient.from_connection_string(azure.extra["connection_string"])
+    container = service.get_container_client("checkpoints")
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in (path for path in folder.rglob("*") if path.is_file()):
+        container.upload_blob(f"torn/m/{file.relative_to(folder)}", file.read_bytes())
+    weights = (folder / "model.safetensors").read_bytes()
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    listed = {file.path: file for file in AzureSource(repository("torn/m"), secrets, None).list_files().files}
+    assert listed["model.safetensors"].md5 == hashlib.md5(weights).hexdigest()
+
+    def fetch() -> object:
+        return fetch_checkpoint(repository("torn/m"), cache_dir=cache_dir, progress=False, secrets=secrets)
+
+    tear_weights_partial(monkeypatch, AzureSource, fetch, cache_dir)
+    fetched = fetch_checkpoint(repository("torn/m"), cache_dir=cache_dir, progress=False, secrets=secrets)
+    assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+    assert (fetched.path / "model.safetensors").read_bytes() == weights

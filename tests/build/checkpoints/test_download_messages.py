@@ -41,6 +41,22 @@ def test_a_sha256_mismatch_says_the_bytes_were_discarded(cache_dir: Path) -> Non
     assert "does not match" in message and "discarded" in message and "resumed" not in message
 
 
+def test_a_resumed_partial_file_with_damaged_kept_bytes_is_discarded_by_the_md5(cache_dir: Path) -> None:
+    """Probe HG #1: the kept bytes of a resumed download were trusted on the size alone."""
+    import hashlib
+
+    file = RemoteFile("model.safetensors", len(DATA), "etag", md5=hashlib.md5(DATA).hexdigest())
+    cache = CheckpointCache(cache_dir)
+    location = "s3://bucket/model"
+    torn = bytearray(DATA[: len(DATA) // 2])
+    torn[-100:] = bytes(100)
+    cache.partial_path(cache.file_key("FAKE", location, file)).parent.mkdir(parents=True, exist_ok=True)
+    cache.partial_path(cache.file_key("FAKE", location, file)).write_bytes(bytes(torn))
+    downloader = Downloader(_Store(cut=False), cache, location, DownloadSettings(backoff_s=0.0), progress=False)
+    path, sha256 = downloader.fetch([file], "weights")["model.safetensors"]
+    assert path.read_bytes() == DATA and sha256 == hashlib.sha256(DATA).hexdigest()
+
+
 def test_a_cut_transfer_says_the_partial_download_is_kept(cache_dir: Path) -> None:
     file = RemoteFile("model.safetensors", len(DATA), "etag")
     message = _download(_Store(cut=True), file, cache_dir)

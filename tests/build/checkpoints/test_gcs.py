@@ -28,7 +28,7 @@ from tests.build.checkpoints.conftest import (
     assert_secret_absent,
     snapshot_dirs,
 )
-from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing
+from tests.build.checkpoints.factory import make_checkpoint, replace_after_listing, tear_weights_partial
 from tests.emulators.http_server import LocalHttpServer, Recorded
 from tests.emulators.processes import Emulator
 
@@ -169,3 +169,28 @@ def test_an_object_gone_after_the_listing_asks_for_a_rerun(
         fetch_checkpoint(repository("gone/m"), cache_dir=cache_dir, progress=False, secrets=Secrets({}))
     assert "check the bucket" not in str(raised.value) and "run the build again" in str(raised.value)
     assert reads.count("model.safetensors") == 1  # not retried
+
+
+def test_a_torn_partial_file_is_caught_by_the_md5_and_downloaded_again(
+    gcs: Emulator, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe HG #1: a resumed download was committed on its size alone, so a partial file with a zero-filled stretch
+    (a crash before the final fsync) became the cached weights. The store's md5Hash now covers the whole file."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="_", credentials=AnonymousCredentials()).bucket("checkpoints")
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in (path for path in folder.rglob("*") if path.is_file()):
+        bucket.blob(f"torn/m/{file.relative_to(folder)}").upload_from_filename(str(file))
+    weights = (folder / "model.safetensors").read_bytes()
+    listed = {file.path: file for file in GcsSource(repository("torn/m"), Secrets({}), None).list_files().files}
+    assert listed["model.safetensors"].md5 == hashlib.md5(weights).hexdigest()
+
+    def fetch() -> Any:
+        return fetch_checkpoint(repository("torn/m"), cache_dir=cache_dir, progress=False, secrets=Secrets({}))
+
+    tear_weights_partial(monkeypatch, GcsSource, fetch, cache_dir)
+    fetched = fetch()
+    assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+    assert (fetched.path / "model.safetensors").read_bytes() == weights

@@ -142,7 +142,14 @@ class AzureSource(CheckpointSourceBase):
             for blob in self._container.list_blobs(name_starts_with=self.prefix or None):
                 path = relative_key(blob.name, self.prefix)
                 if path:
-                    files.append(RemoteFile(path, int(blob.size), f"etag:{blob.etag}", locator=blob.name))
+                    # Content-MD5 is set by single-put uploads (and by tools that compute it), else absent.
+                    content_md5 = blob.content_settings.content_md5 if blob.content_settings else None
+                    files.append(
+                        RemoteFile(
+                            path, int(blob.size), f"etag:{blob.etag}", locator=blob.name,
+                            md5=bytes(content_md5).hex() if content_md5 else None,
+                        )
+                    )
         except AzureError as error:
             raise self._translate(error, f"{self.container_name}/{self.prefix}") from None
         if not files:

@@ -24,6 +24,7 @@ from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBa
 from engine_builder.build.checkpoints.sources.object_store import (
     CONNECT_TIMEOUT_S,
     READ_TIMEOUT_S,
+    md5_hex,
     parse_bucket_url,
     read_storage_secret,
     relative_key,
@@ -74,7 +75,8 @@ class GcsSource(CheckpointSourceBase):
                     # The generation changes on every overwrite, so it pins the exact content.
                     files.append(
                         RemoteFile(
-                            path, int(blob.size or 0), f"generation:{blob.generation}", locator=blob.name
+                            path, int(blob.size or 0), f"generation:{blob.generation}", locator=blob.name,
+                            md5=md5_hex(blob.md5_hash),  # absent for composite objects
                         )
                     )
         except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError, requests.RequestException) as error:
@@ -89,7 +91,8 @@ class GcsSource(CheckpointSourceBase):
         generation = int(file.fingerprint.removeprefix("generation:"))
         blob = self._client.bucket(self.bucket_name).blob(file.locator, generation=generation)
         try:
-            # Checksums are verified by the download engine (sha256 + size); a ranged read cannot check md5.
+            # The download engine checks the size and the whole file's md5 (kept bytes included); a ranged read
+            # cannot check it here.
             blob.download_to_file(
                 _SinkWriter(sink), start=start if start > 0 else None, checksum=None, timeout=_timeout(), retry=None
             )

@@ -1,6 +1,8 @@
 """What the bucket stores (S3, GCS, Azure) share: `scheme://bucket/prefix` parsed into a bucket and a folder prefix,
 object keys back into checkpoint-relative paths, and reading the storage secret."""
 
+import base64
+import binascii
 import logging
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -51,6 +53,17 @@ def read_storage_secret(source: CheckpointSourceBase, parse: Callable[[str, str]
         return parse(name, value)
     except CheckpointAuthError as error:
         raise CheckpointAuthError(f"{error} ({DEFAULT_NOTE})") from None
+
+
+def md5_hex(value: str | None) -> str | None:
+    """A store's base64 md5 (GCS md5Hash) as hex, or None when absent or not a 16-byte digest."""
+    if not value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
 
 
 def folder_prefix(path: str) -> str:
