@@ -16,7 +16,7 @@ from engine_builder.build.checkpoints import (
     fetch_checkpoint,
 )
 from engine_builder.build.checkpoints.errors import CheckpointChangedError
-from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url
+from engine_builder.build.checkpoints.sources.azure import AzureSource, parse_azure_url, split_sas
 from engine_builder.build.config import BaseModelKind, CheckpointRepository
 from tests.build.checkpoints.conftest import (
     MINILM_PREFIX,
@@ -53,6 +53,18 @@ def test_url_spellings() -> None:
     assert parse_azure_url("azure://acct/models/llama/8b/") == expected
     with pytest.raises(CheckpointNotFoundError, match="ACCOUNT.blob.core.windows.net"):
         parse_azure_url("https://example.com/models/llama")
+
+
+def test_hash_and_question_mark_are_part_of_an_azure_blob_name() -> None:
+    """Probe HG #2: `azure://acct/ckpts/exp#2/smol` listed `exp/`. Only a `?` that starts a SAS (sig=) is a query."""
+    assert parse_azure_url("azure://acct/ckpts/exp#2/smol") == ("acct", "ckpts", "exp#2/smol/")
+    assert parse_azure_url("azure://acct/ckpts/exp?v=2/smol") == ("acct", "ckpts", "exp?v=2/smol/")
+    assert parse_azure_url("azure://acct/ckpts/exp#2/smol?sv=2022&sp=rl&sig=abc%3D") == ("acct", "ckpts", "exp#2/smol/")
+    assert split_sas("azure://acct/ckpts/run?v=2/m?sp=rl&sig=x") == ("azure://acct/ckpts/run?v=2/m", "sp=rl&sig=x")
+    assert split_sas("azure://acct/ckpts/run?v=2/m") == ("azure://acct/ckpts/run?v=2/m", "")
+    assert split_sas("https://acct.blob.core.windows.net/c/m?sp=rl&sig=x") == (
+        "https://acct.blob.core.windows.net/c/m", "sp=rl&sig=x"
+    )
 
 
 def test_minilm_with_account_key(azure: Emulator, minilm_dir: Path, cache_dir: Path) -> None:

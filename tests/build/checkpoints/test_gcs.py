@@ -194,3 +194,29 @@ def test_a_torn_partial_file_is_caught_by_the_md5_and_downloaded_again(
     fetched = fetch()
     assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
     assert (fetched.path / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_hash_and_question_mark_are_part_of_the_object_name(scheme: str) -> None:
+    """Probe HG #2: `#` and `?` were dropped as a URL fragment or query, and the parent folder's model was built."""
+    from engine_builder.build.checkpoints.sources.object_store import parse_bucket_url
+
+    assert parse_bucket_url(f"{scheme}://ck/exp#2/smol", scheme, "X") == ("ck", "exp#2/smol/")
+    assert parse_bucket_url(f"{scheme}://ck/exp?v=2/smol/", scheme, "X") == ("ck", "exp?v=2/smol/")
+    assert parse_bucket_url(f"{scheme}://ck", scheme, "X") == ("ck", "")
+    for wrong in (f"{scheme}:///path", "https://ck/path", f"{scheme}://ck?x/path"):
+        with pytest.raises(CheckpointNotFoundError, match="is not of the form"):
+            parse_bucket_url(wrong, scheme, "X")
+
+
+def test_a_folder_with_a_hash_is_read_not_its_parent(gcs: Emulator, cache_dir: Path, tmp_path: Path) -> None:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="_", credentials=AnonymousCredentials()).bucket("checkpoints")
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in (path for path in folder.rglob("*") if path.is_file()):
+        bucket.blob(f"exp#2/m/{file.relative_to(folder)}").upload_from_filename(str(file))
+    fetched = fetch_checkpoint(repository("exp#2/m"), cache_dir=cache_dir, progress=False, secrets=Secrets({}))
+    weights = (folder / "model.safetensors").read_bytes()
+    assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()

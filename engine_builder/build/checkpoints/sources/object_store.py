@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from engine_builder.build.checkpoints.errors import CheckpointAuthError, CheckpointNotFoundError
 from engine_builder.build.checkpoints.source import CheckpointSourceBase
@@ -73,12 +72,16 @@ def folder_prefix(path: str) -> str:
 
 
 def parse_bucket_url(url: str, scheme: str, source: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme != scheme or not parts.netloc:
+    """(bucket, folder prefix). A `gs://` or `s3://` name is no RFC 3986 URL: everything after the bucket is the object
+    name, `#` and `?` included, as gsutil, gcloud and the aws CLI read it; `urlsplit` dropped them as a fragment or
+    query, and the parent folder's model was built (probe HG #2)."""
+    head = f"{scheme}://"
+    bucket, _, path = url[len(head) :].partition("/") if url.startswith(head) else ("", "", "")
+    if not bucket or any(mark in bucket for mark in "?#"):
         raise CheckpointNotFoundError(
             f"{source} repo {url!r} is not of the form {scheme}://bucket/path; write it as {scheme}://my-bucket/path/to/model"
         )
-    return parts.netloc, folder_prefix(parts.path)
+    return bucket, folder_prefix(path)
 
 
 def relative_key(key: str, prefix: str) -> str | None:
