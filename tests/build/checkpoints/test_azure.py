@@ -55,6 +55,14 @@ def test_url_spellings() -> None:
         parse_azure_url("https://example.com/models/llama")
 
 
+def test_a_percent_encoded_https_url_is_decoded() -> None:
+    """Probe HG #3: the portal's `my%20model` was listed as `my%20model/`, which the SDK then encoded again."""
+    base = "https://acct.blob.core.windows.net/ckpts"
+    assert parse_azure_url(f"{base}/my%20model/r%C3%A9v") == ("acct", "ckpts", "my model/rév/")
+    assert parse_azure_url(f"{base}/my model") == ("acct", "ckpts", "my model/")
+    assert parse_azure_url(f"{base}/a+b/100%25") == ("acct", "ckpts", "a+b/100%/")
+
+
 def test_hash_and_question_mark_are_part_of_an_azure_blob_name() -> None:
     """Probe HG #2: `azure://acct/ckpts/exp#2/smol` listed `exp/`. Only a `?` that starts a SAS (sig=) is a query."""
     assert parse_azure_url("azure://acct/ckpts/exp#2/smol") == ("acct", "ckpts", "exp#2/smol/")
@@ -225,3 +233,18 @@ def test_a_torn_partial_file_is_caught_by_the_content_md5_and_downloaded_again(
     fetched = fetch_checkpoint(repository("torn/m"), cache_dir=cache_dir, progress=False, secrets=secrets)
     assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
     assert (fetched.path / "model.safetensors").read_bytes() == weights
+
+
+def test_a_folder_with_a_space_builds_from_its_portal_url(azure: Emulator, cache_dir: Path, tmp_path: Path) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    container = BlobServiceClient.from_connection_string(azure.extra["connection_string"]).get_container_client(
+        "checkpoints"
+    )
+    folder = make_checkpoint(tmp_path / "m", "embedding")
+    for file in (path for path in folder.rglob("*") if path.is_file()):
+        container.upload_blob(f"my model/{file.relative_to(folder)}", file.read_bytes())
+    secrets = Secrets({"azure_secret": json.dumps({"account_key": AZURITE_KEY})})
+    fetched = fetch_checkpoint(repository("my%20model"), cache_dir=cache_dir, progress=False, secrets=secrets)
+    weights = (folder / "model.safetensors").read_bytes()
+    assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()

@@ -6,7 +6,7 @@ secret has none."""
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -69,7 +69,10 @@ def parse_azure_url(url: str) -> tuple[str, str, str]:
     if url.startswith("azure://"):
         account, _, path = url[len("azure://") :].partition("/")
     elif parts.scheme == "https" and host.endswith(PUBLIC_HOST_SUFFIX):
-        account, path = host.split(".", 1)[0], parts.path
+        # The path of an https URL is percent-encoded, as the portal and Storage Explorer copy it (`my%20model`):
+        # decoded, as azcopy and the SDK's from_blob_url do; it was listed as is, and the SDK encoded the `%` again
+        # (probe HG #3). `+` stays a plus: only a query encodes a space as `+`.
+        account, path = host.split(".", 1)[0], unquote(parts.path)
     else:
         account, path = "", ""
     container, _, prefix = path.strip("/").partition("/")
