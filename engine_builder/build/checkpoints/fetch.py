@@ -95,7 +95,7 @@ class _Fetch:
         self.progress = progress
         # The repo as it keys the cache: a URL without its (possibly presigned) query string, and without a trailing
         # slash (`s3://b/model/` names the same prefix as `s3://b/model`; the file fingerprints tell contents apart).
-        repo = source.repository.repo
+        repo = source.cache_location()
         self.location = (safe_url(repo) if repo.startswith(("http://", "https://")) else repo).rstrip("/")
 
     def run(self, base_model: BaseModelKind | None, allow_prequantized: bool) -> FetchedCheckpoint:

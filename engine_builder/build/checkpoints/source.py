@@ -76,6 +76,11 @@ class CheckpointSourceBase(ABC):
         """`SOURCE repo` for messages; sources whose repo may carry credentials override it."""
         return f"{self.name} {self.repository.repo}"
 
+    def cache_location(self) -> str:
+        """The repo as it keys the cache, before an http(s) URL loses its query: sources whose repo may carry a
+        credential outside a URL's query (an `azure://...?<SAS>`) override it, so a new token keeps the cache."""
+        return self.repository.repo
+
     def local_path(self) -> Path | None:
         """A folder already on disk that needs no download (LOCAL), else None."""
         return None

@@ -183,6 +183,24 @@ def test_a_sas_url_as_repo_is_the_credential(
     assert_secret_absent(expired.repo.split("sig=")[1].split("&")[0], str(raised.value))
 
 
+def test_a_new_sas_in_an_azure_scheme_repo_keeps_the_cache(
+    azure: Emulator, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probe HG #4: the SAS of `azure://ACCOUNT/CONTAINER/path?<SAS>` was part of the cache key, so the new token
+    that replaces an expired one downloaded everything again (and orphaned the partial downloads)."""
+    spelled = f"azure://{AZURITE_ACCOUNT}/checkpoints/{MINILM_PREFIX}"
+    first, second = (
+        CheckpointRepository(source="AZURE", repo=f"{spelled}?{_sas_repository(hours).repo.split('?', 1)[1]}")
+        for hours in (1, 2)
+    )
+    assert first.repo != second.repo
+    fetch_checkpoint(first, cache_dir=cache_dir, secrets=Secrets(), progress=False)
+    caplog.set_level(logging.INFO)
+    fetch_checkpoint(second, cache_dir=cache_dir, secrets=Secrets(), progress=False)
+    assert "reusing cached snapshot" in caplog.text
+    assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 1
+
+
 def test_a_query_that_is_no_sas_is_refused_up_front(azure: Emulator, cache_dir: Path) -> None:
     query_repository = CheckpointRepository(source="AZURE", repo=f"{repository(MINILM_PREFIX).repo}?comp=list")
     with pytest.raises(CheckpointAuthError, match=r"not a SAS \(no sig=\)"):

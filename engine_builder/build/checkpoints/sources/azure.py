@@ -106,6 +106,12 @@ class AzureSource(CheckpointSourceBase):
         repo = self.repository.repo
         return f"{self.name} {split_sas(repo)[0] if repo.startswith('azure://') else safe_url(repo)}"
 
+    def cache_location(self) -> str:
+        """`azure://...?<SAS>` without its SAS: a new token (the old one expired) downloaded everything again and
+        orphaned the partial downloads (probe HG #4). The https spelling loses its query in the fetch already."""
+        repo = self.repository.repo
+        return split_sas(repo)[0] if repo.startswith("azure://") else repo
+
     def _sas_in_repo(self) -> str | None:
         """The SAS a blob SAS URL carries as its query: it was dropped, and the read went out anonymous with an error
         asking for an account_key (probe BB #6). Kept out of messages and the cache key like a secret, and out of
