@@ -220,3 +220,19 @@ def test_a_folder_with_a_hash_is_read_not_its_parent(gcs: Emulator, cache_dir: P
     fetched = fetch_checkpoint(repository("exp#2/m"), cache_dir=cache_dir, progress=False, secrets=Secrets({}))
     weights = (folder / "model.safetensors").read_bytes()
     assert fetched.files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+
+
+def test_a_key_with_a_double_slash_is_skipped_with_a_warning_that_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Probe HG #5: `dbl//config.json` was skipped silently, and the build then said config.json was missing."""
+    from engine_builder.build.checkpoints.sources.object_store import relative_key
+
+    caplog.set_level(logging.WARNING)
+    assert relative_key("dbl//config.json", "dbl/") is None
+    assert relative_key("dbl/a//b.json", "dbl/") is None
+    assert relative_key("dbl/../x", "dbl/") is None
+    assert "'dbl//config.json'" in caplog.text and "double slash" in caplog.text and "'dbl/a//b.json'" in caplog.text
+    assert "'dbl/../x'" in caplog.text
+    caplog.clear()
+    assert relative_key("dbl/sub/", "dbl/") is None  # a folder marker: no warning
+    assert relative_key("dbl/config.json", "dbl/") == "config.json"
+    assert caplog.text == ""

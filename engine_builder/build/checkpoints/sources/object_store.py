@@ -89,8 +89,19 @@ def relative_key(key: str, prefix: str) -> str | None:
     if not key.startswith(prefix) or key.endswith("/"):
         return None
     relative = key[len(prefix) :]
+    segments = relative.split("/")
+    if "" in segments:
+        # `model//config.json` (a script joined `prefix + "/" + name` to a prefix ending in `/`) was skipped without a
+        # word, and the build then said config.json was missing (probe HG #5). Not collapsed to `model/config.json`:
+        # both keys may exist, and which one the snapshot took would depend on the listing's order.
+        logger.warning(
+            "skipping object %r: its name has an empty path segment (//); re-upload it without the double slash",
+            key,
+        )
+        return None
     parts = PurePosixPath(relative).parts
     # An object named `../x` would otherwise land outside the snapshot folder.
-    if not parts or any(part in ("..", ".", "") for part in parts) or relative.startswith("/"):
+    if not parts or any(part in ("..", ".") for part in parts):
+        logger.warning("skipping object %r: a '.' or '..' segment in its name would leave the checkpoint folder", key)
         return None
     return relative
