@@ -156,13 +156,14 @@ class S3Credentials:
 
 @dataclass(frozen=True)
 class AzureCredentials:
-    """`{account_key}` (Baseten's shape), or a `connection_string`, or a `sas_token`."""
+    """`{account_key}` (Baseten's shape), or a `connection_string`, or a `sas_token`; or, bare, a connection string
+    or a SAS token (what `az storage container generate-sas` prints)."""
 
     account_key: str | None = field(default=None, repr=False)
     connection_string: str | None = field(default=None, repr=False)
     sas_token: str | None = field(default=None, repr=False)
 
-    EXPECTED: ClassVar[str] = '{"account_key": "..."}'
+    EXPECTED: ClassVar[str] = '{"account_key": "..."} (or {"sas_token": "..."})'
 
     @classmethod
     def from_secret(cls, secret_name: str, value: str) -> "AzureCredentials":
@@ -170,6 +171,10 @@ class AzureCredentials:
             # A bare connection string is what `az storage account show-connection-string` prints.
             if "AccountKey=" in value or "SharedAccessSignature=" in value:
                 return cls(connection_string=value)
+            # A bare SAS token (`se=...&sp=rl&sv=...&sig=...`, with or without its `?`) was refused as "not a JSON
+            # object", though the docstrings promised it (probe HG #6).
+            if is_bare_sas(value):
+                return cls(sas_token=value.strip().lstrip("?"))
         data = parse_json_secret(secret_name, value, expected=cls.EXPECTED)
         credentials = cls(
             account_key=_first_string(data, "account_key", "azure_storage_key"),
@@ -181,6 +186,12 @@ class AzureCredentials:
                 f"secret {secret_name!r} lacks account_key; it should look like {cls.EXPECTED}"
             )
         return credentials
+
+
+def is_bare_sas(value: str) -> bool:
+    """A SAS token on its own: a query string with a signature, no spaces, no connection-string fields."""
+    value = value.strip().lstrip("?")
+    return "sig=" in value and not any(mark in value for mark in (" ", ";", "{"))
 
 
 GCS_EXPECTED = '{"type": "service_account", "private_key": "...", "client_email": "...", ...}'

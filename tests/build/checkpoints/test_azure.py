@@ -201,6 +201,22 @@ def test_a_new_sas_in_an_azure_scheme_repo_keeps_the_cache(
     assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 1
 
 
+def test_a_sas_secret_that_is_refused_gets_sas_advice_and_a_bare_one_is_accepted(
+    azure: Emulator, cache_dir: Path
+) -> None:
+    """Probe HG #6: an expired SAS in the secret was told to put an account_key there; a bare SAS was refused."""
+    valid = _sas_repository(1).repo.split("?", 1)[1]
+    fetched = fetch_checkpoint(repository(MINILM_PREFIX), cache_dir=cache_dir, secrets=Secrets({"azure_secret": valid}),
+                               progress=False)  # fmt: skip
+    assert "model.safetensors" in fetched.files
+    expired = _sas_repository(-1).repo.split("?", 1)[1]
+    for secret in (expired, json.dumps({"sas_token": expired})):
+        with pytest.raises(CheckpointAuthError, match=r"the SAS in secret 'azure_secret'.*has expired") as raised:
+            fetch_checkpoint(repository("models/other"), cache_dir=cache_dir,
+                             secrets=Secrets({"azure_secret": secret}), progress=False)  # fmt: skip
+        assert str(raised.value).index("generate a new one") < str(raised.value).index("account_key")
+
+
 def test_a_query_that_is_no_sas_is_refused_up_front(azure: Emulator, cache_dir: Path) -> None:
     query_repository = CheckpointRepository(source="AZURE", repo=f"{repository(MINILM_PREFIX).repo}?comp=list")
     with pytest.raises(CheckpointAuthError, match=r"not a SAS \(no sig=\)"):

@@ -104,6 +104,15 @@ def test_azure_secret_shapes() -> None:
         AzureCredentials.from_secret("az", json.dumps({"key": SECRET_MARKER}))
 
 
+def test_a_bare_sas_token_is_an_azure_secret() -> None:
+    """Probe HG #6: what `az storage container generate-sas` prints was refused as "not a JSON object"."""
+    sas = "se=2030-01-01&sp=rl&sv=2022-11-02&sr=c&sig=abc%2Bdef%3D"
+    assert AzureCredentials.from_secret("az", sas).sas_token == sas
+    assert AzureCredentials.from_secret("az", f"?{sas}\n").sas_token == sas
+    with pytest.raises(CheckpointAuthError, match=r"not a JSON object.*sas_token"):
+        AzureCredentials.from_secret("az", "hf_notasas")
+
+
 def test_gcs_service_account_needs_key_and_email() -> None:
     with pytest.raises(CheckpointAuthError, match="private_key"):
         parse_gcs_service_account("gcs", json.dumps({"client_email": "a@b", "private_key_id": SECRET_MARKER}))

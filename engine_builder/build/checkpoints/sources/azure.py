@@ -100,6 +100,7 @@ class AzureSource(CheckpointSourceBase):
         super().__init__(*args, **kwargs)
         self.account, self.container_name, self.prefix = parse_azure_url(self.repository.repo)
         self.url_sas = self._sas_in_repo()
+        self.secret_sas = False  # the credential is a SAS from the secret: a refusal is about that SAS
         self._container = self._make_client()
 
     def describe(self) -> str:
@@ -146,6 +147,7 @@ class AzureSource(CheckpointSourceBase):
             credential = {"account_name": self.account, "account_key": secret.account_key}
         elif secret.sas_token:
             credential = secret.sas_token.lstrip("?")
+            self.secret_sas = True
         elif from_secret.get("AccountKey") or override.get("AccountKey"):
             fields = from_secret if from_secret.get("AccountKey") else override
             credential = {
@@ -154,6 +156,7 @@ class AzureSource(CheckpointSourceBase):
             }
         elif from_secret.get("SharedAccessSignature"):
             credential = from_secret["SharedAccessSignature"]
+            self.secret_sas = True
         else:
             logger.info("AZURE: no secret %r; reading anonymously", secret_name)
         return _container_client(endpoint, self.container_name, credential)
@@ -203,6 +206,13 @@ class AzureSource(CheckpointSourceBase):
                     "list permissions on this container: generate a new one"
                 )
             name = self.repository.runtime_secret_name
+            if self.secret_sas:
+                # It said to put an account_key, for a SAS that had expired or lacked a permission (probe HG #6).
+                return CheckpointAuthError(
+                    f"AZURE {what}: access refused ({message}); the SAS in secret {secret_label(self.repository)} "
+                    f"({self.secrets.where(name)}) has expired, or lacks the read and list permissions on this "
+                    "container: generate a new one, or put {\"account_key\": \"...\"} there instead"
+                )
             return CheckpointAuthError(
                 f"AZURE {what}: access refused ({message}); put {AzureCredentials.EXPECTED} for account "
                 f"{self.account} in secret {secret_label(self.repository)} ({self.secrets.where(name)})"

@@ -42,7 +42,12 @@ def read_storage_secret(source: CheckpointSourceBase, parse: Callable[[str, str]
     value = source.secrets.get(name)
     if value is None or not is_default_secret_name(repository):
         return None if value is None else parse(name, value)
-    if not value.lstrip().startswith("{") and "AccountKey=" not in value and "SharedAccessSignature=" not in value:
+    if (
+        not value.lstrip().startswith("{")
+        and "AccountKey=" not in value
+        and "SharedAccessSignature=" not in value
+        and "sig=" not in value  # a bare Azure SAS token
+    ):
         logger.warning(
             "%s: secret %r (%s) holds no storage credentials (an HF token?); ignoring it. Set runtime_secret_name "
             "to the secret with the storage JSON for a private bucket", source.name, name, DEFAULT_NOTE,
