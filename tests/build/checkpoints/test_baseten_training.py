@@ -152,3 +152,22 @@ def test_the_secret_the_config_names_wins_over_the_environment_key(
     with pytest.raises(CheckpointAuthError, match="HTTP 401"):
         fetch_checkpoint(repository(), cache_dir=cache_dir, secrets=Secrets({"hf_access_token": API_KEY}),
                          progress=False)  # fmt: skip
+
+
+def test_a_missing_named_secret_says_which_key_was_used(
+    api: LocalHttpServer, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probe HG #7: with the named secret absent, the box's BASETEN_API_KEY was used without a word, and "training
+    job ... was not found in the workspace of this API key" did not say which key that was."""
+    other = f"bt-other-workspace-{SECRET_MARKER}"
+    monkeypatch.setenv("BASETEN_API_KEY", other)
+    named = CheckpointRepository(
+        source="BASETEN_TRAINING", repo="nosuchjob", revision="checkpoint-100", runtime_secret_name="my_bt_key"
+    )
+    api.add_json("POST", "/v1/training_jobs/search", lambda request: (200, {"training_jobs": []}, {}))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(CheckpointNotFoundError, match=r"not found in the workspace of the API key from secret "
+                       r"'BASETEN_API_KEY'.*secret 'my_bt_key' is not set") as raised:  # fmt: skip
+        fetch_checkpoint(named, cache_dir=cache_dir, secrets=Secrets(), progress=False)
+    assert "'my_bt_key' is not set" in caplog.text and "WARNING" in caplog.text
+    assert_secret_absent(other, str(raised.value), caplog.text)

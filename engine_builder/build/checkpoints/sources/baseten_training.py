@@ -7,6 +7,7 @@ Base URL: $BASETEN_API_URL (default https://api.baseten.co). API key: the secret
 the config sets one (other than the default HF token name), else the secret BASETEN_API_KEY (a file of that name, or
 the environment variable)."""
 
+import logging
 import os
 from pathlib import PurePosixPath
 from typing import Any
@@ -21,6 +22,7 @@ from engine_builder.build.checkpoints.errors import (
 from engine_builder.build.checkpoints.http_range import new_client, raise_for_status, read_url_into
 from engine_builder.build.checkpoints.source import ByteSink, CheckpointSourceBase, Listing, RemoteFile
 
+logger = logging.getLogger(__name__)
 DEFAULT_API_URL = "https://api.baseten.co"
 API_URL_ENV = "BASETEN_API_URL"
 API_KEY_NAMES = ("BASETEN_API_KEY", "baseten_api_key")
@@ -44,6 +46,7 @@ class BasetenTrainingSource(CheckpointSourceBase):
             )
         self.api_url = (os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
         self._client = new_client()
+        self._key_source: str | None = None  # where the API key came from, for messages; logged once
 
     def _named_secret(self) -> str | None:
         """The secret the config names for the key, if it names one: a build box's own BASETEN_API_KEY (another
@@ -58,6 +61,15 @@ class BasetenTrainingSource(CheckpointSourceBase):
         names = [named, *API_KEY_NAMES] if named else list(API_KEY_NAMES)
         for name in names:
             if key := self.secrets.get(name):
+                if self._key_source is None:
+                    self._key_source = f"secret {name!r} ({self.secrets.where(name)})"
+                    if named and name != named:
+                        # A misspelled or unmounted secret silently gave way to the box's own key, whose workspace
+                        # may not hold the job (probe HG #7).
+                        self._key_source += f", as secret {named!r} is not set ({self.secrets.where(named)})"
+                        logger.warning("BASETEN_TRAINING: using the API key from %s", self._key_source)
+                    else:
+                        logger.info("BASETEN_TRAINING: using the API key from %s", self._key_source)
                 return name, key
         where = f"secret {named!r} ({self.secrets.where(named)}) or " if named else ""
         raise CheckpointAuthError(
@@ -91,7 +103,8 @@ class BasetenTrainingSource(CheckpointSourceBase):
                 if project:
                     return str(project)
         raise CheckpointNotFoundError(
-            f"BASETEN_TRAINING: training job {self.job_id!r} was not found in the workspace of this API key"
+            f"BASETEN_TRAINING: training job {self.job_id!r} was not found in the workspace of the API key from "
+            f"{self._key_source}"
         )
 
     def list_files(self) -> Listing:
