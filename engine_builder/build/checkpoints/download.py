@@ -26,6 +26,7 @@ from engine_builder.build.checkpoints.errors import (
     CheckpointAuthError,
     CheckpointChangedError,
     CheckpointDownloadError,
+    CheckpointError,
     CheckpointLayoutError,
     CheckpointNotFoundError,
     RetryLaterError,
@@ -45,6 +46,22 @@ LOCK_POLL_S = 0.2  # how often a download waiting for another process's checks f
 PROGRESS_LOG_INTERVAL_S = 30.0  # without a terminal, one progress line per this many seconds
 
 
+def _env_number(name: str, default: float, kind: type[int] | type[float]) -> float:
+    """An environment override read as `kind`; a value that is not one (or not finite and at least 0) is refused
+    naming the variable (a bare int() was a traceback, probe HF)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise CheckpointError(f"{name} must be {what}, 0 or more; got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DownloadSettings:
     """How hard to try; each setting has an ENGINE_BUILDER_DOWNLOAD_* environment override."""
@@ -56,13 +73,12 @@ class DownloadSettings:
 
     @classmethod
     def from_env(cls) -> "DownloadSettings":
-        env = os.environ
         defaults = cls()
         return cls(
-            workers=max(1, int(env.get("ENGINE_BUILDER_DOWNLOAD_WORKERS", defaults.workers))),
-            attempts=max(1, int(env.get("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", defaults.attempts))),
-            backoff_s=float(env.get("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", defaults.backoff_s)),
-            max_backoff_s=float(env.get("ENGINE_BUILDER_DOWNLOAD_MAX_BACKOFF_S", defaults.max_backoff_s)),
+            workers=max(1, int(_env_number("ENGINE_BUILDER_DOWNLOAD_WORKERS", defaults.workers, int))),
+            attempts=max(1, int(_env_number("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", defaults.attempts, int))),
+            backoff_s=_env_number("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", defaults.backoff_s, float),
+            max_backoff_s=_env_number("ENGINE_BUILDER_DOWNLOAD_MAX_BACKOFF_S", defaults.max_backoff_s, float),
         )
 
     def delay(self, attempt: int) -> float:

@@ -143,6 +143,12 @@ def parse_config(text: str, source: str = "config.yaml", base_dir: Path | None =
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow: named by line, not by offset (probe HF)
+        at_line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        found = f"U+{error.character:04X}" if isinstance(error.character, int) else repr(error.character)
+        message = f"invalid YAML: character {found} at line {at_line}, column {column} is not allowed in YAML; remove it"
+        raise ConfigError([ConfigIssue(source, at_line, "", message)]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

@@ -179,7 +179,7 @@ TRUSS_IMAGE_FIELDS = (
 # so they are named as Truss's rather than warned about as unknown (`runtime.predict_concurrency` is no typo).
 TRUSS_UNTYPED_SECTIONS = (
     "external_data", "base_image", "runtime", "build", "docker_server", "model_cache", "weights", "bdn",
-    "training_checkpoints", "bis_llm", "cache_internal",
+    "training_checkpoints", "bis_llm", "cache_internal", "hf_cache",  # Truss's older name for model_cache
 )  # fmt: skip
 
 

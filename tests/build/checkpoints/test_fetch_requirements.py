@@ -48,3 +48,20 @@ def test_dummy_weights_of_a_local_folder_leave_its_weights_out(tmp_path: Path, c
         repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER, require_weights=False
     )
     assert "config.json" in fetched.files and "model.safetensors" not in fetched.files
+
+
+@pytest.mark.parametrize(("name", "value"), [("ENGINE_BUILDER_DOWNLOAD_WORKERS", "abc"),
+                                             ("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", "-2"),
+                                             ("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", "nan")])
+def test_a_bad_download_setting_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Probe HF: a bare int() of the variable was a traceback."""
+    from engine_builder.build.checkpoints.errors import CheckpointError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(CheckpointError) as refused:
+        DownloadSettings.from_env()
+    assert name in str(refused.value) and repr(value) in str(refused.value)
+    monkeypatch.setenv(name, "3")
+    assert 3 in vars(DownloadSettings.from_env()).values()

@@ -430,6 +430,13 @@ def test_cross_field_errors_point_at_the_field_the_config_sets() -> None:
     )
 
 
+def test_a_character_yaml_does_not_allow_names_its_line() -> None:
+    """Probe HF: a pasted control character was named by its offset in `<unicode string>`, not by line."""
+    assert _errors(MINIMAL + "    max_batch_size: 8 # rang \a\n") == [
+        "config.yaml:5: invalid YAML: character U+0007 at line 5, column 30 is not allowed in YAML; remove it"
+    ]
+
+
 def test_an_integer_too_long_to_read_names_its_line() -> None:
     assert _errors(MINIMAL + "    max_batch_size: " + "1" * 5000 + "\n") == [
         "config.yaml:5: invalid YAML: an integer of 5000 digits (at most 4300 are read)"
@@ -440,11 +447,13 @@ def test_truss_sections_are_named_as_truss_sections_not_unknown_keys() -> None:
     loaded = parse_config(
         "trt_llm:\n  build:\n    checkpoint_repository: {source: HF, repo: org/m}\n"
         "runtime:\n  predict_concurrency: 8\nmodel_cache: []\nbuild: {}\ndocker_server: {}\nexternal_data: []\n"
-        "runtme: {}\n",
+        "runtme: {}\nhf_cache: []\n",
         source="c.yaml",
     )
     warnings = [str(w) for w in loaded.warnings]
-    for line, key in ((4, "runtime"), (6, "model_cache"), (7, "build"), (8, "docker_server"), (9, "external_data")):
+    # hf_cache: Truss's older name for model_cache, not an unknown key (probe HF)
+    for line, key in ((4, "runtime"), (6, "model_cache"), (7, "build"), (8, "docker_server"), (9, "external_data"),
+                      (11, "hf_cache")):
         assert f"c.yaml:{line}: {key}: a Truss section this server does not act on (kept as given, not checked)" in warnings
     assert "c.yaml:10: runtme: unknown key kept as given (not used by this version)" in warnings
 
