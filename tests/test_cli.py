@@ -160,6 +160,9 @@ def test_bad_flag_values_are_errors_not_tracebacks() -> None:
     result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--port", "abc")
     assert result.returncode == 2 and "argument --port: 'abc' is not a TCP port (a number, 0-65535)" in result.stderr
     assert "_port" not in result.stderr
+    # probe HF: `--drain-timeout-s inf` was accepted, a shutdown that could wait for ever
+    result = _cli("serve", str(CONFIGS_DIR / "smollm2.yaml"), "--drain-timeout-s", "inf")
+    assert result.returncode == 2 and "--drain-timeout-s: Input should be a finite number" in result.stderr, result.stderr
 
 
 def test_a_device_name_torch_cannot_use_fails_the_config_not_the_servers_start(tmp_path: Path) -> None:

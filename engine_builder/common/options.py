@@ -21,7 +21,7 @@ class EngineOptions(pydantic.BaseModel):
     """Unknown keys are kept (and warned about by the config loader), assignments re-validated: the semantics of
     the Truss schema classes around it."""
 
-    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow")
+    model_config = pydantic.ConfigDict(validate_assignment=True, extra="allow", allow_inf_nan=False)
 
     backend: Literal["auto", "torch", "trtllm"] = pydantic.Field(
         default="auto", description="auto = trtllm when it imports and a GPU is present, else torch"
