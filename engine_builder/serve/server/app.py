@@ -179,6 +179,18 @@ def create_app(
     return app
 
 
+class _WatchedSend:
+    """An ASGI `send` that notes whether the answer has begun (its status line is out: no other answer can be)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class UnexpectedErrorMiddleware:
     """An exception no handler answers (a bug of ours or of a backend) becomes a 500 here, logged once, naming the
     request. It sits inside the middlewares that put `x-request-id` and the drain's `Connection: close` on every
@@ -194,19 +206,13 @@ class UnexpectedErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watching(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watching = _WatchedSend(send)
         try:
             await self.app(scope, receive, watching)
         except Exception:
             logger.exception("unhandled error")
             response = self.answer(scope)  # counted as a failed request whether or not it can still be sent
-            if not started:
+            if not watching.started:
                 await response(scope, receive, send)
 
 
@@ -228,17 +234,11 @@ class ArrivalsMiddleware:
         here = Arrival()
         self.state.pending += 1
         token = arrival.set(here)
-        started = False
-
-        async def watching(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watching = _WatchedSend(send)
         try:
             await self.app(scope, receive, watching)
         except asyncio.CancelledError:
-            if started or not self.state.draining:
+            if watching.started or not self.state.draining:
                 raise
             self.state.metrics.record_error(503)
             await self.render(self.state.drain_refusal(), scope)(scope, receive, send)
