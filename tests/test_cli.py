@@ -109,6 +109,12 @@ def test_validate_exits_2_on_what_the_build_refuses_from_the_config_alone(
     plain = config("plain.yaml", {})
     assert main(["validate", str(plain)]) == 0
     assert "error" not in capsys.readouterr().err
+    # review GW: the same options given as flags were still silently ignored
+    output = plain.parent / "engine"
+    assert main(["build", str(plain), "-o", str(output), "--quantizer", "modelopt", "--calibration-device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "--calibration-device, --quantizer set, but trt_llm.build.quantization_type is no_quant" in captured.err
+    assert not output.exists()
 
 
 def test_validate_missing_file() -> None:

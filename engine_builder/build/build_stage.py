@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -613,20 +614,22 @@ def config_refusals(loaded: LoadedConfig, backend: str, options: EngineOptions) 
         messages.append(
             f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
         )
-    messages += _quantization_options_without_quantization(loaded)
+    messages += quantization_options_without_quantization(loaded)
     return messages
 
 
-def _quantization_options_without_quantization(loaded: LoadedConfig) -> list[str]:
-    """engine_builder's quantization options set in a no_quant config would do nothing, silently (probe HA #4): most
-    likely quantization_type was forgotten or set in the wrong place, so the build would make a 16-bit engine."""
+def quantization_options_without_quantization(loaded: LoadedConfig, flags: Collection[str] = ()) -> list[str]:
+    """engine_builder's quantization options set in a no_quant config (or given as `flags`, the options' names)
+    would do nothing, silently (probe HA #4, review GW): most likely quantization_type was forgotten or set in the
+    wrong place, so the build would make a 16-bit engine."""
     if loaded.trt_llm.build.quantization_type != QuantizationType.NO_QUANT:
         return []
     section = loaded.truss.engine_builder
-    given = [name for name in build_only_options() if name in section.model_fields_set]
+    given = [f"engine_builder.{name}" for name in build_only_options() if name in section.model_fields_set]
+    given += [f"--{name.replace('_', '-')}" for name in build_only_options() if name in flags]
     if not given:
         return []
-    names = ", ".join(f"engine_builder.{name}" for name in given)
+    names = ", ".join(given)
     return [
         f"{names} set, but trt_llm.build.quantization_type is no_quant, so nothing is quantized and "
         f"{'they have' if len(given) > 1 else 'it has'} no effect; set quantization_type (fp8, fp8_kv, fp4, fp4_kv "

@@ -174,12 +174,12 @@ class AzureCredentials:
             # A bare SAS token (`se=...&sp=rl&sv=...&sig=...`, with or without its `?`) was refused as "not a JSON
             # object", though the docstrings promised it (probe HG #6).
             if is_bare_sas(value):
-                return cls(sas_token=value.strip().lstrip("?"))
+                return cls(sas_token=_sas_query(value))
         data = parse_json_secret(secret_name, value, expected=cls.EXPECTED)
         credentials = cls(
             account_key=_first_string(data, "account_key", "azure_storage_key"),
             connection_string=_first_string(data, "connection_string"),
-            sas_token=_first_string(data, "sas_token"),
+            sas_token=_sas_query(_first_string(data, "sas_token") or "") or None,
         )
         if not (credentials.account_key or credentials.connection_string or credentials.sas_token):
             raise CheckpointAuthError(
@@ -189,9 +189,19 @@ class AzureCredentials:
 
 
 def is_bare_sas(value: str) -> bool:
-    """A SAS token on its own: a query string with a signature, no spaces, no connection-string fields."""
-    value = value.strip().lstrip("?")
+    """A SAS token on its own: a query string with a signature, no spaces, no connection-string fields (or the
+    portal's whole "Blob SAS URL", whose query is the token)."""
+    value = _sas_query(value)
     return "sig=" in value and not any(mark in value for mark in (" ", ";", "{"))
+
+
+def _sas_query(value: str) -> str:
+    """The token of a SAS secret: its query when it is a whole URL (review GW: the URL was sent as the token and
+    refused as an expired SAS), else the text without its leading `?`."""
+    value = value.strip()
+    if value.startswith(("https://", "http://")):
+        return value.partition("?")[2]
+    return value.lstrip("?")
 
 
 GCS_EXPECTED = '{"type": "service_account", "private_key": "...", "client_email": "...", ...}'

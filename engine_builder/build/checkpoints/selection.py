@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 WEIGHT_SUFFIX = ".safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"  # the weights the loader reads when there is no index
+# transformers saves a tokenizer's named chat templates here (`tool_use.jinja`, ...), beside chat_template.jinja
+NAMED_TEMPLATES = "additional_chat_templates"
 CONFIG_FILE = "config.json"
 MODULES_FILE = "modules.json"  # sentence-transformers' list of modules, each with its folder
 # vocab.txt / merges.txt, sentencepiece `.model`, tiktoken files, chat templates and every JSON config.
@@ -86,6 +88,8 @@ def unused_model_files(paths: Collection[str], small_file: Callable[[str], Path 
         inside = next((folder for folder in above if folder in checkpoints), None)
         if inside is not None:
             unused[path] = f"another checkpoint: {inside}/ holds its own {CONFIG_FILE}"
+        elif parent == NAMED_TEMPLATES and path.endswith(".jinja"):
+            continue  # read with the tokenizer: the tool_use template was dropped with other subfolders (review GW)
         elif parent and not any(is_module(folder) for folder in above):
             # a trainer's data/, wandb/ or logs/: fetched, hashed and linked into the engine, and a log appended
             # in place made the engine unservable (probe HA #2)

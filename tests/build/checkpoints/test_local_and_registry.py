@@ -126,6 +126,14 @@ def test_local_broken_symlink_is_named(tmp_path: Path, cache_dir: Path) -> None:
     (tmp_path / "fresh" / "model.safetensors").rename(folder / "model.safetensors")
     fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER)
     assert "model.safetensors" in fetched.files and "pytorch_model.bin" not in fetched.files
+    # review GW: a broken link the selection leaves out all the same (weights beside model.safetensors without an
+    # index, a nested checkpoint's files) does not stop the build
+    (folder / "consolidated.safetensors").symlink_to("/nonexistent/consolidated")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "config.json").symlink_to("/nonexistent/config")
+    (folder / "checkpoint-5" / "model.safetensors").write_bytes(b"")
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER)
+    assert not [path for path in fetched.files if "consolidated" in path or path.startswith("checkpoint-5")]
 
 
 def test_local_missing_folder(tmp_path: Path, cache_dir: Path) -> None:

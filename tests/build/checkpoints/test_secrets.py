@@ -109,6 +109,9 @@ def test_a_bare_sas_token_is_an_azure_secret() -> None:
     sas = "se=2030-01-01&sp=rl&sv=2022-11-02&sr=c&sig=abc%2Bdef%3D"
     assert AzureCredentials.from_secret("az", sas).sas_token == sas
     assert AzureCredentials.from_secret("az", f"?{sas}\n").sas_token == sas
+    # review GW: the portal's whole "Blob SAS URL" pasted as the secret was sent as the token
+    url = f"https://acct.blob.core.windows.net/ckpts/model?{sas}"
+    assert AzureCredentials.from_secret("az", url).sas_token == sas
     with pytest.raises(CheckpointAuthError, match=r"not a JSON object.*sas_token"):
         AzureCredentials.from_secret("az", "hf_notasas")
 

@@ -70,6 +70,20 @@ def test_files_of_other_subfolders_are_left_out(tmp_path: Path, cache_dir: Path)
     assert not [path for path in fetched.files if path.startswith(("data/", "wandb/"))]
 
 
+def test_named_chat_templates_are_kept(tmp_path: Path, cache_dir: Path) -> None:
+    """Review GW: transformers saves named chat templates (`tool_use`) in additional_chat_templates/; the rule
+    leaving other subfolders out dropped them, and requests with tools were rendered with the default template."""
+    folder = make_checkpoint(tmp_path / "model")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    store = FolderStore(folder)
+    fetch = _Fetch(store, CheckpointCache(cache_dir), DownloadSettings.from_env(), progress=False)
+    assert "additional_chat_templates/tool_use.jinja" in fetch.run(BaseModelKind.DECODER, allow_prequantized=False).files
+    repository = CheckpointRepository(source="LOCAL", repo=str(folder))
+    fetched = fetch_checkpoint(repository, cache_dir=cache_dir, progress=False, base_model=BaseModelKind.DECODER)
+    assert "additional_chat_templates/tool_use.jinja" in fetched.files
+
+
 def test_a_trailing_slash_names_the_same_cached_snapshot(tmp_path: Path, cache_dir: Path) -> None:
     make_checkpoint(tmp_path / "model")
     first = FolderStore(tmp_path / "model", "s3://bucket/model")
