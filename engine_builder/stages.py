@@ -51,12 +51,12 @@ def engine_options_from(
         for name in EngineOptions.model_fields
         if getattr(args, f"engine_{name}", None) is not None
     }
-    if loaded is not None:  # quantization flags on a no_quant config would do nothing (review GW)
+    flags = [name for name in overrides if name in build_only_options()]
+    if loaded is not None and flags:  # quantization flags on a no_quant config would do nothing (review GW)
         from engine_builder.build.build_stage import quantization_options_without_quantization
 
-        pointless = quantization_options_without_quantization(loaded, [name for name in overrides if name in
-                                                                       build_only_options()])
-        if pointless and any(name in overrides for name in build_only_options()):
+        pointless = quantization_options_without_quantization(loaded, flags)
+        if pointless:
             raise ConfigError([ConfigIssue("command line", None, "", message) for message in pointless])
     try:
         return EngineOptions.model_validate({**base, **overrides})

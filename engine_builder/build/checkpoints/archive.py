@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from engine_builder.build.checkpoints.download import env_number
 from engine_builder.build.checkpoints.errors import CheckpointLayoutError, UnsafeArchiveError
 
 CHUNK_BYTES = 1 << 20
@@ -33,8 +34,8 @@ class ArchiveLimits:
     def from_env(cls) -> "ArchiveLimits":
         defaults = cls()
         return cls(
-            max_total_bytes=int(os.environ.get("ENGINE_BUILDER_ARCHIVE_MAX_BYTES", defaults.max_total_bytes)),
-            max_members=int(os.environ.get("ENGINE_BUILDER_ARCHIVE_MAX_MEMBERS", defaults.max_members)),
+            max_total_bytes=int(env_number("ENGINE_BUILDER_ARCHIVE_MAX_BYTES", defaults.max_total_bytes, int)),
+            max_members=int(env_number("ENGINE_BUILDER_ARCHIVE_MAX_MEMBERS", defaults.max_members, int)),
         )
 
 

@@ -46,7 +46,7 @@ LOCK_POLL_S = 0.2  # how often a download waiting for another process's checks f
 PROGRESS_LOG_INTERVAL_S = 30.0  # without a terminal, one progress line per this many seconds
 
 
-def _env_number(name: str, default: float, kind: type[int] | type[float]) -> float:
+def env_number(name: str, default: float, kind: type[int] | type[float]) -> float:
     """An environment override read as `kind`; a value that is not one (or not finite and at least 0) is refused
     naming the variable (a bare int() was a traceback, probe HF)."""
     raw = os.environ.get(name, "").strip()
@@ -75,10 +75,10 @@ class DownloadSettings:
     def from_env(cls) -> "DownloadSettings":
         defaults = cls()
         return cls(
-            workers=max(1, int(_env_number("ENGINE_BUILDER_DOWNLOAD_WORKERS", defaults.workers, int))),
-            attempts=max(1, int(_env_number("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", defaults.attempts, int))),
-            backoff_s=_env_number("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", defaults.backoff_s, float),
-            max_backoff_s=_env_number("ENGINE_BUILDER_DOWNLOAD_MAX_BACKOFF_S", defaults.max_backoff_s, float),
+            workers=max(1, int(env_number("ENGINE_BUILDER_DOWNLOAD_WORKERS", defaults.workers, int))),
+            attempts=max(1, int(env_number("ENGINE_BUILDER_DOWNLOAD_ATTEMPTS", defaults.attempts, int))),
+            backoff_s=env_number("ENGINE_BUILDER_DOWNLOAD_BACKOFF_S", defaults.backoff_s, float),
+            max_backoff_s=env_number("ENGINE_BUILDER_DOWNLOAD_MAX_BACKOFF_S", defaults.max_backoff_s, float),
         )
 
     def delay(self, attempt: int) -> float:

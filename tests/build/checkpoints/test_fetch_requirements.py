@@ -65,3 +65,15 @@ def test_a_bad_download_setting_is_refused_naming_the_variable(
     assert name in str(refused.value) and repr(value) in str(refused.value)
     monkeypatch.setenv(name, "3")
     assert 3 in vars(DownloadSettings.from_env()).values()
+
+
+def test_a_bad_archive_limit_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive limits read their variables as the download settings do (a bare int() was a traceback)."""
+    from engine_builder.build.checkpoints.archive import ArchiveLimits
+    from engine_builder.build.checkpoints.errors import CheckpointError
+
+    monkeypatch.setenv("ENGINE_BUILDER_ARCHIVE_MAX_MEMBERS", "lots")
+    with pytest.raises(CheckpointError, match="ENGINE_BUILDER_ARCHIVE_MAX_MEMBERS must be a whole number"):
+        ArchiveLimits.from_env()
+    monkeypatch.setenv("ENGINE_BUILDER_ARCHIVE_MAX_MEMBERS", "12")
+    assert ArchiveLimits.from_env().max_members == 12
