@@ -20,6 +20,7 @@ import secrets as random_tokens
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from engine_builder.build.checkpoints.source import RemoteFile
 from engine_builder.common.artifact import sha256_file, write_atomic
 
 CACHE_LAYOUT_VERSION = 1
+# A partial file nobody has resumed for this long is taken for the leftover of an object republished since (its new
+# fingerprint keys a new partial file, so nothing would ever resume or remove the old one: probe HA #5).
+PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
@@ -105,6 +109,27 @@ class CheckpointCache:
         write_atomic(marker, json.dumps({"files": files, "revision": revision}, indent=1, sort_keys=True))
         return Snapshot(path=final, files=files, revision=revision)
 
+    def sweep_leftovers(self, now: float | None = None) -> None:
+        """Remove what crashed fetches left under keys nothing will ask for again: staging folders of snapshots no
+        fetch holds the lock of, and partial files no download holds and nobody touched for PARTIAL_MAX_AGE_S. A
+        fetch cleans its own key's leftovers; an object republished since changes every key it had (probe HA #5)."""
+        now = time.time() if now is None else now
+        for staging in (self.root / "snapshots").glob(".staging-*"):
+            key = staging.name.removeprefix(".staging-").split("-", 1)[0]
+            with _unheld(self.root / "locks" / f"{key}.lock") as free:
+                if free:
+                    shutil.rmtree(staging, ignore_errors=True)
+        for part in (self.root / "partial").glob("*.part"):
+            try:
+                age = now - part.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < PARTIAL_MAX_AGE_S:
+                continue
+            with _unheld(self.file_lock_path(part.name.removesuffix(".part"))) as free:
+                if free:
+                    part.unlink(missing_ok=True)
+
     def _remove_stale_staging(self, key: str) -> None:
         # Only called under the snapshot's lock: any staging folder of this key is a crashed fetch's.
         for leftover in (self.root / "snapshots").glob(f".staging-{key}-*"):
@@ -175,6 +200,27 @@ class CheckpointCache:
             memo[memo_key] = sha256
             write_atomic(memo_file, json.dumps(memo, indent=0, sort_keys=True))
         return sha256
+
+
+@contextmanager
+def _unheld(lock_path: Path) -> Iterator[bool]:
+    """Whether nobody holds `lock_path` (taken without waiting, and held for the body); a lock file that is not
+    there is nobody's."""
+    try:
+        handle = lock_path.open("r")
+    except FileNotFoundError:
+        yield True
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_memo(memo_file: Path) -> dict[str, str]:

@@ -107,6 +107,7 @@ class _Fetch:
         kind = self.source.selection.kind
         namespace = f"{self.source.name}:{kind}" if kind else self.source.name
         key = self.cache.snapshot_key(namespace, self.location, listing.revision, files)
+        self.cache.sweep_leftovers()
         with self.cache.lock(key):
             snapshot = self.cache.load_snapshot(key)
             if listing.is_unversioned:
