@@ -297,6 +297,8 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
     web_search_options: dict[str, Any] | None = None
     verbosity: str | None = None  # OpenAI's reply-length hint; only its default, medium, is accepted
+    # how long OpenAI keeps cached prefixes: in_memory is what prefix caching here does (LRU in the KV pool)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
 
 
 # pydantic tries a union's shapes in turn, each over the whole list: these lists give up at their first element that

@@ -225,6 +225,7 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None

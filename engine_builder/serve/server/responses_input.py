@@ -285,6 +285,7 @@ def translate(body: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
         "user": body.user,
         "safety_identifier": body.safety_identifier,
         "prompt_cache_key": body.prompt_cache_key,
+        "prompt_cache_retention": body.prompt_cache_retention,
         "service_tier": body.service_tier,
     }
     if body.tools:

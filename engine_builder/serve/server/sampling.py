@@ -208,6 +208,12 @@ def check_unsupported_chat(request: ChatCompletionRequest) -> None:
         raise unsupported("web_search_options", "This server has no web search.")
     if request.verbosity not in (None, "medium"):
         raise unsupported("verbosity", "Replies here have no verbosity setting; send medium or leave it out.")
+    if request.prompt_cache_retention == "24h":
+        raise unsupported(
+            "prompt_cache_retention",
+            "Cached prefixes live in the KV cache's memory, evicted least recently used, with no 24-hour retention; "
+            "send in_memory or leave it out.",
+        )
     if request.top_logprobs and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
 

@@ -92,6 +92,17 @@ def test_openai_defaults_that_change_nothing_are_accepted(server: ServerProcess)
     _assert_envelope(_post(server, {"messages": MESSAGES, **padded}), 400, "stream_options.include_obfuscation")
 
 
+def test_prompt_cache_retention_in_memory_is_what_prefix_caching_does(server: ServerProcess) -> None:
+    """The openai SDK's `prompt_cache_retention`: in_memory is how cached prefixes live here; 24h is refused by name,
+    and the Responses API passes it to chat's check and echoes it (an unknown field before)."""
+    assert _post(server, {"messages": MESSAGES, "max_tokens": 1, "prompt_cache_retention": "in_memory"}).status_code == 200
+    error = _assert_envelope(_post(server, {"messages": MESSAGES, "prompt_cache_retention": "24h"}), 400, "prompt_cache_retention")
+    assert "in_memory" in error["message"]
+    reply = _post(server, {"input": "x", "max_output_tokens": 1, "prompt_cache_retention": "in_memory"}, "/v1/responses")
+    assert reply.status_code == 200 and reply.json()["prompt_cache_retention"] == "in_memory"
+    _assert_envelope(_post(server, {"input": "x", "prompt_cache_retention": "24h"}, "/v1/responses"), 400, "prompt_cache_retention")
+
+
 def test_a_tool_message_names_the_call_it_answers(server: ServerProcess) -> None:
     """OpenAI requires `tool_call_id` on a tool result; without it the result was rendered as a bare turn (probe EA)."""
     messages = [*MESSAGES, {"role": "tool", "content": "42"}]
