@@ -234,8 +234,8 @@ FIELD_TABLE: tuple[Field, ...] = (
     Field("runtime.served_model_name", HONOURED, HONOURED),
     Field("runtime.total_token_limit",
           "honoured (tokens of the requests running together; one request over it runs alone); refused below 1",
-          "not forwarded (TensorRT-LLM schedules by KV capacity)",
-          _total_token_limit_refused),
+          "v1: KvCacheConfig max_tokens when set (unset: the KV cache is sized by memory alone); refused below 1",
+          _total_token_limit_refused, every_backend=True),
     Field("runtime.webserver_default_route",
           f"honoured for encoders ({', '.join(SERVED_DEFAULT_ROUTES)}; Truss's /v1/systemone and /predict_tokens are "
           "refused); refused on a decoder", "encoders stay on torch; refused on a decoder (as torch)",

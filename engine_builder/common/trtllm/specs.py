@@ -124,6 +124,7 @@ class KvCacheSpec:
     free_gpu_memory_fraction: float
     host_cache_size: int | None = None
     dtype: str | None = None
+    max_tokens: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # from patch_kwargs["kv_cache_config"]
 
     def kwargs(self) -> dict[str, Any]:
@@ -132,6 +133,7 @@ class KvCacheSpec:
                 "free_gpu_memory_fraction": self.free_gpu_memory_fraction,
                 "host_cache_size": self.host_cache_size,
                 "dtype": self.dtype,
+                "max_tokens": self.max_tokens,
             }
         )
         return {**values, **self.overrides}

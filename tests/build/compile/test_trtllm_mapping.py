@@ -310,3 +310,22 @@ def test_kv_cache_fraction_outside_zero_to_one_is_refused_at_build(fraction: flo
     ):
         v1_serve_spec(stack, tmp_path / "engine", tmp_path)
     assert v1_serve_spec(_v1(runtime={"kv_cache_free_gpu_mem_fraction": 1.0}), tmp_path, tmp_path).kv_cache
+
+
+def test_total_token_limit_set_caps_the_v1_kv_cache(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """`runtime.total_token_limit` was read by the torch backend and dropped without a word on v1 (probe IE #3): set,
+    it is KvCacheConfig's `max_tokens` (a field the fake's KvCacheConfig knows); at its default nothing caps the cache
+    but memory, as before. Below 1 it is refused on either backend."""
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    from engine_builder.build.torch_fields import refusals
+
+    capped = v1_serve_spec(_v1(runtime={"total_token_limit": 4096}), tmp_path / "engine", tmp_path)
+    assert capped.kv_cache is not None and capped.kv_cache.kwargs()["max_tokens"] == 4096
+    assert KvCacheConfig(**capped.kv_cache.kwargs()).max_tokens == 4096
+    default = v1_serve_spec(_v1(), tmp_path / "engine", tmp_path)
+    assert default.kv_cache is not None and "max_tokens" not in default.kv_cache.kwargs()
+    assert refusals(_v1(runtime={"total_token_limit": 0}), "trtllm") == [
+        "trt_llm.runtime.total_token_limit: 0: the tokens scheduled at once across the batch must be at least 1 "
+        "(the default is 500000)"
+    ]

@@ -176,6 +176,18 @@ def test_n_choices_are_seeded_as_tensorrt_llm_seeds_child_requests(tmp_path: Pat
     assert seeds[4] == seeds[3] + 1
 
 
+def test_seeds_and_top_k_fit_the_types_tensorrt_llm_converts_them_to(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM's C++ SamplingConfig takes the seed as uint64 and top_k as int32: a seed of -1 (valid here) or a
+    top_k of 2**40 failed the request (probe IE #1). Seeds are taken modulo 2**64 (the last choice's too); a top_k at
+    or over the vocabulary keeps every token, so it is sent as off."""
+    write_engine_config(tmp_path)
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(n=2, temperature=1.0, seed=-1, top_k=2**40))
+    _run(_client(tmp_path, backend=LlmBackend.TENSORRT), _request(temperature=1.0, seed=2**63 - 1, top_k=999))
+    submitted = [call.kwargs["sampling_params"] for call in fake_trtllm.calls("_TrtLLM.generate_async")]
+    assert [params.seed for params in submitted] == [2**64 - 1, 0, 2**63 - 1]
+    assert [params.top_k for params in submitted] == [None, None, 999]
+
+
 def test_logprobs_are_converted_from_tensorrt_llm_entries(tmp_path: Path, fake_trtllm: ModuleType) -> None:
     from tensorrt_llm.executor import Logprob
 
@@ -425,16 +437,20 @@ def test_prepare_builds_tensorrt_llms_sampling_params_that_generate_submits(
 def test_a_prompt_over_max_num_tokens_without_chunked_prefill_is_refused_at_admission(
     tmp_path: Path, fake_trtllm: ModuleType
 ) -> None:
-    """TensorRT-LLM's PyTorch backend refuses it at submission (`_check_arguments`); the client refuses it first,
-    so a stream gets a 400 rather than an error event."""
+    """TensorRT-LLM's PyTorch backend refuses it at submission (`_check_arguments`), its TensorRT engine fails it in
+    the executor (the longest input is then min(max_seq_len - 1, max_num_tokens): probe IE #2); the client refuses it
+    first on both, so a stream gets a 400 rather than an error event."""
     client = _client(tmp_path, max_num_tokens=2, enable_chunked_prefill=False)
     with pytest.raises(UnsupportedRequestError, match="more than max_num_tokens 2") as refused:
         asyncio.run(client.prepare(_request()))  # a 3-token prompt
     assert refused.value.code == "request_too_large"
     chunked = _client(tmp_path, max_num_tokens=2, enable_chunked_prefill=True)
     asyncio.run(chunked.prepare(_request()))
-    v1 = _client(tmp_path, backend=LlmBackend.TENSORRT, max_num_tokens=2)  # no such rule on the TensorRT backend
-    asyncio.run(v1.prepare(_request(seed=1)))
+    v1 = _client(tmp_path, backend=LlmBackend.TENSORRT, max_num_tokens=2)
+    with pytest.raises(UnsupportedRequestError, match="more than max_num_tokens 2.*enable_chunked_context: true"):
+        asyncio.run(v1.prepare(_request(seed=1)))
+    v1_chunked = _client(tmp_path, backend=LlmBackend.TENSORRT, max_num_tokens=2, enable_chunked_prefill=True)
+    asyncio.run(v1_chunked.prepare(_request(seed=1)))
 
 
 def test_guided_request_reaches_tensorrt_llm_as_guided_decoding_params(

@@ -78,7 +78,7 @@ def test_sampling_request_maps_field_for_field() -> None:
         max_tokens=16,
         temperature=0.7,
         top_p=0.9,
-        top_k=40,
+        top_k=4,
         min_p=0.05,
         repetition_penalty=1.1,
         presence_penalty=0.2,
@@ -97,7 +97,7 @@ def test_sampling_request_maps_field_for_field() -> None:
         "max_tokens": 16,
         "temperature": 0.7,
         "top_p": 0.9,
-        "top_k": 40,
+        "top_k": 4,
         "min_p": 0.05,
         "repetition_penalty": 1.1,
         "presence_penalty": 0.2,
@@ -116,14 +116,14 @@ def test_sampling_request_maps_field_for_field() -> None:
 def test_pytorch_backend_passes_only_what_torch_sampler_applies() -> None:
     """TensorRT-LLM 1.2's TorchSampler reads temperature, top_p, top_k (plus embedding_bias); neutral penalties,
     an unset seed and min_p 0 are not passed, and a greedy request may carry a seed or min_p (neither matters)."""
-    translated = to_trtllm(SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=40), PYTORCH)
+    translated = to_trtllm(SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=4), PYTORCH)
     assert translated.kwargs == {
         "detokenize": False,
         "end_id": 2,
         "max_tokens": 4,
         "temperature": 0.7,
         "top_p": 0.9,
-        "top_k": 40,
+        "top_k": 4,
         "stop_token_ids": [2, 3],
         "include_stop_str_in_output": True,
         "ignore_eos": False,

@@ -1,8 +1,8 @@
 """Our trt_llm config -> the TensorRT-LLM calls that build (v1) and serve (v1, v2) it, as `LlmSpec`s.
 
 Each config field either maps to a named TensorRT-LLM argument here or is refused with `TrtLlmMappingError`
-naming the field, the value and the fix. Fields that only Baseten's own servers read are listed in
-`NOT_FORWARDED` (and in docs/gpu-backend.md) so nothing is dropped silently.
+naming the field, the value and the fix. The few fields that only Baseten's own servers read are listed in
+docs/gpu-backend.md ("Config fields not forwarded"), each documented or warned there, so nothing is dropped silently.
 """
 
 import logging
@@ -68,14 +68,6 @@ CALIB_DATASET_HELP = (
     "TensorRT-LLM's v1 build calibrates on pileval, a Hugging Face name containing cnn_dailymail (such as "
     "abisee/cnn_dailymail), or a local folder that datasets.load_dataset reads with a `text` column in its "
     "`train` split"
-)
-
-# Config fields read by Baseten's servers (Briton, BEI) that have no TensorRT-LLM LLM-API argument.
-NOT_FORWARDED = (
-    "build.strongly_typed (TensorRT-LLM's BuildConfig default applies)",
-    "build.num_builder_gpus (a resource hint for the build machine)",
-    "build.speculator.enable_b10_lookahead (Baseten's variant; standard TensorRT-LLM lookahead is used)",
-    "runtime.total_token_limit (v1; TensorRT-LLM schedules by KV-cache capacity)",
 )
 
 # patch_kwargs keys merged into the config objects we build instead of replacing them.
@@ -274,6 +266,9 @@ def v1_serve_spec(stack: TrtLlmConfigV1, engine_dir: Path, tokenizer_dir: Path) 
         kv_cache=KvCacheSpec(
             free_gpu_memory_fraction=runtime.kv_cache_free_gpu_mem_fraction,
             host_cache_size=runtime.kv_cache_host_memory_bytes,
+            # the tokens the running requests may hold at once: KvCacheConfig's max_tokens caps the KV cache so (the
+            # smaller of it and the memory fraction wins); unset, TensorRT-LLM sizes by memory alone (probe IE #3)
+            max_tokens=runtime.total_token_limit if "total_token_limit" in runtime.model_fields_set else None,
         ),
         scheduler=SchedulerSpec(CAPACITY_POLICIES[runtime.batch_scheduler_policy]),
         max_batch_size=build.max_batch_size,

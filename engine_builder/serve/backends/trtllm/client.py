@@ -235,16 +235,19 @@ class TrtLlmEngineClient:
         return PreparedRequest(request, sampling)
 
     def _check_prompt_fits_one_step(self, num_prompt_tokens: int) -> None:
-        """TensorRT-LLM's PyTorch backend refuses, at submission, a prompt longer than max_num_tokens when chunked
-        prefill is off (`BaseLLM._check_arguments`); the server's context-length check does not cover that."""
+        """With chunked prefill off, TensorRT-LLM refuses a prompt longer than max_num_tokens: the PyTorch backend at
+        submission (`BaseLLM._check_arguments`), the TensorRT engine in its executor, whose longest input is then
+        min(max_seq_len - 1, max_num_tokens) ("Prompt length exceeds maximum input length", a failed request: probe
+        IE #2). The server's context-length check covers max_seq_len, not this."""
         limit = self.spec.max_num_tokens
-        if self.spec.backend != LlmBackend.PYTORCH or self.spec.enable_chunked_prefill or limit is None:
+        if self.spec.enable_chunked_prefill or limit is None:
             return
+        field = "enable_chunked_prefill" if self.spec.backend == LlmBackend.PYTORCH else "enable_chunked_context"
         if num_prompt_tokens > limit:
             raise UnsupportedRequestError(
                 f"the prompt has {num_prompt_tokens} tokens, more than max_num_tokens {limit}, the most TensorRT-LLM "
-                "takes in one step with chunked prefill off; shorten the prompt, or rebuild with "
-                "trt_llm.runtime.enable_chunked_prefill: true or a larger max_num_tokens",
+                f"takes in one step with chunked prefill off; shorten the prompt, or rebuild with "
+                f"trt_llm.runtime.{field}: true or a larger max_num_tokens",
                 param=None,
                 code="request_too_large",
             )

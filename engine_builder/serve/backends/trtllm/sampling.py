@@ -65,8 +65,12 @@ class TrtSampling:
         request (`randomSeed += sequenceIndex`) and the torch engine its choices (`seed + index`)."""
         if index == 0 or "seed" not in self.kwargs:
             return self.kwargs
-        return {**self.kwargs, "seed": self.kwargs["seed"] + index}
+        return {**self.kwargs, "seed": (self.kwargs["seed"] + index) % SEED_RANGE}
 
+
+# TensorRT-LLM's C++ SamplingConfig takes the seed as uint64 and top_k as int32: a request's -1 or 2**40 failed the
+# binding's conversion when the worker enqueued it (probe IE #1).
+SEED_RANGE = 2**64
 
 Mapper = Callable[[SamplingParams, EngineTraits, TrtSampling], None]
 
@@ -170,7 +174,8 @@ def _temperature(params: SamplingParams, traits: EngineTraits, out: TrtSampling)
 
 
 def _top_k(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
-    if params.temperature != 0.0 and params.top_k is not None:
+    # k at or over the vocabulary keeps every token: off, as unset is (int32 could not hold 2**40)
+    if params.temperature != 0.0 and params.top_k is not None and params.top_k < traits.vocab_size:
         out.kwargs["top_k"] = params.top_k
 
 
@@ -221,7 +226,8 @@ def _seed(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> Non
             raise _ignored_by_torch_sampler("seed", params.seed)
         return
     # TensorRT-LLM uses seed 0 for every request that sets none; unset means random for us.
-    out.kwargs["seed"] = params.seed if params.seed is not None else random.getrandbits(63)
+    # Seeds run over [-2**63, 2**63) here: taken modulo 2**64, distinct ones stay distinct.
+    out.kwargs["seed"] = params.seed % SEED_RANGE if params.seed is not None else random.getrandbits(63)
 
 
 def _text_side(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:

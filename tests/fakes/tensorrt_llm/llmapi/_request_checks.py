@@ -47,6 +47,21 @@ def check_tensorrt_arguments(
         )
 
 
+# The C++ SamplingConfig's types, which the binding converts each field to when the worker enqueues the request.
+_UINT64 = (0, 2**64)
+_INT32 = (-(2**31), 2**31)
+
+
+def check_sampling_config_types(params: Any) -> None:
+    """`SamplingParams._get_sampling_config` hands the fields to `executor::SamplingConfig`, whose seed is uint64
+    (`RandomSeedType`) and top_k int32 (`OptSize32`): a value outside fails the conversion. How the real worker
+    reports that failure was not read; the fake fails the submission with a RequestError."""
+    for name, (low, high) in (("seed", _UINT64), ("top_k", _INT32)):
+        value = getattr(params, name)
+        if value is not None and not low <= value < high:
+            raise RequestError(f"incompatible function arguments: SamplingConfig {name}={value} is out of range")
+
+
 def check_pytorch_arguments(args: dict[str, Any], prompt_len: int) -> None:
     """The PyTorch backend's one rule: without chunked prefill a prompt must fit in one step's token budget."""
     max_num_tokens = args.get("max_num_tokens")

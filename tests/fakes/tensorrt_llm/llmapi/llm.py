@@ -20,6 +20,7 @@ from tensorrt_llm.executor import CompletionOutput, RequestError
 from tensorrt_llm.llmapi._grammar_matchers import create_matcher
 from tensorrt_llm.llmapi._request_checks import (
     check_pytorch_arguments,
+    check_sampling_config_types,
     check_tensorrt_arguments,
     deduce_max_tokens,
 )
@@ -271,6 +272,7 @@ class _BaseLLM:
             raise RequestError("guided decoding is not enabled on this LLM (guided_decoding_backend is None)")
         self._prepare_sampling_params(params)
         prompt_token_ids = list(inputs) if isinstance(inputs, list) else []
+        check_sampling_config_types(params)
         self._check_request(len(prompt_token_ids), params)
         self._note_ignored_fields(params)
         _fake.record(
@@ -443,6 +445,9 @@ class _TrtLLM(_BaseLLM):
             raise RequestError(
                 f"`prompt_token_ids` length ({prompt_len}) is greater than `max_seq_len` ({build['max_seq_len']})"
             )
+        max_input_len = _max_input_len(build, self.args)
+        if prompt_len > max_input_len:  # GenericLlmRequest::validate in the C++ executor
+            raise RequestError(f"Prompt length ({prompt_len}) exceeds maximum input length ({max_input_len}).")
         deduce_max_tokens(build["max_seq_len"], prompt_len, params.max_tokens)
 
     def save(self, engine_dir: str) -> None:
@@ -471,3 +476,12 @@ class _TrtLLM(_BaseLLM):
     def _max_position_embeddings(self) -> int | None:
         config = Path(str(self.args["model"])) / "config.json"
         return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+
+
+def _max_input_len(build: dict[str, Any], args: dict[str, Any]) -> int:
+    """The TensorRT engine's longest prompt (TrtGptModelInflightBatching): max_seq_len - 1 with chunked context,
+    else also at most max_num_tokens (packed input with context FMHA, the defaults)."""
+    longest = build["max_seq_len"] - 1
+    if args.get("enable_chunked_prefill"):
+        return longest
+    return min(longest, args.get("max_num_tokens") or build["max_num_tokens"])
