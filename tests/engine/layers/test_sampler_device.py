@@ -144,3 +144,25 @@ def test_a_top_p_under_float32s_range_keeps_the_most_likely_token() -> None:
             for top_p in (1e-300, 5e-324)]
     for _ in range(5):
         assert sampler(logits.clone(), rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_a_top_p_of_one_keeps_its_tail_beside_a_row_that_filters() -> None:
+    """A top_p of 1 filters nothing: its float32 cumulative sum reaches 1.0 before the last tokens, and the batched
+    filter, run for a neighbour's top_p of 0.9, cut them (the seeded draw below took token 0 instead of a tail token;
+    the CPU sampler filters only rows under 1: probe IB)."""
+    vocab = 49152
+    generator = torch.Generator().manual_seed(0)
+    dominant = torch.randn(vocab, generator=generator) * 3
+    dominant[0] += 20.0  # most of the mass, so the cumulative sum rounds to 1.0 early
+    logits = torch.stack([dominant, torch.randn(vocab, generator=generator)])
+    seeded = SamplingParams(max_tokens=1, seed=9794)
+
+    def draw(sampler_class: type, neighbour: bool) -> int:
+        rows = [SamplingRow(seeded, torch.Generator().manual_seed(9794), [1], [], (0,))]
+        if neighbour:
+            rows.append(SamplingRow(SamplingParams(max_tokens=1, top_p=0.9), None, [1], [], (0,)))
+        return sampler_class(vocab, CPU)(logits[: len(rows)].clone(), rows).token_ids[0]
+
+    alone = draw(DeviceSampler, neighbour=False)
+    assert alone != 0 and alone == draw(CpuSampler, neighbour=False)
+    assert draw(DeviceSampler, neighbour=True) == alone == draw(CpuSampler, neighbour=True)

@@ -144,7 +144,10 @@ class DeviceSampler:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             cumulative = sorted_probs.cumsum(dim=-1)
             # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
-            remove = (cumulative - sorted_probs) >= self._tensor(top_ps, torch.float32).unsqueeze(1)
+            limits = self._tensor(top_ps, torch.float32).unsqueeze(1)
+            # only rows that ask for it: a top_p of 1 row's float32 cumsum reaches 1.0 before its tail, which was cut
+            # whenever another row of the step had top_p < 1 (a seeded draw then depended on the batch: probe IB)
+            remove = ((cumulative - sorted_probs) >= limits) & (limits < 1.0)
             remove[:, 0] = False  # the most likely token always stays (a top_p under float32's range reads as 0)
             sorted_probs = sorted_probs.masked_fill(remove, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
