@@ -73,6 +73,8 @@ _positive_int = _bounded(int, 1, "an integer")
 _count = _bounded(int, 0, "an integer")
 _positive_seconds = _bounded(float, 1e-3, "a number of seconds")
 _seconds = _bounded(float, 0, "a number of seconds")
+# nan made every request meet the SLO (a comparison with nan is false), a negative one none: probe IC #5
+_milliseconds = _bounded(float, 1e-3, "a number of milliseconds")
 
 
 def add_workload_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,9 +125,9 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--warmup", type=_count, default=2, help="warm-up requests per point (discarded)")
     slo = parser.add_argument_group("goodput SLO")
-    slo.add_argument("--slo-ttft-ms", type=float, default=None)
-    slo.add_argument("--slo-tpot-ms", type=float, default=None)
-    slo.add_argument("--slo-e2e-ms", type=float, default=None)
+    slo.add_argument("--slo-ttft-ms", type=_milliseconds, default=None)
+    slo.add_argument("--slo-tpot-ms", type=_milliseconds, default=None)
+    slo.add_argument("--slo-e2e-ms", type=_milliseconds, default=None)
     parser.add_argument(
         "--api-key",
         default=os.environ.get("OPENAI_API_KEY"),

@@ -163,12 +163,13 @@ class BenchClient:
                 body = (await response.aread()).decode(errors="replace")
                 raise HttpError(response.status_code, body)
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
+                if not line.startswith("data:") or record.end:
+                    continue  # after [DONE], read on to the body's end so the connection goes back to the pool
                 data = line[5:].strip()
                 if data == "[DONE]":
                     ended = True
-                    break
+                    record.end = time.perf_counter()  # E2E ends here, not after the body's terminator
+                    continue
                 now = time.perf_counter()
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict):
@@ -183,7 +184,7 @@ class BenchClient:
                     record.chunk_times.append(now)
                     record.chunk_chars.append(len(text))
                     pieces.append(text)
-        record.end = time.perf_counter()
+        record.end = record.end or time.perf_counter()
         record.text = "".join(pieces)
         if usage and usage.get("completion_tokens") is not None:
             record.output_tokens = int(usage["completion_tokens"])

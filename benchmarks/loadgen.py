@@ -349,7 +349,16 @@ async def run_load(
 ) -> LoadResult:
     """Warm up, then run `plan` over `items`; see the module docstring for the bounds."""
     width = plan.concurrency if plan.request_rate is None else (plan.max_concurrency or len(warmup_items))
-    notes, warmup_records = await warm_up(client, warmup_items, width)
+    # The warm-up is held to the point's own bounds: a stuck server kept it waiting for the client's 600 s read
+    # timeout per request (probe IC #3).
+    warmup_s = plan.max_seconds + plan.grace_seconds
+    options = client.options
+    try:
+        notes, warmup_records = await asyncio.wait_for(warm_up(client, warmup_items, width), warmup_s)
+    except TimeoutError:
+        client.options = options  # a negotiation cut short decided nothing
+        notes, warmup_records = [f"warm-up not finished after {warmup_s:g} s (max_seconds + grace_seconds): cancelled"], []
+        print(f"[bench] {notes[0]}", file=sys.stderr)
     notes.extend(f"warm-up request failed: {r.error}" for r in warmup_records if r.error is not None)
     items = items[: plan.num_requests]
     records: list[RequestRecord] = []

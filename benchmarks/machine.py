@@ -47,18 +47,23 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _git_revision() -> str | None:
+def git_revision(checkout: Path | None = None) -> str | None:
+    """The checkout's commit, `-dirty` when tracked files differ from it (results of uncommitted code must not
+    carry a clean hash: probe IC #4); None outside a git checkout. git itself reads packed refs and worktrees."""
+    here = checkout or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30, cwd=here,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    if not head:
+        return None
+    return f"{head}-dirty" if changes else head
 
 
 def load_average() -> list[float]:
@@ -77,6 +82,6 @@ def describe() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": _version("torch"),
         "transformers": _version("transformers"),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "thread_settings": {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ},
     }

@@ -10,6 +10,7 @@ Writes benchmarks/results/{llm,embeddings}.{json,png}, SUMMARY.md, and the READM
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -125,6 +126,9 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, out_di
     finally:
         for target in targets:
             target.stop()
+    if not points:  # the budget ran out first: the published results stay as they were (probe IC #1)
+        print(f"[bench] {suite.name}: no point measured; its results are left as they were", file=sys.stderr)
+        return None
     subject = targets[0].name
     found = ratios(points, subject, suite.spec.endpoint.is_generative) if len(targets) > 1 else []
     if subject != "ours":
@@ -144,10 +148,26 @@ def run_suite(suite: Suite, repeats: int, install: bool, deadline: float, out_di
         skipped=skipped,
         slo=asdict(suite.slo) if suite.slo else None,
     )
-    write_json(document, out_dir / f"{suite.name}.json")
     if try_plot(document, out_dir / f"{suite.name}.png") is not None:
         document["png"] = f"results/{suite.name}.png"  # SUMMARY.md and the README link only a PNG that exists
+    else:
+        (out_dir / f"{suite.name}.png").unlink(missing_ok=True)  # an older run's, which this JSON would not match
+    write_json(document, out_dir / f"{suite.name}.json")
     return document
+
+
+def published(out_dir: Path) -> list[dict]:
+    """Every standard suite's latest results in `out_dir`, this run's or an earlier one's: a run of one suite
+    (`--only`) rewrote SUMMARY.md and the README with that suite alone, dropping the other (probe IC #1)."""
+    documents = []
+    for suite in standard_suites(quick=False):
+        path = out_dir / f"{suite.name}.json"
+        if path.is_file():
+            document = json.loads(path.read_text())
+            if (out_dir / f"{suite.name}.png").is_file():
+                document["png"] = f"results/{suite.name}.png"
+            documents.append(document)
+    return documents
 
 
 def summary_markdown(documents: list[dict], image_prefix: str = "results/") -> str:
@@ -221,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if not documents:
         print("[bench] nothing was measured", file=sys.stderr)
         return 1
+    documents = published(args.out_dir)
     write_text_atomic(args.out_dir / "SUMMARY.md", summary_markdown(documents, image_prefix=""))
     summary = summary_markdown(documents)
     if not args.no_readme and args.out_dir.resolve() == RESULTS_DIR.resolve():

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from benchmarks.machine import git_revision
 from benchmarks.peers.base import REPO_ROOT, PeerHandle, PeerUnavailable, free_port, http_json, launch
 
 NAME = "ours"
@@ -41,19 +42,8 @@ def start(config: Path = LLM_CONFIG, port: int | None = None, timeout_s: float =
         env={"ENGINE_BUILDER_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"},
         timeout_s=timeout_s,
         cwd=REPO_ROOT,
-        version=_git_revision(),
+        version=f"git {git_revision() or 'unknown'}",
         settings={"config": str(config.relative_to(REPO_ROOT)), "threads": int(threads)},
     )
     handle.model = str(http_json(handle.base_url + "/v1/models")["data"][0]["id"])
     return handle
-
-
-def _git_revision() -> str:
-    head = REPO_ROOT / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return "git " + (REPO_ROOT / ".git" / ref[5:]).read_text().strip()[:12]
-        return "git " + ref[:12]
-    except OSError:
-        return "unknown"

@@ -41,6 +41,7 @@ class FakeServer:
     port: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0  # the most streams open at once
+    connections: int = 0  # TCP connections accepted
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -75,6 +76,7 @@ class FakeServer:
         self._loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -31,6 +31,7 @@ def server() -> Iterator[FakeServer]:
         ["--max-seconds", "0"], ["--max-seconds", "nan"], ["--warmup", "-1"], ["--batch-size", "0"],
         ["--repeats", "0"], ["--grace-seconds", "-1"], ["--request-rate", "nan"], ["--request-rate", "1,nan"],
         ["--request-rate", "-1"], ["--request-rate", "-inf"],
+        ["--slo-ttft-ms", "nan"], ["--slo-tpot-ms", "-1"], ["--slo-e2e-ms", "0"],  # probe IC #5
     ],
 )
 def test_bad_load_numbers_are_refused(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:

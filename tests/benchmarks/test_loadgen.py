@@ -2,6 +2,7 @@
 
 import asyncio
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def test_ttft_itl_and_usage_from_a_known_stream(server: FakeServer) -> None:
     assert (body["ignore_eos"], body["min_tokens"], body["max_tokens"]) == (True, 6, 6)
     summary = summarize_generative(result.records)
     assert summary.total_output_tokens == 18 and summary.num_wrong_length == 0
+
+
+def test_streams_reuse_the_keep_alive_connection(server: FakeServer) -> None:
+    """The client stopped reading at `[DONE]`, before the body's terminator, so every connection was closed rather
+    than pooled and each TTFT held a new connect (a TLS handshake on https): probe IC #2."""
+    result, _ = run(server, LoadPlan(concurrency=1, num_requests=4), chat_items(4, 3))
+    assert all(record.ok for record in result.records)
+    assert len(server.bodies) == 5 and server.connections == 1  # the warm-up and four requests, one connection
 
 
 def test_multi_token_chunks_split_tpot_and_itl(server: FakeServer) -> None:
@@ -250,6 +259,18 @@ def test_concurrency_is_capped(server: FakeServer) -> None:
         peak = max(peak, in_flight)
     assert peak == 3
     assert [r.index for r in result.records] == list(range(9))
+
+
+def test_a_stuck_warm_up_is_held_to_the_points_bounds(server: FakeServer) -> None:
+    """A warm-up request waited for the client's 600 s read timeout whatever --max-seconds said (probe IC #3)."""
+    server.script = Script(ttft_s=30.0, gap_s=0.0)
+    began = time.perf_counter()
+    result, options = run(
+        server, LoadPlan(concurrency=1, num_requests=1, max_seconds=0.2, grace_seconds=0.3), chat_items(1, 1)
+    )
+    assert time.perf_counter() - began < 0.5 + 0.3 + SLACK_S + 1.0  # the warm-up's 0.5 s, then the point's 0.5 s
+    assert result.notes[0].startswith("warm-up not finished after 0.5 s") and result.warmup_records == []
+    assert options.length_control is LengthControl.IGNORE_EOS  # left as it was before the cut negotiation
 
 
 def test_duration_bound_stops_launching_and_grace_cancels(server: FakeServer) -> None:
