@@ -1,11 +1,14 @@
 """The tool-call format the build records for each family's chat template, and that every format it can record has a
 parser to serve it."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from engine_builder.build.tool_parsers import _TEMPLATE_MARKERS, detect_tool_parser
+from engine_builder.build.checkpoints.selection import NAMED_TEMPLATES
+from engine_builder.build.tool_parsers import _TEMPLATE_MARKERS, chat_template_of, detect_tool_parser
 from engine_builder.common.types import TOOL_CALL_FORMATS
 from engine_builder.serve.decoding.tool_calls import known_parsers, tool_parser
 
@@ -69,3 +72,55 @@ def test_every_recordable_format_has_a_parser() -> None:
     assert set(TOOL_CALL_FORMATS) <= set(known_parsers())
     for family in TOOL_CALL_FORMATS:
         tool_parser(family, {})
+
+
+PLAIN = "{% for m in messages %}{{ m.content }}{% endfor %}"
+TOOLS_PROBE = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+def named_templates_model(tmp_path: Path, smollm2_dir: Path, layout: str, named: dict[str, str]) -> Path:
+    """A tokenizer with `named` templates: in tokenizer_config.json's `chat_template` list (Hermes-2-Pro / Hermes-3 /
+    Command-R) or as files (`default` as chat_template.jinja, others under additional_chat_templates/)."""
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    if layout == "config":
+        config["chat_template"] = [{"name": name, "template": text} for name, text in named.items()]
+    else:
+        del config["chat_template"]
+        (tmp_path / NAMED_TEMPLATES).mkdir()
+        for name, text in named.items():
+            (tmp_path / ("chat_template.jinja" if name == "default" else f"{NAMED_TEMPLATES}/{name}.jinja")).write_text(text)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["config", "files"])
+@pytest.mark.parametrize(
+    ("named", "expected"),
+    [
+        ({"default": PLAIN, "tool_use": HERMES}, "hermes"),
+        ({"default": PLAIN, "tool_use": QWEN3_CODER}, "qwen3_coder"),
+        ({"default": HERMES, "rag": PLAIN}, "hermes"),
+        ({"default": PLAIN, "rag": HERMES}, None),
+    ],
+    ids=["tool_use", "tool_use_qwen3_coder", "default_only_tools", "other_named_not_rendered"],
+)
+def test_named_templates_are_read_as_transformers_renders_them_with_tools(
+    tmp_path: Path, smollm2_dir: Path, layout: str, named: dict[str, str], expected: str | None
+) -> None:
+    """The build read `default` alone, so a `tool_use` template's format went unrecorded and tool_choice auto was
+    refused, though serving renders `tool_use` whenever tools are sent (probe IA #1). The template read is the one
+    transformers picks, with and without tools."""
+    from transformers import AutoTokenizer
+
+    model_dir = named_templates_model(tmp_path, smollm2_dir, layout, named)
+    assert detect_tool_parser(model_dir, "Qwen2ForCausalLM") == expected
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    assert chat_template_of(model_dir, has_tools=True) == tokenizer.get_chat_template(tools=TOOLS_PROBE)
+    assert chat_template_of(model_dir, has_tools=False) == tokenizer.get_chat_template() == named["default"]
+
+
+def test_template_files_win_over_the_tokenizer_configs_templates(tmp_path: Path, smollm2_dir: Path) -> None:
+    model_dir = named_templates_model(tmp_path, smollm2_dir, "config", {"default": PLAIN, "tool_use": HERMES})
+    (model_dir / "chat_template.jinja").write_text(PLAIN)  # transformers then ignores the config's list
+    assert detect_tool_parser(model_dir, "Qwen2ForCausalLM") is None

@@ -57,7 +57,9 @@ class PromptRenderer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
         template = getattr(self.tokenizer, "chat_template", None)
         self.has_chat_template = bool(template)
-        self.template_supports_tools = isinstance(template, str) and "tools" in template
+        # judged on the template that renders a request with tools: of named ones, `tool_use` where there is one, so
+        # a forced call gets no tool hint beside the tools that template already lists (probe IA #1)
+        self.template_supports_tools = "tools" in (self._own_template(has_tools=True) or "")
 
     async def render_async(self, messages: list[ChatMessage], **options: Any) -> str:
         """`render`, except that a template supplied by the request renders in a separate process with a time
@@ -101,7 +103,7 @@ class PromptRenderer:
 
     def _own_template(self, has_tools: bool) -> str | None:
         """The model's template text that transformers renders with: of several named ones, `tool_use` when tools
-        are given and it has one, else `default`."""
+        are given (`tools` not None, as transformers' `get_chat_template` asks) and it has one, else `default`."""
         template = getattr(self.tokenizer, "chat_template", None)
         if isinstance(template, dict):
             template = template.get("tool_use" if has_tools and "tool_use" in template else "default")
@@ -162,7 +164,7 @@ class PromptRenderer:
                 param="messages",
             )
         _check_render_options(add_generation_prompt, continue_final_message, template_kwargs)
-        history = CallHistory.of(chat_template or self._own_template(has_tools=bool(tools)))
+        history = CallHistory.of(chat_template or self._own_template(has_tools=tools is not None))
         conversation = [to_template_message(message, index, history) for index, message in enumerate(messages)]
         conversation = with_system_hints(conversation, system_hints)
         kwargs = dict(template_kwargs or {})

@@ -7,7 +7,12 @@ from engine_builder.common.types import Guide, GuideKind
 from engine_builder.serve.decoding.structured.errors import GuideError
 from engine_builder.serve.server.errors import APIError, bad_request
 from engine_builder.serve.server.limits import check_schema_size
-from engine_builder.serve.server.protocol import ResponseFormat, SamplingFields
+from engine_builder.serve.server.protocol import (
+    ChatCompletionRequest,
+    NamedToolChoice,
+    ResponseFormat,
+    SamplingFields,
+)
 
 # The fields each response_format type reads; another type's field set beside them would be ignored.
 _FIELDS_OF_TYPE = {
@@ -95,17 +100,30 @@ def _legacy_tag(structures: Any, triggers: Any, path: str) -> str:
 def check_guide_compatible(request: SamplingFields, guide: Guide | None, eos_token_ids: tuple[int, ...] = ()) -> None:
     if guide is None:
         return
+    held_by = _what_holds_the_reply(request, guide)
     if request.ignore_eos:
-        raise bad_request("ignore_eos cannot be combined with a structured response_format (the grammar ends the output).", param="ignore_eos")
+        raise bad_request(f"ignore_eos cannot be combined with {held_by} (the grammar ends the output).", param="ignore_eos")
     banned_ends = sorted(set(request.bad_token_ids or ()) & set(eos_token_ids))
     if banned_ends:  # the grammar's end is an end-of-sequence token: banned, no token would be left to sample (AF)
         raise bad_request(
-            f"bad_token_ids bans the end-of-sequence token {banned_ends[0]}, which a structured response_format "
-            "needs to end the output.",
+            f"bad_token_ids bans the end-of-sequence token {banned_ends[0]}, which {held_by} needs to end the output.",
             param="bad_token_ids",
         )
     if request.min_tokens:
-        raise bad_request("min_tokens cannot be combined with a structured response_format.", param="min_tokens")
+        raise bad_request(f"min_tokens cannot be combined with {held_by}.", param="min_tokens")
+
+
+def _what_holds_the_reply(request: SamplingFields, guide: Guide) -> str:
+    """The request's field that put the reply under a grammar, as a refusal names it: a guide made from the tools
+    was called "a structured response_format" the client never sent (probe IA #6)."""
+    if guide.param != "tools":
+        return "a structured response_format"
+    choice = request.tool_choice if isinstance(request, ChatCompletionRequest) else None
+    if choice == "required":
+        return "tool_choice `required`"
+    if isinstance(choice, NamedToolChoice):
+        return f"tool_choice naming {choice.function.name!r}"
+    return "a `strict` tool"  # tool_choice auto: its calls are held to its parameters
 
 
 def guide_refused(error: GuideError) -> APIError:

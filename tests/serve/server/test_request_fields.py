@@ -256,6 +256,41 @@ def test_a_structured_output_may_not_ban_the_end_of_sequence_token() -> None:
     check_guide_compatible(banned, None, eos_token_ids=(2,))  # no grammar: the ban is the client's to make
 
 
+FUNCTION = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"tool_choice": "required"}, "tool_choice `required`"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice naming 'f'"),
+        ({"tools": [{"type": "function", "function": {**FUNCTION, "strict": True}}]}, "a `strict` tool"),
+        ({"tool_choice": "auto", "response_format": {"type": "json_object"}}, "a structured response_format"),
+        ({"response_format": {"type": "regex", "regex": "(yes|no)"}}, "a structured response_format"),
+    ],
+    ids=["required", "named", "strict_auto", "auto_beside_response_format", "response_format"],
+)
+@pytest.mark.parametrize(
+    ("extra", "param"), [({"min_tokens": 3}, "min_tokens"), ({"ignore_eos": True}, "ignore_eos"), ({"bad_token_ids": [2]}, "bad_token_ids")]
+)
+def test_a_sampling_field_the_grammar_forbids_is_refused_naming_what_holds_the_reply(
+    fields: dict[str, Any], named: str, extra: dict[str, Any], param: str
+) -> None:
+    """A forced tool_choice or strict tools with min_tokens / ignore_eos was refused as "a structured response_format"
+    the client never sent (probe IA #6): the message names the field that put the reply under a grammar."""
+    from engine_builder.serve.server.guides import check_guide_compatible
+    from engine_builder.serve.server.tools import plan_tools
+
+    body = ChatCompletionRequest.model_validate(
+        {"messages": MESSAGES, "tools": [{"type": "function", "function": FUNCTION}], **fields, **extra}
+    )
+    _, _, guide, _ = plan_tools(body, "hermes", True, guide_from_response_format(body.response_format))
+    with pytest.raises(APIError) as caught:
+        check_guide_compatible(body, guide, eos_token_ids=(2,))
+    assert caught.value.param == param and f" {named}" in caught.value.message, caught.value.message
+    assert named == "a structured response_format" or "response_format" not in caught.value.message
+
+
 def test_the_runtime_default_max_tokens_applies_to_completions_too() -> None:
     """Probe CD: /v1/completions kept its own 16 when `runtime.request_default_max_tokens` was set (chat and
     Responses took it). 16 stays the route's default without it (OpenAI's and vLLM's); a default is clamped to the
