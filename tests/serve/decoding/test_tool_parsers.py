@@ -81,11 +81,25 @@ CASES = [
      [("get_weather", {"city": "Paris"})]),
     ("hermes", '{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}', "", [("add", {"a": 1, "b": 2})]),
     ("llama3_json", '<|python_tag|>{"name": "add", "parameters": "{\\"a\\": 2, \\"b\\": 3}"}', "", [("add", {"a": 2, "b": 3})]),
+    # several calls in one Hermes block, as a JSON list: each is a call, not only the first (probe IA #4)
+    ("hermes", '<tool_call>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}]\n</tool_call>',
+     "", [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+    # a call whose closing tag never came (EOS, max_tokens) keeps the tag its arguments hold (probe IA #2)
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n', "", [("get_weather", {"city": "a</tool_call>b"})]),
+    # a tag per call: the second call's tag starts it, not content (probe IA #7)
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}<|python_tag|>{"name": "noop", "parameters": {}}',
+     "", [("add", {"a": 1, "b": 2}), ("noop", {})]),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}\n<|python_tag|>{"name": "noop", "parameters": {}};'
+     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}', "", [("add", {"a": 1, "b": 2}), ("noop", {}), ("get_weather", {"city": "Oslo"})]),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}][TOOL_CALLS][{"name": "noop", "arguments": {}}]',
+     "", [("add", {"a": 5, "b": 6}), ("noop", {})]),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}]\n[TOOL_CALLS] [{"name": "noop", "arguments": {}}] Done.',
+     "Done.", [("add", {"a": 5, "b": 6}), ("noop", {})]),
 ]
 
 
-def _stream(family: str, text: str, piece_sizes: list[int]) -> tuple[str, dict[int, dict]]:
-    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+def _stream(family: str, text: str, piece_sizes: list[int], only_marked: bool = False) -> tuple[str, dict[int, dict]]:
+    output = ToolCallOutput(tool_parser(family, TOOLS, only_marked), parallel=True)
     content, calls = "", {}
     position, size_index = 0, 0
     while position < len(text):
@@ -283,6 +297,15 @@ MALFORMED = [
     ("llama3_json", 'Checking.<|python_tag|>{"name": "get_weather", "parameters": {"city": Paris}}'),
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris",}}]'),
     ("mistral", 'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris",}'),
+    # a string never closed: the tag as written ends the block
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris</tool_call> Done.'),
+    # a block holding more than calls is content as a whole: the text beside its call was lost (probe IA #4)
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}} and also Rome\n</tool_call>'),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}} and also Rome'),
+    ("hermes", 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}}</tool_call>'),
+    ("hermes", '<tool_call>[{"name": "get_weather", "arguments": {}}] [{"name": "noop", "arguments": {}}]</tool_call>'),
+    ("hermes", '<tool_call>[{"name": "get_weather", "arguments": {}}, {"name": "say_hello", "arguments": {}}]</tool_call>'),
+    ("hermes", '<tool_call>[]</tool_call>'),
 ]
 
 
@@ -327,3 +350,58 @@ def test_a_closing_tag_inside_an_argument_value_does_not_end_the_call() -> None:
     streamed = [output.feed(text[i : i + 7], final=i + 7 >= len(text)) for i in range(0, len(text), 7)]
     arguments = "".join(d["tool_calls"][0]["function"].get("arguments", "") for step in streamed for d in step if "tool_calls" in d)
     assert arguments == call.arguments and not any("content" in d for step in streamed for d in step)
+
+
+# every split of the reply in two, and character by character, gives the whole answer (probe IA: its harness)
+EVERY_SPLIT = [
+    *[(family, text, False) for family, text, _, _ in CASES[-6:]],
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n', True),
+    *[("hermes", text, False) for _, text in MALFORMED[-6:-4]],
+    ("forced", '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', False),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>', True),
+]
+
+
+@pytest.mark.parametrize(("family", "text", "only_marked"), EVERY_SPLIT)
+def test_a_stream_split_anywhere_adds_up_to_the_whole_answer(family: str, text: str, only_marked: bool) -> None:
+    def answer(sizes: list[int]) -> tuple[str, list[tuple[str, str]]]:
+        content, calls = _stream(family, text, sizes, only_marked)  # each checks its stream against its own answer
+        return content, [(calls[index]["name"], calls[index]["arguments"]) for index in sorted(calls)]
+
+    whole = answer([len(text)])
+    for sizes in [[split, len(text)] for split in range(1, len(text))] + [[1]]:
+        assert answer(sizes) == whole, sizes
+
+
+@pytest.mark.parametrize("only_marked", [False, True])
+def test_a_closing_tag_in_the_arguments_of_a_call_cut_before_its_own(only_marked: bool) -> None:
+    """Probe IA #2: a finished call whose `</tool_call>` never came (EOS, max_tokens) was content when its arguments
+    held that tag, though the same call without it was a call; strict mode streamed a call the answer lacked."""
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n'
+    output = ToolCallOutput(tool_parser("hermes", TOOLS, only_marked), parallel=True)
+    output.feed(text, final=True)
+    result = output.result(None, None)
+    assert result.finish_reason == "tool_calls" and not result.content
+    assert [json.loads(call.function.arguments) for call in result.tool_calls] == [{"city": "a</tool_call>b"}]
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "only_marked"),
+    [
+        ("forced", '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', False),
+        ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>', True),
+    ],
+)
+def test_a_grammar_held_call_keeps_the_arguments_it_streamed(family: str, text: str, only_marked: bool) -> None:
+    """Probe IA #3: a grammar-held call streams its arguments as they grow; its schema let them be a string, which the
+    answer then unwrapped to the object it held, so the stream added up to neither (not JSON when cut mid-string)."""
+    _, calls = _stream(family, text, [text.index('\\"city'), len(text)], only_marked)  # asserts stream == answer
+    assert json.loads(calls[0]["arguments"]) == '{"city": "Paris"}'
+
+
+def test_a_list_of_calls_in_a_block_cut_at_the_end_keeps_its_calls() -> None:
+    text = '<tool_call>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1'
+    calls = tool_parser("hermes", TOOLS).parse(text, final=True).calls
+    assert [(call.name, call.arguments, call.complete) for call in calls] == [
+        ("get_weather", '{"city": "Paris"}', True), ("add", '{"a": 1', False)
+    ]

@@ -111,6 +111,18 @@ class ToolParser(abc.ABC):
     def is_offered(self, name: str | None) -> bool:
         return name is not None and name in self.tools
 
+    @property
+    def is_grammar_held(self) -> bool:
+        """Whether a grammar holds the calls read here to their schemas (a forced choice's calls, or the marked calls
+        of strict tools): their arguments stream as they grow, not once the call has ended."""
+        return not self.writes_content or self.only_marked
+
+    def ended_arguments(self, arguments: str) -> str:
+        """An ended call's arguments as the reply gives them: an object encoded twice is unwrapped, unless a grammar
+        held them. Its schema then fixed their type, so a string there is what the schema asked for, and its first
+        characters have gone out already: unwrapping made the stream add up to neither (probe IA #3)."""
+        return arguments if self.is_grammar_held else unwrap_encoded_object(arguments)
+
     def stream(self) -> "ToolCallStream":
         return ToolCallStream(self.parse)
 

@@ -17,7 +17,6 @@ from engine_builder.serve.decoding.tool_calls.base import (
     is_json,
     parse_json_call,
     scan_json_value,
-    unwrap_encoded_object,
 )
 
 
@@ -62,7 +61,7 @@ def _bare_objects(
         arguments = arguments or ("{}" if complete else "")
         if not parser.is_offered(name) or (complete and not is_json(arguments)):  # plain text
             return _after(calls, text, position, final, rest, resume) if found else None
-        calls.append(ParsedCall(name, unwrap_encoded_object(arguments) if complete else arguments, complete))
+        calls.append(ParsedCall(name, parser.ended_arguments(arguments) if complete else arguments, complete))
         if not complete:
             return ParseResult("", calls, resume)
         position += end
@@ -270,17 +269,16 @@ class HermesParser(ToolParser):
             shown_gap = False
             inner_start = start + len(self.OPEN)
             close = _find_outside_strings(text, self.CLOSE, inner_start)
-            if close < 0 and final:  # a string never closed (malformed JSON): the tag as written ends the block
+            if close < 0 and final and not _json_ended(text, inner_start):
+                # a string never closed (malformed JSON): the tag as written ends the block. Not after JSON whose
+                # strings all closed: a tag inside them is argument text, the block cut at the reply's end (probe IA #2)
                 close = text.find(self.CLOSE, inner_start)
             closed = close >= 0
             # an unclosed block may end in the first characters of its closing tag: not arguments (yet)
             inner_end = close if closed else len(text) - (0 if final else held_back(text, (self.CLOSE,)))
-            inner = text[inner_start:inner_end]
-            name, arguments, complete, _ = parse_json_call(inner)
-            arguments = arguments or ("{}" if complete else "")
-            ended = closed or (final and complete)
-            if name is not None and self.is_offered(name) and not (ended and not is_json(arguments)):
-                calls.append(ParsedCall(name, unwrap_encoded_object(arguments) if ended else arguments, ended))
+            block_calls = self._block_calls(text[inner_start:inner_end], closed, final)
+            if block_calls is not None:
+                calls += block_calls
             elif closed or final:
                 content += text[start : (close + len(self.CLOSE)) if closed else len(text)]
             if not closed:
@@ -288,6 +286,62 @@ class HermesParser(ToolParser):
             position = close + len(self.CLOSE)
             resume = Resume(position, len(content), len(calls), self._blocks)
         return ParseResult(content, calls, resume)
+
+    def _block_calls(self, inner: str, closed: bool, final: bool) -> list[ParsedCall] | None:
+        """The calls a block's inner text holds: one call object or, as small Qwen models write several calls in one
+        block, a JSON list of them (probe IA #4: all but the first were lost). None when it is no call (yet). A block
+        that has ended (`closed`, or at the reply's end) holding anything beside its calls, text after the object
+        included, is not read as calls: it becomes content as a whole, as a block with broken JSON does (and as vLLM
+        reads it), so no text the model wrote is dropped. The calls end with the block, or at the reply's end where
+        their JSON has; one cut there stays a call cut short."""
+        ended = closed or final
+        found: list[tuple[str, str, bool]] = []  # (name, arguments, whether its object is complete)
+        position = _skip_space(inner, 0)
+        is_list = inner.startswith("[", position)
+        if is_list:
+            position += 1
+        list_closed = readable = False
+        expects_call = True
+        while True:
+            position = _skip_space(inner, position)
+            if position >= len(inner):
+                readable = True
+                break
+            if not expects_call:  # after a call: a comma and the next one, or the list's end
+                if not is_list or list_closed or inner[position] not in ",]":
+                    break  # text after the calls
+                list_closed = inner[position] == "]"
+                expects_call = not list_closed
+                position += 1
+                continue
+            if inner[position] != "{":
+                break
+            name, arguments, complete, end = parse_json_call(inner[position:])
+            arguments = arguments or ("{}" if complete else "")
+            if name is None:
+                readable = not complete and not ended  # the name is still arriving
+                break
+            if not self.is_offered(name) or ((complete or closed) and not is_json(arguments)):
+                break
+            found.append((name, arguments, complete))
+            if not complete:  # still arriving, or cut at the reply's end
+                readable = True
+                break
+            position += end
+            expects_call = False
+        if ended and not (readable and found):
+            return None
+        calls = []
+        for name, arguments, complete in found:
+            call_ended = closed or (final and complete)
+            calls.append(ParsedCall(name, self.ended_arguments(arguments) if call_ended else arguments, call_ended))
+        return calls
+
+
+def _json_ended(text: str, start: int) -> bool:
+    """Whether the JSON object or list at `start` (after spaces) has ended, all its strings closed."""
+    position = _skip_space(text, start)
+    return text[position : position + 1] in ("{", "[") and scan_json_value(text, position)[1]
 
 
 def _find_outside_strings(text: str, needle: str, start: int) -> int:
@@ -340,8 +394,8 @@ class Llama3JsonParser(ToolParser):
         at = text.find(self.TAG)
         if at >= 0:
             prefix, body = text[:at], text[at + len(self.TAG) :]
-            if body.lstrip().startswith("{"):
-                parsed = _bare_objects(self, body, final, self.KEYS, ";")
+            if body.lstrip().startswith("{"):  # a tag per call may follow (probe IA #7: the second was content)
+                parsed = _bare_objects(self, body, final, self.KEYS, ";", rest=self._after_calls)
                 if parsed is not None:
                     return parsed.after(at + len(self.TAG), prefix, [])
             if not final and not body.strip():
@@ -352,7 +406,7 @@ class Llama3JsonParser(ToolParser):
     def _after_calls(self, text: str, final: bool) -> ParseResult:
         """After calls: `<|python_tag|>` and more calls, or trailing content (shown at the end)."""
         if text.startswith(self.TAG):
-            parsed = _bare_objects(self, text[len(self.TAG) :], final, self.KEYS, ";")
+            parsed = _bare_objects(self, text[len(self.TAG) :], final, self.KEYS, ";", rest=self._after_calls)
             if parsed is not None:
                 return parsed.after(len(self.TAG), "", [])
         return ParseResult(text if final else "")
@@ -413,10 +467,22 @@ class MistralParser(ToolParser):
         return ParseResult(self._kept(text, final))
 
     def _array(self, text: str, offset: int, final: bool, prefix: str = "") -> ParseResult | None:
-        """The calls of the array that `text` (at `offset` of the reply) starts with, behind `prefix`."""
+        """The calls of the array that `text` (at `offset` of the reply) starts with, behind `prefix`; a tag and
+        another array may follow."""
         inner = text.lstrip()[1:]
-        parsed = _bare_objects(self, inner, final, self.KEYS, ",]")
+        parsed = _bare_objects(self, inner, final, self.KEYS, ",]", rest=self._after_array)
         return None if parsed is None else parsed.after(offset + len(text) - len(inner), prefix, [])
+
+    def _after_array(self, text: str, final: bool) -> ParseResult:
+        """After an array's calls: `[TOOL_CALLS]` and another array (a tag per call, probe IA #7: the second was
+        content), or the text that ends the reply (shown at the end)."""
+        if text.startswith(self.TAG):
+            body = text[len(self.TAG) :]
+            if body.lstrip().startswith("["):
+                parsed = self._array(body, len(self.TAG), final)
+                if parsed is not None:
+                    return parsed
+        return ParseResult(text if final else "")
 
     def _named(self, text: str, final: bool) -> ParseResult | None:
         """A v11 call at the start of `text` (which starts with the tag) and the calls after it; None when the
