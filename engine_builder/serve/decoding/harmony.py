@@ -6,7 +6,10 @@ A reply is a run of messages, each a header and a body:
     <|start|>assistant<|channel|>final<|message|>the answer<|return|>
 (the recipient `to=...` may also stand after the role). `HarmonyParser` turns the text, fed as it streams, into
 events: reasoning (analysis), content (final, and commentary preambles), a call to a function (its name, then
-its arguments as they arrive). A marker cut across deltas is held back until it is whole. As in openai-harmony's
+its arguments as they arrive). A marker cut across deltas is held back until it is whole. Only the special tokens
+are markers, as openai-harmony reads token ids: `MarkerLocator` finds where each one's text lies in the reply (from
+the ids), so a marker the model spells in ordinary tokens (an answer explaining harmony, a JSON argument) is text
+(probe IA #5). A format built without a decoder reads every marker's text as the marker. As in openai-harmony's
 parser, the text before a `<|message|>` (from the reply's start, or after a message's end) is that message's
 header, never content, so a header cut short and stray text around messages are dropped; only a reply without
 any marker (the model ignored the format) is content, released at the end. `prompt_end` reads where the prompt
@@ -16,8 +19,8 @@ grammar of a forced call in the model's own call format, `marked_call_tag` that 
 """
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 START, CHANNEL, MESSAGE, END, CALL, RETURN, CONSTRAIN = (
@@ -44,6 +47,13 @@ class HarmonyFormat:
     call_id: int
     final_ids: tuple[int, ...]  # the tokens of `<|channel|>final`: a header naming the answer's channel
     body_end_ids: tuple[int, ...]  # `<|end|>`, `<|call|>`, `<|return|>`, `<|start|>`: what ends a message's body
+    # the tokenizer's decoding (special tokens kept), which tells where each marker token's text lies in the reply
+    decode: Callable[[list[int]], str] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def marker_ids(self) -> dict[int, str]:
+        """The markers the parser splits on (and `<|channel|>`), by token id."""
+        return {self.channel_id: CHANNEL, self.message_id: MESSAGE, **dict(zip(self.body_end_ids, _BODY_ENDS, strict=True))}
 
 
 def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None:
@@ -55,7 +65,13 @@ def detect_harmony(tokenizer: Any, template: str | None) -> HarmonyFormat | None
         return None
     final = tuple(tokenizer.encode(CHANNEL + "final", add_special_tokens=False))
     body_ends = tuple(ids[marker][0] for marker in _BODY_ENDS)
-    return HarmonyFormat(ids[CHANNEL][0], ids[MESSAGE][0], (ids[START][0], ids[END][0]), ids[CALL][0], final, body_ends)
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # what the server's detokenizer decodes with
+
+    def decode(token_ids: list[int]) -> str:
+        return str(backend.decode(token_ids, skip_special_tokens=False))
+
+    start_ids = (ids[START][0], ids[END][0])
+    return HarmonyFormat(ids[CHANNEL][0], ids[MESSAGE][0], start_ids, ids[CALL][0], final, body_ends, decode)
 
 
 @dataclass(frozen=True)
@@ -122,9 +138,41 @@ def is_final_header(header: str) -> bool:
 BodyKind = Literal["reasoning", "content", "call"]
 
 
+class MarkerLocator:
+    """Where the marker tokens' texts lie in the reply's text, from its token ids (per choice): the text between two
+    special tokens is their ordinary tokens' decoding, which no special token splits (byte-level tokenizers, as
+    gpt-oss's, decode a run the same alone or in the reply). Ids come with or before their text (a stop string may
+    hold text back, never ids), so a marker's offset is known before its text is read."""
+
+    def __init__(self, fmt: HarmonyFormat) -> None:
+        assert fmt.decode is not None
+        self.decode = fmt.decode
+        self.markers = fmt.marker_ids
+        self._length = 0  # the reply's text up to the end of the last marker token
+        self._run: list[int] = []  # the ordinary tokens since
+
+    def feed(self, token_ids: Sequence[int]) -> dict[int, str]:
+        """The markers among `token_ids`, by the offset of their text in the reply."""
+        found: dict[int, str] = {}
+        for token in token_ids:
+            marker = self.markers.get(token)
+            if marker is None:
+                self._run.append(token)
+                continue
+            at = self._length + (len(self.decode(self._run)) if self._run else 0)
+            found[at] = marker
+            self._length, self._run = at + len(marker), []
+        return found
+
+
 class HarmonyParser:
-    def __init__(self, start: PromptEnd = PromptEnd()) -> None:
+    """`by_ids`: only the markers `feed` is told of (by offset) are markers, any other marker text is text; else
+    (a caller with no token ids) every marker's text is the marker."""
+
+    def __init__(self, start: PromptEnd = PromptEnd(), by_ids: bool = False) -> None:
         self._pending = ""
+        self._offset = 0  # where `_pending` begins in the reply's text
+        self._markers: dict[int, str] | None = {} if by_ids else None  # by offset, those not read past yet
         self._body: BodyKind | None = None  # None: reading a header
         self._header = "" if start.in_body else start.header  # the header's text the prompt already holds
         self._opened_any = start.in_body
@@ -145,7 +193,10 @@ class HarmonyParser:
         """Inside a call's arguments (no `<|call|>` read after them yet)."""
         return self._body == "call"
 
-    def feed(self, text: str, final: bool) -> list[HarmonyEvent]:
+    def feed(self, text: str, final: bool, markers: Mapping[int, str] | None = None) -> list[HarmonyEvent]:
+        """`markers`: by ids, the marker tokens this delta's ids hold, by the offset of their text in the reply."""
+        if self._markers is not None and markers:
+            self._markers.update(markers)
         pending = self._pending + text
         events: list[HarmonyEvent] = []
         if self._call is not None:
@@ -153,31 +204,62 @@ class HarmonyParser:
             self._call = None
         while pending:
             if self._body is None:
-                at = pending.find(MESSAGE)
-                if at < 0:
+                found = self._find(pending, (MESSAGE,))
+                if found is None:
                     break  # the header is not complete yet
+                at, _ = found
                 self._body, name = classify_header(self._header + pending[:at])
                 self._header, self._opened_any = "", True
                 self.opened.append(self._body)
                 if self._body == "call":
                     events.append(HarmonyEvent("call", name))
-                pending = pending[at + len(MESSAGE) :]
+                pending = self._advance(pending, at + len(MESSAGE))
                 continue
-            ends = [(found, marker) for marker in _BODY_ENDS if (found := pending.find(marker)) >= 0]
-            if ends:
-                at, marker = min(ends)
+            found = self._find(pending, _BODY_ENDS)
+            if found is not None:
+                at, marker = found
                 self._emit(events, pending[:at])
                 self._body = None
-                pending = pending[at + (0 if marker == START else len(marker)) :]
+                pending = self._advance(pending, at + (0 if marker == START else len(marker)))
                 continue
-            held = 0 if final else _held_suffix(pending)
+            held = 0 if final else self._held(pending)
             self._emit(events, pending[: len(pending) - held])
-            pending = pending[len(pending) - held :]
+            pending = self._advance(pending, len(pending) - held)
             break
-        if final and pending and not self._opened_any and not any(marker in pending for marker in MARKERS):
+        if final and pending and not self._opened_any and not self._holds_marker(pending):
             events.append(HarmonyEvent("content", pending))  # the model ignored the format
         self._pending = "" if final else pending
         return events
+
+    def _advance(self, pending: str, length: int) -> str:
+        """`pending` without its first `length` characters, which are read."""
+        self._offset += length
+        if self._markers:
+            self._markers = {at: marker for at, marker in self._markers.items() if at >= self._offset}
+        return pending[length:]
+
+    def _find(self, pending: str, wanted: tuple[str, ...]) -> tuple[int, str] | None:
+        """(where in `pending`, which) the first whole marker of `wanted` is."""
+        if self._markers is None:
+            return min(((found, marker) for marker in wanted if (found := pending.find(marker)) >= 0), default=None)
+        whole = (
+            (at - self._offset, marker) for at, marker in self._markers.items()
+            if marker in wanted and pending.startswith(marker, at - self._offset)
+        )  # fmt: skip
+        return min(whole, default=None)
+
+    def _held(self, pending: str) -> int:
+        """How much of the end of `pending` may be the beginning of a marker, held back until it is whole."""
+        if self._markers is None:
+            return _held_suffix(pending)
+        end = self._offset + len(pending)
+        cut = [at for at, marker in self._markers.items() if at < end < at + len(marker)]
+        return end - min(cut) if cut else 0
+
+    def _holds_marker(self, pending: str) -> bool:
+        if self._markers is None:
+            return any(marker in pending for marker in MARKERS)
+        return any(at < self._offset + len(pending) for at in self._markers)
 
     def _emit(self, events: list[HarmonyEvent], text: str) -> None:
         if not text:

@@ -18,6 +18,7 @@ from engine_builder.serve.decoding.harmony import (
     HarmonyFormat,
     HarmonyParser,
     HarmonyTokenCounter,
+    MarkerLocator,
     PromptEnd,
     forced_call_tag,
     is_final_header,
@@ -46,7 +47,9 @@ class HarmonyOutput(ChoiceOutput):
         start: PromptEnd = PromptEnd(),
     ) -> None:
         super().__init__()
-        self.parser = HarmonyParser(start)
+        # markers by their token ids where the format can decode them: spelt in ordinary tokens, they are text
+        self.locator = MarkerLocator(fmt) if fmt.decode is not None else None
+        self.parser = HarmonyParser(start, by_ids=self.locator is not None)
         self.counter = HarmonyTokenCounter(fmt, start)
         self.inner = inner
         self.tools = tools
@@ -62,7 +65,8 @@ class HarmonyOutput(ChoiceOutput):
 
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
-        events = self.parser.feed(text, final)
+        markers = self.locator.feed(token_ids) if self.locator is not None else None
+        events = self.parser.feed(text, final, markers)
         for event in events:
             if event.kind == "reasoning":
                 self.parts.append(event.text)

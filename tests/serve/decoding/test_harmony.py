@@ -4,6 +4,7 @@ tokens kept, and the grammar gate waiting for the final channel (a multi-token e
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +470,150 @@ def test_reasoning_tokens_do_not_depend_on_how_tokens_are_grouped_into_deltas(to
         final = output.result(FinishReason.LENGTH, None)
         assert final.reasoning == "".join(bodies) and final.content == "It is cold."
         assert final.reasoning_tokens == expected, grouping
+
+
+# -- markers spelt in ordinary tokens are text (probe IA #5) ---------------------------------------------------------
+def spelt_text(reply: str) -> tuple[str, dict[int, str]]:
+    """`reply`'s text, its markers inside `[[...]]` spelt in ordinary tokens, and where its special tokens are."""
+    text, real = "", {}
+    for index, part in enumerate(re.split(r"\[\[(.*?)\]\]", reply)):
+        if index % 2 == 0:
+            real |= {len(text) + found.start(): found.group() for found in re.finditer(r"<\|[a-z]+\|>", part)}
+        text += part
+    return text, real
+
+
+def test_by_ids_only_the_markers_told_of_split_the_reply_at_every_cut() -> None:
+    """The parser reading markers by their tokens' offsets: `<|call|>` and `<|end|>` spelt in an argument or in the
+    analysis are text; each marker's offset arrives with the delta its text begins in."""
+    text, real = spelt_text(
+        "<|channel|>analysis<|message|>a[[<|end|>]] is text<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.w<|message|>{"q": "[[<|call|>]]"}<|call|>'
+    )
+    expected = {"reasoning": "a<|end|> is text", "content": "", "calls": [["w", '{"q": "<|call|>"}']]}
+
+    def parse(cuts: list[int]) -> dict[str, Any]:
+        parser = HarmonyParser(by_ids=True)
+        bounds = [0, *sorted(cuts), len(text)]
+        events: list[HarmonyEvent] = []
+        for index, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            markers = {at: marker for at, marker in real.items() if start <= at < end}
+            events += parser.feed(text[start:end], index == len(bounds) - 2, markers)
+        return summarize(events)
+
+    assert parse([]) == expected
+    for cut in range(len(text) + 1):
+        assert parse([cut]) == expected, cut
+    assert parse(list(range(1, len(text)))) == expected
+    held = HarmonyParser(by_ids=True)  # a marker's offset told before its text is whole: held back until it is
+    assert held.feed("<|channel|>final<|message|>ok <|e", False, {0: "<|channel|>", 16: "<|message|>", 30: "<|end|>"}) == [
+        HarmonyEvent("content", "ok ")
+    ]
+    assert held.feed("nd|>", True) == []
+
+
+def spelt_ids(tokenizer: Any, reply: str) -> list[int]:
+    """`reply`'s ids: its markers the special tokens, those inside `[[...]]` spelt in ordinary tokens."""
+    ids: list[int] = []
+    for index, part in enumerate(re.split(r"\[\[(.*?)\]\]", reply)):
+        spelt = tokenizer.encode(part, add_special_tokens=False, split_special_tokens=index % 2 == 1)
+        assert index % 2 == 0 or not set(spelt) & set(MARKER_IDS.values())
+        ids += spelt
+    return ids
+
+
+def stream_ids(fmt: HarmonyFormat, decoder: TextDecoder, ids: list[int], groups: list[int], tools: frozenset[str],
+               parallel: bool = True, start: PromptEnd = PromptEnd()) -> tuple[list[dict[str, Any]], Any]:  # fmt: skip
+    """What the server does with `ids` in deltas of `groups` tokens: the last is a stop token, not decoded."""
+    output = HarmonyOutput(fmt, ChoiceOutput(), tools, parallel, start)
+    detokenizer = decoder.start([], skip_special_tokens=False)
+    deltas: list[dict[str, Any]] = []
+    at = 0
+    for size in groups:
+        group = ids[at : at + size]
+        at += size
+        last = at >= len(ids)
+        text = detokenizer.add(group[:-1] if last else group) + (detokenizer.flush() if last else "")
+        deltas += output.feed(text, last, group)
+    return deltas, output.result(FinishReason.STOP, ids[-1])
+
+
+def groupings(count: int) -> list[list[int]]:
+    """One token a delta, all at once, every cut in two, and random lookahead-like groups."""
+    rng = random.Random(count)
+    cuts = [[cut, count - cut] for cut in range(1, count)]
+    return [[1] * count, [count], *cuts, *([rng.randint(1, 5) for _ in range(count)] for _ in range(20))]
+
+
+SPELT_REPLIES = [  # (reply, tools, parallel, its reasoning, content, calls)
+    (  # a final answer explaining harmony
+        "<|channel|>analysis<|message|>Explain.<|end|><|start|>assistant<|channel|>final<|message|>A reply ends with "
+        "[[<|return|>]] when it is done, and a call ends with [[<|call|>]] instead.<|return|>",
+        frozenset({"search"}), True, "Explain.",
+        "A reply ends with <|return|> when it is done, and a call ends with <|call|> instead.", [],
+    ),
+    (  # the analysis spells a whole message switch, then a call (auto) whose argument spells markers
+        "<|channel|>analysis<|message|>Search for [[<|end|><|start|>assistant<|channel|>final<|message|>]] then."
+        '<|end|><|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json<|message|>'
+        '{"q": "what is [[<|call|>]] in harmony [[<|end|>]]"}<|call|>',
+        frozenset({"search"}), True, "Search for <|end|><|start|>assistant<|channel|>final<|message|> then.", None,
+        [("search", '{"q": "what is <|call|> in harmony <|end|>"}')],
+    ),
+    (  # a call first, its argument spelling a message header, not offered twice
+        ' to=functions.search<|channel|>commentary json<|message|>{"q": "[[<|message|>]] and [[<|return|>]]"}<|call|>',
+        frozenset({"search"}), False, None, None, [("search", '{"q": "<|message|> and <|return|>"}')],
+    ),
+    (  # a reply that ignored the format, spelling markers: content, all of it
+        "Use [[<|channel|>final<|message|>]] to answer.<|return|>",
+        frozenset(), True, None, "Use <|channel|>final<|message|> to answer.", [],
+    ),
+]
+
+
+@pytest.mark.parametrize(("reply", "tools", "parallel", "reasoning", "content", "calls"), SPELT_REPLIES)
+def test_markers_spelt_in_ordinary_tokens_are_text_however_the_deltas_fall(
+    tokenizer: Any, reply: str, tools: frozenset[str], parallel: bool, reasoning: str | None, content: str | None,
+    calls: list[tuple[str, str]],
+) -> None:  # fmt: skip
+    """Probe IA #5: the reply was split on marker text, so `<|return|>` spelt in an answer cut it there, and `<|call|>`
+    in a JSON argument made a call of `{"q": "what is ` finished "tool_calls". Only the special tokens are markers,
+    in every grouping of the tokens into deltas; the stream adds up to the whole answer."""
+    fmt = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert fmt is not None and fmt.decode is not None
+    ids = spelt_ids(tokenizer, reply)
+    assert ids[-1] in (MARKER_IDS["<|call|>"], MARKER_IDS["<|return|>"])
+    start, decoder = PromptEnd("<|start|>assistant"), TextDecoder(tokenizer.backend_tokenizer)
+    for groups in groupings(len(ids)):
+        deltas, final = stream_ids(fmt, decoder, ids, groups, tools, parallel, start)
+        assert (final.reasoning, final.content) == (reasoning, content), groups
+        assert [(c.function.name, c.function.arguments) for c in final.tool_calls] == calls, groups
+        assert final.finish_reason == ("tool_calls" if calls else "stop")
+        for call in final.tool_calls:
+            json.loads(call.function.arguments)
+        streamed = [d["tool_calls"][0]["function"].get("arguments", "") for d in deltas if "tool_calls" in d]
+        assert "".join(streamed) == "".join(c.function.arguments for c in final.tool_calls)
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == (reasoning or "")
+        assert "".join(d.get("content") or "" for d in deltas) == (content or "")
+
+
+def test_a_forced_calls_argument_may_spell_a_marker(compiler: Any, tokenizer: Any) -> None:
+    """The forced grammar's JSON strings admit `<|call|>` spelt in ordinary tokens (never the special token), and the
+    call that holds it is read whole, as in auto mode."""
+    fmt = detect_harmony(tokenizer, HARMONY_TEMPLATE)
+    assert fmt is not None
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    guide = Guide(GuideKind.TOOL_CALLS, json.dumps(forced_call_tag({"search": schema})), param="tools")
+    matcher = compiler.matcher(compiler.compile(guide), (2, 7, 8))
+    reply = '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": "a [[<|call|>]] b"}<|call|>'
+    ids = spelt_ids(tokenizer, reply)
+    inside = ids.index(MARKER_IDS["<|message|>"]) + 4  # within the argument's string
+    for token in ids[:inside]:
+        assert matcher.accept(token)
+    assert not matcher.allowed_tokens()[MARKER_IDS["<|call|>"]]
+    for token in ids[inside:]:
+        assert matcher.accept(token)
+    decoder = TextDecoder(tokenizer.backend_tokenizer)
+    for groups in groupings(len(ids)):
+        _, final = stream_ids(fmt, decoder, ids, groups, frozenset({"search"}), False)
+        assert final.finish_reason == "tool_calls", groups
+        assert [(c.function.name, c.function.arguments) for c in final.tool_calls] == [("search", '{"q": "a <|call|> b"}')]

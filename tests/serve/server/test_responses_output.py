@@ -278,6 +278,28 @@ def test_items_come_in_the_order_generated_whole_and_streamed(qwen: Served, harm
     assert whole["usage"] == streamed["usage"]
 
 
+def test_a_gpt_oss_answer_or_call_spelling_a_marker_is_read_whole(harmony: Served) -> None:
+    """Probe IA #5: `<|call|>` spelt in ordinary tokens inside an argument cut the call there (`{"city": "a `), and
+    `<|return|>` spelt in an answer cut the answer; only the special tokens are markers, whole and streamed."""
+    from tests.serve.decoding.test_harmony import spelt_ids
+
+    harmony.script.eos = harmony.tokenizer.convert_tokens_to_ids("<|call|>")
+    for group in (1, 4):
+        harmony.script.token_ids, harmony.script.group = spelt_ids(harmony.tokenizer, (
+            "<|channel|>analysis<|message|>Quote [[<|end|>]].<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "a [[<|call|>]] b"}'
+        )), group  # fmt: skip
+        for response in harmony.both(tools=[WEATHER]):
+            assert items(response) == [("reasoning", "completed", "Quote <|end|>."),
+                                       ("function_call", "completed", '{"city": "a <|call|> b"}')]
+    harmony.script.eos = harmony.tokenizer.convert_tokens_to_ids("<|return|>")
+    harmony.script.token_ids, harmony.script.group = spelt_ids(
+        harmony.tokenizer, "<|channel|>final<|message|>Answers end with [[<|return|>]], calls with [[<|call|>]]."
+    ), 3
+    for response in harmony.both():
+        assert items(response) == [("message", "completed", "Answers end with <|return|>, calls with <|call|>.")]
+
+
 def logprob_tokens(response: dict[str, Any]) -> list[list[str]]:
     return [[entry["token"] for entry in item["content"][0]["logprobs"]]
             for item in response["output"] if item["type"] == "message"]
