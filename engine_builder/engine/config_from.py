@@ -12,9 +12,11 @@ def served_dtype(engine: EngineDir, options: EngineOptions) -> str:
     """`dtype: auto`: bfloat16 unless the checkpoint is float16; a quantized engine on the CPU runs float32
     activations, the precision its build calibrated and gated it in there (calibration/device.py), so what the
     accuracy report says is what it serves (bfloat16 steps cost FP8 layers +1.4 points of perplexity on SmolLM2
-    fp8_kv), and a prompt served alone gives the same greedy text with or without a prefix-cache hit (the float32
-    path of small steps beside bfloat16 large ones changed it). What else runs in the batch can still change a
-    near-tied greedy token, as on any engine without batch-invariant kernels (the GEMMs' blocking follows the rows)."""
+    fp8_kv), and small steps no longer take a float32 path beside bfloat16 large ones. A step's shape can still
+    change a near-tied greedy token: float32 GEMMs block by the rows, so a prefix-cache hit (3 rows instead of 83)
+    or what else runs in the batch moves an activation by ~1e-9, which the FP8 rounding of a layer's input can turn
+    into a whole FP8 step (probe IG: one prompt with and without an 80-token hit diverged at token 12 on an fp8
+    engine; float32 engines gave the same text), as on any engine without batch-invariant kernels."""
     if options.dtype != "auto":
         return options.dtype
     manifest = engine.manifest
