@@ -70,7 +70,7 @@ class ToolCallOutput(ChoiceOutput):
         self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
         self.num_done = 0  # calls settled and sent in full: never looked at again
         self.num_begun = 0  # calls the parser had begun reading before the latest text
-        self.holds_calls = parser.writes_content and not parser.only_marked  # calls not held to JSON by a grammar
+        self.holds_calls = not parser.is_grammar_held  # each call goes out once it has ended
 
     @property
     def calls_tools(self) -> bool:

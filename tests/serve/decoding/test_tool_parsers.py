@@ -352,6 +352,24 @@ def test_a_closing_tag_inside_an_argument_value_does_not_end_the_call() -> None:
     assert arguments == call.arguments and not any("content" in d for step in streamed for d in step)
 
 
+# a code block closed by the first backticks of a run, a fenced call opened by the rest (text, content before the call)
+FENCED_AFTER_BACKTICKS = [
+    ('See:\n```\nfoo``````json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```', "See:\n```\nfoo```"),
+    ('```json\n```json\n```json\n", "arguments": {"q": "``````json\n{"name": "get_weather", "arguments": {"city": "Paris"}}```'
+     "json\n", '```json\n```json\n```json\n", "arguments": {"q": "```json\n'),
+]
+
+
+@pytest.mark.parametrize(("text", "content"), FENCED_AFTER_BACKTICKS)
+def test_a_fenced_call_right_after_a_closing_fence_streams_as_a_call(text: str, content: str) -> None:
+    """Probe FA: streamed, the text settled inside the closing fence, and the fence's last backticks read alone joined
+    the next ones into a fence of their own: the call after it was content, though the whole reply gave the call."""
+    for sizes in ([len(text)], [1]):
+        streamed_content, calls = _stream("hermes", text, sizes)  # asserts the stream adds up to the answer
+        assert streamed_content == content
+        assert [(call["name"], json.loads(call["arguments"])) for call in calls.values()] == [("get_weather", {"city": "Paris"})]
+
+
 # every split of the reply in two, and character by character, gives the whole answer (probe IA: its harness)
 EVERY_SPLIT = [
     *[(family, text, False) for family, text, _, _ in CASES[-6:]],
@@ -359,6 +377,7 @@ EVERY_SPLIT = [
     *[("hermes", text, False) for _, text in MALFORMED[-6:-4]],
     ("forced", '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', False),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>', True),
+    *[("hermes", text, False) for text, _ in FENCED_AFTER_BACKTICKS],
 ]
 
 

@@ -162,17 +162,20 @@ def _fenced_calls(
         position = close + len(FENCE)
 
 
-def _first_open_fence(text: str) -> int:
-    """Where the first code fence that is not closed yet starts (len(text) when every fence is closed): text
-    before it can be settled, the way `_fenced_calls` reads fences."""
+def _outside_fences(text: str, limit: int) -> int:
+    """The last point at or before `limit` outside every code fence's block (from its opening fence to the end of
+    its closing one, or to the text's end while it is open), fences paired the way `_fenced_calls` reads them: text
+    before it can be settled, and the text after it, read alone, pairs its fences the same way. A point inside a
+    closing fence could not: read alone, the fence's last backticks joined the next ones into a fence of their own,
+    which paired every later fence differently (probe FA: a fenced call after "foo``````json" streamed as content)."""
     position = 0
     while True:
         start = text.find(FENCE, position)
-        if start < 0:
-            return len(text)
+        if start < 0 or start >= limit:
+            return limit
         newline = text.find("\n", start + len(FENCE))
         close = text.find(FENCE, newline + 1) if newline >= 0 else -1
-        if close < 0:
+        if close < 0 or close + len(FENCE) > limit:
             return start
         position = close + len(FENCE)
 
@@ -235,8 +238,8 @@ class HermesParser(ToolParser):
         if fenced is not None:
             return fenced
         result = self._tagged(text, final)
-        if opened < 0:  # plain text so far: settled up to the first fence still open
-            settled = min(len(result.content), _first_open_fence(text))
+        if opened < 0:  # plain text so far: settled outside the fences' blocks, up to the first one still open
+            settled = _outside_fences(text, len(result.content))
             result.resume = Resume(settled, settled, 0, self._prose) if settled else None
         return result
 
