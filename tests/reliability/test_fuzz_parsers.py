@@ -155,8 +155,8 @@ CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
 
-def _stream(family: str, text: str, sizes: list[int]) -> None:
-    output = ToolCallOutput(tool_parser(family, TOOLS), parallel=True)
+def _stream(family: str, text: str, sizes: list[int], strict: frozenset[str] = frozenset()) -> None:
+    output = ToolCallOutput(tool_parser(family, TOOLS, strict=strict), parallel=True)
     content, calls = "", {}
     position, turn = 0, 0
     while True:
@@ -193,6 +193,24 @@ def _stream(family: str, text: str, sizes: list[int]) -> None:
 )
 def test_tool_parsers_stream_adds_up(family: str, text: str, sizes: list[int]) -> None:
     _stream(family, text, sizes)
+
+
+# beside a strict tool the grammar holds each `<tool_call>` block to a call that then closes (or is cut at the end)
+HELD_CALLS = ['<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+              '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>']
+FREE_TEXT = [fragment for fragment in FRAGMENTS if "<tool_call>" not in fragment] + HELD_CALLS
+BESIDE_STRICT = st.tuples(
+    st.lists(st.sampled_from(FREE_TEXT) | st.text(max_size=4), max_size=40).map("".join),
+    st.sampled_from(["", "<tool_call>", '<tool_call>\n{"name": "add", "arguments": {"a": 1']),
+).map("".join)
+
+
+@FUZZ
+@given(BESIDE_STRICT, st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
+def test_hermes_beside_a_strict_tool_stream_adds_up(text: str, sizes: list[int]) -> None:
+    """Probe IF #1: beside a strict tool the unmarked calls are read too, each going out once it has ended and
+    validated, while the grammar-held marked ones stream as they grow."""
+    _stream("hermes", text, sizes, strict=frozenset({"add"}))
 
 
 @FUZZ

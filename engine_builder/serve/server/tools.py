@@ -4,8 +4,10 @@
 - none: tools are not rendered and nothing is parsed;
 - auto: the model's own format is parsed with the family parser recorded in the engine manifest; when a tool
   is `strict`, the reply stays free text but every call the model starts with its family's marker is constrained
-  to a valid call (a strict tool's arguments to its parameters), and only such marked calls are read; beside a
-  JSON response_format, the reply is either that JSON answer or marked calls, one grammar admitting both;
+  to a valid call (a strict tool's arguments to its parameters); the unmarked forms the family also reads (a bare or
+  fenced object) count as a strict tool's calls only once their arguments validate against its parameters; beside
+  a JSON response_format, the reply is either that JSON answer or marked calls, one grammar admitting both, and only
+  marked calls are read;
 - required / a named function: a JSON-schema grammar forces `{"name": ..., "arguments": ...}` objects
   whose arguments validate against the tool's parameters (an array when parallel_tool_calls allows).
 A call naming a tool that was not offered stays plain text.
@@ -53,11 +55,12 @@ class ToolCallOutput(ChoiceOutput):
     """One choice's text parsed as it grows (`ToolCallStream`: settled calls and content are not parsed again);
     what changed since the last delta is streamed.
 
-    Where no grammar holds the calls to JSON (tool_choice auto, no strict tool), a call is streamed only once it has
-    ended, its header and whole arguments together: one whose arguments turn out not to be JSON becomes content
-    (`ParsedCall`), and a call already streamed could not be taken back. Grammar-held calls (strict tools, forced
-    choices) stream their arguments as they grow. At the end of the reply every call left is sent (one cut short
-    by max_tokens too), as the whole answer lists them."""
+    A call no grammar held (tool_choice auto: any call without strict tools, an unmarked one beside them) is streamed
+    only once it has ended, its header and whole arguments together: one whose arguments turn out not to be JSON (or
+    not what its strict tool takes) becomes content (`ParsedCall`), and a call already streamed could not be taken
+    back. Grammar-held calls (strict tools' marked calls, forced choices) stream their arguments as they grow; each
+    call says which it is (`ParsedCall.held`), as one reply may hold both (probe IF #1). At the end of the reply
+    every call left is sent (one cut short by max_tokens too), as the whole answer lists them."""
 
     def __init__(self, parser: ToolParser, parallel: bool, id_length: int | None = None) -> None:
         super().__init__()
@@ -70,7 +73,6 @@ class ToolCallOutput(ChoiceOutput):
         self.sent_calls: list[tuple[str, int]] = []  # (id, characters of arguments already sent)
         self.num_done = 0  # calls settled and sent in full: never looked at again
         self.num_begun = 0  # calls the parser had begun reading before the latest text
-        self.holds_calls = not parser.is_grammar_held  # each call goes out once it has ended
 
     @property
     def calls_tools(self) -> bool:
@@ -89,8 +91,8 @@ class ToolCallOutput(ChoiceOutput):
         calls = self._calls()
         num_settled = len(self.stream.settled_calls)
         num_begun, self.num_begun = min(self.num_begun, len(calls)), len(calls)
-        if self.holds_calls and not final:  # only ended calls go out, in order
-            calls = calls[: next((index for index, call in enumerate(calls) if not call.complete), len(calls))]
+        if not final:  # a call no grammar held goes out once it has ended; calls go out in order
+            calls = calls[: next((index for index, call in enumerate(calls) if not (call.complete or call.held)), len(calls))]
         # The rest of a call already begun comes before any new text: that text follows the call (text before it
         # went out before it began). Text first opened a message item in the Responses stream, which closed the
         # call's item before its last arguments (probe AI: a stream failed where the whole answer completed).
@@ -154,20 +156,23 @@ def _shows_content(stream: ToolCallStream, final: bool) -> bool:
 
 class ToolCallProcessor(OutputProcessor):
     """`id_length`: the call ids' length when another format than the parser's makes them (a forced call's ids are
-    the model family's, which its chat template checks when the calls come back: Mistral's take 9 characters)."""
+    the model family's, which its chat template checks when the calls come back: Mistral's take 9 characters);
+    `only_marked`, `strict`: as `ToolParser`'s."""
 
     def __init__(
         self, parser_name: str, tools: dict[str, dict[str, Any]], parallel: bool, only_marked: bool = False,
-        id_length: int | None = None,
+        id_length: int | None = None, strict: frozenset[str] = frozenset(),
     ) -> None:  # fmt: skip
         self.parser_name = parser_name
         self.tools = tools
         self.parallel = parallel
         self.only_marked = only_marked
         self.id_length = id_length
+        self.strict = strict
 
     def start(self, index: int) -> ChoiceOutput:
-        return ToolCallOutput(tool_parser(self.parser_name, self.tools, self.only_marked), self.parallel, self.id_length)
+        parser = tool_parser(self.parser_name, self.tools, self.only_marked, self.strict)
+        return ToolCallOutput(parser, self.parallel, self.id_length)
 
     def read_markers(self) -> tuple[str, ...]:
         return tool_parser(self.parser_name, self.tools).markers
@@ -217,7 +222,11 @@ def plan_tools(
                 param="response_format",
             )
         guide = _strict_calls_guide(body.tools, schemas, family_parser, parallel)
-        return ToolCallProcessor(family_parser, schemas, parallel, only_marked=True), template_tools, guide, []
+        # the family's unmarked calls are read too, a strict tool's only where its arguments validate: the grammar
+        # waits for the marker, which small Qwen models leave out, so no call was ever read (probe IF #1)
+        strict_names = frozenset(tool.function.name for tool in body.tools if tool.function.strict)
+        processor = ToolCallProcessor(family_parser, schemas, parallel, strict=strict_names)
+        return processor, template_tools, guide, []
     if answer is not None:
         raise bad_request(
             "response_format cannot be combined with a forced tool_choice (required or a named function): the reply "

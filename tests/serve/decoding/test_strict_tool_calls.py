@@ -124,3 +124,61 @@ def test_a_tool_guide_that_cannot_compile_names_tools_without_xgrammar_source_li
         compiler.compile(Guide(GuideKind.JSON_SCHEMA, json.dumps(impossible), any_whitespace=False, param="tools"))
     assert refused.value.param == "tools"
     assert "minimum greater than maximum" in str(refused.value) and ".cc:" not in str(refused.value)
+
+
+NOTE = {"type": "object", "properties": {"k": {"type": "integer"}}}  # a non-strict tool: its schema is not enforced
+STRICT_TOOLS = {"set_n": SET_N, "note": NOTE}
+
+
+def strict_parser() -> Any:
+    """tool_choice auto with `set_n` strict (`plan_tools`): marked calls grammar-held, unmarked ones read too."""
+    return tool_parser("hermes", STRICT_TOOLS, strict=frozenset({"set_n"}))
+
+
+def read(text: str) -> tuple[str, list[tuple[str, Any, bool, bool]]]:
+    result = strict_parser().parse(text, final=True)
+    return result.content, [(c.name, json.loads(c.arguments), c.complete, c.held) for c in result.calls]
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        # probe IF #1: what Qwen2.5-Coder-0.5B writes (no tags) was content beside any strict tool, so it never called one
+        ('{"name": "set_n", "arguments": {"n": 4}}', "", [("set_n", {"n": 4}, True, False)]),
+        ('```json\n{"name": "set_n", "arguments": {"n": 4}}\n```', "", [("set_n", {"n": 4}, True, False)]),
+        ('Sure.\n```\n{"name": "set_n", "arguments": {"n": 4}}\n```', "Sure.\n", [("set_n", {"n": 4}, True, False)]),
+        ('[{"name": "set_n", "arguments": {"n": 4}}]', "", [("set_n", {"n": 4}, True, False)]),
+        ('{"name": "set_n", "arguments": "{\\"n\\": 4}"}', "", [("set_n", {"n": 4}, True, False)]),  # unwrapped, then valid
+        # no grammar held them: a strict tool's arguments that break its schema are text, as arguments not JSON are
+        ('{"name": "set_n", "arguments": {"n": 42}}', '{"name": "set_n", "arguments": {"n": 42}}', []),
+        ('{"name": "set_n", "arguments": {}}', '{"name": "set_n", "arguments": {}}', []),
+        ('```json\n{"name": "set_n", "arguments": {"n": "4"}}\n```', '```json\n{"name": "set_n", "arguments": {"n": "4"}}\n```', []),
+        ('{"name": "set_n", "arguments": {"n": 4', '{"name": "set_n", "arguments": {"n": 4', []),  # cut: cannot validate
+        # a non-strict tool beside a strict one keeps its unmarked calls, its arguments unchecked (any JSON object)
+        ('{"name": "note", "arguments": {"k": "not an integer"}}', "", [("note", {"k": "not an integer"}, True, False)]),
+        # a valid call, then one that is not: the second is text after the first
+        ('{"name": "set_n", "arguments": {"n": 4}}\n{"name": "set_n", "arguments": {"n": 0}}',
+         '{"name": "set_n", "arguments": {"n": 0}}', [("set_n", {"n": 4}, True, False)]),
+        # a marked call is the grammar's: held, read as written
+        ('<tool_call>\n{"name": "set_n", "arguments": {"n": 4}}\n</tool_call>', "", [("set_n", {"n": 4}, True, True)]),
+        ('{"name": "note", "arguments": {}}\n<tool_call>\n{"name": "set_n", "arguments": {"n": 5}}\n</tool_call>', "",
+         [("note", {}, True, False), ("set_n", {"n": 5}, True, True)]),
+    ],
+)
+def test_beside_strict_tools_unmarked_calls_are_read_and_a_strict_tools_must_validate(
+    text: str, content: str, calls: list[Any]
+) -> None:
+    assert read(text) == (content, calls)
+
+
+def test_a_non_strict_tools_unmarked_call_cut_short_stays_a_call() -> None:
+    """As without strict tools; a strict tool's, cut the same way, is text (its arguments cannot validate)."""
+    [call] = strict_parser().parse('{"name": "note", "arguments": {"k": 1', final=True).calls
+    assert (call.name, call.arguments, call.complete, call.held) == ("note", '{"k": 1', False, False)
+
+
+def test_a_response_format_beside_tools_still_reads_only_marked_calls() -> None:
+    """The answer-or-calls grammar (probe GE #2) leaves JSON free: an unmarked object there is the format's answer."""
+    answer_mode = tool_parser("hermes", STRICT_TOOLS, only_marked=True)
+    assert not answer_mode.parse('{"name": "set_n", "arguments": {"n": 4}}', final=True).calls
+    assert not answer_mode.parse('{"name": "note", "arguments": {}}', final=True).calls

@@ -98,8 +98,10 @@ CASES = [
 ]
 
 
-def _stream(family: str, text: str, piece_sizes: list[int], only_marked: bool = False) -> tuple[str, dict[int, dict]]:
-    output = ToolCallOutput(tool_parser(family, TOOLS, only_marked), parallel=True)
+def _stream(
+    family: str, text: str, piece_sizes: list[int], only_marked: bool = False, strict: frozenset[str] = frozenset()
+) -> tuple[str, dict[int, dict]]:
+    output = ToolCallOutput(tool_parser(family, TOOLS, only_marked, strict), parallel=True)
     content, calls = "", {}
     position, size_index = 0, 0
     while position < len(text):
@@ -423,4 +425,53 @@ def test_a_list_of_calls_in_a_block_cut_at_the_end_keeps_its_calls() -> None:
     calls = tool_parser("hermes", TOOLS).parse(text, final=True).calls
     assert [(call.name, call.arguments, call.complete) for call in calls] == [
         ("get_weather", '{"city": "Paris"}', True), ("add", '{"a": 1', False)
+    ]
+
+
+STRICT = frozenset({"get_weather"})  # tool_choice auto with `get_weather` strict, the other tools not (probe IF #1)
+# (reply, content, calls): unmarked calls no grammar held, a strict tool's only where its arguments validate
+STRICT_REPLIES = [
+    ('{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}', "", [("get_weather", {"city": "Paris", "days": 2})]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}',
+     '{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}', []),
+    ('Sure.\n```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```\nDone.', "Sure.\n\nDone.",
+     [("get_weather", {"city": "Paris"})]),
+    ('```json\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n```', "", [("get_weather", {"city": "Paris"})]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}},\n{"name": "get_weather", "arguments": {"city": 1}}',
+     '{"name": "get_weather", "arguments": {"city": 1}}', [("get_weather", {"city": "Paris"})]),
+    ('{"name": "add", "arguments": {"a": "x"}}\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
+     "", [("add", {"a": "x"}), ("get_weather", {"city": "Rome"})]),
+    ('{"name": "get_weather", "arguments": {"city": "Par', '{"name": "get_weather", "arguments": {"city": "Par', []),
+    ('See:\n```json\n{"name": "get_weather", "arguments": {"days": "x"}}\n```\nok',
+     'See:\n```json\n{"name": "get_weather", "arguments": {"days": "x"}}\n```\nok', []),
+    ('[{"name": "get_weather", "arguments": {"city": 1}}]', '[{"name": "get_weather", "arguments": {"city": 1}}]', []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "expected"), STRICT_REPLIES)
+def test_beside_a_strict_tool_unmarked_calls_stream_as_the_whole_answer_at_every_split(
+    text: str, content: str, expected: list[tuple[str, Any]]
+) -> None:
+    """Probe IF #1: beside a strict tool only `<tool_call>`-marked calls were read, and the default model writes none.
+    An unmarked call goes out once it has ended and validated, so no split of the reply streams what the answer
+    lacks (or lacks what it has)."""
+    def answer(sizes: list[int]) -> tuple[str, list[tuple[str, str]]]:
+        streamed, calls = _stream("hermes", text, sizes, strict=STRICT)  # checks its stream against its own answer
+        return streamed, [(calls[index]["name"], calls[index]["arguments"]) for index in sorted(calls)]
+
+    whole = answer([len(text)])
+    assert (whole[0], [(name, json.loads(arguments)) for name, arguments in whole[1]]) == (content, expected)
+    for sizes in [[split, len(text)] for split in range(1, len(text))] + [[1], [3, 1, 7]]:
+        assert answer(sizes) == whole, sizes
+
+
+def test_beside_a_strict_tool_a_marked_call_streams_as_it_grows_and_an_unmarked_one_once_it_has_ended() -> None:
+    output = ToolCallOutput(tool_parser("hermes", TOOLS, strict=STRICT), parallel=True)
+    assert output.feed('{"name": "get_weather", "arguments": {"city": "Par', final=False) == []  # may still be text
+    deltas = output.feed('is"}}\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro', final=False)
+    assert [delta["tool_calls"][0] for delta in deltas] == [
+        {"index": 0, "id": deltas[0]["tool_calls"][0]["id"], "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": "Paris"}'}},
+        {"index": 1, "id": deltas[2]["tool_calls"][0]["id"], "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 1, "function": {"arguments": '{"city": "Ro'}},  # the grammar holds it: it cannot turn out to be text
     ]

@@ -375,3 +375,17 @@ def test_a_gpt_oss_strict_tool_in_auto_mode_is_served(harmony: Served) -> None:
     for response in harmony.both(tools=[{**WEATHER, "strict": True}]):
         assert items(response) == [("function_call", "completed", '{"city":"Oslo"}')]
         assert response["tools"][0]["strict"] is True
+
+
+def test_an_unset_strict_tool_gets_the_unmarked_call_qwen_writes(qwen: Served) -> None:
+    """Probe IF #1: an unset `strict` is true on this API, and beside a strict tool only `<tool_call>`-marked calls
+    were read; Qwen2.5-Coder-0.5B writes the bare object, so auto mode never gave a function_call. One that breaks the
+    strict tool's schema (no grammar held it) is still the message's text."""
+    tools = [{**WEATHER, "strict": None}]
+    qwen.say('{"name": "get_weather", "arguments": {"city": "Tokyo"}}', group=3)
+    for response in qwen.both(tools=tools):
+        assert items(response) == [("function_call", "completed", '{"city": "Tokyo"}')]
+        assert response["tools"][0]["strict"] is True
+    qwen.say('{"name": "get_weather", "arguments": {"town": "Tokyo"}}', group=3)
+    for response in qwen.both(tools=tools):
+        assert items(response) == [("message", "completed", '{"name": "get_weather", "arguments": {"town": "Tokyo"}}')]

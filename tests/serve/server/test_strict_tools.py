@@ -17,7 +17,7 @@ from engine_builder.common.types import GuideKind
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.guides import guide_from_response_format
 from engine_builder.serve.server.protocol import ChatCompletionRequest, ResponseFormat
-from engine_builder.serve.server.tools import HARMONY, plan_tools
+from engine_builder.serve.server.tools import HARMONY, ToolCallProcessor, plan_tools
 from tests.serve.decoding.test_strict_tool_calls import OPEN_ID, SET_N, hermes_tokenizer_dir
 from tests.serve.server.harness import in_process_server
 
@@ -36,9 +36,26 @@ def request(tools: list[dict[str, Any]], **fields: Any) -> ChatCompletionRequest
 def test_a_strict_tool_in_auto_mode_gets_the_familys_triggered_guide() -> None:
     processor, _, guide, _ = plan_tools(request([tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)]), "hermes", True)
     assert guide is not None and guide.kind == GuideKind.TOOL_CALLS and '"<tool_call>"' in guide.spec
-    assert getattr(processor, "only_marked", False)
+    assert isinstance(processor, ToolCallProcessor) and processor.strict == {"set_n"} and not processor.only_marked
     _, _, unguided, _ = plan_tools(request([tool("set_n", SET_N, strict=False)]), "hermes", True)
     assert unguided is None  # not strict: free as before
+
+
+@pytest.mark.parametrize(("reply", "names"), [
+    ('{"name": "set_n", "arguments": {"n": 4}}', ["set_n"]),
+    ('{"name": "set_n", "arguments": {"n": 42}}', []),  # no grammar held it, and it breaks the schema: text
+    ('```json\n{"name": "note", "arguments": {"any": 1}}\n```', ["note"]),  # a non-strict tool beside a strict one
+])
+def test_a_strict_tool_in_auto_mode_reads_the_unmarked_calls_small_qwen_models_write(reply: str, names: list[str]) -> None:
+    """Probe IF #1: beside a strict tool only `<tool_call>`-marked calls were read; Qwen2.5-Coder-0.5B writes bare or
+    fenced objects, which were then content (the Responses API, whose unset strict is true, never made a call)."""
+    processor, _, _, _ = plan_tools(request([tool("note", {"type": "object"}), tool("set_n", SET_N, strict=True)]), "hermes", True)
+    assert processor is not None
+    output = processor.start(0)
+    output.feed(reply, final=True)
+    result = output.result(None, None)
+    assert [call.function.name for call in result.tool_calls] == names
+    assert (result.content is None, result.finish_reason) == ((True, "tool_calls") if names else (False, "stop"))
 
 
 def test_a_strict_tool_in_auto_mode_on_gpt_oss_gets_the_recipient_triggered_guide() -> None:

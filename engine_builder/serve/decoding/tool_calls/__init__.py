@@ -26,11 +26,13 @@ def known_parsers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def tool_parser(name: str, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> ToolParser:
+def tool_parser(
+    name: str, tools: dict[str, dict[str, Any]], only_marked: bool = False, strict: frozenset[str] = frozenset()
+) -> ToolParser:
     if name not in _REGISTRY:
         raise ValueError(f"unknown tool parser {name!r}; known: {', '.join(known_parsers())}")
     module, _, attribute = _REGISTRY[name].partition(":")
-    parser: ToolParser = getattr(importlib.import_module(module), attribute)(tools, only_marked)
+    parser: ToolParser = getattr(importlib.import_module(module), attribute)(tools, only_marked, strict)
     return parser
 
 

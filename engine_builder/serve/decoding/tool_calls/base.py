@@ -16,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
+import referencing.exceptions
+
 from engine_builder.serve.decoding.structured.schema_audit import DATA_KEYWORDS
 
 
@@ -28,6 +31,7 @@ class ParsedCall:
     name: str
     arguments: str  # raw JSON text of the arguments (a prefix of it while the call is still being generated)
     complete: bool = False
+    held: bool = False  # a grammar held it (`ToolParser.holds`): it cannot turn out to be text
 
 
 def is_json(text: str) -> bool:
@@ -85,7 +89,9 @@ class ParseResult:
 class ToolParser(abc.ABC):
     """Base class: a family's output format. `tools` maps offered tool names to their parameter schemas;
     `only_marked`: read only the calls that start with the family's marker (the ones `marked_calls` constrains),
-    not the unmarked forms some parsers also accept."""
+    not the unmarked forms some parsers also accept; `strict`: the tools whose marked calls a grammar holds to their
+    parameters while the unmarked forms are read too (tool_choice auto): an unmarked call of one, which no grammar
+    held, counts only once its arguments validate (`accepts`)."""
 
     name = "base"
     id_length = 24
@@ -94,9 +100,12 @@ class ToolParser(abc.ABC):
     # Llama 3's `<|python_tag|>`), decoding keeps it in the text that skip_special_tokens strips of the others.
     markers: tuple[str, ...] = ()
 
-    def __init__(self, tools: dict[str, dict[str, Any]], only_marked: bool = False) -> None:
+    def __init__(
+        self, tools: dict[str, dict[str, Any]], only_marked: bool = False, strict: frozenset[str] = frozenset()
+    ) -> None:
         self.tools = tools
         self.only_marked = only_marked
+        self.strict = strict
 
     def marked_calls(self, arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any] | None:
         """An xgrammar structural tag (JSON object) that leaves the reply free until this family's call marker,
@@ -111,17 +120,33 @@ class ToolParser(abc.ABC):
     def is_offered(self, name: str | None) -> bool:
         return name is not None and name in self.tools
 
-    @property
-    def is_grammar_held(self) -> bool:
-        """Whether a grammar holds the calls read here to their schemas (a forced choice's calls, or the marked calls
-        of strict tools): their arguments stream as they grow, not once the call has ended."""
-        return not self.writes_content or self.only_marked
+    def holds(self, marked: bool) -> bool:
+        """Whether a grammar holds a call read here to its schema (a forced choice's calls; marked calls beside
+        strict tools or a response_format): its arguments stream as they grow, not once the call has ended. Per
+        call: beside strict tools, a bare or fenced call is read too, and no grammar held it (probe IF #1)."""
+        return not self.writes_content or (marked and (self.only_marked or bool(self.strict)))
 
-    def ended_arguments(self, arguments: str) -> str:
+    def ended_arguments(self, arguments: str, held: bool) -> str:
         """An ended call's arguments as the reply gives them: an object encoded twice is unwrapped, unless a grammar
         held them. Its schema then fixed their type, so a string there is what the schema asked for, and its first
         characters have gone out already: unwrapping made the stream add up to neither (probe IA #3)."""
-        return arguments if self.is_grammar_held else unwrap_encoded_object(arguments)
+        return arguments if held else unwrap_encoded_object(arguments)
+
+    def accepts(self, name: str, arguments: str, complete: bool) -> bool:
+        """Whether an ended call no grammar held, whose (unwrapped) `arguments` are JSON when `complete`, is a call: a
+        strict tool's must validate against its parameters, as the grammar holds its marked calls (`strict: true`
+        promises that), else the text is content, as for arguments that are not JSON (probe IF #1). Neither a call
+        cut short at the reply's end nor a schema the validator cannot apply vouches for its arguments."""
+        if name not in self.strict:
+            return True
+        if not complete:
+            return False
+        schema = self.tools[name]
+        try:
+            return bool(jsonschema.validators.validator_for(schema)(schema).is_valid(json.loads(arguments)))
+        except (jsonschema.exceptions.SchemaError, jsonschema.exceptions.UnknownType, referencing.exceptions.Unresolvable,
+                re.error, RecursionError):  # fmt: skip
+            return False
 
     def stream(self) -> "ToolCallStream":
         return ToolCallStream(self.parse)

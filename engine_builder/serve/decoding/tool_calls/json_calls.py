@@ -59,9 +59,14 @@ def _bare_objects(
                 return _after(calls, text, position, final, rest, resume) if found else None
             return ParseResult("", calls, resume)  # the name is not known yet: hold everything back
         arguments = arguments or ("{}" if complete else "")
+        held = parser.holds(marked=False)
+        if complete:
+            arguments = parser.ended_arguments(arguments, held)
         if not parser.is_offered(name) or (complete and not is_json(arguments)):  # plain text
             return _after(calls, text, position, final, rest, resume) if found else None
-        calls.append(ParsedCall(name, parser.ended_arguments(arguments) if complete else arguments, complete))
+        if (complete or final) and not held and not parser.accepts(name, arguments, complete):  # probe IF #1
+            return _after(calls, text, position, final, rest, resume) if found else None
+        calls.append(ParsedCall(name, arguments, complete, held))
         if not complete:
             return ParseResult("", calls, resume)
         position += end
@@ -335,9 +340,10 @@ class HermesParser(ToolParser):
         if ended and not (readable and found):
             return None
         calls = []
+        held = self.holds(marked=True)
         for name, arguments, complete in found:
             call_ended = closed or (final and complete)
-            calls.append(ParsedCall(name, self.ended_arguments(arguments) if call_ended else arguments, call_ended))
+            calls.append(ParsedCall(name, self.ended_arguments(arguments, held) if call_ended else arguments, call_ended, held))
         return calls
 
 
