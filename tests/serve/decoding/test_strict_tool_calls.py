@@ -182,3 +182,43 @@ def test_a_response_format_beside_tools_still_reads_only_marked_calls() -> None:
     answer_mode = tool_parser("hermes", STRICT_TOOLS, only_marked=True)
     assert not answer_mode.parse('{"name": "set_n", "arguments": {"n": 4}}', final=True).calls
     assert not answer_mode.parse('{"name": "note", "arguments": {}}', final=True).calls
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$schema": [], "type": "object"},  # not a draft: the validator could not even be chosen (TypeError)
+        {"type": "object", "properties": {"n": {"enum": 5}}},  # a keyword of the wrong type: raised while validating
+    ],
+)
+def test_a_strict_schema_the_validator_cannot_apply_leaves_the_call_as_text(schema: dict) -> None:
+    """Review RV C1: the validator raised inside the stream (a 500); a check that cannot run vouches for nothing."""
+    text = '{"name": "f", "arguments": {"n": 1}}'
+    result = tool_parser("hermes", {"f": schema}, strict=frozenset({"f"})).parse(text, final=True)
+    assert result.calls == [] and result.content == text
+
+
+def test_a_strict_tools_regular_expressions_are_not_run_on_unmarked_calls() -> None:
+    """Review RV C2: jsonschema checks `pattern` with Python's backtracking `re`, on the event loop: `^(a+)+$` over
+    26 characters the model wrote took seconds. Such a call is not vouched for (text); a marked one is grammar-held."""
+    import time
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}
+    text = json.dumps({"name": "f", "arguments": {"s": "a" * 40 + "b"}})
+    began = time.perf_counter()
+    result = tool_parser("hermes", {"f": schema}, strict=frozenset({"f"})).parse(text, final=True)
+    assert time.perf_counter() - began < 0.5 and result.calls == []
+    keys = {"type": "object", "patternProperties": {"^(a+)+$": {"type": "integer"}}}
+    assert tool_parser("hermes", {"f": keys}, strict=frozenset({"f"})).parse(text.replace('"s"', '"k"'), True).calls == []
+
+
+def test_a_strict_tools_unmarked_call_is_validated_once_however_often_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review RV C3: an unsettled call is read again at every delta, and each read validated it anew."""
+    parser = tool_parser("hermes", STRICT_TOOLS, strict=frozenset({"set_n"}))
+    checks: list[str] = []
+    original = parser._validates
+    monkeypatch.setattr(parser, "_validates", lambda name, arguments: checks.append(name) or original(name, arguments))
+    text = 'See:\n```json\n{"name": "set_n", "arguments": {"n": 0}}\n```\n' + "more text " * 50
+    for end in range(len(text) - 300, len(text) + 1):
+        parser.parse(text[:end], final=False)
+    assert checks == ["set_n"]

@@ -406,6 +406,16 @@ def test_a_closing_tag_in_the_arguments_of_a_call_cut_before_its_own(only_marked
     assert [json.loads(call.function.arguments) for call in result.tool_calls] == [{"city": "a</tool_call>b"}]
 
 
+def test_a_grammar_held_call_cut_inside_a_string_holding_its_closing_tag_stays_a_call() -> None:
+    """Review RV C4: a marked call's arguments stream as they grow; cut by max_tokens inside a string that holds
+    `</tool_call>`, the end of the reply read that tag as the block's end and the answer made the call content."""
+    text = 'Hi <tool_call>\n{"name": "get_weather", "arguments": {"city": "a </tool_call> b'
+    for options in ({"only_marked": True}, {"strict": frozenset({"get_weather"})}):
+        for sizes in [[split, len(text)] for split in range(1, len(text))] + [[len(text)]]:
+            content, calls = _stream("hermes", text, sizes, **options)  # asserts stream == answer
+            assert content == "Hi " and [call["name"] for call in calls.values()] == ["get_weather"], sizes
+
+
 @pytest.mark.parametrize(
     ("family", "text", "only_marked"),
     [

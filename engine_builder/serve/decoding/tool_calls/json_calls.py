@@ -277,9 +277,11 @@ class HermesParser(ToolParser):
             shown_gap = False
             inner_start = start + len(self.OPEN)
             close = _find_outside_strings(text, self.CLOSE, inner_start)
-            if close < 0 and final and not _json_ended(text, inner_start):
+            if close < 0 and final and not _json_ended(text, inner_start) and not self.holds(marked=True):
                 # a string never closed (malformed JSON): the tag as written ends the block. Not after JSON whose
-                # strings all closed: a tag inside them is argument text, the block cut at the reply's end (probe IA #2)
+                # strings all closed: a tag inside them is argument text, the block cut at the reply's end (probe IA #2);
+                # nor in a block a grammar held, whose arguments streamed as they grew: the tag is in its open string,
+                # and the call is one max_tokens cut (review RV C4)
                 close = text.find(self.CLOSE, inner_start)
             closed = close >= 0
             # an unclosed block may end in the first characters of its closing tag: not arguments (yet)
