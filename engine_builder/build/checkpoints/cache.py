@@ -205,16 +205,20 @@ class CheckpointCache:
 @contextmanager
 def _unheld(lock_path: Path) -> Iterator[bool]:
     """Whether nobody holds `lock_path` (taken without waiting, and held for the body); a lock file that is not
-    there is nobody's."""
-    try:
-        handle = lock_path.open("r")
-    except FileNotFoundError:
+    there is nobody's. Opened for writing, as `lock` opens it (NFS refuses an exclusive lock on a file opened for
+    reading), and any failure to lock counts as held: a sweep must never fail a fetch (review RV S1)."""
+    if not lock_path.exists():
         yield True
+        return
+    try:
+        handle = lock_path.open("a")
+    except OSError:
+        yield False
         return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: held; others (NFS without locks): not known to be free
             yield False
             return
         try:

@@ -68,3 +68,22 @@ def test_partial_of_a_republished_archive_is_swept_by_the_next_fetch(
     fetch_checkpoint(repository, cache_dir=cache_dir, progress=False)
     assert not partials[0].exists()
     assert list((cache_dir / "checkpoints" / "partial").glob("*.part")) == []
+
+
+def test_a_lock_that_cannot_be_taken_counts_as_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review RV S1: where locking fails outright (NFS without a lock daemon: ENOLCK), the sweep raised and so failed
+    every fetch; it now leaves what it cannot prove free."""
+    import errno
+
+    from engine_builder.build.checkpoints import cache as cache_module
+
+    cache = CheckpointCache(tmp_path)
+    crashed = cache.new_staging("a" * 40)
+    (cache.root / "locks" / f"{'a' * 40}.lock").touch()
+
+    def no_locks(handle: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cache_module.fcntl, "flock", no_locks)
+    cache.sweep_leftovers()
+    assert crashed.is_dir()
