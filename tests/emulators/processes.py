@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.lifetime import ended_with_parent
+
 EMULATORS_DIR = Path(__file__).resolve().parent
 INSTALL_SCRIPT = EMULATORS_DIR / "install.sh"
 AZURITE_BIN = EMULATORS_DIR / "node_modules" / ".bin" / "azurite-blob"
@@ -69,6 +71,7 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # its own process group, so `stop` reaches its children too
+            preexec_fn=ended_with_parent(),
         )
     return process, log_path
 

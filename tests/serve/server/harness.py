@@ -23,6 +23,7 @@ from engine_builder.common.types import (
     PreparedRequest,
 )
 from tests.conftest import REPO_ROOT
+from tests.lifetime import ended_with_parent
 
 
 def free_port() -> int:
@@ -97,6 +98,7 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ended_with_parent(),
         )
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
