@@ -120,6 +120,8 @@ def _from_validation(exc: RequestValidationError) -> InvalidRequestError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return InvalidRequestError(f"the request body is not valid JSON: {first.get('msg', '')}")
+    if field is None and kind == "missing":  # no body at all (FastAPI's location is just "body")
+        return InvalidRequestError("the request body is empty: send a JSON object")
     if field is None:  # a model validator's ValueError: pydantic prefixes its message with "Value error, "
         message = str(first.get("msg", "expected a JSON object")).removeprefix("Value error, ")
         return InvalidRequestError(f"invalid request body: {message}")
@@ -418,8 +420,11 @@ class _Handlers:
     async def rerank(self, body: RerankRequest) -> Response:
         candidates = body.candidates()
         field = "documents" if body.is_documents_shape else "texts"
+        # TEI's shape (`texts`) follows TEI: an absent `truncate` is the server's auto-truncate, as /info reports it
+        # and /embed applies it (probe JA #1); the Cohere/Jina shape (`documents`) refuses, as vLLM does.
+        default = self._defaults.embeddings_and_rerank if body.is_documents_shape else self._defaults.embed_and_predict
         truncation = self._truncation(
-            default=self._defaults.embeddings_and_rerank,
+            default=default,
             how_to_ask=ASK_BY_TOKEN_COUNT if body.is_documents_shape else ASK_BY_FLAG_OR_TOKEN_COUNT,
             truncate_prompt_tokens=body.truncate_prompt_tokens,
             truncate=body.truncate,

@@ -466,8 +466,9 @@ def test_a_document_object_with_an_unknown_key_is_refused_naming_it(base_url: st
 
 
 def test_rerank_refuses_over_length_documents_unless_asked(base_url: str) -> None:
-    """Cohere's shape on /v1/rerank and /v2/rerank: a 400 in OpenAI's envelope; TEI's shape on /rerank: TEI's 413.
-    `truncate_prompt_tokens` (either shape) or TEI's `truncate: true` cuts instead."""
+    """Cohere's shape on /v1/rerank and /v2/rerank: a 400 in OpenAI's envelope; TEI's shape on /rerank, with
+    `truncate: false`: TEI's 413. `truncate_prompt_tokens` (either shape) or TEI's `truncate: true` cuts instead; TEI's
+    shape with no `truncate` follows the server's auto-truncate, as /info reports it (on, for BEI-Bert: probe JA #1)."""
     documents = ["Berlin has 3.5 million inhabitants.", LONG_TEXT]
     for path in ("/v1/rerank", "/v2/rerank"):
         refused = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents})
@@ -477,12 +478,16 @@ def test_rerank_refuses_over_length_documents_unless_asked(base_url: str) -> Non
         assert "documents[1] has 1130 tokens, more than this model's maximum of 256" in error["message"]
         cut = httpx.post(f"{base_url}{path}", json={"query": "q", "documents": documents, "truncate_prompt_tokens": -1})
         assert cut.status_code == 200 and len(cut.json()["results"]) == 2
-    tei = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents})
+    silent = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents})
+    assert httpx.get(f"{base_url}/info").json()["auto_truncate"] is True
+    assert silent.status_code == 200 and len(silent.json()) == 2
+    tei = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": False})
     assert tei.status_code == 413 and "texts[1] has 1130 tokens" in tei.json()["error"]
     assert "`truncate: true`" in tei.json()["error"]
     by_flag = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True})
     by_count = httpx.post(f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate_prompt_tokens": 8})
     assert by_flag.status_code == by_count.status_code == 200
+    assert silent.json() == by_flag.json()
     both = httpx.post(
         f"{base_url}/rerank", json={"query": "q", "texts": documents, "truncate": True, "truncate_prompt_tokens": 8}
     )
@@ -646,3 +651,12 @@ def test_the_engines_own_refusals_say_whose_fault_and_when_to_retry() -> None:
     assert failed["type"] == "server_error"
     refused = json.loads(render_error(InvalidRequestError("bad"), ErrorStyle.OPENAI).body)["error"]
     assert refused["type"] == "invalid_request_error"
+
+
+def test_an_empty_body_is_named_as_such(base_url: str) -> None:
+    """No body at all: FastAPI's error names no field ("invalid request body: Field required" before, probe JA #3)."""
+    openai_style = httpx.post(f"{base_url}/v1/embeddings", content=b"", headers={"content-type": "application/json"})
+    assert openai_style.status_code == 400
+    assert openai_style.json()["error"]["message"] == "the request body is empty: send a JSON object"
+    tei = httpx.post(f"{base_url}/embed", content=b"")
+    assert tei.status_code == 400 and tei.json()["error"] == "the request body is empty: send a JSON object"
