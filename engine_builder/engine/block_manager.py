@@ -5,12 +5,27 @@ their hash and stay findable until the pool hands them out again (least recently
 prompt that shares a prefix with an earlier one reuses those blocks instead of recomputing them.
 """
 
+import hashlib
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
 from engine_builder.engine.sequence import Sequence
 
 RESERVED_BLOCK = 0  # never handed out: padded attention gathers point at its first slot
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """The prefix-cache key of a full block: a 128-bit BLAKE2b digest of its parent's key and its token ids.
+
+    A block found by key is checked against its own tokens, not its parent's, so the key must not collide for
+    different parents. Python's `hash` does: it reduces ints modulo 2**61 - 1, so parents p and p + 2**61 - 1 give one
+    key, and its tuple hash is unkeyed and invertible, so a client can search for prompts whose chains collide with
+    another's and be served that request's K/V (vLLM's prefix cache had this flaw, CVE-2025-25183).
+    """
+    tokens = array("q", token_ids).tobytes()
+    data = tokens if parent is None else parent.to_bytes(17, "little", signed=True) + tokens  # ~3 us a block
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "little")
 
 
 @dataclass
@@ -75,12 +90,12 @@ class BlockManager:
         parent_hash: int | None = seq.prefix_salt
         for start in range(0, len(tokens) - 1 - self.block_size + 1, self.block_size):
             chunk = tuple(tokens[start : start + self.block_size])
-            block_hash = hash((parent_hash, chunk))
-            block_id = self._by_hash.get(block_hash)
+            key = block_hash(parent_hash, chunk)
+            block_id = self._by_hash.get(key)
             if block_id is None or self._blocks[block_id].token_ids != chunk:
                 break
             matched.append(block_id)
-            parent_hash = block_hash
+            parent_hash = key
         return matched
 
     def _looks_up(self, seq: Sequence) -> bool:
@@ -129,12 +144,12 @@ class BlockManager:
             block_id = seq.block_table[index]
             block = self._blocks[block_id]
             chunk = tuple(seq.token_slice(index * self.block_size, (index + 1) * self.block_size))
-            block_hash = hash((seq.last_block_hash, chunk))
+            key = block_hash(seq.last_block_hash, chunk)
             if block.hash is None:
-                block.hash = block_hash
+                block.hash = key
                 block.token_ids = chunk
-                self._by_hash.setdefault(block_hash, block_id)
-            seq.last_block_hash = block_hash
+                self._by_hash.setdefault(key, block_id)
+            seq.last_block_hash = key
             seq.num_hashed_blocks = index + 1
 
     def free(self, seq: Sequence) -> None:

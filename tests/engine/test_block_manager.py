@@ -1,7 +1,7 @@
 """Block pool: allocation, reference counts, prefix reuse, fork copy-on-write."""
 
 from engine_builder.common.types import SamplingParams
-from engine_builder.engine.block_manager import BlockManager
+from engine_builder.engine.block_manager import BlockManager, block_hash
 from engine_builder.engine.sequence import Sequence
 
 
@@ -113,3 +113,16 @@ def test_every_change_to_a_block_table_but_an_append_bumps_its_version() -> None
     assert child.block_table_version > 0 and parent.block_table_version == admitted
     manager.free(parent)
     assert parent.block_table_version > admitted
+
+
+def test_block_keys_do_not_collide_where_pythons_hash_does() -> None:
+    """Python's hash reduces ints modulo 2**61 - 1: two different parents gave one key for the same tokens, and a
+    block is checked against its own tokens only, so a chain could be served another chain's K/V."""
+    chunk = (1, 2, 3, 4)
+    parent = 12345
+    twin = parent + 2**61 - 1
+    assert hash((parent, chunk)) == hash((twin, chunk))  # why the key is a digest
+    assert block_hash(parent, chunk) != block_hash(twin, chunk)
+    assert block_hash(None, chunk) != block_hash(0, chunk) != block_hash(-1, chunk)
+    assert block_hash(parent, chunk) == block_hash(parent, chunk)
+    assert block_hash(None, (1, 2)) != block_hash(None, (2, 1))
