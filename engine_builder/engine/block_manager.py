@@ -21,7 +21,8 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
     A block found by key is checked against its own tokens, not its parent's, so the key must not collide for
     different parents. Python's `hash` does: it reduces ints modulo 2**61 - 1, so parents p and p + 2**61 - 1 give one
     key, and its tuple hash is unkeyed and invertible, so a client can search for prompts whose chains collide with
-    another's and be served that request's K/V (vLLM's prefix cache had this flaw: advisory GHSA-rm76-4mrf-v9r8; it hashes with SHA-256 since).
+    another's and be served that request's K/V (vLLM's prefix cache had this flaw, advisory GHSA-rm76-4mrf-v9r8,
+    and hashes with SHA-256 since).
     """
     tokens = array("q", token_ids).tobytes()
     data = tokens if parent is None else parent.to_bytes(17, "little", signed=True) + tokens  # ~3 us a block
