@@ -53,9 +53,13 @@ class ContextLengthError(APIError):
                 f"{self.min_tokens} more after them ({self.num_prompt_tokens + self.min_tokens} in all), which do not "
                 f"fit. Please reduce the length of the {prompt_field} or min_tokens."
             )
-        if self.num_prompt_tokens is None or self.max_tokens is None:
+        if self.num_prompt_tokens is None or self.max_tokens is None or self.num_prompt_tokens >= self.limit:
+            # a prompt that fills the context alone: a smaller max_tokens would not help (a larger one is cut to fit)
             found = f"more than {self.limit}" if self.num_prompt_tokens is None else str(self.num_prompt_tokens)
-            return head + f"your {prompt_field} resulted in {found} tokens. Please reduce the length of the {prompt_field}."
+            room = "" if self.num_prompt_tokens is None else ", which leaves no room for any output"
+            return head + (
+                f"your {prompt_field} resulted in {found} tokens{room}. Please reduce the length of the {prompt_field}."
+            )
         return head + (
             f"you requested {self.num_prompt_tokens + self.max_tokens} tokens ({self.num_prompt_tokens} in the "
             f"{prompt_field}, {self.max_tokens} {budget_words}). Please reduce the length of the {prompt_field} or "

@@ -347,3 +347,17 @@ def test_a_min_tokens_overflow_is_named_by_the_responses_input() -> None:
     error = ContextLengthError(256, 200, 120, "messages", min_tokens=120).in_fields("input", "max_output_tokens")
     assert (error.code, error.param) == ("context_length_exceeded", "input")
     assert "your input resulted in 200 tokens" in error.message and "messages" not in error.message
+
+
+def test_a_prompt_that_fills_the_context_is_blamed_not_max_tokens() -> None:
+    """An explicit max_tokens past the context is cut to fit, so a refusal for a prompt that leaves no room must not
+    ask for a smaller max_tokens ("you requested 261 tokens (256 in the prompt, 5 ...)" did: probe JC)."""
+    from engine_builder.serve.server.sampling import Limits, resolve_max_tokens
+
+    limits = Limits(max_model_len=256, vocab_size=49152, request_default_max_tokens=None)
+    with pytest.raises(APIError) as caught:
+        resolve_max_tokens(5, 256, limits, "prompt")
+    message = caught.value.message
+    assert caught.value.param == "prompt" and "your prompt resulted in 256 tokens, which leaves no room for any output" in message
+    assert "max_tokens" not in message and "requested" not in message
+    assert resolve_max_tokens(50, 250, limits, "prompt") == 6  # one that leaves room: max_tokens cut to it
