@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from engine_builder.build.build_stage import build_engine
+from engine_builder.build.checkpoints.errors import CheckpointError
 from engine_builder.build.config import load_config
 from engine_builder.build.errors import BuildError
 from engine_builder.common.artifact import MODEL_FILE_STATS, changed_model_files
@@ -108,6 +109,32 @@ def test_weights_that_do_not_fit_the_config_fail_the_build(tmp_path: Path, smoll
     config = write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256)
     loaded = load_config(config)
     with pytest.raises(BuildError, match=r"weights do not fit its config\.json .*layers\.30"):
+        build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[1, 2]", r"config\.json is not a JSON object"),
+        ("null", r"config\.json is not a JSON object"),
+        ('{"architectures": [1], "model_type": "llama"}', r"config\.json: `architectures`"),
+        ('{"architectures": "LlamaForCausalLM", "model_type": "llama"}', r"config\.json: `architectures`"),
+    ],
+)
+def test_a_config_json_of_the_wrong_shape_is_refused_by_name(
+    body: str, message: str, tmp_path: Path, smollm2_dir: Path
+) -> None:
+    """Valid JSON that is not an object, or `architectures` that is not a list of names, crashed `build` with a
+    traceback (probe JD #1); it now fails as an invalid config.json does, naming the file and the field."""
+    import os
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(smollm2_dir, checkpoint, copy_function=os.link)
+    (checkpoint / "config.json").unlink()  # a hard link to the original: replaced, not edited
+    (checkpoint / "config.json").write_text(body)
+    loaded = load_config(write_config(tmp_path / "config.yaml", checkpoint, max_seq_len=256, max_num_tokens=256))
+    with pytest.raises(CheckpointError, match=message):
         build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder)
     assert not (tmp_path / "engine").exists()
 

@@ -58,15 +58,21 @@ def local_checkpoint_path(repository: CheckpointRepository, base_dir: Path | Non
 
 
 def read_local_architecture(repository: CheckpointRepository | None, base_dir: Path | None) -> str | None:
-    """The first `architectures` entry of a LOCAL checkpoint's config.json, or None when it cannot be read yet."""
+    """The first `architectures` entry of a LOCAL checkpoint's config.json, or None when it cannot be read yet or
+    is malformed: the build's layout check then refuses that config.json by name (probe JD #1)."""
     if repository is None or repository.source != CheckpointSource.LOCAL:
         return None
     config_file = local_checkpoint_path(repository, base_dir) / "config.json"
     try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return None
-    return architectures[0] if architectures else None
+    # valid JSON of the wrong shape names no architecture: a list or null, a string `architectures` (whose first
+    # letter is not one), a number in the list
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) and a for a in architectures)):
+        return None
+    return architectures[0]
 
 
 def default_encoder_route(architecture: str) -> str:

@@ -214,6 +214,23 @@ def test_default_route_from_local_architecture(tmp_path: Path) -> None:
     assert load_config(explicit).trt_llm.runtime.webserver_default_route == "/rerank"
 
 
+@pytest.mark.parametrize(
+    "body",
+    ["[1, 2]", "null", '{"architectures": [1]}', '{"architectures": "XLMRobertaForSequenceClassification"}'],
+)
+def test_a_local_config_json_of_the_wrong_shape_names_no_architecture(body: str, tmp_path: Path) -> None:
+    """Valid JSON that is not an object, or a non-string `architectures`, crashed the config stage with a traceback
+    (or was read letter by letter); the build's layout check refuses it by name instead (probe JD #1)."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(body)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trt_llm:\n  build:\n    base_model: encoder_bert\n    checkpoint_repository: {source: LOCAL, repo: checkpoint}\n"
+    )
+    assert load_config(config).trt_llm.runtime.webserver_default_route is None
+
+
 SHIPPED = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
