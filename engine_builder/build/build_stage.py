@@ -50,6 +50,7 @@ from engine_builder.common.artifact import (
     SourceInfo,
     atomic_engine_dir,
     changed_model_files,
+    clean_killed_builds,
     engine_dir_lock,
     is_engine_dir,
     load_engine_dir,
@@ -242,6 +243,8 @@ def _record_options(
 def _build_engine_locked(
     loaded: LoadedConfig, output: Path, options: EngineOptions, *, force: bool, started: float, writable: bool = True
 ) -> BuildResult:
+    if writable:  # before the reuse check: a build that reuses the engine cleans up too, and finds a moved engine
+        clean_killed_builds(output)
     user_files = user_model_files(loaded)
     config_hash = build_identity(loaded, options, user_files)
     files_hash = build_identity(loaded, options, user_files, serving=False)

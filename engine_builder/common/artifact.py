@@ -432,9 +432,7 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     """
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    _restore_retired(final)
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.building-*"):  # `e[12]` must not match `e1` (AH)
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_killed_builds(final)
     staging = final.parent / f".{final.name}.building-{os.getpid()}"
     staging.mkdir()
     try:
@@ -456,6 +454,16 @@ def atomic_engine_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def clean_killed_builds(final: Path) -> None:
+    """Undo what builds of `final` killed mid-way left beside it: put back an engine moved aside, then remove the
+    temp folders (a quantizing build's hold its quantized weights). Call it holding `engine_dir_lock`, as every
+    build writes them: none is then still being written. A build that reuses the engine calls it too (probe JD #2)."""
+    final = final.resolve()
+    _restore_retired(final)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.building-*"):  # `e[12]` must not match `e1` (AH)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _restore_retired(final: Path) -> None:

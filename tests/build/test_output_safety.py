@@ -216,6 +216,26 @@ def test_two_builds_of_one_output_take_turns(tmp_path: Path, smollm2_dir: Path) 
     assert not list(tmp_path.glob(".engine.building-*"))
 
 
+def test_a_build_that_reuses_the_engine_cleans_up_after_killed_builds(
+    tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe JD #2: only a build that rebuilt removed a killed build's `.<name>.building-<pid>` (a quantizing build's
+    holds its quantized weights), and put back an engine one had moved aside; builds reusing the engine left both."""
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    loaded = load_config(write_config(tmp_path / "config.yaml", smollm2_dir, max_seq_len=256, max_num_tokens=256))
+    output = tmp_path / "engine"
+    build_engine(loaded, output, loaded.truss.engine_builder)
+    killed = tmp_path / ".engine.building-99999"  # what a kill -9 mid-build leaves
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "model.safetensors").write_bytes(b"quantized weights")
+    result = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert result.reused and not killed.exists()
+    output.rename(tmp_path / ".engine.building-old-4242")  # a kill -9 between the two renames of a replacement
+    result = build_engine(loaded, output, loaded.truss.engine_builder)
+    assert result.reused and load_engine_dir(output).manifest.max_seq_len == 256
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".engine.")) == [".engine.lock"]
+
+
 def test_a_max_seq_len_beyond_the_checkpoint_is_clamped_with_a_warning(
     tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
