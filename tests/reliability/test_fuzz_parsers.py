@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from engine_builder.build.config import ConfigError, parse_config
 from engine_builder.serve.decoding.tool_calls import known_parsers, tool_parser
+from engine_builder.serve.server.outputs import FinalOutput
 from engine_builder.serve.server.tools import ToolCallOutput
 from tests.conftest import CONFIGS_DIR
 
@@ -155,7 +156,7 @@ CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
 
-def _stream(family: str, text: str, sizes: list[int], strict: frozenset[str] = frozenset()) -> None:
+def _stream(family: str, text: str, sizes: list[int], strict: frozenset[str] = frozenset()) -> FinalOutput:
     output = ToolCallOutput(tool_parser(family, TOOLS, strict=strict), parallel=True)
     content, calls = "", {}
     position, turn = 0, 0
@@ -183,6 +184,7 @@ def _stream(family: str, text: str, sizes: list[int], strict: frozenset[str] = f
     assert [(c.id, c.function.name, c.function.arguments) for c in result.tool_calls] == [
         (calls[i]["id"], calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)
     ], "streamed tool calls differ from the final ones"
+    return result
 
 
 @FUZZ
@@ -193,6 +195,36 @@ def _stream(family: str, text: str, sizes: list[int], strict: frozenset[str] = f
 )
 def test_tool_parsers_stream_adds_up(family: str, text: str, sizes: list[int]) -> None:
     _stream(family, text, sizes)
+
+
+# calls each behind its own tag or fence: every one after the first is read after the one before it
+CHAINED = {
+    "hermes": ["<tool_call>" + CALL + "</tool_call>", CALL + "\n", "[" + CALL + "]", "```json\n" + WEATHER + "\n```",
+               "```json\n[" + CALL + ", " + WEATHER + "]\n```\n", "\n", " ok ", "```"],
+    "llama3_json": ["<|python_tag|>" + CALL, "<|python_tag|>" + WEATHER, CALL + "; ", " ", " ok"],
+    "mistral": ["[TOOL_CALLS][" + CALL + "]", "[TOOL_CALLS][" + CALL + ", " + WEATHER + "]", '[TOOL_CALLS]add[ARGS]{"a": 1}',
+                '[TOOL_CALLS]get_weather{"city": "Oslo"}', " ", " ok"],
+}  # fmt: skip
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(CHAINED)).flatmap(
+        lambda family: st.tuples(st.just(family), st.lists(st.sampled_from(CHAINED[family]), max_size=30).map("".join))
+    ),
+    st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8),
+)
+def test_chained_calls_stream_as_the_whole_answer(reply: tuple[str, str], sizes: list[int]) -> None:
+    """Chained calls are read one link after another (never a recursion per call): the deltas add up to the answer
+    the whole reply parsed at once gives."""
+    family, text = reply
+    result = _stream(family, text, sizes)
+    whole = tool_parser(family, TOOLS).parse(text, final=True)
+    assert [(call.function.name, call.function.arguments) for call in result.tool_calls] == [
+        (call.name, call.arguments) for call in whole.calls
+    ]
+    if whole.content.strip():
+        assert result.content == whole.content
 
 
 # beside a strict tool the grammar holds each `<tool_call>` block to a call that then closes (or is cut at the end)

@@ -1,12 +1,14 @@
 """Golden tests per tool-call family: parsed whole, and streamed in awkward pieces, give the same answer."""
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine_builder.serve.decoding.tool_calls import tool_parser
+from engine_builder.serve.decoding.tool_calls.base import is_json
 from engine_builder.serve.server.tools import ToolCallOutput
 
 TOOLS = {
@@ -485,3 +487,77 @@ def test_beside_a_strict_tool_a_marked_call_streams_as_it_grows_and_an_unmarked_
         {"index": 1, "id": deltas[2]["tool_calls"][0]["id"], "type": "function", "function": {"name": "get_weather", "arguments": ""}},
         {"index": 1, "function": {"arguments": '{"city": "Ro'}},  # the grammar holds it: it cannot turn out to be text
     ]
+
+
+# -- calls chained by repeated tags or fences: one recursion level per call raised RecursionError (a 500) past a few
+# hundred calls, or, where it was caught as "not JSON", dropped the calls after the ~500th
+CHAINED = [  # (family, what opens the reply, one call of the chain)
+    ("hermes", "", '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>\n'),
+    ("hermes", "", '{"name": "add", "arguments": {"a": 1}}\n'),
+    ("hermes", "", '[{"name": "add", "arguments": {"a": 1}}]\n'),
+    ("hermes", "", '```json\n{"name": "add", "arguments": {"a": 1}}\n```\n'),
+    ("hermes", "", '```json\n[{"name": "add", "arguments": {"a": 1}}]\n```\n'),
+    ("llama3_json", "", '<|python_tag|>{"name": "add", "parameters": {"a": 1}}'),
+    ("llama3_json", "", '{"name": "add", "parameters": {"a": 1}}; '),
+    ("mistral", "", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}]'),
+    ("mistral", "[TOOL_CALLS][", '{"name": "add", "arguments": {"a": 1}}, '),
+    ("mistral", "", '[TOOL_CALLS]add[ARGS]{"a": 1}'),
+    ("forced", "[", '{"name": "add", "arguments": {"a": 1}}, '),
+    ("forced", "", '{"name": "add", "arguments": {"a": 1}}'),
+    ("qwen3_coder", "", "<tool_call><function=add><parameter=a>1</parameter></function></tool_call>"),
+]
+CHAINED_IDS = [f"{family}-{index}" for index, (family, _, _) in enumerate(CHAINED)]
+
+
+@pytest.mark.parametrize(("family", "opening", "unit"), CHAINED, ids=CHAINED_IDS)
+def test_thousands_of_chained_calls_are_read_whole_and_streamed_in_linear_work(family: str, opening: str, unit: str) -> None:
+    text = opening + unit * 5000
+    parser = tool_parser(family, TOOLS)
+    whole = parser.parse(text, final=True)
+    assert not whole.content.strip()
+    assert [(call.name, json.loads(call.arguments)) for call in whole.calls] == [("add", {"a": 1})] * 5000
+    stream = parser.stream()
+    position, turn = 0, 0
+    while position < len(text):
+        size = (29, 13, 7)[turn % 3]
+        turn += 1
+        stream.feed(text[position : position + size], final=position + size >= len(text))
+        position += size
+    assert stream.content_from(0) == whole.content
+    assert [(call.name, call.arguments, call.complete) for call in stream.calls] == [
+        (call.name, call.arguments, call.complete) for call in whole.calls
+    ]
+    assert stream.num_scanned < 20 * len(text)  # settled calls are not read again: no pass over the whole reply per call
+
+
+@pytest.mark.parametrize(("family", "opening", "unit"), CHAINED, ids=CHAINED_IDS)
+def test_chained_calls_stream_token_by_token_as_the_whole_answer(family: str, opening: str, unit: str) -> None:
+    """The deltas of a reply streamed a few characters at a time add up to the reply's answer in one piece."""
+    text = opening + unit * 400  # past the depth where recursion gave out
+
+    def answer(sizes: list[int]) -> tuple[str, list[tuple[str, str]]]:
+        content, calls = _stream(family, text, sizes)
+        return content, [(calls[index]["name"], calls[index]["arguments"]) for index in sorted(calls)]
+
+    one_shot = answer([len(text)])
+    assert one_shot[1] == [(call.name, call.arguments) for call in tool_parser(family, TOOLS).parse(text, final=True).calls]
+    assert len(one_shot[1]) == 400
+    assert answer([3, 1, 4]) == one_shot
+    short = opening + unit * 3 + "Done."
+    _agrees_piece_by_piece(family, short, [1])
+    _agrees_piece_by_piece(family, short, [2, 5])
+
+
+def test_a_deep_stack_never_reads_arguments_as_not_json() -> None:
+    """Parsing at a deep stack, json.loads('{}') raised RecursionError and is_json called it not JSON: the call became
+    content, silently. Only text nested past any call's arguments is refused that way; otherwise the error is raised."""
+    def at_depth(depth: int) -> bool:
+        return at_depth(depth - 1) if depth else is_json('{"a": [1]}')
+
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 60, limit):
+        try:
+            assert at_depth(depth)
+        except RecursionError:
+            pass
+    assert not is_json("[" * 5000 + "]" * 5000)

@@ -6,7 +6,8 @@ result may also name a `Resume` point: the text before it is settled, and what f
 function alone. `ToolCallStream` keeps what is settled and hands only the text after the last resume point
 back to the parser, so streaming costs work in proportion to the new text and the open call, not the whole
 reply. Streaming deltas are the differences between successive results, so a stream always adds up to
-exactly the non-streaming answer.
+exactly the non-streaming answer. A result may also end in a `Chain`: the parser for the text after a call,
+which `ParseResult.followed` runs in a loop, so calls chained by repeated tags never nest as deep as they are many.
 """
 
 import abc
@@ -35,12 +36,40 @@ class ParsedCall:
 
 def is_json(text: str) -> bool:
     """Whether `text` is one JSON value (a call's arguments, once the call has ended). Nested past the parser's depth
-    (~1,000 levels), it counts as not JSON: the RecursionError was a 500 (review GY #4)."""
+    (~1,000 levels), it counts as not JSON: the RecursionError was a 500 (review GY #4). On text nested no deeper than
+    a call's arguments, it can only come from the caller's own deep stack: raised, never read as "not a call" (calls
+    chained by recursion were silently lost that way)."""
     try:
         json.loads(text)
-    except (ValueError, RecursionError):
+    except ValueError:
+        return False
+    except RecursionError:
+        if _nesting_depth(text) <= CUT_OBJECT_MAX_DEPTH:
+            raise
         return False
     return True
+
+
+def _nesting_depth(text: str) -> int:
+    """How deep the brackets of `text` nest, those inside its strings left out."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "}]":
+            depth -= 1
+    return deepest
 
 
 def unwrap_encoded_object(arguments: str) -> str:
@@ -72,17 +101,52 @@ class Resume:
 
 
 @dataclass
+class Chain:
+    """The answer goes on with `then(text[offset:], final)`, behind the content and calls of the result it ends. A
+    parser hands back the reader of the text after a call instead of calling it: calls chained by repeated tags
+    recursed once per call, and a few hundred of them raised RecursionError (a 500) or lost calls."""
+
+    offset: int
+    then: ParseFunction
+
+
+@dataclass
 class ParseResult:
     content: str
     calls: list[ParsedCall] = field(default_factory=list)
     resume: Resume | None = None
+    chain: Chain | None = None  # the rest of the answer, still to read (`followed`)
 
     def after(self, offset: int, content: str, calls: list[ParsedCall]) -> "ParseResult":
         """This result (of `text[offset:]`, to the end of the text) behind `content` and `calls` of what precedes it."""
-        resume = self.resume
+        resume, chain = self.resume, self.chain
         if resume is not None:
             resume = Resume(offset + resume.offset, len(content) + resume.num_content, len(calls) + resume.num_calls, resume.then)
-        return ParseResult(content + self.content, calls + self.calls, resume)
+        if chain is not None:
+            chain = Chain(offset + chain.offset, chain.then)
+        return ParseResult(content + self.content, calls + self.calls, resume, chain)
+
+    def followed(self, text: str, final: bool) -> "ParseResult":
+        """This result of `text` with its chain read to the end, one link after another: the whole answer. The last
+        resume point any link gives wins, as it settles the most."""
+        if self.chain is None:
+            return self
+        content, calls, resume = [self.content], list(self.calls), self.resume
+        chain: Chain | None = self.chain
+        num_content, offset = len(self.content), 0
+        while chain is not None:
+            offset += chain.offset
+            link = chain.then(text[offset:], final)
+            if link.resume is not None:
+                resume = Resume(
+                    offset + link.resume.offset, num_content + link.resume.num_content, len(calls) + link.resume.num_calls,
+                    link.resume.then,
+                )
+            content.append(link.content)
+            num_content += len(link.content)
+            calls += link.calls
+            chain = link.chain
+        return ParseResult("".join(content), calls, resume)
 
 
 
@@ -135,7 +199,8 @@ class ToolParser(abc.ABC):
 
     @abc.abstractmethod
     def parse(self, text: str, final: bool) -> ParseResult:
-        """Content and calls in `text`; with `final` False, hold back anything that may still become a call."""
+        """Content and calls in `text`; with `final` False, hold back anything that may still become a call. The whole
+        answer: no `chain` left to follow (a resume point's function may return one)."""
 
     def is_offered(self, name: str | None) -> bool:
         return name is not None and name in self.tools
@@ -200,7 +265,7 @@ class ToolCallStream:
     def feed(self, text: str, final: bool) -> None:
         self._tail += text
         self.num_scanned += len(self._tail)
-        result = self._parse(self._tail, final)
+        result = self._parse(self._tail, final).followed(self._tail, final)
         resume = result.resume
         if resume is not None and not final:
             piece = result.content[: resume.num_content]

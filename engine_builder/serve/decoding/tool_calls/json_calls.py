@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 from engine_builder.serve.decoding.tool_calls.base import (
+    Chain,
     ParsedCall,
     ParseFunction,
     ParseResult,
@@ -100,29 +101,26 @@ def _next_visible(text: str, position: int) -> str:
 def _after(
     calls: list[ParsedCall], text: str, position: int, final: bool, rest: ParseFunction | None, resume: Resume | None
 ) -> ParseResult:
-    tail = text[position:]
     if rest is None:
-        return ParseResult(tail if final else "", calls, resume)
-    parsed = rest(tail, final).after(position, "", calls)
-    if parsed.resume is None:
-        parsed.resume = resume
-    return parsed
+        return ParseResult(text[position:] if final else "", calls, resume)
+    return ParseResult("", calls, resume, Chain(position, rest))  # `rest` may read more calls, and chain on again
 
 
 FENCE = "```"
 FENCE_LANGUAGES = ("", "json", "tool_call", "tool_calls")  # what a code fence holding calls may be labelled
 
 
-def _list_of_objects(text: str, final: bool) -> tuple[str, bool] | None:
-    """(the text after a leading `[`, whether it is still undecided) when `text` starts a JSON list whose first
-    element is an object (or may still be one); None otherwise."""
-    stripped = text.lstrip()
-    if not stripped.startswith("["):
+def _list_of_objects(text: str, start: int, final: bool) -> tuple[int, bool] | None:
+    """(where the list's inside begins, whether it is still undecided) when `text` from `start` begins a JSON list
+    whose first element is an object (or may still be one); None otherwise. Reads only what begins the list: the
+    text after it may hold thousands of calls, read once per chained call."""
+    start = _skip_space(text, start)
+    if not text.startswith("[", start):
         return None
-    inner = stripped[1:]
-    if not inner.strip():
-        return None if final else (inner, True)
-    return (inner, False) if inner.lstrip().startswith("{") else None
+    following = _next_visible(text, start + 1)
+    if not following:
+        return None if final else (start + 1, True)
+    return (start + 1, False) if following == "{" else None
 
 
 def _fenced_calls(
@@ -137,30 +135,29 @@ def _fenced_calls(
         start = text.find(FENCE, position)
         if start < 0 or start >= before:
             return None
-        after = text[start + len(FENCE) :]
-        newline = after.find("\n")
+        label_start = start + len(FENCE)
+        newline = text.find("\n", label_start)
         if newline < 0:  # the fence's language line is still arriving
-            label = after.strip().lower()
+            label = text[label_start:].strip().lower()
             if final or not any(option.startswith(label) for option in FENCE_LANGUAGES):
                 return None
             return ParseResult(text[:start])
-        body_start = start + len(FENCE) + newline + 1
-        if after[:newline].strip().lower() in FENCE_LANGUAGES:
-            body = text[body_start:]
-            listed = _list_of_objects(body, final)
+        body_start = newline + 1
+        if text[label_start:newline].strip().lower() in FENCE_LANGUAGES:
+            listed = _list_of_objects(text, body_start, final)
             if listed is not None and listed[1]:
                 return ParseResult(text[:start])  # "[" so far: a list of calls may follow
-            if not body.strip():
+            if not _next_visible(text, body_start):
                 if final:
                     return None
                 return ParseResult(text[:start])
-            inner, separators = (listed[0], ",]") if listed is not None else (body, "")
-            if inner.lstrip().startswith("{"):
+            inner_start, separators = (listed[0], ",]") if listed is not None else (body_start, "")
+            if _next_visible(text, inner_start) == "{":
                 parsed = _bare_objects(
-                    parser, inner, final, keys, separators, rest=partial(_close_fence, rest=rest)
+                    parser, text[inner_start:], final, keys, separators, rest=partial(_close_fence, rest=rest)
                 )
                 if parsed is not None:
-                    return parsed.after(len(text) - len(inner), text[:start], [])
+                    return parsed.after(inner_start, text[:start], [])
         close = text.find(FENCE, body_start)  # a block that is not a call: look past it
         if close < 0:
             return None
@@ -187,13 +184,12 @@ def _outside_fences(text: str, limit: int) -> int:
 
 def _close_fence(tail: str, final: bool, rest: ParseFunction) -> ParseResult:
     """After a fenced call: the closing fence is dropped and what follows goes to `rest`."""
-    stripped = tail.lstrip()
-    if stripped.startswith(FENCE):
-        offset = len(tail) - len(stripped) + len(FENCE)
-        return rest(stripped[len(FENCE) :], final).after(offset, "", [])
-    if not final and stripped and FENCE.startswith(stripped):
+    start = _skip_space(tail, 0)
+    if tail.startswith(FENCE, start):
+        return ParseResult("", [], None, Chain(start + len(FENCE), rest))
+    if not final and 0 < len(tail) - start < len(FENCE) and FENCE.startswith(tail[start:]):
         return ParseResult("")  # the closing fence is arriving
-    return rest(tail, final)
+    return ParseResult("", [], None, Chain(0, rest))
 
 
 class HermesParser(ToolParser):
@@ -214,23 +210,27 @@ class HermesParser(ToolParser):
         return {"type": "structural_tag", "format": tags}
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        return self._reply(text, final).followed(text, final)
+
+    def _reply(self, text: str, final: bool) -> ParseResult:
+        """The reply from its start (or from after a list or fence of calls), its chain not followed yet."""
         if not self.tools or self.only_marked:
             return self._tagged(text, final)
-        stripped = text.lstrip()
-        if stripped.startswith("{"):  # bare calls (one per line, or comma-separated as in a list), then tagged ones
+        first = _next_visible(text, 0)
+        if first == "{":  # bare calls (one per line, or comma-separated as in a list), then tagged ones
             bare = _bare_objects(self, text, final, self.KEYS, ",", rest=self._tagged)
             if bare is not None:
                 return bare
-        listed = _list_of_objects(text, final)
+        listed = _list_of_objects(text, 0, final)
         if listed is not None:
-            inner, undecided = listed
+            inner_start, undecided = listed
             if undecided:
                 return ParseResult("")
-            parsed = _bare_objects(self, inner, final, self.KEYS, ",]", rest=self.parse)
+            parsed = _bare_objects(self, text[inner_start:], final, self.KEYS, ",]", rest=self._reply)
             if parsed is not None:
-                return parsed.after(len(text) - len(inner), "", [])
+                return parsed.after(inner_start, "", [])
         result = self._prose(text, final)
-        if not stripped:  # how the reply starts (a call or text) is not known yet
+        if not first:  # how the reply starts (a call or text) is not known yet
             result.resume = None
         return result
 
@@ -238,7 +238,7 @@ class HermesParser(ToolParser):
         """Text that did not start with a call: fenced calls before the first tag, then tagged calls."""
         opened = text.find(self.OPEN)
         fenced = _fenced_calls(
-            self, text, final, self.KEYS, rest=self.parse, before=opened if opened >= 0 else len(text)
+            self, text, final, self.KEYS, rest=self._reply, before=opened if opened >= 0 else len(text)
         )
         if fenced is not None:
             return fenced
@@ -391,6 +391,9 @@ class Llama3JsonParser(ToolParser):
     KEYS = ("parameters", "arguments")
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        return self._reply(text, final).followed(text, final)
+
+    def _reply(self, text: str, final: bool) -> ParseResult:
         if text.lstrip().startswith("{"):  # calls without the tag; a tag after them may start more
             parsed = _bare_objects(self, text, final, self.KEYS, ";", rest=self._after_calls)
             if parsed is not None:
@@ -436,6 +439,9 @@ class MistralParser(ToolParser):
     id_length = 9
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        return self._reply(text, final).followed(text, final)
+
+    def _reply(self, text: str, final: bool) -> ParseResult:
         stripped = text.lstrip()
         if stripped.startswith("[") and stripped[1:].lstrip().startswith("{"):  # a tag inside its strings is text
             parsed = self._array(text, 0, final)
@@ -466,7 +472,7 @@ class MistralParser(ToolParser):
         body_start = at + len(self.TAG)
         body = text[body_start:].lstrip()
         if body.startswith("["):
-            parsed = self._array(text[body_start:], body_start, final, text[:at])
+            parsed = self._array(text, body_start, final, text[:at])
             if parsed is not None:
                 return parsed
         elif body:
@@ -477,22 +483,20 @@ class MistralParser(ToolParser):
             return ParseResult(text[:at])
         return ParseResult(self._kept(text, final))
 
-    def _array(self, text: str, offset: int, final: bool, prefix: str = "") -> ParseResult | None:
-        """The calls of the array that `text` (at `offset` of the reply) starts with, behind `prefix`; a tag and
-        another array may follow."""
-        inner = text.lstrip()[1:]
-        parsed = _bare_objects(self, inner, final, self.KEYS, ",]", rest=self._after_array)
-        return None if parsed is None else parsed.after(offset + len(text) - len(inner), prefix, [])
+    def _array(self, text: str, start: int, final: bool, prefix: str = "") -> ParseResult | None:
+        """The calls of the array at `start` of `text` (after spaces), behind `prefix` in place of the text before it;
+        a tag and another array may follow."""
+        inner_start = _skip_space(text, start) + 1
+        parsed = _bare_objects(self, text[inner_start:], final, self.KEYS, ",]", rest=self._after_array)
+        return None if parsed is None else parsed.after(inner_start, prefix, [])
 
     def _after_array(self, text: str, final: bool) -> ParseResult:
         """After an array's calls: `[TOOL_CALLS]` and another array (a tag per call, probe IA #7: the second was
         content), or the text that ends the reply (shown at the end)."""
-        if text.startswith(self.TAG):
-            body = text[len(self.TAG) :]
-            if body.lstrip().startswith("["):
-                parsed = self._array(body, len(self.TAG), final)
-                if parsed is not None:
-                    return parsed
+        if text.startswith(self.TAG) and _next_visible(text, len(self.TAG)) == "[":
+            parsed = self._array(text, len(self.TAG), final)
+            if parsed is not None:
+                return parsed
         return ParseResult(text if final else "")
 
     def _named(self, text: str, final: bool) -> ParseResult | None:
@@ -522,10 +526,8 @@ class MistralParser(ToolParser):
             return ParseResult("", [ParsedCall(name, arguments, False)])
         if not is_json(arguments):
             return None
-        after = self._after_named(text[end:], final).after(end, "", [ParsedCall(name, arguments, True)])
-        if after.resume is None:
-            after.resume = Resume(end, 0, 1, self._after_named)
-        return after
+        after = Resume(end, 0, 1, self._after_named)
+        return ParseResult("", [ParsedCall(name, arguments, True)], after, Chain(end, self._after_named))
 
     def _after_named(self, text: str, final: bool) -> ParseResult:
         """After a v11 call: the next call's tag, or the text that ends the reply (shown at the end)."""
