@@ -292,6 +292,23 @@ def test_characters_a_class_allows_stay_allowed_and_small_ranges_keep_multiple_o
         ({"type": "string", "minLength": 2, "maxLength": 3}, ['"ab"', '"abc"'], ['"a"', '"abcd"', '"a\tb"']),
         ({"type": "string", "minLength": 1}, ['"a"', '"' + "x" * 50 + '"'], ['""', '"a\tb"']),
         ({"type": "string", "format": "ipv4"}, ['"10.0.0.1"', '"255.255.255.255"'], ['"010.001.002.003"', '"256.1.1.1"']),
+        # probe JE #1: xgrammar's dates take day 31 in any month, February 29 in any year
+        (
+            {"type": "string", "format": "date"},
+            ['"2024-02-29"', '"2000-02-29"', '"2023-01-31"', '"2023-04-30"', '"0001-01-01"', '"9999-12-31"'],
+            ['"2023-02-31"', '"2023-04-31"', '"2023-02-29"', '"1900-02-29"', '"2024-02-30"', '"0000-01-01"', '"2023-13-01"'],
+        ),
+        (
+            {"type": "string", "format": "date-time"},
+            ['"2024-02-29T23:59:59Z"', '"2023-06-30T08:00:00.125+05:30"', '"2023-01-01T00:00:00-23:59"'],
+            ['"2023-04-31T00:00:00Z"', '"2023-02-29T12:00:00Z"', '"2023-01-01T24:00:00Z"', '"2023-01-01T00:00:00+25:00"'],
+        ),
+        # probe JE #2: xgrammar's host names take labels of any length
+        (
+            {"type": "string", "format": "hostname"},
+            ['"localhost"', '"a-b.example.com"', '"' + "a" * 63 + '.com"', '"x1.y2"'],
+            ['"' + "a" * 64 + '.com"', '"-a.com"', '"a-.com"', '"a..com"'],
+        ),
     ],
 )
 def test_strings_xgrammar_would_compile_wrongly_are_compiled_as_patterns(
@@ -371,3 +388,23 @@ def test_every_string_node_is_rewritten(schema: dict, rewritten: dict) -> None:
     grammar = xgrammar.Grammar.from_json_schema(json.dumps(rewritten), any_whitespace=False, strict_mode=True)
     tab = '{"default": "a\tb"}' if "properties" in schema else '"a\tb"'
     assert not _is_grammar_accept_string(grammar, tab)
+
+
+def test_an_integers_fractional_bounds_are_the_whole_bounds_holding_the_same_integers() -> None:
+    """Probe JE #3: `{"type": "integer", "minimum": 1.5}` is a valid schema (Pydantic writes `ge=1.5` so), which
+    xgrammar refused as "Integer constraint must be a whole number", naming no keyword."""
+    from engine_builder.serve.decoding.structured.schema_audit import enforceable_schemas
+
+    for schema, expected in (
+        ({"type": "integer", "minimum": 1.5}, {"type": "integer", "minimum": 2}),
+        ({"type": "integer", "maximum": -1.5}, {"type": "integer", "maximum": -2}),
+        ({"type": "integer", "exclusiveMinimum": 1.5, "exclusiveMaximum": 4.5, "minimum": 0},
+         {"type": "integer", "minimum": 2, "maximum": 4}),
+        ({"type": "integer", "minimum": 2.0, "maximum": 5.5}, {"type": "integer", "minimum": 2, "maximum": 5}),
+        ({"type": "number", "minimum": 1.5}, {"type": "number", "minimum": 1.5}),  # a number's bounds stay
+    ):
+        audit_json_schema(schema)
+        assert enforceable_schemas(schema) == expected
+        rewritten = enforceable_schemas(schema)
+        for value in range(-4, 8):
+            assert accepts(rewritten, value) == valid(schema, value), (schema, value)

@@ -7,6 +7,7 @@ names the keyword and where it sits in the schema.
 """
 
 import json
+import math
 import time
 from re import _parser as regex_parser  # type: ignore[attr-defined]  # Python's own regex parser (3.11+)
 from typing import Any
@@ -59,6 +60,23 @@ _ESCAPED_IN_JSON = frozenset({ord('"'), ord("\\"), *range(0x20)})
 # An IPv4 address without leading zeros (xgrammar's `ipv4` format takes `010.001.002.003`, which RFC 2673 does not)
 _IPV4_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_PATTERN = f"^({_IPV4_OCTET}\\.){{3}}{_IPV4_OCTET}$"
+# A calendar date (xgrammar's `date` takes day 01-31 in any month: 2023-02-31, probe JE #1): each month's own days,
+# February 29 in leap years only (divisible by 4, centuries by 400), and no year 0000 (Python's date and pydantic
+# refuse it).
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (
+    "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))"
+)
+_DATE = f"({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+DATE_PATTERN = f"^{_DATE}$"
+# RFC 3339's date-time on such a date (upper-case T and Z, no leap second: what every checker accepts)
+DATE_TIME_PATTERN = f"^{_DATE}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+# RFC 1123 host names: labels of 1 to 63 letters, digits and inner hyphens (xgrammar's take any length, probe JE #2;
+# the 253-character total is not bounded; the bounded labels take ~0.6 s to compile, once per schema)
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_PATTERN = f"^{_LABEL}(\\.{_LABEL})*$"
+FORMAT_PATTERNS = {"ipv4": IPV4_PATTERN, "date": DATE_PATTERN, "date-time": DATE_TIME_PATTERN, "hostname": HOSTNAME_PATTERN}
 
 # Keywords that only describe; anything else constrains.
 ANNOTATIONS = frozenset(
@@ -476,7 +494,11 @@ def enforceable_schemas(spec: Any, bounds: list[int] | None = None) -> Any:
       characters other than `"`, `\\` and control characters (xgrammar's `.` in a string), counted as the schema
       counts them, n at most MAX_STRING_LENGTH_BOUND. On a node whose `type` lists more types than `string` too (a
       pattern holds strings alone).
-    - `format: ipv4`: xgrammar's takes leading zeros; now a pattern of octets without them.
+    - `format: ipv4`: xgrammar's takes leading zeros; now a pattern of octets without them. `date` and `date-time`:
+      xgrammar's take days a month does not have; now patterns of calendar dates. `hostname`: labels of any length;
+      now labels of at most 63 characters.
+    - An integer's bounds that are not whole numbers (`minimum: 1.5`, which xgrammar refuses as "Integer constraint
+      must be a whole number", naming no keyword): the whole-number bounds that hold the same integers.
     - `minLength` 0 or 1 beside a format no empty string has: dropped (it holds already).
     Values of data keywords (`enum`, `const`, ...) are left as they are; properties are schemas whatever their names."""
     if isinstance(spec, list):
@@ -489,13 +511,14 @@ def enforceable_schemas(spec: Any, bounds: list[int] | None = None) -> Any:
             node[key] = {name: enforceable_schemas(child, bounds) for name, child in value.items()}
         else:
             node[key] = value if key in DATA_KEYWORDS else enforceable_schemas(value, bounds)
+    if _types(node) == {"integer"}:
+        _whole_bounds(node)
     if "string" not in _types(node) or "pattern" in node:
         return node
     if node.get("format") in NONEMPTY_FORMATS and node.get("minLength") in (0, 1) and "maxLength" not in node:
         del node["minLength"]
-    if node.get("format") == "ipv4" and "minLength" not in node and "maxLength" not in node:
-        del node["format"]
-        node["pattern"] = IPV4_PATTERN
+    if node.get("format") in FORMAT_PATTERNS and "minLength" not in node and "maxLength" not in node:
+        node["pattern"] = FORMAT_PATTERNS[node.pop("format")]
         return node
     low, high = node.get("minLength"), node.get("maxLength")
     if "format" in node or not (isinstance(low, int) or isinstance(high, int)):
@@ -508,3 +531,35 @@ def enforceable_schemas(spec: Any, bounds: list[int] | None = None) -> Any:
     if bounds is not None:
         bounds.append(max(low, high or 0))
     return node
+
+
+def _whole_bounds(node: dict[str, Any]) -> None:
+    """An integer node's numeric bounds as whole numbers admitting the same integers (probe JE #3): `minimum: 1.5` is
+    `minimum: 2`, `exclusiveMaximum: 7.2` is `maximum: 7`; whole bounds (`2.0` too, as an int) stay where they are."""
+    lowest: list[int] = []
+    highest: list[int] = []
+    for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        value = node.get(key)
+        if not (isinstance(value, float) and math.isfinite(value) and not value.is_integer()):
+            continue
+        del node[key]
+        if key == "minimum":
+            lowest.append(math.ceil(value))
+        elif key == "exclusiveMinimum":
+            lowest.append(math.floor(value) + 1)
+        elif key == "maximum":
+            highest.append(math.floor(value))
+        else:
+            highest.append(math.ceil(value) - 1)
+    if lowest:
+        node["minimum"] = max([*lowest, *([node["minimum"]] if _is_number(node.get("minimum")) else [])])
+    if highest:
+        node["maximum"] = min([*highest, *([node["maximum"]] if _is_number(node.get("maximum")) else [])])
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        value = node.get(key)
+        if isinstance(value, float) and value.is_integer():
+            node[key] = int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
