@@ -104,8 +104,9 @@ class LLMEngine:
             )
         if not self.config.enable_chunked_prefill and len(prompt) > self.config.max_num_tokens:
             raise RequestRejectedError(
-                f"the prompt has {len(prompt)} tokens, more than max_num_tokens {self.config.max_num_tokens} "
-                "(chunked context is off)",
+                f"the prompt has {len(prompt)} tokens, more than max_num_tokens {self.config.max_num_tokens}, and "
+                "chunked prefill is off (`enable_chunked_context` under inference_stack v1, `enable_chunked_prefill` "
+                "under v2): turn it on, or raise max_num_tokens",
                 code="request_too_large",
             )
         if max(prompt) >= self.vocab_size or min(prompt) < 0:

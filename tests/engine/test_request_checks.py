@@ -24,7 +24,9 @@ def engine(smollm2_dir: Path) -> LLMEngine:
     [
         ((), {}, None, "the prompt is empty", None),
         (tuple(range(1, 200)), {}, None, "max_seq_len is 128", None),
-        (tuple(range(1, 100)), {}, None, "more than max_num_tokens 64", None),
+        # probe JH #1: the field to turn on is named under either stack (it said "chunked context", v1's word alone)
+        (tuple(range(1, 100)), {}, None, "more than max_num_tokens 64, and chunked prefill is off "
+         r"\(`enable_chunked_context` under inference_stack v1, `enable_chunked_prefill` under v2\)", None),
         ((1, 10**6), {}, None, "prompt token ids must be in", None),
         ((1, 2), {}, "sql", "no LoRA adapter named 'sql'", None),
         ((1, 2), {"n": 64, "temperature": 1.0, "max_tokens": 120}, None, "The KV cache holds", "n"),
