@@ -28,6 +28,7 @@ from engine_builder.build.peft_lora import (
     read_tensors,
 )
 from engine_builder.common.artifact import EngineDir, LoraAdapter, SourceInfo, sha256_file
+from engine_builder.common.types import TRUSS_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ def check_adapter_names(loaded: LoadedConfig, served_name: str | None) -> None:
         field = f"trt_llm.build.lora_adapters.{name}"
         if name in (".", ".."):
             raise BuildError(f"{field}: {name!r} cannot name the adapter's folder; pick a name with a letter or digit")
+        if name == TRUSS_MODEL_NAME:  # probe JF: requests for the deployment by Truss's name would reach the adapter
+            raise BuildError(
+                f"{field}: {name!r} is Truss's name for the deployment itself (its readiness check asks for "
+                "/v1/models/model, its predict route is /v1/models/model:predict); rename the adapter"
+            )
         if name == served_name:
             raise BuildError(
                 f"{field}: the adapter has the served model name {name!r}, so the base model could not be asked "

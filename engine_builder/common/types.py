@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+# Truss's name for the deployment itself: its readiness check asks for /v1/models/model, its predict route is
+# /v1/models/model:predict (so no LoRA adapter may take it)
+TRUSS_MODEL_NAME = "model"
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string

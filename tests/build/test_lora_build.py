@@ -362,8 +362,9 @@ def test_refusals_leave_no_engine(case: str, tmp_path: Path, smollm2_dir: Path) 
 def test_refusals_of_names(tmp_path: Path, smollm2_dir: Path) -> None:
     adapter = simple_adapter(tmp_path / "adapter")
     for name, message in ((
-        "..", r"'\.\.' cannot name the adapter's folder"), ("test-model", r"has the served model name 'test-model'"
-    )):  # fmt: skip
+        "..", r"'\.\.' cannot name the adapter's folder"), ("test-model", r"has the served model name 'test-model'"),
+        ("model", r"'model' is Truss's name for the deployment itself"),  # probe JF
+    ):  # fmt: skip
         config = lora_config(tmp_path, smollm2_dir, {name: local(adapter)})
         with pytest.raises(BuildError, match=message):
             build(config, tmp_path / "engine")

@@ -6,12 +6,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from engine_builder import __version__
+from engine_builder.common.types import TRUSS_MODEL_NAME
 from engine_builder.serve.server.errors import APIError
 from engine_builder.serve.server.state import ServerState
 
 router = APIRouter()
 STARTED = int(time.time())
-TRUSS_MODEL_NAME = "model"  # Truss's readiness check asks for /v1/models/model
 ENGINE_STOPPED = "engine loop stopped: the server needs a restart (the server log says why)"
 USER_MODEL_UNHEALTHY = "the user model's is_healthy() says it is not healthy"
 MAX_FAILURE_CHARS = 300  # the probes are open without a key: the cause's first line, cut short
