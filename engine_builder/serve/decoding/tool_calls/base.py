@@ -13,7 +13,7 @@ which `ParseResult.followed` runs in a loop, so calls chained by repeated tags n
 import abc
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +52,15 @@ def is_json(text: str) -> bool:
 
 def _nesting_depth(text: str) -> int:
     """How deep the brackets of `text` nest, those inside its strings left out."""
-    depth = deepest = 0
+    return max((depth for _, depth in _bracket_depths(text, 0)), default=0)
+
+
+def _bracket_depths(text: str, start: int) -> Iterator[tuple[int, int]]:
+    """(index, depth after it) for each bracket of `text` from `start`, those inside JSON strings left out."""
+    depth = 0
     in_string = escaped = False
-    for char in text:
+    for index in range(start, len(text)):
+        char = text[index]
         if in_string:
             if escaped:
                 escaped = False
@@ -66,10 +72,10 @@ def _nesting_depth(text: str) -> int:
             in_string = True
         elif char in "{[":
             depth += 1
-            deepest = max(deepest, depth)
+            yield index, depth
         elif char in "}]":
             depth -= 1
-    return deepest
+            yield index, depth
 
 
 def unwrap_encoded_object(arguments: str) -> str:
@@ -396,26 +402,9 @@ def scan_json_value(text: str, start: int) -> tuple[int, bool]:
         return len(text), False
     opener = text[position]
     if opener in "{[":
-        depth = 0
-        in_string = False
-        escaped = False
-        for index in range(position, len(text)):
-            char = text[index]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif char == "\\":
-                    escaped = True
-                elif char == '"':
-                    in_string = False
-            elif char == '"':
-                in_string = True
-            elif char in "{[":
-                depth += 1
-            elif char in "}]":
-                depth -= 1
-                if depth == 0:
-                    return index + 1, True
+        for index, depth in _bracket_depths(text, position):
+            if depth == 0:
+                return index + 1, True
         return len(text), False
     if opener == '"':
         escaped = False
