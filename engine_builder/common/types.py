@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 # /v1/models/model:predict (so no LoRA adapter may take it)
 TRUSS_MODEL_NAME = "model"
 
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_seq_len reached

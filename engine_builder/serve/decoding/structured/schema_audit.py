@@ -552,14 +552,10 @@ def _whole_bounds(node: dict[str, Any]) -> None:
         else:
             highest.append(math.ceil(value) - 1)
     if lowest:
-        node["minimum"] = max([*lowest, *([node["minimum"]] if _is_number(node.get("minimum")) else [])])
+        node["minimum"] = max([*lowest, *([node["minimum"]] if JSON_TYPES["number"](node.get("minimum")) else [])])
     if highest:
-        node["maximum"] = min([*highest, *([node["maximum"]] if _is_number(node.get("maximum")) else [])])
+        node["maximum"] = min([*highest, *([node["maximum"]] if JSON_TYPES["number"](node.get("maximum")) else [])])
     for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         value = node.get(key)
         if isinstance(value, float) and value.is_integer():
             node[key] = int(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
