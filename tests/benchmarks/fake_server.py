@@ -90,6 +90,9 @@ class FakeServer:
                 await self._route(method, path, body, writer, headers.get("authorization"))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # stop() cancels idle keep-alive handlers; ending quietly keeps asyncio from logging each one as an error
+            pass
         finally:
             writer.close()
 

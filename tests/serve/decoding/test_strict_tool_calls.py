@@ -207,7 +207,7 @@ def test_a_strict_tools_regular_expressions_are_not_run_on_unmarked_calls() -> N
     text = json.dumps({"name": "f", "arguments": {"s": "a" * 40 + "b"}})
     began = time.perf_counter()
     result = tool_parser("hermes", {"f": schema}, strict=frozenset({"f"})).parse(text, final=True)
-    assert time.perf_counter() - began < 0.5 and result.calls == []
+    assert time.perf_counter() - began < 2.0 and result.calls == []  # backtracking would take minutes
     keys = {"type": "object", "patternProperties": {"^(a+)+$": {"type": "integer"}}}
     assert tool_parser("hermes", {"f": keys}, strict=frozenset({"f"})).parse(text.replace('"s"', '"k"'), True).calls == []
 
