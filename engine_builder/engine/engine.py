@@ -69,6 +69,13 @@ class LLMEngine:
         spec = self.runner.model.spec
         self.vocab_size = spec.vocab_size
         self.max_model_len = min(config.max_seq_len, spec.max_position_embeddings)
+        if not config.enable_chunked_prefill and config.max_num_tokens < self.max_model_len - 1:
+            # said once at start: otherwise the first long prompt is where an operator learns of the limit
+            logger.warning(
+                "chunked prefill is off and max_num_tokens is %d, below max_seq_len %d: prompts longer than %d "
+                "tokens will be refused",
+                config.max_num_tokens, self.max_model_len, config.max_num_tokens,
+            )
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.sampler = make_sampler(spec.vocab_size, self.runner.device)

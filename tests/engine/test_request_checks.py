@@ -1,6 +1,7 @@
 """LLMEngine.check_request refuses what the engine could never run, by name; add_request, given a checked
 request, does not check it again (one input step per request)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,20 @@ def test_check_request_refuses_by_name(
     with pytest.raises(RequestRejectedError, match=message) as refused:
         engine.check_request(request)
     assert refused.value.param == param
+
+
+def test_an_engine_that_refuses_long_prompts_says_so_at_start(
+    engine: LLMEngine, smollm2_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Left by the twenty-first session: with chunking off and max_num_tokens below max_seq_len the engine started
+    silently, and the first long prompt was where the limit showed."""
+    with caplog.at_level("WARNING", logger="engine_builder.engine.engine"):
+        LLMEngine(engine.config, (2,)).close()
+    assert "prompts longer than 64 tokens will be refused" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine_builder.engine.engine"):
+        LLMEngine(dataclasses.replace(engine.config, enable_chunked_prefill=True), (2,)).close()
+    assert "will be refused" not in caplog.text
 
 
 def test_add_request_does_not_repeat_the_check(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
