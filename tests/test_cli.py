@@ -78,10 +78,13 @@ def test_validate_exits_2_on_what_the_build_refuses_from_the_config_alone(
     (probe BG #5)."""
     from tests.serve.server.harness import write_config
 
-    def config(name: str, build: dict[str, Any], options: dict[str, Any] | None = None) -> Path:
+    def config(
+        name: str, build: dict[str, Any], options: dict[str, Any] | None = None, runtime: dict[str, Any] | None = None
+    ) -> Path:
         path = write_config(tmp_path / name, smollm2_dir)
         document = yaml.safe_load(path.read_text())
         document["trt_llm"]["build"].update(build)
+        document["trt_llm"].setdefault("runtime", {}).update(runtime or {})
         document["engine_builder"].update(options or {})
         path.write_text(yaml.safe_dump(document))
         return path
@@ -100,6 +103,17 @@ def test_validate_exits_2_on_what_the_build_refuses_from_the_config_alone(
         config("noq_opts.yaml", {}, {"quantizer": "modelopt", "quantization_min_top1_agreement": 0.9}):
             "engine_builder.quantizer, engine_builder.quantization_min_top1_agreement set, but "
             "trt_llm.build.quantization_type is no_quant, so nothing is quantized",
+        # probe KB #1: both backends refuse a KV fraction outside (0, 1], and validate passed it (exit 0, a warning
+        # under auto, nothing under trtllm); TensorRT-LLM mapping refusals ran only at build time
+        config("kv0.yaml", {}, runtime={"kv_cache_free_gpu_mem_fraction": 0.0}):
+            "no backend here can honour what this config asks for: trt_llm.runtime.kv_cache_free_gpu_mem_fraction: 0.0",
+        config("kv0_trt.yaml", {}, {"backend": "trtllm"}, {"kv_cache_free_gpu_mem_fraction": 0.0}):
+            "no backend here can honour what this config asks for: trt_llm.runtime.kv_cache_free_gpu_mem_fraction: 0.0",
+        config(
+            "calib_trt.yaml",
+            {"quantization_type": "fp8", "quantization_config": {"calib_dataset": "nobody/texts"}},
+            {"backend": "trtllm"},
+        ): "trt_llm.build.quantization_config.calib_dataset: nobody/texts is not a dataset TensorRT-LLM loads",
     }
     for path, reason in cases.items():
         assert main(["validate", str(path)]) == 2, path.name

@@ -569,10 +569,6 @@ def _check_supported(loaded: LoadedConfig, backend: str, options: EngineOptions)
     refused = config_refusals(loaded, backend, options)
     if refused:
         raise BuildError(refused[0])
-    if backend == "trtllm":
-        from engine_builder.build.compile.trtllm.mapping import check_mapping
-
-        check_mapping(loaded.trt_llm, loaded.base_dir)
 
 
 def config_refusals(loaded: LoadedConfig, backend: str, options: EngineOptions) -> list[str]:
@@ -618,6 +614,15 @@ def config_refusals(loaded: LoadedConfig, backend: str, options: EngineOptions) 
             f"trt_llm.build.lora_adapters apply to decoders; base_model is {build.base_model.value}, so remove them"
         )
     messages += quantization_options_without_quantization(loaded)
+    if backend == "trtllm" and not messages:
+        # The TensorRT-LLM mapping needs no TensorRT-LLM to run, so `validate` runs it too (probe KB #1: it passed
+        # configs the build refused). It stops at its first refusal, and may restate one above: only on a clean slate.
+        from engine_builder.build.compile.trtllm.mapping import check_mapping
+
+        try:
+            check_mapping(loaded.trt_llm, loaded.base_dir)
+        except BuildError as refusal:
+            messages.append(str(refusal))
     return messages
 
 

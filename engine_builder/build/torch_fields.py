@@ -217,7 +217,8 @@ FIELD_TABLE: tuple[Field, ...] = (
           "refused when true (as torch)", _skip_build_result_refused, every_backend=True),
     # runtime (v1)
     Field("runtime.kv_cache_free_gpu_mem_fraction", "honoured (on CPU: of the KV memory budget); refused outside (0, 1]",
-          "KvCacheConfig free_gpu_memory_fraction (refused outside (0, 1])", _kv_cache_fraction_refused),
+          "KvCacheConfig free_gpu_memory_fraction (refused outside (0, 1])", _kv_cache_fraction_refused,
+          every_backend=True),
     Field("runtime.kv_cache_host_memory_bytes", "refused when set: no host offload of KV blocks",
           "KvCacheConfig host_cache_size", lambda s: _runtime(s, "kv_cache_host_memory_bytes") is not None),
     Field("runtime.lora_cache_max_adapter_size", "refused when set: the pool holds every adapter from the start",

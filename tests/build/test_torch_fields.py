@@ -179,13 +179,14 @@ def test_what_no_backend_serves_is_refused_on_the_trtllm_backend_too(tmp_path: P
         "trt_llm.runtime.webserver_default_route: /v1/embeddings picks the route an encoder answers /predict-style "
         "calls with; a decoder (decoder) serves the OpenAI routes: remove it"
     ]
-    # The TensorRT-LLM mapping refuses the KV fraction itself (tests/build/compile/test_trtllm_mapping.py).
+    # Both backends refuse a KV fraction outside (0, 1], in one wording, so `validate` calls it an error under
+    # backend auto (probe KB #1: a warning naming the torch backend alone); the mapping's own check stays behind it.
     fraction = load_config(_config(tmp_path, smollm2_dir, {}, {"kv_cache_free_gpu_mem_fraction": 0.0}, False))
-    assert refusals(fraction.trt_llm, "trtllm") == []
-    assert torch_refusals(fraction.trt_llm) == [
+    expected = [
         "trt_llm.runtime.kv_cache_free_gpu_mem_fraction: 0.0 is outside (0, 1]: it is the share of free accelerator "
         "memory (on CPU: of engine_builder.kv_cache_memory_bytes) the KV cache takes; set a value such as 0.9"
     ]
+    assert refusals(fraction.trt_llm, "trtllm") == torch_refusals(fraction.trt_llm) == expected
 
 
 def test_the_build_and_serve_sides_agree_on_the_encoder_routes() -> None:
