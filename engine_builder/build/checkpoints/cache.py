@@ -5,7 +5,7 @@ only once their marker is written, so an interrupted fetch never leaves a half c
       blobs/<sha256>                finished files, read-only, shared by every snapshot that holds them
       partial/<file key>.part       bytes received so far; the next attempt resumes with a byte range
       known/<file key>              the sha256 a (source, repo, path, fingerprint) downloaded to
-      snapshots/<key>/              a checkpoint folder: hard links into blobs/
+      snapshots/<key>/              a checkpoint folder: hard links into blobs/; never replaced once whole
       snapshots/<key>.json          the commit marker with file hashes; a folder without it is incomplete
       locks/<key>.lock              one fetch per snapshot at a time, across processes
       locks/file-<file key>.lock    one download per file at a time: snapshots of two revisions share files
@@ -71,6 +71,13 @@ class CheckpointCache:
     def file_key(source: str, location: str, file: RemoteFile) -> str:
         return digest(f"v{CACHE_LAYOUT_VERSION}", source, location, file.path, file.fingerprint)[:40]
 
+    @staticmethod
+    def content_key(listing_key: str, revision: str) -> str:
+        """The key of a snapshot whose listing carries no version (its key stays the same whatever the store serves):
+        the listing's key and the content's revision, so new content gets a new folder (probe KA #3) and the
+        listing's lock still guards it."""
+        return digest(f"v{CACHE_LAYOUT_VERSION}", listing_key, revision)[:40]
+
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         with (self.root / "locks" / f"{key}.lock").open("a") as handle:
@@ -99,11 +106,17 @@ class CheckpointCache:
     def commit_snapshot(
         self, key: str, staging: Path, files: dict[str, str], revision: str | None
     ) -> Snapshot:
-        """Rename the finished staging folder into place, then write the marker that makes it count."""
+        """Rename the finished staging folder into place, then write the marker that makes it count. A whole snapshot
+        already under `key` is kept and the staging folder dropped: a key names one content, and builds handed that
+        folder may still be reading it (replacing it made their files vanish, then hold other bytes; probe KA #3)."""
+        committed = self.load_snapshot(key)
+        if committed is not None:
+            shutil.rmtree(staging)
+            return committed
         final = self.root / "snapshots" / key
         marker = self.root / "snapshots" / f"{key}.json"
         marker.unlink(missing_ok=True)
-        if final.exists():
+        if final.exists():  # not whole: a commit that crashed before its marker, or a folder that lost files since
             shutil.rmtree(final)
         staging.rename(final)
         write_atomic(marker, json.dumps({"files": files, "revision": revision}, indent=1, sort_keys=True))

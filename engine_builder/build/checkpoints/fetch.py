@@ -109,16 +109,16 @@ class _Fetch:
         key = self.cache.snapshot_key(namespace, self.location, listing.revision, files)
         self.cache.sweep_leftovers()
         with self.cache.lock(key):
-            snapshot = self.cache.load_snapshot(key)
             if listing.is_unversioned:
-                if snapshot is not None:
-                    logger.info(
-                        "%s: the store gives no version (no ETag or Last-Modified), so the cached snapshot cannot "
-                        "be proven current; downloading again", self.source.describe(),
-                    )
-                    snapshot = None
+                logger.info(
+                    "%s: the store gives no version (no ETag or Last-Modified), so no cached snapshot can be proven "
+                    "current; downloading it again (unchanged content reuses its snapshot)", self.source.describe(),
+                )
                 for file in files:  # bytes kept by an earlier fetch may be of other content
                     self.cache.forget_file(self.cache.file_key(self.source.name, self.location, file))
+                snapshot = None
+            else:
+                snapshot = self.cache.load_snapshot(key)
             if snapshot is not None:
                 logger.info("%s: reusing cached snapshot %s", self.source.describe(), snapshot.path)
                 if base_model is not None:  # the snapshot may have been fetched without the checks
@@ -201,7 +201,10 @@ class _Fetch:
             if base_model is not None:
                 self._check_layout(staging, base_model, allow_prequantized, self.source.describe())
             revision = listing.revision or content_revision(files_sha)
-            snapshot = self.cache.commit_snapshot(key, staging, files_sha, revision)
+            # Without a version the key is the same whatever the store serves: keyed by content too, a changed file
+            # lands in a folder of its own, never over the one earlier builds were handed (probe KA #3).
+            commit_key = self.cache.content_key(key, revision) if listing.is_unversioned else key
+            snapshot = self.cache.commit_snapshot(commit_key, staging, files_sha, revision)
         except (CheckpointLayoutError, UnsafeArchiveError):
             shutil.rmtree(staging, ignore_errors=True)
             if not self.source.lists_checkpoint_files:

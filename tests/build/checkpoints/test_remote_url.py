@@ -288,8 +288,9 @@ def test_without_etag_or_last_modified_the_archive_is_downloaded_again(
     expected = hashlib.sha256((tmp_path / "new" / "model.safetensors").read_bytes()).hexdigest()
     assert second.files["model.safetensors"] == expected != first.files["model.safetensors"]
     assert "no ETag or Last-Modified" in caplog.text
-    # downloaded again into the same snapshot, not one more per build
-    assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 1
+    # each content in a folder of its own (the first build's is left as it was handed out), not one more per build
+    assert fetch_checkpoint(repository(http, "/plain.tar.gz"), cache_dir=cache_dir, progress=False) == second
+    assert len([path for path in snapshot_dirs(cache_dir) if path.is_dir()]) == 2
 
 
 def test_user_info_in_the_url_stays_out_of_the_log(
