@@ -185,11 +185,14 @@ class AzureSource(CheckpointSourceBase):
 
     def read_into(self, file: RemoteFile, start: int, sink: ByteSink) -> None:
         try:
+            # decompress=False: the stored bytes, as listed. A blob uploaded with `Content-Encoding: gzip` was decoded
+            # by the SDK, so it never matched its listed size and MD5, and a resumed read decoded from mid-stream.
             downloader = self._container.download_blob(
                 file.locator,
                 offset=start if start > 0 else None,
                 etag=file.fingerprint.removeprefix("etag:"),
                 match_condition=MatchConditions.IfNotModified,
+                decompress=False,
             )
             for chunk in downloader.chunks():
                 sink.write(chunk)

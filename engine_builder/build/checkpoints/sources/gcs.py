@@ -92,10 +92,12 @@ class GcsSource(CheckpointSourceBase):
         blob = self._client.bucket(self.bucket_name).blob(file.locator, generation=generation)
         try:
             # The download engine checks the size and the whole file's md5 (kept bytes included); a ranged read
-            # cannot check it here.
+            # cannot check it here. raw_download: the stored bytes, as listed; an object uploaded with
+            # `Content-Encoding: gzip` (`gsutil cp -Z`) was decoded, so it never matched its listed size and md5.
             blob.download_to_file(
-                _SinkWriter(sink), start=start if start > 0 else None, checksum=None, timeout=_timeout(), retry=None
-            )
+                _SinkWriter(sink), start=start if start > 0 else None, raw_download=True, checksum=None,
+                timeout=_timeout(), retry=None,
+            )  # fmt: skip
         except (google_errors.GoogleAPIError, auth_errors.GoogleAuthError, requests.RequestException) as error:
             raise self._translate(error, f"gs://{self.bucket_name}/{file.locator}") from None
 
