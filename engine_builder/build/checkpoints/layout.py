@@ -125,8 +125,15 @@ def _read_json(folder: Path, name: str, *, fix: str) -> Any:
     file = folder / name
     if not file.is_file():
         raise CheckpointLayoutError(f"{name} is missing: {fix}")
+    data = file.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip's magic: fetched as stored, and stored compressed
+        raise CheckpointLayoutError(
+            f"{name} is gzip-compressed: the store keeps it with `Content-Encoding: gzip` (as `gsutil cp -Z` or "
+            "`azcopy --content-encoding gzip` upload), and checkpoint files are fetched as stored, not decoded; "
+            "upload it uncompressed"
+        )
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointLayoutError(f"{name} is not valid JSON ({error}): {fix}") from None
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from engine_builder.build.checkpoints import Secrets, fetch_checkpoint
+from engine_builder.build.checkpoints.errors import CheckpointLayoutError
 from engine_builder.build.config import CheckpointRepository
+from engine_builder.build.config.enums import BaseModelKind
 from tests.build.checkpoints.factory import make_checkpoint
 from tests.emulators.http_server import LocalHttpServer, Recorded
 from tests.emulators.processes import Emulator
@@ -46,6 +48,15 @@ def test_an_azure_blob_stored_gzip_encoded_is_fetched_as_stored(
     repository = CheckpointRepository(source="AZURE", repo="azure://devstoreaccount1/checkpoints/gzip-encoded")
     fetched = fetch_checkpoint(repository, cache_dir=tmp_path / "cache", secrets=Secrets({}), progress=False)
     assert (fetched.path / ENCODED).read_bytes() == files[ENCODED]
+    # A config stored so is refused by what it is, not as a store fault or "not valid JSON"
+    container.upload_blob(
+        "gzip-encoded/config.json", gzip.compress(files["config.json"]), overwrite=True,
+        content_settings=ContentSettings(content_encoding="gzip"),
+    )  # fmt: skip
+    with pytest.raises(CheckpointLayoutError, match=r"config.json is gzip-compressed: .*upload it uncompressed"):
+        fetch_checkpoint(
+            repository, cache_dir=tmp_path / "cache", secrets=Secrets({}), progress=False, base_model=BaseModelKind.ENCODER
+        )
 
 
 def test_a_gcs_object_stored_gzip_encoded_is_fetched_as_stored(
