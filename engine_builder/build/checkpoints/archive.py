@@ -1,7 +1,8 @@
 """Safe extraction of a checkpoint tarball (REMOTE_URL), in one streaming pass. Each member is checked before
 its bytes are written: absolute paths, `..`, links that leave the tree, device files and archives over the
 size or member limits are refused, and a refusal removes everything this call wrote. Links inside the tree
-become copies of their target; nothing is ever written as a link.
+become copies of their target, counted against the size limit like the files they copy; nothing is ever written
+as a link.
 """
 
 import gzip
@@ -56,7 +57,7 @@ def extract_checkpoint_archive(
     raw = destination / f".unpacking-{secrets.token_hex(4)}"
     raw.mkdir()
     try:
-        written, links, names = _unpack_raw(archive, raw, lambda name: _wanted(name, keep), limits, what)
+        written, links, names, total = _unpack_raw(archive, raw, lambda name: _wanted(name, keep), limits, what)
         wanted_links = {name: _resolve(name, links, what) for name in links if _wanted(name, keep)}
         missing = set(wanted_links.values()) - set(written)
         if missing:
@@ -67,6 +68,11 @@ def extract_checkpoint_archive(
                 raise CheckpointLayoutError(
                     f"{what}: link {name!r} points at {target!r}, which is not in the archive"
                 )
+            # A link costs a header, its copy the whole file: a few KB of links to one big member filled the disk
+            # at many times the limit (probe KA #1).
+            total += (raw / target).stat().st_size
+            if total > limits.max_total_bytes:
+                raise _over_limit(limits, what, " once its links are copied")
             (raw / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(raw / target, raw / name)
             written[name] = written[target]
@@ -96,9 +102,9 @@ def extract_checkpoint_archive(
 
 def _unpack_raw(
     archive: Path, raw: Path, write: Callable[[str], bool], limits: ArchiveLimits, what: str
-) -> tuple[dict[str, str], dict[str, str], list[str]]:
+) -> tuple[dict[str, str], dict[str, str], list[str], int]:
     """Check every member; write the regular files `write` selects under their archive names. Returns
-    (written name -> sha256, link name -> resolved target, every file name)."""
+    (written name -> sha256, link name -> resolved target, every file name, the regular members' total size)."""
     written: dict[str, str] = {}
     links: dict[str, str] = {}
     names: list[str] = []
@@ -119,10 +125,7 @@ def _unpack_raw(
                     continue
                 total += member.size
                 if total > limits.max_total_bytes:
-                    raise UnsafeArchiveError(
-                        f"{what}: unpacks to more than {limits.max_total_bytes} bytes; refusing to unpack "
-                        "(raise ENGINE_BUILDER_ARCHIVE_MAX_BYTES if the checkpoint really is that large)"
-                    )
+                    raise _over_limit(limits, what)
                 if write(name):
                     written[name] = _write(tar, member, raw / name)
             while stream.read(1 << 20):  # to the gzip trailer, whose CRC tarfile's stream mode never checks
@@ -135,7 +138,14 @@ def _unpack_raw(
         ) from None
     except EOFError:
         raise CheckpointLayoutError(f"{what}: the archive is truncated; publish it again") from None
-    return written, links, names
+    return written, links, names, total
+
+
+def _over_limit(limits: ArchiveLimits, what: str, counting: str = "") -> UnsafeArchiveError:
+    return UnsafeArchiveError(
+        f"{what}: unpacks to more than {limits.max_total_bytes} bytes{counting}; refusing to unpack "
+        "(raise ENGINE_BUILDER_ARCHIVE_MAX_BYTES if the checkpoint really is that large)"
+    )
 
 
 @contextmanager
