@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_builder.build.checkpoints import UnsafeArchiveError, fetch_checkpoint
+from engine_builder.build.checkpoints import CheckpointLayoutError, UnsafeArchiveError, fetch_checkpoint
 from engine_builder.build.checkpoints.archive import ArchiveLimits, extract_checkpoint_archive
 from engine_builder.build.checkpoints.selection import is_needed
 from engine_builder.build.config import CheckpointRepository
@@ -61,3 +61,15 @@ def test_a_link_bomb_at_a_remote_url_is_refused(
                          cache_dir=cache_dir, progress=False)  # fmt: skip
     assert snapshot_dirs(cache_dir) == []
 
+
+def test_an_empty_archive_is_named_at_once(http: LocalHttpServer, cache_dir: Path) -> None:
+    """Probe KA: a 0-byte object (a failed upload) answers 416 to the one-byte probe; that was retried, then reported
+    as a bare "HTTP 416"."""
+    http.add_file("/empty.tar.gz", b"")
+    with pytest.raises(CheckpointLayoutError) as raised:
+        fetch_checkpoint(CheckpointRepository(source="REMOTE_URL", repo=f"{http.url}/empty.tar.gz?{SIGNATURE}"),
+                         cache_dir=cache_dir, progress=False)  # fmt: skip
+    assert str(raised.value).startswith(f"REMOTE_URL {http.url}/empty.tar.gz: the archive is empty (0 bytes); "
+                                        "publish it again")  # fmt: skip
+    assert "presigned-secret" not in str(raised.value)
+    assert len(http.requests_for("/empty.tar.gz")) == 1  # not retried: another try finds it as empty

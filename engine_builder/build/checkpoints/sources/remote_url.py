@@ -11,6 +11,7 @@ import httpx
 from engine_builder.build.checkpoints.archive import ArchiveLimits, extract_checkpoint_archive
 from engine_builder.build.checkpoints.errors import (
     CheckpointDownloadError,
+    CheckpointLayoutError,
     CheckpointNotFoundError,
     UnsafeArchiveError,
 )
@@ -48,6 +49,13 @@ class RemoteUrlSource(CheckpointSourceBase):
         # A one-byte ranged GET rather than HEAD: presigned URLs are signed for GET only.
         try:
             with self._client.stream("GET", self.url, headers={**AS_STORED, "Range": "bytes=0-0"}) as response:
+                if response.status_code == 416:
+                    # Only an empty file has no first byte (RFC 9110); as a plain HTTP error it was retried, then
+                    # reported as a bare "HTTP 416" (probe KA #4).
+                    raise CheckpointLayoutError(
+                        f"{self.describe()}: the archive is empty (0 bytes); publish it again, and check that its "
+                        "upload finished"
+                    )
                 raise_for_status(response, self.describe(), auth_hint=AUTH_HINT)
                 size = _total_size(response)
                 validator = response.headers.get("etag") or response.headers.get("last-modified") or ""
