@@ -1,7 +1,7 @@
 """Serving metrics from request records: TTFT, TPOT, ITL, E2E, throughput, goodput, items/s.
 
 Definitions (also in benchmarks/README.md):
-- TTFT: send -> first chunk carrying output text.  E2E: send -> last byte of the response.
+- TTFT: send -> first chunk carrying output text.  E2E: send -> the end of the response (`[DONE]` on a stream).
 - TPOT (per request): (E2E - TTFT) / (output_tokens - 1); undefined for 1-token outputs.
 - ITL: gaps between consecutive output chunks, pooled over requests; a chunk holding k tokens
   contributes k samples of gap/k (token-weighted), so bursty servers are not flattered or punished.
@@ -187,7 +187,8 @@ def summarize_generative(
     duration = measured_duration(records, cancelled_span)
     total_output = sum(record.output_tokens for record in completed)
     prompt_counts = [record.prompt_tokens for record in completed]
-    total_input = sum(c for c in prompt_counts if c is not None) if None not in prompt_counts else None
+    # unknown (None) when any completed request's count is, or when none completed: 0 tok/s would read as measured
+    total_input = sum(c for c in prompt_counts if c is not None) if completed and None not in prompt_counts else None
     tpots = [tpot for record in completed if (tpot := record.tpot) is not None]
     ttfts = [ttft for record in completed if (ttft := record.ttft) is not None]
     itls = [gap for record in completed for gap in itl_samples(record)]

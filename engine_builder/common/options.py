@@ -116,7 +116,8 @@ class EngineOptions(pydantic.BaseModel):
     cpu_fused_decode: bool = pydantic.Field(
         default=True,
         description="On the CPU, run every layer of a decode-only step of a Llama-shaped bf16 model in one native "
-        "call (bit-identical to the per-op path); ENGINE_BUILDER_FUSED_DECODE=0 also turns it off",
+        "call (bit-identical to the per-op path); needs the AVX512-BF16 GEMM (without it, it is off and the log says "
+        "so); ENGINE_BUILDER_FUSED_DECODE=0 also turns it off",
     )
     cuda_graphs: bool = pydantic.Field(
         default=True,
@@ -151,8 +152,9 @@ class EngineOptions(pydantic.BaseModel):
     auto_truncate: bool | None = pydantic.Field(
         default=None,
         description="Encoders: cut inputs longer than the model's limit when the request does not ask (true) or "
-        "refuse them (false); unset = /v1/embeddings and the rerank routes refuse (400, as OpenAI does) and TEI's "
-        "/embed and /predict follow BEI (encoder_bert truncates, encoder refuses)",
+        "refuse them (false); unset = /v1/embeddings and rerank in Cohere's shape (`documents`) refuse (as OpenAI "
+        "does), and TEI's /embed, /predict and /rerank in TEI's shape (`texts`) follow BEI (encoder_bert truncates, "
+        "encoder refuses)",
     )
     matryoshka: bool | Literal["auto"] = pydantic.Field(
         default="auto",

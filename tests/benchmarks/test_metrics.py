@@ -106,6 +106,8 @@ def test_summary_throughput_goodput_and_failures() -> None:
     assert summary.token_sources == {"usage": 2}
     assert summary.errors == {"HTTP 500: boom": 1}
     assert summary.per_user_tokens_per_s_p50 == pytest.approx(10.0)
+    # probe KD #4: with every request failed the input rate is unknown, not a measured 0
+    assert summarize_generative([failed]).input_throughput is None
 
 
 def test_single_token_request_counts_as_tpot_zero_for_goodput() -> None:

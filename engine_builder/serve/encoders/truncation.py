@@ -40,9 +40,9 @@ REFUSE_OVER_LENGTH = Truncation()  # the engine's default: cut nothing, refuse p
 class TruncationDefaults:
     """Whether an over-length input is truncated when the request does not say, for each family of routes.
 
-    /v1/embeddings and the rerank routes refuse by default: OpenAI answers 400 and vLLM truncates only when asked.
-    TEI's /embed and /predict follow TEI's `--auto-truncate`, which Baseten's BEI-Bert image turns on and BEI's
-    does not. The deployment's `auto_truncate`, when set, decides for both.
+    /v1/embeddings and rerank in Cohere's shape refuse by default: OpenAI answers 400 and vLLM truncates only when
+    asked. TEI's /embed, /predict and /rerank in TEI's shape (`texts`) follow TEI's `--auto-truncate`, which
+    Baseten's BEI-Bert image turns on and BEI's does not. The deployment's `auto_truncate`, when set, decides for both.
     """
 
     embeddings_and_rerank: bool
