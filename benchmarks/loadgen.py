@@ -263,8 +263,9 @@ async def _closed_loop(
     deadline: float,
     records: list[RequestRecord],
     bar: tqdm,
-) -> int:
-    """Run N workers; returns how many requests were still in flight at the grace limit."""
+) -> tuple[int, int]:
+    """Run N workers; returns how many requests were still in flight at the grace limit (and 0: a worker sends what
+    it takes at once)."""
     queue = iter(enumerate(items))
     in_flight = 0
 
@@ -284,7 +285,7 @@ async def _closed_loop(
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    return in_flight
+    return in_flight, 0
 
 
 async def _open_loop(
@@ -294,17 +295,24 @@ async def _open_loop(
     start: float,
     records: list[RequestRecord],
     bar: tqdm,
-) -> int:
-    """Poisson arrivals; returns how many requests were still running at the grace limit."""
+) -> tuple[int, int]:
+    """Poisson arrivals; returns how many arrivals were not done at the grace limit, and how many of those were
+    never sent (waiting for a `max_concurrency` slot)."""
     assert plan.request_rate is not None
     gate = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
+    sending = 0
 
     async def one(item: WorkItem, index: int) -> None:
+        nonlocal sending
         if gate is None:
+            sending += 1
             record = await client.send(item, index)
+            sending -= 1
         else:
             async with gate:
+                sending += 1
                 record = await client.send(item, index)
+                sending -= 1
         records.append(record)
         bar.update(1)
 
@@ -315,13 +323,14 @@ async def _open_loop(
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         tasks.append(asyncio.create_task(one(items[index], index)))
     if not tasks:
-        return 0
+        return 0, 0
     remaining = max(0.0, start + plan.max_seconds + plan.grace_seconds - time.perf_counter())
     _, pending = await asyncio.wait(tasks, timeout=remaining)
+    running = sending  # read before the cancellations below unwind the counts
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    return len(pending)
+    return len(pending), len(pending) - running
 
 
 async def warm_up(
@@ -374,9 +383,9 @@ async def run_load(
     start = time.perf_counter()
     try:
         if plan.request_rate is None:
-            incomplete = await _closed_loop(client, items, plan, start + plan.max_seconds, records, bar)
+            incomplete, unsent = await _closed_loop(client, items, plan, start + plan.max_seconds, records, bar)
         else:
-            incomplete = await _open_loop(client, items, plan, start, records, bar)
+            incomplete, unsent = await _open_loop(client, items, plan, start, records, bar)
     finally:
         bar.close()
     ended = time.perf_counter()
@@ -385,9 +394,15 @@ async def run_load(
             f"no request sent in the time limit: the first arrival at {plan.request_rate:g} req/s falls "
             f"{plan.first_arrival_s():.1f} s in, after max_seconds {plan.max_seconds:g}; raise --max-seconds or the rate"
         )
-    if incomplete:
+    if incomplete > unsent:
         notes.append(
-            f"{incomplete} request(s) still running {plan.grace_seconds:g} s after the duration bound were cancelled"
+            f"{incomplete - unsent} request(s) still running {plan.grace_seconds:g} s after the duration bound were "
+            "cancelled"
+        )
+    if unsent:  # they arrived, so they count as not completed (and miss every SLO), but the server never saw them
+        notes.append(
+            f"{unsent} arrival(s) still waiting for one of the {plan.max_concurrency} --max-concurrency slots "
+            f"{plan.grace_seconds:g} s after the duration bound were never sent"
         )
     records.sort(key=lambda record: record.index)
     return LoadResult(records, incomplete, warmup_records, notes, start, ended)

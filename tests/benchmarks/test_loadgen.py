@@ -294,6 +294,24 @@ def test_duration_bound_stops_launching_and_grace_cancels(server: FakeServer) ->
     assert summary.goodput_fraction == 0.0
 
 
+def test_arrivals_never_sent_for_want_of_a_slot_are_not_called_running(server: FakeServer) -> None:
+    """Probe KD #2: under --max-concurrency, arrivals still waiting for a slot at the grace limit were reported as
+    requests "still running" and cancelled, though the server never saw them."""
+    server.script = Script(ttft_s=1.0, gap_s=0.0)
+    plan = LoadPlan(
+        request_rate=float("inf"), max_concurrency=1, num_requests=5, warmup_requests=0, max_seconds=0.5,
+        grace_seconds=0.4,
+    )  # fmt: skip
+    result, _ = run(server, plan, chat_items(5, 2), warmup=0)
+    assert len(server.bodies) == 1 and result.records == []
+    assert result.num_incomplete == 5  # they arrived: none completed, each misses the SLO
+    assert result.notes == [
+        "1 request(s) still running 0.4 s after the duration bound were cancelled",
+        "4 arrival(s) still waiting for one of the 1 --max-concurrency slots 0.4 s after the duration bound were "
+        "never sent",
+    ]
+
+
 def test_poisson_arrivals_are_seeded_and_follow_the_rate(server: FakeServer) -> None:
     offsets = poisson_arrivals(20.0, 2000, seed=3)
     assert offsets == poisson_arrivals(20.0, 2000, seed=3)
