@@ -162,6 +162,10 @@ class ReasoningOmittedOutput(ChoiceOutput):
         super().__init__()
         self.inner = inner
 
+    @property
+    def calls_tools(self) -> bool:  # else a calls-only stream began with content "" where the whole reply has null
+        return self.inner.calls_tools
+
     def feed(self, text: str, final: bool, token_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
         deltas = self.inner.feed(text, final, token_ids)
         return [kept for delta in deltas if (kept := {k: v for k, v in delta.items() if k != "reasoning_content"})]

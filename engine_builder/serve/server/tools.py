@@ -156,7 +156,8 @@ class ToolCallOutput(ChoiceOutput):
         content: str | None = None  # a forced reply is calls alone: one cut short is dropped, never shown as prose
         if self.parser.writes_content:
             text = self.stream.content_from(0) if _shows_content(self.stream, final=True) else ""
-            content = text if (text or not calls) else None
+            # null when empty, as the stream's first delta says it before it can know whether calls follow
+            content = text or None
         return FinalOutput(
             content=content, finish_reason=reason, stop_reason=stop_reason, tool_calls=calls, complete_call_ids=complete_call_ids
         )

@@ -65,3 +65,19 @@ def test_many_calls_stream_in_linear_work_as_the_whole_answer(
     assert (streamed[0], [(name, arguments) for _, name, arguments in streamed[1]]) == (
         content, [(name, arguments) for _, name, arguments in calls]
     )  # fmt: skip
+
+
+def test_an_empty_reply_is_null_content_as_its_stream_begins() -> None:
+    """Probe KC D2: with tools offered, an empty reply (a stop string as the first token) was content "" whole, while
+    the stream's first delta, sent before any call could show, said null."""
+    output = ToolCallOutput(tool_parser("hermes", TOOLS), True)
+    assert output.calls_tools and output.feed("", final=True) == []
+    assert output.result(None, None).content is None
+
+
+def test_omitting_reasoning_keeps_the_choice_a_tool_caller() -> None:
+    """Probe KC D1: `include_reasoning: false` wrapped the choice and hid `calls_tools`, so a calls-only stream
+    began with content "" where the whole reply had null."""
+    from engine_builder.serve.server.outputs import ReasoningOmittedOutput
+
+    assert ReasoningOmittedOutput(ToolCallOutput(tool_parser("hermes", TOOLS), True)).calls_tools
