@@ -24,6 +24,10 @@ RUN python3 -m pip freeze | grep -iE '^(torch|transformers|tokenizers|xgrammar|f
     && python3 -c "import importlib.util as u, engine_builder.serve.server.main; assert u.find_spec('tensorrt_llm')" \
     && rm /tmp/base-pins.txt
 
+# tini as the first process: it forwards signals to engine-builder and reaps children. A PID 1 without a handler
+# ignores SIGTERM (the command installs its own at start, but not before Python has started and imported it).
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+
 # A non-root user owns the writable paths: engines, download cache, secrets mount point.
 RUN useradd --uid ${APP_UID} --user-group --create-home --shell /usr/sbin/nologin engine \
     && mkdir -p /engines /cache /config /secrets \
@@ -43,5 +47,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=4 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)" || exit 1
 
 # Binding 0.0.0.0 requires an API key: set ENGINE_BUILDER_API_KEYS (comma-separated).
-ENTRYPOINT ["engine-builder"]
+ENTRYPOINT ["tini", "--", "engine-builder"]
 CMD ["run", "/config/config.yaml", "--engine-dir", "/engines/current", "--host", "0.0.0.0", "--port", "8000"]

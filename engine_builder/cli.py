@@ -14,7 +14,7 @@ from engine_builder.common.artifact import MANIFEST_SCHEMA_VERSION, Incompatible
 from engine_builder.common.backend_choice import BackendUnavailableError
 from engine_builder.common.redaction import redact_credentials
 from engine_builder.common.request_context import CURRENT_REQUEST_ID
-from engine_builder.common.termination import Terminated
+from engine_builder.common.termination import Terminated, stopped_by_sigterm
 
 EXIT_INVALID = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
@@ -129,8 +129,13 @@ def _run(args: argparse.Namespace) -> int:
 def entry() -> None:
     """The `engine-builder` command: `main`, then exit with its status. A build stopped by SIGTERM or Ctrl-C (its
     staging folder removed by then) exits at once: download threads blocked in a stalled read would otherwise hold
-    the interpreter's exit until their 120 s read timeout, past a pod's grace period (probe AH)."""
-    code = main()
+    the interpreter's exit until their 120 s read timeout, past a pod's grace period (probe AH).
+
+    SIGTERM stops the command from its start: serving replaces the handler with the drain's once the server runs,
+    and puts it back after. With the default action, a container's first process (PID 1) ignored SIGTERM while it
+    loaded the model, and a pod stopped then hung until its grace period ran out (probe KF #1)."""
+    with stopped_by_sigterm():
+        code = main()
     if code in (EXIT_TERMINATED, EXIT_INTERRUPTED):
         logging.shutdown()
         sys.stdout.flush()

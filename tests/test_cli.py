@@ -469,6 +469,38 @@ def test_build_leaves_the_callers_sigterm_handler_as_it_was(
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_while_the_server_loads_the_model_stops_it(tmp_path: Path, smollm2_dir: Path) -> None:
+    """Probe KF #1: between the build and the server's own handlers (the model loading) SIGTERM had its default
+    action, which a container's first process (PID 1) ignores: a pod stopped while loading hung for its whole grace
+    period. The command now stops on it from its start, exit 143, as a build does."""
+    import os
+    import signal
+
+    from tests.serve.server.harness import write_config
+
+    config = write_config(tmp_path / "config.yaml", smollm2_dir)
+    engine = tmp_path / "engine"
+    assert _cli("build", str(config), "-o", str(engine)).returncode == 0
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine_builder.cli", "serve", str(engine), "--port", "0"],
+        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        seen = []
+        for line in server.stdout:  # logged just before the model loads
+            seen.append(line)
+            if "no API key set" in line:
+                break
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 143, "".join(seen)
+        assert "Uvicorn running" not in "".join(seen) + server.stdout.read()
+    finally:
+        server.kill()
+        server.wait()
+
+
 @pytest.mark.parametrize(("model_name", "folder"), [(".", "_"), ("..", "__"), ("", "_"), ("a/b", "a_b"), ("m.v2", "m.v2")])
 def test_a_model_name_always_names_one_folder_inside_the_engines_root(model_name: str, folder: str) -> None:
     """`model_name: "."` built into the engines root itself, and its next rebuild replaced the root, other engines

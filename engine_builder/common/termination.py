@@ -1,7 +1,8 @@
-"""SIGTERM during a build: the work stops as on Ctrl-C (a KeyboardInterrupt), so its staging folder is removed and
-the command exits 143. Serving has its own SIGTERM handler (the drain), so this handler is installed only while a
-build runs: `build`, and the build `run` and `serve CONFIG` do before they serve (a pod deleted or rolled during an
-hour-long build gets SIGTERM, and the process died on the default action, leaving its staging folder: probe AU)."""
+"""SIGTERM stops the work as Ctrl-C does (a KeyboardInterrupt): a build's staging folder is removed and the command
+exits 143. The `engine-builder` command installs the handler at its start; a build (`build`, and the build `run` and
+`serve CONFIG` do before they serve) installs it again, for callers that run it in-process (a pod deleted or rolled
+during an hour-long build gets SIGTERM, and the process died on the default action, leaving its staging folder:
+probe AU). Serving has its own SIGTERM handler (the drain) while the server runs."""
 
 import signal
 import threading

@@ -39,7 +39,9 @@ def test_healthcheck_probes_health_and_the_port_is_the_manifests_port() -> None:
 
 
 def test_entrypoint_builds_and_serves_the_mounted_config() -> None:
-    assert _instructions("ENTRYPOINT") == ['["engine-builder"]']
+    # tini first: a PID 1 ignores a signal it has no handler for (probe KF #1)
+    assert _instructions("ENTRYPOINT") == ['["tini", "--", "engine-builder"]']
+    assert "apt-get install -y --no-install-recommends tini" in DOCKERFILE
     (cmd,) = _instructions("CMD")
     assert cmd.startswith('["run", "/config/config.yaml"') and '"0.0.0.0"' in cmd
 

@@ -99,6 +99,9 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         host=args.host,
         port=args.port,
         log_level="info",
+        # uvicorn's records (the access log among them) go through the command's handler, so they end with the
+        # x-request-id as every line written while serving a request does (its own format left it off: probe KF #2)
+        log_config=None,
         # DrainingServer.shutdown has already waited out the drain (and the 503s it ends with); this is only the
         # time the handlers still get to send those answers before uvicorn cancels them
         timeout_graceful_shutdown=int(ANSWER_GRACE_S),

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -50,6 +51,18 @@ def test_raw_sse_framing(server: ServerProcess) -> None:
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
     assert "usage" not in payloads[0]  # only present when include_usage asks for it
     assert sum(1 for p in payloads for c in p["choices"] if c["finish_reason"]) == 1
+
+
+def test_the_access_log_line_names_the_request(server: ServerProcess) -> None:
+    """Probe KF #2: uvicorn wrote its access lines in its own format, without the `[request <x-request-id>]` every
+    other line written while serving a request ends with."""
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers={"x-request-id": "acc-log-7"})
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while '"POST /v1/chat/completions HTTP/1.1" 200 [request acc-log-7]' not in server.log_path.read_text():
+        assert time.monotonic() < deadline, server.log_path.read_text()[-2000:]
+        time.sleep(0.05)
 
 
 def test_the_message_has_openais_keys(server: ServerProcess) -> None:
