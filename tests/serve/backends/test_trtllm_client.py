@@ -401,14 +401,42 @@ def test_unsupported_sampling_is_refused_before_reaching_tensorrt_llm(
             await client.prepare(_request(n=2, temperature=0.7, top_k=1))
         assert refused.value.param == "n"
         # TensorRT-LLM's own SamplingParams check (top_p in [0, 1]; the server's request checks refuse 1.5 first)
-        # also refuses at admission, before anything streams
+        # also refuses at admission, before anything streams (top_k=1: a lookahead engine takes greedy requests only)
         with pytest.raises(UnsupportedRequestError, match="refused the sampling parameters") as refused:
-            await client.prepare(_request(n=2, temperature=1.0, top_p=1.5))
+            await client.prepare(_request(temperature=1.0, top_k=1, top_p=1.5))
         assert refused.value.param is None
         await client.shutdown(0)
 
     asyncio.run(main())
     assert fake_trtllm.calls("_TrtLLM.generate_async") == []
+
+
+def test_a_lookahead_engine_takes_greedy_unguided_requests_only(tmp_path: Path, fake_trtllm: ModuleType) -> None:
+    """TensorRT-LLM's lookahead layer decodes top-1 and its guided decoder follows one token per step (probe KE):
+    sampled and guided requests are refused at admission, by name; a greedy one is served."""
+    write_engine_config(tmp_path)
+    client = _client(tmp_path, backend=LlmBackend.TENSORRT, lookahead=LookaheadSpec(4, 3, 4))
+    update = fake_trtllm.Update
+    _script(fake_trtllm, [[update(text="", token_ids=[5, 6, 7], finish_reason="length")]])
+
+    async def main() -> list[GenerationDelta]:
+        await client.start()
+        with pytest.raises(UnsupportedRequestError, match="lookahead") as refused:
+            await client.prepare(_request(n=2, temperature=0.9, top_p=0.8, seed=7))
+        assert refused.value.param == "temperature"
+        with pytest.raises(GuideError, match="lookahead") as guide_refused:
+            await client.prepare(_request(temperature=0.0, guide=Guide(GuideKind.JSON_SCHEMA, '{"type": "object"}')))
+        assert guide_refused.value.param == "response_format"
+        assert fake_trtllm.calls("_TrtLLM.generate_async") == []
+        try:
+            return await _collect(client, _request(temperature=0.0, max_tokens=3))
+        finally:
+            await client.shutdown(0)
+
+    deltas = asyncio.run(main())
+    assert deltas[-1].token_ids == [5, 6, 7] and deltas[-1].finish_reason == FinishReason.LENGTH
+    assert len(fake_trtllm.calls("_TrtLLM.generate_async")) == 1
+    assert fake_trtllm.calls("SamplingParams")[-1].kwargs["top_k"] == 1
 
 
 def test_prepare_builds_tensorrt_llms_sampling_params_that_generate_submits(

@@ -338,6 +338,58 @@ def test_lookahead_cannot_be_turned_off_per_request_on_a_lookahead_engine() -> N
     assert "use_lookahead" not in to_trtllm(SamplingParams(max_tokens=1, use_lookahead=False), PYTORCH).kwargs
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0.9},
+        {"temperature": 0.9, "top_p": 0.8, "seed": 7, "n": 2},
+        {"temperature": 1.0, "top_k": 5},
+        {"temperature": 0.01, "top_k": 50},
+    ],
+    ids=["temperature", "n-seed-top_p", "top_k", "low-temperature"],
+)
+def test_a_lookahead_engine_refuses_sampled_requests_naming_temperature(sampling: dict[str, Any]) -> None:
+    """TensorRT-LLM's lookahead layer takes the top-1 token for every request (`maxTopK = 1`), so a sampled request
+    would come back greedy, its choices identical (probe KE #1). Without lookahead the same request samples."""
+    params = SamplingParams(max_tokens=4, **sampling)
+    with pytest.raises(UnsupportedRequestError, match="lookahead") as refused:
+        to_trtllm(params, TENSORRT_LOOKAHEAD)
+    assert refused.value.param == "temperature"
+    assert "temperature to 0" in str(refused.value) and "--backend torch" in str(refused.value)
+    assert to_trtllm(params, TENSORRT).kwargs["temperature"] == sampling["temperature"]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.0, "top_p": 0.5, "seed": 3}, {"temperature": 0.7, "top_k": 1, "top_p": 0.8}],
+    ids=["temperature-0", "top_k-1"],
+)
+def test_a_lookahead_engine_serves_greedy_requests(sampling: dict[str, Any], fake_trtllm: ModuleType) -> None:
+    """Greedy as the torch engine's lookahead reads it (`is_greedy`: temperature 0 or top_k 1)."""
+    translated = to_trtllm(SamplingParams(max_tokens=4, **sampling), TENSORRT_LOOKAHEAD)
+    assert translated.kwargs["top_k"] == 1
+    adapter.sampling_params(translated.kwargs, None)
+
+
+@pytest.mark.parametrize(
+    "guide",
+    [
+        *_server_guides().values(),
+        Guide(GuideKind.REGEX, "a+"),
+        Guide(GuideKind.GRAMMAR, 'root ::= "a"'),
+    ],
+    ids=[*_server_guides(), "regex", "grammar"],
+)
+def test_a_lookahead_engine_refuses_guides_naming_their_field(guide: Guide) -> None:
+    """TensorRT-LLM's guided decoder follows one token per step; a lookahead step accepts several (probe KE #2)."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, guide=guide)
+    with pytest.raises(UnsupportedRequestError, match="lookahead") as refused:
+        to_trtllm(params, TENSORRT_LOOKAHEAD)
+    assert refused.value.param == guide.param
+    assert f"remove {guide.param}" in str(refused.value) and "--backend torch" in str(refused.value)
+    assert to_trtllm(params, TENSORRT).guide is not None
+
+
 def test_translated_kwargs_are_accepted_by_tensorrt_llm_sampling_params(fake_trtllm: ModuleType) -> None:
     params = SamplingParams(
         max_tokens=8,

@@ -11,7 +11,9 @@ TensorRT-LLM 1.2's PyTorch backend (v2) samples with TorchSampler, which reads o
 applies only `embedding_bias` and a `min_tokens` that counts the prompt: penalties, min_p, a seed, min_tokens and
 sampled logprobs are refused there by name, and bans go as `-inf` entries of `embedding_bias` instead of
 `bad_token_ids`. Guides go to `GuidedDecodingParams` as TensorRT-LLM's own OpenAI server sends them, compiled by
-the guided-decoding backend the `LLM` was given (see `guide_kwargs`). Verified only against the fake `tensorrt_llm`
+the guided-decoding backend the `LLM` was given (see `guide_kwargs`). A TensorRT engine built with lookahead decoding
+decodes every request greedily and cannot keep a guide in step, so sampled and guided requests are refused there by
+name (`temperature`, the guide's field). Verified only against the fake `tensorrt_llm`
 in tests/fakes and TensorRT-LLM's source, never against a real install.
 """
 
@@ -318,6 +320,17 @@ def guide_kwargs(guide: Guide, traits: EngineTraits) -> dict[str, Any]:
             "structural_tag guides need TensorRT-LLM's PyTorch backend (inference_stack: v2)",
             param=guide.param,
         )
+    if traits.has_lookahead:
+        # TensorRT-LLM's guided decoder advances a request's grammar by its last token once per step and masks one
+        # logits row per sequence (guidedDecoder.cpp); a lookahead step accepts several tokens from unmasked draft
+        # positions, so the grammar would fall out of step with the reply.
+        raise UnsupportedRequestError(
+            f"{guide.param} needs guided decoding, which TensorRT-LLM does not enforce on this engine: it was built "
+            "with lookahead decoding, which accepts several tokens per step while the guided decoder follows one "
+            f"token per step; remove {guide.param}, or rebuild without trt_llm.build.speculator, or build with "
+            "--backend torch, whose lookahead verifies drafts against the grammar",
+            param=guide.param,
+        )
     reason = GUIDES_NOT_HONOURED.get(backend, {}).get(guide.kind)
     if reason is not None:
         raise UnsupportedRequestError(
@@ -340,6 +353,19 @@ def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSamplin
         raise UnsupportedRequestError(
             "this TensorRT engine decodes every request with lookahead; it cannot be turned off per request",
             param="use_lookahead",
+        )
+    if traits.has_lookahead and not params.is_greedy:
+        # TensorRT-LLM's lookahead layer takes the top-1 token at every position (`maxTopK = 1` in
+        # lookaheadDecodingLayer.cpp) and reads no per-request top_k/top_p, temperature or seed, for every request of
+        # the engine: a sampled request would come back greedy, its n choices identical. Checked here, after the
+        # other fields, so that a field refused on any v1 engine (logprobs) is named first.
+        raise UnsupportedRequestError(
+            f"temperature={params.temperature} (1.0 where the request sets none) asks for sampling, but this "
+            "TensorRT engine was built with lookahead decoding, under which TensorRT-LLM decodes every request "
+            "greedily (its lookahead layer takes the top token and ignores temperature, top_p, top_k and seed); set "
+            "temperature to 0 (or top_k to 1), or, to sample, rebuild without trt_llm.build.speculator or build with "
+            "--backend torch, whose lookahead speculates greedy requests only and samples the rest",
+            param="temperature",
         )
 
 
