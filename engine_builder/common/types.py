@@ -98,6 +98,9 @@ class SamplingParams:
     # max_tokens is a default, not the client's: the engine lowers it to what its KV cache holds for n choices
     # rather than refusing the request
     max_tokens_default: bool = False
+    # temperature is a default (the client sent none): a backend that can only decode greedily (a TensorRT engine
+    # built with lookahead, where Baseten documents temperature as 0) serves such a request greedily
+    temperature_default: bool = False
 
     @property
     def is_greedy(self) -> bool:

@@ -291,4 +291,5 @@ def build_sampling_params(
         n=request.n,
         guide=guide,
         max_tokens_default=max_tokens_default,
+        temperature_default=request.temperature is None,
     )

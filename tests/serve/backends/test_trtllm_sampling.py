@@ -345,8 +345,11 @@ def test_lookahead_cannot_be_turned_off_per_request_on_a_lookahead_engine() -> N
         {"temperature": 0.9, "top_p": 0.8, "seed": 7, "n": 2},
         {"temperature": 1.0, "top_k": 5},
         {"temperature": 0.01, "top_k": 50},
+        # a default temperature beside a sampling field still asks for sampling
+        {"temperature": 1.0, "temperature_default": True, "top_p": 0.9},
+        {"temperature": 1.0, "temperature_default": True, "n": 2},
     ],
-    ids=["temperature", "n-seed-top_p", "top_k", "low-temperature"],
+    ids=["temperature", "n-seed-top_p", "top_k", "low-temperature", "default-temperature-top_p", "default-temperature-n"],
 )
 def test_a_lookahead_engine_refuses_sampled_requests_naming_temperature(sampling: dict[str, Any]) -> None:
     """TensorRT-LLM's lookahead layer takes the top-1 token for every request (`maxTopK = 1`), so a sampled request
@@ -361,8 +364,13 @@ def test_a_lookahead_engine_refuses_sampled_requests_naming_temperature(sampling
 
 @pytest.mark.parametrize(
     "sampling",
-    [{"temperature": 0.0, "top_p": 0.5, "seed": 3}, {"temperature": 0.7, "top_k": 1, "top_p": 0.8}],
-    ids=["temperature-0", "top_k-1"],
+    [
+        {"temperature": 0.0, "top_p": 0.5, "seed": 3},
+        {"temperature": 0.7, "top_k": 1, "top_p": 0.8},
+        # no temperature sent (most clients): decoded greedily, as Baseten documents lookahead, not refused
+        {"temperature": 1.0, "temperature_default": True, "seed": 3},
+    ],
+    ids=["temperature-0", "top_k-1", "no-temperature"],
 )
 def test_a_lookahead_engine_serves_greedy_requests(sampling: dict[str, Any], fake_trtllm: ModuleType) -> None:
     """Greedy as the torch engine's lookahead reads it (`is_greedy`: temperature 0 or top_k 1)."""

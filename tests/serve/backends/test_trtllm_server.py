@@ -320,3 +320,30 @@ def test_a_reply_counts_the_same_whichever_eos_ended_it(server: TestClient, fake
     assert [reply["choices"][0]["text"] for reply in replies] == ["Hello!", "Hello!"]
     assert [reply["usage"]["completion_tokens"] for reply in replies] == [3, 3]
     assert [reply["choices"][0]["finish_reason"] for reply in replies] == ["stop", "stop"]
+
+
+def test_a_lookahead_engine_serves_a_request_without_temperature_greedily(
+    tmp_path: Path, smollm2_dir: Path, fake_trtllm: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped lookahead config built for TensorRT-LLM (verified against the fake only): a request that sends no
+    temperature is decoded greedily, as Baseten documents lookahead and as the engine would anyway; one that asks
+    for sampling is a 400 naming `temperature` (probe KE #1)."""
+    import yaml
+
+    from tests.conftest import CONFIGS_DIR
+
+    monkeypatch.setenv("ENGINE_BUILDER_CACHE", str(tmp_path / "cache"))
+    document = yaml.safe_load((CONFIGS_DIR / "smollm2-lookahead.yaml").read_text())
+    document["trt_llm"]["build"]["checkpoint_repository"] = {"source": "LOCAL", "repo": str(smollm2_dir)}
+    document.setdefault("engine_builder", {})["backend"] = "trtllm"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(document))
+    loaded = load_config(config)
+    engine = build_engine(loaded, tmp_path / "engine", loaded.truss.engine_builder).engine_dir
+    app, _ = build_server(engine, loaded.truss.engine_builder, ())
+    body = {"model": engine.manifest.served_model_name, "messages": MESSAGES, "max_tokens": 2}
+    with TestClient(app) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert fake_trtllm.calls("SamplingParams")[-1].kwargs["top_k"] == 1
+        refused = client.post("/v1/chat/completions", json={**body, "temperature": 0.8})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature"

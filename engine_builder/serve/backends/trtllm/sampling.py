@@ -354,19 +354,34 @@ def _use_lookahead(params: SamplingParams, traits: EngineTraits, out: TrtSamplin
             "this TensorRT engine decodes every request with lookahead; it cannot be turned off per request",
             param="use_lookahead",
         )
-    if traits.has_lookahead and not params.is_greedy:
+    if traits.has_lookahead and not params.is_greedy and not _greedy_by_default(params):
         # TensorRT-LLM's lookahead layer takes the top-1 token at every position (`maxTopK = 1` in
         # lookaheadDecodingLayer.cpp) and reads no per-request top_k/top_p, temperature or seed, for every request of
         # the engine: a sampled request would come back greedy, its n choices identical. Checked here, after the
         # other fields, so that a field refused on any v1 engine (logprobs) is named first.
         raise UnsupportedRequestError(
-            f"temperature={params.temperature} (1.0 where the request sets none) asks for sampling, but this "
+            f"temperature={params.temperature} (with top_p, top_k, min_p or n > 1 sent, 1.0 where the request sets "
+            "none) asks for sampling, but this "
             "TensorRT engine was built with lookahead decoding, under which TensorRT-LLM decodes every request "
             "greedily (its lookahead layer takes the top token and ignores temperature, top_p, top_k and seed); set "
             "temperature to 0 (or top_k to 1), or, to sample, rebuild without trt_llm.build.speculator or build with "
             "--backend torch, whose lookahead speculates greedy requests only and samples the rest",
             param="temperature",
         )
+
+
+def _greedy_by_default(params: SamplingParams) -> bool:
+    """A request that asks for nothing but a default temperature: on a lookahead engine it is decoded greedily, as
+    Baseten documents (sampling off, temperature 0 under lookahead), not refused (most clients send no temperature).
+    A sampling field sent (top_p, top_k, min_p, n > 1) still asks for sampling, and is refused."""
+    return (
+        params.temperature_default and params.n == 1 and params.top_p == 1.0 and params.top_k is None
+        and params.min_p == 0.0
+    )  # fmt: skip
+
+
+def _temperature_default(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
+    """Nothing to send: `to_trtllm` reads it (a lookahead engine decodes a default temperature greedily)."""
 
 
 def _max_tokens_default(params: SamplingParams, traits: EngineTraits, out: TrtSampling) -> None:
@@ -393,12 +408,15 @@ FIELD_MAPPINGS: dict[str, Mapper] = {
     "guide": _guide,
     "use_lookahead": _use_lookahead,
     "max_tokens_default": _max_tokens_default,
+    "temperature_default": _temperature_default,
 }
 
 
 def to_trtllm(params: SamplingParams, traits: EngineTraits) -> TrtSampling:
     # Token ids only: no detokenization, and an explicit end id, without which TensorRT-LLM calls its tokenizer
     # (`SamplingParams._setup`) for every request. Without a known EOS id its own tokenizer's is used.
+    if traits.has_lookahead and _greedy_by_default(params):
+        params = dataclasses.replace(params, temperature=0.0)  # what the engine does anyway, said rather than implied
     out = TrtSampling(kwargs={"detokenize": False})
     if traits.eos_token_ids:
         out.end_id = out.kwargs["end_id"] = traits.eos_token_ids[0]
