@@ -146,8 +146,9 @@ class EngineOptions(pydantic.BaseModel):
     lookahead_max_batch_size: int = pydantic.Field(
         default=8,
         ge=0,
-        description="Lookahead decoding turns itself off while more requests than this are running; the KV pool keeps "
-        "a scratch lane of draft rows for each of that many sequences (at most max_batch_size)",
+        description="Lookahead decoding turns itself off while more sequences than this are running (a request "
+        "with n choices counts n); the KV pool keeps a scratch lane of draft rows for each of that many sequences "
+        "(at most max_batch_size)",
     )
     auto_truncate: bool | None = pydantic.Field(
         default=None,

@@ -12,10 +12,14 @@ consecutive guesses becomes an n-gram in the pool. The pool also indexes every n
 the output (prompt lookup), which is where code and repeated text gain most.
 
 Verification is greedy: the longest candidate whose tokens equal the model's own argmax predictions
-is accepted, plus the model's next token, so greedy output is token-identical with lookahead off.
+is accepted, plus the model's next token, so greedy output is token-identical with lookahead off in float32. In 16
+bits a step that carries draft rows computes its logits in other shapes than a plain decode step, and a near-tie
+between two tokens can flip (probe KG #1: SmolLM2 in bfloat16 differed after 48-65 tokens on three prompts), as
+batching can flip one in any engine.
 """
 
 import functools
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ import torch
 from engine_builder.engine import grammar_masks
 from engine_builder.engine.config import LookaheadConfig
 from engine_builder.engine.sequence import TokenView
+
+logger = logging.getLogger(__name__)
 
 MAX_NGRAMS_PER_KEY = 8
 # Context tokens indexed into a sequence's pool per step: the first drafted step of a 32k-token prompt indexed it
@@ -84,7 +90,13 @@ class LookaheadProposer:
         self.window_size = config.window_size
         self.ngram_size = config.ngram_size
         self.levels = max(config.ngram_size - 1, 1)
-
+        if config.ngram_size < 2 and not config.adaptive:
+            # fixed mode drafts candidates of N-1 tokens: none at all here (probe KG #3)
+            logger.warning(
+                "lookahead with ngram_size %d and lookahead_adaptive off drafts nothing (fixed mode cuts every "
+                "candidate to ngram_size - 1 tokens): every step decodes plainly; turn lookahead_adaptive on, or set "
+                "ngram_size to 2 or more", config.ngram_size,
+            )
 
     def new_state(self, tokens: Tokens) -> LookaheadState:
         """Seed the window with context tokens (a Jacobi start needs any tokens; these are plausible ones)."""

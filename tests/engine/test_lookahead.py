@@ -264,6 +264,19 @@ def test_fixed_mode_keeps_ngram_sized_candidates() -> None:
     assert all(len(candidate) <= 3 for candidate in plan.candidates) and plan.num_window_rows == 3 * 3
 
 
+def test_fixed_mode_with_one_token_ngrams_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Probe KG #3: ngram_size 1 (Baseten's enable_b10_lookahead shape) with adaptive off cut every candidate to
+    no tokens and never drafted, silently."""
+    with caplog.at_level("WARNING", logger="engine_builder.engine.lookahead"):
+        LookaheadProposer(LookaheadConfig(3, 1, 3, max_batch_size=4, adaptive=False))
+    assert "drafts nothing" in caplog.text and "turn lookahead_adaptive on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="engine_builder.engine.lookahead"):
+        LookaheadProposer(LookaheadConfig(3, 1, 3, max_batch_size=4, adaptive=True))
+        LookaheadProposer(LookaheadConfig(3, 2, 3, max_batch_size=4, adaptive=False))
+    assert caplog.text == ""
+
+
 def test_a_draft_never_outgrows_its_scratch_lane(smollm2_dir: Path) -> None:
     """(1, 2, 1) gives each sequence 2 scratch rows, fewer than the CPU draft budget of 3 (found in review)."""
     prompt = [100, 200, 300, 400, 500, 600] * 8
