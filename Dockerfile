@@ -12,6 +12,10 @@ FROM ${TRTLLM_IMAGE}
 ARG APP_UID=10001
 WORKDIR /opt/engine-builder
 
+# tini as the first process: it forwards signals to engine-builder and reaps children. A PID 1 without a handler
+# ignores SIGTERM (the command installs its own at start, but not before Python has started and imported it).
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+
 # Keep the base image's TensorRT-LLM pins (torch, transformers, xgrammar, fastapi, pydantic, numpy):
 # installing the project must not upgrade what tensorrt_llm was built against. (The check below only finds
 # tensorrt_llm: importing it loads CUDA libraries a `docker build` host may not have.)
@@ -23,10 +27,6 @@ RUN python3 -m pip freeze | grep -iE '^(torch|transformers|tokenizers|xgrammar|f
     && python3 -m pip install --no-cache-dir -c /tmp/base-pins.txt '.[storage]' \
     && python3 -c "import importlib.util as u, engine_builder.serve.server.main; assert u.find_spec('tensorrt_llm')" \
     && rm /tmp/base-pins.txt
-
-# tini as the first process: it forwards signals to engine-builder and reaps children. A PID 1 without a handler
-# ignores SIGTERM (the command installs its own at start, but not before Python has started and imported it).
-RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 
 # A non-root user owns the writable paths: engines, download cache, secrets mount point.
 RUN useradd --uid ${APP_UID} --user-group --create-home --shell /usr/sbin/nologin engine \

@@ -326,7 +326,7 @@ async def _open_loop(
         return 0, 0
     remaining = max(0.0, start + plan.max_seconds + plan.grace_seconds - time.perf_counter())
     _, pending = await asyncio.wait(tasks, timeout=remaining)
-    running = sending  # read before the cancellations below unwind the counts
+    running = sending  # sends under way at the grace limit (a cancelled send leaves the count as it is)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)

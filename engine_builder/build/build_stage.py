@@ -648,21 +648,25 @@ def quantization_options_without_quantization(loaded: LoadedConfig, flags: Colle
 def validation_refusals(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
     """`validate`'s view of `config_refusals` under the config's own options: (errors, warnings). An error is
     refused on every backend the build may pick (`auto` keeps an encoder on torch, and picks a decoder's by what
-    is installed where it builds); what only one of those backends refuses is a warning naming it."""
+    is installed where it builds); what only one of those backends refuses is a warning naming it. When every such
+    backend refuses something, each in its own words, the build fails whichever it picks: those are errors too
+    (review: `pipeline_parallel_count: 2` passed as two warnings)."""
     options = loaded.truss.engine_builder
     if options.backend != "auto":
         backends = [options.backend]
     else:
         backends = ["torch"] if loaded.trt_llm.build.base_model.is_encoder else ["torch", "trtllm"]
     per_backend = {backend: config_refusals(loaded, backend, options) for backend in backends}
-    errors = [message for message in per_backend[backends[0]] if all(message in per_backend[b] for b in backends)]
-    warnings = [
+    shared = [message for message in per_backend[backends[0]] if all(message in per_backend[b] for b in backends)]
+    own = [
         f"a build on the {backend} backend (engine_builder.backend auto may pick it) would refuse: {message}"
         for backend, messages in per_backend.items()
         for message in messages
-        if message not in errors
+        if message not in shared
     ]
-    return errors, warnings
+    if all(per_backend.values()):
+        return shared + own, []
+    return shared, own
 
 
 def _revision_not_honoured(field: str, repository: CheckpointRepository | None) -> list[str]:

@@ -130,7 +130,7 @@ def _make_handler(owner: LocalHttpServer) -> type[BaseHTTPRequestHandler]:
 
         def _send_file(self, route: FileRoute, request: Recorded) -> None:
             if route.status is not None:
-                self._send_json(route.status, {"error": "injected"}, {})
+                self._send_json(route.status, {"error": "injected"}, route.extra_headers)
                 return
             for name, value in route.required_headers.items():
                 if request.headers.get(name) != value:

@@ -126,12 +126,7 @@ def _read_json(folder: Path, name: str, *, fix: str) -> Any:
     if not file.is_file():
         raise CheckpointLayoutError(f"{name} is missing: {fix}")
     data = file.read_bytes()
-    if data[:2] == b"\x1f\x8b":  # gzip's magic: fetched as stored, and stored compressed
-        raise CheckpointLayoutError(
-            f"{name} is gzip-compressed: the store keeps it with `Content-Encoding: gzip` (as `gsutil cp -Z` or "
-            "`azcopy --content-encoding gzip` upload), and checkpoint files are fetched as stored, not decoded; "
-            "upload it uncompressed"
-        )
+    _refuse_gzip(name, data[:2])
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -273,11 +268,21 @@ def _check_weights(folder: Path, present_files: Collection[str] | None) -> tuple
     return shards
 
 
+def _refuse_gzip(name: str, magic: bytes) -> None:
+    if magic == b"\x1f\x8b":  # gzip's magic: fetched as stored, and stored compressed
+        raise CheckpointLayoutError(
+            f"{name} is gzip-compressed: the store keeps it with `Content-Encoding: gzip` (as `gsutil cp -Z` or "
+            "`azcopy --content-encoding gzip` upload), and checkpoint files are fetched as stored, not decoded; "
+            "upload it uncompressed"
+        )
+
+
 def _check_safetensors_header(file: Path) -> None:
     # A header whose tensors end past the file size is a truncated upload; catch it before loading.
     size = file.stat().st_size
     with file.open("rb") as handle:
         prefix = handle.read(8)
+        _refuse_gzip(file.name, prefix[:2])
         header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
         if not 0 < header_length <= min(_MAX_SAFETENSORS_HEADER, size - 8):
             raise CheckpointLayoutError(f"{file.name} is not a safetensors file (bad header length)")

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
@@ -68,6 +68,29 @@ def _refuses_port(host: str, port: int) -> bool:
     return refusal is not None
 
 
+def _exit_now(sig: int) -> NoReturn:
+    """Exit with the signal's status without unwinding: what this process started is stopped first, as os._exit
+    runs no cleanup."""
+    REQUEST_TEMPLATES.close()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    live_folders.remove_all()  # a tensor-parallel engine's rendezvous folder
+    logging.shutdown()
+    os._exit(128 + sig)
+
+
+def _uvicorn_logs_to_the_root() -> None:
+    """uvicorn's loggers without handlers of their own, so their records (the access log among them) reach the
+    command's handler and end with the x-request-id; a uvicorn.Config made earlier in this process (a test, a
+    wrapper) had given them uvicorn's handlers and stopped their propagation."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+
+
 def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOptions) -> int:
     from engine_builder.serve.server.factory import build_server
 
@@ -109,6 +132,7 @@ def serve_engine(engine: EngineDir, args: argparse.Namespace, options: EngineOpt
         limit_concurrency=None,
         http=GuardedHttpToolsProtocol,  # limits on a request head's size and time, which httptools lacks
     )
+    _uvicorn_logs_to_the_root()
     server = DrainingServer(config, state)
     quiet = StartupFailureFilter(state)
     uvicorn_logger = logging.getLogger("uvicorn.error")
@@ -201,14 +225,7 @@ class DrainingServer(uvicorn.Server):
             # its thread; stop now rather than finish it, announce readiness, and exit. Rank processes watch this
             # one and stop with it.
             logger.warning("signal %s while loading: stopping without serving", signal.Signals(sig).name)
-            REQUEST_TEMPLATES.close()
-            import multiprocessing
-
-            for child in multiprocessing.active_children():  # os._exit runs no cleanup: stop what this process started
-                child.kill()
-            live_folders.remove_all()  # a tensor-parallel engine's rendezvous folder
-            logging.shutdown()
-            os._exit(128 + sig)
+            _exit_now(sig)
         if not self.state.draining:
             logger.info(
                 "signal %s: draining (%d requests in flight)", signal.Signals(sig).name, self.state.requests_in_flight
@@ -239,13 +256,20 @@ class DrainingServer(uvicorn.Server):
         end (its requests finished, or answered 503 at its timeout or a second signal) exits 0, as a command that is
         done does; it exited 143 (130 on Ctrl-C), which systemd, Docker and Kubernetes Jobs read as a failure (probe
         CC #6). A forced exit (a third signal) still ends with the signal's status."""
+        forced = None
         with super().capture_signals():
             try:
                 yield
             finally:
                 captured = getattr(self, "_captured_signals", None)  # uvicorn's own list (0.29+)
-                if not self.force_exit and isinstance(captured, list):
+                if isinstance(captured, list):
+                    if self.force_exit and captured:
+                        forced = captured[-1]
                     captured.clear()
+        if forced is not None:
+            # uvicorn would raise it again once the handlers before it are back, and the command's own (SIGTERM
+            # stops it from its start) would then unwind the event loop, waiting on its threads, before exiting
+            _exit_now(forced)
 
     async def shutdown(self, sockets: Any = None) -> None:
         """uvicorn closes its listeners first; hold them open while requests drain, so a probe or a new request

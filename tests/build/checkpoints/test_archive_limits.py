@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from engine_builder.build.checkpoints import CheckpointLayoutError, UnsafeArchiveError, fetch_checkpoint
+from engine_builder.build.checkpoints import (
+    CheckpointError,
+    CheckpointLayoutError,
+    UnsafeArchiveError,
+    fetch_checkpoint,
+)
 from engine_builder.build.checkpoints.archive import ArchiveLimits, extract_checkpoint_archive
+from engine_builder.build.checkpoints.download import DownloadSettings
 from engine_builder.build.checkpoints.selection import is_needed
 from engine_builder.build.config import CheckpointRepository
 from tests.build.checkpoints.conftest import snapshot_dirs
@@ -73,3 +79,13 @@ def test_an_empty_archive_is_named_at_once(http: LocalHttpServer, cache_dir: Pat
                                         "publish it again")  # fmt: skip
     assert "presigned-secret" not in str(raised.value)
     assert len(http.requests_for("/empty.tar.gz")) == 1  # not retried: another try finds it as empty
+
+
+def test_a_416_that_gives_a_size_is_not_called_empty(http: LocalHttpServer, cache_dir: Path) -> None:
+    """Review: a 416 that says the resource's size (`bytes */N`, N > 0) is another fault, not an empty archive."""
+    http.add_file("/odd.tar.gz", b"", status=416, extra_headers={"Content-Range": "bytes */1000"})
+    with pytest.raises(CheckpointError) as raised:
+        fetch_checkpoint(CheckpointRepository(source="REMOTE_URL", repo=f"{http.url}/odd.tar.gz"),
+                         cache_dir=cache_dir, progress=False,
+                         settings=DownloadSettings(attempts=1, backoff_s=0.0))  # fmt: skip
+    assert "empty" not in str(raised.value) and "416" in str(raised.value)

@@ -75,6 +75,18 @@ def test_truncated_safetensors_is_caught(tmp_path: Path) -> None:
         check_repository_layout(folder, DECODER)
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_gzip_compressed_file_is_named_as_such(tmp_path: Path, name: str) -> None:
+    """Azure and GCS objects stored `Content-Encoding: gzip` are fetched as stored: the layout check says what they
+    are, not "not valid JSON" or "bad header length" (probe KA #2, review)."""
+    import gzip
+
+    folder = make_checkpoint(tmp_path / "m")
+    (folder / name).write_bytes(gzip.compress((folder / name).read_bytes()))
+    with pytest.raises(CheckpointLayoutError, match=f"{re.escape(name)} is gzip-compressed: .*upload it uncompressed"):
+        check_repository_layout(folder, DECODER)
+
+
 def test_missing_shard_is_named(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "m", shards=2)
     (folder / "model-00002-of-00002.safetensors").unlink()

@@ -102,6 +102,9 @@ def test_v2_patch_kwargs_guided_decoding_backend_is_checked_at_build() -> None:
     """TensorRT-LLM takes xgrammar, llguidance or None; another name failed only when the server started."""
     with pytest.raises(TrtLlmMappingError, match="guided_decoding_backend: 'outlines'.*xgrammar, llguidance"):
         v2_serve_spec(_v2(runtime={"patch_kwargs": {"guided_decoding_backend": "outlines"}}), Path("/m"))
+    # a YAML list there raised TypeError (unhashable) out of `validate` (review)
+    with pytest.raises(TrtLlmMappingError, match=r"guided_decoding_backend: \['xgrammar'\] is not"):
+        v2_serve_spec(_v2(runtime={"patch_kwargs": {"guided_decoding_backend": ["xgrammar"]}}), Path("/m"))
     off = v2_serve_spec(_v2(runtime={"patch_kwargs": {"guided_decoding_backend": None}}), Path("/m"))
     assert off.effective_guided_decoding_backend is None
     assert v2_serve_spec(_v2(), Path("/m")).effective_guided_decoding_backend == "xgrammar"

@@ -47,19 +47,8 @@ def test_a_drain_that_ran_to_its_end_does_not_raise_the_signal_again(raised: lis
     assert signal.getsignal(signal.SIGTERM) is not server.handle_exit  # the handler before it is put back
 
 
-def test_a_third_signal_forces_the_exit_with_the_signals_status(raised: list[int]) -> None:
-    """README: a third signal forces the exit; uvicorn forced it on SIGINT alone. Forced, it exits as the signal says."""
-    server = _serving()
-    with server.capture_signals():
-        for _ in range(3):
-            server.handle_exit(signal.SIGTERM, None)
-        assert server.force_exit
-    assert raised and set(raised) == {signal.SIGTERM}
-
-
-def test_a_signal_while_loading_removes_the_live_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exit while loading runs no clean-up (os._exit): a tensor-parallel engine's rendezvous folder, registered
-    while it lives, was left in /tmp (probe DC #4)."""
+def _exit_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """os._exit raises SystemExit instead, and nothing this test process started or logs to is touched."""
     import engine_builder.serve.server.main as main
 
     def exit_now(status: int) -> None:
@@ -68,6 +57,26 @@ def test_a_signal_while_loading_removes_the_live_folders(tmp_path: Path, monkeyp
     monkeypatch.setattr(main.os, "_exit", exit_now)
     monkeypatch.setattr(multiprocessing, "active_children", list)  # this test process's own children stay
     monkeypatch.setattr(main.logging, "shutdown", lambda *handlers: None)  # pytest keeps its log handlers
+
+
+def test_a_third_signal_forces_the_exit_with_the_signals_status(
+    raised: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: a third signal forces the exit; uvicorn forced it on SIGINT alone. Forced, it exits as the signal says,
+    at once: raised again, it met the command's own SIGTERM handler, which unwound the event loop first (review)."""
+    _exit_recorded(monkeypatch)
+    server = _serving()
+    with pytest.raises(SystemExit) as exited, server.capture_signals():
+        for _ in range(3):
+            server.handle_exit(signal.SIGTERM, None)
+        assert server.force_exit
+    assert exited.value.code == 128 + signal.SIGTERM and raised == []
+
+
+def test_a_signal_while_loading_removes_the_live_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit while loading runs no clean-up (os._exit): a tensor-parallel engine's rendezvous folder, registered
+    while it lives, was left in /tmp (probe DC #4)."""
+    _exit_recorded(monkeypatch)
     state = ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)
     server = DrainingServer(uvicorn.Config(create_app(state)), state)  # not started: still loading
     folder = tmp_path / "engine-tp-x"
@@ -92,3 +101,17 @@ def test_only_a_loopback_host_is_served_without_an_api_key(host: str, refused: b
 
     assert _refuses_host_without_api_key(host, ()) is refused
     assert _refuses_host_without_api_key(host, ("key",)) is False
+
+
+def test_uvicorns_loggers_reach_the_commands_handler() -> None:
+    """A uvicorn.Config made earlier in the process (as these tests make them) gives uvicorn's loggers handlers of
+    their own and stops their propagation, so their lines skipped the command's formatter and its x-request-id."""
+    import logging
+
+    from engine_builder.serve.server.main import _uvicorn_logs_to_the_root
+
+    uvicorn.Config(create_app(ServerState(settings=ServerSettings("m"), engine=StubEngine(), renderer=None)))
+    assert not logging.getLogger("uvicorn.access").propagate
+    _uvicorn_logs_to_the_root()
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        assert logging.getLogger(name).propagate and not logging.getLogger(name).handlers

@@ -49,9 +49,10 @@ class RemoteUrlSource(CheckpointSourceBase):
         # A one-byte ranged GET rather than HEAD: presigned URLs are signed for GET only.
         try:
             with self._client.stream("GET", self.url, headers={**AS_STORED, "Range": "bytes=0-0"}) as response:
-                if response.status_code == 416:
-                    # Only an empty file has no first byte (RFC 9110); as a plain HTTP error it was retried, then
-                    # reported as a bare "HTTP 416" (probe KA #4).
+                if response.status_code == 416 and response.headers.get("content-range", "bytes */0") == "bytes */0":
+                    # Only an empty file has no first byte (RFC 9110; a 416 may say the size, `bytes */N`, and then
+                    # it is another fault); as a plain HTTP error it was retried, then reported as a bare "HTTP 416"
+                    # (probe KA #4).
                     raise CheckpointLayoutError(
                         f"{self.describe()}: the archive is empty (0 bytes); publish it again, and check that its "
                         "upload finished"

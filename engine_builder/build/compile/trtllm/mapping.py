@@ -147,7 +147,9 @@ def calib_spec(build: BuildConfig, base_dir: Path | None = None) -> CalibSpec:
     )
 
 
-def lookahead_spec(build: BuildConfig) -> LookaheadSpec | None:
+def lookahead_spec(build: BuildConfig, warn: bool = True) -> LookaheadSpec | None:
+    """`warn`: say what enable_b10_lookahead becomes; the build spec says it, the serve spec of the same config not
+    again (a build, and `validate`'s check, map both)."""
     speculator = build.speculator
     if speculator is None:
         return None
@@ -166,7 +168,7 @@ def lookahead_spec(build: BuildConfig) -> LookaheadSpec | None:
             "(N=1 gives it no draft tokens); set lookahead_ngram_size to 2 or more. Baseten's enable_b10_lookahead "
             "shapes with N=1 are its own variant, which TensorRT-LLM's lookahead does not implement."
         )
-    if speculator.enable_b10_lookahead:
+    if speculator.enable_b10_lookahead and warn:
         logger.warning(
             "speculator.enable_b10_lookahead is Baseten's own variant; TensorRT-LLM's lookahead decoding is used"
         )
@@ -262,7 +264,7 @@ def v1_serve_spec(stack: TrtLlmConfigV1, engine_dir: Path, tokenizer_dir: Path) 
         model=str(engine_dir),
         tokenizer=str(tokenizer_dir),
         tensor_parallel_size=build.tensor_parallel_count,
-        lookahead=lookahead_spec(build),
+        lookahead=lookahead_spec(build, warn=False),
         kv_cache=KvCacheSpec(
             free_gpu_memory_fraction=runtime.kv_cache_free_gpu_mem_fraction,
             host_cache_size=runtime.kv_cache_host_memory_bytes,
@@ -308,7 +310,8 @@ def _split_patch_kwargs(patch: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 def _check_guided_decoding_backend(value: Any) -> None:
     """TensorRT-LLM takes xgrammar, llguidance or None (guided decoding off); anything else fails its LLM at serve
     start, so it is refused here, at build."""
-    if value is not None and value not in {backend.value for backend in GuidedDecodingBackend}:
+    names = [backend.value for backend in GuidedDecodingBackend]  # a list: `value` may be unhashable (a YAML list)
+    if value is not None and (not isinstance(value, str) or value not in names):
         raise TrtLlmMappingError(
             f"trt_llm.runtime.patch_kwargs.guided_decoding_backend: {value!r} is not a TensorRT-LLM guided decoding "
             f"backend; use one of {', '.join(backend.value for backend in GuidedDecodingBackend)}"
